@@ -1,0 +1,56 @@
+// The Checkpoint value both capture routes produce and every consumer (replica store, wire
+// protocol, verifier) takes: the pages dirtied in one epoch, the device state, counts and timings.
+
+export interface RamBlockInfo {
+  id: string;
+  lengthBytes: number;
+}
+
+export interface DirtyPage {
+  block: string;
+  /** Byte offset in the block, a multiple of the page size. */
+  offset: number;
+  /** Page contents; null for a zero page (QEMU's RAM_SAVE_FLAG_ZERO: the page is all `fill`). */
+  data: Buffer | null;
+  fill?: number;
+}
+
+export interface CheckpointTimings {
+  /** Request received from QEMU (or stop issued, route B) → the whole checkpoint is local. */
+  captureMs: number;
+  /** Guest paused from our side's view: reply/stop sent → resume sent. */
+  pauseMsLocal: number;
+  /** Time the guest was held after capture for verification (0 in normal operation). */
+  heldMs: number;
+}
+
+export interface Checkpoint {
+  /** 1, 2, 3, ... per capture session; 0 is the initial full image. */
+  epoch: number;
+  route: 'a' | 'b';
+  pages: DirtyPage[];
+  /** QEMU device sections + EOF byte, as emitted: loadable after a header and configuration. */
+  deviceState: Buffer;
+  ramBytes: number;
+  zeroPages: number;
+  timings: CheckpointTimings;
+  /** Wall-clock time (ms since epoch) when the guest was paused for this checkpoint. */
+  pausedAtMs: number;
+}
+
+export const PAGE_SIZE = 4096;
+
+/** A full RAM image: the starting point a replica is built from (checkpoint 0). */
+export interface BaseImage {
+  machine: string;
+  blocks: RamBlockInfo[];
+  ram: Map<string, Buffer>;
+  deviceState: Buffer;
+}
+
+export function applyPage(ram: Map<string, Buffer>, p: DirtyPage): void {
+  const buf = ram.get(p.block);
+  if (!buf) throw new Error(`unknown RAM block ${p.block}`);
+  if (p.data) p.data.copy(buf, p.offset);
+  else buf.fill(p.fill ?? 0, p.offset, p.offset + PAGE_SIZE);
+}

@@ -1,0 +1,266 @@
+// Route A: Rubato acts as the secondary of QEMU's COLO checkpointing. The primary QEMU migrates
+// to a unix socket Rubato listens on; Rubato parses the full precopy, then one checkpoint per
+// trigger, and lets the guest resume the moment a checkpoint is local (speculative execution).
+// It must never leave the guest paused: any failure ends COLO on the primary and resumes the guest.
+
+import { createServer, type Server, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { rmSync } from 'node:fs';
+import { RubatoError, assert, errorMessage } from '../util/errors.ts';
+import { logger } from '../util/log.ts';
+import type { QemuVm } from '../qemu/vm.ts';
+import { ByteReader } from './stream/byte-reader.ts';
+import { COLO_MSG, COLO_MSG_NAMES, VM, coloMessage } from './stream/format.ts';
+import { newRamState, readFooter, readPrecopy, readRamRecords, type PageSink, type RamState } from './stream/parser.ts';
+import type { BaseImage, Checkpoint, DirtyPage } from './checkpoint.ts';
+
+const log = logger('capture-a');
+
+/** With this delay QEMU never checkpoints on its own: the scheduler owns the tempo. */
+const NEVER_MS = 2 ** 31 - 1;
+const MAX_DEVICE_STATE_BYTES = 256 << 20;
+
+export interface ColoCaptureOptions {
+  runDir: string;
+  /** Precopy progress (bytes received so far). */
+  onProgress?: (bytes: number) => void;
+  /** Per-phase timeouts. */
+  precopyTimeoutMs?: number;
+  checkpointTimeoutMs?: number;
+}
+
+export interface CheckpointOptions {
+  /** Called while the guest is still paused with the checkpoint complete; the guest resumes after. */
+  hold?: (cp: Checkpoint) => Promise<void>;
+}
+
+export class ColoCapture {
+  private epoch = 0;
+  private busy = false;
+  private failed: Error | null = null;
+  private readonly st: RamState = newRamState();
+  private requestWaiter: ((v: null) => void) | null = null;
+
+  private constructor(
+    private readonly vm: QemuVm,
+    private readonly server: Server,
+    private readonly sock: Socket,
+    private readonly reader: ByteReader,
+    private readonly sockPath: string,
+    private readonly opts: ColoCaptureOptions,
+  ) {}
+
+  /** Starts COLO on the VM and reads the full precopy into a base image. The guest runs afterwards. */
+  static async start(vm: QemuVm, opts: ColoCaptureOptions): Promise<{ capture: ColoCapture; base: BaseImage }> {
+    const sockPath = join(opts.runDir, `${vm.spec.name}.mig`);
+    rmSync(sockPath, { force: true });
+    const server = createServer();
+    await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(sockPath, () => resolve()); });
+    const reader = new ByteReader(`COLO stream of VM ${vm.spec.name}`);
+    const accepted = new Promise<Socket>((resolve) => {
+      server.once('connection', (s: Socket) => {
+        server.on('connection', (extra: Socket) => extra.destroy()); // one primary per capture
+        s.setNoDelay(true);
+        s.on('data', (d: Buffer) => { reader.push(d); });
+        s.on('error', (e) => reader.end(new RubatoError('RUBATO_STREAM_TRUNCATED', `COLO stream of VM ${vm.spec.name}: ${e.message}`)));
+        s.on('close', () => reader.end());
+        resolve(s);
+      });
+    });
+    try {
+      await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-colo', state: true }, { capability: 'events', state: true }] });
+      await vm.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 2 ** 40, 'x-checkpoint-delay': NEVER_MS, 'downtime-limit': 300 });
+      await vm.qmp.execute('migrate', { uri: `unix:${sockPath}` });
+    } catch (e) {
+      server.close();
+      rmSync(sockPath, { force: true });
+      throw e;
+    }
+    const sock = await withTimeout(accepted, 10_000, `VM ${vm.spec.name} did not connect to the migration socket`);
+    const capture = new ColoCapture(vm, server, sock, reader, sockPath, opts);
+    try {
+      const base = await withTimeout(capture.readBase(), opts.precopyTimeoutMs ?? 300_000, `precopy of VM ${vm.spec.name} did not finish`);
+      sock.write(coloMessage(COLO_MSG.CHECKPOINT_READY));
+      return { capture, base };
+    } catch (e) {
+      await capture.abort(e as Error);
+      throw e;
+    }
+  }
+
+  private async readBase(): Promise<BaseImage> {
+    const ram = new Map<string, Buffer>();
+    const block = (id: string) => {
+      let b = ram.get(id);
+      if (!b) {
+        const len = this.st.blocks.get(id);
+        assert(len !== undefined, `block ${id} announced`);
+        b = Buffer.alloc(len);
+        ram.set(id, b);
+      }
+      return b;
+    };
+    let lastReport = 0;
+    const sink: PageSink = {
+      page: (id, off, data) => {
+        data.copy(block(id), off);
+        if (this.opts.onProgress && this.reader.consumed - lastReport > 8 << 20) { lastReport = this.reader.consumed; this.opts.onProgress(lastReport); }
+      },
+      zero: (id, off, fill) => { block(id).fill(fill, off, off + 4096); },
+    };
+    const pre = await readPrecopy(this.reader, this.st, sink);
+    if (!pre.colo) throw new RubatoError('RUBATO_STREAM_FORMAT', `VM ${this.vm.spec.name}: the stream did not enable COLO`);
+    for (const id of this.st.blockOrder) block(id);
+    this.opts.onProgress?.(this.reader.consumed);
+    return {
+      machine: pre.config.machine,
+      blocks: this.st.blockOrder.map((id) => ({ id, lengthBytes: this.st.blocks.get(id)! })),
+      ram,
+      deviceState: pre.deviceState,
+    };
+  }
+
+  get lastEpoch(): number { return this.epoch; }
+  get isFailed(): boolean { return this.failed !== null; }
+
+  private async expectMsg(want: number): Promise<number | void> {
+    const got = await this.reader.readBe32();
+    if (got !== want) {
+      throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream of VM ${this.vm.spec.name}: expected ${COLO_MSG_NAMES[want]}, got ${COLO_MSG_NAMES[got] ?? `message ${got}`}`);
+    }
+  }
+
+  private async trigger(): Promise<void> {
+    await this.vm.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': NEVER_MS });
+  }
+
+  /**
+   * Takes one checkpoint: triggers it, answers QEMU, reads the dirty pages and device state, and
+   * resumes the guest. On any failure the guest is resumed unprotected and the capture is failed.
+   */
+  async checkpoint(opts: CheckpointOptions = {}): Promise<Checkpoint> {
+    if (this.failed) throw new RubatoError('RUBATO_CAPTURE_FAILED', `capture of VM ${this.vm.spec.name} has failed: ${this.failed.message}`);
+    assert(!this.busy, 'one checkpoint at a time');
+    this.busy = true;
+    try {
+      return await this.checkpointInner(opts);
+    } catch (e) {
+      await this.abort(e as Error);
+      throw e;
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  private async checkpointInner(opts: CheckpointOptions): Promise<Checkpoint> {
+    const timeoutMs = this.opts.checkpointTimeoutMs ?? 10_000;
+    const tTrigger = performance.now();
+    await this.trigger();
+    // A trigger that lands while QEMU finishes the previous checkpoint is lost: re-trigger.
+    let retrigger: NodeJS.Timeout | null = setInterval(() => { void this.trigger().catch(() => {}); }, 250);
+    try {
+      await withTimeout(this.expectMsg(COLO_MSG.CHECKPOINT_REQUEST), timeoutMs, `VM ${this.vm.spec.name} did not start checkpoint ${this.epoch + 1}`);
+    } finally {
+      clearInterval(retrigger);
+      retrigger = null;
+    }
+    const tRequest = performance.now();
+    const pausedAtMs = Date.now();
+    this.sock.write(coloMessage(COLO_MSG.CHECKPOINT_REPLY));
+    const pages: DirtyPage[] = [];
+    let ramBytes = 0;
+    const sink: PageSink = {
+      page: (block, offset, data) => { pages.push({ block, offset, data }); ramBytes += data.length; },
+      zero: (block, offset, fill) => { pages.push({ block, offset, data: null, fill }); },
+    };
+    const read = async () => {
+      await this.expectMsg(COLO_MSG.VMSTATE_SEND);
+      const t = await this.reader.readU8();
+      const sid = await this.reader.readBe32();
+      if (t !== VM.SECTION_END || sid !== this.st.ramSectionId) {
+        throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream of VM ${this.vm.spec.name}: expected the RAM section end, got type 0x${t.toString(16)} section ${sid}`);
+      }
+      const counts = await readRamRecords(this.reader, this.st, sink);
+      await readFooter(this.reader, sid);
+      const eof = await this.reader.readU8();
+      if (eof !== VM.EOF) throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream: expected EOF after RAM, got 0x${eof.toString(16)}`);
+      await this.expectMsg(COLO_MSG.VMSTATE_SIZE);
+      const size = await this.reader.readBe64();
+      if (size > MAX_DEVICE_STATE_BYTES) throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream: device state of ${size} bytes`);
+      const deviceState = Buffer.from(await this.reader.readBytes(size));
+      return { counts, deviceState };
+    };
+    const { counts, deviceState } = await withTimeout(read(), timeoutMs, `checkpoint ${this.epoch + 1} of VM ${this.vm.spec.name} did not arrive`);
+    const tLocal = performance.now();
+    this.epoch++;
+    const cp: Checkpoint = {
+      epoch: this.epoch,
+      route: 'a',
+      pages,
+      deviceState,
+      ramBytes,
+      zeroPages: counts.zeros,
+      pausedAtMs,
+      timings: { captureMs: tLocal - tRequest, pauseMsLocal: 0, heldMs: 0 },
+    };
+    this.sock.write(coloMessage(COLO_MSG.VMSTATE_RECEIVED));
+    if (opts.hold) {
+      await opts.hold(cp);
+      cp.timings.heldMs = performance.now() - tLocal;
+    }
+    this.sock.write(coloMessage(COLO_MSG.VMSTATE_LOADED));
+    cp.timings.pauseMsLocal = performance.now() - tRequest;
+    log.debug('checkpoint', { vm: this.vm.spec.name, epoch: cp.epoch, pages: pages.length, triggerMs: (tRequest - tTrigger).toFixed(2), captureMs: cp.timings.captureMs.toFixed(2) });
+    return cp;
+  }
+
+  /** Ends COLO on the primary and makes sure the guest runs (unprotected). Never throws. */
+  private async abort(cause: Error): Promise<void> {
+    if (!this.failed) {
+      this.failed = cause;
+      log.warn(`capture of VM ${this.vm.spec.name} failed, resuming the guest unprotected: ${errorMessage(cause)}`);
+    }
+    this.sock.destroy();
+    this.server.close();
+    rmSync(this.sockPath, { force: true });
+    await ensureGuestRunning(this.vm);
+  }
+
+  /** Stops protection cleanly: the guest keeps running without checkpoints. */
+  async close(): Promise<void> {
+    if (this.failed) return;
+    this.failed = new RubatoError('RUBATO_CAPTURE_FAILED', 'capture closed');
+    this.sock.destroy();
+    this.server.close();
+    rmSync(this.sockPath, { force: true });
+    await ensureGuestRunning(this.vm);
+  }
+}
+
+/** After COLO ends abnormally QEMU waits for x-colo-lost-heartbeat while paused: resume the guest. */
+export async function ensureGuestRunning(vm: QemuVm): Promise<void> {
+  if (vm.exited || vm.qmp.isClosed) return;
+  try {
+    const mig = await vm.qmp.execute<{ status?: string }>('query-migrate', undefined, 2000);
+    if (mig.status === 'colo') await vm.qmp.execute('x-colo-lost-heartbeat', undefined, 2000).catch(() => {});
+    const until = Date.now() + 3000;
+    while (Date.now() < until) {
+      const st = await vm.status();
+      if (st === 'running') return;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    await vm.qmp.execute('cont', undefined, 2000);
+  } catch (e) {
+    log.warn(`could not confirm VM ${vm.spec.name} is running: ${errorMessage(e)}`);
+  }
+}
+
+export function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout;
+  return Promise.race([
+    p.finally(() => clearTimeout(timer)),
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new RubatoError('RUBATO_STREAM_TIMEOUT', `${what} within ${ms} ms`)), ms);
+    }),
+  ]);
+}

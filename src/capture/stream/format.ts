@@ -1,0 +1,98 @@
+// QEMU migration stream constants (QEMU 7.2: migration/savevm.c, migration/ram.c, migration/colo.c)
+// and the encoders Rubato needs to build streams of its own (restore). Pure; no I/O.
+//
+// Stream layout, as Rubato reads it from a COLO primary:
+//   be32 magic 'QEVM', be32 version 3
+//   0x07 configuration: be32 len + machine name, then subsections (0x05 name version fields)
+//   0x08 command: be16 cmd, be16 len, data            (MIG_CMD_ENABLE_COLO = 8)
+//   0x01 section start: be32 id, u8 len + idstr, be32 instance, be32 version, body, footer
+//   0x02/0x03 section part/end: be32 id, body, footer (0x7e be32 id)
+//   ram body: records { be64 offset|flags, [u8 len + block id unless CONTINUE], payload } until EOS
+//   0x04 section full (devices; bodies carry no length), 0x00 EOF, 0x06 vmdesc: be32 len + JSON
+// then, per checkpoint, COLO messages (be32) on the same socket, both ways.
+
+export const QEMU_VM_FILE_MAGIC = 0x5145564d;
+export const QEMU_VM_FILE_VERSION = 3;
+
+export const VM = {
+  EOF: 0x00,
+  SECTION_START: 0x01,
+  SECTION_PART: 0x02,
+  SECTION_END: 0x03,
+  SECTION_FULL: 0x04,
+  SUBSECTION: 0x05,
+  VMDESCRIPTION: 0x06,
+  CONFIGURATION: 0x07,
+  COMMAND: 0x08,
+  SECTION_FOOTER: 0x7e,
+} as const;
+
+export const MIG_CMD = {
+  INVALID: 0, OPEN_RETURN_PATH: 1, PING: 2, POSTCOPY_ADVISE: 3, POSTCOPY_LISTEN: 4, POSTCOPY_RUN: 5,
+  POSTCOPY_RAM_DISCARD: 6, PACKAGED: 7, ENABLE_COLO: 8, POSTCOPY_RESUME: 9, RECV_BITMAP: 10,
+} as const;
+export const MIG_CMD_NAMES = ['INVALID', 'OPEN_RETURN_PATH', 'PING', 'POSTCOPY_ADVISE', 'POSTCOPY_LISTEN', 'POSTCOPY_RUN',
+  'POSTCOPY_RAM_DISCARD', 'PACKAGED', 'ENABLE_COLO', 'POSTCOPY_RESUME', 'RECV_BITMAP'];
+
+export const RAM_FLAG = {
+  FULL: 0x01, ZERO: 0x02, MEM_SIZE: 0x04, PAGE: 0x08, EOS: 0x10, CONTINUE: 0x20, XBZRLE: 0x40, HOOK: 0x80,
+  COMPRESS_PAGE: 0x100,
+} as const;
+
+export const TARGET_PAGE_SIZE = 4096;
+export const TARGET_PAGE_MASK_LOW = TARGET_PAGE_SIZE - 1;
+export const RAM_SECTION_VERSION = 4;
+
+export const COLO_MSG = {
+  CHECKPOINT_READY: 0, CHECKPOINT_REQUEST: 1, CHECKPOINT_REPLY: 2, VMSTATE_SEND: 3, VMSTATE_SIZE: 4,
+  VMSTATE_RECEIVED: 5, VMSTATE_LOADED: 6,
+} as const;
+export const COLO_MSG_NAMES = ['CHECKPOINT_READY', 'CHECKPOINT_REQUEST', 'CHECKPOINT_REPLY', 'VMSTATE_SEND', 'VMSTATE_SIZE',
+  'VMSTATE_RECEIVED', 'VMSTATE_LOADED'];
+
+export function coloMessage(msg: number): Buffer {
+  const b = Buffer.allocUnsafe(4);
+  b.writeUInt32BE(msg, 0);
+  return b;
+}
+
+/** Configuration section as QEMU writes it: machine name, optional validated capabilities. */
+export function encodeConfiguration(machineName: string, capabilities: readonly string[]): Buffer {
+  const parts: Buffer[] = [];
+  const name = Buffer.from(machineName, 'latin1');
+  const head = Buffer.allocUnsafe(5);
+  head[0] = VM.CONFIGURATION;
+  head.writeUInt32BE(name.length, 1);
+  parts.push(head, name);
+  if (capabilities.length) {
+    const sub = Buffer.from('configuration/capabilities', 'latin1');
+    const h = Buffer.allocUnsafe(2);
+    h[0] = VM.SUBSECTION;
+    h[1] = sub.length;
+    const v = Buffer.allocUnsafe(8);
+    v.writeUInt32BE(1, 0); // subsection version
+    v.writeUInt32BE(capabilities.length, 4);
+    parts.push(h, sub, v);
+    for (const c of capabilities) {
+      const cb = Buffer.from(c, 'latin1');
+      parts.push(Buffer.from([cb.length]), cb);
+    }
+  }
+  return Buffer.concat(parts);
+}
+
+export function encodeHeader(): Buffer {
+  const b = Buffer.allocUnsafe(8);
+  b.writeUInt32BE(QEMU_VM_FILE_MAGIC, 0);
+  b.writeUInt32BE(QEMU_VM_FILE_VERSION, 4);
+  return b;
+}
+
+/**
+ * A stream that loads device state only, for a QEMU whose RAM already holds the replica image
+ * (x-ignore-shared): header, configuration announcing x-ignore-shared, the device-state buffer
+ * (sections + EOF) exactly as QEMU emitted it at the checkpoint.
+ */
+export function encodeDeviceOnlyStream(machineName: string, deviceState: Buffer): Buffer {
+  return Buffer.concat([encodeHeader(), encodeConfiguration(machineName, ['x-ignore-shared']), deviceState]);
+}

@@ -1,0 +1,68 @@
+// A typed VM description and its QEMU command line. Pure: the same spec always gives the same
+// argv, so a restored VM gets exactly the machine its checkpoint came from.
+
+import { z } from 'zod';
+
+export const Accel = z.enum(['kvm', 'tcg']);
+export type Accel = z.infer<typeof Accel>;
+
+export const VmSpecSchema = z.object({
+  name: z.string().regex(/^[a-zA-Z0-9_.-]{1,40}$/, 'VM name: 1-40 letters, digits, dot, dash or underscore'),
+  accel: Accel,
+  cpus: z.number().int().min(1).max(64),
+  memMb: z.number().int().min(32).max(1 << 20),
+  /** Guest RAM in a shared file (memory-backend-file, share=on); required for route B and restore. */
+  ramFile: z.string().optional(),
+  kernel: z.string(),
+  initrd: z.string(),
+  append: z.string(),
+});
+export type VmSpec = z.infer<typeof VmSpecSchema>;
+
+/** The RAM block that holds guest memory, as QEMU names it in the migration stream. */
+export const MAIN_RAM_ID = 'mem0';
+
+export interface LaunchPaths {
+  qmpSocket: string;
+  serialSocket: string;
+  /** Extra firmware search folders (a patched binary built outside Debian's tree needs them). */
+  firmwareDirs: readonly string[];
+}
+
+export interface LaunchMode {
+  /** Start paused (-S). */
+  paused: boolean;
+  /** Wait for an incoming migration (`-incoming defer`). */
+  incoming: boolean;
+}
+
+export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): string[] {
+  const mem = spec.ramFile
+    ? `memory-backend-file,id=${MAIN_RAM_ID},size=${spec.memMb}M,mem-path=${spec.ramFile},share=on`
+    : `memory-backend-ram,id=${MAIN_RAM_ID},size=${spec.memMb}M`;
+  const args = [
+    '-name', `rubato-${spec.name}`,
+    '-machine', `pc,accel=${spec.accel},memory-backend=${MAIN_RAM_ID}`,
+    '-cpu', spec.accel === 'kvm' ? 'host' : 'max',
+    '-smp', String(spec.cpus),
+    '-m', `${spec.memMb}M`,
+    '-object', mem,
+    '-nodefaults', '-no-user-config', '-display', 'none', '-vga', 'none',
+    '-kernel', spec.kernel,
+    '-initrd', spec.initrd,
+    '-append', spec.append,
+    '-chardev', `socket,id=ser0,path=${paths.serialSocket},server=on,wait=off`,
+    '-serial', 'chardev:ser0',
+    '-qmp', `unix:${paths.qmpSocket},server=on,wait=off`,
+  ];
+  for (const d of paths.firmwareDirs) args.push('-L', d);
+  if (mode.paused) args.push('-S');
+  if (mode.incoming) args.push('-incoming', 'defer');
+  return args;
+}
+
+/** The kernel command line for the test guest running one workload program. */
+export function guestAppend(workload: readonly (string | number)[]): string {
+  const wl = workload.map(String).join(',');
+  return `console=ttyS0 quiet panic=-1 rubato.wl=${wl}`;
+}

@@ -1,0 +1,150 @@
+// One running QEMU: its tracked process, QMP client and serial console. Starts paused so that
+// no console line is lost, and is always ended by PID (stop(), or our exit hook).
+
+import { connect, type Socket } from 'node:net';
+import { EventEmitter } from 'node:events';
+import { join } from 'node:path';
+import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
+import { RubatoError } from '../util/errors.ts';
+import { logger } from '../util/log.ts';
+import { QmpClient } from './qmp.ts';
+import { qemuArgs, type VmSpec } from './spec.ts';
+
+const log = logger('qemu');
+const SERIAL_LINES_KEPT = 2000;
+
+export interface QemuBinary {
+  path: string;
+  firmwareDirs: readonly string[];
+}
+
+export interface StartOptions {
+  binary: QemuBinary;
+  /** Folder for the sockets (must exist). */
+  runDir: string;
+  /** Leave the guest paused after start (default: run it). */
+  paused?: boolean;
+  incoming?: boolean;
+  tag?: string;
+}
+
+export class QemuVm extends EventEmitter {
+  readonly serialLines: string[] = [];
+  private serialPartial = '';
+  private serialSocket: Socket | null = null;
+  private exitedFlag = false;
+  stderrTail = '';
+
+  private constructor(readonly spec: VmSpec, readonly proc: TrackedProcess, readonly qmp: QmpClient, readonly paths: { qmp: string; serial: string }) {
+    super();
+    void proc.exited.then((r) => {
+      this.exitedFlag = true;
+      this.emit('exit', r);
+    });
+  }
+
+  get pid(): number { return this.proc.pid; }
+  get exited(): boolean { return this.exitedFlag; }
+
+  static async start(spec: VmSpec, opts: StartOptions): Promise<QemuVm> {
+    const tag = opts.tag ?? spec.name;
+    const paths = { qmp: join(opts.runDir, `${tag}.qmp`), serial: join(opts.runDir, `${tag}.serial`) };
+    const args = qemuArgs(spec, { qmpSocket: paths.qmp, serialSocket: paths.serial, firmwareDirs: opts.binary.firmwareDirs },
+      { paused: true, incoming: opts.incoming ?? false });
+    log.debug('starting', { vm: spec.name, argv: [opts.binary.path, ...args].join(' ') });
+    const proc = spawnTracked(`qemu:${tag}`, opts.binary.path, args);
+    let stderr = '';
+    proc.child.stderr?.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-8192); });
+    const qmp = new QmpClient(paths.qmp, spec.name);
+    const vm = new QemuVm(spec, proc, qmp, paths);
+    proc.child.stderr?.on('data', () => { vm.stderrTail = stderr; });
+    try {
+      await Promise.race([
+        qmp.connect(15_000),
+        proc.exited.then(({ code, signal }) => {
+          throw new RubatoError('RUBATO_QEMU_START', `QEMU for VM ${spec.name} exited during start-up (code ${code}, signal ${signal}): ${stderr.trim().split('\n').slice(-3).join(' | ')}`, { vm: spec.name });
+        }),
+      ]);
+      await vm.attachSerial();
+      if (!opts.paused && !opts.incoming) await qmp.execute('cont');
+    } catch (e) {
+      await vm.stop();
+      throw e;
+    }
+    return vm;
+  }
+
+  private attachSerial(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const s = connect(this.paths.serial);
+      s.once('error', reject);
+      s.once('connect', () => {
+        s.off('error', reject);
+        s.on('error', () => { /* QEMU gone: exit handler reports it */ });
+        this.serialSocket = s;
+        resolve();
+      });
+      s.setEncoding('utf8');
+      s.on('data', (chunk: string) => {
+        this.serialPartial += chunk;
+        let nl: number;
+        while ((nl = this.serialPartial.indexOf('\n')) >= 0) {
+          const line = this.serialPartial.slice(0, nl).replace(/\r$/, '');
+          this.serialPartial = this.serialPartial.slice(nl + 1);
+          this.serialLines.push(line);
+          if (this.serialLines.length > SERIAL_LINES_KEPT) this.serialLines.shift();
+          this.emit('serial', line);
+        }
+      });
+    });
+  }
+
+  /** Resolves with the first console line (already seen or future) that matches. */
+  waitSerial(re: RegExp, timeoutMs: number, opts: { fromNow?: boolean } = {}): Promise<RegExpMatchArray> {
+    if (!opts.fromNow) {
+      for (const l of this.serialLines) {
+        const m = l.match(re);
+        if (m) return Promise.resolve(m);
+      }
+    }
+    return new Promise((resolve, reject) => {
+      const onLine = (l: string) => {
+        const m = l.match(re);
+        if (m) { cleanup(); resolve(m); }
+      };
+      const onExit = () => { cleanup(); reject(new RubatoError('RUBATO_QEMU_EXITED', `VM ${this.spec.name} exited while waiting for ${re}: ${this.stderrTail.trim().split('\n').slice(-2).join(' | ')}`, { vm: this.spec.name })); };
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(new RubatoError('RUBATO_QEMU_EXITED', `VM ${this.spec.name}: no console line matching ${re} within ${timeoutMs} ms (last: ${this.serialLines.at(-1) ?? 'none'})`, { vm: this.spec.name }));
+      }, timeoutMs);
+      const cleanup = () => { clearTimeout(timer); this.off('serial', onLine); this.off('exit', onExit); };
+      this.on('serial', onLine);
+      this.on('exit', onExit);
+    });
+  }
+
+  async status(): Promise<string> {
+    const r = await this.qmp.execute<{ status: string }>('query-status');
+    return r.status;
+  }
+
+  /** Ends the VM: quit over QMP, then SIGKILL by PID if it lingers. Never throws. */
+  async stop(graceMs = 1500): Promise<void> {
+    if (!this.exitedFlag && !this.qmp.isClosed) {
+      try { await this.qmp.execute('quit', undefined, 1000); } catch { /* fall through to kill */ }
+    }
+    this.qmp.close();
+    this.serialSocket?.destroy();
+    await Promise.race([this.proc.exited, new Promise((r) => setTimeout(r, graceMs))]);
+    this.proc.kill('SIGKILL');
+    await this.proc.exited;
+  }
+
+  /** Simulates a host failure: SIGKILL by PID, no goodbye. */
+  async kill(): Promise<void> {
+    this.proc.kill('SIGKILL');
+    this.qmp.close();
+    this.serialSocket?.destroy();
+    await this.proc.exited;
+  }
+}

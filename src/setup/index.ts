@@ -1,0 +1,84 @@
+// The one idempotent setup step: Debian packages, the patched QEMU for TCG, the guest image.
+// Prints what it does (long steps show progress); a no-op when everything is in place.
+
+import { existsSync } from 'node:fs';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { runCommand } from '../util/procs.ts';
+import { RubatoError } from '../util/errors.ts';
+import { logger } from '../util/log.ts';
+import type { QemuBinary } from '../qemu/vm.ts';
+
+const log = logger('setup');
+export const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+/** Debian packages Rubato needs at run time and to build its QEMU and guest. */
+export const DEBIAN_PACKAGES = [
+  'qemu-system-x86', 'qemu-utils', 'busybox-static', 'cpio', 'gzip', 'xz-utils', 'iproute2', 'util-linux',
+  // build dependencies of the patched QEMU
+  'dpkg-dev', 'libglib2.0-dev', 'libpixman-1-dev', 'libfdt-dev', 'zlib1g-dev', 'meson', 'ninja-build',
+  'python3-venv', 'flex', 'bison', 'gcc', 'make', 'patch',
+] as const;
+
+async function missingPackages(): Promise<string[]> {
+  const r = await runCommand('dpkg-query', ['-W', '-f', '${Package} ${db:Status-Abbrev}\n', ...DEBIAN_PACKAGES]);
+  const ok = new Set(r.stdout.split('\n').filter((l) => / ii ?$/.test(l.trimEnd()) || /\sii\s*$/.test(l)).map((l) => l.split(' ')[0]));
+  return DEBIAN_PACKAGES.filter((p) => !ok.has(p));
+}
+
+let packagesChecked = false;
+export async function ensurePackages(): Promise<void> {
+  if (packagesChecked) return;
+  const missing = await missingPackages();
+  if (missing.length) {
+    log.info(`installing Debian packages: ${missing.join(' ')}`);
+    const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+    const up = await runCommand('apt-get', ['update', '-q'], { env });
+    if (up.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get update failed: ${up.stderr.trim().split('\n').slice(-2).join(' | ')}`);
+    const inst = await runCommand('apt-get', ['install', '-y', '-q', '--no-install-recommends', ...missing], { env });
+    if (inst.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get install failed: ${inst.stderr.trim().split('\n').slice(-3).join(' | ')}`);
+  }
+  packagesChecked = true;
+}
+
+async function runBuildScript(script: string, what: string): Promise<string> {
+  const r = await runCommand('bash', [join(REPO_ROOT, script)], { onLine: (l) => { if (l.trim()) log.info(`${what}: ${l.replace(/^\[[a-z-]+\] /, '')}`); } });
+  const last = r.stdout.trim().split('\n').at(-1) ?? '';
+  if (r.code !== 0 || !last) {
+    throw new RubatoError('RUBATO_SETUP_FAILED', `${what} build failed (exit ${r.code}): ${r.stderr.trim().split('\n').slice(-4).join(' | ')}`);
+  }
+  return last;
+}
+
+let patched: QemuBinary | null = null;
+/** The QEMU with Rubato's TCG fixes (built once, cached outside the work tree). */
+export async function ensurePatchedQemu(): Promise<QemuBinary> {
+  if (patched) return patched;
+  await ensurePackages();
+  const path = await runBuildScript('qemu-patches/build.sh', 'patched QEMU');
+  patched = { path, firmwareDirs: ['/usr/share/qemu', '/usr/share/seabios'] };
+  return patched;
+}
+
+export function stockQemu(): QemuBinary {
+  return { path: '/usr/bin/qemu-system-x86_64', firmwareDirs: [] };
+}
+
+export interface GuestImage { kernel: string; initrd: string }
+let guest: GuestImage | null = null;
+export async function ensureGuestImage(): Promise<GuestImage> {
+  if (guest) return guest;
+  await ensurePackages();
+  const dir = await runBuildScript('guest/build.sh', 'guest image');
+  const g = { kernel: join(dir, 'vmlinuz'), initrd: join(dir, 'initrd.img') };
+  if (!existsSync(g.kernel) || !existsSync(g.initrd)) throw new RubatoError('RUBATO_SETUP_FAILED', `guest image incomplete in ${dir}`);
+  guest = g;
+  return g;
+}
+
+/** Everything: used by `rubato setup`, the tests and the demo. */
+export async function ensureAll(): Promise<{ qemu: QemuBinary; guest: GuestImage }> {
+  await ensurePackages();
+  const [qemu, g] = [await ensurePatchedQemu(), await ensureGuestImage()];
+  return { qemu, guest: g };
+}

@@ -1,0 +1,44 @@
+// Typed errors with a stable code that operators and tests match on, plus context (VM, epoch, peer).
+// Expected failures are RubatoErrors; anything else reaching the CLI is a bug and shown as one.
+
+export type ErrorCode =
+  | 'RUBATO_CONFIG'
+  | 'RUBATO_SETUP_FAILED'
+  | 'RUBATO_QEMU_START'
+  | 'RUBATO_QEMU_EXITED'
+  | 'RUBATO_QMP_ERROR'
+  | 'RUBATO_QMP_TIMEOUT'
+  | 'RUBATO_QMP_CLOSED'
+  | 'RUBATO_STREAM_FORMAT'
+  | 'RUBATO_STREAM_UNSUPPORTED'
+  | 'RUBATO_STREAM_TRUNCATED'
+  | 'RUBATO_STREAM_TIMEOUT'
+  | 'RUBATO_CAPTURE_FAILED'
+  | 'RUBATO_REPLICA_CORRUPT'
+  | 'RUBATO_REPLICA_MISMATCH'
+  | 'RUBATO_RESTORE_FAILED'
+  | 'RUBATO_ACCEL';
+
+export class RubatoError extends Error {
+  readonly code: ErrorCode;
+  readonly context: Record<string, unknown>;
+  constructor(code: ErrorCode, message: string, context: Record<string, unknown> = {}, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'RubatoError';
+    this.code = code;
+    this.context = context;
+  }
+}
+
+export function isRubatoError(e: unknown, code?: ErrorCode): e is RubatoError {
+  return e instanceof RubatoError && (code === undefined || e.code === code);
+}
+
+/** Invariant check that stays on in production: a crash beats a wrong answer. */
+export function assert(cond: unknown, what: string): asserts cond {
+  if (!cond) throw new Error(`invariant violated: ${what}`);
+}
+
+export function errorMessage(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}

@@ -1,0 +1,40 @@
+// A small leveled logger on stderr: one line per event, `component: message key=value`.
+// Level from RUBATO_LOG (debug|info|warn|error|silent); it never writes to stdout, which carries results.
+
+const LEVELS = { debug: 10, info: 20, warn: 30, error: 40, silent: 100 } as const;
+export type Level = keyof typeof LEVELS;
+
+function currentLevel(): number {
+  const name = (process.env['RUBATO_LOG'] ?? 'info') as Level;
+  return LEVELS[name] ?? LEVELS.info;
+}
+
+export interface Logger {
+  debug(msg: string, fields?: Record<string, unknown>): void;
+  info(msg: string, fields?: Record<string, unknown>): void;
+  warn(msg: string, fields?: Record<string, unknown>): void;
+  error(msg: string, fields?: Record<string, unknown>): void;
+  enabled(level: Level): boolean;
+}
+
+function fmt(fields?: Record<string, unknown>): string {
+  if (!fields) return '';
+  return Object.entries(fields)
+    .map(([k, v]) => ` ${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`)
+    .join('');
+}
+
+export function logger(component: string): Logger {
+  const write = (level: Level, msg: string, fields?: Record<string, unknown>) => {
+    if (LEVELS[level] < currentLevel()) return;
+    const t = new Date().toISOString().slice(11, 23);
+    process.stderr.write(`${t} ${level.padEnd(5)} ${component}: ${msg}${fmt(fields)}\n`);
+  };
+  return {
+    debug: (m, f) => write('debug', m, f),
+    info: (m, f) => write('info', m, f),
+    warn: (m, f) => write('warn', m, f),
+    error: (m, f) => write('error', m, f),
+    enabled: (level) => LEVELS[level] >= currentLevel(),
+  };
+}

@@ -1,0 +1,107 @@
+// Every child process Rubato starts goes through here: tracked by PID, ended by PID on shutdown,
+// on error and on test failure, and tied to our own life with PR_SET_PDEATHSIG (via setpriv) so a
+// SIGKILLed controller leaves nothing behind. Never kills by name.
+
+import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { logger } from './log.ts';
+
+const log = logger('procs');
+const live = new Map<number, { name: string; child: ChildProcess }>();
+let hooked = false;
+
+const SETPRIV = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p));
+
+function hookExit(): void {
+  if (hooked) return;
+  hooked = true;
+  process.on('exit', () => killAllSync());
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    process.once(sig, () => {
+      killAllSync();
+      process.exit(sig === 'SIGINT' ? 130 : 143);
+    });
+  }
+}
+
+export interface TrackedProcess {
+  readonly name: string;
+  readonly pid: number;
+  readonly child: ChildProcess;
+  /** Resolves with the exit code (or signal name) once the process has ended. */
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  kill(signal?: NodeJS.Signals): void;
+  /** SIGTERM, then SIGKILL after graceMs; resolves when the process is gone. */
+  stop(graceMs?: number): Promise<void>;
+}
+
+export function spawnTracked(name: string, file: string, args: readonly string[], opts: SpawnOptions = {}): TrackedProcess {
+  hookExit();
+  const [cmd, argv] = SETPRIV ? [SETPRIV, ['--pdeathsig', 'SIGKILL', '--', file, ...args]] : [file, [...args]];
+  const child = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
+  if (child.pid === undefined) {
+    // spawn failures surface through 'error'; give them a pid-less tracked object that is already dead
+    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+      child.once('error', () => resolve({ code: -1, signal: null }));
+    });
+    return { name, pid: -1, child, exited, kill: () => {}, stop: async () => { await exited; } };
+  }
+  const pid = child.pid;
+  live.set(pid, { name, child });
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once('exit', (code, signal) => {
+      live.delete(pid);
+      resolve({ code, signal });
+    });
+  });
+  log.debug('spawned', { name, pid });
+  const kill = (signal: NodeJS.Signals = 'SIGKILL') => {
+    if (live.has(pid)) {
+      try { process.kill(pid, signal); } catch { /* already gone */ }
+    }
+  };
+  const stop = async (graceMs = 2000) => {
+    if (!live.has(pid)) { await exited; return; }
+    kill('SIGTERM');
+    const timer = setTimeout(() => kill('SIGKILL'), graceMs);
+    await exited;
+    clearTimeout(timer);
+  };
+  return { name, pid, child, exited, kill, stop };
+}
+
+export function liveProcesses(): Array<{ pid: number; name: string }> {
+  return [...live.entries()].map(([pid, v]) => ({ pid, name: v.name }));
+}
+
+export function killAllSync(): void {
+  for (const [pid] of live) {
+    try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+  }
+}
+
+/** Runs a command to completion, collecting output; for setup steps and helpers. */
+export function runCommand(file: string, args: readonly string[], opts: SpawnOptions & { onLine?: (line: string) => void } = {}):
+  Promise<{ code: number; stdout: string; stderr: string }> {
+  const { onLine, ...spawnOpts } = opts;
+  const p = spawnTracked(file.split('/').pop() ?? file, file, args, spawnOpts);
+  let stdout = '';
+  let stderr = '';
+  let partial = '';
+  p.child.stdout?.on('data', (d: Buffer) => { stdout += d.toString(); });
+  p.child.stderr?.on('data', (d: Buffer) => {
+    const s = d.toString();
+    stderr += s;
+    if (stderr.length > 1 << 20) stderr = stderr.slice(-(1 << 19));
+    if (onLine) {
+      partial += s;
+      const lines = partial.split('\n');
+      partial = lines.pop() ?? '';
+      for (const l of lines) onLine(l);
+    }
+  });
+  return new Promise((resolve) => {
+    p.child.once('error', (e) => resolve({ code: -1, stdout, stderr: stderr + String(e) }));
+    void p.exited.then(({ code }) => resolve({ code: code ?? -1, stdout, stderr }));
+  });
+}
