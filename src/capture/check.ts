@@ -1,0 +1,192 @@
+// `rubato capture-check`: protect a dirtier guest locally for N checkpoints, compare the replica
+// with the paused guest's RAM byte for byte at sampled checkpoints, cross-check route A's dirty set
+// against a full diff at the same pause, then restore the last checkpoint on a fresh QEMU and see
+// the guest continue. Everything it starts is stopped and removed, also on failure.
+
+import { copyFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { makeTempDir, removeTempDir } from '../util/tmp.ts';
+import { logger } from '../util/log.ts';
+import { median, percentile, round } from '../util/stats.ts';
+import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
+import { guestAppend, MAIN_RAM_ID, type Accel, type VmSpec } from '../qemu/spec.ts';
+import { restoreVm } from '../qemu/restore.ts';
+import { ReplicaStore } from '../replication/replica-store.ts';
+import { ColoCapture } from './route-a.ts';
+import { ExternalCapture } from './route-b.ts';
+import { diffPages, readRamFile } from './verify.ts';
+import { PauseMeter } from './pause-meter.ts';
+import type { Checkpoint } from './checkpoint.ts';
+
+const log = logger('capture-check');
+
+export interface CaptureCheckOptions {
+  route: 'a' | 'b';
+  seconds: number;
+  minCheckpoints: number;
+  memMb: number;
+  ratePagesPerMs: number;
+  epochMs: number;
+  samples: number;
+  accel: Accel;
+  binary: QemuBinary;
+  guest: { kernel: string; initrd: string };
+  cpus: number;
+  onStatus?: (line: string) => void;
+}
+
+export interface CaptureCheckResult {
+  route: 'a' | 'b';
+  accel: Accel;
+  checkpoints: number;
+  verified: number;
+  identical: boolean;
+  mismatchedPages: number;
+  /** Route A only: at every sampled pause the pages a full diff found changed were all in A's dirty set. */
+  routesAgree: boolean | null;
+  restored: boolean;
+  selfCheckOk: boolean;
+  counterBefore: number;
+  counterAfter: number;
+  restoreMs: number;
+  pauseMsMedian: number;
+  pauseMsP99: number;
+  dirtyPagesMedian: number;
+  bytesPerCheckpointMedian: number;
+  tracking?: string;
+  error?: string;
+}
+
+const WORK_RE = /RUBATO dirtier t=(\d+) work=(\d+) pages=(\d+) checks=\d+ bad=(\d+) failures=(\d+) check=(\w+)/;
+
+export function parseDirtierLine(line: string): { tMs: number; work: number; pages: number; bad: number; ok: boolean } | null {
+  const m = line.match(WORK_RE);
+  if (!m) return null;
+  return { tMs: Number(m[1]), work: Number(m[2]), pages: Number(m[3]), bad: Number(m[4]), ok: m[6] === 'ok' && m[5] === '0' };
+}
+
+export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCheckResult> {
+  const dir = makeTempDir('rubato-check-');
+  const status = o.onStatus ?? (() => {});
+  const wssMb = Math.max(4, Math.min(32, Math.floor(o.memMb / 4)));
+  const spec: VmSpec & { ramFile: string } = {
+    name: `check-${o.route}`, accel: o.accel, cpus: o.cpus, memMb: o.memMb, ramFile: join(dir, 'guest.ram'),
+    kernel: o.guest.kernel, initrd: o.guest.initrd, append: guestAppend(['dirtier', o.ratePagesPerMs, wssMb, 100]),
+  };
+  const result: CaptureCheckResult = {
+    route: o.route, accel: o.accel, checkpoints: 0, verified: 0, identical: false, mismatchedPages: 0, routesAgree: o.route === 'a' ? true : null,
+    restored: false, selfCheckOk: false, counterBefore: -1, counterAfter: -1, restoreMs: -1, pauseMsMedian: Number.NaN, pauseMsP99: Number.NaN,
+    dirtyPagesMedian: Number.NaN, bytesPerCheckpointMedian: Number.NaN,
+  };
+  let vm: QemuVm | null = null;
+  let restored: QemuVm | null = null;
+  try {
+    status(`booting a ${o.memMb} MB guest (${o.accel}), dirtier at ${o.ratePagesPerMs} pages/ms over ${wssMb} MB`);
+    vm = await QemuVm.start(spec, { binary: o.binary, runDir: dir });
+    await vm.waitSerial(/RUBATO dirtier t=/, 60_000);
+    const meter = new PauseMeter(vm.qmp);
+    status(`starting route ${o.route.toUpperCase()} capture`);
+    const { capture, base } = o.route === 'a'
+      ? await ColoCapture.start(vm, { runDir: dir, onProgress: (b) => status(`initial copy: ${(b / 1048576).toFixed(0)} MB`) })
+      : await ExternalCapture.start(vm, { runDir: dir });
+    meter.startNow();
+    const store = await ReplicaStore.create(join(dir, 'replica'), spec.name, base, { fsync: false });
+    const sampleEvery = Math.max(1, Math.floor(o.minCheckpoints / o.samples));
+    const dirtyCounts: number[] = [];
+    const bytes: number[] = [];
+    let ramCopy: Buffer | undefined;
+    const verifyHeld = async (cp: Checkpoint) => {
+      // The guest is paused at checkpoint cp. Route B's view: what changed since the replica's epoch.
+      ramCopy = readRamFile(spec.ramFile, ramCopy);
+      if (o.route === 'a') {
+        const changed = diffPages(ramCopy, store.ramOf(MAIN_RAM_ID));
+        const reported = new Set(cp.pages.filter((p) => p.block === MAIN_RAM_ID).map((p) => p.offset));
+        const missed = changed.filter((off) => !reported.has(off));
+        if (missed.length) { result.routesAgree = false; log.error(`route A missed ${missed.length} changed pages at checkpoint ${cp.epoch}`); }
+      }
+      await store.commit(cp);
+      const diff = diffPages(ramCopy, store.ramOf(MAIN_RAM_ID));
+      result.verified++;
+      result.mismatchedPages += diff.length;
+      if (diff.length) log.error(`replica differs from the guest in ${diff.length} pages at checkpoint ${cp.epoch}`, { first: diff.slice(0, 4) });
+    };
+    const start = Date.now();
+    let lastStatus = 0;
+    let i = 0;
+    let last: Checkpoint | null = null;
+    let next = performance.now() + o.epochMs;
+    while (i < o.minCheckpoints || Date.now() - start < o.seconds * 1000) {
+      const wait = next - performance.now();
+      if (wait > 0) await sleep(wait);
+      next = Math.max(performance.now(), next + o.epochMs);
+      i++;
+      const sample = i % sampleEvery === 0;
+      const cp: Checkpoint = await capture.checkpoint(sample ? { hold: verifyHeld } : {});
+      if (sample) meter.exclude(cp.pausedAtMs);
+      else await store.commit(cp);
+      dirtyCounts.push(cp.pages.length);
+      bytes.push(cp.ramBytes + cp.deviceState.length);
+      last = cp;
+      if (Date.now() - lastStatus > 1000) {
+        lastStatus = Date.now();
+        status(`epoch ${cp.epoch}: ${cp.pages.length} dirty pages, pause ${cp.timings.pauseMsLocal.toFixed(2)} ms, verified ${result.verified}, mismatched ${result.mismatchedPages}`);
+      }
+    }
+    // The last checkpoint: the primary dies while paused at it; the replica must carry on.
+    let before = -1;
+    const final = await capture.checkpoint({
+      hold: async (cp) => {
+        await verifyHeld(cp);
+        meter.exclude(cp.pausedAtMs);
+        await sleep(50); // let console output written before the pause drain
+        before = lastWork(vm!);
+        await vm!.kill();
+      },
+    });
+    last = final;
+    result.checkpoints = last.epoch;
+    result.counterBefore = before;
+    result.identical = result.verified >= 1 && result.mismatchedPages === 0;
+    const pauses = meter.pausesMs();
+    result.pauseMsMedian = round(median(pauses));
+    result.pauseMsP99 = round(percentile(pauses, 99));
+    result.dirtyPagesMedian = median(dirtyCounts);
+    result.bytesPerCheckpointMedian = median(bytes);
+    if (capture instanceof ExternalCapture) result.tracking = capture.trackingMode;
+    await capture.close().catch(() => {});
+
+    status(`restoring checkpoint ${store.epoch} on a fresh QEMU`);
+    const ramCopyPath = join(dir, 'restored.ram');
+    copyFileSync(store.imagePath(MAIN_RAM_ID), ramCopyPath);
+    const r = await restoreVm({ spec: { ...spec, name: `${spec.name}-r`, ramFile: ramCopyPath }, machine: store.machine, deviceState: store.deviceState },
+      { binary: o.binary, runDir: dir });
+    restored = r.vm;
+    result.restoreMs = round(r.restoreMs, 1);
+    const m1 = parseDirtierLine((await restored.waitSerial(WORK_RE, 20_000))[0]);
+    await restored.waitSerial(WORK_RE, 5_000, { fromNow: true });
+    const m2 = parseDirtierLine((await restored.waitSerial(WORK_RE, 5_000, { fromNow: true }))[0]);
+    const rebooted = restored.serialLines.some((l) => /RUBATO (boot ok|dirtier start)/.test(l));
+    result.counterAfter = m1?.work ?? -1;
+    result.selfCheckOk = !!m1 && !!m2 && m1.ok && m2.ok;
+    result.restored = !rebooted && result.selfCheckOk && result.counterAfter >= result.counterBefore && (m2?.work ?? 0) > result.counterAfter;
+    status(`restored guest continued: counter ${result.counterBefore} → ${result.counterAfter} → ${m2?.work}, self-check ${result.selfCheckOk ? 'ok' : 'FAILED'}`);
+  } catch (e) {
+    result.error = e instanceof Error ? e.message : String(e);
+    log.error(`capture check failed: ${result.error}`);
+  } finally {
+    await restored?.stop();
+    await vm?.stop();
+    removeTempDir(dir);
+  }
+  return result;
+}
+
+function lastWork(vm: QemuVm): number {
+  for (let i = vm.serialLines.length - 1; i >= 0; i--) {
+    const m = parseDirtierLine(vm.serialLines[i]!);
+    if (m) return m.work;
+  }
+  return -1;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -1,0 +1,89 @@
+#!/usr/bin/env node
+// The `rubato` command. Results go to stdout (with --json, one JSON object as the last line);
+// progress and logs go to stderr. Config mistakes exit 2 with one clear line.
+
+import { Command, CommanderError } from 'commander';
+import { RubatoError, errorMessage } from '../util/errors.ts';
+import { logger } from '../util/log.ts';
+import { ensureAll, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
+import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
+import { runCaptureCheck } from '../capture/check.ts';
+import { runCaptureBench } from '../bench/capture.ts';
+import { choiceOpt, intOpt, numOpt } from './options.ts';
+import type { QemuBinary } from '../qemu/vm.ts';
+import type { Accel } from '../qemu/spec.ts';
+
+const log = logger('rubato');
+
+async function platform(accelChoice: AccelChoice): Promise<{ accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string } }> {
+  const guest = await ensureGuestImage();
+  const { accel } = await resolveAccel(accelChoice, stockQemu(), guest);
+  const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
+  return { accel, binary, guest };
+}
+
+const program = new Command('rubato')
+  .description('High availability for QEMU VMs by checkpoint replication with a workload-adaptive scheduler')
+  .exitOverride()
+  .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+
+program.command('setup')
+  .description('install the Debian packages, build the patched QEMU (TCG) and the test guest; a no-op when done')
+  .action(async () => {
+    const r = await ensureAll();
+    process.stdout.write(`${JSON.stringify({ qemu: r.qemu.path, kernel: r.guest.kernel, initrd: r.guest.initrd })}\n`);
+  });
+
+program.command('capture-check')
+  .description('checkpoint a dirtier guest locally, verify the replica byte for byte, restore the last checkpoint')
+  .option('--route <route>', 'a (COLO checkpoint stream) or b (external)', choiceOpt('route', ['a', 'b'] as const), 'a')
+  .option('--seconds <n>', 'minimum run time', intOpt('seconds', 1, 3600), 10)
+  .option('--checkpoints <n>', 'minimum number of checkpoints', intOpt('checkpoints', 4, 1_000_000), 300)
+  .option('--mem <mb>', 'guest memory in MB', intOpt('mem', 64, 65536), 128)
+  .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', numOpt('rate', 0, 10000), 10)
+  .option('--epoch-ms <ms>', 'checkpoint period', intOpt('epoch-ms', 1, 60000), 25)
+  .option('--samples <n>', 'checkpoints compared byte for byte with the paused guest', intOpt('samples', 1, 1000), 3)
+  .option('--cpus <n>', 'vCPUs', intOpt('cpus', 1, 64), 1)
+  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
+  .option('--json', 'print the summary as one JSON line', false)
+  .action(async (o: { route: 'a' | 'b'; seconds: number; checkpoints: number; mem: number; rate: number; epochMs: number; samples: number; cpus: number; accel: AccelChoice; json: boolean }) => {
+    const p = await platform(o.accel);
+    const r = await runCaptureCheck({
+      route: o.route, seconds: o.seconds, minCheckpoints: o.checkpoints, memMb: o.mem, ratePagesPerMs: o.rate, epochMs: o.epochMs,
+      samples: o.samples, cpus: o.cpus, ...p, onStatus: (s) => log.info(s),
+    });
+    if (!o.json) {
+      process.stdout.write(`route ${r.route.toUpperCase()}: ${r.checkpoints} checkpoints, ${r.verified} verified, identical=${r.identical}, restored=${r.restored}, pause median ${r.pauseMsMedian} ms p99 ${r.pauseMsP99} ms\n`);
+    }
+    process.stdout.write(`${JSON.stringify(r)}\n`);
+    process.exitCode = r.identical && r.restored ? 0 : 1;
+  });
+
+program.command('bench')
+  .description('benchmarks: capture')
+  .argument('[which]', 'capture', 'capture')
+  .option('--quick', 'reduced settings (a few minutes)', false)
+  .option('--seconds <n>', 'measurement time per phase', intOpt('seconds', 2, 600))
+  .option('--out <dir>', 'results folder', 'results')
+  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
+  .option('--json', 'print the summary as one JSON line', false)
+  .action(async (which: string, o: { quick: boolean; seconds?: number; out: string; accel: AccelChoice; json: boolean }) => {
+    if (which !== 'capture') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: capture)`);
+    const p = await platform(o.accel);
+    const r = await runCaptureBench({ ...p, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), onStatus: (s) => log.info(s) });
+    process.stdout.write(`${JSON.stringify(r.summary)}\n`);
+  });
+
+try {
+  await program.parseAsync(process.argv);
+} catch (e) {
+  if (e instanceof CommanderError) {
+    process.exitCode = e.exitCode === 0 ? 0 : 2;
+  } else if (e instanceof RubatoError) {
+    process.stderr.write(`rubato: ${e.message}\n`);
+    process.exitCode = e.code === 'RUBATO_CONFIG' ? 2 : 1;
+  } else {
+    process.stderr.write(`rubato: internal error: ${errorMessage(e)}\n${e instanceof Error ? e.stack ?? '' : ''}\n`);
+    process.exitCode = 70;
+  }
+}

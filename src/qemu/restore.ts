@@ -1,0 +1,61 @@
+// Restore: a fresh QEMU with the same machine description, its RAM the replica image
+// (memory-backend-file, share=on, ignored by migration through x-ignore-shared), loads the
+// checkpoint's device state from a stream Rubato writes, then runs. The replica image file
+// becomes the guest's RAM: pass a copy to keep the replica.
+
+import { connect } from 'node:net';
+import { join } from 'node:path';
+import { RubatoError, errorMessage } from '../util/errors.ts';
+import { logger } from '../util/log.ts';
+import { encodeDeviceOnlyStream } from '../capture/stream/format.ts';
+import { QemuVm, type QemuBinary } from './vm.ts';
+import type { VmSpec } from './spec.ts';
+
+const log = logger('restore');
+
+export interface RestoreInput {
+  /** The VM description; its ramFile is the RAM image to run from. */
+  spec: VmSpec & { ramFile: string };
+  machine: string;
+  deviceState: Buffer;
+}
+
+export interface RestoreResult {
+  vm: QemuVm;
+  /** Spawn → guest running. */
+  restoreMs: number;
+}
+
+export async function restoreVm(input: RestoreInput, opts: { binary: QemuBinary; runDir: string; tag?: string }): Promise<RestoreResult> {
+  const t0 = performance.now();
+  const tag = opts.tag ?? `${input.spec.name}-restored`;
+  const vm = await QemuVm.start(input.spec, { binary: opts.binary, runDir: opts.runDir, incoming: true, tag });
+  try {
+    await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }, { capability: 'events', state: true }] });
+    const sock = join(opts.runDir, `${tag}.in`);
+    await vm.qmp.execute('migrate-incoming', { uri: `unix:${sock}` });
+    const stream = encodeDeviceOnlyStream(input.machine, input.deviceState);
+    await new Promise<void>((resolve, reject) => {
+      const s = connect(sock);
+      s.once('error', reject);
+      s.end(stream, () => resolve());
+    });
+    const until = Date.now() + 15_000;
+    for (;;) {
+      const m = await vm.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+      if (m.status === 'completed') break;
+      if (m.status === 'failed') throw new RubatoError('RUBATO_RESTORE_FAILED', `VM ${input.spec.name}: loading the checkpoint failed: ${m['error-desc'] ?? vm.stderrTail.trim().split('\n').slice(-2).join(' | ')}`);
+      if (Date.now() > until) throw new RubatoError('RUBATO_RESTORE_FAILED', `VM ${input.spec.name}: loading the checkpoint did not finish within 15 s`);
+      if (vm.exited) throw new RubatoError('RUBATO_RESTORE_FAILED', `VM ${input.spec.name}: QEMU exited while loading the checkpoint: ${vm.stderrTail.trim().split('\n').slice(-2).join(' | ')}`);
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    await vm.qmp.execute('cont');
+    const restoreMs = performance.now() - t0;
+    log.info(`VM ${input.spec.name} restored and running`, { restoreMs: restoreMs.toFixed(1) });
+    return { vm, restoreMs };
+  } catch (e) {
+    await vm.stop();
+    if (e instanceof RubatoError) throw e;
+    throw new RubatoError('RUBATO_RESTORE_FAILED', `VM ${input.spec.name}: restore failed: ${errorMessage(e)}`, {}, { cause: e });
+  }
+}
