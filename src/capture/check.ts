@@ -53,6 +53,8 @@ export interface CaptureCheckResult {
   pauseMsP99: number;
   dirtyPagesMedian: number;
   bytesPerCheckpointMedian: number;
+  /** The verifier, shown one corrupted replica page on real data, found exactly that page. */
+  negativeControl: boolean;
   tracking?: string;
   error?: string;
 }
@@ -76,7 +78,7 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
   const result: CaptureCheckResult = {
     route: o.route, accel: o.accel, checkpoints: 0, verified: 0, identical: false, mismatchedPages: 0, routesAgree: o.route === 'a' ? true : null,
     restored: false, selfCheckOk: false, counterBefore: -1, counterAfter: -1, restoreMs: -1, pauseMsMedian: Number.NaN, pauseMsP99: Number.NaN,
-    dirtyPagesMedian: Number.NaN, bytesPerCheckpointMedian: Number.NaN,
+    dirtyPagesMedian: Number.NaN, bytesPerCheckpointMedian: Number.NaN, negativeControl: false,
   };
   let vm: QemuVm | null = null;
   let restored: QemuVm | null = null;
@@ -108,6 +110,15 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
       const diff = diffPages(ramCopy, store.ramOf(MAIN_RAM_ID));
       result.verified++;
       result.mismatchedPages += diff.length;
+      if (result.verified === 1) {
+        // Negative control: the same comparison must catch a single corrupted page.
+        const corrupted = Buffer.from(store.ramOf(MAIN_RAM_ID));
+        const page = Math.floor(Math.random() * (corrupted.length / 4096));
+        const at = page * 4096 + 1234;
+        corrupted[at] = corrupted[at]! ^ 0x40;
+        const found = diffPages(ramCopy, corrupted);
+        result.negativeControl = found.length === diff.length + 1 && found.includes(page * 4096);
+      }
       if (diff.length) log.error(`replica differs from the guest in ${diff.length} pages at checkpoint ${cp.epoch}`, { first: diff.slice(0, 4) });
     };
     const start = Date.now();

@@ -1,0 +1,98 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, readFileSync, rmSync, writeFileSync, renameSync } from 'node:fs';
+import { join } from 'node:path';
+import { ReplicaStore, encodeRecord } from '../../src/replication/replica-store.ts';
+import type { BaseImage, Checkpoint } from '../../src/capture/checkpoint.ts';
+import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
+import { isRubatoError } from '../../src/util/errors.ts';
+
+const DEV = Buffer.from([0x04, 9, 9, 9, 0x00]);
+
+function base(): BaseImage {
+  return {
+    machine: 'pc-i440fx-7.2',
+    blocks: [{ id: 'mem0', lengthBytes: 8 * 4096 }, { id: 'rom', lengthBytes: 4096 }],
+    ram: new Map([['mem0', Buffer.alloc(8 * 4096, 1)], ['rom', Buffer.alloc(4096, 7)]]),
+    deviceState: DEV,
+  };
+}
+
+function cp(epoch: number, pages: Array<[number, number | null]>): Checkpoint {
+  return {
+    epoch, route: 'a', deviceState: Buffer.from([0x04, epoch, 0x00]), ramBytes: 0, zeroPages: 0, pausedAtMs: 0,
+    timings: { captureMs: 0, pauseMsLocal: 0, heldMs: 0 },
+    pages: pages.map(([off, v]) => ({ block: 'mem0', offset: off, data: v === null ? null : Buffer.alloc(4096, v), fill: 0 })),
+  };
+}
+
+test('commits checkpoints in order and persists them', async (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const s = await ReplicaStore.create(dir, 'vm', base());
+  await s.commit(cp(1, [[0, 5], [4096, null]]));
+  await s.commit(cp(2, [[4096, 6]]));
+  assert.equal(s.epoch, 2);
+  const r = await ReplicaStore.open(dir);
+  assert.equal(r.epoch, 2);
+  const ram = r.ramOf('mem0');
+  assert.equal(ram[0], 5);
+  assert.equal(ram[4096], 6);
+  assert.equal(ram[8192], 1);
+  assert.deepEqual([...r.deviceState], [0x04, 2, 0x00]);
+  assert.deepEqual(readFileSync(r.imagePath('mem0')), ram);
+});
+
+test('rejects out-of-order, malformed and out-of-range checkpoints, untouched', async (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const s = await ReplicaStore.create(dir, 'vm', base());
+  const before = Buffer.from(s.ramOf('mem0'));
+  await assert.rejects(s.commit(cp(2, [[0, 3]])), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
+  await assert.rejects(s.commit(cp(1, [[8 * 4096, 3]])), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
+  const bad = cp(1, [[0, 3]]);
+  bad.deviceState = Buffer.from([1, 2, 3]);
+  await assert.rejects(s.commit(bad), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
+  assert.equal(s.epoch, 0);
+  assert.deepEqual(s.ramOf('mem0'), before);
+  assert.equal((await ReplicaStore.open(dir)).epoch, 0);
+});
+
+test('a crash after the commit point is finished on reopen (redo)', async (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const s = await ReplicaStore.create(dir, 'vm', base());
+  // Commit point reached (redo record renamed into place), nothing applied yet.
+  writeFileSync(join(dir, 'redo.ckpt'), encodeRecord(cp(1, [[0, 42]]), s.blocks));
+  const r = await ReplicaStore.open(dir);
+  assert.equal(r.epoch, 1);
+  assert.equal(r.ramOf('mem0')[0], 42);
+  assert.equal(existsSync(join(dir, 'redo.ckpt')), false);
+});
+
+test('a crash before the commit point leaves the previous checkpoint', async (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const s = await ReplicaStore.create(dir, 'vm', base());
+  await s.commit(cp(1, [[0, 5]]));
+  const rec = encodeRecord(cp(2, [[0, 99]]), s.blocks);
+  writeFileSync(join(dir, 'stage.tmp'), rec.subarray(0, rec.length - 100)); // half-written stage
+  const r = await ReplicaStore.open(dir);
+  assert.equal(r.epoch, 1);
+  assert.equal(r.ramOf('mem0')[0], 5);
+  assert.equal(existsSync(join(dir, 'stage.tmp')), false);
+});
+
+test('a corrupt redo record is refused, never applied', async (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const s = await ReplicaStore.create(dir, 'vm', base());
+  const rec = encodeRecord(cp(1, [[0, 42]]), s.blocks);
+  rec[40] = rec[40]! ^ 1;
+  writeFileSync(join(dir, 'stage.tmp'), rec);
+  renameSync(join(dir, 'stage.tmp'), join(dir, 'redo.ckpt'));
+  await assert.rejects(ReplicaStore.open(dir), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
+  rmSync(join(dir, 'redo.ckpt'));
+  const r = await ReplicaStore.open(dir);
+  assert.equal(r.ramOf('mem0')[0], 1);
+});
