@@ -68,7 +68,7 @@ export class ColoCapture {
       });
     });
     try {
-      await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-colo', state: true }, { capability: 'events', state: true }] });
+      await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-colo', state: true }, { capability: 'events', state: true }, { capability: 'x-ignore-shared', state: false }] });
       await vm.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 2 ** 40, 'x-checkpoint-delay': NEVER_MS, 'downtime-limit': 300 });
       await vm.qmp.execute('migrate', { uri: `unix:${sockPath}` });
     } catch (e) {

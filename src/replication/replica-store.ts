@@ -130,15 +130,24 @@ export class ReplicaStore {
   /** Stage, verify, commit (one rename), apply. Returns the committed epoch. */
   async commit(cp: Checkpoint): Promise<number> {
     this.validate(cp);
-    const record = encodeRecord(cp, this.meta.blocks);
+    return this.commitVerified(cp.epoch, encodeRecord(cp, this.meta.blocks), cp.pages, cp.deviceState);
+  }
+
+  /** The same for a record as it came off the wire (checksummed by its sender). */
+  async commitRecord(record: Buffer): Promise<number> {
+    const rec = decodeRecord(record, this.meta.blocks);
+    this.validate({ epoch: rec.epoch, route: 'a', pages: rec.pages, deviceState: rec.deviceState, ramBytes: 0, zeroPages: 0, pausedAtMs: 0, timings: { captureMs: 0, pauseMsLocal: 0, heldMs: 0 } });
+    return this.commitVerified(rec.epoch, record, rec.pages, rec.deviceState);
+  }
+
+  private async commitVerified(epoch: number, record: Buffer, pages: readonly DirtyPage[], deviceState: Buffer): Promise<number> {
     const stage = join(this.dir, 'stage.tmp');
     await writeDurable(stage, record, this.fsync);
-    decodeRecord(record, this.meta.blocks); // verify what we staged is complete and intact
     const redo = join(this.dir, 'redo.ckpt');
     await rename(stage, redo); // the commit point
-    await this.apply(cp.epoch, cp.pages, cp.deviceState);
+    await this.apply(epoch, pages, deviceState);
     await rm(redo, { force: true });
-    return cp.epoch;
+    return epoch;
   }
 
   private async apply(epoch: number, pages: readonly DirtyPage[], deviceState: Buffer): Promise<void> {

@@ -17,7 +17,12 @@ export type ErrorCode =
   | 'RUBATO_REPLICA_CORRUPT'
   | 'RUBATO_REPLICA_MISMATCH'
   | 'RUBATO_RESTORE_FAILED'
-  | 'RUBATO_ACCEL';
+  | 'RUBATO_ACCEL'
+  | 'RUBATO_PROTOCOL'
+  | 'RUBATO_AUTH_FAILED'
+  | 'RUBATO_VERSION_MISMATCH'
+  | 'RUBATO_PEER_LOST'
+  | 'RUBATO_NETNS';
 
 export class RubatoError extends Error {
   readonly code: ErrorCode;

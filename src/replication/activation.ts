@@ -1,0 +1,18 @@
+// The one place that decides whether this side may become primary. Today it allows activation
+// whenever the primary is lost (see docs/replication.md: under a network partition both sides
+// may run the guest). A later fencing issue replaces this gate; nothing else activates a guest.
+
+export interface ActivationContext {
+  reason: 'primary-lost' | 'manual';
+  replicaEpoch: number;
+  /** ms since the primary was last heard from. */
+  silentMs: number;
+}
+
+export interface ActivationGate {
+  mayActivate(ctx: ActivationContext): Promise<{ allow: boolean; why: string }>;
+}
+
+export const allowAlways: ActivationGate = {
+  mayActivate: async (ctx) => ({ allow: true, why: ctx.reason === 'manual' ? 'operator asked for failover' : `primary silent for ${ctx.silentMs} ms; no fencing configured` }),
+};

@@ -1,0 +1,80 @@
+// Payloads of the replication frames. Pure: parse at the boundary (every length and field is
+// checked), trust inside. JSON only for small, rare messages (handshake, layout).
+
+import { z } from 'zod';
+import { protocolError } from './frame.ts';
+import { VmSpecSchema } from '../../qemu/spec.ts';
+
+export const NONCE_BYTES = 32;
+
+export const IdentitySchema = z.object({
+  vm: z.string(),
+  spec: VmSpecSchema,
+});
+export type Identity = z.infer<typeof IdentitySchema>;
+
+export const LayoutSchema = z.object({
+  machine: z.string(),
+  blocks: z.array(z.object({ id: z.string().max(255), lengthBytes: z.number().int().positive() })).min(1).max(255),
+  totalBytes: z.number().int().nonnegative(),
+});
+export type Layout = z.infer<typeof LayoutSchema>;
+
+export const WelcomeSchema = z.object({ replicaEpoch: z.number().int().nullable(), replicaVm: z.string().nullable() });
+export type Welcome = z.infer<typeof WelcomeSchema>;
+
+function json<T>(schema: z.ZodType<T>, buf: Buffer, what: string): T {
+  let v: unknown;
+  try { v = JSON.parse(buf.toString('utf8')); } catch { throw protocolError(`${what}: payload is not JSON`); }
+  const r = schema.safeParse(v);
+  if (!r.success) throw protocolError(`${what}: ${r.error.issues[0]?.path.join('.') ?? ''} ${r.error.issues[0]?.message ?? 'invalid'}`);
+  return r.data;
+}
+
+export const encodeChallenge = (nonce: Buffer) => Buffer.from(nonce);
+export function decodeChallenge(p: Buffer): Buffer {
+  if (p.length !== NONCE_BYTES) throw protocolError(`CHALLENGE of ${p.length} bytes`);
+  return p;
+}
+
+export const encodeHello = (nonce: Buffer, proof: Buffer, id: Identity) => Buffer.concat([nonce, proof, Buffer.from(JSON.stringify(id))]);
+export function decodeHello(p: Buffer): { nonce: Buffer; proof: Buffer; identity: Identity } {
+  if (p.length < NONCE_BYTES + 32 + 2) throw protocolError(`HELLO of ${p.length} bytes`);
+  return { nonce: p.subarray(0, NONCE_BYTES), proof: p.subarray(NONCE_BYTES, NONCE_BYTES + 32), identity: json(IdentitySchema, p.subarray(NONCE_BYTES + 32), 'HELLO') };
+}
+
+export const encodeWelcome = (proof: Buffer, w: Welcome) => Buffer.concat([proof, Buffer.from(JSON.stringify(w))]);
+export function decodeWelcome(p: Buffer): { proof: Buffer; welcome: Welcome } {
+  if (p.length < 32 + 2) throw protocolError(`WELCOME of ${p.length} bytes`);
+  return { proof: p.subarray(0, 32), welcome: json(WelcomeSchema, p.subarray(32), 'WELCOME') };
+}
+
+export const encodeLayout = (l: Layout) => Buffer.from(JSON.stringify(l));
+export const decodeLayout = (p: Buffer) => json(LayoutSchema, p, 'BASE_BEGIN');
+
+export function encodeBaseData(blockIndex: number, offset: number, data: Buffer): Buffer {
+  const h = Buffer.allocUnsafe(12);
+  h.writeUInt32BE(blockIndex, 0);
+  h.writeBigUInt64BE(BigInt(offset), 4);
+  return Buffer.concat([h, data]);
+}
+export function decodeBaseData(p: Buffer, layout: Layout): { blockIndex: number; offset: number; data: Buffer } {
+  if (p.length < 12) throw protocolError(`BASE_DATA of ${p.length} bytes`);
+  const blockIndex = p.readUInt32BE(0);
+  const offset = Number(p.readBigUInt64BE(4));
+  const data = p.subarray(12);
+  const block = layout.blocks[blockIndex];
+  if (!block) throw protocolError(`BASE_DATA names block ${blockIndex}`);
+  if (offset + data.length > block.lengthBytes) throw protocolError(`BASE_DATA beyond block ${block.id}`);
+  return { blockIndex, offset, data };
+}
+
+export function encodeTime(us: number): Buffer {
+  const b = Buffer.allocUnsafe(8);
+  b.writeBigUInt64BE(BigInt(Math.max(0, Math.floor(us))));
+  return b;
+}
+export function decodeTime(p: Buffer): number {
+  if (p.length !== 8) throw protocolError(`time payload of ${p.length} bytes`);
+  return Number(p.readBigUInt64BE(0));
+}
