@@ -80,19 +80,23 @@ export async function runCaptureBench(o: CaptureBenchOptions): Promise<{ cells: 
         const probe = new ProgressProbe(vm);
         await vm.waitSerial(/RUBATO dirtier t=/, 60_000);
         await sleep(1000);
-        status(`route ${route.toUpperCase()}, ${rate} pages/ms: measuring unreplicated progress for ${seconds} s`);
-        const u0 = probe.mark();
-        await sleep(seconds * 1000);
-        const unreplicated = probe.rate(u0, probe.mark());
         const meter = new PauseMeter(vm.qmp);
-        const { capture } = await (route === 'a' ? ColoCapture.start(vm, { runDir: dir }) : ExternalCapture.start(vm, { runDir: dir }));
-        meter.startNow();
+        // Unreplicated and replicated phases alternate (U R U R U) on the same VM, so that every
+        // replicated phase is compared with the unreplicated phases right before and after it.
+        const measureU = async () => {
+          status(`route ${route.toUpperCase()}, ${rate} pages/ms: unreplicated for ${seconds} s`);
+          const u0 = probe.mark();
+          await sleep(seconds * 1000);
+          return probe.rate(u0, probe.mark());
+        };
+        let uBefore = await measureU();
         for (const epochMs of epochs) {
+          const { capture } = await (route === 'a' ? ColoCapture.start(vm, { runDir: dir }) : ExternalCapture.start(vm, { runDir: dir }));
+          meter.startNow();
           status(`route ${route.toUpperCase()}, ${rate} pages/ms, ${epochMs} ms epochs: replicating for ${seconds} s`);
-          const before = meter.pausesMs().length;
           const dirty: number[] = [];
           const bytes: number[] = [];
-          await sleep(200);
+          await sleep(300);
           const r0 = probe.mark();
           let n = 0;
           let next = performance.now() + epochMs;
@@ -107,8 +111,13 @@ export async function runCaptureBench(o: CaptureBenchOptions): Promise<{ cells: 
           }
           const r1 = probe.mark();
           await sleep(150);
-          const pauses = meter.pausesMs().slice(before);
+          const pauses = meter.pausesMs();
           const replicated = probe.rate(r0, r1);
+          await capture.close();
+          await sleep(300);
+          const uAfter = await measureU();
+          const unreplicated = (uBefore + uAfter) / 2;
+          uBefore = uAfter;
           const dm = median(dirty);
           const cell: CaptureCell = {
             route, ratePagesPerMs: rate, epochMs, checkpoints: n, epochMsActual: round((r1 - r0) / n, 2),
@@ -119,7 +128,6 @@ export async function runCaptureBench(o: CaptureBenchOptions): Promise<{ cells: 
           cells.push(cell);
           status(`  → ${n} checkpoints, ${dm} dirty pages, pause median ${cell.pauseMsMedian} ms (target ${cell.pauseTargetMs}), progress ratio ${cell.progressRatio}`);
         }
-        await capture.close();
       } finally {
         await vm?.stop();
         removeTempDir(dir);

@@ -10,6 +10,9 @@ import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
 import { runCaptureCheck } from '../capture/check.ts';
 import { runCaptureBench } from '../bench/capture.ts';
 import { choiceOpt, intOpt, numOpt } from './options.ts';
+import { controlCommand, runPrimary, runStandby } from './ha.ts';
+import { runDemo } from './demo.ts';
+import { writeKeyFile } from './keyfile.ts';
 import type { QemuBinary } from '../qemu/vm.ts';
 import type { Accel } from '../qemu/spec.ts';
 
@@ -57,6 +60,76 @@ program.command('capture-check')
     }
     process.stdout.write(`${JSON.stringify(r)}\n`);
     process.exitCode = r.identical && r.restored ? 0 : 1;
+  });
+
+program.command('keygen')
+  .description('write a new pre-shared key file (32 random bytes, hex, mode 600)')
+  .requiredOption('--out <file>', 'where to write it')
+  .action((o: { out: string }) => { writeKeyFile(o.out); process.stdout.write(`${o.out}\n`); });
+
+program.command('primary')
+  .description('run a VM and keep it protected by a standby')
+  .requiredOption('--standby <host:port>', 'the standby controller')
+  .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
+  .option('--name <name>', 'VM name', 'vm')
+  .option('--mem <mb>', 'guest memory in MB', intOpt('mem', 64, 65536), 128)
+  .option('--cpus <n>', 'vCPUs', intOpt('cpus', 1, 64), 1)
+  .option('--workload <prog,args>', 'test-guest workload', 'dirtier,10,16')
+  .option('--kernel <file>', 'guest kernel (default: the test guest)')
+  .option('--initrd <file>', 'guest initramfs (default: the test guest)')
+  .option('--append <cmdline>', 'guest kernel command line')
+  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
+  .option('--period-ms <ms>', 'checkpoint period', intOpt('period-ms', 1, 60000), 25)
+  .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
+  .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 1000)
+  .option('--state-dir <dir>', 'sockets and state', '/run/rubato/primary')
+  .option('--events', 'print events as JSON lines on stdout', false)
+  .action(runPrimary);
+
+program.command('standby')
+  .description('hold the replica of a protected VM and take over when the primary is lost')
+  .requiredOption('--listen <host:port>', 'address for the primary to connect to')
+  .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
+  .option('--state-dir <dir>', 'replica and sockets', '/var/lib/rubato/standby')
+  .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
+  .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 1000)
+  .option('--no-auto-failover', 'only fail over on `rubato failover`')
+  .option('--no-fsync', 'do not fsync the replica (tmpfs, tests)')
+  .option('--events', 'print events as JSON lines on stdout', false)
+  .action(runStandby);
+
+program.command('failover')
+  .description('make the standby take over now (the primary, if alive, first stops its guest)')
+  .option('--state-dir <dir>', "the standby's state folder", '/var/lib/rubato/standby')
+  .action(async (o: { stateDir: string }) => {
+    const r = await controlCommand(o.stateDir, 'failover');
+    process.stdout.write(`${JSON.stringify(r)}\n`);
+    if (r['ok'] !== true) process.exitCode = 1;
+  });
+
+program.command('status')
+  .description("a standby's state")
+  .option('--state-dir <dir>', "the standby's state folder", '/var/lib/rubato/standby')
+  .action(async (o: { stateDir: string }) => { process.stdout.write(`${JSON.stringify(await controlCommand(o.stateDir, 'status'))}\n`); });
+
+program.command('demo')
+  .description('protect a VM on two namespace hosts, kill the primary, watch the standby take over')
+  .option('--seconds <n>', 'protected run time before the primary is killed', intOpt('seconds', 1, 3600), 8)
+  .option('--mem <mb>', 'guest memory in MB', intOpt('mem', 64, 65536), 128)
+  .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', numOpt('rate', 0, 10000), 10)
+  .option('--period-ms <ms>', 'checkpoint period', intOpt('period-ms', 1, 60000), 25)
+  .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
+  .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 1000)
+  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
+  .option('--json', 'non-interactive; print the summary as one JSON line', false)
+  .action(async (o: { seconds: number; mem: number; rate: number; periodMs: number; heartbeatMs: number; timeoutMs: number; accel: AccelChoice; json: boolean }) => {
+    const tty = process.stderr.isTTY && !o.json;
+    const r = await runDemo({ ...o, memMb: o.mem }, (line, final) => {
+      if (tty) process.stderr.write(`\r\x1b[K${line}${final ? '\n' : ''}`);
+      else if (final || !o.json) process.stderr.write(`${line}\n`);
+    });
+    process.stdout.write(`${JSON.stringify(r)}\n`);
+    process.exitCode = r.failover && r.selfCheckOk ? 0 : 1;
   });
 
 program.command('bench')

@@ -42,7 +42,7 @@ async function probeKvm(binary: QemuBinary, guest: { kernel: string; initrd: str
       await vm.stop();
     }
   } catch (e) {
-    result = { ok: false, reason: `/dev/kvm exists but QEMU could not start under KVM (${e instanceof Error ? e.message.slice(0, 160) : String(e)})` };
+    result = { ok: false, reason: `/dev/kvm exists but cannot run the guest (${e instanceof Error ? e.message.replace(/^QEMU for VM kvm-probe failed to start: /, '').slice(0, 200) : String(e)})` };
   } finally {
     removeTempDir(dir);
   }

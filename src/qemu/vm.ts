@@ -68,7 +68,12 @@ export class QemuVm extends EventEmitter {
       await vm.attachSerial();
       if (!opts.paused && !opts.incoming) await qmp.execute('cont');
     } catch (e) {
+      // QEMU that dies at start-up resets the QMP socket first: report its own words instead.
+      const exited = await Promise.race([proc.exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 500))]);
       await vm.stop();
+      if (exited && stderr.trim()) {
+        throw new RubatoError('RUBATO_QEMU_START', `QEMU for VM ${spec.name} failed to start: ${stderr.trim().split('\n').slice(-2).join(' | ')}`, { vm: spec.name }, { cause: e });
+      }
       throw e;
     }
     return vm;

@@ -57,6 +57,7 @@ export class StandbyController {
   private identity: Identity | null = null;
   state: StandbyState = 'waiting';
   vm: QemuVm | null = null;
+  private binary: QemuBinary | null = null;
   private readonly emit: (e: StandbyEvent) => void;
 
   constructor(private readonly o: StandbyOptions) {
@@ -129,6 +130,8 @@ export class StandbyController {
     if (this.link && !this.link.closed) this.link.close(new RubatoError('RUBATO_PEER_LOST', 'replaced by a new session'));
     this.link = link;
     this.emit({ event: 'session', peer: link.peer, vm: identity.vm });
+    // Resolve the QEMU for a failover now, not when every millisecond counts.
+    void this.o.binaryFor(identity.spec.accel).then((b) => { this.binary = b; }, () => {});
     link.startHeartbeats(this.o.heartbeatMs, this.o.timeoutMs);
     let layout: Layout | null = null;
     let base: Map<string, Buffer> | null = null;
@@ -246,7 +249,7 @@ export class StandbyController {
     const spec = { ...this.identity.spec, name: `${this.identity.spec.name}`, ramFile: store.imagePath(MAIN_RAM_ID) };
     writeFileSync(join(this.o.stateDir, 'activated'), JSON.stringify({ epoch: store.epoch, atMs: detectedAtMs }));
     try {
-      const binary = await this.o.binaryFor(spec.accel);
+      const binary = this.binary ?? await this.o.binaryFor(spec.accel);
       const r = await restoreVm({ spec, machine: store.machine, deviceState: store.deviceState }, { binary, runDir: join(this.o.stateDir, 'run'), tag: 'active' });
       this.vm = r.vm;
       this.vm.on('serial', (line: string) => this.emit({ event: 'guest', line, atMs: Date.now() }));

@@ -1,0 +1,154 @@
+// `rubato demo`: the main job on one machine. Two hosts (network namespaces and a veth pair for
+// the replication link), the test guest protected by a standby, a live status line, the primary
+// (QEMU and controller) killed by PID, and the standby taking over. Everything it makes is removed.
+
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { makeTempDir, removeTempDir } from '../util/tmp.ts';
+import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
+import { RubatoError } from '../util/errors.ts';
+import { logger } from '../util/log.ts';
+import { TwoHosts } from '../io/net/netns.ts';
+import { REPO_ROOT, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
+import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
+import { parseDirtierLine } from '../capture/check.ts';
+import { writeKeyFile } from './keyfile.ts';
+
+const log = logger('demo');
+
+export interface DemoOptions { seconds: number; memMb: number; rate: number; periodMs: number; heartbeatMs: number; timeoutMs: number; accel: AccelChoice; json: boolean }
+
+export interface DemoResult {
+  checkpoints: number; ackedEpoch: number; replicaEpoch: number; failover: boolean; failoverMs: number; detectionMs: number; restoreMs: number;
+  timeoutMs: number; counterBefore: number; counterAfter: number; selfCheckOk: boolean; syncMs: number; accel: string; error?: string;
+}
+
+type Ev = Record<string, unknown> & { event: string; t: number };
+
+class Controller {
+  readonly events: Ev[] = [];
+  private waiters: Array<{ pred: (e: Ev) => boolean; resolve: (e: Ev) => void }> = [];
+  constructor(readonly name: string, readonly proc: TrackedProcess, onEvent: (e: Ev) => void) {
+    let buf = '';
+    proc.child.stdout?.setEncoding('utf8');
+    proc.child.stdout?.on('data', (d: string) => {
+      buf += d;
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        let e: Ev;
+        try { e = JSON.parse(line) as Ev; } catch { continue; }
+        this.events.push(e);
+        if (this.events.length > 50_000) this.events.splice(0, 10_000);
+        onEvent(e);
+        this.waiters = this.waiters.filter((w) => (w.pred(e) ? (w.resolve(e), false) : true));
+      }
+    });
+    let ebuf = '';
+    proc.child.stderr?.setEncoding('utf8');
+    proc.child.stderr?.on('data', (d: string) => {
+      ebuf += d;
+      let nl: number;
+      while ((nl = ebuf.indexOf('\n')) >= 0) { process.stderr.write(`  [${name}] ${ebuf.slice(0, nl)}\n`); ebuf = ebuf.slice(nl + 1); }
+    });
+  }
+  waitEvent(pred: (e: Ev) => boolean, timeoutMs: number, what: string): Promise<Ev> {
+    const seen = this.events.find(pred);
+    if (seen) return Promise.resolve(seen);
+    return new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(new RubatoError('RUBATO_PEER_LOST', `${this.name}: no ${what} within ${timeoutMs} ms`)), timeoutMs);
+      this.waiters.push({ pred, resolve: (e) => { clearTimeout(t); resolve(e); } });
+      void this.proc.exited.then(() => { clearTimeout(t); reject(new RubatoError('RUBATO_PEER_LOST', `${this.name} controller exited while waiting for ${what}`)); });
+    });
+  }
+}
+
+export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: boolean) => void): Promise<DemoResult> {
+  const guest = await ensureGuestImage();
+  const { accel } = await resolveAccel(o.accel, stockQemu(), guest);
+  if (accel === 'tcg') await ensurePatchedQemu();
+  const result: DemoResult = {
+    checkpoints: 0, ackedEpoch: -1, replicaEpoch: -1, failover: false, failoverMs: -1, detectionMs: -1, restoreMs: -1, timeoutMs: o.timeoutMs,
+    counterBefore: -1, counterAfter: -1, selfCheckOk: false, syncMs: -1, accel,
+  };
+  const dir = makeTempDir('rubato-demo-');
+  let hosts: TwoHosts | null = null;
+  const procs: TrackedProcess[] = [];
+  try {
+    const h2 = await TwoHosts.create('demo');
+    hosts = h2;
+    onStatus(`two hosts: primary ${hosts.primary.ns} (${hosts.primary.ip}), standby ${hosts.standby.ns} (${hosts.standby.ip}), replication link over a veth pair`, true);
+    const key = join(dir, 'psk');
+    writeKeyFile(key);
+    const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
+    const main = join(REPO_ROOT, 'src', 'cli', 'main.ts');
+    const env = { ...process.env, RUBATO_LOG: process.env['RUBATO_LOG'] ?? 'warn' };
+    const run = (name: string, h: typeof h2.primary, args: string[]) => {
+      const [file, argv] = h2.execArgs(h, process.execPath, ['--import', tsx, main, ...args]);
+      const p = spawnTracked(`rubato-${name}`, file, argv, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+      procs.push(p);
+      return p;
+    };
+    const common = ['--key', key, '--heartbeat-ms', String(o.heartbeatMs), '--timeout-ms', String(o.timeoutMs), '--events'];
+    const port = 7400;
+    const standby = new Controller('standby', run('standby', hosts.standby, ['standby', '--listen', `${hosts.standby.ip}:${port}`, '--state-dir', join(dir, 'standby'), ...common]), () => {});
+    await standby.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
+
+    let lastStatus: Ev | null = null;
+    let acked: Ev | null = null;
+    const primary = new Controller('primary', run('primary', hosts.primary, [
+      'primary', '--standby', `${hosts.standby.ip}:${port}`, '--name', 'demo', '--mem', String(o.memMb), '--workload', `dirtier,${o.rate},${Math.max(4, Math.floor(o.memMb / 8))}`,
+      '--period-ms', String(o.periodMs), '--accel', accel, '--state-dir', join(dir, 'primary'), ...common]), (e) => {
+      if (e.event === 'status') {
+        lastStatus = e;
+        onStatus(`epoch ${e['epoch']} (acked ${e['ackedEpoch']}) | ${e['ckptPerSec']} ckpt/s | ${e['dirtyPages']} dirty pages | pause ${e['pauseMs']} ms | ${e['mbPerSec']} MB/s | lag ${e['lagMs']} ms`);
+      } else if (e.event === 'sync-progress') {
+        onStatus(`initial sync: ${e['percent']}% of ${Math.round(Number(e['totalBytes']) / 1048576)} MB at ${e['mbPerSec']} MB/s, ETA ${e['etaSec']} s`);
+      } else if (e.event === 'acked') acked = e;
+    });
+    const started = await primary.waitEvent((e) => e.event === 'started', 60_000, 'VM start');
+    onStatus(`primary guest booting (QEMU pid ${started['qemuPid']}, ${accel})`, true);
+    await primary.waitEvent((e) => e.event === 'guest' && /RUBATO dirtier t=/.test(String(e['line'])), 90_000, 'guest workload');
+    const t0 = Date.now();
+    await primary.waitEvent((e) => e.event === 'protecting', 120_000, 'protection');
+    const synced = standby.events.find((e) => e.event === 'synced');
+    result.syncMs = synced ? Number(synced['ms']) : Date.now() - t0;
+    onStatus(`protected: initial sync of ${o.memMb} MB took ${result.syncMs} ms; running for ${o.seconds} s`, true);
+    await new Promise((r) => setTimeout(r, o.seconds * 1000));
+
+    // The primary host dies: QEMU and controller, by PID, no goodbye.
+    const killAt = Date.now();
+    try { process.kill(Number(started['qemuPid']), 'SIGKILL'); } catch { /* gone */ }
+    primary.proc.kill('SIGKILL');
+    const lastAcked = acked as Ev | null;
+    result.ackedEpoch = lastAcked ? Number(lastAcked['epoch']) : -1;
+    result.counterBefore = lastAcked ? Number(lastAcked['counter']) : -1;
+    const st = lastStatus as Ev | null;
+    result.checkpoints = Math.max(Number(st?.['epoch'] ?? 0), ...primary.events.filter((e) => e.event === 'checkpoint').map((e) => Number(e['epoch'])));
+    onStatus(`primary killed (QEMU and controller) after ${result.checkpoints} checkpoints; last acknowledged ${result.ackedEpoch}`, true);
+    const fo = await standby.waitEvent((e) => e.event === 'failover', 30_000, 'failover');
+    result.failover = true;
+    result.replicaEpoch = Number(fo['epoch']);
+    result.failoverMs = Number(fo['runningAtMs']) - killAt;
+    result.detectionMs = Number(fo['detectedAtMs']) - killAt;
+    result.restoreMs = Number(fo['restoreMs']);
+    const isWork = (e: Ev) => e.event === 'guest' && /RUBATO dirtier t=/.test(String(e['line']));
+    const l1 = await standby.waitEvent(isWork, 20_000, 'restored guest output');
+    const l2 = await standby.waitEvent((e) => isWork(e) && e !== l1 && e.t >= l1.t, 20_000, 'more restored guest output');
+    const a = parseDirtierLine(String(l1['line']));
+    const b = parseDirtierLine(String(l2['line']));
+    const rebooted = standby.events.some((e) => e.event === 'guest' && /RUBATO (boot ok|dirtier start)/.test(String(e['line'])));
+    result.counterAfter = a?.work ?? -1;
+    result.selfCheckOk = !!a && !!b && a.ok && b.ok && b.work > a.work && !rebooted && result.counterAfter >= result.counterBefore;
+    onStatus(`standby took over in ${result.failoverMs} ms (restore ${result.restoreMs} ms) from checkpoint ${result.replicaEpoch}: counter ${result.counterBefore} → ${result.counterAfter}, self-check ${result.selfCheckOk ? 'ok' : 'FAILED'}`, true);
+  } catch (e) {
+    result.error = e instanceof Error ? e.message : String(e);
+    log.error(`demo failed: ${result.error}`);
+  } finally {
+    for (const p of procs.reverse()) await p.stop(3000);
+    await hosts?.destroy();
+    removeTempDir(dir);
+  }
+  return result;
+}

@@ -1,0 +1,62 @@
+// Hosts on one machine: network namespaces joined by a veth pair (the replication link). Every
+// namespace made here is tracked and deleted on success, on failure and at exit; never by name
+// pattern, only the ones this process created.
+
+import { execFileSync } from 'node:child_process';
+import { randomInt } from 'node:crypto';
+import { runCommand } from '../../util/procs.ts';
+import { RubatoError } from '../../util/errors.ts';
+
+const made = new Set<string>();
+let hooked = false;
+
+async function ip(args: string[]): Promise<void> {
+  const r = await runCommand('ip', args);
+  if (r.code !== 0) throw new RubatoError('RUBATO_NETNS', `ip ${args.join(' ')} failed: ${r.stderr.trim()}`);
+}
+
+export interface Host { ns: string; ip: string; dev: string }
+
+export class TwoHosts {
+  private constructor(readonly primary: Host, readonly standby: Host) {}
+
+  /** Makes two namespaces and a veth pair between them with a /30 of its own. */
+  static async create(tag = 'demo'): Promise<TwoHosts> {
+    if (!hooked) {
+      hooked = true;
+      process.on('exit', () => { for (const ns of made) { try { execFileSync('ip', ['netns', 'del', ns], { stdio: 'ignore' }); } catch { /* gone */ } } });
+    }
+    const id = `${process.pid % 10000}${randomInt(100, 999)}`;
+    const subnet = randomInt(0, 63) * 4;
+    const p: Host = { ns: `rubato-${tag}-p-${id}`, ip: `10.231.${randomInt(0, 255)}.${subnet + 1}`, dev: `rbp${id}` };
+    const s: Host = { ns: `rubato-${tag}-s-${id}`, ip: p.ip.replace(/\.\d+$/, `.${subnet + 2}`), dev: `rbs${id}` };
+    try {
+      for (const h of [p, s]) { await ip(['netns', 'add', h.ns]); made.add(h.ns); }
+      await ip(['link', 'add', p.dev, 'netns', p.ns, 'type', 'veth', 'peer', 'name', s.dev, 'netns', s.ns]);
+      for (const h of [p, s]) {
+        await ip(['-n', h.ns, 'addr', 'add', `${h.ip}/30`, 'dev', h.dev]);
+        await ip(['-n', h.ns, 'link', 'set', h.dev, 'up']);
+        await ip(['-n', h.ns, 'link', 'set', 'lo', 'up']);
+      }
+    } catch (e) {
+      await new TwoHosts(p, s).destroy();
+      throw e;
+    }
+    return new TwoHosts(p, s);
+  }
+
+  /** Command prefix that runs a program inside a host's namespace (`ip netns exec` execs in place). */
+  execArgs(h: Host, file: string, args: readonly string[]): [string, string[]] {
+    return ['ip', ['netns', 'exec', h.ns, file, ...args]];
+  }
+
+  async destroy(): Promise<void> {
+    for (const h of [this.primary, this.standby]) {
+      if (!made.has(h.ns)) continue;
+      await runCommand('ip', ['netns', 'del', h.ns]);
+      made.delete(h.ns);
+    }
+  }
+}
+
+export function liveNamespaces(): string[] { return [...made]; }
