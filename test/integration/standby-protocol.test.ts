@@ -1,0 +1,92 @@
+// The standby's wire boundary on real sockets: a bad key, a wrong protocol version, truncated and
+// corrupted frames are each refused with a clear error, and the replica stays exactly as it was.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { connect, type Socket } from 'node:net';
+import { createHmac, randomBytes } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { StandbyController } from '../../src/replication/standby.ts';
+import { ReplicaStore } from '../../src/replication/replica-store.ts';
+import { Link } from '../../src/replication/link.ts';
+import { FrameType, HEADER_BYTES, helloKey } from '../../src/replication/protocol/frame.ts';
+import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
+import { isRubatoError } from '../../src/util/errors.ts';
+import { stockQemu } from '../../src/setup/index.ts';
+
+const psk = randomBytes(32);
+let dir: string;
+let standby: StandbyController;
+let imageBefore: Buffer;
+const identity = { vm: 'p', spec: { name: 'p', accel: 'tcg' as const, cpus: 1, memMb: 64, kernel: 'k', initrd: 'i', append: '' } };
+
+before(async () => {
+  dir = makeTempDir('rubato-proto-');
+  const base = { machine: 'pc-i440fx-7.2', blocks: [{ id: 'mem0', lengthBytes: 16 * 4096 }], ram: new Map([['mem0', randomBytes(16 * 4096)]]), deviceState: Buffer.from([4, 1, 0]) };
+  await ReplicaStore.create(join(dir, 'replica'), 'p', base, { fsync: false });
+  writeFileSync(join(dir, 'vm.json'), JSON.stringify(identity));
+  imageBefore = readFileSync(join(dir, 'replica', 'ram', '0.img'));
+  standby = new StandbyController({ host: '127.0.0.1', port: 0, stateDir: dir, psk, heartbeatMs: 50, timeoutMs: 2000, binaryFor: async () => stockQemu(), autoFailover: false, fsync: false });
+  await standby.start();
+});
+
+after(async () => {
+  await standby.stop();
+  removeTempDir(dir);
+});
+
+function dial(): Promise<Socket> {
+  return new Promise((resolve, reject) => { const s = connect({ host: '127.0.0.1', port: standby.boundPort }, () => resolve(s)); s.once('error', reject); });
+}
+
+function replicaIntact() {
+  assert.equal(standby.replicaEpoch, 0);
+  assert.deepEqual(readFileSync(join(dir, 'replica', 'ram', '0.img')), imageBefore);
+}
+
+const closed = (l: Link) => new Promise<Error>((r) => (l.closed ? r(l.closed) : l.once('close', r)));
+
+test('a primary with the wrong key is refused', async () => {
+  const link = new Link(await dial(), randomBytes(32), 'standby');
+  await assert.rejects(link.connectHandshake(randomBytes(32), identity, 3000), (e: unknown) => isRubatoError(e) && /authentication|refused|failed/.test(e.message));
+  replicaIntact();
+});
+
+test('a wrong protocol version is refused', async () => {
+  const s = await dial();
+  const got: Buffer[] = [];
+  s.on('data', (d) => got.push(d));
+  await new Promise((r) => setTimeout(r, 100)); // the CHALLENGE
+  const f = Buffer.alloc(HEADER_BYTES + 32);
+  f.writeUInt32BE(f.length - 4, 0);
+  f[4] = FrameType.HELLO;
+  f[5] = 2; // a future protocol
+  f.writeBigUInt64BE(1n, 16);
+  createHmac('sha256', helloKey(psk)).update(f.subarray(0, HEADER_BYTES)).digest().copy(f, HEADER_BYTES);
+  s.write(f);
+  await new Promise<void>((r) => s.once('close', () => r()));
+  replicaIntact();
+});
+
+test('truncated and corrupted checkpoint frames drop the session, replica untouched', async () => {
+  for (const mode of ['truncated', 'corrupted', 'garbage-record'] as const) {
+    const link = new Link(await dial(), psk, 'standby');
+    const welcome = await link.connectHandshake(psk, identity, 3000);
+    assert.equal(welcome.replicaEpoch, 0);
+    const payload = randomBytes(5000);
+    if (mode === 'truncated') {
+      link.sendPartial(FrameType.CKPT, 1, payload, 2000);
+      link.socket.end();
+    } else if (mode === 'corrupted') {
+      const enc = (link as unknown as { enc: { encode(t: number, e: number, p: Buffer): Buffer } }).enc.encode(FrameType.CKPT, 1, payload);
+      enc[100] = enc[100]! ^ 1;
+      link.socket.write(enc);
+    } else {
+      await link.send(FrameType.CKPT, 1, payload); // authentic frame, but not a checkpoint record
+    }
+    const err = await Promise.race([closed(link), new Promise<Error>((r) => setTimeout(() => r(new Error('still open')), 3000))]);
+    assert.notEqual(err.message, 'still open', `${mode}: the standby dropped the connection`);
+    replicaIntact();
+  }
+});

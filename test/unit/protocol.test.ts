@@ -1,0 +1,90 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHmac, randomBytes } from 'node:crypto';
+import { FrameDecoder, FrameEncoder, FrameType, encodeFrame, helloKey, sessionKey, HEADER_BYTES } from '../../src/replication/protocol/frame.ts';
+import { decodeHello, encodeHello, decodeBaseData, decodeLayout, encodeLayout } from '../../src/replication/protocol/messages.ts';
+import { isRubatoError } from '../../src/util/errors.ts';
+
+const key = randomBytes(32);
+
+function roundTrip(frames: Buffer[], chunk: number) {
+  const all = Buffer.concat(frames);
+  const dec = new FrameDecoder(key, 'test');
+  const out = [];
+  for (let i = 0; i < all.length; i += chunk) out.push(...dec.push(all.subarray(i, i + chunk)));
+  return out;
+}
+
+test('frames round-trip through any chunking', () => {
+  const enc = new FrameEncoder(key);
+  const frames = [enc.encode(FrameType.CKPT, 7, randomBytes(10_000)), enc.encode(FrameType.ACK, 7), enc.encode(FrameType.HEARTBEAT, 0, randomBytes(8))];
+  for (const chunk of [1, 3, 64, 1 << 20]) {
+    const out = roundTrip(frames, chunk);
+    assert.deepEqual(out.map((f) => [f.type, f.epoch, f.seq]), [[FrameType.CKPT, 7, 1], [FrameType.ACK, 7, 2], [FrameType.HEARTBEAT, 0, 3]]);
+  }
+});
+
+test('a frame under the wrong key is rejected as an authentication failure', () => {
+  const f = new FrameEncoder(randomBytes(32)).encode(FrameType.ACK, 1);
+  assert.throws(() => new FrameDecoder(key, 'p').push(f), (e: unknown) => isRubatoError(e, 'RUBATO_AUTH_FAILED'));
+});
+
+test('every single-bit corruption of a frame is rejected with a typed error', () => {
+  const f = new FrameEncoder(key).encode(FrameType.CKPT, 3, randomBytes(300));
+  for (let i = 0; i < f.length * 8; i += 3) {
+    const m = Buffer.from(f);
+    m[i >> 3] = m[i >> 3]! ^ (1 << (i & 7));
+    const dec = new FrameDecoder(key, 'p');
+    let frames: unknown[] = [];
+    try { frames = dec.push(m); } catch (e) { assert.ok(isRubatoError(e), String(e)); continue; }
+    // A corrupted length may leave the decoder waiting for more: it must not have produced a frame.
+    assert.equal(frames.length, 0, `bit ${i}`);
+  }
+});
+
+test('replayed and reordered frames break the session', () => {
+  const enc = new FrameEncoder(key);
+  const a = enc.encode(FrameType.ACK, 1);
+  const b = enc.encode(FrameType.ACK, 2);
+  const dec = new FrameDecoder(key, 'p');
+  dec.push(a);
+  assert.throws(() => dec.push(a), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL') && /sequence/.test(e.message));
+  const dec2 = new FrameDecoder(key, 'p');
+  assert.throws(() => dec2.push(b), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'));
+});
+
+test('a wrong protocol version is named', () => {
+  const f = encodeFrame({ type: FrameType.ACK, epoch: 1, seq: 1, payload: Buffer.alloc(0) }, key);
+  f[5] = 9;
+  // recompute the MAC so only the version is wrong
+  createHmac('sha256', key).update(f.subarray(0, HEADER_BYTES)).digest().copy(f, HEADER_BYTES);
+  assert.throws(() => new FrameDecoder(key, 'p').push(f), (e: unknown) => isRubatoError(e, 'RUBATO_VERSION_MISMATCH') && /version 9/.test(e.message));
+});
+
+test('absurd lengths are rejected before any allocation', () => {
+  const b = Buffer.alloc(8);
+  b.writeUInt32BE(0xffffffff, 0);
+  assert.throws(() => new FrameDecoder(key, 'p').push(b), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'));
+});
+
+test('random input never escapes as an untyped error', () => {
+  let seed = 99;
+  const rnd = () => { seed = (seed * 1103515245 + 12345) >>> 0; return seed; };
+  for (let i = 0; i < 500; i++) {
+    const buf = Buffer.alloc(1 + (rnd() % 200));
+    for (let j = 0; j < buf.length; j++) buf[j] = rnd() & 0xff;
+    if (i % 2 && buf.length >= 4) buf.writeUInt32BE(Math.min(buf.length, 60) , 0);
+    try { new FrameDecoder(key, 'p').push(buf); } catch (e) { assert.ok(isRubatoError(e), String(e)); }
+  }
+});
+
+test('message payloads are checked at the boundary', () => {
+  assert.throws(() => decodeHello(Buffer.alloc(10)), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'));
+  const bad = encodeHello(randomBytes(32), randomBytes(32), { vm: 'x', spec: { name: 'x' } } as never);
+  assert.throws(() => decodeHello(bad), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'));
+  const layout = decodeLayout(encodeLayout({ machine: 'pc', blocks: [{ id: 'mem0', lengthBytes: 8192 }], totalBytes: 8192 }));
+  const d = Buffer.alloc(12 + 4096);
+  d.writeBigUInt64BE(8192n, 4);
+  assert.throws(() => decodeBaseData(d, layout), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL') && /beyond/.test(e.message));
+  assert.notDeepEqual(helloKey(key), sessionKey(key, randomBytes(32), randomBytes(32)));
+});
