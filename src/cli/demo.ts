@@ -16,11 +16,17 @@ import { writeKeyFile } from './keyfile.ts';
 
 const log = logger('demo');
 
-export interface DemoOptions { seconds: number; memMb: number; rate: number; periodMs: number; heartbeatMs: number; timeoutMs: number; accel: AccelChoice; json: boolean }
+export interface DemoOptions {
+  seconds: number; memMb: number; rate: number; periodMs: number; heartbeatMs: number; timeoutMs: number; accel: AccelChoice; json: boolean;
+  /** Cut the replication link before the kill, so only the heartbeat timeout can tell. */
+  cutLink?: boolean;
+}
 
 export interface DemoResult {
   checkpoints: number; ackedEpoch: number; replicaEpoch: number; failover: boolean; failoverMs: number; detectionMs: number; restoreMs: number;
-  timeoutMs: number; counterBefore: number; counterAfter: number; selfCheckOk: boolean; syncMs: number; accel: string; error?: string;
+  timeoutMs: number; counterBefore: number; counterAfter: number; selfCheckOk: boolean; syncMs: number; syncMbPerSec: number; accel: string;
+  /** Steady state while protected: replication traffic and the guest's dirty rate. */
+  replicationMbPerSec: number; dirtyPagesPerSec: number; ckptPerSec: number; cutLink: boolean; error?: string;
 }
 
 type Ev = Record<string, unknown> & { event: string; t: number };
@@ -70,7 +76,8 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
   if (accel === 'tcg') await ensurePatchedQemu();
   const result: DemoResult = {
     checkpoints: 0, ackedEpoch: -1, replicaEpoch: -1, failover: false, failoverMs: -1, detectionMs: -1, restoreMs: -1, timeoutMs: o.timeoutMs,
-    counterBefore: -1, counterAfter: -1, selfCheckOk: false, syncMs: -1, accel,
+    counterBefore: -1, counterAfter: -1, selfCheckOk: false, syncMs: -1, syncMbPerSec: -1, accel,
+    replicationMbPerSec: -1, dirtyPagesPerSec: -1, ckptPerSec: -1, cutLink: o.cutLink ?? false,
   };
   const dir = makeTempDir('rubato-demo-');
   let hosts: TwoHosts | null = null;
@@ -114,10 +121,17 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
     await primary.waitEvent((e) => e.event === 'protecting', 120_000, 'protection');
     const synced = standby.events.find((e) => e.event === 'synced');
     result.syncMs = synced ? Number(synced['ms']) : Date.now() - t0;
+    result.syncMbPerSec = synced ? Math.round((Number(synced['bytes']) / 1e6 / (result.syncMs / 1000)) * 10) / 10 : -1;
     onStatus(`protected: initial sync of ${o.memMb} MB took ${result.syncMs} ms; running for ${o.seconds} s`, true);
     await new Promise((r) => setTimeout(r, o.seconds * 1000));
 
+    const steady = primary.events.filter((e) => e.event === 'status').slice(1);
+    const avg = (k: string) => steady.length ? steady.reduce((a, e) => a + Number(e[k]), 0) / steady.length : -1;
+    result.replicationMbPerSec = Math.round(avg('mbPerSec') * 10) / 10;
+    result.ckptPerSec = Math.round(avg('ckptPerSec') * 10) / 10;
+    result.dirtyPagesPerSec = Math.round(avg('dirtyPages') * avg('ckptPerSec'));
     // The primary host dies: QEMU and controller, by PID, no goodbye.
+    if (o.cutLink) await h2.cutLink();
     const killAt = Date.now();
     try { process.kill(Number(started['qemuPid']), 'SIGKILL'); } catch { /* gone */ }
     primary.proc.kill('SIGKILL');
@@ -126,7 +140,7 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
     result.counterBefore = lastAcked ? Number(lastAcked['counter']) : -1;
     const st = lastStatus as Ev | null;
     result.checkpoints = Math.max(Number(st?.['epoch'] ?? 0), ...primary.events.filter((e) => e.event === 'checkpoint').map((e) => Number(e['epoch'])));
-    onStatus(`primary killed (QEMU and controller) after ${result.checkpoints} checkpoints; last acknowledged ${result.ackedEpoch}`, true);
+    onStatus(`${o.cutLink ? 'replication link cut, then ' : ''}primary killed (QEMU and controller) after ${result.checkpoints} checkpoints; last acknowledged ${result.ackedEpoch}`, true);
     const fo = await standby.waitEvent((e) => e.event === 'failover', 30_000, 'failover');
     result.failover = true;
     result.replicaEpoch = Number(fo['epoch']);

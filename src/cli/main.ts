@@ -9,6 +9,7 @@ import { ensureAll, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../se
 import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
 import { runCaptureCheck } from '../capture/check.ts';
 import { runCaptureBench } from '../bench/capture.ts';
+import { runFailoverBench } from '../bench/failover.ts';
 import { choiceOpt, intOpt, numOpt } from './options.ts';
 import { controlCommand, runPrimary, runStandby } from './ha.ts';
 import { runDemo } from './demo.ts';
@@ -121,8 +122,9 @@ program.command('demo')
   .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
   .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 1000)
   .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
+  .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
   .option('--json', 'non-interactive; print the summary as one JSON line', false)
-  .action(async (o: { seconds: number; mem: number; rate: number; periodMs: number; heartbeatMs: number; timeoutMs: number; accel: AccelChoice; json: boolean }) => {
+  .action(async (o: { seconds: number; mem: number; rate: number; periodMs: number; heartbeatMs: number; timeoutMs: number; accel: AccelChoice; json: boolean; cutLink: boolean }) => {
     const tty = process.stderr.isTTY && !o.json;
     const r = await runDemo({ ...o, memMb: o.mem }, (line, final) => {
       if (tty) process.stderr.write(`\r\x1b[K${line}${final ? '\n' : ''}`);
@@ -133,15 +135,22 @@ program.command('demo')
   });
 
 program.command('bench')
-  .description('benchmarks: capture')
-  .argument('[which]', 'capture', 'capture')
+  .description('benchmarks: capture (pause, bytes, progress vs unreplicated), failover (time to take over)')
+  .argument('[which]', 'capture or failover', 'capture')
   .option('--quick', 'reduced settings (a few minutes)', false)
-  .option('--seconds <n>', 'measurement time per phase', intOpt('seconds', 2, 600))
+  .option('--seconds <n>', 'measurement time per phase (capture)', intOpt('seconds', 2, 600))
+  .option('--runs <n>', 'runs per failure mode (failover)', intOpt('runs', 1, 1000))
+  .option('--timeout-ms <ms>', 'failure detection timeout (failover)', intOpt('timeout-ms', 50, 600000), 500)
   .option('--out <dir>', 'results folder', 'results')
   .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--json', 'print the summary as one JSON line', false)
-  .action(async (which: string, o: { quick: boolean; seconds?: number; out: string; accel: AccelChoice; json: boolean }) => {
-    if (which !== 'capture') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: capture)`);
+  .action(async (which: string, o: { quick: boolean; seconds?: number; runs?: number; timeoutMs: number; out: string; accel: AccelChoice; json: boolean }) => {
+    if (which === 'failover') {
+      const r = await runFailoverBench({ runs: o.runs ?? (o.quick ? 2 : 10), timeoutMs: o.timeoutMs, accel: o.accel, outDir: o.out, onStatus: (s) => log.info(s) });
+      process.stdout.write(`${JSON.stringify(r.summary)}\n`);
+      return;
+    }
+    if (which !== 'capture') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: capture, failover)`);
     const p = await platform(o.accel);
     const r = await runCaptureBench({ ...p, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), onStatus: (s) => log.info(s) });
     process.stdout.write(`${JSON.stringify(r.summary)}\n`);

@@ -50,6 +50,11 @@ export class TwoHosts {
     return ['ip', ['netns', 'exec', h.ns, file, ...args]];
   }
 
+  /** A partition: the primary's end of the link goes down; no FIN or RST reaches the standby. */
+  async cutLink(): Promise<void> {
+    await ip(['-n', this.primary.ns, 'link', 'set', this.primary.dev, 'down']);
+  }
+
   async destroy(): Promise<void> {
     for (const h of [this.primary, this.standby]) {
       if (!made.has(h.ns)) continue;
