@@ -53,6 +53,8 @@ async function probeKvm(binary: QemuBinary, guest: { kernel: string; initrd: str
   return result;
 }
 
+let warned = false;
+
 export async function resolveAccel(choice: AccelChoice, stock: QemuBinary, guest: { kernel: string; initrd: string }): Promise<AccelDecision> {
   if (choice === 'tcg') return { accel: 'tcg', reason: 'requested' };
   if (choice === 'kvm') {
@@ -61,6 +63,8 @@ export async function resolveAccel(choice: AccelChoice, stock: QemuBinary, guest
   }
   const probe = await probeKvm(stock, guest);
   if (probe.ok) return { accel: 'kvm', reason: probe.reason };
+  if (warned) return { accel: 'tcg', reason: probe.reason };
+  warned = true;
   log.warn(`accelerator: falling back to TCG (software emulation): ${probe.reason}`);
   return { accel: 'tcg', reason: probe.reason };
 }
