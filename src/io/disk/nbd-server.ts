@@ -1,0 +1,205 @@
+// Rubato's NBD server for the guest's disk: QEMU's NBD client (and stock tools) read and write a
+// raw image through it. Every write lands in the image and marks its 4 KiB pages dirty for the
+// current epoch, with their contents as they stand after the write, so that a checkpoint carries
+// the disk exactly as it was at the pause. A malformed request gets an NBD error, never a crash.
+
+import { createServer, type Server, type Socket } from 'node:net';
+import { open, type FileHandle } from 'node:fs/promises';
+import { rmSync } from 'node:fs';
+import { logger } from '../../util/log.ts';
+import { RubatoError, errorMessage } from '../../util/errors.ts';
+import { ByteReader } from '../../capture/stream/byte-reader.ts';
+import {
+  CLIENT_FLAG, CMD, CMD_FLAG, ERR, IHAVEOPT, INFO, MAX_REQUEST_BYTES, OPT, REP, REQUEST_HEADER_BYTES, REQUEST_MAGIC, TX_FLAG,
+  decodeRequest, infoBlockSize, infoExport, optionReply, serverGreeting, simpleReply, validateRequest,
+} from './nbd-proto.ts';
+
+const log = logger('nbd');
+const PAGE = 4096;
+const MAX_OPTION_BYTES = 64 << 10;
+/** Bound on the dirty set of one epoch; past it the epoch must be ended (the engine is told). */
+export const MAX_DIRTY_BYTES_PER_EPOCH = 512 << 20;
+
+export interface DiskEpochStats { writes: number; writeBytes: number; flushes: number; reads: number; errors: number }
+
+export interface DiskEpoch extends DiskEpochStats {
+  /** Page offset → contents after the epoch's last write to it. */
+  pages: Map<number, Buffer>;
+}
+
+export class NbdServer {
+  private server: Server | null = null;
+  private fh: FileHandle | null = null;
+  private size = 0;
+  private dirty = new Map<number, Buffer>();
+  private stats: DiskEpochStats = { writes: 0, writeBytes: 0, flushes: 0, reads: 0, errors: 0 };
+  private readonly conns = new Set<Socket>();
+  /** Called when the epoch's dirty set passes its bound (the engine should checkpoint now). */
+  onPressure: (() => void) | null = null;
+
+  constructor(readonly imagePath: string, readonly socketPath: string, readonly exportName = 'disk', private readonly readOnly = false) {}
+
+  get sizeBytes(): number { return this.size; }
+  get epochStats(): DiskEpochStats { return { ...this.stats }; }
+
+  async start(): Promise<void> {
+    this.fh = await open(this.imagePath, this.readOnly ? 'r' : 'r+');
+    this.size = (await this.fh.stat()).size;
+    if (this.size % PAGE !== 0) {
+      await this.fh.close();
+      throw new RubatoError('RUBATO_CONFIG', `disk image ${this.imagePath} is ${this.size} bytes; Rubato needs a multiple of 4096`);
+    }
+    rmSync(this.socketPath, { force: true });
+    this.server = createServer((s) => this.serve(s));
+    await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(this.socketPath, () => resolve()); });
+  }
+
+  /** Ends the epoch: its dirty pages and counters, and a fresh set for the next one. */
+  cutEpoch(): DiskEpoch {
+    const e: DiskEpoch = { pages: this.dirty, ...this.stats };
+    this.dirty = new Map();
+    this.stats = { writes: 0, writeBytes: 0, flushes: 0, reads: 0, errors: 0 };
+    return e;
+  }
+
+  async close(): Promise<void> {
+    for (const c of this.conns) c.destroy();
+    await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
+    await this.fh?.close();
+    this.fh = null;
+    rmSync(this.socketPath, { force: true });
+  }
+
+  private serve(sock: Socket): void {
+    this.conns.add(sock);
+    const r = new ByteReader('NBD client');
+    sock.on('data', (d: Buffer) => r.push(d));
+    sock.on('close', () => { r.end(); this.conns.delete(sock); });
+    sock.on('error', () => {});
+    void this.session(sock, r).catch((e) => {
+      log.debug(`NBD session ended: ${errorMessage(e)}`);
+    }).finally(() => sock.destroy());
+  }
+
+  private async session(sock: Socket, r: ByteReader): Promise<void> {
+    sock.write(serverGreeting());
+    const clientFlags = await r.readBe32();
+    if (!(clientFlags & CLIENT_FLAG.FIXED_NEWSTYLE)) { log.warn('NBD client does not speak fixed newstyle; closing'); return; }
+    const noZeroes = (clientFlags & CLIENT_FLAG.NO_ZEROES) !== 0;
+    const txFlags = TX_FLAG.HAS_FLAGS | TX_FLAG.SEND_FLUSH | TX_FLAG.SEND_FUA | TX_FLAG.SEND_TRIM | TX_FLAG.SEND_WRITE_ZEROES | (this.readOnly ? TX_FLAG.READ_ONLY : 0);
+    // Option haggling
+    for (;;) {
+      const magic = (await r.readBytes(8)).readBigUInt64BE(0);
+      if (magic !== IHAVEOPT) { log.warn('NBD option without IHAVEOPT; closing'); return; }
+      const opt = await r.readBe32();
+      const len = await r.readBe32();
+      if (len > MAX_OPTION_BYTES) { sock.write(optionReply(opt, REP.ERR_INVALID)); return; }
+      const data = await r.readBytes(len);
+      if (opt === OPT.EXPORT_NAME) {
+        const name = data.toString('utf8');
+        if (name !== this.exportName && name !== '') return; // protocol: the server just closes
+        const b = Buffer.alloc(10 + (noZeroes ? 0 : 124));
+        b.writeBigUInt64BE(BigInt(this.size), 0);
+        b.writeUInt16BE(txFlags, 8);
+        sock.write(b);
+        break;
+      }
+      if (opt === OPT.GO || opt === OPT.INFO) {
+        if (data.length < 6 || data.readUInt32BE(0) + 6 > data.length) { sock.write(optionReply(opt, REP.ERR_INVALID)); continue; }
+        const nameLen = data.readUInt32BE(0);
+        const name = data.subarray(4, 4 + nameLen).toString('utf8');
+        if (name !== this.exportName && name !== '') { sock.write(optionReply(opt, REP.ERR_UNKNOWN)); continue; }
+        sock.write(optionReply(opt, REP.INFO, infoExport(this.size, txFlags)));
+        sock.write(optionReply(opt, REP.INFO, infoBlockSize(1, PAGE, MAX_REQUEST_BYTES)));
+        sock.write(optionReply(opt, REP.ACK));
+        if (opt === OPT.GO) break;
+        continue;
+      }
+      if (opt === OPT.ABORT) { sock.write(optionReply(opt, REP.ACK)); return; }
+      if (opt === OPT.LIST) {
+        const n = Buffer.from(this.exportName);
+        const d = Buffer.alloc(4 + n.length);
+        d.writeUInt32BE(n.length, 0);
+        n.copy(d, 4);
+        sock.write(optionReply(opt, REP.SERVER, d));
+        sock.write(optionReply(opt, REP.ACK));
+        continue;
+      }
+      sock.write(optionReply(opt, REP.ERR_UNSUP));
+    }
+    // Transmission: requests are served one at a time, in order.
+    for (;;) {
+      const head = await r.readBytes(REQUEST_HEADER_BYTES);
+      const req = decodeRequest(head);
+      const v = validateRequest(req, this.size, this.readOnly);
+      if (req.magic !== REQUEST_MAGIC) {
+        // The stream is out of step: answer once, then hang up.
+        this.stats.errors++;
+        sock.write(simpleReply(ERR.EINVAL, req.handle));
+        log.warn(`NBD: ${v.ok ? 'bad request' : v.why}; closing the connection`);
+        return;
+      }
+      let payload: Buffer | null = null;
+      if (req.type === CMD.WRITE) {
+        if (req.length > MAX_REQUEST_BYTES) { sock.write(simpleReply(ERR.EOVERFLOW, req.handle)); return; }
+        payload = await r.readBytes(req.length);
+      }
+      if (!v.ok) {
+        this.stats.errors++;
+        log.debug(`NBD error reply: ${v.why}`);
+        sock.write(simpleReply(v.error, req.handle));
+        continue;
+      }
+      try {
+        switch (req.type) {
+          case CMD.READ: {
+            const buf = Buffer.allocUnsafe(req.length);
+            await this.fh!.read(buf, 0, req.length, req.offset);
+            this.stats.reads++;
+            sock.write(simpleReply(0, req.handle, buf));
+            break;
+          }
+          case CMD.WRITE:
+            await this.fh!.write(payload!, 0, req.length, req.offset);
+            await this.written(req.offset, req.length, (req.flags & CMD_FLAG.FUA) !== 0);
+            sock.write(simpleReply(0, req.handle));
+            break;
+          case CMD.TRIM:
+          case CMD.WRITE_ZEROES:
+            await this.fh!.write(Buffer.alloc(req.length), 0, req.length, req.offset);
+            await this.written(req.offset, req.length, (req.flags & CMD_FLAG.FUA) !== 0);
+            sock.write(simpleReply(0, req.handle));
+            break;
+          case CMD.FLUSH:
+            await this.fh!.datasync();
+            this.stats.flushes++;
+            sock.write(simpleReply(0, req.handle));
+            break;
+          case CMD.CACHE:
+            sock.write(simpleReply(0, req.handle));
+            break;
+          case CMD.DISC:
+            return;
+        }
+      } catch (e) {
+        this.stats.errors++;
+        log.warn(`NBD I/O error: ${errorMessage(e)}`);
+        sock.write(simpleReply(ERR.EIO, req.handle));
+      }
+    }
+  }
+
+  /** Marks the pages a write touched dirty, with their contents as they now stand. */
+  private async written(offset: number, length: number, fua: boolean): Promise<void> {
+    this.stats.writes++;
+    this.stats.writeBytes += length;
+    if (fua) { await this.fh!.datasync(); this.stats.flushes++; }
+    const first = Math.floor(offset / PAGE) * PAGE;
+    const end = Math.min(this.size, Math.ceil((offset + length) / PAGE) * PAGE);
+    if (end <= first) return;
+    const buf = Buffer.alloc(end - first);
+    await this.fh!.read(buf, 0, end - first, first);
+    for (let o = first; o < end; o += PAGE) this.dirty.set(o, buf.subarray(o - first, o - first + PAGE));
+    if (this.dirty.size * PAGE > MAX_DIRTY_BYTES_PER_EPOCH) this.onPressure?.();
+  }
+}
