@@ -27,9 +27,15 @@ export interface ColoCaptureOptions {
   /** Per-phase timeouts. */
   precopyTimeoutMs?: number;
   checkpointTimeoutMs?: number;
+  /** Runs with the guest still paused after the full image, before it resumes (may extend the image). */
+  beforeReady?: (base: BaseImage) => Promise<void> | void;
 }
 
 export interface CheckpointOptions {
+  /** Runs right before QEMU is told to pause the guest: output seen so far belongs to this checkpoint. */
+  beforeReply?: () => void;
+  /** Runs once the checkpoint is local, guest paused and I/O drained (may add pages, e.g. the disk's). */
+  onLocal?: (cp: Checkpoint) => Promise<void> | void;
   /** Called while the guest is still paused with the checkpoint complete; the guest resumes after. */
   hold?: (cp: Checkpoint) => Promise<void>;
 }
@@ -80,6 +86,7 @@ export class ColoCapture {
     const capture = new ColoCapture(vm, server, sock, reader, sockPath, opts);
     try {
       const base = await withTimeout(capture.readBase(), opts.precopyTimeoutMs ?? 300_000, `precopy of VM ${vm.spec.name} did not finish`);
+      await opts.beforeReady?.(base);
       sock.write(coloMessage(COLO_MSG.CHECKPOINT_READY));
       return { capture, base };
     } catch (e) {
@@ -166,6 +173,7 @@ export class ColoCapture {
     }
     const tRequest = performance.now();
     const pausedAtMs = Date.now();
+    opts.beforeReply?.();
     this.sock.write(coloMessage(COLO_MSG.CHECKPOINT_REPLY));
     const pages: DirtyPage[] = [];
     let ramBytes = 0;
@@ -203,6 +211,7 @@ export class ColoCapture {
       pausedAtMs,
       timings: { captureMs: tLocal - tRequest, pauseMsLocal: 0, heldMs: 0 },
     };
+    await opts.onLocal?.(cp);
     this.sock.write(coloMessage(COLO_MSG.VMSTATE_RECEIVED));
     if (opts.hold) {
       await opts.hold(cp);

@@ -14,6 +14,7 @@ import { choiceOpt, intOpt, numOpt } from './options.ts';
 import { controlCommand, runPrimary, runStandby } from './ha.ts';
 import { runDemo } from './demo.ts';
 import { writeKeyFile } from './keyfile.ts';
+import { runChaos } from '../chaos/chaos.ts';
 import type { QemuBinary } from '../qemu/vm.ts';
 import type { Accel } from '../qemu/spec.ts';
 
@@ -132,6 +133,22 @@ program.command('demo')
     });
     process.stdout.write(`${JSON.stringify(r)}\n`);
     process.exitCode = r.failover && r.selfCheckOk ? 0 : 1;
+  });
+
+program.command('chaos')
+  .description('Jepsen-style check: a KV service in the guest, a client writing, the primary killed again and again')
+  .option('--kills <n>', 'primary kills (each followed by a failover)', intOpt('kills', 1, 1000), 10)
+  .option('--seconds <s>', 'mean protected run time between kills', intOpt('seconds', 1, 3600), 3)
+  .option('--period-ms <ms>', 'checkpoint period', intOpt('period-ms', 1, 60000), 25)
+  .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 500)
+  .option('--conns <n>', 'client connections', intOpt('conns', 1, 64), 4)
+  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
+  .option('--json', 'print the summary as one JSON line', false)
+  .action(async (o: { kills: number; seconds: number; periodMs: number; timeoutMs: number; conns: number; accel: AccelChoice; json: boolean }) => {
+    const r = await runChaos({ ...o, onStatus: (s) => log.info(s) });
+    if (!o.json) process.stdout.write(`kills ${r.kills}, failovers ${r.failovers}, acknowledged ${r.acknowledged}, lost ${r.lost}, connections survived ${r.connectionsSurvived}/${r.connectionsTotal}\n`);
+    process.stdout.write(`${JSON.stringify(r)}\n`);
+    process.exitCode = r.lost === 0 && r.failovers === r.kills && r.kills === o.kills && !r.error ? 0 : 1;
   });
 
 program.command('bench')

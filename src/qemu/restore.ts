@@ -26,10 +26,13 @@ export interface RestoreResult {
   restoreMs: number;
 }
 
-export async function restoreVm(input: RestoreInput, opts: { binary: QemuBinary; runDir: string; tag?: string }): Promise<RestoreResult> {
+export async function restoreVm(input: RestoreInput, opts: { binary: QemuBinary; runDir: string; tag?: string; netSocket?: string; nbdSocket?: string }): Promise<RestoreResult> {
   const t0 = performance.now();
   const tag = opts.tag ?? `${input.spec.name}-restored`;
-  const vm = await QemuVm.start(input.spec, { binary: opts.binary, runDir: opts.runDir, incoming: true, tag });
+  const vm = await QemuVm.start(input.spec, {
+    binary: opts.binary, runDir: opts.runDir, incoming: true, tag,
+    ...(opts.netSocket ? { netSocket: opts.netSocket } : {}), ...(opts.nbdSocket ? { nbdSocket: opts.nbdSocket } : {}),
+  });
   try {
     await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }, { capability: 'events', state: true }] });
     const sock = join(opts.runDir, `${tag}.in`);

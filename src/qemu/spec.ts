@@ -16,6 +16,10 @@ export const VmSpecSchema = z.object({
   kernel: z.string(),
   initrd: z.string(),
   append: z.string(),
+  /** A virtio NIC (MAC address), wired to Rubato's relay at launch. */
+  mac: z.string().regex(/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/, 'MAC address like 52:54:00:12:34:56').optional(),
+  /** A virtio disk served by Rubato's NBD server at launch. */
+  disk: z.boolean().optional(),
 });
 export type VmSpec = z.infer<typeof VmSpecSchema>;
 
@@ -27,6 +31,10 @@ export interface LaunchPaths {
   serialSocket: string;
   /** Extra firmware search folders (a patched binary built outside Debian's tree needs them). */
   firmwareDirs: readonly string[];
+  /** Rubato's network relay (unix socket), when the spec has a NIC. */
+  netSocket?: string;
+  /** Rubato's NBD server (unix socket), when the spec has a disk. */
+  nbdSocket?: string;
 }
 
 export interface LaunchMode {
@@ -55,6 +63,16 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
     '-serial', 'chardev:ser0',
     '-qmp', `unix:${paths.qmpSocket},server=on,wait=off`,
   ];
+  if (spec.mac) {
+    if (!paths.netSocket) throw new Error(`VM ${spec.name} has a NIC but no relay socket was given`);
+    args.push('-netdev', `stream,id=n0,server=off,addr.type=unix,addr.path=${paths.netSocket}`,
+      '-device', `virtio-net-pci,netdev=n0,mac=${spec.mac},romfile=`);
+  }
+  if (spec.disk) {
+    if (!paths.nbdSocket) throw new Error(`VM ${spec.name} has a disk but no NBD socket was given`);
+    args.push('-blockdev', `driver=nbd,node-name=disk0,server.type=unix,server.path=${paths.nbdSocket},export=disk`,
+      '-device', 'virtio-blk-pci,drive=disk0');
+  }
   for (const d of paths.firmwareDirs) args.push('-L', d);
   if (mode.paused) args.push('-S');
   if (mode.incoming) args.push('-incoming', 'defer');
@@ -62,7 +80,7 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
 }
 
 /** The kernel command line for the test guest running one workload program. */
-export function guestAppend(workload: readonly (string | number)[]): string {
+export function guestAppend(workload: readonly (string | number)[], opts: { ip?: string; disk?: string } = {}): string {
   const wl = workload.map(String).join(',');
-  return `console=ttyS0 quiet panic=-1 rubato.wl=${wl}`;
+  return `console=ttyS0 quiet panic=-1 rubato.wl=${wl}${opts.ip ? ` rubato.ip=${opts.ip}` : ''}${opts.disk ? ` rubato.disk=${opts.disk}` : ''}`;
 }

@@ -26,6 +26,8 @@ export interface StartOptions {
   paused?: boolean;
   incoming?: boolean;
   tag?: string;
+  netSocket?: string;
+  nbdSocket?: string;
 }
 
 export class QemuVm extends EventEmitter {
@@ -49,7 +51,10 @@ export class QemuVm extends EventEmitter {
   static async start(spec: VmSpec, opts: StartOptions): Promise<QemuVm> {
     const tag = opts.tag ?? spec.name;
     const paths = { qmp: join(opts.runDir, `${tag}.qmp`), serial: join(opts.runDir, `${tag}.serial`) };
-    const args = qemuArgs(spec, { qmpSocket: paths.qmp, serialSocket: paths.serial, firmwareDirs: opts.binary.firmwareDirs },
+    const args = qemuArgs(spec, {
+      qmpSocket: paths.qmp, serialSocket: paths.serial, firmwareDirs: opts.binary.firmwareDirs,
+      ...(opts.netSocket ? { netSocket: opts.netSocket } : {}), ...(opts.nbdSocket ? { nbdSocket: opts.nbdSocket } : {}),
+    },
       { paused: true, incoming: opts.incoming ?? false });
     log.debug('starting', { vm: spec.name, argv: [opts.binary.path, ...args].join(' ') });
     const proc = spawnTracked(`qemu:${tag}`, opts.binary.path, args);

@@ -15,6 +15,12 @@ import { FrameType, type Frame } from './protocol/frame.ts';
 import { encodeBaseData, encodeLayout, type Identity } from './protocol/messages.ts';
 import { encodeRecord } from './replica-store.ts';
 import type { BaseImage, Checkpoint } from '../capture/checkpoint.ts';
+import type { NetRelay } from '../io/net/relay.ts';
+import type { NbdServer, DiskEpochStats } from '../io/disk/nbd-server.ts';
+import { readFile } from 'node:fs/promises';
+
+/** The RAM-block name under which the guest's disk travels in checkpoints and lives in the replica. */
+export const DISK_BLOCK_ID = 'disk0';
 
 const log = logger('primary');
 const BASE_CHUNK_BYTES = 1 << 20;
@@ -27,7 +33,9 @@ export type PrimaryEvent =
   | { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number }
   | { event: 'checkpoint'; epoch: number; pages: number; bytes: number; pauseMs: number; captureMs: number; counter: number }
   | { event: 'acked'; epoch: number; counter: number; lagMs: number }
-  | { event: 'status'; epoch: number; ackedEpoch: number; ckptPerSec: number; dirtyPages: number; pauseMs: number; mbPerSec: number; lagMs: number; rttMs: number | null; inflight: number; waitsForLink: number }
+  | { event: 'status'; epoch: number; ackedEpoch: number; ckptPerSec: number; dirtyPages: number; pauseMs: number; mbPerSec: number; lagMs: number; rttMs: number | null; inflight: number; waitsForLink: number;
+      heldFrames: number; heldBytes: number; oldestHeldMs: number | null; diskWrites: number; diskFlushes: number }
+  | { event: 'output-released-unprotected'; frames: number }
   | { event: 'guest'; line: string; atMs: number }
   | { event: 'fenced' }
   | { event: 'vm-exited' };
@@ -47,6 +55,12 @@ export interface PrimaryOptions {
   fault?: (point: FaultPoint, epoch: number, ctx: FaultContext) => Promise<void> | void;
   /** A regex whose first group is the guest's progress counter in its console output. */
   counterRe?: RegExp;
+  /** The guest's network relay: output is held until its checkpoint commits. */
+  relay?: NetRelay;
+  /** The guest's disk server: its writes travel with the checkpoints. */
+  nbd?: NbdServer | null;
+  /** Held output is released unprotected when no standby has taken over protection for this long. */
+  holdOnLossMs?: number;
 }
 
 export interface FaultContext {
@@ -55,7 +69,7 @@ export interface FaultContext {
   crash(): Promise<void>;
 }
 
-interface Inflight { epoch: number; counter: number; sentAtMs: number }
+interface Inflight { epoch: number; counter: number; sentAtMs: number; tag: number }
 
 export class PrimaryController {
   private stopped = false;
@@ -105,9 +119,25 @@ export class PrimaryController {
         await c?.close().catch(() => {});
         this.link?.close();
         this.link = null;
+        this.scheduleGiveUp();
       }
       if (!this.stopped) await sleep(this.o.retryMs);
     }
+  }
+
+  private giveUpTimer: NodeJS.Timeout | null = null;
+  /** Held output waits a while for a standby to take over protection, then leaves unprotected. */
+  private scheduleGiveUp(): void {
+    const relay = this.o.relay;
+    if (!relay || this.giveUpTimer) return;
+    this.giveUpTimer = setTimeout(() => {
+      this.giveUpTimer = null;
+      if (this.protected || !relay.output.holding) return;
+      const n = relay.stats().frames;
+      relay.giveUp();
+      log.error(`no standby for ${this.o.holdOnLossMs ?? 2000} ms: releasing ${n} held frames UNPROTECTED; output now passes through until protection resumes`);
+      this.emit({ event: 'output-released-unprotected', frames: n });
+    }, this.o.holdOnLossMs ?? 2000);
   }
 
   private async connectLink(): Promise<Link> {
@@ -135,6 +165,7 @@ export class PrimaryController {
         const head = inflight[0];
         if (head && f.epoch === head.epoch) {
           inflight.shift();
+          this.o.relay?.commit(head.tag);
           this.ackedEpoch = f.epoch;
           this.ackedCounter = head.counter;
           this.emit({ event: 'acked', epoch: f.epoch, counter: head.counter, lagMs: Date.now() - head.sentAtMs });
@@ -153,10 +184,24 @@ export class PrimaryController {
     const throwIfClosed = () => { if (link.closed) throw link.closed; };
 
     // Initial synchronisation: a fresh COLO session, its full image shipped with progress.
-    const { capture, base } = await ColoCapture.start(this.o.vm, { runDir: this.o.runDir });
+    let baseTag = 0;
+    const { relay, nbd } = this.o;
+    const { capture, base } = await ColoCapture.start(this.o.vm, {
+      runDir: this.o.runDir,
+      beforeReady: async (b) => {
+        // Guest paused at the end of the full copy: output so far is covered by this image.
+        if (relay) { relay.output.hold(); baseTag = relay.output.advance(); }
+        if (nbd) {
+          const img = await readFile(nbd.imagePath);
+          nbd.cutEpoch();
+          b.blocks.push({ id: DISK_BLOCK_ID, lengthBytes: img.length });
+          b.ram.set(DISK_BLOCK_ID, img);
+        }
+      },
+    });
     this.capture = capture;
     this.epoch = 0;
-    inflight.push({ epoch: 0, counter: this.lastCounter, sentAtMs: Date.now() });
+    inflight.push({ epoch: 0, counter: this.lastCounter, sentAtMs: Date.now(), tag: baseTag });
     await this.sendBase(link, base);
     while (inflight.length) { throwIfClosed(); await new Promise<void>((r) => { ackWaiter = r; }); ackWaiter = null; }
     this.emit({ event: 'protecting', standby: link.peer });
@@ -170,6 +215,8 @@ export class PrimaryController {
     let statusEpoch = 0;
     let statusBytes = link.stats.bytesSent;
     let lastPages = 0;
+    let diskWrites = 0;
+    let diskFlushes = 0;
     for (;;) {
       throwIfClosed();
       if (fenceRequested) { await this.fence(link, capture, base, inflight, () => new Promise<void>((r) => { ackWaiter = r; })); return; }
@@ -186,11 +233,23 @@ export class PrimaryController {
       next = Math.max(performance.now(), next + this.o.periodMs);
       const counter = this.lastCounter;
       const fault = this.o.fault;
-      const cp = await capture.checkpoint(fault ? { hold: async (c) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } } : {});
+      let tag = 0;
+      let disk: DiskEpochStats | null = null;
+      const cp = await capture.checkpoint({
+        beforeReply: () => { if (relay) tag = relay.output.advance(); },
+        onLocal: (c) => {
+          if (!nbd) return;
+          const d = nbd.cutEpoch();
+          disk = d;
+          for (const [offset, data] of d.pages) c.pages.push({ block: DISK_BLOCK_ID, offset, data });
+        },
+        ...(fault ? { hold: async (c: Checkpoint) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } } : {}),
+      });
+      if (disk) { diskWrites += (disk as DiskEpochStats).writes; diskFlushes += (disk as DiskEpochStats).flushes; }
       this.epoch = cp.epoch;
       lastPages = cp.pages.length;
       const record = encodeRecord(cp, base.blocks);
-      inflight.push({ epoch: cp.epoch, counter, sentAtMs: Date.now() });
+      inflight.push({ epoch: cp.epoch, counter, sentAtMs: Date.now(), tag });
       if (this.o.fault) await this.o.fault('mid-transfer', cp.epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, cp.epoch, record, Math.floor(record.length * f)), crash: () => this.crash() });
       if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
       void link.send(FrameType.CKPT, cp.epoch, record).catch(() => {});
@@ -203,7 +262,10 @@ export class PrimaryController {
           dirtyPages: lastPages, pauseMs: pauses.length ? Math.round((pauses.reduce((a, b) => a + b, 0) / pauses.length) * 100) / 100 : cp.timings.pauseMsLocal,
           mbPerSec: Math.round(((link.stats.bytesSent - statusBytes) / secs / 1e6) * 10) / 10, lagMs: inflight[0] ? Date.now() - inflight[0].sentAtMs : 0,
           rttMs: link.stats.rttMs === null ? null : Math.round(link.stats.rttMs * 100) / 100, inflight: inflight.length, waitsForLink,
+          ...heldStats(relay), diskWrites, diskFlushes,
         });
+        diskWrites = 0;
+        diskFlushes = 0;
         statusAt = performance.now();
         statusEpoch = cp.epoch;
         statusBytes = link.stats.bytesSent;
@@ -237,7 +299,7 @@ export class PrimaryController {
   private async fence(link: Link, capture: ColoCapture, base: BaseImage, inflight: Inflight[], waitAck: () => Promise<void>): Promise<void> {
     log.warn(`standby asked for failover: taking a last checkpoint and stopping guest ${this.o.vm.spec.name}`);
     const cp: Checkpoint = await capture.checkpoint({ hold: async () => { await this.o.vm.qmp.execute('stop').catch(() => {}); } });
-    inflight.push({ epoch: cp.epoch, counter: this.lastCounter, sentAtMs: Date.now() });
+    inflight.push({ epoch: cp.epoch, counter: this.lastCounter, sentAtMs: Date.now(), tag: 0 });
     await link.send(FrameType.CKPT, cp.epoch, encodeRecord(cp, base.blocks));
     while (inflight.length && !link.closed) await waitAck();
     await this.o.vm.qmp.execute('stop').catch(() => {});
@@ -250,6 +312,7 @@ export class PrimaryController {
   /** Orderly end: the standby keeps its replica and does not fail over. */
   async stop(): Promise<void> {
     this.stopped = true;
+    if (this.giveUpTimer) clearTimeout(this.giveUpTimer);
     if (this.link && !this.link.closed) await this.link.send(FrameType.BYE, 0).catch(() => {});
     this.link?.close();
     await this.capture?.close().catch(() => {});
@@ -259,9 +322,16 @@ export class PrimaryController {
   /** Simulates the controller's death: no goodbye, sockets dropped, QEMU killed by PID. */
   async crash(): Promise<void> {
     this.stopped = true;
+    if (this.giveUpTimer) clearTimeout(this.giveUpTimer);
     this.link?.socket.destroy();
     await this.o.vm.kill();
   }
+}
+
+function heldStats(relay: NetRelay | undefined): { heldFrames: number; heldBytes: number; oldestHeldMs: number | null } {
+  if (!relay) return { heldFrames: 0, heldBytes: 0, oldestHeldMs: null };
+  const s = relay.stats();
+  return { heldFrames: s.frames, heldBytes: s.bytes, oldestHeldMs: s.oldestMs };
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));

@@ -45,6 +45,8 @@ export interface StandbyOptions {
   autoFailover?: boolean;
   fsync?: boolean;
   onEvent?: (e: StandbyEvent) => void;
+  /** Sets up the guest's NIC relay and disk server for a restore (called only at failover). */
+  prepareRestore?: (identity: Identity, store: ReplicaStore) => Promise<{ netSocket?: string; nbdSocket?: string }>;
   /** Fault injection for tests: runs after a commit, before its ack is sent. */
   beforeAck?: (epoch: number) => Promise<void>;
 }
@@ -250,7 +252,8 @@ export class StandbyController {
     writeFileSync(join(this.o.stateDir, 'activated'), JSON.stringify({ epoch: store.epoch, atMs: detectedAtMs }));
     try {
       const binary = this.binary ?? await this.o.binaryFor(spec.accel);
-      const r = await restoreVm({ spec, machine: store.machine, deviceState: store.deviceState }, { binary, runDir: join(this.o.stateDir, 'run'), tag: 'active' });
+      const io = this.o.prepareRestore ? await this.o.prepareRestore(this.identity, store) : {};
+      const r = await restoreVm({ spec, machine: store.machine, deviceState: store.deviceState }, { binary, runDir: join(this.o.stateDir, 'run'), tag: 'active', ...io });
       this.vm = r.vm;
       this.vm.on('serial', (line: string) => this.emit({ event: 'guest', line, atMs: Date.now() }));
       this.state = 'active';

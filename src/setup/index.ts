@@ -1,7 +1,8 @@
 // The one idempotent setup step: Debian packages, the patched QEMU for TCG, the guest image.
 // Prints what it does (long steps show progress); a no-op when everything is in place.
 
-import { existsSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { runCommand } from '../util/procs.ts';
@@ -18,6 +19,8 @@ export const DEBIAN_PACKAGES = [
   // build dependencies of the patched QEMU
   'dpkg-dev', 'libglib2.0-dev', 'libpixman-1-dev', 'libfdt-dev', 'zlib1g-dev', 'meson', 'ninja-build',
   'python3-venv', 'flex', 'bison', 'gcc', 'make', 'patch',
+  // guest disks and the network topology
+  'e2fsprogs',
 ] as const;
 
 async function missingPackages(): Promise<string[]> {
@@ -76,9 +79,30 @@ export async function ensureGuestImage(): Promise<GuestImage> {
   return g;
 }
 
+let tapRelay: string | null = null;
+/** The small C TAP relay (Node cannot open TAP devices), built once into the cache. */
+export async function ensureTapRelay(): Promise<string> {
+  if (tapRelay) return tapRelay;
+  await ensurePackages();
+  const src = join(REPO_ROOT, 'src', 'io', 'net', 'taprelay.c');
+  const hash = createHash('sha256').update(readFileSync(src)).digest('hex').slice(0, 12);
+  const dir = join(process.env['RUBATO_CACHE_DIR'] ?? '/var/cache/rubato', 'tools');
+  const out = join(dir, `taprelay-${hash}`);
+  if (!existsSync(out)) {
+    mkdirSync(dir, { recursive: true });
+    log.info('building the TAP relay helper');
+    const r = await runCommand('gcc', ['-O2', '-Wall', '-Werror', '-o', `${out}.tmp`, src]);
+    if (r.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `building taprelay failed: ${r.stderr.trim()}`);
+    renameSync(`${out}.tmp`, out);
+  }
+  tapRelay = out;
+  return out;
+}
+
 /** Everything: used by `rubato setup`, the tests and the demo. */
 export async function ensureAll(): Promise<{ qemu: QemuBinary; guest: GuestImage }> {
   await ensurePackages();
   const [qemu, g] = [await ensurePatchedQemu(), await ensureGuestImage()];
+  await ensureTapRelay();
   return { qemu, guest: g };
 }

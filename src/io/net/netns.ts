@@ -10,7 +10,7 @@ import { RubatoError } from '../../util/errors.ts';
 const made = new Set<string>();
 let hooked = false;
 
-async function ip(args: string[]): Promise<void> {
+export async function ip(args: string[]): Promise<void> {
   const r = await runCommand('ip', args);
   if (r.code !== 0) throw new RubatoError('RUBATO_NETNS', `ip ${args.join(' ')} failed: ${r.stderr.trim()}`);
 }
@@ -22,10 +22,7 @@ export class TwoHosts {
 
   /** Makes two namespaces and a veth pair between them with a /30 of its own. */
   static async create(tag = 'demo'): Promise<TwoHosts> {
-    if (!hooked) {
-      hooked = true;
-      process.on('exit', () => { for (const ns of made) { try { execFileSync('ip', ['netns', 'del', ns], { stdio: 'ignore' }); } catch { /* gone */ } } });
-    }
+    hookExit();
     const id = `${process.pid % 10000}${randomInt(100, 999)}`;
     const subnet = randomInt(0, 63) * 4;
     const p: Host = { ns: `rubato-${tag}-p-${id}`, ip: `10.231.${randomInt(0, 255)}.${subnet + 1}`, dev: `rbp${id}` };
@@ -65,3 +62,24 @@ export class TwoHosts {
 }
 
 export function liveNamespaces(): string[] { return [...made]; }
+
+function hookExit(): void {
+  if (hooked) return;
+  hooked = true;
+  process.on('exit', () => { for (const ns of made) { try { execFileSync('ip', ['netns', 'del', ns], { stdio: 'ignore' }); } catch { /* gone */ } } });
+}
+
+/** Makes a tracked namespace with loopback up. */
+export async function addNamespace(name: string): Promise<string> {
+  hookExit();
+  await ip(['netns', 'add', name]);
+  made.add(name);
+  await ip(['-n', name, 'link', 'set', 'lo', 'up']);
+  return name;
+}
+
+export async function delNamespace(name: string): Promise<void> {
+  if (!made.has(name)) return;
+  await runCommand('ip', ['netns', 'del', name]);
+  made.delete(name);
+}

@@ -1,0 +1,52 @@
+// The I/O a protected guest needs on one host: its network relay (with output commit) behind a
+// TAP on the host's bridge, and its NBD disk server. Started before QEMU (primary) or at failover
+// (standby: attaching the TAP any earlier would queue frames for a guest that is not running).
+
+import { join } from 'node:path';
+import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
+import { RubatoError } from '../util/errors.ts';
+import { ensureTapRelay } from '../setup/index.ts';
+import { NetRelay } from './net/relay.ts';
+import { NbdServer } from './disk/nbd-server.ts';
+import type { Lan, LanHost } from './net/lan.ts';
+
+export class GuestIo {
+  private constructor(readonly relay: NetRelay, readonly nbd: NbdServer | null, private readonly lan: Lan, private readonly host: LanHost,
+    private readonly tap: string, private readonly taprelay: TrackedProcess) {}
+
+  get netSocket(): string { return this.relay.guestSocketPath; }
+  get nbdSocket(): string | undefined { return this.nbd?.socketPath; }
+
+  static async start(lan: Lan, host: LanHost, dir: string, tag: string, diskImage: string | null): Promise<GuestIo> {
+    const tap = `tap${tag}`.slice(0, 15);
+    const relay = new NetRelay(join(dir, `${tag}.net`));
+    await relay.start();
+    const nbd = diskImage ? new NbdServer(diskImage, join(dir, `${tag}.nbd`)) : null;
+    await nbd?.start();
+    await lan.addTap(host, tap);
+    const bin = await ensureTapRelay();
+    const sock = join(dir, `${tag}.tap`);
+    const p = spawnTracked(`taprelay:${tag}`, 'ip', ['netns', 'exec', host.ns, bin, tap, sock]);
+    const ready = await new Promise<boolean>((resolve) => {
+      let out = '';
+      p.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); if (out.includes('ready')) resolve(true); });
+      void p.exited.then(() => resolve(false));
+      setTimeout(() => resolve(false), 5000);
+    });
+    if (!ready) {
+      p.kill();
+      throw new RubatoError('RUBATO_NETNS', `taprelay for ${tap} in ${host.ns} did not start`);
+    }
+    await relay.attachOutside(sock);
+    return new GuestIo(relay, nbd, lan, host, tap, p);
+  }
+
+  /** The host dies or the guest moves: relay, disk server, TAP helper and TAP all go. */
+  async close(): Promise<void> {
+    this.taprelay.kill('SIGKILL');
+    await this.taprelay.exited;
+    await this.relay.close();
+    await this.nbd?.close();
+    await this.lan.delTap(this.host, this.tap);
+  }
+}

@@ -1,0 +1,73 @@
+// The guest's L2 network for tests, chaos and benchmarks: a "lan" namespace holding a bridge, a
+// client namespace on it, and hosts whose own bridge joins their TAP devices to the lan. After a
+// failover the restored guest appears behind another host's TAP; the lan bridge learns the new
+// port from QEMU's announcements. Everything is tracked and removed.
+
+import { randomInt } from 'node:crypto';
+import { addNamespace, delNamespace, ip } from './netns.ts';
+
+export interface LanHost { name: string; ns: string; bridge: string }
+
+export class Lan {
+  readonly hosts: LanHost[] = [];
+  private n = 0;
+  private constructor(readonly id: string, readonly lanNs: string, readonly clientNs: string, readonly subnet: string) {}
+
+  get clientIp(): string { return `${this.subnet}.100`; }
+  get guestIp(): string { return `${this.subnet}.10`; }
+
+  static async create(tag: string): Promise<Lan> {
+    const id = `${process.pid % 10000}${randomInt(10, 99)}`;
+    const lan = new Lan(id, `rubato-${tag}-lan-${id}`, `rubato-${tag}-cli-${id}`, `10.232.${randomInt(0, 255)}`);
+    try {
+      await addNamespace(lan.lanNs);
+      await ip(['-n', lan.lanNs, 'link', 'add', 'br0', 'type', 'bridge', 'forward_delay', '0']);
+      await ip(['-n', lan.lanNs, 'link', 'set', 'br0', 'up']);
+      await addNamespace(lan.clientNs);
+      await lan.plug(lan.clientNs, `rc${id}`);
+      await ip(['-n', lan.clientNs, 'addr', 'add', `${lan.clientIp}/24`, 'dev', `rc${id}`]);
+    } catch (e) {
+      await lan.destroy();
+      throw e;
+    }
+    return lan;
+  }
+
+  /** A veth from `ns` to the lan bridge; returns the name of the end inside `ns`. */
+  private async plug(ns: string, dev: string): Promise<string> {
+    const peer = `${dev}l`;
+    await ip(['link', 'add', dev, 'netns', ns, 'type', 'veth', 'peer', 'name', peer, 'netns', this.lanNs]);
+    await ip(['-n', this.lanNs, 'link', 'set', peer, 'master', 'br0']);
+    await ip(['-n', this.lanNs, 'link', 'set', peer, 'up']);
+    await ip(['-n', ns, 'link', 'set', dev, 'up']);
+    return dev;
+  }
+
+  async addHost(name: string): Promise<LanHost> {
+    const k = this.n++;
+    const ns = await addNamespace(`rubato-${name}-${this.id}`);
+    const dev = await this.plug(ns, `rh${k}${this.id}`);
+    await ip(['-n', ns, 'link', 'add', 'brh', 'type', 'bridge', 'forward_delay', '0']);
+    await ip(['-n', ns, 'link', 'set', dev, 'master', 'brh']);
+    await ip(['-n', ns, 'link', 'set', 'brh', 'up']);
+    const h = { name, ns, bridge: 'brh' };
+    this.hosts.push(h);
+    return h;
+  }
+
+  async addTap(h: LanHost, tap: string): Promise<void> {
+    await ip(['-n', h.ns, 'tuntap', 'add', 'dev', tap, 'mode', 'tap']);
+    await ip(['-n', h.ns, 'link', 'set', tap, 'master', h.bridge]);
+    await ip(['-n', h.ns, 'link', 'set', tap, 'up']);
+  }
+
+  async delTap(h: LanHost, tap: string): Promise<void> {
+    await ip(['-n', h.ns, 'link', 'del', tap]).catch(() => {});
+  }
+
+  async destroy(): Promise<void> {
+    for (const h of this.hosts) await delNamespace(h.ns);
+    await delNamespace(this.clientNs);
+    await delNamespace(this.lanNs);
+  }
+}

@@ -1,0 +1,117 @@
+// The guest's network path through Rubato: QEMU's -netdev stream connects here; frames to the
+// guest pass at once; frames from the guest go through the OutputBuffer and leave for the outside
+// (taprelay → TAP → bridge) only when their checkpoint has committed.
+
+import { createServer, connect, type Server, type Socket } from 'node:net';
+import { rmSync } from 'node:fs';
+import { logger } from '../../util/log.ts';
+import { RubatoError } from '../../util/errors.ts';
+import { OutputBuffer, type OutputStats } from './output-buffer.ts';
+
+const log = logger('relay');
+const MAX_FRAME = 65536;
+
+/** Splits a be32-length-prefixed byte stream into frames. */
+class Framer {
+  private buf: Buffer = Buffer.alloc(0);
+  push(d: Buffer, onFrame: (f: Buffer) => void): void {
+    this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
+    let off = 0;
+    while (this.buf.length - off >= 4) {
+      const len = this.buf.readUInt32BE(off);
+      if (len > MAX_FRAME) throw new RubatoError('RUBATO_PROTOCOL', `network frame of ${len} bytes`);
+      if (this.buf.length - off < 4 + len) break;
+      onFrame(this.buf.subarray(off, off + 4 + len)); // frames keep their length prefix
+      off += 4 + len;
+    }
+    this.buf = this.buf.subarray(off);
+  }
+}
+
+export class NetRelay {
+  readonly output: OutputBuffer;
+  private server: Server | null = null;
+  private guest: Socket | null = null;
+  private outside: Socket | null = null;
+  private outsideDropped = 0;
+  framesFromGuest = 0;
+  framesToGuest = 0;
+
+  constructor(readonly guestSocketPath: string, maxHeldBytes = 64 << 20) {
+    this.output = new OutputBuffer(maxHeldBytes);
+  }
+
+  async start(): Promise<void> {
+    rmSync(this.guestSocketPath, { force: true });
+    this.server = createServer((s) => this.onGuest(s));
+    await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(this.guestSocketPath, () => resolve()); });
+  }
+
+  private onGuest(s: Socket): void {
+    this.guest?.destroy();
+    this.guest = s;
+    s.setNoDelay(true);
+    const framer = new Framer();
+    s.on('data', (d: Buffer) => {
+      try {
+        framer.push(d, (f) => {
+          this.framesFromGuest++;
+          const out = this.output.push(f, Date.now());
+          if (out) this.toOutside(out);
+        });
+      } catch (e) {
+        log.warn(`guest NIC stream broken: ${(e as Error).message}`);
+        s.destroy();
+      }
+    });
+    s.on('error', () => {});
+    s.on('close', () => { if (this.guest === s) this.guest = null; });
+  }
+
+  /** Connects the outside (a taprelay socket); frames from it go to the guest unchanged. */
+  async attachOutside(path: string, timeoutMs = 5000): Promise<void> {
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        const s = await new Promise<Socket>((resolve, reject) => {
+          const c = connect(path, () => resolve(c));
+          c.once('error', reject);
+        });
+        s.setNoDelay(true);
+        this.outside = s;
+        s.on('data', (d: Buffer) => { this.framesToGuest++; this.guest?.write(d); });
+        s.on('error', () => {});
+        s.on('close', () => { if (this.outside === s) this.outside = null; });
+        return;
+      } catch (e) {
+        if (Date.now() > until) throw new RubatoError('RUBATO_NETNS', `cannot reach the TAP relay at ${path}: ${(e as Error).message}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+  }
+
+  private toOutside(f: Buffer): void {
+    if (this.outside) this.outside.write(f);
+    else this.outsideDropped++;
+  }
+
+  /** Output commit: the checkpoint closing `tag` is committed on the standby. */
+  commit(tag: number): void {
+    for (const f of this.output.commit(tag)) this.toOutside(f);
+  }
+
+  giveUp(): void {
+    for (const f of this.output.giveUp()) this.toOutside(f);
+  }
+
+  stats(): OutputStats & { outsideDropped: number } {
+    return { ...this.output.stats(Date.now()), outsideDropped: this.outsideDropped };
+  }
+
+  async close(): Promise<void> {
+    this.guest?.destroy();
+    this.outside?.destroy();
+    await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
+    rmSync(this.guestSocketPath, { force: true });
+  }
+}
