@@ -131,7 +131,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       await standby.stop();
       io = nextIo!;
       hostIdx = 1 - hostIdx;
-      status(`kill ${k}/${o.kills}: ${acksDuring} writes acknowledged in ${(runMs / 1000).toFixed(1)} s; standby took over in ${fo.runningAtMs - killAt} ms from checkpoint ${fo.epoch}`);
+      status(`kill ${k}/${o.kills}: client events ${client.events.length}, ${acksDuring} writes acknowledged in ${(runMs / 1000).toFixed(1)} s; standby took over in ${fo.runningAtMs - killAt} ms from checkpoint ${fo.epoch}`);
     }
     // Let the client see the last failover through, then stop it and read everything back.
     const acksAtEnd = client.events.filter((e) => e.type === 'ack').length;

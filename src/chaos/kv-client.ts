@@ -15,7 +15,7 @@ const out = (o: object) => process.stdout.write(`${JSON.stringify({ t: Date.now(
 
 class LineConn {
   private buf = '';
-  private waiting: Array<(line: string) => void> = [];
+  private waiting: Array<{ resolve: (line: string) => void; reject: (e: Error) => void }> = [];
   readonly sock: Socket;
   dead: Error | null = null;
   constructor(readonly id: number) {
@@ -25,9 +25,12 @@ class LineConn {
     this.sock.on('data', (d: string) => {
       this.buf += d;
       let nl: number;
-      while ((nl = this.buf.indexOf('\n')) >= 0) { const l = this.buf.slice(0, nl); this.buf = this.buf.slice(nl + 1); this.waiting.shift()?.(l); }
+      while ((nl = this.buf.indexOf('\n')) >= 0) { const l = this.buf.slice(0, nl); this.buf = this.buf.slice(nl + 1); this.waiting.shift()?.resolve(l); }
     });
-    const die = (e: Error) => { if (!this.dead) this.dead = e; };
+    const die = (e: Error) => {
+      if (!this.dead) this.dead = e;
+      for (const w of this.waiting.splice(0)) w.reject(e);
+    };
     this.sock.on('error', die);
     this.sock.on('close', () => die(new Error('closed')));
   }
@@ -38,8 +41,7 @@ class LineConn {
     return new Promise((resolve, reject) => {
       if (this.dead) { reject(this.dead); return; }
       const t = setTimeout(() => reject(new Error('request timeout')), timeoutMs);
-      this.waiting.push((l) => { clearTimeout(t); resolve(l); });
-      this.sock.once('close', () => { clearTimeout(t); reject(new Error('closed')); });
+      this.waiting.push({ resolve: (l) => { clearTimeout(t); resolve(l); }, reject: (e) => { clearTimeout(t); reject(e); } });
       this.sock.write(`${line}\n`);
     });
   }

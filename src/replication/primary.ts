@@ -129,7 +129,7 @@ export class PrimaryController {
   /** Held output waits a while for a standby to take over protection, then leaves unprotected. */
   private scheduleGiveUp(): void {
     const relay = this.o.relay;
-    if (!relay || this.giveUpTimer) return;
+    if (!relay || this.giveUpTimer || this.stopped) return;
     this.giveUpTimer = setTimeout(() => {
       this.giveUpTimer = null;
       if (this.protected || !relay.output.holding) return;
