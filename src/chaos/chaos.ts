@@ -33,7 +33,7 @@ export interface ChaosResult {
 
 interface ClientEvent { t: number; type: string; key?: string; value?: string; conn?: number; id?: number; event?: string; latMs?: number; missing?: string[]; checked?: number }
 
-function clientProcess(lan: Lan, args: string[]): { proc: TrackedProcess; events: ClientEvent[]; done: Promise<void> } {
+export function clientProcess(lan: Lan, args: string[]): { proc: TrackedProcess; events: ClientEvent[]; done: Promise<void> } {
   const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
   const script = join(REPO_ROOT, 'src', 'chaos', 'kv-client.ts');
   const proc = spawnTracked('kv-client', 'ip', ['netns', 'exec', lan.clientNs, process.execPath, '--import', tsx, script, ...args]);
@@ -48,7 +48,7 @@ function clientProcess(lan: Lan, args: string[]): { proc: TrackedProcess; events
   return { proc, events, done: proc.exited.then(() => {}) };
 }
 
-async function waitFor<T>(f: () => T | undefined, ms: number, what: string): Promise<T> {
+export async function waitFor<T>(f: () => T | undefined, ms: number, what: string): Promise<T> {
   const end = Date.now() + ms;
   for (;;) {
     const v = f();
@@ -58,13 +58,38 @@ async function waitFor<T>(f: () => T | undefined, ms: number, what: string): Pro
   }
 }
 
-export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
-  const status = o.onStatus ?? (() => {});
+/** A KV guest on a LAN: topology, disk, the guest's I/O on host A, the booted VM. */
+export interface KvRig { lan: Lan; hosts: LanHost[]; io: GuestIo; vm: QemuVm; dir: string; binary: import('../qemu/vm.ts').QemuBinary; accel: string }
+
+export async function startKvRig(dir: string, accelChoice: AccelChoice, tag: string): Promise<KvRig> {
   const guest = await ensureGuestImage();
-  const { accel } = await resolveAccel(o.accel, stockQemu(), guest);
+  const { accel } = await resolveAccel(accelChoice, stockQemu(), guest);
   const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
   await ensureTapRelay();
-  const res: ChaosResult = { kills: 0, failovers: 0, acknowledged: 0, lost: -1, lostKeys: [], connectionsSurvived: 0, connectionsTotal: 0, failoverMsMedian: Number.NaN, failoverMs: [], latencyMsP50: Number.NaN, latencyMsP99: Number.NaN, accel };
+  const lan = await Lan.create(tag);
+  try {
+    const hosts: LanHost[] = [await lan.addHost('ha'), await lan.addHost('hb')];
+    const disk = join(dir, 'disk.img');
+    writeFileSync(disk, Buffer.alloc(32 << 20));
+    const mk = await runCommand('mkfs.ext2', ['-q', '-F', disk]);
+    if (mk.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `mkfs.ext2 failed: ${mk.stderr}`);
+    const spec: VmSpec = {
+      name: 'kv', accel, cpus: 1, memMb: 128, kernel: guest.kernel, initrd: guest.initrd, mac: '52:54:00:ab:cd:01', disk: true,
+      append: guestAppend(['kvd', 7000, '/data/kv.log'], { ip: `${lan.guestIp}/24`, disk: 'vda' }),
+    };
+    const io = await GuestIo.start(lan, hosts[0]!, dir, 'g0', disk);
+    const vm = await QemuVm.start(spec, { binary, runDir: dir, tag: 'g0', netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) });
+    await vm.waitSerial(/RUBATO kvd ready/, 90_000);
+    return { lan, hosts, io, vm, dir, binary, accel };
+  } catch (e) {
+    await lan.destroy();
+    throw e;
+  }
+}
+
+export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
+  const status = o.onStatus ?? (() => {});
+  const res: ChaosResult = { kills: 0, failovers: 0, acknowledged: 0, lost: -1, lostKeys: [], connectionsSurvived: 0, connectionsTotal: 0, failoverMsMedian: Number.NaN, failoverMs: [], latencyMsP50: Number.NaN, latencyMsP99: Number.NaN, accel: o.accel };
   const dir = makeTempDir('rubato-chaos-');
   let lan: Lan | null = null;
   let vm: QemuVm | null = null;
@@ -73,27 +98,23 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
   let client: ReturnType<typeof clientProcess> | null = null;
   const cleanups: Array<() => Promise<void>> = [];
   try {
-    lan = await Lan.create('chaos');
-    const hosts: LanHost[] = [await lan.addHost('ha'), await lan.addHost('hb')];
-    const disk = join(dir, 'disk.img');
-    writeFileSync(disk, Buffer.alloc(32 << 20));
-    const mk = await runCommand('mkfs.ext2', ['-q', '-F', disk]);
-    if (mk.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `mkfs.ext2 failed: ${mk.stderr}`);
+    const rig = await startKvRig(dir, o.accel, 'chaos');
+    lan = rig.lan;
+    const hosts = rig.hosts;
+    const binary = rig.binary;
+    res.accel = rig.accel;
+    io = rig.io;
+    vm = rig.vm;
     const psk = randomBytes(32);
-    const spec: VmSpec = {
-      name: 'kv', accel, cpus: 1, memMb: 128, kernel: guest.kernel, initrd: guest.initrd, mac: '52:54:00:ab:cd:01', disk: true,
-      append: guestAppend(['kvd', 7000, '/data/kv.log'], { ip: `${lan.guestIp}/24`, disk: 'vda' }),
-    };
     let hostIdx = 0;
-    io = await GuestIo.start(lan, hosts[hostIdx]!, dir, 'g0', disk);
-    vm = await QemuVm.start(spec, { binary, runDir: dir, tag: 'g0', netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) });
-    await vm.waitSerial(/RUBATO kvd ready/, 90_000);
     status(`KV guest up at ${lan.guestIp} behind host ${hosts[hostIdx]!.ns}`);
     const total = o.kills * (o.seconds + 15) + 60;
     client = clientProcess(lan, ['--target', `${lan.guestIp}:7000`, '--conns', String(o.conns), '--seconds', String(total)]);
     const kills: Array<{ killAt: number; runningAt: number }> = [];
     for (let k = 1; k <= o.kills; k++) {
       const other = hosts[1 - hostIdx]!;
+      const curVm: QemuVm = vm!;
+      const curIo: GuestIo = io!;
       const sEvents: StandbyEvent[] = [];
       const pEvents: PrimaryEvent[] = [];
       let nextIo: GuestIo | null = null;
@@ -107,8 +128,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       });
       await standby.start();
       primary = new PrimaryController({
-        vm, runDir: dir, standby: { host: '127.0.0.1', port: standby.boundPort }, psk, periodMs: o.periodMs, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
-        relay: io.relay, nbd: io.nbd, onEvent: (e) => pEvents.push(e),
+        vm: curVm, runDir: dir, standby: { host: '127.0.0.1', port: standby.boundPort }, psk, periodMs: o.periodMs, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
+        relay: curIo.relay, nbd: curIo.nbd, onEvent: (e) => pEvents.push(e),
       });
       primary.start();
       await waitFor(() => pEvents.find((e) => e.event === 'protecting'), 120_000, 'protection');
@@ -119,7 +140,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       // The primary host dies: controller, QEMU, relay, disk server, TAP — no goodbye.
       const killAt = Date.now();
       await primary.crash();
-      await io.close();
+      await curIo.close();
       res.kills++;
       const fo = await waitFor(() => sEvents.find((e) => e.event === 'failover'), 60_000, `failover ${k}`);
       if (fo.event !== 'failover') throw new Error('unreachable');

@@ -10,6 +10,7 @@ import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
 import { runCaptureCheck } from '../capture/check.ts';
 import { runCaptureBench } from '../bench/capture.ts';
 import { runFailoverBench } from '../bench/failover.ts';
+import { runKvBench } from '../bench/kv.ts';
 import { choiceOpt, intOpt, numOpt } from './options.ts';
 import { controlCommand, runPrimary, runStandby } from './ha.ts';
 import { runDemo } from './demo.ts';
@@ -152,8 +153,8 @@ program.command('chaos')
   });
 
 program.command('bench')
-  .description('benchmarks: capture (pause, bytes, progress vs unreplicated), failover (time to take over)')
-  .argument('[which]', 'capture or failover', 'capture')
+  .description('benchmarks: capture (pause, bytes, progress vs unreplicated), failover (time to take over), kv (latency with output commit)')
+  .argument('[which]', 'capture, failover or kv', 'capture')
   .option('--quick', 'reduced settings (a few minutes)', false)
   .option('--seconds <n>', 'measurement time per phase (capture)', intOpt('seconds', 2, 600))
   .option('--runs <n>', 'runs per failure mode (failover)', intOpt('runs', 1, 1000))
@@ -167,7 +168,12 @@ program.command('bench')
       process.stdout.write(`${JSON.stringify(r.summary)}\n`);
       return;
     }
-    if (which !== 'capture') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: capture, failover)`);
+    if (which === 'kv') {
+      const r = await runKvBench({ seconds: o.seconds ?? (o.quick ? 4 : 10), conns: 4, accel: o.accel, outDir: o.out, onStatus: (s) => log.info(s) });
+      process.stdout.write(`${JSON.stringify(r.summary)}\n`);
+      return;
+    }
+    if (which !== 'capture') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: capture, failover, kv)`);
     const p = await platform(o.accel);
     const r = await runCaptureBench({ ...p, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), onStatus: (s) => log.info(s) });
     process.stdout.write(`${JSON.stringify(r.summary)}\n`);

@@ -317,6 +317,7 @@ export class PrimaryController {
     this.link?.close();
     await this.capture?.close().catch(() => {});
     await this.loop;
+    this.o.relay?.giveUp(); // protection ends by choice: held output leaves, later output passes through
   }
 
   /** Simulates the controller's death: no goodbye, sockets dropped, QEMU killed by PID. */
