@@ -4,8 +4,6 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { ensureGuestImage, ensurePatchedQemu, stockQemu } from '../../src/setup/index.ts';
-import { resolveAccel } from '../../src/qemu/accel.ts';
 import { QemuVm, type QemuBinary } from '../../src/qemu/vm.ts';
 import { guestAppend, type Accel } from '../../src/qemu/spec.ts';
 import { runCaptureCheck } from '../../src/capture/check.ts';
@@ -14,14 +12,14 @@ import { makeTempDir, removeTempDir, liveTempDirs } from '../../src/util/tmp.ts'
 import { liveProcesses } from '../../src/util/procs.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
 
+import { testPlatform } from '../helpers/platform.ts';
+
 let accel: Accel;
 let binary: QemuBinary;
 let guest: { kernel: string; initrd: string };
 
 before(async () => {
-  guest = await ensureGuestImage();
-  accel = (await resolveAccel((process.env['RUBATO_TEST_ACCEL'] as 'auto' | 'kvm' | 'tcg' | undefined) ?? 'auto', stockQemu(), guest)).accel;
-  binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
+  ({ accel, binary, guest } = await testPlatform());
 });
 
 for (const route of ['a', 'b'] as const) {

@@ -6,8 +6,6 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { ensureGuestImage, ensurePatchedQemu, stockQemu } from '../../src/setup/index.ts';
-import { resolveAccel } from '../../src/qemu/accel.ts';
 import { QemuVm, type QemuBinary } from '../../src/qemu/vm.ts';
 import { guestAppend, type Accel } from '../../src/qemu/spec.ts';
 import { PrimaryController, type FaultPoint } from '../../src/replication/primary.ts';
@@ -18,6 +16,8 @@ import { liveProcesses } from '../../src/util/procs.ts';
 import { parseDirtierLine } from '../../src/capture/check.ts';
 import { CuttableProxy } from '../helpers/proxy.ts';
 
+import { testPlatform } from '../helpers/platform.ts';
+
 let accel: Accel;
 let binary: QemuBinary;
 let guest: { kernel: string; initrd: string };
@@ -25,9 +25,7 @@ const psk = randomBytes(32);
 const dirs: string[] = [];
 
 before(async () => {
-  guest = await ensureGuestImage();
-  accel = (await resolveAccel((process.env['RUBATO_TEST_ACCEL'] as 'auto' | 'kvm' | 'tcg' | undefined) ?? 'auto', stockQemu(), guest)).accel;
-  binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
+  ({ accel, binary, guest } = await testPlatform());
 });
 
 type Kill = 'qemu' | 'controller' | 'link';

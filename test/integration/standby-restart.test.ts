@@ -7,8 +7,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
-import { ensureGuestImage, ensurePatchedQemu, stockQemu, REPO_ROOT } from '../../src/setup/index.ts';
-import { resolveAccel } from '../../src/qemu/accel.ts';
+import { REPO_ROOT } from '../../src/setup/index.ts';
 import { QemuVm, type QemuBinary } from '../../src/qemu/vm.ts';
 import { guestAppend, type Accel } from '../../src/qemu/spec.ts';
 import { PrimaryController, type PrimaryEvent } from '../../src/replication/primary.ts';
@@ -18,14 +17,14 @@ import { spawnTracked, liveProcesses, type TrackedProcess } from '../../src/util
 import { writeKeyFile, loadKeyFile } from '../../src/cli/keyfile.ts';
 import { parseDirtierLine } from '../../src/capture/check.ts';
 
+import { testPlatform } from '../helpers/platform.ts';
+
 let accel: Accel;
 let binary: QemuBinary;
 let guest: { kernel: string; initrd: string };
 
 before(async () => {
-  guest = await ensureGuestImage();
-  accel = (await resolveAccel((process.env['RUBATO_TEST_ACCEL'] as 'auto' | 'kvm' | 'tcg' | undefined) ?? 'auto', stockQemu(), guest)).accel;
-  binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
+  ({ accel, binary, guest } = await testPlatform());
 });
 
 function standbyProcess(stateDir: string, key: string, port: number): { proc: TrackedProcess; events: Array<Record<string, unknown>> } {
