@@ -1,0 +1,70 @@
+// Online estimates from past epochs: the dirty curve D(T) (pages dirtied by an epoch of length T,
+// sub-linear because pages are rewritten), the pause cost per page, and the link's bandwidth.
+// Pure functions of the history; cheap enough to run at every decision.
+
+import { PAGE_BYTES, type EpochRecord, type Telemetry } from './types.ts';
+
+export interface DirtyCurve { a: number; b: number; pages(tMs: number): number }
+
+/** Fits D(T) = a·T^b by least squares on log-log over recent epochs; b clamped to [0.3, 1]. */
+export function fitDirtyCurve(history: readonly EpochRecord[]): DirtyCurve {
+  const pts = history.slice(-64).filter((e) => e.lengthMs > 0.5 && e.dirtyPages > 0);
+  if (pts.length === 0) return curve(0, 1);
+  const xs = pts.map((e) => Math.log(e.lengthMs));
+  const ys = pts.map((e) => Math.log(e.dirtyPages));
+  const mx = mean(xs);
+  const my = mean(ys);
+  let sxx = 0;
+  let sxy = 0;
+  for (let i = 0; i < xs.length; i++) { sxx += (xs[i]! - mx) ** 2; sxy += (xs[i]! - mx) * (ys[i]! - my); }
+  let b = sxx > 1e-6 ? sxy / sxx : 0.8; // one epoch length only: assume mild sub-linearity
+  b = Math.min(1, Math.max(0.3, b));
+  const a = Math.exp(my - b * mx);
+  return curve(a, b);
+}
+
+function curve(a: number, b: number): DirtyCurve {
+  return { a, b, pages: (t) => (t <= 0 ? 0 : a * t ** b) };
+}
+
+export interface PauseModel { fixedMs: number; perPageMs: number; pauseMs(pages: number): number }
+
+/** pause ≈ fixed + perPage·pages, least squares over recent epochs (defaults from DESIGN.md). */
+export function fitPause(history: readonly EpochRecord[]): PauseModel {
+  const pts = history.slice(-64).filter((e) => e.pauseMs > 0);
+  let fixedMs = 1.1;
+  let perPageMs = 0.0025;
+  if (pts.length >= 2) {
+    const mx = mean(pts.map((e) => e.dirtyPages));
+    const my = mean(pts.map((e) => e.pauseMs));
+    let sxx = 0;
+    let sxy = 0;
+    for (const e of pts) { sxx += (e.dirtyPages - mx) ** 2; sxy += (e.dirtyPages - mx) * (e.pauseMs - my); }
+    if (sxx > 1e-6) perPageMs = Math.max(0, sxy / sxx);
+    fixedMs = Math.max(0.05, my - perPageMs * mx);
+  } else if (pts.length === 1) {
+    fixedMs = Math.max(0.05, pts[0]!.pauseMs - perPageMs * pts[0]!.dirtyPages);
+  }
+  return { fixedMs, perPageMs, pauseMs: (p) => fixedMs + perPageMs * p };
+}
+
+/** Link bandwidth in bytes/ms: measured if known, else from past transfers, else 1 GB/s. */
+export function linkBytesPerMs(t: Telemetry): number {
+  if (t.link.bytesPerSec && t.link.bytesPerSec > 0) return t.link.bytesPerSec / 1000;
+  const done = t.history.slice(-32).filter((e) => e.transferMs !== null && e.transferMs > 0 && e.bytes > 0);
+  if (done.length) return done.reduce((s, e) => s + e.bytes, 0) / done.reduce((s, e) => s + e.transferMs!, 0);
+  return 1e6;
+}
+
+export function transferMs(pages: number, bytesPerMs: number): number {
+  return (pages * PAGE_BYTES) / bytesPerMs;
+}
+
+/** Output frames per ms of guest time over recent epochs (how interactive the workload is). */
+export function outputRatePerMs(history: readonly EpochRecord[]): number {
+  const h = history.slice(-32);
+  const len = h.reduce((s, e) => s + e.lengthMs, 0);
+  return len > 0 ? h.reduce((s, e) => s + e.outputFrames, 0) / len : 0;
+}
+
+const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;

@@ -1,0 +1,186 @@
+// Checkpoint policies. Each is pure: decide(telemetry) → checkpoint now, or wake me at t, with a
+// reason. `guarded` applies the rails every adaptive policy shares: minimum and maximum epoch,
+// a bound on the data at risk, a bounded backlog, and epochs no shorter than the link needs to
+// ship them (so a bandwidth drop lengthens epochs instead of growing the backlog).
+//
+// The seed paper's heuristics appear here as Rubato's reading of its abstract, not its exact rules.
+
+import { RubatoError } from '../util/errors.ts';
+import { fitDirtyCurve, fitPause, linkBytesPerMs, outputRatePerMs, transferMs, type DirtyCurve } from './estimate.ts';
+import { PAGE_BYTES, type Decision, type Policy, type Telemetry } from './types.ts';
+
+const now = (reason: string): Decision => ({ checkpoint: true, reason });
+const wait = (wakeAtMs: number, reason: string): Decision => ({ checkpoint: false, wakeAtMs, reason });
+
+export interface Rails { minEpochMs: number; maxEpochMs: number; maxBacklog: number; maxRiskBytes: number; linkUtilisation: number }
+export const DEFAULT_RAILS: Rails = { minEpochMs: 2, maxEpochMs: 1000, maxBacklog: 3, maxRiskBytes: 256 << 20, linkUtilisation: 0.8 };
+
+/** Smallest epoch length whose dirty set the link ships within `util` of the epoch (bisection). */
+export function linkBoundEpochMs(c: DirtyCurve, bytesPerMs: number, util: number, maxMs: number): number {
+  const ok = (t: number) => transferMs(c.pages(t), bytesPerMs) <= util * t;
+  if (ok(0.5)) return 0;
+  if (!ok(maxMs)) return maxMs;
+  let lo = 0.5;
+  let hi = maxMs;
+  for (let i = 0; i < 40; i++) { const mid = (lo + hi) / 2; if (ok(mid)) hi = mid; else lo = mid; }
+  return hi;
+}
+
+/** Epoch length at which the predicted transfer of the dirty set reaches `targetMs`. */
+function epochForTransfer(c: DirtyCurve, bytesPerMs: number, targetMs: number, maxMs: number): number {
+  if (transferMs(c.pages(maxMs), bytesPerMs) <= targetMs) return maxMs;
+  let lo = 0;
+  let hi = maxMs;
+  for (let i = 0; i < 40; i++) { const mid = (lo + hi) / 2; if (transferMs(c.pages(mid), bytesPerMs) <= targetMs) lo = mid; else hi = mid; }
+  return lo;
+}
+
+type Inner = (t: Telemetry, ctx: { age: number; curve: DirtyCurve; bytesPerMs: number }) => Decision;
+
+export function guarded(name: string, rails: Rails, inner: Inner, opts: { linkGuard: boolean } = { linkGuard: true }): Policy {
+  return {
+    name,
+    minEpochMs: rails.minEpochMs,
+    maxEpochMs: rails.maxEpochMs,
+    decide(t) {
+      const age = t.nowMs - t.epochStartMs;
+      const start = t.epochStartMs;
+      if (age >= rails.maxEpochMs) return now('max-epoch');
+      if (age < rails.minEpochMs) return wait(start + rails.minEpochMs, 'min-epoch');
+      const curve = fitDirtyCurve(t.history);
+      const bytesPerMs = linkBytesPerMs(t);
+      if (t.backlog >= rails.maxBacklog) return wait(Math.min(start + rails.maxEpochMs, t.nowMs + 1), 'backlog');
+      if (curve.pages(age) * PAGE_BYTES >= rails.maxRiskBytes) return now('risk-bound');
+      if (opts.linkGuard) {
+        const tl = linkBoundEpochMs(curve, bytesPerMs, rails.linkUtilisation, rails.maxEpochMs);
+        if (age < tl) return wait(start + tl, 'link-bound');
+      }
+      const d = inner(t, { age, curve, bytesPerMs });
+      if (d.checkpoint) return d;
+      return wait(Math.min(Math.max(d.wakeAtMs, start + rails.minEpochMs), start + rails.maxEpochMs), d.reason);
+    },
+  };
+}
+
+export function fixed(periodMs: number): Policy {
+  return guarded(`fixed:${periodMs}ms`, { ...DEFAULT_RAILS, minEpochMs: periodMs, maxEpochMs: periodMs, maxBacklog: Number.POSITIVE_INFINITY, maxRiskBytes: Number.POSITIVE_INFINITY },
+    (t) => wait(t.epochStartMs + periodMs, 'period'), { linkGuard: false });
+}
+
+/** Seed heuristic 1: end the epoch when the predicted transfer time of its dirty set reaches a target. */
+export function dirtyBandwidth(rails: Rails, targetMs = 10): Policy {
+  return guarded(`dirty-bandwidth:${targetMs}ms`, rails, (t, c) => {
+    const te = epochForTransfer(c.curve, c.bytesPerMs, targetMs, rails.maxEpochMs);
+    return c.age >= te ? now('dirty-transfer-target') : wait(t.epochStartMs + te, 'dirty-below-target');
+  });
+}
+
+/** Seed heuristic 2: output waiting → checkpoint as soon as the minimum epoch allows; none → stretch. */
+export function netIo(rails: Rails): Policy {
+  return guarded('net-io', rails, (t) => (t.output.frames > 0 ? now('output-waiting') : wait(t.epochStartMs + rails.maxEpochMs, 'no-output')));
+}
+
+/** Seed heuristic 3: disk flushes (and heavy writes) count like waiting output. */
+export function diskIo(rails: Rails, writesTrigger = 64): Policy {
+  return guarded('disk-io', rails, (t) => {
+    if (t.disk.flushes > 0) return now('disk-flush');
+    if (t.disk.writes >= writesTrigger) return now('disk-writes');
+    return wait(t.epochStartMs + rails.maxEpochMs, 'no-disk-io');
+  });
+}
+
+/** The seed heuristics combined. */
+export function adaptive(rails: Rails, targetMs = 10): Policy {
+  return guarded('adaptive', rails, (t, c) => {
+    if (t.output.frames > 0) return now('output-waiting');
+    if (t.disk.flushes > 0) return now('disk-flush');
+    const te = epochForTransfer(c.curve, c.bytesPerMs, targetMs, rails.maxEpochMs);
+    return c.age >= te ? now('dirty-transfer-target') : wait(t.epochStartMs + te, 'quiet');
+  });
+}
+
+/** Keeps the time an output waits below `latencyMs`, predicting the next pause and transfer. */
+export function boundedLatency(rails: Rails, latencyMs = 20, targetMs = 10): Policy {
+  return guarded(`bounded-latency:${latencyMs}ms`, rails, (t, c) => {
+    const pause = fitPause(t.history);
+    const predict = (age: number) => { const p = c.curve.pages(age); return pause.pauseMs(p) + transferMs(p, c.bytesPerMs) + (t.link.rttMs ?? 0.2); };
+    const waiting = t.output.frames > 0 || t.disk.flushes > 0;
+    if (waiting) {
+      const oldest = t.output.oldestMs ?? 0;
+      const slack = latencyMs - oldest - predict(c.age);
+      if (slack <= 0.5) return now('latency-bound');
+      return wait(t.nowMs + slack / 2, 'latency-slack');
+    }
+    const te = epochForTransfer(c.curve, c.bytesPerMs, targetMs, rails.maxEpochMs);
+    return c.age >= te ? now('dirty-transfer-target') : wait(t.epochStartMs + te, 'quiet');
+  });
+}
+
+/**
+ * Rubato's cost model: choose the checkpoint time T minimising
+ *   J(T) = pause(D(T)) / T  +  w · Σ over output frames of their wait until release at T
+ * where the waiting frames are those already held plus the rate seen in recent epochs, and a
+ * frame's release comes at T + pause + transfer + rtt. With no output it stretches the epoch
+ * (overhead only falls with T) until a rail stops it.
+ */
+export function model(rails: Rails, weightPerFrameMs = 0.002): Policy {
+  return guarded(`model`, rails, (t, c) => {
+    const pause = fitPause(t.history);
+    const rate = outputRatePerMs(t.history);
+    const f0 = t.output.frames + t.disk.flushes;
+    const oldest = t.output.oldestMs ?? (t.disk.flushes > 0 ? 0 : 0);
+    if (f0 === 0 && rate === 0) return wait(t.epochStartMs + rails.maxEpochMs, 'no-output');
+    let best = c.age;
+    let bestJ = Number.POSITIVE_INFINITY;
+    const horizon = Math.min(rails.maxEpochMs, c.age + 200);
+    for (let T = c.age; T <= horizon; T += Math.max(0.5, (horizon - c.age) / 200)) {
+      const pages = c.curve.pages(T);
+      const p = pause.pauseMs(pages);
+      const release = p + transferMs(pages, c.bytesPerMs) + (t.link.rttMs ?? 0.2);
+      const extra = T - c.age;
+      // frames waiting now wait (oldest + extra + release) on average-ish; new ones arrive uniformly
+      const waitNow = f0 * ((oldest / 2) + extra + release);
+      const waitNew = rate * extra * (extra / 2 + release);
+      const J = p / T + weightPerFrameMs * (waitNow + waitNew);
+      if (J < bestJ) { bestJ = J; best = T; }
+    }
+    return best - c.age < 0.5 ? now('model-optimum') : wait(t.epochStartMs + best, 'model-wait');
+  });
+}
+
+/** Parses `name[:arg][,key=value...]`, e.g. fixed:25ms, adaptive, bounded-latency:20ms,max=500, model:0.002. */
+export function parsePolicy(spec: string): Policy {
+  const [head, ...kv] = spec.split(',');
+  const [name, argRaw] = (head ?? '').split(':');
+  const num = (v: string | undefined, what: string): number | undefined => {
+    if (v === undefined || v === '') return undefined;
+    const n = Number(v.replace(/ms$/, ''));
+    if (!Number.isFinite(n) || n <= 0) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: ${what} must be a positive number (got "${v}")`);
+    return n;
+  };
+  const rails: Rails = { ...DEFAULT_RAILS };
+  for (const p of kv) {
+    const [k, v] = p.split('=');
+    const n = num(v, k ?? '?');
+    if (n === undefined) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: ${k} needs a value`);
+    if (k === 'min') rails.minEpochMs = n;
+    else if (k === 'max') rails.maxEpochMs = n;
+    else if (k === 'backlog') rails.maxBacklog = n;
+    else if (k === 'risk-mb') rails.maxRiskBytes = n * 1048576;
+    else throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: unknown setting ${k} (min, max, backlog, risk-mb)`);
+  }
+  if (rails.minEpochMs > rails.maxEpochMs) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: min epoch above max epoch`);
+  const arg = num(argRaw, 'the parameter');
+  switch (name) {
+    case 'fixed': return fixed(arg ?? 25);
+    case 'dirty-bandwidth': return dirtyBandwidth(rails, arg);
+    case 'net-io': return netIo(rails);
+    case 'disk-io': return diskIo(rails, arg);
+    case 'adaptive': return adaptive(rails, arg);
+    case 'bounded-latency': return boundedLatency(rails, arg);
+    case 'model': return model(rails, arg);
+    default: throw new RubatoError('RUBATO_CONFIG', `unknown policy "${name}" (fixed:MS, dirty-bandwidth[:MS], net-io, disk-io, adaptive, bounded-latency[:MS], model[:WEIGHT])`);
+  }
+}
+
+export const POLICY_NAMES = ['fixed:25ms', 'fixed:100ms', 'dirty-bandwidth', 'net-io', 'disk-io', 'adaptive', 'bounded-latency', 'model'] as const;

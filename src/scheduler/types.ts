@@ -1,0 +1,45 @@
+// Scheduler types. Pure data: telemetry in, a decision out. No clocks (time is a number the
+// engine or the simulator passes in), no timers, no I/O — so the same policy runs live and in
+// the simulator, deterministically.
+
+export interface EpochRecord {
+  /** Guest run time of the epoch (resume → pause), ms. */
+  lengthMs: number;
+  dirtyPages: number;
+  /** Guest pause for this checkpoint, ms. */
+  pauseMs: number;
+  /** Bytes shipped for it. */
+  bytes: number;
+  /** Send → ack, ms (null until acked). */
+  transferMs: number | null;
+  /** Output frames produced during the epoch. */
+  outputFrames: number;
+}
+
+export interface Telemetry {
+  nowMs: number;
+  /** When the running epoch began (guest resumed after the last checkpoint). */
+  epochStartMs: number;
+  /** Past epochs, oldest first (bounded by the engine). */
+  history: readonly EpochRecord[];
+  /** Output produced in the running epoch and waiting for it to be checkpointed. */
+  output: { frames: number; bytes: number; oldestMs: number | null };
+  /** Disk activity of the running epoch. */
+  disk: { writes: number; flushes: number };
+  link: { bytesPerSec: number | null; rttMs: number | null };
+  /** Checkpoints shipped but not yet acknowledged. */
+  backlog: number;
+}
+
+export type Decision =
+  | { checkpoint: true; reason: string }
+  | { checkpoint: false; wakeAtMs: number; reason: string };
+
+export interface Policy {
+  readonly name: string;
+  readonly minEpochMs: number;
+  readonly maxEpochMs: number;
+  decide(t: Telemetry): Decision;
+}
+
+export const PAGE_BYTES = 4096;

@@ -1,0 +1,101 @@
+// A deterministic discrete-time simulator of the epoch pipeline, driving the same scheduler code
+// as the live engine: a workload model (dirty curve, output and disk events), the pause model,
+// and a FIFO replication link with bandwidth and round trip. Used by the scheduler's tests now and
+// by the trace-driven evaluation later. No clocks: time is a number that only this loop advances.
+
+import { PAGE_BYTES, type EpochRecord, type Policy, type Telemetry } from '../scheduler/index.ts';
+
+export interface SimWorkload {
+  /** Pages an epoch of this length dirties (the real curve, which the scheduler must learn). */
+  dirtyPages(lengthMs: number): number;
+  /** Output frames the guest produces in [t, t + step). */
+  output(tMs: number, stepMs: number): number;
+  /** Disk flushes in [t, t + step). */
+  flushes?(tMs: number, stepMs: number): number;
+  bandwidthBytesPerMs(tMs: number): number;
+  rttMs: number;
+  pauseMs(pages: number): number;
+}
+
+export interface SimResult {
+  epochs: EpochRecord[];
+  checkpoints: number;
+  maxBacklog: number;
+  outputLatencyMs: number[];
+  pausedMs: number;
+  durationMs: number;
+  reasons: Record<string, number>;
+}
+
+export function simulate(policy: Policy, w: SimWorkload, durationMs: number, stepMs = 0.25, maxInflight = 4): SimResult {
+  const history: EpochRecord[] = [];
+  const reasons: Record<string, number> = {};
+  const acks: Array<{ at: number; frames: number[]; index: number; sentAt: number }> = [];
+  const latencies: number[] = [];
+  let t = 0;
+  let epochStart = 0;
+  let linkFree = 0;
+  let pausedMs = 0;
+  let maxBacklog = 0;
+  let waiting: number[] = []; // output frame times in the running epoch
+  let flushes = 0;
+  let wakeAt = 0;
+  const deliver = () => {
+    while (acks.length && acks[0]!.at <= t) {
+      const a = acks.shift()!;
+      for (const ft of a.frames) latencies.push(a.at - ft);
+      history[a.index]!.transferMs = a.at - a.sentAt;
+    }
+  };
+  while (t < durationMs) {
+    deliver();
+    const produced = w.output(t, stepMs);
+    for (let i = 0; i < produced; i++) waiting.push(t);
+    const fl = w.flushes?.(t, stepMs) ?? 0;
+    flushes += fl;
+    const backlog = acks.length;
+    maxBacklog = Math.max(maxBacklog, backlog);
+    if (t >= wakeAt || produced > 0 || fl > 0) {
+      const tel: Telemetry = {
+        nowMs: t, epochStartMs: epochStart, history,
+        output: { frames: waiting.length, bytes: waiting.length * 100, oldestMs: waiting.length ? t - waiting[0]! : null },
+        disk: { writes: fl, flushes }, link: { bytesPerSec: null, rttMs: w.rttMs }, backlog,
+      };
+      const d = policy.decide(tel);
+      reasons[d.reason] = (reasons[d.reason] ?? 0) + 1;
+      if (d.checkpoint && backlog < maxInflight) {
+        const length = t - epochStart;
+        const pages = Math.round(w.dirtyPages(length));
+        const pause = w.pauseMs(pages);
+        const bytes = pages * PAGE_BYTES + 32_000;
+        history.push({ lengthMs: length, dirtyPages: pages, pauseMs: pause, bytes, transferMs: null, outputFrames: waiting.length });
+        t += pause;
+        pausedMs += pause;
+        const sendStart = Math.max(linkFree, t);
+        linkFree = sendStart + bytes / w.bandwidthBytesPerMs(sendStart);
+        acks.push({ at: linkFree + w.rttMs, frames: waiting, index: history.length - 1, sentAt: t });
+        waiting = [];
+        flushes = 0;
+        epochStart = t;
+        wakeAt = t;
+        continue;
+      }
+      wakeAt = d.checkpoint ? t + stepMs : d.wakeAtMs;
+    }
+    t += stepMs;
+  }
+  return { epochs: history, checkpoints: history.length, maxBacklog, outputLatencyMs: latencies, pausedMs, durationMs, reasons };
+}
+
+/** A workload with a sub-linear dirty curve D(T) = rate·T^b and optional periodic output. */
+export function syntheticWorkload(o: { pagesPerMs: number; exponent?: number; outputEveryMs?: number; flushEveryMs?: number; bandwidthBytesPerMs?: (t: number) => number; rttMs?: number }): SimWorkload {
+  const b = o.exponent ?? 0.8;
+  return {
+    dirtyPages: (len) => o.pagesPerMs * len ** b,
+    output: (t, step) => (o.outputEveryMs && Math.floor((t + step) / o.outputEveryMs) > Math.floor(t / o.outputEveryMs) ? 1 : 0),
+    flushes: (t, step) => (o.flushEveryMs && Math.floor((t + step) / o.flushEveryMs) > Math.floor(t / o.flushEveryMs) ? 1 : 0),
+    bandwidthBytesPerMs: o.bandwidthBytesPerMs ?? (() => 125_000), // 1 Gbit/s
+    rttMs: o.rttMs ?? 0.2,
+    pauseMs: (p) => 1.1 + 0.0025 * p,
+  };
+}

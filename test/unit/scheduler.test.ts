@@ -1,0 +1,98 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { parsePolicy, POLICY_NAMES, DEFAULT_RAILS, fitDirtyCurve, type Telemetry, type EpochRecord } from '../../src/scheduler/index.ts';
+import { simulate, syntheticWorkload } from '../../src/sim/simulate.ts';
+import { median } from '../../src/util/stats.ts';
+
+const ADAPTIVE = ['dirty-bandwidth', 'net-io', 'disk-io', 'adaptive', 'bounded-latency', 'model'];
+
+test('a compute-only trace gets long epochs, near the maximum', () => {
+  const w = syntheticWorkload({ pagesPerMs: 0.05, exponent: 0.5 });
+  for (const name of ['net-io', 'adaptive', 'model', 'bounded-latency']) {
+    const r = simulate(parsePolicy(`${name},max=500`), w, 10_000);
+    const lens = r.epochs.map((e) => e.lengthMs);
+    assert.ok(median(lens) >= 450, `${name}: median epoch ${median(lens)} ms`);
+    const fixed = simulate(parsePolicy('fixed:25ms'), w, 10_000);
+    assert.ok(r.checkpoints * 10 < fixed.checkpoints, `${name}: ${r.checkpoints} vs fixed ${fixed.checkpoints} checkpoints`);
+  }
+});
+
+test('an interactive trace gets a checkpoint within the minimum epoch after output appears', () => {
+  const w = syntheticWorkload({ pagesPerMs: 2, outputEveryMs: 37 });
+  for (const name of ['net-io', 'adaptive']) {
+    const r = simulate(parsePolicy(`${name},min=2,max=500`), w, 5_000);
+    const p99 = [...r.outputLatencyMs].sort((a, b) => a - b)[Math.floor(r.outputLatencyMs.length * 0.99)]!;
+    // wait ≤ min epoch + pause + transfer + rtt
+    assert.ok(p99 < 2 + 8, `${name}: output p99 ${p99.toFixed(2)} ms`);
+  }
+  const b = simulate(parsePolicy('bounded-latency:20ms'), w, 5_000);
+  assert.ok(Math.max(...b.outputLatencyMs) < 20 + 2, `bounded-latency max ${Math.max(...b.outputLatencyMs)}`);
+  const f100 = simulate(parsePolicy('fixed:100ms'), w, 5_000);
+  const m = simulate(parsePolicy('model'), w, 5_000);
+  assert.ok(median(m.outputLatencyMs) < median(f100.outputLatencyMs) / 2, `model p50 ${median(m.outputLatencyMs)} vs fixed:100 ${median(f100.outputLatencyMs)}`);
+});
+
+test('a bandwidth drop lengthens epochs so the backlog stays bounded', () => {
+  const drop = (t: number) => (t < 10_000 ? 125_000 : 2_500); // 1 Gbit/s, then 20 Mbit/s
+  const w = syntheticWorkload({ pagesPerMs: 20, exponent: 0.7, outputEveryMs: 20, bandwidthBytesPerMs: drop });
+  for (const name of ['dirty-bandwidth', 'adaptive', 'model', 'net-io', 'bounded-latency']) {
+    const r = simulate(parsePolicy(`${name},max=1000`), w, 25_000);
+    let at = 0;
+    const starts = r.epochs.map((e) => { const s0 = at; at += e.lengthMs + e.pauseMs; return s0; });
+    const before = median(r.epochs.filter((_, i) => starts[i]! > 3000 && starts[i]! < 10_000).map((e) => e.lengthMs));
+    const after = median(r.epochs.slice(-5).map((e) => e.lengthMs));
+    assert.ok(after > before * 3, `${name}: epochs ${before.toFixed(1)} → ${after.toFixed(1)} ms`);
+    assert.ok(r.maxBacklog <= DEFAULT_RAILS.maxBacklog + 1, `${name}: backlog ${r.maxBacklog}`);
+  }
+});
+
+test('a disk-flush burst is treated like waiting output', () => {
+  const w = syntheticWorkload({ pagesPerMs: 0.1, flushEveryMs: 50 });
+  for (const name of ['disk-io', 'adaptive', 'model']) {
+    const r = simulate(parsePolicy(`${name},max=1000`), w, 5_000);
+    assert.ok(median(r.epochs.map((e) => e.lengthMs)) < 60, `${name}: median epoch ${median(r.epochs.map((e) => e.lengthMs))}`);
+  }
+});
+
+test('property: no policy goes below the minimum or beyond the maximum epoch, for random telemetry', () => {
+  let seed = 4242;
+  const rnd = () => { seed = (seed * 1103515245 + 12345) >>> 0; return seed / 2 ** 32; };
+  for (const name of [...POLICY_NAMES, ...ADAPTIVE.map((n) => `${n},min=3,max=300`)]) {
+    const p = parsePolicy(name);
+    for (let i = 0; i < 2000; i++) {
+      const history: EpochRecord[] = Array.from({ length: Math.floor(rnd() * 20) }, () => ({
+        lengthMs: rnd() * 500, dirtyPages: Math.floor(rnd() * 1e5), pauseMs: rnd() * 50, bytes: Math.floor(rnd() * 1e8),
+        transferMs: rnd() < 0.5 ? null : rnd() * 300, outputFrames: Math.floor(rnd() * 100),
+      }));
+      const start = rnd() * 1e6;
+      const age = rnd() * 1.5 * p.maxEpochMs;
+      const t: Telemetry = {
+        nowMs: start + age, epochStartMs: start, history,
+        output: rnd() < 0.5 ? { frames: 0, bytes: 0, oldestMs: null } : { frames: 1 + Math.floor(rnd() * 50), bytes: 1000, oldestMs: rnd() * age },
+        disk: { writes: Math.floor(rnd() * 100), flushes: Math.floor(rnd() * 3) },
+        link: { bytesPerSec: rnd() < 0.3 ? null : rnd() * 1e10, rttMs: rnd() * 5 }, backlog: Math.floor(rnd() * 6),
+      };
+      const d = p.decide(t);
+      if (d.checkpoint) assert.ok(age >= p.minEpochMs, `${name}: checkpoint at age ${age} < min ${p.minEpochMs}`);
+      else {
+        assert.ok(age < p.maxEpochMs, `${name}: waits at age ${age} ≥ max ${p.maxEpochMs} (${d.reason})`);
+        assert.ok(d.wakeAtMs - start <= p.maxEpochMs + 1e-6, `${name}: wakes at epoch age ${d.wakeAtMs - start} > max (${d.reason})`);
+        assert.ok(d.wakeAtMs - start >= Math.min(p.minEpochMs, age) - 1e-6 || d.wakeAtMs >= t.nowMs, `${name}: wake before min`);
+      }
+      assert.ok(d.reason.length > 0);
+    }
+  }
+});
+
+test('the dirty curve is learnt sub-linear from history', () => {
+  const hist = [5, 10, 20, 40, 80].map((l) => ({ lengthMs: l, dirtyPages: 30 * l ** 0.6, pauseMs: 1, bytes: 0, transferMs: null, outputFrames: 0 }));
+  const c = fitDirtyCurve(hist);
+  assert.ok(Math.abs(c.b - 0.6) < 0.01 && Math.abs(c.a - 30) < 0.5, `a=${c.a} b=${c.b}`);
+});
+
+test('policy specs are checked with clear errors', () => {
+  assert.throws(() => parsePolicy('nosuch'), /unknown policy/);
+  assert.throws(() => parsePolicy('fixed:-3'), /positive/);
+  assert.throws(() => parsePolicy('adaptive,min=50,max=10'), /min epoch above max/);
+  assert.equal(parsePolicy('fixed:25ms').name, 'fixed:25ms');
+});
