@@ -41,10 +41,15 @@ export interface CaptureCell {
 }
 
 /** Progress (dirtier work units) per host second over a window, from console lines stamped on arrival. */
-class ProgressProbe {
+export class ProgressProbe {
   private readonly samples: Array<{ t: number; work: number }> = [];
-  constructor(vm: QemuVm) {
+  constructor(vm: QemuVm, counterRe?: RegExp) {
     vm.on('serial', (line: string) => {
+      if (counterRe) {
+        const c = line.match(counterRe);
+        if (c) this.samples.push({ t: performance.now(), work: Number(c[1]) });
+        return;
+      }
       const m = parseDirtierLine(line);
       if (m) this.samples.push({ t: performance.now(), work: m.work });
     });

@@ -16,7 +16,7 @@ export interface KvBenchOptions { seconds: number; conns: number; accel: AccelCh
 
 export interface KvPhase { phase: string; periodMs: number | null; requests: number; throughputPerSec: number; latencyMsP50: number; latencyMsP99: number }
 
-async function measure(rig: KvRig, seconds: number, conns: number, phase: string, periodMs: number | null): Promise<KvPhase> {
+export async function measureKv(rig: KvRig, seconds: number, conns: number, phase: string, periodMs: number | null): Promise<KvPhase> {
   const c = clientProcess(rig.lan, ['--target', `${rig.lan.guestIp}:7000`, '--conns', String(conns), '--seconds', String(seconds)]);
   await c.done;
   const acks = c.events.filter((e) => e.type === 'ack');
@@ -34,7 +34,7 @@ export async function runKvBench(o: KvBenchOptions): Promise<{ summary: Record<s
     rig = await startKvRig(dir, o.accel, 'kvb');
     const psk = randomBytes(32);
     status('unreplicated');
-    phases.push(await measure(rig, o.seconds, o.conns, 'unreplicated', null));
+    phases.push(await measureKv(rig, o.seconds, o.conns, 'unreplicated', null));
     for (const [i, periodMs] of periods.entries()) {
       const standby = new StandbyController({ host: '127.0.0.1', port: 0, stateDir: join(dir, `standby${i}`), psk, heartbeatMs: 50, timeoutMs: 1000, fsync: false, autoFailover: false, binaryFor: async () => rig!.binary });
       await standby.start();
@@ -43,11 +43,11 @@ export async function runKvBench(o: KvBenchOptions): Promise<{ summary: Record<s
       primary.start();
       await waitFor(() => ev.find((e) => e.event === 'protecting'), 120_000, 'protection');
       status(`replicated, fixed ${periodMs} ms epochs`);
-      phases.push(await measure(rig, o.seconds, o.conns, `fixed:${periodMs}ms`, periodMs));
+      phases.push(await measureKv(rig, o.seconds, o.conns, `fixed:${periodMs}ms`, periodMs));
       await primary.stop();
       await standby.stop();
       status('unreplicated');
-      phases.push(await measure(rig, o.seconds, o.conns, 'unreplicated', null));
+      phases.push(await measureKv(rig, o.seconds, o.conns, 'unreplicated', null));
     }
   } finally {
     await rig?.vm.stop();

@@ -20,10 +20,11 @@ import { Lan, type LanHost } from '../io/net/lan.ts';
 import { GuestIo } from '../io/guest-io.ts';
 import { PrimaryController, DISK_BLOCK_ID, type PrimaryEvent } from '../replication/primary.ts';
 import { StandbyController, type StandbyEvent } from '../replication/standby.ts';
+import { parsePolicy } from '../scheduler/index.ts';
 
 const log = logger('chaos');
 
-export interface ChaosOptions { kills: number; seconds: number; periodMs: number; timeoutMs: number; accel: AccelChoice; conns: number; onStatus?: (s: string) => void }
+export interface ChaosOptions { kills: number; seconds: number; periodMs: number; timeoutMs: number; accel: AccelChoice; conns: number; policy?: string; onStatus?: (s: string) => void }
 
 export interface ChaosResult {
   kills: number; failovers: number; acknowledged: number; lost: number; lostKeys: string[];
@@ -129,7 +130,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       await standby.start();
       primary = new PrimaryController({
         vm: curVm, runDir: dir, standby: { host: '127.0.0.1', port: standby.boundPort }, psk, periodMs: o.periodMs, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
-        relay: curIo.relay, nbd: curIo.nbd, onEvent: (e) => pEvents.push(e),
+        relay: curIo.relay, nbd: curIo.nbd, onEvent: (e) => pEvents.push(e), ...(o.policy ? { policy: parsePolicy(o.policy) } : {}),
       });
       primary.start();
       await waitFor(() => pEvents.find((e) => e.event === 'protecting'), 120_000, 'protection');

@@ -13,6 +13,7 @@ import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
 import { PrimaryController } from '../replication/primary.ts';
 import { StandbyController } from '../replication/standby.ts';
 import { loadKeyFile } from './keyfile.ts';
+import { parsePolicy } from '../scheduler/index.ts';
 
 const log = logger('rubato');
 
@@ -31,7 +32,7 @@ async function binaryFor(accel: Accel) { return accel === 'tcg' ? ensurePatchedQ
 
 export interface PrimaryCliOptions {
   standby: string; key: string; name: string; mem: number; cpus: number; workload: string; accel: AccelChoice;
-  kernel?: string; initrd?: string; append?: string; periodMs: number; heartbeatMs: number; timeoutMs: number; stateDir: string; events: boolean;
+  kernel?: string; initrd?: string; append?: string; periodMs: number; policy?: string; heartbeatMs: number; timeoutMs: number; stateDir: string; events: boolean;
 }
 
 export async function runPrimary(o: PrimaryCliOptions): Promise<void> {
@@ -51,7 +52,7 @@ export async function runPrimary(o: PrimaryCliOptions): Promise<void> {
   const vm = await QemuVm.start(parsed.data, { binary, runDir: stateDir });
   emit({ event: 'started', vm: o.name, qemuPid: vm.pid, controllerPid: process.pid, accel });
   const primary = new PrimaryController({
-    vm, runDir: stateDir, standby, psk, periodMs: o.periodMs, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, retryMs: 1000,
+    vm, runDir: stateDir, standby, psk, periodMs: o.periodMs, ...(o.policy ? { policy: parsePolicy(o.policy) } : {}), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, retryMs: 1000,
     onEvent: (e) => {
       emit(e);
       if (!o.events && e.event === 'status') log.info(`epoch ${e.epoch} acked ${e.ackedEpoch} | ${e.ckptPerSec} ckpt/s | ${e.dirtyPages} dirty pages | pause ${e.pauseMs} ms | ${e.mbPerSec} MB/s | lag ${e.lagMs} ms`);

@@ -11,6 +11,8 @@ import { runCaptureCheck } from '../capture/check.ts';
 import { runCaptureBench } from '../bench/capture.ts';
 import { runFailoverBench } from '../bench/failover.ts';
 import { runKvBench } from '../bench/kv.ts';
+import { runSchedulerBench } from '../bench/scheduler.ts';
+import { parsePolicy } from '../scheduler/index.ts';
 import { choiceOpt, intOpt, numOpt } from './options.ts';
 import { controlCommand, runPrimary, runStandby } from './ha.ts';
 import { runDemo } from './demo.ts';
@@ -26,6 +28,12 @@ async function platform(accelChoice: AccelChoice): Promise<{ accel: Accel; binar
   const { accel } = await resolveAccel(accelChoice, stockQemu(), guest);
   const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
   return { accel, binary, guest };
+}
+
+/** Validates a policy spec at the boundary; the controllers parse it again where they run. */
+function policyOpt(v: string): string {
+  parsePolicy(v);
+  return v;
 }
 
 const program = new Command('rubato')
@@ -82,7 +90,8 @@ program.command('primary')
   .option('--initrd <file>', 'guest initramfs (default: the test guest)')
   .option('--append <cmdline>', 'guest kernel command line')
   .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
-  .option('--period-ms <ms>', 'checkpoint period', intOpt('period-ms', 1, 60000), 25)
+  .option('--period-ms <ms>', 'checkpoint period of the fixed policy', intOpt('period-ms', 1, 60000), 25)
+  .option('--policy <spec>', 'checkpoint policy: fixed:MS, dirty-bandwidth, net-io, disk-io, adaptive, bounded-latency[:MS], model (+ ,min=MS,max=MS)', policyOpt)
   .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
   .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 1000)
   .option('--state-dir <dir>', 'sockets and state', '/run/rubato/primary')
@@ -143,9 +152,10 @@ program.command('chaos')
   .option('--period-ms <ms>', 'checkpoint period', intOpt('period-ms', 1, 60000), 25)
   .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 500)
   .option('--conns <n>', 'client connections', intOpt('conns', 1, 64), 4)
+  .option('--policy <spec>', 'checkpoint policy (default fixed at --period-ms)', policyOpt)
   .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--json', 'print the summary as one JSON line', false)
-  .action(async (o: { kills: number; seconds: number; periodMs: number; timeoutMs: number; conns: number; accel: AccelChoice; json: boolean }) => {
+  .action(async (o: { kills: number; seconds: number; periodMs: number; timeoutMs: number; conns: number; accel: AccelChoice; json: boolean; policy?: string }) => {
     const r = await runChaos({ ...o, onStatus: (s) => log.info(s) });
     if (!o.json) process.stdout.write(`kills ${r.kills}, failovers ${r.failovers}, acknowledged ${r.acknowledged}, lost ${r.lost}, connections survived ${r.connectionsSurvived}/${r.connectionsTotal}\n`);
     process.stdout.write(`${JSON.stringify(r)}\n`);
@@ -154,7 +164,7 @@ program.command('chaos')
 
 program.command('bench')
   .description('benchmarks: capture (pause, bytes, progress vs unreplicated), failover (time to take over), kv (latency with output commit)')
-  .argument('[which]', 'capture, failover or kv', 'capture')
+  .argument('[which]', 'capture, failover, kv or scheduler', 'capture')
   .option('--quick', 'reduced settings (a few minutes)', false)
   .option('--seconds <n>', 'measurement time per phase (capture)', intOpt('seconds', 2, 600))
   .option('--runs <n>', 'runs per failure mode (failover)', intOpt('runs', 1, 1000))
@@ -168,12 +178,18 @@ program.command('bench')
       process.stdout.write(`${JSON.stringify(r.summary)}\n`);
       return;
     }
+    if (which === 'scheduler') {
+      const p = await platform(o.accel);
+      const r = await runSchedulerBench({ ...p, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), onStatus: (s) => log.info(s) });
+      process.stdout.write(`${JSON.stringify(r.summary)}\n`);
+      return;
+    }
     if (which === 'kv') {
       const r = await runKvBench({ seconds: o.seconds ?? (o.quick ? 4 : 10), conns: 4, accel: o.accel, outDir: o.out, onStatus: (s) => log.info(s) });
       process.stdout.write(`${JSON.stringify(r.summary)}\n`);
       return;
     }
-    if (which !== 'capture') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: capture, failover, kv)`);
+    if (which !== 'capture') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: capture, failover, kv, scheduler)`);
     const p = await platform(o.accel);
     const r = await runCaptureBench({ ...p, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), onStatus: (s) => log.info(s) });
     process.stdout.write(`${JSON.stringify(r.summary)}\n`);

@@ -18,6 +18,9 @@ import type { BaseImage, Checkpoint } from '../capture/checkpoint.ts';
 import type { NetRelay } from '../io/net/relay.ts';
 import type { NbdServer, DiskEpochStats } from '../io/disk/nbd-server.ts';
 import { readFile } from 'node:fs/promises';
+import { fixed, type EpochRecord, type Policy, type Telemetry } from '../scheduler/index.ts';
+
+const HISTORY_KEPT = 256;
 
 /** The RAM-block name under which the guest's disk travels in checkpoints and lives in the replica. */
 export const DISK_BLOCK_ID = 'disk0';
@@ -36,6 +39,7 @@ export type PrimaryEvent =
   | { event: 'status'; epoch: number; ackedEpoch: number; ckptPerSec: number; dirtyPages: number; pauseMs: number; mbPerSec: number; lagMs: number; rttMs: number | null; inflight: number; waitsForLink: number;
       heldFrames: number; heldBytes: number; oldestHeldMs: number | null; diskWrites: number; diskFlushes: number }
   | { event: 'output-released-unprotected'; frames: number }
+  | { event: 'decisions'; reasons: Record<string, number>; policy: string }
   | { event: 'guest'; line: string; atMs: number }
   | { event: 'fenced' }
   | { event: 'vm-exited' };
@@ -61,6 +65,8 @@ export interface PrimaryOptions {
   nbd?: NbdServer | null;
   /** Held output is released unprotected when no standby has taken over protection for this long. */
   holdOnLossMs?: number;
+  /** When to checkpoint (default: fixed at periodMs). */
+  policy?: Policy;
 }
 
 export interface FaultContext {
@@ -69,7 +75,7 @@ export interface FaultContext {
   crash(): Promise<void>;
 }
 
-interface Inflight { epoch: number; counter: number; sentAtMs: number; tag: number }
+interface Inflight { epoch: number; counter: number; sentAtMs: number; tag: number; record?: EpochRecord }
 
 export class PrimaryController {
   private stopped = false;
@@ -165,6 +171,7 @@ export class PrimaryController {
         const head = inflight[0];
         if (head && f.epoch === head.epoch) {
           inflight.shift();
+          if (head.record) head.record.transferMs = Date.now() - head.sentAtMs;
           this.o.relay?.commit(head.tag);
           this.ackedEpoch = f.epoch;
           this.ackedCounter = head.counter;
@@ -209,7 +216,9 @@ export class PrimaryController {
     this.meter.startNow();
 
     const maxInflight = this.o.maxInflight ?? 4;
-    let next = performance.now() + this.o.periodMs;
+    const policy = this.o.policy ?? fixed(this.o.periodMs);
+    const history: EpochRecord[] = [];
+    const reasons: Record<string, number> = {};
     let waitsForLink = 0;
     let statusAt = performance.now();
     let statusEpoch = 0;
@@ -217,26 +226,49 @@ export class PrimaryController {
     let lastPages = 0;
     let diskWrites = 0;
     let diskFlushes = 0;
+    let epochStart = performance.now();
+    let wake: (() => void) | null = null;
+    const poke = () => { const w = wake; wake = null; w?.(); };
+    if (relay) relay.output.onFirstHeld = poke;
+    if (nbd) nbd.onFlush = poke;
     for (;;) {
       throwIfClosed();
       if (fenceRequested) { await this.fence(link, capture, base, inflight, () => new Promise<void>((r) => { ackWaiter = r; })); return; }
       await this.o.fault?.('mid-epoch', this.epoch + 1, { sendPartial: () => {}, crash: () => this.crash() });
-      const wait = next - performance.now();
-      if (wait > 0) await Promise.race([sleep(wait), closed]);
-      throwIfClosed();
-      while (inflight.length >= maxInflight) {
+      const nowMs = performance.now();
+      const ds = nbd?.epochStats;
+      const tel: Telemetry = {
+        nowMs, epochStartMs: epochStart, history,
+        output: relay ? relay.output.openStats(Date.now()) : { frames: 0, bytes: 0, oldestMs: null },
+        disk: { writes: ds?.writes ?? 0, flushes: ds?.flushes ?? 0 },
+        link: { bytesPerSec: null, rttMs: link.stats.rttMs }, backlog: inflight.length,
+      };
+      const d = policy.decide(tel);
+      reasons[d.reason] = (reasons[d.reason] ?? 0) + 1;
+      if (!d.checkpoint) {
+        const ms = Math.max(0, d.wakeAtMs - nowMs);
+        await Promise.race([sleep(ms), closed, new Promise<void>((r) => { wake = r; })]);
+        wake = null;
+        continue;
+      }
+      log.debug('checkpoint decision', { policy: policy.name, reason: d.reason, ageMs: (nowMs - epochStart).toFixed(1) });
+      if (inflight.length >= maxInflight) {
         waitsForLink++;
         await new Promise<void>((r) => { ackWaiter = r; });
         ackWaiter = null;
-        throwIfClosed();
+        continue;
       }
-      next = Math.max(performance.now(), next + this.o.periodMs);
       const counter = this.lastCounter;
       const fault = this.o.fault;
       let tag = 0;
       let disk: DiskEpochStats | null = null;
+      let lengthMs = 0;
+      let outputFrames = 0;
       const cp = await capture.checkpoint({
-        beforeReply: () => { if (relay) tag = relay.output.advance(); },
+        beforeReply: () => {
+          lengthMs = performance.now() - epochStart;
+          if (relay) { outputFrames = relay.output.openStats(0).frames; tag = relay.output.advance(); }
+        },
         onLocal: (c) => {
           if (!nbd) return;
           const d = nbd.cutEpoch();
@@ -245,11 +277,15 @@ export class PrimaryController {
         },
         ...(fault ? { hold: async (c: Checkpoint) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } } : {}),
       });
+      epochStart = performance.now();
       if (disk) { diskWrites += (disk as DiskEpochStats).writes; diskFlushes += (disk as DiskEpochStats).flushes; }
       this.epoch = cp.epoch;
       lastPages = cp.pages.length;
       const record = encodeRecord(cp, base.blocks);
-      inflight.push({ epoch: cp.epoch, counter, sentAtMs: Date.now(), tag });
+      const rec: EpochRecord = { lengthMs, dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, transferMs: null, outputFrames };
+      history.push(rec);
+      if (history.length > HISTORY_KEPT) history.shift();
+      inflight.push({ epoch: cp.epoch, counter, sentAtMs: Date.now(), tag, record: rec });
       if (this.o.fault) await this.o.fault('mid-transfer', cp.epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, cp.epoch, record, Math.floor(record.length * f)), crash: () => this.crash() });
       if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
       void link.send(FrameType.CKPT, cp.epoch, record).catch(() => {});
@@ -266,6 +302,7 @@ export class PrimaryController {
         });
         diskWrites = 0;
         diskFlushes = 0;
+        this.emit({ event: 'decisions', reasons: { ...reasons }, policy: policy.name });
         statusAt = performance.now();
         statusEpoch = cp.epoch;
         statusBytes = link.stats.bytesSent;

@@ -36,6 +36,8 @@ export class NbdServer {
   private readonly conns = new Set<Socket>();
   /** Called when the epoch's dirty set passes its bound (the engine should checkpoint now). */
   onPressure: (() => void) | null = null;
+  /** Called on every flush (the scheduler treats flushes like waiting output). */
+  onFlush: (() => void) | null = null;
 
   constructor(readonly imagePath: string, readonly socketPath: string, readonly exportName = 'disk', private readonly readOnly = false) {}
 
@@ -173,6 +175,7 @@ export class NbdServer {
           case CMD.FLUSH:
             await this.fh!.datasync();
             this.stats.flushes++;
+            this.onFlush?.();
             sock.write(simpleReply(0, req.handle));
             break;
           case CMD.CACHE:

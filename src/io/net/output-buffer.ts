@@ -18,6 +18,11 @@ export class OutputBuffer {
   private dropped = 0;
   private released = 0;
   private passThrough = true;
+  private openFrames = 0;
+  private openBytes = 0;
+  private openOldestMs: number | null = null;
+  /** Called when the open epoch gets its first held frame (the scheduler may want to act). */
+  onFirstHeld: (() => void) | null = null;
 
   constructor(private readonly maxBytes: number) {}
 
@@ -34,7 +39,15 @@ export class OutputBuffer {
    * is committed when that checkpoint is acknowledged.
    */
   advance(): number {
+    this.openFrames = 0;
+    this.openBytes = 0;
+    this.openOldestMs = null;
     return this.open++;
+  }
+
+  /** Output produced in the open epoch: what the scheduler sees waiting. */
+  openStats(nowMs: number): { frames: number; bytes: number; oldestMs: number | null } {
+    return { frames: this.openFrames, bytes: this.openBytes, oldestMs: this.openOldestMs === null ? null : nowMs - this.openOldestMs };
   }
 
   /** A frame from the guest: returns it when it may leave now, else holds it (or drops it at the bound). */
@@ -43,6 +56,9 @@ export class OutputBuffer {
     if (this.bytes + frame.length > this.maxBytes) { this.dropped++; return null; } // as a congested link would: TCP retransmits
     this.queue.push({ tag: this.open, frame, atMs: nowMs });
     this.bytes += frame.length;
+    this.openFrames++;
+    this.openBytes += frame.length;
+    if (this.openOldestMs === null) { this.openOldestMs = nowMs; this.onFirstHeld?.(); }
     return null;
   }
 
