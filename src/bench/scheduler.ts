@@ -24,6 +24,8 @@ export const BENCH_POLICIES = ['fixed:25ms', 'fixed:100ms', 'dirty-bandwidth', '
 export interface SchedulerBenchOptions {
   accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string }; quick: boolean; seconds?: number; outDir: string; onStatus?: (s: string) => void;
   policies?: readonly string[];
+  /** Subset of workloads: cpu-loop, dirtier-10, dirtier-50, kv. */
+  workloads?: readonly string[];
 }
 
 export interface SchedulerCell {
@@ -61,7 +63,7 @@ function summarise(events: PrimaryEvent[], fromMs: number, seconds: number) {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ summary: Record<string, unknown>; file: string }> {
+export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ summary: Record<string, unknown>; file: string; cells: SchedulerCell[] }> {
   const status = o.onStatus ?? (() => {});
   const seconds = o.seconds ?? (o.quick ? 3 : 10);
   const policies = o.policies ?? (o.quick ? ['fixed:25ms', 'fixed:100ms', 'adaptive', 'model'] : BENCH_POLICIES);
@@ -70,7 +72,7 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
     { name: 'cpu-loop', wl: ['cpuloop', 100] },
     { name: 'dirtier-10', wl: ['dirtier', 10, 16, 100] },
     ...(o.quick ? [] : [{ name: 'dirtier-50', wl: ['dirtier', 50, 32, 100] }]),
-  ];
+  ].filter((w) => !o.workloads || o.workloads.includes(w.name));
   for (const w of workloads) {
     const dir = makeTempDir('rubato-sbench-');
     let vm: QemuVm | null = null;
@@ -104,7 +106,7 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
   // The KV service under a steady closed-loop load.
   const dir = makeTempDir('rubato-sbench-kv-');
   let rig: KvRig | null = null;
-  try {
+  if (!o.workloads || o.workloads.includes('kv')) try {
     rig = await startKvRig(dir, o.accel, 'sbk');
     let uBefore = await measureKv(rig, seconds, 4, 'unreplicated', null);
     for (const policy of policies) {
@@ -126,8 +128,8 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
     await rig?.vm.stop();
     await rig?.io.close().catch(() => {});
     await rig?.lan.destroy();
-    removeTempDir(dir);
   }
+  removeTempDir(dir);
   const perPolicy: Record<string, { throughputRatio: Record<string, number>; kvLatencyP50Ms: number | null; checkpointsPerSec: Record<string, number> }> = {};
   for (const c of cells) {
     const e = (perPolicy[c.policy] ??= { throughputRatio: {}, kvLatencyP50Ms: null, checkpointsPerSec: {} });
@@ -139,5 +141,5 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
   const file = join(o.outDir, 'scheduler-bench.json');
   const summary = { benchmark: 'scheduler', seconds, quick: o.quick, policies: perPolicy, results: file };
   writeFileSync(file, JSON.stringify({ summary, cells }, null, 2));
-  return { summary, file };
+  return { summary, file, cells } as { summary: Record<string, unknown>; file: string; cells: SchedulerCell[] };
 }
