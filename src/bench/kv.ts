@@ -4,12 +4,10 @@
 
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { randomBytes } from 'node:crypto';
 import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { median, percentile, round } from '../util/stats.ts';
-import { PrimaryController, type PrimaryEvent } from '../replication/primary.ts';
-import { StandbyController } from '../replication/standby.ts';
-import { clientProcess, startKvRig, waitFor, type KvRig } from '../chaos/chaos.ts';
+import { clientProcess, startKvRig, type KvRig } from '../chaos/chaos.ts';
+import { protect } from './scheduler.ts';
 import type { AccelChoice } from '../qemu/accel.ts';
 
 export interface KvBenchOptions { seconds: number; conns: number; accel: AccelChoice; outDir: string; periods?: number[]; onStatus?: (s: string) => void }
@@ -32,20 +30,13 @@ export async function runKvBench(o: KvBenchOptions): Promise<{ summary: Record<s
   let rig: KvRig | null = null;
   try {
     rig = await startKvRig(dir, o.accel, 'kvb');
-    const psk = randomBytes(32);
     status('unreplicated');
     phases.push(await measureKv(rig, o.seconds, o.conns, 'unreplicated', null));
     for (const [i, periodMs] of periods.entries()) {
-      const standby = new StandbyController({ host: '127.0.0.1', port: 0, stateDir: join(dir, `standby${i}`), psk, heartbeatMs: 50, timeoutMs: 1000, fsync: false, autoFailover: false, binaryFor: async () => rig!.binary });
-      await standby.start();
-      const ev: PrimaryEvent[] = [];
-      const primary = new PrimaryController({ vm: rig.vm, runDir: dir, standby: { host: '127.0.0.1', port: standby.boundPort }, psk, periodMs, heartbeatMs: 50, timeoutMs: 1000, retryMs: 300, relay: rig.io.relay, nbd: rig.io.nbd, onEvent: (e) => ev.push(e) });
-      primary.start();
-      await waitFor(() => ev.find((e) => e.event === 'protecting'), 120_000, 'protection');
+      const p = await protect(rig.vm, dir, `kv${i}`, `fixed:${periodMs}ms`, { relay: rig.io.relay, nbd: rig.io.nbd });
       status(`replicated, fixed ${periodMs} ms epochs`);
       phases.push(await measureKv(rig, o.seconds, o.conns, `fixed:${periodMs}ms`, periodMs));
-      await primary.stop();
-      await standby.stop();
+      await p.stop();
       status('unreplicated');
       phases.push(await measureKv(rig, o.seconds, o.conns, 'unreplicated', null));
     }

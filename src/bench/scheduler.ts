@@ -5,13 +5,13 @@
 
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { randomBytes } from 'node:crypto';
 import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { median, round } from '../util/stats.ts';
 import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
 import { guestAppend, type Accel } from '../qemu/spec.ts';
 import { PrimaryController, type PrimaryEvent } from '../replication/primary.ts';
-import { StandbyController } from '../replication/standby.ts';
+import { startStandbyProcess } from './standby-proc.ts';
+import { loadKeyFile } from '../cli/keyfile.ts';
 import { parsePolicy } from '../scheduler/index.ts';
 import { startKvRig, waitFor, type KvRig } from '../chaos/chaos.ts';
 import { measureKv } from './kv.ts';
@@ -35,13 +35,11 @@ export interface SchedulerCell {
 
 interface Protected { stop(): Promise<void>; events: PrimaryEvent[] }
 
-async function protect(vm: QemuVm, dir: string, tag: string, policy: string, binary: QemuBinary, io?: { relay: NetRelay; nbd: NbdServer | null }): Promise<Protected> {
-  const psk = randomBytes(32);
-  const standby = new StandbyController({ host: '127.0.0.1', port: 0, stateDir: join(dir, `sb-${tag}`), psk, heartbeatMs: 50, timeoutMs: 1000, fsync: false, autoFailover: false, binaryFor: async () => binary });
-  await standby.start();
+export async function protect(vm: QemuVm, dir: string, tag: string, policy: string, io?: { relay: NetRelay; nbd: NbdServer | null }): Promise<Protected> {
+  const standby = await startStandbyProcess(dir, tag);
   const events: PrimaryEvent[] = [];
   const primary = new PrimaryController({
-    vm, runDir: dir, standby: { host: '127.0.0.1', port: standby.boundPort }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: 1000, retryMs: 300,
+    vm, runDir: dir, standby: { host: '127.0.0.1', port: standby.port }, psk: loadKeyFile(standby.keyFile), periodMs: 25, heartbeatMs: 50, timeoutMs: 1000, retryMs: 300,
     policy: parsePolicy(policy), onEvent: (e) => events.push(e), ...(io ? { relay: io.relay, nbd: io.nbd } : {}),
   });
   primary.start();
@@ -85,7 +83,7 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
       let uBefore = await u();
       for (const policy of policies) {
         status(`${w.name}: ${policy}`);
-        const p = await protect(vm, dir, `${w.name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, o.binary);
+        const p = await protect(vm, dir, `${w.name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy);
         await sleep(300);
         const n0 = p.events.length;
         const t0 = probe.mark();
@@ -111,7 +109,7 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
     let uBefore = await measureKv(rig, seconds, 4, 'unreplicated', null);
     for (const policy of policies) {
       status(`kv: ${policy}`);
-      const p = await protect(rig.vm, dir, `kv-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, rig.binary, { relay: rig.io.relay, nbd: rig.io.nbd });
+      const p = await protect(rig.vm, dir, `kv-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, { relay: rig.io.relay, nbd: rig.io.nbd });
       await sleep(300);
       const n0 = p.events.length;
       const r = await measureKv(rig, seconds, 4, policy, 0);

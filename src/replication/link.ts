@@ -67,7 +67,7 @@ export class Link extends EventEmitter {
 
   private deliver(frames: Frame[]): void {
     for (const f of frames) {
-      if (f.type === FrameType.HEARTBEAT) { this.send(FrameType.HEARTBEAT_ECHO, 0, f.payload); continue; }
+      if (f.type === FrameType.HEARTBEAT) { this.send(FrameType.HEARTBEAT_ECHO, 0, f.payload).catch(() => {}); continue; }
       if (f.type === FrameType.HEARTBEAT_ECHO) {
         try { this.stats.rttMs = (nowUs() - decodeTime(f.payload)) / 1000; } catch { /* ignore */ }
         continue;

@@ -1,0 +1,31 @@
+// A standby controller in its own process for benchmarks: as on a real pair of hosts, its
+// commit work does not compete with the primary's event loop (only for the machine's 2 cores).
+
+import { join } from 'node:path';
+import { randomInt } from 'node:crypto';
+import { REPO_ROOT } from '../setup/index.ts';
+import { spawnTracked } from '../util/procs.ts';
+import { RubatoError } from '../util/errors.ts';
+import { writeKeyFile } from '../cli/keyfile.ts';
+
+export interface StandbyProcess { port: number; keyFile: string; stop(): Promise<void> }
+
+export async function startStandbyProcess(dir: string, tag: string): Promise<StandbyProcess> {
+  const keyFile = join(dir, `${tag}.psk`);
+  writeKeyFile(keyFile);
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const port = randomInt(20000, 60000);
+    const p = spawnTracked(`standby:${tag}`, join(REPO_ROOT, 'bin', 'rubato'),
+      ['standby', '--listen', `127.0.0.1:${port}`, '--state-dir', join(dir, `sb-${tag}`), '--key', keyFile, '--events', '--no-fsync', '--no-auto-failover', '--heartbeat-ms', '50'],
+      { env: { ...process.env, RUBATO_LOG: 'warn' } });
+    const ok = await new Promise<boolean>((resolve) => {
+      let out = '';
+      p.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); if (out.includes('"listening"')) resolve(true); });
+      void p.exited.then(() => resolve(false));
+      setTimeout(() => resolve(false), 30_000);
+    });
+    if (ok) return { port, keyFile, stop: () => p.stop(3000) };
+    await p.stop(1000);
+  }
+  throw new RubatoError('RUBATO_CONFIG', 'could not start a standby process for the benchmark');
+}
