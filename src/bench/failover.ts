@@ -17,7 +17,7 @@ export async function runFailoverBench(o: FailoverBenchOptions): Promise<{ summa
   for (let i = 0; i < o.runs * 2; i++) {
     const cutLink = i % 2 === 1;
     status(`run ${i + 1}/${o.runs * 2}: ${cutLink ? 'partition (link cut) then kill' : 'kill'}`);
-    const r = await runDemo({ seconds: 3, memMb: 128, rate: 10, periodMs: 25, heartbeatMs: 50, timeoutMs: o.timeoutMs, accel: o.accel, json: true, cutLink }, () => {});
+    const r = await runDemo({ seconds: 3, memMb: 128, rate: 10, policy: 'fixed:25ms', heartbeatMs: 50, timeoutMs: o.timeoutMs, accel: o.accel, json: true, cutLink }, () => {});
     status(`  → ${r.failover ? `failover ${r.failoverMs} ms (detection ${r.detectionMs} ms, restore ${r.restoreMs} ms)` : `no failover: ${r.error}`}`);
     runs.push(r);
   }

@@ -24,7 +24,7 @@ import { parsePolicy } from '../scheduler/index.ts';
 
 const log = logger('chaos');
 
-export interface ChaosOptions { kills: number; seconds: number; periodMs: number; timeoutMs: number; accel: AccelChoice; conns: number; policy?: string; onStatus?: (s: string) => void }
+export interface ChaosOptions { kills: number; seconds: number; timeoutMs: number; accel: AccelChoice; conns: number; policy: string; onStatus?: (s: string) => void }
 
 export interface ChaosResult {
   kills: number; failovers: number; acknowledged: number; lost: number; lostKeys: string[];
@@ -129,8 +129,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       });
       await standby.start();
       primary = new PrimaryController({
-        vm: curVm, runDir: dir, standby: { host: '127.0.0.1', port: standby.boundPort }, psk, periodMs: o.periodMs, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
-        relay: curIo.relay, nbd: curIo.nbd, onEvent: (e) => pEvents.push(e), ...(o.policy ? { policy: parsePolicy(o.policy) } : {}),
+        vm: curVm, runDir: dir, standby: { host: '127.0.0.1', port: standby.boundPort }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
+        relay: curIo.relay, nbd: curIo.nbd, onEvent: (e) => pEvents.push(e), policy: parsePolicy(o.policy),
       });
       primary.start();
       await waitFor(() => pEvents.find((e) => e.event === 'protecting'), 120_000, 'protection');

@@ -17,7 +17,7 @@ import { writeKeyFile } from './keyfile.ts';
 const log = logger('demo');
 
 export interface DemoOptions {
-  seconds: number; memMb: number; rate: number; periodMs: number; heartbeatMs: number; timeoutMs: number; accel: AccelChoice; json: boolean;
+  seconds: number; memMb: number; rate: number; policy: string; heartbeatMs: number; timeoutMs: number; accel: AccelChoice; json: boolean;
   /** Cut the replication link before the kill, so only the heartbeat timeout can tell. */
   cutLink?: boolean;
 }
@@ -26,7 +26,7 @@ export interface DemoResult {
   checkpoints: number; ackedEpoch: number; replicaEpoch: number; failover: boolean; failoverMs: number; detectionMs: number; restoreMs: number;
   timeoutMs: number; counterBefore: number; counterAfter: number; selfCheckOk: boolean; syncMs: number; syncMbPerSec: number; accel: string;
   /** Steady state while protected: replication traffic and the guest's dirty rate. */
-  replicationMbPerSec: number; dirtyPagesPerSec: number; ckptPerSec: number; cutLink: boolean; error?: string;
+  replicationMbPerSec: number; dirtyPagesPerSec: number; ckptPerSec: number; cutLink: boolean; policy: string; error?: string;
 }
 
 type Ev = Record<string, unknown> & { event: string; t: number };
@@ -77,7 +77,7 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
   const result: DemoResult = {
     checkpoints: 0, ackedEpoch: -1, replicaEpoch: -1, failover: false, failoverMs: -1, detectionMs: -1, restoreMs: -1, timeoutMs: o.timeoutMs,
     counterBefore: -1, counterAfter: -1, selfCheckOk: false, syncMs: -1, syncMbPerSec: -1, accel,
-    replicationMbPerSec: -1, dirtyPagesPerSec: -1, ckptPerSec: -1, cutLink: o.cutLink ?? false,
+    replicationMbPerSec: -1, dirtyPagesPerSec: -1, ckptPerSec: -1, cutLink: o.cutLink ?? false, policy: o.policy,
   };
   const dir = makeTempDir('rubato-demo-');
   let hosts: TwoHosts | null = null;
@@ -106,10 +106,10 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
     let acked: Ev | null = null;
     const primary = new Controller('primary', run('primary', hosts.primary, [
       'primary', '--standby', `${hosts.standby.ip}:${port}`, '--name', 'demo', '--mem', String(o.memMb), '--workload', `dirtier,${o.rate},${Math.max(4, Math.floor(o.memMb / 8))}`,
-      '--period-ms', String(o.periodMs), '--accel', accel, '--state-dir', join(dir, 'primary'), ...common]), (e) => {
+      '--policy', o.policy, '--accel', accel, '--state-dir', join(dir, 'primary'), ...common]), (e) => {
       if (e.event === 'status') {
         lastStatus = e;
-        onStatus(`epoch ${e['epoch']} (acked ${e['ackedEpoch']}) | ${e['ckptPerSec']} ckpt/s | ${e['dirtyPages']} dirty pages | pause ${e['pauseMs']} ms | ${e['mbPerSec']} MB/s | lag ${e['lagMs']} ms`);
+        onStatus(`${o.policy} | epoch ${e['epoch']} (acked ${e['ackedEpoch']}) | ${e['ckptPerSec']} ckpt/s | ${e['dirtyPages']} dirty pages | pause ${e['pauseMs']} ms | ${e['mbPerSec']} MB/s | lag ${e['lagMs']} ms`);
       } else if (e.event === 'sync-progress') {
         onStatus(`initial sync: ${e['percent']}% of ${Math.round(Number(e['totalBytes']) / 1048576)} MB at ${e['mbPerSec']} MB/s, ETA ${e['etaSec']} s`);
       } else if (e.event === 'acked') acked = e;

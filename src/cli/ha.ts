@@ -32,7 +32,7 @@ async function binaryFor(accel: Accel) { return accel === 'tcg' ? ensurePatchedQ
 
 export interface PrimaryCliOptions {
   standby: string; key: string; name: string; mem: number; cpus: number; workload: string; accel: AccelChoice;
-  kernel?: string; initrd?: string; append?: string; periodMs: number; policy?: string; heartbeatMs: number; timeoutMs: number; stateDir: string; events: boolean;
+  kernel?: string; initrd?: string; append?: string; policy: string; heartbeatMs: number; timeoutMs: number; stateDir: string; events: boolean;
 }
 
 export async function runPrimary(o: PrimaryCliOptions): Promise<void> {
@@ -52,10 +52,10 @@ export async function runPrimary(o: PrimaryCliOptions): Promise<void> {
   const vm = await QemuVm.start(parsed.data, { binary, runDir: stateDir });
   emit({ event: 'started', vm: o.name, qemuPid: vm.pid, controllerPid: process.pid, accel });
   const primary = new PrimaryController({
-    vm, runDir: stateDir, standby, psk, periodMs: o.periodMs, ...(o.policy ? { policy: parsePolicy(o.policy) } : {}), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, retryMs: 1000,
+    vm, runDir: stateDir, standby, psk, periodMs: 25, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, retryMs: 1000,
     onEvent: (e) => {
       emit(e);
-      if (!o.events && e.event === 'status') log.info(`epoch ${e.epoch} acked ${e.ackedEpoch} | ${e.ckptPerSec} ckpt/s | ${e.dirtyPages} dirty pages | pause ${e.pauseMs} ms | ${e.mbPerSec} MB/s | lag ${e.lagMs} ms`);
+      if (!o.events && e.event === 'status') log.info(`${o.policy} | epoch ${e.epoch} acked ${e.ackedEpoch} | ${e.ckptPerSec} ckpt/s | ${e.dirtyPages} dirty pages | pause ${e.pauseMs} ms | ${e.mbPerSec} MB/s | lag ${e.lagMs} ms`);
     },
   });
   primary.start();

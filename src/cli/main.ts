@@ -90,8 +90,7 @@ program.command('primary')
   .option('--initrd <file>', 'guest initramfs (default: the test guest)')
   .option('--append <cmdline>', 'guest kernel command line')
   .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
-  .option('--period-ms <ms>', 'checkpoint period of the fixed policy', intOpt('period-ms', 1, 60000), 25)
-  .option('--policy <spec>', 'checkpoint policy: fixed:MS, dirty-bandwidth, net-io, disk-io, adaptive, bounded-latency[:MS], model (+ ,min=MS,max=MS)', policyOpt)
+  .option('--policy <spec>', 'checkpoint policy: model (default), adaptive, fixed:MS, dirty-bandwidth[:MS], net-io, disk-io, bounded-latency[:MS] (+ ,min=MS,max=MS)', policyOpt, 'model')
   .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
   .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 1000)
   .option('--state-dir <dir>', 'sockets and state', '/run/rubato/primary')
@@ -129,13 +128,13 @@ program.command('demo')
   .option('--seconds <n>', 'protected run time before the primary is killed', intOpt('seconds', 1, 3600), 8)
   .option('--mem <mb>', 'guest memory in MB', intOpt('mem', 64, 65536), 128)
   .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', numOpt('rate', 0, 10000), 10)
-  .option('--period-ms <ms>', 'checkpoint period', intOpt('period-ms', 1, 60000), 25)
+  .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', policyOpt, 'model')
   .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
   .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 1000)
   .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
   .option('--json', 'non-interactive; print the summary as one JSON line', false)
-  .action(async (o: { seconds: number; mem: number; rate: number; periodMs: number; heartbeatMs: number; timeoutMs: number; accel: AccelChoice; json: boolean; cutLink: boolean }) => {
+  .action(async (o: { seconds: number; mem: number; rate: number; policy: string; heartbeatMs: number; timeoutMs: number; accel: AccelChoice; json: boolean; cutLink: boolean }) => {
     const tty = process.stderr.isTTY && !o.json;
     const r = await runDemo({ ...o, memMb: o.mem }, (line, final) => {
       if (tty) process.stderr.write(`\r\x1b[K${line}${final ? '\n' : ''}`);
@@ -149,13 +148,12 @@ program.command('chaos')
   .description('Jepsen-style check: a KV service in the guest, a client writing, the primary killed again and again')
   .option('--kills <n>', 'primary kills (each followed by a failover)', intOpt('kills', 1, 1000), 10)
   .option('--seconds <s>', 'mean protected run time between kills', intOpt('seconds', 1, 3600), 3)
-  .option('--period-ms <ms>', 'checkpoint period', intOpt('period-ms', 1, 60000), 25)
   .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 500)
   .option('--conns <n>', 'client connections', intOpt('conns', 1, 64), 4)
-  .option('--policy <spec>', 'checkpoint policy (default fixed at --period-ms)', policyOpt)
+  .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', policyOpt, 'model')
   .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--json', 'print the summary as one JSON line', false)
-  .action(async (o: { kills: number; seconds: number; periodMs: number; timeoutMs: number; conns: number; accel: AccelChoice; json: boolean; policy?: string }) => {
+  .action(async (o: { kills: number; seconds: number; timeoutMs: number; conns: number; accel: AccelChoice; json: boolean; policy: string }) => {
     const r = await runChaos({ ...o, onStatus: (s) => log.info(s) });
     if (!o.json) process.stdout.write(`kills ${r.kills}, failovers ${r.failovers}, acknowledged ${r.acknowledged}, lost ${r.lost}, connections survived ${r.connectionsSurvived}/${r.connectionsTotal}\n`);
     process.stdout.write(`${JSON.stringify(r)}\n`);

@@ -103,7 +103,7 @@ test('rubato demo --json: the standby takes over and the guest continues', { tim
   assert.equal(r.status, 0, r.stderr.slice(-2000));
   assert.equal(j['failover'], true);
   assert.equal(j['selfCheckOk'], true);
-  assert.ok(Number(j['checkpoints']) > 10);
+  assert.ok(Number(j['checkpoints']) >= 2, 'checkpoints taken (the default model policy stretches quiet epochs to 1 s)');
   assert.ok(Number(j['counterAfter']) >= Number(j['counterBefore']));
   assert.ok(Number(j['failoverMs']) > 0 && Number(j['failoverMs']) <= 500 + 300 + 500, `failover ${j['failoverMs']} ms`);
   const ns = spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout;
