@@ -8,8 +8,14 @@ cache="${RUBATO_CACHE_DIR:-/var/cache/rubato}/guest"
 log() { echo "[guest-build] $*" >&2; }
 mkdir -p "$cache"
 
-kpkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
-[[ -n "$kpkg" ]] || { log "cannot resolve linux-image-cloud-amd64 (run apt-get update)"; exit 1; }
+resolve_kernel() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+kpkg="$(resolve_kernel)"
+if [[ -z "$kpkg" ]]; then
+  log "package lists do not know linux-image-cloud-amd64: running apt-get update"
+  apt-get update -q >&2 || true
+  kpkg="$(resolve_kernel)"
+fi
+[[ -n "$kpkg" ]] || { log "cannot resolve linux-image-cloud-amd64 from Debian's archive"; exit 1; }
 kver="$(apt-cache policy "$kpkg" | awk '/Candidate:/{print $2}')"
 src_hash="$( (cd "$here" && cat build.sh src/*; echo "$kpkg $kver") | sha256sum | cut -c1-12)"
 out="$cache/$src_hash"
