@@ -12,6 +12,7 @@ import { runCaptureBench } from '../bench/capture.ts';
 import { runFailoverBench } from '../bench/failover.ts';
 import { runKvBench } from '../bench/kv.ts';
 import { runSchedulerBench } from '../bench/scheduler.ts';
+import { runProfile } from '../bench/profile.ts';
 import { parsePolicy } from '../scheduler/index.ts';
 import { choiceOpt, intOpt, numOpt } from './options.ts';
 import { controlCommand, runPrimary, runStandby } from './ha.ts';
@@ -142,6 +143,29 @@ program.command('demo')
     });
     process.stdout.write(`${JSON.stringify(r)}\n`);
     process.exitCode = r.failover && r.selfCheckOk ? 0 : 1;
+  });
+
+program.command('profile')
+  .description('characterise a workload: dirty pages vs epoch length, pause, network and disk operations, per vCPU count')
+  .option('--workload <name>', 'cpuloop, dirtier:RATE or kv', 'dirtier:10')
+  .option('--cpus <list>', 'vCPU counts, comma-separated', '1,2,4')
+  .option('--epochs <list>', 'epoch lengths in ms, comma-separated', '5,10,25,50,100,250,500,1000')
+  .option('--mem <mb>', 'guest memory in MB', intOpt('mem', 64, 65536), 256)
+  .option('--quick', 'cpus 1,2 and epochs 10,50,250', false)
+  .option('--out <dir>', 'results folder', 'results')
+  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
+  .option('--json', 'print the summary as one JSON line', false)
+  .action(async (o: { workload: string; cpus: string; epochs: string; mem: number; quick: boolean; out: string; accel: AccelChoice; json: boolean }) => {
+    const list = (v: string, what: string, max: number) => v.split(',').map((x) => {
+      const n = Number(x);
+      if (!Number.isInteger(n) || n < 1 || n > max) throw new RubatoError('RUBATO_CONFIG', `--${what} must list whole numbers from 1 to ${max} (got "${v}")`);
+      return n;
+    });
+    const cpus = o.quick ? [1, 2] : list(o.cpus, 'cpus', 64);
+    const epochsMs = o.quick ? [10, 50, 250] : list(o.epochs, 'epochs', 60000);
+    const p = await platform(o.accel);
+    const r = await runProfile({ workload: o.workload, cpus, epochsMs, memMb: o.quick ? 128 : o.mem, outDir: o.out, ...p, onStatus: (s) => log.info(s) });
+    process.stdout.write(`${JSON.stringify({ workload: o.workload, json: r.json, figures: [r.svg, r.png], runs: r.runs.map((x) => ({ cpus: x.cpus, curve: x.curve, netFramesPerSec: x.netFramesPerSec, diskWritesPerSec: x.diskWritesPerSec })) })}\n`);
   });
 
 program.command('chaos')
