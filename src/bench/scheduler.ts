@@ -26,6 +26,10 @@ export interface SchedulerBenchOptions {
   policies?: readonly string[];
   /** Subset of workloads: cpu-loop, dirtier-10, dirtier-50, kv. */
   workloads?: readonly string[];
+  /** Run the standby behind a (shaped) link in this namespace instead of on loopback. */
+  where?: { ns: string; host: string };
+  /** Results file name (default scheduler-bench.json). */
+  fileName?: string;
 }
 
 export interface SchedulerCell {
@@ -35,11 +39,11 @@ export interface SchedulerCell {
 
 interface Protected { stop(): Promise<void>; events: PrimaryEvent[] }
 
-export async function protect(vm: QemuVm, dir: string, tag: string, policy: string, io?: { relay: NetRelay; nbd: NbdServer | null }): Promise<Protected> {
-  const standby = await startStandbyProcess(dir, tag);
+export async function protect(vm: QemuVm, dir: string, tag: string, policy: string, io?: { relay: NetRelay; nbd: NbdServer | null }, where?: { ns: string; host: string }): Promise<Protected> {
+  const standby = await startStandbyProcess(dir, tag, where);
   const events: PrimaryEvent[] = [];
   const primary = new PrimaryController({
-    vm, runDir: dir, standby: { host: '127.0.0.1', port: standby.port }, psk: loadKeyFile(standby.keyFile), periodMs: 25, heartbeatMs: 50, timeoutMs: 1000, retryMs: 300,
+    vm, runDir: dir, standby: { host: standby.host, port: standby.port }, psk: loadKeyFile(standby.keyFile), periodMs: 25, heartbeatMs: 50, timeoutMs: 1000, retryMs: 300,
     policy: parsePolicy(policy), onEvent: (e) => events.push(e), ...(io ? { relay: io.relay, nbd: io.nbd } : {}),
   });
   primary.start();
@@ -83,7 +87,7 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
       let uBefore = await u();
       for (const policy of policies) {
         status(`${w.name}: ${policy}`);
-        const p = await protect(vm, dir, `${w.name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy);
+        const p = await protect(vm, dir, `${w.name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, undefined, o.where);
         await sleep(300);
         const n0 = p.events.length;
         const t0 = probe.mark();
@@ -109,7 +113,7 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
     let uBefore = await measureKv(rig, seconds, 4, 'unreplicated', null);
     for (const policy of policies) {
       status(`kv: ${policy}`);
-      const p = await protect(rig.vm, dir, `kv-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, { relay: rig.io.relay, nbd: rig.io.nbd });
+      const p = await protect(rig.vm, dir, `kv-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, { relay: rig.io.relay, nbd: rig.io.nbd }, o.where);
       await sleep(300);
       const n0 = p.events.length;
       const r = await measureKv(rig, seconds, 4, policy, 0);
@@ -136,7 +140,7 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
     if (c.workload === 'kv') e.kvLatencyP50Ms = c.kvLatencyMsP50 ?? null;
   }
   mkdirSync(o.outDir, { recursive: true });
-  const file = join(o.outDir, 'scheduler-bench.json');
+  const file = join(o.outDir, o.fileName ?? 'scheduler-bench.json');
   const summary = { benchmark: 'scheduler', seconds, quick: o.quick, policies: perPolicy, results: file };
   writeFileSync(file, JSON.stringify({ summary, cells }, null, 2));
   return { summary, file, cells } as { summary: Record<string, unknown>; file: string; cells: SchedulerCell[] };

@@ -8,23 +8,27 @@ import { spawnTracked } from '../util/procs.ts';
 import { RubatoError } from '../util/errors.ts';
 import { writeKeyFile } from '../cli/keyfile.ts';
 
-export interface StandbyProcess { port: number; keyFile: string; stop(): Promise<void> }
+export interface StandbyProcess { host: string; port: number; keyFile: string; stop(): Promise<void> }
 
-export async function startStandbyProcess(dir: string, tag: string): Promise<StandbyProcess> {
+/** Starts `rubato standby`, in namespace `ns` listening on `host` when given (a shaped link), else on loopback. */
+export async function startStandbyProcess(dir: string, tag: string, where?: { ns: string; host: string }): Promise<StandbyProcess> {
   const keyFile = join(dir, `${tag}.psk`);
   writeKeyFile(keyFile);
   for (let attempt = 0; attempt < 5; attempt++) {
     const port = randomInt(20000, 60000);
-    const p = spawnTracked(`standby:${tag}`, join(REPO_ROOT, 'bin', 'rubato'),
-      ['standby', '--listen', `127.0.0.1:${port}`, '--state-dir', join(dir, `sb-${tag}`), '--key', keyFile, '--events', '--no-fsync', '--no-auto-failover', '--heartbeat-ms', '50'],
-      { env: { ...process.env, RUBATO_LOG: 'warn' } });
+    const host = where?.host ?? '127.0.0.1';
+    const args = ['standby', '--listen', `${host}:${port}`, '--state-dir', join(dir, `sb-${tag}`), '--key', keyFile, '--events', '--no-fsync', '--no-auto-failover', '--heartbeat-ms', '50'];
+    const bin = join(REPO_ROOT, 'bin', 'rubato');
+    const p = where
+      ? spawnTracked(`standby:${tag}`, 'ip', ['netns', 'exec', where.ns, bin, ...args], { env: { ...process.env, RUBATO_LOG: 'warn' } })
+      : spawnTracked(`standby:${tag}`, bin, args, { env: { ...process.env, RUBATO_LOG: 'warn' } });
     const ok = await new Promise<boolean>((resolve) => {
       let out = '';
       p.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); if (out.includes('"listening"')) resolve(true); });
       void p.exited.then(() => resolve(false));
       setTimeout(() => resolve(false), 30_000);
     });
-    if (ok) return { port, keyFile, stop: () => p.stop(3000) };
+    if (ok) return { host, port, keyFile, stop: () => p.stop(3000) };
     await p.stop(1000);
   }
   throw new RubatoError('RUBATO_CONFIG', 'could not start a standby process for the benchmark');

@@ -13,6 +13,7 @@ import { runFailoverBench } from '../bench/failover.ts';
 import { runKvBench } from '../bench/kv.ts';
 import { runSchedulerBench } from '../bench/scheduler.ts';
 import { runProfile } from '../bench/profile.ts';
+import { runEvaluation } from '../bench/evaluate.ts';
 import { parsePolicy } from '../scheduler/index.ts';
 import { choiceOpt, intOpt, numOpt } from './options.ts';
 import { controlCommand, runPrimary, runStandby } from './ha.ts';
@@ -186,7 +187,7 @@ program.command('chaos')
 
 program.command('bench')
   .description('benchmarks: capture (pause, bytes, progress vs unreplicated), failover (time to take over), kv (latency with output commit)')
-  .argument('[which]', 'capture, failover, kv or scheduler', 'capture')
+  .argument('[which]', 'all (the evaluation report), capture, failover, kv or scheduler', 'all')
   .option('--quick', 'reduced settings (a few minutes)', false)
   .option('--seconds <n>', 'measurement time per phase (capture)', intOpt('seconds', 2, 600))
   .option('--runs <n>', 'runs per failure mode (failover)', intOpt('runs', 1, 1000))
@@ -200,6 +201,12 @@ program.command('bench')
       process.stdout.write(`${JSON.stringify(r.summary)}\n`);
       return;
     }
+    if (which === 'all') {
+      const p = await platform(o.accel);
+      const r = await runEvaluation({ ...p, quick: o.quick, outDir: o.out, onStatus: (s) => log.info(s) });
+      process.stdout.write(`${JSON.stringify(r)}\n`);
+      return;
+    }
     if (which === 'scheduler') {
       const p = await platform(o.accel);
       const r = await runSchedulerBench({ ...p, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), onStatus: (s) => log.info(s) });
@@ -211,7 +218,7 @@ program.command('bench')
       process.stdout.write(`${JSON.stringify(r.summary)}\n`);
       return;
     }
-    if (which !== 'capture') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: capture, failover, kv, scheduler)`);
+    if (which !== 'capture') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: all, capture, failover, kv, scheduler)`);
     const p = await platform(o.accel);
     const r = await runCaptureBench({ ...p, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), onStatus: (s) => log.info(s) });
     process.stdout.write(`${JSON.stringify(r.summary)}\n`);
