@@ -14,6 +14,7 @@ import { runKvBench } from '../bench/kv.ts';
 import { runSchedulerBench } from '../bench/scheduler.ts';
 import { runProfile } from '../bench/profile.ts';
 import { runEvaluation } from '../bench/evaluate.ts';
+import { simulateProfile } from '../sim/cli.ts';
 import { parsePolicy } from '../scheduler/index.ts';
 import { choiceOpt, intOpt, numOpt } from './options.ts';
 import { controlCommand, runPrimary, runStandby } from './ha.ts';
@@ -167,6 +168,20 @@ program.command('profile')
     const p = await platform(o.accel);
     const r = await runProfile({ workload: o.workload, cpus, epochsMs, memMb: o.quick ? 128 : o.mem, outDir: o.out, ...p, onStatus: (s) => log.info(s) });
     process.stdout.write(`${JSON.stringify({ workload: o.workload, json: r.json, figures: [r.svg, r.png], runs: r.runs.map((x) => ({ cpus: x.cpus, curve: x.curve, netFramesPerSec: x.netFramesPerSec, diskWritesPerSec: x.diskWritesPerSec })) })}\n`);
+  });
+
+program.command('simulate')
+  .description('replay a recorded workload profile under any policy, link bandwidth and vCPU count (same scheduler code)')
+  .requiredOption('--profile <file>', 'a profile JSON from rubato profile or rubato bench')
+  .option('--policy <spec>', 'checkpoint policy', policyOpt, 'model')
+  .option('--bandwidth <class>', '1GbE, 10GbE or IB-32G', '10GbE')
+  .option('--cpus <n>', 'vCPUs (unmeasured counts are extrapolated)', intOpt('cpus', 1, 64), 1)
+  .option('--seconds <s>', 'simulated time', intOpt('seconds', 1, 3600), 20)
+  .option('--output-every-ms <ms>', 'add one output frame every MS (an interactive workload)', intOpt('output-every-ms', 1, 600000))
+  .option('--json', 'print the summary as one JSON line', false)
+  .action((o: { profile: string; policy: string; bandwidth: string; cpus: number; seconds: number; outputEveryMs?: number; json: boolean }) => {
+    const r = simulateProfile(o.profile, o.policy, o.bandwidth, o.cpus, o.seconds, o.outputEveryMs);
+    process.stdout.write(`${JSON.stringify(r)}\n`);
   });
 
 program.command('chaos')
