@@ -18,7 +18,7 @@ export const DEBIAN_PACKAGES = [
   'qemu-system-x86', 'qemu-utils', 'busybox-static', 'cpio', 'gzip', 'xz-utils', 'iproute2', 'util-linux',
   // build dependencies of the patched QEMU
   'dpkg-dev', 'libglib2.0-dev', 'libpixman-1-dev', 'libfdt-dev', 'zlib1g-dev', 'meson', 'ninja-build',
-  'python3-venv', 'flex', 'bison', 'gcc', 'make', 'patch',
+  'python3-venv', 'flex', 'bison', 'gcc', 'libc6-dev', 'make', 'patch',
   // guest disks and the network topology
   'e2fsprogs',
 ] as const;
