@@ -16,6 +16,10 @@ import type { BaseImage, Checkpoint, DirtyPage } from './checkpoint.ts';
 
 const log = logger('capture-a');
 
+/** Migration sockets listening right now (leak checks in tests). */
+const listening = new Set<string>();
+export function liveMigrationSockets(): string[] { return [...listening]; }
+
 /** With this delay QEMU never checkpoints on its own: the scheduler owns the tempo. */
 const NEVER_MS = 2 ** 31 - 1;
 const MAX_DEVICE_STATE_BYTES = 256 << 20;
@@ -62,6 +66,8 @@ export class ColoCapture {
     rmSync(sockPath, { force: true });
     const server = createServer();
     await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(sockPath, () => resolve()); });
+    listening.add(sockPath);
+    server.once('close', () => listening.delete(sockPath));
     const reader = new ByteReader(`COLO stream of VM ${vm.spec.name}`);
     const accepted = new Promise<Socket>((resolve) => {
       server.once('connection', (s: Socket) => {
@@ -82,7 +88,17 @@ export class ColoCapture {
       rmSync(sockPath, { force: true });
       throw e;
     }
-    const sock = await withTimeout(accepted, 10_000, `VM ${vm.spec.name} did not connect to the migration socket`);
+    let sock: Socket;
+    try {
+      sock = await withTimeout(accepted, 10_000, `VM ${vm.spec.name} did not connect to the migration socket`);
+    } catch (e) {
+      // A connection that arrives after we gave up must find nothing listening.
+      server.close();
+      void accepted.then((late) => late.destroy());
+      rmSync(sockPath, { force: true });
+      await ensureGuestRunning(vm);
+      throw e;
+    }
     const capture = new ColoCapture(vm, server, sock, reader, sockPath, opts);
     try {
       const base = await withTimeout(capture.readBase(), opts.precopyTimeoutMs ?? 300_000, `precopy of VM ${vm.spec.name} did not finish`);
@@ -235,10 +251,9 @@ export class ColoCapture {
     await ensureGuestRunning(this.vm);
   }
 
-  /** Stops protection cleanly: the guest keeps running without checkpoints. */
+  /** Stops protection cleanly: the guest keeps running without checkpoints. Idempotent. */
   async close(): Promise<void> {
-    if (this.failed) return;
-    this.failed = new RubatoError('RUBATO_CAPTURE_FAILED', 'capture closed');
+    this.failed ??= new RubatoError('RUBATO_CAPTURE_FAILED', 'capture closed');
     this.sock.destroy();
     this.server.close();
     rmSync(this.sockPath, { force: true });

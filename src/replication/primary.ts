@@ -363,6 +363,9 @@ export class PrimaryController {
     if (this.giveUpTimer) clearTimeout(this.giveUpTimer);
     this.link?.socket.destroy();
     await this.o.vm.kill();
+    const c = this.capture;
+    this.capture = null;
+    await c?.close().catch(() => {});
   }
 }
 

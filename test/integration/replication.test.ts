@@ -14,6 +14,7 @@ import { ReplicaStore } from '../../src/replication/replica-store.ts';
 import { makeTempDir, removeTempDir, liveTempDirs } from '../../src/util/tmp.ts';
 import { liveProcesses } from '../../src/util/procs.ts';
 import { parseDirtierLine } from '../../src/capture/check.ts';
+import { liveMigrationSockets } from '../../src/capture/route-a.ts';
 import { CuttableProxy } from '../helpers/proxy.ts';
 
 import { testPlatform } from '../helpers/platform.ts';
@@ -138,6 +139,7 @@ test(`failover after the primary is killed at ${SCENARIOS.length} points across 
 
 after(() => {
   for (const d of dirs) removeTempDir(d);
+  assert.deepEqual(liveMigrationSockets(), [], 'no migration socket left listening');
   assert.deepEqual(liveProcesses(), [], 'no process left running');
   assert.deepEqual(liveTempDirs(), [], 'no temp folder left behind');
 });
