@@ -113,21 +113,25 @@ export class PrimaryController {
 
   private async run(): Promise<void> {
     while (!this.stopped && !this.o.vm.exited) {
+      let failure: unknown = null;
       try {
         await this.session();
       } catch (e) {
-        if (this.stopped || this.o.vm.exited) break;
-        log.error(`GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${errorMessage(e)}; retrying every ${this.o.retryMs} ms`);
-        this.emit({ event: 'unprotected', reason: errorMessage(e), atMs: Date.now() });
-      } finally {
-        const c = this.capture;
-        this.capture = null;
-        await c?.close().catch(() => {});
-        this.link?.close();
-        this.link = null;
-        this.scheduleGiveUp();
+        failure = e;
       }
-      if (!this.stopped) await sleep(this.o.retryMs);
+      // The guest is running again (unprotected) before anyone is told so.
+      const c = this.capture;
+      this.capture = null;
+      await c?.close().catch(() => {});
+      this.link?.close();
+      this.link = null;
+      if (this.stopped || this.o.vm.exited) break;
+      this.scheduleGiveUp();
+      if (failure) {
+        log.error(`GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${errorMessage(failure)}; retrying every ${this.o.retryMs} ms`);
+        this.emit({ event: 'unprotected', reason: errorMessage(failure), atMs: Date.now() });
+      }
+      await sleep(this.o.retryMs);
     }
   }
 

@@ -70,7 +70,9 @@ test('standby killed and restarted mid-stream keeps a usable replica; protection
     await sb.proc.exited;
     const ackedAtKill = primary.ackedEpoch;
     await until(() => pev.find((e) => e.event === 'unprotected'), 10_000, 'primary notices');
-    assert.equal(await vm.status(), 'running', 'the guest keeps running unprotected');
+    let running = false;
+    for (let i = 0; i < 100 && !running; i++) { running = (await vm.status()) === 'running'; if (!running) await new Promise((r) => setTimeout(r, 50)); }
+    assert.equal(running, true, 'the guest keeps running unprotected');
 
     const store = await ReplicaStore.open(join(stateDir, 'replica'), { fsync: false });
     assert.ok(store.epoch >= ackedAtKill, `replica at ${store.epoch} holds every acknowledged checkpoint (${ackedAtKill})`);
