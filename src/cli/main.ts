@@ -39,6 +39,13 @@ function policyOpt(v: string): string {
   return v;
 }
 
+/** Failure-detection options shared by the commands that run a replication link. */
+function withLinkOptions(c: Command): Command {
+  return c
+    .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
+    .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 1000);
+}
+
 const program = new Command('rubato')
   .description('High availability for QEMU VMs by checkpoint replication with a workload-adaptive scheduler')
   .exitOverride()
@@ -81,7 +88,7 @@ program.command('keygen')
   .requiredOption('--out <file>', 'where to write it')
   .action((o: { out: string }) => { writeKeyFile(o.out); process.stdout.write(`${o.out}\n`); });
 
-program.command('primary')
+withLinkOptions(program.command('primary'))
   .description('run a VM and keep it protected by a standby')
   .requiredOption('--standby <host:port>', 'the standby controller')
   .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
@@ -94,19 +101,15 @@ program.command('primary')
   .option('--append <cmdline>', 'guest kernel command line')
   .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--policy <spec>', 'checkpoint policy: model (default), adaptive, fixed:MS, dirty-bandwidth[:MS], net-io, disk-io, bounded-latency[:MS] (+ ,min=MS,max=MS)', policyOpt, 'model')
-  .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
-  .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 1000)
   .option('--state-dir <dir>', 'sockets and state', '/run/rubato/primary')
   .option('--events', 'print events as JSON lines on stdout', false)
   .action(runPrimary);
 
-program.command('standby')
+withLinkOptions(program.command('standby'))
   .description('hold the replica of a protected VM and take over when the primary is lost')
   .requiredOption('--listen <host:port>', 'address for the primary to connect to')
   .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
   .option('--state-dir <dir>', 'replica and sockets', '/var/lib/rubato/standby')
-  .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
-  .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 1000)
   .option('--no-auto-failover', 'only fail over on `rubato failover`')
   .option('--no-fsync', 'do not fsync the replica (tmpfs, tests)')
   .option('--events', 'print events as JSON lines on stdout', false)
@@ -126,14 +129,12 @@ program.command('status')
   .option('--state-dir <dir>', "the standby's state folder", '/var/lib/rubato/standby')
   .action(async (o: { stateDir: string }) => { process.stdout.write(`${JSON.stringify(await controlCommand(o.stateDir, 'status'))}\n`); });
 
-program.command('demo')
+withLinkOptions(program.command('demo'))
   .description('protect a VM on two namespace hosts, kill the primary, watch the standby take over')
   .option('--seconds <n>', 'protected run time before the primary is killed', intOpt('seconds', 1, 3600), 8)
   .option('--mem <mb>', 'guest memory in MB', intOpt('mem', 64, 65536), 128)
   .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', numOpt('rate', 0, 10000), 10)
   .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', policyOpt, 'model')
-  .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
-  .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 1000)
   .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
   .option('--json', 'non-interactive; print the summary as one JSON line', false)
