@@ -7,6 +7,7 @@ import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
+import { Liveness } from './liveness.ts';
 import { FrameDecoder, FrameEncoder, FrameType, frameTypeName, helloKey, proof, proofEquals, sessionKey, type Frame } from './protocol/frame.ts';
 import { NONCE_BYTES, decodeChallenge, decodeHello, decodeTime, decodeWelcome, encodeChallenge, encodeHello, encodeTime, encodeWelcome, type Identity, type Welcome } from './protocol/messages.ts';
 
@@ -26,6 +27,7 @@ export class Link extends EventEmitter {
   private waiter: { resolve: (f: Frame) => void; reject: (e: Error) => void } | null = null;
   private closedErr: Error | null = null;
   private hbTimer: NodeJS.Timeout | null = null;
+  private liveness: Liveness | null = null;
   lastRxMs = Date.now();
   readonly stats: LinkStats = { bytesSent: 0, bytesReceived: 0, rttMs: null };
 
@@ -42,6 +44,7 @@ export class Link extends EventEmitter {
 
   private onData(d: Buffer): void {
     this.lastRxMs = Date.now();
+    this.liveness?.heard(this.lastRxMs);
     this.stats.bytesReceived += d.length;
     let frames: Frame[];
     try {
@@ -122,10 +125,21 @@ export class Link extends EventEmitter {
   get writableLength(): number { return this.socket.writableLength; }
 
   startHeartbeats(intervalMs: number, timeoutMs: number): void {
+    const live = new Liveness(Date.now(), intervalMs, timeoutMs);
+    live.heard(this.lastRxMs);
+    this.liveness = live;
+    let confirming = false;
     this.hbTimer = setInterval(() => {
-      if (Date.now() - this.lastRxMs > timeoutMs) {
-        this.close(new RubatoError('RUBATO_PEER_LOST', `${this.peer} silent for ${Date.now() - this.lastRxMs} ms (timeout ${timeoutMs} ms)`));
-        return;
+      if (live.tick(Date.now()) && !confirming) {
+        // Suspected: read what is already waiting in the socket (the poll phase runs before
+        // setImmediate callbacks) before calling the peer silent.
+        confirming = true;
+        setImmediate(() => {
+          confirming = false;
+          if (this.closedErr || !live.confirm(Date.now())) return;
+          const excused = live.excusedMs > 0 ? `; ${live.excusedMs} ms of this side's own stalls not counted` : '';
+          this.close(new RubatoError('RUBATO_PEER_LOST', `${this.peer} silent for ${live.silentMs(Date.now())} ms (timeout ${timeoutMs} ms${excused})`));
+        });
       }
       this.send(FrameType.HEARTBEAT, 0, encodeTime(nowUs())).catch(() => {});
     }, intervalMs);
