@@ -39,6 +39,8 @@ export interface ReplicaMeta {
 export interface ReplicaStoreOptions {
   /** fsync staged records, images and metadata (crash safety on real disks). Default true. */
   fsync?: boolean;
+  /** create(): keep the caller's base buffers instead of copying them (the caller gives them up). */
+  adopt?: boolean;
 }
 
 const corrupt = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_REPLICA_CORRUPT', msg, ctx);
@@ -77,13 +79,18 @@ export class ReplicaStore {
     for (const [i, b] of base.blocks.entries()) {
       const img = base.ram.get(b.id);
       assert(img && img.length === b.lengthBytes, `base image block ${b.id} has its announced length`);
-      ram.set(b.id, Buffer.from(img));
+      ram.set(b.id, opts.adopt ? img : Buffer.from(img));
       await writeDurable(join(dir, 'ram', `${i}.img`), img, fsync);
     }
     const store = new ReplicaStore(dir, meta, ram, Buffer.from(base.deviceState), fsync);
     await writeDurable(join(dir, 'device.bin'), base.deviceState, fsync);
     await store.writeMeta();
     return store;
+  }
+
+  /** The same store after its directory was renamed to `dir` by the caller (nothing is reread). */
+  relocated(dir: string): ReplicaStore {
+    return new ReplicaStore(dir, this.meta, this.ram, this.device, this.fsync);
   }
 
   /** Opens a store, finishing a committed-but-unapplied checkpoint if a crash left one. */

@@ -222,13 +222,13 @@ export class StandbyController {
   private async installBase(identity: Identity, layout: Layout, ram: Map<string, Buffer>, deviceState: Buffer): Promise<void> {
     const next = `${this.replicaDir}.new`;
     rmSync(next, { recursive: true, force: true });
-    await ReplicaStore.create(next, identity.vm, { machine: layout.machine, blocks: layout.blocks, ram, deviceState }, { fsync: this.o.fsync ?? true });
+    const created = await ReplicaStore.create(next, identity.vm, { machine: layout.machine, blocks: layout.blocks, ram, deviceState }, { fsync: this.o.fsync ?? true, adopt: true });
     if (existsSync(this.replicaDir)) renameSync(this.replicaDir, `${this.replicaDir}.old`);
     renameSync(next, this.replicaDir);
     rmSync(`${this.replicaDir}.old`, { recursive: true, force: true });
     writeFileSync(join(this.o.stateDir, 'vm.json'), JSON.stringify(identity));
-    // Reopened from its final place: the store built in replica.new has moved.
-    this.store = await ReplicaStore.open(this.replicaDir, { fsync: this.o.fsync ?? true });
+    // The store built in replica.new now lives in its final place.
+    this.store = created.relocated(this.replicaDir);
     this.identity = identity;
   }
 
