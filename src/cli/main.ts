@@ -14,7 +14,7 @@ import { runKvBench } from '../bench/kv.ts';
 import { runSchedulerBench } from '../bench/scheduler.ts';
 import { runProfile } from '../bench/profile.ts';
 import { runEvaluation } from '../bench/evaluate.ts';
-import { simulateProfile } from '../sim/cli.ts';
+import { simulateProfile, simulateTrace } from '../sim/cli.ts';
 import { parsePolicy } from '../scheduler/index.ts';
 import { choiceOpt, intOpt, numOpt } from './options.ts';
 import { controlCommand, runPrimary, runStandby } from './ha.ts';
@@ -172,16 +172,18 @@ program.command('profile')
   });
 
 program.command('simulate')
-  .description('replay a recorded workload profile under any policy, link bandwidth and vCPU count (same scheduler code)')
-  .requiredOption('--profile <file>', 'a profile JSON from rubato profile or rubato bench')
+  .description('replay a recorded trace or workload profile under any policy, link bandwidth and vCPU count (same scheduler code)')
+  .option('--trace <file>', 'an event trace recorded by rubato bench (traces/*.json): replayed epoch by epoch')
+  .option('--profile <file>', 'a profile JSON from rubato profile or rubato bench: its fitted dirty curve')
   .option('--policy <spec>', 'checkpoint policy', policyOpt, 'model')
   .option('--bandwidth <class>', '1GbE, 10GbE or IB-32G', '10GbE')
-  .option('--cpus <n>', 'vCPUs (unmeasured counts are extrapolated)', intOpt('cpus', 1, 64), 1)
-  .option('--seconds <s>', 'simulated time', intOpt('seconds', 1, 3600), 20)
+  .option('--cpus <n>', 'vCPUs (unmeasured counts are extrapolated; default: the profile\'s first, the trace\'s own)', intOpt('cpus', 1, 64))
+  .option('--seconds <s>', 'simulated time for a profile (a trace replays its own length)', intOpt('seconds', 1, 3600), 20)
   .option('--output-every-ms <ms>', 'add one output frame every MS (an interactive workload)', intOpt('output-every-ms', 1, 600000))
   .option('--json', 'print the summary as one JSON line', false)
-  .action((o: { profile: string; policy: string; bandwidth: string; cpus: number; seconds: number; outputEveryMs?: number; json: boolean }) => {
-    const r = simulateProfile(o.profile, o.policy, o.bandwidth, o.cpus, o.seconds, o.outputEveryMs);
+  .action((o: { profile?: string; trace?: string; policy: string; bandwidth: string; cpus?: number; seconds: number; outputEveryMs?: number; json: boolean }) => {
+    if (!!o.profile === !!o.trace) throw new RubatoError('RUBATO_CONFIG', 'give exactly one of --trace FILE or --profile FILE');
+    const r = o.trace ? simulateTrace(o.trace, o.policy, o.bandwidth, o.cpus) : simulateProfile(o.profile!, o.policy, o.bandwidth, o.cpus ?? 1, o.seconds, o.outputEveryMs);
     process.stdout.write(`${JSON.stringify(r)}\n`);
   });
 

@@ -18,6 +18,7 @@ import type { BaseImage, Checkpoint } from '../capture/checkpoint.ts';
 import type { NetRelay } from '../io/net/relay.ts';
 import type { NbdServer, DiskEpochStats } from '../io/disk/nbd-server.ts';
 import { readFile } from 'node:fs/promises';
+import type { TraceRecorder } from '../sim/trace.ts';
 import { fixed, type EpochRecord, type Policy, type Telemetry } from '../scheduler/index.ts';
 
 const HISTORY_KEPT = 256;
@@ -67,6 +68,8 @@ export interface PrimaryOptions {
   holdOnLossMs?: number;
   /** When to checkpoint (default: fixed at periodMs). */
   policy?: Policy;
+  /** Records the protected run's events for the simulator (performance.now() clock). */
+  trace?: TraceRecorder;
 }
 
 export interface FaultContext {
@@ -119,6 +122,8 @@ export class PrimaryController {
       } catch (e) {
         failure = e;
       }
+      if (this.o.relay) this.o.relay.output.onHeld = null;
+      if (this.o.nbd) this.o.nbd.onIo = null;
       // The guest is running again (unprotected) before anyone is told so.
       const c = this.capture;
       this.capture = null;
@@ -235,6 +240,10 @@ export class PrimaryController {
     const poke = () => { const w = wake; wake = null; w?.(); };
     if (relay) relay.output.onFirstHeld = poke;
     if (nbd) nbd.onFlush = poke;
+    const trace = this.o.trace;
+    if (trace && relay) relay.output.onHeld = () => trace.output(performance.now());
+    if (trace && nbd) nbd.onIo = (kind) => trace.disk(kind, performance.now());
+    const blockIndex = new Map(base.blocks.map((b, i) => [b.id, i]));
     for (;;) {
       throwIfClosed();
       if (fenceRequested) { await this.fence(link, capture, base, inflight, () => new Promise<void>((r) => { ackWaiter = r; })); return; }
@@ -281,11 +290,17 @@ export class PrimaryController {
         },
         ...(fault ? { hold: async (c: Checkpoint) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } } : {}),
       });
+      const ranFrom = epochStart;
       epochStart = performance.now();
       if (disk) { diskWrites += (disk as DiskEpochStats).writes; diskFlushes += (disk as DiskEpochStats).flushes; }
       this.epoch = cp.epoch;
       lastPages = cp.pages.length;
       const record = encodeRecord(cp, base.blocks);
+      if (trace) {
+        const ids = new Uint32Array(cp.pages.length);
+        cp.pages.forEach((p, i) => { ids[i] = ((blockIndex.get(p.block) ?? 255) << 24 | Math.floor(p.offset / 4096)) >>> 0; });
+        trace.epoch(ranFrom, ranFrom + lengthMs, cp.timings.pauseMsLocal, record.length, ids);
+      }
       const rec: EpochRecord = { lengthMs, dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, transferMs: null, outputFrames };
       history.push(rec);
       if (history.length > HISTORY_KEPT) history.shift();

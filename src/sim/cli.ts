@@ -8,6 +8,8 @@ import { median, percentile, round } from '../util/stats.ts';
 import { fitPause, parsePolicy } from '../scheduler/index.ts';
 import { simulate } from './simulate.ts';
 import { BANDWIDTH_CLASSES, curveFor, workloadFor, type MeasuredCurve } from './extrapolate.ts';
+import { loadTrace, traceWorkload } from './trace.ts';
+import type { SimResult } from './simulate.ts';
 
 interface ProfileFile { workload: string; runs: Array<{ cpus: number; curve: { a: number; b: number }; points: Array<{ epochMs: number; dirtyPagesMedian: number; pauseMsMedian: number }> }> }
 
@@ -32,19 +34,41 @@ export interface SimulateCliResult {
   outputLatencyMsP50: number | null; outputLatencyMsP99: number | null; reasons: Record<string, number>;
 }
 
-export function simulateProfile(path: string, policy: string, bandwidth: string, cpus: number, seconds: number, outputEveryMs?: number): SimulateCliResult {
-  const { workload, measured } = loadProfile(path);
+function bandwidthOf(bandwidth: string): number {
   const bw = BANDWIDTH_CLASSES[bandwidth];
   if (bw === undefined) throw new RubatoError('RUBATO_CONFIG', `--bandwidth must be one of ${Object.keys(BANDWIDTH_CLASSES).join(', ')} (got "${bandwidth}")`);
-  const w = workloadFor(curveFor(measured, cpus), bw);
-  if (outputEveryMs) w.output = (t, step) => (Math.floor((t + step) / outputEveryMs) > Math.floor(t / outputEveryMs) ? 1 : 0);
-  const r = simulate(parsePolicy(policy), w, seconds * 1000);
+  return bw;
+}
+
+function summarise(r: SimResult, seconds: number) {
   return {
-    workload, policy, bandwidth, cpus, extrapolated: !measured.some((m) => m.cpus === cpus), seconds,
+    seconds: round(seconds, 2),
     checkpointsPerSec: round(r.checkpoints / seconds, 1), pausedFraction: round(r.pausedMs / r.durationMs, 4),
     epochMsMedian: round(median(r.epochs.map((e) => e.lengthMs)), 2), dirtyPagesMedian: median(r.epochs.map((e) => e.dirtyPages)), maxBacklog: r.maxBacklog,
     outputLatencyMsP50: r.outputLatencyMs.length ? round(median(r.outputLatencyMs), 2) : null,
     outputLatencyMsP99: r.outputLatencyMs.length ? round(percentile(r.outputLatencyMs, 99), 2) : null,
     reasons: r.reasons,
+  };
+}
+
+export function simulateProfile(path: string, policy: string, bandwidth: string, cpus: number, seconds: number, outputEveryMs?: number): SimulateCliResult {
+  const { workload, measured } = loadProfile(path);
+  const w = workloadFor(curveFor(measured, cpus), bandwidthOf(bandwidth));
+  if (outputEveryMs) w.output = (t, step) => (Math.floor((t + step) / outputEveryMs) > Math.floor(t / outputEveryMs) ? 1 : 0);
+  const r = simulate(parsePolicy(policy), w, seconds * 1000);
+  return { workload, policy, bandwidth, cpus, extrapolated: !measured.some((m) => m.cpus === cpus), ...summarise(r, seconds) };
+}
+
+/** Bandwidth by class name or as bytes per ms (the evaluation's measured link classes). */
+export function simulateTrace(path: string, policy: string, bandwidth: string | number, cpus?: number): SimulateCliResult & { recordedPolicy: string; recordedCheckpointsPerSec: number } {
+  const t = loadTrace(path);
+  const bw = typeof bandwidth === 'number' ? bandwidth : bandwidthOf(bandwidth);
+  const n = cpus ?? t.cpus;
+  const replay = traceWorkload(t, bw, { cpus: n });
+  const r = simulate(parsePolicy(policy), replay.workload, replay.durationMs);
+  const seconds = replay.durationMs / 1000;
+  return {
+    workload: t.workload, policy, bandwidth: String(bandwidth), cpus: n, extrapolated: n > t.cpus, ...summarise(r, seconds),
+    recordedPolicy: t.policy, recordedCheckpointsPerSec: round(t.epochs.length / seconds, 1),
   };
 }

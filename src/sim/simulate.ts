@@ -6,8 +6,8 @@
 import { PAGE_BYTES, type EpochRecord, type Policy, type Telemetry } from '../scheduler/index.ts';
 
 export interface SimWorkload {
-  /** Pages an epoch of this length dirties (the real curve, which the scheduler must learn). */
-  dirtyPages(lengthMs: number): number;
+  /** Pages the epoch [startMs, startMs + lengthMs) dirties (the real curve, which the scheduler must learn). */
+  dirtyPages(lengthMs: number, startMs?: number): number;
   /** Output frames the guest produces in [t, t + step). */
   output(tMs: number, stepMs: number): number;
   /** Disk flushes in [t, t + step). */
@@ -15,6 +15,8 @@ export interface SimWorkload {
   bandwidthBytesPerMs(tMs: number): number;
   rttMs: number;
   pauseMs(pages: number): number;
+  /** Bytes a checkpoint of `pages` ships (default: the pages plus 32 kB of device state). */
+  checkpointBytes?(pages: number): number;
 }
 
 export interface SimResult {
@@ -65,9 +67,9 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
       reasons[d.reason] = (reasons[d.reason] ?? 0) + 1;
       if (d.checkpoint && backlog < maxInflight) {
         const length = t - epochStart;
-        const pages = Math.round(w.dirtyPages(length));
+        const pages = Math.round(w.dirtyPages(length, epochStart));
         const pause = w.pauseMs(pages);
-        const bytes = pages * PAGE_BYTES + 32_000;
+        const bytes = w.checkpointBytes ? w.checkpointBytes(pages) : pages * PAGE_BYTES + 32_000;
         history.push({ lengthMs: length, dirtyPages: pages, pauseMs: pause, bytes, transferMs: null, outputFrames: waiting.length });
         t += pause;
         pausedMs += pause;

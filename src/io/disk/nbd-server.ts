@@ -38,6 +38,8 @@ export class NbdServer {
   onPressure: (() => void) | null = null;
   /** Called on every flush (the scheduler treats flushes like waiting output). */
   onFlush: (() => void) | null = null;
+  /** Called on every write and flush (traces record disk times). */
+  onIo: ((kind: 'write' | 'flush') => void) | null = null;
 
   constructor(readonly imagePath: string, readonly socketPath: string, readonly exportName = 'disk', private readonly readOnly = false) {}
 
@@ -175,6 +177,7 @@ export class NbdServer {
           case CMD.FLUSH:
             await this.fh!.datasync();
             this.stats.flushes++;
+            this.onIo?.('flush');
             this.onFlush?.();
             sock.write(simpleReply(0, req.handle));
             break;
@@ -196,7 +199,8 @@ export class NbdServer {
   private async written(offset: number, length: number, fua: boolean): Promise<void> {
     this.stats.writes++;
     this.stats.writeBytes += length;
-    if (fua) { await this.fh!.datasync(); this.stats.flushes++; }
+    this.onIo?.('write');
+    if (fua) { await this.fh!.datasync(); this.stats.flushes++; this.onIo?.('flush'); }
     const first = Math.floor(offset / PAGE) * PAGE;
     const end = Math.min(this.size, Math.ceil((offset + length) / PAGE) * PAGE);
     if (end <= first) return;

@@ -23,6 +23,8 @@ export class OutputBuffer {
   private openOldestMs: number | null = null;
   /** Called when the open epoch gets its first held frame (the scheduler may want to act). */
   onFirstHeld: (() => void) | null = null;
+  /** Called for every frame held (traces record output times). */
+  onHeld: (() => void) | null = null;
 
   constructor(private readonly maxBytes: number) {}
 
@@ -58,6 +60,7 @@ export class OutputBuffer {
     this.bytes += frame.length;
     this.openFrames++;
     this.openBytes += frame.length;
+    this.onHeld?.();
     if (this.openOldestMs === null) { this.openOldestMs = nowMs; this.onFirstHeld?.(); }
     return null;
   }

@@ -1,0 +1,156 @@
+// Event traces of live runs, and their replay as a simulator workload.
+//
+// A trace records, per checkpoint of a live run, when its epoch ran, its pause, its bytes and the
+// exact pages it dirtied; and, with timestamps, every output frame the guest produced and every
+// disk write and flush. Replayed under another policy, an epoch [a, b) dirties the union of the
+// recorded page sets it spans — pages written twice count once, as in the real guest — with a
+// recorded epoch it covers in part contributing that fraction of its pages (a deterministic
+// subset). Output and disk events come back at their recorded times. Pure: no clocks, no I/O
+// except reading and writing the file.
+
+import { readFileSync, writeFileSync } from 'node:fs';
+import { RubatoError } from '../util/errors.ts';
+import { fitPause, PAGE_BYTES, type EpochRecord } from '../scheduler/index.ts';
+import type { SimWorkload } from './simulate.ts';
+
+export const TRACE_FORMAT = 'rubato-trace/1';
+
+export interface TraceEpoch {
+  /** Epoch start and checkpoint (pause) instant, ms from the trace's start. */
+  startMs: number; endMs: number;
+  pauseMs: number; bytes: number;
+  /** Dirtied pages as block-index << 24 | page number, base64 of a Uint32Array (compact JSON). */
+  pages: string;
+}
+
+export interface Trace {
+  format: typeof TRACE_FORMAT;
+  workload: string; policy: string; link: string; cpus: number; accel: string;
+  durationMs: number;
+  epochs: TraceEpoch[];
+  outputMs: number[]; diskWritesMs: number[]; diskFlushesMs: number[];
+}
+
+export function encodePages(ids: Uint32Array): string { return Buffer.from(ids.buffer, ids.byteOffset, ids.byteLength).toString('base64'); }
+export function decodePages(s: string): Uint32Array {
+  const b = Buffer.from(s, 'base64');
+  const out = new Uint32Array(b.length / 4);
+  for (let i = 0; i < out.length; i++) out[i] = b.readUInt32LE(i * 4);
+  return out;
+}
+
+/** Collects a trace while a live run goes on; times are taken relative to construction. */
+export class TraceRecorder {
+  private readonly t0: number;
+  private readonly epochs: TraceEpoch[] = [];
+  private readonly outputMs: number[] = [];
+  private readonly writesMs: number[] = [];
+  private readonly flushesMs: number[] = [];
+  private static readonly MAX_EVENTS = 2_000_000;
+
+  constructor(private readonly meta: Omit<Trace, 'format' | 'durationMs' | 'epochs' | 'outputMs' | 'diskWritesMs' | 'diskFlushesMs'>, nowMs: number) { this.t0 = nowMs; }
+
+  private rel(ms: number): number { return Math.round((ms - this.t0) * 1000) / 1000; }
+
+  epoch(startMs: number, endMs: number, pauseMs: number, bytes: number, pageIds: Uint32Array): void {
+    if (endMs < this.t0) return;
+    this.epochs.push({ startMs: Math.max(0, this.rel(startMs)), endMs: this.rel(endMs), pauseMs: Math.round(pauseMs * 1000) / 1000, bytes, pages: encodePages(pageIds) });
+  }
+
+  output(atMs: number): void { if (atMs >= this.t0 && this.outputMs.length < TraceRecorder.MAX_EVENTS) this.outputMs.push(this.rel(atMs)); }
+  disk(kind: 'write' | 'flush', atMs: number): void {
+    if (atMs < this.t0) return;
+    const a = kind === 'write' ? this.writesMs : this.flushesMs;
+    if (a.length < TraceRecorder.MAX_EVENTS) a.push(this.rel(atMs));
+  }
+
+  finish(nowMs: number): Trace {
+    return { format: TRACE_FORMAT, ...this.meta, durationMs: this.rel(nowMs), epochs: this.epochs, outputMs: this.outputMs, diskWritesMs: this.writesMs, diskFlushesMs: this.flushesMs };
+  }
+}
+
+export function writeTrace(path: string, t: Trace): void { writeFileSync(path, JSON.stringify(t)); }
+
+export function loadTrace(path: string): Trace {
+  let t: Trace;
+  try { t = JSON.parse(readFileSync(path, 'utf8')) as Trace; } catch (e) {
+    throw new RubatoError('RUBATO_CONFIG', `cannot read trace ${path}: ${(e as Error).message} (traces are written by: rubato bench)`);
+  }
+  if (t.format !== TRACE_FORMAT) throw new RubatoError('RUBATO_CONFIG', `${path} is not a rubato trace (format ${String(t.format)}, expected ${TRACE_FORMAT})`);
+  if (!Array.isArray(t.epochs) || t.epochs.length < 3) throw new RubatoError('RUBATO_CONFIG', `${path} holds ${t.epochs?.length ?? 0} checkpoints; a replay needs at least 3`);
+  return t;
+}
+
+/** Deterministic "is this page in the first f of its epoch" (pages within an epoch carry no order). */
+function inFraction(id: number, f: number): boolean {
+  if (f >= 1) return true;
+  const h = (Math.imul(id ^ 0x9e3779b9, 0x85ebca6b) >>> 0) / 2 ** 32;
+  return h < f;
+}
+
+function countIn(sorted: readonly number[], from: number, to: number): number {
+  const lb = (x: number) => { let lo = 0, hi = sorted.length; while (lo < hi) { const m = (lo + hi) >> 1; if (sorted[m]! < x) lo = m + 1; else hi = m; } return lo; };
+  return lb(to) - lb(from);
+}
+
+export interface TraceReplay {
+  workload: SimWorkload;
+  /** The span a replay can cover (the trace's recorded epochs). */
+  durationMs: number;
+  /** The pause model fitted from the trace: fixed ms + per page ms. */
+  pause: { fixedMs: number; perPageMs: number };
+  /** Bytes a checkpoint ships besides its pages (device state, framing): the trace's median. */
+  overheadBytes: number;
+}
+
+/**
+ * A simulator workload replaying `t` over a link of `bandwidthBytesPerMs`. Time 0 of the replay is
+ * the trace's first recorded epoch start; the replay must not run past `durationMs`.
+ */
+export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: { rttMs?: number; cpus?: number } = {}): TraceReplay {
+  const rttMs = o.rttMs ?? 0.2;
+  // More vCPUs than recorded: each recorded page set counts `scale` times over disjoint memory (the
+  // same assumption as the curve extrapolation; shared working sets would scale less).
+  const scale = Math.max(1, (o.cpus ?? t.cpus) / Math.max(1, t.cpus));
+  const epochs = t.epochs.map((e) => ({ ...e, ids: decodePages(e.pages) }));
+  const origin = epochs[0]!.startMs;
+  const shift = (ms: number) => ms - origin;
+  const ep = epochs.map((e) => ({ start: shift(e.startMs), end: shift(e.endMs), ids: e.ids }));
+  const records: EpochRecord[] = epochs.map((e) => ({ lengthMs: e.endMs - e.startMs, dirtyPages: e.ids.length, pauseMs: e.pauseMs, bytes: e.bytes, transferMs: null, outputFrames: 0 }));
+  const pm = fitPause(records);
+  const over = epochs.map((e) => e.bytes - e.ids.length * PAGE_BYTES).sort((a, b) => a - b);
+  const overheadBytes = Math.max(0, over[Math.floor(over.length / 2)] ?? 0);
+  const outs = t.outputMs.map(shift).filter((x) => x >= 0).sort((a, b) => a - b);
+  const flushes = t.diskFlushesMs.map(shift).filter((x) => x >= 0).sort((a, b) => a - b);
+  const durationMs = ep.at(-1)!.end;
+  let lastEnd = 0; // replay epochs are consecutive: the simulator asks for [previous end, now)
+  const w: SimWorkload = {
+    dirtyPages: (lengthMs: number, startMs?: number) => {
+      const a = startMs ?? lastEnd;
+      const b = a + lengthMs;
+      lastEnd = b;
+      const set = new Set<number>();
+      for (const e of ep) {
+        // A recorded epoch's pages were dirtied over its run time; the pause between epochs is not run time.
+        if (e.end <= a || e.start >= b) continue;
+        const span = e.end - e.start;
+        const f = span > 0 ? (Math.min(b, e.end) - Math.max(a, e.start)) / span : 1;
+        for (const id of e.ids) {
+          if (!inFraction(id, f)) continue;
+          for (let k = 0; k < scale; k++) {
+            const part = Math.min(1, scale - k);
+            if (part >= 1 || inFraction(id ^ 0x5bd1e995, part)) set.add(id + k * 2 ** 32);
+          }
+        }
+      }
+      return set.size;
+    },
+    output: (tMs, step) => countIn(outs, tMs, tMs + step),
+    flushes: (tMs, step) => countIn(flushes, tMs, tMs + step),
+    bandwidthBytesPerMs: () => bandwidthBytesPerMs,
+    rttMs,
+    pauseMs: (p) => pm.fixedMs + pm.perPageMs * p,
+    checkpointBytes: (pages) => pages * PAGE_BYTES + overheadBytes,
+  };
+  return { workload: w, durationMs, pause: { fixedMs: pm.fixedMs, perPageMs: pm.perPageMs }, overheadBytes };
+}
