@@ -36,6 +36,7 @@ int main(int argc, char **argv) {
   double rate = argc > 1 ? atof(argv[1]) : 10.0;   /* pages per ms */
   unsigned wss_mb = argc > 2 ? (unsigned)atoi(argv[2]) : 16;
   unsigned report_ms = argc > 3 ? (unsigned)atoi(argv[3]) : 100;
+  unsigned id = argc > 4 ? (unsigned)atoi(argv[4]) : 0; /* one instance per vCPU: whose counter */
   if (wss_mb == 0) wss_mb = 1;
   uint32_t pages = wss_mb * (1024u * 1024u / PAGE);
   uint8_t *buf = mmap(NULL, (size_t)pages * PAGE, PROT_READ | PROT_WRITE,
@@ -68,10 +69,10 @@ int main(int argc, char **argv) {
         if (!page_ok((const uint32_t *)(buf + (size_t)p * PAGE), p, ledger[p])) bad++;
       checks++;
       if (bad) failures++;
-      printf("RUBATO dirtier t=%llu work=%llu pages=%llu checks=%llu bad=%u failures=%llu check=%s acc=%u\n",
+      printf("RUBATO dirtier t=%llu work=%llu pages=%llu checks=%llu bad=%u failures=%llu check=%s acc=%u id=%u\n",
              (unsigned long long)((t - start) / 1000u), (unsigned long long)work,
              (unsigned long long)written, (unsigned long long)checks, bad,
-             (unsigned long long)failures, failures ? "FAIL" : "ok", acc & 0xff);
+             (unsigned long long)failures, failures ? "FAIL" : "ok", acc & 0xff, id);
       next_report += report_ms * 1000u;
       if (next_report < t) next_report = t + report_ms * 1000u;
     }

@@ -41,26 +41,39 @@ export interface CaptureCell {
 }
 
 /** Progress (dirtier work units) per host second over a window, from console lines stamped on arrival. */
+/** Guest progress from its console counters; several instances (` id=N`) are summed. */
 export class ProgressProbe {
-  private readonly samples: Array<{ t: number; work: number }> = [];
+  private readonly samples = new Map<string, Array<{ t: number; work: number }>>();
   constructor(vm: QemuVm, counterRe?: RegExp) {
     vm.on('serial', (line: string) => {
+      let work: number | null = null;
       if (counterRe) {
         const c = line.match(counterRe);
-        if (c) this.samples.push({ t: performance.now(), work: Number(c[1]) });
-        return;
+        if (c) work = Number(c[1]);
+      } else {
+        work = parseDirtierLine(line)?.work ?? null;
       }
-      const m = parseDirtierLine(line);
-      if (m) this.samples.push({ t: performance.now(), work: m.work });
+      if (work === null) return;
+      const id = line.match(/ id=(\d+)/)?.[1] ?? '0';
+      let a = this.samples.get(id);
+      if (!a) this.samples.set(id, (a = []));
+      a.push({ t: performance.now(), work });
     });
   }
   mark(): number { return performance.now(); }
+  /** Work per second between two marks, summed over the instances. */
   rate(fromT: number, toT: number): number {
-    const w = this.samples.filter((s) => s.t >= fromT && s.t <= toT);
-    if (w.length < 2) return Number.NaN;
-    const a = w[0]!;
-    const b = w[w.length - 1]!;
-    return ((b.work - a.work) / (b.t - a.t)) * 1000;
+    let sum = 0;
+    let any = false;
+    for (const samples of this.samples.values()) {
+      const w = samples.filter((s) => s.t >= fromT && s.t <= toT);
+      if (w.length < 2) continue;
+      const a = w[0]!;
+      const b = w[w.length - 1]!;
+      sum += ((b.work - a.work) / (b.t - a.t)) * 1000;
+      any = true;
+    }
+    return any ? sum : Number.NaN;
   }
 }
 

@@ -30,7 +30,7 @@ export function workloadPrograms(workload: string, cpus: number, memMb: number):
     const rate = Number(arg ?? 10);
     if (!Number.isFinite(rate) || rate < 0) throw new RubatoError('RUBATO_CONFIG', `workload ${workload}: rate must be a number of pages/ms`);
     const wss = Math.max(4, Math.floor(memMb / 4 / cpus));
-    return Array.from({ length: cpus }, () => ['dirtier', rate, wss, 100]);
+    return Array.from({ length: cpus }, (_, i) => ['dirtier', rate, wss, 100, i]);
   }
   throw new RubatoError('RUBATO_CONFIG', `unknown workload "${workload}" (cpuloop, dirtier:RATE, kv)`);
 }

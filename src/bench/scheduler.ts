@@ -6,17 +6,19 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { median, round } from '../util/stats.ts';
+import { median, percentile, round } from '../util/stats.ts';
 import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
 import { guestAppend, type Accel } from '../qemu/spec.ts';
 import { PrimaryController, type PrimaryEvent } from '../replication/primary.ts';
 import { startStandbyProcess } from './standby-proc.ts';
 import { loadKeyFile } from '../cli/keyfile.ts';
 import { parsePolicy } from '../scheduler/index.ts';
-import { startKvRig, waitFor, type KvRig } from '../chaos/chaos.ts';
+import { KV_WORKLOAD, clientProcess, startKvRig, waitFor, type KvRig, type RigWorkload } from '../chaos/chaos.ts';
+import { RubatoError } from '../util/errors.ts';
 import { measureKv } from './kv.ts';
 import { ProgressProbe } from './capture.ts';
 import type { NetRelay } from '../io/net/relay.ts';
+import { TraceRecorder, writeTrace } from '../sim/trace.ts';
 import type { NbdServer } from '../io/disk/nbd-server.ts';
 
 export const BENCH_POLICIES = ['fixed:25ms', 'fixed:100ms', 'dirty-bandwidth', 'net-io', 'disk-io', 'adaptive', 'bounded-latency', 'model'] as const;
@@ -24,39 +26,49 @@ export const BENCH_POLICIES = ['fixed:25ms', 'fixed:100ms', 'dirty-bandwidth', '
 export interface SchedulerBenchOptions {
   accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string }; quick: boolean; seconds?: number; outDir: string; onStatus?: (s: string) => void;
   policies?: readonly string[];
-  /** Subset of workloads: cpu-loop, dirtier-10, dirtier-50, kv. */
+  /** Subset of workloads: cpu-loop, dirtier-10, dirtier-50, dirtier-10x2, dirtier-10x4 (2 and 4 vCPUs), kv, web, disk (default: the 1-vCPU ones; quick: no web, disk). */
   workloads?: readonly string[];
   /** Run the standby behind a (shaped) link in this namespace instead of on loopback. */
   where?: { ns: string; host: string };
   /** Results file name (default scheduler-bench.json). */
   fileName?: string;
+  /** The replication link's class, for the traces' metadata (default loopback). */
+  linkName?: string;
+  /** Record every cell's event trace into outDir/traces/ (for rubato simulate --trace). */
+  traces?: boolean;
 }
 
 export interface SchedulerCell {
   workload: string; policy: string; throughputRatio: number; checkpointsPerSec: number; pauseMsMedian: number; mbShipped: number;
   kvLatencyMsP50?: number; kvLatencyMsP99?: number; kvAddedLatencyMsP50?: number; reasons?: Record<string, number>;
+  /** Share of the measured window the guest was paused for checkpoints. */
+  pausedFraction: number;
+  /** Relative spread of the two unreplicated phases around the cell: the noise floor of its ratio. */
+  noise: number;
+  /** The cell's event trace (when recorded). */
+  trace?: string;
 }
 
 interface Protected { stop(): Promise<void>; events: PrimaryEvent[] }
 
-export async function protect(vm: QemuVm, dir: string, tag: string, policy: string, io?: { relay: NetRelay; nbd: NbdServer | null }, where?: { ns: string; host: string }): Promise<Protected> {
+export async function protect(vm: QemuVm, dir: string, tag: string, policy: string, io?: { relay: NetRelay; nbd: NbdServer | null }, where?: { ns: string; host: string }, trace?: TraceRecorder): Promise<Protected> {
   const standby = await startStandbyProcess(dir, tag, where);
   const events: PrimaryEvent[] = [];
   const primary = new PrimaryController({
     vm, runDir: dir, standby: { host: standby.host, port: standby.port }, psk: loadKeyFile(standby.keyFile), periodMs: 25, heartbeatMs: 50, timeoutMs: 1000, retryMs: 300,
-    policy: parsePolicy(policy), onEvent: (e) => events.push(e), ...(io ? { relay: io.relay, nbd: io.nbd } : {}),
+    policy: parsePolicy(policy), onEvent: (e) => events.push(e), ...(io ? { relay: io.relay, nbd: io.nbd } : {}), ...(trace ? { trace } : {}),
   });
   primary.start();
   await waitFor(() => events.find((e) => e.event === 'protecting'), 120_000, 'protection');
   return { events, stop: async () => { await primary.stop(); await standby.stop(); } };
 }
 
-function summarise(events: PrimaryEvent[], fromMs: number, seconds: number) {
+function summarise(events: PrimaryEvent[], seconds: number) {
   const cps = events.filter((e): e is Extract<PrimaryEvent, { event: 'checkpoint' }> => e.event === 'checkpoint');
   const last = [...events].reverse().find((e): e is Extract<PrimaryEvent, { event: 'decisions' }> => e.event === 'decisions');
-  void fromMs;
   return {
     checkpointsPerSec: round(cps.length / seconds, 1),
+    pausedFraction: round(cps.reduce((a, c) => a + c.pauseMs, 0) / (seconds * 1000), 4),
     pauseMsMedian: round(median(cps.map((c) => c.pauseMs))),
     mbShipped: round(cps.reduce((a, c) => a + c.bytes, 0) / 1e6, 1),
     ...(last ? { reasons: last.reasons } : {}),
@@ -65,21 +77,70 @@ function summarise(events: PrimaryEvent[], fromMs: number, seconds: number) {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** A recorder for one cell, and how to write what it saw in the measured window. */
+function cellTrace(o: SchedulerBenchOptions, accel: string, workload: string, policy: string, cpus: number) {
+  if (!o.traces) return { rec: undefined, save: (_from: number) => undefined };
+  const rec = new TraceRecorder({ workload, policy, link: o.linkName ?? 'loopback', cpus, accel }, performance.now());
+  return {
+    rec,
+    save: (fromMs: number): string => {
+      const dir = join(o.outDir, 'traces');
+      mkdirSync(dir, { recursive: true });
+      const file = join(dir, `${workload}-${policy}-${o.linkName ?? 'loopback'}.json`.replace(/[^a-z0-9.-]+/gi, '-').replace(/-json$/, '.json'));
+      writeTrace(file, rec.finish(performance.now(), fromMs));
+      return file;
+    },
+  };
+}
+
+const RIG_WORKLOADS = ['kv', 'web', 'disk'] as const;
+const RIG: Record<string, { workload: RigWorkload }> = {
+  kv: { workload: KV_WORKLOAD },
+  // busybox httpd serves the initramfs; a 60 kB kernel module is the page
+  web: { workload: { wl: ['httpd', '-f', '-p', 80, '-h', '/'], ready: /RUBATO boot ok/ } },
+  disk: { workload: { wl: ['fsyncer', '/data/fsync.log', 4, 8, 100], ready: /RUBATO fsyncer t=/ } },
+};
+export const WEB_PAGE = '/lib/modules/virtio_pci.ko';
+
+interface Load { perSec: number; latencyMsP50?: number; latencyMsP99?: number }
+
+/** One measurement window of a rig workload: requests/s (with latency) or records/s. */
+function loadFor(name: string, rig: KvRig, seconds: number): () => Promise<Load> {
+  if (name === 'kv') return async () => { const k = await measureKv(rig, seconds, 4, name, null); return { perSec: k.throughputPerSec, latencyMsP50: k.latencyMsP50, latencyMsP99: k.latencyMsP99 }; };
+  if (name === 'web') {
+    return async () => {
+      const c = clientProcess(rig.lan, ['--target', `${rig.lan.guestIp}:80`, '--path', WEB_PAGE, '--conns', '4', '--seconds', String(seconds)], join('src', 'bench', 'web-client.ts'));
+      await c.done;
+      const lat = c.events.filter((e) => e.type === 'ack').map((e) => e.latMs ?? 0);
+      if (!lat.length) throw new RubatoError('RUBATO_CAPTURE_FAILED', `the web client completed no request (${c.events.find((e) => e.type === 'error')?.event ?? 'no output'})`);
+      return { perSec: round(lat.length / seconds, 1), latencyMsP50: round(median(lat), 2), latencyMsP99: round(percentile(lat, 99), 2) };
+    };
+  }
+  const probe = new ProgressProbe(rig.vm, /RUBATO fsyncer t=\d+ work=(\d+)/);
+  return async () => { const t0 = probe.mark(); await sleep(seconds * 1000); return { perSec: round(probe.rate(t0, probe.mark()), 1) }; };
+}
+
+const spread = (a: number, b: number) => round(Math.abs(a - b) / Math.max(1e-9, (a + b) / 2), 3);
+
 export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ summary: Record<string, unknown>; file: string; cells: SchedulerCell[] }> {
   const status = o.onStatus ?? (() => {});
   const seconds = o.seconds ?? (o.quick ? 3 : 10);
   const policies = o.policies ?? (o.quick ? ['fixed:25ms', 'fixed:100ms', 'adaptive', 'model'] : BENCH_POLICIES);
   const cells: SchedulerCell[] = [];
-  const workloads: Array<{ name: string; wl: (string | number)[] }> = [
-    { name: 'cpu-loop', wl: ['cpuloop', 100] },
-    { name: 'dirtier-10', wl: ['dirtier', 10, 16, 100] },
-    ...(o.quick ? [] : [{ name: 'dirtier-50', wl: ['dirtier', 50, 32, 100] }]),
-  ].filter((w) => !o.workloads || o.workloads.includes(w.name));
+  // Parallel variants run one dirtier per vCPU, each with its own 16 MB working set (progress summed).
+  const dirtiers = (rate: number, wssMb: number, cpus: number) => Array.from({ length: cpus }, (_, i) => ['dirtier', rate, wssMb, 100, i].join(',')).join('+');
+  const workloads: Array<{ name: string; cpus: number; wl: string }> = [
+    { name: 'cpu-loop', cpus: 1, wl: 'cpuloop,100' },
+    { name: 'dirtier-10', cpus: 1, wl: dirtiers(10, 16, 1) },
+    ...(o.quick ? [] : [{ name: 'dirtier-50', cpus: 1, wl: dirtiers(50, 32, 1) }]),
+    { name: 'dirtier-10x2', cpus: 2, wl: dirtiers(10, 16, 2) },
+    { name: 'dirtier-10x4', cpus: 4, wl: dirtiers(10, 16, 4) },
+  ].filter((w) => (o.workloads ? o.workloads.includes(w.name) : w.cpus === 1));
   for (const w of workloads) {
     const dir = makeTempDir('rubato-sbench-');
     let vm: QemuVm | null = null;
     try {
-      vm = await QemuVm.start({ name: `sb-${w.name}`, accel: o.accel, cpus: 1, memMb: 128, kernel: o.guest.kernel, initrd: o.guest.initrd, append: guestAppend(w.wl) }, { binary: o.binary, runDir: dir });
+      vm = await QemuVm.start({ name: `sb-${w.name}`, accel: o.accel, cpus: w.cpus, memMb: 128, kernel: o.guest.kernel, initrd: o.guest.initrd, append: guestAppend([w.wl]) }, { binary: o.binary, runDir: dir });
       const probe = new ProgressProbe(vm, /work=(\d+)/);
       await vm.waitSerial(/work=/, 60_000);
       await sleep(1000);
@@ -87,16 +148,18 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
       let uBefore = await u();
       for (const policy of policies) {
         status(`${w.name}: ${policy}`);
-        const p = await protect(vm, dir, `${w.name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, undefined, o.where);
+        const tr = cellTrace(o, o.accel, w.name, policy, w.cpus);
+        const p = await protect(vm, dir, `${w.name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, undefined, o.where, tr.rec);
         await sleep(300);
         const n0 = p.events.length;
         const t0 = probe.mark();
         await sleep(seconds * 1000);
         const rate = probe.rate(t0, probe.mark());
-        const s = summarise(p.events.slice(n0), t0, seconds);
+        const s = summarise(p.events.slice(n0), seconds);
         await p.stop();
+        const trace = tr.save(t0);
         const uAfter = await u();
-        cells.push({ workload: w.name, policy, throughputRatio: round(rate / ((uBefore + uAfter) / 2)), ...s });
+        cells.push({ workload: w.name, policy, throughputRatio: round(rate / ((uBefore + uAfter) / 2)), ...s, noise: spread(uBefore, uAfter), ...(trace ? { trace } : {}) });
         status(`  → ratio ${cells.at(-1)!.throughputRatio}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms`);
         uBefore = uAfter;
       }
@@ -105,33 +168,43 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
       removeTempDir(dir);
     }
   }
-  // The KV service under a steady closed-loop load.
-  const dir = makeTempDir('rubato-sbench-kv-');
-  let rig: KvRig | null = null;
-  if (!o.workloads || o.workloads.includes('kv')) try {
-    rig = await startKvRig(dir, o.accel, 'sbk');
-    let uBefore = await measureKv(rig, seconds, 4, 'unreplicated', null);
-    for (const policy of policies) {
-      status(`kv: ${policy}`);
-      const p = await protect(rig.vm, dir, `kv-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, { relay: rig.io.relay, nbd: rig.io.nbd }, o.where);
-      await sleep(300);
-      const n0 = p.events.length;
-      const r = await measureKv(rig, seconds, 4, policy, 0);
-      const s = summarise(p.events.slice(n0), 0, seconds);
-      await p.stop();
-      const uAfter = await measureKv(rig, seconds, 4, 'unreplicated', null);
-      const uThr = (uBefore.throughputPerSec + uAfter.throughputPerSec) / 2;
-      const uP50 = (uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2;
-      cells.push({ workload: 'kv', policy, throughputRatio: round(r.throughputPerSec / uThr), ...s, kvLatencyMsP50: r.latencyMsP50, kvLatencyMsP99: r.latencyMsP99, kvAddedLatencyMsP50: round(r.latencyMsP50 - uP50, 2) });
-      status(`  → ${r.throughputPerSec} req/s (ratio ${cells.at(-1)!.throughputRatio}), p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms, ${s.checkpointsPerSec} ckpt/s`);
-      uBefore = uAfter;
+  // Services on a LAN (NIC and disk through Rubato's relay and disk server), each under a steady
+  // load: the KV service and the web server driven from the client namespace (closed loop, 4
+  // connections), and the fsync-heavy writer on the replicated disk.
+  for (const name of RIG_WORKLOADS) {
+    if (o.workloads ? !o.workloads.includes(name) : o.quick && name !== 'kv') continue;
+    const dir = makeTempDir(`rubato-sbench-${name}-`);
+    let rig: KvRig | null = null;
+    try {
+      rig = await startKvRig(dir, o.accel, `sb${name.slice(0, 2)}`, RIG[name]!.workload);
+      const measure = loadFor(name, rig, seconds);
+      let uBefore = await measure();
+      for (const policy of policies) {
+        status(`${name}: ${policy}`);
+        const tr = cellTrace(o, rig.accel, name, policy, 1);
+        const p = await protect(rig.vm, dir, `${name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, { relay: rig.io.relay, nbd: rig.io.nbd }, o.where, tr.rec);
+        await sleep(300);
+        const n0 = p.events.length;
+        const t0 = performance.now();
+        const r = await measure();
+        const s = summarise(p.events.slice(n0), (performance.now() - t0) / 1000);
+        await p.stop();
+        const trace = tr.save(t0);
+        const uAfter = await measure();
+        const uThr = (uBefore.perSec + uAfter.perSec) / 2;
+        const lat = r.latencyMsP50 !== undefined && uBefore.latencyMsP50 !== undefined && uAfter.latencyMsP50 !== undefined
+          ? { kvLatencyMsP50: r.latencyMsP50, kvLatencyMsP99: r.latencyMsP99!, kvAddedLatencyMsP50: round(r.latencyMsP50 - (uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2, 2) } : {};
+        cells.push({ workload: name, policy, throughputRatio: round(r.perSec / uThr), ...s, ...lat, noise: spread(uBefore.perSec, uAfter.perSec), ...(trace ? { trace } : {}) });
+        status(`  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s`);
+        uBefore = uAfter;
+      }
+    } finally {
+      await rig?.vm.stop();
+      await rig?.io.close().catch(() => {});
+      await rig?.lan.destroy();
+      removeTempDir(dir);
     }
-  } finally {
-    await rig?.vm.stop();
-    await rig?.io.close().catch(() => {});
-    await rig?.lan.destroy();
   }
-  removeTempDir(dir);
   const perPolicy: Record<string, { throughputRatio: Record<string, number>; kvLatencyP50Ms: number | null; checkpointsPerSec: Record<string, number> }> = {};
   for (const c of cells) {
     const e = (perPolicy[c.policy] ??= { throughputRatio: {}, kvLatencyP50Ms: null, checkpointsPerSec: {} });

@@ -34,9 +34,9 @@ export interface ChaosResult {
 
 interface ClientEvent { t: number; type: string; key?: string; value?: string; conn?: number; id?: number; event?: string; latMs?: number; missing?: string[]; checked?: number }
 
-export function clientProcess(lan: Lan, args: string[]): { proc: TrackedProcess; events: ClientEvent[]; done: Promise<void> } {
+export function clientProcess(lan: Lan, args: string[], scriptPath = join('src', 'chaos', 'kv-client.ts')): { proc: TrackedProcess; events: ClientEvent[]; done: Promise<void> } {
   const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
-  const script = join(REPO_ROOT, 'src', 'chaos', 'kv-client.ts');
+  const script = join(REPO_ROOT, scriptPath);
   const proc = spawnTracked('kv-client', 'ip', ['netns', 'exec', lan.clientNs, process.execPath, '--import', tsx, script, ...args]);
   const events: ClientEvent[] = [];
   let buf = '';
@@ -62,7 +62,11 @@ export async function waitFor<T>(f: () => T | undefined, ms: number, what: strin
 /** A KV guest on a LAN: topology, disk, the guest's I/O on host A, the booted VM. */
 export interface KvRig { lan: Lan; hosts: LanHost[]; io: GuestIo; vm: QemuVm; dir: string; binary: import('../qemu/vm.ts').QemuBinary; accel: string }
 
-export async function startKvRig(dir: string, accelChoice: AccelChoice, tag: string): Promise<KvRig> {
+/** What the rig's guest runs (default: the KV service) and the console line that says it is ready. */
+export interface RigWorkload { wl: Array<string | number>; ready: RegExp }
+export const KV_WORKLOAD: RigWorkload = { wl: ['kvd', 7000, '/data/kv.log'], ready: /RUBATO kvd ready/ };
+
+export async function startKvRig(dir: string, accelChoice: AccelChoice, tag: string, workload: RigWorkload = KV_WORKLOAD): Promise<KvRig> {
   const guest = await ensureGuestImage();
   const { accel } = await resolveAccel(accelChoice, stockQemu(), guest);
   const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
@@ -76,11 +80,11 @@ export async function startKvRig(dir: string, accelChoice: AccelChoice, tag: str
     if (mk.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `mkfs.ext2 failed: ${mk.stderr}`);
     const spec: VmSpec = {
       name: 'kv', accel, cpus: 1, memMb: 128, kernel: guest.kernel, initrd: guest.initrd, mac: '52:54:00:ab:cd:01', disk: true,
-      append: guestAppend(['kvd', 7000, '/data/kv.log'], { ip: `${lan.guestIp}/24`, disk: 'vda' }),
+      append: guestAppend(workload.wl, { ip: `${lan.guestIp}/24`, disk: 'vda' }),
     };
     const io = await GuestIo.start(lan, hosts[0]!, dir, 'g0', disk);
     const vm = await QemuVm.start(spec, { binary, runDir: dir, tag: 'g0', netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) });
-    await vm.waitSerial(/RUBATO kvd ready/, 90_000);
+    await vm.waitSerial(workload.ready, 90_000);
     return { lan, hosts, io, vm, dir, binary, accel };
   } catch (e) {
     await lan.destroy();

@@ -78,7 +78,7 @@ export interface FaultContext {
   crash(): Promise<void>;
 }
 
-interface Inflight { epoch: number; counter: number; sentAtMs: number; tag: number; record?: EpochRecord }
+interface Inflight { epoch: number; counter: number; sentAtMs: number; tag: number; record?: EpochRecord; traced?: number; sentAtPerf?: number }
 
 export class PrimaryController {
   private stopped = false;
@@ -181,6 +181,7 @@ export class PrimaryController {
         if (head && f.epoch === head.epoch) {
           inflight.shift();
           if (head.record) head.record.transferMs = Date.now() - head.sentAtMs;
+          if (head.traced !== undefined && head.sentAtPerf !== undefined) this.o.trace?.acked(head.traced, performance.now() - head.sentAtPerf);
           this.o.relay?.commit(head.tag);
           this.ackedEpoch = f.epoch;
           this.ackedCounter = head.counter;
@@ -296,15 +297,16 @@ export class PrimaryController {
       this.epoch = cp.epoch;
       lastPages = cp.pages.length;
       const record = encodeRecord(cp, base.blocks);
+      let traced: number | undefined;
       if (trace) {
         const ids = new Uint32Array(cp.pages.length);
         cp.pages.forEach((p, i) => { ids[i] = ((blockIndex.get(p.block) ?? 255) << 24 | Math.floor(p.offset / 4096)) >>> 0; });
-        trace.epoch(ranFrom, ranFrom + lengthMs, cp.timings.pauseMsLocal, record.length, ids);
+        traced = trace.epoch(ranFrom, ranFrom + lengthMs, cp.timings.pauseMsLocal, record.length, ids);
       }
       const rec: EpochRecord = { lengthMs, dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, transferMs: null, outputFrames };
       history.push(rec);
       if (history.length > HISTORY_KEPT) history.shift();
-      inflight.push({ epoch: cp.epoch, counter, sentAtMs: Date.now(), tag, record: rec });
+      inflight.push({ epoch: cp.epoch, counter, sentAtMs: Date.now(), tag, record: rec, ...(traced !== undefined && traced >= 0 ? { traced, sentAtPerf: performance.now() } : {}) });
       if (this.o.fault) await this.o.fault('mid-transfer', cp.epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, cp.epoch, record, Math.floor(record.length * f)), crash: () => this.crash() });
       if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
       void link.send(FrameType.CKPT, cp.epoch, record).catch(() => {});

@@ -60,11 +60,11 @@ export function simulateProfile(path: string, policy: string, bandwidth: string,
 }
 
 /** Bandwidth by class name or as bytes per ms (the evaluation's measured link classes). */
-export function simulateTrace(path: string, policy: string, bandwidth: string | number, cpus?: number): SimulateCliResult & { recordedPolicy: string; recordedCheckpointsPerSec: number } {
+export function simulateTrace(path: string, policy: string, bandwidth: string | number, cpus?: number, pausePerPageMs?: number): SimulateCliResult & { recordedPolicy: string; recordedCheckpointsPerSec: number } {
   const t = loadTrace(path);
   const bw = typeof bandwidth === 'number' ? bandwidth : bandwidthOf(bandwidth);
   const n = cpus ?? t.cpus;
-  const replay = traceWorkload(t, bw, { cpus: n });
+  const replay = traceWorkload(t, bw, { cpus: n, ...(pausePerPageMs !== undefined ? { pausePerPageMs } : {}) });
   const r = simulate(parsePolicy(policy), replay.workload, replay.durationMs);
   const seconds = replay.durationMs / 1000;
   return {

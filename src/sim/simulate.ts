@@ -17,6 +17,8 @@ export interface SimWorkload {
   pauseMs(pages: number): number;
   /** Bytes a checkpoint of `pages` ships (default: the pages plus 32 kB of device state). */
   checkpointBytes?(pages: number): number;
+  /** The standby's time to commit a checkpoint of `bytes` once received (serial; default 0). */
+  commitMs?(bytes: number): number;
 }
 
 export interface SimResult {
@@ -37,6 +39,7 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
   let t = 0;
   let epochStart = 0;
   let linkFree = 0;
+  let standbyFree = 0;
   let pausedMs = 0;
   let maxBacklog = 0;
   let waiting: number[] = []; // output frame times in the running epoch
@@ -75,7 +78,8 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         pausedMs += pause;
         const sendStart = Math.max(linkFree, t);
         linkFree = sendStart + bytes / w.bandwidthBytesPerMs(sendStart);
-        acks.push({ at: linkFree + w.rttMs, frames: waiting, index: history.length - 1, sentAt: t });
+        standbyFree = Math.max(standbyFree, linkFree) + (w.commitMs?.(bytes) ?? 0);
+        acks.push({ at: standbyFree + w.rttMs, frames: waiting, index: history.length - 1, sentAt: t });
         waiting = [];
         flushes = 0;
         epochStart = t;

@@ -10,7 +10,7 @@
 
 import { readFileSync, writeFileSync } from 'node:fs';
 import { RubatoError } from '../util/errors.ts';
-import { fitPause, PAGE_BYTES, type EpochRecord } from '../scheduler/index.ts';
+import { PAGE_BYTES, type EpochRecord } from '../scheduler/index.ts';
 import type { SimWorkload } from './simulate.ts';
 
 export const TRACE_FORMAT = 'rubato-trace/1';
@@ -19,6 +19,8 @@ export interface TraceEpoch {
   /** Epoch start and checkpoint (pause) instant, ms from the trace's start. */
   startMs: number; endMs: number;
   pauseMs: number; bytes: number;
+  /** Send → acknowledgement, ms (the link and the standby's commit), when the ack came. */
+  ackMs?: number;
   /** Dirtied pages as block-index << 24 | page number, base64 of a Uint32Array (compact JSON). */
   pages: string;
 }
@@ -52,9 +54,15 @@ export class TraceRecorder {
 
   private rel(ms: number): number { return Math.round((ms - this.t0) * 1000) / 1000; }
 
-  epoch(startMs: number, endMs: number, pauseMs: number, bytes: number, pageIds: Uint32Array): void {
-    if (endMs < this.t0) return;
-    this.epochs.push({ startMs: Math.max(0, this.rel(startMs)), endMs: this.rel(endMs), pauseMs: Math.round(pauseMs * 1000) / 1000, bytes, pages: encodePages(pageIds) });
+  /** Records a checkpoint; returns a handle for `acked`. */
+  epoch(startMs: number, endMs: number, pauseMs: number, bytes: number, pageIds: Uint32Array): number {
+    if (endMs < this.t0) return -1;
+    return -1 + this.epochs.push({ startMs: Math.max(0, this.rel(startMs)), endMs: this.rel(endMs), pauseMs: Math.round(pauseMs * 1000) / 1000, bytes, pages: encodePages(pageIds) });
+  }
+
+  acked(handle: number, ackMs: number): void {
+    const e = this.epochs[handle];
+    if (e) e.ackMs = Math.round(ackMs * 1000) / 1000;
   }
 
   output(atMs: number): void { if (atMs >= this.t0 && this.outputMs.length < TraceRecorder.MAX_EVENTS) this.outputMs.push(this.rel(atMs)); }
@@ -64,8 +72,23 @@ export class TraceRecorder {
     if (a.length < TraceRecorder.MAX_EVENTS) a.push(this.rel(atMs));
   }
 
-  finish(nowMs: number): Trace {
-    return { format: TRACE_FORMAT, ...this.meta, durationMs: this.rel(nowMs), epochs: this.epochs, outputMs: this.outputMs, diskWritesMs: this.writesMs, diskFlushesMs: this.flushesMs };
+  /**
+   * The trace up to `nowMs`; with `fromMs`, only what began from then on, re-based to it. Flushes
+   * during a checkpoint's pause are QEMU's own (it flushes its block devices when it stops the
+   * guest), not the workload's: they are left out.
+   */
+  finish(nowMs: number, fromMs?: number): Trace {
+    const from = fromMs === undefined ? 0 : this.rel(fromMs);
+    const r3 = (x: number) => Math.round(x * 1000) / 1000;
+    const keep = (a: number[]) => a.filter((x) => x >= from).map((x) => r3(x - from));
+    const pauses = this.epochs.map((e) => [e.endMs - 0.5, e.endMs + e.pauseMs + 0.5] as const);
+    let k = 0;
+    const guestFlushes = this.flushesMs.filter((x) => {
+      while (k < pauses.length && pauses[k]![1] < x) k++;
+      return !(k < pauses.length && pauses[k]![0] <= x && x <= pauses[k]![1]);
+    });
+    const epochs = this.epochs.filter((e) => e.startMs >= from).map((e) => ({ ...e, startMs: r3(e.startMs - from), endMs: r3(e.endMs - from) }));
+    return { format: TRACE_FORMAT, ...this.meta, durationMs: this.rel(nowMs) - from, epochs, outputMs: keep(this.outputMs), diskWritesMs: keep(this.writesMs), diskFlushesMs: keep(guestFlushes) };
   }
 }
 
@@ -79,6 +102,11 @@ export function loadTrace(path: string): Trace {
   if (t.format !== TRACE_FORMAT) throw new RubatoError('RUBATO_CONFIG', `${path} is not a rubato trace (format ${String(t.format)}, expected ${TRACE_FORMAT})`);
   if (!Array.isArray(t.epochs) || t.epochs.length < 3) throw new RubatoError('RUBATO_CONFIG', `${path} holds ${t.epochs?.length ?? 0} checkpoints; a replay needs at least 3`);
   return t;
+}
+
+/** Bytes per ms of the link a trace was recorded on (its class name), to take transfers out of its acks. */
+export function bandwidthOfRecording(t: Trace): number {
+  return ({ '1gbit': 125_000, '10gbit': 1_250_000 } as Record<string, number>)[t.link] ?? 1_000_000;
 }
 
 /** Deterministic "is this page in the first f of its epoch" (pages within an epoch carry no order). */
@@ -99,6 +127,8 @@ export interface TraceReplay {
   durationMs: number;
   /** The pause model fitted from the trace: fixed ms + per page ms. */
   pause: { fixedMs: number; perPageMs: number };
+  /** The standby's commit time fitted from the recorded acks: fixed ms + ms per MB. */
+  commit: { fixedMs: number; perMbMs: number };
   /** Bytes a checkpoint ships besides its pages (device state, framing): the trace's median. */
   overheadBytes: number;
 }
@@ -107,7 +137,25 @@ export interface TraceReplay {
  * A simulator workload replaying `t` over a link of `bandwidthBytesPerMs`. Time 0 of the replay is
  * the trace's first recorded epoch start; the replay must not run past `durationMs`.
  */
-export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: { rttMs?: number; cpus?: number } = {}): TraceReplay {
+/** y ≈ a + b·x by least squares over all points, b ≥ 0 (or b given), a ≥ 0. */
+function line(pts: Array<[number, number]>, slope?: number): { a: number; b: number } {
+  if (!pts.length) return { a: 0, b: slope ?? 0 };
+  const mx = pts.reduce((s, p) => s + p[0], 0) / pts.length;
+  const my = pts.reduce((s, p) => s + p[1], 0) / pts.length;
+  let b = slope;
+  if (b === undefined) {
+    let sxx = 0, sxy = 0;
+    for (const [x, y] of pts) { sxx += (x - mx) ** 2; sxy += (x - mx) * (y - my); }
+    b = sxx > 1e-9 ? Math.max(0, sxy / sxx) : 0;
+  }
+  return { a: Math.max(0, my - b * mx), b };
+}
+
+/**
+ * A simulator workload replaying `t`. `pausePerPageMs` fixes the pause's per-page slope (e.g. from a
+ * profile that saw a wide range of checkpoint sizes; a trace at one period sees a narrow one).
+ */
+export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: { rttMs?: number; cpus?: number; pausePerPageMs?: number } = {}): TraceReplay {
   const rttMs = o.rttMs ?? 0.2;
   // More vCPUs than recorded: each recorded page set counts `scale` times over disjoint memory (the
   // same assumption as the curve extrapolation; shared working sets would scale less).
@@ -117,7 +165,22 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: { rttMs?
   const shift = (ms: number) => ms - origin;
   const ep = epochs.map((e) => ({ start: shift(e.startMs), end: shift(e.endMs), ids: e.ids }));
   const records: EpochRecord[] = epochs.map((e) => ({ lengthMs: e.endMs - e.startMs, dirtyPages: e.ids.length, pauseMs: e.pauseMs, bytes: e.bytes, transferMs: null, outputFrames: 0 }));
-  const pm = fitPause(records);
+  const pl = line(records.map((r) => [r.dirtyPages, r.pauseMs]), o.pausePerPageMs);
+  const pm = { fixedMs: pl.a, perPageMs: pl.b };
+  // The standby commits one checkpoint at a time: a recorded ack also holds the wait behind the
+  // previous one. Service time = ack − max(arrival, previous ack).
+  const recBw = bandwidthOfRecording(t);
+  const service: Array<[number, number]> = [];
+  let prevAck = Number.NEGATIVE_INFINITY;
+  for (const e of epochs) {
+    if (e.ackMs === undefined) { prevAck = Number.NEGATIVE_INFINITY; continue; }
+    const sent = e.endMs + e.pauseMs;
+    const arrived = sent + e.bytes / recBw;
+    const ack = sent + e.ackMs - rttMs;
+    service.push([e.bytes / 1e6, Math.max(0, ack - Math.max(arrived, prevAck))]);
+    prevAck = ack;
+  }
+  const cl = line(service);
   const over = epochs.map((e) => e.bytes - e.ids.length * PAGE_BYTES).sort((a, b) => a - b);
   const overheadBytes = Math.max(0, over[Math.floor(over.length / 2)] ?? 0);
   const outs = t.outputMs.map(shift).filter((x) => x >= 0).sort((a, b) => a - b);
@@ -151,6 +214,7 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: { rttMs?
     rttMs,
     pauseMs: (p) => pm.fixedMs + pm.perPageMs * p,
     checkpointBytes: (pages) => pages * PAGE_BYTES + overheadBytes,
+    commitMs: (bytes) => cl.a + cl.b * (bytes / 1e6),
   };
-  return { workload: w, durationMs, pause: { fixedMs: pm.fixedMs, perPageMs: pm.perPageMs }, overheadBytes };
+  return { workload: w, durationMs, pause: { fixedMs: pm.fixedMs, perPageMs: pm.perPageMs }, commit: { fixedMs: cl.a, perMbMs: cl.b }, overheadBytes };
 }

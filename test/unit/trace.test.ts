@@ -61,3 +61,19 @@ test('trace: replay under other policies uses the same scheduler code and the re
   const r = simulate(parsePolicy('fixed:10ms'), traceWorkload(recorded(1), 1_250_000).workload, 900);
   assert.ok(r.checkpoints >= 75 && r.checkpoints <= 90, `${r.checkpoints} checkpoints in 0.9 s`);
 });
+
+test('trace: QEMU\'s own flushes while a checkpoint pauses the guest are not workload events', () => {
+  const r = new TraceRecorder({ workload: 'disk', policy: 'fixed:25ms', link: 'unlimited', cpus: 1, accel: 'tcg' }, 0);
+  for (let i = 0; i < 4; i++) r.epoch(i * 30, i * 30 + 25, 3, 50_000, new Uint32Array([i]));
+  r.disk('flush', 26); // inside the first pause [25, 28]
+  r.disk('flush', 40); // the guest's own, mid-epoch
+  r.disk('flush', 86.5); // inside the third pause [85, 88]
+  r.disk('write', 26);
+  const t = r.finish(120);
+  assert.deepEqual(t.diskFlushesMs, [40]);
+  assert.deepEqual(t.diskWritesMs, [26]);
+  const late = r.finish(120, 50);
+  assert.equal(late.epochs.length, 2);
+  assert.equal(late.epochs[0]!.startMs, 10);
+  assert.deepEqual(late.diskFlushesMs, []);
+});
