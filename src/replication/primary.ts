@@ -301,7 +301,7 @@ export class PrimaryController {
       if (trace) {
         const ids = new Uint32Array(cp.pages.length);
         cp.pages.forEach((p, i) => { ids[i] = ((blockIndex.get(p.block) ?? 255) << 24 | Math.floor(p.offset / 4096)) >>> 0; });
-        traced = trace.epoch(ranFrom, ranFrom + lengthMs, cp.timings.pauseMsLocal, record.length, ids);
+        traced = trace.epoch(ranFrom, ranFrom + lengthMs, cp.timings.pauseMsLocal, record.length, ids, nowMs);
       }
       const rec: EpochRecord = { lengthMs, dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, transferMs: null, outputFrames };
       history.push(rec);

@@ -19,6 +19,8 @@ export interface SimWorkload {
   checkpointBytes?(pages: number): number;
   /** The standby's time to commit a checkpoint of `bytes` once received (serial; default 0). */
   commitMs?(bytes: number): number;
+  /** The guest runs on this long between a checkpoint decision and its pause (default 0). */
+  triggerMs?: number;
 }
 
 export interface SimResult {
@@ -69,6 +71,14 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
       const d = policy.decide(tel);
       reasons[d.reason] = (reasons[d.reason] ?? 0) + 1;
       if (d.checkpoint && backlog < maxInflight) {
+        // The engine asks QEMU to stop the guest; it runs (and may send) until it has.
+        for (let r = 0; r + stepMs <= (w.triggerMs ?? 0); r += stepMs) {
+          t += stepMs;
+          deliver();
+          const n = w.output(t, stepMs);
+          for (let i = 0; i < n; i++) waiting.push(t);
+          flushes += w.flushes?.(t, stepMs) ?? 0;
+        }
         const length = t - epochStart;
         const pages = Math.round(w.dirtyPages(length, epochStart));
         const pause = w.pauseMs(pages);

@@ -21,6 +21,8 @@ export interface TraceEpoch {
   pauseMs: number; bytes: number;
   /** Send → acknowledgement, ms (the link and the standby's commit), when the ack came. */
   ackMs?: number;
+  /** When the policy decided on this checkpoint (the guest runs on until QEMU has stopped it). */
+  decidedMs?: number;
   /** Dirtied pages as block-index << 24 | page number, base64 of a Uint32Array (compact JSON). */
   pages: string;
 }
@@ -55,9 +57,12 @@ export class TraceRecorder {
   private rel(ms: number): number { return Math.round((ms - this.t0) * 1000) / 1000; }
 
   /** Records a checkpoint; returns a handle for `acked`. */
-  epoch(startMs: number, endMs: number, pauseMs: number, bytes: number, pageIds: Uint32Array): number {
+  epoch(startMs: number, endMs: number, pauseMs: number, bytes: number, pageIds: Uint32Array, decidedMs?: number): number {
     if (endMs < this.t0) return -1;
-    return -1 + this.epochs.push({ startMs: Math.max(0, this.rel(startMs)), endMs: this.rel(endMs), pauseMs: Math.round(pauseMs * 1000) / 1000, bytes, pages: encodePages(pageIds) });
+    return -1 + this.epochs.push({
+      startMs: Math.max(0, this.rel(startMs)), endMs: this.rel(endMs), pauseMs: Math.round(pauseMs * 1000) / 1000, bytes, pages: encodePages(pageIds),
+      ...(decidedMs !== undefined ? { decidedMs: this.rel(decidedMs) } : {}),
+    });
   }
 
   acked(handle: number, ackMs: number): void {
@@ -87,7 +92,7 @@ export class TraceRecorder {
       while (k < pauses.length && pauses[k]![1] < x) k++;
       return !(k < pauses.length && pauses[k]![0] <= x && x <= pauses[k]![1]);
     });
-    const epochs = this.epochs.filter((e) => e.startMs >= from).map((e) => ({ ...e, startMs: r3(e.startMs - from), endMs: r3(e.endMs - from) }));
+    const epochs = this.epochs.filter((e) => e.startMs >= from).map((e) => ({ ...e, startMs: r3(e.startMs - from), endMs: r3(e.endMs - from), ...(e.decidedMs !== undefined ? { decidedMs: r3(e.decidedMs - from) } : {}) }));
     return { format: TRACE_FORMAT, ...this.meta, durationMs: this.rel(nowMs) - from, epochs, outputMs: keep(this.outputMs), diskWritesMs: keep(this.writesMs), diskFlushesMs: keep(guestFlushes) };
   }
 }
@@ -129,6 +134,8 @@ export interface TraceReplay {
   pause: { fixedMs: number; perPageMs: number };
   /** The standby's commit time fitted from the recorded acks: fixed ms + ms per MB. */
   commit: { fixedMs: number; perMbMs: number };
+  /** Decision → pause, ms (the median recorded). */
+  triggerMs: number;
   /** Bytes a checkpoint ships besides its pages (device state, framing): the trace's median. */
   overheadBytes: number;
 }
@@ -161,9 +168,13 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: { rttMs?
   // same assumption as the curve extrapolation; shared working sets would scale less).
   const scale = Math.max(1, (o.cpus ?? t.cpus) / Math.max(1, t.cpus));
   const epochs = t.epochs.map((e) => ({ ...e, ids: decodePages(e.pages) }));
-  const origin = epochs[0]!.startMs;
-  const shift = (ms: number) => ms - origin;
-  const ep = epochs.map((e) => ({ start: shift(e.startMs), end: shift(e.endMs), ids: e.ids }));
+  // A recorded set holds what the guest dirtied from the end of the previous pause (it runs while
+  // the engine finishes the capture) to this checkpoint's pause.
+  const shift = (ms: number) => ms;
+  const ep = epochs.map((e, i) => ({ start: i === 0 ? 0 : epochs[i - 1]!.endMs + epochs[i - 1]!.pauseMs, end: e.endMs, ids: e.ids }));
+  // The guest runs on between the policy's decision and QEMU stopping it (the median over the trace).
+  const triggers = epochs.filter((e) => e.decidedMs !== undefined).map((e) => Math.max(0, e.endMs - e.decidedMs!)).sort((a, b) => a - b);
+  const triggerMs = triggers[Math.floor(triggers.length / 2)] ?? 0;
   const records: EpochRecord[] = epochs.map((e) => ({ lengthMs: e.endMs - e.startMs, dirtyPages: e.ids.length, pauseMs: e.pauseMs, bytes: e.bytes, transferMs: null, outputFrames: 0 }));
   const pl = line(records.map((r) => [r.dirtyPages, r.pauseMs]), o.pausePerPageMs);
   const pm = { fixedMs: pl.a, perPageMs: pl.b };
@@ -185,7 +196,7 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: { rttMs?
   const overheadBytes = Math.max(0, over[Math.floor(over.length / 2)] ?? 0);
   const outs = t.outputMs.map(shift).filter((x) => x >= 0).sort((a, b) => a - b);
   const flushes = t.diskFlushesMs.map(shift).filter((x) => x >= 0).sort((a, b) => a - b);
-  const durationMs = ep.at(-1)!.end;
+  const durationMs = Math.max(t.durationMs ?? 0, ep.at(-1)!.end);
   let lastEnd = 0; // replay epochs are consecutive: the simulator asks for [previous end, now)
   const w: SimWorkload = {
     dirtyPages: (lengthMs: number, startMs?: number) => {
@@ -215,6 +226,7 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: { rttMs?
     pauseMs: (p) => pm.fixedMs + pm.perPageMs * p,
     checkpointBytes: (pages) => pages * PAGE_BYTES + overheadBytes,
     commitMs: (bytes) => cl.a + cl.b * (bytes / 1e6),
+    triggerMs,
   };
-  return { workload: w, durationMs, pause: { fixedMs: pm.fixedMs, perPageMs: pm.perPageMs }, commit: { fixedMs: cl.a, perMbMs: cl.b }, overheadBytes };
+  return { workload: w, durationMs, pause: { fixedMs: pm.fixedMs, perPageMs: pm.perPageMs }, commit: { fixedMs: cl.a, perMbMs: cl.b }, triggerMs, overheadBytes };
 }

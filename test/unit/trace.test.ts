@@ -32,7 +32,7 @@ test('trace: page sets round-trip and a replay at the recorded epochs sees the r
   assert.equal(replay.overheadBytes, 30_000);
   assert.equal(replay.workload.dirtyPages(11, 0), 40, 'one recorded epoch (its run time and pause)');
   // Pages rewritten within a longer epoch count once: 10 recorded epochs cover the 400-page set.
-  assert.equal(replay.workload.dirtyPages(11, 11), 20);
+  assert.equal(replay.workload.dirtyPages(10, 11), 20, 'the next recorded epoch, from the end of the pause before it');
   assert.equal(replay.workload.dirtyPages(220, 0), 400);
   assert.equal(replay.workload.dirtyPages(440, 0), 400, 'the working set bounds a long epoch');
   const half = replay.workload.dirtyPages(5, 0);
