@@ -11,7 +11,8 @@ import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
 import { guestAppend, type Accel } from '../qemu/spec.ts';
 import { ColoCapture } from '../capture/route-a.ts';
 import { fitDirtyCurve } from '../scheduler/index.ts';
-import { clientProcess, startKvRig, type KvRig } from '../chaos/chaos.ts';
+import { startKvRig, type KvRig } from '../chaos/chaos.ts';
+import { RIG, loadClient } from './workloads.ts';
 import { lineChart, svgToPng } from './plot.ts';
 
 export interface ProfileOptions {
@@ -32,7 +33,7 @@ export function workloadPrograms(workload: string, cpus: number, memMb: number):
     const wss = Math.max(4, Math.floor(memMb / 4 / cpus));
     return Array.from({ length: cpus }, (_, i) => ['dirtier', rate, wss, 100, i]);
   }
-  throw new RubatoError('RUBATO_CONFIG', `unknown workload "${workload}" (cpuloop, dirtier:RATE, kv)`);
+  throw new RubatoError('RUBATO_CONFIG', `unknown workload "${workload}" (cpuloop, dirtier:RATE, kv, web, disk)`);
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -66,18 +67,19 @@ async function sweep(vm: QemuVm, dir: string, epochsMs: number[], status: (s: st
 export async function runProfile(o: ProfileOptions): Promise<{ runs: ProfileRun[]; json: string; svg: string; png: string }> {
   const status = o.onStatus ?? (() => {});
   const runs: ProfileRun[] = [];
-  const isKv = o.workload === 'kv';
-  for (const cpus of isKv ? [1] : o.cpus) {
+  const isRig = o.workload in RIG;
+  if (!isRig) workloadPrograms(o.workload, 1, o.memMb); // a bad name fails here, before any guest boots
+  for (const cpus of isRig ? [1] : o.cpus) {
     const dir = makeTempDir('rubato-profile-');
     let vm: QemuVm | null = null;
     let rig: KvRig | null = null;
     try {
       status(`${o.workload} on ${cpus} vCPU(s)`);
-      let client: ReturnType<typeof clientProcess> | null = null;
-      if (isKv) {
-        rig = await startKvRig(dir, o.accel, 'prof');
+      let client: ReturnType<typeof loadClient> = null;
+      if (isRig) {
+        rig = await startKvRig(dir, o.accel, 'prof', RIG[o.workload]!.workload);
         vm = rig.vm;
-        client = clientProcess(rig.lan, ['--target', `${rig.lan.guestIp}:7000`, '--conns', '4', '--seconds', '600']);
+        client = loadClient(o.workload, rig, 600);
         await sleep(1000);
       } else {
         const progs = workloadPrograms(o.workload, cpus, o.memMb);

@@ -13,7 +13,8 @@ import { PrimaryController, type PrimaryEvent } from '../replication/primary.ts'
 import { startStandbyProcess } from './standby-proc.ts';
 import { loadKeyFile } from '../cli/keyfile.ts';
 import { parsePolicy } from '../scheduler/index.ts';
-import { KV_WORKLOAD, clientProcess, startKvRig, waitFor, type KvRig, type RigWorkload } from '../chaos/chaos.ts';
+import { startKvRig, waitFor, type KvRig } from '../chaos/chaos.ts';
+import { RIG, RIG_WORKLOADS, loadClient } from './workloads.ts';
 import { RubatoError } from '../util/errors.ts';
 import { measureKv } from './kv.ts';
 import { ProgressProbe } from './capture.ts';
@@ -93,15 +94,6 @@ function cellTrace(o: SchedulerBenchOptions, accel: string, workload: string, po
   };
 }
 
-const RIG_WORKLOADS = ['kv', 'web', 'disk'] as const;
-const RIG: Record<string, { workload: RigWorkload }> = {
-  kv: { workload: KV_WORKLOAD },
-  // busybox httpd serves the initramfs; a 60 kB kernel module is the page
-  web: { workload: { wl: ['httpd', '-f', '-p', 80, '-h', '/'], ready: /RUBATO boot ok/ } },
-  disk: { workload: { wl: ['fsyncer', '/data/fsync.log', 4, 8, 100], ready: /RUBATO fsyncer t=/ } },
-};
-export const WEB_PAGE = '/lib/modules/virtio_pci.ko';
-
 interface Load { perSec: number; latencyMsP50?: number; latencyMsP99?: number }
 
 /** One measurement window of a rig workload: requests/s (with latency) or records/s. */
@@ -109,7 +101,7 @@ function loadFor(name: string, rig: KvRig, seconds: number): () => Promise<Load>
   if (name === 'kv') return async () => { const k = await measureKv(rig, seconds, 4, name, null); return { perSec: k.throughputPerSec, latencyMsP50: k.latencyMsP50, latencyMsP99: k.latencyMsP99 }; };
   if (name === 'web') {
     return async () => {
-      const c = clientProcess(rig.lan, ['--target', `${rig.lan.guestIp}:80`, '--path', WEB_PAGE, '--conns', '4', '--seconds', String(seconds)], join('src', 'bench', 'web-client.ts'));
+      const c = loadClient('web', rig, seconds)!;
       await c.done;
       const lat = c.events.filter((e) => e.type === 'ack').map((e) => e.latMs ?? 0);
       if (!lat.length) throw new RubatoError('RUBATO_CAPTURE_FAILED', `the web client completed no request (${c.events.find((e) => e.type === 'error')?.event ?? 'no output'})`);

@@ -150,7 +150,7 @@ withLinkOptions(program.command('demo'))
 
 program.command('profile')
   .description('characterise a workload: dirty pages vs epoch length, pause, network and disk operations, per vCPU count')
-  .option('--workload <name>', 'cpuloop, dirtier:RATE or kv', 'dirtier:10')
+  .option('--workload <name>', 'cpuloop, dirtier:RATE, kv, web or disk (the services run on 1 vCPU)', 'dirtier:10')
   .option('--cpus <list>', 'vCPU counts, comma-separated', '1,2,4')
   .option('--epochs <list>', 'epoch lengths in ms, comma-separated', '5,10,25,50,100,250,500,1000')
   .option('--mem <mb>', 'guest memory in MB', intOpt('mem', 64, 65536), 256)
