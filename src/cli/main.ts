@@ -168,7 +168,7 @@ program.command('profile')
     const epochsMs = o.quick ? [10, 50, 250] : list(o.epochs, 'epochs', 60000);
     const p = await platform(o.accel);
     const r = await runProfile({ workload: o.workload, cpus, epochsMs, memMb: o.quick ? 128 : o.mem, outDir: o.out, ...p, onStatus: (s) => log.info(s) });
-    process.stdout.write(`${JSON.stringify({ workload: o.workload, json: r.json, figures: [r.svg, r.png], runs: r.runs.map((x) => ({ cpus: x.cpus, curve: x.curve, netFramesPerSec: x.netFramesPerSec, diskWritesPerSec: x.diskWritesPerSec })) })}\n`);
+    process.stdout.write(`${JSON.stringify({ workload: o.workload, json: r.json, figures: [r.svg, r.png], runs: r.runs.map((x) => ({ cpus: x.cpus, curve: x.curve, netFramesPerSec: x.netFramesPerSec, diskWritesPerSec: x.diskWritesPerSec, diskFlushesPerSec: x.diskFlushesPerSec })) })}\n`);
   });
 
 program.command('simulate')
