@@ -10,10 +10,11 @@ import { round } from '../util/stats.ts';
 import { ShapedLink, type LinkClass } from '../io/net/shaped-link.ts';
 import { parsePolicy, fitPause } from '../scheduler/index.ts';
 import { simulate } from '../sim/simulate.ts';
-import { simulateTrace } from '../sim/cli.ts';
+import { validateByReplay } from './validate.ts';
 import { BANDWIDTH_CLASSES, curveFor, workloadFor, type MeasuredCurve } from '../sim/extrapolate.ts';
 import { runProfile } from './profile.ts';
 import { runSchedulerBench, type SchedulerCell } from './scheduler.ts';
+import { served } from './workloads.ts';
 import { lineChart, svgToPng } from './plot.ts';
 import type { QemuBinary } from '../qemu/vm.ts';
 import type { Accel } from '../qemu/spec.ts';
@@ -55,7 +56,6 @@ export async function runEvaluation(o: EvaluateOptions): Promise<Record<string, 
   const parallel = o.quick ? ['dirtier-10x2'] : ['dirtier-10x2', 'dirtier-10x4'];
   const workloads = o.quick ? ['dirtier-10', ...parallel, 'kv', 'web', 'disk'] : ['cpu-loop', 'dirtier-10', 'dirtier-50', ...parallel, 'kv', 'web', 'disk'];
   const linkSensitive = o.quick ? ['dirtier-10', 'kv'] : ['dirtier-10', 'dirtier-50', 'kv', 'web'];
-  const served = (wl: string) => wl === 'kv' || wl === 'web'; // request/response: judged on latency
   const cells: Array<SchedulerCell & { link: LinkClass }> = [];
   const link = await ShapedLink.create();
   try {
@@ -83,74 +83,7 @@ export async function runEvaluation(o: EvaluateOptions): Promise<Record<string, 
   for (const policy of policies) for (const [bwName, bw] of Object.entries(BANDWIDTH_CLASSES)) for (const cpus of simCpus) {
     simulated.push({ policy, bandwidth: bwName, cpus, overhead: round(overhead(policy, cpus, bw), 4), extrapolated: !measured.some((m) => m.cpus === cpus) });
   }
-  // Validation by trace replay. Each workload's trace recorded live under fixed:25ms on the first
-  // link class is replayed under every policy and link class measured live, and the prediction is
-  // set beside that live cell: checkpoints/s, paused fraction, added latency (KV), and the
-  // throughput overhead. The guest loses more than its pauses (each checkpoint re-arms dirty
-  // tracking under TCG, capture and shipping compete for the 2 host cores), so the overhead
-  // prediction adds a per-checkpoint and per-page cost calibrated on the recorded cells only.
-  const linkBw: Record<string, number> = { unlimited: 1_000_000, '10gbit': 1_250_000, '1gbit': 125_000 };
-  const SOURCE_POLICY = 'fixed:25ms';
-  // The pause's per-page slope from the profile (checkpoints from 10 ms to 1 s wide); each trace
-  // gives its own fixed part.
-  const perPage = measured.find((m) => m.cpus === 1)?.pausePerPageMs;
-  const replays = cells.flatMap((c) => {
-    const src = cells.find((x) => x.workload === c.workload && x.link === classes[0] && x.policy === SOURCE_POLICY && x.trace);
-    if (!src?.trace) return [];
-    const sim = simulateTrace(src.trace, c.policy, linkBw[c.link] ?? 1_000_000, undefined, perPage);
-    const out: Array<{ c: typeof c; sim: typeof sim; recorded: boolean; role: string; pagesPerMs: number }> = [{ c, sim, recorded: c === src, role: c === src ? 'recorded' : 'predicted', pagesPerMs: (sim.dirtyPagesMedian * sim.checkpointsPerSec) / 1000 }];
-    // The vCPU extrapolation checked where it can be: the 1-vCPU trace replayed on n vCPUs.
-    const n = Number(c.workload.match(/^dirtier-10x(\d+)$/)?.[1] ?? 0);
-    const one = cells.find((x) => x.workload === 'dirtier-10' && x.link === classes[0] && x.policy === SOURCE_POLICY && x.trace);
-    if (n > 1 && one?.trace) {
-      const ext = simulateTrace(one.trace, c.policy, linkBw[c.link] ?? 1_000_000, n, perPage);
-      out.push({ c, sim: ext, recorded: false, role: `extrapolated from 1 vCPU`, pagesPerMs: (ext.dirtyPagesMedian * ext.checkpointsPerSec) / 1000 });
-    }
-    return out;
-  });
-  const calib = replays.filter((r) => r.recorded && !served(r.c.workload) && r.c.workload !== 'disk');
-  let c0 = 0;
-  let c1 = 0;
-  {
-    // live overhead − paused fraction = c0·(checkpoints/ms) + c1·(pages/ms), least squares, non-negative
-    let a11 = 0, a12 = 0, a22 = 0, b1 = 0, b2 = 0;
-    for (const r of calib) {
-      const x1 = r.sim.checkpointsPerSec / 1000, x2 = r.pagesPerMs, y = (1 - r.c.throughputRatio) - r.sim.pausedFraction;
-      a11 += x1 * x1; a12 += x1 * x2; a22 += x2 * x2; b1 += x1 * y; b2 += x2 * y;
-    }
-    const det = a11 * a22 - a12 * a12;
-    if (calib.length >= 2 && Math.abs(det) > 1e-18) { c0 = (b1 * a22 - b2 * a12) / det; c1 = (a11 * b2 - a12 * b1) / det; }
-    if (calib.length < 2 || c0 < 0 || c1 < 0) { c0 = Math.max(0, a11 > 0 ? b1 / a11 : 0); c1 = 0; }
-  }
-  const rel = (sim: number, live: number) => (live !== 0 ? Math.abs(sim - live) / Math.abs(live) : sim === 0 ? 0 : Number.POSITIVE_INFINITY);
-  // A request may need several output commits in turn (a TCP handshake, then the response in
-  // congestion windows): the simulator gives one frame's hold time, and the commits per request
-  // are calibrated per workload on its recorded cell.
-  const commitsPerRequest: Record<string, number> = {};
-  for (const r of replays) {
-    if (r.recorded && served(r.c.workload) && r.c.kvAddedLatencyMsP50 !== undefined && r.sim.outputLatencyMsP50) commitsPerRequest[r.c.workload] = round(Math.max(1, r.c.kvAddedLatencyMsP50 / r.sim.outputLatencyMsP50), 2);
-  }
-  const validation = replays.map(({ c, sim, recorded, role, pagesPerMs }) => {
-    const metrics: Array<{ metric: string; live: number; simulated: number; relativeError: number; within: boolean; tolerance: string; counted: boolean }> = [];
-    const add = (metric: string, live: number, simulated: number, absTol: number, tolerance: string, counted = true) => {
-      const e = rel(simulated, live);
-      metrics.push({ metric, live: round(live, 4), simulated: round(simulated, 4), relativeError: round(e, 3), within: e <= 0.15 || Math.abs(simulated - live) <= absTol, tolerance, counted });
-    };
-    add('checkpoints/s', c.checkpointsPerSec, sim.checkpointsPerSec, 0, '±15%');
-    add('paused fraction', c.pausedFraction, sim.pausedFraction, 0.002, '±15% or 0.2 points');
-    if (served(c.workload)) {
-      if (c.kvAddedLatencyMsP50 !== undefined && sim.outputLatencyMsP50 !== null) add('added latency p50 (ms)', c.kvAddedLatencyMsP50, sim.outputLatencyMsP50 * (commitsPerRequest[c.workload] ?? 1), 1, '±15% or 1 ms');
-    } else {
-      const predicted = sim.pausedFraction + c0 * (sim.checkpointsPerSec / 1000) + c1 * pagesPerMs;
-      // Shown, not counted: live progress is measured to about the unreplicated phases' spread.
-      add('throughput overhead', 1 - c.throughputRatio, predicted, c.noise, `not counted (live spread ${round(c.noise * 100, 1)}%)`, false);
-    }
-    void recorded;
-    return { workload: c.workload, policy: c.policy, link: c.link, role, metrics };
-  });
-  const calibration = { perCheckpointMs: round(c0, 3), perPageUs: round(c1 * 1000, 3), cells: calib.map((r) => `${r.c.workload}/${r.c.policy}/${r.c.link}`), commitsPerRequest };
-  const predicted = validation.filter((v) => v.role !== 'recorded').flatMap((v) => v.metrics).filter((m) => m.counted);
-  const agreement = { predictedComparisons: predicted.length, within: predicted.filter((m) => m.within).length };
+  const { validation, calibration, agreement, sourcePolicy: SOURCE_POLICY, commitsPerRequest } = validateByReplay({ cells, classes, measured, workloads });
 
   // 4. Figures and report.
   const byLink = (wl: string) => policies.map((p) => ({ label: p, points: classes.map((c, i) => [i + 1, cells.find((x) => x.workload === wl && x.policy === p && x.link === c)?.throughputRatio ?? 0] as [number, number]) }));
@@ -192,7 +125,7 @@ export async function runEvaluation(o: EvaluateOptions): Promise<Record<string, 
   md.push('| policy | link | ' + simCpus.map((c) => `${c} vCPU`).join(' | ') + ' |', '|---|---|' + simCpus.map(() => '---').join('|') + '|');
   for (const p of policies) for (const bw of Object.keys(BANDWIDTH_CLASSES)) md.push(`| ${p} | ${bw} | ${simCpus.map((c) => `${round((simulated.find((s) => s.policy === p && s.bandwidth === bw && s.cpus === c)?.overhead ?? 0) * 100, 2)}%`).join(' | ')} |`);
   md.push('', '## Simulator validation (trace replay)', '',
-    `Each workload's event trace, recorded live under ${SOURCE_POLICY} on the ${classes[0]} link (traces/), is replayed by the simulator under every policy and link class that was also measured live, with the same scheduler code. Overhead predictions add ${calibration.perCheckpointMs} ms per checkpoint and ${calibration.perPageUs} µs per dirty page, calibrated on the recorded cells only (${calibration.cells.join(', ') || 'none'}); KV and web are compared on added latency, one frame's simulated hold time times the output commits a request needs (calibrated on the recorded cell: ${Object.entries(commitsPerRequest).map(([w, k]) => `${w} ${k}`).join(', ') || 'none'}). The kernel has no netem: link classes differ in bandwidth only. Of the ${agreement.predictedComparisons} predicted comparisons of checkpoints/s, paused fraction and latency, ${agreement.within} are within tolerance. Throughput overhead is shown but not counted: live progress is measured only to about the spread of the unreplicated phases around each cell (given per cell), often more than the overhead itself.`,
+    `Each workload's event trace, recorded live under ${SOURCE_POLICY} on the ${classes[0]} link (traces/), is replayed by the simulator under every policy and link class that was also measured live, with the same scheduler code. Overhead predictions add ${calibration.perCheckpointMs} ms per checkpoint and ${calibration.perPageUs} µs per dirty page, calibrated on the recorded cells only (${calibration.cells.join(', ') || 'none'}); KV and web are replayed as closed loops — 4 simulated clients, each sending its next request when its answer is released, the unreplicated latency as service time — and compared on added latency; the output commits one request needs in turn are calibrated on the recorded cell (${Object.entries(commitsPerRequest).map(([w, k]) => `${w} ${k}`).join(', ') || 'none'}). The kernel has no netem: link classes differ in bandwidth only. Of the ${agreement.predictedComparisons} predicted comparisons of checkpoints/s, paused fraction and latency, ${agreement.within} are within tolerance. Throughput overhead is shown but not counted: live progress is measured only to about the spread of the unreplicated phases around each cell (given per cell), often more than the overhead itself.`,
     '', '| workload | policy | link | role | metric | live | simulated | rel. error | tolerance | within |', '|---|---|---|---|---|---|---|---|---|---|');
   for (const v of validation) for (const m of v.metrics) md.push(`| ${v.workload} | ${v.policy} | ${v.link} | ${v.role} | ${m.metric} | ${m.live} | ${m.simulated} | ${m.relativeError} | ${m.tolerance} | ${m.within ? 'yes' : 'no'} |`);
   md.push('');

@@ -11,6 +11,9 @@ export const RIG: Record<string, { workload: RigWorkload }> = {
   web: { workload: { wl: ['httpd', '-f', '-p', 80, '-h', '/'], ready: /RUBATO boot ok/ } },
   disk: { workload: { wl: ['fsyncer', '/data/fsync.log', 4, 8, 100], ready: /RUBATO fsyncer t=/ } },
 };
+/** Request/response services: judged on added latency rather than progress. */
+export const served = (wl: string): boolean => wl === 'kv' || wl === 'web';
+
 export const WEB_PAGE = '/lib/modules/virtio_pci.ko';
 
 /** Starts the closed-loop client of a service workload (4 connections); null for the disk writer. */

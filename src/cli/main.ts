@@ -3,6 +3,7 @@
 // progress and logs go to stderr. Config mistakes exit 2 with one clear line.
 
 import { Command, CommanderError } from 'commander';
+import { join } from 'node:path';
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import { ensureAll, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
@@ -14,6 +15,7 @@ import { runKvBench } from '../bench/kv.ts';
 import { runSchedulerBench } from '../bench/scheduler.ts';
 import { runProfile } from '../bench/profile.ts';
 import { runEvaluation } from '../bench/evaluate.ts';
+import { revalidate } from '../bench/validate.ts';
 import { simulateProfile, simulateTrace } from '../sim/cli.ts';
 import { parsePolicy } from '../scheduler/index.ts';
 import { choiceOpt, intOpt, numOpt } from './options.ts';
@@ -183,7 +185,7 @@ program.command('simulate')
   .option('--json', 'print the summary as one JSON line', false)
   .action((o: { profile?: string; trace?: string; policy: string; bandwidth: string; cpus?: number; seconds: number; outputEveryMs?: number; json: boolean }) => {
     if (!!o.profile === !!o.trace) throw new RubatoError('RUBATO_CONFIG', 'give exactly one of --trace FILE or --profile FILE');
-    const r = o.trace ? simulateTrace(o.trace, o.policy, o.bandwidth, o.cpus) : simulateProfile(o.profile!, o.policy, o.bandwidth, o.cpus ?? 1, o.seconds, o.outputEveryMs);
+    const r = o.trace ? simulateTrace(o.trace, o.policy, o.bandwidth, o.cpus !== undefined ? { cpus: o.cpus } : {}) : simulateProfile(o.profile!, o.policy, o.bandwidth, o.cpus ?? 1, o.seconds, o.outputEveryMs);
     process.stdout.write(`${JSON.stringify(r)}\n`);
   });
 
@@ -205,7 +207,7 @@ program.command('chaos')
 
 program.command('bench')
   .description('benchmarks: capture (pause, bytes, progress vs unreplicated), failover (time to take over), kv (latency with output commit)')
-  .argument('[which]', 'all (the evaluation report), capture, failover, kv or scheduler', 'all')
+  .argument('[which]', 'all (the evaluation report), capture, failover, kv, scheduler, or validate (re-run the simulator validation on --out\'s evaluation.json and traces)', 'all')
   .option('--quick', 'reduced settings (a few minutes)', false)
   .option('--seconds <n>', 'measurement time per phase (capture)', intOpt('seconds', 2, 600))
   .option('--runs <n>', 'runs per failure mode (failover)', intOpt('runs', 1, 1000))
@@ -217,6 +219,10 @@ program.command('bench')
     if (which === 'failover') {
       const r = await runFailoverBench({ runs: o.runs ?? (o.quick ? 2 : 10), timeoutMs: o.timeoutMs, accel: o.accel, outDir: o.out, onStatus: (s) => log.info(s) });
       process.stdout.write(`${JSON.stringify(r.summary)}\n`);
+      return;
+    }
+    if (which === 'validate') {
+      process.stdout.write(`${JSON.stringify(revalidate(join(o.out, 'evaluation.json')))}\n`);
       return;
     }
     if (which === 'all') {
@@ -236,7 +242,7 @@ program.command('bench')
       process.stdout.write(`${JSON.stringify(r.summary)}\n`);
       return;
     }
-    if (which !== 'capture') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: all, capture, failover, kv, scheduler)`);
+    if (which !== 'capture') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: all, capture, failover, kv, scheduler, validate)`);
     const p = await platform(o.accel);
     const r = await runCaptureBench({ ...p, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), onStatus: (s) => log.info(s) });
     process.stdout.write(`${JSON.stringify(r.summary)}\n`);

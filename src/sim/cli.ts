@@ -8,7 +8,7 @@ import { median, percentile, round } from '../util/stats.ts';
 import { fitPause, parsePolicy } from '../scheduler/index.ts';
 import { simulate } from './simulate.ts';
 import { BANDWIDTH_CLASSES, curveFor, workloadFor, type MeasuredCurve } from './extrapolate.ts';
-import { loadTrace, traceWorkload } from './trace.ts';
+import { loadTrace, traceWorkload, type ReplayOptions } from './trace.ts';
 import type { SimResult } from './simulate.ts';
 
 interface ProfileFile { workload: string; runs: Array<{ cpus: number; curve: { a: number; b: number }; points: Array<{ epochMs: number; dirtyPagesMedian: number; pauseMsMedian: number }> }> }
@@ -60,15 +60,16 @@ export function simulateProfile(path: string, policy: string, bandwidth: string,
 }
 
 /** Bandwidth by class name or as bytes per ms (the evaluation's measured link classes). */
-export function simulateTrace(path: string, policy: string, bandwidth: string | number, cpus?: number, pausePerPageMs?: number): SimulateCliResult & { recordedPolicy: string; recordedCheckpointsPerSec: number } {
+export function simulateTrace(path: string, policy: string, bandwidth: string | number, o: Omit<ReplayOptions, 'rttMs'> = {}): SimulateCliResult & { recordedPolicy: string; recordedCheckpointsPerSec: number; requestLatencyMsP50: number | null } {
   const t = loadTrace(path);
   const bw = typeof bandwidth === 'number' ? bandwidth : bandwidthOf(bandwidth);
-  const n = cpus ?? t.cpus;
-  const replay = traceWorkload(t, bw, { cpus: n, ...(pausePerPageMs !== undefined ? { pausePerPageMs } : {}) });
+  const n = o.cpus ?? t.cpus;
+  const replay = traceWorkload(t, bw, { ...o, cpus: n });
   const r = simulate(parsePolicy(policy), replay.workload, replay.durationMs);
   const seconds = replay.durationMs / 1000;
   return {
     workload: t.workload, policy, bandwidth: String(bandwidth), cpus: n, extrapolated: n > t.cpus, ...summarise(r, seconds),
     recordedPolicy: t.policy, recordedCheckpointsPerSec: round(t.epochs.length / seconds, 1),
+    requestLatencyMsP50: r.requestLatencyMs.length ? round(median(r.requestLatencyMs), 2) : null,
   };
 }

@@ -21,6 +21,13 @@ export interface SimWorkload {
   commitMs?(bytes: number): number;
   /** The guest runs on this long between a checkpoint decision and its pause (default 0). */
   triggerMs?: number;
+  /**
+   * Closed-loop clients (request/response services): each sends a request, the guest answers
+   * after `serviceMs`, and a request completes after `commitsPerRequest` answers in turn have been
+   * released (a TCP handshake, a response in several congestion windows); the client then sends
+   * its next request at once. Their frames come on top of `output`.
+   */
+  clients?: { count: number; serviceMs: number; commitsPerRequest: number };
 }
 
 export interface SimResult {
@@ -31,13 +38,20 @@ export interface SimResult {
   pausedMs: number;
   durationMs: number;
   reasons: Record<string, number>;
+  /** Closed-loop requests: start → last answer released, ms. */
+  requestLatencyMs: number[];
 }
 
 export function simulate(policy: Policy, w: SimWorkload, durationMs: number, stepMs = 0.25, maxInflight = 4): SimResult {
   const history: EpochRecord[] = [];
   const reasons: Record<string, number> = {};
-  const acks: Array<{ at: number; frames: number[]; index: number; sentAt: number }> = [];
+  const acks: Array<{ at: number; frames: number[]; owners: number[]; index: number; sentAt: number }> = [];
   const latencies: number[] = [];
+  const requestLatencyMs: number[] = [];
+  const cl = w.clients;
+  // Per client: when its current request began, how many answers it has had, when the next is produced.
+  const clients = Array.from({ length: cl?.count ?? 0 }, (_, i) => ({ began: 0, stage: 0, answerAt: (cl ? cl.serviceMs / Math.max(1, cl.commitsPerRequest) : 0) + i * 0.01 }));
+  let owners: number[] = [];
   let t = 0;
   let epochStart = 0;
   let linkFree = 0;
@@ -51,13 +65,25 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
     while (acks.length && acks[0]!.at <= t) {
       const a = acks.shift()!;
       for (const ft of a.frames) latencies.push(a.at - ft);
+      for (const o of a.owners) {
+        const c = clients[o]!;
+        if (++c.stage >= cl!.commitsPerRequest) { requestLatencyMs.push(a.at - c.began); c.began = a.at; c.stage = 0; }
+        // The client's reply (or next request) reaches the guest, which answers after the service time.
+        c.answerAt = a.at + cl!.serviceMs / Math.max(1, cl!.commitsPerRequest);
+      }
       history[a.index]!.transferMs = a.at - a.sentAt;
+    }
+  };
+  const answer = () => {
+    for (const [i, c] of clients.entries()) {
+      if (c.answerAt <= t) { waiting.push(t); owners.push(i); c.answerAt = Number.POSITIVE_INFINITY; }
     }
   };
   while (t < durationMs) {
     deliver();
     const produced = w.output(t, stepMs);
     for (let i = 0; i < produced; i++) waiting.push(t);
+    answer();
     const fl = w.flushes?.(t, stepMs) ?? 0;
     flushes += fl;
     const backlog = acks.length;
@@ -77,6 +103,7 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
           deliver();
           const n = w.output(t, stepMs);
           for (let i = 0; i < n; i++) waiting.push(t);
+          answer();
           flushes += w.flushes?.(t, stepMs) ?? 0;
         }
         const length = t - epochStart;
@@ -89,8 +116,9 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         const sendStart = Math.max(linkFree, t);
         linkFree = sendStart + bytes / w.bandwidthBytesPerMs(sendStart);
         standbyFree = Math.max(standbyFree, linkFree) + (w.commitMs?.(bytes) ?? 0);
-        acks.push({ at: standbyFree + w.rttMs, frames: waiting, index: history.length - 1, sentAt: t });
+        acks.push({ at: standbyFree + w.rttMs, frames: waiting, owners, index: history.length - 1, sentAt: t });
         waiting = [];
+        owners = [];
         flushes = 0;
         epochStart = t;
         wakeAt = t;
@@ -100,7 +128,7 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
     }
     t += stepMs;
   }
-  return { epochs: history, checkpoints: history.length, maxBacklog, outputLatencyMs: latencies, pausedMs, durationMs, reasons };
+  return { epochs: history, checkpoints: history.length, maxBacklog, outputLatencyMs: latencies, pausedMs, durationMs, reasons, requestLatencyMs };
 }
 
 /** A workload with a sub-linear dirty curve D(T) = rate·T^b and optional periodic output. */

@@ -162,7 +162,13 @@ function line(pts: Array<[number, number]>, slope?: number): { a: number; b: num
  * A simulator workload replaying `t`. `pausePerPageMs` fixes the pause's per-page slope (e.g. from a
  * profile that saw a wide range of checkpoint sizes; a trace at one period sees a narrow one).
  */
-export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: { rttMs?: number; cpus?: number; pausePerPageMs?: number } = {}): TraceReplay {
+export interface ReplayOptions {
+  rttMs?: number; cpus?: number; pausePerPageMs?: number;
+  /** Replace the recorded output by closed-loop clients (see SimWorkload.clients). */
+  clients?: { count: number; serviceMs: number; commitsPerRequest: number };
+}
+
+export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOptions = {}): TraceReplay {
   const rttMs = o.rttMs ?? 0.2;
   // More vCPUs than recorded: each recorded page set counts `scale` times over disjoint memory (the
   // same assumption as the curve extrapolation; shared working sets would scale less).
@@ -219,7 +225,8 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: { rttMs?
       }
       return set.size;
     },
-    output: (tMs, step) => countIn(outs, tMs, tMs + step),
+    output: (tMs, step) => (o.clients ? 0 : countIn(outs, tMs, tMs + step)),
+    ...(o.clients ? { clients: o.clients } : {}),
     flushes: (tMs, step) => countIn(flushes, tMs, tMs + step),
     bandwidthBytesPerMs: () => bandwidthBytesPerMs,
     rttMs,

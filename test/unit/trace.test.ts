@@ -53,7 +53,7 @@ test('trace: replay under other policies uses the same scheduler code and the re
   assert.ok(slow.checkpointsPerSec < 4.5 && slow.dirtyPagesMedian === 400, `${slow.checkpointsPerSec}/s, ${slow.dirtyPagesMedian} pages`);
   assert.ok(slow.pausedFraction < same.pausedFraction / 3, 'fewer, larger checkpoints pause less in total (the working set saturates)');
   assert.ok(slow.outputLatencyMsP50 !== null && same.outputLatencyMsP50 !== null && slow.outputLatencyMsP50 > same.outputLatencyMsP50 * 5, 'output waits for its checkpoint');
-  const eight = simulateTrace(f, 'fixed:10ms', '10GbE', 8);
+  const eight = simulateTrace(f, 'fixed:10ms', '10GbE', { cpus: 8 });
   assert.equal(eight.extrapolated, true);
   assert.ok(eight.dirtyPagesMedian >= 160, `8 vCPUs dirty ~8× (${eight.dirtyPagesMedian})`);
   assert.throws(() => simulateTrace(join(dir, 'nope.json'), 'model', '1GbE'), (e: unknown) => isRubatoError(e, 'RUBATO_CONFIG'));
@@ -76,4 +76,22 @@ test('trace: QEMU\'s own flushes while a checkpoint pauses the guest are not wor
   assert.equal(late.epochs.length, 2);
   assert.equal(late.epochs[0]!.startMs, 10);
   assert.deepEqual(late.diskFlushesMs, []);
+});
+
+test('simulate: closed-loop clients wait for their answers to be released', () => {
+  const quiet = { dirtyPages: () => 50, output: () => 0, bandwidthBytesPerMs: () => 125_000, rttMs: 0.2, pauseMs: () => 1 };
+  // 4 clients, 2 ms service, one commit per request, 25 ms epochs: a request waits for the epoch
+  // it landed in to end, then the checkpoint's pause and transfer — about one epoch.
+  const one = simulate(parsePolicy('fixed:25ms'), { ...quiet, clients: { count: 4, serviceMs: 2, commitsPerRequest: 1 } }, 5000);
+  const p50 = [...one.requestLatencyMs].sort((a, b) => a - b)[one.requestLatencyMs.length >> 1]!;
+  assert.ok(p50 > 20 && p50 < 35, `closed loop at 25 ms epochs: p50 ${p50} ms`);
+  assert.ok(one.requestLatencyMs.length > 4 * 5000 / 40 && one.requestLatencyMs.length < 4 * 5000 / 20, `${one.requestLatencyMs.length} requests`);
+  // Three commits per request (a handshake, a response in windows): three epochs each.
+  const three = simulate(parsePolicy('fixed:25ms'), { ...quiet, clients: { count: 4, serviceMs: 2, commitsPerRequest: 3 } }, 5000);
+  const p50b = [...three.requestLatencyMs].sort((a, b) => a - b)[three.requestLatencyMs.length >> 1]!;
+  assert.ok(p50b > 2.5 * p50 && p50b < 3.5 * p50, `three commits: p50 ${p50b} vs ${p50}`);
+  // A policy that checkpoints on output answers far sooner.
+  const eager = simulate(parsePolicy('net-io'), { ...quiet, clients: { count: 4, serviceMs: 2, commitsPerRequest: 1 } }, 5000);
+  const p50e = [...eager.requestLatencyMs].sort((a, b) => a - b)[eager.requestLatencyMs.length >> 1]!;
+  assert.ok(p50e < p50 / 2, `net-io p50 ${p50e} vs fixed ${p50}`);
 });
