@@ -67,7 +67,6 @@ export class ColoCapture {
     const server = createServer();
     await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(sockPath, () => resolve()); });
     listening.add(sockPath);
-    server.once('close', () => listening.delete(sockPath));
     const reader = new ByteReader(`COLO stream of VM ${vm.spec.name}`);
     const accepted = new Promise<Socket>((resolve) => {
       server.once('connection', (s: Socket) => {
@@ -84,8 +83,7 @@ export class ColoCapture {
       await vm.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 2 ** 40, 'x-checkpoint-delay': NEVER_MS, 'downtime-limit': 300 });
       await vm.qmp.execute('migrate', { uri: `unix:${sockPath}` });
     } catch (e) {
-      server.close();
-      rmSync(sockPath, { force: true });
+      stopListening(server, sockPath);
       throw e;
     }
     let sock: Socket;
@@ -93,9 +91,8 @@ export class ColoCapture {
       sock = await withTimeout(accepted, 10_000, `VM ${vm.spec.name} did not connect to the migration socket`);
     } catch (e) {
       // A connection that arrives after we gave up must find nothing listening.
-      server.close();
+      stopListening(server, sockPath);
       void accepted.then((late) => late.destroy());
-      rmSync(sockPath, { force: true });
       await ensureGuestRunning(vm);
       throw e;
     }
@@ -246,8 +243,7 @@ export class ColoCapture {
       log.warn(`capture of VM ${this.vm.spec.name} failed, resuming the guest unprotected: ${errorMessage(cause)}`);
     }
     this.sock.destroy();
-    this.server.close();
-    rmSync(this.sockPath, { force: true });
+    stopListening(this.server, this.sockPath);
     await ensureGuestRunning(this.vm);
   }
 
@@ -255,10 +251,16 @@ export class ColoCapture {
   async close(): Promise<void> {
     this.failed ??= new RubatoError('RUBATO_CAPTURE_FAILED', 'capture closed');
     this.sock.destroy();
-    this.server.close();
-    rmSync(this.sockPath, { force: true });
+    stopListening(this.server, this.sockPath);
     await ensureGuestRunning(this.vm);
   }
+}
+
+/** Stops accepting at once (the server's 'close' event would also wait for open connections). */
+function stopListening(server: Server, sockPath: string): void {
+  server.close();
+  listening.delete(sockPath);
+  rmSync(sockPath, { force: true });
 }
 
 /** After COLO ends abnormally QEMU waits for x-colo-lost-heartbeat while paused: resume the guest. */
