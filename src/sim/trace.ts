@@ -114,11 +114,16 @@ export function bandwidthOfRecording(t: Trace): number {
   return ({ '1gbit': 125_000, '10gbit': 1_250_000 } as Record<string, number>)[t.link] ?? 1_000_000;
 }
 
-/** Deterministic "is this page in the first f of its epoch" (pages within an epoch carry no order). */
+/** A deterministic number in [0, 1) for a page (of recorded epoch `salt`). */
+function unit(id: number, salt: number): number {
+  let h = Math.imul(id ^ 0x9e3779b9, 0x85ebca6b) ^ Math.imul(salt + 1, 0xc2b2ae35);
+  h = Math.imul(h ^ (h >>> 16), 0x85ebca6b);
+  return ((h ^ (h >>> 13)) >>> 0) / 2 ** 32;
+}
+
+/** Deterministic "is this page in the first f" (pages within an epoch carry no order). */
 function inFraction(id: number, f: number): boolean {
-  if (f >= 1) return true;
-  const h = (Math.imul(id ^ 0x9e3779b9, 0x85ebca6b) >>> 0) / 2 ** 32;
-  return h < f;
+  return f >= 1 || unit(id, -1) < f;
 }
 
 function countIn(sorted: readonly number[], from: number, to: number): number {
@@ -210,13 +215,18 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
       const b = a + lengthMs;
       lastEnd = b;
       const set = new Set<number>();
-      for (const e of ep) {
-        // A recorded epoch's pages were dirtied over its run time; the pause between epochs is not run time.
+      for (const [i, e] of ep.entries()) {
+        // A recorded epoch's pages were dirtied over its run time; the pause between epochs is not
+        // run time. Each page gets a pseudo-random write instant within its epoch (independent
+        // across epochs), so a replayed epoch covering part of a recorded one takes the pages
+        // written in that part, and two replayed epochs splitting it share none.
         if (e.end <= a || e.start >= b) continue;
         const span = e.end - e.start;
-        const f = span > 0 ? (Math.min(b, e.end) - Math.max(a, e.start)) / span : 1;
+        const x0 = span > 0 ? Math.max(0, (a - e.start) / span) : 0;
+        const x1 = span > 0 ? Math.min(1, (b - e.start) / span) : 1;
+        const whole = x0 <= 0 && x1 >= 1;
         for (const id of e.ids) {
-          if (!inFraction(id, f)) continue;
+          if (!whole) { const u = unit(id, i); if (u < x0 || u >= x1) continue; }
           for (let k = 0; k < scale; k++) {
             const part = Math.min(1, scale - k);
             if (part >= 1 || inFraction(id ^ 0x5bd1e995, part)) set.add(id + k * 2 ** 32);
