@@ -41,6 +41,18 @@ function policyOpt(v: string): string {
   return v;
 }
 
+function policyList(v: string): string[] {
+  return v.split(',').map((x) => policyOpt(x.trim()));
+}
+
+const SCHEDULER_WORKLOADS = ['cpu-loop', 'dirtier-10', 'dirtier-50', 'dirtier-10x2', 'dirtier-10x4', 'kv', 'web', 'disk'];
+function workloadList(v: string): string[] {
+  const l = v.split(',').map((x) => x.trim());
+  const bad = l.filter((x) => !SCHEDULER_WORKLOADS.includes(x));
+  if (bad.length) throw new RubatoError('RUBATO_CONFIG', `--workloads: unknown ${bad.join(', ')} (${SCHEDULER_WORKLOADS.join(', ')})`);
+  return l;
+}
+
 /** Failure-detection options shared by the commands that run a replication link. */
 function withLinkOptions(c: Command): Command {
   return c
@@ -211,11 +223,13 @@ program.command('bench')
   .option('--quick', 'reduced settings (a few minutes)', false)
   .option('--seconds <n>', 'measurement time per phase (capture)', intOpt('seconds', 2, 600))
   .option('--runs <n>', 'runs per failure mode (failover)', intOpt('runs', 1, 1000))
+  .option('--policies <list>', 'scheduler: policies to run, comma-separated (a policy may repeat: cells interleave)', policyList)
+  .option('--workloads <list>', 'scheduler: cpu-loop, dirtier-10, dirtier-50, dirtier-10x2, dirtier-10x4, kv, web, disk (comma-separated)', workloadList)
   .option('--timeout-ms <ms>', 'failure detection timeout (failover)', intOpt('timeout-ms', 50, 600000), 500)
   .option('--out <dir>', 'results folder', 'results')
   .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--json', 'print the summary as one JSON line', false)
-  .action(async (which: string, o: { quick: boolean; seconds?: number; runs?: number; timeoutMs: number; out: string; accel: AccelChoice; json: boolean }) => {
+  .action(async (which: string, o: { quick: boolean; seconds?: number; runs?: number; policies?: string[]; workloads?: string[]; timeoutMs: number; out: string; accel: AccelChoice; json: boolean }) => {
     if (which === 'failover') {
       const r = await runFailoverBench({ runs: o.runs ?? (o.quick ? 2 : 10), timeoutMs: o.timeoutMs, accel: o.accel, outDir: o.out, onStatus: (s) => log.info(s) });
       process.stdout.write(`${JSON.stringify(r.summary)}\n`);
@@ -233,7 +247,7 @@ program.command('bench')
     }
     if (which === 'scheduler') {
       const p = await platform(o.accel);
-      const r = await runSchedulerBench({ ...p, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), onStatus: (s) => log.info(s) });
+      const r = await runSchedulerBench({ ...p, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), ...(o.policies ? { policies: o.policies } : {}), ...(o.workloads ? { workloads: o.workloads } : {}), onStatus: (s) => log.info(s) });
       process.stdout.write(`${JSON.stringify(r.summary)}\n`);
       return;
     }

@@ -26,10 +26,10 @@ test('the replica comparison finds exactly the corrupted page (negative control)
 });
 
 test('CLI: a config mistake is one clear line and exit 2, never a stack trace', () => {
-  for (const args of [['capture-check', '--route', 'c'], ['capture-check', '--mem', 'lots'], ['bench', 'nosuch'], ['simulate', '--policy', 'model'], ['simulate', '--trace', '/nonexistent/trace.json']]) {
+  for (const args of [['capture-check', '--route', 'c'], ['capture-check', '--mem', 'lots'], ['bench', 'nosuch'], ['simulate', '--policy', 'model'], ['simulate', '--trace', '/nonexistent/trace.json'], ['bench', 'scheduler', '--workloads', 'kv,nope']]) {
     const r = spawnSync(join(REPO_ROOT, 'bin', 'rubato'), args, { encoding: 'utf8', timeout: 30_000 });
     assert.equal(r.status, 2, `${args.join(' ')}: ${r.stderr}`);
     assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace');
-    assert.match(r.stderr, /--route|--mem|unknown benchmark|--trace FILE|cannot read trace/);
+    assert.match(r.stderr, /--route|--mem|unknown benchmark|--trace FILE|cannot read trace|--workloads: unknown nope/);
   }
 });
