@@ -6,8 +6,8 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { median, percentile, round } from '../util/stats.ts';
-import { clientProcess, startKvRig, type KvRig } from '../chaos/chaos.ts';
-import { protect } from './scheduler.ts';
+import { clientProcess, startKvRig, stopKvRig, type KvRig } from '../chaos/chaos.ts';
+import { protect, whileProtected } from './scheduler.ts';
 import type { AccelChoice } from '../qemu/accel.ts';
 
 export interface KvBenchOptions { seconds: number; conns: number; accel: AccelChoice; outDir: string; periods?: number[]; onStatus?: (s: string) => void }
@@ -35,15 +35,13 @@ export async function runKvBench(o: KvBenchOptions): Promise<{ summary: Record<s
     for (const [i, periodMs] of periods.entries()) {
       const p = await protect(rig.vm, dir, `kv${i}`, `fixed:${periodMs}ms`, { relay: rig.io.relay, nbd: rig.io.nbd });
       status(`replicated, fixed ${periodMs} ms epochs`);
-      phases.push(await measureKv(rig, o.seconds, o.conns, `fixed:${periodMs}ms`, periodMs));
-      await p.stop();
+      const r = rig;
+      phases.push(await whileProtected(p, () => measureKv(r, o.seconds, o.conns, `fixed:${periodMs}ms`, periodMs)));
       status('unreplicated');
       phases.push(await measureKv(rig, o.seconds, o.conns, 'unreplicated', null));
     }
   } finally {
-    await rig?.vm.stop();
-    await rig?.io.close().catch(() => {});
-    await rig?.lan.destroy();
+    await stopKvRig(rig);
     removeTempDir(dir);
   }
   const cells = phases.map((p, i) => {

@@ -11,7 +11,7 @@ import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
 import { guestAppend, type Accel } from '../qemu/spec.ts';
 import { ColoCapture } from '../capture/route-a.ts';
 import { fitDirtyCurve } from '../scheduler/index.ts';
-import { startKvRig, type KvRig } from '../chaos/chaos.ts';
+import { startKvRig, stopKvRig, type KvRig } from '../chaos/chaos.ts';
 import { RIG, loadClient } from './workloads.ts';
 import { lineChart, svgToPng } from './plot.ts';
 
@@ -104,7 +104,7 @@ export async function runProfile(o: ProfileOptions): Promise<{ runs: ProfileRun[
         diskFlushesPerSec: rig && d0 ? round(((rig.io.nbd?.epochStats.flushes ?? 0) - d0.flushes) / secs, 1) : null,
       });
     } finally {
-      if (rig) { await rig.vm.stop(); await rig.io.close().catch(() => {}); await rig.lan.destroy(); }
+      if (rig) await stopKvRig(rig);
       else await vm?.stop();
       removeTempDir(dir);
     }

@@ -13,7 +13,7 @@ import { PrimaryController, type PrimaryEvent } from '../replication/primary.ts'
 import { startStandbyProcess } from './standby-proc.ts';
 import { loadKeyFile } from '../cli/keyfile.ts';
 import { parsePolicy } from '../scheduler/index.ts';
-import { startKvRig, waitFor, type KvRig } from '../chaos/chaos.ts';
+import { startKvRig, stopKvRig, waitFor, type KvRig } from '../chaos/chaos.ts';
 import { RIG, RIG_WORKLOADS, loadClient } from './workloads.ts';
 import { RubatoError } from '../util/errors.ts';
 import { measureKv } from './kv.ts';
@@ -50,7 +50,7 @@ export interface SchedulerCell {
   trace?: string;
 }
 
-interface Protected { stop(): Promise<void>; events: PrimaryEvent[] }
+export interface Protected { stop(): Promise<void>; events: PrimaryEvent[] }
 
 export async function protect(vm: QemuVm, dir: string, tag: string, policy: string, io?: { relay: NetRelay; nbd: NbdServer | null }, where?: { ns: string; host: string }, trace?: TraceRecorder): Promise<Protected> {
   const standby = await startStandbyProcess(dir, tag, where);
@@ -59,9 +59,20 @@ export async function protect(vm: QemuVm, dir: string, tag: string, policy: stri
     vm, runDir: dir, standby: { host: standby.host, port: standby.port }, psk: loadKeyFile(standby.keyFile), periodMs: 25, heartbeatMs: 50, timeoutMs: 1000, retryMs: 300,
     policy: parsePolicy(policy), onEvent: (e) => events.push(e), ...(io ? { relay: io.relay, nbd: io.nbd } : {}), ...(trace ? { trace } : {}),
   });
+  const stop = async () => { await primary.stop(); await standby.stop(); };
   primary.start();
-  await waitFor(() => events.find((e) => e.event === 'protecting'), 120_000, 'protection');
-  return { events, stop: async () => { await primary.stop(); await standby.stop(); } };
+  try {
+    await waitFor(() => events.find((e) => e.event === 'protecting'), 120_000, 'protection');
+  } catch (e) {
+    await stop(); // no standby process or primary loop outlives a failed start
+    throw e;
+  }
+  return { events, stop };
+}
+
+/** Runs a protected phase; the protection (primary and standby process) ends even when it fails. */
+export async function whileProtected<T>(p: Protected, f: () => Promise<T>): Promise<T> {
+  try { return await f(); } finally { await p.stop(); }
 }
 
 function summarise(events: PrimaryEvent[], seconds: number) {
@@ -142,13 +153,13 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
         status(`${w.name}: ${policy}`);
         const tr = cellTrace(o, o.accel, w.name, policy, w.cpus);
         const p = await protect(vm, dir, `${w.name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, undefined, o.where, tr.rec);
-        await sleep(300);
-        const n0 = p.events.length;
-        const t0 = probe.mark();
-        await sleep(seconds * 1000);
-        const rate = probe.rate(t0, probe.mark());
-        const s = summarise(p.events.slice(n0), seconds);
-        await p.stop();
+        const { t0, rate, s } = await whileProtected(p, async () => {
+          await sleep(300);
+          const n0 = p.events.length;
+          const t0 = probe.mark();
+          await sleep(seconds * 1000);
+          return { t0, rate: probe.rate(t0, probe.mark()), s: summarise(p.events.slice(n0), seconds) };
+        });
         const trace = tr.save(t0);
         const uAfter = await u();
         cells.push({ workload: w.name, policy, throughputRatio: round(rate / ((uBefore + uAfter) / 2)), ...s, noise: spread(uBefore, uAfter), ...(trace ? { trace } : {}) });
@@ -175,12 +186,13 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
         status(`${name}: ${policy}`);
         const tr = cellTrace(o, rig.accel, name, policy, 1);
         const p = await protect(rig.vm, dir, `${name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, { relay: rig.io.relay, nbd: rig.io.nbd }, o.where, tr.rec);
-        await sleep(300);
-        const n0 = p.events.length;
-        const t0 = performance.now();
-        const r = await measure();
-        const s = summarise(p.events.slice(n0), (performance.now() - t0) / 1000);
-        await p.stop();
+        const { t0, r, s } = await whileProtected(p, async () => {
+          await sleep(300);
+          const n0 = p.events.length;
+          const t0 = performance.now();
+          const r = await measure();
+          return { t0, r, s: summarise(p.events.slice(n0), (performance.now() - t0) / 1000) };
+        });
         const trace = tr.save(t0);
         const uAfter = await measure();
         const uThr = (uBefore.perSec + uAfter.perSec) / 2;
@@ -191,9 +203,7 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
         uBefore = uAfter;
       }
     } finally {
-      await rig?.vm.stop();
-      await rig?.io.close().catch(() => {});
-      await rig?.lan.destroy();
+      await stopKvRig(rig);
       removeTempDir(dir);
     }
   }

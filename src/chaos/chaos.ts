@@ -92,6 +92,14 @@ export async function startKvRig(dir: string, accelChoice: AccelChoice, tag: str
   }
 }
 
+/** Stops a rig's guest, its I/O (relay, disk server) and its LAN; safe on a partly failed start. */
+export async function stopKvRig(rig: KvRig | null): Promise<void> {
+  if (!rig) return;
+  await rig.vm.stop();
+  await rig.io.close().catch(() => {});
+  await rig.lan.destroy();
+}
+
 export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
   const status = o.onStatus ?? (() => {});
   const res: ChaosResult = { kills: 0, failovers: 0, acknowledged: 0, lost: -1, lostKeys: [], connectionsSurvived: 0, connectionsTotal: 0, failoverMsMedian: Number.NaN, failoverMs: [], latencyMsP50: Number.NaN, latencyMsP99: Number.NaN, accel: o.accel };
