@@ -16,7 +16,7 @@ import { encodeBaseData, encodeLayout, type Identity } from './protocol/messages
 import { encodeRecord } from './replica-store.ts';
 import type { BaseImage, Checkpoint } from '../capture/checkpoint.ts';
 import type { NetRelay } from '../io/net/relay.ts';
-import type { NbdServer, DiskEpochStats } from '../io/disk/nbd-server.ts';
+import type { NbdServer } from '../io/disk/nbd-server.ts';
 import { readFile } from 'node:fs/promises';
 import type { TraceRecorder } from '../sim/trace.ts';
 import { fixed, type EpochRecord, type Policy, type Telemetry } from '../scheduler/index.ts';
@@ -78,7 +78,8 @@ export interface FaultContext {
   crash(): Promise<void>;
 }
 
-interface Inflight { epoch: number; counter: number; sentAtMs: number; tag: number; record?: EpochRecord; traced?: number; sentAtPerf?: number }
+/** A checkpoint shipped and not yet acknowledged; sentAtMs on the performance.now() clock. */
+interface Inflight { epoch: number; counter: number; sentAtMs: number; tag: number; record?: EpochRecord; traced?: number }
 
 export class PrimaryController {
   private stopped = false;
@@ -180,12 +181,13 @@ export class PrimaryController {
         const head = inflight[0];
         if (head && f.epoch === head.epoch) {
           inflight.shift();
-          if (head.record) head.record.transferMs = Date.now() - head.sentAtMs;
-          if (head.traced !== undefined && head.sentAtPerf !== undefined) this.o.trace?.acked(head.traced, performance.now() - head.sentAtPerf);
+          const transferMs = performance.now() - head.sentAtMs;
+          if (head.record) head.record.transferMs = transferMs;
+          if (head.traced !== undefined) this.o.trace?.acked(head.traced, transferMs);
           this.o.relay?.commit(head.tag);
           this.ackedEpoch = f.epoch;
           this.ackedCounter = head.counter;
-          this.emit({ event: 'acked', epoch: f.epoch, counter: head.counter, lagMs: Date.now() - head.sentAtMs });
+          this.emit({ event: 'acked', epoch: f.epoch, counter: head.counter, lagMs: Math.round(transferMs) });
         } else if (f.epoch !== 0 || head) {
           link.close(new RubatoError('RUBATO_PROTOCOL', `ack for ${f.epoch}, expected ${head?.epoch ?? 'none'}`));
         }
@@ -218,7 +220,7 @@ export class PrimaryController {
     });
     this.capture = capture;
     this.epoch = 0;
-    inflight.push({ epoch: 0, counter: this.lastCounter, sentAtMs: Date.now(), tag: baseTag });
+    inflight.push({ epoch: 0, counter: this.lastCounter, sentAtMs: performance.now(), tag: baseTag });
     await this.sendBase(link, base);
     while (inflight.length) { throwIfClosed(); await new Promise<void>((r) => { ackWaiter = r; }); ackWaiter = null; }
     this.emit({ event: 'protecting', standby: link.peer });
@@ -275,7 +277,6 @@ export class PrimaryController {
       const counter = this.lastCounter;
       const fault = this.o.fault;
       let tag = 0;
-      let disk: DiskEpochStats | null = null;
       let lengthMs = 0;
       let outputFrames = 0;
       const cp = await capture.checkpoint({
@@ -286,14 +287,14 @@ export class PrimaryController {
         onLocal: (c) => {
           if (!nbd) return;
           const d = nbd.cutEpoch();
-          disk = d;
+          diskWrites += d.writes;
+          diskFlushes += d.flushes;
           for (const [offset, data] of d.pages) c.pages.push({ block: DISK_BLOCK_ID, offset, data });
         },
         ...(fault ? { hold: async (c: Checkpoint) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } } : {}),
       });
       const ranFrom = epochStart;
       epochStart = performance.now();
-      if (disk) { diskWrites += (disk as DiskEpochStats).writes; diskFlushes += (disk as DiskEpochStats).flushes; }
       this.epoch = cp.epoch;
       lastPages = cp.pages.length;
       const record = encodeRecord(cp, base.blocks);
@@ -306,7 +307,7 @@ export class PrimaryController {
       const rec: EpochRecord = { lengthMs, dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, transferMs: null, outputFrames };
       history.push(rec);
       if (history.length > HISTORY_KEPT) history.shift();
-      inflight.push({ epoch: cp.epoch, counter, sentAtMs: Date.now(), tag, record: rec, ...(traced !== undefined && traced >= 0 ? { traced, sentAtPerf: performance.now() } : {}) });
+      inflight.push({ epoch: cp.epoch, counter, sentAtMs: performance.now(), tag, record: rec, ...(traced !== undefined ? { traced } : {}) });
       if (this.o.fault) await this.o.fault('mid-transfer', cp.epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, cp.epoch, record, Math.floor(record.length * f)), crash: () => this.crash() });
       if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
       void link.send(FrameType.CKPT, cp.epoch, record).catch(() => {});
@@ -317,7 +318,7 @@ export class PrimaryController {
         this.emit({
           event: 'status', epoch: cp.epoch, ackedEpoch: this.ackedEpoch, ckptPerSec: Math.round(((cp.epoch - statusEpoch) / secs) * 10) / 10,
           dirtyPages: lastPages, pauseMs: pauses.length ? Math.round((pauses.reduce((a, b) => a + b, 0) / pauses.length) * 100) / 100 : cp.timings.pauseMsLocal,
-          mbPerSec: Math.round(((link.stats.bytesSent - statusBytes) / secs / 1e6) * 10) / 10, lagMs: inflight[0] ? Date.now() - inflight[0].sentAtMs : 0,
+          mbPerSec: Math.round(((link.stats.bytesSent - statusBytes) / secs / 1e6) * 10) / 10, lagMs: inflight[0] ? Math.round(performance.now() - inflight[0].sentAtMs) : 0,
           rttMs: link.stats.rttMs === null ? null : Math.round(link.stats.rttMs * 100) / 100, inflight: inflight.length, waitsForLink,
           ...heldStats(relay), diskWrites, diskFlushes,
         });
@@ -357,7 +358,7 @@ export class PrimaryController {
   private async fence(link: Link, capture: ColoCapture, base: BaseImage, inflight: Inflight[], waitAck: () => Promise<void>): Promise<void> {
     log.warn(`standby asked for failover: taking a last checkpoint and stopping guest ${this.o.vm.spec.name}`);
     const cp: Checkpoint = await capture.checkpoint({ hold: async () => { await this.o.vm.qmp.execute('stop').catch(() => {}); } });
-    inflight.push({ epoch: cp.epoch, counter: this.lastCounter, sentAtMs: Date.now(), tag: 0 });
+    inflight.push({ epoch: cp.epoch, counter: this.lastCounter, sentAtMs: performance.now(), tag: 0 });
     await link.send(FrameType.CKPT, cp.epoch, encodeRecord(cp, base.blocks));
     while (inflight.length && !link.closed) await waitAck();
     await this.o.vm.qmp.execute('stop').catch(() => {});
