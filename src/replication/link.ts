@@ -28,7 +28,7 @@ export class Link extends EventEmitter {
   private closedErr: Error | null = null;
   private hbTimer: NodeJS.Timeout | null = null;
   private liveness: Liveness | null = null;
-  lastRxMs = Date.now();
+  private lastRxMs = Date.now();
   readonly stats: LinkStats = { bytesSent: 0, bytesReceived: 0, rttMs: null };
 
   constructor(readonly socket: Socket, psk: Buffer, readonly peer: string) {
@@ -144,6 +144,9 @@ export class Link extends EventEmitter {
       this.send(FrameType.HEARTBEAT, 0, encodeTime(nowUs())).catch(() => {});
     }, intervalMs);
   }
+
+  /** How long the peer has been silent (with heartbeats running, this side's own stalls excluded). */
+  silentMs(): number { return this.liveness ? this.liveness.silentMs(Date.now()) : Date.now() - this.lastRxMs; }
 
   get closed(): Error | null { return this.closedErr; }
 

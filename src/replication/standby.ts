@@ -212,7 +212,7 @@ export class StandbyController {
     this.link = null;
     if (this.state === 'syncing') this.state = this.store ? 'protecting' : 'waiting';
     if (protecting && this.store && this.state === 'protecting') {
-      const silentMs = Date.now() - link.lastRxMs;
+      const silentMs = link.silentMs();
       this.emit({ event: 'primary-lost', reason: err.message, epoch: this.replicaEpoch, atMs: Date.now() });
       log.warn(`primary lost (${err.message}); replica at checkpoint ${this.replicaEpoch}`);
       if (this.o.autoFailover ?? true) await this.failover('primary-lost', err.message, silentMs);
