@@ -31,7 +31,6 @@ export function validateByReplay({ cells, classes, measured, workloads }: Valida
   // clients, not the recorded output times. A request may need several output commits in turn (a
   // TCP handshake, a response in several congestion windows): that count is calibrated per
   // workload on its recorded cell, and the unreplicated latency is the service time.
-  const commitsPerRequest: Record<string, number> = {};
   const clientsOf: Record<string, { count: number; serviceMs: number; commitsPerRequest: number }> = {};
   for (const wl of workloads.filter(served)) {
     const src = source(wl);
@@ -43,7 +42,6 @@ export function validateByReplay({ cells, classes, measured, workloads }: Valida
       const err = Math.abs((r.requestLatencyMsP50 ?? Number.POSITIVE_INFINITY) - serviceMs - src.kvAddedLatencyMsP50);
       if (err < best.err) best = { k, err };
     }
-    commitsPerRequest[wl] = best.k;
     clientsOf[wl] = { count: 4, serviceMs: round(serviceMs, 2), commitsPerRequest: best.k };
   }
   const replays = cells.flatMap((c) => {
@@ -51,17 +49,17 @@ export function validateByReplay({ cells, classes, measured, workloads }: Valida
     if (!src?.trace) return [];
     const clients = clientsOf[c.workload];
     const sim = simulateTrace(src.trace, c.policy, linkBw[c.link] ?? 1_000_000, { ...(perPage !== undefined ? { pausePerPageMs: perPage } : {}), ...(clients ? { clients } : {}) });
-    const out: Array<{ c: typeof c; sim: typeof sim; recorded: boolean; role: string; pagesPerMs: number }> = [{ c, sim, recorded: c === src, role: c === src ? 'recorded' : 'predicted', pagesPerMs: (sim.dirtyPagesMedian * sim.checkpointsPerSec) / 1000 }];
+    const out: Array<{ c: typeof c; sim: typeof sim; role: string; pagesPerMs: number }> = [{ c, sim, role: c === src ? 'recorded' : 'predicted', pagesPerMs: (sim.dirtyPagesMedian * sim.checkpointsPerSec) / 1000 }];
     // The vCPU extrapolation checked where it can be: the 1-vCPU trace replayed on n vCPUs.
     const n = Number(c.workload.match(/^dirtier-10x(\d+)$/)?.[1] ?? 0);
     const one = cells.find((x) => x.workload === 'dirtier-10' && x.link === classes[0] && x.policy === SOURCE_POLICY && x.trace);
     if (n > 1 && one?.trace) {
       const ext = simulateTrace(one.trace, c.policy, linkBw[c.link] ?? 1_000_000, { cpus: n, ...(perPage !== undefined ? { pausePerPageMs: perPage } : {}) });
-      out.push({ c, sim: ext, recorded: false, role: `extrapolated from 1 vCPU`, pagesPerMs: (ext.dirtyPagesMedian * ext.checkpointsPerSec) / 1000 });
+      out.push({ c, sim: ext, role: `extrapolated from 1 vCPU`, pagesPerMs: (ext.dirtyPagesMedian * ext.checkpointsPerSec) / 1000 });
     }
     return out;
   });
-  const calib = replays.filter((r) => r.recorded && !served(r.c.workload) && r.c.workload !== 'disk');
+  const calib = replays.filter((r) => r.role === 'recorded' && !served(r.c.workload) && r.c.workload !== 'disk');
   let c0 = 0;
   let c1 = 0;
   {
@@ -76,7 +74,7 @@ export function validateByReplay({ cells, classes, measured, workloads }: Valida
     if (calib.length < 2 || c0 < 0 || c1 < 0) { c0 = Math.max(0, a11 > 0 ? b1 / a11 : 0); c1 = 0; }
   }
   const rel = (sim: number, live: number) => (live !== 0 ? Math.abs(sim - live) / Math.abs(live) : sim === 0 ? 0 : Number.POSITIVE_INFINITY);
-  const validation = replays.map(({ c, sim, recorded, role, pagesPerMs }) => {
+  const validation = replays.map(({ c, sim, role, pagesPerMs }) => {
     const metrics: Array<{ metric: string; live: number; simulated: number; relativeError: number; within: boolean; tolerance: string; counted: boolean }> = [];
     const add = (metric: string, live: number, simulated: number, absTol: number, tolerance: string, counted = true) => {
       const e = rel(simulated, live);
@@ -92,13 +90,12 @@ export function validateByReplay({ cells, classes, measured, workloads }: Valida
       // Shown, not counted: live progress is measured to about the unreplicated phases' spread.
       add('throughput overhead', 1 - c.throughputRatio, predicted, c.noise, `not counted (live spread ${round(c.noise * 100, 1)}%)`, false);
     }
-    void recorded;
     return { workload: c.workload, policy: c.policy, link: c.link, role, metrics };
   });
   const calibration = { perCheckpointMs: round(c0, 3), perPageUs: round(c1 * 1000, 3), cells: calib.map((r) => `${r.c.workload}/${r.c.policy}/${r.c.link}`), clients: clientsOf };
   const predicted = validation.filter((v) => v.role !== 'recorded').flatMap((v) => v.metrics).filter((m) => m.counted);
   const agreement = { predictedComparisons: predicted.length, within: predicted.filter((m) => m.within).length };
-  return { validation, calibration, agreement, sourcePolicy: SOURCE_POLICY, commitsPerRequest };
+  return { validation, calibration, agreement, sourcePolicy: SOURCE_POLICY };
 }
 
 /** Recomputes a finished evaluation's validation from its evaluation.json and traces (no guest runs). */

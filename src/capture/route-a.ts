@@ -49,7 +49,6 @@ export class ColoCapture {
   private busy = false;
   private failed: Error | null = null;
   private readonly st: RamState = newRamState();
-  private requestWaiter: ((v: null) => void) | null = null;
 
   private constructor(
     private readonly vm: QemuVm,

@@ -54,6 +54,11 @@ function workloadList(v: string): string[] {
 }
 
 /** Failure-detection options shared by the commands that run a replication link. */
+/** The accelerator choice shared by every command that boots a guest. */
+function withAccel(c: Command): Command {
+  return c.option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto');
+}
+
 function withLinkOptions(c: Command): Command {
   return c
     .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
@@ -72,7 +77,7 @@ program.command('setup')
     process.stdout.write(`${JSON.stringify({ qemu: r.qemu.path, kernel: r.guest.kernel, initrd: r.guest.initrd })}\n`);
   });
 
-program.command('capture-check')
+withAccel(program.command('capture-check'))
   .description('checkpoint a dirtier guest locally, verify the replica byte for byte, restore the last checkpoint')
   .option('--route <route>', 'a (COLO checkpoint stream) or b (external)', choiceOpt('route', ['a', 'b'] as const), 'a')
   .option('--seconds <n>', 'minimum run time', intOpt('seconds', 1, 3600), 10)
@@ -82,7 +87,6 @@ program.command('capture-check')
   .option('--epoch-ms <ms>', 'checkpoint period', intOpt('epoch-ms', 1, 60000), 25)
   .option('--samples <n>', 'checkpoints compared byte for byte with the paused guest', intOpt('samples', 1, 1000), 3)
   .option('--cpus <n>', 'vCPUs', intOpt('cpus', 1, 64), 1)
-  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--json', 'print the summary as one JSON line', false)
   .action(async (o: { route: 'a' | 'b'; seconds: number; checkpoints: number; mem: number; rate: number; epochMs: number; samples: number; cpus: number; accel: AccelChoice; json: boolean }) => {
     const p = await platform(o.accel);
@@ -102,7 +106,7 @@ program.command('keygen')
   .requiredOption('--out <file>', 'where to write it')
   .action((o: { out: string }) => { writeKeyFile(o.out); process.stdout.write(`${o.out}\n`); });
 
-withLinkOptions(program.command('primary'))
+withLinkOptions(withAccel(program.command('primary')))
   .description('run a VM and keep it protected by a standby')
   .requiredOption('--standby <host:port>', 'the standby controller')
   .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
@@ -113,7 +117,6 @@ withLinkOptions(program.command('primary'))
   .option('--kernel <file>', 'guest kernel (default: the test guest)')
   .option('--initrd <file>', 'guest initramfs (default: the test guest)')
   .option('--append <cmdline>', 'guest kernel command line')
-  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--policy <spec>', 'checkpoint policy: model (default), adaptive, fixed:MS, dirty-bandwidth[:MS], net-io, disk-io, bounded-latency[:MS] (+ ,min=MS,max=MS)', policyOpt, 'model')
   .option('--state-dir <dir>', 'sockets and state', '/run/rubato/primary')
   .option('--events', 'print events as JSON lines on stdout', false)
@@ -143,13 +146,12 @@ program.command('status')
   .option('--state-dir <dir>', "the standby's state folder", '/var/lib/rubato/standby')
   .action(async (o: { stateDir: string }) => { process.stdout.write(`${JSON.stringify(await controlCommand(o.stateDir, 'status'))}\n`); });
 
-withLinkOptions(program.command('demo'))
+withLinkOptions(withAccel(program.command('demo')))
   .description('protect a VM on two namespace hosts, kill the primary, watch the standby take over')
   .option('--seconds <n>', 'protected run time before the primary is killed', intOpt('seconds', 1, 3600), 8)
   .option('--mem <mb>', 'guest memory in MB', intOpt('mem', 64, 65536), 128)
   .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', numOpt('rate', 0, 10000), 10)
   .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', policyOpt, 'model')
-  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
   .option('--json', 'non-interactive; print the summary as one JSON line', false)
   .action(async (o: { seconds: number; mem: number; rate: number; policy: string; heartbeatMs: number; timeoutMs: number; accel: AccelChoice; json: boolean; cutLink: boolean }) => {
@@ -162,7 +164,7 @@ withLinkOptions(program.command('demo'))
     process.exitCode = r.failover && r.selfCheckOk ? 0 : 1;
   });
 
-program.command('profile')
+withAccel(program.command('profile'))
   .description('characterise a workload: dirty pages vs epoch length, pause, network and disk operations, per vCPU count')
   .option('--workload <name>', 'cpuloop, dirtier:RATE, kv, web or disk (the services run on 1 vCPU)', 'dirtier:10')
   .option('--cpus <list>', 'vCPU counts, comma-separated', '1,2,4')
@@ -170,7 +172,6 @@ program.command('profile')
   .option('--mem <mb>', 'guest memory in MB', intOpt('mem', 64, 65536), 256)
   .option('--quick', 'cpus 1,2 and epochs 10,50,250', false)
   .option('--out <dir>', 'results folder', 'results')
-  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--json', 'print the summary as one JSON line', false)
   .action(async (o: { workload: string; cpus: string; epochs: string; mem: number; quick: boolean; out: string; accel: AccelChoice; json: boolean }) => {
     const list = (v: string, what: string, max: number) => v.split(',').map((x) => {
@@ -201,14 +202,13 @@ program.command('simulate')
     process.stdout.write(`${JSON.stringify(r)}\n`);
   });
 
-program.command('chaos')
+withAccel(program.command('chaos'))
   .description('Jepsen-style check: a KV service in the guest, a client writing, the primary killed again and again')
   .option('--kills <n>', 'primary kills (each followed by a failover)', intOpt('kills', 1, 1000), 10)
   .option('--seconds <s>', 'mean protected run time between kills', intOpt('seconds', 1, 3600), 3)
   .option('--timeout-ms <ms>', 'peer declared lost after this silence', intOpt('timeout-ms', 50, 600000), 500)
   .option('--conns <n>', 'client connections', intOpt('conns', 1, 64), 4)
   .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', policyOpt, 'model')
-  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--json', 'print the summary as one JSON line', false)
   .action(async (o: { kills: number; seconds: number; timeoutMs: number; conns: number; accel: AccelChoice; json: boolean; policy: string }) => {
     const r = await runChaos({ ...o, onStatus: (s) => log.info(s) });
@@ -217,7 +217,7 @@ program.command('chaos')
     process.exitCode = r.lost === 0 && r.failovers === r.kills && r.kills === o.kills && !r.error ? 0 : 1;
   });
 
-program.command('bench')
+withAccel(program.command('bench'))
   .description('benchmarks: capture (pause, bytes, progress vs unreplicated), failover (time to take over), kv (latency with output commit)')
   .argument('[which]', 'all (the evaluation report), capture, failover, kv, scheduler, or validate (re-run the simulator validation on --out\'s evaluation.json and traces)', 'all')
   .option('--quick', 'reduced settings (a few minutes)', false)
@@ -227,7 +227,6 @@ program.command('bench')
   .option('--workloads <list>', 'scheduler: cpu-loop, dirtier-10, dirtier-50, dirtier-10x2, dirtier-10x4, kv, web, disk (comma-separated)', workloadList)
   .option('--timeout-ms <ms>', 'failure detection timeout (failover)', intOpt('timeout-ms', 50, 600000), 500)
   .option('--out <dir>', 'results folder', 'results')
-  .option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto')
   .option('--json', 'print the summary as one JSON line', false)
   .action(async (which: string, o: { quick: boolean; seconds?: number; runs?: number; policies?: string[]; workloads?: string[]; timeoutMs: number; out: string; accel: AccelChoice; json: boolean }) => {
     if (which === 'failover') {

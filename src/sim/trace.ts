@@ -10,7 +10,8 @@
 
 import { readFileSync, writeFileSync } from 'node:fs';
 import { RubatoError } from '../util/errors.ts';
-import { PAGE_BYTES, type EpochRecord } from '../scheduler/index.ts';
+import { PAGE_BYTES } from '../scheduler/index.ts';
+import { median } from '../util/stats.ts';
 import type { SimWorkload } from './simulate.ts';
 
 export const TRACE_FORMAT = 'rubato-trace/1';
@@ -133,7 +134,7 @@ function countIn(sorted: readonly number[], from: number, to: number): number {
 
 export interface TraceReplay {
   workload: SimWorkload;
-  /** The span a replay can cover (the trace's recorded epochs). */
+  /** The span a replay covers: the trace's measured window. */
   durationMs: number;
   /** The pause model fitted from the trace: fixed ms + per page ms. */
   pause: { fixedMs: number; perPageMs: number };
@@ -145,10 +146,6 @@ export interface TraceReplay {
   overheadBytes: number;
 }
 
-/**
- * A simulator workload replaying `t` over a link of `bandwidthBytesPerMs`. Time 0 of the replay is
- * the trace's first recorded epoch start; the replay must not run past `durationMs`.
- */
 /** y ≈ a + b·x by least squares over all points, b ≥ 0 (or b given), a ≥ 0. */
 function line(pts: Array<[number, number]>, slope?: number): { a: number; b: number } {
   if (!pts.length) return { a: 0, b: slope ?? 0 };
@@ -164,7 +161,8 @@ function line(pts: Array<[number, number]>, slope?: number): { a: number; b: num
 }
 
 /**
- * A simulator workload replaying `t`. `pausePerPageMs` fixes the pause's per-page slope (e.g. from a
+ * A simulator workload replaying `t` over a link of `bandwidthBytesPerMs`, on the trace's own
+ * clock (time 0 is its start; a replay must not run past `durationMs`). `pausePerPageMs` fixes the pause's per-page slope (e.g. from a
  * profile that saw a wide range of checkpoint sizes; a trace at one period sees a narrow one).
  */
 export interface ReplayOptions {
@@ -181,13 +179,11 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
   const epochs = t.epochs.map((e) => ({ ...e, ids: decodePages(e.pages) }));
   // A recorded set holds what the guest dirtied from the end of the previous pause (it runs while
   // the engine finishes the capture) to this checkpoint's pause.
-  const shift = (ms: number) => ms;
   const ep = epochs.map((e, i) => ({ start: i === 0 ? 0 : epochs[i - 1]!.endMs + epochs[i - 1]!.pauseMs, end: e.endMs, ids: e.ids }));
   // The guest runs on between the policy's decision and QEMU stopping it (the median over the trace).
-  const triggers = epochs.filter((e) => e.decidedMs !== undefined).map((e) => Math.max(0, e.endMs - e.decidedMs!)).sort((a, b) => a - b);
-  const triggerMs = triggers[Math.floor(triggers.length / 2)] ?? 0;
-  const records: EpochRecord[] = epochs.map((e) => ({ lengthMs: e.endMs - e.startMs, dirtyPages: e.ids.length, pauseMs: e.pauseMs, bytes: e.bytes, transferMs: null, outputFrames: 0 }));
-  const pl = line(records.map((r) => [r.dirtyPages, r.pauseMs]), o.pausePerPageMs);
+  const triggers = epochs.filter((e) => e.decidedMs !== undefined).map((e) => Math.max(0, e.endMs - e.decidedMs!));
+  const triggerMs = triggers.length ? median(triggers) : 0;
+  const pl = line(epochs.map((e) => [e.ids.length, e.pauseMs]), o.pausePerPageMs);
   const pm = { fixedMs: pl.a, perPageMs: pl.b };
   // The standby commits one checkpoint at a time: a recorded ack also holds the wait behind the
   // previous one. Service time = ack − max(arrival, previous ack).
@@ -203,10 +199,9 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
     prevAck = ack;
   }
   const cl = line(service);
-  const over = epochs.map((e) => e.bytes - e.ids.length * PAGE_BYTES).sort((a, b) => a - b);
-  const overheadBytes = Math.max(0, over[Math.floor(over.length / 2)] ?? 0);
-  const outs = t.outputMs.map(shift).filter((x) => x >= 0).sort((a, b) => a - b);
-  const flushes = t.diskFlushesMs.map(shift).filter((x) => x >= 0).sort((a, b) => a - b);
+  const overheadBytes = Math.max(0, median(epochs.map((e) => e.bytes - e.ids.length * PAGE_BYTES)));
+  const outs = t.outputMs.filter((x) => x >= 0).sort((a, b) => a - b);
+  const flushes = t.diskFlushesMs.filter((x) => x >= 0).sort((a, b) => a - b);
   const durationMs = Math.max(t.durationMs ?? 0, ep.at(-1)!.end);
   let lastEnd = 0; // replay epochs are consecutive: the simulator asks for [previous end, now)
   const w: SimWorkload = {
