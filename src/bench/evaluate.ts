@@ -57,11 +57,13 @@ export async function runEvaluation(o: EvaluateOptions): Promise<Record<string, 
   const workloads = o.quick ? ['dirtier-10', ...parallel, 'kv', 'web', 'disk'] : ['cpu-loop', 'dirtier-10', 'dirtier-50', ...parallel, 'kv', 'web', 'disk'];
   const linkSensitive = o.quick ? ['dirtier-10', 'kv'] : ['dirtier-10', 'dirtier-50', 'kv', 'web'];
   const cells: Array<SchedulerCell & { link: LinkClass }> = [];
+  const goodputMBps: Record<string, number> = {};
   const link = await ShapedLink.create();
   try {
     for (const c of classes) {
       await link.setClass(c);
-      status(`replication link: ${c}`);
+      goodputMBps[c] = round(await link.goodputMBps(), 1);
+      status(`replication link: ${c} (TCP goodput ${goodputMBps[c]} MB/s)`);
       const r = await runSchedulerBench({
         accel: o.accel, binary: o.binary, guest: o.guest, quick: o.quick, seconds: o.quick ? 3 : 8, outDir: out, policies, workloads: c === classes[0] ? workloads : linkSensitive,
         where: { ns: link.ns, host: link.remoteIp }, fileName: `live-${c}.json`, onStatus: status, linkName: c, traces: true,
@@ -83,7 +85,7 @@ export async function runEvaluation(o: EvaluateOptions): Promise<Record<string, 
   for (const policy of policies) for (const [bwName, bw] of Object.entries(BANDWIDTH_CLASSES)) for (const cpus of simCpus) {
     simulated.push({ policy, bandwidth: bwName, cpus, overhead: round(overhead(policy, cpus, bw), 4), extrapolated: !measured.some((m) => m.cpus === cpus) });
   }
-  const { validation, calibration, agreement, sourcePolicy: SOURCE_POLICY } = validateByReplay({ cells, classes, measured, workloads });
+  const { validation, calibration, agreement, sourcePolicy: SOURCE_POLICY } = validateByReplay({ cells, classes, measured, workloads, goodputMBps });
 
   // 4. Figures and report.
   const byLink = (wl: string) => policies.map((p) => ({ label: p, points: classes.map((c, i) => [i + 1, cells.find((x) => x.workload === wl && x.policy === p && x.link === c)?.throughputRatio ?? 0] as [number, number]) }));
@@ -125,13 +127,14 @@ export async function runEvaluation(o: EvaluateOptions): Promise<Record<string, 
   md.push('| policy | link | ' + simCpus.map((c) => `${c} vCPU`).join(' | ') + ' |', '|---|---|' + simCpus.map(() => '---').join('|') + '|');
   for (const p of policies) for (const bw of Object.keys(BANDWIDTH_CLASSES)) md.push(`| ${p} | ${bw} | ${simCpus.map((c) => `${round((simulated.find((s) => s.policy === p && s.bandwidth === bw && s.cpus === c)?.overhead ?? 0) * 100, 2)}%`).join(' | ')} |`);
   md.push('', '## Simulator validation (trace replay)', '',
-    `Each workload's event trace, recorded live under ${SOURCE_POLICY} on the ${classes[0]} link (traces/), is replayed by the simulator under every policy and link class that was also measured live, with the same scheduler code. Overhead predictions add ${calibration.perCheckpointMs} ms per checkpoint and ${calibration.perPageUs} µs per dirty page, calibrated on the recorded cells only (${calibration.cells.join(', ') || 'none'}); KV and web are replayed as closed loops — 4 simulated clients, each sending its next request when its answer is released, the unreplicated latency as service time — and compared on added latency; the output commits one request needs in turn are calibrated on the recorded cell (${Object.entries(calibration.clients).map(([w, c]) => `${w} ${c.commitsPerRequest}`).join(', ') || 'none'}). The kernel has no netem: link classes differ in bandwidth only. Of the ${agreement.predictedComparisons} predicted comparisons of checkpoints/s, paused fraction and latency, ${agreement.within} are within tolerance. Throughput overhead is shown but not counted: live progress is measured only to about the spread of the unreplicated phases around each cell (given per cell), often more than the overhead itself.`,
+    `Each workload's event trace, recorded live under ${SOURCE_POLICY} on the ${classes[0]} link (traces/), is replayed by the simulator under every policy and link class that was also measured live, with the same scheduler code. Overhead predictions add ${calibration.perCheckpointMs} ms per checkpoint and ${calibration.perPageUs} µs per dirty page, calibrated on the recorded cells only (${calibration.cells.join(', ') || 'none'}); KV and web are replayed as closed loops — 4 simulated clients, each sending its next request when its answer is released, the unreplicated latency as service time — and compared on added latency; the output commits one request needs in turn are calibrated on the recorded cell (${Object.entries(calibration.clients).map(([w, c]) => `${w} ${c.commitsPerRequest}`).join(', ') || 'none'}). The kernel has no netem: link classes differ in bandwidth only, replayed at the TCP goodput measured on each (${Object.entries(goodputMBps).map(([c, g]) => `${c} ${g} MB/s`).join(', ')}). Of the ${agreement.predictedComparisons} predicted comparisons of checkpoints/s, paused fraction and latency, **${agreement.within} are within tolerance**. Throughput overhead is shown but not counted: live progress is measured only to about the spread of the unreplicated phases around each cell (given per cell), often more than the overhead itself. The vCPU extrapolation is not counted where the vCPUs outnumber the host's cores (it assumes a core per vCPU).`,
+    '', `How well the live runs agree with themselves: the unlimited and 10gbit classes both carry far more than any workload ships, so each workload and policy measured on both is one configuration measured twice. Over ${agreement.liveRepeatability.pairs} such pairs the median difference is ${Object.entries(agreement.liveRepeatability.medianRelativeDifference).map(([m, d]) => `${round(d * 100, 1)}% in ${m}`).join(', ')}. Counting a prediction as agreeing when its error is within ±15% or within that configuration's own live difference, ${agreement.withinLiveRepeatability} of ${agreement.predictedComparisons} agree.`,
     '', '| workload | policy | link | role | metric | live | simulated | rel. error | tolerance | within |', '|---|---|---|---|---|---|---|---|---|---|');
   for (const v of validation) for (const m of v.metrics) md.push(`| ${v.workload} | ${v.policy} | ${v.link} | ${v.role} | ${m.metric} | ${m.live} | ${m.simulated} | ${m.relativeError} | ${m.tolerance} | ${m.within ? 'yes' : 'no'} |`);
   md.push('');
   const report = join(out, 'report.md');
   writeFileSync(report, md.join('\n'));
-  const summary = { report, figures, throughputRatio: defaultRatio, defaultPolicy: DEFAULT_POLICY, simulatorAgreement: agreement, validation, calibration, linkClasses: classes };
+  const summary = { report, figures, throughputRatio: defaultRatio, defaultPolicy: DEFAULT_POLICY, simulatorAgreement: agreement, validation, calibration, linkClasses: classes, linkGoodputMBps: goodputMBps };
   writeFileSync(join(out, 'evaluation.json'), JSON.stringify({ summary, cells, simulated, measured }, null, 2));
   return summary;
 }

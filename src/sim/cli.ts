@@ -60,7 +60,7 @@ export function simulateProfile(path: string, policy: string, bandwidth: string,
 }
 
 /** Bandwidth by class name or as bytes per ms (the evaluation's measured link classes). */
-export function simulateTrace(path: string, policy: string, bandwidth: string | number, o: Omit<ReplayOptions, 'rttMs'> = {}): SimulateCliResult & { recordedPolicy: string; recordedCheckpointsPerSec: number; requestLatencyMsP50: number | null } {
+export function simulateTrace(path: string, policy: string, bandwidth: string | number, o: Omit<ReplayOptions, 'rttMs'> = {}): SimulateCliResult & { recordedPolicy: string; recordedCheckpointsPerSec: number; requestLatencyMsP50: number | null; requestsPerSec: number } {
   const t = loadTrace(path);
   const bw = typeof bandwidth === 'number' ? bandwidth : bandwidthOf(bandwidth);
   const n = o.cpus ?? t.cpus;
@@ -71,5 +71,6 @@ export function simulateTrace(path: string, policy: string, bandwidth: string | 
     workload: t.workload, policy, bandwidth: String(bandwidth), cpus: n, extrapolated: n > t.cpus, ...summarise(r, seconds),
     recordedPolicy: t.policy, recordedCheckpointsPerSec: round(t.epochs.length / seconds, 1),
     requestLatencyMsP50: r.requestLatencyMs.length ? round(median(r.requestLatencyMs), 2) : null,
+    requestsPerSec: r.requestLatencyMs.length / seconds,
   };
 }

@@ -19,16 +19,24 @@ export interface SimWorkload {
   checkpointBytes?(pages: number): number;
   /** The standby's time to commit a checkpoint of `bytes` once received (serial; default 0). */
   commitMs?(bytes: number): number;
+  /**
+   * Guest time each checkpoint costs beyond its pause (the host's cores busy capturing, shipping and
+   * committing it): a client's answer in progress is delayed by it, and by the pause (default 0).
+   */
+  guestStallMs?: number;
   /** The guest runs on this long between a checkpoint decision and its pause (default 0). */
   triggerMs?: number;
   /**
-   * Closed-loop clients (request/response services): each sends a request, the guest answers
-   * after `serviceMs`, and a request completes after `commitsPerRequest` answers in turn have been
-   * released (a TCP handshake, a response in several congestion windows); the client then sends
-   * its next request at once. Their frames come on top of `output`.
+   * Closed-loop clients (request/response services): each sends a request, and the guest answers
+   * in `commitsPerRequest` stages in turn (a TCP handshake, a response in several congestion
+   * windows), each taking serviceMs / commitsPerRequest and sending `framesPerAnswer` frames
+   * (default 1) spread over it; a stage is done when all its frames are released, and after the
+   * last the client sends its next request at once. Their frames come on top of `output`.
    */
-  clients?: { count: number; serviceMs: number; commitsPerRequest: number };
+  clients?: SimClients;
 }
+
+export interface SimClients { count: number; serviceMs: number; commitsPerRequest: number; framesPerAnswer?: number }
 
 export interface SimResult {
   epochs: EpochRecord[];
@@ -49,8 +57,10 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
   const latencies: number[] = [];
   const requestLatencyMs: number[] = [];
   const cl = w.clients;
-  // Per client: when its current request began, how many answers it has had, when the next is produced.
-  const clients = Array.from({ length: cl?.count ?? 0 }, (_, i) => ({ began: 0, stage: 0, answerAt: (cl ? cl.serviceMs / Math.max(1, cl.commitsPerRequest) : 0) + i * 0.01 }));
+  // Per client: when its current request began, its stage, and the stage's frames sent and released.
+  const stageMs = cl ? cl.serviceMs / Math.max(1, cl.commitsPerRequest) : 0;
+  const perStage = Math.max(1, Math.round(cl?.framesPerAnswer ?? 1));
+  const clients = Array.from({ length: cl?.count ?? 0 }, (_, i) => ({ began: 0, stage: 0, sent: 0, released: 0, nextAt: stageMs / perStage + i * 0.01 }));
   let owners: number[] = [];
   let t = 0;
   let epochStart = 0;
@@ -67,23 +77,29 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
       for (const ft of a.frames) latencies.push(a.at - ft);
       for (const o of a.owners) {
         const c = clients[o]!;
+        if (++c.released < perStage) continue;
         if (++c.stage >= cl!.commitsPerRequest) { requestLatencyMs.push(a.at - c.began); c.began = a.at; c.stage = 0; }
-        // The client's reply (or next request) reaches the guest, which answers after the service time.
-        c.answerAt = a.at + cl!.serviceMs / Math.max(1, cl!.commitsPerRequest);
+        // The client's reply (or next request) reaches the guest, which answers over the next stage.
+        c.sent = 0;
+        c.released = 0;
+        c.nextAt = a.at + stageMs / perStage;
       }
       history[a.index]!.transferMs = a.at - a.sentAt;
     }
   };
-  const answer = () => {
+  /** Clients' frames due by now; returns how many. */
+  const answer = (): number => {
+    let n = 0;
     for (const [i, c] of clients.entries()) {
-      if (c.answerAt <= t) { waiting.push(t); owners.push(i); c.answerAt = Number.POSITIVE_INFINITY; }
+      while (c.sent < perStage && c.nextAt <= t) { waiting.push(t); owners.push(i); c.sent++; n++; c.nextAt += stageMs / perStage; }
     }
+    return n;
   };
   while (t < durationMs) {
     deliver();
-    const produced = w.output(t, stepMs);
+    let produced = w.output(t, stepMs);
     for (let i = 0; i < produced; i++) waiting.push(t);
-    answer();
+    produced += answer();
     const fl = w.flushes?.(t, stepMs) ?? 0;
     flushes += fl;
     const backlog = acks.length;
@@ -113,6 +129,7 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         history.push({ lengthMs: length, dirtyPages: pages, pauseMs: pause, bytes, transferMs: null, outputFrames: waiting.length });
         t += pause;
         pausedMs += pause;
+        for (const c of clients) if (c.sent < perStage) c.nextAt += pause + (w.guestStallMs ?? 0);
         const sendStart = Math.max(linkFree, t);
         linkFree = sendStart + bytes / w.bandwidthBytesPerMs(sendStart);
         standbyFree = Math.max(standbyFree, linkFree) + (w.commitMs?.(bytes) ?? 0);

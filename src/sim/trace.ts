@@ -12,7 +12,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { RubatoError } from '../util/errors.ts';
 import { PAGE_BYTES } from '../scheduler/index.ts';
 import { median } from '../util/stats.ts';
-import type { SimWorkload } from './simulate.ts';
+import type { SimClients, SimWorkload } from './simulate.ts';
 
 export const TRACE_FORMAT = 'rubato-trace/1';
 
@@ -167,8 +167,12 @@ function line(pts: Array<[number, number]>, slope?: number): { a: number; b: num
  */
 export interface ReplayOptions {
   rttMs?: number; cpus?: number; pausePerPageMs?: number;
+  /** Guest time a checkpoint costs beyond its pause (see SimWorkload.guestStallMs). */
+  guestStallMs?: number;
+  /** Multiplies the fitted commit time (calibrated so the recorded run's own replay keeps its pace). */
+  commitScale?: number;
   /** Replace the recorded output by closed-loop clients (see SimWorkload.clients). */
-  clients?: { count: number; serviceMs: number; commitsPerRequest: number };
+  clients?: SimClients;
 }
 
 export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOptions = {}): TraceReplay {
@@ -203,6 +207,35 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
   const outs = t.outputMs.filter((x) => x >= 0).sort((a, b) => a - b);
   const flushes = t.diskFlushesMs.filter((x) => x >= 0).sort((a, b) => a - b);
   const durationMs = Math.max(t.durationMs ?? 0, ep.at(-1)!.end);
+  // When each recorded page was written within its epoch. A page dirtied in a fraction f of the
+  // recorded epochs is taken as written at a steady rate λ with 1 − e^(−λ·L) = f (L the mean
+  // epoch): a page the guest touches all the time (timers, the network stack) is written many
+  // times in every epoch and so lands in every part of one; a page a sequential writer passes once
+  // is written once. Each recorded epoch draws, per page, its number of writes (Poisson, at least
+  // one) and their instants, deterministically from the page and epoch.
+  const seen = new Map<number, number>();
+  for (const e of ep) for (const id of e.ids) seen.set(id, (seen.get(id) ?? 0) + 1);
+  const meanSpan = ep.reduce((x, e) => x + (e.end - e.start), 0) / ep.length;
+  const writes = ep.map((e, i) => {
+    const span = e.end - e.start;
+    const offsets = new Uint32Array(e.ids.length + 1);
+    const at: number[] = [];
+    for (const [j, id] of e.ids.entries()) {
+      offsets[j] = at.length;
+      const f = Math.min((seen.get(id) ?? 1) / ep.length, 1 - 0.5 / ep.length);
+      const mu = (-Math.log(1 - f) / Math.max(meanSpan, 1e-6)) * span;
+      // N ~ Poisson(mu) given N ≥ 1, by inverse CDF
+      const u = unit(id ^ 0x27d4eb2d, i) * (1 - Math.exp(-mu));
+      let k = 1;
+      let pk = Math.exp(-mu) * mu;
+      let cdf = pk;
+      while (cdf < u && k < 24) { k++; pk *= mu / k; cdf += pk; }
+      at.push(unit(id, i));
+      for (let m = 1; m < k; m++) at.push(unit(id ^ Math.imul(m, 0x165667b1), i));
+    }
+    offsets[e.ids.length] = at.length;
+    return { offsets, at: Float32Array.from(at) };
+  });
   let lastEnd = 0; // replay epochs are consecutive: the simulator asks for [previous end, now)
   const w: SimWorkload = {
     dirtyPages: (lengthMs: number, startMs?: number) => {
@@ -211,17 +244,20 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
       lastEnd = b;
       const set = new Set<number>();
       for (const [i, e] of ep.entries()) {
-        // A recorded epoch's pages were dirtied over its run time; the pause between epochs is not
-        // run time. Each page gets a pseudo-random write instant within its epoch (independent
-        // across epochs), so a replayed epoch covering part of a recorded one takes the pages
-        // written in that part, and two replayed epochs splitting it share none.
+        // A recorded epoch's pages were dirtied over its run time (the pause between epochs is
+        // not run time): a replayed epoch covering part of it takes the pages written in that part.
         if (e.end <= a || e.start >= b) continue;
         const span = e.end - e.start;
         const x0 = span > 0 ? Math.max(0, (a - e.start) / span) : 0;
         const x1 = span > 0 ? Math.min(1, (b - e.start) / span) : 1;
         const whole = x0 <= 0 && x1 >= 1;
-        for (const id of e.ids) {
-          if (!whole) { const u = unit(id, i); if (u < x0 || u >= x1) continue; }
+        const wr = writes[i]!;
+        for (const [j, id] of e.ids.entries()) {
+          if (!whole) {
+            let hit = false;
+            for (let m = wr.offsets[j]!; m < wr.offsets[j + 1]! && !hit; m++) hit = wr.at[m]! >= x0 && wr.at[m]! < x1;
+            if (!hit) continue;
+          }
           for (let k = 0; k < scale; k++) {
             const part = Math.min(1, scale - k);
             if (part >= 1 || inFraction(id ^ 0x5bd1e995, part)) set.add(id + k * 2 ** 32);
@@ -237,8 +273,9 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
     rttMs,
     pauseMs: (p) => pm.fixedMs + pm.perPageMs * p,
     checkpointBytes: (pages) => pages * PAGE_BYTES + overheadBytes,
-    commitMs: (bytes) => cl.a + cl.b * (bytes / 1e6),
+    commitMs: (bytes) => (o.commitScale ?? 1) * (cl.a + cl.b * (bytes / 1e6)),
     triggerMs,
+    ...(o.guestStallMs !== undefined ? { guestStallMs: o.guestStallMs } : {}),
   };
   return { workload: w, durationMs, pause: { fixedMs: pm.fixedMs, perPageMs: pm.perPageMs }, commit: { fixedMs: cl.a, perMbMs: cl.b }, triggerMs, overheadBytes };
 }

@@ -95,3 +95,38 @@ test('simulate: closed-loop clients wait for their answers to be released', () =
   const p50e = [...eager.requestLatencyMs].sort((a, b) => a - b)[eager.requestLatencyMs.length >> 1]!;
   assert.ok(p50e < p50 / 2, `net-io p50 ${p50e} vs fixed ${p50}`);
 });
+
+test('trace: a page written in every recorded epoch is in every part of one; a page written once is in one part', () => {
+  // Epochs of 10 ms each write page 7 (hot: every epoch) and one page of a 400-page sweep.
+  const r = new TraceRecorder({ workload: 'hot', policy: 'fixed:10ms', link: 'unlimited', cpus: 1, accel: 'tcg' }, 0);
+  for (let i = 0; i < 200; i++) r.epoch(i * 11, i * 11 + 10, 1, 10_000, Uint32Array.from([7, 1000 + (i % 400)]));
+  const w = traceWorkload(r.finish(200 * 11), 125_000).workload;
+  let hot = 0;
+  let swept = 0;
+  for (let i = 0; i < 100; i++) {
+    // the two halves of recorded epoch i
+    const a = w.dirtyPages(5, i * 11);
+    const b = w.dirtyPages(6, i * 11 + 5);
+    hot += Number(a >= 1 && b >= 1);
+    swept += a + b - 2; // beyond the hot page in each half
+  }
+  // written ~6 times an epoch (present in all 200 recorded, rate capped at f = 1 − 0.5/200): both halves ~90%
+  assert.ok(hot >= 82, `hot page in both halves of ${hot}/100 epochs`);
+  assert.ok(swept >= 90 && swept <= 110, `each swept page lands in one half only: ${swept} for 100 epochs`);
+});
+
+test('simulate: clients answer in frames spread over a stage, wake the policy, and are slowed by checkpoints', () => {
+  const quiet = { dirtyPages: () => 50, output: () => 0, bandwidthBytesPerMs: () => 125_000, rttMs: 0.2, pauseMs: () => 1 };
+  const p50 = (r: ReturnType<typeof simulate>) => [...r.requestLatencyMs].sort((a, b) => a - b)[r.requestLatencyMs.length >> 1]!;
+  // A stage ends when all its frames are released: 5 frames per answer, 10 per request.
+  const spread = simulate(parsePolicy('fixed:25ms'), { ...quiet, clients: { count: 2, serviceMs: 8, commitsPerRequest: 2, framesPerAnswer: 5 } }, 5000);
+  assert.equal(spread.outputLatencyMs.length - (spread.outputLatencyMs.length % 5), spread.outputLatencyMs.length, 'whole answers released');
+  assert.ok(Math.abs(spread.outputLatencyMs.length / spread.requestLatencyMs.length - 10) < 1, `${spread.outputLatencyMs.length} frames for ${spread.requestLatencyMs.length} requests`);
+  // Client frames wake a waiting policy: adaptive checkpoints on them, not at its quiet timer.
+  const adaptive = simulate(parsePolicy('adaptive'), { ...quiet, clients: { count: 4, serviceMs: 2, commitsPerRequest: 1 } }, 5000);
+  assert.ok(p50(adaptive) < 12, `adaptive answers within a few ms of the answer: p50 ${p50(adaptive)} ms`);
+  // Each checkpoint costs the guest time beyond its pause: answers in progress wait for it.
+  const stalled = simulate(parsePolicy('fixed:10ms'), { ...quiet, guestStallMs: 8, clients: { count: 1, serviceMs: 15, commitsPerRequest: 1 } }, 5000);
+  const free = simulate(parsePolicy('fixed:10ms'), { ...quiet, clients: { count: 1, serviceMs: 15, commitsPerRequest: 1 } }, 5000);
+  assert.ok(p50(stalled) > p50(free) + 3, `stalled p50 ${p50(stalled)} vs ${p50(free)} ms`);
+});
