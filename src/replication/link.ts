@@ -109,10 +109,14 @@ export class Link extends EventEmitter {
   /** Sends a frame; resolves when the kernel has taken it (back-pressure for big frames). */
   send(type: number, epoch: number, payload?: Buffer): Promise<void> {
     if (this.closedErr) return Promise.reject(this.closedErr);
-    const buf = this.enc.encode(type, epoch, payload);
-    this.stats.bytesSent += buf.length;
+    const [head, body, mac] = this.enc.encodeParts(type, epoch, payload);
+    this.stats.bytesSent += head.length + body.length + mac.length;
     return new Promise((resolve, reject) => {
-      this.socket.write(buf, (err) => (err ? reject(err) : resolve()));
+      this.socket.cork();
+      this.socket.write(head);
+      if (body.length) this.socket.write(body);
+      this.socket.write(mac, (err) => (err ? reject(err) : resolve()));
+      this.socket.uncork();
     });
   }
 

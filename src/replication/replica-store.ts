@@ -1,7 +1,9 @@
 // The standby's replica: exactly one committed checkpoint, on disk and in memory. A checkpoint is
 // staged, verified complete and intact, then committed by one rename (the redo record); applying
 // it is idempotent, so a store reopened after a crash at any moment holds the last committed one.
-// It never applies a partial or corrupt checkpoint.
+// It never applies a partial or corrupt checkpoint. A record off the wire is acknowledgeable at
+// its commit point: `commitRecord` returns there, with memory already updated, and writes the
+// images behind it; the next commit, and anything that reads the files, waits for that (`settled`).
 //
 // On-disk format (version 1), in the store's folder:
 //   meta.json        { format: 1, vm, machine, epoch, blocks: [{ id, lengthBytes }] }
@@ -54,7 +56,17 @@ export class ReplicaStore {
     private readonly fsync: boolean,
   ) {}
 
-  get epoch(): number { return this.meta.epoch; }
+  /** The last committed epoch (its files may still be being written: see settled()). */
+  get epoch(): number { return this.committed ?? this.meta.epoch; }
+  private committed: number | null = null;
+  private applying: Promise<void> | null = null;
+  private applyError: Error | null = null;
+
+  /** Resolves once the files hold the last committed checkpoint; rejects if writing them failed. */
+  async settled(): Promise<void> {
+    await this.applying;
+    if (this.applyError) throw this.applyError;
+  }
   get machine(): string { return this.meta.machine; }
   get blocks(): readonly RamBlockInfo[] { return this.meta.blocks; }
   get deviceState(): Buffer { return this.device; }
@@ -90,6 +102,7 @@ export class ReplicaStore {
 
   /** The same store after its directory was renamed to `dir` by the caller (nothing is reread). */
   relocated(dir: string): ReplicaStore {
+    assert(this.applying === null, 'a store is relocated only before its first checkpoint');
     return new ReplicaStore(dir, this.meta, this.ram, this.device, this.fsync);
   }
 
@@ -136,14 +149,22 @@ export class ReplicaStore {
     if (!checkDeviceState(cp.deviceState)) throw corrupt(`checkpoint ${cp.epoch}: device state is not framed as QEMU sections + EOF`, { epoch: cp.epoch });
   }
 
-  /** Stage, verify, commit (one rename), apply. Returns the committed epoch. */
+  /** Stage, verify, commit (one rename), apply. Returns the committed epoch once applied. */
   async commit(cp: Checkpoint): Promise<number> {
+    await this.settled();
     this.validate(cp);
-    return this.commitVerified(cp.epoch, encodeRecord(cp, this.meta.blocks), cp.pages, cp.deviceState);
+    const epoch = await this.commitVerified(cp.epoch, encodeRecord(cp, this.meta.blocks), cp.pages, cp.deviceState);
+    await this.settled();
+    return epoch;
   }
 
-  /** The same for a record as it came off the wire (checksummed by its sender). */
+  /**
+   * The same for a record as it came off the wire (checksummed by its sender), returning at the
+   * commit point: the checkpoint is durable (the redo record) and in memory; its images are written
+   * behind the caller's acknowledgement (settled() waits for them).
+   */
   async commitRecord(record: Buffer): Promise<number> {
+    await this.settled();
     const rec = decodeRecord(record, this.meta.blocks);
     this.validate({ epoch: rec.epoch, route: 'a', pages: rec.pages, deviceState: rec.deviceState, ramBytes: 0, zeroPages: 0, pausedAtMs: 0, timings: { captureMs: 0, pauseMsLocal: 0, heldMs: 0 } });
     return this.commitVerified(rec.epoch, record, rec.pages, rec.deviceState);
@@ -154,12 +175,16 @@ export class ReplicaStore {
     await writeDurable(stage, record, this.fsync);
     const redo = join(this.dir, 'redo.ckpt');
     await rename(stage, redo); // the commit point
-    await this.apply(epoch, pages, deviceState);
-    await rm(redo, { force: true });
+    this.committed = epoch;
+    this.applying = this.apply(epoch, pages, deviceState)
+      .then(() => rm(redo, { force: true }))
+      .catch((e: unknown) => { this.applyError = e instanceof Error ? e : new Error(String(e)); });
     return epoch;
   }
 
   private async apply(epoch: number, pages: readonly DirtyPage[], deviceState: Buffer): Promise<void> {
+    // Memory first, all at once (no await before it is done): readers of ramOf()/deviceState see
+    // either the previous checkpoint or this one. Then the files.
     const touched = new Map<string, number[]>();
     for (const p of pages) {
       const buf = this.ram.get(p.block)!;
@@ -169,8 +194,8 @@ export class ReplicaStore {
       if (!list) touched.set(p.block, (list = []));
       list.push(p.offset);
     }
-    for (const [block, offsets] of touched) await this.writeRuns(block, offsets);
     this.device = Buffer.from(deviceState);
+    for (const [block, offsets] of touched) await this.writeRuns(block, offsets);
     await writeDurable(join(this.dir, 'device.bin'), this.device, this.fsync);
     this.meta = { ...this.meta, epoch };
     await this.writeMeta();

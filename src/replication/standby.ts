@@ -223,6 +223,7 @@ export class StandbyController {
     const next = `${this.replicaDir}.new`;
     rmSync(next, { recursive: true, force: true });
     const created = await ReplicaStore.create(next, identity.vm, { machine: layout.machine, blocks: layout.blocks, ram, deviceState }, { fsync: this.o.fsync ?? true, adopt: true });
+    await this.store?.settled().catch(() => {}); // the replica it replaces is written no more
     if (existsSync(this.replicaDir)) renameSync(this.replicaDir, `${this.replicaDir}.old`);
     renameSync(next, this.replicaDir);
     rmSync(`${this.replicaDir}.old`, { recursive: true, force: true });
@@ -247,7 +248,14 @@ export class StandbyController {
     }
     this.state = 'activating';
     if (reason === 'manual' && this.link && !this.link.closed) await this.fencePrimary(this.link);
-    const store = this.store;
+    let store = this.store;
+    try {
+      await store.settled(); // the last acknowledged checkpoint's images are written
+    } catch (e) {
+      // Its redo record is committed: reopening the replica finishes applying it.
+      log.warn(`replica files behind checkpoint ${store.epoch} (${(e as Error).message}); reopening the replica to redo it`);
+      store = this.store = await ReplicaStore.open(this.replicaDir, { fsync: this.o.fsync ?? true });
+    }
     const spec = { ...this.identity.spec, name: `${this.identity.spec.name}`, ramFile: store.imagePath(MAIN_RAM_ID) };
     writeFileSync(join(this.o.stateDir, 'activated'), JSON.stringify({ epoch: store.epoch, atMs: detectedAtMs }));
     try {
@@ -283,6 +291,7 @@ export class StandbyController {
     this.link?.close();
     this.server?.close();
     this.control?.close();
+    await this.store?.settled().catch((e: unknown) => log.warn(`replica files behind its last checkpoint at stop (${(e as Error).message}); its redo record finishes them on the next start`));
     await this.vm?.stop();
   }
 }

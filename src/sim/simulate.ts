@@ -17,8 +17,12 @@ export interface SimWorkload {
   pauseMs(pages: number): number;
   /** Bytes a checkpoint of `pages` ships (default: the pages plus 32 kB of device state). */
   checkpointBytes?(pages: number): number;
-  /** The standby's time to commit a checkpoint of `bytes` once received (serial; default 0). */
-  commitMs?(bytes: number): number;
+  /**
+   * The standby's work on a checkpoint: `perByteMs` for each byte (verifying, decoding, applying:
+   * it runs as the bytes arrive, so it overlaps the link), then `fixedMs` once the last byte is in
+   * and that work is done (the commit point). One checkpoint at a time. Default: none.
+   */
+  standby?: { fixedMs: number; perByteMs: number };
   /**
    * Guest time each checkpoint costs beyond its pause (the host's cores busy capturing, shipping and
    * committing it): a client's answer in progress is delayed by it, and by the pause (default 0).
@@ -132,7 +136,8 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         for (const c of clients) if (c.sent < perStage) c.nextAt += pause + (w.guestStallMs ?? 0);
         const sendStart = Math.max(linkFree, t);
         linkFree = sendStart + bytes / w.bandwidthBytesPerMs(sendStart);
-        standbyFree = Math.max(standbyFree, linkFree) + (w.commitMs?.(bytes) ?? 0);
+        const sb = w.standby ?? { fixedMs: 0, perByteMs: 0 };
+        standbyFree = Math.max(Math.max(standbyFree, sendStart) + bytes * sb.perByteMs, linkFree) + sb.fixedMs;
         acks.push({ at: standbyFree + w.rttMs, frames: waiting, owners, index: history.length - 1, sentAt: t });
         waiting = [];
         owners = [];

@@ -110,11 +110,6 @@ export function loadTrace(path: string): Trace {
   return t;
 }
 
-/** Bytes per ms of the link a trace was recorded on (its class name), to take transfers out of its acks. */
-export function bandwidthOfRecording(t: Trace): number {
-  return ({ '1gbit': 125_000, '10gbit': 1_250_000 } as Record<string, number>)[t.link] ?? 1_000_000;
-}
-
 /** A deterministic number in [0, 1) for a page (of recorded epoch `salt`). */
 function unit(id: number, salt: number): number {
   let h = Math.imul(id ^ 0x9e3779b9, 0x85ebca6b) ^ Math.imul(salt + 1, 0xc2b2ae35);
@@ -189,17 +184,16 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
   const triggerMs = triggers.length ? median(triggers) : 0;
   const pl = line(epochs.map((e) => [e.ids.length, e.pauseMs]), o.pausePerPageMs);
   const pm = { fixedMs: pl.a, perPageMs: pl.b };
-  // The standby commits one checkpoint at a time: a recorded ack also holds the wait behind the
-  // previous one. Service time = ack − max(arrival, previous ack).
-  const recBw = bandwidthOfRecording(t);
+  // The standby handles one checkpoint at a time, working on its bytes as they arrive: a recorded
+  // ack also holds the wait behind the previous one. Service time = ack − max(sent, previous ack)
+  // (the link at the recording's class is fast next to the standby's own work).
   const service: Array<[number, number]> = [];
   let prevAck = Number.NEGATIVE_INFINITY;
   for (const e of epochs) {
     if (e.ackMs === undefined) { prevAck = Number.NEGATIVE_INFINITY; continue; }
     const sent = e.endMs + e.pauseMs;
-    const arrived = sent + e.bytes / recBw;
     const ack = sent + e.ackMs - rttMs;
-    service.push([e.bytes / 1e6, Math.max(0, ack - Math.max(arrived, prevAck))]);
+    service.push([e.bytes / 1e6, Math.max(0, ack - Math.max(sent, prevAck))]);
     prevAck = ack;
   }
   const cl = line(service);
@@ -273,7 +267,7 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
     rttMs,
     pauseMs: (p) => pm.fixedMs + pm.perPageMs * p,
     checkpointBytes: (pages) => pages * PAGE_BYTES + overheadBytes,
-    commitMs: (bytes) => (o.commitScale ?? 1) * (cl.a + cl.b * (bytes / 1e6)),
+    standby: { fixedMs: (o.commitScale ?? 1) * cl.a, perByteMs: ((o.commitScale ?? 1) * cl.b) / 1e6 },
     triggerMs,
     ...(o.guestStallMs !== undefined ? { guestStallMs: o.guestStallMs } : {}),
   };

@@ -96,3 +96,35 @@ test('a corrupt redo record is refused, never applied', async (t) => {
   const r = await ReplicaStore.open(dir);
   assert.equal(r.ramOf('mem0')[0], 1);
 });
+
+test('a record off the wire is acknowledgeable at its commit point; its images follow, and the next commit waits for them', async (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const s = await ReplicaStore.create(dir, 'vm', base());
+  const blocks = base().blocks;
+  const e1 = await s.commitRecord(encodeRecord(cp(1, [[0, 5], [8192, 9]]), blocks));
+  // Returned at the commit point: the redo record is in place, memory holds the checkpoint.
+  assert.equal(e1, 1);
+  assert.equal(s.epoch, 1);
+  assert.equal(s.ramOf('mem0')[8192], 9);
+  assert.deepEqual([...s.deviceState], [0x04, 1, 0x00]);
+  // A crash now: a reopen finishes the checkpoint from its redo record.
+  const copy = `${dir}-copy`;
+  t.after(() => rmSync(copy, { recursive: true, force: true }));
+  if (existsSync(join(dir, 'redo.ckpt'))) {
+    const { cpSync } = await import('node:fs');
+    cpSync(dir, copy, { recursive: true });
+    const r = await ReplicaStore.open(copy);
+    assert.equal(r.epoch, 1);
+    assert.equal(r.ramOf('mem0')[8192], 9);
+  }
+  // The next commit first waits for the previous one's files.
+  await s.commitRecord(encodeRecord(cp(2, [[8192, 10]]), blocks));
+  await s.settled();
+  assert.equal(existsSync(join(dir, 'redo.ckpt')), false);
+  const r2 = await ReplicaStore.open(dir);
+  assert.equal(r2.epoch, 2);
+  assert.equal(r2.ramOf('mem0')[0], 5);
+  assert.equal(r2.ramOf('mem0')[8192], 10);
+  assert.deepEqual(readFileSync(r2.imagePath('mem0')), r2.ramOf('mem0'));
+});

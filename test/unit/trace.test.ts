@@ -130,3 +130,16 @@ test('simulate: clients answer in frames spread over a stage, wake the policy, a
   const free = simulate(parsePolicy('fixed:10ms'), { ...quiet, clients: { count: 1, serviceMs: 15, commitsPerRequest: 1 } }, 5000);
   assert.ok(p50(stalled) > p50(free) + 3, `stalled p50 ${p50(stalled)} vs ${p50(free)} ms`);
 });
+
+test('simulate: the standby works on a checkpoint as its bytes arrive — its per-byte work overlaps the link', () => {
+  // 1 MB checkpoints over a 1 Gbit/s-class link (8.4 ms) to a standby doing 8 ms/MB and 1 ms at the end.
+  const w = { dirtyPages: () => 250, output: () => 0, bandwidthBytesPerMs: () => 125_000, rttMs: 0.2, pauseMs: () => 1, standby: { fixedMs: 1, perByteMs: 8 / 1e6 } };
+  const r = simulate(parsePolicy('fixed:100ms'), w, 2000);
+  const acks = r.epochs.filter((e) => e.transferMs !== null).map((e) => e.transferMs!);
+  const link = (250 * 4096 + 32_000) / 125_000;
+  assert.ok(acks.length > 10 && acks.every((a) => Math.abs(a - (link + 1 + 0.2)) < 0.6), `send → ack ${acks[0]} ms: the slower of link (${link.toFixed(1)} ms) and standby, plus its commit — not their sum`);
+  // A standby slower than the link sets the pace instead.
+  const slow = simulate(parsePolicy('fixed:100ms'), { ...w, standby: { fixedMs: 1, perByteMs: 20 / 1e6 } }, 2000);
+  const t = slow.epochs.find((e) => e.transferMs !== null)!.transferMs!;
+  assert.ok(Math.abs(t - (20 * (250 * 4096 + 32_000) / 1e6 + 1 + 0.2)) < 0.6, `slow standby: ${t} ms`);
+});

@@ -60,19 +60,26 @@ export function proofEquals(a: Buffer, b: Buffer): boolean {
   return a.length === b.length && timingSafeEqual(a, b);
 }
 
-export function encodeFrame(f: Frame, key: Buffer): Buffer {
+/**
+ * A frame as three buffers — header, payload (not copied), MAC — so that a checkpoint record of
+ * megabytes goes to the socket as it is; the MAC covers header and payload.
+ */
+export function encodeFrameParts(f: Frame, key: Buffer): [Buffer, Buffer, Buffer] {
   const body = HEADER_BYTES - 4 + f.payload.length + MAC_BYTES;
   if (body + 4 > MAX_FRAME_BYTES) throw protocolError(`frame of ${body + 4} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
-  const out = Buffer.allocUnsafe(4 + body);
-  out.writeUInt32BE(body, 0);
-  out[4] = f.type;
-  out[5] = PROTOCOL_VERSION;
-  out.writeUInt16BE(0, 6);
-  out.writeBigUInt64BE(BigInt(f.epoch), 8);
-  out.writeBigUInt64BE(BigInt(f.seq), 16);
-  f.payload.copy(out, HEADER_BYTES);
-  createHmac('sha256', key).update(out.subarray(0, HEADER_BYTES + f.payload.length)).digest().copy(out, HEADER_BYTES + f.payload.length);
-  return out;
+  const head = Buffer.allocUnsafe(HEADER_BYTES);
+  head.writeUInt32BE(body, 0);
+  head[4] = f.type;
+  head[5] = PROTOCOL_VERSION;
+  head.writeUInt16BE(0, 6);
+  head.writeBigUInt64BE(BigInt(f.epoch), 8);
+  head.writeBigUInt64BE(BigInt(f.seq), 16);
+  const mac = createHmac('sha256', key).update(head).update(f.payload).digest();
+  return [head, f.payload, mac];
+}
+
+export function encodeFrame(f: Frame, key: Buffer): Buffer {
+  return Buffer.concat(encodeFrameParts(f, key));
 }
 
 /**
@@ -158,6 +165,9 @@ export class FrameEncoder {
   constructor(private key: Buffer) {}
   setKey(key: Buffer): void { this.key = key; }
   encode(type: number, epoch: number, payload: Buffer = Buffer.alloc(0)): Buffer {
-    return encodeFrame({ type, epoch, seq: this.seq++, payload }, this.key);
+    return Buffer.concat(this.encodeParts(type, epoch, payload));
+  }
+  encodeParts(type: number, epoch: number, payload: Buffer = Buffer.alloc(0)): [Buffer, Buffer, Buffer] {
+    return encodeFrameParts({ type, epoch, seq: this.seq++, payload }, this.key);
   }
 }
