@@ -9,7 +9,7 @@ import { dirname, join } from 'node:path';
 import { median, round } from '../util/stats.ts';
 import { RubatoError } from '../util/errors.ts';
 import { simulateTrace } from '../sim/cli.ts';
-import { loadTrace } from '../sim/trace.ts';
+import { loadTrace, pauseBusyMsOf } from '../sim/trace.ts';
 import type { SimClients } from '../sim/simulate.ts';
 import type { MeasuredCurve } from '../sim/extrapolate.ts';
 import type { SchedulerCell } from './scheduler.ts';
@@ -36,7 +36,11 @@ export function validateByReplay({ cells, classes, measured, workloads, goodputM
   // The pause's per-page slope from the profile (checkpoints from 10 ms to 1 s wide); each trace
   // gives its own fixed part.
   const perPage = measured.find((m) => m.cpus === 1)?.pausePerPageMs;
-  const base = perPage !== undefined ? { pausePerPageMs: perPage } : {};
+  // Pauses taken while the standby still works on an earlier checkpoint run longer (the host's 2
+  // cores are shared): by how much is measured in the recorded traces that have enough of both.
+  const recorded = workloads.flatMap((wl) => { const src = cells.find((x) => x.workload === wl && x.link === classes[0] && x.policy === SOURCE_POLICY && x.trace); return src?.trace ? [loadTrace(src.trace)] : []; });
+  const pauseBusyMs = round(pauseBusyMsOf(recorded, perPage ?? 0), 3);
+  const base = { ...(perPage !== undefined ? { pausePerPageMs: perPage } : {}), pauseBusyMs };
   const source = (wl: string) => cells.find((x) => x.workload === wl && x.link === classes[0] && x.policy === SOURCE_POLICY && x.trace);
   // The standby's commit time is fitted from the recorded acks, whose noise biases a line through
   // them. Where the recorded run was paced by its pipeline (fewer checkpoints than its policy
@@ -142,7 +146,7 @@ export function validateByReplay({ cells, classes, measured, workloads, goodputM
     }
     return { workload: c.workload, policy: c.policy, link: c.link, role, metrics };
   });
-  const calibration = { perCheckpointMs: round(c0, 3), perPageUs: round(c1 * 1000, 3), cells: calib.map((r) => `${r.c.workload}/${r.c.policy}/${r.c.link}`), clients: clientsOf, commitScale: commitScaleOf };
+  const calibration = { perCheckpointMs: round(c0, 3), perPageUs: round(c1 * 1000, 3), cells: calib.map((r) => `${r.c.workload}/${r.c.policy}/${r.c.link}`), clients: clientsOf, commitScale: commitScaleOf, pauseBusyMs };
   // How well the live runs agree with themselves: the unlimited and 10gbit classes carry far more
   // than any workload here ships (see goodput), so the same workload and policy measured on both
   // is the same configuration measured twice.

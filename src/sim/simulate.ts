@@ -15,6 +15,8 @@ export interface SimWorkload {
   bandwidthBytesPerMs(tMs: number): number;
   rttMs: number;
   pauseMs(pages: number): number;
+  /** How much longer (ms) a pause is while an earlier checkpoint is still unacknowledged (default 0). */
+  pauseBusyMs?: number;
   /** Bytes a checkpoint of `pages` ships (default: the pages plus 32 kB of device state). */
   checkpointBytes?(pages: number): number;
   /**
@@ -128,7 +130,8 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         }
         const length = t - epochStart;
         const pages = Math.round(w.dirtyPages(length, epochStart));
-        const pause = w.pauseMs(pages);
+        // A pause taken while the standby still works on an earlier checkpoint shares the host with it.
+        const pause = w.pauseMs(pages) + (acks.length > 0 ? (w.pauseBusyMs ?? 0) : 0);
         const bytes = w.checkpointBytes ? w.checkpointBytes(pages) : pages * PAGE_BYTES + 32_000;
         history.push({ lengthMs: length, dirtyPages: pages, pauseMs: pause, bytes, transferMs: null, outputFrames: waiting.length });
         t += pause;

@@ -110,6 +110,33 @@ export function loadTrace(path: string): Trace {
   return t;
 }
 
+/** Per recorded checkpoint: was the one before it still unacknowledged when its pause began? */
+export function busyPauses(t: Trace): boolean[] {
+  return t.epochs.map((e, i) => {
+    const p = t.epochs[i - 1];
+    return p?.ackMs !== undefined && p.endMs + p.pauseMs + p.ackMs > e.endMs;
+  });
+}
+
+/**
+ * How much longer (ms) pauses taken while the standby is busy are than the others at the same page
+ * count, from recorded traces with enough of both (the median over them); 0 when none has.
+ */
+export function pauseBusyMsOf(traces: readonly Trace[], perPageMs: number, minEach = 5): number {
+  const diffs: number[] = [];
+  const mean = (a: number[]) => a.reduce((x, y) => x + y, 0) / a.length;
+  for (const t of traces) {
+    const busy = busyPauses(t);
+    const pages = t.epochs.map((e) => Buffer.from(e.pages, 'base64').length / 4);
+    const b = t.epochs.flatMap((_, i) => (busy[i] ? [i] : []));
+    const n = t.epochs.flatMap((_, i) => (i > 0 && !busy[i] ? [i] : []));
+    if (b.length < minEach || n.length < minEach) continue;
+    const at = (ix: number[]) => mean(ix.map((i) => t.epochs[i]!.pauseMs - perPageMs * pages[i]!));
+    diffs.push(at(b) - at(n));
+  }
+  return diffs.length ? Math.max(0, median(diffs)) : 0;
+}
+
 /** A deterministic number in [0, 1) for a page (of recorded epoch `salt`). */
 function unit(id: number, salt: number): number {
   let h = Math.imul(id ^ 0x9e3779b9, 0x85ebca6b) ^ Math.imul(salt + 1, 0xc2b2ae35);
@@ -162,6 +189,8 @@ function line(pts: Array<[number, number]>, slope?: number): { a: number; b: num
  */
 export interface ReplayOptions {
   rttMs?: number; cpus?: number; pausePerPageMs?: number;
+  /** See SimWorkload.pauseBusyMs; the pause model is fitted with it taken off the busy pauses. */
+  pauseBusyMs?: number;
   /** Guest time a checkpoint costs beyond its pause (see SimWorkload.guestStallMs). */
   guestStallMs?: number;
   /** Multiplies the fitted commit time (calibrated so the recorded run's own replay keeps its pace). */
@@ -182,7 +211,9 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
   // The guest runs on between the policy's decision and QEMU stopping it (the median over the trace).
   const triggers = epochs.filter((e) => e.decidedMs !== undefined).map((e) => Math.max(0, e.endMs - e.decidedMs!));
   const triggerMs = triggers.length ? median(triggers) : 0;
-  const pl = line(epochs.map((e) => [e.ids.length, e.pauseMs]), o.pausePerPageMs);
+  const busy = busyPauses(t);
+  const extra = o.pauseBusyMs ?? 0;
+  const pl = line(epochs.map((e, i) => [e.ids.length, busy[i] ? Math.max(0, e.pauseMs - extra) : e.pauseMs]), o.pausePerPageMs);
   const pm = { fixedMs: pl.a, perPageMs: pl.b };
   // The standby handles one checkpoint at a time, working on its bytes as they arrive: a recorded
   // ack also holds the wait behind the previous one. Service time = ack − max(sent, previous ack)
@@ -269,6 +300,7 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
     checkpointBytes: (pages) => pages * PAGE_BYTES + overheadBytes,
     standby: { fixedMs: (o.commitScale ?? 1) * cl.a, perByteMs: ((o.commitScale ?? 1) * cl.b) / 1e6 },
     triggerMs,
+    ...(o.pauseBusyMs !== undefined ? { pauseBusyMs: o.pauseBusyMs } : {}),
     ...(o.guestStallMs !== undefined ? { guestStallMs: o.guestStallMs } : {}),
   };
   return { workload: w, durationMs, pause: { fixedMs: pm.fixedMs, perPageMs: pm.perPageMs }, commit: { fixedMs: cl.a, perMbMs: cl.b }, triggerMs, overheadBytes };

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { TraceRecorder, traceWorkload, writeTrace, decodePages, encodePages, type Trace } from '../../src/sim/trace.ts';
+import { TraceRecorder, traceWorkload, writeTrace, decodePages, encodePages, pauseBusyMsOf, type Trace } from '../../src/sim/trace.ts';
 import { simulateTrace } from '../../src/sim/cli.ts';
 import { simulate } from '../../src/sim/simulate.ts';
 import { parsePolicy } from '../../src/scheduler/index.ts';
@@ -142,4 +142,20 @@ test('simulate: the standby works on a checkpoint as its bytes arrive — its pe
   const slow = simulate(parsePolicy('fixed:100ms'), { ...w, standby: { fixedMs: 1, perByteMs: 20 / 1e6 } }, 2000);
   const t = slow.epochs.find((e) => e.transferMs !== null)!.transferMs!;
   assert.ok(Math.abs(t - (20 * (250 * 4096 + 32_000) / 1e6 + 1 + 0.2)) < 0.6, `slow standby: ${t} ms`);
+});
+
+test('trace: pauses taken while the standby is still busy are measured longer, and replayed so', () => {
+  // Every third checkpoint's predecessor is acknowledged late (after this pause began): those pauses take 1 ms more.
+  const r = new TraceRecorder({ workload: 'busy', policy: 'fixed:10ms', link: 'unlimited', cpus: 1, accel: 'tcg' }, 0);
+  const handles: number[] = [];
+  for (let i = 0; i < 60; i++) handles.push(r.epoch(i * 12, i * 12 + 10, i > 0 && i % 3 === 0 ? 2 : 1, 50_000, Uint32Array.from([i])));
+  for (let i = 0; i < 60; i++) r.acked(handles[i]!, (i + 1) % 3 === 0 ? 15 : 3);
+  const t = r.finish(60 * 12);
+  assert.ok(Math.abs(pauseBusyMsOf([t], 0) - 1) < 1e-6, `busy pauses +${pauseBusyMsOf([t], 0)} ms`);
+  assert.equal(pauseBusyMsOf([t], 0, 100), 0, 'too few of either: no claim');
+  // Replayed with it: the fit takes it off the busy pauses, the simulator adds it back when busy.
+  const w = traceWorkload(t, 1_250_000, { pauseBusyMs: 1 });
+  assert.ok(Math.abs(w.pause.fixedMs - 1) < 1e-6, `idle pause fitted at ${w.pause.fixedMs} ms`);
+  const slow = simulate(parsePolicy('fixed:10ms'), { ...w.workload, standby: { fixedMs: 15, perByteMs: 0 } }, 600);
+  assert.ok(slow.epochs.slice(2).every((e) => Math.abs(e.pauseMs - 2) < 1e-6), 'a standby always behind: every pause is a busy one');
 });
