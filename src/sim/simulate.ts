@@ -27,7 +27,9 @@ export interface SimWorkload {
   standby?: { fixedMs: number; perByteMs: number };
   /**
    * Guest time each checkpoint costs beyond its pause (the host's cores busy capturing, shipping and
-   * committing it): a client's answer in progress is delayed by it, and by the pause (default 0).
+   * committing it): a client's answer in progress is delayed by it, and by the pause; and released
+   * output reaches clients no sooner than that long after the pause (the relay runs in the
+   * primary's loop, busy with the checkpoint). Default 0.
    */
   guestStallMs?: number;
   /** The guest runs on this long between a checkpoint decision and its pause (default 0). */
@@ -77,6 +79,7 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
   let waiting: number[] = []; // output frame times in the running epoch
   let flushes = 0;
   let wakeAt = 0;
+  let engineBusyUntil = 0; // the primary's loop works on the last checkpoint: the relay waits
   const deliver = () => {
     while (acks.length && acks[0]!.at <= t) {
       const a = acks.shift()!;
@@ -84,11 +87,12 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
       for (const o of a.owners) {
         const c = clients[o]!;
         if (++c.released < perStage) continue;
-        if (++c.stage >= cl!.commitsPerRequest) { requestLatencyMs.push(a.at - c.began); c.began = a.at; c.stage = 0; }
+        const at = Math.max(a.at, engineBusyUntil);
+        if (++c.stage >= cl!.commitsPerRequest) { requestLatencyMs.push(at - c.began); c.began = at; c.stage = 0; }
         // The client's reply (or next request) reaches the guest, which answers over the next stage.
         c.sent = 0;
         c.released = 0;
-        c.nextAt = a.at + stageMs / perStage;
+        c.nextAt = at + stageMs / perStage;
       }
       history[a.index]!.transferMs = a.at - a.sentAt;
     }
@@ -137,6 +141,7 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         t += pause;
         pausedMs += pause;
         for (const c of clients) if (c.sent < perStage) c.nextAt += pause + (w.guestStallMs ?? 0);
+        engineBusyUntil = t + (w.guestStallMs ?? 0);
         const sendStart = Math.max(linkFree, t);
         linkFree = sendStart + bytes / w.bandwidthBytesPerMs(sendStart);
         const sb = w.standby ?? { fixedMs: 0, perByteMs: 0 };

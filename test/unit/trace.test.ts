@@ -129,6 +129,9 @@ test('simulate: clients answer in frames spread over a stage, wake the policy, a
   const stalled = simulate(parsePolicy('fixed:10ms'), { ...quiet, guestStallMs: 8, clients: { count: 1, serviceMs: 15, commitsPerRequest: 1 } }, 5000);
   const free = simulate(parsePolicy('fixed:10ms'), { ...quiet, clients: { count: 1, serviceMs: 15, commitsPerRequest: 1 } }, 5000);
   assert.ok(p50(stalled) > p50(free) + 3, `stalled p50 ${p50(stalled)} vs ${p50(free)} ms`);
+  // Released output reaches clients only once the primary's loop is done with the checkpoint.
+  const eager = (stall: number) => simulate(parsePolicy('net-io'), { ...quiet, guestStallMs: stall, clients: { count: 1, serviceMs: 1, commitsPerRequest: 1 } }, 3000);
+  assert.ok(p50(eager(10)) >= p50(eager(0)) + 5, `relay behind a busy loop: ${p50(eager(10))} vs ${p50(eager(0))} ms`);
 });
 
 test('simulate: the standby works on a checkpoint as its bytes arrive — its per-byte work overlaps the link', () => {
