@@ -40,8 +40,7 @@ export interface CaptureCell {
   progressRatio: number;
 }
 
-/** Progress (dirtier work units) per host second over a window, from console lines stamped on arrival. */
-/** Guest progress from its console counters; several instances (` id=N`) are summed. */
+/** Guest progress per host second from its console counters (stamped on arrival); several instances (` id=N`) are summed. */
 export class ProgressProbe {
   private readonly samples = new Map<string, Array<{ t: number; work: number }>>();
   constructor(vm: QemuVm, counterRe?: RegExp) {

@@ -135,8 +135,39 @@ async function warmUp(vm: QemuVm, dir: string, name: string, policy: string, io:
 
 const spread = (a: number, b: number) => round(Math.abs(a - b) / Math.max(1e-9, (a + b) / 2), 3);
 
-export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ summary: Record<string, unknown>; file: string; cells: SchedulerCell[] }> {
+/** The names `--workloads` accepts: guests that only compute, then services on a LAN (RIG_WORKLOADS). */
+export const SCHEDULER_WORKLOADS = ['cpu-loop', 'dirtier-10', 'dirtier-50', 'dirtier-10x2', 'dirtier-10x4', ...RIG_WORKLOADS] as const;
+
+/** One guest's cells: a warm-up, then per policy a protected phase between unreplicated ones. */
+async function runCells(
+  o: SchedulerBenchOptions, policies: readonly string[], cells: SchedulerCell[],
+  g: { name: string; cpus: number; accel: string; vm: QemuVm; dir: string; io?: { relay: NetRelay; nbd: NbdServer | null }; measure: () => Promise<Load> },
+): Promise<void> {
   const status = o.onStatus ?? (() => {});
+  await warmUp(g.vm, g.dir, g.name, policies[0]!, g.io, o.where);
+  let uBefore = await g.measure();
+  for (const policy of policies) {
+    status(`${g.name}: ${policy}`);
+    const tr = cellTrace(o, g.accel, g.name, policy, g.cpus);
+    const p = await protect(g.vm, g.dir, `${g.name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, g.io, o.where, tr.rec);
+    const { t0, r, s } = await whileProtected(p, async () => {
+      await sleep(300);
+      const n0 = p.events.length;
+      const t0 = performance.now();
+      const r = await g.measure();
+      return { t0, r, s: summarise(p.events.slice(n0), (performance.now() - t0) / 1000) };
+    });
+    const trace = tr.save(t0);
+    const uAfter = await g.measure();
+    const lat = r.latencyMsP50 !== undefined && uBefore.latencyMsP50 !== undefined && uAfter.latencyMsP50 !== undefined
+      ? { kvLatencyMsP50: r.latencyMsP50, kvLatencyMsP99: r.latencyMsP99!, kvAddedLatencyMsP50: round(r.latencyMsP50 - (uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2, 2) } : {};
+    cells.push({ workload: g.name, policy, throughputRatio: round(r.perSec / ((uBefore.perSec + uAfter.perSec) / 2)), ...s, ...lat, noise: spread(uBefore.perSec, uAfter.perSec), ...(trace ? { trace } : {}) });
+    status(`  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms`);
+    uBefore = uAfter;
+  }
+}
+
+export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ summary: Record<string, unknown>; file: string; cells: SchedulerCell[] }> {
   const seconds = o.seconds ?? (o.quick ? 3 : 10);
   const policies = o.policies ?? (o.quick ? ['fixed:25ms', 'fixed:100ms', 'adaptive', 'model'] : BENCH_POLICIES);
   const cells: SchedulerCell[] = [];
@@ -157,26 +188,8 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
       const probe = new ProgressProbe(vm, /work=(\d+)/);
       await vm.waitSerial(/work=/, 60_000);
       await sleep(1000);
-      const u = async () => { const t0 = probe.mark(); await sleep(seconds * 1000); return probe.rate(t0, probe.mark()); };
-      await warmUp(vm, dir, w.name, policies[0]!, undefined, o.where);
-      let uBefore = await u();
-      for (const policy of policies) {
-        status(`${w.name}: ${policy}`);
-        const tr = cellTrace(o, o.accel, w.name, policy, w.cpus);
-        const p = await protect(vm, dir, `${w.name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, undefined, o.where, tr.rec);
-        const { t0, rate, s } = await whileProtected(p, async () => {
-          await sleep(300);
-          const n0 = p.events.length;
-          const t0 = probe.mark();
-          await sleep(seconds * 1000);
-          return { t0, rate: probe.rate(t0, probe.mark()), s: summarise(p.events.slice(n0), seconds) };
-        });
-        const trace = tr.save(t0);
-        const uAfter = await u();
-        cells.push({ workload: w.name, policy, throughputRatio: round(rate / ((uBefore + uAfter) / 2)), ...s, noise: spread(uBefore, uAfter), ...(trace ? { trace } : {}) });
-        status(`  → ratio ${cells.at(-1)!.throughputRatio}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms`);
-        uBefore = uAfter;
-      }
+      const measure = async (): Promise<Load> => { const t0 = probe.mark(); await sleep(seconds * 1000); return { perSec: probe.rate(t0, probe.mark()) }; };
+      await runCells(o, policies, cells, { name: w.name, cpus: w.cpus, accel: o.accel, vm, dir, measure });
     } finally {
       await vm?.stop();
       removeTempDir(dir);
@@ -191,29 +204,7 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
     let rig: KvRig | null = null;
     try {
       rig = await startKvRig(dir, o.accel, `sb${name.slice(0, 2)}`, RIG[name]!.workload);
-      const measure = loadFor(name, rig, seconds);
-      await warmUp(rig.vm, dir, name, policies[0]!, { relay: rig.io.relay, nbd: rig.io.nbd }, o.where);
-      let uBefore = await measure();
-      for (const policy of policies) {
-        status(`${name}: ${policy}`);
-        const tr = cellTrace(o, rig.accel, name, policy, 1);
-        const p = await protect(rig.vm, dir, `${name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, { relay: rig.io.relay, nbd: rig.io.nbd }, o.where, tr.rec);
-        const { t0, r, s } = await whileProtected(p, async () => {
-          await sleep(300);
-          const n0 = p.events.length;
-          const t0 = performance.now();
-          const r = await measure();
-          return { t0, r, s: summarise(p.events.slice(n0), (performance.now() - t0) / 1000) };
-        });
-        const trace = tr.save(t0);
-        const uAfter = await measure();
-        const uThr = (uBefore.perSec + uAfter.perSec) / 2;
-        const lat = r.latencyMsP50 !== undefined && uBefore.latencyMsP50 !== undefined && uAfter.latencyMsP50 !== undefined
-          ? { kvLatencyMsP50: r.latencyMsP50, kvLatencyMsP99: r.latencyMsP99!, kvAddedLatencyMsP50: round(r.latencyMsP50 - (uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2, 2) } : {};
-        cells.push({ workload: name, policy, throughputRatio: round(r.perSec / uThr), ...s, ...lat, noise: spread(uBefore.perSec, uAfter.perSec), ...(trace ? { trace } : {}) });
-        status(`  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s`);
-        uBefore = uAfter;
-      }
+      await runCells(o, policies, cells, { name, cpus: 1, accel: rig.accel, vm: rig.vm, dir, io: { relay: rig.io.relay, nbd: rig.io.nbd }, measure: loadFor(name, rig, seconds) });
     } finally {
       await stopKvRig(rig);
       removeTempDir(dir);

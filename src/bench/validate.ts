@@ -26,22 +26,20 @@ export interface ValidationInput {
 export function validateByReplay({ cells, classes, measured, workloads, goodputMBps = {}, hostCores = availableParallelism() }: ValidationInput) {
   // Validation by trace replay. Each workload's trace recorded live under fixed:25ms on the first
   // link class is replayed under every policy and link class measured live, and the prediction is
-  // set beside that live cell: checkpoints/s, paused fraction, added latency (KV), and the
-  // throughput overhead. The guest loses more than its pauses (each checkpoint re-arms dirty
-  // tracking under TCG, capture and shipping compete for the 2 host cores), so the overhead
-  // prediction adds a per-checkpoint and per-page cost calibrated on the recorded cells only.
+  // set beside that live cell: checkpoints/s, paused fraction, added latency (services), and the
+  // throughput overhead.
   const nominal: Record<string, number> = { unlimited: 1_000_000, '10gbit': 1_250_000, '1gbit': 125_000 };
-  const linkBw: Record<string, number> = Object.fromEntries(Object.entries(nominal).map(([c, bw]) => [c, goodputMBps[c] ? Math.min(bw, goodputMBps[c] * 1000) : bw]));
+  const bwOf = (link: string) => { const bw = nominal[link] ?? 1_000_000; const g = goodputMBps[link]; return g ? Math.min(bw, g * 1000) : bw; };
   const SOURCE_POLICY = 'fixed:25ms';
+  const source = (wl: string) => cells.find((x) => x.workload === wl && x.link === classes[0] && x.policy === SOURCE_POLICY && x.trace);
   // The pause's per-page slope from the profile (checkpoints from 10 ms to 1 s wide); each trace
   // gives its own fixed part.
   const perPage = measured.find((m) => m.cpus === 1)?.pausePerPageMs;
   // Pauses taken while the standby still works on an earlier checkpoint run longer (the host's 2
   // cores are shared): by how much is measured in the recorded traces that have enough of both.
-  const recorded = workloads.flatMap((wl) => { const src = cells.find((x) => x.workload === wl && x.link === classes[0] && x.policy === SOURCE_POLICY && x.trace); return src?.trace ? [loadTrace(src.trace)] : []; });
+  const recorded = workloads.flatMap((wl) => { const t = source(wl)?.trace; return t ? [loadTrace(t)] : []; });
   const pauseBusyMs = round(pauseBusyMsOf(recorded, perPage ?? 0), 3);
   const base = { ...(perPage !== undefined ? { pausePerPageMs: perPage } : {}), pauseBusyMs };
-  const source = (wl: string) => cells.find((x) => x.workload === wl && x.link === classes[0] && x.policy === SOURCE_POLICY && x.trace);
   // The standby's commit time is fitted from the recorded acks, whose noise biases a line through
   // them. Where the recorded run was paced by its pipeline (fewer checkpoints than its policy
   // asked for: the standby could not keep up), the fit is scaled so that the recorded run's own
@@ -50,7 +48,7 @@ export function validateByReplay({ cells, classes, measured, workloads, goodputM
   for (const wl of workloads) {
     const src = source(wl);
     if (!src?.trace) continue;
-    const at = (scale: number) => simulateTrace(src.trace!, SOURCE_POLICY, linkBw[src.link] ?? 1_000_000, { ...base, commitScale: scale }).checkpointsPerSec;
+    const at = (scale: number) => simulateTrace(src.trace!, SOURCE_POLICY, bwOf(src.link), { ...base, commitScale: scale }).checkpointsPerSec;
     const live = src.checkpointsPerSec;
     let scale = 1;
     // Paced by the standby: well below the pace a fast standby would allow.
@@ -71,7 +69,7 @@ export function validateByReplay({ cells, classes, measured, workloads, goodputM
   const calib = workloads.filter((wl) => !served(wl) && wl !== 'disk').flatMap((wl) => {
     const src = source(wl);
     if (!src?.trace) return [];
-    const sim = simulateTrace(src.trace, SOURCE_POLICY, linkBw[src.link] ?? 1_000_000, optsOf(wl));
+    const sim = simulateTrace(src.trace, SOURCE_POLICY, bwOf(src.link), optsOf(wl));
     return [{ c: src, sim, pagesPerMs: (sim.dirtyPagesMedian * sim.checkpointsPerSec) / 1000 }];
   });
   let c0 = 0;
@@ -100,7 +98,7 @@ export function validateByReplay({ cells, classes, measured, workloads, goodputM
     // Frames per stage: the recorded output rate over the simulated stages' rate.
     const rec = loadTrace(src.trace);
     const framesPerSec = (rec.outputMs.length / rec.durationMs) * 1000;
-    const run = (cl: SimClients) => simulateTrace(src.trace!, SOURCE_POLICY, linkBw[src.link] ?? 1_000_000, { ...serviceOpts(wl), clients: cl });
+    const run = (cl: SimClients) => simulateTrace(src.trace!, SOURCE_POLICY, bwOf(src.link), { ...serviceOpts(wl), clients: cl });
     let best: { cl: SimClients; err: number } | undefined;
     for (let k = 1; k <= 8; k++) {
       const one = run({ count: 4, serviceMs, commitsPerRequest: k });
@@ -116,19 +114,20 @@ export function validateByReplay({ cells, classes, measured, workloads, goodputM
     const src = source(c.workload);
     if (!src?.trace) return [];
     const clients = clientsOf[c.workload];
-    const sim = simulateTrace(src.trace, c.policy, linkBw[c.link] ?? 1_000_000, { ...(clients ? { ...serviceOpts(c.workload), clients } : optsOf(c.workload)) });
-    const out: Array<{ c: typeof c; sim: typeof sim; role: string; pagesPerMs: number }> = [{ c, sim, role: c === src ? 'recorded' : 'predicted', pagesPerMs: (sim.dirtyPagesMedian * sim.checkpointsPerSec) / 1000 }];
+    const sim = simulateTrace(src.trace, c.policy, bwOf(c.link), { ...(clients ? { ...serviceOpts(c.workload), clients } : optsOf(c.workload)) });
+    const out: Array<{ c: typeof c; sim: typeof sim; role: string; counted: boolean; pagesPerMs: number }> = [{ c, sim, role: c === src ? 'recorded' : 'predicted', counted: c !== src, pagesPerMs: (sim.dirtyPagesMedian * sim.checkpointsPerSec) / 1000 }];
     // The vCPU extrapolation checked where it can be: the 1-vCPU trace replayed on n vCPUs.
     const n = Number(c.workload.match(/^dirtier-10x(\d+)$/)?.[1] ?? 0);
-    const one = cells.find((x) => x.workload === 'dirtier-10' && x.link === classes[0] && x.policy === SOURCE_POLICY && x.trace);
-    if (n > 1 && one?.trace) {
-      const ext = simulateTrace(one.trace, c.policy, linkBw[c.link] ?? 1_000_000, { cpus: n, ...optsOf('dirtier-10') });
-      out.push({ c, sim: ext, role: n > hostCores ? `extrapolated from 1 vCPU (${n} vCPUs on ${hostCores} cores: not counted)` : 'extrapolated from 1 vCPU', pagesPerMs: (ext.dirtyPagesMedian * ext.checkpointsPerSec) / 1000 });
+    const one = source('dirtier-10')?.trace;
+    if (n > 1 && one) {
+      const ext = simulateTrace(one, c.policy, bwOf(c.link), { cpus: n, ...optsOf('dirtier-10') });
+      const counted = n <= hostCores;
+      out.push({ c, sim: ext, role: counted ? 'extrapolated from 1 vCPU' : `extrapolated from 1 vCPU (${n} vCPUs on ${hostCores} cores: not counted)`, counted, pagesPerMs: (ext.dirtyPagesMedian * ext.checkpointsPerSec) / 1000 });
     }
     return out;
   });
   const rel = (sim: number, live: number) => (live !== 0 ? Math.abs(sim - live) / Math.abs(live) : sim === 0 ? 0 : Number.POSITIVE_INFINITY);
-  const validation = replays.map(({ c, sim, role, pagesPerMs }) => {
+  const validation = replays.map(({ c, sim, role, counted, pagesPerMs }) => {
     const metrics: Array<{ metric: string; live: number; simulated: number; relativeError: number; within: boolean; tolerance: string; counted: boolean }> = [];
     const add = (metric: string, live: number, simulated: number, absTol: number, tolerance: string, counted = true) => {
       const e = rel(simulated, live);
@@ -144,7 +143,7 @@ export function validateByReplay({ cells, classes, measured, workloads, goodputM
       // Shown, not counted: live progress is measured to about the unreplicated phases' spread.
       add('throughput overhead', 1 - c.throughputRatio, predicted, c.noise, `not counted (live spread ${round(c.noise * 100, 1)}%)`, false);
     }
-    return { workload: c.workload, policy: c.policy, link: c.link, role, metrics };
+    return { workload: c.workload, policy: c.policy, link: c.link, role, counted, metrics };
   });
   const calibration = { perCheckpointMs: round(c0, 3), perPageUs: round(c1 * 1000, 3), cells: calib.map((r) => `${r.c.workload}/${r.c.policy}/${r.c.link}`), clients: clientsOf, commitScale: commitScaleOf, pauseBusyMs };
   // How well the live runs agree with themselves: the unlimited and 10gbit classes carry far more
@@ -161,7 +160,7 @@ export function validateByReplay({ cells, classes, measured, workloads, goodputM
       }
     }
   }
-  const counted = validation.filter((v) => v.role !== 'recorded' && !v.role.includes('not counted'));
+  const counted = validation.filter((v) => v.counted);
   const predicted = counted.flatMap((v) => v.metrics).filter((m) => m.counted);
   const repeatOf = (wl: string, policy: string, metric: string) => repeat.find((r) => r.workload === wl && r.policy === policy && r.metric === metric)?.relativeDifference;
   const withinRepeat = counted.flatMap((v) => v.metrics.filter((m) => m.counted && (m.within || m.relativeError <= (repeatOf(v.workload, v.policy, m.metric) ?? 0)))).length;

@@ -12,7 +12,7 @@ import { runCaptureCheck } from '../capture/check.ts';
 import { runCaptureBench } from '../bench/capture.ts';
 import { runFailoverBench } from '../bench/failover.ts';
 import { runKvBench } from '../bench/kv.ts';
-import { runSchedulerBench } from '../bench/scheduler.ts';
+import { SCHEDULER_WORKLOADS, runSchedulerBench } from '../bench/scheduler.ts';
 import { runProfile } from '../bench/profile.ts';
 import { runEvaluation } from '../bench/evaluate.ts';
 import { revalidate } from '../bench/validate.ts';
@@ -45,20 +45,20 @@ function policyList(v: string): string[] {
   return v.split(',').map((x) => policyOpt(x.trim()));
 }
 
-const SCHEDULER_WORKLOADS = ['cpu-loop', 'dirtier-10', 'dirtier-50', 'dirtier-10x2', 'dirtier-10x4', 'kv', 'web', 'disk'];
 function workloadList(v: string): string[] {
   const l = v.split(',').map((x) => x.trim());
-  const bad = l.filter((x) => !SCHEDULER_WORKLOADS.includes(x));
+  const known: readonly string[] = SCHEDULER_WORKLOADS;
+  const bad = l.filter((x) => !known.includes(x));
   if (bad.length) throw new RubatoError('RUBATO_CONFIG', `--workloads: unknown ${bad.join(', ')} (${SCHEDULER_WORKLOADS.join(', ')})`);
   return l;
 }
 
-/** Failure-detection options shared by the commands that run a replication link. */
 /** The accelerator choice shared by every command that boots a guest. */
 function withAccel(c: Command): Command {
   return c.option('--accel <accel>', 'auto, kvm or tcg', choiceOpt('accel', ['auto', 'kvm', 'tcg'] as const), 'auto');
 }
 
+/** Failure-detection options shared by the commands that run a replication link. */
 function withLinkOptions(c: Command): Command {
   return c
     .option('--heartbeat-ms <ms>', 'heartbeat interval', intOpt('heartbeat-ms', 10, 60000), 100)
@@ -224,7 +224,7 @@ withAccel(program.command('bench'))
   .option('--seconds <n>', 'measurement time per phase (capture)', intOpt('seconds', 2, 600))
   .option('--runs <n>', 'runs per failure mode (failover)', intOpt('runs', 1, 1000))
   .option('--policies <list>', 'scheduler: policies to run, comma-separated (a policy may repeat: cells interleave)', policyList)
-  .option('--workloads <list>', 'scheduler: cpu-loop, dirtier-10, dirtier-50, dirtier-10x2, dirtier-10x4, kv, web, disk (comma-separated)', workloadList)
+  .option('--workloads <list>', `scheduler: ${SCHEDULER_WORKLOADS.join(', ')} (comma-separated)`, workloadList)
   .option('--timeout-ms <ms>', 'failure detection timeout (failover)', intOpt('timeout-ms', 50, 600000), 500)
   .option('--out <dir>', 'results folder', 'results')
   .option('--json', 'print the summary as one JSON line', false)

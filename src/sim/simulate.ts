@@ -105,13 +105,18 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
     }
     return n;
   };
-  while (t < durationMs) {
+  /** What happens in the step at t: acks arrive, the guest sends output and flushes its disk. */
+  const step = (): { produced: number; fl: number } => {
     deliver();
     let produced = w.output(t, stepMs);
     for (let i = 0; i < produced; i++) waiting.push(t);
     produced += answer();
     const fl = w.flushes?.(t, stepMs) ?? 0;
     flushes += fl;
+    return { produced, fl };
+  };
+  while (t < durationMs) {
+    const { produced, fl } = step();
     const backlog = acks.length;
     maxBacklog = Math.max(maxBacklog, backlog);
     if (t >= wakeAt || produced > 0 || fl > 0) {
@@ -126,11 +131,7 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         // The engine asks QEMU to stop the guest; it runs (and may send) until it has.
         for (let r = 0; r + stepMs <= (w.triggerMs ?? 0); r += stepMs) {
           t += stepMs;
-          deliver();
-          const n = w.output(t, stepMs);
-          for (let i = 0; i < n; i++) waiting.push(t);
-          answer();
-          flushes += w.flushes?.(t, stepMs) ?? 0;
+          step();
         }
         const length = t - epochStart;
         const pages = Math.round(w.dirtyPages(length, epochStart));

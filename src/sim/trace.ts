@@ -182,13 +182,10 @@ function line(pts: Array<[number, number]>, slope?: number): { a: number; b: num
   return { a: Math.max(0, my - b * mx), b };
 }
 
-/**
- * A simulator workload replaying `t` over a link of `bandwidthBytesPerMs`, on the trace's own
- * clock (time 0 is its start; a replay must not run past `durationMs`). `pausePerPageMs` fixes the pause's per-page slope (e.g. from a
- * profile that saw a wide range of checkpoint sizes; a trace at one period sees a narrow one).
- */
 export interface ReplayOptions {
-  rttMs?: number; cpus?: number; pausePerPageMs?: number;
+  rttMs?: number; cpus?: number;
+  /** Fixes the pause's per-page slope (e.g. from a profile that saw a wide range of checkpoint sizes; a trace at one period sees a narrow one). */
+  pausePerPageMs?: number;
   /** See SimWorkload.pauseBusyMs; the pause model is fitted with it taken off the busy pauses. */
   pauseBusyMs?: number;
   /** Guest time a checkpoint costs beyond its pause (see SimWorkload.guestStallMs). */
@@ -199,6 +196,10 @@ export interface ReplayOptions {
   clients?: SimClients;
 }
 
+/**
+ * A simulator workload replaying `t` over a link of `bandwidthBytesPerMs`, on the trace's own
+ * clock (time 0 is its start; a replay must not run past `durationMs`).
+ */
 export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOptions = {}): TraceReplay {
   const rttMs = o.rttMs ?? 0.2;
   // More vCPUs than recorded: each recorded page set counts `scale` times over disjoint memory (the

@@ -53,11 +53,12 @@ export class ShapedLink {
     const sink = spawnTracked('goodput-sink', 'ip', ['netns', 'exec', this.ns, process.execPath, '-e', sinkJs]);
     try {
       let out = '';
+      let onOut = () => {};
+      sink.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); onOut(); });
       const line = (re: RegExp) => new Promise<string>((resolve, reject) => {
         const t = setTimeout(() => reject(new RubatoError('RUBATO_NETNS', `goodput sink on ${this.ns} did not answer (${out.trim() || 'no output'})`)), ms + 10_000);
-        const check = () => { const m = out.match(re); if (m) { clearTimeout(t); resolve(m[0]); } };
-        sink.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); check(); });
-        check();
+        onOut = () => { const m = out.match(re); if (m) { clearTimeout(t); resolve(m[0]); } };
+        onOut();
       });
       await line(/ready/);
       const chunk = Buffer.alloc(1 << 20, 0x5a);

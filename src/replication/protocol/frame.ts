@@ -165,7 +165,7 @@ export class FrameEncoder {
   constructor(private key: Buffer) {}
   setKey(key: Buffer): void { this.key = key; }
   encode(type: number, epoch: number, payload: Buffer = Buffer.alloc(0)): Buffer {
-    return Buffer.concat(this.encodeParts(type, epoch, payload));
+    return encodeFrame({ type, epoch, seq: this.seq++, payload }, this.key);
   }
   encodeParts(type: number, epoch: number, payload: Buffer = Buffer.alloc(0)): [Buffer, Buffer, Buffer] {
     return encodeFrameParts({ type, epoch, seq: this.seq++, payload }, this.key);
