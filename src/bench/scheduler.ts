@@ -57,7 +57,7 @@ export async function protect(vm: QemuVm, dir: string, tag: string, policy: stri
   const events: PrimaryEvent[] = [];
   const primary = new PrimaryController({
     vm, runDir: dir, standby: { host: standby.host, port: standby.port }, psk: loadKeyFile(standby.keyFile), periodMs: 25, heartbeatMs: 50, timeoutMs: 1000, retryMs: 300,
-    policy: parsePolicy(policy), onEvent: (e) => events.push(e), ...(io ? { relay: io.relay, nbd: io.nbd } : {}), ...(trace ? { trace } : {}),
+    policy: parsePolicy(policy), onEvent: (e) => events.push(e), ...(io ? { relay: io.relay, nbd: io.nbd } : {}), ...(trace ? { observer: trace } : {}),
   });
   const stop = async () => { await primary.stop(); await standby.stop(); };
   primary.start();

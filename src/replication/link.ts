@@ -1,15 +1,15 @@
-// One authenticated replication connection: framing, the handshake (challenge–response with the
-// pre-shared key), heartbeats, liveness and byte counters for the link telemetry. A frame that
-// fails any check drops the connection with one clear log line; nothing reaches the replica.
+// One authenticated replication connection: framing, heartbeats, liveness, back-pressure and byte
+// counters for the link telemetry (the handshake that keys it is handshake.ts). Sends wait while
+// the socket's buffer is above its high-water mark; the reader can be paused by its consumer. A
+// frame that fails any check drops the connection with one clear log line; nothing reaches the replica.
 
-import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import { Liveness } from './liveness.ts';
-import { FrameDecoder, FrameEncoder, FrameType, frameTypeName, helloKey, proof, proofEquals, sessionKey, type Frame } from './protocol/frame.ts';
-import { NONCE_BYTES, decodeChallenge, decodeHello, decodeTime, decodeWelcome, encodeChallenge, encodeHello, encodeTime, encodeWelcome, type Identity, type Welcome } from './protocol/messages.ts';
+import { FrameDecoder, FrameEncoder, FrameType, frameTypeName, helloKey, type Frame } from './protocol/frame.ts';
+import { decodeTime, encodeTime } from './protocol/messages.ts';
 
 const log = logger('link');
 const MAX_QUEUED_FRAMES = 10_000;
@@ -30,6 +30,8 @@ export class Link extends EventEmitter {
   private liveness: Liveness | null = null;
   private lastRxMs = Date.now();
   readonly stats: LinkStats = { bytesSent: 0, bytesReceived: 0, rttMs: null };
+  /** Senders waiting for the socket's buffer to drain (resolved together, rejected at close). */
+  private drainWaiters: Array<{ resolve: () => void; reject: (e: Error) => void }> = [];
 
   constructor(readonly socket: Socket, psk: Buffer, readonly peer: string) {
     super();
@@ -38,6 +40,7 @@ export class Link extends EventEmitter {
     this.dec = new FrameDecoder(k, peer);
     socket.setNoDelay(true);
     socket.on('data', (d: Buffer) => this.onData(d));
+    socket.on('drain', () => { const w = this.drainWaiters; this.drainWaiters = []; for (const x of w) x.resolve(); });
     socket.on('error', (e) => this.close(new RubatoError('RUBATO_PEER_LOST', `link to ${peer}: ${e.message}`)));
     socket.on('close', () => this.close(new RubatoError('RUBATO_PEER_LOST', `link to ${peer} closed`)));
   }
@@ -70,9 +73,9 @@ export class Link extends EventEmitter {
 
   private deliver(frames: Frame[]): void {
     for (const f of frames) {
-      if (f.type === FrameType.HEARTBEAT) { this.send(FrameType.HEARTBEAT_ECHO, 0, f.payload).catch(() => {}); continue; }
+      if (f.type === FrameType.HEARTBEAT) { this.sendQuietly(FrameType.HEARTBEAT_ECHO, f.payload); continue; }
       if (f.type === FrameType.HEARTBEAT_ECHO) {
-        try { this.stats.rttMs = (nowUs() - decodeTime(f.payload)) / 1000; } catch { /* ignore */ }
+        try { this.stats.rttMs = (nowUs() - decodeTime(f.payload)) / 1000; } catch { /* a malformed echo carries no round trip; the MAC already vouched for its sender */ }
         continue;
       }
       if (f.type === FrameType.REJECT) {
@@ -106,19 +109,33 @@ export class Link extends EventEmitter {
     for (const f of q) this.emit('frame', f);
   }
 
-  /** Sends a frame; resolves when the kernel has taken it (back-pressure for big frames). */
+  /**
+   * Sends a frame (header, payload as it is, MAC). Resolves at once while the socket's buffer is
+   * below its high-water mark, else when it has drained: a sender that awaits it cannot queue
+   * without bound. Rejects when the link closes first.
+   */
   send(type: number, epoch: number, payload?: Buffer): Promise<void> {
     if (this.closedErr) return Promise.reject(this.closedErr);
     const [head, body, mac] = this.enc.encodeParts(type, epoch, payload);
     this.stats.bytesSent += head.length + body.length + mac.length;
-    return new Promise((resolve, reject) => {
-      this.socket.cork();
-      this.socket.write(head);
-      if (body.length) this.socket.write(body);
-      this.socket.write(mac, (err) => (err ? reject(err) : resolve()));
-      this.socket.uncork();
-    });
+    this.socket.cork();
+    this.socket.write(head);
+    if (body.length) this.socket.write(body);
+    const ok = this.socket.write(mac);
+    this.socket.uncork();
+    if (ok) return Promise.resolve();
+    return new Promise((resolve, reject) => { this.drainWaiters.push({ resolve, reject }); });
   }
+
+  /** Stops reading the socket (TCP pushes back on the peer) until resumeReading(). */
+  pauseReading(): void { if (!this.closedErr) this.socket.pause(); }
+  resumeReading(): void { if (!this.closedErr) this.socket.resume(); }
+
+  /** Keys (the handshake sets them). */
+  setSendKey(key: Buffer): void { this.enc.setKey(key); }
+  setReceiveKey(key: Buffer): void { this.dec.setKey(key); }
+  /** The next handshake frame is the last with the current key; frames after it use `key`. */
+  setReceiveKeyAfterNext(key: Buffer): void { this.pendingKey = key; }
 
   /** Writes only the first `bytes` of a frame and stops (fault injection: death mid-transfer). */
   sendPartial(type: number, epoch: number, payload: Buffer, bytes: number): void {
@@ -145,8 +162,13 @@ export class Link extends EventEmitter {
           this.close(new RubatoError('RUBATO_PEER_LOST', `${this.peer} silent for ${live.silentMs(Date.now())} ms (timeout ${timeoutMs} ms${excused})`));
         });
       }
-      this.send(FrameType.HEARTBEAT, 0, encodeTime(nowUs())).catch(() => {});
+      this.sendQuietly(FrameType.HEARTBEAT, encodeTime(nowUs()));
     }, intervalMs);
+  }
+
+  /** Heartbeats and their echoes: a failed send means the link is closing, which close() reports. */
+  private sendQuietly(type: number, payload: Buffer): void {
+    this.send(type, 0, payload).catch((e: unknown) => log.debug(`${frameTypeName(type)} to ${this.peer} not sent: ${errorMessage(e)}`));
   }
 
   /** How long the peer has been silent (with heartbeats running, this side's own stalls excluded). */
@@ -159,51 +181,11 @@ export class Link extends EventEmitter {
     this.closedErr = err ?? new RubatoError('RUBATO_PEER_LOST', `link to ${this.peer} closed`);
     if (this.hbTimer) clearInterval(this.hbTimer);
     if (this.waiter) { const w = this.waiter; this.waiter = null; w.reject(this.closedErr); }
+    const drains = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const x of drains) x.reject(this.closedErr);
     this.socket.destroy();
     this.emit('close', this.closedErr);
-  }
-
-  // ---- handshake ----------------------------------------------------------------------------
-
-  /** Standby side: challenge, check the primary's proof, welcome with our proof. */
-  async acceptHandshake(psk: Buffer, welcome: (id: Identity) => Welcome, timeoutMs: number): Promise<Identity> {
-    const nonceS = randomBytes(NONCE_BYTES);
-    await this.send(FrameType.CHALLENGE, 0, encodeChallenge(nonceS));
-    const f = await this.next(timeoutMs);
-    if (f.type !== FrameType.HELLO) throw this.refuse(`expected HELLO, got ${frameTypeName(f.type)}`);
-    const h = decodeHello(f.payload);
-    if (!proofEquals(h.proof, proof(psk, 'primary', nonceS, h.nonce))) {
-      throw this.refuse('authentication failed (the primary does not hold this standby\'s key)', 'RUBATO_AUTH_FAILED');
-    }
-    const key = sessionKey(psk, nonceS, h.nonce);
-    await this.send(FrameType.WELCOME, 0, encodeWelcome(proof(psk, 'standby', h.nonce, nonceS), welcome(h.identity)));
-    // The primary sends nothing between HELLO and our WELCOME: everything after is session-keyed.
-    this.enc.setKey(key);
-    this.dec.setKey(key);
-    return h.identity;
-  }
-
-  /** Primary side: answer the challenge, check the standby's proof. */
-  async connectHandshake(psk: Buffer, identity: Identity, timeoutMs: number): Promise<Welcome> {
-    const f = await this.next(timeoutMs);
-    if (f.type !== FrameType.CHALLENGE) throw this.refuse(`expected CHALLENGE, got ${frameTypeName(f.type)}`);
-    const nonceS = decodeChallenge(f.payload);
-    const nonceP = randomBytes(NONCE_BYTES);
-    await this.send(FrameType.HELLO, 0, encodeHello(nonceP, proof(psk, 'primary', nonceS, nonceP), identity));
-    const key = sessionKey(psk, nonceS, nonceP);
-    this.pendingKey = key;
-    const w = await this.next(timeoutMs);
-    if (w.type !== FrameType.WELCOME) throw this.refuse(`expected WELCOME, got ${frameTypeName(w.type)}`);
-    const d = decodeWelcome(w.payload);
-    if (!proofEquals(d.proof, proof(psk, 'standby', nonceP, nonceS))) throw this.refuse('the standby failed to prove it holds the key', 'RUBATO_AUTH_FAILED');
-    this.enc.setKey(key);
-    return d.welcome;
-  }
-
-  private refuse(reason: string, code: 'RUBATO_PROTOCOL' | 'RUBATO_AUTH_FAILED' = 'RUBATO_PROTOCOL'): RubatoError {
-    const err = new RubatoError(code, `handshake with ${this.peer}: ${reason}`, { peer: this.peer });
-    this.send(FrameType.REJECT, 0, Buffer.from(reason)).catch(() => {}).finally(() => this.close(err));
-    return err;
   }
 }
 

@@ -1,33 +1,36 @@
-// The primary controller: runs the guest, keeps it protected by a standby, and says so loudly when
-// it is not. Per epoch: checkpoint (route A), ship the record while the next epoch runs, count the
-// ack. Bounded: at most maxInflight unacknowledged checkpoints; when the link cannot keep up the
-// next checkpoint waits (back-pressure). On standby loss the guest keeps running unprotected and
-// the controller reconnects and re-synchronises.
+// The primary controller: the epoch pipeline (pipeline.ts) plus its I/O adapters — the link to the
+// standby, the COLO capture, the guest's network relay and disk server. It runs the guest, keeps
+// it protected, and says so loudly (once) when it is not. It decides nothing about epochs itself:
+// when to checkpoint, what may be released and when protection is lost are the pipeline's calls.
 
 import { connect } from 'node:net';
+import { readFile } from 'node:fs/promises';
 import { RubatoError, errorMessage, assert } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
+import { sleep } from '../util/async.ts';
 import { QemuVm } from '../qemu/vm.ts';
 import { ColoCapture } from '../capture/route-a.ts';
 import { PauseMeter } from '../capture/pause-meter.ts';
-import { Link } from './link.ts';
-import { FrameType, type Frame } from './protocol/frame.ts';
-import { encodeBaseData, encodeLayout, type Identity } from './protocol/messages.ts';
-import { encodeRecord } from './replica-store.ts';
-import type { BaseImage, Checkpoint } from '../capture/checkpoint.ts';
+import type { Checkpoint, RamBlockInfo } from '../capture/checkpoint.ts';
+import { OutputCommit } from '../commit/output-commit.ts';
 import type { NetRelay } from '../io/net/relay.ts';
 import type { NbdServer } from '../io/disk/nbd-server.ts';
-import { readFile } from 'node:fs/promises';
-import type { TraceRecorder } from '../sim/trace.ts';
-import { fixed, type EpochRecord, type Policy, type Telemetry } from '../scheduler/index.ts';
-
-const HISTORY_KEPT = 256;
+import { fixed, type Policy } from '../scheduler/index.ts';
+import { Link } from './link.ts';
+import { connectHandshake } from './handshake.ts';
+import { EpochPipeline, type Command } from './pipeline.ts';
+import { FrameType, type Frame } from './protocol/frame.ts';
+import { encodeBaseData, encodeLayout, type Identity } from './protocol/messages.ts';
+import { encodeRecord } from './protocol/record.ts';
+import { StatusMeter, type PrimaryStatus } from './status.ts';
+import type { CheckpointObserver } from './observer.ts';
 
 /** The RAM-block name under which the guest's disk travels in checkpoints and lives in the replica. */
 export const DISK_BLOCK_ID = 'disk0';
 
 const log = logger('primary');
 const BASE_CHUNK_BYTES = 1 << 20;
+const DEFAULT_MAX_HELD_BYTES = 64 << 20;
 
 export type FaultPoint = 'mid-epoch' | 'mid-pause' | 'mid-transfer';
 
@@ -37,9 +40,8 @@ export type PrimaryEvent =
   | { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number }
   | { event: 'checkpoint'; epoch: number; pages: number; bytes: number; pauseMs: number; captureMs: number; counter: number }
   | { event: 'acked'; epoch: number; counter: number; lagMs: number }
-  | { event: 'status'; epoch: number; ackedEpoch: number; ckptPerSec: number; dirtyPages: number; pauseMs: number; mbPerSec: number; lagMs: number; rttMs: number | null; inflight: number; waitsForLink: number;
-      heldFrames: number; heldBytes: number; oldestHeldMs: number | null; diskWrites: number; diskFlushes: number }
-  | { event: 'output-released-unprotected'; frames: number }
+  | PrimaryStatus
+  | { event: 'output-released-unprotected'; frames: number; reason: string }
   | { event: 'decisions'; reasons: Record<string, number>; policy: string }
   | { event: 'guest'; line: string; atMs: number }
   | { event: 'fenced' }
@@ -66,10 +68,12 @@ export interface PrimaryOptions {
   nbd?: NbdServer | null;
   /** Held output is released unprotected when no standby has taken over protection for this long. */
   holdOnLossMs?: number;
+  /** Bound on held output; frames past it are dropped (TCP retransmits them). */
+  maxHeldBytes?: number;
   /** When to checkpoint (default: fixed at periodMs). */
   policy?: Policy;
-  /** Records the protected run's events for the simulator (performance.now() clock). */
-  trace?: TraceRecorder;
+  /** Sees every checkpoint, ack, output frame and disk operation (the benchmarks' trace recorder). */
+  observer?: CheckpointObserver;
 }
 
 export interface FaultContext {
@@ -78,20 +82,24 @@ export interface FaultContext {
   crash(): Promise<void>;
 }
 
-/** A checkpoint shipped and not yet acknowledged; sentAtMs on the performance.now() clock. */
-interface Inflight { epoch: number; counter: number; sentAtMs: number; tag: number; record?: EpochRecord; traced?: number }
-
 export class PrimaryController {
   private stopped = false;
   private link: Link | null = null;
   private capture: ColoCapture | null = null;
+  private blocks: RamBlockInfo[] = [];
   private readonly emit: (e: PrimaryEvent) => void;
   private lastCounter = -1;
-  ackedEpoch = -1;
+  /** The guest's progress counter at each unacknowledged checkpoint's pause (for ackedCounter). */
+  private readonly counterAt = new Map<number, number>();
+  private readonly tracedAt = new Map<number, number>();
   ackedCounter = -1;
-  epoch = 0;
   private loop: Promise<void> | null = null;
-  private meter: PauseMeter;
+  private readonly meter: PauseMeter;
+  private readonly commit: OutputCommit;
+  readonly pipeline: EpochPipeline;
+  private wakeUp: (() => void) | null = null;
+  private holdTimer: NodeJS.Timeout | null = null;
+  private readonly ended = new AbortController();
 
   constructor(private readonly o: PrimaryOptions) {
     this.emit = o.onEvent ?? (() => {});
@@ -106,13 +114,48 @@ export class PrimaryController {
       this.link?.close(new RubatoError('RUBATO_QEMU_EXITED', 'the guest QEMU exited'));
     });
     this.meter = new PauseMeter(o.vm.qmp);
+    this.commit = new OutputCommit(o.maxHeldBytes ?? DEFAULT_MAX_HELD_BYTES, o.nbd ?? null);
+    this.pipeline = new EpochPipeline({ policy: o.policy ?? fixed(o.periodMs), commit: this.commit, maxInflight: o.maxInflight ?? 4 });
+    const { relay, nbd, observer } = o;
+    if (relay) {
+      relay.onGuestFrame = (f) => {
+        const out = this.commit.push(f, performance.now());
+        if (out) relay.sendOutside(out);
+      };
+    }
+    this.commit.onFirstHeld = () => this.poke();
+    if (nbd) {
+      nbd.onFlush = () => this.poke();
+      nbd.onPressure = () => this.poke(); // the epoch's dirty set reached its bound: decide now
+    }
+    if (observer) {
+      this.commit.onHeld = (f, atMs) => observer.output(atMs, f.length);
+      if (nbd) nbd.onIo = (kind) => observer.disk(kind, performance.now());
+    }
   }
 
-  get protected(): boolean { return this.capture !== null && this.link !== null && !this.link.closed; }
+  get protected(): boolean { return this.pipeline.phase === 'protecting' && this.link !== null && !this.link.closed; }
+  get ackedEpoch(): number { return this.pipeline.ackedEpoch; }
+  get epoch(): number { return Math.max(0, this.pipeline.capturedEpoch); }
 
   start(): void {
     assert(this.loop === null, 'started once');
     this.loop = this.run();
+  }
+
+  /** Wakes the decision loop (output appeared, a flush, an ack, a fence, the link closed). */
+  private poke(): void {
+    const w = this.wakeUp;
+    this.wakeUp = null;
+    w?.();
+  }
+
+  /** Sleeps until `ms` passed or poke() is called. */
+  private idle(ms: number): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const t = Number.isFinite(ms) ? setTimeout(() => this.poke(), Math.max(0, ms)) : null;
+      this.wakeUp = () => { if (t) clearTimeout(t); resolve(); };
+    });
   }
 
   private async run(): Promise<void> {
@@ -123,37 +166,74 @@ export class PrimaryController {
       } catch (e) {
         failure = e;
       }
-      if (this.o.relay) this.o.relay.output.onHeld = null;
-      if (this.o.nbd) this.o.nbd.onIo = null;
       // The guest is running again (unprotected) before anyone is told so.
       const c = this.capture;
       this.capture = null;
-      await c?.close().catch(() => {});
+      await c?.close();
       this.link?.close();
       this.link = null;
       if (this.stopped || this.o.vm.exited) break;
-      this.scheduleGiveUp();
-      if (failure) {
-        log.error(`GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${errorMessage(failure)}; retrying every ${this.o.retryMs} ms`);
-        this.emit({ event: 'unprotected', reason: errorMessage(failure), atMs: Date.now() });
-      }
-      await sleep(this.o.retryMs);
+      this.perform(this.pipeline.linkLost(failure ? errorMessage(failure) : 'the session ended'));
+      await sleep(this.o.retryMs, this.ended.signal);
     }
   }
 
-  private giveUpTimer: NodeJS.Timeout | null = null;
+  /** Carries out the pipeline's commands that act outside the checkpoint loop. */
+  private perform(cmds: Command[]): void {
+    for (const c of cmds) {
+      switch (c.cmd) {
+        case 'release': {
+          for (const f of c.frames) this.o.relay?.sendOutside(f.frame);
+          const counter = this.counterAt.get(c.epoch) ?? this.ackedCounter;
+          this.counterAt.delete(c.epoch);
+          this.ackedCounter = counter;
+          const handle = this.tracedAt.get(c.epoch);
+          if (handle !== undefined) { this.tracedAt.delete(c.epoch); this.o.observer?.acked(handle, c.transferMs); }
+          this.emit({ event: 'acked', epoch: c.epoch, counter, lagMs: Math.round(c.transferMs) });
+          break;
+        }
+        case 'protected':
+          this.cancelHoldTimer();
+          this.emit({ event: 'protecting', standby: this.link?.peer ?? '' });
+          log.info(`guest ${this.o.vm.spec.name} protected by ${this.link?.peer ?? 'the standby'} (replica generation ${c.generation})`);
+          this.meter.startNow();
+          break;
+        case 'unprotected':
+          if (c.first) {
+            log.error(`GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${c.reason}; retrying every ${this.o.retryMs} ms`);
+            this.emit({ event: 'unprotected', reason: c.reason, atMs: Date.now() });
+          } else {
+            log.debug(`still unprotected: ${c.reason}`);
+          }
+          this.startHoldTimer();
+          break;
+        case 'release-unprotected':
+          for (const f of c.frames) this.o.relay?.sendOutside(f);
+          log.error(`${c.reason}: released ${c.frames.length} held frames UNPROTECTED; output passes through until protection resumes`);
+          this.emit({ event: 'output-released-unprotected', frames: c.frames.length, reason: c.reason });
+          break;
+        case 'stop-guest':
+          this.poke();
+          break;
+        default:
+          break;
+      }
+    }
+  }
+
   /** Held output waits a while for a standby to take over protection, then leaves unprotected. */
-  private scheduleGiveUp(): void {
-    const relay = this.o.relay;
-    if (!relay || this.giveUpTimer || this.stopped) return;
-    this.giveUpTimer = setTimeout(() => {
-      this.giveUpTimer = null;
-      if (this.protected || !relay.output.holding) return;
-      const n = relay.stats().frames;
-      relay.giveUp();
-      log.error(`no standby for ${this.o.holdOnLossMs ?? 2000} ms: releasing ${n} held frames UNPROTECTED; output now passes through until protection resumes`);
-      this.emit({ event: 'output-released-unprotected', frames: n });
-    }, this.o.holdOnLossMs ?? 2000);
+  private startHoldTimer(): void {
+    if (!this.o.relay || this.holdTimer || this.stopped) return;
+    const ms = this.o.holdOnLossMs ?? 2000;
+    this.holdTimer = setTimeout(() => {
+      this.holdTimer = null;
+      this.perform(this.pipeline.holdExpired(`no standby for ${ms} ms`));
+    }, ms);
+  }
+
+  private cancelHoldTimer(): void {
+    if (this.holdTimer) clearTimeout(this.holdTimer);
+    this.holdTimer = null;
   }
 
   private async connectLink(): Promise<Link> {
@@ -167,172 +247,138 @@ export class PrimaryController {
     return new Link(sock, this.o.psk, `standby ${host}:${port}`);
   }
 
+  /** Frames from the standby: acks (checked against the pipeline before it sees them), fence, bye. */
+  private onFrame(link: Link, f: Frame): void {
+    if (f.type === FrameType.ACK) {
+      if (!this.pipeline.expectsAck(f.epoch)) {
+        link.close(new RubatoError('RUBATO_PROTOCOL', `ack for ${f.epoch} from ${link.peer}, which is not the next checkpoint waiting for one`));
+        return;
+      }
+      this.perform(this.pipeline.ack(f.epoch, performance.now()));
+      this.poke();
+    } else if (f.type === FrameType.FENCE) {
+      this.pipeline.fenceRequested();
+      this.poke();
+    } else if (f.type === FrameType.BYE) {
+      link.close(new RubatoError('RUBATO_PEER_LOST', `${link.peer} stopped in order`));
+    }
+  }
+
   private async session(): Promise<void> {
     const link = await this.connectLink();
     this.link = link;
     const identity: Identity = { vm: this.o.vm.spec.name, spec: this.o.vm.spec };
-    await link.connectHandshake(this.o.psk, identity, this.o.timeoutMs * 5);
+    await connectHandshake(link, this.o.psk, identity, this.o.timeoutMs * 5);
     link.startHeartbeats(this.o.heartbeatMs, this.o.timeoutMs);
-    const inflight: Inflight[] = [];
-    let ackWaiter: (() => void) | null = null;
-    let fenceRequested = false;
-    link.on('frame', (f: Frame) => {
-      if (f.type === FrameType.ACK) {
-        const head = inflight[0];
-        if (head && f.epoch === head.epoch) {
-          inflight.shift();
-          const transferMs = performance.now() - head.sentAtMs;
-          if (head.record) head.record.transferMs = transferMs;
-          if (head.traced !== undefined) this.o.trace?.acked(head.traced, transferMs);
-          this.o.relay?.commit(head.tag);
-          this.ackedEpoch = f.epoch;
-          this.ackedCounter = head.counter;
-          this.emit({ event: 'acked', epoch: f.epoch, counter: head.counter, lagMs: Math.round(transferMs) });
-        } else if (f.epoch !== 0 || head) {
-          link.close(new RubatoError('RUBATO_PROTOCOL', `ack for ${f.epoch}, expected ${head?.epoch ?? 'none'}`));
-        }
-        ackWaiter?.();
-      } else if (f.type === FrameType.FENCE) {
-        fenceRequested = true;
-        ackWaiter?.();
-      }
-    });
+    link.on('frame', (f: Frame) => this.onFrame(link, f));
     link.startEvents();
-    const closed = new Promise<Error>((resolve) => link.once('close', resolve));
-    closed.then(() => ackWaiter?.());
+    link.once('close', () => this.poke());
     const throwIfClosed = () => { if (link.closed) throw link.closed; };
+    const pipe = this.pipeline;
 
-    // Initial synchronisation: a fresh COLO session, its full image shipped with progress.
-    let baseTag = 0;
-    const { relay, nbd } = this.o;
+    // A new replica generation: a fresh COLO session, its full image shipped with progress.
+    pipe.startSync();
+    const nbd = this.o.nbd;
     const { capture, base } = await ColoCapture.start(this.o.vm, {
       runDir: this.o.runDir,
       beforeReady: async (b) => {
-        // Guest paused at the end of the full copy: output so far is covered by this image.
-        if (relay) { relay.output.hold(); baseTag = relay.output.advance(); }
+        // Guest paused at the end of the full copy: output and disk so far are in this image.
+        pipe.paused(0, performance.now());
         if (nbd) {
           const img = await readFile(nbd.imagePath);
-          nbd.cutEpoch();
           b.blocks.push({ id: DISK_BLOCK_ID, lengthBytes: img.length });
           b.ram.set(DISK_BLOCK_ID, img);
         }
       },
     });
     this.capture = capture;
-    this.epoch = 0;
-    inflight.push({ epoch: 0, counter: this.lastCounter, sentAtMs: performance.now(), tag: baseTag });
+    this.blocks = base.blocks;
+    this.counterAt.set(0, this.lastCounter);
+    pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: performance.now() });
+    pipe.sent(0, performance.now());
     await this.sendBase(link, base);
-    while (inflight.length) { throwIfClosed(); await new Promise<void>((r) => { ackWaiter = r; }); ackWaiter = null; }
-    this.emit({ event: 'protecting', standby: link.peer });
-    log.info(`guest ${this.o.vm.spec.name} protected by ${link.peer}`);
-    this.meter.startNow();
+    while (pipe.phase === 'syncing') { throwIfClosed(); await this.idle(Infinity); }
 
-    const maxInflight = this.o.maxInflight ?? 4;
-    const policy = this.o.policy ?? fixed(this.o.periodMs);
-    const history: EpochRecord[] = [];
-    const reasons: Record<string, number> = {};
-    let waitsForLink = 0;
-    let statusAt = performance.now();
-    let statusEpoch = 0;
-    let statusBytes = link.stats.bytesSent;
-    let lastPages = 0;
-    let diskWrites = 0;
-    let diskFlushes = 0;
-    let epochStart = performance.now();
-    let wake: (() => void) | null = null;
-    const poke = () => { const w = wake; wake = null; w?.(); };
-    if (relay) relay.output.onFirstHeld = poke;
-    if (nbd) nbd.onFlush = poke;
-    const trace = this.o.trace;
-    if (trace && relay) relay.output.onHeld = () => trace.output(performance.now());
-    if (trace && nbd) nbd.onIo = (kind) => trace.disk(kind, performance.now());
-    const blockIndex = new Map(base.blocks.map((b, i) => [b.id, i]));
+    const status = new StatusMeter(performance.now(), 0, link.stats.bytesSent);
     for (;;) {
       throwIfClosed();
-      if (fenceRequested) { await this.fence(link, capture, base, inflight, () => new Promise<void>((r) => { ackWaiter = r; })); return; }
-      await this.o.fault?.('mid-epoch', this.epoch + 1, { sendPartial: () => {}, crash: () => this.crash() });
-      const nowMs = performance.now();
+      if (pipe.phase !== 'protecting') return; // fenced or stopped
+      await this.o.fault?.('mid-epoch', pipe.capturedEpoch + 1, { sendPartial: () => {}, crash: () => this.crash() });
+      throwIfClosed();
+      const decidedMs = performance.now();
       const ds = nbd?.epochStats;
-      const tel: Telemetry = {
-        nowMs, epochStartMs: epochStart, history,
-        output: relay ? relay.output.openStats(Date.now()) : { frames: 0, bytes: 0, oldestMs: null },
-        disk: { writes: ds?.writes ?? 0, flushes: ds?.flushes ?? 0 },
-        link: { bytesPerSec: null, rttMs: link.stats.rttMs }, backlog: inflight.length,
-      };
-      const d = policy.decide(tel);
-      reasons[d.reason] = (reasons[d.reason] ?? 0) + 1;
-      if (!d.checkpoint) {
-        const ms = Math.max(0, d.wakeAtMs - nowMs);
-        await Promise.race([sleep(ms), closed, new Promise<void>((r) => { wake = r; })]);
-        wake = null;
-        continue;
-      }
-      log.debug('checkpoint decision', { policy: policy.name, reason: d.reason, ageMs: (nowMs - epochStart).toFixed(1) });
-      if (inflight.length >= maxInflight) {
-        waitsForLink++;
-        await new Promise<void>((r) => { ackWaiter = r; });
-        ackWaiter = null;
-        continue;
-      }
-      const counter = this.lastCounter;
-      const fault = this.o.fault;
-      let tag = 0;
-      let lengthMs = 0;
-      let outputFrames = 0;
-      const cp = await capture.checkpoint({
-        beforeReply: () => {
-          lengthMs = performance.now() - epochStart;
-          if (relay) { outputFrames = relay.output.openStats(0).frames; tag = relay.output.advance(); }
-        },
-        onLocal: (c) => {
-          if (!nbd) return;
-          const d = nbd.cutEpoch();
-          diskWrites += d.writes;
-          diskFlushes += d.flushes;
-          for (const [offset, data] of d.pages) c.pages.push({ block: DISK_BLOCK_ID, offset, data });
-        },
-        ...(fault ? { hold: async (c: Checkpoint) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } } : {}),
-      });
-      const ranFrom = epochStart;
-      epochStart = performance.now();
-      this.epoch = cp.epoch;
-      lastPages = cp.pages.length;
-      const record = encodeRecord(cp, base.blocks);
-      let traced: number | undefined;
-      if (trace) {
-        const ids = new Uint32Array(cp.pages.length);
-        cp.pages.forEach((p, i) => { ids[i] = ((blockIndex.get(p.block) ?? 255) << 24 | Math.floor(p.offset / 4096)) >>> 0; });
-        traced = trace.epoch(ranFrom, ranFrom + lengthMs, cp.timings.pauseMsLocal, record.length, ids, nowMs);
-      }
-      const rec: EpochRecord = { lengthMs, dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, transferMs: null, outputFrames };
-      history.push(rec);
-      if (history.length > HISTORY_KEPT) history.shift();
-      inflight.push({ epoch: cp.epoch, counter, sentAtMs: performance.now(), tag, record: rec, ...(traced !== undefined ? { traced } : {}) });
-      if (this.o.fault) await this.o.fault('mid-transfer', cp.epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, cp.epoch, record, Math.floor(record.length * f)), crash: () => this.crash() });
-      if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
-      void link.send(FrameType.CKPT, cp.epoch, record).catch(() => {});
-      this.emit({ event: 'checkpoint', epoch: cp.epoch, pages: cp.pages.length, bytes: record.length, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter });
-      if (performance.now() - statusAt >= 1000) {
-        const secs = (performance.now() - statusAt) / 1000;
-        const pauses = this.meter.pausesMs().slice(-20);
-        this.emit({
-          event: 'status', epoch: cp.epoch, ackedEpoch: this.ackedEpoch, ckptPerSec: Math.round(((cp.epoch - statusEpoch) / secs) * 10) / 10,
-          dirtyPages: lastPages, pauseMs: pauses.length ? Math.round((pauses.reduce((a, b) => a + b, 0) / pauses.length) * 100) / 100 : cp.timings.pauseMsLocal,
-          mbPerSec: Math.round(((link.stats.bytesSent - statusBytes) / secs / 1e6) * 10) / 10, lagMs: inflight[0] ? Math.round(performance.now() - inflight[0].sentAtMs) : 0,
-          rttMs: link.stats.rttMs === null ? null : Math.round(link.stats.rttMs * 100) / 100, inflight: inflight.length, waitsForLink,
-          ...heldStats(relay), diskWrites, diskFlushes,
-        });
-        diskWrites = 0;
-        diskFlushes = 0;
-        this.emit({ event: 'decisions', reasons: { ...reasons }, policy: policy.name });
-        statusAt = performance.now();
-        statusEpoch = cp.epoch;
-        statusBytes = link.stats.bytesSent;
-      }
+      const c = pipe.decide(decidedMs, { disk: { writes: ds?.writes ?? 0, flushes: ds?.flushes ?? 0 }, link: { bytesPerSec: null, rttMs: link.stats.rttMs } });
+      if (c.cmd === 'wait') { await this.idle(c.untilMs - decidedMs); continue; }
+      if (c.cmd === 'wait-ack') { await this.idle(Infinity); continue; }
+      if (c.cmd === 'fence') { await this.fence(link, capture, c.epoch); return; }
+      if (c.cmd !== 'capture') continue;
+      log.debug('checkpoint decision', { policy: pipe.policy.name, reason: c.reason, ageMs: (decidedMs - pipe.epochStartedMs).toFixed(1) });
+      await this.checkpoint(link, capture, c.epoch, decidedMs, status);
+      if (status.due(performance.now())) this.emitStatus(link, status);
     }
   }
 
-  private async sendBase(link: Link, base: BaseImage): Promise<void> {
+  /** Takes checkpoint `epoch`, ships it; the guest runs again as soon as it is local. */
+  private async checkpoint(link: Link, capture: ColoCapture, epoch: number, decidedMs: number, status: StatusMeter): Promise<void> {
+    const pipe = this.pipeline;
+    const counter = this.lastCounter;
+    const fault = this.o.fault;
+    let pauseBeganMs = 0;
+    const ranFromMs = pipe.epochStartedMs;
+    const cp = await capture.checkpoint({
+      beforeReply: () => { pauseBeganMs = performance.now(); },
+      onLocal: (c) => this.closeEpoch(c, epoch, pauseBeganMs, status),
+      ...(fault ? { hold: async (c: Checkpoint) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } } : {}),
+    });
+    const record = encodeRecord(cp, this.blocks);
+    pipe.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs: performance.now() });
+    this.counterAt.set(epoch, counter);
+    this.observe(cp, ranFromMs, pauseBeganMs, record.length, decidedMs);
+    if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, record, Math.floor(record.length * f)), crash: () => this.crash() });
+    if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
+    this.ship(link, epoch, record);
+    this.emit({ event: 'checkpoint', epoch, pages: cp.pages.length, bytes: record.length, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter });
+  }
+
+  /** During the pause: the epoch's output and disk writes close together; the disk's pages join the checkpoint. */
+  private closeEpoch(c: Checkpoint, epoch: number, pauseBeganMs: number, status: StatusMeter | null): void {
+    assert(c.epoch === epoch, `capture numbered checkpoint ${c.epoch}, the pipeline expects ${epoch}`);
+    const closed = this.pipeline.paused(epoch, pauseBeganMs);
+    if (!closed.disk) return;
+    status?.addDisk(closed.disk.writes, closed.disk.flushes);
+    for (const [offset, data] of closed.disk.pages) c.pages.push({ block: DISK_BLOCK_ID, offset, data });
+  }
+
+  /** Hands checkpoint `epoch` to the link; a failed send ends the session (never silently). */
+  private ship(link: Link, epoch: number, record: Buffer): void {
+    link.send(FrameType.CKPT, epoch, record).catch((e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
+    this.pipeline.sent(epoch, performance.now());
+  }
+
+  private observe(cp: Checkpoint, ranFromMs: number, pauseBeganMs: number, bytes: number, decidedMs: number): void {
+    const obs = this.o.observer;
+    if (!obs) return;
+    const blockIndex = new Map(this.blocks.map((b, i) => [b.id, i]));
+    const ids = new Uint32Array(cp.pages.length);
+    cp.pages.forEach((p, i) => { ids[i] = ((blockIndex.get(p.block) ?? 255) << 24 | Math.floor(p.offset / 4096)) >>> 0; });
+    const handle = obs.epoch(ranFromMs, pauseBeganMs, cp.timings.pauseMsLocal, bytes, ids, decidedMs);
+    if (handle >= 0) this.tracedAt.set(cp.epoch, handle);
+  }
+
+  private emitStatus(link: Link, status: StatusMeter): void {
+    const pauses = this.meter.pausesMs().slice(-20);
+    const last = this.pipeline.history.at(-1);
+    const oldest = this.pipeline.oldestInflightSentMs;
+    const now = performance.now();
+    this.emit(status.take(now, {
+      pipeline: this.pipeline.stats(), output: this.commit.stats(now), bytesSent: link.stats.bytesSent, rttMs: link.stats.rttMs,
+      lagMs: oldest === null ? 0 : now - oldest, lastDirtyPages: last?.dirtyPages ?? 0,
+      pauseMs: pauses.length ? pauses.reduce((a, b) => a + b, 0) / pauses.length : last?.pauseMs ?? 0,
+    }));
+    this.emit({ event: 'decisions', reasons: this.pipeline.stats().reasons, policy: this.pipeline.policy.name });
+  }
+
+  private async sendBase(link: Link, base: { machine: string; blocks: RamBlockInfo[]; ram: Map<string, Buffer>; deviceState: Buffer }): Promise<void> {
     const totalBytes = base.blocks.reduce((s, b) => s + b.lengthBytes, 0);
     await link.send(FrameType.BASE_BEGIN, 0, encodeLayout({ machine: base.machine, blocks: base.blocks, totalBytes }));
     const t0 = performance.now();
@@ -354,47 +400,55 @@ export class PrimaryController {
     await link.send(FrameType.BASE_END, 0, base.deviceState);
   }
 
-  /** Switchover: a last checkpoint, its ack, then the guest stops here before the standby starts it. */
-  private async fence(link: Link, capture: ColoCapture, base: BaseImage, inflight: Inflight[], waitAck: () => Promise<void>): Promise<void> {
+  /** Switchover: a last checkpoint with the guest stopped, its ack, then the guest stops here for good. */
+  private async fence(link: Link, capture: ColoCapture, epoch: number): Promise<void> {
     log.warn(`standby asked for failover: taking a last checkpoint and stopping guest ${this.o.vm.spec.name}`);
-    const cp: Checkpoint = await capture.checkpoint({ hold: async () => { await this.o.vm.qmp.execute('stop').catch(() => {}); } });
-    inflight.push({ epoch: cp.epoch, counter: this.lastCounter, sentAtMs: performance.now(), tag: 0 });
-    await link.send(FrameType.CKPT, cp.epoch, encodeRecord(cp, base.blocks));
-    while (inflight.length && !link.closed) await waitAck();
-    await this.o.vm.qmp.execute('stop').catch(() => {});
+    let pauseBeganMs = 0;
+    const cp = await capture.checkpoint({
+      beforeReply: () => { pauseBeganMs = performance.now(); },
+      onLocal: (c) => this.closeEpoch(c, epoch, pauseBeganMs, null),
+      hold: async () => { await this.o.vm.qmp.execute('stop'); },
+    });
+    const record = encodeRecord(cp, this.blocks);
+    this.pipeline.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs: performance.now() });
+    this.counterAt.set(epoch, this.lastCounter);
+    this.ship(link, epoch, record);
+    while (this.pipeline.phase === 'fencing' && !link.closed) await this.idle(Infinity);
+    if (this.pipeline.phase !== 'fenced') throw link.closed ?? new RubatoError('RUBATO_PEER_LOST', 'fence not acknowledged');
+    await this.o.vm.qmp.execute('stop').catch((e: unknown) => log.warn(`stopping the fenced guest: ${errorMessage(e)}`));
     this.stopped = true;
-    await link.send(FrameType.FENCED, 0).catch(() => {});
+    await link.send(FrameType.FENCED, 0).catch((e: unknown) => log.warn(`telling the standby the guest stopped: ${errorMessage(e)}`));
     this.emit({ event: 'fenced' });
     await this.o.vm.stop();
   }
 
-  /** Orderly end: the standby keeps its replica and does not fail over. */
+  /** Orderly end: the standby is told (BYE), keeps its replica and does not fail over. */
   async stop(): Promise<void> {
     this.stopped = true;
-    if (this.giveUpTimer) clearTimeout(this.giveUpTimer);
-    if (this.link && !this.link.closed) await this.link.send(FrameType.BYE, 0).catch(() => {});
-    this.link?.close();
-    await this.capture?.close().catch(() => {});
+    this.cancelHoldTimer();
+    this.ended.abort();
+    const link = this.link;
+    if (link && !link.closed) {
+      await link.send(FrameType.BYE, 0).catch((e: unknown) => log.warn(`telling the standby goodbye: ${errorMessage(e)}`));
+      link.close(new RubatoError('RUBATO_PEER_LOST', 'protection stopped by the operator'));
+    }
+    this.poke();
+    await this.capture?.close();
     await this.loop;
-    this.o.relay?.giveUp(); // protection ends by choice: held output leaves, later output passes through
+    // Protection ends by choice: held output leaves, later output passes through.
+    for (const f of this.pipeline.stop()) this.o.relay?.sendOutside(f);
   }
 
   /** Simulates the controller's death: no goodbye, sockets dropped, QEMU killed by PID. */
   async crash(): Promise<void> {
     this.stopped = true;
-    if (this.giveUpTimer) clearTimeout(this.giveUpTimer);
+    this.cancelHoldTimer();
+    this.ended.abort();
     this.link?.socket.destroy();
     await this.o.vm.kill();
     const c = this.capture;
     this.capture = null;
-    await c?.close().catch(() => {});
+    await c?.close();
+    this.poke();
   }
 }
-
-function heldStats(relay: NetRelay | undefined): { heldFrames: number; heldBytes: number; oldestHeldMs: number | null } {
-  if (!relay) return { heldFrames: 0, heldBytes: 0, oldestHeldMs: null };
-  const s = relay.stats();
-  return { heldFrames: s.frames, heldBytes: s.bytes, oldestHeldMs: s.oldestMs };
-}
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));

@@ -11,24 +11,16 @@
 //   device.bin       device state of the committed epoch (QEMU sections + EOF)
 //   redo.ckpt        a committed checkpoint not yet fully applied (present only mid-apply)
 //   stage.tmp        a checkpoint being staged (ignored and removed on open)
-// redo.ckpt / stage.tmp record: "RBCK" be32 version=1, be64 epoch, be32 pages, be32 deviceLen,
-//   pages: { u8 blockIndex, u8 kind (0 data, 1 fill), u8 fill, u8 0, be64 offset, [4096 data if kind 0] },
-//   device state, then be32 CRC-32 of everything before it (torn or corrupted records; the wire
-//   frames carrying a record are authenticated separately with HMAC-SHA256).
+// redo.ckpt / stage.tmp hold one checkpoint record as it travels on the wire (protocol/record.ts).
 
-import { crc32 } from 'node:zlib';
 import { existsSync, mkdirSync } from 'node:fs';
 import { open, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { RubatoError, assert } from '../util/errors.ts';
-import { checkDeviceState } from '../capture/stream/parser.ts';
-import { PAGE_SIZE, type BaseImage, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/checkpoint.ts';
+import { PAGE_SIZE, type BaseImage, type DirtyPage, type RamBlockInfo } from '../capture/checkpoint.ts';
+import { decodeRecord, encodeRecord, validateRecord, type CheckpointRecord } from './protocol/record.ts';
 
 const FORMAT = 1;
-const MAGIC = 0x5242434b; // "RBCK"
-const HEADER_BYTES = 24;
-const PAGE_HEADER_BYTES = 12;
-const CHECKSUM_BYTES = 4;
 
 export interface ReplicaMeta {
   format: number;
@@ -135,39 +127,34 @@ export class ReplicaStore {
     return store;
   }
 
-  /** Checks a checkpoint against the replica's layout without touching anything. */
-  validate(cp: Checkpoint): void {
-    if (cp.epoch !== this.meta.epoch + 1) {
-      throw corrupt(`checkpoint ${cp.epoch} does not follow committed epoch ${this.meta.epoch}`, { epoch: cp.epoch });
+  /** Checks a checkpoint against the replica without touching anything: the one epoch check. */
+  validate(rec: CheckpointRecord, frameEpoch: number = rec.epoch): void {
+    if (rec.epoch !== frameEpoch || rec.epoch !== this.meta.epoch + 1) {
+      throw corrupt(`checkpoint ${rec.epoch} (sent as ${frameEpoch}) does not follow committed epoch ${this.meta.epoch}`, { epoch: rec.epoch });
     }
-    for (const p of cp.pages) {
-      const len = this.meta.blocks.find((b) => b.id === p.block)?.lengthBytes;
-      if (len === undefined) throw corrupt(`checkpoint ${cp.epoch} names unknown RAM block ${p.block}`, { epoch: cp.epoch });
-      if (p.offset % PAGE_SIZE !== 0 || p.offset + PAGE_SIZE > len) throw corrupt(`checkpoint ${cp.epoch}: page offset ${p.offset} outside block ${p.block}`, { epoch: cp.epoch });
-      if (p.data && p.data.length !== PAGE_SIZE) throw corrupt(`checkpoint ${cp.epoch}: page of ${p.data.length} bytes`, { epoch: cp.epoch });
-    }
-    if (!checkDeviceState(cp.deviceState)) throw corrupt(`checkpoint ${cp.epoch}: device state is not framed as QEMU sections + EOF`, { epoch: cp.epoch });
+    validateRecord(rec, this.meta.blocks);
   }
 
   /** Stage, verify, commit (one rename), apply. Returns the committed epoch once applied. */
-  async commit(cp: Checkpoint): Promise<number> {
+  async commit(rec: CheckpointRecord): Promise<number> {
     await this.settled();
-    this.validate(cp);
-    const epoch = await this.commitVerified(cp.epoch, encodeRecord(cp, this.meta.blocks), cp.pages, cp.deviceState);
+    this.validate(rec);
+    const epoch = await this.commitVerified(rec.epoch, encodeRecord(rec, this.meta.blocks), rec.pages, rec.deviceState);
     await this.settled();
     return epoch;
   }
 
   /**
-   * The same for a record as it came off the wire (checksummed by its sender), returning at the
-   * commit point: the checkpoint is durable (the redo record) and in memory; its images are written
-   * behind the caller's acknowledgement (settled() waits for them).
+   * The same for a record as it came off the wire in a frame numbered `frameEpoch` (checksummed by
+   * its sender), returning at the commit point: the checkpoint is durable (the redo record) and in
+   * memory; its images are written behind the caller's acknowledgement (settled() waits for them).
    */
-  async commitRecord(record: Buffer): Promise<number> {
+  async commitRecord(record: Buffer, frameEpoch: number): Promise<CheckpointRecord> {
     await this.settled();
     const rec = decodeRecord(record, this.meta.blocks);
-    this.validate({ epoch: rec.epoch, route: 'a', pages: rec.pages, deviceState: rec.deviceState, ramBytes: 0, zeroPages: 0, pausedAtMs: 0, timings: { captureMs: 0, pauseMsLocal: 0, heldMs: 0 } });
-    return this.commitVerified(rec.epoch, record, rec.pages, rec.deviceState);
+    this.validate(rec, frameEpoch);
+    await this.commitVerified(rec.epoch, record, rec.pages, rec.deviceState);
+    return rec;
   }
 
   private async commitVerified(epoch: number, record: Buffer, pages: readonly DirtyPage[], deviceState: Buffer): Promise<number> {
@@ -237,65 +224,4 @@ async function writeDurable(path: string, data: Buffer, fsync: boolean): Promise
   } finally {
     await fh.close();
   }
-}
-
-export function encodeRecord(cp: Checkpoint, blocks: readonly RamBlockInfo[]): Buffer {
-  const index = new Map(blocks.map((b, i) => [b.id, i]));
-  let size = HEADER_BYTES + cp.deviceState.length + CHECKSUM_BYTES;
-  for (const p of cp.pages) size += PAGE_HEADER_BYTES + (p.data ? PAGE_SIZE : 0);
-  const out = Buffer.allocUnsafe(size);
-  out.writeUInt32BE(MAGIC, 0);
-  out.writeUInt32BE(FORMAT, 4);
-  out.writeBigUInt64BE(BigInt(cp.epoch), 8);
-  out.writeUInt32BE(cp.pages.length, 16);
-  out.writeUInt32BE(cp.deviceState.length, 20);
-  let o = HEADER_BYTES;
-  for (const p of cp.pages) {
-    const bi = index.get(p.block);
-    assert(bi !== undefined, `block ${p.block} is in the layout`);
-    out[o] = bi;
-    out[o + 1] = p.data ? 0 : 1;
-    out[o + 2] = p.fill ?? 0;
-    out[o + 3] = 0;
-    out.writeBigUInt64BE(BigInt(p.offset), o + 4);
-    o += PAGE_HEADER_BYTES;
-    if (p.data) { p.data.copy(out, o); o += PAGE_SIZE; }
-  }
-  cp.deviceState.copy(out, o);
-  o += cp.deviceState.length;
-  out.writeUInt32BE(crc32(out.subarray(0, o)), o);
-  return out;
-}
-
-export function decodeRecord(buf: Buffer, blocks: readonly RamBlockInfo[]): { epoch: number; pages: DirtyPage[]; deviceState: Buffer } {
-  if (buf.length < HEADER_BYTES + CHECKSUM_BYTES) throw corrupt(`checkpoint record of ${buf.length} bytes is truncated`);
-  const body = buf.subarray(0, buf.length - CHECKSUM_BYTES);
-  if (crc32(body) !== buf.readUInt32BE(buf.length - CHECKSUM_BYTES)) throw corrupt('checkpoint record fails its checksum');
-  if (buf.readUInt32BE(0) !== MAGIC || buf.readUInt32BE(4) !== FORMAT) throw corrupt('checkpoint record has a bad magic or format');
-  const epoch = Number(buf.readBigUInt64BE(8));
-  const n = buf.readUInt32BE(16);
-  const devLen = buf.readUInt32BE(20);
-  const pages: DirtyPage[] = [];
-  let o = HEADER_BYTES;
-  for (let i = 0; i < n; i++) {
-    if (o + PAGE_HEADER_BYTES > body.length) throw corrupt('checkpoint record ends inside a page header');
-    const block = blocks[buf[o]!];
-    if (!block) throw corrupt(`checkpoint record names block index ${buf[o]}`);
-    const kind = buf[o + 1];
-    const fill = buf[o + 2]!;
-    const offset = Number(buf.readBigUInt64BE(o + 4));
-    o += PAGE_HEADER_BYTES;
-    if (offset % PAGE_SIZE !== 0 || offset + PAGE_SIZE > block.lengthBytes) throw corrupt(`checkpoint record: offset ${offset} outside block ${block.id}`);
-    if (kind === 0) {
-      if (o + PAGE_SIZE > body.length) throw corrupt('checkpoint record ends inside a page');
-      pages.push({ block: block.id, offset, data: buf.subarray(o, o + PAGE_SIZE) });
-      o += PAGE_SIZE;
-    } else if (kind === 1) {
-      pages.push({ block: block.id, offset, data: null, fill });
-    } else {
-      throw corrupt(`checkpoint record: page kind ${kind}`);
-    }
-  }
-  if (o + devLen !== body.length) throw corrupt('checkpoint record length does not match its contents');
-  return { epoch, pages, deviceState: buf.subarray(o, o + devLen) };
 }

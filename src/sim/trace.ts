@@ -13,6 +13,7 @@ import { RubatoError } from '../util/errors.ts';
 import { PAGE_BYTES } from '../scheduler/index.ts';
 import { median } from '../util/stats.ts';
 import type { SimClients, SimWorkload } from './simulate.ts';
+import type { CheckpointObserver } from '../replication/observer.ts';
 
 export const TRACE_FORMAT = 'rubato-trace/1';
 
@@ -34,6 +35,8 @@ export interface Trace {
   durationMs: number;
   epochs: TraceEpoch[];
   outputMs: number[]; diskWritesMs: number[]; diskFlushesMs: number[];
+  /** Bytes of each output frame, parallel to outputMs (traces before it lack it). */
+  outputBytes?: number[];
 }
 
 export function encodePages(ids: Uint32Array): string { return Buffer.from(ids.buffer, ids.byteOffset, ids.byteLength).toString('base64'); }
@@ -45,10 +48,11 @@ export function decodePages(s: string): Uint32Array {
 }
 
 /** Collects a trace while a live run goes on; times are taken relative to construction. */
-export class TraceRecorder {
+export class TraceRecorder implements CheckpointObserver {
   private readonly t0: number;
   private readonly epochs: TraceEpoch[] = [];
   private readonly outputMs: number[] = [];
+  private readonly outputBytes: number[] = [];
   private readonly writesMs: number[] = [];
   private readonly flushesMs: number[] = [];
   private static readonly MAX_EVENTS = 2_000_000;
@@ -71,7 +75,11 @@ export class TraceRecorder {
     if (e) e.ackMs = Math.round(ackMs * 1000) / 1000;
   }
 
-  output(atMs: number): void { if (atMs >= this.t0 && this.outputMs.length < TraceRecorder.MAX_EVENTS) this.outputMs.push(this.rel(atMs)); }
+  output(atMs: number, bytes: number): void {
+    if (atMs < this.t0 || this.outputMs.length >= TraceRecorder.MAX_EVENTS) return;
+    this.outputMs.push(this.rel(atMs));
+    this.outputBytes.push(bytes);
+  }
   disk(kind: 'write' | 'flush', atMs: number): void {
     if (atMs < this.t0) return;
     const a = kind === 'write' ? this.writesMs : this.flushesMs;
@@ -94,7 +102,12 @@ export class TraceRecorder {
       return !(k < pauses.length && pauses[k]![0] <= x && x <= pauses[k]![1]);
     });
     const epochs = this.epochs.filter((e) => e.startMs >= from).map((e) => ({ ...e, startMs: r3(e.startMs - from), endMs: r3(e.endMs - from), ...(e.decidedMs !== undefined ? { decidedMs: r3(e.decidedMs - from) } : {}) }));
-    return { format: TRACE_FORMAT, ...this.meta, durationMs: this.rel(nowMs) - from, epochs, outputMs: keep(this.outputMs), diskWritesMs: keep(this.writesMs), diskFlushesMs: keep(guestFlushes) };
+    const outIdx = this.outputMs.flatMap((x, i) => (x >= from ? [i] : []));
+    return {
+      format: TRACE_FORMAT, ...this.meta, durationMs: this.rel(nowMs) - from, epochs,
+      outputMs: outIdx.map((i) => r3(this.outputMs[i]! - from)), outputBytes: outIdx.map((i) => this.outputBytes[i]!),
+      diskWritesMs: keep(this.writesMs), diskFlushesMs: keep(guestFlushes),
+    };
   }
 }
 

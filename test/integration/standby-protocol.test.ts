@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { StandbyController } from '../../src/replication/standby.ts';
 import { ReplicaStore } from '../../src/replication/replica-store.ts';
 import { Link } from '../../src/replication/link.ts';
+import { connectHandshake } from '../../src/replication/handshake.ts';
 import { FrameType, HEADER_BYTES, helloKey } from '../../src/replication/protocol/frame.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
@@ -49,7 +50,7 @@ const closed = (l: Link) => new Promise<Error>((r) => (l.closed ? r(l.closed) : 
 
 test('a primary with the wrong key is refused', async () => {
   const link = new Link(await dial(), randomBytes(32), 'standby');
-  await assert.rejects(link.connectHandshake(randomBytes(32), identity, 3000), (e: unknown) => isRubatoError(e) && /authentication|refused|failed/.test(e.message));
+  await assert.rejects(connectHandshake(link, randomBytes(32), identity, 3000), (e: unknown) => isRubatoError(e) && /authentication|refused|failed/.test(e.message));
   replicaIntact();
 });
 
@@ -72,7 +73,7 @@ test('a wrong protocol version is refused', async () => {
 test('truncated and corrupted checkpoint frames drop the session, replica untouched', async () => {
   for (const mode of ['truncated', 'corrupted', 'garbage-record'] as const) {
     const link = new Link(await dial(), psk, 'standby');
-    const welcome = await link.connectHandshake(psk, identity, 3000);
+    const welcome = await connectHandshake(link, psk, identity, 3000);
     assert.equal(welcome.replicaEpoch, 0);
     const payload = randomBytes(5000);
     if (mode === 'truncated') {

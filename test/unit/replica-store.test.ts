@@ -2,7 +2,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync, rmSync, writeFileSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
-import { ReplicaStore, encodeRecord } from '../../src/replication/replica-store.ts';
+import { ReplicaStore } from '../../src/replication/replica-store.ts';
+import { encodeRecord } from '../../src/replication/protocol/record.ts';
 import type { BaseImage, Checkpoint } from '../../src/capture/checkpoint.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
@@ -102,7 +103,7 @@ test('a record off the wire is acknowledgeable at its commit point; its images f
   t.after(() => removeTempDir(dir));
   const s = await ReplicaStore.create(dir, 'vm', base());
   const blocks = base().blocks;
-  const e1 = await s.commitRecord(encodeRecord(cp(1, [[0, 5], [8192, 9]]), blocks));
+  const e1 = (await s.commitRecord(encodeRecord(cp(1, [[0, 5], [8192, 9]]), blocks), 1)).epoch;
   // Returned at the commit point: the redo record is in place, memory holds the checkpoint.
   assert.equal(e1, 1);
   assert.equal(s.epoch, 1);
@@ -119,7 +120,7 @@ test('a record off the wire is acknowledgeable at its commit point; its images f
     assert.equal(r.ramOf('mem0')[8192], 9);
   }
   // The next commit first waits for the previous one's files.
-  await s.commitRecord(encodeRecord(cp(2, [[8192, 10]]), blocks));
+  await s.commitRecord(encodeRecord(cp(2, [[8192, 10]]), blocks), 2);
   await s.settled();
   assert.equal(existsSync(join(dir, 'redo.ckpt')), false);
   const r2 = await ReplicaStore.open(dir);

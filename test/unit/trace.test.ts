@@ -18,7 +18,7 @@ function recorded(seconds: number, outputEveryMs?: number): Trace {
     const ids = new Uint32Array(k);
     for (let i = 0; i < k; i++) { ids[i] = cursor; cursor = (cursor + 1) % 400; }
     r.epoch(t, t + 10, 0.5 + 0.0125 * k, k * 4096 + 30_000, ids);
-    if (outputEveryMs) for (let o = t; o < t + 11; o++) if ((o - 1000) % outputEveryMs === 0) r.output(o);
+    if (outputEveryMs) for (let o = t; o < t + 11; o++) if ((o - 1000) % outputEveryMs === 0) r.output(o, 100);
   }
   return r.finish(1000 + seconds * 1000);
 }

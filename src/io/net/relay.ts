@@ -1,12 +1,12 @@
 // The guest's network path through Rubato: QEMU's -netdev stream connects here; frames to the
-// guest pass at once; frames from the guest go through the OutputBuffer and leave for the outside
-// (taprelay → TAP → bridge) only when their checkpoint has committed.
+// guest pass at once; frames from the guest go to `onGuestFrame` (output commit decides when they
+// leave) and reach the outside (taprelay → TAP → bridge) through `sendOutside`. A transport only:
+// it never decides on its own that a frame may leave.
 
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { rmSync } from 'node:fs';
 import { logger } from '../../util/log.ts';
 import { RubatoError } from '../../util/errors.ts';
-import { OutputBuffer, type OutputStats } from './output-buffer.ts';
 
 const log = logger('relay');
 const MAX_FRAME = 65536;
@@ -29,7 +29,8 @@ class Framer {
 }
 
 export class NetRelay {
-  readonly output: OutputBuffer;
+  /** Where frames from the guest go; until set, they leave at once (an unprotected guest). */
+  onGuestFrame: ((frame: Buffer) => void) | null = null;
   private server: Server | null = null;
   private guest: Socket | null = null;
   private outside: Socket | null = null;
@@ -37,9 +38,7 @@ export class NetRelay {
   framesFromGuest = 0;
   framesToGuest = 0;
 
-  constructor(readonly guestSocketPath: string, maxHeldBytes = 64 << 20) {
-    this.output = new OutputBuffer(maxHeldBytes);
-  }
+  constructor(readonly guestSocketPath: string) {}
 
   async start(): Promise<void> {
     rmSync(this.guestSocketPath, { force: true });
@@ -56,8 +55,8 @@ export class NetRelay {
       try {
         framer.push(d, (f) => {
           this.framesFromGuest++;
-          const out = this.output.push(f, Date.now());
-          if (out) this.toOutside(out);
+          if (this.onGuestFrame) this.onGuestFrame(f);
+          else this.sendOutside(f);
         });
       } catch (e) {
         log.warn(`guest NIC stream broken: ${(e as Error).message}`);
@@ -90,22 +89,14 @@ export class NetRelay {
     }
   }
 
-  private toOutside(f: Buffer): void {
+  /** A frame leaves for the outside (dropped, and counted, when no TAP is attached). */
+  sendOutside(f: Buffer): void {
     if (this.outside) this.outside.write(f);
     else this.outsideDropped++;
   }
 
-  /** Output commit: the checkpoint closing `tag` is committed on the standby. */
-  commit(tag: number): void {
-    for (const f of this.output.commit(tag)) this.toOutside(f);
-  }
-
-  giveUp(): void {
-    for (const f of this.output.giveUp()) this.toOutside(f);
-  }
-
-  stats(): OutputStats & { outsideDropped: number } {
-    return { ...this.output.stats(Date.now()), outsideDropped: this.outsideDropped };
+  stats(): { framesFromGuest: number; framesToGuest: number; outsideDropped: number } {
+    return { framesFromGuest: this.framesFromGuest, framesToGuest: this.framesToGuest, outsideDropped: this.outsideDropped };
   }
 
   async close(): Promise<void> {

@@ -1,0 +1,194 @@
+// Output commit, keyed by epoch: the one place that decides when a guest's output may become
+// visible. Pure: no clocks (times are passed in), no sockets (released frames go to a sink).
+//
+// Epoch numbers are the checkpoints': output produced after checkpoint N-1 is covered by
+// checkpoint N, so it carries epoch N and may leave only once the standby acknowledged N. Closing
+// epoch N (during checkpoint N's pause) closes the network epoch and cuts the disk epoch together.
+// Invariant (asserted on every release, left on in production): no frame leaves with an epoch above
+// the acknowledged one — except in the explicit, counted `unprotected` state, entered with a reason.
+
+import { assert } from '../util/errors.ts';
+
+/** Anything with a byte length: a Buffer live, a simulated frame in the simulator. */
+export interface Sized { readonly length: number }
+
+/** One epoch's disk writes, as the disk server cuts them (its pages travel with the checkpoint). */
+export interface DiskEpochCut { pages: Map<number, Buffer>; writes: number; flushes: number }
+
+/** The guest's disk, seen from output commit: writes are logged per epoch and cut at the pause. */
+export interface DiskEpochSource { cutEpoch(): DiskEpochCut }
+
+export type CommitState =
+  /** No protection yet (or after an orderly stop): output passes straight through. */
+  | { kind: 'pass-through' }
+  /** Protected: output is held until its epoch is acknowledged. */
+  | { kind: 'holding' }
+  /** Protection was lost and held output was let go without an acknowledgement. */
+  | { kind: 'unprotected'; reason: string };
+
+export interface OutputStats {
+  frames: number; bytes: number; oldestMs: number | null;
+  /** Frames dropped at the bound (as a congested link would: TCP retransmits). */
+  dropped: number;
+  /** Frames released after their acknowledgement. */
+  released: number;
+  /** Frames released without one (giving up protection), and how many times that happened. */
+  releasedUnprotected: number; unprotectedReleases: number;
+}
+
+interface Held<F> { epoch: number; frame: F; atMs: number }
+
+export interface ClosedEpoch { epoch: number; frames: number; bytes: number; disk: DiskEpochCut | null }
+
+export class OutputCommit<F extends Sized = Buffer> {
+  private st: CommitState = { kind: 'pass-through' };
+  /** The epoch new output belongs to (the next checkpoint's number). */
+  private open = 0;
+  private acked = -1;
+  private queue: Held<F>[] = [];
+  private head = 0;
+  private bytes = 0;
+  private openFrames = 0;
+  private openBytes = 0;
+  private openOldestMs: number | null = null;
+  private dropped = 0;
+  private released = 0;
+  private releasedUnprotected = 0;
+  private unprotectedReleases = 0;
+  /** Called when the open epoch gets its first held frame (the scheduler may want to act). */
+  onFirstHeld: (() => void) | null = null;
+  /** Called for every frame held (traces record output times and sizes). */
+  onHeld: ((frame: F, atMs: number) => void) | null = null;
+
+  constructor(private readonly maxHeldBytes: number, private readonly disk: DiskEpochSource | null = null) {
+    assert(maxHeldBytes > 0, 'output commit needs a positive bound');
+  }
+
+  get state(): CommitState { return this.st; }
+  get holding(): boolean { return this.st.kind === 'holding'; }
+  get openEpoch(): number { return this.open; }
+  get ackedEpoch(): number { return this.acked; }
+
+  /**
+   * Protection (re)starts with checkpoint `baseEpoch` (the full image, taken now with the guest
+   * paused): everything the guest sent so far is in it; output from now on is held.
+   */
+  hold(baseEpoch: number): ClosedEpoch {
+    if (this.st.kind === 'holding') {
+      // A resynchronisation: output still held from the lost session is covered by the new image.
+      for (let i = this.head; i < this.queue.length; i++) this.queue[i]!.epoch = baseEpoch;
+      this.openFrames = this.queue.length - this.head;
+      this.openBytes = this.bytes;
+    }
+    this.st = { kind: 'holding' };
+    this.open = baseEpoch;
+    this.acked = baseEpoch - 1;
+    return this.closeEpoch(baseEpoch);
+  }
+
+  /** Output produced in the open epoch: what the scheduler sees waiting. */
+  openStats(nowMs: number): { frames: number; bytes: number; oldestMs: number | null } {
+    return { frames: this.openFrames, bytes: this.openBytes, oldestMs: this.openOldestMs === null ? null : nowMs - this.openOldestMs };
+  }
+
+  /** A frame from the guest: returns it when it may leave now, else holds it (or drops it at the bound). */
+  push(frame: F, nowMs: number): F | null {
+    if (this.st.kind !== 'holding') { this.released++; return frame; }
+    if (this.bytes + frame.length > this.maxHeldBytes) { this.dropped++; return null; }
+    this.queue.push({ epoch: this.open, frame, atMs: nowMs });
+    this.bytes += frame.length;
+    this.openFrames++;
+    this.openBytes += frame.length;
+    this.onHeld?.(frame, nowMs);
+    if (this.openOldestMs === null) { this.openOldestMs = nowMs; this.onFirstHeld?.(); }
+    return null;
+  }
+
+  /**
+   * Checkpoint `epoch` is being taken with the guest paused: the output and disk writes seen so
+   * far belong to it. Frames produced before the pause but read after it get the next epoch
+   * (held longer, never shorter).
+   */
+  closeEpoch(epoch: number): ClosedEpoch {
+    assert(this.st.kind === 'holding', `output commit: epoch ${epoch} closed while not holding`);
+    assert(epoch === this.open, `output commit: closing epoch ${epoch} while epoch ${this.open} is open`);
+    const closed: ClosedEpoch = { epoch, frames: this.openFrames, bytes: this.openBytes, disk: this.disk?.cutEpoch() ?? null };
+    this.open = epoch + 1;
+    this.openFrames = 0;
+    this.openBytes = 0;
+    this.openOldestMs = null;
+    return closed;
+  }
+
+  /**
+   * The standby acknowledged checkpoint `epoch` (the caller's own count of acknowledgements is
+   * `ackedEpoch`: the two must agree). Returns the frames that may leave now, oldest first.
+   */
+  release(epoch: number, ackedEpoch: number): Array<{ frame: F; atMs: number }> {
+    assert(this.st.kind === 'holding', `output commit: release of epoch ${epoch} while not holding`);
+    assert(epoch <= ackedEpoch, `output commit: release of epoch ${epoch} above the acknowledged ${ackedEpoch}`);
+    assert(epoch < this.open, `output commit: release of epoch ${epoch} that is still open`);
+    assert(epoch >= this.acked, `output commit: acknowledgements went backwards (${epoch} after ${this.acked})`);
+    this.acked = epoch;
+    const out: Array<{ frame: F; atMs: number }> = [];
+    while (this.head < this.queue.length && this.queue[this.head]!.epoch <= epoch) {
+      const h = this.queue[this.head++]!;
+      assert(h.epoch <= ackedEpoch, `output commit: a frame of epoch ${h.epoch} would leave with ${ackedEpoch} acknowledged`);
+      this.bytes -= h.frame.length;
+      out.push({ frame: h.frame, atMs: h.atMs });
+    }
+    this.compact();
+    this.released += out.length;
+    return out;
+  }
+
+  /**
+   * Protection is given up (no standby for too long): everything held leaves now, unacknowledged,
+   * and later output passes through until `hold()` starts protection again. Counted, with a reason.
+   */
+  releaseUnprotected(reason: string): F[] {
+    const out = this.drain();
+    this.st = { kind: 'unprotected', reason };
+    this.unprotectedReleases++;
+    this.releasedUnprotected += out.length;
+    return out;
+  }
+
+  /**
+   * Protection ends by choice (orderly stop; the standby was told and will not take over on its
+   * own): held output leaves unacknowledged — counted as such — and later output passes through.
+   */
+  end(): F[] {
+    const out = this.drain();
+    if (out.length) this.unprotectedReleases++;
+    this.releasedUnprotected += out.length;
+    this.st = { kind: 'pass-through' };
+    return out;
+  }
+
+  stats(nowMs: number): OutputStats {
+    const oldest = this.queue[this.head];
+    return {
+      frames: this.queue.length - this.head, bytes: this.bytes, oldestMs: oldest ? nowMs - oldest.atMs : null,
+      dropped: this.dropped, released: this.released, releasedUnprotected: this.releasedUnprotected, unprotectedReleases: this.unprotectedReleases,
+    };
+  }
+
+  private drain(): F[] {
+    const out = this.queue.slice(this.head).map((h) => h.frame);
+    this.queue = [];
+    this.head = 0;
+    this.bytes = 0;
+    this.openFrames = 0;
+    this.openBytes = 0;
+    this.openOldestMs = null;
+    return out;
+  }
+
+  private compact(): void {
+    if (this.head > 1024 && this.head * 2 > this.queue.length) {
+      this.queue = this.queue.slice(this.head);
+      this.head = 0;
+    }
+  }
+}

@@ -1,0 +1,43 @@
+// The standby's local control socket, used by `rubato failover` and `rubato status`: one command
+// line in, one JSON line out. It lives in the state folder; access is the folder's permissions.
+
+import { createServer, type Server } from 'node:net';
+import { rmSync } from 'node:fs';
+import { errorMessage } from '../util/errors.ts';
+import { logger } from '../util/log.ts';
+
+const log = logger('control');
+const MAX_COMMAND_BYTES = 256;
+
+export type ControlHandlers = Record<string, () => Promise<unknown> | unknown>;
+
+export class ControlSocket {
+  private server: Server | null = null;
+
+  constructor(readonly path: string, private readonly handlers: ControlHandlers) {}
+
+  async start(): Promise<void> {
+    rmSync(this.path, { force: true });
+    this.server = createServer((s) => {
+      s.setEncoding('utf8');
+      let buf = '';
+      const reply = (v: unknown) => s.end(JSON.stringify(v) + '\n');
+      s.on('data', (d: string) => {
+        buf += d;
+        if (buf.length > MAX_COMMAND_BYTES) { reply({ ok: false, error: 'command too long' }); return; }
+        if (!buf.includes('\n')) return;
+        const cmd = buf.trim();
+        const h = this.handlers[cmd];
+        if (!h) { reply({ ok: false, error: `unknown command ${cmd}` }); return; }
+        Promise.resolve().then(h).then(reply, (e: unknown) => reply({ ok: false, error: errorMessage(e) }));
+      });
+      s.on('error', (e) => log.debug(`control client went away: ${e.message}`));
+    });
+    await new Promise<void>((resolve) => this.server!.listen(this.path, () => resolve()));
+  }
+
+  close(): void {
+    this.server?.close();
+    rmSync(this.path, { force: true });
+  }
+}

@@ -1,0 +1,51 @@
+// The replication handshake, mutual challenge–response with the pre-shared key, over a fresh Link
+// (frames authenticated with the hello key). On success both directions switch to the session key.
+// Any failure refuses the peer (REJECT with the reason) and closes the link.
+
+import { randomBytes } from 'node:crypto';
+import { RubatoError } from '../util/errors.ts';
+import type { Link } from './link.ts';
+import { FrameType, frameTypeName, proof, proofEquals, sessionKey } from './protocol/frame.ts';
+import { NONCE_BYTES, decodeChallenge, decodeHello, decodeWelcome, encodeChallenge, encodeHello, encodeWelcome, type Identity, type Welcome } from './protocol/messages.ts';
+
+/** Standby side: challenge, check the primary's proof, welcome with our proof. */
+export async function acceptHandshake(link: Link, psk: Buffer, welcome: (id: Identity) => Welcome, timeoutMs: number): Promise<Identity> {
+  const nonceS = randomBytes(NONCE_BYTES);
+  await link.send(FrameType.CHALLENGE, 0, encodeChallenge(nonceS));
+  const f = await link.next(timeoutMs);
+  if (f.type !== FrameType.HELLO) throw refuse(link, `expected HELLO, got ${frameTypeName(f.type)}`);
+  const h = decodeHello(f.payload);
+  if (!proofEquals(h.proof, proof(psk, 'primary', nonceS, h.nonce))) {
+    throw refuse(link, 'authentication failed (the primary does not hold this standby\'s key)', 'RUBATO_AUTH_FAILED');
+  }
+  const key = sessionKey(psk, nonceS, h.nonce);
+  await link.send(FrameType.WELCOME, 0, encodeWelcome(proof(psk, 'standby', h.nonce, nonceS), welcome(h.identity)));
+  // The primary sends nothing between HELLO and our WELCOME: everything after is session-keyed.
+  link.setSendKey(key);
+  link.setReceiveKey(key);
+  return h.identity;
+}
+
+/** Primary side: answer the challenge, check the standby's proof. */
+export async function connectHandshake(link: Link, psk: Buffer, identity: Identity, timeoutMs: number): Promise<Welcome> {
+  const f = await link.next(timeoutMs);
+  if (f.type !== FrameType.CHALLENGE) throw refuse(link, `expected CHALLENGE, got ${frameTypeName(f.type)}`);
+  const nonceS = decodeChallenge(f.payload);
+  const nonceP = randomBytes(NONCE_BYTES);
+  await link.send(FrameType.HELLO, 0, encodeHello(nonceP, proof(psk, 'primary', nonceS, nonceP), identity));
+  const key = sessionKey(psk, nonceS, nonceP);
+  // The standby's WELCOME is the last hello-keyed frame; what follows it is session-keyed.
+  link.setReceiveKeyAfterNext(key);
+  const w = await link.next(timeoutMs);
+  if (w.type !== FrameType.WELCOME) throw refuse(link, `expected WELCOME, got ${frameTypeName(w.type)}`);
+  const d = decodeWelcome(w.payload);
+  if (!proofEquals(d.proof, proof(psk, 'standby', nonceP, nonceS))) throw refuse(link, 'the standby failed to prove it holds the key', 'RUBATO_AUTH_FAILED');
+  link.setSendKey(key);
+  return d.welcome;
+}
+
+function refuse(link: Link, reason: string, code: 'RUBATO_PROTOCOL' | 'RUBATO_AUTH_FAILED' = 'RUBATO_PROTOCOL'): RubatoError {
+  const err = new RubatoError(code, `handshake with ${link.peer}: ${reason}`, { peer: link.peer });
+  link.send(FrameType.REJECT, 0, Buffer.from(reason)).then(() => link.close(err), () => link.close(err));
+  return err;
+}

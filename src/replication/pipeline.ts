@@ -1,0 +1,274 @@
+// The epoch pipeline of one protected VM: the one place where an epoch's life is decided. Pure and
+// clock-free: inputs (a decision is due, the guest paused, a checkpoint captured, sent, acked, the
+// link lost, a fence asked for, the hold timer expired) come in with the time they happened, and
+// commands (capture, send, release, wait, resync, go unprotected) go out. The live primary
+// controller and the simulator both drive it; it never touches a socket, a timer or QEMU.
+//
+// Invariants asserted here (left on in production): acks arrive in order and only for checkpoints
+// sent; within one replica generation epochs increase by one; one capture at a time; output is
+// released only up to the acknowledged epoch (OutputCommit asserts it again per frame).
+
+import { assert } from '../util/errors.ts';
+import type { OutputCommit, Sized, ClosedEpoch } from '../commit/output-commit.ts';
+import type { EpochRecord, Policy, Telemetry } from '../scheduler/index.ts';
+
+export type PipelinePhase =
+  /** No standby protects the guest (before the first sync, or after the link was lost). */
+  | 'unprotected'
+  /** A new replica generation: the full image is being captured and shipped (epoch 0). */
+  | 'syncing'
+  /** Checkpoints flow; output leaves as they are acknowledged. */
+  | 'protecting'
+  /** The standby asked to take over: a last checkpoint with the guest stopped, then its ack. */
+  | 'fencing'
+  /** The last checkpoint is acknowledged; the guest must stop here for good. */
+  | 'fenced'
+  /** Protection ended by choice. */
+  | 'stopped';
+
+/** What the adapters measure now, besides what the pipeline knows itself. */
+export interface Observed {
+  disk: { writes: number; flushes: number };
+  link: { bytesPerSec: number | null; rttMs: number | null };
+}
+
+export type Command<F extends Sized = Buffer> =
+  /** Pause the guest and take checkpoint `epoch` (call paused() during the pause, captured() after). */
+  | { cmd: 'capture'; epoch: number; reason: string }
+  /** Nothing to do before `untilMs` unless an input arrives. */
+  | { cmd: 'wait'; untilMs: number; reason: string }
+  /** A checkpoint is due but the backlog is full: wait for an acknowledgement. */
+  | { cmd: 'wait-ack' }
+  /** Ship checkpoint `epoch` to the standby (then call sent()). */
+  | { cmd: 'send'; epoch: number }
+  /** The standby acknowledged `epoch`: these frames may leave now. */
+  | { cmd: 'release'; epoch: number; frames: Array<{ frame: F; atMs: number }>; transferMs: number }
+  /** The full image is acknowledged: the guest is protected. */
+  | { cmd: 'protected'; generation: number }
+  /** The standby is gone: say so (once per loss), keep holding output, reconnect and resync. */
+  | { cmd: 'unprotected'; reason: string; first: boolean }
+  /** No standby took over protection in time: held output leaves without an acknowledgement. */
+  | { cmd: 'release-unprotected'; reason: string; frames: F[] }
+  /** Take the last checkpoint `epoch` with the guest stopped (a fence). */
+  | { cmd: 'fence'; epoch: number }
+  /** The fence checkpoint is acknowledged: stop the guest, tell the standby. */
+  | { cmd: 'stop-guest' };
+
+interface Inflight { epoch: number; sentAtMs: number | null; record: EpochRecord | null }
+
+export interface PipelineOptions<F extends Sized> {
+  policy: Policy;
+  commit: OutputCommit<F>;
+  /** Checkpoints shipped and not yet acknowledged, at most. */
+  maxInflight: number;
+  /** Past epochs the scheduler sees (bounded). */
+  historyKept?: number;
+}
+
+export interface PipelineStats {
+  phase: PipelinePhase; generation: number;
+  /** The last checkpoint captured, sent and acknowledged in this generation (-1: none). */
+  capturedEpoch: number; sentEpoch: number; ackedEpoch: number;
+  inflight: number; waitsForLink: number; checkpoints: number;
+  reasons: Record<string, number>;
+}
+
+export class EpochPipeline<F extends Sized = Buffer> {
+  private ph: PipelinePhase = 'unprotected';
+  private gen = 0;
+  private captured = -1;
+  private sentUpTo = -1;
+  private acked = -1;
+  private capturing: number | null = null;
+  private epochStartMs = 0;
+  private pauseBeganMs: number | null = null;
+  private closed: ClosedEpoch | null = null;
+  private fenceAsked = false;
+  private lossReported = false;
+  private inflight: Inflight[] = [];
+  private readonly hist: EpochRecord[] = [];
+  private waits = 0;
+  private checkpoints = 0;
+  private readonly reasonCounts: Record<string, number> = {};
+  private readonly keep: number;
+
+  constructor(private readonly o: PipelineOptions<F>) {
+    assert(o.maxInflight >= 1, 'pipeline: maxInflight must be at least 1');
+    this.keep = o.historyKept ?? 256;
+  }
+
+  get phase(): PipelinePhase { return this.ph; }
+  get generation(): number { return this.gen; }
+  get history(): readonly EpochRecord[] { return this.hist; }
+  get ackedEpoch(): number { return this.acked; }
+  get capturedEpoch(): number { return this.captured; }
+  /** When the running epoch began (the guest resumed after the last checkpoint). */
+  get epochStartedMs(): number { return this.epochStartMs; }
+  get inflightCount(): number { return this.inflight.length; }
+  get policy(): Policy { return this.o.policy; }
+  /** Send time of the oldest unacknowledged checkpoint (the replica's lag starts there). */
+  get oldestInflightSentMs(): number | null { return this.inflight[0]?.sentAtMs ?? null; }
+
+  stats(): PipelineStats {
+    return {
+      phase: this.ph, generation: this.gen, capturedEpoch: this.captured, sentEpoch: this.sentUpTo, ackedEpoch: this.acked,
+      inflight: this.inflight.length, waitsForLink: this.waits, checkpoints: this.checkpoints, reasons: { ...this.reasonCounts },
+    };
+  }
+
+  // ---- a new replica generation: the full image (epoch 0) ------------------------------------
+
+  /** A standby answered: start a new generation with a full image. */
+  startSync(): Command<F>[] {
+    assert(this.ph === 'unprotected', `pipeline: sync started while ${this.ph}`);
+    this.ph = 'syncing';
+    this.gen++;
+    this.captured = -1;
+    this.sentUpTo = -1;
+    this.acked = -1;
+    this.capturing = 0;
+    this.inflight = [];
+    this.fenceAsked = false;
+    return [{ cmd: 'capture', epoch: 0, reason: 'sync' }];
+  }
+
+  // ---- one checkpoint -----------------------------------------------------------------------
+
+  /** A decision is due (timer, output, flush, ack): checkpoint now, or when to ask again. */
+  decide(nowMs: number, seen: Observed): Command<F> {
+    assert(this.ph === 'protecting', `pipeline: decision asked while ${this.ph}`);
+    assert(this.capturing === null, 'pipeline: decision asked during a capture');
+    if (this.fenceAsked) {
+      this.ph = 'fencing';
+      return this.beginCapture(nowMs, 'fence') as Command<F>;
+    }
+    const d = this.o.policy.decide(this.telemetry(nowMs, seen));
+    this.reasonCounts[d.reason] = (this.reasonCounts[d.reason] ?? 0) + 1;
+    if (!d.checkpoint) return { cmd: 'wait', untilMs: d.wakeAtMs, reason: d.reason };
+    if (this.inflight.length >= this.o.maxInflight) { this.waits++; return { cmd: 'wait-ack' }; }
+    return this.beginCapture(nowMs, d.reason);
+  }
+
+  /** The scheduler's view, built in one place for the live engine and the simulator. */
+  telemetry(nowMs: number, seen: Observed): Telemetry {
+    return {
+      nowMs, epochStartMs: this.epochStartMs, history: this.hist,
+      output: this.o.commit.openStats(nowMs),
+      disk: { writes: seen.disk.writes, flushes: seen.disk.flushes },
+      link: { bytesPerSec: seen.link.bytesPerSec, rttMs: seen.link.rttMs }, backlog: this.inflight.length,
+    };
+  }
+
+  private beginCapture(_nowMs: number, reason: string): Command<F> {
+    const epoch = this.captured + 1;
+    this.capturing = epoch;
+    return reason === 'fence' ? { cmd: 'fence', epoch } : { cmd: 'capture', epoch, reason };
+  }
+
+  /**
+   * The guest is paused for checkpoint `epoch` and its I/O drained: output and disk writes so far
+   * belong to it (their epoch closes here). `pauseBeganMs`: when the guest was told to stop.
+   */
+  paused(epoch: number, pauseBeganMs: number): ClosedEpoch {
+    assert(this.capturing === epoch, `pipeline: paused for checkpoint ${epoch}, capturing ${this.capturing}`);
+    this.pauseBeganMs = pauseBeganMs;
+    this.closed = epoch === 0 && this.ph === 'syncing' ? this.o.commit.hold(0) : this.o.commit.closeEpoch(epoch);
+    return this.closed;
+  }
+
+  /** Checkpoint `epoch` is local and the guest runs again (since `resumedMs`). */
+  capturedCheckpoint(epoch: number, c: { dirtyPages: number; pauseMs: number; bytes: number; resumedMs: number }): Command<F>[] {
+    assert(this.capturing === epoch, `pipeline: captured ${epoch}, capturing ${this.capturing}`);
+    assert(epoch === this.captured + 1, `pipeline: epoch ${epoch} after ${this.captured} in generation ${this.gen}`);
+    assert(this.closed?.epoch === epoch, `pipeline: checkpoint ${epoch} captured without its pause`);
+    this.capturing = null;
+    this.captured = epoch;
+    let record: EpochRecord | null = null;
+    if (epoch > 0) {
+      record = {
+        lengthMs: (this.pauseBeganMs ?? c.resumedMs) - this.epochStartMs, dirtyPages: c.dirtyPages, pauseMs: c.pauseMs,
+        bytes: c.bytes, transferMs: null, outputFrames: this.closed.frames,
+      };
+      this.hist.push(record);
+      if (this.hist.length > this.keep) this.hist.shift();
+      this.checkpoints++;
+    }
+    this.epochStartMs = c.resumedMs;
+    this.closed = null;
+    this.pauseBeganMs = null;
+    this.inflight.push({ epoch, sentAtMs: null, record });
+    return [{ cmd: 'send', epoch }];
+  }
+
+  /** The capture failed: the guest runs unprotected (the session ends with a linkLost). */
+  captureFailed(epoch: number): void {
+    assert(this.capturing === epoch, `pipeline: capture of ${epoch} failed, capturing ${this.capturing}`);
+    this.capturing = null;
+  }
+
+  /** Checkpoint `epoch` was handed to the link. */
+  sent(epoch: number, nowMs: number): void {
+    const f = this.inflight.find((x) => x.epoch === epoch);
+    assert(f !== undefined && f.sentAtMs === null, `pipeline: sent ${epoch}, which is not waiting to be sent`);
+    assert(epoch === this.sentUpTo + 1, `pipeline: sent ${epoch} after ${this.sentUpTo}`);
+    f.sentAtMs = nowMs;
+    this.sentUpTo = epoch;
+  }
+
+  /** The standby acknowledged checkpoint `epoch`. */
+  ack(epoch: number, nowMs: number): Command<F>[] {
+    const head = this.inflight[0];
+    assert(head !== undefined && head.epoch === epoch, `pipeline: ack for ${epoch}, expected ${head?.epoch ?? 'none'}`);
+    assert(epoch <= this.sentUpTo && head.sentAtMs !== null, `pipeline: ack for ${epoch} before it was sent (sent up to ${this.sentUpTo})`);
+    this.inflight.shift();
+    this.acked = epoch;
+    const transferMs = nowMs - head.sentAtMs;
+    if (head.record) head.record.transferMs = transferMs;
+    const out: Command<F>[] = [{ cmd: 'release', epoch, frames: this.o.commit.release(epoch, this.acked), transferMs }];
+    if (this.ph === 'syncing' && epoch === 0) {
+      this.ph = 'protecting';
+      this.lossReported = false;
+      out.push({ cmd: 'protected', generation: this.gen });
+    } else if (this.ph === 'fencing' && this.inflight.length === 0 && this.capturing === null && this.captured === epoch) {
+      this.ph = 'fenced';
+      out.push({ cmd: 'stop-guest' });
+    }
+    return out;
+  }
+
+  /** Is `epoch` the acknowledgement the pipeline waits for next? (Peer input is checked before ack().) */
+  expectsAck(epoch: number): boolean {
+    const head = this.inflight[0];
+    return head !== undefined && head.epoch === epoch && head.sentAtMs !== null;
+  }
+
+  /** The standby asked to take over (manual failover): fence at the next decision. */
+  fenceRequested(): void { if (this.ph === 'protecting' || this.ph === 'syncing') this.fenceAsked = true; }
+
+  // ---- loss, give-up, stop -----------------------------------------------------------------
+
+  /** The link to the standby is gone (or the capture failed): output stays held, a resync follows. */
+  linkLost(reason: string): Command<F>[] {
+    if (this.ph === 'stopped' || this.ph === 'fenced') return [];
+    this.ph = 'unprotected';
+    this.inflight = [];
+    this.capturing = null;
+    this.closed = null;
+    const first = !this.lossReported;
+    this.lossReported = true;
+    return [{ cmd: 'unprotected', reason, first }];
+  }
+
+  /** The hold timer expired: if no standby protects the guest yet, held output leaves unprotected. */
+  holdExpired(reason: string): Command<F>[] {
+    if (this.ph === 'protecting' || this.ph === 'fencing' || !this.o.commit.holding) return [];
+    return [{ cmd: 'release-unprotected', reason, frames: this.o.commit.releaseUnprotected(reason) }];
+  }
+
+  /** Protection ends by choice: held output leaves, later output passes through. */
+  stop(): F[] {
+    this.ph = 'stopped';
+    this.inflight = [];
+    return this.o.commit.holding ? this.o.commit.end() : [];
+  }
+}

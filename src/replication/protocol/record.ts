@@ -1,0 +1,106 @@
+// The checkpoint record: one checkpoint as it crosses the link (CKPT frames) and as the standby
+// stages and commits it (redo.ckpt). One typed value, encoded and validated here only: the primary
+// encodes it, the standby and the replica store decode it; nobody peeks at its bytes elsewhere.
+//
+// Format, version 1: "RBCK" be32 version=1, be64 epoch, be32 pages, be32 deviceLen,
+//   pages: { u8 blockIndex, u8 kind (0 data, 1 fill), u8 fill, u8 0, be64 offset, [4096 data if kind 0] },
+//   device state, then be32 CRC-32 of everything before it (torn or corrupted records on disk; the
+//   wire frames carrying a record are authenticated separately).
+
+import { crc32 } from 'node:zlib';
+import { RubatoError, assert } from '../../util/errors.ts';
+import { checkDeviceState } from '../../capture/stream/parser.ts';
+import { PAGE_SIZE, type DirtyPage, type RamBlockInfo } from '../../capture/checkpoint.ts';
+
+const FORMAT = 1;
+const MAGIC = 0x5242434b; // "RBCK"
+const HEADER_BYTES = 24;
+const PAGE_HEADER_BYTES = 12;
+const CHECKSUM_BYTES = 4;
+
+/** One checkpoint: the pages dirtied in its epoch (RAM and disk blocks alike) and the device state. */
+export interface CheckpointRecord {
+  readonly epoch: number;
+  readonly pages: readonly DirtyPage[];
+  /** QEMU device sections + EOF, as emitted. */
+  readonly deviceState: Buffer;
+}
+
+const corrupt = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_REPLICA_CORRUPT', msg, ctx);
+
+export function encodeRecord(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): Buffer {
+  const index = new Map(blocks.map((b, i) => [b.id, i]));
+  let size = HEADER_BYTES + r.deviceState.length + CHECKSUM_BYTES;
+  for (const p of r.pages) size += PAGE_HEADER_BYTES + (p.data ? PAGE_SIZE : 0);
+  const out = Buffer.allocUnsafe(size);
+  out.writeUInt32BE(MAGIC, 0);
+  out.writeUInt32BE(FORMAT, 4);
+  out.writeBigUInt64BE(BigInt(r.epoch), 8);
+  out.writeUInt32BE(r.pages.length, 16);
+  out.writeUInt32BE(r.deviceState.length, 20);
+  let o = HEADER_BYTES;
+  for (const p of r.pages) {
+    const bi = index.get(p.block);
+    assert(bi !== undefined, `block ${p.block} is in the layout`);
+    out[o] = bi;
+    out[o + 1] = p.data ? 0 : 1;
+    out[o + 2] = p.fill ?? 0;
+    out[o + 3] = 0;
+    out.writeBigUInt64BE(BigInt(p.offset), o + 4);
+    o += PAGE_HEADER_BYTES;
+    if (p.data) { p.data.copy(out, o); o += PAGE_SIZE; }
+  }
+  r.deviceState.copy(out, o);
+  o += r.deviceState.length;
+  out.writeUInt32BE(crc32(out.subarray(0, o)), o);
+  return out;
+}
+
+/** Parses and checks a record against the replica's layout; pages reference `buf` (no copy). */
+export function decodeRecord(buf: Buffer, blocks: readonly RamBlockInfo[]): CheckpointRecord {
+  if (buf.length < HEADER_BYTES + CHECKSUM_BYTES) throw corrupt(`checkpoint record of ${buf.length} bytes is truncated`);
+  const body = buf.subarray(0, buf.length - CHECKSUM_BYTES);
+  if (crc32(body) !== buf.readUInt32BE(buf.length - CHECKSUM_BYTES)) throw corrupt('checkpoint record fails its checksum');
+  if (buf.readUInt32BE(0) !== MAGIC || buf.readUInt32BE(4) !== FORMAT) throw corrupt('checkpoint record has a bad magic or format');
+  const epoch = Number(buf.readBigUInt64BE(8));
+  const n = buf.readUInt32BE(16);
+  const devLen = buf.readUInt32BE(20);
+  // Each page takes at least a header: a count the record cannot hold is refused before any work.
+  if (n * PAGE_HEADER_BYTES > body.length) throw corrupt(`checkpoint record claims ${n} pages in ${buf.length} bytes`);
+  const pages: DirtyPage[] = [];
+  let o = HEADER_BYTES;
+  for (let i = 0; i < n; i++) {
+    if (o + PAGE_HEADER_BYTES > body.length) throw corrupt('checkpoint record ends inside a page header');
+    const block = blocks[buf[o]!];
+    if (!block) throw corrupt(`checkpoint record names block index ${buf[o]}`);
+    const kind = buf[o + 1];
+    const fill = buf[o + 2]!;
+    const offset = Number(buf.readBigUInt64BE(o + 4));
+    o += PAGE_HEADER_BYTES;
+    if (kind === 0) {
+      if (o + PAGE_SIZE > body.length) throw corrupt('checkpoint record ends inside a page');
+      pages.push({ block: block.id, offset, data: buf.subarray(o, o + PAGE_SIZE) });
+      o += PAGE_SIZE;
+    } else if (kind === 1) {
+      pages.push({ block: block.id, offset, data: null, fill });
+    } else {
+      throw corrupt(`checkpoint record: page kind ${kind}`);
+    }
+  }
+  if (o + devLen !== body.length) throw corrupt('checkpoint record length does not match its contents');
+  const rec: CheckpointRecord = { epoch, pages, deviceState: buf.subarray(o, o + devLen) };
+  validateRecord(rec, blocks);
+  return rec;
+}
+
+/** Every page inside its block and whole, the device state framed as QEMU sections + EOF. */
+export function validateRecord(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): void {
+  const lengths = new Map(blocks.map((b) => [b.id, b.lengthBytes]));
+  for (const p of r.pages) {
+    const len = lengths.get(p.block);
+    if (len === undefined) throw corrupt(`checkpoint ${r.epoch} names unknown RAM block ${p.block}`, { epoch: r.epoch });
+    if (p.offset % PAGE_SIZE !== 0 || p.offset + PAGE_SIZE > len) throw corrupt(`checkpoint ${r.epoch}: page offset ${p.offset} outside block ${p.block}`, { epoch: r.epoch });
+    if (p.data && p.data.length !== PAGE_SIZE) throw corrupt(`checkpoint ${r.epoch}: page of ${p.data.length} bytes`, { epoch: r.epoch });
+  }
+  if (!checkDeviceState(r.deviceState)) throw corrupt(`checkpoint ${r.epoch}: device state is not framed as QEMU sections + EOF`, { epoch: r.epoch });
+}

@@ -1,0 +1,138 @@
+// One authenticated primary's session on the standby: the full image (BASE_BEGIN, BASE_DATA…,
+// BASE_END) and then one CKPT frame per checkpoint, handled strictly in order, each acknowledged
+// only once committed. Frames waiting to be handled are bounded: above a high-water mark the link
+// stops reading its socket (TCP pushes back on the primary) until the backlog drains.
+
+import { RubatoError, errorMessage } from '../util/errors.ts';
+import { logger } from '../util/log.ts';
+import type { Link } from './link.ts';
+import { FrameType, frameTypeName, type Frame } from './protocol/frame.ts';
+import { decodeBaseData, decodeLayout, type Layout } from './protocol/messages.ts';
+import type { CheckpointRecord } from './protocol/record.ts';
+
+const log = logger('standby');
+const HIGH_WATER_BYTES = 64 << 20;
+const LOW_WATER_BYTES = 16 << 20;
+
+export type SyncProgress = { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number };
+
+/** What the session needs from its controller. */
+export interface SessionHost {
+  baseBegin(): void;
+  installBase(layout: Layout, ram: Map<string, Buffer>, deviceState: Buffer): Promise<void>;
+  commit(record: Buffer, frameEpoch: number): Promise<CheckpointRecord>;
+  /** Fault injection for tests: runs after a commit, before its ack is sent. */
+  beforeAck?: (epoch: number) => Promise<void>;
+  progress(p: SyncProgress): void;
+  synced(ms: number, bytes: number): void;
+  committed(epoch: number, bytes: number, pages: number): void;
+}
+
+export interface SessionEnd {
+  /** Why the link closed. */
+  error: Error;
+  /** A full image was installed in this session (the primary was protected by us). */
+  protecting: boolean;
+  /** The primary said goodbye (an orderly stop): no failover. */
+  bye: boolean;
+}
+
+export class StandbySession {
+  private layout: Layout | null = null;
+  private base: Map<string, Buffer> | null = null;
+  private received = 0;
+  private t0 = 0;
+  private lastProgressMs = 0;
+  private protecting = false;
+  private bye = false;
+  private chain: Promise<void> = Promise.resolve();
+  private pendingBytes = 0;
+
+  constructor(private readonly link: Link, private readonly host: SessionHost) {}
+
+  /** Handles frames until the link closes; resolves once every frame already taken is handled. */
+  async run(): Promise<SessionEnd> {
+    this.link.on('frame', (f: Frame) => this.enqueue(f));
+    this.link.startEvents();
+    const error = await new Promise<Error>((resolve) => (this.link.closed ? resolve(this.link.closed) : this.link.once('close', resolve)));
+    await this.chain;
+    return { error, protecting: this.protecting, bye: this.bye };
+  }
+
+  private enqueue(f: Frame): void {
+    const n = f.payload.length;
+    this.pendingBytes += n;
+    if (this.pendingBytes > HIGH_WATER_BYTES) this.link.pauseReading();
+    this.chain = this.chain
+      .then(() => this.handle(f))
+      .catch((e: unknown) => {
+        log.warn(`dropping primary ${this.link.peer}: ${errorMessage(e)}`);
+        this.link.close(e instanceof Error ? e : new Error(String(e)));
+      })
+      .finally(() => {
+        this.pendingBytes -= n;
+        if (this.pendingBytes < LOW_WATER_BYTES) this.link.resumeReading();
+      });
+  }
+
+  private async handle(f: Frame): Promise<void> {
+    if (this.link.closed) return;
+    switch (f.type) {
+      case FrameType.BASE_BEGIN: {
+        this.layout = decodeLayout(f.payload);
+        this.base = new Map(this.layout.blocks.map((b) => [b.id, Buffer.alloc(b.lengthBytes)]));
+        this.received = 0;
+        this.t0 = performance.now();
+        this.protecting = false;
+        this.host.baseBegin();
+        return;
+      }
+      case FrameType.BASE_DATA: {
+        if (!this.layout || !this.base) throw new RubatoError('RUBATO_PROTOCOL', 'BASE_DATA before BASE_BEGIN');
+        const d = decodeBaseData(f.payload, this.layout);
+        d.data.copy(this.base.get(this.layout.blocks[d.blockIndex]!.id)!, d.offset);
+        this.received += d.data.length;
+        this.reportProgress(this.layout.totalBytes);
+        return;
+      }
+      case FrameType.BASE_END: {
+        if (!this.layout || !this.base) throw new RubatoError('RUBATO_PROTOCOL', 'BASE_END before BASE_BEGIN');
+        await this.host.installBase(this.layout, this.base, f.payload);
+        this.base = null;
+        this.protecting = true;
+        this.host.synced(Math.round(performance.now() - this.t0), this.received);
+        await this.link.send(FrameType.ACK, 0);
+        return;
+      }
+      case FrameType.CKPT: {
+        if (!this.protecting) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
+        const rec = await this.host.commit(f.payload, f.epoch);
+        this.host.committed(rec.epoch, f.payload.length, rec.pages.length);
+        if (this.host.beforeAck) await this.host.beforeAck(rec.epoch);
+        if (!this.link.closed) await this.link.send(FrameType.ACK, rec.epoch);
+        return;
+      }
+      case FrameType.FENCED:
+        this.link.emit('fenced');
+        return;
+      case FrameType.BYE:
+        this.bye = true;
+        log.info(`primary ${this.link.peer} ended protection in order`);
+        this.link.close(new RubatoError('RUBATO_PEER_LOST', `primary ${this.link.peer} ended protection in order`));
+        return;
+      default:
+        throw new RubatoError('RUBATO_PROTOCOL', `unexpected ${frameTypeName(f.type)} from the primary`);
+    }
+  }
+
+  private reportProgress(totalBytes: number): void {
+    const now = performance.now();
+    if (now - this.lastProgressMs <= 500) return;
+    this.lastProgressMs = now;
+    const rate = this.received / Math.max((now - this.t0) / 1000, 1e-3);
+    this.host.progress({
+      event: 'sync-progress', bytes: this.received, totalBytes, percent: Math.round((this.received / totalBytes) * 1000) / 10,
+      mbPerSec: Math.round(rate / 1e5) / 10, etaSec: Math.round(((totalBytes - this.received) / rate) * 10) / 10,
+    });
+  }
+}

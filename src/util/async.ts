@@ -1,0 +1,51 @@
+// Waiting, once: sleep (cancellable), polling for a condition, a deadline on a promise, and a
+// line splitter for child processes' output. Every module imports these instead of its own copy.
+
+import { RubatoError, type ErrorCode } from './errors.ts';
+
+/** Resolves after `ms`, or early (without error) when `signal` aborts. */
+export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  if (signal?.aborted) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { clearTimeout(t); signal?.removeEventListener('abort', done); resolve(); };
+    const t = setTimeout(done, Math.max(0, ms));
+    signal?.addEventListener('abort', done, { once: true });
+  });
+}
+
+/** Polls `f` every `everyMs` until it returns a truthy value; throws a clear error after `ms`. */
+export async function waitFor<T>(f: () => T | undefined | null | false, ms: number, what: string, everyMs = 50): Promise<NonNullable<T>> {
+  const until = Date.now() + ms;
+  for (;;) {
+    const v = f();
+    if (v) return v as NonNullable<T>;
+    if (Date.now() > until) throw new RubatoError('RUBATO_STREAM_TIMEOUT', `timed out after ${ms} ms waiting for ${what}`);
+    await sleep(everyMs);
+  }
+}
+
+/** `p`, or a RubatoError with `code` once `ms` have passed. */
+export function withTimeout<T>(p: Promise<T>, ms: number, what: string, code: ErrorCode = 'RUBATO_STREAM_TIMEOUT'): Promise<T> {
+  let timer: NodeJS.Timeout;
+  return Promise.race([
+    p.finally(() => clearTimeout(timer)),
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new RubatoError(code, `${what} within ${ms} ms`)), ms);
+    }),
+  ]);
+}
+
+/** Splits a byte or text stream into lines; keeps at most `maxLineBytes` of an unterminated line. */
+export class LineSplitter {
+  private partial = '';
+  constructor(private readonly onLine: (line: string) => void, private readonly maxLineBytes = 1 << 16) {}
+  push(chunk: Buffer | string): void {
+    const lines = (this.partial + chunk.toString()).split('\n');
+    this.partial = (lines.pop() ?? '').slice(-this.maxLineBytes);
+    for (const l of lines) this.onLine(l.replace(/\r$/, ''));
+  }
+  end(): void {
+    if (this.partial) this.onLine(this.partial);
+    this.partial = '';
+  }
+}

@@ -1,0 +1,99 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { OutputCommit, type DiskEpochCut } from '../../src/commit/output-commit.ts';
+
+const frames = (out: Array<{ frame: Buffer }>) => out.map((o) => String(o.frame));
+
+test('frames wait for the acknowledgement of their epoch', () => {
+  const b = new OutputCommit(1 << 20);
+  b.hold(0);
+  assert.equal(b.push(Buffer.from('a'), 0), null);
+  b.closeEpoch(1); // checkpoint 1 taken: 'a' belongs to it
+  assert.equal(b.push(Buffer.from('b'), 1), null);
+  assert.deepEqual(frames(b.release(1, 1)), ['a']);
+  b.closeEpoch(2);
+  assert.deepEqual(frames(b.release(2, 2)), ['b']);
+});
+
+test('property: no frame leaves before its epoch is acknowledged, under duplicate acks and link loss', () => {
+  let seed = 7;
+  const rnd = (n: number) => { seed = (seed * 1103515245 + 12345) >>> 0; return seed % n; };
+  for (let run = 0; run < 200; run++) {
+    const b = new OutputCommit(1 << 30);
+    b.hold(0);
+    const epochOf = new Map<string, number>();
+    let closed = 0;
+    let acked = -1;
+    let id = 0;
+    for (let step = 0; step < 300; step++) {
+      const op = rnd(10);
+      if (op < 5) {
+        const name = `f${id++}`;
+        epochOf.set(name, b.openEpoch);
+        assert.equal(b.push(Buffer.from(name), step), null);
+      } else if (op < 7) {
+        b.closeEpoch(++closed);
+      } else if (op < 9 && closed > acked) {
+        // an ack for a closed epoch: the next one, a later one (acks coalesce), or the same again (duplicate)
+        const epoch = Math.min(closed, Math.max(acked, 0) + rnd(3));
+        if (epoch < acked) continue;
+        acked = epoch;
+        for (const f of b.release(epoch, acked)) assert.ok(epochOf.get(String(f.frame))! <= acked, `released ${String(f.frame)} with ${acked} acked`);
+        for (const [name, e] of epochOf) if (e <= acked) epochOf.delete(name);
+      } else {
+        // link loss: no ack arrives; nothing may leave on its own
+        assert.equal(b.stats(step).frames, epochOf.size);
+      }
+    }
+  }
+});
+
+test('the bound drops, visibly, instead of queueing without limit', () => {
+  const b = new OutputCommit(10);
+  b.hold(0);
+  b.push(Buffer.alloc(8), 0);
+  assert.equal(b.push(Buffer.alloc(8), 0), null);
+  assert.equal(b.stats(0).dropped, 1);
+  assert.equal(b.stats(0).frames, 1);
+});
+
+test('releasing an epoch still open, or above the acknowledged one, is a bug, and is caught', () => {
+  const b = new OutputCommit(100);
+  b.hold(0);
+  assert.throws(() => b.release(b.openEpoch, b.openEpoch), /invariant/);
+  b.closeEpoch(1);
+  assert.throws(() => b.release(1, 0), /above the acknowledged/);
+  assert.throws(() => b.closeEpoch(3), /closing epoch 3 while epoch 2 is open/);
+});
+
+test('giving up protection releases everything, counted with its reason, then passes through', () => {
+  const b = new OutputCommit(100);
+  b.hold(0);
+  b.push(Buffer.from('x'), 0);
+  assert.deepEqual(b.releaseUnprotected('no standby for 2000 ms').map(String), ['x']);
+  assert.deepEqual(b.state, { kind: 'unprotected', reason: 'no standby for 2000 ms' });
+  assert.equal(String(b.push(Buffer.from('y'), 0)), 'y');
+  const s = b.stats(0);
+  assert.equal(s.releasedUnprotected, 1);
+  assert.equal(s.unprotectedReleases, 1);
+});
+
+test('a resynchronisation covers output still held from the lost session with the new full image', () => {
+  const b = new OutputCommit(100);
+  b.hold(0);
+  b.closeEpoch(1);
+  b.push(Buffer.from('old'), 0); // epoch 2 of the lost generation
+  const base = b.hold(0);          // new generation: its full image covers 'old'
+  assert.equal(base.frames, 1);
+  assert.deepEqual(frames(b.release(0, 0)), ['old']);
+});
+
+test('closing an epoch cuts the disk epoch with it', () => {
+  let cuts = 0;
+  const disk = { cutEpoch: (): DiskEpochCut => ({ pages: new Map([[cuts * 4096, Buffer.alloc(4096)]]), writes: ++cuts, flushes: 0 }) };
+  const b = new OutputCommit(100, disk);
+  assert.equal(b.hold(0).disk?.writes, 1);
+  const c = b.closeEpoch(1);
+  assert.equal(c.disk?.writes, 2);
+  assert.equal(c.epoch, 1);
+});
