@@ -11,7 +11,7 @@ import { guestAppend, type Accel } from '../qemu/spec.ts';
 import { ColoCapture } from '../capture/route-a.ts';
 import { ExternalCapture } from '../capture/route-b.ts';
 import { PauseMeter } from '../capture/pause-meter.ts';
-import { parseDirtierLine } from '../capture/check.ts';
+import { parseDirtierLine } from './capture-check.ts';
 
 export interface CaptureBenchOptions {
   accel: Accel;

@@ -6,7 +6,7 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { median, percentile, round } from '../util/stats.ts';
-import { runDemo, type DemoResult } from '../cli/demo.ts';
+import { runDemo, type DemoResult } from '../chaos/demo.ts';
 import type { AccelChoice } from '../qemu/accel.ts';
 
 export interface FailoverBenchOptions { runs: number; timeoutMs: number; accel: AccelChoice; outDir: string; onStatus?: (s: string) => void }

@@ -11,7 +11,7 @@ import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
 import { guestAppend, type Accel } from '../qemu/spec.ts';
 import { PrimaryController, type PrimaryEvent } from '../replication/primary.ts';
 import { startStandbyProcess } from './standby-proc.ts';
-import { loadKeyFile } from '../cli/keyfile.ts';
+import { loadKeyFile } from '../replication/keyfile.ts';
 import { parsePolicy } from '../scheduler/index.ts';
 import { startKvRig, stopKvRig, waitFor, type KvRig } from '../chaos/chaos.ts';
 import { RIG, RIG_WORKLOADS, loadClient } from './workloads.ts';

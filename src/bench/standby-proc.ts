@@ -6,7 +6,7 @@ import { randomInt } from 'node:crypto';
 import { REPO_ROOT } from '../setup/index.ts';
 import { spawnTracked } from '../util/procs.ts';
 import { RubatoError } from '../util/errors.ts';
-import { writeKeyFile } from '../cli/keyfile.ts';
+import { writeKeyFile } from '../replication/keyfile.ts';
 
 export interface StandbyProcess { host: string; port: number; keyFile: string; stop(): Promise<void> }
 

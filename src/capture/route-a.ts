@@ -9,7 +9,7 @@ import { rmSync } from 'node:fs';
 import { RubatoError, assert, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import type { QemuVm } from '../qemu/vm.ts';
-import { ByteReader } from './stream/byte-reader.ts';
+import { ByteReader } from '../util/byte-reader.ts';
 import { COLO_MSG, COLO_MSG_NAMES, VM, coloMessage } from './stream/format.ts';
 import { newRamState, readFooter, readPrecopy, readRamRecords, type PageSink, type RamState } from './stream/parser.ts';
 import type { BaseImage, Checkpoint, DirtyPage } from './checkpoint.ts';

@@ -11,7 +11,7 @@ import { RubatoError, assert, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import type { QemuVm } from '../qemu/vm.ts';
 import { MAIN_RAM_ID } from '../qemu/spec.ts';
-import { ByteReader } from './stream/byte-reader.ts';
+import { ByteReader } from '../util/byte-reader.ts';
 import { newRamState, readPrecopy, type PageSink, type RamState } from './stream/parser.ts';
 import { PAGE_SIZE, type BaseImage, type Checkpoint, type DirtyPage } from './checkpoint.ts';
 import { readRamFile } from './verify.ts';

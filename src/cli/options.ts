@@ -1,27 +1,97 @@
-// CLI option parsing helpers: every number and choice is checked at the boundary with a clear
-// message (exit 2), never a stack trace.
+// CLI options, parsed at the boundary: each command declares its options to commander (strings,
+// with defaults) and validates them with one zod schema; a mistake is one line naming the flag
+// (exit 2), never a stack trace. Shared option groups and the platform lookup live here too.
 
+import { z } from 'zod';
+import type { Command } from 'commander';
 import { RubatoError } from '../util/errors.ts';
+import { ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
+import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
+import { parsePolicy } from '../scheduler/index.ts';
+import type { QemuBinary } from '../qemu/vm.ts';
+import type { Accel } from '../qemu/spec.ts';
 
-export function intOpt(name: string, min: number, max: number) {
-  return (v: string): number => {
-    const n = Number(v);
-    if (!Number.isInteger(n) || n < min || n > max) throw new RubatoError('RUBATO_CONFIG', `--${name} must be a whole number from ${min} to ${max} (got "${v}")`);
-    return n;
-  };
+const kebab = (s: string) => s.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+
+function custom<T>(check: (v: unknown) => T | string): z.ZodType<T> {
+  return z.any().transform((v, ctx) => {
+    const r = check(v);
+    if (typeof r === 'string' && r.startsWith('!')) { ctx.addIssue({ code: 'custom', message: r.slice(1) }); return z.NEVER; }
+    return r as T;
+  }) as unknown as z.ZodType<T>;
 }
 
-export function numOpt(name: string, min: number, max: number) {
-  return (v: string): number => {
-    const n = Number(v);
-    if (!Number.isFinite(n) || n < min || n > max) throw new RubatoError('RUBATO_CONFIG', `--${name} must be a number from ${min} to ${max} (got "${v}")`);
-    return n;
-  };
+/** A whole number in [min, max]. */
+export const int = (min: number, max: number) => custom<number>((v) => {
+  const n = typeof v === 'number' ? v : Number(v);
+  return v !== '' && Number.isInteger(n) && n >= min && n <= max ? n : `!must be a whole number from ${min} to ${max} (got "${String(v)}")`;
+});
+
+/** A number in [min, max]. */
+export const num = (min: number, max: number) => custom<number>((v) => {
+  const n = typeof v === 'number' ? v : Number(v);
+  return v !== '' && Number.isFinite(n) && n >= min && n <= max ? n : `!must be a number from ${min} to ${max} (got "${String(v)}")`;
+});
+
+/** One of `choices`. */
+export const oneOf = <T extends string>(choices: readonly T[]) => custom<T>((v) =>
+  (choices as readonly string[]).includes(String(v)) ? (v as T) : `!must be one of ${choices.join(', ')} (got "${String(v)}")`);
+
+/** A checkpoint policy spec (checked by the scheduler's own parser). */
+export const policy = () => custom<string>((v) => {
+  try { parsePolicy(String(v)); return String(v); } catch (e) { return `!${(e as Error).message}`; }
+});
+
+/** HOST:PORT. */
+export const hostPort = () => custom<{ host: string; port: number }>((v) => {
+  const m = String(v).match(/^(.+):(\d{1,5})$/);
+  const port = m ? Number(m[2]) : NaN;
+  if (!m || port < 1 || port > 65535) return `!must be HOST:PORT (got "${String(v)}")`;
+  return { host: m[1]!.replace(/^\[|\]$/g, ''), port };
+});
+
+/** A comma-separated list of whole numbers in [1, max]. */
+export const intList = (max: number) => custom<number[]>((v) => {
+  const l = String(v).split(',').map((x) => Number(x));
+  return l.every((n) => Number.isInteger(n) && n >= 1 && n <= max) ? l : `!must list whole numbers from 1 to ${max} (got "${String(v)}")`;
+});
+
+/** Validates a command's options; the first problem becomes one line naming its flag. */
+export function parseOptions<S extends z.ZodType>(schema: S, raw: unknown): z.infer<S> {
+  const r = schema.safeParse(raw);
+  if (r.success) return r.data;
+  const issue = r.error.issues[0]!;
+  const flag = issue.path.length ? `--${kebab(String(issue.path[0]))}` : 'options';
+  throw new RubatoError('RUBATO_CONFIG', `${flag}: ${issue.message}`);
 }
 
-export function choiceOpt<T extends string>(name: string, choices: readonly T[]) {
-  return (v: string): T => {
-    if (!(choices as readonly string[]).includes(v)) throw new RubatoError('RUBATO_CONFIG', `--${name} must be one of ${choices.join(', ')} (got "${v}")`);
-    return v as T;
-  };
+export const ACCEL = oneOf(['auto', 'kvm', 'tcg'] as const);
+
+/** The accelerator choice shared by every command that boots a guest. */
+export function withAccel(c: Command): Command {
+  return c.option('--accel <accel>', 'auto, kvm or tcg', 'auto');
+}
+
+/** Failure-detection options shared by the commands that run a replication link. */
+export function withLinkOptions(c: Command): Command {
+  return c
+    .option('--heartbeat-ms <ms>', 'heartbeat interval', '100')
+    .option('--timeout-ms <ms>', 'peer declared lost after this silence', '1000');
+}
+export const LINK = { heartbeatMs: int(10, 60000), timeoutMs: int(50, 600000) };
+
+/** The guest image, accelerator and QEMU a command that boots the test guest needs. */
+export async function platform(accelChoice: AccelChoice): Promise<{ accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string } }> {
+  const guest = await ensureGuestImage();
+  const { accel } = await resolveAccel(accelChoice, stockQemu(), guest);
+  const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
+  return { accel, binary, guest };
+}
+
+/** The QEMU for an accelerator (the standby resolves it when a primary connects). */
+export async function binaryFor(accel: Accel): Promise<QemuBinary> { return accel === 'tcg' ? ensurePatchedQemu() : stockQemu(); }
+
+/** One JSON object per event on stdout, when enabled. */
+export function eventPrinter(enabled: boolean): (e: object) => void {
+  return (e) => { if (enabled) process.stdout.write(`${JSON.stringify({ t: Date.now(), ...e })}\n`); };
 }

@@ -1,9 +1,10 @@
 // The standby's local control socket, used by `rubato failover` and `rubato status`: one command
 // line in, one JSON line out. It lives in the state folder; access is the folder's permissions.
 
-import { createServer, type Server } from 'node:net';
+import { connect, createServer, type Server } from 'node:net';
+import { join, resolve } from 'node:path';
 import { rmSync } from 'node:fs';
-import { errorMessage } from '../util/errors.ts';
+import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 
 const log = logger('control');
@@ -40,4 +41,18 @@ export class ControlSocket {
     this.server?.close();
     rmSync(this.path, { force: true });
   }
+}
+
+/** Sends one command to a standby's control socket. */
+export async function controlCommand(stateDir: string, cmd: 'failover' | 'status'): Promise<Record<string, unknown>> {
+  const path = join(resolve(stateDir), 'control.sock');
+  return new Promise((resolveP, reject) => {
+    const s = connect(path);
+    let buf = '';
+    s.setEncoding('utf8');
+    s.on('data', (d: string) => { buf += d; });
+    s.on('end', () => { try { resolveP(JSON.parse(buf) as Record<string, unknown>); } catch { reject(new RubatoError('RUBATO_CONFIG', `bad answer from ${path}`)); } });
+    s.on('error', (e) => reject(new RubatoError('RUBATO_CONFIG', `no standby controller at ${path}: ${e.message}`)));
+    s.write(`${cmd}\n`);
+  });
 }

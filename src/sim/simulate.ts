@@ -1,15 +1,21 @@
-// A deterministic discrete-time simulator of the epoch pipeline, driving the same scheduler code
-// as the live engine: a workload model (dirty curve, output and disk events), the pause model,
-// and a FIFO replication link with bandwidth and round trip. Used by the scheduler's tests now and
-// by the trace-driven evaluation later. No clocks: time is a number that only this loop advances.
+// A deterministic discrete-time simulator around the live engine's own epoch pipeline and output
+// commit (replication/pipeline.ts, commit/output-commit.ts): a workload model (dirty curve, output
+// and disk events), the pause model, and a FIFO replication link with bandwidth and round trip
+// play the adapters. No clocks: time is a number that only this loop advances.
 
-import { PAGE_BYTES, type EpochRecord, type Policy, type Telemetry } from '../scheduler/index.ts';
+import { PAGE_BYTES, type EpochRecord, type Policy } from '../scheduler/index.ts';
+import { EpochPipeline } from '../replication/pipeline.ts';
+import { OutputCommit, type DiskEpochCut, type DiskEpochSource } from '../commit/output-commit.ts';
 
 export interface SimWorkload {
   /** Pages the epoch [startMs, startMs + lengthMs) dirties (the real curve, which the scheduler must learn). */
   dirtyPages(lengthMs: number, startMs?: number): number;
   /** Output frames the guest produces in [t, t + step). */
   output(tMs: number, stepMs: number): number;
+  /** Their sizes in bytes, when known (recorded traces); otherwise each is DEFAULT_FRAME_BYTES. */
+  outputBytes?(tMs: number, stepMs: number): number[];
+  /** Disk writes in [t, t + step). */
+  writes?(tMs: number, stepMs: number): number;
   /** Disk flushes in [t, t + step). */
   flushes?(tMs: number, stepMs: number): number;
   bandwidthBytesPerMs(tMs: number): number;
@@ -44,7 +50,7 @@ export interface SimWorkload {
   clients?: SimClients;
 }
 
-export interface SimClients { count: number; serviceMs: number; commitsPerRequest: number; framesPerAnswer?: number }
+export interface SimClients { count: number; serviceMs: number; commitsPerRequest: number; framesPerAnswer?: number; frameBytes?: number }
 
 export interface SimResult {
   epochs: EpochRecord[];
@@ -58,108 +64,134 @@ export interface SimResult {
   requestLatencyMs: number[];
 }
 
+/** A simulated output frame: its size, and the client whose answer it is part of (-1: none). */
+interface SimFrame { readonly length: number; readonly owner: number }
+
+/** Frame size where a workload gives none (synthetic workloads; traces recorded before sizes were). */
+export const DEFAULT_FRAME_BYTES = 100;
+
+/** The simulated guest disk: counts writes and flushes per epoch; output commit cuts them at the pause. */
+class SimDisk implements DiskEpochSource {
+  writes = 0;
+  flushes = 0;
+  cutEpoch(): DiskEpochCut {
+    const c = { pages: new Map<number, Buffer>(), writes: this.writes, flushes: this.flushes };
+    this.writes = 0;
+    this.flushes = 0;
+    return c;
+  }
+}
+
+/**
+ * Runs `policy` on workload `w` for `durationMs` in steps of `stepMs`. The epoch's life — what the
+ * scheduler sees, when a checkpoint is taken, the backlog bound, what each ack releases — is the
+ * live engine's own EpochPipeline and OutputCommit; this loop only plays the guest, the link and
+ * the standby around them.
+ */
 export function simulate(policy: Policy, w: SimWorkload, durationMs: number, stepMs = 0.25, maxInflight = 4): SimResult {
-  const history: EpochRecord[] = [];
-  const reasons: Record<string, number> = {};
-  const acks: Array<{ at: number; frames: number[]; owners: number[]; index: number; sentAt: number }> = [];
+  const disk = new SimDisk();
+  const commit = new OutputCommit<SimFrame>(Number.MAX_SAFE_INTEGER, disk);
+  const pipe = new EpochPipeline<SimFrame>({ policy, commit, maxInflight });
+  // Protection starts at time 0 with the full image acknowledged at once.
+  pipe.startSync();
+  pipe.paused(0, 0);
+  pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 });
+  pipe.sent(0, 0);
+  pipe.ack(0, 0);
+  const epochs: EpochRecord[] = [];
+  const acks: Array<{ at: number; epoch: number }> = [];
   const latencies: number[] = [];
   const requestLatencyMs: number[] = [];
   const cl = w.clients;
   // Per client: when its current request began, its stage, and the stage's frames sent and released.
   const stageMs = cl ? cl.serviceMs / Math.max(1, cl.commitsPerRequest) : 0;
   const perStage = Math.max(1, Math.round(cl?.framesPerAnswer ?? 1));
+  const answerBytes = cl?.frameBytes ?? DEFAULT_FRAME_BYTES;
   const clients = Array.from({ length: cl?.count ?? 0 }, (_, i) => ({ began: 0, stage: 0, sent: 0, released: 0, nextAt: stageMs / perStage + i * 0.01 }));
-  let owners: number[] = [];
   let t = 0;
-  let epochStart = 0;
   let linkFree = 0;
   let standbyFree = 0;
   let pausedMs = 0;
   let maxBacklog = 0;
-  let waiting: number[] = []; // output frame times in the running epoch
-  let flushes = 0;
   let wakeAt = 0;
   let engineBusyUntil = 0; // the primary's loop works on the last checkpoint: the relay waits
   const deliver = () => {
     while (acks.length && acks[0]!.at <= t) {
       const a = acks.shift()!;
-      for (const ft of a.frames) latencies.push(a.at - ft);
-      for (const o of a.owners) {
-        const c = clients[o]!;
-        if (++c.released < perStage) continue;
-        const at = Math.max(a.at, engineBusyUntil);
-        if (++c.stage >= cl!.commitsPerRequest) { requestLatencyMs.push(at - c.began); c.began = at; c.stage = 0; }
-        // The client's reply (or next request) reaches the guest, which answers over the next stage.
-        c.sent = 0;
-        c.released = 0;
-        c.nextAt = at + stageMs / perStage;
+      for (const c of pipe.ack(a.epoch, a.at)) {
+        if (c.cmd !== 'release') continue;
+        for (const f of c.frames) {
+          latencies.push(a.at - f.atMs);
+          if (f.frame.owner < 0) continue;
+          const cs = clients[f.frame.owner]!;
+          if (++cs.released < perStage) continue;
+          const at = Math.max(a.at, engineBusyUntil);
+          if (++cs.stage >= cl!.commitsPerRequest) { requestLatencyMs.push(at - cs.began); cs.began = at; cs.stage = 0; }
+          // The client's reply (or next request) reaches the guest, which answers over the next stage.
+          cs.sent = 0;
+          cs.released = 0;
+          cs.nextAt = at + stageMs / perStage;
+        }
       }
-      history[a.index]!.transferMs = a.at - a.sentAt;
     }
   };
+  const push = (length: number, owner: number) => { commit.push({ length, owner }, t); };
   /** Clients' frames due by now; returns how many. */
   const answer = (): number => {
     let n = 0;
     for (const [i, c] of clients.entries()) {
-      while (c.sent < perStage && c.nextAt <= t) { waiting.push(t); owners.push(i); c.sent++; n++; c.nextAt += stageMs / perStage; }
+      while (c.sent < perStage && c.nextAt <= t) { push(answerBytes, i); c.sent++; n++; c.nextAt += stageMs / perStage; }
     }
     return n;
   };
-  /** What happens in the step at t: acks arrive, the guest sends output and flushes its disk. */
+  /** What happens in the step at t: acks arrive, the guest sends output and uses its disk. */
   const step = (): { produced: number; fl: number } => {
     deliver();
-    let produced = w.output(t, stepMs);
-    for (let i = 0; i < produced; i++) waiting.push(t);
-    produced += answer();
+    const sizes = w.outputBytes ? w.outputBytes(t, stepMs) : Array.from({ length: w.output(t, stepMs) }, () => DEFAULT_FRAME_BYTES);
+    for (const b of sizes) push(b, -1);
+    const produced = sizes.length + answer();
     const fl = w.flushes?.(t, stepMs) ?? 0;
-    flushes += fl;
+    disk.flushes += fl;
+    disk.writes += w.writes?.(t, stepMs) ?? 0;
     return { produced, fl };
   };
+  const seen = () => ({ disk: { writes: disk.writes, flushes: disk.flushes }, link: { bytesPerSec: null, rttMs: w.rttMs } });
   while (t < durationMs) {
     const { produced, fl } = step();
-    const backlog = acks.length;
-    maxBacklog = Math.max(maxBacklog, backlog);
+    maxBacklog = Math.max(maxBacklog, pipe.inflightCount);
     if (t >= wakeAt || produced > 0 || fl > 0) {
-      const tel: Telemetry = {
-        nowMs: t, epochStartMs: epochStart, history,
-        output: { frames: waiting.length, bytes: waiting.length * 100, oldestMs: waiting.length ? t - waiting[0]! : null },
-        disk: { writes: fl, flushes }, link: { bytesPerSec: null, rttMs: w.rttMs }, backlog,
-      };
-      const d = policy.decide(tel);
-      reasons[d.reason] = (reasons[d.reason] ?? 0) + 1;
-      if (d.checkpoint && backlog < maxInflight) {
+      const d = pipe.decide(t, seen());
+      if (d.cmd === 'capture') {
         // The engine asks QEMU to stop the guest; it runs (and may send) until it has.
         for (let r = 0; r + stepMs <= (w.triggerMs ?? 0); r += stepMs) {
           t += stepMs;
           step();
         }
-        const length = t - epochStart;
-        const pages = Math.round(w.dirtyPages(length, epochStart));
+        const pages = Math.round(w.dirtyPages(t - pipe.epochStartedMs, pipe.epochStartedMs));
         // A pause taken while the standby still works on an earlier checkpoint shares the host with it.
         const pause = w.pauseMs(pages) + (acks.length > 0 ? (w.pauseBusyMs ?? 0) : 0);
         const bytes = w.checkpointBytes ? w.checkpointBytes(pages) : pages * PAGE_BYTES + 32_000;
-        history.push({ lengthMs: length, dirtyPages: pages, pauseMs: pause, bytes, transferMs: null, outputFrames: waiting.length });
+        pipe.paused(d.epoch, t);
         t += pause;
         pausedMs += pause;
         for (const c of clients) if (c.sent < perStage) c.nextAt += pause + (w.guestStallMs ?? 0);
         engineBusyUntil = t + (w.guestStallMs ?? 0);
+        pipe.capturedCheckpoint(d.epoch, { dirtyPages: pages, pauseMs: pause, bytes, resumedMs: t });
+        epochs.push(pipe.history.at(-1)!);
+        pipe.sent(d.epoch, t);
         const sendStart = Math.max(linkFree, t);
         linkFree = sendStart + bytes / w.bandwidthBytesPerMs(sendStart);
         const sb = w.standby ?? { fixedMs: 0, perByteMs: 0 };
         standbyFree = Math.max(Math.max(standbyFree, sendStart) + bytes * sb.perByteMs, linkFree) + sb.fixedMs;
-        acks.push({ at: standbyFree + w.rttMs, frames: waiting, owners, index: history.length - 1, sentAt: t });
-        waiting = [];
-        owners = [];
-        flushes = 0;
-        epochStart = t;
+        acks.push({ at: standbyFree + w.rttMs, epoch: d.epoch });
         wakeAt = t;
         continue;
       }
-      wakeAt = d.checkpoint ? t + stepMs : d.wakeAtMs;
+      wakeAt = d.cmd === 'wait' ? d.untilMs : t + stepMs;
     }
     t += stepMs;
   }
-  return { epochs: history, checkpoints: history.length, maxBacklog, outputLatencyMs: latencies, pausedMs, durationMs, reasons, requestLatencyMs };
+  return { epochs, checkpoints: epochs.length, maxBacklog, outputLatencyMs: latencies, pausedMs, durationMs, reasons: pipe.stats().reasons, requestLatencyMs };
 }
 
 /** A workload with a sub-linear dirty curve D(T) = rate·T^b and optional periodic output. */

@@ -12,7 +12,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { RubatoError } from '../util/errors.ts';
 import { PAGE_BYTES } from '../scheduler/index.ts';
 import { median } from '../util/stats.ts';
-import type { SimClients, SimWorkload } from './simulate.ts';
+import { DEFAULT_FRAME_BYTES, type SimClients, type SimWorkload } from './simulate.ts';
 import type { CheckpointObserver } from '../replication/observer.ts';
 
 export const TRACE_FORMAT = 'rubato-trace/1';
@@ -162,9 +162,15 @@ function inFraction(id: number, f: number): boolean {
   return f >= 1 || unit(id, -1) < f;
 }
 
+/** The first index of `sorted` (from `lo`) whose value is not below x. */
+function lowerBound(sorted: readonly number[], x: number, lo = 0): number {
+  let hi = sorted.length;
+  while (lo < hi) { const m = (lo + hi) >> 1; if (sorted[m]! < x) lo = m + 1; else hi = m; }
+  return lo;
+}
+
 function countIn(sorted: readonly number[], from: number, to: number): number {
-  const lb = (x: number) => { let lo = 0, hi = sorted.length; while (lo < hi) { const m = (lo + hi) >> 1; if (sorted[m]! < x) lo = m + 1; else hi = m; } return lo; };
-  return lb(to) - lb(from);
+  return lowerBound(sorted, to) - lowerBound(sorted, from);
 }
 
 export interface TraceReplay {
@@ -243,8 +249,12 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
   }
   const cl = line(service);
   const overheadBytes = Math.max(0, median(epochs.map((e) => e.bytes - e.ids.length * PAGE_BYTES)));
-  const outs = t.outputMs.filter((x) => x >= 0).sort((a, b) => a - b);
+  // Output frames at their recorded times with their recorded sizes (older traces: the default size).
+  const outPairs = t.outputMs.map((x, i) => [x, t.outputBytes?.[i] ?? DEFAULT_FRAME_BYTES] as const).filter(([x]) => x >= 0).sort((a, b) => a[0] - b[0]);
+  const outs = outPairs.map(([x]) => x);
+  const outBytes = outPairs.map(([, b]) => b);
   const flushes = t.diskFlushesMs.filter((x) => x >= 0).sort((a, b) => a - b);
+  const diskWrites = t.diskWritesMs.filter((x) => x >= 0).sort((a, b) => a - b);
   const durationMs = Math.max(t.durationMs ?? 0, ep.at(-1)!.end);
   // When each recorded page was written within its epoch. A page dirtied in a fraction f of the
   // recorded epochs is taken as written at a steady rate λ with 1 − e^(−λ·L) = f (L the mean
@@ -306,7 +316,14 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
       return set.size;
     },
     output: (tMs, step) => (o.clients ? 0 : countIn(outs, tMs, tMs + step)),
-    ...(o.clients ? { clients: o.clients } : {}),
+    outputBytes: (tMs, step) => {
+      if (o.clients) return [];
+      const i = lowerBound(outs, tMs);
+      return outBytes.slice(i, lowerBound(outs, tMs + step, i));
+    },
+    writes: (tMs, step) => countIn(diskWrites, tMs, tMs + step),
+    // Clients' answers are as large as the recorded frames (their median).
+    ...(o.clients ? { clients: { frameBytes: outBytes.length ? median(outBytes) : DEFAULT_FRAME_BYTES, ...o.clients } } : {}),
     flushes: (tMs, step) => countIn(flushes, tMs, tMs + step),
     bandwidthBytesPerMs: () => bandwidthBytesPerMs,
     rttMs,

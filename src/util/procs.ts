@@ -12,14 +12,42 @@ let hooked = false;
 
 const SETPRIV = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p));
 
+/**
+ * Orderly shutdown on SIGINT/SIGTERM/SIGHUP: the hooks run first (newest first: a controller says
+ * goodbye to its peer and stops its guest), bounded by SHUTDOWN_GRACE_MS; then every tracked child
+ * still alive is killed by PID and the process exits. A second signal skips the wait.
+ */
+const shutdownHooks: Array<() => Promise<void>> = [];
+const SHUTDOWN_GRACE_MS = 10_000;
+let shuttingDown = false;
+
+export function onShutdown(hook: () => Promise<void>): () => void {
+  hookExit();
+  shutdownHooks.push(hook);
+  return () => { const i = shutdownHooks.indexOf(hook); if (i >= 0) shutdownHooks.splice(i, 1); };
+}
+
 function hookExit(): void {
   if (hooked) return;
   hooked = true;
   process.on('exit', () => killAllSync());
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-    process.once(sig, () => {
-      killAllSync();
-      process.exit(sig === 'SIGINT' ? 130 : 143);
+    process.on(sig, () => {
+      const code = sig === 'SIGINT' ? 130 : 143;
+      if (shuttingDown) { killAllSync(); process.exit(code); }
+      shuttingDown = true;
+      const hooks = [...shutdownHooks].reverse();
+      if (hooks.length) log.info(`${sig}: stopping in order`);
+      // An orderly stop that completed exits 0 (a service manager's "stop" succeeded).
+      const all = (async () => {
+        let ok = hooks.length > 0;
+        for (const h of hooks) {
+          try { await h(); } catch (e) { ok = false; log.warn(`shutdown step failed: ${e instanceof Error ? e.message : String(e)}`); }
+        }
+        return ok ? 0 : code;
+      })();
+      const grace = new Promise<number>((r) => setTimeout(() => { log.warn(`orderly stop took over ${SHUTDOWN_GRACE_MS} ms; ending what is left`); r(code); }, SHUTDOWN_GRACE_MS).unref());
+      void Promise.race([all, grace]).then((exitCode) => { killAllSync(); process.exit(exitCode); });
     });
   }
 }

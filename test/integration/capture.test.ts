@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { QemuVm, type QemuBinary } from '../../src/qemu/vm.ts';
 import { guestAppend, type Accel } from '../../src/qemu/spec.ts';
-import { runCaptureCheck } from '../../src/capture/check.ts';
+import { runCaptureCheck } from '../../src/bench/capture-check.ts';
 import { ColoCapture } from '../../src/capture/route-a.ts';
 import { makeTempDir, removeTempDir, liveTempDirs } from '../../src/util/tmp.ts';
 import { liveProcesses } from '../../src/util/procs.ts';

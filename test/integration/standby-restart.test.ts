@@ -14,8 +14,8 @@ import { PrimaryController, type PrimaryEvent } from '../../src/replication/prim
 import { ReplicaStore } from '../../src/replication/replica-store.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { spawnTracked, liveProcesses, type TrackedProcess } from '../../src/util/procs.ts';
-import { writeKeyFile, loadKeyFile } from '../../src/cli/keyfile.ts';
-import { parseDirtierLine } from '../../src/capture/check.ts';
+import { writeKeyFile, loadKeyFile } from '../../src/replication/keyfile.ts';
+import { parseDirtierLine } from '../../src/bench/capture-check.ts';
 
 import { testPlatform } from '../helpers/platform.ts';
 

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { ByteReader } from '../../src/capture/stream/byte-reader.ts';
+import { ByteReader } from '../../src/util/byte-reader.ts';
 import { newRamState, readPrecopy, readRamRecords, type PageSink } from '../../src/capture/stream/parser.ts';
 import { encodeConfiguration, encodeHeader, MIG_CMD, RAM_FLAG, VM } from '../../src/capture/stream/format.ts';
 import { isRubatoError } from '../../src/util/errors.ts';

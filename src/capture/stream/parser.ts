@@ -3,7 +3,7 @@
 // length and offset against the RAM layout and names any stream feature it does not support.
 
 import { RubatoError } from '../../util/errors.ts';
-import type { ByteReader } from './byte-reader.ts';
+import type { ByteReader } from '../../util/byte-reader.ts';
 import { MIG_CMD, MIG_CMD_NAMES, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, RAM_FLAG, RAM_SECTION_VERSION, TARGET_PAGE_SIZE, VM } from './format.ts';
 
 export const QEMU_VERSION_NOTE = 'Rubato reads the stream of QEMU 7.2';

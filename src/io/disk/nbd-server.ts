@@ -8,7 +8,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { rmSync } from 'node:fs';
 import { logger } from '../../util/log.ts';
 import { RubatoError, errorMessage } from '../../util/errors.ts';
-import { ByteReader } from '../../capture/stream/byte-reader.ts';
+import { ByteReader } from '../../util/byte-reader.ts';
 import {
   CLIENT_FLAG, CMD, CMD_FLAG, ERR, IHAVEOPT, MAX_REQUEST_BYTES, OPT, REP, REQUEST_HEADER_BYTES, REQUEST_MAGIC, TX_FLAG,
   decodeRequest, infoBlockSize, infoExport, optionReply, serverGreeting, simpleReply, validateRequest,

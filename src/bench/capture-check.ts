@@ -12,11 +12,11 @@ import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
 import { guestAppend, MAIN_RAM_ID, type Accel, type VmSpec } from '../qemu/spec.ts';
 import { restoreVm } from '../qemu/restore.ts';
 import { ReplicaStore } from '../replication/replica-store.ts';
-import { ColoCapture } from './route-a.ts';
-import { ExternalCapture } from './route-b.ts';
-import { diffPages, readRamFile } from './verify.ts';
-import { PauseMeter } from './pause-meter.ts';
-import type { Checkpoint } from './checkpoint.ts';
+import { ColoCapture } from '../capture/route-a.ts';
+import { ExternalCapture } from '../capture/route-b.ts';
+import { diffPages, readRamFile } from '../capture/verify.ts';
+import { PauseMeter } from '../capture/pause-meter.ts';
+import type { Checkpoint } from '../capture/checkpoint.ts';
 
 const log = logger('capture-check');
 

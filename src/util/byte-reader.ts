@@ -2,7 +2,7 @@
 // already buffered (the checkpoint path parses thousands of records without an await each) and
 // `need(n)` to wait for more. A stream that ends early is a typed "truncated" error, never a hang.
 
-import { RubatoError } from '../../util/errors.ts';
+import { RubatoError } from './errors.ts';
 
 export class ByteReader {
   private chunks: Buffer[] = [];

@@ -11,8 +11,8 @@ import { logger } from '../util/log.ts';
 import { TwoHosts } from '../io/net/netns.ts';
 import { REPO_ROOT, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
 import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
-import { parseDirtierLine } from '../capture/check.ts';
-import { writeKeyFile } from './keyfile.ts';
+import { parseDirtierLine } from '../bench/capture-check.ts';
+import { writeKeyFile } from '../replication/keyfile.ts';
 
 const log = logger('demo');
 

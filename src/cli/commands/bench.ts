@@ -1,0 +1,110 @@
+// `rubato bench`: the benchmarks as subcommands; with none, the whole evaluation (report + figures).
+import { z } from 'zod';
+import { join } from 'node:path';
+import type { Command } from 'commander';
+import { RubatoError } from '../../util/errors.ts';
+import { logger } from '../../util/log.ts';
+import { runCaptureBench } from '../../bench/capture.ts';
+import { runFailoverBench } from '../../bench/failover.ts';
+import { runKvBench } from '../../bench/kv.ts';
+import { SCHEDULER_WORKLOADS, runSchedulerBench } from '../../bench/scheduler.ts';
+import { runEvaluation } from '../../bench/evaluate.ts';
+import { revalidate } from '../../bench/validate.ts';
+import { ACCEL, int, parseOptions, platform, policy, withAccel } from '../options.ts';
+
+const log = logger('rubato');
+const SUBCOMMANDS = ['all', 'capture', 'failover', 'kv', 'scheduler', 'validate'] as const;
+const onStatus = (s: string) => log.info(s);
+const print = (v: unknown) => process.stdout.write(`${JSON.stringify(v)}\n`);
+
+const Common = { quick: z.boolean(), out: z.string(), json: z.boolean() };
+const WithAccel = { ...Common, accel: ACCEL };
+
+function workloads() {
+  return z.string().optional().transform((v, ctx) => {
+    if (v === undefined) return undefined;
+    const l = v.split(',').map((x) => x.trim());
+    const bad = l.filter((x) => !(SCHEDULER_WORKLOADS as readonly string[]).includes(x));
+    if (bad.length) { ctx.addIssue({ code: 'custom', message: `unknown ${bad.join(', ')} (${SCHEDULER_WORKLOADS.join(', ')})` }); return z.NEVER; }
+    return l;
+  });
+}
+
+function policies() {
+  return z.string().optional().transform((v, ctx) => {
+    if (v === undefined) return undefined;
+    const l = v.split(',').map((x) => x.trim());
+    for (const p of l) {
+      const r = policy().safeParse(p);
+      if (!r.success) { ctx.addIssue({ code: 'custom', message: r.error.issues[0]!.message }); return z.NEVER; }
+    }
+    return l;
+  });
+}
+
+function common(c: Command): Command {
+  return c
+    .option('--quick', 'reduced settings (a few minutes)', false)
+    .option('--out <dir>', 'results folder', 'results')
+    .option('--json', 'print the summary as one JSON line', false);
+}
+
+export function register(program: Command): void {
+  const bench = withAccel(common(program.command('bench')))
+    .description('benchmarks; with no subcommand, the whole evaluation: results/report.md with figures and traces')
+    .argument('[which]', `one of ${SUBCOMMANDS.join(', ')}`)
+    .action(async (which: string | undefined, raw: unknown) => {
+      if (which !== undefined && which !== 'all') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: ${SUBCOMMANDS.join(', ')})`);
+      const o = parseOptions(z.object(WithAccel), raw);
+      print(await runEvaluation({ ...(await platform(o.accel)), quick: o.quick, outDir: o.out, onStatus }));
+    });
+
+  withAccel(common(bench.command('capture')))
+    .description('pause, bytes shipped and guest progress vs unreplicated, per route and dirty rate')
+    .option('--seconds <n>', 'measurement time per phase')
+    .action(async (raw: unknown) => {
+      const o = parseOptions(z.object({ ...WithAccel, seconds: int(2, 600).optional() }), raw);
+      const r = await runCaptureBench({ ...(await platform(o.accel)), quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), onStatus });
+      print(r.summary);
+    });
+
+  withAccel(common(bench.command('failover')))
+    .description('time to take over after a crash and after a partition')
+    .option('--runs <n>', 'runs per failure mode')
+    .option('--timeout-ms <ms>', 'failure detection timeout', '500')
+    .action(async (raw: unknown) => {
+      const o = parseOptions(z.object({ ...WithAccel, runs: int(1, 1000).optional(), timeoutMs: int(50, 600000) }), raw);
+      const r = await runFailoverBench({ runs: o.runs ?? (o.quick ? 2 : 10), timeoutMs: o.timeoutMs, accel: o.accel, outDir: o.out, onStatus });
+      print(r.summary);
+    });
+
+  withAccel(common(bench.command('kv')))
+    .description('request latency with output commit at fixed periods')
+    .option('--seconds <n>', 'measurement time per phase')
+    .action(async (raw: unknown) => {
+      const o = parseOptions(z.object({ ...WithAccel, seconds: int(2, 600).optional() }), raw);
+      const r = await runKvBench({ seconds: o.seconds ?? (o.quick ? 4 : 10), conns: 4, accel: o.accel, outDir: o.out, onStatus });
+      print(r.summary);
+    });
+
+  withAccel(common(bench.command('scheduler')))
+    .description('each policy vs unreplicated, interleaved, per workload')
+    .option('--seconds <n>', 'measurement time per phase')
+    .option('--policies <list>', 'policies to run, comma-separated (a policy may repeat: cells interleave)')
+    .option('--workloads <list>', `${SCHEDULER_WORKLOADS.join(', ')} (comma-separated)`)
+    .action(async (raw: unknown) => {
+      const o = parseOptions(z.object({ ...WithAccel, seconds: int(2, 600).optional(), policies: policies(), workloads: workloads() }), raw);
+      const r = await runSchedulerBench({
+        ...(await platform(o.accel)), quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}),
+        ...(o.policies ? { policies: o.policies } : {}), ...(o.workloads ? { workloads: o.workloads } : {}), onStatus,
+      });
+      print(r.summary);
+    });
+
+  common(bench.command('validate'))
+    .description("re-run the simulator validation on --out's evaluation.json and traces")
+    .action((raw: unknown) => {
+      const o = parseOptions(z.object(Common), raw);
+      print(revalidate(join(o.out, 'evaluation.json')));
+    });
+}

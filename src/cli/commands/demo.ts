@@ -1,0 +1,29 @@
+// `rubato demo`: the main job — protect the test guest on two namespace hosts, kill the primary,
+// watch the standby take over.
+import { z } from 'zod';
+import type { Command } from 'commander';
+import { runDemo } from '../../chaos/demo.ts';
+import { ACCEL, LINK, int, num, parseOptions, policy, withAccel, withLinkOptions } from '../options.ts';
+
+const Options = z.object({ seconds: int(1, 3600), mem: int(64, 65536), rate: num(0, 10000), policy: policy(), cutLink: z.boolean(), json: z.boolean(), accel: ACCEL, ...LINK });
+
+export function register(program: Command): void {
+  withLinkOptions(withAccel(program.command('demo')))
+    .description('protect a VM on two namespace hosts, kill the primary, watch the standby take over')
+    .option('--seconds <n>', 'protected run time before the primary is killed', '8')
+    .option('--mem <mb>', 'guest memory in MB', '128')
+    .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', '10')
+    .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', 'model')
+    .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
+    .option('--json', 'non-interactive; print the summary as one JSON line', false)
+    .action(async (raw: unknown) => {
+      const o = parseOptions(Options, raw);
+      const tty = process.stderr.isTTY && !o.json;
+      const r = await runDemo({ ...o, memMb: o.mem }, (line, final) => {
+        if (tty) process.stderr.write(`\r\x1b[K${line}${final ? '\n' : ''}`);
+        else if (final || !o.json) process.stderr.write(`${line}\n`);
+      });
+      process.stdout.write(`${JSON.stringify(r)}\n`);
+      process.exitCode = r.failover && r.selfCheckOk ? 0 : 1;
+    });
+}

@@ -1,0 +1,10 @@
+// `rubato keygen`: a new pre-shared key file.
+import type { Command } from 'commander';
+import { writeKeyFile } from '../../replication/keyfile.ts';
+
+export function register(program: Command): void {
+  program.command('keygen')
+    .description('write a new pre-shared key file (32 random bytes, hex, mode 600)')
+    .requiredOption('--out <file>', 'where to write it')
+    .action((o: { out: string }) => { writeKeyFile(o.out); process.stdout.write(`${o.out}\n`); });
+}
