@@ -4,6 +4,7 @@
 // the guest continue. Everything it starts is stopped and removed, also on failure.
 
 import { copyFileSync } from 'node:fs';
+import { sleep } from '../util/async.ts';
 import { join } from 'node:path';
 import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { logger } from '../util/log.ts';
@@ -200,4 +201,3 @@ function lastWork(vm: QemuVm): number {
   return -1;
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

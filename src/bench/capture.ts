@@ -3,6 +3,7 @@
 // same guest unreplicated, measured side by side in the same run on the same VM.
 
 import { mkdirSync, writeFileSync } from 'node:fs';
+import { sleep } from '../util/async.ts';
 import { join } from 'node:path';
 import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { median, percentile, round } from '../util/stats.ts';
@@ -76,7 +77,6 @@ export class ProgressProbe {
   }
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export async function runCaptureBench(o: CaptureBenchOptions): Promise<{ cells: CaptureCell[]; summary: Record<string, unknown>; file: string }> {
   const status = o.onStatus ?? (() => {});

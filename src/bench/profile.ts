@@ -3,6 +3,7 @@
 // per vCPU count. Checkpoints come from route A at fixed periods; no standby is needed to count.
 
 import { mkdirSync, writeFileSync } from 'node:fs';
+import { sleep } from '../util/async.ts';
 import { join } from 'node:path';
 import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { median, round } from '../util/stats.ts';
@@ -36,7 +37,6 @@ export function workloadPrograms(workload: string, cpus: number, memMb: number):
   throw new RubatoError('RUBATO_CONFIG', `unknown workload "${workload}" (cpuloop, dirtier:RATE, kv, web, disk)`);
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function sweep(vm: QemuVm, dir: string, epochsMs: number[], status: (s: string) => void): Promise<ProfilePoint[]> {
   const { capture } = await ColoCapture.start(vm, { runDir: dir });

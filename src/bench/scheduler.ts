@@ -13,7 +13,8 @@ import { PrimaryController, type PrimaryEvent } from '../replication/primary.ts'
 import { startStandbyProcess } from './standby-proc.ts';
 import { loadKeyFile } from '../replication/keyfile.ts';
 import { parsePolicy } from '../scheduler/index.ts';
-import { startKvRig, stopKvRig, waitFor, type KvRig } from '../chaos/chaos.ts';
+import { startKvRig, stopKvRig, type KvRig } from '../chaos/chaos.ts';
+import { sleep, waitFor } from '../util/async.ts';
 import { RIG, RIG_WORKLOADS, loadClient } from './workloads.ts';
 import { RubatoError } from '../util/errors.ts';
 import { measureKv } from './kv.ts';
@@ -87,7 +88,6 @@ function summarise(events: PrimaryEvent[], seconds: number) {
   };
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** A recorder for one cell, and how to write what it saw in the measured window. */
 function cellTrace(o: SchedulerBenchOptions, accel: string, workload: string, policy: string, cpus: number) {

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { rmSync } from 'node:fs';
 import { RubatoError, assert, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
+import { withTimeout } from '../util/async.ts';
 import type { QemuVm } from '../qemu/vm.ts';
 import { ByteReader } from '../util/byte-reader.ts';
 import { COLO_MSG, COLO_MSG_NAMES, VM, coloMessage } from './stream/format.ts';
@@ -176,7 +177,10 @@ export class ColoCapture {
     const tTrigger = performance.now();
     await this.trigger();
     // A trigger that lands while QEMU finishes the previous checkpoint is lost: re-trigger.
-    let retrigger: NodeJS.Timeout | null = setInterval(() => { void this.trigger().catch(() => {}); }, 250);
+    let retrigger: NodeJS.Timeout | null = setInterval(() => {
+      // a failed re-trigger is retried on the next tick; the checkpoint timeout bounds the whole wait
+      this.trigger().catch((e: unknown) => log.debug(`re-trigger of checkpoint ${this.epoch + 1}: ${errorMessage(e)}`));
+    }, 250);
     try {
       await withTimeout(this.expectMsg(COLO_MSG.CHECKPOINT_REQUEST), timeoutMs, `VM ${this.vm.spec.name} did not start checkpoint ${this.epoch + 1}`);
     } finally {
@@ -267,7 +271,10 @@ export async function ensureGuestRunning(vm: QemuVm): Promise<void> {
   if (vm.exited || vm.qmp.isClosed) return;
   try {
     const mig = await vm.qmp.execute<{ status?: string }>('query-migrate', undefined, 2000);
-    if (mig.status === 'colo') await vm.qmp.execute('x-colo-lost-heartbeat', undefined, 2000).catch(() => {});
+    if (mig.status === 'colo') {
+      // COLO may end on its own between the query and this command: the status check below decides
+      await vm.qmp.execute('x-colo-lost-heartbeat', undefined, 2000).catch((e: unknown) => log.debug(`x-colo-lost-heartbeat: ${errorMessage(e)}`));
+    }
     const until = Date.now() + 3000;
     while (Date.now() < until) {
       const st = await vm.status();
@@ -278,14 +285,4 @@ export async function ensureGuestRunning(vm: QemuVm): Promise<void> {
   } catch (e) {
     log.warn(`could not confirm VM ${vm.spec.name} is running: ${errorMessage(e)}`);
   }
-}
-
-export function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout;
-  return Promise.race([
-    p.finally(() => clearTimeout(timer)),
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new RubatoError('RUBATO_STREAM_TIMEOUT', `${what} within ${ms} ms`)), ms);
-    }),
-  ]);
 }

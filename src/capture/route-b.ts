@@ -15,7 +15,8 @@ import { ByteReader } from '../util/byte-reader.ts';
 import { newRamState, readPrecopy, type PageSink, type RamState } from './stream/parser.ts';
 import { PAGE_SIZE, type BaseImage, type Checkpoint, type DirtyPage } from './checkpoint.ts';
 import { readRamFile } from './verify.ts';
-import { withTimeout, type CheckpointOptions } from './route-a.ts';
+import { type CheckpointOptions } from './route-a.ts';
+import { withTimeout } from '../util/async.ts';
 
 const log = logger('capture-b');
 

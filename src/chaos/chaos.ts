@@ -11,6 +11,7 @@ import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { runCommand, spawnTracked, type TrackedProcess } from '../util/procs.ts';
 import { logger } from '../util/log.ts';
 import { median, percentile, round } from '../util/stats.ts';
+import { waitFor } from '../util/async.ts';
 import { RubatoError } from '../util/errors.ts';
 import { REPO_ROOT, ensureGuestImage, ensurePatchedQemu, ensureTapRelay, stockQemu } from '../setup/index.ts';
 import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
@@ -49,15 +50,6 @@ export function clientProcess(lan: Lan, args: string[], scriptPath = join('src',
   return { proc, events, done: proc.exited.then(() => {}) };
 }
 
-export async function waitFor<T>(f: () => T | undefined, ms: number, what: string): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = f();
-    if (v !== undefined) return v;
-    if (Date.now() > end) throw new RubatoError('RUBATO_PEER_LOST', `timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
 
 /** A KV guest on a LAN: topology, disk, the guest's I/O on host A, the booted VM. */
 export interface KvRig { lan: Lan; hosts: LanHost[]; io: GuestIo; vm: QemuVm; dir: string; binary: import('../qemu/vm.ts').QemuBinary; accel: string }

@@ -6,6 +6,7 @@ import { EventEmitter } from 'node:events';
 import { join } from 'node:path';
 import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
 import { RubatoError } from '../util/errors.ts';
+import { LineSplitter } from '../util/async.ts';
 import { logger } from '../util/log.ts';
 import { QmpClient } from './qmp.ts';
 import { qemuArgs, type VmSpec } from './spec.ts';
@@ -32,7 +33,6 @@ export interface StartOptions {
 
 export class QemuVm extends EventEmitter {
   readonly serialLines: string[] = [];
-  private serialPartial = '';
   private serialSocket: Socket | null = null;
   private exitedFlag = false;
   stderrTail = '';
@@ -95,17 +95,12 @@ export class QemuVm extends EventEmitter {
         resolve();
       });
       s.setEncoding('utf8');
-      s.on('data', (chunk: string) => {
-        this.serialPartial += chunk;
-        let nl: number;
-        while ((nl = this.serialPartial.indexOf('\n')) >= 0) {
-          const line = this.serialPartial.slice(0, nl).replace(/\r$/, '');
-          this.serialPartial = this.serialPartial.slice(nl + 1);
-          this.serialLines.push(line);
-          if (this.serialLines.length > SERIAL_LINES_KEPT) this.serialLines.shift();
-          this.emit('serial', line);
-        }
+      const lines = new LineSplitter((line) => {
+        this.serialLines.push(line);
+        if (this.serialLines.length > SERIAL_LINES_KEPT) this.serialLines.shift();
+        this.emit('serial', line);
       });
+      s.on('data', (chunk: string) => lines.push(chunk));
     });
   }
 

@@ -13,13 +13,13 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
-/** Polls `f` every `everyMs` until it returns a truthy value; throws a clear error after `ms`. */
-export async function waitFor<T>(f: () => T | undefined | null | false, ms: number, what: string, everyMs = 50): Promise<NonNullable<T>> {
+/** Polls `f` every `everyMs` until it returns a value (not undefined, null or false); RUBATO_TIMEOUT after `ms`. */
+export async function waitFor<T>(f: () => T | undefined | null | false, ms: number, what: string, everyMs = 25): Promise<T> {
   const until = Date.now() + ms;
   for (;;) {
     const v = f();
-    if (v) return v as NonNullable<T>;
-    if (Date.now() > until) throw new RubatoError('RUBATO_STREAM_TIMEOUT', `timed out after ${ms} ms waiting for ${what}`);
+    if (v !== undefined && v !== null && v !== false) return v;
+    if (Date.now() > until) throw new RubatoError('RUBATO_TIMEOUT', `timed out after ${ms} ms waiting for ${what}`);
     await sleep(everyMs);
   }
 }

@@ -22,7 +22,8 @@ export type ErrorCode =
   | 'RUBATO_AUTH_FAILED'
   | 'RUBATO_VERSION_MISMATCH'
   | 'RUBATO_PEER_LOST'
-  | 'RUBATO_NETNS';
+  | 'RUBATO_NETNS'
+  | 'RUBATO_TIMEOUT';
 
 export class RubatoError extends Error {
   readonly code: ErrorCode;

@@ -5,6 +5,7 @@
 import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { logger } from './log.ts';
+import { LineSplitter } from './async.ts';
 
 const log = logger('procs');
 const live = new Map<number, { name: string; child: ChildProcess }>();
@@ -115,18 +116,13 @@ export function runCommand(file: string, args: readonly string[], opts: SpawnOpt
   const p = spawnTracked(file.split('/').pop() ?? file, file, args, spawnOpts);
   let stdout = '';
   let stderr = '';
-  let partial = '';
+  const lines = onLine ? new LineSplitter(onLine) : null;
   p.child.stdout?.on('data', (d: Buffer) => { stdout += d.toString(); });
   p.child.stderr?.on('data', (d: Buffer) => {
     const s = d.toString();
     stderr += s;
     if (stderr.length > 1 << 20) stderr = stderr.slice(-(1 << 19));
-    if (onLine) {
-      partial += s;
-      const lines = partial.split('\n');
-      partial = lines.pop() ?? '';
-      for (const l of lines) onLine(l);
-    }
+    lines?.push(s);
   });
   return new Promise((resolve) => {
     p.child.once('error', (e) => resolve({ code: -1, stdout, stderr: stderr + String(e) }));

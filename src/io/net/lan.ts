@@ -62,7 +62,7 @@ export class Lan {
   }
 
   async delTap(h: LanHost, tap: string): Promise<void> {
-    await ip(['-n', h.ns, 'link', 'del', tap]).catch(() => {});
+    await ip(['-n', h.ns, 'link', 'del', tap]).catch(() => { /* already gone with its namespace or its helper */ });
   }
 
   async destroy(): Promise<void> {
