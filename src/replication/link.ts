@@ -127,9 +127,22 @@ export class Link extends EventEmitter {
     return new Promise((resolve, reject) => { this.drainWaiters.push({ resolve, reject }); });
   }
 
-  /** Stops reading the socket (TCP pushes back on the peer) until resumeReading(). */
-  pauseReading(): void { if (!this.closedErr) this.socket.pause(); }
-  resumeReading(): void { if (!this.closedErr) this.socket.resume(); }
+  /**
+   * Stops reading the socket (TCP pushes back on the peer) until resumeReading(). Liveness counts
+   * the paused time as heard: the silence is this side's own backlog, not the peer's.
+   */
+  pauseReading(): void {
+    if (this.closedErr || this.readingPaused) return;
+    this.readingPaused = true;
+    this.socket.pause();
+  }
+  resumeReading(): void {
+    if (this.closedErr || !this.readingPaused) return;
+    this.readingPaused = false;
+    this.liveness?.heard(Date.now());
+    this.socket.resume();
+  }
+  private readingPaused = false;
 
   /** Keys (the handshake sets them). */
   setSendKey(key: Buffer): void { this.enc.setKey(key); }
@@ -151,6 +164,8 @@ export class Link extends EventEmitter {
     this.liveness = live;
     let confirming = false;
     this.hbTimer = setInterval(() => {
+      // While this side holds its reader paused (its own backlog), the peer's silence is ours.
+      if (this.readingPaused) live.heard(Date.now());
       if (live.tick(Date.now()) && !confirming) {
         // Suspected: read what is already waiting in the socket (the poll phase runs before
         // setImmediate callbacks) before calling the peer silent.

@@ -15,7 +15,7 @@ import { FrameType } from './protocol/frame.ts';
 import { IdentitySchema, type Identity, type Layout } from './protocol/messages.ts';
 import { ControlSocket } from './control-socket.ts';
 import { StandbySession, type SyncProgress } from './standby-session.ts';
-import { acceptsPrimary, nextStandbyState, type StandbyInput, type StandbyState } from './standby-state.ts';
+import { STANDBY_TRANSITIONS, acceptsPrimary, nextStandbyState, type StandbyInput, type StandbyState } from './standby-state.ts';
 import { allowAlways, type ActivationGate } from './activation.ts';
 import { restoreVm } from '../qemu/restore.ts';
 import { MAIN_RAM_ID } from '../qemu/spec.ts';
@@ -76,6 +76,12 @@ export class StandbyController {
     this.st = nextStandbyState(this.st, input, { hasReplica: this.store !== null });
   }
 
+  /** A transition a primary's frame asks for: refused (the session ends), not asserted, when this side moved on. */
+  private goFromPeer(input: StandbyInput, checkOnly = false): void {
+    if (!STANDBY_TRANSITIONS[input].from.includes(this.st)) throw new RubatoError('RUBATO_PROTOCOL', `the standby is ${this.st}: not accepting ${input} from the primary`);
+    if (!checkOnly) this.go(input);
+  }
+
   /** The TCP port actually bound (port 0 picks a free one). */
   get boundPort(): number {
     const a = this.server?.address();
@@ -130,8 +136,12 @@ export class StandbyController {
     void this.o.binaryFor(identity.spec.accel).then((b) => { this.binary = b; }, (e: unknown) => log.warn(`no QEMU for a failover of ${identity.vm} yet: ${errorMessage(e)}`));
     link.startHeartbeats(this.o.heartbeatMs, this.o.timeoutMs);
     const s = new StandbySession(link, {
-      baseBegin: () => this.go('base-begin'),
-      installBase: async (layout, ram, dev) => { await this.installBase(identity, layout, ram, dev); this.go('base-installed'); },
+      baseBegin: () => this.goFromPeer('base-begin'),
+      installBase: async (layout, ram, dev) => {
+        this.goFromPeer('base-installed', true);
+        await this.installBase(identity, layout, ram, dev);
+        this.goFromPeer('base-installed');
+      },
       commit: (record, epoch) => {
         if (!this.store) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
         return this.store.commitRecord(record, epoch);
