@@ -28,7 +28,8 @@ export type PipelinePhase =
 
 /** What the adapters measure now, besides what the pipeline knows itself. */
 export interface Observed {
-  disk: { writes: number; flushes: number };
+  /** `pressure`: the disk's per-epoch dirty set reached its bound (the epoch must end now). */
+  disk: { writes: number; flushes: number; pressure?: boolean };
   link: { bytesPerSec: number | null; rttMs: number | null };
 }
 
@@ -142,7 +143,8 @@ export class EpochPipeline<F extends Sized = Buffer> {
       this.ph = 'fencing';
       return this.beginCapture(nowMs, 'fence') as Command<F>;
     }
-    const d = this.o.policy.decide(this.telemetry(nowMs, seen));
+    // A bounded disk log is a rail above every policy: at its bound the epoch ends.
+    const d = seen.disk.pressure ? { checkpoint: true as const, reason: 'disk-pressure' } : this.o.policy.decide(this.telemetry(nowMs, seen));
     this.reasonCounts[d.reason] = (this.reasonCounts[d.reason] ?? 0) + 1;
     if (!d.checkpoint) return { cmd: 'wait', untilMs: d.wakeAtMs, reason: d.reason };
     if (this.inflight.length >= this.o.maxInflight) { this.waits++; return { cmd: 'wait-ack' }; }

@@ -307,7 +307,9 @@ export class PrimaryController {
       throwIfClosed();
       const decidedMs = performance.now();
       const ds = nbd?.epochStats;
-      const c = pipe.decide(decidedMs, { disk: { writes: ds?.writes ?? 0, flushes: ds?.flushes ?? 0 }, link: { bytesPerSec: null, rttMs: link.stats.rttMs } });
+      const c = pipe.decide(decidedMs, {
+        disk: { writes: ds?.writes ?? 0, flushes: ds?.flushes ?? 0, pressure: nbd?.underPressure ?? false }, link: { bytesPerSec: null, rttMs: link.stats.rttMs },
+      });
       if (c.cmd === 'wait') { await this.idle(c.untilMs - decidedMs); continue; }
       if (c.cmd === 'wait-ack') { await this.idle(Infinity); continue; }
       if (c.cmd === 'fence') { await this.fence(link, capture, c.epoch); return; }

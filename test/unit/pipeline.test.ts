@@ -194,3 +194,10 @@ test('property: under random acks, losses and give-ups, no frame leaves above th
   // the schedule really exercised the pipeline
   assert.ok(acksTotal > 1000 && releasedTotal > 1000, `${acksTotal} acks, ${releasedTotal} frames released`);
 });
+
+test('the disk log at its bound ends the epoch whatever the policy says', () => {
+  const { p } = protectedPipeline();
+  assert.equal(p.decide(2, seen).cmd, 'wait', 'fixed:10 waits at 2 ms');
+  const c = p.decide(2, { ...seen, disk: { writes: 1, flushes: 0, pressure: true } });
+  assert.deepEqual(c, { cmd: 'capture', epoch: 1, reason: 'disk-pressure' });
+});

@@ -44,6 +44,8 @@ export class NbdServer {
   constructor(readonly imagePath: string, readonly socketPath: string, readonly exportName = 'disk', private readonly readOnly = false) {}
 
   get sizeBytes(): number { return this.size; }
+  /** The epoch's dirty set has passed its bound: the epoch must end now. */
+  get underPressure(): boolean { return this.dirty.size * PAGE > MAX_DIRTY_BYTES_PER_EPOCH; }
   get epochStats(): DiskEpochStats { return { ...this.stats }; }
 
   async start(): Promise<void> {
@@ -207,6 +209,6 @@ export class NbdServer {
     const buf = Buffer.alloc(end - first);
     await this.fh!.read(buf, 0, end - first, first);
     for (let o = first; o < end; o += PAGE) this.dirty.set(o, buf.subarray(o - first, o - first + PAGE));
-    if (this.dirty.size * PAGE > MAX_DIRTY_BYTES_PER_EPOCH) this.onPressure?.();
+    if (this.underPressure) this.onPressure?.();
   }
 }
