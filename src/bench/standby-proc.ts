@@ -13,7 +13,7 @@ export interface StandbyProcess { host: string; port: number; keyFile: string; s
 /** Starts `rubato standby`, in namespace `ns` listening on `host` when given (a shaped link), else on loopback. */
 export async function startStandbyProcess(dir: string, tag: string, where?: { ns: string; host: string }): Promise<StandbyProcess> {
   const keyFile = join(dir, `${tag}.psk`);
-  writeKeyFile(keyFile);
+  writeKeyFile(keyFile, { force: true }); // the benchmark's own temp folder: a cell may repeat its tag
   for (let attempt = 0; attempt < 5; attempt++) {
     const port = randomInt(20000, 60000);
     const host = where?.host ?? '127.0.0.1';

@@ -39,6 +39,8 @@ export interface Checkpoint {
 }
 
 export const PAGE_SIZE = 4096;
+/** The largest device state Rubato accepts from QEMU or a peer. */
+export const MAX_DEVICE_STATE_BYTES = 256 << 20;
 
 /** A full RAM image: the starting point a replica is built from (checkpoint 0). */
 export interface BaseImage {

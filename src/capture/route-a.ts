@@ -13,7 +13,7 @@ import type { QemuVm } from '../qemu/vm.ts';
 import { ByteReader } from '../util/byte-reader.ts';
 import { COLO_MSG, COLO_MSG_NAMES, VM, coloMessage } from './stream/format.ts';
 import { newRamState, readFooter, readPrecopy, readRamRecords, type PageSink, type RamState } from './stream/parser.ts';
-import type { BaseImage, Checkpoint, DirtyPage } from './checkpoint.ts';
+import { MAX_DEVICE_STATE_BYTES, type BaseImage, type Checkpoint, type DirtyPage } from './checkpoint.ts';
 
 const log = logger('capture-a');
 
@@ -23,7 +23,6 @@ export function liveMigrationSockets(): string[] { return [...listening]; }
 
 /** With this delay QEMU never checkpoints on its own: the scheduler owns the tempo. */
 const NEVER_MS = 2 ** 31 - 1;
-const MAX_DEVICE_STATE_BYTES = 256 << 20;
 
 export interface ColoCaptureOptions {
   runDir: string;

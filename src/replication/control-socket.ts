@@ -3,7 +3,7 @@
 
 import { connect, createServer, type Server } from 'node:net';
 import { join, resolve } from 'node:path';
-import { rmSync } from 'node:fs';
+import { chmodSync, rmSync } from 'node:fs';
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 
@@ -35,6 +35,8 @@ export class ControlSocket {
       s.on('error', (e) => log.debug(`control client went away: ${e.message}`));
     });
     await new Promise<void>((resolve) => this.server!.listen(this.path, () => resolve()));
+    // Only its owner may connect (the folder is 0700 too).
+    chmodSync(this.path, 0o600);
   }
 
   close(): void {

@@ -5,8 +5,13 @@
 import { randomBytes } from 'node:crypto';
 import { RubatoError } from '../util/errors.ts';
 import type { Link } from './link.ts';
-import { FrameType, frameTypeName, proof, proofEquals, sessionKey } from './protocol/frame.ts';
+import { FrameType, frameTypeName, proof, proofEquals, sessionKeys } from './protocol/frame.ts';
 import { NONCE_BYTES, decodeChallenge, decodeHello, decodeWelcome, encodeChallenge, encodeHello, encodeWelcome, type Identity, type Welcome } from './protocol/messages.ts';
+
+/** Until the session's layout is known (BASE_BEGIN), frames carry at most one base chunk. */
+export const SESSION_START_MAX_FRAME_BYTES = 4 << 20;
+/** What a primary accepts from its standby after the handshake. */
+export const STANDBY_MAX_FRAME_BYTES = 64 << 10;
 
 /** Standby side: challenge, check the primary's proof, welcome with our proof. */
 export async function acceptHandshake(link: Link, psk: Buffer, welcome: (id: Identity) => Welcome, timeoutMs: number): Promise<Identity> {
@@ -18,11 +23,12 @@ export async function acceptHandshake(link: Link, psk: Buffer, welcome: (id: Ide
   if (!proofEquals(h.proof, proof(psk, 'primary', nonceS, h.nonce))) {
     throw refuse(link, 'authentication failed (the primary does not hold this standby\'s key)', 'RUBATO_AUTH_FAILED');
   }
-  const key = sessionKey(psk, nonceS, h.nonce);
+  const keys = sessionKeys(psk, nonceS, h.nonce);
   await link.send(FrameType.WELCOME, 0, encodeWelcome(proof(psk, 'standby', h.nonce, nonceS), welcome(h.identity)));
   // The primary sends nothing between HELLO and our WELCOME: everything after is session-keyed.
-  link.setSendKey(key);
-  link.setReceiveKey(key);
+  link.setSendKey(keys[link.sends]);
+  link.setReceiveKey(keys[link.receives]);
+  link.setMaxFrameBytes(SESSION_START_MAX_FRAME_BYTES);
   return h.identity;
 }
 
@@ -33,14 +39,16 @@ export async function connectHandshake(link: Link, psk: Buffer, identity: Identi
   const nonceS = decodeChallenge(f.payload);
   const nonceP = randomBytes(NONCE_BYTES);
   await link.send(FrameType.HELLO, 0, encodeHello(nonceP, proof(psk, 'primary', nonceS, nonceP), identity));
-  const key = sessionKey(psk, nonceS, nonceP);
+  const keys = sessionKeys(psk, nonceS, nonceP);
   // The standby's WELCOME is the last hello-keyed frame; what follows it is session-keyed.
-  link.setReceiveKeyAfterNext(key);
+  link.setReceiveKeyAfterNext(keys[link.receives]);
   const w = await link.next(timeoutMs);
   if (w.type !== FrameType.WELCOME) throw refuse(link, `expected WELCOME, got ${frameTypeName(w.type)}`);
   const d = decodeWelcome(w.payload);
   if (!proofEquals(d.proof, proof(psk, 'standby', nonceP, nonceS))) throw refuse(link, 'the standby failed to prove it holds the key', 'RUBATO_AUTH_FAILED');
-  link.setSendKey(key);
+  link.setSendKey(keys[link.sends]);
+  // The standby sends acks, heartbeats, fences: small frames only.
+  link.setMaxFrameBytes(STANDBY_MAX_FRAME_BYTES);
   return d.welcome;
 }
 

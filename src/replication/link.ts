@@ -8,7 +8,7 @@ import type { Socket } from 'node:net';
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import { Liveness } from './liveness.ts';
-import { FrameDecoder, FrameEncoder, FrameType, frameTypeName, helloKey, type Frame } from './protocol/frame.ts';
+import { FrameDecoder, FrameEncoder, FrameType, frameTypeName, helloKeys, type Direction, type Frame, type FrameKey } from './protocol/frame.ts';
 import { decodeTime, encodeTime } from './protocol/messages.ts';
 
 const log = logger('link');
@@ -33,11 +33,17 @@ export class Link extends EventEmitter {
   /** Senders waiting for the socket's buffer to drain (resolved together, rejected at close). */
   private drainWaiters: Array<{ resolve: () => void; reject: (e: Error) => void }> = [];
 
-  constructor(readonly socket: Socket, psk: Buffer, readonly peer: string) {
+  /** The direction this side sends in, and the one it receives. */
+  readonly sends: Direction;
+  readonly receives: Direction;
+
+  constructor(readonly socket: Socket, psk: Buffer, readonly peer: string, readonly role: 'primary' | 'standby') {
     super();
-    const k = helloKey(psk);
-    this.enc = new FrameEncoder(k);
-    this.dec = new FrameDecoder(k, peer);
+    this.sends = role === 'primary' ? 'p2s' : 's2p';
+    this.receives = role === 'primary' ? 's2p' : 'p2s';
+    const k = helloKeys(psk);
+    this.enc = new FrameEncoder(k[this.sends]);
+    this.dec = new FrameDecoder(k[this.receives], peer);
     socket.setNoDelay(true);
     socket.on('data', (d: Buffer) => this.onData(d));
     socket.on('drain', () => { const w = this.drainWaiters; this.drainWaiters = []; for (const x of w) x.resolve(); });
@@ -59,14 +65,15 @@ export class Link extends EventEmitter {
         frames = this.dec.drain();
       }
     } catch (e) {
-      log.warn(`rejected a frame from ${this.peer}, dropping the connection: ${errorMessage(e)}`);
+      // The owner of the link reports why it closed (rate-limited for unauthenticated peers).
+      log.debug(`rejected a frame from ${this.peer}, dropping the connection: ${errorMessage(e)}`);
       this.close(e as Error);
       return;
     }
     this.deliver(frames);
   }
 
-  private pendingKey: Buffer | null = null;
+  private pendingKey: FrameKey | null = null;
   private handshakeFrameJustArrived(f: Frame): boolean {
     return f.type === FrameType.HELLO || f.type === FrameType.WELCOME || f.type === FrameType.CHALLENGE;
   }
@@ -145,10 +152,12 @@ export class Link extends EventEmitter {
   private readingPaused = false;
 
   /** Keys (the handshake sets them). */
-  setSendKey(key: Buffer): void { this.enc.setKey(key); }
-  setReceiveKey(key: Buffer): void { this.dec.setKey(key); }
+  setSendKey(key: FrameKey): void { this.enc.setKey(key); }
+  setReceiveKey(key: FrameKey): void { this.dec.setKey(key); }
+  /** The largest frame accepted from the peer from now on. */
+  setMaxFrameBytes(n: number): void { this.dec.setMaxFrameBytes(n); }
   /** The next handshake frame is the last with the current key; frames after it use `key`. */
-  setReceiveKeyAfterNext(key: Buffer): void { this.pendingKey = key; }
+  setReceiveKeyAfterNext(key: FrameKey): void { this.pendingKey = key; }
 
   /** Writes only the first `bytes` of a frame and stops (fault injection: death mid-transfer). */
   sendPartial(type: number, epoch: number, payload: Buffer, bytes: number): void {

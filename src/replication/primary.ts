@@ -173,8 +173,12 @@ export class PrimaryController {
       this.link?.close();
       this.link = null;
       if (this.stopped || this.o.vm.exited) break;
+      // A protected session that broke (a corrupted frame, a reset, a failed capture) reconnects at
+      // once: the standby waits out its liveness timeout before it takes over, and a new
+      // authenticated session within it means no failover. Later attempts wait retryMs.
+      const wasProtected = this.pipeline.phase === 'protecting';
       this.perform(this.pipeline.linkLost(failure ? errorMessage(failure) : 'the session ended'));
-      await sleep(this.o.retryMs, this.ended.signal);
+      if (!wasProtected) await sleep(this.o.retryMs, this.ended.signal);
     }
   }
 
@@ -244,7 +248,7 @@ export class PrimaryController {
       sock.once('connect', () => { clearTimeout(t); resolve(); });
       sock.once('error', (e) => { clearTimeout(t); reject(new RubatoError('RUBATO_PEER_LOST', `cannot reach standby ${host}:${port}: ${e.message}`)); });
     });
-    return new Link(sock, this.o.psk, `standby ${host}:${port}`);
+    return new Link(sock, this.o.psk, `standby ${host}:${port}`, 'primary');
   }
 
   /** Frames from the standby: acks (checked against the pipeline before it sees them), fence, bye. */

@@ -13,8 +13,9 @@
 //   stage.tmp        a checkpoint being staged (ignored and removed on open)
 // redo.ckpt / stage.tmp hold one checkpoint record as it travels on the wire (protocol/record.ts).
 
-import { existsSync, mkdirSync } from 'node:fs';
-import { open, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { open, readFile, rename, rm } from 'node:fs/promises';
+import { ensurePrivateDir, fsyncDir, writePrivate, writePrivateAtomic } from '../util/private-files.ts';
 import { join } from 'node:path';
 import { RubatoError, assert } from '../util/errors.ts';
 import { PAGE_SIZE, type BaseImage, type DirtyPage, type RamBlockInfo } from '../capture/checkpoint.ts';
@@ -76,7 +77,8 @@ export class ReplicaStore {
 
   /** Makes a new store holding the base image as epoch 0. */
   static async create(dir: string, vm: string, base: BaseImage, opts: ReplicaStoreOptions = {}): Promise<ReplicaStore> {
-    mkdirSync(join(dir, 'ram'), { recursive: true });
+    ensurePrivateDir(dir, 'replica folder');
+    ensurePrivateDir(join(dir, 'ram'), 'replica folder');
     const fsync = opts.fsync ?? true;
     const meta: ReplicaMeta = { format: FORMAT, vm, machine: base.machine, epoch: 0, blocks: base.blocks };
     const ram = new Map<string, Buffer>();
@@ -84,10 +86,10 @@ export class ReplicaStore {
       const img = base.ram.get(b.id);
       assert(img && img.length === b.lengthBytes, `base image block ${b.id} has its announced length`);
       ram.set(b.id, opts.adopt ? img : Buffer.from(img));
-      await writeDurable(join(dir, 'ram', `${i}.img`), img, fsync);
+      await writePrivate(join(dir, 'ram', `${i}.img`), img, fsync);
     }
     const store = new ReplicaStore(dir, meta, ram, Buffer.from(base.deviceState), fsync);
-    await writeDurable(join(dir, 'device.bin'), base.deviceState, fsync);
+    await writePrivate(join(dir, 'device.bin'), base.deviceState, fsync);
     await store.writeMeta();
     return store;
   }
@@ -159,9 +161,10 @@ export class ReplicaStore {
 
   private async commitVerified(epoch: number, record: Buffer, pages: readonly DirtyPage[], deviceState: Buffer): Promise<number> {
     const stage = join(this.dir, 'stage.tmp');
-    await writeDurable(stage, record, this.fsync);
+    await writePrivate(stage, record, this.fsync);
     const redo = join(this.dir, 'redo.ckpt');
     await rename(stage, redo); // the commit point
+    if (this.fsync) fsyncDir(this.dir); // … durable before it is acknowledged
     this.committed = epoch;
     this.applying = this.apply(epoch, pages, deviceState)
       .then(() => rm(redo, { force: true }))
@@ -183,7 +186,7 @@ export class ReplicaStore {
     }
     this.device = Buffer.from(deviceState);
     for (const [block, offsets] of touched) await this.writeRuns(block, offsets);
-    await writeDurable(join(this.dir, 'device.bin'), this.device, this.fsync);
+    await writePrivate(join(this.dir, 'device.bin'), this.device, this.fsync);
     this.meta = { ...this.meta, epoch };
     await this.writeMeta();
   }
@@ -209,19 +212,6 @@ export class ReplicaStore {
   }
 
   private async writeMeta(): Promise<void> {
-    const tmp = join(this.dir, 'meta.json.tmp');
-    await writeDurable(tmp, Buffer.from(JSON.stringify(this.meta, null, 1)), this.fsync);
-    await rename(tmp, join(this.dir, 'meta.json'));
-  }
-}
-
-async function writeDurable(path: string, data: Buffer, fsync: boolean): Promise<void> {
-  if (!fsync) { await writeFile(path, data); return; }
-  const fh = await open(path, 'w');
-  try {
-    await fh.write(data, 0, data.length, 0);
-    await fh.sync();
-  } finally {
-    await fh.close();
+    await writePrivateAtomic(join(this.dir, 'meta.json'), Buffer.from(JSON.stringify(this.meta, null, 1)), this.fsync);
   }
 }

@@ -6,9 +6,9 @@
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import type { Link } from './link.ts';
-import { FrameType, frameTypeName, type Frame } from './protocol/frame.ts';
+import { FrameType, GCM_TAG_BYTES, HEADER_BYTES, frameTypeName, type Frame } from './protocol/frame.ts';
 import { decodeBaseData, decodeLayout, type Layout } from './protocol/messages.ts';
-import type { CheckpointRecord } from './protocol/record.ts';
+import { recordMaxBytes, type CheckpointRecord } from './protocol/record.ts';
 
 const log = logger('standby');
 const HIGH_WATER_BYTES = 64 << 20;
@@ -80,6 +80,8 @@ export class StandbySession {
     switch (f.type) {
       case FrameType.BASE_BEGIN: {
         this.layout = decodeLayout(f.payload);
+        // From now on a frame may carry a whole checkpoint of this layout, and no more.
+        this.link.setMaxFrameBytes(HEADER_BYTES + recordMaxBytes(this.layout.blocks) + GCM_TAG_BYTES);
         this.base = new Map(this.layout.blocks.map((b) => [b.id, Buffer.alloc(b.lengthBytes)]));
         this.received = 0;
         this.t0 = performance.now();

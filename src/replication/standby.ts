@@ -4,13 +4,15 @@
 // It never applies a partial checkpoint and never runs two guests.
 
 import { createServer, type Server, type Socket } from 'node:net';
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { ensurePrivateDir, writePrivateAtomic } from '../util/private-files.ts';
 import { join } from 'node:path';
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import { ReplicaStore } from './replica-store.ts';
 import { Link } from './link.ts';
 import { acceptHandshake } from './handshake.ts';
+import { Admission, DEFAULT_ADMISSION } from './admission.ts';
 import { FrameType } from './protocol/frame.ts';
 import { IdentitySchema, type Identity, type Layout } from './protocol/messages.ts';
 import { ControlSocket } from './control-socket.ts';
@@ -23,6 +25,7 @@ import type { QemuBinary, QemuVm } from '../qemu/vm.ts';
 import type { Accel } from '../qemu/spec.ts';
 
 const log = logger('standby');
+const HANDSHAKE_TIMEOUT_MAX_MS = 5000;
 
 export type { StandbyState } from './standby-state.ts';
 
@@ -65,12 +68,20 @@ export class StandbyController {
   vm: QemuVm | null = null;
   private binary: QemuBinary | null = null;
   private readonly emit: (e: StandbyEvent) => void;
+  private readonly admission = new Admission(DEFAULT_ADMISSION);
+  /** A primary relied on this replica and has not said goodbye: its silence means failover. */
+  private guarding = false;
+  /** Set while waiting to see whether a lost primary comes back. */
+  private primaryReturned: (() => void) | null = null;
 
   constructor(private readonly o: StandbyOptions) {
     this.emit = o.onEvent ?? (() => {});
   }
 
   get state(): StandbyState { return this.st; }
+
+  /** A handshake must complete within this (then its socket is closed). */
+  private get handshakeTimeoutMs(): number { return Math.min(this.o.timeoutMs * 5, HANDSHAKE_TIMEOUT_MAX_MS); }
 
   private go(input: StandbyInput): void {
     this.st = nextStandbyState(this.st, input, { hasReplica: this.store !== null });
@@ -92,14 +103,16 @@ export class StandbyController {
   get replicaEpoch(): number | null { return this.store?.epoch ?? null; }
 
   async start(): Promise<void> {
-    mkdirSync(join(this.o.stateDir, 'run'), { recursive: true });
+    ensurePrivateDir(this.o.stateDir);
+    ensurePrivateDir(join(this.o.stateDir, 'run'));
     // A crash between the two renames of a base swap leaves replica.old: it is the good one.
     if (!existsSync(this.replicaDir) && existsSync(`${this.replicaDir}.old`)) renameSync(`${this.replicaDir}.old`, this.replicaDir);
     rmSync(`${this.replicaDir}.new`, { recursive: true, force: true });
     if (existsSync(join(this.replicaDir, 'meta.json')) && !existsSync(join(this.o.stateDir, 'activated'))) {
       this.store = await ReplicaStore.open(this.replicaDir, { fsync: this.o.fsync ?? true });
-      this.identity = IdentitySchema.parse(JSON.parse(readFileSync(join(this.o.stateDir, 'vm.json'), 'utf8')));
+      this.identity = readIdentity(join(this.o.stateDir, 'vm.json'));
       this.st = 'protecting';
+      // A replica recovered at start-up guards nothing until a primary connects (no failover on our own start).
       log.info(`replica of VM ${this.identity.vm} at checkpoint ${this.store.epoch} recovered from ${this.replicaDir}`);
     }
     this.server = createServer((s) => this.onConnection(s));
@@ -116,18 +129,44 @@ export class StandbyController {
   }
 
   private onConnection(sock: Socket): void {
-    const peer = `${sock.remoteAddress ?? 'unix'}:${sock.remotePort ?? 0}`;
+    const address = sock.remoteAddress ?? 'unix';
+    const peer = `${address}:${sock.remotePort ?? 0}`;
     if (!acceptsPrimary(this.st)) {
-      log.warn(`refusing a primary from ${peer}: this side is ${this.st}`);
+      this.logRefusal(address, `refusing a primary from ${peer}: this side is ${this.st}`);
       sock.destroy();
       return;
     }
-    const link = new Link(sock, this.o.psk, `primary ${peer}`);
-    void this.session(link).catch((e: unknown) => log.warn(`session with ${peer} ended: ${errorMessage(e)}`));
+    if (!this.admission.admit(address)) {
+      this.logRefusal(address, `refusing ${peer}: too many unauthenticated connections (${this.admission.pendingCount} pending)`);
+      sock.destroy();
+      return;
+    }
+    let released = false;
+    const release = () => { if (!released) { released = true; this.admission.release(address); } };
+    sock.once('close', release);
+    const link = new Link(sock, this.o.psk, `primary ${peer}`, 'standby');
+    void this.session(link, release).catch((e: unknown) => this.logRefusal(address, `session with ${peer} ended: ${errorMessage(e)}`));
   }
 
-  private async session(link: Link): Promise<void> {
-    const identity = await acceptHandshake(link, this.o.psk, () => ({ replicaEpoch: this.replicaEpoch, replicaVm: this.identity?.vm ?? null }), this.o.timeoutMs * 5);
+  /** One line per address per interval, with how many were not logged. */
+  private logRefusal(address: string, line: string): void {
+    const quiet = this.admission.shouldLog(address, Date.now());
+    if (quiet === null) return;
+    log.warn(quiet > 0 ? `${line} (and ${quiet} more from ${address} not logged)` : line);
+  }
+
+  private async session(link: Link, authenticated: () => void): Promise<void> {
+    let identity: Identity;
+    try {
+      identity = await acceptHandshake(link, this.o.psk, () => ({ replicaEpoch: this.replicaEpoch, replicaVm: this.identity?.vm ?? null }), this.handshakeTimeoutMs);
+    } catch (e) {
+      // A failed or slow handshake closes the socket: nothing unauthenticated lingers.
+      link.close(e instanceof Error ? e : new Error(String(e)));
+      throw e;
+    } finally {
+      authenticated();
+    }
+    this.primaryReturned?.();
     // A new authenticated session replaces an old one (the same primary restarting protection).
     if (this.link && !this.link.closed) this.link.close(new RubatoError('RUBATO_PEER_LOST', 'replaced by a new session'));
     this.link = link;
@@ -152,17 +191,40 @@ export class StandbyController {
       committed: (epoch, bytes, pages) => this.emit({ event: 'committed', epoch, bytes, pages }),
     });
     const end = await s.run();
+    if (end.protecting) this.guarding = true;
     if (this.link !== link) return; // replaced
     this.link = null;
     if (this.st === 'syncing') this.go('sync-abandoned');
-    if (end.protecting && !end.bye && this.store && this.st === 'protecting') {
-      const silentMs = link.silentMs();
-      this.emit({ event: 'primary-lost', reason: end.error.message, epoch: this.replicaEpoch, atMs: Date.now() });
-      log.warn(`primary lost (${end.error.message}); replica at checkpoint ${this.replicaEpoch}`);
-      if (this.o.autoFailover ?? true) await this.failover('primary-lost', end.error.message, silentMs);
-    } else if (end.bye) {
+    if (end.bye) {
+      this.guarding = false;
       log.info(`keeping the replica at checkpoint ${this.replicaEpoch}; no failover (the primary stopped in order)`);
+      return;
     }
+    if (!this.guarding || !this.store || this.st !== 'protecting') return;
+    await this.failoverUnlessPrimaryReturns(link, end.error.message);
+  }
+
+  /**
+   * A broken link is not a dead primary: a corrupted frame, a reset or a failed capture end the
+   * connection, and the primary reconnects at once to re-synchronise. Only silence past the
+   * liveness timeout, with no authenticated primary back, means it is gone.
+   */
+  private async failoverUnlessPrimaryReturns(link: Link, reason: string): Promise<void> {
+    const waitMs = Math.max(0, this.o.timeoutMs - link.silentMs());
+    log.warn(`link to the primary lost (${reason}); replica at checkpoint ${this.replicaEpoch}; taking over if it stays silent ${waitMs} ms more`);
+    const back = await new Promise<boolean>((resolve) => {
+      const t = setTimeout(() => { this.primaryReturned = null; resolve(false); }, waitMs);
+      this.primaryReturned = () => { clearTimeout(t); this.primaryReturned = null; resolve(true); };
+    });
+    if (back) {
+      log.info('the primary is back (authenticated); no failover');
+      return;
+    }
+    if (this.st !== 'protecting' || this.link) return;
+    const silentMs = Math.round(link.silentMs());
+    this.emit({ event: 'primary-lost', reason, epoch: this.replicaEpoch, atMs: Date.now() });
+    log.warn(`primary lost (${reason}; silent ${silentMs} ms); replica at checkpoint ${this.replicaEpoch}`);
+    if (this.o.autoFailover ?? true) await this.failover('primary-lost', reason, silentMs);
   }
 
   private async installBase(identity: Identity, layout: Layout, ram: Map<string, Buffer>, deviceState: Buffer): Promise<void> {
@@ -174,7 +236,7 @@ export class StandbyController {
     if (existsSync(this.replicaDir)) renameSync(this.replicaDir, `${this.replicaDir}.old`);
     renameSync(next, this.replicaDir);
     rmSync(`${this.replicaDir}.old`, { recursive: true, force: true });
-    writeFileSync(join(this.o.stateDir, 'vm.json'), JSON.stringify(identity));
+    await writePrivateAtomic(join(this.o.stateDir, 'vm.json'), Buffer.from(JSON.stringify(identity)), this.o.fsync ?? true);
     // The store built in replica.new now lives in its final place.
     this.store = created.relocated(this.replicaDir);
     this.identity = identity;
@@ -213,7 +275,7 @@ export class StandbyController {
       store = this.store = await ReplicaStore.open(this.replicaDir, { fsync: this.o.fsync ?? true });
     }
     const spec = { ...this.identity.spec, name: `${this.identity.spec.name}`, ramFile: store.imagePath(MAIN_RAM_ID) };
-    writeFileSync(join(this.o.stateDir, 'activated'), JSON.stringify({ epoch: store.epoch, atMs: detectedAtMs }));
+    await writePrivateAtomic(join(this.o.stateDir, 'activated'), Buffer.from(JSON.stringify({ epoch: store.epoch, atMs: detectedAtMs })), this.o.fsync ?? true);
     try {
       const binary = this.binary ?? await this.o.binaryFor(spec.accel);
       const io = this.o.prepareRestore ? await this.o.prepareRestore(this.identity, store) : {};
@@ -255,4 +317,15 @@ export class StandbyController {
     await this.store?.settled().catch((e: unknown) => log.warn(`replica files behind its last checkpoint at stop (${(e as Error).message}); its redo record finishes them on the next start`));
     await this.vm?.stop();
   }
+}
+
+/** The protected VM's identity, as the last full image recorded it. */
+function readIdentity(path: string): Identity {
+  let v: unknown;
+  try { v = JSON.parse(readFileSync(path, 'utf8')); } catch (e) {
+    throw new RubatoError('RUBATO_REPLICA_CORRUPT', `${path} cannot be read (${(e as Error).message}); the replica cannot be used: move the state folder aside and let the primary re-synchronise`);
+  }
+  const r = IdentitySchema.safeParse(v);
+  if (!r.success) throw new RubatoError('RUBATO_REPLICA_CORRUPT', `${path} does not describe a VM (${r.error.issues[0]?.message ?? 'invalid'}); move the state folder aside and let the primary re-synchronise`);
+  return r.data;
 }

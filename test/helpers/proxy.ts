@@ -1,17 +1,34 @@
 // A TCP proxy whose link can be cut silently (packets black-holed, no FIN/RST), as a network
-// partition looks to both ends: only heartbeat timeouts can tell.
+// partition looks to both ends: only heartbeat timeouts can tell. It can also flip one bit of the
+// client→server stream (a corrupted frame) and show every byte it forwards to a watcher (a capture).
 import { createServer, connect, type Server, type Socket } from 'node:net';
 
 export class CuttableProxy {
   private server: Server;
   private sockets: Socket[] = [];
   private cut = false;
+  private flipAt: number | null = null;
+  /** Bytes forwarded client → server so far (over all connections). */
+  forwarded = 0;
+  /** Sees every chunk forwarded client → server. */
+  onForward: ((chunk: Buffer) => void) | null = null;
   port = 0;
   constructor(public targetPort: number) {
     this.server = createServer((c) => {
       const u = connect({ host: '127.0.0.1', port: this.targetPort });
       this.sockets.push(c, u);
-      c.on('data', (d) => { if (!this.cut) u.write(d); });
+      c.on('data', (d: Buffer) => {
+        if (this.cut) return;
+        if (this.flipAt !== null && this.flipAt < this.forwarded + d.length) {
+          d = Buffer.from(d);
+          const i = this.flipAt - this.forwarded;
+          d[i] = d[i]! ^ 0x10;
+          this.flipAt = null;
+        }
+        this.forwarded += d.length;
+        this.onForward?.(d);
+        u.write(d);
+      });
       u.on('data', (d) => { if (!this.cut) c.write(d); });
       const end = () => { if (!this.cut) { c.destroy(); u.destroy(); } };
       c.on('close', end); u.on('close', end);
@@ -24,5 +41,7 @@ export class CuttableProxy {
     return this.port;
   }
   blackhole(): void { this.cut = true; }
+  /** Flips one bit of the client → server stream `afterBytes` from now. */
+  flipBit(afterBytes: number): void { this.flipAt = this.forwarded + afterBytes; }
   close(): void { this.server.close(); for (const s of this.sockets) s.destroy(); }
 }

@@ -11,7 +11,7 @@ import { StandbyController } from '../../src/replication/standby.ts';
 import { ReplicaStore } from '../../src/replication/replica-store.ts';
 import { Link } from '../../src/replication/link.ts';
 import { connectHandshake } from '../../src/replication/handshake.ts';
-import { FrameType, HEADER_BYTES, helloKey } from '../../src/replication/protocol/frame.ts';
+import { FrameType, HEADER_BYTES, helloKeys } from '../../src/replication/protocol/frame.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
 import { stockQemu } from '../../src/setup/index.ts';
@@ -49,7 +49,7 @@ function replicaIntact() {
 const closed = (l: Link) => new Promise<Error>((r) => (l.closed ? r(l.closed) : l.once('close', r)));
 
 test('a primary with the wrong key is refused', async () => {
-  const link = new Link(await dial(), randomBytes(32), 'standby');
+  const link = new Link(await dial(), randomBytes(32), 'standby', 'primary');
   await assert.rejects(connectHandshake(link, randomBytes(32), identity, 3000), (e: unknown) => isRubatoError(e) && /authentication|refused|failed/.test(e.message));
   replicaIntact();
 });
@@ -64,7 +64,7 @@ test('a wrong protocol version is refused', async () => {
   f[4] = FrameType.HELLO;
   f[5] = 2; // a future protocol
   f.writeBigUInt64BE(1n, 16);
-  createHmac('sha256', helloKey(psk)).update(f.subarray(0, HEADER_BYTES)).digest().copy(f, HEADER_BYTES);
+  createHmac('sha256', helloKeys(psk).p2s.key).update(f.subarray(0, HEADER_BYTES)).digest().copy(f, HEADER_BYTES);
   s.write(f);
   await new Promise<void>((r) => s.once('close', () => r()));
   replicaIntact();
@@ -72,7 +72,7 @@ test('a wrong protocol version is refused', async () => {
 
 test('truncated and corrupted checkpoint frames drop the session, replica untouched', async () => {
   for (const mode of ['truncated', 'corrupted', 'garbage-record'] as const) {
-    const link = new Link(await dial(), psk, 'standby');
+    const link = new Link(await dial(), psk, 'standby', 'primary');
     const welcome = await connectHandshake(link, psk, identity, 3000);
     assert.equal(welcome.replicaEpoch, 0);
     const payload = randomBytes(5000);

@@ -1,11 +1,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHmac, randomBytes } from 'node:crypto';
-import { FrameDecoder, FrameEncoder, FrameType, encodeFrame, helloKey, sessionKey, HEADER_BYTES } from '../../src/replication/protocol/frame.ts';
+import { FrameDecoder, FrameEncoder, FrameType, encodeFrame, helloKeys, sessionKeys, HEADER_BYTES, HELLO_MAX_FRAME_BYTES, type FrameKey } from '../../src/replication/protocol/frame.ts';
 import { decodeHello, encodeHello, decodeBaseData, decodeLayout, encodeLayout } from '../../src/replication/protocol/messages.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
 
-const key = randomBytes(32);
+const key: FrameKey = { kind: 'aead', key: randomBytes(32) };
+const hello: FrameKey = { kind: 'hmac', key: randomBytes(32) };
 
 function roundTrip(frames: Buffer[], chunk: number) {
   const all = Buffer.concat(frames);
@@ -25,20 +26,22 @@ test('frames round-trip through any chunking', () => {
 });
 
 test('a frame under the wrong key is rejected as an authentication failure', () => {
-  const f = new FrameEncoder(randomBytes(32)).encode(FrameType.ACK, 1);
+  const f = new FrameEncoder({ kind: 'aead', key: randomBytes(32) }).encode(FrameType.ACK, 1);
   assert.throws(() => new FrameDecoder(key, 'p').push(f), (e: unknown) => isRubatoError(e, 'RUBATO_AUTH_FAILED'));
 });
 
 test('every single-bit corruption of a frame is rejected with a typed error', () => {
-  const f = new FrameEncoder(key).encode(FrameType.CKPT, 3, randomBytes(300));
+  for (const k of [key, hello]) {
+  const f = new FrameEncoder(k).encode(FrameType.CKPT, 3, randomBytes(300));
   for (let i = 0; i < f.length * 8; i += 3) {
     const m = Buffer.from(f);
     m[i >> 3] = m[i >> 3]! ^ (1 << (i & 7));
-    const dec = new FrameDecoder(key, 'p');
+    const dec = new FrameDecoder(k, 'p');
     let frames: unknown[] = [];
     try { frames = dec.push(m); } catch (e) { assert.ok(isRubatoError(e), String(e)); continue; }
     // A corrupted length may leave the decoder waiting for more: it must not have produced a frame.
     assert.equal(frames.length, 0, `bit ${i}`);
+  }
   }
 });
 
@@ -54,11 +57,11 @@ test('replayed and reordered frames break the session', () => {
 });
 
 test('a wrong protocol version is named', () => {
-  const f = encodeFrame({ type: FrameType.ACK, epoch: 1, seq: 1, payload: Buffer.alloc(0) }, key);
+  const f = encodeFrame({ type: FrameType.ACK, epoch: 1, seq: 1, payload: Buffer.alloc(0) }, hello);
   f[5] = 9;
   // recompute the MAC so only the version is wrong
-  createHmac('sha256', key).update(f.subarray(0, HEADER_BYTES)).digest().copy(f, HEADER_BYTES);
-  assert.throws(() => new FrameDecoder(key, 'p').push(f), (e: unknown) => isRubatoError(e, 'RUBATO_VERSION_MISMATCH') && /version 9/.test(e.message));
+  createHmac('sha256', hello.key).update(f.subarray(0, HEADER_BYTES)).digest().copy(f, HEADER_BYTES);
+  assert.throws(() => new FrameDecoder(hello, 'p').push(f), (e: unknown) => isRubatoError(e, 'RUBATO_VERSION_MISMATCH') && /version 9/.test(e.message));
 });
 
 test('absurd lengths are rejected before any allocation', () => {
@@ -86,5 +89,37 @@ test('message payloads are checked at the boundary', () => {
   const d = Buffer.alloc(12 + 4096);
   d.writeBigUInt64BE(8192n, 4);
   assert.throws(() => decodeBaseData(d, layout), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL') && /beyond/.test(e.message));
-  assert.notDeepEqual(helloKey(key), sessionKey(key, randomBytes(32), randomBytes(32)));
+  const psk = randomBytes(32);
+  const h = helloKeys(psk);
+  const sk = sessionKeys(psk, randomBytes(32), randomBytes(32));
+  assert.notDeepEqual(h.p2s.key, h.s2p.key);
+  assert.notDeepEqual(sk.p2s.key, sk.s2p.key);
+  assert.notDeepEqual(h.p2s.key, sk.p2s.key);
+});
+
+test('a frame reflected back to its sender fails: each direction has its own key', () => {
+  const psk = randomBytes(32);
+  const sk = sessionKeys(psk, randomBytes(32), randomBytes(32));
+  const heartbeat = new FrameEncoder(sk.s2p).encode(FrameType.HEARTBEAT, 0, randomBytes(8));
+  // the standby's own heartbeat, sent back to it as if from the primary
+  assert.throws(() => new FrameDecoder(sk.p2s, 'p').push(heartbeat), (e: unknown) => isRubatoError(e, 'RUBATO_AUTH_FAILED'));
+  assert.equal(new FrameDecoder(sk.s2p, 'p').push(heartbeat).length, 1);
+});
+
+test('session payloads are encrypted: the plaintext is nowhere on the wire', () => {
+  const secret = Buffer.from('Linux version 6.1.0-rubato-test '.repeat(64));
+  const wire = new FrameEncoder(key).encode(FrameType.CKPT, 1, secret);
+  assert.equal(wire.includes(Buffer.from('Linux version')), false);
+  assert.deepEqual(new FrameDecoder(key, 'p').push(wire)[0]!.payload, secret);
+});
+
+test('before authentication nothing above the hello limit is read, let alone buffered', () => {
+  const head = Buffer.alloc(HEADER_BYTES);
+  head.writeUInt32BE(500 << 20, 0); // a 500 MiB claim
+  assert.throws(() => new FrameDecoder(hello, 'p').push(head), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL') && /announces/.test(e.message));
+  const big = new FrameEncoder(hello).encode(FrameType.HELLO, 0, randomBytes(HELLO_MAX_FRAME_BYTES));
+  assert.throws(() => new FrameDecoder(hello, 'p').push(big), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'));
+  // after the handshake the limit is the session's: a bounded decoder buffers at most one frame
+  const dec = new FrameDecoder(key, 'p', 1 << 20);
+  assert.throws(() => dec.push(new FrameEncoder(key).encode(FrameType.CKPT, 1, randomBytes(2 << 20))), /announces/);
 });

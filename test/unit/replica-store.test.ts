@@ -129,3 +129,25 @@ test('a record off the wire is acknowledgeable at its commit point; its images f
   assert.equal(r2.ramOf('mem0')[8192], 10);
   assert.deepEqual(readFileSync(r2.imagePath('mem0')), r2.ramOf('mem0'));
 });
+
+test('private state: replica files 0600 in 0700 folders whatever the umask; a folder others may write is refused', async (t) => {
+  const { statSync, mkdirSync, chmodSync, symlinkSync } = await import('node:fs');
+  const { ensurePrivateDir } = await import('../../src/util/private-files.ts');
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const old = process.umask(0);
+  try {
+    const s = await ReplicaStore.create(join(dir, 'r'), 'vm', base());
+    await s.commit(cp(1, [[0, 5]]));
+    assert.equal(statSync(join(dir, 'r')).mode & 0o777, 0o700);
+    assert.equal(statSync(join(dir, 'r', 'ram')).mode & 0o777, 0o700);
+    for (const f of ['ram/0.img', 'ram/1.img', 'device.bin', 'meta.json']) assert.equal(statSync(join(dir, 'r', f)).mode & 0o777, 0o600, f);
+  } finally {
+    process.umask(old);
+  }
+  mkdirSync(join(dir, 'open'));
+  chmodSync(join(dir, 'open'), 0o777);
+  assert.throws(() => ensurePrivateDir(join(dir, 'open')), (e: unknown) => isRubatoError(e, 'RUBATO_CONFIG') && /writable by other users/.test(e.message));
+  symlinkSync(join(dir, 'r'), join(dir, 'link'));
+  assert.throws(() => ensurePrivateDir(join(dir, 'link')), (e: unknown) => isRubatoError(e, 'RUBATO_CONFIG') && /symlink/.test(e.message));
+});

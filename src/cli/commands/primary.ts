@@ -2,7 +2,8 @@
 // standby, as a long-running daemon. SIGTERM/SIGINT stop it in order: the standby is told and does
 // not fail over, the guest stops, nothing is left running.
 import { z } from 'zod';
-import { mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { readdirSync, rmSync } from 'node:fs';
+import { ensurePrivateDir } from '../../util/private-files.ts';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { RubatoError } from '../../util/errors.ts';
@@ -45,7 +46,7 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
   const psk = loadKeyFile(o.key);
   const { accel, binary, guest } = await platform(o.accel);
   const stateDir = resolve(o.stateDir);
-  mkdirSync(stateDir, { recursive: true, mode: 0o700 });
+  ensurePrivateDir(stateDir);
   const parsed = VmSpecSchema.safeParse({
     name: o.name, accel, cpus: o.cpus, memMb: o.mem, kernel: o.kernel ?? guest.kernel, initrd: o.initrd ?? guest.initrd,
     append: o.append ?? guestAppend(o.workload.split(',')),

@@ -1,19 +1,31 @@
-// Rubato's replication wire format, version 1. Pure codec: no sockets, no clocks.
+// Rubato's replication wire format, version 2. Pure codec: no sockets, no clocks.
 //
-// Frame: be32 bodyLength | u8 type | u8 version | be16 flags | be64 epoch | be64 seq | payload | mac[32]
-//   bodyLength counts everything after itself; mac = HMAC-SHA256(key, length field .. payload).
-//   Before the handshake completes frames are authenticated with the hello key HMAC(psk, "rubato/v1/hello");
-//   afterwards with the session key HMAC(psk, "rubato/v1/session" | nonceStandby | noncePrimary).
+// Frame: be32 bodyLength | u8 type | u8 version | be16 flags | be64 epoch | be64 seq | body | tag
+//   bodyLength counts everything after itself. Two phases, with keys per direction (p2s: primary →
+//   standby, s2p: standby → primary), so a frame reflected back to its sender or replayed across
+//   directions fails:
+//   - hello (until the handshake completes): body = payload in clear (nonces, proofs, the VM's
+//     identity: nothing secret), tag = HMAC-SHA256(helloKey[dir], header ‖ payload), 32 bytes;
+//     helloKey[dir] = HKDF-SHA256(psk, salt "rubato/v2/hello", info dir). A hello frame is at most
+//     HELLO_MAX_FRAME_BYTES: nothing larger is read, let alone buffered, before authentication.
+//   - session: body = AES-256-GCM(sessionKey[dir], nonce = be32 0 ‖ be64 seq, aad = header)(payload),
+//     tag = the 16-byte GCM tag; sessionKey[dir] = HKDF-SHA256(psk, salt nonceStandby ‖ noncePrimary,
+//     info "rubato/v2/session/" dir). Keys are fresh per connection and seq never repeats within
+//     one, so no (key, nonce) pair is ever used twice. Guest memory is never on the wire in clear.
 //   seq starts at 1 in each direction and increases by exactly one: a replayed, dropped or
-//   reordered frame breaks the session. A frame is at most MAX_FRAME_BYTES.
+//   reordered frame breaks the session. A session frame is at most the decoder's current limit
+//   (set from the session's layout), never above MAX_FRAME_BYTES.
 
-import { createHmac, timingSafeEqual } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHmac, hkdfSync, timingSafeEqual, type DecipherGCM, type Hmac } from 'node:crypto';
 import { RubatoError } from '../../util/errors.ts';
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 export const HEADER_BYTES = 4 + 1 + 1 + 2 + 8 + 8;
-export const MAC_BYTES = 32;
-export const MAX_FRAME_BYTES = 512 << 20;
+export const HMAC_TAG_BYTES = 32;
+export const GCM_TAG_BYTES = 16;
+export const MAX_FRAME_BYTES = 1 << 30;
+/** Largest frame accepted before the handshake is authenticated. */
+export const HELLO_MAX_FRAME_BYTES = 16 << 10;
 
 export const FrameType = {
   CHALLENGE: 1,   // standby → primary: nonce
@@ -44,76 +56,113 @@ export interface Frame {
 
 export const protocolError = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_PROTOCOL', msg, ctx);
 
-export function helloKey(psk: Buffer): Buffer {
-  return createHmac('sha256', psk).update('rubato/v1/hello').digest();
+/** Which way a frame travels. */
+export type Direction = 'p2s' | 's2p';
+/** A direction's key and how it protects frames. */
+export interface FrameKey { readonly kind: 'hmac' | 'aead'; readonly key: Buffer }
+
+const tagBytes = (k: FrameKey) => (k.kind === 'aead' ? GCM_TAG_BYTES : HMAC_TAG_BYTES);
+const hkdf = (ikm: Buffer, salt: Buffer | string, info: string) => Buffer.from(hkdfSync('sha256', ikm, salt, info, 32));
+
+/** The per-direction keys that authenticate the handshake. */
+export function helloKeys(psk: Buffer): Record<Direction, FrameKey> {
+  return { p2s: { kind: 'hmac', key: hkdf(psk, 'rubato/v2/hello', 'p2s') }, s2p: { kind: 'hmac', key: hkdf(psk, 'rubato/v2/hello', 's2p') } };
 }
 
-export function sessionKey(psk: Buffer, nonceStandby: Buffer, noncePrimary: Buffer): Buffer {
-  return createHmac('sha256', psk).update('rubato/v1/session').update(nonceStandby).update(noncePrimary).digest();
+/** The per-direction keys that encrypt and authenticate a session after the handshake. */
+export function sessionKeys(psk: Buffer, nonceStandby: Buffer, noncePrimary: Buffer): Record<Direction, FrameKey> {
+  const salt = Buffer.concat([nonceStandby, noncePrimary]);
+  return { p2s: { kind: 'aead', key: hkdf(psk, salt, 'rubato/v2/session/p2s') }, s2p: { kind: 'aead', key: hkdf(psk, salt, 'rubato/v2/session/s2p') } };
 }
 
 export function proof(psk: Buffer, role: 'primary' | 'standby', a: Buffer, b: Buffer): Buffer {
-  return createHmac('sha256', psk).update(`rubato/v1/proof/${role}`).update(a).update(b).digest();
+  return createHmac('sha256', psk).update(`rubato/v2/proof/${role}`).update(a).update(b).digest();
 }
 
 export function proofEquals(a: Buffer, b: Buffer): boolean {
   return a.length === b.length && timingSafeEqual(a, b);
 }
 
-/**
- * A frame as three buffers — header, payload (not copied), MAC — so that a checkpoint record of
- * megabytes goes to the socket as it is; the MAC covers header and payload.
- */
-export function encodeFrameParts(f: Frame, key: Buffer): [Buffer, Buffer, Buffer] {
-  const body = HEADER_BYTES - 4 + f.payload.length + MAC_BYTES;
-  if (body + 4 > MAX_FRAME_BYTES) throw protocolError(`frame of ${body + 4} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
-  const head = Buffer.allocUnsafe(HEADER_BYTES);
-  head.writeUInt32BE(body, 0);
-  head[4] = f.type;
-  head[5] = PROTOCOL_VERSION;
-  head.writeUInt16BE(0, 6);
-  head.writeBigUInt64BE(BigInt(f.epoch), 8);
-  head.writeBigUInt64BE(BigInt(f.seq), 16);
-  const mac = createHmac('sha256', key).update(head).update(f.payload).digest();
-  return [head, f.payload, mac];
+function nonceOf(seq: number): Buffer {
+  const n = Buffer.alloc(12);
+  n.writeBigUInt64BE(BigInt(seq), 4);
+  return n;
 }
 
-export function encodeFrame(f: Frame, key: Buffer): Buffer {
-  return Buffer.concat(encodeFrameParts(f, key));
+function header(type: number, epoch: number, seq: number, bodyLength: number): Buffer {
+  const head = Buffer.allocUnsafe(HEADER_BYTES);
+  head.writeUInt32BE(bodyLength, 0);
+  head[4] = type;
+  head[5] = PROTOCOL_VERSION;
+  head.writeUInt16BE(0, 6);
+  head.writeBigUInt64BE(BigInt(epoch), 8);
+  head.writeBigUInt64BE(BigInt(seq), 16);
+  return head;
+}
+
+/**
+ * A frame as three buffers — header, body, tag — so that a record of megabytes goes to the socket
+ * without being joined to its header; in a session the body is the payload encrypted.
+ */
+export function encodeFrameParts(f: Frame, k: FrameKey): [Buffer, Buffer, Buffer] {
+  const body = HEADER_BYTES - 4 + f.payload.length + tagBytes(k);
+  if (body + 4 > MAX_FRAME_BYTES) throw protocolError(`frame of ${body + 4} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
+  const head = header(f.type, f.epoch, f.seq, body);
+  if (k.kind === 'hmac') return [head, f.payload, createHmac('sha256', k.key).update(head).update(f.payload).digest()];
+  const c = createCipheriv('aes-256-gcm', k.key, nonceOf(f.seq));
+  c.setAAD(head);
+  const ct = f.payload.length ? c.update(f.payload) : Buffer.alloc(0);
+  c.final();
+  return [head, ct, c.getAuthTag()];
+}
+
+export function encodeFrame(f: Frame, k: FrameKey): Buffer {
+  return Buffer.concat(encodeFrameParts(f, k));
+}
+
+/** A frame being read: its header is known, its body arrives piece by piece into one buffer. */
+interface Partial {
+  head: Buffer; seq: number; payload: Buffer; got: number; tag: Buffer; tagGot: number;
+  hmac: Hmac | null; decipher: DecipherGCM | null;
 }
 
 /**
  * Incremental decoder for one direction of a session: authenticates every frame and checks the
- * sequence. Any violation throws and the decoder stays failed (the connection must be dropped).
+ * sequence. Bounds first: a frame's length is checked against the current limit before anything
+ * is allocated for it; its body is decrypted as it arrives into the one buffer it will be read
+ * from, and handed on only once its tag verified. Any violation throws and the decoder stays
+ * failed (the connection must be dropped). It stops after each handshake frame (the key may
+ * change there): drain() goes on with the new key.
  */
 export class FrameDecoder {
   private chunks: Buffer[] = [];
   private avail = 0;
   private failed: Error | null = null;
   private expectSeq = 1;
+  private cur: Partial | null = null;
+  private maxFrameBytes: number;
 
-  constructor(private key: Buffer, private readonly peer: string) {}
+  constructor(private key: FrameKey, private readonly peer: string, maxFrameBytes?: number) {
+    this.maxFrameBytes = maxFrameBytes ?? (key.kind === 'hmac' ? HELLO_MAX_FRAME_BYTES : MAX_FRAME_BYTES);
+  }
 
-  setKey(key: Buffer): void { this.key = key; }
+  setKey(key: FrameKey): void { this.key = key; }
+  /** The largest frame this side accepts from now on (the session's layout sets it). */
+  setMaxFrameBytes(n: number): void { this.maxFrameBytes = Math.min(n, MAX_FRAME_BYTES); }
+  /** Bytes received and not yet handed on as frames (bounded by the frame limit plus one read). */
+  get bufferedBytes(): number { return this.avail + (this.cur?.got ?? 0); }
 
   push(chunk: Buffer): Frame[] {
     if (this.failed) throw this.failed;
-    if (chunk.length) this.chunks.push(chunk);
-    this.avail += chunk.length;
+    if (chunk.length) { this.chunks.push(chunk); this.avail += chunk.length; }
     const out: Frame[] = [];
     try {
       for (;;) {
-        if (this.avail < 4) break;
-        const head = this.peek(4);
-        const body = head.readUInt32BE(0);
-        if (body + 4 > MAX_FRAME_BYTES || body < HEADER_BYTES - 4 + MAC_BYTES) {
-          throw protocolError(`frame from ${this.peer} announces ${body} bytes (allowed ${HEADER_BYTES - 4 + MAC_BYTES}..${MAX_FRAME_BYTES - 4})`, { peer: this.peer });
-        }
-        if (this.avail < 4 + body) break;
-        const buf = this.take(4 + body);
-        out.push(this.decodeOne(buf));
+        const f = this.step();
+        if (!f) break;
+        out.push(f);
         // a key change (handshake) may apply to the next frame: stop after frames that change it
-        if (out.at(-1)!.type === FrameType.HELLO || out.at(-1)!.type === FrameType.WELCOME || out.at(-1)!.type === FrameType.CHALLENGE) break;
+        if (isHandshake(f.type)) break;
       }
     } catch (e) {
       this.failed = e as Error;
@@ -125,32 +174,92 @@ export class FrameDecoder {
   /** Frames already buffered behind a handshake frame, decoded with the current key. */
   drain(): Frame[] { return this.push(Buffer.alloc(0)); }
 
-  private decodeOne(buf: Buffer): Frame {
-    const macAt = buf.length - MAC_BYTES;
-    const mac = createHmac('sha256', this.key).update(buf.subarray(0, macAt)).digest();
-    if (!timingSafeEqual(mac, buf.subarray(macAt))) throw new RubatoError('RUBATO_AUTH_FAILED', `frame from ${this.peer} failed authentication (wrong key, or forged or corrupted)`, { peer: this.peer });
-    const version = buf[5]!;
-    if (version !== PROTOCOL_VERSION) throw new RubatoError('RUBATO_VERSION_MISMATCH', `${this.peer} speaks protocol version ${version}, this Rubato speaks ${PROTOCOL_VERSION}`, { peer: this.peer });
-    const seq = Number(buf.readBigUInt64BE(16));
-    if (seq !== this.expectSeq) throw protocolError(`frame from ${this.peer} has sequence ${seq}, expected ${this.expectSeq} (replayed or dropped frame)`, { peer: this.peer });
-    this.expectSeq++;
-    return { type: buf[4]!, epoch: Number(buf.readBigUInt64BE(8)), seq, payload: buf.subarray(HEADER_BYTES, macAt) };
+  /** Advances the frame being read; returns it once complete and verified. */
+  private step(): Frame | null {
+    if (!this.cur) {
+      if (this.avail < 4) return null;
+      this.checkLength(this.peekLength());
+      if (this.avail < HEADER_BYTES) return null;
+      this.cur = this.begin(this.take(HEADER_BYTES, true));
+    }
+    const c = this.cur;
+    while (c.got < c.payload.length && this.avail > 0) {
+      const piece = this.take(Math.min(c.payload.length - c.got, this.chunks[0]!.length), false);
+      if (c.decipher) c.decipher.update(piece).copy(c.payload, c.got);
+      else { piece.copy(c.payload, c.got); c.hmac!.update(piece); }
+      c.got += piece.length;
+    }
+    while (c.got === c.payload.length && c.tagGot < c.tag.length && this.avail > 0) {
+      const piece = this.take(Math.min(c.tag.length - c.tagGot, this.chunks[0]!.length), false);
+      piece.copy(c.tag, c.tagGot);
+      c.tagGot += piece.length;
+    }
+    if (c.got < c.payload.length || c.tagGot < c.tag.length) return null;
+    this.cur = null;
+    return this.finish(c);
   }
 
-  private peek(n: number): Buffer {
+  /** A frame's announced length, from its first four bytes (which may span chunks). */
+  private peekLength(): number {
     const first = this.chunks[0]!;
-    if (first.length >= n) return first.subarray(0, n);
-    const b = Buffer.concat(this.chunks);
-    this.chunks = [b];
-    return b.subarray(0, n);
+    if (first.length >= 4) return first.readUInt32BE(0);
+    return Buffer.concat(this.chunks.slice(0, 4)).readUInt32BE(0);
   }
 
-  private take(n: number): Buffer {
+  private checkLength(body: number): void {
+    const tagLen = tagBytes(this.key);
+    if (body + 4 > this.maxFrameBytes || body < HEADER_BYTES - 4 + tagLen) {
+      throw protocolError(`frame from ${this.peer} announces ${body} bytes (allowed ${HEADER_BYTES - 4 + tagLen}..${this.maxFrameBytes - 4} now)`, { peer: this.peer });
+    }
+  }
+
+  private begin(head: Buffer): Partial {
+    const body = head.readUInt32BE(0);
+    const tagLen = tagBytes(this.key);
+    this.checkLength(body);
+    const seq = Number(head.readBigUInt64BE(16));
+    const payloadLen = body - (HEADER_BYTES - 4) - tagLen;
+    let hmac: Hmac | null = null;
+    let decipher: DecipherGCM | null = null;
+    if (this.key.kind === 'hmac') hmac = createHmac('sha256', this.key.key).update(head);
+    else { decipher = createDecipheriv('aes-256-gcm', this.key.key, nonceOf(seq)); decipher.setAAD(head); }
+    return { head, seq, payload: Buffer.allocUnsafe(payloadLen), got: 0, tag: Buffer.allocUnsafe(tagLen), tagGot: 0, hmac, decipher };
+  }
+
+  private finish(c: Partial): Frame {
+    let ok: boolean;
+    if (c.hmac) {
+      ok = timingSafeEqual(c.hmac.digest(), c.tag);
+    } else {
+      c.decipher!.setAuthTag(c.tag);
+      try { c.decipher!.final(); ok = true; } catch { ok = false; }
+    }
+    if (!ok) throw new RubatoError('RUBATO_AUTH_FAILED', `frame from ${this.peer} failed authentication (wrong key, or forged, reflected or corrupted)`, { peer: this.peer });
+    const version = c.head[5]!;
+    if (version !== PROTOCOL_VERSION) throw new RubatoError('RUBATO_VERSION_MISMATCH', `${this.peer} speaks protocol version ${version}, this Rubato speaks ${PROTOCOL_VERSION}`, { peer: this.peer });
+    if (c.seq !== this.expectSeq) throw protocolError(`frame from ${this.peer} has sequence ${c.seq}, expected ${this.expectSeq} (replayed or dropped frame)`, { peer: this.peer });
+    this.expectSeq++;
+    return { type: c.head[4]!, epoch: Number(c.head.readBigUInt64BE(8)), seq: c.seq, payload: c.payload };
+  }
+
+  /** Takes n bytes (n ≤ avail); `join` allows crossing chunks (headers only: 24 bytes). */
+  private take(n: number, join: boolean): Buffer {
     let first = this.chunks[0]!;
     if (first.length < n) {
-      first = Buffer.concat(this.chunks);
-      this.chunks = [first];
+      if (!join) n = first.length;
+      else {
+        const parts: Buffer[] = [];
+        let need = n;
+        while (need > 0) {
+          const c = this.chunks[0]!;
+          if (c.length <= need) { parts.push(c); this.chunks.shift(); need -= c.length; }
+          else { parts.push(c.subarray(0, need)); this.chunks[0] = c.subarray(need); need = 0; }
+        }
+        this.avail -= n;
+        return Buffer.concat(parts, n);
+      }
     }
+    first = this.chunks[0]!;
     const out = first.subarray(0, n);
     if (first.length === n) this.chunks.shift();
     else this.chunks[0] = first.subarray(n);
@@ -159,11 +268,13 @@ export class FrameDecoder {
   }
 }
 
-/** Sender side of one direction: numbers frames and authenticates them. */
+const isHandshake = (t: number) => t === FrameType.HELLO || t === FrameType.WELCOME || t === FrameType.CHALLENGE;
+
+/** Sender side of one direction: numbers frames and protects them. */
 export class FrameEncoder {
   private seq = 1;
-  constructor(private key: Buffer) {}
-  setKey(key: Buffer): void { this.key = key; }
+  constructor(private key: FrameKey) {}
+  setKey(key: FrameKey): void { this.key = key; }
   encode(type: number, epoch: number, payload: Buffer = Buffer.alloc(0)): Buffer {
     return encodeFrame({ type, epoch, seq: this.seq++, payload }, this.key);
   }

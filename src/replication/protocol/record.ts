@@ -10,7 +10,7 @@
 import { crc32 } from 'node:zlib';
 import { RubatoError, assert } from '../../util/errors.ts';
 import { checkDeviceState } from '../../capture/stream/parser.ts';
-import { PAGE_SIZE, type DirtyPage, type RamBlockInfo } from '../../capture/checkpoint.ts';
+import { MAX_DEVICE_STATE_BYTES, PAGE_SIZE, type DirtyPage, type RamBlockInfo } from '../../capture/checkpoint.ts';
 
 const FORMAT = 1;
 const MAGIC = 0x5242434b; // "RBCK"
@@ -54,6 +54,12 @@ export function encodeRecord(r: CheckpointRecord, blocks: readonly RamBlockInfo[
   o += r.deviceState.length;
   out.writeUInt32BE(crc32(out.subarray(0, o)), o);
   return out;
+}
+
+/** The largest record a replica of these blocks can receive: every page once, and a device state. */
+export function recordMaxBytes(blocks: readonly RamBlockInfo[]): number {
+  const pages = blocks.reduce((n, b) => n + Math.ceil(b.lengthBytes / PAGE_SIZE), 0);
+  return HEADER_BYTES + pages * (PAGE_HEADER_BYTES + PAGE_SIZE) + MAX_DEVICE_STATE_BYTES + CHECKSUM_BYTES;
 }
 
 /** Parses and checks a record against the replica's layout; pages reference `buf` (no copy). */
