@@ -91,3 +91,34 @@ test('truncated and corrupted checkpoint frames drop the session, replica untouc
     replicaIntact();
   }
 });
+
+test('before authentication: a 500 MiB length claim is refused at once, and nothing is buffered for it', async () => {
+  const rssBefore = process.memoryUsage().rss;
+  const socks = await Promise.all([0, 1, 2, 3].map(() => dial()));
+  const t0 = Date.now();
+  const closedAll = Promise.all(socks.map((s) => new Promise<void>((r) => { s.on('error', () => r()); s.once('close', () => r()); })));
+  for (const s of socks) {
+    const head = Buffer.alloc(HEADER_BYTES);
+    head.writeUInt32BE(500 << 20, 0);
+    head[4] = FrameType.HELLO;
+    head[5] = 2;
+    s.write(head);
+    s.write(randomBytes(1 << 20)); // the start of the stream behind the claim
+  }
+  await closedAll;
+  assert.ok(Date.now() - t0 < 5000, `disconnected after ${Date.now() - t0} ms`);
+  assert.ok(process.memoryUsage().rss - rssBefore < 100 << 20, 'no memory grew for the claims');
+  replicaIntact();
+});
+
+test('silent connections are closed when their handshake times out, a flood beyond the cap at once; a real primary still connects', { timeout: 30_000 }, async () => {
+  const t0 = Date.now();
+  const socks = await Promise.all(Array.from({ length: 300 }, () => dial().catch(() => null)));
+  const closedAt = await Promise.all(socks.map((s) => (s ? new Promise<number>((r) => { s.on('error', () => {}); s.once('close', () => r(Date.now() - t0)); }) : Promise.resolve(0))));
+  assert.ok(Math.max(...closedAt) < 15_000, `all closed within ${Math.max(...closedAt)} ms`);
+  const link = new Link(await dial(), psk, 'standby', 'primary');
+  const welcome = await connectHandshake(link, psk, identity, 3000);
+  assert.equal(welcome.replicaEpoch, 0);
+  link.close();
+  replicaIntact();
+});

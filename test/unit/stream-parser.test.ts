@@ -125,3 +125,22 @@ test('CONTINUE refers to the last block sent, across sections', async () => {
   assert.deepEqual(counts, { pages: 1, zeros: 0 });
   assert.deepEqual(pages, [{ block: 'a', offset: 4096, first: 9 }]);
 });
+
+test('a large device part arriving in many chunks is read whole; a description length past the cap is refused', async () => {
+  const { readDevicePart } = await import('../../src/capture/stream/parser.ts');
+  const body = Buffer.alloc(32 << 20, 0x5a);
+  const desc = Buffer.from('{"page_size": 4096, "devices": []}');
+  const s = new StreamBuilder().u8(VM.SECTION_FULL).be32(3).str8('big').be32(0).be32(1).raw(body).u8(VM.SECTION_FOOTER).be32(3).u8(VM.EOF);
+  s.u8(VM.VMDESCRIPTION).be32(desc.length).raw(desc);
+  const buf = s.build();
+  const r = new ByteReader('t');
+  const p = readDevicePart(r);
+  for (let i = 0; i < buf.length; i += 64 << 10) { r.push(buf.subarray(i, i + (64 << 10))); await Promise.resolve(); }
+  const { deviceState } = await p;
+  assert.equal(deviceState.length, buf.length - 5 - desc.length);
+  const bad = new StreamBuilder().u8(VM.SECTION_FULL).be32(3).str8('x').be32(0).be32(1).u8(VM.EOF).u8(VM.VMDESCRIPTION).be32(0xffffffff).raw(Buffer.from('{"page_size": 4096')).build();
+  const r2 = new ByteReader('t');
+  r2.push(bad);
+  r2.end();
+  await assert.rejects(readDevicePart(r2), (e: unknown) => isRubatoError(e, 'RUBATO_STREAM_FORMAT') && /VM description of/.test(e.message));
+});

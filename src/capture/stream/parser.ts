@@ -172,28 +172,39 @@ const VMDESC_JSON_START = Buffer.from('{"page_size":', 'latin1');
  * Reads the device part that closes a precopy stream: FULL sections (which carry no lengths),
  * EOF, then the VM description record. Returns the device part (sections + EOF) and the
  * description. The first byte (SECTION_FULL) has not been consumed yet.
+ *
+ * Device sections carry no lengths in QEMU 7.2's stream, so the end of the device part is found
+ * as EOF, VMDESCRIPTION, a be32 length and the description's JSON opening. Bytes are kept as a
+ * list of chunks and searched through a window over each new chunk (linear in the part's size);
+ * the description's declared length is capped like the part itself.
  */
 export async function readDevicePart(r: ByteReader, maxBytes = 64 << 20): Promise<{ deviceState: Buffer; vmdesc: unknown }> {
-  let acc = Buffer.alloc(0);
-  let searchFrom = 0;
+  const MARK = 6; // EOF, VMDESCRIPTION, be32 length
+  const parts: Buffer[] = [];
+  let total = 0;
+  let window: Buffer = Buffer.alloc(0); // the last bytes before the newest chunk, so a match may span chunks
   for (;;) {
     if (!r.has(1)) await r.need(1);
-    acc = Buffer.concat([acc, r.take(r.available)]);
-    if (acc.length > maxBytes) throw formatError(`device part larger than ${maxBytes} bytes without a VM description`, r);
+    const chunk = r.take(r.available);
+    parts.push(chunk);
+    total += chunk.length;
+    if (total > maxBytes) throw formatError(`device part larger than ${maxBytes} bytes without a VM description`, r);
+    const hay = window.length ? Buffer.concat([window, chunk]) : chunk;
+    const base = total - hay.length; // absolute offset of hay[0]
     let at = -1;
-    for (let i = acc.indexOf(VMDESC_JSON_START, searchFrom); i >= 0; i = acc.indexOf(VMDESC_JSON_START, i + 1)) {
-      if (i >= 6 && acc[i - 6] === VM.EOF && acc[i - 5] === VM.VMDESCRIPTION) { at = i - 6; break; }
+    for (let i = hay.indexOf(VMDESC_JSON_START); i >= 0; i = hay.indexOf(VMDESC_JSON_START, i + 1)) {
+      if (i >= MARK && hay[i - MARK] === VM.EOF && hay[i - MARK + 1] === VM.VMDESCRIPTION) { at = base + i - MARK; break; }
     }
-    if (at < 0) { searchFrom = Math.max(0, acc.length - VMDESC_JSON_START.length - 6); continue; }
+    window = hay.subarray(Math.max(0, hay.length - (VMDESC_JSON_START.length + MARK - 1)));
+    if (at < 0) continue;
+    let acc: Buffer = Buffer.concat(parts, total);
     const jsonLen = acc.readUInt32BE(at + 2);
-    const end = at + 6 + jsonLen;
-    while (acc.length < end) {
-      if (!r.has(1)) await r.need(Math.min(end - acc.length, 1 << 20));
-      acc = Buffer.concat([acc, r.take(Math.min(r.available, end - acc.length))]);
-    }
+    if (jsonLen > maxBytes) throw formatError(`VM description of ${jsonLen} bytes (at most ${maxBytes})`, r);
+    const end = at + MARK + jsonLen;
+    if (acc.length < end) acc = Buffer.concat([acc, await r.readBytes(end - acc.length)]);
     r.unshift(acc.subarray(end));
     let vmdesc: unknown;
-    try { vmdesc = JSON.parse(acc.subarray(at + 6, end).toString('utf8')); } catch { throw formatError('VM description is not JSON', r); }
+    try { vmdesc = JSON.parse(acc.subarray(at + MARK, end).toString('utf8')); } catch { throw formatError('VM description is not JSON', r); }
     if (acc[0] !== VM.SECTION_FULL) throw formatError(`device part starts with 0x${acc[0]?.toString(16)}`, r);
     return { deviceState: Buffer.from(acc.subarray(0, at + 1)), vmdesc };
   }
