@@ -20,6 +20,8 @@ import * as standby from './commands/standby.ts';
 const program = new Command('rubato')
   .description('High availability for QEMU VMs by checkpoint replication with a workload-adaptive scheduler')
   .exitOverride()
+  // Options after a subcommand belong to it (`bench scheduler --quick` is the scheduler's --quick).
+  .enablePositionalOptions()
   .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
 for (const c of [setup, captureCheck, keygen, primary, standby, failover, demo, profile, simulate, chaos, bench]) c.register(program);

@@ -52,6 +52,7 @@ function common(c: Command): Command {
 export function register(program: Command): void {
   const bench = withAccel(common(program.command('bench')))
     .description('benchmarks; with no subcommand, the whole evaluation: results/report.md with figures and traces')
+    .enablePositionalOptions()
     .argument('[which]', `one of ${SUBCOMMANDS.join(', ')}`)
     .action(async (which: string | undefined, raw: unknown) => {
       if (which !== undefined && which !== 'all') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: ${SUBCOMMANDS.join(', ')})`);
