@@ -17,6 +17,10 @@ import {
 const log = logger('nbd');
 const PAGE = 4096;
 const MAX_OPTION_BYTES = 64 << 10;
+/** Requests served at once per connection. */
+const MAX_INFLIGHT = 32;
+/** … and bytes being read or written at once (the next request waits below it). */
+const MAX_INFLIGHT_BYTES = 64 << 20;
 /** Bound on the dirty set of one epoch; past it the epoch must be ended (the engine is told). */
 export const MAX_DIRTY_BYTES_PER_EPOCH = 512 << 20;
 
@@ -133,67 +137,89 @@ export class NbdServer {
       }
       sock.write(optionReply(opt, REP.ERR_UNSUP));
     }
-    // Transmission: requests are served one at a time, in order.
-    for (;;) {
-      const head = await r.readBytes(REQUEST_HEADER_BYTES);
-      const req = decodeRequest(head);
-      const v = validateRequest(req, this.size, this.readOnly);
-      if (req.magic !== REQUEST_MAGIC) {
-        // The stream is out of step: answer once, then hang up.
-        this.stats.errors++;
-        sock.write(simpleReply(ERR.EINVAL, req.handle));
-        log.warn(`NBD: ${v.ok ? 'bad request' : v.why}; closing the connection`);
-        return;
-      }
-      let payload: Buffer | null = null;
-      if (req.type === CMD.WRITE) {
-        if (req.length > MAX_REQUEST_BYTES) { sock.write(simpleReply(ERR.EOVERFLOW, req.handle)); return; }
-        payload = await r.readBytes(req.length);
-      }
-      if (!v.ok) {
-        this.stats.errors++;
-        log.debug(`NBD error reply: ${v.why}`);
-        sock.write(simpleReply(v.error, req.handle));
-        continue;
-      }
-      try {
-        switch (req.type) {
-          case CMD.READ: {
-            const buf = Buffer.allocUnsafe(req.length);
-            await this.fh!.read(buf, 0, req.length, req.offset);
-            this.stats.reads++;
-            sock.write(simpleReply(0, req.handle, buf));
-            break;
-          }
-          case CMD.WRITE:
-            await this.fh!.write(payload!, 0, req.length, req.offset);
-            await this.written(req.offset, req.length, (req.flags & CMD_FLAG.FUA) !== 0);
-            sock.write(simpleReply(0, req.handle));
-            break;
-          case CMD.TRIM:
-          case CMD.WRITE_ZEROES:
-            await this.fh!.write(Buffer.alloc(req.length), 0, req.length, req.offset);
-            await this.written(req.offset, req.length, (req.flags & CMD_FLAG.FUA) !== 0);
-            sock.write(simpleReply(0, req.handle));
-            break;
-          case CMD.FLUSH:
-            await this.fh!.datasync();
-            this.stats.flushes++;
-            this.onIo?.('flush');
-            this.onFlush?.();
-            sock.write(simpleReply(0, req.handle));
-            break;
-          case CMD.CACHE:
-            sock.write(simpleReply(0, req.handle));
-            break;
-          case CMD.DISC:
-            return;
+    // Transmission: requests are served concurrently, at most MAX_INFLIGHT at a time; while the
+    // socket cannot take more replies, no further request is read (back-pressure on the client).
+    const inflight = new Set<Promise<void>>();
+    let inflightBytes = 0;
+    const start = (p: Promise<void>, bytes: number) => {
+      inflight.add(p);
+      inflightBytes += bytes;
+      void p.finally(() => { inflight.delete(p); inflightBytes -= bytes; });
+    };
+    try {
+      for (;;) {
+        while (inflight.size >= MAX_INFLIGHT || inflightBytes >= MAX_INFLIGHT_BYTES) await Promise.race(inflight);
+        if (sock.writableNeedDrain) await new Promise<void>((res) => { sock.once('drain', res); sock.once('close', res); });
+        const head = await r.readBytes(REQUEST_HEADER_BYTES);
+        const req = decodeRequest(head);
+        const v = validateRequest(req, this.size, this.readOnly);
+        if (req.magic !== REQUEST_MAGIC) {
+          // The stream is out of step: answer once, then hang up.
+          this.stats.errors++;
+          sock.write(simpleReply(ERR.EINVAL, req.handle));
+          log.warn(`NBD: ${v.ok ? 'bad request' : v.why}; closing the connection`);
+          return;
         }
-      } catch (e) {
-        this.stats.errors++;
-        log.warn(`NBD I/O error: ${errorMessage(e)}`);
-        sock.write(simpleReply(ERR.EIO, req.handle));
+        let payload: Buffer | null = null;
+        if (req.type === CMD.WRITE) {
+          if (req.length > MAX_REQUEST_BYTES) { sock.write(simpleReply(ERR.EOVERFLOW, req.handle)); return; }
+          payload = await r.readBytes(req.length);
+        }
+        if (!v.ok) {
+          this.stats.errors++;
+          log.debug(`NBD error reply: ${v.why}`);
+          sock.write(simpleReply(v.error, req.handle));
+          continue;
+        }
+        if (req.type === CMD.DISC) return;
+        start(this.serveRequest(sock, req, payload), req.type === CMD.READ || req.type === CMD.WRITE ? req.length : 0);
       }
+    } finally {
+      await Promise.allSettled(inflight);
+    }
+  }
+
+  /**
+   * One request. A write's reply goes out only after its pages are recorded dirty (read back as
+   * they now stand), so every write the guest saw completed before a checkpoint's pause is in
+   * that checkpoint: QEMU drains its block requests before it saves the device state.
+   */
+  private async serveRequest(sock: Socket, req: ReturnType<typeof decodeRequest>, payload: Buffer | null): Promise<void> {
+    try {
+      switch (req.type) {
+        case CMD.READ: {
+          const buf = Buffer.allocUnsafe(req.length);
+          await this.fh!.read(buf, 0, req.length, req.offset);
+          this.stats.reads++;
+          sock.write(simpleReply(0, req.handle, buf));
+          break;
+        }
+        case CMD.WRITE:
+          await this.fh!.write(payload!, 0, req.length, req.offset);
+          await this.written(req.offset, req.length, (req.flags & CMD_FLAG.FUA) !== 0);
+          sock.write(simpleReply(0, req.handle));
+          break;
+        case CMD.TRIM:
+        case CMD.WRITE_ZEROES:
+          await this.fh!.write(Buffer.alloc(req.length), 0, req.length, req.offset);
+          await this.written(req.offset, req.length, (req.flags & CMD_FLAG.FUA) !== 0);
+          sock.write(simpleReply(0, req.handle));
+          break;
+        case CMD.FLUSH:
+          await this.fh!.datasync();
+          this.stats.flushes++;
+          this.onIo?.('flush');
+          this.onFlush?.();
+          sock.write(simpleReply(0, req.handle));
+          break;
+        case CMD.CACHE:
+          sock.write(simpleReply(0, req.handle));
+          break;
+      }
+    } catch (e) {
+      this.stats.errors++;
+      log.warn(`NBD I/O error: ${errorMessage(e)}`);
+      if (!sock.destroyed) sock.write(simpleReply(ERR.EIO, req.handle));
     }
   }
 
