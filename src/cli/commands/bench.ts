@@ -10,10 +10,11 @@ import { runKvBench } from '../../bench/kv.ts';
 import { SCHEDULER_WORKLOADS, runSchedulerBench } from '../../bench/scheduler.ts';
 import { runEvaluation } from '../../bench/evaluate.ts';
 import { revalidate } from '../../bench/validate.ts';
+import { runNbdBench } from '../../bench/nbd.ts';
 import { ACCEL, int, parseOptions, platform, policy, withAccel } from '../options.ts';
 
 const log = logger('rubato');
-const SUBCOMMANDS = ['all', 'capture', 'failover', 'kv', 'scheduler', 'validate'] as const;
+const SUBCOMMANDS = ['all', 'capture', 'failover', 'kv', 'scheduler', 'nbd', 'validate'] as const;
 const onStatus = (s: string) => log.info(s);
 const print = (v: unknown) => process.stdout.write(`${JSON.stringify(v)}\n`);
 
@@ -100,6 +101,13 @@ export function register(program: Command): void {
         ...(o.policies ? { policies: o.policies } : {}), ...(o.workloads ? { workloads: o.workloads } : {}), onStatus,
       });
       print(r.summary);
+    });
+
+  common(bench.command('nbd'))
+    .description("the guest disk through Rubato's NBD server vs the raw file: qemu-img bench, 4 KiB at queue depth 16")
+    .action(async (raw: unknown) => {
+      const o = parseOptions(z.object(Common), raw);
+      print((await runNbdBench({ quick: o.quick, outDir: o.out, onStatus })).summary);
     });
 
   common(bench.command('validate'))
