@@ -336,8 +336,9 @@ export class PrimaryController {
       onLocal: (c) => this.closeEpoch(c, epoch, pauseBeganMs, status),
       ...(fault ? { hold: async (c: Checkpoint) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } } : {}),
     });
+    const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
     const record = encodeRecord(cp, this.blocks);
-    pipe.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs: performance.now() });
+    pipe.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs });
     this.counterAt.set(epoch, counter);
     this.observe(cp, ranFromMs, pauseBeganMs, record.length, decidedMs);
     if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, record, Math.floor(record.length * f)), crash: () => this.crash() });
@@ -415,8 +416,9 @@ export class PrimaryController {
       onLocal: (c) => this.closeEpoch(c, epoch, pauseBeganMs, null),
       hold: async () => { await this.o.vm.qmp.execute('stop'); },
     });
+    const resumedMs = performance.now();
     const record = encodeRecord(cp, this.blocks);
-    this.pipeline.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs: performance.now() });
+    this.pipeline.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs });
     this.counterAt.set(epoch, this.lastCounter);
     this.ship(link, epoch, record);
     while (this.pipeline.phase === 'fencing' && !link.closed) await this.idle(Infinity);
