@@ -66,7 +66,7 @@ export class StandbySession {
     this.chain = this.chain
       .then(() => this.handle(f))
       .catch((e: unknown) => {
-        log.warn(`dropping primary ${this.link.peer}: ${errorMessage(e)}`);
+        log.warn(`dropping ${this.link.peer}: ${errorMessage(e)}`);
         this.link.close(e instanceof Error ? e : new Error(String(e)));
       })
       .finally(() => {
@@ -119,8 +119,8 @@ export class StandbySession {
         return;
       case FrameType.BYE:
         this.bye = true;
-        log.info(`primary ${this.link.peer} ended protection in order`);
-        this.link.close(new RubatoError('RUBATO_PEER_LOST', `primary ${this.link.peer} ended protection in order`));
+        log.info(`${this.link.peer} ended protection in order`);
+        this.link.close(new RubatoError('RUBATO_PEER_LOST', `${this.link.peer} ended protection in order`));
         return;
       default:
         throw new RubatoError('RUBATO_PROTOCOL', `unexpected ${frameTypeName(f.type)} from the primary`);
