@@ -16,7 +16,8 @@ const hwmMb = () => {
   return line ? Math.round(Number(line.replace(/\D+/g, '')) / 1024) : null;
 };
 const dial = () => new Promise<Socket>((res, rej) => { const s = connect({ host, port }, () => res(s)); s.once('error', rej); });
-const closed = (s: Socket, t0: number) => new Promise<number>((r) => { s.on('error', () => {}); s.once('close', () => r(Date.now() - t0)); });
+// The attacker reads (and drops) what the standby sends, so it sees the standby close the connection.
+const closed = (s: Socket, t0: number) => new Promise<number>((r) => { s.on('error', () => {}); s.resume(); s.once('close', () => r(Date.now() - t0)); });
 
 const t0 = Date.now();
 const claims = await Promise.all([0, 1, 2, 3].map(() => dial()));
@@ -34,10 +35,12 @@ for (const s of claims) {
 }
 const claimMs = await Promise.all(claimClosed);
 const t1 = Date.now();
-const silent = await Promise.all(Array.from({ length: 300 }, () => dial().catch(() => null)));
-const silentMs = await Promise.all(silent.map((s) => (s ? closed(s, t1) : Promise.resolve(0))));
+const silentMs = await Promise.all(Array.from({ length: 300 }, () => new Promise<number>((r) => {
+  const s = connect({ host, port });
+  void closed(s, t1).then(r);
+})));
 process.stdout.write(`${JSON.stringify({
   claims: { peers: 4, disconnectedAfterMsMax: Math.max(...claimMs) },
-  silent: { connections: 300, refusedAtOnce: silent.filter((s) => !s).length + silentMs.filter((x) => x < 100).length, allClosedAfterMs: Math.max(...silentMs) },
+  silent: { connections: 300, closedWithin100Ms: silentMs.filter((x) => x < 100).length, allClosedAfterMs: Math.max(...silentMs) },
   standbyPeakRssMb: hwmMb(),
 })}\n`);

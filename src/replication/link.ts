@@ -7,6 +7,7 @@ import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
+import { sleep } from '../util/async.ts';
 import { Liveness } from './liveness.ts';
 import { FrameDecoder, FrameEncoder, FrameType, frameTypeName, helloKeys, type Direction, type Frame, type FrameKey } from './protocol/frame.ts';
 import { decodeTime, encodeTime } from './protocol/messages.ts';
@@ -52,6 +53,7 @@ export class Link extends EventEmitter {
   }
 
   private onData(d: Buffer): void {
+    if (this.closedErr) return; // closing: nothing more is handed on
     this.lastRxMs = Date.now();
     this.liveness?.heard(this.lastRxMs);
     this.stats.bytesReceived += d.length;
@@ -121,18 +123,28 @@ export class Link extends EventEmitter {
    * below its high-water mark, else when it has drained: a sender that awaits it cannot queue
    * without bound. Rejects when the link closes first.
    */
-  send(type: number, epoch: number, payload?: Buffer): Promise<void> {
+  send(type: number, epoch: number, payload?: Buffer, opts: { flushed?: boolean } = {}): Promise<void> {
     if (this.closedErr) return Promise.reject(this.closedErr);
     const [head, body, mac] = this.enc.encodeParts(type, epoch, payload);
     this.stats.bytesSent += head.length + body.length + mac.length;
+    let flushed: Promise<void> | null = null;
     this.socket.cork();
     this.socket.write(head);
     if (body.length) this.socket.write(body);
-    const ok = this.socket.write(mac);
+    const ok = opts.flushed
+      ? (flushed = new Promise<void>((resolve, reject) => { this.socket.write(mac, (e) => (e ? reject(e) : resolve())); }), true)
+      : this.socket.write(mac);
     this.socket.uncork();
+    if (flushed) return flushed;
     if (ok) return Promise.resolve();
     return new Promise((resolve, reject) => { this.drainWaiters.push({ resolve, reject }); });
   }
+
+  /**
+   * Sends a last frame (BYE, FENCED) and resolves once the kernel has it, so that closing the link
+   * right after cannot drop it.
+   */
+  sendLast(type: number): Promise<void> { return this.send(type, 0, undefined, { flushed: true }); }
 
   /**
    * Stops reading the socket (TCP pushes back on the peer) until resumeReading(). Liveness counts
@@ -201,15 +213,34 @@ export class Link extends EventEmitter {
   get closed(): Error | null { return this.closedErr; }
 
   close(err?: Error): void {
-    if (this.closedErr) return;
+    if (!this.finish(err)) return;
+    this.socket.destroy();
+  }
+
+  /**
+   * Ends the link after a last frame: half-closes (FIN, so the peer reads everything first) and
+   * waits up to `timeoutMs` for the peer to close its side, then lets go of the socket. A plain
+   * destroy could turn into a reset that makes the peer drop what it has not read yet.
+   */
+  async closeGracefully(err: Error, timeoutMs = 1000): Promise<void> {
+    const gone = new Promise<void>((r) => { if (this.socket.destroyed) r(); else this.socket.once('close', () => r()); });
+    if (!this.finish(err)) return;
+    this.socket.end();
+    await Promise.race([gone, sleep(timeoutMs)]);
+    this.socket.destroy();
+  }
+
+  /** Marks the link closed (once): timers stop, waiters fail, 'close' is emitted. */
+  private finish(err?: Error): boolean {
+    if (this.closedErr) return false;
     this.closedErr = err ?? new RubatoError('RUBATO_PEER_LOST', `link to ${this.peer} closed`);
     if (this.hbTimer) clearInterval(this.hbTimer);
     if (this.waiter) { const w = this.waiter; this.waiter = null; w.reject(this.closedErr); }
     const drains = this.drainWaiters;
     this.drainWaiters = [];
     for (const x of drains) x.reject(this.closedErr);
-    this.socket.destroy();
     this.emit('close', this.closedErr);
+    return true;
   }
 }
 

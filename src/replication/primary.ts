@@ -425,7 +425,7 @@ export class PrimaryController {
     if (this.pipeline.phase !== 'fenced') throw link.closed ?? new RubatoError('RUBATO_PEER_LOST', 'fence not acknowledged');
     await this.o.vm.qmp.execute('stop').catch((e: unknown) => log.warn(`stopping the fenced guest: ${errorMessage(e)}`));
     this.stopped = true;
-    await link.send(FrameType.FENCED, 0).catch((e: unknown) => log.warn(`telling the standby the guest stopped: ${errorMessage(e)}`));
+    await link.sendLast(FrameType.FENCED).catch((e: unknown) => log.warn(`telling the standby the guest stopped: ${errorMessage(e)}`));
     this.emit({ event: 'fenced' });
     await this.o.vm.stop();
   }
@@ -437,8 +437,8 @@ export class PrimaryController {
     this.ended.abort();
     const link = this.link;
     if (link && !link.closed) {
-      await link.send(FrameType.BYE, 0).catch((e: unknown) => log.warn(`telling the standby goodbye: ${errorMessage(e)}`));
-      link.close(new RubatoError('RUBATO_PEER_LOST', 'protection stopped by the operator'));
+      await link.sendLast(FrameType.BYE).catch((e: unknown) => log.warn(`telling the standby goodbye: ${errorMessage(e)}`));
+      await link.closeGracefully(new RubatoError('RUBATO_PEER_LOST', 'protection stopped by the operator'));
     }
     this.poke();
     await this.capture?.close();

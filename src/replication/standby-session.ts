@@ -60,6 +60,9 @@ export class StandbySession {
   }
 
   private enqueue(f: Frame): void {
+    // A goodbye counts the moment it arrives: the link may close before the frames ahead of it
+    // are handled, and an orderly stop must never read as a lost primary.
+    if (f.type === FrameType.BYE) this.bye = true;
     const n = f.payload.length;
     this.pendingBytes += n;
     if (this.pendingBytes > HIGH_WATER_BYTES) this.link.pauseReading();

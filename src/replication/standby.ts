@@ -309,8 +309,8 @@ export class StandbyController {
     if (this.st !== 'stopped') this.go('stop');
     const link = this.link;
     if (link && !link.closed) {
-      await link.send(FrameType.BYE, 0).catch((e: unknown) => log.debug(`goodbye to the primary: ${errorMessage(e)}`));
-      link.close(new RubatoError('RUBATO_PEER_LOST', 'the standby stopped'));
+      await link.sendLast(FrameType.BYE).catch((e: unknown) => log.debug(`goodbye to the primary: ${errorMessage(e)}`));
+      await link.closeGracefully(new RubatoError('RUBATO_PEER_LOST', 'the standby stopped'));
     }
     this.server?.close();
     this.control?.close();

@@ -82,7 +82,7 @@ export const TARGETS: FuzzTarget[] = [
     name: 'frame decoder: noise before authentication',
     run(r) {
       const noise = randomish(r, 1 + r(2000));
-      if (r(2)) noise.writeUInt32BE(r(1 << 16), 0);
+      if (r(2) && noise.length >= 4) noise.writeUInt32BE(r(1 << 16), 0);
       try { new FrameDecoder(hello.p2s, 'fuzz').push(noise); } catch (e) { typed(e); }
     },
   },
