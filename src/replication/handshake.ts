@@ -54,6 +54,6 @@ export async function connectHandshake(link: Link, psk: Buffer, identity: Identi
 
 function refuse(link: Link, reason: string, code: 'RUBATO_PROTOCOL' | 'RUBATO_AUTH_FAILED' = 'RUBATO_PROTOCOL'): RubatoError {
   const err = new RubatoError(code, `handshake with ${link.peer}: ${reason}`, { peer: link.peer });
-  link.send(FrameType.REJECT, 0, Buffer.from(reason)).then(() => link.close(err), () => link.close(err));
+  link.send(FrameType.REJECT, 0, Buffer.from(reason), { flushed: true }).then(() => link.close(err), () => link.close(err));
   return err;
 }
