@@ -31,6 +31,8 @@ export const DISK_BLOCK_ID = 'disk0';
 const log = logger('primary');
 const BASE_CHUNK_BYTES = 1 << 20;
 const DEFAULT_MAX_HELD_BYTES = 64 << 20;
+/** Reconnections without a pause after an authenticated session broke. */
+const IMMEDIATE_RETRIES = 3;
 
 export type FaultPoint = 'mid-epoch' | 'mid-pause' | 'mid-transfer';
 
@@ -100,6 +102,9 @@ export class PrimaryController {
   private wakeUp: (() => void) | null = null;
   private holdTimer: NodeJS.Timeout | null = null;
   private readonly ended = new AbortController();
+  /** The current session got past the handshake (the standby may be guarding our replica). */
+  private authenticatedSession = false;
+  private immediateRetries = 0;
 
   constructor(private readonly o: PrimaryOptions) {
     this.emit = o.onEvent ?? (() => {});
@@ -173,12 +178,16 @@ export class PrimaryController {
       this.link?.close();
       this.link = null;
       if (this.stopped || this.o.vm.exited) break;
-      // A protected session that broke (a corrupted frame, a reset, a failed capture) reconnects at
-      // once: the standby waits out its liveness timeout before it takes over, and a new
-      // authenticated session within it means no failover. Later attempts wait retryMs.
-      const wasProtected = this.pipeline.phase === 'protecting';
+      // A session that broke after the standby had authenticated us (a corrupted frame, a reset, a
+      // failed capture — during protection or a re-sync) reconnects at once: a standby that guards
+      // a replica of ours waits out its liveness timeout before it takes over, and a new
+      // authenticated session within it means no failover. Up to IMMEDIATE_RETRIES in a row, so a
+      // standby that keeps failing us cannot make this a busy loop; otherwise wait retryMs.
+      const authenticated = this.authenticatedSession;
+      this.authenticatedSession = false;
       this.perform(this.pipeline.linkLost(failure ? errorMessage(failure) : 'the session ended'));
-      if (!wasProtected) await sleep(this.o.retryMs, this.ended.signal);
+      this.immediateRetries = authenticated && this.immediateRetries < IMMEDIATE_RETRIES ? this.immediateRetries + 1 : 0;
+      if (this.immediateRetries === 0) await sleep(this.o.retryMs, this.ended.signal);
     }
   }
 
@@ -198,6 +207,7 @@ export class PrimaryController {
         }
         case 'protected':
           this.cancelHoldTimer();
+          this.immediateRetries = 0;
           this.emit({ event: 'protecting', standby: this.link?.peer ?? '' });
           log.info(`guest ${this.o.vm.spec.name} protected by ${this.link?.peer ?? 'the standby'} (replica generation ${c.generation})`);
           this.meter.startNow();
@@ -273,6 +283,7 @@ export class PrimaryController {
     this.link = link;
     const identity: Identity = { vm: this.o.vm.spec.name, spec: this.o.vm.spec };
     await connectHandshake(link, this.o.psk, identity, this.o.timeoutMs * 5);
+    this.authenticatedSession = true;
     link.startHeartbeats(this.o.heartbeatMs, this.o.timeoutMs);
     link.on('frame', (f: Frame) => this.onFrame(link, f));
     link.startEvents();
