@@ -142,7 +142,7 @@ function precopyStream(r: Rng): Buffer {
   be64(RAM_FLAG.EOS); u8(VM.SECTION_FOOTER); be32(2);
   u8(VM.SECTION_FULL); be32(3); str8('timer'); be32(0); be32(2); parts.push(randomish(r, 8)); u8(VM.SECTION_FOOTER); be32(3);
   u8(VM.EOF);
-  const desc = Buffer.from('{"page_size": 4096, "devices": []}');
+  const desc = Buffer.from(JSON.stringify({ page_size: 4096, devices: [{ name: 'timer', instance_id: 0, vmsd_name: 'timer', version: 2, fields: [{ name: 't', type: 'buffer', size: 8 }] }] }));
   u8(VM.VMDESCRIPTION); be32(desc.length); parts.push(desc);
   return Buffer.concat(parts);
 }

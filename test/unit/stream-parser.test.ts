@@ -38,7 +38,7 @@ function precopyStream(opts: { pages?: Array<[number, number]>; extraFlags?: num
   s.u8(VM.SECTION_END).be32(2).be64(RAM_FLAG.EOS).u8(VM.SECTION_FOOTER).be32(2);
   s.u8(VM.SECTION_FULL).be32(3).str8('timer').be32(0).be32(2).raw(Buffer.from([1, 2, 3, 4])).u8(VM.SECTION_FOOTER).be32(3);
   s.u8(VM.EOF);
-  const desc = Buffer.from('{"page_size": 4096, "devices": []}');
+  const desc = Buffer.from(JSON.stringify({ page_size: 4096, devices: [{ name: 'timer', instance_id: 0, vmsd_name: 'timer', version: 2, fields: [{ name: 't', type: 'buffer', size: 4 }] }] }));
   s.u8(VM.VMDESCRIPTION).be32(desc.length).raw(desc);
   return s.build();
 }
@@ -126,10 +126,10 @@ test('CONTINUE refers to the last block sent, across sections', async () => {
   assert.deepEqual(pages, [{ block: 'a', offset: 4096, first: 9 }]);
 });
 
-test('a large device part arriving in many chunks is read whole; a description length past the cap is refused', async () => {
+test('a large device part arriving in many chunks is read whole; a description length past the cap is never taken', async () => {
   const { readDevicePart } = await import('../../src/capture/stream/parser.ts');
   const body = Buffer.alloc(32 << 20, 0x5a);
-  const desc = Buffer.from('{"page_size": 4096, "devices": []}');
+  const desc = Buffer.from(JSON.stringify({ page_size: 4096, devices: [{ name: 'big', instance_id: 0, vmsd_name: 'big', version: 1, fields: [{ name: 'b', type: 'buffer', size: body.length }] }] }));
   const s = new StreamBuilder().u8(VM.SECTION_FULL).be32(3).str8('big').be32(0).be32(1).raw(body).u8(VM.SECTION_FOOTER).be32(3).u8(VM.EOF);
   s.u8(VM.VMDESCRIPTION).be32(desc.length).raw(desc);
   const buf = s.build();
@@ -142,5 +142,27 @@ test('a large device part arriving in many chunks is read whole; a description l
   const r2 = new ByteReader('t');
   r2.push(bad);
   r2.end();
-  await assert.rejects(readDevicePart(r2), (e: unknown) => isRubatoError(e, 'RUBATO_STREAM_FORMAT') && /VM description of/.test(e.message));
+  await assert.rejects(readDevicePart(r2), (e: unknown) => isRubatoError(e));
+});
+
+test('bytes that look like the end of the device part inside a section (a guest can put them there) are passed over', async () => {
+  const { readDevicePart } = await import('../../src/capture/stream/parser.ts');
+  // A device buffer holding EOF, VMDESCRIPTION, a length and a JSON opening, as a guest could write it.
+  const fakeJson = Buffer.from('{"page_size": 4096, "devices": []}');
+  const fake = Buffer.alloc(6);
+  fake[0] = VM.EOF;
+  fake[1] = VM.VMDESCRIPTION;
+  fake.writeUInt32BE(fakeJson.length, 2);
+  const data = Buffer.concat([Buffer.from('guest data '), fake, fakeJson, Buffer.from(' more guest data')]);
+  const desc = Buffer.from(JSON.stringify({ page_size: 4096, devices: [{ name: 'serial', instance_id: 0, vmsd_name: 'serial', version: 3, fields: [{ name: 'fifo', type: 'buffer', size: data.length }] }] }));
+  const buf = new StreamBuilder().u8(VM.SECTION_FULL).be32(7).str8('serial').be32(0).be32(3).raw(data).u8(VM.SECTION_FOOTER).be32(7).u8(VM.EOF)
+    .u8(VM.VMDESCRIPTION).be32(desc.length).raw(desc).raw(Buffer.from([0, 0, 0, 1])).build(); // then a COLO message
+  for (const chunk of [7, 1 << 20]) {
+    const r = new ByteReader('t');
+    const p = readDevicePart(r);
+    for (let i = 0; i < buf.length; i += chunk) { r.push(buf.subarray(i, i + chunk)); await Promise.resolve(); }
+    const { deviceState } = await p;
+    assert.equal(deviceState.length, 1 + 4 + 1 + 6 + 4 + 4 + data.length + 5 + 1, `chunk ${chunk}: the whole part, not cut at the guest's bytes`);
+    assert.equal(await r.readBe32(), 1, 'the stream continues right after the description');
+  }
 });

@@ -4,6 +4,7 @@
 
 import { RubatoError } from '../../util/errors.ts';
 import type { ByteReader } from '../../util/byte-reader.ts';
+import { walkDevicePart } from './vmdesc.ts';
 import { MIG_CMD, MIG_CMD_NAMES, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, RAM_FLAG, RAM_SECTION_VERSION, TARGET_PAGE_SIZE, VM } from './format.ts';
 
 export const QEMU_VERSION_NOTE = 'Rubato reads the stream of QEMU 7.2';
@@ -173,40 +174,53 @@ const VMDESC_JSON_START = Buffer.from('{"page_size":', 'latin1');
  * EOF, then the VM description record. Returns the device part (sections + EOF) and the
  * description. The first byte (SECTION_FULL) has not been consumed yet.
  *
- * Device sections carry no lengths in QEMU 7.2's stream, so the end of the device part is found
- * as EOF, VMDESCRIPTION, a be32 length and the description's JSON opening. Bytes are kept as a
- * list of chunks and searched through a window over each new chunk (linear in the part's size);
- * the description's declared length is capped like the part itself.
+ * QEMU 7.2's device sections carry no lengths, so the device part is read by sections with the
+ * sizes the VM description declares (vmdesc.ts): an EOF, VMDESCRIPTION, length and JSON opening
+ * only proposes where the part may end, and a proposal counts only when the description that
+ * follows it walks the part section by section to exactly that EOF. Bytes that look like the
+ * marker inside a device's data (a guest can put bytes there) are passed over. Chunks are kept as
+ * a list and searched through a window (linear in the part's size); every length is capped.
  */
 export async function readDevicePart(r: ByteReader, maxBytes = 64 << 20): Promise<{ deviceState: Buffer; vmdesc: unknown }> {
   const MARK = 6; // EOF, VMDESCRIPTION, be32 length
   const parts: Buffer[] = [];
   let total = 0;
   let window: Buffer = Buffer.alloc(0); // the last bytes before the newest chunk, so a match may span chunks
+  const candidates: number[] = []; // offsets of EOF bytes that may end the part
+  let acc: Buffer = Buffer.alloc(0);
+  const joined = () => { if (acc.length !== total) acc = Buffer.concat(parts, total); return acc; };
   for (;;) {
     if (!r.has(1)) await r.need(1);
     const chunk = r.take(r.available);
     parts.push(chunk);
     total += chunk.length;
-    if (total > maxBytes) throw formatError(`device part larger than ${maxBytes} bytes without a VM description`, r);
+    if (total > 2 * maxBytes) throw formatError(`device part larger than ${maxBytes} bytes with no VM description that fits it`, r);
     const hay = window.length ? Buffer.concat([window, chunk]) : chunk;
     const base = total - hay.length; // absolute offset of hay[0]
-    let at = -1;
     for (let i = hay.indexOf(VMDESC_JSON_START); i >= 0; i = hay.indexOf(VMDESC_JSON_START, i + 1)) {
-      if (i >= MARK && hay[i - MARK] === VM.EOF && hay[i - MARK + 1] === VM.VMDESCRIPTION) { at = base + i - MARK; break; }
+      if (i >= MARK && hay[i - MARK] === VM.EOF && hay[i - MARK + 1] === VM.VMDESCRIPTION) candidates.push(base + i - MARK);
     }
     window = hay.subarray(Math.max(0, hay.length - (VMDESC_JSON_START.length + MARK - 1)));
-    if (at < 0) continue;
-    let acc: Buffer = Buffer.concat(parts, total);
-    const jsonLen = acc.readUInt32BE(at + 2);
-    if (jsonLen > maxBytes) throw formatError(`VM description of ${jsonLen} bytes (at most ${maxBytes})`, r);
-    const end = at + MARK + jsonLen;
-    if (acc.length < end) acc = Buffer.concat([acc, await r.readBytes(end - acc.length)]);
-    r.unshift(acc.subarray(end));
-    let vmdesc: unknown;
-    try { vmdesc = JSON.parse(acc.subarray(at + MARK, end).toString('utf8')); } catch { throw formatError('VM description is not JSON', r); }
-    if (acc[0] !== VM.SECTION_FULL) throw formatError(`device part starts with 0x${acc[0]?.toString(16)}`, r);
-    return { deviceState: Buffer.from(acc.subarray(0, at + 1)), vmdesc };
+    for (let k = 0; k < candidates.length;) {
+      const at = candidates[k]!;
+      const buf = joined();
+      const jsonLen = buf.readUInt32BE(at + 2);
+      const end = at + MARK + jsonLen;
+      if (jsonLen > maxBytes || at > maxBytes) { candidates.splice(k, 1); continue; } // not a real description
+      if (end > total) { k++; continue; } // its description has not all arrived yet
+      let vmdesc: unknown;
+      let walkedTo = -1;
+      try {
+        vmdesc = JSON.parse(buf.subarray(at + MARK, end).toString('utf8'));
+        walkedTo = walkDevicePart(buf.subarray(0, at + 1), vmdesc);
+      } catch {
+        walkedTo = -1;
+      }
+      if (walkedTo !== at) { candidates.splice(k, 1); continue; } // marker bytes inside a section
+      r.unshift(buf.subarray(end));
+      if (buf[0] !== VM.SECTION_FULL) throw formatError(`device part starts with 0x${buf[0]?.toString(16)}`, r);
+      return { deviceState: Buffer.from(buf.subarray(0, at + 1)), vmdesc };
+    }
   }
 }
 
