@@ -141,14 +141,14 @@ export class EpochPipeline<F extends Sized = Buffer> {
     assert(this.capturing === null, 'pipeline: decision asked during a capture');
     if (this.fenceAsked) {
       this.ph = 'fencing';
-      return this.beginCapture(nowMs, 'fence') as Command<F>;
+      return this.beginCapture('fence') as Command<F>;
     }
     // A bounded disk log is a rail above every policy: at its bound the epoch ends.
     const d = seen.disk.pressure ? { checkpoint: true as const, reason: 'disk-pressure' } : this.o.policy.decide(this.telemetry(nowMs, seen));
     this.reasonCounts[d.reason] = (this.reasonCounts[d.reason] ?? 0) + 1;
     if (!d.checkpoint) return { cmd: 'wait', untilMs: d.wakeAtMs, reason: d.reason };
     if (this.inflight.length >= this.o.maxInflight) { this.waits++; return { cmd: 'wait-ack' }; }
-    return this.beginCapture(nowMs, d.reason);
+    return this.beginCapture(d.reason);
   }
 
   /** The scheduler's view, built in one place for the live engine and the simulator. */
@@ -161,7 +161,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
     };
   }
 
-  private beginCapture(_nowMs: number, reason: string): Command<F> {
+  private beginCapture(reason: string): Command<F> {
     const epoch = this.captured + 1;
     this.capturing = epoch;
     return reason === 'fence' ? { cmd: 'fence', epoch } : { cmd: 'capture', epoch, reason };
