@@ -1,240 +1,114 @@
-// Rubato's NBD server for the guest's disk: QEMU's NBD client (and stock tools) read and write a
-// raw image through it. Every write lands in the image and marks its 4 KiB pages dirty for the
-// current epoch, with their contents as they stand after the write, so that a checkpoint carries
-// the disk exactly as it was at the pause. A malformed request gets an NBD error, never a crash.
+// Rubato's NBD server for the guest's disk, as the controller sees it: the serving engine
+// (nbd-engine.ts) runs in its own worker thread with synchronous file I/O, so neither a slow disk
+// nor a busy guest ever stalls the controller's event loop (checkpoints, acks, output release).
+// Cutting an epoch is synchronous here: the controller asks the worker and waits (Atomics) for the
+// epoch's dirty pages — the guest is paused and its I/O drained at that moment, so the wait is short.
 
-import { createServer, type Server, type Socket } from 'node:net';
-import { open, type FileHandle } from 'node:fs/promises';
-import { rmSync } from 'node:fs';
+import { Worker, MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import { RubatoError } from '../../util/errors.ts';
 import { logger } from '../../util/log.ts';
-import { RubatoError, errorMessage } from '../../util/errors.ts';
-import { ByteReader } from '../../util/byte-reader.ts';
-import {
-  CLIENT_FLAG, CMD, CMD_FLAG, ERR, IHAVEOPT, MAX_REQUEST_BYTES, OPT, REP, REQUEST_HEADER_BYTES, REQUEST_MAGIC, TX_FLAG,
-  decodeRequest, infoBlockSize, infoExport, optionReply, serverGreeting, simpleReply, validateRequest,
-} from './nbd-proto.ts';
+import type { DiskEpoch, DiskEpochStats } from './nbd-engine.ts';
+import { PAGE_BYTES_NBD, STAT, STAT_SLOTS, type CutReply, type WorkerData } from './nbd-shared.ts';
+
+export { MAX_DIRTY_BYTES_PER_EPOCH, type DiskEpoch, type DiskEpochStats } from './nbd-engine.ts';
+import { MAX_DIRTY_BYTES_PER_EPOCH } from './nbd-engine.ts';
 
 const log = logger('nbd');
-const PAGE = 4096;
-const MAX_OPTION_BYTES = 64 << 10;
-/** Requests served at once per connection. */
-const MAX_INFLIGHT = 32;
-/** … and bytes being read or written at once (the next request waits below it). */
-const MAX_INFLIGHT_BYTES = 64 << 20;
-/** Bound on the dirty set of one epoch; past it the epoch must be ended (the engine is told). */
-export const MAX_DIRTY_BYTES_PER_EPOCH = 512 << 20;
+const CUT_TIMEOUT_MS = 10_000;
 
-export interface DiskEpochStats { writes: number; writeBytes: number; flushes: number; reads: number; errors: number }
-
-export interface DiskEpoch extends DiskEpochStats {
-  /** Page offset → contents after the epoch's last write to it. */
-  pages: Map<number, Buffer>;
+/** The worker's entry, loaded through tsx like the rest of Rubato (no build step). */
+function workerSource(): string {
+  const tsx = import.meta.resolve('tsx/esm/api');
+  const entry = new URL('./nbd-worker.ts', import.meta.url).href;
+  return `import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); })`;
 }
 
 export class NbdServer {
-  private server: Server | null = null;
-  private fh: FileHandle | null = null;
+  private worker: Worker | null = null;
+  private cutPort: MessagePort | null = null;
+  private readonly stats = new BigInt64Array(new SharedArrayBuffer(8 * STAT_SLOTS));
+  private readonly ctl = new Int32Array(new SharedArrayBuffer(8));
   private size = 0;
-  private dirty = new Map<number, Buffer>();
-  private stats: DiskEpochStats = { writes: 0, writeBytes: 0, flushes: 0, reads: 0, errors: 0 };
-  private readonly conns = new Set<Socket>();
+  private ioHandler: ((kind: 'write' | 'flush') => void) | null = null;
   /** Called when the epoch's dirty set passes its bound (the engine should checkpoint now). */
   onPressure: (() => void) | null = null;
   /** Called on every flush (the scheduler treats flushes like waiting output). */
   onFlush: (() => void) | null = null;
-  /** Called on every write and flush (traces record disk times). */
-  onIo: ((kind: 'write' | 'flush') => void) | null = null;
 
   constructor(readonly imagePath: string, readonly socketPath: string, readonly exportName = 'disk', private readonly readOnly = false) {}
 
+  /** Called on every write and flush (traces record disk times); costs a message per operation. */
+  get onIo(): ((kind: 'write' | 'flush') => void) | null { return this.ioHandler; }
+  set onIo(f: ((kind: 'write' | 'flush') => void) | null) {
+    this.ioHandler = f;
+    Atomics.store(this.ctl, 1, f ? 1 : 0);
+  }
+
   get sizeBytes(): number { return this.size; }
-  /** The epoch's dirty set has passed its bound: the epoch must end now. */
-  get underPressure(): boolean { return this.dirty.size * PAGE > MAX_DIRTY_BYTES_PER_EPOCH; }
-  get epochStats(): DiskEpochStats { return { ...this.stats }; }
+  get underPressure(): boolean { return Number(Atomics.load(this.stats, STAT.dirtyPages)) * PAGE_BYTES_NBD > MAX_DIRTY_BYTES_PER_EPOCH; }
+  get epochStats(): DiskEpochStats {
+    const v = (i: number) => Number(Atomics.load(this.stats, i));
+    return { writes: v(STAT.writes), writeBytes: v(STAT.writeBytes), flushes: v(STAT.flushes), reads: v(STAT.reads), errors: v(STAT.errors) };
+  }
 
   async start(): Promise<void> {
-    this.fh = await open(this.imagePath, this.readOnly ? 'r' : 'r+');
-    this.size = (await this.fh.stat()).size;
-    if (this.size % PAGE !== 0) {
-      await this.fh.close();
-      throw new RubatoError('RUBATO_CONFIG', `disk image ${this.imagePath} is ${this.size} bytes; Rubato needs a multiple of 4096`);
-    }
-    rmSync(this.socketPath, { force: true });
-    this.server = createServer((s) => this.serve(s));
-    await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(this.socketPath, () => resolve()); });
+    const { port1, port2 } = new MessageChannel();
+    const data: WorkerData = {
+      imagePath: this.imagePath, socketPath: this.socketPath, exportName: this.exportName, readOnly: this.readOnly,
+      stats: this.stats.buffer as SharedArrayBuffer, ctl: this.ctl.buffer as SharedArrayBuffer, cutPort: port2,
+    };
+    const w = new Worker(workerSource(), { eval: true, workerData: data, transferList: [port2] });
+    this.worker = w;
+    this.cutPort = port1;
+    w.on('message', (m: { ev: string; kind?: 'write' | 'flush' }) => {
+      if (m.ev === 'flush') this.onFlush?.();
+      else if (m.ev === 'pressure') this.onPressure?.();
+      else if (m.ev === 'io' && m.kind) this.ioHandler?.(m.kind);
+    });
+    w.on('error', (e) => log.error(`NBD worker failed: ${e.message}`));
+    await new Promise<void>((resolve, reject) => {
+      const onMsg = (m: { ev: string; size?: number; message?: string; code?: string | null }) => {
+        if (m.ev === 'ready') { w.off('message', onMsg); this.size = m.size ?? 0; resolve(); }
+        else if (m.ev === 'error') {
+          w.off('message', onMsg);
+          void w.terminate();
+          reject(new RubatoError(m.code === 'RUBATO_CONFIG' ? 'RUBATO_CONFIG' : 'RUBATO_SETUP_FAILED', m.message ?? 'the NBD server did not start'));
+        }
+      };
+      w.on('message', onMsg);
+      w.once('exit', (code) => reject(new RubatoError('RUBATO_SETUP_FAILED', `the NBD worker exited (code ${code}) before it served`)));
+    });
   }
 
   /** Ends the epoch: its dirty pages and counters, and a fresh set for the next one. */
   cutEpoch(): DiskEpoch {
-    const e: DiskEpoch = { pages: this.dirty, ...this.stats };
-    this.dirty = new Map();
-    this.stats = { writes: 0, writeBytes: 0, flushes: 0, reads: 0, errors: 0 };
-    return e;
+    const port = this.cutPort;
+    if (!port) throw new RubatoError('RUBATO_SETUP_FAILED', 'the NBD server is not running');
+    Atomics.store(this.ctl, 0, 0);
+    port.postMessage({ cut: true });
+    if (Atomics.wait(this.ctl, 0, 0, CUT_TIMEOUT_MS) === 'timed-out' && Atomics.load(this.ctl, 0) === 0) {
+      throw new RubatoError('RUBATO_CAPTURE_FAILED', `the NBD server did not hand over the epoch's disk writes within ${CUT_TIMEOUT_MS} ms`);
+    }
+    const msg = receiveMessageOnPort(port);
+    if (!msg) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'the NBD server signalled the epoch but posted nothing');
+    const r = msg.message as CutReply;
+    const all = Buffer.from(r.pages);
+    const pages = new Map<number, Buffer>();
+    r.offsets.forEach((off, i) => pages.set(off, all.subarray(i * PAGE_BYTES_NBD, (i + 1) * PAGE_BYTES_NBD)));
+    return { pages, writes: r.writes, writeBytes: r.writeBytes, flushes: r.flushes, reads: r.reads, errors: r.errors };
   }
 
   async close(): Promise<void> {
-    for (const c of this.conns) c.destroy();
-    await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
-    await this.fh?.close();
-    this.fh = null;
-    rmSync(this.socketPath, { force: true });
-  }
-
-  private serve(sock: Socket): void {
-    this.conns.add(sock);
-    const r = new ByteReader('NBD client');
-    sock.on('data', (d: Buffer) => r.push(d));
-    sock.on('close', () => { r.end(); this.conns.delete(sock); });
-    sock.on('error', () => {});
-    void this.session(sock, r).catch((e) => {
-      log.debug(`NBD session ended: ${errorMessage(e)}`);
-    }).finally(() => sock.destroy());
-  }
-
-  private async session(sock: Socket, r: ByteReader): Promise<void> {
-    sock.write(serverGreeting());
-    const clientFlags = await r.readBe32();
-    if (!(clientFlags & CLIENT_FLAG.FIXED_NEWSTYLE)) { log.warn('NBD client does not speak fixed newstyle; closing'); return; }
-    const noZeroes = (clientFlags & CLIENT_FLAG.NO_ZEROES) !== 0;
-    const txFlags = TX_FLAG.HAS_FLAGS | TX_FLAG.SEND_FLUSH | TX_FLAG.SEND_FUA | TX_FLAG.SEND_TRIM | TX_FLAG.SEND_WRITE_ZEROES | (this.readOnly ? TX_FLAG.READ_ONLY : 0);
-    // Option haggling
-    for (;;) {
-      const magic = (await r.readBytes(8)).readBigUInt64BE(0);
-      if (magic !== IHAVEOPT) { log.warn('NBD option without IHAVEOPT; closing'); return; }
-      const opt = await r.readBe32();
-      const len = await r.readBe32();
-      if (len > MAX_OPTION_BYTES) { sock.write(optionReply(opt, REP.ERR_INVALID)); return; }
-      const data = await r.readBytes(len);
-      if (opt === OPT.EXPORT_NAME) {
-        const name = data.toString('utf8');
-        if (name !== this.exportName && name !== '') return; // protocol: the server just closes
-        const b = Buffer.alloc(10 + (noZeroes ? 0 : 124));
-        b.writeBigUInt64BE(BigInt(this.size), 0);
-        b.writeUInt16BE(txFlags, 8);
-        sock.write(b);
-        break;
-      }
-      if (opt === OPT.GO || opt === OPT.INFO) {
-        if (data.length < 6 || data.readUInt32BE(0) + 6 > data.length) { sock.write(optionReply(opt, REP.ERR_INVALID)); continue; }
-        const nameLen = data.readUInt32BE(0);
-        const name = data.subarray(4, 4 + nameLen).toString('utf8');
-        if (name !== this.exportName && name !== '') { sock.write(optionReply(opt, REP.ERR_UNKNOWN)); continue; }
-        sock.write(optionReply(opt, REP.INFO, infoExport(this.size, txFlags)));
-        sock.write(optionReply(opt, REP.INFO, infoBlockSize(1, PAGE, MAX_REQUEST_BYTES)));
-        sock.write(optionReply(opt, REP.ACK));
-        if (opt === OPT.GO) break;
-        continue;
-      }
-      if (opt === OPT.ABORT) { sock.write(optionReply(opt, REP.ACK)); return; }
-      if (opt === OPT.LIST) {
-        const n = Buffer.from(this.exportName);
-        const d = Buffer.alloc(4 + n.length);
-        d.writeUInt32BE(n.length, 0);
-        n.copy(d, 4);
-        sock.write(optionReply(opt, REP.SERVER, d));
-        sock.write(optionReply(opt, REP.ACK));
-        continue;
-      }
-      sock.write(optionReply(opt, REP.ERR_UNSUP));
-    }
-    // Transmission: requests are served concurrently, at most MAX_INFLIGHT at a time; while the
-    // socket cannot take more replies, no further request is read (back-pressure on the client).
-    const inflight = new Set<Promise<void>>();
-    let inflightBytes = 0;
-    const start = (p: Promise<void>, bytes: number) => {
-      inflight.add(p);
-      inflightBytes += bytes;
-      void p.finally(() => { inflight.delete(p); inflightBytes -= bytes; });
-    };
-    try {
-      for (;;) {
-        while (inflight.size >= MAX_INFLIGHT || inflightBytes >= MAX_INFLIGHT_BYTES) await Promise.race(inflight);
-        if (sock.writableNeedDrain) await new Promise<void>((res) => { sock.once('drain', res); sock.once('close', res); });
-        const head = await r.readBytes(REQUEST_HEADER_BYTES);
-        const req = decodeRequest(head);
-        const v = validateRequest(req, this.size, this.readOnly);
-        if (req.magic !== REQUEST_MAGIC) {
-          // The stream is out of step: answer once, then hang up.
-          this.stats.errors++;
-          sock.write(simpleReply(ERR.EINVAL, req.handle));
-          log.warn(`NBD: ${v.ok ? 'bad request' : v.why}; closing the connection`);
-          return;
-        }
-        let payload: Buffer | null = null;
-        if (req.type === CMD.WRITE) {
-          if (req.length > MAX_REQUEST_BYTES) { sock.write(simpleReply(ERR.EOVERFLOW, req.handle)); return; }
-          payload = await r.readBytes(req.length);
-        }
-        if (!v.ok) {
-          this.stats.errors++;
-          log.debug(`NBD error reply: ${v.why}`);
-          sock.write(simpleReply(v.error, req.handle));
-          continue;
-        }
-        if (req.type === CMD.DISC) return;
-        start(this.serveRequest(sock, req, payload), req.type === CMD.READ || req.type === CMD.WRITE ? req.length : 0);
-      }
-    } finally {
-      await Promise.allSettled(inflight);
-    }
-  }
-
-  /**
-   * One request. A write's reply goes out only after its pages are recorded dirty (read back as
-   * they now stand), so every write the guest saw completed before a checkpoint's pause is in
-   * that checkpoint: QEMU drains its block requests before it saves the device state.
-   */
-  private async serveRequest(sock: Socket, req: ReturnType<typeof decodeRequest>, payload: Buffer | null): Promise<void> {
-    try {
-      switch (req.type) {
-        case CMD.READ: {
-          const buf = Buffer.allocUnsafe(req.length);
-          await this.fh!.read(buf, 0, req.length, req.offset);
-          this.stats.reads++;
-          sock.write(simpleReply(0, req.handle, buf));
-          break;
-        }
-        case CMD.WRITE:
-          await this.fh!.write(payload!, 0, req.length, req.offset);
-          await this.written(req.offset, req.length, (req.flags & CMD_FLAG.FUA) !== 0);
-          sock.write(simpleReply(0, req.handle));
-          break;
-        case CMD.TRIM:
-        case CMD.WRITE_ZEROES:
-          await this.fh!.write(Buffer.alloc(req.length), 0, req.length, req.offset);
-          await this.written(req.offset, req.length, (req.flags & CMD_FLAG.FUA) !== 0);
-          sock.write(simpleReply(0, req.handle));
-          break;
-        case CMD.FLUSH:
-          await this.fh!.datasync();
-          this.stats.flushes++;
-          this.onIo?.('flush');
-          this.onFlush?.();
-          sock.write(simpleReply(0, req.handle));
-          break;
-        case CMD.CACHE:
-          sock.write(simpleReply(0, req.handle));
-          break;
-      }
-    } catch (e) {
-      this.stats.errors++;
-      log.warn(`NBD I/O error: ${errorMessage(e)}`);
-      if (!sock.destroyed) sock.write(simpleReply(ERR.EIO, req.handle));
-    }
-  }
-
-  /** Marks the pages a write touched dirty, with their contents as they now stand. */
-  private async written(offset: number, length: number, fua: boolean): Promise<void> {
-    this.stats.writes++;
-    this.stats.writeBytes += length;
-    this.onIo?.('write');
-    if (fua) { await this.fh!.datasync(); this.stats.flushes++; this.onIo?.('flush'); }
-    const first = Math.floor(offset / PAGE) * PAGE;
-    const end = Math.min(this.size, Math.ceil((offset + length) / PAGE) * PAGE);
-    if (end <= first) return;
-    const buf = Buffer.alloc(end - first);
-    await this.fh!.read(buf, 0, end - first, first);
-    for (let o = first; o < end; o += PAGE) this.dirty.set(o, buf.subarray(o - first, o - first + PAGE));
-    if (this.underPressure) this.onPressure?.();
+    const w = this.worker;
+    if (!w) return;
+    this.worker = null;
+    const exited = new Promise<void>((r) => w.once('exit', () => r()));
+    const closed = new Promise<void>((r) => w.on('message', (m: { ev: string }) => { if (m.ev === 'closed') r(); }));
+    this.cutPort?.postMessage({ close: true });
+    await Promise.race([closed, new Promise((r) => setTimeout(r, 2000))]);
+    await w.terminate();
+    await exited;
+    this.cutPort?.close();
+    this.cutPort = null;
   }
 }
