@@ -14,7 +14,10 @@ const stats = new BigInt64Array(d.stats);
 const ctl = new Int32Array(d.ctl);
 const engine = new NbdEngine(d.imagePath, d.socketPath, d.exportName, d.readOnly);
 
-engine.onChange = () => {
+/** The counters, published once per turn of this thread's event loop (and at every cut). */
+let publishPending = false;
+function publish(): void {
+  publishPending = false;
   const s = engine.epochStats;
   Atomics.store(stats, STAT.writes, BigInt(s.writes));
   Atomics.store(stats, STAT.writeBytes, BigInt(s.writeBytes));
@@ -22,6 +25,11 @@ engine.onChange = () => {
   Atomics.store(stats, STAT.reads, BigInt(s.reads));
   Atomics.store(stats, STAT.errors, BigInt(s.errors));
   Atomics.store(stats, STAT.dirtyPages, BigInt(engine.dirtyPages));
+}
+engine.onChange = () => {
+  if (publishPending) return;
+  publishPending = true;
+  setImmediate(publish);
 };
 engine.onFlush = () => port.postMessage({ ev: 'flush' });
 engine.onPressure = () => port.postMessage({ ev: 'pressure' });
@@ -31,6 +39,7 @@ engine.onIo = (kind) => { if (Atomics.load(ctl, 1) === 1) port.postMessage({ ev:
 cutPort.on('message', (m: { cut?: true; close?: true }) => {
   if (m.cut) {
     const e = engine.cutEpoch();
+    publish(); // the new epoch's counters are zero before the controller reads them again
     const buf = new ArrayBuffer(e.pages.size * PAGE_BYTES_NBD);
     const view = Buffer.from(buf);
     const offsets: number[] = [];
