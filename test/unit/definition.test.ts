@@ -1,0 +1,78 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { closeSync, openSync, ftruncateSync, writeFileSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { defaultMac, loadVmDefinition, parseVmDefinition } from '../../src/qemu/definition.ts';
+import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
+import { isRubatoError, type RubatoError } from '../../src/util/errors.ts';
+import { REPO_ROOT } from '../../src/setup/index.ts';
+
+function sparse(path: string, bytes: number): void {
+  const fd = openSync(path, 'w');
+  ftruncateSync(fd, bytes);
+  closeSync(fd);
+}
+
+const refused = (re: RegExp) => (e: unknown) => isRubatoError(e, 'RUBATO_CONFIG') && re.test((e as RubatoError).message);
+
+test('VM definition: a disk-booted VM with a 20 GiB sparse image and a NIC is read, resolved and checked', (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  sparse(join(dir, 'big.raw'), 20 * 2 ** 30);
+  const file = join(dir, 'vm.json');
+  writeFileSync(file, JSON.stringify({ name: 'web1', memoryMiB: 2048, disks: [{ path: 'big.raw' }], nics: [{ bridge: 'br0' }], boot: { from: 'disk' } }));
+  const vm = loadVmDefinition(file);
+  assert.equal(vm.cpus, 1);
+  assert.equal(vm.accelerator, 'auto');
+  assert.deepEqual(vm.disks, [{ path: join(dir, 'big.raw'), format: 'raw', sizeBytes: 20 * 2 ** 30 }]);
+  assert.equal(vm.nics[0]!.mac, defaultMac('web1'));
+  assert.match(vm.nics[0]!.mac, /^52:54:00(:[0-9a-f]{2}){3}$/);
+  assert.equal(defaultMac('web1'), defaultMac('web1'), 'the same name gets the same MAC');
+});
+
+test('VM definition: the qcow2 header decides the format; a wrong declared format is named', (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const img = join(dir, 'a.qcow2');
+  const head = Buffer.alloc(4096);
+  head.write('QFI\xfb', 0, 'latin1');
+  writeFileSync(img, head);
+  const def = (format?: string) => JSON.stringify({ name: 'q', memoryMiB: 256, disks: [{ path: img, ...(format ? { format } : {}) }], boot: { from: 'disk' } });
+  assert.equal(parseVmDefinition(def(), join(dir, 'q.json')).disks[0]!.format, 'qcow2');
+  assert.throws(() => parseVmDefinition(def('raw'), join(dir, 'q.json')), refused(/q\.json: disks\[0\]\.format: says raw, but .* is qcow2/));
+});
+
+test('VM definition: every mistake is one line naming the file and the field', (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const f = join(dir, 'bad.json');
+  const base = { name: 'ok', memoryMiB: 256, boot: { kernel: join(dir, 'k') } };
+  writeFileSync(join(dir, 'k'), 'kernel');
+  const cases: Array<[unknown, RegExp]> = [
+    [{ ...base, name: 'bad name!' }, /bad\.json: name: must be 1-40/],
+    [{ ...base, memoryMiB: 'lots' }, /bad\.json: memoryMiB: /],
+    [{ ...base, nics: [{ bridge: 'br0', mac: '01:00:5e:00:00:01' }] }, /bad\.json: nics\[0\]\.mac: must be a unicast address/],
+    [{ ...base, nics: [{ bridge: 'br0', mac: 'zz' }] }, /bad\.json: nics\[0\]\.mac: must be a MAC address/],
+    [{ ...base, disks: [{ path: 'missing.raw' }] }, /bad\.json: disks\[0\]\.path: cannot use .*missing\.raw: no such file/],
+    [{ ...base, disks: [{ path: 'a' }, { path: 'b' }] }, /bad\.json: disks: Rubato protects one disk per VM today/],
+    [{ ...base, boot: { from: 'disk' } }, /bad\.json: boot: boots from the disk, but the VM has no disk/],
+    [{ ...base, boot: { from: 'network' } }, /bad\.json: boot: must be/],
+    [{ ...base, colour: 'blue' }, /bad\.json: \(top level\): /],
+    [{ ...base, boot: { kernel: 'nope' } }, /bad\.json: boot\.kernel: cannot use .*nope: no such file/],
+  ];
+  for (const [def, re] of cases) {
+    writeFileSync(f, JSON.stringify(def));
+    assert.throws(() => loadVmDefinition(f), refused(re), JSON.stringify(def));
+  }
+  writeFileSync(f, '{ "name": ');
+  assert.throws(() => loadVmDefinition(f), refused(/bad\.json: \(file\): not JSON/));
+  assert.throws(() => loadVmDefinition(join(dir, 'none.json')), refused(/none\.json: \(file\): cannot read it/));
+});
+
+test('VM definition: the examples parse (their images aside)', () => {
+  for (const ex of ['web1.json', 'kernel-boot.json']) {
+    const text = readFileSync(join(REPO_ROOT, 'examples', ex), 'utf8');
+    // The shapes are valid: the only complaint is the image the example points at.
+    assert.throws(() => parseVmDefinition(text, ex), refused(/disks\[0\]\.path: cannot use .*no such file/), ex);
+  }
+});
