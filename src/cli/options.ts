@@ -84,8 +84,7 @@ export const LINK = { heartbeatMs: int(10, 60000), timeoutMs: int(50, 600000) };
 export async function platform(accelChoice: AccelChoice): Promise<{ accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string } }> {
   const guest = await ensureGuestImage();
   const { accel } = await resolveAccel(accelChoice, stockQemu(), guest);
-  const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
-  return { accel, binary, guest };
+  return { accel, binary: await binaryFor(accel), guest };
 }
 
 /** The QEMU for an accelerator (the standby resolves it when a primary connects). */

@@ -127,13 +127,13 @@ export class Link extends EventEmitter {
     if (this.closedErr) return Promise.reject(this.closedErr);
     const [head, body, mac] = this.enc.encodeParts(type, epoch, payload);
     this.stats.bytesSent += head.length + body.length + mac.length;
-    let flushed: Promise<void> | null = null;
     this.socket.cork();
     this.socket.write(head);
     if (body.length) this.socket.write(body);
-    const ok = opts.flushed
-      ? (flushed = new Promise<void>((resolve, reject) => { this.socket.write(mac, (e) => (e ? reject(e) : resolve())); }), true)
-      : this.socket.write(mac);
+    let flushed: Promise<void> | null = null;
+    let ok = true;
+    if (opts.flushed) flushed = new Promise<void>((resolve, reject) => { this.socket.write(mac, (e) => (e ? reject(e) : resolve())); });
+    else ok = this.socket.write(mac);
     this.socket.uncork();
     if (flushed) return flushed;
     if (ok) return Promise.resolve();

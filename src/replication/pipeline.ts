@@ -70,7 +70,7 @@ export interface PipelineStats {
   phase: PipelinePhase; generation: number;
   /** The last checkpoint captured, sent and acknowledged in this generation (-1: none). */
   capturedEpoch: number; sentEpoch: number; ackedEpoch: number;
-  inflight: number; waitsForLink: number; checkpoints: number;
+  inflight: number; waitsForLink: number;
   reasons: Record<string, number>;
 }
 
@@ -89,7 +89,6 @@ export class EpochPipeline<F extends Sized = Buffer> {
   private inflight: Inflight[] = [];
   private readonly hist: EpochRecord[] = [];
   private waits = 0;
-  private checkpoints = 0;
   private readonly reasonCounts: Record<string, number> = {};
   private readonly keep: number;
 
@@ -113,7 +112,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
   stats(): PipelineStats {
     return {
       phase: this.ph, generation: this.gen, capturedEpoch: this.captured, sentEpoch: this.sentUpTo, ackedEpoch: this.acked,
-      inflight: this.inflight.length, waitsForLink: this.waits, checkpoints: this.checkpoints, reasons: { ...this.reasonCounts },
+      inflight: this.inflight.length, waitsForLink: this.waits, reasons: { ...this.reasonCounts },
     };
   }
 
@@ -193,19 +192,12 @@ export class EpochPipeline<F extends Sized = Buffer> {
       };
       this.hist.push(record);
       if (this.hist.length > this.keep) this.hist.shift();
-      this.checkpoints++;
     }
     this.epochStartMs = c.resumedMs;
     this.closed = null;
     this.pauseBeganMs = null;
     this.inflight.push({ epoch, sentAtMs: null, record });
     return [{ cmd: 'send', epoch }];
-  }
-
-  /** The capture failed: the guest runs unprotected (the session ends with a linkLost). */
-  captureFailed(epoch: number): void {
-    assert(this.capturing === epoch, `pipeline: capture of ${epoch} failed, capturing ${this.capturing}`);
-    this.capturing = null;
   }
 
   /** Checkpoint `epoch` was handed to the link. */

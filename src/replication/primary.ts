@@ -89,6 +89,8 @@ export class PrimaryController {
   private link: Link | null = null;
   private capture: ColoCapture | null = null;
   private blocks: RamBlockInfo[] = [];
+  /** Block id → its index in the layout (page ids in traces). */
+  private blockIndex = new Map<string, number>();
   private readonly emit: (e: PrimaryEvent) => void;
   private lastCounter = -1;
   /** The guest's progress counter at each unacknowledged checkpoint's pause (for ackedCounter). */
@@ -308,6 +310,7 @@ export class PrimaryController {
     });
     this.capture = capture;
     this.blocks = base.blocks;
+    this.blockIndex = new Map(base.blocks.map((b, i) => [b.id, i]));
     this.counterAt.set(0, this.lastCounter);
     pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: performance.now() });
     pipe.sent(0, performance.now());
@@ -337,25 +340,36 @@ export class PrimaryController {
 
   /** Takes checkpoint `epoch`, ships it; the guest runs again as soon as it is local. */
   private async checkpoint(link: Link, capture: ColoCapture, epoch: number, decidedMs: number, status: StatusMeter): Promise<void> {
-    const pipe = this.pipeline;
-    const counter = this.lastCounter;
     const fault = this.o.fault;
-    let pauseBeganMs = 0;
-    const ranFromMs = pipe.epochStartedMs;
-    const cp = await capture.checkpoint({
-      beforeReply: () => { pauseBeganMs = performance.now(); },
-      onLocal: (c) => this.closeEpoch(c, epoch, pauseBeganMs, status),
-      ...(fault ? { hold: async (c: Checkpoint) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } } : {}),
-    });
-    const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
-    const record = encodeRecord(cp, this.blocks);
-    pipe.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs });
-    this.counterAt.set(epoch, counter);
+    const ranFromMs = this.pipeline.epochStartedMs;
+    const { cp, record, pauseBeganMs } = await this.take(capture, epoch, status,
+      fault ? async (c) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } : undefined);
     this.observe(cp, ranFromMs, pauseBeganMs, record.length, decidedMs);
     if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, record, Math.floor(record.length * f)), crash: () => this.crash() });
     if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
     this.ship(link, epoch, record);
-    this.emit({ event: 'checkpoint', epoch, pages: cp.pages.length, bytes: record.length, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter });
+    this.emit({ event: 'checkpoint', epoch, pages: cp.pages.length, bytes: record.length, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter: this.counterAt.get(epoch) ?? -1 });
+  }
+
+  /**
+   * Captures checkpoint `epoch` (its output and disk epoch close during the pause), encodes its
+   * record once the guest runs again, and hands it to the pipeline. `hold` keeps the guest paused
+   * after the capture (fault injection; a fence stops it there).
+   */
+  private async take(capture: ColoCapture, epoch: number, status: StatusMeter | null, hold?: (c: Checkpoint) => Promise<void>):
+    Promise<{ cp: Checkpoint; record: Buffer; pauseBeganMs: number }> {
+    const counter = this.lastCounter;
+    let pauseBeganMs = 0;
+    const cp = await capture.checkpoint({
+      beforeReply: () => { pauseBeganMs = performance.now(); },
+      onLocal: (c) => this.closeEpoch(c, epoch, pauseBeganMs, status),
+      ...(hold ? { hold } : {}),
+    });
+    const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
+    const record = encodeRecord(cp, this.blocks);
+    this.pipeline.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs });
+    this.counterAt.set(epoch, counter);
+    return { cp, record, pauseBeganMs };
   }
 
   /** During the pause: the epoch's output and disk writes close together; the disk's pages join the checkpoint. */
@@ -376,9 +390,8 @@ export class PrimaryController {
   private observe(cp: Checkpoint, ranFromMs: number, pauseBeganMs: number, bytes: number, decidedMs: number): void {
     const obs = this.o.observer;
     if (!obs) return;
-    const blockIndex = new Map(this.blocks.map((b, i) => [b.id, i]));
     const ids = new Uint32Array(cp.pages.length);
-    cp.pages.forEach((p, i) => { ids[i] = ((blockIndex.get(p.block) ?? 255) << 24 | Math.floor(p.offset / 4096)) >>> 0; });
+    cp.pages.forEach((p, i) => { ids[i] = ((this.blockIndex.get(p.block) ?? 255) << 24 | Math.floor(p.offset / 4096)) >>> 0; });
     const handle = obs.epoch(ranFromMs, pauseBeganMs, cp.timings.pauseMsLocal, bytes, ids, decidedMs);
     if (handle >= 0) this.tracedAt.set(cp.epoch, handle);
   }
@@ -388,12 +401,13 @@ export class PrimaryController {
     const last = this.pipeline.history.at(-1);
     const oldest = this.pipeline.oldestInflightSentMs;
     const now = performance.now();
+    const stats = this.pipeline.stats();
     this.emit(status.take(now, {
-      pipeline: this.pipeline.stats(), output: this.commit.stats(now), bytesSent: link.stats.bytesSent, rttMs: link.stats.rttMs,
+      pipeline: stats, output: this.commit.stats(now), bytesSent: link.stats.bytesSent, rttMs: link.stats.rttMs,
       lagMs: oldest === null ? 0 : now - oldest, lastDirtyPages: last?.dirtyPages ?? 0,
       pauseMs: pauses.length ? pauses.reduce((a, b) => a + b, 0) / pauses.length : last?.pauseMs ?? 0,
     }));
-    this.emit({ event: 'decisions', reasons: this.pipeline.stats().reasons, policy: this.pipeline.policy.name });
+    this.emit({ event: 'decisions', reasons: stats.reasons, policy: this.pipeline.policy.name });
   }
 
   private async sendBase(link: Link, base: { machine: string; blocks: RamBlockInfo[]; ram: Map<string, Buffer>; deviceState: Buffer }): Promise<void> {
@@ -421,16 +435,7 @@ export class PrimaryController {
   /** Switchover: a last checkpoint with the guest stopped, its ack, then the guest stops here for good. */
   private async fence(link: Link, capture: ColoCapture, epoch: number): Promise<void> {
     log.warn(`standby asked for failover: taking a last checkpoint and stopping guest ${this.o.vm.spec.name}`);
-    let pauseBeganMs = 0;
-    const cp = await capture.checkpoint({
-      beforeReply: () => { pauseBeganMs = performance.now(); },
-      onLocal: (c) => this.closeEpoch(c, epoch, pauseBeganMs, null),
-      hold: async () => { await this.o.vm.qmp.execute('stop'); },
-    });
-    const resumedMs = performance.now();
-    const record = encodeRecord(cp, this.blocks);
-    this.pipeline.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs });
-    this.counterAt.set(epoch, this.lastCounter);
+    const { record } = await this.take(capture, epoch, null, async () => { await this.o.vm.qmp.execute('stop'); });
     this.ship(link, epoch, record);
     while (this.pipeline.phase === 'fencing' && !link.closed) await this.idle(Infinity);
     if (this.pipeline.phase !== 'fenced') throw link.closed ?? new RubatoError('RUBATO_PEER_LOST', 'fence not acknowledged');

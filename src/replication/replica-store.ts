@@ -129,18 +129,18 @@ export class ReplicaStore {
     return store;
   }
 
-  /** Checks a checkpoint against the replica without touching anything: the one epoch check. */
-  validate(rec: CheckpointRecord, frameEpoch: number = rec.epoch): void {
+  /** The one epoch check: the record follows the committed checkpoint, under the number it was sent with. */
+  private checkFollows(rec: CheckpointRecord, frameEpoch: number = rec.epoch): void {
     if (rec.epoch !== frameEpoch || rec.epoch !== this.meta.epoch + 1) {
       throw corrupt(`checkpoint ${rec.epoch} (sent as ${frameEpoch}) does not follow committed epoch ${this.meta.epoch}`, { epoch: rec.epoch });
     }
-    validateRecord(rec, this.meta.blocks);
   }
 
   /** Stage, verify, commit (one rename), apply. Returns the committed epoch once applied. */
   async commit(rec: CheckpointRecord): Promise<number> {
     await this.settled();
-    this.validate(rec);
+    this.checkFollows(rec);
+    validateRecord(rec, this.meta.blocks);
     const epoch = await this.commitVerified(rec.epoch, encodeRecord(rec, this.meta.blocks), rec.pages, rec.deviceState);
     await this.settled();
     return epoch;
@@ -153,8 +153,8 @@ export class ReplicaStore {
    */
   async commitRecord(record: Buffer, frameEpoch: number): Promise<CheckpointRecord> {
     await this.settled();
-    const rec = decodeRecord(record, this.meta.blocks);
-    this.validate(rec, frameEpoch);
+    const rec = decodeRecord(record, this.meta.blocks); // checks every page against the layout
+    this.checkFollows(rec, frameEpoch);
     await this.commitVerified(rec.epoch, record, rec.pages, rec.deviceState);
     return rec;
   }

@@ -88,9 +88,13 @@ export class StandbyController {
   }
 
   /** A transition a primary's frame asks for: refused (the session ends), not asserted, when this side moved on. */
-  private goFromPeer(input: StandbyInput, checkOnly = false): void {
+  private goFromPeer(input: StandbyInput): void {
+    this.refuseUnlessAllowed(input);
+    this.go(input);
+  }
+
+  private refuseUnlessAllowed(input: StandbyInput): void {
     if (!STANDBY_TRANSITIONS[input].from.includes(this.st)) throw new RubatoError('RUBATO_PROTOCOL', `the standby is ${this.st}: not accepting ${input} from the primary`);
-    if (!checkOnly) this.go(input);
   }
 
   /** The TCP port actually bound (port 0 picks a free one). */
@@ -177,7 +181,7 @@ export class StandbyController {
     const s = new StandbySession(link, {
       baseBegin: () => this.goFromPeer('base-begin'),
       installBase: async (layout, ram, dev) => {
-        this.goFromPeer('base-installed', true);
+        this.refuseUnlessAllowed('base-installed'); // before writing a replica this side would not take
         await this.installBase(identity, layout, ram, dev);
         this.goFromPeer('base-installed');
       },

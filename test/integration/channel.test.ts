@@ -33,43 +33,47 @@ test('guest memory is encrypted on the wire; a flipped bit re-synchronises the p
     host: '127.0.0.1', port: 0, stateDir: join(dir, 'standby'), psk, heartbeatMs: 50, timeoutMs: 800, fsync: false,
     binaryFor: async () => binary, onEvent: (e) => sEvents.push(e),
   });
-  await standby.start();
-  const proxy = new CuttableProxy(standby.boundPort);
-  const marker = Buffer.from('Linux version');
-  let tail = Buffer.alloc(0);
-  let clearText = 0;
-  proxy.onForward = (d) => {
-    const w = Buffer.concat([tail, d]);
-    if (w.includes(marker)) clearText++;
-    tail = w.subarray(Math.max(0, w.length - marker.length));
-  };
-  const port = await proxy.listen();
-  const vm = await QemuVm.start({ name: 'ch', accel, cpus: 1, memMb: 96, kernel: guest.kernel, initrd: guest.initrd, append: guestAppend(['dirtier', 10, 16]) }, { binary, runDir: dir });
-  const primary = new PrimaryController({
-    vm, runDir: dir, standby: { host: '127.0.0.1', port }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: 800, retryMs: 200,
-    onEvent: (e) => pEvents.push(e),
-  });
+  const proxy = new CuttableProxy(0);
+  let vm: QemuVm | null = null;
+  let primary: PrimaryController | null = null;
   try {
-    primary.start();
-    await waitFor(() => primary.ackedEpoch >= 10, 120_000, 'ten checkpoints acknowledged');
+    await standby.start();
+    proxy.targetPort = standby.boundPort;
+    const marker = Buffer.from('Linux version');
+    let tail = Buffer.alloc(0);
+    let clearText = 0;
+    proxy.onForward = (d) => {
+      const w = Buffer.concat([tail, d]);
+      if (w.includes(marker)) clearText++;
+      tail = w.subarray(Math.max(0, w.length - marker.length));
+    };
+    const port = await proxy.listen();
+    vm = await QemuVm.start({ name: 'ch', accel, cpus: 1, memMb: 96, kernel: guest.kernel, initrd: guest.initrd, append: guestAppend(['dirtier', 10, 16]) }, { binary, runDir: dir });
+    const p = new PrimaryController({
+      vm, runDir: dir, standby: { host: '127.0.0.1', port }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: 800, retryMs: 200,
+      onEvent: (e) => pEvents.push(e),
+    });
+    primary = p;
+    p.start();
+    await waitFor(() => p.ackedEpoch >= 10, 120_000, 'ten checkpoints acknowledged');
     // The replica holds the guest kernel's banner (so the capture below would have seen it in clear).
     assert.ok(readFileSync(join(dir, 'standby', 'replica', 'ram', '0.img')).includes(marker), 'negative control: the guest memory holds the marker');
     assert.equal(clearText, 0, 'no guest memory in clear text on the wire');
     assert.ok(proxy.forwarded > 96 << 20, `the full image crossed the proxy (${proxy.forwarded} bytes)`);
 
     // One bit flipped in the next checkpoint frame.
-    const generation = primary.pipeline.generation;
+    const generation = p.pipeline.generation;
     proxy.flipBit(2000);
-    await waitFor(() => primary.pipeline.generation > generation && primary.protected, 60_000, 're-synchronised');
-    await waitFor(() => primary.ackedEpoch >= 5, 60_000, 'checkpoints acknowledged again');
+    await waitFor(() => p.pipeline.generation > generation && p.protected, 60_000, 're-synchronised');
+    await waitFor(() => p.ackedEpoch >= 5, 60_000, 'checkpoints acknowledged again');
     await sleep(1000); // past the standby's liveness timeout
     assert.equal(sEvents.find((e) => e.event === 'failover' || e.event === 'primary-lost'), undefined, 'no failover after a corrupted frame');
     assert.equal(standby.state, 'protecting');
     assert.equal(pEvents.filter((e) => e.event === 'protecting').length, 2, 'protected, then protected again after the re-sync');
     assert.equal(clearText, 0, 'still nothing in clear text after the re-sync');
   } finally {
-    await primary.stop();
-    await vm.stop();
+    await primary?.stop();
+    await vm?.stop();
     await standby.stop();
     proxy.close();
     removeTempDir(dir);

@@ -40,15 +40,17 @@ test('SIGTERM to rubato primary: the standby is told and does not fail over; the
   const port = 20000 + Math.floor(Math.random() * 20000);
   const { standbyArgs, primaryArgs } = pair(dir, port);
   const sb = rubato('rubato-standby', standbyArgs);
+  let pr: ReturnType<typeof rubato> | null = null;
   try {
     await waitFor(() => sb.events.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
-    const pr = rubato('rubato-primary', primaryArgs);
-    const started = await waitFor(() => pr.events.find((e) => e['event'] === 'started'), 120_000, 'the primary started');
-    await waitFor(() => pr.events.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 5), 120_000, 'five checkpoints acknowledged');
+    const primary = rubato('rubato-primary', primaryArgs);
+    pr = primary;
+    const started = await waitFor(() => primary.events.find((e) => e['event'] === 'started'), 120_000, 'the primary started');
+    await waitFor(() => primary.events.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 5), 120_000, 'five checkpoints acknowledged');
     const qemuPid = Number(started['qemuPid']);
     assert.ok(alive(qemuPid), 'the guest runs before the signal');
-    pr.proc.kill('SIGTERM');
-    const exit = await pr.proc.exited;
+    primary.proc.kill('SIGTERM');
+    const exit = await primary.proc.exited;
     assert.equal(exit.code, 0, 'an orderly stop exits 0');
     assert.equal(alive(qemuPid), false, 'the guest QEMU is gone');
     // Longer than the standby's failure timeout: a lost primary would have been declared by now.
@@ -61,6 +63,7 @@ test('SIGTERM to rubato primary: the standby is told and does not fail over; the
     sb.proc.kill('SIGTERM');
     assert.equal((await sb.proc.exited).code, 0, 'the standby stops in order too');
   } finally {
+    await pr?.proc.stop(3000);
     await sb.proc.stop(3000);
     removeTempDir(dir);
   }

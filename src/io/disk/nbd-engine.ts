@@ -15,8 +15,9 @@ import {
   decodeRequest, infoBlockSize, infoExport, optionReply, serverGreeting, simpleReply, validateRequest,
 } from './nbd-proto.ts';
 
+import { PAGE_BYTES_NBD as PAGE } from './nbd-shared.ts';
+
 const log = logger('nbd');
-const PAGE = 4096;
 const MAX_OPTION_BYTES = 64 << 10;
 /** Requests served at once per connection. */
 const MAX_INFLIGHT = 32;

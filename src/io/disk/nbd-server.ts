@@ -7,11 +7,9 @@
 import { Worker, MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { RubatoError } from '../../util/errors.ts';
 import { logger } from '../../util/log.ts';
-import type { DiskEpoch, DiskEpochStats } from './nbd-engine.ts';
+import { sleep } from '../../util/async.ts';
+import { MAX_DIRTY_BYTES_PER_EPOCH, type DiskEpoch, type DiskEpochStats } from './nbd-engine.ts';
 import { PAGE_BYTES_NBD, STAT, STAT_SLOTS, type CutReply, type WorkerData } from './nbd-shared.ts';
-
-export { MAX_DIRTY_BYTES_PER_EPOCH, type DiskEpoch, type DiskEpochStats } from './nbd-engine.ts';
-import { MAX_DIRTY_BYTES_PER_EPOCH } from './nbd-engine.ts';
 
 const log = logger('nbd');
 const CUT_TIMEOUT_MS = 10_000;
@@ -103,9 +101,10 @@ export class NbdServer {
     if (!w) return;
     this.worker = null;
     const exited = new Promise<void>((r) => w.once('exit', () => r()));
+    const gaveUp = new AbortController();
     const closed = new Promise<void>((r) => w.on('message', (m: { ev: string }) => { if (m.ev === 'closed') r(); }));
     this.cutPort?.postMessage({ close: true });
-    await Promise.race([closed, new Promise((r) => setTimeout(r, 2000))]);
+    await Promise.race([closed.then(() => gaveUp.abort()), sleep(2000, gaveUp.signal)]);
     await w.terminate();
     await exited;
     this.cutPort?.close();

@@ -149,8 +149,6 @@ export class FrameDecoder {
   setKey(key: FrameKey): void { this.key = key; }
   /** The largest frame this side accepts from now on (the session's layout sets it). */
   setMaxFrameBytes(n: number): void { this.maxFrameBytes = Math.min(n, MAX_FRAME_BYTES); }
-  /** Bytes received and not yet handed on as frames (bounded by the frame limit plus one read). */
-  get bufferedBytes(): number { return this.avail + (this.cur?.got ?? 0); }
 
   push(chunk: Buffer): Frame[] {
     if (this.failed) throw this.failed;
