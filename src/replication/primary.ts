@@ -166,7 +166,7 @@ export class PrimaryController {
   }
 
   private async run(): Promise<void> {
-    while (!this.stopped && !this.o.vm.exited) {
+    while (!this.stopped && !this.o.vm.exited && !this.o.vm.qmp.isClosed) {
       let failure: unknown = null;
       try {
         await this.session();
@@ -179,7 +179,9 @@ export class PrimaryController {
       await c?.close();
       this.link?.close();
       this.link = null;
-      if (this.stopped || this.o.vm.exited) break;
+      // A guest whose QEMU is gone (its QMP socket closes before the exit is reported) is never
+      // reconnected for: a new session would tell a guarding standby its primary is back.
+      if (this.stopped || this.o.vm.exited || this.o.vm.qmp.isClosed) break;
       // A session that broke after the standby had authenticated us (a corrupted frame, a reset, a
       // failed capture — during protection or a re-sync) reconnects at once: a standby that guards
       // a replica of ours waits out its liveness timeout before it takes over, and a new
