@@ -102,18 +102,18 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
       // The guest is paused at checkpoint cp. Route B's view: what changed since the replica's epoch.
       ramCopy = readRamFile(spec.ramFile, ramCopy);
       if (o.route === 'a') {
-        const changed = diffPages(ramCopy, store.ramOf(MAIN_RAM_ID));
+        const changed = diffPages(ramCopy, (await store.readImage(MAIN_RAM_ID)));
         const reported = new Set(cp.pages.filter((p) => p.block === MAIN_RAM_ID).map((p) => p.offset));
         const missed = changed.filter((off) => !reported.has(off));
         if (missed.length) { result.routesAgree = false; log.error(`route A missed ${missed.length} changed pages at checkpoint ${cp.epoch}`); }
       }
       await store.commit(cp);
-      const diff = diffPages(ramCopy, store.ramOf(MAIN_RAM_ID));
+      const diff = diffPages(ramCopy, (await store.readImage(MAIN_RAM_ID)));
       result.verified++;
       result.mismatchedPages += diff.length;
       if (result.verified === 1) {
         // Negative control: the same comparison must catch a single corrupted page.
-        const corrupted = Buffer.from(store.ramOf(MAIN_RAM_ID));
+        const corrupted = Buffer.from((await store.readImage(MAIN_RAM_ID)));
         const page = Math.floor(Math.random() * (corrupted.length / 4096));
         const at = page * 4096 + 1234;
         corrupted[at] = corrupted[at]! ^ 0x40;

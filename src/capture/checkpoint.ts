@@ -46,6 +46,7 @@ export const MAX_DEVICE_STATE_BYTES = 256 << 20;
 export interface BaseImage {
   machine: string;
   blocks: RamBlockInfo[];
+  /** The blocks' contents, when collected in memory (empty when the pages were streamed elsewhere). */
   ram: Map<string, Buffer>;
   deviceState: Buffer;
 }

@@ -33,7 +33,16 @@ export interface ColoCaptureOptions {
   checkpointTimeoutMs?: number;
   /** Runs with the guest still paused after the full image, before it resumes (may extend the image). */
   beforeReady?: (base: BaseImage) => Promise<void> | void;
+  /**
+   * Where the full image's pages go as they arrive (e.g. straight onto the link to the standby).
+   * Without one they are collected in memory into `base.ram` (tools and tests with small guests).
+   */
+  baseSink?: PageSink;
 }
+
+/** Unread migration stream buffered before the socket stops reading (QEMU then waits). */
+const STREAM_HIGH_WATER = 32 << 20;
+const STREAM_LOW_WATER = 8 << 20;
 
 export interface CheckpointOptions {
   /** Runs right before QEMU is told to pause the guest: output seen so far belongs to this checkpoint. */
@@ -71,6 +80,7 @@ export class ColoCapture {
       server.once('connection', (s: Socket) => {
         server.on('connection', (extra: Socket) => extra.destroy()); // one primary per capture
         s.setNoDelay(true);
+        reader.setFlowControl(STREAM_HIGH_WATER, STREAM_LOW_WATER, () => s.pause(), () => s.resume());
         s.on('data', (d: Buffer) => { reader.push(d); });
         s.on('error', (e) => reader.end(new RubatoError('RUBATO_STREAM_TRUNCATED', `COLO stream of VM ${vm.spec.name}: ${e.message}`)));
         s.on('close', () => reader.end());
@@ -109,28 +119,20 @@ export class ColoCapture {
 
   private async readBase(): Promise<BaseImage> {
     const ram = new Map<string, Buffer>();
-    const block = (id: string) => {
-      let b = ram.get(id);
-      if (!b) {
-        const len = this.st.blocks.get(id);
-        assert(len !== undefined, `block ${id} announced`);
-        b = Buffer.alloc(len);
-        ram.set(id, b);
-      }
-      return b;
-    };
+    const sink = this.opts.baseSink ?? memorySink(ram, this.st);
     let lastReport = 0;
-    const sink: PageSink = {
+    const report = this.opts.onProgress;
+    const counted: PageSink = report ? {
+      ...sink,
       page: (id, off, data) => {
-        data.copy(block(id), off);
-        if (this.opts.onProgress && this.reader.consumed - lastReport > 8 << 20) { lastReport = this.reader.consumed; this.opts.onProgress(lastReport); }
+        sink.page(id, off, data);
+        if (this.reader.consumed - lastReport > 8 << 20) { lastReport = this.reader.consumed; report(lastReport); }
       },
-      zero: (id, off, fill) => { block(id).fill(fill, off, off + 4096); },
-    };
-    const pre = await readPrecopy(this.reader, this.st, sink);
+    } : sink;
+    const pre = await readPrecopy(this.reader, this.st, counted);
     if (!pre.colo) throw new RubatoError('RUBATO_STREAM_FORMAT', `VM ${this.vm.spec.name}: the stream did not enable COLO`);
-    for (const id of this.st.blockOrder) block(id);
-    this.opts.onProgress?.(this.reader.consumed);
+    if (!this.opts.baseSink) for (const id of this.st.blockOrder) if (!ram.has(id)) ram.set(id, Buffer.alloc(this.st.blocks.get(id)!));
+    report?.(this.reader.consumed);
     return {
       machine: pre.config.machine,
       blocks: this.st.blockOrder.map((id) => ({ id, lengthBytes: this.st.blocks.get(id)! })),
@@ -256,6 +258,24 @@ export class ColoCapture {
     stopListening(this.server, this.sockPath);
     await ensureGuestRunning(this.vm);
   }
+}
+
+/** Collects the full image in memory (small guests: tools and tests). */
+function memorySink(ram: Map<string, Buffer>, st: RamState): PageSink {
+  const block = (id: string) => {
+    let b = ram.get(id);
+    if (!b) {
+      const len = st.blocks.get(id);
+      assert(len !== undefined, `block ${id} announced`);
+      b = Buffer.alloc(len);
+      ram.set(id, b);
+    }
+    return b;
+  };
+  return {
+    page: (id, off, data) => { data.copy(block(id), off); },
+    zero: (id, off, fill) => { block(id).fill(fill, off, off + 4096); },
+  };
 }
 
 /** Stops accepting at once (the server's 'close' event would also wait for open connections). */

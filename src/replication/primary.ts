@@ -4,7 +4,6 @@
 // when to checkpoint, what may be released and when protection is lost are the pipeline's calls.
 
 import { connect } from 'node:net';
-import { readFile } from 'node:fs/promises';
 import { RubatoError, errorMessage, assert } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import { sleep } from '../util/async.ts';
@@ -20,7 +19,9 @@ import { Link } from './link.ts';
 import { connectHandshake } from './handshake.ts';
 import { EpochPipeline, type Command } from './pipeline.ts';
 import { FrameType, type Frame } from './protocol/frame.ts';
-import { encodeBaseData, encodeLayout, type Identity } from './protocol/messages.ts';
+import type { Identity } from './protocol/messages.ts';
+import { BaseSender, sendDiskExtents } from './base-sender.ts';
+import { allocatedExtents, extentBytes } from '../io/disk/extents.ts';
 import { encodeRecord } from './protocol/record.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
 import type { CheckpointObserver } from './observer.ts';
@@ -29,7 +30,6 @@ import type { CheckpointObserver } from './observer.ts';
 export const DISK_BLOCK_ID = 'disk0';
 
 const log = logger('primary');
-const BASE_CHUNK_BYTES = 1 << 20;
 const DEFAULT_MAX_HELD_BYTES = 64 << 20;
 /** Reconnections without a pause after an authenticated session broke. */
 const IMMEDIATE_RETRIES = 3;
@@ -295,28 +295,47 @@ export class PrimaryController {
     const throwIfClosed = () => { if (link.closed) throw link.closed; };
     const pipe = this.pipeline;
 
-    // A new replica generation: a fresh COLO session, its full image shipped with progress.
+    // A new replica generation: a fresh COLO session whose full image streams to the standby as
+    // QEMU sends it, the disk's allocated extents copied first (its writes from then on are logged
+    // and go with the image), nothing of either collected here.
     pipe.startSync();
     const nbd = this.o.nbd;
+    const diskBlock = nbd ? { id: DISK_BLOCK_ID, lengthBytes: nbd.sizeBytes } : null;
+    const extents = nbd ? await allocatedExtents(nbd.imagePath) : [];
+    const sender = new BaseSender(link, {
+      extraBlocks: diskBlock ? [diskBlock] : [],
+      extraBytes: extentBytes(extents),
+      progress: (p) => this.emit(p),
+      afterLayout: async (s) => {
+        if (!nbd) return;
+        nbd.cutEpoch(); // writes before the copy starts are in what it reads; later ones are logged
+        await sendDiskExtents(s, DISK_BLOCK_ID, nbd.imagePath, extents);
+      },
+    });
     const { capture, base } = await ColoCapture.start(this.o.vm, {
       runDir: this.o.runDir,
-      beforeReady: async (b) => {
-        // Guest paused at the end of the full copy: output and disk so far are in this image.
-        pipe.paused(0, performance.now());
-        if (nbd) {
-          const img = await readFile(nbd.imagePath);
-          b.blocks.push({ id: DISK_BLOCK_ID, lengthBytes: img.length });
-          b.ram.set(DISK_BLOCK_ID, img);
+      baseSink: sender,
+      // The disk copy runs inside the precopy (QEMU waits meanwhile): its time is not a stuck stream.
+      precopyTimeoutMs: 300_000 + Math.ceil(extentBytes(extents) / (10 << 20)) * 1000,
+      beforeReady: (b) => {
+        // Guest paused at the end of the full copy: output so far is in this image, and the disk
+        // writes logged since its copy began join it now.
+        const closed = pipe.paused(0, performance.now());
+        if (diskBlock) {
+          b.blocks.push(diskBlock);
+          for (const [offset, data] of closed.disk?.pages ?? []) sender.page(DISK_BLOCK_ID, offset, data);
         }
       },
     });
     this.capture = capture;
     this.blocks = base.blocks;
+    assert(sender.layoutBlocks.length === base.blocks.length, 'the layout sent is the capture\'s');
     this.blockIndex = new Map(base.blocks.map((b, i) => [b.id, i]));
     this.counterAt.set(0, this.lastCounter);
     pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: performance.now() });
     pipe.sent(0, performance.now());
-    await this.sendBase(link, base);
+    await sender.flush();
+    await link.send(FrameType.BASE_END, 0, base.deviceState);
     while (pipe.phase === 'syncing') { throwIfClosed(); await this.idle(Infinity); }
 
     const status = new StatusMeter(performance.now(), 0, link.stats.bytesSent);
@@ -410,28 +429,6 @@ export class PrimaryController {
       pauseMs: pauses.length ? pauses.reduce((a, b) => a + b, 0) / pauses.length : last?.pauseMs ?? 0,
     }));
     this.emit({ event: 'decisions', reasons: stats.reasons, policy: this.pipeline.policy.name });
-  }
-
-  private async sendBase(link: Link, base: { machine: string; blocks: RamBlockInfo[]; ram: Map<string, Buffer>; deviceState: Buffer }): Promise<void> {
-    const totalBytes = base.blocks.reduce((s, b) => s + b.lengthBytes, 0);
-    await link.send(FrameType.BASE_BEGIN, 0, encodeLayout({ machine: base.machine, blocks: base.blocks, totalBytes }));
-    const t0 = performance.now();
-    let sent = 0;
-    let lastProgress = 0;
-    for (const [i, b] of base.blocks.entries()) {
-      const ram = base.ram.get(b.id)!;
-      for (let off = 0; off < ram.length; off += BASE_CHUNK_BYTES) {
-        const data = ram.subarray(off, Math.min(ram.length, off + BASE_CHUNK_BYTES));
-        await link.send(FrameType.BASE_DATA, 0, encodeBaseData(i, off, data));
-        sent += data.length;
-        if (performance.now() - lastProgress > 500) {
-          lastProgress = performance.now();
-          const rate = sent / Math.max((performance.now() - t0) / 1000, 1e-3);
-          this.emit({ event: 'sync-progress', bytes: sent, totalBytes, percent: Math.round((sent / totalBytes) * 1000) / 10, mbPerSec: Math.round(rate / 1e5) / 10, etaSec: Math.round(((totalBytes - sent) / rate) * 10) / 10 });
-        }
-      }
-    }
-    await link.send(FrameType.BASE_END, 0, base.deviceState);
   }
 
   /** Switchover: a last checkpoint with the guest stopped, its ack, then the guest stops here for good. */

@@ -1,21 +1,25 @@
-// The standby's replica: exactly one committed checkpoint, on disk and in memory. A checkpoint is
-// staged, verified complete and intact, then committed by one rename (the redo record); applying
-// it is idempotent, so a store reopened after a crash at any moment holds the last committed one.
-// It never applies a partial or corrupt checkpoint. A record off the wire is acknowledgeable at
-// its commit point: `commitRecord` returns there, with memory already updated, and writes the
-// images behind it; the next commit, and anything that reads the files, waits for that (`settled`).
+// The standby's replica: exactly one committed checkpoint, in files. A checkpoint is staged,
+// verified complete and intact, then committed by one rename (the redo record); applying it writes
+// its pages in place into the image files and is idempotent, so a store reopened after a crash at
+// any moment holds the last committed one. It never applies a partial or corrupt checkpoint. No
+// image is held in memory: a 16 GiB disk replica is a sparse file, and the RAM image is the file a
+// restore maps. A record off the wire is acknowledgeable at its commit point: `commitRecord`
+// returns there and writes the pages behind it; the next commit, and anything that reads the
+// files, waits for that (`settled`).
 //
 // On-disk format (version 1), in the store's folder:
 //   meta.json        { format: 1, vm, machine, epoch, blocks: [{ id, lengthBytes }] }
-//   ram/<n>.img      RAM image of block n (n = index in meta.blocks)
+//   ram/<n>.img      image of block n (n = index in meta.blocks); sparse where never written
 //   device.bin       device state of the committed epoch (QEMU sections + EOF)
 //   redo.ckpt        a committed checkpoint not yet fully applied (present only mid-apply)
 //   stage.tmp        a checkpoint being staged (ignored and removed on open)
 // redo.ckpt / stage.tmp hold one checkpoint record as it travels on the wire (protocol/record.ts).
+// A full image arrives in pieces (ReplicaBuilder) into a folder of its own and becomes a store
+// (epoch 0) only when complete.
 
-import { existsSync } from 'node:fs';
-import { open, readFile, rename, rm } from 'node:fs/promises';
-import { ensurePrivateDir, fsyncDir, writePrivate, writePrivateAtomic } from '../util/private-files.ts';
+import { constants, existsSync } from 'node:fs';
+import { open, readFile, rename, rm, stat, type FileHandle } from 'node:fs/promises';
+import { ensurePrivateDir, fsyncDir, openPrivate, writePrivate, writePrivateAtomic } from '../util/private-files.ts';
 import { join } from 'node:path';
 import { RubatoError, assert } from '../util/errors.ts';
 import { PAGE_SIZE, type BaseImage, type DirtyPage, type RamBlockInfo } from '../capture/checkpoint.ts';
@@ -34,8 +38,6 @@ export interface ReplicaMeta {
 export interface ReplicaStoreOptions {
   /** fsync staged records, images and metadata (crash safety on real disks). Default true. */
   fsync?: boolean;
-  /** create(): keep the caller's base buffers instead of copying them (the caller gives them up). */
-  adopt?: boolean;
 }
 
 const corrupt = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_REPLICA_CORRUPT', msg, ctx);
@@ -44,7 +46,6 @@ export class ReplicaStore {
   private constructor(
     readonly dir: string,
     private meta: ReplicaMeta,
-    private readonly ram: Map<string, Buffer>,
     private device: Buffer,
     private readonly fsync: boolean,
   ) {}
@@ -54,6 +55,7 @@ export class ReplicaStore {
   private committed: number | null = null;
   private applying: Promise<void> | null = null;
   private applyError: Error | null = null;
+  private readonly handles = new Map<number, FileHandle>();
 
   /** Resolves once the files hold the last committed checkpoint; rejects if writing them failed. */
   async settled(): Promise<void> {
@@ -63,41 +65,57 @@ export class ReplicaStore {
   get machine(): string { return this.meta.machine; }
   get blocks(): readonly RamBlockInfo[] { return this.meta.blocks; }
   get deviceState(): Buffer { return this.device; }
-  /** The committed RAM of a block (read-only view; do not modify). */
-  ramOf(block: string): Buffer {
-    const b = this.ram.get(block);
-    if (!b) throw new RubatoError('RUBATO_CONFIG', `replica has no RAM block ${block}`);
-    return b;
-  }
+
   imagePath(block: string): string {
-    const i = this.meta.blocks.findIndex((b) => b.id === block);
-    if (i < 0) throw new RubatoError('RUBATO_CONFIG', `replica has no RAM block ${block}`);
-    return join(this.dir, 'ram', `${i}.img`);
+    return join(this.dir, 'ram', `${this.indexOf(block)}.img`);
   }
 
-  /** Makes a new store holding the base image as epoch 0. */
+  private indexOf(block: string): number {
+    const i = this.meta.blocks.findIndex((b) => b.id === block);
+    if (i < 0) throw new RubatoError('RUBATO_CONFIG', `replica has no RAM block ${block}`);
+    return i;
+  }
+
+  /**
+   * Reads (part of) a block's committed image from its file, once the last commit is written.
+   * Whole blocks only for small guests (tools and tests): the image is not otherwise in memory.
+   */
+  async readImage(block: string, offset = 0, length?: number): Promise<Buffer> {
+    await this.settled();
+    const i = this.indexOf(block);
+    const len = length ?? this.meta.blocks[i]!.lengthBytes - offset;
+    const buf = Buffer.alloc(len);
+    const fh = await open(this.imagePath(block), 'r');
+    try { await fh.read(buf, 0, len, offset); } finally { await fh.close(); }
+    return buf;
+  }
+
+  /** Makes a new store holding a full image from memory as epoch 0 (small guests: tools and tests). */
   static async create(dir: string, vm: string, base: BaseImage, opts: ReplicaStoreOptions = {}): Promise<ReplicaStore> {
-    ensurePrivateDir(dir, 'replica folder');
-    ensurePrivateDir(join(dir, 'ram'), 'replica folder');
-    const fsync = opts.fsync ?? true;
-    const meta: ReplicaMeta = { format: FORMAT, vm, machine: base.machine, epoch: 0, blocks: base.blocks };
-    const ram = new Map<string, Buffer>();
-    for (const [i, b] of base.blocks.entries()) {
-      const img = base.ram.get(b.id);
-      assert(img && img.length === b.lengthBytes, `base image block ${b.id} has its announced length`);
-      ram.set(b.id, opts.adopt ? img : Buffer.from(img));
-      await writePrivate(join(dir, 'ram', `${i}.img`), img, fsync);
+    const b = await ReplicaBuilder.begin(dir, vm, { machine: base.machine, blocks: base.blocks }, opts);
+    try {
+      for (const [i, blk] of base.blocks.entries()) {
+        const img = base.ram.get(blk.id);
+        assert(img && img.length === blk.lengthBytes, `base image block ${blk.id} has its announced length`);
+        await b.writeRun(i, 0, img);
+      }
+      return await b.finish(base.deviceState);
+    } catch (e) {
+      await b.abandon();
+      throw e;
     }
-    const store = new ReplicaStore(dir, meta, ram, Buffer.from(base.deviceState), fsync);
-    await writePrivate(join(dir, 'device.bin'), base.deviceState, fsync);
-    await store.writeMeta();
-    return store;
+  }
+
+  /** @internal the builder's result. */
+  static fromBuilt(dir: string, meta: ReplicaMeta, device: Buffer, fsync: boolean): ReplicaStore {
+    return new ReplicaStore(dir, meta, device, fsync);
   }
 
   /** The same store after its directory was renamed to `dir` by the caller (nothing is reread). */
   relocated(dir: string): ReplicaStore {
     assert(this.applying === null, 'a store is relocated only before its first checkpoint');
-    return new ReplicaStore(dir, this.meta, this.ram, this.device, this.fsync);
+    assert(this.handles.size === 0, 'a store is relocated before it opened its images');
+    return new ReplicaStore(dir, this.meta, this.device, this.fsync);
   }
 
   /** Opens a store, finishing a committed-but-unapplied checkpoint if a crash left one. */
@@ -110,15 +128,13 @@ export class ReplicaStore {
       throw corrupt(`replica in ${dir} has no readable meta.json`, { dir });
     }
     if (meta.format !== FORMAT) throw corrupt(`replica in ${dir} has format ${meta.format}, this Rubato reads ${FORMAT}`);
-    const ram = new Map<string, Buffer>();
     for (const [i, b] of meta.blocks.entries()) {
-      const img = await readFile(join(dir, 'ram', `${i}.img`));
-      if (img.length !== b.lengthBytes) throw corrupt(`replica image of block ${b.id} has ${img.length} bytes, expected ${b.lengthBytes}`);
-      ram.set(b.id, img);
+      const size = await stat(join(dir, 'ram', `${i}.img`)).then((st) => st.size, () => -1);
+      if (size !== b.lengthBytes) throw corrupt(`replica image of block ${b.id} has ${size < 0 ? 'no file' : `${size} bytes`}, expected ${b.lengthBytes}`);
     }
     const device = await readFile(join(dir, 'device.bin'));
     await rm(join(dir, 'stage.tmp'), { force: true });
-    const store = new ReplicaStore(dir, meta, ram, device, fsync);
+    const store = new ReplicaStore(dir, meta, device, fsync);
     const redoPath = join(dir, 'redo.ckpt');
     if (existsSync(redoPath)) {
       const rec = decodeRecord(await readFile(redoPath), meta.blocks);
@@ -148,8 +164,8 @@ export class ReplicaStore {
 
   /**
    * The same for a record as it came off the wire in a frame numbered `frameEpoch` (checksummed by
-   * its sender), returning at the commit point: the checkpoint is durable (the redo record) and in
-   * memory; its images are written behind the caller's acknowledgement (settled() waits for them).
+   * its sender), returning at the commit point: the checkpoint is durable (the redo record); its
+   * pages are written into the images behind the caller's acknowledgement (settled() waits for them).
    */
   async commitRecord(record: Buffer, frameEpoch: number): Promise<CheckpointRecord> {
     await this.settled();
@@ -172,46 +188,130 @@ export class ReplicaStore {
     return epoch;
   }
 
-  private async apply(epoch: number, pages: readonly DirtyPage[], deviceState: Buffer): Promise<void> {
-    // Memory first, all at once (no await before it is done): readers of ramOf()/deviceState see
-    // either the previous checkpoint or this one. Then the files.
-    const touched = new Map<string, number[]>();
-    for (const p of pages) {
-      const buf = this.ram.get(p.block)!;
-      if (p.data) p.data.copy(buf, p.offset);
-      else buf.fill(p.fill ?? 0, p.offset, p.offset + PAGE_SIZE);
-      let list = touched.get(p.block);
-      if (!list) touched.set(p.block, (list = []));
-      list.push(p.offset);
+  private async handle(i: number): Promise<FileHandle> {
+    let fh = this.handles.get(i);
+    if (!fh) {
+      fh = await open(join(this.dir, 'ram', `${i}.img`), constants.O_RDWR | constants.O_NOFOLLOW);
+      this.handles.set(i, fh);
     }
+    return fh;
+  }
+
+  /** Writes the pages in place, adjacent pages of a block in one call, then the device state and meta. */
+  private async apply(epoch: number, pages: readonly DirtyPage[], deviceState: Buffer): Promise<void> {
+    const index = new Map(this.meta.blocks.map((b, i) => [b.id, i]));
+    const sorted = [...pages].sort((a, b) => (index.get(a.block)! - index.get(b.block)!) || a.offset - b.offset);
+    const touched = new Set<number>();
+    let k = 0;
+    while (k < sorted.length) {
+      const first = sorted[k]!;
+      const bi = index.get(first.block)!;
+      const bufs: Buffer[] = [];
+      let end = first.offset;
+      // A run: same block, each page right after the previous (a page twice in a record starts a new run: the later copy wins).
+      while (k < sorted.length && sorted[k]!.block === first.block && sorted[k]!.offset === end && bufs.length < 512) {
+        const p = sorted[k]!;
+        bufs.push(p.data ?? (p.fill ? Buffer.alloc(PAGE_SIZE, p.fill) : ZERO_PAGE));
+        end += PAGE_SIZE;
+        k++;
+      }
+      await (await this.handle(bi)).writev(bufs, first.offset);
+      touched.add(bi);
+    }
+    if (this.fsync) for (const bi of touched) await (await this.handle(bi)).datasync();
     this.device = Buffer.from(deviceState);
-    for (const [block, offsets] of touched) await this.writeRuns(block, offsets);
     await writePrivate(join(this.dir, 'device.bin'), this.device, this.fsync);
     this.meta = { ...this.meta, epoch };
     await this.writeMeta();
   }
 
-  /** Writes the touched pages of a block from memory to its image, coalescing adjacent pages. */
-  private async writeRuns(block: string, offsets: number[]): Promise<void> {
-    offsets.sort((a, b) => a - b);
-    const buf = this.ram.get(block)!;
-    const fh = await open(this.imagePath(block), 'r+');
-    try {
-      let i = 0;
-      while (i < offsets.length) {
-        const start = offsets[i]!;
-        let end = start + PAGE_SIZE;
-        while (i + 1 < offsets.length && offsets[i + 1]! <= end) { end = Math.max(end, offsets[i + 1]! + PAGE_SIZE); i++; }
-        await fh.write(buf, start, end - start, start);
-        i++;
-      }
-      if (this.fsync) await fh.sync();
-    } finally {
-      await fh.close();
-    }
-  }
-
   private async writeMeta(): Promise<void> {
     await writePrivateAtomic(join(this.dir, 'meta.json'), Buffer.from(JSON.stringify(this.meta, null, 1)), this.fsync);
+  }
+
+  /** Closes the image files (after settled()); the store may be used again (they reopen). */
+  async close(): Promise<void> {
+    await this.applying?.catch(() => {});
+    for (const fh of this.handles.values()) await fh.close().catch(() => {});
+    this.handles.clear();
+  }
+}
+
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
+
+/**
+ * A full image arriving in pieces (the initial synchronisation): sparse image files of the
+ * announced sizes, written in place as runs and filled pages arrive, in a folder of its own; a
+ * store (epoch 0) once the device state closes it. A fill of zeroes on a page this image never
+ * wrote is skipped (the file reads zero there already), so a mostly empty guest costs no disk.
+ */
+export class ReplicaBuilder {
+  private readonly written: Uint8Array[];
+  private constructor(readonly dir: string, private readonly meta: ReplicaMeta, private readonly files: FileHandle[], private readonly fsync: boolean) {
+    this.written = meta.blocks.map((b) => new Uint8Array(Math.ceil(b.lengthBytes / PAGE_SIZE / 8)));
+  }
+
+  static async begin(dir: string, vm: string, layout: { machine: string; blocks: RamBlockInfo[] }, opts: ReplicaStoreOptions = {}): Promise<ReplicaBuilder> {
+    ensurePrivateDir(dir, 'replica folder');
+    ensurePrivateDir(join(dir, 'ram'), 'replica folder');
+    const files: FileHandle[] = [];
+    try {
+      for (const [i, b] of layout.blocks.entries()) {
+        assert(b.lengthBytes % PAGE_SIZE === 0, `block ${b.id} is whole pages`);
+        const fh = await openPrivate(join(dir, 'ram', `${i}.img`), constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW);
+        files.push(fh);
+        await fh.truncate(b.lengthBytes); // sparse: no block is allocated until written
+      }
+    } catch (e) {
+      for (const fh of files) await fh.close().catch(() => {});
+      throw e;
+    }
+    return new ReplicaBuilder(dir, { format: FORMAT, vm, machine: layout.machine, epoch: 0, blocks: layout.blocks }, files, opts.fsync ?? true);
+  }
+
+  private check(blockIndex: number, offset: number, length: number): void {
+    const b = this.meta.blocks[blockIndex];
+    if (!b) throw corrupt(`full image names block ${blockIndex}`);
+    if (offset % PAGE_SIZE !== 0 || length % PAGE_SIZE !== 0 || offset + length > b.lengthBytes) throw corrupt(`full image: ${length} bytes at ${offset} do not fit block ${b.id}`);
+  }
+
+  private mark(blockIndex: number, offset: number, length: number): void {
+    const bits = this.written[blockIndex]!;
+    for (let p = offset / PAGE_SIZE; p < (offset + length) / PAGE_SIZE; p++) bits[p >> 3]! |= 1 << (p & 7);
+  }
+
+  /** Pages at `offset` of block `blockIndex`, as they stand now (a later copy of a page overwrites it). */
+  async writeRun(blockIndex: number, offset: number, data: Buffer): Promise<void> {
+    this.check(blockIndex, offset, data.length);
+    await this.files[blockIndex]!.write(data, 0, data.length, offset);
+    this.mark(blockIndex, offset, data.length);
+  }
+
+  /** One page that is all `fill`. */
+  async fill(blockIndex: number, offset: number, fill: number): Promise<void> {
+    this.check(blockIndex, offset, PAGE_SIZE);
+    const p = offset / PAGE_SIZE;
+    if (fill === 0 && !(this.written[blockIndex]![p >> 3]! & (1 << (p & 7)))) return;
+    await this.files[blockIndex]!.write(fill === 0 ? ZERO_PAGE : Buffer.alloc(PAGE_SIZE, fill), 0, PAGE_SIZE, offset);
+    this.mark(blockIndex, offset, PAGE_SIZE);
+  }
+
+  /** The image is complete: device state and meta written (durably when asked), a store at epoch 0. */
+  async finish(deviceState: Buffer): Promise<ReplicaStore> {
+    for (const fh of this.files) {
+      if (this.fsync) await fh.sync();
+      await fh.close();
+    }
+    this.files.length = 0;
+    await writePrivate(join(this.dir, 'device.bin'), deviceState, this.fsync);
+    await writePrivateAtomic(join(this.dir, 'meta.json'), Buffer.from(JSON.stringify(this.meta, null, 1)), this.fsync);
+    return ReplicaStore.fromBuilt(this.dir, this.meta, Buffer.from(deviceState), this.fsync);
+  }
+
+  /** The image will not be completed: files closed and the folder removed. */
+  async abandon(): Promise<void> {
+    for (const fh of this.files) await fh.close().catch(() => {});
+    this.files.length = 0;
+    await rm(this.dir, { recursive: true, force: true });
   }
 }

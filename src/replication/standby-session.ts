@@ -6,8 +6,8 @@
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import type { Link } from './link.ts';
-import { FrameType, GCM_TAG_BYTES, HEADER_BYTES, frameTypeName, type Frame } from './protocol/frame.ts';
-import { decodeBaseData, decodeLayout, type Layout } from './protocol/messages.ts';
+import { FrameType, GCM_TAG_BYTES, HEADER_BYTES, MAX_FRAME_BYTES, frameTypeName, type Frame } from './protocol/frame.ts';
+import { decodeBaseData, decodeBaseFill, decodeLayout, type Layout } from './protocol/messages.ts';
 import { recordMaxBytes, type CheckpointRecord } from './protocol/record.ts';
 
 const log = logger('standby');
@@ -16,10 +16,19 @@ const LOW_WATER_BYTES = 16 << 20;
 
 export type SyncProgress = { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number };
 
+/** Where a full image's pieces go while it arrives (the controller's replica builder). */
+export interface BaseReceiver {
+  writeRun(blockIndex: number, offset: number, data: Buffer): Promise<void>;
+  fill(blockIndex: number, offset: number, fill: number): Promise<void>;
+  /** The image is complete: install it as the replica (epoch 0). */
+  finish(deviceState: Buffer): Promise<void>;
+  /** The image will not be completed. */
+  abandon(): Promise<void>;
+}
+
 /** What the session needs from its controller. */
 export interface SessionHost {
-  baseBegin(): void;
-  installBase(layout: Layout, ram: Map<string, Buffer>, deviceState: Buffer): Promise<void>;
+  baseBegin(layout: Layout): Promise<BaseReceiver>;
   commit(record: Buffer, frameEpoch: number): Promise<CheckpointRecord>;
   /** Fault injection for tests: runs after a commit, before its ack is sent. */
   beforeAck?: (epoch: number) => Promise<void>;
@@ -39,7 +48,7 @@ export interface SessionEnd {
 
 export class StandbySession {
   private layout: Layout | null = null;
-  private base: Map<string, Buffer> | null = null;
+  private base: BaseReceiver | null = null;
   private received = 0;
   private t0 = 0;
   private lastProgressMs = 0;
@@ -56,6 +65,8 @@ export class StandbySession {
     this.link.startEvents();
     const error = await new Promise<Error>((resolve) => (this.link.closed ? resolve(this.link.closed) : this.link.once('close', resolve)));
     await this.chain;
+    await this.base?.abandon().catch((e: unknown) => log.warn(`removing an incomplete full image: ${errorMessage(e)}`));
+    this.base = null;
     return { error, protecting: this.protecting, bye: this.bye };
   }
 
@@ -82,28 +93,39 @@ export class StandbySession {
     if (this.link.closed) return;
     switch (f.type) {
       case FrameType.BASE_BEGIN: {
-        this.layout = decodeLayout(f.payload);
+        const layout = decodeLayout(f.payload);
         // From now on a frame may carry a whole checkpoint of this layout, and no more.
-        this.link.setMaxFrameBytes(HEADER_BYTES + recordMaxBytes(this.layout.blocks) + GCM_TAG_BYTES);
-        this.base = new Map(this.layout.blocks.map((b) => [b.id, Buffer.alloc(b.lengthBytes)]));
+        this.link.setMaxFrameBytes(Math.min(MAX_FRAME_BYTES, HEADER_BYTES + recordMaxBytes(layout.blocks) + GCM_TAG_BYTES));
+        await this.base?.abandon();
+        this.base = null;
         this.received = 0;
         this.t0 = performance.now();
         this.protecting = false;
-        this.host.baseBegin();
+        this.layout = layout;
+        this.base = await this.host.baseBegin(layout);
         return;
       }
       case FrameType.BASE_DATA: {
         if (!this.layout || !this.base) throw new RubatoError('RUBATO_PROTOCOL', 'BASE_DATA before BASE_BEGIN');
         const d = decodeBaseData(f.payload, this.layout);
-        d.data.copy(this.base.get(this.layout.blocks[d.blockIndex]!.id)!, d.offset);
+        await this.base.writeRun(d.blockIndex, d.offset, d.data);
         this.received += d.data.length;
+        this.reportProgress(this.layout.totalBytes);
+        return;
+      }
+      case FrameType.BASE_FILL: {
+        if (!this.layout || !this.base) throw new RubatoError('RUBATO_PROTOCOL', 'BASE_FILL before BASE_BEGIN');
+        const d = decodeBaseFill(f.payload, this.layout);
+        for (const p of d.pages) await this.base.fill(d.blockIndex, p.offset, p.fill);
+        this.received += d.pages.length * 4096;
         this.reportProgress(this.layout.totalBytes);
         return;
       }
       case FrameType.BASE_END: {
         if (!this.layout || !this.base) throw new RubatoError('RUBATO_PROTOCOL', 'BASE_END before BASE_BEGIN');
-        await this.host.installBase(this.layout, this.base, f.payload);
+        const base = this.base;
         this.base = null;
+        await base.finish(f.payload);
         this.protecting = true;
         this.host.synced(Math.round(performance.now() - this.t0), this.received);
         await this.link.send(FrameType.ACK, 0);
@@ -136,8 +158,8 @@ export class StandbySession {
     this.lastProgressMs = now;
     const rate = this.received / Math.max((now - this.t0) / 1000, 1e-3);
     this.host.progress({
-      event: 'sync-progress', bytes: this.received, totalBytes, percent: Math.round((this.received / totalBytes) * 1000) / 10,
-      mbPerSec: Math.round(rate / 1e5) / 10, etaSec: Math.round(((totalBytes - this.received) / rate) * 10) / 10,
+      event: 'sync-progress', bytes: this.received, totalBytes, percent: Math.min(100, Math.round((this.received / Math.max(totalBytes, 1)) * 1000) / 10),
+      mbPerSec: Math.round(rate / 1e5) / 10, etaSec: Math.max(0, Math.round(((totalBytes - this.received) / rate) * 10) / 10),
     });
   }
 }

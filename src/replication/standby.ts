@@ -9,14 +9,14 @@ import { ensurePrivateDir, writePrivateAtomic } from '../util/private-files.ts';
 import { join } from 'node:path';
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
-import { ReplicaStore } from './replica-store.ts';
+import { ReplicaBuilder, ReplicaStore } from './replica-store.ts';
 import { Link } from './link.ts';
 import { acceptHandshake } from './handshake.ts';
 import { Admission, DEFAULT_ADMISSION } from './admission.ts';
 import { FrameType } from './protocol/frame.ts';
 import { IdentitySchema, type Identity, type Layout } from './protocol/messages.ts';
 import { ControlSocket } from './control-socket.ts';
-import { StandbySession, type SyncProgress } from './standby-session.ts';
+import { StandbySession, type BaseReceiver, type SyncProgress } from './standby-session.ts';
 import { STANDBY_TRANSITIONS, acceptsPrimary, nextStandbyState, type StandbyInput, type StandbyState } from './standby-state.ts';
 import { allowAlways, type ActivationGate } from './activation.ts';
 import { restoreVm } from '../qemu/restore.ts';
@@ -179,11 +179,9 @@ export class StandbyController {
     void this.o.binaryFor(identity.spec.accel).then((b) => { this.binary = b; }, (e: unknown) => log.warn(`no QEMU for a failover of ${identity.vm} yet: ${errorMessage(e)}`));
     link.startHeartbeats(this.o.heartbeatMs, this.o.timeoutMs);
     const s = new StandbySession(link, {
-      baseBegin: () => this.goFromPeer('base-begin'),
-      installBase: async (layout, ram, dev) => {
-        this.refuseUnlessAllowed('base-installed'); // before writing a replica this side would not take
-        await this.installBase(identity, layout, ram, dev);
-        this.goFromPeer('base-installed');
+      baseBegin: async (layout) => {
+        this.goFromPeer('base-begin');
+        return this.receiveBase(identity, layout);
       },
       commit: (record, epoch) => {
         if (!this.store) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
@@ -231,19 +229,32 @@ export class StandbyController {
     if (this.o.autoFailover ?? true) await this.failover('primary-lost', reason, silentMs);
   }
 
-  private async installBase(identity: Identity, layout: Layout, ram: Map<string, Buffer>, deviceState: Buffer): Promise<void> {
+  /** A full image arrives into replica.new, written in place; complete, it replaces the replica. */
+  private async receiveBase(identity: Identity, layout: Layout): Promise<BaseReceiver> {
     const next = `${this.replicaDir}.new`;
     rmSync(next, { recursive: true, force: true });
-    const created = await ReplicaStore.create(next, identity.vm, { machine: layout.machine, blocks: layout.blocks, ram, deviceState }, { fsync: this.o.fsync ?? true, adopt: true });
-    // The replica it replaces is written no more; a failure there is moot (it is being replaced).
-    await this.store?.settled().catch((e: unknown) => log.warn(`previous replica's last files: ${errorMessage(e)}`));
-    if (existsSync(this.replicaDir)) renameSync(this.replicaDir, `${this.replicaDir}.old`);
-    renameSync(next, this.replicaDir);
-    rmSync(`${this.replicaDir}.old`, { recursive: true, force: true });
-    await writePrivateAtomic(join(this.o.stateDir, 'vm.json'), Buffer.from(JSON.stringify(identity)), this.o.fsync ?? true);
-    // The store built in replica.new now lives in its final place.
-    this.store = created.relocated(this.replicaDir);
-    this.identity = identity;
+    const fsync = this.o.fsync ?? true;
+    const builder = await ReplicaBuilder.begin(next, identity.vm, { machine: layout.machine, blocks: layout.blocks }, { fsync });
+    return {
+      writeRun: (i, off, data) => builder.writeRun(i, off, data),
+      fill: (i, off, fill) => builder.fill(i, off, fill),
+      abandon: () => builder.abandon(),
+      finish: async (deviceState) => {
+        this.refuseUnlessAllowed('base-installed'); // before installing a replica this side would not take
+        const created = await builder.finish(deviceState);
+        // The replica it replaces is written no more; a failure there is moot (it is being replaced).
+        await this.store?.settled().catch((e: unknown) => log.warn(`previous replica's last files: ${errorMessage(e)}`));
+        await this.store?.close();
+        if (existsSync(this.replicaDir)) renameSync(this.replicaDir, `${this.replicaDir}.old`);
+        renameSync(next, this.replicaDir);
+        rmSync(`${this.replicaDir}.old`, { recursive: true, force: true });
+        await writePrivateAtomic(join(this.o.stateDir, 'vm.json'), Buffer.from(JSON.stringify(identity)), fsync);
+        // The store built in replica.new now lives in its final place.
+        this.store = created.relocated(this.replicaDir);
+        this.identity = identity;
+        this.goFromPeer('base-installed');
+      },
+    };
   }
 
   /** Starts the guest from the last committed checkpoint (once). */

@@ -13,12 +13,29 @@ export class ByteReader {
   /** Total bytes consumed so far (for error messages and accounting). */
   consumed = 0;
 
+  private flow: { high: number; low: number; pause: () => void; resume: () => void; paused: boolean } | null = null;
+
   constructor(private readonly what: string) {}
+
+  /**
+   * Back-pressure on the producer: `pause` once more than `high` bytes wait unread, `resume` once
+   * fewer than `low` do (or a reader waits for more). Bounds the memory a fast producer can fill.
+   */
+  setFlowControl(high: number, low: number, pause: () => void, resume: () => void): void {
+    this.flow = { high, low, pause, resume, paused: false };
+  }
+
+  private consumedSome(): void {
+    const f = this.flow;
+    if (f?.paused && this.avail < f.low) { f.paused = false; f.resume(); }
+  }
 
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
     this.chunks.push(chunk);
     this.avail += chunk.length;
+    const f = this.flow;
+    if (f && !f.paused && this.avail > f.high) { f.paused = true; f.pause(); }
     if (this.waiter && this.avail >= this.waiter.n) {
       const w = this.waiter;
       this.waiter = null;
@@ -59,6 +76,7 @@ export class ByteReader {
       return Promise.reject(new RubatoError('RUBATO_STREAM_TRUNCATED', `${this.what}: stream ended at byte ${this.consumed + this.avail} while ${n} more bytes were expected`, { offset: this.consumed + this.avail }));
     }
     if (this.waiter) return Promise.reject(new Error('ByteReader: concurrent need()'));
+    if (this.flow?.paused) { this.flow.paused = false; this.flow.resume(); }
     return new Promise((resolve, reject) => {
       this.waiter = { n, resolve, reject: (e) => reject(new RubatoError('RUBATO_STREAM_TRUNCATED', `${this.what}: stream ended at byte ${this.consumed + this.avail} while ${n} bytes were expected (${e.message})`, { offset: this.consumed + this.avail }, { cause: e })) };
     });
@@ -88,6 +106,7 @@ export class ByteReader {
     }
     this.avail -= n;
     this.consumed += n;
+    if (this.flow?.paused) this.consumedSome();
     return out;
   }
 

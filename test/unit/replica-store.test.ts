@@ -36,7 +36,7 @@ test('commits checkpoints in order and persists them', async (t) => {
   assert.equal(s.epoch, 2);
   const r = await ReplicaStore.open(dir);
   assert.equal(r.epoch, 2);
-  const ram = r.ramOf('mem0');
+  const ram = (await r.readImage('mem0'));
   assert.equal(ram[0], 5);
   assert.equal(ram[4096], 6);
   assert.equal(ram[8192], 1);
@@ -48,14 +48,14 @@ test('rejects out-of-order, malformed and out-of-range checkpoints, untouched', 
   const dir = makeTempDir();
   t.after(() => removeTempDir(dir));
   const s = await ReplicaStore.create(dir, 'vm', base());
-  const before = Buffer.from(s.ramOf('mem0'));
+  const before = Buffer.from((await s.readImage('mem0')));
   await assert.rejects(s.commit(cp(2, [[0, 3]])), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
   await assert.rejects(s.commit(cp(1, [[8 * 4096, 3]])), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
   const bad = cp(1, [[0, 3]]);
   bad.deviceState = Buffer.from([1, 2, 3]);
   await assert.rejects(s.commit(bad), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
   assert.equal(s.epoch, 0);
-  assert.deepEqual(s.ramOf('mem0'), before);
+  assert.deepEqual((await s.readImage('mem0')), before);
   assert.equal((await ReplicaStore.open(dir)).epoch, 0);
 });
 
@@ -67,7 +67,7 @@ test('a crash after the commit point is finished on reopen (redo)', async (t) =>
   writeFileSync(join(dir, 'redo.ckpt'), encodeRecord(cp(1, [[0, 42]]), s.blocks));
   const r = await ReplicaStore.open(dir);
   assert.equal(r.epoch, 1);
-  assert.equal(r.ramOf('mem0')[0], 42);
+  assert.equal((await r.readImage('mem0'))[0], 42);
   assert.equal(existsSync(join(dir, 'redo.ckpt')), false);
 });
 
@@ -80,7 +80,7 @@ test('a crash before the commit point leaves the previous checkpoint', async (t)
   writeFileSync(join(dir, 'stage.tmp'), rec.subarray(0, rec.length - 100)); // half-written stage
   const r = await ReplicaStore.open(dir);
   assert.equal(r.epoch, 1);
-  assert.equal(r.ramOf('mem0')[0], 5);
+  assert.equal((await r.readImage('mem0'))[0], 5);
   assert.equal(existsSync(join(dir, 'stage.tmp')), false);
 });
 
@@ -95,7 +95,7 @@ test('a corrupt redo record is refused, never applied', async (t) => {
   await assert.rejects(ReplicaStore.open(dir), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
   rmSync(join(dir, 'redo.ckpt'));
   const r = await ReplicaStore.open(dir);
-  assert.equal(r.ramOf('mem0')[0], 1);
+  assert.equal((await r.readImage('mem0'))[0], 1);
 });
 
 test('a record off the wire is acknowledgeable at its commit point; its images follow, and the next commit waits for them', async (t) => {
@@ -107,7 +107,7 @@ test('a record off the wire is acknowledgeable at its commit point; its images f
   // Returned at the commit point: the redo record is in place, memory holds the checkpoint.
   assert.equal(e1, 1);
   assert.equal(s.epoch, 1);
-  assert.equal(s.ramOf('mem0')[8192], 9);
+  assert.equal((await s.readImage('mem0'))[8192], 9);
   assert.deepEqual([...s.deviceState], [0x04, 1, 0x00]);
   // A crash now: a reopen finishes the checkpoint from its redo record.
   const copy = `${dir}-copy`;
@@ -117,7 +117,7 @@ test('a record off the wire is acknowledgeable at its commit point; its images f
     cpSync(dir, copy, { recursive: true });
     const r = await ReplicaStore.open(copy);
     assert.equal(r.epoch, 1);
-    assert.equal(r.ramOf('mem0')[8192], 9);
+    assert.equal((await r.readImage('mem0'))[8192], 9);
   }
   // The next commit first waits for the previous one's files.
   await s.commitRecord(encodeRecord(cp(2, [[8192, 10]]), blocks), 2);
@@ -125,9 +125,9 @@ test('a record off the wire is acknowledgeable at its commit point; its images f
   assert.equal(existsSync(join(dir, 'redo.ckpt')), false);
   const r2 = await ReplicaStore.open(dir);
   assert.equal(r2.epoch, 2);
-  assert.equal(r2.ramOf('mem0')[0], 5);
-  assert.equal(r2.ramOf('mem0')[8192], 10);
-  assert.deepEqual(readFileSync(r2.imagePath('mem0')), r2.ramOf('mem0'));
+  assert.equal((await r2.readImage('mem0'))[0], 5);
+  assert.equal((await r2.readImage('mem0'))[8192], 10);
+  assert.deepEqual(readFileSync(r2.imagePath('mem0')), (await r2.readImage('mem0')));
 });
 
 test('private state: replica files 0600 in 0700 folders whatever the umask; a folder others may write is refused', async (t) => {

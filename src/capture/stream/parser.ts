@@ -17,6 +17,10 @@ export interface StreamConfig {
 export interface PageSink {
   page(block: string, offset: number, data: Buffer): void;
   zero(block: string, offset: number, fill: number): void;
+  /** The RAM layout is known (the stream announced its blocks); reading waits for a returned promise. */
+  layout?(blocks: ReadonlyMap<string, number>, order: readonly string[], machine: string): Promise<void> | void;
+  /** After each record: a promise to wait for before reading on (a sink that forwards pages pushes back). */
+  drain?(): Promise<void> | null;
 }
 
 /** Decoder state that lives across sections and checkpoints (CONTINUE refers to the last block ever sent). */
@@ -26,10 +30,12 @@ export interface RamState {
   lastBlock: string | null;
   ramSectionId: number | null;
   ignoreShared: boolean;
+  /** The machine type the stream's configuration names. */
+  machine: string;
 }
 
 export function newRamState(): RamState {
-  return { blocks: new Map(), blockOrder: [], lastBlock: null, ramSectionId: null, ignoreShared: false };
+  return { blocks: new Map(), blockOrder: [], lastBlock: null, ramSectionId: null, ignoreShared: false, machine: '' };
 }
 
 const formatError = (msg: string, r: ByteReader) =>
@@ -119,6 +125,8 @@ export async function readRamRecords(r: ByteReader, st: RamState, sink: PageSink
         st.blocks.set(id, len);
         total -= len;
       }
+      const w = sink.layout?.(st.blocks, st.blockOrder, st.machine);
+      if (w) await w;
       continue;
     }
     if (kind !== RAM_FLAG.ZERO && kind !== RAM_FLAG.PAGE) {
@@ -150,6 +158,10 @@ export async function readRamRecords(r: ByteReader, st: RamState, sink: PageSink
       if (!r.has(TARGET_PAGE_SIZE)) await r.need(TARGET_PAGE_SIZE);
       sink.page(block, addr, r.take(TARGET_PAGE_SIZE));
       pages++;
+    }
+    if (sink.drain) {
+      const d = sink.drain();
+      if (d) await d;
     }
   }
 }
@@ -244,6 +256,7 @@ export interface PrecopyResult {
 export async function readPrecopy(r: ByteReader, st: RamState, sink: PageSink): Promise<PrecopyResult> {
   const config = await readHeader(r);
   st.ignoreShared = config.capabilities.includes('x-ignore-shared');
+  st.machine = config.machine;
   let colo = false;
   for (;;) {
     const t = await r.readU8();

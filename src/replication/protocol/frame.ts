@@ -35,6 +35,7 @@ export const FrameType = {
   BASE_BEGIN: 10, // layout of the full image
   BASE_DATA: 11,  // a run of one RAM block
   BASE_END: 12,   // device state; the replica is now epoch 0
+  BASE_FILL: 13,  // pages of one block that are all one byte (zero pages)
   CKPT: 20,       // one checkpoint record (see replica-store.ts), self-checksummed
   ACK: 21,        // epoch committed on the standby
   HEARTBEAT: 30,  // be64 sender time µs

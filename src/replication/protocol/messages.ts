@@ -78,3 +78,29 @@ export function decodeTime(p: Buffer): number {
   if (p.length !== 8) throw protocolError(`time payload of ${p.length} bytes`);
   return Number(p.readBigUInt64BE(0));
 }
+
+/** Pages of one block filled with one byte each: be32 block index, then be64 (page offset | fill byte) per page. */
+export function encodeBaseFill(blockIndex: number, pages: readonly { offset: number; fill: number }[]): Buffer {
+  const b = Buffer.allocUnsafe(4 + 8 * pages.length);
+  b.writeUInt32BE(blockIndex, 0);
+  pages.forEach((p, i) => {
+    b.writeUInt32BE(Math.floor(p.offset / 0x1_0000_0000), 4 + 8 * i);
+    b.writeUInt32BE(((p.offset % 0x1_0000_0000) | (p.fill & 0xff)) >>> 0, 8 + 8 * i);
+  });
+  return b;
+}
+export function decodeBaseFill(p: Buffer, layout: Layout): { blockIndex: number; pages: Array<{ offset: number; fill: number }> } {
+  if (p.length < 4 || (p.length - 4) % 8 !== 0) throw protocolError(`BASE_FILL of ${p.length} bytes`);
+  const blockIndex = p.readUInt32BE(0);
+  const block = layout.blocks[blockIndex];
+  if (!block) throw protocolError(`BASE_FILL names block ${blockIndex}`);
+  const pages: Array<{ offset: number; fill: number }> = [];
+  for (let o = 4; o < p.length; o += 8) {
+    const lo = p.readUInt32BE(o + 4);
+    if ((lo & 0xf00) !== 0) throw protocolError('BASE_FILL: an offset that is not page-aligned');
+    const offset = p.readUInt32BE(o) * 0x1_0000_0000 + (lo >>> 12) * 4096;
+    if (offset + 4096 > block.lengthBytes) throw protocolError(`BASE_FILL beyond block ${block.id}`);
+    pages.push({ offset, fill: lo & 0xff });
+  }
+  return { blockIndex, pages };
+}

@@ -1,0 +1,180 @@
+// The primary's side of a full synchronisation: the guest's RAM pages go from QEMU's precopy
+// stream straight onto the link as they are parsed (a PageSink), the disk's allocated extents are
+// copied from the image file, and nothing is collected in memory: a 2 GiB guest with a 16 GiB disk
+// costs the controller a few MiB of buffers. Link back-pressure reaches QEMU (the parser waits,
+// the migration socket stops being read) and the disk reader alike.
+//
+// Frames: BASE_BEGIN (the layout: QEMU's RAM blocks, then the disk), BASE_DATA runs of adjacent
+// pages of one block (≤ 1 MiB), BASE_FILL batches of one-byte pages, in the order they are seen: a
+// page sent twice (an earlier precopy pass, then a later one) arrives at the standby in that order.
+
+import { open } from 'node:fs/promises';
+import type { PageSink } from '../capture/stream/parser.ts';
+import { PAGE_SIZE, type RamBlockInfo } from '../capture/checkpoint.ts';
+import { assert } from '../util/errors.ts';
+import type { Extent } from '../io/disk/extents.ts';
+import type { Link } from './link.ts';
+import { FrameType } from './protocol/frame.ts';
+import { encodeBaseData, encodeBaseFill, encodeLayout } from './protocol/messages.ts';
+
+const RUN_BYTES = 1 << 20;
+const FILL_BATCH = 8192;
+const PROGRESS_EVERY_MS = 500;
+
+export type SyncProgressEvent = { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number };
+
+export interface BaseSenderOptions {
+  /** Blocks QEMU does not send (the disk), after its RAM blocks in the layout. */
+  extraBlocks: RamBlockInfo[];
+  /** Bytes those blocks will send (allocated extents), for progress. */
+  extraBytes: number;
+  /** Runs once the layout is sent, before any RAM page (copies the disk); the precopy waits for it. */
+  afterLayout?: (s: BaseSender) => Promise<void>;
+  progress?: (p: SyncProgressEvent) => void;
+}
+
+export class BaseSender implements PageSink {
+  private blocks: RamBlockInfo[] = [];
+  private index = new Map<string, number>();
+  private run = Buffer.allocUnsafe(RUN_BYTES);
+  private runBlock = -1;
+  private runStart = 0;
+  private runLen = 0;
+  private fillBlock = -1;
+  private fills: Array<{ offset: number; fill: number }> = [];
+  private fillSet = new Set<number>();
+  /** The last frame handed to the link: awaiting it is the back-pressure. */
+  private lastSend: Promise<void> = Promise.resolve();
+  private sentSinceDrain = 0;
+  private bytes = 0;
+  private totalBytes = 0;
+  private readonly t0 = performance.now();
+  private lastProgressMs = 0;
+
+  constructor(private readonly link: Link, private readonly o: BaseSenderOptions) {}
+
+  /** The layout as sent (QEMU's blocks, then the extra ones); empty before the stream announced it. */
+  get layoutBlocks(): readonly RamBlockInfo[] { return this.blocks; }
+  get sentBytes(): number { return this.bytes; }
+
+  async layout(sizes: ReadonlyMap<string, number>, order: readonly string[], machine: string): Promise<void> {
+    if (this.blocks.length) return; // announced once per stream
+    this.blocks = [...order.map((id) => ({ id, lengthBytes: sizes.get(id)! })), ...this.o.extraBlocks];
+    this.index = new Map(this.blocks.map((b, i) => [b.id, i]));
+    const ramBytes = order.reduce((s, id) => s + sizes.get(id)!, 0);
+    this.totalBytes = ramBytes + this.o.extraBytes;
+    this.frame(FrameType.BASE_BEGIN, encodeLayout({ machine, blocks: this.blocks, totalBytes: this.totalBytes }));
+    await this.lastSend;
+    await this.o.afterLayout?.(this);
+  }
+
+  private blockIndex(id: string): number {
+    const i = this.index.get(id);
+    assert(i !== undefined, `block ${id} is in the layout`);
+    return i;
+  }
+
+  page(block: string, offset: number, data: Buffer): void {
+    const bi = this.blockIndex(block);
+    if (this.fillBlock === bi && this.fillSet.has(offset)) this.flushFills();
+    if (this.runBlock !== bi || offset !== this.runStart + this.runLen || this.runLen + data.length > RUN_BYTES) this.flushRun();
+    if (this.runLen === 0) { this.runBlock = bi; this.runStart = offset; }
+    data.copy(this.run, this.runLen);
+    this.runLen += data.length;
+  }
+
+  zero(block: string, offset: number, fill: number): void {
+    const bi = this.blockIndex(block);
+    if (this.runBlock === bi && offset >= this.runStart && offset < this.runStart + this.runLen) this.flushRun();
+    if (this.fillBlock !== bi || this.fills.length >= FILL_BATCH) this.flushFills();
+    this.fillBlock = bi;
+    this.fills.push({ offset, fill });
+    this.fillSet.add(offset);
+  }
+
+  /** After each record: once a megabyte went out, wait for the link to take it. */
+  drain(): Promise<void> | null {
+    if (this.sentSinceDrain < RUN_BYTES) return null;
+    this.sentSinceDrain = 0;
+    return this.lastSend;
+  }
+
+  /** Sends `data` at `offset` of block `id` now (the disk copy), in runs, with back-pressure. */
+  async sendRun(id: string, offset: number, data: Buffer): Promise<void> {
+    this.flushRun();
+    const bi = this.blockIndex(id);
+    for (let o = 0; o < data.length; o += RUN_BYTES) {
+      const part = data.subarray(o, Math.min(data.length, o + RUN_BYTES));
+      this.frame(FrameType.BASE_DATA, encodeBaseData(bi, offset + o, part), part.length);
+      await this.lastSend;
+    }
+  }
+
+  /** Everything collected so far is handed to the link and written. */
+  async flush(): Promise<void> {
+    this.flushRun();
+    this.flushFills();
+    await this.lastSend;
+  }
+
+  private flushRun(): void {
+    if (this.runLen === 0) return;
+    // The frame gets its own copy: the run buffer is reused at once.
+    const data = Buffer.from(this.run.subarray(0, this.runLen));
+    this.frame(FrameType.BASE_DATA, encodeBaseData(this.runBlock, this.runStart, data), data.length);
+    this.runLen = 0;
+    this.runBlock = -1;
+  }
+
+  private flushFills(): void {
+    if (this.fills.length === 0) return;
+    this.frame(FrameType.BASE_FILL, encodeBaseFill(this.fillBlock, this.fills), this.fills.length * PAGE_SIZE);
+    this.fills = [];
+    this.fillSet = new Set();
+    this.fillBlock = -1;
+  }
+
+  private frame(type: number, payload: Buffer, counts = 0): void {
+    const p = this.link.send(type, 0, payload);
+    p.catch(() => { /* the link's close reports it; the next await sees it */ });
+    this.lastSend = p;
+    this.sentSinceDrain += payload.length;
+    this.bytes += counts;
+    this.report();
+  }
+
+  private report(): void {
+    const now = performance.now();
+    if (!this.o.progress || now - this.lastProgressMs < PROGRESS_EVERY_MS) return;
+    this.lastProgressMs = now;
+    const rate = this.bytes / Math.max((now - this.t0) / 1000, 1e-3);
+    const left = Math.max(0, this.totalBytes - this.bytes);
+    this.o.progress({
+      event: 'sync-progress', bytes: this.bytes, totalBytes: this.totalBytes, percent: Math.min(100, Math.round((this.bytes / Math.max(1, this.totalBytes)) * 1000) / 10),
+      mbPerSec: Math.round(rate / 1e5) / 10, etaSec: Math.round((left / Math.max(rate, 1)) * 10) / 10,
+    });
+  }
+}
+
+/** Copies the allocated extents of a disk image (skipping chunks that read all zero) as block `id`. */
+export async function sendDiskExtents(s: BaseSender, id: string, path: string, extents: readonly Extent[]): Promise<void> {
+  const fh = await open(path, 'r');
+  const buf = Buffer.allocUnsafe(RUN_BYTES);
+  const zero = Buffer.alloc(RUN_BYTES);
+  try {
+    for (const x of extents) {
+      for (let off = x.start; off < x.start + x.length; off += RUN_BYTES) {
+        const n = Math.min(RUN_BYTES, x.start + x.length - off);
+        const { bytesRead } = await fh.read(buf, 0, n, off);
+        const len = Math.ceil(bytesRead / PAGE_SIZE) * PAGE_SIZE;
+        if (len === 0) break;
+        if (bytesRead < len) buf.fill(0, bytesRead, len);
+        const chunk = buf.subarray(0, len);
+        if (chunk.equals(zero.subarray(0, len))) continue;
+        await s.sendRun(id, off, Buffer.from(chunk));
+      }
+    }
+  } finally {
+    await fh.close();
+  }
+}
