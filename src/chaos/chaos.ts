@@ -74,7 +74,7 @@ export async function startKvRig(dir: string, accelChoice: AccelChoice, tag: str
       name: 'kv', accel, cpus: 1, memMb: 128, kernel: guest.kernel, initrd: guest.initrd, mac: '52:54:00:ab:cd:01', disk: true,
       append: guestAppend(workload.wl, { ip: `${lan.guestIp}/24`, disk: 'vda' }),
     };
-    const io = await GuestIo.start(lan, hosts[0]!, dir, 'g0', disk);
+    const io = await GuestIo.start(hosts[0]!, dir, 'g0', disk);
     const vm = await QemuVm.start(spec, { binary, runDir: dir, tag: 'g0', netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) });
     await vm.waitSerial(workload.ready, 90_000);
     return { lan, hosts, io, vm, dir, binary, accel };
@@ -127,7 +127,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         host: '127.0.0.1', port: 0, stateDir: join(dir, `standby${k}`), psk, heartbeatMs: 50, timeoutMs: o.timeoutMs, fsync: false,
         binaryFor: async () => binary, onEvent: (e) => sEvents.push(e),
         prepareRestore: async (_id, store) => {
-          nextIo = await GuestIo.start(lan!, other, dir, `g${k}`, store.imagePath(DISK_BLOCK_ID));
+          nextIo = await GuestIo.start(other, dir, `g${k}`, store.imagePath(DISK_BLOCK_ID));
           return { netSocket: nextIo.netSocket, ...(nextIo.nbdSocket ? { nbdSocket: nextIo.nbdSocket } : {}) };
         },
       });

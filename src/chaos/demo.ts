@@ -6,13 +6,13 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
-import { RubatoError } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import { TwoHosts } from '../io/net/netns.ts';
 import { REPO_ROOT, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
 import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
 import { parseDirtierLine } from '../bench/capture-check.ts';
 import { writeKeyFile } from '../replication/keyfile.ts';
+import { Controller, type Ev } from './controller-proc.ts';
 
 const log = logger('demo');
 
@@ -27,47 +27,6 @@ export interface DemoResult {
   timeoutMs: number; counterBefore: number; counterAfter: number; selfCheckOk: boolean; syncMs: number; syncMbPerSec: number; accel: string;
   /** Steady state while protected: replication traffic and the guest's dirty rate. */
   replicationMbPerSec: number; dirtyPagesPerSec: number; ckptPerSec: number; cutLink: boolean; policy: string; error?: string;
-}
-
-type Ev = Record<string, unknown> & { event: string; t: number };
-
-class Controller {
-  readonly events: Ev[] = [];
-  private waiters: Array<{ pred: (e: Ev) => boolean; resolve: (e: Ev) => void }> = [];
-  constructor(readonly name: string, readonly proc: TrackedProcess, onEvent: (e: Ev) => void) {
-    let buf = '';
-    proc.child.stdout?.setEncoding('utf8');
-    proc.child.stdout?.on('data', (d: string) => {
-      buf += d;
-      let nl: number;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, nl);
-        buf = buf.slice(nl + 1);
-        let e: Ev;
-        try { e = JSON.parse(line) as Ev; } catch { continue; }
-        this.events.push(e);
-        if (this.events.length > 50_000) this.events.splice(0, 10_000);
-        onEvent(e);
-        this.waiters = this.waiters.filter((w) => (w.pred(e) ? (w.resolve(e), false) : true));
-      }
-    });
-    let ebuf = '';
-    proc.child.stderr?.setEncoding('utf8');
-    proc.child.stderr?.on('data', (d: string) => {
-      ebuf += d;
-      let nl: number;
-      while ((nl = ebuf.indexOf('\n')) >= 0) { process.stderr.write(`  [${name}] ${ebuf.slice(0, nl)}\n`); ebuf = ebuf.slice(nl + 1); }
-    });
-  }
-  waitEvent(pred: (e: Ev) => boolean, timeoutMs: number, what: string): Promise<Ev> {
-    const seen = this.events.find(pred);
-    if (seen) return Promise.resolve(seen);
-    return new Promise((resolve, reject) => {
-      const t = setTimeout(() => reject(new RubatoError('RUBATO_PEER_LOST', `${this.name}: no ${what} within ${timeoutMs} ms`)), timeoutMs);
-      this.waiters.push({ pred, resolve: (e) => { clearTimeout(t); resolve(e); } });
-      void this.proc.exited.then(() => { clearTimeout(t); reject(new RubatoError('RUBATO_PEER_LOST', `${this.name} controller exited while waiting for ${what}`)); });
-    });
-  }
 }
 
 export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: boolean) => void): Promise<DemoResult> {

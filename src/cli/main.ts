@@ -1,10 +1,10 @@
 #!/usr/bin/env node
 // The `rubato` command: one file per command in commands/. Results go to stdout (with --json, one
-// JSON object as the last line); progress and logs go to stderr. Config mistakes exit 2 with one
-// clear line.
+// JSON object as the last line); progress and logs go to stderr. Expected failures print one clear
+// line and exit with their code (EXIT_CODES: 2 a config mistake, 3 a refused key, 4 an image in use, …).
 
 import { Command, CommanderError } from 'commander';
-import { RubatoError, errorMessage } from '../util/errors.ts';
+import { EXIT_CODES, RubatoError, errorMessage } from '../util/errors.ts';
 import * as bench from './commands/bench.ts';
 import * as captureCheck from './commands/capture-check.ts';
 import * as chaos from './commands/chaos.ts';
@@ -13,6 +13,7 @@ import * as failover from './commands/failover.ts';
 import * as keygen from './commands/keygen.ts';
 import * as primary from './commands/primary.ts';
 import * as profile from './commands/profile.ts';
+import * as protect from './commands/protect.ts';
 import * as setup from './commands/setup.ts';
 import * as simulate from './commands/simulate.ts';
 import * as standby from './commands/standby.ts';
@@ -24,7 +25,7 @@ const program = new Command('rubato')
   .enablePositionalOptions()
   .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
-for (const c of [setup, captureCheck, keygen, primary, standby, failover, demo, profile, simulate, chaos, bench]) c.register(program);
+for (const c of [setup, captureCheck, keygen, protect, primary, standby, failover, demo, profile, simulate, chaos, bench]) c.register(program);
 
 try {
   await program.parseAsync(process.argv);
@@ -33,7 +34,7 @@ try {
     process.exitCode = e.exitCode === 0 ? 0 : 2;
   } else if (e instanceof RubatoError) {
     process.stderr.write(`rubato: ${e.message}\n`);
-    process.exitCode = e.code === 'RUBATO_CONFIG' ? 2 : 1;
+    process.exitCode = EXIT_CODES[e.code] ?? 1;
   } else {
     process.stderr.write(`rubato: internal error: ${errorMessage(e)}\n${e instanceof Error ? e.stack ?? '' : ''}\n`);
     process.exitCode = 70;

@@ -8,25 +8,32 @@ import { RubatoError } from '../util/errors.ts';
 import { ensureTapRelay } from '../setup/index.ts';
 import { NetRelay } from './net/relay.ts';
 import { NbdServer } from './disk/nbd-server.ts';
-import type { Lan, LanHost } from './net/lan.ts';
+import { addTap, delTap, type TapSite } from './net/tap.ts';
 
 export class GuestIo {
-  private constructor(readonly relay: NetRelay, readonly nbd: NbdServer | null, private readonly lan: Lan, private readonly host: LanHost,
+  private constructor(readonly relay: NetRelay, readonly nbd: NbdServer | null, private readonly site: TapSite,
     private readonly tap: string, private readonly taprelay: TrackedProcess) {}
 
   get netSocket(): string { return this.relay.guestSocketPath; }
   get nbdSocket(): string | undefined { return this.nbd?.socketPath; }
 
-  static async start(lan: Lan, host: LanHost, dir: string, tag: string, diskImage: string | null): Promise<GuestIo> {
+  /** `site`: the bridge the guest's TAP joins (and its namespace, in test topologies). */
+  static async start(site: TapSite, dir: string, tag: string, diskImage: string | null): Promise<GuestIo> {
     const tap = `tap${tag}`.slice(0, 15);
+    const bin = await ensureTapRelay();
     const relay = new NetRelay(join(dir, `${tag}.net`));
     await relay.start();
     const nbd = diskImage ? new NbdServer(diskImage, join(dir, `${tag}.nbd`)) : null;
-    await nbd?.start();
-    await lan.addTap(host, tap);
-    const bin = await ensureTapRelay();
+    try {
+      await nbd?.start();
+      await addTap(site, tap);
+    } catch (e) {
+      await nbd?.close().catch(() => {});
+      await relay.close();
+      throw e;
+    }
     const sock = join(dir, `${tag}.tap`);
-    const p = spawnTracked(`taprelay:${tag}`, 'ip', ['netns', 'exec', host.ns, bin, tap, sock]);
+    const p = site.ns ? spawnTracked(`taprelay:${tag}`, 'ip', ['netns', 'exec', site.ns, bin, tap, sock]) : spawnTracked(`taprelay:${tag}`, bin, [tap, sock]);
     const ready = await new Promise<boolean>((resolve) => {
       let out = '';
       p.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); if (out.includes('ready')) resolve(true); });
@@ -35,10 +42,13 @@ export class GuestIo {
     });
     if (!ready) {
       p.kill();
-      throw new RubatoError('RUBATO_NETNS', `taprelay for ${tap} in ${host.ns} did not start`);
+      await relay.close();
+      await nbd?.close().catch(() => {});
+      await delTap(site, tap);
+      throw new RubatoError('RUBATO_NETNS', `taprelay for ${tap}${site.ns ? ` in ${site.ns}` : ''} did not start`);
     }
     await relay.attachOutside(sock);
-    return new GuestIo(relay, nbd, lan, host, tap, p);
+    return new GuestIo(relay, nbd, site, tap, p);
   }
 
   /** The host dies or the guest moves: relay, disk server, TAP helper and TAP all go. */
@@ -47,6 +57,6 @@ export class GuestIo {
     await this.taprelay.exited;
     await this.relay.close();
     await this.nbd?.close();
-    await this.lan.delTap(this.host, this.tap);
+    await delTap(this.site, this.tap);
   }
 }

@@ -13,14 +13,17 @@ export const VmSpecSchema = z.object({
   memMb: z.number().int().min(32).max(1 << 20),
   /** Guest RAM in a shared file (memory-backend-file, share=on); required for route B and restore. */
   ramFile: z.string().optional(),
-  kernel: z.string(),
-  initrd: z.string(),
-  append: z.string(),
+  /** Direct kernel boot; without a kernel the VM boots from its disk through the firmware. */
+  kernel: z.string().optional(),
+  initrd: z.string().optional(),
+  append: z.string().optional(),
   /** A virtio NIC (MAC address), wired to Rubato's relay at launch. */
   mac: z.string().regex(/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/, 'MAC address like 52:54:00:12:34:56').optional(),
+  /** The host bridge the NIC's TAP joins (on the primary, and on the standby at failover). */
+  bridge: z.string().regex(/^[a-zA-Z0-9_.-]{1,15}$/).optional(),
   /** A virtio disk served by Rubato's NBD server at launch. */
   disk: z.boolean().optional(),
-});
+}).refine((s) => s.kernel !== undefined || s.disk === true, { message: 'a VM without a kernel boots from its disk, and needs one' });
 export type VmSpec = z.infer<typeof VmSpecSchema>;
 
 /** The RAM block that holds guest memory, as QEMU names it in the migration stream. */
@@ -56,13 +59,15 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
     '-m', `${spec.memMb}M`,
     '-object', mem,
     '-nodefaults', '-no-user-config', '-display', 'none', '-vga', 'none',
-    '-kernel', spec.kernel,
-    '-initrd', spec.initrd,
-    '-append', spec.append,
     '-chardev', `socket,id=ser0,path=${paths.serialSocket},server=on,wait=off`,
     '-serial', 'chardev:ser0',
     '-qmp', `unix:${paths.qmpSocket},server=on,wait=off`,
   ];
+  if (spec.kernel) {
+    args.push('-kernel', spec.kernel);
+    if (spec.initrd) args.push('-initrd', spec.initrd);
+    if (spec.append) args.push('-append', spec.append);
+  }
   if (spec.mac) {
     if (!paths.netSocket) throw new Error(`VM ${spec.name} has a NIC but no relay socket was given`);
     args.push('-netdev', `stream,id=n0,server=off,addr.type=unix,addr.path=${paths.netSocket}`,
@@ -71,7 +76,7 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
   if (spec.disk) {
     if (!paths.nbdSocket) throw new Error(`VM ${spec.name} has a disk but no NBD socket was given`);
     args.push('-blockdev', `driver=nbd,node-name=disk0,server.type=unix,server.path=${paths.nbdSocket},export=disk`,
-      '-device', 'virtio-blk-pci,drive=disk0');
+      '-device', `virtio-blk-pci,drive=disk0${spec.kernel ? '' : ',bootindex=1'}`);
   }
   for (const d of paths.firmwareDirs) args.push('-L', d);
   if (mode.paused) args.push('-S');

@@ -79,6 +79,35 @@ export async function ensureGuestImage(): Promise<GuestImage> {
   return g;
 }
 
+/** Packages the Debian guest image is built with. */
+const DEBIAN_GUEST_PACKAGES = ['mmdebstrap', 'extlinux', 'syslinux-common', 'fdisk', 'e2fsprogs', 'openssl'] as const;
+
+let debianImage: string | null = null;
+/** The Debian 12 guest disk (guest/debian/build.sh): built once from Debian packages, cached. */
+export async function ensureDebianImage(): Promise<string> {
+  if (debianImage) return debianImage;
+  await ensurePackages();
+  await installPackages(DEBIAN_GUEST_PACKAGES);
+  const path = await runBuildScript('guest/debian/build.sh', 'Debian guest');
+  if (!existsSync(path)) throw new RubatoError('RUBATO_SETUP_FAILED', `Debian guest image missing: ${path}`);
+  debianImage = path;
+  return path;
+}
+
+/** Installs the Debian packages of `names` that are missing. */
+async function installPackages(names: readonly string[]): Promise<void> {
+  const r = await runCommand('dpkg-query', ['-W', '-f', '${Package} ${db:Status-Abbrev}\n', ...names]);
+  const ok = new Set(r.stdout.split('\n').filter((l) => /\sii\s*$/.test(l)).map((l) => l.split(' ')[0]));
+  const missing = names.filter((p) => !ok.has(p));
+  if (!missing.length) return;
+  log.info(`installing Debian packages: ${missing.join(' ')}`);
+  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  const up = await runCommand('apt-get', ['update', '-q'], { env });
+  if (up.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get update failed: ${up.stderr.trim().split('\n').slice(-2).join(' | ')}`);
+  const inst = await runCommand('apt-get', ['install', '-y', '-q', '--no-install-recommends', ...missing], { env });
+  if (inst.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get install failed: ${inst.stderr.trim().split('\n').slice(-3).join(' | ')}`);
+}
+
 let tapRelay: string | null = null;
 /** The small C TAP relay (Node cannot open TAP devices), built once into the cache. */
 export async function ensureTapRelay(): Promise<string> {

@@ -23,7 +23,23 @@ export type ErrorCode =
   | 'RUBATO_VERSION_MISMATCH'
   | 'RUBATO_PEER_LOST'
   | 'RUBATO_NETNS'
-  | 'RUBATO_TIMEOUT';
+  | 'RUBATO_TIMEOUT'
+  | 'RUBATO_IMAGE_IN_USE'
+  | 'RUBATO_BRIDGE_MISSING';
+
+/**
+ * The CLI's exit status per error: a script tells a config mistake from a refused key, a busy
+ * image or a missing bridge without parsing the message. 1 is any other failure.
+ */
+export const EXIT_CODES: Partial<Record<ErrorCode, number>> = {
+  RUBATO_CONFIG: 2,
+  RUBATO_AUTH_FAILED: 3,
+  RUBATO_VERSION_MISMATCH: 3,
+  RUBATO_IMAGE_IN_USE: 4,
+  RUBATO_BRIDGE_MISSING: 5,
+  RUBATO_SETUP_FAILED: 6,
+  RUBATO_QEMU_START: 7,
+};
 
 export class RubatoError extends Error {
   readonly code: ErrorCode;

@@ -3,15 +3,20 @@
 import { z } from 'zod';
 import type { Command } from 'commander';
 import { runDemo } from '../../chaos/demo.ts';
-import { ACCEL, LINK, int, num, parseOptions, policy, withAccel, withLinkOptions } from '../options.ts';
+import { debianDemoPassed, runDebianDemo } from '../../chaos/debian-demo.ts';
+import { ACCEL, LINK, int, num, oneOf, parseOptions, policy, withAccel, withLinkOptions } from '../options.ts';
 
-const Options = z.object({ seconds: int(1, 3600), mem: int(64, 65536), rate: num(0, 10000), policy: policy(), cutLink: z.boolean(), json: z.boolean(), accel: ACCEL, ...LINK });
+const Options = z.object({
+  seconds: int(1, 3600), mem: int(64, 65536).optional(), rate: num(0, 10000), policy: policy(), cutLink: z.boolean(), json: z.boolean(), accel: ACCEL,
+  guest: oneOf(['test', 'debian'] as const), ...LINK,
+});
 
 export function register(program: Command): void {
   withLinkOptions(withAccel(program.command('demo')))
     .description('protect a VM on two namespace hosts, kill the primary, watch the standby take over')
     .option('--seconds <n>', 'protected run time before the primary is killed', '8')
-    .option('--mem <mb>', 'guest memory in MB', '128')
+    .option('--guest <which>', 'test (the built-in test guest) or debian (a Debian 12 VM booted from its disk, serving nginx; ~5 min)', 'test')
+    .option('--mem <mb>', 'guest memory in MB (default 128; debian 1024)')
     .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', '10')
     .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', 'model')
     .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
@@ -19,10 +24,17 @@ export function register(program: Command): void {
     .action(async (raw: unknown) => {
       const o = parseOptions(Options, raw);
       const tty = process.stderr.isTTY && !o.json;
-      const r = await runDemo({ ...o, memMb: o.mem }, (line, final) => {
+      const status = (line: string, final?: boolean) => {
         if (tty) process.stderr.write(`\r\x1b[K${line}${final ? '\n' : ''}`);
         else if (final || !o.json) process.stderr.write(`${line}\n`);
-      });
+      };
+      if (o.guest === 'debian') {
+        const d = await runDebianDemo({ ...o, memMb: o.mem ?? 1024 }, status);
+        process.stdout.write(`${JSON.stringify(d)}\n`);
+        process.exitCode = debianDemoPassed(d) ? 0 : 1;
+        return;
+      }
+      const r = await runDemo({ ...o, memMb: o.mem ?? 128 }, status);
       process.stdout.write(`${JSON.stringify(r)}\n`);
       process.exitCode = r.failover && r.selfCheckOk ? 0 : 1;
     });

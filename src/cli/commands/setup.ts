@@ -1,12 +1,19 @@
 // `rubato setup`: Debian packages, the patched QEMU (TCG), the test guest, the TAP helper.
 import type { Command } from 'commander';
-import { ensureAll } from '../../setup/index.ts';
+import { z } from 'zod';
+import { ensureAll, ensureDebianImage } from '../../setup/index.ts';
+import { oneOf, parseOptions } from '../options.ts';
+
+const Options = z.object({ guest: oneOf(['test', 'debian'] as const) });
 
 export function register(program: Command): void {
   program.command('setup')
     .description('install the Debian packages, build the patched QEMU (TCG) and the test guest; a no-op when done')
-    .action(async () => {
+    .option('--guest <which>', 'also build this guest: test (default) or debian (a Debian 12 disk image with nginx, redis, PostgreSQL)', 'test')
+    .action(async (raw: unknown) => {
+      const o = parseOptions(Options, raw);
       const r = await ensureAll();
-      process.stdout.write(`${JSON.stringify({ qemu: r.qemu.path, kernel: r.guest.kernel, initrd: r.guest.initrd })}\n`);
+      const debian = o.guest === 'debian' ? await ensureDebianImage() : undefined;
+      process.stdout.write(`${JSON.stringify({ qemu: r.qemu.path, kernel: r.guest.kernel, initrd: r.guest.initrd, ...(debian ? { debianImage: debian } : {}) })}\n`);
     });
 }

@@ -1,17 +1,26 @@
-// `rubato standby`: hold the replica of a protected VM and take over when the primary is lost.
+// `rubato standby`: hold the replica of a protected VM and take over when the primary is lost: the
+// guest's NIC joins the bridge of the same name here, its disk is the replica's. With --peer, the
+// guest running here after a failover is protected in turn by the standby at that address (the old
+// primary's host once repaired: `rubato standby` there), syncing while the guest keeps running.
 // SIGTERM/SIGINT: the primary is told (it goes on unprotected); the replica is kept.
 import { z } from 'zod';
-import { resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { logger } from '../../util/log.ts';
 import { onShutdown } from '../../util/procs.ts';
 import { StandbyController } from '../../replication/standby.ts';
+import { PrimaryController } from '../../replication/primary.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
-import { LINK, binaryFor, eventPrinter, hostPort, parseOptions, withLinkOptions } from '../options.ts';
+import { parsePolicy } from '../../scheduler/index.ts';
+import { restoreIo } from '../../host/protect.ts';
+import { LINK, binaryFor, eventPrinter, hostPort, parseOptions, policy, withLinkOptions } from '../options.ts';
 
 const log = logger('rubato');
 
-const Options = z.object({ listen: hostPort(), stateDir: z.string(), key: z.string(), autoFailover: z.boolean(), events: z.boolean(), fsync: z.boolean(), ...LINK });
+const Options = z.object({
+  listen: hostPort(), stateDir: z.string(), key: z.string(), autoFailover: z.boolean(), events: z.boolean(), fsync: z.boolean(),
+  peer: hostPort().optional(), policy: policy(), ...LINK,
+});
 
 export function register(program: Command): void {
   withLinkOptions(program.command('standby'))
@@ -19,6 +28,8 @@ export function register(program: Command): void {
     .requiredOption('--listen <host:port>', 'address for the primary to connect to')
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
     .option('--state-dir <dir>', 'replica and sockets', '/var/lib/rubato/standby')
+    .option('--peer <host:port>', 'after a failover, protect the guest with the standby there (re-protection)')
+    .option('--policy <spec>', 'checkpoint policy once the guest runs here (with --peer)', 'model')
     .option('--no-auto-failover', 'only fail over on `rubato failover`')
     .option('--no-fsync', 'do not fsync the replica (tmpfs, tests)')
     .option('--events', 'print events as JSON lines on stdout', false)
@@ -28,15 +39,34 @@ export function register(program: Command): void {
 async function runStandby(o: z.infer<typeof Options>): Promise<void> {
   const psk = loadKeyFile(o.key);
   const emit = eventPrinter(o.events);
+  const stateDir = resolve(o.stateDir);
+  const io = restoreIo(join(stateDir, 'run'));
+  let primary: PrimaryController | null = null;
   const standby = new StandbyController({
-    ...o.listen, stateDir: resolve(o.stateDir), psk, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, binaryFor,
-    autoFailover: o.autoFailover, fsync: o.fsync,
+    ...o.listen, stateDir, psk, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, binaryFor,
+    autoFailover: o.autoFailover, fsync: o.fsync, prepareRestore: io.prepare,
     onEvent: (e) => {
       emit(e);
-      if (!o.events && e.event === 'failover') log.warn(`guest running here from checkpoint ${e.epoch}: restore ${e.restoreMs} ms (${e.why})`);
+      if (e.event !== 'failover') return;
+      emit({ event: 'active', qemuPid: standby.vm?.pid ?? null, controllerPid: process.pid });
+      if (!o.events) log.warn(`guest running here from checkpoint ${e.epoch}: restore ${e.restoreMs} ms (${e.why})`);
+      const vm = standby.vm;
+      const hostIo = io.current();
+      if (!o.peer || !vm || !hostIo) return;
+      log.info(`re-protecting the guest with the standby at ${o.peer.host}:${o.peer.port} (unprotected until it answers)`);
+      primary = new PrimaryController({
+        vm, runDir: join(stateDir, 'run'), standby: o.peer, psk, periodMs: 25, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs,
+        timeoutMs: o.timeoutMs, retryMs: 1000, ...(hostIo.relay ? { relay: hostIo.relay } : {}), nbd: hostIo.nbd,
+        onEvent: (pe) => emit(pe.event === 'protecting' ? { ...pe, event: 'reprotected' } : pe),
+      });
+      primary.start();
     },
   });
-  onShutdown(() => standby.stop());
+  onShutdown(async () => {
+    await primary?.stop();
+    await standby.stop();
+    await io.current()?.close();
+  });
   await standby.start();
   emit({ event: 'started', controllerPid: process.pid });
   await new Promise<void>(() => { /* runs until a signal ends the process */ });

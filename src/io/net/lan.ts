@@ -6,7 +6,7 @@
 import { randomInt } from 'node:crypto';
 import { addNamespace, delNamespace, ip } from './netns.ts';
 
-export interface LanHost { name: string; ns: string; bridge: string }
+export interface LanHost { name: string; ns: string; bridge: string; ip: string; uplink: string }
 
 export class Lan {
   readonly hosts: LanHost[] = [];
@@ -16,9 +16,10 @@ export class Lan {
   get clientIp(): string { return `${this.subnet}.100`; }
   get guestIp(): string { return `${this.subnet}.10`; }
 
-  static async create(tag: string): Promise<Lan> {
+  /** `subnet`: the first three octets (default: a random 10.232.x); the guest is .10, the client .100. */
+  static async create(tag: string, opts: { subnet?: string } = {}): Promise<Lan> {
     const id = `${process.pid % 10000}${randomInt(10, 99)}`;
-    const lan = new Lan(id, `rubato-${tag}-lan-${id}`, `rubato-${tag}-cli-${id}`, `10.232.${randomInt(0, 255)}`);
+    const lan = new Lan(id, `rubato-${tag}-lan-${id}`, `rubato-${tag}-cli-${id}`, opts.subnet ?? `10.232.${randomInt(0, 255)}`);
     try {
       await addNamespace(lan.lanNs);
       await ip(['-n', lan.lanNs, 'link', 'add', 'br0', 'type', 'bridge', 'forward_delay', '0']);
@@ -50,19 +51,11 @@ export class Lan {
     await ip(['-n', ns, 'link', 'add', 'brh', 'type', 'bridge', 'forward_delay', '0']);
     await ip(['-n', ns, 'link', 'set', dev, 'master', 'brh']);
     await ip(['-n', ns, 'link', 'set', 'brh', 'up']);
-    const h = { name, ns, bridge: 'brh' };
+    // The host's own address on the LAN (its controllers talk over it): .1, .2, …
+    await ip(['-n', ns, 'addr', 'add', `${this.subnet}.${k + 1}/24`, 'dev', 'brh']);
+    const h = { name, ns, bridge: 'brh', ip: `${this.subnet}.${k + 1}`, uplink: dev };
     this.hosts.push(h);
     return h;
-  }
-
-  async addTap(h: LanHost, tap: string): Promise<void> {
-    await ip(['-n', h.ns, 'tuntap', 'add', 'dev', tap, 'mode', 'tap']);
-    await ip(['-n', h.ns, 'link', 'set', tap, 'master', h.bridge]);
-    await ip(['-n', h.ns, 'link', 'set', tap, 'up']);
-  }
-
-  async delTap(h: LanHost, tap: string): Promise<void> {
-    await ip(['-n', h.ns, 'link', 'del', tap]).catch(() => { /* already gone with its namespace or its helper */ });
   }
 
   async destroy(): Promise<void> {

@@ -1,0 +1,155 @@
+// `rubato demo --guest debian`: the real thing on one machine. Three hosts on one LAN bridge
+// (namespaces: primary, standby, client); the Debian VM protected from its disk image by
+// `rubato protect` (a daemon, as an operator runs it), `rubato standby --peer` on the other host;
+// a client fetching nginx pages over one persistent connection and over new connections
+// throughout; the primary host killed (QEMU and controller by PID, its LAN port down); the standby
+// taking over; then a standby started on the repaired old host and the VM re-protected there.
+
+import { copyFileSync, constants, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { makeTempDir, removeTempDir } from '../util/tmp.ts';
+import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
+import { logger } from '../util/log.ts';
+import { ip } from '../io/net/netns.ts';
+import { Lan, type LanHost } from '../io/net/lan.ts';
+import { REPO_ROOT, ensureDebianImage, ensurePatchedQemu, ensureTapRelay } from '../setup/index.ts';
+import { writeKeyFile } from '../replication/keyfile.ts';
+import { Controller, type Ev } from './controller-proc.ts';
+
+const log = logger('demo');
+/** The Debian guest's static address (guest/debian/files/etc/network/interfaces). */
+const SUBNET = '10.231.0';
+
+export interface DebianDemoOptions { seconds: number; memMb: number; policy: string; heartbeatMs: number; timeoutMs: number; accel: string }
+
+export interface DebianDemoResult {
+  bootedFromDisk: boolean; diskGiB: number; guestMemMb: number; failover: boolean; failoverMs: number;
+  httpRequests: number; httpErrors: number; connectionSurvived: boolean; longestStallMs: number;
+  reprotected: boolean; reprotectMs: number; syncMs: number; controllerRssMb: { primary: number; standby: number };
+  error?: string;
+}
+
+/** Resident memory of a process in MB (0 when gone). */
+function rssMb(pid: number): number {
+  try {
+    const m = readFileSync(`/proc/${pid}/status`, 'utf8').match(/VmRSS:\s+(\d+) kB/);
+    return m ? Math.round(Number(m[1]) / 1024) : 0;
+  } catch { return 0; }
+}
+
+export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: string, final?: boolean) => void): Promise<DebianDemoResult> {
+  const res: DebianDemoResult = {
+    bootedFromDisk: false, diskGiB: 0, guestMemMb: o.memMb, failover: false, failoverMs: -1, httpRequests: 0, httpErrors: 0,
+    connectionSurvived: false, longestStallMs: -1, reprotected: false, reprotectMs: -1, syncMs: -1, controllerRssMb: { primary: 0, standby: 0 },
+  };
+  onStatus('preparing: the Debian guest image (built once), the patched QEMU, the TAP helper', true);
+  const image = await ensureDebianImage();
+  if (o.accel !== 'kvm') await ensurePatchedQemu();
+  await ensureTapRelay();
+  const dir = makeTempDir('rubato-debian-demo-');
+  let lan: Lan | null = null;
+  const procs: TrackedProcess[] = [];
+  let rssTimer: NodeJS.Timeout | null = null;
+  try {
+    // The user's disk: a copy of the built image (sparse), so the cache stays pristine.
+    const disk = join(dir, 'debian.img');
+    copyFileSync(image, disk, constants.COPYFILE_FICLONE);
+    res.diskGiB = Math.round((statSync(disk).size / 2 ** 30) * 10) / 10;
+    lan = await Lan.create('deb', { subnet: SUBNET });
+    const l = lan;
+    const [ha, hb] = [await l.addHost('ha'), await l.addHost('hb')];
+    onStatus(`three hosts on one LAN: primary ${ha.ns} (${ha.ip}), standby ${hb.ns} (${hb.ip}), client ${l.clientNs} (${l.clientIp}); guest at ${l.guestIp}`, true);
+    const vmFile = join(dir, 'debian.json');
+    writeFileSync(vmFile, JSON.stringify({
+      name: 'debian', cpus: 1, memoryMiB: o.memMb, accelerator: o.accel, disks: [{ path: disk }], nics: [{ bridge: ha.bridge }], boot: { from: 'disk' },
+    }, null, 2));
+    const key = join(dir, 'psk');
+    writeKeyFile(key);
+    const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
+    const main = join(REPO_ROOT, 'src', 'cli', 'main.ts');
+    const env = { ...process.env, RUBATO_LOG: process.env['RUBATO_LOG'] ?? 'warn' };
+    const inNs = (name: string, ns: string, argv: string[]) => {
+      const p = spawnTracked(name, 'ip', ['netns', 'exec', ns, process.execPath, ...argv], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+      procs.push(p);
+      return p;
+    };
+    const rubato = (name: string, h: LanHost, args: string[]) => new Controller(name, inNs(`rubato-${name}`, h.ns, ['--import', tsx, main, ...args]));
+    const common = ['--key', key, '--heartbeat-ms', String(o.heartbeatMs), '--timeout-ms', String(o.timeoutMs), '--events'];
+    const port = 7400;
+    const standbyB = rubato('standby-b', hb, ['standby', '--listen', `${hb.ip}:${port}`, '--peer', `${ha.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'hb'), ...common]);
+    await standbyB.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
+    const primary = rubato('primary-a', ha, ['protect', vmFile, '--standby', `${hb.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'ha'), ...common]);
+    primary.onEvent = (e) => {
+      if (e.event === 'sync-progress') onStatus(`initial sync: ${e['percent']} % of ${Math.round(Number(e['totalBytes']) / 1e6)} MB at ${e['mbPerSec']} MB/s, ${e['etaSec']} s left`);
+      if (e.event === 'status') onStatus(`protected | epoch ${e['epoch']} (acked ${e['ackedEpoch']}) | ${e['ckptPerSec']} ckpt/s | pause ${e['pauseMs']} ms | lag ${e['lagMs']} ms`);
+    };
+    const started = await primary.waitEvent((e) => e.event === 'started', 120_000, 'VM start');
+    const qemuA = Number(started['qemuPid']);
+    const primaryPid = primary.proc.pid;
+    rssTimer = setInterval(() => {
+      res.controllerRssMb.primary = Math.max(res.controllerRssMb.primary, rssMb(primaryPid));
+      res.controllerRssMb.standby = Math.max(res.controllerRssMb.standby, rssMb(standbyB.proc.pid));
+    }, 500);
+    onStatus(`VM booting from its ${res.diskGiB} GiB disk through the firmware (QEMU pid ${qemuA}); under TCG this takes about a minute`, true);
+    await primary.waitEvent((e) => e.event === 'guest' && /RUBATO debian ready/.test(String(e['line'])), 300_000, 'the guest\'s services');
+    res.bootedFromDisk = true;
+    const tProt = Date.now();
+    await primary.waitEvent((e) => e.event === 'protecting', 600_000, 'protection');
+    const synced = standbyB.events.find((e) => e.event === 'synced');
+    res.syncMs = synced ? Number(synced['ms']) : Date.now() - tProt;
+    onStatus(`protected (initial sync ${res.syncMs} ms); a client fetches pages from nginx in the guest`, true);
+
+    const client = new Controller('client', inNs('http-client', l.clientNs, ['--import', tsx, join(REPO_ROOT, 'src', 'chaos', 'http-client.ts'), '--target', `${l.guestIp}:80`, '--path', '/4k.html']));
+    await client.waitEvent((e) => e.type === 'ok', 60_000, 'a first page');
+    await new Promise((r) => setTimeout(r, o.seconds * 1000));
+
+    // The primary host dies: its LAN port goes down, QEMU and the controller are killed by PID.
+    const killAt = Date.now();
+    await ip(['-n', ha.ns, 'link', 'set', ha.uplink, 'down']);
+    try { process.kill(qemuA, 'SIGKILL'); } catch { /* gone */ }
+    primary.proc.kill('SIGKILL');
+    onStatus('primary host killed (LAN port down, QEMU and controller SIGKILLed)', true);
+    const fo = await standbyB.waitEvent((e) => e.event === 'failover', 60_000, 'failover');
+    res.failover = true;
+    res.failoverMs = Number(fo['runningAtMs']) - killAt;
+    onStatus(`standby took over in ${res.failoverMs} ms from checkpoint ${fo['epoch']}`, true);
+    await client.waitEvent((e) => e.type === 'ok' && e.t > Number(fo['runningAtMs']) && e['conn'] === 'persistent', 60_000, 'a page after the failover');
+
+    // The old host is repaired: its LAN port comes back and a standby starts there.
+    await ip(['-n', ha.ns, 'link', 'set', ha.uplink, 'up']);
+    const tRe = Date.now();
+    const standbyA = rubato('standby-a', ha, ['standby', '--listen', `${ha.ip}:${port}`, '--state-dir', join(dir, 'ha-standby'), ...common]);
+    await standbyA.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
+    await standbyB.waitEvent((e) => e.event === 'reprotected', 600_000, 're-protection');
+    res.reprotected = true;
+    res.reprotectMs = Date.now() - tRe;
+    res.controllerRssMb.standby = Math.max(res.controllerRssMb.standby, rssMb(standbyA.proc.pid));
+    onStatus(`re-protected by the repaired old host in ${res.reprotectMs} ms, the guest running throughout`, true);
+    await new Promise((r) => setTimeout(r, 3000));
+
+    client.proc.kill('SIGTERM');
+    await client.proc.exited;
+    const oks = client.events.filter((e) => e.type === 'ok');
+    res.httpRequests = oks.length;
+    res.httpErrors = client.events.filter((e) => e.type === 'error').length;
+    const persistent = oks.filter((e) => e['conn'] === 'persistent');
+    res.connectionSurvived = persistent.some((e) => e.t > Number(fo['runningAtMs'])) && new Set(persistent.map((e) => e['socket'])).size === 1;
+    let stall = 0;
+    for (let i = 1; i < oks.length; i++) stall = Math.max(stall, oks[i]!.t - oks[i - 1]!.t);
+    res.longestStallMs = stall;
+  } catch (e) {
+    res.error = e instanceof Error ? e.message : String(e);
+    log.error(`demo failed: ${res.error}`);
+  } finally {
+    if (rssTimer) clearInterval(rssTimer);
+    for (const p of procs.reverse()) await p.stop(5000);
+    await lan?.destroy();
+    removeTempDir(dir);
+  }
+  return res;
+}
+
+export const debianDemoPassed = (r: DebianDemoResult): boolean =>
+  r.bootedFromDisk && r.diskGiB >= 8 && r.failover && r.httpErrors === 0 && r.httpRequests > 0 && r.connectionSurvived && r.reprotected
+  && r.controllerRssMb.primary > 0 && r.controllerRssMb.primary < 512 && r.controllerRssMb.standby > 0 && r.controllerRssMb.standby < 512 && !r.error;

@@ -1,0 +1,64 @@
+// `rubato protect VM-FILE`: boot the user's VM (its definition file) on this host and keep it
+// protected by a standby, as a long-running daemon. The standby unreachable at start is not an
+// error: the VM runs, is said to be unprotected once, and is protected as soon as the standby
+// answers. SIGTERM/SIGINT stop it in order (the standby keeps its replica and does not take over).
+import { z } from 'zod';
+import { resolve } from 'node:path';
+import type { Command } from 'commander';
+import { RubatoError } from '../../util/errors.ts';
+import { logger } from '../../util/log.ts';
+import { onShutdown } from '../../util/procs.ts';
+import { loadVmDefinition } from '../../qemu/definition.ts';
+import { loadKeyFile } from '../../replication/keyfile.ts';
+import { parsePolicy } from '../../scheduler/index.ts';
+import { protectVm } from '../../host/protect.ts';
+import { LINK, eventPrinter, hostPort, parseOptions, platform, policy, withLinkOptions } from '../options.ts';
+
+const log = logger('rubato');
+
+const Options = z.object({ standby: hostPort(), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), ...LINK });
+
+export function register(program: Command): void {
+  withLinkOptions(program.command('protect'))
+    .description('run your VM (a definition file: see examples/) and keep it protected by a standby')
+    .argument('<vm-file>', 'VM definition (JSON)')
+    .requiredOption('--standby <host:port>', 'the standby controller (rubato standby on the other host)')
+    .requiredOption('--key <file>', 'pre-shared key file (rubato keygen; the same file on both hosts)')
+    .option('--policy <spec>', 'checkpoint policy: model (default), adaptive, fixed:MS, bounded-latency[:MS], …', 'model')
+    .option('--state-dir <dir>', 'sockets, converted disks and state (default /var/lib/rubato/VM-NAME)')
+    .option('--events', 'print events as JSON lines on stdout', false)
+    .action(async (file: string, raw: unknown) => runProtect(file, parseOptions(Options, raw)));
+}
+
+async function runProtect(file: string, o: z.infer<typeof Options>): Promise<void> {
+  const def = loadVmDefinition(file);
+  const psk = loadKeyFile(o.key);
+  const { accel, binary } = await platform(def.accelerator);
+  const stateDir = resolve(o.stateDir ?? `/var/lib/rubato/${def.name}`);
+  const emit = eventPrinter(o.events);
+  let authRefused: RubatoError | null = null;
+  let everProtected = false;
+  const p = await protectVm({
+    def, accel, binary, stateDir, standby: o.standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
+    onEvent: (e) => {
+      emit(e);
+      if (e.event === 'protecting') everProtected = true;
+      if (e.event === 'unprotected' && !everProtected && /key|authenticat|proof/i.test(e.reason)) {
+        authRefused = new RubatoError('RUBATO_AUTH_FAILED', `the standby ${o.standby.host}:${o.standby.port} refused this key (${o.key}): ${e.reason}`);
+        void p.stop();
+      }
+      if (!o.events && e.event === 'status') log.info(`${o.policy} | epoch ${e.epoch} acked ${e.ackedEpoch} | ${e.ckptPerSec} ckpt/s | ${e.dirtyPages} dirty pages | pause ${e.pauseMs} ms | ${e.mbPerSec} MB/s | lag ${e.lagMs} ms`);
+      if (!o.events && e.event === 'sync-progress') log.info(`synchronising the standby: ${e.percent} % (${Math.round(e.bytes / 1e6)} of ${Math.round(e.totalBytes / 1e6)} MB, ${e.mbPerSec} MB/s, ${e.etaSec} s left)`);
+    },
+  });
+  emit({ event: 'started', vm: def.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel, disk: p.disk?.path ?? null });
+  log.info(`VM ${def.name} running (QEMU pid ${p.vm.pid}, ${accel})${p.disk ? ` on ${p.disk.path}${p.disk.convertedFrom ? ` (converted from ${p.disk.convertedFrom})` : ''}` : ''}; protecting it with ${o.standby.host}:${o.standby.port}`);
+  onShutdown(async () => {
+    await p.stop();
+    log.info(`VM ${def.name} stopped; the standby keeps its replica and does not take over`);
+  });
+  await new Promise<void>((r) => p.vm.once('exit', () => r()));
+  await p.stop();
+  if (authRefused) throw authRefused;
+  log.warn(`VM ${def.name} exited; the protecting controller stops`);
+}

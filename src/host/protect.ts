@@ -1,0 +1,127 @@
+// The product path on one host: a user's VM (its definition file) run under protection, and the
+// guest I/O a standby sets up when it takes over. `rubato protect`, `rubato standby`, the demo and
+// the tests all come through here: the guest's NIC is a TAP on the named bridge behind the output
+// commit relay, its disk is served by Rubato's NBD server, both wired to the primary controller.
+
+import { join } from 'node:path';
+import { logger } from '../util/log.ts';
+import { errorMessage } from '../util/errors.ts';
+import { ensurePrivateDir } from '../util/private-files.ts';
+import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
+import { VmSpecSchema, type Accel, type VmSpec } from '../qemu/spec.ts';
+import type { ResolvedVm } from '../qemu/definition.ts';
+import { prepareDisk, type PreparedDisk } from '../io/disk/image.ts';
+import { NbdServer } from '../io/disk/nbd-server.ts';
+import { GuestIo } from '../io/guest-io.ts';
+import { DISK_BLOCK_ID, PrimaryController, type PrimaryEvent, type PrimaryOptions } from '../replication/primary.ts';
+import type { ReplicaStore } from '../replication/replica-store.ts';
+import type { Identity } from '../replication/protocol/messages.ts';
+import type { Policy } from '../scheduler/index.ts';
+
+const log = logger('protect');
+
+/** The guest's I/O on this host: a NIC behind the relay (when it has one) and its disk server. */
+export interface HostIo {
+  relay: GuestIo['relay'] | null;
+  nbd: NbdServer | null;
+  netSocket?: string;
+  nbdSocket?: string;
+  close(): Promise<void>;
+}
+
+/** Starts the I/O for a guest with `spec` on this host (`ns`: a test topology's host namespace). */
+export async function startHostIo(spec: VmSpec, runDir: string, tag: string, diskPath: string | null, ns?: string): Promise<HostIo> {
+  if (spec.mac && spec.bridge) {
+    const io = await GuestIo.start({ bridge: spec.bridge, ...(ns ? { ns } : {}) }, runDir, tag, diskPath);
+    return { relay: io.relay, nbd: io.nbd, netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}), close: () => io.close() };
+  }
+  const nbd = diskPath ? new NbdServer(diskPath, join(runDir, `${tag}.nbd`)) : null;
+  await nbd?.start();
+  return { relay: null, nbd, ...(nbd ? { nbdSocket: nbd.socketPath } : {}), close: async () => { await nbd?.close(); } };
+}
+
+/** The QEMU description of a user's VM. */
+export function specOf(def: ResolvedVm, accel: Accel): VmSpec {
+  const nic = def.nics[0];
+  const boot = def.boot;
+  return VmSpecSchema.parse({
+    name: def.name, accel, cpus: def.cpus, memMb: def.memoryMiB,
+    ...(nic ? { mac: nic.mac, bridge: nic.bridge } : {}),
+    ...(def.disks.length ? { disk: true } : {}),
+    ...('kernel' in boot ? { kernel: boot.kernel, ...(boot.initrd ? { initrd: boot.initrd } : {}), ...(boot.append ? { append: boot.append } : {}) } : {}),
+  });
+}
+
+export interface ProtectOptions {
+  def: ResolvedVm;
+  accel: Accel;
+  binary: QemuBinary;
+  stateDir: string;
+  standby: { host: string; port: number };
+  psk: Buffer;
+  policy: Policy;
+  heartbeatMs: number;
+  timeoutMs: number;
+  onEvent: (e: PrimaryEvent) => void;
+  ns?: string;
+  /** Extra controller settings (fault injection and tracing in tests). */
+  primary?: Partial<PrimaryOptions>;
+}
+
+export interface ProtectedVm {
+  vm: QemuVm;
+  primary: PrimaryController;
+  disk: PreparedDisk | null;
+  /** Orderly end: the standby is told (no failover), the guest stops, I/O and claims released. */
+  stop(): Promise<void>;
+}
+
+/** Boots the user's VM on this host and starts protecting it (unprotected, said once, until a standby answers). */
+export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
+  const runDir = join(o.stateDir, 'run');
+  ensurePrivateDir(o.stateDir);
+  ensurePrivateDir(runDir);
+  const spec = specOf(o.def, o.accel);
+  const disk = o.def.disks[0] ? await prepareDisk(o.def.disks[0], o.stateDir, o.def.name) : null;
+  let io: HostIo | null = null;
+  let vm: QemuVm | null = null;
+  try {
+    io = await startHostIo(spec, runDir, o.def.name, disk?.path ?? null, o.ns);
+    vm = await QemuVm.start(spec, { binary: o.binary, runDir, ...(io.netSocket ? { netSocket: io.netSocket } : {}), ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) });
+  } catch (e) {
+    await vm?.stop();
+    await io?.close().catch((err: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(err)}`));
+    disk?.release();
+    throw e;
+  }
+  const primary = new PrimaryController({
+    vm, runDir, standby: o.standby, psk: o.psk, periodMs: 25, policy: o.policy, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, retryMs: 1000,
+    ...(io.relay ? { relay: io.relay } : {}), nbd: io.nbd, onEvent: o.onEvent, ...o.primary,
+  });
+  primary.start();
+  const ioRef = io;
+  const vmRef = vm;
+  let stopping: Promise<void> | null = null;
+  return {
+    vm, primary, disk,
+    stop: () => (stopping ??= (async () => {
+      await primary.stop();
+      await vmRef.stop();
+      await ioRef.close().catch((e: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(e)}`));
+      disk?.release();
+    })()),
+  };
+}
+
+/** The standby's side: at failover, the guest's NIC on the same bridge name and its disk from the replica. */
+export function restoreIo(runDir: string, ns?: string): { prepare: (identity: Identity, store: ReplicaStore) => Promise<{ netSocket?: string; nbdSocket?: string }>; current: () => HostIo | null } {
+  let io: HostIo | null = null;
+  return {
+    current: () => io,
+    prepare: async (identity, store) => {
+      const hasDisk = store.blocks.some((b) => b.id === DISK_BLOCK_ID);
+      io = await startHostIo(identity.spec, runDir, 'active', hasDisk ? store.imagePath(DISK_BLOCK_ID) : null, ns);
+      return { ...(io.netSocket ? { netSocket: io.netSocket } : {}), ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) };
+    },
+  };
+}
