@@ -27,6 +27,8 @@ export interface DebianDemoResult {
   bootedFromDisk: boolean; diskGiB: number; guestMemMb: number; failover: boolean; failoverMs: number;
   httpRequests: number; httpErrors: number; connectionSurvived: boolean; longestStallMs: number;
   reprotected: boolean; reprotectMs: number; syncMs: number; controllerRssMb: { primary: number; standby: number };
+  /** Output commit as the product's own events show it: epochs whose held frames left, and of those any before the standby committed them. */
+  releasedEpochs: number; releasedBeforeCommit: number;
   error?: string;
 }
 
@@ -42,6 +44,7 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
   const res: DebianDemoResult = {
     bootedFromDisk: false, diskGiB: 0, guestMemMb: o.memMb, failover: false, failoverMs: -1, httpRequests: 0, httpErrors: 0,
     connectionSurvived: false, longestStallMs: -1, reprotected: false, reprotectMs: -1, syncMs: -1, controllerRssMb: { primary: 0, standby: 0 },
+    releasedEpochs: 0, releasedBeforeCommit: 0,
   };
   onStatus('preparing: the Debian guest image (built once), the patched QEMU, the TAP helper', true);
   const image = await ensureDebianImage();
@@ -135,6 +138,14 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     res.httpErrors = client.events.filter((e) => e.type === 'error').length;
     const persistent = oks.filter((e) => e['conn'] === 'persistent');
     res.connectionSurvived = persistent.some((e) => e.t > Number(fo['runningAtMs'])) && new Set(persistent.map((e) => e['socket'])).size === 1;
+    // Every epoch whose frames the primary let out was committed on the standby before (each process stamps its events).
+    for (const [p, sb] of [[primary, standbyB], [standbyB, standbyA]] as const) {
+      for (const a of p.events.filter((e) => e.event === 'acked' && Number(e['frames']) > 0)) {
+        res.releasedEpochs++;
+        const committed = sb.events.some((c) => c.event === 'committed' && c['epoch'] === a['epoch'] && c.t <= a.t);
+        if (!committed) res.releasedBeforeCommit++;
+      }
+    }
     let stall = 0;
     for (let i = 1; i < oks.length; i++) stall = Math.max(stall, oks[i]!.t - oks[i - 1]!.t);
     res.longestStallMs = stall;
@@ -152,4 +163,5 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
 
 export const debianDemoPassed = (r: DebianDemoResult): boolean =>
   r.bootedFromDisk && r.diskGiB >= 8 && r.failover && r.httpErrors === 0 && r.httpRequests > 0 && r.connectionSurvived && r.reprotected
+  && r.releasedEpochs > 0 && r.releasedBeforeCommit === 0
   && r.controllerRssMb.primary > 0 && r.controllerRssMb.primary < 512 && r.controllerRssMb.standby > 0 && r.controllerRssMb.standby < 512 && !r.error;

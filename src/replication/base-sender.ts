@@ -15,7 +15,7 @@ import { assert } from '../util/errors.ts';
 import type { Extent } from '../io/disk/extents.ts';
 import type { Link } from './link.ts';
 import { FrameType } from './protocol/frame.ts';
-import { encodeBaseData, encodeBaseFill, encodeLayout } from './protocol/messages.ts';
+import { BASE_DATA_HEADER_BYTES as HDR, encodeBaseFill, encodeLayout, setBaseDataHeader } from './protocol/messages.ts';
 
 const RUN_BYTES = 1 << 20;
 const FILL_BATCH = 8192;
@@ -36,7 +36,8 @@ export interface BaseSenderOptions {
 export class BaseSender implements PageSink {
   private blocks: RamBlockInfo[] = [];
   private index = new Map<string, number>();
-  private run = Buffer.allocUnsafe(RUN_BYTES);
+  /** The BASE_DATA payload being filled: header, then the run's pages in place. */
+  private run = Buffer.allocUnsafe(HDR + RUN_BYTES);
   private runBlock = -1;
   private runStart = 0;
   private runLen = 0;
@@ -79,7 +80,7 @@ export class BaseSender implements PageSink {
     if (this.fillBlock === bi && this.fillSet.has(offset)) this.flushFills();
     if (this.runBlock !== bi || offset !== this.runStart + this.runLen || this.runLen + data.length > RUN_BYTES) this.flushRun();
     if (this.runLen === 0) { this.runBlock = bi; this.runStart = offset; }
-    data.copy(this.run, this.runLen);
+    data.copy(this.run, HDR + this.runLen);
     this.runLen += data.length;
   }
 
@@ -99,15 +100,21 @@ export class BaseSender implements PageSink {
     return this.lastSend;
   }
 
-  /** Sends `data` at `offset` of block `id` now (the disk copy), in runs, with back-pressure. */
-  async sendRun(id: string, offset: number, data: Buffer): Promise<void> {
+  /**
+   * A payload buffer for up to RUN_BYTES of block data (the disk copy reads straight into it):
+   * fill `data`, then hand it to sendPayload().
+   */
+  payloadBuffer(): { payload: Buffer; data: Buffer } {
+    const payload = Buffer.allocUnsafe(HDR + RUN_BYTES);
+    return { payload, data: payload.subarray(HDR) };
+  }
+
+  /** Sends the first `length` data bytes of a payloadBuffer() at `offset` of block `id`, with back-pressure. */
+  async sendPayload(id: string, offset: number, payload: Buffer, length: number): Promise<void> {
     this.flushRun();
-    const bi = this.blockIndex(id);
-    for (let o = 0; o < data.length; o += RUN_BYTES) {
-      const part = data.subarray(o, Math.min(data.length, o + RUN_BYTES));
-      this.frame(FrameType.BASE_DATA, encodeBaseData(bi, offset + o, part), part.length);
-      await this.lastSend;
-    }
+    setBaseDataHeader(payload, this.blockIndex(id), offset);
+    this.frame(FrameType.BASE_DATA, payload.subarray(0, HDR + length), length);
+    await this.lastSend;
   }
 
   /** Everything collected so far is handed to the link and written. */
@@ -119,9 +126,10 @@ export class BaseSender implements PageSink {
 
   private flushRun(): void {
     if (this.runLen === 0) return;
-    // The frame gets its own copy: the run buffer is reused at once.
-    const data = Buffer.from(this.run.subarray(0, this.runLen));
-    this.frame(FrameType.BASE_DATA, encodeBaseData(this.runBlock, this.runStart, data), data.length);
+    // The payload leaves as it is (the link encrypts it into its own buffer); the next run gets a new one.
+    setBaseDataHeader(this.run, this.runBlock, this.runStart);
+    this.frame(FrameType.BASE_DATA, this.run.subarray(0, HDR + this.runLen), this.runLen);
+    this.run = Buffer.allocUnsafe(HDR + RUN_BYTES);
     this.runLen = 0;
     this.runBlock = -1;
   }
@@ -159,19 +167,19 @@ export class BaseSender implements PageSink {
 /** Copies the allocated extents of a disk image (skipping chunks that read all zero) as block `id`. */
 export async function sendDiskExtents(s: BaseSender, id: string, path: string, extents: readonly Extent[]): Promise<void> {
   const fh = await open(path, 'r');
-  const buf = Buffer.allocUnsafe(RUN_BYTES);
   const zero = Buffer.alloc(RUN_BYTES);
+  let b = s.payloadBuffer();
   try {
     for (const x of extents) {
       for (let off = x.start; off < x.start + x.length; off += RUN_BYTES) {
         const n = Math.min(RUN_BYTES, x.start + x.length - off);
-        const { bytesRead } = await fh.read(buf, 0, n, off);
+        const { bytesRead } = await fh.read(b.data, 0, n, off);
         const len = Math.ceil(bytesRead / PAGE_SIZE) * PAGE_SIZE;
         if (len === 0) break;
-        if (bytesRead < len) buf.fill(0, bytesRead, len);
-        const chunk = buf.subarray(0, len);
-        if (chunk.equals(zero.subarray(0, len))) continue;
-        await s.sendRun(id, off, Buffer.from(chunk));
+        if (bytesRead < len) b.data.fill(0, bytesRead, len);
+        if (b.data.subarray(0, len).equals(zero.subarray(0, len))) continue;
+        await s.sendPayload(id, off, b.payload, len);
+        b = s.payloadBuffer();
       }
     }
   } finally {

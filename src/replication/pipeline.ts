@@ -55,6 +55,10 @@ export type Command<F extends Sized = Buffer> =
   /** The fence checkpoint is acknowledged: stop the guest, tell the standby. */
   | { cmd: 'stop-guest' };
 
+const PAGE_BYTES = 4096;
+const DEFAULT_MAX_CHECKPOINT_BYTES = 64 << 20;
+const DEFAULT_MAX_INFLIGHT_BYTES = 128 << 20;
+
 interface Inflight { epoch: number; sentAtMs: number | null; record: EpochRecord | null }
 
 export interface PipelineOptions<F extends Sized> {
@@ -64,6 +68,14 @@ export interface PipelineOptions<F extends Sized> {
   maxInflight: number;
   /** Past epochs the scheduler sees (bounded). */
   historyKept?: number;
+  /**
+   * Bound on one checkpoint's dirty memory, bytes: an epoch ends before its dirty set, estimated
+   * from the last epoch's dirty rate, passes it (the record, its copies and the standby's staging
+   * stay within the controllers' memory). Default 64 MiB.
+   */
+  maxCheckpointBytes?: number;
+  /** Bound on the bytes of checkpoints shipped and not yet acknowledged. Default 128 MiB. */
+  maxInflightBytes?: number;
 }
 
 export interface PipelineStats {
@@ -142,12 +154,26 @@ export class EpochPipeline<F extends Sized = Buffer> {
       this.ph = 'fencing';
       return this.beginCapture('fence') as Command<F>;
     }
-    // A bounded disk log is a rail above every policy: at its bound the epoch ends.
-    const d = seen.disk.pressure ? { checkpoint: true as const, reason: 'disk-pressure' } : this.o.policy.decide(this.telemetry(nowMs, seen));
+    // Rails above every policy: a bounded disk log at its bound, and an epoch whose estimated
+    // dirty memory reached the checkpoint bound, end now; no policy waits past the latter.
+    const sizeDueMs = this.sizeBoundAtMs();
+    const d = seen.disk.pressure ? { checkpoint: true as const, reason: 'disk-pressure' }
+      : nowMs >= sizeDueMs ? { checkpoint: true as const, reason: 'size-bound' }
+      : this.o.policy.decide(this.telemetry(nowMs, seen));
     this.reasonCounts[d.reason] = (this.reasonCounts[d.reason] ?? 0) + 1;
-    if (!d.checkpoint) return { cmd: 'wait', untilMs: d.wakeAtMs, reason: d.reason };
-    if (this.inflight.length >= this.o.maxInflight) { this.waits++; return { cmd: 'wait-ack' }; }
+    if (!d.checkpoint) return { cmd: 'wait', untilMs: Math.min(d.wakeAtMs, sizeDueMs), reason: d.wakeAtMs > sizeDueMs ? 'size-bound' : d.reason };
+    const inflightBytes = this.inflight.reduce((s, x) => s + (x.record?.bytes ?? 0), 0);
+    if (this.inflight.length >= this.o.maxInflight || inflightBytes >= (this.o.maxInflightBytes ?? DEFAULT_MAX_INFLIGHT_BYTES)) { this.waits++; return { cmd: 'wait-ack' }; }
     return this.beginCapture(d.reason);
+  }
+
+  /** When the running epoch's dirty set reaches the checkpoint bound, at the last epoch's dirty rate. */
+  private sizeBoundAtMs(): number {
+    const last = this.hist.at(-1);
+    if (!last || last.dirtyPages === 0 || last.lengthMs <= 0) return Number.POSITIVE_INFINITY;
+    const pagesPerMs = last.dirtyPages / last.lengthMs;
+    const boundPages = (this.o.maxCheckpointBytes ?? DEFAULT_MAX_CHECKPOINT_BYTES) / PAGE_BYTES;
+    return this.epochStartMs + boundPages / pagesPerMs;
   }
 
   /** The scheduler's view, built in one place for the live engine and the simulator. */

@@ -41,7 +41,7 @@ export type PrimaryEvent =
   | { event: 'unprotected'; reason: string; atMs: number }
   | { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number }
   | { event: 'checkpoint'; epoch: number; pages: number; bytes: number; pauseMs: number; captureMs: number; counter: number }
-  | { event: 'acked'; epoch: number; counter: number; lagMs: number }
+  | { event: 'acked'; epoch: number; counter: number; lagMs: number; frames: number }
   | PrimaryStatus
   | { event: 'output-released-unprotected'; frames: number; reason: string }
   | { event: 'decisions'; reasons: Record<string, number>; policy: string }
@@ -206,7 +206,7 @@ export class PrimaryController {
           this.ackedCounter = counter;
           const handle = this.tracedAt.get(c.epoch);
           if (handle !== undefined) { this.tracedAt.delete(c.epoch); this.o.observer?.acked(handle, c.transferMs); }
-          this.emit({ event: 'acked', epoch: c.epoch, counter, lagMs: Math.round(c.transferMs) });
+          this.emit({ event: 'acked', epoch: c.epoch, counter, lagMs: Math.round(c.transferMs), frames: c.frames.length });
           break;
         }
         case 'protected':

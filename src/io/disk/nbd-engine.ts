@@ -157,7 +157,13 @@ export class NbdEngine {
     try {
       for (;;) {
         while (inflight.size >= MAX_INFLIGHT || inflightBytes >= MAX_INFLIGHT_BYTES) await Promise.race(inflight);
-        if (sock.writableNeedDrain) await new Promise<void>((res) => { sock.once('drain', res); sock.once('close', res); });
+        if (sock.writableNeedDrain) {
+          await new Promise<void>((res) => {
+            const done = () => { sock.off('drain', done); sock.off('close', done); res(); };
+            sock.on('drain', done);
+            sock.on('close', done);
+          });
+        }
         const head = await r.readBytes(REQUEST_HEADER_BYTES);
         const req = decodeRequest(head);
         const v = validateRequest(req, this.size, this.readOnly);

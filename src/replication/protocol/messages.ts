@@ -52,11 +52,17 @@ export function decodeWelcome(p: Buffer): { proof: Buffer; welcome: Welcome } {
 export const encodeLayout = (l: Layout) => Buffer.from(JSON.stringify(l));
 export const decodeLayout = (p: Buffer) => json(LayoutSchema, p, 'BASE_BEGIN');
 
+export const BASE_DATA_HEADER_BYTES = 12;
 export function encodeBaseData(blockIndex: number, offset: number, data: Buffer): Buffer {
-  const h = Buffer.allocUnsafe(12);
-  h.writeUInt32BE(blockIndex, 0);
-  h.writeBigUInt64BE(BigInt(offset), 4);
-  return Buffer.concat([h, data]);
+  const b = Buffer.allocUnsafe(BASE_DATA_HEADER_BYTES + data.length);
+  setBaseDataHeader(b, blockIndex, offset);
+  data.copy(b, BASE_DATA_HEADER_BYTES);
+  return b;
+}
+/** Writes the header of a BASE_DATA payload whose data the caller fills in place after it (no copy). */
+export function setBaseDataHeader(b: Buffer, blockIndex: number, offset: number): void {
+  b.writeUInt32BE(blockIndex, 0);
+  b.writeBigUInt64BE(BigInt(offset), 4);
 }
 export function decodeBaseData(p: Buffer, layout: Layout): { blockIndex: number; offset: number; data: Buffer } {
   if (p.length < 12) throw protocolError(`BASE_DATA of ${p.length} bytes`);

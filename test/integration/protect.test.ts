@@ -1,0 +1,118 @@
+// The product path with a user's VM: `rubato protect VM-FILE` and `rubato standby --peer` as an
+// operator runs them. A Debian VM boots from its 8 GiB disk through the firmware with a NIC on a
+// bridge; nginx in it serves a client throughout; every epoch whose frames the primary released was
+// committed by the standby first (the product's own events, two processes); the primary host is
+// killed, the standby takes over with the connection alive, and the VM is re-protected onto the
+// repaired host. Then bad input and faults: one line each, a distinct exit code, nothing left.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { writeFileSync, readdirSync, existsSync } from 'node:fs';
+import { REPO_ROOT, ensurePatchedQemu } from '../../src/setup/index.ts';
+import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
+import { runCommand, spawnTracked } from '../../src/util/procs.ts';
+import { writeKeyFile } from '../../src/replication/keyfile.ts';
+import { debianDemoPassed, runDebianDemo } from '../../src/chaos/debian-demo.ts';
+import { liveNamespaces } from '../../src/io/net/netns.ts';
+import { sleep, waitFor } from '../../src/util/async.ts';
+import { testPlatform } from '../helpers/platform.ts';
+
+test('rubato protect: a disk-booted Debian VM on a bridge, output only after the standby committed, failover, re-protection', { timeout: 900_000 }, async () => {
+  const r = await runDebianDemo({ seconds: 4, memMb: 768, policy: 'model', heartbeatMs: 100, timeoutMs: 1000, accel: 'auto' }, () => {});
+  assert.equal(r.error, undefined, r.error);
+  assert.equal(r.bootedFromDisk, true, 'the guest booted from its disk and started its services');
+  assert.ok(r.diskGiB >= 8);
+  assert.ok(r.releasedEpochs > 0, 'the guest\'s output went through output commit');
+  assert.equal(r.releasedBeforeCommit, 0, 'no frame left before the standby committed its checkpoint');
+  assert.equal(r.failover, true);
+  assert.ok(r.httpRequests > 0);
+  assert.equal(r.httpErrors, 0, 'the client saw no error across the failover');
+  assert.equal(r.connectionSurvived, true, 'the persistent connection carried on');
+  assert.equal(r.reprotected, true, 'the VM was protected again by the repaired host');
+  assert.ok(r.controllerRssMb.primary > 0 && r.controllerRssMb.primary < 512, `primary controller resident ${r.controllerRssMb.primary} MB`);
+  assert.ok(r.controllerRssMb.standby > 0 && r.controllerRssMb.standby < 512, `standby controller resident ${r.controllerRssMb.standby} MB`);
+  assert.equal(debianDemoPassed(r), true);
+  assert.deepEqual(liveNamespaces(), [], 'no namespace left');
+});
+
+function rubato(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return runCommand(join(REPO_ROOT, 'bin', 'rubato'), args, { env: { ...process.env, RUBATO_LOG: 'error' } });
+}
+
+test('rubato protect: bad input and faults, one line and a distinct exit code each, nothing left running', { timeout: 300_000 }, async () => {
+  const { guest } = await testPlatform();
+  const dir = makeTempDir('rubato-protect-bad-');
+  const key = join(dir, 'psk');
+  writeKeyFile(key);
+  const img = join(dir, 'disk.img');
+  writeFileSync(img, Buffer.alloc(1 << 20));
+  const vm = (o: object) => {
+    const f = join(dir, `vm-${Math.random().toString(36).slice(2)}.json`);
+    writeFileSync(f, JSON.stringify({ name: 't1', memoryMiB: 128, accelerator: 'auto', boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet rubato.wl=dirtier,1,4' }, ...o }));
+    return f;
+  };
+  const protect = (file: string, extra: string[] = []) => rubato(['protect', file, '--standby', '127.0.0.1:9', '--key', key, '--state-dir', join(dir, 'state'), ...extra]);
+  const oneLine = (r: { stderr: string }) => {
+    const lines = r.stderr.trim().split('\n').filter((l) => l.startsWith('rubato:'));
+    assert.equal(lines.length, 1, r.stderr);
+    assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace');
+    return lines[0]!;
+  };
+  try {
+    let r = await protect(join(dir, 'absent.json'));
+    assert.equal(r.code, 2);
+    assert.match(oneLine(r), /absent\.json: \(file\): cannot read/);
+
+    r = await protect(vm({ disks: [{ path: join(dir, 'nope.img') }] }));
+    assert.equal(r.code, 2);
+    assert.match(oneLine(r), /disks\[0\]\.path: cannot use .*no such file/);
+
+    r = await protect(vm({ nics: [{ bridge: 'br0', mac: '52:54:00:zz:00:01' }] }));
+    assert.equal(r.code, 2);
+    assert.match(oneLine(r), /nics\[0\]\.mac: must be a MAC address/);
+
+    r = await protect(vm({ disks: [{ path: img, format: 'qcow2' }] }));
+    assert.equal(r.code, 2);
+    assert.match(oneLine(r), /disks\[0\]\.format: says qcow2, but .* is raw/);
+
+    r = await protect(vm({ disks: [{ path: img }], nics: [{ bridge: 'rbnobr0' }] }));
+    assert.equal(r.code, 5, r.stderr);
+    assert.match(oneLine(r), /bridge rbnobr0 does not exist/);
+
+    r = await protect(vm({}), ['--key', join(dir, 'no-key')]);
+    assert.equal(r.code, 2);
+    oneLine(r);
+
+    // An image a QEMU holds (it locks its images) is refused before anything starts.
+    const qemu = await ensurePatchedQemu();
+    const holder = spawnTracked('qemu-holder', qemu.path, ['-machine', 'none', '-S', '-display', 'none', '-nodefaults', '-drive', `file=${img},format=raw,if=none,id=d0`]);
+    try {
+      await sleep(1500);
+      r = await protect(vm({ disks: [{ path: img }] }));
+      assert.equal(r.code, 4, r.stderr);
+      assert.match(oneLine(r), /in use/);
+    } finally {
+      await holder.stop(2000);
+    }
+
+    // A standby holding another key: the VM had started; it is stopped again, exit 3.
+    const otherKey = join(dir, 'other');
+    writeKeyFile(otherKey);
+    const port = 20000 + Math.floor(Math.random() * 20000);
+    const sb = spawnTracked('rubato-standby', join(REPO_ROOT, 'bin', 'rubato'), ['standby', '--listen', `127.0.0.1:${port}`, '--key', otherKey, '--state-dir', join(dir, 'sb'), '--no-fsync', '--events']);
+    try {
+      let out = '';
+      sb.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); });
+      await waitFor(() => out.includes('"listening"') || undefined, 30_000, 'the standby listening');
+      r = await rubato(['protect', vm({}), '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'state2')]);
+      assert.equal(r.code, 3, r.stderr);
+      assert.match(oneLine(r), /refused this key/);
+    } finally {
+      await sb.stop(3000);
+    }
+    assert.equal(existsSync(join(dir, 'state2', 'run')) ? readdirSync(join(dir, 'state2', 'run')).filter((f) => f.endsWith('.qmp')).length : 0, 0, 'no QEMU socket left');
+  } finally {
+    removeTempDir(dir);
+  }
+});
