@@ -46,7 +46,7 @@ export class ControlSocket {
 }
 
 /** Sends one command to a standby's control socket. */
-export async function controlCommand(stateDir: string, cmd: 'failover' | 'status'): Promise<Record<string, unknown>> {
+export async function controlCommand(stateDir: string, cmd: 'failover' | 'switchover' | 'status'): Promise<Record<string, unknown>> {
   const path = join(resolve(stateDir), 'control.sock');
   return new Promise((resolveP, reject) => {
     const s = connect(path);
@@ -54,7 +54,7 @@ export async function controlCommand(stateDir: string, cmd: 'failover' | 'status
     s.setEncoding('utf8');
     s.on('data', (d: string) => { buf += d; });
     s.on('end', () => { try { resolveP(JSON.parse(buf) as Record<string, unknown>); } catch { reject(new RubatoError('RUBATO_CONFIG', `bad answer from ${path}`)); } });
-    s.on('error', (e) => reject(new RubatoError('RUBATO_CONFIG', `no standby controller at ${path}: ${e.message}`)));
+    s.on('error', (e) => reject(new RubatoError('RUBATO_CONFIG', `no Rubato controller at ${path}: ${e.message}`)));
     s.write(`${cmd}\n`);
   });
 }

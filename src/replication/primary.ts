@@ -141,6 +141,26 @@ export class PrimaryController {
     }
   }
 
+  /** The latest status event, and why the guest is unprotected (null while protected). */
+  private lastStatus: PrimaryStatus | null = null;
+  private unprotectedReason: string | null = 'not yet synchronised with a standby';
+
+  /** What `rubato status` shows for this side: role, protection and why not, epochs, lag, rates, pauses, held output. */
+  snapshot(): Record<string, unknown> {
+    const now = performance.now();
+    const pauses = this.pipeline.history.map((h) => h.pauseMs).sort((a, b) => a - b);
+    const q = (f: number) => (pauses.length ? Math.round(pauses[Math.min(pauses.length - 1, Math.floor(f * pauses.length))]! * 100) / 100 : null);
+    const out = this.commit.stats(now);
+    const oldest = this.pipeline.oldestInflightSentMs;
+    return {
+      role: 'primary', vm: this.o.vm.spec.name, protected: this.protected, unprotectedReason: this.protected ? null : this.unprotectedReason,
+      standby: `${this.o.standby.host}:${this.o.standby.port}`, phase: this.pipeline.phase, generation: this.pipeline.generation,
+      epoch: this.epoch, ackedEpoch: this.ackedEpoch, lagMs: oldest === null ? 0 : Math.round(now - oldest),
+      ckptPerSec: this.lastStatus?.ckptPerSec ?? 0, pauseMsP50: q(0.5), pauseMsP99: q(0.99),
+      heldFrames: out.frames, heldBytes: out.bytes, oldestHeldMs: out.oldestMs === null ? null : Math.round(out.oldestMs), lastFailover: null,
+    };
+  }
+
   get protected(): boolean { return this.pipeline.phase === 'protecting' && this.link !== null && !this.link.closed; }
   get ackedEpoch(): number { return this.pipeline.ackedEpoch; }
   get epoch(): number { return Math.max(0, this.pipeline.capturedEpoch); }
@@ -210,6 +230,7 @@ export class PrimaryController {
           break;
         }
         case 'protected':
+          this.unprotectedReason = null;
           this.cancelHoldTimer();
           this.immediateRetries = 0;
           this.emit({ event: 'protecting', standby: this.link?.peer ?? '' });
@@ -217,6 +238,7 @@ export class PrimaryController {
           this.meter.startNow();
           break;
         case 'unprotected':
+          this.unprotectedReason = c.reason;
           if (c.first) {
             log.error(`GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${c.reason}; retrying every ${this.o.retryMs} ms`);
             this.emit({ event: 'unprotected', reason: c.reason, atMs: Date.now() });
@@ -423,7 +445,7 @@ export class PrimaryController {
     const oldest = this.pipeline.oldestInflightSentMs;
     const now = performance.now();
     const stats = this.pipeline.stats();
-    this.emit(status.take(now, {
+    this.emit(this.lastStatus = status.take(now, {
       pipeline: stats, output: this.commit.stats(now), bytesSent: link.stats.bytesSent, rttMs: link.stats.rttMs,
       lagMs: oldest === null ? 0 : now - oldest, lastDirtyPages: last?.dirtyPages ?? 0,
       pauseMs: pauses.length ? pauses.reduce((a, b) => a + b, 0) / pauses.length : last?.pauseMs ?? 0,

@@ -56,6 +56,8 @@ export interface StandbyOptions {
   prepareRestore?: (identity: Identity, store: ReplicaStore) => Promise<{ netSocket?: string; nbdSocket?: string }>;
   /** Fault injection for tests: runs after a commit, before its ack is sent. */
   beforeAck?: (epoch: number) => Promise<void>;
+  /** More for `rubato status` (the controller protecting the guest after a failover adds its view). */
+  statusExtra?: () => Record<string, unknown>;
 }
 
 export class StandbyController {
@@ -71,6 +73,7 @@ export class StandbyController {
   private readonly admission = new Admission(DEFAULT_ADMISSION);
   /** A primary relied on this replica and has not said goodbye: its silence means failover. */
   private guarding = false;
+  private lastFailover: { epoch: number; at: string; ms: number; why: string } | null = null;
   /** Set while waiting to see whether a lost primary comes back. */
   private primaryReturned: (() => void) | null = null;
 
@@ -125,8 +128,17 @@ export class StandbyController {
       this.server!.listen(this.o.port, this.o.host, () => resolve());
     });
     this.control = new ControlSocket(join(this.o.stateDir, 'control.sock'), {
-      status: () => ({ state: this.st, replicaEpoch: this.replicaEpoch, vm: this.identity?.vm ?? null }),
+      status: () => ({
+        role: this.st === 'active' ? 'primary' : 'standby', state: this.st, vm: this.identity?.vm ?? null, replicaEpoch: this.replicaEpoch,
+        primary: this.link && !this.link.closed ? this.link.peer : null, ...this.o.statusExtra?.(), lastFailover: this.lastFailover,
+      }),
       failover: async () => ({ ok: await this.failover('manual', 'operator asked for failover'), state: this.st }),
+      switchover: async () => {
+        if (this.st !== 'protecting' || !this.link || this.link.closed) {
+          return { ok: false, state: this.st, error: 'a switchover needs a live, protecting primary (use rubato failover when it is gone)' };
+        }
+        return { ok: await this.failover('manual', 'operator asked for a switchover'), state: this.st };
+      },
     });
     await this.control.start();
     this.emit({ event: 'listening', host: this.o.host, port: this.o.port, replicaEpoch: this.replicaEpoch });
@@ -298,6 +310,7 @@ export class StandbyController {
       this.vm = r.vm;
       this.vm.on('serial', (line: string) => this.emit({ event: 'guest', line, atMs: Date.now() }));
       this.go('failover-done');
+      this.lastFailover = { epoch: store.epoch, at: new Date().toISOString(), ms: Date.now() - detectedAtMs, why };
       this.emit({ event: 'failover', epoch: store.epoch, detectedAtMs, runningAtMs: Date.now(), restoreMs: Math.round(r.restoreMs), why: `${why}; ${verdict.why}` });
       log.warn(`FAILOVER: guest ${this.identity.vm} running here from checkpoint ${store.epoch}`);
       return true;

@@ -12,11 +12,14 @@ import { loadVmDefinition } from '../../qemu/definition.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import { protectVm } from '../../host/protect.ts';
+import { serveStandby } from './standby.ts';
+import { ControlSocket } from '../../replication/control-socket.ts';
+import { join } from 'node:path';
 import { LINK, eventPrinter, hostPort, parseOptions, platform, policy, withLinkOptions } from '../options.ts';
 
 const log = logger('rubato');
 
-const Options = z.object({ standby: hostPort(), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), ...LINK });
+const Options = z.object({ standby: hostPort(), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), ...LINK });
 
 export function register(program: Command): void {
   withLinkOptions(program.command('protect'))
@@ -26,6 +29,8 @@ export function register(program: Command): void {
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen; the same file on both hosts)')
     .option('--policy <spec>', 'checkpoint policy: model (default), adaptive, fixed:MS, bounded-latency[:MS], …', 'model')
     .option('--state-dir <dir>', 'sockets, converted disks and state (default /var/lib/rubato/VM-NAME)')
+    .option('--listen <host:port>', 'after a switchover (rubato switchover on the standby), stay on as the new standby listening here')
+    .option('--no-fsync', 'as the new standby: do not fsync the replica (tmpfs, tests)')
     .option('--events', 'print events as JSON lines on stdout', false)
     .action(async (file: string, raw: unknown) => runProtect(file, parseOptions(Options, raw)));
 }
@@ -38,11 +43,13 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const emit = eventPrinter(o.events);
   let authRefused: RubatoError | null = null;
   let everProtected = false;
+  let fenced = false;
   const p = await protectVm({
     def, accel, binary, stateDir, standby: o.standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
     onEvent: (e) => {
       emit(e);
       if (e.event === 'protecting') everProtected = true;
+      if (e.event === 'fenced') fenced = true;
       if (e.event === 'unprotected' && !everProtected && /key|authenticat|proof/i.test(e.reason)) {
         authRefused = new RubatoError('RUBATO_AUTH_FAILED', `the standby ${o.standby.host}:${o.standby.port} refused this key (${o.key}): ${e.reason}`);
         void p.stop();
@@ -53,12 +60,26 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   });
   emit({ event: 'started', vm: def.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel, disk: p.disk?.path ?? null });
   log.info(`VM ${def.name} running (QEMU pid ${p.vm.pid}, ${accel})${p.disk ? ` on ${p.disk.path}${p.disk.convertedFrom ? ` (converted from ${p.disk.convertedFrom})` : ''}` : ''}; protecting it with ${o.standby.host}:${o.standby.port}`);
+  const control = new ControlSocket(join(stateDir, 'control.sock'), { status: () => p.primary.snapshot() });
+  await control.start();
   onShutdown(async () => {
+    control.close();
     await p.stop();
     log.info(`VM ${def.name} stopped; the standby keeps its replica and does not take over`);
   });
   await new Promise<void>((r) => p.vm.once('exit', () => r()));
+  control.close();
   await p.stop();
   if (authRefused) throw authRefused;
-  log.warn(`VM ${def.name} exited; the protecting controller stops`);
+  if (fenced && o.listen) {
+    // A switchover: the guest runs on the other host now; this host becomes its standby.
+    log.info(`VM ${def.name} moved to ${o.standby.host}:${o.standby.port} (switchover); standing by on ${o.listen.host}:${o.listen.port}`);
+    const sb = await serveStandby({
+      listen: o.listen, stateDir: join(stateDir, 'standby'), psk, autoFailover: true, events: o.events, fsync: o.fsync, peer: o.standby,
+      policy: o.policy, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, emit,
+    });
+    emit({ event: 'standing-by', listen: `${o.listen.host}:${o.listen.port}`, state: sb.state });
+    await new Promise<void>(() => { /* runs until a signal ends the process */ });
+  }
+  log.warn(`VM ${def.name} ${fenced ? 'moved to its standby (switchover)' : 'exited'}; the protecting controller stops`);
 }

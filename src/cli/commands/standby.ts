@@ -37,14 +37,27 @@ export function register(program: Command): void {
 }
 
 async function runStandby(o: z.infer<typeof Options>): Promise<void> {
-  const psk = loadKeyFile(o.key);
-  const emit = eventPrinter(o.events);
-  const stateDir = resolve(o.stateDir);
+  await serveStandby({ ...o, psk: loadKeyFile(o.key), stateDir: resolve(o.stateDir), emit: eventPrinter(o.events) });
+  await new Promise<void>(() => { /* runs until a signal ends the process */ });
+}
+
+export interface ServeStandbyOptions {
+  listen: { host: string; port: number }; stateDir: string; psk: Buffer; autoFailover: boolean; events: boolean; fsync: boolean;
+  peer?: { host: string; port: number } | undefined; policy: string; heartbeatMs: number; timeoutMs: number; emit: (e: object) => void;
+}
+
+/**
+ * A standby controller (and, after a failover with a peer, the controller re-protecting the guest
+ * here), stopped in order on SIGTERM. `rubato protect --listen` becomes one after a switchover.
+ */
+export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyController> {
+  const { psk, emit, stateDir } = o;
   const io = restoreIo(join(stateDir, 'run'));
   let primary: PrimaryController | null = null;
   const standby = new StandbyController({
     ...o.listen, stateDir, psk, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, binaryFor,
     autoFailover: o.autoFailover, fsync: o.fsync, prepareRestore: io.prepare,
+    statusExtra: () => (primary ? { ...primary.snapshot(), role: 'primary' } : {}),
     onEvent: (e) => {
       emit(e);
       if (e.event !== 'failover') return;
@@ -57,7 +70,8 @@ async function runStandby(o: z.infer<typeof Options>): Promise<void> {
       primary = new PrimaryController({
         vm, runDir: join(stateDir, 'run'), standby: o.peer, psk, periodMs: 25, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs,
         timeoutMs: o.timeoutMs, retryMs: 1000, ...(hostIo.relay ? { relay: hostIo.relay } : {}), nbd: hostIo.nbd,
-        onEvent: (pe) => emit(pe.event === 'protecting' ? { ...pe, event: 'reprotected' } : pe),
+        // (the guest's console lines are the standby controller's events already)
+        onEvent: (pe) => { if (pe.event !== 'guest') emit(pe.event === 'protecting' ? { ...pe, event: 'reprotected' } : pe); },
       });
       primary.start();
     },
@@ -69,5 +83,5 @@ async function runStandby(o: z.infer<typeof Options>): Promise<void> {
   });
   await standby.start();
   emit({ event: 'started', controllerPid: process.pid });
-  await new Promise<void>(() => { /* runs until a signal ends the process */ });
+  return standby;
 }
