@@ -169,6 +169,8 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
 
     status(`restoring checkpoint ${store.epoch} on a fresh QEMU`);
     const ramCopyPath = join(dir, 'restored.ram');
+    await store.settled();
+    await store.close();
     copyFileSync(store.imagePath(MAIN_RAM_ID), ramCopyPath);
     const r = await restoreVm({ spec: { ...spec, name: `${spec.name}-r`, ramFile: ramCopyPath }, machine: store.machine, deviceState: store.deviceState },
       { binary: o.binary, runDir: dir });

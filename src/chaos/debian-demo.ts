@@ -5,7 +5,7 @@
 // throughout; the primary host killed (QEMU and controller by PID, its LAN port down); the standby
 // taking over; then a standby started on the repaired old host and the VM re-protected there.
 
-import { copyFileSync, constants, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, constants, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { makeTempDir, removeTempDir } from '../util/tmp.ts';
@@ -21,7 +21,11 @@ const log = logger('demo');
 /** The Debian guest's static address (guest/debian/files/etc/network/interfaces). */
 const SUBNET = '10.231.0';
 
-export interface DebianDemoOptions { seconds: number; memMb: number; policy: string; heartbeatMs: number; timeoutMs: number; accel: string }
+export interface DebianDemoOptions {
+  seconds: number; memMb: number; policy: string; heartbeatMs: number; timeoutMs: number; accel: string;
+  /** Grow the disk (sparse) to this size first (the partition stays as built): real sizes. */
+  diskGiB?: number;
+}
 
 export interface DebianDemoResult {
   bootedFromDisk: boolean; diskGiB: number; guestMemMb: number; failover: boolean; failoverMs: number;
@@ -58,6 +62,7 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     // The user's disk: a copy of the built image (sparse), so the cache stays pristine.
     const disk = join(dir, 'debian.img');
     copyFileSync(image, disk, constants.COPYFILE_FICLONE);
+    if (o.diskGiB && o.diskGiB * 2 ** 30 > statSync(disk).size) truncateSync(disk, o.diskGiB * 2 ** 30);
     res.diskGiB = Math.round((statSync(disk).size / 2 ** 30) * 10) / 10;
     lan = await Lan.create('deb', { subnet: SUBNET });
     const l = lan;
@@ -70,14 +75,15 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     const key = join(dir, 'psk');
     writeKeyFile(key);
     const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
-    const main = join(REPO_ROOT, 'src', 'cli', 'main.ts');
     const env = { ...process.env, RUBATO_LOG: process.env['RUBATO_LOG'] ?? 'warn' };
-    const inNs = (name: string, ns: string, argv: string[]) => {
-      const p = spawnTracked(name, 'ip', ['netns', 'exec', ns, process.execPath, ...argv], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const spawnIn = (name: string, ns: string, file: string, argv: string[]) => {
+      const p = spawnTracked(name, 'ip', ['netns', 'exec', ns, file, ...argv], { env, stdio: ['ignore', 'pipe', 'pipe'] });
       procs.push(p);
       return p;
     };
-    const rubato = (name: string, h: LanHost, args: string[]) => new Controller(name, inNs(`rubato-${name}`, h.ns, ['--import', tsx, main, ...args]));
+    const inNs = (name: string, ns: string, argv: string[]) => spawnIn(name, ns, process.execPath, argv);
+    // The controllers run as an operator runs them: bin/rubato (which execs node: the PID is the controller's).
+    const rubato = (name: string, h: LanHost, args: string[]) => new Controller(name, spawnIn(`rubato-${name}`, h.ns, join(REPO_ROOT, 'bin', 'rubato'), args));
     const common = ['--key', key, '--heartbeat-ms', String(o.heartbeatMs), '--timeout-ms', String(o.timeoutMs), '--events'];
     const port = 7400;
     const standbyB = rubato('standby-b', hb, ['standby', '--listen', `${hb.ip}:${port}`, '--peer', `${ha.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'hb'), ...common]);

@@ -4,6 +4,7 @@
 // commit relay, its disk is served by Rubato's NBD server, both wired to the primary controller.
 
 import { join } from 'node:path';
+import { readdirSync, rmSync } from 'node:fs';
 import { logger } from '../util/log.ts';
 import { errorMessage } from '../util/errors.ts';
 import { ensurePrivateDir } from '../util/private-files.ts';
@@ -109,6 +110,8 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
       await vmRef.stop();
       await ioRef.close().catch((e: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(e)}`));
       disk?.release();
+      // QEMU leaves its QMP and console sockets behind.
+      for (const f of readdirSync(runDir)) if (f.startsWith(o.def.name) && /\.(qmp|serial|mig)$/.test(f)) rmSync(join(runDir, f), { force: true });
     })()),
   };
 }

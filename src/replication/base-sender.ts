@@ -13,6 +13,7 @@ import type { PageSink } from '../capture/stream/parser.ts';
 import { PAGE_SIZE, type RamBlockInfo } from '../capture/checkpoint.ts';
 import { assert } from '../util/errors.ts';
 import type { Extent } from '../io/disk/extents.ts';
+import { GarbageMeter } from '../util/gc.ts';
 import type { Link } from './link.ts';
 import { FrameType } from './protocol/frame.ts';
 import { BASE_DATA_HEADER_BYTES as HDR, encodeBaseFill, encodeLayout, setBaseDataHeader } from './protocol/messages.ts';
@@ -51,6 +52,7 @@ export class BaseSender implements PageSink {
   private totalBytes = 0;
   private readonly t0 = performance.now();
   private lastProgressMs = 0;
+  private readonly garbage = new GarbageMeter(64 << 20);
 
   constructor(private readonly link: Link, private readonly o: BaseSenderOptions) {}
 
@@ -148,6 +150,7 @@ export class BaseSender implements PageSink {
     this.lastSend = p;
     this.sentSinceDrain += payload.length;
     this.bytes += counts;
+    this.garbage.add(payload.length);
     this.report();
   }
 

@@ -56,8 +56,13 @@ export type Command<F extends Sized = Buffer> =
   | { cmd: 'stop-guest' };
 
 const PAGE_BYTES = 4096;
-const DEFAULT_MAX_CHECKPOINT_BYTES = 64 << 20;
-const DEFAULT_MAX_INFLIGHT_BYTES = 128 << 20;
+const DEFAULT_MAX_CHECKPOINT_BYTES = 32 << 20;
+const DEFAULT_MAX_INFLIGHT_BYTES = 64 << 20;
+const FIRST_EPOCH_MAX_MS = 100;
+/** Recent epochs whose fastest dirty rate the size rail assumes (a booting guest speeds up fast). */
+const RATE_EPOCHS = 4;
+/** … and that it may double meanwhile: the estimate lags a guest whose dirty rate climbs. */
+const RATE_HEADROOM = 2;
 
 interface Inflight { epoch: number; sentAtMs: number | null; record: EpochRecord | null }
 
@@ -71,10 +76,10 @@ export interface PipelineOptions<F extends Sized> {
   /**
    * Bound on one checkpoint's dirty memory, bytes: an epoch ends before its dirty set, estimated
    * from the last epoch's dirty rate, passes it (the record, its copies and the standby's staging
-   * stay within the controllers' memory). Default 64 MiB.
+   * stay within the controllers' memory). Default 32 MiB.
    */
   maxCheckpointBytes?: number;
-  /** Bound on the bytes of checkpoints shipped and not yet acknowledged. Default 128 MiB. */
+  /** Bound on the bytes of checkpoints shipped and not yet acknowledged (a larger one goes alone). Default 64 MiB. */
   maxInflightBytes?: number;
 }
 
@@ -167,13 +172,20 @@ export class EpochPipeline<F extends Sized = Buffer> {
     return this.beginCapture(d.reason);
   }
 
-  /** When the running epoch's dirty set reaches the checkpoint bound, at the last epoch's dirty rate. */
+  /** When the running epoch's dirty set reaches the checkpoint bound, at the fastest recent dirty rate. */
   private sizeBoundAtMs(): number {
+    // The first epoch after a full image: nothing is known yet of this generation's dirty rate (a
+    // guest may be booting), so it is kept short; its checkpoint gives the estimate.
+    if (this.captured === 0) return this.epochStartMs + FIRST_EPOCH_MAX_MS;
+    const boundBytes = this.o.maxCheckpointBytes ?? DEFAULT_MAX_CHECKPOINT_BYTES;
+    let pagesPerMs = 0;
+    for (const h of this.hist.slice(-RATE_EPOCHS)) if (h.lengthMs > 0) pagesPerMs = Math.max(pagesPerMs, h.dirtyPages / h.lengthMs);
+    let due = pagesPerMs === 0 ? Number.POSITIVE_INFINITY : this.epochStartMs + boundBytes / PAGE_BYTES / (pagesPerMs * RATE_HEADROOM);
+    // After an epoch that dirtied a good part of the bound, the next may at most double its length:
+    // the estimate then catches up with a rate that climbs (a guest booting) before a record balloons.
     const last = this.hist.at(-1);
-    if (!last || last.dirtyPages === 0 || last.lengthMs <= 0) return Number.POSITIVE_INFINITY;
-    const pagesPerMs = last.dirtyPages / last.lengthMs;
-    const boundPages = (this.o.maxCheckpointBytes ?? DEFAULT_MAX_CHECKPOINT_BYTES) / PAGE_BYTES;
-    return this.epochStartMs + boundPages / pagesPerMs;
+    if (last && last.dirtyPages * PAGE_BYTES >= boundBytes / 8) due = Math.min(due, this.epochStartMs + Math.max(FIRST_EPOCH_MAX_MS, 2 * last.lengthMs));
+    return due;
   }
 
   /** The scheduler's view, built in one place for the live engine and the simulator. */

@@ -24,6 +24,7 @@ import { BaseSender, sendDiskExtents } from './base-sender.ts';
 import { allocatedExtents, extentBytes } from '../io/disk/extents.ts';
 import { encodeRecord } from './protocol/record.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
+import { GarbageMeter, collectNow } from '../util/gc.ts';
 import type { CheckpointObserver } from './observer.ts';
 
 /** The RAM-block name under which the guest's disk travels in checkpoints and lives in the replica. */
@@ -31,6 +32,8 @@ export const DISK_BLOCK_ID = 'disk0';
 
 const log = logger('primary');
 const DEFAULT_MAX_HELD_BYTES = 64 << 20;
+/** A checkpoint record this large is worth a garbage collection before it is shipped. */
+const LARGE_RECORD_BYTES = 16 << 20;
 /** Reconnections without a pause after an authenticated session broke. */
 const IMMEDIATE_RETRIES = 3;
 
@@ -104,6 +107,8 @@ export class PrimaryController {
   private wakeUp: (() => void) | null = null;
   private holdTimer: NodeJS.Timeout | null = null;
   private readonly ended = new AbortController();
+  /** Records, their pages and ciphertext are garbage once shipped: collected every 64 MiB of them. */
+  private readonly garbage = new GarbageMeter(64 << 20);
   /** The current session got past the handshake (the standby may be guarding our replica). */
   private authenticatedSession = false;
   private immediateRetries = 0;
@@ -388,10 +393,15 @@ export class PrimaryController {
     const { cp, record, pauseBeganMs } = await this.take(capture, epoch, status,
       fault ? async (c) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } : undefined);
     this.observe(cp, ranFromMs, pauseBeganMs, record.length, decidedMs);
+    // The record has the pages: drop the parsed ones (they pin the stream's buffers) before shipping.
+    const pages = cp.pages.length;
+    cp.pages.length = 0;
+    // A large one: free those buffers before the link allocates the ciphertext (2× its size at the peak, not 3×).
+    if (record.length > LARGE_RECORD_BYTES) collectNow();
     if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, record, Math.floor(record.length * f)), crash: () => this.crash() });
     if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
     this.ship(link, epoch, record);
-    this.emit({ event: 'checkpoint', epoch, pages: cp.pages.length, bytes: record.length, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter: this.counterAt.get(epoch) ?? -1 });
+    this.emit({ event: 'checkpoint', epoch, pages, bytes: record.length, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter: this.counterAt.get(epoch) ?? -1 });
   }
 
   /**
@@ -426,7 +436,9 @@ export class PrimaryController {
 
   /** Hands checkpoint `epoch` to the link; a failed send ends the session (never silently). */
   private ship(link: Link, epoch: number, record: Buffer): void {
-    link.send(FrameType.CKPT, epoch, record).catch((e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
+    // Once the link took the ciphertext, the record and its copies are garbage: collect them soon.
+    const bytes = record.length; // (the callback must not keep the record alive)
+    link.send(FrameType.CKPT, epoch, record).then(() => this.garbage.add(bytes * 3), (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
     this.pipeline.sent(epoch, performance.now());
   }
 

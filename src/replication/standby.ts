@@ -301,6 +301,7 @@ export class StandbyController {
       log.warn(`replica files behind checkpoint ${store.epoch} (${(e as Error).message}); reopening the replica to redo it`);
       store = this.store = await ReplicaStore.open(this.replicaDir, { fsync: this.o.fsync ?? true });
     }
+    await store.close(); // the guest owns the image files from here
     const spec = { ...this.identity.spec, name: `${this.identity.spec.name}`, ramFile: store.imagePath(MAIN_RAM_ID) };
     await writePrivateAtomic(join(this.o.stateDir, 'activated'), Buffer.from(JSON.stringify({ epoch: store.epoch, atMs: detectedAtMs })), this.o.fsync ?? true);
     try {
@@ -343,6 +344,7 @@ export class StandbyController {
     this.server?.close();
     this.control?.close();
     await this.store?.settled().catch((e: unknown) => log.warn(`replica files behind its last checkpoint at stop (${(e as Error).message}); its redo record finishes them on the next start`));
+    await this.store?.close();
     await this.vm?.stop();
   }
 }

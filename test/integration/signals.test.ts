@@ -59,7 +59,8 @@ test('SIGTERM to rubato primary: the standby is told and does not fail over; the
     const st = await controlCommand(join(dir, 'standby'), 'status');
     assert.equal(st['state'], 'protecting');
     assert.ok(Number(st['replicaEpoch']) >= 5, 'the replica is kept');
-    assert.deepEqual(readdirSync(join(dir, 'primary')).filter((f) => /\.(sock|mig|qmp|serial|net|nbd)$/.test(f)), [], 'no socket left in the primary\'s state folder');
+    const left = readdirSync(join(dir, 'primary'), { recursive: true, encoding: 'utf8' }).filter((f) => /\.(sock|mig|qmp|serial|net|nbd)$/.test(f));
+    assert.deepEqual(left, [], 'no socket left in the primary\'s state folder');
     sb.proc.kill('SIGTERM');
     assert.equal((await sb.proc.exited).code, 0, 'the standby stops in order too');
   } finally {

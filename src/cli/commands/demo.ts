@@ -8,7 +8,7 @@ import { ACCEL, LINK, int, num, oneOf, parseOptions, policy, withAccel, withLink
 
 const Options = z.object({
   seconds: int(1, 3600), mem: int(64, 65536).optional(), rate: num(0, 10000), policy: policy(), cutLink: z.boolean(), json: z.boolean(), accel: ACCEL,
-  guest: oneOf(['test', 'debian'] as const), ...LINK,
+  guest: oneOf(['test', 'debian'] as const), diskGib: int(1, 65536).optional(), ...LINK,
 });
 
 export function register(program: Command): void {
@@ -17,6 +17,7 @@ export function register(program: Command): void {
     .option('--seconds <n>', 'protected run time before the primary is killed', '8')
     .option('--guest <which>', 'test (the built-in test guest) or debian (a Debian 12 VM booted from its disk, serving nginx; ~5 min)', 'test')
     .option('--mem <mb>', 'guest memory in MB (default 128; debian 1024)')
+    .option('--disk-gib <n>', 'debian: grow the disk image (sparse) to this size first')
     .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', '10')
     .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', 'model')
     .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
@@ -29,7 +30,7 @@ export function register(program: Command): void {
         else if (final || !o.json) process.stderr.write(`${line}\n`);
       };
       if (o.guest === 'debian') {
-        const d = await runDebianDemo({ ...o, memMb: o.mem ?? 1024 }, status);
+        const d = await runDebianDemo({ ...o, memMb: o.mem ?? 1024, ...(o.diskGib ? { diskGiB: o.diskGib } : {}) }, status);
         process.stdout.write(`${JSON.stringify(d)}\n`);
         process.exitCode = debianDemoPassed(d) ? 0 : 1;
         return;

@@ -1,17 +1,14 @@
 // `rubato primary`: run the built-in test guest (or a kernel + initrd) and keep it protected by a
-// standby, as a long-running daemon. SIGTERM/SIGINT stop it in order: the standby is told and does
-// not fail over, the guest stops, nothing is left running.
+// standby, as a long-running daemon: `rubato protect` with a built-in definition. SIGTERM/SIGINT
+// stop it in order: the standby is told and does not fail over, the guest stops, nothing is left.
 import { z } from 'zod';
-import { readdirSync, rmSync } from 'node:fs';
-import { ensurePrivateDir } from '../../util/private-files.ts';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import { RubatoError } from '../../util/errors.ts';
 import { logger } from '../../util/log.ts';
 import { onShutdown } from '../../util/procs.ts';
-import { QemuVm } from '../../qemu/vm.ts';
-import { guestAppend, VmSpecSchema } from '../../qemu/spec.ts';
-import { PrimaryController } from '../../replication/primary.ts';
+import { guestAppend } from '../../qemu/spec.ts';
+import type { ResolvedVm } from '../../qemu/definition.ts';
+import { protectVm } from '../../host/protect.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import { ACCEL, LINK, eventPrinter, hostPort, int, parseOptions, platform, policy, withAccel, withLinkOptions } from '../options.ts';
@@ -45,40 +42,25 @@ export function register(program: Command): void {
 async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
   const psk = loadKeyFile(o.key);
   const { accel, binary, guest } = await platform(o.accel);
-  const stateDir = resolve(o.stateDir);
-  ensurePrivateDir(stateDir);
-  const parsed = VmSpecSchema.safeParse({
-    name: o.name, accel, cpus: o.cpus, memMb: o.mem, kernel: o.kernel ?? guest.kernel, initrd: o.initrd ?? guest.initrd,
-    append: o.append ?? guestAppend(o.workload.split(',')),
-  });
-  if (!parsed.success) throw new RubatoError('RUBATO_CONFIG', `VM: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+  // The built-in definition: the test guest (or the given kernel), no disk, no NIC; the same path as `rubato protect`.
+  const def: ResolvedVm = {
+    file: '(rubato primary)', name: o.name, cpus: o.cpus, memoryMiB: o.mem, accelerator: accel, disks: [], nics: [],
+    boot: { kernel: o.kernel ?? guest.kernel, initrd: o.initrd ?? guest.initrd, append: o.append ?? guestAppend(o.workload.split(',')) },
+  };
   const emit = eventPrinter(o.events);
-  const vm = await QemuVm.start(parsed.data, { binary, runDir: stateDir });
-  emit({ event: 'started', vm: o.name, qemuPid: vm.pid, controllerPid: process.pid, accel });
-  const primary = new PrimaryController({
-    vm, runDir: stateDir, standby: o.standby, psk, periodMs: 25, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, retryMs: 1000,
+  const p = await protectVm({
+    def, accel, binary, stateDir: resolve(o.stateDir), standby: o.standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
     onEvent: (e) => {
       emit(e);
       if (!o.events && e.event === 'status') log.info(`${o.policy} | epoch ${e.epoch} acked ${e.ackedEpoch} | ${e.ckptPerSec} ckpt/s | ${e.dirtyPages} dirty pages | pause ${e.pauseMs} ms | ${e.mbPerSec} MB/s | lag ${e.lagMs} ms`);
     },
   });
-  let stopping: Promise<void> | null = null;
-  const stop = () => (stopping ??= (async () => {
-    await primary.stop();
-    await vm.stop();
-    removeSockets(stateDir, o.name);
-  })());
+  emit({ event: 'started', vm: o.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel });
   onShutdown(async () => {
-    await stop();
+    await p.stop();
     log.info(`guest ${o.name} stopped; the standby keeps its replica and does not take over`);
   });
-  primary.start();
-  await new Promise<void>((r) => vm.once('exit', () => r()));
-  if (!stopping) log.warn(`guest ${o.name} exited; primary controller stops`);
-  await stop();
-}
-
-/** The VM's sockets in the state folder (QMP, console, migration) go with it. */
-function removeSockets(dir: string, name: string): void {
-  for (const f of readdirSync(dir)) if (f.startsWith(name) && /\.(qmp|serial|mig)$/.test(f)) rmSync(join(dir, f), { force: true });
+  await new Promise<void>((r) => p.vm.once('exit', () => r()));
+  log.warn(`guest ${o.name} exited; primary controller stops`);
+  await p.stop();
 }

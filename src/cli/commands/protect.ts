@@ -48,6 +48,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     def, accel, binary, stateDir, standby: o.standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
     onEvent: (e) => {
       emit(e);
+      if (process.env['RUBATO_MEMORY_LOG'] && (e.event === 'checkpoint' && e.bytes > 4e6)) process.stderr.write(`big checkpoint ${JSON.stringify(e)} ${(process.memoryUsage().arrayBuffers / 1e6).toFixed(0)} MB\n`);
       if (e.event === 'protecting') everProtected = true;
       if (e.event === 'fenced') fenced = true;
       if (e.event === 'unprotected' && !everProtected && /key|authenticat|proof/i.test(e.reason)) {
@@ -60,6 +61,12 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   });
   emit({ event: 'started', vm: def.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel, disk: p.disk?.path ?? null });
   log.info(`VM ${def.name} running (QEMU pid ${p.vm.pid}, ${accel})${p.disk ? ` on ${p.disk.path}${p.disk.convertedFrom ? ` (converted from ${p.disk.convertedFrom})` : ''}` : ''}; protecting it with ${o.standby.host}:${o.standby.port}`);
+  if (process.env['RUBATO_MEMORY_LOG']) {
+    setInterval(() => {
+      const m = process.memoryUsage();
+      process.stderr.write(`memory: rss ${(m.rss / 1e6).toFixed(0)} heap ${(m.heapUsed / 1e6).toFixed(0)}/${(m.heapTotal / 1e6).toFixed(0)} external ${(m.external / 1e6).toFixed(0)} arrayBuffers ${(m.arrayBuffers / 1e6).toFixed(0)} MB\n`);
+    }, 1000).unref();
+  }
   const control = new ControlSocket(join(stateDir, 'control.sock'), { status: () => p.primary.snapshot() });
   await control.start();
   onShutdown(async () => {
