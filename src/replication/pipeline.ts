@@ -61,8 +61,9 @@ const DEFAULT_MAX_INFLIGHT_BYTES = 64 << 20;
 const FIRST_EPOCH_MAX_MS = 100;
 /** Recent epochs whose fastest dirty rate the size rail assumes (a booting guest speeds up fast). */
 const RATE_EPOCHS = 4;
-/** … and that it may double meanwhile: the estimate lags a guest whose dirty rate climbs. */
+/** … and, in a young generation, that it may double meanwhile (the estimate lags a climbing rate). */
 const RATE_HEADROOM = 2;
+const YOUNG_EPOCHS = 16;
 
 interface Inflight { epoch: number; sentAtMs: number | null; record: EpochRecord | null }
 
@@ -180,11 +181,13 @@ export class EpochPipeline<F extends Sized = Buffer> {
     const boundBytes = this.o.maxCheckpointBytes ?? DEFAULT_MAX_CHECKPOINT_BYTES;
     let pagesPerMs = 0;
     for (const h of this.hist.slice(-RATE_EPOCHS)) if (h.lengthMs > 0) pagesPerMs = Math.max(pagesPerMs, h.dirtyPages / h.lengthMs);
-    let due = pagesPerMs === 0 ? Number.POSITIVE_INFINITY : this.epochStartMs + boundBytes / PAGE_BYTES / (pagesPerMs * RATE_HEADROOM);
-    // After an epoch that dirtied a good part of the bound, the next may at most double its length:
-    // the estimate then catches up with a rate that climbs (a guest booting) before a record balloons.
+    // A young generation (a guest that may be booting, its rate climbing) is estimated cautiously:
+    // twice the fastest recent rate, and after an epoch that dirtied a good part of the bound the next
+    // may at most double its length; then the estimate catches up before a record balloons.
+    const young = this.captured < YOUNG_EPOCHS;
+    let due = pagesPerMs === 0 ? Number.POSITIVE_INFINITY : this.epochStartMs + boundBytes / PAGE_BYTES / (pagesPerMs * (young ? RATE_HEADROOM : 1));
     const last = this.hist.at(-1);
-    if (last && last.dirtyPages * PAGE_BYTES >= boundBytes / 8) due = Math.min(due, this.epochStartMs + Math.max(FIRST_EPOCH_MAX_MS, 2 * last.lengthMs));
+    if (young && last && last.dirtyPages * PAGE_BYTES >= boundBytes / 8) due = Math.min(due, this.epochStartMs + Math.max(FIRST_EPOCH_MAX_MS, 2 * last.lengthMs));
     return due;
   }
 

@@ -201,3 +201,35 @@ test('the disk log at its bound ends the epoch whatever the policy says', () => 
   const c = p.decide(2, { ...seen, disk: { writes: 1, flushes: 0, pressure: true } });
   assert.deepEqual(c, { cmd: 'capture', epoch: 1, reason: 'disk-pressure' });
 });
+
+test('memory rails: no policy lets an epoch run past the estimated checkpoint bound; a large checkpoint in flight goes alone', () => {
+  const commit = new OutputCommit(1 << 20);
+  // A policy that would wait a minute; 4 MiB bound (1024 pages), 8 MiB in flight.
+  const p = new EpochPipeline({ policy: fixed(60_000), commit, maxInflight: 4, maxCheckpointBytes: 4 << 20, maxInflightBytes: 8 << 20 });
+  p.startSync();
+  p.paused(0, 0);
+  p.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 });
+  p.sent(0, 0);
+  p.ack(0, 1);
+  // The first epoch of a generation is short: nothing is known of the guest's dirty rate yet.
+  const first = p.decide(1, seen) as { cmd: string; untilMs: number; reason: string };
+  assert.equal(first.cmd, 'wait');
+  assert.equal(first.untilMs, 100);
+  assert.equal((p.decide(100, seen) as { reason: string }).reason, 'size-bound');
+  p.paused(1, 100);
+  // 100 pages in 100 ms: 1 page/ms, doubled while the generation is young: 1024 pages at 512 ms.
+  p.capturedCheckpoint(1, { dirtyPages: 100, pauseMs: 1, bytes: 400_000, resumedMs: 101 });
+  p.sent(1, 101);
+  p.ack(1, 102);
+  const w = p.decide(102, seen) as { cmd: string; untilMs: number };
+  assert.equal(w.cmd, 'wait');
+  assert.equal(w.untilMs, 101 + 512);
+  // A checkpoint of 9 MiB in flight: the next waits for its acknowledgement, whatever the policy says.
+  p.decide(613, seen);
+  p.paused(2, 613);
+  p.capturedCheckpoint(2, { dirtyPages: 2300, pauseMs: 5, bytes: 9 << 20, resumedMs: 620 });
+  p.sent(2, 620);
+  assert.deepEqual(p.decide(5000, seen), { cmd: 'wait-ack' });
+  p.ack(2, 5001);
+  assert.equal(p.decide(5002, seen).cmd, 'capture', 'after the ack: an epoch that dirtied 2300 pages in 493 ms is over its bound at once');
+});
