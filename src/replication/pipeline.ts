@@ -59,10 +59,10 @@ const PAGE_BYTES = 4096;
 const DEFAULT_MAX_CHECKPOINT_BYTES = 32 << 20;
 const DEFAULT_MAX_INFLIGHT_BYTES = 64 << 20;
 const FIRST_EPOCH_MAX_MS = 100;
-/** Recent epochs whose fastest dirty rate the size rail assumes (a booting guest speeds up fast). */
-const RATE_EPOCHS = 4;
-/** … and, in a young generation, that it may double meanwhile (the estimate lags a climbing rate). */
-const RATE_HEADROOM = 2;
+/** An epoch up to this factor over the checkpoint bound is not cut (a saturated working set)… */
+const OVER_BOUND_KEPT = 1.5;
+/** … and the next may be this much longer. */
+const GROWTH_NEAR_BOUND = 2;
 const YOUNG_EPOCHS = 16;
 
 interface Inflight { epoch: number; sentAtMs: number | null; record: EpochRecord | null }
@@ -173,21 +173,27 @@ export class EpochPipeline<F extends Sized = Buffer> {
     return this.beginCapture(d.reason);
   }
 
-  /** When the running epoch's dirty set reaches the checkpoint bound, at the fastest recent dirty rate. */
+  /**
+   * When the running epoch's dirty memory would pass the checkpoint bound. A dirty set grows at
+   * most linearly with time (a working set saturates), so from the last epoch the bound is reached
+   * at length × bound / pages. Near the bound (a working set about its size may have saturated) an
+   * epoch may still double, so a saturated set never pins the length; one well over it is cut to
+   * size. A checkpoint's dirty memory so stays within about twice the bound.
+   */
   private sizeBoundAtMs(): number {
     // The first epoch after a full image: nothing is known yet of this generation's dirty rate (a
     // guest may be booting), so it is kept short; its checkpoint gives the estimate.
     if (this.captured === 0) return this.epochStartMs + FIRST_EPOCH_MAX_MS;
-    const boundBytes = this.o.maxCheckpointBytes ?? DEFAULT_MAX_CHECKPOINT_BYTES;
-    let pagesPerMs = 0;
-    for (const h of this.hist.slice(-RATE_EPOCHS)) if (h.lengthMs > 0) pagesPerMs = Math.max(pagesPerMs, h.dirtyPages / h.lengthMs);
-    // A young generation (a guest that may be booting, its rate climbing) is estimated cautiously:
-    // twice the fastest recent rate, and after an epoch that dirtied a good part of the bound the next
-    // may at most double its length; then the estimate catches up before a record balloons.
-    const young = this.captured < YOUNG_EPOCHS;
-    let due = pagesPerMs === 0 ? Number.POSITIVE_INFINITY : this.epochStartMs + boundBytes / PAGE_BYTES / (pagesPerMs * (young ? RATE_HEADROOM : 1));
     const last = this.hist.at(-1);
-    if (young && last && last.dirtyPages * PAGE_BYTES >= boundBytes / 8) due = Math.min(due, this.epochStartMs + Math.max(FIRST_EPOCH_MAX_MS, 2 * last.lengthMs));
+    if (!last || last.lengthMs <= 0 || last.dirtyPages === 0) return Number.POSITIVE_INFINITY;
+    const boundBytes = this.o.maxCheckpointBytes ?? DEFAULT_MAX_CHECKPOINT_BYTES;
+    const ratio = boundBytes / PAGE_BYTES / last.dirtyPages;
+    let due = this.epochStartMs + last.lengthMs * (ratio < 1 / OVER_BOUND_KEPT ? ratio : Math.max(GROWTH_NEAR_BOUND, ratio));
+    // In a young generation (a guest booting: its rate climbs), after an epoch that dirtied a good
+    // part of the bound the next may at most double its length: the estimate keeps up.
+    if (this.captured < YOUNG_EPOCHS && last.dirtyPages * PAGE_BYTES >= boundBytes / 8) {
+      due = Math.min(due, this.epochStartMs + Math.max(FIRST_EPOCH_MAX_MS, 2 * last.lengthMs));
+    }
     return due;
   }
 

@@ -34,6 +34,7 @@ const log = logger('primary');
 const DEFAULT_MAX_HELD_BYTES = 64 << 20;
 /** A checkpoint record this large is worth a garbage collection before it is shipped. */
 const LARGE_RECORD_BYTES = 16 << 20;
+const EMPTY = Buffer.alloc(0);
 /** Reconnections without a pause after an authenticated session broke. */
 const IMMEDIATE_RETRIES = 3;
 
@@ -390,18 +391,22 @@ export class PrimaryController {
   private async checkpoint(link: Link, capture: ColoCapture, epoch: number, decidedMs: number, status: StatusMeter): Promise<void> {
     const fault = this.o.fault;
     const ranFromMs = this.pipeline.epochStartedMs;
-    const { cp, record, pauseBeganMs } = await this.take(capture, epoch, status,
+    const t = await this.take(capture, epoch, status,
       fault ? async (c) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } : undefined);
-    this.observe(cp, ranFromMs, pauseBeganMs, record.length, decidedMs);
-    // The record has the pages: drop the parsed ones (they pin the stream's buffers) before shipping.
+    const { cp, pauseBeganMs } = t;
+    const bytes = t.record.length;
+    this.observe(cp, ranFromMs, pauseBeganMs, bytes, decidedMs);
+    // The record has the pages: drop the parsed ones (they pin the stream's buffers).
     const pages = cp.pages.length;
     cp.pages.length = 0;
-    // A large one: free those buffers before the link allocates the ciphertext (2× its size at the peak, not 3×).
-    if (record.length > LARGE_RECORD_BYTES) collectNow();
-    if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, record, Math.floor(record.length * f)), crash: () => this.crash() });
+    if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, t.record, Math.floor(bytes * f)), crash: () => this.crash() });
     if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
-    this.ship(link, epoch, record);
-    this.emit({ event: 'checkpoint', epoch, pages, bytes: record.length, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter: this.counterAt.get(epoch) ?? -1 });
+    this.ship(link, epoch, t.record);
+    t.record = EMPTY;
+    // A large one: its plaintext and the stream's buffers are garbage now (the link holds the
+    // ciphertext): collected at once, the peak is about twice the record, not three or four times.
+    if (bytes > LARGE_RECORD_BYTES) collectNow();
+    this.emit({ event: 'checkpoint', epoch, pages, bytes, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter: this.counterAt.get(epoch) ?? -1 });
   }
 
   /**

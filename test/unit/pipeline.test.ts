@@ -217,19 +217,30 @@ test('memory rails: no policy lets an epoch run past the estimated checkpoint bo
   assert.equal(first.untilMs, 100);
   assert.equal((p.decide(100, seen) as { reason: string }).reason, 'size-bound');
   p.paused(1, 100);
-  // 100 pages in 100 ms: 1 page/ms, doubled while the generation is young: 1024 pages at 512 ms.
+  // 100 pages in 100 ms: the bound (1024 pages) is reached at 1024 ms, if the set keeps growing linearly.
   p.capturedCheckpoint(1, { dirtyPages: 100, pauseMs: 1, bytes: 400_000, resumedMs: 101 });
   p.sent(1, 101);
   p.ack(1, 102);
   const w = p.decide(102, seen) as { cmd: string; untilMs: number };
   assert.equal(w.cmd, 'wait');
-  assert.equal(w.untilMs, 101 + 512);
-  // A checkpoint of 9 MiB in flight: the next waits for its acknowledgement, whatever the policy says.
-  p.decide(613, seen);
-  p.paused(2, 613);
-  p.capturedCheckpoint(2, { dirtyPages: 2300, pauseMs: 5, bytes: 9 << 20, resumedMs: 620 });
-  p.sent(2, 620);
-  assert.deepEqual(p.decide(5000, seen), { cmd: 'wait-ack' });
-  p.ack(2, 5001);
-  assert.equal(p.decide(5002, seen).cmd, 'capture', 'after the ack: an epoch that dirtied 2300 pages in 493 ms is over its bound at once');
+  assert.equal(w.untilMs, 101 + 1024);
+  assert.equal((p.decide(1125, seen) as { reason: string }).reason, 'size-bound');
+  p.paused(2, 1125);
+  p.capturedCheckpoint(2, { dirtyPages: 2300, pauseMs: 5, bytes: 9 << 20, resumedMs: 1130 });
+  p.sent(2, 1130);
+  // 2300 pages in 1024 ms, well over the bound: the next epoch is cut to size (1024 × 1024/2300 ms).
+  const cut = p.decide(1131, seen) as { cmd: string; untilMs: number };
+  assert.equal(cut.cmd, 'wait');
+  assert.ok(Math.abs(cut.untilMs - (1130 + 1024 * 1024 / 2300)) < 1e-6);
+  // Due, but a checkpoint of 9 MiB is in flight (bound 8 MiB): it waits for its acknowledgement.
+  assert.deepEqual(p.decide(1600, seen), { cmd: 'wait-ack' });
+  p.ack(2, 1601);
+  assert.equal((p.decide(1602, seen) as { reason: string }).reason, 'size-bound');
+  p.paused(3, 1602);
+  // A working set a little over the bound (1200 pages in 472 ms) may have saturated: the next epoch may double.
+  p.capturedCheckpoint(3, { dirtyPages: 1200, pauseMs: 3, bytes: 5 << 20, resumedMs: 1605 });
+  p.sent(3, 1605);
+  p.ack(3, 1606);
+  const kept = p.decide(1606, seen) as { cmd: string; untilMs: number };
+  assert.equal(kept.untilMs, 1605 + 2 * 472);
 });
