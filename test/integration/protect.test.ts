@@ -9,6 +9,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { writeFileSync, readdirSync, existsSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { REPO_ROOT, ensurePatchedQemu } from '../../src/setup/index.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { runCommand, spawnTracked } from '../../src/util/procs.ts';
@@ -84,6 +85,18 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
     assert.equal(r.code, 2);
     oneLine(r);
 
+    // A standby whose port is taken.
+    const busy = createServer();
+    await new Promise<void>((res) => busy.listen(0, '127.0.0.1', () => res()));
+    try {
+      const port = (busy.address() as { port: number }).port;
+      r = await rubato(['standby', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'sb-busy')]);
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(oneLine(r), /cannot listen on 127\.0\.0\.1:\d+/);
+    } finally {
+      busy.close();
+    }
+
     // An image a QEMU holds (it locks its images) is refused before anything starts.
     const qemu = await ensurePatchedQemu();
     const holder = spawnTracked('qemu-holder', qemu.path, ['-machine', 'none', '-S', '-display', 'none', '-nodefaults', '-drive', `file=${img},format=raw,if=none,id=d0`]);
@@ -113,6 +126,40 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
     }
     assert.equal(existsSync(join(dir, 'state2', 'run')) ? readdirSync(join(dir, 'state2', 'run')).filter((f) => f.endsWith('.qmp')).length : 0, 0, 'no QEMU socket left');
   } finally {
+    removeTempDir(dir);
+  }
+});
+
+test('rubato protect with its standby not yet there: the VM runs, "unprotected" is said once, protection starts when the standby answers', { timeout: 300_000 }, async () => {
+  const { guest } = await testPlatform();
+  const dir = makeTempDir('rubato-protect-late-');
+  const key = join(dir, 'psk');
+  writeKeyFile(key);
+  const f = join(dir, 'vm.json');
+  writeFileSync(f, JSON.stringify({ name: 'late1', memoryMiB: 128, boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,1,4' } }));
+  const port = 20000 + Math.floor(Math.random() * 20000);
+  const events: Array<Record<string, unknown>> = [];
+  const pr = spawnTracked('rubato-protect', join(REPO_ROOT, 'bin', 'rubato'), ['protect', f, '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'p'),
+    '--events', '--policy', 'fixed:50', '--heartbeat-ms', '50', '--timeout-ms', '500'], { env: { ...process.env, RUBATO_LOG: 'error' } });
+  let buf = '';
+  pr.child.stdout?.on('data', (d: Buffer) => {
+    buf += d.toString();
+    let nl: number;
+    while ((nl = buf.indexOf('\n')) >= 0) { try { events.push(JSON.parse(buf.slice(0, nl)) as Record<string, unknown>); } catch { /* not an event */ } buf = buf.slice(nl + 1); }
+  });
+  let sb: ReturnType<typeof spawnTracked> | null = null;
+  try {
+    await waitFor(() => events.find((e) => e['event'] === 'unprotected'), 60_000, 'the VM said to be unprotected');
+    await sleep(3000); // several retries meanwhile
+    assert.equal(events.filter((e) => e['event'] === 'unprotected').length, 1, 'said once, not per retry');
+    assert.ok(events.some((e) => e['event'] === 'guest'), 'the VM runs meanwhile');
+    sb = spawnTracked('rubato-standby', join(REPO_ROOT, 'bin', 'rubato'), ['standby', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 's'), '--no-fsync']);
+    await waitFor(() => events.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected once the standby answered');
+    pr.kill('SIGTERM');
+    assert.equal((await pr.exited).code, 0);
+  } finally {
+    await pr.stop(3000);
+    await sb?.stop(3000);
     removeTempDir(dir);
   }
 });
