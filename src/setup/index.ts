@@ -21,6 +21,8 @@ export const DEBIAN_PACKAGES = [
   'python3-venv', 'flex', 'bison', 'gcc', 'libc6-dev', 'make', 'patch',
   // guest disks and the network topology
   'e2fsprogs',
+  // the witness (a local single-member etcd is the embedded default)
+  'etcd-server',
 ] as const;
 
 async function missingPackages(): Promise<string[]> {

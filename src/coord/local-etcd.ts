@@ -1,0 +1,59 @@
+// The embedded default witness: a single-member etcd (Debian's etcd-server) started by Rubato on
+// loopback, its data in a private folder, tracked and ended by PID. Production points at the
+// operator's cluster instead (--etcd URL,...).
+
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { rmSync } from 'node:fs';
+import { ensurePrivateDir } from '../util/private-files.ts';
+import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
+import { RubatoError } from '../util/errors.ts';
+import { sleep } from '../util/async.ts';
+import { EtcdClient } from './etcd.ts';
+
+async function freePort(): Promise<number> {
+  const s = createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
+  const port = (s.address() as { port: number }).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+export class LocalEtcd {
+  private constructor(readonly url: string, private readonly proc: TrackedProcess, private readonly dataDir: string) {}
+
+  get pid(): number { return this.proc.pid; }
+
+  static async start(dir: string, opts: { binary?: string; ns?: string } = {}): Promise<LocalEtcd> {
+    ensurePrivateDir(dir);
+    const dataDir = join(dir, 'etcd-data');
+    const [client, peer] = [await freePort(), await freePort()];
+    const url = `http://127.0.0.1:${client}`;
+    const args = ['--name', 'rubato', '--data-dir', dataDir, '--listen-client-urls', url, '--advertise-client-urls', url,
+      '--listen-peer-urls', `http://127.0.0.1:${peer}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${peer}`,
+      '--initial-cluster', `rubato=http://127.0.0.1:${peer}`, '--log-level', 'error'];
+    const bin = opts.binary ?? '/usr/bin/etcd';
+    const proc = opts.ns ? spawnTracked('etcd', 'ip', ['netns', 'exec', opts.ns, bin, ...args]) : spawnTracked('etcd', bin, args);
+    let stderr = '';
+    let exited = false;
+    void proc.exited.then(() => { exited = true; });
+    proc.child.stderr?.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-2000); });
+    const etcd = new LocalEtcd(url, proc, dataDir);
+    const c = new EtcdClient([url], 500);
+    const until = Date.now() + 15_000;
+    while (!(await c.healthy())) {
+      if (exited || Date.now() > until) {
+        await etcd.stop();
+        throw new RubatoError('RUBATO_SETUP_FAILED', `the local etcd did not become healthy: ${stderr.trim().split('\n').at(-1) ?? 'no output'} (is etcd-server installed? rubato setup)`);
+      }
+      await sleep(100);
+    }
+    return etcd;
+  }
+
+  /** Ends etcd by PID and removes its data. */
+  async stop(): Promise<void> {
+    await this.proc.stop(3000);
+    rmSync(this.dataDir, { recursive: true, force: true });
+  }
+}

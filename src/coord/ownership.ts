@@ -1,0 +1,117 @@
+// Who may run a protected VM live: its ownership in the witness (etcd), with a fencing token.
+// Per VM, `/rubato/vm/NAME/owner` names the host that may release the guest's output or bring a
+// replica live; it is attached to that host's lease, so it vanishes when the host stops renewing.
+// `/rubato/vm/NAME/generation` (no lease) only grows. Claiming is one transaction: the owner key
+// absent (or ours) and the generation unchanged since read → owner = us, generation + 1. The new
+// generation is the fencing token that frames and acks carry.
+//
+// A holder that cannot renew for LOSS_FRACTION of the TTL gives up at once (onLost): it must stop
+// releasing output and stop its guest before the lease can expire and another host claim the VM.
+
+import { logger } from '../util/log.ts';
+import { errorMessage } from '../util/errors.ts';
+import type { EtcdClient } from './etcd.ts';
+
+const log = logger('witness');
+/** Give up after this fraction of the TTL without a renewal (before the lease can expire elsewhere). */
+export const LOSS_FRACTION = 2 / 3;
+
+export interface Owner { host: string; generation: number }
+
+const ownerKey = (vm: string) => `/rubato/vm/${vm}/owner`;
+const genKey = (vm: string) => `/rubato/vm/${vm}/generation`;
+
+export async function currentOwner(etcd: EtcdClient, vm: string): Promise<Owner | null> {
+  const kv = await etcd.get(ownerKey(vm));
+  return kv ? (JSON.parse(kv.value) as Owner) : null;
+}
+
+export class Ownership {
+  private lease: string | null = null;
+  private timer: NodeJS.Timeout | null = null;
+  private lastRenewMs = 0;
+  private gen = 0;
+  private lostFlag = false;
+  onLost: ((why: string) => void) | null = null;
+
+  constructor(private readonly etcd: EtcdClient, readonly vm: string, readonly host: string, readonly ttlSec: number) {}
+
+  get generation(): number { return this.gen; }
+  get held(): boolean { return this.lease !== null && !this.lostFlag; }
+
+  /**
+   * Claims the VM: succeeds only if no other host holds it (its lease expired or it released it).
+   * Returns the new generation, or null if another host holds it.
+   */
+  async claim(): Promise<number | null> {
+    const lease = this.lease ?? await this.etcd.grantLease(this.ttlSec);
+    const grantedAt = Date.now();
+    const [owner, gen] = [await this.etcd.get(ownerKey(this.vm)), await this.etcd.get(genKey(this.vm))];
+    const mine = owner && (JSON.parse(owner.value) as Owner).host === this.host && owner.lease === lease;
+    if (owner && !mine) {
+      if (!this.lease) await this.etcd.revokeLease(lease).catch(() => {});
+      return null;
+    }
+    const next = (gen ? Number(gen.value) : 0) + 1;
+    const ok = await this.etcd.txn(
+      [owner ? { key: ownerKey(this.vm), modRevision: owner.modRevision } : { key: ownerKey(this.vm), absent: true },
+        gen ? { key: genKey(this.vm), modRevision: gen.modRevision } : { key: genKey(this.vm), absent: true }],
+      [{ put: ownerKey(this.vm), value: JSON.stringify({ host: this.host, generation: next }), lease }, { put: genKey(this.vm), value: String(next) }],
+    );
+    if (!ok) {
+      if (!this.lease) await this.etcd.revokeLease(lease).catch(() => {});
+      return null;
+    }
+    this.lease = lease;
+    this.gen = next;
+    this.lostFlag = false;
+    this.lastRenewMs = grantedAt;
+    this.startRenewing();
+    log.info(`VM ${this.vm}: ${this.host} holds it, generation ${next}`);
+    return next;
+  }
+
+  private startRenewing(): void {
+    if (this.timer) return;
+    const everyMs = Math.max(50, (this.ttlSec * 1000) / 4);
+    this.timer = setInterval(() => { void this.renew(); }, everyMs);
+    this.timer.unref();
+  }
+
+  private async renew(): Promise<void> {
+    if (!this.lease || this.lostFlag) return;
+    const sentAt = Date.now();
+    try {
+      const ttl = await this.etcd.keepAlive(this.lease);
+      if (ttl > 0) this.lastRenewMs = sentAt;
+      else return this.lose('the lease expired');
+    } catch (e) {
+      log.debug(`renewing the lease of ${this.vm}: ${errorMessage(e)}`);
+    }
+    if (Date.now() - this.lastRenewMs > this.ttlSec * 1000 * LOSS_FRACTION) this.lose(`no renewal for ${Date.now() - this.lastRenewMs} ms (TTL ${this.ttlSec} s)`);
+  }
+
+  private lose(why: string): void {
+    if (this.lostFlag) return;
+    this.lostFlag = true;
+    this.stopRenewing();
+    log.error(`VM ${this.vm}: ${this.host} lost its ownership (${why})`);
+    this.onLost?.(why);
+  }
+
+  private stopRenewing(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+  }
+
+  /** Test hook and pause model: stops renewing without telling etcd (a frozen or cut-off holder). */
+  freeze(): void { this.stopRenewing(); }
+
+  /** Gives the VM up in order (the owner key goes at once). */
+  async release(): Promise<void> {
+    this.stopRenewing();
+    const lease = this.lease;
+    this.lease = null;
+    if (lease) await this.etcd.revokeLease(lease).catch((e: unknown) => log.warn(`releasing ${this.vm}: ${errorMessage(e)}`));
+  }
+}
