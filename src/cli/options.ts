@@ -3,6 +3,7 @@
 // (exit 2), never a stack trace. Shared option groups and the platform lookup live here too.
 
 import { z } from 'zod';
+import { hostname } from 'node:os';
 import type { Command } from 'commander';
 import { RubatoError } from '../util/errors.ts';
 import { ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
@@ -79,6 +80,22 @@ export function withLinkOptions(c: Command): Command {
     .option('--timeout-ms <ms>', 'peer declared lost after this silence', '1000');
 }
 export const LINK = { heartbeatMs: int(10, 60000), timeoutMs: int(50, 600000) };
+
+/** The witness (etcd) options of the commands that may run a guest live. */
+export function withWitnessOptions(c: Command): Command {
+  return c
+    .option('--etcd <urls>', 'the witness: etcd client URLs (comma-separated); no two live copies of a VM (see docs/witness.md)')
+    .option('--host <name>', 'this host\'s name in the witness', hostname())
+    .option('--lease-ttl <s>', 'witness lease TTL, seconds: a host cut off from etcd stops its guest within 2/3 of it; a crashed primary is replaced after it', '2');
+}
+export const WITNESS = {
+  etcd: custom<string[]>((v) => {
+    const urls = String(v).split(',').map((u) => u.trim()).filter(Boolean);
+    return urls.length && urls.every((u) => /^https?:\/\/[^/\s]+$/.test(u)) ? urls : '!must be etcd client URLs like http://10.0.0.5:2379 (comma-separated)';
+  }).optional(),
+  host: z.string().regex(/^[a-zA-Z0-9_.-]{1,63}$/, 'must be a host name'),
+  leaseTtl: int(1, 60),
+};
 
 /** The guest image, accelerator and QEMU a command that boots the test guest needs. */
 export async function platform(accelChoice: AccelChoice): Promise<{ accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string } }> {

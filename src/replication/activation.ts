@@ -4,6 +4,8 @@
 
 export interface ActivationContext {
   reason: 'primary-lost' | 'manual';
+  /** The protected VM's name. */
+  vm: string;
   replicaEpoch: number;
   /** ms since the primary was last heard from. */
   silentMs: number;

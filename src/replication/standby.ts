@@ -26,6 +26,8 @@ import type { Accel } from '../qemu/spec.ts';
 
 const log = logger('standby');
 const HANDSHAKE_TIMEOUT_MAX_MS = 5000;
+/** A refused activation is asked for again this often while the primary stays away. */
+const GATE_RETRY_MS = 500;
 
 export type { StandbyState } from './standby-state.ts';
 
@@ -238,7 +240,17 @@ export class StandbyController {
     const silentMs = Math.round(link.silentMs());
     this.emit({ event: 'primary-lost', reason, epoch: this.replicaEpoch, atMs: Date.now() });
     log.warn(`primary lost (${reason}; silent ${silentMs} ms); replica at checkpoint ${this.replicaEpoch}`);
-    if (this.o.autoFailover ?? true) await this.failover('primary-lost', reason, silentMs);
+    if (!(this.o.autoFailover ?? true)) return;
+    // A gate that refused (the witness says the primary still holds the VM: only the link broke)
+    // is asked again while no primary is back: when that primary dies, its lease expires and this
+    // side takes over then.
+    while (!(await this.failover('primary-lost', reason, silentMs)) && this.o.gate && this.st === 'protecting' && !this.link && this.guarding) {
+      const back = await new Promise<boolean>((resolve) => {
+        const t = setTimeout(() => { this.primaryReturned = null; resolve(false); }, GATE_RETRY_MS);
+        this.primaryReturned = () => { clearTimeout(t); this.primaryReturned = null; resolve(true); };
+      });
+      if (back) return;
+    }
   }
 
   /** A full image arrives into replica.new, written in place; complete, it replaces the replica. */
@@ -281,17 +293,29 @@ export class StandbyController {
       this.emit({ event: 'failover-refused', why: 'the standby controller is stopping' });
       return false;
     }
-    const verdict = await (this.o.gate ?? allowAlways).mayActivate({ reason, replicaEpoch: this.store.epoch, silentMs });
-    if (!verdict.allow) {
+    // A switchover stops the live primary first (it then gives the VM up in the witness); any
+    // other failover asks the gate before anything happens.
+    const fenceFirst = reason === 'manual' && this.link !== null && !this.link.closed;
+    const gate = this.o.gate ?? allowAlways;
+    let verdict = fenceFirst ? null : await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs });
+    if (verdict && !verdict.allow) {
       this.emit({ event: 'failover-refused', why: verdict.why });
+      log.warn(`failover refused: ${verdict.why}`);
       return false;
     }
     this.go('failover-begin');
     try {
-      if (reason === 'manual' && this.link && !this.link.closed) await this.fencePrimary(this.link);
+      if (fenceFirst && this.link) await this.fencePrimary(this.link);
+      verdict ??= await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs });
     } catch (e) {
       this.go('failover-failed');
       throw e;
+    }
+    if (!verdict.allow) {
+      this.go('failover-failed');
+      this.emit({ event: 'failover-refused', why: verdict.why });
+      log.error(`the primary stopped its guest, but the gate refused this side: ${verdict.why}; NO COPY RUNS (rubato failover retries)`);
+      return false;
     }
     let store = this.store;
     try {

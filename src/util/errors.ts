@@ -25,7 +25,8 @@ export type ErrorCode =
   | 'RUBATO_NETNS'
   | 'RUBATO_TIMEOUT'
   | 'RUBATO_IMAGE_IN_USE'
-  | 'RUBATO_BRIDGE_MISSING';
+  | 'RUBATO_BRIDGE_MISSING'
+  | 'RUBATO_VM_OWNED';
 
 /**
  * The CLI's exit status per error: a script tells a config mistake from a refused key, a busy
@@ -39,6 +40,7 @@ export const EXIT_CODES: Partial<Record<ErrorCode, number>> = {
   RUBATO_BRIDGE_MISSING: 5,
   RUBATO_SETUP_FAILED: 6,
   RUBATO_QEMU_START: 7,
+  RUBATO_VM_OWNED: 8,
 };
 
 export class RubatoError extends Error {

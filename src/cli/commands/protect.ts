@@ -15,14 +15,16 @@ import { protectVm } from '../../host/protect.ts';
 import { serveStandby } from './standby.ts';
 import { ControlSocket } from '../../replication/control-socket.ts';
 import { join } from 'node:path';
-import { LINK, eventPrinter, hostPort, parseOptions, platform, policy, withLinkOptions } from '../options.ts';
+import { LINK, WITNESS, eventPrinter, hostPort, parseOptions, platform, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
+import { EtcdClient } from '../../coord/etcd.ts';
+import { Ownership, currentOwner } from '../../coord/ownership.ts';
 
 const log = logger('rubato');
 
-const Options = z.object({ standby: hostPort(), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), ...LINK });
+const Options = z.object({ standby: hostPort(), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), ...LINK, ...WITNESS });
 
 export function register(program: Command): void {
-  withLinkOptions(program.command('protect'))
+  withWitnessOptions(withLinkOptions(program.command('protect')))
     .description('run your VM (a definition file: see examples/) and keep it protected by a standby')
     .argument('<vm-file>', 'VM definition (JSON)')
     .requiredOption('--standby <host:port>', 'the standby controller (rubato standby on the other host)')
@@ -41,6 +43,17 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const { accel, binary } = await platform(def.accelerator);
   const stateDir = resolve(o.stateDir ?? `/var/lib/rubato/${def.name}`);
   const emit = eventPrinter(o.events);
+  // With a witness: this host must hold the VM before its guest runs (never a second live copy).
+  const etcd = o.etcd ? new EtcdClient(o.etcd) : null;
+  const ownership = etcd ? new Ownership(etcd, def.name, o.host, o.leaseTtl) : null;
+  if (etcd && ownership) {
+    const gen = await ownership.claim();
+    if (gen === null) {
+      const cur = await currentOwner(etcd, def.name).catch(() => null);
+      throw new RubatoError('RUBATO_VM_OWNED', `VM ${def.name} runs on ${cur?.host ?? 'another host'} (generation ${cur?.generation ?? '?'}) according to the witness; not starting a second copy`);
+    }
+    emit({ event: 'owner', host: o.host, generation: gen });
+  }
   let authRefused: RubatoError | null = null;
   let everProtected = false;
   let fenced = false;
@@ -50,7 +63,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
       emit(e);
       if (process.env['RUBATO_MEMORY_LOG'] && (e.event === 'checkpoint' && e.bytes > 4e6)) process.stderr.write(`big checkpoint ${JSON.stringify(e)} ${(process.memoryUsage().arrayBuffers / 1e6).toFixed(0)} MB\n`);
       if (e.event === 'protecting') everProtected = true;
-      if (e.event === 'fenced') fenced = true;
+      if (e.event === 'fenced') { fenced = true; void ownership?.release(); }
       if (e.event === 'unprotected' && !everProtected && /key|authenticat|proof/i.test(e.reason)) {
         authRefused = new RubatoError('RUBATO_AUTH_FAILED', `the standby ${o.standby.host}:${o.standby.port} refused this key (${o.key}): ${e.reason}`);
         void p.stop();
@@ -60,6 +73,16 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     },
   });
   emit({ event: 'started', vm: def.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel, disk: p.disk?.path ?? null });
+  let ownershipLost: RubatoError | null = null;
+  if (ownership) {
+    // Cut off from the witness: the guest stops at once, before the lease can expire and the
+    // standby claim the VM (no goodbye: the standby must take over).
+    ownership.onLost = (why) => {
+      ownershipLost = new RubatoError('RUBATO_VM_OWNED', `VM ${def.name}: this host lost the witness (${why}); its guest was stopped so that the standby can take over`);
+      emit({ event: 'ownership-lost', why });
+      void p.vm.kill();
+    };
+  }
   log.info(`VM ${def.name} running (QEMU pid ${p.vm.pid}, ${accel})${p.disk ? ` on ${p.disk.path}${p.disk.convertedFrom ? ` (converted from ${p.disk.convertedFrom})` : ''}` : ''}; protecting it with ${o.standby.host}:${o.standby.port}`);
   if (process.env['RUBATO_MEMORY_LOG']) {
     setInterval(() => {
@@ -72,11 +95,17 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   onShutdown(async () => {
     control.close();
     await p.stop();
+    await ownership?.release();
     log.info(`VM ${def.name} stopped; the standby keeps its replica and does not take over`);
   });
   await new Promise<void>((r) => p.vm.once('exit', () => r()));
   control.close();
+  if (ownershipLost) {
+    await p.primary.crash();
+    throw ownershipLost;
+  }
   await p.stop();
+  await ownership?.release();
   if (authRefused) throw authRefused;
   if (fenced && o.listen) {
     // A switchover: the guest runs on the other host now; this host becomes its standby.
@@ -84,6 +113,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     const sb = await serveStandby({
       listen: o.listen, stateDir: join(stateDir, 'standby'), psk, autoFailover: true, events: o.events, fsync: o.fsync, peer: o.standby,
       policy: o.policy, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, emit,
+      ...(o.etcd ? { etcd: o.etcd } : {}), host: o.host, leaseTtl: o.leaseTtl,
     });
     emit({ event: 'standing-by', listen: `${o.listen.host}:${o.listen.port}`, state: sb.state });
     await new Promise<void>(() => { /* runs until a signal ends the process */ });

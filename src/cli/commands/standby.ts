@@ -13,17 +13,19 @@ import { PrimaryController } from '../../replication/primary.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import { restoreIo } from '../../host/protect.ts';
-import { LINK, binaryFor, eventPrinter, hostPort, parseOptions, policy, withLinkOptions } from '../options.ts';
+import { LINK, WITNESS, binaryFor, eventPrinter, hostPort, parseOptions, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
+import { EtcdClient } from '../../coord/etcd.ts';
+import { witnessGate } from '../../coord/witness-gate.ts';
 
 const log = logger('rubato');
 
 const Options = z.object({
   listen: hostPort(), stateDir: z.string(), key: z.string(), autoFailover: z.boolean(), events: z.boolean(), fsync: z.boolean(),
-  peer: hostPort().optional(), policy: policy(), ...LINK,
+  peer: hostPort().optional(), policy: policy(), ...LINK, ...WITNESS,
 });
 
 export function register(program: Command): void {
-  withLinkOptions(program.command('standby'))
+  withWitnessOptions(withLinkOptions(program.command('standby')))
     .description('hold the replica of a protected VM and take over when the primary is lost')
     .requiredOption('--listen <host:port>', 'address for the primary to connect to')
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
@@ -44,6 +46,8 @@ async function runStandby(o: z.infer<typeof Options>): Promise<void> {
 export interface ServeStandbyOptions {
   listen: { host: string; port: number }; stateDir: string; psk: Buffer; autoFailover: boolean; events: boolean; fsync: boolean;
   peer?: { host: string; port: number } | undefined; policy: string; heartbeatMs: number; timeoutMs: number; emit: (e: object) => void;
+  /** The witness: without it a lost primary is always taken over (two copies can run under a partition). */
+  etcd?: string[] | undefined; host: string; leaseTtl: number;
 }
 
 /**
@@ -54,7 +58,9 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
   const { psk, emit, stateDir } = o;
   const io = restoreIo(join(stateDir, 'run'));
   let primary: PrimaryController | null = null;
+  const gate = o.etcd ? witnessGate(new EtcdClient(o.etcd), o.host, o.leaseTtl) : null;
   const standby = new StandbyController({
+    ...(gate ? { gate } : {}),
     ...o.listen, stateDir, psk, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, binaryFor,
     autoFailover: o.autoFailover, fsync: o.fsync, prepareRestore: io.prepare,
     statusExtra: () => (primary ? { ...primary.snapshot(), role: 'primary' } : {}),
@@ -65,6 +71,15 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
       if (!o.events) log.warn(`guest running here from checkpoint ${e.epoch}: restore ${e.restoreMs} ms (${e.why})`);
       const vm = standby.vm;
       const hostIo = io.current();
+      if (gate && vm) {
+        // This host holds the VM now; cut off from the witness, its guest stops (the other side takes over).
+        gate.ownership(vm.spec.name).onLost = (why) => {
+          emit({ event: 'ownership-lost', why });
+          log.error(`this host lost the witness (${why}): stopping the guest so that another host can take over`);
+          void primary?.crash();
+          void vm.kill();
+        };
+      }
       if (!o.peer || !vm || !hostIo) return;
       log.info(`re-protecting the guest with the standby at ${o.peer.host}:${o.peer.port} (unprotected until it answers)`);
       primary = new PrimaryController({
@@ -80,6 +95,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
     await primary?.stop();
     await standby.stop();
     await io.current()?.close();
+    await gate?.releaseAll();
   });
   await standby.start();
   emit({ event: 'started', controllerPid: process.pid });
