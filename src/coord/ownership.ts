@@ -5,8 +5,10 @@
 // absent (or ours) and the generation unchanged since read → owner = us, generation + 1. The new
 // generation is the fencing token that frames and acks carry.
 //
-// A holder that cannot renew for LOSS_FRACTION of the TTL gives up at once (onLost): it must stop
-// releasing output and stop its guest before the lease can expire and another host claim the VM.
+// A holder that cannot renew for LOSS_FRACTION of the TTL gives up at once (onLost): from then on it
+// may not run the guest alone — before the lease can expire and another host claim the VM, it
+// stops its guest unless its standby still acknowledges every checkpoint (a standby that does is not
+// live, and one that is not cannot claim without etcd either), and it claims again when it can.
 
 import { logger } from '../util/log.ts';
 import { errorMessage } from '../util/errors.ts';
@@ -95,6 +97,7 @@ export class Ownership {
     if (this.lostFlag) return;
     this.lostFlag = true;
     this.stopRenewing();
+    this.lease = null; // a later claim needs a new lease
     log.error(`VM ${this.vm}: ${this.host} lost its ownership (${why})`);
     this.onLost?.(why);
   }

@@ -113,6 +113,42 @@ test('witness with the product commands: a cut replication link leaves one live 
   }
 });
 
+test('witness unavailable: a healthy protected pair keeps running (nobody goes live, nobody stops)', { timeout: 240_000 }, async () => {
+  const { guest } = await testPlatform();
+  const dir = makeTempDir('rubato-witness-down-');
+  const etcd = await LocalEtcd.start(dir);
+  const key = join(dir, 'psk');
+  writeKeyFile(key);
+  const vmFile = join(dir, 'vm.json');
+  writeFileSync(vmFile, JSON.stringify({ name: 'w2', memoryMiB: 128, boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,1,4' } }));
+  const portB = 20000 + Math.floor(Math.random() * 20000);
+  const common = ['--key', key, '--events', '--etcd', etcd.url, '--lease-ttl', '2', '--heartbeat-ms', '50', '--timeout-ms', '500'];
+  const sb = events('rubato-standby', ['standby', '--listen', `127.0.0.1:${portB}`, '--state-dir', join(dir, 'b'), '--no-fsync', '--host', 'hb', ...common]);
+  let pr: ReturnType<typeof events> | null = null;
+  try {
+    await waitFor(() => sb.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
+    pr = events('rubato-protect', ['protect', vmFile, '--standby', `127.0.0.1:${portB}`, '--state-dir', join(dir, 'a'), '--host', 'ha', '--policy', 'fixed:50', ...common]);
+    const p = pr;
+    const started = await waitFor(() => p.list.find((e) => e['event'] === 'started'), 60_000, 'the VM');
+    await waitFor(() => p.list.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected');
+    await etcd.stop();
+    await waitFor(() => p.list.find((e) => e['event'] === 'witness-lost'), 10_000, 'the primary noticing the witness is gone');
+    const acked = p.list.filter((e) => e['event'] === 'acked').length;
+    await sleep(4000); // twice the lease TTL
+    assert.ok(alive(Number(started['qemuPid'])), 'the guest runs on');
+    assert.ok(p.list.filter((e) => e['event'] === 'acked').length > acked + 10, 'checkpoints still acknowledged');
+    assert.equal(p.list.some((e) => e['event'] === 'ownership-lost'), false);
+    assert.equal(sb.list.some((e) => e['event'] === 'failover' || e['event'] === 'primary-lost'), false);
+    p.proc.kill('SIGTERM');
+    assert.equal((await p.proc.exited).code, 0, 'an orderly stop still exits 0');
+  } finally {
+    await pr?.proc.stop(3000);
+    await sb.proc.stop(5000);
+    await etcd.stop();
+    removeTempDir(dir);
+  }
+});
+
 function events(name: string, args: string[]): { proc: TrackedProcess; list: Array<Record<string, unknown>> } {
   const proc = spawnTracked(name, join(REPO_ROOT, 'bin', 'rubato'), args, { env: { ...process.env, RUBATO_LOG: 'error' } });
   const list: Array<Record<string, unknown>> = [];

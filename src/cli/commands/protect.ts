@@ -54,6 +54,10 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     }
     emit({ event: 'owner', host: o.host, generation: gen });
   }
+  // (declared before the controller starts: its events may need them at once)
+  let ownershipLost: RubatoError | null = null;
+  let witnessLost: string | null = null;
+  let stopGuest: (why: string) => void = () => {};
   let authRefused: RubatoError | null = null;
   let everProtected = false;
   let fenced = false;
@@ -64,6 +68,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
       if (process.env['RUBATO_MEMORY_LOG'] && (e.event === 'checkpoint' && e.bytes > 4e6)) process.stderr.write(`big checkpoint ${JSON.stringify(e)} ${(process.memoryUsage().arrayBuffers / 1e6).toFixed(0)} MB\n`);
       if (e.event === 'protecting') everProtected = true;
       if (e.event === 'fenced') { fenced = true; void ownership?.release(); }
+      if (e.event === 'unprotected' && witnessLost) stopGuest(`the standby is gone too (${e.reason}) while the witness is out of reach (${witnessLost})`);
       if (e.event === 'unprotected' && !everProtected && /key|authenticat|proof/i.test(e.reason)) {
         authRefused = new RubatoError('RUBATO_AUTH_FAILED', `the standby ${o.standby.host}:${o.standby.port} refused this key (${o.key}): ${e.reason}`);
         void p.stop();
@@ -73,22 +78,32 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     },
   });
   emit({ event: 'started', vm: def.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel, disk: p.disk?.path ?? null });
-  let ownershipLost: RubatoError | null = null;
+  stopGuest = (why: string) => {
+    ownershipLost = new RubatoError('RUBATO_VM_OWNED', `VM ${def.name}: ${why}; its guest was stopped so that no second copy can run`);
+    emit({ event: 'ownership-lost', why });
+    log.error(ownershipLost.message);
+    void p.vm.kill();
+  };
   if (ownership) {
-    // Cut off from the witness: the guest stops at once, before the lease can expire and the
-    // standby claim the VM (no goodbye: the standby must take over).
     ownership.onLost = (why) => {
-      ownershipLost = new RubatoError('RUBATO_VM_OWNED', `VM ${def.name}: this host lost the witness (${why}); its guest was stopped so that the standby can take over`);
-      emit({ event: 'ownership-lost', why });
-      void p.vm.kill();
+      // Still protected: the standby acknowledges checkpoints, so it is not live, and it cannot
+      // claim without etcd either: the pair keeps running. Alone, the guest stops at once.
+      if (!p.primary.protected) return stopGuest(`this host lost the witness (${why}) and has no standby`);
+      witnessLost = why;
+      emit({ event: 'witness-lost', why, protected: true });
+      log.warn(`VM ${def.name}: the witness is out of reach (${why}); running on while the standby acknowledges, claiming again meanwhile`);
+      const retry = setInterval(() => {
+        if (!witnessLost) { clearInterval(retry); return; }
+        ownership.claim().then((gen) => {
+          if (gen === null || !witnessLost) return;
+          witnessLost = null;
+          clearInterval(retry);
+          emit({ event: 'owner', host: o.host, generation: gen });
+          log.info(`VM ${def.name}: the witness is back; this host holds generation ${gen}`);
+        }, () => { /* still out of reach */ });
+      }, 1000);
+      retry.unref();
     };
-  }
-  log.info(`VM ${def.name} running (QEMU pid ${p.vm.pid}, ${accel})${p.disk ? ` on ${p.disk.path}${p.disk.convertedFrom ? ` (converted from ${p.disk.convertedFrom})` : ''}` : ''}; protecting it with ${o.standby.host}:${o.standby.port}`);
-  if (process.env['RUBATO_MEMORY_LOG']) {
-    setInterval(() => {
-      const m = process.memoryUsage();
-      process.stderr.write(`memory: rss ${(m.rss / 1e6).toFixed(0)} heap ${(m.heapUsed / 1e6).toFixed(0)}/${(m.heapTotal / 1e6).toFixed(0)} external ${(m.external / 1e6).toFixed(0)} arrayBuffers ${(m.arrayBuffers / 1e6).toFixed(0)} MB\n`);
-    }, 1000).unref();
   }
   const control = new ControlSocket(join(stateDir, 'control.sock'), { status: () => p.primary.snapshot() });
   await control.start();
