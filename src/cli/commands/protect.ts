@@ -65,7 +65,6 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     def, accel, binary, stateDir, standby: o.standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
     onEvent: (e) => {
       emit(e);
-      if (process.env['RUBATO_MEMORY_LOG'] && (e.event === 'checkpoint' && e.bytes > 4e6)) process.stderr.write(`big checkpoint ${JSON.stringify(e)} ${(process.memoryUsage().arrayBuffers / 1e6).toFixed(0)} MB\n`);
       if (e.event === 'protecting') everProtected = true;
       if (e.event === 'fenced') { fenced = true; void ownership?.release(); }
       if (e.event === 'unprotected' && witnessLost) stopGuest(`the standby is gone too (${e.reason}) while the witness is out of reach (${witnessLost})`);
