@@ -35,7 +35,7 @@ export function witnessGate(etcd: EtcdClient, host: string, ttlSec: number): Wit
       for (;;) {
         try {
           const gen = await ownership.claim();
-          if (gen !== null) return { allow: true, why: `the witness gave ${ownership.host} generation ${gen}` };
+          if (gen !== null) return { allow: true, why: `the witness gave ${ownership.host} generation ${gen}`, generation: gen };
           const o = await currentOwner(etcd, ownership.vm).catch(() => null);
           last = o ? `${o.host} holds it (generation ${o.generation}): it is alive` : 'another claim won';
         } catch (e) {

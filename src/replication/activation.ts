@@ -12,7 +12,8 @@ export interface ActivationContext {
 }
 
 export interface ActivationGate {
-  mayActivate(ctx: ActivationContext): Promise<{ allow: boolean; why: string }>;
+  /** `generation`: the witness generation this side now holds (a fencing token), when it has one. */
+  mayActivate(ctx: ActivationContext): Promise<{ allow: boolean; why: string; generation?: number }>;
 }
 
 export const allowAlways: ActivationGate = {

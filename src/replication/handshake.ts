@@ -14,7 +14,11 @@ export const SESSION_START_MAX_FRAME_BYTES = 4 << 20;
 export const STANDBY_MAX_FRAME_BYTES = 64 << 10;
 
 /** Standby side: challenge, check the primary's proof, welcome with our proof. */
-export async function acceptHandshake(link: Link, psk: Buffer, welcome: (id: Identity) => Welcome, timeoutMs: number): Promise<Identity> {
+/**
+ * Standby side. `admit` may refuse an authenticated primary (its reason goes back in a REJECT):
+ * e.g. one whose witness generation is older than one this standby has seen.
+ */
+export async function acceptHandshake(link: Link, psk: Buffer, welcome: (id: Identity) => Welcome, timeoutMs: number, admit?: (id: Identity) => string | null): Promise<Identity> {
   const nonceS = randomBytes(NONCE_BYTES);
   await link.send(FrameType.CHALLENGE, 0, encodeChallenge(nonceS));
   const f = await link.next(timeoutMs);
@@ -23,6 +27,8 @@ export async function acceptHandshake(link: Link, psk: Buffer, welcome: (id: Ide
   if (!proofEquals(h.proof, proof(psk, 'primary', nonceS, h.nonce))) {
     throw refuse(link, 'authentication failed (the primary does not hold this standby\'s key)', 'RUBATO_AUTH_FAILED');
   }
+  const refusal = admit?.(h.identity) ?? null;
+  if (refusal !== null) throw refuse(link, refusal);
   const keys = sessionKeys(psk, nonceS, h.nonce);
   await link.send(FrameType.WELCOME, 0, encodeWelcome(proof(psk, 'standby', h.nonce, nonceS), welcome(h.identity)));
   // The primary sends nothing between HELLO and our WELCOME: everything after is session-keyed.

@@ -80,6 +80,8 @@ export interface PrimaryOptions {
   policy?: Policy;
   /** Sees every checkpoint, ack, output frame and disk operation (the benchmarks' trace recorder). */
   observer?: CheckpointObserver;
+  /** This host's witness generation for the VM (its fencing token), sent with every session. */
+  generation?: () => number | null;
 }
 
 export interface FaultContext {
@@ -313,7 +315,8 @@ export class PrimaryController {
   private async session(): Promise<void> {
     const link = await this.connectLink();
     this.link = link;
-    const identity: Identity = { vm: this.o.vm.spec.name, spec: this.o.vm.spec };
+    const generation = this.o.generation?.() ?? null;
+    const identity: Identity = { vm: this.o.vm.spec.name, spec: this.o.vm.spec, ...(generation ? { generation } : {}) };
     await connectHandshake(link, this.o.psk, identity, this.o.timeoutMs * 5);
     this.authenticatedSession = true;
     link.startHeartbeats(this.o.heartbeatMs, this.o.timeoutMs);

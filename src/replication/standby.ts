@@ -85,6 +85,19 @@ export class StandbyController {
 
   get state(): StandbyState { return this.st; }
 
+  /**
+   * The fencing token: once a primary with witness generation G (or this side's own claim of G)
+   * was seen, a primary with an older generation, or with none, is refused — it no longer holds
+   * the VM, and a replica acknowledging it could let stale output out.
+   */
+  private highestGeneration = 0;
+  private staleGeneration(id: Identity): string | null {
+    if (this.highestGeneration === 0) return null;
+    if (id.generation === undefined) return `VM ${id.vm} is fenced by the witness at generation ${this.highestGeneration}; a primary without a generation is refused`;
+    if (id.generation < this.highestGeneration) return `stale generation ${id.generation} for VM ${id.vm}: the witness is at ${this.highestGeneration} (this primary no longer holds the VM)`;
+    return null;
+  }
+
   /** A handshake must complete within this (then its socket is closed). */
   private get handshakeTimeoutMs(): number { return Math.min(this.o.timeoutMs * 5, HANDSHAKE_TIMEOUT_MAX_MS); }
 
@@ -120,6 +133,7 @@ export class StandbyController {
     if (existsSync(join(this.replicaDir, 'meta.json')) && !existsSync(join(this.o.stateDir, 'activated'))) {
       this.store = await ReplicaStore.open(this.replicaDir, { fsync: this.o.fsync ?? true });
       this.identity = readIdentity(join(this.o.stateDir, 'vm.json'));
+      this.highestGeneration = this.identity.generation ?? 0;
       this.st = 'protecting';
       // A replica recovered at start-up guards nothing until a primary connects (no failover on our own start).
       log.info(`replica of VM ${this.identity.vm} at checkpoint ${this.store.epoch} recovered from ${this.replicaDir}`);
@@ -176,7 +190,8 @@ export class StandbyController {
   private async session(link: Link, authenticated: () => void): Promise<void> {
     let identity: Identity;
     try {
-      identity = await acceptHandshake(link, this.o.psk, () => ({ replicaEpoch: this.replicaEpoch, replicaVm: this.identity?.vm ?? null }), this.handshakeTimeoutMs);
+      identity = await acceptHandshake(link, this.o.psk, () => ({ replicaEpoch: this.replicaEpoch, replicaVm: this.identity?.vm ?? null }), this.handshakeTimeoutMs,
+        (id) => this.staleGeneration(id));
     } catch (e) {
       // A failed or slow handshake closes the socket: nothing unauthenticated lingers.
       link.close(e instanceof Error ? e : new Error(String(e)));
@@ -184,6 +199,7 @@ export class StandbyController {
     } finally {
       authenticated();
     }
+    if (identity.generation !== undefined) this.highestGeneration = Math.max(this.highestGeneration, identity.generation);
     this.primaryReturned?.();
     // A new authenticated session replaces an old one (the same primary restarting protection).
     if (this.link && !this.link.closed) this.link.close(new RubatoError('RUBATO_PEER_LOST', 'replaced by a new session'));
@@ -303,10 +319,12 @@ export class StandbyController {
       log.warn(`failover refused: ${verdict.why}`);
       return false;
     }
+    if (verdict?.generation !== undefined) this.highestGeneration = Math.max(this.highestGeneration, verdict.generation);
     this.go('failover-begin');
     try {
       if (fenceFirst && this.link) await this.fencePrimary(this.link);
       verdict ??= await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs });
+      if (verdict.generation !== undefined) this.highestGeneration = Math.max(this.highestGeneration, verdict.generation);
     } catch (e) {
       this.go('failover-failed');
       throw e;

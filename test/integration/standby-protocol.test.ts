@@ -127,3 +127,24 @@ test('silent connections are closed when their handshake times out, a flood beyo
   link.close();
   replicaIntact();
 });
+
+test('the fencing token: after a primary with witness generation 5, one with an older generation or none is refused; a newer one is admitted', async () => {
+  const session = async (generation?: number) => {
+    const link = new Link(await dial(), psk, 'standby', 'primary');
+    try {
+      await connectHandshake(link, psk, { ...identity, ...(generation ? { generation } : {}) }, 3000);
+      return 'admitted';
+    } catch (e) {
+      return (e as Error).message;
+    } finally {
+      link.close();
+      await closed(link);
+    }
+  };
+  assert.equal(await session(5), 'admitted');
+  assert.match(await session(3), /stale generation 3 .* the witness is at 5/);
+  assert.match(await session(), /fenced by the witness at generation 5/);
+  assert.equal(await session(6), 'admitted');
+  assert.match(await session(5), /stale generation 5 .* at 6/);
+  replicaIntact();
+});

@@ -63,6 +63,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   let fenced = false;
   const p = await protectVm({
     def, accel, binary, stateDir, standby: o.standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
+    ...(ownership ? { primary: { generation: () => ownership.generation } } : {}),
     onEvent: (e) => {
       emit(e);
       if (e.event === 'protecting') everProtected = true;

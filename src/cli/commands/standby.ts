@@ -85,6 +85,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
       primary = new PrimaryController({
         vm, runDir: join(stateDir, 'run'), standby: o.peer, psk, periodMs: 25, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs,
         timeoutMs: o.timeoutMs, retryMs: 1000, ...(hostIo.relay ? { relay: hostIo.relay } : {}), nbd: hostIo.nbd,
+        ...(gate ? { generation: () => gate.ownership(vm.spec.name).generation } : {}),
         // (the guest's console lines are the standby controller's events already)
         onEvent: (pe) => { if (pe.event !== 'guest') emit(pe.event === 'protecting' ? { ...pe, event: 'reprotected' } : pe); },
       });

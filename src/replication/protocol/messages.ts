@@ -10,6 +10,8 @@ export const NONCE_BYTES = 32;
 export const IdentitySchema = z.object({
   vm: z.string(),
   spec: VmSpecSchema,
+  /** The primary's generation in the witness (its fencing token), when it runs with one. */
+  generation: z.number().int().min(1).optional(),
 });
 export type Identity = z.infer<typeof IdentitySchema>;
 
