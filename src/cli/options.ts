@@ -111,3 +111,8 @@ export async function binaryFor(accel: Accel): Promise<QemuBinary> { return acce
 export function eventPrinter(enabled: boolean): (e: object) => void {
   return (e) => { if (enabled) process.stdout.write(`${JSON.stringify({ t: Date.now(), ...e })}\n`); };
 }
+
+/** The one status line a protecting controller logs for people (without --events). */
+export function statusLine(policy: string, e: { epoch: number; ackedEpoch: number; ckptPerSec: number; dirtyPages: number; pauseMs: number; mbPerSec: number; lagMs: number }): string {
+  return `${policy} | epoch ${e.epoch} acked ${e.ackedEpoch} | ${e.ckptPerSec} ckpt/s | ${e.dirtyPages} dirty pages | pause ${e.pauseMs} ms | ${e.mbPerSec} MB/s | lag ${e.lagMs} ms`;
+}

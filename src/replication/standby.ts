@@ -244,11 +244,7 @@ export class StandbyController {
   private async failoverUnlessPrimaryReturns(link: Link, reason: string): Promise<void> {
     const waitMs = Math.max(0, this.o.timeoutMs - link.silentMs());
     log.warn(`link to the primary lost (${reason}); replica at checkpoint ${this.replicaEpoch}; taking over if it stays silent ${waitMs} ms more`);
-    const back = await new Promise<boolean>((resolve) => {
-      const t = setTimeout(() => { this.primaryReturned = null; resolve(false); }, waitMs);
-      this.primaryReturned = () => { clearTimeout(t); this.primaryReturned = null; resolve(true); };
-    });
-    if (back) {
+    if (await this.primaryBackWithin(waitMs)) {
       log.info('the primary is back (authenticated); no failover');
       return;
     }
@@ -261,12 +257,16 @@ export class StandbyController {
     // is asked again while no primary is back: when that primary dies, its lease expires and this
     // side takes over then.
     while (!(await this.failover('primary-lost', reason, silentMs)) && this.o.gate && this.st === 'protecting' && !this.link && this.guarding) {
-      const back = await new Promise<boolean>((resolve) => {
-        const t = setTimeout(() => { this.primaryReturned = null; resolve(false); }, GATE_RETRY_MS);
-        this.primaryReturned = () => { clearTimeout(t); this.primaryReturned = null; resolve(true); };
-      });
-      if (back) return;
+      if (await this.primaryBackWithin(GATE_RETRY_MS)) return;
     }
+  }
+
+  /** True if an authenticated primary connects within `ms`. */
+  private primaryBackWithin(ms: number): Promise<boolean> {
+    return new Promise<boolean>((resolve) => {
+      const t = setTimeout(() => { this.primaryReturned = null; resolve(false); }, ms);
+      this.primaryReturned = () => { clearTimeout(t); this.primaryReturned = null; resolve(true); };
+    });
   }
 
   /** A full image arrives into replica.new, written in place; complete, it replaces the replica. */

@@ -25,25 +25,25 @@ export const DEBIAN_PACKAGES = [
   'etcd-server',
 ] as const;
 
-async function missingPackages(): Promise<string[]> {
-  const r = await runCommand('dpkg-query', ['-W', '-f', '${Package} ${db:Status-Abbrev}\n', ...DEBIAN_PACKAGES]);
-  const ok = new Set(r.stdout.split('\n').filter((l) => / ii ?$/.test(l.trimEnd()) || /\sii\s*$/.test(l)).map((l) => l.split(' ')[0]));
-  return DEBIAN_PACKAGES.filter((p) => !ok.has(p));
-}
-
 let packagesChecked = false;
 export async function ensurePackages(): Promise<void> {
   if (packagesChecked) return;
-  const missing = await missingPackages();
-  if (missing.length) {
-    log.info(`installing Debian packages: ${missing.join(' ')}`);
-    const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
-    const up = await runCommand('apt-get', ['update', '-q'], { env });
-    if (up.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get update failed: ${up.stderr.trim().split('\n').slice(-2).join(' | ')}`);
-    const inst = await runCommand('apt-get', ['install', '-y', '-q', '--no-install-recommends', ...missing], { env });
-    if (inst.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get install failed: ${inst.stderr.trim().split('\n').slice(-3).join(' | ')}`);
-  }
+  await installPackages(DEBIAN_PACKAGES);
   packagesChecked = true;
+}
+
+/** Installs the Debian packages of `names` that are missing. */
+async function installPackages(names: readonly string[]): Promise<void> {
+  const r = await runCommand('dpkg-query', ['-W', '-f', '${Package} ${db:Status-Abbrev}\n', ...names]);
+  const ok = new Set(r.stdout.split('\n').filter((l) => /\sii\s*$/.test(l)).map((l) => l.split(' ')[0]));
+  const missing = names.filter((p) => !ok.has(p));
+  if (!missing.length) return;
+  log.info(`installing Debian packages: ${missing.join(' ')}`);
+  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  const up = await runCommand('apt-get', ['update', '-q'], { env });
+  if (up.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get update failed: ${up.stderr.trim().split('\n').slice(-2).join(' | ')}`);
+  const inst = await runCommand('apt-get', ['install', '-y', '-q', '--no-install-recommends', ...missing], { env });
+  if (inst.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get install failed: ${inst.stderr.trim().split('\n').slice(-3).join(' | ')}`);
 }
 
 async function runBuildScript(script: string, what: string): Promise<string> {
@@ -94,20 +94,6 @@ export async function ensureDebianImage(): Promise<string> {
   if (!existsSync(path)) throw new RubatoError('RUBATO_SETUP_FAILED', `Debian guest image missing: ${path}`);
   debianImage = path;
   return path;
-}
-
-/** Installs the Debian packages of `names` that are missing. */
-async function installPackages(names: readonly string[]): Promise<void> {
-  const r = await runCommand('dpkg-query', ['-W', '-f', '${Package} ${db:Status-Abbrev}\n', ...names]);
-  const ok = new Set(r.stdout.split('\n').filter((l) => /\sii\s*$/.test(l)).map((l) => l.split(' ')[0]));
-  const missing = names.filter((p) => !ok.has(p));
-  if (!missing.length) return;
-  log.info(`installing Debian packages: ${missing.join(' ')}`);
-  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
-  const up = await runCommand('apt-get', ['update', '-q'], { env });
-  if (up.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get update failed: ${up.stderr.trim().split('\n').slice(-2).join(' | ')}`);
-  const inst = await runCommand('apt-get', ['install', '-y', '-q', '--no-install-recommends', ...missing], { env });
-  if (inst.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get install failed: ${inst.stderr.trim().split('\n').slice(-3).join(' | ')}`);
 }
 
 let tapRelay: string | null = null;

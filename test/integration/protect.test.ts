@@ -18,6 +18,7 @@ import { debianDemoPassed, runDebianDemo } from '../../src/chaos/debian-demo.ts'
 import { liveNamespaces } from '../../src/io/net/netns.ts';
 import { sleep, waitFor } from '../../src/util/async.ts';
 import { testPlatform } from '../helpers/platform.ts';
+import { RUBATO_BIN, rubatoProcess } from '../helpers/rubato.ts';
 
 test('rubato protect: a disk-booted Debian VM on a bridge, output only after the standby committed, failover, re-protection', { timeout: 900_000 }, async () => {
   const r = await runDebianDemo({ seconds: 4, memMb: 768, policy: 'model', heartbeatMs: 100, timeoutMs: 1000, accel: 'auto' }, () => {});
@@ -138,22 +139,15 @@ test('rubato protect with its standby not yet there: the VM runs, "unprotected" 
   const f = join(dir, 'vm.json');
   writeFileSync(f, JSON.stringify({ name: 'late1', memoryMiB: 128, boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,1,4' } }));
   const port = 20000 + Math.floor(Math.random() * 20000);
-  const events: Array<Record<string, unknown>> = [];
-  const pr = spawnTracked('rubato-protect', join(REPO_ROOT, 'bin', 'rubato'), ['protect', f, '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'p'),
-    '--events', '--policy', 'fixed:50', '--heartbeat-ms', '50', '--timeout-ms', '500'], { env: { ...process.env, RUBATO_LOG: 'error' } });
-  let buf = '';
-  pr.child.stdout?.on('data', (d: Buffer) => {
-    buf += d.toString();
-    let nl: number;
-    while ((nl = buf.indexOf('\n')) >= 0) { try { events.push(JSON.parse(buf.slice(0, nl)) as Record<string, unknown>); } catch { /* not an event */ } buf = buf.slice(nl + 1); }
-  });
+  const { proc: pr, events } = rubatoProcess('rubato-protect', ['protect', f, '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'p'),
+    '--events', '--policy', 'fixed:50', '--heartbeat-ms', '50', '--timeout-ms', '500'], 'error');
   let sb: ReturnType<typeof spawnTracked> | null = null;
   try {
     await waitFor(() => events.find((e) => e['event'] === 'unprotected'), 60_000, 'the VM said to be unprotected');
     await sleep(3000); // several retries meanwhile
     assert.equal(events.filter((e) => e['event'] === 'unprotected').length, 1, 'said once, not per retry');
     assert.ok(events.some((e) => e['event'] === 'guest'), 'the VM runs meanwhile');
-    sb = spawnTracked('rubato-standby', join(REPO_ROOT, 'bin', 'rubato'), ['standby', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 's'), '--no-fsync']);
+    sb = spawnTracked('rubato-standby', RUBATO_BIN, ['standby', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 's'), '--no-fsync']);
     await waitFor(() => events.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected once the standby answered');
     pr.kill('SIGTERM');
     assert.equal((await pr.exited).code, 0);

@@ -6,24 +6,15 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { readdirSync } from 'node:fs';
-import { REPO_ROOT } from '../../src/setup/index.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
-import { spawnTracked, liveProcesses, type TrackedProcess } from '../../src/util/procs.ts';
+import { liveProcesses } from '../../src/util/procs.ts';
 import { writeKeyFile } from '../../src/replication/keyfile.ts';
 import { controlCommand } from '../../src/replication/control-socket.ts';
-import { LineSplitter, sleep, waitFor } from '../../src/util/async.ts';
+import { sleep, waitFor } from '../../src/util/async.ts';
+import { alive, rubatoProcess } from '../helpers/rubato.ts';
 
-type Ev = Record<string, unknown>;
+const rubato = rubatoProcess;
 
-function rubato(name: string, args: string[]): { proc: TrackedProcess; events: Ev[] } {
-  const proc = spawnTracked(name, join(REPO_ROOT, 'bin', 'rubato'), args, { env: { ...process.env, RUBATO_LOG: 'warn' } });
-  const events: Ev[] = [];
-  const lines = new LineSplitter((l) => { try { events.push(JSON.parse(l) as Ev); } catch { /* not an event */ } });
-  proc.child.stdout?.on('data', (d: Buffer) => lines.push(d));
-  return { proc, events };
-}
-
-const alive = (pid: number) => { try { process.kill(pid, 0); return true; } catch { return false; } };
 const link = ['--heartbeat-ms', '50', '--timeout-ms', '600'];
 
 function pair(dir: string, port: number) {

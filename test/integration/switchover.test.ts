@@ -7,25 +7,16 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { writeFileSync } from 'node:fs';
-import { REPO_ROOT } from '../../src/setup/index.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
-import { runCommand, spawnTracked, type TrackedProcess } from '../../src/util/procs.ts';
+import { runCommand, type TrackedProcess } from '../../src/util/procs.ts';
 import { writeKeyFile } from '../../src/replication/keyfile.ts';
-import { LineSplitter, waitFor } from '../../src/util/async.ts';
+import { waitFor } from '../../src/util/async.ts';
 import { testPlatform } from '../helpers/platform.ts';
+import { RUBATO_BIN, alive, rubatoProcess, type Ev } from '../helpers/rubato.ts';
 
-type Ev = Record<string, unknown>;
-const BIN = join(REPO_ROOT, 'bin', 'rubato');
+const BIN = RUBATO_BIN;
 const env = { ...process.env, RUBATO_LOG: 'warn' };
-
-function rubato(name: string, args: string[]): { proc: TrackedProcess; events: Ev[] } {
-  const proc = spawnTracked(name, BIN, args, { env });
-  const events: Ev[] = [];
-  const lines = new LineSplitter((l) => { try { events.push(JSON.parse(l) as Ev); } catch { /* not an event */ } });
-  proc.child.stdout?.on('data', (d: Buffer) => lines.push(d));
-  return { proc, events };
-}
-const alive = (pid: number) => { try { process.kill(pid, 0); return true; } catch { return false; } };
+const rubato = rubatoProcess;
 const work = (e: Ev) => e['event'] === 'guest' && /RUBATO dirtier t=/.test(String(e['line']));
 const counter = (e: Ev) => Number(String(e['line']).match(/work=(\d+)/)?.[1] ?? -1);
 

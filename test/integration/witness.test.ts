@@ -6,11 +6,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
-import { LineSplitter, sleep, waitFor } from '../../src/util/async.ts';
+import { sleep, waitFor } from '../../src/util/async.ts';
+import { alive, rubatoProcess, type Ev } from '../helpers/rubato.ts';
 import { join } from 'node:path';
 import { writeFileSync } from 'node:fs';
-import { REPO_ROOT } from '../../src/setup/index.ts';
-import { spawnTracked, type TrackedProcess } from '../../src/util/procs.ts';
+import type { TrackedProcess } from '../../src/util/procs.ts';
 import { writeKeyFile } from '../../src/replication/keyfile.ts';
 import { testPlatform } from '../helpers/platform.ts';
 import { ensurePackages } from '../../src/setup/index.ts';
@@ -25,9 +25,9 @@ test('witness: one owner at a time; a holder cut from etcd gives up before anoth
   const etcd = await LocalEtcd.start(dir);
   const port = Number(new URL(etcd.url).port);
   const proxy = new CuttableProxy(port);
-  await proxy.listen();
   const direct = new EtcdClient([etcd.url], 500);
   try {
+    await proxy.listen();
     const a = new Ownership(new EtcdClient([`http://127.0.0.1:${proxy.port}`], 300), 'vm1', 'ha', 2);
     const b = new Ownership(direct, 'vm1', 'hb', 2);
     assert.equal(await a.claim(), 1);
@@ -65,22 +65,18 @@ test('witness: one owner at a time; a holder cut from etcd gives up before anoth
 });
 
 test('witness with the product commands: a cut replication link leaves one live copy (the primary); its crash then lets the standby take over', { timeout: 240_000 }, async () => {
-  const { guest } = await testPlatform();
-  const dir = makeTempDir('rubato-witness-live-');
-  const etcd = await LocalEtcd.start(dir);
-  const key = join(dir, 'psk');
-  writeKeyFile(key);
-  const vmFile = join(dir, 'vm.json');
-  writeFileSync(vmFile, JSON.stringify({ name: 'w1', memoryMiB: 128, boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,1,4' } }));
+  const rig = await witnessRig('w1');
+  const { dir, etcd, vmFile, common } = rig;
   const portB = 20000 + Math.floor(Math.random() * 20000);
   const link = new CuttableProxy(portB);
-  await link.listen();
-  const common = ['--key', key, '--events', '--etcd', etcd.url, '--lease-ttl', '2', '--heartbeat-ms', '50', '--timeout-ms', '500'];
-  const sb = events('rubato-standby', ['standby', '--listen', `127.0.0.1:${portB}`, '--state-dir', join(dir, 'b'), '--no-fsync', '--host', 'hb', ...common]);
+  let sb: ReturnType<typeof events> | null = null;
   let pr: ReturnType<typeof events> | null = null;
   const direct = new EtcdClient([etcd.url], 500);
   try {
-    await waitFor(() => sb.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
+    await link.listen();
+    sb = events('rubato-standby', ['standby', '--listen', `127.0.0.1:${portB}`, '--state-dir', join(dir, 'b'), '--no-fsync', '--host', 'hb', ...common]);
+    const s = sb;
+    await waitFor(() => s.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
     pr = events('rubato-protect', ['protect', vmFile, '--standby', `127.0.0.1:${link.port}`, '--state-dir', join(dir, 'a'), '--host', 'ha', '--policy', 'fixed:50', ...common]);
     const p = pr;
     assert.equal((await waitFor(() => p.list.find((e) => e['event'] === 'owner'), 60_000, 'ownership'))['generation'], 1);
@@ -89,10 +85,10 @@ test('witness with the product commands: a cut replication link leaves one live 
 
     // Both hosts alive, the replication link cut: the standby loses its primary, but the witness says it lives.
     link.blackhole();
-    await waitFor(() => sb.list.find((e) => e['event'] === 'failover-refused'), 20_000, 'the standby refused to go live');
+    await waitFor(() => s.list.find((e) => e['event'] === 'failover-refused'), 20_000, 'the standby refused to go live');
     await waitFor(() => p.list.find((e) => e['event'] === 'unprotected'), 20_000, 'the primary running on, unprotected');
     await sleep(2000);
-    assert.equal(sb.list.some((e) => e['event'] === 'failover'), false, 'no second live copy');
+    assert.equal(s.list.some((e) => e['event'] === 'failover'), false, 'no second live copy');
     assert.ok(alive(Number(started['qemuPid'])), 'the primary\'s guest runs');
     assert.deepEqual(await currentOwner(direct, 'w1'), { host: 'ha', generation: 1 });
 
@@ -100,33 +96,28 @@ test('witness with the product commands: a cut replication link leaves one live 
     const killAt = Date.now();
     process.kill(Number(started['qemuPid']), 'SIGKILL');
     p.proc.kill('SIGKILL');
-    const fo = await waitFor(() => sb.list.find((e) => e['event'] === 'failover'), 20_000, 'the failover after the crash');
+    const fo = await waitFor(() => s.list.find((e) => e['event'] === 'failover'), 20_000, 'the failover after the crash');
     const ms = Number(fo['runningAtMs']) - killAt;
     assert.ok(ms < 5000, `took over ${ms} ms after the crash (lease TTL 2 s)`);
     assert.deepEqual(await currentOwner(direct, 'w1'), { host: 'hb', generation: 2 }, 'the standby holds the next generation');
   } finally {
     link.close();
     await pr?.proc.stop(3000);
-    await sb.proc.stop(5000);
-    await etcd.stop();
-    removeTempDir(dir);
+    await sb?.proc.stop(5000);
+    await rig.cleanup();
   }
 });
 
 test('witness unavailable: a healthy protected pair keeps running (nobody goes live, nobody stops)', { timeout: 240_000 }, async () => {
-  const { guest } = await testPlatform();
-  const dir = makeTempDir('rubato-witness-down-');
-  const etcd = await LocalEtcd.start(dir);
-  const key = join(dir, 'psk');
-  writeKeyFile(key);
-  const vmFile = join(dir, 'vm.json');
-  writeFileSync(vmFile, JSON.stringify({ name: 'w2', memoryMiB: 128, boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,1,4' } }));
+  const rig = await witnessRig('w2');
+  const { dir, etcd, vmFile, common } = rig;
   const portB = 20000 + Math.floor(Math.random() * 20000);
-  const common = ['--key', key, '--events', '--etcd', etcd.url, '--lease-ttl', '2', '--heartbeat-ms', '50', '--timeout-ms', '500'];
-  const sb = events('rubato-standby', ['standby', '--listen', `127.0.0.1:${portB}`, '--state-dir', join(dir, 'b'), '--no-fsync', '--host', 'hb', ...common]);
+  let sb: ReturnType<typeof events> | null = null;
   let pr: ReturnType<typeof events> | null = null;
   try {
-    await waitFor(() => sb.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
+    sb = events('rubato-standby', ['standby', '--listen', `127.0.0.1:${portB}`, '--state-dir', join(dir, 'b'), '--no-fsync', '--host', 'hb', ...common]);
+    const s = sb;
+    await waitFor(() => s.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
     pr = events('rubato-protect', ['protect', vmFile, '--standby', `127.0.0.1:${portB}`, '--state-dir', join(dir, 'a'), '--host', 'ha', '--policy', 'fixed:50', ...common]);
     const p = pr;
     const started = await waitFor(() => p.list.find((e) => e['event'] === 'started'), 60_000, 'the VM');
@@ -138,22 +129,36 @@ test('witness unavailable: a healthy protected pair keeps running (nobody goes l
     assert.ok(alive(Number(started['qemuPid'])), 'the guest runs on');
     assert.ok(p.list.filter((e) => e['event'] === 'acked').length > acked + 10, 'checkpoints still acknowledged');
     assert.equal(p.list.some((e) => e['event'] === 'ownership-lost'), false);
-    assert.equal(sb.list.some((e) => e['event'] === 'failover' || e['event'] === 'primary-lost'), false);
+    assert.equal(s.list.some((e) => e['event'] === 'failover' || e['event'] === 'primary-lost'), false);
     p.proc.kill('SIGTERM');
     assert.equal((await p.proc.exited).code, 0, 'an orderly stop still exits 0');
   } finally {
     await pr?.proc.stop(3000);
-    await sb.proc.stop(5000);
-    await etcd.stop();
-    removeTempDir(dir);
+    await sb?.proc.stop(5000);
+    await rig.cleanup();
   }
 });
 
-function events(name: string, args: string[]): { proc: TrackedProcess; list: Array<Record<string, unknown>> } {
-  const proc = spawnTracked(name, join(REPO_ROOT, 'bin', 'rubato'), args, { env: { ...process.env, RUBATO_LOG: 'error' } });
-  const list: Array<Record<string, unknown>> = [];
-  const lines = new LineSplitter((l) => { try { list.push(JSON.parse(l) as Record<string, unknown>); } catch { /* not an event */ } });
-  proc.child.stdout?.on('data', (d: Buffer) => lines.push(d));
-  return { proc, list };
+/** A local etcd, a key and a small test-guest VM definition; cleanup() ends and removes them all. */
+async function witnessRig(vm: string) {
+  const { guest } = await testPlatform();
+  const dir = makeTempDir('rubato-witness-live-');
+  let etcd: LocalEtcd;
+  try {
+    etcd = await LocalEtcd.start(dir);
+  } catch (e) {
+    removeTempDir(dir);
+    throw e;
+  }
+  const key = join(dir, 'psk');
+  writeKeyFile(key);
+  const vmFile = join(dir, 'vm.json');
+  writeFileSync(vmFile, JSON.stringify({ name: vm, memoryMiB: 128, boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,1,4' } }));
+  const common = ['--key', key, '--events', '--etcd', etcd.url, '--lease-ttl', '2', '--heartbeat-ms', '50', '--timeout-ms', '500'];
+  return { dir, etcd, vmFile, common, cleanup: async () => { await etcd.stop(); removeTempDir(dir); } };
 }
-const alive = (pid: number) => { try { process.kill(pid, 0); return true; } catch { return false; } };
+
+function events(name: string, args: string[]): { proc: TrackedProcess; list: Ev[] } {
+  const r = rubatoProcess(name, args, 'error');
+  return { proc: r.proc, list: r.events };
+}

@@ -6,23 +6,20 @@ import { controlCommand } from '../../replication/control-socket.ts';
 const STANDBY_DIR = '/var/lib/rubato/standby';
 
 export function register(program: Command): void {
+  const action = (cmd: 'failover' | 'switchover') => async (o: { stateDir: string }) => {
+    const r = await controlCommand(o.stateDir, cmd);
+    process.stdout.write(`${JSON.stringify(r)}\n`);
+    if (r['ok'] !== true) process.exitCode = 1;
+  };
   program.command('failover')
     .description('make the standby take over now (the primary, if alive, first stops its guest)')
     .option('--state-dir <dir>', "the standby's state folder", STANDBY_DIR)
-    .action(async (o: { stateDir: string }) => {
-      const r = await controlCommand(o.stateDir, 'failover');
-      process.stdout.write(`${JSON.stringify(r)}\n`);
-      if (r['ok'] !== true) process.exitCode = 1;
-    });
+    .action(action('failover'));
 
   program.command('switchover')
     .description('planned maintenance: move the VM to its standby with no lost output (the primary takes a last checkpoint with its guest stopped, then the standby runs it)')
     .option('--state-dir <dir>', "the standby's state folder", STANDBY_DIR)
-    .action(async (o: { stateDir: string }) => {
-      const r = await controlCommand(o.stateDir, 'switchover');
-      process.stdout.write(`${JSON.stringify(r)}\n`);
-      if (r['ok'] !== true) process.exitCode = 1;
-    });
+    .action(action('switchover'));
 
   program.command('status')
     .description("a controller's view: role, protected or not and why, epochs, lag, checkpoints/s, pauses, held output, last failover")

@@ -11,7 +11,7 @@ import type { ResolvedVm } from '../../qemu/definition.ts';
 import { protectVm } from '../../host/protect.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
-import { ACCEL, LINK, eventPrinter, hostPort, int, parseOptions, platform, policy, withAccel, withLinkOptions } from '../options.ts';
+import { ACCEL, LINK, eventPrinter, hostPort, int, parseOptions, platform, policy, statusLine, withAccel, withLinkOptions } from '../options.ts';
 
 const log = logger('rubato');
 
@@ -52,7 +52,7 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
     def, accel, binary, stateDir: resolve(o.stateDir), standby: o.standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
     onEvent: (e) => {
       emit(e);
-      if (!o.events && e.event === 'status') log.info(`${o.policy} | epoch ${e.epoch} acked ${e.ackedEpoch} | ${e.ckptPerSec} ckpt/s | ${e.dirtyPages} dirty pages | pause ${e.pauseMs} ms | ${e.mbPerSec} MB/s | lag ${e.lagMs} ms`);
+      if (!o.events && e.event === 'status') log.info(statusLine(o.policy, e));
     },
   });
   emit({ event: 'started', vm: o.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel });

@@ -15,7 +15,7 @@ import { protectVm } from '../../host/protect.ts';
 import { serveStandby } from './standby.ts';
 import { ControlSocket } from '../../replication/control-socket.ts';
 import { join } from 'node:path';
-import { LINK, WITNESS, eventPrinter, hostPort, parseOptions, platform, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
+import { LINK, WITNESS, eventPrinter, hostPort, parseOptions, statusLine, platform, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { Ownership, currentOwner } from '../../coord/ownership.ts';
 
@@ -73,7 +73,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
         authRefused = new RubatoError('RUBATO_AUTH_FAILED', `the standby ${o.standby.host}:${o.standby.port} refused this key (${o.key}): ${e.reason}`);
         void p.stop();
       }
-      if (!o.events && e.event === 'status') log.info(`${o.policy} | epoch ${e.epoch} acked ${e.ackedEpoch} | ${e.ckptPerSec} ckpt/s | ${e.dirtyPages} dirty pages | pause ${e.pauseMs} ms | ${e.mbPerSec} MB/s | lag ${e.lagMs} ms`);
+      if (!o.events && e.event === 'status') log.info(statusLine(o.policy, e));
       if (!o.events && e.event === 'sync-progress') log.info(`synchronising the standby: ${e.percent} % (${Math.round(e.bytes / 1e6)} of ${Math.round(e.totalBytes / 1e6)} MB, ${e.mbPerSec} MB/s, ${e.etaSec} s left)`);
     },
   });
