@@ -333,6 +333,7 @@ export class PrimaryController {
     const nbd = this.o.nbd;
     const diskBlock = nbd ? { id: DISK_BLOCK_ID, lengthBytes: nbd.sizeBytes } : null;
     const extents = nbd ? await allocatedExtents(nbd.imagePath) : [];
+    const diskSinceCopy: { pages: Map<number, Buffer> | null } = { pages: null };
     const sender = new BaseSender(link, {
       extraBlocks: diskBlock ? [diskBlock] : [],
       extraBytes: extentBytes(extents),
@@ -349,15 +350,16 @@ export class PrimaryController {
       // The disk copy runs inside the precopy (QEMU waits meanwhile): its time is not a stuck stream.
       precopyTimeoutMs: 300_000 + Math.ceil(extentBytes(extents) / (10 << 20)) * 1000,
       beforeReady: (b) => {
-        // Guest paused at the end of the full copy: output so far is in this image, and the disk
-        // writes logged since its copy began join it now.
+        // Guest paused at the end of the full copy: output so far is in this image, and so are the
+        // disk writes logged since its copy began (taken now, sent once the guest runs again).
         const closed = pipe.paused(0, performance.now());
         if (diskBlock) {
           b.blocks.push(diskBlock);
-          for (const [offset, data] of closed.disk?.pages ?? []) sender.page(DISK_BLOCK_ID, offset, data);
+          diskSinceCopy.pages = closed.disk?.pages ?? null;
         }
       },
     });
+    for (const [offset, data] of diskSinceCopy.pages ?? []) sender.page(DISK_BLOCK_ID, offset, data);
     this.capture = capture;
     this.blocks = base.blocks;
     assert(sender.layoutBlocks.length === base.blocks.length, 'the layout sent is the capture\'s');
