@@ -5,11 +5,13 @@
 
 import { Command, CommanderError } from 'commander';
 import { EXIT_CODES, RubatoError, errorMessage } from '../util/errors.ts';
+import * as agent from './commands/agent.ts';
 import * as bench from './commands/bench.ts';
 import * as captureCheck from './commands/capture-check.ts';
 import * as chaos from './commands/chaos.ts';
 import * as demo from './commands/demo.ts';
 import * as failover from './commands/failover.ts';
+import * as host from './commands/host.ts';
 import * as keygen from './commands/keygen.ts';
 import * as primary from './commands/primary.ts';
 import * as profile from './commands/profile.ts';
@@ -17,6 +19,7 @@ import * as protect from './commands/protect.ts';
 import * as setup from './commands/setup.ts';
 import * as simulate from './commands/simulate.ts';
 import * as standby from './commands/standby.ts';
+import * as vm from './commands/vm.ts';
 
 const program = new Command('rubato')
   .description('High availability for QEMU VMs by checkpoint replication with a workload-adaptive scheduler')
@@ -25,7 +28,7 @@ const program = new Command('rubato')
   .enablePositionalOptions()
   .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
-for (const c of [setup, captureCheck, keygen, protect, primary, standby, failover, demo, profile, simulate, chaos, bench]) c.register(program);
+for (const c of [setup, captureCheck, keygen, protect, primary, standby, failover, agent, vm, host, demo, profile, simulate, chaos, bench]) c.register(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -43,11 +43,11 @@ export const policy = () => custom<string>((v) => {
   try { parsePolicy(String(v)); return String(v); } catch (e) { return `!${(e as Error).message}`; }
 });
 
-/** HOST:PORT. */
-export const hostPort = () => custom<{ host: string; port: number }>((v) => {
+/** HOST:PORT (port 0: any free port, where `anyPort`). */
+export const hostPort = (anyPort = false) => custom<{ host: string; port: number }>((v) => {
   const m = String(v).match(/^(.+):(\d{1,5})$/);
   const port = m ? Number(m[2]) : NaN;
-  if (!m || port < 1 || port > 65535) return `!must be HOST:PORT (got "${String(v)}")`;
+  if (!m || port < (anyPort ? 0 : 1) || port > 65535) return `!must be HOST:PORT (got "${String(v)}")`;
   return { host: m[1]!.replace(/^\[|\]$/g, ''), port };
 });
 

@@ -54,6 +54,20 @@ export class EtcdClient {
     await this.call('/v3/lease/revoke', { ID: id });
   }
 
+  /** Every key under `prefix`, in key order. */
+  async list(prefix: string): Promise<KeyValue[]> {
+    const r = await this.call<{ kvs?: RawKv[] }>('/v3/kv/range', { key: b64(prefix), range_end: rangeEnd(prefix) });
+    return (r.kvs ?? []).map(toKv);
+  }
+
+  async put(key: string, value: string, lease?: string): Promise<void> {
+    await this.call('/v3/kv/put', { key: b64(key), value: b64(value), ...(lease ? { lease } : {}) });
+  }
+
+  async del(key: string): Promise<void> {
+    await this.call('/v3/kv/deleterange', { key: b64(key) });
+  }
+
   async get(key: string): Promise<KeyValue | null> {
     const r = await this.call<{ kvs?: RawKv[] }>('/v3/kv/range', { key: b64(key) });
     const kv = r.kvs?.[0];
@@ -81,6 +95,17 @@ export class EtcdClient {
       return false;
     }
   }
+}
+
+/** The first key after every key that starts with `prefix` (etcd's range end for a prefix). */
+function rangeEnd(prefix: string): string {
+  const b = Buffer.from(prefix);
+  let i = b.length - 1;
+  while (i >= 0 && b[i] === 0xff) i--;
+  if (i < 0) return b64('\0');
+  const end = b.subarray(0, i + 1);
+  end[i]! += 1;
+  return end.toString('base64');
 }
 
 interface RawKv { key: string; value?: string; mod_revision?: string; create_revision?: string; lease?: string }

@@ -24,14 +24,16 @@ export class LocalEtcd {
 
   get pid(): number { return this.proc.pid; }
 
-  static async start(dir: string, opts: { binary?: string; ns?: string } = {}): Promise<LocalEtcd> {
+  /** `host`: the address to listen on (default loopback; in a namespace, its LAN address). */
+  static async start(dir: string, opts: { binary?: string; ns?: string; host?: string } = {}): Promise<LocalEtcd> {
     ensurePrivateDir(dir);
     const dataDir = join(dir, 'etcd-data');
     const [client, peer] = [await freePort(), await freePort()];
-    const url = `http://127.0.0.1:${client}`;
+    const host = opts.host ?? '127.0.0.1';
+    const url = `http://${host}:${client}`;
     const args = ['--name', 'rubato', '--data-dir', dataDir, '--listen-client-urls', url, '--advertise-client-urls', url,
-      '--listen-peer-urls', `http://127.0.0.1:${peer}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${peer}`,
-      '--initial-cluster', `rubato=http://127.0.0.1:${peer}`, '--log-level', 'error'];
+      '--listen-peer-urls', `http://${host}:${peer}`, '--initial-advertise-peer-urls', `http://${host}:${peer}`,
+      '--initial-cluster', `rubato=http://${host}:${peer}`, '--log-level', 'error'];
     const bin = opts.binary ?? '/usr/bin/etcd';
     const proc = opts.ns ? spawnTracked('etcd', 'ip', ['netns', 'exec', opts.ns, bin, ...args]) : spawnTracked('etcd', bin, args);
     let stderr = '';

@@ -58,7 +58,7 @@ export interface ProtectOptions {
   accel: Accel;
   binary: QemuBinary;
   stateDir: string;
-  standby: { host: string; port: number };
+  standby: PrimaryOptions['standby'];
   psk: Buffer;
   policy: Policy;
   heartbeatMs: number;

@@ -53,10 +53,13 @@ export type PrimaryEvent =
   | { event: 'fenced' }
   | { event: 'vm-exited' };
 
+export interface HostPort { host: string; port: number }
+
 export interface PrimaryOptions {
   vm: QemuVm;
   runDir: string;
-  standby: { host: string; port: number };
+  /** The standby's address, or where to find it before each connection (agents: the witness names it; null: none placed yet). */
+  standby: HostPort | (() => Promise<HostPort | null>);
   psk: Buffer;
   periodMs: number;
   heartbeatMs: number;
@@ -162,7 +165,7 @@ export class PrimaryController {
     const oldest = this.pipeline.oldestInflightSentMs;
     return {
       role: 'primary', vm: this.o.vm.spec.name, protected: this.protected, unprotectedReason: this.protected ? null : this.unprotectedReason,
-      standby: `${this.o.standby.host}:${this.o.standby.port}`, phase: this.pipeline.phase, generation: this.pipeline.generation,
+      standby: this.standbyAt ? `${this.standbyAt.host}:${this.standbyAt.port}` : null, phase: this.pipeline.phase, generation: this.pipeline.generation,
       epoch: this.epoch, ackedEpoch: this.ackedEpoch, lagMs: oldest === null ? 0 : Math.round(now - oldest),
       ckptPerSec: this.lastStatus?.ckptPerSec ?? 0, pauseMsP50: q(0.5), pauseMsP99: q(0.99),
       heldFrames: out.frames, heldBytes: out.bytes, oldestHeldMs: out.oldestMs === null ? null : Math.round(out.oldestMs), lastFailover: null,
@@ -284,8 +287,14 @@ export class PrimaryController {
     this.holdTimer = null;
   }
 
+  /** The standby last connected to (or tried). */
+  private standbyAt: HostPort | null = null;
+
   private async connectLink(): Promise<Link> {
-    const { host, port } = this.o.standby;
+    const at = typeof this.o.standby === 'function' ? await this.o.standby().catch(() => null) : this.o.standby;
+    if (!at) throw new RubatoError('RUBATO_PEER_LOST', 'no standby placed for this VM yet');
+    this.standbyAt = at;
+    const { host, port } = at;
     const sock = connect({ host, port });
     await new Promise<void>((resolve, reject) => {
       const t = setTimeout(() => { sock.destroy(); reject(new RubatoError('RUBATO_PEER_LOST', `standby ${host}:${port} did not answer within ${this.o.timeoutMs} ms`)); }, this.o.timeoutMs);

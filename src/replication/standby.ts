@@ -157,7 +157,7 @@ export class StandbyController {
       },
     });
     await this.control.start();
-    this.emit({ event: 'listening', host: this.o.host, port: this.o.port, replicaEpoch: this.replicaEpoch });
+    this.emit({ event: 'listening', host: this.o.host, port: this.boundPort, replicaEpoch: this.replicaEpoch });
   }
 
   private onConnection(sock: Socket): void {

@@ -12,6 +12,7 @@ import type { QemuBinary } from '../qemu/vm.ts';
 
 const log = logger('setup');
 export const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const RUBATO_COMMAND = join(REPO_ROOT, 'bin', 'rubato');
 
 /** Debian packages Rubato needs at run time and to build its QEMU and guest. */
 export const DEBIAN_PACKAGES = [

@@ -3,12 +3,13 @@
 import { z } from 'zod';
 import type { Command } from 'commander';
 import { runDemo } from '../../chaos/demo.ts';
+import { clusterDemoPassed, runClusterDemo } from '../../chaos/cluster-demo.ts';
 import { debianDemoPassed, runDebianDemo } from '../../chaos/debian-demo.ts';
 import { ACCEL, LINK, int, num, oneOf, parseOptions, policy, withAccel, withLinkOptions } from '../options.ts';
 
 const Options = z.object({
   seconds: int(1, 3600), mem: int(64, 65536).optional(), rate: num(0, 10000), policy: policy(), cutLink: z.boolean(), json: z.boolean(), accel: ACCEL,
-  guest: oneOf(['test', 'debian'] as const), diskGib: int(1, 65536).optional(), ...LINK,
+  guest: oneOf(['test', 'debian'] as const), diskGib: int(1, 65536).optional(), hosts: int(3, 8).optional(), vms: int(1, 8), leaseTtl: int(1, 60), ...LINK,
 });
 
 export function register(program: Command): void {
@@ -21,6 +22,9 @@ export function register(program: Command): void {
     .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', '10')
     .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', 'model')
     .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
+    .option('--hosts <n>', 'a cluster instead of a pair: N hosts running rubato agent, one etcd, one host killed (3-8)')
+    .option('--vms <n>', 'with --hosts: VMs in the cluster', '2')
+    .option('--lease-ttl <s>', 'with --hosts: witness lease TTL, seconds', '2')
     .option('--json', 'non-interactive; print the summary as one JSON line', false)
     .action(async (raw: unknown) => {
       const o = parseOptions(Options, raw);
@@ -29,6 +33,12 @@ export function register(program: Command): void {
         if (tty) process.stderr.write(`\r\x1b[K${line}${final ? '\n' : ''}`);
         else if (final || !o.json) process.stderr.write(`${line}\n`);
       };
+      if (o.hosts) {
+        const c = await runClusterDemo({ ...o, hosts: o.hosts }, status);
+        process.stdout.write(`${JSON.stringify(c)}\n`);
+        process.exitCode = clusterDemoPassed(c) ? 0 : 1;
+        return;
+      }
       if (o.guest === 'debian') {
         const d = await runDebianDemo({ ...o, memMb: o.mem ?? 1024, ...(o.diskGib ? { diskGiB: o.diskGib } : {}) }, status);
         process.stdout.write(`${JSON.stringify(d)}\n`);

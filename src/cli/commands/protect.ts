@@ -18,16 +18,17 @@ import { join } from 'node:path';
 import { LINK, WITNESS, eventPrinter, hostPort, parseOptions, statusLine, platform, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { Ownership, currentOwner } from '../../coord/ownership.ts';
+import { LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
 
 const log = logger('rubato');
 
-const Options = z.object({ standby: hostPort(), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), ...LINK, ...WITNESS });
+const Options = z.object({ standby: z.union([z.literal('auto'), hostPort()]), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), ...LINK, ...WITNESS });
 
 export function register(program: Command): void {
   withWitnessOptions(withLinkOptions(program.command('protect')))
     .description('run your VM (a definition file: see examples/) and keep it protected by a standby')
     .argument('<vm-file>', 'VM definition (JSON)')
-    .requiredOption('--standby <host:port>', 'the standby controller (rubato standby on the other host)')
+    .requiredOption('--standby <host:port>', 'the standby controller (rubato standby on the other host); auto: the one the witness names (agents)')
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen; the same file on both hosts)')
     .option('--policy <spec>', 'checkpoint policy: model (default), adaptive, fixed:MS, bounded-latency[:MS], …', 'model')
     .option('--state-dir <dir>', 'sockets, converted disks and state (default /var/lib/rubato/VM-NAME)')
@@ -45,6 +46,10 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const emit = eventPrinter(o.events);
   // With a witness: this host must hold the VM before its guest runs (never a second live copy).
   const etcd = o.etcd ? new EtcdClient(o.etcd) : null;
+  if (o.standby === 'auto' && !etcd) throw new RubatoError('RUBATO_CONFIG', '--standby auto needs --etcd (the witness names the standby)');
+  if (o.listen && o.standby === 'auto') throw new RubatoError('RUBATO_CONFIG', '--listen is for a fixed pair; with --standby auto the agents place the standby');
+  const standby = o.standby === 'auto' ? standbyLookup(etcd!, def.name, o.host) : o.standby;
+  const standbyName = o.standby === 'auto' ? 'the standby the witness names' : `${o.standby.host}:${o.standby.port}`;
   const ownership = etcd ? new Ownership(etcd, def.name, o.host, o.leaseTtl) : null;
   if (etcd && ownership) {
     const gen = await ownership.claim();
@@ -62,7 +67,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   let everProtected = false;
   let fenced = false;
   const p = await protectVm({
-    def, accel, binary, stateDir, standby: o.standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
+    def, accel, binary, stateDir, standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
     ...(ownership ? { primary: { generation: () => ownership.generation } } : {}),
     onEvent: (e) => {
       emit(e);
@@ -70,7 +75,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
       if (e.event === 'fenced') { fenced = true; void ownership?.release(); }
       if (e.event === 'unprotected' && witnessLost) stopGuest(`the standby is gone too (${e.reason}) while the witness is out of reach (${witnessLost})`);
       if (e.event === 'unprotected' && !everProtected && /key|authenticat|proof/i.test(e.reason)) {
-        authRefused = new RubatoError('RUBATO_AUTH_FAILED', `the standby ${o.standby.host}:${o.standby.port} refused this key (${o.key}): ${e.reason}`);
+        authRefused = new RubatoError('RUBATO_AUTH_FAILED', `${standbyName} refused this key (${o.key}): ${e.reason}`);
         void p.stop();
       }
       if (!o.events && e.event === 'status') log.info(statusLine(o.policy, e));
@@ -107,6 +112,9 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   }
   const control = new ControlSocket(join(stateDir, 'control.sock'), { status: () => p.primary.snapshot() });
   await control.start();
+  // For `rubato vm list` and drains: this copy's protection state in the witness, on its own lease.
+  const published = etcd ? new LeasedKeys(etcd, o.leaseTtl) : null;
+  const unpublish = published ? publishStatus(published, def.name, o.host, () => p.primary.snapshot()) : () => {};
   onShutdown(async () => {
     control.close();
     await p.stop();
@@ -115,6 +123,8 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   });
   await new Promise<void>((r) => p.vm.once('exit', () => r()));
   control.close();
+  unpublish();
+  await published?.close();
   if (ownershipLost) {
     await p.primary.crash();
     throw ownershipLost;
@@ -122,9 +132,9 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   await p.stop();
   await ownership?.release();
   if (authRefused) throw authRefused;
-  if (fenced && o.listen) {
+  if (fenced && o.listen && o.standby !== 'auto') {
     // A switchover: the guest runs on the other host now; this host becomes its standby.
-    log.info(`VM ${def.name} moved to ${o.standby.host}:${o.standby.port} (switchover); standing by on ${o.listen.host}:${o.listen.port}`);
+    log.info(`VM ${def.name} moved to ${standbyName} (switchover); standing by on ${o.listen.host}:${o.listen.port}`);
     const sb = await serveStandby({
       listen: o.listen, stateDir: join(stateDir, 'standby'), psk, autoFailover: true, events: o.events, fsync: o.fsync, peer: o.standby,
       policy: o.policy, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, emit,

@@ -16,12 +16,15 @@ import { restoreIo } from '../../host/protect.ts';
 import { LINK, WITNESS, binaryFor, eventPrinter, hostPort, parseOptions, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { witnessGate } from '../../coord/witness-gate.ts';
+import { KEYS, LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
+import { RubatoError } from '../../util/errors.ts';
 
 const log = logger('rubato');
 
 const Options = z.object({
-  listen: hostPort(), stateDir: z.string(), key: z.string(), autoFailover: z.boolean(), events: z.boolean(), fsync: z.boolean(),
-  peer: hostPort().optional(), policy: policy(), ...LINK, ...WITNESS,
+  listen: hostPort(true), stateDir: z.string(), key: z.string(), autoFailover: z.boolean(), events: z.boolean(), fsync: z.boolean(),
+  peer: z.union([z.literal('auto'), hostPort()]).optional(), policy: policy(), vm: z.string().regex(/^[a-zA-Z0-9_.-]{1,40}$/, 'must be a VM name').optional(),
+  ...LINK, ...WITNESS,
 });
 
 export function register(program: Command): void {
@@ -30,7 +33,8 @@ export function register(program: Command): void {
     .requiredOption('--listen <host:port>', 'address for the primary to connect to')
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
     .option('--state-dir <dir>', 'replica and sockets', '/var/lib/rubato/standby')
-    .option('--peer <host:port>', 'after a failover, protect the guest with the standby there (re-protection)')
+    .option('--peer <host:port>', 'after a failover, protect the guest with the standby there (re-protection); auto: the one the witness names (agents)')
+    .option('--vm <name>', 'with --etcd: publish this standby\'s endpoint for VM NAME in the witness (agents; --listen may use port 0)')
     .option('--policy <spec>', 'checkpoint policy once the guest runs here (with --peer)', 'model')
     .option('--no-auto-failover', 'only fail over on `rubato failover`')
     .option('--no-fsync', 'do not fsync the replica (tmpfs, tests)')
@@ -45,7 +49,9 @@ async function runStandby(o: z.infer<typeof Options>): Promise<void> {
 
 export interface ServeStandbyOptions {
   listen: { host: string; port: number }; stateDir: string; psk: Buffer; autoFailover: boolean; events: boolean; fsync: boolean;
-  peer?: { host: string; port: number } | undefined; policy: string; heartbeatMs: number; timeoutMs: number; emit: (e: object) => void;
+  peer?: { host: string; port: number } | 'auto' | undefined; policy: string;
+  /** With etcd: the VM this standby is for; its endpoint (and, once live, its status) are published in the witness. */
+  vm?: string | undefined; heartbeatMs: number; timeoutMs: number; emit: (e: object) => void;
   /** The witness: without it a lost primary is always taken over (two copies can run under a partition). */
   etcd?: string[] | undefined; host: string; leaseTtl: number;
 }
@@ -58,7 +64,12 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
   const { psk, emit, stateDir } = o;
   const io = restoreIo(join(stateDir, 'run'));
   let primary: PrimaryController | null = null;
-  const gate = o.etcd ? witnessGate(new EtcdClient(o.etcd), o.host, o.leaseTtl) : null;
+  const etcd = o.etcd ? new EtcdClient(o.etcd) : null;
+  if ((o.peer === 'auto' || o.vm) && !(etcd && o.vm)) throw new RubatoError('RUBATO_CONFIG', '--peer auto and --vm go together, with --etcd (the witness names the peer)');
+  if (o.listen.port === 0 && !o.vm) throw new RubatoError('RUBATO_CONFIG', '--listen: port 0 only with --vm (the witness tells the primary the port)');
+  const gate = etcd ? witnessGate(etcd, o.host, o.leaseTtl) : null;
+  const published = etcd && o.vm ? new LeasedKeys(etcd, o.leaseTtl) : null;
+  let unpublish = () => {};
   const standby = new StandbyController({
     ...(gate ? { gate } : {}),
     ...o.listen, stateDir, psk, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, binaryFor,
@@ -71,6 +82,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
       if (!o.events) log.warn(`guest running here from checkpoint ${e.epoch}: restore ${e.restoreMs} ms (${e.why})`);
       const vm = standby.vm;
       const hostIo = io.current();
+      if (published && o.vm) void published.delete(KEYS.endpoint(o.vm)).catch(() => {}); // not a standby any more
       if (gate && vm) {
         // This host holds the VM now; cut off from the witness, its guest stops (the other side takes over).
         gate.ownership(vm.spec.name).onLost = (why) => {
@@ -81,24 +93,30 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
         };
       }
       if (!o.peer || !vm || !hostIo) return;
-      log.info(`re-protecting the guest with the standby at ${o.peer.host}:${o.peer.port} (unprotected until it answers)`);
+      const peer = o.peer === 'auto' ? standbyLookup(etcd!, vm.spec.name, o.host) : o.peer;
+      log.info(`re-protecting the guest with ${o.peer === 'auto' ? 'the standby the witness names' : `the standby at ${o.peer.host}:${o.peer.port}`} (unprotected until it answers)`);
       primary = new PrimaryController({
-        vm, runDir: join(stateDir, 'run'), standby: o.peer, psk, periodMs: 25, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs,
+        vm, runDir: join(stateDir, 'run'), standby: peer, psk, periodMs: 25, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs,
         timeoutMs: o.timeoutMs, retryMs: 1000, ...(hostIo.relay ? { relay: hostIo.relay } : {}), nbd: hostIo.nbd,
         ...(gate ? { generation: () => gate.ownership(vm.spec.name).generation } : {}),
         // (the guest's console lines are the standby controller's events already)
         onEvent: (pe) => { if (pe.event !== 'guest') emit(pe.event === 'protecting' ? { ...pe, event: 'reprotected' } : pe); },
       });
       primary.start();
+      const pr = primary;
+      if (published) unpublish = publishStatus(published, vm.spec.name, o.host, () => pr.snapshot());
     },
   });
   onShutdown(async () => {
+    unpublish();
+    await published?.close();
     await primary?.stop();
     await standby.stop();
     await io.current()?.close();
     await gate?.releaseAll();
   });
   await standby.start();
+  if (published && o.vm) await published.put(KEYS.endpoint(o.vm), JSON.stringify({ host: o.host, address: o.listen.host, port: standby.boundPort }));
   emit({ event: 'started', controllerPid: process.pid });
   return standby;
 }

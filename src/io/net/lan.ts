@@ -58,6 +58,20 @@ export class Lan {
     return h;
   }
 
+  /**
+   * Puts the machine's own namespace on the LAN at `.${suffix}` (a service every host reaches, such
+   * as the witness, that this process also talks to). The veth goes with the lan namespace.
+   */
+  async attachRoot(suffix: number): Promise<string> {
+    const dev = `rr${this.id}`;
+    await ip(['link', 'add', dev, 'type', 'veth', 'peer', 'name', `${dev}l`, 'netns', this.lanNs]);
+    await ip(['-n', this.lanNs, 'link', 'set', `${dev}l`, 'master', 'br0']);
+    await ip(['-n', this.lanNs, 'link', 'set', `${dev}l`, 'up']);
+    await ip(['addr', 'add', `${this.subnet}.${suffix}/24`, 'dev', dev]);
+    await ip(['link', 'set', dev, 'up']);
+    return `${this.subnet}.${suffix}`;
+  }
+
   async destroy(): Promise<void> {
     for (const h of this.hosts) await delNamespace(h.ns);
     await delNamespace(this.clientNs);

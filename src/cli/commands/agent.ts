@@ -1,0 +1,47 @@
+// `rubato agent`: run on each host of a cluster; the agents place, protect, fail over and
+// re-protect every VM stored in the witness (`rubato vm add`) without an operator.
+import { z } from 'zod';
+import { hostname } from 'node:os';
+import { resolve } from 'node:path';
+import type { Command } from 'commander';
+import { logger } from '../../util/log.ts';
+import { onShutdown } from '../../util/procs.ts';
+import { loadKeyFile } from '../../replication/keyfile.ts';
+import { EtcdClient } from '../../coord/etcd.ts';
+import { Agent } from '../../agent/agent.ts';
+import { RUBATO_COMMAND } from '../../setup/index.ts';
+import { LINK, WITNESS, eventPrinter, int, parseOptions, policy, withLinkOptions } from '../options.ts';
+
+const log = logger('rubato');
+
+const Options = z.object({
+  etcd: WITNESS.etcd.unwrap(), name: WITNESS.host, address: z.string().regex(/^[0-9a-fA-F.:]+$/, 'must be this host\'s IP address as the other hosts reach it'),
+  key: z.string(), stateDir: z.string(), leaseTtl: int(1, 60), policy: policy(), fsync: z.boolean(), events: z.boolean(), ...LINK,
+});
+
+export function register(program: Command): void {
+  withLinkOptions(program.command('agent'))
+    .description('run this host\'s share of a cluster: VMs stored in the witness (rubato vm add) are placed, protected, failed over and re-protected by the agents')
+    .requiredOption('--etcd <urls>', 'the witness every host reaches: etcd client URLs (comma-separated)')
+    .requiredOption('--address <ip>', 'this host\'s address as the other hosts reach it (replication links)')
+    .requiredOption('--key <file>', 'pre-shared key file (rubato keygen; the same on every host)')
+    .option('--name <host>', 'this host\'s name in the cluster', hostname())
+    .option('--state-dir <dir>', 'replicas, converted disks and sockets, one folder per VM', '/var/lib/rubato/agent')
+    .option('--lease-ttl <s>', 'witness lease TTL, seconds (see rubato protect --help)', '2')
+    .option('--policy <spec>', 'checkpoint policy of the VMs this host runs', 'model')
+    .option('--no-fsync', 'do not fsync replicas (tmpfs, tests)')
+    .option('--events', 'print events as JSON lines on stdout', false)
+    .action(async (raw: unknown) => {
+      const o = parseOptions(Options, raw);
+      loadKeyFile(o.key); // a bad key file is one line here, not in every VM process
+      const agent = new Agent({
+        etcd: new EtcdClient(o.etcd), etcdUrls: o.etcd, name: o.name, address: o.address, keyFile: resolve(o.key), stateDir: resolve(o.stateDir),
+        leaseTtl: o.leaseTtl, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, policy: o.policy, fsync: o.fsync, rubato: RUBATO_COMMAND,
+        onEvent: eventPrinter(o.events),
+      });
+      onShutdown(() => agent.stop());
+      await agent.start();
+      log.info(`agent ${o.name} running; stop it with SIGTERM (its VMs stop in order, their standbys keep the replicas)`);
+      await new Promise<void>(() => { /* until a signal */ });
+    });
+}
