@@ -32,44 +32,59 @@ export function place(input: PlacementInput): PlacementPlan {
   const isLive = new Set(live);
   const eligible = live.filter((h) => !input.draining.has(h));
   const load = new Map<string, number>(live.map((h) => [h, 0]));
-  const bump = (h: string | null) => { if (h !== null && load.has(h)) load.set(h, load.get(h)! + 1); };
-  const leastLoaded = (exclude: string | null): string | null => {
+  const standbys = new Map<string, number>(live.map((h) => [h, 0]));
+  const bump = (h: string | null, isStandby = false) => {
+    if (h === null || !load.has(h)) return;
+    load.set(h, load.get(h)! + 1);
+    if (isStandby) standbys.set(h, standbys.get(h)! + 1);
+  };
+  /** Fewest standbys (for a standby), then fewest roles, then the next host after `from` in name order (a ring). */
+  const leastLoaded = (from: string | null, forStandby = false): string | null => {
+    const ring = (h: string) => (from === null ? 0 : (live.indexOf(h) - live.indexOf(from) + live.length) % live.length);
+    const key = (h: string) => [forStandby ? standbys.get(h)! : 0, load.get(h)!, ring(h)];
     let best: string | null = null;
-    for (const h of eligible) if (h !== exclude && (best === null || load.get(h)! < load.get(best)!)) best = h;
+    for (const h of eligible) {
+      if (h === from) continue;
+      const [a, b] = [key(h), best === null ? null : key(best)];
+      if (b === null || a[0]! < b[0]! || (a[0] === b[0] && (a[1]! < b[1]! || (a[1] === b[1] && a[2]! < b[2]!)))) best = h;
+    }
     return best;
   };
   const names = [...input.vms.keys()].sort();
   const primary = new Map<string, string>();
-  // Primaries first (they are where the guests are), then kept standbys, then new standbys.
+  const standby = new Map<string, string | null>();
+  // What stays where it is counts first (primaries are where the guests run; standbys keep their
+  // replicas), then new primaries, then new standbys, each on the least-loaded eligible host.
+  const fresh: string[] = [];
   for (const vm of names) {
     const owner = input.owners.get(vm);
     const prev = input.placements.get(vm);
     const ran = (input.generations.get(vm) ?? 0) > 0;
-    let p: string | null;
-    if (owner) p = owner.host;
-    else if (prev && (ran || isLive.has(prev.primary))) p = prev.primary;
-    else {
-      const home = input.vms.get(vm)!.home;
-      p = home !== null && eligible.includes(home) ? home : leastLoaded(null);
-    }
-    if (p === null) continue;
-    primary.set(vm, p);
-    bump(p);
+    if (owner) primary.set(vm, owner.host);
+    else if (prev && (ran || isLive.has(prev.primary))) primary.set(vm, prev.primary);
+    else { fresh.push(vm); continue; }
+    bump(primary.get(vm)!);
   }
-  const standby = new Map<string, string | null>();
   for (const vm of names) {
     const p = primary.get(vm);
     const prev = input.placements.get(vm)?.standby ?? null;
     if (p === undefined || prev === null || prev === p || !isLive.has(prev) || input.draining.has(prev)) continue;
     standby.set(vm, prev);
-    bump(prev);
+    bump(prev, true);
+  }
+  for (const vm of fresh) {
+    const home = input.vms.get(vm)!.home;
+    const p = home !== null && eligible.includes(home) ? home : leastLoaded(null);
+    if (p === null) continue;
+    primary.set(vm, p);
+    bump(p);
   }
   for (const vm of names) {
     const p = primary.get(vm);
     if (p === undefined || standby.has(vm)) continue;
-    const s = leastLoaded(p);
+    const s = leastLoaded(p, true);
     standby.set(vm, s);
-    bump(s);
+    bump(s, true);
   }
   const placements = new Map<string, { primary: string; standby: string | null }>();
   const changed: string[] = [];
