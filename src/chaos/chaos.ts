@@ -11,9 +11,9 @@ import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { runCommand, spawnTracked, type TrackedProcess } from '../util/procs.ts';
 import { logger } from '../util/log.ts';
 import { median, percentile, round } from '../util/stats.ts';
-import { waitFor } from '../util/async.ts';
+import { sleep, waitFor } from '../util/async.ts';
 import { RubatoError } from '../util/errors.ts';
-import { REPO_ROOT, ensureGuestImage, ensurePatchedQemu, ensureTapRelay, stockQemu } from '../setup/index.ts';
+import { REPO_ROOT, ensureGuestImage, ensurePackages, ensurePatchedQemu, ensureTapRelay, stockQemu } from '../setup/index.ts';
 import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
 import { QemuVm } from '../qemu/vm.ts';
 import { guestAppend, type VmSpec } from '../qemu/spec.ts';
@@ -22,15 +22,31 @@ import { GuestIo } from '../io/guest-io.ts';
 import { PrimaryController, DISK_BLOCK_ID, type PrimaryEvent } from '../replication/primary.ts';
 import { StandbyController, type StandbyEvent } from '../replication/standby.ts';
 import { parsePolicy } from '../scheduler/index.ts';
+import { LocalEtcd } from '../coord/local-etcd.ts';
+import { EtcdClient } from '../coord/etcd.ts';
+import { Ownership } from '../coord/ownership.ts';
+import { witnessGate, type WitnessGate } from '../coord/witness-gate.ts';
+import { guardOwnership, type OwnershipGuard } from '../coord/guard.ts';
+import { CuttableProxy } from './fault-proxy.ts';
 
 const log = logger('chaos');
 
-export interface ChaosOptions { kills: number; seconds: number; timeoutMs: number; accel: AccelChoice; conns: number; policy: string; onStatus?: (s: string) => void }
+export const FAULTS = ['kill', 'partition', 'isolate', 'corrupt'] as const;
+export type Fault = typeof FAULTS[number];
+
+export interface ChaosOptions {
+  /** Rounds; each injects one fault, taken in turn from `faults`. */
+  rounds: number; faults: readonly Fault[]; seconds: number; timeoutMs: number; accel: AccelChoice; conns: number; policy: string;
+  /** Witness lease TTL, seconds. */
+  leaseTtl?: number; onStatus?: (s: string) => void;
+}
+
+export interface RoundResult { fault: Fault; variant: string; failover: boolean; failoverMs: number | null; reprotectMs: number | null; primary: string }
 
 export interface ChaosResult {
-  kills: number; failovers: number; acknowledged: number; lost: number; lostKeys: string[];
-  connectionsSurvived: number; connectionsTotal: number; failoverMsMedian: number; failoverMs: number[];
-  latencyMsP50: number; latencyMsP99: number; accel: string; error?: string;
+  rounds: number; byFault: Record<Fault, number>; failovers: number; splitBrain: number; lost: number; acknowledged: number; reprotected: number;
+  kills: number; lostKeys: string[]; connectionsSurvived: number; connectionsTotal: number; failoverMsMedian: number; failoverMs: number[];
+  latencyMsP50: number; latencyMsP99: number; accel: string; detail: RoundResult[]; error?: string;
 }
 
 interface ClientEvent { t: number; type: string; key?: string; value?: string; conn?: number; id?: number; event?: string; latMs?: number; missing?: string[]; checked?: number }
@@ -92,86 +108,194 @@ export async function stopKvRig(rig: KvRig | null): Promise<void> {
   await rig.lan.destroy();
 }
 
+/** One host of the chaos pair: its LAN namespace and its own way to the witness (which a fault can cut). */
+interface ChaosHost { lan: LanHost; name: string; etcdProxy: CuttableProxy; etcd: EtcdClient }
+
+/** The copy of the guest that runs live, and everything of its host that serves it. */
+interface LiveCopy { host: ChaosHost; vm: QemuVm; io: GuestIo; ownership: Ownership }
+
+/** The protection of a live copy: a standby on the other host reached through a link that faults can cut or corrupt. */
+interface Pair {
+  primary: PrimaryController; standby: StandbyController; link: CuttableProxy; guard: OwnershipGuard; gate: WitnessGate;
+  pEvents: Array<PrimaryEvent & { t: number }>; sEvents: Array<StandbyEvent & { t: number }>; gEvents: Array<Record<string, unknown>>; nextIo: GuestIo | null;
+}
+
 export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
   const status = o.onStatus ?? (() => {});
-  const res: ChaosResult = { kills: 0, failovers: 0, acknowledged: 0, lost: -1, lostKeys: [], connectionsSurvived: 0, connectionsTotal: 0, failoverMsMedian: Number.NaN, failoverMs: [], latencyMsP50: Number.NaN, latencyMsP99: Number.NaN, accel: o.accel };
+  const ttl = o.leaseTtl ?? 2;
+  const res: ChaosResult = {
+    rounds: 0, byFault: { kill: 0, partition: 0, isolate: 0, corrupt: 0 }, failovers: 0, splitBrain: -1, lost: -1, acknowledged: 0, reprotected: 0,
+    kills: 0, lostKeys: [], connectionsSurvived: 0, connectionsTotal: 0, failoverMsMedian: Number.NaN, failoverMs: [], latencyMsP50: Number.NaN,
+    latencyMsP99: Number.NaN, accel: o.accel, detail: [],
+  };
   const dir = makeTempDir('rubato-chaos-');
-  let lan: Lan | null = null;
-  let vm: QemuVm | null = null;
-  let io: GuestIo | null = null;
-  let primary: PrimaryController | null = null;
+  let rig: KvRig | null = null;
+  let etcd: LocalEtcd | null = null;
+  let live: LiveCopy | null = null;
+  let pair: Pair | null = null;
   let client: ReturnType<typeof clientProcess> | null = null;
-  const cleanups: Array<() => Promise<void>> = [];
+  let detector: SplitBrainDetector | null = null;
+  const proxies: CuttableProxy[] = [];
   try {
-    const rig = await startKvRig(dir, o.accel, 'chaos');
-    lan = rig.lan;
-    const hosts = rig.hosts;
-    const binary = rig.binary;
+    await ensurePackages();
+    etcd = await LocalEtcd.start(join(dir, 'witness'));
+    const etcdPort = Number(new URL(etcd.url).port);
+    rig = await startKvRig(dir, o.accel, 'chaos');
     res.accel = rig.accel;
-    io = rig.io;
-    vm = rig.vm;
+    const lan = rig.lan;
+    const hosts: ChaosHost[] = [];
+    for (const h of rig.hosts) {
+      const etcdProxy = new CuttableProxy(etcdPort);
+      proxies.push(etcdProxy);
+      await etcdProxy.listen();
+      hosts.push({ lan: h, name: h.name, etcdProxy, etcd: new EtcdClient([`http://127.0.0.1:${etcdProxy.port}`], 500) });
+    }
+    const ownership = new Ownership(hosts[0]!.etcd, 'kv', hosts[0]!.name, ttl);
+    if ((await ownership.claim()) === null) throw new RubatoError('RUBATO_VM_OWNED', 'the fresh witness refused the first claim');
+    live = { host: hosts[0]!, vm: rig.vm, io: rig.io, ownership };
     const psk = randomBytes(32);
-    let hostIdx = 0;
-    status(`KV guest up at ${lan.guestIp} behind host ${hosts[hostIdx]!.ns}`);
-    const total = o.kills * (o.seconds + 15) + 60;
+    detector = await SplitBrainDetector.start(lan, hosts.map((h) => h.lan));
+    status(`KV guest up at ${lan.guestIp} on ${live.host.name}; witness ${etcd.url}; faults ${o.faults.join(',')}, ${o.rounds} rounds`);
+    const total = o.rounds * (o.seconds + 25) + 120;
     client = clientProcess(lan, ['--target', `${lan.guestIp}:7000`, '--conns', String(o.conns), '--seconds', String(total)]);
     const kills: Array<{ killAt: number; runningAt: number }> = [];
-    for (let k = 1; k <= o.kills; k++) {
-      const other = hosts[1 - hostIdx]!;
-      const curVm: QemuVm = vm!;
-      const curIo: GuestIo = io!;
-      const sEvents: StandbyEvent[] = [];
-      const pEvents: PrimaryEvent[] = [];
-      let nextIo: GuestIo | null = null;
+    const acks = () => client!.events.filter((e) => e.type === 'ack').length;
+
+    /** Protects the live copy with a standby on the other host (a new pair after every failover). */
+    const protect = async (l: LiveCopy, round: number): Promise<Pair> => {
+      const other = hosts.find((h) => h !== l.host)!;
+      other.etcdProxy.heal(); // the other host is (back) up
+      const gate = witnessGate(other.etcd, other.name, ttl);
+      const p: Partial<Pair> & { pEvents: Pair['pEvents']; sEvents: Pair['sEvents']; gEvents: Pair['gEvents']; nextIo: GuestIo | null } = { pEvents: [], sEvents: [], gEvents: [], nextIo: null, gate };
       const standby = new StandbyController({
-        host: '127.0.0.1', port: 0, stateDir: join(dir, `standby${k}`), psk, heartbeatMs: 50, timeoutMs: o.timeoutMs, fsync: false,
-        binaryFor: async () => binary, onEvent: (e) => sEvents.push(e),
+        host: '127.0.0.1', port: 0, stateDir: join(dir, `standby${round}`), psk, heartbeatMs: 50, timeoutMs: o.timeoutMs, fsync: false, gate,
+        binaryFor: async () => rig!.binary, onEvent: (e) => p.sEvents.push({ ...e, t: Date.now() }),
         prepareRestore: async (_id, store) => {
-          nextIo = await GuestIo.start(other, dir, `g${k}`, store.imagePath(DISK_BLOCK_ID));
-          return { netSocket: nextIo.netSocket, ...(nextIo.nbdSocket ? { nbdSocket: nextIo.nbdSocket } : {}) };
+          p.nextIo = await GuestIo.start(other.lan, dir, `g${round}`, store.imagePath(DISK_BLOCK_ID));
+          return { netSocket: p.nextIo.netSocket, ...(p.nextIo.nbdSocket ? { nbdSocket: p.nextIo.nbdSocket } : {}) };
         },
       });
       await standby.start();
-      primary = new PrimaryController({
-        vm: curVm, runDir: dir, standby: { host: '127.0.0.1', port: standby.boundPort }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
-        relay: curIo.relay, nbd: curIo.nbd, onEvent: (e) => pEvents.push(e), policy: parsePolicy(o.policy),
+      const link = new CuttableProxy(standby.boundPort);
+      await link.listen();
+      const primary = new PrimaryController({
+        vm: l.vm, runDir: dir, standby: { host: '127.0.0.1', port: link.port }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
+        relay: l.io.relay, nbd: l.io.nbd, policy: parsePolicy(o.policy), generation: () => l.ownership.generation,
+        onEvent: (e) => {
+          p.pEvents.push({ ...e, t: Date.now() });
+          if (e.event === 'unprotected') p.guard?.unprotected(e.reason);
+        },
       });
+      const guard = guardOwnership(l.ownership, {
+        protected: () => primary.protected, emit: (e) => p.gEvents.push({ ...e, t: Date.now() }),
+        stopGuest: () => { void primary.crash(); },
+      });
+      Object.assign(p, { primary, standby, link, guard });
       primary.start();
-      await waitFor(() => pEvents.find((e) => e.event === 'protecting'), 120_000, 'protection');
-      const acksBefore = client.events.filter((e) => e.type === 'ack').length;
+      return p as Pair;
+    };
+    const protectedSince = async (q: Pair, since: number, what: string) =>
+      waitFor(() => q.pEvents.find((e) => e.event === 'protecting' && e.t >= since), 120_000, what);
+    const noFailoverFor = async (q: Pair, ms: number) => {
+      await sleep(ms);
+      return !q.sEvents.some((e) => e.event === 'failover');
+    };
+
+    for (let k = 1; k <= o.rounds; k++) {
+      const fault = o.faults[(k - 1) % o.faults.length]!;
+      const l: LiveCopy = live!;
+      const q: Pair = pair ?? await protect(l, k);
+      pair = q;
+      await protectedSince(q, 0, `protection before round ${k}`);
       const runMs = randomInt(Math.floor(o.seconds * 500), Math.floor(o.seconds * 1500) + 1);
-      await new Promise((r) => setTimeout(r, runMs));
-      const acksDuring = client.events.filter((e) => e.type === 'ack').length - acksBefore;
-      // The primary host dies: controller, QEMU, relay, disk server, TAP — no goodbye.
-      const killAt = Date.now();
-      await primary.crash();
-      await curIo.close();
-      res.kills++;
-      const fo = await waitFor(() => sEvents.find((e) => e.event === 'failover'), 60_000, `failover ${k}`);
-      if (fo.event !== 'failover') throw new Error('unreachable');
-      res.failovers++;
-      kills.push({ killAt, runningAt: fo.runningAtMs });
-      res.failoverMs.push(fo.runningAtMs - killAt);
-      vm = standby.vm!;
-      standby.vm = null;
-      await standby.stop();
-      io = nextIo!;
-      hostIdx = 1 - hostIdx;
-      status(`kill ${k}/${o.kills}: client events ${client.events.length}, ${acksDuring} writes acknowledged in ${(runMs / 1000).toFixed(1)} s; standby took over in ${fo.runningAtMs - killAt} ms from checkpoint ${fo.epoch}`);
+      const acksBefore = acks();
+      await sleep(runMs);
+      const variant = fault === 'isolate' ? (res.byFault.isolate % 2 === 0 ? 'etcd' : 'etcd+link') : fault === 'kill' ? 'host' : fault === 'partition' ? 'link' : 'bit';
+      status(`round ${k}/${o.rounds}: ${fault} (${variant}) of ${l.host.name} after ${(runMs / 1000).toFixed(1)} s, ${acks() - acksBefore} writes acknowledged meanwhile`);
+      res.byFault[fault]++;
+      res.rounds++;
+      const faultAt = Date.now();
+      let expectFailover = false;
+      const round: RoundResult = { fault, variant, failover: false, failoverMs: null, reprotectMs: null, primary: l.host.name };
+      switch (fault) {
+        case 'kill':
+          // The primary host dies: controller, QEMU, relay, disk server, TAP, its lease renewals — no goodbye.
+          l.host.etcdProxy.blackhole();
+          await q.primary.crash();
+          await l.io.close();
+          res.kills++;
+          expectFailover = true;
+          break;
+        case 'partition':
+          // Only the replication link: both hosts alive, both on the LAN and on the witness.
+          q.link.blackhole();
+          if (!(await noFailoverFor(q, Math.max(3 * o.timeoutMs, ttl * 1000 + 2000)))) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the standby went live while its primary held the VM (partition)`);
+          q.link.heal();
+          await protectedSince(q, Date.now(), `re-protection after the partition of round ${k}`);
+          round.reprotectMs = Date.now() - faultAt;
+          res.reprotected++;
+          break;
+        case 'isolate':
+          l.host.etcdProxy.blackhole();
+          if (variant === 'etcd') {
+            // Cut from the witness only: the protected pair runs on, nobody goes live; back, it claims again.
+            if (!(await noFailoverFor(q, ttl * 1000 + 2000))) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the standby went live while the pair was healthy (primary cut from the witness)`);
+            if (l.vm.exited) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the protected primary stopped its guest when only the witness was out of reach`);
+            l.host.etcdProxy.heal();
+            await waitFor(() => q.gEvents.find((e) => e['event'] === 'owner' && Number(e['t']) >= faultAt), 30_000, `the reclaim after round ${k}`);
+          } else {
+            // Cut from the witness and from its standby (on the LAN still): it must stop its guest before the standby may claim.
+            q.link.blackhole();
+            expectFailover = true;
+          }
+          break;
+        case 'corrupt':
+          // Flipped bits on the link: the standby refuses the frame, the session restarts, a re-sync — no failover.
+          q.link.flipBit(randomInt(64, 64 * 1024));
+          await protectedSince(q, faultAt + 1, `re-protection after the corrupted frame of round ${k}`);
+          round.reprotectMs = Date.now() - faultAt;
+          res.reprotected++;
+          if (!(await noFailoverFor(q, o.timeoutMs * 2))) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: a corrupted frame led to a failover`);
+          break;
+      }
+      if (expectFailover) {
+        const fo = await waitFor(() => q.sEvents.find((e) => e.event === 'failover'), 60_000, `failover in round ${k}`);
+        if (fo.event !== 'failover') throw new Error('unreachable');
+        res.failovers++;
+        round.failover = true;
+        round.failoverMs = fo.runningAtMs - faultAt;
+        res.failoverMs.push(fo.runningAtMs - faultAt);
+        kills.push({ killAt: faultAt, runningAt: fo.runningAtMs });
+        // The old primary's side is gone for good (isolate: its guest was stopped by the guard).
+        await q.primary.crash();
+        await l.io.close().catch(() => {});
+        q.guard.close();
+        await l.ownership.release().catch(() => {});
+        q.link.close();
+        const vm = q.standby.vm!;
+        q.standby.vm = null;
+        await q.standby.stop();
+        const other = hosts.find((h) => h !== l.host)!;
+        live = { host: other, vm, io: q.nextIo!, ownership: q.gate.ownership('kv') };
+        pair = null;
+        status(`round ${k}: ${other.name} took over in ${round.failoverMs} ms from checkpoint ${fo.epoch}`);
+      }
+      res.detail.push(round);
     }
     // Let the client see the last failover through, then stop it and read everything back.
-    const acksAtEnd = client.events.filter((e) => e.type === 'ack').length;
-    await waitFor(() => client!.events.filter((e) => e.type === 'ack').length > acksAtEnd + 5 || undefined, 30_000, 'writes after the last failover').catch(() => {});
+    const acksAtEnd = acks();
+    await waitFor(() => acks() > acksAtEnd + 5 || undefined, 30_000, 'writes after the last round').catch(() => {});
     client.proc.kill('SIGTERM');
     await client.done;
-    const acks = client.events.filter((e) => e.type === 'ack');
-    res.acknowledged = acks.length;
-    const lat = acks.map((a) => a.latMs ?? 0);
+    res.splitBrain = detector.stop();
+    const acked = client.events.filter((e) => e.type === 'ack');
+    res.acknowledged = acked.length;
+    const lat = acked.map((a) => a.latMs ?? 0);
     res.latencyMsP50 = round(median(lat), 2);
     res.latencyMsP99 = round(percentile(lat, 99), 2);
     const ackFile = join(dir, 'acks.jsonl');
-    writeFileSync(ackFile, acks.map((a) => JSON.stringify({ key: a.key, value: a.value })).join('\n') + '\n');
-    status(`verifying ${acks.length} acknowledged writes with GET`);
+    writeFileSync(ackFile, acked.map((a) => JSON.stringify({ key: a.key, value: a.value })).join('\n') + '\n');
+    status(`verifying ${acked.length} acknowledged writes with GET`);
     const v = clientProcess(lan, ['--target', `${lan.guestIp}:7000`, '--verify', ackFile]);
     await v.done;
     const verdict = v.events.find((e) => e.type === 'verify');
@@ -184,11 +308,11 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       if (e.type === 'conn' && e.event === 'open') conns.set(e.id!, { open: e.t, end: Number.POSITIVE_INFINITY });
       if (e.type === 'conn' && (e.event === 'broken' || e.event === 'close')) { const c = conns.get(e.id!); if (c) c.end = Math.min(c.end, e.t); }
     }
-    for (const k of kills) {
+    for (const kk of kills) {
       for (const [id, c] of conns) {
-        if (c.open > k.killAt || c.end < k.killAt) continue;
+        if (c.open > kk.killAt || c.end < kk.killAt) continue;
         res.connectionsTotal++;
-        if (acks.some((a) => a.conn === id && a.t > k.runningAt)) res.connectionsSurvived++;
+        if (acked.some((a) => a.conn === id && a.t > kk.runningAt)) res.connectionsSurvived++;
       }
     }
     res.failoverMsMedian = median(res.failoverMs);
@@ -197,12 +321,74 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     log.error(`chaos failed: ${res.error}`);
   } finally {
     client?.proc.kill('SIGKILL');
-    await primary?.stop().catch(() => {});
-    await vm?.stop();
-    await io?.close().catch(() => {});
-    for (const c of cleanups) await c();
-    await lan?.destroy();
+    if (detector && res.splitBrain < 0) res.splitBrain = detector.stop();
+    pair?.guard.close();
+    await pair?.primary.stop().catch(() => {});
+    await pair?.standby.stop().catch(() => {});
+    await pair?.standby.vm?.stop();
+    await pair?.nextIo?.close().catch(() => {});
+    pair?.link.close();
+    if (live && rig && live.vm !== rig.vm) { await live.vm.stop(); await live.io.close().catch(() => {}); }
+    await live?.ownership.release().catch(() => {});
+    await stopKvRig(rig);
+    for (const p of proxies) p.close();
+    await etcd?.stop();
     removeTempDir(dir);
   }
   return res;
+}
+
+/**
+ * Split brain as the LAN sees it, trusting nothing of Rubato: the LAN bridge's own packet counters
+ * on each host's port (the kernel's), sampled every 200 ms. Host namespaces carry no traffic of
+ * their own on the LAN (no IPv6, no addresses in use), so a port whose counter moves carries the
+ * guest's frames: an interval in which two hosts' ports both moved is an interval in which two
+ * copies of the guest answered.
+ */
+export class SplitBrainDetector {
+  private timer: NodeJS.Timeout | null = null;
+  private last = new Map<string, number>();
+  private overlaps = 0;
+  private busy = false;
+
+  private constructor(private readonly lanNs: string, private readonly ports: string[]) {}
+
+  static async start(lan: Lan, hosts: readonly LanHost[]): Promise<SplitBrainDetector> {
+    const d = new SplitBrainDetector(lan.lanNs, hosts.map((h) => `${h.uplink}l`));
+    d.last = await d.sample();
+    d.timer = setInterval(() => { void d.tick(); }, 200);
+    return d;
+  }
+
+  private async sample(): Promise<Map<string, number>> {
+    const r = await runCommand('ip', ['-n', this.lanNs, '-s', '-j', 'link', 'show']);
+    const out = new Map<string, number>();
+    for (const l of JSON.parse(r.stdout || '[]') as Array<{ ifname: string; stats64?: { rx?: { packets?: number } } }>) {
+      if (this.ports.includes(l.ifname)) out.set(l.ifname, l.stats64?.rx?.packets ?? 0);
+    }
+    return out;
+  }
+
+  private async tick(): Promise<void> {
+    if (this.busy) return;
+    this.busy = true;
+    try {
+      const now = await this.sample();
+      const moved = this.ports.filter((p) => (now.get(p) ?? 0) > (this.last.get(p) ?? 0));
+      if (moved.length > 1) {
+        this.overlaps++;
+        log.error(`SPLIT BRAIN: frames from ${moved.join(' and ')} in the same 200 ms`);
+      }
+      this.last = now;
+    } catch { /* the lan is going away */ } finally {
+      this.busy = false;
+    }
+  }
+
+  /** Stops sampling; the number of intervals in which two hosts' ports carried frames. */
+  stop(): number {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    return this.overlaps;
+  }
 }

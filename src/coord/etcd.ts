@@ -22,12 +22,12 @@ export class EtcdClient {
   }
 
   /** One request, to each endpoint in turn until one answers. */
-  private async call<T>(path: string, body: object): Promise<T> {
+  private async call<T>(path: string, body: object, timeoutMs = this.timeoutMs): Promise<T> {
     let last: unknown = null;
     for (let i = 0; i < this.endpoints.length; i++) {
       const ep = this.endpoints[(this.next + i) % this.endpoints.length]!;
       try {
-        const r = await fetch(`${ep}${path}`, { method: 'POST', body: JSON.stringify(body), signal: AbortSignal.timeout(this.timeoutMs) });
+        const r = await fetch(`${ep}${path}`, { method: 'POST', body: JSON.stringify(body), signal: AbortSignal.timeout(timeoutMs) });
         const j = await r.json() as T & { error?: string; message?: string };
         if (!r.ok) throw new Error(j.message ?? j.error ?? `HTTP ${r.status}`);
         this.next = (this.next + i) % this.endpoints.length;
@@ -45,8 +45,8 @@ export class EtcdClient {
   }
 
   /** Renews a lease; its remaining TTL in seconds (0: it has expired). */
-  async keepAlive(id: string): Promise<number> {
-    const r = await this.call<{ result?: { TTL?: string } }>('/v3/lease/keepalive', { ID: id });
+  async keepAlive(id: string, timeoutMs?: number): Promise<number> {
+    const r = await this.call<{ result?: { TTL?: string } }>('/v3/lease/keepalive', { ID: id }, timeoutMs);
     return Number(r.result?.TTL ?? 0);
   }
 

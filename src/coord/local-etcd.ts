@@ -33,7 +33,10 @@ export class LocalEtcd {
     const url = `http://${host}:${client}`;
     const args = ['--name', 'rubato', '--data-dir', dataDir, '--listen-client-urls', url, '--advertise-client-urls', url,
       '--listen-peer-urls', `http://${host}:${peer}`, '--initial-advertise-peer-urls', `http://${host}:${peer}`,
-      '--initial-cluster', `rubato=http://${host}:${peer}`, '--log-level', 'error'];
+      '--initial-cluster', `rubato=http://${host}:${peer}`, '--log-level', 'error',
+      // A single local member: short raft timers, so that etcd grants leases down to 1 s (its minimum
+      // TTL is 1.5 election timeouts) and a crashed primary is replaced within about 2 s.
+      '--heartbeat-interval', '50', '--election-timeout', '500'];
     const bin = opts.binary ?? '/usr/bin/etcd';
     const proc = opts.ns ? spawnTracked('etcd', 'ip', ['netns', 'exec', opts.ns, bin, ...args]) : spawnTracked('etcd', bin, args);
     let stderr = '';

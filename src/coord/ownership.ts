@@ -17,6 +17,7 @@ import type { EtcdClient } from './etcd.ts';
 const log = logger('witness');
 /** Give up after this fraction of the TTL without a renewal (before the lease can expire elsewhere). */
 export const LOSS_FRACTION = 2 / 3;
+const WATCHDOG_MS = 50;
 
 export interface Owner { host: string; generation: number }
 
@@ -31,6 +32,7 @@ export async function currentOwner(etcd: EtcdClient, vm: string): Promise<Owner 
 export class Ownership {
   private lease: string | null = null;
   private timer: NodeJS.Timeout | null = null;
+  private watchdog: NodeJS.Timeout | null = null;
   private lastRenewMs = 0;
   private gen = 0;
   private lostFlag = false;
@@ -76,21 +78,26 @@ export class Ownership {
   private startRenewing(): void {
     if (this.timer) return;
     const everyMs = Math.max(50, (this.ttlSec * 1000) / 4);
-    this.timer = setInterval(() => { void this.renew(); }, everyMs);
+    this.timer = setInterval(() => { void this.renew(everyMs); }, everyMs);
     this.timer.unref();
+    // The deadline is watched on its own: a renewal that hangs must not delay giving up.
+    this.watchdog = setInterval(() => {
+      const silent = Date.now() - this.lastRenewMs;
+      if (this.lease && !this.lostFlag && silent > this.ttlSec * 1000 * LOSS_FRACTION) this.lose(`no renewal for ${silent} ms (TTL ${this.ttlSec} s)`);
+    }, WATCHDOG_MS);
+    this.watchdog.unref();
   }
 
-  private async renew(): Promise<void> {
+  private async renew(timeoutMs: number): Promise<void> {
     if (!this.lease || this.lostFlag) return;
     const sentAt = Date.now();
     try {
-      const ttl = await this.etcd.keepAlive(this.lease);
-      if (ttl > 0) this.lastRenewMs = sentAt;
-      else return this.lose('the lease expired');
+      const ttl = await this.etcd.keepAlive(this.lease, timeoutMs);
+      if (ttl > 0) this.lastRenewMs = Math.max(this.lastRenewMs, sentAt);
+      else this.lose('the lease expired');
     } catch (e) {
       log.debug(`renewing the lease of ${this.vm}: ${errorMessage(e)}`);
     }
-    if (Date.now() - this.lastRenewMs > this.ttlSec * 1000 * LOSS_FRACTION) this.lose(`no renewal for ${Date.now() - this.lastRenewMs} ms (TTL ${this.ttlSec} s)`);
   }
 
   private lose(why: string): void {
@@ -104,7 +111,9 @@ export class Ownership {
 
   private stopRenewing(): void {
     if (this.timer) clearInterval(this.timer);
+    if (this.watchdog) clearInterval(this.watchdog);
     this.timer = null;
+    this.watchdog = null;
   }
 
   /** Test hook and pause model: stops renewing without telling etcd (a frozen or cut-off holder). */

@@ -33,6 +33,7 @@ export function witnessGate(etcd: EtcdClient, host: string, ttlSec: number): Wit
       const until = Date.now() + ownership.ttlSec * 1000 + 1000;
       let last = 'no answer from the witness';
       for (;;) {
+        if (ctx.stillWanted && !ctx.stillWanted()) return { allow: false, why: `not activating VM ${ownership.vm}: its primary is back` };
         try {
           const gen = await ownership.claim();
           if (gen !== null) return { allow: true, why: `the witness gave ${ownership.host} generation ${gen}`, generation: gen };

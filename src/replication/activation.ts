@@ -9,6 +9,8 @@ export interface ActivationContext {
   replicaEpoch: number;
   /** ms since the primary was last heard from. */
   silentMs: number;
+  /** False once activating is moot (the primary came back): a gate that retries stops then. */
+  stillWanted?: () => boolean;
 }
 
 export interface ActivationGate {

@@ -313,7 +313,8 @@ export class StandbyController {
     // other failover asks the gate before anything happens.
     const fenceFirst = reason === 'manual' && this.link !== null && !this.link.closed;
     const gate = this.o.gate ?? allowAlways;
-    let verdict = fenceFirst ? null : await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs });
+    const stillWanted = () => reason === 'manual' || !this.link || this.link.closed !== null;
+    let verdict = fenceFirst ? null : await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs, stillWanted });
     if (verdict && !verdict.allow) {
       this.emit({ event: 'failover-refused', why: verdict.why });
       log.warn(`failover refused: ${verdict.why}`);
@@ -323,7 +324,7 @@ export class StandbyController {
     this.go('failover-begin');
     try {
       if (fenceFirst && this.link) await this.fencePrimary(this.link);
-      verdict ??= await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs });
+      verdict ??= await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs, stillWanted });
       if (verdict.generation !== undefined) this.highestGeneration = Math.max(this.highestGeneration, verdict.generation);
     } catch (e) {
       this.go('failover-failed');

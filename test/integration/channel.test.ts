@@ -13,7 +13,7 @@ import { StandbyController, type StandbyEvent } from '../../src/replication/stan
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { liveProcesses } from '../../src/util/procs.ts';
 import { sleep, waitFor } from '../../src/util/async.ts';
-import { CuttableProxy } from '../helpers/proxy.ts';
+import { CuttableProxy } from '../../src/chaos/fault-proxy.ts';
 import { testPlatform } from '../helpers/platform.ts';
 
 let accel: Accel;

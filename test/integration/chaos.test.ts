@@ -10,7 +10,7 @@ import { liveTempDirs } from '../../src/util/tmp.ts';
 import { liveNamespaces } from '../../src/io/net/netns.ts';
 
 test('chaos: 10 primary kills, no acknowledged write lost, connections carry on', { timeout: 900_000 }, async () => {
-  const r = await runChaos({ kills: Number(process.env['RUBATO_CHAOS_KILLS'] ?? 10), seconds: 3, policy: 'model', timeoutMs: 500, conns: 4, accel: (process.env['RUBATO_TEST_ACCEL'] as 'auto' | undefined) ?? 'auto' });
+  const r = await runChaos({ rounds: Number(process.env['RUBATO_CHAOS_KILLS'] ?? 10), faults: ['kill'], seconds: 3, policy: 'model', timeoutMs: 500, conns: 4, accel: (process.env['RUBATO_TEST_ACCEL'] as 'auto' | undefined) ?? 'auto' });
   process.stderr.write(`chaos: ${JSON.stringify({ ...r, lostKeys: r.lostKeys.length })}\n`);
   assert.equal(r.error, undefined);
   assert.equal(r.failovers, r.kills);

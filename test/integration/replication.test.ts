@@ -15,7 +15,7 @@ import { makeTempDir, removeTempDir, liveTempDirs } from '../../src/util/tmp.ts'
 import { liveProcesses } from '../../src/util/procs.ts';
 import { parseDirtierLine } from '../../src/bench/capture-check.ts';
 import { liveMigrationSockets } from '../../src/capture/route-a.ts';
-import { CuttableProxy } from '../helpers/proxy.ts';
+import { CuttableProxy } from '../../src/chaos/fault-proxy.ts';
 
 import { testPlatform } from '../helpers/platform.ts';
 

@@ -17,7 +17,7 @@ import { ensurePackages } from '../../src/setup/index.ts';
 import { LocalEtcd } from '../../src/coord/local-etcd.ts';
 import { EtcdClient } from '../../src/coord/etcd.ts';
 import { Ownership, currentOwner, LOSS_FRACTION } from '../../src/coord/ownership.ts';
-import { CuttableProxy } from '../helpers/proxy.ts';
+import { CuttableProxy } from '../../src/chaos/fault-proxy.ts';
 
 test('witness: one owner at a time; a holder cut from etcd gives up before another claims; the generation only grows; no etcd, no claim', { timeout: 120_000 }, async () => {
   await ensurePackages();

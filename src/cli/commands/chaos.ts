@@ -1,29 +1,43 @@
-// `rubato chaos`: the Jepsen-style check — a KV service in the guest, a client writing, the primary
-// killed again and again; every acknowledged write must survive.
+// `rubato chaos`: the Jepsen-style check — a KV service in the guest, a client writing, faults
+// injected round after round (the primary host killed, the replication link cut, a host cut from
+// the witness, corrupted frames); every acknowledged write must survive and two copies must never
+// answer at once (counted on the LAN bridge's own port counters).
 import { z } from 'zod';
 import type { Command } from 'commander';
 import { logger } from '../../util/log.ts';
-import { runChaos } from '../../chaos/chaos.ts';
+import { FAULTS, runChaos, type Fault } from '../../chaos/chaos.ts';
+import { RubatoError } from '../../util/errors.ts';
 import { ACCEL, int, parseOptions, policy, withAccel } from '../options.ts';
 
 const log = logger('rubato');
 
-const Options = z.object({ kills: int(1, 1000), seconds: int(1, 3600), timeoutMs: int(50, 600000), conns: int(1, 64), accel: ACCEL, json: z.boolean(), policy: policy() });
+const Options = z.object({
+  kills: int(1, 1000).optional(), rounds: int(1, 1000).optional(), faults: z.string(), seconds: int(1, 3600), timeoutMs: int(50, 600000),
+  conns: int(1, 64), accel: ACCEL, json: z.boolean(), policy: policy(), leaseTtl: int(1, 60),
+});
 
 export function register(program: Command): void {
   withAccel(program.command('chaos'))
-    .description('Jepsen-style check: a KV service in the guest, a client writing, the primary killed again and again')
-    .option('--kills <n>', 'primary kills (each followed by a failover)', '10')
-    .option('--seconds <s>', 'mean protected run time between kills', '3')
+    .description('Jepsen-style check: a KV service in the guest, a client writing, faults injected round after round')
+    .option('--faults <list>', `faults, taken in turn: ${FAULTS.join(', ')} (isolate alternates: the primary cut from etcd only, then from etcd and its standby)`, 'kill')
+    .option('--rounds <n>', 'rounds, one fault each', '10')
+    .option('--kills <n>', 'the same as --faults kill --rounds N')
+    .option('--seconds <s>', 'mean protected run time before each fault', '3')
     .option('--timeout-ms <ms>', 'peer declared lost after this silence', '500')
+    .option('--lease-ttl <s>', 'witness lease TTL, seconds', '2')
     .option('--conns <n>', 'client connections', '4')
     .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', 'model')
     .option('--json', 'print the summary as one JSON line', false)
     .action(async (raw: unknown) => {
       const o = parseOptions(Options, raw);
-      const r = await runChaos({ ...o, onStatus: (s) => log.info(s) });
-      if (!o.json) process.stdout.write(`kills ${r.kills}, failovers ${r.failovers}, acknowledged ${r.acknowledged}, lost ${r.lost}, connections survived ${r.connectionsSurvived}/${r.connectionsTotal}\n`);
+      const faults = (o.kills ? 'kill' : o.faults).split(',').map((f) => f.trim()).filter(Boolean);
+      const bad = faults.find((f) => !(FAULTS as readonly string[]).includes(f));
+      if (bad || !faults.length) throw new RubatoError('RUBATO_CONFIG', `--faults: must list faults from ${FAULTS.join(', ')} (got "${bad ?? ''}")`);
+      const rounds = o.kills ?? o.rounds ?? 10;
+      const r = await runChaos({ ...o, rounds, faults: faults as Fault[], onStatus: (s) => log.info(s) });
+      if (!o.json) process.stdout.write(`rounds ${r.rounds} (${Object.entries(r.byFault).map(([f, n]) => `${f} ${n}`).join(', ')}), failovers ${r.failovers}, split brain ${r.splitBrain}, acknowledged ${r.acknowledged}, lost ${r.lost}, re-protected ${r.reprotected}\n`);
       process.stdout.write(`${JSON.stringify(r)}\n`);
-      process.exitCode = r.lost === 0 && r.failovers === r.kills && r.kills === o.kills && !r.error ? 0 : 1;
+      const exercised = faults.every((f) => r.byFault[f as Fault] > 0 || rounds < faults.length);
+      process.exitCode = r.lost === 0 && r.splitBrain === 0 && r.rounds === rounds && exercised && !r.error ? 0 : 1;
     });
 }

@@ -19,6 +19,7 @@ import { LINK, WITNESS, eventPrinter, hostPort, parseOptions, statusLine, platfo
 import { EtcdClient } from '../../coord/etcd.ts';
 import { Ownership, currentOwner } from '../../coord/ownership.ts';
 import { LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
+import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
 
 const log = logger('rubato');
 
@@ -61,8 +62,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   }
   // (declared before the controller starts: its events may need them at once)
   let ownershipLost: RubatoError | null = null;
-  let witnessLost: string | null = null;
-  let stopGuest: (why: string) => void = () => {};
+  let guard: OwnershipGuard | null = null;
   let authRefused: RubatoError | null = null;
   let everProtected = false;
   let fenced = false;
@@ -73,7 +73,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
       emit(e);
       if (e.event === 'protecting') everProtected = true;
       if (e.event === 'fenced') { fenced = true; void ownership?.release(); }
-      if (e.event === 'unprotected' && witnessLost) stopGuest(`the standby is gone too (${e.reason}) while the witness is out of reach (${witnessLost})`);
+      if (e.event === 'unprotected') guard?.unprotected(e.reason);
       if (e.event === 'unprotected' && !everProtected && /key|authenticat|proof/i.test(e.reason)) {
         authRefused = new RubatoError('RUBATO_AUTH_FAILED', `${standbyName} refused this key (${o.key}): ${e.reason}`);
         void p.stop();
@@ -83,32 +83,15 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     },
   });
   emit({ event: 'started', vm: def.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel, disk: p.disk?.path ?? null });
-  stopGuest = (why: string) => {
-    ownershipLost = new RubatoError('RUBATO_VM_OWNED', `VM ${def.name}: ${why}; its guest was stopped so that no second copy can run`);
-    emit({ event: 'ownership-lost', why });
-    log.error(ownershipLost.message);
-    void p.vm.kill();
-  };
   if (ownership) {
-    ownership.onLost = (why) => {
-      // Still protected: the standby acknowledges checkpoints, so it is not live, and it cannot
-      // claim without etcd either: the pair keeps running. Alone, the guest stops at once.
-      if (!p.primary.protected) return stopGuest(`this host lost the witness (${why}) and has no standby`);
-      witnessLost = why;
-      emit({ event: 'witness-lost', why, protected: true });
-      log.warn(`VM ${def.name}: the witness is out of reach (${why}); running on while the standby acknowledges, claiming again meanwhile`);
-      const retry = setInterval(() => {
-        if (!witnessLost) { clearInterval(retry); return; }
-        ownership.claim().then((gen) => {
-          if (gen === null || !witnessLost) return;
-          witnessLost = null;
-          clearInterval(retry);
-          emit({ event: 'owner', host: o.host, generation: gen });
-          log.info(`VM ${def.name}: the witness is back; this host holds generation ${gen}`);
-        }, () => { /* still out of reach */ });
-      }, 1000);
-      retry.unref();
-    };
+    guard = guardOwnership(ownership, {
+      protected: () => p.primary.protected,
+      emit,
+      stopGuest: (why) => {
+        ownershipLost = new RubatoError('RUBATO_VM_OWNED', `VM ${def.name}: ${why}; its guest was stopped so that no second copy can run`);
+        void p.vm.kill();
+      },
+    });
   }
   const control = new ControlSocket(join(stateDir, 'control.sock'), { status: () => p.primary.snapshot() });
   await control.start();
@@ -123,6 +106,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   });
   await new Promise<void>((r) => p.vm.once('exit', () => r()));
   control.close();
+  guard?.close();
   unpublish();
   await published?.close();
   if (ownershipLost) {

@@ -16,6 +16,7 @@ import { restoreIo } from '../../host/protect.ts';
 import { LINK, WITNESS, binaryFor, eventPrinter, hostPort, parseOptions, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { witnessGate } from '../../coord/witness-gate.ts';
+import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
 import { KEYS, LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
 import { RubatoError } from '../../util/errors.ts';
 
@@ -70,6 +71,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
   const gate = etcd ? witnessGate(etcd, o.host, o.leaseTtl) : null;
   const published = etcd && o.vm ? new LeasedKeys(etcd, o.leaseTtl) : null;
   let unpublish = () => {};
+  let guard: OwnershipGuard | null = null;
   const standby = new StandbyController({
     ...(gate ? { gate } : {}),
     ...o.listen, stateDir, psk, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, binaryFor,
@@ -84,13 +86,12 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
       const hostIo = io.current();
       if (published && o.vm) void published.delete(KEYS.endpoint(o.vm)).catch(() => {}); // not a standby any more
       if (gate && vm) {
-        // This host holds the VM now; cut off from the witness, its guest stops (the other side takes over).
-        gate.ownership(vm.spec.name).onLost = (why) => {
-          emit({ event: 'ownership-lost', why });
-          log.error(`this host lost the witness (${why}): stopping the guest so that another host can take over`);
-          void primary?.crash();
-          void vm.kill();
-        };
+        // This host holds the VM now: losing the witness while alone stops the guest (another host may take over).
+        guard = guardOwnership(gate.ownership(vm.spec.name), {
+          protected: () => primary?.protected ?? false,
+          emit,
+          stopGuest: () => { void primary?.crash(); void vm.kill(); },
+        });
       }
       if (!o.peer || !vm || !hostIo) return;
       const peer = o.peer === 'auto' ? standbyLookup(etcd!, vm.spec.name, o.host) : o.peer;
@@ -100,7 +101,10 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
         timeoutMs: o.timeoutMs, retryMs: 1000, ...(hostIo.relay ? { relay: hostIo.relay } : {}), nbd: hostIo.nbd,
         ...(gate ? { generation: () => gate.ownership(vm.spec.name).generation } : {}),
         // (the guest's console lines are the standby controller's events already)
-        onEvent: (pe) => { if (pe.event !== 'guest') emit(pe.event === 'protecting' ? { ...pe, event: 'reprotected' } : pe); },
+        onEvent: (pe) => {
+          if (pe.event === 'unprotected') guard?.unprotected(pe.reason);
+          if (pe.event !== 'guest') emit(pe.event === 'protecting' ? { ...pe, event: 'reprotected' } : pe);
+        },
       });
       primary.start();
       const pr = primary;
@@ -108,6 +112,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
     },
   });
   onShutdown(async () => {
+    guard?.close();
     unpublish();
     await published?.close();
     await primary?.stop();

@@ -5,6 +5,7 @@
 
 import { randomInt } from 'node:crypto';
 import { addNamespace, delNamespace, ip } from './netns.ts';
+import { runCommand } from '../../util/procs.ts';
 
 export interface LanHost { name: string; ns: string; bridge: string; ip: string; uplink: string }
 
@@ -47,6 +48,8 @@ export class Lan {
   async addHost(name: string): Promise<LanHost> {
     const k = this.n++;
     const ns = await addNamespace(`rubato-${name}-${this.id}`);
+    // No IPv6 chatter (router solicitations, MLD) from the host itself: its LAN port carries the guest's frames and its own IPv4 only.
+    for (const k of ['all', 'default']) await runCommand('ip', ['netns', 'exec', ns, 'sysctl', '-qw', `net.ipv6.conf.${k}.disable_ipv6=1`]);
     const dev = await this.plug(ns, `rh${k}${this.id}`);
     await ip(['-n', ns, 'link', 'add', 'brh', 'type', 'bridge', 'forward_delay', '0']);
     await ip(['-n', ns, 'link', 'set', dev, 'master', 'brh']);

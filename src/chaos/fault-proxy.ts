@@ -15,6 +15,7 @@ export class CuttableProxy {
   port = 0;
   constructor(public targetPort: number) {
     this.server = createServer((c) => {
+      if (this.cut) { c.on('error', () => {}); this.sockets.push(c); return; } // a black hole accepts and says nothing
       const u = connect({ host: '127.0.0.1', port: this.targetPort });
       this.sockets.push(c, u);
       c.on('data', (d: Buffer) => {
@@ -30,7 +31,10 @@ export class CuttableProxy {
         u.write(d);
       });
       u.on('data', (d) => { if (!this.cut) c.write(d); });
-      const end = () => { if (!this.cut) { c.destroy(); u.destroy(); } };
+      const end = () => {
+        this.sockets = this.sockets.filter((x) => x !== c && x !== u);
+        if (!this.cut) { c.destroy(); u.destroy(); }
+      };
       c.on('close', end); u.on('close', end);
       c.on('error', () => {}); u.on('error', () => {});
     });
@@ -41,6 +45,13 @@ export class CuttableProxy {
     return this.port;
   }
   blackhole(): void { this.cut = true; }
+  /** Ends a cut: the connections that lived through it are reset (their bytes were lost), new ones pass. */
+  heal(): void {
+    if (!this.cut) return;
+    for (const s of this.sockets.splice(0)) s.destroy();
+    this.cut = false;
+  }
+  get isCut(): boolean { return this.cut; }
   /** Flips one bit of the client → server stream `afterBytes` from now. */
   flipBit(afterBytes: number): void { this.flipAt = this.forwarded + afterBytes; }
   close(): void { this.server.close(); for (const s of this.sockets) s.destroy(); }
