@@ -39,6 +39,8 @@ export interface ChaosOptions {
   rounds: number; faults: readonly Fault[]; seconds: number; timeoutMs: number; accel: AccelChoice; conns: number; policy: string;
   /** Witness lease TTL, seconds. */
   leaseTtl?: number; onStatus?: (s: string) => void;
+  /** false: no witness (any standby that stops hearing its primary takes over) — shows what the detector sees without one. */
+  witness?: boolean;
 }
 
 export interface RoundResult { fault: Fault; variant: string; failover: boolean; failoverMs: number | null; reprotectMs: number | null; primary: string }
@@ -112,17 +114,17 @@ export async function stopKvRig(rig: KvRig | null): Promise<void> {
 interface ChaosHost { lan: LanHost; name: string; etcdProxy: CuttableProxy; etcd: EtcdClient }
 
 /** The copy of the guest that runs live, and everything of its host that serves it. */
-interface LiveCopy { host: ChaosHost; vm: QemuVm; io: GuestIo; ownership: Ownership }
+interface LiveCopy { host: ChaosHost; vm: QemuVm; io: GuestIo; ownership: Ownership | null }
 
 /** The protection of a live copy: a standby on the other host reached through a link that faults can cut or corrupt. */
 interface Pair {
-  primary: PrimaryController; standby: StandbyController; link: CuttableProxy; guard: OwnershipGuard; gate: WitnessGate;
+  primary: PrimaryController; standby: StandbyController; link: CuttableProxy; guard: OwnershipGuard | null; gate: WitnessGate | null;
   pEvents: Array<PrimaryEvent & { t: number }>; sEvents: Array<StandbyEvent & { t: number }>; gEvents: Array<Record<string, unknown>>; nextIo: GuestIo | null;
 }
 
 export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
   const status = o.onStatus ?? (() => {});
-  const ttl = o.leaseTtl ?? 2;
+  const ttl = o.leaseTtl ?? 1;
   const res: ChaosResult = {
     rounds: 0, byFault: { kill: 0, partition: 0, isolate: 0, corrupt: 0 }, failovers: 0, splitBrain: -1, lost: -1, acknowledged: 0, reprotected: 0,
     kills: 0, lostKeys: [], connectionsSurvived: 0, connectionsTotal: 0, failoverMsMedian: Number.NaN, failoverMs: [], latencyMsP50: Number.NaN,
@@ -150,8 +152,9 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       await etcdProxy.listen();
       hosts.push({ lan: h, name: h.name, etcdProxy, etcd: new EtcdClient([`http://127.0.0.1:${etcdProxy.port}`], 500) });
     }
-    const ownership = new Ownership(hosts[0]!.etcd, 'kv', hosts[0]!.name, ttl);
-    if ((await ownership.claim()) === null) throw new RubatoError('RUBATO_VM_OWNED', 'the fresh witness refused the first claim');
+    const withWitness = o.witness ?? true;
+    const ownership = withWitness ? new Ownership(hosts[0]!.etcd, 'kv', hosts[0]!.name, ttl) : null;
+    if (ownership && (await ownership.claim()) === null) throw new RubatoError('RUBATO_VM_OWNED', 'the fresh witness refused the first claim');
     live = { host: hosts[0]!, vm: rig.vm, io: rig.io, ownership };
     const psk = randomBytes(32);
     detector = await SplitBrainDetector.start(lan, hosts.map((h) => h.lan));
@@ -165,10 +168,10 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const protect = async (l: LiveCopy, round: number): Promise<Pair> => {
       const other = hosts.find((h) => h !== l.host)!;
       other.etcdProxy.heal(); // the other host is (back) up
-      const gate = witnessGate(other.etcd, other.name, ttl);
+      const gate = withWitness ? witnessGate(other.etcd, other.name, ttl) : null;
       const p: Partial<Pair> & { pEvents: Pair['pEvents']; sEvents: Pair['sEvents']; gEvents: Pair['gEvents']; nextIo: GuestIo | null } = { pEvents: [], sEvents: [], gEvents: [], nextIo: null, gate };
       const standby = new StandbyController({
-        host: '127.0.0.1', port: 0, stateDir: join(dir, `standby${round}`), psk, heartbeatMs: 50, timeoutMs: o.timeoutMs, fsync: false, gate,
+        host: '127.0.0.1', port: 0, stateDir: join(dir, `standby${round}`), psk, heartbeatMs: 50, timeoutMs: o.timeoutMs, fsync: false, ...(gate ? { gate } : {}),
         binaryFor: async () => rig!.binary, onEvent: (e) => p.sEvents.push({ ...e, t: Date.now() }),
         prepareRestore: async (_id, store) => {
           p.nextIo = await GuestIo.start(other.lan, dir, `g${round}`, store.imagePath(DISK_BLOCK_ID));
@@ -180,16 +183,16 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       await link.listen();
       const primary = new PrimaryController({
         vm: l.vm, runDir: dir, standby: { host: '127.0.0.1', port: link.port }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
-        relay: l.io.relay, nbd: l.io.nbd, policy: parsePolicy(o.policy), generation: () => l.ownership.generation,
+        relay: l.io.relay, nbd: l.io.nbd, policy: parsePolicy(o.policy), generation: () => l.ownership?.generation ?? 0,
         onEvent: (e) => {
           p.pEvents.push({ ...e, t: Date.now() });
           if (e.event === 'unprotected') p.guard?.unprotected(e.reason);
         },
       });
-      const guard = guardOwnership(l.ownership, {
+      const guard = l.ownership ? guardOwnership(l.ownership, {
         protected: () => primary.protected, emit: (e) => p.gEvents.push({ ...e, t: Date.now() }),
         stopGuest: () => { void primary.crash(); },
-      });
+      }) : null;
       Object.assign(p, { primary, standby, link, guard });
       primary.start();
       return p as Pair;
@@ -229,6 +232,13 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         case 'partition':
           // Only the replication link: both hosts alive, both on the LAN and on the witness.
           q.link.blackhole();
+          if (!withWitness) {
+            // Without a witness the standby takes over and both copies answer until the old one is stopped by hand.
+            await waitFor(() => q.sEvents.find((e) => e.event === 'failover'), 60_000, `failover in round ${k}`);
+            await sleep(3000);
+            expectFailover = true;
+            break;
+          }
           if (!(await noFailoverFor(q, Math.max(3 * o.timeoutMs, ttl * 1000 + 2000)))) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the standby went live while its primary held the VM (partition)`);
           q.link.heal();
           await protectedSince(q, Date.now(), `re-protection after the partition of round ${k}`);
@@ -269,14 +279,14 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         // The old primary's side is gone for good (isolate: its guest was stopped by the guard).
         await q.primary.crash();
         await l.io.close().catch(() => {});
-        q.guard.close();
-        await l.ownership.release().catch(() => {});
+        q.guard?.close();
+        await l.ownership?.release().catch(() => {});
         q.link.close();
         const vm = q.standby.vm!;
         q.standby.vm = null;
         await q.standby.stop();
         const other = hosts.find((h) => h !== l.host)!;
-        live = { host: other, vm, io: q.nextIo!, ownership: q.gate.ownership('kv') };
+        live = { host: other, vm, io: q.nextIo!, ownership: q.gate?.ownership('kv') ?? null };
         pair = null;
         status(`round ${k}: ${other.name} took over in ${round.failoverMs} ms from checkpoint ${fo.epoch}`);
       }
@@ -322,14 +332,14 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
   } finally {
     client?.proc.kill('SIGKILL');
     if (detector && res.splitBrain < 0) res.splitBrain = detector.stop();
-    pair?.guard.close();
+    pair?.guard?.close();
     await pair?.primary.stop().catch(() => {});
     await pair?.standby.stop().catch(() => {});
     await pair?.standby.vm?.stop();
     await pair?.nextIo?.close().catch(() => {});
     pair?.link.close();
     if (live && rig && live.vm !== rig.vm) { await live.vm.stop(); await live.io.close().catch(() => {}); }
-    await live?.ownership.release().catch(() => {});
+    await live?.ownership?.release().catch(() => {});
     await stopKvRig(rig);
     for (const p of proxies) p.close();
     await etcd?.stop();

@@ -27,6 +27,10 @@ export async function acceptHandshake(link: Link, psk: Buffer, welcome: (id: Ide
   if (!proofEquals(h.proof, proof(psk, 'primary', nonceS, h.nonce))) {
     throw refuse(link, 'authentication failed (the primary does not hold this standby\'s key)', 'RUBATO_AUTH_FAILED');
   }
+  const generation = h.identity.generation ?? 0;
+  if ((f.generation ?? 0) !== generation) throw refuse(link, `the HELLO frame carries generation ${f.generation ?? 0}, its identity ${generation}`);
+  // The session's fencing token: every frame from here on, both ways (a REJECT too), carries it.
+  link.bindGeneration(generation);
   const refusal = admit?.(h.identity) ?? null;
   if (refusal !== null) throw refuse(link, refusal);
   const keys = sessionKeys(psk, nonceS, h.nonce);
@@ -44,6 +48,7 @@ export async function connectHandshake(link: Link, psk: Buffer, identity: Identi
   if (f.type !== FrameType.CHALLENGE) throw refuse(link, `expected CHALLENGE, got ${frameTypeName(f.type)}`);
   const nonceS = decodeChallenge(f.payload);
   const nonceP = randomBytes(NONCE_BYTES);
+  link.bindGeneration(identity.generation ?? 0);
   await link.send(FrameType.HELLO, 0, encodeHello(nonceP, proof(psk, 'primary', nonceS, nonceP), identity));
   const keys = sessionKeys(psk, nonceS, nonceP);
   // The standby's WELCOME is the last hello-keyed frame; what follows it is session-keyed.

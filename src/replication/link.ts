@@ -165,6 +165,8 @@ export class Link extends EventEmitter {
 
   /** Keys (the handshake sets them). */
   setSendKey(key: FrameKey): void { this.enc.setKey(key); }
+  /** Every frame sent from now on carries witness generation `g`, and every frame received must. */
+  bindGeneration(g: number): void { this.enc.bindGeneration(g); this.dec.bindGeneration(g); }
   setReceiveKey(key: FrameKey): void { this.dec.setKey(key); }
   /** The largest frame accepted from the peer from now on. */
   setMaxFrameBytes(n: number): void { this.dec.setMaxFrameBytes(n); }

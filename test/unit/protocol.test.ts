@@ -123,3 +123,20 @@ test('before authentication nothing above the hello limit is read, let alone buf
   const dec = new FrameDecoder(key, 'p', 1 << 20);
   assert.throws(() => dec.push(new FrameEncoder(key).encode(FrameType.CKPT, 1, randomBytes(2 << 20))), /announces/);
 });
+
+test('every frame carries the session\'s witness generation; a decoder bound to one refuses any other', () => {
+  const enc = new FrameEncoder(key);
+  enc.bindGeneration(7);
+  const ckpt = enc.encode(FrameType.CKPT, 3, randomBytes(100));
+  const dec = new FrameDecoder(key, 'p');
+  dec.bindGeneration(7);
+  const [f] = dec.push(ckpt);
+  assert.equal(f!.generation, 7);
+  // The same session's next frame, sent under an older generation (a primary that lost the witness).
+  enc.bindGeneration(6);
+  assert.throws(() => dec.push(enc.encode(FrameType.CKPT, 4, randomBytes(100))), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL') && /generation 6.*session's is 7/.test((e as Error).message));
+  // The generation is authenticated (it is part of the header, the AEAD's associated data): rewriting it breaks the tag.
+  const forged = Buffer.from(new FrameEncoder(key).encode(FrameType.ACK, 1));
+  forged.writeUInt32BE(9, 8);
+  assert.throws(() => new FrameDecoder(key, 'p').push(forged), (e: unknown) => isRubatoError(e, 'RUBATO_AUTH_FAILED'));
+});

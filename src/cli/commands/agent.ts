@@ -27,7 +27,7 @@ export function register(program: Command): void {
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen; the same on every host)')
     .option('--name <host>', 'this host\'s name in the cluster', hostname())
     .option('--state-dir <dir>', 'replicas, converted disks and sockets, one folder per VM', '/var/lib/rubato/agent')
-    .option('--lease-ttl <s>', 'witness lease TTL, seconds (see rubato protect --help)', '2')
+    .option('--lease-ttl <s>', 'witness lease TTL, seconds (see rubato protect --help)', '1')
     .option('--policy <spec>', 'checkpoint policy of the VMs this host runs', 'model')
     .option('--no-fsync', 'do not fsync replicas (tmpfs, tests)')
     .option('--events', 'print events as JSON lines on stdout', false)

@@ -13,7 +13,7 @@ const log = logger('rubato');
 
 const Options = z.object({
   kills: int(1, 1000).optional(), rounds: int(1, 1000).optional(), faults: z.string(), seconds: int(1, 3600), timeoutMs: int(50, 600000),
-  conns: int(1, 64), accel: ACCEL, json: z.boolean(), policy: policy(), leaseTtl: int(1, 60),
+  conns: int(1, 64), accel: ACCEL, json: z.boolean(), policy: policy(), leaseTtl: int(1, 60), witness: z.boolean(),
 });
 
 export function register(program: Command): void {
@@ -24,9 +24,10 @@ export function register(program: Command): void {
     .option('--kills <n>', 'the same as --faults kill --rounds N')
     .option('--seconds <s>', 'mean protected run time before each fault', '3')
     .option('--timeout-ms <ms>', 'peer declared lost after this silence', '500')
-    .option('--lease-ttl <s>', 'witness lease TTL, seconds', '2')
+    .option('--lease-ttl <s>', 'witness lease TTL, seconds', '1')
     .option('--conns <n>', 'client connections', '4')
     .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', 'model')
+    .option('--no-witness', 'run without the witness: shows what a partition does then (the split-brain detector counts it)')
     .option('--json', 'print the summary as one JSON line', false)
     .action(async (raw: unknown) => {
       const o = parseOptions(Options, raw);

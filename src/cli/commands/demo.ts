@@ -24,7 +24,7 @@ export function register(program: Command): void {
     .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
     .option('--hosts <n>', 'a cluster instead of a pair: N hosts running rubato agent, one etcd, one host killed (3-8)')
     .option('--vms <n>', 'with --hosts: VMs in the cluster', '2')
-    .option('--lease-ttl <s>', 'with --hosts: witness lease TTL, seconds', '2')
+    .option('--lease-ttl <s>', 'with --hosts: witness lease TTL, seconds', '1')
     .option('--json', 'non-interactive; print the summary as one JSON line', false)
     .action(async (raw: unknown) => {
       const o = parseOptions(Options, raw);

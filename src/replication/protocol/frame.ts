@@ -1,6 +1,6 @@
-// Rubato's replication wire format, version 2. Pure codec: no sockets, no clocks.
+// Rubato's replication wire format, version 3. Pure codec: no sockets, no clocks.
 //
-// Frame: be32 bodyLength | u8 type | u8 version | be16 flags | be64 epoch | be64 seq | body | tag
+// Frame: be32 bodyLength | u8 type | u8 version | be16 flags | be32 generation | be64 epoch | be64 seq | body | tag
 //   bodyLength counts everything after itself. Two phases, with keys per direction (p2s: primary →
 //   standby, s2p: standby → primary), so a frame reflected back to its sender or replayed across
 //   directions fails:
@@ -12,6 +12,9 @@
 //     tag = the 16-byte GCM tag; sessionKey[dir] = HKDF-SHA256(psk, salt nonceStandby ‖ noncePrimary,
 //     info "rubato/v2/session/" dir). Keys are fresh per connection and seq never repeats within
 //     one, so no (key, nonce) pair is ever used twice. Guest memory is never on the wire in clear.
+//   generation: the primary's witness generation (its fencing token; 0 without a witness). The hello
+//   carries it; from then on every frame of the session, both ways (checkpoints and acks alike),
+//   must carry exactly the session's: a decoder bound to a generation refuses any other.
 //   seq starts at 1 in each direction and increases by exactly one: a replayed, dropped or
 //   reordered frame breaks the session. A session frame is at most the decoder's current limit
 //   (set from the session's layout), never above MAX_FRAME_BYTES.
@@ -19,8 +22,8 @@
 import { createCipheriv, createDecipheriv, createHmac, hkdfSync, timingSafeEqual, type DecipherGCM, type Hmac } from 'node:crypto';
 import { RubatoError } from '../../util/errors.ts';
 
-export const PROTOCOL_VERSION = 2;
-export const HEADER_BYTES = 4 + 1 + 1 + 2 + 8 + 8;
+export const PROTOCOL_VERSION = 3;
+export const HEADER_BYTES = 4 + 1 + 1 + 2 + 4 + 8 + 8;
 export const HMAC_TAG_BYTES = 32;
 export const GCM_TAG_BYTES = 16;
 export const MAX_FRAME_BYTES = 1 << 30;
@@ -53,6 +56,8 @@ export interface Frame {
   epoch: number;
   seq: number;
   payload: Buffer;
+  /** The witness generation the frame was sent under (0: none). */
+  generation?: number;
 }
 
 export const protocolError = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_PROTOCOL', msg, ctx);
@@ -90,14 +95,19 @@ function nonceOf(seq: number): Buffer {
   return n;
 }
 
-function header(type: number, epoch: number, seq: number, bodyLength: number): Buffer {
+const GEN_AT = 8;
+const EPOCH_AT = 12;
+const SEQ_AT = 20;
+
+function header(type: number, generation: number, epoch: number, seq: number, bodyLength: number): Buffer {
   const head = Buffer.allocUnsafe(HEADER_BYTES);
   head.writeUInt32BE(bodyLength, 0);
   head[4] = type;
   head[5] = PROTOCOL_VERSION;
   head.writeUInt16BE(0, 6);
-  head.writeBigUInt64BE(BigInt(epoch), 8);
-  head.writeBigUInt64BE(BigInt(seq), 16);
+  head.writeUInt32BE(generation, GEN_AT);
+  head.writeBigUInt64BE(BigInt(epoch), EPOCH_AT);
+  head.writeBigUInt64BE(BigInt(seq), SEQ_AT);
   return head;
 }
 
@@ -108,7 +118,7 @@ function header(type: number, epoch: number, seq: number, bodyLength: number): B
 export function encodeFrameParts(f: Frame, k: FrameKey): [Buffer, Buffer, Buffer] {
   const body = HEADER_BYTES - 4 + f.payload.length + tagBytes(k);
   if (body + 4 > MAX_FRAME_BYTES) throw protocolError(`frame of ${body + 4} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
-  const head = header(f.type, f.epoch, f.seq, body);
+  const head = header(f.type, f.generation ?? 0, f.epoch, f.seq, body);
   if (k.kind === 'hmac') return [head, f.payload, createHmac('sha256', k.key).update(head).update(f.payload).digest()];
   const c = createCipheriv('aes-256-gcm', k.key, nonceOf(f.seq));
   c.setAAD(head);
@@ -142,12 +152,15 @@ export class FrameDecoder {
   private expectSeq = 1;
   private cur: Partial | null = null;
   private maxFrameBytes: number;
+  private generation: number | null = null;
 
   constructor(private key: FrameKey, private readonly peer: string, maxFrameBytes?: number) {
     this.maxFrameBytes = maxFrameBytes ?? (key.kind === 'hmac' ? HELLO_MAX_FRAME_BYTES : MAX_FRAME_BYTES);
   }
 
   setKey(key: FrameKey): void { this.key = key; }
+  /** From now on every frame must carry this witness generation (the session's). */
+  bindGeneration(g: number): void { this.generation = g; }
   /** The largest frame this side accepts from now on (the session's layout sets it). */
   setMaxFrameBytes(n: number): void { this.maxFrameBytes = Math.min(n, MAX_FRAME_BYTES); }
 
@@ -216,7 +229,7 @@ export class FrameDecoder {
     const body = head.readUInt32BE(0);
     const tagLen = tagBytes(this.key);
     this.checkLength(body);
-    const seq = Number(head.readBigUInt64BE(16));
+    const seq = Number(head.readBigUInt64BE(SEQ_AT));
     const payloadLen = body - (HEADER_BYTES - 4) - tagLen;
     let hmac: Hmac | null = null;
     let decipher: DecipherGCM | null = null;
@@ -238,10 +251,14 @@ export class FrameDecoder {
     if (version !== PROTOCOL_VERSION) throw new RubatoError('RUBATO_VERSION_MISMATCH', `${this.peer} speaks protocol version ${version}, this Rubato speaks ${PROTOCOL_VERSION}`, { peer: this.peer });
     if (c.seq !== this.expectSeq) throw protocolError(`frame from ${this.peer} has sequence ${c.seq}, expected ${this.expectSeq} (replayed or dropped frame)`, { peer: this.peer });
     this.expectSeq++;
-    return { type: c.head[4]!, epoch: Number(c.head.readBigUInt64BE(8)), seq: c.seq, payload: c.payload };
+    const generation = c.head.readUInt32BE(GEN_AT);
+    if (this.generation !== null && generation !== this.generation) {
+      throw protocolError(`frame from ${this.peer} carries witness generation ${generation}, this session's is ${this.generation} (a stale or foreign primary)`, { peer: this.peer });
+    }
+    return { type: c.head[4]!, epoch: Number(c.head.readBigUInt64BE(EPOCH_AT)), seq: c.seq, payload: c.payload, generation };
   }
 
-  /** Takes n bytes (n ≤ avail); `join` allows crossing chunks (headers only: 24 bytes). */
+  /** Takes n bytes (n ≤ avail); `join` allows crossing chunks (headers only: HEADER_BYTES). */
   private take(n: number, join: boolean): Buffer {
     let first = this.chunks[0]!;
     if (first.length < n) {
@@ -272,12 +289,15 @@ const isHandshake = (t: number) => t === FrameType.HELLO || t === FrameType.WELC
 /** Sender side of one direction: numbers frames and protects them. */
 export class FrameEncoder {
   private seq = 1;
+  private generation = 0;
   constructor(private key: FrameKey) {}
   setKey(key: FrameKey): void { this.key = key; }
+  /** The witness generation every frame carries from now on. */
+  bindGeneration(g: number): void { this.generation = g; }
   encode(type: number, epoch: number, payload: Buffer = Buffer.alloc(0)): Buffer {
-    return encodeFrame({ type, epoch, seq: this.seq++, payload }, this.key);
+    return encodeFrame({ type, epoch, seq: this.seq++, payload, generation: this.generation }, this.key);
   }
   encodeParts(type: number, epoch: number, payload: Buffer = Buffer.alloc(0)): [Buffer, Buffer, Buffer] {
-    return encodeFrameParts({ type, epoch, seq: this.seq++, payload }, this.key);
+    return encodeFrameParts({ type, epoch, seq: this.seq++, payload, generation: this.generation }, this.key);
   }
 }

@@ -11,7 +11,7 @@ export const IdentitySchema = z.object({
   vm: z.string(),
   spec: VmSpecSchema,
   /** The primary's generation in the witness (its fencing token), when it runs with one. */
-  generation: z.number().int().min(1).optional(),
+  generation: z.number().int().min(1).max(0xffffffff).optional(),
 });
 export type Identity = z.infer<typeof IdentitySchema>;
 
