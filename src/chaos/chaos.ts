@@ -31,7 +31,7 @@ import { CuttableProxy } from './fault-proxy.ts';
 
 const log = logger('chaos');
 
-export const FAULTS = ['kill', 'partition', 'isolate', 'corrupt'] as const;
+export const FAULTS = ['kill', 'partition', 'isolate', 'corrupt', 'standby-kill', 'standby-isolate', 'capture'] as const;
 export type Fault = typeof FAULTS[number];
 
 export interface ChaosOptions {
@@ -119,6 +119,7 @@ interface LiveCopy { host: ChaosHost; vm: QemuVm; io: GuestIo; ownership: Owners
 /** The protection of a live copy: a standby on the other host reached through a link that faults can cut or corrupt. */
 interface Pair {
   primary: PrimaryController; standby: StandbyController; link: CuttableProxy; guard: OwnershipGuard | null; gate: WitnessGate | null;
+  failCaptureOnce: () => void; host: ChaosHost;
   pEvents: Array<PrimaryEvent & { t: number }>; sEvents: Array<StandbyEvent & { t: number }>; gEvents: Array<Record<string, unknown>>; nextIo: GuestIo | null;
 }
 
@@ -126,7 +127,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
   const status = o.onStatus ?? (() => {});
   const ttl = o.leaseTtl ?? 1;
   const res: ChaosResult = {
-    rounds: 0, byFault: { kill: 0, partition: 0, isolate: 0, corrupt: 0 }, failovers: 0, splitBrain: -1, lost: -1, acknowledged: 0, reprotected: 0,
+    rounds: 0, byFault: { kill: 0, partition: 0, isolate: 0, corrupt: 0, 'standby-kill': 0, 'standby-isolate': 0, capture: 0 }, failovers: 0, splitBrain: -1, lost: -1, acknowledged: 0, reprotected: 0,
     kills: 0, lostKeys: [], connectionsSurvived: 0, connectionsTotal: 0, failoverMsMedian: Number.NaN, failoverMs: [], latencyMsP50: Number.NaN,
     latencyMsP99: Number.NaN, accel: o.accel, detail: [],
   };
@@ -169,6 +170,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       const other = hosts.find((h) => h !== l.host)!;
       other.etcdProxy.heal(); // the other host is (back) up
       const gate = withWitness ? witnessGate(other.etcd, other.name, ttl) : null;
+      let failCapture = false;
       const p: Partial<Pair> & { pEvents: Pair['pEvents']; sEvents: Pair['sEvents']; gEvents: Pair['gEvents']; nextIo: GuestIo | null } = { pEvents: [], sEvents: [], gEvents: [], nextIo: null, gate };
       const standby = new StandbyController({
         host: '127.0.0.1', port: 0, stateDir: join(dir, `standby${round}`), psk, heartbeatMs: 50, timeoutMs: o.timeoutMs, fsync: false, ...(gate ? { gate } : {}),
@@ -184,6 +186,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       const primary = new PrimaryController({
         vm: l.vm, runDir: dir, standby: { host: '127.0.0.1', port: link.port }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
         relay: l.io.relay, nbd: l.io.nbd, policy: parsePolicy(o.policy), generation: () => l.ownership?.generation ?? 0,
+        // A capture failure on the primary (QEMU's stream breaks mid-epoch), once when asked.
+        fault: (point) => { if (point === 'mid-epoch' && failCapture) { failCapture = false; throw new RubatoError('RUBATO_PROTOCOL', 'injected capture failure'); } },
         onEvent: (e) => {
           p.pEvents.push({ ...e, t: Date.now() });
           if (e.event === 'unprotected') p.guard?.unprotected(e.reason);
@@ -193,7 +197,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         protected: () => primary.protected, emit: (e) => p.gEvents.push({ ...e, t: Date.now() }),
         stopGuest: () => { void primary.crash(); },
       }) : null;
-      Object.assign(p, { primary, standby, link, guard });
+      Object.assign(p, { primary, standby, link, guard, failCaptureOnce: () => { failCapture = true; }, host: other });
       primary.start();
       return p as Pair;
     };
@@ -213,8 +217,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       const runMs = randomInt(Math.floor(o.seconds * 500), Math.floor(o.seconds * 1500) + 1);
       const acksBefore = acks();
       await sleep(runMs);
-      const variant = fault === 'isolate' ? (res.byFault.isolate % 2 === 0 ? 'etcd' : 'etcd+link') : fault === 'kill' ? 'host' : fault === 'partition' ? 'link' : 'bit';
-      status(`round ${k}/${o.rounds}: ${fault} (${variant}) of ${l.host.name} after ${(runMs / 1000).toFixed(1)} s, ${acks() - acksBefore} writes acknowledged meanwhile`);
+      const variant = fault === 'isolate' ? (res.byFault.isolate % 2 === 0 ? 'etcd' : 'etcd+link') : ({ kill: 'host', partition: 'link', corrupt: 'bit', 'standby-kill': 'host', 'standby-isolate': 'etcd', capture: 'mid-epoch' } as const)[fault];
+      status(`round ${k}/${o.rounds}: ${fault} (${variant}) of ${fault.startsWith('standby') ? `the standby ${q.host.name}` : l.host.name} after ${(runMs / 1000).toFixed(1)} s, ${acks() - acksBefore} writes acknowledged meanwhile`);
       res.byFault[fault]++;
       res.rounds++;
       const faultAt = Date.now();
@@ -267,6 +271,31 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
           res.reprotected++;
           if (!(await noFailoverFor(q, o.timeoutMs * 2))) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: a corrupted frame led to a failover`);
           break;
+      }
+      if (fault === 'standby-kill') {
+        // The standby host dies (silently: its goodbye goes into the cut). The primary runs on, alone, holding the VM.
+        q.link.blackhole();
+        q.host.etcdProxy.blackhole();
+        await q.standby.stop();
+        await waitFor(() => q.pEvents.find((e) => e.event === 'unprotected' && e.t >= faultAt), 30_000, `the primary noticing its standby died in round ${k}`);
+        await sleep(ttl * 1000 + 1000);
+        if (l.vm.exited) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the primary stopped its guest when only its standby died`);
+        q.guard?.close();
+        await q.primary.stop().catch(() => {});
+        q.link.close();
+        pair = null; // the next round protects it with a fresh standby on the repaired host
+      } else if (fault === 'standby-isolate') {
+        // The standby cut from the witness: a healthy pair does not care.
+        q.host.etcdProxy.blackhole();
+        const ok = await noFailoverFor(q, ttl * 1000 + 2000);
+        if (!ok || !q.primary.protected) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the pair did not stay as it was while its standby was cut from the witness`);
+        q.host.etcdProxy.heal();
+      } else if (fault === 'capture') {
+        q.failCaptureOnce();
+        await protectedSince(q, faultAt + 1, `re-protection after the capture failure of round ${k}`);
+        round.reprotectMs = Date.now() - faultAt;
+        res.reprotected++;
+        if (!(await noFailoverFor(q, o.timeoutMs * 2))) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: a capture failure led to a failover`);
       }
       if (expectFailover) {
         const fo = await waitFor(() => q.sEvents.find((e) => e.event === 'failover'), 60_000, `failover in round ${k}`);
