@@ -27,14 +27,21 @@ import { Controller } from './controller-proc.ts';
 
 const log = logger('demo');
 
-export interface ClusterDemoOptions { hosts: number; vms: number; seconds: number; heartbeatMs: number; timeoutMs: number; leaseTtl: number; policy: string }
+export interface ClusterDemoOptions {
+  hosts: number; vms: number; seconds: number; heartbeatMs: number; timeoutMs: number; leaseTtl: number; policy: string;
+  /** Before the kill: drain a host (`rubato host drain`), check it holds nothing and every VM is protected, undrain it. */
+  drain?: boolean;
+}
 
 export interface ClusterDemoResult {
   hosts: number; vms: number; hostKilled: string | null; allRunning: boolean; allProtected: boolean; recoveryMs: number;
   /** Per VM, before and after: where it ran and where its standby was. */
   before: Array<{ vm: string; primary: string | null; standby: string | null }>;
   after: Array<{ vm: string; primary: string | null; standby: string | null; generation: number; state: string }>;
-  acknowledged: number; lost: number; error?: string;
+  acknowledged: number; lost: number;
+  /** With drain: the host drained, how long it took, and where the VMs were then. */
+  drained?: { host: string; ms: number; after: Array<{ vm: string; primary: string | null; standby: string | null }> };
+  error?: string;
 }
 
 const settled = (v: ClusterView, live: ReadonlySet<string>) => {
@@ -107,6 +114,27 @@ export async function runClusterDemo(o: ClusterDemoOptions, onStatus: (line: str
     onStatus(`all protected after ${Math.round((Date.now() - t0) / 1000)} s: ${res.before.map((r) => `${r.vm} on ${r.primary} (standby ${r.standby})`).join(', ')}`, true);
     for (const ipAddr of vmIps) clients.push(clientProcess(lan, ['--target', `${ipAddr}:7000`, '--conns', '2', '--seconds', '900']));
     await sleep(o.seconds * 1000);
+    if (o.drain) {
+      // Planned maintenance: the host running the first VM is drained (switchover, standbys moved), then let back in.
+      const host = res.before[0]!.primary!;
+      onStatus(`draining ${host} (rubato host drain): its VMs switch over, its standbys move`, true);
+      const t1 = Date.now();
+      const d = await runCommand(RUBATO_COMMAND, ['host', 'drain', host, '--etcd', etcd.url, '--timeout', '180']);
+      if (d.code !== 0) throw new RubatoError('RUBATO_PEER_LOST', `rubato host drain ${host}: ${d.stderr.trim().split('\n').at(-1) ?? ''}`);
+      const others = new Set([...live].filter((h) => h !== host));
+      for (;;) {
+        view = await readCluster(client);
+        if (settled(view, others)) break;
+        if (Date.now() - t1 > 180_000) throw new RubatoError('RUBATO_PEER_LOST', `not protected again after draining ${host}: ${JSON.stringify(vmRows(view))}`);
+        await sleep(250);
+      }
+      res.drained = { host, ms: Date.now() - t1, after: vmRows(view).map((r) => ({ vm: r.vm, primary: r.primary, standby: r.standby })) };
+      onStatus(`${host} drained in ${res.drained.ms} ms: ${res.drained.after.map((r) => `${r.vm} on ${r.primary} (standby ${r.standby})`).join(', ')}`, true);
+      const u = await runCommand(RUBATO_COMMAND, ['host', 'undrain', host, '--etcd', etcd.url]);
+      if (u.code !== 0) throw new RubatoError('RUBATO_CONFIG', `rubato host undrain ${host}: ${u.stderr.trim()}`);
+      res.before = res.drained.after;
+      await sleep(2000);
+    }
     // The victim: a host that runs a VM and holds another's standby if there is one (both kinds of loss at once).
     const roles = (h: string) => res.before.filter((r) => r.primary === h).length * 2 + res.before.filter((r) => r.standby === h).length;
     const victim = [...agents.keys()].sort((a, b) => roles(b) - roles(a))[0]!;

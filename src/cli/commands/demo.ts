@@ -9,7 +9,7 @@ import { ACCEL, LINK, int, num, oneOf, parseOptions, policy, withAccel, withLink
 
 const Options = z.object({
   seconds: int(1, 3600), mem: int(64, 65536).optional(), rate: num(0, 10000), policy: policy(), cutLink: z.boolean(), json: z.boolean(), accel: ACCEL,
-  guest: oneOf(['test', 'debian'] as const), diskGib: int(1, 65536).optional(), hosts: int(3, 8).optional(), vms: int(1, 8), leaseTtl: int(1, 60), ...LINK,
+  guest: oneOf(['test', 'debian'] as const), diskGib: int(1, 65536).optional(), hosts: int(3, 8).optional(), vms: int(1, 8), leaseTtl: int(1, 60), drain: z.boolean(), ...LINK,
 });
 
 export function register(program: Command): void {
@@ -24,6 +24,7 @@ export function register(program: Command): void {
     .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
     .option('--hosts <n>', 'a cluster instead of a pair: N hosts running rubato agent, one etcd, one host killed (3-8)')
     .option('--vms <n>', 'with --hosts: VMs in the cluster', '2')
+    .option('--drain', 'with --hosts: first drain a host (rubato host drain) and let it back in', false)
     .option('--lease-ttl <s>', 'with --hosts: witness lease TTL, seconds', '1')
     .option('--json', 'non-interactive; print the summary as one JSON line', false)
     .action(async (raw: unknown) => {
