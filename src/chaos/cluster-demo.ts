@@ -132,11 +132,11 @@ export async function runClusterDemo(o: ClusterDemoOptions, onStatus: (line: str
       onStatus(`${host} drained in ${res.drained.ms} ms: ${res.drained.after.map((r) => `${r.vm} on ${r.primary} (standby ${r.standby})`).join(', ')}`, true);
       const u = await runCommand(RUBATO_COMMAND, ['host', 'undrain', host, '--etcd', etcd.url]);
       if (u.code !== 0) throw new RubatoError('RUBATO_CONFIG', `rubato host undrain ${host}: ${u.stderr.trim()}`);
-      res.before = res.drained.after;
       await sleep(2000);
     }
     // The victim: a host that runs a VM and holds another's standby if there is one (both kinds of loss at once).
-    const roles = (h: string) => res.before.filter((r) => r.primary === h).length * 2 + res.before.filter((r) => r.standby === h).length;
+    const now = res.drained?.after ?? res.before;
+    const roles = (h: string) => now.filter((r) => r.primary === h).length * 2 + now.filter((r) => r.standby === h).length;
     const victim = [...agents.keys()].sort((a, b) => roles(b) - roles(a))[0]!;
     res.hostKilled = victim;
     const v = agents.get(victim)!;
