@@ -158,7 +158,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     if (ownership && (await ownership.claim()) === null) throw new RubatoError('RUBATO_VM_OWNED', 'the fresh witness refused the first claim');
     live = { host: hosts[0]!, vm: rig.vm, io: rig.io, ownership };
     const psk = randomBytes(32);
-    detector = await SplitBrainDetector.start(lan, hosts.map((h) => h.lan));
+    detector = await SplitBrainDetector.start(lan, hosts.map((h) => h.lan), rig.vm.spec.mac!);
     status(`KV guest up at ${lan.guestIp} on ${live.host.name}; witness ${etcd.url}; faults ${o.faults.join(',')}, ${o.rounds} rounds`);
     const total = o.rounds * (o.seconds + 25) + 120;
     client = clientProcess(lan, ['--target', `${lan.guestIp}:7000`, '--conns', String(o.conns), '--seconds', String(total)]);
@@ -326,7 +326,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     await waitFor(() => acks() > acksAtEnd + 5 || undefined, 30_000, 'writes after the last round').catch(() => {});
     client.proc.kill('SIGTERM');
     await client.done;
-    res.splitBrain = detector.stop();
+    res.splitBrain = await detector.stop();
     const acked = client.events.filter((e) => e.type === 'ack');
     res.acknowledged = acked.length;
     const lat = acked.map((a) => a.latMs ?? 0);
@@ -360,7 +360,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     log.error(`chaos failed: ${res.error}`);
   } finally {
     client?.proc.kill('SIGKILL');
-    if (detector && res.splitBrain < 0) res.splitBrain = detector.stop();
+    if (detector && res.splitBrain < 0) res.splitBrain = await detector.stop();
     pair?.guard?.close();
     await pair?.primary.stop().catch(() => {});
     await pair?.standby.stop().catch(() => {});
@@ -378,56 +378,57 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
 }
 
 /**
- * Split brain as the LAN sees it, trusting nothing of Rubato: the LAN bridge's own packet counters
- * on each host's port (the kernel's), sampled every 200 ms. Host namespaces carry no traffic of
- * their own on the LAN (no IPv6, no addresses in use), so a port whose counter moves carries the
- * guest's frames: an interval in which two hosts' ports both moved is an interval in which two
- * copies of the guest answered.
+ * Split brain as the LAN sees it, trusting nothing of Rubato: tcpdump (Debian's) on the LAN
+ * bridge's port of each host, counting the frames whose source is the guest's MAC address. Every
+ * copy of the guest sends from that address; a 200 ms interval in which frames from it came in
+ * through two hosts' ports is an interval in which two copies of the guest answered.
  */
 export class SplitBrainDetector {
-  private timer: NodeJS.Timeout | null = null;
-  private last = new Map<string, number>();
-  private overlaps = 0;
-  private busy = false;
+  private readonly seen = new Map<string, Set<number>>();
+  private readonly procs: TrackedProcess[] = [];
 
-  private constructor(private readonly lanNs: string, private readonly ports: string[]) {}
+  private constructor(private readonly ports: string[]) {}
 
-  static async start(lan: Lan, hosts: readonly LanHost[]): Promise<SplitBrainDetector> {
-    const d = new SplitBrainDetector(lan.lanNs, hosts.map((h) => `${h.uplink}l`));
-    d.last = await d.sample();
-    d.timer = setInterval(() => { void d.tick(); }, 200);
+  static async start(lan: Lan, hosts: readonly LanHost[], guestMac: string): Promise<SplitBrainDetector> {
+    const d = new SplitBrainDetector(hosts.map((h) => `${h.uplink}l`));
+    for (const port of d.ports) {
+      const buckets = new Set<number>();
+      d.seen.set(port, buckets);
+      const p = spawnTracked(`tcpdump-${port}`, 'ip', ['netns', 'exec', lan.lanNs, 'tcpdump', '-l', '-n', '-tt', '-e', '-i', port, 'ether', 'src', guestMac]);
+      d.procs.push(p);
+      let buf = '';
+      p.child.stdout?.on('data', (c: Buffer) => {
+        buf += c.toString();
+        let nl: number;
+        while ((nl = buf.indexOf('\n')) >= 0) {
+          const ts = Number.parseFloat(buf.slice(0, nl));
+          buf = buf.slice(nl + 1);
+          if (Number.isFinite(ts)) buckets.add(Math.floor(ts * 5));
+        }
+      });
+      // tcpdump says on stderr when it listens
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, 3000);
+        p.child.stderr?.on('data', (c: Buffer) => { if (/listening on/.test(c.toString())) { clearTimeout(t); resolve(); } });
+        void p.exited.then(() => { clearTimeout(t); resolve(); });
+      });
+    }
     return d;
   }
 
-  private async sample(): Promise<Map<string, number>> {
-    const r = await runCommand('ip', ['-n', this.lanNs, '-s', '-j', 'link', 'show']);
-    const out = new Map<string, number>();
-    for (const l of JSON.parse(r.stdout || '[]') as Array<{ ifname: string; stats64?: { rx?: { packets?: number } } }>) {
-      if (this.ports.includes(l.ifname)) out.set(l.ifname, l.stats64?.rx?.packets ?? 0);
-    }
-    return out;
-  }
-
-  private async tick(): Promise<void> {
-    if (this.busy) return;
-    this.busy = true;
-    try {
-      const now = await this.sample();
-      const moved = this.ports.filter((p) => (now.get(p) ?? 0) > (this.last.get(p) ?? 0));
-      if (moved.length > 1) {
-        this.overlaps++;
-        log.error(`SPLIT BRAIN: frames from ${moved.join(' and ')} in the same 200 ms`);
+  /** Stops the captures; the number of 200 ms intervals in which two hosts' ports carried the guest's frames. */
+  async stop(): Promise<number> {
+    for (const p of this.procs) await p.stop(2000);
+    this.procs.length = 0;
+    const all = [...this.seen.values()];
+    let overlaps = 0;
+    const counted = new Set<number>();
+    for (let i = 0; i < all.length; i++) {
+      for (let j = i + 1; j < all.length; j++) {
+        for (const b of all[i]!) if (all[j]!.has(b) && !counted.has(b)) { counted.add(b); overlaps++; }
       }
-      this.last = now;
-    } catch { /* the lan is going away */ } finally {
-      this.busy = false;
     }
-  }
-
-  /** Stops sampling; the number of intervals in which two hosts' ports carried frames. */
-  stop(): number {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = null;
-    return this.overlaps;
+    if (overlaps) log.error(`SPLIT BRAIN: the guest's frames came in through two hosts' ports in ${overlaps} intervals of 200 ms`);
+    return overlaps;
   }
 }

@@ -3,7 +3,8 @@
 // `rubato protect` (a daemon, as an operator runs it), `rubato standby --peer` on the other host;
 // a client fetching nginx pages over one persistent connection and over new connections
 // throughout; the primary host killed (QEMU and controller by PID, its LAN port down); the standby
-// taking over; then a standby started on the repaired old host and the VM re-protected there.
+// taking over once the witness (the embedded etcd, on the LAN) lets it; then a standby started on
+// the repaired old host and the VM re-protected there.
 
 import { copyFileSync, constants, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -13,9 +14,12 @@ import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
 import { logger } from '../util/log.ts';
 import { ip } from '../io/net/netns.ts';
 import { Lan, type LanHost } from '../io/net/lan.ts';
-import { REPO_ROOT, ensureDebianImage, ensurePatchedQemu, ensureTapRelay } from '../setup/index.ts';
+import { REPO_ROOT, ensurePackages, ensureDebianImage, ensurePatchedQemu, ensureTapRelay } from '../setup/index.ts';
 import { writeKeyFile } from '../replication/keyfile.ts';
 import { Controller, type Ev } from './controller-proc.ts';
+import { LocalEtcd } from '../coord/local-etcd.ts';
+import { EtcdClient } from '../coord/etcd.ts';
+import { currentOwner } from '../coord/ownership.ts';
 
 const log = logger('demo');
 /** The Debian guest's static address (guest/debian/files/etc/network/interfaces). */
@@ -33,6 +37,8 @@ export interface DebianDemoResult {
   reprotected: boolean; reprotectMs: number; syncMs: number; controllerRssMb: { primary: number; standby: number };
   /** Output commit as the product's own events show it: epochs whose held frames left, and of those any before the standby committed them. */
   releasedEpochs: number; releasedBeforeCommit: number;
+  /** The embedded witness (etcd) both hosts used, and the VM's generation after the failover (2: the standby claimed it). */
+  witness: string; generation: number;
   error?: string;
 }
 
@@ -48,9 +54,10 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
   const res: DebianDemoResult = {
     bootedFromDisk: false, diskGiB: 0, guestMemMb: o.memMb, failover: false, failoverMs: -1, httpRequests: 0, httpErrors: 0,
     connectionSurvived: false, longestStallMs: -1, reprotected: false, reprotectMs: -1, syncMs: -1, controllerRssMb: { primary: 0, standby: 0 },
-    releasedEpochs: 0, releasedBeforeCommit: 0,
+    releasedEpochs: 0, releasedBeforeCommit: 0, witness: '', generation: 0,
   };
-  onStatus('preparing: the Debian guest image (built once), the patched QEMU, the TAP helper', true);
+  onStatus('preparing: the Debian guest image (built once), the patched QEMU, the TAP helper, etcd (the witness)', true);
+  await ensurePackages();
   const image = await ensureDebianImage();
   if (o.accel !== 'kvm') await ensurePatchedQemu();
   await ensureTapRelay();
@@ -58,6 +65,7 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
   let lan: Lan | null = null;
   const procs: TrackedProcess[] = [];
   let rssTimer: NodeJS.Timeout | null = null;
+  let etcd: LocalEtcd | null = null;
   try {
     // The user's disk: a copy of the built image (sparse), so the cache stays pristine.
     const disk = join(dir, 'debian.img');
@@ -67,6 +75,9 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     lan = await Lan.create('deb', { subnet: SUBNET });
     const l = lan;
     const [ha, hb] = [await l.addHost('ha'), await l.addHost('hb')];
+    // The witness: Rubato's embedded default, a single-member etcd, here on the LAN where both hosts reach it.
+    etcd = await LocalEtcd.start(join(dir, 'witness'), { host: await l.attachRoot(200) });
+    res.witness = etcd.url;
     onStatus(`three hosts on one LAN: primary ${ha.ns} (${ha.ip}), standby ${hb.ns} (${hb.ip}), client ${l.clientNs} (${l.clientIp}); guest at ${l.guestIp}`, true);
     const vmFile = join(dir, 'debian.json');
     writeFileSync(vmFile, JSON.stringify({
@@ -84,11 +95,11 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     const inNs = (name: string, ns: string, argv: string[]) => spawnIn(name, ns, process.execPath, argv);
     // The controllers run as an operator runs them: bin/rubato (which execs node: the PID is the controller's).
     const rubato = (name: string, h: LanHost, args: string[]) => new Controller(name, spawnIn(`rubato-${name}`, h.ns, join(REPO_ROOT, 'bin', 'rubato'), args));
-    const common = ['--key', key, '--heartbeat-ms', String(o.heartbeatMs), '--timeout-ms', String(o.timeoutMs), '--events'];
+    const common = ['--key', key, '--heartbeat-ms', String(o.heartbeatMs), '--timeout-ms', String(o.timeoutMs), '--events', '--etcd', etcd.url];
     const port = 7400;
-    const standbyB = rubato('standby-b', hb, ['standby', '--listen', `${hb.ip}:${port}`, '--peer', `${ha.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'hb'), ...common]);
+    const standbyB = rubato('standby-b', hb, ['standby', '--host', 'hb', '--listen', `${hb.ip}:${port}`, '--peer', `${ha.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'hb'), ...common]);
     await standbyB.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
-    const primary = rubato('primary-a', ha, ['protect', vmFile, '--standby', `${hb.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'ha'), ...common]);
+    const primary = rubato('primary-a', ha, ['protect', vmFile, '--host', 'ha', '--standby', `${hb.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'ha'), ...common]);
     primary.onEvent = (e) => {
       if (e.event === 'sync-progress') onStatus(`initial sync: ${e['percent']} % of ${Math.round(Number(e['totalBytes']) / 1e6)} MB at ${e['mbPerSec']} MB/s, ${e['etaSec']} s left`);
       if (e.event === 'status') onStatus(`protected | epoch ${e['epoch']} (acked ${e['ackedEpoch']}) | ${e['ckptPerSec']} ckpt/s | pause ${e['pauseMs']} ms | lag ${e['lagMs']} ms`);
@@ -122,13 +133,14 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     const fo = await standbyB.waitEvent((e) => e.event === 'failover', 60_000, 'failover');
     res.failover = true;
     res.failoverMs = Number(fo['runningAtMs']) - killAt;
+    res.generation = (await currentOwner(new EtcdClient([etcd.url]), 'debian'))?.generation ?? 0;
     onStatus(`standby took over in ${res.failoverMs} ms from checkpoint ${fo['epoch']}`, true);
     await client.waitEvent((e) => e.type === 'ok' && e.t > Number(fo['runningAtMs']) && e['conn'] === 'persistent', 60_000, 'a page after the failover');
 
     // The old host is repaired: its LAN port comes back and a standby starts there.
     await ip(['-n', ha.ns, 'link', 'set', ha.uplink, 'up']);
     const tRe = Date.now();
-    const standbyA = rubato('standby-a', ha, ['standby', '--listen', `${ha.ip}:${port}`, '--state-dir', join(dir, 'ha-standby'), ...common]);
+    const standbyA = rubato('standby-a', ha, ['standby', '--host', 'ha', '--listen', `${ha.ip}:${port}`, '--state-dir', join(dir, 'ha-standby'), ...common]);
     await standbyA.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
     await standbyB.waitEvent((e) => e.event === 'reprotected', 600_000, 're-protection');
     res.reprotected = true;
@@ -161,6 +173,7 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
   } finally {
     if (rssTimer) clearInterval(rssTimer);
     for (const p of procs.reverse()) await p.stop(5000);
+    await etcd?.stop();
     await lan?.destroy();
     removeTempDir(dir);
   }
@@ -168,6 +181,6 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
 }
 
 export const debianDemoPassed = (r: DebianDemoResult): boolean =>
-  r.bootedFromDisk && r.diskGiB >= 8 && r.failover && r.httpErrors === 0 && r.httpRequests > 0 && r.connectionSurvived && r.reprotected
+  r.bootedFromDisk && r.diskGiB >= 8 && r.failover && r.generation >= 2 && r.httpErrors === 0 && r.httpRequests > 0 && r.connectionSurvived && r.reprotected
   && r.releasedEpochs > 0 && r.releasedBeforeCommit === 0
   && r.controllerRssMb.primary > 0 && r.controllerRssMb.primary < 512 && r.controllerRssMb.standby > 0 && r.controllerRssMb.standby < 512 && !r.error;

@@ -82,14 +82,19 @@ async function load(): Promise<void> {
 
 async function verify(file: string): Promise<void> {
   const acks = readFileSync(file, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l) as { key: string; value: string });
-  const c = new LineConn(0);
-  await c.opened();
+  // Several connections read back in parallel (one outstanding GET each): the guest serves them concurrently.
+  const conns = Math.max(1, Math.min(Number(args.get('conns') ?? 8), acks.length));
   const missing: string[] = [];
-  for (const a of acks) {
-    const r = await c.request(`GET ${a.key}`, 20000);
-    if (r !== `VALUE ${a.value}`) missing.push(a.key);
-  }
-  c.sock.destroy();
+  await Promise.all(Array.from({ length: conns }, async (_, w) => {
+    const c = new LineConn(w);
+    await c.opened();
+    for (let i = w; i < acks.length; i += conns) {
+      const a = acks[i]!;
+      const r = await c.request(`GET ${a.key}`, 20000);
+      if (r !== `VALUE ${a.value}`) missing.push(a.key);
+    }
+    c.sock.destroy();
+  }));
   out({ type: 'verify', checked: acks.length, missing });
 }
 

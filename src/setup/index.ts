@@ -24,6 +24,8 @@ export const DEBIAN_PACKAGES = [
   'e2fsprogs',
   // the witness (a local single-member etcd is the embedded default)
   'etcd-server',
+  // the chaos harness's split-brain detector (frames from the guest's MAC on each host's LAN port)
+  'tcpdump',
 ] as const;
 
 let packagesChecked = false;
