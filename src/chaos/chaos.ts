@@ -379,7 +379,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
 
 /**
  * Split brain as the LAN sees it, trusting nothing of Rubato: tcpdump (Debian's) on the LAN
- * bridge's port of each host, counting the frames whose source is the guest's MAC address. Every
+ * bridge's port of each host, counting the frames whose source is the guest's MAC address that
+ * come in from that host (not those the bridge floods out to it, such as ARP broadcasts). Every
  * copy of the guest sends from that address; a 200 ms interval in which frames from it came in
  * through two hosts' ports is an interval in which two copies of the guest answered.
  */
@@ -394,7 +395,7 @@ export class SplitBrainDetector {
     for (const port of d.ports) {
       const buckets = new Set<number>();
       d.seen.set(port, buckets);
-      const p = spawnTracked(`tcpdump-${port}`, 'ip', ['netns', 'exec', lan.lanNs, 'tcpdump', '-l', '-n', '-tt', '-e', '-i', port, 'ether', 'src', guestMac]);
+      const p = spawnTracked(`tcpdump-${port}`, 'ip', ['netns', 'exec', lan.lanNs, 'tcpdump', '-l', '-n', '-tt', '-e', '-Q', 'in', '-i', port, 'ether', 'src', guestMac]);
       d.procs.push(p);
       let buf = '';
       p.child.stdout?.on('data', (c: Buffer) => {
