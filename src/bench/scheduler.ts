@@ -76,7 +76,7 @@ export async function whileProtected<T>(p: Protected, f: () => Promise<T>): Prom
   try { return await f(); } finally { await p.stop(); }
 }
 
-function summarise(events: PrimaryEvent[], seconds: number) {
+export function summarise(events: PrimaryEvent[], seconds: number) {
   const cps = events.filter((e): e is Extract<PrimaryEvent, { event: 'checkpoint' }> => e.event === 'checkpoint');
   const last = [...events].reverse().find((e): e is Extract<PrimaryEvent, { event: 'decisions' }> => e.event === 'decisions');
   return {

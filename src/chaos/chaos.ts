@@ -28,6 +28,7 @@ import { Ownership } from '../coord/ownership.ts';
 import { witnessGate, type WitnessGate } from '../coord/witness-gate.ts';
 import { guardOwnership, type OwnershipGuard } from '../coord/guard.ts';
 import { CuttableProxy } from './fault-proxy.ts';
+import { startDebianRig } from './debian-rig.ts';
 
 const log = logger('chaos');
 
@@ -41,7 +42,18 @@ export interface ChaosOptions {
   leaseTtl?: number; onStatus?: (s: string) => void;
   /** false: no witness (any standby that stops hearing its primary takes over) — shows what the detector sees without one. */
   witness?: boolean;
+  /** The service written to: the test guest's KV store (default), or PostgreSQL (rows inserted by psql sessions) or Redis (appendfsync always) in the Debian guest. */
+  service?: ChaosService;
 }
+
+export const CHAOS_SERVICES = ['kv', 'postgres', 'redis'] as const;
+export type ChaosService = typeof CHAOS_SERVICES[number];
+/** Where each service listens and which client writes to it (same contract: acks as JSON lines, --verify FILE). */
+const SERVICE_CLIENT: Record<ChaosService, { port: number; script: string; args?: string[] }> = {
+  kv: { port: 7000, script: join('src', 'chaos', 'kv-client.ts') },
+  postgres: { port: 5432, script: join('src', 'chaos', 'sql-client.ts') },
+  redis: { port: 6379, script: join('src', 'chaos', 'kv-client.ts'), args: ['--proto', 'redis'] },
+};
 
 export interface RoundResult { fault: Fault; variant: string; failover: boolean; failoverMs: number | null; reprotectMs: number | null; primary: string }
 
@@ -143,7 +155,9 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     await ensurePackages();
     etcd = await LocalEtcd.start(join(dir, 'witness'));
     const etcdPort = Number(new URL(etcd.url).port);
-    rig = await startKvRig(dir, o.accel, 'chaos');
+    const service = o.service ?? 'kv';
+    const svc = SERVICE_CLIENT[service];
+    rig = service === 'kv' ? await startKvRig(dir, o.accel, 'chaos') : await startDebianRig(dir, o.accel, 'chaos');
     res.accel = rig.accel;
     const lan = rig.lan;
     const hosts: ChaosHost[] = [];
@@ -159,9 +173,9 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     live = { host: hosts[0]!, vm: rig.vm, io: rig.io, ownership };
     const psk = randomBytes(32);
     detector = await SplitBrainDetector.start(lan, hosts.map((h) => h.lan), rig.vm.spec.mac!);
-    status(`KV guest up at ${lan.guestIp} on ${live.host.name}; witness ${etcd.url}; faults ${o.faults.join(',')}, ${o.rounds} rounds`);
+    status(`${({ kv: 'KV', postgres: 'PostgreSQL', redis: 'Redis (appendfsync always)' } as const)[service]} guest up at ${lan.guestIp} on ${live.host.name}; witness ${etcd.url}; faults ${o.faults.join(',')}, ${o.rounds} rounds`);
     const total = o.rounds * (o.seconds + 25) + 120;
-    client = clientProcess(lan, ['--target', `${lan.guestIp}:7000`, '--conns', String(o.conns), '--seconds', String(total)]);
+    client = clientProcess(lan, ['--target', `${lan.guestIp}:${svc.port}`, '--conns', String(o.conns), '--seconds', String(total), ...(svc.args ?? [])], svc.script);
     const kills: Array<{ killAt: number; runningAt: number }> = [];
     const acks = () => client!.events.filter((e) => e.type === 'ack').length;
 
@@ -335,7 +349,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const ackFile = join(dir, 'acks.jsonl');
     writeFileSync(ackFile, acked.map((a) => JSON.stringify({ key: a.key, value: a.value })).join('\n') + '\n');
     status(`verifying ${acked.length} acknowledged writes with GET`);
-    const v = clientProcess(lan, ['--target', `${lan.guestIp}:7000`, '--verify', ackFile]);
+    const v = clientProcess(lan, ['--target', `${lan.guestIp}:${svc.port}`, '--verify', ackFile, ...(svc.args ?? [])], svc.script);
     await v.done;
     const verdict = v.events.find((e) => e.type === 'verify');
     if (!verdict) throw new RubatoError('RUBATO_PEER_LOST', 'the verification client reported nothing');

@@ -11,6 +11,8 @@ const args = new Map<string, string>();
 for (let i = 2; i < process.argv.length; i += 2) args.set(process.argv[i]!.replace(/^--/, ''), process.argv[i + 1] ?? '');
 const [host, portStr] = (args.get('target') ?? '127.0.0.1:7000').split(':');
 const port = Number(portStr);
+/** kv: Rubato's test KV service (SET k v → OK, GET k → VALUE v); redis: the same over Redis' inline protocol. */
+const redis = args.get('proto') === 'redis';
 const out = (o: object) => process.stdout.write(`${JSON.stringify({ t: Date.now(), ...o })}\n`);
 
 class LineConn {
@@ -25,7 +27,7 @@ class LineConn {
     this.sock.on('data', (d: string) => {
       this.buf += d;
       let nl: number;
-      while ((nl = this.buf.indexOf('\n')) >= 0) { const l = this.buf.slice(0, nl); this.buf = this.buf.slice(nl + 1); this.waiting.shift()?.resolve(l); }
+      while ((nl = this.buf.indexOf('\n')) >= 0) { const l = this.buf.slice(0, nl).replace(/\r$/, ''); this.buf = this.buf.slice(nl + 1); this.waiting.shift()?.resolve(l); }
     });
     const die = (e: Error) => {
       if (!this.dead) this.dead = e;
@@ -36,6 +38,14 @@ class LineConn {
   }
   opened(): Promise<void> {
     return new Promise((resolve, reject) => { this.sock.once('connect', () => resolve()); this.sock.once('error', reject); setTimeout(() => reject(new Error('connect timeout')), 5000); });
+  }
+  /** The next line, without sending anything (the rest of a multi-line reply). */
+  next(timeoutMs: number): Promise<string> {
+    return new Promise((resolve, reject) => {
+      if (this.dead) { reject(this.dead); return; }
+      const t = setTimeout(() => reject(new Error('reply timeout')), timeoutMs);
+      this.waiting.push({ resolve: (l) => { clearTimeout(t); resolve(l); }, reject: (e) => { clearTimeout(t); reject(e); } });
+    });
   }
   request(line: string, timeoutMs: number): Promise<string> {
     return new Promise((resolve, reject) => {
@@ -48,6 +58,16 @@ class LineConn {
 }
 
 async function load(): Promise<void> {
+  if (redis) {
+    // Every acknowledged write on disk before its reply: the append-only file, fsync on every write.
+    const c = new LineConn(-1);
+    await c.opened();
+    for (const cmd of ['CONFIG SET appendonly yes', 'CONFIG SET appendfsync always']) {
+      const r = await c.request(cmd, 20000);
+      if (r !== '+OK') throw new Error(`${cmd}: ${r}`);
+    }
+    c.sock.destroy();
+  }
   const conns = Number(args.get('conns') ?? 4);
   const until = Date.now() + Number(args.get('seconds') ?? 30) * 1000;
   const timeoutMs = Number(args.get('timeout-ms') ?? 20000);
@@ -66,7 +86,7 @@ async function load(): Promise<void> {
         const t0 = performance.now();
         try {
           const reply = await c.request(`SET ${key} ${value}`, timeoutMs);
-          if (reply === 'OK') out({ type: 'ack', key, value, conn: c.id, latMs: Math.round((performance.now() - t0) * 100) / 100 });
+          if (reply === (redis ? '+OK' : 'OK')) out({ type: 'ack', key, value, conn: c.id, latMs: Math.round((performance.now() - t0) * 100) / 100 });
           else out({ type: 'nack', key, reply });
         } catch (e) {
           out({ type: 'conn', id: c.id, event: 'broken', error: String((e as Error).message) });
@@ -90,6 +110,14 @@ async function verify(file: string): Promise<void> {
     await c.opened();
     for (let i = w; i < acks.length; i += conns) {
       const a = acks[i]!;
+      if (redis) {
+        // A bulk reply: "$LEN" then the value (or "$-1": no such key).
+        const head = c.request(`GET ${a.key}`, 20000);
+        const h = await head;
+        const v = h === '$-1' ? null : await c.next(20000);
+        if (v !== a.value) missing.push(a.key);
+        continue;
+      }
       const r = await c.request(`GET ${a.key}`, 20000);
       if (r !== `VALUE ${a.value}`) missing.push(a.key);
     }

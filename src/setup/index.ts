@@ -1,7 +1,7 @@
 // The one idempotent setup step: Debian packages, the patched QEMU for TCG, the guest image.
 // Prints what it does (long steps show progress); a no-op when everything is in place.
 
-import { existsSync, mkdirSync, readFileSync, renameSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -97,6 +97,26 @@ export async function ensureDebianImage(): Promise<string> {
   if (!existsSync(path)) throw new RubatoError('RUBATO_SETUP_FAILED', `Debian guest image missing: ${path}`);
   debianImage = path;
   return path;
+}
+
+/** The stock clients of the services benchmark (pgbench ships with the server package on Debian 12). */
+export const SERVICE_CLIENT_PACKAGES = ['redis-tools', 'wrk', 'postgresql-client-15', 'postgresql-15'] as const;
+
+let serviceClients = false;
+/** redis-benchmark, wrk and pgbench on this host; the PostgreSQL server that comes with pgbench is not started. */
+export async function ensureServiceClients(): Promise<void> {
+  if (serviceClients) return;
+  await ensurePackages();
+  const policy = '/usr/sbin/policy-rc.d';
+  const ours = !existsSync(policy);
+  // Debian's way to keep a package's service from starting on install (exit 101: not allowed).
+  if (ours) writeFileSync(policy, '#!/bin/sh\nexit 101\n', { mode: 0o755 });
+  try {
+    await installPackages(SERVICE_CLIENT_PACKAGES);
+  } finally {
+    if (ours) rmSync(policy, { force: true });
+  }
+  serviceClients = true;
 }
 
 let tapRelay: string | null = null;

@@ -8,13 +8,14 @@ import { runCaptureBench } from '../../bench/capture.ts';
 import { runFailoverBench } from '../../bench/failover.ts';
 import { runKvBench } from '../../bench/kv.ts';
 import { SCHEDULER_WORKLOADS, runSchedulerBench } from '../../bench/scheduler.ts';
+import { SERVICE_POLICIES, runServicesBench } from '../../bench/services.ts';
 import { runEvaluation } from '../../bench/evaluate.ts';
 import { revalidate } from '../../bench/validate.ts';
 import { runNbdBench } from '../../bench/nbd.ts';
-import { ACCEL, int, parseOptions, platform, policy, withAccel } from '../options.ts';
+import { ACCEL, int, intList, parseOptions, platform, policy, withAccel } from '../options.ts';
 
 const log = logger('rubato');
-const SUBCOMMANDS = ['all', 'capture', 'failover', 'kv', 'scheduler', 'nbd', 'validate'] as const;
+const SUBCOMMANDS = ['all', 'capture', 'failover', 'kv', 'scheduler', 'services', 'nbd', 'validate'] as const;
 const onStatus = (s: string) => log.info(s);
 const print = (v: unknown) => process.stdout.write(`${JSON.stringify(v)}\n`);
 
@@ -99,6 +100,20 @@ export function register(program: Command): void {
       const r = await runSchedulerBench({
         ...(await platform(o.accel)), quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}),
         ...(o.policies ? { policies: o.policies } : {}), ...(o.workloads ? { workloads: o.workloads } : {}), onStatus,
+      });
+      print(r.summary);
+    });
+
+  withAccel(common(bench.command('services')))
+    .description('redis, nginx and PostgreSQL in the Debian guest, measured by redis-benchmark, wrk and pgbench: each policy vs unreplicated, interleaved')
+    .option('--seconds <n>', 'measurement time per client run')
+    .option('--policies <list>', `policies, comma-separated (default ${SERVICE_POLICIES.join(',')}; quick: model)`)
+    .option('--cpus <list>', 'guest vCPU counts, comma-separated (default 1,2; quick: 1)')
+    .action(async (raw: unknown) => {
+      const o = parseOptions(z.object({ ...WithAccel, seconds: int(2, 600).optional(), policies: policies(), cpus: intList(16).optional() }), raw);
+      const { accel, binary } = await platform(o.accel);
+      const r = await runServicesBench({
+        accel, binary, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), ...(o.policies ? { policies: o.policies } : {}), ...(o.cpus ? { cpus: o.cpus } : {}), onStatus,
       });
       print(r.summary);
     });

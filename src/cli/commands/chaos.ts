@@ -5,15 +5,15 @@
 import { z } from 'zod';
 import type { Command } from 'commander';
 import { logger } from '../../util/log.ts';
-import { FAULTS, runChaos, type Fault } from '../../chaos/chaos.ts';
+import { CHAOS_SERVICES, FAULTS, runChaos, type Fault } from '../../chaos/chaos.ts';
 import { RubatoError } from '../../util/errors.ts';
-import { ACCEL, int, parseOptions, policy, withAccel } from '../options.ts';
+import { ACCEL, int, oneOf, parseOptions, policy, withAccel } from '../options.ts';
 
 const log = logger('rubato');
 
 const Options = z.object({
   kills: int(1, 1000).optional(), rounds: int(1, 1000).optional(), faults: z.string(), seconds: int(1, 3600), timeoutMs: int(50, 600000),
-  conns: int(1, 64), accel: ACCEL, json: z.boolean(), policy: policy(), leaseTtl: int(1, 60), witness: z.boolean(),
+  conns: int(1, 64), accel: ACCEL, json: z.boolean(), policy: policy(), leaseTtl: int(1, 60), witness: z.boolean(), service: oneOf(CHAOS_SERVICES),
 });
 
 export function register(program: Command): void {
@@ -27,6 +27,7 @@ export function register(program: Command): void {
     .option('--lease-ttl <s>', 'witness lease TTL, seconds', '1')
     .option('--conns <n>', 'client connections', '4')
     .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', 'model')
+    .option('--service <name>', `what the client writes to: ${CHAOS_SERVICES.join(' or ')} (PostgreSQL in the Debian guest, rows inserted by psql sessions)`, 'kv')
     .option('--no-witness', 'run without the witness: shows what a partition does then (the split-brain detector counts it)')
     .option('--json', 'print the summary as one JSON line', false)
     .action(async (raw: unknown) => {

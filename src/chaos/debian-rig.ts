@@ -1,0 +1,46 @@
+// The Debian guest on a LAN for the chaos harness and the services benchmark: a copy of the built
+// image (sparse), hosts on the guest's subnet (10.231.0.0/24, its address is static), the guest's
+// NIC and disk on the first host, booted from its disk until its services are up.
+
+import { copyFileSync, constants, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Lan, type LanHost } from '../io/net/lan.ts';
+import { GuestIo } from '../io/guest-io.ts';
+import { QemuVm } from '../qemu/vm.ts';
+import { parseVmDefinition } from '../qemu/definition.ts';
+import { specOf } from '../host/protect.ts';
+import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
+import { ensureDebianImage, ensureGuestImage, ensurePatchedQemu, ensureTapRelay, stockQemu } from '../setup/index.ts';
+import type { KvRig } from './chaos.ts';
+
+/** The Debian guest's static address (guest/debian/files/etc/network/interfaces). */
+export const DEBIAN_SUBNET = '10.231.0';
+
+export async function startDebianRig(dir: string, accelChoice: AccelChoice, tag: string, o: { hosts?: number; cpus?: number; memMb?: number } = {}): Promise<KvRig> {
+  const image = await ensureDebianImage();
+  const { accel } = await resolveAccel(accelChoice, stockQemu(), await ensureGuestImage());
+  const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
+  await ensureTapRelay();
+  const disk = join(dir, 'debian.img');
+  copyFileSync(image, disk, constants.COPYFILE_FICLONE);
+  const lan = await Lan.create(tag, { subnet: DEBIAN_SUBNET });
+  let io: GuestIo | null = null;
+  let vm: QemuVm | null = null;
+  try {
+    const hosts: LanHost[] = [];
+    for (let i = 0; i < (o.hosts ?? 2); i++) hosts.push(await lan.addHost(`h${String.fromCharCode(97 + i)}`));
+    const file = join(dir, 'debian.json');
+    const text = JSON.stringify({ name: 'debian', cpus: o.cpus ?? 1, memoryMiB: o.memMb ?? 1024, accelerator: accel, disks: [{ path: disk }], nics: [{ bridge: hosts[0]!.bridge }], boot: { from: 'disk' } });
+    writeFileSync(file, text);
+    const spec = specOf(parseVmDefinition(text, file), accel);
+    io = await GuestIo.start(hosts[0]!, dir, 'g0', disk);
+    vm = await QemuVm.start(spec, { binary, runDir: dir, tag: 'g0', netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) });
+    await vm.waitSerial(/RUBATO debian ready/, 300_000);
+    return { lan, hosts, io, vm, dir, binary, accel };
+  } catch (e) {
+    await vm?.stop();
+    await io?.close().catch(() => {});
+    await lan.destroy();
+    throw e;
+  }
+}
