@@ -68,3 +68,51 @@ export async function svgToPng(svg: string): Promise<Buffer> {
   const { Resvg } = await import('@resvg/resvg-js');
   return Buffer.from(new Resvg(svg, { background: 'white', font: { loadSystemFonts: true } }).render().asPng());
 }
+
+export interface BarGroup { category: string; values: Array<{ label: string; value: number }> }
+
+/**
+ * Grouped bars on a categorical axis (one group per category, one bar per label, a legend), with an
+ * optional horizontal reference line (e.g. 1.0 = unreplicated) and the values written on the bars.
+ */
+export function barChart(groups: readonly BarGroup[], o: ChartOptions & { reference?: { value: number; label: string } }): string {
+  const W = o.width ?? 720;
+  const H = o.height ?? 400;
+  const m = { l: 70, r: 20, t: 40, b: 70 };
+  const labels = [...new Set(groups.flatMap((g) => g.values.map((v) => v.label)))];
+  const ymax = Math.max(o.reference?.value ?? 0, ...groups.flatMap((g) => g.values.map((v) => v.value)), 1e-9) * 1.1;
+  const sy = (v: number) => H - m.b - (v / ymax) * (H - m.t - m.b);
+  const gw = (W - m.l - m.r) / Math.max(1, groups.length);
+  const bw = (gw * 0.8) / Math.max(1, labels.length);
+  const parts: string[] = [];
+  parts.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`);
+  parts.push(`<rect width="${W}" height="${H}" fill="white"/>`);
+  parts.push(`<text x="${W / 2}" y="22" text-anchor="middle" font-size="15">${esc(o.title)}</text>`);
+  for (const t of ticks(0, ymax, false)) {
+    parts.push(`<line x1="${m.l}" y1="${sy(t)}" x2="${W - m.r}" y2="${sy(t)}" stroke="#eee"/>`, `<text x="${m.l - 6}" y="${sy(t) + 4}" text-anchor="end">${fmt(t)}</text>`);
+  }
+  groups.forEach((g, gi) => {
+    const x0 = m.l + gi * gw + gw * 0.1;
+    g.values.forEach((v) => {
+      const li = labels.indexOf(v.label);
+      const x = x0 + li * bw;
+      const c = COLORS[li % COLORS.length]!;
+      parts.push(`<rect x="${x.toFixed(1)}" y="${sy(v.value).toFixed(1)}" width="${(bw * 0.9).toFixed(1)}" height="${(sy(0) - sy(v.value)).toFixed(1)}" fill="${c}"/>`);
+      parts.push(`<text x="${(x + bw * 0.45).toFixed(1)}" y="${(sy(v.value) - 3).toFixed(1)}" text-anchor="middle" font-size="10">${fmt(v.value)}</text>`);
+    });
+    parts.push(`<text x="${(m.l + gi * gw + gw / 2).toFixed(1)}" y="${H - m.b + 16}" text-anchor="middle">${esc(g.category)}</text>`);
+  });
+  if (o.reference) {
+    parts.push(`<line x1="${m.l}" y1="${sy(o.reference.value)}" x2="${W - m.r}" y2="${sy(o.reference.value)}" stroke="#333" stroke-dasharray="6 4"/>`);
+    parts.push(`<text x="${W - m.r - 4}" y="${sy(o.reference.value) - 4}" text-anchor="end">${esc(o.reference.label)}</text>`);
+  }
+  parts.push(`<rect x="${m.l}" y="${m.t}" width="${W - m.l - m.r}" height="${H - m.t - m.b}" fill="none" stroke="#333"/>`);
+  parts.push(`<text x="${W / 2}" y="${H - 40}" text-anchor="middle">${esc(o.xLabel)}</text>`);
+  parts.push(`<text x="16" y="${H / 2}" text-anchor="middle" transform="rotate(-90 16 ${H / 2})">${esc(o.yLabel)}</text>`);
+  labels.forEach((l, i) => {
+    const x = m.l + 10 + i * 130;
+    parts.push(`<rect x="${x}" y="${H - 22}" width="10" height="10" fill="${COLORS[i % COLORS.length]}"/>`, `<text x="${x + 14}" y="${H - 13}">${esc(l)}</text>`);
+  });
+  parts.push('</svg>');
+  return parts.join('\n');
+}

@@ -348,7 +348,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     res.latencyMsP99 = round(percentile(lat, 99), 2);
     const ackFile = join(dir, 'acks.jsonl');
     writeFileSync(ackFile, acked.map((a) => JSON.stringify({ key: a.key, value: a.value })).join('\n') + '\n');
-    status(`verifying ${acked.length} acknowledged writes with GET`);
+    status(`verifying ${acked.length} acknowledged writes by reading them back`);
     const v = clientProcess(lan, ['--target', `${lan.guestIp}:${svc.port}`, '--verify', ackFile, ...(svc.args ?? [])], svc.script);
     await v.done;
     const verdict = v.events.find((e) => e.type === 'verify');

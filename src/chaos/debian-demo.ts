@@ -16,7 +16,7 @@ import { ip } from '../io/net/netns.ts';
 import { Lan, type LanHost } from '../io/net/lan.ts';
 import { REPO_ROOT, ensurePackages, ensureDebianImage, ensurePatchedQemu, ensureTapRelay } from '../setup/index.ts';
 import { writeKeyFile } from '../replication/keyfile.ts';
-import { Controller, type Ev } from './controller-proc.ts';
+import { Controller } from './controller-proc.ts';
 import { LocalEtcd } from '../coord/local-etcd.ts';
 import { EtcdClient } from '../coord/etcd.ts';
 import { currentOwner } from '../coord/ownership.ts';
