@@ -306,14 +306,14 @@ export async function runFailoverUnderLoad(o: { accel: Accel; seconds: number; o
       const ip = rig.lan.guestIp;
       const run = clientName === 'wrk'
         ? client(rig.lan, 'wrk', ['-t', '2', '-c', '64', '-d', `${o.seconds}s`, '--latency', '--timeout', '30s', `http://${ip}/4k.html`], (o.seconds + 90) * 1000)
-        : client(rig.lan, 'redis-benchmark', ['-h', ip, '-c', '50', '-n', String(400 * o.seconds), '-t', 'set', '-d', '64', '-r', '100000', '--csv'], (o.seconds + 300) * 1000);
+        : client(rig.lan, 'redis-benchmark', ['-h', ip, '-c', '50', '-n', String(1500 * o.seconds), '-t', 'set', '-d', '64', '-r', '100000', '--csv'], (o.seconds + 300) * 1000);
       await sleep((o.seconds / 3) * 1000);
       const killAt = Date.now();
       await primary.crash();
       await live.io.close().catch(() => {});
       const text = await run;
       const r = clientName === 'wrk' ? parseWrk(text) : parseRedisCsv(text).get('SET')!;
-      const requests = clientName === 'wrk' ? Number(/(\d+) requests in/.exec(text)?.[1] ?? 0) : 400 * o.seconds;
+      const requests = clientName === 'wrk' ? Number(/(\d+) requests in/.exec(text)?.[1] ?? 0) : 1500 * o.seconds;
       const longest = clientName === 'wrk' ? wrkMaxLatencyMs(text) : Number(text.split('\n').find((l) => l.startsWith('"SET"'))?.split(',').at(-1)?.replace(/"/g, '') ?? Number.NaN);
       out.push({ client: clientName, failoverMs: failoverAt ? failoverAt - killAt : -1, requests, errors: r.errors, longestStallMs: round(longest, 1), perSec: round(r.perSec, 1) });
       status(`  ${clientName}: failover ${failoverAt - killAt} ms, ${requests} requests, ${r.errors} errors, longest stall ${round(longest, 1)} ms`);

@@ -13,7 +13,7 @@ import { logger } from '../util/log.ts';
 import { median, percentile, round } from '../util/stats.ts';
 import { sleep, waitFor } from '../util/async.ts';
 import { RubatoError } from '../util/errors.ts';
-import { REPO_ROOT, ensureGuestImage, ensurePackages, ensurePatchedQemu, ensureTapRelay, stockQemu } from '../setup/index.ts';
+import { REPO_ROOT, ensureGuestImage, ensurePackages, ensureServiceClients, ensurePatchedQemu, ensureTapRelay, stockQemu } from '../setup/index.ts';
 import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
 import { QemuVm } from '../qemu/vm.ts';
 import { guestAppend, type VmSpec } from '../qemu/spec.ts';
@@ -157,6 +157,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const etcdPort = Number(new URL(etcd.url).port);
     const service = o.service ?? 'kv';
     const svc = SERVICE_CLIENT[service];
+    if (service !== 'kv') await ensureServiceClients(); // psql for the clients
     rig = service === 'kv' ? await startKvRig(dir, o.accel, 'chaos') : await startDebianRig(dir, o.accel, 'chaos');
     res.accel = rig.accel;
     const lan = rig.lan;

@@ -40,6 +40,17 @@ test('chaos without a witness: a partition makes the standby go live beside the 
   assert.ok(r.splitBrain > 0, 'two copies answered in the same interval');
 });
 
+test('chaos with PostgreSQL: rows inserted by psql sessions survive primary kills, read back by one SELECT', { timeout: 900_000 }, async () => {
+  const r = await runChaos({ rounds: 2, faults: ['kill'], seconds: 3, policy: 'model', timeoutMs: 500, conns: 3, accel, service: 'postgres' });
+  process.stderr.write(`chaos postgres: ${JSON.stringify({ ...r, lostKeys: r.lostKeys.length, detail: undefined })}\n`);
+  assert.equal(r.error, undefined);
+  assert.equal(r.failovers, 2);
+  assert.ok(r.acknowledged > 20, `acknowledged rows ${r.acknowledged}`);
+  assert.equal(r.lost, 0, `lost rows: ${r.lostKeys.slice(0, 5).join(', ')}`);
+  assert.equal(r.splitBrain, 0);
+  assert.ok(r.connectionsSurvived > 0, 'psql sessions kept their connections across the failovers');
+});
+
 after(() => {
   assert.deepEqual(liveProcesses(), [], 'no process left running');
   assert.deepEqual(liveTempDirs(), [], 'no temp folder left behind');
