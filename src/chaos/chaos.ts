@@ -27,7 +27,7 @@ import { EtcdClient } from '../coord/etcd.ts';
 import { Ownership } from '../coord/ownership.ts';
 import { witnessGate, type WitnessGate } from '../coord/witness-gate.ts';
 import { guardOwnership, type OwnershipGuard } from '../coord/guard.ts';
-import { CuttableProxy } from './fault-proxy.ts';
+import { ThreadedProxy } from './fault-proxy.ts';
 import { startDebianRig } from './debian-rig.ts';
 
 const log = logger('chaos');
@@ -123,14 +123,14 @@ export async function stopKvRig(rig: KvRig | null): Promise<void> {
 }
 
 /** One host of the chaos pair: its LAN namespace and its own way to the witness (which a fault can cut). */
-interface ChaosHost { lan: LanHost; name: string; etcdProxy: CuttableProxy; etcd: EtcdClient }
+interface ChaosHost { lan: LanHost; name: string; etcdProxy: ThreadedProxy; etcd: EtcdClient }
 
 /** The copy of the guest that runs live, and everything of its host that serves it. */
 interface LiveCopy { host: ChaosHost; vm: QemuVm; io: GuestIo; ownership: Ownership | null }
 
 /** The protection of a live copy: a standby on the other host reached through a link that faults can cut or corrupt. */
 interface Pair {
-  primary: PrimaryController; standby: StandbyController; link: CuttableProxy; guard: OwnershipGuard | null; gate: WitnessGate | null;
+  primary: PrimaryController; standby: StandbyController; link: ThreadedProxy; guard: OwnershipGuard | null; gate: WitnessGate | null;
   failCaptureOnce: () => void; host: ChaosHost;
   pEvents: Array<PrimaryEvent & { t: number }>; sEvents: Array<StandbyEvent & { t: number }>; gEvents: Array<Record<string, unknown>>; nextIo: GuestIo | null;
 }
@@ -150,7 +150,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
   let pair: Pair | null = null;
   let client: ReturnType<typeof clientProcess> | null = null;
   let detector: SplitBrainDetector | null = null;
-  const proxies: CuttableProxy[] = [];
+  const proxies: ThreadedProxy[] = [];
   try {
     await ensurePackages();
     etcd = await LocalEtcd.start(join(dir, 'witness'));
@@ -163,13 +163,14 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const lan = rig.lan;
     const hosts: ChaosHost[] = [];
     for (const h of rig.hosts) {
-      const etcdProxy = new CuttableProxy(etcdPort);
+      const etcdProxy = new ThreadedProxy(etcdPort);
       proxies.push(etcdProxy);
       await etcdProxy.listen();
       hosts.push({ lan: h, name: h.name, etcdProxy, etcd: new EtcdClient([`http://127.0.0.1:${etcdProxy.port}`], 500) });
     }
     const withWitness = o.witness ?? true;
-    const ownership = withWitness ? new Ownership(hosts[0]!.etcd, 'kv', hosts[0]!.name, ttl) : null;
+    const vmName = rig.vm.spec.name;
+    const ownership = withWitness ? new Ownership(hosts[0]!.etcd, vmName, hosts[0]!.name, ttl) : null;
     if (ownership && (await ownership.claim()) === null) throw new RubatoError('RUBATO_VM_OWNED', 'the fresh witness refused the first claim');
     live = { host: hosts[0]!, vm: rig.vm, io: rig.io, ownership };
     const psk = randomBytes(32);
@@ -196,7 +197,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         },
       });
       await standby.start();
-      const link = new CuttableProxy(standby.boundPort);
+      const link = new ThreadedProxy(standby.boundPort);
       await link.listen();
       const primary = new PrimaryController({
         vm: l.vm, runDir: dir, standby: { host: '127.0.0.1', port: link.port }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
@@ -330,7 +331,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         q.standby.vm = null;
         await q.standby.stop();
         const other = hosts.find((h) => h !== l.host)!;
-        live = { host: other, vm, io: q.nextIo!, ownership: q.gate?.ownership('kv') ?? null };
+        live = { host: other, vm, io: q.nextIo!, ownership: q.gate?.ownership(vmName) ?? null };
         pair = null;
         status(`round ${k}: ${other.name} took over in ${round.failoverMs} ms from checkpoint ${fo.epoch}`);
       }

@@ -56,3 +56,34 @@ export class CuttableProxy {
   flipBit(afterBytes: number): void { this.flipAt = this.forwarded + afterBytes; }
   close(): void { this.server.close(); for (const s of this.sockets) s.destroy(); }
 }
+
+/** The same proxy run in a worker thread (its forwarding never waits for the caller's event loop). */
+export class ThreadedProxy {
+  private worker: import('node:worker_threads').Worker | null = null;
+  port = 0;
+  constructor(readonly targetPort: number) {}
+
+  async listen(): Promise<number> {
+    const { Worker } = await import('node:worker_threads');
+    const tsx = import.meta.resolve('tsx/esm/api');
+    const entry = new URL('./fault-proxy-worker.ts', import.meta.url).href;
+    const w = new Worker(`import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); })`, { eval: true, workerData: { targetPort: this.targetPort } });
+    this.worker = w;
+    w.unref();
+    this.port = await new Promise<number>((resolve, reject) => {
+      w.once('message', (m: { port: number }) => resolve(m.port));
+      w.once('error', reject);
+    });
+    return this.port;
+  }
+  blackhole(): void { this.worker?.postMessage({ op: 'blackhole' }); }
+  heal(): void { this.worker?.postMessage({ op: 'heal' }); }
+  flipBit(afterBytes: number): void { this.worker?.postMessage({ op: 'flip', n: afterBytes }); }
+  close(): void {
+    const w = this.worker;
+    this.worker = null;
+    if (!w) return;
+    w.postMessage({ op: 'close' });
+    setTimeout(() => { void w.terminate(); }, 200).unref();
+  }
+}

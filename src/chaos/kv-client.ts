@@ -18,6 +18,8 @@ const out = (o: object) => process.stdout.write(`${JSON.stringify({ t: Date.now(
 class LineConn {
   private buf = '';
   private waiting: Array<{ resolve: (line: string) => void; reject: (e: Error) => void }> = [];
+  /** Lines nobody waited for yet (the rest of a multi-line reply that arrived in one chunk). */
+  private unclaimed: string[] = [];
   readonly sock: Socket;
   dead: Error | null = null;
   constructor(readonly id: number) {
@@ -27,7 +29,7 @@ class LineConn {
     this.sock.on('data', (d: string) => {
       this.buf += d;
       let nl: number;
-      while ((nl = this.buf.indexOf('\n')) >= 0) { const l = this.buf.slice(0, nl).replace(/\r$/, ''); this.buf = this.buf.slice(nl + 1); this.waiting.shift()?.resolve(l); }
+      while ((nl = this.buf.indexOf('\n')) >= 0) { const l = this.buf.slice(0, nl).replace(/\r$/, ''); this.buf = this.buf.slice(nl + 1); const w = this.waiting.shift(); if (w) w.resolve(l); else this.unclaimed.push(l); }
     });
     const die = (e: Error) => {
       if (!this.dead) this.dead = e;
@@ -41,6 +43,8 @@ class LineConn {
   }
   /** The next line, without sending anything (the rest of a multi-line reply). */
   next(timeoutMs: number): Promise<string> {
+    const ready = this.unclaimed.shift();
+    if (ready !== undefined) return Promise.resolve(ready);
     return new Promise((resolve, reject) => {
       if (this.dead) { reject(this.dead); return; }
       const t = setTimeout(() => reject(new Error('reply timeout')), timeoutMs);

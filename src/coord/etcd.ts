@@ -21,6 +21,8 @@ export class EtcdClient {
     if (!endpoints.length) throw new RubatoError('RUBATO_CONFIG', 'etcd: no endpoint given');
   }
 
+  get urls(): readonly string[] { return this.endpoints; }
+
   /** One request, to each endpoint in turn until one answers. */
   private async call<T>(path: string, body: object, timeoutMs = this.timeoutMs): Promise<T> {
     let last: unknown = null;

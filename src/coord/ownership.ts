@@ -10,6 +10,7 @@
 // stops its guest unless its standby still acknowledges every checkpoint (a standby that does is not
 // live, and one that is not cannot claim without etcd either), and it claims again when it can.
 
+import { Worker } from 'node:worker_threads';
 import { logger } from '../util/log.ts';
 import { errorMessage } from '../util/errors.ts';
 import type { EtcdClient } from './etcd.ts';
@@ -18,6 +19,34 @@ const log = logger('witness');
 /** Give up after this fraction of the TTL without a renewal (before the lease can expire elsewhere). */
 export const LOSS_FRACTION = 2 / 3;
 const WATCHDOG_MS = 50;
+
+/**
+ * The lease keeper (a worker thread, plain JS): keepalives every `everyMs` through etcd's JSON
+ * gateway, each endpoint in turn; shared[0] = the send time of the latest renewal etcd confirmed,
+ * shared[1] = 1 once etcd says the lease is gone.
+ */
+const KEEPER_SOURCE = `
+const { workerData } = require('node:worker_threads');
+const { endpoints, lease, everyMs, timeoutMs, shared } = workerData;
+const view = new BigInt64Array(shared);
+let next = 0;
+async function renew() {
+  const sent = Date.now();
+  for (let i = 0; i < endpoints.length; i++) {
+    const ep = endpoints[(next + i) % endpoints.length];
+    try {
+      const r = await fetch(ep + '/v3/lease/keepalive', { method: 'POST', body: JSON.stringify({ ID: lease }), signal: AbortSignal.timeout(timeoutMs) });
+      const j = await r.json();
+      if (!r.ok) continue;
+      next = (next + i) % endpoints.length;
+      if (Number((j.result && j.result.TTL) || 0) > 0) { if (BigInt(sent) > Atomics.load(view, 0)) Atomics.store(view, 0, BigInt(sent)); }
+      else Atomics.store(view, 1, 1n);
+      return;
+    } catch (e) { /* the next endpoint, or the next round */ }
+  }
+}
+setInterval(renew, everyMs);
+`;
 
 export interface Owner { host: string; generation: number }
 
@@ -31,7 +60,8 @@ export async function currentOwner(etcd: EtcdClient, vm: string): Promise<Owner 
 
 export class Ownership {
   private lease: string | null = null;
-  private timer: NodeJS.Timeout | null = null;
+  private keeper: Worker | null = null;
+  private shared: BigInt64Array | null = null;
   private watchdog: NodeJS.Timeout | null = null;
   private lastRenewMs = 0;
   private gen = 0;
@@ -76,28 +106,29 @@ export class Ownership {
   }
 
   private startRenewing(): void {
-    if (this.timer) return;
+    if (this.keeper) return;
     const everyMs = Math.max(50, (this.ttlSec * 1000) / 4);
-    this.timer = setInterval(() => { void this.renew(everyMs); }, everyMs);
-    this.timer.unref();
+    // The renewals run in a worker thread: a main loop busy with a checkpoint or a full sync for a
+    // few hundred milliseconds must not look like a lost witness. Renewals overlap: each may take the
+    // whole loss budget (a slow answer still renews; its send time is what counts). The worker
+    // writes the latest renewal's send time into shared memory, read here without a message.
+    this.shared = new BigInt64Array(new SharedArrayBuffer(16));
+    this.shared[0] = BigInt(this.lastRenewMs);
+    this.keeper = new Worker(KEEPER_SOURCE, {
+      eval: true,
+      workerData: { endpoints: this.etcd.urls, lease: this.lease, everyMs, timeoutMs: Math.round(this.ttlSec * 1000 * LOSS_FRACTION), shared: this.shared.buffer },
+    });
+    this.keeper.unref();
+    this.keeper.on('error', (e) => log.warn(`the lease keeper of ${this.vm} failed: ${e.message}`));
     // The deadline is watched on its own: a renewal that hangs must not delay giving up.
     this.watchdog = setInterval(() => {
+      if (!this.lease || this.lostFlag || !this.shared) return;
+      if (Atomics.load(this.shared, 1) !== 0n) return this.lose('the lease expired');
+      this.lastRenewMs = Math.max(this.lastRenewMs, Number(Atomics.load(this.shared, 0)));
       const silent = Date.now() - this.lastRenewMs;
-      if (this.lease && !this.lostFlag && silent > this.ttlSec * 1000 * LOSS_FRACTION) this.lose(`no renewal for ${silent} ms (TTL ${this.ttlSec} s)`);
+      if (silent > this.ttlSec * 1000 * LOSS_FRACTION) this.lose(`no renewal for ${silent} ms (TTL ${this.ttlSec} s)`);
     }, WATCHDOG_MS);
     this.watchdog.unref();
-  }
-
-  private async renew(timeoutMs: number): Promise<void> {
-    if (!this.lease || this.lostFlag) return;
-    const sentAt = Date.now();
-    try {
-      const ttl = await this.etcd.keepAlive(this.lease, timeoutMs);
-      if (ttl > 0) this.lastRenewMs = Math.max(this.lastRenewMs, sentAt);
-      else this.lose('the lease expired');
-    } catch (e) {
-      log.debug(`renewing the lease of ${this.vm}: ${errorMessage(e)}`);
-    }
   }
 
   private lose(why: string): void {
@@ -110,9 +141,10 @@ export class Ownership {
   }
 
   private stopRenewing(): void {
-    if (this.timer) clearInterval(this.timer);
+    void this.keeper?.terminate();
     if (this.watchdog) clearInterval(this.watchdog);
-    this.timer = null;
+    this.keeper = null;
+    this.shared = null;
     this.watchdog = null;
   }
 
