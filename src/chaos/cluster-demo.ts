@@ -20,8 +20,7 @@ import { guestAppend } from '../qemu/spec.ts';
 import { writeKeyFile } from '../replication/keyfile.ts';
 import { LocalEtcd } from '../coord/local-etcd.ts';
 import { EtcdClient } from '../coord/etcd.ts';
-import { readCluster, type ClusterView } from '../coord/cluster.ts';
-import { vmRows } from '../cli/commands/vm.ts';
+import { readCluster, vmRows, type ClusterView } from '../coord/cluster.ts';
 import { clientProcess } from './chaos.ts';
 import { Controller } from './controller-proc.ts';
 

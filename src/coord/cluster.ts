@@ -202,3 +202,20 @@ export function publishStatus(keys: LeasedKeys, vm: string, host: string, snapsh
   t.unref();
   return () => clearInterval(t);
 }
+
+export interface VmRow { vm: string; primary: string | null; standby: string | null; generation: number; state: string; protected: boolean; epoch: number | null }
+
+/** One row per VM: where it runs (the witness's owner), its standby, generation and protection. */
+export function vmRows(v: ClusterView): VmRow[] {
+  return [...v.vms.keys()].sort().map((vm) => {
+    const owner = v.owners.get(vm);
+    const p = v.placements.get(vm);
+    const st = v.statuses.get(vm);
+    const fresh = st && owner && st.host === owner.host;
+    const state = !p ? 'unplaced (no host up)'
+      : !owner ? ((v.generations.get(vm) ?? 0) > 0 ? 'down: no copy runs (a standby may be taking over)' : 'starting')
+        : !fresh ? 'running (status not yet reported)'
+          : st.protected ? 'protected' : `unprotected: ${st.reason ?? 'no standby'}`;
+    return { vm, primary: owner?.host ?? p?.primary ?? null, standby: p?.standby ?? null, generation: owner?.generation ?? v.generations.get(vm) ?? 0, state, protected: !!(fresh && st.protected), epoch: fresh ? st.epoch : null };
+  });
+}

@@ -4,7 +4,7 @@ import type { Command } from 'commander';
 import { RubatoError } from '../../util/errors.ts';
 import { loadVmDefinition, type ResolvedVm, type VmDefinition } from '../../qemu/definition.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
-import { KEYS, readCluster, type ClusterView } from '../../coord/cluster.ts';
+import { KEYS, readCluster, vmRows } from '../../coord/cluster.ts';
 import { WITNESS, parseOptions } from '../options.ts';
 
 const EtcdOnly = z.object({ etcd: WITNESS.etcd.unwrap(), json: z.boolean().optional(), home: WITNESS.host.optional() });
@@ -15,23 +15,6 @@ export function storedDefinition(d: ResolvedVm): VmDefinition {
     name: d.name, cpus: d.cpus, memoryMiB: d.memoryMiB, accelerator: d.accelerator,
     disks: d.disks.map((x) => ({ path: x.path, format: x.format })), nics: d.nics.map((n) => ({ bridge: n.bridge, mac: n.mac })), boot: d.boot,
   };
-}
-
-export interface VmRow { vm: string; primary: string | null; standby: string | null; generation: number; state: string; protected: boolean; epoch: number | null }
-
-/** One row per VM: where it runs (the witness's owner), its standby, generation and protection. */
-export function vmRows(v: ClusterView): VmRow[] {
-  return [...v.vms.keys()].sort().map((vm) => {
-    const owner = v.owners.get(vm);
-    const p = v.placements.get(vm);
-    const st = v.statuses.get(vm);
-    const fresh = st && owner && st.host === owner.host;
-    const state = !p ? 'unplaced (no host up)'
-      : !owner ? ((v.generations.get(vm) ?? 0) > 0 ? 'down: no copy runs (a standby may be taking over)' : 'starting')
-        : !fresh ? 'running (status not yet reported)'
-          : st.protected ? 'protected' : `unprotected: ${st.reason ?? 'no standby'}`;
-    return { vm, primary: owner?.host ?? p?.primary ?? null, standby: p?.standby ?? null, generation: owner?.generation ?? v.generations.get(vm) ?? 0, state, protected: !!(fresh && st.protected), epoch: fresh ? st.epoch : null };
-  });
 }
 
 export function register(program: Command): void {
