@@ -98,7 +98,9 @@ export function barChart(groups: readonly BarGroup[], o: ChartOptions & { refere
       const x = x0 + li * bw;
       const c = COLORS[li % COLORS.length]!;
       parts.push(`<rect x="${x.toFixed(1)}" y="${sy(v.value).toFixed(1)}" width="${(bw * 0.9).toFixed(1)}" height="${(sy(0) - sy(v.value)).toFixed(1)}" fill="${c}"/>`);
-      parts.push(`<text x="${(x + bw * 0.45).toFixed(1)}" y="${(sy(v.value) - 3).toFixed(1)}" text-anchor="middle" font-size="10">${fmt(v.value)}</text>`);
+      // The value on its bar, short enough to fit its width (two decimals below 10, whole numbers above).
+      const label = Math.abs(v.value) < 10 ? v.value.toFixed(2) : String(Math.round(v.value));
+      if (bw * 0.9 >= label.length * 5) parts.push(`<text x="${(x + bw * 0.45).toFixed(1)}" y="${(sy(v.value) - 3).toFixed(1)}" text-anchor="middle" font-size="9">${label}</text>`);
     });
     parts.push(`<text x="${(m.l + gi * gw + gw / 2).toFixed(1)}" y="${H - m.b + 16}" text-anchor="middle">${esc(g.category)}</text>`);
   });
