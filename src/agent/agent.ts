@@ -49,7 +49,6 @@ export class Agent {
   private readonly running = new Map<string, Running>();
   private stopped = false;
   private loop: Promise<void> | null = null;
-  private lastView: ClusterView | null = null;
 
   constructor(private readonly o: AgentOptions) {
     this.lease = new LeasedKeys(o.etcd, o.leaseTtl);
@@ -65,14 +64,11 @@ export class Agent {
     this.loop = this.run();
   }
 
-  get view(): ClusterView | null { return this.lastView; }
-
   private async run(): Promise<void> {
     let failing = false;
     while (!this.stopped) {
       try {
         const view = await readCluster(this.o.etcd);
-        this.lastView = view;
         if (failing) log.info('the witness answers again');
         failing = false;
         if (await this.leading()) await this.placeAll(view);

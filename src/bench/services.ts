@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { runCommand } from '../util/procs.ts';
 import { median, percentile, round } from '../util/stats.ts';
-import { sleep } from '../util/async.ts';
+import { sleep, waitFor } from '../util/async.ts';
 import { RubatoError } from '../util/errors.ts';
 import { Lan } from '../io/net/lan.ts';
 import type { QemuBinary } from '../qemu/vm.ts';
@@ -299,9 +299,7 @@ export async function runFailoverUnderLoad(o: { accel: Accel; seconds: number; o
       });
       primary.start();
       stops.push(() => primary.stop());
-      const until = Date.now() + 120_000;
-      while (!protectedNow && Date.now() < until) await sleep(100);
-      if (!protectedNow) throw new RubatoError('RUBATO_PEER_LOST', 'the guest was not protected within 120 s');
+      await waitFor(() => protectedNow, 120_000, 'protection of the guest');
       status(`${clientName} against the guest; the primary host dies ${Math.round(o.seconds / 3)} s in`);
       const ip = rig.lan.guestIp;
       const run = clientName === 'wrk'

@@ -3,7 +3,7 @@
 
 import { join } from 'node:path';
 import { randomInt } from 'node:crypto';
-import { REPO_ROOT } from '../setup/index.ts';
+import { RUBATO_COMMAND } from '../setup/index.ts';
 import { spawnTracked } from '../util/procs.ts';
 import { RubatoError } from '../util/errors.ts';
 import { writeKeyFile } from '../replication/keyfile.ts';
@@ -18,7 +18,7 @@ export async function startStandbyProcess(dir: string, tag: string, where?: { ns
     const port = randomInt(20000, 60000);
     const host = where?.host ?? '127.0.0.1';
     const args = ['standby', '--listen', `${host}:${port}`, '--state-dir', join(dir, `sb-${tag}`), '--key', keyFile, '--events', '--no-fsync', '--no-auto-failover', '--heartbeat-ms', '50'];
-    const bin = join(REPO_ROOT, 'bin', 'rubato');
+    const bin = RUBATO_COMMAND;
     const p = where
       ? spawnTracked(`standby:${tag}`, 'ip', ['netns', 'exec', where.ns, bin, ...args], { env: { ...process.env, RUBATO_LOG: 'warn' } })
       : spawnTracked(`standby:${tag}`, bin, args, { env: { ...process.env, RUBATO_LOG: 'warn' } });

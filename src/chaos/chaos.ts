@@ -186,36 +186,49 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       const other = hosts.find((h) => h !== l.host)!;
       other.etcdProxy.heal(); // the other host is (back) up
       const gate = withWitness ? witnessGate(other.etcd, other.name, ttl) : null;
+      const pEvents: Pair['pEvents'] = [];
+      const sEvents: Pair['sEvents'] = [];
+      const gEvents: Pair['gEvents'] = [];
+      let nextIo: GuestIo | null = null;
+      let guard: OwnershipGuard | null = null;
       let failCapture = false;
-      const p: Partial<Pair> & { pEvents: Pair['pEvents']; sEvents: Pair['sEvents']; gEvents: Pair['gEvents']; nextIo: GuestIo | null } = { pEvents: [], sEvents: [], gEvents: [], nextIo: null, gate };
       const standby = new StandbyController({
         host: '127.0.0.1', port: 0, stateDir: join(dir, `standby${round}`), psk, heartbeatMs: 50, timeoutMs: o.timeoutMs, fsync: false, ...(gate ? { gate } : {}),
-        binaryFor: async () => rig!.binary, onEvent: (e) => p.sEvents.push({ ...e, t: Date.now() }),
+        binaryFor: async () => rig!.binary, onEvent: (e) => sEvents.push({ ...e, t: Date.now() }),
         prepareRestore: async (_id, store) => {
-          p.nextIo = await GuestIo.start(other.lan, dir, `g${round}`, store.imagePath(DISK_BLOCK_ID));
-          return { netSocket: p.nextIo.netSocket, ...(p.nextIo.nbdSocket ? { nbdSocket: p.nextIo.nbdSocket } : {}) };
+          const io = await GuestIo.start(other.lan, dir, `g${round}`, store.imagePath(DISK_BLOCK_ID));
+          nextIo = io;
+          return { netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) };
         },
       });
       await standby.start();
       const link = new ThreadedProxy(standby.boundPort);
-      await link.listen();
+      try {
+        await link.listen();
+      } catch (e) {
+        await standby.stop(); // nothing of a pair that never formed outlives it
+        throw e;
+      }
       const primary = new PrimaryController({
         vm: l.vm, runDir: dir, standby: { host: '127.0.0.1', port: link.port }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
         relay: l.io.relay, nbd: l.io.nbd, policy: parsePolicy(o.policy), generation: () => l.ownership?.generation ?? 0,
         // A capture failure on the primary (QEMU's stream breaks mid-epoch), once when asked.
         fault: (point) => { if (point === 'mid-epoch' && failCapture) { failCapture = false; throw new RubatoError('RUBATO_PROTOCOL', 'injected capture failure'); } },
         onEvent: (e) => {
-          p.pEvents.push({ ...e, t: Date.now() });
-          if (e.event === 'unprotected') p.guard?.unprotected(e.reason);
+          pEvents.push({ ...e, t: Date.now() });
+          if (e.event === 'unprotected') guard?.unprotected(e.reason);
         },
       });
-      const guard = l.ownership ? guardOwnership(l.ownership, {
-        protected: () => primary.protected, emit: (e) => p.gEvents.push({ ...e, t: Date.now() }),
+      guard = l.ownership ? guardOwnership(l.ownership, {
+        protected: () => primary.protected, emit: (e) => gEvents.push({ ...e, t: Date.now() }),
         stopGuest: () => { void primary.crash(); },
       }) : null;
-      Object.assign(p, { primary, standby, link, guard, failCaptureOnce: () => { failCapture = true; }, host: other });
       primary.start();
-      return p as Pair;
+      return {
+        primary, standby, link, guard, gate, host: other, pEvents, sEvents, gEvents,
+        failCaptureOnce: () => { failCapture = true; },
+        get nextIo() { return nextIo; },
+      };
     };
     const protectedSince = async (q: Pair, since: number, what: string) =>
       waitFor(() => q.pEvents.find((e) => e.event === 'protecting' && e.t >= since), 120_000, what);

@@ -14,7 +14,7 @@ import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
 import { logger } from '../util/log.ts';
 import { ip } from '../io/net/netns.ts';
 import { Lan, type LanHost } from '../io/net/lan.ts';
-import { REPO_ROOT, ensurePackages, ensureDebianImage, ensurePatchedQemu, ensureTapRelay } from '../setup/index.ts';
+import { REPO_ROOT, RUBATO_COMMAND, ensurePackages, ensureDebianImage, ensurePatchedQemu, ensureTapRelay } from '../setup/index.ts';
 import { writeKeyFile } from '../replication/keyfile.ts';
 import { Controller } from './controller-proc.ts';
 import { LocalEtcd } from '../coord/local-etcd.ts';
@@ -94,7 +94,7 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     };
     const inNs = (name: string, ns: string, argv: string[]) => spawnIn(name, ns, process.execPath, argv);
     // The controllers run as an operator runs them: bin/rubato (which execs node: the PID is the controller's).
-    const rubato = (name: string, h: LanHost, args: string[]) => new Controller(name, spawnIn(`rubato-${name}`, h.ns, join(REPO_ROOT, 'bin', 'rubato'), args));
+    const rubato = (name: string, h: LanHost, args: string[]) => new Controller(name, spawnIn(`rubato-${name}`, h.ns, RUBATO_COMMAND, args));
     const common = ['--key', key, '--heartbeat-ms', String(o.heartbeatMs), '--timeout-ms', String(o.timeoutMs), '--events', '--etcd', etcd.url];
     const port = 7400;
     const standbyB = rubato('standby-b', hb, ['standby', '--host', 'hb', '--listen', `${hb.ip}:${port}`, '--peer', `${ha.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'hb'), ...common]);

@@ -2,6 +2,7 @@
 // partition looks to both ends: only heartbeat timeouts can tell. It can also flip one bit of the
 // client→server stream (a corrupted frame) and show every byte it forwards to a watcher (a capture).
 import { createServer, connect, type Server, type Socket } from 'node:net';
+import { Worker } from 'node:worker_threads';
 
 export class CuttableProxy {
   private server: Server;
@@ -51,7 +52,6 @@ export class CuttableProxy {
     for (const s of this.sockets.splice(0)) s.destroy();
     this.cut = false;
   }
-  get isCut(): boolean { return this.cut; }
   /** Flips one bit of the client → server stream `afterBytes` from now. */
   flipBit(afterBytes: number): void { this.flipAt = this.forwarded + afterBytes; }
   close(): void { this.server.close(); for (const s of this.sockets) s.destroy(); }
@@ -59,12 +59,11 @@ export class CuttableProxy {
 
 /** The same proxy run in a worker thread (its forwarding never waits for the caller's event loop). */
 export class ThreadedProxy {
-  private worker: import('node:worker_threads').Worker | null = null;
+  private worker: Worker | null = null;
   port = 0;
   constructor(readonly targetPort: number) {}
 
   async listen(): Promise<number> {
-    const { Worker } = await import('node:worker_threads');
     const tsx = import.meta.resolve('tsx/esm/api');
     const entry = new URL('./fault-proxy-worker.ts', import.meta.url).href;
     const w = new Worker(`import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); })`, { eval: true, workerData: { targetPort: this.targetPort } });

@@ -148,9 +148,6 @@ export class Ownership {
     this.watchdog = null;
   }
 
-  /** Test hook and pause model: stops renewing without telling etcd (a frozen or cut-off holder). */
-  freeze(): void { this.stopRenewing(); }
-
   /** Gives the VM up in order (the owner key goes at once). */
   async release(): Promise<void> {
     this.stopRenewing();

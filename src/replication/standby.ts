@@ -320,12 +320,10 @@ export class StandbyController {
       log.warn(`failover refused: ${verdict.why}`);
       return false;
     }
-    if (verdict?.generation !== undefined) this.highestGeneration = Math.max(this.highestGeneration, verdict.generation);
     this.go('failover-begin');
     try {
       if (fenceFirst && this.link) await this.fencePrimary(this.link);
       verdict ??= await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs, stillWanted });
-      if (verdict.generation !== undefined) this.highestGeneration = Math.max(this.highestGeneration, verdict.generation);
     } catch (e) {
       this.go('failover-failed');
       throw e;
@@ -336,6 +334,8 @@ export class StandbyController {
       log.error(`the primary stopped its guest, but the gate refused this side: ${verdict.why}; NO COPY RUNS (rubato failover retries)`);
       return false;
     }
+    // The generation this side now holds: an older primary is refused from here on.
+    if (verdict.generation !== undefined) this.highestGeneration = Math.max(this.highestGeneration, verdict.generation);
     let store = this.store;
     try {
       await store.settled(); // the last acknowledged checkpoint's images are written

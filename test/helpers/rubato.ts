@@ -1,12 +1,11 @@
 // The `rubato` command as a test runs it: bin/rubato as a tracked process whose JSON-line events
 // (--events) are collected as they come.
-import { join } from 'node:path';
-import { REPO_ROOT } from '../../src/setup/index.ts';
+import { RUBATO_COMMAND } from '../../src/setup/index.ts';
 import { spawnTracked, type TrackedProcess } from '../../src/util/procs.ts';
 import { LineSplitter } from '../../src/util/async.ts';
 
 export type Ev = Record<string, unknown>;
-export const RUBATO_BIN = join(REPO_ROOT, 'bin', 'rubato');
+export const RUBATO_BIN = RUBATO_COMMAND;
 
 export function rubatoProcess(name: string, args: string[], logLevel = 'warn'): { proc: TrackedProcess; events: Ev[] } {
   const proc = spawnTracked(name, RUBATO_BIN, args, { env: { ...process.env, RUBATO_LOG: logLevel } });

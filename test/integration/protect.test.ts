@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { writeFileSync, readdirSync, existsSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { REPO_ROOT, ensurePatchedQemu } from '../../src/setup/index.ts';
+import { ensurePatchedQemu } from '../../src/setup/index.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { runCommand, spawnTracked } from '../../src/util/procs.ts';
 import { writeKeyFile } from '../../src/replication/keyfile.ts';
@@ -39,7 +39,7 @@ test('rubato protect: a disk-booted Debian VM on a bridge, output only after the
 });
 
 function rubato(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return runCommand(join(REPO_ROOT, 'bin', 'rubato'), args, { env: { ...process.env, RUBATO_LOG: 'error' } });
+  return runCommand(RUBATO_BIN, args, { env: { ...process.env, RUBATO_LOG: 'error' } });
 }
 
 test('rubato protect: bad input and faults, one line and a distinct exit code each, nothing left running', { timeout: 300_000 }, async () => {
@@ -114,7 +114,7 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
     const otherKey = join(dir, 'other');
     writeKeyFile(otherKey);
     const port = 20000 + Math.floor(Math.random() * 20000);
-    const sb = spawnTracked('rubato-standby', join(REPO_ROOT, 'bin', 'rubato'), ['standby', '--listen', `127.0.0.1:${port}`, '--key', otherKey, '--state-dir', join(dir, 'sb'), '--no-fsync', '--events']);
+    const sb = spawnTracked('rubato-standby', RUBATO_BIN, ['standby', '--listen', `127.0.0.1:${port}`, '--key', otherKey, '--state-dir', join(dir, 'sb'), '--no-fsync', '--events']);
     try {
       let out = '';
       sb.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); });
