@@ -100,6 +100,9 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const unpublish = published ? publishStatus(published, def.name, o.host, () => p.primary.snapshot()) : () => {};
   onShutdown(async () => {
     control.close();
+    guard?.close();
+    unpublish();
+    await published?.close();
     await p.stop();
     await ownership?.release();
     log.info(`VM ${def.name} stopped; the standby keeps its replica and does not take over`);
