@@ -37,6 +37,8 @@ export interface AgentOptions {
   timeoutMs: number;
   policy: string;
   fsync: boolean;
+  /** Passed to the standbys this agent runs. */
+  durability: 'memory' | 'disk';
   /** The rubato command (bin/rubato of this checkout). */
   rubato: string;
   onEvent?: (e: Record<string, unknown>) => void;
@@ -167,7 +169,7 @@ export class Agent {
     ensurePrivateDir(dir);
     log.info(`VM ${vm}: standing by for it here`);
     this.spawn(vm, 'standby', dir, ['standby', '--vm', vm, '--listen', `${this.o.address}:0`, '--peer', 'auto', '--state-dir', dir,
-      '--policy', this.o.policy, ...(this.o.fsync ? [] : ['--no-fsync']), ...this.common()]);
+      '--policy', this.o.policy, ...(this.o.fsync ? [] : ['--no-fsync']), '--durability', this.o.durability, ...this.common()]);
   }
 
   private spawn(vm: string, role: 'primary' | 'standby', dir: string, args: string[]): void {

@@ -22,6 +22,9 @@ import { ProgressProbe } from './capture.ts';
 import type { NetRelay } from '../io/net/relay.ts';
 import { TraceRecorder, writeTrace } from '../sim/trace.ts';
 import type { NbdServer } from '../io/disk/nbd-server.ts';
+import { LatencyBreakdown, formatBreakdown, type Breakdown } from '../replication/latency.ts';
+import type { CheckpointObserver } from '../replication/observer.ts';
+import type { Durability } from '../replication/replica-store.ts';
 
 export const BENCH_POLICIES = ['fixed:25ms', 'fixed:100ms', 'dirty-bandwidth', 'net-io', 'disk-io', 'adaptive', 'bounded-latency', 'model'] as const;
 
@@ -38,27 +41,48 @@ export interface SchedulerBenchOptions {
   linkName?: string;
   /** Record every cell's event trace into outDir/traces/ (for rubato simulate --trace). */
   traces?: boolean;
+  /** The standby's durability per cell (each policy runs once per entry, interleaved; default memory). */
+  durabilities?: readonly Durability[];
 }
 
 export interface SchedulerCell {
   workload: string; policy: string; throughputRatio: number; checkpointsPerSec: number; pauseMsMedian: number; mbShipped: number;
   kvLatencyMsP50?: number; kvLatencyMsP99?: number; kvAddedLatencyMsP50?: number; reasons?: Record<string, number>;
+  /** The request latency p50 of the unreplicated phases around the cell (mean of the two). */
+  kvLatencyMsP50Unreplicated?: number;
   /** Share of the measured window the guest was paused for checkpoints. */
   pausedFraction: number;
   /** Relative spread of the two unreplicated phases around the cell: the noise floor of its ratio. */
   noise: number;
   /** The cell's event trace (when recorded). */
   trace?: string;
+  /** The standby's durability in this cell. */
+  durability: Durability;
+  /** Services: where each released output frame's time went (p50/p99 per segment, ms). */
+  latencyBreakdown?: Breakdown;
 }
 
 export interface Protected { stop(): Promise<void>; events: PrimaryEvent[] }
 
-export async function protect(vm: QemuVm, dir: string, tag: string, policy: string, io?: { relay: NetRelay; nbd: NbdServer | null }, where?: { ns: string; host: string }, trace?: TraceRecorder): Promise<Protected> {
-  const standby = await startStandbyProcess(dir, tag, where);
+/** The trace recorder (if any) and the latency breakdown (if any) as one observer. */
+export function observing(trace?: TraceRecorder, latency?: LatencyBreakdown): CheckpointObserver | undefined {
+  if (!trace && !latency) return undefined;
+  if (!latency) return trace;
+  const released = (t: Parameters<LatencyBreakdown['add']>[0], f: readonly number[], r: number) => latency.add(t, f, r);
+  if (!trace) return { released };
+  return { epoch: trace.epoch.bind(trace), acked: trace.acked.bind(trace), output: trace.output.bind(trace), disk: trace.disk.bind(trace), released };
+}
+
+export async function protect(
+  vm: QemuVm, dir: string, tag: string, policy: string, io?: { relay: NetRelay; nbd: NbdServer | null }, where?: { ns: string; host: string },
+  trace?: TraceRecorder, latency?: LatencyBreakdown, durability: Durability = 'memory',
+): Promise<Protected> {
+  const standby = await startStandbyProcess(dir, tag, where, durability);
   const events: PrimaryEvent[] = [];
+  const observer = observing(trace, latency);
   const primary = new PrimaryController({
     vm, runDir: dir, standby: { host: standby.host, port: standby.port }, psk: loadKeyFile(standby.keyFile), periodMs: 25, heartbeatMs: 50, timeoutMs: 1000, retryMs: 300,
-    policy: parsePolicy(policy), onEvent: (e) => events.push(e), ...(io ? { relay: io.relay, nbd: io.nbd } : {}), ...(trace ? { observer: trace } : {}),
+    policy: parsePolicy(policy), onEvent: (e) => events.push(e), ...(io ? { relay: io.relay, nbd: io.nbd } : {}), ...(observer ? { observer } : {}),
   });
   const stop = async () => { await primary.stop(); await standby.stop(); };
   primary.start();
@@ -146,13 +170,16 @@ async function runCells(
   const status = o.onStatus ?? (() => {});
   await warmUp(g.vm, g.dir, g.name, policies[0]!, g.io, o.where);
   let uBefore = await g.measure();
-  for (const policy of policies) {
-    status(`${g.name}: ${policy}`);
+  const durabilities = o.durabilities ?? ['memory'];
+  for (const policy of policies) for (const durability of durabilities) {
+    status(`${g.name}: ${policy}${durabilities.length > 1 ? `, durability ${durability}` : ''}`);
     const tr = cellTrace(o, g.accel, g.name, policy, g.cpus);
-    const p = await protect(g.vm, g.dir, `${g.name}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, g.io, o.where, tr.rec);
+    const latency = g.io ? new LatencyBreakdown() : undefined;
+    const p = await protect(g.vm, g.dir, `${g.name}-${policy}-${durability}`.replace(/[^a-z0-9-]/gi, ''), policy, g.io, o.where, tr.rec, latency, durability);
     const { t0, r, s } = await whileProtected(p, async () => {
       await sleep(300);
       const n0 = p.events.length;
+      latency?.reset();
       const t0 = performance.now();
       const r = await g.measure();
       return { t0, r, s: summarise(p.events.slice(n0), (performance.now() - t0) / 1000) };
@@ -160,9 +187,17 @@ async function runCells(
     const trace = tr.save(t0);
     const uAfter = await g.measure();
     const lat = r.latencyMsP50 !== undefined && uBefore.latencyMsP50 !== undefined && uAfter.latencyMsP50 !== undefined
-      ? { kvLatencyMsP50: r.latencyMsP50, kvLatencyMsP99: r.latencyMsP99!, kvAddedLatencyMsP50: round(r.latencyMsP50 - (uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2, 2) } : {};
-    cells.push({ workload: g.name, policy, throughputRatio: round(r.perSec / ((uBefore.perSec + uAfter.perSec) / 2)), ...s, ...lat, noise: spread(uBefore.perSec, uAfter.perSec), ...(trace ? { trace } : {}) });
+      ? {
+        kvLatencyMsP50: r.latencyMsP50, kvLatencyMsP99: r.latencyMsP99!, kvAddedLatencyMsP50: round(r.latencyMsP50 - (uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2, 2),
+        kvLatencyMsP50Unreplicated: round((uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2, 2),
+      } : {};
+    const breakdown = latency && latency.frames > 0 ? latency.summary() : undefined;
+    cells.push({
+      workload: g.name, policy, durability, throughputRatio: round(r.perSec / ((uBefore.perSec + uAfter.perSec) / 2)), ...s, ...lat, noise: spread(uBefore.perSec, uAfter.perSec),
+      ...(trace ? { trace } : {}), ...(breakdown ? { latencyBreakdown: breakdown } : {}),
+    });
     status(`  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms`);
+    if (breakdown) status(`    released frames: ${formatBreakdown(breakdown)}`);
     uBefore = uAfter;
   }
 }
@@ -210,16 +245,26 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
       removeTempDir(dir);
     }
   }
-  const perPolicy: Record<string, { throughputRatio: Record<string, number>; kvLatencyP50Ms: number | null; checkpointsPerSec: Record<string, number> }> = {};
+  const perPolicy: Record<string, {
+    throughputRatio: Record<string, number>; kvLatencyP50Ms: number | null; kvAddedLatencyP50Ms: number | null; checkpointsPerSec: Record<string, number>;
+    pauseMsMedian: number; pauseMsMedianByWorkload: Record<string, number>; kvLatencyBreakdownP50?: Record<string, number>;
+  }> = {};
   for (const c of cells) {
-    const e = (perPolicy[c.policy] ??= { throughputRatio: {}, kvLatencyP50Ms: null, checkpointsPerSec: {} });
+    const e = (perPolicy[o.durabilities && o.durabilities.length > 1 ? `${c.policy}/${c.durability}` : c.policy] ??= { throughputRatio: {}, kvLatencyP50Ms: null, kvAddedLatencyP50Ms: null, checkpointsPerSec: {}, pauseMsMedian: 0, pauseMsMedianByWorkload: {} });
     e.throughputRatio[c.workload] = c.throughputRatio;
     e.checkpointsPerSec[c.workload] = c.checkpointsPerSec;
-    if (c.workload === 'kv') e.kvLatencyP50Ms = c.kvLatencyMsP50 ?? null;
+    e.pauseMsMedianByWorkload[c.workload] = c.pauseMsMedian;
+    e.pauseMsMedian = round(median(Object.values(e.pauseMsMedianByWorkload)));
+    if (c.workload === 'kv') {
+      e.kvLatencyP50Ms = c.kvLatencyMsP50 ?? null;
+      e.kvAddedLatencyP50Ms = c.kvAddedLatencyMsP50 ?? null;
+      if (c.latencyBreakdown) e.kvLatencyBreakdownP50 = Object.fromEntries(Object.entries(c.latencyBreakdown).filter(([k]) => k !== 'frames').map(([k, v]) => [k, (v as { p50: number }).p50]));
+    }
   }
+  const kvU = cells.filter((c) => c.workload === 'kv' && c.kvLatencyMsP50Unreplicated !== undefined).map((c) => c.kvLatencyMsP50Unreplicated!);
   mkdirSync(o.outDir, { recursive: true });
   const file = join(o.outDir, o.fileName ?? 'scheduler-bench.json');
-  const summary = { benchmark: 'scheduler', seconds, quick: o.quick, policies: perPolicy, results: file };
+  const summary = { benchmark: 'scheduler', seconds, quick: o.quick, kvLatencyP50MsUnreplicated: kvU.length ? round(median(kvU), 2) : null, policies: perPolicy, results: file };
   writeFileSync(file, JSON.stringify({ summary, cells }, null, 2));
   return { summary, file, cells } as { summary: Record<string, unknown>; file: string; cells: SchedulerCell[] };
 }

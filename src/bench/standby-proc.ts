@@ -11,13 +11,13 @@ import { writeKeyFile } from '../replication/keyfile.ts';
 export interface StandbyProcess { host: string; port: number; keyFile: string; stop(): Promise<void> }
 
 /** Starts `rubato standby`, in namespace `ns` listening on `host` when given (a shaped link), else on loopback. */
-export async function startStandbyProcess(dir: string, tag: string, where?: { ns: string; host: string }): Promise<StandbyProcess> {
+export async function startStandbyProcess(dir: string, tag: string, where?: { ns: string; host: string }, durability: 'memory' | 'disk' = 'memory'): Promise<StandbyProcess> {
   const keyFile = join(dir, `${tag}.psk`);
   writeKeyFile(keyFile, { force: true }); // the benchmark's own temp folder: a cell may repeat its tag
   for (let attempt = 0; attempt < 5; attempt++) {
     const port = randomInt(20000, 60000);
     const host = where?.host ?? '127.0.0.1';
-    const args = ['standby', '--listen', `${host}:${port}`, '--state-dir', join(dir, `sb-${tag}`), '--key', keyFile, '--events', '--no-fsync', '--no-auto-failover', '--heartbeat-ms', '50'];
+    const args = ['standby', '--listen', `${host}:${port}`, '--state-dir', join(dir, `sb-${tag}`), '--key', keyFile, '--events', '--no-fsync', '--durability', durability, '--no-auto-failover', '--heartbeat-ms', '50'];
     const bin = RUBATO_COMMAND;
     const p = where
       ? spawnTracked(`standby:${tag}`, 'ip', ['netns', 'exec', where.ns, bin, ...args], { env: { ...process.env, RUBATO_LOG: 'warn' } })

@@ -81,6 +81,12 @@ export function withLinkOptions(c: Command): Command {
 }
 export const LINK = { heartbeatMs: int(10, 60000), timeoutMs: int(50, 600000) };
 
+/** When a standby acknowledges a checkpoint (see docs/durability.md). */
+export const DURABILITY = z.enum(['memory', 'disk'], { error: 'must be memory or disk' });
+export function withDurabilityOption(c: Command, as = ''): Command {
+  return c.option('--durability <mode>', `${as}when a checkpoint is acknowledged: memory (complete in the standby's memory, written to the replica behind the ack; Remus' choice) or disk (at its commit point in the replica's files)`, 'memory');
+}
+
 /** The witness (etcd) options of the commands that may run a guest live. */
 export function withWitnessOptions(c: Command): Command {
   return c

@@ -42,8 +42,8 @@ export type Command<F extends Sized = Buffer> =
   | { cmd: 'wait-ack' }
   /** Ship checkpoint `epoch` to the standby (then call sent()). */
   | { cmd: 'send'; epoch: number }
-  /** The standby acknowledged `epoch`: these frames may leave now. */
-  | { cmd: 'release'; epoch: number; frames: Array<{ frame: F; atMs: number }>; transferMs: number }
+  /** The standby acknowledged `epoch`: these frames may leave now (`timeline`: when each step of its checkpoint happened). */
+  | { cmd: 'release'; epoch: number; frames: Array<{ frame: F; atMs: number }>; transferMs: number; timeline: EpochTimeline }
   /** The full image is acknowledged: the guest is protected. */
   | { cmd: 'protected'; generation: number }
   /** The standby is gone: say so (once per loss), keep holding output, reconnect and resync. */
@@ -55,6 +55,26 @@ export type Command<F extends Sized = Buffer> =
   /** The fence checkpoint is acknowledged: stop the guest, tell the standby. */
   | { cmd: 'stop-guest' };
 
+/** What the standby measured of one checkpoint (its ack carries it): durations, its own clock. */
+export interface StandbyTimings {
+  /** From the checkpoint's arrival to the start of its commit (waiting behind earlier ones). */
+  queuedMs: number;
+  /** Its commit: decode, verify, the commit point; up to the ack being sent. */
+  commitMs: number;
+}
+
+/**
+ * When each step of one checkpoint's life happened, on the primary's clock (ms), with the
+ * standby's own durations: the segments an output frame of this epoch waits through.
+ */
+export interface EpochTimeline {
+  epoch: number;
+  /** The checkpoint was decided (the trigger sent to QEMU); the guest paused at pauseBeganMs. */
+  decidedMs: number;
+  pauseBeganMs: number; resumedMs: number; encodedMs: number; sentMs: number; ackedMs: number;
+  standby: StandbyTimings | null;
+}
+
 const PAGE_BYTES = 4096;
 const DEFAULT_MAX_CHECKPOINT_BYTES = 32 << 20;
 const DEFAULT_MAX_INFLIGHT_BYTES = 64 << 20;
@@ -65,7 +85,7 @@ const OVER_BOUND_KEPT = 1.5;
 const GROWTH_NEAR_BOUND = 2;
 const YOUNG_EPOCHS = 16;
 
-interface Inflight { epoch: number; sentAtMs: number | null; record: EpochRecord | null }
+interface Inflight { epoch: number; sentAtMs: number | null; record: EpochRecord | null; decidedMs: number; pauseBeganMs: number; resumedMs: number; encodedMs: number }
 
 export interface PipelineOptions<F extends Sized> {
   policy: Policy;
@@ -99,6 +119,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
   private sentUpTo = -1;
   private acked = -1;
   private capturing: number | null = null;
+  private decidedMs: number | null = null;
   private epochStartMs = 0;
   private pauseBeganMs: number | null = null;
   private closed: ClosedEpoch | null = null;
@@ -158,7 +179,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
     assert(this.capturing === null, 'pipeline: decision asked during a capture');
     if (this.fenceAsked) {
       this.ph = 'fencing';
-      return this.beginCapture('fence') as Command<F>;
+      return this.beginCapture('fence', nowMs) as Command<F>;
     }
     // Rails above every policy: a bounded disk log at its bound, and an epoch whose estimated
     // dirty memory reached the checkpoint bound, end now; no policy waits past the latter.
@@ -170,7 +191,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
     if (!d.checkpoint) return { cmd: 'wait', untilMs: Math.min(d.wakeAtMs, sizeDueMs), reason: d.wakeAtMs > sizeDueMs ? 'size-bound' : d.reason };
     const inflightBytes = this.inflight.reduce((s, x) => s + (x.record?.bytes ?? 0), 0);
     if (this.inflight.length >= this.o.maxInflight || inflightBytes >= (this.o.maxInflightBytes ?? DEFAULT_MAX_INFLIGHT_BYTES)) { this.waits++; return { cmd: 'wait-ack' }; }
-    return this.beginCapture(d.reason);
+    return this.beginCapture(d.reason, nowMs);
   }
 
   /**
@@ -207,9 +228,10 @@ export class EpochPipeline<F extends Sized = Buffer> {
     };
   }
 
-  private beginCapture(reason: string): Command<F> {
+  private beginCapture(reason: string, nowMs: number): Command<F> {
     const epoch = this.captured + 1;
     this.capturing = epoch;
+    this.decidedMs = nowMs;
     return reason === 'fence' ? { cmd: 'fence', epoch } : { cmd: 'capture', epoch, reason };
   }
 
@@ -224,8 +246,8 @@ export class EpochPipeline<F extends Sized = Buffer> {
     return this.closed;
   }
 
-  /** Checkpoint `epoch` is local and the guest runs again (since `resumedMs`). */
-  capturedCheckpoint(epoch: number, c: { dirtyPages: number; pauseMs: number; bytes: number; resumedMs: number }): Command<F>[] {
+  /** Checkpoint `epoch` is local and the guest runs again (since `resumedMs`); its record was ready at `encodedMs` (default: resumedMs). */
+  capturedCheckpoint(epoch: number, c: { dirtyPages: number; pauseMs: number; bytes: number; resumedMs: number; encodedMs?: number }): Command<F>[] {
     assert(this.capturing === epoch, `pipeline: captured ${epoch}, capturing ${this.capturing}`);
     assert(epoch === this.captured + 1, `pipeline: epoch ${epoch} after ${this.captured} in generation ${this.gen}`);
     assert(this.closed?.epoch === epoch, `pipeline: checkpoint ${epoch} captured without its pause`);
@@ -240,10 +262,13 @@ export class EpochPipeline<F extends Sized = Buffer> {
       this.hist.push(record);
       if (this.hist.length > this.keep) this.hist.shift();
     }
+    const pauseBeganMs = this.pauseBeganMs ?? c.resumedMs;
+    const decidedMs = Math.min(this.decidedMs ?? pauseBeganMs, pauseBeganMs);
+    this.decidedMs = null;
     this.epochStartMs = c.resumedMs;
     this.closed = null;
     this.pauseBeganMs = null;
-    this.inflight.push({ epoch, sentAtMs: null, record });
+    this.inflight.push({ epoch, sentAtMs: null, record, decidedMs, pauseBeganMs, resumedMs: c.resumedMs, encodedMs: c.encodedMs ?? c.resumedMs });
     return [{ cmd: 'send', epoch }];
   }
 
@@ -256,8 +281,8 @@ export class EpochPipeline<F extends Sized = Buffer> {
     this.sentUpTo = epoch;
   }
 
-  /** The standby acknowledged checkpoint `epoch`. */
-  ack(epoch: number, nowMs: number): Command<F>[] {
+  /** The standby acknowledged checkpoint `epoch` (with what it measured of it, when it says). */
+  ack(epoch: number, nowMs: number, standby: StandbyTimings | null = null): Command<F>[] {
     const head = this.inflight[0];
     assert(head !== undefined && head.epoch === epoch, `pipeline: ack for ${epoch}, expected ${head?.epoch ?? 'none'}`);
     assert(epoch <= this.sentUpTo && head.sentAtMs !== null, `pipeline: ack for ${epoch} before it was sent (sent up to ${this.sentUpTo})`);
@@ -265,7 +290,8 @@ export class EpochPipeline<F extends Sized = Buffer> {
     this.acked = epoch;
     const transferMs = nowMs - head.sentAtMs;
     if (head.record) head.record.transferMs = transferMs;
-    const out: Command<F>[] = [{ cmd: 'release', epoch, frames: this.o.commit.release(epoch, this.acked), transferMs }];
+    const timeline: EpochTimeline = { epoch, decidedMs: head.decidedMs, pauseBeganMs: head.pauseBeganMs, resumedMs: head.resumedMs, encodedMs: head.encodedMs, sentMs: head.sentAtMs, ackedMs: nowMs, standby };
+    const out: Command<F>[] = [{ cmd: 'release', epoch, frames: this.o.commit.release(epoch, this.acked), transferMs, timeline }];
     if (this.ph === 'syncing' && epoch === 0) {
       this.ph = 'protecting';
       this.lossReported = false;
@@ -294,6 +320,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
     this.ph = 'unprotected';
     this.inflight = [];
     this.capturing = null;
+    this.decidedMs = null;
     this.closed = null;
     const first = !this.lossReported;
     this.lossReported = true;

@@ -19,7 +19,7 @@ import { Link } from './link.ts';
 import { connectHandshake } from './handshake.ts';
 import { EpochPipeline, type Command } from './pipeline.ts';
 import { FrameType, type Frame } from './protocol/frame.ts';
-import type { Identity } from './protocol/messages.ts';
+import { decodeAckTimings, type Identity } from './protocol/messages.ts';
 import { BaseSender, sendDiskExtents } from './base-sender.ts';
 import { allocatedExtents, extentBytes } from '../io/disk/extents.ts';
 import { encodeRecord } from './protocol/record.ts';
@@ -146,10 +146,8 @@ export class PrimaryController {
       nbd.onFlush = () => this.poke();
       nbd.onPressure = () => this.poke(); // the epoch's dirty set reached its bound: decide now
     }
-    if (observer) {
-      this.commit.onHeld = (f, atMs) => observer.output(atMs, f.length);
-      if (nbd) nbd.onIo = (kind) => observer.disk(kind, performance.now());
-    }
+    if (observer?.output) { const output = observer.output.bind(observer); this.commit.onHeld = (f, atMs) => output(atMs, f.length); }
+    if (observer?.disk && nbd) { const disk = observer.disk.bind(observer); nbd.onIo = (kind) => disk(kind, performance.now()); }
   }
 
   /** The latest status event, and why the guest is unprotected (null while protected). */
@@ -232,11 +230,12 @@ export class PrimaryController {
       switch (c.cmd) {
         case 'release': {
           for (const f of c.frames) this.o.relay?.sendOutside(f.frame);
+          if (c.frames.length && this.o.observer?.released) this.o.observer.released(c.timeline, c.frames.map((f) => f.atMs), performance.now());
           const counter = this.counterAt.get(c.epoch) ?? this.ackedCounter;
           this.counterAt.delete(c.epoch);
           this.ackedCounter = counter;
           const handle = this.tracedAt.get(c.epoch);
-          if (handle !== undefined) { this.tracedAt.delete(c.epoch); this.o.observer?.acked(handle, c.transferMs); }
+          if (handle !== undefined) { this.tracedAt.delete(c.epoch); this.o.observer?.acked?.(handle, c.transferMs); }
           this.emit({ event: 'acked', epoch: c.epoch, counter, lagMs: Math.round(c.transferMs), frames: c.frames.length });
           break;
         }
@@ -311,7 +310,10 @@ export class PrimaryController {
         link.close(new RubatoError('RUBATO_PROTOCOL', `ack for ${f.epoch} from ${link.peer}, which is not the next checkpoint waiting for one`));
         return;
       }
-      this.perform(this.pipeline.ack(f.epoch, performance.now()));
+      const atMs = performance.now();
+      let timings: ReturnType<typeof decodeAckTimings>;
+      try { timings = decodeAckTimings(f.payload); } catch (e) { link.close(e as Error); return; }
+      this.perform(this.pipeline.ack(f.epoch, atMs, timings));
       this.poke();
     } else if (f.type === FrameType.FENCE) {
       this.pipeline.fenceRequested();
@@ -409,14 +411,14 @@ export class PrimaryController {
       fault ? async (c) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } : undefined);
     const { cp, pauseBeganMs } = t;
     const bytes = t.record.length;
-    this.observe(cp, ranFromMs, pauseBeganMs, bytes, decidedMs);
-    // The record has the pages: drop the parsed ones (they pin the stream's buffers).
-    const pages = cp.pages.length;
-    cp.pages.length = 0;
     if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, t.record, Math.floor(bytes * f)), crash: () => this.crash() });
     if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
     this.ship(link, epoch, t.record);
     t.record = EMPTY;
+    this.observe(cp, ranFromMs, pauseBeganMs, bytes, decidedMs); // after the send: not on the ack's path
+    // The record has the pages: drop the parsed ones (they pin the stream's buffers).
+    const pages = cp.pages.length;
+    cp.pages.length = 0;
     // A large one: its plaintext and the stream's buffers are garbage now (the link holds the
     // ciphertext): collected at once, the peak is about twice the record, not three or four times.
     if (bytes > LARGE_RECORD_BYTES) collectNow();
@@ -439,7 +441,7 @@ export class PrimaryController {
     });
     const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
     const record = encodeRecord(cp, this.blocks);
-    this.pipeline.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs });
+    this.pipeline.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs, encodedMs: performance.now() });
     this.counterAt.set(epoch, counter);
     return { cp, record, pauseBeganMs };
   }
@@ -463,7 +465,7 @@ export class PrimaryController {
 
   private observe(cp: Checkpoint, ranFromMs: number, pauseBeganMs: number, bytes: number, decidedMs: number): void {
     const obs = this.o.observer;
-    if (!obs) return;
+    if (!obs?.epoch) return;
     const ids = new Uint32Array(cp.pages.length);
     cp.pages.forEach((p, i) => { ids[i] = ((this.blockIndex.get(p.block) ?? 255) << 24 | Math.floor(p.offset / 4096)) >>> 0; });
     const handle = obs.epoch(ranFromMs, pauseBeganMs, cp.timings.pauseMsLocal, bytes, ids, decidedMs);

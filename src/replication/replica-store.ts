@@ -40,6 +40,16 @@ export interface ReplicaStoreOptions {
   fsync?: boolean;
 }
 
+/**
+ * When the standby acknowledges a checkpoint: `disk` at its commit point in the replica's files
+ * (fsynced unless fsync is off), `memory` once it is complete and verified in the standby's memory.
+ */
+export type Durability = 'memory' | 'disk';
+export const DURABILITIES: readonly Durability[] = ['memory', 'disk'];
+/** Checkpoints acknowledged from memory and not yet at their commit point, at most (then the ack waits). */
+const MAX_BEHIND = 4;
+const MAX_BEHIND_BYTES = 128 << 20;
+
 const corrupt = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_REPLICA_CORRUPT', msg, ctx);
 
 export class ReplicaStore {
@@ -51,14 +61,20 @@ export class ReplicaStore {
   ) {}
 
   /** The last committed epoch (its files may still be being written: see settled()). */
-  get epoch(): number { return this.committed ?? this.meta.epoch; }
-  private committed: number | null = null;
+  get epoch(): number { return this.accepted ?? this.meta.epoch; }
+  /** The last checkpoint accepted (checked, in order); its writes may be behind. */
+  private accepted: number | null = null;
+  /** Every write of the accepted checkpoints, in order: stage, commit point, apply. */
+  private tail: Promise<void> = Promise.resolve();
+  private pending = 0;
+  private pendingBytes = 0;
   private applying: Promise<void> | null = null;
   private applyError: Error | null = null;
   private readonly handles = new Map<number, FileHandle>();
 
   /** Resolves once the files hold the last committed checkpoint; rejects if writing them failed. */
   async settled(): Promise<void> {
+    await this.tail;
     await this.applying;
     if (this.applyError) throw this.applyError;
   }
@@ -145,10 +161,10 @@ export class ReplicaStore {
     return store;
   }
 
-  /** The one epoch check: the record follows the committed checkpoint, under the number it was sent with. */
+  /** The one epoch check: the record follows the last accepted checkpoint, under the number it was sent with. */
   private checkFollows(rec: CheckpointRecord, frameEpoch: number = rec.epoch): void {
-    if (rec.epoch !== frameEpoch || rec.epoch !== this.meta.epoch + 1) {
-      throw corrupt(`checkpoint ${rec.epoch} (sent as ${frameEpoch}) does not follow committed epoch ${this.meta.epoch}`, { epoch: rec.epoch });
+    if (rec.epoch !== frameEpoch || rec.epoch !== this.epoch + 1) {
+      throw corrupt(`checkpoint ${rec.epoch} (sent as ${frameEpoch}) does not follow committed epoch ${this.epoch}`, { epoch: rec.epoch });
     }
   }
 
@@ -157,22 +173,51 @@ export class ReplicaStore {
     await this.settled();
     this.checkFollows(rec);
     validateRecord(rec, this.meta.blocks);
-    const epoch = await this.commitVerified(rec.epoch, encodeRecord(rec, this.meta.blocks), rec.pages, rec.deviceState);
+    await this.accept(rec, encodeRecord(rec, this.meta.blocks), 'disk');
     await this.settled();
-    return epoch;
+    return rec.epoch;
   }
 
   /**
    * The same for a record as it came off the wire in a frame numbered `frameEpoch` (checksummed by
-   * its sender), returning at the commit point: the checkpoint is durable (the redo record); its
-   * pages are written into the images behind the caller's acknowledgement (settled() waits for them).
+   * its sender). `disk`: returns at the commit point, the checkpoint durable in the redo record
+   * (its pages are written into the images behind the caller's acknowledgement). `memory`: returns
+   * once the record is decoded, verified and next in order — complete in this process's memory —
+   * with its commit point written behind it, in order (Remus' choice: what a crash of this host
+   * within that window loses is in docs/durability.md). Either way settled() waits for all of it.
    */
-  async commitRecord(record: Buffer, frameEpoch: number): Promise<CheckpointRecord> {
-    await this.settled();
+  async commitRecord(record: Buffer, frameEpoch: number, durability: Durability = 'disk'): Promise<CheckpointRecord> {
+    if (this.applyError) throw this.applyError;
+    // A write-behind backlog past its bound is waited for: memory stays bounded, the ack slows.
+    if (this.pending >= MAX_BEHIND || this.pendingBytes >= MAX_BEHIND_BYTES) await this.settled();
     const rec = decodeRecord(record, this.meta.blocks); // checks every page against the layout
     this.checkFollows(rec, frameEpoch);
-    await this.commitVerified(rec.epoch, record, rec.pages, rec.deviceState);
+    const point = this.accept(rec, record, durability);
+    if (durability === 'disk') await point;
     return rec;
+  }
+
+  /** Queues a checked record's writes behind the earlier ones; resolves at its commit point. */
+  private accept(rec: CheckpointRecord, record: Buffer, durability: Durability): Promise<void> {
+    this.accepted = rec.epoch;
+    this.pending++;
+    this.pendingBytes += record.length;
+    let reached!: () => void;
+    let failed!: (e: Error) => void;
+    const point = new Promise<void>((res, rej) => { reached = res; failed = rej; });
+    this.tail = this.tail.then(async () => {
+      if (this.applyError) throw this.applyError;
+      await this.applying; // the previous checkpoint is in the images before this one's redo record replaces it
+      if (this.applyError) throw this.applyError;
+      await this.commitVerified(rec.epoch, record, rec.pages, rec.deviceState);
+    }).then(() => reached(), (e: unknown) => {
+      const err = e instanceof Error ? e : new Error(String(e));
+      this.applyError ??= err;
+      failed(err);
+    }).finally(() => { this.pending--; this.pendingBytes -= record.length; });
+    // In memory mode nobody awaits the point: its failure is kept in applyError (the next commit or settled() reports it).
+    if (durability === 'memory') point.catch(() => {});
+    return point;
   }
 
   private async commitVerified(epoch: number, record: Buffer, pages: readonly DirtyPage[], deviceState: Buffer): Promise<number> {
@@ -180,8 +225,7 @@ export class ReplicaStore {
     await writePrivate(stage, record, this.fsync);
     const redo = join(this.dir, 'redo.ckpt');
     await rename(stage, redo); // the commit point
-    if (this.fsync) fsyncDir(this.dir); // … durable before it is acknowledged
-    this.committed = epoch;
+    if (this.fsync) fsyncDir(this.dir); // … durable before it is acknowledged (disk durability)
     this.applying = this.apply(epoch, pages, deviceState)
       .then(() => rm(redo, { force: true }))
       .catch((e: unknown) => { this.applyError = e instanceof Error ? e : new Error(String(e)); });

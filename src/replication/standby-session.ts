@@ -7,7 +7,7 @@ import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import type { Link } from './link.ts';
 import { FrameType, GCM_TAG_BYTES, HEADER_BYTES, MAX_FRAME_BYTES, frameTypeName, type Frame } from './protocol/frame.ts';
-import { decodeBaseData, decodeBaseFill, decodeLayout, type Layout } from './protocol/messages.ts';
+import { decodeBaseData, decodeBaseFill, decodeLayout, encodeAckTimings, type Layout } from './protocol/messages.ts';
 import { recordMaxBytes, type CheckpointRecord } from './protocol/record.ts';
 
 const log = logger('standby');
@@ -75,10 +75,11 @@ export class StandbySession {
     // are handled, and an orderly stop must never read as a lost primary.
     if (f.type === FrameType.BYE) this.bye = true;
     const n = f.payload.length;
+    const arrivedMs = performance.now();
     this.pendingBytes += n;
     if (this.pendingBytes > HIGH_WATER_BYTES) this.link.pauseReading();
     this.chain = this.chain
-      .then(() => this.handle(f))
+      .then(() => this.handle(f, arrivedMs))
       .catch((e: unknown) => {
         log.warn(`dropping ${this.link.peer}: ${errorMessage(e)}`);
         this.link.close(e instanceof Error ? e : new Error(String(e)));
@@ -89,7 +90,7 @@ export class StandbySession {
       });
   }
 
-  private async handle(f: Frame): Promise<void> {
+  private async handle(f: Frame, arrivedMs: number): Promise<void> {
     if (this.link.closed) return;
     switch (f.type) {
       case FrameType.BASE_BEGIN: {
@@ -133,10 +134,13 @@ export class StandbySession {
       }
       case FrameType.CKPT: {
         if (!this.protecting) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
+        const startMs = performance.now();
         const rec = await this.host.commit(f.payload, f.epoch);
-        this.host.committed(rec.epoch, f.payload.length, rec.pages.length);
         if (this.host.beforeAck) await this.host.beforeAck(rec.epoch);
-        if (!this.link.closed) await this.link.send(FrameType.ACK, rec.epoch);
+        // The ack carries what this side spent on the checkpoint (the primary's latency breakdown).
+        const timings = encodeAckTimings({ queuedMs: startMs - arrivedMs, commitMs: performance.now() - startMs });
+        if (!this.link.closed) await this.link.send(FrameType.ACK, rec.epoch, timings);
+        this.host.committed(rec.epoch, f.payload.length, rec.pages.length);
         return;
       }
       case FrameType.FENCED:

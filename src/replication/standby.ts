@@ -9,7 +9,7 @@ import { ensurePrivateDir, writePrivateAtomic } from '../util/private-files.ts';
 import { join } from 'node:path';
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
-import { ReplicaBuilder, ReplicaStore } from './replica-store.ts';
+import { ReplicaBuilder, ReplicaStore, type Durability } from './replica-store.ts';
 import { Link } from './link.ts';
 import { acceptHandshake } from './handshake.ts';
 import { Admission, DEFAULT_ADMISSION } from './admission.ts';
@@ -53,6 +53,8 @@ export interface StandbyOptions {
   gate?: ActivationGate;
   autoFailover?: boolean;
   fsync?: boolean;
+  /** When a checkpoint is acknowledged (default memory: complete in memory, written behind). */
+  durability?: Durability;
   onEvent?: (e: StandbyEvent) => void;
   /** Sets up the guest's NIC relay and disk server for a restore (called only at failover). */
   prepareRestore?: (identity: Identity, store: ReplicaStore) => Promise<{ netSocket?: string; nbdSocket?: string }>;
@@ -215,7 +217,7 @@ export class StandbyController {
       },
       commit: (record, epoch) => {
         if (!this.store) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
-        return this.store.commitRecord(record, epoch);
+        return this.store.commitRecord(record, epoch, this.o.durability ?? 'memory');
       },
       ...(this.o.beforeAck ? { beforeAck: this.o.beforeAck } : {}),
       progress: (p) => this.emit(p),

@@ -151,3 +151,35 @@ test('private state: replica files 0600 in 0700 folders whatever the umask; a fo
   symlinkSync(join(dir, 'r'), join(dir, 'link'));
   assert.throws(() => ensurePrivateDir(join(dir, 'link')), (e: unknown) => isRubatoError(e, 'RUBATO_CONFIG') && /symlink/.test(e.message));
 });
+
+test('memory durability: acknowledged before its commit point, written behind in order, settled() waits', async (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const s = await ReplicaStore.create(dir, 'vm', base());
+  const blocks = s.blocks;
+  const rec = (e: number, v: number) => encodeRecord(cp(e, [[0, v], [4096 * e, v]]), blocks);
+  // Three checkpoints accepted back to back: each returns before its redo record exists on disk.
+  for (const e of [1, 2, 3]) {
+    const r = await s.commitRecord(rec(e, 10 + e), e, 'memory');
+    assert.equal(r.epoch, e);
+    assert.equal(s.epoch, e); // the next one must follow it, not the files
+  }
+  await assert.rejects(s.commitRecord(rec(3, 1), 3, 'memory'), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
+  await s.settled();
+  const r = await ReplicaStore.open(dir);
+  assert.equal(r.epoch, 3);
+  const ram = await r.readImage('mem0');
+  assert.deepEqual([ram[0], ram[4096], ram[8192], ram[12288]], [13, 11, 12, 13]);
+  assert.equal(existsSync(join(dir, 'redo.ckpt')), false);
+});
+
+test('memory durability: a failed write behind the ack fails the next commit and settled()', async (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const s = await ReplicaStore.create(dir, 'vm', base());
+  const blocks = s.blocks;
+  rmSync(join(dir, 'ram'), { recursive: true, force: true }); // the images are gone: applying fails
+  await s.commitRecord(encodeRecord(cp(1, [[0, 5]]), blocks), 1, 'memory');
+  await assert.rejects(s.settled());
+  await assert.rejects(s.commitRecord(encodeRecord(cp(2, [[0, 6]]), blocks), 2, 'memory'));
+});

@@ -10,17 +10,17 @@ import { loadKeyFile } from '../../replication/keyfile.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { Agent } from '../../agent/agent.ts';
 import { RUBATO_COMMAND } from '../../setup/index.ts';
-import { LINK, WITNESS, eventPrinter, int, parseOptions, policy, withLinkOptions } from '../options.ts';
+import { DURABILITY, LINK, WITNESS, withDurabilityOption, eventPrinter, int, parseOptions, policy, withLinkOptions } from '../options.ts';
 
 const log = logger('rubato');
 
 const Options = z.object({
   etcd: WITNESS.etcd.unwrap(), name: WITNESS.host, address: z.string().regex(/^[0-9a-fA-F.:]+$/, 'must be this host\'s IP address as the other hosts reach it'),
-  key: z.string(), stateDir: z.string(), leaseTtl: int(1, 60), policy: policy(), fsync: z.boolean(), events: z.boolean(), ...LINK,
+  key: z.string(), stateDir: z.string(), leaseTtl: int(1, 60), policy: policy(), fsync: z.boolean(), durability: DURABILITY, events: z.boolean(), ...LINK,
 });
 
 export function register(program: Command): void {
-  withLinkOptions(program.command('agent'))
+  withDurabilityOption(withLinkOptions(program.command('agent')), 'for the standbys this host runs: ')
     .description('run this host\'s share of a cluster: VMs stored in the witness (rubato vm add) are placed, protected, failed over and re-protected by the agents')
     .requiredOption('--etcd <urls>', 'the witness every host reaches: etcd client URLs (comma-separated)')
     .requiredOption('--address <ip>', 'this host\'s address as the other hosts reach it (replication links)')
@@ -36,7 +36,7 @@ export function register(program: Command): void {
       loadKeyFile(o.key); // a bad key file is one line here, not in every VM process
       const agent = new Agent({
         etcd: new EtcdClient(o.etcd), etcdUrls: o.etcd, name: o.name, address: o.address, keyFile: resolve(o.key), stateDir: resolve(o.stateDir),
-        leaseTtl: o.leaseTtl, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, policy: o.policy, fsync: o.fsync, rubato: RUBATO_COMMAND,
+        leaseTtl: o.leaseTtl, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, policy: o.policy, fsync: o.fsync, durability: o.durability, rubato: RUBATO_COMMAND,
         onEvent: eventPrinter(o.events),
       });
       onShutdown(() => agent.stop());

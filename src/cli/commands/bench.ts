@@ -44,6 +44,15 @@ function policies() {
   });
 }
 
+function durabilities() {
+  return z.string().transform((v, ctx) => {
+    const l = v.split(',').map((x) => x.trim());
+    const bad = l.filter((x) => x !== 'memory' && x !== 'disk');
+    if (bad.length || !l.length) { ctx.addIssue({ code: 'custom', message: `unknown ${bad.join(', ')} (memory, disk)` }); return z.NEVER; }
+    return l as Array<'memory' | 'disk'>;
+  });
+}
+
 function common(c: Command): Command {
   return c
     .option('--quick', 'reduced settings (a few minutes)', false)
@@ -95,10 +104,11 @@ export function register(program: Command): void {
     .option('--seconds <n>', 'measurement time per phase')
     .option('--policies <list>', 'policies to run, comma-separated (a policy may repeat: cells interleave)')
     .option('--workloads <list>', `${SCHEDULER_WORKLOADS.join(', ')} (comma-separated)`)
+    .option('--durability <list>', 'the standby\'s durability per cell: memory, disk or both (memory,disk: A/B, interleaved)', 'memory')
     .action(async (raw: unknown) => {
-      const o = parseOptions(z.object({ ...WithAccel, seconds: int(2, 600).optional(), policies: policies(), workloads: workloads() }), raw);
+      const o = parseOptions(z.object({ ...WithAccel, seconds: int(2, 600).optional(), policies: policies(), workloads: workloads(), durability: durabilities() }), raw);
       const r = await runSchedulerBench({
-        ...(await platform(o.accel)), quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}),
+        ...(await platform(o.accel)), quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), durabilities: o.durability,
         ...(o.policies ? { policies: o.policies } : {}), ...(o.workloads ? { workloads: o.workloads } : {}), onStatus,
       });
       print(r.summary);

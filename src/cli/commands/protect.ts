@@ -15,7 +15,7 @@ import { protectVm } from '../../host/protect.ts';
 import { serveStandby } from './standby.ts';
 import { ControlSocket } from '../../replication/control-socket.ts';
 import { join } from 'node:path';
-import { LINK, WITNESS, eventPrinter, hostPort, parseOptions, statusLine, platform, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
+import { DURABILITY, LINK, WITNESS, withDurabilityOption, eventPrinter, hostPort, parseOptions, statusLine, platform, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { Ownership, currentOwner } from '../../coord/ownership.ts';
 import { LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
@@ -23,10 +23,10 @@ import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
 
 const log = logger('rubato');
 
-const Options = z.object({ standby: z.union([z.literal('auto'), hostPort()]), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), ...LINK, ...WITNESS });
+const Options = z.object({ standby: z.union([z.literal('auto'), hostPort()]), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), durability: DURABILITY, ...LINK, ...WITNESS });
 
 export function register(program: Command): void {
-  withWitnessOptions(withLinkOptions(program.command('protect')))
+  withDurabilityOption(withWitnessOptions(withLinkOptions(program.command('protect'))), 'as the new standby after a failover: ')
     .description('run your VM (a definition file: see examples/) and keep it protected by a standby')
     .argument('<vm-file>', 'VM definition (JSON)')
     .requiredOption('--standby <host:port>', 'the standby controller (rubato standby on the other host); auto: the one the witness names (agents)')
@@ -123,7 +123,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     // A switchover: the guest runs on the other host now; this host becomes its standby.
     log.info(`VM ${def.name} moved to ${standbyName} (switchover); standing by on ${o.listen.host}:${o.listen.port}`);
     const sb = await serveStandby({
-      listen: o.listen, stateDir: join(stateDir, 'standby'), psk, autoFailover: true, events: o.events, fsync: o.fsync, peer: o.standby,
+      listen: o.listen, stateDir: join(stateDir, 'standby'), psk, autoFailover: true, events: o.events, fsync: o.fsync, durability: o.durability, peer: o.standby,
       policy: o.policy, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, emit,
       ...(o.etcd ? { etcd: o.etcd } : {}), host: o.host, leaseTtl: o.leaseTtl,
     });

@@ -13,23 +13,24 @@ import { PrimaryController } from '../../replication/primary.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import { restoreIo } from '../../host/protect.ts';
-import { LINK, WITNESS, binaryFor, eventPrinter, hostPort, parseOptions, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
+import { DURABILITY, LINK, WITNESS, binaryFor, withDurabilityOption, eventPrinter, hostPort, parseOptions, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { witnessGate } from '../../coord/witness-gate.ts';
 import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
 import { KEYS, LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
 import { RubatoError } from '../../util/errors.ts';
+import type { Durability } from '../../replication/replica-store.ts';
 
 const log = logger('rubato');
 
 const Options = z.object({
-  listen: hostPort(true), stateDir: z.string(), key: z.string(), autoFailover: z.boolean(), events: z.boolean(), fsync: z.boolean(),
+  listen: hostPort(true), stateDir: z.string(), key: z.string(), autoFailover: z.boolean(), events: z.boolean(), fsync: z.boolean(), durability: DURABILITY,
   peer: z.union([z.literal('auto'), hostPort()]).optional(), policy: policy(), vm: z.string().regex(/^[a-zA-Z0-9_.-]{1,40}$/, 'must be a VM name').optional(),
   ...LINK, ...WITNESS,
 });
 
 export function register(program: Command): void {
-  withWitnessOptions(withLinkOptions(program.command('standby')))
+  withDurabilityOption(withWitnessOptions(withLinkOptions(program.command('standby'))))
     .description('hold the replica of a protected VM and take over when the primary is lost')
     .requiredOption('--listen <host:port>', 'address for the primary to connect to')
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
@@ -49,7 +50,7 @@ async function runStandby(o: z.infer<typeof Options>): Promise<void> {
 }
 
 export interface ServeStandbyOptions {
-  listen: { host: string; port: number }; stateDir: string; psk: Buffer; autoFailover: boolean; events: boolean; fsync: boolean;
+  listen: { host: string; port: number }; stateDir: string; psk: Buffer; autoFailover: boolean; events: boolean; fsync: boolean; durability: Durability;
   peer?: { host: string; port: number } | 'auto' | undefined; policy: string;
   /** With etcd: the VM this standby is for; its endpoint (and, once live, its status) are published in the witness. */
   vm?: string | undefined; heartbeatMs: number; timeoutMs: number; emit: (e: object) => void;
@@ -75,7 +76,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
   const standby = new StandbyController({
     ...(gate ? { gate } : {}),
     ...o.listen, stateDir, psk, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, binaryFor,
-    autoFailover: o.autoFailover, fsync: o.fsync, prepareRestore: io.prepare,
+    autoFailover: o.autoFailover, fsync: o.fsync, durability: o.durability, prepareRestore: io.prepare,
     statusExtra: () => (primary ? { ...primary.snapshot(), role: 'primary' } : {}),
     onEvent: (e) => {
       emit(e);
