@@ -25,6 +25,7 @@ import type { NbdServer } from '../io/disk/nbd-server.ts';
 import { LatencyBreakdown, formatBreakdown, type Breakdown } from '../replication/latency.ts';
 import type { CheckpointObserver } from '../replication/observer.ts';
 import type { Durability } from '../replication/replica-store.ts';
+import { cpuWindow, type CpuShare } from './cpu.ts';
 
 export const BENCH_POLICIES = ['fixed:25ms', 'fixed:100ms', 'dirty-bandwidth', 'net-io', 'disk-io', 'adaptive', 'bounded-latency', 'model'] as const;
 
@@ -56,13 +57,17 @@ export interface SchedulerCell {
   noise: number;
   /** The cell's event trace (when recorded). */
   trace?: string;
+  /** Cores used on average in the measured window by the guest's QEMU, each controller, the rest (the client), and idle. */
+  cpu: CpuShare;
+  /** The same in the unreplicated phase after the cell. */
+  cpuUnreplicated: CpuShare;
   /** The standby's durability in this cell. */
   durability: Durability;
   /** Services: where each released output frame's time went (p50/p99 per segment, ms). */
   latencyBreakdown?: Breakdown;
 }
 
-export interface Protected { stop(): Promise<void>; events: PrimaryEvent[] }
+export interface Protected { stop(): Promise<void>; events: PrimaryEvent[]; standbyPid: number }
 
 /** The trace recorder (if any) and the latency breakdown (if any) as one observer. */
 export function observing(trace?: TraceRecorder, latency?: LatencyBreakdown): CheckpointObserver | undefined {
@@ -92,7 +97,7 @@ export async function protect(
     await stop(); // no standby process or primary loop outlives a failed start
     throw e;
   }
-  return { events, stop };
+  return { events, stop, standbyPid: standby.pid };
 }
 
 /** Runs a protected phase; the protection (primary and standby process) ends even when it fails. */
@@ -107,6 +112,8 @@ export function summarise(events: PrimaryEvent[], seconds: number) {
     checkpointsPerSec: round(cps.length / seconds, 1),
     pausedFraction: round(cps.reduce((a, c) => a + c.pauseMs, 0) / (seconds * 1000), 4),
     pauseMsMedian: round(median(cps.map((c) => c.pauseMs))),
+    /** Of the pause: QEMU's stream read (request to device state), the rest is closing the epoch (the disk's cut) and resuming. */
+    captureMsMedian: round(median(cps.map((c) => c.captureMs))),
     mbShipped: round(cps.reduce((a, c) => a + c.bytes, 0) / 1e6, 1),
     ...(last ? { reasons: last.reasons } : {}),
   };
@@ -168,8 +175,14 @@ async function runCells(
   g: { name: string; cpus: number; accel: string; vm: QemuVm; dir: string; io?: { relay: NetRelay; nbd: NbdServer | null }; measure: () => Promise<Load> },
 ): Promise<void> {
   const status = o.onStatus ?? (() => {});
+  if (process.env['RUBATO_GUEST_NICE']) {
+    const { readdirSync } = await import('node:fs');
+    const { setPriority } = await import('node:os');
+    for (const tid of readdirSync(`/proc/${g.vm.pid}/task`)) setPriority(Number(tid), Number(process.env['RUBATO_GUEST_NICE']));
+  }
   await warmUp(g.vm, g.dir, g.name, policies[0]!, g.io, o.where);
-  let uBefore = await g.measure();
+  const measureU = async () => { const w = cpuWindow({ guest: g.vm.pid, standby: null }); const r = await g.measure(); return { ...r, cpu: w.end() }; };
+  let uBefore = await measureU();
   const durabilities = o.durabilities ?? ['memory'];
   for (const policy of policies) for (const durability of durabilities) {
     status(`${g.name}: ${policy}${durabilities.length > 1 ? `, durability ${durability}` : ''}`);
@@ -181,11 +194,12 @@ async function runCells(
       const n0 = p.events.length;
       latency?.reset();
       const t0 = performance.now();
+      const cpu = cpuWindow({ guest: g.vm.pid, standby: p.standbyPid });
       const r = await g.measure();
-      return { t0, r, s: summarise(p.events.slice(n0), (performance.now() - t0) / 1000) };
+      return { t0, r, s: { ...summarise(p.events.slice(n0), (performance.now() - t0) / 1000), cpu: cpu.end() } };
     });
     const trace = tr.save(t0);
-    const uAfter = await g.measure();
+    const uAfter = await measureU();
     const lat = r.latencyMsP50 !== undefined && uBefore.latencyMsP50 !== undefined && uAfter.latencyMsP50 !== undefined
       ? {
         kvLatencyMsP50: r.latencyMsP50, kvLatencyMsP99: r.latencyMsP99!, kvAddedLatencyMsP50: round(r.latencyMsP50 - (uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2, 2),
@@ -194,10 +208,12 @@ async function runCells(
     const breakdown = latency && latency.frames > 0 ? latency.summary() : undefined;
     cells.push({
       workload: g.name, policy, durability, throughputRatio: round(r.perSec / ((uBefore.perSec + uAfter.perSec) / 2)), ...s, ...lat, noise: spread(uBefore.perSec, uAfter.perSec),
-      ...(trace ? { trace } : {}), ...(breakdown ? { latencyBreakdown: breakdown } : {}),
+      ...(trace ? { trace } : {}), ...(breakdown ? { latencyBreakdown: breakdown } : {}), cpuUnreplicated: uAfter.cpu,
     });
-    status(`  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms`);
+    status(`  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms (stream ${s.captureMsMedian} ms)`);
     if (breakdown) status(`    released frames: ${formatBreakdown(breakdown)}`);
+    const u = uAfter.cpu;
+    status(`    cores: guest ${s.cpu.guest} (unreplicated ${u.guest}), primary ${s.cpu.primary} (${u.primary}), standby ${s.cpu.standby}, other ${s.cpu.other} (${u.other}), idle ${s.cpu.idle} (${u.idle})`);
     uBefore = uAfter;
   }
 }

@@ -8,7 +8,7 @@ import { spawnTracked } from '../util/procs.ts';
 import { RubatoError } from '../util/errors.ts';
 import { writeKeyFile } from '../replication/keyfile.ts';
 
-export interface StandbyProcess { host: string; port: number; keyFile: string; stop(): Promise<void> }
+export interface StandbyProcess { host: string; port: number; keyFile: string; pid: number; stop(): Promise<void> }
 
 /** Starts `rubato standby`, in namespace `ns` listening on `host` when given (a shaped link), else on loopback. */
 export async function startStandbyProcess(dir: string, tag: string, where?: { ns: string; host: string }, durability: 'memory' | 'disk' = 'memory'): Promise<StandbyProcess> {
@@ -28,7 +28,7 @@ export async function startStandbyProcess(dir: string, tag: string, where?: { ns
       void p.exited.then(() => resolve(false));
       setTimeout(() => resolve(false), 30_000);
     });
-    if (ok) return { host, port, keyFile, stop: () => p.stop(3000) };
+    if (ok) return { host, port, keyFile, pid: p.pid, stop: () => p.stop(3000) };
     await p.stop(1000);
   }
   throw new RubatoError('RUBATO_CONFIG', 'could not start a standby process for the benchmark');

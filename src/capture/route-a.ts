@@ -10,6 +10,7 @@ import { RubatoError, assert, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import { withTimeout } from '../util/async.ts';
 import type { QemuVm } from '../qemu/vm.ts';
+import type { QmpEvent } from '../qemu/qmp.ts';
 import { ByteReader } from '../util/byte-reader.ts';
 import { COLO_MSG, COLO_MSG_NAMES, VM, coloMessage } from './stream/format.ts';
 import { newRamState, readFooter, readPrecopy, readRamRecords, type PageSink, type RamState } from './stream/parser.ts';
@@ -20,6 +21,9 @@ const log = logger('capture-a');
 /** Migration sockets listening right now (leak checks in tests). */
 const listening = new Set<string>();
 export function liveMigrationSockets(): string[] { return [...listening]; }
+
+/** Longest wait for QEMU's RESUME after a checkpoint before the next trigger is sent anyway. */
+const RESUME_WAIT_MS = 50;
 
 /** With this delay QEMU never checkpoints on its own: the scheduler owns the tempo. */
 const NEVER_MS = 2 ** 31 - 1;
@@ -59,6 +63,15 @@ export class ColoCapture {
   private failed: Error | null = null;
   private readonly st: RamState = newRamState();
 
+  /**
+   * Set once the last checkpoint's VMSTATE_LOADED is written, until QEMU reports the guest running
+   * again (RESUME). QEMU re-arms its checkpoint trigger (qemu_event_reset, after our
+   * VMSTATE_RECEIVED) before it resumes the guest: a trigger sent earlier would be swallowed by
+   * that reset and the checkpoint wait for the 250 ms re-trigger.
+   */
+  private resumePending: { done: Promise<void>; resolve: () => void } | null = null;
+  private readonly onQmpEvent = (e: QmpEvent) => { if (e.event === 'RESUME') this.resumed(); };
+
   private constructor(
     private readonly vm: QemuVm,
     private readonly server: Server,
@@ -66,7 +79,15 @@ export class ColoCapture {
     private readonly reader: ByteReader,
     private readonly sockPath: string,
     private readonly opts: ColoCaptureOptions,
-  ) {}
+  ) {
+    vm.qmp.on('event', this.onQmpEvent);
+  }
+
+  private resumed(): void {
+    const p = this.resumePending;
+    this.resumePending = null;
+    p?.resolve();
+  }
 
   /** Starts COLO on the VM and reads the full precopy into a base image. The guest runs afterwards. */
   static async start(vm: QemuVm, opts: ColoCaptureOptions): Promise<{ capture: ColoCapture; base: BaseImage }> {
@@ -175,6 +196,11 @@ export class ColoCapture {
 
   private async checkpointInner(opts: CheckpointOptions): Promise<Checkpoint> {
     const timeoutMs = this.opts.checkpointTimeoutMs ?? 10_000;
+    // QEMU must have re-armed its trigger (it resumes the guest right after): bounded, a lost RESUME
+    // event costs at most this wait and then the re-trigger below.
+    const pending = this.resumePending;
+    if (pending) await Promise.race([pending.done, new Promise((r) => setTimeout(r, RESUME_WAIT_MS))]);
+    this.resumePending = null;
     const tTrigger = performance.now();
     await this.trigger();
     // A trigger that lands while QEMU finishes the previous checkpoint is lost: re-trigger.
@@ -234,6 +260,9 @@ export class ColoCapture {
       await opts.hold(cp);
       cp.timings.heldMs = performance.now() - tLocal;
     }
+    let resolve!: () => void;
+    const done = new Promise<void>((r) => { resolve = r; });
+    this.resumePending = { done, resolve };
     this.sock.write(coloMessage(COLO_MSG.VMSTATE_LOADED));
     cp.timings.pauseMsLocal = performance.now() - tRequest;
     log.debug('checkpoint', { vm: this.vm.spec.name, epoch: cp.epoch, pages: pages.length, triggerMs: (tRequest - tTrigger).toFixed(2), captureMs: cp.timings.captureMs.toFixed(2) });
@@ -248,6 +277,8 @@ export class ColoCapture {
     }
     this.sock.destroy();
     stopListening(this.server, this.sockPath);
+    this.vm.qmp.off('event', this.onQmpEvent);
+    this.resumed();
     await ensureGuestRunning(this.vm);
   }
 
@@ -256,6 +287,8 @@ export class ColoCapture {
     this.failed ??= new RubatoError('RUBATO_CAPTURE_FAILED', 'capture closed');
     this.sock.destroy();
     stopListening(this.server, this.sockPath);
+    this.vm.qmp.off('event', this.onQmpEvent);
+    this.resumed();
     await ensureGuestRunning(this.vm);
   }
 }

@@ -21,7 +21,11 @@ import { percentile, round } from '../util/stats.ts';
 export const SEGMENTS = ['wait', 'trigger', 'pause', 'encode', 'send', 'link', 'standbyQueue', 'standbyCommit', 'release'] as const;
 export type Segment = typeof SEGMENTS[number];
 /** Per segment p50, p99 and mean (ms): the means add up to the total's mean, the percentiles need not. */
-export type Breakdown = Record<Segment | 'total', { p50: number; p99: number; mean: number }> & { frames: number };
+export type Breakdown = Record<Segment | 'total', { p50: number; p99: number; mean: number }> & {
+  frames: number;
+  /** Not a segment (it overlaps send and link): the standby's time from a checkpoint's first byte to its last, decrypted, per checkpoint. */
+  standbyReceive: { p50: number; p99: number; mean: number };
+};
 
 /** One frame's segments (ms). */
 export function segmentsOf(t: EpochTimeline, frameAtMs: number, releasedMs: number): Record<Segment, number> {
@@ -44,6 +48,7 @@ export class LatencyBreakdown {
   private readonly v: Record<Segment | 'total', number[]> = Object.fromEntries([...SEGMENTS, 'total'].map((s) => [s, []])) as unknown as Record<Segment | 'total', number[]>;
   private readonly maxFrames: number;
   private seen = 0;
+  private readonly receive: number[] = [];
 
   /** Keeps at most `maxFrames` frames (a reservoir sample beyond). */
   constructor(maxFrames = 200_000) { this.maxFrames = maxFrames; }
@@ -52,6 +57,7 @@ export class LatencyBreakdown {
 
   /** Frames released by one checkpoint. */
   add(t: EpochTimeline, framesAtMs: readonly number[], releasedMs: number): void {
+    if (t.standby && framesAtMs.length && this.receive.length < this.maxFrames) this.receive.push(t.standby.receiveMs);
     for (const at of framesAtMs) {
       const s = segmentsOf(t, at, releasedMs);
       const slot = this.seen < this.maxFrames ? this.seen : Math.floor(Math.random() * (this.seen + 1));
@@ -65,20 +71,19 @@ export class LatencyBreakdown {
   /** Forget what was seen (a measured window starts). */
   reset(): void {
     for (const k of [...SEGMENTS, 'total'] as const) this.v[k].length = 0;
+    this.receive.length = 0;
     this.seen = 0;
   }
 
   summary(): Breakdown {
-    const out = { frames: this.seen } as Breakdown;
-    for (const k of [...SEGMENTS, 'total'] as const) {
-      const xs = this.v[k];
-      out[k] = xs.length ? { p50: round(percentile(xs, 50), 3), p99: round(percentile(xs, 99), 3), mean: round(xs.reduce((a, b) => a + b, 0) / xs.length, 3) } : { p50: 0, p99: 0, mean: 0 };
-    }
+    const stat = (xs: readonly number[]) => (xs.length ? { p50: round(percentile(xs, 50), 3), p99: round(percentile(xs, 99), 3), mean: round(xs.reduce((a, b) => a + b, 0) / xs.length, 3) } : { p50: 0, p99: 0, mean: 0 });
+    const out = { frames: this.seen, standbyReceive: stat(this.receive) } as Breakdown;
+    for (const k of [...SEGMENTS, 'total'] as const) out[k] = stat(this.v[k]);
     return out;
   }
 }
 
 /** One line: the mean of each segment (ms), which add up to the total's, e.g. "wait 6.1 + pause 1.9 + … = 11.8". */
 export function formatBreakdown(b: Breakdown): string {
-  return `${SEGMENTS.map((k) => `${k} ${b[k].mean.toFixed(2)}`).join(' + ')} = ${b.total.mean.toFixed(2)} ms mean (p50 ${b.total.p50.toFixed(2)}, p99 ${b.total.p99.toFixed(2)}; ${b.frames} frames)`;
+  return `${SEGMENTS.map((k) => `${k} ${b[k].mean.toFixed(2)}`).join(' + ')} = ${b.total.mean.toFixed(2)} ms mean (p50 ${b.total.p50.toFixed(2)}, p99 ${b.total.p99.toFixed(2)}; ${b.frames} frames; standby receive ${b.standbyReceive.mean.toFixed(2)})`;
 }

@@ -14,6 +14,9 @@ import { decodeTime, encodeTime } from './protocol/messages.ts';
 
 const log = logger('link');
 const MAX_QUEUED_FRAMES = 10_000;
+/** Frames at least this large go out slice by slice as they are encrypted (sendStreamed). */
+const STREAM_FROM_BYTES = 256 << 10;
+const STREAM_SLICE_BYTES = 64 << 10;
 
 export interface LinkStats {
   bytesSent: number;
@@ -59,7 +62,7 @@ export class Link extends EventEmitter {
     this.stats.bytesReceived += d.length;
     let frames: Frame[];
     try {
-      frames = this.dec.push(d);
+      frames = this.dec.push(d, performance.now());
       while (frames.length && this.handshakeFrameJustArrived(frames.at(-1)!)) {
         this.deliver(frames);
         frames = [];
@@ -125,6 +128,7 @@ export class Link extends EventEmitter {
    */
   send(type: number, epoch: number, payload?: Buffer, opts: { flushed?: boolean } = {}): Promise<void> {
     if (this.closedErr) return Promise.reject(this.closedErr);
+    if (payload && payload.length >= STREAM_FROM_BYTES && !opts.flushed) return this.sendStreamed(type, epoch, payload);
     const [head, body, mac] = this.enc.encodeParts(type, epoch, payload);
     this.stats.bytesSent += head.length + body.length + mac.length;
     this.socket.cork();
@@ -136,6 +140,20 @@ export class Link extends EventEmitter {
     else ok = this.socket.write(mac);
     this.socket.uncork();
     if (flushed) return flushed;
+    if (ok) return Promise.resolve();
+    return new Promise((resolve, reject) => { this.drainWaiters.push({ resolve, reject }); });
+  }
+
+  /**
+   * A large frame (a checkpoint): each encrypted slice is written as soon as it is made, uncorked,
+   * so the peer receives and decrypts the first slices while this side encrypts the rest.
+   */
+  private sendStreamed(type: number, epoch: number, payload: Buffer): Promise<void> {
+    let ok = true;
+    for (const piece of this.enc.encodeSlices(type, epoch, payload, STREAM_SLICE_BYTES)) {
+      this.stats.bytesSent += piece.length;
+      ok = this.socket.write(piece);
+    }
     if (ok) return Promise.resolve();
     return new Promise((resolve, reject) => { this.drainWaiters.push({ resolve, reject }); });
   }

@@ -61,6 +61,8 @@ export interface StandbyTimings {
   queuedMs: number;
   /** Its commit: decode, verify, the commit point; up to the ack being sent. */
   commitMs: number;
+  /** From its first byte to its last received and decrypted (overlaps the primary's sending). */
+  receiveMs: number;
 }
 
 /**

@@ -114,7 +114,7 @@ export class PrimaryController {
   private holdTimer: NodeJS.Timeout | null = null;
   private readonly ended = new AbortController();
   /** Records, their pages and ciphertext are garbage once shipped: collected every 64 MiB of them. */
-  private readonly garbage = new GarbageMeter(64 << 20);
+  private readonly garbage = new GarbageMeter(64 << 20, 'async');
   /** The current session got past the handshake (the standby may be guarding our replica). */
   private authenticatedSession = false;
   private immediateRetries = 0;

@@ -76,10 +76,11 @@ export class StandbySession {
     if (f.type === FrameType.BYE) this.bye = true;
     const n = f.payload.length;
     const arrivedMs = performance.now();
+    const receiveMs = arrivedMs - (f.startedMs ?? arrivedMs);
     this.pendingBytes += n;
     if (this.pendingBytes > HIGH_WATER_BYTES) this.link.pauseReading();
     this.chain = this.chain
-      .then(() => this.handle(f, arrivedMs))
+      .then(() => this.handle(f, arrivedMs, receiveMs))
       .catch((e: unknown) => {
         log.warn(`dropping ${this.link.peer}: ${errorMessage(e)}`);
         this.link.close(e instanceof Error ? e : new Error(String(e)));
@@ -90,7 +91,7 @@ export class StandbySession {
       });
   }
 
-  private async handle(f: Frame, arrivedMs: number): Promise<void> {
+  private async handle(f: Frame, arrivedMs: number, receiveMs: number): Promise<void> {
     if (this.link.closed) return;
     switch (f.type) {
       case FrameType.BASE_BEGIN: {
@@ -138,7 +139,7 @@ export class StandbySession {
         const rec = await this.host.commit(f.payload, f.epoch);
         if (this.host.beforeAck) await this.host.beforeAck(rec.epoch);
         // The ack carries what this side spent on the checkpoint (the primary's latency breakdown).
-        const timings = encodeAckTimings({ queuedMs: startMs - arrivedMs, commitMs: performance.now() - startMs });
+        const timings = encodeAckTimings({ queuedMs: startMs - arrivedMs, commitMs: performance.now() - startMs, receiveMs });
         if (!this.link.closed) await this.link.send(FrameType.ACK, rec.epoch, timings);
         this.host.committed(rec.epoch, f.payload.length, rec.pages.length);
         return;

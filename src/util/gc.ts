@@ -24,12 +24,13 @@ function fn(): GcFn | null {
 /** Counts transient bytes and collects garbage each time `everyBytes` more went through. */
 export class GarbageMeter {
   private since = 0;
-  constructor(private readonly everyBytes: number) {}
+  /** `async`: the collection runs incrementally (a latency-critical loop is not stopped for it). */
+  constructor(private readonly everyBytes: number, private readonly execution: 'sync' | 'async' = 'sync') {}
   add(bytes: number): void {
     this.since += bytes;
     if (this.since < this.everyBytes) return;
     this.since = 0;
-    fn()?.({ type: 'major', execution: 'sync' });
+    fn()?.({ type: 'major', execution: this.execution });
   }
 }
 

@@ -8,7 +8,7 @@ import { netIo, DEFAULT_RAILS } from '../../src/scheduler/index.ts';
 import { decodeAckTimings, encodeAckTimings } from '../../src/replication/protocol/messages.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
 
-const timeline = { epoch: 1, decidedMs: 10, pauseBeganMs: 11, resumedMs: 13, encodedMs: 13.5, sentMs: 14, ackedMs: 17, standby: { queuedMs: 0.5, commitMs: 1 } };
+const timeline = { epoch: 1, decidedMs: 10, pauseBeganMs: 11, resumedMs: 13, encodedMs: 13.5, sentMs: 14, ackedMs: 17, standby: { queuedMs: 0.5, commitMs: 1, receiveMs: 0.7 } };
 
 test('segments add up to the frame\'s time from sent to released', () => {
   const s = segmentsOf(timeline, 4, 17.25);
@@ -48,15 +48,15 @@ test('the pipeline hands each release the timeline of its checkpoint', () => {
   p.paused(1, 7);
   p.capturedCheckpoint(1, { dirtyPages: 3, pauseMs: 2, bytes: 100, resumedMs: 9, encodedMs: 9.5 });
   p.sent(1, 10);
-  const rel = p.ack(1, 12, { queuedMs: 0, commitMs: 0.5 }).find((x): x is Extract<Command, { cmd: 'release' }> => x.cmd === 'release')!;
-  assert.deepEqual(rel.timeline, { epoch: 1, decidedMs: 6, pauseBeganMs: 7, resumedMs: 9, encodedMs: 9.5, sentMs: 10, ackedMs: 12, standby: { queuedMs: 0, commitMs: 0.5 } });
+  const rel = p.ack(1, 12, { queuedMs: 0, commitMs: 0.5, receiveMs: 0.2 }).find((x): x is Extract<Command, { cmd: 'release' }> => x.cmd === 'release')!;
+  assert.deepEqual(rel.timeline, { epoch: 1, decidedMs: 6, pauseBeganMs: 7, resumedMs: 9, encodedMs: 9.5, sentMs: 10, ackedMs: 12, standby: { queuedMs: 0, commitMs: 0.5, receiveMs: 0.2 } });
   assert.deepEqual(rel.frames.map((f) => f.atMs), [5]);
 });
 
 test('ack timings: round trip, empty from an older standby, any other length a protocol error', () => {
-  assert.deepEqual(decodeAckTimings(encodeAckTimings({ queuedMs: 1.5, commitMs: 0.25 })), { queuedMs: 1.5, commitMs: 0.25 });
+  assert.deepEqual(decodeAckTimings(encodeAckTimings({ queuedMs: 1.5, commitMs: 0.25, receiveMs: 2 })), { queuedMs: 1.5, commitMs: 0.25, receiveMs: 2 });
   assert.equal(decodeAckTimings(Buffer.alloc(0)), null);
-  assert.throws(() => decodeAckTimings(Buffer.alloc(7)), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'));
+  assert.throws(() => decodeAckTimings(Buffer.alloc(8)), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'));
   // Negative or absurd durations are clamped, never wrapped.
-  assert.deepEqual(decodeAckTimings(encodeAckTimings({ queuedMs: -3, commitMs: 1e12 })), { queuedMs: 0, commitMs: 0xffffffff / 1000 });
+  assert.deepEqual(decodeAckTimings(encodeAckTimings({ queuedMs: -3, commitMs: 1e12, receiveMs: 0 })), { queuedMs: 0, commitMs: 0xffffffff / 1000, receiveMs: 0 });
 });

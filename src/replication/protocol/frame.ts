@@ -58,6 +58,8 @@ export interface Frame {
   payload: Buffer;
   /** The witness generation the frame was sent under (0: none). */
   generation?: number;
+  /** Received frames: when its header arrived (the clock given to FrameDecoder.push), for the receive time of large frames. */
+  startedMs?: number;
 }
 
 export const protocolError = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_PROTOCOL', msg, ctx);
@@ -127,13 +129,36 @@ export function encodeFrameParts(f: Frame, k: FrameKey): [Buffer, Buffer, Buffer
   return [head, ct, c.getAuthTag()];
 }
 
+/**
+ * The same frame as pieces to write in order — header, the body in encrypted slices of at most
+ * `sliceBytes`, the tag — made one at a time: a large record's first slices are on the wire (and
+ * the peer decrypting them) while the rest is still being encrypted.
+ */
+export function* encodeFrameSlices(f: Frame, k: FrameKey, sliceBytes: number): Generator<Buffer> {
+  const body = HEADER_BYTES - 4 + f.payload.length + tagBytes(k);
+  if (body + 4 > MAX_FRAME_BYTES) throw protocolError(`frame of ${body + 4} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
+  const head = header(f.type, f.generation ?? 0, f.epoch, f.seq, body);
+  if (k.kind === 'hmac') {
+    yield head;
+    yield f.payload;
+    yield createHmac('sha256', k.key).update(head).update(f.payload).digest();
+    return;
+  }
+  const c = createCipheriv('aes-256-gcm', k.key, nonceOf(f.seq));
+  c.setAAD(head);
+  yield head;
+  for (let o = 0; o < f.payload.length; o += sliceBytes) yield c.update(f.payload.subarray(o, Math.min(f.payload.length, o + sliceBytes)));
+  c.final();
+  yield c.getAuthTag();
+}
+
 export function encodeFrame(f: Frame, k: FrameKey): Buffer {
   return Buffer.concat(encodeFrameParts(f, k));
 }
 
 /** A frame being read: its header is known, its body arrives piece by piece into one buffer. */
 interface Partial {
-  head: Buffer; seq: number; payload: Buffer; got: number; tag: Buffer; tagGot: number;
+  head: Buffer; seq: number; payload: Buffer; got: number; tag: Buffer; tagGot: number; startedMs: number;
   hmac: Hmac | null; decipher: DecipherGCM | null;
 }
 
@@ -164,8 +189,10 @@ export class FrameDecoder {
   /** The largest frame this side accepts from now on (the session's layout sets it). */
   setMaxFrameBytes(n: number): void { this.maxFrameBytes = Math.min(n, MAX_FRAME_BYTES); }
 
-  push(chunk: Buffer): Frame[] {
+  /** `nowMs`: when the chunk arrived (the caller's clock), kept as startedMs of a frame whose header it completes. */
+  push(chunk: Buffer, nowMs = 0): Frame[] {
     if (this.failed) throw this.failed;
+    this.nowMs = nowMs;
     if (chunk.length) { this.chunks.push(chunk); this.avail += chunk.length; }
     const out: Frame[] = [];
     try {
@@ -184,7 +211,8 @@ export class FrameDecoder {
   }
 
   /** Frames already buffered behind a handshake frame, decoded with the current key. */
-  drain(): Frame[] { return this.push(Buffer.alloc(0)); }
+  drain(): Frame[] { return this.push(Buffer.alloc(0), this.nowMs); }
+  private nowMs = 0;
 
   /** Advances the frame being read; returns it once complete and verified. */
   private step(): Frame | null {
@@ -235,7 +263,7 @@ export class FrameDecoder {
     let decipher: DecipherGCM | null = null;
     if (this.key.kind === 'hmac') hmac = createHmac('sha256', this.key.key).update(head);
     else { decipher = createDecipheriv('aes-256-gcm', this.key.key, nonceOf(seq)); decipher.setAAD(head); }
-    return { head, seq, payload: Buffer.allocUnsafe(payloadLen), got: 0, tag: Buffer.allocUnsafe(tagLen), tagGot: 0, hmac, decipher };
+    return { head, seq, payload: Buffer.allocUnsafe(payloadLen), got: 0, tag: Buffer.allocUnsafe(tagLen), tagGot: 0, hmac, decipher, startedMs: this.nowMs };
   }
 
   private finish(c: Partial): Frame {
@@ -255,7 +283,7 @@ export class FrameDecoder {
     if (this.generation !== null && generation !== this.generation) {
       throw protocolError(`frame from ${this.peer} carries witness generation ${generation}, this session's is ${this.generation} (a stale or foreign primary)`, { peer: this.peer });
     }
-    return { type: c.head[4]!, epoch: Number(c.head.readBigUInt64BE(EPOCH_AT)), seq: c.seq, payload: c.payload, generation };
+    return { type: c.head[4]!, epoch: Number(c.head.readBigUInt64BE(EPOCH_AT)), seq: c.seq, payload: c.payload, generation, startedMs: c.startedMs };
   }
 
   /** Takes n bytes (n ≤ avail); `join` allows crossing chunks (headers only: HEADER_BYTES). */
@@ -299,5 +327,9 @@ export class FrameEncoder {
   }
   encodeParts(type: number, epoch: number, payload: Buffer = Buffer.alloc(0)): [Buffer, Buffer, Buffer] {
     return encodeFrameParts({ type, epoch, seq: this.seq++, payload, generation: this.generation }, this.key);
+  }
+  /** The frame's pieces, encrypted a slice at a time (see encodeFrameSlices); the sequence number is taken now. */
+  encodeSlices(type: number, epoch: number, payload: Buffer, sliceBytes: number): Generator<Buffer> {
+    return encodeFrameSlices({ type, epoch, seq: this.seq++, payload, generation: this.generation }, this.key, sliceBytes);
   }
 }

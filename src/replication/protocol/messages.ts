@@ -113,18 +113,19 @@ export function decodeBaseFill(p: Buffer, layout: Layout): { blockIndex: number;
   return { blockIndex, pages };
 }
 
-/** An ACK's payload: what the standby measured of the checkpoint, be32 µs each (queued, commit); empty from a standby that says nothing. */
-export const ACK_TIMINGS_BYTES = 8;
+/** An ACK's payload: what the standby measured of the checkpoint, be32 µs each (queued, commit, receive); empty from a standby that says nothing. */
+export const ACK_TIMINGS_BYTES = 12;
 const MAX_US = 0xffff_ffff;
-export function encodeAckTimings(t: { queuedMs: number; commitMs: number }): Buffer {
+export function encodeAckTimings(t: { queuedMs: number; commitMs: number; receiveMs: number }): Buffer {
   const b = Buffer.allocUnsafe(ACK_TIMINGS_BYTES);
   const us = (ms: number) => Math.min(MAX_US, Math.max(0, Math.round(ms * 1000)));
   b.writeUInt32BE(us(t.queuedMs), 0);
   b.writeUInt32BE(us(t.commitMs), 4);
+  b.writeUInt32BE(us(t.receiveMs), 8);
   return b;
 }
-export function decodeAckTimings(p: Buffer): { queuedMs: number; commitMs: number } | null {
+export function decodeAckTimings(p: Buffer): { queuedMs: number; commitMs: number; receiveMs: number } | null {
   if (p.length === 0) return null;
   if (p.length !== ACK_TIMINGS_BYTES) throw protocolError(`ACK payload of ${p.length} bytes`);
-  return { queuedMs: p.readUInt32BE(0) / 1000, commitMs: p.readUInt32BE(4) / 1000 };
+  return { queuedMs: p.readUInt32BE(0) / 1000, commitMs: p.readUInt32BE(4) / 1000, receiveMs: p.readUInt32BE(8) / 1000 };
 }
