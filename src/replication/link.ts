@@ -128,7 +128,7 @@ export class Link extends EventEmitter {
    */
   send(type: number, epoch: number, payload?: Buffer, opts: { flushed?: boolean } = {}): Promise<void> {
     if (this.closedErr) return Promise.reject(this.closedErr);
-    if (payload && payload.length >= STREAM_FROM_BYTES && !opts.flushed) return this.sendStreamed(type, epoch, payload);
+    if (payload && payload.length >= STREAM_FROM_BYTES && !opts.flushed) return this.sendParts(type, epoch, { parts: [payload], length: payload.length });
     const [head, body, mac] = this.enc.encodeParts(type, epoch, payload);
     this.stats.bytesSent += head.length + body.length + mac.length;
     this.socket.cork();
@@ -145,10 +145,12 @@ export class Link extends EventEmitter {
   }
 
   /**
-   * A large frame (a checkpoint): each encrypted slice is written as soon as it is made, uncorked,
-   * so the peer receives and decrypts the first slices while this side encrypts the rest.
+   * A large frame (a checkpoint) whose payload is the concatenation of `parts`: each encrypted
+   * slice is written as soon as it is made, uncorked, so the peer receives and decrypts the first
+   * slices while this side encrypts the rest; the payload is never joined into one buffer.
    */
-  private sendStreamed(type: number, epoch: number, payload: Buffer): Promise<void> {
+  sendParts(type: number, epoch: number, payload: { parts: readonly Buffer[]; length: number }): Promise<void> {
+    if (this.closedErr) return Promise.reject(this.closedErr);
     let ok = true;
     for (const piece of this.enc.encodeSlices(type, epoch, payload, STREAM_SLICE_BYTES)) {
       this.stats.bytesSent += piece.length;

@@ -22,7 +22,7 @@ import { FrameType, type Frame } from './protocol/frame.ts';
 import { decodeAckTimings, type Identity } from './protocol/messages.ts';
 import { BaseSender, sendDiskExtents } from './base-sender.ts';
 import { allocatedExtents, extentBytes } from '../io/disk/extents.ts';
-import { encodeRecord } from './protocol/record.ts';
+import { encodeRecordParts, type RecordParts } from './protocol/record.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
 import { GarbageMeter, collectNow } from '../util/gc.ts';
 import type { CheckpointObserver } from './observer.ts';
@@ -34,7 +34,7 @@ const log = logger('primary');
 const DEFAULT_MAX_HELD_BYTES = 64 << 20;
 /** A checkpoint record this large is worth a garbage collection before it is shipped. */
 const LARGE_RECORD_BYTES = 16 << 20;
-const EMPTY = Buffer.alloc(0);
+const EMPTY: RecordParts = { parts: [], length: 0 };
 /** Reconnections without a pause after an authenticated session broke. */
 const IMMEDIATE_RETRIES = 3;
 
@@ -411,7 +411,7 @@ export class PrimaryController {
       fault ? async (c) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } : undefined);
     const { cp, pauseBeganMs } = t;
     const bytes = t.record.length;
-    if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, t.record, Math.floor(bytes * f)), crash: () => this.crash() });
+    if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, Buffer.concat(t.record.parts as Buffer[]), Math.floor(bytes * f)), crash: () => this.crash() });
     if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
     this.ship(link, epoch, t.record);
     t.record = EMPTY;
@@ -431,7 +431,7 @@ export class PrimaryController {
    * after the capture (fault injection; a fence stops it there).
    */
   private async take(capture: ColoCapture, epoch: number, status: StatusMeter | null, hold?: (c: Checkpoint) => Promise<void>):
-    Promise<{ cp: Checkpoint; record: Buffer; pauseBeganMs: number }> {
+    Promise<{ cp: Checkpoint; record: RecordParts; pauseBeganMs: number }> {
     const counter = this.lastCounter;
     let pauseBeganMs = 0;
     const cp = await capture.checkpoint({
@@ -440,7 +440,7 @@ export class PrimaryController {
       ...(hold ? { hold } : {}),
     });
     const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
-    const record = encodeRecord(cp, this.blocks);
+    const record = encodeRecordParts(cp, this.blocks); // the pages are referenced, not copied
     this.pipeline.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs, encodedMs: performance.now() });
     this.counterAt.set(epoch, counter);
     return { cp, record, pauseBeganMs };
@@ -456,10 +456,10 @@ export class PrimaryController {
   }
 
   /** Hands checkpoint `epoch` to the link; a failed send ends the session (never silently). */
-  private ship(link: Link, epoch: number, record: Buffer): void {
+  private ship(link: Link, epoch: number, record: RecordParts): void {
     // Once the link took the ciphertext, the record and its copies are garbage: collect them soon.
     const bytes = record.length; // (the callback must not keep the record alive)
-    link.send(FrameType.CKPT, epoch, record).then(() => this.garbage.add(bytes * 3), (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
+    link.sendParts(FrameType.CKPT, epoch, record).then(() => this.garbage.add(bytes * 3), (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
     this.pipeline.sent(epoch, performance.now());
   }
 

@@ -140,3 +140,27 @@ test('every frame carries the session\'s witness generation; a decoder bound to 
   forged.writeUInt32BE(9, 8);
   assert.throws(() => new FrameDecoder(key, 'p').push(forged), (e: unknown) => isRubatoError(e, 'RUBATO_AUTH_FAILED'));
 });
+
+test('a frame encrypted slice by slice from its parts decodes to their concatenation, whatever the slice size', () => {
+  const key: FrameKey = { kind: 'aead', key: randomBytes(32) };
+  const parts = [randomBytes(24), randomBytes(12), randomBytes(4096), Buffer.alloc(0), randomBytes(12), randomBytes(4096), randomBytes(777), randomBytes(4)];
+  const length = parts.reduce((n, p) => n + p.length, 0);
+  for (const slice of [1, 4096, 5000, 65536]) {
+    const enc = new FrameEncoder(key);
+    enc.bindGeneration(7);
+    const pieces = [...enc.encodeSlices(FrameType.CKPT, 5, { parts, length }, slice)];
+    assert.ok(pieces.every((p) => p.length <= Math.max(slice, HEADER_BYTES)), 'no piece above a slice (or the header)');
+    const dec = new FrameDecoder(key, 'p');
+    dec.bindGeneration(7);
+    // Delivered in odd chunks, as a socket would.
+    const wire = Buffer.concat(pieces);
+    const frames = [];
+    for (let o = 0; o < wire.length; o += 1000) frames.push(...dec.push(wire.subarray(o, o + 1000), o));
+    assert.equal(frames.length, 1);
+    assert.deepEqual(frames[0]!.payload, Buffer.concat(parts));
+    assert.equal(frames[0]!.epoch, 5);
+    assert.equal(frames[0]!.startedMs, 0, 'the arrival time of the chunk that carried its header');
+  }
+  // A payload shorter than announced is caught before anything is sent as complete.
+  assert.throws(() => [...new FrameEncoder(key).encodeSlices(FrameType.CKPT, 1, { parts, length: length + 1 }, 4096)], /invariant/);
+});

@@ -20,7 +20,7 @@
 //   (set from the session's layout), never above MAX_FRAME_BYTES.
 
 import { createCipheriv, createDecipheriv, createHmac, hkdfSync, timingSafeEqual, type DecipherGCM, type Hmac } from 'node:crypto';
-import { RubatoError } from '../../util/errors.ts';
+import { RubatoError, assert } from '../../util/errors.ts';
 
 export const PROTOCOL_VERSION = 3;
 export const HEADER_BYTES = 4 + 1 + 1 + 2 + 4 + 8 + 8;
@@ -134,20 +134,37 @@ export function encodeFrameParts(f: Frame, k: FrameKey): [Buffer, Buffer, Buffer
  * `sliceBytes`, the tag — made one at a time: a large record's first slices are on the wire (and
  * the peer decrypting them) while the rest is still being encrypted.
  */
-export function* encodeFrameSlices(f: Frame, k: FrameKey, sliceBytes: number): Generator<Buffer> {
-  const body = HEADER_BYTES - 4 + f.payload.length + tagBytes(k);
+export function* encodeFrameSlices(f: Omit<Frame, 'payload'>, payload: { parts: readonly Buffer[]; length: number }, k: FrameKey, sliceBytes: number): Generator<Buffer> {
+  const body = HEADER_BYTES - 4 + payload.length + tagBytes(k);
   if (body + 4 > MAX_FRAME_BYTES) throw protocolError(`frame of ${body + 4} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
   const head = header(f.type, f.generation ?? 0, f.epoch, f.seq, body);
   if (k.kind === 'hmac') {
+    const mac = createHmac('sha256', k.key).update(head);
     yield head;
-    yield f.payload;
-    yield createHmac('sha256', k.key).update(head).update(f.payload).digest();
+    for (const p of payload.parts) { mac.update(p); yield p; }
+    yield mac.digest();
     return;
   }
   const c = createCipheriv('aes-256-gcm', k.key, nonceOf(f.seq));
   c.setAAD(head);
   yield head;
-  for (let o = 0; o < f.payload.length; o += sliceBytes) yield c.update(f.payload.subarray(o, Math.min(f.payload.length, o + sliceBytes)));
+  // The pieces (pages of 4 KiB, headers of a few bytes) are gathered into one reused slice, so the
+  // cipher runs on whole slices and nothing as large as the record is allocated.
+  const slice = Buffer.allocUnsafe(Math.min(sliceBytes, Math.max(1, payload.length)));
+  let fill = 0;
+  let total = 0;
+  for (const p of payload.parts) {
+    let o = 0;
+    while (o < p.length) {
+      const n = Math.min(p.length - o, slice.length - fill);
+      p.copy(slice, fill, o, o + n);
+      fill += n;
+      o += n;
+      if (fill === slice.length) { yield c.update(slice); total += fill; fill = 0; }
+    }
+  }
+  if (fill) { yield c.update(slice.subarray(0, fill)); total += fill; }
+  assert(total === payload.length, `frame payload of ${total} bytes, announced ${payload.length}`);
   c.final();
   yield c.getAuthTag();
 }
@@ -329,7 +346,7 @@ export class FrameEncoder {
     return encodeFrameParts({ type, epoch, seq: this.seq++, payload, generation: this.generation }, this.key);
   }
   /** The frame's pieces, encrypted a slice at a time (see encodeFrameSlices); the sequence number is taken now. */
-  encodeSlices(type: number, epoch: number, payload: Buffer, sliceBytes: number): Generator<Buffer> {
-    return encodeFrameSlices({ type, epoch, seq: this.seq++, payload, generation: this.generation }, this.key, sliceBytes);
+  encodeSlices(type: number, epoch: number, payload: { parts: readonly Buffer[]; length: number }, sliceBytes: number): Generator<Buffer> {
+    return encodeFrameSlices({ type, epoch, seq: this.seq++, generation: this.generation }, payload, this.key, sliceBytes);
   }
 }

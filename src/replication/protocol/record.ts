@@ -28,32 +28,52 @@ export interface CheckpointRecord {
 
 const corrupt = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_REPLICA_CORRUPT', msg, ctx);
 
-export function encodeRecord(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): Buffer {
+/** An encoded record as the pieces it is made of, in order: headers, the pages' own buffers (not copied), the device state, the checksum. */
+export interface RecordParts { readonly parts: readonly Buffer[]; readonly length: number }
+
+export function encodeRecordParts(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): RecordParts {
   const index = new Map(blocks.map((b, i) => [b.id, i]));
-  let size = HEADER_BYTES + r.deviceState.length + CHECKSUM_BYTES;
-  for (const p of r.pages) size += PAGE_HEADER_BYTES + (p.data ? PAGE_SIZE : 0);
-  const out = Buffer.allocUnsafe(size);
-  out.writeUInt32BE(MAGIC, 0);
-  out.writeUInt32BE(FORMAT, 4);
-  out.writeBigUInt64BE(BigInt(r.epoch), 8);
-  out.writeUInt32BE(r.pages.length, 16);
-  out.writeUInt32BE(r.deviceState.length, 20);
+  const heads = Buffer.allocUnsafe(HEADER_BYTES + PAGE_HEADER_BYTES * r.pages.length);
+  heads.writeUInt32BE(MAGIC, 0);
+  heads.writeUInt32BE(FORMAT, 4);
+  heads.writeBigUInt64BE(BigInt(r.epoch), 8);
+  heads.writeUInt32BE(r.pages.length, 16);
+  heads.writeUInt32BE(r.deviceState.length, 20);
+  const parts: Buffer[] = [];
+  let length = HEADER_BYTES;
+  let start = 0; // headers of pages without data run together in one piece
   let o = HEADER_BYTES;
   for (const p of r.pages) {
     const bi = index.get(p.block);
     assert(bi !== undefined, `block ${p.block} is in the layout`);
-    out[o] = bi;
-    out[o + 1] = p.data ? 0 : 1;
-    out[o + 2] = p.fill ?? 0;
-    out[o + 3] = 0;
-    out.writeBigUInt64BE(BigInt(p.offset), o + 4);
+    heads[o] = bi;
+    heads[o + 1] = p.data ? 0 : 1;
+    heads[o + 2] = p.fill ?? 0;
+    heads[o + 3] = 0;
+    heads.writeBigUInt64BE(BigInt(p.offset), o + 4);
     o += PAGE_HEADER_BYTES;
-    if (p.data) { p.data.copy(out, o); o += PAGE_SIZE; }
+    length += PAGE_HEADER_BYTES;
+    if (p.data) {
+      assert(p.data.length === PAGE_SIZE, `a page of ${p.data.length} bytes`);
+      parts.push(heads.subarray(start, o), p.data);
+      start = o;
+      length += PAGE_SIZE;
+    }
   }
-  r.deviceState.copy(out, o);
-  o += r.deviceState.length;
-  out.writeUInt32BE(crc32(out.subarray(0, o)), o);
-  return out;
+  if (o > start) parts.push(heads.subarray(start, o));
+  parts.push(r.deviceState);
+  length += r.deviceState.length;
+  let crc = 0;
+  for (const x of parts) crc = crc32(x, crc);
+  const sum = Buffer.allocUnsafe(CHECKSUM_BYTES);
+  sum.writeUInt32BE(crc, 0);
+  parts.push(sum);
+  return { parts, length: length + CHECKSUM_BYTES };
+}
+
+export function encodeRecord(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): Buffer {
+  const { parts, length } = encodeRecordParts(r, blocks);
+  return Buffer.concat(parts as Buffer[], length);
 }
 
 /** The largest record a replica of these blocks can receive: every page once, and a device state. */
