@@ -16,6 +16,10 @@ import type { QemuBinary } from '../qemu/vm.ts';
 import type { Accel } from '../qemu/spec.ts';
 import { ensureServiceClients } from '../setup/index.ts';
 import { protect, summarise, whileProtected } from './scheduler.ts';
+import { LatencyBreakdown, SEGMENTS, formatBreakdown, type Breakdown } from '../replication/latency.ts';
+
+/** A breakdown's segment means (ms), which add up to `total`. */
+const breakdownMeans = (b: Breakdown) => Object.fromEntries([...SEGMENTS, 'total' as const].map((k) => [k, round(b[k].mean, 2)]));
 import { startDebianRig } from '../chaos/debian-rig.ts';
 import { stopKvRig, type KvRig } from '../chaos/chaos.ts';
 import { StandbyController } from '../replication/standby.ts';
@@ -43,6 +47,8 @@ export interface ServiceCell {
   throughputRatio: number; perSec: number; perSecUnreplicated: number;
   p50Ms: number; p99Ms: number; p50MsUnreplicated: number; p99MsUnreplicated: number; errors: number;
   checkpointsPerSec: number; pausedFraction: number; pauseMsMedian: number; mbShipped: number;
+  /** Where each released output frame's time went (segments: replication/latency.ts). */
+  latencyBreakdown?: Breakdown;
 }
 
 // ---- the stock clients' own output, parsed ----
@@ -151,20 +157,24 @@ export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summa
       for (const p of probes) before.set(p, await run(p, 'unreplicated'));
       for (const policy of policies) {
         status(`${cpus} vCPU: ${policy}: synchronising the standby`);
-        const prot = await protect(rig.vm, dir, `svc-${cpus}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, io);
+        const latency = new LatencyBreakdown();
+        const prot = await protect(rig.vm, dir, `svc-${cpus}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, io, undefined, undefined, latency);
         const during = await whileProtected(prot, async () => {
           await sleep(500);
-          const out: Array<{ p: Probe; r: ClientRun; s: ReturnType<typeof summarise> }> = [];
+          const out: Array<{ p: Probe; r: ClientRun; s: ReturnType<typeof summarise>; b: Breakdown | null }> = [];
           for (const p of probes) {
             const n0 = prot.events.length;
+            latency.reset();
             const t0 = performance.now();
             const r = await run(p, 'replicated');
-            out.push({ p, r, s: summarise(prot.events.slice(n0), (performance.now() - t0) / 1000) });
+            const b = latency.frames ? latency.summary() : null;
+            out.push({ p, r, s: summarise(prot.events.slice(n0), (performance.now() - t0) / 1000), b });
             status(`  ${p} under ${policy}: ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors` : ''}`);
+            if (b) status(`    released frames: ${formatBreakdown(b)}`);
           }
           return out;
         });
-        for (const { p, r, s } of during) {
+        for (const { p, r, s, b } of during) {
           const u0 = before.get(p)!;
           const u1 = await run(p, 'unreplicated');
           before.set(p, u1);
@@ -173,6 +183,7 @@ export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summa
             service: SERVICE_OF[p], probe: p, policy, cpus, throughputRatio: round(r.perSec / uRate, 3), perSec: round(r.perSec, 1), perSecUnreplicated: round(uRate, 1),
             p50Ms: r.p50Ms, p99Ms: r.p99Ms, p50MsUnreplicated: round((u0.p50Ms + u1.p50Ms) / 2, 3), p99MsUnreplicated: round((u0.p99Ms + u1.p99Ms) / 2, 3), errors: r.errors,
             checkpointsPerSec: s.checkpointsPerSec, pausedFraction: s.pausedFraction, pauseMsMedian: s.pauseMsMedian, mbShipped: s.mbShipped,
+            ...(b ? { latencyBreakdown: b } : {}),
           });
         }
       }
@@ -190,7 +201,8 @@ export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summa
       throughputRatio: round(cs.reduce((a, c) => a + c.throughputRatio, 0) / cs.length, 3),
       p50Ms: first.p50Ms, p50MsUnreplicated: first.p50MsUnreplicated, p99Ms: first.p99Ms, p99MsUnreplicated: first.p99MsUnreplicated,
       checkpointsPerSec: first.checkpointsPerSec, pausedFraction: first.pausedFraction, errors: cs.reduce((a, c) => a + c.errors, 0),
-      probes: Object.fromEntries(cs.map((c) => [c.probe, { throughputRatio: c.throughputRatio, perSec: c.perSec, perSecUnreplicated: c.perSecUnreplicated, p50Ms: c.p50Ms, p50MsUnreplicated: c.p50MsUnreplicated, p99Ms: c.p99Ms, p99MsUnreplicated: c.p99MsUnreplicated }])),
+      probes: Object.fromEntries(cs.map((c) => [c.probe, { throughputRatio: c.throughputRatio, perSec: c.perSec, perSecUnreplicated: c.perSecUnreplicated, p50Ms: c.p50Ms, p50MsUnreplicated: c.p50MsUnreplicated, p99Ms: c.p99Ms, p99MsUnreplicated: c.p99MsUnreplicated,
+        ...(c.latencyBreakdown ? { heldMsMean: breakdownMeans(c.latencyBreakdown) } : {}) }])),
     };
   };
   status('failover as the clients see it: wrk, then redis-benchmark, while the primary host dies');

@@ -5,6 +5,8 @@
 
 import { Command, CommanderError } from 'commander';
 import { EXIT_CODES, RubatoError, errorMessage } from '../util/errors.ts';
+import { LOG_FORMATS, LOG_LEVELS, jsonLine } from '../util/log.ts';
+import { takeLogOptions } from './log-options.ts';
 import * as agent from './commands/agent.ts';
 import * as bench from './commands/bench.ts';
 import * as captureCheck from './commands/capture-check.ts';
@@ -23,6 +25,8 @@ import * as vm from './commands/vm.ts';
 
 const program = new Command('rubato')
   .description('High availability for QEMU VMs by checkpoint replication with a workload-adaptive scheduler')
+  .option('--log-level <level>', `logging on stderr: ${LOG_LEVELS.join(', ')} (any command; also RUBATO_LOG)`, 'info')
+  .option('--log-format <format>', 'text, or json: one object per line {time, level, component, message, fields…} (any command; also RUBATO_LOG_FORMAT)', 'text')
   .exitOverride()
   // Options after a subcommand belong to it (`bench scheduler --quick` is the scheduler's --quick).
   .enablePositionalOptions()
@@ -31,12 +35,12 @@ const program = new Command('rubato')
 for (const c of [setup, captureCheck, keygen, protect, primary, standby, failover, agent, vm, host, demo, profile, simulate, chaos, bench]) c.register(program);
 
 try {
-  await program.parseAsync(process.argv);
+  await program.parseAsync(takeLogOptions(process.argv));
 } catch (e) {
   if (e instanceof CommanderError) {
     process.exitCode = e.exitCode === 0 ? 0 : 2;
   } else if (e instanceof RubatoError) {
-    process.stderr.write(`rubato: ${e.message}\n`);
+    process.stderr.write(process.env['RUBATO_LOG_FORMAT'] === 'json' ? `${jsonLine('error', 'rubato', e.message, { code: e.code })}\n` : `rubato: ${e.message}\n`);
     process.exitCode = EXIT_CODES[e.code] ?? 1;
   } else {
     process.stderr.write(`rubato: internal error: ${errorMessage(e)}\n${e instanceof Error ? e.stack ?? '' : ''}\n`);
