@@ -189,6 +189,11 @@ export class Agent {
     });
   }
 
+  /** This agent's view: the VM processes it runs. */
+  status(): Record<string, unknown> {
+    return { role: 'agent', host: this.o.name, vms: [...this.running.values()].map((r) => ({ vm: r.vm, role: r.role, pid: r.proc.pid, running: !r.exited })) };
+  }
+
   /** Orderly stop: the processes first (a primary tells its standby: no failover), then the host key. */
   async stop(): Promise<void> {
     this.stopped = true;

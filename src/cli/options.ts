@@ -81,7 +81,15 @@ export function withLinkOptions(c: Command): Command {
 }
 export const LINK = { heartbeatMs: int(10, 60000), timeoutMs: int(50, 600000) };
 
-/** When a standby acknowledges a checkpoint (see docs/durability.md). */
+/** The operator's endpoints (src/observe): Prometheus metrics and the live dashboard. */
+export const OBSERVE = { metrics: hostPort(true).optional(), http: hostPort(true).optional() };
+export function withObserveOptions(c: Command, dashboard = true): Command {
+  c.option('--metrics <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (and the status at /status); port 0: any free port, printed');
+  if (dashboard) c.option('--http <host:port>', 'serve a live dashboard at http://HOST:PORT/ (metrics there too when --metrics names the same address)');
+  return c;
+}
+
+/** When a standby acknowledges a checkpoint (see docs/replication.md). */
 export const DURABILITY = z.enum(['memory', 'disk'], { error: 'must be memory or disk' });
 export function withDurabilityOption(c: Command, as = ''): Command {
   return c.option('--durability <mode>', `${as}when a checkpoint is acknowledged: memory (complete in the standby's memory, written to the replica behind the ack; Remus' choice) or disk (at its commit point in the replica's files)`, 'memory');

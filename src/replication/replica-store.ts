@@ -46,9 +46,12 @@ export interface ReplicaStoreOptions {
  */
 export type Durability = 'memory' | 'disk';
 export const DURABILITIES: readonly Durability[] = ['memory', 'disk'];
-/** Checkpoints acknowledged from memory and not yet at their commit point, at most (then the ack waits). */
+/** Disk durability: records queued for their commit point, at most (then the next waits). */
 const MAX_BEHIND = 4;
+/** Memory durability: distinct pages acknowledged and not yet written, at most (then the ack waits for the writer). */
 const MAX_BEHIND_BYTES = 128 << 20;
+/** … and the received records their pages keep in memory, at most. */
+const MAX_MERGED_RECORD_BYTES = 256 << 20;
 
 const corrupt = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_REPLICA_CORRUPT', msg, ctx);
 
@@ -68,6 +71,9 @@ export class ReplicaStore {
   private tail: Promise<void> = Promise.resolve();
   private pending = 0;
   private pendingBytes = 0;
+  /** Memory durability: checkpoints accepted and not yet being written, merged; and whether the writer runs. */
+  private merge: { epoch: number; pages: Map<string, DirtyPage>; deviceState: Buffer; bytes: number; recordBytes: number } | null = null;
+  private writingBehind = false;
   private applying: Promise<void> | null = null;
   private applyError: Error | null = null;
   private readonly handles = new Map<number, FileHandle>();
@@ -154,8 +160,9 @@ export class ReplicaStore {
     const redoPath = join(dir, 'redo.ckpt');
     if (existsSync(redoPath)) {
       const rec = decodeRecord(await readFile(redoPath), meta.blocks);
-      // The record was committed (renamed into place) before any of it was applied.
-      if (rec.epoch === meta.epoch + 1 || rec.epoch === meta.epoch) await store.apply(rec.epoch, rec.pages, rec.deviceState);
+      // The record was committed (renamed into place) before any of it was applied. It follows the
+      // files' epoch, or (memory durability) merges every checkpoint since it: either way applied whole.
+      if (rec.epoch >= meta.epoch) await store.apply(rec.epoch, rec.pages, rec.deviceState);
       await rm(redoPath, { force: true });
     }
     return store;
@@ -173,7 +180,7 @@ export class ReplicaStore {
     await this.settled();
     this.checkFollows(rec);
     validateRecord(rec, this.meta.blocks);
-    await this.accept(rec, encodeRecord(rec, this.meta.blocks), 'disk');
+    await this.accept(rec, encodeRecord(rec, this.meta.blocks));
     await this.settled();
     return rec.epoch;
   }
@@ -189,16 +196,60 @@ export class ReplicaStore {
   async commitRecord(record: Buffer, frameEpoch: number, durability: Durability = 'disk'): Promise<CheckpointRecord> {
     if (this.applyError) throw this.applyError;
     // A write-behind backlog past its bound is waited for: memory stays bounded, the ack slows.
-    if (this.pending >= MAX_BEHIND || this.pendingBytes >= MAX_BEHIND_BYTES) await this.settled();
+    if (this.pending >= MAX_BEHIND || this.pendingBytes >= MAX_BEHIND_BYTES || (this.merge?.recordBytes ?? 0) >= MAX_MERGED_RECORD_BYTES) await this.settled();
     const rec = decodeRecord(record, this.meta.blocks); // checks every page against the layout
     this.checkFollows(rec, frameEpoch);
-    const point = this.accept(rec, record, durability);
-    if (durability === 'disk') await point;
+    if (durability === 'memory') {
+      this.acceptBehind(rec, record.length);
+      return rec;
+    }
+    await this.accept(rec, record);
     return rec;
   }
 
+  /**
+   * Memory durability: the checkpoint joins the ones accepted and not yet written, merged (a page
+   * dirtied again replaces its older copy; the device state is the latest). One writer writes what
+   * has gathered as one record — staged, committed by rename, applied — then what gathered
+   * meanwhile: when the standby's disk cannot keep up with the checkpoint rate, it writes each
+   * page once per batch instead of once per checkpoint, and the acks do not wait for it. A merged
+   * record carries the last checkpoint's epoch and every page since the files' epoch.
+   */
+  private acceptBehind(rec: CheckpointRecord, recordBytes: number): void {
+    this.accepted = rec.epoch;
+    const m = (this.merge ??= { epoch: rec.epoch, pages: new Map(), deviceState: rec.deviceState, bytes: 0, recordBytes: 0 });
+    m.recordBytes += recordBytes; // the pages reference their records' buffers
+    for (const p of rec.pages) {
+      const k = `${p.block}:${p.offset}`;
+      if (!m.pages.has(k)) { m.bytes += PAGE_SIZE; this.pendingBytes += PAGE_SIZE; }
+      m.pages.set(k, p);
+    }
+    m.epoch = rec.epoch;
+    m.deviceState = rec.deviceState;
+    if (this.writingBehind) return;
+    this.writingBehind = true;
+    this.pending++;
+    this.tail = this.tail.then(() => this.writeBehind()).catch((e: unknown) => {
+      this.writingBehind = false;
+      this.applyError ??= e instanceof Error ? e : new Error(String(e));
+    }).finally(() => { this.pending--; });
+  }
+
+  private async writeBehind(): Promise<void> {
+    for (;;) {
+      const m = this.merge;
+      if (!m) { this.writingBehind = false; return; } // (no await between the check and the flag)
+      this.merge = null;
+      await this.applying; // the previous batch is in the images before this one's redo record replaces it
+      if (this.applyError) throw this.applyError;
+      const pages = [...m.pages.values()];
+      await this.commitVerified(m.epoch, encodeRecord({ epoch: m.epoch, pages, deviceState: m.deviceState }, this.meta.blocks), pages, m.deviceState);
+      this.pendingBytes -= m.bytes;
+    }
+  }
+
   /** Queues a checked record's writes behind the earlier ones; resolves at its commit point. */
-  private accept(rec: CheckpointRecord, record: Buffer, durability: Durability): Promise<void> {
+  private accept(rec: CheckpointRecord, record: Buffer): Promise<void> {
     this.accepted = rec.epoch;
     this.pending++;
     this.pendingBytes += record.length;
@@ -215,8 +266,6 @@ export class ReplicaStore {
       this.applyError ??= err;
       failed(err);
     }).finally(() => { this.pending--; this.pendingBytes -= record.length; });
-    // In memory mode nobody awaits the point: its failure is kept in applyError (the next commit or settled() reports it).
-    if (durability === 'memory') point.catch(() => {});
     return point;
   }
 

@@ -124,6 +124,14 @@ export class StandbyController {
   }
 
   get replicaDir(): string { return join(this.o.stateDir, 'replica'); }
+
+  /** What `rubato status` shows for this side (after a failover, the controller protecting the guest here adds its view). */
+  status(): Record<string, unknown> {
+    return {
+      role: this.st === 'active' ? 'primary' : 'standby', state: this.st, vm: this.identity?.vm ?? null, replicaEpoch: this.replicaEpoch,
+      primary: this.link && !this.link.closed ? this.link.peer : null, ...this.o.statusExtra?.(), lastFailover: this.lastFailover,
+    };
+  }
   get replicaEpoch(): number | null { return this.store?.epoch ?? null; }
 
   async start(): Promise<void> {
@@ -146,10 +154,7 @@ export class StandbyController {
       this.server!.listen(this.o.port, this.o.host, () => resolve());
     });
     this.control = new ControlSocket(join(this.o.stateDir, 'control.sock'), {
-      status: () => ({
-        role: this.st === 'active' ? 'primary' : 'standby', state: this.st, vm: this.identity?.vm ?? null, replicaEpoch: this.replicaEpoch,
-        primary: this.link && !this.link.closed ? this.link.peer : null, ...this.o.statusExtra?.(), lastFailover: this.lastFailover,
-      }),
+      status: () => this.status(),
       failover: async () => ({ ok: await this.failover('manual', 'operator asked for failover'), state: this.st }),
       switchover: async () => {
         if (this.st !== 'protecting' || !this.link || this.link.closed) {

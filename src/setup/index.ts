@@ -119,6 +119,18 @@ export async function ensureServiceClients(): Promise<void> {
   serviceClients = true;
 }
 
+/** Headless Chromium from Debian: the dashboard's browser test drives it with playwright-core. */
+export const BROWSER_PACKAGES = ['chromium'] as const;
+let browser: string | null = null;
+export async function ensureBrowser(): Promise<string> {
+  if (browser) return browser;
+  await installPackages(BROWSER_PACKAGES);
+  const path = ['/usr/bin/chromium', '/usr/lib/chromium/chromium'].find((p) => existsSync(p));
+  if (!path) throw new RubatoError('RUBATO_SETUP_FAILED', 'Debian\'s chromium package is installed but no chromium binary was found');
+  browser = path;
+  return path;
+}
+
 let tapRelay: string | null = null;
 /** The small C TAP relay (Node cannot open TAP devices), built once into the cache. */
 export async function ensureTapRelay(): Promise<string> {

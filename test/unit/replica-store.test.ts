@@ -183,3 +183,21 @@ test('memory durability: a failed write behind the ack fails the next commit and
   await assert.rejects(s.settled());
   await assert.rejects(s.commitRecord(encodeRecord(cp(2, [[0, 6]]), blocks), 2, 'memory'));
 });
+
+test('memory durability: checkpoints gathered while the writer is busy are written as one merged record; a merged redo record is recovered whole', async (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  const s = await ReplicaStore.create(dir, 'vm', base());
+  const blocks = s.blocks;
+  // Page 0 rewritten by every checkpoint, page e by checkpoint e: 1 is written alone, 2..5 merged.
+  for (const e of [1, 2, 3, 4, 5]) await s.commitRecord(encodeRecord(cp(e, [[0, 20 + e], [4096 * e, 30 + e]]), blocks), e, 'memory');
+  await s.settled();
+  const ram = await (await ReplicaStore.open(dir)).readImage('mem0');
+  assert.deepEqual([0, 1, 2, 3, 4, 5].map((i) => ram[i * 4096]), [25, 31, 32, 33, 34, 35]);
+  // A crash after a merged record's commit point (epochs 6..8 in one redo record): reopening applies it.
+  writeFileSync(join(dir, 'redo.ckpt'), encodeRecord(cp(8, [[0, 77], [4096 * 7, 78]]), blocks));
+  const r = await ReplicaStore.open(dir);
+  assert.equal(r.epoch, 8);
+  const after = await r.readImage('mem0');
+  assert.deepEqual([after[0], after[7 * 4096], after[5 * 4096]], [77, 78, 35]);
+});

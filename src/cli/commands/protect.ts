@@ -6,6 +6,7 @@ import { z } from 'zod';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { RubatoError } from '../../util/errors.ts';
+import { startObserver } from '../../observe/index.ts';
 import { logger } from '../../util/log.ts';
 import { onShutdown } from '../../util/procs.ts';
 import { loadVmDefinition } from '../../qemu/definition.ts';
@@ -15,7 +16,7 @@ import { protectVm } from '../../host/protect.ts';
 import { serveStandby } from './standby.ts';
 import { ControlSocket } from '../../replication/control-socket.ts';
 import { join } from 'node:path';
-import { DURABILITY, LINK, WITNESS, withDurabilityOption, eventPrinter, hostPort, parseOptions, statusLine, platform, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
+import { DURABILITY, LINK, OBSERVE, WITNESS, withDurabilityOption, withObserveOptions, eventPrinter, hostPort, parseOptions, statusLine, platform, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { Ownership, currentOwner } from '../../coord/ownership.ts';
 import { LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
@@ -23,10 +24,10 @@ import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
 
 const log = logger('rubato');
 
-const Options = z.object({ standby: z.union([z.literal('auto'), hostPort()]), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), durability: DURABILITY, ...LINK, ...WITNESS });
+const Options = z.object({ standby: z.union([z.literal('auto'), hostPort()]), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), durability: DURABILITY, ...OBSERVE, ...LINK, ...WITNESS });
 
 export function register(program: Command): void {
-  withDurabilityOption(withWitnessOptions(withLinkOptions(program.command('protect'))), 'as the new standby after a failover: ')
+  withObserveOptions(withDurabilityOption(withWitnessOptions(withLinkOptions(program.command('protect'))), 'as the new standby after a failover: '))
     .description('run your VM (a definition file: see examples/) and keep it protected by a standby')
     .argument('<vm-file>', 'VM definition (JSON)')
     .requiredOption('--standby <host:port>', 'the standby controller (rubato standby on the other host); auto: the one the witness names (agents)')
@@ -44,7 +45,12 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const psk = loadKeyFile(o.key);
   const { accel, binary } = await platform(def.accelerator);
   const stateDir = resolve(o.stateDir ?? `/var/lib/rubato/${def.name}`);
-  const emit = eventPrinter(o.events);
+  const printEvent = eventPrinter(o.events);
+  // Started before the guest, so its whole life is in the metrics; the controller's status joins once it exists.
+  let status: () => Record<string, unknown> = () => ({ role: 'primary', vm: def.name, protected: false });
+  const observer = await startObserver({ metrics: o.metrics, http: o.http, role: 'primary', vm: def.name, title: `VM ${def.name} on ${o.host}`, status: () => status() });
+  const emit = (e: object) => { printEvent(e); observer.event(e); };
+  if (observer.urls.metrics || observer.urls.dashboard) emit({ event: 'observe', metrics: observer.urls.metrics, dashboard: observer.urls.dashboard });
   // With a witness: this host must hold the VM before its guest runs (never a second live copy).
   const etcd = o.etcd ? new EtcdClient(o.etcd) : null;
   if (o.standby === 'auto' && !etcd) throw new RubatoError('RUBATO_CONFIG', '--standby auto needs --etcd (the witness names the standby)');
@@ -82,6 +88,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
       if (!o.events && e.event === 'sync-progress') log.info(`synchronising the standby: ${e.percent} % (${Math.round(e.bytes / 1e6)} of ${Math.round(e.totalBytes / 1e6)} MB, ${e.mbPerSec} MB/s, ${e.etaSec} s left)`);
     },
   });
+  status = () => p.primary.snapshot();
   emit({ event: 'started', vm: def.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel, disk: p.disk?.path ?? null });
   if (ownership) {
     guard = guardOwnership(ownership, {
@@ -100,6 +107,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const unpublish = published ? publishStatus(published, def.name, o.host, () => p.primary.snapshot()) : () => {};
   onShutdown(async () => {
     control.close();
+    await observer.close();
     guard?.close();
     unpublish();
     await published?.close();
@@ -108,6 +116,8 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     log.info(`VM ${def.name} stopped; the standby keeps its replica and does not take over`);
   });
   await new Promise<void>((r) => p.vm.once('exit', () => r()));
+  const switchover = fenced && o.listen && o.standby !== 'auto';
+  if (!switchover) await observer.close(); // (a host that becomes the standby keeps its endpoints)
   control.close();
   guard?.close();
   unpublish();
@@ -127,6 +137,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
       policy: o.policy, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, emit,
       ...(o.etcd ? { etcd: o.etcd } : {}), host: o.host, leaseTtl: o.leaseTtl,
     });
+    status = () => sb.status();
     emit({ event: 'standing-by', listen: `${o.listen.host}:${o.listen.port}`, state: sb.state });
     await new Promise<void>(() => { /* runs until a signal ends the process */ });
   }

@@ -13,24 +13,25 @@ import { PrimaryController } from '../../replication/primary.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import { restoreIo } from '../../host/protect.ts';
-import { DURABILITY, LINK, WITNESS, binaryFor, withDurabilityOption, eventPrinter, hostPort, parseOptions, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
+import { DURABILITY, LINK, OBSERVE, WITNESS, binaryFor, withDurabilityOption, withObserveOptions, eventPrinter, hostPort, parseOptions, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { witnessGate } from '../../coord/witness-gate.ts';
 import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
 import { KEYS, LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
 import { RubatoError } from '../../util/errors.ts';
+import { startObserver } from '../../observe/index.ts';
 import type { Durability } from '../../replication/replica-store.ts';
 
 const log = logger('rubato');
 
 const Options = z.object({
-  listen: hostPort(true), stateDir: z.string(), key: z.string(), autoFailover: z.boolean(), events: z.boolean(), fsync: z.boolean(), durability: DURABILITY,
+  listen: hostPort(true), stateDir: z.string(), key: z.string(), autoFailover: z.boolean(), events: z.boolean(), fsync: z.boolean(), durability: DURABILITY, ...OBSERVE,
   peer: z.union([z.literal('auto'), hostPort()]).optional(), policy: policy(), vm: z.string().regex(/^[a-zA-Z0-9_.-]{1,40}$/, 'must be a VM name').optional(),
   ...LINK, ...WITNESS,
 });
 
 export function register(program: Command): void {
-  withDurabilityOption(withWitnessOptions(withLinkOptions(program.command('standby'))))
+  withObserveOptions(withDurabilityOption(withWitnessOptions(withLinkOptions(program.command('standby')))))
     .description('hold the replica of a protected VM and take over when the primary is lost')
     .requiredOption('--listen <host:port>', 'address for the primary to connect to')
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
@@ -45,7 +46,14 @@ export function register(program: Command): void {
 }
 
 async function runStandby(o: z.infer<typeof Options>): Promise<void> {
-  await serveStandby({ ...o, psk: loadKeyFile(o.key), stateDir: resolve(o.stateDir), emit: eventPrinter(o.events) });
+  const printEvent = eventPrinter(o.events);
+  let status: () => Record<string, unknown> = () => ({ role: 'standby', vm: o.vm ?? null });
+  const observer = await startObserver({ metrics: o.metrics, http: o.http, role: 'standby', vm: o.vm ?? null, title: `standby ${o.vm ? `of VM ${o.vm} ` : ''}on ${o.host}`, status: () => status() });
+  const emit = (e: object) => { printEvent(e); observer.event(e); };
+  if (observer.urls.metrics || observer.urls.dashboard) emit({ event: 'observe', metrics: observer.urls.metrics, dashboard: observer.urls.dashboard });
+  onShutdown(() => observer.close());
+  const sb = await serveStandby({ ...o, psk: loadKeyFile(o.key), stateDir: resolve(o.stateDir), emit });
+  status = () => sb.status();
   await new Promise<void>(() => { /* runs until a signal ends the process */ });
 }
 
