@@ -165,8 +165,9 @@ export class PrimaryController {
       role: 'primary', vm: this.o.vm.spec.name, protected: this.protected, unprotectedReason: this.protected ? null : this.unprotectedReason,
       standby: this.standbyAt ? `${this.standbyAt.host}:${this.standbyAt.port}` : null, phase: this.pipeline.phase, generation: this.pipeline.generation,
       epoch: this.epoch, ackedEpoch: this.ackedEpoch, lagMs: oldest === null ? 0 : Math.round(now - oldest),
-      ckptPerSec: this.lastStatus?.ckptPerSec ?? 0, pauseMsP50: q(0.5), pauseMsP99: q(0.99),
+      ckptPerSec: this.lastStatus?.ckptPerSec ?? 0, pauseMsP50: q(0.5), pauseMsP99: q(0.99), dirtyPages: this.pipeline.history.at(-1)?.dirtyPages ?? 0,
       heldFrames: out.frames, heldBytes: out.bytes, oldestHeldMs: out.oldestMs === null ? null : Math.round(out.oldestMs), lastFailover: null,
+      rttMs: this.link && !this.link.closed ? this.link.stats.rttMs : null,
     };
   }
 
