@@ -6,7 +6,7 @@
 
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { round } from '../util/stats.ts';
+import { median, round } from '../util/stats.ts';
 import { ShapedLink, type LinkClass } from '../io/net/shaped-link.ts';
 import { parsePolicy, fitPause } from '../scheduler/index.ts';
 import { simulate } from '../sim/simulate.ts';
@@ -15,7 +15,7 @@ import { BANDWIDTH_CLASSES, curveFor, workloadFor, type MeasuredCurve } from '..
 import { runProfile } from './profile.ts';
 import { runSchedulerBench, type SchedulerCell } from './scheduler.ts';
 import { served } from './workloads.ts';
-import { lineChart, svgToPng } from './plot.ts';
+import { barChart, lineChart, svgToPng } from './plot.ts';
 import type { QemuBinary } from '../qemu/vm.ts';
 import type { Accel } from '../qemu/spec.ts';
 
@@ -88,11 +88,16 @@ export async function runEvaluation(o: EvaluateOptions): Promise<Record<string, 
   const { validation, calibration, agreement, sourcePolicy: SOURCE_POLICY } = validateByReplay({ cells, classes, measured, workloads, goodputMBps });
 
   // 4. Figures and report.
-  const byLink = (wl: string) => policies.map((p) => ({ label: p, points: classes.map((c, i) => [i + 1, cells.find((x) => x.workload === wl && x.policy === p && x.link === c)?.throughputRatio ?? 0] as [number, number]) }));
-  figures.push(...await figure(out, 'throughput-dirtier', lineChart(byLink('dirtier-10'), { title: `Throughput vs unreplicated — dirtier 10 pages/ms (x: ${classes.map((c, i) => `${i + 1}=${c}`).join(', ')})`, xLabel: 'replication link class', yLabel: 'throughput ratio' })));
+  // Link classes are categories: grouped bars, one per policy, with the unreplicated baseline drawn.
+  const byLink = (wl: string, value: (c: SchedulerCell) => number | undefined) => classes.map((link) => ({
+    category: link, values: policies.map((p) => ({ label: p, value: value(cells.find((x) => x.workload === wl && x.policy === p && x.link === link)!) ?? 0 })),
+  }));
+  figures.push(...await figure(out, 'throughput-dirtier', barChart(byLink('dirtier-10', (c) => c?.throughputRatio),
+    { title: 'Throughput vs unreplicated — dirtier 10 pages/ms', xLabel: 'replication link class', yLabel: 'throughput ratio (1 = unreplicated)', reference: { value: 1, label: 'unreplicated' } })));
   for (const wl of workloads.filter(served)) {
-    figures.push(...await figure(out, `${wl}-latency`, lineChart(policies.map((p) => ({ label: p, points: classes.map((c, i) => [i + 1, cells.find((x) => x.workload === wl && x.policy === p && x.link === c)?.kvLatencyMsP50 ?? 0] as [number, number]) })),
-      { title: `${wl === 'kv' ? 'KV' : 'Web'} request latency p50 (x: ${classes.map((c, i) => `${i + 1}=${c}`).join(', ')})`, xLabel: 'replication link class', yLabel: 'ms' })));
+    const base = cells.filter((x) => x.workload === wl && x.kvLatencyMsP50Unreplicated !== undefined).map((x) => x.kvLatencyMsP50Unreplicated!);
+    figures.push(...await figure(out, `${wl}-latency`, barChart(byLink(wl, (c) => c?.kvLatencyMsP50),
+      { title: `${wl === 'kv' ? 'KV' : 'Web'} request latency p50`, xLabel: 'replication link class', yLabel: 'p50 latency (ms)', ...(base.length ? { reference: { value: median(base), label: `unreplicated ${median(base).toFixed(1)} ms` } } : {}) })));
   }
   figures.push(...await figure(out, 'sim-vcpus', lineChart(policies.flatMap((p) => Object.keys(BANDWIDTH_CLASSES).map((bw) => ({ label: `${p} @ ${bw}`, points: simulated.filter((s) => s.policy === p && s.bandwidth === bw).map((s) => [s.cpus, Math.max(1e-4, s.overhead * 100)] as [number, number]) }))),
     { title: 'Simulated pause overhead vs vCPUs (dirtier; >measured counts extrapolated)', xLabel: 'vCPUs', yLabel: '% of time paused', logX: true, logY: true })));

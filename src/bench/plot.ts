@@ -4,7 +4,7 @@
 export interface Series { label: string; points: Array<[number, number]> }
 export interface ChartOptions { title: string; xLabel: string; yLabel: string; logX?: boolean; logY?: boolean; width?: number; height?: number }
 
-const COLORS = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf'];
+const COLORS = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b', '#e377c2', '#17becf', '#bcbd22', '#7f7f7f'];
 
 function ticks(min: number, max: number, log: boolean): number[] {
   if (log) {
@@ -69,6 +69,60 @@ export async function svgToPng(svg: string): Promise<Buffer> {
   return Buffer.from(new Resvg(svg, { background: 'white', font: { loadSystemFonts: true } }).render().asPng());
 }
 
+/**
+ * Stacked horizontal bars on a categorical axis: one bar per category, its segments in order (each
+ * label one color, a legend), the bar's total at its end. For "where the time goes".
+ */
+export function stackedBarChart(bars: readonly BarGroup[], o: { title: string; xLabel: string; width?: number }): string {
+  const W = o.width ?? 760;
+  const labels = [...new Set(bars.flatMap((g) => g.values.map((v) => v.label)))];
+  const legend = legendLayout(labels, 150, W - 20);
+  const rowH = 26;
+  const m = { l: 150, r: 60, t: 40, b: 40 + legend.rows * 16 };
+  const H = m.t + bars.length * rowH + m.b + 10;
+  const xmax = Math.max(1e-9, ...bars.map((g) => g.values.reduce((a, v) => a + Math.max(0, v.value), 0))) * 1.05;
+  const sx = (v: number) => m.l + (v / xmax) * (W - m.l - m.r);
+  const parts: string[] = [];
+  parts.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`);
+  parts.push(`<rect width="${W}" height="${H}" fill="white"/>`);
+  parts.push(`<text x="${W / 2}" y="22" text-anchor="middle" font-size="15">${esc(o.title)}</text>`);
+  const bottom = m.t + bars.length * rowH;
+  for (const t of ticks(0, xmax, false)) parts.push(`<line x1="${sx(t)}" y1="${m.t}" x2="${sx(t)}" y2="${bottom}" stroke="#eee"/>`, `<text x="${sx(t)}" y="${bottom + 14}" text-anchor="middle">${fmt(t)}</text>`);
+  bars.forEach((g, i) => {
+    const y = m.t + i * rowH + 4;
+    let acc = 0;
+    for (const v of g.values) {
+      if (v.value <= 0) continue;
+      const c = COLORS[labels.indexOf(v.label) % COLORS.length]!;
+      parts.push(`<rect x="${sx(acc).toFixed(1)}" y="${y}" width="${(sx(acc + v.value) - sx(acc)).toFixed(1)}" height="${rowH - 8}" fill="${c}"/>`);
+      acc += v.value;
+    }
+    parts.push(`<text x="${m.l - 6}" y="${y + rowH / 2}" text-anchor="end">${esc(g.category)}</text>`, `<text x="${(sx(acc) + 4).toFixed(1)}" y="${y + rowH / 2}">${fmt(acc)}</text>`);
+  });
+  parts.push(`<text x="${(m.l + W - m.r) / 2}" y="${bottom + 32}" text-anchor="middle">${esc(o.xLabel)}</text>`);
+  labels.forEach((l, i) => {
+    const { x, row } = legend.at[i]!;
+    const y = bottom + 54 + row * 16;
+    parts.push(`<rect x="${x}" y="${y - 9}" width="10" height="10" fill="${COLORS[i % COLORS.length]}"/>`, `<text x="${x + 14}" y="${y}">${esc(l)}</text>`);
+  });
+  parts.push('</svg>');
+  return parts.join('\n');
+}
+
+/** Legend entries left to right, wrapped into rows between x `left` and `right` (≈ 7 px per character). */
+function legendLayout(labels: readonly string[], left: number, right: number): { rows: number; at: Array<{ x: number; row: number }> } {
+  const at: Array<{ x: number; row: number }> = [];
+  let x = left;
+  let row = 0;
+  for (const l of labels) {
+    const w = 14 + l.length * 7 + 18;
+    if (x + w > right && x > left) { row++; x = left; }
+    at.push({ x, row });
+    x += w;
+  }
+  return { rows: row + 1, at };
+}
+
 export interface BarGroup { category: string; values: Array<{ label: string; value: number }> }
 
 /**
@@ -77,9 +131,11 @@ export interface BarGroup { category: string; values: Array<{ label: string; val
  */
 export function barChart(groups: readonly BarGroup[], o: ChartOptions & { reference?: { value: number; label: string } }): string {
   const W = o.width ?? 720;
-  const H = o.height ?? 400;
-  const m = { l: 70, r: 20, t: 40, b: 70 };
   const labels = [...new Set(groups.flatMap((g) => g.values.map((v) => v.label)))];
+  // The legend wraps into rows under the axis label; the chart grows to hold them.
+  const legend = legendLayout(labels, 70, W - 20);
+  const H = (o.height ?? 400) + (legend.rows - 1) * 16;
+  const m = { l: 70, r: 20, t: 40, b: 54 + legend.rows * 16 }; // category names, the axis label, the legend rows
   const ymax = Math.max(o.reference?.value ?? 0, ...groups.flatMap((g) => g.values.map((v) => v.value)), 1e-9) * 1.1;
   const sy = (v: number) => H - m.b - (v / ymax) * (H - m.t - m.b);
   const gw = (W - m.l - m.r) / Math.max(1, groups.length);
@@ -109,11 +165,12 @@ export function barChart(groups: readonly BarGroup[], o: ChartOptions & { refere
     parts.push(`<text x="${W - m.r - 4}" y="${sy(o.reference.value) - 4}" text-anchor="end">${esc(o.reference.label)}</text>`);
   }
   parts.push(`<rect x="${m.l}" y="${m.t}" width="${W - m.l - m.r}" height="${H - m.t - m.b}" fill="none" stroke="#333"/>`);
-  parts.push(`<text x="${W / 2}" y="${H - 40}" text-anchor="middle">${esc(o.xLabel)}</text>`);
+  parts.push(`<text x="${W / 2}" y="${H - m.b + 34}" text-anchor="middle">${esc(o.xLabel)}</text>`);
   parts.push(`<text x="16" y="${H / 2}" text-anchor="middle" transform="rotate(-90 16 ${H / 2})">${esc(o.yLabel)}</text>`);
   labels.forEach((l, i) => {
-    const x = m.l + 10 + i * 130;
-    parts.push(`<rect x="${x}" y="${H - 22}" width="10" height="10" fill="${COLORS[i % COLORS.length]}"/>`, `<text x="${x + 14}" y="${H - 13}">${esc(l)}</text>`);
+    const { x, row } = legend.at[i]!;
+    const y = H - m.b + 56 + row * 16;
+    parts.push(`<rect x="${x}" y="${y - 9}" width="10" height="10" fill="${COLORS[i % COLORS.length]}"/>`, `<text x="${x + 14}" y="${y}">${esc(l)}</text>`);
   });
   parts.push('</svg>');
   return parts.join('\n');

@@ -27,7 +27,7 @@ import { DISK_BLOCK_ID, PrimaryController } from '../replication/primary.ts';
 import { GuestIo } from '../io/guest-io.ts';
 import { parsePolicy } from '../scheduler/index.ts';
 import { randomBytes } from 'node:crypto';
-import { barChart, svgToPng } from './plot.ts';
+import { barChart, stackedBarChart, svgToPng } from './plot.ts';
 
 export const SERVICE_POLICIES = ['model', 'adaptive', 'bounded-latency', 'fixed:25ms'] as const;
 
@@ -249,6 +249,16 @@ export async function writeServicesReport(outDir: string, cells: readonly Servic
     writeFileSync(join(outDir, `${lname}.svg`), lsvg);
     writeFileSync(join(outDir, `${lname}.png`), await svgToPng(lsvg));
     figs.push(`![${lname}](${lname}.svg)`);
+    // Where a released output frame's time went (segment means add up to the mean hold).
+    const held = cells.filter((c) => c.cpus === cpus && c.latencyBreakdown);
+    if (held.length) {
+      const bars = held.map((c) => ({ category: `${c.probe} · ${c.policy}`, values: SEGMENTS.map((k) => ({ label: k, value: c.latencyBreakdown![k].mean })) }));
+      const bname = `services-held-${cpus}vcpu`;
+      const bsvg = stackedBarChart(bars, { title: `Where a released output frame waited, ${cpus} vCPU (mean ms per segment)`, xLabel: 'ms from the guest sending a frame to the frame leaving' });
+      writeFileSync(join(outDir, `${bname}.svg`), bsvg);
+      writeFileSync(join(outDir, `${bname}.png`), await svgToPng(bsvg));
+      figs.push(`![${bname}](${bname}.svg)`);
+    }
   }
   md.push('', ...figs.flatMap((f) => [f, '']));
   if (o.failover?.length) {
