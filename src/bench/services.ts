@@ -39,11 +39,12 @@ export interface ServicesBenchOptions {
 /** What one client run reported. */
 export interface ClientRun { perSec: number; p50Ms: number; p99Ms: number; errors: number }
 
-export type Probe = 'redis-set' | 'redis-get' | 'nginx-4k' | 'nginx-100k' | 'pgbench';
-const SERVICE_OF: Record<Probe, 'redis' | 'nginx' | 'postgres'> = { 'redis-set': 'redis', 'redis-get': 'redis', 'nginx-4k': 'nginx', 'nginx-100k': 'nginx', pgbench: 'postgres' };
+export type Probe = 'redis-set' | 'redis-get' | 'nginx-4k' | 'nginx-100k' | 'pgbench' | 'upload-100mb';
+type Service = 'redis' | 'nginx' | 'postgres' | 'upload';
+const SERVICE_OF: Record<Probe, Service> = { 'redis-set': 'redis', 'redis-get': 'redis', 'nginx-4k': 'nginx', 'nginx-100k': 'nginx', pgbench: 'postgres', 'upload-100mb': 'upload' };
 
 export interface ServiceCell {
-  service: 'redis' | 'nginx' | 'postgres'; probe: Probe; policy: string; cpus: number;
+  service: Service; probe: Probe; policy: string; cpus: number;
   throughputRatio: number; perSec: number; perSecUnreplicated: number;
   p50Ms: number; p99Ms: number; p50MsUnreplicated: number; p99MsUnreplicated: number; errors: number;
   checkpointsPerSec: number; pausedFraction: number; pauseMsMedian: number; mbShipped: number;
@@ -100,6 +101,8 @@ async function client(lan: Lan, cmd: string, args: string[], timeoutMs: number):
  * Runs one probe for about `seconds`. redis-benchmark is count-bound: its count comes from the last
  * rate seen in the same mode (replicated or not), measured first with a short run when there is none.
  */
+const UPLOAD_VALUE_BYTES = 102_400;
+
 function probeRunner(rig: Rig, seconds: number, logDir: string) {
   const ip = rig.lan.guestIp;
   const lastRate = new Map<string, number>();
@@ -116,6 +119,14 @@ function probeRunner(rig: Rig, seconds: number, logDir: string) {
       if (!lastRate.has(k)) lastRate.set(k, (await redis(test, 1000)).perSec);
       const r = await redis(test, Math.max(1000, Math.min(1_000_000, Math.round(lastRate.get(k)! * seconds))));
       lastRate.set(k, r.perSec);
+      return r;
+    }
+    if (probe === 'upload-100mb') {
+      // Inbound bulk: 1000 SETs of 100 KiB over 4 connections (~100 MB into the guest). The guest's
+      // TCP ACKs are output: held for a checkpoint like any reply, they pace the sender's window.
+      const out = await client(rig.lan, 'redis-benchmark', ['-h', ip, '-c', '4', '-n', '1000', '-t', 'set', '-d', String(UPLOAD_VALUE_BYTES), '-r', '1000', '--csv'], 900_000);
+      const r = parseRedisCsv(out).get('SET');
+      if (!r) throw new RubatoError('RUBATO_PROTOCOL', 'redis-benchmark reported no SET for the upload');
       return r;
     }
     if (probe === 'nginx-4k' || probe === 'nginx-100k') {
@@ -135,7 +146,7 @@ export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summa
   const policies = o.policies ?? (o.quick ? ['model'] : SERVICE_POLICIES);
   const cpuCounts = o.cpus ?? (o.quick ? [1] : [1, 2]);
   const scale = o.quick ? 2 : 10;
-  const probes: Probe[] = ['redis-set', 'redis-get', 'nginx-4k', 'nginx-100k', 'pgbench'];
+  const probes: Probe[] = ['redis-set', 'redis-get', 'nginx-4k', 'nginx-100k', 'pgbench', 'upload-100mb'];
   await ensureServiceClients();
   const cells: ServiceCell[] = [];
   for (const cpus of cpuCounts) {
@@ -201,6 +212,7 @@ export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summa
       throughputRatio: round(cs.reduce((a, c) => a + c.throughputRatio, 0) / cs.length, 3),
       p50Ms: first.p50Ms, p50MsUnreplicated: first.p50MsUnreplicated, p99Ms: first.p99Ms, p99MsUnreplicated: first.p99MsUnreplicated,
       checkpointsPerSec: first.checkpointsPerSec, pausedFraction: first.pausedFraction, errors: cs.reduce((a, c) => a + c.errors, 0),
+      ...(service === 'upload' ? { mbPerSec: round((first.perSec * UPLOAD_VALUE_BYTES) / 1e6, 1), mbPerSecUnreplicated: round((first.perSecUnreplicated * UPLOAD_VALUE_BYTES) / 1e6, 1) } : {}),
       probes: Object.fromEntries(cs.map((c) => [c.probe, { throughputRatio: c.throughputRatio, perSec: c.perSec, perSecUnreplicated: c.perSecUnreplicated, p50Ms: c.p50Ms, p50MsUnreplicated: c.p50MsUnreplicated, p99Ms: c.p99Ms, p99MsUnreplicated: c.p99MsUnreplicated,
         ...(c.latencyBreakdown ? { heldMsMean: breakdownMeans(c.latencyBreakdown) } : {}) }])),
     };
@@ -209,7 +221,7 @@ export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summa
   const failover = await runFailoverUnderLoad({ accel: o.accel, seconds: o.quick ? 15 : 30, onStatus: status });
   mkdirSync(o.outDir, { recursive: true });
   const file = join(o.outDir, 'services.json');
-  const summary = { benchmark: 'services', policy: policies[0], cpus: cpuCounts[0], seconds, pgbenchScale: scale, redis: headline('redis'), nginx: headline('nginx'), postgres: headline('postgres'), failover, results: file };
+  const summary = { benchmark: 'services', policy: policies[0], cpus: cpuCounts[0], seconds, pgbenchScale: scale, redis: headline('redis'), nginx: headline('nginx'), postgres: headline('postgres'), upload: headline('upload'), failover, results: file };
   writeFileSync(file, JSON.stringify({ summary, cells, failover }, null, 2));
   await writeServicesReport(o.outDir, cells, { seconds, scale, command: `npm run bench -- services${o.quick ? ' --quick' : ''}`, failover });
   return { summary, file, cells };
