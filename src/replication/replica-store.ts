@@ -191,7 +191,7 @@ export class ReplicaStore {
    * (its pages are written into the images behind the caller's acknowledgement). `memory`: returns
    * once the record is decoded, verified and next in order — complete in this process's memory —
    * with its commit point written behind it, in order (Remus' choice: what a crash of this host
-   * within that window loses is in docs/durability.md). Either way settled() waits for all of it.
+   * within that window loses is in docs/replication.md). Either way settled() waits for all of it.
    */
   async commitRecord(record: Buffer, frameEpoch: number, durability: Durability = 'disk'): Promise<CheckpointRecord> {
     if (this.applyError) throw this.applyError;
