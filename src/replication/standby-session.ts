@@ -137,11 +137,12 @@ export class StandbySession {
         if (!this.protecting) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
         const startMs = performance.now();
         const rec = await this.host.commit(f.payload, f.epoch);
+        // Said before the ack goes: nothing covered by this checkpoint can be out before it is committed here.
+        this.host.committed(rec.epoch, f.payload.length, rec.pages.length);
         if (this.host.beforeAck) await this.host.beforeAck(rec.epoch);
         // The ack carries what this side spent on the checkpoint (the primary's latency breakdown).
         const timings = encodeAckTimings({ queuedMs: startMs - arrivedMs, commitMs: performance.now() - startMs, receiveMs });
         if (!this.link.closed) await this.link.send(FrameType.ACK, rec.epoch, timings);
-        this.host.committed(rec.epoch, f.payload.length, rec.pages.length);
         return;
       }
       case FrameType.FENCED:
