@@ -46,6 +46,8 @@ export interface ReplicaStoreOptions {
  */
 export type Durability = 'memory' | 'disk';
 export const DURABILITIES: readonly Durability[] = ['memory', 'disk'];
+/** Memory durability: the writer behind starts a batch at most this often. */
+const WRITE_BEHIND_INTERVAL_MS = 50;
 /** Disk durability: records queued for their commit point, at most (then the next waits). */
 const MAX_BEHIND = 4;
 /** Memory durability: distinct pages acknowledged and not yet written, at most (then the ack waits for the writer). */
@@ -74,13 +76,18 @@ export class ReplicaStore {
   /** Memory durability: checkpoints accepted and not yet being written, merged; and whether the writer runs. */
   private merge: { epoch: number; pages: Map<string, DirtyPage>; deviceState: Buffer; bytes: number; recordBytes: number } | null = null;
   private writingBehind = false;
+  private lastBatchMs = Number.NEGATIVE_INFINITY;
+  private wakeWriter: (() => void) | null = null;
+  private flushWanted = 0;
   private applying: Promise<void> | null = null;
   private applyError: Error | null = null;
   private readonly handles = new Map<number, FileHandle>();
 
   /** Resolves once the files hold the last committed checkpoint; rejects if writing them failed. */
   async settled(): Promise<void> {
-    await this.tail;
+    this.flushWanted++; // the writer behind stops pacing itself while anyone waits for it
+    this.wakeWriter?.();
+    try { await this.tail; } finally { this.flushWanted--; }
     await this.applying;
     if (this.applyError) throw this.applyError;
   }
@@ -237,9 +244,17 @@ export class ReplicaStore {
 
   private async writeBehind(): Promise<void> {
     for (;;) {
+      // One batch per interval at most: at a high checkpoint rate each page is written once per
+      // interval, not once per checkpoint (the files lag by about an interval; settled() cuts the wait short).
+      const since = performance.now() - this.lastBatchMs;
+      if (since < WRITE_BEHIND_INTERVAL_MS && this.flushWanted === 0) {
+        await new Promise<void>((r) => { const t = setTimeout(r, WRITE_BEHIND_INTERVAL_MS - since); this.wakeWriter = () => { clearTimeout(t); r(); }; });
+        this.wakeWriter = null;
+      }
       const m = this.merge;
       if (!m) { this.writingBehind = false; return; } // (no await between the check and the flag)
       this.merge = null;
+      this.lastBatchMs = performance.now();
       await this.applying; // the previous batch is in the images before this one's redo record replaces it
       if (this.applyError) throw this.applyError;
       const pages = [...m.pages.values()];
