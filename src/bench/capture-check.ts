@@ -33,11 +33,16 @@ export interface CaptureCheckOptions {
   binary: QemuBinary;
   guest: { kernel: string; initrd: string };
   cpus: number;
+  /** Route A: pre-send the dirty RAM every this many ms during each epoch (QEMU patch 0003). */
+  presendMs?: number;
   onStatus?: (line: string) => void;
 }
 
 export interface CaptureCheckResult {
   route: 'a' | 'b';
+  /** With --presend-ms: pre-sends taken, and the median pages a checkpoint's pause still carried (its own pass). */
+  presends?: number;
+  pausePagesMedian?: number;
   accel: Accel;
   checkpoints: number;
   verified: number;
@@ -127,7 +132,15 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
     let i = 0;
     let last: Checkpoint | null = null;
     let next = performance.now() + o.epochMs;
+    let presends = 0;
+    const pausePages: number[] = [];
     while (i < o.minCheckpoints || Date.now() - start < o.seconds * 1000) {
+      // Pre-sends during the epoch, the last one at least one interval before its end.
+      while (o.presendMs && capture instanceof ColoCapture && next - performance.now() > 1.5 * o.presendMs) {
+        await sleep(o.presendMs);
+        await capture.presend();
+        presends++;
+      }
       const wait = next - performance.now();
       if (wait > 0) await sleep(wait);
       next = Math.max(performance.now(), next + o.epochMs);
@@ -137,6 +150,7 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
       if (sample) meter.exclude(cp.pausedAtMs);
       else await store.commit(cp);
       dirtyCounts.push(cp.pages.length);
+      pausePages.push(cp.pages.length - (cp.presentPages ?? 0));
       bytes.push(cp.ramBytes + cp.deviceState.length);
       last = cp;
       if (Date.now() - lastStatus > 1000) {
@@ -163,6 +177,7 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
     result.pauseMsMedian = round(median(pauses));
     result.pauseMsP99 = round(percentile(pauses, 99));
     result.dirtyPagesMedian = median(dirtyCounts);
+    if (o.presendMs) { result.presends = presends; result.pausePagesMedian = median(pausePages); }
     result.bytesPerCheckpointMedian = median(bytes);
     if (capture instanceof ExternalCapture) result.tracking = capture.trackingMode;
     await capture.close().catch(() => {});

@@ -33,6 +33,8 @@ export interface Checkpoint {
   deviceState: Buffer;
   ramBytes: number;
   zeroPages: number;
+  /** Of `pages`, those sent before the pause by pre-sends (route A with QEMU patch 0003); the rest came in it. */
+  presentPages?: number;
   timings: CheckpointTimings;
   /** Wall-clock time (ms since epoch) when the guest was paused for this checkpoint. */
   pausedAtMs: number;

@@ -12,7 +12,7 @@ import { withTimeout } from '../util/async.ts';
 import type { QemuVm } from '../qemu/vm.ts';
 import type { QmpEvent } from '../qemu/qmp.ts';
 import { ByteReader } from '../util/byte-reader.ts';
-import { COLO_MSG, COLO_MSG_NAMES, VM, coloMessage } from './stream/format.ts';
+import { COLO_MSG, COLO_MSG_NAMES, COLO_PRESEND_DELAY_MAGIC, COLO_PRESEND_MARK, VM, coloMessage } from './stream/format.ts';
 import { newRamState, readFooter, readPrecopy, readRamRecords, type PageSink, type RamState } from './stream/parser.ts';
 import { MAX_DEVICE_STATE_BYTES, type BaseImage, type Checkpoint, type DirtyPage } from './checkpoint.ts';
 
@@ -163,6 +163,64 @@ export class ColoCapture {
   }
 
   get lastEpoch(): number { return this.epoch; }
+
+  /** Pages pre-sent during the running epoch (block:offset → the latest copy); they join its checkpoint. */
+  private readonly present = new Map<string, DirtyPage>();
+  /** This QEMU can pre-send (Rubato's patched QEMU). */
+  get canPresend(): boolean { return this.vm.canPresend; }
+  /** Pre-sent pages waiting for the next checkpoint. */
+  get presentPages(): number { return this.present.size; }
+
+  /**
+   * Pre-send (QEMU patch 0003): with the guest running, QEMU sends the RAM dirtied since the last
+   * checkpoint or pre-send; the pages are kept here and join the next checkpoint, whose pause then
+   * carries only what was written after this. A page written again later is sent again (QEMU's
+   * dirty log restarts at the sync) and the later copy wins. On any failure the capture fails as a
+   * checkpoint's would (the guest runs on unprotected).
+   */
+  async presend(): Promise<{ pages: number; ms: number }> {
+    if (!this.vm.canPresend) throw new RubatoError('RUBATO_CAPTURE_FAILED', `the QEMU of VM ${this.vm.spec.name} cannot pre-send dirty RAM (Rubato's patched QEMU can)`);
+    if (this.failed) throw new RubatoError('RUBATO_CAPTURE_FAILED', `capture of VM ${this.vm.spec.name} has failed: ${this.failed.message}`);
+    assert(!this.busy, 'one checkpoint or pre-send at a time');
+    this.busy = true;
+    const t0 = performance.now();
+    try {
+      await this.awaitRearmed();
+      await this.vm.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': COLO_PRESEND_DELAY_MAGIC });
+      const timeoutMs = this.opts.checkpointTimeoutMs ?? 10_000;
+      const read = async () => {
+        const mark = await this.reader.readBe32();
+        if (mark !== COLO_PRESEND_MARK) throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream of VM ${this.vm.spec.name}: expected a pre-send, got ${COLO_MSG_NAMES[mark] ?? `0x${mark.toString(16)}`}`);
+        const t = await this.reader.readU8();
+        const sid = await this.reader.readBe32();
+        if (t !== VM.SECTION_PART || sid !== this.st.ramSectionId) {
+          throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream of VM ${this.vm.spec.name}: a pre-send must be a RAM section part, got type 0x${t.toString(16)} section ${sid}`);
+        }
+        let n = 0;
+        await readRamRecords(this.reader, this.st, {
+          // copied: the stream's chunks are not pinned for the rest of the epoch
+          page: (block, offset, data) => { this.present.set(`${block}:${offset}`, { block, offset, data: Buffer.from(data) }); n++; },
+          zero: (block, offset, fill) => { this.present.set(`${block}:${offset}`, { block, offset, data: null, fill }); n++; },
+        });
+        await readFooter(this.reader, sid);
+        return n;
+      };
+      const pages = await withTimeout(read(), timeoutMs, `pre-send of VM ${this.vm.spec.name} did not arrive`);
+      return { pages, ms: performance.now() - t0 };
+    } catch (e) {
+      await this.abort(e as Error);
+      throw e;
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  /** QEMU re-arms its trigger before it resumes the guest after a checkpoint: wait for that (bounded). */
+  private async awaitRearmed(): Promise<void> {
+    const pending = this.resumePending;
+    if (pending) await Promise.race([pending.done, new Promise((r) => setTimeout(r, RESUME_WAIT_MS))]);
+    this.resumePending = null;
+  }
   get isFailed(): boolean { return this.failed !== null; }
 
   private async expectMsg(want: number): Promise<number | void> {
@@ -198,9 +256,7 @@ export class ColoCapture {
     const timeoutMs = this.opts.checkpointTimeoutMs ?? 10_000;
     // QEMU must have re-armed its trigger (it resumes the guest right after): bounded, a lost RESUME
     // event costs at most this wait and then the re-trigger below.
-    const pending = this.resumePending;
-    if (pending) await Promise.race([pending.done, new Promise((r) => setTimeout(r, RESUME_WAIT_MS))]);
-    this.resumePending = null;
+    await this.awaitRearmed();
     const tTrigger = performance.now();
     await this.trigger();
     // A trigger that lands while QEMU finishes the previous checkpoint is lost: re-trigger.
@@ -243,11 +299,21 @@ export class ColoCapture {
     };
     const { counts, deviceState } = await withTimeout(read(), timeoutMs, `checkpoint ${this.epoch + 1} of VM ${this.vm.spec.name} did not arrive`);
     const tLocal = performance.now();
+    let all = pages;
+    if (this.present.size) {
+      // The epoch's pre-sent pages first, each left out where the pause sent a later copy.
+      const later = new Set(pages.map((p) => `${p.block}:${p.offset}`));
+      const early = [...this.present.entries()].filter(([k]) => !later.has(k)).map(([, p]) => p);
+      this.present.clear();
+      all = early.concat(pages);
+    }
+    const presentPages = all.length - pages.length;
     this.epoch++;
     const cp: Checkpoint = {
       epoch: this.epoch,
       route: 'a',
-      pages,
+      pages: all,
+      ...(presentPages ? { presentPages } : {}),
       deviceState,
       ramBytes,
       zeroPages: counts.zeros,

@@ -17,6 +17,8 @@ const SERIAL_LINES_KEPT = 2000;
 export interface QemuBinary {
   path: string;
   firmwareDirs: readonly string[];
+  /** Built with Rubato's COLO pre-send (qemu-patches/0003): dirty RAM can go out while the guest runs. */
+  presend?: boolean;
 }
 
 export interface StartOptions {
@@ -36,6 +38,9 @@ export class QemuVm extends EventEmitter {
   private serialSocket: Socket | null = null;
   private exitedFlag = false;
   stderrTail = '';
+
+  /** This QEMU can pre-send dirty RAM during an epoch (ColoCapture.presend). */
+  canPresend = false;
 
   private constructor(readonly spec: VmSpec, readonly proc: TrackedProcess, readonly qmp: QmpClient, readonly paths: { qmp: string; serial: string }) {
     super();
@@ -62,6 +67,7 @@ export class QemuVm extends EventEmitter {
     proc.child.stderr?.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-8192); });
     const qmp = new QmpClient(paths.qmp, spec.name);
     const vm = new QemuVm(spec, proc, qmp, paths);
+    vm.canPresend = opts.binary.presend === true;
     proc.child.stderr?.on('data', () => { vm.stderrTail = stderr; });
     try {
       await Promise.race([

@@ -126,6 +126,8 @@ export class EpochPipeline<F extends Sized = Buffer> {
   private pauseBeganMs: number | null = null;
   private closed: ClosedEpoch | null = null;
   private fenceAsked = false;
+  /** Pre-sends in the running epoch: pages sent while the guest ran, and when the last one was. */
+  private present = { pages: 0, lastMs: null as number | null };
   private lossReported = false;
   private inflight: Inflight[] = [];
   private readonly hist: EpochRecord[] = [];
@@ -227,6 +229,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
       output: this.o.commit.openStats(nowMs),
       disk: { writes: seen.disk.writes, flushes: seen.disk.flushes },
       link: { bytesPerSec: seen.link.bytesPerSec, rttMs: seen.link.rttMs }, backlog: this.inflight.length,
+      ...(this.present.lastMs !== null ? { presend: { ...this.present } } : {}),
     };
   }
 
@@ -248,8 +251,14 @@ export class EpochPipeline<F extends Sized = Buffer> {
     return this.closed;
   }
 
+  /** A pre-send of `pages` dirty pages finished at `nowMs` (the guest ran meanwhile); they join the next checkpoint. */
+  presented(pages: number, nowMs: number): void {
+    assert(this.ph === 'protecting' && this.capturing === null, `pipeline: a pre-send while ${this.ph}${this.capturing === null ? '' : ', capturing'}`);
+    this.present = { pages: this.present.pages + pages, lastMs: nowMs };
+  }
+
   /** Checkpoint `epoch` is local and the guest runs again (since `resumedMs`); its record was ready at `encodedMs` (default: resumedMs). */
-  capturedCheckpoint(epoch: number, c: { dirtyPages: number; pauseMs: number; bytes: number; resumedMs: number; encodedMs?: number }): Command<F>[] {
+  capturedCheckpoint(epoch: number, c: { dirtyPages: number; pauseMs: number; bytes: number; resumedMs: number; encodedMs?: number; pausePages?: number }): Command<F>[] {
     assert(this.capturing === epoch, `pipeline: captured ${epoch}, capturing ${this.capturing}`);
     assert(epoch === this.captured + 1, `pipeline: epoch ${epoch} after ${this.captured} in generation ${this.gen}`);
     assert(this.closed?.epoch === epoch, `pipeline: checkpoint ${epoch} captured without its pause`);
@@ -259,6 +268,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
     if (epoch > 0) {
       record = {
         lengthMs: (this.pauseBeganMs ?? c.resumedMs) - this.epochStartMs, dirtyPages: c.dirtyPages, pauseMs: c.pauseMs,
+        ...(c.pausePages !== undefined && c.pausePages !== c.dirtyPages ? { pausePages: c.pausePages } : {}),
         bytes: c.bytes, transferMs: null, outputFrames: this.closed.frames,
       };
       this.hist.push(record);
@@ -268,6 +278,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
     const decidedMs = Math.min(this.decidedMs ?? pauseBeganMs, pauseBeganMs);
     this.decidedMs = null;
     this.epochStartMs = c.resumedMs;
+    this.present = { pages: 0, lastMs: null };
     this.closed = null;
     this.pauseBeganMs = null;
     this.inflight.push({ epoch, sentAtMs: null, record, decidedMs, pauseBeganMs, resumedMs: c.resumedMs, encodedMs: c.encodedMs ?? c.resumedMs });

@@ -44,7 +44,7 @@ export type PrimaryEvent =
   | { event: 'protecting'; standby: string }
   | { event: 'unprotected'; reason: string; atMs: number }
   | { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number }
-  | { event: 'checkpoint'; epoch: number; pages: number; bytes: number; pauseMs: number; captureMs: number; counter: number }
+  | { event: 'checkpoint'; epoch: number; pages: number; bytes: number; pauseMs: number; captureMs: number; counter: number; presentPages?: number }
   | { event: 'acked'; epoch: number; counter: number; lagMs: number; frames: number }
   | PrimaryStatus
   | { event: 'output-released-unprotected'; frames: number; reason: string }
@@ -384,6 +384,7 @@ export class PrimaryController {
     while (pipe.phase === 'syncing') { throwIfClosed(); await this.idle(Infinity); }
 
     const status = new StatusMeter(performance.now(), 0, link.stats.bytesSent);
+    let lastPresendMs = 0;
     for (;;) {
       throwIfClosed();
       if (pipe.phase !== 'protecting') return; // fenced or stopped
@@ -394,7 +395,22 @@ export class PrimaryController {
       const c = pipe.decide(decidedMs, {
         disk: { writes: ds?.writes ?? 0, flushes: ds?.flushes ?? 0, pressure: nbd?.underPressure ?? false }, link: { bytesPerSec: null, rttMs: link.stats.rttMs },
       });
-      if (c.cmd === 'wait') { await this.idle(c.untilMs - decidedMs); continue; }
+      if (c.cmd === 'wait') {
+        // A long wait with pre-sends on: the dirty RAM goes out every interval while the guest runs.
+        const every = pipe.policy.presendMs ?? 0;
+        if (every > 0 && capture.canPresend && c.untilMs - decidedMs > 1.5 * every) {
+          await this.idle(every);
+          const last = Math.max(pipe.epochStartedMs, lastPresendMs);
+          if (performance.now() - last >= every && pipe.phase === 'protecting' && !link.closed) {
+            const r = await capture.presend();
+            lastPresendMs = performance.now();
+            pipe.presented(r.pages, lastPresendMs);
+          }
+          continue;
+        }
+        await this.idle(c.untilMs - decidedMs);
+        continue;
+      }
       if (c.cmd === 'wait-ack') { await this.idle(Infinity); continue; }
       if (c.cmd === 'fence') { await this.fence(link, capture, c.epoch); return; }
       if (c.cmd !== 'capture') continue;
@@ -423,7 +439,7 @@ export class PrimaryController {
     // A large one: its plaintext and the stream's buffers are garbage now (the link holds the
     // ciphertext): collected at once, the peak is about twice the record, not three or four times.
     if (bytes > LARGE_RECORD_BYTES) collectNow();
-    this.emit({ event: 'checkpoint', epoch, pages, bytes, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter: this.counterAt.get(epoch) ?? -1 });
+    this.emit({ event: 'checkpoint', epoch, pages, bytes, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter: this.counterAt.get(epoch) ?? -1, ...(cp.presentPages ? { presentPages: cp.presentPages } : {}) });
   }
 
   /**
@@ -442,7 +458,9 @@ export class PrimaryController {
     });
     const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
     const record = encodeRecordParts(cp, this.blocks); // the pages are referenced, not copied
-    this.pipeline.capturedCheckpoint(epoch, { dirtyPages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs, encodedMs: performance.now() });
+    this.pipeline.capturedCheckpoint(epoch, {
+      dirtyPages: cp.pages.length, pausePages: cp.pages.length - (cp.presentPages ?? 0), pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs, encodedMs: performance.now(),
+    });
     this.counterAt.set(epoch, counter);
     return { cp, record, pauseBeganMs };
   }

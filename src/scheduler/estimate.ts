@@ -35,15 +35,17 @@ export function fitPause(history: readonly EpochRecord[]): PauseModel {
   let fixedMs = 1.1;
   let perPageMs = 0.0025;
   if (pts.length >= 2) {
-    const mx = mean(pts.map((e) => e.dirtyPages));
+    // The pause is paid for the pages it carries (pre-sent ones went out while the guest ran).
+    const inPause = (e: EpochRecord) => e.pausePages ?? e.dirtyPages;
+    const mx = mean(pts.map(inPause));
     const my = mean(pts.map((e) => e.pauseMs));
     let sxx = 0;
     let sxy = 0;
-    for (const e of pts) { sxx += (e.dirtyPages - mx) ** 2; sxy += (e.dirtyPages - mx) * (e.pauseMs - my); }
+    for (const e of pts) { sxx += (inPause(e) - mx) ** 2; sxy += (inPause(e) - mx) * (e.pauseMs - my); }
     if (sxx > 1e-6) perPageMs = Math.max(0, sxy / sxx);
     fixedMs = Math.max(0.05, my - perPageMs * mx);
   } else if (pts.length === 1) {
-    fixedMs = Math.max(0.05, pts[0]!.pauseMs - perPageMs * pts[0]!.dirtyPages);
+    fixedMs = Math.max(0.05, pts[0]!.pauseMs - perPageMs * (pts[0]!.pausePages ?? pts[0]!.dirtyPages));
   }
   return { fixedMs, perPageMs, pauseMs: (p) => fixedMs + perPageMs * p };
 }

@@ -12,7 +12,7 @@ import { PAGE_BYTES, type Decision, type Policy, type Telemetry } from './types.
 const now = (reason: string): Decision => ({ checkpoint: true, reason });
 const wait = (wakeAtMs: number, reason: string): Decision => ({ checkpoint: false, wakeAtMs, reason });
 
-export interface Rails { minEpochMs: number; maxEpochMs: number; maxBacklog: number; maxRiskBytes: number; linkUtilisation: number }
+export interface Rails { minEpochMs: number; maxEpochMs: number; maxBacklog: number; maxRiskBytes: number; linkUtilisation: number; presendMs?: number }
 export const DEFAULT_RAILS: Rails = { minEpochMs: 2, maxEpochMs: 1000, maxBacklog: 3, maxRiskBytes: 256 << 20, linkUtilisation: 0.8 };
 
 /** Smallest epoch length whose dirty set the link ships within `util` of the epoch (bisection). */
@@ -39,9 +39,10 @@ type Inner = (t: Telemetry, ctx: { age: number; curve: DirtyCurve; bytesPerMs: n
 
 export function guarded(name: string, rails: Rails, inner: Inner, opts: { linkGuard: boolean } = { linkGuard: true }): Policy {
   return {
-    name,
+    name: rails.presendMs ? `${name}+presend:${rails.presendMs}ms` : name,
     minEpochMs: rails.minEpochMs,
     maxEpochMs: rails.maxEpochMs,
+    ...(rails.presendMs ? { presendMs: rails.presendMs } : {}),
     decide(t) {
       const age = t.nowMs - t.epochStartMs;
       const start = t.epochStartMs;
@@ -133,9 +134,11 @@ export function model(rails: Rails, weightPerFrameMs = 0.002): Policy {
     let best = c.age;
     let bestJ = Number.POSITIVE_INFINITY;
     const horizon = Math.min(rails.maxEpochMs, c.age + 200);
+    // With pre-sends, the pause carries only what was dirtied since the last one (about an interval's worth).
+    const pausePages = (T: number) => (rails.presendMs ? c.curve.pages(Math.min(T, 1.5 * rails.presendMs)) : c.curve.pages(T));
     for (let T = c.age; T <= horizon; T += Math.max(0.5, (horizon - c.age) / 200)) {
       const pages = c.curve.pages(T);
-      const p = pause.pauseMs(pages);
+      const p = pause.pauseMs(pausePages(T));
       const release = p + transferMs(pages, c.bytesPerMs) + (t.link.rttMs ?? 0.2);
       const extra = T - c.age;
       // frames waiting now wait (oldest + extra + release) on average-ish; new ones arrive uniformly
@@ -167,7 +170,8 @@ export function parsePolicy(spec: string): Policy {
     else if (k === 'max') rails.maxEpochMs = n;
     else if (k === 'backlog') rails.maxBacklog = n;
     else if (k === 'risk-mb') rails.maxRiskBytes = n * 1048576;
-    else throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: unknown setting ${k} (min, max, backlog, risk-mb)`);
+    else if (k === 'presend') rails.presendMs = n;
+    else throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: unknown setting ${k} (min, max, backlog, risk-mb, presend)`);
   }
   if (rails.minEpochMs > rails.maxEpochMs) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: min epoch above max epoch`);
   const arg = num(argRaw, 'the parameter');

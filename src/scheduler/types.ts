@@ -6,6 +6,8 @@ export interface EpochRecord {
   /** Guest run time of the epoch (resume → pause), ms. */
   lengthMs: number;
   dirtyPages: number;
+  /** Of dirtyPages, those the pause itself carried (less than dirtyPages when pre-sends sent the rest). */
+  pausePages?: number;
   /** Guest pause for this checkpoint, ms. */
   pauseMs: number;
   /** Bytes shipped for it. */
@@ -29,6 +31,8 @@ export interface Telemetry {
   link: { bytesPerSec: number | null; rttMs: number | null };
   /** Checkpoints shipped but not yet acknowledged. */
   backlog: number;
+  /** Pre-sends in the running epoch (dirty RAM sent while the guest ran): pages sent, when the last was. */
+  presend?: { pages: number; lastMs: number | null };
 }
 
 export type Decision =
@@ -39,6 +43,8 @@ export interface Policy {
   readonly name: string;
   readonly minEpochMs: number;
   readonly maxEpochMs: number;
+  /** Pre-send the dirty RAM this often while an epoch runs (0/absent: never; needs the patched QEMU). */
+  readonly presendMs?: number;
   decide(t: Telemetry): Decision;
 }
 

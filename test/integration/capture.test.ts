@@ -22,6 +22,17 @@ before(async () => {
   ({ accel, binary, guest } = await testPlatform());
 });
 
+test('route A with pre-sends (QEMU patch 0003): dirty RAM sent while the guest runs joins the next checkpoint; replica identical at sampled pauses; restores', { timeout: 240_000 }, async () => {
+  const r = await runCaptureCheck({ route: 'a', seconds: 1, minCheckpoints: 40, memMb: 128, ratePagesPerMs: 10, epochMs: 100, samples: 5, cpus: 1, presendMs: 20, accel, binary, guest });
+  assert.equal(r.error, undefined);
+  assert.ok((r.presends ?? 0) >= 40, `pre-sends ${r.presends}`);
+  assert.equal(r.mismatchedPages, 0);
+  assert.equal(r.identical, true);
+  assert.equal(r.routesAgree, true, 'every page a full diff found changed was in the checkpoint (pre-sent or paused)');
+  assert.ok((r.pausePagesMedian ?? Infinity) < r.dirtyPagesMedian, `the pause carried ${r.pausePagesMedian} of ${r.dirtyPagesMedian} pages`);
+  assert.equal(r.restored, true);
+});
+
 for (const route of ['a', 'b'] as const) {
   test(`route ${route.toUpperCase()}: 300 checkpoints, replica identical at sampled pauses, last checkpoint restores and continues`, { timeout: 240_000 }, async () => {
     const r = await runCaptureCheck({ route, seconds: 1, minCheckpoints: 300, memMb: 128, ratePagesPerMs: 10, epochMs: 25, samples: 3, cpus: 1, accel, binary, guest });

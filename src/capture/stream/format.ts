@@ -12,6 +12,10 @@
 // then, per checkpoint, COLO messages (be32) on the same socket, both ways.
 
 export const QEMU_VM_FILE_MAGIC = 0x5145564d;
+/** Rubato's QEMU patch 0003: x-checkpoint-delay set to this asks a COLO primary for a pre-send… */
+export const COLO_PRESEND_DELAY_MAGIC = 2147483646;
+/** … which arrives after this be32 ("RBPS") as a RAM section part. */
+export const COLO_PRESEND_MARK = 0x52425053;
 export const QEMU_VM_FILE_VERSION = 3;
 
 export const VM = {

@@ -9,7 +9,7 @@ const log = logger('rubato');
 
 const Options = z.object({
   route: oneOf(['a', 'b'] as const), seconds: int(1, 3600), checkpoints: int(4, 1_000_000), mem: int(64, 65536), rate: num(0, 10000),
-  epochMs: int(1, 60000), samples: int(1, 1000), cpus: int(1, 64), accel: ACCEL, json: z.boolean(),
+  epochMs: int(1, 60000), samples: int(1, 1000), cpus: int(1, 64), accel: ACCEL, json: z.boolean(), presendMs: int(1, 60000).optional(),
 });
 
 export function register(program: Command): void {
@@ -23,13 +23,14 @@ export function register(program: Command): void {
     .option('--epoch-ms <ms>', 'checkpoint period', '25')
     .option('--samples <n>', 'checkpoints compared byte for byte with the paused guest', '3')
     .option('--cpus <n>', 'vCPUs', '1')
+    .option('--presend-ms <ms>', 'route A: pre-send the dirty RAM this often during each epoch (patched QEMU)')
     .option('--json', 'print the summary as one JSON line', false)
     .action(async (raw: unknown) => {
       const o = parseOptions(Options, raw);
       const p = await platform(o.accel);
       const r = await runCaptureCheck({
         route: o.route, seconds: o.seconds, minCheckpoints: o.checkpoints, memMb: o.mem, ratePagesPerMs: o.rate, epochMs: o.epochMs,
-        samples: o.samples, cpus: o.cpus, ...p, onStatus: (s) => log.info(s),
+        samples: o.samples, cpus: o.cpus, ...(o.presendMs ? { presendMs: o.presendMs } : {}), ...p, onStatus: (s) => log.info(s),
       });
       if (!o.json) {
         process.stdout.write(`route ${r.route.toUpperCase()}: ${r.checkpoints} checkpoints, ${r.verified} verified, identical=${r.identical}, restored=${r.restored}, pause median ${r.pauseMsMedian} ms p99 ${r.pauseMsP99} ms\n`);
