@@ -135,7 +135,7 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
     let presends = 0;
     const pausePages: number[] = [];
     while (i < o.minCheckpoints || Date.now() - start < o.seconds * 1000) {
-      // Pre-sends during the epoch, the last one at least one interval before its end.
+      // Pre-sends during the epoch, every interval until the last one before its end.
       while (o.presendMs && capture instanceof ColoCapture && next - performance.now() > 1.5 * o.presendMs) {
         await sleep(o.presendMs);
         await capture.presend();
@@ -143,6 +143,8 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
       }
       const wait = next - performance.now();
       if (wait > 0) await sleep(wait);
+      // A last pass right before the checkpoint: the pause carries only what is written meanwhile.
+      if (o.presendMs && capture instanceof ColoCapture) { await capture.presend(); presends++; }
       next = Math.max(performance.now(), next + o.epochMs);
       i++;
       const sample = i % sampleEvery === 0;

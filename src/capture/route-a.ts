@@ -165,11 +165,18 @@ export class ColoCapture {
   get lastEpoch(): number { return this.epoch; }
 
   /** Pages pre-sent during the running epoch (block:offset → the latest copy); they join its checkpoint. */
-  private readonly present = new Map<string, DirtyPage>();
+  private readonly present = new Map<string, Map<number, DirtyPage>>();
+  private presentCount = 0;
+  private keep(p: DirtyPage): void {
+    let m = this.present.get(p.block);
+    if (!m) this.present.set(p.block, m = new Map());
+    if (!m.has(p.offset)) this.presentCount++;
+    m.set(p.offset, p);
+  }
   /** This QEMU can pre-send (Rubato's patched QEMU). */
   get canPresend(): boolean { return this.vm.canPresend; }
   /** Pre-sent pages waiting for the next checkpoint. */
-  get presentPages(): number { return this.present.size; }
+  get presentPages(): number { return this.presentCount; }
 
   /**
    * Pre-send (QEMU patch 0003): with the guest running, QEMU sends the RAM dirtied since the last
@@ -199,8 +206,8 @@ export class ColoCapture {
         let n = 0;
         await readRamRecords(this.reader, this.st, {
           // copied: the stream's chunks are not pinned for the rest of the epoch
-          page: (block, offset, data) => { this.present.set(`${block}:${offset}`, { block, offset, data: Buffer.from(data) }); n++; },
-          zero: (block, offset, fill) => { this.present.set(`${block}:${offset}`, { block, offset, data: null, fill }); n++; },
+          page: (block, offset, data) => { this.keep({ block, offset, data: Buffer.from(data) }); n++; },
+          zero: (block, offset, fill) => { this.keep({ block, offset, data: null, fill }); n++; },
         });
         await readFooter(this.reader, sid);
         return n;
@@ -299,27 +306,20 @@ export class ColoCapture {
     };
     const { counts, deviceState } = await withTimeout(read(), timeoutMs, `checkpoint ${this.epoch + 1} of VM ${this.vm.spec.name} did not arrive`);
     const tLocal = performance.now();
-    let all = pages;
-    if (this.present.size) {
-      // The epoch's pre-sent pages first, each left out where the pause sent a later copy.
-      const later = new Set(pages.map((p) => `${p.block}:${p.offset}`));
-      const early = [...this.present.entries()].filter(([k]) => !later.has(k)).map(([, p]) => p);
-      this.present.clear();
-      all = early.concat(pages);
-    }
-    const presentPages = all.length - pages.length;
     this.epoch++;
     const cp: Checkpoint = {
       epoch: this.epoch,
       route: 'a',
-      pages: all,
-      ...(presentPages ? { presentPages } : {}),
+      pages,
       deviceState,
       ramBytes,
       zeroPages: counts.zeros,
       pausedAtMs,
       timings: { captureMs: tLocal - tRequest, pauseMsLocal: 0, heldMs: 0 },
     };
+    // The epoch's pre-sent pages join it: before the hooks when one must see the whole checkpoint
+    // paused (verification), else once the guest runs again (bookkeeping is no reason to pause).
+    if (opts.hold) this.joinPresent(cp);
     await opts.onLocal?.(cp);
     this.sock.write(coloMessage(COLO_MSG.VMSTATE_RECEIVED));
     if (opts.hold) {
@@ -331,8 +331,29 @@ export class ColoCapture {
     this.resumePending = { done, resolve };
     this.sock.write(coloMessage(COLO_MSG.VMSTATE_LOADED));
     cp.timings.pauseMsLocal = performance.now() - tRequest;
+    this.joinPresent(cp);
     log.debug('checkpoint', { vm: this.vm.spec.name, epoch: cp.epoch, pages: pages.length, triggerMs: (tRequest - tTrigger).toFixed(2), captureMs: cp.timings.captureMs.toFixed(2) });
     return cp;
+  }
+
+  /** Puts the pre-sent pages first in `cp`, each left out where the pause (or the disk) sent a later copy. */
+  private joinPresent(cp: Checkpoint): void {
+    if (!this.presentCount) return;
+    const early: DirtyPage[] = [];
+    const later = new Map<string, Set<number>>();
+    for (const p of cp.pages) {
+      let set = later.get(p.block);
+      if (!set) later.set(p.block, set = new Set());
+      set.add(p.offset);
+    }
+    for (const [block, byOffset] of this.present) {
+      const seen = later.get(block);
+      for (const [offset, p] of byOffset) if (!seen?.has(offset)) early.push(p);
+    }
+    this.present.clear();
+    this.presentCount = 0;
+    cp.presentPages = early.length;
+    cp.pages = early.concat(cp.pages);
   }
 
   /** Ends COLO on the primary and makes sure the guest runs (unprotected). Never throws. */

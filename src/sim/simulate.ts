@@ -167,16 +167,22 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
           t += stepMs;
           step();
         }
-        const pages = Math.round(w.dirtyPages(t - pipe.epochStartedMs, pipe.epochStartedMs));
+        const age = t - pipe.epochStartedMs;
+        const pages = Math.round(w.dirtyPages(age, pipe.epochStartedMs));
+        // With pre-sends every `every` ms of a long epoch the pause carries only about the last
+        // interval's dirty pages (the rest went out while the guest ran; the passes' own cost on
+        // the guest is not modelled).
+        const every = policy.presendMs ?? 0;
+        const pausePages = every > 0 && age > 1.5 * every ? Math.min(pages, Math.round(w.dirtyPages(every, pipe.epochStartedMs + age - every))) : pages;
         // A pause taken while the standby still works on an earlier checkpoint shares the host with it.
-        const pause = w.pauseMs(pages) + (acks.length > 0 ? (w.pauseBusyMs ?? 0) : 0);
+        const pause = w.pauseMs(pausePages) + (acks.length > 0 ? (w.pauseBusyMs ?? 0) : 0);
         const bytes = w.checkpointBytes ? w.checkpointBytes(pages) : pages * PAGE_BYTES + 32_000;
         pipe.paused(d.epoch, t);
         t += pause;
         pausedMs += pause;
         for (const c of clients) if (c.sent < perStage) c.nextAt += pause + (w.guestStallMs ?? 0);
         engineBusyUntil = t + (w.guestStallMs ?? 0);
-        pipe.capturedCheckpoint(d.epoch, { dirtyPages: pages, pauseMs: pause, bytes, resumedMs: t });
+        pipe.capturedCheckpoint(d.epoch, { dirtyPages: pages, pausePages, pauseMs: pause, bytes, resumedMs: t });
         epochs.push(pipe.history.at(-1)!);
         pipe.sent(d.epoch, t);
         const sendStart = Math.max(linkFree, t);

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { parsePolicy, POLICY_NAMES, DEFAULT_RAILS, fitDirtyCurve, type Telemetry, type EpochRecord } from '../../src/scheduler/index.ts';
+import { parsePolicy, POLICY_NAMES, DEFAULT_RAILS, fitDirtyCurve, fitPause as fitPauseOf, type Telemetry, type EpochRecord } from '../../src/scheduler/index.ts';
 import { simulate, syntheticWorkload } from '../../src/sim/simulate.ts';
 import { median } from '../../src/util/stats.ts';
 
@@ -95,4 +95,20 @@ test('policy specs are checked with clear errors', () => {
   assert.throws(() => parsePolicy('fixed:-3'), /positive/);
   assert.throws(() => parsePolicy('adaptive,min=50,max=10'), /min epoch above max/);
   assert.equal(parsePolicy('fixed:25ms').name, 'fixed:25ms');
+});
+
+test('pre-sends: a policy setting; the simulator charges the pause only the last interval\'s pages; the pause fit uses the pages a pause carried', () => {
+  const p = parsePolicy('model,presend=50');
+  assert.equal(p.presendMs, 50);
+  assert.match(p.name, /presend:50ms/);
+  assert.equal(parsePolicy('model').presendMs, undefined);
+  const w = syntheticWorkload({ pagesPerMs: 10, exponent: 0.9 });
+  const without = simulate(parsePolicy('model'), w, 20_000);
+  const withPresend = simulate(parsePolicy('model,presend=50'), w, 20_000);
+  assert.ok(withPresend.pausedMs < without.pausedMs / 2, `paused ${withPresend.pausedMs} ms against ${without.pausedMs} ms`);
+  assert.ok(withPresend.epochs.some((e) => e.pausePages !== undefined && e.pausePages < e.dirtyPages));
+  // Pauses of 2 ms for 100 pages carried and 10 ms for 500, whatever the epochs dirtied in all.
+  const hist: EpochRecord[] = [100, 500, 100, 500].map((n, i) => ({ lengthMs: 500, dirtyPages: 4000 + i, pausePages: n, pauseMs: n === 100 ? 2 : 10, bytes: 1, transferMs: 1, outputFrames: 0 }));
+  const fit = fitPauseOf(hist);
+  assert.ok(Math.abs(fit.perPageMs - 0.02) < 1e-9 && Math.abs(fit.fixedMs) < 1e-9 + 0.05, `per page ${fit.perPageMs}, fixed ${fit.fixedMs}`);
 });

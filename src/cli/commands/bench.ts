@@ -32,10 +32,20 @@ function workloads() {
   });
 }
 
+/** A comma-separated list of policies; a `key=value` item is a setting of the policy before it (model,presend=50,adaptive). */
+export function splitPolicies(v: string): string[] {
+  const out: string[] = [];
+  for (const x of v.split(',').map((y) => y.trim())) {
+    if (x.includes('=') && out.length) out[out.length - 1] += `,${x}`;
+    else out.push(x);
+  }
+  return out;
+}
+
 function policies() {
   return z.string().optional().transform((v, ctx) => {
     if (v === undefined) return undefined;
-    const l = v.split(',').map((x) => x.trim());
+    const l = splitPolicies(v);
     for (const p of l) {
       const r = policy().safeParse(p);
       if (!r.success) { ctx.addIssue({ code: 'custom', message: r.error.issues[0]!.message }); return z.NEVER; }
