@@ -123,7 +123,8 @@ export function restoreIo(runDir: string, ns?: string): { prepare: (identity: Id
     current: () => io,
     prepare: async (identity, store) => {
       const hasDisk = store.blocks.some((b) => b.id === DISK_BLOCK_ID);
-      io = await startHostIo(identity.spec, runDir, 'active', hasDisk ? store.imagePath(DISK_BLOCK_ID) : null, ns);
+      // Tagged with the VM's name: one host may run several VMs' restored guests (their TAPs differ).
+      io = await startHostIo(identity.spec, runDir, `${identity.vm}-active`, hasDisk ? store.imagePath(DISK_BLOCK_ID) : null, ns);
       return { ...(io.netSocket ? { netSocket: io.netSocket } : {}), ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) };
     },
   };

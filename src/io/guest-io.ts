@@ -2,6 +2,7 @@
 // TAP on the host's bridge, and its NBD disk server. Started before QEMU (primary) or at failover
 // (standby: attaching the TAP any earlier would queue frames for a guest that is not running).
 
+import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
 import { RubatoError } from '../util/errors.ts';
@@ -19,7 +20,7 @@ export class GuestIo {
 
   /** `site`: the bridge the guest's TAP joins (and its namespace, in test topologies). */
   static async start(site: TapSite, dir: string, tag: string, diskImage: string | null): Promise<GuestIo> {
-    const tap = `tap${tag}`.slice(0, 15);
+    const tap = tapName(tag);
     const bin = await ensureTapRelay();
     const relay = new NetRelay(join(dir, `${tag}.net`));
     await relay.start();
@@ -59,4 +60,14 @@ export class GuestIo {
     await this.nbd?.close();
     await delTap(this.site, this.tap);
   }
+}
+
+/**
+ * The TAP device of the guest tagged `tag`: `tap` + the tag when that fits an interface name (15
+ * characters), else its first 6 characters and 6 hex digits of its hash — two guests whose tags
+ * share a prefix never get the same device.
+ */
+export function tapName(tag: string): string {
+  const plain = `tap${tag}`;
+  return plain.length <= 15 ? plain : `tap${tag.slice(0, 6)}${createHash('sha256').update(tag).digest('hex').slice(0, 6)}`;
 }

@@ -37,3 +37,13 @@ test('layout: the pure modules (pipeline, output commit, scheduler, codecs) touc
   }
   assert.deepEqual(bad, []);
 });
+
+test('TAP names: at most 15 characters, distinct for tags that share a long prefix', async () => {
+  const { tapName } = await import('../../src/io/guest-io.ts');
+  assert.equal(tapName('g0'), 'tapg0');
+  const a = tapName('webserver-prod-1-active');
+  const b = tapName('webserver-prod-2-active');
+  assert.ok(a.length <= 15 && b.length <= 15, `${a} ${b}`);
+  assert.notEqual(a, b);
+  assert.notEqual(tapName('vm1-active'), tapName('vm2-active'));
+});
