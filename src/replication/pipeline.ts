@@ -251,9 +251,12 @@ export class EpochPipeline<F extends Sized = Buffer> {
     return this.closed;
   }
 
-  /** A pre-send of `pages` dirty pages finished at `nowMs` (the guest ran meanwhile); they join the next checkpoint. */
+  /**
+   * A pre-send of `pages` dirty pages finished at `nowMs` (the guest ran meanwhile); they join the
+   * next checkpoint — also when it is the last pass right before that checkpoint's pause.
+   */
   presented(pages: number, nowMs: number): void {
-    assert(this.ph === 'protecting' && this.capturing === null, `pipeline: a pre-send while ${this.ph}${this.capturing === null ? '' : ', capturing'}`);
+    assert(this.ph === 'protecting' && this.closed === null, `pipeline: a pre-send while ${this.ph}${this.closed ? ', paused' : ''}`);
     this.present = { pages: this.present.pages + pages, lastMs: nowMs };
   }
 

@@ -415,6 +415,13 @@ export class PrimaryController {
       if (c.cmd === 'fence') { await this.fence(link, capture, c.epoch); return; }
       if (c.cmd !== 'capture') continue;
       log.debug('checkpoint decision', { policy: pipe.policy.name, reason: c.reason, ageMs: (decidedMs - pipe.epochStartedMs).toFixed(1) });
+      // With pre-sends on, a long epoch gets a last pass right before its pause: the pause then
+      // carries only what is written during that pass. (Not when output waits: it would wait longer.)
+      const every = pipe.policy.presendMs ?? 0;
+      if (every > 0 && capture.canPresend && decidedMs - pipe.epochStartedMs > 1.5 * every && this.commit.openStats(decidedMs).frames === 0) {
+        const r = await capture.presend();
+        pipe.presented(r.pages, performance.now());
+      }
       await this.checkpoint(link, capture, c.epoch, decidedMs, status);
       if (status.due(performance.now())) this.emitStatus(link, status);
     }

@@ -173,7 +173,12 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         // interval's dirty pages (the rest went out while the guest ran; the passes' own cost on
         // the guest is not modelled).
         const every = policy.presendMs ?? 0;
-        const pausePages = every > 0 && age > 1.5 * every ? Math.min(pages, Math.round(w.dirtyPages(every, pipe.epochStartedMs + age - every))) : pages;
+        // … and with no output waiting, a last pass right before the pause: the pause carries what
+        // is dirtied while that pass sends the last interval's pages (at the pause's per-page cost).
+        const lastInterval = every > 0 && age > 1.5 * every ? Math.min(pages, w.dirtyPages(every, pipe.epochStartedMs + age - every)) : pages;
+        const passMs = w.pauseMs(lastInterval) - w.pauseMs(0);
+        const pausePages = lastInterval === pages ? pages
+          : Math.round(commit.openStats(t).frames === 0 ? Math.min(lastInterval, w.dirtyPages(Math.max(0.1, passMs), t)) : lastInterval);
         // A pause taken while the standby still works on an earlier checkpoint shares the host with it.
         const pause = w.pauseMs(pausePages) + (acks.length > 0 ? (w.pauseBusyMs ?? 0) : 0);
         const bytes = w.checkpointBytes ? w.checkpointBytes(pages) : pages * PAGE_BYTES + 32_000;
