@@ -205,8 +205,9 @@ export class ColoCapture {
         }
         let n = 0;
         await readRamRecords(this.reader, this.st, {
-          // copied: the stream's chunks are not pinned for the rest of the epoch
-          page: (block, offset, data) => { this.keep({ block, offset, data: Buffer.from(data) }); n++; },
+          // (not copied: a page is a slice of the socket's chunk or a buffer of its own, never reused;
+          // the chunks it pins are mostly its fellow pages)
+          page: (block, offset, data) => { this.keep({ block, offset, data }); n++; },
           zero: (block, offset, fill) => { this.keep({ block, offset, data: null, fill }); n++; },
         });
         await readFooter(this.reader, sid);
