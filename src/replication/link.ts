@@ -14,7 +14,7 @@ import { decodeTime, encodeTime } from './protocol/messages.ts';
 
 const log = logger('link');
 const MAX_QUEUED_FRAMES = 10_000;
-/** Frames at least this large go out slice by slice as they are encrypted (sendStreamed). */
+/** Frames at least this large go out slice by slice as they are encrypted (sendParts). */
 const STREAM_FROM_BYTES = 256 << 10;
 const STREAM_SLICE_BYTES = 64 << 10;
 
@@ -139,7 +139,11 @@ export class Link extends EventEmitter {
     if (opts.flushed) flushed = new Promise<void>((resolve, reject) => { this.socket.write(mac, (e) => (e ? reject(e) : resolve())); });
     else ok = this.socket.write(mac);
     this.socket.uncork();
-    if (flushed) return flushed;
+    return flushed ?? this.drained(ok);
+  }
+
+  /** At once when the socket took the last write below its high-water mark, else when it drains. */
+  private drained(ok: boolean): Promise<void> {
     if (ok) return Promise.resolve();
     return new Promise((resolve, reject) => { this.drainWaiters.push({ resolve, reject }); });
   }
@@ -156,8 +160,7 @@ export class Link extends EventEmitter {
       this.stats.bytesSent += piece.length;
       ok = this.socket.write(piece);
     }
-    if (ok) return Promise.resolve();
-    return new Promise((resolve, reject) => { this.drainWaiters.push({ resolve, reject }); });
+    return this.drained(ok);
   }
 
   /**

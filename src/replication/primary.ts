@@ -401,11 +401,7 @@ export class PrimaryController {
         if (every > 0 && capture.canPresend && c.untilMs - decidedMs > 1.5 * every) {
           await this.idle(every);
           const last = Math.max(pipe.epochStartedMs, lastPresendMs);
-          if (performance.now() - last >= every && pipe.phase === 'protecting' && !link.closed) {
-            const r = await capture.presend();
-            lastPresendMs = performance.now();
-            pipe.presented(r.pages, lastPresendMs);
-          }
+          if (performance.now() - last >= every && pipe.phase === 'protecting' && !link.closed) lastPresendMs = await this.presend(capture);
           continue;
         }
         await this.idle(c.untilMs - decidedMs);
@@ -418,13 +414,18 @@ export class PrimaryController {
       // With pre-sends on, a long epoch gets a last pass right before its pause: the pause then
       // carries only what is written during that pass. (Not when output waits: it would wait longer.)
       const every = pipe.policy.presendMs ?? 0;
-      if (every > 0 && capture.canPresend && decidedMs - pipe.epochStartedMs > 1.5 * every && this.commit.openStats(decidedMs).frames === 0) {
-        const r = await capture.presend();
-        pipe.presented(r.pages, performance.now());
-      }
+      if (every > 0 && capture.canPresend && decidedMs - pipe.epochStartedMs > 1.5 * every && this.commit.openStats(decidedMs).frames === 0) await this.presend(capture);
       await this.checkpoint(link, capture, c.epoch, decidedMs, status);
       if (status.due(performance.now())) this.emitStatus(link, status);
     }
+  }
+
+  /** One pre-send of the dirty RAM (the guest runs meanwhile); returns when it ended. */
+  private async presend(capture: ColoCapture): Promise<number> {
+    const r = await capture.presend();
+    const endMs = performance.now();
+    this.pipeline.presented(r.pages, endMs);
+    return endMs;
   }
 
   /** Takes checkpoint `epoch`, ships it; the guest runs again as soon as it is local. */

@@ -3,6 +3,9 @@
 import { RUBATO_COMMAND } from '../../src/setup/index.ts';
 import { spawnTracked, type TrackedProcess } from '../../src/util/procs.ts';
 import { LineSplitter } from '../../src/util/async.ts';
+import { join } from 'node:path';
+import { writeFileSync } from 'node:fs';
+import { writeKeyFile } from '../../src/replication/keyfile.ts';
 
 export type Ev = Record<string, unknown>;
 export const RUBATO_BIN = RUBATO_COMMAND;
@@ -16,3 +19,12 @@ export function rubatoProcess(name: string, args: string[], logLevel = 'warn'): 
 }
 
 export const alive = (pid: number): boolean => { try { process.kill(pid, 0); return true; } catch { return false; } };
+
+/** A pre-shared key and a VM definition of the test guest (a slow memory dirtier) in `dir`, for a pair run by the product commands. */
+export function writeTestVm(dir: string, name: string, guest: { kernel: string; initrd: string }): { key: string; vmFile: string } {
+  const key = join(dir, 'psk');
+  writeKeyFile(key);
+  const vmFile = join(dir, 'vm.json');
+  writeFileSync(vmFile, JSON.stringify({ name, memoryMiB: 128, accelerator: 'auto', boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,2,8' } }));
+  return { key, vmFile };
+}

@@ -7,15 +7,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync } from 'node:fs';
 import { chromium, type Browser } from 'playwright-core';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { runCommand, type TrackedProcess } from '../../src/util/procs.ts';
-import { writeKeyFile } from '../../src/replication/keyfile.ts';
 import { waitFor } from '../../src/util/async.ts';
 import { ensureBrowser, REPO_ROOT } from '../../src/setup/index.ts';
 import { testPlatform } from '../helpers/platform.ts';
-import { RUBATO_BIN, rubatoProcess, type Ev } from '../helpers/rubato.ts';
+import { RUBATO_BIN, rubatoProcess, writeTestVm, type Ev } from '../helpers/rubato.ts';
 
 const env = { ...process.env, RUBATO_LOG: 'warn' };
 const ARTIFACTS = join(REPO_ROOT, 'test-artifacts');
@@ -34,10 +33,7 @@ test('metrics, status and the live dashboard of a pair; the dashboard shows the 
   const { guest } = await testPlatform();
   const executablePath = await ensureBrowser();
   const dir = makeTempDir('rubato-dash-');
-  const key = join(dir, 'psk');
-  writeKeyFile(key);
-  const vmFile = join(dir, 'vm.json');
-  writeFileSync(vmFile, JSON.stringify({ name: 'dash1', memoryMiB: 128, accelerator: 'auto', boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,2,8' } }));
+  const { key, vmFile } = writeTestVm(dir, 'dash1', guest);
   const port = 20000 + Math.floor(Math.random() * 20000);
   const link = ['--heartbeat-ms', '50', '--timeout-ms', '800'];
   const observe = ['--metrics', '127.0.0.1:0', '--http', '127.0.0.1:0'];

@@ -6,13 +6,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { writeFileSync } from 'node:fs';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { runCommand, type TrackedProcess } from '../../src/util/procs.ts';
-import { writeKeyFile } from '../../src/replication/keyfile.ts';
 import { waitFor } from '../../src/util/async.ts';
 import { testPlatform } from '../helpers/platform.ts';
-import { RUBATO_BIN, alive, rubatoProcess, type Ev } from '../helpers/rubato.ts';
+import { RUBATO_BIN, alive, rubatoProcess, writeTestVm, type Ev } from '../helpers/rubato.ts';
 
 const BIN = RUBATO_BIN;
 const env = { ...process.env, RUBATO_LOG: 'warn' };
@@ -23,10 +21,7 @@ const counter = (e: Ev) => Number(String(e['line']).match(/work=(\d+)/)?.[1] ?? 
 test('rubato switchover: the VM moves to the standby with no reboot, the old primary becomes its standby; rubato status on both', { timeout: 300_000 }, async () => {
   const { guest } = await testPlatform();
   const dir = makeTempDir('rubato-switch-');
-  const key = join(dir, 'psk');
-  writeKeyFile(key);
-  const vmFile = join(dir, 'vm.json');
-  writeFileSync(vmFile, JSON.stringify({ name: 'sw1', memoryMiB: 128, accelerator: 'auto', boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,2,8' } }));
+  const { key, vmFile } = writeTestVm(dir, 'sw1', guest);
   const portA = 20000 + Math.floor(Math.random() * 20000);
   const portB = portA + 1;
   const link = ['--heartbeat-ms', '50', '--timeout-ms', '800'];

@@ -113,14 +113,19 @@ function header(type: number, generation: number, epoch: number, seq: number, bo
   return head;
 }
 
+/** The header of a frame carrying `payloadBytes`, refused above the frame limit. */
+function frameHead(f: Omit<Frame, 'payload'>, payloadBytes: number, k: FrameKey): Buffer {
+  const body = HEADER_BYTES - 4 + payloadBytes + tagBytes(k);
+  if (body + 4 > MAX_FRAME_BYTES) throw protocolError(`frame of ${body + 4} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
+  return header(f.type, f.generation ?? 0, f.epoch, f.seq, body);
+}
+
 /**
  * A frame as three buffers — header, body, tag — so that a record of megabytes goes to the socket
  * without being joined to its header; in a session the body is the payload encrypted.
  */
 export function encodeFrameParts(f: Frame, k: FrameKey): [Buffer, Buffer, Buffer] {
-  const body = HEADER_BYTES - 4 + f.payload.length + tagBytes(k);
-  if (body + 4 > MAX_FRAME_BYTES) throw protocolError(`frame of ${body + 4} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
-  const head = header(f.type, f.generation ?? 0, f.epoch, f.seq, body);
+  const head = frameHead(f, f.payload.length, k);
   if (k.kind === 'hmac') return [head, f.payload, createHmac('sha256', k.key).update(head).update(f.payload).digest()];
   const c = createCipheriv('aes-256-gcm', k.key, nonceOf(f.seq));
   c.setAAD(head);
@@ -135,9 +140,7 @@ export function encodeFrameParts(f: Frame, k: FrameKey): [Buffer, Buffer, Buffer
  * the peer decrypting them) while the rest is still being encrypted.
  */
 export function* encodeFrameSlices(f: Omit<Frame, 'payload'>, payload: { parts: readonly Buffer[]; length: number }, k: FrameKey, sliceBytes: number): Generator<Buffer> {
-  const body = HEADER_BYTES - 4 + payload.length + tagBytes(k);
-  if (body + 4 > MAX_FRAME_BYTES) throw protocolError(`frame of ${body + 4} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
-  const head = header(f.type, f.generation ?? 0, f.epoch, f.seq, body);
+  const head = frameHead(f, payload.length, k);
   if (k.kind === 'hmac') {
     const mac = createHmac('sha256', k.key).update(head);
     yield head;
