@@ -181,11 +181,12 @@ export class ColoCapture {
   /**
    * Pre-send (QEMU patch 0003): with the guest running, QEMU sends the RAM dirtied since the last
    * checkpoint or pre-send; the pages are kept here and join the next checkpoint, whose pause then
-   * carries only what was written after this. A page written again later is sent again (QEMU's
+   * carries only what was written after this — or, with `handOver`, go to the caller at once (the
+   * primary streams them to the standby's staging) and the checkpoint carries only its pause's. A page written again later is sent again (QEMU's
    * dirty log restarts at the sync) and the later copy wins. On any failure the capture fails as a
    * checkpoint's would (the guest runs on unprotected).
    */
-  async presend(): Promise<{ pages: number; ms: number }> {
+  async presend(handOver?: (pages: DirtyPage[]) => void): Promise<{ pages: number; ms: number }> {
     if (!this.vm.canPresend) throw new RubatoError('RUBATO_CAPTURE_FAILED', `the QEMU of VM ${this.vm.spec.name} cannot pre-send dirty RAM (Rubato's patched QEMU can)`);
     if (this.failed) throw new RubatoError('RUBATO_CAPTURE_FAILED', `capture of VM ${this.vm.spec.name} has failed: ${this.failed.message}`);
     assert(!this.busy, 'one checkpoint or pre-send at a time');
@@ -203,18 +204,20 @@ export class ColoCapture {
         if (t !== VM.SECTION_PART || sid !== this.st.ramSectionId) {
           throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream of VM ${this.vm.spec.name}: a pre-send must be a RAM section part, got type 0x${t.toString(16)} section ${sid}`);
         }
-        let n = 0;
+        // (not copied: a page is a slice of the socket's chunk or a buffer of its own, never reused;
+        // the chunks it pins are mostly its fellow pages)
+        const got: DirtyPage[] = [];
         await readRamRecords(this.reader, this.st, {
-          // (not copied: a page is a slice of the socket's chunk or a buffer of its own, never reused;
-          // the chunks it pins are mostly its fellow pages)
-          page: (block, offset, data) => { this.keep({ block, offset, data }); n++; },
-          zero: (block, offset, fill) => { this.keep({ block, offset, data: null, fill }); n++; },
+          page: (block, offset, data) => { got.push({ block, offset, data }); },
+          zero: (block, offset, fill) => { got.push({ block, offset, data: null, fill }); },
         });
         await readFooter(this.reader, sid);
-        return n;
+        return got;
       };
       const pages = await withTimeout(read(), timeoutMs, `pre-send of VM ${this.vm.spec.name} did not arrive`);
-      return { pages, ms: performance.now() - t0 };
+      if (handOver) handOver(pages);
+      else for (const p of pages) this.keep(p);
+      return { pages: pages.length, ms: performance.now() - t0 };
     } catch (e) {
       await this.abort(e as Error);
       throw e;

@@ -10,7 +10,7 @@ import { sleep } from '../util/async.ts';
 import { QemuVm } from '../qemu/vm.ts';
 import { ColoCapture } from '../capture/route-a.ts';
 import { PauseMeter } from '../capture/pause-meter.ts';
-import type { Checkpoint, RamBlockInfo } from '../capture/checkpoint.ts';
+import type { Checkpoint, DirtyPage, RamBlockInfo } from '../capture/checkpoint.ts';
 import { OutputCommit } from '../commit/output-commit.ts';
 import type { NetRelay } from '../io/net/relay.ts';
 import type { NbdServer } from '../io/disk/nbd-server.ts';
@@ -22,7 +22,7 @@ import { FrameType, type Frame } from './protocol/frame.ts';
 import { decodeAckTimings, type Identity } from './protocol/messages.ts';
 import { BaseSender, sendDiskExtents } from './base-sender.ts';
 import { allocatedExtents, extentBytes } from '../io/disk/extents.ts';
-import { encodeRecordParts, type RecordParts } from './protocol/record.ts';
+import { encodePresendParts, encodeRecordParts, type RecordParts } from './protocol/record.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
 import { GarbageMeter, collectNow } from '../util/gc.ts';
 import type { CheckpointObserver } from './observer.ts';
@@ -342,6 +342,7 @@ export class PrimaryController {
     // QEMU sends it, the disk's allocated extents copied first (its writes from then on are logged
     // and go with the image), nothing of either collected here.
     pipe.startSync();
+    this.presentThisEpoch = 0;
     const nbd = this.o.nbd;
     const diskBlock = nbd ? { id: DISK_BLOCK_ID, lengthBytes: nbd.sizeBytes } : null;
     const extents = nbd ? await allocatedExtents(nbd.imagePath) : [];
@@ -401,7 +402,7 @@ export class PrimaryController {
         if (every > 0 && capture.canPresend && c.untilMs - decidedMs > 1.5 * every) {
           await this.idle(every);
           const last = Math.max(pipe.epochStartedMs, lastPresendMs);
-          if (performance.now() - last >= every && pipe.phase === 'protecting' && !link.closed) lastPresendMs = await this.presend(capture);
+          if (performance.now() - last >= every && pipe.phase === 'protecting' && !link.closed) lastPresendMs = await this.presend(link, capture);
           continue;
         }
         await this.idle(c.untilMs - decidedMs);
@@ -414,19 +415,36 @@ export class PrimaryController {
       // With pre-sends on, a long epoch gets a last pass right before its pause: the pause then
       // carries only what is written during that pass. (Not when output waits: it would wait longer.)
       const every = pipe.policy.presendMs ?? 0;
-      if (every > 0 && capture.canPresend && decidedMs - pipe.epochStartedMs > 1.5 * every && this.commit.openStats(decidedMs).frames === 0) await this.presend(capture);
+      if (every > 0 && capture.canPresend && decidedMs - pipe.epochStartedMs > 1.5 * every && this.commit.openStats(decidedMs).frames === 0) await this.presend(link, capture);
       await this.checkpoint(link, capture, c.epoch, decidedMs, status);
       if (status.due(performance.now())) this.emitStatus(link, status);
     }
   }
 
-  /** One pre-send of the dirty RAM (the guest runs meanwhile); returns when it ended. */
-  private async presend(capture: ColoCapture): Promise<number> {
-    const r = await capture.presend();
+  /**
+   * One pre-send of the dirty RAM (the guest runs meanwhile): its pages go to the standby at once,
+   * which stages them for the coming checkpoint (committed only with it; a later copy of a page,
+   * from another pass or the pause, replaces them). Returns when it ended.
+   */
+  private async presend(link: Link, capture: ColoCapture): Promise<number> {
+    const epoch = this.pipeline.capturedEpoch + 1;
+    const r = await capture.presend((pages) => this.shipPresent(link, epoch, pages));
+    this.presentThisEpoch += r.pages;
     const endMs = performance.now();
     this.pipeline.presented(r.pages, endMs);
     return endMs;
   }
+
+  /** Pre-sent pages of the coming checkpoint `epoch`, to the standby's staging (in order with the checkpoints: same link). */
+  private shipPresent(link: Link, epoch: number, pages: DirtyPage[]): void {
+    if (!pages.length) return;
+    const parts = encodePresendParts(epoch, pages, this.blocks);
+    const bytes = parts.length;
+    link.sendParts(FrameType.PRESEND, epoch, parts).then(() => this.garbage.add(bytes * 2), (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
+  }
+
+  /** Pages pre-sent (and streamed) in the running epoch. */
+  private presentThisEpoch = 0;
 
   /** Takes checkpoint `epoch`, ships it; the guest runs again as soon as it is local. */
   private async checkpoint(link: Link, capture: ColoCapture, epoch: number, decidedMs: number, status: StatusMeter): Promise<void> {
@@ -465,9 +483,12 @@ export class PrimaryController {
       ...(hold ? { hold } : {}),
     });
     const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
+    // Its pre-sent pages are staged on the standby already: the record carries the pause's.
+    cp.presentPages = this.presentThisEpoch;
+    this.presentThisEpoch = 0;
     const record = encodeRecordParts(cp, this.blocks); // the pages are referenced, not copied
     this.pipeline.capturedCheckpoint(epoch, {
-      dirtyPages: cp.pages.length, pausePages: cp.pages.length - (cp.presentPages ?? 0), pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs, encodedMs: performance.now(),
+      dirtyPages: cp.pages.length + cp.presentPages, pausePages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs, encodedMs: performance.now(),
     });
     this.counterAt.set(epoch, counter);
     return { cp, record, pauseBeganMs };

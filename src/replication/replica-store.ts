@@ -200,17 +200,20 @@ export class ReplicaStore {
    * with its commit point written behind it, in order (Remus' choice: what a crash of this host
    * within that window loses is in docs/replication.md). Either way settled() waits for all of it.
    */
-  async commitRecord(record: Buffer, frameEpoch: number, durability: Durability = 'disk'): Promise<CheckpointRecord> {
+  async commitRecord(record: Buffer, frameEpoch: number, durability: Durability = 'disk', staged: readonly DirtyPage[] = []): Promise<CheckpointRecord> {
     if (this.applyError) throw this.applyError;
     // A write-behind backlog past its bound is waited for: memory stays bounded, the ack slows.
     if (this.pending >= MAX_BEHIND || this.pendingBytes >= MAX_BEHIND_BYTES || (this.merge?.recordBytes ?? 0) >= MAX_MERGED_RECORD_BYTES) await this.settled();
-    const rec = decodeRecord(record, this.meta.blocks); // checks every page against the layout
-    this.checkFollows(rec, frameEpoch);
+    const sent = decodeRecord(record, this.meta.blocks); // checks every page against the layout
+    this.checkFollows(sent, frameEpoch);
+    // Pages pre-sent for this checkpoint (checked when they arrived) come first: its own copies win.
+    const rec: CheckpointRecord = staged.length ? { epoch: sent.epoch, pages: staged.concat(sent.pages), deviceState: sent.deviceState } : sent;
+    const stagedBytes = staged.length * PAGE_SIZE;
     if (durability === 'memory') {
-      this.acceptBehind(rec, record.length);
+      this.acceptBehind(rec, record.length + stagedBytes);
       return rec;
     }
-    await this.accept(rec, record);
+    await this.accept(rec, staged.length ? encodeRecord(rec, this.meta.blocks) : record);
     return rec;
   }
 

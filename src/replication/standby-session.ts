@@ -1,6 +1,7 @@
 // One authenticated primary's session on the standby: the full image (BASE_BEGIN, BASE_DATA…,
 // BASE_END) and then one CKPT frame per checkpoint, handled strictly in order, each acknowledged
-// only once committed. Frames waiting to be handled are bounded: above a high-water mark the link
+// only once committed; PRESEND frames before a checkpoint's CKPT stage pages of it
+// (present-stage.ts) that commit only with it. Frames waiting to be handled are bounded: above a high-water mark the link
 // stops reading its socket (TCP pushes back on the primary) until the backlog drains.
 
 import { RubatoError, errorMessage } from '../util/errors.ts';
@@ -8,7 +9,9 @@ import { logger } from '../util/log.ts';
 import type { Link } from './link.ts';
 import { FrameType, GCM_TAG_BYTES, HEADER_BYTES, MAX_FRAME_BYTES, frameTypeName, type Frame } from './protocol/frame.ts';
 import { decodeBaseData, decodeBaseFill, decodeLayout, encodeAckTimings, type Layout } from './protocol/messages.ts';
-import { recordMaxBytes, type CheckpointRecord } from './protocol/record.ts';
+import { decodePresend, recordMaxBytes, type CheckpointRecord } from './protocol/record.ts';
+import { PresentStage } from './present-stage.ts';
+import type { DirtyPage } from '../capture/checkpoint.ts';
 
 const log = logger('standby');
 const HIGH_WATER_BYTES = 64 << 20;
@@ -29,7 +32,8 @@ export interface BaseReceiver {
 /** What the session needs from its controller. */
 export interface SessionHost {
   baseBegin(layout: Layout): Promise<BaseReceiver>;
-  commit(record: Buffer, frameEpoch: number): Promise<CheckpointRecord>;
+  /** Commits a checkpoint: its pre-sent pages `staged`, then its record's (a later copy wins). */
+  commit(record: Buffer, frameEpoch: number, staged: DirtyPage[]): Promise<CheckpointRecord>;
   /** Fault injection for tests: runs after a commit, before its ack is sent. */
   beforeAck?: (epoch: number) => Promise<void>;
   progress(p: SyncProgress): void;
@@ -56,6 +60,9 @@ export class StandbySession {
   private bye = false;
   private chain: Promise<void> = Promise.resolve();
   private pendingBytes = 0;
+  /** The checkpoint the next CKPT (and any PRESEND before it) must carry. */
+  private nextEpoch = 0;
+  private stage: PresentStage | null = null;
 
   constructor(private readonly link: Link, private readonly host: SessionHost) {}
 
@@ -104,6 +111,8 @@ export class StandbySession {
         this.t0 = performance.now();
         this.protecting = false;
         this.layout = layout;
+        // Staged pages are bounded by the RAM they copy (and the frames that bring them by their own limit).
+        this.stage = new PresentStage(Math.max(64 << 20, layout.blocks.reduce((n, b) => n + b.lengthBytes, 0)));
         this.base = await this.host.baseBegin(layout);
         return;
       }
@@ -129,6 +138,7 @@ export class StandbySession {
         this.base = null;
         await base.finish(f.payload);
         this.protecting = true;
+        this.nextEpoch = 1;
         this.host.synced(Math.round(performance.now() - this.t0), this.received);
         await this.link.send(FrameType.ACK, 0);
         return;
@@ -136,13 +146,23 @@ export class StandbySession {
       case FrameType.CKPT: {
         if (!this.protecting) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
         const startMs = performance.now();
-        const rec = await this.host.commit(f.payload, f.epoch);
+        const rec = await this.host.commit(f.payload, f.epoch, this.stage!.take(f.epoch));
+        this.nextEpoch = rec.epoch + 1;
         // Said before the ack goes: nothing covered by this checkpoint can be out before it is committed here.
         this.host.committed(rec.epoch, f.payload.length, rec.pages.length);
         if (this.host.beforeAck) await this.host.beforeAck(rec.epoch);
         // The ack carries what this side spent on the checkpoint (the primary's latency breakdown).
         const timings = encodeAckTimings({ queuedMs: startMs - arrivedMs, commitMs: performance.now() - startMs, receiveMs });
         if (!this.link.closed) await this.link.send(FrameType.ACK, rec.epoch, timings);
+        return;
+      }
+      case FrameType.PRESEND: {
+        if (!this.protecting || !this.layout || !this.stage) throw new RubatoError('RUBATO_PROTOCOL', 'pre-sent pages before the initial image');
+        const { epoch, pages } = decodePresend(f.payload, this.layout.blocks);
+        if (epoch !== f.epoch || epoch !== this.nextEpoch) {
+          throw new RubatoError('RUBATO_PROTOCOL', `pre-sent pages of checkpoint ${epoch} (sent as ${f.epoch}) when checkpoint ${this.nextEpoch} is next`);
+        }
+        this.stage.add(epoch, pages, f.payload.length);
         return;
       }
       case FrameType.FENCED:

@@ -220,9 +220,9 @@ export class StandbyController {
         this.goFromPeer('base-begin');
         return this.receiveBase(identity, layout);
       },
-      commit: (record, epoch) => {
+      commit: (record, epoch, staged) => {
         if (!this.store) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
-        return this.store.commitRecord(record, epoch, this.o.durability ?? 'memory');
+        return this.store.commitRecord(record, epoch, this.o.durability ?? 'memory', staged);
       },
       ...(this.o.beforeAck ? { beforeAck: this.o.beforeAck } : {}),
       progress: (p) => this.emit(p),

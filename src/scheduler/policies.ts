@@ -63,8 +63,8 @@ export function guarded(name: string, rails: Rails, inner: Inner, opts: { linkGu
   };
 }
 
-export function fixed(periodMs: number): Policy {
-  return guarded(`fixed:${periodMs}ms`, { ...DEFAULT_RAILS, minEpochMs: periodMs, maxEpochMs: periodMs, maxBacklog: Number.POSITIVE_INFINITY, maxRiskBytes: Number.POSITIVE_INFINITY },
+export function fixed(periodMs: number, presendMs?: number): Policy {
+  return guarded(`fixed:${periodMs}ms`, { ...DEFAULT_RAILS, minEpochMs: periodMs, maxEpochMs: periodMs, maxBacklog: Number.POSITIVE_INFINITY, maxRiskBytes: Number.POSITIVE_INFINITY, ...(presendMs ? { presendMs } : {}) },
     (t) => wait(t.epochStartMs + periodMs, 'period'), { linkGuard: false });
 }
 
@@ -176,7 +176,12 @@ export function parsePolicy(spec: string): Policy {
   if (rails.minEpochMs > rails.maxEpochMs) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: min epoch above max epoch`);
   const arg = num(argRaw, 'the parameter');
   switch (name) {
-    case 'fixed': return fixed(arg ?? 25);
+    case 'fixed': {
+      // A fixed period has no rails to set; pre-sending applies to it as to any policy.
+      const other = kv.map((p) => p.split('=')[0]).filter((k) => k !== 'presend');
+      if (other.length) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: a fixed period takes no ${other.join(', ')} (only presend)`);
+      return fixed(arg ?? 25, rails.presendMs);
+    }
     case 'dirty-bandwidth': return dirtyBandwidth(rails, arg);
     case 'net-io': return netIo(rails);
     case 'disk-io': return diskIo(rails, arg);

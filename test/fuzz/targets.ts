@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { crc32 } from 'node:zlib';
 import { FrameDecoder, FrameEncoder, FrameType, helloKeys, sessionKeys, type FrameKey } from '../../src/replication/protocol/frame.ts';
-import { decodeRecord, encodeRecord } from '../../src/replication/protocol/record.ts';
+import { decodePresend, decodeRecord, encodePresendParts, encodeRecord } from '../../src/replication/protocol/record.ts';
 import { ByteReader } from '../../src/util/byte-reader.ts';
 import { newRamState, readPrecopy } from '../../src/capture/stream/parser.ts';
 import { encodeConfiguration, encodeHeader, MIG_CMD, RAM_FLAG, VM } from '../../src/capture/stream/format.ts';
@@ -97,6 +97,20 @@ export const TARGETS: FuzzTarget[] = [
         bad.writeUInt32BE(crc32(bad.subarray(0, bad.length - 4)), bad.length - 4);
       }
       try { decodeRecord(bad, blocks); } catch (e) { typed(e); }
+    },
+  },
+  {
+    name: 'pre-sent pages decoder',
+    run(r) {
+      const blocks = [{ id: 'mem0', lengthBytes: 16 * 4096 }, { id: 'disk0', lengthBytes: 8 * 4096 }];
+      const pages = Array.from({ length: r(6) }, () => ({ block: r(2) ? 'mem0' : 'disk0', offset: 4096 * r(8), data: r(3) ? randomish(r, 4096) : null, fill: r(256) }));
+      const { parts, length } = encodePresendParts(1 + r(100), pages, blocks);
+      const bad = mutate(Buffer.concat(parts as Buffer[], length), r);
+      try {
+        const got = decodePresend(bad, blocks);
+        // Whatever decodes stays inside its blocks, whole pages only.
+        for (const p of got.pages) assert.ok(p.offset % 4096 === 0 && p.offset + 4096 <= blocks.find((b) => b.id === p.block)!.lengthBytes && (!p.data || p.data.length === 4096));
+      } catch (e) { typed(e); }
     },
   },
   {

@@ -16,6 +16,7 @@ import { liveProcesses } from '../../src/util/procs.ts';
 import { parseDirtierLine } from '../../src/bench/capture-check.ts';
 import { liveMigrationSockets } from '../../src/capture/route-a.ts';
 import { CuttableProxy } from '../../src/chaos/fault-proxy.ts';
+import { parsePolicy } from '../../src/scheduler/index.ts';
 
 import { testPlatform } from '../helpers/platform.ts';
 
@@ -31,10 +32,13 @@ before(async () => {
 
 type Kill = 'qemu' | 'controller' | 'link';
 type Point = FaultPoint | 'after-commit-before-ack';
-interface Scenario { kill: Kill; point: Point; epoch: number }
+/** `presend`: epochs of 150 ms whose dirty RAM is pre-sent every 30 ms (staged on the standby, committed with the checkpoint). */
+interface Scenario { kill: Kill; point: Point; epoch: number; presend?: boolean }
 
 interface Outcome {
   ackedEpoch: number; ackedCounter: number; replicaEpoch: number; sentEpoch: number; counterAfter: number; selfCheckOk: boolean; rebooted: boolean; failoverMs: number;
+  /** Checkpoints whose epoch had pages pre-sent (streamed to the standby before its pause). */
+  presentCheckpoints: number;
 }
 
 /** Protects `vm` with a fresh standby, kills the primary at the scenario's point, returns the restored guest. */
@@ -45,6 +49,7 @@ async function failoverOnce(vm: QemuVm, s: Scenario): Promise<{ outcome: Outcome
   let primary: PrimaryController | null = null;
   let killedAt = 0;
   let killed = false;
+  let presentCheckpoints = 0;
   const proxy = s.kill === 'link' ? new CuttableProxy(0) : null;
   const kill = async () => {
     if (killed) return;
@@ -65,6 +70,8 @@ async function failoverOnce(vm: QemuVm, s: Scenario): Promise<{ outcome: Outcome
   if (proxy) { proxy.targetPort = port; targetPort = await proxy.listen(); }
   primary = new PrimaryController({
     vm, runDir: stateDir, standby: { host: '127.0.0.1', port: targetPort }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: 500, retryMs: 200,
+    ...(s.presend ? { policy: parsePolicy('fixed:150,presend=30') } : {}),
+    onEvent: (e) => { if (e.event === 'checkpoint' && (e.presentPages ?? 0) > 0) presentCheckpoints++; },
     fault: async (point, epoch, ctx) => {
       if (killed || point !== s.point || epoch !== s.epoch) return;
       if (point === 'mid-transfer') ctx.sendPartial(0.5);
@@ -88,7 +95,7 @@ async function failoverOnce(vm: QemuVm, s: Scenario): Promise<{ outcome: Outcome
       ackedEpoch: primary.ackedEpoch, ackedCounter: primary.ackedCounter, replicaEpoch, sentEpoch: primary.epoch,
       counterAfter: l1?.work ?? -1, selfCheckOk: !!l1?.ok && !!l2?.ok && (l2?.work ?? 0) > (l1?.work ?? 0),
       rebooted: next.serialLines.some((l) => /RUBATO (boot ok|dirtier start)/.test(l)),
-      failoverMs: failover.event === 'failover' ? failover.runningAtMs - killedAt : -1,
+      failoverMs: failover.event === 'failover' ? failover.runningAtMs - killedAt : -1, presentCheckpoints,
     },
   };
 }
@@ -109,6 +116,10 @@ const SCENARIOS: Scenario[] = [];
 for (let i = 0; i < Number(process.env['RUBATO_FAILOVER_KILLS'] ?? 21); i++) {
   SCENARIOS.push({ point: POINTS[i % POINTS.length]!, kill: KILLS[Math.floor(i / POINTS.length) % KILLS.length]!, epoch: 3 + ((i * 7) % 11) });
 }
+// With pre-sends: pages of the dying epoch are staged on the standby when the primary dies in its
+// pause or mid-transfer (they must never be applied), or committed with it just before its ack.
+SCENARIOS.push({ point: 'mid-pause', kill: 'controller', epoch: 4, presend: true }, { point: 'mid-transfer', kill: 'qemu', epoch: 5, presend: true },
+  { point: 'after-commit-before-ack', kill: 'link', epoch: 4, presend: true });
 
 test(`failover after the primary is killed at ${SCENARIOS.length} points across every phase`, { timeout: 1_200_000 }, async () => {
   const first = makeTempDir('rubato-lineage-');
@@ -121,7 +132,7 @@ test(`failover after the primary is killed at ${SCENARIOS.length} points across 
     for (const s of SCENARIOS) {
       const { outcome: o, next } = await failoverOnce(vm, s);
       vm = next;
-      const what = `${s.kill} killed ${s.point} at epoch ${s.epoch}: ${JSON.stringify(o)}`;
+      const what = `${s.kill} killed ${s.point} at epoch ${s.epoch}${s.presend ? ' (pre-sends)' : ''}: ${JSON.stringify(o)}`;
       // Everything acknowledged is in the replica; nothing the primary did not finish sending is.
       assert.ok(o.replicaEpoch >= o.ackedEpoch && o.replicaEpoch <= o.sentEpoch, `replica epoch within [acked, sent]: ${what}`);
       if (s.point === 'after-commit-before-ack') assert.ok(o.replicaEpoch >= s.epoch, `the checkpoint committed before its ack survives: ${what}`);
@@ -129,6 +140,7 @@ test(`failover after the primary is killed at ${SCENARIOS.length} points across 
       assert.ok(o.counterAfter >= o.ackedCounter && o.ackedCounter > 0, `counter resumes at or after the acked checkpoint: ${what}`);
       assert.equal(o.selfCheckOk, true, `self-check: ${what}`);
       assert.equal(o.rebooted, false, `guest continued, not rebooted: ${what}`);
+      if (s.presend) assert.ok(o.presentCheckpoints >= 2, `the epochs before the kill pre-sent pages: ${what}`);
       failoverMs.push(o.failoverMs);
     }
     process.stderr.write(`failover ms: ${failoverMs.join(' ')}\n`);

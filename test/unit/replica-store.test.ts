@@ -201,3 +201,22 @@ test('memory durability: checkpoints gathered while the writer is busy are writt
   const after = await r.readImage('mem0');
   assert.deepEqual([after[0], after[7 * 4096], after[5 * 4096]], [77, 78, 35]);
 });
+
+test('pre-sent pages commit only with their checkpoint, its own copies winning, in both durabilities', async (t) => {
+  for (const durability of ['disk', 'memory'] as const) {
+    const dir = makeTempDir();
+    t.after(() => removeTempDir(dir));
+    const s = await ReplicaStore.create(dir, 'vm', base());
+    const blocks = base().blocks;
+    // Staged: pages 0 and 1 (page 1 sent again in the pause with newer contents), a zero page 2.
+    const staged = cp(1, [[0, 11], [4096, 12], [8192, null]]).pages;
+    const rec = await s.commitRecord(encodeRecord(cp(1, [[4096, 22]]), blocks), 1, durability, staged);
+    assert.equal(rec.pages.length, 4);
+    await s.settled();
+    const ram = await s.readImage('mem0');
+    assert.deepEqual([ram[0], ram[4096], ram[8192], ram[3 * 4096]], [11, 22, 0, 1], durability);
+    const r = await ReplicaStore.open(dir);
+    assert.equal(r.epoch, 1);
+    assert.deepEqual((await r.readImage('mem0')), ram);
+  }
+});

@@ -1,4 +1,4 @@
-// Rubato's replication wire format, version 3. Pure codec: no sockets, no clocks.
+// Rubato's replication wire format, version 4. Pure codec: no sockets, no clocks.
 //
 // Frame: be32 bodyLength | u8 type | u8 version | be16 flags | be32 generation | be64 epoch | be64 seq | body | tag
 //   bodyLength counts everything after itself. Two phases, with keys per direction (p2s: primary →
@@ -22,7 +22,7 @@
 import { createCipheriv, createDecipheriv, createHmac, hkdfSync, timingSafeEqual, type DecipherGCM, type Hmac } from 'node:crypto';
 import { RubatoError, assert } from '../../util/errors.ts';
 
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 export const HEADER_BYTES = 4 + 1 + 1 + 2 + 4 + 8 + 8;
 export const HMAC_TAG_BYTES = 32;
 export const GCM_TAG_BYTES = 16;
@@ -41,6 +41,7 @@ export const FrameType = {
   BASE_FILL: 13,  // pages of one block that are all one byte (zero pages)
   CKPT: 20,       // one checkpoint record (see replica-store.ts), self-checksummed
   ACK: 21,        // epoch committed on the standby
+  PRESEND: 22,    // pages of the running epoch sent before its checkpoint (record.ts); staged, committed with it
   HEARTBEAT: 30,  // be64 sender time µs
   HEARTBEAT_ECHO: 31,
   FENCE: 40,      // standby → primary: stop the guest, a failover is coming

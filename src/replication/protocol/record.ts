@@ -14,6 +14,7 @@ import { MAX_DEVICE_STATE_BYTES, PAGE_SIZE, type DirtyPage, type RamBlockInfo } 
 
 const FORMAT = 1;
 const MAGIC = 0x5242434b; // "RBCK"
+const PRESEND_MAGIC = 0x52425053; // "RBPS"
 const HEADER_BYTES = 24;
 const PAGE_HEADER_BYTES = 12;
 const CHECKSUM_BYTES = 4;
@@ -32,18 +33,30 @@ const corrupt = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoEr
 export interface RecordParts { readonly parts: readonly Buffer[]; readonly length: number }
 
 export function encodeRecordParts(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): RecordParts {
+  const { parts, length } = encodePages(MAGIC, r.epoch, r.pages, blocks, r.deviceState.length);
+  parts.push(r.deviceState);
+  let crc = 0;
+  for (const x of parts) crc = crc32(x, crc);
+  const sum = Buffer.allocUnsafe(CHECKSUM_BYTES);
+  sum.writeUInt32BE(crc, 0);
+  parts.push(sum);
+  return { parts, length: length + r.deviceState.length + CHECKSUM_BYTES };
+}
+
+/** The header and the pages, as pieces (the pages' own buffers, not copied); `deviceLen` goes in the header. */
+function encodePages(magic: number, epoch: number, pages: readonly DirtyPage[], blocks: readonly RamBlockInfo[], deviceLen: number): { parts: Buffer[]; length: number } {
   const index = new Map(blocks.map((b, i) => [b.id, i]));
-  const heads = Buffer.allocUnsafe(HEADER_BYTES + PAGE_HEADER_BYTES * r.pages.length);
-  heads.writeUInt32BE(MAGIC, 0);
+  const heads = Buffer.allocUnsafe(HEADER_BYTES + PAGE_HEADER_BYTES * pages.length);
+  heads.writeUInt32BE(magic, 0);
   heads.writeUInt32BE(FORMAT, 4);
-  heads.writeBigUInt64BE(BigInt(r.epoch), 8);
-  heads.writeUInt32BE(r.pages.length, 16);
-  heads.writeUInt32BE(r.deviceState.length, 20);
+  heads.writeBigUInt64BE(BigInt(epoch), 8);
+  heads.writeUInt32BE(pages.length, 16);
+  heads.writeUInt32BE(deviceLen, 20);
   const parts: Buffer[] = [];
   let length = HEADER_BYTES;
   let start = 0; // headers of pages without data run together in one piece
   let o = HEADER_BYTES;
-  for (const p of r.pages) {
+  for (const p of pages) {
     const bi = index.get(p.block);
     assert(bi !== undefined, `block ${p.block} is in the layout`);
     heads[o] = bi;
@@ -61,14 +74,55 @@ export function encodeRecordParts(r: CheckpointRecord, blocks: readonly RamBlock
     }
   }
   if (o > start) parts.push(heads.subarray(start, o));
-  parts.push(r.deviceState);
-  length += r.deviceState.length;
-  let crc = 0;
-  for (const x of parts) crc = crc32(x, crc);
-  const sum = Buffer.allocUnsafe(CHECKSUM_BYTES);
-  sum.writeUInt32BE(crc, 0);
-  parts.push(sum);
-  return { parts, length: length + CHECKSUM_BYTES };
+  return { parts, length };
+}
+
+/**
+ * Pages pre-sent during epoch `epoch`, before its checkpoint (PRESEND frames): "RBPS" be32 1, be64
+ * epoch, be32 pages, be32 0, then the pages as in a record. No device state and no checksum: it is
+ * never stored as it is (the standby stages its pages and commits them inside the checkpoint's
+ * record), and the frame carrying it is authenticated.
+ */
+export function encodePresendParts(epoch: number, pages: readonly DirtyPage[], blocks: readonly RamBlockInfo[]): RecordParts {
+  return encodePages(PRESEND_MAGIC, epoch, pages, blocks, 0);
+}
+
+/** Parses and checks pre-sent pages against the layout (every page inside its block); pages reference `buf`. */
+export function decodePresend(buf: Buffer, blocks: readonly RamBlockInfo[]): { epoch: number; pages: DirtyPage[] } {
+  if (buf.length < HEADER_BYTES) throw corrupt(`pre-sent pages of ${buf.length} bytes are truncated`);
+  if (buf.readUInt32BE(0) !== PRESEND_MAGIC || buf.readUInt32BE(4) !== FORMAT || buf.readUInt32BE(20) !== 0) throw corrupt('pre-sent pages have a bad magic or format');
+  const epoch = Number(buf.readBigUInt64BE(8));
+  const { pages, end } = decodePages(buf, buf.length, buf.readUInt32BE(16), blocks, 'pre-sent pages');
+  if (end !== buf.length) throw corrupt('pre-sent pages: length does not match the contents');
+  checkPages(epoch, pages, blocks);
+  return { epoch, pages };
+}
+
+/** `n` pages from offset HEADER_BYTES of `buf`, ending at or before `limit`. */
+function decodePages(buf: Buffer, limit: number, n: number, blocks: readonly RamBlockInfo[], what: string): { pages: DirtyPage[]; end: number } {
+  // Each page takes at least a header: a count the buffer cannot hold is refused before any work.
+  if (n * PAGE_HEADER_BYTES > limit) throw corrupt(`${what}: ${n} pages claimed in ${buf.length} bytes`);
+  const pages: DirtyPage[] = [];
+  let o = HEADER_BYTES;
+  for (let i = 0; i < n; i++) {
+    if (o + PAGE_HEADER_BYTES > limit) throw corrupt(`${what}: ends inside a page header`);
+    const block = blocks[buf[o]!];
+    if (!block) throw corrupt(`${what}: names block index ${buf[o]}`);
+    const kind = buf[o + 1];
+    const fill = buf[o + 2]!;
+    const offset = Number(buf.readBigUInt64BE(o + 4));
+    o += PAGE_HEADER_BYTES;
+    if (kind === 0) {
+      if (o + PAGE_SIZE > limit) throw corrupt(`${what}: ends inside a page`);
+      pages.push({ block: block.id, offset, data: buf.subarray(o, o + PAGE_SIZE) });
+      o += PAGE_SIZE;
+    } else if (kind === 1) {
+      pages.push({ block: block.id, offset, data: null, fill });
+    } else {
+      throw corrupt(`${what}: page kind ${kind}`);
+    }
+  }
+  return { pages, end: o };
 }
 
 export function encodeRecord(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): Buffer {
@@ -89,30 +143,8 @@ export function decodeRecord(buf: Buffer, blocks: readonly RamBlockInfo[]): Chec
   if (crc32(body) !== buf.readUInt32BE(buf.length - CHECKSUM_BYTES)) throw corrupt('checkpoint record fails its checksum');
   if (buf.readUInt32BE(0) !== MAGIC || buf.readUInt32BE(4) !== FORMAT) throw corrupt('checkpoint record has a bad magic or format');
   const epoch = Number(buf.readBigUInt64BE(8));
-  const n = buf.readUInt32BE(16);
   const devLen = buf.readUInt32BE(20);
-  // Each page takes at least a header: a count the record cannot hold is refused before any work.
-  if (n * PAGE_HEADER_BYTES > body.length) throw corrupt(`checkpoint record claims ${n} pages in ${buf.length} bytes`);
-  const pages: DirtyPage[] = [];
-  let o = HEADER_BYTES;
-  for (let i = 0; i < n; i++) {
-    if (o + PAGE_HEADER_BYTES > body.length) throw corrupt('checkpoint record ends inside a page header');
-    const block = blocks[buf[o]!];
-    if (!block) throw corrupt(`checkpoint record names block index ${buf[o]}`);
-    const kind = buf[o + 1];
-    const fill = buf[o + 2]!;
-    const offset = Number(buf.readBigUInt64BE(o + 4));
-    o += PAGE_HEADER_BYTES;
-    if (kind === 0) {
-      if (o + PAGE_SIZE > body.length) throw corrupt('checkpoint record ends inside a page');
-      pages.push({ block: block.id, offset, data: buf.subarray(o, o + PAGE_SIZE) });
-      o += PAGE_SIZE;
-    } else if (kind === 1) {
-      pages.push({ block: block.id, offset, data: null, fill });
-    } else {
-      throw corrupt(`checkpoint record: page kind ${kind}`);
-    }
-  }
+  const { pages, end: o } = decodePages(buf, body.length, buf.readUInt32BE(16), blocks, 'checkpoint record');
   if (o + devLen !== body.length) throw corrupt('checkpoint record length does not match its contents');
   const rec: CheckpointRecord = { epoch, pages, deviceState: buf.subarray(o, o + devLen) };
   validateRecord(rec, blocks);
@@ -121,12 +153,16 @@ export function decodeRecord(buf: Buffer, blocks: readonly RamBlockInfo[]): Chec
 
 /** Every page inside its block and whole, the device state framed as QEMU sections + EOF. */
 export function validateRecord(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): void {
-  const lengths = new Map(blocks.map((b) => [b.id, b.lengthBytes]));
-  for (const p of r.pages) {
-    const len = lengths.get(p.block);
-    if (len === undefined) throw corrupt(`checkpoint ${r.epoch} names unknown RAM block ${p.block}`, { epoch: r.epoch });
-    if (p.offset % PAGE_SIZE !== 0 || p.offset + PAGE_SIZE > len) throw corrupt(`checkpoint ${r.epoch}: page offset ${p.offset} outside block ${p.block}`, { epoch: r.epoch });
-    if (p.data && p.data.length !== PAGE_SIZE) throw corrupt(`checkpoint ${r.epoch}: page of ${p.data.length} bytes`, { epoch: r.epoch });
-  }
+  checkPages(r.epoch, r.pages, blocks);
   if (!checkDeviceState(r.deviceState)) throw corrupt(`checkpoint ${r.epoch}: device state is not framed as QEMU sections + EOF`, { epoch: r.epoch });
+}
+
+function checkPages(epoch: number, pages: readonly DirtyPage[], blocks: readonly RamBlockInfo[]): void {
+  const lengths = new Map(blocks.map((b) => [b.id, b.lengthBytes]));
+  for (const p of pages) {
+    const len = lengths.get(p.block);
+    if (len === undefined) throw corrupt(`checkpoint ${epoch} names unknown RAM block ${p.block}`, { epoch });
+    if (p.offset % PAGE_SIZE !== 0 || p.offset + PAGE_SIZE > len) throw corrupt(`checkpoint ${epoch}: page offset ${p.offset} outside block ${p.block}`, { epoch });
+    if (p.data && p.data.length !== PAGE_SIZE) throw corrupt(`checkpoint ${epoch}: page of ${p.data.length} bytes`, { epoch });
+  }
 }
