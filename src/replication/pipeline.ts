@@ -203,7 +203,8 @@ export class EpochPipeline<F extends Sized = Buffer> {
    * most linearly with time (a working set saturates), so from the last epoch the bound is reached
    * at length × bound / pages. Near the bound (a working set about its size may have saturated) an
    * epoch may still double, so a saturated set never pins the length; one well over it is cut to
-   * size. A checkpoint's dirty memory so stays within about twice the bound.
+   * size. A checkpoint's dirty memory so stays within about twice the bound (with pre-sends: the
+   * part its pause carries).
    */
   private sizeBoundAtMs(): number {
     // The first epoch after a full image: nothing is known yet of this generation's dirty rate (a
@@ -212,6 +213,10 @@ export class EpochPipeline<F extends Sized = Buffer> {
     const last = this.hist.at(-1);
     if (!last || last.lengthMs <= 0 || last.dirtyPages === 0) return Number.POSITIVE_INFINITY;
     const boundBytes = this.o.maxCheckpointBytes ?? DEFAULT_MAX_CHECKPOINT_BYTES;
+    // Pre-sent epochs: the pause and the record carry only what the last pass left, which does not
+    // grow with the epoch's length; while that stays well under the bound it sets no length (the
+    // data at risk is the policies' rail, the standby's staging is bounded by the RAM).
+    if (last.pausePages !== undefined && last.pausePages * PAGE_BYTES * OVER_BOUND_KEPT < boundBytes) return Number.POSITIVE_INFINITY;
     const ratio = boundBytes / PAGE_BYTES / last.dirtyPages;
     let due = this.epochStartMs + last.lengthMs * (ratio < 1 / OVER_BOUND_KEPT ? ratio : Math.max(GROWTH_NEAR_BOUND, ratio));
     // In a young generation (a guest booting: its rate climbs), after an epoch that dirtied a good

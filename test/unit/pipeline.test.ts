@@ -243,4 +243,18 @@ test('memory rails: no policy lets an epoch run past the estimated checkpoint bo
   p.ack(3, 1606);
   const kept = p.decide(1606, seen) as { cmd: string; untilMs: number };
   assert.equal(kept.untilMs, 1605 + 2 * 472);
+  // Pre-sent: 5000 pages in all but 300 left for the pause: the bound no longer sets the epoch's length …
+  assert.equal(p.decide(2549, seen).cmd, 'capture');
+  p.paused(4, 2549);
+  p.capturedCheckpoint(4, { dirtyPages: 5000, pausePages: 300, pauseMs: 1, bytes: 2 << 20, resumedMs: 2550 });
+  p.sent(4, 2550);
+  p.ack(4, 2551);
+  assert.equal((p.decide(2551, seen) as { untilMs: number }).untilMs, 2550 + 60_000);
+  // … unless the pause itself carried about the bound (the passes did not keep up).
+  assert.equal(p.decide(62_550, seen).cmd, 'capture');
+  p.paused(5, 62_550);
+  p.capturedCheckpoint(5, { dirtyPages: 5000, pausePages: 900, pauseMs: 9, bytes: 4 << 20, resumedMs: 62_560 });
+  p.sent(5, 62_560);
+  p.ack(5, 62_561);
+  assert.ok((p.decide(62_561, seen) as { untilMs: number }).untilMs < 62_560 + 60_000);
 });
