@@ -59,3 +59,25 @@ export function applyPage(ram: Map<string, Buffer>, p: DirtyPage): void {
   if (p.data) p.data.copy(buf, p.offset);
   else buf.fill(p.fill ?? 0, p.offset, p.offset + PAGE_SIZE);
 }
+
+/** Pages keyed by block and offset, the latest copy of each (a checkpoint's merged set, staged pages). */
+export class PageSet {
+  private readonly byBlock = new Map<string, Map<number, DirtyPage>>();
+  private n = 0;
+  /** Adds `p`, replacing an earlier copy of its page; true when the page is new to the set. */
+  set(p: DirtyPage): boolean {
+    let m = this.byBlock.get(p.block);
+    if (!m) this.byBlock.set(p.block, m = new Map());
+    const fresh = !m.has(p.offset);
+    if (fresh) this.n++;
+    m.set(p.offset, p);
+    return fresh;
+  }
+  has(block: string, offset: number): boolean { return this.byBlock.get(block)?.has(offset) ?? false; }
+  get size(): number { return this.n; }
+  values(): DirtyPage[] {
+    const out: DirtyPage[] = [];
+    for (const m of this.byBlock.values()) for (const p of m.values()) out.push(p);
+    return out;
+  }
+}

@@ -14,7 +14,7 @@ import type { QmpEvent } from '../qemu/qmp.ts';
 import { ByteReader } from '../util/byte-reader.ts';
 import { COLO_MSG, COLO_MSG_NAMES, COLO_PRESEND_DELAY_MAGIC, COLO_PRESEND_MARK, VM, coloMessage } from './stream/format.ts';
 import { newRamState, readFooter, readPrecopy, readRamRecords, type PageSink, type RamState } from './stream/parser.ts';
-import { MAX_DEVICE_STATE_BYTES, type BaseImage, type Checkpoint, type DirtyPage } from './checkpoint.ts';
+import { MAX_DEVICE_STATE_BYTES, PageSet, type BaseImage, type Checkpoint, type DirtyPage } from './checkpoint.ts';
 
 const log = logger('capture-a');
 
@@ -164,19 +164,12 @@ export class ColoCapture {
 
   get lastEpoch(): number { return this.epoch; }
 
-  /** Pages pre-sent during the running epoch (block:offset → the latest copy); they join its checkpoint. */
-  private readonly present = new Map<string, Map<number, DirtyPage>>();
-  private presentCount = 0;
-  private keep(p: DirtyPage): void {
-    let m = this.present.get(p.block);
-    if (!m) this.present.set(p.block, m = new Map());
-    if (!m.has(p.offset)) this.presentCount++;
-    m.set(p.offset, p);
-  }
+  /** Pages pre-sent during the running epoch (the latest copy of each); they join its checkpoint. */
+  private present = new PageSet();
   /** This QEMU can pre-send (Rubato's patched QEMU). */
   get canPresend(): boolean { return this.vm.canPresend; }
   /** Pre-sent pages waiting for the next checkpoint. */
-  get presentPages(): number { return this.presentCount; }
+  get presentPages(): number { return this.present.size; }
 
   /**
    * Pre-send (QEMU patch 0003): with the guest running, QEMU sends the RAM dirtied since the last
@@ -216,7 +209,7 @@ export class ColoCapture {
       };
       const pages = await withTimeout(read(), timeoutMs, `pre-send of VM ${this.vm.spec.name} did not arrive`);
       if (handOver) handOver(pages);
-      else for (const p of pages) this.keep(p);
+      else for (const p of pages) this.present.set(p);
       return { pages: pages.length, ms: performance.now() - t0 };
     } catch (e) {
       await this.abort(e as Error);
@@ -342,20 +335,11 @@ export class ColoCapture {
 
   /** Puts the pre-sent pages first in `cp`, each left out where the pause (or the disk) sent a later copy. */
   private joinPresent(cp: Checkpoint): void {
-    if (!this.presentCount) return;
-    const early: DirtyPage[] = [];
-    const later = new Map<string, Set<number>>();
-    for (const p of cp.pages) {
-      let set = later.get(p.block);
-      if (!set) later.set(p.block, set = new Set());
-      set.add(p.offset);
-    }
-    for (const [block, byOffset] of this.present) {
-      const seen = later.get(block);
-      for (const [offset, p] of byOffset) if (!seen?.has(offset)) early.push(p);
-    }
-    this.present.clear();
-    this.presentCount = 0;
+    if (!this.present.size) return;
+    const later = new PageSet();
+    for (const p of cp.pages) later.set(p);
+    const early = this.present.values().filter((p) => !later.has(p.block, p.offset));
+    this.present = new PageSet();
     cp.presentPages = early.length;
     cp.pages = early.concat(cp.pages);
   }

@@ -31,6 +31,8 @@ export interface Observed {
   /** `pressure`: the disk's per-epoch dirty set reached its bound (the epoch must end now). */
   disk: { writes: number; flushes: number; pressure?: boolean };
   link: { bytesPerSec: number | null; rttMs: number | null };
+  /** The host's idle cores lately (null or absent: unknown). */
+  hostIdleCores?: number | null;
 }
 
 export type Command<F extends Sized = Buffer> =
@@ -234,6 +236,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
       output: this.o.commit.openStats(nowMs),
       disk: { writes: seen.disk.writes, flushes: seen.disk.flushes },
       link: { bytesPerSec: seen.link.bytesPerSec, rttMs: seen.link.rttMs }, backlog: this.inflight.length,
+      ...(seen.hostIdleCores !== undefined && seen.hostIdleCores !== null ? { hostIdleCores: seen.hostIdleCores } : {}),
       ...(this.present.lastMs !== null ? { presend: { ...this.present } } : {}),
     };
   }

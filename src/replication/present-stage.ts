@@ -9,11 +9,11 @@
 // the live pages are copied out and the frames let go (then at most the RAM's size is held).
 
 import { RubatoError } from '../util/errors.ts';
-import { PAGE_SIZE, type DirtyPage } from '../capture/checkpoint.ts';
+import { PAGE_SIZE, PageSet, type DirtyPage } from '../capture/checkpoint.ts';
 
 export class PresentStage {
   private epoch = 0;
-  private pages = new Map<string, DirtyPage>();
+  private pages = new PageSet();
   private pinned = 0;
 
   constructor(private readonly maxPinnedBytes: number) {}
@@ -24,7 +24,7 @@ export class PresentStage {
       throw new RubatoError('RUBATO_PROTOCOL', `pre-sent pages of checkpoint ${epoch} while ${this.epoch}'s are staged`);
     }
     this.epoch = epoch;
-    for (const p of pages) this.pages.set(`${p.block}:${p.offset}`, p);
+    for (const p of pages) this.pages.set(p);
     this.pinned += frameBytes;
     if (this.pinned > this.maxPinnedBytes) this.compact();
   }
@@ -34,13 +34,13 @@ export class PresentStage {
     if (this.pages.size && epoch !== this.epoch) {
       throw new RubatoError('RUBATO_PROTOCOL', `checkpoint ${epoch} arrived with checkpoint ${this.epoch}'s pre-sent pages staged`);
     }
-    const out = [...this.pages.values()];
+    const out = this.pages.values();
     this.clear();
     return out;
   }
 
   clear(): void {
-    this.pages = new Map();
+    this.pages = new PageSet();
     this.pinned = 0;
     this.epoch = 0;
   }
@@ -50,12 +50,12 @@ export class PresentStage {
 
   /** Copies the live pages into one buffer of their own: the frames they came in become garbage. */
   private compact(): void {
-    const withData = [...this.pages.values()].filter((p) => p.data);
+    const withData = this.pages.values().filter((p) => p.data);
     const buf = Buffer.allocUnsafe(withData.length * PAGE_SIZE);
     withData.forEach((p, i) => {
       const copy = buf.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
       p.data!.copy(copy);
-      this.pages.set(`${p.block}:${p.offset}`, { block: p.block, offset: p.offset, data: copy });
+      this.pages.set({ block: p.block, offset: p.offset, data: copy });
     });
     this.pinned = buf.length;
   }

@@ -14,7 +14,7 @@ import type { Checkpoint, DirtyPage, RamBlockInfo } from '../capture/checkpoint.
 import { OutputCommit } from '../commit/output-commit.ts';
 import type { NetRelay } from '../io/net/relay.ts';
 import type { NbdServer } from '../io/disk/nbd-server.ts';
-import { fixed, type Policy } from '../scheduler/index.ts';
+import { fixed, lastPassAfterMs, presendEveryMs, type Policy } from '../scheduler/index.ts';
 import { Link } from './link.ts';
 import { connectHandshake } from './handshake.ts';
 import { EpochPipeline, type Command } from './pipeline.ts';
@@ -25,6 +25,7 @@ import { allocatedExtents, extentBytes } from '../io/disk/extents.ts';
 import { encodePresendParts, encodeRecordParts, type RecordParts } from './protocol/record.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
 import { GarbageMeter, collectNow } from '../util/gc.ts';
+import { HostIdleMeter } from '../util/host-idle.ts';
 import type { CheckpointObserver } from './observer.ts';
 
 /** The RAM-block name under which the guest's disk travels in checkpoints and lives in the replica. */
@@ -118,6 +119,8 @@ export class PrimaryController {
   /** The current session got past the handshake (the standby may be guarding our replica). */
   private authenticatedSession = false;
   private immediateRetries = 0;
+  /** The host's idle cores (presend=auto passes during an epoch only with some). */
+  private readonly hostIdle = new HostIdleMeter();
 
   constructor(private readonly o: PrimaryOptions) {
     this.emit = o.onEvent ?? (() => {});
@@ -393,12 +396,13 @@ export class PrimaryController {
       throwIfClosed();
       const decidedMs = performance.now();
       const ds = nbd?.epochStats;
+      const hostIdleCores = this.hostIdle.idleCores(decidedMs);
       const c = pipe.decide(decidedMs, {
-        disk: { writes: ds?.writes ?? 0, flushes: ds?.flushes ?? 0, pressure: nbd?.underPressure ?? false }, link: { bytesPerSec: null, rttMs: link.stats.rttMs },
+        disk: { writes: ds?.writes ?? 0, flushes: ds?.flushes ?? 0, pressure: nbd?.underPressure ?? false }, link: { bytesPerSec: null, rttMs: link.stats.rttMs }, hostIdleCores,
       });
       if (c.cmd === 'wait') {
         // A long wait with pre-sends on: the dirty RAM goes out every interval while the guest runs.
-        const every = pipe.policy.presendMs ?? 0;
+        const every = presendEveryMs(pipe.policy, pipe.history, hostIdleCores) ?? 0;
         if (every > 0 && capture.canPresend && c.untilMs - decidedMs > 1.5 * every) {
           await this.idle(every);
           const last = Math.max(pipe.epochStartedMs, lastPresendMs);
@@ -414,8 +418,8 @@ export class PrimaryController {
       log.debug('checkpoint decision', { policy: pipe.policy.name, reason: c.reason, ageMs: (decidedMs - pipe.epochStartedMs).toFixed(1) });
       // With pre-sends on, a long epoch gets a last pass right before its pause: the pause then
       // carries only what is written during that pass. (Not when output waits: it would wait longer.)
-      const every = pipe.policy.presendMs ?? 0;
-      if (every > 0 && capture.canPresend && decidedMs - pipe.epochStartedMs > 1.5 * every && this.commit.openStats(decidedMs).frames === 0) await this.presend(link, capture);
+      const every = presendEveryMs(pipe.policy, pipe.history, hostIdleCores) ?? 0;
+      if (every > 0 && capture.canPresend && decidedMs - pipe.epochStartedMs > lastPassAfterMs(every) && this.commit.openStats(decidedMs).frames === 0) await this.presend(link, capture);
       await this.checkpoint(link, capture, c.epoch, decidedMs, status);
       if (status.due(performance.now())) this.emitStatus(link, status);
     }

@@ -22,8 +22,8 @@ import { open, readFile, rename, rm, stat, type FileHandle } from 'node:fs/promi
 import { ensurePrivateDir, fsyncDir, openPrivate, writePrivate, writePrivateAtomic } from '../util/private-files.ts';
 import { join } from 'node:path';
 import { RubatoError, assert } from '../util/errors.ts';
-import { PAGE_SIZE, type BaseImage, type DirtyPage, type RamBlockInfo } from '../capture/checkpoint.ts';
-import { decodeRecord, encodeRecord, validateRecord, type CheckpointRecord } from './protocol/record.ts';
+import { PAGE_SIZE, PageSet, type BaseImage, type DirtyPage, type RamBlockInfo } from '../capture/checkpoint.ts';
+import { decodeRecord, encodeRecord, encodeRecordParts, validateRecord, type CheckpointRecord } from './protocol/record.ts';
 
 const FORMAT = 1;
 
@@ -74,7 +74,7 @@ export class ReplicaStore {
   private pending = 0;
   private pendingBytes = 0;
   /** Memory durability: checkpoints accepted and not yet being written, merged; and whether the writer runs. */
-  private merge: { epoch: number; pages: Map<string, DirtyPage>; deviceState: Buffer; bytes: number; recordBytes: number } | null = null;
+  private merge: { epoch: number; pages: PageSet; deviceState: Buffer; bytes: number; recordBytes: number } | null = null;
   private writingBehind = false;
   private lastBatchMs = Number.NEGATIVE_INFINITY;
   private wakeWriter: (() => void) | null = null;
@@ -227,13 +227,9 @@ export class ReplicaStore {
    */
   private acceptBehind(rec: CheckpointRecord, recordBytes: number): void {
     this.accepted = rec.epoch;
-    const m = (this.merge ??= { epoch: rec.epoch, pages: new Map(), deviceState: rec.deviceState, bytes: 0, recordBytes: 0 });
+    const m = (this.merge ??= { epoch: rec.epoch, pages: new PageSet(), deviceState: rec.deviceState, bytes: 0, recordBytes: 0 });
     m.recordBytes += recordBytes; // the pages reference their records' buffers
-    for (const p of rec.pages) {
-      const k = `${p.block}:${p.offset}`;
-      if (!m.pages.has(k)) { m.bytes += PAGE_SIZE; this.pendingBytes += PAGE_SIZE; }
-      m.pages.set(k, p);
-    }
+    for (const p of rec.pages) if (m.pages.set(p)) { m.bytes += PAGE_SIZE; this.pendingBytes += PAGE_SIZE; }
     m.epoch = rec.epoch;
     m.deviceState = rec.deviceState;
     if (this.writingBehind) return;
@@ -260,8 +256,9 @@ export class ReplicaStore {
       this.lastBatchMs = performance.now();
       await this.applying; // the previous batch is in the images before this one's redo record replaces it
       if (this.applyError) throw this.applyError;
-      const pages = [...m.pages.values()];
-      await this.commitVerified(m.epoch, encodeRecord({ epoch: m.epoch, pages, deviceState: m.deviceState }, this.meta.blocks), pages, m.deviceState);
+      const pages = m.pages.values();
+      // (the redo record is written from its pieces: the pages are not copied into one buffer first)
+      await this.commitVerified(m.epoch, encodeRecordParts({ epoch: m.epoch, pages, deviceState: m.deviceState }, this.meta.blocks).parts, pages, m.deviceState);
       this.pendingBytes -= m.bytes;
     }
   }
@@ -287,7 +284,7 @@ export class ReplicaStore {
     return point;
   }
 
-  private async commitVerified(epoch: number, record: Buffer, pages: readonly DirtyPage[], deviceState: Buffer): Promise<number> {
+  private async commitVerified(epoch: number, record: Buffer | readonly Buffer[], pages: readonly DirtyPage[], deviceState: Buffer): Promise<number> {
     const stage = join(this.dir, 'stage.tmp');
     await writePrivate(stage, record, this.fsync);
     const redo = join(this.dir, 'redo.ckpt');

@@ -2,7 +2,7 @@
 // sub-linear because pages are rewritten), the pause cost per page, and the link's bandwidth.
 // Pure functions of the history; cheap enough to run at every decision.
 
-import { PAGE_BYTES, type EpochRecord, type Telemetry } from './types.ts';
+import { PAGE_BYTES, type EpochRecord, type Policy, type Telemetry } from './types.ts';
 
 export interface DirtyCurve { a: number; b: number; pages(tMs: number): number }
 
@@ -70,3 +70,56 @@ export function outputRatePerMs(history: readonly EpochRecord[]): number {
 }
 
 const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+
+/**
+ * With pre-sends: the pages a checkpoint's pause still carries. Passes every `everyMs` (Infinity:
+ * only the last one) leave about an interval's dirty pages, `D(min(T, every))` (the last mid-epoch
+ * pass comes 0.5 to 1.5 intervals before the checkpoint); a last pass
+ * right before the pause (taken when no output waits) sends those while the guest runs, and the
+ * pause carries what is dirtied meanwhile: `D(pass time)`, the pass costing the pause's per-page
+ * time. Without pre-sends, all of `D(T)`.
+ */
+export function pausePagesWithPresend(d: (tMs: number) => number, perPageMs: number, epochMs: number, everyMs: number | undefined, lastPass: boolean): number {
+  if (!everyMs) return d(epochMs);
+  const interval = d(Math.min(epochMs, everyMs));
+  if (!lastPass || epochMs < lastPassAfterMs(everyMs)) return interval;
+  return Math.min(interval, d(Math.max(0.1, perPageMs * interval)));
+}
+
+/** An epoch gets a last pass before its pause once it is this old (younger ones carry little). */
+export function lastPassAfterMs(everyMs: number): number {
+  return Number.isFinite(everyMs) ? 1.5 * everyMs : LAST_PASS_AFTER_MS;
+}
+const LAST_PASS_AFTER_MS = 20;
+
+/** Pre-send passes closer than this are not planned (each costs a dirty-log sync in QEMU). */
+export const MIN_PRESEND_MS = 5;
+
+/**
+ * presend=auto: the longest pass interval whose last pass leaves a pause within `targetPauseMs`
+ * (by the dirty curve and the pause fit); Infinity when one pass before each pause is enough,
+ * MIN_PRESEND_MS when nothing is (the passes cannot keep up with the guest: the shortest).
+ */
+export function presendIntervalFor(d: (tMs: number) => number, pause: PauseModel, targetPauseMs: number, maxEpochMs: number): number {
+  const ok = (every: number) => pause.pauseMs(pausePagesWithPresend(d, pause.perPageMs, maxEpochMs, every, true)) <= targetPauseMs;
+  if (ok(Number.POSITIVE_INFINITY)) return Number.POSITIVE_INFINITY;
+  let lo = MIN_PRESEND_MS;
+  let hi = Math.max(lo, maxEpochMs / 1.5);
+  if (!ok(lo)) return lo;
+  for (let i = 0; i < 30; i++) { const mid = (lo + hi) / 2; if (ok(mid)) lo = mid; else hi = mid; }
+  return lo;
+}
+
+/** presend=auto plans passes during the epoch only with at least this many idle host cores. */
+export const AUTO_PRESEND_MIN_IDLE_CORES = 0.3;
+
+/**
+ * The pre-send interval in force for `p` now: its own, or (presend=auto) planned from the history;
+ * undefined: none. A host without idle cores (`idleCores`, when known) gets only the last pass: a
+ * pass during the epoch copies memory beside the guest, and on a saturated host its CPU is the guest's.
+ */
+export function presendEveryMs(p: Pick<Policy, 'presendMs' | 'presendTargetPauseMs' | 'maxEpochMs'>, history: readonly EpochRecord[], idleCores: number | null = null): number | undefined {
+  if (p.presendTargetPauseMs === undefined) return p.presendMs;
+  if (idleCores !== null && idleCores < AUTO_PRESEND_MIN_IDLE_CORES) return Number.POSITIVE_INFINITY;
+  return presendIntervalFor(fitDirtyCurve(history).pages, fitPause(history), p.presendTargetPauseMs, p.maxEpochMs);
+}

@@ -6,13 +6,15 @@
 // The seed paper's heuristics appear here as Rubato's reading of its abstract, not its exact rules.
 
 import { RubatoError } from '../util/errors.ts';
-import { fitDirtyCurve, fitPause, linkBytesPerMs, outputRatePerMs, transferMs, type DirtyCurve } from './estimate.ts';
+import { fitDirtyCurve, fitPause, linkBytesPerMs, outputRatePerMs, pausePagesWithPresend, presendEveryMs, transferMs, type DirtyCurve } from './estimate.ts';
 import { PAGE_BYTES, type Decision, type Policy, type Telemetry } from './types.ts';
 
 const now = (reason: string): Decision => ({ checkpoint: true, reason });
 const wait = (wakeAtMs: number, reason: string): Decision => ({ checkpoint: false, wakeAtMs, reason });
 
-export interface Rails { minEpochMs: number; maxEpochMs: number; maxBacklog: number; maxRiskBytes: number; linkUtilisation: number; presendMs?: number }
+export interface Rails { minEpochMs: number; maxEpochMs: number; maxBacklog: number; maxRiskBytes: number; linkUtilisation: number; presendMs?: number; presendTargetPauseMs?: number }
+/** presend=auto's pause target. */
+export const AUTO_PRESEND_PAUSE_MS = 2;
 export const DEFAULT_RAILS: Rails = { minEpochMs: 2, maxEpochMs: 1000, maxBacklog: 3, maxRiskBytes: 256 << 20, linkUtilisation: 0.8 };
 
 /** Smallest epoch length whose dirty set the link ships within `util` of the epoch (bisection). */
@@ -39,10 +41,11 @@ type Inner = (t: Telemetry, ctx: { age: number; curve: DirtyCurve; bytesPerMs: n
 
 export function guarded(name: string, rails: Rails, inner: Inner, opts: { linkGuard: boolean } = { linkGuard: true }): Policy {
   return {
-    name: rails.presendMs ? `${name}+presend:${rails.presendMs}ms` : name,
+    name: rails.presendTargetPauseMs !== undefined ? `${name}+presend:auto` : rails.presendMs ? `${name}+presend:${Number.isFinite(rails.presendMs) ? `${rails.presendMs}ms` : 'last'}` : name,
     minEpochMs: rails.minEpochMs,
     maxEpochMs: rails.maxEpochMs,
     ...(rails.presendMs ? { presendMs: rails.presendMs } : {}),
+    ...(rails.presendTargetPauseMs !== undefined ? { presendTargetPauseMs: rails.presendTargetPauseMs } : {}),
     decide(t) {
       const age = t.nowMs - t.epochStartMs;
       const start = t.epochStartMs;
@@ -134,8 +137,9 @@ export function model(rails: Rails, weightPerFrameMs = 0.002): Policy {
     let best = c.age;
     let bestJ = Number.POSITIVE_INFINITY;
     const horizon = Math.min(rails.maxEpochMs, c.age + 200);
-    // With pre-sends, the pause carries only what was dirtied since the last one (about an interval's worth).
-    const pausePages = (T: number) => (rails.presendMs ? c.curve.pages(Math.min(T, 1.5 * rails.presendMs)) : c.curve.pages(T));
+    // With pre-sends, the pause carries only what the passes leave (a last pass when no output waits).
+    const every = presendEveryMs(rails, t.history, t.hostIdleCores ?? null);
+    const pausePages = (T: number) => pausePagesWithPresend(c.curve.pages, pause.perPageMs, T, every, f0 === 0);
     for (let T = c.age; T <= horizon; T += Math.max(0.5, (horizon - c.age) / 200)) {
       const pages = c.curve.pages(T);
       const p = pause.pauseMs(pausePages(T));
@@ -164,6 +168,10 @@ export function parsePolicy(spec: string): Policy {
   const rails: Rails = { ...DEFAULT_RAILS };
   for (const p of kv) {
     const [k, v] = p.split('=');
+    // presend=last: one pass right before each pause, none during the epoch.
+    if (k === 'presend' && v === 'last') { rails.presendMs = Number.POSITIVE_INFINITY; continue; }
+    // presend=auto: passes as often as it takes to keep the pause within AUTO_PRESEND_PAUSE_MS.
+    if (k === 'presend' && v === 'auto') { rails.presendTargetPauseMs = AUTO_PRESEND_PAUSE_MS; continue; }
     const n = num(v, k ?? '?');
     if (n === undefined) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: ${k} needs a value`);
     if (k === 'min') rails.minEpochMs = n;
@@ -171,7 +179,7 @@ export function parsePolicy(spec: string): Policy {
     else if (k === 'backlog') rails.maxBacklog = n;
     else if (k === 'risk-mb') rails.maxRiskBytes = n * 1048576;
     else if (k === 'presend') rails.presendMs = n;
-    else throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: unknown setting ${k} (min, max, backlog, risk-mb, presend)`);
+    else throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: unknown setting ${k} (min, max, backlog, risk-mb, presend=MS|last|auto)`);
   }
   if (rails.minEpochMs > rails.maxEpochMs) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: min epoch above max epoch`);
   const arg = num(argRaw, 'the parameter');
@@ -180,6 +188,7 @@ export function parsePolicy(spec: string): Policy {
       // A fixed period has no rails to set; pre-sending applies to it as to any policy.
       const other = kv.map((p) => p.split('=')[0]).filter((k) => k !== 'presend');
       if (other.length) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: a fixed period takes no ${other.join(', ')} (only presend)`);
+      if (rails.presendTargetPauseMs !== undefined) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: a fixed period takes presend=MS or presend=last, not auto`);
       return fixed(arg ?? 25, rails.presendMs);
     }
     case 'dirty-bandwidth': return dirtyBandwidth(rails, arg);

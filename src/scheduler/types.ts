@@ -33,6 +33,8 @@ export interface Telemetry {
   backlog: number;
   /** Pre-sends in the running epoch (dirty RAM sent while the guest ran): pages sent, when the last was. */
   presend?: { pages: number; lastMs: number | null };
+  /** The host's idle cores lately, when known (pre-sends during an epoch are free only on idle cores). */
+  hostIdleCores?: number;
 }
 
 export type Decision =
@@ -43,8 +45,10 @@ export interface Policy {
   readonly name: string;
   readonly minEpochMs: number;
   readonly maxEpochMs: number;
-  /** Pre-send the dirty RAM this often while an epoch runs (0/absent: never; needs the patched QEMU). */
+  /** Pre-send the dirty RAM this often while an epoch runs, and once before a long epoch's pause (Infinity: only then; 0/absent: never; needs the patched QEMU). */
   readonly presendMs?: number;
+  /** presend=auto: passes planned so that the pause stays within this (see presendIntervalFor). */
+  readonly presendTargetPauseMs?: number;
   decide(t: Telemetry): Decision;
 }
 

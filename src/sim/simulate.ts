@@ -3,7 +3,7 @@
 // and disk events), the pause model, and a FIFO replication link with bandwidth and round trip
 // play the adapters. No clocks: time is a number that only this loop advances.
 
-import { PAGE_BYTES, type EpochRecord, type Policy } from '../scheduler/index.ts';
+import { PAGE_BYTES, pausePagesWithPresend, presendEveryMs, type EpochRecord, type Policy } from '../scheduler/index.ts';
 import { EpochPipeline } from '../replication/pipeline.ts';
 import { OutputCommit, type DiskEpochCut, type DiskEpochSource } from '../commit/output-commit.ts';
 
@@ -169,16 +169,11 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         }
         const age = t - pipe.epochStartedMs;
         const pages = Math.round(w.dirtyPages(age, pipe.epochStartedMs));
-        // With pre-sends every `every` ms of a long epoch the pause carries only about the last
-        // interval's dirty pages (the rest went out while the guest ran; the passes' own cost on
-        // the guest is not modelled).
-        const every = policy.presendMs ?? 0;
-        // … and with no output waiting, a last pass right before the pause: the pause carries what
-        // is dirtied while that pass sends the last interval's pages (at the pause's per-page cost).
-        const lastInterval = every > 0 && age > 1.5 * every ? Math.min(pages, w.dirtyPages(every, pipe.epochStartedMs + age - every)) : pages;
-        const passMs = w.pauseMs(lastInterval) - w.pauseMs(0);
-        const pausePages = lastInterval === pages ? pages
-          : Math.round(commit.openStats(t).frames === 0 ? Math.min(lastInterval, w.dirtyPages(Math.max(0.1, passMs), t)) : lastInterval);
+        // With pre-sends the pause carries only what the passes leave (estimate.ts; the passes' own
+        // cost on the guest is not modelled): the last interval's pages, or with no output waiting
+        // what is dirtied during a last pass right before the pause.
+        const lastPass = commit.openStats(t).frames === 0;
+        const pausePages = Math.round(pausePagesWithPresend((ms) => w.dirtyPages(ms, t - ms), (w.pauseMs(1000) - w.pauseMs(0)) / 1000, age, presendEveryMs(policy, pipe.history), lastPass));
         // A pause taken while the standby still works on an earlier checkpoint shares the host with it.
         const pause = w.pauseMs(pausePages) + (acks.length > 0 ? (w.pauseBusyMs ?? 0) : 0);
         const bytes = w.checkpointBytes ? w.checkpointBytes(pages) : pages * PAGE_BYTES + 32_000;

@@ -36,10 +36,12 @@ export async function openPrivate(path: string, flags: number = CREATE) {
 }
 
 /** Writes `data` to a private file (0600), fsynced when `durable`. */
-export async function writePrivate(path: string, data: Buffer, durable: boolean): Promise<void> {
+export async function writePrivate(path: string, data: Buffer | readonly Buffer[], durable: boolean): Promise<void> {
   const fh = await openPrivate(path);
   try {
-    await fh.write(data, 0, data.length, 0);
+    // A list is written as it is (one gathered write, no joined copy).
+    if (Buffer.isBuffer(data)) await fh.write(data, 0, data.length, 0);
+    else await fh.writev(data as Buffer[], 0);
     if (durable) await fh.sync();
   } finally {
     await fh.close();

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { parsePolicy, POLICY_NAMES, DEFAULT_RAILS, fitDirtyCurve, fitPause as fitPauseOf, type Telemetry, type EpochRecord } from '../../src/scheduler/index.ts';
+import { parsePolicy, POLICY_NAMES, DEFAULT_RAILS, fitDirtyCurve, fitPause as fitPauseOf, pausePagesWithPresend, presendIntervalFor, presendEveryMs, AUTO_PRESEND_PAUSE_MS, MIN_PRESEND_MS, type Telemetry, type EpochRecord } from '../../src/scheduler/index.ts';
 import { simulate, syntheticWorkload } from '../../src/sim/simulate.ts';
 import { median } from '../../src/util/stats.ts';
 
@@ -111,4 +111,41 @@ test('pre-sends: a policy setting; the simulator charges the pause only the last
   const hist: EpochRecord[] = [100, 500, 100, 500].map((n, i) => ({ lengthMs: 500, dirtyPages: 4000 + i, pausePages: n, pauseMs: n === 100 ? 2 : 10, bytes: 1, transferMs: 1, outputFrames: 0 }));
   const fit = fitPauseOf(hist);
   assert.ok(Math.abs(fit.perPageMs - 0.02) < 1e-9 && Math.abs(fit.fixedMs) < 1e-9 + 0.05, `per page ${fit.perPageMs}, fixed ${fit.fixedMs}`);
+});
+
+test('presend=last and presend=auto: one shared estimate of what the pause carries; auto plans passes only as often as the pause target needs, and none during the epoch on a saturated host', () => {
+  assert.equal(parsePolicy('model,presend=last').presendMs, Number.POSITIVE_INFINITY);
+  assert.match(parsePolicy('model,presend=last').name, /presend:last/);
+  const auto = parsePolicy('model,presend=auto');
+  assert.equal(auto.presendTargetPauseMs, AUTO_PRESEND_PAUSE_MS);
+  assert.throws(() => parsePolicy('fixed:50,presend=auto'), /not auto/);
+  assert.equal(parsePolicy('fixed:200,presend=40').presendMs, 40);
+  assert.throws(() => parsePolicy('fixed:20,max=5'), /takes no max/);
+  // D(T) = 10·T pages, pause 1 ms + 2 µs per page.
+  const d = (t: number) => 10 * t;
+  const pause = { fixedMs: 1, perPageMs: 0.002, pauseMs: (p: number) => 1 + 0.002 * p };
+  assert.equal(pausePagesWithPresend(d, 0.002, 1000, undefined, true), 10_000); // no pre-sends: all of it
+  assert.equal(pausePagesWithPresend(d, 0.002, 1000, 100, false), 1000); // output waits: the last interval's
+  assert.equal(pausePagesWithPresend(d, 0.002, 1000, 100, true), 20); // a last pass of 1000 pages (2 ms): 20 left
+  assert.equal(pausePagesWithPresend(d, 0.002, 1000, Number.POSITIVE_INFINITY, true), 200); // last pass only: 10 000 pages, 20 ms
+  assert.equal(pausePagesWithPresend(d, 0.002, 10, 100, true), 100); // a young epoch gets no pass
+  // Target 2 ms = 500 pages: the last pass alone leaves 200 → no passes during the epoch.
+  assert.equal(presendIntervalFor(d, pause, 2, 1000), Number.POSITIVE_INFINITY);
+  // A guest 10× faster: the last pass alone leaves 20 000 pages; passes every I leave 100·(0.002·100·I) = 20·I ≤ 500 → I = 25 ms.
+  const fast = (t: number) => 100 * t;
+  const every = presendIntervalFor(fast, pause, 2, 1000);
+  assert.ok(Math.abs(every - 25) < 0.01, `every ${every} ms`);
+  // One the passes cannot keep up with: the shortest interval, best effort.
+  assert.equal(presendIntervalFor((t) => 1e5 * t, pause, 2, 1000), MIN_PRESEND_MS);
+  const hist: EpochRecord[] = [100, 200, 400].map((T) => ({ lengthMs: T, dirtyPages: 100 * T, pauseMs: 1 + 0.2 * T, bytes: 1, transferMs: 1, outputFrames: 0 }));
+  assert.ok(Math.abs(presendEveryMs(auto, hist, null)! - 25) < 1);
+  assert.equal(presendEveryMs(auto, hist, 0.05), Number.POSITIVE_INFINITY, 'a saturated host: the last pass only');
+  assert.ok(Math.abs(presendEveryMs(auto, hist, 1.5)! - 25) < 1);
+  assert.equal(presendEveryMs(parsePolicy('model,presend=40'), hist, 0), 40, 'a fixed interval is the operator\'s');
+  assert.equal(presendEveryMs(parsePolicy('model'), hist), undefined);
+  // The simulator at 16× the dirty rate: auto keeps the pauses short where the plain model cannot.
+  const w = syntheticWorkload({ pagesPerMs: 160, exponent: 0.9 });
+  const plain = simulate(parsePolicy('model'), w, 10_000);
+  const planned = simulate(auto, w, 10_000);
+  assert.ok(planned.pausedMs < plain.pausedMs / 5, `paused ${planned.pausedMs} ms against ${plain.pausedMs} ms`);
 });
