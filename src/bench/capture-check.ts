@@ -103,22 +103,23 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
     const dirtyCounts: number[] = [];
     const bytes: number[] = [];
     let ramCopy: Buffer | undefined;
+    let image: Buffer | undefined; // the replica's image, read into one buffer each time (no 256 MB allocation per sample)
     const verifyHeld = async (cp: Checkpoint) => {
       // The guest is paused at checkpoint cp. Route B's view: what changed since the replica's epoch.
       ramCopy = readRamFile(spec.ramFile, ramCopy);
       if (o.route === 'a') {
-        const changed = diffPages(ramCopy, (await store.readImage(MAIN_RAM_ID)));
+        const changed = diffPages(ramCopy, image = await store.readImage(MAIN_RAM_ID, 0, undefined, image));
         const reported = new Set(cp.pages.filter((p) => p.block === MAIN_RAM_ID).map((p) => p.offset));
         const missed = changed.filter((off) => !reported.has(off));
         if (missed.length) { result.routesAgree = false; log.error(`route A missed ${missed.length} changed pages at checkpoint ${cp.epoch}`); }
       }
       await store.commit(cp);
-      const diff = diffPages(ramCopy, (await store.readImage(MAIN_RAM_ID)));
+      const diff = diffPages(ramCopy, image = await store.readImage(MAIN_RAM_ID, 0, undefined, image));
       result.verified++;
       result.mismatchedPages += diff.length;
       if (result.verified === 1) {
         // Negative control: the same comparison must catch a single corrupted page.
-        const corrupted = Buffer.from((await store.readImage(MAIN_RAM_ID)));
+        const corrupted = image = await store.readImage(MAIN_RAM_ID, 0, undefined, image); // (the shared buffer: each use reads it afresh)
         const page = Math.floor(Math.random() * (corrupted.length / 4096));
         const at = page * 4096 + 1234;
         corrupted[at] = corrupted[at]! ^ 0x40;

@@ -23,7 +23,7 @@ import { ensurePrivateDir, fsyncDir, openPrivate, writePrivate, writePrivateAtom
 import { join } from 'node:path';
 import { RubatoError, assert } from '../util/errors.ts';
 import { PAGE_SIZE, PageSet, type BaseImage, type DirtyPage, type RamBlockInfo } from '../capture/checkpoint.ts';
-import { decodeRecord, encodeRecord, encodeRecordParts, validateRecord, type CheckpointRecord } from './protocol/record.ts';
+import { decodeRecord, encodeRecordParts, validateRecord, type CheckpointRecord, type RecordParts } from './protocol/record.ts';
 
 const FORMAT = 1;
 
@@ -109,11 +109,12 @@ export class ReplicaStore {
    * Reads (part of) a block's committed image from its file, once the last commit is written.
    * Whole blocks only for small guests (tools and tests): the image is not otherwise in memory.
    */
-  async readImage(block: string, offset = 0, length?: number): Promise<Buffer> {
+  async readImage(block: string, offset = 0, length?: number, into?: Buffer): Promise<Buffer> {
     await this.settled();
     const i = this.indexOf(block);
     const len = length ?? this.meta.blocks[i]!.lengthBytes - offset;
-    const buf = Buffer.alloc(len);
+    // (`into`: a buffer to reuse, when large enough: repeated reads of a large block allocate nothing)
+    const buf = into && into.length >= len ? into.subarray(0, len) : Buffer.alloc(len);
     const fh = await open(this.imagePath(block), 'r');
     try { await fh.read(buf, 0, len, offset); } finally { await fh.close(); }
     return buf;
@@ -187,7 +188,7 @@ export class ReplicaStore {
     await this.settled();
     this.checkFollows(rec);
     validateRecord(rec, this.meta.blocks);
-    await this.accept(rec, encodeRecord(rec, this.meta.blocks));
+    await this.accept(rec, encodeRecordParts(rec, this.meta.blocks));
     await this.settled();
     return rec.epoch;
   }
@@ -213,7 +214,7 @@ export class ReplicaStore {
       this.acceptBehind(rec, record.length + stagedBytes);
       return rec;
     }
-    await this.accept(rec, staged.length ? encodeRecord(rec, this.meta.blocks) : record);
+    await this.accept(rec, staged.length ? encodeRecordParts(rec, this.meta.blocks) : { parts: [record], length: record.length });
     return rec;
   }
 
@@ -264,7 +265,7 @@ export class ReplicaStore {
   }
 
   /** Queues a checked record's writes behind the earlier ones; resolves at its commit point. */
-  private accept(rec: CheckpointRecord, record: Buffer): Promise<void> {
+  private accept(rec: CheckpointRecord, record: RecordParts): Promise<void> {
     this.accepted = rec.epoch;
     this.pending++;
     this.pendingBytes += record.length;
@@ -275,7 +276,7 @@ export class ReplicaStore {
       if (this.applyError) throw this.applyError;
       await this.applying; // the previous checkpoint is in the images before this one's redo record replaces it
       if (this.applyError) throw this.applyError;
-      await this.commitVerified(rec.epoch, record, rec.pages, rec.deviceState);
+      await this.commitVerified(rec.epoch, record.parts, rec.pages, rec.deviceState);
     }).then(() => reached(), (e: unknown) => {
       const err = e instanceof Error ? e : new Error(String(e));
       this.applyError ??= err;
@@ -284,7 +285,7 @@ export class ReplicaStore {
     return point;
   }
 
-  private async commitVerified(epoch: number, record: Buffer | readonly Buffer[], pages: readonly DirtyPage[], deviceState: Buffer): Promise<number> {
+  private async commitVerified(epoch: number, record: readonly Buffer[], pages: readonly DirtyPage[], deviceState: Buffer): Promise<number> {
     const stage = join(this.dir, 'stage.tmp');
     await writePrivate(stage, record, this.fsync);
     const redo = join(this.dir, 'redo.ckpt');
