@@ -47,7 +47,7 @@ export interface SchedulerBenchOptions {
 }
 
 export interface SchedulerCell {
-  workload: string; policy: string; throughputRatio: number; checkpointsPerSec: number; pauseMsMedian: number; mbShipped: number;
+  workload: string; policy: string; throughputRatio: number; checkpointsPerSec: number; pauseMsMedian: number; pauseMsP99: number; mbShipped: number;
   kvLatencyMsP50?: number; kvLatencyMsP99?: number; kvAddedLatencyMsP50?: number; reasons?: Record<string, number>;
   /** The request latency p50 of the unreplicated phases around the cell (mean of the two). */
   kvLatencyMsP50Unreplicated?: number;
@@ -112,9 +112,11 @@ export function summarise(events: PrimaryEvent[], seconds: number) {
     checkpointsPerSec: round(cps.length / seconds, 1),
     pausedFraction: round(cps.reduce((a, c) => a + c.pauseMs, 0) / (seconds * 1000), 4),
     pauseMsMedian: round(median(cps.map((c) => c.pauseMs))),
+    pauseMsP99: round(percentile(cps.map((c) => c.pauseMs), 99)),
     /** Of the pause: QEMU's stream read (request to device state), the rest is closing the epoch (the disk's cut) and resuming. */
     captureMsMedian: round(median(cps.map((c) => c.captureMs))),
-    mbShipped: round(cps.reduce((a, c) => a + c.bytes, 0) / 1e6, 1),
+    /** Checkpoint records and pre-sent pages. */
+    mbShipped: round(cps.reduce((a, c) => a + c.bytes + (c.presentPages ?? 0) * 4096, 0) / 1e6, 1),
     ...(last ? { reasons: last.reasons } : {}),
   };
 }
@@ -210,7 +212,7 @@ async function runCells(
       workload: g.name, policy, durability, throughputRatio: round(r.perSec / ((uBefore.perSec + uAfter.perSec) / 2)), ...s, ...lat, noise: spread(uBefore.perSec, uAfter.perSec),
       ...(trace ? { trace } : {}), ...(breakdown ? { latencyBreakdown: breakdown } : {}), cpuUnreplicated: uAfter.cpu,
     });
-    status(`  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms (stream ${s.captureMsMedian} ms)`);
+    status(`  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms (p99 ${s.pauseMsP99} ms, stream ${s.captureMsMedian} ms), ${s.mbShipped} MB shipped`);
     if (breakdown) status(`    released frames: ${formatBreakdown(breakdown)}`);
     const u = uAfter.cpu;
     status(`    cores: guest ${s.cpu.guest} (unreplicated ${u.guest}), primary ${s.cpu.primary} (${u.primary}), standby ${s.cpu.standby}, other ${s.cpu.other} (${u.other}), idle ${s.cpu.idle} (${u.idle})`);
