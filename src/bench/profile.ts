@@ -21,7 +21,11 @@ export interface ProfileOptions {
   accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string }; onStatus?: (s: string) => void;
 }
 
-export interface ProfilePoint { epochMs: number; dirtyPagesMedian: number; pauseMsMedian: number; checkpoints: number }
+export interface ProfilePoint {
+  epochMs: number; dirtyPagesMedian: number; pauseMsMedian: number; checkpoints: number;
+  /** The same epochs with one pre-send pass right before the checkpoint (patched QEMU), interleaved with the plain ones. */
+  presend?: { pauseMsMedian: number; pausePagesMedian: number; checkpoints: number };
+}
 export interface ProfileRun { cpus: number; points: ProfilePoint[]; curve: { a: number; b: number }; netFramesPerSec: number | null; diskWritesPerSec: number | null; diskFlushesPerSec: number | null }
 
 /** The guest command line for `workload` on `cpus` vCPUs: one instance per vCPU where parallel. */
@@ -47,16 +51,28 @@ async function sweep(vm: QemuVm, dir: string, epochsMs: number[], status: (s: st
       const n = Math.max(4, Math.min(30, Math.round(1500 / L)));
       const pages: number[] = [];
       const pauses: number[] = [];
+      const pre = { pauses: [] as number[], pages: [] as number[] };
       await sleep(L);
       await capture.checkpoint(); // start a clean epoch of length L
       for (let i = 0; i < n; i++) {
+        // Every other epoch (with the patched QEMU): a pass right before the checkpoint, whose pause
+        // then carries only what the guest wrote during the pass.
+        const withPass = capture.canPresend && i % 2 === 1;
         await sleep(L);
+        if (withPass) await capture.presend();
         const cp = await capture.checkpoint();
-        pages.push(cp.pages.length);
-        pauses.push(cp.timings.pauseMsLocal);
+        if (withPass) {
+          pre.pauses.push(cp.timings.pauseMsLocal);
+          pre.pages.push(cp.pages.length - (cp.presentPages ?? 0));
+        } else {
+          pages.push(cp.pages.length);
+          pauses.push(cp.timings.pauseMsLocal);
+        }
       }
-      points.push({ epochMs: L, dirtyPagesMedian: median(pages), pauseMsMedian: round(median(pauses)), checkpoints: n });
-      status(`  epoch ${L} ms: ${median(pages)} dirty pages, pause ${round(median(pauses))} ms`);
+      const point: ProfilePoint = { epochMs: L, dirtyPagesMedian: median(pages), pauseMsMedian: round(median(pauses)), checkpoints: pages.length };
+      if (pre.pauses.length) point.presend = { pauseMsMedian: round(median(pre.pauses)), pausePagesMedian: median(pre.pages), checkpoints: pre.pauses.length };
+      points.push(point);
+      status(`  epoch ${L} ms: ${median(pages)} dirty pages, pause ${round(median(pauses))} ms${point.presend ? `; with a pass before it ${point.presend.pausePagesMedian} pages, ${point.presend.pauseMsMedian} ms` : ''}`);
     }
   } finally {
     await capture.close();
@@ -64,7 +80,7 @@ async function sweep(vm: QemuVm, dir: string, epochsMs: number[], status: (s: st
   return points;
 }
 
-export async function runProfile(o: ProfileOptions): Promise<{ runs: ProfileRun[]; json: string; svg: string; png: string }> {
+export async function runProfile(o: ProfileOptions): Promise<{ runs: ProfileRun[]; json: string; svg: string; png: string; pauseSvg: string }> {
   const status = o.onStatus ?? (() => {});
   const runs: ProfileRun[] = [];
   const isRig = o.workload in RIG;
@@ -116,5 +132,12 @@ export async function runProfile(o: ProfileOptions): Promise<{ runs: ProfileRun[
   writeFileSync(`${base}.json`, JSON.stringify({ workload: o.workload, memMb: o.memMb, accel: o.accel, runs }, null, 2));
   writeFileSync(`${base}.svg`, svg);
   writeFileSync(`${base}.png`, await svgToPng(svg));
-  return { runs, json: `${base}.json`, svg: `${base}.svg`, png: `${base}.png` };
+  // The pause against the epoch's dirty pages, with and without a pass before it, per vCPU count.
+  const pauseSvg = lineChart(runs.flatMap((r) => [
+    { label: `${r.cpus} vCPU`, points: r.points.map((p) => [Math.max(1, p.dirtyPagesMedian), Math.max(0.01, p.pauseMsMedian)] as [number, number]) },
+    ...(r.points.some((p) => p.presend) ? [{ label: `${r.cpus} vCPU, pre-sent`, points: r.points.filter((p) => p.presend).map((p) => [Math.max(1, p.dirtyPagesMedian), Math.max(0.01, p.presend!.pauseMsMedian)] as [number, number]) }] : []),
+  ]), { title: `Pause vs dirty pages per epoch — ${o.workload}`, xLabel: 'dirty pages in the epoch', yLabel: 'pause (ms)', logX: true, logY: true });
+  writeFileSync(`${base}-pause.svg`, pauseSvg);
+  writeFileSync(`${base}-pause.png`, await svgToPng(pauseSvg));
+  return { runs, json: `${base}.json`, svg: `${base}.svg`, png: `${base}.png`, pauseSvg: `${base}-pause.svg` };
 }
