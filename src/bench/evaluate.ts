@@ -82,9 +82,9 @@ export async function runEvaluation(o: EvaluateOptions): Promise<Record<string, 
   };
   const simCpus = [1, 2, 4, 8, 16];
   const simulated: Array<{ policy: string; bandwidth: string; cpus: number; overhead: number; extrapolated: boolean }> = [];
-  // The default policy with pre-sends planned (presend=auto) beside the live ones (the passes' own
-  // cost is not modelled: a host with a core to spare for them).
-  const simPolicies = [...policies, `${DEFAULT_POLICY},presend=auto`];
+  // The default policy without its pre-sends beside the live ones (with them, the passes' own cost
+  // is not modelled: a host with a core to spare for them).
+  const simPolicies = [...policies, `${DEFAULT_POLICY},presend=off`];
   for (const policy of simPolicies) for (const [bwName, bw] of Object.entries(BANDWIDTH_CLASSES)) for (const cpus of simCpus) {
     simulated.push({ policy, bandwidth: bwName, cpus, overhead: round(overhead(policy, cpus, bw), 4), extrapolated: !measured.some((m) => m.cpus === cpus) });
   }
@@ -138,7 +138,7 @@ export async function runEvaluation(o: EvaluateOptions): Promise<Record<string, 
   md.push('## Overhead as vCPUs grow', '', `Measured live with one dirtier (10 pages/ms, 16 MB) per vCPU on the ${classes[0]} link (throughput ratio to unreplicated, paused fraction):`, '',
     `| policy | ${vcpuCells.map((v) => `${v.cpus} vCPU`).join(' | ')} |`, `|---|${vcpuCells.map(() => '---').join('|')}|`);
   for (const p of policies) md.push(`| ${p} | ${vcpuCells.map((v) => { const c = cells.find((x) => x.workload === v.wl && x.policy === p && x.link === classes[0]); return c ? `${c.throughputRatio}× / ${round(c.pausedFraction * 100, 1)}%` : '—'; }).join(' | ')} |`);
-  md.push('', `Profiled to ${Math.max(...measured.map((m) => m.cpus))} vCPUs (characterisation above); beyond, the simulator uses D_c(T) with a(c) fitted linearly in c — an extrapolation that assumes the vCPUs dirty disjoint memory. Under TCG on 2 host cores, vCPUs beyond 2 share the cores: live numbers at 4 vCPUs measure contention as much as replication. \`${DEFAULT_POLICY},presend=auto\` is simulated only: pre-send passes during the epoch planned to keep each pause within 2 ms, their own cost not modelled (they assume a host core to spare, which these 2-core runs lack).`, '', '![simulated](sim-vcpus.svg)', '');
+  md.push('', `Profiled to ${Math.max(...measured.map((m) => m.cpus))} vCPUs (characterisation above); beyond, the simulator uses D_c(T) with a(c) fitted linearly in c — an extrapolation that assumes the vCPUs dirty disjoint memory. Under TCG on 2 host cores, vCPUs beyond 2 share the cores: live numbers at 4 vCPUs measure contention as much as replication. \`${DEFAULT_POLICY}\` pre-sends (presend=auto: passes during a quiet guest's epoch, planned to keep each pause within 2 ms); the simulator does not model the passes' own cost — it assumes a host core to spare for them, which these 2-core runs lack (live, Rubato then pre-sends only once before each pause) — and \`${DEFAULT_POLICY},presend=off\` shows the same policy without them.`, '', '![simulated](sim-vcpus.svg)', '');
   md.push('| policy | link | ' + simCpus.map((c) => `${c} vCPU`).join(' | ') + ' |', '|---|---|' + simCpus.map(() => '---').join('|') + '|');
   for (const p of simPolicies) for (const bw of Object.keys(BANDWIDTH_CLASSES)) md.push(`| ${p} | ${bw} | ${simCpus.map((c) => `${round((simulated.find((s) => s.policy === p && s.bandwidth === bw && s.cpus === c)?.overhead ?? 0) * 100, 2)}%`).join(' | ')} |`);
   md.push('', '## Simulator validation (trace replay)', '',

@@ -110,16 +110,22 @@ export function presendIntervalFor(d: (tMs: number) => number, pause: PauseModel
   return lo;
 }
 
+/** presend=auto plans passes during the epoch only for guests sending fewer output frames than this (10 per second). */
+export const AUTO_PRESEND_MAX_OUTPUT_PER_MS = 0.01;
 /** presend=auto plans passes during the epoch only with at least this many idle host cores. */
 export const AUTO_PRESEND_MIN_IDLE_CORES = 0.3;
 
 /**
  * The pre-send interval in force for `p` now: its own, or (presend=auto) planned from the history;
- * undefined: none. A host without idle cores (`idleCores`, when known) gets only the last pass: a
- * pass during the epoch copies memory beside the guest, and on a saturated host its CPU is the guest's.
+ * undefined: none. Only the last pass (Infinity) for a host without idle cores (`idleCores`, when
+ * known) — a pass during the epoch copies memory beside the guest, and on a saturated host its CPU
+ * is the guest's — and for a guest that sends output (its epochs end on output, which a pass under
+ * way would hold up).
  */
 export function presendEveryMs(p: Pick<Policy, 'presendMs' | 'presendTargetPauseMs' | 'maxEpochMs'>, history: readonly EpochRecord[], idleCores: number | null = null): number | undefined {
   if (p.presendTargetPauseMs === undefined) return p.presendMs;
   if (idleCores !== null && idleCores < AUTO_PRESEND_MIN_IDLE_CORES) return Number.POSITIVE_INFINITY;
+  // A guest that talks: its epochs end on output, and a pass under way would hold up that checkpoint.
+  if (outputRatePerMs(history) > AUTO_PRESEND_MAX_OUTPUT_PER_MS) return Number.POSITIVE_INFINITY;
   return presendIntervalFor(fitDirtyCurve(history).pages, fitPause(history), p.presendTargetPauseMs, p.maxEpochMs);
 }

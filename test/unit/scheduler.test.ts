@@ -101,9 +101,14 @@ test('pre-sends: a policy setting; the simulator charges the pause only the last
   const p = parsePolicy('model,presend=50');
   assert.equal(p.presendMs, 50);
   assert.match(p.name, /presend:50ms/);
-  assert.equal(parsePolicy('model').presendMs, undefined);
+  assert.equal(parsePolicy('model,presend=off').presendMs, undefined);
+  assert.equal(parsePolicy('model,presend=off').presendTargetPauseMs, undefined);
+  assert.equal(parsePolicy('model,presend=off').name, 'model+presend:off');
+  // Rubato's default policy pre-sends as presend=auto (only where it pays; only with Rubato's QEMU).
+  assert.equal(parsePolicy('model').presendTargetPauseMs, AUTO_PRESEND_PAUSE_MS);
+  assert.equal(parsePolicy('model').name, 'model');
   const w = syntheticWorkload({ pagesPerMs: 10, exponent: 0.9 });
-  const without = simulate(parsePolicy('model'), w, 20_000);
+  const without = simulate(parsePolicy('model,presend=off'), w, 20_000);
   const withPresend = simulate(parsePolicy('model,presend=50'), w, 20_000);
   assert.ok(withPresend.pausedMs < without.pausedMs / 2, `paused ${withPresend.pausedMs} ms against ${without.pausedMs} ms`);
   assert.ok(withPresend.epochs.some((e) => e.pausePages !== undefined && e.pausePages < e.dirtyPages));
@@ -141,11 +146,13 @@ test('presend=last and presend=auto: one shared estimate of what the pause carri
   assert.ok(Math.abs(presendEveryMs(auto, hist, null)! - 25) < 1);
   assert.equal(presendEveryMs(auto, hist, 0.05), Number.POSITIVE_INFINITY, 'a saturated host: the last pass only');
   assert.ok(Math.abs(presendEveryMs(auto, hist, 1.5)! - 25) < 1);
+  const talking = hist.map((e) => ({ ...e, outputFrames: e.lengthMs / 10 })); // 100 frames/s
+  assert.equal(presendEveryMs(auto, talking, 1.5), Number.POSITIVE_INFINITY, 'a guest that talks: the last pass only');
   assert.equal(presendEveryMs(parsePolicy('model,presend=40'), hist, 0), 40, 'a fixed interval is the operator\'s');
-  assert.equal(presendEveryMs(parsePolicy('model'), hist), undefined);
+  assert.equal(presendEveryMs(parsePolicy('model,presend=off'), hist), undefined);
   // The simulator at 16× the dirty rate: auto keeps the pauses short where the plain model cannot.
   const w = syntheticWorkload({ pagesPerMs: 160, exponent: 0.9 });
-  const plain = simulate(parsePolicy('model'), w, 10_000);
+  const plain = simulate(parsePolicy('model,presend=off'), w, 10_000);
   const planned = simulate(auto, w, 10_000);
   assert.ok(planned.pausedMs < plain.pausedMs / 5, `paused ${planned.pausedMs} ms against ${plain.pausedMs} ms`);
 });
