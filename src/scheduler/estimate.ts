@@ -110,6 +110,21 @@ export function presendIntervalFor(d: (tMs: number) => number, pause: PauseModel
   return lo;
 }
 
+/** presend=auto pre-sends only when, without it, the guest would be paused at least this share of the time. */
+export const AUTO_PRESEND_MIN_PAUSED = 0.02;
+
+/**
+ * The share of the time recent epochs would have been paused without pre-sends: each epoch's whole
+ * dirty set at the fitted pause cost (an upper bound where passes re-sent pages), over their length.
+ */
+export function pausedFractionWithout(history: readonly EpochRecord[]): number {
+  const h = history.slice(-16);
+  const len = h.reduce((a, e) => a + e.lengthMs, 0);
+  if (len <= 0) return 0;
+  const pause = fitPause(history);
+  return h.reduce((a, e) => a + pause.pauseMs(e.dirtyPages), 0) / len;
+}
+
 /** presend=auto plans passes during the epoch only for guests sending fewer output frames than this (10 per second). */
 export const AUTO_PRESEND_MAX_OUTPUT_PER_MS = 0.01;
 /** presend=auto plans passes during the epoch only with at least this many idle host cores. */
@@ -117,13 +132,16 @@ export const AUTO_PRESEND_MIN_IDLE_CORES = 0.3;
 
 /**
  * The pre-send interval in force for `p` now: its own, or (presend=auto) planned from the history;
- * undefined: none. Only the last pass (Infinity) for a host without idle cores (`idleCores`, when
+ * undefined: none — presend=auto pre-sends only where pauses would take 2 % of the guest's time. Only the last pass (Infinity) for a host without idle cores (`idleCores`, when
  * known) — a pass during the epoch copies memory beside the guest, and on a saturated host its CPU
  * is the guest's — and for a guest that sends output (its epochs end on output, which a pass under
  * way would hold up).
  */
 export function presendEveryMs(p: Pick<Policy, 'presendMs' | 'presendTargetPauseMs' | 'maxEpochMs'>, history: readonly EpochRecord[], idleCores: number | null = null): number | undefined {
   if (p.presendTargetPauseMs === undefined) return p.presendMs;
+  // Pauses that would take little of the guest's time are left alone: a pass is not free either
+  // (each re-arms the dirty log, which slows the guest's writes).
+  if (pausedFractionWithout(history) < AUTO_PRESEND_MIN_PAUSED) return undefined;
   if (idleCores !== null && idleCores < AUTO_PRESEND_MIN_IDLE_CORES) return Number.POSITIVE_INFINITY;
   // A guest that talks: its epochs end on output, and a pass under way would hold up that checkpoint.
   if (outputRatePerMs(history) > AUTO_PRESEND_MAX_OUTPUT_PER_MS) return Number.POSITIVE_INFINITY;

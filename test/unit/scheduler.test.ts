@@ -146,6 +146,9 @@ test('presend=last and presend=auto: one shared estimate of what the pause carri
   assert.ok(Math.abs(presendEveryMs(auto, hist, null)! - 25) < 1);
   assert.equal(presendEveryMs(auto, hist, 0.05), Number.POSITIVE_INFINITY, 'a saturated host: the last pass only');
   assert.ok(Math.abs(presendEveryMs(auto, hist, 1.5)! - 25) < 1);
+  // Pauses that would take under 2 % of the time: no pre-sends at all (a pass is not free either).
+  const light: EpochRecord[] = [500, 1000].map((T) => ({ lengthMs: T, dirtyPages: T, pauseMs: 1 + 0.002 * T, bytes: 1, transferMs: 1, outputFrames: 0 }));
+  assert.equal(presendEveryMs(auto, light, 1.5), undefined);
   const talking = hist.map((e) => ({ ...e, outputFrames: e.lengthMs / 10 })); // 100 frames/s
   assert.equal(presendEveryMs(auto, talking, 1.5), Number.POSITIVE_INFINITY, 'a guest that talks: the last pass only');
   assert.equal(presendEveryMs(parsePolicy('model,presend=40'), hist, 0), 40, 'a fixed interval is the operator\'s');
