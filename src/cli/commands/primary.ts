@@ -33,7 +33,7 @@ export function register(program: Command): void {
     .option('--kernel <file>', 'guest kernel (default: the test guest)')
     .option('--initrd <file>', 'guest initramfs (default: the test guest)')
     .option('--append <cmdline>', 'guest kernel command line')
-    .option('--policy <spec>', 'checkpoint policy: model (default), adaptive, fixed:MS, dirty-bandwidth[:MS], net-io, disk-io, bounded-latency[:MS] (+ ,min=MS,max=MS)', 'model')
+    .option('--policy <spec>', 'checkpoint policy: model (default; pre-sends dirty RAM where it pays, model,presend=off to disable), adaptive, fixed:MS, dirty-bandwidth[:MS], net-io, disk-io, bounded-latency[:MS] (+ ,min=MS,max=MS,presend=MS|last|auto|off)', 'model')
     .option('--state-dir <dir>', 'sockets and state', '/run/rubato/primary')
     .option('--events', 'print events as JSON lines on stdout', false)
     .action(async (raw: unknown) => runPrimary(parseOptions(Options, raw)));

@@ -32,7 +32,7 @@ export function register(program: Command): void {
     .argument('<vm-file>', 'VM definition (JSON)')
     .requiredOption('--standby <host:port>', 'the standby controller (rubato standby on the other host); auto: the one the witness names (agents)')
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen; the same file on both hosts)')
-    .option('--policy <spec>', 'checkpoint policy: model (default), adaptive, fixed:MS, bounded-latency[:MS], …', 'model')
+    .option('--policy <spec>', 'checkpoint policy: model (default; pre-sends dirty RAM where it pays, model,presend=off to disable), adaptive, fixed:MS, bounded-latency[:MS], …', 'model')
     .option('--state-dir <dir>', 'sockets, converted disks and state (default /var/lib/rubato/VM-NAME)')
     .option('--listen <host:port>', 'after a switchover (rubato switchover on the standby), stay on as the new standby listening here')
     .option('--no-fsync', 'as the new standby: do not fsync the replica (tmpfs, tests)')
