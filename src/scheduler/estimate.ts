@@ -74,10 +74,10 @@ const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
 /**
  * With pre-sends: the pages a checkpoint's pause still carries. Passes every `everyMs` (Infinity:
  * only the last one) leave about an interval's dirty pages, `D(min(T, every))` (the last mid-epoch
- * pass comes 0.5 to 1.5 intervals before the checkpoint); a last pass
- * right before the pause (taken when no output waits) sends those while the guest runs, and the
- * pause carries what is dirtied meanwhile: `D(pass time)`, the pass costing the pause's per-page
- * time. Without pre-sends, all of `D(T)`.
+ * pass comes 0.5 to 1.5 intervals before the checkpoint); a last pass right before the pause (taken
+ * when no output waits) sends those while the guest runs, and the pause carries what is dirtied
+ * meanwhile: `D(pass time)`, the pass costing the pause's per-page time. Without pre-sends, all of
+ * `D(T)`.
  */
 export function pausePagesWithPresend(d: (tMs: number) => number, perPageMs: number, epochMs: number, everyMs: number | undefined, lastPass: boolean): number {
   if (!everyMs) return d(epochMs);
@@ -132,10 +132,11 @@ export const AUTO_PRESEND_MIN_IDLE_CORES = 0.3;
 
 /**
  * The pre-send interval in force for `p` now: its own, or (presend=auto) planned from the history;
- * undefined: none — presend=auto pre-sends only where pauses would take 2 % of the guest's time. Only the last pass (Infinity) for a host without idle cores (`idleCores`, when
- * known) — a pass during the epoch copies memory beside the guest, and on a saturated host its CPU
- * is the guest's — and for a guest that sends output (its epochs end on output, which a pass under
- * way would hold up).
+ * undefined: none. presend=auto pre-sends only where pauses would take ≥ 2 % of the guest's time,
+ * and takes only the last pass (Infinity) on a host without idle cores (`idleCores`, when known: a
+ * pass during the epoch copies memory beside the guest, and on a saturated host that CPU is the
+ * guest's) and for a guest that sends output (its epochs end on output, which a pass under way
+ * would hold up).
  */
 export function presendEveryMs(p: Pick<Policy, 'presendMs' | 'presendTargetPauseMs' | 'maxEpochMs'>, history: readonly EpochRecord[], idleCores: number | null = null): number | undefined {
   if (p.presendTargetPauseMs === undefined) return p.presendMs;
