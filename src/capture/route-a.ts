@@ -168,16 +168,15 @@ export class ColoCapture {
   private present = new PageSet();
   /** This QEMU can pre-send (Rubato's patched QEMU). */
   get canPresend(): boolean { return this.vm.canPresend; }
-  /** Pre-sent pages waiting for the next checkpoint. */
-  get presentPages(): number { return this.present.size; }
 
   /**
    * Pre-send (QEMU patch 0003): with the guest running, QEMU sends the RAM dirtied since the last
    * checkpoint or pre-send; the pages are kept here and join the next checkpoint, whose pause then
    * carries only what was written after this — or, with `handOver`, go to the caller at once (the
-   * primary streams them to the standby's staging) and the checkpoint carries only its pause's. A page written again later is sent again (QEMU's
-   * dirty log restarts at the sync) and the later copy wins. On any failure the capture fails as a
-   * checkpoint's would (the guest runs on unprotected).
+   * primary streams them to the standby's staging) and the checkpoint carries only its pause's. A
+   * page written again later is sent again (QEMU's dirty log restarts at the sync) and the later
+   * copy wins. On any failure the capture fails as a checkpoint's would (the guest runs on
+   * unprotected).
    */
   async presend(handOver?: (pages: DirtyPage[]) => void): Promise<{ pages: number; ms: number }> {
     if (!this.vm.canPresend) throw new RubatoError('RUBATO_CAPTURE_FAILED', `the QEMU of VM ${this.vm.spec.name} cannot pre-send dirty RAM (Rubato's patched QEMU can)`);

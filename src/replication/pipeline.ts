@@ -259,6 +259,9 @@ export class EpochPipeline<F extends Sized = Buffer> {
     return this.closed;
   }
 
+  /** Pages pre-sent in the running epoch (they are not in its checkpoint's record). */
+  get presentedPages(): number { return this.present.pages; }
+
   /**
    * A pre-send of `pages` dirty pages finished at `nowMs` (the guest ran meanwhile); they join the
    * next checkpoint — also when it is the last pass right before that checkpoint's pause.

@@ -45,6 +45,7 @@ export type PrimaryEvent =
   | { event: 'protecting'; standby: string }
   | { event: 'unprotected'; reason: string; atMs: number }
   | { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number }
+  /** `presentPages`: pages pre-sent to the standby's staging in the epoch, besides the `pages` its record carried. */
   | { event: 'checkpoint'; epoch: number; pages: number; bytes: number; pauseMs: number; captureMs: number; counter: number; presentPages?: number }
   | { event: 'acked'; epoch: number; counter: number; lagMs: number; frames: number }
   | PrimaryStatus
@@ -345,7 +346,6 @@ export class PrimaryController {
     // QEMU sends it, the disk's allocated extents copied first (its writes from then on are logged
     // and go with the image), nothing of either collected here.
     pipe.startSync();
-    this.presentThisEpoch = 0;
     const nbd = this.o.nbd;
     const diskBlock = nbd ? { id: DISK_BLOCK_ID, lengthBytes: nbd.sizeBytes } : null;
     const extents = nbd ? await allocatedExtents(nbd.imagePath) : [];
@@ -433,7 +433,6 @@ export class PrimaryController {
   private async presend(link: Link, capture: ColoCapture): Promise<number> {
     const epoch = this.pipeline.capturedEpoch + 1;
     const r = await capture.presend((pages) => this.shipPresent(link, epoch, pages));
-    this.presentThisEpoch += r.pages;
     const endMs = performance.now();
     this.pipeline.presented(r.pages, endMs);
     return endMs;
@@ -447,16 +446,13 @@ export class PrimaryController {
     link.sendParts(FrameType.PRESEND, epoch, parts).then(() => this.garbage.add(bytes * 2), (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
   }
 
-  /** Pages pre-sent (and streamed) in the running epoch. */
-  private presentThisEpoch = 0;
-
   /** Takes checkpoint `epoch`, ships it; the guest runs again as soon as it is local. */
   private async checkpoint(link: Link, capture: ColoCapture, epoch: number, decidedMs: number, status: StatusMeter): Promise<void> {
     const fault = this.o.fault;
     const ranFromMs = this.pipeline.epochStartedMs;
     const t = await this.take(capture, epoch, status,
       fault ? async (c) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } : undefined);
-    const { cp, pauseBeganMs } = t;
+    const { cp, pauseBeganMs, presented } = t;
     const bytes = t.record.length;
     if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, Buffer.concat(t.record.parts as Buffer[]), Math.floor(bytes * f)), crash: () => this.crash() });
     if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
@@ -469,7 +465,7 @@ export class PrimaryController {
     // A large one: its plaintext and the stream's buffers are garbage now (the link holds the
     // ciphertext): collected at once, the peak is about twice the record, not three or four times.
     if (bytes > LARGE_RECORD_BYTES) collectNow();
-    this.emit({ event: 'checkpoint', epoch, pages, bytes, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter: this.counterAt.get(epoch) ?? -1, ...(cp.presentPages ? { presentPages: cp.presentPages } : {}) });
+    this.emit({ event: 'checkpoint', epoch, pages, bytes, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter: this.counterAt.get(epoch) ?? -1, ...(presented ? { presentPages: presented } : {}) });
   }
 
   /**
@@ -478,7 +474,7 @@ export class PrimaryController {
    * after the capture (fault injection; a fence stops it there).
    */
   private async take(capture: ColoCapture, epoch: number, status: StatusMeter | null, hold?: (c: Checkpoint) => Promise<void>):
-    Promise<{ cp: Checkpoint; record: RecordParts; pauseBeganMs: number }> {
+    Promise<{ cp: Checkpoint; record: RecordParts; pauseBeganMs: number; presented: number }> {
     const counter = this.lastCounter;
     let pauseBeganMs = 0;
     const cp = await capture.checkpoint({
@@ -488,14 +484,13 @@ export class PrimaryController {
     });
     const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
     // Its pre-sent pages are staged on the standby already: the record carries the pause's.
-    cp.presentPages = this.presentThisEpoch;
-    this.presentThisEpoch = 0;
+    const presented = this.pipeline.presentedPages;
     const record = encodeRecordParts(cp, this.blocks); // the pages are referenced, not copied
     this.pipeline.capturedCheckpoint(epoch, {
-      dirtyPages: cp.pages.length + cp.presentPages, pausePages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs, encodedMs: performance.now(),
+      dirtyPages: cp.pages.length + presented, pausePages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs, encodedMs: performance.now(),
     });
     this.counterAt.set(epoch, counter);
-    return { cp, record, pauseBeganMs };
+    return { cp, record, pauseBeganMs, presented };
   }
 
   /** During the pause: the epoch's output and disk writes close together; the disk's pages join the checkpoint. */

@@ -1,8 +1,9 @@
 // One authenticated primary's session on the standby: the full image (BASE_BEGIN, BASE_DATA…,
 // BASE_END) and then one CKPT frame per checkpoint, handled strictly in order, each acknowledged
 // only once committed; PRESEND frames before a checkpoint's CKPT stage pages of it
-// (present-stage.ts) that commit only with it. Frames waiting to be handled are bounded: above a high-water mark the link
-// stops reading its socket (TCP pushes back on the primary) until the backlog drains.
+// (present-stage.ts) that commit only with it. Frames waiting to be handled are bounded: above a
+// high-water mark the link stops reading its socket (TCP pushes back on the primary) until the
+// backlog drains.
 
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';

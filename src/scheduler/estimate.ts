@@ -117,11 +117,10 @@ export const AUTO_PRESEND_MIN_PAUSED = 0.02;
  * The share of the time recent epochs would have been paused without pre-sends: each epoch's whole
  * dirty set at the fitted pause cost (an upper bound where passes re-sent pages), over their length.
  */
-export function pausedFractionWithout(history: readonly EpochRecord[]): number {
+export function pausedFractionWithout(history: readonly EpochRecord[], pause: PauseModel = fitPause(history)): number {
   const h = history.slice(-16);
   const len = h.reduce((a, e) => a + e.lengthMs, 0);
   if (len <= 0) return 0;
-  const pause = fitPause(history);
   return h.reduce((a, e) => a + pause.pauseMs(e.dirtyPages), 0) / len;
 }
 
@@ -140,11 +139,12 @@ export const AUTO_PRESEND_MIN_IDLE_CORES = 0.3;
  */
 export function presendEveryMs(p: Pick<Policy, 'presendMs' | 'presendTargetPauseMs' | 'maxEpochMs'>, history: readonly EpochRecord[], idleCores: number | null = null): number | undefined {
   if (p.presendTargetPauseMs === undefined) return p.presendMs;
+  const pause = fitPause(history);
   // Pauses that would take little of the guest's time are left alone: a pass is not free either
   // (each re-arms the dirty log, which slows the guest's writes).
-  if (pausedFractionWithout(history) < AUTO_PRESEND_MIN_PAUSED) return undefined;
+  if (pausedFractionWithout(history, pause) < AUTO_PRESEND_MIN_PAUSED) return undefined;
   if (idleCores !== null && idleCores < AUTO_PRESEND_MIN_IDLE_CORES) return Number.POSITIVE_INFINITY;
   // A guest that talks: its epochs end on output, and a pass under way would hold up that checkpoint.
   if (outputRatePerMs(history) > AUTO_PRESEND_MAX_OUTPUT_PER_MS) return Number.POSITIVE_INFINITY;
-  return presendIntervalFor(fitDirtyCurve(history).pages, fitPause(history), p.presendTargetPauseMs, p.maxEpochMs);
+  return presendIntervalFor(fitDirtyCurve(history).pages, pause, p.presendTargetPauseMs, p.maxEpochMs);
 }

@@ -39,9 +39,9 @@ function epochForTransfer(c: DirtyCurve, bytesPerMs: number, targetMs: number, m
 
 type Inner = (t: Telemetry, ctx: { age: number; curve: DirtyCurve; bytesPerMs: number }) => Decision;
 
-export function guarded(name: string, rails: Rails, inner: Inner, opts: { linkGuard: boolean; presendInName?: boolean } = { linkGuard: true }): Policy {
+export function guarded(name: string, rails: Rails, inner: Inner, opts: { linkGuard: boolean } = { linkGuard: true }): Policy {
   return {
-    name: opts.presendInName === false ? name : rails.presendTargetPauseMs !== undefined ? `${name}+presend:auto` : rails.presendMs ? `${name}+presend:${Number.isFinite(rails.presendMs) ? `${rails.presendMs}ms` : 'last'}` : name,
+    name,
     minEpochMs: rails.minEpochMs,
     maxEpochMs: rails.maxEpochMs,
     ...(rails.presendMs ? { presendMs: rails.presendMs } : {}),
@@ -127,7 +127,7 @@ export function boundedLatency(rails: Rails, latencyMs = 20, targetMs = 10): Pol
  * frame's release comes at T + pause + transfer + rtt. With no output it stretches the epoch
  * (overhead only falls with T) until a rail stops it.
  */
-export function model(rails: Rails, weightPerFrameMs = 0.002, presendByDefault = false): Policy {
+export function model(rails: Rails, weightPerFrameMs = 0.002): Policy {
   return guarded(`model`, rails, (t, c) => {
     const pause = fitPause(t.history);
     const rate = outputRatePerMs(t.history);
@@ -152,7 +152,7 @@ export function model(rails: Rails, weightPerFrameMs = 0.002, presendByDefault =
       if (J < bestJ) { bestJ = J; best = T; }
     }
     return best - c.age < 0.5 ? now('model-optimum') : wait(t.epochStartMs + best, 'model-wait');
-  }, { linkGuard: true, presendInName: !presendByDefault });
+  });
 }
 
 /** Parses `name[:arg][,key=value...]`, e.g. fixed:25ms, adaptive, bounded-latency:20ms,max=500, model:0.002. */
@@ -166,14 +166,16 @@ export function parsePolicy(spec: string): Policy {
     return n;
   };
   const rails: Rails = { ...DEFAULT_RAILS };
-  let presendOff = false;
+  /** An explicit presend= setting, named in the policy's name (model's default auto is not). */
+  let presend: string | null = null;
   for (const p of kv) {
     const [k, v] = p.split('=');
+    if (k === 'presend') presend = v === 'last' || v === 'auto' || v === 'off' ? v : `${num(v, k) ?? '?'}ms`;
     // presend=last: one pass right before each pause, none during the epoch.
     if (k === 'presend' && v === 'last') { rails.presendMs = Number.POSITIVE_INFINITY; continue; }
     // presend=auto: passes as often as it takes to keep the pause within AUTO_PRESEND_PAUSE_MS.
     if (k === 'presend' && v === 'auto') { rails.presendTargetPauseMs = AUTO_PRESEND_PAUSE_MS; continue; }
-    if (k === 'presend' && v === 'off') { presendOff = true; continue; }
+    if (k === 'presend' && v === 'off') continue;
     const n = num(v, k ?? '?');
     if (n === undefined) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: ${k} needs a value`);
     if (k === 'min') rails.minEpochMs = n;
@@ -185,6 +187,11 @@ export function parsePolicy(spec: string): Policy {
   }
   if (rails.minEpochMs > rails.maxEpochMs) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: min epoch above max epoch`);
   const arg = num(argRaw, 'the parameter');
+  const p = build(name, arg, rails, presend, spec, kv);
+  return presend ? { ...p, name: `${p.name}+presend:${presend}` } : p;
+}
+
+function build(name: string | undefined, arg: number | undefined, rails: Rails, presend: string | null, spec: string, kv: string[]): Policy {
   switch (name) {
     case 'fixed': {
       // A fixed period has no rails to set; pre-sending applies to it as to any policy.
@@ -198,13 +205,9 @@ export function parsePolicy(spec: string): Policy {
     case 'disk-io': return diskIo(rails, arg);
     case 'adaptive': return adaptive(rails, arg);
     case 'bounded-latency': return boundedLatency(rails, arg);
-    case 'model': {
-      // Rubato's default pre-sends as presend=auto unless told otherwise (presend=off, =MS, =last):
-      // passes only where they pay (a quiet guest, idle host cores) and only with Rubato's QEMU.
-      const explicit = presendOff || rails.presendMs !== undefined || rails.presendTargetPauseMs !== undefined;
-      const m = model(explicit ? rails : { ...rails, presendTargetPauseMs: AUTO_PRESEND_PAUSE_MS }, arg, !explicit);
-      return presendOff ? { ...m, name: `${m.name}+presend:off` } : m;
-    }
+    // Rubato's default pre-sends as presend=auto unless told otherwise (presend=off, =MS, =last):
+    // passes only where they pay (a quiet guest, idle host cores) and only with Rubato's QEMU.
+    case 'model': return model(presend ? rails : { ...rails, presendTargetPauseMs: AUTO_PRESEND_PAUSE_MS }, arg);
     default: throw new RubatoError('RUBATO_CONFIG', `unknown policy "${name}" (fixed:MS, dirty-bandwidth[:MS], net-io, disk-io, adaptive, bounded-latency[:MS], model[:WEIGHT])`);
   }
 }

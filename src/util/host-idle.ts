@@ -4,7 +4,7 @@
 
 import { cpus } from 'node:os';
 
-const totals = () => cpus().reduce((a, c) => ({ idle: a.idle + c.times.idle, all: a.all + c.times.idle + c.times.user + c.times.nice + c.times.sys + c.times.irq }), { idle: 0, all: 0 });
+const totals = () => cpus().reduce((a, c) => ({ cores: a.cores + 1, idle: a.idle + c.times.idle, all: a.all + c.times.idle + c.times.user + c.times.nice + c.times.sys + c.times.irq }), { cores: 0, idle: 0, all: 0 });
 
 export class HostIdleMeter {
   private last = totals();
@@ -16,7 +16,7 @@ export class HostIdleMeter {
     if (nowMs - this.lastAtMs >= everyMs) {
       const t = totals();
       const all = t.all - this.last.all;
-      if (all > 0) this.value = (cpus().length * (t.idle - this.last.idle)) / all;
+      if (all > 0) this.value = (t.cores * (t.idle - this.last.idle)) / all;
       this.last = t;
       this.lastAtMs = nowMs;
     }
