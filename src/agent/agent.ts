@@ -12,6 +12,7 @@
 import { join } from 'node:path';
 import { writeFileSync } from 'node:fs';
 import { logger } from '../util/log.ts';
+import { heldGeneration } from '../host/claim.ts';
 import { errorMessage } from '../util/errors.ts';
 import { ensurePrivateDir } from '../util/private-files.ts';
 import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
@@ -145,7 +146,14 @@ export class Agent {
       if (this.running.has(vm)) continue;
       const p = v.placements.get(vm);
       if (!p) continue;
-      if (p.primary === me && (v.generations.get(vm) ?? 0) === 0 && !v.owners.has(vm)) this.startPrimary(vm, rec.definition);
+      // A VM nobody runs starts here when it never ran, or when this host held its newest generation
+      // (its disk here is the VM's newest state: e.g. its guest was stopped on a lost lease with no
+      // replica anywhere), as vSphere HA restarts a VM; a stale disk never starts (host/claim.ts).
+      const gen = v.generations.get(vm) ?? 0;
+      if (p.primary === me && !v.owners.has(vm) && (gen === 0 || heldGeneration(join(this.o.stateDir, vm)) === gen)) {
+        if (gen > 0) log.warn(`VM ${vm}: no copy runs and this host held its newest state (generation ${gen}); restarting it from its disk here`);
+        this.startPrimary(vm, rec.definition);
+      }
       else if (p.standby === me && v.owners.get(vm)?.host !== me) this.startStandby(vm);
     }
   }

@@ -13,6 +13,7 @@ import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
 import { parseDirtierLine } from '../bench/capture-check.ts';
 import { writeKeyFile } from '../replication/keyfile.ts';
 import { Controller, type Ev } from './controller-proc.ts';
+import { LocalEtcd } from '../coord/local-etcd.ts';
 
 const log = logger('demo');
 
@@ -27,6 +28,10 @@ export interface DemoResult {
   timeoutMs: number; counterBefore: number; counterAfter: number; selfCheckOk: boolean; syncMs: number; syncMbPerSec: number; accel: string;
   /** Steady state while protected: replication traffic and the guest's dirty rate. */
   replicationMbPerSec: number; dirtyPagesPerSec: number; ckptPerSec: number; cutLink: boolean; policy: string; error?: string;
+  /** The embedded witness both hosts used (fenced failover: the standby claimed the VM there). */
+  witness?: string;
+  /** How the standby was allowed to go live (the witness's verdict). */
+  failoverWhy?: string;
 }
 
 export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: boolean) => void): Promise<DemoResult> {
@@ -40,6 +45,7 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
   };
   const dir = makeTempDir('rubato-demo-');
   let hosts: TwoHosts | null = null;
+  let etcd: LocalEtcd | null = null;
   const procs: TrackedProcess[] = [];
   try {
     const h2 = await TwoHosts.create('demo');
@@ -56,15 +62,20 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
       procs.push(p);
       return p;
     };
-    const common = ['--key', key, '--heartbeat-ms', String(o.heartbeatMs), '--timeout-ms', String(o.timeoutMs), '--events'];
+    // Safe by default: the embedded witness, a single-member etcd on a third "machine" both hosts
+    // reach apart from the replication link (so a cut link is not a cut from the witness).
+    etcd = await LocalEtcd.start(join(dir, 'witness'), { host: await h2.attachWitness() });
+    result.witness = etcd.url;
+    onStatus(`witness: etcd at ${etcd.url} (embedded, single member)`, true);
+    const common = ['--key', key, '--heartbeat-ms', String(o.heartbeatMs), '--timeout-ms', String(o.timeoutMs), '--events', '--etcd', etcd.url];
     const port = 7400;
-    const standby = new Controller('standby', run('standby', hosts.standby, ['standby', '--listen', `${hosts.standby.ip}:${port}`, '--state-dir', join(dir, 'standby'), ...common]), () => {});
+    const standby = new Controller('standby', run('standby', hosts.standby, ['standby', '--host', 'standby', '--listen', `${hosts.standby.ip}:${port}`, '--state-dir', join(dir, 'standby'), ...common]), () => {});
     await standby.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
 
     let lastStatus: Ev | null = null;
     let acked: Ev | null = null;
     const primary = new Controller('primary', run('primary', hosts.primary, [
-      'primary', '--standby', `${hosts.standby.ip}:${port}`, '--name', 'demo', '--mem', String(o.memMb), '--workload', `dirtier,${o.rate},${Math.max(4, Math.floor(o.memMb / 8))}`,
+      'primary', '--host', 'primary', '--standby', `${hosts.standby.ip}:${port}`, '--name', 'demo', '--mem', String(o.memMb), '--workload', `dirtier,${o.rate},${Math.max(4, Math.floor(o.memMb / 8))}`,
       '--policy', o.policy, '--accel', accel, '--state-dir', join(dir, 'primary'), ...common]), (e) => {
       if (e.event === 'status') {
         lastStatus = e;
@@ -106,6 +117,7 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
     result.failoverMs = Number(fo['runningAtMs']) - killAt;
     result.detectionMs = Number(fo['detectedAtMs']) - killAt;
     result.restoreMs = Number(fo['restoreMs']);
+    result.failoverWhy = String(fo['why']);
     const isWork = (e: Ev) => e.event === 'guest' && /RUBATO dirtier t=/.test(String(e['line']));
     const l1 = await standby.waitEvent(isWork, 20_000, 'restored guest output');
     const l2 = await standby.waitEvent((e) => isWork(e) && e !== l1 && e.t >= l1.t, 20_000, 'more restored guest output');
@@ -120,6 +132,7 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
     log.error(`demo failed: ${result.error}`);
   } finally {
     for (const p of procs.reverse()) await p.stop(3000);
+    await etcd?.stop();
     await hosts?.destroy();
     removeTempDir(dir);
   }

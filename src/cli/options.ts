@@ -6,6 +6,7 @@ import { z } from 'zod';
 import { hostname } from 'node:os';
 import type { Command } from 'commander';
 import { RubatoError } from '../util/errors.ts';
+import { LOSS_FRACTION, type Fencing } from '../coord/lease.ts';
 import { ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
 import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
 import { parsePolicy } from '../scheduler/index.ts';
@@ -77,9 +78,10 @@ export function withAccel(c: Command): Command {
 export function withLinkOptions(c: Command): Command {
   return c
     .option('--heartbeat-ms <ms>', 'heartbeat interval', '100')
-    .option('--timeout-ms <ms>', 'peer declared lost after this silence', '1000');
+    .option('--timeout-ms <ms>', 'peer declared lost after this silence', '1000')
+    .option('--hold-ms <ms>', 'with no standby for this long, held output leaves unprotected', '2000');
 }
-export const LINK = { heartbeatMs: int(10, 60000), timeoutMs: int(50, 600000) };
+export const LINK = { heartbeatMs: int(10, 60000), timeoutMs: int(50, 600000), holdMs: int(100, 600000) };
 
 /** The operator's endpoints (src/observe): Prometheus metrics and the live dashboard. */
 export const OBSERVE = { metrics: hostPort(true).optional(), http: hostPort(true).optional() };
@@ -98,7 +100,8 @@ export function withDurabilityOption(c: Command, as = ''): Command {
 /** The witness (etcd) options of the commands that may run a guest live. */
 export function withWitnessOptions(c: Command): Command {
   return c
-    .option('--etcd <urls>', 'the witness: etcd client URLs (comma-separated); no two live copies of a VM (see docs/witness.md)')
+    .option('--etcd <urls>', 'the witness: etcd client URLs (comma-separated; `rubato witness` runs one); no two live copies of a VM (see docs/witness.md)')
+    .option('--no-witness', 'run without a witness: a cut replication link can then run two copies of the VM')
     .option('--host <name>', 'this host\'s name in the witness', hostname())
     .option('--lease-ttl <s>', 'witness lease TTL, seconds: a host cut off from etcd stops its guest within 2/3 of it; a crashed primary is replaced after it (etcd must grant it: its minimum is 1.5 election timeouts)', '1');
 }
@@ -109,7 +112,31 @@ export const WITNESS = {
   }).optional(),
   host: z.string().regex(/^[a-zA-Z0-9_.-]{1,63}$/, 'must be a host name'),
   leaseTtl: int(1, 60),
+  witness: z.boolean().default(true),
 };
+
+
+/**
+ * Safe by default: a command that may run a guest live needs a witness unless `--no-witness` says
+ * otherwise, and its timers must keep a host cut off from everything from letting held output out
+ * unprotected before it gives the VM up. Each mistake is one line.
+ */
+export function fencingOf(o: { etcd?: string[] | undefined; witness: boolean; leaseTtl: number; holdMs: number; heartbeatMs: number; timeoutMs: number }): Fencing {
+  if (o.heartbeatMs >= o.timeoutMs) throw new RubatoError('RUBATO_CONFIG', `--heartbeat-ms ${o.heartbeatMs} must be shorter than --timeout-ms ${o.timeoutMs}`);
+  if (o.etcd && !o.witness) throw new RubatoError('RUBATO_CONFIG', '--etcd and --no-witness contradict each other: give one');
+  if (!o.etcd) {
+    if (o.witness) throw new RubatoError('RUBATO_CONFIG', 'no witness: give --etcd URL,... (`rubato witness` runs one on a third machine), or --no-witness to accept that a cut link can run two copies');
+    return 'none';
+  }
+  const lossMs = Math.ceil(o.leaseTtl * 1000 * LOSS_FRACTION);
+  if (lossMs >= o.holdMs) {
+    throw new RubatoError('RUBATO_CONFIG', `--lease-ttl ${o.leaseTtl} s gives the VM up ${lossMs} ms after the last renewal, not before --hold-ms ${o.holdMs} lets held output out unprotected: raise --hold-ms above ${lossMs} or lower --lease-ttl`);
+  }
+  return 'witness';
+}
+
+/** Said once at start when there is no witness (and shown by status and the metrics as fencing "none"). */
+export const NO_WITNESS_WARNING = 'NO WITNESS (--no-witness): a cut replication link with both hosts alive runs two copies of the guest';
 
 /** The guest image, accelerator and QEMU a command that boots the test guest needs. */
 export async function platform(accelChoice: AccelChoice): Promise<{ accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string } }> {

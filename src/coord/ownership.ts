@@ -9,21 +9,28 @@
 // may not run the guest alone — before the lease can expire and another host claim the VM, it
 // stops its guest unless its standby still acknowledges every checkpoint (a standby that does is not
 // live, and one that is not cannot claim without etcd either), and it claims again when it can.
+// Lease age is counted on the monotonic clock from when each request was *sent* (lease.ts). A loss
+// is remembered: a guard attached later (after the disk is prepared, after a restore) hears it at once.
 
 import { Worker } from 'node:worker_threads';
 import { logger } from '../util/log.ts';
 import { errorMessage } from '../util/errors.ts';
+import { monotonicMs } from '../util/clock.ts';
+import { LeaseClock, LOSS_FRACTION } from './lease.ts';
 import type { EtcdClient } from './etcd.ts';
 
+export { LOSS_FRACTION } from './lease.ts';
+
 const log = logger('witness');
-/** Give up after this fraction of the TTL without a renewal (before the lease can expire elsewhere). */
-export const LOSS_FRACTION = 2 / 3;
 const WATCHDOG_MS = 50;
+/** Renewals per TTL: one slow answer (a loaded host) leaves several more before the loss budget is spent. */
+const RENEWALS_PER_TTL = 6;
 
 /**
  * The lease keeper (a worker thread, plain JS): keepalives every `everyMs` through etcd's JSON
- * gateway, each endpoint in turn; shared[0] = the send time of the latest renewal etcd confirmed,
- * shared[1] = 1 once etcd says the lease is gone.
+ * gateway, each endpoint in turn; shared[0] = the monotonic send time (ns) of the latest renewal
+ * etcd confirmed, shared[1] = 1 once etcd says the lease is gone. Renewals overlap: a slow answer
+ * still renews, and its send time is what counts.
  */
 const KEEPER_SOURCE = `
 const { workerData } = require('node:worker_threads');
@@ -31,7 +38,7 @@ const { endpoints, lease, everyMs, timeoutMs, shared } = workerData;
 const view = new BigInt64Array(shared);
 let next = 0;
 async function renew() {
-  const sent = Date.now();
+  const sent = process.hrtime.bigint();
   for (let i = 0; i < endpoints.length; i++) {
     const ep = endpoints[(next + i) % endpoints.length];
     try {
@@ -39,7 +46,7 @@ async function renew() {
       const j = await r.json();
       if (!r.ok) continue;
       next = (next + i) % endpoints.length;
-      if (Number((j.result && j.result.TTL) || 0) > 0) { if (BigInt(sent) > Atomics.load(view, 0)) Atomics.store(view, 0, BigInt(sent)); }
+      if (Number((j.result && j.result.TTL) || 0) > 0) { if (sent > Atomics.load(view, 0)) Atomics.store(view, 0, sent); }
       else Atomics.store(view, 1, 1n);
       return;
     } catch (e) { /* the next endpoint, or the next round */ }
@@ -58,32 +65,65 @@ export async function currentOwner(etcd: EtcdClient, vm: string): Promise<Owner 
   return kv ? (JSON.parse(kv.value) as Owner) : null;
 }
 
+/** The witness's generation of `vm` (0: never claimed): a host that lost the VM compares it with its own before starting QEMU. */
+export async function currentGeneration(etcd: EtcdClient, vm: string): Promise<number> {
+  const kv = await etcd.get(genKey(vm));
+  return kv ? Number(kv.value) : 0;
+}
+
+/** Why the VM was lost: `stale` when the whole TTL may have passed (another host may hold it now). */
+export interface Loss { why: string; stale: boolean }
+
 export class Ownership {
   private lease: string | null = null;
   private keeper: Worker | null = null;
   private shared: BigInt64Array | null = null;
   private watchdog: NodeJS.Timeout | null = null;
-  private lastRenewMs = 0;
   private gen = 0;
-  private lostFlag = false;
-  onLost: ((why: string) => void) | null = null;
+  private loss: Loss | null = null;
+  private listener: ((loss: Loss) => void) | null = null;
+  private readonly clock: LeaseClock;
 
-  constructor(private readonly etcd: EtcdClient, readonly vm: string, readonly host: string, readonly ttlSec: number) {}
+  constructor(private readonly etcd: EtcdClient, readonly vm: string, readonly host: string, readonly ttlSec: number,
+    private readonly now: () => number = monotonicMs) {
+    this.clock = new LeaseClock(ttlSec * 1000);
+  }
 
   get generation(): number { return this.gen; }
-  get held(): boolean { return this.lease !== null && !this.lostFlag; }
+  /** Held and known valid right now (its last confirmed renewal was sent within the loss budget). */
+  get held(): boolean { return this.lease !== null && this.loss === null && this.clock.valid(this.now()); }
+  /** The loss not yet followed by a new claim (null: none). */
+  get lost(): Loss | null { return this.loss; }
+
+  /** Why output may not leave this host now (null: it may): the release gate's check. */
+  leaseCheck(nowMs: number): string | null {
+    this.readRenewals();
+    if (this.loss) return `VM ${this.vm}: ${this.host} lost the witness (${this.loss.why})`;
+    if (this.lease === null) return `VM ${this.vm}: ${this.host} does not hold it in the witness`;
+    if (!this.clock.valid(nowMs)) return `VM ${this.vm}: lease not known valid (no confirmed renewal for ${Math.round(this.clock.silentMs(nowMs))} ms)`;
+    return null;
+  }
+
+  /**
+   * Calls `fn` when the VM is lost — at once if it was lost before this was attached (the window
+   * between a claim and the guard: disk preparation, a restore). Null detaches.
+   */
+  watch(fn: ((loss: Loss) => void) | null): void {
+    this.listener = fn;
+    if (fn && this.loss) fn(this.loss);
+  }
 
   /**
    * Claims the VM: succeeds only if no other host holds it (its lease expired or it released it).
    * Returns the new generation, or null if another host holds it.
    */
   async claim(): Promise<number | null> {
+    const sentMs = this.now(); // the lease runs from no later than this
     const lease = this.lease ?? await this.etcd.grantLease(this.ttlSec);
-    const grantedAt = Date.now();
     const [owner, gen] = [await this.etcd.get(ownerKey(this.vm)), await this.etcd.get(genKey(this.vm))];
     const mine = owner && (JSON.parse(owner.value) as Owner).host === this.host && owner.lease === lease;
     if (owner && !mine) {
-      if (!this.lease) await this.etcd.revokeLease(lease).catch(() => {});
+      if (!this.lease) await this.revokeQuietly(lease);
       return null;
     }
     const next = (gen ? Number(gen.value) : 0) + 1;
@@ -93,51 +133,70 @@ export class Ownership {
       [{ put: ownerKey(this.vm), value: JSON.stringify({ host: this.host, generation: next }), lease }, { put: genKey(this.vm), value: String(next) }],
     );
     if (!ok) {
-      if (!this.lease) await this.etcd.revokeLease(lease).catch(() => {});
+      if (!this.lease) await this.revokeQuietly(lease);
       return null;
     }
+    if (this.lease !== lease) this.clock.reset();
     this.lease = lease;
     this.gen = next;
-    this.lostFlag = false;
-    this.lastRenewMs = grantedAt;
+    this.loss = null;
+    // An old lease kept across a claim: its validity still runs from its last confirmed renewal.
+    if (this.clock.lastConfirmedSentMs === null) this.clock.confirmed(sentMs);
     this.startRenewing();
     log.info(`VM ${this.vm}: ${this.host} holds it, generation ${next}`);
     return next;
   }
 
+  private async revokeQuietly(lease: string): Promise<void> {
+    // A lease nobody uses expires on its own within the TTL: a failed revoke costs nothing.
+    await this.etcd.revokeLease(lease).catch((e: unknown) => log.debug(`revoking an unused lease: ${errorMessage(e)}`));
+  }
+
   private startRenewing(): void {
     if (this.keeper) return;
-    const everyMs = Math.max(50, (this.ttlSec * 1000) / 4);
+    const ttlMs = this.ttlSec * 1000;
     // The renewals run in a worker thread: a main loop busy with a checkpoint or a full sync for a
-    // few hundred milliseconds must not look like a lost witness. Renewals overlap: each may take the
-    // whole loss budget (a slow answer still renews; its send time is what counts). The worker
-    // writes the latest renewal's send time into shared memory, read here without a message.
+    // few hundred milliseconds must not look like a lost witness. The worker writes the latest
+    // renewal's send time into shared memory, read here without a message.
     this.shared = new BigInt64Array(new SharedArrayBuffer(16));
-    this.shared[0] = BigInt(this.lastRenewMs);
     this.keeper = new Worker(KEEPER_SOURCE, {
       eval: true,
-      workerData: { endpoints: this.etcd.urls, lease: this.lease, everyMs, timeoutMs: Math.round(this.ttlSec * 1000 * LOSS_FRACTION), shared: this.shared.buffer },
+      workerData: { endpoints: this.etcd.urls, lease: this.lease, everyMs: Math.max(50, ttlMs / RENEWALS_PER_TTL), timeoutMs: Math.round(ttlMs * LOSS_FRACTION), shared: this.shared.buffer },
     });
     this.keeper.unref();
     this.keeper.on('error', (e) => log.warn(`the lease keeper of ${this.vm} failed: ${e.message}`));
     // The deadline is watched on its own: a renewal that hangs must not delay giving up.
-    this.watchdog = setInterval(() => {
-      if (!this.lease || this.lostFlag || !this.shared) return;
-      if (Atomics.load(this.shared, 1) !== 0n) return this.lose('the lease expired');
-      this.lastRenewMs = Math.max(this.lastRenewMs, Number(Atomics.load(this.shared, 0)));
-      const silent = Date.now() - this.lastRenewMs;
-      if (silent > this.ttlSec * 1000 * LOSS_FRACTION) this.lose(`no renewal for ${silent} ms (TTL ${this.ttlSec} s)`);
-    }, WATCHDOG_MS);
+    this.watchdog = setInterval(() => this.check(), WATCHDOG_MS);
     this.watchdog.unref();
   }
 
-  private lose(why: string): void {
-    if (this.lostFlag) return;
-    this.lostFlag = true;
+  /** Reads the keeper's renewals and gives the VM up once the lease is not known valid. */
+  private check(): void {
+    if (!this.lease || this.loss || !this.shared) return;
+    if (!this.readRenewals()) return this.lose('the lease expired', true);
+    const now = this.now();
+    if (this.clock.valid(now)) return;
+    const silent = Math.round(this.clock.silentMs(now));
+    // Past the whole TTL (this process was stalled: SIGSTOP, a long pause): another host may hold it.
+    this.lose(`no renewal for ${silent} ms (TTL ${this.ttlSec} s)`, this.clock.mayHaveExpired(now));
+  }
+
+  /** Takes the keeper's latest confirmed renewal into the clock; false once etcd said the lease is gone. */
+  private readRenewals(): boolean {
+    if (!this.shared) return true;
+    if (Atomics.load(this.shared, 1) !== 0n) { this.clock.expired(); return false; }
+    const sentNs = Atomics.load(this.shared, 0);
+    if (sentNs > 0n) this.clock.confirmed(Number(sentNs) / 1e6);
+    return true;
+  }
+
+  private lose(why: string, stale: boolean): void {
+    if (this.loss) return;
+    this.loss = { why, stale };
     this.stopRenewing();
     this.lease = null; // a later claim needs a new lease
     log.error(`VM ${this.vm}: ${this.host} lost its ownership (${why})`);
-    this.onLost?.(why);
+    this.listener?.(this.loss);
   }
 
   private stopRenewing(): void {
@@ -153,6 +212,7 @@ export class Ownership {
     this.stopRenewing();
     const lease = this.lease;
     this.lease = null;
+    this.loss ??= { why: 'released', stale: false };
     if (lease) await this.etcd.revokeLease(lease).catch((e: unknown) => log.warn(`releasing ${this.vm}: ${errorMessage(e)}`));
   }
 }

@@ -18,6 +18,8 @@ import { DISK_BLOCK_ID, PrimaryController, type PrimaryEvent, type PrimaryOption
 import type { ReplicaStore } from '../replication/replica-store.ts';
 import type { Identity } from '../replication/protocol/messages.ts';
 import type { Policy } from '../scheduler/index.ts';
+import { ReleaseGate, type LeaseCheck } from '../commit/release-gate.ts';
+import type { Fencing } from '../coord/lease.ts';
 
 const log = logger('protect');
 
@@ -64,6 +66,9 @@ export interface ProtectOptions {
   heartbeatMs: number;
   timeoutMs: number;
   onEvent: (e: PrimaryEvent) => void;
+  /** How the VM is fenced (shown in status); with the witness, `leaseCheck` gates every frame leaving. */
+  fencing: Fencing;
+  leaseCheck?: LeaseCheck;
   ns?: string;
   /** Extra controller settings (fault injection and tracing in tests). */
   primary?: Partial<PrimaryOptions>;
@@ -88,6 +93,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   let vm: QemuVm | null = null;
   try {
     io = await startHostIo(spec, runDir, o.def.name, disk?.path ?? null, o.ns);
+    if (io.relay && o.leaseCheck) io.relay.gate = new ReleaseGate(o.leaseCheck);
     vm = await QemuVm.start(spec, { binary: o.binary, runDir, ...(io.netSocket ? { netSocket: io.netSocket } : {}), ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) });
   } catch (e) {
     await vm?.stop();
@@ -96,7 +102,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
     throw e;
   }
   const primary = new PrimaryController({
-    vm, runDir, standby: o.standby, psk: o.psk, periodMs: 25, policy: o.policy, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, retryMs: 1000,
+    vm, runDir, standby: o.standby, psk: o.psk, periodMs: 25, policy: o.policy, fencing: o.fencing, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, retryMs: 1000,
     ...(io.relay ? { relay: io.relay } : {}), nbd: io.nbd, onEvent: o.onEvent, ...o.primary,
   });
   primary.start();
@@ -117,7 +123,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
 }
 
 /** The standby's side: at failover, the guest's NIC on the same bridge name and its disk from the replica. */
-export function restoreIo(runDir: string, ns?: string): { prepare: (identity: Identity, store: ReplicaStore) => Promise<{ netSocket?: string; nbdSocket?: string }>; current: () => HostIo | null } {
+export function restoreIo(runDir: string, ns?: string, leaseCheck?: (vm: string) => LeaseCheck): { prepare: (identity: Identity, store: ReplicaStore) => Promise<{ netSocket?: string; nbdSocket?: string }>; current: () => HostIo | null } {
   let io: HostIo | null = null;
   return {
     current: () => io,
@@ -125,6 +131,8 @@ export function restoreIo(runDir: string, ns?: string): { prepare: (identity: Id
       const hasDisk = store.blocks.some((b) => b.id === DISK_BLOCK_ID);
       // Tagged with the VM's name: one host may run several VMs' restored guests (their TAPs differ).
       io = await startHostIo(identity.spec, runDir, `${identity.vm}-active`, hasDisk ? store.imagePath(DISK_BLOCK_ID) : null, ns);
+      // The restored guest's frames leave only under this host's lease (claimed before the restore).
+      if (io.relay && leaseCheck) io.relay.gate = new ReleaseGate(leaseCheck(identity.vm));
       return { ...(io.netSocket ? { netSocket: io.netSocket } : {}), ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) };
     },
   };

@@ -8,12 +8,13 @@ import { createHash } from 'node:crypto';
 import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { RubatoError } from '../util/errors.ts';
+import { VmName } from './spec.ts';
 
 const MAC = z.string().regex(/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/, 'must be a MAC address like 52:54:00:12:34:56 (lower case)')
   .refine((m) => (parseInt(m.slice(0, 2), 16) & 1) === 0, 'must be a unicast address (the first byte even)');
 
 export const VmDefinitionSchema = z.object({
-  name: z.string().regex(/^[a-zA-Z0-9_.-]{1,40}$/, 'must be 1-40 letters, digits, dots, dashes or underscores'),
+  name: VmName,
   cpus: z.number().int().min(1).max(64).default(1),
   memoryMiB: z.number().int().min(64).max(1 << 20),
   accelerator: z.enum(['auto', 'kvm', 'tcg']).default('auto'),

@@ -6,8 +6,16 @@ import { z } from 'zod';
 export const Accel = z.enum(['kvm', 'tcg']);
 export type Accel = z.infer<typeof Accel>;
 
+/**
+ * A VM's name: it names folders, sockets, TAP tags and witness keys, so it is one safe path
+ * component — a letter or digit first (never `.` or `..`), then letters, digits, `.`, `-`, `_`.
+ */
+export const VM_NAME_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,39}$/;
+export const VM_NAME_RULE = '1-40 letters, digits, dots, dashes or underscores, starting with a letter or digit';
+export const VmName = z.string().regex(VM_NAME_RE, `must be ${VM_NAME_RULE}`);
+
 export const VmSpecSchema = z.object({
-  name: z.string().regex(/^[a-zA-Z0-9_.-]{1,40}$/, 'VM name: 1-40 letters, digits, dot, dash or underscore'),
+  name: VmName,
   accel: Accel,
   cpus: z.number().int().min(1).max(64),
   memMb: z.number().int().min(32).max(1 << 20),

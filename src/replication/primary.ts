@@ -87,6 +87,8 @@ export interface PrimaryOptions {
   observer?: CheckpointObserver;
   /** This host's witness generation for the VM (its fencing token), sent with every session. */
   generation?: () => number | null;
+  /** How the VM is fenced (status and metrics show it; default none). */
+  fencing?: 'witness' | 'none';
 }
 
 export interface FaultContext {
@@ -166,11 +168,12 @@ export class PrimaryController {
     const out = this.commit.stats(now);
     const oldest = this.pipeline.oldestInflightSentMs;
     return {
-      role: 'primary', vm: this.o.vm.spec.name, protected: this.protected, unprotectedReason: this.protected ? null : this.unprotectedReason,
+      role: 'primary', vm: this.o.vm.spec.name, fencing: this.o.fencing ?? 'none', protected: this.protected, unprotectedReason: this.protected ? null : this.unprotectedReason,
       standby: this.standbyAt ? `${this.standbyAt.host}:${this.standbyAt.port}` : null, phase: this.pipeline.phase, generation: this.pipeline.generation,
       epoch: this.epoch, ackedEpoch: this.ackedEpoch, lagMs: oldest === null ? 0 : Math.round(now - oldest),
       ckptPerSec: this.lastStatus?.ckptPerSec ?? 0, pauseMsP50: q(0.5), pauseMsP99: q(0.99), dirtyPages: this.pipeline.history.at(-1)?.dirtyPages ?? 0,
-      heldFrames: out.frames, heldBytes: out.bytes, oldestHeldMs: out.oldestMs === null ? null : Math.round(out.oldestMs), lastFailover: null,
+      heldFrames: out.frames, heldBytes: out.bytes, oldestHeldMs: out.oldestMs === null ? null : Math.round(out.oldestMs),
+      outputBlockedNoLease: this.o.relay?.gate?.blocked.frames ?? 0,
       rttMs: this.link && !this.link.closed ? this.link.stats.rttMs : null,
     };
   }

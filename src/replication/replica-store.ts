@@ -258,10 +258,49 @@ export class ReplicaStore {
       await this.applying; // the previous batch is in the images before this one's redo record replaces it
       if (this.applyError) throw this.applyError;
       const pages = m.pages.values();
-      // (the redo record is written from its pieces: the pages are not copied into one buffer first)
-      await this.commitVerified(m.epoch, encodeRecordParts({ epoch: m.epoch, pages, deviceState: m.deviceState }, this.meta.blocks).parts, pages, m.deviceState);
+      try {
+        // (the redo record is written from its pieces: the pages are not copied into one buffer first)
+        await this.commitVerified(m.epoch, encodeRecordParts({ epoch: m.epoch, pages, deviceState: m.deviceState }, this.meta.blocks).parts, pages, m.deviceState);
+      } catch (e) {
+        // A failed write (ENOSPC, EIO) keeps the batch: it was acknowledged, so it is the replica's
+        // state until it is written (retryBehind) — never dropped for the older files.
+        this.keepUnwritten(m);
+        throw e;
+      }
       this.pendingBytes -= m.bytes;
     }
+  }
+
+  /** Puts a batch that failed to be written back under what gathered since (the newer copies win). */
+  private keepUnwritten(m: NonNullable<ReplicaStore['merge']>): void {
+    const newer = this.merge;
+    if (newer) {
+      for (const p of newer.pages.values()) if (m.pages.set(p)) m.bytes += PAGE_SIZE;
+      this.pendingBytes -= newer.bytes;
+      m.epoch = newer.epoch;
+      m.deviceState = newer.deviceState;
+      m.recordBytes += newer.recordBytes;
+    }
+    this.merge = m;
+  }
+
+  /** Memory durability: the acknowledged epoch whose pages are only in memory after a failed write (null: none). */
+  get unwrittenEpoch(): number | null { return this.applyError && this.merge ? this.merge.epoch : null; }
+
+  /**
+   * Writes a kept batch again (after a failed write): resolves once the files hold every
+   * acknowledged checkpoint, rejects if writing still fails (the batch stays kept).
+   */
+  async retryBehind(): Promise<void> {
+    if (!this.merge || !this.applyError) return this.settled();
+    this.applyError = null;
+    this.writingBehind = true;
+    this.pending++;
+    this.tail = this.tail.then(() => this.writeBehind()).catch((e: unknown) => {
+      this.writingBehind = false;
+      this.applyError ??= e instanceof Error ? e : new Error(String(e));
+    }).finally(() => { this.pending--; });
+    return this.settled();
   }
 
   /** Queues a checked record's writes behind the earlier ones; resolves at its commit point. */

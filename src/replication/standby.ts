@@ -100,6 +100,12 @@ export class StandbyController {
     return null;
   }
 
+  /** A primary of another VM would overwrite the replica this side holds: refused (move the state folder aside to reuse it). */
+  private otherVm(id: Identity): string | null {
+    if (!this.identity || !this.store || this.identity.vm === id.vm) return null;
+    return `this standby holds the replica of VM ${this.identity.vm}; a primary of VM ${id.vm} is refused (use another --state-dir for it)`;
+  }
+
   /** A handshake must complete within this (then its socket is closed). */
   private get handshakeTimeoutMs(): number { return Math.min(this.o.timeoutMs * 5, HANDSHAKE_TIMEOUT_MAX_MS); }
 
@@ -198,7 +204,7 @@ export class StandbyController {
     let identity: Identity;
     try {
       identity = await acceptHandshake(link, this.o.psk, () => ({ replicaEpoch: this.replicaEpoch, replicaVm: this.identity?.vm ?? null }), this.handshakeTimeoutMs,
-        (id) => this.staleGeneration(id));
+        (id) => this.otherVm(id) ?? this.staleGeneration(id));
     } catch (e) {
       // A failed or slow handshake closes the socket: nothing unauthenticated lingers.
       link.close(e instanceof Error ? e : new Error(String(e)));
@@ -328,11 +334,15 @@ export class StandbyController {
       return false;
     }
     this.go('failover-begin');
+    const fencedLink = fenceFirst ? this.link : null;
     try {
-      if (fenceFirst && this.link) await this.fencePrimary(this.link);
+      if (fencedLink) await this.fencePrimary(fencedLink);
       verdict ??= await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs, stillWanted });
     } catch (e) {
       this.go('failover-failed');
+      // A link that dropped mid-fence is not a fence: the primary may have resumed its guest. It is
+      // a lost primary like any other — taken over only through the gate, once it stays away.
+      if (fencedLink?.closed && this.guarding) void this.failoverUnlessPrimaryReturns(fencedLink, `the link dropped during the fence (${errorMessage(e)})`);
       throw e;
     }
     if (!verdict.allow) {
@@ -345,11 +355,11 @@ export class StandbyController {
     if (verdict.generation !== undefined) this.highestGeneration = Math.max(this.highestGeneration, verdict.generation);
     let store = this.store;
     try {
-      await store.settled(); // the last acknowledged checkpoint's images are written
+      store = await this.settledForActivation(store);
     } catch (e) {
-      // Its redo record is committed: reopening the replica finishes applying it.
-      log.warn(`replica files behind checkpoint ${store.epoch} (${(e as Error).message}); reopening the replica to redo it`);
-      store = this.store = await ReplicaStore.open(this.replicaDir, { fsync: this.o.fsync ?? true });
+      this.go('failover-failed');
+      this.emit({ event: 'failover-refused', why: errorMessage(e) });
+      throw e;
     }
     await store.close(); // the guest owns the image files from here
     const spec = { ...this.identity.spec, name: `${this.identity.spec.name}`, ramFile: store.imagePath(MAIN_RAM_ID) };
@@ -372,15 +382,47 @@ export class StandbyController {
     }
   }
 
-  /** Manual failover while the primary still runs: it must stop its guest first (no split brain). */
+  /**
+   * The replica's files hold every acknowledged checkpoint before a guest starts from them. A
+   * committed redo record is finished by reopening the replica. Under memory durability a batch
+   * whose write failed is kept in memory and written again here; if that fails too, nothing goes
+   * live: the guest would run older than what this side acknowledged.
+   */
+  private async settledForActivation(store: ReplicaStore): Promise<ReplicaStore> {
+    try {
+      await store.settled();
+      return store;
+    } catch (e) {
+      const behind = store.unwrittenEpoch;
+      if (behind !== null) {
+        log.warn(`checkpoint ${behind} is acknowledged but not written (${errorMessage(e)}); writing it again before going live`);
+        await store.retryBehind().catch((again: unknown) => {
+          throw new RubatoError('RUBATO_REPLICA_CORRUPT', `checkpoint ${behind} was acknowledged but cannot be written to ${this.replicaDir} (${errorMessage(again)}); not going live older than it: free the disk, then rubato failover`);
+        });
+        return store;
+      }
+      // Its redo record is committed: reopening the replica finishes applying it.
+      log.warn(`replica files behind checkpoint ${store.epoch} (${errorMessage(e)}); reopening the replica to redo it`);
+      return (this.store = await ReplicaStore.open(this.replicaDir, { fsync: this.o.fsync ?? true }));
+    }
+  }
+
+  /**
+   * Manual failover while the primary still runs: it must stop its guest first (no split brain).
+   * Only its FENCED frame confirms that; a link that closes first or silence past the timeout does not.
+   */
   private async fencePrimary(link: Link): Promise<void> {
-    const fenced = new Promise<boolean>((resolve) => {
-      const t = setTimeout(() => resolve(false), this.o.timeoutMs);
-      link.once('fenced', () => { clearTimeout(t); resolve(true); });
-      link.once('close', () => { clearTimeout(t); resolve(true); });
+    const fenced = new Promise<'fenced' | 'closed' | 'silent'>((resolve) => {
+      const t = setTimeout(() => resolve('silent'), this.o.timeoutMs);
+      link.once('fenced', () => { clearTimeout(t); resolve('fenced'); });
+      link.once('close', () => { clearTimeout(t); resolve('closed'); });
     });
     await link.send(FrameType.FENCE, 0).catch((e: unknown) => log.warn(`asking the primary to stop its guest: ${errorMessage(e)}`));
-    if (!(await fenced)) throw new RubatoError('RUBATO_PEER_LOST', 'the primary did not confirm it stopped its guest; not activating (would risk two running copies)');
+    const r = await fenced;
+    if (r === 'fenced') return;
+    throw new RubatoError('RUBATO_PEER_LOST', r === 'closed'
+      ? 'the link dropped before the primary confirmed it stopped its guest; not activating now (a lost primary is taken over through the witness once it stays silent)'
+      : 'the primary did not confirm it stopped its guest; not activating (would risk two running copies)');
   }
 
   /** Orderly end: the primary is told (it goes on unprotected), the replica is kept. */

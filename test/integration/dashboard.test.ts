@@ -40,10 +40,10 @@ test('metrics, status and the live dashboard of a pair; the dashboard shows the 
   const procs: TrackedProcess[] = [];
   let browser: Browser | null = null;
   try {
-    const b = rubatoProcess('standby-dash', ['standby', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'b'), '--no-fsync', '--events', ...observe, ...link]);
+    const b = rubatoProcess('standby-dash', ['standby', '--no-witness', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'b'), '--no-fsync', '--events', ...observe, ...link]);
     procs.push(b.proc);
     const bUrls = await waitFor(() => b.events.find((e) => e['event'] === 'observe'), 30_000, 'the standby\'s endpoints');
-    const a = rubatoProcess('protect-dash', ['protect', vmFile, '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'a'), '--events', '--policy', 'fixed:50', ...observe, ...link]);
+    const a = rubatoProcess('protect-dash', ['protect', vmFile, '--no-witness', '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'a'), '--events', '--policy', 'fixed:50', ...observe, ...link]);
     procs.push(a.proc);
     const aUrls = await waitFor(() => a.events.find((e) => e['event'] === 'observe'), 60_000, 'the primary\'s endpoints');
     const started = await waitFor(() => a.events.find((e) => e['event'] === 'started'), 120_000, 'the VM started');

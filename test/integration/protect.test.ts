@@ -13,6 +13,7 @@ import { createServer } from 'node:net';
 import { ensurePatchedQemu } from '../../src/setup/index.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { runCommand, spawnTracked } from '../../src/util/procs.ts';
+import { controlCommand } from '../../src/replication/control-socket.ts';
 import { writeKeyFile } from '../../src/replication/keyfile.ts';
 import { debianDemoPassed, runDebianDemo } from '../../src/chaos/debian-demo.ts';
 import { liveNamespaces } from '../../src/io/net/netns.ts';
@@ -54,7 +55,7 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
     writeFileSync(f, JSON.stringify({ name: 't1', memoryMiB: 128, accelerator: 'auto', boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet rubato.wl=dirtier,1,4' }, ...o }));
     return f;
   };
-  const protect = (file: string, extra: string[] = []) => rubato(['protect', file, '--standby', '127.0.0.1:9', '--key', key, '--state-dir', join(dir, 'state'), ...extra]);
+  const protect = (file: string, extra: string[] = []) => rubato(['protect', file, '--no-witness', '--standby', '127.0.0.1:9', '--key', key, '--state-dir', join(dir, 'state'), ...extra]);
   const oneLine = (r: { stderr: string }) => {
     const lines = r.stderr.trim().split('\n').filter((l) => l.startsWith('rubato:'));
     assert.equal(lines.length, 1, r.stderr);
@@ -86,12 +87,33 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
     assert.equal(r.code, 2);
     oneLine(r);
 
+    // Safe by default: no witness named and none refused is a mistake, named in one line.
+    r = await rubato(['protect', vm({}), '--standby', '127.0.0.1:9', '--key', key, '--state-dir', join(dir, 'state')]);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(oneLine(r), /--etcd.*--no-witness/);
+    r = await rubato(['standby', '--listen', '127.0.0.1:0', '--key', key, '--state-dir', join(dir, 'sb-none')]);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(oneLine(r), /--etcd.*--no-witness/);
+    // A lease that outlives the hold timer is refused.
+    r = await protect(vm({}), ['--etcd', 'http://127.0.0.1:9', '--lease-ttl', '5']);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(oneLine(r), /contradict/);
+    r = await rubato(['protect', vm({}), '--etcd', 'http://127.0.0.1:9', '--lease-ttl', '5', '--standby', '127.0.0.1:9', '--key', key, '--state-dir', join(dir, 'state')]);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(oneLine(r), /--lease-ttl 5 s .* --hold-ms 2000/);
+    // Names that are not one safe path component.
+    for (const name of ['..', '.', 'a/b', '.hidden']) {
+      r = await protect(vm({ name }));
+      assert.equal(r.code, 2, `${name}: ${r.stderr}`);
+      assert.match(oneLine(r), /name: must be 1-40 letters/);
+    }
+
     // A standby whose port is taken.
     const busy = createServer();
     await new Promise<void>((res) => busy.listen(0, '127.0.0.1', () => res()));
     try {
       const port = (busy.address() as { port: number }).port;
-      r = await rubato(['standby', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'sb-busy')]);
+      r = await rubato(['standby', '--no-witness', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'sb-busy')]);
       assert.equal(r.code, 2, r.stderr);
       assert.match(oneLine(r), /cannot listen on 127\.0\.0\.1:\d+/);
     } finally {
@@ -114,12 +136,12 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
     const otherKey = join(dir, 'other');
     writeKeyFile(otherKey);
     const port = 20000 + Math.floor(Math.random() * 20000);
-    const sb = spawnTracked('rubato-standby', RUBATO_BIN, ['standby', '--listen', `127.0.0.1:${port}`, '--key', otherKey, '--state-dir', join(dir, 'sb'), '--no-fsync', '--events']);
+    const sb = spawnTracked('rubato-standby', RUBATO_BIN, ['standby', '--no-witness', '--listen', `127.0.0.1:${port}`, '--key', otherKey, '--state-dir', join(dir, 'sb'), '--no-fsync', '--events']);
     try {
       let out = '';
       sb.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); });
       await waitFor(() => out.includes('"listening"') || undefined, 30_000, 'the standby listening');
-      r = await rubato(['protect', vm({}), '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'state2')]);
+      r = await rubato(['protect', vm({}), '--no-witness', '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'state2')]);
       assert.equal(r.code, 3, r.stderr);
       assert.match(oneLine(r), /refused this key/);
     } finally {
@@ -139,7 +161,7 @@ test('rubato protect with its standby not yet there: the VM runs, "unprotected" 
   const f = join(dir, 'vm.json');
   writeFileSync(f, JSON.stringify({ name: 'late1', memoryMiB: 128, boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,1,4' } }));
   const port = 20000 + Math.floor(Math.random() * 20000);
-  const { proc: pr, events } = rubatoProcess('rubato-protect', ['protect', f, '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'p'),
+  const { proc: pr, events } = rubatoProcess('rubato-protect', ['protect', f, '--no-witness', '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'p'),
     '--events', '--policy', 'fixed:50', '--heartbeat-ms', '50', '--timeout-ms', '500'], 'error');
   let sb: ReturnType<typeof spawnTracked> | null = null;
   try {
@@ -147,8 +169,12 @@ test('rubato protect with its standby not yet there: the VM runs, "unprotected" 
     await sleep(3000); // several retries meanwhile
     assert.equal(events.filter((e) => e['event'] === 'unprotected').length, 1, 'said once, not per retry');
     assert.ok(events.some((e) => e['event'] === 'guest'), 'the VM runs meanwhile');
-    sb = spawnTracked('rubato-standby', RUBATO_BIN, ['standby', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 's'), '--no-fsync']);
+    sb = spawnTracked('rubato-standby', RUBATO_BIN, ['standby', '--no-witness', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 's'), '--no-fsync']);
     await waitFor(() => events.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected once the standby answered');
+    // --no-witness is said in the events and in status.
+    assert.ok(events.some((e) => e['event'] === 'fencing' && e['fencing'] === 'none'));
+    const st = await controlCommand(join(dir, 'p'), 'status');
+    assert.equal(st['fencing'], 'none');
     pr.kill('SIGTERM');
     assert.equal((await pr.exited).code, 0);
   } finally {

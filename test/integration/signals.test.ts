@@ -20,8 +20,8 @@ const link = ['--heartbeat-ms', '50', '--timeout-ms', '600'];
 function pair(dir: string, port: number) {
   const key = join(dir, 'psk');
   writeKeyFile(key);
-  const standbyArgs = ['standby', '--listen', `127.0.0.1:${port}`, '--state-dir', join(dir, 'standby'), '--key', key, '--events', '--no-fsync', ...link];
-  const primaryArgs = ['primary', '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'primary'), '--events', '--mem', '96',
+  const standbyArgs = ['standby', '--no-witness', '--listen', `127.0.0.1:${port}`, '--state-dir', join(dir, 'standby'), '--key', key, '--events', '--no-fsync', ...link];
+  const primaryArgs = ['primary', '--no-witness', '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'primary'), '--events', '--mem', '96',
     '--policy', 'fixed:50', ...link];
   return { standbyArgs, primaryArgs };
 }

@@ -32,7 +32,7 @@ before(async () => {
 
 function standbyProcess(stateDir: string, key: string, port: number, durability: 'memory' | 'disk'): { proc: TrackedProcess; events: Array<Record<string, unknown>> } {
   const proc = spawnTracked('rubato-standby', join(REPO_ROOT, 'bin', 'rubato'),
-    ['standby', '--listen', `127.0.0.1:${port}`, '--state-dir', stateDir, '--key', key, '--heartbeat-ms', '50', '--timeout-ms', '600', '--events', '--no-fsync', '--durability', durability],
+    ['standby', '--no-witness', '--listen', `127.0.0.1:${port}`, '--state-dir', stateDir, '--key', key, '--heartbeat-ms', '50', '--timeout-ms', '600', '--events', '--no-fsync', '--durability', durability],
     { env: { ...process.env, RUBATO_LOG: 'warn' } });
   const events: Array<Record<string, unknown>> = [];
   let buf = '';

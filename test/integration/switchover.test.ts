@@ -27,10 +27,10 @@ test('rubato switchover: the VM moves to the standby with no reboot, the old pri
   const link = ['--heartbeat-ms', '50', '--timeout-ms', '800'];
   const procs: TrackedProcess[] = [];
   try {
-    const b = rubato('standby-b', ['standby', '--listen', `127.0.0.1:${portB}`, '--peer', `127.0.0.1:${portA}`, '--key', key, '--state-dir', join(dir, 'b'), '--no-fsync', '--events', '--policy', 'fixed:50', ...link]);
+    const b = rubato('standby-b', ['standby', '--no-witness', '--listen', `127.0.0.1:${portB}`, '--peer', `127.0.0.1:${portA}`, '--key', key, '--state-dir', join(dir, 'b'), '--no-fsync', '--events', '--policy', 'fixed:50', ...link]);
     procs.push(b.proc);
     await waitFor(() => b.events.find((e) => e['event'] === 'listening'), 30_000, 'standby b listening');
-    const a = rubato('protect-a', ['protect', vmFile, '--standby', `127.0.0.1:${portB}`, '--listen', `127.0.0.1:${portA}`, '--key', key, '--state-dir', join(dir, 'a'),
+    const a = rubato('protect-a', ['protect', vmFile, '--no-witness', '--standby', `127.0.0.1:${portB}`, '--listen', `127.0.0.1:${portA}`, '--key', key, '--state-dir', join(dir, 'a'),
       '--no-fsync', '--events', '--policy', 'fixed:50', ...link]);
     procs.push(a.proc);
     const started = await waitFor(() => a.events.find((e) => e['event'] === 'started'), 120_000, 'the VM started');

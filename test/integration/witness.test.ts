@@ -37,7 +37,7 @@ test('witness: one owner at a time; a holder cut from etcd gives up before anoth
     assert.equal(await b.claim(), null, 'still held by ha after a TTL: renewed');
 
     let lostAt = 0;
-    a.onLost = () => { lostAt = Date.now(); };
+    a.watch(() => { lostAt = Date.now(); });
     const cutAt = Date.now();
     proxy.blackhole(); // ha is cut off from etcd (alive, but silent to the witness)
     let gen: number | null = null;

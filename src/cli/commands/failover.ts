@@ -12,7 +12,7 @@ export function register(program: Command): void {
     if (r['ok'] !== true) process.exitCode = 1;
   };
   program.command('failover')
-    .description('make the standby take over now (the primary, if alive, first stops its guest)')
+    .description('make the standby take over now: a primary on a live link first stops its guest and confirms; if the link drops before it confirms, the standby takes over only as for a lost primary (through the witness)')
     .option('--state-dir <dir>', "the standby's state folder", STANDBY_DIR)
     .action(action('failover'));
 

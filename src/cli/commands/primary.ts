@@ -6,23 +6,25 @@ import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { logger } from '../../util/log.ts';
 import { onShutdown } from '../../util/procs.ts';
-import { guestAppend } from '../../qemu/spec.ts';
+import { VmName, guestAppend } from '../../qemu/spec.ts';
 import type { ResolvedVm } from '../../qemu/definition.ts';
 import { protectVm } from '../../host/protect.ts';
+import { claimBeforeStart } from '../../host/claim.ts';
+import { guardOwnership } from '../../coord/guard.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
-import { ACCEL, LINK, eventPrinter, hostPort, int, parseOptions, platform, policy, statusLine, withAccel, withLinkOptions } from '../options.ts';
+import { ACCEL, LINK, NO_WITNESS_WARNING, WITNESS, eventPrinter, fencingOf, withWitnessOptions, hostPort, int, parseOptions, platform, policy, statusLine, withAccel, withLinkOptions } from '../options.ts';
 
 const log = logger('rubato');
 
 const Options = z.object({
-  standby: hostPort(), key: z.string(), name: z.string(), mem: int(64, 65536), cpus: int(1, 64), workload: z.string(), accel: ACCEL,
+  standby: hostPort(), key: z.string(), name: VmName, mem: int(64, 65536), cpus: int(1, 64), workload: z.string(), accel: ACCEL,
   kernel: z.string().optional(), initrd: z.string().optional(), append: z.string().optional(), policy: policy(),
-  stateDir: z.string(), events: z.boolean(), ...LINK,
+  stateDir: z.string(), events: z.boolean(), ...LINK, ...WITNESS,
 });
 
 export function register(program: Command): void {
-  withLinkOptions(withAccel(program.command('primary')))
+  withWitnessOptions(withLinkOptions(withAccel(program.command('primary'))))
     .description('run a VM and keep it protected by a standby')
     .requiredOption('--standby <host:port>', 'the standby controller')
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
@@ -41,6 +43,7 @@ export function register(program: Command): void {
 
 async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
   const psk = loadKeyFile(o.key);
+  const fencing = fencingOf(o);
   const { accel, binary, guest } = await platform(o.accel);
   // The built-in definition: the test guest (or the given kernel), no disk, no NIC; the same path as `rubato protect`.
   const def: ResolvedVm = {
@@ -48,19 +51,35 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
     boot: { kernel: o.kernel ?? guest.kernel, initrd: o.initrd ?? guest.initrd, append: o.append ?? guestAppend(o.workload.split(',')) },
   };
   const emit = eventPrinter(o.events);
+  if (fencing === 'none') log.warn(NO_WITNESS_WARNING);
+  emit({ event: 'fencing', fencing });
+  const stateDir = resolve(o.stateDir);
+  const claimed = o.etcd ? await claimBeforeStart({ etcd: o.etcd, vm: o.name, host: o.host, leaseTtlSec: o.leaseTtl, stateDir }) : null;
+  const ownership = claimed?.ownership ?? null;
+  if (claimed) emit({ event: 'owner', host: o.host, generation: claimed.generation });
+  let guard: ReturnType<typeof guardOwnership> | null = null;
   const p = await protectVm({
-    def, accel, binary, stateDir: resolve(o.stateDir), standby: o.standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
+    def, accel, binary, stateDir, standby: o.standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
+    fencing, ...(ownership ? { leaseCheck: (now: number) => ownership.leaseCheck(now) } : {}),
+    primary: { holdOnLossMs: o.holdMs, ...(ownership ? { generation: () => ownership.generation } : {}) },
     onEvent: (e) => {
       emit(e);
+      if (e.event === 'unprotected') guard?.unprotected(e.reason);
+      if (e.event === 'fenced') void ownership?.release();
       if (!o.events && e.event === 'status') log.info(statusLine(o.policy, e));
     },
   });
+  if (ownership) guard = guardOwnership(ownership, { protected: () => p.primary.protected, emit, stopGuest: () => { void p.vm.kill(); } });
   emit({ event: 'started', vm: o.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel });
   onShutdown(async () => {
+    guard?.close();
     await p.stop();
+    await ownership?.release();
     log.info(`guest ${o.name} stopped; the standby keeps its replica and does not take over`);
   });
   await new Promise<void>((r) => p.vm.once('exit', () => r()));
   log.warn(`guest ${o.name} exited; primary controller stops`);
+  guard?.close();
   await p.stop();
+  await ownership?.release();
 }

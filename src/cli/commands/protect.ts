@@ -13,18 +13,18 @@ import { loadVmDefinition } from '../../qemu/definition.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import { protectVm } from '../../host/protect.ts';
+import { claimBeforeStart, recordGeneration } from '../../host/claim.ts';
 import { serveStandby } from './standby.ts';
 import { ControlSocket } from '../../replication/control-socket.ts';
 import { join } from 'node:path';
-import { DURABILITY, LINK, OBSERVE, WITNESS, withDurabilityOption, withObserveOptions, eventPrinter, hostPort, parseOptions, statusLine, platform, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
+import { DURABILITY, LINK, NO_WITNESS_WARNING, OBSERVE, WITNESS, fencingOf, withDurabilityOption, withObserveOptions, eventPrinter, hostPort, parseOptions, statusLine, platform, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
-import { Ownership, currentOwner } from '../../coord/ownership.ts';
 import { LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
 import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
 
 const log = logger('rubato');
 
-const Options = z.object({ standby: z.union([z.literal('auto'), hostPort()]), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), durability: DURABILITY, ...OBSERVE, ...LINK, ...WITNESS });
+const Options = z.object({ standby: z.union([z.literal('auto'), hostPort()]), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), acceptStaleDisk: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), durability: DURABILITY, ...OBSERVE, ...LINK, ...WITNESS });
 
 export function register(program: Command): void {
   withObserveOptions(withDurabilityOption(withWitnessOptions(withLinkOptions(program.command('protect'))), 'as the new standby after a failover: '))
@@ -37,35 +37,35 @@ export function register(program: Command): void {
     .option('--listen <host:port>', 'after a switchover (rubato switchover on the standby), stay on as the new standby listening here')
     .option('--no-fsync', 'as the new standby: do not fsync the replica (tmpfs, tests)')
     .option('--events', 'print events as JSON lines on stdout', false)
+    .option('--accept-stale-disk', 'start even if the witness says the VM ran elsewhere since this host last held it (its disk here is older)', false)
     .action(async (file: string, raw: unknown) => runProtect(file, parseOptions(Options, raw)));
 }
 
 async function runProtect(file: string, o: z.infer<typeof Options>): Promise<void> {
   const def = loadVmDefinition(file);
   const psk = loadKeyFile(o.key);
+  // Safe by default: a witness, or the user's explicit --no-witness (said once, shown in status).
+  const fencing = fencingOf(o);
   const { accel, binary } = await platform(def.accelerator);
   const stateDir = resolve(o.stateDir ?? `/var/lib/rubato/${def.name}`);
   const printEvent = eventPrinter(o.events);
   // Started before the guest, so its whole life is in the metrics; the controller's status joins once it exists.
-  let status: () => Record<string, unknown> = () => ({ role: 'primary', vm: def.name, protected: false });
+  let status: () => Record<string, unknown> = () => ({ role: 'primary', vm: def.name, protected: false, fencing: o.etcd ? 'witness' : 'none' });
   const observer = await startObserver({ metrics: o.metrics, http: o.http, role: 'primary', vm: def.name, title: `VM ${def.name} on ${o.host}`, status: () => status() });
   const emit = (e: object) => { printEvent(e); observer.event(e); };
   if (observer.urls.metrics || observer.urls.dashboard) emit({ event: 'observe', metrics: observer.urls.metrics, dashboard: observer.urls.dashboard });
-  // With a witness: this host must hold the VM before its guest runs (never a second live copy).
-  const etcd = o.etcd ? new EtcdClient(o.etcd) : null;
-  if (o.standby === 'auto' && !etcd) throw new RubatoError('RUBATO_CONFIG', '--standby auto needs --etcd (the witness names the standby)');
+  if (o.standby === 'auto' && !o.etcd) throw new RubatoError('RUBATO_CONFIG', '--standby auto needs --etcd (the witness names the standby)');
   if (o.listen && o.standby === 'auto') throw new RubatoError('RUBATO_CONFIG', '--listen is for a fixed pair; with --standby auto the agents place the standby');
+  if (fencing === 'none') log.warn(NO_WITNESS_WARNING);
+  emit({ event: 'fencing', fencing });
+  const etcd = o.etcd ? new EtcdClient(o.etcd) : null;
   const standby = o.standby === 'auto' ? standbyLookup(etcd!, def.name, o.host) : o.standby;
   const standbyName = o.standby === 'auto' ? 'the standby the witness names' : `${o.standby.host}:${o.standby.port}`;
-  const ownership = etcd ? new Ownership(etcd, def.name, o.host, o.leaseTtl) : null;
-  if (etcd && ownership) {
-    const gen = await ownership.claim();
-    if (gen === null) {
-      const cur = await currentOwner(etcd, def.name).catch(() => null);
-      throw new RubatoError('RUBATO_VM_OWNED', `VM ${def.name} runs on ${cur?.host ?? 'another host'} (generation ${cur?.generation ?? '?'}) according to the witness; not starting a second copy`);
-    }
-    emit({ event: 'owner', host: o.host, generation: gen });
-  }
+  // With a witness: this host must hold the VM, from a disk no older than the VM's newest state,
+  // before its guest runs (never a second live copy); a loss from here on is heard by the guard.
+  const claimed = o.etcd ? await claimBeforeStart({ etcd: o.etcd, vm: def.name, host: o.host, leaseTtlSec: o.leaseTtl, stateDir, acceptStaleDisk: o.acceptStaleDisk }) : null;
+  const ownership = claimed?.ownership ?? null;
+  if (claimed) emit({ event: 'owner', host: o.host, generation: claimed.generation });
   // (declared before the controller starts: its events may need them at once)
   let ownershipLost: RubatoError | null = null;
   let guard: OwnershipGuard | null = null;
@@ -74,7 +74,8 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   let fenced = false;
   const p = await protectVm({
     def, accel, binary, stateDir, standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
-    ...(ownership ? { primary: { generation: () => ownership.generation } } : {}),
+    fencing, ...(ownership ? { leaseCheck: (now: number) => ownership.leaseCheck(now) } : {}),
+    primary: { holdOnLossMs: o.holdMs, ...(ownership ? { generation: () => ownership.generation } : {}) },
     onEvent: (e) => {
       emit(e);
       if (e.event === 'protecting') everProtected = true;
@@ -93,7 +94,10 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   if (ownership) {
     guard = guardOwnership(ownership, {
       protected: () => p.primary.protected,
-      emit,
+      emit: (e) => {
+        emit(e);
+        if (e['event'] === 'owner' && typeof e['generation'] === 'number') void recordGeneration(stateDir, e['generation']);
+      },
       stopGuest: (why) => {
         ownershipLost = new RubatoError('RUBATO_VM_OWNED', `VM ${def.name}: ${why}; its guest was stopped so that no second copy can run`);
         void p.vm.kill();
@@ -134,7 +138,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     log.info(`VM ${def.name} moved to ${standbyName} (switchover); standing by on ${o.listen.host}:${o.listen.port}`);
     const sb = await serveStandby({
       listen: o.listen, stateDir: join(stateDir, 'standby'), psk, autoFailover: true, events: o.events, fsync: o.fsync, durability: o.durability, peer: o.standby,
-      policy: o.policy, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, emit,
+      policy: o.policy, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, holdMs: o.holdMs, emit,
       ...(o.etcd ? { etcd: o.etcd } : {}), host: o.host, leaseTtl: o.leaseTtl,
     });
     status = () => sb.status();

@@ -13,12 +13,13 @@ import { PrimaryController } from '../../replication/primary.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import { restoreIo } from '../../host/protect.ts';
-import { DURABILITY, LINK, OBSERVE, WITNESS, binaryFor, withDurabilityOption, withObserveOptions, eventPrinter, hostPort, parseOptions, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
+import { DURABILITY, LINK, NO_WITNESS_WARNING, OBSERVE, WITNESS, fencingOf, binaryFor, withDurabilityOption, withObserveOptions, eventPrinter, hostPort, parseOptions, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { witnessGate } from '../../coord/witness-gate.ts';
 import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
 import { KEYS, LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
 import { RubatoError } from '../../util/errors.ts';
+import { VmName } from '../../qemu/spec.ts';
 import { startObserver } from '../../observe/index.ts';
 import type { Durability } from '../../replication/replica-store.ts';
 
@@ -26,7 +27,7 @@ const log = logger('rubato');
 
 const Options = z.object({
   listen: hostPort(true), stateDir: z.string(), key: z.string(), autoFailover: z.boolean(), events: z.boolean(), fsync: z.boolean(), durability: DURABILITY, ...OBSERVE,
-  peer: z.union([z.literal('auto'), hostPort()]).optional(), policy: policy(), vm: z.string().regex(/^[a-zA-Z0-9_.-]{1,40}$/, 'must be a VM name').optional(),
+  peer: z.union([z.literal('auto'), hostPort()]).optional(), policy: policy(), vm: VmName.optional(),
   ...LINK, ...WITNESS,
 });
 
@@ -47,19 +48,23 @@ export function register(program: Command): void {
 
 async function runStandby(o: z.infer<typeof Options>): Promise<void> {
   const printEvent = eventPrinter(o.events);
-  let status: () => Record<string, unknown> = () => ({ role: 'standby', vm: o.vm ?? null });
+  let status: () => Record<string, unknown> = () => ({ role: 'standby', vm: o.vm ?? null, fencing: o.etcd ? 'witness' : 'none' });
   const observer = await startObserver({ metrics: o.metrics, http: o.http, role: 'standby', vm: o.vm ?? null, title: `standby ${o.vm ? `of VM ${o.vm} ` : ''}on ${o.host}`, status: () => status() });
   const emit = (e: object) => { printEvent(e); observer.event(e); };
   if (observer.urls.metrics || observer.urls.dashboard) emit({ event: 'observe', metrics: observer.urls.metrics, dashboard: observer.urls.dashboard });
   onShutdown(() => observer.close());
-  const sb = await serveStandby({ ...o, psk: loadKeyFile(o.key), stateDir: resolve(o.stateDir), emit });
+  const psk = loadKeyFile(o.key);
+  const fencing = fencingOf(o);
+  if (fencing === 'none') log.warn(NO_WITNESS_WARNING);
+  emit({ event: 'fencing', fencing });
+  const sb = await serveStandby({ ...o, psk, stateDir: resolve(o.stateDir), emit });
   status = () => sb.status();
   await new Promise<void>(() => { /* runs until a signal ends the process */ });
 }
 
 export interface ServeStandbyOptions {
   listen: { host: string; port: number }; stateDir: string; psk: Buffer; autoFailover: boolean; events: boolean; fsync: boolean; durability: Durability;
-  peer?: { host: string; port: number } | 'auto' | undefined; policy: string;
+  peer?: { host: string; port: number } | 'auto' | undefined; policy: string; holdMs: number;
   /** With etcd: the VM this standby is for; its endpoint (and, once live, its status) are published in the witness. */
   vm?: string | undefined; heartbeatMs: number; timeoutMs: number; emit: (e: object) => void;
   /** The witness: without it a lost primary is always taken over (two copies can run under a partition). */
@@ -72,12 +77,13 @@ export interface ServeStandbyOptions {
  */
 export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyController> {
   const { psk, emit, stateDir } = o;
-  const io = restoreIo(join(stateDir, 'run'));
   let primary: PrimaryController | null = null;
   const etcd = o.etcd ? new EtcdClient(o.etcd) : null;
   if ((o.peer === 'auto' || o.vm) && !(etcd && o.vm)) throw new RubatoError('RUBATO_CONFIG', '--peer auto and --vm go together, with --etcd (the witness names the peer)');
   if (o.listen.port === 0 && !o.vm) throw new RubatoError('RUBATO_CONFIG', '--listen: port 0 only with --vm (the witness tells the primary the port)');
   const gate = etcd ? witnessGate(etcd, o.host, o.leaseTtl) : null;
+  // A restored guest's frames leave only under the lease this side claimed for it.
+  const io = restoreIo(join(stateDir, 'run'), undefined, gate ? (vm) => (now) => gate.ownership(vm).leaseCheck(now) : undefined);
   const published = etcd && o.vm ? new LeasedKeys(etcd, o.leaseTtl) : null;
   let unpublish = () => {};
   let guard: OwnershipGuard | null = null;
@@ -85,7 +91,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
     ...(gate ? { gate } : {}),
     ...o.listen, stateDir, psk, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, binaryFor,
     autoFailover: o.autoFailover, fsync: o.fsync, durability: o.durability, prepareRestore: io.prepare,
-    statusExtra: () => (primary ? { ...primary.snapshot(), role: 'primary' } : {}),
+    statusExtra: () => ({ fencing: gate ? 'witness' : 'none', ...(primary ? { ...primary.snapshot(), role: 'primary' } : {}) }),
     onEvent: (e) => {
       emit(e);
       if (e.event !== 'failover') return;
@@ -107,7 +113,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
       log.info(`re-protecting the guest with ${o.peer === 'auto' ? 'the standby the witness names' : `the standby at ${o.peer.host}:${o.peer.port}`} (unprotected until it answers)`);
       primary = new PrimaryController({
         vm, runDir: join(stateDir, 'run'), standby: peer, psk, periodMs: 25, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs,
-        timeoutMs: o.timeoutMs, retryMs: 1000, ...(hostIo.relay ? { relay: hostIo.relay } : {}), nbd: hostIo.nbd,
+        timeoutMs: o.timeoutMs, retryMs: 1000, holdOnLossMs: o.holdMs, fencing: gate ? 'witness' : 'none', ...(hostIo.relay ? { relay: hostIo.relay } : {}), nbd: hostIo.nbd,
         ...(gate ? { generation: () => gate.ownership(vm.spec.name).generation } : {}),
         // (the guest's console lines are the standby controller's events already)
         onEvent: (pe) => {

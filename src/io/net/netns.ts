@@ -47,6 +47,29 @@ export class TwoHosts {
     return ['ip', ['netns', 'exec', h.ns, file, ...args]];
   }
 
+  /**
+   * A third machine both hosts reach apart from the replication link (the witness's place): a veth
+   * pair from this machine's root namespace into each host. Returns the address to serve on (the
+   * root end of the primary's pair; the standby routes to it through its own pair). Deleting the
+   * namespaces removes the pairs.
+   */
+  async attachWitness(): Promise<string> {
+    const net = `10.232.${randomInt(0, 255)}`;
+    const base = randomInt(0, 31) * 8;
+    const at = (n: number) => `${net}.${base + n}`;
+    const pairs = [{ h: this.primary, root: at(1), inner: at(2) }, { h: this.standby, root: at(5), inner: at(6) }];
+    for (const [i, q] of pairs.entries()) {
+      const dev = `rw${i}${q.h.dev.slice(3)}`;
+      await ip(['link', 'add', dev, 'type', 'veth', 'peer', 'name', `${dev}i`, 'netns', q.h.ns]);
+      await ip(['addr', 'add', `${q.root}/30`, 'dev', dev]);
+      await ip(['link', 'set', dev, 'up']);
+      await ip(['-n', q.h.ns, 'addr', 'add', `${q.inner}/30`, 'dev', `${dev}i`]);
+      await ip(['-n', q.h.ns, 'link', 'set', `${dev}i`, 'up']);
+    }
+    await ip(['-n', this.standby.ns, 'route', 'add', `${at(1)}/32`, 'via', at(5)]);
+    return at(1);
+  }
+
   /** A partition: the primary's end of the link goes down; no FIN or RST reaches the standby. */
   async cutLink(): Promise<void> {
     await ip(['-n', this.primary.ns, 'link', 'set', this.primary.dev, 'down']);

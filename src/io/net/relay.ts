@@ -7,6 +7,8 @@ import { createServer, connect, type Server, type Socket } from 'node:net';
 import { rmSync } from 'node:fs';
 import { logger } from '../../util/log.ts';
 import { RubatoError } from '../../util/errors.ts';
+import { monotonicMs } from '../../util/clock.ts';
+import type { ReleaseGate } from '../../commit/release-gate.ts';
 
 const log = logger('relay');
 const MAX_FRAME = 65536;
@@ -31,6 +33,8 @@ class Framer {
 export class NetRelay {
   /** Where frames from the guest go; until set, they leave at once (an unprotected guest). */
   onGuestFrame: ((frame: Buffer) => void) | null = null;
+  /** The lease check every frame passes on its way out (set by the VM's owner; null: no witness). */
+  gate: ReleaseGate | null = null;
   private server: Server | null = null;
   private guest: Socket | null = null;
   private outside: Socket | null = null;
@@ -89,8 +93,9 @@ export class NetRelay {
     }
   }
 
-  /** A frame leaves for the outside (dropped, and counted, when no TAP is attached). */
+  /** A frame leaves for the outside (dropped, and counted, when no TAP is attached or the lease is not known valid). */
   sendOutside(f: Buffer): void {
+    if (this.gate && !this.gate.allow(monotonicMs())) return;
     if (this.outside) this.outside.write(f);
     else this.outsideDropped++;
   }

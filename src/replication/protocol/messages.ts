@@ -3,12 +3,13 @@
 
 import { z } from 'zod';
 import { protocolError } from './frame.ts';
-import { VmSpecSchema } from '../../qemu/spec.ts';
+import { VmName, VmSpecSchema } from '../../qemu/spec.ts';
 
 export const NONCE_BYTES = 32;
 
 export const IdentitySchema = z.object({
-  vm: z.string(),
+  /** Checked like a definition's name: it names the standby's files and sockets. */
+  vm: VmName,
   spec: VmSpecSchema,
   /** The primary's generation in the witness (its fencing token), when it runs with one. */
   generation: z.number().int().min(1).max(0xffffffff).optional(),
