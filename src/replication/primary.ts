@@ -18,6 +18,7 @@ import { fixed, lastPassAfterMs, presendEveryMs, type Policy } from '../schedule
 import { Link } from './link.ts';
 import { connectHandshake } from './handshake.ts';
 import { EpochPipeline, type Command } from './pipeline.ts';
+import { dispatch, type OutsideHandlers } from './driver.ts';
 import { FrameType, type Frame } from './protocol/frame.ts';
 import { decodeAckTimings, type Identity } from './protocol/messages.ts';
 import { BaseSender, sendDiskExtents } from './base-sender.ts';
@@ -232,52 +233,47 @@ export class PrimaryController {
     }
   }
 
-  /** Carries out the pipeline's commands that act outside the checkpoint loop. */
+  /** Carries out the pipeline's commands that act outside the checkpoint loop (shared driver: unexpected commands fail). */
   private perform(cmds: Command[]): void {
-    for (const c of cmds) {
-      switch (c.cmd) {
-        case 'release': {
-          for (const f of c.frames) this.o.relay?.sendOutside(f.frame);
-          if (c.frames.length && this.o.observer?.released) this.o.observer.released(c.timeline, c.frames.map((f) => f.atMs), performance.now());
-          const counter = this.counterAt.get(c.epoch) ?? this.ackedCounter;
-          this.counterAt.delete(c.epoch);
-          this.ackedCounter = counter;
-          const handle = this.tracedAt.get(c.epoch);
-          if (handle !== undefined) { this.tracedAt.delete(c.epoch); this.o.observer?.acked?.(handle, c.transferMs); }
-          this.emit({ event: 'acked', epoch: c.epoch, counter, lagMs: Math.round(c.transferMs), frames: c.frames.length });
-          break;
-        }
-        case 'protected':
-          this.unprotectedReason = null;
-          this.cancelHoldTimer();
-          this.immediateRetries = 0;
-          this.emit({ event: 'protecting', standby: this.link?.peer ?? '' });
-          log.info(`guest ${this.o.vm.spec.name} protected by ${this.link?.peer ?? 'the standby'} (replica generation ${c.generation})`);
-          this.meter.startNow();
-          break;
-        case 'unprotected':
-          this.unprotectedReason = c.reason;
-          if (c.first) {
-            log.error(`GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${c.reason}; retrying every ${this.o.retryMs} ms`);
-            this.emit({ event: 'unprotected', reason: c.reason, atMs: Date.now() });
-          } else {
-            log.debug(`still unprotected: ${c.reason}`);
-          }
-          this.startHoldTimer();
-          break;
-        case 'release-unprotected':
-          for (const f of c.frames) this.o.relay?.sendOutside(f);
-          log.error(`${c.reason}: released ${c.frames.length} held frames UNPROTECTED; output passes through until protection resumes`);
-          this.emit({ event: 'output-released-unprotected', frames: c.frames.length, reason: c.reason });
-          break;
-        case 'stop-guest':
-          this.poke();
-          break;
-        default:
-          break;
-      }
-    }
+    dispatch(cmds, this.outside, 'primary');
   }
+
+  private readonly outside: OutsideHandlers = {
+    release: (c) => {
+      for (const f of c.frames) this.o.relay?.sendOutside(f.frame);
+      if (c.frames.length && this.o.observer?.released) this.o.observer.released(c.timeline, c.frames.map((f) => f.atMs), performance.now());
+      const counter = this.counterAt.get(c.epoch) ?? this.ackedCounter;
+      this.counterAt.delete(c.epoch);
+      this.ackedCounter = counter;
+      const handle = this.tracedAt.get(c.epoch);
+      if (handle !== undefined) { this.tracedAt.delete(c.epoch); this.o.observer?.acked?.(handle, c.transferMs); }
+      this.emit({ event: 'acked', epoch: c.epoch, counter, lagMs: Math.round(c.transferMs), frames: c.frames.length });
+    },
+    protected: (c) => {
+      this.unprotectedReason = null;
+      this.cancelHoldTimer();
+      this.immediateRetries = 0;
+      this.emit({ event: 'protecting', standby: this.link?.peer ?? '' });
+      log.info(`guest ${this.o.vm.spec.name} protected by ${this.link?.peer ?? 'the standby'} (replica generation ${c.generation})`);
+      this.meter.startNow();
+    },
+    unprotected: (c) => {
+      this.unprotectedReason = c.reason;
+      if (c.first) {
+        log.error(`GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${c.reason}; retrying every ${this.o.retryMs} ms`);
+        this.emit({ event: 'unprotected', reason: c.reason, atMs: Date.now() });
+      } else {
+        log.debug(`still unprotected: ${c.reason}`);
+      }
+      this.startHoldTimer();
+    },
+    'release-unprotected': (c) => {
+      for (const f of c.frames) this.o.relay?.sendOutside(f);
+      log.error(`${c.reason}: released ${c.frames.length} held frames UNPROTECTED; output passes through until protection resumes`);
+      this.emit({ event: 'output-released-unprotected', frames: c.frames.length, reason: c.reason });
+    },
+    'stop-guest': () => this.poke(),
+  };
 
   /** Held output waits a while for a standby to take over protection, then leaves unprotected. */
   private startHoldTimer(): void {
@@ -384,8 +380,8 @@ export class PrimaryController {
     assert(sender.layoutBlocks.length === base.blocks.length, 'the layout sent is the capture\'s');
     this.blockIndex = new Map(base.blocks.map((b, i) => [b.id, i]));
     this.counterAt.set(0, this.lastCounter);
-    pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: performance.now() });
-    pipe.sent(0, performance.now());
+    // The full image streams as QEMU sends it: 'send' marks it handed to the link.
+    dispatch(pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: performance.now() }), { send: (c) => pipe.sent(c.epoch, performance.now()) }, 'primary sync');
     await sender.flush();
     await link.send(FrameType.BASE_END, 0, base.deviceState);
     while (pipe.phase === 'syncing') { throwIfClosed(); await this.idle(Infinity); }
@@ -459,7 +455,7 @@ export class PrimaryController {
     const bytes = t.record.length;
     if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, Buffer.concat(t.record.parts as Buffer[]), Math.floor(bytes * f)), crash: () => this.crash() });
     if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
-    this.ship(link, epoch, t.record);
+    dispatch(t.commands, { send: (c) => this.ship(link, c.epoch, t.record) }, 'primary checkpoint');
     t.record = EMPTY;
     this.observe(cp, ranFromMs, pauseBeganMs, bytes, decidedMs); // after the send: not on the ack's path
     // The record has the pages: drop the parsed ones (they pin the stream's buffers).
@@ -477,7 +473,7 @@ export class PrimaryController {
    * after the capture (fault injection; a fence stops it there).
    */
   private async take(capture: ColoCapture, epoch: number, status: StatusMeter | null, hold?: (c: Checkpoint) => Promise<void>):
-    Promise<{ cp: Checkpoint; record: RecordParts; pauseBeganMs: number; presented: number }> {
+    Promise<{ cp: Checkpoint; record: RecordParts; pauseBeganMs: number; presented: number; commands: Command[] }> {
     const counter = this.lastCounter;
     let pauseBeganMs = 0;
     const cp = await capture.checkpoint({
@@ -489,11 +485,11 @@ export class PrimaryController {
     // Its pre-sent pages are staged on the standby already: the record carries the pause's.
     const presented = this.pipeline.presentedPages;
     const record = encodeRecordParts(cp, this.blocks); // the pages are referenced, not copied
-    this.pipeline.capturedCheckpoint(epoch, {
+    const commands = this.pipeline.capturedCheckpoint(epoch, {
       dirtyPages: cp.pages.length + presented, pausePages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs, encodedMs: performance.now(),
     });
     this.counterAt.set(epoch, counter);
-    return { cp, record, pauseBeganMs, presented };
+    return { cp, record, pauseBeganMs, presented, commands };
   }
 
   /** During the pause: the epoch's output and disk writes close together; the disk's pages join the checkpoint. */
@@ -539,8 +535,8 @@ export class PrimaryController {
   /** Switchover: a last checkpoint with the guest stopped, its ack, then the guest stops here for good. */
   private async fence(link: Link, capture: ColoCapture, epoch: number): Promise<void> {
     log.warn(`standby asked for failover: taking a last checkpoint and stopping guest ${this.o.vm.spec.name}`);
-    const { record } = await this.take(capture, epoch, null, async () => { await this.o.vm.qmp.execute('stop'); });
-    this.ship(link, epoch, record);
+    const { record, commands } = await this.take(capture, epoch, null, async () => { await this.o.vm.qmp.execute('stop'); });
+    dispatch(commands, { send: (c) => this.ship(link, c.epoch, record) }, 'primary fence');
     while (this.pipeline.phase === 'fencing' && !link.closed) await this.idle(Infinity);
     if (this.pipeline.phase !== 'fenced') throw link.closed ?? new RubatoError('RUBATO_PEER_LOST', 'fence not acknowledged');
     await this.o.vm.qmp.execute('stop').catch((e: unknown) => log.warn(`stopping the fenced guest: ${errorMessage(e)}`));

@@ -5,6 +5,8 @@
 
 import { PAGE_BYTES, pausePagesWithPresend, presendEveryMs, type EpochRecord, type Policy } from '../scheduler/index.ts';
 import { EpochPipeline } from '../replication/pipeline.ts';
+import { dispatch } from '../replication/driver.ts';
+import { assert } from '../util/errors.ts';
 import { OutputCommit, type DiskEpochCut, type DiskEpochSource } from '../commit/output-commit.ts';
 
 export interface SimWorkload {
@@ -95,9 +97,8 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
   // Protection starts at time 0 with the full image acknowledged at once.
   pipe.startSync();
   pipe.paused(0, 0);
-  pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 });
-  pipe.sent(0, 0);
-  pipe.ack(0, 0);
+  dispatch(pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 }), { send: (c) => pipe.sent(c.epoch, 0) }, 'simulate');
+  dispatch(pipe.ack(0, 0), { release: () => {}, protected: () => {} }, 'simulate');
   const epochs: EpochRecord[] = [];
   const acks: Array<{ at: number; epoch: number }> = [];
   const latencies: number[] = [];
@@ -119,7 +120,7 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
     while (acks.length && acks[0]!.at <= t) {
       const a = acks.shift()!;
       for (const c of pipe.ack(a.epoch, a.at)) {
-        if (c.cmd !== 'release') continue;
+        assert(c.cmd === 'release', `simulate: the pipeline asked for '${c.cmd}' on an ack while protecting`);
         for (const f of c.frames) {
           latencies.push(a.at - f.atMs);
           if (f.frame.owner < 0) continue;
@@ -182,9 +183,9 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         pausedMs += pause;
         for (const c of clients) if (c.sent < perStage) c.nextAt += pause + (w.guestStallMs ?? 0);
         engineBusyUntil = t + (w.guestStallMs ?? 0);
-        pipe.capturedCheckpoint(d.epoch, { dirtyPages: pages, pausePages, pauseMs: pause, bytes, resumedMs: t });
+        const sends = pipe.capturedCheckpoint(d.epoch, { dirtyPages: pages, pausePages, pauseMs: pause, bytes, resumedMs: t });
         epochs.push(pipe.history.at(-1)!);
-        pipe.sent(d.epoch, t);
+        dispatch(sends, { send: (c) => pipe.sent(c.epoch, t) }, 'simulate');
         const sendStart = Math.max(linkFree, t);
         linkFree = sendStart + bytes / w.bandwidthBytesPerMs(sendStart);
         const sb = w.standby ?? { fixedMs: 0, perByteMs: 0 };
