@@ -354,9 +354,13 @@ export class EpochPipeline<F extends Sized = Buffer> {
     return [{ cmd: 'unprotected', reason, first }];
   }
 
-  /** The hold timer expired: if no standby protects the guest yet, held output leaves unprotected. */
+  /**
+   * The hold timer expired: if no standby protects the guest yet, held output leaves unprotected.
+   * Not while a standby is being synchronised: its full image covers what is held (and the sync's
+   * ack releases it); letting it go then would leave the sync's ack nothing held to release.
+   */
   holdExpired(reason: string): Command<F>[] {
-    if (this.ph === 'protecting' || this.ph === 'fencing' || !this.o.commit.holding) return [];
+    if (this.ph === 'protecting' || this.ph === 'fencing' || this.ph === 'syncing' || !this.o.commit.holding) return [];
     return [{ cmd: 'release-unprotected', reason, frames: this.o.commit.releaseUnprotected(reason) }];
   }
 

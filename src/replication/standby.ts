@@ -106,6 +106,13 @@ export class StandbyController {
     return `this standby holds the replica of VM ${this.identity.vm}; a primary of VM ${id.vm} is refused (use another --state-dir for it)`;
   }
 
+  /**
+   * The replica was recovered after a restart under memory durability: acks may have run ahead of
+   * its files before the restart, so it never goes live (the fault simulator's
+   * "live-older-than-acked"); the next full image from the primary clears it.
+   */
+  private recoveredMayLag = false;
+
   /** A handshake must complete within this (then its socket is closed). */
   private get handshakeTimeoutMs(): number { return Math.min(this.o.timeoutMs * 5, HANDSHAKE_TIMEOUT_MAX_MS); }
 
@@ -151,6 +158,8 @@ export class StandbyController {
       this.identity = readIdentity(join(this.o.stateDir, 'vm.json'));
       this.highestGeneration = this.identity.generation ?? 0;
       this.st = 'protecting';
+      // Under memory durability it may be older than checkpoints acknowledged before this restart.
+      this.recoveredMayLag = (this.o.durability ?? 'memory') === 'memory';
       // A replica recovered at start-up guards nothing until a primary connects (no failover on our own start).
       log.info(`replica of VM ${this.identity.vm} at checkpoint ${this.store.epoch} recovered from ${this.replicaDir}`);
     }
@@ -305,6 +314,7 @@ export class StandbyController {
         // The store built in replica.new now lives in its final place.
         this.store = created.relocated(this.replicaDir);
         this.identity = identity;
+        this.recoveredMayLag = false;
         this.goFromPeer('base-installed');
       },
     };
@@ -320,6 +330,12 @@ export class StandbyController {
     }
     if (this.st === 'stopped') {
       this.emit({ event: 'failover-refused', why: 'the standby controller is stopping' });
+      return false;
+    }
+    if (this.recoveredMayLag) {
+      const why = `replica of VM ${this.identity.vm} at checkpoint ${this.store.epoch} was recovered after a restart under --durability memory: it may be older than checkpoints acknowledged before the restart; not going live (the primary re-synchronises it when it connects; --durability disk keeps a recovered replica usable)`;
+      this.emit({ event: 'failover-refused', why });
+      log.error(why);
       return false;
     }
     // A switchover stops the live primary first (it then gives the VM up in the witness); any

@@ -37,6 +37,8 @@ export interface Legacy {
   discardOnWriteFailure: boolean;
   /** A host whose VM failed over starts a copy from its own disk when it comes back. */
   noGenerationCheck: boolean;
+  /** A standby restarted under memory durability goes live from its recovered replica (older than its acks). */
+  recoveredGoesLive: boolean;
 }
 
 export type FaultKind = 'crash-primary' | 'crash-standby' | 'link-partition' | 'link-dup' | 'link-reorder' | 'etcd-cut-primary'
@@ -143,7 +145,8 @@ interface PrimarySide {
 
 interface StandbySide {
   kind: 'standby'; host: HostName; incarnation: number; st: StandbyState; holder: Holder | null;
-  replica: { written: Key; accepted: Key; kept: boolean } | null; acked: Key | null; highestGen: number;
+  /** `recovered`: read back after a restart under memory durability: it may be older than what this side acknowledged. */
+  replica: { written: Key; accepted: Key; kept: boolean; recovered?: boolean } | null; acked: Key | null; highestGen: number;
   session: number | null; peerHeardAt: number; seqOut: number; seqIn: number; guarding: boolean; activating: boolean;
   fenceWait: { session: number; until: number } | null; retryAt: number | null; diskFails: boolean;
 }
@@ -153,7 +156,7 @@ type Side = PrimarySide | StandbySide;
 export function runFaultSim(o: FaultSimOptions): FaultSimResult {
   const R = rng(o.seed);
   const legacy: Legacy = { leaseFromReceive: false, noReleaseGate: false, lossBeforeGuardDropped: false, staleRunsOn: false, fenceOnClose: false,
-    discardOnWriteFailure: false, noGenerationCheck: false, ...o.legacy };
+    discardOnWriteFailure: false, noGenerationCheck: false, recoveredGoesLive: false, ...o.legacy };
   const witness = (o.fencing ?? 'witness') === 'witness';
   const ttlMs = o.ttlMs ?? 1000, timeoutMs = o.timeoutMs ?? 1000, holdMs = o.holdMs ?? 2000, hbMs = o.heartbeatMs ?? 100;
   const duration = o.durationMs ?? 6000;
@@ -522,6 +525,8 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
   };
   const activate = (s: StandbySide, why: string) => {
     if (!s.replica || s.activating || !(s.st === 'protecting' || s.st === 'activating')) return;
+    // A replica recovered after a restart under memory durability may be older than its acks: it never goes live.
+    if (s.replica.recovered && !legacy.recoveredGoesLive) { if (s.st === 'activating') go(s, 'failover-failed'); return; }
     s.activating = true;
     if (s.st === 'protecting') go(s, 'failover-begin');
     const holder = newHolder();
@@ -587,7 +592,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
   const crash = (h: HostName, downMs: number) => {
     const s = sides[h];
     if (s?.kind === 'primary') stopCopy(s.copy);
-    const replica = s?.kind === 'standby' && s.replica ? { written: s.replica.written, accepted: s.replica.written, kept: false } : null;
+    const replica = s?.kind === 'standby' && s.replica ? { written: s.replica.written, accepted: s.replica.written, kept: false, recovered: true } : null;
     const wasPrimary = s?.kind === 'primary';
     if (s) s.session = null;
     sides[h] = null;
