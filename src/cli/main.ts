@@ -22,6 +22,7 @@ import * as setup from './commands/setup.ts';
 import * as simulate from './commands/simulate.ts';
 import * as standby from './commands/standby.ts';
 import * as vm from './commands/vm.ts';
+import * as witness from './commands/witness.ts';
 
 const program = new Command('rubato')
   .description('High availability for QEMU VMs by checkpoint replication with a workload-adaptive scheduler')
@@ -32,7 +33,7 @@ const program = new Command('rubato')
   .enablePositionalOptions()
   .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
-for (const c of [setup, captureCheck, keygen, protect, primary, standby, failover, agent, vm, host, demo, profile, simulate, chaos, bench]) c.register(program);
+for (const c of [setup, captureCheck, keygen, protect, primary, standby, failover, agent, vm, host, demo, profile, simulate, chaos, bench, witness]) c.register(program);
 
 try {
   await program.parseAsync(takeLogOptions(process.argv));

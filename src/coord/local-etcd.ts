@@ -20,15 +20,18 @@ async function freePort(): Promise<number> {
 }
 
 export class LocalEtcd {
-  private constructor(readonly url: string, private readonly proc: TrackedProcess, private readonly dataDir: string) {}
+  private constructor(readonly url: string, private readonly proc: TrackedProcess, private readonly dataDir: string, private readonly keepData: boolean) {}
+
+  /** Resolves when etcd exits on its own. */
+  get exited(): Promise<unknown> { return this.proc.exited; }
 
   get pid(): number { return this.proc.pid; }
 
   /** `host`: the address to listen on (default loopback; in a namespace, its LAN address). */
-  static async start(dir: string, opts: { binary?: string; ns?: string; host?: string } = {}): Promise<LocalEtcd> {
+  static async start(dir: string, opts: { binary?: string; ns?: string; host?: string; clientPort?: number; peerPort?: number; keepData?: boolean } = {}): Promise<LocalEtcd> {
     ensurePrivateDir(dir);
     const dataDir = join(dir, 'etcd-data');
-    const [client, peer] = [await freePort(), await freePort()];
+    const [client, peer] = [opts.clientPort ?? await freePort(), opts.peerPort ?? await freePort()];
     const host = opts.host ?? '127.0.0.1';
     const url = `http://${host}:${client}`;
     const args = ['--name', 'rubato', '--data-dir', dataDir, '--listen-client-urls', url, '--advertise-client-urls', url,
@@ -43,7 +46,7 @@ export class LocalEtcd {
     let exited = false;
     void proc.exited.then(() => { exited = true; });
     proc.child.stderr?.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-2000); });
-    const etcd = new LocalEtcd(url, proc, dataDir);
+    const etcd = new LocalEtcd(url, proc, dataDir, opts.keepData ?? false);
     const c = new EtcdClient([url], 500);
     const until = Date.now() + 15_000;
     while (!(await c.healthy())) {
@@ -56,9 +59,9 @@ export class LocalEtcd {
     return etcd;
   }
 
-  /** Ends etcd by PID and removes its data. */
+  /** Ends etcd by PID and removes its data (unless kept: `rubato witness`). */
   async stop(): Promise<void> {
     await this.proc.stop(3000);
-    rmSync(this.dataDir, { recursive: true, force: true });
+    if (!this.keepData) rmSync(this.dataDir, { recursive: true, force: true });
   }
 }
