@@ -10,7 +10,7 @@ import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { logger } from '../util/log.ts';
 import { median, percentile, round } from '../util/stats.ts';
 import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
-import { guestAppend, MAIN_RAM_ID, type Accel, type VmSpec } from '../qemu/spec.ts';
+import { DIRTIER_LINE_RE, guestAppend, MAIN_RAM_ID, parseDirtierLine, type Accel, type VmSpec } from '../qemu/spec.ts';
 import { restoreVm } from '../qemu/restore.ts';
 import { ReplicaStore } from '../replication/replica-store.ts';
 import { ColoCapture } from '../capture/route-a.ts';
@@ -65,13 +65,6 @@ export interface CaptureCheckResult {
   error?: string;
 }
 
-const WORK_RE = /RUBATO dirtier t=(\d+) work=(\d+) pages=(\d+) checks=\d+ bad=(\d+) failures=(\d+) check=(\w+)/;
-
-export function parseDirtierLine(line: string): { tMs: number; work: number; pages: number; bad: number; ok: boolean } | null {
-  const m = line.match(WORK_RE);
-  if (!m) return null;
-  return { tMs: Number(m[1]), work: Number(m[2]), pages: Number(m[3]), bad: Number(m[4]), ok: m[6] === 'ok' && m[5] === '0' };
-}
 
 export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCheckResult> {
   const dir = makeTempDir('rubato-check-');
@@ -194,9 +187,9 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
       { binary: o.binary, runDir: dir });
     restored = r.vm;
     result.restoreMs = round(r.restoreMs, 1);
-    const m1 = parseDirtierLine((await restored.waitSerial(WORK_RE, 20_000))[0]);
-    await restored.waitSerial(WORK_RE, 5_000, { fromNow: true });
-    const m2 = parseDirtierLine((await restored.waitSerial(WORK_RE, 5_000, { fromNow: true }))[0]);
+    const m1 = parseDirtierLine((await restored.waitSerial(DIRTIER_LINE_RE, 20_000))[0]);
+    await restored.waitSerial(DIRTIER_LINE_RE, 5_000, { fromNow: true });
+    const m2 = parseDirtierLine((await restored.waitSerial(DIRTIER_LINE_RE, 5_000, { fromNow: true }))[0]);
     const rebooted = restored.serialLines.some((l) => /RUBATO (boot ok|dirtier start)/.test(l));
     result.counterAfter = m1?.work ?? -1;
     result.selfCheckOk = !!m1 && !!m2 && m1.ok && m2.ok;

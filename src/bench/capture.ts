@@ -8,11 +8,10 @@ import { join } from 'node:path';
 import { makeTempDir, removeTempDir } from '../util/tmp.ts';
 import { median, percentile, round } from '../util/stats.ts';
 import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
-import { guestAppend, type Accel } from '../qemu/spec.ts';
+import { guestAppend, parseDirtierLine, type Accel } from '../qemu/spec.ts';
 import { ColoCapture } from '../capture/route-a.ts';
 import { ExternalCapture } from '../capture/route-b.ts';
 import { PauseMeter } from '../capture/pause-meter.ts';
-import { parseDirtierLine } from './capture-check.ts';
 
 export interface CaptureBenchOptions {
   accel: Accel;

@@ -12,7 +12,7 @@ import { withTimeout } from '../util/async.ts';
 import type { QemuVm } from '../qemu/vm.ts';
 import type { QmpEvent } from '../qemu/qmp.ts';
 import { ByteReader } from '../util/byte-reader.ts';
-import { COLO_MSG, COLO_MSG_NAMES, COLO_PRESEND_DELAY_MAGIC, COLO_PRESEND_MARK, VM, coloMessage } from './stream/format.ts';
+import { COLO_MSG, COLO_MSG_NAMES, COLO_PRESEND_DELAY_MAGIC, COLO_PRESEND_MARK, VM, coloMessage } from '../qemu/stream-format.ts';
 import { newRamState, readFooter, readPrecopy, readRamRecords, type PageSink, type RamState } from './stream/parser.ts';
 import { MAX_DEVICE_STATE_BYTES, PageSet, type BaseImage, type Checkpoint, type DirtyPage } from './checkpoint.ts';
 

@@ -10,7 +10,7 @@ import { logger } from '../util/log.ts';
 import { TwoHosts } from '../io/net/netns.ts';
 import { REPO_ROOT, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
 import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
-import { parseDirtierLine } from '../bench/capture-check.ts';
+import { parseDirtierLine } from '../qemu/spec.ts';
 import { writeKeyFile } from '../replication/keyfile.ts';
 import { Controller, type Ev } from './controller-proc.ts';
 import { LocalEtcd } from '../coord/local-etcd.ts';

@@ -97,3 +97,12 @@ export function guestAppend(workload: readonly (string | number)[], opts: { ip?:
   const wl = workload.map(String).join(',');
   return `console=ttyS0 quiet panic=-1 rubato.wl=${wl}${opts.ip ? ` rubato.ip=${opts.ip}` : ''}${opts.disk ? ` rubato.disk=${opts.disk}` : ''}`;
 }
+
+/** The test guest's dirtier progress line on its console: its counter and its own memory check. */
+export const DIRTIER_LINE_RE = /RUBATO dirtier t=(\d+) work=(\d+) pages=(\d+) checks=\d+ bad=(\d+) failures=(\d+) check=(\w+)/;
+
+export function parseDirtierLine(line: string): { tMs: number; work: number; pages: number; bad: number; ok: boolean } | null {
+  const m = line.match(DIRTIER_LINE_RE);
+  if (!m) return null;
+  return { tMs: Number(m[1]), work: Number(m[2]), pages: Number(m[3]), bad: Number(m[4]), ok: m[6] === 'ok' && m[5] === '0' };
+}

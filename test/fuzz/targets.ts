@@ -10,7 +10,7 @@ import { FrameDecoder, FrameEncoder, FrameType, helloKeys, sessionKeys, type Fra
 import { decodePresend, decodeRecord, encodePresendParts, encodeRecord } from '../../src/replication/protocol/record.ts';
 import { ByteReader } from '../../src/util/byte-reader.ts';
 import { newRamState, readPrecopy } from '../../src/capture/stream/parser.ts';
-import { encodeConfiguration, encodeHeader, MIG_CMD, RAM_FLAG, VM } from '../../src/capture/stream/format.ts';
+import { encodeConfiguration, encodeHeader, MIG_CMD, RAM_FLAG, VM } from '../../src/qemu/stream-format.ts';
 import { CMD, decodeRequest, validateRequest, REQUEST_HEADER_BYTES, REQUEST_MAGIC } from '../../src/io/disk/nbd-proto.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
 

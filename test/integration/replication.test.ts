@@ -13,7 +13,7 @@ import { StandbyController, type StandbyEvent } from '../../src/replication/stan
 import { ReplicaStore } from '../../src/replication/replica-store.ts';
 import { makeTempDir, removeTempDir, liveTempDirs } from '../../src/util/tmp.ts';
 import { liveProcesses } from '../../src/util/procs.ts';
-import { parseDirtierLine } from '../../src/bench/capture-check.ts';
+import { parseDirtierLine } from '../../src/qemu/spec.ts';
 import { liveMigrationSockets } from '../../src/capture/route-a.ts';
 import { CuttableProxy } from '../../src/chaos/fault-proxy.ts';
 import { parsePolicy } from '../../src/scheduler/index.ts';

@@ -18,7 +18,7 @@ import { ReplicaStore } from '../../src/replication/replica-store.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { spawnTracked, liveProcesses, type TrackedProcess } from '../../src/util/procs.ts';
 import { writeKeyFile, loadKeyFile } from '../../src/replication/keyfile.ts';
-import { parseDirtierLine } from '../../src/bench/capture-check.ts';
+import { parseDirtierLine } from '../../src/qemu/spec.ts';
 
 import { testPlatform } from '../helpers/platform.ts';
 

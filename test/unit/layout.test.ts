@@ -28,7 +28,8 @@ test('layout: the product core imports nothing from the harness or the CLI', () 
 
 test('layout: the pure modules (pipeline, output commit, scheduler, codecs) touch no sockets, files or clocks', () => {
   const pure = ['src/replication/pipeline.ts', 'src/replication/standby-state.ts', 'src/replication/admission.ts', 'src/commit/output-commit.ts',
-    'src/replication/protocol/frame.ts', 'src/replication/protocol/messages.ts', 'src/replication/protocol/record.ts', ...files(join(REPO_ROOT, 'src', 'scheduler')).map((f) => relative(REPO_ROOT, f))];
+    'src/replication/protocol/frame.ts', 'src/replication/protocol/messages.ts', 'src/replication/protocol/record.ts',
+    'src/replication/driver.ts', 'src/commit/release-gate.ts', 'src/coord/lease.ts', 'src/sim/faults.ts', ...files(join(REPO_ROOT, 'src', 'scheduler')).map((f) => relative(REPO_ROOT, f))];
   const bad: string[] = [];
   for (const f of pure) {
     const text = readFileSync(join(REPO_ROOT, f), 'utf8');
@@ -46,4 +47,28 @@ test('TAP names: at most 15 characters, distinct for tags that share a long pref
   assert.ok(a.length <= 15 && b.length <= 15, `${a} ${b}`);
   assert.notEqual(a, b);
   assert.notEqual(tapName('vm1-active'), tapName('vm2-active'));
+});
+
+test('layout: no two folders under src/ import each other, directly or around a loop', () => {
+  const src = join(REPO_ROOT, 'src');
+  const edges = new Map<string, Set<string>>();
+  for (const f of files(src)) {
+    const from = relative(src, f).split('/')[0]!;
+    for (const i of imports(f)) {
+      if (!i.startsWith('.')) continue;
+      const to = relative(src, join(f, '..', i)).split('/');
+      if (to.length < 2 || to[0] === '..' || to[0] === from) continue;
+      if (!edges.has(from)) edges.set(from, new Set());
+      edges.get(from)!.add(to[0]!);
+    }
+  }
+  const cycles: string[] = [];
+  const walk = (n: string, path: string[]) => {
+    for (const m of edges.get(n) ?? []) {
+      if (m === path[0]) cycles.push([...path, m].join(' -> '));
+      else if (!path.includes(m) && m > path[0]!) walk(m, [...path, m]);
+    }
+  };
+  for (const n of edges.keys()) walk(n, [n]);
+  assert.deepEqual(cycles, []);
 });

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ByteReader } from '../../src/util/byte-reader.ts';
 import { newRamState, readPrecopy, readRamRecords, type PageSink } from '../../src/capture/stream/parser.ts';
-import { encodeConfiguration, encodeHeader, MIG_CMD, RAM_FLAG, VM } from '../../src/capture/stream/format.ts';
+import { encodeConfiguration, encodeHeader, MIG_CMD, RAM_FLAG, VM } from '../../src/qemu/stream-format.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
 
 /** Builds a migration stream the way QEMU 7.2 writes it, for the decoder's tests. */

@@ -5,7 +5,7 @@
 import { RubatoError } from '../../util/errors.ts';
 import type { ByteReader } from '../../util/byte-reader.ts';
 import { walkDevicePart } from './vmdesc.ts';
-import { MIG_CMD, MIG_CMD_NAMES, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, RAM_FLAG, RAM_SECTION_VERSION, TARGET_PAGE_SIZE, VM } from './format.ts';
+import { MIG_CMD, MIG_CMD_NAMES, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, RAM_FLAG, RAM_SECTION_VERSION, TARGET_PAGE_SIZE, VM } from '../../qemu/stream-format.ts';
 
 export const QEMU_VERSION_NOTE = 'Rubato reads the stream of QEMU 7.2';
 

@@ -3,7 +3,7 @@
 // fields with their sizes as written, nested structs and arrays, and the subsections present. Pure.
 // Used to confirm where the device part ends, since QEMU 7.2's device sections carry no lengths.
 
-import { VM } from './format.ts';
+import { VM } from '../../qemu/stream-format.ts';
 
 interface Field { name?: string; type?: string; size?: number; array_len?: number; struct?: Desc }
 interface Desc { vmsd_name?: string; version?: number; fields?: Field[]; subsections?: Desc[] }
