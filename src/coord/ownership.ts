@@ -92,8 +92,6 @@ export class Ownership {
   get generation(): number { return this.gen; }
   /** Held and known valid right now (its last confirmed renewal was sent within the loss budget). */
   get held(): boolean { return this.lease !== null && this.loss === null && this.clock.valid(this.now()); }
-  /** The loss not yet followed by a new claim (null: none). */
-  get lost(): Loss | null { return this.loss; }
 
   /** Why output may not leave this host now (null: it may): the release gate's check. */
   leaseCheck(nowMs: number): string | null {

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { existsSync, readFileSync } from 'node:fs';
 import { RubatoError } from '../util/errors.ts';
 import { ensurePrivateDir, writePrivateAtomic } from '../util/private-files.ts';
-import { EtcdClient } from '../coord/etcd.ts';
+import type { EtcdClient } from '../coord/etcd.ts';
 import { Ownership, currentGeneration, currentOwner } from '../coord/ownership.ts';
 
 const GENERATION_FILE = 'generation';
@@ -25,7 +25,7 @@ export async function recordGeneration(stateDir: string, generation: number): Pr
 }
 
 export interface ClaimOptions {
-  etcd: string[]; vm: string; host: string; leaseTtlSec: number; stateDir: string;
+  etcd: EtcdClient; vm: string; host: string; leaseTtlSec: number; stateDir: string;
   /** Start even when the witness's generation is newer than this host's (the operator knows the disk is current). */
   acceptStaleDisk?: boolean;
 }
@@ -33,7 +33,7 @@ export interface ClaimOptions {
 /** Claims the VM for this host before its guest starts; refuses (RUBATO_VM_OWNED) a held VM or a stale disk. */
 export async function claimBeforeStart(o: ClaimOptions): Promise<{ ownership: Ownership; generation: number }> {
   ensurePrivateDir(o.stateDir);
-  const etcd = new EtcdClient(o.etcd);
+  const etcd = o.etcd;
   const mine = heldGeneration(o.stateDir);
   const witness = await currentGeneration(etcd, o.vm);
   if (witness > mine && !o.acceptStaleDisk) {

@@ -233,7 +233,11 @@ export class ReplicaStore {
     for (const p of rec.pages) if (m.pages.set(p)) { m.bytes += PAGE_SIZE; this.pendingBytes += PAGE_SIZE; }
     m.epoch = rec.epoch;
     m.deviceState = rec.deviceState;
-    if (this.writingBehind) return;
+    if (!this.writingBehind) this.startWriter();
+  }
+
+  /** Starts the writer behind, after the writes queued so far; a failure is kept for the next commit and settled(). */
+  private startWriter(): void {
     this.writingBehind = true;
     this.pending++;
     this.tail = this.tail.then(() => this.writeBehind()).catch((e: unknown) => {
@@ -294,12 +298,7 @@ export class ReplicaStore {
   async retryBehind(): Promise<void> {
     if (!this.merge || !this.applyError) return this.settled();
     this.applyError = null;
-    this.writingBehind = true;
-    this.pending++;
-    this.tail = this.tail.then(() => this.writeBehind()).catch((e: unknown) => {
-      this.writingBehind = false;
-      this.applyError ??= e instanceof Error ? e : new Error(String(e));
-    }).finally(() => { this.pending--; });
+    this.startWriter();
     return this.settled();
   }
 

@@ -148,7 +148,7 @@ interface StandbySide {
   /** `recovered`: read back after a restart under memory durability: it may be older than what this side acknowledged. */
   replica: { written: Key; accepted: Key; kept: boolean; recovered?: boolean } | null; acked: Key | null; highestGen: number;
   session: number | null; peerHeardAt: number; seqOut: number; seqIn: number; guarding: boolean; activating: boolean;
-  fenceWait: { session: number; until: number } | null; retryAt: number | null; diskFails: boolean;
+  fenceWait: { session: number } | null; diskFails: boolean;
 }
 
 type Side = PrimarySide | StandbySide;
@@ -271,7 +271,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
   const onLoss = (s: Side, holder: Holder) => {
     const loss = holder.loss!;
     const d = guardDecision(legacy.staleRunsOn ? { ...loss, stale: false } : loss, guardProtected(s));
-    if (d === 'stop') return stopSide(s, 'lost the witness');
+    if (d === 'stop') return stopSide(s);
     if (holder.reclaiming) return;
     holder.reclaiming = true;
     const retry = () => at(now + 1000, s.host, () => {
@@ -287,7 +287,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
   };
 
   const alive = (s: Side) => sides[s.host] === s && s.incarnation === incarnation[s.host];
-  const stopSide = (s: Side, _why: string) => {
+  const stopSide = (s: Side) => {
     if (s.kind === 'primary') { s.stopped = true; stopCopy(s.copy); closeSession(s, 'stopped'); }
     else closeSession(s, 'stopped');
     sides[s.host] = null;
@@ -351,12 +351,8 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
     return s;
   };
   const leave = (s: PrimarySide, key: Key | null) => { if (s.gate.allow(now)) released(s.copy, key); };
-  const outside: OutsideHandlers<SimFrame> = {
-    release: () => { /* frames are handed out by the caller, which knows the side */ },
-    protected: () => {}, unprotected: () => {}, 'release-unprotected': () => {}, 'stop-guest': () => {},
-  };
-  const perform = (s: PrimarySide, cmds: ReturnType<EpochPipeline<SimFrame>['ack']>) => dispatch(cmds, {
-    ...outside,
+  /** The commands from outside the checkpoint loop, as the live primary carries them out. */
+  const outsideOf = (s: PrimarySide): OutsideHandlers<SimFrame> => ({
     release: (c) => { for (let i = 0; i < c.frames.length; i++) leave(s, [s.lineage, c.epoch]); res.checkpointsAcked++; },
     protected: () => { s.holdTimerAt = null; },
     unprotected: () => { s.holdTimerAt ??= now + holdMs; at(now + holdMs, s.host, () => holdTimer(s)); },
@@ -367,7 +363,8 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
       send(s, { t: 'fenced' });
       if (s.holder) { const id = s.holder.leaseId; s.holder.released = true; if (id !== null) etcdCall(s.host, () => etcd.revoke(id), () => {}); }
     },
-  }, 'fault simulator');
+  });
+  const perform = (s: PrimarySide, cmds: ReturnType<EpochPipeline<SimFrame>['ack']>) => dispatch(cmds, outsideOf(s), 'fault simulator');
   const holdTimer = (s: PrimarySide) => {
     if (!alive(s) || s.holdTimerAt === null || now < s.holdTimerAt) return;
     s.holdTimerAt = null;
@@ -447,14 +444,14 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
     if (s.stopped) return;
     if (!s.fenced) resume(s.copy); // the capture's close resumes the guest
     perform(s, s.pipe.linkLost(why));
-    if (s.holder && s.holder.loss && now >= s.holder.guardAt) stopSide(s, 'unprotected while the witness is lost');
+    if (s.holder && s.holder.loss && now >= s.holder.guardAt) stopSide(s);
   };
 
   // ---- the standby --------------------------------------------------------------------------
   const startStandby = (h: HostName, replica: StandbySide['replica'], highestGen: number): StandbySide => {
     const s: StandbySide = {
       kind: 'standby', host: h, incarnation: incarnation[h], st: replica ? 'protecting' : 'waiting', holder: null, replica, acked: replica ? replica.accepted : null,
-      highestGen, session: null, peerHeardAt: now, seqOut: 0, seqIn: 0, guarding: false, activating: false, fenceWait: null, retryAt: null, diskFails: false,
+      highestGen, session: null, peerHeardAt: now, seqOut: 0, seqIn: 0, guarding: false, activating: false, fenceWait: null, diskFails: false,
     };
     sides[h] = s;
     heartbeat(s);
@@ -492,7 +489,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
         send(s, { t: 'ack', epoch: b.epoch });
         return;
       }
-      case 'fenced': if (s.fenceWait) { s.fenceWait = null; activate(s, 'switchover'); } return;
+      case 'fenced': if (s.fenceWait) { s.fenceWait = null; activate(s); } return;
       case 'close': return;
       default: return;
     }
@@ -511,19 +508,17 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
   const standbyLinkLost = (s: StandbySide) => {
     if (s.fenceWait) {
       s.fenceWait = null;
-      if (legacy.fenceOnClose) { activate(s, 'fence (link closed)'); return; }
+      if (legacy.fenceOnClose) { activate(s); return; }
       go(s, 'failover-failed');
     }
     if (!s.guarding || s.st !== 'protecting') return;
-    const since = now;
-    at(now + timeoutMs, s.host, () => tryFailover(s, since));
+    at(now + timeoutMs, s.host, () => tryFailover(s));
   };
-  const tryFailover = (s: StandbySide, lostAt: number) => {
+  const tryFailover = (s: StandbySide) => {
     if (!alive(s) || s.session !== null || s.st !== 'protecting' || !s.guarding || s.activating) return;
-    void lostAt;
-    activate(s, 'primary lost');
+    activate(s);
   };
-  const activate = (s: StandbySide, why: string) => {
+  const activate = (s: StandbySide) => {
     if (!s.replica || s.activating || !(s.st === 'protecting' || s.st === 'activating')) return;
     // A replica recovered after a restart under memory durability may be older than its acks: it never goes live.
     if (s.replica.recovered && !legacy.recoveredGoesLive) { if (s.st === 'activating') go(s, 'failover-failed'); return; }
@@ -534,7 +529,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
       const r = s.replica!;
       // The files must hold what was acknowledged: a kept batch is written again first.
       if (r.kept) {
-        if (s.diskFails) { go(s, 'failover-failed'); s.activating = false; at(now + 500, s.host, () => tryFailover(s, now)); return; }
+        if (s.diskFails) { go(s, 'failover-failed'); s.activating = false; at(now + 500, s.host, () => tryFailover(s)); return; }
         r.written = r.accepted; r.kept = false;
       }
       const from = legacy.discardOnWriteFailure ? r.written : r.accepted;
@@ -549,7 +544,6 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
         const restoreMs = rand(20, 300);
         at(now + restoreMs, s.host, () => { if (alive(p)) attachGuard(p, holder); });
       }
-      void why;
     };
     if (!witness) return proceed();
     claim(s, holder, (gen) => {
@@ -557,7 +551,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
       if (gen === null) {
         go(s, 'failover-failed');
         s.activating = false;
-        if (s.guarding && s.session === null) at(now + 500, s.host, () => tryFailover(s, now));
+        if (s.guarding && s.session === null) at(now + 500, s.host, () => tryFailover(s));
         return;
       }
       s.highestGen = gen;
@@ -633,8 +627,8 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
       case 'failover': case 'switchover': {
         const s = sides[q];
         if (s?.kind !== 'standby' || !s.replica || s.st !== 'protecting') return;
-        if (s.session === null) { if (kind === 'failover') activate(s, 'operator'); return; }
-        s.fenceWait = { session: s.session, until: now + timeoutMs };
+        if (s.session === null) { if (kind === 'failover') activate(s); return; }
+        s.fenceWait = { session: s.session };
         go(s, 'failover-begin');
         send(s, { t: 'fence' });
         const sess = s.session;

@@ -10,6 +10,7 @@ import { VmName, guestAppend } from '../../qemu/spec.ts';
 import type { ResolvedVm } from '../../qemu/definition.ts';
 import { protectVm } from '../../host/protect.ts';
 import { claimBeforeStart } from '../../host/claim.ts';
+import { EtcdClient } from '../../coord/etcd.ts';
 import { guardOwnership } from '../../coord/guard.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
@@ -54,7 +55,7 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
   if (fencing === 'none') log.warn(NO_WITNESS_WARNING);
   emit({ event: 'fencing', fencing });
   const stateDir = resolve(o.stateDir);
-  const claimed = o.etcd ? await claimBeforeStart({ etcd: o.etcd, vm: o.name, host: o.host, leaseTtlSec: o.leaseTtl, stateDir }) : null;
+  const claimed = o.etcd ? await claimBeforeStart({ etcd: new EtcdClient(o.etcd), vm: o.name, host: o.host, leaseTtlSec: o.leaseTtl, stateDir }) : null;
   const ownership = claimed?.ownership ?? null;
   if (claimed) emit({ event: 'owner', host: o.host, generation: claimed.generation });
   let guard: ReturnType<typeof guardOwnership> | null = null;

@@ -50,7 +50,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const stateDir = resolve(o.stateDir ?? `/var/lib/rubato/${def.name}`);
   const printEvent = eventPrinter(o.events);
   // Started before the guest, so its whole life is in the metrics; the controller's status joins once it exists.
-  let status: () => Record<string, unknown> = () => ({ role: 'primary', vm: def.name, protected: false, fencing: o.etcd ? 'witness' : 'none' });
+  let status: () => Record<string, unknown> = () => ({ role: 'primary', vm: def.name, protected: false, fencing });
   const observer = await startObserver({ metrics: o.metrics, http: o.http, role: 'primary', vm: def.name, title: `VM ${def.name} on ${o.host}`, status: () => status() });
   const emit = (e: object) => { printEvent(e); observer.event(e); };
   if (observer.urls.metrics || observer.urls.dashboard) emit({ event: 'observe', metrics: observer.urls.metrics, dashboard: observer.urls.dashboard });
@@ -63,7 +63,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const standbyName = o.standby === 'auto' ? 'the standby the witness names' : `${o.standby.host}:${o.standby.port}`;
   // With a witness: this host must hold the VM, from a disk no older than the VM's newest state,
   // before its guest runs (never a second live copy); a loss from here on is heard by the guard.
-  const claimed = o.etcd ? await claimBeforeStart({ etcd: o.etcd, vm: def.name, host: o.host, leaseTtlSec: o.leaseTtl, stateDir, acceptStaleDisk: o.acceptStaleDisk }) : null;
+  const claimed = etcd ? await claimBeforeStart({ etcd, vm: def.name, host: o.host, leaseTtlSec: o.leaseTtl, stateDir, acceptStaleDisk: o.acceptStaleDisk }) : null;
   const ownership = claimed?.ownership ?? null;
   if (claimed) emit({ event: 'owner', host: o.host, generation: claimed.generation });
   // (declared before the controller starts: its events may need them at once)
