@@ -14,14 +14,18 @@ export interface StandbyProcess { host: string; port: number; keyFile: string; p
 export async function startStandbyProcess(dir: string, tag: string, where?: { ns: string; host: string }, durability: 'memory' | 'disk' = 'memory'): Promise<StandbyProcess> {
   const keyFile = join(dir, `${tag}.psk`);
   writeKeyFile(keyFile, { force: true }); // the benchmark's own temp folder: a cell may repeat its tag
+  let lastError = '';
   for (let attempt = 0; attempt < 5; attempt++) {
     const port = randomInt(20000, 60000);
     const host = where?.host ?? '127.0.0.1';
-    const args = ['standby', '--listen', `${host}:${port}`, '--state-dir', join(dir, `sb-${tag}`), '--key', keyFile, '--events', '--no-fsync', '--durability', durability, '--no-auto-failover', '--heartbeat-ms', '50'];
+    // The benchmark measures replication, not fencing: one pair on one machine, no witness.
+    const args = ['standby', '--no-witness', '--listen', `${host}:${port}`, '--state-dir', join(dir, `sb-${tag}`), '--key', keyFile, '--events', '--no-fsync', '--durability', durability, '--no-auto-failover', '--heartbeat-ms', '50'];
     const bin = RUBATO_COMMAND;
     const p = where
       ? spawnTracked(`standby:${tag}`, 'ip', ['netns', 'exec', where.ns, bin, ...args], { env: { ...process.env, RUBATO_LOG: 'warn' } })
       : spawnTracked(`standby:${tag}`, bin, args, { env: { ...process.env, RUBATO_LOG: 'warn' } });
+    let err = '';
+    p.child.stderr?.on('data', (d: Buffer) => { err = (err + d.toString()).slice(-2000); });
     const ok = await new Promise<boolean>((resolve) => {
       let out = '';
       p.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); if (out.includes('"listening"')) resolve(true); });
@@ -29,7 +33,10 @@ export async function startStandbyProcess(dir: string, tag: string, where?: { ns
       setTimeout(() => resolve(false), 30_000);
     });
     if (ok) return { host, port, keyFile, pid: p.pid, stop: () => p.stop(3000) };
+    const ended = await Promise.race([p.exited, new Promise<null>((r) => setTimeout(() => r(null), 0))]);
     await p.stop(1000);
+    lastError = err.trim().split('\n').pop() ?? '';
+    if (ended?.code === 2) break; // a configuration error: another port will not help
   }
-  throw new RubatoError('RUBATO_CONFIG', 'could not start a standby process for the benchmark');
+  throw new RubatoError('RUBATO_CONFIG', `could not start a standby process for the benchmark${lastError ? `: ${lastError}` : ''}`);
 }
