@@ -26,6 +26,7 @@ import { LocalEtcd } from '../coord/local-etcd.ts';
 import { EtcdClient } from '../coord/etcd.ts';
 import { Ownership } from '../coord/ownership.ts';
 import { witnessGate, type WitnessGate } from '../coord/witness-gate.ts';
+import { ReleaseGate } from '../commit/release-gate.ts';
 import { guardOwnership, type OwnershipGuard } from '../coord/guard.ts';
 import { ThreadedProxy } from './fault-proxy.ts';
 import { startDebianRig } from './debian-rig.ts';
@@ -172,6 +173,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const vmName = rig.vm.spec.name;
     const ownership = withWitness ? new Ownership(hosts[0]!.etcd, vmName, hosts[0]!.name, ttl) : null;
     if (ownership && (await ownership.claim()) === null) throw new RubatoError('RUBATO_VM_OWNED', 'the fresh witness refused the first claim');
+    // Every frame the live copy sends passes the release gate, as under `rubato protect`.
+    if (ownership && rig.io.relay) rig.io.relay.gate = new ReleaseGate((now) => ownership.leaseCheck(now));
     live = { host: hosts[0]!, vm: rig.vm, io: rig.io, ownership };
     const psk = randomBytes(32);
     detector = await SplitBrainDetector.start(lan, hosts.map((h) => h.lan), rig.vm.spec.mac!);
@@ -197,6 +200,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         binaryFor: async () => rig!.binary, onEvent: (e) => sEvents.push({ ...e, t: Date.now() }),
         prepareRestore: async (_id, store) => {
           const io = await GuestIo.start(other.lan, dir, `g${round}`, store.imagePath(DISK_BLOCK_ID));
+          if (gate && io.relay) io.relay.gate = new ReleaseGate((now) => gate.ownership(vmName).leaseCheck(now)); // a restored guest's frames too
           nextIo = io;
           return { netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) };
         },
@@ -214,10 +218,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         relay: l.io.relay, nbd: l.io.nbd, policy: parsePolicy(o.policy), generation: () => l.ownership?.generation ?? 0,
         // A capture failure on the primary (QEMU's stream breaks mid-epoch), once when asked.
         fault: (point) => { if (point === 'mid-epoch' && failCapture) { failCapture = false; throw new RubatoError('RUBATO_PROTOCOL', 'injected capture failure'); } },
-        onEvent: (e) => {
-          pEvents.push({ ...e, t: Date.now() });
-          if (e.event === 'unprotected') guard?.unprotected(e.reason);
-        },
+        onEvent: (e) => { pEvents.push({ ...e, t: Date.now() }); },
       });
       guard = l.ownership ? guardOwnership(l.ownership, {
         protected: () => primary.protected, emit: (e) => gEvents.push({ ...e, t: Date.now() }),

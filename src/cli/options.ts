@@ -103,7 +103,7 @@ export function withWitnessOptions(c: Command): Command {
     .option('--etcd <urls>', 'the witness: etcd client URLs (comma-separated; `rubato witness` runs one); no two live copies of a VM (see docs/witness.md)')
     .option('--no-witness', 'run without a witness: a cut replication link can then run two copies of the VM')
     .option('--host <name>', 'this host\'s name in the witness', hostname())
-    .option('--lease-ttl <s>', 'witness lease TTL, seconds: a host cut off from etcd stops its guest within 2/3 of it; a crashed primary is replaced after it (etcd must grant it: its minimum is 1.5 election timeouts)', '1');
+    .option('--lease-ttl <s>', 'witness lease TTL, seconds: a host cut off from etcd holds all output within 2/3 of it; a crashed primary is replaced after it (etcd must grant it: its minimum is 1.5 election timeouts)', '1');
 }
 export const WITNESS = {
   etcd: custom<string[]>((v) => {

@@ -5,10 +5,10 @@
 // absent (or ours) and the generation unchanged since read → owner = us, generation + 1. The new
 // generation is the fencing token that frames and acks carry.
 //
-// A holder that cannot renew for LOSS_FRACTION of the TTL gives up at once (onLost): from then on it
-// may not run the guest alone — before the lease can expire and another host claim the VM, it
-// stops its guest unless its standby still acknowledges every checkpoint (a standby that does is not
-// live, and one that is not cannot claim without etcd either), and it claims again when it can.
+// A holder that cannot renew for LOSS_FRACTION of the TTL gives up at once, before the lease can
+// expire and another host claim the VM: from then on no output leaves (the release gate reads
+// `leaseCheck`), and the guard (guard.ts) claims it again as the same copy (`reclaim`) or stops the
+// guest once the witness shows another copy took over.
 // Lease age is counted on the monotonic clock from when each request was *sent* (lease.ts). A loss
 // is remembered: a guard attached later (after the disk is prepared, after a restore) hears it at once.
 
@@ -27,32 +27,38 @@ const WATCHDOG_MS = 50;
 const RENEWALS_PER_TTL = 6;
 
 /**
- * The lease keeper (a worker thread, plain JS): keepalives every `everyMs` through etcd's JSON
- * gateway, each endpoint in turn; shared[0] = the monotonic send time (ns) of the latest renewal
- * etcd confirmed, shared[1] = 1 once etcd says the lease is gone. Renewals overlap: a slow answer
- * still renews, and its send time is what counts.
+ * The lease keeper (a worker thread, plain JS, one per VM held, started when the first claim
+ * begins so that its start-up is not on a claim's path): keepalives of the lease it was last given
+ * (a message: the lease and its shared slots; null stops) at once and every `everyMs`, through
+ * etcd's JSON gateway, each endpoint in turn. Per lease, shared[0] = the monotonic send time (ns) of
+ * the latest renewal etcd confirmed, shared[1] = 1 once etcd says the lease is gone: a lease's
+ * slots are its own, so a late answer for an old lease never counts for a new one. Renewals
+ * overlap: a slow answer still renews, and its send time is what counts.
  */
 const KEEPER_SOURCE = `
-const { workerData } = require('node:worker_threads');
-const { endpoints, lease, everyMs, timeoutMs, shared } = workerData;
-const view = new BigInt64Array(shared);
+const { workerData, parentPort } = require('node:worker_threads');
+const { endpoints, everyMs, timeoutMs } = workerData;
+let cur = null;
 let next = 0;
 async function renew() {
+  const c = cur;
+  if (!c) return;
   const sent = process.hrtime.bigint();
   for (let i = 0; i < endpoints.length; i++) {
     const ep = endpoints[(next + i) % endpoints.length];
     try {
-      const r = await fetch(ep + '/v3/lease/keepalive', { method: 'POST', body: JSON.stringify({ ID: lease }), signal: AbortSignal.timeout(timeoutMs) });
+      const r = await fetch(ep + '/v3/lease/keepalive', { method: 'POST', body: JSON.stringify({ ID: c.lease }), signal: AbortSignal.timeout(timeoutMs) });
       const j = await r.json();
       if (!r.ok) continue;
       next = (next + i) % endpoints.length;
-      if (Number((j.result && j.result.TTL) || 0) > 0) { if (sent > Atomics.load(view, 0)) Atomics.store(view, 0, sent); }
-      else Atomics.store(view, 1, 1n);
+      if (Number((j.result && j.result.TTL) || 0) > 0) { if (sent > Atomics.load(c.view, 0)) Atomics.store(c.view, 0, sent); }
+      else Atomics.store(c.view, 1, 1n);
       return;
     } catch (e) { /* the next endpoint, or the next round */ }
   }
 }
 setInterval(renew, everyMs);
+parentPort.on('message', (m) => { cur = m ? { lease: m.lease, view: new BigInt64Array(m.shared) } : null; void renew(); });
 `;
 
 export interface Owner { host: string; generation: number }
@@ -76,6 +82,8 @@ export interface Loss { why: string; stale: boolean }
 
 export class Ownership {
   private lease: string | null = null;
+  /** The lease a loss left behind (its owner key may still be alive in etcd): revoked once claimed again. */
+  private lostLease: string | null = null;
   private keeper: Worker | null = null;
   private shared: BigInt64Array | null = null;
   private watchdog: NodeJS.Timeout | null = null;
@@ -116,24 +124,40 @@ export class Ownership {
    * Returns the new generation, or null if another host holds it.
    */
   async claim(): Promise<number | null> {
+    const r = await this.claimFrom(null);
+    return r === 'superseded' ? null : r;
+  }
+
+  /**
+   * Claims the VM again after a loss, as the copy it held: only if the witness's generation is
+   * still this host's (nobody claimed it meanwhile), replacing this host's own owner key even if
+   * its old lease is still alive. 'superseded': another copy holds or held it since (this guest is
+   * stale and must stop); null: no answer, or a claim raced this one (ask again).
+   */
+  async reclaim(): Promise<number | 'superseded' | null> {
+    if (this.gen === 0) return this.claim();
+    return this.claimFrom(this.gen);
+  }
+
+  private async claimFrom(expect: number | null): Promise<number | 'superseded' | null> {
     const sentMs = this.now(); // the lease runs from no later than this
+    this.ensureKeeper(); // (its start-up overlaps the claim's round trips)
     const lease = this.lease ?? await this.etcd.grantLease(this.ttlSec);
     const [owner, gen] = [await this.etcd.get(ownerKey(this.vm)), await this.etcd.get(genKey(this.vm))];
-    const mine = owner && (JSON.parse(owner.value) as Owner).host === this.host && owner.lease === lease;
-    if (owner && !mine) {
-      if (!this.lease) await this.revokeQuietly(lease);
-      return null;
-    }
-    const next = (gen ? Number(gen.value) : 0) + 1;
+    const held = owner ? (JSON.parse(owner.value) as Owner) : null;
+    const witnessGen = gen ? Number(gen.value) : 0;
+    const unused = async <T>(r: T): Promise<T> => { if (!this.lease) await this.revokeQuietly(lease); return r; };
+    if (expect !== null && (witnessGen !== expect || (held && held.host !== this.host))) return unused('superseded' as const);
+    // Ours: this lease's key, or (claiming again) the key this host left on its lost lease.
+    const mine = held?.host === this.host && (owner!.lease === lease || (expect !== null && held.generation === expect));
+    if (owner && !mine) return unused(null);
+    const next = witnessGen + 1;
     const ok = await this.etcd.txn(
       [owner ? { key: ownerKey(this.vm), modRevision: owner.modRevision } : { key: ownerKey(this.vm), absent: true },
         gen ? { key: genKey(this.vm), modRevision: gen.modRevision } : { key: genKey(this.vm), absent: true }],
       [{ put: ownerKey(this.vm), value: JSON.stringify({ host: this.host, generation: next }), lease }, { put: genKey(this.vm), value: String(next) }],
     );
-    if (!ok) {
-      if (!this.lease) await this.revokeQuietly(lease);
-      return null;
-    }
+    if (!ok) return unused(null);
     if (this.lease !== lease) this.clock.reset();
     this.lease = lease;
     this.gen = next;
@@ -141,6 +165,8 @@ export class Ownership {
     // An old lease kept across a claim: its validity still runs from its last confirmed renewal.
     if (this.clock.lastConfirmedSentMs === null) this.clock.confirmed(sentMs);
     this.startRenewing();
+    if (this.lostLease && this.lostLease !== lease) void this.revokeQuietly(this.lostLease); // nothing is attached to it now
+    this.lostLease = null;
     log.info(`VM ${this.vm}: ${this.host} holds it, generation ${next}`);
     return next;
   }
@@ -150,22 +176,28 @@ export class Ownership {
     await this.etcd.revokeLease(lease).catch((e: unknown) => log.debug(`revoking an unused lease: ${errorMessage(e)}`));
   }
 
-  private startRenewing(): void {
-    if (this.keeper) return;
+  /** The keeper thread, started once: a main loop busy with a checkpoint or a full sync must not look like a lost witness. */
+  private ensureKeeper(): Worker {
+    if (this.keeper) return this.keeper;
     const ttlMs = this.ttlSec * 1000;
-    // The renewals run in a worker thread: a main loop busy with a checkpoint or a full sync for a
-    // few hundred milliseconds must not look like a lost witness. The worker writes the latest
-    // renewal's send time into shared memory, read here without a message.
-    this.shared = new BigInt64Array(new SharedArrayBuffer(16));
-    this.keeper = new Worker(KEEPER_SOURCE, {
+    const keeper = new Worker(KEEPER_SOURCE, {
       eval: true,
-      workerData: { endpoints: this.etcd.urls, lease: this.lease, everyMs: Math.max(50, ttlMs / RENEWALS_PER_TTL), timeoutMs: Math.round(ttlMs * LOSS_FRACTION), shared: this.shared.buffer },
+      workerData: { endpoints: this.etcd.urls, everyMs: Math.max(50, ttlMs / RENEWALS_PER_TTL), timeoutMs: Math.round(ttlMs * LOSS_FRACTION) },
     });
-    this.keeper.unref();
-    this.keeper.on('error', (e) => log.warn(`the lease keeper of ${this.vm} failed: ${e.message}`));
+    keeper.unref();
+    keeper.on('error', (e) => log.warn(`the lease keeper of ${this.vm} failed: ${e.message}`));
+    return (this.keeper = keeper);
+  }
+
+  /** Renews the held lease from now on (a first renewal at once), its confirmations read here from shared memory. */
+  private startRenewing(): void {
+    this.shared = new BigInt64Array(new SharedArrayBuffer(16));
+    this.ensureKeeper().postMessage({ lease: this.lease, shared: this.shared.buffer });
     // The deadline is watched on its own: a renewal that hangs must not delay giving up.
-    this.watchdog = setInterval(() => this.check(), WATCHDOG_MS);
-    this.watchdog.unref();
+    if (!this.watchdog) {
+      this.watchdog = setInterval(() => this.check(), WATCHDOG_MS);
+      this.watchdog.unref();
+    }
   }
 
   /** Reads the keeper's renewals and gives the VM up once the lease is not known valid. */
@@ -192,15 +224,15 @@ export class Ownership {
     if (this.loss) return;
     this.loss = { why, stale };
     this.stopRenewing();
+    this.lostLease = this.lease;
     this.lease = null; // a later claim needs a new lease
     log.error(`VM ${this.vm}: ${this.host} lost its ownership (${why})`);
     this.listener?.(this.loss);
   }
 
   private stopRenewing(): void {
-    void this.keeper?.terminate();
+    this.keeper?.postMessage(null);
     if (this.watchdog) clearInterval(this.watchdog);
-    this.keeper = null;
     this.shared = null;
     this.watchdog = null;
   }
@@ -208,9 +240,12 @@ export class Ownership {
   /** Gives the VM up in order (the owner key goes at once). */
   async release(): Promise<void> {
     this.stopRenewing();
-    const lease = this.lease;
+    void this.keeper?.terminate();
+    this.keeper = null;
+    const leases = [this.lease, this.lostLease].filter((l): l is string => l !== null);
     this.lease = null;
+    this.lostLease = null;
     this.loss ??= { why: 'released', stale: false };
-    if (lease) await this.etcd.revokeLease(lease).catch((e: unknown) => log.warn(`releasing ${this.vm}: ${errorMessage(e)}`));
+    for (const l of leases) await this.etcd.revokeLease(l).catch((e: unknown) => log.warn(`releasing ${this.vm}: ${errorMessage(e)}`));
   }
 }

@@ -51,6 +51,7 @@ export const REGRESSIONS: readonly Scenario[] = [
   { name: 'fence-on-close', defect: 'a link that dropped mid-fence counted as a fence: the primary resumed its guest and the standby ran a second copy', legacy: { fenceOnClose: true }, seed: 118, options: { fencing: 'none' } },
   { name: 'discard-on-write-failure', defect: 'under memory durability a failed write discarded the merged batch: a failover ran older than acknowledged', legacy: { discardOnWriteFailure: true }, seed: 9, options: {} },
   { name: 'stale-disk-restart', defect: 'a host whose VM failed over started a copy from its stale disk when it came back', legacy: { noGenerationCheck: true, noReleaseGate: true }, seed: 8, options: {} },
+  { name: 'reclaim-any-generation', defect: 'a host that lost the witness and claimed the VM again whatever its generation would release a stale copy\'s output after another copy took over (the rule that lets a fenced guest run on instead of stopping for one slow renewal)', legacy: { reclaimAnyGeneration: true }, seed: 57, options: {} },
   { name: 'recovered-goes-live', defect: 'a standby restarted under memory durability went live from a replica older than its acknowledgements', legacy: { recoveredGoesLive: true }, seed: 4800, options: {} },
 ];
 

@@ -17,7 +17,7 @@ import { nextStandbyState, acceptsPrimary, type StandbyInput, type StandbyState 
 import { OutputCommit } from '../commit/output-commit.ts';
 import { ReleaseGate } from '../commit/release-gate.ts';
 import { LeaseClock, type Fencing } from '../coord/lease.ts';
-import { guardDecision } from '../coord/guard.ts';
+import { afterReclaim, type Reclaim } from '../coord/guard.ts';
 import type { Loss } from '../coord/ownership.ts';
 import { fixed } from '../scheduler/index.ts';
 
@@ -29,8 +29,8 @@ export interface Legacy {
   noReleaseGate: boolean;
   /** A loss of the lease before the guard exists (disk preparation, a restore) is dropped. */
   lossBeforeGuardDropped: boolean;
-  /** A holder stalled past its TTL runs on while "protected" (its link not yet seen closed). */
-  staleRunsOn: boolean;
+  /** A fenced holder claims the VM again whatever the witness's generation (another copy may have run since). */
+  reclaimAnyGeneration: boolean;
   /** A link that drops mid-fence counts as a completed fence. */
   fenceOnClose: boolean;
   /** Memory durability: a failed write-behind discards the merged batch. */
@@ -117,6 +117,14 @@ class SimEtcd {
     this.owner = { host: h, lease };
     return ++this.generation;
   }
+  /** Claiming again as the copy that held generation `expect` (its own old key replaced): 'superseded' once another copy claimed since. */
+  reclaim(h: HostName, lease: number, now: number, expect: number): Reclaim {
+    const o = this.ownerAt(now);
+    if (this.generation !== expect || (o && o.host !== h)) return 'superseded';
+    if (!this.alive(lease, now)) return null;
+    this.owner = { host: h, lease };
+    return ++this.generation;
+  }
 }
 
 interface Copy { id: number; host: HostName; startedAt: number; running: boolean; paused: boolean; pausedSince: number; reported: boolean }
@@ -155,7 +163,7 @@ type Side = PrimarySide | StandbySide;
 
 export function runFaultSim(o: FaultSimOptions): FaultSimResult {
   const R = rng(o.seed);
-  const legacy: Legacy = { leaseFromReceive: false, noReleaseGate: false, lossBeforeGuardDropped: false, staleRunsOn: false, fenceOnClose: false,
+  const legacy: Legacy = { leaseFromReceive: false, noReleaseGate: false, lossBeforeGuardDropped: false, reclaimAnyGeneration: false, fenceOnClose: false,
     discardOnWriteFailure: false, noGenerationCheck: false, recoveredGoesLive: false, ...o.legacy };
   const witness = (o.fencing ?? 'witness') === 'witness';
   const ttlMs = o.ttlMs ?? 1000, timeoutMs = o.timeoutMs ?? 1000, holdMs = o.holdMs ?? 2000, hbMs = o.heartbeatMs ?? 100;
@@ -219,17 +227,17 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
     });
   };
   const newHolder = (): Holder => ({ clock: new LeaseClock(ttlMs), leaseId: null, gen: 0, loss: null, guardAt: Number.POSITIVE_INFINITY, reclaiming: false, released: false });
-  /** Claims the VM for side `s`: grant + compare-and-swap; calls back with the generation or null. */
-  const claim = (s: Side, holder: Holder, cb: (gen: number | null) => void) => {
+  /** Claims the VM for side `s`: grant + compare-and-swap (`expect`: claiming again as the copy of that generation). */
+  const claimAs = (s: Side, holder: Holder, expect: number | null, cb: (r: Reclaim) => void) => {
     const sent = now;
     etcdCall(s.host, (t) => {
       const lease = holder.leaseId ?? etcd.grant(t, ttlMs);
-      const gen = etcd.claim(s.host, lease, t);
-      if (gen === null && holder.leaseId === null) etcd.revoke(lease);
-      return gen === null ? null : { gen, lease };
+      const r = expect === null ? etcd.claim(s.host, lease, t) : etcd.reclaim(s.host, lease, t, expect);
+      if (typeof r !== 'number' && holder.leaseId === null) etcd.revoke(lease);
+      return typeof r === 'number' ? { gen: r, lease } : r;
     }, (r) => {
       if (!alive(s)) return;
-      if (!r) return cb(null);
+      if (r === null || r === 'superseded') return cb(r);
       if (holder.leaseId !== r.lease) holder.clock.reset();
       holder.leaseId = r.lease;
       holder.gen = r.gen;
@@ -240,6 +248,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
       cb(r.gen);
     });
   };
+  const claim = (s: Side, holder: Holder, cb: (gen: number | null) => void) => claimAs(s, holder, null, (r) => cb(typeof r === 'number' ? r : null));
   const renewLoop = (s: Side, holder: Holder) => {
     at(now + ttlMs / 6, s.host, () => {
       if (!alive(s) || holder.loss || holder.released || holder.leaseId === null) return;
@@ -268,17 +277,20 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
     if (holder.loss) onLoss(s, holder);
   };
   const guardProtected = (s: Side) => s.kind === 'primary' && s.pipe.phase === 'protecting' && s.session !== null;
+  /** The guard: fenced by the release gate, it claims the VM again as the same copy, or stops once superseded. */
   const onLoss = (s: Side, holder: Holder) => {
-    const loss = holder.loss!;
-    const d = guardDecision(legacy.staleRunsOn ? { ...loss, stale: false } : loss, guardProtected(s));
-    if (d === 'stop') return stopSide(s);
     if (holder.reclaiming) return;
     holder.reclaiming = true;
-    const retry = () => at(now + 1000, s.host, () => {
-      if (!alive(s) || !holder.loss) return;
-      claim(s, holder, (gen) => { if (gen === null) retry(); else holder.reclaiming = false; });
+    const ask = (delayMs: number) => at(now + delayMs, s.host, () => {
+      if (!alive(s) || !holder.loss) { holder.reclaiming = false; return; }
+      claimAs(s, holder, legacy.reclaimAnyGeneration || holder.gen === 0 ? null : holder.gen, (r) => {
+        const d = afterReclaim(r);
+        if (d === 'stop') return stopSide(s);
+        if (d === 'holds') { holder.reclaiming = false; return; }
+        ask(1000);
+      });
     });
-    retry();
+    ask(0);
   };
   const leaseCheck = (holder: Holder | null) => (t: number): string | null => {
     if (!witness || legacy.noReleaseGate) return null;
@@ -444,7 +456,6 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
     if (s.stopped) return;
     if (!s.fenced) resume(s.copy); // the capture's close resumes the guest
     perform(s, s.pipe.linkLost(why));
-    if (s.holder && s.holder.loss && now >= s.holder.guardAt) stopSide(s);
   };
 
   // ---- the standby --------------------------------------------------------------------------
@@ -665,7 +676,8 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
     for (const h of ['A', 'B'] as const) {
       const s = sides[h];
       const c = s?.kind === 'primary' ? s.copy : null;
-      if (c && c.running && c.paused && !c.reported && now - c.pausedSince > 3 * timeoutMs && stalledUntil[h] <= now) {
+      // (a stalled host's events all run when the stall ends: counted from then)
+      if (c && c.running && c.paused && !c.reported && now - Math.max(c.pausedSince, stalledUntil[h]) > 3 * timeoutMs) {
         c.reported = true;
         violate('guest-stays-paused', `copy ${c.id} on ${h} paused since ${Math.round(c.pausedSince)} ms`);
       }

@@ -18,6 +18,7 @@ import { LocalEtcd } from '../../src/coord/local-etcd.ts';
 import { EtcdClient } from '../../src/coord/etcd.ts';
 import { Ownership, currentOwner, LOSS_FRACTION } from '../../src/coord/ownership.ts';
 import { CuttableProxy } from '../../src/chaos/fault-proxy.ts';
+import { monotonicMs } from '../../src/util/clock.ts';
 
 test('witness: one owner at a time; a holder cut from etcd gives up before another claims; the generation only grows; no etcd, no claim', { timeout: 120_000 }, async () => {
   await ensurePackages();
@@ -47,6 +48,22 @@ test('witness: one owner at a time; a holder cut from etcd gives up before anoth
     assert.ok(lostAt > 0 && lostAt < claimedAt, `ha gave up (${lostAt - cutAt} ms after the cut) before hb claimed (${claimedAt - cutAt} ms)`);
     assert.ok(lostAt - cutAt <= 2000 * LOSS_FRACTION + 600, 'within two thirds of the TTL (plus one renewal period)');
     assert.equal(a.held, false);
+    proxy.heal();
+    assert.equal(await a.reclaim(), 'superseded', 'back on etcd, ha finds a newer generation: its copy is stale');
+
+    // A slow renewal costs a moment, not the VM: hc cut off briefly claims it again as the same copy.
+    const vm2 = new Ownership(new EtcdClient([`http://127.0.0.1:${proxy.port}`], 300), 'vm2', 'hc', 2);
+    assert.equal(await vm2.claim(), 1);
+    let lost2 = false;
+    vm2.watch(() => { lost2 = true; });
+    proxy.blackhole();
+    await waitFor(() => lost2 || undefined, 5000, 'hc giving vm2 up');
+    assert.equal(vm2.leaseCheck(monotonicMs()) !== null, true, 'no output may leave meanwhile');
+    proxy.heal();
+    assert.equal(await vm2.reclaim(), 2, 'claimed again as the copy of generation 1 (its own key replaced)');
+    assert.equal(vm2.held, true);
+    assert.deepEqual(await currentOwner(direct, 'vm2'), { host: 'hc', generation: 2 });
+    await vm2.release();
 
     const a2 = new Ownership(direct, 'vm1', 'ha', 2);
     assert.equal(await a2.claim(), null, 'ha cannot take it back while hb holds it');

@@ -65,7 +65,6 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
     primary: { holdOnLossMs: o.holdMs, ...(ownership ? { generation: () => ownership.generation } : {}) },
     onEvent: (e) => {
       emit(e);
-      if (e.event === 'unprotected') guard?.unprotected(e.reason);
       if (e.event === 'fenced') void ownership?.release();
       if (!o.events && e.event === 'status') log.info(statusLine(o.policy, e));
     },

@@ -80,7 +80,6 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
       emit(e);
       if (e.event === 'protecting') everProtected = true;
       if (e.event === 'fenced') { fenced = true; void ownership?.release(); }
-      if (e.event === 'unprotected') guard?.unprotected(e.reason);
       if (e.event === 'unprotected' && !everProtected && /key|authenticat|proof/i.test(e.reason)) {
         authRefused = new RubatoError('RUBATO_AUTH_FAILED', `${standbyName} refused this key (${o.key}): ${e.reason}`);
         void p.stop();

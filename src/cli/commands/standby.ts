@@ -117,7 +117,6 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
         ...(gate ? { generation: () => gate.ownership(vm.spec.name).generation } : {}),
         // (the guest's console lines are the standby controller's events already)
         onEvent: (pe) => {
-          if (pe.event === 'unprotected') guard?.unprotected(pe.reason);
           if (pe.event !== 'guest') emit(pe.event === 'protecting' ? { ...pe, event: 'reprotected' } : pe);
         },
       });
