@@ -39,6 +39,8 @@ export interface DebianDemoResult {
   releasedEpochs: number; releasedBeforeCommit: number;
   /** The embedded witness (etcd) both hosts used, and the VM's generation after the failover (2: the standby claimed it). */
   witness: string; generation: number;
+  /** The old primary's unit restarted after the failover (`rubato protect` again on the repaired host): its exit code (8: refused, its disk is stale) and whether it started QEMU. */
+  staleRestart: { code: number | null; startedGuest: boolean; why: string };
   error?: string;
 }
 
@@ -55,6 +57,7 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     bootedFromDisk: false, diskGiB: 0, guestMemMb: o.memMb, failover: false, failoverMs: -1, httpRequests: 0, httpErrors: 0,
     connectionSurvived: false, longestStallMs: -1, reprotected: false, reprotectMs: -1, syncMs: -1, controllerRssMb: { primary: 0, standby: 0 },
     releasedEpochs: 0, releasedBeforeCommit: 0, witness: '', generation: 0,
+    staleRestart: { code: null, startedGuest: false, why: '' },
   };
   onStatus('preparing: the Debian guest image (built once), the patched QEMU, the TAP helper, etcd (the witness)', true);
   await ensurePackages();
@@ -137,8 +140,19 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     onStatus(`standby took over in ${res.failoverMs} ms from checkpoint ${fo['epoch']}`, true);
     await client.waitEvent((e) => e.type === 'ok' && e.t > Number(fo['runningAtMs']) && e['conn'] === 'persistent', 60_000, 'a page after the failover');
 
-    // The old host is repaired: its LAN port comes back and a standby starts there.
+    // The old host is repaired: its LAN port comes back. Its unit (Restart=on-failure) runs the
+    // same `rubato protect` again: the witness's generation is newer than this host's, so it must
+    // refuse (exit 8) without starting a copy from its stale disk.
     await ip(['-n', ha.ns, 'link', 'set', ha.uplink, 'up']);
+    const again = rubato('primary-a-again', ha, ['protect', vmFile, '--host', 'ha', '--standby', `${hb.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'ha'), ...common]);
+    let stderr = '';
+    again.proc.child.stderr?.on('data', (d: Buffer | string) => { stderr += d.toString(); });
+    const ended = await Promise.race([again.proc.exited, new Promise<null>((r) => setTimeout(() => r(null), 60_000))]);
+    if (!ended) await again.proc.stop(3000);
+    const why = stderr.split('\n').find((line) => line.startsWith('rubato: ')) ?? '';
+    res.staleRestart = { code: ended?.code ?? null, startedGuest: again.events.some((e) => e.event === 'started'), why };
+    onStatus(`the old primary's unit started again: exit ${String(res.staleRestart.code)}, ${res.staleRestart.startedGuest ? 'STARTED A COPY' : 'no copy started'}`, true);
+    // A standby starts there instead.
     const tRe = Date.now();
     const standbyA = rubato('standby-a', ha, ['standby', '--host', 'ha', '--listen', `${ha.ip}:${port}`, '--state-dir', join(dir, 'ha-standby'), ...common]);
     await standbyA.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
@@ -181,6 +195,6 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
 }
 
 export const debianDemoPassed = (r: DebianDemoResult): boolean =>
-  r.bootedFromDisk && r.diskGiB >= 8 && r.failover && r.generation >= 2 && r.httpErrors === 0 && r.httpRequests > 0 && r.connectionSurvived && r.reprotected
+  r.bootedFromDisk && r.diskGiB >= 8 && r.failover && r.generation >= 2 && r.staleRestart.code === 8 && !r.staleRestart.startedGuest && r.httpErrors === 0 && r.httpRequests > 0 && r.connectionSurvived && r.reprotected
   && r.releasedEpochs > 0 && r.releasedBeforeCommit === 0
   && r.controllerRssMb.primary > 0 && r.controllerRssMb.primary < 512 && r.controllerRssMb.standby > 0 && r.controllerRssMb.standby < 512 && !r.error;

@@ -21,7 +21,7 @@ import { sleep, waitFor } from '../../src/util/async.ts';
 import { testPlatform } from '../helpers/platform.ts';
 import { RUBATO_BIN, rubatoProcess } from '../helpers/rubato.ts';
 
-test('rubato protect: a disk-booted Debian VM on a bridge, output only after the standby committed, failover, re-protection', { timeout: 900_000 }, async () => {
+test('rubato protect: a disk-booted Debian VM on a bridge, output only after the standby committed, failover, the old primary\'s unit refused, re-protection', { timeout: 900_000 }, async () => {
   const r = await runDebianDemo({ seconds: 4, memMb: 768, policy: 'model', heartbeatMs: 100, timeoutMs: 1000, accel: 'auto' }, () => {});
   assert.equal(r.error, undefined, r.error);
   assert.equal(r.bootedFromDisk, true, 'the guest booted from its disk and started its services');
@@ -32,6 +32,9 @@ test('rubato protect: a disk-booted Debian VM on a bridge, output only after the
   assert.ok(r.httpRequests > 0);
   assert.equal(r.httpErrors, 0, 'the client saw no error across the failover');
   assert.equal(r.connectionSurvived, true, 'the persistent connection carried on');
+  assert.equal(r.staleRestart.startedGuest, false, 'the old primary\'s unit, started again after the failover, ran no copy');
+  assert.equal(r.staleRestart.code, 8, `refused as a stale disk: ${r.staleRestart.why}`);
+  assert.match(r.staleRestart.why, /generation/);
   assert.equal(r.reprotected, true, 'the VM was protected again by the repaired host');
   assert.ok(r.controllerRssMb.primary > 0 && r.controllerRssMb.primary < 512, `primary controller resident ${r.controllerRssMb.primary} MB`);
   assert.ok(r.controllerRssMb.standby > 0 && r.controllerRssMb.standby < 512, `standby controller resident ${r.controllerRssMb.standby} MB`);
