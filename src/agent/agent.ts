@@ -45,7 +45,14 @@ export interface AgentOptions {
   onEvent?: (e: Record<string, unknown>) => void;
 }
 
-interface Running { vm: string; role: 'primary' | 'standby'; proc: TrackedProcess; dir: string; exited: boolean; switchoverAsked: boolean }
+interface Running {
+  vm: string;
+  role: 'primary' | 'standby';
+  proc: TrackedProcess;
+  dir: string;
+  exited: boolean;
+  switchoverAsked: boolean;
+}
 
 export class Agent {
   private readonly lease: LeasedKeys;
@@ -57,7 +64,9 @@ export class Agent {
     this.lease = new LeasedKeys(o.etcd, o.leaseTtl);
   }
 
-  private emit(e: Record<string, unknown>): void { this.o.onEvent?.({ ...e, host: this.o.name, t: Date.now() }); }
+  private emit(e: Record<string, unknown>): void {
+    this.o.onEvent?.({ ...e, host: this.o.name, t: Date.now() });
+  }
 
   async start(): Promise<void> {
     ensurePrivateDir(this.o.stateDir);
@@ -98,9 +107,12 @@ export class Agent {
   /** The leader's job: the placement of every VM, written where it changed. */
   private async placeAll(v: ClusterView): Promise<void> {
     const plan = place({
-      live: [...v.hosts.keys()], draining: v.drains,
+      live: [...v.hosts.keys()],
+      draining: v.drains,
       vms: new Map([...v.vms].map(([n, r]) => [n, { home: r.home }])),
-      placements: v.placements, owners: v.owners, generations: v.generations,
+      placements: v.placements,
+      owners: v.owners,
+      generations: v.generations,
     });
     for (const vm of plan.changed) {
       const p = plan.placements.get(vm)!;
@@ -119,20 +131,40 @@ export class Agent {
   private async reconcile(v: ClusterView): Promise<void> {
     const me = this.o.name;
     for (const [vm, r] of this.running) {
-      if (r.exited) { this.running.delete(vm); continue; }
+      if (r.exited) {
+        this.running.delete(vm);
+        continue;
+      }
       const p = v.placements.get(vm);
       const ownsLive = v.owners.get(vm)?.host === me;
-      if (ownsLive || p?.primary === me) { r.role = 'primary'; continue; }
+      if (ownsLive || p?.primary === me) {
+        r.role = 'primary';
+        continue;
+      }
       if (p?.standby === me && v.vms.has(vm)) {
         // Drain: this standby takes the VM over in order once it protects it.
         const primary = p.primary;
-        if (v.drains.has(primary) && !r.switchoverAsked && v.statuses.get(vm)?.protected && v.statuses.get(vm)?.host === primary) {
+        if (
+          v.drains.has(primary) &&
+          !r.switchoverAsked &&
+          v.statuses.get(vm)?.protected &&
+          v.statuses.get(vm)?.host === primary
+        ) {
           r.switchoverAsked = true;
           log.info(`VM ${vm}: ${primary} is draining; switching it over to this host`);
           this.emit({ event: 'switchover', vm, from: primary });
           void controlCommand(r.dir, 'switchover').then(
-            (a) => { if (a['ok'] === false) { r.switchoverAsked = false; log.warn(`switchover of ${vm}: ${String(a['error'])}`); } },
-            (e: unknown) => { r.switchoverAsked = false; log.warn(`switchover of ${vm}: ${errorMessage(e)}`); });
+            (a) => {
+              if (a['ok'] === false) {
+                r.switchoverAsked = false;
+                log.warn(`switchover of ${vm}: ${String(a['error'])}`);
+              }
+            },
+            (e: unknown) => {
+              r.switchoverAsked = false;
+              log.warn(`switchover of ${vm}: ${errorMessage(e)}`);
+            },
+          );
         }
         continue;
       }
@@ -151,16 +183,31 @@ export class Agent {
       // replica anywhere), as vSphere HA restarts a VM; a stale disk never starts (host/claim.ts).
       const gen = v.generations.get(vm) ?? 0;
       if (p.primary === me && !v.owners.has(vm) && (gen === 0 || heldGeneration(join(this.o.stateDir, vm)) === gen)) {
-        if (gen > 0) log.warn(`VM ${vm}: no copy runs and this host held its newest state (generation ${gen}); restarting it from its disk here`);
+        if (gen > 0)
+          log.warn(
+            `VM ${vm}: no copy runs and this host held its newest state (generation ${gen}); restarting it from its disk here`,
+          );
         this.startPrimary(vm, rec.definition);
-      }
-      else if (p.standby === me && v.owners.get(vm)?.host !== me) this.startStandby(vm);
+      } else if (p.standby === me && v.owners.get(vm)?.host !== me) this.startStandby(vm);
     }
   }
 
   private common(): string[] {
-    return ['--key', this.o.keyFile, '--etcd', this.o.etcdUrls.join(','), '--host', this.o.name, '--lease-ttl', String(this.o.leaseTtl),
-      '--heartbeat-ms', String(this.o.heartbeatMs), '--timeout-ms', String(this.o.timeoutMs), '--events'];
+    return [
+      '--key',
+      this.o.keyFile,
+      '--etcd',
+      this.o.etcdUrls.join(','),
+      '--host',
+      this.o.name,
+      '--lease-ttl',
+      String(this.o.leaseTtl),
+      '--heartbeat-ms',
+      String(this.o.heartbeatMs),
+      '--timeout-ms',
+      String(this.o.timeoutMs),
+      '--events',
+    ];
   }
 
   private startPrimary(vm: string, definition: unknown): void {
@@ -169,24 +216,55 @@ export class Agent {
     const file = join(dir, 'definition.json');
     writeFileSync(file, JSON.stringify(definition, null, 2), { mode: 0o600 });
     log.info(`VM ${vm}: starting it here, protected by the standby the witness names`);
-    this.spawn(vm, 'primary', dir, ['protect', file, '--standby', 'auto', '--state-dir', dir, '--policy', this.o.policy, ...this.common()]);
+    this.spawn(vm, 'primary', dir, [
+      'protect',
+      file,
+      '--standby',
+      'auto',
+      '--state-dir',
+      dir,
+      '--policy',
+      this.o.policy,
+      ...this.common(),
+    ]);
   }
 
   private startStandby(vm: string): void {
     const dir = join(this.o.stateDir, vm);
     ensurePrivateDir(dir);
     log.info(`VM ${vm}: standing by for it here`);
-    this.spawn(vm, 'standby', dir, ['standby', '--vm', vm, '--listen', `${this.o.address}:0`, '--peer', 'auto', '--state-dir', dir,
-      '--policy', this.o.policy, ...(this.o.fsync ? [] : ['--no-fsync']), '--durability', this.o.durability, ...this.common()]);
+    this.spawn(vm, 'standby', dir, [
+      'standby',
+      '--vm',
+      vm,
+      '--listen',
+      `${this.o.address}:0`,
+      '--peer',
+      'auto',
+      '--state-dir',
+      dir,
+      '--policy',
+      this.o.policy,
+      ...(this.o.fsync ? [] : ['--no-fsync']),
+      '--durability',
+      this.o.durability,
+      ...this.common(),
+    ]);
   }
 
   private spawn(vm: string, role: 'primary' | 'standby', dir: string, args: string[]): void {
-    const proc = spawnTracked(`rubato-${role}-${vm}`, this.o.rubato, args, { env: { ...process.env, RUBATO_LOG: process.env['RUBATO_LOG'] ?? 'warn' } });
+    const proc = spawnTracked(`rubato-${role}-${vm}`, this.o.rubato, args, {
+      env: { ...process.env, RUBATO_LOG: process.env['RUBATO_LOG'] ?? 'warn' },
+    });
     const r: Running = { vm, role, proc, dir, exited: false, switchoverAsked: false };
     this.running.set(vm, r);
     this.emit({ event: 'spawned', vm, role, pid: proc.pid });
     const lines = new LineSplitter((l) => {
-      try { this.emit({ ...(JSON.parse(l) as Record<string, unknown>), vm, role: r.role }); } catch { /* not an event */ }
+      try {
+        this.emit({ ...(JSON.parse(l) as Record<string, unknown>), vm, role: r.role });
+      } catch {
+        /* not an event */
+      }
     });
     proc.child.stdout?.on('data', (d: Buffer) => lines.push(d));
     proc.child.stderr?.on('data', (d: Buffer) => process.stderr.write(d));
@@ -199,7 +277,11 @@ export class Agent {
 
   /** This agent's view: the VM processes it runs. */
   status(): Record<string, unknown> {
-    return { role: 'agent', host: this.o.name, vms: [...this.running.values()].map((r) => ({ vm: r.vm, role: r.role, pid: r.proc.pid, running: !r.exited })) };
+    return {
+      role: 'agent',
+      host: this.o.name,
+      vms: [...this.running.values()].map((r) => ({ vm: r.vm, role: r.role, pid: r.proc.pid, running: !r.exited })),
+    };
   }
 
   /** Orderly stop: the processes first (a primary tells its standby: no failover), then the host key. */

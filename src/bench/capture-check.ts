@@ -65,19 +65,38 @@ export interface CaptureCheckResult {
   error?: string;
 }
 
-
 export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCheckResult> {
   const dir = makeTempDir('rubato-check-');
   const status = o.onStatus ?? (() => {});
   const wssMb = Math.max(4, Math.min(32, Math.floor(o.memMb / 4)));
   const spec: VmSpec & { ramFile: string } = {
-    name: `check-${o.route}`, accel: o.accel, cpus: o.cpus, memMb: o.memMb, ramFile: join(dir, 'guest.ram'),
-    kernel: o.guest.kernel, initrd: o.guest.initrd, append: guestAppend(['dirtier', o.ratePagesPerMs, wssMb, 100]),
+    name: `check-${o.route}`,
+    accel: o.accel,
+    cpus: o.cpus,
+    memMb: o.memMb,
+    ramFile: join(dir, 'guest.ram'),
+    kernel: o.guest.kernel,
+    initrd: o.guest.initrd,
+    append: guestAppend(['dirtier', o.ratePagesPerMs, wssMb, 100]),
   };
   const result: CaptureCheckResult = {
-    route: o.route, accel: o.accel, checkpoints: 0, verified: 0, identical: false, mismatchedPages: 0, routesAgree: o.route === 'a' ? true : null,
-    restored: false, selfCheckOk: false, counterBefore: -1, counterAfter: -1, restoreMs: -1, pauseMsMedian: Number.NaN, pauseMsP99: Number.NaN,
-    dirtyPagesMedian: Number.NaN, bytesPerCheckpointMedian: Number.NaN, negativeControl: false,
+    route: o.route,
+    accel: o.accel,
+    checkpoints: 0,
+    verified: 0,
+    identical: false,
+    mismatchedPages: 0,
+    routesAgree: o.route === 'a' ? true : null,
+    restored: false,
+    selfCheckOk: false,
+    counterBefore: -1,
+    counterAfter: -1,
+    restoreMs: -1,
+    pauseMsMedian: Number.NaN,
+    pauseMsP99: Number.NaN,
+    dirtyPagesMedian: Number.NaN,
+    bytesPerCheckpointMedian: Number.NaN,
+    negativeControl: false,
   };
   let vm: QemuVm | null = null;
   let restored: QemuVm | null = null;
@@ -87,39 +106,51 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
     await vm.waitSerial(/RUBATO dirtier t=/, 60_000);
     const meter = new PauseMeter(vm.qmp);
     status(`starting route ${o.route.toUpperCase()} capture`);
-    const { capture, base } = o.route === 'a'
-      ? await ColoCapture.start(vm, { runDir: dir, onProgress: (b) => status(`initial copy: ${(b / 1048576).toFixed(0)} MB`) })
-      : await ExternalCapture.start(vm, { runDir: dir });
+    const { capture, base } =
+      o.route === 'a'
+        ? await ColoCapture.start(vm, {
+            runDir: dir,
+            onProgress: (b) => status(`initial copy: ${(b / 1048576).toFixed(0)} MB`),
+          })
+        : await ExternalCapture.start(vm, { runDir: dir });
     meter.startNow();
     const store = await ReplicaStore.create(join(dir, 'replica'), spec.name, base, { fsync: false });
     const sampleEvery = Math.max(1, Math.floor(o.minCheckpoints / o.samples));
     const dirtyCounts: number[] = [];
     const bytes: number[] = [];
     let ramCopy: Buffer | undefined;
-    let image: Buffer | undefined; // the replica's image, read into one buffer each time (no 256 MB allocation per sample)
+    // the replica's image, read into one buffer each time (no 256 MB allocation per sample)
+    let image: Buffer | undefined;
     const verifyHeld = async (cp: Checkpoint) => {
       // The guest is paused at checkpoint cp. Route B's view: what changed since the replica's epoch.
       ramCopy = readRamFile(spec.ramFile, ramCopy);
       if (o.route === 'a') {
-        const changed = diffPages(ramCopy, image = await store.readImage(MAIN_RAM_ID, 0, undefined, image));
+        const changed = diffPages(ramCopy, (image = await store.readImage(MAIN_RAM_ID, 0, undefined, image)));
         const reported = new Set(cp.pages.filter((p) => p.block === MAIN_RAM_ID).map((p) => p.offset));
         const missed = changed.filter((off) => !reported.has(off));
-        if (missed.length) { result.routesAgree = false; log.error(`route A missed ${missed.length} changed pages at checkpoint ${cp.epoch}`); }
+        if (missed.length) {
+          result.routesAgree = false;
+          log.error(`route A missed ${missed.length} changed pages at checkpoint ${cp.epoch}`);
+        }
       }
       await store.commit(cp);
-      const diff = diffPages(ramCopy, image = await store.readImage(MAIN_RAM_ID, 0, undefined, image));
+      const diff = diffPages(ramCopy, (image = await store.readImage(MAIN_RAM_ID, 0, undefined, image)));
       result.verified++;
       result.mismatchedPages += diff.length;
       if (result.verified === 1) {
         // Negative control: the same comparison must catch a single corrupted page.
-        const corrupted = image = await store.readImage(MAIN_RAM_ID, 0, undefined, image); // (the shared buffer: each use reads it afresh)
+        // (the shared buffer: each use reads it afresh)
+        const corrupted = (image = await store.readImage(MAIN_RAM_ID, 0, undefined, image));
         const page = Math.floor(Math.random() * (corrupted.length / 4096));
         const at = page * 4096 + 1234;
         corrupted[at] = corrupted[at]! ^ 0x40;
         const found = diffPages(ramCopy, corrupted);
         result.negativeControl = found.length === diff.length + 1 && found.includes(page * 4096);
       }
-      if (diff.length) log.error(`replica differs from the guest in ${diff.length} pages at checkpoint ${cp.epoch}`, { first: diff.slice(0, 4) });
+      if (diff.length)
+        log.error(`replica differs from the guest in ${diff.length} pages at checkpoint ${cp.epoch}`, {
+          first: diff.slice(0, 4),
+        });
     };
     const start = Date.now();
     let lastStatus = 0;
@@ -138,7 +169,10 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
       const wait = next - performance.now();
       if (wait > 0) await sleep(wait);
       // A last pass right before the checkpoint: the pause carries only what is written meanwhile.
-      if (o.presendMs && capture instanceof ColoCapture) { await capture.presend(); presends++; }
+      if (o.presendMs && capture instanceof ColoCapture) {
+        await capture.presend();
+        presends++;
+      }
       next = Math.max(performance.now(), next + o.epochMs);
       i++;
       const sample = i % sampleEvery === 0;
@@ -151,7 +185,9 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
       last = cp;
       if (Date.now() - lastStatus > 1000) {
         lastStatus = Date.now();
-        status(`epoch ${cp.epoch}: ${cp.pages.length} dirty pages, pause ${cp.timings.pauseMsLocal.toFixed(2)} ms, verified ${result.verified}, mismatched ${result.mismatchedPages}`);
+        status(
+          `epoch ${cp.epoch}: ${cp.pages.length} dirty pages, pause ${cp.timings.pauseMsLocal.toFixed(2)} ms, verified ${result.verified}, mismatched ${result.mismatchedPages}`,
+        );
       }
     }
     // The last checkpoint: the primary dies while paused at it; the replica must carry on.
@@ -173,7 +209,10 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
     result.pauseMsMedian = round(median(pauses));
     result.pauseMsP99 = round(percentile(pauses, 99));
     result.dirtyPagesMedian = median(dirtyCounts);
-    if (o.presendMs) { result.presends = presends; result.pausePagesMedian = median(pausePages); }
+    if (o.presendMs) {
+      result.presends = presends;
+      result.pausePagesMedian = median(pausePages);
+    }
     result.bytesPerCheckpointMedian = median(bytes);
     if (capture instanceof ExternalCapture) result.tracking = capture.trackingMode;
     await capture.close().catch(() => {});
@@ -183,8 +222,14 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
     await store.settled();
     await store.close();
     copyFileSync(store.imagePath(MAIN_RAM_ID), ramCopyPath);
-    const r = await restoreVm({ spec: { ...spec, name: `${spec.name}-r`, ramFile: ramCopyPath }, machine: store.machine, deviceState: store.deviceState },
-      { binary: o.binary, runDir: dir });
+    const r = await restoreVm(
+      {
+        spec: { ...spec, name: `${spec.name}-r`, ramFile: ramCopyPath },
+        machine: store.machine,
+        deviceState: store.deviceState,
+      },
+      { binary: o.binary, runDir: dir },
+    );
     restored = r.vm;
     result.restoreMs = round(r.restoreMs, 1);
     const m1 = parseDirtierLine((await restored.waitSerial(DIRTIER_LINE_RE, 20_000))[0]);
@@ -193,8 +238,14 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
     const rebooted = restored.serialLines.some((l) => /RUBATO (boot ok|dirtier start)/.test(l));
     result.counterAfter = m1?.work ?? -1;
     result.selfCheckOk = !!m1 && !!m2 && m1.ok && m2.ok;
-    result.restored = !rebooted && result.selfCheckOk && result.counterAfter >= result.counterBefore && (m2?.work ?? 0) > result.counterAfter;
-    status(`restored guest continued: counter ${result.counterBefore} → ${result.counterAfter} → ${m2?.work}, self-check ${result.selfCheckOk ? 'ok' : 'FAILED'}`);
+    result.restored =
+      !rebooted &&
+      result.selfCheckOk &&
+      result.counterAfter >= result.counterBefore &&
+      (m2?.work ?? 0) > result.counterAfter;
+    status(
+      `restored guest continued: counter ${result.counterBefore} → ${result.counterAfter} → ${m2?.work}, self-check ${result.selfCheckOk ? 'ok' : 'FAILED'}`,
+    );
   } catch (e) {
     result.error = e instanceof Error ? e.message : String(e);
     log.error(`capture check failed: ${result.error}`);
@@ -213,4 +264,3 @@ function lastWork(vm: QemuVm): number {
   }
   return -1;
 }
-

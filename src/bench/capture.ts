@@ -40,7 +40,10 @@ export interface CaptureCell {
   progressRatio: number;
 }
 
-/** Guest progress per host second from its console counters (stamped on arrival); several instances (` id=N`) are summed. */
+/**
+ * Guest progress per host second from its console counters (stamped on arrival); several instances (` id=N`) are
+ * summed.
+ */
 export class ProgressProbe {
   private readonly samples = new Map<string, Array<{ t: number; work: number }>>();
   constructor(vm: QemuVm, counterRe?: RegExp) {
@@ -59,7 +62,9 @@ export class ProgressProbe {
       a.push({ t: performance.now(), work });
     });
   }
-  mark(): number { return performance.now(); }
+  mark(): number {
+    return performance.now();
+  }
   /** Work per second between two marks, summed over the instances. */
   rate(fromT: number, toT: number): number {
     let sum = 0;
@@ -76,8 +81,9 @@ export class ProgressProbe {
   }
 }
 
-
-export async function runCaptureBench(o: CaptureBenchOptions): Promise<{ cells: CaptureCell[]; summary: Record<string, unknown>; file: string }> {
+export async function runCaptureBench(
+  o: CaptureBenchOptions,
+): Promise<{ cells: CaptureCell[]; summary: Record<string, unknown>; file: string }> {
   const status = o.onStatus ?? (() => {});
   const memMb = o.quick ? 128 : 256;
   const rates = o.quick ? [10] : [1, 10, 50];
@@ -89,10 +95,19 @@ export async function runCaptureBench(o: CaptureBenchOptions): Promise<{ cells: 
       const dir = makeTempDir('rubato-bench-');
       let vm: QemuVm | null = null;
       try {
-        vm = await QemuVm.start({
-          name: `bench-${route}-${rate}`, accel: o.accel, cpus: 1, memMb, ramFile: join(dir, 'guest.ram'),
-          kernel: o.guest.kernel, initrd: o.guest.initrd, append: guestAppend(['dirtier', rate, Math.floor(memMb / 4), 100]),
-        }, { binary: o.binary, runDir: dir });
+        vm = await QemuVm.start(
+          {
+            name: `bench-${route}-${rate}`,
+            accel: o.accel,
+            cpus: 1,
+            memMb,
+            ramFile: join(dir, 'guest.ram'),
+            kernel: o.guest.kernel,
+            initrd: o.guest.initrd,
+            append: guestAppend(['dirtier', rate, Math.floor(memMb / 4), 100]),
+          },
+          { binary: o.binary, runDir: dir },
+        );
         const probe = new ProgressProbe(vm);
         await vm.waitSerial(/RUBATO dirtier t=/, 60_000);
         await sleep(1000);
@@ -107,7 +122,9 @@ export async function runCaptureBench(o: CaptureBenchOptions): Promise<{ cells: 
         };
         let uBefore = await measureU();
         for (const epochMs of epochs) {
-          const { capture } = await (route === 'a' ? ColoCapture.start(vm, { runDir: dir }) : ExternalCapture.start(vm, { runDir: dir }));
+          const { capture } = await (route === 'a'
+            ? ColoCapture.start(vm, { runDir: dir })
+            : ExternalCapture.start(vm, { runDir: dir }));
           meter.startNow();
           status(`route ${route.toUpperCase()}, ${rate} pages/ms, ${epochMs} ms epochs: replicating for ${seconds} s`);
           const dirty: number[] = [];
@@ -136,13 +153,24 @@ export async function runCaptureBench(o: CaptureBenchOptions): Promise<{ cells: 
           uBefore = uAfter;
           const dm = median(dirty);
           const cell: CaptureCell = {
-            route, ratePagesPerMs: rate, epochMs, checkpoints: n, epochMsActual: round((r1 - r0) / n, 2),
-            dirtyPagesMedian: dm, bytesPerCheckpointMedian: median(bytes),
-            pauseMsMedian: round(median(pauses)), pauseMsP99: round(percentile(pauses, 99)), pauseTargetMs: round(1.5 + 0.0025 * dm),
-            progressPerSecUnreplicated: round(unreplicated, 1), progressPerSecReplicated: round(replicated, 1), progressRatio: round(replicated / unreplicated),
+            route,
+            ratePagesPerMs: rate,
+            epochMs,
+            checkpoints: n,
+            epochMsActual: round((r1 - r0) / n, 2),
+            dirtyPagesMedian: dm,
+            bytesPerCheckpointMedian: median(bytes),
+            pauseMsMedian: round(median(pauses)),
+            pauseMsP99: round(percentile(pauses, 99)),
+            pauseTargetMs: round(1.5 + 0.0025 * dm),
+            progressPerSecUnreplicated: round(unreplicated, 1),
+            progressPerSecReplicated: round(replicated, 1),
+            progressRatio: round(replicated / unreplicated),
           };
           cells.push(cell);
-          status(`  → ${n} checkpoints, ${dm} dirty pages, pause median ${cell.pauseMsMedian} ms (target ${cell.pauseTargetMs}), progress ratio ${cell.progressRatio}`);
+          status(
+            `  → ${n} checkpoints, ${dm} dirty pages, pause median ${cell.pauseMsMedian} ms (target ${cell.pauseTargetMs}), progress ratio ${cell.progressRatio}`,
+          );
         }
       } finally {
         await vm?.stop();
@@ -154,12 +182,24 @@ export async function runCaptureBench(o: CaptureBenchOptions): Promise<{ cells: 
   const file = join(o.outDir, 'capture-bench.json');
   const a25 = cells.find((c) => c.route === 'a' && c.epochMs === 25 && c.ratePagesPerMs === 10);
   const summary = {
-    benchmark: 'capture', accel: o.accel, memMb, seconds, results: file,
+    benchmark: 'capture',
+    accel: o.accel,
+    memMb,
+    seconds,
+    results: file,
     routeA: {
       pauseTargetMetAll: cells.filter((c) => c.route === 'a').every((c) => c.pauseMsMedian <= c.pauseTargetMs),
       progressRatioAt25msAnd10PagesPerMs: a25?.progressRatio ?? null,
     },
-    cells: cells.map((c) => ({ route: c.route, rate: c.ratePagesPerMs, epochMs: c.epochMs, dirty: c.dirtyPagesMedian, pauseMsMedian: c.pauseMsMedian, pauseMsP99: c.pauseMsP99, progressRatio: c.progressRatio })),
+    cells: cells.map((c) => ({
+      route: c.route,
+      rate: c.ratePagesPerMs,
+      epochMs: c.epochMs,
+      dirty: c.dirtyPagesMedian,
+      pauseMsMedian: c.pauseMsMedian,
+      pauseMsP99: c.pauseMsP99,
+      progressRatio: c.progressRatio,
+    })),
   };
   writeFileSync(file, JSON.stringify({ summary, cells }, null, 2));
   return { cells, summary, file };

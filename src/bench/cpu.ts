@@ -26,7 +26,14 @@ function machineCpuS(): { busy: number; total: number } {
   return { busy: total - idle, total };
 }
 
-export interface CpuShare { guest: number; primary: number; standby: number; other: number; idle: number; cores: number }
+export interface CpuShare {
+  guest: number;
+  primary: number;
+  standby: number;
+  other: number;
+  idle: number;
+  cores: number;
+}
 
 /** Starts a window over the named processes; `end()` returns the cores each used on average. */
 export function cpuWindow(pids: { guest: number; standby: number | null }): { end(): CpuShare } {
@@ -34,7 +41,7 @@ export function cpuWindow(pids: { guest: number; standby: number | null }): { en
   const m0 = machineCpuS();
   const g0 = processCpuS(pids.guest) ?? 0;
   const p0 = processCpuS(process.pid) ?? 0;
-  const s0 = pids.standby ? processCpuS(pids.standby) ?? 0 : 0;
+  const s0 = pids.standby ? (processCpuS(pids.standby) ?? 0) : 0;
   return {
     end(): CpuShare {
       const wall = (performance.now() - t0) / 1000;
@@ -45,7 +52,14 @@ export function cpuWindow(pids: { guest: number; standby: number | null }): { en
       const standby = pids.standby ? (processCpuS(pids.standby) ?? s0) - s0 : 0;
       const busy = m1.busy - m0.busy;
       const n = cpus().length;
-      return { guest: per(guest), primary: per(primary), standby: per(standby), other: per(Math.max(0, busy - guest - primary - standby)), idle: per(Math.max(0, n * wall - busy)), cores: n };
+      return {
+        guest: per(guest),
+        primary: per(primary),
+        standby: per(standby),
+        other: per(Math.max(0, busy - guest - primary - standby)),
+        idle: per(Math.max(0, n * wall - busy)),
+        cores: n,
+      };
     },
   };
 }

@@ -9,31 +9,59 @@ import { median, percentile, round } from '../util/stats.ts';
 import { runDemo, type DemoResult } from '../chaos/demo.ts';
 import type { AccelChoice } from '../qemu/accel.ts';
 
-export interface FailoverBenchOptions { runs: number; timeoutMs: number; accel: AccelChoice; outDir: string; onStatus?: (s: string) => void }
+export interface FailoverBenchOptions {
+  runs: number;
+  timeoutMs: number;
+  accel: AccelChoice;
+  outDir: string;
+  onStatus?: (s: string) => void;
+}
 
-export async function runFailoverBench(o: FailoverBenchOptions): Promise<{ summary: Record<string, unknown>; file: string }> {
+export async function runFailoverBench(
+  o: FailoverBenchOptions,
+): Promise<{ summary: Record<string, unknown>; file: string }> {
   const status = o.onStatus ?? (() => {});
   const runs: DemoResult[] = [];
   for (let i = 0; i < o.runs * 2; i++) {
     const cutLink = i % 2 === 1;
     status(`run ${i + 1}/${o.runs * 2}: ${cutLink ? 'partition (link cut) then kill' : 'kill'}`);
-    const r = await runDemo({ seconds: 3, memMb: 128, rate: 10, policy: 'fixed:25ms', heartbeatMs: 50, timeoutMs: o.timeoutMs, accel: o.accel, json: true, cutLink }, () => {});
-    status(`  → ${r.failover ? `failover ${r.failoverMs} ms (detection ${r.detectionMs} ms, restore ${r.restoreMs} ms)` : `no failover: ${r.error}`}`);
+    const r = await runDemo(
+      {
+        seconds: 3,
+        memMb: 128,
+        rate: 10,
+        policy: 'fixed:25ms',
+        heartbeatMs: 50,
+        timeoutMs: o.timeoutMs,
+        accel: o.accel,
+        json: true,
+        cutLink,
+      },
+      () => {},
+    );
+    status(
+      `  → ${r.failover ? `failover ${r.failoverMs} ms (detection ${r.detectionMs} ms, restore ${r.restoreMs} ms)` : `no failover: ${r.error}`}`,
+    );
     runs.push(r);
   }
   const stats = (rs: DemoResult[]) => {
     const ok = rs.filter((r) => r.failover && r.selfCheckOk);
     const f = ok.map((r) => r.failoverMs);
     return {
-      runs: rs.length, succeeded: ok.length,
-      failoverMsMedian: median(f), failoverMsP99: percentile(f, 99),
-      detectionMsMedian: median(ok.map((r) => r.detectionMs)), restoreMsMedian: median(ok.map((r) => r.restoreMs)),
-      targetMs: o.timeoutMs + 300, withinTarget: f.every((x) => x <= o.timeoutMs + 300),
+      runs: rs.length,
+      succeeded: ok.length,
+      failoverMsMedian: median(f),
+      failoverMsP99: percentile(f, 99),
+      detectionMsMedian: median(ok.map((r) => r.detectionMs)),
+      restoreMsMedian: median(ok.map((r) => r.restoreMs)),
+      targetMs: o.timeoutMs + 300,
+      withinTarget: f.every((x) => x <= o.timeoutMs + 300),
     };
   };
   const all = runs.filter((r) => r.failover);
   const summary = {
-    benchmark: 'failover', timeoutMs: o.timeoutMs,
+    benchmark: 'failover',
+    timeoutMs: o.timeoutMs,
     crash: stats(runs.filter((r) => !r.cutLink)),
     partition: stats(runs.filter((r) => r.cutLink)),
     initialSyncMbPerSecMedian: median(all.map((r) => r.syncMbPerSec)),

@@ -10,16 +10,50 @@ import { clientProcess, startKvRig, stopKvRig, type KvRig } from '../chaos/chaos
 import { protect, whileProtected } from './scheduler.ts';
 import type { AccelChoice } from '../qemu/accel.ts';
 
-export interface KvBenchOptions { seconds: number; conns: number; accel: AccelChoice; outDir: string; periods?: number[]; onStatus?: (s: string) => void }
+export interface KvBenchOptions {
+  seconds: number;
+  conns: number;
+  accel: AccelChoice;
+  outDir: string;
+  periods?: number[];
+  onStatus?: (s: string) => void;
+}
 
-export interface KvPhase { phase: string; periodMs: number | null; requests: number; throughputPerSec: number; latencyMsP50: number; latencyMsP99: number }
+export interface KvPhase {
+  phase: string;
+  periodMs: number | null;
+  requests: number;
+  throughputPerSec: number;
+  latencyMsP50: number;
+  latencyMsP99: number;
+}
 
-export async function measureKv(rig: KvRig, seconds: number, conns: number, phase: string, periodMs: number | null): Promise<KvPhase> {
-  const c = clientProcess(rig.lan, ['--target', `${rig.lan.guestIp}:7000`, '--conns', String(conns), '--seconds', String(seconds)]);
+export async function measureKv(
+  rig: KvRig,
+  seconds: number,
+  conns: number,
+  phase: string,
+  periodMs: number | null,
+): Promise<KvPhase> {
+  const c = clientProcess(rig.lan, [
+    '--target',
+    `${rig.lan.guestIp}:7000`,
+    '--conns',
+    String(conns),
+    '--seconds',
+    String(seconds),
+  ]);
   await c.done;
   const acks = c.events.filter((e) => e.type === 'ack');
   const lat = acks.map((a) => a.latMs ?? 0);
-  return { phase, periodMs, requests: acks.length, throughputPerSec: round(acks.length / seconds, 1), latencyMsP50: round(median(lat), 2), latencyMsP99: round(percentile(lat, 99), 2) };
+  return {
+    phase,
+    periodMs,
+    requests: acks.length,
+    throughputPerSec: round(acks.length / seconds, 1),
+    latencyMsP50: round(median(lat), 2),
+    latencyMsP99: round(percentile(lat, 99), 2),
+  };
 }
 
 export async function runKvBench(o: KvBenchOptions): Promise<{ summary: Record<string, unknown>; file: string }> {
@@ -44,17 +78,26 @@ export async function runKvBench(o: KvBenchOptions): Promise<{ summary: Record<s
     await stopKvRig(rig);
     removeTempDir(dir);
   }
-  const cells = phases.map((p, i) => {
-    if (p.periodMs === null) return null;
-    const u = [phases[i - 1], phases[i + 1]].filter((x): x is KvPhase => !!x);
-    const uThr = u.reduce((a, x) => a + x.throughputPerSec, 0) / u.length;
-    const uP50 = u.reduce((a, x) => a + x.latencyMsP50, 0) / u.length;
-    const uP99 = u.reduce((a, x) => a + x.latencyMsP99, 0) / u.length;
-    return {
-      policy: p.phase, throughputRatio: round(p.throughputPerSec / uThr), addedLatencyMsP50: round(p.latencyMsP50 - uP50, 2), addedLatencyMsP99: round(p.latencyMsP99 - uP99, 2),
-      latencyMsP50: p.latencyMsP50, latencyMsP99: p.latencyMsP99, unreplicatedLatencyMsP50: round(uP50, 2), throughputPerSec: p.throughputPerSec, unreplicatedThroughputPerSec: round(uThr, 1),
-    };
-  }).filter((c) => c !== null);
+  const cells = phases
+    .map((p, i) => {
+      if (p.periodMs === null) return null;
+      const u = [phases[i - 1], phases[i + 1]].filter((x): x is KvPhase => !!x);
+      const uThr = u.reduce((a, x) => a + x.throughputPerSec, 0) / u.length;
+      const uP50 = u.reduce((a, x) => a + x.latencyMsP50, 0) / u.length;
+      const uP99 = u.reduce((a, x) => a + x.latencyMsP99, 0) / u.length;
+      return {
+        policy: p.phase,
+        throughputRatio: round(p.throughputPerSec / uThr),
+        addedLatencyMsP50: round(p.latencyMsP50 - uP50, 2),
+        addedLatencyMsP99: round(p.latencyMsP99 - uP99, 2),
+        latencyMsP50: p.latencyMsP50,
+        latencyMsP99: p.latencyMsP99,
+        unreplicatedLatencyMsP50: round(uP50, 2),
+        throughputPerSec: p.throughputPerSec,
+        unreplicatedThroughputPerSec: round(uThr, 1),
+      };
+    })
+    .filter((c) => c !== null);
   mkdirSync(o.outDir, { recursive: true });
   const file = join(o.outDir, 'kv-bench.json');
   const summary = { benchmark: 'kv', seconds: o.seconds, conns: o.conns, cells, results: file };

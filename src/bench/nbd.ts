@@ -10,16 +10,36 @@ import { RubatoError } from '../util/errors.ts';
 import { median, round } from '../util/stats.ts';
 import { NbdServer } from '../io/disk/nbd-server.ts';
 
-export interface NbdBenchOptions { quick: boolean; outDir: string; onStatus?: (s: string) => void }
+export interface NbdBenchOptions {
+  quick: boolean;
+  outDir: string;
+  onStatus?: (s: string) => void;
+}
 
 const IMAGE_BYTES = 1 << 30;
 
 /** IOPS of one qemu-img bench run (it prints "Run completed in S seconds."). */
 async function qemuImgBench(target: string[], write: boolean, count: number): Promise<number> {
-  const args = ['bench', '-c', String(count), '-d', '16', '-s', '4096', '-S', String(4096 * 257), ...(write ? ['-w'] : []), ...target];
+  const args = [
+    'bench',
+    '-c',
+    String(count),
+    '-d',
+    '16',
+    '-s',
+    '4096',
+    '-S',
+    String(4096 * 257),
+    ...(write ? ['-w'] : []),
+    ...target,
+  ];
   const r = await runCommand('qemu-img', args);
   const m = r.stdout.match(/Run completed in ([\d.]+) seconds/);
-  if (r.code !== 0 || !m) throw new RubatoError('RUBATO_SETUP_FAILED', `qemu-img ${args.join(' ')} failed: ${(r.stderr || r.stdout).trim().split('\n').slice(-2).join(' | ')}`);
+  if (r.code !== 0 || !m)
+    throw new RubatoError(
+      'RUBATO_SETUP_FAILED',
+      `qemu-img ${args.join(' ')} failed: ${(r.stderr || r.stdout).trim().split('\n').slice(-2).join(' | ')}`,
+    );
   return count / Number(m[1]);
 }
 
@@ -33,7 +53,10 @@ export async function runNbdBench(o: NbdBenchOptions): Promise<{ summary: Record
   const server = new NbdServer(img, join(dir, 'disk.nbd'));
   const count = o.quick ? 20_000 : 100_000;
   const rounds = o.quick ? 1 : 2;
-  const result: Record<string, { rawIops: number[]; nbdIops: number[] }> = { read: { rawIops: [], nbdIops: [] }, write: { rawIops: [], nbdIops: [] } };
+  const result: Record<string, { rawIops: number[]; nbdIops: number[] }> = {
+    read: { rawIops: [], nbdIops: [] },
+    write: { rawIops: [], nbdIops: [] },
+  };
   try {
     await server.start();
     const nbd = ['-f', 'raw', `nbd+unix:///disk?socket=${server.socketPath}`];
@@ -46,7 +69,9 @@ export async function runNbdBench(o: NbdBenchOptions): Promise<{ summary: Record
         server.cutEpoch(); // a checkpoint would take the epoch's dirty pages; keep the set bounded
         result[dirn]!.rawIops.push(a);
         result[dirn]!.nbdIops.push(b);
-        status(`${dirn}: raw ${Math.round(a)} IOPS, through Rubato's NBD server ${Math.round(b)} IOPS (${round(b / a, 3)}×)`);
+        status(
+          `${dirn}: raw ${Math.round(a)} IOPS, through Rubato's NBD server ${Math.round(b)} IOPS (${round(b / a, 3)}×)`,
+        );
       }
     }
   } finally {
@@ -58,7 +83,14 @@ export async function runNbdBench(o: NbdBenchOptions): Promise<{ summary: Record
     const nbdIops = median(result[k]!.nbdIops);
     return { rawIops: Math.round(rawIops), nbdIops: Math.round(nbdIops), ratio: round(nbdIops / rawIops, 3) };
   };
-  const summary = { benchmark: 'nbd', requestBytes: 4096, queueDepth: 16, count, read: per('read'), write: per('write') };
+  const summary = {
+    benchmark: 'nbd',
+    requestBytes: 4096,
+    queueDepth: 16,
+    count,
+    read: per('read'),
+    write: per('write'),
+  };
   mkdirSync(o.outDir, { recursive: true });
   const file = join(o.outDir, 'nbd-bench.json');
   writeFileSync(file, JSON.stringify({ ...summary, runs: result }, null, 1));

@@ -17,16 +17,35 @@ import { RIG, loadClient } from './workloads.ts';
 import { lineChart, svgToPng } from './plot.ts';
 
 export interface ProfileOptions {
-  workload: string; cpus: number[]; epochsMs: number[]; memMb: number; outDir: string;
-  accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string }; onStatus?: (s: string) => void;
+  workload: string;
+  cpus: number[];
+  epochsMs: number[];
+  memMb: number;
+  outDir: string;
+  accel: Accel;
+  binary: QemuBinary;
+  guest: { kernel: string; initrd: string };
+  onStatus?: (s: string) => void;
 }
 
 export interface ProfilePoint {
-  epochMs: number; dirtyPagesMedian: number; pauseMsMedian: number; checkpoints: number;
-  /** The same epochs with one pre-send pass right before the checkpoint (patched QEMU), interleaved with the plain ones. */
+  epochMs: number;
+  dirtyPagesMedian: number;
+  pauseMsMedian: number;
+  checkpoints: number;
+  /**
+   * The same epochs with one pre-send pass right before the checkpoint (patched QEMU), interleaved with the plain ones.
+   */
   presend?: { pauseMsMedian: number; pausePagesMedian: number; checkpoints: number };
 }
-export interface ProfileRun { cpus: number; points: ProfilePoint[]; curve: { a: number; b: number }; netFramesPerSec: number | null; diskWritesPerSec: number | null; diskFlushesPerSec: number | null }
+export interface ProfileRun {
+  cpus: number;
+  points: ProfilePoint[];
+  curve: { a: number; b: number };
+  netFramesPerSec: number | null;
+  diskWritesPerSec: number | null;
+  diskFlushesPerSec: number | null;
+}
 
 /** The guest command line for `workload` on `cpus` vCPUs: one instance per vCPU where parallel. */
 export function workloadPrograms(workload: string, cpus: number, memMb: number): (string | number)[][] {
@@ -34,15 +53,20 @@ export function workloadPrograms(workload: string, cpus: number, memMb: number):
   if (name === 'cpuloop') return Array.from({ length: cpus }, () => ['cpuloop', 100]);
   if (name === 'dirtier') {
     const rate = Number(arg ?? 10);
-    if (!Number.isFinite(rate) || rate < 0) throw new RubatoError('RUBATO_CONFIG', `workload ${workload}: rate must be a number of pages/ms`);
+    if (!Number.isFinite(rate) || rate < 0)
+      throw new RubatoError('RUBATO_CONFIG', `workload ${workload}: rate must be a number of pages/ms`);
     const wss = Math.max(4, Math.floor(memMb / 4 / cpus));
     return Array.from({ length: cpus }, (_, i) => ['dirtier', rate, wss, 100, i]);
   }
   throw new RubatoError('RUBATO_CONFIG', `unknown workload "${workload}" (cpuloop, dirtier:RATE, kv, web, disk)`);
 }
 
-
-async function sweep(vm: QemuVm, dir: string, epochsMs: number[], status: (s: string) => void): Promise<ProfilePoint[]> {
+async function sweep(
+  vm: QemuVm,
+  dir: string,
+  epochsMs: number[],
+  status: (s: string) => void,
+): Promise<ProfilePoint[]> {
   const { capture } = await ColoCapture.start(vm, { runDir: dir });
   const points: ProfilePoint[] = [];
   try {
@@ -69,10 +93,22 @@ async function sweep(vm: QemuVm, dir: string, epochsMs: number[], status: (s: st
           pauses.push(cp.timings.pauseMsLocal);
         }
       }
-      const point: ProfilePoint = { epochMs: L, dirtyPagesMedian: median(pages), pauseMsMedian: round(median(pauses)), checkpoints: pages.length };
-      if (pre.pauses.length) point.presend = { pauseMsMedian: round(median(pre.pauses)), pausePagesMedian: median(pre.pages), checkpoints: pre.pauses.length };
+      const point: ProfilePoint = {
+        epochMs: L,
+        dirtyPagesMedian: median(pages),
+        pauseMsMedian: round(median(pauses)),
+        checkpoints: pages.length,
+      };
+      if (pre.pauses.length)
+        point.presend = {
+          pauseMsMedian: round(median(pre.pauses)),
+          pausePagesMedian: median(pre.pages),
+          checkpoints: pre.pauses.length,
+        };
       points.push(point);
-      status(`  epoch ${L} ms: ${median(pages)} dirty pages, pause ${round(median(pauses))} ms${point.presend ? `; with a pass before it ${point.presend.pausePagesMedian} pages, ${point.presend.pauseMsMedian} ms` : ''}`);
+      status(
+        `  epoch ${L} ms: ${median(pages)} dirty pages, pause ${round(median(pauses))} ms${point.presend ? `; with a pass before it ${point.presend.pausePagesMedian} pages, ${point.presend.pauseMsMedian} ms` : ''}`,
+      );
     }
   } finally {
     await capture.close();
@@ -80,7 +116,9 @@ async function sweep(vm: QemuVm, dir: string, epochsMs: number[], status: (s: st
   return points;
 }
 
-export async function runProfile(o: ProfileOptions): Promise<{ runs: ProfileRun[]; json: string; svg: string; png: string; pauseSvg: string }> {
+export async function runProfile(
+  o: ProfileOptions,
+): Promise<{ runs: ProfileRun[]; json: string; svg: string; png: string; pauseSvg: string }> {
   const status = o.onStatus ?? (() => {});
   const runs: ProfileRun[] = [];
   const isRig = o.workload in RIG;
@@ -99,8 +137,18 @@ export async function runProfile(o: ProfileOptions): Promise<{ runs: ProfileRun[
         await sleep(1000);
       } else {
         const progs = workloadPrograms(o.workload, cpus, o.memMb);
-        vm = await QemuVm.start({ name: `profile-${cpus}`, accel: o.accel, cpus, memMb: o.memMb, kernel: o.guest.kernel, initrd: o.guest.initrd, append: guestAppend([progs.map((p) => p.join(',')).join('+')]) },
-          { binary: o.binary, runDir: dir });
+        vm = await QemuVm.start(
+          {
+            name: `profile-${cpus}`,
+            accel: o.accel,
+            cpus,
+            memMb: o.memMb,
+            kernel: o.guest.kernel,
+            initrd: o.guest.initrd,
+            append: guestAppend([progs.map((p) => p.join(',')).join('+')]),
+          },
+          { binary: o.binary, runDir: dir },
+        );
         await vm.waitSerial(/work=/, 90_000);
         await sleep(500);
       }
@@ -111,11 +159,23 @@ export async function runProfile(o: ProfileOptions): Promise<{ runs: ProfileRun[
       const secs = (performance.now() - t0) / 1000;
       client?.proc.kill('SIGTERM');
       await client?.done;
-      const c = fitDirtyCurve(points.map((p) => ({ lengthMs: p.epochMs, dirtyPages: p.dirtyPagesMedian, pauseMs: p.pauseMsMedian, bytes: 0, transferMs: null, outputFrames: 0 })));
+      const c = fitDirtyCurve(
+        points.map((p) => ({
+          lengthMs: p.epochMs,
+          dirtyPages: p.dirtyPagesMedian,
+          pauseMs: p.pauseMsMedian,
+          bytes: 0,
+          transferMs: null,
+          outputFrames: 0,
+        })),
+      );
       runs.push({
-        cpus, points, curve: { a: round(c.a, 4), b: round(c.b, 4) },
-        netFramesPerSec: rig ? round(((rig.io.relay.framesFromGuest - f0) / secs), 1) : null,
-        // NBD counters are cut at every checkpoint; the sweep's own cuts are not taken here (no disk block), so they accumulate
+        cpus,
+        points,
+        curve: { a: round(c.a, 4), b: round(c.b, 4) },
+        netFramesPerSec: rig ? round((rig.io.relay.framesFromGuest - f0) / secs, 1) : null,
+        // NBD counters are cut at every checkpoint; the sweep's own cuts are not taken here (no disk block), so they
+        // accumulate
         diskWritesPerSec: rig && d0 ? round(((rig.io.nbd?.epochStats.writes ?? 0) - d0.writes) / secs, 1) : null,
         diskFlushesPerSec: rig && d0 ? round(((rig.io.nbd?.epochStats.flushes ?? 0) - d0.flushes) / secs, 1) : null,
       });
@@ -127,16 +187,56 @@ export async function runProfile(o: ProfileOptions): Promise<{ runs: ProfileRun[
   }
   mkdirSync(o.outDir, { recursive: true });
   const base = join(o.outDir, `profile-${o.workload.replace(/[^a-z0-9]+/gi, '-')}`);
-  const svg = lineChart(runs.map((r) => ({ label: `${r.cpus} vCPU: D(T) ≈ ${r.curve.a}·T^${r.curve.b}`, points: r.points.map((p) => [p.epochMs, Math.max(1, p.dirtyPagesMedian)] as [number, number]) })),
-    { title: `Dirty pages per epoch — ${o.workload}`, xLabel: 'epoch length (ms)', yLabel: 'dirty pages', logX: true, logY: true });
-  writeFileSync(`${base}.json`, JSON.stringify({ workload: o.workload, memMb: o.memMb, accel: o.accel, runs }, null, 2));
+  const svg = lineChart(
+    runs.map((r) => ({
+      label: `${r.cpus} vCPU: D(T) ≈ ${r.curve.a}·T^${r.curve.b}`,
+      points: r.points.map((p) => [p.epochMs, Math.max(1, p.dirtyPagesMedian)] as [number, number]),
+    })),
+    {
+      title: `Dirty pages per epoch — ${o.workload}`,
+      xLabel: 'epoch length (ms)',
+      yLabel: 'dirty pages',
+      logX: true,
+      logY: true,
+    },
+  );
+  writeFileSync(
+    `${base}.json`,
+    JSON.stringify({ workload: o.workload, memMb: o.memMb, accel: o.accel, runs }, null, 2),
+  );
   writeFileSync(`${base}.svg`, svg);
   writeFileSync(`${base}.png`, await svgToPng(svg));
   // The pause against the epoch's dirty pages, with and without a pass before it, per vCPU count.
-  const pauseSvg = lineChart(runs.flatMap((r) => [
-    { label: `${r.cpus} vCPU`, points: r.points.map((p) => [Math.max(1, p.dirtyPagesMedian), Math.max(0.01, p.pauseMsMedian)] as [number, number]) },
-    ...(r.points.some((p) => p.presend) ? [{ label: `${r.cpus} vCPU, pre-sent`, points: r.points.filter((p) => p.presend).map((p) => [Math.max(1, p.dirtyPagesMedian), Math.max(0.01, p.presend!.pauseMsMedian)] as [number, number]) }] : []),
-  ]), { title: `Pause vs dirty pages per epoch — ${o.workload}`, xLabel: 'dirty pages in the epoch', yLabel: 'pause (ms)', logX: true, logY: true });
+  const pauseSvg = lineChart(
+    runs.flatMap((r) => [
+      {
+        label: `${r.cpus} vCPU`,
+        points: r.points.map(
+          (p) => [Math.max(1, p.dirtyPagesMedian), Math.max(0.01, p.pauseMsMedian)] as [number, number],
+        ),
+      },
+      ...(r.points.some((p) => p.presend)
+        ? [
+            {
+              label: `${r.cpus} vCPU, pre-sent`,
+              points: r.points
+                .filter((p) => p.presend)
+                .map(
+                  (p) =>
+                    [Math.max(1, p.dirtyPagesMedian), Math.max(0.01, p.presend!.pauseMsMedian)] as [number, number],
+                ),
+            },
+          ]
+        : []),
+    ]),
+    {
+      title: `Pause vs dirty pages per epoch — ${o.workload}`,
+      xLabel: 'dirty pages in the epoch',
+      yLabel: 'pause (ms)',
+      logX: true,
+      logY: true,
+    },
+  );
   writeFileSync(`${base}-pause.svg`, pauseSvg);
   writeFileSync(`${base}-pause.png`, await svgToPng(pauseSvg));
   return { runs, json: `${base}.json`, svg: `${base}.svg`, png: `${base}.png`, pauseSvg: `${base}-pause.svg` };

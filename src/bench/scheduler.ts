@@ -27,12 +27,30 @@ import type { CheckpointObserver } from '../replication/observer.ts';
 import type { Durability } from '../replication/replica-store.ts';
 import { cpuWindow, type CpuShare } from './cpu.ts';
 
-export const BENCH_POLICIES = ['fixed:25ms', 'fixed:100ms', 'dirty-bandwidth', 'net-io', 'disk-io', 'adaptive', 'bounded-latency', 'model'] as const;
+export const BENCH_POLICIES = [
+  'fixed:25ms',
+  'fixed:100ms',
+  'dirty-bandwidth',
+  'net-io',
+  'disk-io',
+  'adaptive',
+  'bounded-latency',
+  'model',
+] as const;
 
 export interface SchedulerBenchOptions {
-  accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string }; quick: boolean; seconds?: number; outDir: string; onStatus?: (s: string) => void;
+  accel: Accel;
+  binary: QemuBinary;
+  guest: { kernel: string; initrd: string };
+  quick: boolean;
+  seconds?: number;
+  outDir: string;
+  onStatus?: (s: string) => void;
   policies?: readonly string[];
-  /** Subset of workloads: cpu-loop, dirtier-10, dirtier-50, dirtier-10x2, dirtier-10x4 (2 and 4 vCPUs), kv, web, disk (default: the 1-vCPU ones; quick: no web, disk). */
+  /**
+   * Subset of workloads: cpu-loop, dirtier-10, dirtier-50, dirtier-10x2, dirtier-10x4 (2 and 4 vCPUs), kv, web, disk
+   * (default: the 1-vCPU ones; quick: no web, disk).
+   */
   workloads?: readonly string[];
   /** Run the standby behind a (shaped) link in this namespace instead of on loopback. */
   where?: { ns: string; host: string };
@@ -47,8 +65,17 @@ export interface SchedulerBenchOptions {
 }
 
 export interface SchedulerCell {
-  workload: string; policy: string; throughputRatio: number; checkpointsPerSec: number; pauseMsMedian: number; pauseMsP99: number; mbShipped: number;
-  kvLatencyMsP50?: number; kvLatencyMsP99?: number; kvAddedLatencyMsP50?: number; reasons?: Record<string, number>;
+  workload: string;
+  policy: string;
+  throughputRatio: number;
+  checkpointsPerSec: number;
+  pauseMsMedian: number;
+  pauseMsP99: number;
+  mbShipped: number;
+  kvLatencyMsP50?: number;
+  kvLatencyMsP99?: number;
+  kvAddedLatencyMsP50?: number;
+  reasons?: Record<string, number>;
   /** The request latency p50 of the unreplicated phases around the cell (mean of the two). */
   kvLatencyMsP50Unreplicated?: number;
   /** Share of the measured window the guest was paused for checkpoints. */
@@ -57,7 +84,9 @@ export interface SchedulerCell {
   noise: number;
   /** The cell's event trace (when recorded). */
   trace?: string;
-  /** Cores used on average in the measured window by the guest's QEMU, each controller, the rest (the client), and idle. */
+  /**
+   * Cores used on average in the measured window by the guest's QEMU, each controller, the rest (the client), and idle.
+   */
   cpu: CpuShare;
   /** The same in the unreplicated phase after the cell. */
   cpuUnreplicated: CpuShare;
@@ -67,7 +96,11 @@ export interface SchedulerCell {
   latencyBreakdown?: Breakdown;
 }
 
-export interface Protected { stop(): Promise<void>; events: PrimaryEvent[]; standbyPid: number }
+export interface Protected {
+  stop(): Promise<void>;
+  events: PrimaryEvent[];
+  standbyPid: number;
+}
 
 /** The trace recorder (if any) and the latency breakdown (if any) as one observer. */
 export function observing(trace?: TraceRecorder, latency?: LatencyBreakdown): CheckpointObserver | undefined {
@@ -75,21 +108,47 @@ export function observing(trace?: TraceRecorder, latency?: LatencyBreakdown): Ch
   if (!latency) return trace;
   const released = (t: Parameters<LatencyBreakdown['add']>[0], f: readonly number[], r: number) => latency.add(t, f, r);
   if (!trace) return { released };
-  return { epoch: trace.epoch.bind(trace), acked: trace.acked.bind(trace), output: trace.output.bind(trace), disk: trace.disk.bind(trace), released };
+  return {
+    epoch: trace.epoch.bind(trace),
+    acked: trace.acked.bind(trace),
+    output: trace.output.bind(trace),
+    disk: trace.disk.bind(trace),
+    released,
+  };
 }
 
 export async function protect(
-  vm: QemuVm, dir: string, tag: string, policy: string, io?: { relay: NetRelay; nbd: NbdServer | null }, where?: { ns: string; host: string },
-  trace?: TraceRecorder, latency?: LatencyBreakdown, durability: Durability = 'memory',
+  vm: QemuVm,
+  dir: string,
+  tag: string,
+  policy: string,
+  io?: { relay: NetRelay; nbd: NbdServer | null },
+  where?: { ns: string; host: string },
+  trace?: TraceRecorder,
+  latency?: LatencyBreakdown,
+  durability: Durability = 'memory',
 ): Promise<Protected> {
   const standby = await startStandbyProcess(dir, tag, where, durability);
   const events: PrimaryEvent[] = [];
   const observer = observing(trace, latency);
   const primary = new PrimaryController({
-    vm, runDir: dir, standby: { host: standby.host, port: standby.port }, psk: loadKeyFile(standby.keyFile), periodMs: 25, heartbeatMs: 50, timeoutMs: 1000, retryMs: 300,
-    policy: parsePolicy(policy), onEvent: (e) => events.push(e), ...(io ? { relay: io.relay, nbd: io.nbd } : {}), ...(observer ? { observer } : {}),
+    vm,
+    runDir: dir,
+    standby: { host: standby.host, port: standby.port },
+    psk: loadKeyFile(standby.keyFile),
+    periodMs: 25,
+    heartbeatMs: 50,
+    timeoutMs: 1000,
+    retryMs: 300,
+    policy: parsePolicy(policy),
+    onEvent: (e) => events.push(e),
+    ...(io ? { relay: io.relay, nbd: io.nbd } : {}),
+    ...(observer ? { observer } : {}),
   });
-  const stop = async () => { await primary.stop(); await standby.stop(); };
+  const stop = async () => {
+    await primary.stop();
+    await standby.stop();
+  };
   primary.start();
   try {
     await waitFor(() => events.find((e) => e.event === 'protecting'), 120_000, 'protection');
@@ -102,25 +161,38 @@ export async function protect(
 
 /** Runs a protected phase; the protection (primary and standby process) ends even when it fails. */
 export async function whileProtected<T>(p: Protected, f: () => Promise<T>): Promise<T> {
-  try { return await f(); } finally { await p.stop(); }
+  try {
+    return await f();
+  } finally {
+    await p.stop();
+  }
 }
 
 export function summarise(events: PrimaryEvent[], seconds: number) {
   const cps = events.filter((e): e is Extract<PrimaryEvent, { event: 'checkpoint' }> => e.event === 'checkpoint');
-  const last = [...events].reverse().find((e): e is Extract<PrimaryEvent, { event: 'decisions' }> => e.event === 'decisions');
+  const last = [...events]
+    .reverse()
+    .find((e): e is Extract<PrimaryEvent, { event: 'decisions' }> => e.event === 'decisions');
   return {
     checkpointsPerSec: round(cps.length / seconds, 1),
     pausedFraction: round(cps.reduce((a, c) => a + c.pauseMs, 0) / (seconds * 1000), 4),
     pauseMsMedian: round(median(cps.map((c) => c.pauseMs))),
-    pauseMsP99: round(percentile(cps.map((c) => c.pauseMs), 99)),
-    /** Of the pause: QEMU's stream read (request to device state), the rest is closing the epoch (the disk's cut) and resuming. */
+    pauseMsP99: round(
+      percentile(
+        cps.map((c) => c.pauseMs),
+        99,
+      ),
+    ),
+    /**
+     * Of the pause: QEMU's stream read (request to device state), the rest is closing the epoch (the disk's cut) and
+     * resuming.
+     */
     captureMsMedian: round(median(cps.map((c) => c.captureMs))),
     /** Checkpoint records and pre-sent pages. */
     mbShipped: round(cps.reduce((a, c) => a + c.bytes + (c.presentPages ?? 0) * 4096, 0) / 1e6, 1),
     ...(last ? { reasons: last.reasons } : {}),
   };
 }
-
 
 /** A recorder for one cell, and how to write what it saw in the measured window. */
 function cellTrace(o: SchedulerBenchOptions, accel: string, workload: string, policy: string, cpus: number) {
@@ -131,29 +203,54 @@ function cellTrace(o: SchedulerBenchOptions, accel: string, workload: string, po
     save: (fromMs: number): string => {
       const dir = join(o.outDir, 'traces');
       mkdirSync(dir, { recursive: true });
-      const file = join(dir, `${workload}-${policy}-${o.linkName ?? 'loopback'}.json`.replace(/[^a-z0-9.-]+/gi, '-').replace(/-json$/, '.json'));
+      const file = join(
+        dir,
+        `${workload}-${policy}-${o.linkName ?? 'loopback'}.json`
+          .replace(/[^a-z0-9.-]+/gi, '-')
+          .replace(/-json$/, '.json'),
+      );
       writeTrace(file, rec.finish(performance.now(), fromMs));
       return file;
     },
   };
 }
 
-interface Load { perSec: number; latencyMsP50?: number; latencyMsP99?: number }
+interface Load {
+  perSec: number;
+  latencyMsP50?: number;
+  latencyMsP99?: number;
+}
 
 /** One measurement window of a rig workload: requests/s (with latency) or records/s. */
 function loadFor(name: string, rig: KvRig, seconds: number): () => Promise<Load> {
-  if (name === 'kv') return async () => { const k = await measureKv(rig, seconds, 4, name, null); return { perSec: k.throughputPerSec, latencyMsP50: k.latencyMsP50, latencyMsP99: k.latencyMsP99 }; };
+  if (name === 'kv')
+    return async () => {
+      const k = await measureKv(rig, seconds, 4, name, null);
+      return { perSec: k.throughputPerSec, latencyMsP50: k.latencyMsP50, latencyMsP99: k.latencyMsP99 };
+    };
   if (name === 'web') {
     return async () => {
       const c = loadClient('web', rig, seconds)!;
       await c.done;
       const lat = c.events.filter((e) => e.type === 'ack').map((e) => e.latMs ?? 0);
-      if (!lat.length) throw new RubatoError('RUBATO_CAPTURE_FAILED', `the web client completed no request (${c.events.find((e) => e.type === 'error')?.event ?? 'no output'})`);
-      return { perSec: round(lat.length / seconds, 1), latencyMsP50: round(median(lat), 2), latencyMsP99: round(percentile(lat, 99), 2) };
+      if (!lat.length)
+        throw new RubatoError(
+          'RUBATO_CAPTURE_FAILED',
+          `the web client completed no request (${c.events.find((e) => e.type === 'error')?.event ?? 'no output'})`,
+        );
+      return {
+        perSec: round(lat.length / seconds, 1),
+        latencyMsP50: round(median(lat), 2),
+        latencyMsP99: round(percentile(lat, 99), 2),
+      };
     };
   }
   const probe = new ProgressProbe(rig.vm, /RUBATO fsyncer t=\d+ work=(\d+)/);
-  return async () => { const t0 = probe.mark(); await sleep(seconds * 1000); return { perSec: round(probe.rate(t0, probe.mark()), 1) }; };
+  return async () => {
+    const t0 = probe.mark();
+    await sleep(seconds * 1000);
+    return { perSec: round(probe.rate(t0, probe.mark()), 1) };
+  };
 }
 
 /**
@@ -161,7 +258,14 @@ function loadFor(name: string, rig: KvRig, seconds: number): () => Promise<Load>
  * slower than the ones after it (seen as 0.81–0.82× against 0.88–0.94× for the same policy), which
  * would charge whichever policy comes first.
  */
-async function warmUp(vm: QemuVm, dir: string, name: string, policy: string, io: { relay: NetRelay; nbd: NbdServer | null } | undefined, where: SchedulerBenchOptions['where']): Promise<void> {
+async function warmUp(
+  vm: QemuVm,
+  dir: string,
+  name: string,
+  policy: string,
+  io: { relay: NetRelay; nbd: NbdServer | null } | undefined,
+  where: SchedulerBenchOptions['where'],
+): Promise<void> {
   const p = await protect(vm, dir, `${name}-warmup`.replace(/[^a-z0-9-]/gi, ''), policy, io, where);
   await whileProtected(p, () => sleep(2000));
 }
@@ -169,63 +273,115 @@ async function warmUp(vm: QemuVm, dir: string, name: string, policy: string, io:
 const spread = (a: number, b: number) => round(Math.abs(a - b) / Math.max(1e-9, (a + b) / 2), 3);
 
 /** The names `--workloads` accepts: guests that only compute, then services on a LAN (RIG_WORKLOADS). */
-export const SCHEDULER_WORKLOADS = ['cpu-loop', 'dirtier-10', 'dirtier-50', 'dirtier-10x2', 'dirtier-10x4', ...RIG_WORKLOADS] as const;
+export const SCHEDULER_WORKLOADS = [
+  'cpu-loop',
+  'dirtier-10',
+  'dirtier-50',
+  'dirtier-10x2',
+  'dirtier-10x4',
+  ...RIG_WORKLOADS,
+] as const;
 
 /** One guest's cells: a warm-up, then per policy a protected phase between unreplicated ones. */
 async function runCells(
-  o: SchedulerBenchOptions, policies: readonly string[], cells: SchedulerCell[],
-  g: { name: string; cpus: number; accel: string; vm: QemuVm; dir: string; io?: { relay: NetRelay; nbd: NbdServer | null }; measure: () => Promise<Load> },
+  o: SchedulerBenchOptions,
+  policies: readonly string[],
+  cells: SchedulerCell[],
+  g: {
+    name: string;
+    cpus: number;
+    accel: string;
+    vm: QemuVm;
+    dir: string;
+    io?: { relay: NetRelay; nbd: NbdServer | null };
+    measure: () => Promise<Load>;
+  },
 ): Promise<void> {
   const status = o.onStatus ?? (() => {});
   if (process.env['RUBATO_GUEST_NICE']) {
     const { readdirSync } = await import('node:fs');
     const { setPriority } = await import('node:os');
-    for (const tid of readdirSync(`/proc/${g.vm.pid}/task`)) setPriority(Number(tid), Number(process.env['RUBATO_GUEST_NICE']));
+    for (const tid of readdirSync(`/proc/${g.vm.pid}/task`))
+      setPriority(Number(tid), Number(process.env['RUBATO_GUEST_NICE']));
   }
   await warmUp(g.vm, g.dir, g.name, policies[0]!, g.io, o.where);
-  const measureU = async () => { const w = cpuWindow({ guest: g.vm.pid, standby: null }); const r = await g.measure(); return { ...r, cpu: w.end() }; };
+  const measureU = async () => {
+    const w = cpuWindow({ guest: g.vm.pid, standby: null });
+    const r = await g.measure();
+    return { ...r, cpu: w.end() };
+  };
   let uBefore = await measureU();
   const durabilities = o.durabilities ?? ['memory'];
-  for (const policy of policies) for (const durability of durabilities) {
-    status(`${g.name}: ${policy}${durabilities.length > 1 ? `, durability ${durability}` : ''}`);
-    const tr = cellTrace(o, g.accel, g.name, policy, g.cpus);
-    const latency = g.io ? new LatencyBreakdown() : undefined;
-    const p = await protect(g.vm, g.dir, `${g.name}-${policy}-${durability}`.replace(/[^a-z0-9-]/gi, ''), policy, g.io, o.where, tr.rec, latency, durability);
-    const { t0, r, s } = await whileProtected(p, async () => {
-      await sleep(300);
-      const n0 = p.events.length;
-      latency?.reset();
-      const t0 = performance.now();
-      const cpu = cpuWindow({ guest: g.vm.pid, standby: p.standbyPid });
-      const r = await g.measure();
-      return { t0, r, s: { ...summarise(p.events.slice(n0), (performance.now() - t0) / 1000), cpu: cpu.end() } };
-    });
-    const trace = tr.save(t0);
-    const uAfter = await measureU();
-    const lat = r.latencyMsP50 !== undefined && uBefore.latencyMsP50 !== undefined && uAfter.latencyMsP50 !== undefined
-      ? {
-        kvLatencyMsP50: r.latencyMsP50, kvLatencyMsP99: r.latencyMsP99!, kvAddedLatencyMsP50: round(r.latencyMsP50 - (uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2, 2),
-        kvLatencyMsP50Unreplicated: round((uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2, 2),
-      } : {};
-    const breakdown = latency && latency.frames > 0 ? latency.summary() : undefined;
-    cells.push({
-      workload: g.name, policy, durability, throughputRatio: round(r.perSec / ((uBefore.perSec + uAfter.perSec) / 2)), ...s, ...lat, noise: spread(uBefore.perSec, uAfter.perSec),
-      ...(trace ? { trace } : {}), ...(breakdown ? { latencyBreakdown: breakdown } : {}), cpuUnreplicated: uAfter.cpu,
-    });
-    status(`  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms (p99 ${s.pauseMsP99} ms, stream ${s.captureMsMedian} ms), ${s.mbShipped} MB shipped`);
-    if (breakdown) status(`    released frames: ${formatBreakdown(breakdown)}`);
-    const u = uAfter.cpu;
-    status(`    cores: guest ${s.cpu.guest} (unreplicated ${u.guest}), primary ${s.cpu.primary} (${u.primary}), standby ${s.cpu.standby}, other ${s.cpu.other} (${u.other}), idle ${s.cpu.idle} (${u.idle})`);
-    uBefore = uAfter;
-  }
+  for (const policy of policies)
+    for (const durability of durabilities) {
+      status(`${g.name}: ${policy}${durabilities.length > 1 ? `, durability ${durability}` : ''}`);
+      const tr = cellTrace(o, g.accel, g.name, policy, g.cpus);
+      const latency = g.io ? new LatencyBreakdown() : undefined;
+      const p = await protect(
+        g.vm,
+        g.dir,
+        `${g.name}-${policy}-${durability}`.replace(/[^a-z0-9-]/gi, ''),
+        policy,
+        g.io,
+        o.where,
+        tr.rec,
+        latency,
+        durability,
+      );
+      const { t0, r, s } = await whileProtected(p, async () => {
+        await sleep(300);
+        const n0 = p.events.length;
+        latency?.reset();
+        const t0 = performance.now();
+        const cpu = cpuWindow({ guest: g.vm.pid, standby: p.standbyPid });
+        const r = await g.measure();
+        return { t0, r, s: { ...summarise(p.events.slice(n0), (performance.now() - t0) / 1000), cpu: cpu.end() } };
+      });
+      const trace = tr.save(t0);
+      const uAfter = await measureU();
+      const lat =
+        r.latencyMsP50 !== undefined && uBefore.latencyMsP50 !== undefined && uAfter.latencyMsP50 !== undefined
+          ? {
+              kvLatencyMsP50: r.latencyMsP50,
+              kvLatencyMsP99: r.latencyMsP99!,
+              kvAddedLatencyMsP50: round(r.latencyMsP50 - (uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2, 2),
+              kvLatencyMsP50Unreplicated: round((uBefore.latencyMsP50 + uAfter.latencyMsP50) / 2, 2),
+            }
+          : {};
+      const breakdown = latency && latency.frames > 0 ? latency.summary() : undefined;
+      cells.push({
+        workload: g.name,
+        policy,
+        durability,
+        throughputRatio: round(r.perSec / ((uBefore.perSec + uAfter.perSec) / 2)),
+        ...s,
+        ...lat,
+        noise: spread(uBefore.perSec, uAfter.perSec),
+        ...(trace ? { trace } : {}),
+        ...(breakdown ? { latencyBreakdown: breakdown } : {}),
+        cpuUnreplicated: uAfter.cpu,
+      });
+      status(
+        `  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms (p99 ${s.pauseMsP99} ms, stream ${s.captureMsMedian} ms), ${s.mbShipped} MB shipped`,
+      );
+      if (breakdown) status(`    released frames: ${formatBreakdown(breakdown)}`);
+      const u = uAfter.cpu;
+      status(
+        `    cores: guest ${s.cpu.guest} (unreplicated ${u.guest}), primary ${s.cpu.primary} (${u.primary}), standby ${s.cpu.standby}, other ${s.cpu.other} (${u.other}), idle ${s.cpu.idle} (${u.idle})`,
+      );
+      uBefore = uAfter;
+    }
 }
 
-export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ summary: Record<string, unknown>; file: string; cells: SchedulerCell[] }> {
+export async function runSchedulerBench(
+  o: SchedulerBenchOptions,
+): Promise<{ summary: Record<string, unknown>; file: string; cells: SchedulerCell[] }> {
   const seconds = o.seconds ?? (o.quick ? 3 : 10);
   const policies = o.policies ?? (o.quick ? ['fixed:25ms', 'fixed:100ms', 'adaptive', 'model'] : BENCH_POLICIES);
   const cells: SchedulerCell[] = [];
   // Parallel variants run one dirtier per vCPU, each with its own 16 MB working set (progress summed).
-  const dirtiers = (rate: number, wssMb: number, cpus: number) => Array.from({ length: cpus }, (_, i) => ['dirtier', rate, wssMb, 100, i].join(',')).join('+');
+  const dirtiers = (rate: number, wssMb: number, cpus: number) =>
+    Array.from({ length: cpus }, (_, i) => ['dirtier', rate, wssMb, 100, i].join(',')).join('+');
   const workloads: Array<{ name: string; cpus: number; wl: string }> = [
     { name: 'cpu-loop', cpus: 1, wl: 'cpuloop,100' },
     { name: 'dirtier-10', cpus: 1, wl: dirtiers(10, 16, 1) },
@@ -237,11 +393,26 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
     const dir = makeTempDir('rubato-sbench-');
     let vm: QemuVm | null = null;
     try {
-      vm = await QemuVm.start({ name: `sb-${w.name}`, accel: o.accel, cpus: w.cpus, memMb: 128, kernel: o.guest.kernel, initrd: o.guest.initrd, append: guestAppend([w.wl]) }, { binary: o.binary, runDir: dir });
+      vm = await QemuVm.start(
+        {
+          name: `sb-${w.name}`,
+          accel: o.accel,
+          cpus: w.cpus,
+          memMb: 128,
+          kernel: o.guest.kernel,
+          initrd: o.guest.initrd,
+          append: guestAppend([w.wl]),
+        },
+        { binary: o.binary, runDir: dir },
+      );
       const probe = new ProgressProbe(vm, /work=(\d+)/);
       await vm.waitSerial(/work=/, 60_000);
       await sleep(1000);
-      const measure = async (): Promise<Load> => { const t0 = probe.mark(); await sleep(seconds * 1000); return { perSec: probe.rate(t0, probe.mark()) }; };
+      const measure = async (): Promise<Load> => {
+        const t0 = probe.mark();
+        await sleep(seconds * 1000);
+        return { perSec: probe.rate(t0, probe.mark()) };
+      };
       await runCells(o, policies, cells, { name: w.name, cpus: w.cpus, accel: o.accel, vm, dir, measure });
     } finally {
       await vm?.stop();
@@ -257,18 +428,41 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
     let rig: KvRig | null = null;
     try {
       rig = await startKvRig(dir, o.accel, `sb${name.slice(0, 2)}`, RIG[name]!.workload);
-      await runCells(o, policies, cells, { name, cpus: 1, accel: rig.accel, vm: rig.vm, dir, io: { relay: rig.io.relay, nbd: rig.io.nbd }, measure: loadFor(name, rig, seconds) });
+      await runCells(o, policies, cells, {
+        name,
+        cpus: 1,
+        accel: rig.accel,
+        vm: rig.vm,
+        dir,
+        io: { relay: rig.io.relay, nbd: rig.io.nbd },
+        measure: loadFor(name, rig, seconds),
+      });
     } finally {
       await stopKvRig(rig);
       removeTempDir(dir);
     }
   }
-  const perPolicy: Record<string, {
-    throughputRatio: Record<string, number>; kvLatencyP50Ms: number | null; kvAddedLatencyP50Ms: number | null; checkpointsPerSec: Record<string, number>;
-    pauseMsMedian: number; pauseMsMedianByWorkload: Record<string, number>; kvLatencyBreakdownP50?: Record<string, number>;
-  }> = {};
+  const perPolicy: Record<
+    string,
+    {
+      throughputRatio: Record<string, number>;
+      kvLatencyP50Ms: number | null;
+      kvAddedLatencyP50Ms: number | null;
+      checkpointsPerSec: Record<string, number>;
+      pauseMsMedian: number;
+      pauseMsMedianByWorkload: Record<string, number>;
+      kvLatencyBreakdownP50?: Record<string, number>;
+    }
+  > = {};
   for (const c of cells) {
-    const e = (perPolicy[o.durabilities && o.durabilities.length > 1 ? `${c.policy}/${c.durability}` : c.policy] ??= { throughputRatio: {}, kvLatencyP50Ms: null, kvAddedLatencyP50Ms: null, checkpointsPerSec: {}, pauseMsMedian: 0, pauseMsMedianByWorkload: {} });
+    const e = (perPolicy[o.durabilities && o.durabilities.length > 1 ? `${c.policy}/${c.durability}` : c.policy] ??= {
+      throughputRatio: {},
+      kvLatencyP50Ms: null,
+      kvAddedLatencyP50Ms: null,
+      checkpointsPerSec: {},
+      pauseMsMedian: 0,
+      pauseMsMedianByWorkload: {},
+    });
     e.throughputRatio[c.workload] = c.throughputRatio;
     e.checkpointsPerSec[c.workload] = c.checkpointsPerSec;
     e.pauseMsMedianByWorkload[c.workload] = c.pauseMsMedian;
@@ -276,13 +470,27 @@ export async function runSchedulerBench(o: SchedulerBenchOptions): Promise<{ sum
     if (c.workload === 'kv') {
       e.kvLatencyP50Ms = c.kvLatencyMsP50 ?? null;
       e.kvAddedLatencyP50Ms = c.kvAddedLatencyMsP50 ?? null;
-      if (c.latencyBreakdown) e.kvLatencyBreakdownP50 = Object.fromEntries(Object.entries(c.latencyBreakdown).filter(([k]) => k !== 'frames').map(([k, v]) => [k, (v as { p50: number }).p50]));
+      if (c.latencyBreakdown)
+        e.kvLatencyBreakdownP50 = Object.fromEntries(
+          Object.entries(c.latencyBreakdown)
+            .filter(([k]) => k !== 'frames')
+            .map(([k, v]) => [k, (v as { p50: number }).p50]),
+        );
     }
   }
-  const kvU = cells.filter((c) => c.workload === 'kv' && c.kvLatencyMsP50Unreplicated !== undefined).map((c) => c.kvLatencyMsP50Unreplicated!);
+  const kvU = cells
+    .filter((c) => c.workload === 'kv' && c.kvLatencyMsP50Unreplicated !== undefined)
+    .map((c) => c.kvLatencyMsP50Unreplicated!);
   mkdirSync(o.outDir, { recursive: true });
   const file = join(o.outDir, o.fileName ?? 'scheduler-bench.json');
-  const summary = { benchmark: 'scheduler', seconds, quick: o.quick, kvLatencyP50MsUnreplicated: kvU.length ? round(median(kvU), 2) : null, policies: perPolicy, results: file };
+  const summary = {
+    benchmark: 'scheduler',
+    seconds,
+    quick: o.quick,
+    kvLatencyP50MsUnreplicated: kvU.length ? round(median(kvU), 2) : null,
+    policies: perPolicy,
+    results: file,
+  };
   writeFileSync(file, JSON.stringify({ summary, cells }, null, 2));
   return { summary, file, cells } as { summary: Record<string, unknown>; file: string; cells: SchedulerCell[] };
 }

@@ -11,7 +11,7 @@ import { runCommand } from '../util/procs.ts';
 import { median, percentile, round } from '../util/stats.ts';
 import { sleep, waitFor } from '../util/async.ts';
 import { RubatoError } from '../util/errors.ts';
-import { Lan } from '../io/net/lan.ts';
+import type { Lan } from '../io/net/lan.ts';
 import type { QemuBinary } from '../qemu/vm.ts';
 import type { Accel } from '../qemu/spec.ts';
 import { ensureServiceClients } from '../setup/index.ts';
@@ -19,7 +19,8 @@ import { protect, summarise, whileProtected } from './scheduler.ts';
 import { LatencyBreakdown, SEGMENTS, formatBreakdown, type Breakdown } from '../replication/latency.ts';
 
 /** A breakdown's segment means (ms), which add up to `total`. */
-const breakdownMeans = (b: Breakdown) => Object.fromEntries([...SEGMENTS, 'total' as const].map((k) => [k, round(b[k].mean, 2)]));
+const breakdownMeans = (b: Breakdown) =>
+  Object.fromEntries([...SEGMENTS, 'total' as const].map((k) => [k, round(b[k].mean, 2)]));
 import { startDebianRig } from '../chaos/debian-rig.ts';
 import { stopKvRig, type KvRig } from '../chaos/chaos.ts';
 import { StandbyController } from '../replication/standby.ts';
@@ -32,44 +33,91 @@ import { barChart, stackedBarChart, svgToPng } from './plot.ts';
 export const SERVICE_POLICIES = ['model', 'adaptive', 'bounded-latency', 'fixed:25ms'] as const;
 
 export interface ServicesBenchOptions {
-  accel: Accel; binary: QemuBinary; quick: boolean; outDir: string; seconds?: number;
-  policies?: readonly string[]; cpus?: readonly number[]; onStatus?: (s: string) => void;
+  accel: Accel;
+  binary: QemuBinary;
+  quick: boolean;
+  outDir: string;
+  seconds?: number;
+  policies?: readonly string[];
+  cpus?: readonly number[];
+  onStatus?: (s: string) => void;
 }
 
 /** What one client run reported. */
-export interface ClientRun { perSec: number; p50Ms: number; p99Ms: number; errors: number }
+export interface ClientRun {
+  perSec: number;
+  p50Ms: number;
+  p99Ms: number;
+  errors: number;
+}
 
 export type Probe = 'redis-set' | 'redis-get' | 'nginx-4k' | 'nginx-100k' | 'pgbench' | 'upload-100mb';
 type Service = 'redis' | 'nginx' | 'postgres' | 'upload';
-const SERVICE_OF: Record<Probe, Service> = { 'redis-set': 'redis', 'redis-get': 'redis', 'nginx-4k': 'nginx', 'nginx-100k': 'nginx', pgbench: 'postgres', 'upload-100mb': 'upload' };
+const SERVICE_OF: Record<Probe, Service> = {
+  'redis-set': 'redis',
+  'redis-get': 'redis',
+  'nginx-4k': 'nginx',
+  'nginx-100k': 'nginx',
+  pgbench: 'postgres',
+  'upload-100mb': 'upload',
+};
 
 export interface ServiceCell {
-  service: Service; probe: Probe; policy: string; cpus: number;
-  throughputRatio: number; perSec: number; perSecUnreplicated: number;
-  p50Ms: number; p99Ms: number; p50MsUnreplicated: number; p99MsUnreplicated: number; errors: number;
-  checkpointsPerSec: number; pausedFraction: number; pauseMsMedian: number; mbShipped: number;
+  service: Service;
+  probe: Probe;
+  policy: string;
+  cpus: number;
+  throughputRatio: number;
+  perSec: number;
+  perSecUnreplicated: number;
+  p50Ms: number;
+  p99Ms: number;
+  p50MsUnreplicated: number;
+  p99MsUnreplicated: number;
+  errors: number;
+  checkpointsPerSec: number;
+  pausedFraction: number;
+  pauseMsMedian: number;
+  mbShipped: number;
   /** Where each released output frame's time went (segments: replication/latency.ts). */
   latencyBreakdown?: Breakdown;
 }
 
 // ---- the stock clients' own output, parsed ----
 
-/** `redis-benchmark --csv`: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms". */
+/**
+ * `redis-benchmark --csv`:
+ * "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms".
+ */
 export function parseRedisCsv(out: string): Map<string, ClientRun> {
-  const rows = out.split('\n').map((l) => l.trim()).filter((l) => l.startsWith('"')).map((l) => l.split(',').map((c) => c.replace(/^"|"$/g, '')));
+  const rows = out
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l.startsWith('"'))
+    .map((l) => l.split(',').map((c) => c.replace(/^"|"$/g, '')));
   const head = rows.shift();
   const at = (name: string) => head?.indexOf(name) ?? -1;
   const [rps, p50, p99] = [at('rps'), at('p50_latency_ms'), at('p99_latency_ms')];
-  if (!head || rps < 0 || p50 < 0 || p99 < 0) throw new RubatoError('RUBATO_PROTOCOL', `redis-benchmark printed no CSV table: ${out.slice(0, 200)}`);
-  return new Map(rows.map((r) => [r[0]!.toUpperCase(), { perSec: Number(r[rps]), p50Ms: Number(r[p50]), p99Ms: Number(r[p99]), errors: 0 }]));
+  if (!head || rps < 0 || p50 < 0 || p99 < 0)
+    throw new RubatoError('RUBATO_PROTOCOL', `redis-benchmark printed no CSV table: ${out.slice(0, 200)}`);
+  return new Map(
+    rows.map((r) => [
+      r[0]!.toUpperCase(),
+      { perSec: Number(r[rps]), p50Ms: Number(r[p50]), p99Ms: Number(r[p99]), errors: 0 },
+    ]),
+  );
 }
 
-const toMs = (v: string, unit: string) => Number(v) * (unit === 'us' ? 1e-3 : unit === 's' ? 1e3 : unit === 'm' ? 60e3 : 1);
+const toMs = (v: string, unit: string) =>
+  Number(v) * (unit === 'us' ? 1e-3 : unit === 's' ? 1e3 : unit === 'm' ? 60e3 : 1);
 
 /** `wrk --latency`: "Requests/sec: N", the latency distribution's 50 % and 99 %, socket errors and non-2xx answers. */
 export function parseWrk(out: string): ClientRun {
   const rps = /Requests\/sec:\s+([\d.]+)/.exec(out);
-  const pct = (p: number) => { const m = new RegExp(`^\\s*${p}%\\s+([\\d.]+)(us|ms|s|m)\\s*$`, 'm').exec(out); return m ? round(toMs(m[1]!, m[2]!), 3) : Number.NaN; };
+  const pct = (p: number) => {
+    const m = new RegExp(`^\\s*${p}%\\s+([\\d.]+)(us|ms|s|m)\\s*$`, 'm').exec(out);
+    return m ? round(toMs(m[1]!, m[2]!), 3) : Number.NaN;
+  };
   if (!rps) throw new RubatoError('RUBATO_PROTOCOL', `wrk printed no rate: ${out.slice(0, 200)}`);
   const sock = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out);
   const non2xx = /Non-2xx or 3xx responses: (\d+)/.exec(out);
@@ -77,13 +125,21 @@ export function parseWrk(out: string): ClientRun {
   return { perSec: Number(rps[1]), p50Ms: pct(50), p99Ms: pct(99), errors };
 }
 
-/** pgbench: "tps = N (without initial connection time)"; latencies from its per-transaction log (-l: µs in the third column). */
+/**
+ * pgbench: "tps = N (without initial connection time)"; latencies from its per-transaction log (-l: µs in the third
+ * column).
+ */
 export function parsePgbench(out: string, logLines: readonly string[]): ClientRun {
   const tps = /tps = ([\d.]+) \(without initial connection time\)/.exec(out);
   if (!tps) throw new RubatoError('RUBATO_PROTOCOL', `pgbench printed no tps: ${out.slice(-300)}`);
   const lat = logLines.map((l) => Number(l.split(' ')[2]) / 1000).filter((x) => Number.isFinite(x));
   const failed = /number of failed transactions: (\d+)/.exec(out);
-  return { perSec: Number(tps[1]), p50Ms: round(median(lat), 3), p99Ms: round(percentile(lat, 99), 3), errors: failed ? Number(failed[1]) : 0 };
+  return {
+    perSec: Number(tps[1]),
+    p50Ms: round(median(lat), 3),
+    p99Ms: round(percentile(lat, 99), 3),
+    errors: failed ? Number(failed[1]) : 0,
+  };
 }
 
 // ---- the clients run in the rig's client namespace (the Debian guest: chaos/debian-rig.ts) ----
@@ -92,8 +148,20 @@ type Rig = KvRig;
 
 /** A stock client in the client namespace; its stdout, or a typed error with its last words. */
 async function client(lan: Lan, cmd: string, args: string[], timeoutMs: number): Promise<string> {
-  const r = await runCommand('timeout', [String(Math.ceil(timeoutMs / 1000)), 'ip', 'netns', 'exec', lan.clientNs, cmd, ...args]);
-  if (r.code !== 0) throw new RubatoError('RUBATO_PROTOCOL', `${cmd} failed (exit ${r.code}): ${(r.stderr || r.stdout).trim().split('\n').slice(-2).join(' | ')}`);
+  const r = await runCommand('timeout', [
+    String(Math.ceil(timeoutMs / 1000)),
+    'ip',
+    'netns',
+    'exec',
+    lan.clientNs,
+    cmd,
+    ...args,
+  ]);
+  if (r.code !== 0)
+    throw new RubatoError(
+      'RUBATO_PROTOCOL',
+      `${cmd} failed (exit ${r.code}): ${(r.stderr || r.stdout).trim().split('\n').slice(-2).join(' | ')}`,
+    );
   return r.stdout;
 }
 
@@ -107,7 +175,12 @@ function probeRunner(rig: Rig, seconds: number, logDir: string) {
   const ip = rig.lan.guestIp;
   const lastRate = new Map<string, number>();
   const redis = async (test: 'set' | 'get', n: number): Promise<ClientRun> => {
-    const out = await client(rig.lan, 'redis-benchmark', ['-h', ip, '-c', '50', '-n', String(n), '-t', test, '-d', '64', '-r', '100000', '--csv'], 900_000);
+    const out = await client(
+      rig.lan,
+      'redis-benchmark',
+      ['-h', ip, '-c', '50', '-n', String(n), '-t', test, '-d', '64', '-r', '100000', '--csv'],
+      900_000,
+    );
     const r = parseRedisCsv(out).get(test.toUpperCase());
     if (!r) throw new RubatoError('RUBATO_PROTOCOL', `redis-benchmark reported no ${test.toUpperCase()}`);
     return r;
@@ -124,23 +197,66 @@ function probeRunner(rig: Rig, seconds: number, logDir: string) {
     if (probe === 'upload-100mb') {
       // Inbound bulk: 1000 SETs of 100 KiB over 4 connections (~100 MB into the guest). The guest's
       // TCP ACKs are output: held for a checkpoint like any reply, they pace the sender's window.
-      const out = await client(rig.lan, 'redis-benchmark', ['-h', ip, '-c', '4', '-n', '1000', '-t', 'set', '-d', String(UPLOAD_VALUE_BYTES), '-r', '1000', '--csv'], 900_000);
+      const out = await client(
+        rig.lan,
+        'redis-benchmark',
+        ['-h', ip, '-c', '4', '-n', '1000', '-t', 'set', '-d', String(UPLOAD_VALUE_BYTES), '-r', '1000', '--csv'],
+        900_000,
+      );
       const r = parseRedisCsv(out).get('SET');
       if (!r) throw new RubatoError('RUBATO_PROTOCOL', 'redis-benchmark reported no SET for the upload');
       return r;
     }
     if (probe === 'nginx-4k' || probe === 'nginx-100k') {
-      const out = await client(rig.lan, 'wrk', ['-t', '2', '-c', '64', '-d', `${seconds}s`, '--latency', `http://${ip}/${probe === 'nginx-4k' ? '4k' : '100k'}.html`], (seconds + 60) * 1000);
+      const out = await client(
+        rig.lan,
+        'wrk',
+        [
+          '-t',
+          '2',
+          '-c',
+          '64',
+          '-d',
+          `${seconds}s`,
+          '--latency',
+          `http://${ip}/${probe === 'nginx-4k' ? '4k' : '100k'}.html`,
+        ],
+        (seconds + 60) * 1000,
+      );
       return parseWrk(out);
     }
     const prefix = join(logDir, `pgb-${Date.now()}`);
-    const out = await client(rig.lan, 'pgbench', ['-h', ip, '-U', 'postgres', '-c', '8', '-j', '2', '-T', String(seconds), '-n', '-l', `--log-prefix=${prefix}`, 'postgres'], (seconds + 120) * 1000);
-    const lines = readdirSync(logDir).filter((f) => join(logDir, f).startsWith(prefix)).flatMap((f) => readFileSync(join(logDir, f), 'utf8').split('\n').filter(Boolean));
+    const out = await client(
+      rig.lan,
+      'pgbench',
+      [
+        '-h',
+        ip,
+        '-U',
+        'postgres',
+        '-c',
+        '8',
+        '-j',
+        '2',
+        '-T',
+        String(seconds),
+        '-n',
+        '-l',
+        `--log-prefix=${prefix}`,
+        'postgres',
+      ],
+      (seconds + 120) * 1000,
+    );
+    const lines = readdirSync(logDir)
+      .filter((f) => join(logDir, f).startsWith(prefix))
+      .flatMap((f) => readFileSync(join(logDir, f), 'utf8').split('\n').filter(Boolean));
     return parsePgbench(out, lines);
   };
 }
 
-export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summary: Record<string, unknown>; file: string; cells: ServiceCell[] }> {
+export async function runServicesBench(
+  o: ServicesBenchOptions,
+): Promise<{ summary: Record<string, unknown>; file: string; cells: ServiceCell[] }> {
   const status = o.onStatus ?? (() => {});
   const seconds = o.seconds ?? (o.quick ? 5 : 15);
   const policies = o.policies ?? (o.quick ? ['model'] : SERVICE_POLICIES);
@@ -156,7 +272,12 @@ export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summa
       status(`booting the Debian guest (${cpus} vCPU, 1 GiB) from its disk`);
       rig = await startDebianRig(dir, o.accel, 'svc', { hosts: 1, cpus });
       status(`initialising pgbench (scale ${scale}) in the guest`);
-      await client(rig.lan, 'pgbench', ['-h', rig.lan.guestIp, '-U', 'postgres', '-i', '-s', String(scale), '-q', 'postgres'], 900_000);
+      await client(
+        rig.lan,
+        'pgbench',
+        ['-h', rig.lan.guestIp, '-U', 'postgres', '-i', '-s', String(scale), '-q', 'postgres'],
+        900_000,
+      );
       const logDir = join(dir, 'pgbench');
       mkdirSync(logDir, { recursive: true });
       const run = probeRunner(rig, seconds, logDir);
@@ -169,7 +290,16 @@ export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summa
       for (const policy of policies) {
         status(`${cpus} vCPU: ${policy}: synchronising the standby`);
         const latency = new LatencyBreakdown();
-        const prot = await protect(rig.vm, dir, `svc-${cpus}-${policy}`.replace(/[^a-z0-9-]/gi, ''), policy, io, undefined, undefined, latency);
+        const prot = await protect(
+          rig.vm,
+          dir,
+          `svc-${cpus}-${policy}`.replace(/[^a-z0-9-]/gi, ''),
+          policy,
+          io,
+          undefined,
+          undefined,
+          latency,
+        );
         const during = await whileProtected(prot, async () => {
           await sleep(500);
           const out: Array<{ p: Probe; r: ClientRun; s: ReturnType<typeof summarise>; b: Breakdown | null }> = [];
@@ -180,7 +310,9 @@ export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summa
             const r = await run(p, 'replicated');
             const b = latency.frames ? latency.summary() : null;
             out.push({ p, r, s: summarise(prot.events.slice(n0), (performance.now() - t0) / 1000), b });
-            status(`  ${p} under ${policy}: ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors` : ''}`);
+            status(
+              `  ${p} under ${policy}: ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors` : ''}`,
+            );
             if (b) status(`    released frames: ${formatBreakdown(b)}`);
           }
           return out;
@@ -191,9 +323,22 @@ export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summa
           before.set(p, u1);
           const uRate = (u0.perSec + u1.perSec) / 2;
           cells.push({
-            service: SERVICE_OF[p], probe: p, policy, cpus, throughputRatio: round(r.perSec / uRate, 3), perSec: round(r.perSec, 1), perSecUnreplicated: round(uRate, 1),
-            p50Ms: r.p50Ms, p99Ms: r.p99Ms, p50MsUnreplicated: round((u0.p50Ms + u1.p50Ms) / 2, 3), p99MsUnreplicated: round((u0.p99Ms + u1.p99Ms) / 2, 3), errors: r.errors,
-            checkpointsPerSec: s.checkpointsPerSec, pausedFraction: s.pausedFraction, pauseMsMedian: s.pauseMsMedian, mbShipped: s.mbShipped,
+            service: SERVICE_OF[p],
+            probe: p,
+            policy,
+            cpus,
+            throughputRatio: round(r.perSec / uRate, 3),
+            perSec: round(r.perSec, 1),
+            perSecUnreplicated: round(uRate, 1),
+            p50Ms: r.p50Ms,
+            p99Ms: r.p99Ms,
+            p50MsUnreplicated: round((u0.p50Ms + u1.p50Ms) / 2, 3),
+            p99MsUnreplicated: round((u0.p99Ms + u1.p99Ms) / 2, 3),
+            errors: r.errors,
+            checkpointsPerSec: s.checkpointsPerSec,
+            pausedFraction: s.pausedFraction,
+            pauseMsMedian: s.pauseMsMedian,
+            mbShipped: s.mbShipped,
             ...(b ? { latencyBreakdown: b } : {}),
           });
         }
@@ -210,20 +355,60 @@ export async function runServicesBench(o: ServicesBenchOptions): Promise<{ summa
     const first = cs[0]!;
     return {
       throughputRatio: round(cs.reduce((a, c) => a + c.throughputRatio, 0) / cs.length, 3),
-      p50Ms: first.p50Ms, p50MsUnreplicated: first.p50MsUnreplicated, p99Ms: first.p99Ms, p99MsUnreplicated: first.p99MsUnreplicated,
-      checkpointsPerSec: first.checkpointsPerSec, pausedFraction: first.pausedFraction, errors: cs.reduce((a, c) => a + c.errors, 0),
-      ...(service === 'upload' ? { mbPerSec: round((first.perSec * UPLOAD_VALUE_BYTES) / 1e6, 1), mbPerSecUnreplicated: round((first.perSecUnreplicated * UPLOAD_VALUE_BYTES) / 1e6, 1) } : {}),
-      probes: Object.fromEntries(cs.map((c) => [c.probe, { throughputRatio: c.throughputRatio, perSec: c.perSec, perSecUnreplicated: c.perSecUnreplicated, p50Ms: c.p50Ms, p50MsUnreplicated: c.p50MsUnreplicated, p99Ms: c.p99Ms, p99MsUnreplicated: c.p99MsUnreplicated,
-        ...(c.latencyBreakdown ? { heldMsMean: breakdownMeans(c.latencyBreakdown) } : {}) }])),
+      p50Ms: first.p50Ms,
+      p50MsUnreplicated: first.p50MsUnreplicated,
+      p99Ms: first.p99Ms,
+      p99MsUnreplicated: first.p99MsUnreplicated,
+      checkpointsPerSec: first.checkpointsPerSec,
+      pausedFraction: first.pausedFraction,
+      errors: cs.reduce((a, c) => a + c.errors, 0),
+      ...(service === 'upload'
+        ? {
+            mbPerSec: round((first.perSec * UPLOAD_VALUE_BYTES) / 1e6, 1),
+            mbPerSecUnreplicated: round((first.perSecUnreplicated * UPLOAD_VALUE_BYTES) / 1e6, 1),
+          }
+        : {}),
+      probes: Object.fromEntries(
+        cs.map((c) => [
+          c.probe,
+          {
+            throughputRatio: c.throughputRatio,
+            perSec: c.perSec,
+            perSecUnreplicated: c.perSecUnreplicated,
+            p50Ms: c.p50Ms,
+            p50MsUnreplicated: c.p50MsUnreplicated,
+            p99Ms: c.p99Ms,
+            p99MsUnreplicated: c.p99MsUnreplicated,
+            ...(c.latencyBreakdown ? { heldMsMean: breakdownMeans(c.latencyBreakdown) } : {}),
+          },
+        ]),
+      ),
     };
   };
   status('failover as the clients see it: wrk, then redis-benchmark, while the primary host dies');
   const failover = await runFailoverUnderLoad({ accel: o.accel, seconds: o.quick ? 15 : 30, onStatus: status });
   mkdirSync(o.outDir, { recursive: true });
   const file = join(o.outDir, 'services.json');
-  const summary = { benchmark: 'services', policy: policies[0], cpus: cpuCounts[0], seconds, pgbenchScale: scale, redis: headline('redis'), nginx: headline('nginx'), postgres: headline('postgres'), upload: headline('upload'), failover, results: file };
+  const summary = {
+    benchmark: 'services',
+    policy: policies[0],
+    cpus: cpuCounts[0],
+    seconds,
+    pgbenchScale: scale,
+    redis: headline('redis'),
+    nginx: headline('nginx'),
+    postgres: headline('postgres'),
+    upload: headline('upload'),
+    failover,
+    results: file,
+  };
   writeFileSync(file, JSON.stringify({ summary, cells, failover }, null, 2));
-  await writeServicesReport(o.outDir, cells, { seconds, scale, command: `npm run bench -- services${o.quick ? ' --quick' : ''}`, failover });
+  await writeServicesReport(o.outDir, cells, {
+    seconds,
+    scale,
+    command: `npm run bench -- services${o.quick ? ' --quick' : ''}`,
+    failover,
+  });
   return { summary, file, cells };
 }
 
@@ -232,41 +417,75 @@ const ANCHOR_LINES = [
   'Remus (NSDI 2008): large slowdowns on network-bound workloads at 20–40 checkpoints/s (fixed 25 ms epochs, as `fixed:25ms` here).',
   'RemusDB (VLDB J.): plain Remus costs databases up to 32 % of their throughput.',
   'IBM micro-checkpointing (QEMU, 2014): 25–50 % penalty on a 4 GB Java server over 10 GbE (fixed 100 ms).',
-  'VMware FT: < 10 % slowdown (1 vCPU, record/replay). RRC (ATC\'22, containers): < 0.4 ms added response delay, overhead < 48 %.',
+  "VMware FT: < 10 % slowdown (1 vCPU, record/replay). RRC (ATC'22, containers): < 0.4 ms added response delay, overhead < 48 %.",
 ];
 
 /** results/services.md: the table per probe, policy and vCPU count, a grouped-bar figure, the anchors. */
-export async function writeServicesReport(outDir: string, cells: readonly ServiceCell[], o: { seconds: number; scale: number; command: string; failover?: readonly FailoverUnderLoad[] }): Promise<string> {
-  const md: string[] = ['# Real services under Rubato', '',
-    `Debian 12 guest (1 GiB) booted from its disk; redis-server, nginx-light and PostgreSQL 15 measured by Debian's stock clients from the client namespace: \`redis-benchmark\` (50 clients, SET and GET, 64-byte values), \`wrk\` (64 connections, 2 threads, a 4 KiB and a 100 KiB page), \`pgbench\` (TPC-B-like, 8 clients, scale ${o.scale}), and an inbound bulk upload (\`upload-100mb\`: \`redis-benchmark\` SETs of 100 KiB, 1000 over 4 connections, ~100 MB into the guest, whose TCP acknowledgements are output held like any reply). ${o.seconds} s per client run; each policy's phase sits between unreplicated phases of the same booted guest; ratios are to their mean. Latencies are the clients' own (pgbench: its per-transaction log). Command: \`${o.command}\`.`, '',
-    '| vCPUs | policy | probe | ratio | req/s (unreplicated) | p50 ms (unrepl.) | p99 ms (unrepl.) | ckpt/s | paused | MB shipped | errors |', '|---|---|---|---|---|---|---|---|---|---|---|'];
+export async function writeServicesReport(
+  outDir: string,
+  cells: readonly ServiceCell[],
+  o: { seconds: number; scale: number; command: string; failover?: readonly FailoverUnderLoad[] },
+): Promise<string> {
+  const md: string[] = [
+    '# Real services under Rubato',
+    '',
+    `Debian 12 guest (1 GiB) booted from its disk; redis-server, nginx-light and PostgreSQL 15 measured by Debian's stock clients from the client namespace: \`redis-benchmark\` (50 clients, SET and GET, 64-byte values), \`wrk\` (64 connections, 2 threads, a 4 KiB and a 100 KiB page), \`pgbench\` (TPC-B-like, 8 clients, scale ${o.scale}), and an inbound bulk upload (\`upload-100mb\`: \`redis-benchmark\` SETs of 100 KiB, 1000 over 4 connections, ~100 MB into the guest, whose TCP acknowledgements are output held like any reply). ${o.seconds} s per client run; each policy's phase sits between unreplicated phases of the same booted guest; ratios are to their mean. Latencies are the clients' own (pgbench: its per-transaction log). Command: \`${o.command}\`.`,
+    '',
+    '| vCPUs | policy | probe | ratio | req/s (unreplicated) | p50 ms (unrepl.) | p99 ms (unrepl.) | ckpt/s | paused | MB shipped | errors |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
+  ];
   for (const c of cells) {
-    md.push(`| ${c.cpus} | ${c.policy} | ${c.probe} | ${c.throughputRatio} | ${c.perSec} (${c.perSecUnreplicated}) | ${c.p50Ms} (${c.p50MsUnreplicated}) | ${c.p99Ms} (${c.p99MsUnreplicated}) | ${c.checkpointsPerSec} | ${(c.pausedFraction * 100).toFixed(1)} % | ${c.mbShipped} | ${c.errors} |`);
+    md.push(
+      `| ${c.cpus} | ${c.policy} | ${c.probe} | ${c.throughputRatio} | ${c.perSec} (${c.perSecUnreplicated}) | ${c.p50Ms} (${c.p50MsUnreplicated}) | ${c.p99Ms} (${c.p99MsUnreplicated}) | ${c.checkpointsPerSec} | ${(c.pausedFraction * 100).toFixed(1)} % | ${c.mbShipped} | ${c.errors} |`,
+    );
   }
   const figs: string[] = [];
   for (const cpus of [...new Set(cells.map((c) => c.cpus))]) {
     const probes = [...new Set(cells.map((c) => c.probe))];
-    const groups = probes.map((p) => ({ category: p, values: cells.filter((c) => c.cpus === cpus && c.probe === p).map((c) => ({ label: c.policy, value: c.throughputRatio })) }));
+    const groups = probes.map((p) => ({
+      category: p,
+      values: cells
+        .filter((c) => c.cpus === cpus && c.probe === p)
+        .map((c) => ({ label: c.policy, value: c.throughputRatio })),
+    }));
     const name = `services-throughput-${cpus}vcpu`;
-    const svg = barChart(groups, { title: `Throughput vs unreplicated, ${cpus} vCPU (stock clients)`, xLabel: 'service and client', yLabel: 'throughput ratio (1 = unreplicated)', reference: { value: 1, label: 'unreplicated' } });
+    const svg = barChart(groups, {
+      title: `Throughput vs unreplicated, ${cpus} vCPU (stock clients)`,
+      xLabel: 'service and client',
+      yLabel: 'throughput ratio (1 = unreplicated)',
+      reference: { value: 1, label: 'unreplicated' },
+    });
     writeFileSync(join(outDir, `${name}.svg`), svg);
     writeFileSync(join(outDir, `${name}.png`), await svgToPng(svg));
     figs.push(`![${name}](${name}.svg)`);
-    const lat = probes.map((p) => ({ category: p, values: [
-      { label: 'unreplicated', value: cells.find((c) => c.cpus === cpus && c.probe === p)?.p50MsUnreplicated ?? 0 },
-      ...cells.filter((c) => c.cpus === cpus && c.probe === p).map((c) => ({ label: c.policy, value: c.p50Ms })),
-    ] }));
+    const lat = probes.map((p) => ({
+      category: p,
+      values: [
+        { label: 'unreplicated', value: cells.find((c) => c.cpus === cpus && c.probe === p)?.p50MsUnreplicated ?? 0 },
+        ...cells.filter((c) => c.cpus === cpus && c.probe === p).map((c) => ({ label: c.policy, value: c.p50Ms })),
+      ],
+    }));
     const lname = `services-latency-${cpus}vcpu`;
-    const lsvg = barChart(lat, { title: `Median latency as the client saw it, ${cpus} vCPU`, xLabel: 'service and client', yLabel: 'p50 latency (ms)' });
+    const lsvg = barChart(lat, {
+      title: `Median latency as the client saw it, ${cpus} vCPU`,
+      xLabel: 'service and client',
+      yLabel: 'p50 latency (ms)',
+    });
     writeFileSync(join(outDir, `${lname}.svg`), lsvg);
     writeFileSync(join(outDir, `${lname}.png`), await svgToPng(lsvg));
     figs.push(`![${lname}](${lname}.svg)`);
     // Where a released output frame's time went (segment means add up to the mean hold).
     const held = cells.filter((c) => c.cpus === cpus && c.latencyBreakdown);
     if (held.length) {
-      const bars = held.map((c) => ({ category: `${c.probe} · ${c.policy}`, values: SEGMENTS.map((k) => ({ label: k, value: c.latencyBreakdown![k].mean })) }));
+      const bars = held.map((c) => ({
+        category: `${c.probe} · ${c.policy}`,
+        values: SEGMENTS.map((k) => ({ label: k, value: c.latencyBreakdown![k].mean })),
+      }));
       const bname = `services-held-${cpus}vcpu`;
-      const bsvg = stackedBarChart(bars, { title: `Where a released output frame waited, ${cpus} vCPU (mean ms per segment)`, xLabel: 'ms from the guest sending a frame to the frame leaving' });
+      const bsvg = stackedBarChart(bars, {
+        title: `Where a released output frame waited, ${cpus} vCPU (mean ms per segment)`,
+        xLabel: 'ms from the guest sending a frame to the frame leaving',
+      });
       writeFileSync(join(outDir, `${bname}.svg`), bsvg);
       writeFileSync(join(outDir, `${bname}.png`), await svgToPng(bsvg));
       figs.push(`![${bname}](${bname}.svg)`);
@@ -274,9 +493,18 @@ export async function writeServicesReport(outDir: string, cells: readonly Servic
   }
   md.push('', ...figs.flatMap((f) => [f, '']));
   if (o.failover?.length) {
-    md.push('## Failover as the clients saw it', '', 'The primary host killed (controller, QEMU, relay, disk server) a third into the client\'s run; `model` policy, timeout 500 ms, no witness. The longest stall is the slowest request the client reported.', '',
-      '| client | failover (ms) | requests | errors | longest stall (ms) | req/s over the run |', '|---|---|---|---|---|---|',
-      ...o.failover.map((f) => `| ${f.client} | ${f.failoverMs} | ${f.requests} | ${f.errors} | ${f.longestStallMs} | ${f.perSec} |`), '');
+    md.push(
+      '## Failover as the clients saw it',
+      '',
+      "The primary host killed (controller, QEMU, relay, disk server) a third into the client's run; `model` policy, timeout 500 ms, no witness. The longest stall is the slowest request the client reported.",
+      '',
+      '| client | failover (ms) | requests | errors | longest stall (ms) | req/s over the run |',
+      '|---|---|---|---|---|---|',
+      ...o.failover.map(
+        (f) => `| ${f.client} | ${f.failoverMs} | ${f.requests} | ${f.errors} | ${f.longestStallMs} | ${f.perSec} |`,
+      ),
+      '',
+    );
   }
   md.push('## Next to the anchors', '', ...ANCHOR_LINES.map((l) => `- ${l}`), '');
   const file = join(outDir, 'services.md');
@@ -285,7 +513,14 @@ export async function writeServicesReport(outDir: string, cells: readonly Servic
 }
 
 /** What a stock client saw while the primary host died under it. */
-export interface FailoverUnderLoad { client: 'wrk' | 'redis-benchmark'; failoverMs: number; requests: number; errors: number; longestStallMs: number; perSec: number }
+export interface FailoverUnderLoad {
+  client: 'wrk' | 'redis-benchmark';
+  failoverMs: number;
+  requests: number;
+  errors: number;
+  longestStallMs: number;
+  perSec: number;
+}
 
 /** wrk's "Latency avg stdev max" line: the slowest request (the longest stall a connection saw). */
 export function wrkMaxLatencyMs(out: string): number {
@@ -300,7 +535,11 @@ export function wrkMaxLatencyMs(out: string): number {
  * counts: requests, errors, the slowest request (the longest stall). After the first failover the
  * guest is protected again by a standby on the old host, for the second.
  */
-export async function runFailoverUnderLoad(o: { accel: Accel; seconds: number; onStatus?: (s: string) => void }): Promise<FailoverUnderLoad[]> {
+export async function runFailoverUnderLoad(o: {
+  accel: Accel;
+  seconds: number;
+  onStatus?: (s: string) => void;
+}): Promise<FailoverUnderLoad[]> {
   const status = o.onStatus ?? (() => {});
   await ensureServiceClients();
   const dir = makeTempDir('rubato-svcfo-');
@@ -317,8 +556,17 @@ export async function runFailoverUnderLoad(o: { accel: Accel; seconds: number; o
       let nextIo: GuestIo | null = null;
       let failoverAt = 0;
       const standby = new StandbyController({
-        host: '127.0.0.1', port: 0, stateDir: join(dir, `sb${k}`), psk, heartbeatMs: 50, timeoutMs: 500, fsync: false, binaryFor: async () => rig!.binary,
-        onEvent: (e) => { if (e.event === 'failover') failoverAt = e.runningAtMs; },
+        host: '127.0.0.1',
+        port: 0,
+        stateDir: join(dir, `sb${k}`),
+        psk,
+        heartbeatMs: 50,
+        timeoutMs: 500,
+        fsync: false,
+        binaryFor: async () => rig!.binary,
+        onEvent: (e) => {
+          if (e.event === 'failover') failoverAt = e.runningAtMs;
+        },
         prepareRestore: async (_id, store) => {
           nextIo = await GuestIo.start(other, dir, `fo${k}`, store.imagePath(DISK_BLOCK_ID));
           return { netSocket: nextIo.netSocket, ...(nextIo.nbdSocket ? { nbdSocket: nextIo.nbdSocket } : {}) };
@@ -328,17 +576,40 @@ export async function runFailoverUnderLoad(o: { accel: Accel; seconds: number; o
       stops.push(() => standby.stop());
       let protectedNow = false;
       const primary = new PrimaryController({
-        vm: live.vm, runDir: dir, standby: { host: '127.0.0.1', port: standby.boundPort }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: 500, retryMs: 300,
-        relay: live.io.relay, nbd: live.io.nbd, policy: parsePolicy('model'), onEvent: (e) => { if (e.event === 'protecting') protectedNow = true; },
+        vm: live.vm,
+        runDir: dir,
+        standby: { host: '127.0.0.1', port: standby.boundPort },
+        psk,
+        periodMs: 25,
+        heartbeatMs: 50,
+        timeoutMs: 500,
+        retryMs: 300,
+        relay: live.io.relay,
+        nbd: live.io.nbd,
+        policy: parsePolicy('model'),
+        onEvent: (e) => {
+          if (e.event === 'protecting') protectedNow = true;
+        },
       });
       primary.start();
       stops.push(() => primary.stop());
       await waitFor(() => protectedNow, 120_000, 'protection of the guest');
       status(`${clientName} against the guest; the primary host dies ${Math.round(o.seconds / 3)} s in`);
       const ip = rig.lan.guestIp;
-      const run = clientName === 'wrk'
-        ? client(rig.lan, 'wrk', ['-t', '2', '-c', '64', '-d', `${o.seconds}s`, '--latency', '--timeout', '30s', `http://${ip}/4k.html`], (o.seconds + 90) * 1000)
-        : client(rig.lan, 'redis-benchmark', ['-h', ip, '-c', '50', '-n', String(1500 * o.seconds), '-t', 'set', '-d', '64', '-r', '100000', '--csv'], (o.seconds + 300) * 1000);
+      const run =
+        clientName === 'wrk'
+          ? client(
+              rig.lan,
+              'wrk',
+              ['-t', '2', '-c', '64', '-d', `${o.seconds}s`, '--latency', '--timeout', '30s', `http://${ip}/4k.html`],
+              (o.seconds + 90) * 1000,
+            )
+          : client(
+              rig.lan,
+              'redis-benchmark',
+              ['-h', ip, '-c', '50', '-n', String(1500 * o.seconds), '-t', 'set', '-d', '64', '-r', '100000', '--csv'],
+              (o.seconds + 300) * 1000,
+            );
       await sleep((o.seconds / 3) * 1000);
       const killAt = Date.now();
       await primary.crash();
@@ -346,18 +617,44 @@ export async function runFailoverUnderLoad(o: { accel: Accel; seconds: number; o
       const text = await run;
       const r = clientName === 'wrk' ? parseWrk(text) : parseRedisCsv(text).get('SET')!;
       const requests = clientName === 'wrk' ? Number(/(\d+) requests in/.exec(text)?.[1] ?? 0) : 1500 * o.seconds;
-      const longest = clientName === 'wrk' ? wrkMaxLatencyMs(text) : Number(text.split('\n').find((l) => l.startsWith('"SET"'))?.split(',').at(-1)?.replace(/"/g, '') ?? Number.NaN);
-      out.push({ client: clientName, failoverMs: failoverAt ? failoverAt - killAt : -1, requests, errors: r.errors, longestStallMs: round(longest, 1), perSec: round(r.perSec, 1) });
-      status(`  ${clientName}: failover ${failoverAt - killAt} ms, ${requests} requests, ${r.errors} errors, longest stall ${round(longest, 1)} ms`);
+      const longest =
+        clientName === 'wrk'
+          ? wrkMaxLatencyMs(text)
+          : Number(
+              text
+                .split('\n')
+                .find((l) => l.startsWith('"SET"'))
+                ?.split(',')
+                .at(-1)
+                ?.replace(/"/g, '') ?? Number.NaN,
+            );
+      out.push({
+        client: clientName,
+        failoverMs: failoverAt ? failoverAt - killAt : -1,
+        requests,
+        errors: r.errors,
+        longestStallMs: round(longest, 1),
+        perSec: round(r.perSec, 1),
+      });
+      status(
+        `  ${clientName}: failover ${failoverAt - killAt} ms, ${requests} requests, ${r.errors} errors, longest stall ${round(longest, 1)} ms`,
+      );
       if (!standby.vm || !nextIo) throw new RubatoError('RUBATO_PEER_LOST', 'no failover happened');
       live = { vm: standby.vm, io: nextIo, host: 1 - live.host };
       standby.vm = null;
       await standby.stop();
-      stops.push(() => live.vm.stop(), () => (nextIo ? nextIo.close().catch(() => {}) : Promise.resolve()));
+      stops.push(
+        () => live.vm.stop(),
+        () => (nextIo ? nextIo.close().catch(() => {}) : Promise.resolve()),
+      );
     }
   } finally {
     for (const s of stops.reverse()) await s().catch(() => {});
-    if (rig) { await rig.vm.stop(); await rig.io.close().catch(() => {}); await rig.lan.destroy(); }
+    if (rig) {
+      await rig.vm.stop();
+      await rig.io.close().catch(() => {});
+      await rig.lan.destroy();
+    }
     removeTempDir(dir);
   }
   return out;

@@ -8,10 +8,21 @@ import { spawnTracked } from '../util/procs.ts';
 import { RubatoError } from '../util/errors.ts';
 import { writeKeyFile } from '../replication/keyfile.ts';
 
-export interface StandbyProcess { host: string; port: number; keyFile: string; pid: number; stop(): Promise<void> }
+export interface StandbyProcess {
+  host: string;
+  port: number;
+  keyFile: string;
+  pid: number;
+  stop(): Promise<void>;
+}
 
 /** Starts `rubato standby`, in namespace `ns` listening on `host` when given (a shaped link), else on loopback. */
-export async function startStandbyProcess(dir: string, tag: string, where?: { ns: string; host: string }, durability: 'memory' | 'disk' = 'memory'): Promise<StandbyProcess> {
+export async function startStandbyProcess(
+  dir: string,
+  tag: string,
+  where?: { ns: string; host: string },
+  durability: 'memory' | 'disk' = 'memory',
+): Promise<StandbyProcess> {
   const keyFile = join(dir, `${tag}.psk`);
   writeKeyFile(keyFile, { force: true }); // the benchmark's own temp folder: a cell may repeat its tag
   let lastError = '';
@@ -19,16 +30,39 @@ export async function startStandbyProcess(dir: string, tag: string, where?: { ns
     const port = randomInt(20000, 60000);
     const host = where?.host ?? '127.0.0.1';
     // The benchmark measures replication, not fencing: one pair on one machine, no witness.
-    const args = ['standby', '--no-witness', '--listen', `${host}:${port}`, '--state-dir', join(dir, `sb-${tag}`), '--key', keyFile, '--events', '--no-fsync', '--durability', durability, '--no-auto-failover', '--heartbeat-ms', '50'];
+    const args = [
+      'standby',
+      '--no-witness',
+      '--listen',
+      `${host}:${port}`,
+      '--state-dir',
+      join(dir, `sb-${tag}`),
+      '--key',
+      keyFile,
+      '--events',
+      '--no-fsync',
+      '--durability',
+      durability,
+      '--no-auto-failover',
+      '--heartbeat-ms',
+      '50',
+    ];
     const bin = RUBATO_COMMAND;
     const p = where
-      ? spawnTracked(`standby:${tag}`, 'ip', ['netns', 'exec', where.ns, bin, ...args], { env: { ...process.env, RUBATO_LOG: 'warn' } })
+      ? spawnTracked(`standby:${tag}`, 'ip', ['netns', 'exec', where.ns, bin, ...args], {
+          env: { ...process.env, RUBATO_LOG: 'warn' },
+        })
       : spawnTracked(`standby:${tag}`, bin, args, { env: { ...process.env, RUBATO_LOG: 'warn' } });
     let err = '';
-    p.child.stderr?.on('data', (d: Buffer) => { err = (err + d.toString()).slice(-2000); });
+    p.child.stderr?.on('data', (d: Buffer) => {
+      err = (err + d.toString()).slice(-2000);
+    });
     const ok = await new Promise<boolean>((resolve) => {
       let out = '';
-      p.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); if (out.includes('"listening"')) resolve(true); });
+      p.child.stdout?.on('data', (d: Buffer) => {
+        out += d.toString();
+        if (out.includes('"listening"')) resolve(true);
+      });
       void p.exited.then(() => resolve(false));
       setTimeout(() => resolve(false), 30_000);
     });
@@ -38,5 +72,8 @@ export async function startStandbyProcess(dir: string, tag: string, where?: { ns
     lastError = err.trim().split('\n').pop() ?? '';
     if (ended?.code === 2) break; // a configuration error: another port will not help
   }
-  throw new RubatoError('RUBATO_CONFIG', `could not start a standby process for the benchmark${lastError ? `: ${lastError}` : ''}`);
+  throw new RubatoError(
+    'RUBATO_CONFIG',
+    `could not start a standby process for the benchmark${lastError ? `: ${lastError}` : ''}`,
+  );
 }

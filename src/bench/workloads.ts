@@ -18,7 +18,20 @@ export const WEB_PAGE = '/lib/modules/virtio_pci.ko';
 
 /** Starts the closed-loop client of a service workload (4 connections); null for the disk writer. */
 export function loadClient(name: string, rig: KvRig, seconds: number): ReturnType<typeof clientProcess> | null {
-  if (name === 'kv') return clientProcess(rig.lan, ['--target', `${rig.lan.guestIp}:7000`, '--conns', '4', '--seconds', String(seconds)]);
-  if (name === 'web') return clientProcess(rig.lan, ['--target', `${rig.lan.guestIp}:80`, '--path', WEB_PAGE, '--conns', '4', '--seconds', String(seconds)], join('src', 'bench', 'web-client.ts'));
+  if (name === 'kv')
+    return clientProcess(rig.lan, [
+      '--target',
+      `${rig.lan.guestIp}:7000`,
+      '--conns',
+      '4',
+      '--seconds',
+      String(seconds),
+    ]);
+  if (name === 'web')
+    return clientProcess(
+      rig.lan,
+      ['--target', `${rig.lan.guestIp}:80`, '--path', WEB_PAGE, '--conns', '4', '--seconds', String(seconds)],
+      join('src', 'bench', 'web-client.ts'),
+    );
   return null;
 }

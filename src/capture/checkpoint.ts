@@ -67,14 +67,18 @@ export class PageSet {
   /** Adds `p`, replacing an earlier copy of its page; true when the page is new to the set. */
   set(p: DirtyPage): boolean {
     let m = this.byBlock.get(p.block);
-    if (!m) this.byBlock.set(p.block, m = new Map());
+    if (!m) this.byBlock.set(p.block, (m = new Map()));
     const fresh = !m.has(p.offset);
     if (fresh) this.n++;
     m.set(p.offset, p);
     return fresh;
   }
-  has(block: string, offset: number): boolean { return this.byBlock.get(block)?.has(offset) ?? false; }
-  get size(): number { return this.n; }
+  has(block: string, offset: number): boolean {
+    return this.byBlock.get(block)?.has(offset) ?? false;
+  }
+  get size(): number {
+    return this.n;
+  }
   values(): DirtyPage[] {
     const out: DirtyPage[] = [];
     for (const m of this.byBlock.values()) for (const p of m.values()) out.push(p);

@@ -23,16 +23,25 @@ export class PauseMeter {
   }
 
   /** Counts only pauses that start from now on (not the end of the initial copy, say). */
-  startNow(): void { this.sinceMs = Date.now(); }
+  startNow(): void {
+    this.sinceMs = Date.now();
+  }
 
   /** Leaves out the pause that contains this wall-clock time (a checkpoint held for verification). */
-  exclude(atMs: number): void { this.excluded.push(atMs); }
+  exclude(atMs: number): void {
+    this.excluded.push(atMs);
+  }
 
   pausesMs(): number[] {
     return this.pauses
-      .filter((p) => p.startMs >= this.sinceMs && !this.excluded.some((x) => x >= p.startMs - 20 && x <= p.startMs + p.durMs + 20))
+      .filter(
+        (p) =>
+          p.startMs >= this.sinceMs && !this.excluded.some((x) => x >= p.startMs - 20 && x <= p.startMs + p.durMs + 20),
+      )
       .map((p) => p.durMs);
   }
 
-  get count(): number { return this.pauses.length; }
+  get count(): number {
+    return this.pauses.length;
+  }
 }

@@ -12,7 +12,14 @@ import { withTimeout } from '../util/async.ts';
 import type { QemuVm } from '../qemu/vm.ts';
 import type { QmpEvent } from '../qemu/qmp.ts';
 import { ByteReader } from '../util/byte-reader.ts';
-import { COLO_MSG, COLO_MSG_NAMES, COLO_PRESEND_DELAY_MAGIC, COLO_PRESEND_MARK, VM, coloMessage } from '../qemu/stream-format.ts';
+import {
+  COLO_MSG,
+  COLO_MSG_NAMES,
+  COLO_PRESEND_DELAY_MAGIC,
+  COLO_PRESEND_MARK,
+  VM,
+  coloMessage,
+} from '../qemu/stream-format.ts';
 import { newRamState, readFooter, readPrecopy, readRamRecords, type PageSink, type RamState } from './stream/parser.ts';
 import { MAX_DEVICE_STATE_BYTES, PageSet, type BaseImage, type Checkpoint, type DirtyPage } from './checkpoint.ts';
 
@@ -20,7 +27,9 @@ const log = logger('capture-a');
 
 /** Migration sockets listening right now (leak checks in tests). */
 const listening = new Set<string>();
-export function liveMigrationSockets(): string[] { return [...listening]; }
+export function liveMigrationSockets(): string[] {
+  return [...listening];
+}
 
 /** Longest wait for QEMU's RESUME after a checkpoint before the next trigger is sent anyway. */
 const RESUME_WAIT_MS = 50;
@@ -70,7 +79,9 @@ export class ColoCapture {
    * that reset and the checkpoint wait for the 250 ms re-trigger.
    */
   private resumePending: { done: Promise<void>; resolve: () => void } | null = null;
-  private readonly onQmpEvent = (e: QmpEvent) => { if (e.event === 'RESUME') this.resumed(); };
+  private readonly onQmpEvent = (e: QmpEvent) => {
+    if (e.event === 'RESUME') this.resumed();
+  };
 
   private constructor(
     private readonly vm: QemuVm,
@@ -94,23 +105,45 @@ export class ColoCapture {
     const sockPath = join(opts.runDir, `${vm.spec.name}.mig`);
     rmSync(sockPath, { force: true });
     const server = createServer();
-    await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(sockPath, () => resolve()); });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(sockPath, () => resolve());
+    });
     listening.add(sockPath);
     const reader = new ByteReader(`COLO stream of VM ${vm.spec.name}`);
     const accepted = new Promise<Socket>((resolve) => {
       server.once('connection', (s: Socket) => {
         server.on('connection', (extra: Socket) => extra.destroy()); // one primary per capture
         s.setNoDelay(true);
-        reader.setFlowControl(STREAM_HIGH_WATER, STREAM_LOW_WATER, () => s.pause(), () => s.resume());
-        s.on('data', (d: Buffer) => { reader.push(d); });
-        s.on('error', (e) => reader.end(new RubatoError('RUBATO_STREAM_TRUNCATED', `COLO stream of VM ${vm.spec.name}: ${e.message}`)));
+        reader.setFlowControl(
+          STREAM_HIGH_WATER,
+          STREAM_LOW_WATER,
+          () => s.pause(),
+          () => s.resume(),
+        );
+        s.on('data', (d: Buffer) => {
+          reader.push(d);
+        });
+        s.on('error', (e) =>
+          reader.end(new RubatoError('RUBATO_STREAM_TRUNCATED', `COLO stream of VM ${vm.spec.name}: ${e.message}`)),
+        );
         s.on('close', () => reader.end());
         resolve(s);
       });
     });
     try {
-      await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-colo', state: true }, { capability: 'events', state: true }, { capability: 'x-ignore-shared', state: false }] });
-      await vm.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 2 ** 40, 'x-checkpoint-delay': NEVER_MS, 'downtime-limit': 300 });
+      await vm.qmp.execute('migrate-set-capabilities', {
+        capabilities: [
+          { capability: 'x-colo', state: true },
+          { capability: 'events', state: true },
+          { capability: 'x-ignore-shared', state: false },
+        ],
+      });
+      await vm.qmp.execute('migrate-set-parameters', {
+        'max-bandwidth': 2 ** 40,
+        'x-checkpoint-delay': NEVER_MS,
+        'downtime-limit': 300,
+      });
       await vm.qmp.execute('migrate', { uri: `unix:${sockPath}` });
     } catch (e) {
       stopListening(server, sockPath);
@@ -128,7 +161,11 @@ export class ColoCapture {
     }
     const capture = new ColoCapture(vm, server, sock, reader, sockPath, opts);
     try {
-      const base = await withTimeout(capture.readBase(), opts.precopyTimeoutMs ?? 300_000, `precopy of VM ${vm.spec.name} did not finish`);
+      const base = await withTimeout(
+        capture.readBase(),
+        opts.precopyTimeoutMs ?? 300_000,
+        `precopy of VM ${vm.spec.name} did not finish`,
+      );
       await opts.beforeReady?.(base);
       sock.write(coloMessage(COLO_MSG.CHECKPOINT_READY));
       return { capture, base };
@@ -143,16 +180,23 @@ export class ColoCapture {
     const sink = this.opts.baseSink ?? memorySink(ram, this.st);
     let lastReport = 0;
     const report = this.opts.onProgress;
-    const counted: PageSink = report ? {
-      ...sink,
-      page: (id, off, data) => {
-        sink.page(id, off, data);
-        if (this.reader.consumed - lastReport > 8 << 20) { lastReport = this.reader.consumed; report(lastReport); }
-      },
-    } : sink;
+    const counted: PageSink = report
+      ? {
+          ...sink,
+          page: (id, off, data) => {
+            sink.page(id, off, data);
+            if (this.reader.consumed - lastReport > 8 << 20) {
+              lastReport = this.reader.consumed;
+              report(lastReport);
+            }
+          },
+        }
+      : sink;
     const pre = await readPrecopy(this.reader, this.st, counted);
-    if (!pre.colo) throw new RubatoError('RUBATO_STREAM_FORMAT', `VM ${this.vm.spec.name}: the stream did not enable COLO`);
-    if (!this.opts.baseSink) for (const id of this.st.blockOrder) if (!ram.has(id)) ram.set(id, Buffer.alloc(this.st.blocks.get(id)!));
+    if (!pre.colo)
+      throw new RubatoError('RUBATO_STREAM_FORMAT', `VM ${this.vm.spec.name}: the stream did not enable COLO`);
+    if (!this.opts.baseSink)
+      for (const id of this.st.blockOrder) if (!ram.has(id)) ram.set(id, Buffer.alloc(this.st.blocks.get(id)!));
     report?.(this.reader.consumed);
     return {
       machine: pre.config.machine,
@@ -162,12 +206,16 @@ export class ColoCapture {
     };
   }
 
-  get lastEpoch(): number { return this.epoch; }
+  get lastEpoch(): number {
+    return this.epoch;
+  }
 
   /** Pages pre-sent during the running epoch (the latest copy of each); they join its checkpoint. */
   private present = new PageSet();
   /** This QEMU can pre-send (Rubato's patched QEMU). */
-  get canPresend(): boolean { return this.vm.canPresend; }
+  get canPresend(): boolean {
+    return this.vm.canPresend;
+  }
 
   /**
    * Pre-send (QEMU patch 0003): with the guest running, QEMU sends the RAM dirtied since the last
@@ -179,8 +227,16 @@ export class ColoCapture {
    * unprotected).
    */
   async presend(handOver?: (pages: DirtyPage[]) => void): Promise<{ pages: number; ms: number }> {
-    if (!this.vm.canPresend) throw new RubatoError('RUBATO_CAPTURE_FAILED', `the QEMU of VM ${this.vm.spec.name} cannot pre-send dirty RAM (Rubato's patched QEMU can)`);
-    if (this.failed) throw new RubatoError('RUBATO_CAPTURE_FAILED', `capture of VM ${this.vm.spec.name} has failed: ${this.failed.message}`);
+    if (!this.vm.canPresend)
+      throw new RubatoError(
+        'RUBATO_CAPTURE_FAILED',
+        `the QEMU of VM ${this.vm.spec.name} cannot pre-send dirty RAM (Rubato's patched QEMU can)`,
+      );
+    if (this.failed)
+      throw new RubatoError(
+        'RUBATO_CAPTURE_FAILED',
+        `capture of VM ${this.vm.spec.name} has failed: ${this.failed.message}`,
+      );
     assert(!this.busy, 'one checkpoint or pre-send at a time');
     this.busy = true;
     const t0 = performance.now();
@@ -190,18 +246,29 @@ export class ColoCapture {
       const timeoutMs = this.opts.checkpointTimeoutMs ?? 10_000;
       const read = async () => {
         const mark = await this.reader.readBe32();
-        if (mark !== COLO_PRESEND_MARK) throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream of VM ${this.vm.spec.name}: expected a pre-send, got ${COLO_MSG_NAMES[mark] ?? `0x${mark.toString(16)}`}`);
+        if (mark !== COLO_PRESEND_MARK)
+          throw new RubatoError(
+            'RUBATO_STREAM_FORMAT',
+            `COLO stream of VM ${this.vm.spec.name}: expected a pre-send, got ${COLO_MSG_NAMES[mark] ?? `0x${mark.toString(16)}`}`,
+          );
         const t = await this.reader.readU8();
         const sid = await this.reader.readBe32();
         if (t !== VM.SECTION_PART || sid !== this.st.ramSectionId) {
-          throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream of VM ${this.vm.spec.name}: a pre-send must be a RAM section part, got type 0x${t.toString(16)} section ${sid}`);
+          throw new RubatoError(
+            'RUBATO_STREAM_FORMAT',
+            `COLO stream of VM ${this.vm.spec.name}: a pre-send must be a RAM section part, got type 0x${t.toString(16)} section ${sid}`,
+          );
         }
         // (not copied: a page is a slice of the socket's chunk or a buffer of its own, never reused;
         // the chunks it pins are mostly its fellow pages)
         const got: DirtyPage[] = [];
         await readRamRecords(this.reader, this.st, {
-          page: (block, offset, data) => { got.push({ block, offset, data }); },
-          zero: (block, offset, fill) => { got.push({ block, offset, data: null, fill }); },
+          page: (block, offset, data) => {
+            got.push({ block, offset, data });
+          },
+          zero: (block, offset, fill) => {
+            got.push({ block, offset, data: null, fill });
+          },
         });
         await readFooter(this.reader, sid);
         return got;
@@ -224,12 +291,17 @@ export class ColoCapture {
     if (pending) await Promise.race([pending.done, new Promise((r) => setTimeout(r, RESUME_WAIT_MS))]);
     this.resumePending = null;
   }
-  get isFailed(): boolean { return this.failed !== null; }
+  get isFailed(): boolean {
+    return this.failed !== null;
+  }
 
-  private async expectMsg(want: number): Promise<number | void> {
+  private async expectMsg(want: number): Promise<void> {
     const got = await this.reader.readBe32();
     if (got !== want) {
-      throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream of VM ${this.vm.spec.name}: expected ${COLO_MSG_NAMES[want]}, got ${COLO_MSG_NAMES[got] ?? `message ${got}`}`);
+      throw new RubatoError(
+        'RUBATO_STREAM_FORMAT',
+        `COLO stream of VM ${this.vm.spec.name}: expected ${COLO_MSG_NAMES[want]}, got ${COLO_MSG_NAMES[got] ?? `message ${got}`}`,
+      );
     }
   }
 
@@ -242,7 +314,11 @@ export class ColoCapture {
    * resumes the guest. On any failure the guest is resumed unprotected and the capture is failed.
    */
   async checkpoint(opts: CheckpointOptions = {}): Promise<Checkpoint> {
-    if (this.failed) throw new RubatoError('RUBATO_CAPTURE_FAILED', `capture of VM ${this.vm.spec.name} has failed: ${this.failed.message}`);
+    if (this.failed)
+      throw new RubatoError(
+        'RUBATO_CAPTURE_FAILED',
+        `capture of VM ${this.vm.spec.name} has failed: ${this.failed.message}`,
+      );
     assert(!this.busy, 'one checkpoint at a time');
     this.busy = true;
     try {
@@ -268,7 +344,11 @@ export class ColoCapture {
       this.trigger().catch((e: unknown) => log.debug(`re-trigger of checkpoint ${this.epoch + 1}: ${errorMessage(e)}`));
     }, 250);
     try {
-      await withTimeout(this.expectMsg(COLO_MSG.CHECKPOINT_REQUEST), timeoutMs, `VM ${this.vm.spec.name} did not start checkpoint ${this.epoch + 1}`);
+      await withTimeout(
+        this.expectMsg(COLO_MSG.CHECKPOINT_REQUEST),
+        timeoutMs,
+        `VM ${this.vm.spec.name} did not start checkpoint ${this.epoch + 1}`,
+      );
     } finally {
       clearInterval(retrigger);
       retrigger = null;
@@ -280,27 +360,41 @@ export class ColoCapture {
     const pages: DirtyPage[] = [];
     let ramBytes = 0;
     const sink: PageSink = {
-      page: (block, offset, data) => { pages.push({ block, offset, data }); ramBytes += data.length; },
-      zero: (block, offset, fill) => { pages.push({ block, offset, data: null, fill }); },
+      page: (block, offset, data) => {
+        pages.push({ block, offset, data });
+        ramBytes += data.length;
+      },
+      zero: (block, offset, fill) => {
+        pages.push({ block, offset, data: null, fill });
+      },
     };
     const read = async () => {
       await this.expectMsg(COLO_MSG.VMSTATE_SEND);
       const t = await this.reader.readU8();
       const sid = await this.reader.readBe32();
       if (t !== VM.SECTION_END || sid !== this.st.ramSectionId) {
-        throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream of VM ${this.vm.spec.name}: expected the RAM section end, got type 0x${t.toString(16)} section ${sid}`);
+        throw new RubatoError(
+          'RUBATO_STREAM_FORMAT',
+          `COLO stream of VM ${this.vm.spec.name}: expected the RAM section end, got type 0x${t.toString(16)} section ${sid}`,
+        );
       }
       const counts = await readRamRecords(this.reader, this.st, sink);
       await readFooter(this.reader, sid);
       const eof = await this.reader.readU8();
-      if (eof !== VM.EOF) throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream: expected EOF after RAM, got 0x${eof.toString(16)}`);
+      if (eof !== VM.EOF)
+        throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream: expected EOF after RAM, got 0x${eof.toString(16)}`);
       await this.expectMsg(COLO_MSG.VMSTATE_SIZE);
       const size = await this.reader.readBe64();
-      if (size > MAX_DEVICE_STATE_BYTES) throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream: device state of ${size} bytes`);
+      if (size > MAX_DEVICE_STATE_BYTES)
+        throw new RubatoError('RUBATO_STREAM_FORMAT', `COLO stream: device state of ${size} bytes`);
       const deviceState = Buffer.from(await this.reader.readBytes(size));
       return { counts, deviceState };
     };
-    const { counts, deviceState } = await withTimeout(read(), timeoutMs, `checkpoint ${this.epoch + 1} of VM ${this.vm.spec.name} did not arrive`);
+    const { counts, deviceState } = await withTimeout(
+      read(),
+      timeoutMs,
+      `checkpoint ${this.epoch + 1} of VM ${this.vm.spec.name} did not arrive`,
+    );
     const tLocal = performance.now();
     this.epoch++;
     const cp: Checkpoint = {
@@ -323,12 +417,20 @@ export class ColoCapture {
       cp.timings.heldMs = performance.now() - tLocal;
     }
     let resolve!: () => void;
-    const done = new Promise<void>((r) => { resolve = r; });
+    const done = new Promise<void>((r) => {
+      resolve = r;
+    });
     this.resumePending = { done, resolve };
     this.sock.write(coloMessage(COLO_MSG.VMSTATE_LOADED));
     cp.timings.pauseMsLocal = performance.now() - tRequest;
     this.joinPresent(cp);
-    log.debug('checkpoint', { vm: this.vm.spec.name, epoch: cp.epoch, pages: pages.length, triggerMs: (tRequest - tTrigger).toFixed(2), captureMs: cp.timings.captureMs.toFixed(2) });
+    log.debug('checkpoint', {
+      vm: this.vm.spec.name,
+      epoch: cp.epoch,
+      pages: pages.length,
+      triggerMs: (tRequest - tTrigger).toFixed(2),
+      captureMs: cp.timings.captureMs.toFixed(2),
+    });
     return cp;
   }
 
@@ -380,8 +482,12 @@ function memorySink(ram: Map<string, Buffer>, st: RamState): PageSink {
     return b;
   };
   return {
-    page: (id, off, data) => { data.copy(block(id), off); },
-    zero: (id, off, fill) => { block(id).fill(fill, off, off + 4096); },
+    page: (id, off, data) => {
+      data.copy(block(id), off);
+    },
+    zero: (id, off, fill) => {
+      block(id).fill(fill, off, off + 4096);
+    },
   };
 }
 
@@ -399,7 +505,9 @@ export async function ensureGuestRunning(vm: QemuVm): Promise<void> {
     const mig = await vm.qmp.execute<{ status?: string }>('query-migrate', undefined, 2000);
     if (mig.status === 'colo') {
       // COLO may end on its own between the query and this command: the status check below decides
-      await vm.qmp.execute('x-colo-lost-heartbeat', undefined, 2000).catch((e: unknown) => log.debug(`x-colo-lost-heartbeat: ${errorMessage(e)}`));
+      await vm.qmp
+        .execute('x-colo-lost-heartbeat', undefined, 2000)
+        .catch((e: unknown) => log.debug(`x-colo-lost-heartbeat: ${errorMessage(e)}`));
     }
     const until = Date.now() + 3000;
     while (Date.now() < until) {

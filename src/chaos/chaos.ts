@@ -13,7 +13,15 @@ import { logger } from '../util/log.ts';
 import { median, percentile, round } from '../util/stats.ts';
 import { sleep, waitFor } from '../util/async.ts';
 import { RubatoError } from '../util/errors.ts';
-import { REPO_ROOT, ensureGuestImage, ensurePackages, ensureServiceClients, ensurePatchedQemu, ensureTapRelay, stockQemu } from '../setup/index.ts';
+import {
+  REPO_ROOT,
+  ensureGuestImage,
+  ensurePackages,
+  ensureServiceClients,
+  ensurePatchedQemu,
+  ensureTapRelay,
+  stockQemu,
+} from '../setup/index.ts';
 import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
 import { QemuVm } from '../qemu/vm.ts';
 import { guestAppend, type VmSpec } from '../qemu/spec.ts';
@@ -33,22 +41,43 @@ import { startDebianRig } from './debian-rig.ts';
 
 const log = logger('chaos');
 
-export const FAULTS = ['kill', 'partition', 'isolate', 'corrupt', 'standby-kill', 'standby-isolate', 'capture'] as const;
-export type Fault = typeof FAULTS[number];
+export const FAULTS = [
+  'kill',
+  'partition',
+  'isolate',
+  'corrupt',
+  'standby-kill',
+  'standby-isolate',
+  'capture',
+] as const;
+export type Fault = (typeof FAULTS)[number];
 
 export interface ChaosOptions {
   /** Rounds; each injects one fault, taken in turn from `faults`. */
-  rounds: number; faults: readonly Fault[]; seconds: number; timeoutMs: number; accel: AccelChoice; conns: number; policy: string;
+  rounds: number;
+  faults: readonly Fault[];
+  seconds: number;
+  timeoutMs: number;
+  accel: AccelChoice;
+  conns: number;
+  policy: string;
   /** Witness lease TTL, seconds. */
-  leaseTtl?: number; onStatus?: (s: string) => void;
-  /** false: no witness (any standby that stops hearing its primary takes over) — shows what the detector sees without one. */
+  leaseTtl?: number;
+  onStatus?: (s: string) => void;
+  /**
+   * false: no witness (any standby that stops hearing its primary takes over) — shows what the detector sees without
+   * one.
+   */
   witness?: boolean;
-  /** The service written to: the test guest's KV store (default), or PostgreSQL (rows inserted by psql sessions) or Redis (appendfsync always) in the Debian guest. */
+  /**
+   * The service written to: the test guest's KV store (default), or PostgreSQL (rows inserted by psql sessions) or
+   * Redis (appendfsync always) in the Debian guest.
+   */
   service?: ChaosService;
 }
 
 export const CHAOS_SERVICES = ['kv', 'postgres', 'redis'] as const;
-export type ChaosService = typeof CHAOS_SERVICES[number];
+export type ChaosService = (typeof CHAOS_SERVICES)[number];
 /** Where each service listens and which client writes to it (same contract: acks as JSON lines, --verify FILE). */
 const SERVICE_CLIENT: Record<ChaosService, { port: number; script: string; args?: string[] }> = {
   kv: { port: 7000, script: join('src', 'chaos', 'kv-client.ts') },
@@ -56,40 +85,108 @@ const SERVICE_CLIENT: Record<ChaosService, { port: number; script: string; args?
   redis: { port: 6379, script: join('src', 'chaos', 'kv-client.ts'), args: ['--proto', 'redis'] },
 };
 
-export interface RoundResult { fault: Fault; variant: string; failover: boolean; failoverMs: number | null; reprotectMs: number | null; primary: string }
-
-export interface ChaosResult {
-  rounds: number; byFault: Record<Fault, number>; failovers: number; splitBrain: number; lost: number; acknowledged: number; reprotected: number;
-  kills: number; lostKeys: string[]; connectionsSurvived: number; connectionsTotal: number; failoverMsMedian: number; failoverMs: number[];
-  latencyMsP50: number; latencyMsP99: number; accel: string; detail: RoundResult[]; error?: string;
+export interface RoundResult {
+  fault: Fault;
+  variant: string;
+  failover: boolean;
+  failoverMs: number | null;
+  reprotectMs: number | null;
+  primary: string;
 }
 
-interface ClientEvent { t: number; type: string; key?: string; value?: string; conn?: number; id?: number; event?: string; latMs?: number; missing?: string[]; checked?: number }
+export interface ChaosResult {
+  rounds: number;
+  byFault: Record<Fault, number>;
+  failovers: number;
+  splitBrain: number;
+  lost: number;
+  acknowledged: number;
+  reprotected: number;
+  kills: number;
+  lostKeys: string[];
+  connectionsSurvived: number;
+  connectionsTotal: number;
+  failoverMsMedian: number;
+  failoverMs: number[];
+  latencyMsP50: number;
+  latencyMsP99: number;
+  accel: string;
+  detail: RoundResult[];
+  error?: string;
+}
 
-export function clientProcess(lan: Lan, args: string[], scriptPath = join('src', 'chaos', 'kv-client.ts')): { proc: TrackedProcess; events: ClientEvent[]; done: Promise<void> } {
+interface ClientEvent {
+  t: number;
+  type: string;
+  key?: string;
+  value?: string;
+  conn?: number;
+  id?: number;
+  event?: string;
+  latMs?: number;
+  missing?: string[];
+  checked?: number;
+}
+
+export function clientProcess(
+  lan: Lan,
+  args: string[],
+  scriptPath = join('src', 'chaos', 'kv-client.ts'),
+): { proc: TrackedProcess; events: ClientEvent[]; done: Promise<void> } {
   const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
   const script = join(REPO_ROOT, scriptPath);
-  const proc = spawnTracked('kv-client', 'ip', ['netns', 'exec', lan.clientNs, process.execPath, '--import', tsx, script, ...args]);
+  const proc = spawnTracked('kv-client', 'ip', [
+    'netns',
+    'exec',
+    lan.clientNs,
+    process.execPath,
+    '--import',
+    tsx,
+    script,
+    ...args,
+  ]);
   const events: ClientEvent[] = [];
   let buf = '';
   proc.child.stdout?.on('data', (d: Buffer) => {
     buf += d.toString();
-    let nl;
-    while ((nl = buf.indexOf('\n')) >= 0) { try { events.push(JSON.parse(buf.slice(0, nl)) as ClientEvent); } catch { /* not ours */ } buf = buf.slice(nl + 1); }
+    let nl: number;
+    while ((nl = buf.indexOf('\n')) >= 0) {
+      try {
+        events.push(JSON.parse(buf.slice(0, nl)) as ClientEvent);
+      } catch {
+        /* not ours */
+      }
+      buf = buf.slice(nl + 1);
+    }
   });
   proc.child.stderr?.on('data', (d: Buffer) => log.debug(`client: ${d.toString().trim()}`));
   return { proc, events, done: proc.exited.then(() => {}) };
 }
 
-
 /** A KV guest on a LAN: topology, disk, the guest's I/O on host A, the booted VM. */
-export interface KvRig { lan: Lan; hosts: LanHost[]; io: GuestIo; vm: QemuVm; dir: string; binary: import('../qemu/vm.ts').QemuBinary; accel: string }
+export interface KvRig {
+  lan: Lan;
+  hosts: LanHost[];
+  io: GuestIo;
+  vm: QemuVm;
+  dir: string;
+  binary: import('../qemu/vm.ts').QemuBinary;
+  accel: string;
+}
 
 /** What the rig's guest runs (default: the KV service) and the console line that says it is ready. */
-export interface RigWorkload { wl: Array<string | number>; ready: RegExp }
+export interface RigWorkload {
+  wl: Array<string | number>;
+  ready: RegExp;
+}
 export const KV_WORKLOAD: RigWorkload = { wl: ['kvd', 7000, '/data/kv.log'], ready: /RUBATO kvd ready/ };
 
-export async function startKvRig(dir: string, accelChoice: AccelChoice, tag: string, workload: RigWorkload = KV_WORKLOAD): Promise<KvRig> {
+export async function startKvRig(
+  dir: string,
+  accelChoice: AccelChoice,
+  tag: string,
+  workload: RigWorkload = KV_WORKLOAD,
+): Promise<KvRig> {
   const guest = await ensureGuestImage();
   const { accel } = await resolveAccel(accelChoice, stockQemu(), guest);
   const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
@@ -102,11 +199,24 @@ export async function startKvRig(dir: string, accelChoice: AccelChoice, tag: str
     const mk = await runCommand('mkfs.ext2', ['-q', '-F', disk]);
     if (mk.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `mkfs.ext2 failed: ${mk.stderr}`);
     const spec: VmSpec = {
-      name: 'kv', accel, cpus: 1, memMb: 128, kernel: guest.kernel, initrd: guest.initrd, mac: '52:54:00:ab:cd:01', disk: true,
+      name: 'kv',
+      accel,
+      cpus: 1,
+      memMb: 128,
+      kernel: guest.kernel,
+      initrd: guest.initrd,
+      mac: '52:54:00:ab:cd:01',
+      disk: true,
       append: guestAppend(workload.wl, { ip: `${lan.guestIp}/24`, disk: 'vda' }),
     };
     const io = await GuestIo.start(hosts[0]!, dir, 'g0', disk);
-    const vm = await QemuVm.start(spec, { binary, runDir: dir, tag: 'g0', netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) });
+    const vm = await QemuVm.start(spec, {
+      binary,
+      runDir: dir,
+      tag: 'g0',
+      netSocket: io.netSocket,
+      ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
+    });
     await vm.waitSerial(workload.ready, 90_000);
     return { lan, hosts, io, vm, dir, binary, accel };
   } catch (e) {
@@ -124,25 +234,57 @@ export async function stopKvRig(rig: KvRig | null): Promise<void> {
 }
 
 /** One host of the chaos pair: its LAN namespace and its own way to the witness (which a fault can cut). */
-interface ChaosHost { lan: LanHost; name: string; etcdProxy: ThreadedProxy; etcd: EtcdClient }
+interface ChaosHost {
+  lan: LanHost;
+  name: string;
+  etcdProxy: ThreadedProxy;
+  etcd: EtcdClient;
+}
 
 /** The copy of the guest that runs live, and everything of its host that serves it. */
-interface LiveCopy { host: ChaosHost; vm: QemuVm; io: GuestIo; ownership: Ownership | null }
+interface LiveCopy {
+  host: ChaosHost;
+  vm: QemuVm;
+  io: GuestIo;
+  ownership: Ownership | null;
+}
 
 /** The protection of a live copy: a standby on the other host reached through a link that faults can cut or corrupt. */
 interface Pair {
-  primary: PrimaryController; standby: StandbyController; link: ThreadedProxy; guard: OwnershipGuard | null; gate: WitnessGate | null;
-  failCaptureOnce: () => void; host: ChaosHost;
-  pEvents: Array<PrimaryEvent & { t: number }>; sEvents: Array<StandbyEvent & { t: number }>; gEvents: Array<Record<string, unknown>>; nextIo: GuestIo | null;
+  primary: PrimaryController;
+  standby: StandbyController;
+  link: ThreadedProxy;
+  guard: OwnershipGuard | null;
+  gate: WitnessGate | null;
+  failCaptureOnce: () => void;
+  host: ChaosHost;
+  pEvents: Array<PrimaryEvent & { t: number }>;
+  sEvents: Array<StandbyEvent & { t: number }>;
+  gEvents: Array<Record<string, unknown>>;
+  nextIo: GuestIo | null;
 }
 
 export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
   const status = o.onStatus ?? (() => {});
   const ttl = o.leaseTtl ?? 1;
   const res: ChaosResult = {
-    rounds: 0, byFault: { kill: 0, partition: 0, isolate: 0, corrupt: 0, 'standby-kill': 0, 'standby-isolate': 0, capture: 0 }, failovers: 0, splitBrain: -1, lost: -1, acknowledged: 0, reprotected: 0,
-    kills: 0, lostKeys: [], connectionsSurvived: 0, connectionsTotal: 0, failoverMsMedian: Number.NaN, failoverMs: [], latencyMsP50: Number.NaN,
-    latencyMsP99: Number.NaN, accel: o.accel, detail: [],
+    rounds: 0,
+    byFault: { kill: 0, partition: 0, isolate: 0, corrupt: 0, 'standby-kill': 0, 'standby-isolate': 0, capture: 0 },
+    failovers: 0,
+    splitBrain: -1,
+    lost: -1,
+    acknowledged: 0,
+    reprotected: 0,
+    kills: 0,
+    lostKeys: [],
+    connectionsSurvived: 0,
+    connectionsTotal: 0,
+    failoverMsMedian: Number.NaN,
+    failoverMs: [],
+    latencyMsP50: Number.NaN,
+    latencyMsP99: Number.NaN,
+    accel: o.accel,
+    detail: [],
   };
   const dir = makeTempDir('rubato-chaos-');
   let rig: KvRig | null = null;
@@ -167,20 +309,44 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       const etcdProxy = new ThreadedProxy(etcdPort);
       proxies.push(etcdProxy);
       await etcdProxy.listen();
-      hosts.push({ lan: h, name: h.name, etcdProxy, etcd: new EtcdClient([`http://127.0.0.1:${etcdProxy.port}`], 500) });
+      hosts.push({
+        lan: h,
+        name: h.name,
+        etcdProxy,
+        etcd: new EtcdClient([`http://127.0.0.1:${etcdProxy.port}`], 500),
+      });
     }
     const withWitness = o.witness ?? true;
     const vmName = rig.vm.spec.name;
     const ownership = withWitness ? new Ownership(hosts[0]!.etcd, vmName, hosts[0]!.name, ttl) : null;
-    if (ownership && (await ownership.claim()) === null) throw new RubatoError('RUBATO_VM_OWNED', 'the fresh witness refused the first claim');
+    if (ownership && (await ownership.claim()) === null)
+      throw new RubatoError('RUBATO_VM_OWNED', 'the fresh witness refused the first claim');
     // Every frame the live copy sends passes the release gate, as under `rubato protect`.
     if (ownership && rig.io.relay) rig.io.relay.gate = new ReleaseGate((now) => ownership.leaseCheck(now));
     live = { host: hosts[0]!, vm: rig.vm, io: rig.io, ownership };
     const psk = randomBytes(32);
-    detector = await SplitBrainDetector.start(lan, hosts.map((h) => h.lan), rig.vm.spec.mac!);
-    status(`${({ kv: 'KV', postgres: 'PostgreSQL', redis: 'Redis (appendfsync always)' } as const)[service]} guest up at ${lan.guestIp} on ${live.host.name}; witness ${etcd.url}; faults ${o.faults.join(',')}, ${o.rounds} rounds`);
+    detector = await SplitBrainDetector.start(
+      lan,
+      hosts.map((h) => h.lan),
+      rig.vm.spec.mac!,
+    );
+    status(
+      `${({ kv: 'KV', postgres: 'PostgreSQL', redis: 'Redis (appendfsync always)' } as const)[service]} guest up at ${lan.guestIp} on ${live.host.name}; witness ${etcd.url}; faults ${o.faults.join(',')}, ${o.rounds} rounds`,
+    );
     const total = o.rounds * (o.seconds + 25) + 120;
-    client = clientProcess(lan, ['--target', `${lan.guestIp}:${svc.port}`, '--conns', String(o.conns), '--seconds', String(total), ...(svc.args ?? [])], svc.script);
+    client = clientProcess(
+      lan,
+      [
+        '--target',
+        `${lan.guestIp}:${svc.port}`,
+        '--conns',
+        String(o.conns),
+        '--seconds',
+        String(total),
+        ...(svc.args ?? []),
+      ],
+      svc.script,
+    );
     const kills: Array<{ killAt: number; runningAt: number }> = [];
     const acks = () => client!.events.filter((e) => e.type === 'ack').length;
 
@@ -196,11 +362,20 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       let guard: OwnershipGuard | null = null;
       let failCapture = false;
       const standby = new StandbyController({
-        host: '127.0.0.1', port: 0, stateDir: join(dir, `standby${round}`), psk, heartbeatMs: 50, timeoutMs: o.timeoutMs, fsync: false, ...(gate ? { gate } : {}),
-        binaryFor: async () => rig!.binary, onEvent: (e) => sEvents.push({ ...e, t: Date.now() }),
+        host: '127.0.0.1',
+        port: 0,
+        stateDir: join(dir, `standby${round}`),
+        psk,
+        heartbeatMs: 50,
+        timeoutMs: o.timeoutMs,
+        fsync: false,
+        ...(gate ? { gate } : {}),
+        binaryFor: async () => rig!.binary,
+        onEvent: (e) => sEvents.push({ ...e, t: Date.now() }),
         prepareRestore: async (_id, store) => {
           const io = await GuestIo.start(other.lan, dir, `g${round}`, store.imagePath(DISK_BLOCK_ID));
-          if (gate && io.relay) io.relay.gate = new ReleaseGate((now) => gate.ownership(vmName).leaseCheck(now)); // a restored guest's frames too
+          // a restored guest's frames too
+          if (gate && io.relay) io.relay.gate = new ReleaseGate((now) => gate.ownership(vmName).leaseCheck(now));
           nextIo = io;
           return { netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) };
         },
@@ -214,21 +389,55 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         throw e;
       }
       const primary = new PrimaryController({
-        vm: l.vm, runDir: dir, standby: { host: '127.0.0.1', port: link.port }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: o.timeoutMs, retryMs: 300,
-        relay: l.io.relay, nbd: l.io.nbd, policy: parsePolicy(o.policy), generation: () => l.ownership?.generation ?? 0,
+        vm: l.vm,
+        runDir: dir,
+        standby: { host: '127.0.0.1', port: link.port },
+        psk,
+        periodMs: 25,
+        heartbeatMs: 50,
+        timeoutMs: o.timeoutMs,
+        retryMs: 300,
+        relay: l.io.relay,
+        nbd: l.io.nbd,
+        policy: parsePolicy(o.policy),
+        generation: () => l.ownership?.generation ?? 0,
         // A capture failure on the primary (QEMU's stream breaks mid-epoch), once when asked.
-        fault: (point) => { if (point === 'mid-epoch' && failCapture) { failCapture = false; throw new RubatoError('RUBATO_PROTOCOL', 'injected capture failure'); } },
-        onEvent: (e) => { pEvents.push({ ...e, t: Date.now() }); },
+        fault: (point) => {
+          if (point === 'mid-epoch' && failCapture) {
+            failCapture = false;
+            throw new RubatoError('RUBATO_PROTOCOL', 'injected capture failure');
+          }
+        },
+        onEvent: (e) => {
+          pEvents.push({ ...e, t: Date.now() });
+        },
       });
-      guard = l.ownership ? guardOwnership(l.ownership, {
-        protected: () => primary.protected, emit: (e) => gEvents.push({ ...e, t: Date.now() }),
-        stopGuest: () => { void primary.crash(); },
-      }) : null;
+      guard = l.ownership
+        ? guardOwnership(l.ownership, {
+            protected: () => primary.protected,
+            emit: (e) => gEvents.push({ ...e, t: Date.now() }),
+            stopGuest: () => {
+              void primary.crash();
+            },
+          })
+        : null;
       primary.start();
       return {
-        primary, standby, link, guard, gate, host: other, pEvents, sEvents, gEvents,
-        failCaptureOnce: () => { failCapture = true; },
-        get nextIo() { return nextIo; },
+        primary,
+        standby,
+        link,
+        guard,
+        gate,
+        host: other,
+        pEvents,
+        sEvents,
+        gEvents,
+        failCaptureOnce: () => {
+          failCapture = true;
+        },
+        get nextIo() {
+          return nextIo;
+        },
       };
     };
     const protectedSince = async (q: Pair, since: number, what: string) =>
@@ -241,19 +450,42 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     for (let k = 1; k <= o.rounds; k++) {
       const fault = o.faults[(k - 1) % o.faults.length]!;
       const l: LiveCopy = live!;
-      const q: Pair = pair ?? await protect(l, k);
+      const q: Pair = pair ?? (await protect(l, k));
       pair = q;
       await protectedSince(q, 0, `protection before round ${k}`);
       const runMs = randomInt(Math.floor(o.seconds * 500), Math.floor(o.seconds * 1500) + 1);
       const acksBefore = acks();
       await sleep(runMs);
-      const variant = fault === 'isolate' ? (res.byFault.isolate % 2 === 0 ? 'etcd' : 'etcd+link') : ({ kill: 'host', partition: 'link', corrupt: 'bit', 'standby-kill': 'host', 'standby-isolate': 'etcd', capture: 'mid-epoch' } as const)[fault];
-      status(`round ${k}/${o.rounds}: ${fault} (${variant}) of ${fault.startsWith('standby') ? `the standby ${q.host.name}` : l.host.name} after ${(runMs / 1000).toFixed(1)} s, ${acks() - acksBefore} writes acknowledged meanwhile`);
+      const variant =
+        fault === 'isolate'
+          ? res.byFault.isolate % 2 === 0
+            ? 'etcd'
+            : 'etcd+link'
+          : (
+              {
+                kill: 'host',
+                partition: 'link',
+                corrupt: 'bit',
+                'standby-kill': 'host',
+                'standby-isolate': 'etcd',
+                capture: 'mid-epoch',
+              } as const
+            )[fault];
+      status(
+        `round ${k}/${o.rounds}: ${fault} (${variant}) of ${fault.startsWith('standby') ? `the standby ${q.host.name}` : l.host.name} after ${(runMs / 1000).toFixed(1)} s, ${acks() - acksBefore} writes acknowledged meanwhile`,
+      );
       res.byFault[fault]++;
       res.rounds++;
       const faultAt = Date.now();
       let expectFailover = false;
-      const round: RoundResult = { fault, variant, failover: false, failoverMs: null, reprotectMs: null, primary: l.host.name };
+      const round: RoundResult = {
+        fault,
+        variant,
+        failover: false,
+        failoverMs: null,
+        reprotectMs: null,
+        primary: l.host.name,
+      };
       switch (fault) {
         case 'kill':
           // The primary host dies: controller, QEMU, relay, disk server, TAP, its lease renewals — no goodbye.
@@ -273,7 +505,11 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
             expectFailover = true;
             break;
           }
-          if (!(await noFailoverFor(q, Math.max(3 * o.timeoutMs, ttl * 1000 + 2000)))) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the standby went live while its primary held the VM (partition)`);
+          if (!(await noFailoverFor(q, Math.max(3 * o.timeoutMs, ttl * 1000 + 2000))))
+            throw new RubatoError(
+              'RUBATO_PROTOCOL',
+              `round ${k}: the standby went live while its primary held the VM (partition)`,
+            );
           q.link.heal();
           await protectedSince(q, Date.now(), `re-protection after the partition of round ${k}`);
           round.reprotectMs = Date.now() - faultAt;
@@ -283,12 +519,25 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
           l.host.etcdProxy.blackhole();
           if (variant === 'etcd') {
             // Cut from the witness only: the protected pair runs on, nobody goes live; back, it claims again.
-            if (!(await noFailoverFor(q, ttl * 1000 + 2000))) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the standby went live while the pair was healthy (primary cut from the witness)`);
-            if (l.vm.exited) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the protected primary stopped its guest when only the witness was out of reach`);
+            if (!(await noFailoverFor(q, ttl * 1000 + 2000)))
+              throw new RubatoError(
+                'RUBATO_PROTOCOL',
+                `round ${k}: the standby went live while the pair was healthy (primary cut from the witness)`,
+              );
+            if (l.vm.exited)
+              throw new RubatoError(
+                'RUBATO_PROTOCOL',
+                `round ${k}: the protected primary stopped its guest when only the witness was out of reach`,
+              );
             l.host.etcdProxy.heal();
-            await waitFor(() => q.gEvents.find((e) => e['event'] === 'owner' && Number(e['t']) >= faultAt), 30_000, `the reclaim after round ${k}`);
+            await waitFor(
+              () => q.gEvents.find((e) => e['event'] === 'owner' && Number(e['t']) >= faultAt),
+              30_000,
+              `the reclaim after round ${k}`,
+            );
           } else {
-            // Cut from the witness and from its standby (on the LAN still): it must stop its guest before the standby may claim.
+            // Cut from the witness and from its standby (on the LAN still): it must stop its guest before the standby
+            // may claim.
             q.link.blackhole();
             expectFailover = true;
           }
@@ -299,7 +548,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
           await protectedSince(q, faultAt + 1, `re-protection after the corrupted frame of round ${k}`);
           round.reprotectMs = Date.now() - faultAt;
           res.reprotected++;
-          if (!(await noFailoverFor(q, o.timeoutMs * 2))) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: a corrupted frame led to a failover`);
+          if (!(await noFailoverFor(q, o.timeoutMs * 2)))
+            throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: a corrupted frame led to a failover`);
           break;
       }
       if (fault === 'standby-kill') {
@@ -307,9 +557,17 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         q.link.blackhole();
         q.host.etcdProxy.blackhole();
         await q.standby.stop();
-        await waitFor(() => q.pEvents.find((e) => e.event === 'unprotected' && e.t >= faultAt), 30_000, `the primary noticing its standby died in round ${k}`);
+        await waitFor(
+          () => q.pEvents.find((e) => e.event === 'unprotected' && e.t >= faultAt),
+          30_000,
+          `the primary noticing its standby died in round ${k}`,
+        );
         await sleep(ttl * 1000 + 1000);
-        if (l.vm.exited) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the primary stopped its guest when only its standby died`);
+        if (l.vm.exited)
+          throw new RubatoError(
+            'RUBATO_PROTOCOL',
+            `round ${k}: the primary stopped its guest when only its standby died`,
+          );
         q.guard?.close();
         await q.primary.stop().catch(() => {});
         q.link.close();
@@ -318,14 +576,19 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         // The standby cut from the witness: a healthy pair does not care.
         q.host.etcdProxy.blackhole();
         const ok = await noFailoverFor(q, ttl * 1000 + 2000);
-        if (!ok || !q.primary.protected) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the pair did not stay as it was while its standby was cut from the witness`);
+        if (!ok || !q.primary.protected)
+          throw new RubatoError(
+            'RUBATO_PROTOCOL',
+            `round ${k}: the pair did not stay as it was while its standby was cut from the witness`,
+          );
         q.host.etcdProxy.heal();
       } else if (fault === 'capture') {
         q.failCaptureOnce();
         await protectedSince(q, faultAt + 1, `re-protection after the capture failure of round ${k}`);
         round.reprotectMs = Date.now() - faultAt;
         res.reprotected++;
-        if (!(await noFailoverFor(q, o.timeoutMs * 2))) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: a capture failure led to a failover`);
+        if (!(await noFailoverFor(q, o.timeoutMs * 2)))
+          throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: a capture failure led to a failover`);
       }
       if (expectFailover) {
         const fo = await waitFor(() => q.sEvents.find((e) => e.event === 'failover'), 60_000, `failover in round ${k}`);
@@ -363,9 +626,13 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     res.latencyMsP50 = round(median(lat), 2);
     res.latencyMsP99 = round(percentile(lat, 99), 2);
     const ackFile = join(dir, 'acks.jsonl');
-    writeFileSync(ackFile, acked.map((a) => JSON.stringify({ key: a.key, value: a.value })).join('\n') + '\n');
+    writeFileSync(ackFile, `${acked.map((a) => JSON.stringify({ key: a.key, value: a.value })).join('\n')}\n`);
     status(`verifying ${acked.length} acknowledged writes by reading them back`);
-    const v = clientProcess(lan, ['--target', `${lan.guestIp}:${svc.port}`, '--verify', ackFile, ...(svc.args ?? [])], svc.script);
+    const v = clientProcess(
+      lan,
+      ['--target', `${lan.guestIp}:${svc.port}`, '--verify', ackFile, ...(svc.args ?? [])],
+      svc.script,
+    );
     await v.done;
     const verdict = v.events.find((e) => e.type === 'verify');
     if (!verdict) throw new RubatoError('RUBATO_PEER_LOST', 'the verification client reported nothing');
@@ -375,7 +642,10 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const conns = new Map<number, { open: number; end: number }>();
     for (const e of client.events) {
       if (e.type === 'conn' && e.event === 'open') conns.set(e.id!, { open: e.t, end: Number.POSITIVE_INFINITY });
-      if (e.type === 'conn' && (e.event === 'broken' || e.event === 'close')) { const c = conns.get(e.id!); if (c) c.end = Math.min(c.end, e.t); }
+      if (e.type === 'conn' && (e.event === 'broken' || e.event === 'close')) {
+        const c = conns.get(e.id!);
+        if (c) c.end = Math.min(c.end, e.t);
+      }
     }
     for (const kk of kills) {
       for (const [id, c] of conns) {
@@ -397,7 +667,10 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     await pair?.standby.vm?.stop();
     await pair?.nextIo?.close().catch(() => {});
     pair?.link.close();
-    if (live && rig && live.vm !== rig.vm) { await live.vm.stop(); await live.io.close().catch(() => {}); }
+    if (live && rig && live.vm !== rig.vm) {
+      await live.vm.stop();
+      await live.io.close().catch(() => {});
+    }
     await live?.ownership?.release().catch(() => {});
     await stopKvRig(rig);
     for (const p of proxies) p.close();
@@ -425,7 +698,23 @@ export class SplitBrainDetector {
     for (const port of d.ports) {
       const buckets = new Set<number>();
       d.seen.set(port, buckets);
-      const p = spawnTracked(`tcpdump-${port}`, 'ip', ['netns', 'exec', lan.lanNs, 'tcpdump', '-l', '-n', '-tt', '-e', '-Q', 'in', '-i', port, 'ether', 'src', guestMac]);
+      const p = spawnTracked(`tcpdump-${port}`, 'ip', [
+        'netns',
+        'exec',
+        lan.lanNs,
+        'tcpdump',
+        '-l',
+        '-n',
+        '-tt',
+        '-e',
+        '-Q',
+        'in',
+        '-i',
+        port,
+        'ether',
+        'src',
+        guestMac,
+      ]);
       d.procs.push(p);
       let buf = '';
       p.child.stdout?.on('data', (c: Buffer) => {
@@ -440,8 +729,16 @@ export class SplitBrainDetector {
       // tcpdump says on stderr when it listens
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, 3000);
-        p.child.stderr?.on('data', (c: Buffer) => { if (/listening on/.test(c.toString())) { clearTimeout(t); resolve(); } });
-        void p.exited.then(() => { clearTimeout(t); resolve(); });
+        p.child.stderr?.on('data', (c: Buffer) => {
+          if (/listening on/.test(c.toString())) {
+            clearTimeout(t);
+            resolve();
+          }
+        });
+        void p.exited.then(() => {
+          clearTimeout(t);
+          resolve();
+        });
       });
     }
     return d;
@@ -456,10 +753,15 @@ export class SplitBrainDetector {
     const counted = new Set<number>();
     for (let i = 0; i < all.length; i++) {
       for (let j = i + 1; j < all.length; j++) {
-        for (const b of all[i]!) if (all[j]!.has(b) && !counted.has(b)) { counted.add(b); overlaps++; }
+        for (const b of all[i]!)
+          if (all[j]!.has(b) && !counted.has(b)) {
+            counted.add(b);
+            overlaps++;
+          }
       }
     }
-    if (overlaps) log.error(`SPLIT BRAIN: the guest's frames came in through two hosts' ports in ${overlaps} intervals of 200 ms`);
+    if (overlaps)
+      log.error(`SPLIT BRAIN: the guest's frames came in through two hosts' ports in ${overlaps} intervals of 200 ms`);
     return overlaps;
   }
 }

@@ -27,17 +27,31 @@ import { Controller } from './controller-proc.ts';
 const log = logger('demo');
 
 export interface ClusterDemoOptions {
-  hosts: number; vms: number; seconds: number; heartbeatMs: number; timeoutMs: number; leaseTtl: number; policy: string;
-  /** Before the kill: drain a host (`rubato host drain`), check it holds nothing and every VM is protected, undrain it. */
+  hosts: number;
+  vms: number;
+  seconds: number;
+  heartbeatMs: number;
+  timeoutMs: number;
+  leaseTtl: number;
+  policy: string;
+  /**
+   * Before the kill: drain a host (`rubato host drain`), check it holds nothing and every VM is protected, undrain it.
+   */
   drain?: boolean;
 }
 
 export interface ClusterDemoResult {
-  hosts: number; vms: number; hostKilled: string | null; allRunning: boolean; allProtected: boolean; recoveryMs: number;
+  hosts: number;
+  vms: number;
+  hostKilled: string | null;
+  allRunning: boolean;
+  allProtected: boolean;
+  recoveryMs: number;
   /** Per VM, before and after: where it ran and where its standby was. */
   before: Array<{ vm: string; primary: string | null; standby: string | null }>;
   after: Array<{ vm: string; primary: string | null; standby: string | null; generation: number; state: string }>;
-  acknowledged: number; lost: number;
+  acknowledged: number;
+  lost: number;
   /** With drain: the host drained, how long it took, and where the VMs were then. */
   drained?: { host: string; ms: number; after: Array<{ vm: string; primary: string | null; standby: string | null }> };
   error?: string;
@@ -45,12 +59,41 @@ export interface ClusterDemoResult {
 
 const settled = (v: ClusterView, live: ReadonlySet<string>) => {
   const rows = vmRows(v);
-  return rows.length > 0 && rows.every((r) => r.protected && r.primary !== null && live.has(r.primary) && r.standby !== null && live.has(r.standby) && r.standby !== r.primary);
+  return (
+    rows.length > 0 &&
+    rows.every(
+      (r) =>
+        r.protected &&
+        r.primary !== null &&
+        live.has(r.primary) &&
+        r.standby !== null &&
+        live.has(r.standby) &&
+        r.standby !== r.primary,
+    )
+  );
 };
 
-export async function runClusterDemo(o: ClusterDemoOptions, onStatus: (line: string, final?: boolean) => void): Promise<ClusterDemoResult> {
-  const res: ClusterDemoResult = { hosts: o.hosts, vms: o.vms, hostKilled: null, allRunning: false, allProtected: false, recoveryMs: -1, before: [], after: [], acknowledged: 0, lost: -1 };
-  if (o.hosts < 3) throw new RubatoError('RUBATO_CONFIG', '--hosts: a cluster demo needs at least 3 hosts (one dies, two must remain to protect each other)');
+export async function runClusterDemo(
+  o: ClusterDemoOptions,
+  onStatus: (line: string, final?: boolean) => void,
+): Promise<ClusterDemoResult> {
+  const res: ClusterDemoResult = {
+    hosts: o.hosts,
+    vms: o.vms,
+    hostKilled: null,
+    allRunning: false,
+    allProtected: false,
+    recoveryMs: -1,
+    before: [],
+    after: [],
+    acknowledged: 0,
+    lost: -1,
+  };
+  if (o.hosts < 3)
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      '--hosts: a cluster demo needs at least 3 hosts (one dies, two must remain to protect each other)',
+    );
   onStatus('preparing: Debian packages (etcd), the patched QEMU, the test guest, the TAP helper', true);
   await ensurePackages();
   const guest = await ensureGuestImage();
@@ -72,17 +115,52 @@ export async function runClusterDemo(o: ClusterDemoOptions, onStatus: (line: str
     const key = join(dir, 'cluster.key');
     writeKeyFile(key);
     const startAgent = (h: LanHost, name: string) => {
-      const proc: TrackedProcess = spawnTracked(`agent-${name}`, 'ip', ['netns', 'exec', h.ns, RUBATO_COMMAND, 'agent', '--etcd', etcd!.url, '--name', name,
-        '--address', h.ip, '--key', key, '--state-dir', join(dir, name), '--no-fsync', '--events', '--policy', o.policy,
-        '--heartbeat-ms', String(o.heartbeatMs), '--timeout-ms', String(o.timeoutMs), '--lease-ttl', String(o.leaseTtl)], { env: { ...process.env, RUBATO_LOG: 'warn' } });
+      const proc: TrackedProcess = spawnTracked(
+        `agent-${name}`,
+        'ip',
+        [
+          'netns',
+          'exec',
+          h.ns,
+          RUBATO_COMMAND,
+          'agent',
+          '--etcd',
+          etcd!.url,
+          '--name',
+          name,
+          '--address',
+          h.ip,
+          '--key',
+          key,
+          '--state-dir',
+          join(dir, name),
+          '--no-fsync',
+          '--events',
+          '--policy',
+          o.policy,
+          '--heartbeat-ms',
+          String(o.heartbeatMs),
+          '--timeout-ms',
+          String(o.timeoutMs),
+          '--lease-ttl',
+          String(o.leaseTtl),
+        ],
+        { env: { ...process.env, RUBATO_LOG: 'warn' } },
+      );
       const ctl = new Controller(name, proc, (e) => {
-        if (['placed', 'failover', 'reprotected', 'protecting', 'leader', 'switchover', 'ownership-lost'].includes(String(e.event))) {
-          log.info(`${name}: ${String(e.event)} ${e['vm'] ? `VM ${String(e['vm'])}` : ''}${e['primary'] ? ` primary ${String(e['primary'])} standby ${String(e['standby'])}` : ''}`);
+        if (
+          ['placed', 'failover', 'reprotected', 'protecting', 'leader', 'switchover', 'ownership-lost'].includes(
+            String(e.event),
+          )
+        ) {
+          log.info(
+            `${name}: ${String(e.event)} ${e['vm'] ? `VM ${String(e['vm'])}` : ''}${e['primary'] ? ` primary ${String(e['primary'])} standby ${String(e['standby'])}` : ''}`,
+          );
         }
       });
       agents.set(name, { host: h, ctl });
     };
-    hosts.forEach((h, i) => startAgent(h, `h${i + 1}`));
+    for (const [i, h] of hosts.entries()) startAgent(h, `h${i + 1}`);
     // The VMs: the test guest's KV service, each with its own address, MAC and ext2 disk.
     const vmIps: string[] = [];
     for (let i = 1; i <= o.vms; i++) {
@@ -93,10 +171,22 @@ export async function runClusterDemo(o: ClusterDemoOptions, onStatus: (line: str
       const ipAddr = `${lan.subnet}.${10 + i}`;
       vmIps.push(ipAddr);
       const file = join(dir, `vm${i}.json`);
-      writeFileSync(file, JSON.stringify({
-        name: `vm${i}`, cpus: 1, memoryMiB: 128, accelerator: 'auto', disks: [{ path: disk, format: 'raw' }], nics: [{ bridge: hosts[0]!.bridge }],
-        boot: { kernel: guest.kernel, initrd: guest.initrd, append: guestAppend(['kvd', 7000, '/data/kv.log'], { ip: `${ipAddr}/24`, disk: 'vda' }) },
-      }));
+      writeFileSync(
+        file,
+        JSON.stringify({
+          name: `vm${i}`,
+          cpus: 1,
+          memoryMiB: 128,
+          accelerator: 'auto',
+          disks: [{ path: disk, format: 'raw' }],
+          nics: [{ bridge: hosts[0]!.bridge }],
+          boot: {
+            kernel: guest.kernel,
+            initrd: guest.initrd,
+            append: guestAppend(['kvd', 7000, '/data/kv.log'], { ip: `${ipAddr}/24`, disk: 'vda' }),
+          },
+        }),
+      );
       const add = await runCommand(RUBATO_COMMAND, ['vm', 'add', file, '--etcd', etcd.url]);
       if (add.code !== 0) throw new RubatoError('RUBATO_CONFIG', `rubato vm add: ${add.stderr.trim()}`);
     }
@@ -105,13 +195,21 @@ export async function runClusterDemo(o: ClusterDemoOptions, onStatus: (line: str
     const t0 = Date.now();
     let view = await readCluster(client);
     while (!settled(view, live)) {
-      if (Date.now() - t0 > 300_000) throw new RubatoError('RUBATO_PEER_LOST', `the VMs were not all protected within 300 s: ${JSON.stringify(vmRows(view))}`);
+      if (Date.now() - t0 > 300_000)
+        throw new RubatoError(
+          'RUBATO_PEER_LOST',
+          `the VMs were not all protected within 300 s: ${JSON.stringify(vmRows(view))}`,
+        );
       await sleep(500);
       view = await readCluster(client);
     }
     res.before = vmRows(view).map((r) => ({ vm: r.vm, primary: r.primary, standby: r.standby }));
-    onStatus(`all protected after ${Math.round((Date.now() - t0) / 1000)} s: ${res.before.map((r) => `${r.vm} on ${r.primary} (standby ${r.standby})`).join(', ')}`, true);
-    for (const ipAddr of vmIps) clients.push(clientProcess(lan, ['--target', `${ipAddr}:7000`, '--conns', '2', '--seconds', '900']));
+    onStatus(
+      `all protected after ${Math.round((Date.now() - t0) / 1000)} s: ${res.before.map((r) => `${r.vm} on ${r.primary} (standby ${r.standby})`).join(', ')}`,
+      true,
+    );
+    for (const ipAddr of vmIps)
+      clients.push(clientProcess(lan, ['--target', `${ipAddr}:7000`, '--conns', '2', '--seconds', '900']));
     await sleep(o.seconds * 1000);
     if (o.drain) {
       // Planned maintenance: the host running the first VM is drained (switchover, standbys moved), then let back in.
@@ -119,23 +217,39 @@ export async function runClusterDemo(o: ClusterDemoOptions, onStatus: (line: str
       onStatus(`draining ${host} (rubato host drain): its VMs switch over, its standbys move`, true);
       const t1 = Date.now();
       const d = await runCommand(RUBATO_COMMAND, ['host', 'drain', host, '--etcd', etcd.url, '--timeout', '180']);
-      if (d.code !== 0) throw new RubatoError('RUBATO_PEER_LOST', `rubato host drain ${host}: ${d.stderr.trim().split('\n').at(-1) ?? ''}`);
+      if (d.code !== 0)
+        throw new RubatoError(
+          'RUBATO_PEER_LOST',
+          `rubato host drain ${host}: ${d.stderr.trim().split('\n').at(-1) ?? ''}`,
+        );
       const others = new Set([...live].filter((h) => h !== host));
       for (;;) {
         view = await readCluster(client);
         if (settled(view, others)) break;
-        if (Date.now() - t1 > 180_000) throw new RubatoError('RUBATO_PEER_LOST', `not protected again after draining ${host}: ${JSON.stringify(vmRows(view))}`);
+        if (Date.now() - t1 > 180_000)
+          throw new RubatoError(
+            'RUBATO_PEER_LOST',
+            `not protected again after draining ${host}: ${JSON.stringify(vmRows(view))}`,
+          );
         await sleep(250);
       }
-      res.drained = { host, ms: Date.now() - t1, after: vmRows(view).map((r) => ({ vm: r.vm, primary: r.primary, standby: r.standby })) };
-      onStatus(`${host} drained in ${res.drained.ms} ms: ${res.drained.after.map((r) => `${r.vm} on ${r.primary} (standby ${r.standby})`).join(', ')}`, true);
+      res.drained = {
+        host,
+        ms: Date.now() - t1,
+        after: vmRows(view).map((r) => ({ vm: r.vm, primary: r.primary, standby: r.standby })),
+      };
+      onStatus(
+        `${host} drained in ${res.drained.ms} ms: ${res.drained.after.map((r) => `${r.vm} on ${r.primary} (standby ${r.standby})`).join(', ')}`,
+        true,
+      );
       const u = await runCommand(RUBATO_COMMAND, ['host', 'undrain', host, '--etcd', etcd.url]);
       if (u.code !== 0) throw new RubatoError('RUBATO_CONFIG', `rubato host undrain ${host}: ${u.stderr.trim()}`);
       await sleep(2000);
     }
     // The victim: a host that runs a VM and holds another's standby if there is one (both kinds of loss at once).
     const now = res.drained?.after ?? res.before;
-    const roles = (h: string) => now.filter((r) => r.primary === h).length * 2 + now.filter((r) => r.standby === h).length;
+    const roles = (h: string) =>
+      now.filter((r) => r.primary === h).length * 2 + now.filter((r) => r.standby === h).length;
     const victim = [...agents.keys()].sort((a, b) => roles(b) - roles(a))[0]!;
     res.hostKilled = victim;
     const v = agents.get(victim)!;
@@ -146,13 +260,23 @@ export async function runClusterDemo(o: ClusterDemoOptions, onStatus: (line: str
     for (;;) {
       view = await readCluster(client);
       if (settled(view, live)) break;
-      if (Date.now() - killAt > 180_000) throw new RubatoError('RUBATO_PEER_LOST', `not recovered within 180 s: ${JSON.stringify(vmRows(view))}`);
+      if (Date.now() - killAt > 180_000)
+        throw new RubatoError('RUBATO_PEER_LOST', `not recovered within 180 s: ${JSON.stringify(vmRows(view))}`);
       await sleep(250);
     }
     res.recoveryMs = Date.now() - killAt;
     res.allProtected = true;
-    res.after = vmRows(view).map((r) => ({ vm: r.vm, primary: r.primary, standby: r.standby, generation: r.generation, state: r.state }));
-    onStatus(`recovered in ${res.recoveryMs} ms: ${res.after.map((r) => `${r.vm} on ${r.primary} (standby ${r.standby}, generation ${r.generation})`).join(', ')}`, true);
+    res.after = vmRows(view).map((r) => ({
+      vm: r.vm,
+      primary: r.primary,
+      standby: r.standby,
+      generation: r.generation,
+      state: r.state,
+    }));
+    onStatus(
+      `recovered in ${res.recoveryMs} ms: ${res.after.map((r) => `${r.vm} on ${r.primary} (standby ${r.standby}, generation ${r.generation})`).join(', ')}`,
+      true,
+    );
     // Writes after the recovery prove each guest runs; then everything acknowledged is read back.
     await sleep(3000);
     let lost = 0;
@@ -165,11 +289,11 @@ export async function runClusterDemo(o: ClusterDemoOptions, onStatus: (line: str
       const acks = c.events.filter((e) => e.type === 'ack');
       acked += acks.length;
       const file = join(dir, `acks${i}.jsonl`);
-      writeFileSync(file, acks.map((a) => JSON.stringify({ key: a.key, value: a.value })).join('\n') + '\n');
+      writeFileSync(file, `${acks.map((a) => JSON.stringify({ key: a.key, value: a.value })).join('\n')}\n`);
       const check = clientProcess(lan, ['--target', `${vmIps[i]!}:7000`, '--verify', file]);
       await check.done;
       const verdict = check.events.find((e) => e.type === 'verify');
-      lost += verdict ? verdict.missing?.length ?? 0 : acks.length;
+      lost += verdict ? (verdict.missing?.length ?? 0) : acks.length;
       if (recent > 0 && verdict) running++;
     }
     res.acknowledged = acked;
@@ -203,6 +327,10 @@ async function killHost(h: LanHost, agent: TrackedProcess): Promise<void> {
 async function killNamespacePids(ns: string): Promise<void> {
   const r = await runCommand('ip', ['netns', 'pids', ns]);
   for (const pid of r.stdout.split(/\s+/).filter(Boolean).map(Number)) {
-    try { process.kill(pid, 'SIGKILL'); } catch { /* already gone */ }
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* already gone */
+    }
   }
 }

@@ -9,7 +9,11 @@ export type Ev = Record<string, unknown> & { event: string; t: number };
 export class Controller {
   readonly events: Ev[] = [];
   private waiters: Array<{ pred: (e: Ev) => boolean; resolve: (e: Ev) => void }> = [];
-  constructor(readonly name: string, readonly proc: TrackedProcess, public onEvent: (e: Ev) => void = () => {}) {
+  constructor(
+    readonly name: string,
+    readonly proc: TrackedProcess,
+    public onEvent: (e: Ev) => void = () => {},
+  ) {
     let buf = '';
     proc.child.stdout?.setEncoding('utf8');
     proc.child.stdout?.on('data', (d: string) => {
@@ -19,11 +23,19 @@ export class Controller {
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + 1);
         let e: Ev;
-        try { e = JSON.parse(line) as Ev; } catch { continue; }
+        try {
+          e = JSON.parse(line) as Ev;
+        } catch {
+          continue;
+        }
         this.events.push(e);
         if (this.events.length > 50_000) this.events.splice(0, 10_000);
         this.onEvent(e);
-        this.waiters = this.waiters.filter((w) => (w.pred(e) ? (w.resolve(e), false) : true));
+        this.waiters = this.waiters.filter((w) => {
+          if (!w.pred(e)) return true;
+          w.resolve(e);
+          return false;
+        });
       }
     });
     let ebuf = '';
@@ -31,17 +43,31 @@ export class Controller {
     proc.child.stderr?.on('data', (d: string) => {
       ebuf += d;
       let nl: number;
-      while ((nl = ebuf.indexOf('\n')) >= 0) { process.stderr.write(`  [${name}] ${ebuf.slice(0, nl)}\n`); ebuf = ebuf.slice(nl + 1); }
+      while ((nl = ebuf.indexOf('\n')) >= 0) {
+        process.stderr.write(`  [${name}] ${ebuf.slice(0, nl)}\n`);
+        ebuf = ebuf.slice(nl + 1);
+      }
     });
   }
   waitEvent(pred: (e: Ev) => boolean, timeoutMs: number, what: string): Promise<Ev> {
     const seen = this.events.find(pred);
     if (seen) return Promise.resolve(seen);
     return new Promise((resolve, reject) => {
-      const t = setTimeout(() => reject(new RubatoError('RUBATO_PEER_LOST', `${this.name}: no ${what} within ${timeoutMs} ms`)), timeoutMs);
-      this.waiters.push({ pred, resolve: (e) => { clearTimeout(t); resolve(e); } });
-      void this.proc.exited.then(() => { clearTimeout(t); reject(new RubatoError('RUBATO_PEER_LOST', `${this.name} controller exited while waiting for ${what}`)); });
+      const t = setTimeout(
+        () => reject(new RubatoError('RUBATO_PEER_LOST', `${this.name}: no ${what} within ${timeoutMs} ms`)),
+        timeoutMs,
+      );
+      this.waiters.push({
+        pred,
+        resolve: (e) => {
+          clearTimeout(t);
+          resolve(e);
+        },
+      });
+      void this.proc.exited.then(() => {
+        clearTimeout(t);
+        reject(new RubatoError('RUBATO_PEER_LOST', `${this.name} controller exited while waiting for ${what}`));
+      });
     });
   }
 }
-

@@ -14,7 +14,14 @@ import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
 import { logger } from '../util/log.ts';
 import { ip } from '../io/net/netns.ts';
 import { Lan, type LanHost } from '../io/net/lan.ts';
-import { REPO_ROOT, RUBATO_COMMAND, ensurePackages, ensureDebianImage, ensurePatchedQemu, ensureTapRelay } from '../setup/index.ts';
+import {
+  REPO_ROOT,
+  RUBATO_COMMAND,
+  ensurePackages,
+  ensureDebianImage,
+  ensurePatchedQemu,
+  ensureTapRelay,
+} from '../setup/index.ts';
 import { writeKeyFile } from '../replication/keyfile.ts';
 import { Controller } from './controller-proc.ts';
 import { LocalEtcd } from '../coord/local-etcd.ts';
@@ -26,20 +33,46 @@ const log = logger('demo');
 const SUBNET = '10.231.0';
 
 export interface DebianDemoOptions {
-  seconds: number; memMb: number; policy: string; heartbeatMs: number; timeoutMs: number; accel: string;
+  seconds: number;
+  memMb: number;
+  policy: string;
+  heartbeatMs: number;
+  timeoutMs: number;
+  accel: string;
   /** Grow the disk (sparse) to this size first (the partition stays as built): real sizes. */
   diskGiB?: number;
 }
 
 export interface DebianDemoResult {
-  bootedFromDisk: boolean; diskGiB: number; guestMemMb: number; failover: boolean; failoverMs: number;
-  httpRequests: number; httpErrors: number; connectionSurvived: boolean; longestStallMs: number;
-  reprotected: boolean; reprotectMs: number; syncMs: number; controllerRssMb: { primary: number; standby: number };
-  /** Output commit as the product's own events show it: epochs whose held frames left, and of those any before the standby committed them. */
-  releasedEpochs: number; releasedBeforeCommit: number;
-  /** The embedded witness (etcd) both hosts used, and the VM's generation after the failover (2: the standby claimed it). */
-  witness: string; generation: number;
-  /** The old primary's unit restarted after the failover (`rubato protect` again on the repaired host): its exit code (8: refused, its disk is stale) and whether it started QEMU. */
+  bootedFromDisk: boolean;
+  diskGiB: number;
+  guestMemMb: number;
+  failover: boolean;
+  failoverMs: number;
+  httpRequests: number;
+  httpErrors: number;
+  connectionSurvived: boolean;
+  longestStallMs: number;
+  reprotected: boolean;
+  reprotectMs: number;
+  syncMs: number;
+  controllerRssMb: { primary: number; standby: number };
+  /**
+   * Output commit as the product's own events show it: epochs whose held frames left, and of those any before the
+   * standby committed them.
+   */
+  releasedEpochs: number;
+  releasedBeforeCommit: number;
+  /**
+   * The embedded witness (etcd) both hosts used, and the VM's generation after the failover (2: the standby claimed
+   * it).
+   */
+  witness: string;
+  generation: number;
+  /**
+   * The old primary's unit restarted after the failover (`rubato protect` again on the repaired host): its exit code
+   * (8: refused, its disk is stale) and whether it started QEMU.
+   */
   staleRestart: { code: number | null; startedGuest: boolean; why: string };
   error?: string;
 }
@@ -49,17 +82,39 @@ function rssMb(pid: number): number {
   try {
     const m = readFileSync(`/proc/${pid}/status`, 'utf8').match(/VmRSS:\s+(\d+) kB/);
     return m ? Math.round(Number(m[1]) / 1024) : 0;
-  } catch { return 0; }
+  } catch {
+    return 0;
+  }
 }
 
-export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: string, final?: boolean) => void): Promise<DebianDemoResult> {
+export async function runDebianDemo(
+  o: DebianDemoOptions,
+  onStatus: (line: string, final?: boolean) => void,
+): Promise<DebianDemoResult> {
   const res: DebianDemoResult = {
-    bootedFromDisk: false, diskGiB: 0, guestMemMb: o.memMb, failover: false, failoverMs: -1, httpRequests: 0, httpErrors: 0,
-    connectionSurvived: false, longestStallMs: -1, reprotected: false, reprotectMs: -1, syncMs: -1, controllerRssMb: { primary: 0, standby: 0 },
-    releasedEpochs: 0, releasedBeforeCommit: 0, witness: '', generation: 0,
+    bootedFromDisk: false,
+    diskGiB: 0,
+    guestMemMb: o.memMb,
+    failover: false,
+    failoverMs: -1,
+    httpRequests: 0,
+    httpErrors: 0,
+    connectionSurvived: false,
+    longestStallMs: -1,
+    reprotected: false,
+    reprotectMs: -1,
+    syncMs: -1,
+    controllerRssMb: { primary: 0, standby: 0 },
+    releasedEpochs: 0,
+    releasedBeforeCommit: 0,
+    witness: '',
+    generation: 0,
     staleRestart: { code: null, startedGuest: false, why: '' },
   };
-  onStatus('preparing: the Debian guest image (built once), the patched QEMU, the TAP helper, etcd (the witness)', true);
+  onStatus(
+    'preparing: the Debian guest image (built once), the patched QEMU, the TAP helper, etcd (the witness)',
+    true,
+  );
   await ensurePackages();
   const image = await ensureDebianImage();
   if (o.accel !== 'kvm') await ensurePatchedQemu();
@@ -81,31 +136,92 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     // The witness: Rubato's embedded default, a single-member etcd, here on the LAN where both hosts reach it.
     etcd = await LocalEtcd.start(join(dir, 'witness'), { host: await l.attachRoot(200) });
     res.witness = etcd.url;
-    onStatus(`three hosts on one LAN: primary ${ha.ns} (${ha.ip}), standby ${hb.ns} (${hb.ip}), client ${l.clientNs} (${l.clientIp}); guest at ${l.guestIp}`, true);
+    onStatus(
+      `three hosts on one LAN: primary ${ha.ns} (${ha.ip}), standby ${hb.ns} (${hb.ip}), client ${l.clientNs} (${l.clientIp}); guest at ${l.guestIp}`,
+      true,
+    );
     const vmFile = join(dir, 'debian.json');
-    writeFileSync(vmFile, JSON.stringify({
-      name: 'debian', cpus: 1, memoryMiB: o.memMb, accelerator: o.accel, disks: [{ path: disk }], nics: [{ bridge: ha.bridge }], boot: { from: 'disk' },
-    }, null, 2));
+    writeFileSync(
+      vmFile,
+      JSON.stringify(
+        {
+          name: 'debian',
+          cpus: 1,
+          memoryMiB: o.memMb,
+          accelerator: o.accel,
+          disks: [{ path: disk }],
+          nics: [{ bridge: ha.bridge }],
+          boot: { from: 'disk' },
+        },
+        null,
+        2,
+      ),
+    );
     const key = join(dir, 'psk');
     writeKeyFile(key);
     const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
     const env = { ...process.env, RUBATO_LOG: process.env['RUBATO_LOG'] ?? 'warn' };
     const spawnIn = (name: string, ns: string, file: string, argv: string[]) => {
-      const p = spawnTracked(name, 'ip', ['netns', 'exec', ns, file, ...argv], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+      const p = spawnTracked(name, 'ip', ['netns', 'exec', ns, file, ...argv], {
+        env,
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
       procs.push(p);
       return p;
     };
     const inNs = (name: string, ns: string, argv: string[]) => spawnIn(name, ns, process.execPath, argv);
     // The controllers run as an operator runs them: bin/rubato (which execs node: the PID is the controller's).
-    const rubato = (name: string, h: LanHost, args: string[]) => new Controller(name, spawnIn(`rubato-${name}`, h.ns, RUBATO_COMMAND, args));
-    const common = ['--key', key, '--heartbeat-ms', String(o.heartbeatMs), '--timeout-ms', String(o.timeoutMs), '--events', '--etcd', etcd.url];
+    const rubato = (name: string, h: LanHost, args: string[]) =>
+      new Controller(name, spawnIn(`rubato-${name}`, h.ns, RUBATO_COMMAND, args));
+    const common = [
+      '--key',
+      key,
+      '--heartbeat-ms',
+      String(o.heartbeatMs),
+      '--timeout-ms',
+      String(o.timeoutMs),
+      '--events',
+      '--etcd',
+      etcd.url,
+    ];
     const port = 7400;
-    const standbyB = rubato('standby-b', hb, ['standby', '--host', 'hb', '--listen', `${hb.ip}:${port}`, '--peer', `${ha.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'hb'), ...common]);
+    const standbyB = rubato('standby-b', hb, [
+      'standby',
+      '--host',
+      'hb',
+      '--listen',
+      `${hb.ip}:${port}`,
+      '--peer',
+      `${ha.ip}:${port}`,
+      '--policy',
+      o.policy,
+      '--state-dir',
+      join(dir, 'hb'),
+      ...common,
+    ]);
     await standbyB.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
-    const primary = rubato('primary-a', ha, ['protect', vmFile, '--host', 'ha', '--standby', `${hb.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'ha'), ...common]);
+    const primary = rubato('primary-a', ha, [
+      'protect',
+      vmFile,
+      '--host',
+      'ha',
+      '--standby',
+      `${hb.ip}:${port}`,
+      '--policy',
+      o.policy,
+      '--state-dir',
+      join(dir, 'ha'),
+      ...common,
+    ]);
     primary.onEvent = (e) => {
-      if (e.event === 'sync-progress') onStatus(`initial sync: ${e['percent']} % of ${Math.round(Number(e['totalBytes']) / 1e6)} MB at ${e['mbPerSec']} MB/s, ${e['etaSec']} s left`);
-      if (e.event === 'status') onStatus(`protected | epoch ${e['epoch']} (acked ${e['ackedEpoch']}) | ${e['ckptPerSec']} ckpt/s | pause ${e['pauseMs']} ms | lag ${e['lagMs']} ms`);
+      if (e.event === 'sync-progress')
+        onStatus(
+          `initial sync: ${e['percent']} % of ${Math.round(Number(e['totalBytes']) / 1e6)} MB at ${e['mbPerSec']} MB/s, ${e['etaSec']} s left`,
+        );
+      if (e.event === 'status')
+        onStatus(
+          `protected | epoch ${e['epoch']} (acked ${e['ackedEpoch']}) | ${e['ckptPerSec']} ckpt/s | pause ${e['pauseMs']} ms | lag ${e['lagMs']} ms`,
+        );
     };
     const started = await primary.waitEvent((e) => e.event === 'started', 120_000, 'VM start');
     const qemuA = Number(started['qemuPid']);
@@ -114,8 +230,15 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
       res.controllerRssMb.primary = Math.max(res.controllerRssMb.primary, rssMb(primaryPid));
       res.controllerRssMb.standby = Math.max(res.controllerRssMb.standby, rssMb(standbyB.proc.pid));
     }, 500);
-    onStatus(`VM booting from its ${res.diskGiB} GiB disk through the firmware (QEMU pid ${qemuA}); under TCG this takes about a minute`, true);
-    await primary.waitEvent((e) => e.event === 'guest' && /RUBATO debian ready/.test(String(e['line'])), 300_000, 'the guest\'s services');
+    onStatus(
+      `VM booting from its ${res.diskGiB} GiB disk through the firmware (QEMU pid ${qemuA}); under TCG this takes about a minute`,
+      true,
+    );
+    await primary.waitEvent(
+      (e) => e.event === 'guest' && /RUBATO debian ready/.test(String(e['line'])),
+      300_000,
+      "the guest's services",
+    );
     res.bootedFromDisk = true;
     const tProt = Date.now();
     await primary.waitEvent((e) => e.event === 'protecting', 600_000, 'protection');
@@ -123,14 +246,29 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     res.syncMs = synced ? Number(synced['ms']) : Date.now() - tProt;
     onStatus(`protected (initial sync ${res.syncMs} ms); a client fetches pages from nginx in the guest`, true);
 
-    const client = new Controller('client', inNs('http-client', l.clientNs, ['--import', tsx, join(REPO_ROOT, 'src', 'chaos', 'http-client.ts'), '--target', `${l.guestIp}:80`, '--path', '/4k.html']));
+    const client = new Controller(
+      'client',
+      inNs('http-client', l.clientNs, [
+        '--import',
+        tsx,
+        join(REPO_ROOT, 'src', 'chaos', 'http-client.ts'),
+        '--target',
+        `${l.guestIp}:80`,
+        '--path',
+        '/4k.html',
+      ]),
+    );
     await client.waitEvent((e) => e.type === 'ok', 60_000, 'a first page');
     await new Promise((r) => setTimeout(r, o.seconds * 1000));
 
     // The primary host dies: its LAN port goes down, QEMU and the controller are killed by PID.
     const killAt = Date.now();
     await ip(['-n', ha.ns, 'link', 'set', ha.uplink, 'down']);
-    try { process.kill(qemuA, 'SIGKILL'); } catch { /* gone */ }
+    try {
+      process.kill(qemuA, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
     primary.proc.kill('SIGKILL');
     onStatus('primary host killed (LAN port down, QEMU and controller SIGKILLed)', true);
     const fo = await standbyB.waitEvent((e) => e.event === 'failover', 60_000, 'failover');
@@ -138,23 +276,57 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     res.failoverMs = Number(fo['runningAtMs']) - killAt;
     res.generation = (await currentOwner(new EtcdClient([etcd.url]), 'debian'))?.generation ?? 0;
     onStatus(`standby took over in ${res.failoverMs} ms from checkpoint ${fo['epoch']}`, true);
-    await client.waitEvent((e) => e.type === 'ok' && e.t > Number(fo['runningAtMs']) && e['conn'] === 'persistent', 60_000, 'a page after the failover');
+    await client.waitEvent(
+      (e) => e.type === 'ok' && e.t > Number(fo['runningAtMs']) && e['conn'] === 'persistent',
+      60_000,
+      'a page after the failover',
+    );
 
     // The old host is repaired: its LAN port comes back. Its unit (Restart=on-failure) runs the
     // same `rubato protect` again: the witness's generation is newer than this host's, so it must
     // refuse (exit 8) without starting a copy from its stale disk.
     await ip(['-n', ha.ns, 'link', 'set', ha.uplink, 'up']);
-    const again = rubato('primary-a-again', ha, ['protect', vmFile, '--host', 'ha', '--standby', `${hb.ip}:${port}`, '--policy', o.policy, '--state-dir', join(dir, 'ha'), ...common]);
+    const again = rubato('primary-a-again', ha, [
+      'protect',
+      vmFile,
+      '--host',
+      'ha',
+      '--standby',
+      `${hb.ip}:${port}`,
+      '--policy',
+      o.policy,
+      '--state-dir',
+      join(dir, 'ha'),
+      ...common,
+    ]);
     let stderr = '';
-    again.proc.child.stderr?.on('data', (d: Buffer | string) => { stderr += d.toString(); });
+    again.proc.child.stderr?.on('data', (d: Buffer | string) => {
+      stderr += d.toString();
+    });
     const ended = await Promise.race([again.proc.exited, new Promise<null>((r) => setTimeout(() => r(null), 60_000))]);
     if (!ended) await again.proc.stop(3000);
     const why = stderr.split('\n').find((line) => line.startsWith('rubato: ')) ?? '';
-    res.staleRestart = { code: ended?.code ?? null, startedGuest: again.events.some((e) => e.event === 'started'), why };
-    onStatus(`the old primary's unit started again: exit ${String(res.staleRestart.code)}, ${res.staleRestart.startedGuest ? 'STARTED A COPY' : 'no copy started'}`, true);
+    res.staleRestart = {
+      code: ended?.code ?? null,
+      startedGuest: again.events.some((e) => e.event === 'started'),
+      why,
+    };
+    onStatus(
+      `the old primary's unit started again: exit ${String(res.staleRestart.code)}, ${res.staleRestart.startedGuest ? 'STARTED A COPY' : 'no copy started'}`,
+      true,
+    );
     // A standby starts there instead.
     const tRe = Date.now();
-    const standbyA = rubato('standby-a', ha, ['standby', '--host', 'ha', '--listen', `${ha.ip}:${port}`, '--state-dir', join(dir, 'ha-standby'), ...common]);
+    const standbyA = rubato('standby-a', ha, [
+      'standby',
+      '--host',
+      'ha',
+      '--listen',
+      `${ha.ip}:${port}`,
+      '--state-dir',
+      join(dir, 'ha-standby'),
+      ...common,
+    ]);
     await standbyA.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
     await standbyB.waitEvent((e) => e.event === 'reprotected', 600_000, 're-protection');
     res.reprotected = true;
@@ -169,9 +341,14 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
     res.httpRequests = oks.length;
     res.httpErrors = client.events.filter((e) => e.type === 'error').length;
     const persistent = oks.filter((e) => e['conn'] === 'persistent');
-    res.connectionSurvived = persistent.some((e) => e.t > Number(fo['runningAtMs'])) && new Set(persistent.map((e) => e['socket'])).size === 1;
-    // Every epoch whose frames the primary let out was committed on the standby before (each process stamps its events).
-    for (const [p, sb] of [[primary, standbyB], [standbyB, standbyA]] as const) {
+    res.connectionSurvived =
+      persistent.some((e) => e.t > Number(fo['runningAtMs'])) && new Set(persistent.map((e) => e['socket'])).size === 1;
+    // Every epoch whose frames the primary let out was committed on the standby before (each process stamps its
+    // events).
+    for (const [p, sb] of [
+      [primary, standbyB],
+      [standbyB, standbyA],
+    ] as const) {
       for (const a of p.events.filter((e) => e.event === 'acked' && Number(e['frames']) > 0)) {
         res.releasedEpochs++;
         const committed = sb.events.some((c) => c.event === 'committed' && c['epoch'] === a['epoch'] && c.t <= a.t);
@@ -195,6 +372,20 @@ export async function runDebianDemo(o: DebianDemoOptions, onStatus: (line: strin
 }
 
 export const debianDemoPassed = (r: DebianDemoResult): boolean =>
-  r.bootedFromDisk && r.diskGiB >= 8 && r.failover && r.generation >= 2 && r.staleRestart.code === 8 && !r.staleRestart.startedGuest && r.httpErrors === 0 && r.httpRequests > 0 && r.connectionSurvived && r.reprotected
-  && r.releasedEpochs > 0 && r.releasedBeforeCommit === 0
-  && r.controllerRssMb.primary > 0 && r.controllerRssMb.primary < 512 && r.controllerRssMb.standby > 0 && r.controllerRssMb.standby < 512 && !r.error;
+  r.bootedFromDisk &&
+  r.diskGiB >= 8 &&
+  r.failover &&
+  r.generation >= 2 &&
+  r.staleRestart.code === 8 &&
+  !r.staleRestart.startedGuest &&
+  r.httpErrors === 0 &&
+  r.httpRequests > 0 &&
+  r.connectionSurvived &&
+  r.reprotected &&
+  r.releasedEpochs > 0 &&
+  r.releasedBeforeCommit === 0 &&
+  r.controllerRssMb.primary > 0 &&
+  r.controllerRssMb.primary < 512 &&
+  r.controllerRssMb.standby > 0 &&
+  r.controllerRssMb.standby < 512 &&
+  !r.error;

@@ -16,7 +16,12 @@ import type { KvRig } from './chaos.ts';
 /** The Debian guest's static address (guest/debian/files/etc/network/interfaces). */
 export const DEBIAN_SUBNET = '10.231.0';
 
-export async function startDebianRig(dir: string, accelChoice: AccelChoice, tag: string, o: { hosts?: number; cpus?: number; memMb?: number } = {}): Promise<KvRig> {
+export async function startDebianRig(
+  dir: string,
+  accelChoice: AccelChoice,
+  tag: string,
+  o: { hosts?: number; cpus?: number; memMb?: number } = {},
+): Promise<KvRig> {
   const image = await ensureDebianImage();
   const { accel } = await resolveAccel(accelChoice, stockQemu(), await ensureGuestImage());
   const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
@@ -30,11 +35,25 @@ export async function startDebianRig(dir: string, accelChoice: AccelChoice, tag:
     const hosts: LanHost[] = [];
     for (let i = 0; i < (o.hosts ?? 2); i++) hosts.push(await lan.addHost(`h${String.fromCharCode(97 + i)}`));
     const file = join(dir, 'debian.json');
-    const text = JSON.stringify({ name: 'debian', cpus: o.cpus ?? 1, memoryMiB: o.memMb ?? 1024, accelerator: accel, disks: [{ path: disk }], nics: [{ bridge: hosts[0]!.bridge }], boot: { from: 'disk' } });
+    const text = JSON.stringify({
+      name: 'debian',
+      cpus: o.cpus ?? 1,
+      memoryMiB: o.memMb ?? 1024,
+      accelerator: accel,
+      disks: [{ path: disk }],
+      nics: [{ bridge: hosts[0]!.bridge }],
+      boot: { from: 'disk' },
+    });
     writeFileSync(file, text);
     const spec = specOf(parseVmDefinition(text, file), accel);
     io = await GuestIo.start(hosts[0]!, dir, 'g0', disk);
-    vm = await QemuVm.start(spec, { binary, runDir: dir, tag: 'g0', netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) });
+    vm = await QemuVm.start(spec, {
+      binary,
+      runDir: dir,
+      tag: 'g0',
+      netSocket: io.netSocket,
+      ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
+    });
     await vm.waitSerial(/RUBATO debian ready/, 300_000);
     return { lan, hosts, io, vm, dir, binary, accel };
   } catch (e) {

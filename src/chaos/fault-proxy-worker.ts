@@ -8,6 +8,9 @@ parentPort!.on('message', (m: { op: 'blackhole' | 'heal' | 'flip' | 'close'; n?:
   if (m.op === 'blackhole') proxy.blackhole();
   else if (m.op === 'heal') proxy.heal();
   else if (m.op === 'flip') proxy.flipBit(m.n ?? 0);
-  else if (m.op === 'close') { proxy.close(); parentPort!.close(); }
+  else if (m.op === 'close') {
+    proxy.close();
+    parentPort!.close();
+  }
 });
 void proxy.listen().then((port) => parentPort!.postMessage({ port }));

@@ -16,7 +16,11 @@ export class CuttableProxy {
   port = 0;
   constructor(public targetPort: number) {
     this.server = createServer((c) => {
-      if (this.cut) { c.on('error', () => {}); this.sockets.push(c); return; } // a black hole accepts and says nothing
+      if (this.cut) {
+        c.on('error', () => {});
+        this.sockets.push(c);
+        return;
+      } // a black hole accepts and says nothing
       const u = connect({ host: '127.0.0.1', port: this.targetPort });
       this.sockets.push(c, u);
       c.on('data', (d: Buffer) => {
@@ -31,13 +35,20 @@ export class CuttableProxy {
         this.onForward?.(d);
         u.write(d);
       });
-      u.on('data', (d) => { if (!this.cut) c.write(d); });
+      u.on('data', (d) => {
+        if (!this.cut) c.write(d);
+      });
       const end = () => {
         this.sockets = this.sockets.filter((x) => x !== c && x !== u);
-        if (!this.cut) { c.destroy(); u.destroy(); }
+        if (!this.cut) {
+          c.destroy();
+          u.destroy();
+        }
       };
-      c.on('close', end); u.on('close', end);
-      c.on('error', () => {}); u.on('error', () => {});
+      c.on('close', end);
+      u.on('close', end);
+      c.on('error', () => {});
+      u.on('error', () => {});
     });
   }
   async listen(): Promise<number> {
@@ -45,7 +56,9 @@ export class CuttableProxy {
     this.port = (this.server.address() as { port: number }).port;
     return this.port;
   }
-  blackhole(): void { this.cut = true; }
+  blackhole(): void {
+    this.cut = true;
+  }
   /** Ends a cut: the connections that lived through it are reset (their bytes were lost), new ones pass. */
   heal(): void {
     if (!this.cut) return;
@@ -53,8 +66,13 @@ export class CuttableProxy {
     this.cut = false;
   }
   /** Flips one bit of the client → server stream `afterBytes` from now. */
-  flipBit(afterBytes: number): void { this.flipAt = this.forwarded + afterBytes; }
-  close(): void { this.server.close(); for (const s of this.sockets) s.destroy(); }
+  flipBit(afterBytes: number): void {
+    this.flipAt = this.forwarded + afterBytes;
+  }
+  close(): void {
+    this.server.close();
+    for (const s of this.sockets) s.destroy();
+  }
 }
 
 /** The same proxy run in a worker thread (its forwarding never waits for the caller's event loop). */
@@ -66,7 +84,10 @@ export class ThreadedProxy {
   async listen(): Promise<number> {
     const tsx = import.meta.resolve('tsx/esm/api');
     const entry = new URL('./fault-proxy-worker.ts', import.meta.url).href;
-    const w = new Worker(`import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); })`, { eval: true, workerData: { targetPort: this.targetPort } });
+    const w = new Worker(
+      `import(${JSON.stringify(tsx)}).then((m) => { m.register(); return import(${JSON.stringify(entry)}); })`,
+      { eval: true, workerData: { targetPort: this.targetPort } },
+    );
     this.worker = w;
     w.unref();
     this.port = await new Promise<number>((resolve, reject) => {
@@ -75,14 +96,22 @@ export class ThreadedProxy {
     });
     return this.port;
   }
-  blackhole(): void { this.worker?.postMessage({ op: 'blackhole' }); }
-  heal(): void { this.worker?.postMessage({ op: 'heal' }); }
-  flipBit(afterBytes: number): void { this.worker?.postMessage({ op: 'flip', n: afterBytes }); }
+  blackhole(): void {
+    this.worker?.postMessage({ op: 'blackhole' });
+  }
+  heal(): void {
+    this.worker?.postMessage({ op: 'heal' });
+  }
+  flipBit(afterBytes: number): void {
+    this.worker?.postMessage({ op: 'flip', n: afterBytes });
+  }
   close(): void {
     const w = this.worker;
     this.worker = null;
     if (!w) return;
     w.postMessage({ op: 'close' });
-    setTimeout(() => { void w.terminate(); }, 200).unref();
+    setTimeout(() => {
+      void w.terminate();
+    }, 200).unref();
   }
 }

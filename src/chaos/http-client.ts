@@ -6,7 +6,8 @@
 import { Agent, request } from 'node:http';
 
 const args = new Map<string, string>();
-for (let i = 2; i < process.argv.length; i += 2) args.set(process.argv[i]!.replace(/^--/, ''), process.argv[i + 1] ?? '');
+for (let i = 2; i < process.argv.length; i += 2)
+  args.set(process.argv[i]!.replace(/^--/, ''), process.argv[i + 1] ?? '');
 const [host, portStr] = (args.get('target') ?? '127.0.0.1:80').split(':');
 const path = args.get('path') ?? '/';
 const out = (o: object) => process.stdout.write(`${JSON.stringify({ t: Date.now(), ...o })}\n`);
@@ -17,13 +18,28 @@ const seen = new WeakSet<object>();
 function fetchOnce(persistent: boolean): Promise<{ latMs: number; socket: number }> {
   const t0 = performance.now();
   return new Promise((resolve, reject) => {
-    const req = request({ host, port: Number(portStr), path, agent: persistent ? keepAlive : false, timeout: 30_000 }, (res) => {
-      res.on('data', () => {});
-      res.on('end', () => (res.statusCode === 200 ? resolve({ latMs: performance.now() - t0, socket: sock }) : reject(new Error(`HTTP ${res.statusCode}`))));
-      res.on('error', reject);
-    });
+    const req = request(
+      { host, port: Number(portStr), path, agent: persistent ? keepAlive : false, timeout: 30_000 },
+      (res) => {
+        res.on('data', () => {});
+        res.on('end', () =>
+          res.statusCode === 200
+            ? resolve({ latMs: performance.now() - t0, socket: sock })
+            : reject(new Error(`HTTP ${res.statusCode}`)),
+        );
+        res.on('error', reject);
+      },
+    );
     let sock = 0;
-    req.on('socket', (s) => { if (persistent) { if (!seen.has(s)) { seen.add(s); sockets++; } sock = sockets; } });
+    req.on('socket', (s) => {
+      if (persistent) {
+        if (!seen.has(s)) {
+          seen.add(s);
+          sockets++;
+        }
+        sock = sockets;
+      }
+    });
     req.on('timeout', () => req.destroy(new Error('timeout')));
     req.on('error', reject);
     req.end();
@@ -35,7 +51,12 @@ async function loop(persistent: boolean, everyMs: number, stop: () => boolean): 
     const t = Date.now();
     try {
       const r = await fetchOnce(persistent);
-      out({ type: 'ok', conn: persistent ? 'persistent' : 'new', latMs: Math.round(r.latMs * 10) / 10, socket: r.socket });
+      out({
+        type: 'ok',
+        conn: persistent ? 'persistent' : 'new',
+        latMs: Math.round(r.latMs * 10) / 10,
+        socket: r.socket,
+      });
     } catch (e) {
       out({ type: 'error', conn: persistent ? 'persistent' : 'new', error: (e as Error).message });
     }
@@ -44,7 +65,9 @@ async function loop(persistent: boolean, everyMs: number, stop: () => boolean): 
 }
 
 let stopping = false;
-process.on('SIGTERM', () => { stopping = true; });
+process.on('SIGTERM', () => {
+  stopping = true;
+});
 await Promise.all([
   loop(true, Number(args.get('interval-ms') ?? 100), () => stopping),
   loop(false, Number(args.get('new-every-ms') ?? 500), () => stopping),

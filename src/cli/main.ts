@@ -5,7 +5,7 @@
 
 import { Command, CommanderError } from 'commander';
 import { EXIT_CODES, RubatoError, errorMessage } from '../util/errors.ts';
-import { LOG_FORMATS, LOG_LEVELS, jsonLine } from '../util/log.ts';
+import { LOG_LEVELS, jsonLine } from '../util/log.ts';
 import { takeLogOptions } from './log-options.ts';
 import * as agent from './commands/agent.ts';
 import * as bench from './commands/bench.ts';
@@ -27,13 +27,35 @@ import * as witness from './commands/witness.ts';
 const program = new Command('rubato')
   .description('High availability for QEMU VMs by checkpoint replication with a workload-adaptive scheduler')
   .option('--log-level <level>', `logging on stderr: ${LOG_LEVELS.join(', ')} (any command; also RUBATO_LOG)`, 'info')
-  .option('--log-format <format>', 'text, or json: one object per line {time, level, component, message, fields…} (any command; also RUBATO_LOG_FORMAT)', 'text')
+  .option(
+    '--log-format <format>',
+    'text, or json: one object per line {time, level, component, message, fields…} (any command; also RUBATO_LOG_FORMAT)',
+    'text',
+  )
   .exitOverride()
   // Options after a subcommand belong to it (`bench scheduler --quick` is the scheduler's --quick).
   .enablePositionalOptions()
   .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
-for (const c of [setup, captureCheck, keygen, protect, primary, standby, failover, agent, vm, host, demo, profile, simulate, chaos, bench, witness]) c.register(program);
+for (const c of [
+  setup,
+  captureCheck,
+  keygen,
+  protect,
+  primary,
+  standby,
+  failover,
+  agent,
+  vm,
+  host,
+  demo,
+  profile,
+  simulate,
+  chaos,
+  bench,
+  witness,
+])
+  c.register(program);
 
 try {
   await program.parseAsync(takeLogOptions(process.argv));
@@ -41,10 +63,14 @@ try {
   if (e instanceof CommanderError) {
     process.exitCode = e.exitCode === 0 ? 0 : 2;
   } else if (e instanceof RubatoError) {
-    process.stderr.write(process.env['RUBATO_LOG_FORMAT'] === 'json' ? `${jsonLine('error', 'rubato', e.message, { code: e.code })}\n` : `rubato: ${e.message}\n`);
+    process.stderr.write(
+      process.env['RUBATO_LOG_FORMAT'] === 'json'
+        ? `${jsonLine('error', 'rubato', e.message, { code: e.code })}\n`
+        : `rubato: ${e.message}\n`,
+    );
     process.exitCode = EXIT_CODES[e.code] ?? 1;
   } else {
-    process.stderr.write(`rubato: internal error: ${errorMessage(e)}\n${e instanceof Error ? e.stack ?? '' : ''}\n`);
+    process.stderr.write(`rubato: internal error: ${errorMessage(e)}\n${e instanceof Error ? (e.stack ?? '') : ''}\n`);
     process.exitCode = 70;
   }
 }

@@ -10,13 +10,21 @@
 import { assert } from '../util/errors.ts';
 
 /** Anything with a byte length: a Buffer live, a simulated frame in the simulator. */
-export interface Sized { readonly length: number }
+export interface Sized {
+  readonly length: number;
+}
 
 /** One epoch's disk writes, as the disk server cuts them (its pages travel with the checkpoint). */
-export interface DiskEpochCut { pages: Map<number, Buffer>; writes: number; flushes: number }
+export interface DiskEpochCut {
+  pages: Map<number, Buffer>;
+  writes: number;
+  flushes: number;
+}
 
 /** The guest's disk, seen from output commit: writes are logged per epoch and cut at the pause. */
-export interface DiskEpochSource { cutEpoch(): DiskEpochCut }
+export interface DiskEpochSource {
+  cutEpoch(): DiskEpochCut;
+}
 
 export type CommitState =
   /** No protection yet (or after an orderly stop): output passes straight through. */
@@ -27,18 +35,30 @@ export type CommitState =
   | { kind: 'unprotected'; reason: string };
 
 export interface OutputStats {
-  frames: number; bytes: number; oldestMs: number | null;
+  frames: number;
+  bytes: number;
+  oldestMs: number | null;
   /** Frames dropped at the bound (as a congested link would: TCP retransmits). */
   dropped: number;
   /** Frames released after their acknowledgement. */
   released: number;
   /** Frames released without one (giving up protection), and how many times that happened. */
-  releasedUnprotected: number; unprotectedReleases: number;
+  releasedUnprotected: number;
+  unprotectedReleases: number;
 }
 
-interface Held<F> { epoch: number; frame: F; atMs: number }
+interface Held<F> {
+  epoch: number;
+  frame: F;
+  atMs: number;
+}
 
-export interface ClosedEpoch { epoch: number; frames: number; bytes: number; disk: DiskEpochCut | null }
+export interface ClosedEpoch {
+  epoch: number;
+  frames: number;
+  bytes: number;
+  disk: DiskEpochCut | null;
+}
 
 export class OutputCommit<F extends Sized = Buffer> {
   private st: CommitState = { kind: 'pass-through' };
@@ -60,14 +80,25 @@ export class OutputCommit<F extends Sized = Buffer> {
   /** Called for every frame held (traces record output times and sizes). */
   onHeld: ((frame: F, atMs: number) => void) | null = null;
 
-  constructor(private readonly maxHeldBytes: number, private readonly disk: DiskEpochSource | null = null) {
+  constructor(
+    private readonly maxHeldBytes: number,
+    private readonly disk: DiskEpochSource | null = null,
+  ) {
     assert(maxHeldBytes > 0, 'output commit needs a positive bound');
   }
 
-  get state(): CommitState { return this.st; }
-  get holding(): boolean { return this.st.kind === 'holding'; }
-  get openEpoch(): number { return this.open; }
-  get ackedEpoch(): number { return this.acked; }
+  get state(): CommitState {
+    return this.st;
+  }
+  get holding(): boolean {
+    return this.st.kind === 'holding';
+  }
+  get openEpoch(): number {
+    return this.open;
+  }
+  get ackedEpoch(): number {
+    return this.acked;
+  }
 
   /**
    * Protection (re)starts with checkpoint `baseEpoch` (the full image, taken now with the guest
@@ -88,19 +119,32 @@ export class OutputCommit<F extends Sized = Buffer> {
 
   /** Output produced in the open epoch: what the scheduler sees waiting. */
   openStats(nowMs: number): { frames: number; bytes: number; oldestMs: number | null } {
-    return { frames: this.openFrames, bytes: this.openBytes, oldestMs: this.openOldestMs === null ? null : nowMs - this.openOldestMs };
+    return {
+      frames: this.openFrames,
+      bytes: this.openBytes,
+      oldestMs: this.openOldestMs === null ? null : nowMs - this.openOldestMs,
+    };
   }
 
   /** A frame from the guest: returns it when it may leave now, else holds it (or drops it at the bound). */
   push(frame: F, nowMs: number): F | null {
-    if (this.st.kind !== 'holding') { this.released++; return frame; }
-    if (this.bytes + frame.length > this.maxHeldBytes) { this.dropped++; return null; }
+    if (this.st.kind !== 'holding') {
+      this.released++;
+      return frame;
+    }
+    if (this.bytes + frame.length > this.maxHeldBytes) {
+      this.dropped++;
+      return null;
+    }
     this.queue.push({ epoch: this.open, frame, atMs: nowMs });
     this.bytes += frame.length;
     this.openFrames++;
     this.openBytes += frame.length;
     this.onHeld?.(frame, nowMs);
-    if (this.openOldestMs === null) { this.openOldestMs = nowMs; this.onFirstHeld?.(); }
+    if (this.openOldestMs === null) {
+      this.openOldestMs = nowMs;
+      this.onFirstHeld?.();
+    }
     return null;
   }
 
@@ -112,7 +156,12 @@ export class OutputCommit<F extends Sized = Buffer> {
   closeEpoch(epoch: number): ClosedEpoch {
     assert(this.st.kind === 'holding', `output commit: epoch ${epoch} closed while not holding`);
     assert(epoch === this.open, `output commit: closing epoch ${epoch} while epoch ${this.open} is open`);
-    const closed: ClosedEpoch = { epoch, frames: this.openFrames, bytes: this.openBytes, disk: this.disk?.cutEpoch() ?? null };
+    const closed: ClosedEpoch = {
+      epoch,
+      frames: this.openFrames,
+      bytes: this.openBytes,
+      disk: this.disk?.cutEpoch() ?? null,
+    };
     this.open = epoch + 1;
     this.openFrames = 0;
     this.openBytes = 0;
@@ -133,7 +182,10 @@ export class OutputCommit<F extends Sized = Buffer> {
     const out: Array<{ frame: F; atMs: number }> = [];
     while (this.head < this.queue.length && this.queue[this.head]!.epoch <= epoch) {
       const h = this.queue[this.head++]!;
-      assert(h.epoch <= ackedEpoch, `output commit: a frame of epoch ${h.epoch} would leave with ${ackedEpoch} acknowledged`);
+      assert(
+        h.epoch <= ackedEpoch,
+        `output commit: a frame of epoch ${h.epoch} would leave with ${ackedEpoch} acknowledged`,
+      );
       this.bytes -= h.frame.length;
       out.push({ frame: h.frame, atMs: h.atMs });
     }
@@ -169,8 +221,13 @@ export class OutputCommit<F extends Sized = Buffer> {
   stats(nowMs: number): OutputStats {
     const oldest = this.queue[this.head];
     return {
-      frames: this.queue.length - this.head, bytes: this.bytes, oldestMs: oldest ? nowMs - oldest.atMs : null,
-      dropped: this.dropped, released: this.released, releasedUnprotected: this.releasedUnprotected, unprotectedReleases: this.unprotectedReleases,
+      frames: this.queue.length - this.head,
+      bytes: this.bytes,
+      oldestMs: oldest ? nowMs - oldest.atMs : null,
+      dropped: this.dropped,
+      released: this.released,
+      releasedUnprotected: this.releasedUnprotected,
+      unprotectedReleases: this.unprotectedReleases,
     };
   }
 

@@ -23,7 +23,9 @@ export class ReleaseGate {
   }
 
   /** Frames kept from leaving, and the latest reason. */
-  get blocked(): { frames: number; why: string | null } { return { frames: this.refused, why: this.lastWhy }; }
+  get blocked(): { frames: number; why: string | null } {
+    return { frames: this.refused, why: this.lastWhy };
+  }
 }
 
 /** No witness (--no-witness): every frame may leave; a cut link can run two copies. */

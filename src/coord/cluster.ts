@@ -43,8 +43,13 @@ export type Placement = z.infer<typeof Placement>;
 export const Endpoint = z.object({ host: z.string(), address: z.string(), port: z.number().int() });
 export type Endpoint = z.infer<typeof Endpoint>;
 export const VmStatus = z.object({
-  host: z.string(), protected: z.boolean(), reason: z.string().nullable(), generation: z.number().nullable(),
-  epoch: z.number(), standby: z.string().nullable(), at: z.number(),
+  host: z.string(),
+  protected: z.boolean(),
+  reason: z.string().nullable(),
+  generation: z.number().nullable(),
+  epoch: z.number(),
+  standby: z.string().nullable(),
+  at: z.number(),
 });
 export type VmStatus = z.infer<typeof VmStatus>;
 
@@ -80,8 +85,14 @@ export interface ClusterView {
 
 export async function readCluster(etcd: EtcdClient): Promise<ClusterView> {
   const [hosts, drains, vms, placements, endpoints, statuses, owned, leader] = await Promise.all([
-    etcd.list(KEYS.hosts), etcd.list(KEYS.drains), etcd.list(KEYS.vms), etcd.list(KEYS.placements),
-    etcd.list(KEYS.endpoints), etcd.list(KEYS.statuses), etcd.list(KEYS.owners), etcd.get(KEYS.leader),
+    etcd.list(KEYS.hosts),
+    etcd.list(KEYS.drains),
+    etcd.list(KEYS.vms),
+    etcd.list(KEYS.placements),
+    etcd.list(KEYS.endpoints),
+    etcd.list(KEYS.statuses),
+    etcd.list(KEYS.owners),
+    etcd.get(KEYS.leader),
   ]);
   const owners = new Map<string, { host: string; generation: number }>();
   const generations = new Map<string, number>();
@@ -89,17 +100,29 @@ export async function readCluster(etcd: EtcdClient): Promise<ClusterView> {
     const m = /^\/rubato\/vm\/([^/]+)\/(owner|generation)$/.exec(kv.key);
     if (!m) continue;
     try {
-      if (m[2] === 'owner') owners.set(m[1]!, z.object({ host: z.string(), generation: z.number() }).parse(JSON.parse(kv.value)));
+      if (m[2] === 'owner')
+        owners.set(m[1]!, z.object({ host: z.string(), generation: z.number() }).parse(JSON.parse(kv.value)));
       else generations.set(m[1]!, Number(kv.value) || 0);
-    } catch { /* a torn value: as if absent */ }
+    } catch {
+      /* a torn value: as if absent */
+    }
   }
   let leaderName: string | null = null;
-  try { leaderName = leader ? (JSON.parse(leader.value) as { host: string }).host : null; } catch { /* as if none */ }
+  try {
+    leaderName = leader ? (JSON.parse(leader.value) as { host: string }).host : null;
+  } catch {
+    /* as if none */
+  }
   return {
-    hosts: byName(hosts, KEYS.hosts, HostRecord), drains: new Set(drains.map((kv) => kv.key.slice(KEYS.drains.length))),
-    vms: byName(vms, KEYS.vms, VmRecord), placements: byName(placements, KEYS.placements, Placement),
-    endpoints: byName(endpoints, KEYS.endpoints, Endpoint), statuses: byName(statuses, KEYS.statuses, VmStatus),
-    owners, generations, leader: leaderName,
+    hosts: byName(hosts, KEYS.hosts, HostRecord),
+    drains: new Set(drains.map((kv) => kv.key.slice(KEYS.drains.length))),
+    vms: byName(vms, KEYS.vms, VmRecord),
+    placements: byName(placements, KEYS.placements, Placement),
+    endpoints: byName(endpoints, KEYS.endpoints, Endpoint),
+    statuses: byName(statuses, KEYS.statuses, VmStatus),
+    owners,
+    generations,
+    leader: leaderName,
   };
 }
 
@@ -115,7 +138,10 @@ export class LeasedKeys {
   /** Keys taken with putIfAbsent: after an expiry they are somebody else's to take. */
   private readonly exclusive = new Set<string>();
 
-  constructor(private readonly etcd: EtcdClient, private readonly ttlSec: number) {}
+  constructor(
+    private readonly etcd: EtcdClient,
+    private readonly ttlSec: number,
+  ) {}
 
   async put(key: string, value: string): Promise<void> {
     this.keys.set(key, value);
@@ -129,12 +155,17 @@ export class LeasedKeys {
     const cur = await this.etcd.get(key);
     if (cur && cur.lease !== lease) return false;
     const ok = cur ? true : await this.etcd.txn([{ key, absent: true }], [{ put: key, value, lease }]);
-    if (ok) { this.exclusive.add(key); this.start(); }
+    if (ok) {
+      this.exclusive.add(key);
+      this.start();
+    }
     return ok;
   }
 
   /** Whether this process holds `key` (taken with putIfAbsent, lease not expired). */
-  holds(key: string): boolean { return this.exclusive.has(key); }
+  holds(key: string): boolean {
+    return this.exclusive.has(key);
+  }
 
   async delete(key: string): Promise<void> {
     this.keys.delete(key);
@@ -148,7 +179,12 @@ export class LeasedKeys {
 
   private start(): void {
     if (this.timer) return;
-    this.timer = setInterval(() => { void this.renew(); }, Math.max(100, (this.ttlSec * 1000) / 4));
+    this.timer = setInterval(
+      () => {
+        void this.renew();
+      },
+      Math.max(100, (this.ttlSec * 1000) / 4),
+    );
     this.timer.unref();
   }
 
@@ -177,7 +213,11 @@ export class LeasedKeys {
 }
 
 /** Where VM `vm`'s standby listens, per the witness (a standby on `self` does not count: it is us). */
-export function standbyLookup(etcd: EtcdClient, vm: string, self: string): () => Promise<{ host: string; port: number } | null> {
+export function standbyLookup(
+  etcd: EtcdClient,
+  vm: string,
+  self: string,
+): () => Promise<{ host: string; port: number } | null> {
   return async () => {
     const kv = await etcd.get(KEYS.endpoint(vm));
     if (!kv) return null;
@@ -187,15 +227,26 @@ export function standbyLookup(etcd: EtcdClient, vm: string, self: string): () =>
 }
 
 /** Publishes a running copy's protection state (for `rubato vm list` and drains) every second, on `keys`' lease. */
-export function publishStatus(keys: LeasedKeys, vm: string, host: string, snapshot: () => Record<string, unknown>): () => void {
+export function publishStatus(
+  keys: LeasedKeys,
+  vm: string,
+  host: string,
+  snapshot: () => Record<string, unknown>,
+): () => void {
   const put = () => {
     const s = snapshot();
     const status: VmStatus = {
-      host, protected: s['protected'] === true, reason: typeof s['unprotectedReason'] === 'string' ? s['unprotectedReason'] : null,
-      generation: typeof s['generation'] === 'number' ? s['generation'] : null, epoch: typeof s['epoch'] === 'number' ? s['epoch'] : 0,
-      standby: typeof s['standby'] === 'string' ? s['standby'] : null, at: Date.now(),
+      host,
+      protected: s['protected'] === true,
+      reason: typeof s['unprotectedReason'] === 'string' ? s['unprotectedReason'] : null,
+      generation: typeof s['generation'] === 'number' ? s['generation'] : null,
+      epoch: typeof s['epoch'] === 'number' ? s['epoch'] : 0,
+      standby: typeof s['standby'] === 'string' ? s['standby'] : null,
+      at: Date.now(),
     };
-    keys.put(KEYS.status(vm), JSON.stringify(status)).catch((e: unknown) => log.debug(`publishing the status of ${vm}: ${errorMessage(e)}`));
+    keys
+      .put(KEYS.status(vm), JSON.stringify(status))
+      .catch((e: unknown) => log.debug(`publishing the status of ${vm}: ${errorMessage(e)}`));
   };
   put();
   const t = setInterval(put, 1000);
@@ -203,7 +254,15 @@ export function publishStatus(keys: LeasedKeys, vm: string, host: string, snapsh
   return () => clearInterval(t);
 }
 
-export interface VmRow { vm: string; primary: string | null; standby: string | null; generation: number; state: string; protected: boolean; epoch: number | null }
+export interface VmRow {
+  vm: string;
+  primary: string | null;
+  standby: string | null;
+  generation: number;
+  state: string;
+  protected: boolean;
+  epoch: number | null;
+}
 
 /** One row per VM: where it runs (the witness's owner), its standby, generation and protection. */
 export function vmRows(v: ClusterView): VmRow[] {
@@ -212,10 +271,25 @@ export function vmRows(v: ClusterView): VmRow[] {
     const p = v.placements.get(vm);
     const st = v.statuses.get(vm);
     const fresh = st && owner && st.host === owner.host;
-    const state = !p ? 'unplaced (no host up)'
-      : !owner ? ((v.generations.get(vm) ?? 0) > 0 ? 'down: no copy runs (a standby may be taking over)' : 'starting')
-        : !fresh ? 'running (status not yet reported)'
-          : st.protected ? 'protected' : `unprotected: ${st.reason ?? 'no standby'}`;
-    return { vm, primary: owner?.host ?? p?.primary ?? null, standby: p?.standby ?? null, generation: owner?.generation ?? v.generations.get(vm) ?? 0, state, protected: !!(fresh && st.protected), epoch: fresh ? st.epoch : null };
+    const state = !p
+      ? 'unplaced (no host up)'
+      : !owner
+        ? (v.generations.get(vm) ?? 0) > 0
+          ? 'down: no copy runs (a standby may be taking over)'
+          : 'starting'
+        : !fresh
+          ? 'running (status not yet reported)'
+          : st.protected
+            ? 'protected'
+            : `unprotected: ${st.reason ?? 'no standby'}`;
+    return {
+      vm,
+      primary: owner?.host ?? p?.primary ?? null,
+      standby: p?.standby ?? null,
+      generation: owner?.generation ?? v.generations.get(vm) ?? 0,
+      state,
+      protected: !!(fresh && st.protected),
+      epoch: fresh ? st.epoch : null,
+    };
   });
 }

@@ -7,21 +7,30 @@ import { RubatoError } from '../util/errors.ts';
 const b64 = (s: string) => Buffer.from(s).toString('base64');
 const unb64 = (s: string | undefined) => (s === undefined ? '' : Buffer.from(s, 'base64').toString('utf8'));
 
-export interface KeyValue { key: string; value: string; modRevision: number; createRevision: number; lease: string | null }
+export interface KeyValue {
+  key: string;
+  value: string;
+  modRevision: number;
+  createRevision: number;
+  lease: string | null;
+}
 
-export type Compare =
-  | { key: string; absent: true }
-  | { key: string; modRevision: number };
+export type Compare = { key: string; absent: true } | { key: string; modRevision: number };
 
 export type Op = { put: string; value: string; lease?: string } | { del: string };
 
 export class EtcdClient {
   private next = 0;
-  constructor(private readonly endpoints: readonly string[], private readonly timeoutMs = 1000) {
+  constructor(
+    private readonly endpoints: readonly string[],
+    private readonly timeoutMs = 1000,
+  ) {
     if (!endpoints.length) throw new RubatoError('RUBATO_CONFIG', 'etcd: no endpoint given');
   }
 
-  get urls(): readonly string[] { return this.endpoints; }
+  get urls(): readonly string[] {
+    return this.endpoints;
+  }
 
   /** One request, to each endpoint in turn until one answers. */
   private async call<T>(path: string, body: object, timeoutMs = this.timeoutMs): Promise<T> {
@@ -29,8 +38,12 @@ export class EtcdClient {
     for (let i = 0; i < this.endpoints.length; i++) {
       const ep = this.endpoints[(this.next + i) % this.endpoints.length]!;
       try {
-        const r = await fetch(`${ep}${path}`, { method: 'POST', body: JSON.stringify(body), signal: AbortSignal.timeout(timeoutMs) });
-        const j = await r.json() as T & { error?: string; message?: string };
+        const r = await fetch(`${ep}${path}`, {
+          method: 'POST',
+          body: JSON.stringify(body),
+          signal: AbortSignal.timeout(timeoutMs),
+        });
+        const j = (await r.json()) as T & { error?: string; message?: string };
         if (!r.ok) throw new Error(j.message ?? j.error ?? `HTTP ${r.status}`);
         this.next = (this.next + i) % this.endpoints.length;
         return j;
@@ -38,7 +51,10 @@ export class EtcdClient {
         last = e;
       }
     }
-    throw new RubatoError('RUBATO_PEER_LOST', `etcd ${this.endpoints.join(',')}: ${path}: ${last instanceof Error ? last.message : String(last)}`);
+    throw new RubatoError(
+      'RUBATO_PEER_LOST',
+      `etcd ${this.endpoints.join(',')}: ${path}: ${last instanceof Error ? last.message : String(last)}`,
+    );
   }
 
   async grantLease(ttlSec: number): Promise<string> {
@@ -79,12 +95,16 @@ export class EtcdClient {
   /** All compares hold → the ops run; else nothing does. */
   async txn(compares: readonly Compare[], ops: readonly Op[]): Promise<boolean> {
     const r = await this.call<{ succeeded?: boolean }>('/v3/kv/txn', {
-      compare: compares.map((c) => ('absent' in c
-        ? { key: b64(c.key), target: 'CREATE', result: 'EQUAL', create_revision: '0' }
-        : { key: b64(c.key), target: 'MOD', result: 'EQUAL', mod_revision: String(c.modRevision) })),
-      success: ops.map((o) => ('put' in o
-        ? { request_put: { key: b64(o.put), value: b64(o.value), ...(o.lease ? { lease: o.lease } : {}) } }
-        : { request_delete_range: { key: b64(o.del) } })),
+      compare: compares.map((c) =>
+        'absent' in c
+          ? { key: b64(c.key), target: 'CREATE', result: 'EQUAL', create_revision: '0' }
+          : { key: b64(c.key), target: 'MOD', result: 'EQUAL', mod_revision: String(c.modRevision) },
+      ),
+      success: ops.map((o) =>
+        'put' in o
+          ? { request_put: { key: b64(o.put), value: b64(o.value), ...(o.lease ? { lease: o.lease } : {}) } }
+          : { request_delete_range: { key: b64(o.del) } },
+      ),
     });
     return r.succeeded === true;
   }
@@ -110,7 +130,19 @@ function rangeEnd(prefix: string): string {
   return end.toString('base64');
 }
 
-interface RawKv { key: string; value?: string; mod_revision?: string; create_revision?: string; lease?: string }
+interface RawKv {
+  key: string;
+  value?: string;
+  mod_revision?: string;
+  create_revision?: string;
+  lease?: string;
+}
 function toKv(kv: RawKv): KeyValue {
-  return { key: unb64(kv.key), value: unb64(kv.value), modRevision: Number(kv.mod_revision ?? 0), createRevision: Number(kv.create_revision ?? 0), lease: kv.lease ?? null };
+  return {
+    key: unb64(kv.key),
+    value: unb64(kv.value),
+    modRevision: Number(kv.mod_revision ?? 0),
+    createRevision: Number(kv.create_revision ?? 0),
+    lease: kv.lease ?? null,
+  };
 }

@@ -59,33 +59,47 @@ export function guardOwnership(ownership: Ownership, g: GuardedGuest): Ownership
   const claimAgain = () => {
     if (!lost || stopped || asking) return;
     asking = true;
-    ownership.reclaim().then((r) => {
-      asking = false;
-      if (!lost || stopped) return;
-      const d = afterReclaim(r);
-      if (d === 'stop') return stop(`another copy took VM ${ownership.vm} over while this host was cut from the witness (${lost})`);
-      if (d === 'retry') return;
-      lost = null;
-      if (retry) clearInterval(retry);
-      retry = null;
-      g.emit({ event: 'owner', host: ownership.host, generation: r });
-      log.info(`VM ${ownership.vm}: ${ownership.host} holds it again (generation ${String(r)}); its output flows again`);
-    }, (e: unknown) => {
-      asking = false;
-      log.debug(`claiming VM ${ownership.vm} again: ${errorMessage(e)}`);
-    });
+    ownership.reclaim().then(
+      (r) => {
+        asking = false;
+        if (!lost || stopped) return;
+        const d = afterReclaim(r);
+        if (d === 'stop')
+          return stop(`another copy took VM ${ownership.vm} over while this host was cut from the witness (${lost})`);
+        if (d === 'retry') return;
+        lost = null;
+        if (retry) clearInterval(retry);
+        retry = null;
+        g.emit({ event: 'owner', host: ownership.host, generation: r });
+        log.info(
+          `VM ${ownership.vm}: ${ownership.host} holds it again (generation ${String(r)}); its output flows again`,
+        );
+      },
+      (e: unknown) => {
+        asking = false;
+        log.debug(`claiming VM ${ownership.vm} again: ${errorMessage(e)}`);
+      },
+    );
   };
   ownership.watch((loss) => {
     if (stopped) return;
     lost = loss.why;
     g.emit({ event: 'witness-lost', why: loss.why, stale: loss.stale, protected: g.protected() });
-    log.warn(`VM ${ownership.vm}: this host lost the witness (${loss.why}); its output is held and it claims the VM again; its guest stops only if another copy took over`);
+    log.warn(
+      `VM ${ownership.vm}: this host lost the witness (${loss.why}); its output is held and it claims the VM again; its guest stops only if another copy took over`,
+    );
     retry ??= setInterval(claimAgain, RECLAIM_EVERY_MS);
     retry.unref();
     claimAgain();
   });
   return {
-    get witnessLost() { return lost; },
-    close: () => { stopped = true; if (retry) clearInterval(retry); ownership.watch(null); },
+    get witnessLost() {
+      return lost;
+    },
+    close: () => {
+      stopped = true;
+      if (retry) clearInterval(retry);
+      ownership.watch(null);
+    },
   };
 }

@@ -14,7 +14,10 @@ export class LeaseClock {
   private sentMs: number | null = null;
   private gone = false;
 
-  constructor(readonly ttlMs: number, readonly lossFraction = LOSS_FRACTION) {}
+  constructor(
+    readonly ttlMs: number,
+    readonly lossFraction = LOSS_FRACTION,
+  ) {}
 
   /** etcd confirmed a grant or keep-alive whose request was sent at `sentMs` (its answer may come late). */
   confirmed(sentMs: number): void {
@@ -23,12 +26,19 @@ export class LeaseClock {
   }
 
   /** etcd said the lease is gone (expired or revoked). */
-  expired(): void { this.gone = true; }
+  expired(): void {
+    this.gone = true;
+  }
 
   /** A new lease follows (after a loss, a claim grants a fresh one). */
-  reset(): void { this.sentMs = null; this.gone = false; }
+  reset(): void {
+    this.sentMs = null;
+    this.gone = false;
+  }
 
-  get lastConfirmedSentMs(): number | null { return this.sentMs; }
+  get lastConfirmedSentMs(): number | null {
+    return this.sentMs;
+  }
 
   /** Until when this holder may release output or run alone (null: not at all). */
   validUntilMs(): number | null {
@@ -41,10 +51,14 @@ export class LeaseClock {
   }
 
   /** ms since the latest confirmed request was sent (Infinity: none). */
-  silentMs(nowMs: number): number { return this.sentMs === null ? Number.POSITIVE_INFINITY : nowMs - this.sentMs; }
+  silentMs(nowMs: number): number {
+    return this.sentMs === null ? Number.POSITIVE_INFINITY : nowMs - this.sentMs;
+  }
 
   /** The whole TTL passed since the last confirmed request: etcd may have let another host claim the VM. */
-  mayHaveExpired(nowMs: number): boolean { return this.gone || this.silentMs(nowMs) >= this.ttlMs; }
+  mayHaveExpired(nowMs: number): boolean {
+    return this.gone || this.silentMs(nowMs) >= this.ttlMs;
+  }
 }
 
 /** How a VM is fenced: by the witness, or (the user's explicit choice, --no-witness) not at all. */

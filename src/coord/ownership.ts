@@ -47,21 +47,29 @@ async function renew() {
   for (let i = 0; i < endpoints.length; i++) {
     const ep = endpoints[(next + i) % endpoints.length];
     try {
-      const r = await fetch(ep + '/v3/lease/keepalive', { method: 'POST', body: JSON.stringify({ ID: c.lease }), signal: AbortSignal.timeout(timeoutMs) });
+      const r = await fetch(ep + '/v3/lease/keepalive', {
+        method: 'POST', body: JSON.stringify({ ID: c.lease }), signal: AbortSignal.timeout(timeoutMs),
+      });
       const j = await r.json();
       if (!r.ok) continue;
       next = (next + i) % endpoints.length;
-      if (Number((j.result && j.result.TTL) || 0) > 0) { if (sent > Atomics.load(c.view, 0)) Atomics.store(c.view, 0, sent); }
-      else Atomics.store(c.view, 1, 1n);
+      if (Number((j.result && j.result.TTL) || 0) <= 0) Atomics.store(c.view, 1, 1n);
+      else if (sent > Atomics.load(c.view, 0)) Atomics.store(c.view, 0, sent);
       return;
     } catch (e) { /* the next endpoint, or the next round */ }
   }
 }
 setInterval(renew, everyMs);
-parentPort.on('message', (m) => { cur = m ? { lease: m.lease, view: new BigInt64Array(m.shared) } : null; void renew(); });
+parentPort.on('message', (m) => {
+  cur = m ? { lease: m.lease, view: new BigInt64Array(m.shared) } : null;
+  void renew();
+});
 `;
 
-export interface Owner { host: string; generation: number }
+export interface Owner {
+  host: string;
+  generation: number;
+}
 
 const ownerKey = (vm: string) => `/rubato/vm/${vm}/owner`;
 const genKey = (vm: string) => `/rubato/vm/${vm}/generation`;
@@ -71,14 +79,20 @@ export async function currentOwner(etcd: EtcdClient, vm: string): Promise<Owner 
   return kv ? (JSON.parse(kv.value) as Owner) : null;
 }
 
-/** The witness's generation of `vm` (0: never claimed): a host that lost the VM compares it with its own before starting QEMU. */
+/**
+ * The witness's generation of `vm` (0: never claimed): a host that lost the VM compares it with its own before starting
+ * QEMU.
+ */
 export async function currentGeneration(etcd: EtcdClient, vm: string): Promise<number> {
   const kv = await etcd.get(genKey(vm));
   return kv ? Number(kv.value) : 0;
 }
 
 /** Why the VM was lost: `stale` when the whole TTL may have passed (another host may hold it now). */
-export interface Loss { why: string; stale: boolean }
+export interface Loss {
+  why: string;
+  stale: boolean;
+}
 
 export class Ownership {
   private lease: string | null = null;
@@ -92,21 +106,31 @@ export class Ownership {
   private listener: ((loss: Loss) => void) | null = null;
   private readonly clock: LeaseClock;
 
-  constructor(private readonly etcd: EtcdClient, readonly vm: string, readonly host: string, readonly ttlSec: number,
-    private readonly now: () => number = monotonicMs) {
+  constructor(
+    private readonly etcd: EtcdClient,
+    readonly vm: string,
+    readonly host: string,
+    readonly ttlSec: number,
+    private readonly now: () => number = monotonicMs,
+  ) {
     this.clock = new LeaseClock(ttlSec * 1000);
   }
 
-  get generation(): number { return this.gen; }
+  get generation(): number {
+    return this.gen;
+  }
   /** Held and known valid right now (its last confirmed renewal was sent within the loss budget). */
-  get held(): boolean { return this.lease !== null && this.loss === null && this.clock.valid(this.now()); }
+  get held(): boolean {
+    return this.lease !== null && this.loss === null && this.clock.valid(this.now());
+  }
 
   /** Why output may not leave this host now (null: it may): the release gate's check. */
   leaseCheck(nowMs: number): string | null {
     this.readRenewals();
     if (this.loss) return `VM ${this.vm}: ${this.host} lost the witness (${this.loss.why})`;
     if (this.lease === null) return `VM ${this.vm}: ${this.host} does not hold it in the witness`;
-    if (!this.clock.valid(nowMs)) return `VM ${this.vm}: lease not known valid (no confirmed renewal for ${Math.round(this.clock.silentMs(nowMs))} ms)`;
+    if (!this.clock.valid(nowMs))
+      return `VM ${this.vm}: lease not known valid (no confirmed renewal for ${Math.round(this.clock.silentMs(nowMs))} ms)`;
     return null;
   }
 
@@ -142,20 +166,30 @@ export class Ownership {
   private async claimFrom(expect: number | null): Promise<number | 'superseded' | null> {
     const sentMs = this.now(); // the lease runs from no later than this
     this.ensureKeeper(); // (its start-up overlaps the claim's round trips)
-    const lease = this.lease ?? await this.etcd.grantLease(this.ttlSec);
+    const lease = this.lease ?? (await this.etcd.grantLease(this.ttlSec));
     const [owner, gen] = [await this.etcd.get(ownerKey(this.vm)), await this.etcd.get(genKey(this.vm))];
     const held = owner ? (JSON.parse(owner.value) as Owner) : null;
     const witnessGen = gen ? Number(gen.value) : 0;
-    const unused = async <T>(r: T): Promise<T> => { if (!this.lease) await this.revokeQuietly(lease); return r; };
-    if (expect !== null && (witnessGen !== expect || (held && held.host !== this.host))) return unused('superseded' as const);
+    const unused = async <T>(r: T): Promise<T> => {
+      if (!this.lease) await this.revokeQuietly(lease);
+      return r;
+    };
+    if (expect !== null && (witnessGen !== expect || (held && held.host !== this.host)))
+      return unused('superseded' as const);
     // Ours: this lease's key, or (claiming again) the key this host left on its lost lease.
-    const mine = held?.host === this.host && (owner!.lease === lease || (expect !== null && held.generation === expect));
+    const mine =
+      held?.host === this.host && (owner!.lease === lease || (expect !== null && held.generation === expect));
     if (owner && !mine) return unused(null);
     const next = witnessGen + 1;
     const ok = await this.etcd.txn(
-      [owner ? { key: ownerKey(this.vm), modRevision: owner.modRevision } : { key: ownerKey(this.vm), absent: true },
-        gen ? { key: genKey(this.vm), modRevision: gen.modRevision } : { key: genKey(this.vm), absent: true }],
-      [{ put: ownerKey(this.vm), value: JSON.stringify({ host: this.host, generation: next }), lease }, { put: genKey(this.vm), value: String(next) }],
+      [
+        owner ? { key: ownerKey(this.vm), modRevision: owner.modRevision } : { key: ownerKey(this.vm), absent: true },
+        gen ? { key: genKey(this.vm), modRevision: gen.modRevision } : { key: genKey(this.vm), absent: true },
+      ],
+      [
+        { put: ownerKey(this.vm), value: JSON.stringify({ host: this.host, generation: next }), lease },
+        { put: genKey(this.vm), value: String(next) },
+      ],
     );
     if (!ok) return unused(null);
     if (this.lease !== lease) this.clock.reset();
@@ -165,7 +199,8 @@ export class Ownership {
     // An old lease kept across a claim: its validity still runs from its last confirmed renewal.
     if (this.clock.lastConfirmedSentMs === null) this.clock.confirmed(sentMs);
     this.startRenewing();
-    if (this.lostLease && this.lostLease !== lease) void this.revokeQuietly(this.lostLease); // nothing is attached to it now
+    // nothing is attached to it now
+    if (this.lostLease && this.lostLease !== lease) void this.revokeQuietly(this.lostLease);
     this.lostLease = null;
     log.info(`VM ${this.vm}: ${this.host} holds it, generation ${next}`);
     return next;
@@ -176,13 +211,20 @@ export class Ownership {
     await this.etcd.revokeLease(lease).catch((e: unknown) => log.debug(`revoking an unused lease: ${errorMessage(e)}`));
   }
 
-  /** The keeper thread, started once: a main loop busy with a checkpoint or a full sync must not look like a lost witness. */
+  /**
+   * The keeper thread, started once: a main loop busy with a checkpoint or a full sync must not look like a lost
+   * witness.
+   */
   private ensureKeeper(): Worker {
     if (this.keeper) return this.keeper;
     const ttlMs = this.ttlSec * 1000;
     const keeper = new Worker(KEEPER_SOURCE, {
       eval: true,
-      workerData: { endpoints: this.etcd.urls, everyMs: Math.max(50, ttlMs / RENEWALS_PER_TTL), timeoutMs: Math.round(ttlMs * LOSS_FRACTION) },
+      workerData: {
+        endpoints: this.etcd.urls,
+        everyMs: Math.max(50, ttlMs / RENEWALS_PER_TTL),
+        timeoutMs: Math.round(ttlMs * LOSS_FRACTION),
+      },
     });
     keeper.unref();
     keeper.on('error', (e) => log.warn(`the lease keeper of ${this.vm} failed: ${e.message}`));
@@ -203,7 +245,10 @@ export class Ownership {
   /** Reads the keeper's renewals and gives the VM up once the lease is not known valid. */
   private check(): void {
     if (!this.lease || this.loss || !this.shared) return;
-    if (!this.readRenewals()) return this.lose('the lease expired', true);
+    if (!this.readRenewals()) {
+      this.lose('the lease expired', true);
+      return;
+    }
     const now = this.now();
     if (this.clock.valid(now)) return;
     const silent = Math.round(this.clock.silentMs(now));
@@ -214,7 +259,10 @@ export class Ownership {
   /** Takes the keeper's latest confirmed renewal into the clock; false once etcd said the lease is gone. */
   private readRenewals(): boolean {
     if (!this.shared) return true;
-    if (Atomics.load(this.shared, 1) !== 0n) { this.clock.expired(); return false; }
+    if (Atomics.load(this.shared, 1) !== 0n) {
+      this.clock.expired();
+      return false;
+    }
     const sentNs = Atomics.load(this.shared, 0);
     if (sentNs > 0n) this.clock.confirmed(Number(sentNs) / 1e6);
     return true;
@@ -246,6 +294,7 @@ export class Ownership {
     this.lease = null;
     this.lostLease = null;
     this.loss ??= { why: 'released', stale: false };
-    for (const l of leases) await this.etcd.revokeLease(l).catch((e: unknown) => log.warn(`releasing ${this.vm}: ${errorMessage(e)}`));
+    for (const l of leases)
+      await this.etcd.revokeLease(l).catch((e: unknown) => log.warn(`releasing ${this.vm}: ${errorMessage(e)}`));
   }
 }

@@ -40,13 +40,15 @@ export function place(input: PlacementInput): PlacementPlan {
   };
   /** Fewest standbys (for a standby), then fewest roles, then the next host after `from` in name order (a ring). */
   const leastLoaded = (from: string | null, forStandby = false): string | null => {
-    const ring = (h: string) => (from === null ? 0 : (live.indexOf(h) - live.indexOf(from) + live.length) % live.length);
+    const ring = (h: string) =>
+      from === null ? 0 : (live.indexOf(h) - live.indexOf(from) + live.length) % live.length;
     const key = (h: string) => [forStandby ? standbys.get(h)! : 0, load.get(h)!, ring(h)];
     let best: string | null = null;
     for (const h of eligible) {
       if (h === from) continue;
       const [a, b] = [key(h), best === null ? null : key(best)];
-      if (b === null || a[0]! < b[0]! || (a[0] === b[0] && (a[1]! < b[1]! || (a[1] === b[1] && a[2]! < b[2]!)))) best = h;
+      if (b === null || a[0]! < b[0]! || (a[0] === b[0] && (a[1]! < b[1]! || (a[1] === b[1] && a[2]! < b[2]!))))
+        best = h;
     }
     return best;
   };
@@ -62,7 +64,10 @@ export function place(input: PlacementInput): PlacementPlan {
     const ran = (input.generations.get(vm) ?? 0) > 0;
     if (owner) primary.set(vm, owner.host);
     else if (prev && (ran || isLive.has(prev.primary))) primary.set(vm, prev.primary);
-    else { fresh.push(vm); continue; }
+    else {
+      fresh.push(vm);
+      continue;
+    }
     bump(primary.get(vm)!);
   }
   for (const vm of names) {

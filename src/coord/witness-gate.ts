@@ -17,7 +17,9 @@ export interface WitnessGate extends ActivationGate {
   releaseAll(): Promise<void>;
 }
 
-/** Claims the VM for `host`, retrying for up to one lease TTL and a second (the old holder's lease must expire first). */
+/**
+ * Claims the VM for `host`, retrying for up to one lease TTL and a second (the old holder's lease must expire first).
+ */
 export function witnessGate(etcd: EtcdClient, host: string, ttlSec: number): WitnessGate {
   const owned = new Map<string, Ownership>();
   const ownershipOf = (vm: string) => {
@@ -27,16 +29,20 @@ export function witnessGate(etcd: EtcdClient, host: string, ttlSec: number): Wit
   };
   return {
     ownership: ownershipOf,
-    releaseAll: async () => { for (const o of owned.values()) await o.release(); },
+    releaseAll: async () => {
+      for (const o of owned.values()) await o.release();
+    },
     mayActivate: async (ctx) => {
       const ownership = ownershipOf(ctx.vm);
       const until = Date.now() + ownership.ttlSec * 1000 + 1000;
       let last = 'no answer from the witness';
       for (;;) {
-        if (ctx.stillWanted && !ctx.stillWanted()) return { allow: false, why: `not activating VM ${ownership.vm}: its primary is back` };
+        if (ctx.stillWanted && !ctx.stillWanted())
+          return { allow: false, why: `not activating VM ${ownership.vm}: its primary is back` };
         try {
           const gen = await ownership.claim();
-          if (gen !== null) return { allow: true, why: `the witness gave ${ownership.host} generation ${gen}`, generation: gen };
+          if (gen !== null)
+            return { allow: true, why: `the witness gave ${ownership.host} generation ${gen}`, generation: gen };
           const o = await currentOwner(etcd, ownership.vm).catch(() => null);
           last = o ? `${o.host} holds it (generation ${o.generation}): it is alive` : 'another claim won';
         } catch (e) {

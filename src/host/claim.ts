@@ -25,7 +25,11 @@ export async function recordGeneration(stateDir: string, generation: number): Pr
 }
 
 export interface ClaimOptions {
-  etcd: EtcdClient; vm: string; host: string; leaseTtlSec: number; stateDir: string;
+  etcd: EtcdClient;
+  vm: string;
+  host: string;
+  leaseTtlSec: number;
+  stateDir: string;
   /** Start even when the witness's generation is newer than this host's (the operator knows the disk is current). */
   acceptStaleDisk?: boolean;
 }
@@ -38,13 +42,19 @@ export async function claimBeforeStart(o: ClaimOptions): Promise<{ ownership: Ow
   const witness = await currentGeneration(etcd, o.vm);
   if (witness > mine && !o.acceptStaleDisk) {
     const cur = await currentOwner(etcd, o.vm).catch(() => null);
-    throw new RubatoError('RUBATO_VM_OWNED', `VM ${o.vm} is at generation ${witness} in the witness${cur ? ` (on ${cur.host})` : ''}, this host last held ${mine || 'none'}: its disk here is older; not starting a copy (protect it again from here with rubato standby, or --accept-stale-disk)`);
+    throw new RubatoError(
+      'RUBATO_VM_OWNED',
+      `VM ${o.vm} is at generation ${witness} in the witness${cur ? ` (on ${cur.host})` : ''}, this host last held ${mine || 'none'}: its disk here is older; not starting a copy (protect it again from here with rubato standby, or --accept-stale-disk)`,
+    );
   }
   const ownership = new Ownership(etcd, o.vm, o.host, o.leaseTtlSec);
   const generation = await ownership.claim();
   if (generation === null) {
     const cur = await currentOwner(etcd, o.vm).catch(() => null);
-    throw new RubatoError('RUBATO_VM_OWNED', `VM ${o.vm} runs on ${cur?.host ?? 'another host'} (generation ${cur?.generation ?? '?'}) according to the witness; not starting a second copy`);
+    throw new RubatoError(
+      'RUBATO_VM_OWNED',
+      `VM ${o.vm} runs on ${cur?.host ?? 'another host'} (generation ${cur?.generation ?? '?'}) according to the witness; not starting a second copy`,
+    );
   }
   await recordGeneration(o.stateDir, generation);
   return { ownership, generation };

@@ -33,14 +33,33 @@ export interface HostIo {
 }
 
 /** Starts the I/O for a guest with `spec` on this host (`ns`: a test topology's host namespace). */
-export async function startHostIo(spec: VmSpec, runDir: string, tag: string, diskPath: string | null, ns?: string): Promise<HostIo> {
+export async function startHostIo(
+  spec: VmSpec,
+  runDir: string,
+  tag: string,
+  diskPath: string | null,
+  ns?: string,
+): Promise<HostIo> {
   if (spec.mac && spec.bridge) {
     const io = await GuestIo.start({ bridge: spec.bridge, ...(ns ? { ns } : {}) }, runDir, tag, diskPath);
-    return { relay: io.relay, nbd: io.nbd, netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}), close: () => io.close() };
+    return {
+      relay: io.relay,
+      nbd: io.nbd,
+      netSocket: io.netSocket,
+      ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
+      close: () => io.close(),
+    };
   }
   const nbd = diskPath ? new NbdServer(diskPath, join(runDir, `${tag}.nbd`)) : null;
   await nbd?.start();
-  return { relay: null, nbd, ...(nbd ? { nbdSocket: nbd.socketPath } : {}), close: async () => { await nbd?.close(); } };
+  return {
+    relay: null,
+    nbd,
+    ...(nbd ? { nbdSocket: nbd.socketPath } : {}),
+    close: async () => {
+      await nbd?.close();
+    },
+  };
 }
 
 /** The QEMU description of a user's VM. */
@@ -48,10 +67,19 @@ export function specOf(def: ResolvedVm, accel: Accel): VmSpec {
   const nic = def.nics[0];
   const boot = def.boot;
   return VmSpecSchema.parse({
-    name: def.name, accel, cpus: def.cpus, memMb: def.memoryMiB,
+    name: def.name,
+    accel,
+    cpus: def.cpus,
+    memMb: def.memoryMiB,
     ...(nic ? { mac: nic.mac, bridge: nic.bridge } : {}),
     ...(def.disks.length ? { disk: true } : {}),
-    ...('kernel' in boot ? { kernel: boot.kernel, ...(boot.initrd ? { initrd: boot.initrd } : {}), ...(boot.append ? { append: boot.append } : {}) } : {}),
+    ...('kernel' in boot
+      ? {
+          kernel: boot.kernel,
+          ...(boot.initrd ? { initrd: boot.initrd } : {}),
+          ...(boot.append ? { append: boot.append } : {}),
+        }
+      : {}),
   });
 }
 
@@ -94,7 +122,12 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   try {
     io = await startHostIo(spec, runDir, o.def.name, disk?.path ?? null, o.ns);
     if (io.relay && o.leaseCheck) io.relay.gate = new ReleaseGate(o.leaseCheck);
-    vm = await QemuVm.start(spec, { binary: o.binary, runDir, ...(io.netSocket ? { netSocket: io.netSocket } : {}), ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) });
+    vm = await QemuVm.start(spec, {
+      binary: o.binary,
+      runDir,
+      ...(io.netSocket ? { netSocket: io.netSocket } : {}),
+      ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
+    });
   } catch (e) {
     await vm?.stop();
     await io?.close().catch((err: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(err)}`));
@@ -102,38 +135,70 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
     throw e;
   }
   const primary = new PrimaryController({
-    vm, runDir, standby: o.standby, psk: o.psk, periodMs: 25, policy: o.policy, fencing: o.fencing, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, retryMs: 1000,
-    ...(io.relay ? { relay: io.relay } : {}), nbd: io.nbd, onEvent: o.onEvent, ...o.primary,
+    vm,
+    runDir,
+    standby: o.standby,
+    psk: o.psk,
+    periodMs: 25,
+    policy: o.policy,
+    fencing: o.fencing,
+    heartbeatMs: o.heartbeatMs,
+    timeoutMs: o.timeoutMs,
+    retryMs: 1000,
+    ...(io.relay ? { relay: io.relay } : {}),
+    nbd: io.nbd,
+    onEvent: o.onEvent,
+    ...o.primary,
   });
   primary.start();
   const ioRef = io;
   const vmRef = vm;
   let stopping: Promise<void> | null = null;
   return {
-    vm, primary, disk,
-    stop: () => (stopping ??= (async () => {
-      await primary.stop();
-      await vmRef.stop();
-      await ioRef.close().catch((e: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(e)}`));
-      disk?.release();
-      // QEMU leaves its QMP and console sockets behind.
-      for (const f of readdirSync(runDir)) if (f.startsWith(o.def.name) && /\.(qmp|serial|mig)$/.test(f)) rmSync(join(runDir, f), { force: true });
-    })()),
+    vm,
+    primary,
+    disk,
+    stop: () =>
+      (stopping ??= (async () => {
+        await primary.stop();
+        await vmRef.stop();
+        await ioRef.close().catch((e: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(e)}`));
+        disk?.release();
+        // QEMU leaves its QMP and console sockets behind.
+        for (const f of readdirSync(runDir))
+          if (f.startsWith(o.def.name) && /\.(qmp|serial|mig)$/.test(f)) rmSync(join(runDir, f), { force: true });
+      })()),
   };
 }
 
 /** The standby's side: at failover, the guest's NIC on the same bridge name and its disk from the replica. */
-export function restoreIo(runDir: string, ns?: string, leaseCheck?: (vm: string) => LeaseCheck): { prepare: (identity: Identity, store: ReplicaStore) => Promise<{ netSocket?: string; nbdSocket?: string }>; current: () => HostIo | null } {
+export function restoreIo(
+  runDir: string,
+  ns?: string,
+  leaseCheck?: (vm: string) => LeaseCheck,
+): {
+  prepare: (identity: Identity, store: ReplicaStore) => Promise<{ netSocket?: string; nbdSocket?: string }>;
+  current: () => HostIo | null;
+} {
   let io: HostIo | null = null;
   return {
     current: () => io,
     prepare: async (identity, store) => {
       const hasDisk = store.blocks.some((b) => b.id === DISK_BLOCK_ID);
       // Tagged with the VM's name: one host may run several VMs' restored guests (their TAPs differ).
-      io = await startHostIo(identity.spec, runDir, `${identity.vm}-active`, hasDisk ? store.imagePath(DISK_BLOCK_ID) : null, ns);
+      io = await startHostIo(
+        identity.spec,
+        runDir,
+        `${identity.vm}-active`,
+        hasDisk ? store.imagePath(DISK_BLOCK_ID) : null,
+        ns,
+      );
       // The restored guest's frames leave only under this host's lease (claimed before the restore).
       if (io.relay && leaseCheck) io.relay.gate = new ReleaseGate(leaseCheck(identity.vm));
-      return { ...(io.netSocket ? { netSocket: io.netSocket } : {}), ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) };
+      return {
+        ...(io.netSocket ? { netSocket: io.netSocket } : {}),
+        ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
+      };
     },
   };
 }

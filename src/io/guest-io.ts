@@ -12,11 +12,20 @@ import { NbdServer } from './disk/nbd-server.ts';
 import { addTap, delTap, type TapSite } from './net/tap.ts';
 
 export class GuestIo {
-  private constructor(readonly relay: NetRelay, readonly nbd: NbdServer | null, private readonly site: TapSite,
-    private readonly tap: string, private readonly taprelay: TrackedProcess) {}
+  private constructor(
+    readonly relay: NetRelay,
+    readonly nbd: NbdServer | null,
+    private readonly site: TapSite,
+    private readonly tap: string,
+    private readonly taprelay: TrackedProcess,
+  ) {}
 
-  get netSocket(): string { return this.relay.guestSocketPath; }
-  get nbdSocket(): string | undefined { return this.nbd?.socketPath; }
+  get netSocket(): string {
+    return this.relay.guestSocketPath;
+  }
+  get nbdSocket(): string | undefined {
+    return this.nbd?.socketPath;
+  }
 
   /** `site`: the bridge the guest's TAP joins (and its namespace, in test topologies). */
   static async start(site: TapSite, dir: string, tag: string, diskImage: string | null): Promise<GuestIo> {
@@ -34,10 +43,15 @@ export class GuestIo {
       throw e;
     }
     const sock = join(dir, `${tag}.tap`);
-    const p = site.ns ? spawnTracked(`taprelay:${tag}`, 'ip', ['netns', 'exec', site.ns, bin, tap, sock]) : spawnTracked(`taprelay:${tag}`, bin, [tap, sock]);
+    const p = site.ns
+      ? spawnTracked(`taprelay:${tag}`, 'ip', ['netns', 'exec', site.ns, bin, tap, sock])
+      : spawnTracked(`taprelay:${tag}`, bin, [tap, sock]);
     const ready = await new Promise<boolean>((resolve) => {
       let out = '';
-      p.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); if (out.includes('ready')) resolve(true); });
+      p.child.stdout?.on('data', (d: Buffer) => {
+        out += d.toString();
+        if (out.includes('ready')) resolve(true);
+      });
       void p.exited.then(() => resolve(false));
       setTimeout(() => resolve(false), 5000);
     });
@@ -69,5 +83,7 @@ export class GuestIo {
  */
 export function tapName(tag: string): string {
   const plain = `tap${tag}`;
-  return plain.length <= 15 ? plain : `tap${tag.slice(0, 6)}${createHash('sha256').update(tag).digest('hex').slice(0, 6)}`;
+  return plain.length <= 15
+    ? plain
+    : `tap${tag.slice(0, 6)}${createHash('sha256').update(tag).digest('hex').slice(0, 6)}`;
 }

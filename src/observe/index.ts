@@ -34,15 +34,22 @@ const same = (a: HostPort, b: HostPort) => a.host === b.host && a.port === b.por
 
 /** Starts the endpoints asked for (none: an observer that does nothing). */
 export async function startObserver(o: ObserveSetup): Promise<Observer> {
-  if (!o.metrics && !o.http) return { event: () => {}, urls: { metrics: null, dashboard: null }, close: async () => {} };
+  if (!o.metrics && !o.http)
+    return { event: () => {}, urls: { metrics: null, dashboard: null }, close: async () => {} };
   const metrics = new ControllerMetrics();
   const source = metrics.addSource({ vm: o.vm ?? '', role: o.role }, o.status);
   const servers: ObserveServer[] = [];
   let dash: ObserveServer | null = null;
   let prom: ObserveServer | null = null;
   try {
-    if (o.http) servers.push(dash = await ObserveServer.start(o.http, { metrics, status: o.status, title: o.title, dashboard: true }));
-    if (o.metrics && !(o.http && same(o.metrics, o.http))) servers.push(prom = await ObserveServer.start(o.metrics, { metrics, status: o.status, title: o.title, dashboard: false }));
+    if (o.http)
+      servers.push(
+        (dash = await ObserveServer.start(o.http, { metrics, status: o.status, title: o.title, dashboard: true })),
+      );
+    if (o.metrics && !(o.http && same(o.metrics, o.http)))
+      servers.push(
+        (prom = await ObserveServer.start(o.metrics, { metrics, status: o.status, title: o.title, dashboard: false })),
+      );
     else if (o.metrics) prom = dash;
   } catch (e) {
     for (const s of servers) await s.close();
@@ -59,7 +66,9 @@ export async function startObserver(o: ObserveSetup): Promise<Observer> {
       source.observe(ev);
       dash?.event(ev);
     },
-    close: async () => { for (const s of servers) await s.close(); },
+    close: async () => {
+      for (const s of servers) await s.close();
+    },
   };
 }
 
@@ -77,7 +86,8 @@ export class AgentMetrics {
 
   event(e: object): void {
     const ev = e as AnyEvent & { vm?: unknown; role?: unknown };
-    if (typeof ev.event !== 'string' || typeof ev.vm !== 'string' || (ev.role !== 'primary' && ev.role !== 'standby')) return;
+    if (typeof ev.event !== 'string' || typeof ev.vm !== 'string' || (ev.role !== 'primary' && ev.role !== 'standby'))
+      return;
     const key = `${ev.vm}/${ev.role}`;
     let x = this.perVm.get(key);
     if (!x) {
@@ -85,7 +95,10 @@ export class AgentMetrics {
       x = { src: this.metrics.addSource({ vm: ev.vm, role: ev.role }, () => last), last };
       this.perVm.set(key, x);
     }
-    if (ev.event === 'status') Object.assign(x.last, ev, { role: x.last['role'] === 'standby' && ev['epoch'] !== undefined ? 'primary' : x.last['role'] });
+    if (ev.event === 'status')
+      Object.assign(x.last, ev, {
+        role: x.last['role'] === 'standby' && ev['epoch'] !== undefined ? 'primary' : x.last['role'],
+      });
     if (ev.event === 'protecting' || ev.event === 'reprotected') x.last['protected'] = true;
     if (ev.event === 'unprotected') x.last['protected'] = false;
     if (ev.event === 'session') x.last['primary'] = ev['peer'];

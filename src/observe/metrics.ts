@@ -16,13 +16,22 @@ type AnyEvent = { event: string } & Record<string, unknown>;
 const num = (v: unknown): number | null => (typeof v === 'number' && Number.isFinite(v) ? v : null);
 
 /** Which controller a series belongs to. */
-export interface SourceLabels { vm: string; role: string }
+export interface SourceLabels {
+  vm: string;
+  role: string;
+}
 const LABELS = ['vm', 'role'] as const;
 
-interface SourceState { protectedNow: number; seenReasons: Record<string, number>; reason: string | null }
+interface SourceState {
+  protectedNow: number;
+  seenReasons: Record<string, number>;
+  reason: string | null;
+}
 
 /** One controller's share of the metrics: its events go to observe(). */
-export interface MetricsSource { observe(e: AnyEvent): void }
+export interface MetricsSource {
+  observe(e: AnyEvent): void;
+}
 
 export class ControllerMetrics {
   readonly registry = new Registry();
@@ -43,38 +52,130 @@ export class ControllerMetrics {
     r.setDefaultLabels(defaultLabels);
     collectDefaultMetrics({ register: r }); // process_resident_memory_bytes among them
     const labelNames = [...LABELS];
-    this.pause = new Histogram({ name: 'rubato_checkpoint_pause_seconds', help: 'How long the guest was paused for each checkpoint', buckets: SECONDS_BUCKETS, labelNames, registers: [r] });
-    this.ack = new Histogram({ name: 'rubato_checkpoint_ack_seconds', help: 'From a checkpoint handed to the link to its acknowledgement by the standby', buckets: SECONDS_BUCKETS, labelNames, registers: [r] });
-    this.dirty = new Histogram({ name: 'rubato_checkpoint_dirty_pages', help: 'Pages (RAM and disk) in each checkpoint', buckets: PAGES_BUCKETS, labelNames, registers: [r] });
-    this.checkpoints = new Counter({ name: 'rubato_checkpoints_total', help: 'Checkpoints taken', labelNames, registers: [r] });
-    this.shipped = new Counter({ name: 'rubato_checkpoint_shipped_bytes_total', help: 'Checkpoint records shipped to the standby', labelNames, registers: [r] });
-    this.committed = new Counter({ name: 'rubato_replica_commits_total', help: 'Checkpoints committed into this standby\'s replica', labelNames, registers: [r] });
-    this.committedBytes = new Counter({ name: 'rubato_replica_received_bytes_total', help: 'Checkpoint records received by this standby', labelNames, registers: [r] });
-    this.failovers = new Counter({ name: 'rubato_failovers_total', help: 'Failovers: the guest resumed here from the replica', labelNames, registers: [r] });
-    this.decisions = new Counter({ name: 'rubato_scheduler_decisions_total', help: 'Checkpoint scheduler decisions, by reason', labelNames: [...labelNames, 'reason'], registers: [r] });
-    this.unprotected = new Gauge({ name: 'rubato_unprotected_reason', help: 'Why the guest is unprotected: 1 for the current reason, absent while protected', labelNames: [...labelNames, 'reason'], registers: [r] });
-    const sources = this.sources;
-    const gauge = (name: string, help: string, read: (s: Snapshot, st: { protectedNow: number }) => number | null) => new Gauge({
-      name, help, labelNames, registers: [r],
-      collect() {
-        this.reset();
-        for (const src of sources) {
-          let s: Snapshot;
-          try { s = src.snapshot(); } catch { continue; }
-          const v = read(s, src.state);
-          if (v !== null) this.set({ ...src.labels }, v);
-        }
-      },
+    this.pause = new Histogram({
+      name: 'rubato_checkpoint_pause_seconds',
+      help: 'How long the guest was paused for each checkpoint',
+      buckets: SECONDS_BUCKETS,
+      labelNames,
+      registers: [r],
     });
-    gauge('rubato_protected', 'The guest runs under protection by a standby (1) or not (0); a standby reports 1 while a live primary relies on its replica',
-      (s, st) => (s['role'] === 'standby' ? (s['primary'] ? 1 : 0) : typeof s['protected'] === 'boolean' ? (s['protected'] ? 1 : 0) : st.protectedNow));
-    gauge('rubato_output_held_frames', 'Guest output frames held until their checkpoint is acknowledged', (s) => num(s['heldFrames']));
+    this.ack = new Histogram({
+      name: 'rubato_checkpoint_ack_seconds',
+      help: 'From a checkpoint handed to the link to its acknowledgement by the standby',
+      buckets: SECONDS_BUCKETS,
+      labelNames,
+      registers: [r],
+    });
+    this.dirty = new Histogram({
+      name: 'rubato_checkpoint_dirty_pages',
+      help: 'Pages (RAM and disk) in each checkpoint',
+      buckets: PAGES_BUCKETS,
+      labelNames,
+      registers: [r],
+    });
+    this.checkpoints = new Counter({
+      name: 'rubato_checkpoints_total',
+      help: 'Checkpoints taken',
+      labelNames,
+      registers: [r],
+    });
+    this.shipped = new Counter({
+      name: 'rubato_checkpoint_shipped_bytes_total',
+      help: 'Checkpoint records shipped to the standby',
+      labelNames,
+      registers: [r],
+    });
+    this.committed = new Counter({
+      name: 'rubato_replica_commits_total',
+      help: "Checkpoints committed into this standby's replica",
+      labelNames,
+      registers: [r],
+    });
+    this.committedBytes = new Counter({
+      name: 'rubato_replica_received_bytes_total',
+      help: 'Checkpoint records received by this standby',
+      labelNames,
+      registers: [r],
+    });
+    this.failovers = new Counter({
+      name: 'rubato_failovers_total',
+      help: 'Failovers: the guest resumed here from the replica',
+      labelNames,
+      registers: [r],
+    });
+    this.decisions = new Counter({
+      name: 'rubato_scheduler_decisions_total',
+      help: 'Checkpoint scheduler decisions, by reason',
+      labelNames: [...labelNames, 'reason'],
+      registers: [r],
+    });
+    this.unprotected = new Gauge({
+      name: 'rubato_unprotected_reason',
+      help: 'Why the guest is unprotected: 1 for the current reason, absent while protected',
+      labelNames: [...labelNames, 'reason'],
+      registers: [r],
+    });
+    const sources = this.sources;
+    const gauge = (name: string, help: string, read: (s: Snapshot, st: { protectedNow: number }) => number | null) =>
+      new Gauge({
+        name,
+        help,
+        labelNames,
+        registers: [r],
+        collect() {
+          this.reset();
+          for (const src of sources) {
+            let s: Snapshot;
+            try {
+              s = src.snapshot();
+            } catch {
+              continue;
+            }
+            const v = read(s, src.state);
+            if (v !== null) this.set({ ...src.labels }, v);
+          }
+        },
+      });
+    gauge(
+      'rubato_protected',
+      'The guest runs under protection by a standby (1) or not (0); a standby reports 1 while a live primary relies on its replica',
+      (s, st) =>
+        s['role'] === 'standby'
+          ? s['primary']
+            ? 1
+            : 0
+          : typeof s['protected'] === 'boolean'
+            ? s['protected']
+              ? 1
+              : 0
+            : st.protectedNow,
+    );
+    gauge('rubato_output_held_frames', 'Guest output frames held until their checkpoint is acknowledged', (s) =>
+      num(s['heldFrames']),
+    );
     gauge('rubato_output_held_bytes', 'Bytes of guest output held', (s) => num(s['heldBytes']));
-    gauge('rubato_output_oldest_held_seconds', 'Age of the oldest held output frame (0: none held)', (s) => { const v = num(s['oldestHeldMs']); return v === null ? (s['heldFrames'] === 0 ? 0 : null) : v / 1000; });
-    gauge('rubato_replica_epoch', 'The replica\'s last committed checkpoint (standby) or the last acknowledged one (primary)', (s) => num(s['replicaEpoch']) ?? num(s['ackedEpoch']));
-    gauge('rubato_replica_lag_seconds', 'Since the oldest unacknowledged checkpoint was sent (0: the replica is current)', (s) => { const v = num(s['lagMs']); return v === null ? null : v / 1000; });
+    gauge('rubato_output_oldest_held_seconds', 'Age of the oldest held output frame (0: none held)', (s) => {
+      const v = num(s['oldestHeldMs']);
+      return v === null ? (s['heldFrames'] === 0 ? 0 : null) : v / 1000;
+    });
+    gauge(
+      'rubato_replica_epoch',
+      "The replica's last committed checkpoint (standby) or the last acknowledged one (primary)",
+      (s) => num(s['replicaEpoch']) ?? num(s['ackedEpoch']),
+    );
+    gauge(
+      'rubato_replica_lag_seconds',
+      'Since the oldest unacknowledged checkpoint was sent (0: the replica is current)',
+      (s) => {
+        const v = num(s['lagMs']);
+        return v === null ? null : v / 1000;
+      },
+    );
     gauge('rubato_checkpoint_epoch', 'The last checkpoint taken', (s) => num(s['epoch']));
-    gauge('rubato_link_rtt_seconds', 'Round trip of the replication link (heartbeats)', (s) => { const v = num(s['rttMs']); return v === null ? null : v / 1000; });
+    gauge('rubato_link_rtt_seconds', 'Round trip of the replication link (heartbeats)', (s) => {
+      const v = num(s['rttMs']);
+      return v === null ? null : v / 1000;
+    });
   }
 
   /** A controller whose status is read at each scrape and whose events are observed. */
@@ -141,6 +242,10 @@ export class ControllerMetrics {
   }
 
   /** The Prometheus text exposition. */
-  text(): Promise<string> { return this.registry.metrics(); }
-  get contentType(): string { return this.registry.contentType; }
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+  get contentType(): string {
+    return this.registry.contentType;
+  }
 }

@@ -6,7 +6,18 @@ const KEEP_SAMPLES = 600; // 10 minutes at one per second
 const KEEP_EVENTS = 200;
 
 /** Events shown on the dashboard (as marks on the charts and in its list). */
-export const NOTABLE_EVENTS = new Set(['protecting', 'reprotected', 'unprotected', 'primary-lost', 'failover', 'failover-refused', 'fenced', 'session', 'synced', 'output-released-unprotected']);
+export const NOTABLE_EVENTS = new Set([
+  'protecting',
+  'reprotected',
+  'unprotected',
+  'primary-lost',
+  'failover',
+  'failover-refused',
+  'fenced',
+  'session',
+  'synced',
+  'output-released-unprotected',
+]);
 
 export interface Sample {
   t: number;
@@ -25,7 +36,11 @@ export interface Sample {
   state: string | null;
 }
 
-export interface MarkedEvent { t: number; event: string; text: string }
+export interface MarkedEvent {
+  t: number;
+  event: string;
+  text: string;
+}
 
 const num = (v: unknown): number | null => (typeof v === 'number' && Number.isFinite(v) ? v : null);
 const str = (v: unknown): string | null => (typeof v === 'string' ? v : null);
@@ -33,17 +48,28 @@ const str = (v: unknown): string | null => (typeof v === 'string' ? v : null);
 /** One line for an event, as an operator reads it. */
 export function describe(e: { event: string } & Record<string, unknown>): string {
   switch (e.event) {
-    case 'failover': return `failover: the guest runs here from checkpoint ${String(e['epoch'])} (restore ${String(e['restoreMs'])} ms; ${String(e['why'])})`;
-    case 'primary-lost': return `primary lost: ${String(e['reason'])}`;
-    case 'protecting': return `protected by ${String(e['standby'] ?? 'the standby')}`;
-    case 'reprotected': return `re-protected by ${String(e['standby'] ?? 'a new standby')}`;
-    case 'unprotected': return `UNPROTECTED: ${String(e['reason'])}`;
-    case 'failover-refused': return `failover refused: ${String(e['why'])}`;
-    case 'fenced': return 'switchover: this copy stopped for its standby';
-    case 'session': return `primary ${String(e['peer'])} connected`;
-    case 'synced': return `full image received (${Math.round(Number(e['bytes']) / 1e6)} MB in ${String(e['ms'])} ms)`;
-    case 'output-released-unprotected': return `held output released unprotected (${String(e['frames'])} frames): ${String(e['reason'])}`;
-    default: return e.event;
+    case 'failover':
+      return `failover: the guest runs here from checkpoint ${String(e['epoch'])} (restore ${String(e['restoreMs'])} ms; ${String(e['why'])})`;
+    case 'primary-lost':
+      return `primary lost: ${String(e['reason'])}`;
+    case 'protecting':
+      return `protected by ${String(e['standby'] ?? 'the standby')}`;
+    case 'reprotected':
+      return `re-protected by ${String(e['standby'] ?? 'a new standby')}`;
+    case 'unprotected':
+      return `UNPROTECTED: ${String(e['reason'])}`;
+    case 'failover-refused':
+      return `failover refused: ${String(e['why'])}`;
+    case 'fenced':
+      return 'switchover: this copy stopped for its standby';
+    case 'session':
+      return `primary ${String(e['peer'])} connected`;
+    case 'synced':
+      return `full image received (${Math.round(Number(e['bytes']) / 1e6)} MB in ${String(e['ms'])} ms)`;
+    case 'output-released-unprotected':
+      return `held output released unprotected (${String(e['frames'])} frames): ${String(e['reason'])}`;
+    default:
+      return e.event;
   }
 }
 
@@ -57,13 +83,24 @@ export class Sampler {
     const standbySide = role === 'standby';
     const epoch = standbySide ? num(s['replicaEpoch']) : num(s['epoch']);
     let rate: number | null = null;
-    if (epoch !== null && this.last && epoch >= this.last.epoch && t > this.last.t) rate = Math.round(((epoch - this.last.epoch) / ((t - this.last.t) / 1000)) * 10) / 10;
+    if (epoch !== null && this.last && epoch >= this.last.epoch && t > this.last.t)
+      rate = Math.round(((epoch - this.last.epoch) / ((t - this.last.t) / 1000)) * 10) / 10;
     this.last = epoch === null ? null : { t, epoch };
     const prot = standbySide ? Boolean(s['primary']) : s['protected'] === true;
     const out: Sample = {
-      t, role, protected: prot ? 1 : 0, ckptPerSec: rate, pauseMs: num(s['pauseMsP50']), dirtyPages: num(s['dirtyPages']),
-      heldFrames: num(s['heldFrames']), heldBytes: num(s['heldBytes']), lagMs: num(s['lagMs']), epoch,
-      primary: str(s['primary']), standby: str(s['standby']), state: str(s['state']) ?? str(s['phase']),
+      t,
+      role,
+      protected: prot ? 1 : 0,
+      ckptPerSec: rate,
+      pauseMs: num(s['pauseMsP50']),
+      dirtyPages: num(s['dirtyPages']),
+      heldFrames: num(s['heldFrames']),
+      heldBytes: num(s['heldBytes']),
+      lagMs: num(s['lagMs']),
+      epoch,
+      primary: str(s['primary']),
+      standby: str(s['standby']),
+      state: str(s['state']) ?? str(s['phase']),
     };
     this.samples.push(out);
     if (this.samples.length > KEEP_SAMPLES) this.samples.shift();

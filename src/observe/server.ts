@@ -44,7 +44,10 @@ export class ObserveServer {
   private timer: NodeJS.Timeout | null = null;
   private readonly assets = new Map<string, { body: Buffer; type: string }>();
 
-  private constructor(private readonly server: Server, private readonly o: ObserveOptions) {
+  private constructor(
+    private readonly server: Server,
+    private readonly o: ObserveOptions,
+  ) {
     this.sampler = new Sampler();
     if (o.dashboard) {
       this.assets.set('/', { body: asset('page'), type: 'text/html; charset=utf-8' });
@@ -62,7 +65,14 @@ export class ObserveServer {
     const s = new ObserveServer(server, o);
     server.on('request', (req, res) => s.handle(req, res));
     await new Promise<void>((resolve, reject) => {
-      server.once('error', (e) => reject(new RubatoError('RUBATO_CONFIG', `cannot serve metrics/dashboard on ${listen.host}:${listen.port}: ${e.message}`)));
+      server.once('error', (e) =>
+        reject(
+          new RubatoError(
+            'RUBATO_CONFIG',
+            `cannot serve metrics/dashboard on ${listen.host}:${listen.port}: ${e.message}`,
+          ),
+        ),
+      );
       server.listen(listen.port, listen.host, () => resolve());
     });
     return s;
@@ -83,7 +93,12 @@ export class ObserveServer {
 
   private tick(): void {
     let s: Snapshot;
-    try { s = this.o.status(); } catch (e) { log.debug(`status for the dashboard: ${String(e)}`); return; }
+    try {
+      s = this.o.status();
+    } catch (e) {
+      log.debug(`status for the dashboard: ${String(e)}`);
+      return;
+    }
     const sample: Sample = this.sampler.sample(Date.now(), s);
     this.broadcast('sample', sample);
   }
@@ -95,28 +110,49 @@ export class ObserveServer {
 
   private handle(req: IncomingMessage, res: ServerResponse): void {
     const path = (req.url ?? '/').split('?')[0]!;
-    if (req.method !== 'GET' && req.method !== 'HEAD') { res.writeHead(405, { allow: 'GET' }).end(); return; }
+    if (req.method !== 'GET' && req.method !== 'HEAD') {
+      res.writeHead(405, { allow: 'GET' }).end();
+      return;
+    }
     if (path === '/metrics') {
       this.o.metrics.text().then(
-        (t) => { res.writeHead(200, { 'content-type': this.o.metrics.contentType }).end(t); },
-        (e: unknown) => { res.writeHead(500).end(String(e)); },
+        (t) => {
+          res.writeHead(200, { 'content-type': this.o.metrics.contentType }).end(t);
+        },
+        (e: unknown) => {
+          res.writeHead(500).end(String(e));
+        },
       );
       return;
     }
     if (path === '/status') {
       let body: string;
-      try { body = JSON.stringify(this.o.status()); } catch (e) { res.writeHead(500).end(String(e)); return; }
+      try {
+        body = JSON.stringify(this.o.status());
+      } catch (e) {
+        res.writeHead(500).end(String(e));
+        return;
+      }
       res.writeHead(200, { 'content-type': 'application/json' }).end(body);
       return;
     }
-    if (path === '/events' && this.o.dashboard) { this.stream(req, res); return; }
+    if (path === '/events' && this.o.dashboard) {
+      this.stream(req, res);
+      return;
+    }
     const a = this.assets.get(path);
-    if (a) { res.writeHead(200, { 'content-type': a.type, 'cache-control': 'no-cache' }).end(a.body); return; }
+    if (a) {
+      res.writeHead(200, { 'content-type': a.type, 'cache-control': 'no-cache' }).end(a.body);
+      return;
+    }
     res.writeHead(404, { 'content-type': 'text/plain' }).end('not found\n');
   }
 
   private stream(req: IncomingMessage, res: ServerResponse): void {
-    if (this.streams.size >= MAX_STREAMS) { res.writeHead(503, { 'content-type': 'text/plain' }).end(`at most ${MAX_STREAMS} live dashboards\n`); return; }
+    if (this.streams.size >= MAX_STREAMS) {
+      res.writeHead(503, { 'content-type': 'text/plain' }).end(`at most ${MAX_STREAMS} live dashboards\n`);
+      return;
+    }
     res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' });
     // What happened before this page opened: the last minutes of samples and events.
     res.write(`event: hello\ndata: ${JSON.stringify({ title: this.o.title, ...this.sampler.history() })}\n\n`);

@@ -5,34 +5,66 @@
 
 import { z } from 'zod';
 import { createHash } from 'node:crypto';
-import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, statSync, type Stats } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { RubatoError } from '../util/errors.ts';
 import { VmName } from './spec.ts';
 
-const MAC = z.string().regex(/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/, 'must be a MAC address like 52:54:00:12:34:56 (lower case)')
+const MAC = z
+  .string()
+  .regex(/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/, 'must be a MAC address like 52:54:00:12:34:56 (lower case)')
   .refine((m) => (parseInt(m.slice(0, 2), 16) & 1) === 0, 'must be a unicast address (the first byte even)');
 
-export const VmDefinitionSchema = z.object({
-  name: VmName,
-  cpus: z.number().int().min(1).max(64).default(1),
-  memoryMiB: z.number().int().min(64).max(1 << 20),
-  accelerator: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
-  disks: z.array(z.object({
-    path: z.string().min(1, 'must name the image file'),
-    /** Checked against the image's header; detected when left out. */
-    format: z.enum(['raw', 'qcow2']).optional(),
-  }).strict()).max(1, 'Rubato protects one disk per VM today').default([]),
-  nics: z.array(z.object({
-    /** A Linux bridge on the host; the standby attaches to the bridge of the same name at failover. */
-    bridge: z.string().regex(/^[a-zA-Z0-9_.-]{1,15}$/, 'must be a bridge name (1-15 letters, digits, dots, dashes or underscores)'),
-    mac: MAC.optional(),
-  }).strict()).max(1, 'Rubato protects one NIC per VM today').default([]),
-  boot: z.union([
-    z.object({ from: z.literal('disk') }).strict(),
-    z.object({ kernel: z.string().min(1), initrd: z.string().min(1).optional(), append: z.string().default('') }).strict(),
-  ], { error: 'must be {"from": "disk"} or {"kernel": FILE, "initrd": FILE, "append": CMDLINE}' }),
-}).strict();
+export const VmDefinitionSchema = z
+  .object({
+    name: VmName,
+    cpus: z.number().int().min(1).max(64).default(1),
+    memoryMiB: z
+      .number()
+      .int()
+      .min(64)
+      .max(1 << 20),
+    accelerator: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
+    disks: z
+      .array(
+        z
+          .object({
+            path: z.string().min(1, 'must name the image file'),
+            /** Checked against the image's header; detected when left out. */
+            format: z.enum(['raw', 'qcow2']).optional(),
+          })
+          .strict(),
+      )
+      .max(1, 'Rubato protects one disk per VM today')
+      .default([]),
+    nics: z
+      .array(
+        z
+          .object({
+            /** A Linux bridge on the host; the standby attaches to the bridge of the same name at failover. */
+            bridge: z
+              .string()
+              .regex(
+                /^[a-zA-Z0-9_.-]{1,15}$/,
+                'must be a bridge name (1-15 letters, digits, dots, dashes or underscores)',
+              ),
+            mac: MAC.optional(),
+          })
+          .strict(),
+      )
+      .max(1, 'Rubato protects one NIC per VM today')
+      .default([]),
+    boot: z.union(
+      [
+        z.object({ from: z.literal('disk') }).strict(),
+        z
+          .object({ kernel: z.string().min(1), initrd: z.string().min(1).optional(), append: z.string().default('') })
+          .strict(),
+      ],
+      { error: 'must be {"from": "disk"} or {"kernel": FILE, "initrd": FILE, "append": CMDLINE}' },
+    ),
+  })
+  .strict();
 
 export type VmDefinition = z.infer<typeof VmDefinitionSchema>;
 
@@ -45,7 +77,8 @@ export interface ResolvedVm extends VmDefinition {
 
 const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
 
-const fail = (file: string, field: string, msg: string) => new RubatoError('RUBATO_CONFIG', `${file}: ${field}: ${msg}`, { file, field });
+const fail = (file: string, field: string, msg: string) =>
+  new RubatoError('RUBATO_CONFIG', `${file}: ${field}: ${msg}`, { file, field });
 
 /** A stable, locally administered MAC address for a VM that gives none (same name, same MAC). */
 export function defaultMac(name: string, index = 0): string {
@@ -68,29 +101,52 @@ export function detectFormat(path: string): 'raw' | 'qcow2' {
 /** Parses an already read definition; `file` names it in every error. Pure but for the checks of files. */
 export function parseVmDefinition(text: string, file: string): ResolvedVm {
   let raw: unknown;
-  try { raw = JSON.parse(text); } catch (e) { throw fail(file, '(file)', `not JSON: ${(e as Error).message}`); }
+  try {
+    raw = JSON.parse(text);
+  } catch (e) {
+    throw fail(file, '(file)', `not JSON: ${(e as Error).message}`);
+  }
   const r = VmDefinitionSchema.safeParse(raw);
   if (!r.success) {
     const issue = r.error.issues[0]!;
-    const field = issue.path.length ? issue.path.map((p) => (typeof p === 'number' ? `[${p}]` : `.${String(p)}`)).join('').replace(/^\./, '') : '(top level)';
+    const field = issue.path.length
+      ? issue.path
+          .map((p) => (typeof p === 'number' ? `[${p}]` : `.${String(p)}`))
+          .join('')
+          .replace(/^\./, '')
+      : '(top level)';
     throw fail(file, field, issue.message);
   }
   const def = r.data;
   const base = dirname(resolve(file));
   const readable = (p: string, field: string): string => {
     const abs = resolve(base, p);
-    let st;
-    try { st = statSync(abs); } catch (e) { throw fail(file, field, `cannot use ${abs}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`); }
+    let st: Stats;
+    try {
+      st = statSync(abs);
+    } catch (e) {
+      throw fail(
+        file,
+        field,
+        `cannot use ${abs}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`,
+      );
+    }
     if (!st.isFile()) throw fail(file, field, `${abs} is not a regular file`);
-    try { closeSync(openSync(abs, 'r')); } catch (e) { throw fail(file, field, `cannot read ${abs}: ${(e as Error).message}`); }
+    try {
+      closeSync(openSync(abs, 'r'));
+    } catch (e) {
+      throw fail(file, field, `cannot read ${abs}: ${(e as Error).message}`);
+    }
     return abs;
   };
   const disks = def.disks.map((d, i) => {
     const path = readable(d.path, `disks[${i}].path`);
     const format = detectFormat(path);
-    if (d.format && d.format !== format) throw fail(file, `disks[${i}].format`, `says ${d.format}, but ${path} is ${format}`);
+    if (d.format && d.format !== format)
+      throw fail(file, `disks[${i}].format`, `says ${d.format}, but ${path} is ${format}`);
     const sizeBytes = statSync(path).size;
-    if (format === 'raw' && sizeBytes % 4096 !== 0) throw fail(file, `disks[${i}].path`, `${path} is ${sizeBytes} bytes; a raw image must be a multiple of 4096`);
+    if (format === 'raw' && sizeBytes % 4096 !== 0)
+      throw fail(file, `disks[${i}].path`, `${path} is ${sizeBytes} bytes; a raw image must be a multiple of 4096`);
     return { path, format, sizeBytes };
   });
   const nics = def.nics.map((n, i) => ({ bridge: n.bridge, mac: n.mac ?? defaultMac(def.name, i) }));
@@ -98,7 +154,11 @@ export function parseVmDefinition(text: string, file: string): ResolvedVm {
   if ('from' in boot) {
     if (!disks.length) throw fail(file, 'boot', 'boots from the disk, but the VM has no disk');
   } else {
-    boot = { ...boot, kernel: readable(boot.kernel, 'boot.kernel'), ...(boot.initrd ? { initrd: readable(boot.initrd, 'boot.initrd') } : {}) };
+    boot = {
+      ...boot,
+      kernel: readable(boot.kernel, 'boot.kernel'),
+      ...(boot.initrd ? { initrd: readable(boot.initrd, 'boot.initrd') } : {}),
+    };
   }
   return { ...def, file, disks, nics, boot };
 }
@@ -106,6 +166,10 @@ export function parseVmDefinition(text: string, file: string): ResolvedVm {
 /** Reads and checks a VM definition file. */
 export function loadVmDefinition(file: string): ResolvedVm {
   let text: string;
-  try { text = readFileSync(file, 'utf8'); } catch (e) { throw fail(file, '(file)', `cannot read it: ${(e as Error).message}`); }
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    throw fail(file, '(file)', `cannot read it: ${(e as Error).message}`);
+  }
   return parseVmDefinition(text, file);
 }

@@ -29,7 +29,11 @@ export class QmpClient extends EventEmitter {
   private closed = false;
   greeting: Record<string, unknown> | null = null;
 
-  constructor(private readonly path: string, private readonly vmName: string, private readonly defaultTimeoutMs = 10_000) {
+  constructor(
+    private readonly path: string,
+    private readonly vmName: string,
+    private readonly defaultTimeoutMs = 10_000,
+  ) {
     super();
   }
 
@@ -42,7 +46,12 @@ export class QmpClient extends EventEmitter {
         break;
       } catch (e) {
         if (Date.now() > until) {
-          throw new RubatoError('RUBATO_QMP_CLOSED', `cannot connect to QMP of VM ${this.vmName} at ${this.path}`, { vm: this.vmName }, { cause: e });
+          throw new RubatoError(
+            'RUBATO_QMP_CLOSED',
+            `cannot connect to QMP of VM ${this.vmName} at ${this.path}`,
+            { vm: this.vmName },
+            { cause: e },
+          );
         }
         await new Promise((r) => setTimeout(r, 20));
       }
@@ -53,14 +62,19 @@ export class QmpClient extends EventEmitter {
   private tryConnect(): Promise<void> {
     return new Promise((resolve, reject) => {
       const s = connect(this.path);
-      const onError = (e: Error) => { s.destroy(); reject(e); };
+      const onError = (e: Error) => {
+        s.destroy();
+        reject(e);
+      };
       s.once('error', onError);
       s.setEncoding('utf8');
       let greeted = false;
       s.on('data', (chunk: string) => {
         this.buf += chunk;
         if (this.buf.length > MAX_LINE_BYTES) {
-          this.fail(new RubatoError('RUBATO_QMP_ERROR', `QMP line too long from VM ${this.vmName}`, { vm: this.vmName }));
+          this.fail(
+            new RubatoError('RUBATO_QMP_ERROR', `QMP line too long from VM ${this.vmName}`, { vm: this.vmName }),
+          );
           return;
         }
         let nl: number;
@@ -69,14 +83,22 @@ export class QmpClient extends EventEmitter {
           this.buf = this.buf.slice(nl + 1);
           if (!line) continue;
           let msg: Record<string, unknown>;
-          try { msg = JSON.parse(line) as Record<string, unknown>; } catch { continue; }
+          try {
+            msg = JSON.parse(line) as Record<string, unknown>;
+          } catch {
+            continue;
+          }
           if (!greeted && 'QMP' in msg) {
             greeted = true;
             this.greeting = msg;
             this.socket = s;
             s.off('error', onError);
             s.on('error', (e) => this.fail(e));
-            s.on('close', () => this.fail(new RubatoError('RUBATO_QMP_CLOSED', `QMP connection to VM ${this.vmName} closed`, { vm: this.vmName })));
+            s.on('close', () =>
+              this.fail(
+                new RubatoError('RUBATO_QMP_CLOSED', `QMP connection to VM ${this.vmName} closed`, { vm: this.vmName }),
+              ),
+            );
             resolve();
             continue;
           }
@@ -99,8 +121,13 @@ export class QmpClient extends EventEmitter {
     clearTimeout(p.timer);
     if ('error' in msg) {
       const err = msg['error'] as { class?: string; desc?: string };
-      p.reject(new RubatoError('RUBATO_QMP_ERROR', `QMP ${p.command} failed on VM ${this.vmName}: ${err.desc ?? 'unknown error'}`,
-        { vm: this.vmName, command: p.command, class: err.class }));
+      p.reject(
+        new RubatoError(
+          'RUBATO_QMP_ERROR',
+          `QMP ${p.command} failed on VM ${this.vmName}: ${err.desc ?? 'unknown error'}`,
+          { vm: this.vmName, command: p.command, class: err.class },
+        ),
+      );
     } else {
       p.resolve(msg['return']);
     }
@@ -118,21 +145,33 @@ export class QmpClient extends EventEmitter {
     this.emit('close', e);
   }
 
-  get isClosed(): boolean { return this.closed; }
+  get isClosed(): boolean {
+    return this.closed;
+  }
 
   execute<T = unknown>(command: string, args?: Record<string, unknown>, timeoutMs = this.defaultTimeoutMs): Promise<T> {
     if (this.closed || !this.socket) {
-      return Promise.reject(new RubatoError('RUBATO_QMP_CLOSED', `QMP of VM ${this.vmName} is not connected (${command})`, { vm: this.vmName, command }));
+      return Promise.reject(
+        new RubatoError('RUBATO_QMP_CLOSED', `QMP of VM ${this.vmName} is not connected (${command})`, {
+          vm: this.vmName,
+          command,
+        }),
+      );
     }
     const id = `r${this.nextId++}`;
     const socket = this.socket;
     return new Promise<T>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
-        reject(new RubatoError('RUBATO_QMP_TIMEOUT', `QMP ${command} on VM ${this.vmName} timed out after ${timeoutMs} ms`, { vm: this.vmName, command }));
+        reject(
+          new RubatoError('RUBATO_QMP_TIMEOUT', `QMP ${command} on VM ${this.vmName} timed out after ${timeoutMs} ms`, {
+            vm: this.vmName,
+            command,
+          }),
+        );
       }, timeoutMs);
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer, command });
-      socket.write(JSON.stringify(args ? { execute: command, arguments: args, id } : { execute: command, id }) + '\n');
+      socket.write(`${JSON.stringify(args ? { execute: command, arguments: args, id } : { execute: command, id })}\n`);
     });
   }
 
@@ -140,14 +179,28 @@ export class QmpClient extends EventEmitter {
   waitEvent(name: string, timeoutMs: number, pred: (e: QmpEvent) => boolean = () => true): Promise<QmpEvent> {
     return new Promise((resolve, reject) => {
       const onEvent = (e: QmpEvent) => {
-        if (e.event === name && pred(e)) { cleanup(); resolve(e); }
+        if (e.event === name && pred(e)) {
+          cleanup();
+          resolve(e);
+        }
       };
-      const onClose = (e: Error) => { cleanup(); reject(e); };
+      const onClose = (e: Error) => {
+        cleanup();
+        reject(e);
+      };
       const timer = setTimeout(() => {
         cleanup();
-        reject(new RubatoError('RUBATO_QMP_TIMEOUT', `no ${name} event from VM ${this.vmName} within ${timeoutMs} ms`, { vm: this.vmName }));
+        reject(
+          new RubatoError('RUBATO_QMP_TIMEOUT', `no ${name} event from VM ${this.vmName} within ${timeoutMs} ms`, {
+            vm: this.vmName,
+          }),
+        );
       }, timeoutMs);
-      const cleanup = () => { clearTimeout(timer); this.off('event', onEvent); this.off('close', onClose); };
+      const cleanup = () => {
+        clearTimeout(timer);
+        this.off('event', onEvent);
+        this.off('close', onClose);
+      };
       this.on('event', onEvent);
       this.on('close', onClose);
     });

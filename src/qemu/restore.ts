@@ -26,15 +26,27 @@ export interface RestoreResult {
   restoreMs: number;
 }
 
-export async function restoreVm(input: RestoreInput, opts: { binary: QemuBinary; runDir: string; tag?: string; netSocket?: string; nbdSocket?: string }): Promise<RestoreResult> {
+export async function restoreVm(
+  input: RestoreInput,
+  opts: { binary: QemuBinary; runDir: string; tag?: string; netSocket?: string; nbdSocket?: string },
+): Promise<RestoreResult> {
   const t0 = performance.now();
   const tag = opts.tag ?? `${input.spec.name}-restored`;
   const vm = await QemuVm.start(input.spec, {
-    binary: opts.binary, runDir: opts.runDir, incoming: true, tag,
-    ...(opts.netSocket ? { netSocket: opts.netSocket } : {}), ...(opts.nbdSocket ? { nbdSocket: opts.nbdSocket } : {}),
+    binary: opts.binary,
+    runDir: opts.runDir,
+    incoming: true,
+    tag,
+    ...(opts.netSocket ? { netSocket: opts.netSocket } : {}),
+    ...(opts.nbdSocket ? { nbdSocket: opts.nbdSocket } : {}),
   });
   try {
-    await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }, { capability: 'events', state: true }] });
+    await vm.qmp.execute('migrate-set-capabilities', {
+      capabilities: [
+        { capability: 'x-ignore-shared', state: true },
+        { capability: 'events', state: true },
+      ],
+    });
     const sock = join(opts.runDir, `${tag}.in`);
     await vm.qmp.execute('migrate-incoming', { uri: `unix:${sock}` });
     const stream = encodeDeviceOnlyStream(input.machine, input.deviceState);
@@ -47,9 +59,21 @@ export async function restoreVm(input: RestoreInput, opts: { binary: QemuBinary;
     for (;;) {
       const m = await vm.qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
       if (m.status === 'completed') break;
-      if (m.status === 'failed') throw new RubatoError('RUBATO_RESTORE_FAILED', `VM ${input.spec.name}: loading the checkpoint failed: ${m['error-desc'] ?? vm.stderrTail.trim().split('\n').slice(-2).join(' | ')}`);
-      if (Date.now() > until) throw new RubatoError('RUBATO_RESTORE_FAILED', `VM ${input.spec.name}: loading the checkpoint did not finish within 15 s`);
-      if (vm.exited) throw new RubatoError('RUBATO_RESTORE_FAILED', `VM ${input.spec.name}: QEMU exited while loading the checkpoint: ${vm.stderrTail.trim().split('\n').slice(-2).join(' | ')}`);
+      if (m.status === 'failed')
+        throw new RubatoError(
+          'RUBATO_RESTORE_FAILED',
+          `VM ${input.spec.name}: loading the checkpoint failed: ${m['error-desc'] ?? vm.stderrTail.trim().split('\n').slice(-2).join(' | ')}`,
+        );
+      if (Date.now() > until)
+        throw new RubatoError(
+          'RUBATO_RESTORE_FAILED',
+          `VM ${input.spec.name}: loading the checkpoint did not finish within 15 s`,
+        );
+      if (vm.exited)
+        throw new RubatoError(
+          'RUBATO_RESTORE_FAILED',
+          `VM ${input.spec.name}: QEMU exited while loading the checkpoint: ${vm.stderrTail.trim().split('\n').slice(-2).join(' | ')}`,
+        );
       await new Promise((r) => setTimeout(r, 5));
     }
     await vm.qmp.execute('cont');
@@ -59,6 +83,11 @@ export async function restoreVm(input: RestoreInput, opts: { binary: QemuBinary;
   } catch (e) {
     await vm.stop();
     if (e instanceof RubatoError) throw e;
-    throw new RubatoError('RUBATO_RESTORE_FAILED', `VM ${input.spec.name}: restore failed: ${errorMessage(e)}`, {}, { cause: e });
+    throw new RubatoError(
+      'RUBATO_RESTORE_FAILED',
+      `VM ${input.spec.name}: restore failed: ${errorMessage(e)}`,
+      {},
+      { cause: e },
+    );
   }
 }

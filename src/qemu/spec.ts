@@ -14,24 +14,38 @@ export const VM_NAME_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,39}$/;
 export const VM_NAME_RULE = '1-40 letters, digits, dots, dashes or underscores, starting with a letter or digit';
 export const VmName = z.string().regex(VM_NAME_RE, `must be ${VM_NAME_RULE}`);
 
-export const VmSpecSchema = z.object({
-  name: VmName,
-  accel: Accel,
-  cpus: z.number().int().min(1).max(64),
-  memMb: z.number().int().min(32).max(1 << 20),
-  /** Guest RAM in a shared file (memory-backend-file, share=on); required for route B and restore. */
-  ramFile: z.string().optional(),
-  /** Direct kernel boot; without a kernel the VM boots from its disk through the firmware. */
-  kernel: z.string().optional(),
-  initrd: z.string().optional(),
-  append: z.string().optional(),
-  /** A virtio NIC (MAC address), wired to Rubato's relay at launch. */
-  mac: z.string().regex(/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/, 'MAC address like 52:54:00:12:34:56').optional(),
-  /** The host bridge the NIC's TAP joins (on the primary, and on the standby at failover). */
-  bridge: z.string().regex(/^[a-zA-Z0-9_.-]{1,15}$/).optional(),
-  /** A virtio disk served by Rubato's NBD server at launch. */
-  disk: z.boolean().optional(),
-}).refine((s) => s.kernel !== undefined || s.disk === true, { message: 'a VM without a kernel boots from its disk, and needs one' });
+export const VmSpecSchema = z
+  .object({
+    name: VmName,
+    accel: Accel,
+    cpus: z.number().int().min(1).max(64),
+    memMb: z
+      .number()
+      .int()
+      .min(32)
+      .max(1 << 20),
+    /** Guest RAM in a shared file (memory-backend-file, share=on); required for route B and restore. */
+    ramFile: z.string().optional(),
+    /** Direct kernel boot; without a kernel the VM boots from its disk through the firmware. */
+    kernel: z.string().optional(),
+    initrd: z.string().optional(),
+    append: z.string().optional(),
+    /** A virtio NIC (MAC address), wired to Rubato's relay at launch. */
+    mac: z
+      .string()
+      .regex(/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/, 'MAC address like 52:54:00:12:34:56')
+      .optional(),
+    /** The host bridge the NIC's TAP joins (on the primary, and on the standby at failover). */
+    bridge: z
+      .string()
+      .regex(/^[a-zA-Z0-9_.-]{1,15}$/)
+      .optional(),
+    /** A virtio disk served by Rubato's NBD server at launch. */
+    disk: z.boolean().optional(),
+  })
+  .refine((s) => s.kernel !== undefined || s.disk === true, {
+    message: 'a VM without a kernel boots from its disk, and needs one',
+  });
 export type VmSpec = z.infer<typeof VmSpecSchema>;
 
 /** The RAM block that holds guest memory, as QEMU names it in the migration stream. */
@@ -60,16 +74,30 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
     ? `memory-backend-file,id=${MAIN_RAM_ID},size=${spec.memMb}M,mem-path=${spec.ramFile},share=on`
     : `memory-backend-ram,id=${MAIN_RAM_ID},size=${spec.memMb}M`;
   const args = [
-    '-name', `rubato-${spec.name}`,
-    '-machine', `pc,accel=${spec.accel},memory-backend=${MAIN_RAM_ID}`,
-    '-cpu', spec.accel === 'kvm' ? 'host' : 'max',
-    '-smp', String(spec.cpus),
-    '-m', `${spec.memMb}M`,
-    '-object', mem,
-    '-nodefaults', '-no-user-config', '-display', 'none', '-vga', 'none',
-    '-chardev', `socket,id=ser0,path=${paths.serialSocket},server=on,wait=off`,
-    '-serial', 'chardev:ser0',
-    '-qmp', `unix:${paths.qmpSocket},server=on,wait=off`,
+    '-name',
+    `rubato-${spec.name}`,
+    '-machine',
+    `pc,accel=${spec.accel},memory-backend=${MAIN_RAM_ID}`,
+    '-cpu',
+    spec.accel === 'kvm' ? 'host' : 'max',
+    '-smp',
+    String(spec.cpus),
+    '-m',
+    `${spec.memMb}M`,
+    '-object',
+    mem,
+    '-nodefaults',
+    '-no-user-config',
+    '-display',
+    'none',
+    '-vga',
+    'none',
+    '-chardev',
+    `socket,id=ser0,path=${paths.serialSocket},server=on,wait=off`,
+    '-serial',
+    'chardev:ser0',
+    '-qmp',
+    `unix:${paths.qmpSocket},server=on,wait=off`,
   ];
   if (spec.kernel) {
     args.push('-kernel', spec.kernel);
@@ -78,13 +106,21 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
   }
   if (spec.mac) {
     if (!paths.netSocket) throw new Error(`VM ${spec.name} has a NIC but no relay socket was given`);
-    args.push('-netdev', `stream,id=n0,server=off,addr.type=unix,addr.path=${paths.netSocket}`,
-      '-device', `virtio-net-pci,netdev=n0,mac=${spec.mac},romfile=`);
+    args.push(
+      '-netdev',
+      `stream,id=n0,server=off,addr.type=unix,addr.path=${paths.netSocket}`,
+      '-device',
+      `virtio-net-pci,netdev=n0,mac=${spec.mac},romfile=`,
+    );
   }
   if (spec.disk) {
     if (!paths.nbdSocket) throw new Error(`VM ${spec.name} has a disk but no NBD socket was given`);
-    args.push('-blockdev', `driver=nbd,node-name=disk0,server.type=unix,server.path=${paths.nbdSocket},export=disk`,
-      '-device', `virtio-blk-pci,drive=disk0${spec.kernel ? '' : ',bootindex=1'}`);
+    args.push(
+      '-blockdev',
+      `driver=nbd,node-name=disk0,server.type=unix,server.path=${paths.nbdSocket},export=disk`,
+      '-device',
+      `virtio-blk-pci,drive=disk0${spec.kernel ? '' : ',bootindex=1'}`,
+    );
   }
   for (const d of paths.firmwareDirs) args.push('-L', d);
   if (mode.paused) args.push('-S');
@@ -99,10 +135,19 @@ export function guestAppend(workload: readonly (string | number)[], opts: { ip?:
 }
 
 /** The test guest's dirtier progress line on its console: its counter and its own memory check. */
-export const DIRTIER_LINE_RE = /RUBATO dirtier t=(\d+) work=(\d+) pages=(\d+) checks=\d+ bad=(\d+) failures=(\d+) check=(\w+)/;
+export const DIRTIER_LINE_RE =
+  /RUBATO dirtier t=(\d+) work=(\d+) pages=(\d+) checks=\d+ bad=(\d+) failures=(\d+) check=(\w+)/;
 
-export function parseDirtierLine(line: string): { tMs: number; work: number; pages: number; bad: number; ok: boolean } | null {
+export function parseDirtierLine(
+  line: string,
+): { tMs: number; work: number; pages: number; bad: number; ok: boolean } | null {
   const m = line.match(DIRTIER_LINE_RE);
   if (!m) return null;
-  return { tMs: Number(m[1]), work: Number(m[2]), pages: Number(m[3]), bad: Number(m[4]), ok: m[6] === 'ok' && m[5] === '0' };
+  return {
+    tMs: Number(m[1]),
+    work: Number(m[2]),
+    pages: Number(m[3]),
+    bad: Number(m[4]),
+    ok: m[6] === 'ok' && m[5] === '0',
+  };
 }

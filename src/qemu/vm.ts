@@ -42,7 +42,12 @@ export class QemuVm extends EventEmitter {
   /** This QEMU can pre-send dirty RAM during an epoch (ColoCapture.presend). */
   canPresend = false;
 
-  private constructor(readonly spec: VmSpec, readonly proc: TrackedProcess, readonly qmp: QmpClient, readonly paths: { qmp: string; serial: string }) {
+  private constructor(
+    readonly spec: VmSpec,
+    readonly proc: TrackedProcess,
+    readonly qmp: QmpClient,
+    readonly paths: { qmp: string; serial: string },
+  ) {
     super();
     void proc.exited.then((r) => {
       this.exitedFlag = true;
@@ -50,40 +55,66 @@ export class QemuVm extends EventEmitter {
     });
   }
 
-  get pid(): number { return this.proc.pid; }
-  get exited(): boolean { return this.exitedFlag; }
+  get pid(): number {
+    return this.proc.pid;
+  }
+  get exited(): boolean {
+    return this.exitedFlag;
+  }
 
   static async start(spec: VmSpec, opts: StartOptions): Promise<QemuVm> {
     const tag = opts.tag ?? spec.name;
     const paths = { qmp: join(opts.runDir, `${tag}.qmp`), serial: join(opts.runDir, `${tag}.serial`) };
-    const args = qemuArgs(spec, {
-      qmpSocket: paths.qmp, serialSocket: paths.serial, firmwareDirs: opts.binary.firmwareDirs,
-      ...(opts.netSocket ? { netSocket: opts.netSocket } : {}), ...(opts.nbdSocket ? { nbdSocket: opts.nbdSocket } : {}),
-    },
-      { paused: true, incoming: opts.incoming ?? false });
+    const args = qemuArgs(
+      spec,
+      {
+        qmpSocket: paths.qmp,
+        serialSocket: paths.serial,
+        firmwareDirs: opts.binary.firmwareDirs,
+        ...(opts.netSocket ? { netSocket: opts.netSocket } : {}),
+        ...(opts.nbdSocket ? { nbdSocket: opts.nbdSocket } : {}),
+      },
+      { paused: true, incoming: opts.incoming ?? false },
+    );
     log.debug('starting', { vm: spec.name, argv: [opts.binary.path, ...args].join(' ') });
     const proc = spawnTracked(`qemu:${tag}`, opts.binary.path, args);
     let stderr = '';
-    proc.child.stderr?.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-8192); });
+    proc.child.stderr?.on('data', (d: Buffer) => {
+      stderr = (stderr + d.toString()).slice(-8192);
+    });
     const qmp = new QmpClient(paths.qmp, spec.name);
     const vm = new QemuVm(spec, proc, qmp, paths);
     vm.canPresend = opts.binary.presend === true;
-    proc.child.stderr?.on('data', () => { vm.stderrTail = stderr; });
+    proc.child.stderr?.on('data', () => {
+      vm.stderrTail = stderr;
+    });
     try {
       await Promise.race([
         qmp.connect(15_000),
         proc.exited.then(({ code, signal }) => {
-          throw new RubatoError('RUBATO_QEMU_START', `QEMU for VM ${spec.name} exited during start-up (code ${code}, signal ${signal}): ${stderr.trim().split('\n').slice(-3).join(' | ')}`, { vm: spec.name });
+          throw new RubatoError(
+            'RUBATO_QEMU_START',
+            `QEMU for VM ${spec.name} exited during start-up (code ${code}, signal ${signal}): ${stderr.trim().split('\n').slice(-3).join(' | ')}`,
+            { vm: spec.name },
+          );
         }),
       ]);
       await vm.attachSerial();
       if (!opts.paused && !opts.incoming) await qmp.execute('cont');
     } catch (e) {
       // QEMU that dies at start-up resets the QMP socket first: report its own words instead.
-      const exited = await Promise.race([proc.exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 500))]);
+      const exited = await Promise.race([
+        proc.exited.then(() => true),
+        new Promise<boolean>((r) => setTimeout(() => r(false), 500)),
+      ]);
       await vm.stop();
       if (exited && stderr.trim()) {
-        throw new RubatoError('RUBATO_QEMU_START', `QEMU for VM ${spec.name} failed to start: ${stderr.trim().split('\n').slice(-2).join(' | ')}`, { vm: spec.name }, { cause: e });
+        throw new RubatoError(
+          'RUBATO_QEMU_START',
+          `QEMU for VM ${spec.name} failed to start: ${stderr.trim().split('\n').slice(-2).join(' | ')}`,
+          { vm: spec.name },
+          { cause: e },
+        );
       }
       throw e;
     }
@@ -96,7 +127,9 @@ export class QemuVm extends EventEmitter {
       s.once('error', reject);
       s.once('connect', () => {
         s.off('error', reject);
-        s.on('error', () => { /* QEMU gone: exit handler reports it */ });
+        s.on('error', () => {
+          /* QEMU gone: exit handler reports it */
+        });
         this.serialSocket = s;
         resolve();
       });
@@ -121,14 +154,36 @@ export class QemuVm extends EventEmitter {
     return new Promise((resolve, reject) => {
       const onLine = (l: string) => {
         const m = l.match(re);
-        if (m) { cleanup(); resolve(m); }
+        if (m) {
+          cleanup();
+          resolve(m);
+        }
       };
-      const onExit = () => { cleanup(); reject(new RubatoError('RUBATO_QEMU_EXITED', `VM ${this.spec.name} exited while waiting for ${re}: ${this.stderrTail.trim().split('\n').slice(-2).join(' | ')}`, { vm: this.spec.name })); };
+      const onExit = () => {
+        cleanup();
+        reject(
+          new RubatoError(
+            'RUBATO_QEMU_EXITED',
+            `VM ${this.spec.name} exited while waiting for ${re}: ${this.stderrTail.trim().split('\n').slice(-2).join(' | ')}`,
+            { vm: this.spec.name },
+          ),
+        );
+      };
       const timer = setTimeout(() => {
         cleanup();
-        reject(new RubatoError('RUBATO_QEMU_EXITED', `VM ${this.spec.name}: no console line matching ${re} within ${timeoutMs} ms (last: ${this.serialLines.at(-1) ?? 'none'})`, { vm: this.spec.name }));
+        reject(
+          new RubatoError(
+            'RUBATO_QEMU_EXITED',
+            `VM ${this.spec.name}: no console line matching ${re} within ${timeoutMs} ms (last: ${this.serialLines.at(-1) ?? 'none'})`,
+            { vm: this.spec.name },
+          ),
+        );
       }, timeoutMs);
-      const cleanup = () => { clearTimeout(timer); this.off('serial', onLine); this.off('exit', onExit); };
+      const cleanup = () => {
+        clearTimeout(timer);
+        this.off('serial', onLine);
+        this.off('exit', onExit);
+      };
       this.on('serial', onLine);
       this.on('exit', onExit);
     });
@@ -142,7 +197,11 @@ export class QemuVm extends EventEmitter {
   /** Ends the VM: quit over QMP, then SIGKILL by PID if it lingers. Never throws. */
   async stop(graceMs = 1500): Promise<void> {
     if (!this.exitedFlag && !this.qmp.isClosed) {
-      try { await this.qmp.execute('quit', undefined, 1000); } catch { /* fall through to kill */ }
+      try {
+        await this.qmp.execute('quit', undefined, 1000);
+      } catch {
+        /* fall through to kill */
+      }
     }
     this.qmp.close();
     this.serialSocket?.destroy();

@@ -19,5 +19,11 @@ export interface ActivationGate {
 }
 
 export const allowAlways: ActivationGate = {
-  mayActivate: async (ctx) => ({ allow: true, why: ctx.reason === 'manual' ? 'operator asked for failover' : `primary silent for ${ctx.silentMs} ms; no fencing configured` }),
+  mayActivate: async (ctx) => ({
+    allow: true,
+    why:
+      ctx.reason === 'manual'
+        ? 'operator asked for failover'
+        : `primary silent for ${ctx.silentMs} ms; no fencing configured`,
+  }),
 };

@@ -21,7 +21,9 @@ export class Admission {
 
   constructor(private readonly limits: AdmissionLimits = DEFAULT_ADMISSION) {}
 
-  get pendingCount(): number { return this.pending; }
+  get pendingCount(): number {
+    return this.pending;
+  }
 
   /** A new connection from `address`: may it try to authenticate? (If so, call release() once.) */
   admit(address: string): boolean {
@@ -51,7 +53,10 @@ export class Admission {
       this.suppressed.set(address, (this.suppressed.get(address) ?? 0) + 1);
       return null;
     }
-    if (this.loggedAt.size > 10_000) { this.loggedAt.clear(); this.suppressed.clear(); } // bounded memory under address churn
+    if (this.loggedAt.size > 10_000) {
+      this.loggedAt.clear();
+      this.suppressed.clear();
+    } // bounded memory under address churn
     this.loggedAt.set(address, nowMs);
     const quiet = this.suppressed.get(address) ?? 0;
     this.suppressed.delete(address);

@@ -22,7 +22,14 @@ const RUN_BYTES = 1 << 20;
 const FILL_BATCH = 8192;
 const PROGRESS_EVERY_MS = 500;
 
-export type SyncProgressEvent = { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number };
+export type SyncProgressEvent = {
+  event: 'sync-progress';
+  bytes: number;
+  totalBytes: number;
+  percent: number;
+  mbPerSec: number;
+  etaSec: number;
+};
 
 export interface BaseSenderOptions {
   /** Blocks QEMU does not send (the disk), after its RAM blocks in the layout. */
@@ -54,11 +61,18 @@ export class BaseSender implements PageSink {
   private lastProgressMs = 0;
   private readonly garbage = new GarbageMeter(64 << 20);
 
-  constructor(private readonly link: Link, private readonly o: BaseSenderOptions) {}
+  constructor(
+    private readonly link: Link,
+    private readonly o: BaseSenderOptions,
+  ) {}
 
   /** The layout as sent (QEMU's blocks, then the extra ones); empty before the stream announced it. */
-  get layoutBlocks(): readonly RamBlockInfo[] { return this.blocks; }
-  get sentBytes(): number { return this.bytes; }
+  get layoutBlocks(): readonly RamBlockInfo[] {
+    return this.blocks;
+  }
+  get sentBytes(): number {
+    return this.bytes;
+  }
 
   async layout(sizes: ReadonlyMap<string, number>, order: readonly string[], machine: string): Promise<void> {
     if (this.blocks.length) return; // announced once per stream
@@ -80,8 +94,12 @@ export class BaseSender implements PageSink {
   page(block: string, offset: number, data: Buffer): void {
     const bi = this.blockIndex(block);
     if (this.fillBlock === bi && this.fillSet.has(offset)) this.flushFills();
-    if (this.runBlock !== bi || offset !== this.runStart + this.runLen || this.runLen + data.length > RUN_BYTES) this.flushRun();
-    if (this.runLen === 0) { this.runBlock = bi; this.runStart = offset; }
+    if (this.runBlock !== bi || offset !== this.runStart + this.runLen || this.runLen + data.length > RUN_BYTES)
+      this.flushRun();
+    if (this.runLen === 0) {
+      this.runBlock = bi;
+      this.runStart = offset;
+    }
     data.copy(this.run, HDR + this.runLen);
     this.runLen += data.length;
   }
@@ -146,7 +164,9 @@ export class BaseSender implements PageSink {
 
   private frame(type: number, payload: Buffer, counts = 0): void {
     const p = this.link.send(type, 0, payload);
-    p.catch(() => { /* the link's close reports it; the next await sees it */ });
+    p.catch(() => {
+      /* the link's close reports it; the next await sees it */
+    });
     this.lastSend = p;
     this.sentSinceDrain += payload.length;
     this.bytes += counts;
@@ -161,14 +181,23 @@ export class BaseSender implements PageSink {
     const rate = this.bytes / Math.max((now - this.t0) / 1000, 1e-3);
     const left = Math.max(0, this.totalBytes - this.bytes);
     this.o.progress({
-      event: 'sync-progress', bytes: this.bytes, totalBytes: this.totalBytes, percent: Math.min(100, Math.round((this.bytes / Math.max(1, this.totalBytes)) * 1000) / 10),
-      mbPerSec: Math.round(rate / 1e5) / 10, etaSec: Math.round((left / Math.max(rate, 1)) * 10) / 10,
+      event: 'sync-progress',
+      bytes: this.bytes,
+      totalBytes: this.totalBytes,
+      percent: Math.min(100, Math.round((this.bytes / Math.max(1, this.totalBytes)) * 1000) / 10),
+      mbPerSec: Math.round(rate / 1e5) / 10,
+      etaSec: Math.round((left / Math.max(rate, 1)) * 10) / 10,
     });
   }
 }
 
 /** Copies the allocated extents of a disk image (skipping chunks that read all zero) as block `id`. */
-export async function sendDiskExtents(s: BaseSender, id: string, path: string, extents: readonly Extent[]): Promise<void> {
+export async function sendDiskExtents(
+  s: BaseSender,
+  id: string,
+  path: string,
+  extents: readonly Extent[],
+): Promise<void> {
   const fh = await open(path, 'r');
   const zero = Buffer.alloc(RUN_BYTES);
   let b = s.payloadBuffer();

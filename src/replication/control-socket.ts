@@ -15,22 +15,33 @@ export type ControlHandlers = Record<string, () => Promise<unknown> | unknown>;
 export class ControlSocket {
   private server: Server | null = null;
 
-  constructor(readonly path: string, private readonly handlers: ControlHandlers) {}
+  constructor(
+    readonly path: string,
+    private readonly handlers: ControlHandlers,
+  ) {}
 
   async start(): Promise<void> {
     rmSync(this.path, { force: true });
     this.server = createServer((s) => {
       s.setEncoding('utf8');
       let buf = '';
-      const reply = (v: unknown) => s.end(JSON.stringify(v) + '\n');
+      const reply = (v: unknown) => s.end(`${JSON.stringify(v)}\n`);
       s.on('data', (d: string) => {
         buf += d;
-        if (buf.length > MAX_COMMAND_BYTES) { reply({ ok: false, error: 'command too long' }); return; }
+        if (buf.length > MAX_COMMAND_BYTES) {
+          reply({ ok: false, error: 'command too long' });
+          return;
+        }
         if (!buf.includes('\n')) return;
         const cmd = buf.trim();
         const h = this.handlers[cmd];
-        if (!h) { reply({ ok: false, error: `unknown command ${cmd}` }); return; }
-        Promise.resolve().then(h).then(reply, (e: unknown) => reply({ ok: false, error: errorMessage(e) }));
+        if (!h) {
+          reply({ ok: false, error: `unknown command ${cmd}` });
+          return;
+        }
+        Promise.resolve()
+          .then(h)
+          .then(reply, (e: unknown) => reply({ ok: false, error: errorMessage(e) }));
       });
       s.on('error', (e) => log.debug(`control client went away: ${e.message}`));
     });
@@ -46,14 +57,25 @@ export class ControlSocket {
 }
 
 /** Sends one command to a standby's control socket. */
-export async function controlCommand(stateDir: string, cmd: 'failover' | 'switchover' | 'status'): Promise<Record<string, unknown>> {
+export async function controlCommand(
+  stateDir: string,
+  cmd: 'failover' | 'switchover' | 'status',
+): Promise<Record<string, unknown>> {
   const path = join(resolve(stateDir), 'control.sock');
   return new Promise((resolveP, reject) => {
     const s = connect(path);
     let buf = '';
     s.setEncoding('utf8');
-    s.on('data', (d: string) => { buf += d; });
-    s.on('end', () => { try { resolveP(JSON.parse(buf) as Record<string, unknown>); } catch { reject(new RubatoError('RUBATO_CONFIG', `bad answer from ${path}`)); } });
+    s.on('data', (d: string) => {
+      buf += d;
+    });
+    s.on('end', () => {
+      try {
+        resolveP(JSON.parse(buf) as Record<string, unknown>);
+      } catch {
+        reject(new RubatoError('RUBATO_CONFIG', `bad answer from ${path}`));
+      }
+    });
     s.on('error', (e) => reject(new RubatoError('RUBATO_CONFIG', `no Rubato controller at ${path}: ${e.message}`)));
     s.write(`${cmd}\n`);
   });

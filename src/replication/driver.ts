@@ -13,7 +13,11 @@ export type CommandOf<K extends CommandName, F extends Sized = Buffer> = Extract
 export type CommandHandlers<F extends Sized = Buffer> = { [K in CommandName]?: (c: CommandOf<K, F>) => void };
 
 /** Carries out `cmds` in order; `where` names the call site in the assertion of an unexpected command. */
-export function dispatch<F extends Sized>(cmds: readonly Command<F>[], handlers: CommandHandlers<F>, where: string): void {
+export function dispatch<F extends Sized>(
+  cmds: readonly Command<F>[],
+  handlers: CommandHandlers<F>,
+  where: string,
+): void {
   for (const c of cmds) {
     const h = handlers[c.cmd] as ((c: Command<F>) => void) | undefined;
     assert(h !== undefined, `${where}: the pipeline asked for '${c.cmd}', which is not handled here`);
@@ -21,5 +25,10 @@ export function dispatch<F extends Sized>(cmds: readonly Command<F>[], handlers:
   }
 }
 
-/** The commands that come from outside the checkpoint loop (an ack, a lost link, the hold timer): every driver handles all of them. */
-export type OutsideHandlers<F extends Sized = Buffer> = Required<Pick<CommandHandlers<F>, 'release' | 'protected' | 'unprotected' | 'release-unprotected' | 'stop-guest'>>;
+/**
+ * The commands that come from outside the checkpoint loop (an ack, a lost link, the hold timer): every driver handles
+ * all of them.
+ */
+export type OutsideHandlers<F extends Sized = Buffer> = Required<
+  Pick<CommandHandlers<F>, 'release' | 'protected' | 'unprotected' | 'release-unprotected' | 'stop-guest'>
+>;

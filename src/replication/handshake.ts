@@ -6,7 +6,17 @@ import { randomBytes } from 'node:crypto';
 import { RubatoError } from '../util/errors.ts';
 import type { Link } from './link.ts';
 import { FrameType, frameTypeName, proof, proofEquals, sessionKeys } from './protocol/frame.ts';
-import { NONCE_BYTES, decodeChallenge, decodeHello, decodeWelcome, encodeChallenge, encodeHello, encodeWelcome, type Identity, type Welcome } from './protocol/messages.ts';
+import {
+  NONCE_BYTES,
+  decodeChallenge,
+  decodeHello,
+  decodeWelcome,
+  encodeChallenge,
+  encodeHello,
+  encodeWelcome,
+  type Identity,
+  type Welcome,
+} from './protocol/messages.ts';
 
 /** Until the session's layout is known (BASE_BEGIN), frames carry at most one base chunk. */
 export const SESSION_START_MAX_FRAME_BYTES = 4 << 20;
@@ -18,17 +28,24 @@ export const STANDBY_MAX_FRAME_BYTES = 64 << 10;
  * Standby side. `admit` may refuse an authenticated primary (its reason goes back in a REJECT):
  * e.g. one whose witness generation is older than one this standby has seen.
  */
-export async function acceptHandshake(link: Link, psk: Buffer, welcome: (id: Identity) => Welcome, timeoutMs: number, admit?: (id: Identity) => string | null): Promise<Identity> {
+export async function acceptHandshake(
+  link: Link,
+  psk: Buffer,
+  welcome: (id: Identity) => Welcome,
+  timeoutMs: number,
+  admit?: (id: Identity) => string | null,
+): Promise<Identity> {
   const nonceS = randomBytes(NONCE_BYTES);
   await link.send(FrameType.CHALLENGE, 0, encodeChallenge(nonceS));
   const f = await link.next(timeoutMs);
   if (f.type !== FrameType.HELLO) throw refuse(link, `expected HELLO, got ${frameTypeName(f.type)}`);
   const h = decodeHello(f.payload);
   if (!proofEquals(h.proof, proof(psk, 'primary', nonceS, h.nonce))) {
-    throw refuse(link, 'authentication failed (the primary does not hold this standby\'s key)', 'RUBATO_AUTH_FAILED');
+    throw refuse(link, "authentication failed (the primary does not hold this standby's key)", 'RUBATO_AUTH_FAILED');
   }
   const generation = h.identity.generation ?? 0;
-  if ((f.generation ?? 0) !== generation) throw refuse(link, `the HELLO frame carries generation ${f.generation ?? 0}, its identity ${generation}`);
+  if ((f.generation ?? 0) !== generation)
+    throw refuse(link, `the HELLO frame carries generation ${f.generation ?? 0}, its identity ${generation}`);
   // The session's fencing token: every frame from here on, both ways (a REJECT too), carries it.
   link.bindGeneration(generation);
   const refusal = admit?.(h.identity) ?? null;
@@ -43,7 +60,12 @@ export async function acceptHandshake(link: Link, psk: Buffer, welcome: (id: Ide
 }
 
 /** Primary side: answer the challenge, check the standby's proof. */
-export async function connectHandshake(link: Link, psk: Buffer, identity: Identity, timeoutMs: number): Promise<Welcome> {
+export async function connectHandshake(
+  link: Link,
+  psk: Buffer,
+  identity: Identity,
+  timeoutMs: number,
+): Promise<Welcome> {
   const f = await link.next(timeoutMs);
   if (f.type !== FrameType.CHALLENGE) throw refuse(link, `expected CHALLENGE, got ${frameTypeName(f.type)}`);
   const nonceS = decodeChallenge(f.payload);
@@ -56,15 +78,23 @@ export async function connectHandshake(link: Link, psk: Buffer, identity: Identi
   const w = await link.next(timeoutMs);
   if (w.type !== FrameType.WELCOME) throw refuse(link, `expected WELCOME, got ${frameTypeName(w.type)}`);
   const d = decodeWelcome(w.payload);
-  if (!proofEquals(d.proof, proof(psk, 'standby', nonceP, nonceS))) throw refuse(link, 'the standby failed to prove it holds the key', 'RUBATO_AUTH_FAILED');
+  if (!proofEquals(d.proof, proof(psk, 'standby', nonceP, nonceS)))
+    throw refuse(link, 'the standby failed to prove it holds the key', 'RUBATO_AUTH_FAILED');
   link.setSendKey(keys[link.sends]);
   // The standby sends acks, heartbeats, fences: small frames only.
   link.setMaxFrameBytes(STANDBY_MAX_FRAME_BYTES);
   return d.welcome;
 }
 
-function refuse(link: Link, reason: string, code: 'RUBATO_PROTOCOL' | 'RUBATO_AUTH_FAILED' = 'RUBATO_PROTOCOL'): RubatoError {
+function refuse(
+  link: Link,
+  reason: string,
+  code: 'RUBATO_PROTOCOL' | 'RUBATO_AUTH_FAILED' = 'RUBATO_PROTOCOL',
+): RubatoError {
   const err = new RubatoError(code, `handshake with ${link.peer}: ${reason}`, { peer: link.peer });
-  link.send(FrameType.REJECT, 0, Buffer.from(reason), { flushed: true }).then(() => link.close(err), () => link.close(err));
+  link.send(FrameType.REJECT, 0, Buffer.from(reason), { flushed: true }).then(
+    () => link.close(err),
+    () => link.close(err),
+  );
   return err;
 }

@@ -18,12 +18,25 @@ import { percentile, round } from '../util/stats.ts';
  * - standbyCommit: the standby's commit (decode, verify, the commit point) up to its ack;
  * - release: from the ack's arrival to the frame written to the outside.
  */
-export const SEGMENTS = ['wait', 'trigger', 'pause', 'encode', 'send', 'link', 'standbyQueue', 'standbyCommit', 'release'] as const;
-export type Segment = typeof SEGMENTS[number];
+export const SEGMENTS = [
+  'wait',
+  'trigger',
+  'pause',
+  'encode',
+  'send',
+  'link',
+  'standbyQueue',
+  'standbyCommit',
+  'release',
+] as const;
+export type Segment = (typeof SEGMENTS)[number];
 /** Per segment p50, p99 and mean (ms): the means add up to the total's mean, the percentiles need not. */
 export type Breakdown = Record<Segment | 'total', { p50: number; p99: number; mean: number }> & {
   frames: number;
-  /** Not a segment (it overlaps send and link): the standby's time from a checkpoint's first byte to its last, decrypted, per checkpoint. */
+  /**
+   * Not a segment (it overlaps send and link): the standby's time from a checkpoint's first byte to its last,
+   * decrypted, per checkpoint.
+   */
   standbyReceive: { p50: number; p99: number; mean: number };
 };
 
@@ -45,15 +58,21 @@ export function segmentsOf(t: EpochTimeline, frameAtMs: number, releasedMs: numb
 }
 
 export class LatencyBreakdown {
-  private readonly v: Record<Segment | 'total', number[]> = Object.fromEntries([...SEGMENTS, 'total'].map((s) => [s, []])) as unknown as Record<Segment | 'total', number[]>;
+  private readonly v: Record<Segment | 'total', number[]> = Object.fromEntries(
+    [...SEGMENTS, 'total'].map((s) => [s, []]),
+  ) as unknown as Record<Segment | 'total', number[]>;
   private readonly maxFrames: number;
   private seen = 0;
   private readonly receive: number[] = [];
 
   /** Keeps at most `maxFrames` frames (a reservoir sample beyond). */
-  constructor(maxFrames = 200_000) { this.maxFrames = maxFrames; }
+  constructor(maxFrames = 200_000) {
+    this.maxFrames = maxFrames;
+  }
 
-  get frames(): number { return this.seen; }
+  get frames(): number {
+    return this.seen;
+  }
 
   /** Frames released by one checkpoint. */
   add(t: EpochTimeline, framesAtMs: readonly number[], releasedMs: number): void {
@@ -76,7 +95,14 @@ export class LatencyBreakdown {
   }
 
   summary(): Breakdown {
-    const stat = (xs: readonly number[]) => (xs.length ? { p50: round(percentile(xs, 50), 3), p99: round(percentile(xs, 99), 3), mean: round(xs.reduce((a, b) => a + b, 0) / xs.length, 3) } : { p50: 0, p99: 0, mean: 0 });
+    const stat = (xs: readonly number[]) =>
+      xs.length
+        ? {
+            p50: round(percentile(xs, 50), 3),
+            p99: round(percentile(xs, 99), 3),
+            mean: round(xs.reduce((a, b) => a + b, 0) / xs.length, 3),
+          }
+        : { p50: 0, p99: 0, mean: 0 };
     const out = { frames: this.seen, standbyReceive: stat(this.receive) } as Breakdown;
     for (const k of [...SEGMENTS, 'total'] as const) out[k] = stat(this.v[k]);
     return out;

@@ -9,7 +9,16 @@ import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import { sleep } from '../util/async.ts';
 import { Liveness } from './liveness.ts';
-import { FrameDecoder, FrameEncoder, FrameType, frameTypeName, helloKeys, type Direction, type Frame, type FrameKey } from './protocol/frame.ts';
+import {
+  FrameDecoder,
+  FrameEncoder,
+  FrameType,
+  frameTypeName,
+  helloKeys,
+  type Direction,
+  type Frame,
+  type FrameKey,
+} from './protocol/frame.ts';
 import { decodeTime, encodeTime } from './protocol/messages.ts';
 
 const log = logger('link');
@@ -41,7 +50,12 @@ export class Link extends EventEmitter {
   readonly sends: Direction;
   readonly receives: Direction;
 
-  constructor(readonly socket: Socket, psk: Buffer, readonly peer: string, readonly role: 'primary' | 'standby') {
+  constructor(
+    readonly socket: Socket,
+    psk: Buffer,
+    readonly peer: string,
+    readonly role: 'primary' | 'standby',
+  ) {
     super();
     this.sends = role === 'primary' ? 'p2s' : 's2p';
     this.receives = role === 'primary' ? 's2p' : 'p2s';
@@ -50,7 +64,11 @@ export class Link extends EventEmitter {
     this.dec = new FrameDecoder(k[this.receives], peer);
     socket.setNoDelay(true);
     socket.on('data', (d: Buffer) => this.onData(d));
-    socket.on('drain', () => { const w = this.drainWaiters; this.drainWaiters = []; for (const x of w) x.resolve(); });
+    socket.on('drain', () => {
+      const w = this.drainWaiters;
+      this.drainWaiters = [];
+      for (const x of w) x.resolve();
+    });
     socket.on('error', (e) => this.close(new RubatoError('RUBATO_PEER_LOST', `link to ${peer}: ${e.message}`)));
     socket.on('close', () => this.close(new RubatoError('RUBATO_PEER_LOST', `link to ${peer} closed`)));
   }
@@ -66,7 +84,10 @@ export class Link extends EventEmitter {
       while (frames.length && this.handshakeFrameJustArrived(frames.at(-1)!)) {
         this.deliver(frames);
         frames = [];
-        if (this.pendingKey) { this.dec.setKey(this.pendingKey); this.pendingKey = null; }
+        if (this.pendingKey) {
+          this.dec.setKey(this.pendingKey);
+          this.pendingKey = null;
+        }
         frames = this.dec.drain();
       }
     } catch (e) {
@@ -85,19 +106,34 @@ export class Link extends EventEmitter {
 
   private deliver(frames: Frame[]): void {
     for (const f of frames) {
-      if (f.type === FrameType.HEARTBEAT) { this.sendQuietly(FrameType.HEARTBEAT_ECHO, f.payload); continue; }
+      if (f.type === FrameType.HEARTBEAT) {
+        this.sendQuietly(FrameType.HEARTBEAT_ECHO, f.payload);
+        continue;
+      }
       if (f.type === FrameType.HEARTBEAT_ECHO) {
-        try { this.stats.rttMs = (nowUs() - decodeTime(f.payload)) / 1000; } catch { /* a malformed echo carries no round trip; the MAC already vouched for its sender */ }
+        try {
+          this.stats.rttMs = (nowUs() - decodeTime(f.payload)) / 1000;
+        } catch {
+          /* a malformed echo carries no round trip; the MAC already vouched for its sender */
+        }
         continue;
       }
       if (f.type === FrameType.REJECT) {
-        this.close(new RubatoError('RUBATO_AUTH_FAILED', `${this.peer} refused the connection: ${f.payload.toString('utf8')}`));
+        this.close(
+          new RubatoError('RUBATO_AUTH_FAILED', `${this.peer} refused the connection: ${f.payload.toString('utf8')}`),
+        );
         return;
       }
-      if (this.waiter) { const w = this.waiter; this.waiter = null; w.resolve(f); }
-      else if (this.listenerCount('frame') > 0) this.emit('frame', f);
+      if (this.waiter) {
+        const w = this.waiter;
+        this.waiter = null;
+        w.resolve(f);
+      } else if (this.listenerCount('frame') > 0) this.emit('frame', f);
       else {
-        if (this.queue.length >= MAX_QUEUED_FRAMES) { this.close(new RubatoError('RUBATO_PROTOCOL', `too many unread frames from ${this.peer}`)); return; }
+        if (this.queue.length >= MAX_QUEUED_FRAMES) {
+          this.close(new RubatoError('RUBATO_PROTOCOL', `too many unread frames from ${this.peer}`));
+          return;
+        }
         this.queue.push(f);
       }
     }
@@ -109,8 +145,20 @@ export class Link extends EventEmitter {
     if (q) return Promise.resolve(q);
     if (this.closedErr) return Promise.reject(this.closedErr);
     return new Promise((resolve, reject) => {
-      const t = setTimeout(() => { this.waiter = null; reject(new RubatoError('RUBATO_PEER_LOST', `no answer from ${this.peer} within ${timeoutMs} ms`)); }, timeoutMs);
-      this.waiter = { resolve: (f) => { clearTimeout(t); resolve(f); }, reject: (e) => { clearTimeout(t); reject(e); } };
+      const t = setTimeout(() => {
+        this.waiter = null;
+        reject(new RubatoError('RUBATO_PEER_LOST', `no answer from ${this.peer} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.waiter = {
+        resolve: (f) => {
+          clearTimeout(t);
+          resolve(f);
+        },
+        reject: (e) => {
+          clearTimeout(t);
+          reject(e);
+        },
+      };
     });
   }
 
@@ -128,7 +176,8 @@ export class Link extends EventEmitter {
    */
   send(type: number, epoch: number, payload?: Buffer, opts: { flushed?: boolean } = {}): Promise<void> {
     if (this.closedErr) return Promise.reject(this.closedErr);
-    if (payload && payload.length >= STREAM_FROM_BYTES && !opts.flushed) return this.sendParts(type, epoch, { parts: [payload], length: payload.length });
+    if (payload && payload.length >= STREAM_FROM_BYTES && !opts.flushed)
+      return this.sendParts(type, epoch, { parts: [payload], length: payload.length });
     const [head, body, mac] = this.enc.encodeParts(type, epoch, payload);
     this.stats.bytesSent += head.length + body.length + mac.length;
     this.socket.cork();
@@ -136,7 +185,10 @@ export class Link extends EventEmitter {
     if (body.length) this.socket.write(body);
     let flushed: Promise<void> | null = null;
     let ok = true;
-    if (opts.flushed) flushed = new Promise<void>((resolve, reject) => { this.socket.write(mac, (e) => (e ? reject(e) : resolve())); });
+    if (opts.flushed)
+      flushed = new Promise<void>((resolve, reject) => {
+        this.socket.write(mac, (e) => (e ? reject(e) : resolve()));
+      });
     else ok = this.socket.write(mac);
     this.socket.uncork();
     return flushed ?? this.drained(ok);
@@ -145,7 +197,9 @@ export class Link extends EventEmitter {
   /** At once when the socket took the last write below its high-water mark, else when it drains. */
   private drained(ok: boolean): Promise<void> {
     if (ok) return Promise.resolve();
-    return new Promise((resolve, reject) => { this.drainWaiters.push({ resolve, reject }); });
+    return new Promise((resolve, reject) => {
+      this.drainWaiters.push({ resolve, reject });
+    });
   }
 
   /**
@@ -167,7 +221,9 @@ export class Link extends EventEmitter {
    * Sends a last frame (BYE, FENCED) and resolves once the kernel has it, so that closing the link
    * right after cannot drop it.
    */
-  sendLast(type: number): Promise<void> { return this.send(type, 0, undefined, { flushed: true }); }
+  sendLast(type: number): Promise<void> {
+    return this.send(type, 0, undefined, { flushed: true });
+  }
 
   /**
    * Stops reading the socket (TCP pushes back on the peer) until resumeReading(). Liveness counts
@@ -187,14 +243,25 @@ export class Link extends EventEmitter {
   private readingPaused = false;
 
   /** Keys (the handshake sets them). */
-  setSendKey(key: FrameKey): void { this.enc.setKey(key); }
+  setSendKey(key: FrameKey): void {
+    this.enc.setKey(key);
+  }
   /** Every frame sent from now on carries witness generation `g`, and every frame received must. */
-  bindGeneration(g: number): void { this.enc.bindGeneration(g); this.dec.bindGeneration(g); }
-  setReceiveKey(key: FrameKey): void { this.dec.setKey(key); }
+  bindGeneration(g: number): void {
+    this.enc.bindGeneration(g);
+    this.dec.bindGeneration(g);
+  }
+  setReceiveKey(key: FrameKey): void {
+    this.dec.setKey(key);
+  }
   /** The largest frame accepted from the peer from now on. */
-  setMaxFrameBytes(n: number): void { this.dec.setMaxFrameBytes(n); }
+  setMaxFrameBytes(n: number): void {
+    this.dec.setMaxFrameBytes(n);
+  }
   /** The next handshake frame is the last with the current key; frames after it use `key`. */
-  setReceiveKeyAfterNext(key: FrameKey): void { this.pendingKey = key; }
+  setReceiveKeyAfterNext(key: FrameKey): void {
+    this.pendingKey = key;
+  }
 
   /** Writes only the first `bytes` of a frame and stops (fault injection: death mid-transfer). */
   sendPartial(type: number, epoch: number, payload: Buffer, bytes: number): void {
@@ -202,7 +269,9 @@ export class Link extends EventEmitter {
     this.socket.write(buf.subarray(0, Math.min(bytes, buf.length - 1)));
   }
 
-  get writableLength(): number { return this.socket.writableLength; }
+  get writableLength(): number {
+    return this.socket.writableLength;
+  }
 
   startHeartbeats(intervalMs: number, timeoutMs: number): void {
     const live = new Liveness(Date.now(), intervalMs, timeoutMs);
@@ -220,7 +289,12 @@ export class Link extends EventEmitter {
           confirming = false;
           if (this.closedErr || !live.confirm(Date.now())) return;
           const excused = live.excusedMs > 0 ? `; ${live.excusedMs} ms of this side's own stalls not counted` : '';
-          this.close(new RubatoError('RUBATO_PEER_LOST', `${this.peer} silent for ${live.silentMs(Date.now())} ms (timeout ${timeoutMs} ms${excused})`));
+          this.close(
+            new RubatoError(
+              'RUBATO_PEER_LOST',
+              `${this.peer} silent for ${live.silentMs(Date.now())} ms (timeout ${timeoutMs} ms${excused})`,
+            ),
+          );
         });
       }
       this.sendQuietly(FrameType.HEARTBEAT, encodeTime(nowUs()));
@@ -229,13 +303,19 @@ export class Link extends EventEmitter {
 
   /** Heartbeats and their echoes: a failed send means the link is closing, which close() reports. */
   private sendQuietly(type: number, payload: Buffer): void {
-    this.send(type, 0, payload).catch((e: unknown) => log.debug(`${frameTypeName(type)} to ${this.peer} not sent: ${errorMessage(e)}`));
+    this.send(type, 0, payload).catch((e: unknown) =>
+      log.debug(`${frameTypeName(type)} to ${this.peer} not sent: ${errorMessage(e)}`),
+    );
   }
 
   /** How long the peer has been silent (with heartbeats running, this side's own stalls excluded). */
-  silentMs(): number { return this.liveness ? this.liveness.silentMs(Date.now()) : Date.now() - this.lastRxMs; }
+  silentMs(): number {
+    return this.liveness ? this.liveness.silentMs(Date.now()) : Date.now() - this.lastRxMs;
+  }
 
-  get closed(): Error | null { return this.closedErr; }
+  get closed(): Error | null {
+    return this.closedErr;
+  }
 
   close(err?: Error): void {
     if (!this.finish(err)) return;
@@ -248,7 +328,10 @@ export class Link extends EventEmitter {
    * destroy could turn into a reset that makes the peer drop what it has not read yet.
    */
   async closeGracefully(err: Error, timeoutMs = 1000): Promise<void> {
-    const gone = new Promise<void>((r) => { if (this.socket.destroyed) r(); else this.socket.once('close', () => r()); });
+    const gone = new Promise<void>((r) => {
+      if (this.socket.destroyed) r();
+      else this.socket.once('close', () => r());
+    });
     if (!this.finish(err)) return;
     this.socket.end();
     await Promise.race([gone, sleep(timeoutMs)]);
@@ -260,7 +343,11 @@ export class Link extends EventEmitter {
     if (this.closedErr) return false;
     this.closedErr = err ?? new RubatoError('RUBATO_PEER_LOST', `link to ${this.peer} closed`);
     if (this.hbTimer) clearInterval(this.hbTimer);
-    if (this.waiter) { const w = this.waiter; this.waiter = null; w.reject(this.closedErr); }
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = null;
+      w.reject(this.closedErr);
+    }
     const drains = this.drainWaiters;
     this.drainWaiters = [];
     for (const x of drains) x.reject(this.closedErr);

@@ -13,16 +13,24 @@ export class Liveness {
   /** Time excused because this side was stalled (for the log line and tests). */
   excusedMs = 0;
 
-  constructor(nowMs: number, private readonly intervalMs: number, private readonly timeoutMs: number) {
+  constructor(
+    nowMs: number,
+    private readonly intervalMs: number,
+    private readonly timeoutMs: number,
+  ) {
     this.lastRxMs = nowMs;
     this.lastTickMs = nowMs;
   }
 
   /** Anything arrived from the peer. */
-  heard(nowMs: number): void { this.lastRxMs = Math.max(this.lastRxMs, nowMs); }
+  heard(nowMs: number): void {
+    this.lastRxMs = Math.max(this.lastRxMs, nowMs);
+  }
 
   /** Milliseconds of silence this side was awake for. */
-  silentMs(nowMs: number): number { return nowMs - this.lastRxMs; }
+  silentMs(nowMs: number): number {
+    return nowMs - this.lastRxMs;
+  }
 
   /** A heartbeat-timer tick; true when the peer looks silent for longer than the timeout. */
   tick(nowMs: number): boolean {
@@ -37,5 +45,7 @@ export class Liveness {
   }
 
   /** After pending input has been read: is the peer still silent? */
-  confirm(nowMs: number): boolean { return this.silentMs(nowMs) > this.timeoutMs; }
+  confirm(nowMs: number): boolean {
+    return this.silentMs(nowMs) > this.timeoutMs;
+  }
 }

@@ -44,8 +44,17 @@ export type Command<F extends Sized = Buffer> =
   | { cmd: 'wait-ack' }
   /** Ship checkpoint `epoch` to the standby (then call sent()). */
   | { cmd: 'send'; epoch: number }
-  /** The standby acknowledged `epoch`: these frames may leave now (`timeline`: when each step of its checkpoint happened). */
-  | { cmd: 'release'; epoch: number; frames: Array<{ frame: F; atMs: number }>; transferMs: number; timeline: EpochTimeline }
+  /**
+   * The standby acknowledged `epoch`: these frames may leave now (`timeline`: when each step of its checkpoint
+   * happened).
+   */
+  | {
+      cmd: 'release';
+      epoch: number;
+      frames: Array<{ frame: F; atMs: number }>;
+      transferMs: number;
+      timeline: EpochTimeline;
+    }
   /** The full image is acknowledged: the guest is protected. */
   | { cmd: 'protected'; generation: number }
   /** The standby is gone: say so (once per loss), keep holding output, reconnect and resync. */
@@ -75,7 +84,11 @@ export interface EpochTimeline {
   epoch: number;
   /** The checkpoint was decided (the trigger sent to QEMU); the guest paused at pauseBeganMs. */
   decidedMs: number;
-  pauseBeganMs: number; resumedMs: number; encodedMs: number; sentMs: number; ackedMs: number;
+  pauseBeganMs: number;
+  resumedMs: number;
+  encodedMs: number;
+  sentMs: number;
+  ackedMs: number;
   standby: StandbyTimings | null;
 }
 
@@ -89,7 +102,15 @@ const OVER_BOUND_KEPT = 1.5;
 const GROWTH_NEAR_BOUND = 2;
 const YOUNG_EPOCHS = 16;
 
-interface Inflight { epoch: number; sentAtMs: number | null; record: EpochRecord | null; decidedMs: number; pauseBeganMs: number; resumedMs: number; encodedMs: number }
+interface Inflight {
+  epoch: number;
+  sentAtMs: number | null;
+  record: EpochRecord | null;
+  decidedMs: number;
+  pauseBeganMs: number;
+  resumedMs: number;
+  encodedMs: number;
+}
 
 export interface PipelineOptions<F extends Sized> {
   policy: Policy;
@@ -109,10 +130,14 @@ export interface PipelineOptions<F extends Sized> {
 }
 
 export interface PipelineStats {
-  phase: PipelinePhase; generation: number;
+  phase: PipelinePhase;
+  generation: number;
   /** The last checkpoint captured, sent and acknowledged in this generation (-1: none). */
-  capturedEpoch: number; sentEpoch: number; ackedEpoch: number;
-  inflight: number; waitsForLink: number;
+  capturedEpoch: number;
+  sentEpoch: number;
+  ackedEpoch: number;
+  inflight: number;
+  waitsForLink: number;
   reasons: Record<string, number>;
 }
 
@@ -142,22 +167,46 @@ export class EpochPipeline<F extends Sized = Buffer> {
     this.keep = o.historyKept ?? 256;
   }
 
-  get phase(): PipelinePhase { return this.ph; }
-  get generation(): number { return this.gen; }
-  get history(): readonly EpochRecord[] { return this.hist; }
-  get ackedEpoch(): number { return this.acked; }
-  get capturedEpoch(): number { return this.captured; }
+  get phase(): PipelinePhase {
+    return this.ph;
+  }
+  get generation(): number {
+    return this.gen;
+  }
+  get history(): readonly EpochRecord[] {
+    return this.hist;
+  }
+  get ackedEpoch(): number {
+    return this.acked;
+  }
+  get capturedEpoch(): number {
+    return this.captured;
+  }
   /** When the running epoch began (the guest resumed after the last checkpoint). */
-  get epochStartedMs(): number { return this.epochStartMs; }
-  get inflightCount(): number { return this.inflight.length; }
-  get policy(): Policy { return this.o.policy; }
+  get epochStartedMs(): number {
+    return this.epochStartMs;
+  }
+  get inflightCount(): number {
+    return this.inflight.length;
+  }
+  get policy(): Policy {
+    return this.o.policy;
+  }
   /** Send time of the oldest unacknowledged checkpoint (the replica's lag starts there). */
-  get oldestInflightSentMs(): number | null { return this.inflight[0]?.sentAtMs ?? null; }
+  get oldestInflightSentMs(): number | null {
+    return this.inflight[0]?.sentAtMs ?? null;
+  }
 
   stats(): PipelineStats {
     return {
-      phase: this.ph, generation: this.gen, capturedEpoch: this.captured, sentEpoch: this.sentUpTo, ackedEpoch: this.acked,
-      inflight: this.inflight.length, waitsForLink: this.waits, reasons: { ...this.reasonCounts },
+      phase: this.ph,
+      generation: this.gen,
+      capturedEpoch: this.captured,
+      sentEpoch: this.sentUpTo,
+      ackedEpoch: this.acked,
+      inflight: this.inflight.length,
+      waitsForLink: this.waits,
+      reasons: { ...this.reasonCounts },
     };
   }
 
@@ -190,13 +239,26 @@ export class EpochPipeline<F extends Sized = Buffer> {
     // Rails above every policy: a bounded disk log at its bound, and an epoch whose estimated
     // dirty memory reached the checkpoint bound, end now; no policy waits past the latter.
     const sizeDueMs = this.sizeBoundAtMs();
-    const d = seen.disk.pressure ? { checkpoint: true as const, reason: 'disk-pressure' }
-      : nowMs >= sizeDueMs ? { checkpoint: true as const, reason: 'size-bound' }
-      : this.o.policy.decide(this.telemetry(nowMs, seen));
+    const d = seen.disk.pressure
+      ? { checkpoint: true as const, reason: 'disk-pressure' }
+      : nowMs >= sizeDueMs
+        ? { checkpoint: true as const, reason: 'size-bound' }
+        : this.o.policy.decide(this.telemetry(nowMs, seen));
     this.reasonCounts[d.reason] = (this.reasonCounts[d.reason] ?? 0) + 1;
-    if (!d.checkpoint) return { cmd: 'wait', untilMs: Math.min(d.wakeAtMs, sizeDueMs), reason: d.wakeAtMs > sizeDueMs ? 'size-bound' : d.reason };
+    if (!d.checkpoint)
+      return {
+        cmd: 'wait',
+        untilMs: Math.min(d.wakeAtMs, sizeDueMs),
+        reason: d.wakeAtMs > sizeDueMs ? 'size-bound' : d.reason,
+      };
     const inflightBytes = this.inflight.reduce((s, x) => s + (x.record?.bytes ?? 0), 0);
-    if (this.inflight.length >= this.o.maxInflight || inflightBytes >= (this.o.maxInflightBytes ?? DEFAULT_MAX_INFLIGHT_BYTES)) { this.waits++; return { cmd: 'wait-ack' }; }
+    if (
+      this.inflight.length >= this.o.maxInflight ||
+      inflightBytes >= (this.o.maxInflightBytes ?? DEFAULT_MAX_INFLIGHT_BYTES)
+    ) {
+      this.waits++;
+      return { cmd: 'wait-ack' };
+    }
     return this.beginCapture(d.reason, nowMs);
   }
 
@@ -218,9 +280,11 @@ export class EpochPipeline<F extends Sized = Buffer> {
     // Pre-sent epochs: the pause and the record carry only what the last pass left, which does not
     // grow with the epoch's length; while that stays well under the bound it sets no length (the
     // data at risk is the policies' rail, the standby's staging is bounded by the RAM).
-    if (last.pausePages !== undefined && last.pausePages * PAGE_BYTES * OVER_BOUND_KEPT < boundBytes) return Number.POSITIVE_INFINITY;
+    if (last.pausePages !== undefined && last.pausePages * PAGE_BYTES * OVER_BOUND_KEPT < boundBytes)
+      return Number.POSITIVE_INFINITY;
     const ratio = boundBytes / PAGE_BYTES / last.dirtyPages;
-    let due = this.epochStartMs + last.lengthMs * (ratio < 1 / OVER_BOUND_KEPT ? ratio : Math.max(GROWTH_NEAR_BOUND, ratio));
+    let due =
+      this.epochStartMs + last.lengthMs * (ratio < 1 / OVER_BOUND_KEPT ? ratio : Math.max(GROWTH_NEAR_BOUND, ratio));
     // In a young generation (a guest booting: its rate climbs), after an epoch that dirtied a good
     // part of the bound the next may at most double its length: the estimate keeps up.
     if (this.captured < YOUNG_EPOCHS && last.dirtyPages * PAGE_BYTES >= boundBytes / 8) {
@@ -232,10 +296,13 @@ export class EpochPipeline<F extends Sized = Buffer> {
   /** The scheduler's view, built in one place for the live engine and the simulator. */
   telemetry(nowMs: number, seen: Observed): Telemetry {
     return {
-      nowMs, epochStartMs: this.epochStartMs, history: this.hist,
+      nowMs,
+      epochStartMs: this.epochStartMs,
+      history: this.hist,
       output: this.o.commit.openStats(nowMs),
       disk: { writes: seen.disk.writes, flushes: seen.disk.flushes },
-      link: { bytesPerSec: seen.link.bytesPerSec, rttMs: seen.link.rttMs }, backlog: this.inflight.length,
+      link: { bytesPerSec: seen.link.bytesPerSec, rttMs: seen.link.rttMs },
+      backlog: this.inflight.length,
       ...(seen.hostIdleCores !== undefined && seen.hostIdleCores !== null ? { hostIdleCores: seen.hostIdleCores } : {}),
       ...(this.present.lastMs !== null ? { presend: { ...this.present } } : {}),
     };
@@ -260,19 +327,37 @@ export class EpochPipeline<F extends Sized = Buffer> {
   }
 
   /** Pages pre-sent in the running epoch (they are not in its checkpoint's record). */
-  get presentedPages(): number { return this.present.pages; }
+  get presentedPages(): number {
+    return this.present.pages;
+  }
 
   /**
    * A pre-send of `pages` dirty pages finished at `nowMs` (the guest ran meanwhile); they join the
    * next checkpoint — also when it is the last pass right before that checkpoint's pause.
    */
   presented(pages: number, nowMs: number): void {
-    assert(this.ph === 'protecting' && this.closed === null, `pipeline: a pre-send while ${this.ph}${this.closed ? ', paused' : ''}`);
+    assert(
+      this.ph === 'protecting' && this.closed === null,
+      `pipeline: a pre-send while ${this.ph}${this.closed ? ', paused' : ''}`,
+    );
     this.present = { pages: this.present.pages + pages, lastMs: nowMs };
   }
 
-  /** Checkpoint `epoch` is local and the guest runs again (since `resumedMs`); its record was ready at `encodedMs` (default: resumedMs). */
-  capturedCheckpoint(epoch: number, c: { dirtyPages: number; pauseMs: number; bytes: number; resumedMs: number; encodedMs?: number; pausePages?: number }): Command<F>[] {
+  /**
+   * Checkpoint `epoch` is local and the guest runs again (since `resumedMs`); its record was ready at `encodedMs`
+   * (default: resumedMs).
+   */
+  capturedCheckpoint(
+    epoch: number,
+    c: {
+      dirtyPages: number;
+      pauseMs: number;
+      bytes: number;
+      resumedMs: number;
+      encodedMs?: number;
+      pausePages?: number;
+    },
+  ): Command<F>[] {
     assert(this.capturing === epoch, `pipeline: captured ${epoch}, capturing ${this.capturing}`);
     assert(epoch === this.captured + 1, `pipeline: epoch ${epoch} after ${this.captured} in generation ${this.gen}`);
     assert(this.closed?.epoch === epoch, `pipeline: checkpoint ${epoch} captured without its pause`);
@@ -281,9 +366,13 @@ export class EpochPipeline<F extends Sized = Buffer> {
     let record: EpochRecord | null = null;
     if (epoch > 0) {
       record = {
-        lengthMs: (this.pauseBeganMs ?? c.resumedMs) - this.epochStartMs, dirtyPages: c.dirtyPages, pauseMs: c.pauseMs,
+        lengthMs: (this.pauseBeganMs ?? c.resumedMs) - this.epochStartMs,
+        dirtyPages: c.dirtyPages,
+        pauseMs: c.pauseMs,
         ...(c.pausePages !== undefined && c.pausePages !== c.dirtyPages ? { pausePages: c.pausePages } : {}),
-        bytes: c.bytes, transferMs: null, outputFrames: this.closed.frames,
+        bytes: c.bytes,
+        transferMs: null,
+        outputFrames: this.closed.frames,
       };
       this.hist.push(record);
       if (this.hist.length > this.keep) this.hist.shift();
@@ -295,7 +384,15 @@ export class EpochPipeline<F extends Sized = Buffer> {
     this.present = { pages: 0, lastMs: null };
     this.closed = null;
     this.pauseBeganMs = null;
-    this.inflight.push({ epoch, sentAtMs: null, record, decidedMs, pauseBeganMs, resumedMs: c.resumedMs, encodedMs: c.encodedMs ?? c.resumedMs });
+    this.inflight.push({
+      epoch,
+      sentAtMs: null,
+      record,
+      decidedMs,
+      pauseBeganMs,
+      resumedMs: c.resumedMs,
+      encodedMs: c.encodedMs ?? c.resumedMs,
+    });
     return [{ cmd: 'send', epoch }];
   }
 
@@ -312,18 +409,37 @@ export class EpochPipeline<F extends Sized = Buffer> {
   ack(epoch: number, nowMs: number, standby: StandbyTimings | null = null): Command<F>[] {
     const head = this.inflight[0];
     assert(head !== undefined && head.epoch === epoch, `pipeline: ack for ${epoch}, expected ${head?.epoch ?? 'none'}`);
-    assert(epoch <= this.sentUpTo && head.sentAtMs !== null, `pipeline: ack for ${epoch} before it was sent (sent up to ${this.sentUpTo})`);
+    assert(
+      epoch <= this.sentUpTo && head.sentAtMs !== null,
+      `pipeline: ack for ${epoch} before it was sent (sent up to ${this.sentUpTo})`,
+    );
     this.inflight.shift();
     this.acked = epoch;
     const transferMs = nowMs - head.sentAtMs;
     if (head.record) head.record.transferMs = transferMs;
-    const timeline: EpochTimeline = { epoch, decidedMs: head.decidedMs, pauseBeganMs: head.pauseBeganMs, resumedMs: head.resumedMs, encodedMs: head.encodedMs, sentMs: head.sentAtMs, ackedMs: nowMs, standby };
-    const out: Command<F>[] = [{ cmd: 'release', epoch, frames: this.o.commit.release(epoch, this.acked), transferMs, timeline }];
+    const timeline: EpochTimeline = {
+      epoch,
+      decidedMs: head.decidedMs,
+      pauseBeganMs: head.pauseBeganMs,
+      resumedMs: head.resumedMs,
+      encodedMs: head.encodedMs,
+      sentMs: head.sentAtMs,
+      ackedMs: nowMs,
+      standby,
+    };
+    const out: Command<F>[] = [
+      { cmd: 'release', epoch, frames: this.o.commit.release(epoch, this.acked), transferMs, timeline },
+    ];
     if (this.ph === 'syncing' && epoch === 0) {
       this.ph = 'protecting';
       this.lossReported = false;
       out.push({ cmd: 'protected', generation: this.gen });
-    } else if (this.ph === 'fencing' && this.inflight.length === 0 && this.capturing === null && this.captured === epoch) {
+    } else if (
+      this.ph === 'fencing' &&
+      this.inflight.length === 0 &&
+      this.capturing === null &&
+      this.captured === epoch
+    ) {
       this.ph = 'fenced';
       out.push({ cmd: 'stop-guest' });
     }
@@ -337,7 +453,9 @@ export class EpochPipeline<F extends Sized = Buffer> {
   }
 
   /** The standby asked to take over (manual failover): fence at the next decision. */
-  fenceRequested(): void { if (this.ph === 'protecting' || this.ph === 'syncing') this.fenceAsked = true; }
+  fenceRequested(): void {
+    if (this.ph === 'protecting' || this.ph === 'syncing') this.fenceAsked = true;
+  }
 
   // ---- loss, give-up, stop -----------------------------------------------------------------
 

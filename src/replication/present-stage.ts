@@ -21,7 +21,10 @@ export class PresentStage {
   /** Pages staged for checkpoint `epoch`; `frameBytes` is what their frame's payload holds in memory. */
   add(epoch: number, pages: readonly DirtyPage[], frameBytes: number): void {
     if (this.pages.size && epoch !== this.epoch) {
-      throw new RubatoError('RUBATO_PROTOCOL', `pre-sent pages of checkpoint ${epoch} while ${this.epoch}'s are staged`);
+      throw new RubatoError(
+        'RUBATO_PROTOCOL',
+        `pre-sent pages of checkpoint ${epoch} while ${this.epoch}'s are staged`,
+      );
     }
     this.epoch = epoch;
     for (const p of pages) this.pages.set(p);
@@ -32,7 +35,10 @@ export class PresentStage {
   /** The staged pages of checkpoint `epoch` (none when nothing was pre-sent for it); the stage is empty after. */
   take(epoch: number): DirtyPage[] {
     if (this.pages.size && epoch !== this.epoch) {
-      throw new RubatoError('RUBATO_PROTOCOL', `checkpoint ${epoch} arrived with checkpoint ${this.epoch}'s pre-sent pages staged`);
+      throw new RubatoError(
+        'RUBATO_PROTOCOL',
+        `checkpoint ${epoch} arrived with checkpoint ${this.epoch}'s pre-sent pages staged`,
+      );
     }
     const out = this.pages.values();
     this.clear();
@@ -45,8 +51,12 @@ export class PresentStage {
     this.epoch = 0;
   }
 
-  get size(): number { return this.pages.size; }
-  get pinnedBytes(): number { return this.pinned; }
+  get size(): number {
+    return this.pages.size;
+  }
+  get pinnedBytes(): number {
+    return this.pinned;
+  }
 
   /** Copies the live pages into one buffer of their own: the frames they came in become garbage. */
   private compact(): void {

@@ -7,7 +7,7 @@ import { connect } from 'node:net';
 import { RubatoError, errorMessage, assert } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import { sleep } from '../util/async.ts';
-import { QemuVm } from '../qemu/vm.ts';
+import type { QemuVm } from '../qemu/vm.ts';
 import { ColoCapture } from '../capture/route-a.ts';
 import { PauseMeter } from '../capture/pause-meter.ts';
 import type { Checkpoint, DirtyPage, RamBlockInfo } from '../capture/checkpoint.ts';
@@ -47,7 +47,16 @@ export type PrimaryEvent =
   | { event: 'unprotected'; reason: string; atMs: number }
   | { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number }
   /** `presentPages`: pages pre-sent to the standby's staging in the epoch, besides the `pages` its record carried. */
-  | { event: 'checkpoint'; epoch: number; pages: number; bytes: number; pauseMs: number; captureMs: number; counter: number; presentPages?: number }
+  | {
+      event: 'checkpoint';
+      epoch: number;
+      pages: number;
+      bytes: number;
+      pauseMs: number;
+      captureMs: number;
+      counter: number;
+      presentPages?: number;
+    }
   | { event: 'acked'; epoch: number; counter: number; lagMs: number; frames: number }
   | PrimaryStatus
   | { event: 'output-released-unprotected'; frames: number; reason: string }
@@ -56,12 +65,18 @@ export type PrimaryEvent =
   | { event: 'fenced' }
   | { event: 'vm-exited' };
 
-export interface HostPort { host: string; port: number }
+export interface HostPort {
+  host: string;
+  port: number;
+}
 
 export interface PrimaryOptions {
   vm: QemuVm;
   runDir: string;
-  /** The standby's address, or where to find it before each connection (agents: the witness names it; null: none placed yet). */
+  /**
+   * The standby's address, or where to find it before each connection (agents: the witness names it; null: none placed
+   * yet).
+   */
   standby: HostPort | (() => Promise<HostPort | null>);
   psk: Buffer;
   periodMs: number;
@@ -140,7 +155,11 @@ export class PrimaryController {
     });
     this.meter = new PauseMeter(o.vm.qmp);
     this.commit = new OutputCommit(o.maxHeldBytes ?? DEFAULT_MAX_HELD_BYTES, o.nbd ?? null);
-    this.pipeline = new EpochPipeline({ policy: o.policy ?? fixed(o.periodMs), commit: this.commit, maxInflight: o.maxInflight ?? 4 });
+    this.pipeline = new EpochPipeline({
+      policy: o.policy ?? fixed(o.periodMs),
+      commit: this.commit,
+      maxInflight: o.maxInflight ?? 4,
+    });
     const { relay, nbd, observer } = o;
     if (relay) {
       relay.onGuestFrame = (f) => {
@@ -153,35 +172,65 @@ export class PrimaryController {
       nbd.onFlush = () => this.poke();
       nbd.onPressure = () => this.poke(); // the epoch's dirty set reached its bound: decide now
     }
-    if (observer?.output) { const output = observer.output.bind(observer); this.commit.onHeld = (f, atMs) => output(atMs, f.length); }
-    if (observer?.disk && nbd) { const disk = observer.disk.bind(observer); nbd.onIo = (kind) => disk(kind, performance.now()); }
+    if (observer?.output) {
+      const output = observer.output.bind(observer);
+      this.commit.onHeld = (f, atMs) => output(atMs, f.length);
+    }
+    if (observer?.disk && nbd) {
+      const disk = observer.disk.bind(observer);
+      nbd.onIo = (kind) => disk(kind, performance.now());
+    }
   }
 
   /** The latest status event, and why the guest is unprotected (null while protected). */
   private lastStatus: PrimaryStatus | null = null;
   private unprotectedReason: string | null = 'not yet synchronised with a standby';
 
-  /** What `rubato status` shows for this side: role, protection and why not, epochs, lag, rates, pauses, held output. */
+  /**
+   * What `rubato status` shows for this side: role, protection and why not, epochs, lag, rates, pauses, held output.
+   */
   snapshot(): Record<string, unknown> {
     const now = performance.now();
     const pauses = this.pipeline.history.map((h) => h.pauseMs).sort((a, b) => a - b);
-    const q = (f: number) => (pauses.length ? Math.round(pauses[Math.min(pauses.length - 1, Math.floor(f * pauses.length))]! * 100) / 100 : null);
+    const q = (f: number) =>
+      pauses.length
+        ? Math.round(pauses[Math.min(pauses.length - 1, Math.floor(f * pauses.length))]! * 100) / 100
+        : null;
     const out = this.commit.stats(now);
     const oldest = this.pipeline.oldestInflightSentMs;
     return {
-      role: 'primary', vm: this.o.vm.spec.name, fencing: this.o.fencing ?? 'none', protected: this.protected, unprotectedReason: this.protected ? null : this.unprotectedReason,
-      standby: this.standbyAt ? `${this.standbyAt.host}:${this.standbyAt.port}` : null, phase: this.pipeline.phase, generation: this.pipeline.generation,
-      epoch: this.epoch, ackedEpoch: this.ackedEpoch, lagMs: oldest === null ? 0 : Math.round(now - oldest),
-      ckptPerSec: this.lastStatus?.ckptPerSec ?? 0, pauseMsP50: q(0.5), pauseMsP99: q(0.99), dirtyPages: this.pipeline.history.at(-1)?.dirtyPages ?? 0,
-      heldFrames: out.frames, heldBytes: out.bytes, oldestHeldMs: out.oldestMs === null ? null : Math.round(out.oldestMs),
+      role: 'primary',
+      vm: this.o.vm.spec.name,
+      fencing: this.o.fencing ?? 'none',
+      protected: this.protected,
+      unprotectedReason: this.protected ? null : this.unprotectedReason,
+      standby: this.standbyAt ? `${this.standbyAt.host}:${this.standbyAt.port}` : null,
+      phase: this.pipeline.phase,
+      generation: this.pipeline.generation,
+      epoch: this.epoch,
+      ackedEpoch: this.ackedEpoch,
+      lagMs: oldest === null ? 0 : Math.round(now - oldest),
+      ckptPerSec: this.lastStatus?.ckptPerSec ?? 0,
+      pauseMsP50: q(0.5),
+      pauseMsP99: q(0.99),
+      dirtyPages: this.pipeline.history.at(-1)?.dirtyPages ?? 0,
+      heldFrames: out.frames,
+      heldBytes: out.bytes,
+      oldestHeldMs: out.oldestMs === null ? null : Math.round(out.oldestMs),
       outputBlockedNoLease: this.o.relay?.gate?.blocked.frames ?? 0,
       rttMs: this.link && !this.link.closed ? this.link.stats.rttMs : null,
     };
   }
 
-  get protected(): boolean { return this.pipeline.phase === 'protecting' && this.link !== null && !this.link.closed; }
-  get ackedEpoch(): number { return this.pipeline.ackedEpoch; }
-  get epoch(): number { return Math.max(0, this.pipeline.capturedEpoch); }
+  get protected(): boolean {
+    return this.pipeline.phase === 'protecting' && this.link !== null && !this.link.closed;
+  }
+  get ackedEpoch(): number {
+    return this.pipeline.ackedEpoch;
+  }
+  get epoch(): number {
+    return Math.max(0, this.pipeline.capturedEpoch);
+  }
 
   start(): void {
     assert(this.loop === null, 'started once');
@@ -199,7 +248,10 @@ export class PrimaryController {
   private idle(ms: number): Promise<void> {
     return new Promise<void>((resolve) => {
       const t = Number.isFinite(ms) ? setTimeout(() => this.poke(), Math.max(0, ms)) : null;
-      this.wakeUp = () => { if (t) clearTimeout(t); resolve(); };
+      this.wakeUp = () => {
+        if (t) clearTimeout(t);
+        resolve();
+      };
     });
   }
 
@@ -228,12 +280,15 @@ export class PrimaryController {
       const authenticated = this.authenticatedSession;
       this.authenticatedSession = false;
       this.perform(this.pipeline.linkLost(failure ? errorMessage(failure) : 'the session ended'));
-      this.immediateRetries = authenticated && this.immediateRetries < IMMEDIATE_RETRIES ? this.immediateRetries + 1 : 0;
+      this.immediateRetries =
+        authenticated && this.immediateRetries < IMMEDIATE_RETRIES ? this.immediateRetries + 1 : 0;
       if (this.immediateRetries === 0) await sleep(this.o.retryMs, this.ended.signal);
     }
   }
 
-  /** Carries out the pipeline's commands that act outside the checkpoint loop (shared driver: unexpected commands fail). */
+  /**
+   * Carries out the pipeline's commands that act outside the checkpoint loop (shared driver: unexpected commands fail).
+   */
   private perform(cmds: Command[]): void {
     dispatch(cmds, this.outside, 'primary');
   }
@@ -241,12 +296,20 @@ export class PrimaryController {
   private readonly outside: OutsideHandlers = {
     release: (c) => {
       for (const f of c.frames) this.o.relay?.sendOutside(f.frame);
-      if (c.frames.length && this.o.observer?.released) this.o.observer.released(c.timeline, c.frames.map((f) => f.atMs), performance.now());
+      if (c.frames.length && this.o.observer?.released)
+        this.o.observer.released(
+          c.timeline,
+          c.frames.map((f) => f.atMs),
+          performance.now(),
+        );
       const counter = this.counterAt.get(c.epoch) ?? this.ackedCounter;
       this.counterAt.delete(c.epoch);
       this.ackedCounter = counter;
       const handle = this.tracedAt.get(c.epoch);
-      if (handle !== undefined) { this.tracedAt.delete(c.epoch); this.o.observer?.acked?.(handle, c.transferMs); }
+      if (handle !== undefined) {
+        this.tracedAt.delete(c.epoch);
+        this.o.observer?.acked?.(handle, c.transferMs);
+      }
       this.emit({ event: 'acked', epoch: c.epoch, counter, lagMs: Math.round(c.transferMs), frames: c.frames.length });
     },
     protected: (c) => {
@@ -254,13 +317,17 @@ export class PrimaryController {
       this.cancelHoldTimer();
       this.immediateRetries = 0;
       this.emit({ event: 'protecting', standby: this.link?.peer ?? '' });
-      log.info(`guest ${this.o.vm.spec.name} protected by ${this.link?.peer ?? 'the standby'} (replica generation ${c.generation})`);
+      log.info(
+        `guest ${this.o.vm.spec.name} protected by ${this.link?.peer ?? 'the standby'} (replica generation ${c.generation})`,
+      );
       this.meter.startNow();
     },
     unprotected: (c) => {
       this.unprotectedReason = c.reason;
       if (c.first) {
-        log.error(`GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${c.reason}; retrying every ${this.o.retryMs} ms`);
+        log.error(
+          `GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${c.reason}; retrying every ${this.o.retryMs} ms`,
+        );
         this.emit({ event: 'unprotected', reason: c.reason, atMs: Date.now() });
       } else {
         log.debug(`still unprotected: ${c.reason}`);
@@ -269,7 +336,9 @@ export class PrimaryController {
     },
     'release-unprotected': (c) => {
       for (const f of c.frames) this.o.relay?.sendOutside(f);
-      log.error(`${c.reason}: released ${c.frames.length} held frames UNPROTECTED; output passes through until protection resumes`);
+      log.error(
+        `${c.reason}: released ${c.frames.length} held frames UNPROTECTED; output passes through until protection resumes`,
+      );
       this.emit({ event: 'output-released-unprotected', frames: c.frames.length, reason: c.reason });
     },
     'stop-guest': () => this.poke(),
@@ -300,9 +369,20 @@ export class PrimaryController {
     const { host, port } = at;
     const sock = connect({ host, port });
     await new Promise<void>((resolve, reject) => {
-      const t = setTimeout(() => { sock.destroy(); reject(new RubatoError('RUBATO_PEER_LOST', `standby ${host}:${port} did not answer within ${this.o.timeoutMs} ms`)); }, this.o.timeoutMs);
-      sock.once('connect', () => { clearTimeout(t); resolve(); });
-      sock.once('error', (e) => { clearTimeout(t); reject(new RubatoError('RUBATO_PEER_LOST', `cannot reach standby ${host}:${port}: ${e.message}`)); });
+      const t = setTimeout(() => {
+        sock.destroy();
+        reject(
+          new RubatoError('RUBATO_PEER_LOST', `standby ${host}:${port} did not answer within ${this.o.timeoutMs} ms`),
+        );
+      }, this.o.timeoutMs);
+      sock.once('connect', () => {
+        clearTimeout(t);
+        resolve();
+      });
+      sock.once('error', (e) => {
+        clearTimeout(t);
+        reject(new RubatoError('RUBATO_PEER_LOST', `cannot reach standby ${host}:${port}: ${e.message}`));
+      });
     });
     return new Link(sock, this.o.psk, `standby ${host}:${port}`, 'primary');
   }
@@ -311,12 +391,22 @@ export class PrimaryController {
   private onFrame(link: Link, f: Frame): void {
     if (f.type === FrameType.ACK) {
       if (!this.pipeline.expectsAck(f.epoch)) {
-        link.close(new RubatoError('RUBATO_PROTOCOL', `ack for ${f.epoch} from ${link.peer}, which is not the next checkpoint waiting for one`));
+        link.close(
+          new RubatoError(
+            'RUBATO_PROTOCOL',
+            `ack for ${f.epoch} from ${link.peer}, which is not the next checkpoint waiting for one`,
+          ),
+        );
         return;
       }
       const atMs = performance.now();
       let timings: ReturnType<typeof decodeAckTimings>;
-      try { timings = decodeAckTimings(f.payload); } catch (e) { link.close(e as Error); return; }
+      try {
+        timings = decodeAckTimings(f.payload);
+      } catch (e) {
+        link.close(e as Error);
+        return;
+      }
       this.perform(this.pipeline.ack(f.epoch, atMs, timings));
       this.poke();
     } else if (f.type === FrameType.FENCE) {
@@ -338,7 +428,9 @@ export class PrimaryController {
     link.on('frame', (f: Frame) => this.onFrame(link, f));
     link.startEvents();
     link.once('close', () => this.poke());
-    const throwIfClosed = () => { if (link.closed) throw link.closed; };
+    const throwIfClosed = () => {
+      if (link.closed) throw link.closed;
+    };
     const pipe = this.pipeline;
 
     // A new replica generation: a fresh COLO session whose full image streams to the standby as
@@ -377,14 +469,21 @@ export class PrimaryController {
     for (const [offset, data] of diskSinceCopy.pages ?? []) sender.page(DISK_BLOCK_ID, offset, data);
     this.capture = capture;
     this.blocks = base.blocks;
-    assert(sender.layoutBlocks.length === base.blocks.length, 'the layout sent is the capture\'s');
+    assert(sender.layoutBlocks.length === base.blocks.length, "the layout sent is the capture's");
     this.blockIndex = new Map(base.blocks.map((b, i) => [b.id, i]));
     this.counterAt.set(0, this.lastCounter);
     // The full image streams as QEMU sends it: 'send' marks it handed to the link.
-    dispatch(pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: performance.now() }), { send: (c) => pipe.sent(c.epoch, performance.now()) }, 'primary sync');
+    dispatch(
+      pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: performance.now() }),
+      { send: (c) => pipe.sent(c.epoch, performance.now()) },
+      'primary sync',
+    );
     await sender.flush();
     await link.send(FrameType.BASE_END, 0, base.deviceState);
-    while (pipe.phase === 'syncing') { throwIfClosed(); await this.idle(Infinity); }
+    while (pipe.phase === 'syncing') {
+      throwIfClosed();
+      await this.idle(Infinity);
+    }
 
     const status = new StatusMeter(performance.now(), 0, link.stats.bytesSent);
     let lastPresendMs = 0;
@@ -397,7 +496,9 @@ export class PrimaryController {
       const ds = nbd?.epochStats;
       const hostIdleCores = this.hostIdle.idleCores(decidedMs);
       const c = pipe.decide(decidedMs, {
-        disk: { writes: ds?.writes ?? 0, flushes: ds?.flushes ?? 0, pressure: nbd?.underPressure ?? false }, link: { bytesPerSec: null, rttMs: link.stats.rttMs }, hostIdleCores,
+        disk: { writes: ds?.writes ?? 0, flushes: ds?.flushes ?? 0, pressure: nbd?.underPressure ?? false },
+        link: { bytesPerSec: null, rttMs: link.stats.rttMs },
+        hostIdleCores,
       });
       if (c.cmd === 'wait') {
         // A long wait with pre-sends on: the dirty RAM goes out every interval while the guest runs.
@@ -405,20 +506,37 @@ export class PrimaryController {
         if (every > 0 && capture.canPresend && c.untilMs - decidedMs > 1.5 * every) {
           await this.idle(every);
           const last = Math.max(pipe.epochStartedMs, lastPresendMs);
-          if (performance.now() - last >= every && pipe.phase === 'protecting' && !link.closed) lastPresendMs = await this.presend(link, capture);
+          if (performance.now() - last >= every && pipe.phase === 'protecting' && !link.closed)
+            lastPresendMs = await this.presend(link, capture);
           continue;
         }
         await this.idle(c.untilMs - decidedMs);
         continue;
       }
-      if (c.cmd === 'wait-ack') { await this.idle(Infinity); continue; }
-      if (c.cmd === 'fence') { await this.fence(link, capture, c.epoch); return; }
+      if (c.cmd === 'wait-ack') {
+        await this.idle(Infinity);
+        continue;
+      }
+      if (c.cmd === 'fence') {
+        await this.fence(link, capture, c.epoch);
+        return;
+      }
       if (c.cmd !== 'capture') continue;
-      log.debug('checkpoint decision', { policy: pipe.policy.name, reason: c.reason, ageMs: (decidedMs - pipe.epochStartedMs).toFixed(1) });
+      log.debug('checkpoint decision', {
+        policy: pipe.policy.name,
+        reason: c.reason,
+        ageMs: (decidedMs - pipe.epochStartedMs).toFixed(1),
+      });
       // With pre-sends on, a long epoch gets a last pass right before its pause: the pause then
       // carries only what is written during that pass. (Not when output waits: it would wait longer.)
       const every = presendEveryMs(pipe.policy, pipe.history, hostIdleCores) ?? 0;
-      if (every > 0 && capture.canPresend && decidedMs - pipe.epochStartedMs > lastPassAfterMs(every) && this.commit.openStats(decidedMs).frames === 0) await this.presend(link, capture);
+      if (
+        every > 0 &&
+        capture.canPresend &&
+        decidedMs - pipe.epochStartedMs > lastPassAfterMs(every) &&
+        this.commit.openStats(decidedMs).frames === 0
+      )
+        await this.presend(link, capture);
       await this.checkpoint(link, capture, c.epoch, decidedMs, status);
       if (status.due(performance.now())) this.emitStatus(link, status);
     }
@@ -437,23 +555,48 @@ export class PrimaryController {
     return endMs;
   }
 
-  /** Pre-sent pages of the coming checkpoint `epoch`, to the standby's staging (in order with the checkpoints: same link). */
+  /**
+   * Pre-sent pages of the coming checkpoint `epoch`, to the standby's staging (in order with the checkpoints: same
+   * link).
+   */
   private shipPresent(link: Link, epoch: number, pages: DirtyPage[]): void {
     if (!pages.length) return;
     const parts = encodePresendParts(epoch, pages, this.blocks);
     const bytes = parts.length;
-    link.sendParts(FrameType.PRESEND, epoch, parts).then(() => this.garbage.add(bytes * 2), (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
+    link.sendParts(FrameType.PRESEND, epoch, parts).then(
+      () => this.garbage.add(bytes * 2),
+      (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))),
+    );
   }
 
   /** Takes checkpoint `epoch`, ships it; the guest runs again as soon as it is local. */
-  private async checkpoint(link: Link, capture: ColoCapture, epoch: number, decidedMs: number, status: StatusMeter): Promise<void> {
+  private async checkpoint(
+    link: Link,
+    capture: ColoCapture,
+    epoch: number,
+    decidedMs: number,
+    status: StatusMeter,
+  ): Promise<void> {
     const fault = this.o.fault;
     const ranFromMs = this.pipeline.epochStartedMs;
-    const t = await this.take(capture, epoch, status,
-      fault ? async (c) => { await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() }); } : undefined);
+    const t = await this.take(
+      capture,
+      epoch,
+      status,
+      fault
+        ? async (c) => {
+            await fault('mid-pause', c.epoch, { sendPartial: () => {}, crash: () => this.crash() });
+          }
+        : undefined,
+    );
     const { cp, pauseBeganMs, presented } = t;
     const bytes = t.record.length;
-    if (fault) await fault('mid-transfer', epoch, { sendPartial: (f) => link.sendPartial(FrameType.CKPT, epoch, Buffer.concat(t.record.parts as Buffer[]), Math.floor(bytes * f)), crash: () => this.crash() });
+    if (fault)
+      await fault('mid-transfer', epoch, {
+        sendPartial: (f) =>
+          link.sendPartial(FrameType.CKPT, epoch, Buffer.concat(t.record.parts as Buffer[]), Math.floor(bytes * f)),
+        crash: () => this.crash(),
+      });
     if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
     dispatch(t.commands, { send: (c) => this.ship(link, c.epoch, t.record) }, 'primary checkpoint');
     t.record = EMPTY;
@@ -464,7 +607,16 @@ export class PrimaryController {
     // A large one: its plaintext and the stream's buffers are garbage now (the link holds the
     // ciphertext): collected at once, the peak is about twice the record, not three or four times.
     if (bytes > LARGE_RECORD_BYTES) collectNow();
-    this.emit({ event: 'checkpoint', epoch, pages, bytes, pauseMs: cp.timings.pauseMsLocal, captureMs: cp.timings.captureMs, counter: this.counterAt.get(epoch) ?? -1, ...(presented ? { presentPages: presented } : {}) });
+    this.emit({
+      event: 'checkpoint',
+      epoch,
+      pages,
+      bytes,
+      pauseMs: cp.timings.pauseMsLocal,
+      captureMs: cp.timings.captureMs,
+      counter: this.counterAt.get(epoch) ?? -1,
+      ...(presented ? { presentPages: presented } : {}),
+    });
   }
 
   /**
@@ -472,12 +624,18 @@ export class PrimaryController {
    * record once the guest runs again, and hands it to the pipeline. `hold` keeps the guest paused
    * after the capture (fault injection; a fence stops it there).
    */
-  private async take(capture: ColoCapture, epoch: number, status: StatusMeter | null, hold?: (c: Checkpoint) => Promise<void>):
-    Promise<{ cp: Checkpoint; record: RecordParts; pauseBeganMs: number; presented: number; commands: Command[] }> {
+  private async take(
+    capture: ColoCapture,
+    epoch: number,
+    status: StatusMeter | null,
+    hold?: (c: Checkpoint) => Promise<void>,
+  ): Promise<{ cp: Checkpoint; record: RecordParts; pauseBeganMs: number; presented: number; commands: Command[] }> {
     const counter = this.lastCounter;
     let pauseBeganMs = 0;
     const cp = await capture.checkpoint({
-      beforeReply: () => { pauseBeganMs = performance.now(); },
+      beforeReply: () => {
+        pauseBeganMs = performance.now();
+      },
       onLocal: (c) => this.closeEpoch(c, epoch, pauseBeganMs, status),
       ...(hold ? { hold } : {}),
     });
@@ -486,7 +644,12 @@ export class PrimaryController {
     const presented = this.pipeline.presentedPages;
     const record = encodeRecordParts(cp, this.blocks); // the pages are referenced, not copied
     const commands = this.pipeline.capturedCheckpoint(epoch, {
-      dirtyPages: cp.pages.length + presented, pausePages: cp.pages.length, pauseMs: cp.timings.pauseMsLocal, bytes: record.length, resumedMs, encodedMs: performance.now(),
+      dirtyPages: cp.pages.length + presented,
+      pausePages: cp.pages.length,
+      pauseMs: cp.timings.pauseMsLocal,
+      bytes: record.length,
+      resumedMs,
+      encodedMs: performance.now(),
     });
     this.counterAt.set(epoch, counter);
     return { cp, record, pauseBeganMs, presented, commands };
@@ -505,7 +668,10 @@ export class PrimaryController {
   private ship(link: Link, epoch: number, record: RecordParts): void {
     // Once the link took the ciphertext, the record and its copies are garbage: collect them soon.
     const bytes = record.length; // (the callback must not keep the record alive)
-    link.sendParts(FrameType.CKPT, epoch, record).then(() => this.garbage.add(bytes * 3), (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
+    link.sendParts(FrameType.CKPT, epoch, record).then(
+      () => this.garbage.add(bytes * 3),
+      (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))),
+    );
     this.pipeline.sent(epoch, performance.now());
   }
 
@@ -513,7 +679,9 @@ export class PrimaryController {
     const obs = this.o.observer;
     if (!obs?.epoch) return;
     const ids = new Uint32Array(cp.pages.length);
-    cp.pages.forEach((p, i) => { ids[i] = ((this.blockIndex.get(p.block) ?? 255) << 24 | Math.floor(p.offset / 4096)) >>> 0; });
+    cp.pages.forEach((p, i) => {
+      ids[i] = (((this.blockIndex.get(p.block) ?? 255) << 24) | Math.floor(p.offset / 4096)) >>> 0;
+    });
     const handle = obs.epoch(ranFromMs, pauseBeganMs, cp.timings.pauseMsLocal, bytes, ids, decidedMs);
     if (handle >= 0) this.tracedAt.set(cp.epoch, handle);
   }
@@ -524,24 +692,37 @@ export class PrimaryController {
     const oldest = this.pipeline.oldestInflightSentMs;
     const now = performance.now();
     const stats = this.pipeline.stats();
-    this.emit(this.lastStatus = status.take(now, {
-      pipeline: stats, output: this.commit.stats(now), bytesSent: link.stats.bytesSent, rttMs: link.stats.rttMs,
-      lagMs: oldest === null ? 0 : now - oldest, lastDirtyPages: last?.dirtyPages ?? 0,
-      pauseMs: pauses.length ? pauses.reduce((a, b) => a + b, 0) / pauses.length : last?.pauseMs ?? 0,
-    }));
+    this.emit(
+      (this.lastStatus = status.take(now, {
+        pipeline: stats,
+        output: this.commit.stats(now),
+        bytesSent: link.stats.bytesSent,
+        rttMs: link.stats.rttMs,
+        lagMs: oldest === null ? 0 : now - oldest,
+        lastDirtyPages: last?.dirtyPages ?? 0,
+        pauseMs: pauses.length ? pauses.reduce((a, b) => a + b, 0) / pauses.length : (last?.pauseMs ?? 0),
+      })),
+    );
     this.emit({ event: 'decisions', reasons: stats.reasons, policy: this.pipeline.policy.name });
   }
 
   /** Switchover: a last checkpoint with the guest stopped, its ack, then the guest stops here for good. */
   private async fence(link: Link, capture: ColoCapture, epoch: number): Promise<void> {
     log.warn(`standby asked for failover: taking a last checkpoint and stopping guest ${this.o.vm.spec.name}`);
-    const { record, commands } = await this.take(capture, epoch, null, async () => { await this.o.vm.qmp.execute('stop'); });
+    const { record, commands } = await this.take(capture, epoch, null, async () => {
+      await this.o.vm.qmp.execute('stop');
+    });
     dispatch(commands, { send: (c) => this.ship(link, c.epoch, record) }, 'primary fence');
     while (this.pipeline.phase === 'fencing' && !link.closed) await this.idle(Infinity);
-    if (this.pipeline.phase !== 'fenced') throw link.closed ?? new RubatoError('RUBATO_PEER_LOST', 'fence not acknowledged');
-    await this.o.vm.qmp.execute('stop').catch((e: unknown) => log.warn(`stopping the fenced guest: ${errorMessage(e)}`));
+    if (this.pipeline.phase !== 'fenced')
+      throw link.closed ?? new RubatoError('RUBATO_PEER_LOST', 'fence not acknowledged');
+    await this.o.vm.qmp
+      .execute('stop')
+      .catch((e: unknown) => log.warn(`stopping the fenced guest: ${errorMessage(e)}`));
     this.stopped = true;
-    await link.sendLast(FrameType.FENCED).catch((e: unknown) => log.warn(`telling the standby the guest stopped: ${errorMessage(e)}`));
+    await link
+      .sendLast(FrameType.FENCED)
+      .catch((e: unknown) => log.warn(`telling the standby the guest stopped: ${errorMessage(e)}`));
     this.emit({ event: 'fenced' });
     await this.o.vm.stop();
   }
@@ -553,7 +734,9 @@ export class PrimaryController {
     this.ended.abort();
     const link = this.link;
     if (link && !link.closed) {
-      await link.sendLast(FrameType.BYE).catch((e: unknown) => log.warn(`telling the standby goodbye: ${errorMessage(e)}`));
+      await link
+        .sendLast(FrameType.BYE)
+        .catch((e: unknown) => log.warn(`telling the standby goodbye: ${errorMessage(e)}`));
       await link.closeGracefully(new RubatoError('RUBATO_PEER_LOST', 'protection stopped by the operator'));
     }
     this.poke();

@@ -23,7 +23,13 @@ import { ensurePrivateDir, fsyncDir, openPrivate, writePrivate, writePrivateAtom
 import { join } from 'node:path';
 import { RubatoError, assert } from '../util/errors.ts';
 import { PAGE_SIZE, PageSet, type BaseImage, type DirtyPage, type RamBlockInfo } from '../capture/checkpoint.ts';
-import { decodeRecord, encodeRecordParts, validateRecord, type CheckpointRecord, type RecordParts } from './protocol/record.ts';
+import {
+  decodeRecord,
+  encodeRecordParts,
+  validateRecord,
+  type CheckpointRecord,
+  type RecordParts,
+} from './protocol/record.ts';
 
 const FORMAT = 1;
 
@@ -66,7 +72,9 @@ export class ReplicaStore {
   ) {}
 
   /** The last committed epoch (its files may still be being written: see settled()). */
-  get epoch(): number { return this.accepted ?? this.meta.epoch; }
+  get epoch(): number {
+    return this.accepted ?? this.meta.epoch;
+  }
   /** The last checkpoint accepted (checked, in order); its writes may be behind. */
   private accepted: number | null = null;
   /** Every write of the accepted checkpoints, in order: stage, commit point, apply. */
@@ -74,7 +82,8 @@ export class ReplicaStore {
   private pending = 0;
   private pendingBytes = 0;
   /** Memory durability: checkpoints accepted and not yet being written, merged; and whether the writer runs. */
-  private merge: { epoch: number; pages: PageSet; deviceState: Buffer; bytes: number; recordBytes: number } | null = null;
+  private merge: { epoch: number; pages: PageSet; deviceState: Buffer; bytes: number; recordBytes: number } | null =
+    null;
   private writingBehind = false;
   private lastBatchMs = Number.NEGATIVE_INFINITY;
   private wakeWriter: (() => void) | null = null;
@@ -87,13 +96,23 @@ export class ReplicaStore {
   async settled(): Promise<void> {
     this.flushWanted++; // the writer behind stops pacing itself while anyone waits for it
     this.wakeWriter?.();
-    try { await this.tail; } finally { this.flushWanted--; }
+    try {
+      await this.tail;
+    } finally {
+      this.flushWanted--;
+    }
     await this.applying;
     if (this.applyError) throw this.applyError;
   }
-  get machine(): string { return this.meta.machine; }
-  get blocks(): readonly RamBlockInfo[] { return this.meta.blocks; }
-  get deviceState(): Buffer { return this.device; }
+  get machine(): string {
+    return this.meta.machine;
+  }
+  get blocks(): readonly RamBlockInfo[] {
+    return this.meta.blocks;
+  }
+  get deviceState(): Buffer {
+    return this.device;
+  }
 
   imagePath(block: string): string {
     return join(this.dir, 'ram', `${this.indexOf(block)}.img`);
@@ -116,7 +135,11 @@ export class ReplicaStore {
     // (`into`: a buffer to reuse, when large enough: repeated reads of a large block allocate nothing)
     const buf = into && into.length >= len ? into.subarray(0, len) : Buffer.alloc(len);
     const fh = await open(this.imagePath(block), 'r');
-    try { await fh.read(buf, 0, len, offset); } finally { await fh.close(); }
+    try {
+      await fh.read(buf, 0, len, offset);
+    } finally {
+      await fh.close();
+    }
     return buf;
   }
 
@@ -154,13 +177,20 @@ export class ReplicaStore {
     let meta: ReplicaMeta;
     try {
       meta = JSON.parse(await readFile(join(dir, 'meta.json'), 'utf8')) as ReplicaMeta;
-    } catch (e) {
+    } catch {
       throw corrupt(`replica in ${dir} has no readable meta.json`, { dir });
     }
-    if (meta.format !== FORMAT) throw corrupt(`replica in ${dir} has format ${meta.format}, this Rubato reads ${FORMAT}`);
+    if (meta.format !== FORMAT)
+      throw corrupt(`replica in ${dir} has format ${meta.format}, this Rubato reads ${FORMAT}`);
     for (const [i, b] of meta.blocks.entries()) {
-      const size = await stat(join(dir, 'ram', `${i}.img`)).then((st) => st.size, () => -1);
-      if (size !== b.lengthBytes) throw corrupt(`replica image of block ${b.id} has ${size < 0 ? 'no file' : `${size} bytes`}, expected ${b.lengthBytes}`);
+      const size = await stat(join(dir, 'ram', `${i}.img`)).then(
+        (st) => st.size,
+        () => -1,
+      );
+      if (size !== b.lengthBytes)
+        throw corrupt(
+          `replica image of block ${b.id} has ${size < 0 ? 'no file' : `${size} bytes`}, expected ${b.lengthBytes}`,
+        );
     }
     const device = await readFile(join(dir, 'device.bin'));
     await rm(join(dir, 'stage.tmp'), { force: true });
@@ -179,7 +209,9 @@ export class ReplicaStore {
   /** The one epoch check: the record follows the last accepted checkpoint, under the number it was sent with. */
   private checkFollows(rec: CheckpointRecord, frameEpoch: number = rec.epoch): void {
     if (rec.epoch !== frameEpoch || rec.epoch !== this.epoch + 1) {
-      throw corrupt(`checkpoint ${rec.epoch} (sent as ${frameEpoch}) does not follow committed epoch ${this.epoch}`, { epoch: rec.epoch });
+      throw corrupt(`checkpoint ${rec.epoch} (sent as ${frameEpoch}) does not follow committed epoch ${this.epoch}`, {
+        epoch: rec.epoch,
+      });
     }
   }
 
@@ -201,20 +233,35 @@ export class ReplicaStore {
    * with its commit point written behind it, in order (Remus' choice: what a crash of this host
    * within that window loses is in docs/replication.md). Either way settled() waits for all of it.
    */
-  async commitRecord(record: Buffer, frameEpoch: number, durability: Durability = 'disk', staged: readonly DirtyPage[] = []): Promise<CheckpointRecord> {
+  async commitRecord(
+    record: Buffer,
+    frameEpoch: number,
+    durability: Durability = 'disk',
+    staged: readonly DirtyPage[] = [],
+  ): Promise<CheckpointRecord> {
     if (this.applyError) throw this.applyError;
     // A write-behind backlog past its bound is waited for: memory stays bounded, the ack slows.
-    if (this.pending >= MAX_BEHIND || this.pendingBytes >= MAX_BEHIND_BYTES || (this.merge?.recordBytes ?? 0) >= MAX_MERGED_RECORD_BYTES) await this.settled();
+    if (
+      this.pending >= MAX_BEHIND ||
+      this.pendingBytes >= MAX_BEHIND_BYTES ||
+      (this.merge?.recordBytes ?? 0) >= MAX_MERGED_RECORD_BYTES
+    )
+      await this.settled();
     const sent = decodeRecord(record, this.meta.blocks); // checks every page against the layout
     this.checkFollows(sent, frameEpoch);
     // Pages pre-sent for this checkpoint (checked when they arrived) come first: its own copies win.
-    const rec: CheckpointRecord = staged.length ? { epoch: sent.epoch, pages: staged.concat(sent.pages), deviceState: sent.deviceState } : sent;
+    const rec: CheckpointRecord = staged.length
+      ? { epoch: sent.epoch, pages: staged.concat(sent.pages), deviceState: sent.deviceState }
+      : sent;
     const stagedBytes = staged.length * PAGE_SIZE;
     if (durability === 'memory') {
       this.acceptBehind(rec, record.length + stagedBytes);
       return rec;
     }
-    await this.accept(rec, staged.length ? encodeRecordParts(rec, this.meta.blocks) : { parts: [record], length: record.length });
+    await this.accept(
+      rec,
+      staged.length ? encodeRecordParts(rec, this.meta.blocks) : { parts: [record], length: record.length },
+    );
     return rec;
   }
 
@@ -228,9 +275,19 @@ export class ReplicaStore {
    */
   private acceptBehind(rec: CheckpointRecord, recordBytes: number): void {
     this.accepted = rec.epoch;
-    const m = (this.merge ??= { epoch: rec.epoch, pages: new PageSet(), deviceState: rec.deviceState, bytes: 0, recordBytes: 0 });
+    const m = (this.merge ??= {
+      epoch: rec.epoch,
+      pages: new PageSet(),
+      deviceState: rec.deviceState,
+      bytes: 0,
+      recordBytes: 0,
+    });
     m.recordBytes += recordBytes; // the pages reference their records' buffers
-    for (const p of rec.pages) if (m.pages.set(p)) { m.bytes += PAGE_SIZE; this.pendingBytes += PAGE_SIZE; }
+    for (const p of rec.pages)
+      if (m.pages.set(p)) {
+        m.bytes += PAGE_SIZE;
+        this.pendingBytes += PAGE_SIZE;
+      }
     m.epoch = rec.epoch;
     m.deviceState = rec.deviceState;
     if (!this.writingBehind) this.startWriter();
@@ -240,10 +297,15 @@ export class ReplicaStore {
   private startWriter(): void {
     this.writingBehind = true;
     this.pending++;
-    this.tail = this.tail.then(() => this.writeBehind()).catch((e: unknown) => {
-      this.writingBehind = false;
-      this.applyError ??= e instanceof Error ? e : new Error(String(e));
-    }).finally(() => { this.pending--; });
+    this.tail = this.tail
+      .then(() => this.writeBehind())
+      .catch((e: unknown) => {
+        this.writingBehind = false;
+        this.applyError ??= e instanceof Error ? e : new Error(String(e));
+      })
+      .finally(() => {
+        this.pending--;
+      });
   }
 
   private async writeBehind(): Promise<void> {
@@ -252,11 +314,20 @@ export class ReplicaStore {
       // interval, not once per checkpoint (the files lag by about an interval; settled() cuts the wait short).
       const since = performance.now() - this.lastBatchMs;
       if (since < WRITE_BEHIND_INTERVAL_MS && this.flushWanted === 0) {
-        await new Promise<void>((r) => { const t = setTimeout(r, WRITE_BEHIND_INTERVAL_MS - since); this.wakeWriter = () => { clearTimeout(t); r(); }; });
+        await new Promise<void>((r) => {
+          const t = setTimeout(r, WRITE_BEHIND_INTERVAL_MS - since);
+          this.wakeWriter = () => {
+            clearTimeout(t);
+            r();
+          };
+        });
         this.wakeWriter = null;
       }
       const m = this.merge;
-      if (!m) { this.writingBehind = false; return; } // (no await between the check and the flag)
+      if (!m) {
+        this.writingBehind = false;
+        return;
+      } // (no await between the check and the flag)
       this.merge = null;
       this.lastBatchMs = performance.now();
       await this.applying; // the previous batch is in the images before this one's redo record replaces it
@@ -264,7 +335,12 @@ export class ReplicaStore {
       const pages = m.pages.values();
       try {
         // (the redo record is written from its pieces: the pages are not copied into one buffer first)
-        await this.commitVerified(m.epoch, encodeRecordParts({ epoch: m.epoch, pages, deviceState: m.deviceState }, this.meta.blocks).parts, pages, m.deviceState);
+        await this.commitVerified(
+          m.epoch,
+          encodeRecordParts({ epoch: m.epoch, pages, deviceState: m.deviceState }, this.meta.blocks).parts,
+          pages,
+          m.deviceState,
+        );
       } catch (e) {
         // A failed write (ENOSPC, EIO) keeps the batch: it was acknowledged, so it is the replica's
         // state until it is written (retryBehind) — never dropped for the older files.
@@ -289,7 +365,9 @@ export class ReplicaStore {
   }
 
   /** Memory durability: the acknowledged epoch whose pages are only in memory after a failed write (null: none). */
-  get unwrittenEpoch(): number | null { return this.applyError && this.merge ? this.merge.epoch : null; }
+  get unwrittenEpoch(): number | null {
+    return this.applyError && this.merge ? this.merge.epoch : null;
+  }
 
   /**
    * Writes a kept batch again (after a failed write): resolves once the files hold every
@@ -309,21 +387,38 @@ export class ReplicaStore {
     this.pendingBytes += record.length;
     let reached!: () => void;
     let failed!: (e: Error) => void;
-    const point = new Promise<void>((res, rej) => { reached = res; failed = rej; });
-    this.tail = this.tail.then(async () => {
-      if (this.applyError) throw this.applyError;
-      await this.applying; // the previous checkpoint is in the images before this one's redo record replaces it
-      if (this.applyError) throw this.applyError;
-      await this.commitVerified(rec.epoch, record.parts, rec.pages, rec.deviceState);
-    }).then(() => reached(), (e: unknown) => {
-      const err = e instanceof Error ? e : new Error(String(e));
-      this.applyError ??= err;
-      failed(err);
-    }).finally(() => { this.pending--; this.pendingBytes -= record.length; });
+    const point = new Promise<void>((res, rej) => {
+      reached = res;
+      failed = rej;
+    });
+    this.tail = this.tail
+      .then(async () => {
+        if (this.applyError) throw this.applyError;
+        await this.applying; // the previous checkpoint is in the images before this one's redo record replaces it
+        if (this.applyError) throw this.applyError;
+        await this.commitVerified(rec.epoch, record.parts, rec.pages, rec.deviceState);
+      })
+      .then(
+        () => reached(),
+        (e: unknown) => {
+          const err = e instanceof Error ? e : new Error(String(e));
+          this.applyError ??= err;
+          failed(err);
+        },
+      )
+      .finally(() => {
+        this.pending--;
+        this.pendingBytes -= record.length;
+      });
     return point;
   }
 
-  private async commitVerified(epoch: number, record: readonly Buffer[], pages: readonly DirtyPage[], deviceState: Buffer): Promise<number> {
+  private async commitVerified(
+    epoch: number,
+    record: readonly Buffer[],
+    pages: readonly DirtyPage[],
+    deviceState: Buffer,
+  ): Promise<number> {
     const stage = join(this.dir, 'stage.tmp');
     await writePrivate(stage, record, this.fsync);
     const redo = join(this.dir, 'redo.ckpt');
@@ -331,7 +426,9 @@ export class ReplicaStore {
     if (this.fsync) fsyncDir(this.dir); // … durable before it is acknowledged (disk durability)
     this.applying = this.apply(epoch, pages, deviceState)
       .then(() => rm(redo, { force: true }))
-      .catch((e: unknown) => { this.applyError = e instanceof Error ? e : new Error(String(e)); });
+      .catch((e: unknown) => {
+        this.applyError = e instanceof Error ? e : new Error(String(e));
+      });
     return epoch;
   }
 
@@ -347,7 +444,7 @@ export class ReplicaStore {
   /** Writes the pages in place, adjacent pages of a block in one call, then the device state and meta. */
   private async apply(epoch: number, pages: readonly DirtyPage[], deviceState: Buffer): Promise<void> {
     const index = new Map(this.meta.blocks.map((b, i) => [b.id, i]));
-    const sorted = [...pages].sort((a, b) => (index.get(a.block)! - index.get(b.block)!) || a.offset - b.offset);
+    const sorted = [...pages].sort((a, b) => index.get(a.block)! - index.get(b.block)! || a.offset - b.offset);
     const touched = new Set<number>();
     let k = 0;
     while (k < sorted.length) {
@@ -355,7 +452,8 @@ export class ReplicaStore {
       const bi = index.get(first.block)!;
       const bufs: Buffer[] = [];
       let end = first.offset;
-      // A run: same block, each page right after the previous (a page twice in a record starts a new run: the later copy wins).
+      // A run: same block, each page right after the previous (a page twice in a record starts a new run: the later
+      // copy wins).
       while (k < sorted.length && sorted[k]!.block === first.block && sorted[k]!.offset === end && bufs.length < 512) {
         const p = sorted[k]!;
         bufs.push(p.data ?? (p.fill ? Buffer.alloc(PAGE_SIZE, p.fill) : ZERO_PAGE));
@@ -394,18 +492,31 @@ const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
  */
 export class ReplicaBuilder {
   private readonly written: Uint8Array[];
-  private constructor(readonly dir: string, private readonly meta: ReplicaMeta, private readonly files: FileHandle[], private readonly fsync: boolean) {
+  private constructor(
+    readonly dir: string,
+    private readonly meta: ReplicaMeta,
+    private readonly files: FileHandle[],
+    private readonly fsync: boolean,
+  ) {
     this.written = meta.blocks.map((b) => new Uint8Array(Math.ceil(b.lengthBytes / PAGE_SIZE / 8)));
   }
 
-  static async begin(dir: string, vm: string, layout: { machine: string; blocks: RamBlockInfo[] }, opts: ReplicaStoreOptions = {}): Promise<ReplicaBuilder> {
+  static async begin(
+    dir: string,
+    vm: string,
+    layout: { machine: string; blocks: RamBlockInfo[] },
+    opts: ReplicaStoreOptions = {},
+  ): Promise<ReplicaBuilder> {
     ensurePrivateDir(dir, 'replica folder');
     ensurePrivateDir(join(dir, 'ram'), 'replica folder');
     const files: FileHandle[] = [];
     try {
       for (const [i, b] of layout.blocks.entries()) {
         assert(b.lengthBytes % PAGE_SIZE === 0, `block ${b.id} is whole pages`);
-        const fh = await openPrivate(join(dir, 'ram', `${i}.img`), constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW);
+        const fh = await openPrivate(
+          join(dir, 'ram', `${i}.img`),
+          constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW,
+        );
         files.push(fh);
         await fh.truncate(b.lengthBytes); // sparse: no block is allocated until written
       }
@@ -413,13 +524,19 @@ export class ReplicaBuilder {
       for (const fh of files) await fh.close().catch(() => {});
       throw e;
     }
-    return new ReplicaBuilder(dir, { format: FORMAT, vm, machine: layout.machine, epoch: 0, blocks: layout.blocks }, files, opts.fsync ?? true);
+    return new ReplicaBuilder(
+      dir,
+      { format: FORMAT, vm, machine: layout.machine, epoch: 0, blocks: layout.blocks },
+      files,
+      opts.fsync ?? true,
+    );
   }
 
   private check(blockIndex: number, offset: number, length: number): void {
     const b = this.meta.blocks[blockIndex];
     if (!b) throw corrupt(`full image names block ${blockIndex}`);
-    if (offset % PAGE_SIZE !== 0 || length % PAGE_SIZE !== 0 || offset + length > b.lengthBytes) throw corrupt(`full image: ${length} bytes at ${offset} do not fit block ${b.id}`);
+    if (offset % PAGE_SIZE !== 0 || length % PAGE_SIZE !== 0 || offset + length > b.lengthBytes)
+      throw corrupt(`full image: ${length} bytes at ${offset} do not fit block ${b.id}`);
   }
 
   private mark(blockIndex: number, offset: number, length: number): void {

@@ -8,7 +8,14 @@
 import { RubatoError, errorMessage } from '../util/errors.ts';
 import { logger } from '../util/log.ts';
 import type { Link } from './link.ts';
-import { FrameType, GCM_TAG_BYTES, HEADER_BYTES, MAX_FRAME_BYTES, frameTypeName, type Frame } from './protocol/frame.ts';
+import {
+  FrameType,
+  GCM_TAG_BYTES,
+  HEADER_BYTES,
+  MAX_FRAME_BYTES,
+  frameTypeName,
+  type Frame,
+} from './protocol/frame.ts';
 import { decodeBaseData, decodeBaseFill, decodeLayout, encodeAckTimings, type Layout } from './protocol/messages.ts';
 import { decodePresend, recordMaxBytes, type CheckpointRecord } from './protocol/record.ts';
 import { PresentStage } from './present-stage.ts';
@@ -18,7 +25,14 @@ const log = logger('standby');
 const HIGH_WATER_BYTES = 64 << 20;
 const LOW_WATER_BYTES = 16 << 20;
 
-export type SyncProgress = { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number };
+export type SyncProgress = {
+  event: 'sync-progress';
+  bytes: number;
+  totalBytes: number;
+  percent: number;
+  mbPerSec: number;
+  etaSec: number;
+};
 
 /** Where a full image's pieces go while it arrives (the controller's replica builder). */
 export interface BaseReceiver {
@@ -65,13 +79,18 @@ export class StandbySession {
   private nextEpoch = 0;
   private stage: PresentStage | null = null;
 
-  constructor(private readonly link: Link, private readonly host: SessionHost) {}
+  constructor(
+    private readonly link: Link,
+    private readonly host: SessionHost,
+  ) {}
 
   /** Handles frames until the link closes; resolves once every frame already taken is handled. */
   async run(): Promise<SessionEnd> {
     this.link.on('frame', (f: Frame) => this.enqueue(f));
     this.link.startEvents();
-    const error = await new Promise<Error>((resolve) => (this.link.closed ? resolve(this.link.closed) : this.link.once('close', resolve)));
+    const error = await new Promise<Error>((resolve) =>
+      this.link.closed ? resolve(this.link.closed) : this.link.once('close', resolve),
+    );
     await this.chain;
     await this.base?.abandon().catch((e: unknown) => log.warn(`removing an incomplete full image: ${errorMessage(e)}`));
     this.base = null;
@@ -105,7 +124,9 @@ export class StandbySession {
       case FrameType.BASE_BEGIN: {
         const layout = decodeLayout(f.payload);
         // From now on a frame may carry a whole checkpoint of this layout, and no more.
-        this.link.setMaxFrameBytes(Math.min(MAX_FRAME_BYTES, HEADER_BYTES + recordMaxBytes(layout.blocks) + GCM_TAG_BYTES));
+        this.link.setMaxFrameBytes(
+          Math.min(MAX_FRAME_BYTES, HEADER_BYTES + recordMaxBytes(layout.blocks) + GCM_TAG_BYTES),
+        );
         await this.base?.abandon();
         this.base = null;
         this.received = 0;
@@ -113,7 +134,12 @@ export class StandbySession {
         this.protecting = false;
         this.layout = layout;
         // Staged pages are bounded by the RAM they copy (and the frames that bring them by their own limit).
-        this.stage = new PresentStage(Math.max(64 << 20, layout.blocks.reduce((n, b) => n + b.lengthBytes, 0)));
+        this.stage = new PresentStage(
+          Math.max(
+            64 << 20,
+            layout.blocks.reduce((n, b) => n + b.lengthBytes, 0),
+          ),
+        );
         this.base = await this.host.baseBegin(layout);
         return;
       }
@@ -153,15 +179,23 @@ export class StandbySession {
         this.host.committed(rec.epoch, f.payload.length, rec.pages.length);
         if (this.host.beforeAck) await this.host.beforeAck(rec.epoch);
         // The ack carries what this side spent on the checkpoint (the primary's latency breakdown).
-        const timings = encodeAckTimings({ queuedMs: startMs - arrivedMs, commitMs: performance.now() - startMs, receiveMs });
+        const timings = encodeAckTimings({
+          queuedMs: startMs - arrivedMs,
+          commitMs: performance.now() - startMs,
+          receiveMs,
+        });
         if (!this.link.closed) await this.link.send(FrameType.ACK, rec.epoch, timings);
         return;
       }
       case FrameType.PRESEND: {
-        if (!this.protecting || !this.layout || !this.stage) throw new RubatoError('RUBATO_PROTOCOL', 'pre-sent pages before the initial image');
+        if (!this.protecting || !this.layout || !this.stage)
+          throw new RubatoError('RUBATO_PROTOCOL', 'pre-sent pages before the initial image');
         const { epoch, pages } = decodePresend(f.payload, this.layout.blocks);
         if (epoch !== f.epoch || epoch !== this.nextEpoch) {
-          throw new RubatoError('RUBATO_PROTOCOL', `pre-sent pages of checkpoint ${epoch} (sent as ${f.epoch}) when checkpoint ${this.nextEpoch} is next`);
+          throw new RubatoError(
+            'RUBATO_PROTOCOL',
+            `pre-sent pages of checkpoint ${epoch} (sent as ${f.epoch}) when checkpoint ${this.nextEpoch} is next`,
+          );
         }
         this.stage.add(epoch, pages, f.payload.length);
         return;
@@ -185,8 +219,12 @@ export class StandbySession {
     this.lastProgressMs = now;
     const rate = this.received / Math.max((now - this.t0) / 1000, 1e-3);
     this.host.progress({
-      event: 'sync-progress', bytes: this.received, totalBytes, percent: Math.min(100, Math.round((this.received / Math.max(totalBytes, 1)) * 1000) / 10),
-      mbPerSec: Math.round(rate / 1e5) / 10, etaSec: Math.max(0, Math.round(((totalBytes - this.received) / rate) * 10) / 10),
+      event: 'sync-progress',
+      bytes: this.received,
+      totalBytes,
+      percent: Math.min(100, Math.round((this.received / Math.max(totalBytes, 1)) * 1000) / 10),
+      mbPerSec: Math.round(rate / 1e5) / 10,
+      etaSec: Math.max(0, Math.round(((totalBytes - this.received) / rate) * 10) / 10),
     });
   }
 }

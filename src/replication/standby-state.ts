@@ -15,12 +15,12 @@ import { assert } from '../util/errors.ts';
 export type StandbyState = 'waiting' | 'syncing' | 'protecting' | 'activating' | 'active' | 'stopped';
 
 export type StandbyInput =
-  | 'base-begin'       // a primary starts sending its full image
-  | 'base-installed'   // the full image is the replica now (epoch 0)
-  | 'sync-abandoned'   // the session ended before the full image was complete
-  | 'failover-begin'   // the gate allowed a failover (primary lost, or an operator asked)
-  | 'failover-done'    // the guest runs here
-  | 'failover-failed'  // the restore failed: the replica is kept, nothing runs
+  | 'base-begin' // a primary starts sending its full image
+  | 'base-installed' // the full image is the replica now (epoch 0)
+  | 'sync-abandoned' // the session ended before the full image was complete
+  | 'failover-begin' // the gate allowed a failover (primary lost, or an operator asked)
+  | 'failover-done' // the guest runs here
+  | 'failover-failed' // the restore failed: the replica is kept, nothing runs
   | 'stop';
 
 type Target = StandbyState | ((c: { hasReplica: boolean }) => StandbyState);

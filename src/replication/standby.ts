@@ -17,7 +17,13 @@ import { FrameType } from './protocol/frame.ts';
 import { IdentitySchema, type Identity, type Layout } from './protocol/messages.ts';
 import { ControlSocket } from './control-socket.ts';
 import { StandbySession, type BaseReceiver, type SyncProgress } from './standby-session.ts';
-import { STANDBY_TRANSITIONS, acceptsPrimary, nextStandbyState, type StandbyInput, type StandbyState } from './standby-state.ts';
+import {
+  STANDBY_TRANSITIONS,
+  acceptsPrimary,
+  nextStandbyState,
+  type StandbyInput,
+  type StandbyState,
+} from './standby-state.ts';
 import { allowAlways, type ActivationGate } from './activation.ts';
 import { restoreVm } from '../qemu/restore.ts';
 import { MAIN_RAM_ID } from '../qemu/spec.ts';
@@ -85,7 +91,9 @@ export class StandbyController {
     this.emit = o.onEvent ?? (() => {});
   }
 
-  get state(): StandbyState { return this.st; }
+  get state(): StandbyState {
+    return this.st;
+  }
 
   /**
    * The fencing token: once a primary with witness generation G (or this side's own claim of G)
@@ -95,12 +103,17 @@ export class StandbyController {
   private highestGeneration = 0;
   private staleGeneration(id: Identity): string | null {
     if (this.highestGeneration === 0) return null;
-    if (id.generation === undefined) return `VM ${id.vm} is fenced by the witness at generation ${this.highestGeneration}; a primary without a generation is refused`;
-    if (id.generation < this.highestGeneration) return `stale generation ${id.generation} for VM ${id.vm}: the witness is at ${this.highestGeneration} (this primary no longer holds the VM)`;
+    if (id.generation === undefined)
+      return `VM ${id.vm} is fenced by the witness at generation ${this.highestGeneration}; a primary without a generation is refused`;
+    if (id.generation < this.highestGeneration)
+      return `stale generation ${id.generation} for VM ${id.vm}: the witness is at ${this.highestGeneration} (this primary no longer holds the VM)`;
     return null;
   }
 
-  /** A primary of another VM would overwrite the replica this side holds: refused (move the state folder aside to reuse it). */
+  /**
+   * A primary of another VM would overwrite the replica this side holds: refused (move the state folder aside to reuse
+   * it).
+   */
   private otherVm(id: Identity): string | null {
     if (!this.identity || !this.store || this.identity.vm === id.vm) return null;
     return `this standby holds the replica of VM ${this.identity.vm}; a primary of VM ${id.vm} is refused (use another --state-dir for it)`;
@@ -114,7 +127,9 @@ export class StandbyController {
   private recoveredMayLag = false;
 
   /** A handshake must complete within this (then its socket is closed). */
-  private get handshakeTimeoutMs(): number { return Math.min(this.o.timeoutMs * 5, HANDSHAKE_TIMEOUT_MAX_MS); }
+  private get handshakeTimeoutMs(): number {
+    return Math.min(this.o.timeoutMs * 5, HANDSHAKE_TIMEOUT_MAX_MS);
+  }
 
   private go(input: StandbyInput): void {
     this.st = nextStandbyState(this.st, input, { hasReplica: this.store !== null });
@@ -127,7 +142,8 @@ export class StandbyController {
   }
 
   private refuseUnlessAllowed(input: StandbyInput): void {
-    if (!STANDBY_TRANSITIONS[input].from.includes(this.st)) throw new RubatoError('RUBATO_PROTOCOL', `the standby is ${this.st}: not accepting ${input} from the primary`);
+    if (!STANDBY_TRANSITIONS[input].from.includes(this.st))
+      throw new RubatoError('RUBATO_PROTOCOL', `the standby is ${this.st}: not accepting ${input} from the primary`);
   }
 
   /** The TCP port actually bound (port 0 picks a free one). */
@@ -136,22 +152,35 @@ export class StandbyController {
     return a && typeof a === 'object' ? a.port : this.o.port;
   }
 
-  get replicaDir(): string { return join(this.o.stateDir, 'replica'); }
+  get replicaDir(): string {
+    return join(this.o.stateDir, 'replica');
+  }
 
-  /** What `rubato status` shows for this side (after a failover, the controller protecting the guest here adds its view). */
+  /**
+   * What `rubato status` shows for this side (after a failover, the controller protecting the guest here adds its
+   * view).
+   */
   status(): Record<string, unknown> {
     return {
-      role: this.st === 'active' ? 'primary' : 'standby', state: this.st, vm: this.identity?.vm ?? null, replicaEpoch: this.replicaEpoch,
-      primary: this.link && !this.link.closed ? this.link.peer : null, ...this.o.statusExtra?.(), lastFailover: this.lastFailover,
+      role: this.st === 'active' ? 'primary' : 'standby',
+      state: this.st,
+      vm: this.identity?.vm ?? null,
+      replicaEpoch: this.replicaEpoch,
+      primary: this.link && !this.link.closed ? this.link.peer : null,
+      ...this.o.statusExtra?.(),
+      lastFailover: this.lastFailover,
     };
   }
-  get replicaEpoch(): number | null { return this.store?.epoch ?? null; }
+  get replicaEpoch(): number | null {
+    return this.store?.epoch ?? null;
+  }
 
   async start(): Promise<void> {
     ensurePrivateDir(this.o.stateDir);
     ensurePrivateDir(join(this.o.stateDir, 'run'));
     // A crash between the two renames of a base swap leaves replica.old: it is the good one.
-    if (!existsSync(this.replicaDir) && existsSync(`${this.replicaDir}.old`)) renameSync(`${this.replicaDir}.old`, this.replicaDir);
+    if (!existsSync(this.replicaDir) && existsSync(`${this.replicaDir}.old`))
+      renameSync(`${this.replicaDir}.old`, this.replicaDir);
     rmSync(`${this.replicaDir}.new`, { recursive: true, force: true });
     if (existsSync(join(this.replicaDir, 'meta.json')) && !existsSync(join(this.o.stateDir, 'activated'))) {
       this.store = await ReplicaStore.open(this.replicaDir, { fsync: this.o.fsync ?? true });
@@ -165,7 +194,9 @@ export class StandbyController {
     }
     this.server = createServer((s) => this.onConnection(s));
     await new Promise<void>((resolve, reject) => {
-      this.server!.once('error', (e) => reject(new RubatoError('RUBATO_CONFIG', `cannot listen on ${this.o.host}:${this.o.port}: ${e.message}`)));
+      this.server!.once('error', (e) =>
+        reject(new RubatoError('RUBATO_CONFIG', `cannot listen on ${this.o.host}:${this.o.port}: ${e.message}`)),
+      );
       this.server!.listen(this.o.port, this.o.host, () => resolve());
     });
     this.control = new ControlSocket(join(this.o.stateDir, 'control.sock'), {
@@ -173,7 +204,11 @@ export class StandbyController {
       failover: async () => ({ ok: await this.failover('manual', 'operator asked for failover'), state: this.st }),
       switchover: async () => {
         if (this.st !== 'protecting' || !this.link || this.link.closed) {
-          return { ok: false, state: this.st, error: 'a switchover needs a live, protecting primary (use rubato failover when it is gone)' };
+          return {
+            ok: false,
+            state: this.st,
+            error: 'a switchover needs a live, protecting primary (use rubato failover when it is gone)',
+          };
         }
         return { ok: await this.failover('manual', 'operator asked for a switchover'), state: this.st };
       },
@@ -191,15 +226,25 @@ export class StandbyController {
       return;
     }
     if (!this.admission.admit(address)) {
-      this.logRefusal(address, `refusing ${peer}: too many unauthenticated connections (${this.admission.pendingCount} pending)`);
+      this.logRefusal(
+        address,
+        `refusing ${peer}: too many unauthenticated connections (${this.admission.pendingCount} pending)`,
+      );
       sock.destroy();
       return;
     }
     let released = false;
-    const release = () => { if (!released) { released = true; this.admission.release(address); } };
+    const release = () => {
+      if (!released) {
+        released = true;
+        this.admission.release(address);
+      }
+    };
     sock.once('close', release);
     const link = new Link(sock, this.o.psk, `primary ${peer}`, 'standby');
-    void this.session(link, release).catch((e: unknown) => this.logRefusal(address, `session with ${peer} ended: ${errorMessage(e)}`));
+    void this.session(link, release).catch((e: unknown) =>
+      this.logRefusal(address, `session with ${peer} ended: ${errorMessage(e)}`),
+    );
   }
 
   /** One line per address per interval, with how many were not logged. */
@@ -212,8 +257,13 @@ export class StandbyController {
   private async session(link: Link, authenticated: () => void): Promise<void> {
     let identity: Identity;
     try {
-      identity = await acceptHandshake(link, this.o.psk, () => ({ replicaEpoch: this.replicaEpoch, replicaVm: this.identity?.vm ?? null }), this.handshakeTimeoutMs,
-        (id) => this.otherVm(id) ?? this.staleGeneration(id));
+      identity = await acceptHandshake(
+        link,
+        this.o.psk,
+        () => ({ replicaEpoch: this.replicaEpoch, replicaVm: this.identity?.vm ?? null }),
+        this.handshakeTimeoutMs,
+        (id) => this.otherVm(id) ?? this.staleGeneration(id),
+      );
     } catch (e) {
       // A failed or slow handshake closes the socket: nothing unauthenticated lingers.
       link.close(e instanceof Error ? e : new Error(String(e)));
@@ -221,14 +271,21 @@ export class StandbyController {
     } finally {
       authenticated();
     }
-    if (identity.generation !== undefined) this.highestGeneration = Math.max(this.highestGeneration, identity.generation);
+    if (identity.generation !== undefined)
+      this.highestGeneration = Math.max(this.highestGeneration, identity.generation);
     this.primaryReturned?.();
     // A new authenticated session replaces an old one (the same primary restarting protection).
-    if (this.link && !this.link.closed) this.link.close(new RubatoError('RUBATO_PEER_LOST', 'replaced by a new session'));
+    if (this.link && !this.link.closed)
+      this.link.close(new RubatoError('RUBATO_PEER_LOST', 'replaced by a new session'));
     this.link = link;
     this.emit({ event: 'session', peer: link.peer, vm: identity.vm });
     // Resolve the QEMU for a failover now, not when every millisecond counts.
-    void this.o.binaryFor(identity.spec.accel).then((b) => { this.binary = b; }, (e: unknown) => log.warn(`no QEMU for a failover of ${identity.vm} yet: ${errorMessage(e)}`));
+    void this.o.binaryFor(identity.spec.accel).then(
+      (b) => {
+        this.binary = b;
+      },
+      (e: unknown) => log.warn(`no QEMU for a failover of ${identity.vm} yet: ${errorMessage(e)}`),
+    );
     link.startHeartbeats(this.o.heartbeatMs, this.o.timeoutMs);
     const s = new StandbySession(link, {
       baseBegin: async (layout) => {
@@ -265,7 +322,9 @@ export class StandbyController {
    */
   private async failoverUnlessPrimaryReturns(link: Link, reason: string): Promise<void> {
     const waitMs = Math.max(0, this.o.timeoutMs - link.silentMs());
-    log.warn(`link to the primary lost (${reason}); replica at checkpoint ${this.replicaEpoch}; taking over if it stays silent ${waitMs} ms more`);
+    log.warn(
+      `link to the primary lost (${reason}); replica at checkpoint ${this.replicaEpoch}; taking over if it stays silent ${waitMs} ms more`,
+    );
     if (await this.primaryBackWithin(waitMs)) {
       log.info('the primary is back (authenticated); no failover');
       return;
@@ -278,7 +337,13 @@ export class StandbyController {
     // A gate that refused (the witness says the primary still holds the VM: only the link broke)
     // is asked again while no primary is back: when that primary dies, its lease expires and this
     // side takes over then.
-    while (!(await this.failover('primary-lost', reason, silentMs)) && this.o.gate && this.st === 'protecting' && !this.link && this.guarding) {
+    while (
+      !(await this.failover('primary-lost', reason, silentMs)) &&
+      this.o.gate &&
+      this.st === 'protecting' &&
+      !this.link &&
+      this.guarding
+    ) {
       if (await this.primaryBackWithin(GATE_RETRY_MS)) return;
     }
   }
@@ -286,8 +351,15 @@ export class StandbyController {
   /** True if an authenticated primary connects within `ms`. */
   private primaryBackWithin(ms: number): Promise<boolean> {
     return new Promise<boolean>((resolve) => {
-      const t = setTimeout(() => { this.primaryReturned = null; resolve(false); }, ms);
-      this.primaryReturned = () => { clearTimeout(t); this.primaryReturned = null; resolve(true); };
+      const t = setTimeout(() => {
+        this.primaryReturned = null;
+        resolve(false);
+      }, ms);
+      this.primaryReturned = () => {
+        clearTimeout(t);
+        this.primaryReturned = null;
+        resolve(true);
+      };
     });
   }
 
@@ -296,7 +368,12 @@ export class StandbyController {
     const next = `${this.replicaDir}.new`;
     rmSync(next, { recursive: true, force: true });
     const fsync = this.o.fsync ?? true;
-    const builder = await ReplicaBuilder.begin(next, identity.vm, { machine: layout.machine, blocks: layout.blocks }, { fsync });
+    const builder = await ReplicaBuilder.begin(
+      next,
+      identity.vm,
+      { machine: layout.machine, blocks: layout.blocks },
+      { fsync },
+    );
     return {
       writeRun: (i, off, data) => builder.writeRun(i, off, data),
       fill: (i, off, fill) => builder.fill(i, off, fill),
@@ -305,7 +382,9 @@ export class StandbyController {
         this.refuseUnlessAllowed('base-installed'); // before installing a replica this side would not take
         const created = await builder.finish(deviceState);
         // The replica it replaces is written no more; a failure there is moot (it is being replaced).
-        await this.store?.settled().catch((e: unknown) => log.warn(`previous replica's last files: ${errorMessage(e)}`));
+        await this.store
+          ?.settled()
+          .catch((e: unknown) => log.warn(`previous replica's last files: ${errorMessage(e)}`));
         await this.store?.close();
         if (existsSync(this.replicaDir)) renameSync(this.replicaDir, `${this.replicaDir}.old`);
         renameSync(next, this.replicaDir);
@@ -343,7 +422,9 @@ export class StandbyController {
     const fenceFirst = reason === 'manual' && this.link !== null && !this.link.closed;
     const gate = this.o.gate ?? allowAlways;
     const stillWanted = () => reason === 'manual' || !this.link || this.link.closed !== null;
-    let verdict = fenceFirst ? null : await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs, stillWanted });
+    let verdict = fenceFirst
+      ? null
+      : await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs, stillWanted });
     if (verdict && !verdict.allow) {
       this.emit({ event: 'failover-refused', why: verdict.why });
       log.warn(`failover refused: ${verdict.why}`);
@@ -353,18 +434,27 @@ export class StandbyController {
     const fencedLink = fenceFirst ? this.link : null;
     try {
       if (fencedLink) await this.fencePrimary(fencedLink);
-      verdict ??= await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs, stillWanted });
+      verdict ??= await gate.mayActivate({
+        reason,
+        vm: this.identity.vm,
+        replicaEpoch: this.store.epoch,
+        silentMs,
+        stillWanted,
+      });
     } catch (e) {
       this.go('failover-failed');
       // A link that dropped mid-fence is not a fence: the primary may have resumed its guest. It is
       // a lost primary like any other — taken over only through the gate, once it stays away.
-      if (fencedLink?.closed && this.guarding) void this.failoverUnlessPrimaryReturns(fencedLink, `the link dropped during the fence (${errorMessage(e)})`);
+      if (fencedLink?.closed && this.guarding)
+        void this.failoverUnlessPrimaryReturns(fencedLink, `the link dropped during the fence (${errorMessage(e)})`);
       throw e;
     }
     if (!verdict.allow) {
       this.go('failover-failed');
       this.emit({ event: 'failover-refused', why: verdict.why });
-      log.error(`the primary stopped its guest, but the gate refused this side: ${verdict.why}; NO COPY RUNS (rubato failover retries)`);
+      log.error(
+        `the primary stopped its guest, but the gate refused this side: ${verdict.why}; NO COPY RUNS (rubato failover retries)`,
+      );
       return false;
     }
     // The generation this side now holds: an older primary is refused from here on.
@@ -379,16 +469,30 @@ export class StandbyController {
     }
     await store.close(); // the guest owns the image files from here
     const spec = { ...this.identity.spec, name: `${this.identity.spec.name}`, ramFile: store.imagePath(MAIN_RAM_ID) };
-    await writePrivateAtomic(join(this.o.stateDir, 'activated'), Buffer.from(JSON.stringify({ epoch: store.epoch, atMs: detectedAtMs })), this.o.fsync ?? true);
+    await writePrivateAtomic(
+      join(this.o.stateDir, 'activated'),
+      Buffer.from(JSON.stringify({ epoch: store.epoch, atMs: detectedAtMs })),
+      this.o.fsync ?? true,
+    );
     try {
-      const binary = this.binary ?? await this.o.binaryFor(spec.accel);
+      const binary = this.binary ?? (await this.o.binaryFor(spec.accel));
       const io = this.o.prepareRestore ? await this.o.prepareRestore(this.identity, store) : {};
-      const r = await restoreVm({ spec, machine: store.machine, deviceState: store.deviceState }, { binary, runDir: join(this.o.stateDir, 'run'), tag: 'active', ...io });
+      const r = await restoreVm(
+        { spec, machine: store.machine, deviceState: store.deviceState },
+        { binary, runDir: join(this.o.stateDir, 'run'), tag: 'active', ...io },
+      );
       this.vm = r.vm;
       this.vm.on('serial', (line: string) => this.emit({ event: 'guest', line, atMs: Date.now() }));
       this.go('failover-done');
       this.lastFailover = { epoch: store.epoch, at: new Date().toISOString(), ms: Date.now() - detectedAtMs, why };
-      this.emit({ event: 'failover', epoch: store.epoch, detectedAtMs, runningAtMs: Date.now(), restoreMs: Math.round(r.restoreMs), why: `${why}; ${verdict.why}` });
+      this.emit({
+        event: 'failover',
+        epoch: store.epoch,
+        detectedAtMs,
+        runningAtMs: Date.now(),
+        restoreMs: Math.round(r.restoreMs),
+        why: `${why}; ${verdict.why}`,
+      });
       log.warn(`FAILOVER: guest ${this.identity.vm} running here from checkpoint ${store.epoch}`);
       return true;
     } catch (e) {
@@ -411,9 +515,14 @@ export class StandbyController {
     } catch (e) {
       const behind = store.unwrittenEpoch;
       if (behind !== null) {
-        log.warn(`checkpoint ${behind} is acknowledged but not written (${errorMessage(e)}); writing it again before going live`);
+        log.warn(
+          `checkpoint ${behind} is acknowledged but not written (${errorMessage(e)}); writing it again before going live`,
+        );
         await store.retryBehind().catch((again: unknown) => {
-          throw new RubatoError('RUBATO_REPLICA_CORRUPT', `checkpoint ${behind} was acknowledged but cannot be written to ${this.replicaDir} (${errorMessage(again)}); not going live older than it: free the disk, then rubato failover`);
+          throw new RubatoError(
+            'RUBATO_REPLICA_CORRUPT',
+            `checkpoint ${behind} was acknowledged but cannot be written to ${this.replicaDir} (${errorMessage(again)}); not going live older than it: free the disk, then rubato failover`,
+          );
         });
         return store;
       }
@@ -430,15 +539,26 @@ export class StandbyController {
   private async fencePrimary(link: Link): Promise<void> {
     const fenced = new Promise<'fenced' | 'closed' | 'silent'>((resolve) => {
       const t = setTimeout(() => resolve('silent'), this.o.timeoutMs);
-      link.once('fenced', () => { clearTimeout(t); resolve('fenced'); });
-      link.once('close', () => { clearTimeout(t); resolve('closed'); });
+      link.once('fenced', () => {
+        clearTimeout(t);
+        resolve('fenced');
+      });
+      link.once('close', () => {
+        clearTimeout(t);
+        resolve('closed');
+      });
     });
-    await link.send(FrameType.FENCE, 0).catch((e: unknown) => log.warn(`asking the primary to stop its guest: ${errorMessage(e)}`));
+    await link
+      .send(FrameType.FENCE, 0)
+      .catch((e: unknown) => log.warn(`asking the primary to stop its guest: ${errorMessage(e)}`));
     const r = await fenced;
     if (r === 'fenced') return;
-    throw new RubatoError('RUBATO_PEER_LOST', r === 'closed'
-      ? 'the link dropped before the primary confirmed it stopped its guest; not activating now (a lost primary is taken over through the witness once it stays silent)'
-      : 'the primary did not confirm it stopped its guest; not activating (would risk two running copies)');
+    throw new RubatoError(
+      'RUBATO_PEER_LOST',
+      r === 'closed'
+        ? 'the link dropped before the primary confirmed it stopped its guest; not activating now (a lost primary is taken over through the witness once it stays silent)'
+        : 'the primary did not confirm it stopped its guest; not activating (would risk two running copies)',
+    );
   }
 
   /** Orderly end: the primary is told (it goes on unprotected), the replica is kept. */
@@ -451,7 +571,13 @@ export class StandbyController {
     }
     this.server?.close();
     this.control?.close();
-    await this.store?.settled().catch((e: unknown) => log.warn(`replica files behind its last checkpoint at stop (${(e as Error).message}); its redo record finishes them on the next start`));
+    await this.store
+      ?.settled()
+      .catch((e: unknown) =>
+        log.warn(
+          `replica files behind its last checkpoint at stop (${(e as Error).message}); its redo record finishes them on the next start`,
+        ),
+      );
     await this.store?.close();
     await this.vm?.stop();
   }
@@ -460,10 +586,19 @@ export class StandbyController {
 /** The protected VM's identity, as the last full image recorded it. */
 function readIdentity(path: string): Identity {
   let v: unknown;
-  try { v = JSON.parse(readFileSync(path, 'utf8')); } catch (e) {
-    throw new RubatoError('RUBATO_REPLICA_CORRUPT', `${path} cannot be read (${(e as Error).message}); the replica cannot be used: move the state folder aside and let the primary re-synchronise`);
+  try {
+    v = JSON.parse(readFileSync(path, 'utf8'));
+  } catch (e) {
+    throw new RubatoError(
+      'RUBATO_REPLICA_CORRUPT',
+      `${path} cannot be read (${(e as Error).message}); the replica cannot be used: move the state folder aside and let the primary re-synchronise`,
+    );
   }
   const r = IdentitySchema.safeParse(v);
-  if (!r.success) throw new RubatoError('RUBATO_REPLICA_CORRUPT', `${path} does not describe a VM (${r.error.issues[0]?.message ?? 'invalid'}); move the state folder aside and let the primary re-synchronise`);
+  if (!r.success)
+    throw new RubatoError(
+      'RUBATO_REPLICA_CORRUPT',
+      `${path} does not describe a VM (${r.error.issues[0]?.message ?? 'invalid'}); move the state folder aside and let the primary re-synchronise`,
+    );
   return r.data;
 }

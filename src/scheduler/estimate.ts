@@ -4,7 +4,11 @@
 
 import { PAGE_BYTES, type EpochRecord, type Policy, type Telemetry } from './types.ts';
 
-export interface DirtyCurve { a: number; b: number; pages(tMs: number): number }
+export interface DirtyCurve {
+  a: number;
+  b: number;
+  pages(tMs: number): number;
+}
 
 /** Fits D(T) = a·T^b by least squares on log-log over recent epochs; b clamped to [0.3, 1]. */
 export function fitDirtyCurve(history: readonly EpochRecord[]): DirtyCurve {
@@ -16,7 +20,10 @@ export function fitDirtyCurve(history: readonly EpochRecord[]): DirtyCurve {
   const my = mean(ys);
   let sxx = 0;
   let sxy = 0;
-  for (let i = 0; i < xs.length; i++) { sxx += (xs[i]! - mx) ** 2; sxy += (xs[i]! - mx) * (ys[i]! - my); }
+  for (let i = 0; i < xs.length; i++) {
+    sxx += (xs[i]! - mx) ** 2;
+    sxy += (xs[i]! - mx) * (ys[i]! - my);
+  }
   let b = sxx > 1e-6 ? sxy / sxx : 0.8; // one epoch length only: assume mild sub-linearity
   b = Math.min(1, Math.max(0.3, b));
   const a = Math.exp(my - b * mx);
@@ -27,7 +34,11 @@ function curve(a: number, b: number): DirtyCurve {
   return { a, b, pages: (t) => (t <= 0 ? 0 : a * t ** b) };
 }
 
-export interface PauseModel { fixedMs: number; perPageMs: number; pauseMs(pages: number): number }
+export interface PauseModel {
+  fixedMs: number;
+  perPageMs: number;
+  pauseMs(pages: number): number;
+}
 
 /** pause ≈ fixed + perPage·pages, least squares over recent epochs (defaults from DESIGN.md). */
 export function fitPause(history: readonly EpochRecord[]): PauseModel {
@@ -41,7 +52,10 @@ export function fitPause(history: readonly EpochRecord[]): PauseModel {
     const my = mean(pts.map((e) => e.pauseMs));
     let sxx = 0;
     let sxy = 0;
-    for (const e of pts) { sxx += (inPause(e) - mx) ** 2; sxy += (inPause(e) - mx) * (e.pauseMs - my); }
+    for (const e of pts) {
+      sxx += (inPause(e) - mx) ** 2;
+      sxy += (inPause(e) - mx) * (e.pauseMs - my);
+    }
     if (sxx > 1e-6) perPageMs = Math.max(0, sxy / sxx);
     fixedMs = Math.max(0.05, my - perPageMs * mx);
   } else if (pts.length === 1) {
@@ -79,7 +93,13 @@ const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
  * meanwhile: `D(pass time)`, the pass costing the pause's per-page time. Without pre-sends, all of
  * `D(T)`.
  */
-export function pausePagesWithPresend(d: (tMs: number) => number, perPageMs: number, epochMs: number, everyMs: number | undefined, lastPass: boolean): number {
+export function pausePagesWithPresend(
+  d: (tMs: number) => number,
+  perPageMs: number,
+  epochMs: number,
+  everyMs: number | undefined,
+  lastPass: boolean,
+): number {
   if (!everyMs) return d(epochMs);
   const interval = d(Math.min(epochMs, everyMs));
   if (!lastPass || epochMs < lastPassAfterMs(everyMs)) return interval;
@@ -100,13 +120,23 @@ export const MIN_PRESEND_MS = 5;
  * (by the dirty curve and the pause fit); Infinity when one pass before each pause is enough,
  * MIN_PRESEND_MS when nothing is (the passes cannot keep up with the guest: the shortest).
  */
-export function presendIntervalFor(d: (tMs: number) => number, pause: PauseModel, targetPauseMs: number, maxEpochMs: number): number {
-  const ok = (every: number) => pause.pauseMs(pausePagesWithPresend(d, pause.perPageMs, maxEpochMs, every, true)) <= targetPauseMs;
+export function presendIntervalFor(
+  d: (tMs: number) => number,
+  pause: PauseModel,
+  targetPauseMs: number,
+  maxEpochMs: number,
+): number {
+  const ok = (every: number) =>
+    pause.pauseMs(pausePagesWithPresend(d, pause.perPageMs, maxEpochMs, every, true)) <= targetPauseMs;
   if (ok(Number.POSITIVE_INFINITY)) return Number.POSITIVE_INFINITY;
   let lo = MIN_PRESEND_MS;
   let hi = Math.max(lo, maxEpochMs / 1.5);
   if (!ok(lo)) return lo;
-  for (let i = 0; i < 30; i++) { const mid = (lo + hi) / 2; if (ok(mid)) lo = mid; else hi = mid; }
+  for (let i = 0; i < 30; i++) {
+    const mid = (lo + hi) / 2;
+    if (ok(mid)) lo = mid;
+    else hi = mid;
+  }
   return lo;
 }
 
@@ -137,7 +167,11 @@ export const AUTO_PRESEND_MIN_IDLE_CORES = 0.3;
  * guest's) and for a guest that sends output (its epochs end on output, which a pass under way
  * would hold up).
  */
-export function presendEveryMs(p: Pick<Policy, 'presendMs' | 'presendTargetPauseMs' | 'maxEpochMs'>, history: readonly EpochRecord[], idleCores: number | null = null): number | undefined {
+export function presendEveryMs(
+  p: Pick<Policy, 'presendMs' | 'presendTargetPauseMs' | 'maxEpochMs'>,
+  history: readonly EpochRecord[],
+  idleCores: number | null = null,
+): number | undefined {
   if (p.presendTargetPauseMs === undefined) return p.presendMs;
   const pause = fitPause(history);
   // Pauses that would take little of the guest's time are left alone: a pass is not free either

@@ -6,16 +6,39 @@
 // The seed paper's heuristics appear here as Rubato's reading of its abstract, not its exact rules.
 
 import { RubatoError } from '../util/errors.ts';
-import { fitDirtyCurve, fitPause, linkBytesPerMs, outputRatePerMs, pausePagesWithPresend, presendEveryMs, transferMs, type DirtyCurve } from './estimate.ts';
+import {
+  fitDirtyCurve,
+  fitPause,
+  linkBytesPerMs,
+  outputRatePerMs,
+  pausePagesWithPresend,
+  presendEveryMs,
+  transferMs,
+  type DirtyCurve,
+} from './estimate.ts';
 import { PAGE_BYTES, type Decision, type Policy, type Telemetry } from './types.ts';
 
 const now = (reason: string): Decision => ({ checkpoint: true, reason });
 const wait = (wakeAtMs: number, reason: string): Decision => ({ checkpoint: false, wakeAtMs, reason });
 
-export interface Rails { minEpochMs: number; maxEpochMs: number; maxBacklog: number; maxRiskBytes: number; linkUtilisation: number; presendMs?: number; presendTargetPauseMs?: number }
+export interface Rails {
+  minEpochMs: number;
+  maxEpochMs: number;
+  maxBacklog: number;
+  maxRiskBytes: number;
+  linkUtilisation: number;
+  presendMs?: number;
+  presendTargetPauseMs?: number;
+}
 /** presend=auto's pause target. */
 export const AUTO_PRESEND_PAUSE_MS = 2;
-export const DEFAULT_RAILS: Rails = { minEpochMs: 2, maxEpochMs: 1000, maxBacklog: 3, maxRiskBytes: 256 << 20, linkUtilisation: 0.8 };
+export const DEFAULT_RAILS: Rails = {
+  minEpochMs: 2,
+  maxEpochMs: 1000,
+  maxBacklog: 3,
+  maxRiskBytes: 256 << 20,
+  linkUtilisation: 0.8,
+};
 
 /** Smallest epoch length whose dirty set the link ships within `util` of the epoch (bisection). */
 export function linkBoundEpochMs(c: DirtyCurve, bytesPerMs: number, util: number, maxMs: number): number {
@@ -24,7 +47,11 @@ export function linkBoundEpochMs(c: DirtyCurve, bytesPerMs: number, util: number
   if (!ok(maxMs)) return maxMs;
   let lo = 0.5;
   let hi = maxMs;
-  for (let i = 0; i < 40; i++) { const mid = (lo + hi) / 2; if (ok(mid)) hi = mid; else lo = mid; }
+  for (let i = 0; i < 40; i++) {
+    const mid = (lo + hi) / 2;
+    if (ok(mid)) hi = mid;
+    else lo = mid;
+  }
   return hi;
 }
 
@@ -33,13 +60,22 @@ function epochForTransfer(c: DirtyCurve, bytesPerMs: number, targetMs: number, m
   if (transferMs(c.pages(maxMs), bytesPerMs) <= targetMs) return maxMs;
   let lo = 0;
   let hi = maxMs;
-  for (let i = 0; i < 40; i++) { const mid = (lo + hi) / 2; if (transferMs(c.pages(mid), bytesPerMs) <= targetMs) lo = mid; else hi = mid; }
+  for (let i = 0; i < 40; i++) {
+    const mid = (lo + hi) / 2;
+    if (transferMs(c.pages(mid), bytesPerMs) <= targetMs) lo = mid;
+    else hi = mid;
+  }
   return lo;
 }
 
 type Inner = (t: Telemetry, ctx: { age: number; curve: DirtyCurve; bytesPerMs: number }) => Decision;
 
-export function guarded(name: string, rails: Rails, inner: Inner, opts: { linkGuard: boolean } = { linkGuard: true }): Policy {
+export function guarded(
+  name: string,
+  rails: Rails,
+  inner: Inner,
+  opts: { linkGuard: boolean } = { linkGuard: true },
+): Policy {
   return {
     name,
     minEpochMs: rails.minEpochMs,
@@ -67,8 +103,19 @@ export function guarded(name: string, rails: Rails, inner: Inner, opts: { linkGu
 }
 
 export function fixed(periodMs: number, presendMs?: number): Policy {
-  return guarded(`fixed:${periodMs}ms`, { ...DEFAULT_RAILS, minEpochMs: periodMs, maxEpochMs: periodMs, maxBacklog: Number.POSITIVE_INFINITY, maxRiskBytes: Number.POSITIVE_INFINITY, ...(presendMs ? { presendMs } : {}) },
-    (t) => wait(t.epochStartMs + periodMs, 'period'), { linkGuard: false });
+  return guarded(
+    `fixed:${periodMs}ms`,
+    {
+      ...DEFAULT_RAILS,
+      minEpochMs: periodMs,
+      maxEpochMs: periodMs,
+      maxBacklog: Number.POSITIVE_INFINITY,
+      maxRiskBytes: Number.POSITIVE_INFINITY,
+      ...(presendMs ? { presendMs } : {}),
+    },
+    (t) => wait(t.epochStartMs + periodMs, 'period'),
+    { linkGuard: false },
+  );
 }
 
 /** Seed heuristic 1: end the epoch when the predicted transfer time of its dirty set reaches a target. */
@@ -81,7 +128,9 @@ export function dirtyBandwidth(rails: Rails, targetMs = 10): Policy {
 
 /** Seed heuristic 2: output waiting → checkpoint as soon as the minimum epoch allows; none → stretch. */
 export function netIo(rails: Rails): Policy {
-  return guarded('net-io', rails, (t) => (t.output.frames > 0 ? now('output-waiting') : wait(t.epochStartMs + rails.maxEpochMs, 'no-output')));
+  return guarded('net-io', rails, (t) =>
+    t.output.frames > 0 ? now('output-waiting') : wait(t.epochStartMs + rails.maxEpochMs, 'no-output'),
+  );
 }
 
 /** Seed heuristic 3: disk flushes (and heavy writes) count like waiting output. */
@@ -107,7 +156,10 @@ export function adaptive(rails: Rails, targetMs = 10): Policy {
 export function boundedLatency(rails: Rails, latencyMs = 20, targetMs = 10): Policy {
   return guarded(`bounded-latency:${latencyMs}ms`, rails, (t, c) => {
     const pause = fitPause(t.history);
-    const predict = (age: number) => { const p = c.curve.pages(age); return pause.pauseMs(p) + transferMs(p, c.bytesPerMs) + (t.link.rttMs ?? 0.2); };
+    const predict = (age: number) => {
+      const p = c.curve.pages(age);
+      return pause.pauseMs(p) + transferMs(p, c.bytesPerMs) + (t.link.rttMs ?? 0.2);
+    };
     const waiting = t.output.frames > 0 || t.disk.flushes > 0;
     if (waiting) {
       const oldest = t.output.oldestMs ?? 0;
@@ -146,10 +198,13 @@ export function model(rails: Rails, weightPerFrameMs = 0.002): Policy {
       const release = p + transferMs(pages, c.bytesPerMs) + (t.link.rttMs ?? 0.2);
       const extra = T - c.age;
       // frames waiting now wait (oldest + extra + release) on average-ish; new ones arrive uniformly
-      const waitNow = f0 * ((oldest / 2) + extra + release);
+      const waitNow = f0 * (oldest / 2 + extra + release);
       const waitNew = rate * extra * (extra / 2 + release);
       const J = p / T + weightPerFrameMs * (waitNow + waitNew);
-      if (J < bestJ) { bestJ = J; best = T; }
+      if (J < bestJ) {
+        bestJ = J;
+        best = T;
+      }
     }
     return best - c.age < 0.5 ? now('model-optimum') : wait(t.epochStartMs + best, 'model-wait');
   });
@@ -162,7 +217,8 @@ export function parsePolicy(spec: string): Policy {
   const num = (v: string | undefined, what: string): number | undefined => {
     if (v === undefined || v === '') return undefined;
     const n = Number(v.replace(/ms$/, ''));
-    if (!Number.isFinite(n) || n <= 0) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: ${what} must be a positive number (got "${v}")`);
+    if (!Number.isFinite(n) || n <= 0)
+      throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: ${what} must be a positive number (got "${v}")`);
     return n;
   };
   const rails: Rails = { ...DEFAULT_RAILS };
@@ -172,9 +228,15 @@ export function parsePolicy(spec: string): Policy {
     const [k, v] = p.split('=');
     if (k === 'presend') presend = v === 'last' || v === 'auto' || v === 'off' ? v : `${num(v, k) ?? '?'}ms`;
     // presend=last: one pass right before each pause, none during the epoch.
-    if (k === 'presend' && v === 'last') { rails.presendMs = Number.POSITIVE_INFINITY; continue; }
+    if (k === 'presend' && v === 'last') {
+      rails.presendMs = Number.POSITIVE_INFINITY;
+      continue;
+    }
     // presend=auto: passes as often as it takes to keep the pause within AUTO_PRESEND_PAUSE_MS.
-    if (k === 'presend' && v === 'auto') { rails.presendTargetPauseMs = AUTO_PRESEND_PAUSE_MS; continue; }
+    if (k === 'presend' && v === 'auto') {
+      rails.presendTargetPauseMs = AUTO_PRESEND_PAUSE_MS;
+      continue;
+    }
     if (k === 'presend' && v === 'off') continue;
     const n = num(v, k ?? '?');
     if (n === undefined) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: ${k} needs a value`);
@@ -183,33 +245,72 @@ export function parsePolicy(spec: string): Policy {
     else if (k === 'backlog') rails.maxBacklog = n;
     else if (k === 'risk-mb') rails.maxRiskBytes = n * 1048576;
     else if (k === 'presend') rails.presendMs = n;
-    else throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: unknown setting ${k} (min, max, backlog, risk-mb, presend=MS|last|auto|off)`);
+    else
+      throw new RubatoError(
+        'RUBATO_CONFIG',
+        `policy ${spec}: unknown setting ${k} (min, max, backlog, risk-mb, presend=MS|last|auto|off)`,
+      );
   }
-  if (rails.minEpochMs > rails.maxEpochMs) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: min epoch above max epoch`);
+  if (rails.minEpochMs > rails.maxEpochMs)
+    throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: min epoch above max epoch`);
   const arg = num(argRaw, 'the parameter');
   const p = build(name, arg, rails, presend, spec, kv);
   return presend ? { ...p, name: `${p.name}+presend:${presend}` } : p;
 }
 
-function build(name: string | undefined, arg: number | undefined, rails: Rails, presend: string | null, spec: string, kv: string[]): Policy {
+function build(
+  name: string | undefined,
+  arg: number | undefined,
+  rails: Rails,
+  presend: string | null,
+  spec: string,
+  kv: string[],
+): Policy {
   switch (name) {
     case 'fixed': {
       // A fixed period has no rails to set; pre-sending applies to it as to any policy.
       const other = kv.map((p) => p.split('=')[0]).filter((k) => k !== 'presend');
-      if (other.length) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: a fixed period takes no ${other.join(', ')} (only presend)`);
-      if (rails.presendTargetPauseMs !== undefined) throw new RubatoError('RUBATO_CONFIG', `policy ${spec}: a fixed period takes presend=MS or presend=last, not auto`);
+      if (other.length)
+        throw new RubatoError(
+          'RUBATO_CONFIG',
+          `policy ${spec}: a fixed period takes no ${other.join(', ')} (only presend)`,
+        );
+      if (rails.presendTargetPauseMs !== undefined)
+        throw new RubatoError(
+          'RUBATO_CONFIG',
+          `policy ${spec}: a fixed period takes presend=MS or presend=last, not auto`,
+        );
       return fixed(arg ?? 25, rails.presendMs);
     }
-    case 'dirty-bandwidth': return dirtyBandwidth(rails, arg);
-    case 'net-io': return netIo(rails);
-    case 'disk-io': return diskIo(rails, arg);
-    case 'adaptive': return adaptive(rails, arg);
-    case 'bounded-latency': return boundedLatency(rails, arg);
+    case 'dirty-bandwidth':
+      return dirtyBandwidth(rails, arg);
+    case 'net-io':
+      return netIo(rails);
+    case 'disk-io':
+      return diskIo(rails, arg);
+    case 'adaptive':
+      return adaptive(rails, arg);
+    case 'bounded-latency':
+      return boundedLatency(rails, arg);
     // Rubato's default pre-sends as presend=auto unless told otherwise (presend=off, =MS, =last):
     // passes only where they pay (a quiet guest, idle host cores) and only with Rubato's QEMU.
-    case 'model': return model(presend ? rails : { ...rails, presendTargetPauseMs: AUTO_PRESEND_PAUSE_MS }, arg);
-    default: throw new RubatoError('RUBATO_CONFIG', `unknown policy "${name}" (fixed:MS, dirty-bandwidth[:MS], net-io, disk-io, adaptive, bounded-latency[:MS], model[:WEIGHT])`);
+    case 'model':
+      return model(presend ? rails : { ...rails, presendTargetPauseMs: AUTO_PRESEND_PAUSE_MS }, arg);
+    default:
+      throw new RubatoError(
+        'RUBATO_CONFIG',
+        `unknown policy "${name}" (fixed:MS, dirty-bandwidth[:MS], net-io, disk-io, adaptive, bounded-latency[:MS], model[:WEIGHT])`,
+      );
   }
 }
 
-export const POLICY_NAMES = ['fixed:25ms', 'fixed:100ms', 'dirty-bandwidth', 'net-io', 'disk-io', 'adaptive', 'bounded-latency', 'model'] as const;
+export const POLICY_NAMES = [
+  'fixed:25ms',
+  'fixed:100ms',
+  'dirty-bandwidth',
+  'net-io',
+  'disk-io',
+  'adaptive',
+  'bounded-latency',
+  'model',
+] as const;

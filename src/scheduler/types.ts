@@ -37,15 +37,16 @@ export interface Telemetry {
   hostIdleCores?: number;
 }
 
-export type Decision =
-  | { checkpoint: true; reason: string }
-  | { checkpoint: false; wakeAtMs: number; reason: string };
+export type Decision = { checkpoint: true; reason: string } | { checkpoint: false; wakeAtMs: number; reason: string };
 
 export interface Policy {
   readonly name: string;
   readonly minEpochMs: number;
   readonly maxEpochMs: number;
-  /** Pre-send the dirty RAM this often while an epoch runs, and once before a long epoch's pause (Infinity: only then; 0/absent: never; needs the patched QEMU). */
+  /**
+   * Pre-send the dirty RAM this often while an epoch runs, and once before a long epoch's pause (Infinity: only then;
+   * 0/absent: never; needs the patched QEMU).
+   */
   readonly presendMs?: number;
   /** presend=auto: passes planned so that the pause stays within this (see presendIntervalFor). */
   readonly presendTargetPauseMs?: number;

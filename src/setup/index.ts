@@ -16,10 +16,29 @@ export const RUBATO_COMMAND = join(REPO_ROOT, 'bin', 'rubato');
 
 /** Debian packages Rubato needs at run time and to build its QEMU and guest. */
 export const DEBIAN_PACKAGES = [
-  'qemu-system-x86', 'qemu-utils', 'busybox-static', 'cpio', 'gzip', 'xz-utils', 'iproute2', 'util-linux',
+  'qemu-system-x86',
+  'qemu-utils',
+  'busybox-static',
+  'cpio',
+  'gzip',
+  'xz-utils',
+  'iproute2',
+  'util-linux',
   // build dependencies of the patched QEMU
-  'dpkg-dev', 'libglib2.0-dev', 'libpixman-1-dev', 'libfdt-dev', 'zlib1g-dev', 'meson', 'ninja-build',
-  'python3-venv', 'flex', 'bison', 'gcc', 'libc6-dev', 'make', 'patch',
+  'dpkg-dev',
+  'libglib2.0-dev',
+  'libpixman-1-dev',
+  'libfdt-dev',
+  'zlib1g-dev',
+  'meson',
+  'ninja-build',
+  'python3-venv',
+  'flex',
+  'bison',
+  'gcc',
+  'libc6-dev',
+  'make',
+  'patch',
   // guest disks and the network topology
   'e2fsprogs',
   // the witness (a local single-member etcd is the embedded default)
@@ -36,24 +55,47 @@ export async function ensurePackages(): Promise<void> {
 }
 
 /** Installs the Debian packages of `names` that are missing. */
+/** dpkg-query's output format (its own ${...} fields, not a template). */
+const DPKG_FORMAT = '$' + '{Package} $' + '{db:Status-Abbrev}\n';
+
 async function installPackages(names: readonly string[]): Promise<void> {
-  const r = await runCommand('dpkg-query', ['-W', '-f', '${Package} ${db:Status-Abbrev}\n', ...names]);
-  const ok = new Set(r.stdout.split('\n').filter((l) => /\sii\s*$/.test(l)).map((l) => l.split(' ')[0]));
+  const r = await runCommand('dpkg-query', ['-W', '-f', DPKG_FORMAT, ...names]);
+  const ok = new Set(
+    r.stdout
+      .split('\n')
+      .filter((l) => /\sii\s*$/.test(l))
+      .map((l) => l.split(' ')[0]),
+  );
   const missing = names.filter((p) => !ok.has(p));
   if (!missing.length) return;
   log.info(`installing Debian packages: ${missing.join(' ')}`);
   const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
   const up = await runCommand('apt-get', ['update', '-q'], { env });
-  if (up.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get update failed: ${up.stderr.trim().split('\n').slice(-2).join(' | ')}`);
+  if (up.code !== 0)
+    throw new RubatoError(
+      'RUBATO_SETUP_FAILED',
+      `apt-get update failed: ${up.stderr.trim().split('\n').slice(-2).join(' | ')}`,
+    );
   const inst = await runCommand('apt-get', ['install', '-y', '-q', '--no-install-recommends', ...missing], { env });
-  if (inst.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `apt-get install failed: ${inst.stderr.trim().split('\n').slice(-3).join(' | ')}`);
+  if (inst.code !== 0)
+    throw new RubatoError(
+      'RUBATO_SETUP_FAILED',
+      `apt-get install failed: ${inst.stderr.trim().split('\n').slice(-3).join(' | ')}`,
+    );
 }
 
 async function runBuildScript(script: string, what: string): Promise<string> {
-  const r = await runCommand('bash', [join(REPO_ROOT, script)], { onLine: (l) => { if (l.trim()) log.info(`${what}: ${l.replace(/^\[[a-z-]+\] /, '')}`); } });
+  const r = await runCommand('bash', [join(REPO_ROOT, script)], {
+    onLine: (l) => {
+      if (l.trim()) log.info(`${what}: ${l.replace(/^\[[a-z-]+\] /, '')}`);
+    },
+  });
   const last = r.stdout.trim().split('\n').at(-1) ?? '';
   if (r.code !== 0 || !last) {
-    throw new RubatoError('RUBATO_SETUP_FAILED', `${what} build failed (exit ${r.code}): ${r.stderr.trim().split('\n').slice(-4).join(' | ')}`);
+    throw new RubatoError(
+      'RUBATO_SETUP_FAILED',
+      `${what} build failed (exit ${r.code}): ${r.stderr.trim().split('\n').slice(-4).join(' | ')}`,
+    );
   }
   return last;
 }
@@ -72,14 +114,18 @@ export function stockQemu(): QemuBinary {
   return { path: '/usr/bin/qemu-system-x86_64', firmwareDirs: [] };
 }
 
-export interface GuestImage { kernel: string; initrd: string }
+export interface GuestImage {
+  kernel: string;
+  initrd: string;
+}
 let guest: GuestImage | null = null;
 export async function ensureGuestImage(): Promise<GuestImage> {
   if (guest) return guest;
   await ensurePackages();
   const dir = await runBuildScript('guest/build.sh', 'guest image');
   const g = { kernel: join(dir, 'vmlinuz'), initrd: join(dir, 'initrd.img') };
-  if (!existsSync(g.kernel) || !existsSync(g.initrd)) throw new RubatoError('RUBATO_SETUP_FAILED', `guest image incomplete in ${dir}`);
+  if (!existsSync(g.kernel) || !existsSync(g.initrd))
+    throw new RubatoError('RUBATO_SETUP_FAILED', `guest image incomplete in ${dir}`);
   guest = g;
   return g;
 }
@@ -126,7 +172,11 @@ export async function ensureBrowser(): Promise<string> {
   if (browser) return browser;
   await installPackages(BROWSER_PACKAGES);
   const path = ['/usr/bin/chromium', '/usr/lib/chromium/chromium'].find((p) => existsSync(p));
-  if (!path) throw new RubatoError('RUBATO_SETUP_FAILED', 'Debian\'s chromium package is installed but no chromium binary was found');
+  if (!path)
+    throw new RubatoError(
+      'RUBATO_SETUP_FAILED',
+      "Debian's chromium package is installed but no chromium binary was found",
+    );
   browser = path;
   return path;
 }

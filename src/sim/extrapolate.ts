@@ -5,9 +5,18 @@
 
 import { syntheticWorkload, type SimWorkload } from './simulate.ts';
 
-export interface MeasuredCurve { cpus: number; a: number; b: number; pauseFixedMs: number; pausePerPageMs: number }
+export interface MeasuredCurve {
+  cpus: number;
+  a: number;
+  b: number;
+  pauseFixedMs: number;
+  pausePerPageMs: number;
+}
 
-export function curveFor(measured: readonly MeasuredCurve[], cpus: number): { a: number; b: number; pauseFixedMs: number; pausePerPageMs: number } {
+export function curveFor(
+  measured: readonly MeasuredCurve[],
+  cpus: number,
+): { a: number; b: number; pauseFixedMs: number; pausePerPageMs: number } {
   const exact = measured.find((m) => m.cpus === cpus);
   if (exact) return exact;
   const n = measured.length;
@@ -23,8 +32,17 @@ export function curveFor(measured: readonly MeasuredCurve[], cpus: number): { a:
   };
 }
 
-export function workloadFor(c: { a: number; b: number; pauseFixedMs: number; pausePerPageMs: number }, bandwidthBytesPerMs: number, rttMs = 0.2): SimWorkload {
-  const w = syntheticWorkload({ pagesPerMs: c.a, exponent: c.b, bandwidthBytesPerMs: () => bandwidthBytesPerMs, rttMs });
+export function workloadFor(
+  c: { a: number; b: number; pauseFixedMs: number; pausePerPageMs: number },
+  bandwidthBytesPerMs: number,
+  rttMs = 0.2,
+): SimWorkload {
+  const w = syntheticWorkload({
+    pagesPerMs: c.a,
+    exponent: c.b,
+    bandwidthBytesPerMs: () => bandwidthBytesPerMs,
+    rttMs,
+  });
   return { ...w, pauseMs: (p) => c.pauseFixedMs + c.pausePerPageMs * p };
 }
 

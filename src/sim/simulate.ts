@@ -3,7 +3,13 @@
 // and disk events), the pause model, and a FIFO replication link with bandwidth and round trip
 // play the adapters. No clocks: time is a number that only this loop advances.
 
-import { PAGE_BYTES, pausePagesWithPresend, presendEveryMs, type EpochRecord, type Policy } from '../scheduler/index.ts';
+import {
+  PAGE_BYTES,
+  pausePagesWithPresend,
+  presendEveryMs,
+  type EpochRecord,
+  type Policy,
+} from '../scheduler/index.ts';
 import { EpochPipeline } from '../replication/pipeline.ts';
 import { dispatch } from '../replication/driver.ts';
 import { assert } from '../util/errors.ts';
@@ -52,7 +58,13 @@ export interface SimWorkload {
   clients?: SimClients;
 }
 
-export interface SimClients { count: number; serviceMs: number; commitsPerRequest: number; framesPerAnswer?: number; frameBytes?: number }
+export interface SimClients {
+  count: number;
+  serviceMs: number;
+  commitsPerRequest: number;
+  framesPerAnswer?: number;
+  frameBytes?: number;
+}
 
 export interface SimResult {
   epochs: EpochRecord[];
@@ -67,7 +79,10 @@ export interface SimResult {
 }
 
 /** A simulated output frame: its size, and the client whose answer it is part of (-1: none). */
-interface SimFrame { readonly length: number; readonly owner: number }
+interface SimFrame {
+  readonly length: number;
+  readonly owner: number;
+}
 
 /** Frame size where a workload gives none (synthetic workloads; traces recorded before sizes were). */
 export const DEFAULT_FRAME_BYTES = 100;
@@ -90,14 +105,24 @@ class SimDisk implements DiskEpochSource {
  * live engine's own EpochPipeline and OutputCommit; this loop only plays the guest, the link and
  * the standby around them.
  */
-export function simulate(policy: Policy, w: SimWorkload, durationMs: number, stepMs = 0.25, maxInflight = 4): SimResult {
+export function simulate(
+  policy: Policy,
+  w: SimWorkload,
+  durationMs: number,
+  stepMs = 0.25,
+  maxInflight = 4,
+): SimResult {
   const disk = new SimDisk();
   const commit = new OutputCommit<SimFrame>(Number.MAX_SAFE_INTEGER, disk);
   const pipe = new EpochPipeline<SimFrame>({ policy, commit, maxInflight });
   // Protection starts at time 0 with the full image acknowledged at once.
   pipe.startSync();
   pipe.paused(0, 0);
-  dispatch(pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 }), { send: (c) => pipe.sent(c.epoch, 0) }, 'simulate');
+  dispatch(
+    pipe.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 }),
+    { send: (c) => pipe.sent(c.epoch, 0) },
+    'simulate',
+  );
   dispatch(pipe.ack(0, 0), { release: () => {}, protected: () => {} }, 'simulate');
   const epochs: EpochRecord[] = [];
   const acks: Array<{ at: number; epoch: number }> = [];
@@ -108,7 +133,13 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
   const stageMs = cl ? cl.serviceMs / Math.max(1, cl.commitsPerRequest) : 0;
   const perStage = Math.max(1, Math.round(cl?.framesPerAnswer ?? 1));
   const answerBytes = cl?.frameBytes ?? DEFAULT_FRAME_BYTES;
-  const clients = Array.from({ length: cl?.count ?? 0 }, (_, i) => ({ began: 0, stage: 0, sent: 0, released: 0, nextAt: stageMs / perStage + i * 0.01 }));
+  const clients = Array.from({ length: cl?.count ?? 0 }, (_, i) => ({
+    began: 0,
+    stage: 0,
+    sent: 0,
+    released: 0,
+    nextAt: stageMs / perStage + i * 0.01,
+  }));
   let t = 0;
   let linkFree = 0;
   let standbyFree = 0;
@@ -127,7 +158,11 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
           const cs = clients[f.frame.owner]!;
           if (++cs.released < perStage) continue;
           const at = Math.max(a.at, engineBusyUntil);
-          if (++cs.stage >= cl!.commitsPerRequest) { requestLatencyMs.push(at - cs.began); cs.began = at; cs.stage = 0; }
+          if (++cs.stage >= cl!.commitsPerRequest) {
+            requestLatencyMs.push(at - cs.began);
+            cs.began = at;
+            cs.stage = 0;
+          }
           // The client's reply (or next request) reaches the guest, which answers over the next stage.
           cs.sent = 0;
           cs.released = 0;
@@ -136,19 +171,28 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
       }
     }
   };
-  const push = (length: number, owner: number) => { commit.push({ length, owner }, t); };
+  const push = (length: number, owner: number) => {
+    commit.push({ length, owner }, t);
+  };
   /** Clients' frames due by now; returns how many. */
   const answer = (): number => {
     let n = 0;
     for (const [i, c] of clients.entries()) {
-      while (c.sent < perStage && c.nextAt <= t) { push(answerBytes, i); c.sent++; n++; c.nextAt += stageMs / perStage; }
+      while (c.sent < perStage && c.nextAt <= t) {
+        push(answerBytes, i);
+        c.sent++;
+        n++;
+        c.nextAt += stageMs / perStage;
+      }
     }
     return n;
   };
   /** What happens in the step at t: acks arrive, the guest sends output and uses its disk. */
   const step = (): { produced: number; fl: number } => {
     deliver();
-    const sizes = w.outputBytes ? w.outputBytes(t, stepMs) : Array.from({ length: w.output(t, stepMs) }, () => DEFAULT_FRAME_BYTES);
+    const sizes = w.outputBytes
+      ? w.outputBytes(t, stepMs)
+      : Array.from({ length: w.output(t, stepMs) }, () => DEFAULT_FRAME_BYTES);
     for (const b of sizes) push(b, -1);
     const produced = sizes.length + answer();
     const fl = w.flushes?.(t, stepMs) ?? 0;
@@ -156,7 +200,10 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
     disk.writes += w.writes?.(t, stepMs) ?? 0;
     return { produced, fl };
   };
-  const seen = () => ({ disk: { writes: disk.writes, flushes: disk.flushes }, link: { bytesPerSec: null, rttMs: w.rttMs } });
+  const seen = () => ({
+    disk: { writes: disk.writes, flushes: disk.flushes },
+    link: { bytesPerSec: null, rttMs: w.rttMs },
+  });
   while (t < durationMs) {
     const { produced, fl } = step();
     maxBacklog = Math.max(maxBacklog, pipe.inflightCount);
@@ -174,7 +221,15 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         // cost on the guest is not modelled): the last interval's pages, or with no output waiting
         // what is dirtied during a last pass right before the pause.
         const lastPass = commit.openStats(t).frames === 0;
-        const pausePages = Math.round(pausePagesWithPresend((ms) => w.dirtyPages(ms, t - ms), (w.pauseMs(1000) - w.pauseMs(0)) / 1000, age, presendEveryMs(policy, pipe.history), lastPass));
+        const pausePages = Math.round(
+          pausePagesWithPresend(
+            (ms) => w.dirtyPages(ms, t - ms),
+            (w.pauseMs(1000) - w.pauseMs(0)) / 1000,
+            age,
+            presendEveryMs(policy, pipe.history),
+            lastPass,
+          ),
+        );
         // A pause taken while the standby still works on an earlier checkpoint shares the host with it.
         const pause = w.pauseMs(pausePages) + (acks.length > 0 ? (w.pauseBusyMs ?? 0) : 0);
         const bytes = w.checkpointBytes ? w.checkpointBytes(pages) : pages * PAGE_BYTES + 32_000;
@@ -183,7 +238,13 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
         pausedMs += pause;
         for (const c of clients) if (c.sent < perStage) c.nextAt += pause + (w.guestStallMs ?? 0);
         engineBusyUntil = t + (w.guestStallMs ?? 0);
-        const sends = pipe.capturedCheckpoint(d.epoch, { dirtyPages: pages, pausePages, pauseMs: pause, bytes, resumedMs: t });
+        const sends = pipe.capturedCheckpoint(d.epoch, {
+          dirtyPages: pages,
+          pausePages,
+          pauseMs: pause,
+          bytes,
+          resumedMs: t,
+        });
         epochs.push(pipe.history.at(-1)!);
         dispatch(sends, { send: (c) => pipe.sent(c.epoch, t) }, 'simulate');
         const sendStart = Math.max(linkFree, t);
@@ -198,16 +259,34 @@ export function simulate(policy: Policy, w: SimWorkload, durationMs: number, ste
     }
     t += stepMs;
   }
-  return { epochs, checkpoints: epochs.length, maxBacklog, outputLatencyMs: latencies, pausedMs, durationMs, reasons: pipe.stats().reasons, requestLatencyMs };
+  return {
+    epochs,
+    checkpoints: epochs.length,
+    maxBacklog,
+    outputLatencyMs: latencies,
+    pausedMs,
+    durationMs,
+    reasons: pipe.stats().reasons,
+    requestLatencyMs,
+  };
 }
 
 /** A workload with a sub-linear dirty curve D(T) = rate·T^b and optional periodic output. */
-export function syntheticWorkload(o: { pagesPerMs: number; exponent?: number; outputEveryMs?: number; flushEveryMs?: number; bandwidthBytesPerMs?: (t: number) => number; rttMs?: number }): SimWorkload {
+export function syntheticWorkload(o: {
+  pagesPerMs: number;
+  exponent?: number;
+  outputEveryMs?: number;
+  flushEveryMs?: number;
+  bandwidthBytesPerMs?: (t: number) => number;
+  rttMs?: number;
+}): SimWorkload {
   const b = o.exponent ?? 0.8;
   return {
     dirtyPages: (len) => o.pagesPerMs * len ** b,
-    output: (t, step) => (o.outputEveryMs && Math.floor((t + step) / o.outputEveryMs) > Math.floor(t / o.outputEveryMs) ? 1 : 0),
-    flushes: (t, step) => (o.flushEveryMs && Math.floor((t + step) / o.flushEveryMs) > Math.floor(t / o.flushEveryMs) ? 1 : 0),
+    output: (t, step) =>
+      o.outputEveryMs && Math.floor((t + step) / o.outputEveryMs) > Math.floor(t / o.outputEveryMs) ? 1 : 0,
+    flushes: (t, step) =>
+      o.flushEveryMs && Math.floor((t + step) / o.flushEveryMs) > Math.floor(t / o.flushEveryMs) ? 1 : 0,
     bandwidthBytesPerMs: o.bandwidthBytesPerMs ?? (() => 125_000), // 1 Gbit/s
     rttMs: o.rttMs ?? 0.2,
     pauseMs: (p) => 1.1 + 0.0025 * p,

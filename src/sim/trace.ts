@@ -19,8 +19,10 @@ export const TRACE_FORMAT = 'rubato-trace/1';
 
 export interface TraceEpoch {
   /** Epoch start and checkpoint (pause) instant, ms from the trace's start. */
-  startMs: number; endMs: number;
-  pauseMs: number; bytes: number;
+  startMs: number;
+  endMs: number;
+  pauseMs: number;
+  bytes: number;
   /** Send → acknowledgement, ms (the link and the standby's commit), when the ack came. */
   ackMs?: number;
   /** When the policy decided on this checkpoint (the guest runs on until QEMU has stopped it). */
@@ -31,15 +33,23 @@ export interface TraceEpoch {
 
 export interface Trace {
   format: typeof TRACE_FORMAT;
-  workload: string; policy: string; link: string; cpus: number; accel: string;
+  workload: string;
+  policy: string;
+  link: string;
+  cpus: number;
+  accel: string;
   durationMs: number;
   epochs: TraceEpoch[];
-  outputMs: number[]; diskWritesMs: number[]; diskFlushesMs: number[];
+  outputMs: number[];
+  diskWritesMs: number[];
+  diskFlushesMs: number[];
   /** Bytes of each output frame, parallel to outputMs (traces before it lack it). */
   outputBytes?: number[];
 }
 
-export function encodePages(ids: Uint32Array): string { return Buffer.from(ids.buffer, ids.byteOffset, ids.byteLength).toString('base64'); }
+export function encodePages(ids: Uint32Array): string {
+  return Buffer.from(ids.buffer, ids.byteOffset, ids.byteLength).toString('base64');
+}
 export function decodePages(s: string): Uint32Array {
   const b = Buffer.from(s, 'base64');
   const out = new Uint32Array(b.length / 4);
@@ -57,17 +67,41 @@ export class TraceRecorder implements CheckpointObserver {
   private readonly flushesMs: number[] = [];
   private static readonly MAX_EVENTS = 2_000_000;
 
-  constructor(private readonly meta: Omit<Trace, 'format' | 'durationMs' | 'epochs' | 'outputMs' | 'diskWritesMs' | 'diskFlushesMs'>, nowMs: number) { this.t0 = nowMs; }
+  constructor(
+    private readonly meta: Omit<
+      Trace,
+      'format' | 'durationMs' | 'epochs' | 'outputMs' | 'diskWritesMs' | 'diskFlushesMs'
+    >,
+    nowMs: number,
+  ) {
+    this.t0 = nowMs;
+  }
 
-  private rel(ms: number): number { return Math.round((ms - this.t0) * 1000) / 1000; }
+  private rel(ms: number): number {
+    return Math.round((ms - this.t0) * 1000) / 1000;
+  }
 
   /** Records a checkpoint; returns a handle for `acked`. */
-  epoch(startMs: number, endMs: number, pauseMs: number, bytes: number, pageIds: Uint32Array, decidedMs?: number): number {
+  epoch(
+    startMs: number,
+    endMs: number,
+    pauseMs: number,
+    bytes: number,
+    pageIds: Uint32Array,
+    decidedMs?: number,
+  ): number {
     if (endMs < this.t0) return -1;
-    return -1 + this.epochs.push({
-      startMs: Math.max(0, this.rel(startMs)), endMs: this.rel(endMs), pauseMs: Math.round(pauseMs * 1000) / 1000, bytes, pages: encodePages(pageIds),
-      ...(decidedMs !== undefined ? { decidedMs: this.rel(decidedMs) } : {}),
-    });
+    return (
+      -1 +
+      this.epochs.push({
+        startMs: Math.max(0, this.rel(startMs)),
+        endMs: this.rel(endMs),
+        pauseMs: Math.round(pauseMs * 1000) / 1000,
+        bytes,
+        pages: encodePages(pageIds),
+        ...(decidedMs !== undefined ? { decidedMs: this.rel(decidedMs) } : {}),
+      })
+    );
   }
 
   acked(handle: number, ackMs: number): void {
@@ -101,25 +135,52 @@ export class TraceRecorder implements CheckpointObserver {
       while (k < pauses.length && pauses[k]![1] < x) k++;
       return !(k < pauses.length && pauses[k]![0] <= x && x <= pauses[k]![1]);
     });
-    const epochs = this.epochs.filter((e) => e.startMs >= from).map((e) => ({ ...e, startMs: r3(e.startMs - from), endMs: r3(e.endMs - from), ...(e.decidedMs !== undefined ? { decidedMs: r3(e.decidedMs - from) } : {}) }));
+    const epochs = this.epochs
+      .filter((e) => e.startMs >= from)
+      .map((e) => ({
+        ...e,
+        startMs: r3(e.startMs - from),
+        endMs: r3(e.endMs - from),
+        ...(e.decidedMs !== undefined ? { decidedMs: r3(e.decidedMs - from) } : {}),
+      }));
     const outIdx = this.outputMs.flatMap((x, i) => (x >= from ? [i] : []));
     return {
-      format: TRACE_FORMAT, ...this.meta, durationMs: this.rel(nowMs) - from, epochs,
-      outputMs: outIdx.map((i) => r3(this.outputMs[i]! - from)), outputBytes: outIdx.map((i) => this.outputBytes[i]!),
-      diskWritesMs: keep(this.writesMs), diskFlushesMs: keep(guestFlushes),
+      format: TRACE_FORMAT,
+      ...this.meta,
+      durationMs: this.rel(nowMs) - from,
+      epochs,
+      outputMs: outIdx.map((i) => r3(this.outputMs[i]! - from)),
+      outputBytes: outIdx.map((i) => this.outputBytes[i]!),
+      diskWritesMs: keep(this.writesMs),
+      diskFlushesMs: keep(guestFlushes),
     };
   }
 }
 
-export function writeTrace(path: string, t: Trace): void { writeFileSync(path, JSON.stringify(t)); }
+export function writeTrace(path: string, t: Trace): void {
+  writeFileSync(path, JSON.stringify(t));
+}
 
 export function loadTrace(path: string): Trace {
   let t: Trace;
-  try { t = JSON.parse(readFileSync(path, 'utf8')) as Trace; } catch (e) {
-    throw new RubatoError('RUBATO_CONFIG', `cannot read trace ${path}: ${(e as Error).message} (traces are written by: rubato bench)`);
+  try {
+    t = JSON.parse(readFileSync(path, 'utf8')) as Trace;
+  } catch (e) {
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      `cannot read trace ${path}: ${(e as Error).message} (traces are written by: rubato bench)`,
+    );
   }
-  if (t.format !== TRACE_FORMAT) throw new RubatoError('RUBATO_CONFIG', `${path} is not a rubato trace (format ${String(t.format)}, expected ${TRACE_FORMAT})`);
-  if (!Array.isArray(t.epochs) || t.epochs.length < 3) throw new RubatoError('RUBATO_CONFIG', `${path} holds ${t.epochs?.length ?? 0} checkpoints; a replay needs at least 3`);
+  if (t.format !== TRACE_FORMAT)
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      `${path} is not a rubato trace (format ${String(t.format)}, expected ${TRACE_FORMAT})`,
+    );
+  if (!Array.isArray(t.epochs) || t.epochs.length < 3)
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      `${path} holds ${t.epochs?.length ?? 0} checkpoints; a replay needs at least 3`,
+    );
   return t;
 }
 
@@ -165,7 +226,11 @@ function inFraction(id: number, f: number): boolean {
 /** The first index of `sorted` (from `lo`) whose value is not below x. */
 function lowerBound(sorted: readonly number[], x: number, lo = 0): number {
   let hi = sorted.length;
-  while (lo < hi) { const m = (lo + hi) >> 1; if (sorted[m]! < x) lo = m + 1; else hi = m; }
+  while (lo < hi) {
+    const m = (lo + hi) >> 1;
+    if (sorted[m]! < x) lo = m + 1;
+    else hi = m;
+  }
   return lo;
 }
 
@@ -194,16 +259,24 @@ function line(pts: Array<[number, number]>, slope?: number): { a: number; b: num
   const my = pts.reduce((s, p) => s + p[1], 0) / pts.length;
   let b = slope;
   if (b === undefined) {
-    let sxx = 0, sxy = 0;
-    for (const [x, y] of pts) { sxx += (x - mx) ** 2; sxy += (x - mx) * (y - my); }
+    let sxx = 0,
+      sxy = 0;
+    for (const [x, y] of pts) {
+      sxx += (x - mx) ** 2;
+      sxy += (x - mx) * (y - my);
+    }
     b = sxx > 1e-9 ? Math.max(0, sxy / sxx) : 0;
   }
   return { a: Math.max(0, my - b * mx), b };
 }
 
 export interface ReplayOptions {
-  rttMs?: number; cpus?: number;
-  /** Fixes the pause's per-page slope (e.g. from a profile that saw a wide range of checkpoint sizes; a trace at one period sees a narrow one). */
+  rttMs?: number;
+  cpus?: number;
+  /**
+   * Fixes the pause's per-page slope (e.g. from a profile that saw a wide range of checkpoint sizes; a trace at one
+   * period sees a narrow one).
+   */
   pausePerPageMs?: number;
   /** See SimWorkload.pauseBusyMs; the pause model is fitted with it taken off the busy pauses. */
   pauseBusyMs?: number;
@@ -227,13 +300,20 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
   const epochs = t.epochs.map((e) => ({ ...e, ids: decodePages(e.pages) }));
   // A recorded set holds what the guest dirtied from the end of the previous pause (it runs while
   // the engine finishes the capture) to this checkpoint's pause.
-  const ep = epochs.map((e, i) => ({ start: i === 0 ? 0 : epochs[i - 1]!.endMs + epochs[i - 1]!.pauseMs, end: e.endMs, ids: e.ids }));
+  const ep = epochs.map((e, i) => ({
+    start: i === 0 ? 0 : epochs[i - 1]!.endMs + epochs[i - 1]!.pauseMs,
+    end: e.endMs,
+    ids: e.ids,
+  }));
   // The guest runs on between the policy's decision and QEMU stopping it (the median over the trace).
   const triggers = epochs.filter((e) => e.decidedMs !== undefined).map((e) => Math.max(0, e.endMs - e.decidedMs!));
   const triggerMs = triggers.length ? median(triggers) : 0;
   const busy = busyPauses(t);
   const extra = o.pauseBusyMs ?? 0;
-  const pl = line(epochs.map((e, i) => [e.ids.length, busy[i] ? Math.max(0, e.pauseMs - extra) : e.pauseMs]), o.pausePerPageMs);
+  const pl = line(
+    epochs.map((e, i) => [e.ids.length, busy[i] ? Math.max(0, e.pauseMs - extra) : e.pauseMs]),
+    o.pausePerPageMs,
+  );
   const pm = { fixedMs: pl.a, perPageMs: pl.b };
   // The standby handles one checkpoint at a time, working on its bytes as they arrive: a recorded
   // ack also holds the wait behind the previous one. Service time = ack − max(sent, previous ack)
@@ -241,7 +321,10 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
   const service: Array<[number, number]> = [];
   let prevAck = Number.NEGATIVE_INFINITY;
   for (const e of epochs) {
-    if (e.ackMs === undefined) { prevAck = Number.NEGATIVE_INFINITY; continue; }
+    if (e.ackMs === undefined) {
+      prevAck = Number.NEGATIVE_INFINITY;
+      continue;
+    }
     const sent = e.endMs + e.pauseMs;
     const ack = sent + e.ackMs - rttMs;
     service.push([e.bytes / 1e6, Math.max(0, ack - Math.max(sent, prevAck))]);
@@ -250,7 +333,10 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
   const cl = line(service);
   const overheadBytes = Math.max(0, median(epochs.map((e) => e.bytes - e.ids.length * PAGE_BYTES)));
   // Output frames at their recorded times with their recorded sizes (older traces: the default size).
-  const outPairs = t.outputMs.map((x, i) => [x, t.outputBytes?.[i] ?? DEFAULT_FRAME_BYTES] as const).filter(([x]) => x >= 0).sort((a, b) => a[0] - b[0]);
+  const outPairs = t.outputMs
+    .map((x, i) => [x, t.outputBytes?.[i] ?? DEFAULT_FRAME_BYTES] as const)
+    .filter(([x]) => x >= 0)
+    .sort((a, b) => a[0] - b[0]);
   const outs = outPairs.map(([x]) => x);
   const outBytes = outPairs.map(([, b]) => b);
   const flushes = t.diskFlushesMs.filter((x) => x >= 0).sort((a, b) => a - b);
@@ -278,7 +364,11 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
       let k = 1;
       let pk = Math.exp(-mu) * mu;
       let cdf = pk;
-      while (cdf < u && k < 24) { k++; pk *= mu / k; cdf += pk; }
+      while (cdf < u && k < 24) {
+        k++;
+        pk *= mu / k;
+        cdf += pk;
+      }
       at.push(unit(id, i));
       for (let m = 1; m < k; m++) at.push(unit(id ^ Math.imul(m, 0x165667b1), i));
     }
@@ -323,7 +413,9 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
     },
     writes: (tMs, step) => countIn(diskWrites, tMs, tMs + step),
     // Clients' answers are as large as the recorded frames (their median).
-    ...(o.clients ? { clients: { frameBytes: outBytes.length ? median(outBytes) : DEFAULT_FRAME_BYTES, ...o.clients } } : {}),
+    ...(o.clients
+      ? { clients: { frameBytes: outBytes.length ? median(outBytes) : DEFAULT_FRAME_BYTES, ...o.clients } }
+      : {}),
     flushes: (tMs, step) => countIn(flushes, tMs, tMs + step),
     bandwidthBytesPerMs: () => bandwidthBytesPerMs,
     rttMs,
@@ -334,5 +426,12 @@ export function traceWorkload(t: Trace, bandwidthBytesPerMs: number, o: ReplayOp
     ...(o.pauseBusyMs !== undefined ? { pauseBusyMs: o.pauseBusyMs } : {}),
     ...(o.guestStallMs !== undefined ? { guestStallMs: o.guestStallMs } : {}),
   };
-  return { workload: w, durationMs, pause: { fixedMs: pm.fixedMs, perPageMs: pm.perPageMs }, commit: { fixedMs: cl.a, perMbMs: cl.b }, triggerMs, overheadBytes };
+  return {
+    workload: w,
+    durationMs,
+    pause: { fixedMs: pm.fixedMs, perPageMs: pm.perPageMs },
+    commit: { fixedMs: cl.a, perMbMs: cl.b },
+    triggerMs,
+    overheadBytes,
+  };
 }

@@ -7,14 +7,23 @@ import { RubatoError, type ErrorCode } from './errors.ts';
 export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   if (signal?.aborted) return Promise.resolve();
   return new Promise((resolve) => {
-    const done = () => { clearTimeout(t); signal?.removeEventListener('abort', done); resolve(); };
+    const done = () => {
+      clearTimeout(t);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    };
     const t = setTimeout(done, Math.max(0, ms));
     signal?.addEventListener('abort', done, { once: true });
   });
 }
 
 /** Polls `f` every `everyMs` until it returns a value (not undefined, null or false); RUBATO_TIMEOUT after `ms`. */
-export async function waitFor<T>(f: () => T | undefined | null | false, ms: number, what: string, everyMs = 25): Promise<T> {
+export async function waitFor<T>(
+  f: () => T | undefined | null | false,
+  ms: number,
+  what: string,
+  everyMs = 25,
+): Promise<T> {
   const until = Date.now() + ms;
   for (;;) {
     const v = f();
@@ -25,7 +34,12 @@ export async function waitFor<T>(f: () => T | undefined | null | false, ms: numb
 }
 
 /** `p`, or a RubatoError with `code` once `ms` have passed. */
-export function withTimeout<T>(p: Promise<T>, ms: number, what: string, code: ErrorCode = 'RUBATO_STREAM_TIMEOUT'): Promise<T> {
+export function withTimeout<T>(
+  p: Promise<T>,
+  ms: number,
+  what: string,
+  code: ErrorCode = 'RUBATO_STREAM_TIMEOUT',
+): Promise<T> {
   let timer: NodeJS.Timeout;
   return Promise.race([
     p.finally(() => clearTimeout(timer)),
@@ -38,7 +52,10 @@ export function withTimeout<T>(p: Promise<T>, ms: number, what: string, code: Er
 /** Splits a byte or text stream into lines; keeps at most `maxLineBytes` of an unterminated line. */
 export class LineSplitter {
   private partial = '';
-  constructor(private readonly onLine: (line: string) => void, private readonly maxLineBytes = 1 << 16) {}
+  constructor(
+    private readonly onLine: (line: string) => void,
+    private readonly maxLineBytes = 1 << 16,
+  ) {}
   push(chunk: Buffer | string): void {
     const lines = (this.partial + chunk.toString()).split('\n');
     this.partial = (lines.pop() ?? '').slice(-this.maxLineBytes);

@@ -27,7 +27,10 @@ export class ByteReader {
 
   private consumedSome(): void {
     const f = this.flow;
-    if (f?.paused && this.avail < f.low) { f.paused = false; f.resume(); }
+    if (f?.paused && this.avail < f.low) {
+      f.paused = false;
+      f.resume();
+    }
   }
 
   push(chunk: Buffer): void {
@@ -35,7 +38,10 @@ export class ByteReader {
     this.chunks.push(chunk);
     this.avail += chunk.length;
     const f = this.flow;
-    if (f && !f.paused && this.avail > f.high) { f.paused = true; f.pause(); }
+    if (f && !f.paused && this.avail > f.high) {
+      f.paused = true;
+      f.pause();
+    }
     if (this.waiter && this.avail >= this.waiter.n) {
       const w = this.waiter;
       this.waiter = null;
@@ -58,7 +64,13 @@ export class ByteReader {
   /** The producer is gone: pending and future waits fail with this error. */
   end(err?: Error): void {
     if (this.endError) return;
-    this.endError = err ?? new RubatoError('RUBATO_STREAM_TRUNCATED', `${this.what}: stream ended after ${this.consumed + this.avail} bytes`, { offset: this.consumed + this.avail });
+    this.endError =
+      err ??
+      new RubatoError(
+        'RUBATO_STREAM_TRUNCATED',
+        `${this.what}: stream ended after ${this.consumed + this.avail} bytes`,
+        { offset: this.consumed + this.avail },
+      );
     if (this.waiter) {
       const w = this.waiter;
       this.waiter = null;
@@ -66,19 +78,46 @@ export class ByteReader {
     }
   }
 
-  get available(): number { return this.avail; }
-  get ended(): boolean { return this.endError !== null; }
-  has(n: number): boolean { return this.avail >= n; }
+  get available(): number {
+    return this.avail;
+  }
+  get ended(): boolean {
+    return this.endError !== null;
+  }
+  has(n: number): boolean {
+    return this.avail >= n;
+  }
 
   need(n: number): Promise<void> {
     if (this.avail >= n) return Promise.resolve();
     if (this.endError) {
-      return Promise.reject(new RubatoError('RUBATO_STREAM_TRUNCATED', `${this.what}: stream ended at byte ${this.consumed + this.avail} while ${n} more bytes were expected`, { offset: this.consumed + this.avail }));
+      return Promise.reject(
+        new RubatoError(
+          'RUBATO_STREAM_TRUNCATED',
+          `${this.what}: stream ended at byte ${this.consumed + this.avail} while ${n} more bytes were expected`,
+          { offset: this.consumed + this.avail },
+        ),
+      );
     }
     if (this.waiter) return Promise.reject(new Error('ByteReader: concurrent need()'));
-    if (this.flow?.paused) { this.flow.paused = false; this.flow.resume(); }
+    if (this.flow?.paused) {
+      this.flow.paused = false;
+      this.flow.resume();
+    }
     return new Promise((resolve, reject) => {
-      this.waiter = { n, resolve, reject: (e) => reject(new RubatoError('RUBATO_STREAM_TRUNCATED', `${this.what}: stream ended at byte ${this.consumed + this.avail} while ${n} bytes were expected (${e.message})`, { offset: this.consumed + this.avail }, { cause: e })) };
+      this.waiter = {
+        n,
+        resolve,
+        reject: (e) =>
+          reject(
+            new RubatoError(
+              'RUBATO_STREAM_TRUNCATED',
+              `${this.what}: stream ended at byte ${this.consumed + this.avail} while ${n} bytes were expected (${e.message})`,
+              { offset: this.consumed + this.avail },
+              { cause: e },
+            ),
+          ),
+      };
     });
   }
 
@@ -91,7 +130,10 @@ export class ByteReader {
     if (first.length - this.head >= n) {
       out = first.subarray(this.head, this.head + n);
       this.head += n;
-      if (this.head === first.length) { this.chunks.shift(); this.head = 0; }
+      if (this.head === first.length) {
+        this.chunks.shift();
+        this.head = 0;
+      }
     } else {
       out = Buffer.allocUnsafe(n);
       let filled = 0;
@@ -101,7 +143,10 @@ export class ByteReader {
         c.copy(out, filled, this.head, this.head + k);
         filled += k;
         this.head += k;
-        if (this.head === c.length) { this.chunks.shift(); this.head = 0; }
+        if (this.head === c.length) {
+          this.chunks.shift();
+          this.head = 0;
+        }
       }
     }
     this.avail -= n;
@@ -119,23 +164,45 @@ export class ByteReader {
     const c = this.chunks[0]!;
     const v = c[this.head]!;
     this.head++;
-    if (this.head === c.length) { this.chunks.shift(); this.head = 0; }
+    if (this.head === c.length) {
+      this.chunks.shift();
+      this.head = 0;
+    }
     this.avail--;
     this.consumed++;
     return v;
   }
 
-  be16(): number { return this.take(2).readUInt16BE(0); }
-  be32(): number { return this.take(4).readUInt32BE(0); }
+  be16(): number {
+    return this.take(2).readUInt16BE(0);
+  }
+  be32(): number {
+    return this.take(4).readUInt32BE(0);
+  }
   /** Big-endian 64-bit as a JS number (exact below 2^53: RAM offsets and sizes). */
   be64(): number {
     const b = this.take(8);
     return b.readUInt32BE(0) * 0x1_0000_0000 + b.readUInt32BE(4);
   }
 
-  async readU8(): Promise<number> { if (!this.has(1)) await this.need(1); return this.u8(); }
-  async readBe32(): Promise<number> { if (!this.has(4)) await this.need(4); return this.be32(); }
-  async readBe64(): Promise<number> { if (!this.has(8)) await this.need(8); return this.be64(); }
-  async readBytes(n: number): Promise<Buffer> { if (!this.has(n)) await this.need(n); return this.take(n); }
-  async readString8(): Promise<string> { const n = await this.readU8(); return (await this.readBytes(n)).toString('latin1'); }
+  async readU8(): Promise<number> {
+    if (!this.has(1)) await this.need(1);
+    return this.u8();
+  }
+  async readBe32(): Promise<number> {
+    if (!this.has(4)) await this.need(4);
+    return this.be32();
+  }
+  async readBe64(): Promise<number> {
+    if (!this.has(8)) await this.need(8);
+    return this.be64();
+  }
+  async readBytes(n: number): Promise<Buffer> {
+    if (!this.has(n)) await this.need(n);
+    return this.take(n);
+  }
+  async readString8(): Promise<string> {
+    const n = await this.readU8();
+    return (await this.readBytes(n)).toString('latin1');
+  }
 }

@@ -25,7 +25,10 @@ function fn(): GcFn | null {
 export class GarbageMeter {
   private since = 0;
   /** `async`: the collection runs incrementally (a latency-critical loop is not stopped for it). */
-  constructor(private readonly everyBytes: number, private readonly execution: 'sync' | 'async' = 'sync') {}
+  constructor(
+    private readonly everyBytes: number,
+    private readonly execution: 'sync' | 'async' = 'sync',
+  ) {}
   add(bytes: number): void {
     this.since += bytes;
     if (this.since < this.everyBytes) return;

@@ -4,7 +4,15 @@
 
 import { cpus } from 'node:os';
 
-const totals = () => cpus().reduce((a, c) => ({ cores: a.cores + 1, idle: a.idle + c.times.idle, all: a.all + c.times.idle + c.times.user + c.times.nice + c.times.sys + c.times.irq }), { cores: 0, idle: 0, all: 0 });
+const totals = () =>
+  cpus().reduce(
+    (a, c) => ({
+      cores: a.cores + 1,
+      idle: a.idle + c.times.idle,
+      all: a.all + c.times.idle + c.times.user + c.times.nice + c.times.sys + c.times.irq,
+    }),
+    { cores: 0, idle: 0, all: 0 },
+  );
 
 export class HostIdleMeter {
   private last = totals();

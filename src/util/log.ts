@@ -28,11 +28,18 @@ function fmt(fields?: Record<string, unknown>): string {
     .join('');
 }
 
-/** One log event as a JSON line: time (ISO 8601), level, component, message, then its fields (never overriding those four). */
+/**
+ * One log event as a JSON line: time (ISO 8601), level, component, message, then its fields (never overriding those
+ * four).
+ */
 export function jsonLine(level: Level, component: string, message: string, fields?: Record<string, unknown>): string {
   const rec: Record<string, unknown> = { time: new Date().toISOString(), level, component, message };
   for (const [k, v] of Object.entries(fields ?? {})) if (!(k in rec)) rec[k] = v instanceof Error ? v.message : v;
-  try { return JSON.stringify(rec); } catch { return JSON.stringify({ time: rec['time'], level, component, message }); }
+  try {
+    return JSON.stringify(rec);
+  } catch {
+    return JSON.stringify({ time: rec['time'], level, component, message });
+  }
 }
 
 export function logger(component: string): Logger {

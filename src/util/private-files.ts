@@ -16,11 +16,19 @@ const CREATE = constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | cons
 export function ensurePrivateDir(dir: string, what = 'state folder'): void {
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   const st = lstatSync(dir);
-  if (st.isSymbolicLink() || !st.isDirectory()) throw new RubatoError('RUBATO_CONFIG', `${what} ${dir} is not a folder (a symlink or a file); give a real folder`);
+  if (st.isSymbolicLink() || !st.isDirectory())
+    throw new RubatoError('RUBATO_CONFIG', `${what} ${dir} is not a folder (a symlink or a file); give a real folder`);
   const uid = process.getuid?.() ?? st.uid;
-  if (st.uid !== uid) throw new RubatoError('RUBATO_CONFIG', `${what} ${dir} belongs to user ${st.uid}, not to this user (${uid}); use a folder of your own`);
+  if (st.uid !== uid)
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      `${what} ${dir} belongs to user ${st.uid}, not to this user (${uid}); use a folder of your own`,
+    );
   if ((st.mode & 0o022) !== 0) {
-    throw new RubatoError('RUBATO_CONFIG', `${what} ${dir} is writable by other users (mode ${(st.mode & 0o777).toString(8)}); chmod 700 it`);
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      `${what} ${dir} is writable by other users (mode ${(st.mode & 0o777).toString(8)}); chmod 700 it`,
+    );
   }
   if ((st.mode & 0o077) !== 0) chmodSync(dir, 0o700);
 }
@@ -30,7 +38,8 @@ export async function openPrivate(path: string, flags: number = CREATE) {
   try {
     return await open(path, flags, 0o600);
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ELOOP') throw new RubatoError('RUBATO_CONFIG', `${path} is a symlink; Rubato does not write through symlinks`);
+    if ((e as NodeJS.ErrnoException).code === 'ELOOP')
+      throw new RubatoError('RUBATO_CONFIG', `${path} is a symlink; Rubato does not write through symlinks`);
     throw e;
   }
 }
@@ -59,5 +68,9 @@ export async function writePrivateAtomic(path: string, data: Buffer, durable: bo
 /** Makes a rename (or a new file) in `dir` durable. */
 export function fsyncDir(dir: string): void {
   const fd = openSync(dir, constants.O_RDONLY | constants.O_DIRECTORY);
-  try { fsyncSync(fd); } finally { closeSync(fd); }
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
 }

@@ -25,7 +25,10 @@ let shuttingDown = false;
 export function onShutdown(hook: () => Promise<void>): () => void {
   hookExit();
   shutdownHooks.push(hook);
-  return () => { const i = shutdownHooks.indexOf(hook); if (i >= 0) shutdownHooks.splice(i, 1); };
+  return () => {
+    const i = shutdownHooks.indexOf(hook);
+    if (i >= 0) shutdownHooks.splice(i, 1);
+  };
 }
 
 function hookExit(): void {
@@ -35,7 +38,10 @@ function hookExit(): void {
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
     process.on(sig, () => {
       const code = sig === 'SIGINT' ? 130 : 143;
-      if (shuttingDown) { killAllSync(); process.exit(code); }
+      if (shuttingDown) {
+        killAllSync();
+        process.exit(code);
+      }
       shuttingDown = true;
       const hooks = [...shutdownHooks].reverse();
       if (hooks.length) log.info(`${sig}: stopping in order`);
@@ -43,12 +49,25 @@ function hookExit(): void {
       const all = (async () => {
         let ok = hooks.length > 0;
         for (const h of hooks) {
-          try { await h(); } catch (e) { ok = false; log.warn(`shutdown step failed: ${e instanceof Error ? e.message : String(e)}`); }
+          try {
+            await h();
+          } catch (e) {
+            ok = false;
+            log.warn(`shutdown step failed: ${e instanceof Error ? e.message : String(e)}`);
+          }
         }
         return ok ? 0 : code;
       })();
-      const grace = new Promise<number>((r) => setTimeout(() => { log.warn(`orderly stop took over ${SHUTDOWN_GRACE_MS} ms; ending what is left`); r(code); }, SHUTDOWN_GRACE_MS).unref());
-      void Promise.race([all, grace]).then((exitCode) => { killAllSync(); process.exit(exitCode); });
+      const grace = new Promise<number>((r) =>
+        setTimeout(() => {
+          log.warn(`orderly stop took over ${SHUTDOWN_GRACE_MS} ms; ending what is left`);
+          r(code);
+        }, SHUTDOWN_GRACE_MS).unref(),
+      );
+      void Promise.race([all, grace]).then((exitCode) => {
+        killAllSync();
+        process.exit(exitCode);
+      });
     });
   }
 }
@@ -64,7 +83,12 @@ export interface TrackedProcess {
   stop(graceMs?: number): Promise<void>;
 }
 
-export function spawnTracked(name: string, file: string, args: readonly string[], opts: SpawnOptions = {}): TrackedProcess {
+export function spawnTracked(
+  name: string,
+  file: string,
+  args: readonly string[],
+  opts: SpawnOptions = {},
+): TrackedProcess {
   hookExit();
   const [cmd, argv] = SETPRIV ? [SETPRIV, ['--pdeathsig', 'SIGKILL', '--', file, ...args]] : [file, [...args]];
   const child = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
@@ -73,7 +97,16 @@ export function spawnTracked(name: string, file: string, args: readonly string[]
     const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
       child.once('error', () => resolve({ code: -1, signal: null }));
     });
-    return { name, pid: -1, child, exited, kill: () => {}, stop: async () => { await exited; } };
+    return {
+      name,
+      pid: -1,
+      child,
+      exited,
+      kill: () => {},
+      stop: async () => {
+        await exited;
+      },
+    };
   }
   const pid = child.pid;
   live.set(pid, { name, child });
@@ -86,11 +119,18 @@ export function spawnTracked(name: string, file: string, args: readonly string[]
   log.debug('spawned', { name, pid });
   const kill = (signal: NodeJS.Signals = 'SIGKILL') => {
     if (live.has(pid)) {
-      try { process.kill(pid, signal); } catch { /* already gone */ }
+      try {
+        process.kill(pid, signal);
+      } catch {
+        /* already gone */
+      }
     }
   };
   const stop = async (graceMs = 2000) => {
-    if (!live.has(pid)) { await exited; return; }
+    if (!live.has(pid)) {
+      await exited;
+      return;
+    }
     kill('SIGTERM');
     const timer = setTimeout(() => kill('SIGKILL'), graceMs);
     await exited;
@@ -105,19 +145,28 @@ export function liveProcesses(): Array<{ pid: number; name: string }> {
 
 export function killAllSync(): void {
   for (const [pid] of live) {
-    try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
   }
 }
 
 /** Runs a command to completion, collecting output; for setup steps and helpers. */
-export function runCommand(file: string, args: readonly string[], opts: SpawnOptions & { onLine?: (line: string) => void } = {}):
-  Promise<{ code: number; stdout: string; stderr: string }> {
+export function runCommand(
+  file: string,
+  args: readonly string[],
+  opts: SpawnOptions & { onLine?: (line: string) => void } = {},
+): Promise<{ code: number; stdout: string; stderr: string }> {
   const { onLine, ...spawnOpts } = opts;
   const p = spawnTracked(file.split('/').pop() ?? file, file, args, spawnOpts);
   let stdout = '';
   let stderr = '';
   const lines = onLine ? new LineSplitter(onLine) : null;
-  p.child.stdout?.on('data', (d: Buffer) => { stdout += d.toString(); });
+  p.child.stdout?.on('data', (d: Buffer) => {
+    stdout += d.toString();
+  });
   p.child.stderr?.on('data', (d: Buffer) => {
     const s = d.toString();
     stderr += s;

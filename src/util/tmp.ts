@@ -11,7 +11,9 @@ let hooked = false;
 export function makeTempDir(prefix = 'rubato-', base?: string): string {
   if (!hooked) {
     hooked = true;
-    process.on('exit', () => { for (const d of dirs) rmSync(d, { recursive: true, force: true }); });
+    process.on('exit', () => {
+      for (const d of dirs) rmSync(d, { recursive: true, force: true });
+    });
   }
   const root = base ?? (existsSync('/dev/shm') ? '/dev/shm' : tmpdir());
   const dir = mkdtempSync(join(root, prefix));

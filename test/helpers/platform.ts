@@ -5,10 +5,20 @@ import { resolveAccel } from '../../src/qemu/accel.ts';
 import type { QemuBinary } from '../../src/qemu/vm.ts';
 import type { Accel } from '../../src/qemu/spec.ts';
 
-export interface TestPlatform { accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string } }
+export interface TestPlatform {
+  accel: Accel;
+  binary: QemuBinary;
+  guest: { kernel: string; initrd: string };
+}
 
 export async function testPlatform(): Promise<TestPlatform> {
   const guest = await ensureGuestImage();
-  const accel = (await resolveAccel((process.env['RUBATO_TEST_ACCEL'] as 'auto' | 'kvm' | 'tcg' | undefined) ?? 'auto', stockQemu(), guest)).accel;
+  const accel = (
+    await resolveAccel(
+      (process.env['RUBATO_TEST_ACCEL'] as 'auto' | 'kvm' | 'tcg' | undefined) ?? 'auto',
+      stockQemu(),
+      guest,
+    )
+  ).accel;
   return { accel, binary: accel === 'tcg' ? await ensurePatchedQemu() : stockQemu(), guest };
 }

@@ -13,18 +13,50 @@ export const RUBATO_BIN = RUBATO_COMMAND;
 export function rubatoProcess(name: string, args: string[], logLevel = 'warn'): { proc: TrackedProcess; events: Ev[] } {
   const proc = spawnTracked(name, RUBATO_BIN, args, { env: { ...process.env, RUBATO_LOG: logLevel } });
   const events: Ev[] = [];
-  const lines = new LineSplitter((l) => { try { events.push(JSON.parse(l) as Ev); } catch { /* not an event */ } });
+  const lines = new LineSplitter((l) => {
+    try {
+      events.push(JSON.parse(l) as Ev);
+    } catch {
+      /* not an event */
+    }
+  });
   proc.child.stdout?.on('data', (d: Buffer) => lines.push(d));
   return { proc, events };
 }
 
-export const alive = (pid: number): boolean => { try { process.kill(pid, 0); return true; } catch { return false; } };
+export const alive = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
 
-/** A pre-shared key and a VM definition of the test guest (a slow memory dirtier) in `dir`, for a pair run by the product commands. */
-export function writeTestVm(dir: string, name: string, guest: { kernel: string; initrd: string }): { key: string; vmFile: string } {
+/**
+ * A pre-shared key and a VM definition of the test guest (a slow memory dirtier) in `dir`, for a pair run by the
+ * product commands.
+ */
+export function writeTestVm(
+  dir: string,
+  name: string,
+  guest: { kernel: string; initrd: string },
+): { key: string; vmFile: string } {
   const key = join(dir, 'psk');
   writeKeyFile(key);
   const vmFile = join(dir, 'vm.json');
-  writeFileSync(vmFile, JSON.stringify({ name, memoryMiB: 128, accelerator: 'auto', boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,2,8' } }));
+  writeFileSync(
+    vmFile,
+    JSON.stringify({
+      name,
+      memoryMiB: 128,
+      accelerator: 'auto',
+      boot: {
+        kernel: guest.kernel,
+        initrd: guest.initrd,
+        append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,2,8',
+      },
+    }),
+  );
   return { key, vmFile };
 }

@@ -24,14 +24,23 @@ before(async () => {
   ({ accel, binary, guest } = await testPlatform());
 });
 
-test('guest memory is encrypted on the wire; a flipped bit re-synchronises the pair instead of failing over', { timeout: 240_000 }, async () => {
+test('guest memory is encrypted on the wire; a flipped bit re-synchronises the pair instead of failing over', {
+  timeout: 240_000,
+}, async () => {
   const dir = makeTempDir('rubato-channel-');
   const psk = randomBytes(32);
   const sEvents: StandbyEvent[] = [];
   const pEvents: PrimaryEvent[] = [];
   const standby = new StandbyController({
-    host: '127.0.0.1', port: 0, stateDir: join(dir, 'standby'), psk, heartbeatMs: 50, timeoutMs: 800, fsync: false,
-    binaryFor: async () => binary, onEvent: (e) => sEvents.push(e),
+    host: '127.0.0.1',
+    port: 0,
+    stateDir: join(dir, 'standby'),
+    psk,
+    heartbeatMs: 50,
+    timeoutMs: 800,
+    fsync: false,
+    binaryFor: async () => binary,
+    onEvent: (e) => sEvents.push(e),
   });
   const proxy = new CuttableProxy(0);
   let vm: QemuVm | null = null;
@@ -48,9 +57,27 @@ test('guest memory is encrypted on the wire; a flipped bit re-synchronises the p
       tail = w.subarray(Math.max(0, w.length - marker.length));
     };
     const port = await proxy.listen();
-    vm = await QemuVm.start({ name: 'ch', accel, cpus: 1, memMb: 96, kernel: guest.kernel, initrd: guest.initrd, append: guestAppend(['dirtier', 10, 16]) }, { binary, runDir: dir });
+    vm = await QemuVm.start(
+      {
+        name: 'ch',
+        accel,
+        cpus: 1,
+        memMb: 96,
+        kernel: guest.kernel,
+        initrd: guest.initrd,
+        append: guestAppend(['dirtier', 10, 16]),
+      },
+      { binary, runDir: dir },
+    );
     const p = new PrimaryController({
-      vm, runDir: dir, standby: { host: '127.0.0.1', port }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: 800, retryMs: 200,
+      vm,
+      runDir: dir,
+      standby: { host: '127.0.0.1', port },
+      psk,
+      periodMs: 25,
+      heartbeatMs: 50,
+      timeoutMs: 800,
+      retryMs: 200,
       onEvent: (e) => pEvents.push(e),
     });
     primary = p;
@@ -64,7 +91,10 @@ test('guest memory is encrypted on the wire; a flipped bit re-synchronises the p
     const zero = Buffer.alloc(4096);
     let dataBytes = 0;
     for (let o = 0; o < image.length; o += 4096) if (!image.subarray(o, o + 4096).equals(zero)) dataBytes += 4096;
-    assert.ok(dataBytes > 8 << 20 && proxy.forwarded > dataBytes, `the full image crossed the proxy (${proxy.forwarded} bytes for ${dataBytes} bytes of non-zero pages)`);
+    assert.ok(
+      dataBytes > 8 << 20 && proxy.forwarded > dataBytes,
+      `the full image crossed the proxy (${proxy.forwarded} bytes for ${dataBytes} bytes of non-zero pages)`,
+    );
 
     // One bit flipped in the next checkpoint frame.
     const generation = p.pipeline.generation;
@@ -72,9 +102,17 @@ test('guest memory is encrypted on the wire; a flipped bit re-synchronises the p
     await waitFor(() => p.pipeline.generation > generation && p.protected, 60_000, 're-synchronised');
     await waitFor(() => p.ackedEpoch >= 5, 60_000, 'checkpoints acknowledged again');
     await sleep(1000); // past the standby's liveness timeout
-    assert.equal(sEvents.find((e) => e.event === 'failover' || e.event === 'primary-lost'), undefined, 'no failover after a corrupted frame');
+    assert.equal(
+      sEvents.find((e) => e.event === 'failover' || e.event === 'primary-lost'),
+      undefined,
+      'no failover after a corrupted frame',
+    );
     assert.equal(standby.state, 'protecting');
-    assert.equal(pEvents.filter((e) => e.event === 'protecting').length, 2, 'protected, then protected again after the re-sync');
+    assert.equal(
+      pEvents.filter((e) => e.event === 'protecting').length,
+      2,
+      'protected, then protected again after the re-sync',
+    );
     assert.equal(clearText, 0, 'still nothing in clear text after the re-sync');
   } finally {
     await primary?.stop();

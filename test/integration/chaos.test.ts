@@ -15,7 +15,9 @@ import { liveNamespaces } from '../../src/io/net/netns.ts';
 
 const accel = (process.env['RUBATO_TEST_ACCEL'] as 'auto' | undefined) ?? 'auto';
 
-test('chaos: every fault kind in turn; no acknowledged write lost, never two live copies, failovers only where one is due', { timeout: 900_000 }, async () => {
+test('chaos: every fault kind in turn; no acknowledged write lost, never two live copies, failovers only where one is due', {
+  timeout: 900_000,
+}, async () => {
   const rounds = Number(process.env['RUBATO_CHAOS_ROUNDS'] ?? 9);
   const r = await runChaos({ rounds, faults: FAULTS, seconds: 2, policy: 'model', timeoutMs: 500, conns: 4, accel });
   process.stderr.write(`chaos: ${JSON.stringify({ ...r, lostKeys: r.lostKeys.length })}\n`);
@@ -28,20 +30,45 @@ test('chaos: every fault kind in turn; no acknowledged write lost, never two liv
   assert.equal(r.splitBrain, 0, 'never two copies answering');
   assert.ok(r.acknowledged > 100, `acknowledged ${r.acknowledged}`);
   assert.equal(r.lost, 0, `lost writes: ${r.lostKeys.slice(0, 5).join(', ')}`);
-  assert.ok(r.connectionsTotal > 0 && r.connectionsSurvived === r.connectionsTotal, `connections ${r.connectionsSurvived}/${r.connectionsTotal}`);
+  assert.ok(
+    r.connectionsTotal > 0 && r.connectionsSurvived === r.connectionsTotal,
+    `connections ${r.connectionsSurvived}/${r.connectionsTotal}`,
+  );
   for (const d of r.detail.filter((x) => x.failover)) assert.ok(d.failoverMs! < 5000, `failover in ${d.failoverMs} ms`);
 });
 
-test('chaos without a witness: a partition makes the standby go live beside the primary, and the detector sees it', { timeout: 600_000 }, async () => {
-  const r = await runChaos({ rounds: 1, faults: ['partition'], seconds: 2, policy: 'model', timeoutMs: 500, conns: 2, accel, witness: false });
+test('chaos without a witness: a partition makes the standby go live beside the primary, and the detector sees it', {
+  timeout: 600_000,
+}, async () => {
+  const r = await runChaos({
+    rounds: 1,
+    faults: ['partition'],
+    seconds: 2,
+    policy: 'model',
+    timeoutMs: 500,
+    conns: 2,
+    accel,
+    witness: false,
+  });
   process.stderr.write(`chaos without witness: ${JSON.stringify({ ...r, lostKeys: r.lostKeys.length })}\n`);
   assert.equal(r.error, undefined);
   assert.equal(r.failovers, 1);
   assert.ok(r.splitBrain > 0, 'two copies answered in the same interval');
 });
 
-test('chaos with PostgreSQL: rows inserted by psql sessions survive primary kills, read back by one SELECT', { timeout: 900_000 }, async () => {
-  const r = await runChaos({ rounds: 2, faults: ['kill'], seconds: 3, policy: 'model', timeoutMs: 500, conns: 3, accel, service: 'postgres' });
+test('chaos with PostgreSQL: rows inserted by psql sessions survive primary kills, read back by one SELECT', {
+  timeout: 900_000,
+}, async () => {
+  const r = await runChaos({
+    rounds: 2,
+    faults: ['kill'],
+    seconds: 3,
+    policy: 'model',
+    timeoutMs: 500,
+    conns: 3,
+    accel,
+    service: 'postgres',
+  });
   process.stderr.write(`chaos postgres: ${JSON.stringify({ ...r, lostKeys: r.lostKeys.length, detail: undefined })}\n`);
   assert.equal(r.error, undefined);
   assert.equal(r.failovers, 2);

@@ -29,7 +29,9 @@ function metric(text: string, name: string, labels = ''): number | null {
   return null;
 }
 
-test('metrics, status and the live dashboard of a pair; the dashboard shows the failover', { timeout: 420_000 }, async () => {
+test('metrics, status and the live dashboard of a pair; the dashboard shows the failover', {
+  timeout: 420_000,
+}, async () => {
   const { guest } = await testPlatform();
   const executablePath = await ensureBrowser();
   const dir = makeTempDir('rubato-dash-');
@@ -40,18 +42,62 @@ test('metrics, status and the live dashboard of a pair; the dashboard shows the 
   const procs: TrackedProcess[] = [];
   let browser: Browser | null = null;
   try {
-    const b = rubatoProcess('standby-dash', ['standby', '--no-witness', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'b'), '--no-fsync', '--events', ...observe, ...link]);
+    const b = rubatoProcess('standby-dash', [
+      'standby',
+      '--no-witness',
+      '--listen',
+      `127.0.0.1:${port}`,
+      '--key',
+      key,
+      '--state-dir',
+      join(dir, 'b'),
+      '--no-fsync',
+      '--events',
+      ...observe,
+      ...link,
+    ]);
     procs.push(b.proc);
-    const bUrls = await waitFor(() => b.events.find((e) => e['event'] === 'observe'), 30_000, 'the standby\'s endpoints');
-    const a = rubatoProcess('protect-dash', ['protect', vmFile, '--no-witness', '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'a'), '--events', '--policy', 'fixed:50', ...observe, ...link]);
+    const bUrls = await waitFor(
+      () => b.events.find((e) => e['event'] === 'observe'),
+      30_000,
+      "the standby's endpoints",
+    );
+    const a = rubatoProcess('protect-dash', [
+      'protect',
+      vmFile,
+      '--no-witness',
+      '--standby',
+      `127.0.0.1:${port}`,
+      '--key',
+      key,
+      '--state-dir',
+      join(dir, 'a'),
+      '--events',
+      '--policy',
+      'fixed:50',
+      ...observe,
+      ...link,
+    ]);
     procs.push(a.proc);
-    const aUrls = await waitFor(() => a.events.find((e) => e['event'] === 'observe'), 60_000, 'the primary\'s endpoints');
+    const aUrls = await waitFor(
+      () => a.events.find((e) => e['event'] === 'observe'),
+      60_000,
+      "the primary's endpoints",
+    );
     const started = await waitFor(() => a.events.find((e) => e['event'] === 'started'), 120_000, 'the VM started');
-    await waitFor(() => a.events.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 10), 120_000, 'protected, ten checkpoints acknowledged');
-    await waitFor(() => a.events.find((e) => e['event'] === 'decisions'), 30_000, 'the scheduler\'s decisions reported');
+    await waitFor(
+      () => a.events.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 10),
+      120_000,
+      'protected, ten checkpoints acknowledged',
+    );
+    await waitFor(() => a.events.find((e) => e['event'] === 'decisions'), 30_000, "the scheduler's decisions reported");
 
     // Prometheus text on both sides (curl, as an operator would scrape it).
-    const curl = async (url: unknown) => { const r = await runCommand('curl', ['-sf', String(url)]); assert.equal(r.code, 0, `curl ${String(url)}: ${r.stderr}`); return r.stdout; };
+    const curl = async (url: unknown) => {
+      const r = await runCommand('curl', ['-sf', String(url)]);
+      assert.equal(r.code, 0, `curl ${String(url)}: ${r.stderr}`);
+      return r.stdout;
+    };
     const pm = await curl(aUrls['metrics']);
     assert.ok((metric(pm, 'rubato_checkpoint_pause_seconds_count') ?? 0) >= 10, 'the pause histogram has observations');
     assert.match(pm, /^rubato_checkpoint_pause_seconds_bucket\{le="0\.004",vm="dash1",role="primary"\} \d+$/m);
@@ -62,8 +108,12 @@ test('metrics, status and the live dashboard of a pair; the dashboard shows the 
     assert.ok((metric(pm, 'process_resident_memory_bytes') ?? 0) > 10e6);
     assert.notEqual(metric(pm, 'rubato_output_held_frames'), null);
     assert.notEqual(metric(pm, 'rubato_replica_lag_seconds'), null);
-    assert.ok((metric(pm, 'rubato_link_rtt_seconds') ?? 0) > 0, 'the link\'s round trip');
-    assert.match(pm, /^rubato_scheduler_decisions_total\{[^}]*reason="[a-z-]+"[^}]*\} [1-9]\d*$/m, 'decisions counted by reason');
+    assert.ok((metric(pm, 'rubato_link_rtt_seconds') ?? 0) > 0, "the link's round trip");
+    assert.match(
+      pm,
+      /^rubato_scheduler_decisions_total\{[^}]*reason="[a-z-]+"[^}]*\} [1-9]\d*$/m,
+      'decisions counted by reason',
+    );
     const sm = await curl(bUrls['metrics']);
     assert.ok((metric(sm, 'rubato_replica_commits_total') ?? 0) >= 10, 'the standby counts its commits');
     assert.equal(metric(sm, 'rubato_protected'), 1, 'the standby guards a live primary');
@@ -77,13 +127,26 @@ test('metrics, status and the live dashboard of a pair; the dashboard shows the 
     const errors: string[] = [];
     page.on('pageerror', (e) => errors.push(e.message));
     await page.goto(String(aUrls['dashboard']));
-    await page.waitForFunction(() => (window as unknown as { __rubato?: { samples: unknown[] } }).__rubato?.samples.length! >= 2, undefined, { timeout: 30_000 });
-    const r0 = await page.evaluate(() => (window as unknown as { __rubato: { redraws: number; samples: unknown[] } }).__rubato.redraws);
-    await page.waitForFunction((n) => (window as unknown as { __rubato: { redraws: number } }).__rubato.redraws >= n + 3, r0, { timeout: 30_000 });
+    await page.waitForFunction(
+      () => ((window as unknown as { __rubato?: { samples: unknown[] } }).__rubato?.samples.length ?? 0) >= 2,
+      undefined,
+      { timeout: 30_000 },
+    );
+    const r0 = await page.evaluate(
+      () => (window as unknown as { __rubato: { redraws: number; samples: unknown[] } }).__rubato.redraws,
+    );
+    await page.waitForFunction(
+      (n) => (window as unknown as { __rubato: { redraws: number } }).__rubato.redraws >= n + 3,
+      r0,
+      { timeout: 30_000 },
+    );
     assert.equal(await page.locator('canvas').count(), 4, 'four charts');
     assert.equal(await page.locator('#state').textContent(), 'PROTECTED');
     assert.match(String(await page.locator('#title').textContent()), /VM dash1/);
-    const last = await page.evaluate(() => { const s = (window as unknown as { __rubato: { samples: Array<Record<string, unknown>> } }).__rubato.samples; return s[s.length - 1]!; });
+    const last = await page.evaluate(() => {
+      const s = (window as unknown as { __rubato: { samples: Array<Record<string, unknown>> } }).__rubato.samples;
+      return s[s.length - 1]!;
+    });
     assert.ok(Number(last['ckptPerSec']) > 0, 'checkpoints per second plotted');
     assert.ok(Number(last['pauseMs']) > 0, 'pause plotted');
     mkdirSync(ARTIFACTS, { recursive: true });
@@ -92,15 +155,31 @@ test('metrics, status and the live dashboard of a pair; the dashboard shows the 
     const sb = await browser.newPage({ viewport: { width: 1280, height: 900 } });
     sb.on('pageerror', (e) => errors.push(e.message));
     await sb.goto(String(bUrls['dashboard']));
-    await sb.waitForFunction(() => (window as unknown as { __rubato?: { samples: unknown[] } }).__rubato?.samples.length! >= 1, undefined, { timeout: 30_000 });
+    await sb.waitForFunction(
+      () => ((window as unknown as { __rubato?: { samples: unknown[] } }).__rubato?.samples.length ?? 0) >= 1,
+      undefined,
+      { timeout: 30_000 },
+    );
     assert.equal(await sb.locator('#state').textContent(), 'GUARDING A REPLICA');
 
     // The primary host dies: its controller and QEMU killed by PID.
     process.kill(Number(started['controllerPid']), 'SIGKILL');
     process.kill(Number(started['qemuPid']), 'SIGKILL');
-    await sb.waitForFunction(() => (window as unknown as { __rubato: { events: Array<{ event: string }> } }).__rubato.events.some((e) => e.event === 'failover'), undefined, { timeout: 60_000 });
-    assert.match(String(await sb.locator('#event-list').textContent()), /failover: the guest runs here from checkpoint \d+/);
-    await sb.waitForFunction(() => document.querySelector('#role')?.textContent?.startsWith('primary'), undefined, { timeout: 30_000 });
+    await sb.waitForFunction(
+      () =>
+        (window as unknown as { __rubato: { events: Array<{ event: string }> } }).__rubato.events.some(
+          (e) => e.event === 'failover',
+        ),
+      undefined,
+      { timeout: 60_000 },
+    );
+    assert.match(
+      String(await sb.locator('#event-list').textContent()),
+      /failover: the guest runs here from checkpoint \d+/,
+    );
+    await sb.waitForFunction(() => document.querySelector('#role')?.textContent?.startsWith('primary'), undefined, {
+      timeout: 30_000,
+    });
     await sb.screenshot({ path: join(ARTIFACTS, 'dashboard-failover.png'), fullPage: true });
     const after = await curl(bUrls['metrics']);
     assert.equal(metric(after, 'rubato_failovers_total'), 1);

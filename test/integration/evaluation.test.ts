@@ -12,14 +12,28 @@ import { liveProcesses } from '../../src/util/procs.ts';
 import { testPlatform, type TestPlatform } from '../helpers/platform.ts';
 
 let p: TestPlatform;
-before(async () => { p = await testPlatform(); });
+before(async () => {
+  p = await testPlatform();
+});
 
 test('rubato bench --quick: report, figures and sane numbers', { timeout: 600_000 }, async () => {
   const out = makeTempDir('rubato-eval-');
   try {
-    const r = await runEvaluation({ ...p, quick: true, outDir: out }) as { report: string; figures: string[]; throughputRatio: Record<string, number>; validation: Array<{ role: string; metrics: Array<{ metric: string; live: number; simulated: number }> }> };
+    const r = (await runEvaluation({ ...p, quick: true, outDir: out })) as {
+      report: string;
+      figures: string[];
+      throughputRatio: Record<string, number>;
+      validation: Array<{ role: string; metrics: Array<{ metric: string; live: number; simulated: number }> }>;
+    };
     const md = readFileSync(r.report, 'utf8');
-    for (const h of ['## Workload characterisation', '## Throughput and latency', '## Which policy wins', '## Overhead as vCPUs grow', '## Simulator validation']) assert.ok(md.includes(h), `report has ${h}`);
+    for (const h of [
+      '## Workload characterisation',
+      '## Throughput and latency',
+      '## Which policy wins',
+      '## Overhead as vCPUs grow',
+      '## Simulator validation',
+    ])
+      assert.ok(md.includes(h), `report has ${h}`);
     assert.ok(r.figures.length >= 8);
     for (const f of r.figures) assert.ok(existsSync(f) && statSync(f).size > 500, `figure ${f}`);
     // Sane, not thresholds: the quick windows are 3 s on a noisy 2-core machine.
@@ -32,7 +46,8 @@ test('rubato bench --quick: report, figures and sane numbers', { timeout: 600_00
     assert.ok(r.validation.filter((v) => v.role !== 'recorded').length >= 2, 'predictions for the cells not recorded');
     for (const v of r.validation) {
       assert.ok(v.metrics.some((m) => m.metric === 'checkpoints/s'));
-      for (const m of v.metrics) assert.ok(Number.isFinite(m.live) && Number.isFinite(m.simulated), `${m.metric}: ${m.live} vs ${m.simulated}`);
+      for (const m of v.metrics)
+        assert.ok(Number.isFinite(m.live) && Number.isFinite(m.simulated), `${m.metric}: ${m.live} vs ${m.simulated}`);
     }
   } finally {
     removeTempDir(out);

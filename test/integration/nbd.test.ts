@@ -15,14 +15,31 @@ async function withServer(fn: (s: NbdServer, dir: string) => Promise<void>) {
   writeFileSync(join(dir, 'disk.img'), Buffer.alloc(8 << 20));
   const s = new NbdServer(join(dir, 'disk.img'), join(dir, 'nbd.sock'));
   await s.start();
-  try { await fn(s, dir); } finally { await s.close(); removeTempDir(dir); }
+  try {
+    await fn(s, dir);
+  } finally {
+    await s.close();
+    removeTempDir(dir);
+  }
 }
 
 test('qemu-io reads and writes through the server; writes mark their pages dirty', async () => {
   await withServer(async (s, dir) => {
     const url = `nbd+unix:///disk?socket=${join(dir, 'nbd.sock')}`;
     // the server lives in this process: the client must run asynchronously
-    const r = await runCommand('qemu-io', ['-f', 'raw', url, '-c', 'write -P 0xab 4096 8192', '-c', 'read -P 0xab 4096 8192', '-c', 'write -z 65536 4096', '-c', 'flush']);
+    const r = await runCommand('qemu-io', [
+      '-f',
+      'raw',
+      url,
+      '-c',
+      'write -P 0xab 4096 8192',
+      '-c',
+      'read -P 0xab 4096 8192',
+      '-c',
+      'write -z 65536 4096',
+      '-c',
+      'flush',
+    ]);
     assert.equal(r.code, 0, r.stderr + r.stdout);
     assert.doesNotMatch(r.stdout, /Pattern verification failed/);
     const img = readFileSync(join(dir, 'disk.img'));
@@ -30,7 +47,10 @@ test('qemu-io reads and writes through the server; writes mark their pages dirty
     assert.equal(img[4096 + 8191], 0xab);
     assert.equal(img[4095], 0);
     const e = s.cutEpoch();
-    assert.deepEqual([...e.pages.keys()].sort((a, b) => a - b), [4096, 8192, 65536]);
+    assert.deepEqual(
+      [...e.pages.keys()].sort((a, b) => a - b),
+      [4096, 8192, 65536],
+    );
     assert.equal(e.pages.get(4096)![0], 0xab);
     assert.ok(e.flushes >= 1);
     assert.equal(s.cutEpoch().pages.size, 0, 'a cut starts a fresh epoch');
@@ -50,7 +70,10 @@ function handshake(sock: Socket): Promise<void> {
           b.writeUInt32BE(1, 12); // EXPORT_NAME
           b.writeUInt32BE(4, 16);
           sock.write(Buffer.concat([b.subarray(0, 20), Buffer.from('disk')]));
-        } else if (got.length >= 28) { sock.off('data', onData); resolve(); }
+        } else if (got.length >= 28) {
+          sock.off('data', onData);
+          resolve();
+        }
       }
     };
     sock.on('data', onData);

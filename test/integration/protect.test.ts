@@ -21,23 +21,38 @@ import { sleep, waitFor } from '../../src/util/async.ts';
 import { testPlatform } from '../helpers/platform.ts';
 import { RUBATO_BIN, rubatoProcess } from '../helpers/rubato.ts';
 
-test('rubato protect: a disk-booted Debian VM on a bridge, output only after the standby committed, failover, the old primary\'s unit refused, re-protection', { timeout: 900_000 }, async () => {
-  const r = await runDebianDemo({ seconds: 4, memMb: 768, policy: 'model', heartbeatMs: 100, timeoutMs: 1000, accel: 'auto' }, () => {});
+test("rubato protect: a disk-booted Debian VM on a bridge, output only after the standby committed, failover, the old primary's unit refused, re-protection", {
+  timeout: 900_000,
+}, async () => {
+  const r = await runDebianDemo(
+    { seconds: 4, memMb: 768, policy: 'model', heartbeatMs: 100, timeoutMs: 1000, accel: 'auto' },
+    () => {},
+  );
   assert.equal(r.error, undefined, r.error);
   assert.equal(r.bootedFromDisk, true, 'the guest booted from its disk and started its services');
   assert.ok(r.diskGiB >= 8);
-  assert.ok(r.releasedEpochs > 0, 'the guest\'s output went through output commit');
+  assert.ok(r.releasedEpochs > 0, "the guest's output went through output commit");
   assert.equal(r.releasedBeforeCommit, 0, 'no frame left before the standby committed its checkpoint');
   assert.equal(r.failover, true);
   assert.ok(r.httpRequests > 0);
   assert.equal(r.httpErrors, 0, 'the client saw no error across the failover');
   assert.equal(r.connectionSurvived, true, 'the persistent connection carried on');
-  assert.equal(r.staleRestart.startedGuest, false, 'the old primary\'s unit, started again after the failover, ran no copy');
+  assert.equal(
+    r.staleRestart.startedGuest,
+    false,
+    "the old primary's unit, started again after the failover, ran no copy",
+  );
   assert.equal(r.staleRestart.code, 8, `refused as a stale disk: ${r.staleRestart.why}`);
   assert.match(r.staleRestart.why, /generation/);
   assert.equal(r.reprotected, true, 'the VM was protected again by the repaired host');
-  assert.ok(r.controllerRssMb.primary > 0 && r.controllerRssMb.primary < 512, `primary controller resident ${r.controllerRssMb.primary} MB`);
-  assert.ok(r.controllerRssMb.standby > 0 && r.controllerRssMb.standby < 512, `standby controller resident ${r.controllerRssMb.standby} MB`);
+  assert.ok(
+    r.controllerRssMb.primary > 0 && r.controllerRssMb.primary < 512,
+    `primary controller resident ${r.controllerRssMb.primary} MB`,
+  );
+  assert.ok(
+    r.controllerRssMb.standby > 0 && r.controllerRssMb.standby < 512,
+    `standby controller resident ${r.controllerRssMb.standby} MB`,
+  );
   assert.equal(debianDemoPassed(r), true);
   assert.deepEqual(liveNamespaces(), [], 'no namespace left');
 });
@@ -46,7 +61,9 @@ function rubato(args: string[]): Promise<{ code: number; stdout: string; stderr:
   return runCommand(RUBATO_BIN, args, { env: { ...process.env, RUBATO_LOG: 'error' } });
 }
 
-test('rubato protect: bad input and faults, one line and a distinct exit code each, nothing left running', { timeout: 300_000 }, async () => {
+test('rubato protect: bad input and faults, one line and a distinct exit code each, nothing left running', {
+  timeout: 300_000,
+}, async () => {
   const { guest } = await testPlatform();
   const dir = makeTempDir('rubato-protect-bad-');
   const key = join(dir, 'psk');
@@ -55,12 +72,36 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
   writeFileSync(img, Buffer.alloc(1 << 20));
   const vm = (o: object) => {
     const f = join(dir, `vm-${Math.random().toString(36).slice(2)}.json`);
-    writeFileSync(f, JSON.stringify({ name: 't1', memoryMiB: 128, accelerator: 'auto', boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet rubato.wl=dirtier,1,4' }, ...o }));
+    writeFileSync(
+      f,
+      JSON.stringify({
+        name: 't1',
+        memoryMiB: 128,
+        accelerator: 'auto',
+        boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet rubato.wl=dirtier,1,4' },
+        ...o,
+      }),
+    );
     return f;
   };
-  const protect = (file: string, extra: string[] = []) => rubato(['protect', file, '--no-witness', '--standby', '127.0.0.1:9', '--key', key, '--state-dir', join(dir, 'state'), ...extra]);
+  const protect = (file: string, extra: string[] = []) =>
+    rubato([
+      'protect',
+      file,
+      '--no-witness',
+      '--standby',
+      '127.0.0.1:9',
+      '--key',
+      key,
+      '--state-dir',
+      join(dir, 'state'),
+      ...extra,
+    ]);
   const oneLine = (r: { stderr: string }) => {
-    const lines = r.stderr.trim().split('\n').filter((l) => l.startsWith('rubato:'));
+    const lines = r.stderr
+      .trim()
+      .split('\n')
+      .filter((l) => l.startsWith('rubato:'));
     assert.equal(lines.length, 1, r.stderr);
     assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace');
     return lines[0]!;
@@ -101,7 +142,20 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
     r = await protect(vm({}), ['--etcd', 'http://127.0.0.1:9', '--lease-ttl', '5']);
     assert.equal(r.code, 2, r.stderr);
     assert.match(oneLine(r), /contradict/);
-    r = await rubato(['protect', vm({}), '--etcd', 'http://127.0.0.1:9', '--lease-ttl', '5', '--standby', '127.0.0.1:9', '--key', key, '--state-dir', join(dir, 'state')]);
+    r = await rubato([
+      'protect',
+      vm({}),
+      '--etcd',
+      'http://127.0.0.1:9',
+      '--lease-ttl',
+      '5',
+      '--standby',
+      '127.0.0.1:9',
+      '--key',
+      key,
+      '--state-dir',
+      join(dir, 'state'),
+    ]);
     assert.equal(r.code, 2, r.stderr);
     assert.match(oneLine(r), /--lease-ttl 5 s .* --hold-ms 2000/);
     // Names that are not one safe path component.
@@ -116,7 +170,16 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
     await new Promise<void>((res) => busy.listen(0, '127.0.0.1', () => res()));
     try {
       const port = (busy.address() as { port: number }).port;
-      r = await rubato(['standby', '--no-witness', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'sb-busy')]);
+      r = await rubato([
+        'standby',
+        '--no-witness',
+        '--listen',
+        `127.0.0.1:${port}`,
+        '--key',
+        key,
+        '--state-dir',
+        join(dir, 'sb-busy'),
+      ]);
       assert.equal(r.code, 2, r.stderr);
       assert.match(oneLine(r), /cannot listen on 127\.0\.0\.1:\d+/);
     } finally {
@@ -125,7 +188,16 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
 
     // An image a QEMU holds (it locks its images) is refused before anything starts.
     const qemu = await ensurePatchedQemu();
-    const holder = spawnTracked('qemu-holder', qemu.path, ['-machine', 'none', '-S', '-display', 'none', '-nodefaults', '-drive', `file=${img},format=raw,if=none,id=d0`]);
+    const holder = spawnTracked('qemu-holder', qemu.path, [
+      '-machine',
+      'none',
+      '-S',
+      '-display',
+      'none',
+      '-nodefaults',
+      '-drive',
+      `file=${img},format=raw,if=none,id=d0`,
+    ]);
     try {
       await sleep(1500);
       r = await protect(vm({ disks: [{ path: img }] }));
@@ -139,41 +211,120 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
     const otherKey = join(dir, 'other');
     writeKeyFile(otherKey);
     const port = 20000 + Math.floor(Math.random() * 20000);
-    const sb = spawnTracked('rubato-standby', RUBATO_BIN, ['standby', '--no-witness', '--listen', `127.0.0.1:${port}`, '--key', otherKey, '--state-dir', join(dir, 'sb'), '--no-fsync', '--events']);
+    const sb = spawnTracked('rubato-standby', RUBATO_BIN, [
+      'standby',
+      '--no-witness',
+      '--listen',
+      `127.0.0.1:${port}`,
+      '--key',
+      otherKey,
+      '--state-dir',
+      join(dir, 'sb'),
+      '--no-fsync',
+      '--events',
+    ]);
     try {
       let out = '';
-      sb.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); });
+      sb.child.stdout?.on('data', (d: Buffer) => {
+        out += d.toString();
+      });
       await waitFor(() => out.includes('"listening"') || undefined, 30_000, 'the standby listening');
-      r = await rubato(['protect', vm({}), '--no-witness', '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'state2')]);
+      r = await rubato([
+        'protect',
+        vm({}),
+        '--no-witness',
+        '--standby',
+        `127.0.0.1:${port}`,
+        '--key',
+        key,
+        '--state-dir',
+        join(dir, 'state2'),
+      ]);
       assert.equal(r.code, 3, r.stderr);
       assert.match(oneLine(r), /refused this key/);
     } finally {
       await sb.stop(3000);
     }
-    assert.equal(existsSync(join(dir, 'state2', 'run')) ? readdirSync(join(dir, 'state2', 'run')).filter((f) => f.endsWith('.qmp')).length : 0, 0, 'no QEMU socket left');
+    assert.equal(
+      existsSync(join(dir, 'state2', 'run'))
+        ? readdirSync(join(dir, 'state2', 'run')).filter((f) => f.endsWith('.qmp')).length
+        : 0,
+      0,
+      'no QEMU socket left',
+    );
   } finally {
     removeTempDir(dir);
   }
 });
 
-test('rubato protect with its standby not yet there: the VM runs, "unprotected" is said once, protection starts when the standby answers', { timeout: 300_000 }, async () => {
+test('rubato protect with its standby not yet there: the VM runs, "unprotected" is said once, protection starts when the standby answers', {
+  timeout: 300_000,
+}, async () => {
   const { guest } = await testPlatform();
   const dir = makeTempDir('rubato-protect-late-');
   const key = join(dir, 'psk');
   writeKeyFile(key);
   const f = join(dir, 'vm.json');
-  writeFileSync(f, JSON.stringify({ name: 'late1', memoryMiB: 128, boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,1,4' } }));
+  writeFileSync(
+    f,
+    JSON.stringify({
+      name: 'late1',
+      memoryMiB: 128,
+      boot: {
+        kernel: guest.kernel,
+        initrd: guest.initrd,
+        append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,1,4',
+      },
+    }),
+  );
   const port = 20000 + Math.floor(Math.random() * 20000);
-  const { proc: pr, events } = rubatoProcess('rubato-protect', ['protect', f, '--no-witness', '--standby', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 'p'),
-    '--events', '--policy', 'fixed:50', '--heartbeat-ms', '50', '--timeout-ms', '500'], 'error');
+  const { proc: pr, events } = rubatoProcess(
+    'rubato-protect',
+    [
+      'protect',
+      f,
+      '--no-witness',
+      '--standby',
+      `127.0.0.1:${port}`,
+      '--key',
+      key,
+      '--state-dir',
+      join(dir, 'p'),
+      '--events',
+      '--policy',
+      'fixed:50',
+      '--heartbeat-ms',
+      '50',
+      '--timeout-ms',
+      '500',
+    ],
+    'error',
+  );
   let sb: ReturnType<typeof spawnTracked> | null = null;
   try {
     await waitFor(() => events.find((e) => e['event'] === 'unprotected'), 60_000, 'the VM said to be unprotected');
     await sleep(3000); // several retries meanwhile
     assert.equal(events.filter((e) => e['event'] === 'unprotected').length, 1, 'said once, not per retry');
-    assert.ok(events.some((e) => e['event'] === 'guest'), 'the VM runs meanwhile');
-    sb = spawnTracked('rubato-standby', RUBATO_BIN, ['standby', '--no-witness', '--listen', `127.0.0.1:${port}`, '--key', key, '--state-dir', join(dir, 's'), '--no-fsync']);
-    await waitFor(() => events.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected once the standby answered');
+    assert.ok(
+      events.some((e) => e['event'] === 'guest'),
+      'the VM runs meanwhile',
+    );
+    sb = spawnTracked('rubato-standby', RUBATO_BIN, [
+      'standby',
+      '--no-witness',
+      '--listen',
+      `127.0.0.1:${port}`,
+      '--key',
+      key,
+      '--state-dir',
+      join(dir, 's'),
+      '--no-fsync',
+    ]);
+    await waitFor(
+      () => events.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3),
+      120_000,
+      'protected once the standby answered',
+    );
     // --no-witness is said in the events and in status.
     assert.ok(events.some((e) => e['event'] === 'fencing' && e['fencing'] === 'none'));
     const st = await controlCommand(join(dir, 'p'), 'status');

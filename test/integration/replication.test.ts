@@ -10,7 +10,6 @@ import { QemuVm, type QemuBinary } from '../../src/qemu/vm.ts';
 import { guestAppend, type Accel } from '../../src/qemu/spec.ts';
 import { PrimaryController, type FaultPoint } from '../../src/replication/primary.ts';
 import { StandbyController, type StandbyEvent } from '../../src/replication/standby.ts';
-import { ReplicaStore } from '../../src/replication/replica-store.ts';
 import { makeTempDir, removeTempDir, liveTempDirs } from '../../src/util/tmp.ts';
 import { liveProcesses } from '../../src/util/procs.ts';
 import { parseDirtierLine } from '../../src/qemu/spec.ts';
@@ -32,11 +31,26 @@ before(async () => {
 
 type Kill = 'qemu' | 'controller' | 'link';
 type Point = FaultPoint | 'after-commit-before-ack';
-/** `presend`: epochs of 150 ms whose dirty RAM is pre-sent every 30 ms (staged on the standby, committed with the checkpoint). */
-interface Scenario { kill: Kill; point: Point; epoch: number; presend?: boolean }
+/**
+ * `presend`: epochs of 150 ms whose dirty RAM is pre-sent every 30 ms (staged on the standby, committed with the
+ * checkpoint).
+ */
+interface Scenario {
+  kill: Kill;
+  point: Point;
+  epoch: number;
+  presend?: boolean;
+}
 
 interface Outcome {
-  ackedEpoch: number; ackedCounter: number; replicaEpoch: number; sentEpoch: number; counterAfter: number; selfCheckOk: boolean; rebooted: boolean; failoverMs: number;
+  ackedEpoch: number;
+  ackedCounter: number;
+  replicaEpoch: number;
+  sentEpoch: number;
+  counterAfter: number;
+  selfCheckOk: boolean;
+  rebooted: boolean;
+  failoverMs: number;
   /** Checkpoints whose epoch had pages pre-sent (streamed to the standby before its pause). */
   presentCheckpoints: number;
 }
@@ -57,21 +71,45 @@ async function failoverOnce(vm: QemuVm, s: Scenario): Promise<{ outcome: Outcome
     killedAt = Date.now();
     if (s.kill === 'qemu') await vm.kill();
     else if (s.kill === 'controller') await primary!.crash();
-    else { proxy!.blackhole(); await primary!.crash(); }
+    else {
+      proxy!.blackhole();
+      await primary!.crash();
+    }
   };
   const standby = new StandbyController({
-    host: '127.0.0.1', port: 0, stateDir, psk, heartbeatMs: 50, timeoutMs: 500, fsync: false,
-    binaryFor: async () => binary, onEvent: (e) => events.push(e),
-    beforeAck: async (epoch) => { if (s.point === 'after-commit-before-ack' && epoch === s.epoch) await kill(); },
+    host: '127.0.0.1',
+    port: 0,
+    stateDir,
+    psk,
+    heartbeatMs: 50,
+    timeoutMs: 500,
+    fsync: false,
+    binaryFor: async () => binary,
+    onEvent: (e) => events.push(e),
+    beforeAck: async (epoch) => {
+      if (s.point === 'after-commit-before-ack' && epoch === s.epoch) await kill();
+    },
   });
   await standby.start();
   const port = standby.boundPort;
   let targetPort = port;
-  if (proxy) { proxy.targetPort = port; targetPort = await proxy.listen(); }
+  if (proxy) {
+    proxy.targetPort = port;
+    targetPort = await proxy.listen();
+  }
   primary = new PrimaryController({
-    vm, runDir: stateDir, standby: { host: '127.0.0.1', port: targetPort }, psk, periodMs: 25, heartbeatMs: 50, timeoutMs: 500, retryMs: 200,
+    vm,
+    runDir: stateDir,
+    standby: { host: '127.0.0.1', port: targetPort },
+    psk,
+    periodMs: 25,
+    heartbeatMs: 50,
+    timeoutMs: 500,
+    retryMs: 200,
     ...(s.presend ? { policy: parsePolicy('fixed:150,presend=30') } : {}),
-    onEvent: (e) => { if (e.event === 'checkpoint' && (e.presentPages ?? 0) > 0) presentCheckpoints++; },
+    onEvent: (e) => {
+      if (e.event === 'checkpoint' && (e.presentPages ?? 0) > 0) presentCheckpoints++;
+    },
     fault: async (point, epoch, ctx) => {
       if (killed || point !== s.point || epoch !== s.epoch) return;
       if (point === 'mid-transfer') ctx.sendPartial(0.5);
@@ -79,7 +117,11 @@ async function failoverOnce(vm: QemuVm, s: Scenario): Promise<{ outcome: Outcome
     },
   });
   primary.start();
-  const failover = await waitFor(() => events.find((e) => e.event === 'failover'), 60_000, `failover (scenario ${JSON.stringify(s)})`);
+  const failover = await waitFor(
+    () => events.find((e) => e.event === 'failover'),
+    60_000,
+    `failover (scenario ${JSON.stringify(s)})`,
+  );
   const next = standby.vm!;
   standby.vm = null; // the lineage keeps it; the standby object must not stop it
   await standby.stop();
@@ -92,10 +134,15 @@ async function failoverOnce(vm: QemuVm, s: Scenario): Promise<{ outcome: Outcome
   return {
     next,
     outcome: {
-      ackedEpoch: primary.ackedEpoch, ackedCounter: primary.ackedCounter, replicaEpoch, sentEpoch: primary.epoch,
-      counterAfter: l1?.work ?? -1, selfCheckOk: !!l1?.ok && !!l2?.ok && (l2?.work ?? 0) > (l1?.work ?? 0),
+      ackedEpoch: primary.ackedEpoch,
+      ackedCounter: primary.ackedCounter,
+      replicaEpoch,
+      sentEpoch: primary.epoch,
+      counterAfter: l1?.work ?? -1,
+      selfCheckOk: !!l1?.ok && !!l2?.ok && (l2?.work ?? 0) > (l1?.work ?? 0),
       rebooted: next.serialLines.some((l) => /RUBATO (boot ok|dirtier start)/.test(l)),
-      failoverMs: failover.event === 'failover' ? failover.runningAtMs - killedAt : -1, presentCheckpoints,
+      failoverMs: failover.event === 'failover' ? failover.runningAtMs - killedAt : -1,
+      presentCheckpoints,
     },
   };
 }
@@ -114,18 +161,38 @@ const POINTS: Point[] = ['mid-epoch', 'mid-pause', 'mid-transfer', 'after-commit
 const KILLS: Kill[] = ['qemu', 'controller', 'link'];
 const SCENARIOS: Scenario[] = [];
 for (let i = 0; i < Number(process.env['RUBATO_FAILOVER_KILLS'] ?? 21); i++) {
-  SCENARIOS.push({ point: POINTS[i % POINTS.length]!, kill: KILLS[Math.floor(i / POINTS.length) % KILLS.length]!, epoch: 3 + ((i * 7) % 11) });
+  SCENARIOS.push({
+    point: POINTS[i % POINTS.length]!,
+    kill: KILLS[Math.floor(i / POINTS.length) % KILLS.length]!,
+    epoch: 3 + ((i * 7) % 11),
+  });
 }
 // With pre-sends: pages of the dying epoch are staged on the standby when the primary dies in its
 // pause or mid-transfer (they must never be applied), or committed with it just before its ack.
-SCENARIOS.push({ point: 'mid-pause', kill: 'controller', epoch: 4, presend: true }, { point: 'mid-transfer', kill: 'qemu', epoch: 5, presend: true },
-  { point: 'after-commit-before-ack', kill: 'link', epoch: 4, presend: true });
+SCENARIOS.push(
+  { point: 'mid-pause', kill: 'controller', epoch: 4, presend: true },
+  { point: 'mid-transfer', kill: 'qemu', epoch: 5, presend: true },
+  { point: 'after-commit-before-ack', kill: 'link', epoch: 4, presend: true },
+);
 
-test(`failover after the primary is killed at ${SCENARIOS.length} points across every phase`, { timeout: 1_200_000 }, async () => {
+test(`failover after the primary is killed at ${SCENARIOS.length} points across every phase`, {
+  timeout: 1_200_000,
+}, async () => {
   const first = makeTempDir('rubato-lineage-');
   dirs.push(first);
-  let vm = await QemuVm.start({ name: 'ha', accel, cpus: 1, memMb: 128, ramFile: join(first, 'ram'), kernel: guest.kernel, initrd: guest.initrd, append: guestAppend(['dirtier', 10, 16]) },
-    { binary, runDir: first });
+  let vm = await QemuVm.start(
+    {
+      name: 'ha',
+      accel,
+      cpus: 1,
+      memMb: 128,
+      ramFile: join(first, 'ram'),
+      kernel: guest.kernel,
+      initrd: guest.initrd,
+      append: guestAppend(['dirtier', 10, 16]),
+    },
+    { binary, runDir: first },
+  );
   try {
     await vm.waitSerial(/RUBATO dirtier t=/, 60_000);
     const failoverMs: number[] = [];
@@ -134,10 +201,18 @@ test(`failover after the primary is killed at ${SCENARIOS.length} points across 
       vm = next;
       const what = `${s.kill} killed ${s.point} at epoch ${s.epoch}${s.presend ? ' (pre-sends)' : ''}: ${JSON.stringify(o)}`;
       // Everything acknowledged is in the replica; nothing the primary did not finish sending is.
-      assert.ok(o.replicaEpoch >= o.ackedEpoch && o.replicaEpoch <= o.sentEpoch, `replica epoch within [acked, sent]: ${what}`);
-      if (s.point === 'after-commit-before-ack') assert.ok(o.replicaEpoch >= s.epoch, `the checkpoint committed before its ack survives: ${what}`);
-      if (s.point === 'mid-transfer' && s.kill !== 'qemu') assert.ok(o.replicaEpoch < s.epoch, `a half-sent checkpoint is never applied: ${what}`);
-      assert.ok(o.counterAfter >= o.ackedCounter && o.ackedCounter > 0, `counter resumes at or after the acked checkpoint: ${what}`);
+      assert.ok(
+        o.replicaEpoch >= o.ackedEpoch && o.replicaEpoch <= o.sentEpoch,
+        `replica epoch within [acked, sent]: ${what}`,
+      );
+      if (s.point === 'after-commit-before-ack')
+        assert.ok(o.replicaEpoch >= s.epoch, `the checkpoint committed before its ack survives: ${what}`);
+      if (s.point === 'mid-transfer' && s.kill !== 'qemu')
+        assert.ok(o.replicaEpoch < s.epoch, `a half-sent checkpoint is never applied: ${what}`);
+      assert.ok(
+        o.counterAfter >= o.ackedCounter && o.ackedCounter > 0,
+        `counter resumes at or after the acked checkpoint: ${what}`,
+      );
       assert.equal(o.selfCheckOk, true, `self-check: ${what}`);
       assert.equal(o.rebooted, false, `guest continued, not rebooted: ${what}`);
       if (s.presend) assert.ok(o.presentCheckpoints >= 2, `the epochs before the kill pre-sent pages: ${what}`);

@@ -20,15 +20,33 @@ const psk = randomBytes(32);
 let dir: string;
 let standby: StandbyController;
 let imageBefore: Buffer;
-const identity = { vm: 'p', spec: { name: 'p', accel: 'tcg' as const, cpus: 1, memMb: 64, kernel: 'k', initrd: 'i', append: '' } };
+const identity = {
+  vm: 'p',
+  spec: { name: 'p', accel: 'tcg' as const, cpus: 1, memMb: 64, kernel: 'k', initrd: 'i', append: '' },
+};
 
 before(async () => {
   dir = makeTempDir('rubato-proto-');
-  const base = { machine: 'pc-i440fx-7.2', blocks: [{ id: 'mem0', lengthBytes: 16 * 4096 }], ram: new Map([['mem0', randomBytes(16 * 4096)]]), deviceState: Buffer.from([4, 1, 0]) };
+  const base = {
+    machine: 'pc-i440fx-7.2',
+    blocks: [{ id: 'mem0', lengthBytes: 16 * 4096 }],
+    ram: new Map([['mem0', randomBytes(16 * 4096)]]),
+    deviceState: Buffer.from([4, 1, 0]),
+  };
   await ReplicaStore.create(join(dir, 'replica'), 'p', base, { fsync: false });
   writeFileSync(join(dir, 'vm.json'), JSON.stringify(identity));
   imageBefore = readFileSync(join(dir, 'replica', 'ram', '0.img'));
-  standby = new StandbyController({ host: '127.0.0.1', port: 0, stateDir: dir, psk, heartbeatMs: 50, timeoutMs: 2000, binaryFor: async () => stockQemu(), autoFailover: false, fsync: false });
+  standby = new StandbyController({
+    host: '127.0.0.1',
+    port: 0,
+    stateDir: dir,
+    psk,
+    heartbeatMs: 50,
+    timeoutMs: 2000,
+    binaryFor: async () => stockQemu(),
+    autoFailover: false,
+    fsync: false,
+  });
   await standby.start();
 });
 
@@ -38,7 +56,10 @@ after(async () => {
 });
 
 function dial(): Promise<Socket> {
-  return new Promise((resolve, reject) => { const s = connect({ host: '127.0.0.1', port: standby.boundPort }, () => resolve(s)); s.once('error', reject); });
+  return new Promise((resolve, reject) => {
+    const s = connect({ host: '127.0.0.1', port: standby.boundPort }, () => resolve(s));
+    s.once('error', reject);
+  });
 }
 
 function replicaIntact() {
@@ -50,7 +71,10 @@ const closed = (l: Link) => new Promise<Error>((r) => (l.closed ? r(l.closed) : 
 
 test('a primary with the wrong key is refused', async () => {
   const link = new Link(await dial(), randomBytes(32), 'standby', 'primary');
-  await assert.rejects(connectHandshake(link, randomBytes(32), identity, 3000), (e: unknown) => isRubatoError(e) && /authentication|refused|failed/.test(e.message));
+  await assert.rejects(
+    connectHandshake(link, randomBytes(32), identity, 3000),
+    (e: unknown) => isRubatoError(e) && /authentication|refused|failed/.test(e.message),
+  );
   replicaIntact();
 });
 
@@ -80,13 +104,20 @@ test('truncated and corrupted checkpoint frames drop the session, replica untouc
       link.sendPartial(FrameType.CKPT, 1, payload, 2000);
       link.socket.end();
     } else if (mode === 'corrupted') {
-      const enc = (link as unknown as { enc: { encode(t: number, e: number, p: Buffer): Buffer } }).enc.encode(FrameType.CKPT, 1, payload);
+      const enc = (link as unknown as { enc: { encode(t: number, e: number, p: Buffer): Buffer } }).enc.encode(
+        FrameType.CKPT,
+        1,
+        payload,
+      );
       enc[100] = enc[100]! ^ 1;
       link.socket.write(enc);
     } else {
       await link.send(FrameType.CKPT, 1, payload); // authentic frame, but not a checkpoint record
     }
-    const err = await Promise.race([closed(link), new Promise<Error>((r) => setTimeout(() => r(new Error('still open')), 3000))]);
+    const err = await Promise.race([
+      closed(link),
+      new Promise<Error>((r) => setTimeout(() => r(new Error('still open')), 3000)),
+    ]);
     assert.notEqual(err.message, 'still open', `${mode}: the standby dropped the connection`);
     replicaIntact();
   }
@@ -96,7 +127,15 @@ test('before authentication: a 500 MiB length claim is refused at once, and noth
   const rssBefore = process.memoryUsage().rss;
   const socks = await Promise.all([0, 1, 2, 3].map(() => dial()));
   const t0 = Date.now();
-  const closedAll = Promise.all(socks.map((s) => new Promise<void>((r) => { s.on('error', () => r()); s.once('close', () => r()); })));
+  const closedAll = Promise.all(
+    socks.map(
+      (s) =>
+        new Promise<void>((r) => {
+          s.on('error', () => r());
+          s.once('close', () => r());
+        }),
+    ),
+  );
   for (const s of socks) {
     const head = Buffer.alloc(HEADER_BYTES);
     head.writeUInt32BE(500 << 20, 0);
@@ -111,15 +150,23 @@ test('before authentication: a 500 MiB length claim is refused at once, and noth
   replicaIntact();
 });
 
-test('silent connections are closed when their handshake times out, a flood beyond the cap at once; a real primary still connects', { timeout: 30_000 }, async () => {
+test('silent connections are closed when their handshake times out, a flood beyond the cap at once; a real primary still connects', {
+  timeout: 30_000,
+}, async () => {
   const t0 = Date.now();
   // Each socket's close is watched from the moment it exists: the standby closes refused ones at once.
-  const closedAt = await Promise.all(Array.from({ length: 300 }, () => new Promise<number>((r) => {
-    const s = connect({ host: '127.0.0.1', port: standby.boundPort });
-    s.on('error', () => {});
-    s.resume(); // reads (and drops) the CHALLENGE, so the standby's close is seen here
-    s.once('close', () => r(Date.now() - t0));
-  })));
+  const closedAt = await Promise.all(
+    Array.from(
+      { length: 300 },
+      () =>
+        new Promise<number>((r) => {
+          const s = connect({ host: '127.0.0.1', port: standby.boundPort });
+          s.on('error', () => {});
+          s.resume(); // reads (and drops) the CHALLENGE, so the standby's close is seen here
+          s.once('close', () => r(Date.now() - t0));
+        }),
+    ),
+  );
   assert.ok(Math.max(...closedAt) < 15_000, `all closed within ${Math.max(...closedAt)} ms`);
   const link = new Link(await dial(), psk, 'standby', 'primary');
   const welcome = await connectHandshake(link, psk, identity, 3000);

@@ -20,7 +20,9 @@ import { Ownership, currentOwner, LOSS_FRACTION } from '../../src/coord/ownershi
 import { CuttableProxy } from '../../src/chaos/fault-proxy.ts';
 import { monotonicMs } from '../../src/util/clock.ts';
 
-test('witness: one owner at a time; a holder cut from etcd gives up before another claims; the generation only grows; no etcd, no claim', { timeout: 120_000 }, async () => {
+test('witness: one owner at a time; a holder cut from etcd gives up before another claims; the generation only grows; no etcd, no claim', {
+  timeout: 120_000,
+}, async () => {
   await ensurePackages();
   const dir = makeTempDir('rubato-witness-');
   const etcd = await LocalEtcd.start(dir);
@@ -38,14 +40,22 @@ test('witness: one owner at a time; a holder cut from etcd gives up before anoth
     assert.equal(await b.claim(), null, 'still held by ha after a TTL: renewed');
 
     let lostAt = 0;
-    a.watch(() => { lostAt = Date.now(); });
+    a.watch(() => {
+      lostAt = Date.now();
+    });
     const cutAt = Date.now();
     proxy.blackhole(); // ha is cut off from etcd (alive, but silent to the witness)
     let gen: number | null = null;
-    while (gen === null && Date.now() - cutAt < 10_000) { gen = await b.claim(); if (gen === null) await sleep(100); }
+    while (gen === null && Date.now() - cutAt < 10_000) {
+      gen = await b.claim();
+      if (gen === null) await sleep(100);
+    }
     const claimedAt = Date.now();
-    assert.equal(gen, 2, 'hb claimed the VM after ha\'s lease expired, with the next generation');
-    assert.ok(lostAt > 0 && lostAt < claimedAt, `ha gave up (${lostAt - cutAt} ms after the cut) before hb claimed (${claimedAt - cutAt} ms)`);
+    assert.equal(gen, 2, "hb claimed the VM after ha's lease expired, with the next generation");
+    assert.ok(
+      lostAt > 0 && lostAt < claimedAt,
+      `ha gave up (${lostAt - cutAt} ms after the cut) before hb claimed (${claimedAt - cutAt} ms)`,
+    );
     assert.ok(lostAt - cutAt <= 2000 * LOSS_FRACTION + 600, 'within two thirds of the TTL (plus one renewal period)');
     assert.equal(a.held, false);
     proxy.heal();
@@ -55,7 +65,9 @@ test('witness: one owner at a time; a holder cut from etcd gives up before anoth
     const vm2 = new Ownership(new EtcdClient([`http://127.0.0.1:${proxy.port}`], 300), 'vm2', 'hc', 2);
     assert.equal(await vm2.claim(), 1);
     let lost2 = false;
-    vm2.watch(() => { lost2 = true; });
+    vm2.watch(() => {
+      lost2 = true;
+    });
     proxy.blackhole();
     await waitFor(() => lost2 || undefined, 5000, 'hc giving vm2 up');
     assert.equal(vm2.leaseCheck(monotonicMs()) !== null, true, 'no output may leave meanwhile');
@@ -73,7 +85,11 @@ test('witness: one owner at a time; a holder cut from etcd gives up before anoth
 
     await etcd.stop();
     const c = new Ownership(new EtcdClient([etcd.url], 300), 'vm1', 'hc', 2);
-    await assert.rejects(c.claim(), (e: unknown) => isRubatoError(e, 'RUBATO_PEER_LOST'), 'no etcd: the claim fails, nobody goes live');
+    await assert.rejects(
+      c.claim(),
+      (e: unknown) => isRubatoError(e, 'RUBATO_PEER_LOST'),
+      'no etcd: the claim fails, nobody goes live',
+    );
   } finally {
     proxy.close();
     await etcd.stop();
@@ -81,7 +97,9 @@ test('witness: one owner at a time; a holder cut from etcd gives up before anoth
   }
 });
 
-test('witness with the product commands: a cut replication link leaves one live copy (the primary); its crash then lets the standby take over', { timeout: 240_000 }, async () => {
+test('witness with the product commands: a cut replication link leaves one live copy (the primary); its crash then lets the standby take over', {
+  timeout: 240_000,
+}, async () => {
   const rig = await witnessRig('w1');
   const { dir, etcd, vmFile, common } = rig;
   const portB = 20000 + Math.floor(Math.random() * 20000);
@@ -91,32 +109,77 @@ test('witness with the product commands: a cut replication link leaves one live 
   const direct = new EtcdClient([etcd.url], 500);
   try {
     await link.listen();
-    sb = events('rubato-standby', ['standby', '--listen', `127.0.0.1:${portB}`, '--state-dir', join(dir, 'b'), '--no-fsync', '--host', 'hb', ...common]);
+    sb = events('rubato-standby', [
+      'standby',
+      '--listen',
+      `127.0.0.1:${portB}`,
+      '--state-dir',
+      join(dir, 'b'),
+      '--no-fsync',
+      '--host',
+      'hb',
+      ...common,
+    ]);
     const s = sb;
     await waitFor(() => s.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
-    pr = events('rubato-protect', ['protect', vmFile, '--standby', `127.0.0.1:${link.port}`, '--state-dir', join(dir, 'a'), '--host', 'ha', '--policy', 'fixed:50', ...common]);
+    pr = events('rubato-protect', [
+      'protect',
+      vmFile,
+      '--standby',
+      `127.0.0.1:${link.port}`,
+      '--state-dir',
+      join(dir, 'a'),
+      '--host',
+      'ha',
+      '--policy',
+      'fixed:50',
+      ...common,
+    ]);
     const p = pr;
-    assert.equal((await waitFor(() => p.list.find((e) => e['event'] === 'owner'), 60_000, 'ownership'))['generation'], 1);
+    assert.equal(
+      (await waitFor(() => p.list.find((e) => e['event'] === 'owner'), 60_000, 'ownership'))['generation'],
+      1,
+    );
     const started = await waitFor(() => p.list.find((e) => e['event'] === 'started'), 60_000, 'the VM');
     await waitFor(() => p.list.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected');
 
     // Both hosts alive, the replication link cut: the standby loses its primary, but the witness says it lives.
     link.blackhole();
-    await waitFor(() => s.list.find((e) => e['event'] === 'failover-refused'), 20_000, 'the standby refused to go live');
-    await waitFor(() => p.list.find((e) => e['event'] === 'unprotected'), 20_000, 'the primary running on, unprotected');
+    await waitFor(
+      () => s.list.find((e) => e['event'] === 'failover-refused'),
+      20_000,
+      'the standby refused to go live',
+    );
+    await waitFor(
+      () => p.list.find((e) => e['event'] === 'unprotected'),
+      20_000,
+      'the primary running on, unprotected',
+    );
     await sleep(2000);
-    assert.equal(s.list.some((e) => e['event'] === 'failover'), false, 'no second live copy');
-    assert.ok(alive(Number(started['qemuPid'])), 'the primary\'s guest runs');
+    assert.equal(
+      s.list.some((e) => e['event'] === 'failover'),
+      false,
+      'no second live copy',
+    );
+    assert.ok(alive(Number(started['qemuPid'])), "the primary's guest runs");
     assert.deepEqual(await currentOwner(direct, 'w1'), { host: 'ha', generation: 1 });
 
     // Now the primary host dies: its lease expires, and the standby (still asking) takes over.
     const killAt = Date.now();
     process.kill(Number(started['qemuPid']), 'SIGKILL');
     p.proc.kill('SIGKILL');
-    const fo = await waitFor(() => s.list.find((e) => e['event'] === 'failover'), 20_000, 'the failover after the crash');
+    const fo = await waitFor(
+      () => s.list.find((e) => e['event'] === 'failover'),
+      20_000,
+      'the failover after the crash',
+    );
     const ms = Number(fo['runningAtMs']) - killAt;
     assert.ok(ms < 5000, `took over ${ms} ms after the crash (lease TTL 2 s)`);
-    assert.deepEqual(await currentOwner(direct, 'w1'), { host: 'hb', generation: 2 }, 'the standby holds the next generation');
+    assert.deepEqual(
+      await currentOwner(direct, 'w1'),
+      { host: 'hb', generation: 2 },
+      'the standby holds the next generation',
+    );
   } finally {
     link.close();
     await pr?.proc.stop(3000);
@@ -125,28 +188,62 @@ test('witness with the product commands: a cut replication link leaves one live 
   }
 });
 
-test('witness unavailable: a healthy protected pair keeps running (nobody goes live, nobody stops)', { timeout: 240_000 }, async () => {
+test('witness unavailable: a healthy protected pair keeps running (nobody goes live, nobody stops)', {
+  timeout: 240_000,
+}, async () => {
   const rig = await witnessRig('w2');
   const { dir, etcd, vmFile, common } = rig;
   const portB = 20000 + Math.floor(Math.random() * 20000);
   let sb: ReturnType<typeof events> | null = null;
   let pr: ReturnType<typeof events> | null = null;
   try {
-    sb = events('rubato-standby', ['standby', '--listen', `127.0.0.1:${portB}`, '--state-dir', join(dir, 'b'), '--no-fsync', '--host', 'hb', ...common]);
+    sb = events('rubato-standby', [
+      'standby',
+      '--listen',
+      `127.0.0.1:${portB}`,
+      '--state-dir',
+      join(dir, 'b'),
+      '--no-fsync',
+      '--host',
+      'hb',
+      ...common,
+    ]);
     const s = sb;
     await waitFor(() => s.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
-    pr = events('rubato-protect', ['protect', vmFile, '--standby', `127.0.0.1:${portB}`, '--state-dir', join(dir, 'a'), '--host', 'ha', '--policy', 'fixed:50', ...common]);
+    pr = events('rubato-protect', [
+      'protect',
+      vmFile,
+      '--standby',
+      `127.0.0.1:${portB}`,
+      '--state-dir',
+      join(dir, 'a'),
+      '--host',
+      'ha',
+      '--policy',
+      'fixed:50',
+      ...common,
+    ]);
     const p = pr;
     const started = await waitFor(() => p.list.find((e) => e['event'] === 'started'), 60_000, 'the VM');
     await waitFor(() => p.list.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected');
     await etcd.stop();
-    await waitFor(() => p.list.find((e) => e['event'] === 'witness-lost'), 10_000, 'the primary noticing the witness is gone');
+    await waitFor(
+      () => p.list.find((e) => e['event'] === 'witness-lost'),
+      10_000,
+      'the primary noticing the witness is gone',
+    );
     const acked = p.list.filter((e) => e['event'] === 'acked').length;
     await sleep(4000); // twice the lease TTL
     assert.ok(alive(Number(started['qemuPid'])), 'the guest runs on');
     assert.ok(p.list.filter((e) => e['event'] === 'acked').length > acked + 10, 'checkpoints still acknowledged');
-    assert.equal(p.list.some((e) => e['event'] === 'ownership-lost'), false);
-    assert.equal(s.list.some((e) => e['event'] === 'failover' || e['event'] === 'primary-lost'), false);
+    assert.equal(
+      p.list.some((e) => e['event'] === 'ownership-lost'),
+      false,
+    );
+    assert.equal(
+      s.list.some((e) => e['event'] === 'failover' || e['event'] === 'primary-lost'),
+      false,
+    );
     p.proc.kill('SIGTERM');
     assert.equal((await p.proc.exited).code, 0, 'an orderly stop still exits 0');
   } finally {
@@ -170,9 +267,41 @@ async function witnessRig(vm: string) {
   const key = join(dir, 'psk');
   writeKeyFile(key);
   const vmFile = join(dir, 'vm.json');
-  writeFileSync(vmFile, JSON.stringify({ name: vm, memoryMiB: 128, boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,1,4' } }));
-  const common = ['--key', key, '--events', '--etcd', etcd.url, '--lease-ttl', '2', '--heartbeat-ms', '50', '--timeout-ms', '500'];
-  return { dir, etcd, vmFile, common, cleanup: async () => { await etcd.stop(); removeTempDir(dir); } };
+  writeFileSync(
+    vmFile,
+    JSON.stringify({
+      name: vm,
+      memoryMiB: 128,
+      boot: {
+        kernel: guest.kernel,
+        initrd: guest.initrd,
+        append: 'console=ttyS0 quiet panic=-1 rubato.wl=dirtier,1,4',
+      },
+    }),
+  );
+  const common = [
+    '--key',
+    key,
+    '--events',
+    '--etcd',
+    etcd.url,
+    '--lease-ttl',
+    '2',
+    '--heartbeat-ms',
+    '50',
+    '--timeout-ms',
+    '500',
+  ];
+  return {
+    dir,
+    etcd,
+    vmFile,
+    common,
+    cleanup: async () => {
+      await etcd.stop();
+      removeTempDir(dir);
+    },
+  };
 }
 
 function events(name: string, args: string[]): { proc: TrackedProcess; list: Ev[] } {

@@ -13,14 +13,24 @@ function sparse(path: string, bytes: number): void {
   closeSync(fd);
 }
 
-const refused = (re: RegExp) => (e: unknown) => isRubatoError(e, 'RUBATO_CONFIG') && re.test((e as RubatoError).message);
+const refused = (re: RegExp) => (e: unknown) =>
+  isRubatoError(e, 'RUBATO_CONFIG') && re.test((e as RubatoError).message);
 
 test('VM definition: a disk-booted VM with a 20 GiB sparse image and a NIC is read, resolved and checked', (t) => {
   const dir = makeTempDir();
   t.after(() => removeTempDir(dir));
   sparse(join(dir, 'big.raw'), 20 * 2 ** 30);
   const file = join(dir, 'vm.json');
-  writeFileSync(file, JSON.stringify({ name: 'web1', memoryMiB: 2048, disks: [{ path: 'big.raw' }], nics: [{ bridge: 'br0' }], boot: { from: 'disk' } }));
+  writeFileSync(
+    file,
+    JSON.stringify({
+      name: 'web1',
+      memoryMiB: 2048,
+      disks: [{ path: 'big.raw' }],
+      nics: [{ bridge: 'br0' }],
+      boot: { from: 'disk' },
+    }),
+  );
   const vm = loadVmDefinition(file);
   assert.equal(vm.cpus, 1);
   assert.equal(vm.accelerator, 'auto');
@@ -37,9 +47,18 @@ test('VM definition: the qcow2 header decides the format; a wrong declared forma
   const head = Buffer.alloc(4096);
   head.write('QFI\xfb', 0, 'latin1');
   writeFileSync(img, head);
-  const def = (format?: string) => JSON.stringify({ name: 'q', memoryMiB: 256, disks: [{ path: img, ...(format ? { format } : {}) }], boot: { from: 'disk' } });
+  const def = (format?: string) =>
+    JSON.stringify({
+      name: 'q',
+      memoryMiB: 256,
+      disks: [{ path: img, ...(format ? { format } : {}) }],
+      boot: { from: 'disk' },
+    });
   assert.equal(parseVmDefinition(def(), join(dir, 'q.json')).disks[0]!.format, 'qcow2');
-  assert.throws(() => parseVmDefinition(def('raw'), join(dir, 'q.json')), refused(/q\.json: disks\[0\]\.format: says raw, but .* is qcow2/));
+  assert.throws(
+    () => parseVmDefinition(def('raw'), join(dir, 'q.json')),
+    refused(/q\.json: disks\[0\]\.format: says raw, but .* is qcow2/),
+  );
 });
 
 test('VM definition: every mistake is one line naming the file and the field', (t) => {
@@ -51,9 +70,15 @@ test('VM definition: every mistake is one line naming the file and the field', (
   const cases: Array<[unknown, RegExp]> = [
     [{ ...base, name: 'bad name!' }, /bad\.json: name: must be 1-40/],
     [{ ...base, memoryMiB: 'lots' }, /bad\.json: memoryMiB: /],
-    [{ ...base, nics: [{ bridge: 'br0', mac: '01:00:5e:00:00:01' }] }, /bad\.json: nics\[0\]\.mac: must be a unicast address/],
+    [
+      { ...base, nics: [{ bridge: 'br0', mac: '01:00:5e:00:00:01' }] },
+      /bad\.json: nics\[0\]\.mac: must be a unicast address/,
+    ],
     [{ ...base, nics: [{ bridge: 'br0', mac: 'zz' }] }, /bad\.json: nics\[0\]\.mac: must be a MAC address/],
-    [{ ...base, disks: [{ path: 'missing.raw' }] }, /bad\.json: disks\[0\]\.path: cannot use .*missing\.raw: no such file/],
+    [
+      { ...base, disks: [{ path: 'missing.raw' }] },
+      /bad\.json: disks\[0\]\.path: cannot use .*missing\.raw: no such file/,
+    ],
     [{ ...base, disks: [{ path: 'a' }, { path: 'b' }] }, /bad\.json: disks: Rubato protects one disk per VM today/],
     [{ ...base, boot: { from: 'disk' } }, /bad\.json: boot: boots from the disk, but the VM has no disk/],
     [{ ...base, boot: { from: 'network' } }, /bad\.json: boot: must be/],

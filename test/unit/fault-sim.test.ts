@@ -30,7 +30,10 @@ test('fault simulator: a seed replays exactly', () => {
 for (const s of REGRESSIONS) {
   test(`fault simulator regression ${s.name}: ${s.defect}`, () => {
     const old = runScenario(s, true);
-    assert.ok(old.violations.length > 0, `with the old rule the simulator finds the defect (faults ${old.faults.join(',')})`);
+    assert.ok(
+      old.violations.length > 0,
+      `with the old rule the simulator finds the defect (faults ${old.faults.join(',')})`,
+    );
     const now = runScenario(s, false);
     assert.deepEqual(now.violations, [], 'fixed');
   });

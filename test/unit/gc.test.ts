@@ -6,7 +6,9 @@ import { GarbageMeter, collectNow } from '../../src/util/gc.ts';
 /** The GC kinds perf_hooks reports while `f` runs (and a little after, for asynchronous ones). */
 async function kindsDuring(f: () => void, settleMs: number): Promise<number[]> {
   const kinds: number[] = [];
-  const obs = new PerformanceObserver((l) => { for (const e of l.getEntries()) kinds.push((e as unknown as { detail: { kind: number } }).detail.kind); });
+  const obs = new PerformanceObserver((l) => {
+    for (const e of l.getEntries()) kinds.push((e as unknown as { detail: { kind: number } }).detail.kind);
+  });
   obs.observe({ entryTypes: ['gc'] });
   f();
   await new Promise((r) => setTimeout(r, settleMs));

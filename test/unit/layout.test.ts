@@ -13,28 +13,43 @@ function files(dir: string): string[] {
   });
 }
 
-const imports = (f: string) => [...readFileSync(f, 'utf8').matchAll(/^import[^'"]*['"]([^'"]+)['"]/gm)].map((m) => m[1]!);
+const imports = (f: string) =>
+  [...readFileSync(f, 'utf8').matchAll(/^import[^'"]*['"]([^'"]+)['"]/gm)].map((m) => m[1]!);
 
 test('layout: the product core imports nothing from the harness or the CLI', () => {
   const core = ['replication', 'capture', 'io', 'qemu', 'scheduler', 'commit', 'util'];
   const bad: string[] = [];
   for (const d of core) {
     for (const f of files(join(REPO_ROOT, 'src', d))) {
-      for (const i of imports(f)) if (/^(\.\.\/)+(sim|bench|chaos|cli)\//.test(i)) bad.push(`${relative(REPO_ROOT, f)} imports ${i}`);
+      for (const i of imports(f))
+        if (/^(\.\.\/)+(sim|bench|chaos|cli)\//.test(i)) bad.push(`${relative(REPO_ROOT, f)} imports ${i}`);
     }
   }
   assert.deepEqual(bad, []);
 });
 
 test('layout: the pure modules (pipeline, output commit, scheduler, codecs) touch no sockets, files or clocks', () => {
-  const pure = ['src/replication/pipeline.ts', 'src/replication/standby-state.ts', 'src/replication/admission.ts', 'src/commit/output-commit.ts',
-    'src/replication/protocol/frame.ts', 'src/replication/protocol/messages.ts', 'src/replication/protocol/record.ts',
-    'src/replication/driver.ts', 'src/commit/release-gate.ts', 'src/coord/lease.ts', 'src/sim/faults.ts', ...files(join(REPO_ROOT, 'src', 'scheduler')).map((f) => relative(REPO_ROOT, f))];
+  const pure = [
+    'src/replication/pipeline.ts',
+    'src/replication/standby-state.ts',
+    'src/replication/admission.ts',
+    'src/commit/output-commit.ts',
+    'src/replication/protocol/frame.ts',
+    'src/replication/protocol/messages.ts',
+    'src/replication/protocol/record.ts',
+    'src/replication/driver.ts',
+    'src/commit/release-gate.ts',
+    'src/coord/lease.ts',
+    'src/sim/faults.ts',
+    ...files(join(REPO_ROOT, 'src', 'scheduler')).map((f) => relative(REPO_ROOT, f)),
+  ];
   const bad: string[] = [];
   for (const f of pure) {
     const text = readFileSync(join(REPO_ROOT, f), 'utf8');
-    for (const i of imports(join(REPO_ROOT, f))) if (/^node:(net|fs|fs\/promises|child_process|timers|dgram|http)$/.test(i)) bad.push(`${f} imports ${i}`);
-    if (/\b(Date\.now|performance\.now|setTimeout|setInterval)\s*\(/.test(text)) bad.push(`${f} reads a clock or sets a timer`);
+    for (const i of imports(join(REPO_ROOT, f)))
+      if (/^node:(net|fs|fs\/promises|child_process|timers|dgram|http)$/.test(i)) bad.push(`${f} imports ${i}`);
+    if (/\b(Date\.now|performance\.now|setTimeout|setInterval)\s*\(/.test(text))
+      bad.push(`${f} reads a clock or sets a timer`);
   }
   assert.deepEqual(bad, []);
 });

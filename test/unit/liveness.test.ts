@@ -21,7 +21,13 @@ test('liveness: our own stall is not charged to the peer', () => {
   // The peer stays silent while we run normally: suspected once the awake silence passes 500 ms.
   let t = 2050;
   let suspected = -1;
-  while (t < 4000) { t += 50; if (l.tick(t)) { suspected = t; break; } }
+  while (t < 4000) {
+    t += 50;
+    if (l.tick(t)) {
+      suspected = t;
+      break;
+    }
+  }
   assert.ok(suspected >= 2050 + 400 && suspected <= 2050 + 600, `suspected at ${suspected}`);
 });
 
@@ -30,7 +36,13 @@ test('liveness: a dead peer is still detected when every tick is a little late',
   let t = 0;
   let suspected = -1;
   // Ticks 90 ms apart (each 40 ms late, less than one interval): no excuse is taken.
-  while (t < 5000) { t += 90; if (l.tick(t)) { suspected = t; break; } }
+  while (t < 5000) {
+    t += 90;
+    if (l.tick(t)) {
+      suspected = t;
+      break;
+    }
+  }
   assert.equal(l.excusedMs, 0);
   assert.ok(suspected > 500 && suspected <= 600, `suspected at ${suspected}`);
 });

@@ -13,9 +13,20 @@ const line = (text: string, re: RegExp) => text.split('\n').find((l) => re.test(
 
 test('events and status become Prometheus metrics with conventional names and units', async () => {
   const m = new ControllerMetrics();
-  const status: Record<string, unknown> = { role: 'primary', protected: true, heldFrames: 3, heldBytes: 4500, oldestHeldMs: 12, ackedEpoch: 41, epoch: 42, lagMs: 20, rttMs: 0.5 };
+  const status: Record<string, unknown> = {
+    role: 'primary',
+    protected: true,
+    heldFrames: 3,
+    heldBytes: 4500,
+    oldestHeldMs: 12,
+    ackedEpoch: 41,
+    epoch: 42,
+    lagMs: 20,
+    rttMs: 0.5,
+  };
   const src = m.addSource({ vm: 'web1', role: 'primary' }, () => status);
-  for (let i = 1; i <= 5; i++) src.observe({ event: 'checkpoint', epoch: i, pages: 100 * i, bytes: 409_600 * i, pauseMs: 1.5, captureMs: 1 });
+  for (let i = 1; i <= 5; i++)
+    src.observe({ event: 'checkpoint', epoch: i, pages: 100 * i, bytes: 409_600 * i, pauseMs: 1.5, captureMs: 1 });
   src.observe({ event: 'acked', epoch: 1, lagMs: 3 });
   src.observe({ event: 'decisions', reasons: { 'model-optimum': 4, 'model-wait': 10 } });
   src.observe({ event: 'decisions', reasons: { 'model-optimum': 6, 'model-wait': 10 } });
@@ -36,7 +47,10 @@ test('events and status become Prometheus metrics with conventional names and un
   src.observe({ event: 'unprotected', reason: 'link to standby 10.0.0.2:7000 closed' });
   let u = await m.text();
   assert.match(u, /^rubato_protected\{vm="web1",role="primary"\} 0$/m);
-  assert.match(u, /^rubato_unprotected_reason\{vm="web1",role="primary",reason="link to standby 10\.0\.0\.2:7000 closed"\} 1$/m);
+  assert.match(
+    u,
+    /^rubato_unprotected_reason\{vm="web1",role="primary",reason="link to standby 10\.0\.0\.2:7000 closed"\} 1$/m,
+  );
   src.observe({ event: 'protecting', standby: 'x' });
   u = await m.text();
   assert.equal(line(u, /^rubato_unprotected_reason\{/), undefined);
@@ -61,18 +75,29 @@ test('examples/: the Grafana dashboard and the alert rules name only metrics Rub
   const src = m.addSource({ vm: 'v', role: 'primary' }, () => ({ role: 'primary', protected: true }));
   src.observe({ event: 'checkpoint', pauseMs: 1, pages: 1, bytes: 1 });
   src.observe({ event: 'unprotected', reason: 'r' });
-  const exported = new Set((await m.text()).split('\n').filter((l) => l.startsWith('# TYPE ')).map((l) => l.split(' ')[2]!));
+  const exported = new Set(
+    (await m.text())
+      .split('\n')
+      .filter((l) => l.startsWith('# TYPE '))
+      .map((l) => l.split(' ')[2]!),
+  );
   for (const f of ['grafana-dashboard.json', 'rubato-alerts.yml']) {
     const text = readFileSync(join(REPO_ROOT, 'examples', f), 'utf8');
-    const names = [...new Set([...text.matchAll(/\b(rubato_[a-z_]+|process_[a-z_]+)/g)].map((x) => x[1]!.replace(/_(bucket|sum|count)$/, '')))];
+    const names = [
+      ...new Set(
+        [...text.matchAll(/\b(rubato_[a-z_]+|process_[a-z_]+)/g)].map((x) => x[1]!.replace(/_(bucket|sum|count)$/, '')),
+      ),
+    ];
     assert.ok(names.length >= 3, f);
     for (const n of names) assert.ok(exported.has(n), `${f} names ${n}, which is not exported`);
   }
-  const dash = JSON.parse(readFileSync(join(REPO_ROOT, 'examples', 'grafana-dashboard.json'), 'utf8')) as { panels: Array<{ id: number; gridPos: object }> };
+  const dash = JSON.parse(readFileSync(join(REPO_ROOT, 'examples', 'grafana-dashboard.json'), 'utf8')) as {
+    panels: Array<{ id: number; gridPos: object }>;
+  };
   assert.equal(new Set(dash.panels.map((p) => p.id)).size, dash.panels.length, 'panel ids unique');
 });
 
-test('dashboard samples: rates from the epochs, a standby\'s view, events described for people', () => {
+test("dashboard samples: rates from the epochs, a standby's view, events described for people", () => {
   const s = new Sampler();
   s.sample(1000, { role: 'primary', protected: true, epoch: 10, pauseMsP50: 1.5 });
   const b = s.sample(3000, { role: 'primary', protected: true, epoch: 50, pauseMsP50: 1.6, heldFrames: 2 });
@@ -83,7 +108,10 @@ test('dashboard samples: rates from the epochs, a standby\'s view, events descri
   const sb = new Sampler().sample(0, { role: 'standby', replicaEpoch: 4, primary: '10.0.0.1:5' });
   assert.equal(sb.protected, 1);
   assert.equal(sb.epoch, 4);
-  assert.match(describe({ event: 'failover', epoch: 7, restoreMs: 40, why: 'primary silent' }), /failover: the guest runs here from checkpoint 7 \(restore 40 ms; primary silent\)/);
+  assert.match(
+    describe({ event: 'failover', epoch: 7, restoreMs: 40, why: 'primary silent' }),
+    /failover: the guest runs here from checkpoint 7 \(restore 40 ms; primary silent\)/,
+  );
   s.event(5000, { event: 'failover', epoch: 7, restoreMs: 40, why: 'x' });
   assert.equal(s.history().events.length, 1);
   assert.equal(s.history().samples.length, 3);

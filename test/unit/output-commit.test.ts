@@ -17,7 +17,10 @@ test('frames wait for the acknowledgement of their epoch', () => {
 
 test('property: no frame leaves before its epoch is acknowledged, under duplicate acks and link loss', () => {
   let seed = 7;
-  const rnd = (n: number) => { seed = (seed * 1103515245 + 12345) >>> 0; return seed % n; };
+  const rnd = (n: number) => {
+    seed = (seed * 1103515245 + 12345) >>> 0;
+    return seed % n;
+  };
   for (let run = 0; run < 200; run++) {
     const b = new OutputCommit(1 << 30);
     b.hold(0);
@@ -38,7 +41,8 @@ test('property: no frame leaves before its epoch is acknowledged, under duplicat
         const epoch = Math.min(closed, Math.max(acked, 0) + rnd(3));
         if (epoch < acked) continue;
         acked = epoch;
-        for (const f of b.release(epoch, acked)) assert.ok(epochOf.get(String(f.frame))! <= acked, `released ${String(f.frame)} with ${acked} acked`);
+        for (const f of b.release(epoch, acked))
+          assert.ok(epochOf.get(String(f.frame))! <= acked, `released ${String(f.frame)} with ${acked} acked`);
         for (const [name, e] of epochOf) if (e <= acked) epochOf.delete(name);
       } else {
         // link loss: no ack arrives; nothing may leave on its own
@@ -83,14 +87,16 @@ test('a resynchronisation covers output still held from the lost session with th
   b.hold(0);
   b.closeEpoch(1);
   b.push(Buffer.from('old'), 0); // epoch 2 of the lost generation
-  const base = b.hold(0);          // new generation: its full image covers 'old'
+  const base = b.hold(0); // new generation: its full image covers 'old'
   assert.equal(base.frames, 1);
   assert.deepEqual(frames(b.release(0, 0)), ['old']);
 });
 
 test('closing an epoch cuts the disk epoch with it', () => {
   let cuts = 0;
-  const disk = { cutEpoch: (): DiskEpochCut => ({ pages: new Map([[cuts * 4096, Buffer.alloc(4096)]]), writes: ++cuts, flushes: 0 }) };
+  const disk = {
+    cutEpoch: (): DiskEpochCut => ({ pages: new Map([[cuts * 4096, Buffer.alloc(4096)]]), writes: ++cuts, flushes: 0 }),
+  };
   const b = new OutputCommit(100, disk);
   assert.equal(b.hold(0).disk?.writes, 1);
   const c = b.closeEpoch(1);

@@ -14,7 +14,9 @@ function protectedPipeline(maxInflight = 4) {
   const p = new EpochPipeline({ policy: fixed(10), commit, maxInflight });
   assert.deepEqual(p.startSync(), [{ cmd: 'capture', epoch: 0, reason: 'sync' }]);
   p.paused(0, 0);
-  assert.deepEqual(p.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 }), [{ cmd: 'send', epoch: 0 }]);
+  assert.deepEqual(p.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 }), [
+    { cmd: 'send', epoch: 0 },
+  ]);
   p.sent(0, 0);
   const cmds = p.ack(0, 1);
   assert.equal(p.phase, 'protecting');
@@ -47,7 +49,10 @@ test('a checkpoint when the policy says so, output released only at its ack', ()
   assert.equal(p.history.at(-1)!.outputFrames, 1);
   const out = p.ack(1, 20);
   const rel = out.find((x): x is Extract<Command, { cmd: 'release' }> => x.cmd === 'release')!;
-  assert.deepEqual(rel.frames.map((f) => String(f.frame)), ['hello']);
+  assert.deepEqual(
+    rel.frames.map((f) => String(f.frame)),
+    ['hello'],
+  );
   assert.equal(rel.transferMs, 8);
   assert.equal(p.history.at(-1)!.transferMs, 8);
 });
@@ -99,7 +104,10 @@ test('link loss: says so once, keeps output held, a resync starts a new generati
   p.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 30 });
   p.sent(0, 30);
   const out = p.ack(0, 31);
-  assert.deepEqual(out.flatMap((c) => (c.cmd === 'release' ? c.frames.map((f) => String(f.frame)) : [])), ['x']);
+  assert.deepEqual(
+    out.flatMap((c) => (c.cmd === 'release' ? c.frames.map((f) => String(f.frame)) : [])),
+    ['x'],
+  );
   assert.equal(p.phase, 'protecting');
   // protected again: the next loss is reported again
   assert.equal((p.linkLost('again')[0] as { first: boolean }).first, true);
@@ -125,16 +133,25 @@ test('a fence takes the last checkpoint with its real epoch and stops the guest 
   p.fenceRequested();
   assert.deepEqual(p.decide(13, seen), { cmd: 'fence', epoch: 2 });
   checkpoint(p, 2, 13, true);
-  assert.equal(p.ack(1, 15).some((c) => c.cmd === 'stop-guest'), false);
+  assert.equal(
+    p.ack(1, 15).some((c) => c.cmd === 'stop-guest'),
+    false,
+  );
   const out = p.ack(2, 16);
-  assert.deepEqual(out.flatMap((c) => (c.cmd === 'release' ? c.frames.map((f) => String(f.frame)) : [])), ['last']);
+  assert.deepEqual(
+    out.flatMap((c) => (c.cmd === 'release' ? c.frames.map((f) => String(f.frame)) : [])),
+    ['last'],
+  );
   assert.ok(out.some((c) => c.cmd === 'stop-guest'));
   assert.equal(p.phase, 'fenced');
 });
 
 test('property: under random acks, losses and give-ups, no frame leaves above the acknowledged epoch', () => {
   let seed = 11;
-  const rnd = (n: number) => { seed = (seed * 1103515245 + 12345) >>> 0; return seed % n; };
+  const rnd = (n: number) => {
+    seed = (seed * 1103515245 + 12345) >>> 0;
+    return seed % n;
+  };
   let releasedTotal = 0;
   let acksTotal = 0;
   for (let run = 0; run < 100; run++) {
@@ -151,7 +168,10 @@ test('property: under random acks, losses and give-ups, no frame leaves above th
           const e = epochOf.get(String(f.frame))!;
           // a frame from an earlier generation is covered by this generation's full image (epoch 0)
           const epoch = e.gen === p.generation ? e.epoch : 0;
-          assert.ok(epoch <= c.epoch && c.epoch <= p.ackedEpoch, `frame of epoch ${epoch} released at ${c.epoch} with ${p.ackedEpoch} acked`);
+          assert.ok(
+            epoch <= c.epoch && c.epoch <= p.ackedEpoch,
+            `frame of epoch ${epoch} released at ${c.epoch} with ${p.ackedEpoch} acked`,
+          );
           epochOf.delete(String(f.frame));
           releasedTotal++;
         }
@@ -172,7 +192,8 @@ test('property: under random acks, losses and give-ups, no frame leaves above th
         }
       } else if (op < 4) {
         const name = `f${id++}`;
-        if (commit.push(Buffer.from(name), t) === null) epochOf.set(name, { gen: p.generation, epoch: commit.openEpoch });
+        if (commit.push(Buffer.from(name), t) === null)
+          epochOf.set(name, { gen: p.generation, epoch: commit.openEpoch });
         else assert.ok(!commit.holding, 'a frame passed through while holding');
       } else if (op < 7 && p.phase === 'protecting') {
         const c = p.decide(t, seen);
@@ -205,7 +226,13 @@ test('the disk log at its bound ends the epoch whatever the policy says', () => 
 test('memory rails: no policy lets an epoch run past the estimated checkpoint bound; a large checkpoint in flight goes alone', () => {
   const commit = new OutputCommit(1 << 20);
   // A policy that would wait a minute; 4 MiB bound (1024 pages), 8 MiB in flight.
-  const p = new EpochPipeline({ policy: fixed(60_000), commit, maxInflight: 4, maxCheckpointBytes: 4 << 20, maxInflightBytes: 8 << 20 });
+  const p = new EpochPipeline({
+    policy: fixed(60_000),
+    commit,
+    maxInflight: 4,
+    maxCheckpointBytes: 4 << 20,
+    maxInflightBytes: 8 << 20,
+  });
   p.startSync();
   p.paused(0, 0);
   p.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 });
@@ -231,7 +258,7 @@ test('memory rails: no policy lets an epoch run past the estimated checkpoint bo
   // 2300 pages in 1024 ms, well over the bound: the next epoch is cut to size (1024 × 1024/2300 ms).
   const cut = p.decide(1131, seen) as { cmd: string; untilMs: number };
   assert.equal(cut.cmd, 'wait');
-  assert.ok(Math.abs(cut.untilMs - (1130 + 1024 * 1024 / 2300)) < 1e-6);
+  assert.ok(Math.abs(cut.untilMs - (1130 + (1024 * 1024) / 2300)) < 1e-6);
   // Due, but a checkpoint of 9 MiB is in flight (bound 8 MiB): it waits for its acknowledgement.
   assert.deepEqual(p.decide(1600, seen), { cmd: 'wait-ack' });
   p.ack(2, 1601);

@@ -13,17 +13,33 @@ const DEV = Buffer.from([0x04, 9, 9, 9, 0x00]);
 function base(): BaseImage {
   return {
     machine: 'pc-i440fx-7.2',
-    blocks: [{ id: 'mem0', lengthBytes: 8 * 4096 }, { id: 'rom', lengthBytes: 4096 }],
-    ram: new Map([['mem0', Buffer.alloc(8 * 4096, 1)], ['rom', Buffer.alloc(4096, 7)]]),
+    blocks: [
+      { id: 'mem0', lengthBytes: 8 * 4096 },
+      { id: 'rom', lengthBytes: 4096 },
+    ],
+    ram: new Map([
+      ['mem0', Buffer.alloc(8 * 4096, 1)],
+      ['rom', Buffer.alloc(4096, 7)],
+    ]),
     deviceState: DEV,
   };
 }
 
 function cp(epoch: number, pages: Array<[number, number | null]>): Checkpoint {
   return {
-    epoch, route: 'a', deviceState: Buffer.from([0x04, epoch, 0x00]), ramBytes: 0, zeroPages: 0, pausedAtMs: 0,
+    epoch,
+    route: 'a',
+    deviceState: Buffer.from([0x04, epoch, 0x00]),
+    ramBytes: 0,
+    zeroPages: 0,
+    pausedAtMs: 0,
     timings: { captureMs: 0, pauseMsLocal: 0, heldMs: 0 },
-    pages: pages.map(([off, v]) => ({ block: 'mem0', offset: off, data: v === null ? null : Buffer.alloc(4096, v), fill: 0 })),
+    pages: pages.map(([off, v]) => ({
+      block: 'mem0',
+      offset: off,
+      data: v === null ? null : Buffer.alloc(4096, v),
+      fill: 0,
+    })),
   };
 }
 
@@ -31,12 +47,17 @@ test('commits checkpoints in order and persists them', async (t) => {
   const dir = makeTempDir();
   t.after(() => removeTempDir(dir));
   const s = await ReplicaStore.create(dir, 'vm', base());
-  await s.commit(cp(1, [[0, 5], [4096, null]]));
+  await s.commit(
+    cp(1, [
+      [0, 5],
+      [4096, null],
+    ]),
+  );
   await s.commit(cp(2, [[4096, 6]]));
   assert.equal(s.epoch, 2);
   const r = await ReplicaStore.open(dir);
   assert.equal(r.epoch, 2);
-  const ram = (await r.readImage('mem0'));
+  const ram = await r.readImage('mem0');
   assert.equal(ram[0], 5);
   assert.equal(ram[4096], 6);
   assert.equal(ram[8192], 1);
@@ -48,14 +69,14 @@ test('rejects out-of-order, malformed and out-of-range checkpoints, untouched', 
   const dir = makeTempDir();
   t.after(() => removeTempDir(dir));
   const s = await ReplicaStore.create(dir, 'vm', base());
-  const before = Buffer.from((await s.readImage('mem0')));
+  const before = Buffer.from(await s.readImage('mem0'));
   await assert.rejects(s.commit(cp(2, [[0, 3]])), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
   await assert.rejects(s.commit(cp(1, [[8 * 4096, 3]])), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
   const bad = cp(1, [[0, 3]]);
   bad.deviceState = Buffer.from([1, 2, 3]);
   await assert.rejects(s.commit(bad), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
   assert.equal(s.epoch, 0);
-  assert.deepEqual((await s.readImage('mem0')), before);
+  assert.deepEqual(await s.readImage('mem0'), before);
   assert.equal((await ReplicaStore.open(dir)).epoch, 0);
 });
 
@@ -103,7 +124,18 @@ test('a record off the wire is acknowledgeable at its commit point; its images f
   t.after(() => removeTempDir(dir));
   const s = await ReplicaStore.create(dir, 'vm', base());
   const blocks = base().blocks;
-  const e1 = (await s.commitRecord(encodeRecord(cp(1, [[0, 5], [8192, 9]]), blocks), 1)).epoch;
+  const e1 = (
+    await s.commitRecord(
+      encodeRecord(
+        cp(1, [
+          [0, 5],
+          [8192, 9],
+        ]),
+        blocks,
+      ),
+      1,
+    )
+  ).epoch;
   // Returned at the commit point: the redo record is in place, memory holds the checkpoint.
   assert.equal(e1, 1);
   assert.equal(s.epoch, 1);
@@ -127,7 +159,7 @@ test('a record off the wire is acknowledgeable at its commit point; its images f
   assert.equal(r2.epoch, 2);
   assert.equal((await r2.readImage('mem0'))[0], 5);
   assert.equal((await r2.readImage('mem0'))[8192], 10);
-  assert.deepEqual(readFileSync(r2.imagePath('mem0')), (await r2.readImage('mem0')));
+  assert.deepEqual(readFileSync(r2.imagePath('mem0')), await r2.readImage('mem0'));
 });
 
 test('private state: replica files 0600 in 0700 folders whatever the umask; a folder others may write is refused', async (t) => {
@@ -141,15 +173,22 @@ test('private state: replica files 0600 in 0700 folders whatever the umask; a fo
     await s.commit(cp(1, [[0, 5]]));
     assert.equal(statSync(join(dir, 'r')).mode & 0o777, 0o700);
     assert.equal(statSync(join(dir, 'r', 'ram')).mode & 0o777, 0o700);
-    for (const f of ['ram/0.img', 'ram/1.img', 'device.bin', 'meta.json']) assert.equal(statSync(join(dir, 'r', f)).mode & 0o777, 0o600, f);
+    for (const f of ['ram/0.img', 'ram/1.img', 'device.bin', 'meta.json'])
+      assert.equal(statSync(join(dir, 'r', f)).mode & 0o777, 0o600, f);
   } finally {
     process.umask(old);
   }
   mkdirSync(join(dir, 'open'));
   chmodSync(join(dir, 'open'), 0o777);
-  assert.throws(() => ensurePrivateDir(join(dir, 'open')), (e: unknown) => isRubatoError(e, 'RUBATO_CONFIG') && /writable by other users/.test(e.message));
+  assert.throws(
+    () => ensurePrivateDir(join(dir, 'open')),
+    (e: unknown) => isRubatoError(e, 'RUBATO_CONFIG') && /writable by other users/.test(e.message),
+  );
   symlinkSync(join(dir, 'r'), join(dir, 'link'));
-  assert.throws(() => ensurePrivateDir(join(dir, 'link')), (e: unknown) => isRubatoError(e, 'RUBATO_CONFIG') && /symlink/.test(e.message));
+  assert.throws(
+    () => ensurePrivateDir(join(dir, 'link')),
+    (e: unknown) => isRubatoError(e, 'RUBATO_CONFIG') && /symlink/.test(e.message),
+  );
 });
 
 test('memory durability: acknowledged before its commit point, written behind in order, settled() waits', async (t) => {
@@ -157,14 +196,23 @@ test('memory durability: acknowledged before its commit point, written behind in
   t.after(() => removeTempDir(dir));
   const s = await ReplicaStore.create(dir, 'vm', base());
   const blocks = s.blocks;
-  const rec = (e: number, v: number) => encodeRecord(cp(e, [[0, v], [4096 * e, v]]), blocks);
+  const rec = (e: number, v: number) =>
+    encodeRecord(
+      cp(e, [
+        [0, v],
+        [4096 * e, v],
+      ]),
+      blocks,
+    );
   // Three checkpoints accepted back to back: each returns before its redo record exists on disk.
   for (const e of [1, 2, 3]) {
     const r = await s.commitRecord(rec(e, 10 + e), e, 'memory');
     assert.equal(r.epoch, e);
     assert.equal(s.epoch, e); // the next one must follow it, not the files
   }
-  await assert.rejects(s.commitRecord(rec(3, 1), 3, 'memory'), (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'));
+  await assert.rejects(s.commitRecord(rec(3, 1), 3, 'memory'), (e: unknown) =>
+    isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'),
+  );
   await s.settled();
   const r = await ReplicaStore.open(dir);
   assert.equal(r.epoch, 3);
@@ -190,12 +238,35 @@ test('memory durability: checkpoints gathered while the writer is busy are writt
   const s = await ReplicaStore.create(dir, 'vm', base());
   const blocks = s.blocks;
   // Page 0 rewritten by every checkpoint, page e by checkpoint e: 1 is written alone, 2..5 merged.
-  for (const e of [1, 2, 3, 4, 5]) await s.commitRecord(encodeRecord(cp(e, [[0, 20 + e], [4096 * e, 30 + e]]), blocks), e, 'memory');
+  for (const e of [1, 2, 3, 4, 5])
+    await s.commitRecord(
+      encodeRecord(
+        cp(e, [
+          [0, 20 + e],
+          [4096 * e, 30 + e],
+        ]),
+        blocks,
+      ),
+      e,
+      'memory',
+    );
   await s.settled();
   const ram = await (await ReplicaStore.open(dir)).readImage('mem0');
-  assert.deepEqual([0, 1, 2, 3, 4, 5].map((i) => ram[i * 4096]), [25, 31, 32, 33, 34, 35]);
+  assert.deepEqual(
+    [0, 1, 2, 3, 4, 5].map((i) => ram[i * 4096]),
+    [25, 31, 32, 33, 34, 35],
+  );
   // A crash after a merged record's commit point (epochs 6..8 in one redo record): reopening applies it.
-  writeFileSync(join(dir, 'redo.ckpt'), encodeRecord(cp(8, [[0, 77], [4096 * 7, 78]]), blocks));
+  writeFileSync(
+    join(dir, 'redo.ckpt'),
+    encodeRecord(
+      cp(8, [
+        [0, 77],
+        [4096 * 7, 78],
+      ]),
+      blocks,
+    ),
+  );
   const r = await ReplicaStore.open(dir);
   assert.equal(r.epoch, 8);
   const after = await r.readImage('mem0');
@@ -209,7 +280,11 @@ test('pre-sent pages commit only with their checkpoint, its own copies winning, 
     const s = await ReplicaStore.create(dir, 'vm', base());
     const blocks = base().blocks;
     // Staged: pages 0 and 1 (page 1 sent again in the pause with newer contents), a zero page 2.
-    const staged = cp(1, [[0, 11], [4096, 12], [8192, null]]).pages;
+    const staged = cp(1, [
+      [0, 11],
+      [4096, 12],
+      [8192, null],
+    ]).pages;
     const rec = await s.commitRecord(encodeRecord(cp(1, [[4096, 22]]), blocks), 1, durability, staged);
     assert.equal(rec.pages.length, 4);
     await s.settled();
@@ -217,6 +292,6 @@ test('pre-sent pages commit only with their checkpoint, its own copies winning, 
     assert.deepEqual([ram[0], ram[4096], ram[8192], ram[3 * 4096]], [11, 22, 0, 1], durability);
     const r = await ReplicaStore.open(dir);
     assert.equal(r.epoch, 1);
-    assert.deepEqual((await r.readImage('mem0')), ram);
+    assert.deepEqual(await r.readImage('mem0'), ram);
   }
 });

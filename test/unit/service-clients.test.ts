@@ -13,7 +13,10 @@ test('redis-benchmark --csv: rate and the p50/p99 columns by name', () => {
   const r = parseRedisCsv(out);
   assert.deepEqual(r.get('SET'), { perSec: 1234.57, p50Ms: 37.055, p99Ms: 80.063, errors: 0 });
   assert.equal(r.get('GET')!.p99Ms, 41.5);
-  assert.throws(() => parseRedisCsv('Could not connect to Redis at 10.231.0.10:6379: Connection refused'), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'));
+  assert.throws(
+    () => parseRedisCsv('Could not connect to Redis at 10.231.0.10:6379: Connection refused'),
+    (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'),
+  );
 });
 
 test('wrk --latency: requests/s, the distribution in any unit, socket errors and non-2xx answers', () => {
@@ -34,16 +37,23 @@ Requests/sec:   1400.25
 Transfer/sec:      6.00MB
 `;
   assert.deepEqual(parseWrk(out), { perSec: 1400.25, p50Ms: 0.812, p99Ms: 1100, errors: 6 });
-  assert.throws(() => parseWrk('unable to connect to 10.231.0.10:80 Connection refused'), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'));
+  assert.throws(
+    () => parseWrk('unable to connect to 10.231.0.10:80 Connection refused'),
+    (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'),
+  );
 });
 
 test('pgbench: tps from its report, latencies from the per-transaction log (µs, third column)', () => {
-  const out = 'transaction type: <builtin: TPC-B (sort of)>\nnumber of failed transactions: 0 (0.000%)\nlatency average = 20.1 ms\ntps = 397.123456 (without initial connection time)\n';
+  const out =
+    'transaction type: <builtin: TPC-B (sort of)>\nnumber of failed transactions: 0 (0.000%)\nlatency average = 20.1 ms\ntps = 397.123456 (without initial connection time)\n';
   const log = Array.from({ length: 100 }, (_, i) => `0 ${i} ${(i + 1) * 1000} 0 1764440000 ${i}`);
   const r = parsePgbench(out, log);
   assert.equal(r.perSec, 397.123456);
   assert.equal(r.errors, 0);
   assert.ok(r.p50Ms >= 50 && r.p50Ms <= 51, `p50 ${r.p50Ms}`);
   assert.ok(r.p99Ms >= 99 && r.p99Ms <= 100, `p99 ${r.p99Ms}`);
-  assert.throws(() => parsePgbench('pgbench: error: connection to server failed', []), (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'));
+  assert.throws(
+    () => parsePgbench('pgbench: error: connection to server failed', []),
+    (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'),
+  );
 });

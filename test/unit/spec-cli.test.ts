@@ -7,9 +7,29 @@ import { diffPages } from '../../src/capture/verify.ts';
 import { REPO_ROOT } from '../../src/setup/index.ts';
 
 test('VM spec gives a deterministic command line with shared RAM', () => {
-  const spec = VmSpecSchema.parse({ name: 'vm1', accel: 'tcg', cpus: 2, memMb: 128, ramFile: '/dev/shm/x', kernel: 'k', initrd: 'i', append: guestAppend(['dirtier', 10, 16]) });
-  const a = qemuArgs(spec, { qmpSocket: 'q', serialSocket: 's', firmwareDirs: ['/usr/share/qemu'] }, { paused: true, incoming: true });
-  assert.deepEqual(a, qemuArgs(spec, { qmpSocket: 'q', serialSocket: 's', firmwareDirs: ['/usr/share/qemu'] }, { paused: true, incoming: true }));
+  const spec = VmSpecSchema.parse({
+    name: 'vm1',
+    accel: 'tcg',
+    cpus: 2,
+    memMb: 128,
+    ramFile: '/dev/shm/x',
+    kernel: 'k',
+    initrd: 'i',
+    append: guestAppend(['dirtier', 10, 16]),
+  });
+  const a = qemuArgs(
+    spec,
+    { qmpSocket: 'q', serialSocket: 's', firmwareDirs: ['/usr/share/qemu'] },
+    { paused: true, incoming: true },
+  );
+  assert.deepEqual(
+    a,
+    qemuArgs(
+      spec,
+      { qmpSocket: 'q', serialSocket: 's', firmwareDirs: ['/usr/share/qemu'] },
+      { paused: true, incoming: true },
+    ),
+  );
   assert.ok(a.includes('memory-backend-file,id=mem0,size=128M,mem-path=/dev/shm/x,share=on'));
   assert.ok(a.includes('-S') && a.includes('defer'));
   assert.equal(a[a.indexOf('-smp') + 1], '2');
@@ -26,7 +46,14 @@ test('the replica comparison finds exactly the corrupted page (negative control)
 });
 
 test('CLI: a config mistake is one clear line and exit 2, never a stack trace', () => {
-  for (const args of [['capture-check', '--route', 'c'], ['capture-check', '--mem', 'lots'], ['bench', 'nosuch'], ['simulate', '--policy', 'model'], ['simulate', '--trace', '/nonexistent/trace.json'], ['bench', 'scheduler', '--workloads', 'kv,nope']]) {
+  for (const args of [
+    ['capture-check', '--route', 'c'],
+    ['capture-check', '--mem', 'lots'],
+    ['bench', 'nosuch'],
+    ['simulate', '--policy', 'model'],
+    ['simulate', '--trace', '/nonexistent/trace.json'],
+    ['bench', 'scheduler', '--workloads', 'kv,nope'],
+  ]) {
     const r = spawnSync(join(REPO_ROOT, 'bin', 'rubato'), args, { encoding: 'utf8', timeout: 30_000 });
     assert.equal(r.status, 2, `${args.join(' ')}: ${r.stderr}`);
     assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace');

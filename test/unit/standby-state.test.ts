@@ -1,6 +1,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { STANDBY_TRANSITIONS, acceptsPrimary, nextStandbyState, type StandbyState } from '../../src/replication/standby-state.ts';
+import {
+  STANDBY_TRANSITIONS,
+  acceptsPrimary,
+  nextStandbyState,
+  type StandbyState,
+} from '../../src/replication/standby-state.ts';
 
 const ALL: StandbyState[] = ['waiting', 'syncing', 'protecting', 'activating', 'active', 'stopped'];
 

@@ -5,7 +5,16 @@
 import { RubatoError } from '../../util/errors.ts';
 import type { ByteReader } from '../../util/byte-reader.ts';
 import { walkDevicePart } from './vmdesc.ts';
-import { MIG_CMD, MIG_CMD_NAMES, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, RAM_FLAG, RAM_SECTION_VERSION, TARGET_PAGE_SIZE, VM } from '../../qemu/stream-format.ts';
+import {
+  MIG_CMD,
+  MIG_CMD_NAMES,
+  QEMU_VM_FILE_MAGIC,
+  QEMU_VM_FILE_VERSION,
+  RAM_FLAG,
+  RAM_SECTION_VERSION,
+  TARGET_PAGE_SIZE,
+  VM,
+} from '../../qemu/stream-format.ts';
 
 export const QEMU_VERSION_NOTE = 'Rubato reads the stream of QEMU 7.2';
 
@@ -41,7 +50,11 @@ export function newRamState(): RamState {
 const formatError = (msg: string, r: ByteReader) =>
   new RubatoError('RUBATO_STREAM_FORMAT', `migration stream: ${msg} (at byte ${r.consumed})`, { offset: r.consumed });
 const unsupported = (feature: string) =>
-  new RubatoError('RUBATO_STREAM_UNSUPPORTED', `migration stream uses ${feature}, which Rubato does not support (${QEMU_VERSION_NOTE}; disable that feature on the primary QEMU)`, { feature });
+  new RubatoError(
+    'RUBATO_STREAM_UNSUPPORTED',
+    `migration stream uses ${feature}, which Rubato does not support (${QEMU_VERSION_NOTE}; disable that feature on the primary QEMU)`,
+    { feature },
+  );
 
 export async function readHeader(r: ByteReader): Promise<StreamConfig> {
   const magic = await r.readBe32();
@@ -98,13 +111,18 @@ export async function readSectionHeader(r: ByteReader, type: number): Promise<Se
 
 export async function readFooter(r: ByteReader, sectionId: number): Promise<void> {
   const mark = await r.readU8();
-  if (mark !== VM.SECTION_FOOTER) throw formatError(`missing section footer for section ${sectionId} (got 0x${mark.toString(16)})`, r);
+  if (mark !== VM.SECTION_FOOTER)
+    throw formatError(`missing section footer for section ${sectionId} (got 0x${mark.toString(16)})`, r);
   const id = await r.readBe32();
   if (id !== sectionId) throw formatError(`section footer names section ${id}, expected ${sectionId}`, r);
 }
 
 /** Reads RAM records up to and including EOS. Synchronous while data is buffered. */
-export async function readRamRecords(r: ByteReader, st: RamState, sink: PageSink): Promise<{ pages: number; zeros: number }> {
+export async function readRamRecords(
+  r: ByteReader,
+  st: RamState,
+  sink: PageSink,
+): Promise<{ pages: number; zeros: number }> {
   let pages = 0;
   let zeros = 0;
   for (;;) {
@@ -120,7 +138,8 @@ export async function readRamRecords(r: ByteReader, st: RamState, sink: PageSink
         const id = await r.readString8();
         const len = await r.readBe64();
         if (st.ignoreShared) await r.readBe64(); // guest-physical address of the block
-        if (len === 0 || len % TARGET_PAGE_SIZE !== 0 || len > total) throw formatError(`RAM block ${id} has length ${len}`, r);
+        if (len === 0 || len % TARGET_PAGE_SIZE !== 0 || len > total)
+          throw formatError(`RAM block ${id} has length ${len}`, r);
         if (!st.blocks.has(id)) st.blockOrder.push(id);
         st.blocks.set(id, len);
         total -= len;
@@ -149,7 +168,8 @@ export async function readRamRecords(r: ByteReader, st: RamState, sink: PageSink
     }
     const blen = st.blocks.get(block);
     if (blen === undefined) throw formatError(`RAM record for unknown block "${block}"`, r);
-    if (addr + TARGET_PAGE_SIZE > blen) throw formatError(`RAM offset 0x${addr.toString(16)} outside block ${block} (${blen} bytes)`, r);
+    if (addr + TARGET_PAGE_SIZE > blen)
+      throw formatError(`RAM offset 0x${addr.toString(16)} outside block ${block} (${blen} bytes)`, r);
     if (kind === RAM_FLAG.ZERO) {
       if (!r.has(1)) await r.need(1);
       sink.zero(block, addr, r.u8());
@@ -193,33 +213,47 @@ const VMDESC_JSON_START = Buffer.from('{"page_size":', 'latin1');
  * marker inside a device's data (a guest can put bytes there) are passed over. Chunks are kept as
  * a list and searched through a window (linear in the part's size); every length is capped.
  */
-export async function readDevicePart(r: ByteReader, maxBytes = 64 << 20): Promise<{ deviceState: Buffer; vmdesc: unknown }> {
+export async function readDevicePart(
+  r: ByteReader,
+  maxBytes = 64 << 20,
+): Promise<{ deviceState: Buffer; vmdesc: unknown }> {
   const MARK = 6; // EOF, VMDESCRIPTION, be32 length
   const parts: Buffer[] = [];
   let total = 0;
   let window: Buffer = Buffer.alloc(0); // the last bytes before the newest chunk, so a match may span chunks
   const candidates: number[] = []; // offsets of EOF bytes that may end the part
   let acc: Buffer = Buffer.alloc(0);
-  const joined = () => { if (acc.length !== total) acc = Buffer.concat(parts, total); return acc; };
+  const joined = () => {
+    if (acc.length !== total) acc = Buffer.concat(parts, total);
+    return acc;
+  };
   for (;;) {
     if (!r.has(1)) await r.need(1);
     const chunk = r.take(r.available);
     parts.push(chunk);
     total += chunk.length;
-    if (total > 2 * maxBytes) throw formatError(`device part larger than ${maxBytes} bytes with no VM description that fits it`, r);
+    if (total > 2 * maxBytes)
+      throw formatError(`device part larger than ${maxBytes} bytes with no VM description that fits it`, r);
     const hay = window.length ? Buffer.concat([window, chunk]) : chunk;
     const base = total - hay.length; // absolute offset of hay[0]
     for (let i = hay.indexOf(VMDESC_JSON_START); i >= 0; i = hay.indexOf(VMDESC_JSON_START, i + 1)) {
-      if (i >= MARK && hay[i - MARK] === VM.EOF && hay[i - MARK + 1] === VM.VMDESCRIPTION) candidates.push(base + i - MARK);
+      if (i >= MARK && hay[i - MARK] === VM.EOF && hay[i - MARK + 1] === VM.VMDESCRIPTION)
+        candidates.push(base + i - MARK);
     }
     window = hay.subarray(Math.max(0, hay.length - (VMDESC_JSON_START.length + MARK - 1)));
-    for (let k = 0; k < candidates.length;) {
+    for (let k = 0; k < candidates.length; ) {
       const at = candidates[k]!;
       const buf = joined();
       const jsonLen = buf.readUInt32BE(at + 2);
       const end = at + MARK + jsonLen;
-      if (jsonLen > maxBytes || at > maxBytes) { candidates.splice(k, 1); continue; } // not a real description
-      if (end > total) { k++; continue; } // its description has not all arrived yet
+      if (jsonLen > maxBytes || at > maxBytes) {
+        candidates.splice(k, 1);
+        continue;
+      } // not a real description
+      if (end > total) {
+        k++;
+        continue;
+      } // its description has not all arrived yet
       let vmdesc: unknown;
       let walkedTo = -1;
       try {
@@ -228,7 +262,10 @@ export async function readDevicePart(r: ByteReader, maxBytes = 64 << 20): Promis
       } catch {
         walkedTo = -1;
       }
-      if (walkedTo !== at) { candidates.splice(k, 1); continue; } // marker bytes inside a section
+      if (walkedTo !== at) {
+        candidates.splice(k, 1);
+        continue;
+      } // marker bytes inside a section
       r.unshift(buf.subarray(end));
       if (buf[0] !== VM.SECTION_FULL) throw formatError(`device part starts with 0x${buf[0]?.toString(16)}`, r);
       return { deviceState: Buffer.from(buf.subarray(0, at + 1)), vmdesc };
@@ -280,7 +317,8 @@ export async function readPrecopy(r: ByteReader, st: RamState, sink: PageSink): 
       case VM.SECTION_PART:
       case VM.SECTION_END: {
         const h = await readSectionHeader(r, t);
-        if (h.sectionId !== st.ramSectionId) throw formatError(`section ${h.sectionId} continues, but only RAM (${st.ramSectionId}) is iterative`, r);
+        if (h.sectionId !== st.ramSectionId)
+          throw formatError(`section ${h.sectionId} continues, but only RAM (${st.ramSectionId}) is iterative`, r);
         await readRamRecords(r, st, sink);
         await readFooter(r, h.sectionId);
         break;

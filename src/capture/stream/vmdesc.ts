@@ -5,21 +5,56 @@
 
 import { VM } from '../../qemu/stream-format.ts';
 
-interface Field { name?: string; type?: string; size?: number; array_len?: number; struct?: Desc }
-interface Desc { vmsd_name?: string; version?: number; fields?: Field[]; subsections?: Desc[] }
-interface Device extends Desc { name: string; instance_id: number }
+interface Field {
+  name?: string;
+  type?: string;
+  size?: number;
+  array_len?: number;
+  struct?: Desc;
+}
+interface Desc {
+  vmsd_name?: string;
+  version?: number;
+  fields?: Field[];
+  subsections?: Desc[];
+}
+interface Device extends Desc {
+  name: string;
+  instance_id: number;
+}
 
 const SUBSECTION = 0x05;
 
 class Walk {
-  constructor(readonly buf: Buffer, public off: number) {}
+  constructor(
+    readonly buf: Buffer,
+    public off: number,
+  ) {}
   need(n: number, what: string): void {
-    if (!Number.isInteger(n) || n < 0 || this.off + n > this.buf.length) throw new Error(`${what} runs past the device part`);
+    if (!Number.isInteger(n) || n < 0 || this.off + n > this.buf.length)
+      throw new Error(`${what} runs past the device part`);
   }
-  u8(what: string): number { this.need(1, what); return this.buf[this.off++]!; }
-  be32(what: string): number { this.need(4, what); const v = this.buf.readUInt32BE(this.off); this.off += 4; return v; }
-  str8(what: string): string { const n = this.u8(what); this.need(n, what); const s = this.buf.toString('latin1', this.off, this.off + n); this.off += n; return s; }
-  skip(n: number, what: string): void { this.need(n, what); this.off += n; }
+  u8(what: string): number {
+    this.need(1, what);
+    return this.buf[this.off++]!;
+  }
+  be32(what: string): number {
+    this.need(4, what);
+    const v = this.buf.readUInt32BE(this.off);
+    this.off += 4;
+    return v;
+  }
+  str8(what: string): string {
+    const n = this.u8(what);
+    this.need(n, what);
+    const s = this.buf.toString('latin1', this.off, this.off + n);
+    this.off += n;
+    return s;
+  }
+  skip(n: number, what: string): void {
+    this.need(n, what);
+    this.off += n;
+  }
 }
 
 function walkDesc(w: Walk, d: Desc, where: string): void {
@@ -58,7 +93,8 @@ export function walkDevicePart(part: Buffer, vmdesc: unknown): number {
     if (w.be32(where) !== dev.instance_id) throw new Error(`${where}: instance differs from the description`);
     if (w.be32(where) !== dev.version) throw new Error(`${where}: version differs from the description`);
     walkDesc(w, dev, where);
-    if (w.u8(where) !== VM.SECTION_FOOTER || w.be32(where) !== id) throw new Error(`${where}: no section footer after the fields the description declares`);
+    if (w.u8(where) !== VM.SECTION_FOOTER || w.be32(where) !== id)
+      throw new Error(`${where}: no section footer after the fields the description declares`);
   }
   if (w.u8('the end') !== VM.EOF) throw new Error('no EOF after the last section');
   return w.off - 1;

@@ -23,16 +23,25 @@ const Common = { quick: z.boolean(), out: z.string(), json: z.boolean() };
 const WithAccel = { ...Common, accel: ACCEL };
 
 function workloads() {
-  return z.string().optional().transform((v, ctx) => {
-    if (v === undefined) return undefined;
-    const l = v.split(',').map((x) => x.trim());
-    const bad = l.filter((x) => !(SCHEDULER_WORKLOADS as readonly string[]).includes(x));
-    if (bad.length) { ctx.addIssue({ code: 'custom', message: `unknown ${bad.join(', ')} (${SCHEDULER_WORKLOADS.join(', ')})` }); return z.NEVER; }
-    return l;
-  });
+  return z
+    .string()
+    .optional()
+    .transform((v, ctx) => {
+      if (v === undefined) return undefined;
+      const l = v.split(',').map((x) => x.trim());
+      const bad = l.filter((x) => !(SCHEDULER_WORKLOADS as readonly string[]).includes(x));
+      if (bad.length) {
+        ctx.addIssue({ code: 'custom', message: `unknown ${bad.join(', ')} (${SCHEDULER_WORKLOADS.join(', ')})` });
+        return z.NEVER;
+      }
+      return l;
+    });
 }
 
-/** A comma-separated list of policies; a `key=value` item is a setting of the policy before it (model,presend=50,adaptive). */
+/**
+ * A comma-separated list of policies; a `key=value` item is a setting of the policy before it
+ * (model,presend=50,adaptive).
+ */
 export function splitPolicies(v: string): string[] {
   const out: string[] = [];
   for (const x of v.split(',').map((y) => y.trim())) {
@@ -43,22 +52,31 @@ export function splitPolicies(v: string): string[] {
 }
 
 function policies() {
-  return z.string().optional().transform((v, ctx) => {
-    if (v === undefined) return undefined;
-    const l = splitPolicies(v);
-    for (const p of l) {
-      const r = policy().safeParse(p);
-      if (!r.success) { ctx.addIssue({ code: 'custom', message: r.error.issues[0]!.message }); return z.NEVER; }
-    }
-    return l;
-  });
+  return z
+    .string()
+    .optional()
+    .transform((v, ctx) => {
+      if (v === undefined) return undefined;
+      const l = splitPolicies(v);
+      for (const p of l) {
+        const r = policy().safeParse(p);
+        if (!r.success) {
+          ctx.addIssue({ code: 'custom', message: r.error.issues[0]!.message });
+          return z.NEVER;
+        }
+      }
+      return l;
+    });
 }
 
 function durabilities() {
   return z.string().transform((v, ctx) => {
     const l = v.split(',').map((x) => x.trim());
     const bad = l.filter((x) => x !== 'memory' && x !== 'disk');
-    if (bad.length || !l.length) { ctx.addIssue({ code: 'custom', message: `unknown ${bad.join(', ')} (memory, disk)` }); return z.NEVER; }
+    if (bad.length || !l.length) {
+      ctx.addIssue({ code: 'custom', message: `unknown ${bad.join(', ')} (memory, disk)` });
+      return z.NEVER;
+    }
     return l as Array<'memory' | 'disk'>;
   });
 }
@@ -76,7 +94,8 @@ export function register(program: Command): void {
     .enablePositionalOptions()
     .argument('[which]', `one of ${SUBCOMMANDS.join(', ')}`)
     .action(async (which: string | undefined, raw: unknown) => {
-      if (which !== undefined && which !== 'all') throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: ${SUBCOMMANDS.join(', ')})`);
+      if (which !== undefined && which !== 'all')
+        throw new RubatoError('RUBATO_CONFIG', `unknown benchmark "${which}" (available: ${SUBCOMMANDS.join(', ')})`);
       const o = parseOptions(z.object(WithAccel), raw);
       print(await runEvaluation({ ...(await platform(o.accel)), quick: o.quick, outDir: o.out, onStatus }));
     });
@@ -86,7 +105,13 @@ export function register(program: Command): void {
     .option('--seconds <n>', 'measurement time per phase')
     .action(async (raw: unknown) => {
       const o = parseOptions(z.object({ ...WithAccel, seconds: int(2, 600).optional() }), raw);
-      const r = await runCaptureBench({ ...(await platform(o.accel)), quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), onStatus });
+      const r = await runCaptureBench({
+        ...(await platform(o.accel)),
+        quick: o.quick,
+        outDir: o.out,
+        ...(o.seconds ? { seconds: o.seconds } : {}),
+        onStatus,
+      });
       print(r.summary);
     });
 
@@ -95,8 +120,17 @@ export function register(program: Command): void {
     .option('--runs <n>', 'runs per failure mode')
     .option('--timeout-ms <ms>', 'failure detection timeout', '500')
     .action(async (raw: unknown) => {
-      const o = parseOptions(z.object({ ...WithAccel, runs: int(1, 1000).optional(), timeoutMs: int(50, 600000) }), raw);
-      const r = await runFailoverBench({ runs: o.runs ?? (o.quick ? 2 : 10), timeoutMs: o.timeoutMs, accel: o.accel, outDir: o.out, onStatus });
+      const o = parseOptions(
+        z.object({ ...WithAccel, runs: int(1, 1000).optional(), timeoutMs: int(50, 600000) }),
+        raw,
+      );
+      const r = await runFailoverBench({
+        runs: o.runs ?? (o.quick ? 2 : 10),
+        timeoutMs: o.timeoutMs,
+        accel: o.accel,
+        outDir: o.out,
+        onStatus,
+      });
       print(r.summary);
     });
 
@@ -105,7 +139,13 @@ export function register(program: Command): void {
     .option('--seconds <n>', 'measurement time per phase')
     .action(async (raw: unknown) => {
       const o = parseOptions(z.object({ ...WithAccel, seconds: int(2, 600).optional() }), raw);
-      const r = await runKvBench({ seconds: o.seconds ?? (o.quick ? 4 : 10), conns: 4, accel: o.accel, outDir: o.out, onStatus });
+      const r = await runKvBench({
+        seconds: o.seconds ?? (o.quick ? 4 : 10),
+        conns: 4,
+        accel: o.accel,
+        outDir: o.out,
+        onStatus,
+      });
       print(r.summary);
     });
 
@@ -114,26 +154,57 @@ export function register(program: Command): void {
     .option('--seconds <n>', 'measurement time per phase')
     .option('--policies <list>', 'policies to run, comma-separated (a policy may repeat: cells interleave)')
     .option('--workloads <list>', `${SCHEDULER_WORKLOADS.join(', ')} (comma-separated)`)
-    .option('--durability <list>', 'the standby\'s durability per cell: memory, disk or both (memory,disk: A/B, interleaved)', 'memory')
+    .option(
+      '--durability <list>',
+      "the standby's durability per cell: memory, disk or both (memory,disk: A/B, interleaved)",
+      'memory',
+    )
     .action(async (raw: unknown) => {
-      const o = parseOptions(z.object({ ...WithAccel, seconds: int(2, 600).optional(), policies: policies(), workloads: workloads(), durability: durabilities() }), raw);
+      const o = parseOptions(
+        z.object({
+          ...WithAccel,
+          seconds: int(2, 600).optional(),
+          policies: policies(),
+          workloads: workloads(),
+          durability: durabilities(),
+        }),
+        raw,
+      );
       const r = await runSchedulerBench({
-        ...(await platform(o.accel)), quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), durabilities: o.durability,
-        ...(o.policies ? { policies: o.policies } : {}), ...(o.workloads ? { workloads: o.workloads } : {}), onStatus,
+        ...(await platform(o.accel)),
+        quick: o.quick,
+        outDir: o.out,
+        ...(o.seconds ? { seconds: o.seconds } : {}),
+        durabilities: o.durability,
+        ...(o.policies ? { policies: o.policies } : {}),
+        ...(o.workloads ? { workloads: o.workloads } : {}),
+        onStatus,
       });
       print(r.summary);
     });
 
   withAccel(common(bench.command('services')))
-    .description('redis, nginx and PostgreSQL in the Debian guest, measured by redis-benchmark, wrk and pgbench: each policy vs unreplicated, interleaved')
+    .description(
+      'redis, nginx and PostgreSQL in the Debian guest, measured by redis-benchmark, wrk and pgbench: each policy vs unreplicated, interleaved',
+    )
     .option('--seconds <n>', 'measurement time per client run')
     .option('--policies <list>', `policies, comma-separated (default ${SERVICE_POLICIES.join(',')}; quick: model)`)
     .option('--cpus <list>', 'guest vCPU counts, comma-separated (default 1,2; quick: 1)')
     .action(async (raw: unknown) => {
-      const o = parseOptions(z.object({ ...WithAccel, seconds: int(2, 600).optional(), policies: policies(), cpus: intList(16).optional() }), raw);
+      const o = parseOptions(
+        z.object({ ...WithAccel, seconds: int(2, 600).optional(), policies: policies(), cpus: intList(16).optional() }),
+        raw,
+      );
       const { accel, binary } = await platform(o.accel);
       const r = await runServicesBench({
-        accel, binary, quick: o.quick, outDir: o.out, ...(o.seconds ? { seconds: o.seconds } : {}), ...(o.policies ? { policies: o.policies } : {}), ...(o.cpus ? { cpus: o.cpus } : {}), onStatus,
+        accel,
+        binary,
+        quick: o.quick,
+        outDir: o.out,
+        ...(o.seconds ? { seconds: o.seconds } : {}),
+        ...(o.policies ? { policies: o.policies } : {}),
+        ...(o.cpus ? { cpus: o.cpus } : {}),
+        onStatus,
       });
       print(r.summary);
     });

@@ -8,8 +8,17 @@ import { ACCEL, int, num, oneOf, parseOptions, platform, withAccel } from '../op
 const log = logger('rubato');
 
 const Options = z.object({
-  route: oneOf(['a', 'b'] as const), seconds: int(1, 3600), checkpoints: int(4, 1_000_000), mem: int(64, 65536), rate: num(0, 10000),
-  epochMs: int(1, 60000), samples: int(1, 1000), cpus: int(1, 64), accel: ACCEL, json: z.boolean(), presendMs: int(1, 60000).optional(),
+  route: oneOf(['a', 'b'] as const),
+  seconds: int(1, 3600),
+  checkpoints: int(4, 1_000_000),
+  mem: int(64, 65536),
+  rate: num(0, 10000),
+  epochMs: int(1, 60000),
+  samples: int(1, 1000),
+  cpus: int(1, 64),
+  accel: ACCEL,
+  json: z.boolean(),
+  presendMs: int(1, 60000).optional(),
 });
 
 export function register(program: Command): void {
@@ -29,11 +38,22 @@ export function register(program: Command): void {
       const o = parseOptions(Options, raw);
       const p = await platform(o.accel);
       const r = await runCaptureCheck({
-        route: o.route, seconds: o.seconds, minCheckpoints: o.checkpoints, memMb: o.mem, ratePagesPerMs: o.rate, epochMs: o.epochMs,
-        samples: o.samples, cpus: o.cpus, ...(o.presendMs ? { presendMs: o.presendMs } : {}), ...p, onStatus: (s) => log.info(s),
+        route: o.route,
+        seconds: o.seconds,
+        minCheckpoints: o.checkpoints,
+        memMb: o.mem,
+        ratePagesPerMs: o.rate,
+        epochMs: o.epochMs,
+        samples: o.samples,
+        cpus: o.cpus,
+        ...(o.presendMs ? { presendMs: o.presendMs } : {}),
+        ...p,
+        onStatus: (s) => log.info(s),
       });
       if (!o.json) {
-        process.stdout.write(`route ${r.route.toUpperCase()}: ${r.checkpoints} checkpoints, ${r.verified} verified, identical=${r.identical}, restored=${r.restored}, pause median ${r.pauseMsMedian} ms p99 ${r.pauseMsP99} ms\n`);
+        process.stdout.write(
+          `route ${r.route.toUpperCase()}: ${r.checkpoints} checkpoints, ${r.verified} verified, identical=${r.identical}, restored=${r.restored}, pause median ${r.pauseMsMedian} ms p99 ${r.pauseMsP99} ms\n`,
+        );
       }
       process.stdout.write(`${JSON.stringify(r)}\n`);
       process.exitCode = r.identical && r.restored ? 0 : 1;

@@ -8,15 +8,31 @@ import { debianDemoPassed, runDebianDemo } from '../../chaos/debian-demo.ts';
 import { ACCEL, LINK, int, num, oneOf, parseOptions, policy, withAccel, withLinkOptions } from '../options.ts';
 
 const Options = z.object({
-  seconds: int(1, 3600), mem: int(64, 65536).optional(), rate: num(0, 10000), policy: policy(), cutLink: z.boolean(), json: z.boolean(), accel: ACCEL,
-  guest: oneOf(['test', 'debian'] as const), diskGib: int(1, 65536).optional(), hosts: int(3, 8).optional(), vms: int(1, 8), leaseTtl: int(1, 60), drain: z.boolean(), ...LINK,
+  seconds: int(1, 3600),
+  mem: int(64, 65536).optional(),
+  rate: num(0, 10000),
+  policy: policy(),
+  cutLink: z.boolean(),
+  json: z.boolean(),
+  accel: ACCEL,
+  guest: oneOf(['test', 'debian'] as const),
+  diskGib: int(1, 65536).optional(),
+  hosts: int(3, 8).optional(),
+  vms: int(1, 8),
+  leaseTtl: int(1, 60),
+  drain: z.boolean(),
+  ...LINK,
 });
 
 export function register(program: Command): void {
   withLinkOptions(withAccel(program.command('demo')))
     .description('protect a VM on two namespace hosts, kill the primary, watch the standby take over')
     .option('--seconds <n>', 'protected run time before the primary is killed', '8')
-    .option('--guest <which>', 'test (the built-in test guest) or debian (a Debian 12 VM booted from its disk, serving nginx; ~5 min)', 'test')
+    .option(
+      '--guest <which>',
+      'test (the built-in test guest) or debian (a Debian 12 VM booted from its disk, serving nginx; ~5 min)',
+      'test',
+    )
     .option('--mem <mb>', 'guest memory in MB (default 128; debian 1024)')
     .option('--disk-gib <n>', 'debian: grow the disk image (sparse) to this size first')
     .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', '10')
@@ -41,7 +57,10 @@ export function register(program: Command): void {
         return;
       }
       if (o.guest === 'debian') {
-        const d = await runDebianDemo({ ...o, memMb: o.mem ?? 1024, ...(o.diskGib ? { diskGiB: o.diskGib } : {}) }, status);
+        const d = await runDebianDemo(
+          { ...o, memMb: o.mem ?? 1024, ...(o.diskGib ? { diskGiB: o.diskGib } : {}) },
+          status,
+        );
         process.stdout.write(`${JSON.stringify(d)}\n`);
         process.exitCode = debianDemoPassed(d) ? 0 : 1;
         return;

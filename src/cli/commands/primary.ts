@@ -14,14 +14,42 @@ import { EtcdClient } from '../../coord/etcd.ts';
 import { guardOwnership } from '../../coord/guard.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
-import { ACCEL, LINK, NO_WITNESS_WARNING, WITNESS, eventPrinter, fencingOf, withWitnessOptions, hostPort, int, parseOptions, platform, policy, statusLine, withAccel, withLinkOptions } from '../options.ts';
+import {
+  ACCEL,
+  LINK,
+  NO_WITNESS_WARNING,
+  WITNESS,
+  eventPrinter,
+  fencingOf,
+  withWitnessOptions,
+  hostPort,
+  int,
+  parseOptions,
+  platform,
+  policy,
+  statusLine,
+  withAccel,
+  withLinkOptions,
+} from '../options.ts';
 
 const log = logger('rubato');
 
 const Options = z.object({
-  standby: hostPort(), key: z.string(), name: VmName, mem: int(64, 65536), cpus: int(1, 64), workload: z.string(), accel: ACCEL,
-  kernel: z.string().optional(), initrd: z.string().optional(), append: z.string().optional(), policy: policy(),
-  stateDir: z.string(), events: z.boolean(), ...LINK, ...WITNESS,
+  standby: hostPort(),
+  key: z.string(),
+  name: VmName,
+  mem: int(64, 65536),
+  cpus: int(1, 64),
+  workload: z.string(),
+  accel: ACCEL,
+  kernel: z.string().optional(),
+  initrd: z.string().optional(),
+  append: z.string().optional(),
+  policy: policy(),
+  stateDir: z.string(),
+  events: z.boolean(),
+  ...LINK,
+  ...WITNESS,
 });
 
 export function register(program: Command): void {
@@ -36,7 +64,11 @@ export function register(program: Command): void {
     .option('--kernel <file>', 'guest kernel (default: the test guest)')
     .option('--initrd <file>', 'guest initramfs (default: the test guest)')
     .option('--append <cmdline>', 'guest kernel command line')
-    .option('--policy <spec>', 'checkpoint policy: model (default; pre-sends dirty RAM where it pays, model,presend=off to disable), adaptive, fixed:MS, dirty-bandwidth[:MS], net-io, disk-io, bounded-latency[:MS] (+ ,min=MS,max=MS,presend=MS|last|auto|off)', 'model')
+    .option(
+      '--policy <spec>',
+      'checkpoint policy: model (default; pre-sends dirty RAM where it pays, model,presend=off to disable), adaptive, fixed:MS, dirty-bandwidth[:MS], net-io, disk-io, bounded-latency[:MS] (+ ,min=MS,max=MS,presend=MS|last|auto|off)',
+      'model',
+    )
     .option('--state-dir <dir>', 'sockets and state', '/run/rubato/primary')
     .option('--events', 'print events as JSON lines on stdout', false)
     .action(async (raw: unknown) => runPrimary(parseOptions(Options, raw)));
@@ -48,20 +80,47 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
   const { accel, binary, guest } = await platform(o.accel);
   // The built-in definition: the test guest (or the given kernel), no disk, no NIC; the same path as `rubato protect`.
   const def: ResolvedVm = {
-    file: '(rubato primary)', name: o.name, cpus: o.cpus, memoryMiB: o.mem, accelerator: accel, disks: [], nics: [],
-    boot: { kernel: o.kernel ?? guest.kernel, initrd: o.initrd ?? guest.initrd, append: o.append ?? guestAppend(o.workload.split(',')) },
+    file: '(rubato primary)',
+    name: o.name,
+    cpus: o.cpus,
+    memoryMiB: o.mem,
+    accelerator: accel,
+    disks: [],
+    nics: [],
+    boot: {
+      kernel: o.kernel ?? guest.kernel,
+      initrd: o.initrd ?? guest.initrd,
+      append: o.append ?? guestAppend(o.workload.split(',')),
+    },
   };
   const emit = eventPrinter(o.events);
   if (fencing === 'none') log.warn(NO_WITNESS_WARNING);
   emit({ event: 'fencing', fencing });
   const stateDir = resolve(o.stateDir);
-  const claimed = o.etcd ? await claimBeforeStart({ etcd: new EtcdClient(o.etcd), vm: o.name, host: o.host, leaseTtlSec: o.leaseTtl, stateDir }) : null;
+  const claimed = o.etcd
+    ? await claimBeforeStart({
+        etcd: new EtcdClient(o.etcd),
+        vm: o.name,
+        host: o.host,
+        leaseTtlSec: o.leaseTtl,
+        stateDir,
+      })
+    : null;
   const ownership = claimed?.ownership ?? null;
   if (claimed) emit({ event: 'owner', host: o.host, generation: claimed.generation });
   let guard: ReturnType<typeof guardOwnership> | null = null;
   const p = await protectVm({
-    def, accel, binary, stateDir, standby: o.standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
-    fencing, ...(ownership ? { leaseCheck: (now: number) => ownership.leaseCheck(now) } : {}),
+    def,
+    accel,
+    binary,
+    stateDir,
+    standby: o.standby,
+    psk,
+    policy: parsePolicy(o.policy),
+    heartbeatMs: o.heartbeatMs,
+    timeoutMs: o.timeoutMs,
+    fencing,
+    ...(ownership ? { leaseCheck: (now: number) => ownership.leaseCheck(now) } : {}),
     primary: { holdOnLossMs: o.holdMs, ...(ownership ? { generation: () => ownership.generation } : {}) },
     onEvent: (e) => {
       emit(e);
@@ -69,7 +128,14 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
       if (!o.events && e.event === 'status') log.info(statusLine(o.policy, e));
     },
   });
-  if (ownership) guard = guardOwnership(ownership, { protected: () => p.primary.protected, emit, stopGuest: () => { void p.vm.kill(); } });
+  if (ownership)
+    guard = guardOwnership(ownership, {
+      protected: () => p.primary.protected,
+      emit,
+      stopGuest: () => {
+        void p.vm.kill();
+      },
+    });
   emit({ event: 'started', vm: o.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel });
   onShutdown(async () => {
     guard?.close();

@@ -17,27 +17,76 @@ import { claimBeforeStart, recordGeneration } from '../../host/claim.ts';
 import { serveStandby } from './standby.ts';
 import { ControlSocket } from '../../replication/control-socket.ts';
 import { join } from 'node:path';
-import { DURABILITY, LINK, NO_WITNESS_WARNING, OBSERVE, WITNESS, fencingOf, withDurabilityOption, withObserveOptions, eventPrinter, hostPort, parseOptions, statusLine, platform, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
+import {
+  DURABILITY,
+  LINK,
+  NO_WITNESS_WARNING,
+  OBSERVE,
+  WITNESS,
+  fencingOf,
+  withDurabilityOption,
+  withObserveOptions,
+  eventPrinter,
+  hostPort,
+  parseOptions,
+  statusLine,
+  platform,
+  policy,
+  withLinkOptions,
+  withWitnessOptions,
+} from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
 import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
 
 const log = logger('rubato');
 
-const Options = z.object({ standby: z.union([z.literal('auto'), hostPort()]), key: z.string(), policy: policy(), stateDir: z.string().optional(), events: z.boolean(), acceptStaleDisk: z.boolean(), listen: hostPort().optional(), fsync: z.boolean(), durability: DURABILITY, ...OBSERVE, ...LINK, ...WITNESS });
+const Options = z.object({
+  standby: z.union([z.literal('auto'), hostPort()]),
+  key: z.string(),
+  policy: policy(),
+  stateDir: z.string().optional(),
+  events: z.boolean(),
+  acceptStaleDisk: z.boolean(),
+  listen: hostPort().optional(),
+  fsync: z.boolean(),
+  durability: DURABILITY,
+  ...OBSERVE,
+  ...LINK,
+  ...WITNESS,
+});
 
 export function register(program: Command): void {
-  withObserveOptions(withDurabilityOption(withWitnessOptions(withLinkOptions(program.command('protect'))), 'as the new standby after a failover: '))
+  withObserveOptions(
+    withDurabilityOption(
+      withWitnessOptions(withLinkOptions(program.command('protect'))),
+      'as the new standby after a failover: ',
+    ),
+  )
     .description('run your VM (a definition file: see examples/) and keep it protected by a standby')
     .argument('<vm-file>', 'VM definition (JSON)')
-    .requiredOption('--standby <host:port>', 'the standby controller (rubato standby on the other host); auto: the one the witness names (agents)')
+    .requiredOption(
+      '--standby <host:port>',
+      'the standby controller (rubato standby on the other host); auto: the one the witness names (agents)',
+    )
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen; the same file on both hosts)')
-    .option('--policy <spec>', 'checkpoint policy: model (default; pre-sends dirty RAM where it pays, model,presend=off to disable), adaptive, fixed:MS, bounded-latency[:MS], …', 'model')
+    .option(
+      '--policy <spec>',
+      'checkpoint policy: model (default; pre-sends dirty RAM where it pays, model,presend=off to disable), adaptive, fixed:MS, bounded-latency[:MS], …',
+      'model',
+    )
     .option('--state-dir <dir>', 'sockets, converted disks and state (default /var/lib/rubato/VM-NAME)')
-    .option('--listen <host:port>', 'after a switchover (rubato switchover on the standby), stay on as the new standby listening here')
+    .option(
+      '--listen <host:port>',
+      'after a switchover (rubato switchover on the standby), stay on as the new standby listening here',
+    )
     .option('--no-fsync', 'as the new standby: do not fsync the replica (tmpfs, tests)')
     .option('--events', 'print events as JSON lines on stdout', false)
-    .option('--accept-stale-disk', 'start even if the witness says the VM ran elsewhere since this host last held it (its disk here is older)', false)
+    .option(
+      '--accept-stale-disk',
+      'start even if the witness says the VM ran elsewhere since this host last held it (its disk here is older)',
+      false,
+    )
     .action(async (file: string, raw: unknown) => runProtect(file, parseOptions(Options, raw)));
 }
 
@@ -51,11 +100,27 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const printEvent = eventPrinter(o.events);
   // Started before the guest, so its whole life is in the metrics; the controller's status joins once it exists.
   let status: () => Record<string, unknown> = () => ({ role: 'primary', vm: def.name, protected: false, fencing });
-  const observer = await startObserver({ metrics: o.metrics, http: o.http, role: 'primary', vm: def.name, title: `VM ${def.name} on ${o.host}`, status: () => status() });
-  const emit = (e: object) => { printEvent(e); observer.event(e); };
-  if (observer.urls.metrics || observer.urls.dashboard) emit({ event: 'observe', metrics: observer.urls.metrics, dashboard: observer.urls.dashboard });
-  if (o.standby === 'auto' && !o.etcd) throw new RubatoError('RUBATO_CONFIG', '--standby auto needs --etcd (the witness names the standby)');
-  if (o.listen && o.standby === 'auto') throw new RubatoError('RUBATO_CONFIG', '--listen is for a fixed pair; with --standby auto the agents place the standby');
+  const observer = await startObserver({
+    metrics: o.metrics,
+    http: o.http,
+    role: 'primary',
+    vm: def.name,
+    title: `VM ${def.name} on ${o.host}`,
+    status: () => status(),
+  });
+  const emit = (e: object) => {
+    printEvent(e);
+    observer.event(e);
+  };
+  if (observer.urls.metrics || observer.urls.dashboard)
+    emit({ event: 'observe', metrics: observer.urls.metrics, dashboard: observer.urls.dashboard });
+  if (o.standby === 'auto' && !o.etcd)
+    throw new RubatoError('RUBATO_CONFIG', '--standby auto needs --etcd (the witness names the standby)');
+  if (o.listen && o.standby === 'auto')
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      '--listen is for a fixed pair; with --standby auto the agents place the standby',
+    );
   if (fencing === 'none') log.warn(NO_WITNESS_WARNING);
   emit({ event: 'fencing', fencing });
   const etcd = o.etcd ? new EtcdClient(o.etcd) : null;
@@ -63,7 +128,16 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const standbyName = o.standby === 'auto' ? 'the standby the witness names' : `${o.standby.host}:${o.standby.port}`;
   // With a witness: this host must hold the VM, from a disk no older than the VM's newest state,
   // before its guest runs (never a second live copy); a loss from here on is heard by the guard.
-  const claimed = etcd ? await claimBeforeStart({ etcd, vm: def.name, host: o.host, leaseTtlSec: o.leaseTtl, stateDir, acceptStaleDisk: o.acceptStaleDisk }) : null;
+  const claimed = etcd
+    ? await claimBeforeStart({
+        etcd,
+        vm: def.name,
+        host: o.host,
+        leaseTtlSec: o.leaseTtl,
+        stateDir,
+        acceptStaleDisk: o.acceptStaleDisk,
+      })
+    : null;
   const ownership = claimed?.ownership ?? null;
   if (claimed) emit({ event: 'owner', host: o.host, generation: claimed.generation });
   // (declared before the controller starts: its events may need them at once)
@@ -73,32 +147,58 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   let everProtected = false;
   let fenced = false;
   const p = await protectVm({
-    def, accel, binary, stateDir, standby, psk, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs,
-    fencing, ...(ownership ? { leaseCheck: (now: number) => ownership.leaseCheck(now) } : {}),
+    def,
+    accel,
+    binary,
+    stateDir,
+    standby,
+    psk,
+    policy: parsePolicy(o.policy),
+    heartbeatMs: o.heartbeatMs,
+    timeoutMs: o.timeoutMs,
+    fencing,
+    ...(ownership ? { leaseCheck: (now: number) => ownership.leaseCheck(now) } : {}),
     primary: { holdOnLossMs: o.holdMs, ...(ownership ? { generation: () => ownership.generation } : {}) },
     onEvent: (e) => {
       emit(e);
       if (e.event === 'protecting') everProtected = true;
-      if (e.event === 'fenced') { fenced = true; void ownership?.release(); }
+      if (e.event === 'fenced') {
+        fenced = true;
+        void ownership?.release();
+      }
       if (e.event === 'unprotected' && !everProtected && /key|authenticat|proof/i.test(e.reason)) {
         authRefused = new RubatoError('RUBATO_AUTH_FAILED', `${standbyName} refused this key (${o.key}): ${e.reason}`);
         void p.stop();
       }
       if (!o.events && e.event === 'status') log.info(statusLine(o.policy, e));
-      if (!o.events && e.event === 'sync-progress') log.info(`synchronising the standby: ${e.percent} % (${Math.round(e.bytes / 1e6)} of ${Math.round(e.totalBytes / 1e6)} MB, ${e.mbPerSec} MB/s, ${e.etaSec} s left)`);
+      if (!o.events && e.event === 'sync-progress')
+        log.info(
+          `synchronising the standby: ${e.percent} % (${Math.round(e.bytes / 1e6)} of ${Math.round(e.totalBytes / 1e6)} MB, ${e.mbPerSec} MB/s, ${e.etaSec} s left)`,
+        );
     },
   });
   status = () => p.primary.snapshot();
-  emit({ event: 'started', vm: def.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel, disk: p.disk?.path ?? null });
+  emit({
+    event: 'started',
+    vm: def.name,
+    qemuPid: p.vm.pid,
+    controllerPid: process.pid,
+    accel,
+    disk: p.disk?.path ?? null,
+  });
   if (ownership) {
     guard = guardOwnership(ownership, {
       protected: () => p.primary.protected,
       emit: (e) => {
         emit(e);
-        if (e['event'] === 'owner' && typeof e['generation'] === 'number') void recordGeneration(stateDir, e['generation']);
+        if (e['event'] === 'owner' && typeof e['generation'] === 'number')
+          void recordGeneration(stateDir, e['generation']);
       },
       stopGuest: (why) => {
-        ownershipLost = new RubatoError('RUBATO_VM_OWNED', `VM ${def.name}: ${why}; its guest was stopped so that no second copy can run`);
+        ownershipLost = new RubatoError(
+          'RUBATO_VM_OWNED',
+          `VM ${def.name}: ${why}; its guest was stopped so that no second copy can run`,
+        );
         void p.vm.kill();
       },
     });
@@ -136,13 +236,30 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     // A switchover: the guest runs on the other host now; this host becomes its standby.
     log.info(`VM ${def.name} moved to ${standbyName} (switchover); standing by on ${o.listen.host}:${o.listen.port}`);
     const sb = await serveStandby({
-      listen: o.listen, stateDir: join(stateDir, 'standby'), psk, autoFailover: true, events: o.events, fsync: o.fsync, durability: o.durability, peer: o.standby,
-      policy: o.policy, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, holdMs: o.holdMs, emit,
-      ...(o.etcd ? { etcd: o.etcd } : {}), host: o.host, leaseTtl: o.leaseTtl,
+      listen: o.listen,
+      stateDir: join(stateDir, 'standby'),
+      psk,
+      autoFailover: true,
+      events: o.events,
+      fsync: o.fsync,
+      durability: o.durability,
+      peer: o.standby,
+      policy: o.policy,
+      heartbeatMs: o.heartbeatMs,
+      timeoutMs: o.timeoutMs,
+      holdMs: o.holdMs,
+      emit,
+      ...(o.etcd ? { etcd: o.etcd } : {}),
+      host: o.host,
+      leaseTtl: o.leaseTtl,
     });
     status = () => sb.status();
     emit({ event: 'standing-by', listen: `${o.listen.host}:${o.listen.port}`, state: sb.state });
-    await new Promise<void>(() => { /* runs until a signal ends the process */ });
+    await new Promise<void>(() => {
+      /* runs until a signal ends the process */
+    });
   }
-  log.warn(`VM ${def.name} ${fenced ? 'moved to its standby (switchover)' : 'exited'}; the protecting controller stops`);
+  log.warn(
+    `VM ${def.name} ${fenced ? 'moved to its standby (switchover)' : 'exited'}; the protecting controller stops`,
+  );
 }

@@ -7,15 +7,24 @@ import { oneOf, parseOptions } from '../options.ts';
 const Options = z.object({ guest: oneOf(['test', 'debian'] as const) });
 
 export function register(program: Command): void {
-  program.command('setup')
-    .description('install the Debian packages (and headless Chromium for the dashboard test), build the patched QEMU (TCG) and the test guest; a no-op when done')
-    .option('--guest <which>', 'also build this guest: test (default) or debian (a Debian 12 disk image with nginx, redis, PostgreSQL, and the stock clients that measure them: redis-benchmark, wrk, pgbench)', 'test')
+  program
+    .command('setup')
+    .description(
+      'install the Debian packages (and headless Chromium for the dashboard test), build the patched QEMU (TCG) and the test guest; a no-op when done',
+    )
+    .option(
+      '--guest <which>',
+      'also build this guest: test (default) or debian (a Debian 12 disk image with nginx, redis, PostgreSQL, and the stock clients that measure them: redis-benchmark, wrk, pgbench)',
+      'test',
+    )
     .action(async (raw: unknown) => {
       const o = parseOptions(Options, raw);
       const r = await ensureAll();
       const debian = o.guest === 'debian' ? await ensureDebianImage() : undefined;
       if (debian) await ensureServiceClients();
       const chromium = await ensureBrowser(); // the dashboard's browser test
-      process.stdout.write(`${JSON.stringify({ qemu: r.qemu.path, kernel: r.guest.kernel, initrd: r.guest.initrd, ...(debian ? { debianImage: debian } : {}), chromium })}\n`);
+      process.stdout.write(
+        `${JSON.stringify({ qemu: r.qemu.path, kernel: r.guest.kernel, initrd: r.guest.initrd, ...(debian ? { debianImage: debian } : {}), chromium })}\n`,
+      );
     });
 }

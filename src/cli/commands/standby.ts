@@ -13,7 +13,23 @@ import { PrimaryController } from '../../replication/primary.ts';
 import { loadKeyFile } from '../../replication/keyfile.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import { restoreIo } from '../../host/protect.ts';
-import { DURABILITY, LINK, NO_WITNESS_WARNING, OBSERVE, WITNESS, fencingOf, binaryFor, withDurabilityOption, withObserveOptions, eventPrinter, hostPort, parseOptions, policy, withLinkOptions, withWitnessOptions } from '../options.ts';
+import {
+  DURABILITY,
+  LINK,
+  NO_WITNESS_WARNING,
+  OBSERVE,
+  WITNESS,
+  fencingOf,
+  binaryFor,
+  withDurabilityOption,
+  withObserveOptions,
+  eventPrinter,
+  hostPort,
+  parseOptions,
+  policy,
+  withLinkOptions,
+  withWitnessOptions,
+} from '../options.ts';
 import { EtcdClient } from '../../coord/etcd.ts';
 import { witnessGate } from '../../coord/witness-gate.ts';
 import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
@@ -26,9 +42,19 @@ import type { Durability } from '../../replication/replica-store.ts';
 const log = logger('rubato');
 
 const Options = z.object({
-  listen: hostPort(true), stateDir: z.string(), key: z.string(), autoFailover: z.boolean(), events: z.boolean(), fsync: z.boolean(), durability: DURABILITY, ...OBSERVE,
-  peer: z.union([z.literal('auto'), hostPort()]).optional(), policy: policy(), vm: VmName.optional(),
-  ...LINK, ...WITNESS,
+  listen: hostPort(true),
+  stateDir: z.string(),
+  key: z.string(),
+  autoFailover: z.boolean(),
+  events: z.boolean(),
+  fsync: z.boolean(),
+  durability: DURABILITY,
+  ...OBSERVE,
+  peer: z.union([z.literal('auto'), hostPort()]).optional(),
+  policy: policy(),
+  vm: VmName.optional(),
+  ...LINK,
+  ...WITNESS,
 });
 
 export function register(program: Command): void {
@@ -37,8 +63,14 @@ export function register(program: Command): void {
     .requiredOption('--listen <host:port>', 'address for the primary to connect to')
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
     .option('--state-dir <dir>', 'replica and sockets', '/var/lib/rubato/standby')
-    .option('--peer <host:port>', 'after a failover, protect the guest with the standby there (re-protection); auto: the one the witness names (agents)')
-    .option('--vm <name>', 'with --etcd: publish this standby\'s endpoint for VM NAME in the witness (agents; --listen may use port 0)')
+    .option(
+      '--peer <host:port>',
+      'after a failover, protect the guest with the standby there (re-protection); auto: the one the witness names (agents)',
+    )
+    .option(
+      '--vm <name>',
+      "with --etcd: publish this standby's endpoint for VM NAME in the witness (agents; --listen may use port 0)",
+    )
     .option('--policy <spec>', 'checkpoint policy once the guest runs here (with --peer)', 'model')
     .option('--no-auto-failover', 'only fail over on `rubato failover`')
     .option('--no-fsync', 'do not fsync the replica (tmpfs, tests)')
@@ -48,10 +80,25 @@ export function register(program: Command): void {
 
 async function runStandby(o: z.infer<typeof Options>): Promise<void> {
   const printEvent = eventPrinter(o.events);
-  let status: () => Record<string, unknown> = () => ({ role: 'standby', vm: o.vm ?? null, fencing: o.etcd ? 'witness' : 'none' });
-  const observer = await startObserver({ metrics: o.metrics, http: o.http, role: 'standby', vm: o.vm ?? null, title: `standby ${o.vm ? `of VM ${o.vm} ` : ''}on ${o.host}`, status: () => status() });
-  const emit = (e: object) => { printEvent(e); observer.event(e); };
-  if (observer.urls.metrics || observer.urls.dashboard) emit({ event: 'observe', metrics: observer.urls.metrics, dashboard: observer.urls.dashboard });
+  let status: () => Record<string, unknown> = () => ({
+    role: 'standby',
+    vm: o.vm ?? null,
+    fencing: o.etcd ? 'witness' : 'none',
+  });
+  const observer = await startObserver({
+    metrics: o.metrics,
+    http: o.http,
+    role: 'standby',
+    vm: o.vm ?? null,
+    title: `standby ${o.vm ? `of VM ${o.vm} ` : ''}on ${o.host}`,
+    status: () => status(),
+  });
+  const emit = (e: object) => {
+    printEvent(e);
+    observer.event(e);
+  };
+  if (observer.urls.metrics || observer.urls.dashboard)
+    emit({ event: 'observe', metrics: observer.urls.metrics, dashboard: observer.urls.dashboard });
   onShutdown(() => observer.close());
   const psk = loadKeyFile(o.key);
   const fencing = fencingOf(o);
@@ -59,16 +106,31 @@ async function runStandby(o: z.infer<typeof Options>): Promise<void> {
   emit({ event: 'fencing', fencing });
   const sb = await serveStandby({ ...o, psk, stateDir: resolve(o.stateDir), emit });
   status = () => sb.status();
-  await new Promise<void>(() => { /* runs until a signal ends the process */ });
+  await new Promise<void>(() => {
+    /* runs until a signal ends the process */
+  });
 }
 
 export interface ServeStandbyOptions {
-  listen: { host: string; port: number }; stateDir: string; psk: Buffer; autoFailover: boolean; events: boolean; fsync: boolean; durability: Durability;
-  peer?: { host: string; port: number } | 'auto' | undefined; policy: string; holdMs: number;
+  listen: { host: string; port: number };
+  stateDir: string;
+  psk: Buffer;
+  autoFailover: boolean;
+  events: boolean;
+  fsync: boolean;
+  durability: Durability;
+  peer?: { host: string; port: number } | 'auto' | undefined;
+  policy: string;
+  holdMs: number;
   /** With etcd: the VM this standby is for; its endpoint (and, once live, its status) are published in the witness. */
-  vm?: string | undefined; heartbeatMs: number; timeoutMs: number; emit: (e: object) => void;
+  vm?: string | undefined;
+  heartbeatMs: number;
+  timeoutMs: number;
+  emit: (e: object) => void;
   /** The witness: without it a lost primary is always taken over (two copies can run under a partition). */
-  etcd?: string[] | undefined; host: string; leaseTtl: number;
+  etcd?: string[] | undefined;
+  host: string;
+  leaseTtl: number;
 }
 
 /**
@@ -79,19 +141,39 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
   const { psk, emit, stateDir } = o;
   let primary: PrimaryController | null = null;
   const etcd = o.etcd ? new EtcdClient(o.etcd) : null;
-  if ((o.peer === 'auto' || o.vm) && !(etcd && o.vm)) throw new RubatoError('RUBATO_CONFIG', '--peer auto and --vm go together, with --etcd (the witness names the peer)');
-  if (o.listen.port === 0 && !o.vm) throw new RubatoError('RUBATO_CONFIG', '--listen: port 0 only with --vm (the witness tells the primary the port)');
+  if ((o.peer === 'auto' || o.vm) && !(etcd && o.vm))
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      '--peer auto and --vm go together, with --etcd (the witness names the peer)',
+    );
+  if (o.listen.port === 0 && !o.vm)
+    throw new RubatoError('RUBATO_CONFIG', '--listen: port 0 only with --vm (the witness tells the primary the port)');
   const gate = etcd ? witnessGate(etcd, o.host, o.leaseTtl) : null;
   // A restored guest's frames leave only under the lease this side claimed for it.
-  const io = restoreIo(join(stateDir, 'run'), undefined, gate ? (vm) => (now) => gate.ownership(vm).leaseCheck(now) : undefined);
+  const io = restoreIo(
+    join(stateDir, 'run'),
+    undefined,
+    gate ? (vm) => (now) => gate.ownership(vm).leaseCheck(now) : undefined,
+  );
   const published = etcd && o.vm ? new LeasedKeys(etcd, o.leaseTtl) : null;
   let unpublish = () => {};
   let guard: OwnershipGuard | null = null;
   const standby = new StandbyController({
     ...(gate ? { gate } : {}),
-    ...o.listen, stateDir, psk, heartbeatMs: o.heartbeatMs, timeoutMs: o.timeoutMs, binaryFor,
-    autoFailover: o.autoFailover, fsync: o.fsync, durability: o.durability, prepareRestore: io.prepare,
-    statusExtra: () => ({ fencing: gate ? 'witness' : 'none', ...(primary ? { ...primary.snapshot(), role: 'primary' } : {}) }),
+    ...o.listen,
+    stateDir,
+    psk,
+    heartbeatMs: o.heartbeatMs,
+    timeoutMs: o.timeoutMs,
+    binaryFor,
+    autoFailover: o.autoFailover,
+    fsync: o.fsync,
+    durability: o.durability,
+    prepareRestore: io.prepare,
+    statusExtra: () => ({
+      fencing: gate ? 'witness' : 'none',
+      ...(primary ? { ...primary.snapshot(), role: 'primary' } : {}),
+    }),
     onEvent: (e) => {
       emit(e);
       if (e.event !== 'failover') return;
@@ -105,15 +187,31 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
         guard = guardOwnership(gate.ownership(vm.spec.name), {
           protected: () => primary?.protected ?? false,
           emit,
-          stopGuest: () => { void primary?.crash(); void vm.kill(); },
+          stopGuest: () => {
+            void primary?.crash();
+            void vm.kill();
+          },
         });
       }
       if (!o.peer || !vm || !hostIo) return;
       const peer = o.peer === 'auto' ? standbyLookup(etcd!, vm.spec.name, o.host) : o.peer;
-      log.info(`re-protecting the guest with ${o.peer === 'auto' ? 'the standby the witness names' : `the standby at ${o.peer.host}:${o.peer.port}`} (unprotected until it answers)`);
+      log.info(
+        `re-protecting the guest with ${o.peer === 'auto' ? 'the standby the witness names' : `the standby at ${o.peer.host}:${o.peer.port}`} (unprotected until it answers)`,
+      );
       primary = new PrimaryController({
-        vm, runDir: join(stateDir, 'run'), standby: peer, psk, periodMs: 25, policy: parsePolicy(o.policy), heartbeatMs: o.heartbeatMs,
-        timeoutMs: o.timeoutMs, retryMs: 1000, holdOnLossMs: o.holdMs, fencing: gate ? 'witness' : 'none', ...(hostIo.relay ? { relay: hostIo.relay } : {}), nbd: hostIo.nbd,
+        vm,
+        runDir: join(stateDir, 'run'),
+        standby: peer,
+        psk,
+        periodMs: 25,
+        policy: parsePolicy(o.policy),
+        heartbeatMs: o.heartbeatMs,
+        timeoutMs: o.timeoutMs,
+        retryMs: 1000,
+        holdOnLossMs: o.holdMs,
+        fencing: gate ? 'witness' : 'none',
+        ...(hostIo.relay ? { relay: hostIo.relay } : {}),
+        nbd: hostIo.nbd,
         ...(gate ? { generation: () => gate.ownership(vm.spec.name).generation } : {}),
         // (the guest's console lines are the standby controller's events already)
         onEvent: (pe) => {
@@ -135,7 +233,11 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
     await gate?.releaseAll();
   });
   await standby.start();
-  if (published && o.vm) await published.put(KEYS.endpoint(o.vm), JSON.stringify({ host: o.host, address: o.listen.host, port: standby.boundPort }));
+  if (published && o.vm)
+    await published.put(
+      KEYS.endpoint(o.vm),
+      JSON.stringify({ host: o.host, address: o.listen.host, port: standby.boundPort }),
+    );
   emit({ event: 'started', controllerPid: process.pid });
   return standby;
 }

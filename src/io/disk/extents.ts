@@ -9,7 +9,10 @@ import { RubatoError } from '../../util/errors.ts';
 
 const PAGE = 4096;
 
-export interface Extent { start: number; length: number }
+export interface Extent {
+  start: number;
+  length: number;
+}
 
 const MapEntry = z.object({ start: z.number(), length: z.number(), data: z.boolean(), zero: z.boolean().optional() });
 
@@ -17,7 +20,7 @@ const MapEntry = z.object({ start: z.number(), length: z.number(), data: z.boole
 export async function allocatedExtents(path: string): Promise<Extent[]> {
   const size = statSync(path).size;
   const r = await runCommand('qemu-img', ['map', '--output=json', '-U', '-f', 'raw', path]).catch(() => null);
-  if (!r || r.code !== 0) return size > 0 ? [{ start: 0, length: size }] : [];
+  if (r?.code !== 0) return size > 0 ? [{ start: 0, length: size }] : [];
   let entries: z.infer<typeof MapEntry>[];
   try {
     entries = z.array(MapEntry).parse(JSON.parse(r.stdout));

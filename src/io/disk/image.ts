@@ -29,7 +29,11 @@ export interface PreparedDisk {
 export function foreignLocks(path: string): string[] {
   const st = statSync(path);
   let text = '';
-  try { text = readFileSync('/proc/locks', 'utf8'); } catch { return []; }
+  try {
+    text = readFileSync('/proc/locks', 'utf8');
+  } catch {
+    return [];
+  }
   const dev = `${(Math.floor(st.dev / 256) & 0xfff).toString(16).padStart(2, '0')}:${((st.dev & 0xff) | ((st.dev >> 12) & 0xfff00)).toString(16).padStart(2, '0')}:${st.ino}`;
   return text.split('\n').filter((l) => l.split(/\s+/).includes(dev));
 }
@@ -41,17 +45,38 @@ function claim(path: string): () => void {
   if (existsSync(lock)) {
     const pid = Number(readFileSync(lock, 'utf8').trim());
     let alive = false;
-    try { if (pid > 0) { process.kill(pid, 0); alive = true; } } catch { alive = false; }
-    if (alive && pid !== process.pid) throw new RubatoError('RUBATO_IMAGE_IN_USE', `disk image ${path} is already protected by Rubato (process ${pid})`, { path, pid });
+    try {
+      if (pid > 0) {
+        process.kill(pid, 0);
+        alive = true;
+      }
+    } catch {
+      alive = false;
+    }
+    if (alive && pid !== process.pid)
+      throw new RubatoError(
+        'RUBATO_IMAGE_IN_USE',
+        `disk image ${path} is already protected by Rubato (process ${pid})`,
+        { path, pid },
+      );
   }
   writeFileSync(lock, `${process.pid}\n`, { mode: 0o600 });
   return () => rmSync(lock, { force: true });
 }
 
 /** Raw images as they are, qcow2 converted once into `stateDir`; refused when in use elsewhere. */
-export async function prepareDisk(disk: { path: string; format: 'raw' | 'qcow2' }, stateDir: string, vmName: string): Promise<PreparedDisk> {
+export async function prepareDisk(
+  disk: { path: string; format: 'raw' | 'qcow2' },
+  stateDir: string,
+  vmName: string,
+): Promise<PreparedDisk> {
   const locks = foreignLocks(disk.path);
-  if (locks.length) throw new RubatoError('RUBATO_IMAGE_IN_USE', `disk image ${disk.path} is in use (locked by another process: is a QEMU running it?)`, { path: disk.path });
+  if (locks.length)
+    throw new RubatoError(
+      'RUBATO_IMAGE_IN_USE',
+      `disk image ${disk.path} is in use (locked by another process: is a QEMU running it?)`,
+      { path: disk.path },
+    );
   if (disk.format === 'raw') {
     const release = claim(disk.path);
     return { path: disk.path, sizeBytes: statSync(disk.path).size, release };
@@ -60,22 +85,35 @@ export async function prepareDisk(disk: { path: string; format: 'raw' | 'qcow2' 
   ensurePrivateDir(dir);
   const raw = join(dir, `${vmName}-${basename(disk.path).replace(/\.qcow2$/, '')}.raw`);
   if (existsSync(raw)) {
-    log.warn(`using ${raw}, converted earlier from ${disk.path}: the VM runs on it (the qcow2 is not written; delete the raw file to convert it again)`);
+    log.warn(
+      `using ${raw}, converted earlier from ${disk.path}: the VM runs on it (the qcow2 is not written; delete the raw file to convert it again)`,
+    );
   } else {
     log.info(`converting ${disk.path} (qcow2) once to the sparse raw image ${raw}; the qcow2 itself is left as it is`);
     const tmp = `${raw}.partial`;
     for (const f of readdirSync(dir)) if (f.endsWith('.partial')) rmSync(join(dir, f), { force: true });
-    const r = await runCommand('qemu-img', ['convert', '-p', '-U', '-f', 'qcow2', '-O', 'raw', '-S', '4k', disk.path, tmp], {
-      onLine: (l) => { const m = l.match(/\(([\d.]+)\/100%\)/); if (m) log.debug(`converting: ${m[1]} %`); },
-    });
+    const r = await runCommand(
+      'qemu-img',
+      ['convert', '-p', '-U', '-f', 'qcow2', '-O', 'raw', '-S', '4k', disk.path, tmp],
+      {
+        onLine: (l) => {
+          const m = l.match(/\(([\d.]+)\/100%\)/);
+          if (m) log.debug(`converting: ${m[1]} %`);
+        },
+      },
+    );
     if (r.code !== 0) {
       rmSync(tmp, { force: true });
-      throw new RubatoError('RUBATO_CONFIG', `converting ${disk.path} to raw failed: ${r.stderr.trim().split('\n').at(-1) ?? `exit ${r.code}`}`);
+      throw new RubatoError(
+        'RUBATO_CONFIG',
+        `converting ${disk.path} to raw failed: ${r.stderr.trim().split('\n').at(-1) ?? `exit ${r.code}`}`,
+      );
     }
     renameSync(tmp, raw);
   }
   const size = statSync(raw).size;
-  if (size % 4096 !== 0) throw new RubatoError('RUBATO_CONFIG', `${disk.path}: virtual size ${size} is not a multiple of 4096`);
+  if (size % 4096 !== 0)
+    throw new RubatoError('RUBATO_CONFIG', `${disk.path}: virtual size ${size} is not a multiple of 4096`);
   const release = claim(raw);
   return { path: raw, sizeBytes: size, convertedFrom: disk.path, release };
 }

@@ -11,8 +11,24 @@ import { logger } from '../../util/log.ts';
 import { RubatoError, errorMessage } from '../../util/errors.ts';
 import { ByteReader } from '../../util/byte-reader.ts';
 import {
-  CLIENT_FLAG, CMD, CMD_FLAG, ERR, IHAVEOPT, MAX_REQUEST_BYTES, OPT, REP, REQUEST_HEADER_BYTES, REQUEST_MAGIC, TX_FLAG,
-  decodeRequest, infoBlockSize, infoExport, optionReply, serverGreeting, simpleReply, validateRequest,
+  CLIENT_FLAG,
+  CMD,
+  CMD_FLAG,
+  ERR,
+  IHAVEOPT,
+  MAX_REQUEST_BYTES,
+  OPT,
+  REP,
+  REQUEST_HEADER_BYTES,
+  REQUEST_MAGIC,
+  TX_FLAG,
+  decodeRequest,
+  infoBlockSize,
+  infoExport,
+  optionReply,
+  serverGreeting,
+  simpleReply,
+  validateRequest,
 } from './nbd-proto.ts';
 
 import { PAGE_BYTES_NBD as PAGE } from './nbd-shared.ts';
@@ -26,7 +42,13 @@ const MAX_INFLIGHT_BYTES = 64 << 20;
 /** Bound on the dirty set of one epoch; past it the epoch must be ended (the engine is told). */
 export const MAX_DIRTY_BYTES_PER_EPOCH = 512 << 20;
 
-export interface DiskEpochStats { writes: number; writeBytes: number; flushes: number; reads: number; errors: number }
+export interface DiskEpochStats {
+  writes: number;
+  writeBytes: number;
+  flushes: number;
+  reads: number;
+  errors: number;
+}
 
 export interface DiskEpoch extends DiskEpochStats {
   /** Page offset → contents after the epoch's last write to it. */
@@ -47,16 +69,29 @@ export class NbdEngine {
   /** Called on every write and flush (traces record disk times). */
   onIo: ((kind: 'write' | 'flush') => void) | null = null;
 
-  constructor(readonly imagePath: string, readonly socketPath: string, readonly exportName = 'disk', private readonly readOnly = false) {}
+  constructor(
+    readonly imagePath: string,
+    readonly socketPath: string,
+    readonly exportName = 'disk',
+    private readonly readOnly = false,
+  ) {}
 
-  get sizeBytes(): number { return this.size; }
+  get sizeBytes(): number {
+    return this.size;
+  }
   /** The epoch's dirty set has passed its bound: the epoch must end now. */
-  get underPressure(): boolean { return this.dirty.size * PAGE > MAX_DIRTY_BYTES_PER_EPOCH; }
+  get underPressure(): boolean {
+    return this.dirty.size * PAGE > MAX_DIRTY_BYTES_PER_EPOCH;
+  }
   /** Pages dirtied in the running epoch. */
-  get dirtyPages(): number { return this.dirty.size; }
+  get dirtyPages(): number {
+    return this.dirty.size;
+  }
   /** Called after every request and at every cut (the worker publishes the counters). */
   onChange: (() => void) | null = null;
-  get epochStats(): DiskEpochStats { return { ...this.stats }; }
+  get epochStats(): DiskEpochStats {
+    return { ...this.stats };
+  }
 
   async start(): Promise<void> {
     this.fd = openSync(this.imagePath, this.readOnly ? 'r' : 'r+');
@@ -64,11 +99,17 @@ export class NbdEngine {
     if (this.size % PAGE !== 0) {
       closeSync(this.fd);
       this.fd = null;
-      throw new RubatoError('RUBATO_CONFIG', `disk image ${this.imagePath} is ${this.size} bytes; Rubato needs a multiple of 4096`);
+      throw new RubatoError(
+        'RUBATO_CONFIG',
+        `disk image ${this.imagePath} is ${this.size} bytes; Rubato needs a multiple of 4096`,
+      );
     }
     rmSync(this.socketPath, { force: true });
     this.server = createServer((s) => this.serve(s));
-    await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(this.socketPath, () => resolve()); });
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once('error', reject);
+      this.server!.listen(this.socketPath, () => resolve());
+    });
   }
 
   /** Ends the epoch: its dirty pages and counters, and a fresh set for the next one. */
@@ -92,26 +133,46 @@ export class NbdEngine {
     this.conns.add(sock);
     const r = new ByteReader('NBD client');
     sock.on('data', (d: Buffer) => r.push(d));
-    sock.on('close', () => { r.end(); this.conns.delete(sock); });
+    sock.on('close', () => {
+      r.end();
+      this.conns.delete(sock);
+    });
     sock.on('error', () => {});
-    void this.session(sock, r).catch((e) => {
-      log.debug(`NBD session ended: ${errorMessage(e)}`);
-    }).finally(() => sock.destroy());
+    void this.session(sock, r)
+      .catch((e) => {
+        log.debug(`NBD session ended: ${errorMessage(e)}`);
+      })
+      .finally(() => sock.destroy());
   }
 
   private async session(sock: Socket, r: ByteReader): Promise<void> {
     sock.write(serverGreeting());
     const clientFlags = await r.readBe32();
-    if (!(clientFlags & CLIENT_FLAG.FIXED_NEWSTYLE)) { log.warn('NBD client does not speak fixed newstyle; closing'); return; }
+    if (!(clientFlags & CLIENT_FLAG.FIXED_NEWSTYLE)) {
+      log.warn('NBD client does not speak fixed newstyle; closing');
+      return;
+    }
     const noZeroes = (clientFlags & CLIENT_FLAG.NO_ZEROES) !== 0;
-    const txFlags = TX_FLAG.HAS_FLAGS | TX_FLAG.SEND_FLUSH | TX_FLAG.SEND_FUA | TX_FLAG.SEND_TRIM | TX_FLAG.SEND_WRITE_ZEROES | (this.readOnly ? TX_FLAG.READ_ONLY : 0);
+    const txFlags =
+      TX_FLAG.HAS_FLAGS |
+      TX_FLAG.SEND_FLUSH |
+      TX_FLAG.SEND_FUA |
+      TX_FLAG.SEND_TRIM |
+      TX_FLAG.SEND_WRITE_ZEROES |
+      (this.readOnly ? TX_FLAG.READ_ONLY : 0);
     // Option haggling
     for (;;) {
       const magic = (await r.readBytes(8)).readBigUInt64BE(0);
-      if (magic !== IHAVEOPT) { log.warn('NBD option without IHAVEOPT; closing'); return; }
+      if (magic !== IHAVEOPT) {
+        log.warn('NBD option without IHAVEOPT; closing');
+        return;
+      }
       const opt = await r.readBe32();
       const len = await r.readBe32();
-      if (len > MAX_OPTION_BYTES) { sock.write(optionReply(opt, REP.ERR_INVALID)); return; }
+      if (len > MAX_OPTION_BYTES) {
+        sock.write(optionReply(opt, REP.ERR_INVALID));
+        return;
+      }
       const data = await r.readBytes(len);
       if (opt === OPT.EXPORT_NAME) {
         const name = data.toString('utf8');
@@ -123,17 +184,26 @@ export class NbdEngine {
         break;
       }
       if (opt === OPT.GO || opt === OPT.INFO) {
-        if (data.length < 6 || data.readUInt32BE(0) + 6 > data.length) { sock.write(optionReply(opt, REP.ERR_INVALID)); continue; }
+        if (data.length < 6 || data.readUInt32BE(0) + 6 > data.length) {
+          sock.write(optionReply(opt, REP.ERR_INVALID));
+          continue;
+        }
         const nameLen = data.readUInt32BE(0);
         const name = data.subarray(4, 4 + nameLen).toString('utf8');
-        if (name !== this.exportName && name !== '') { sock.write(optionReply(opt, REP.ERR_UNKNOWN)); continue; }
+        if (name !== this.exportName && name !== '') {
+          sock.write(optionReply(opt, REP.ERR_UNKNOWN));
+          continue;
+        }
         sock.write(optionReply(opt, REP.INFO, infoExport(this.size, txFlags)));
         sock.write(optionReply(opt, REP.INFO, infoBlockSize(1, PAGE, MAX_REQUEST_BYTES)));
         sock.write(optionReply(opt, REP.ACK));
         if (opt === OPT.GO) break;
         continue;
       }
-      if (opt === OPT.ABORT) { sock.write(optionReply(opt, REP.ACK)); return; }
+      if (opt === OPT.ABORT) {
+        sock.write(optionReply(opt, REP.ACK));
+        return;
+      }
       if (opt === OPT.LIST) {
         const n = Buffer.from(this.exportName);
         const d = Buffer.alloc(4 + n.length);
@@ -152,14 +222,21 @@ export class NbdEngine {
     const start = (p: Promise<void>, bytes: number) => {
       inflight.add(p);
       inflightBytes += bytes;
-      void p.finally(() => { inflight.delete(p); inflightBytes -= bytes; });
+      void p.finally(() => {
+        inflight.delete(p);
+        inflightBytes -= bytes;
+      });
     };
     try {
       for (;;) {
         while (inflight.size >= MAX_INFLIGHT || inflightBytes >= MAX_INFLIGHT_BYTES) await Promise.race(inflight);
         if (sock.writableNeedDrain) {
           await new Promise<void>((res) => {
-            const done = () => { sock.off('drain', done); sock.off('close', done); res(); };
+            const done = () => {
+              sock.off('drain', done);
+              sock.off('close', done);
+              res();
+            };
             sock.on('drain', done);
             sock.on('close', done);
           });
@@ -176,7 +253,10 @@ export class NbdEngine {
         }
         let payload: Buffer | null = null;
         if (req.type === CMD.WRITE) {
-          if (req.length > MAX_REQUEST_BYTES) { sock.write(simpleReply(ERR.EOVERFLOW, req.handle)); return; }
+          if (req.length > MAX_REQUEST_BYTES) {
+            sock.write(simpleReply(ERR.EOVERFLOW, req.handle));
+            return;
+          }
           payload = await r.readBytes(req.length);
         }
         if (!v.ok) {
@@ -198,7 +278,11 @@ export class NbdEngine {
    * they now stand), so every write the guest saw completed before a checkpoint's pause is in
    * that checkpoint: QEMU drains its block requests before it saves the device state.
    */
-  private async serveRequest(sock: Socket, req: ReturnType<typeof decodeRequest>, payload: Buffer | null): Promise<void> {
+  private async serveRequest(
+    sock: Socket,
+    req: ReturnType<typeof decodeRequest>,
+    payload: Buffer | null,
+  ): Promise<void> {
     try {
       switch (req.type) {
         case CMD.READ: {
@@ -248,7 +332,11 @@ export class NbdEngine {
     this.stats.writes++;
     this.stats.writeBytes += length;
     this.onIo?.('write');
-    if (fua) { fdatasyncSync(this.fd!); this.stats.flushes++; this.onIo?.('flush'); }
+    if (fua) {
+      fdatasyncSync(this.fd!);
+      this.stats.flushes++;
+      this.onIo?.('flush');
+    }
     const first = Math.floor(offset / PAGE) * PAGE;
     const end = Math.min(this.size, Math.ceil((offset + length) / PAGE) * PAGE);
     for (let o = first; o < end; o += PAGE) {

@@ -33,27 +33,49 @@ export class NbdServer {
   /** Called on every flush (the scheduler treats flushes like waiting output). */
   onFlush: (() => void) | null = null;
 
-  constructor(readonly imagePath: string, readonly socketPath: string, readonly exportName = 'disk', private readonly readOnly = false) {}
+  constructor(
+    readonly imagePath: string,
+    readonly socketPath: string,
+    readonly exportName = 'disk',
+    private readonly readOnly = false,
+  ) {}
 
   /** Called on every write and flush (traces record disk times); costs a message per operation. */
-  get onIo(): ((kind: 'write' | 'flush') => void) | null { return this.ioHandler; }
+  get onIo(): ((kind: 'write' | 'flush') => void) | null {
+    return this.ioHandler;
+  }
   set onIo(f: ((kind: 'write' | 'flush') => void) | null) {
     this.ioHandler = f;
     Atomics.store(this.ctl, 1, f ? 1 : 0);
   }
 
-  get sizeBytes(): number { return this.size; }
-  get underPressure(): boolean { return Number(Atomics.load(this.stats, STAT.dirtyPages)) * PAGE_BYTES_NBD > MAX_DIRTY_BYTES_PER_EPOCH; }
+  get sizeBytes(): number {
+    return this.size;
+  }
+  get underPressure(): boolean {
+    return Number(Atomics.load(this.stats, STAT.dirtyPages)) * PAGE_BYTES_NBD > MAX_DIRTY_BYTES_PER_EPOCH;
+  }
   get epochStats(): DiskEpochStats {
     const v = (i: number) => Number(Atomics.load(this.stats, i));
-    return { writes: v(STAT.writes), writeBytes: v(STAT.writeBytes), flushes: v(STAT.flushes), reads: v(STAT.reads), errors: v(STAT.errors) };
+    return {
+      writes: v(STAT.writes),
+      writeBytes: v(STAT.writeBytes),
+      flushes: v(STAT.flushes),
+      reads: v(STAT.reads),
+      errors: v(STAT.errors),
+    };
   }
 
   async start(): Promise<void> {
     const { port1, port2 } = new MessageChannel();
     const data: WorkerData = {
-      imagePath: this.imagePath, socketPath: this.socketPath, exportName: this.exportName, readOnly: this.readOnly,
-      stats: this.stats.buffer as SharedArrayBuffer, ctl: this.ctl.buffer as SharedArrayBuffer, cutPort: port2,
+      imagePath: this.imagePath,
+      socketPath: this.socketPath,
+      exportName: this.exportName,
+      readOnly: this.readOnly,
+      stats: this.stats.buffer as SharedArrayBuffer,
+      ctl: this.ctl.buffer as SharedArrayBuffer,
+      cutPort: port2,
     };
     const w = new Worker(workerSource(), { eval: true, workerData: data, transferList: [port2] });
     this.worker = w;
@@ -66,15 +88,25 @@ export class NbdServer {
     w.on('error', (e) => log.error(`NBD worker failed: ${e.message}`));
     await new Promise<void>((resolve, reject) => {
       const onMsg = (m: { ev: string; size?: number; message?: string; code?: string | null }) => {
-        if (m.ev === 'ready') { w.off('message', onMsg); this.size = m.size ?? 0; resolve(); }
-        else if (m.ev === 'error') {
+        if (m.ev === 'ready') {
+          w.off('message', onMsg);
+          this.size = m.size ?? 0;
+          resolve();
+        } else if (m.ev === 'error') {
           w.off('message', onMsg);
           void w.terminate();
-          reject(new RubatoError(m.code === 'RUBATO_CONFIG' ? 'RUBATO_CONFIG' : 'RUBATO_SETUP_FAILED', m.message ?? 'the NBD server did not start'));
+          reject(
+            new RubatoError(
+              m.code === 'RUBATO_CONFIG' ? 'RUBATO_CONFIG' : 'RUBATO_SETUP_FAILED',
+              m.message ?? 'the NBD server did not start',
+            ),
+          );
         }
       };
       w.on('message', onMsg);
-      w.once('exit', (code) => reject(new RubatoError('RUBATO_SETUP_FAILED', `the NBD worker exited (code ${code}) before it served`)));
+      w.once('exit', (code) =>
+        reject(new RubatoError('RUBATO_SETUP_FAILED', `the NBD worker exited (code ${code}) before it served`)),
+      );
     });
   }
 
@@ -85,14 +117,18 @@ export class NbdServer {
     Atomics.store(this.ctl, 0, 0);
     port.postMessage({ cut: true });
     if (Atomics.wait(this.ctl, 0, 0, CUT_TIMEOUT_MS) === 'timed-out' && Atomics.load(this.ctl, 0) === 0) {
-      throw new RubatoError('RUBATO_CAPTURE_FAILED', `the NBD server did not hand over the epoch's disk writes within ${CUT_TIMEOUT_MS} ms`);
+      throw new RubatoError(
+        'RUBATO_CAPTURE_FAILED',
+        `the NBD server did not hand over the epoch's disk writes within ${CUT_TIMEOUT_MS} ms`,
+      );
     }
     const msg = receiveMessageOnPort(port);
     if (!msg) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'the NBD server signalled the epoch but posted nothing');
     const r = msg.message as CutReply;
     const all = Buffer.from(r.pages);
     const pages = new Map<number, Buffer>();
-    r.offsets.forEach((off, i) => pages.set(off, all.subarray(i * PAGE_BYTES_NBD, (i + 1) * PAGE_BYTES_NBD)));
+    for (const [i, off] of r.offsets.entries())
+      pages.set(off, all.subarray(i * PAGE_BYTES_NBD, (i + 1) * PAGE_BYTES_NBD));
     return { pages, writes: r.writes, writeBytes: r.writeBytes, flushes: r.flushes, reads: r.reads, errors: r.errors };
   }
 
@@ -102,7 +138,11 @@ export class NbdServer {
     this.worker = null;
     const exited = new Promise<void>((r) => w.once('exit', () => r()));
     const gaveUp = new AbortController();
-    const closed = new Promise<void>((r) => w.on('message', (m: { ev: string }) => { if (m.ev === 'closed') r(); }));
+    const closed = new Promise<void>((r) =>
+      w.on('message', (m: { ev: string }) => {
+        if (m.ev === 'closed') r();
+      }),
+    );
     this.cutPort?.postMessage({ close: true });
     await Promise.race([closed.then(() => gaveUp.abort()), sleep(2000, gaveUp.signal)]);
     await w.terminate();

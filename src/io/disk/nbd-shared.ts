@@ -7,7 +7,10 @@ export const STAT = { writes: 0, writeBytes: 1, flushes: 2, reads: 3, errors: 4,
 export const STAT_SLOTS = 6;
 
 export interface WorkerData {
-  imagePath: string; socketPath: string; exportName: string; readOnly: boolean;
+  imagePath: string;
+  socketPath: string;
+  exportName: string;
+  readOnly: boolean;
   /** SharedArrayBuffer of STAT_SLOTS BigInt64 counters. */
   stats: SharedArrayBuffer;
   /** SharedArrayBuffer of two Int32: [0] the cut reply is posted, [1] per-operation events wanted. */
@@ -16,6 +19,11 @@ export interface WorkerData {
 }
 
 export interface CutReply {
-  offsets: number[]; pages: ArrayBuffer;
-  writes: number; writeBytes: number; flushes: number; reads: number; errors: number;
+  offsets: number[];
+  pages: ArrayBuffer;
+  writes: number;
+  writeBytes: number;
+  flushes: number;
+  reads: number;
+  errors: number;
 }

@@ -34,7 +34,9 @@ engine.onChange = () => {
 engine.onFlush = () => port.postMessage({ ev: 'flush' });
 engine.onPressure = () => port.postMessage({ ev: 'pressure' });
 // Per-operation events only while the controller asks for them (a trace is being recorded).
-engine.onIo = (kind) => { if (Atomics.load(ctl, 1) === 1) port.postMessage({ ev: 'io', kind }); };
+engine.onIo = (kind) => {
+  if (Atomics.load(ctl, 1) === 1) port.postMessage({ ev: 'io', kind });
+};
 
 cutPort.on('message', (m: { cut?: true; close?: true }) => {
   if (m.cut) {
@@ -44,17 +46,33 @@ cutPort.on('message', (m: { cut?: true; close?: true }) => {
     const view = Buffer.from(buf);
     const offsets: number[] = [];
     let i = 0;
-    for (const [offset, data] of e.pages) { data.copy(view, i * PAGE_BYTES_NBD); offsets.push(offset); i++; }
-    const reply: CutReply = { offsets, pages: buf, writes: e.writes, writeBytes: e.writeBytes, flushes: e.flushes, reads: e.reads, errors: e.errors };
+    for (const [offset, data] of e.pages) {
+      data.copy(view, i * PAGE_BYTES_NBD);
+      offsets.push(offset);
+      i++;
+    }
+    const reply: CutReply = {
+      offsets,
+      pages: buf,
+      writes: e.writes,
+      writeBytes: e.writeBytes,
+      flushes: e.flushes,
+      reads: e.reads,
+      errors: e.errors,
+    };
     cutPort.postMessage(reply, [buf]);
     Atomics.store(ctl, 0, 1);
     Atomics.notify(ctl, 0);
   } else if (m.close) {
-    void engine.close().then(() => { port.postMessage({ ev: 'closed' }); cutPort.close(); });
+    void engine.close().then(() => {
+      port.postMessage({ ev: 'closed' });
+      cutPort.close();
+    });
   }
 });
 
 engine.start().then(
   () => port.postMessage({ ev: 'ready', size: engine.sizeBytes }),
-  (e: unknown) => port.postMessage({ ev: 'error', message: errorMessage(e), code: (e as { code?: string }).code ?? null }),
+  (e: unknown) =>
+    port.postMessage({ ev: 'error', message: errorMessage(e), code: (e as { code?: string }).code ?? null }),
 );

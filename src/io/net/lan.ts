@@ -7,20 +7,40 @@ import { randomInt } from 'node:crypto';
 import { addNamespace, delNamespace, ip } from './netns.ts';
 import { runCommand } from '../../util/procs.ts';
 
-export interface LanHost { name: string; ns: string; bridge: string; ip: string; uplink: string }
+export interface LanHost {
+  name: string;
+  ns: string;
+  bridge: string;
+  ip: string;
+  uplink: string;
+}
 
 export class Lan {
   readonly hosts: LanHost[] = [];
   private n = 0;
-  private constructor(readonly id: string, readonly lanNs: string, readonly clientNs: string, readonly subnet: string) {}
+  private constructor(
+    readonly id: string,
+    readonly lanNs: string,
+    readonly clientNs: string,
+    readonly subnet: string,
+  ) {}
 
-  get clientIp(): string { return `${this.subnet}.100`; }
-  get guestIp(): string { return `${this.subnet}.10`; }
+  get clientIp(): string {
+    return `${this.subnet}.100`;
+  }
+  get guestIp(): string {
+    return `${this.subnet}.10`;
+  }
 
   /** `subnet`: the first three octets (default: a random 10.232.x); the guest is .10, the client .100. */
   static async create(tag: string, opts: { subnet?: string } = {}): Promise<Lan> {
     const id = `${process.pid % 10000}${randomInt(10, 99)}`;
-    const lan = new Lan(id, `rubato-${tag}-lan-${id}`, `rubato-${tag}-cli-${id}`, opts.subnet ?? `10.232.${randomInt(0, 255)}`);
+    const lan = new Lan(
+      id,
+      `rubato-${tag}-lan-${id}`,
+      `rubato-${tag}-cli-${id}`,
+      opts.subnet ?? `10.232.${randomInt(0, 255)}`,
+    );
     try {
       await addNamespace(lan.lanNs);
       await ip(['-n', lan.lanNs, 'link', 'add', 'br0', 'type', 'bridge', 'forward_delay', '0']);
@@ -48,8 +68,10 @@ export class Lan {
   async addHost(name: string): Promise<LanHost> {
     const k = this.n++;
     const ns = await addNamespace(`rubato-${name}-${this.id}`);
-    // No IPv6 chatter (router solicitations, MLD) from the host itself: its LAN port carries the guest's frames and its own IPv4 only.
-    for (const k of ['all', 'default']) await runCommand('ip', ['netns', 'exec', ns, 'sysctl', '-qw', `net.ipv6.conf.${k}.disable_ipv6=1`]);
+    // No IPv6 chatter (router solicitations, MLD) from the host itself: its LAN port carries the guest's frames and its
+    // own IPv4 only.
+    for (const k of ['all', 'default'])
+      await runCommand('ip', ['netns', 'exec', ns, 'sysctl', '-qw', `net.ipv6.conf.${k}.disable_ipv6=1`]);
     const dev = await this.plug(ns, `rh${k}${this.id}`);
     await ip(['-n', ns, 'link', 'add', 'brh', 'type', 'bridge', 'forward_delay', '0']);
     await ip(['-n', ns, 'link', 'set', dev, 'master', 'brh']);

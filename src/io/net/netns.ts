@@ -15,10 +15,17 @@ export async function ip(args: string[]): Promise<void> {
   if (r.code !== 0) throw new RubatoError('RUBATO_NETNS', `ip ${args.join(' ')} failed: ${r.stderr.trim()}`);
 }
 
-export interface Host { ns: string; ip: string; dev: string }
+export interface Host {
+  ns: string;
+  ip: string;
+  dev: string;
+}
 
 export class TwoHosts {
-  private constructor(readonly primary: Host, readonly standby: Host) {}
+  private constructor(
+    readonly primary: Host,
+    readonly standby: Host,
+  ) {}
 
   /** Makes two namespaces and a veth pair between them with a /30 of its own. */
   static async create(tag = 'demo'): Promise<TwoHosts> {
@@ -28,7 +35,10 @@ export class TwoHosts {
     const p: Host = { ns: `rubato-${tag}-p-${id}`, ip: `10.231.${randomInt(0, 255)}.${subnet + 1}`, dev: `rbp${id}` };
     const s: Host = { ns: `rubato-${tag}-s-${id}`, ip: p.ip.replace(/\.\d+$/, `.${subnet + 2}`), dev: `rbs${id}` };
     try {
-      for (const h of [p, s]) { await ip(['netns', 'add', h.ns]); made.add(h.ns); }
+      for (const h of [p, s]) {
+        await ip(['netns', 'add', h.ns]);
+        made.add(h.ns);
+      }
       await ip(['link', 'add', p.dev, 'netns', p.ns, 'type', 'veth', 'peer', 'name', s.dev, 'netns', s.ns]);
       for (const h of [p, s]) {
         await ip(['-n', h.ns, 'addr', 'add', `${h.ip}/30`, 'dev', h.dev]);
@@ -57,7 +67,10 @@ export class TwoHosts {
     const net = `10.232.${randomInt(0, 255)}`;
     const base = randomInt(0, 31) * 8;
     const at = (n: number) => `${net}.${base + n}`;
-    const pairs = [{ h: this.primary, root: at(1), inner: at(2) }, { h: this.standby, root: at(5), inner: at(6) }];
+    const pairs = [
+      { h: this.primary, root: at(1), inner: at(2) },
+      { h: this.standby, root: at(5), inner: at(6) },
+    ];
     for (const [i, q] of pairs.entries()) {
       const dev = `rw${i}${q.h.dev.slice(3)}`;
       await ip(['link', 'add', dev, 'type', 'veth', 'peer', 'name', `${dev}i`, 'netns', q.h.ns]);
@@ -84,12 +97,22 @@ export class TwoHosts {
   }
 }
 
-export function liveNamespaces(): string[] { return [...made]; }
+export function liveNamespaces(): string[] {
+  return [...made];
+}
 
 function hookExit(): void {
   if (hooked) return;
   hooked = true;
-  process.on('exit', () => { for (const ns of made) { try { execFileSync('ip', ['netns', 'del', ns], { stdio: 'ignore' }); } catch { /* gone */ } } });
+  process.on('exit', () => {
+    for (const ns of made) {
+      try {
+        execFileSync('ip', ['netns', 'del', ns], { stdio: 'ignore' });
+      } catch {
+        /* gone */
+      }
+    }
+  });
 }
 
 /** Makes a tracked namespace with loopback up. */

@@ -47,7 +47,10 @@ export class NetRelay {
   async start(): Promise<void> {
     rmSync(this.guestSocketPath, { force: true });
     this.server = createServer((s) => this.onGuest(s));
-    await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(this.guestSocketPath, () => resolve()); });
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once('error', reject);
+      this.server!.listen(this.guestSocketPath, () => resolve());
+    });
   }
 
   private onGuest(s: Socket): void {
@@ -68,7 +71,9 @@ export class NetRelay {
       }
     });
     s.on('error', () => {});
-    s.on('close', () => { if (this.guest === s) this.guest = null; });
+    s.on('close', () => {
+      if (this.guest === s) this.guest = null;
+    });
   }
 
   /** Connects the outside (a taprelay socket); frames from it go to the guest unchanged. */
@@ -82,12 +87,18 @@ export class NetRelay {
         });
         s.setNoDelay(true);
         this.outside = s;
-        s.on('data', (d: Buffer) => { this.framesToGuest++; this.guest?.write(d); });
+        s.on('data', (d: Buffer) => {
+          this.framesToGuest++;
+          this.guest?.write(d);
+        });
         s.on('error', () => {});
-        s.on('close', () => { if (this.outside === s) this.outside = null; });
+        s.on('close', () => {
+          if (this.outside === s) this.outside = null;
+        });
         return;
       } catch (e) {
-        if (Date.now() > until) throw new RubatoError('RUBATO_NETNS', `cannot reach the TAP relay at ${path}: ${(e as Error).message}`);
+        if (Date.now() > until)
+          throw new RubatoError('RUBATO_NETNS', `cannot reach the TAP relay at ${path}: ${(e as Error).message}`);
         await new Promise((r) => setTimeout(r, 20));
       }
     }
@@ -101,7 +112,11 @@ export class NetRelay {
   }
 
   stats(): { framesFromGuest: number; framesToGuest: number; outsideDropped: number } {
-    return { framesFromGuest: this.framesFromGuest, framesToGuest: this.framesToGuest, outsideDropped: this.outsideDropped };
+    return {
+      framesFromGuest: this.framesFromGuest,
+      framesToGuest: this.framesToGuest,
+      outsideDropped: this.outsideDropped,
+    };
   }
 
   async close(): Promise<void> {

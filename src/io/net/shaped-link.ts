@@ -8,11 +8,20 @@ import { addNamespace, delNamespace, ip } from './netns.ts';
 import { runCommand, spawnTracked } from '../../util/procs.ts';
 import { RubatoError } from '../../util/errors.ts';
 
-export const LINK_CLASSES = { unlimited: null, '10gbit': { rate: '10gbit', burst: '2mb' }, '1gbit': { rate: '1gbit', burst: '256kb' } } as const;
+export const LINK_CLASSES = {
+  unlimited: null,
+  '10gbit': { rate: '10gbit', burst: '2mb' },
+  '1gbit': { rate: '1gbit', burst: '256kb' },
+} as const;
 export type LinkClass = keyof typeof LINK_CLASSES;
 
 export class ShapedLink {
-  private constructor(readonly ns: string, readonly dev: string, readonly localIp: string, readonly remoteIp: string) {}
+  private constructor(
+    readonly ns: string,
+    readonly dev: string,
+    readonly localIp: string,
+    readonly remoteIp: string,
+  ) {}
 
   static async create(): Promise<ShapedLink> {
     const id = `${process.pid % 10000}${randomInt(10, 99)}`;
@@ -38,7 +47,20 @@ export class ShapedLink {
     await runCommand('tc', ['qdisc', 'del', 'dev', this.dev, 'root']);
     const spec = LINK_CLASSES[c];
     if (!spec) return;
-    const r = await runCommand('tc', ['qdisc', 'add', 'dev', this.dev, 'root', 'tbf', 'rate', spec.rate, 'burst', spec.burst, 'latency', '50ms']);
+    const r = await runCommand('tc', [
+      'qdisc',
+      'add',
+      'dev',
+      this.dev,
+      'root',
+      'tbf',
+      'rate',
+      spec.rate,
+      'burst',
+      spec.burst,
+      'latency',
+      '50ms',
+    ]);
     if (r.code !== 0) throw new RubatoError('RUBATO_NETNS', `tc tbf on ${this.dev} failed: ${r.stderr.trim()}`);
   }
 
@@ -54,12 +76,31 @@ export class ShapedLink {
     try {
       let out = '';
       let onOut = () => {};
-      sink.child.stdout?.on('data', (d: Buffer) => { out += d.toString(); onOut(); });
-      const line = (re: RegExp) => new Promise<string>((resolve, reject) => {
-        const t = setTimeout(() => reject(new RubatoError('RUBATO_NETNS', `goodput sink on ${this.ns} did not answer (${out.trim() || 'no output'})`)), ms + 10_000);
-        onOut = () => { const m = out.match(re); if (m) { clearTimeout(t); resolve(m[0]); } };
+      sink.child.stdout?.on('data', (d: Buffer) => {
+        out += d.toString();
         onOut();
       });
+      const line = (re: RegExp) =>
+        new Promise<string>((resolve, reject) => {
+          const t = setTimeout(
+            () =>
+              reject(
+                new RubatoError(
+                  'RUBATO_NETNS',
+                  `goodput sink on ${this.ns} did not answer (${out.trim() || 'no output'})`,
+                ),
+              ),
+            ms + 10_000,
+          );
+          onOut = () => {
+            const m = out.match(re);
+            if (m) {
+              clearTimeout(t);
+              resolve(m[0]);
+            }
+          };
+          onOut();
+        });
       await line(/ready/);
       const chunk = Buffer.alloc(1 << 20, 0x5a);
       await new Promise<void>((resolve, reject) => {
@@ -67,7 +108,11 @@ export class ShapedLink {
         sock.on('error', reject);
         const end = Date.now() + ms;
         const pump = () => {
-          while (Date.now() < end) if (!sock.write(chunk)) { sock.once('drain', pump); return; }
+          while (Date.now() < end)
+            if (!sock.write(chunk)) {
+              sock.once('drain', pump);
+              return;
+            }
           sock.end(() => resolve());
         };
         sock.on('connect', pump);
@@ -80,5 +125,7 @@ export class ShapedLink {
   }
 
   /** Deleting the namespace removes the veth pair (and its qdisc) too. */
-  async destroy(): Promise<void> { await delNamespace(this.ns); }
+  async destroy(): Promise<void> {
+    await delNamespace(this.ns);
+  }
 }

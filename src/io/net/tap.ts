@@ -5,7 +5,10 @@ import { runCommand } from '../../util/procs.ts';
 import { RubatoError } from '../../util/errors.ts';
 import { ip } from './netns.ts';
 
-export interface TapSite { bridge: string; ns?: string }
+export interface TapSite {
+  bridge: string;
+  ns?: string;
+}
 
 const inNs = (site: TapSite, args: string[]) => (site.ns ? ['-n', site.ns, ...args] : args);
 
@@ -13,7 +16,11 @@ const inNs = (site: TapSite, args: string[]) => (site.ns ? ['-n', site.ns, ...ar
 export async function checkBridge(site: TapSite): Promise<void> {
   const r = await runCommand('ip', inNs(site, ['-d', 'link', 'show', 'dev', site.bridge]));
   if (r.code !== 0 || !/\bbridge\b/.test(r.stdout)) {
-    throw new RubatoError('RUBATO_BRIDGE_MISSING', `bridge ${site.bridge} does not exist on this host${site.ns ? ` (namespace ${site.ns})` : ''}: create it (ip link add ${site.bridge} type bridge; ip link set ${site.bridge} up) and attach the LAN to it`, { bridge: site.bridge });
+    throw new RubatoError(
+      'RUBATO_BRIDGE_MISSING',
+      `bridge ${site.bridge} does not exist on this host${site.ns ? ` (namespace ${site.ns})` : ''}: create it (ip link add ${site.bridge} type bridge; ip link set ${site.bridge} up) and attach the LAN to it`,
+      { bridge: site.bridge },
+    );
   }
 }
 
@@ -30,5 +37,7 @@ export async function addTap(site: TapSite, tap: string): Promise<void> {
 }
 
 export async function delTap(site: TapSite, tap: string): Promise<void> {
-  await ip(inNs(site, ['link', 'del', tap])).catch(() => { /* already gone with its namespace or its helper */ });
+  await ip(inNs(site, ['link', 'del', tap])).catch(() => {
+    /* already gone with its namespace or its helper */
+  });
 }

@@ -19,7 +19,15 @@
 //   reordered frame breaks the session. A session frame is at most the decoder's current limit
 //   (set from the session's layout), never above MAX_FRAME_BYTES.
 
-import { createCipheriv, createDecipheriv, createHmac, hkdfSync, timingSafeEqual, type DecipherGCM, type Hmac } from 'node:crypto';
+import {
+  createCipheriv,
+  createDecipheriv,
+  createHmac,
+  hkdfSync,
+  timingSafeEqual,
+  type DecipherGCM,
+  type Hmac,
+} from 'node:crypto';
 import { RubatoError, assert } from '../../util/errors.ts';
 
 export const PROTOCOL_VERSION = 4;
@@ -31,21 +39,21 @@ export const MAX_FRAME_BYTES = 1 << 30;
 export const HELLO_MAX_FRAME_BYTES = 16 << 10;
 
 export const FrameType = {
-  CHALLENGE: 1,   // standby → primary: nonce
-  HELLO: 2,       // primary → standby: nonce, proof, identity
-  WELCOME: 3,     // standby → primary: proof, replica state
-  REJECT: 4,      // either way: reason, then close
+  CHALLENGE: 1, // standby → primary: nonce
+  HELLO: 2, // primary → standby: nonce, proof, identity
+  WELCOME: 3, // standby → primary: proof, replica state
+  REJECT: 4, // either way: reason, then close
   BASE_BEGIN: 10, // layout of the full image
-  BASE_DATA: 11,  // a run of one RAM block
-  BASE_END: 12,   // device state; the replica is now epoch 0
-  BASE_FILL: 13,  // pages of one block that are all one byte (zero pages)
-  CKPT: 20,       // one checkpoint record (see replica-store.ts), self-checksummed
-  ACK: 21,        // epoch committed on the standby
-  PRESEND: 22,    // pages of the running epoch sent before its checkpoint (record.ts); staged, committed with it
-  HEARTBEAT: 30,  // be64 sender time µs
+  BASE_DATA: 11, // a run of one RAM block
+  BASE_END: 12, // device state; the replica is now epoch 0
+  BASE_FILL: 13, // pages of one block that are all one byte (zero pages)
+  CKPT: 20, // one checkpoint record (see replica-store.ts), self-checksummed
+  ACK: 21, // epoch committed on the standby
+  PRESEND: 22, // pages of the running epoch sent before its checkpoint (record.ts); staged, committed with it
+  HEARTBEAT: 30, // be64 sender time µs
   HEARTBEAT_ECHO: 31,
-  FENCE: 40,      // standby → primary: stop the guest, a failover is coming
-  FENCED: 41,     // primary → standby: the guest is stopped
+  FENCE: 40, // standby → primary: stop the guest, a failover is coming
+  FENCED: 41, // primary → standby: the guest is stopped
   BYE: 50,
 } as const;
 export type FrameTypeName = keyof typeof FrameType;
@@ -59,29 +67,42 @@ export interface Frame {
   payload: Buffer;
   /** The witness generation the frame was sent under (0: none). */
   generation?: number;
-  /** Received frames: when its header arrived (the clock given to FrameDecoder.push), for the receive time of large frames. */
+  /**
+   * Received frames: when its header arrived (the clock given to FrameDecoder.push), for the receive time of large
+   * frames.
+   */
   startedMs?: number;
 }
 
-export const protocolError = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_PROTOCOL', msg, ctx);
+export const protocolError = (msg: string, ctx: Record<string, unknown> = {}) =>
+  new RubatoError('RUBATO_PROTOCOL', msg, ctx);
 
 /** Which way a frame travels. */
 export type Direction = 'p2s' | 's2p';
 /** A direction's key and how it protects frames. */
-export interface FrameKey { readonly kind: 'hmac' | 'aead'; readonly key: Buffer }
+export interface FrameKey {
+  readonly kind: 'hmac' | 'aead';
+  readonly key: Buffer;
+}
 
 const tagBytes = (k: FrameKey) => (k.kind === 'aead' ? GCM_TAG_BYTES : HMAC_TAG_BYTES);
 const hkdf = (ikm: Buffer, salt: Buffer | string, info: string) => Buffer.from(hkdfSync('sha256', ikm, salt, info, 32));
 
 /** The per-direction keys that authenticate the handshake. */
 export function helloKeys(psk: Buffer): Record<Direction, FrameKey> {
-  return { p2s: { kind: 'hmac', key: hkdf(psk, 'rubato/v2/hello', 'p2s') }, s2p: { kind: 'hmac', key: hkdf(psk, 'rubato/v2/hello', 's2p') } };
+  return {
+    p2s: { kind: 'hmac', key: hkdf(psk, 'rubato/v2/hello', 'p2s') },
+    s2p: { kind: 'hmac', key: hkdf(psk, 'rubato/v2/hello', 's2p') },
+  };
 }
 
 /** The per-direction keys that encrypt and authenticate a session after the handshake. */
 export function sessionKeys(psk: Buffer, nonceStandby: Buffer, noncePrimary: Buffer): Record<Direction, FrameKey> {
   const salt = Buffer.concat([nonceStandby, noncePrimary]);
-  return { p2s: { kind: 'aead', key: hkdf(psk, salt, 'rubato/v2/session/p2s') }, s2p: { kind: 'aead', key: hkdf(psk, salt, 'rubato/v2/session/s2p') } };
+  return {
+    p2s: { kind: 'aead', key: hkdf(psk, salt, 'rubato/v2/session/p2s') },
+    s2p: { kind: 'aead', key: hkdf(psk, salt, 'rubato/v2/session/s2p') },
+  };
 }
 
 export function proof(psk: Buffer, role: 'primary' | 'standby', a: Buffer, b: Buffer): Buffer {
@@ -117,7 +138,8 @@ function header(type: number, generation: number, epoch: number, seq: number, bo
 /** The header of a frame carrying `payloadBytes`, refused above the frame limit. */
 function frameHead(f: Omit<Frame, 'payload'>, payloadBytes: number, k: FrameKey): Buffer {
   const body = HEADER_BYTES - 4 + payloadBytes + tagBytes(k);
-  if (body + 4 > MAX_FRAME_BYTES) throw protocolError(`frame of ${body + 4} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
+  if (body + 4 > MAX_FRAME_BYTES)
+    throw protocolError(`frame of ${body + 4} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
   return header(f.type, f.generation ?? 0, f.epoch, f.seq, body);
 }
 
@@ -140,12 +162,20 @@ export function encodeFrameParts(f: Frame, k: FrameKey): [Buffer, Buffer, Buffer
  * `sliceBytes`, the tag — made one at a time: a large record's first slices are on the wire (and
  * the peer decrypting them) while the rest is still being encrypted.
  */
-export function* encodeFrameSlices(f: Omit<Frame, 'payload'>, payload: { parts: readonly Buffer[]; length: number }, k: FrameKey, sliceBytes: number): Generator<Buffer> {
+export function* encodeFrameSlices(
+  f: Omit<Frame, 'payload'>,
+  payload: { parts: readonly Buffer[]; length: number },
+  k: FrameKey,
+  sliceBytes: number,
+): Generator<Buffer> {
   const head = frameHead(f, payload.length, k);
   if (k.kind === 'hmac') {
     const mac = createHmac('sha256', k.key).update(head);
     yield head;
-    for (const p of payload.parts) { mac.update(p); yield p; }
+    for (const p of payload.parts) {
+      mac.update(p);
+      yield p;
+    }
     yield mac.digest();
     return;
   }
@@ -164,10 +194,17 @@ export function* encodeFrameSlices(f: Omit<Frame, 'payload'>, payload: { parts: 
       p.copy(slice, fill, o, o + n);
       fill += n;
       o += n;
-      if (fill === slice.length) { yield c.update(slice); total += fill; fill = 0; }
+      if (fill === slice.length) {
+        yield c.update(slice);
+        total += fill;
+        fill = 0;
+      }
     }
   }
-  if (fill) { yield c.update(slice.subarray(0, fill)); total += fill; }
+  if (fill) {
+    yield c.update(slice.subarray(0, fill));
+    total += fill;
+  }
   assert(total === payload.length, `frame payload of ${total} bytes, announced ${payload.length}`);
   c.final();
   yield c.getAuthTag();
@@ -179,8 +216,15 @@ export function encodeFrame(f: Frame, k: FrameKey): Buffer {
 
 /** A frame being read: its header is known, its body arrives piece by piece into one buffer. */
 interface Partial {
-  head: Buffer; seq: number; payload: Buffer; got: number; tag: Buffer; tagGot: number; startedMs: number;
-  hmac: Hmac | null; decipher: DecipherGCM | null;
+  head: Buffer;
+  seq: number;
+  payload: Buffer;
+  got: number;
+  tag: Buffer;
+  tagGot: number;
+  startedMs: number;
+  hmac: Hmac | null;
+  decipher: DecipherGCM | null;
 }
 
 /**
@@ -200,21 +244,34 @@ export class FrameDecoder {
   private maxFrameBytes: number;
   private generation: number | null = null;
 
-  constructor(private key: FrameKey, private readonly peer: string, maxFrameBytes?: number) {
+  constructor(
+    private key: FrameKey,
+    private readonly peer: string,
+    maxFrameBytes?: number,
+  ) {
     this.maxFrameBytes = maxFrameBytes ?? (key.kind === 'hmac' ? HELLO_MAX_FRAME_BYTES : MAX_FRAME_BYTES);
   }
 
-  setKey(key: FrameKey): void { this.key = key; }
+  setKey(key: FrameKey): void {
+    this.key = key;
+  }
   /** From now on every frame must carry this witness generation (the session's). */
-  bindGeneration(g: number): void { this.generation = g; }
+  bindGeneration(g: number): void {
+    this.generation = g;
+  }
   /** The largest frame this side accepts from now on (the session's layout sets it). */
-  setMaxFrameBytes(n: number): void { this.maxFrameBytes = Math.min(n, MAX_FRAME_BYTES); }
+  setMaxFrameBytes(n: number): void {
+    this.maxFrameBytes = Math.min(n, MAX_FRAME_BYTES);
+  }
 
   /** `nowMs`: when the chunk arrived (the caller's clock), kept as startedMs of a frame whose header it completes. */
   push(chunk: Buffer, nowMs = 0): Frame[] {
     if (this.failed) throw this.failed;
     this.nowMs = nowMs;
-    if (chunk.length) { this.chunks.push(chunk); this.avail += chunk.length; }
+    if (chunk.length) {
+      this.chunks.push(chunk);
+      this.avail += chunk.length;
+    }
     const out: Frame[] = [];
     try {
       for (;;) {
@@ -232,7 +289,9 @@ export class FrameDecoder {
   }
 
   /** Frames already buffered behind a handshake frame, decoded with the current key. */
-  drain(): Frame[] { return this.push(Buffer.alloc(0), this.nowMs); }
+  drain(): Frame[] {
+    return this.push(Buffer.alloc(0), this.nowMs);
+  }
   private nowMs = 0;
 
   /** Advances the frame being read; returns it once complete and verified. */
@@ -247,7 +306,10 @@ export class FrameDecoder {
     while (c.got < c.payload.length && this.avail > 0) {
       const piece = this.take(Math.min(c.payload.length - c.got, this.chunks[0]!.length), false);
       if (c.decipher) c.decipher.update(piece).copy(c.payload, c.got);
-      else { piece.copy(c.payload, c.got); c.hmac!.update(piece); }
+      else {
+        piece.copy(c.payload, c.got);
+        c.hmac!.update(piece);
+      }
       c.got += piece.length;
     }
     while (c.got === c.payload.length && c.tagGot < c.tag.length && this.avail > 0) {
@@ -270,7 +332,10 @@ export class FrameDecoder {
   private checkLength(body: number): void {
     const tagLen = tagBytes(this.key);
     if (body + 4 > this.maxFrameBytes || body < HEADER_BYTES - 4 + tagLen) {
-      throw protocolError(`frame from ${this.peer} announces ${body} bytes (allowed ${HEADER_BYTES - 4 + tagLen}..${this.maxFrameBytes - 4} now)`, { peer: this.peer });
+      throw protocolError(
+        `frame from ${this.peer} announces ${body} bytes (allowed ${HEADER_BYTES - 4 + tagLen}..${this.maxFrameBytes - 4} now)`,
+        { peer: this.peer },
+      );
     }
   }
 
@@ -283,8 +348,21 @@ export class FrameDecoder {
     let hmac: Hmac | null = null;
     let decipher: DecipherGCM | null = null;
     if (this.key.kind === 'hmac') hmac = createHmac('sha256', this.key.key).update(head);
-    else { decipher = createDecipheriv('aes-256-gcm', this.key.key, nonceOf(seq)); decipher.setAAD(head); }
-    return { head, seq, payload: Buffer.allocUnsafe(payloadLen), got: 0, tag: Buffer.allocUnsafe(tagLen), tagGot: 0, hmac, decipher, startedMs: this.nowMs };
+    else {
+      decipher = createDecipheriv('aes-256-gcm', this.key.key, nonceOf(seq));
+      decipher.setAAD(head);
+    }
+    return {
+      head,
+      seq,
+      payload: Buffer.allocUnsafe(payloadLen),
+      got: 0,
+      tag: Buffer.allocUnsafe(tagLen),
+      tagGot: 0,
+      hmac,
+      decipher,
+      startedMs: this.nowMs,
+    };
   }
 
   private finish(c: Partial): Frame {
@@ -293,18 +371,47 @@ export class FrameDecoder {
       ok = timingSafeEqual(c.hmac.digest(), c.tag);
     } else {
       c.decipher!.setAuthTag(c.tag);
-      try { c.decipher!.final(); ok = true; } catch { ok = false; }
+      try {
+        c.decipher!.final();
+        ok = true;
+      } catch {
+        ok = false;
+      }
     }
-    if (!ok) throw new RubatoError('RUBATO_AUTH_FAILED', `frame from ${this.peer} failed authentication (wrong key, or forged, reflected or corrupted)`, { peer: this.peer });
+    if (!ok)
+      throw new RubatoError(
+        'RUBATO_AUTH_FAILED',
+        `frame from ${this.peer} failed authentication (wrong key, or forged, reflected or corrupted)`,
+        { peer: this.peer },
+      );
     const version = c.head[5]!;
-    if (version !== PROTOCOL_VERSION) throw new RubatoError('RUBATO_VERSION_MISMATCH', `${this.peer} speaks protocol version ${version}, this Rubato speaks ${PROTOCOL_VERSION}`, { peer: this.peer });
-    if (c.seq !== this.expectSeq) throw protocolError(`frame from ${this.peer} has sequence ${c.seq}, expected ${this.expectSeq} (replayed or dropped frame)`, { peer: this.peer });
+    if (version !== PROTOCOL_VERSION)
+      throw new RubatoError(
+        'RUBATO_VERSION_MISMATCH',
+        `${this.peer} speaks protocol version ${version}, this Rubato speaks ${PROTOCOL_VERSION}`,
+        { peer: this.peer },
+      );
+    if (c.seq !== this.expectSeq)
+      throw protocolError(
+        `frame from ${this.peer} has sequence ${c.seq}, expected ${this.expectSeq} (replayed or dropped frame)`,
+        { peer: this.peer },
+      );
     this.expectSeq++;
     const generation = c.head.readUInt32BE(GEN_AT);
     if (this.generation !== null && generation !== this.generation) {
-      throw protocolError(`frame from ${this.peer} carries witness generation ${generation}, this session's is ${this.generation} (a stale or foreign primary)`, { peer: this.peer });
+      throw protocolError(
+        `frame from ${this.peer} carries witness generation ${generation}, this session's is ${this.generation} (a stale or foreign primary)`,
+        { peer: this.peer },
+      );
     }
-    return { type: c.head[4]!, epoch: Number(c.head.readBigUInt64BE(EPOCH_AT)), seq: c.seq, payload: c.payload, generation, startedMs: c.startedMs };
+    return {
+      type: c.head[4]!,
+      epoch: Number(c.head.readBigUInt64BE(EPOCH_AT)),
+      seq: c.seq,
+      payload: c.payload,
+      generation,
+      startedMs: c.startedMs,
+    };
   }
 
   /** Takes n bytes (n ≤ avail); `join` allows crossing chunks (headers only: HEADER_BYTES). */
@@ -317,8 +424,15 @@ export class FrameDecoder {
         let need = n;
         while (need > 0) {
           const c = this.chunks[0]!;
-          if (c.length <= need) { parts.push(c); this.chunks.shift(); need -= c.length; }
-          else { parts.push(c.subarray(0, need)); this.chunks[0] = c.subarray(need); need = 0; }
+          if (c.length <= need) {
+            parts.push(c);
+            this.chunks.shift();
+            need -= c.length;
+          } else {
+            parts.push(c.subarray(0, need));
+            this.chunks[0] = c.subarray(need);
+            need = 0;
+          }
         }
         this.avail -= n;
         return Buffer.concat(parts, n);
@@ -340,9 +454,13 @@ export class FrameEncoder {
   private seq = 1;
   private generation = 0;
   constructor(private key: FrameKey) {}
-  setKey(key: FrameKey): void { this.key = key; }
+  setKey(key: FrameKey): void {
+    this.key = key;
+  }
   /** The witness generation every frame carries from now on. */
-  bindGeneration(g: number): void { this.generation = g; }
+  bindGeneration(g: number): void {
+    this.generation = g;
+  }
   encode(type: number, epoch: number, payload: Buffer = Buffer.alloc(0)): Buffer {
     return encodeFrame({ type, epoch, seq: this.seq++, payload, generation: this.generation }, this.key);
   }
@@ -350,7 +468,17 @@ export class FrameEncoder {
     return encodeFrameParts({ type, epoch, seq: this.seq++, payload, generation: this.generation }, this.key);
   }
   /** The frame's pieces, encrypted a slice at a time (see encodeFrameSlices); the sequence number is taken now. */
-  encodeSlices(type: number, epoch: number, payload: { parts: readonly Buffer[]; length: number }, sliceBytes: number): Generator<Buffer> {
-    return encodeFrameSlices({ type, epoch, seq: this.seq++, generation: this.generation }, payload, this.key, sliceBytes);
+  encodeSlices(
+    type: number,
+    epoch: number,
+    payload: { parts: readonly Buffer[]; length: number },
+    sliceBytes: number,
+  ): Generator<Buffer> {
+    return encodeFrameSlices(
+      { type, epoch, seq: this.seq++, generation: this.generation },
+      payload,
+      this.key,
+      sliceBytes,
+    );
   }
 }

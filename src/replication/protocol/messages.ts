@@ -18,7 +18,10 @@ export type Identity = z.infer<typeof IdentitySchema>;
 
 export const LayoutSchema = z.object({
   machine: z.string(),
-  blocks: z.array(z.object({ id: z.string().max(255), lengthBytes: z.number().int().positive() })).min(1).max(255),
+  blocks: z
+    .array(z.object({ id: z.string().max(255), lengthBytes: z.number().int().positive() }))
+    .min(1)
+    .max(255),
   totalBytes: z.number().int().nonnegative(),
 });
 export type Layout = z.infer<typeof LayoutSchema>;
@@ -28,9 +31,16 @@ export type Welcome = z.infer<typeof WelcomeSchema>;
 
 function json<T>(schema: z.ZodType<T>, buf: Buffer, what: string): T {
   let v: unknown;
-  try { v = JSON.parse(buf.toString('utf8')); } catch { throw protocolError(`${what}: payload is not JSON`); }
+  try {
+    v = JSON.parse(buf.toString('utf8'));
+  } catch {
+    throw protocolError(`${what}: payload is not JSON`);
+  }
   const r = schema.safeParse(v);
-  if (!r.success) throw protocolError(`${what}: ${r.error.issues[0]?.path.join('.') ?? ''} ${r.error.issues[0]?.message ?? 'invalid'}`);
+  if (!r.success)
+    throw protocolError(
+      `${what}: ${r.error.issues[0]?.path.join('.') ?? ''} ${r.error.issues[0]?.message ?? 'invalid'}`,
+    );
   return r.data;
 }
 
@@ -40,10 +50,15 @@ export function decodeChallenge(p: Buffer): Buffer {
   return p;
 }
 
-export const encodeHello = (nonce: Buffer, proof: Buffer, id: Identity) => Buffer.concat([nonce, proof, Buffer.from(JSON.stringify(id))]);
+export const encodeHello = (nonce: Buffer, proof: Buffer, id: Identity) =>
+  Buffer.concat([nonce, proof, Buffer.from(JSON.stringify(id))]);
 export function decodeHello(p: Buffer): { nonce: Buffer; proof: Buffer; identity: Identity } {
   if (p.length < NONCE_BYTES + 32 + 2) throw protocolError(`HELLO of ${p.length} bytes`);
-  return { nonce: p.subarray(0, NONCE_BYTES), proof: p.subarray(NONCE_BYTES, NONCE_BYTES + 32), identity: json(IdentitySchema, p.subarray(NONCE_BYTES + 32), 'HELLO') };
+  return {
+    nonce: p.subarray(0, NONCE_BYTES),
+    proof: p.subarray(NONCE_BYTES, NONCE_BYTES + 32),
+    identity: json(IdentitySchema, p.subarray(NONCE_BYTES + 32), 'HELLO'),
+  };
 }
 
 export const encodeWelcome = (proof: Buffer, w: Welcome) => Buffer.concat([proof, Buffer.from(JSON.stringify(w))]);
@@ -98,7 +113,10 @@ export function encodeBaseFill(blockIndex: number, pages: readonly { offset: num
   });
   return b;
 }
-export function decodeBaseFill(p: Buffer, layout: Layout): { blockIndex: number; pages: Array<{ offset: number; fill: number }> } {
+export function decodeBaseFill(
+  p: Buffer,
+  layout: Layout,
+): { blockIndex: number; pages: Array<{ offset: number; fill: number }> } {
   if (p.length < 4 || (p.length - 4) % 8 !== 0) throw protocolError(`BASE_FILL of ${p.length} bytes`);
   const blockIndex = p.readUInt32BE(0);
   const block = layout.blocks[blockIndex];
@@ -114,7 +132,10 @@ export function decodeBaseFill(p: Buffer, layout: Layout): { blockIndex: number;
   return { blockIndex, pages };
 }
 
-/** An ACK's payload: what the standby measured of the checkpoint, be32 µs each (queued, commit, receive); empty from a standby that says nothing. */
+/**
+ * An ACK's payload: what the standby measured of the checkpoint, be32 µs each (queued, commit, receive); empty from a
+ * standby that says nothing.
+ */
 export const ACK_TIMINGS_BYTES = 12;
 const MAX_US = 0xffff_ffff;
 export function encodeAckTimings(t: { queuedMs: number; commitMs: number; receiveMs: number }): Buffer {
@@ -128,5 +149,9 @@ export function encodeAckTimings(t: { queuedMs: number; commitMs: number; receiv
 export function decodeAckTimings(p: Buffer): { queuedMs: number; commitMs: number; receiveMs: number } | null {
   if (p.length === 0) return null;
   if (p.length !== ACK_TIMINGS_BYTES) throw protocolError(`ACK payload of ${p.length} bytes`);
-  return { queuedMs: p.readUInt32BE(0) / 1000, commitMs: p.readUInt32BE(4) / 1000, receiveMs: p.readUInt32BE(8) / 1000 };
+  return {
+    queuedMs: p.readUInt32BE(0) / 1000,
+    commitMs: p.readUInt32BE(4) / 1000,
+    receiveMs: p.readUInt32BE(8) / 1000,
+  };
 }

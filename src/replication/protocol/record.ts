@@ -29,8 +29,14 @@ export interface CheckpointRecord {
 
 const corrupt = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_REPLICA_CORRUPT', msg, ctx);
 
-/** An encoded record as the pieces it is made of, in order: headers, the pages' own buffers (not copied), the device state, the checksum. */
-export interface RecordParts { readonly parts: readonly Buffer[]; readonly length: number }
+/**
+ * An encoded record as the pieces it is made of, in order: headers, the pages' own buffers (not copied), the device
+ * state, the checksum.
+ */
+export interface RecordParts {
+  readonly parts: readonly Buffer[];
+  readonly length: number;
+}
 
 export function encodeRecordParts(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): RecordParts {
   const { parts, length } = encodePages(MAGIC, r.epoch, r.pages, blocks, r.deviceState.length);
@@ -44,7 +50,13 @@ export function encodeRecordParts(r: CheckpointRecord, blocks: readonly RamBlock
 }
 
 /** The header and the pages, as pieces (the pages' own buffers, not copied); `deviceLen` goes in the header. */
-function encodePages(magic: number, epoch: number, pages: readonly DirtyPage[], blocks: readonly RamBlockInfo[], deviceLen: number): { parts: Buffer[]; length: number } {
+function encodePages(
+  magic: number,
+  epoch: number,
+  pages: readonly DirtyPage[],
+  blocks: readonly RamBlockInfo[],
+  deviceLen: number,
+): { parts: Buffer[]; length: number } {
   const index = new Map(blocks.map((b, i) => [b.id, i]));
   const heads = Buffer.allocUnsafe(HEADER_BYTES + PAGE_HEADER_BYTES * pages.length);
   heads.writeUInt32BE(magic, 0);
@@ -83,14 +95,19 @@ function encodePages(magic: number, epoch: number, pages: readonly DirtyPage[], 
  * never stored as it is (the standby stages its pages and commits them inside the checkpoint's
  * record), and the frame carrying it is authenticated.
  */
-export function encodePresendParts(epoch: number, pages: readonly DirtyPage[], blocks: readonly RamBlockInfo[]): RecordParts {
+export function encodePresendParts(
+  epoch: number,
+  pages: readonly DirtyPage[],
+  blocks: readonly RamBlockInfo[],
+): RecordParts {
   return encodePages(PRESEND_MAGIC, epoch, pages, blocks, 0);
 }
 
 /** Parses and checks pre-sent pages against the layout (every page inside its block); pages reference `buf`. */
 export function decodePresend(buf: Buffer, blocks: readonly RamBlockInfo[]): { epoch: number; pages: DirtyPage[] } {
   if (buf.length < HEADER_BYTES) throw corrupt(`pre-sent pages of ${buf.length} bytes are truncated`);
-  if (buf.readUInt32BE(0) !== PRESEND_MAGIC || buf.readUInt32BE(4) !== FORMAT || buf.readUInt32BE(20) !== 0) throw corrupt('pre-sent pages have a bad magic or format');
+  if (buf.readUInt32BE(0) !== PRESEND_MAGIC || buf.readUInt32BE(4) !== FORMAT || buf.readUInt32BE(20) !== 0)
+    throw corrupt('pre-sent pages have a bad magic or format');
   const epoch = Number(buf.readBigUInt64BE(8));
   const { pages, end } = decodePages(buf, buf.length, buf.readUInt32BE(16), blocks, 'pre-sent pages');
   if (end !== buf.length) throw corrupt('pre-sent pages: length does not match the contents');
@@ -99,7 +116,13 @@ export function decodePresend(buf: Buffer, blocks: readonly RamBlockInfo[]): { e
 }
 
 /** `n` pages from offset HEADER_BYTES of `buf`, ending at or before `limit`. */
-function decodePages(buf: Buffer, limit: number, n: number, blocks: readonly RamBlockInfo[], what: string): { pages: DirtyPage[]; end: number } {
+function decodePages(
+  buf: Buffer,
+  limit: number,
+  n: number,
+  blocks: readonly RamBlockInfo[],
+  what: string,
+): { pages: DirtyPage[]; end: number } {
   // Each page takes at least a header: a count the buffer cannot hold is refused before any work.
   if (n * PAGE_HEADER_BYTES > limit) throw corrupt(`${what}: ${n} pages claimed in ${buf.length} bytes`);
   const pages: DirtyPage[] = [];
@@ -138,10 +161,13 @@ export function recordMaxBytes(blocks: readonly RamBlockInfo[]): number {
 
 /** Parses and checks a record against the replica's layout; pages reference `buf` (no copy). */
 export function decodeRecord(buf: Buffer, blocks: readonly RamBlockInfo[]): CheckpointRecord {
-  if (buf.length < HEADER_BYTES + CHECKSUM_BYTES) throw corrupt(`checkpoint record of ${buf.length} bytes is truncated`);
+  if (buf.length < HEADER_BYTES + CHECKSUM_BYTES)
+    throw corrupt(`checkpoint record of ${buf.length} bytes is truncated`);
   const body = buf.subarray(0, buf.length - CHECKSUM_BYTES);
-  if (crc32(body) !== buf.readUInt32BE(buf.length - CHECKSUM_BYTES)) throw corrupt('checkpoint record fails its checksum');
-  if (buf.readUInt32BE(0) !== MAGIC || buf.readUInt32BE(4) !== FORMAT) throw corrupt('checkpoint record has a bad magic or format');
+  if (crc32(body) !== buf.readUInt32BE(buf.length - CHECKSUM_BYTES))
+    throw corrupt('checkpoint record fails its checksum');
+  if (buf.readUInt32BE(0) !== MAGIC || buf.readUInt32BE(4) !== FORMAT)
+    throw corrupt('checkpoint record has a bad magic or format');
   const epoch = Number(buf.readBigUInt64BE(8));
   const devLen = buf.readUInt32BE(20);
   const { pages, end: o } = decodePages(buf, body.length, buf.readUInt32BE(16), blocks, 'checkpoint record');
@@ -154,7 +180,8 @@ export function decodeRecord(buf: Buffer, blocks: readonly RamBlockInfo[]): Chec
 /** Every page inside its block and whole, the device state framed as QEMU sections + EOF. */
 export function validateRecord(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): void {
   checkPages(r.epoch, r.pages, blocks);
-  if (!checkDeviceState(r.deviceState)) throw corrupt(`checkpoint ${r.epoch}: device state is not framed as QEMU sections + EOF`, { epoch: r.epoch });
+  if (!checkDeviceState(r.deviceState))
+    throw corrupt(`checkpoint ${r.epoch}: device state is not framed as QEMU sections + EOF`, { epoch: r.epoch });
 }
 
 function checkPages(epoch: number, pages: readonly DirtyPage[], blocks: readonly RamBlockInfo[]): void {
@@ -162,7 +189,9 @@ function checkPages(epoch: number, pages: readonly DirtyPage[], blocks: readonly
   for (const p of pages) {
     const len = lengths.get(p.block);
     if (len === undefined) throw corrupt(`checkpoint ${epoch} names unknown RAM block ${p.block}`, { epoch });
-    if (p.offset % PAGE_SIZE !== 0 || p.offset + PAGE_SIZE > len) throw corrupt(`checkpoint ${epoch}: page offset ${p.offset} outside block ${p.block}`, { epoch });
-    if (p.data && p.data.length !== PAGE_SIZE) throw corrupt(`checkpoint ${epoch}: page of ${p.data.length} bytes`, { epoch });
+    if (p.offset % PAGE_SIZE !== 0 || p.offset + PAGE_SIZE > len)
+      throw corrupt(`checkpoint ${epoch}: page offset ${p.offset} outside block ${p.block}`, { epoch });
+    if (p.data && p.data.length !== PAGE_SIZE)
+      throw corrupt(`checkpoint ${epoch}: page of ${p.data.length} bytes`, { epoch });
   }
 }
