@@ -11,16 +11,18 @@
 
 import { join } from 'node:path';
 import { writeFileSync } from 'node:fs';
-import { logger } from '../util/log.ts';
-import { heldGeneration } from '../host/claim.ts';
-import { errorMessage } from '../util/errors.ts';
-import { ensurePrivateDir } from '../util/private-files.ts';
-import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
-import { LineSplitter, sleep } from '../util/async.ts';
-import { controlCommand } from '../replication/control-socket.ts';
-import type { EtcdClient } from '../coord/etcd.ts';
-import { KEYS, LeasedKeys, readCluster, type ClusterView } from '../coord/cluster.ts';
-import { place } from '../coord/placement.ts';
+import {
+  logger,
+  errorMessage,
+  ensurePrivateDir,
+  spawnTracked,
+  type TrackedProcess,
+  LineSplitter,
+  sleep,
+} from '../util/index.ts';
+import { heldGeneration } from '../host/index.ts';
+import { controlCommand } from '../replication/index.ts';
+import { type EtcdClient, KEYS, LeasedKeys, readCluster, type ClusterView, place } from '../coord/index.ts';
 
 const log = logger('agent');
 export const AGENT_TICK_MS = 500;

@@ -4,20 +4,21 @@
 // the guest continue. Everything it starts is stopped and removed, also on failure.
 
 import { copyFileSync } from 'node:fs';
-import { sleep } from '../util/async.ts';
+import { sleep, makeTempDir, removeTempDir, logger, median, percentile, round } from '../util/index.ts';
 import { join } from 'node:path';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { logger } from '../util/log.ts';
-import { median, percentile, round } from '../util/stats.ts';
-import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
-import { DIRTIER_LINE_RE, guestAppend, MAIN_RAM_ID, parseDirtierLine, type Accel, type VmSpec } from '../qemu/spec.ts';
-import { restoreVm } from '../qemu/restore.ts';
-import { ReplicaStore } from '../replication/replica-store.ts';
-import { ColoCapture } from '../capture/route-a.ts';
-import { ExternalCapture } from '../capture/route-b.ts';
-import { diffPages, readRamFile } from '../capture/verify.ts';
-import { PauseMeter } from '../capture/pause-meter.ts';
-import type { Checkpoint } from '../capture/checkpoint.ts';
+import {
+  QemuVm,
+  type QemuBinary,
+  DIRTIER_LINE_RE,
+  guestAppend,
+  MAIN_RAM_ID,
+  parseDirtierLine,
+  type Accel,
+  type VmSpec,
+  restoreVm,
+} from '../qemu/index.ts';
+import { ReplicaStore } from '../replication/index.ts';
+import { ColoCapture, ExternalCapture, diffPages, readRamFile, PauseMeter, type Checkpoint } from '../capture/index.ts';
 
 const log = logger('capture-check');
 

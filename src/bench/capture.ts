@@ -3,15 +3,10 @@
 // same guest unreplicated, measured side by side in the same run on the same VM.
 
 import { mkdirSync, writeFileSync } from 'node:fs';
-import { sleep } from '../util/async.ts';
+import { sleep, makeTempDir, removeTempDir, median, percentile, round } from '../util/index.ts';
 import { join } from 'node:path';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { median, percentile, round } from '../util/stats.ts';
-import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
-import { guestAppend, parseDirtierLine, type Accel } from '../qemu/spec.ts';
-import { ColoCapture } from '../capture/route-a.ts';
-import { ExternalCapture } from '../capture/route-b.ts';
-import { PauseMeter } from '../capture/pause-meter.ts';
+import { QemuVm, type QemuBinary, guestAppend, parseDirtierLine, type Accel } from '../qemu/index.ts';
+import { ColoCapture, ExternalCapture, PauseMeter } from '../capture/index.ts';
 
 export interface CaptureBenchOptions {
   accel: Accel;

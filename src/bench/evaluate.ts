@@ -6,18 +6,16 @@
 
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { median, round } from '../util/stats.ts';
-import { ShapedLink, type LinkClass } from '../io/net/shaped-link.ts';
+import { median, round } from '../util/index.ts';
+import { ShapedLink, type LinkClass } from '../io/index.ts';
 import { parsePolicy, fitPause } from '../scheduler/index.ts';
-import { simulate } from '../sim/simulate.ts';
+import { simulate, BANDWIDTH_CLASSES, curveFor, workloadFor, type MeasuredCurve } from '../sim/index.ts';
 import { validateByReplay } from './validate.ts';
-import { BANDWIDTH_CLASSES, curveFor, workloadFor, type MeasuredCurve } from '../sim/extrapolate.ts';
 import { runProfile } from './profile.ts';
 import { runSchedulerBench, type SchedulerCell } from './scheduler.ts';
 import { served } from './workloads.ts';
 import { barChart, lineChart, svgToPng } from './plot.ts';
-import type { QemuBinary } from '../qemu/vm.ts';
-import type { Accel } from '../qemu/spec.ts';
+import type { QemuBinary, Accel } from '../qemu/index.ts';
 
 export interface EvaluateOptions {
   accel: Accel;

@@ -5,9 +5,9 @@
 
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { median, percentile, round } from '../util/stats.ts';
-import { runDemo, type DemoResult } from '../chaos/demo.ts';
-import type { AccelChoice } from '../qemu/accel.ts';
+import { median, percentile, round } from '../util/index.ts';
+import { runDemo, type DemoResult } from '../chaos/index.ts';
+import type { AccelChoice } from '../qemu/index.ts';
 
 export interface FailoverBenchOptions {
   runs: number;

@@ -4,11 +4,10 @@
 
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { median, percentile, round } from '../util/stats.ts';
-import { clientProcess, startKvRig, stopKvRig, type KvRig } from '../chaos/chaos.ts';
-import { protect, whileProtected } from './scheduler.ts';
-import type { AccelChoice } from '../qemu/accel.ts';
+import { makeTempDir, removeTempDir, median, percentile, round } from '../util/index.ts';
+import { clientProcess, startKvRig, stopKvRig, type KvRig } from '../chaos/index.ts';
+import { protect, whileProtected } from './protected.ts';
+import type { AccelChoice } from '../qemu/index.ts';
 
 export interface KvBenchOptions {
   seconds: number;

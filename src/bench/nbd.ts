@@ -4,11 +4,8 @@
 
 import { mkdirSync, writeFileSync, openSync, ftruncateSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { runCommand } from '../util/procs.ts';
-import { RubatoError } from '../util/errors.ts';
-import { median, round } from '../util/stats.ts';
-import { NbdServer } from '../io/disk/nbd-server.ts';
+import { makeTempDir, removeTempDir, runCommand, RubatoError, median, round } from '../util/index.ts';
+import { NbdServer } from '../io/index.ts';
 
 export interface NbdBenchOptions {
   quick: boolean;

@@ -3,16 +3,12 @@
 // per vCPU count. Checkpoints come from route A at fixed periods; no standby is needed to count.
 
 import { mkdirSync, writeFileSync } from 'node:fs';
-import { sleep } from '../util/async.ts';
+import { sleep, makeTempDir, removeTempDir, median, round, RubatoError } from '../util/index.ts';
 import { join } from 'node:path';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { median, round } from '../util/stats.ts';
-import { RubatoError } from '../util/errors.ts';
-import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
-import { guestAppend, type Accel } from '../qemu/spec.ts';
-import { ColoCapture } from '../capture/route-a.ts';
+import { QemuVm, type QemuBinary, guestAppend, type Accel } from '../qemu/index.ts';
+import { ColoCapture } from '../capture/index.ts';
 import { fitDirtyCurve } from '../scheduler/index.ts';
-import { startKvRig, stopKvRig, type KvRig } from '../chaos/chaos.ts';
+import { startKvRig, stopKvRig, type KvRig } from '../chaos/index.ts';
 import { RIG, loadClient } from './workloads.ts';
 import { lineChart, svgToPng } from './plot.ts';
 

@@ -5,27 +5,23 @@
 
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { median, percentile, round } from '../util/stats.ts';
-import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
-import { guestAppend, type Accel } from '../qemu/spec.ts';
-import { PrimaryController, type PrimaryEvent } from '../replication/primary.ts';
-import { startStandbyProcess } from './standby-proc.ts';
-import { loadKeyFile } from '../replication/keyfile.ts';
-import { parsePolicy } from '../scheduler/index.ts';
-import { startKvRig, stopKvRig, type KvRig } from '../chaos/chaos.ts';
-import { sleep, waitFor } from '../util/async.ts';
+import { makeTempDir, removeTempDir, median, percentile, round, sleep, RubatoError } from '../util/index.ts';
+import { QemuVm, type QemuBinary, guestAppend, type Accel } from '../qemu/index.ts';
+import {
+  type PrimaryEvent,
+  LatencyBreakdown,
+  formatBreakdown,
+  type Breakdown,
+  type Durability,
+} from '../replication/index.ts';
+import { startKvRig, stopKvRig, type KvRig } from '../chaos/index.ts';
 import { RIG, RIG_WORKLOADS, loadClient } from './workloads.ts';
-import { RubatoError } from '../util/errors.ts';
 import { measureKv } from './kv.ts';
 import { ProgressProbe } from './capture.ts';
-import type { NetRelay } from '../io/net/relay.ts';
-import { TraceRecorder, writeTrace } from '../sim/trace.ts';
-import type { NbdServer } from '../io/disk/nbd-server.ts';
-import { LatencyBreakdown, formatBreakdown, type Breakdown } from '../replication/latency.ts';
-import type { CheckpointObserver } from '../replication/observer.ts';
-import type { Durability } from '../replication/replica-store.ts';
+import type { NetRelay, NbdServer } from '../io/index.ts';
+import { TraceRecorder, writeTrace } from '../sim/index.ts';
 import { cpuWindow, type CpuShare } from './cpu.ts';
+import { protect, whileProtected } from './protected.ts';
 
 export const BENCH_POLICIES = [
   'fixed:25ms',
@@ -94,78 +90,6 @@ export interface SchedulerCell {
   durability: Durability;
   /** Services: where each released output frame's time went (p50/p99 per segment, ms). */
   latencyBreakdown?: Breakdown;
-}
-
-export interface Protected {
-  stop(): Promise<void>;
-  events: PrimaryEvent[];
-  standbyPid: number;
-}
-
-/** The trace recorder (if any) and the latency breakdown (if any) as one observer. */
-export function observing(trace?: TraceRecorder, latency?: LatencyBreakdown): CheckpointObserver | undefined {
-  if (!trace && !latency) return undefined;
-  if (!latency) return trace;
-  const released = (t: Parameters<LatencyBreakdown['add']>[0], f: readonly number[], r: number) => latency.add(t, f, r);
-  if (!trace) return { released };
-  return {
-    epoch: trace.epoch.bind(trace),
-    acked: trace.acked.bind(trace),
-    output: trace.output.bind(trace),
-    disk: trace.disk.bind(trace),
-    released,
-  };
-}
-
-export async function protect(
-  vm: QemuVm,
-  dir: string,
-  tag: string,
-  policy: string,
-  io?: { relay: NetRelay; nbd: NbdServer | null },
-  where?: { ns: string; host: string },
-  trace?: TraceRecorder,
-  latency?: LatencyBreakdown,
-  durability: Durability = 'memory',
-): Promise<Protected> {
-  const standby = await startStandbyProcess(dir, tag, where, durability);
-  const events: PrimaryEvent[] = [];
-  const observer = observing(trace, latency);
-  const primary = new PrimaryController({
-    vm,
-    runDir: dir,
-    standby: { host: standby.host, port: standby.port },
-    psk: loadKeyFile(standby.keyFile),
-    periodMs: 25,
-    heartbeatMs: 50,
-    timeoutMs: 1000,
-    retryMs: 300,
-    policy: parsePolicy(policy),
-    onEvent: (e) => events.push(e),
-    ...(io ? { relay: io.relay, nbd: io.nbd } : {}),
-    ...(observer ? { observer } : {}),
-  });
-  const stop = async () => {
-    await primary.stop();
-    await standby.stop();
-  };
-  primary.start();
-  try {
-    await waitFor(() => events.find((e) => e.event === 'protecting'), 120_000, 'protection');
-  } catch (e) {
-    await stop(); // no standby process or primary loop outlives a failed start
-    throw e;
-  }
-  return { events, stop, standbyPid: standby.pid };
-}
-
-/** Runs a protected phase; the protection (primary and standby process) ends even when it fails. */
-export async function whileProtected<T>(p: Protected, f: () => Promise<T>): Promise<T> {
-  try {
-    return await f();
-  } finally {
-    await p.stop();
-  }
 }
 
 export function summarise(events: PrimaryEvent[], seconds: number) {

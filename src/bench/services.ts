@@ -6,26 +6,36 @@
 
 import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { runCommand } from '../util/procs.ts';
-import { median, percentile, round } from '../util/stats.ts';
-import { sleep, waitFor } from '../util/async.ts';
-import { RubatoError } from '../util/errors.ts';
-import type { Lan } from '../io/net/lan.ts';
-import type { QemuBinary } from '../qemu/vm.ts';
-import type { Accel } from '../qemu/spec.ts';
-import { ensureServiceClients } from '../setup/index.ts';
-import { protect, summarise, whileProtected } from './scheduler.ts';
-import { LatencyBreakdown, SEGMENTS, formatBreakdown, type Breakdown } from '../replication/latency.ts';
+import {
+  makeTempDir,
+  removeTempDir,
+  runCommand,
+  median,
+  percentile,
+  round,
+  sleep,
+  waitFor,
+  RubatoError,
+} from '../util/index.ts';
+import { type Lan, GuestIo } from '../io/index.ts';
+import type { QemuBinary, Accel } from '../qemu/index.ts';
+import { ensureServiceClients, ensureTapRelay } from '../setup/index.ts';
+import { summarise } from './scheduler.ts';
+import { protect, whileProtected } from './protected.ts';
+import {
+  LatencyBreakdown,
+  SEGMENTS,
+  formatBreakdown,
+  type Breakdown,
+  StandbyController,
+  DISK_BLOCK_ID,
+  PrimaryController,
+} from '../replication/index.ts';
 
 /** A breakdown's segment means (ms), which add up to `total`. */
 const breakdownMeans = (b: Breakdown) =>
   Object.fromEntries([...SEGMENTS, 'total' as const].map((k) => [k, round(b[k].mean, 2)]));
-import { startDebianRig } from '../chaos/debian-rig.ts';
-import { stopKvRig, type KvRig } from '../chaos/chaos.ts';
-import { StandbyController } from '../replication/standby.ts';
-import { DISK_BLOCK_ID, PrimaryController } from '../replication/primary.ts';
-import { GuestIo } from '../io/guest-io.ts';
+import { startDebianRig, stopKvRig, type KvRig } from '../chaos/index.ts';
 import { parsePolicy } from '../scheduler/index.ts';
 import { randomBytes } from 'node:crypto';
 import { barChart, stackedBarChart, svgToPng } from './plot.ts';
@@ -568,7 +578,7 @@ export async function runFailoverUnderLoad(o: {
           if (e.event === 'failover') failoverAt = e.runningAtMs;
         },
         prepareRestore: async (_id, store) => {
-          nextIo = await GuestIo.start(other, dir, `fo${k}`, store.imagePath(DISK_BLOCK_ID));
+          nextIo = await GuestIo.start(other, dir, `fo${k}`, store.imagePath(DISK_BLOCK_ID), await ensureTapRelay());
           return { netSocket: nextIo.netSocket, ...(nextIo.nbdSocket ? { nbdSocket: nextIo.nbdSocket } : {}) };
         },
       });

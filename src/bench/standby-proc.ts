@@ -4,9 +4,8 @@
 import { join } from 'node:path';
 import { randomInt } from 'node:crypto';
 import { RUBATO_COMMAND } from '../setup/index.ts';
-import { spawnTracked } from '../util/procs.ts';
-import { RubatoError } from '../util/errors.ts';
-import { writeKeyFile } from '../replication/keyfile.ts';
+import { spawnTracked, RubatoError } from '../util/index.ts';
+import { writeKeyFile } from '../replication/index.ts';
 
 export interface StandbyProcess {
   host: string;

@@ -6,12 +6,8 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
-import { median, round } from '../util/stats.ts';
-import { RubatoError } from '../util/errors.ts';
-import { simulateTrace } from '../sim/cli.ts';
-import { loadTrace, pauseBusyMsOf } from '../sim/trace.ts';
-import type { SimClients } from '../sim/simulate.ts';
-import type { MeasuredCurve } from '../sim/extrapolate.ts';
+import { median, round, RubatoError } from '../util/index.ts';
+import { simulateTrace, loadTrace, pauseBusyMsOf, type SimClients, type MeasuredCurve } from '../sim/index.ts';
 import type { SchedulerCell } from './scheduler.ts';
 import { served } from './workloads.ts';
 

@@ -2,7 +2,7 @@
 // NBD server): what the guest runs, when it is ready, and the load a client puts on it.
 
 import { join } from 'node:path';
-import { KV_WORKLOAD, clientProcess, type KvRig, type RigWorkload } from '../chaos/chaos.ts';
+import { KV_WORKLOAD, clientProcess, type KvRig, type RigWorkload } from '../chaos/index.ts';
 
 export const RIG_WORKLOADS = ['kv', 'web', 'disk'] as const;
 export const RIG: Record<string, { workload: RigWorkload }> = {

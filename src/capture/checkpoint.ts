@@ -53,13 +53,6 @@ export interface BaseImage {
   deviceState: Buffer;
 }
 
-export function applyPage(ram: Map<string, Buffer>, p: DirtyPage): void {
-  const buf = ram.get(p.block);
-  if (!buf) throw new Error(`unknown RAM block ${p.block}`);
-  if (p.data) p.data.copy(buf, p.offset);
-  else buf.fill(p.fill ?? 0, p.offset, p.offset + PAGE_SIZE);
-}
-
 /** Pages keyed by block and offset, the latest copy of each (a checkpoint's merged set, staged pages). */
 export class PageSet {
   private readonly byBlock = new Map<string, Map<number, DirtyPage>>();

@@ -1,7 +1,7 @@
 // Measures guest pauses from QEMU's own STOP/RESUME events (QMP timestamps, µs resolution):
 // the pause the guest really saw, not our estimate of it. Pauses held for verification are excluded.
 
-import type { QmpClient, QmpEvent } from '../qemu/qmp.ts';
+import type { QmpClient, QmpEvent } from '../qemu/index.ts';
 
 const MAX_KEPT = 100_000;
 

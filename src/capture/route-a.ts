@@ -6,20 +6,17 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { rmSync } from 'node:fs';
-import { RubatoError, assert, errorMessage } from '../util/errors.ts';
-import { logger } from '../util/log.ts';
-import { withTimeout } from '../util/async.ts';
-import type { QemuVm } from '../qemu/vm.ts';
-import type { QmpEvent } from '../qemu/qmp.ts';
-import { ByteReader } from '../util/byte-reader.ts';
+import { RubatoError, assert, errorMessage, logger, withTimeout, ByteReader } from '../util/index.ts';
 import {
+  type QemuVm,
+  type QmpEvent,
   COLO_MSG,
   COLO_MSG_NAMES,
   COLO_PRESEND_DELAY_MAGIC,
   COLO_PRESEND_MARK,
   VM,
   coloMessage,
-} from '../qemu/stream-format.ts';
+} from '../qemu/index.ts';
 import { newRamState, readFooter, readPrecopy, readRamRecords, type PageSink, type RamState } from './stream/parser.ts';
 import { MAX_DEVICE_STATE_BYTES, PageSet, type BaseImage, type Checkpoint, type DirtyPage } from './checkpoint.ts';
 

@@ -7,16 +7,12 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { openSync, readSync, closeSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
-import { RubatoError, assert, errorMessage } from '../util/errors.ts';
-import { logger } from '../util/log.ts';
-import type { QemuVm } from '../qemu/vm.ts';
-import { MAIN_RAM_ID } from '../qemu/spec.ts';
-import { ByteReader } from '../util/byte-reader.ts';
+import { RubatoError, assert, errorMessage, logger, ByteReader, withTimeout } from '../util/index.ts';
+import { type QemuVm, MAIN_RAM_ID } from '../qemu/index.ts';
 import { newRamState, readPrecopy, type PageSink, type RamState } from './stream/parser.ts';
 import { PAGE_SIZE, type BaseImage, type Checkpoint, type DirtyPage } from './checkpoint.ts';
 import { readRamFile } from './verify.ts';
 import type { CheckpointOptions } from './route-a.ts';
-import { withTimeout } from '../util/async.ts';
 
 const log = logger('capture-b');
 

@@ -5,39 +5,43 @@
 
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
 import { randomBytes, randomInt } from 'node:crypto';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { runCommand, spawnTracked, type TrackedProcess } from '../util/procs.ts';
-import { logger } from '../util/log.ts';
-import { median, percentile, round } from '../util/stats.ts';
-import { sleep, waitFor } from '../util/async.ts';
-import { RubatoError } from '../util/errors.ts';
 import {
-  REPO_ROOT,
-  ensureGuestImage,
-  ensurePackages,
-  ensureServiceClients,
-  ensurePatchedQemu,
-  ensureTapRelay,
-  stockQemu,
-} from '../setup/index.ts';
-import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
-import { QemuVm } from '../qemu/vm.ts';
-import { guestAppend, type VmSpec } from '../qemu/spec.ts';
-import { Lan, type LanHost } from '../io/net/lan.ts';
-import { GuestIo } from '../io/guest-io.ts';
-import { PrimaryController, DISK_BLOCK_ID, type PrimaryEvent } from '../replication/primary.ts';
-import { StandbyController, type StandbyEvent } from '../replication/standby.ts';
+  makeTempDir,
+  removeTempDir,
+  logger,
+  median,
+  percentile,
+  round,
+  sleep,
+  waitFor,
+  RubatoError,
+} from '../util/index.ts';
+import { ensurePackages, ensureServiceClients, ensureTapRelay } from '../setup/index.ts';
+import type { AccelChoice, QemuVm } from '../qemu/index.ts';
+import { type LanHost, GuestIo } from '../io/index.ts';
+import {
+  PrimaryController,
+  DISK_BLOCK_ID,
+  type PrimaryEvent,
+  StandbyController,
+  type StandbyEvent,
+} from '../replication/index.ts';
 import { parsePolicy } from '../scheduler/index.ts';
-import { LocalEtcd } from '../coord/local-etcd.ts';
-import { EtcdClient } from '../coord/etcd.ts';
-import { Ownership } from '../coord/ownership.ts';
-import { witnessGate, type WitnessGate } from '../coord/witness-gate.ts';
-import { ReleaseGate } from '../commit/release-gate.ts';
-import { guardOwnership, type OwnershipGuard } from '../coord/guard.ts';
+import {
+  LocalEtcd,
+  EtcdClient,
+  Ownership,
+  witnessGate,
+  type WitnessGate,
+  guardOwnership,
+  type OwnershipGuard,
+} from '../coord/index.ts';
+import { ReleaseGate } from '../commit/index.ts';
 import { ThreadedProxy } from './fault-proxy.ts';
 import { startDebianRig } from './debian-rig.ts';
+import { clientProcess, startKvRig, stopKvRig, type KvRig } from './kv-rig.ts';
+import { SplitBrainDetector } from './split-brain.ts';
 
 const log = logger('chaos');
 
@@ -113,124 +117,6 @@ export interface ChaosResult {
   accel: string;
   detail: RoundResult[];
   error?: string;
-}
-
-interface ClientEvent {
-  t: number;
-  type: string;
-  key?: string;
-  value?: string;
-  conn?: number;
-  id?: number;
-  event?: string;
-  latMs?: number;
-  missing?: string[];
-  checked?: number;
-}
-
-export function clientProcess(
-  lan: Lan,
-  args: string[],
-  scriptPath = join('src', 'chaos', 'kv-client.ts'),
-): { proc: TrackedProcess; events: ClientEvent[]; done: Promise<void> } {
-  const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
-  const script = join(REPO_ROOT, scriptPath);
-  const proc = spawnTracked('kv-client', 'ip', [
-    'netns',
-    'exec',
-    lan.clientNs,
-    process.execPath,
-    '--import',
-    tsx,
-    script,
-    ...args,
-  ]);
-  const events: ClientEvent[] = [];
-  let buf = '';
-  proc.child.stdout?.on('data', (d: Buffer) => {
-    buf += d.toString();
-    let nl: number;
-    while ((nl = buf.indexOf('\n')) >= 0) {
-      try {
-        events.push(JSON.parse(buf.slice(0, nl)) as ClientEvent);
-      } catch {
-        /* not ours */
-      }
-      buf = buf.slice(nl + 1);
-    }
-  });
-  proc.child.stderr?.on('data', (d: Buffer) => log.debug(`client: ${d.toString().trim()}`));
-  return { proc, events, done: proc.exited.then(() => {}) };
-}
-
-/** A KV guest on a LAN: topology, disk, the guest's I/O on host A, the booted VM. */
-export interface KvRig {
-  lan: Lan;
-  hosts: LanHost[];
-  io: GuestIo;
-  vm: QemuVm;
-  dir: string;
-  binary: import('../qemu/vm.ts').QemuBinary;
-  accel: string;
-}
-
-/** What the rig's guest runs (default: the KV service) and the console line that says it is ready. */
-export interface RigWorkload {
-  wl: Array<string | number>;
-  ready: RegExp;
-}
-export const KV_WORKLOAD: RigWorkload = { wl: ['kvd', 7000, '/data/kv.log'], ready: /RUBATO kvd ready/ };
-
-export async function startKvRig(
-  dir: string,
-  accelChoice: AccelChoice,
-  tag: string,
-  workload: RigWorkload = KV_WORKLOAD,
-): Promise<KvRig> {
-  const guest = await ensureGuestImage();
-  const { accel } = await resolveAccel(accelChoice, stockQemu(), guest);
-  const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
-  await ensureTapRelay();
-  const lan = await Lan.create(tag);
-  try {
-    const hosts: LanHost[] = [await lan.addHost('ha'), await lan.addHost('hb')];
-    const disk = join(dir, 'disk.img');
-    writeFileSync(disk, Buffer.alloc(32 << 20));
-    const mk = await runCommand('mkfs.ext2', ['-q', '-F', disk]);
-    if (mk.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `mkfs.ext2 failed: ${mk.stderr}`);
-    const spec: VmSpec = {
-      name: 'kv',
-      accel,
-      cpus: 1,
-      memMb: 128,
-      kernel: guest.kernel,
-      initrd: guest.initrd,
-      mac: '52:54:00:ab:cd:01',
-      disk: true,
-      append: guestAppend(workload.wl, { ip: `${lan.guestIp}/24`, disk: 'vda' }),
-    };
-    const io = await GuestIo.start(hosts[0]!, dir, 'g0', disk);
-    const vm = await QemuVm.start(spec, {
-      binary,
-      runDir: dir,
-      tag: 'g0',
-      netSocket: io.netSocket,
-      ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
-    });
-    await vm.waitSerial(workload.ready, 90_000);
-    return { lan, hosts, io, vm, dir, binary, accel };
-  } catch (e) {
-    await lan.destroy();
-    throw e;
-  }
-}
-
-/** Stops a rig's guest, its I/O (relay, disk server) and its LAN; safe on a partly failed start. */
-export async function stopKvRig(rig: KvRig | null): Promise<void> {
-  if (!rig) return;
-  await rig.vm.stop();
-  await rig.io.close().catch(() => {});
-  await rig.lan.destroy();
 }
 
 /** One host of the chaos pair: its LAN namespace and its own way to the witness (which a fault can cut). */
@@ -373,7 +259,13 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         binaryFor: async () => rig!.binary,
         onEvent: (e) => sEvents.push({ ...e, t: Date.now() }),
         prepareRestore: async (_id, store) => {
-          const io = await GuestIo.start(other.lan, dir, `g${round}`, store.imagePath(DISK_BLOCK_ID));
+          const io = await GuestIo.start(
+            other.lan,
+            dir,
+            `g${round}`,
+            store.imagePath(DISK_BLOCK_ID),
+            await ensureTapRelay(),
+          );
           // a restored guest's frames too
           if (gate && io.relay) io.relay.gate = new ReleaseGate((now) => gate.ownership(vmName).leaseCheck(now));
           nextIo = io;
@@ -678,90 +570,4 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     removeTempDir(dir);
   }
   return res;
-}
-
-/**
- * Split brain as the LAN sees it, trusting nothing of Rubato: tcpdump (Debian's) on the LAN
- * bridge's port of each host, counting the frames whose source is the guest's MAC address that
- * come in from that host (not those the bridge floods out to it, such as ARP broadcasts). Every
- * copy of the guest sends from that address; a 200 ms interval in which frames from it came in
- * through two hosts' ports is an interval in which two copies of the guest answered.
- */
-export class SplitBrainDetector {
-  private readonly seen = new Map<string, Set<number>>();
-  private readonly procs: TrackedProcess[] = [];
-
-  private constructor(private readonly ports: string[]) {}
-
-  static async start(lan: Lan, hosts: readonly LanHost[], guestMac: string): Promise<SplitBrainDetector> {
-    const d = new SplitBrainDetector(hosts.map((h) => `${h.uplink}l`));
-    for (const port of d.ports) {
-      const buckets = new Set<number>();
-      d.seen.set(port, buckets);
-      const p = spawnTracked(`tcpdump-${port}`, 'ip', [
-        'netns',
-        'exec',
-        lan.lanNs,
-        'tcpdump',
-        '-l',
-        '-n',
-        '-tt',
-        '-e',
-        '-Q',
-        'in',
-        '-i',
-        port,
-        'ether',
-        'src',
-        guestMac,
-      ]);
-      d.procs.push(p);
-      let buf = '';
-      p.child.stdout?.on('data', (c: Buffer) => {
-        buf += c.toString();
-        let nl: number;
-        while ((nl = buf.indexOf('\n')) >= 0) {
-          const ts = Number.parseFloat(buf.slice(0, nl));
-          buf = buf.slice(nl + 1);
-          if (Number.isFinite(ts)) buckets.add(Math.floor(ts * 5));
-        }
-      });
-      // tcpdump says on stderr when it listens
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, 3000);
-        p.child.stderr?.on('data', (c: Buffer) => {
-          if (/listening on/.test(c.toString())) {
-            clearTimeout(t);
-            resolve();
-          }
-        });
-        void p.exited.then(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
-    }
-    return d;
-  }
-
-  /** Stops the captures; the number of 200 ms intervals in which two hosts' ports carried the guest's frames. */
-  async stop(): Promise<number> {
-    for (const p of this.procs) await p.stop(2000);
-    this.procs.length = 0;
-    const all = [...this.seen.values()];
-    let overlaps = 0;
-    const counted = new Set<number>();
-    for (let i = 0; i < all.length; i++) {
-      for (let j = i + 1; j < all.length; j++) {
-        for (const b of all[i]!)
-          if (all[j]!.has(b) && !counted.has(b)) {
-            counted.add(b);
-            overlaps++;
-          }
-      }
-    }
-    if (overlaps)
-      log.error(`SPLIT BRAIN: the guest's frames came in through two hosts' ports in ${overlaps} intervals of 200 ms`);
-    return overlaps;
-  }
 }

@@ -8,20 +8,23 @@
 
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { runCommand, spawnTracked, type TrackedProcess } from '../util/procs.ts';
-import { logger } from '../util/log.ts';
-import { sleep } from '../util/async.ts';
-import { RubatoError, errorMessage } from '../util/errors.ts';
-import { ip } from '../io/net/netns.ts';
-import { Lan, type LanHost } from '../io/net/lan.ts';
+import {
+  makeTempDir,
+  removeTempDir,
+  runCommand,
+  spawnTracked,
+  type TrackedProcess,
+  logger,
+  sleep,
+  RubatoError,
+  errorMessage,
+} from '../util/index.ts';
+import { ip, Lan, type LanHost } from '../io/index.ts';
 import { RUBATO_COMMAND, ensureGuestImage, ensurePackages, ensurePatchedQemu, ensureTapRelay } from '../setup/index.ts';
-import { guestAppend } from '../qemu/spec.ts';
-import { writeKeyFile } from '../replication/keyfile.ts';
-import { LocalEtcd } from '../coord/local-etcd.ts';
-import { EtcdClient } from '../coord/etcd.ts';
-import { readCluster, vmRows, type ClusterView } from '../coord/cluster.ts';
-import { clientProcess } from './chaos.ts';
+import { guestAppend } from '../qemu/index.ts';
+import { writeKeyFile } from '../replication/index.ts';
+import { LocalEtcd, EtcdClient, readCluster, vmRows, type ClusterView } from '../coord/index.ts';
+import { clientProcess } from './kv-rig.ts';
 import { Controller } from './controller-proc.ts';
 
 const log = logger('demo');

@@ -1,8 +1,7 @@
 // A Rubato command run as a child process (a controller on a namespace host, or a client) whose
 // JSON-line events are collected and can be waited for; its stderr is shown, prefixed with its name.
 
-import type { TrackedProcess } from '../util/procs.ts';
-import { RubatoError } from '../util/errors.ts';
+import { type TrackedProcess, RubatoError } from '../util/index.ts';
 
 export type Ev = Record<string, unknown> & { event: string; t: number };
 

@@ -9,11 +9,8 @@
 import { copyFileSync, constants, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
-import { logger } from '../util/log.ts';
-import { ip } from '../io/net/netns.ts';
-import { Lan, type LanHost } from '../io/net/lan.ts';
+import { makeTempDir, removeTempDir, spawnTracked, type TrackedProcess, logger } from '../util/index.ts';
+import { ip, Lan, type LanHost } from '../io/index.ts';
 import {
   REPO_ROOT,
   RUBATO_COMMAND,
@@ -22,11 +19,9 @@ import {
   ensurePatchedQemu,
   ensureTapRelay,
 } from '../setup/index.ts';
-import { writeKeyFile } from '../replication/keyfile.ts';
+import { writeKeyFile } from '../replication/index.ts';
 import { Controller } from './controller-proc.ts';
-import { LocalEtcd } from '../coord/local-etcd.ts';
-import { EtcdClient } from '../coord/etcd.ts';
-import { currentOwner } from '../coord/ownership.ts';
+import { LocalEtcd, EtcdClient, currentOwner } from '../coord/index.ts';
 
 const log = logger('demo');
 /** The Debian guest's static address (guest/debian/files/etc/network/interfaces). */

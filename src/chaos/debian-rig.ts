@@ -4,14 +4,11 @@
 
 import { copyFileSync, constants, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Lan, type LanHost } from '../io/net/lan.ts';
-import { GuestIo } from '../io/guest-io.ts';
-import { QemuVm } from '../qemu/vm.ts';
-import { parseVmDefinition } from '../qemu/definition.ts';
-import { specOf } from '../host/protect.ts';
-import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
+import { Lan, type LanHost, GuestIo } from '../io/index.ts';
+import { QemuVm, parseVmDefinition, resolveAccel, type AccelChoice } from '../qemu/index.ts';
+import { specOf } from '../host/index.ts';
 import { ensureDebianImage, ensureGuestImage, ensurePatchedQemu, ensureTapRelay, stockQemu } from '../setup/index.ts';
-import type { KvRig } from './chaos.ts';
+import type { KvRig } from './kv-rig.ts';
 
 /** The Debian guest's static address (guest/debian/files/etc/network/interfaces). */
 export const DEBIAN_SUBNET = '10.231.0';
@@ -46,7 +43,7 @@ export async function startDebianRig(
     });
     writeFileSync(file, text);
     const spec = specOf(parseVmDefinition(text, file), accel);
-    io = await GuestIo.start(hosts[0]!, dir, 'g0', disk);
+    io = await GuestIo.start(hosts[0]!, dir, 'g0', disk, await ensureTapRelay());
     vm = await QemuVm.start(spec, {
       binary,
       runDir: dir,

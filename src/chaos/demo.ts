@@ -4,16 +4,13 @@
 
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
-import { logger } from '../util/log.ts';
-import { TwoHosts } from '../io/net/netns.ts';
+import { makeTempDir, removeTempDir, spawnTracked, type TrackedProcess, logger } from '../util/index.ts';
+import { TwoHosts } from '../io/index.ts';
 import { REPO_ROOT, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
-import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
-import { parseDirtierLine } from '../qemu/spec.ts';
-import { writeKeyFile } from '../replication/keyfile.ts';
+import { resolveAccel, type AccelChoice, parseDirtierLine } from '../qemu/index.ts';
+import { writeKeyFile } from '../replication/index.ts';
 import { Controller, type Ev } from './controller-proc.ts';
-import { LocalEtcd } from '../coord/local-etcd.ts';
+import { LocalEtcd } from '../coord/index.ts';
 
 const log = logger('demo');
 

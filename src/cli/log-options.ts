@@ -1,6 +1,5 @@
 // The logging options every command takes (see main.ts).
-import { RubatoError } from '../util/errors.ts';
-import { LOG_FORMATS, LOG_LEVELS } from '../util/log.ts';
+import { RubatoError, LOG_FORMATS, LOG_LEVELS } from '../util/index.ts';
 
 /**
  * --log-level and --log-format apply to every command wherever they appear: taken out of the

@@ -4,8 +4,7 @@
 // line and exit with their code (EXIT_CODES: 2 a config mistake, 3 a refused key, 4 an image in use, …).
 
 import { Command, CommanderError } from 'commander';
-import { EXIT_CODES, RubatoError, errorMessage } from '../util/errors.ts';
-import { LOG_LEVELS, jsonLine } from '../util/log.ts';
+import { EXIT_CODES, RubatoError, errorMessage, LOG_LEVELS, jsonLine } from '../util/index.ts';
 import { takeLogOptions } from './log-options.ts';
 import * as agent from './commands/agent.ts';
 import * as bench from './commands/bench.ts';

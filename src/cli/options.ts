@@ -5,13 +5,11 @@
 import { z } from 'zod';
 import { hostname } from 'node:os';
 import type { Command } from 'commander';
-import { RubatoError } from '../util/errors.ts';
-import { LOSS_FRACTION, type Fencing } from '../coord/lease.ts';
-import { ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
-import { resolveAccel, type AccelChoice } from '../qemu/accel.ts';
+import { RubatoError } from '../util/index.ts';
+import { LOSS_FRACTION, type Fencing } from '../coord/index.ts';
+import { ensureGuestImage, ensurePatchedQemu, ensureTapRelay, stockQemu } from '../setup/index.ts';
+import { resolveAccel, type AccelChoice, type QemuBinary, type Accel } from '../qemu/index.ts';
 import { parsePolicy } from '../scheduler/index.ts';
-import type { QemuBinary } from '../qemu/vm.ts';
-import type { Accel } from '../qemu/spec.ts';
 
 const kebab = (s: string) => s.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
 
@@ -208,10 +206,10 @@ export const NO_WITNESS_WARNING =
 /** The guest image, accelerator and QEMU a command that boots the test guest needs. */
 export async function platform(
   accelChoice: AccelChoice,
-): Promise<{ accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string } }> {
+): Promise<{ accel: Accel; binary: QemuBinary; guest: { kernel: string; initrd: string }; tapRelay: string }> {
   const guest = await ensureGuestImage();
   const { accel } = await resolveAccel(accelChoice, stockQemu(), guest);
-  return { accel, binary: await binaryFor(accel), guest };
+  return { accel, binary: await binaryFor(accel), guest, tapRelay: await ensureTapRelay() };
 }
 
 /** The QEMU for an accelerator (the standby resolves it when a primary connects). */

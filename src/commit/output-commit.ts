@@ -7,7 +7,7 @@
 // Invariant (asserted on every release, left on in production): no frame leaves with an epoch above
 // the acknowledged one — except in the explicit, counted `unprotected` state, entered with a reason.
 
-import { assert } from '../util/errors.ts';
+import { assert } from '../util/index.ts';
 
 /** Anything with a byte length: a Buffer live, a simulated frame in the simulator. */
 export interface Sized {

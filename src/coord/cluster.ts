@@ -10,9 +10,8 @@
 // Ownership (who may run V live) stays in /rubato/vm/V/{owner,generation} (ownership.ts).
 
 import { z } from 'zod';
-import { VmDefinitionSchema } from '../qemu/definition.ts';
-import { logger } from '../util/log.ts';
-import { errorMessage } from '../util/errors.ts';
+import { VmDefinitionSchema } from '../qemu/index.ts';
+import { logger, errorMessage } from '../util/index.ts';
 import type { EtcdClient, KeyValue } from './etcd.ts';
 
 const log = logger('cluster');

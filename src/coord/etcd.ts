@@ -2,7 +2,7 @@
 // ranges and transactions, which is all the witness needs. Keys and values travel base64-encoded;
 // 64-bit numbers as decimal strings. Every call has a deadline; a failure is a typed error.
 
-import { RubatoError } from '../util/errors.ts';
+import { RubatoError } from '../util/index.ts';
 
 const b64 = (s: string) => Buffer.from(s).toString('base64');
 const unb64 = (s: string | undefined) => (s === undefined ? '' : Buffer.from(s, 'base64').toString('utf8'));

@@ -13,8 +13,7 @@
 // A loss before the guard is attached (between the claim and QEMU's start, during a restore) is
 // heard when it is attached.
 
-import { logger } from '../util/log.ts';
-import { errorMessage } from '../util/errors.ts';
+import { logger, errorMessage } from '../util/index.ts';
 import type { Ownership } from './ownership.ts';
 
 const log = logger('witness');

@@ -5,10 +5,7 @@
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { rmSync } from 'node:fs';
-import { ensurePrivateDir } from '../util/private-files.ts';
-import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
-import { RubatoError } from '../util/errors.ts';
-import { sleep } from '../util/async.ts';
+import { ensurePrivateDir, spawnTracked, type TrackedProcess, RubatoError, sleep } from '../util/index.ts';
 import { EtcdClient } from './etcd.ts';
 
 async function freePort(): Promise<number> {

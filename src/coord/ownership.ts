@@ -13,9 +13,7 @@
 // is remembered: a guard attached later (after the disk is prepared, after a restore) hears it at once.
 
 import { Worker } from 'node:worker_threads';
-import { logger } from '../util/log.ts';
-import { errorMessage } from '../util/errors.ts';
-import { monotonicMs } from '../util/clock.ts';
+import { logger, errorMessage, monotonicMs } from '../util/index.ts';
 import { LeaseClock, LOSS_FRACTION } from './lease.ts';
 import type { EtcdClient } from './etcd.ts';
 
@@ -96,6 +94,8 @@ export interface Loss {
 
 export class Ownership {
   private lease: string | null = null;
+  /** A claim sent whose answer never came (it may have won). */
+  private inDoubt: { lease: string; next: number; sentMs: number } | null = null;
   /** The lease a loss left behind (its owner key may still be alive in etcd): revoked once claimed again. */
   private lostLease: string | null = null;
   private keeper: Worker | null = null;
@@ -174,6 +174,17 @@ export class Ownership {
       if (!this.lease) await this.revokeQuietly(lease);
       return r;
     };
+    // A claim whose answer was lost may have won: its key (this host, its lease, its generation) says so.
+    const doubt = this.inDoubt;
+    this.inDoubt = null;
+    if (
+      doubt &&
+      held?.host === this.host &&
+      owner!.lease === doubt.lease &&
+      held.generation === witnessGen &&
+      witnessGen === doubt.next
+    )
+      return this.holds(doubt.lease, doubt.next, doubt.sentMs);
     if (expect !== null && (witnessGen !== expect || (held && held.host !== this.host)))
       return unused('superseded' as const);
     // Ours: this lease's key, or (claiming again) the key this host left on its lost lease.
@@ -181,6 +192,7 @@ export class Ownership {
       held?.host === this.host && (owner!.lease === lease || (expect !== null && held.generation === expect));
     if (owner && !mine) return unused(null);
     const next = witnessGen + 1;
+    this.inDoubt = { lease, next, sentMs };
     const ok = await this.etcd.txn(
       [
         owner ? { key: ownerKey(this.vm), modRevision: owner.modRevision } : { key: ownerKey(this.vm), absent: true },
@@ -191,7 +203,13 @@ export class Ownership {
         { put: genKey(this.vm), value: String(next) },
       ],
     );
+    this.inDoubt = null; // (a thrown txn leaves it set: the next claim looks)
     if (!ok) return unused(null);
+    return this.holds(lease, next, sentMs);
+  }
+
+  /** The claim of generation `next` on `lease` (its grant or claim sent at `sentMs`) succeeded. */
+  private holds(lease: string, next: number, sentMs: number): number {
     if (this.lease !== lease) this.clock.reset();
     this.lease = lease;
     this.gen = next;

@@ -4,9 +4,8 @@
 // live copies. A primary that died stops renewing; its lease expires within the TTL and the claim
 // succeeds. Without etcd nobody claims, so nobody goes live alone.
 
-import type { ActivationGate } from '../replication/activation.ts';
-import { errorMessage } from '../util/errors.ts';
-import { sleep } from '../util/async.ts';
+import type { ActivationGate } from '../replication/index.ts';
+import { errorMessage, sleep } from '../util/index.ts';
 import { Ownership, currentOwner } from './ownership.ts';
 import type { EtcdClient } from './etcd.ts';
 

@@ -5,10 +5,8 @@
 
 import { join } from 'node:path';
 import { existsSync, readFileSync } from 'node:fs';
-import { RubatoError } from '../util/errors.ts';
-import { ensurePrivateDir, writePrivateAtomic } from '../util/private-files.ts';
-import type { EtcdClient } from '../coord/etcd.ts';
-import { Ownership, currentGeneration, currentOwner } from '../coord/ownership.ts';
+import { RubatoError, ensurePrivateDir, writePrivateAtomic } from '../util/index.ts';
+import { type EtcdClient, Ownership, currentGeneration, currentOwner } from '../coord/index.ts';
 
 const GENERATION_FILE = 'generation';
 

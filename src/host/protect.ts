@@ -5,21 +5,20 @@
 
 import { join } from 'node:path';
 import { readdirSync, rmSync } from 'node:fs';
-import { logger } from '../util/log.ts';
-import { errorMessage } from '../util/errors.ts';
-import { ensurePrivateDir } from '../util/private-files.ts';
-import { QemuVm, type QemuBinary } from '../qemu/vm.ts';
-import { VmSpecSchema, type Accel, type VmSpec } from '../qemu/spec.ts';
-import type { ResolvedVm } from '../qemu/definition.ts';
-import { prepareDisk, type PreparedDisk } from '../io/disk/image.ts';
-import { NbdServer } from '../io/disk/nbd-server.ts';
-import { GuestIo } from '../io/guest-io.ts';
-import { DISK_BLOCK_ID, PrimaryController, type PrimaryEvent, type PrimaryOptions } from '../replication/primary.ts';
-import type { ReplicaStore } from '../replication/replica-store.ts';
-import type { Identity } from '../replication/protocol/messages.ts';
+import { logger, errorMessage, ensurePrivateDir } from '../util/index.ts';
+import { QemuVm, type QemuBinary, VmSpecSchema, type Accel, type VmSpec, type ResolvedVm } from '../qemu/index.ts';
+import { prepareDisk, type PreparedDisk, NbdServer, GuestIo } from '../io/index.ts';
+import {
+  DISK_BLOCK_ID,
+  PrimaryController,
+  type PrimaryEvent,
+  type PrimaryOptions,
+  type ReplicaStore,
+  type Identity,
+} from '../replication/index.ts';
 import type { Policy } from '../scheduler/index.ts';
-import { ReleaseGate, type LeaseCheck } from '../commit/release-gate.ts';
-import type { Fencing } from '../coord/lease.ts';
+import { ReleaseGate, type LeaseCheck } from '../commit/index.ts';
+import type { Fencing } from '../coord/index.ts';
 
 const log = logger('protect');
 
@@ -38,10 +37,11 @@ export async function startHostIo(
   runDir: string,
   tag: string,
   diskPath: string | null,
+  tapRelay: string,
   ns?: string,
 ): Promise<HostIo> {
   if (spec.mac && spec.bridge) {
-    const io = await GuestIo.start({ bridge: spec.bridge, ...(ns ? { ns } : {}) }, runDir, tag, diskPath);
+    const io = await GuestIo.start({ bridge: spec.bridge, ...(ns ? { ns } : {}) }, runDir, tag, diskPath, tapRelay);
     return {
       relay: io.relay,
       nbd: io.nbd,
@@ -97,6 +97,8 @@ export interface ProtectOptions {
   /** How the VM is fenced (shown in status); with the witness, `leaseCheck` gates every frame leaving. */
   fencing: Fencing;
   leaseCheck?: LeaseCheck;
+  /** The TAP helper's binary (setup's, resolved when the command starts). */
+  tapRelay: string;
   ns?: string;
   /** Extra controller settings (fault injection and tracing in tests). */
   primary?: Partial<PrimaryOptions>;
@@ -120,7 +122,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   let io: HostIo | null = null;
   let vm: QemuVm | null = null;
   try {
-    io = await startHostIo(spec, runDir, o.def.name, disk?.path ?? null, o.ns);
+    io = await startHostIo(spec, runDir, o.def.name, disk?.path ?? null, o.tapRelay, o.ns);
     if (io.relay && o.leaseCheck) io.relay.gate = new ReleaseGate(o.leaseCheck);
     vm = await QemuVm.start(spec, {
       binary: o.binary,
@@ -174,6 +176,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
 /** The standby's side: at failover, the guest's NIC on the same bridge name and its disk from the replica. */
 export function restoreIo(
   runDir: string,
+  tapRelay: string,
   ns?: string,
   leaseCheck?: (vm: string) => LeaseCheck,
 ): {
@@ -191,6 +194,7 @@ export function restoreIo(
         runDir,
         `${identity.vm}-active`,
         hasDisk ? store.imagePath(DISK_BLOCK_ID) : null,
+        tapRelay,
         ns,
       );
       // The restored guest's frames leave only under this host's lease (claimed before the restore).

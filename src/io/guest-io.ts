@@ -4,9 +4,7 @@
 
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
-import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
-import { RubatoError } from '../util/errors.ts';
-import { ensureTapRelay } from '../setup/index.ts';
+import { spawnTracked, type TrackedProcess, RubatoError } from '../util/index.ts';
 import { NetRelay } from './net/relay.ts';
 import { NbdServer } from './disk/nbd-server.ts';
 import { addTap, delTap, type TapSite } from './net/tap.ts';
@@ -27,10 +25,19 @@ export class GuestIo {
     return this.nbd?.socketPath;
   }
 
-  /** `site`: the bridge the guest's TAP joins (and its namespace, in test topologies). */
-  static async start(site: TapSite, dir: string, tag: string, diskImage: string | null): Promise<GuestIo> {
+  /**
+   * `site`: the bridge the guest's TAP joins (and its namespace, in test topologies); `tapRelay`:
+   * the TAP helper's binary (built by setup before any guest starts, never here).
+   */
+  static async start(
+    site: TapSite,
+    dir: string,
+    tag: string,
+    diskImage: string | null,
+    tapRelay: string,
+  ): Promise<GuestIo> {
     const tap = tapName(tag);
-    const bin = await ensureTapRelay();
+    const bin = tapRelay;
     const relay = new NetRelay(join(dir, `${tag}.net`));
     await relay.start();
     const nbd = diskImage ? new NbdServer(diskImage, join(dir, `${tag}.nbd`)) : null;

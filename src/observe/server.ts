@@ -9,8 +9,7 @@ import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { RubatoError } from '../util/errors.ts';
-import { logger } from '../util/log.ts';
+import { RubatoError, logger } from '../util/index.ts';
 import type { ControllerMetrics } from './metrics.ts';
 import { Sampler, NOTABLE_EVENTS, type Sample } from './samples.ts';
 

@@ -4,9 +4,7 @@
 
 import { accessSync, constants, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { makeTempDir, removeTempDir } from '../util/tmp.ts';
-import { logger } from '../util/log.ts';
-import { RubatoError } from '../util/errors.ts';
+import { makeTempDir, removeTempDir, logger, RubatoError } from '../util/index.ts';
 import { QemuVm, type QemuBinary } from './vm.ts';
 import { guestAppend, type Accel } from './spec.ts';
 

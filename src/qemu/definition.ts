@@ -7,7 +7,7 @@ import { z } from 'zod';
 import { createHash } from 'node:crypto';
 import { closeSync, openSync, readFileSync, readSync, statSync, type Stats } from 'node:fs';
 import { dirname, resolve } from 'node:path';
-import { RubatoError } from '../util/errors.ts';
+import { RubatoError } from '../util/index.ts';
 import { VmName } from './spec.ts';
 
 const MAC = z

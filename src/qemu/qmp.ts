@@ -4,7 +4,7 @@
 
 import { connect, type Socket } from 'node:net';
 import { EventEmitter } from 'node:events';
-import { RubatoError } from '../util/errors.ts';
+import { RubatoError } from '../util/index.ts';
 
 export interface QmpEvent {
   event: string;

@@ -5,8 +5,7 @@
 
 import { connect } from 'node:net';
 import { join } from 'node:path';
-import { RubatoError, errorMessage } from '../util/errors.ts';
-import { logger } from '../util/log.ts';
+import { RubatoError, errorMessage, logger } from '../util/index.ts';
 import { encodeDeviceOnlyStream } from './stream-format.ts';
 import { QemuVm, type QemuBinary } from './vm.ts';
 import type { VmSpec } from './spec.ts';

@@ -71,7 +71,6 @@ export const RAM_FLAG = {
 } as const;
 
 export const TARGET_PAGE_SIZE = 4096;
-export const TARGET_PAGE_MASK_LOW = TARGET_PAGE_SIZE - 1;
 export const RAM_SECTION_VERSION = 4;
 
 export const COLO_MSG = {

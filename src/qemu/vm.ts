@@ -4,10 +4,7 @@
 import { connect, type Socket } from 'node:net';
 import { EventEmitter } from 'node:events';
 import { join } from 'node:path';
-import { spawnTracked, type TrackedProcess } from '../util/procs.ts';
-import { RubatoError } from '../util/errors.ts';
-import { LineSplitter } from '../util/async.ts';
-import { logger } from '../util/log.ts';
+import { spawnTracked, type TrackedProcess, RubatoError, LineSplitter, logger } from '../util/index.ts';
 import { QmpClient } from './qmp.ts';
 import { qemuArgs, type VmSpec } from './spec.ts';
 

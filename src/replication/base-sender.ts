@@ -9,11 +9,9 @@
 // page sent twice (an earlier precopy pass, then a later one) arrives at the standby in that order.
 
 import { open } from 'node:fs/promises';
-import type { PageSink } from '../capture/stream/parser.ts';
-import { PAGE_SIZE, type RamBlockInfo } from '../capture/checkpoint.ts';
-import { assert } from '../util/errors.ts';
-import type { Extent } from '../io/disk/extents.ts';
-import { GarbageMeter } from '../util/gc.ts';
+import { type PageSink, PAGE_SIZE, type RamBlockInfo } from '../capture/index.ts';
+import { assert, GarbageMeter } from '../util/index.ts';
+import type { Extent } from '../io/index.ts';
 import type { Link } from './link.ts';
 import { FrameType } from './protocol/frame.ts';
 import { BASE_DATA_HEADER_BYTES as HDR, encodeBaseFill, encodeLayout, setBaseDataHeader } from './protocol/messages.ts';

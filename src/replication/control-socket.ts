@@ -4,8 +4,7 @@
 import { connect, createServer, type Server } from 'node:net';
 import { join, resolve } from 'node:path';
 import { chmodSync, rmSync } from 'node:fs';
-import { RubatoError, errorMessage } from '../util/errors.ts';
-import { logger } from '../util/log.ts';
+import { RubatoError, errorMessage, logger } from '../util/index.ts';
 
 const log = logger('control');
 const MAX_COMMAND_BYTES = 256;

@@ -2,8 +2,8 @@
 // fault simulator. Each call site names a handler for every command it expects; a command it did
 // not expect is a bug and fails an assertion — never a silent `default: break`.
 
-import { assert } from '../util/errors.ts';
-import type { Sized } from '../commit/output-commit.ts';
+import { assert } from '../util/index.ts';
+import type { Sized } from '../commit/index.ts';
 import type { Command } from './pipeline.ts';
 
 export type CommandName = Command['cmd'];

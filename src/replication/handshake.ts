@@ -3,7 +3,7 @@
 // Any failure refuses the peer (REJECT with the reason) and closes the link.
 
 import { randomBytes } from 'node:crypto';
-import { RubatoError } from '../util/errors.ts';
+import { RubatoError } from '../util/index.ts';
 import type { Link } from './link.ts';
 import { FrameType, frameTypeName, proof, proofEquals, sessionKeys } from './protocol/frame.ts';
 import {

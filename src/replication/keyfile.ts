@@ -4,7 +4,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { closeSync, constants, openSync, readFileSync, statSync, unlinkSync, writeSync } from 'node:fs';
-import { RubatoError } from '../util/errors.ts';
+import { RubatoError } from '../util/index.ts';
 
 export const KEY_BYTES = 32;
 

@@ -3,7 +3,7 @@
 // benchmarks feed it as a checkpoint observer and report p50/p99 per segment.
 
 import type { EpochTimeline } from './pipeline.ts';
-import { percentile, round } from '../util/stats.ts';
+import { percentile, round } from '../util/index.ts';
 
 /**
  * The segments, in order; their sum is the frame's added latency:

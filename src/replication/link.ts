@@ -5,9 +5,7 @@
 
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
-import { RubatoError, errorMessage } from '../util/errors.ts';
-import { logger } from '../util/log.ts';
-import { sleep } from '../util/async.ts';
+import { RubatoError, errorMessage, logger, sleep } from '../util/index.ts';
 import { Liveness } from './liveness.ts';
 import {
   FrameDecoder,

@@ -8,8 +8,8 @@
 // sent; within one replica generation epochs increase by one; one capture at a time; output is
 // released only up to the acknowledged epoch (OutputCommit asserts it again per frame).
 
-import { assert } from '../util/errors.ts';
-import type { OutputCommit, Sized, ClosedEpoch } from '../commit/output-commit.ts';
+import { assert } from '../util/index.ts';
+import type { OutputCommit, Sized, ClosedEpoch } from '../commit/index.ts';
 import type { EpochRecord, Policy, Telemetry } from '../scheduler/index.ts';
 
 export type PipelinePhase =

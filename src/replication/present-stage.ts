@@ -8,8 +8,8 @@
 // frames they came in, so a frame stays pinned while any of its pages is live; past `maxPinnedBytes`
 // the live pages are copied out and the frames let go (then at most the RAM's size is held).
 
-import { RubatoError } from '../util/errors.ts';
-import { PAGE_SIZE, PageSet, type DirtyPage } from '../capture/checkpoint.ts';
+import { RubatoError } from '../util/index.ts';
+import { PAGE_SIZE, PageSet, type DirtyPage } from '../capture/index.ts';
 
 export class PresentStage {
   private epoch = 0;

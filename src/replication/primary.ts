@@ -4,16 +4,20 @@
 // when to checkpoint, what may be released and when protection is lost are the pipeline's calls.
 
 import { connect } from 'node:net';
-import { RubatoError, errorMessage, assert } from '../util/errors.ts';
-import { logger } from '../util/log.ts';
-import { sleep } from '../util/async.ts';
-import type { QemuVm } from '../qemu/vm.ts';
-import { ColoCapture } from '../capture/route-a.ts';
-import { PauseMeter } from '../capture/pause-meter.ts';
-import type { Checkpoint, DirtyPage, RamBlockInfo } from '../capture/checkpoint.ts';
-import { OutputCommit } from '../commit/output-commit.ts';
-import type { NetRelay } from '../io/net/relay.ts';
-import type { NbdServer } from '../io/disk/nbd-server.ts';
+import {
+  RubatoError,
+  errorMessage,
+  assert,
+  logger,
+  sleep,
+  GarbageMeter,
+  collectNow,
+  HostIdleMeter,
+} from '../util/index.ts';
+import type { QemuVm } from '../qemu/index.ts';
+import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
+import { OutputCommit } from '../commit/index.ts';
+import { type NetRelay, type NbdServer, allocatedExtents, extentBytes } from '../io/index.ts';
 import { fixed, lastPassAfterMs, presendEveryMs, type Policy } from '../scheduler/index.ts';
 import { Link } from './link.ts';
 import { connectHandshake } from './handshake.ts';
@@ -22,11 +26,8 @@ import { dispatch, type OutsideHandlers } from './driver.ts';
 import { FrameType, type Frame } from './protocol/frame.ts';
 import { decodeAckTimings, type Identity } from './protocol/messages.ts';
 import { BaseSender, sendDiskExtents } from './base-sender.ts';
-import { allocatedExtents, extentBytes } from '../io/disk/extents.ts';
 import { encodePresendParts, encodeRecordParts, type RecordParts } from './protocol/record.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
-import { GarbageMeter, collectNow } from '../util/gc.ts';
-import { HostIdleMeter } from '../util/host-idle.ts';
 import type { CheckpointObserver } from './observer.ts';
 
 /** The RAM-block name under which the guest's disk travels in checkpoints and lives in the replica. */

@@ -19,10 +19,17 @@
 
 import { constants, existsSync } from 'node:fs';
 import { open, readFile, rename, rm, stat, type FileHandle } from 'node:fs/promises';
-import { ensurePrivateDir, fsyncDir, openPrivate, writePrivate, writePrivateAtomic } from '../util/private-files.ts';
+import {
+  ensurePrivateDir,
+  fsyncDir,
+  openPrivate,
+  writePrivate,
+  writePrivateAtomic,
+  RubatoError,
+  assert,
+} from '../util/index.ts';
 import { join } from 'node:path';
-import { RubatoError, assert } from '../util/errors.ts';
-import { PAGE_SIZE, PageSet, type BaseImage, type DirtyPage, type RamBlockInfo } from '../capture/checkpoint.ts';
+import { PAGE_SIZE, PageSet, type BaseImage, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
 import {
   decodeRecord,
   encodeRecordParts,
@@ -51,7 +58,6 @@ export interface ReplicaStoreOptions {
  * (fsynced unless fsync is off), `memory` once it is complete and verified in the standby's memory.
  */
 export type Durability = 'memory' | 'disk';
-export const DURABILITIES: readonly Durability[] = ['memory', 'disk'];
 /** Memory durability: the writer behind starts a batch at most this often. */
 const WRITE_BEHIND_INTERVAL_MS = 50;
 /** Disk durability: records queued for their commit point, at most (then the next waits). */

@@ -5,8 +5,7 @@
 // high-water mark the link stops reading its socket (TCP pushes back on the primary) until the
 // backlog drains.
 
-import { RubatoError, errorMessage } from '../util/errors.ts';
-import { logger } from '../util/log.ts';
+import { RubatoError, errorMessage, logger } from '../util/index.ts';
 import type { Link } from './link.ts';
 import {
   FrameType,
@@ -19,7 +18,7 @@ import {
 import { decodeBaseData, decodeBaseFill, decodeLayout, encodeAckTimings, type Layout } from './protocol/messages.ts';
 import { decodePresend, recordMaxBytes, type CheckpointRecord } from './protocol/record.ts';
 import { PresentStage } from './present-stage.ts';
-import type { DirtyPage } from '../capture/checkpoint.ts';
+import type { DirtyPage } from '../capture/index.ts';
 
 const log = logger('standby');
 const HIGH_WATER_BYTES = 64 << 20;

@@ -10,7 +10,7 @@
 //   active       the guest runs here                             no
 //   stopped      the controller stopped                          no
 
-import { assert } from '../util/errors.ts';
+import { assert } from '../util/index.ts';
 
 export type StandbyState = 'waiting' | 'syncing' | 'protecting' | 'activating' | 'active' | 'stopped';
 

@@ -5,10 +5,8 @@
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { existsSync, readFileSync, renameSync, rmSync } from 'node:fs';
-import { ensurePrivateDir, writePrivateAtomic } from '../util/private-files.ts';
+import { ensurePrivateDir, writePrivateAtomic, RubatoError, errorMessage, logger } from '../util/index.ts';
 import { join } from 'node:path';
-import { RubatoError, errorMessage } from '../util/errors.ts';
-import { logger } from '../util/log.ts';
 import { ReplicaBuilder, ReplicaStore, type Durability } from './replica-store.ts';
 import { Link } from './link.ts';
 import { acceptHandshake } from './handshake.ts';
@@ -25,10 +23,7 @@ import {
   type StandbyState,
 } from './standby-state.ts';
 import { allowAlways, type ActivationGate } from './activation.ts';
-import { restoreVm } from '../qemu/restore.ts';
-import { MAIN_RAM_ID } from '../qemu/spec.ts';
-import type { QemuBinary, QemuVm } from '../qemu/vm.ts';
-import type { Accel } from '../qemu/spec.ts';
+import { restoreVm, MAIN_RAM_ID, type QemuBinary, type QemuVm, type Accel } from '../qemu/index.ts';
 
 const log = logger('standby');
 const HANDSHAKE_TIMEOUT_MAX_MS = 5000;

@@ -2,7 +2,7 @@
 // commit already count. Pure: the caller passes the time and the counters.
 
 import type { PipelineStats } from './pipeline.ts';
-import type { OutputStats } from '../commit/output-commit.ts';
+import type { OutputStats } from '../commit/index.ts';
 
 export interface PrimaryStatus {
   event: 'status';

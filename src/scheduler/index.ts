@@ -1,4 +1,6 @@
 // The workload-adaptive checkpoint scheduler: pure policies over telemetry (see types.ts).
-export * from './types.ts';
-export * from './policies.ts';
-export * from './estimate.ts';
+
+export { fitDirtyCurve, fitPause, lastPassAfterMs, pausePagesWithPresend, presendEveryMs } from './estimate.ts';
+export { fixed, parsePolicy } from './policies.ts';
+export { PAGE_BYTES } from './types.ts';
+export type { EpochRecord, Policy, Telemetry } from './types.ts';

@@ -5,7 +5,7 @@
 //
 // The seed paper's heuristics appear here as Rubato's reading of its abstract, not its exact rules.
 
-import { RubatoError } from '../util/errors.ts';
+import { RubatoError } from '../util/index.ts';
 import {
   fitDirtyCurve,
   fitPause,

@@ -3,8 +3,7 @@
 // engine. vCPU counts that were not measured are extrapolated (see extrapolate.ts) and marked.
 
 import { readFileSync } from 'node:fs';
-import { RubatoError } from '../util/errors.ts';
-import { median, percentile, round } from '../util/stats.ts';
+import { RubatoError, median, percentile, round } from '../util/index.ts';
 import { fitPause, parsePolicy } from '../scheduler/index.ts';
 import { simulate } from './simulate.ts';
 import { BANDWIDTH_CLASSES, curveFor, workloadFor, type MeasuredCurve } from './extrapolate.ts';

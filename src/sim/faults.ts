@@ -11,19 +11,17 @@
 // `legacy` switches back single rules to the behaviour they had before they were fixed: each named
 // regression scenario shows the simulator finds that defect, and that the fix holds.
 
-import { EpochPipeline } from '../replication/pipeline.ts';
-import { dispatch, type OutsideHandlers } from '../replication/driver.ts';
 import {
+  EpochPipeline,
+  dispatch,
+  type OutsideHandlers,
   nextStandbyState,
   acceptsPrimary,
   type StandbyInput,
   type StandbyState,
-} from '../replication/standby-state.ts';
-import { OutputCommit } from '../commit/output-commit.ts';
-import { ReleaseGate } from '../commit/release-gate.ts';
-import { LeaseClock, type Fencing } from '../coord/lease.ts';
-import { afterReclaim, type Reclaim } from '../coord/guard.ts';
-import type { Loss } from '../coord/ownership.ts';
+} from '../replication/index.ts';
+import { OutputCommit, ReleaseGate } from '../commit/index.ts';
+import { LeaseClock, type Fencing, afterReclaim, type Reclaim, type Loss } from '../coord/index.ts';
 import { fixed } from '../scheduler/index.ts';
 
 /** Rules as they were before their fix (each off by default). */

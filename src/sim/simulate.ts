@@ -10,10 +10,9 @@ import {
   type EpochRecord,
   type Policy,
 } from '../scheduler/index.ts';
-import { EpochPipeline } from '../replication/pipeline.ts';
-import { dispatch } from '../replication/driver.ts';
-import { assert } from '../util/errors.ts';
-import { OutputCommit, type DiskEpochCut, type DiskEpochSource } from '../commit/output-commit.ts';
+import { EpochPipeline, dispatch } from '../replication/index.ts';
+import { assert } from '../util/index.ts';
+import { OutputCommit, type DiskEpochCut, type DiskEpochSource } from '../commit/index.ts';
 
 export interface SimWorkload {
   /** Pages the epoch [startMs, startMs + lengthMs) dirties (the real curve, which the scheduler must learn). */

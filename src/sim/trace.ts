@@ -9,11 +9,10 @@
 // except reading and writing the file.
 
 import { readFileSync, writeFileSync } from 'node:fs';
-import { RubatoError } from '../util/errors.ts';
+import { RubatoError, median } from '../util/index.ts';
 import { PAGE_BYTES } from '../scheduler/index.ts';
-import { median } from '../util/stats.ts';
 import { DEFAULT_FRAME_BYTES, type SimClients, type SimWorkload } from './simulate.ts';
-import type { CheckpointObserver } from '../replication/observer.ts';
+import type { CheckpointObserver } from '../replication/index.ts';
 
 export const TRACE_FORMAT = 'rubato-trace/1';
 

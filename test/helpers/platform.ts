@@ -1,6 +1,6 @@
 // What the integration tests share: the guest image, the accelerator (auto: TCG here, with the
 // patched QEMU) and the QEMU binary to use, resolved once per test file.
-import { ensureGuestImage, ensurePatchedQemu, stockQemu } from '../../src/setup/index.ts';
+import { ensureGuestImage, ensurePatchedQemu, stockQemu } from '../../src/setup/setup.ts';
 import { resolveAccel } from '../../src/qemu/accel.ts';
 import type { QemuBinary } from '../../src/qemu/vm.ts';
 import type { Accel } from '../../src/qemu/spec.ts';

@@ -1,6 +1,6 @@
 // The `rubato` command as a test runs it: bin/rubato as a tracked process whose JSON-line events
 // (--events) are collected as they come.
-import { RUBATO_COMMAND } from '../../src/setup/index.ts';
+import { RUBATO_COMMAND } from '../../src/setup/setup.ts';
 import { spawnTracked, type TrackedProcess } from '../../src/util/procs.ts';
 import { LineSplitter } from '../../src/util/async.ts';
 import { join } from 'node:path';

@@ -12,7 +12,7 @@ import { runClusterDemo } from '../../src/chaos/cluster-demo.ts';
 import { liveProcesses, runCommand } from '../../src/util/procs.ts';
 import { liveTempDirs, makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { liveNamespaces } from '../../src/io/net/netns.ts';
-import { ensurePackages } from '../../src/setup/index.ts';
+import { ensurePackages } from '../../src/setup/setup.ts';
 import { LocalEtcd } from '../../src/coord/local-etcd.ts';
 import { RUBATO_BIN } from '../helpers/rubato.ts';
 

@@ -12,7 +12,7 @@ import { chromium, type Browser } from 'playwright-core';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { runCommand, type TrackedProcess } from '../../src/util/procs.ts';
 import { waitFor } from '../../src/util/async.ts';
-import { ensureBrowser, REPO_ROOT } from '../../src/setup/index.ts';
+import { ensureBrowser, REPO_ROOT } from '../../src/setup/setup.ts';
 import { testPlatform } from '../helpers/platform.ts';
 import { RUBATO_BIN, rubatoProcess, writeTestVm, type Ev } from '../helpers/rubato.ts';
 

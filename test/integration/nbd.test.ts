@@ -6,7 +6,7 @@ import { connect, type Socket } from 'node:net';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { NbdServer } from '../../src/io/disk/nbd-server.ts';
-import { ensurePackages } from '../../src/setup/index.ts';
+import { ensurePackages } from '../../src/setup/setup.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 
 async function withServer(fn: (s: NbdServer, dir: string) => Promise<void>) {

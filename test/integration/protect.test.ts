@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { writeFileSync, readdirSync, existsSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { ensurePatchedQemu } from '../../src/setup/index.ts';
+import { ensurePatchedQemu } from '../../src/setup/setup.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { runCommand, spawnTracked } from '../../src/util/procs.ts';
 import { controlCommand } from '../../src/replication/control-socket.ts';

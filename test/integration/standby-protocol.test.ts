@@ -14,7 +14,7 @@ import { connectHandshake } from '../../src/replication/handshake.ts';
 import { FrameType, HEADER_BYTES, helloKeys } from '../../src/replication/protocol/frame.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
-import { stockQemu } from '../../src/setup/index.ts';
+import { stockQemu } from '../../src/setup/setup.ts';
 
 const psk = randomBytes(32);
 let dir: string;

@@ -9,7 +9,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { REPO_ROOT } from '../../src/setup/index.ts';
+import { REPO_ROOT } from '../../src/setup/setup.ts';
 import { QemuVm, type QemuBinary } from '../../src/qemu/vm.ts';
 import { guestAppend, type Accel } from '../../src/qemu/spec.ts';
 import { PrimaryController, type PrimaryEvent } from '../../src/replication/primary.ts';

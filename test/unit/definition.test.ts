@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { defaultMac, loadVmDefinition, parseVmDefinition } from '../../src/qemu/definition.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { isRubatoError, type RubatoError } from '../../src/util/errors.ts';
-import { REPO_ROOT } from '../../src/setup/index.ts';
+import { REPO_ROOT } from '../../src/setup/setup.ts';
 
 function sparse(path: string, bytes: number): void {
   const fd = openSync(path, 'w');

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { LatencyBreakdown, SEGMENTS, formatBreakdown, segmentsOf } from '../../src/replication/latency.ts';
 import { EpochPipeline, type Command } from '../../src/replication/pipeline.ts';
 import { OutputCommit } from '../../src/commit/output-commit.ts';
-import { netIo, DEFAULT_RAILS } from '../../src/scheduler/index.ts';
+import { netIo, DEFAULT_RAILS } from '../../src/scheduler/policies.ts';
 import { decodeAckTimings, encodeAckTimings } from '../../src/replication/protocol/messages.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
 

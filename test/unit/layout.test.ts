@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { join, relative } from 'node:path';
-import { REPO_ROOT } from '../../src/setup/index.ts';
+import { REPO_ROOT } from '../../src/setup/setup.ts';
 
 function files(dir: string): string[] {
   return readdirSync(dir).flatMap((f) => {
@@ -64,26 +64,99 @@ test('TAP names: at most 15 characters, distinct for tags that share a long pref
   assert.notEqual(tapName('vm1-active'), tapName('vm2-active'));
 });
 
-test('layout: no two folders under src/ import each other, directly or around a loop', () => {
+/** Every relative import and re-export of each file under src/, resolved to a path relative to src/. */
+function importGraph(): Map<string, string[]> {
   const src = join(REPO_ROOT, 'src');
-  const edges = new Map<string, Set<string>>();
+  const g = new Map<string, string[]>();
   for (const f of files(src)) {
-    const from = relative(src, f).split('/')[0]!;
-    for (const i of imports(f)) {
-      if (!i.startsWith('.')) continue;
-      const to = relative(src, join(f, '..', i)).split('/');
-      if (to.length < 2 || to[0] === '..' || to[0] === from) continue;
-      if (!edges.has(from)) edges.set(from, new Set());
-      edges.get(from)!.add(to[0]!);
+    const text = readFileSync(f, 'utf8');
+    const specs = [
+      ...text.matchAll(/^(?:import|export)\s[^'"]*?from\s*['"]([^'"]+)['"]/gm),
+      ...text.matchAll(/^import\s*['"]([^'"]+)['"]/gm),
+    ].map((m) => m[1]!);
+    g.set(
+      relative(src, f),
+      specs.filter((i) => i.startsWith('.')).map((i) => relative(src, join(f, '..', i))),
+    );
+  }
+  return g;
+}
+
+const folderOf = (f: string) => (f.includes('/') ? f.split('/')[0]! : '');
+
+/**
+ * What the layout forbids, as findings (empty: none). Pure, so that a scratch graph shows each
+ * rule firing (below).
+ */
+function layoutFindings(g: Map<string, string[]>): string[] {
+  const out: string[] = [];
+  const folders = new Set([...g.keys()].map(folderOf).filter((d) => d && d !== 'cli'));
+  for (const d of folders) if (!g.has(`${d}/index.ts`)) out.push(`${d}/ has no front door (index.ts)`);
+  // Deep imports: another folder is entered only through its index.ts.
+  for (const [f, deps] of g) {
+    for (const t of deps) {
+      const [from, to] = [folderOf(f), folderOf(t)];
+      if (to && from !== to && t !== `${to}/index.ts`) out.push(`${f} imports ${t}: use ${to}/index.ts`);
     }
   }
-  const cycles: string[] = [];
-  const walk = (n: string, path: string[]) => {
-    for (const m of edges.get(n) ?? []) {
-      if (m === path[0]) cycles.push([...path, m].join(' -> '));
-      else if (!path.includes(m) && m > path[0]!) walk(m, [...path, m]);
-    }
+  // Cycles of files, and of folders.
+  const cycles = (edges: Map<string, Set<string>>, what: string) => {
+    const state = new Map<string, 'open' | 'done'>();
+    const visit = (n: string, path: string[]) => {
+      state.set(n, 'open');
+      for (const m of edges.get(n) ?? []) {
+        if (state.get(m) === 'open') out.push(`${what} cycle: ${[...path.slice(path.indexOf(m)), m].join(' -> ')}`);
+        else if (!state.has(m)) visit(m, [...path, m]);
+      }
+      state.set(n, 'done');
+    };
+    for (const n of [...edges.keys()].sort()) if (!state.has(n)) visit(n, [n]);
   };
-  for (const n of edges.keys()) walk(n, [n]);
-  assert.deepEqual(cycles, []);
+  cycles(new Map([...g].map(([f, deps]) => [f, new Set(deps)])), 'file');
+  const byFolder = new Map<string, Set<string>>();
+  for (const [f, deps] of g) {
+    for (const t of deps) {
+      const [from, to] = [folderOf(f), folderOf(t)];
+      if (!from || !to || from === to) continue;
+      if (!byFolder.has(from)) byFolder.set(from, new Set());
+      byFolder.get(from)!.add(to);
+    }
+  }
+  cycles(byFolder, 'folder');
+  // The data path never reaches setup/ (which may run apt-get and a compiler).
+  const reach = (from: string, seen = new Set<string>()): Set<string> => {
+    for (const m of byFolder.get(from) ?? []) if (!seen.has(m)) reach(m, seen.add(m));
+    return seen;
+  };
+  for (const d of ['io', 'capture', 'replication', 'commit']) {
+    if (reach(d).has('setup')) out.push(`${d}/ reaches setup/`);
+  }
+  return out;
+}
+
+test('layout: a front door per folder, no deep import, no cycle of files or folders, no path from the data path to setup/', () => {
+  assert.deepEqual(layoutFindings(importGraph()), []);
+});
+
+test('layout: each rule fires on a scratch graph that breaks it', () => {
+  const ok: Array<[string, string[]]> = [
+    ['util/index.ts', ['util/log.ts']],
+    ['util/log.ts', []],
+    ['io/index.ts', ['io/relay.ts']],
+    ['io/relay.ts', ['util/index.ts']],
+    ['setup/index.ts', []],
+  ];
+  assert.deepEqual(layoutFindings(new Map(ok)), []);
+  const broken = (extra: Array<[string, string[]]>) => layoutFindings(new Map([...ok, ...extra]));
+  assert.match(broken([['io/tap.ts', ['util/log.ts']]]).join(), /io\/tap.ts imports util\/log.ts: use util\/index.ts/);
+  assert.match(broken([['qemu/vm.ts', []]]).join(), /qemu\/ has no front door/);
+  assert.match(
+    broken([
+      ['util/a.ts', ['util/b.ts']],
+      ['util/b.ts', ['util/a.ts']],
+    ]).join(),
+    /file cycle: util\/a.ts -> util\/b.ts -> util\/a.ts/,
+  );
+  assert.match(broken([['util/x.ts', ['io/index.ts']]]).join(), /folder cycle: (io -> util -> io|util -> io -> util)/);
+  assert.match(broken([['io/tap.ts', ['setup/index.ts']]]).join(), /io\/ reaches setup\//);
 });

@@ -5,9 +5,9 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ControllerMetrics } from '../../src/observe/metrics.ts';
-import { AgentMetrics } from '../../src/observe/index.ts';
+import { AgentMetrics } from '../../src/observe/observer.ts';
 import { Sampler, describe } from '../../src/observe/samples.ts';
-import { REPO_ROOT } from '../../src/setup/index.ts';
+import { REPO_ROOT } from '../../src/setup/setup.ts';
 
 const line = (text: string, re: RegExp) => text.split('\n').find((l) => re.test(l));
 

@@ -2,18 +2,15 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   parsePolicy,
-  POLICY_NAMES,
-  DEFAULT_RAILS,
   fitDirtyCurve,
   fitPause as fitPauseOf,
   pausePagesWithPresend,
-  presendIntervalFor,
   presendEveryMs,
-  AUTO_PRESEND_PAUSE_MS,
-  MIN_PRESEND_MS,
   type Telemetry,
   type EpochRecord,
 } from '../../src/scheduler/index.ts';
+import { POLICY_NAMES, DEFAULT_RAILS, AUTO_PRESEND_PAUSE_MS } from '../../src/scheduler/policies.ts';
+import { presendIntervalFor, MIN_PRESEND_MS } from '../../src/scheduler/estimate.ts';
 import { simulate, syntheticWorkload } from '../../src/sim/simulate.ts';
 import { median } from '../../src/util/stats.ts';
 

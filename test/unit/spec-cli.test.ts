@@ -4,7 +4,7 @@ import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { qemuArgs, guestAppend, VmSpecSchema } from '../../src/qemu/spec.ts';
 import { diffPages } from '../../src/capture/verify.ts';
-import { REPO_ROOT } from '../../src/setup/index.ts';
+import { REPO_ROOT } from '../../src/setup/setup.ts';
 
 test('VM spec gives a deterministic command line with shared RAM', () => {
   const spec = VmSpecSchema.parse({

@@ -2,8 +2,7 @@
 // configuration, commands, the RAM section's records, and the device part. It checks every
 // length and offset against the RAM layout and names any stream feature it does not support.
 
-import { RubatoError } from '../../util/errors.ts';
-import type { ByteReader } from '../../util/byte-reader.ts';
+import { RubatoError, type ByteReader } from '../../util/index.ts';
 import { walkDevicePart } from './vmdesc.ts';
 import {
   MIG_CMD,
@@ -14,7 +13,7 @@ import {
   RAM_SECTION_VERSION,
   TARGET_PAGE_SIZE,
   VM,
-} from '../../qemu/stream-format.ts';
+} from '../../qemu/index.ts';
 
 export const QEMU_VERSION_NOTE = 'Rubato reads the stream of QEMU 7.2';
 

@@ -3,7 +3,7 @@
 // fields with their sizes as written, nested structs and arrays, and the subsections present. Pure.
 // Used to confirm where the device part ends, since QEMU 7.2's device sections carry no lengths.
 
-import { VM } from '../../qemu/stream-format.ts';
+import { VM } from '../../qemu/index.ts';
 
 interface Field {
   name?: string;

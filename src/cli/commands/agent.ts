@@ -4,11 +4,10 @@ import { z } from 'zod';
 import { hostname } from 'node:os';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import { logger } from '../../util/log.ts';
-import { onShutdown } from '../../util/procs.ts';
-import { loadKeyFile } from '../../replication/keyfile.ts';
-import { EtcdClient } from '../../coord/etcd.ts';
-import { Agent } from '../../agent/agent.ts';
+import { logger, onShutdown } from '../../util/index.ts';
+import { loadKeyFile } from '../../replication/index.ts';
+import { EtcdClient } from '../../coord/index.ts';
+import { Agent } from '../../agent/index.ts';
 import { RUBATO_COMMAND } from '../../setup/index.ts';
 import { AgentMetrics, ObserveServer } from '../../observe/index.ts';
 import {

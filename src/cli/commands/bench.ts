@@ -2,16 +2,19 @@
 import { z } from 'zod';
 import { join } from 'node:path';
 import type { Command } from 'commander';
-import { RubatoError } from '../../util/errors.ts';
-import { logger } from '../../util/log.ts';
-import { runCaptureBench } from '../../bench/capture.ts';
-import { runFailoverBench } from '../../bench/failover.ts';
-import { runKvBench } from '../../bench/kv.ts';
-import { SCHEDULER_WORKLOADS, runSchedulerBench } from '../../bench/scheduler.ts';
-import { SERVICE_POLICIES, runServicesBench } from '../../bench/services.ts';
-import { runEvaluation } from '../../bench/evaluate.ts';
-import { revalidate } from '../../bench/validate.ts';
-import { runNbdBench } from '../../bench/nbd.ts';
+import { RubatoError, logger } from '../../util/index.ts';
+import {
+  runCaptureBench,
+  runFailoverBench,
+  runKvBench,
+  SCHEDULER_WORKLOADS,
+  runSchedulerBench,
+  SERVICE_POLICIES,
+  runServicesBench,
+  runEvaluation,
+  revalidate,
+  runNbdBench,
+} from '../../bench/index.ts';
 import { ACCEL, int, intList, parseOptions, platform, policy, withAccel } from '../options.ts';
 
 const log = logger('rubato');

@@ -1,8 +1,8 @@
 // `rubato capture-check`: checkpoint a dirtier guest locally and verify the replica byte for byte.
 import { z } from 'zod';
 import type { Command } from 'commander';
-import { logger } from '../../util/log.ts';
-import { runCaptureCheck } from '../../bench/capture-check.ts';
+import { logger } from '../../util/index.ts';
+import { runCaptureCheck } from '../../bench/index.ts';
 import { ACCEL, int, num, oneOf, parseOptions, platform, withAccel } from '../options.ts';
 
 const log = logger('rubato');

@@ -4,9 +4,8 @@
 // answer at once (counted on the LAN bridge's own port counters).
 import { z } from 'zod';
 import type { Command } from 'commander';
-import { logger } from '../../util/log.ts';
-import { CHAOS_SERVICES, FAULTS, runChaos, type Fault } from '../../chaos/chaos.ts';
-import { RubatoError } from '../../util/errors.ts';
+import { logger, RubatoError } from '../../util/index.ts';
+import { CHAOS_SERVICES, FAULTS, runChaos, type Fault } from '../../chaos/index.ts';
 import { ACCEL, int, oneOf, parseOptions, policy, withAccel } from '../options.ts';
 
 const log = logger('rubato');

@@ -2,9 +2,7 @@
 // watch the standby take over.
 import { z } from 'zod';
 import type { Command } from 'commander';
-import { runDemo } from '../../chaos/demo.ts';
-import { clusterDemoPassed, runClusterDemo } from '../../chaos/cluster-demo.ts';
-import { debianDemoPassed, runDebianDemo } from '../../chaos/debian-demo.ts';
+import { runDemo, clusterDemoPassed, runClusterDemo, debianDemoPassed, runDebianDemo } from '../../chaos/index.ts';
 import { ACCEL, LINK, int, num, oneOf, parseOptions, policy, withAccel, withLinkOptions } from '../options.ts';
 
 const Options = z.object({

@@ -1,7 +1,7 @@
 // `rubato failover`, `rubato switchover` and `rubato status`: commands to a controller's control
 // socket in its state folder (a standby's, or `rubato protect`'s).
 import type { Command } from 'commander';
-import { controlCommand } from '../../replication/control-socket.ts';
+import { controlCommand } from '../../replication/index.ts';
 
 const STANDBY_DIR = '/var/lib/rubato/standby';
 

@@ -2,11 +2,8 @@
 // that runs there to its standby by switchover (no lost output) and every standby there elsewhere.
 import { z } from 'zod';
 import type { Command } from 'commander';
-import { logger } from '../../util/log.ts';
-import { RubatoError } from '../../util/errors.ts';
-import { sleep } from '../../util/async.ts';
-import { EtcdClient } from '../../coord/etcd.ts';
-import { KEYS, readCluster } from '../../coord/cluster.ts';
+import { logger, RubatoError, sleep } from '../../util/index.ts';
+import { EtcdClient, KEYS, readCluster } from '../../coord/index.ts';
 import { WITNESS, int, parseOptions } from '../options.ts';
 
 const log = logger('rubato');

@@ -1,6 +1,6 @@
 // `rubato keygen`: a new pre-shared key file.
 import type { Command } from 'commander';
-import { writeKeyFile } from '../../replication/keyfile.ts';
+import { writeKeyFile } from '../../replication/index.ts';
 
 export function register(program: Command): void {
   program

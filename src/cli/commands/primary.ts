@@ -4,15 +4,11 @@
 import { z } from 'zod';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import { logger } from '../../util/log.ts';
-import { onShutdown } from '../../util/procs.ts';
-import { VmName, guestAppend } from '../../qemu/spec.ts';
-import type { ResolvedVm } from '../../qemu/definition.ts';
-import { protectVm } from '../../host/protect.ts';
-import { claimBeforeStart } from '../../host/claim.ts';
-import { EtcdClient } from '../../coord/etcd.ts';
-import { guardOwnership } from '../../coord/guard.ts';
-import { loadKeyFile } from '../../replication/keyfile.ts';
+import { logger, onShutdown } from '../../util/index.ts';
+import { VmName, guestAppend, type ResolvedVm } from '../../qemu/index.ts';
+import { protectVm, claimBeforeStart } from '../../host/index.ts';
+import { EtcdClient, guardOwnership } from '../../coord/index.ts';
+import { loadKeyFile } from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import {
   ACCEL,
@@ -77,7 +73,7 @@ export function register(program: Command): void {
 async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
   const psk = loadKeyFile(o.key);
   const fencing = fencingOf(o);
-  const { accel, binary, guest } = await platform(o.accel);
+  const { accel, binary, guest, tapRelay } = await platform(o.accel);
   // The built-in definition: the test guest (or the given kernel), no disk, no NIC; the same path as `rubato protect`.
   const def: ResolvedVm = {
     file: '(rubato primary)',
@@ -112,6 +108,7 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
   const p = await protectVm({
     def,
     accel,
+    tapRelay,
     binary,
     stateDir,
     standby: o.standby,

@@ -1,8 +1,8 @@
 // `rubato profile`: characterise a workload (dirty curve, pause, I/O) per vCPU count.
 import { z } from 'zod';
 import type { Command } from 'commander';
-import { logger } from '../../util/log.ts';
-import { runProfile } from '../../bench/profile.ts';
+import { logger } from '../../util/index.ts';
+import { runProfile } from '../../bench/index.ts';
 import { ACCEL, int, intList, parseOptions, platform, withAccel } from '../options.ts';
 
 const log = logger('rubato');

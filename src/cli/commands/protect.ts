@@ -5,17 +5,13 @@
 import { z } from 'zod';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import { RubatoError } from '../../util/errors.ts';
+import { RubatoError, logger, onShutdown } from '../../util/index.ts';
 import { startObserver } from '../../observe/index.ts';
-import { logger } from '../../util/log.ts';
-import { onShutdown } from '../../util/procs.ts';
-import { loadVmDefinition } from '../../qemu/definition.ts';
-import { loadKeyFile } from '../../replication/keyfile.ts';
+import { loadVmDefinition } from '../../qemu/index.ts';
+import { loadKeyFile, ControlSocket } from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
-import { protectVm } from '../../host/protect.ts';
-import { claimBeforeStart, recordGeneration } from '../../host/claim.ts';
+import { protectVm, claimBeforeStart, recordGeneration } from '../../host/index.ts';
 import { serveStandby } from './standby.ts';
-import { ControlSocket } from '../../replication/control-socket.ts';
 import { join } from 'node:path';
 import {
   DURABILITY,
@@ -35,9 +31,14 @@ import {
   withLinkOptions,
   withWitnessOptions,
 } from '../options.ts';
-import { EtcdClient } from '../../coord/etcd.ts';
-import { LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
-import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
+import {
+  EtcdClient,
+  LeasedKeys,
+  publishStatus,
+  standbyLookup,
+  guardOwnership,
+  type OwnershipGuard,
+} from '../../coord/index.ts';
 
 const log = logger('rubato');
 
@@ -95,7 +96,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const psk = loadKeyFile(o.key);
   // Safe by default: a witness, or the user's explicit --no-witness (said once, shown in status).
   const fencing = fencingOf(o);
-  const { accel, binary } = await platform(def.accelerator);
+  const { accel, binary, tapRelay } = await platform(def.accelerator);
   const stateDir = resolve(o.stateDir ?? `/var/lib/rubato/${def.name}`);
   const printEvent = eventPrinter(o.events);
   // Started before the guest, so its whole life is in the metrics; the controller's status joins once it exists.
@@ -150,6 +151,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     def,
     accel,
     binary,
+    tapRelay,
     stateDir,
     standby,
     psk,

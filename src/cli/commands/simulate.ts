@@ -1,8 +1,8 @@
 // `rubato simulate`: replay a trace or a profile under any policy, bandwidth and vCPU count.
 import { z } from 'zod';
 import type { Command } from 'commander';
-import { RubatoError } from '../../util/errors.ts';
-import { simulateProfile, simulateTrace } from '../../sim/cli.ts';
+import { RubatoError } from '../../util/index.ts';
+import { simulateProfile, simulateTrace } from '../../sim/index.ts';
 import { int, parseOptions, policy } from '../options.ts';
 
 const Options = z.object({

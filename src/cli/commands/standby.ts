@@ -3,16 +3,14 @@
 // guest running here after a failover is protected in turn by the standby at that address (the old
 // primary's host once repaired: `rubato standby` there), syncing while the guest keeps running.
 // SIGTERM/SIGINT: the primary is told (it goes on unprotected); the replica is kept.
+import { ensureTapRelay } from '../../setup/index.ts';
 import { z } from 'zod';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
-import { logger } from '../../util/log.ts';
-import { onShutdown } from '../../util/procs.ts';
-import { StandbyController } from '../../replication/standby.ts';
-import { PrimaryController } from '../../replication/primary.ts';
-import { loadKeyFile } from '../../replication/keyfile.ts';
+import { logger, onShutdown, RubatoError } from '../../util/index.ts';
+import { StandbyController, PrimaryController, loadKeyFile, type Durability } from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
-import { restoreIo } from '../../host/protect.ts';
+import { restoreIo } from '../../host/index.ts';
 import {
   DURABILITY,
   LINK,
@@ -30,14 +28,18 @@ import {
   withLinkOptions,
   withWitnessOptions,
 } from '../options.ts';
-import { EtcdClient } from '../../coord/etcd.ts';
-import { witnessGate } from '../../coord/witness-gate.ts';
-import { guardOwnership, type OwnershipGuard } from '../../coord/guard.ts';
-import { KEYS, LeasedKeys, publishStatus, standbyLookup } from '../../coord/cluster.ts';
-import { RubatoError } from '../../util/errors.ts';
-import { VmName } from '../../qemu/spec.ts';
+import {
+  EtcdClient,
+  witnessGate,
+  guardOwnership,
+  type OwnershipGuard,
+  KEYS,
+  LeasedKeys,
+  publishStatus,
+  standbyLookup,
+} from '../../coord/index.ts';
+import { VmName } from '../../qemu/index.ts';
 import { startObserver } from '../../observe/index.ts';
-import type { Durability } from '../../replication/replica-store.ts';
 
 const log = logger('rubato');
 
@@ -152,6 +154,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
   // A restored guest's frames leave only under the lease this side claimed for it.
   const io = restoreIo(
     join(stateDir, 'run'),
+    await ensureTapRelay(), // (built now, never when a guest is restored)
     undefined,
     gate ? (vm) => (now) => gate.ownership(vm).leaseCheck(now) : undefined,
   );

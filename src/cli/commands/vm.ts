@@ -1,10 +1,9 @@
 // `rubato vm add|list`: the VMs of a cluster, stored in the witness; the agents do the rest.
 import { z } from 'zod';
 import type { Command } from 'commander';
-import { RubatoError } from '../../util/errors.ts';
-import { loadVmDefinition, type ResolvedVm, type VmDefinition } from '../../qemu/definition.ts';
-import { EtcdClient } from '../../coord/etcd.ts';
-import { KEYS, readCluster, vmRows } from '../../coord/cluster.ts';
+import { RubatoError } from '../../util/index.ts';
+import { loadVmDefinition, type ResolvedVm, type VmDefinition } from '../../qemu/index.ts';
+import { EtcdClient, KEYS, readCluster, vmRows } from '../../coord/index.ts';
 import { WITNESS, parseOptions } from '../options.ts';
 
 const EtcdOnly = z.object({ etcd: WITNESS.etcd.unwrap(), json: z.boolean().optional(), home: WITNESS.host.optional() });

@@ -5,9 +5,8 @@
 import { z } from 'zod';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import { logger } from '../../util/log.ts';
-import { onShutdown } from '../../util/procs.ts';
-import { LocalEtcd } from '../../coord/local-etcd.ts';
+import { logger, onShutdown } from '../../util/index.ts';
+import { LocalEtcd } from '../../coord/index.ts';
 import { hostPort, parseOptions } from '../options.ts';
 
 const log = logger('rubato');

@@ -4,8 +4,7 @@
 
 import { statSync } from 'node:fs';
 import { z } from 'zod';
-import { runCommand } from '../../util/procs.ts';
-import { RubatoError } from '../../util/errors.ts';
+import { runCommand, RubatoError } from '../../util/index.ts';
 
 const PAGE = 4096;
 

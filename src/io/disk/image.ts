@@ -7,10 +7,7 @@
 
 import { existsSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
-import { ensurePrivateDir } from '../../util/private-files.ts';
-import { RubatoError } from '../../util/errors.ts';
-import { runCommand } from '../../util/procs.ts';
-import { logger } from '../../util/log.ts';
+import { ensurePrivateDir, RubatoError, runCommand, logger } from '../../util/index.ts';
 
 const log = logger('disk');
 const LOCK_DIR = process.env['RUBATO_LOCK_DIR'] ?? '/run/rubato/locks';

@@ -7,9 +7,7 @@
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { closeSync, fdatasyncSync, fstatSync, openSync, readSync, rmSync, writeSync } from 'node:fs';
-import { logger } from '../../util/log.ts';
-import { RubatoError, errorMessage } from '../../util/errors.ts';
-import { ByteReader } from '../../util/byte-reader.ts';
+import { logger, RubatoError, errorMessage, ByteReader } from '../../util/index.ts';
 import {
   CLIENT_FLAG,
   CMD,

@@ -5,9 +5,7 @@
 // epoch's dirty pages — the guest is paused and its I/O drained at that moment, so the wait is short.
 
 import { Worker, MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
-import { RubatoError } from '../../util/errors.ts';
-import { logger } from '../../util/log.ts';
-import { sleep } from '../../util/async.ts';
+import { RubatoError, logger, sleep } from '../../util/index.ts';
 import { MAX_DIRTY_BYTES_PER_EPOCH, type DiskEpoch, type DiskEpochStats } from './nbd-engine.ts';
 import { PAGE_BYTES_NBD, STAT, STAT_SLOTS, type CutReply, type WorkerData } from './nbd-shared.ts';
 

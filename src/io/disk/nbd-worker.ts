@@ -3,7 +3,7 @@
 // controller asks on `cutPort` and blocks (Atomics.wait) until the pages are posted there.
 
 import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
-import { errorMessage } from '../../util/errors.ts';
+import { errorMessage } from '../../util/index.ts';
 import { NbdEngine } from './nbd-engine.ts';
 import { PAGE_BYTES_NBD, STAT, type CutReply, type WorkerData } from './nbd-shared.ts';
 

@@ -5,7 +5,7 @@
 
 import { randomInt } from 'node:crypto';
 import { addNamespace, delNamespace, ip } from './netns.ts';
-import { runCommand } from '../../util/procs.ts';
+import { runCommand } from '../../util/index.ts';
 
 export interface LanHost {
   name: string;

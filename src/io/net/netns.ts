@@ -4,8 +4,7 @@
 
 import { execFileSync } from 'node:child_process';
 import { randomInt } from 'node:crypto';
-import { runCommand } from '../../util/procs.ts';
-import { RubatoError } from '../../util/errors.ts';
+import { runCommand, RubatoError } from '../../util/index.ts';
 
 const made = new Set<string>();
 let hooked = false;

@@ -5,10 +5,8 @@
 
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { rmSync } from 'node:fs';
-import { logger } from '../../util/log.ts';
-import { RubatoError } from '../../util/errors.ts';
-import { monotonicMs } from '../../util/clock.ts';
-import type { ReleaseGate } from '../../commit/release-gate.ts';
+import { logger, RubatoError, monotonicMs } from '../../util/index.ts';
+import type { ReleaseGate } from '../../commit/index.ts';
 
 const log = logger('relay');
 const MAX_FRAME = 65536;

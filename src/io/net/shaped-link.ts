@@ -5,8 +5,7 @@
 import { randomInt } from 'node:crypto';
 import { connect } from 'node:net';
 import { addNamespace, delNamespace, ip } from './netns.ts';
-import { runCommand, spawnTracked } from '../../util/procs.ts';
-import { RubatoError } from '../../util/errors.ts';
+import { runCommand, spawnTracked, RubatoError } from '../../util/index.ts';
 
 export const LINK_CLASSES = {
   unlimited: null,

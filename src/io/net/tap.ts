@@ -1,8 +1,7 @@
 // A TAP device on a host's Linux bridge: where a protected guest's frames meet the LAN. `ns` names
 // a network namespace (the test topologies' hosts); without it the TAP lives where Rubato runs.
 
-import { runCommand } from '../../util/procs.ts';
-import { RubatoError } from '../../util/errors.ts';
+import { runCommand, RubatoError } from '../../util/index.ts';
 import { ip } from './netns.ts';
 
 export interface TapSite {

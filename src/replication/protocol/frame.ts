@@ -28,7 +28,7 @@ import {
   type DecipherGCM,
   type Hmac,
 } from 'node:crypto';
-import { RubatoError, assert } from '../../util/errors.ts';
+import { RubatoError, assert } from '../../util/index.ts';
 
 export const PROTOCOL_VERSION = 4;
 export const HEADER_BYTES = 4 + 1 + 1 + 2 + 4 + 8 + 8;
@@ -56,7 +56,6 @@ export const FrameType = {
   FENCED: 41, // primary → standby: the guest is stopped
   BYE: 50,
 } as const;
-export type FrameTypeName = keyof typeof FrameType;
 const TYPE_NAMES = new Map<number, string>(Object.entries(FrameType).map(([k, v]) => [v, k]));
 export const frameTypeName = (t: number): string => TYPE_NAMES.get(t) ?? `type ${t}`;
 

@@ -3,7 +3,7 @@
 
 import { z } from 'zod';
 import { protocolError } from './frame.ts';
-import { VmName, VmSpecSchema } from '../../qemu/spec.ts';
+import { VmName, VmSpecSchema } from '../../qemu/index.ts';
 
 export const NONCE_BYTES = 32;
 
@@ -71,12 +71,6 @@ export const encodeLayout = (l: Layout) => Buffer.from(JSON.stringify(l));
 export const decodeLayout = (p: Buffer) => json(LayoutSchema, p, 'BASE_BEGIN');
 
 export const BASE_DATA_HEADER_BYTES = 12;
-export function encodeBaseData(blockIndex: number, offset: number, data: Buffer): Buffer {
-  const b = Buffer.allocUnsafe(BASE_DATA_HEADER_BYTES + data.length);
-  setBaseDataHeader(b, blockIndex, offset);
-  data.copy(b, BASE_DATA_HEADER_BYTES);
-  return b;
-}
 /** Writes the header of a BASE_DATA payload whose data the caller fills in place after it (no copy). */
 export function setBaseDataHeader(b: Buffer, blockIndex: number, offset: number): void {
   b.writeUInt32BE(blockIndex, 0);

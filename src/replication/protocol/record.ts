@@ -8,9 +8,14 @@
 //   wire frames carrying a record are authenticated separately).
 
 import { crc32 } from 'node:zlib';
-import { RubatoError, assert } from '../../util/errors.ts';
-import { checkDeviceState } from '../../capture/stream/parser.ts';
-import { MAX_DEVICE_STATE_BYTES, PAGE_SIZE, type DirtyPage, type RamBlockInfo } from '../../capture/checkpoint.ts';
+import { RubatoError, assert } from '../../util/index.ts';
+import {
+  checkDeviceState,
+  MAX_DEVICE_STATE_BYTES,
+  PAGE_SIZE,
+  type DirtyPage,
+  type RamBlockInfo,
+} from '../../capture/index.ts';
 
 const FORMAT = 1;
 const MAGIC = 0x5242434b; // "RBCK"

@@ -1,0 +1,3 @@
+// `rubato agent`: one per host, bringing its share of the cluster to what the placement says.
+
+export { Agent } from './agent.ts';

@@ -1,0 +1,86 @@
+import type { QemuVm } from '../qemu/index.ts';
+import {
+  PrimaryController,
+  type PrimaryEvent,
+  loadKeyFile,
+  type LatencyBreakdown,
+  type CheckpointObserver,
+  type Durability,
+} from '../replication/index.ts';
+import { startStandbyProcess } from './standby-proc.ts';
+import { parsePolicy } from '../scheduler/index.ts';
+import { waitFor } from '../util/index.ts';
+import type { NetRelay, NbdServer } from '../io/index.ts';
+import type { TraceRecorder } from '../sim/index.ts';
+
+export interface Protected {
+  stop(): Promise<void>;
+  events: PrimaryEvent[];
+  standbyPid: number;
+}
+
+/** The trace recorder (if any) and the latency breakdown (if any) as one observer. */
+export function observing(trace?: TraceRecorder, latency?: LatencyBreakdown): CheckpointObserver | undefined {
+  if (!trace && !latency) return undefined;
+  if (!latency) return trace;
+  const released = (t: Parameters<LatencyBreakdown['add']>[0], f: readonly number[], r: number) => latency.add(t, f, r);
+  if (!trace) return { released };
+  return {
+    epoch: trace.epoch.bind(trace),
+    acked: trace.acked.bind(trace),
+    output: trace.output.bind(trace),
+    disk: trace.disk.bind(trace),
+    released,
+  };
+}
+
+export async function protect(
+  vm: QemuVm,
+  dir: string,
+  tag: string,
+  policy: string,
+  io?: { relay: NetRelay; nbd: NbdServer | null },
+  where?: { ns: string; host: string },
+  trace?: TraceRecorder,
+  latency?: LatencyBreakdown,
+  durability: Durability = 'memory',
+): Promise<Protected> {
+  const standby = await startStandbyProcess(dir, tag, where, durability);
+  const events: PrimaryEvent[] = [];
+  const observer = observing(trace, latency);
+  const primary = new PrimaryController({
+    vm,
+    runDir: dir,
+    standby: { host: standby.host, port: standby.port },
+    psk: loadKeyFile(standby.keyFile),
+    periodMs: 25,
+    heartbeatMs: 50,
+    timeoutMs: 1000,
+    retryMs: 300,
+    policy: parsePolicy(policy),
+    onEvent: (e) => events.push(e),
+    ...(io ? { relay: io.relay, nbd: io.nbd } : {}),
+    ...(observer ? { observer } : {}),
+  });
+  const stop = async () => {
+    await primary.stop();
+    await standby.stop();
+  };
+  primary.start();
+  try {
+    await waitFor(() => events.find((e) => e.event === 'protecting'), 120_000, 'protection');
+  } catch (e) {
+    await stop(); // no standby process or primary loop outlives a failed start
+    throw e;
+  }
+  return { events, stop, standbyPid: standby.pid };
+}
+
+/** Runs a protected phase; the protection (primary and standby process) ends even when it fails. */
+export async function whileProtected<T>(p: Protected, f: () => Promise<T>): Promise<T> {
+  try {
+    return await f();
+  } finally {
+    await p.stop();
+  }
+}

@@ -1,0 +1,7 @@
+// Output commit: a guest's frames held until the standby acknowledged the checkpoint that covers
+// them, and the release gate every frame passes on its way out.
+
+export { OutputCommit } from './output-commit.ts';
+export type { ClosedEpoch, DiskEpochCut, DiskEpochSource, OutputStats, Sized } from './output-commit.ts';
+export { ReleaseGate } from './release-gate.ts';
+export type { LeaseCheck } from './release-gate.ts';

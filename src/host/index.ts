@@ -1,0 +1,4 @@
+// One host protecting a VM: claim it in the witness, prepare its disk and I/O, boot it, protect it.
+
+export { claimBeforeStart, heldGeneration, recordGeneration } from './claim.ts';
+export { protectVm, restoreIo, specOf } from './protect.ts';

@@ -1,0 +1,28 @@
+// QEMU itself: a VM's spec and its definition file, starting and ending QEMU, QMP, the accelerator,
+// the migration stream's format and restoring a replica.
+
+export { resolveAccel } from './accel.ts';
+export type { AccelChoice } from './accel.ts';
+export { VmDefinitionSchema, loadVmDefinition, parseVmDefinition } from './definition.ts';
+export type { ResolvedVm, VmDefinition } from './definition.ts';
+export type { QmpClient, QmpEvent } from './qmp.ts';
+export { restoreVm } from './restore.ts';
+export { DIRTIER_LINE_RE, MAIN_RAM_ID, VmName, VmSpecSchema, guestAppend, parseDirtierLine } from './spec.ts';
+export type { Accel, VmSpec } from './spec.ts';
+export {
+  COLO_MSG,
+  COLO_MSG_NAMES,
+  COLO_PRESEND_DELAY_MAGIC,
+  COLO_PRESEND_MARK,
+  MIG_CMD,
+  MIG_CMD_NAMES,
+  QEMU_VM_FILE_MAGIC,
+  QEMU_VM_FILE_VERSION,
+  RAM_FLAG,
+  RAM_SECTION_VERSION,
+  TARGET_PAGE_SIZE,
+  VM,
+  coloMessage,
+} from './stream-format.ts';
+export { QemuVm } from './vm.ts';
+export type { QemuBinary } from './vm.ts';
