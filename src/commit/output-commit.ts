@@ -4,8 +4,10 @@
 // Epoch numbers are the checkpoints': output produced after checkpoint N-1 is covered by
 // checkpoint N, so it carries epoch N and may leave only once the standby acknowledged N. Closing
 // epoch N (during checkpoint N's pause) closes the network epoch and cuts the disk epoch together.
-// Invariant (asserted on every release, left on in production): no frame leaves with an epoch above
-// the acknowledged one — except in the explicit, counted `unprotected` state, entered with a reason.
+// Invariant (asserted on every acknowledgement, left on in production): no frame leaves with an
+// epoch above the acknowledged one — except in the explicit, counted `unprotected` state, entered
+// with a reason. The acknowledgements are recorded here, apart from the pipeline's own count (which
+// must agree): an ack of an epoch not yet closed, or one that goes backwards, fails.
 
 import { assert } from '../util/index.ts';
 
@@ -38,13 +40,21 @@ export interface OutputStats {
   frames: number;
   bytes: number;
   oldestMs: number | null;
-  /** Frames dropped at the bound (as a congested link would: TCP retransmits). */
-  dropped: number;
-  /** Frames released after their acknowledgement. */
-  released: number;
-  /** Frames released without one (giving up protection), and how many times that happened. */
-  releasedUnprotected: number;
+  /** Every frame the guest sent, by the way it went (each frame counts in exactly one): */
+  counts: OutputCounts;
+  /** How many times held output was let go without an acknowledgement. */
   unprotectedReleases: number;
+}
+
+export interface OutputCounts {
+  /** Held, then released after the standby acknowledged the checkpoint that covers it. */
+  released: number;
+  /** Never held: sent while nothing protected the guest (before protection, unprotected, after an orderly end). */
+  passedThrough: number;
+  /** Held, then let go without an acknowledgement (protection given up, or ended by choice). */
+  releasedUnprotected: number;
+  /** Refused at the bound on held bytes (as a congested link would: TCP retransmits). */
+  dropped: number;
 }
 
 interface Held<F> {
@@ -71,9 +81,7 @@ export class OutputCommit<F extends Sized = Buffer> {
   private openFrames = 0;
   private openBytes = 0;
   private openOldestMs: number | null = null;
-  private dropped = 0;
-  private released = 0;
-  private releasedUnprotected = 0;
+  private readonly counts: OutputCounts = { released: 0, passedThrough: 0, releasedUnprotected: 0, dropped: 0 };
   private unprotectedReleases = 0;
   /** Called when the open epoch gets its first held frame (the scheduler may want to act). */
   onFirstHeld: (() => void) | null = null;
@@ -129,11 +137,11 @@ export class OutputCommit<F extends Sized = Buffer> {
   /** A frame from the guest: returns it when it may leave now, else holds it (or drops it at the bound). */
   push(frame: F, nowMs: number): F | null {
     if (this.st.kind !== 'holding') {
-      this.released++;
+      this.counts.passedThrough++;
       return frame;
     }
     if (this.bytes + frame.length > this.maxHeldBytes) {
-      this.dropped++;
+      this.counts.dropped++;
       return null;
     }
     this.queue.push({ epoch: this.open, frame, atMs: nowMs });
@@ -170,27 +178,23 @@ export class OutputCommit<F extends Sized = Buffer> {
   }
 
   /**
-   * The standby acknowledged checkpoint `epoch` (the caller's own count of acknowledgements is
-   * `ackedEpoch`: the two must agree). Returns the frames that may leave now, oldest first.
+   * The standby acknowledged checkpoint `epoch`: recorded here, and the frames it covers (every
+   * held frame of an epoch up to it) may leave now, oldest first. An ack of an epoch that is still
+   * open (no checkpoint covers its output yet), or not above the last one, is a defect upstream.
    */
-  release(epoch: number, ackedEpoch: number): Array<{ frame: F; atMs: number }> {
-    assert(this.st.kind === 'holding', `output commit: release of epoch ${epoch} while not holding`);
-    assert(epoch <= ackedEpoch, `output commit: release of epoch ${epoch} above the acknowledged ${ackedEpoch}`);
-    assert(epoch < this.open, `output commit: release of epoch ${epoch} that is still open`);
-    assert(epoch >= this.acked, `output commit: acknowledgements went backwards (${epoch} after ${this.acked})`);
+  acknowledged(epoch: number): Array<{ frame: F; atMs: number }> {
+    assert(this.st.kind === 'holding', `output commit: ack of epoch ${epoch} while not holding`);
+    assert(epoch < this.open, `output commit: ack of epoch ${epoch}, which is still open (no checkpoint covers it)`);
+    assert(epoch > this.acked, `output commit: acknowledgements went backwards (${epoch} after ${this.acked})`);
     this.acked = epoch;
     const out: Array<{ frame: F; atMs: number }> = [];
-    while (this.head < this.queue.length && this.queue[this.head]!.epoch <= epoch) {
+    while (this.head < this.queue.length && this.queue[this.head]!.epoch <= this.acked) {
       const h = this.queue[this.head++]!;
-      assert(
-        h.epoch <= ackedEpoch,
-        `output commit: a frame of epoch ${h.epoch} would leave with ${ackedEpoch} acknowledged`,
-      );
       this.bytes -= h.frame.length;
       out.push({ frame: h.frame, atMs: h.atMs });
     }
     this.compact();
-    this.released += out.length;
+    this.counts.released += out.length;
     return out;
   }
 
@@ -202,7 +206,7 @@ export class OutputCommit<F extends Sized = Buffer> {
     const out = this.drain();
     this.st = { kind: 'unprotected', reason };
     this.unprotectedReleases++;
-    this.releasedUnprotected += out.length;
+    this.counts.releasedUnprotected += out.length;
     return out;
   }
 
@@ -213,7 +217,7 @@ export class OutputCommit<F extends Sized = Buffer> {
   end(): F[] {
     const out = this.drain();
     if (out.length) this.unprotectedReleases++;
-    this.releasedUnprotected += out.length;
+    this.counts.releasedUnprotected += out.length;
     this.st = { kind: 'pass-through' };
     return out;
   }
@@ -224,9 +228,7 @@ export class OutputCommit<F extends Sized = Buffer> {
       frames: this.queue.length - this.head,
       bytes: this.bytes,
       oldestMs: oldest ? nowMs - oldest.atMs : null,
-      dropped: this.dropped,
-      released: this.released,
-      releasedUnprotected: this.releasedUnprotected,
+      counts: { ...this.counts },
       unprotectedReleases: this.unprotectedReleases,
     };
   }

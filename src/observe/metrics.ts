@@ -154,6 +154,36 @@ export class ControllerMetrics {
       num(s['heldFrames']),
     );
     gauge('rubato_output_held_bytes', 'Bytes of guest output held', (s) => num(s['heldBytes']));
+    // Every frame the guest sent, by the way it went (output commit counts each in exactly one).
+    new Counter({
+      name: 'rubato_output_frames_total',
+      help: 'Guest output frames by the way they went: released (after the ack), passed-through (nothing protected the guest), released-unprotected (held, let go without an ack), dropped (at the bound), blocked-no-lease (refused by the release gate)',
+      labelNames: [...labelNames, 'way'],
+      registers: [r],
+      collect() {
+        this.reset();
+        for (const src of sources) {
+          let s: Snapshot;
+          try {
+            s = src.snapshot();
+          } catch {
+            continue;
+          }
+          const o = (s['output'] ?? {}) as Record<string, unknown>;
+          const ways: Array<[string, unknown]> = [
+            ['released', o['released']],
+            ['passed-through', o['passedThrough']],
+            ['released-unprotected', o['releasedUnprotected']],
+            ['dropped', o['dropped']],
+            ['blocked-no-lease', s['outputBlockedNoLease']],
+          ];
+          for (const [way, v] of ways) {
+            const n = num(v);
+            if (n !== null && n > 0) this.inc({ ...src.labels, way }, n);
+          }
+        }
+      },
+    });
     gauge('rubato_output_oldest_held_seconds', 'Age of the oldest held output frame (0: none held)', (s) => {
       const v = num(s['oldestHeldMs']);
       return v === null ? (s['heldFrames'] === 0 ? 0 : null) : v / 1000;

@@ -427,9 +427,13 @@ export class EpochPipeline<F extends Sized = Buffer> {
       ackedMs: nowMs,
       standby,
     };
-    const out: Command<F>[] = [
-      { cmd: 'release', epoch, frames: this.o.commit.release(epoch, this.acked), transferMs, timeline },
-    ];
+    const frames = this.o.commit.acknowledged(epoch);
+    // Two records of the acknowledgements, kept apart: the pipeline's and output commit's.
+    assert(
+      this.o.commit.ackedEpoch === this.acked,
+      `pipeline: acked ${this.acked}, output commit ${this.o.commit.ackedEpoch}`,
+    );
+    const out: Command<F>[] = [{ cmd: 'release', epoch, frames, transferMs, timeline }];
     if (this.ph === 'syncing' && epoch === 0) {
       this.ph = 'protecting';
       this.lossReported = false;

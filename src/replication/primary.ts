@@ -219,6 +219,7 @@ export class PrimaryController {
       heldBytes: out.bytes,
       oldestHeldMs: out.oldestMs === null ? null : Math.round(out.oldestMs),
       outputBlockedNoLease: this.o.relay?.gate?.blocked.frames ?? 0,
+      output: out.counts,
       rttMs: this.link && !this.link.closed ? this.link.stats.rttMs : null,
     };
   }

@@ -23,6 +23,8 @@ test('events and status become Prometheus metrics with conventional names and un
     epoch: 42,
     lagMs: 20,
     rttMs: 0.5,
+    output: { released: 120, passedThrough: 7, releasedUnprotected: 2, dropped: 0 },
+    outputBlockedNoLease: 4,
   };
   const src = m.addSource({ vm: 'web1', role: 'primary' }, () => status);
   for (let i = 1; i <= 5; i++)
@@ -41,6 +43,10 @@ test('events and status become Prometheus metrics with conventional names and un
   assert.match(t, /^rubato_output_oldest_held_seconds\{vm="web1",role="primary"\} 0\.012$/m);
   assert.match(t, /^rubato_protected\{vm="web1",role="primary"\} 1$/m);
   assert.match(t, /^rubato_link_rtt_seconds\{vm="web1",role="primary"\} 0\.0005$/m);
+  assert.match(t, /^rubato_output_frames_total\{vm="web1",role="primary",way="released"\} 120$/m);
+  assert.match(t, /^rubato_output_frames_total\{vm="web1",role="primary",way="passed-through"\} 7$/m);
+  assert.match(t, /^rubato_output_frames_total\{vm="web1",role="primary",way="released-unprotected"\} 2$/m);
+  assert.match(t, /^rubato_output_frames_total\{vm="web1",role="primary",way="blocked-no-lease"\} 4$/m);
   assert.match(t, /^process_resident_memory_bytes \d+/m);
   // Protection lost: 0 with its reason; regained: the reason goes.
   status['protected'] = false;

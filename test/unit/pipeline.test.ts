@@ -122,7 +122,7 @@ test('the hold timer releases held output unprotected, counted, only while unpro
   assert.equal(r.length, 1);
   assert.equal(r[0]!.cmd, 'release-unprotected');
   assert.deepEqual(commit.state, { kind: 'unprotected', reason: 'no standby for 2000 ms' });
-  assert.equal(commit.stats(0).releasedUnprotected, 1);
+  assert.equal(commit.stats(0).counts.releasedUnprotected, 1);
   assert.equal(String(commit.push(Buffer.from('z'), 3)), 'z', 'later output passes through');
 });
 
