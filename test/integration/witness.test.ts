@@ -191,6 +191,80 @@ test('witness with the product commands: a cut replication link leaves one live 
   }
 });
 
+test('a primary paused past its lease (SIGSTOP of controller and QEMU) is taken over; resumed, it finds the newer generation and stops its guest (exit 8)', {
+  timeout: 240_000,
+}, async () => {
+  const rig = await witnessRig('w3');
+  const { dir, etcd, vmFile, common } = rig;
+  const portB = 20000 + Math.floor(Math.random() * 20000);
+  let sb: ReturnType<typeof events> | null = null;
+  let pr: ReturnType<typeof events> | null = null;
+  let stopped: number[] = [];
+  try {
+    sb = events('rubato-standby', [
+      'standby',
+      '--listen',
+      `127.0.0.1:${portB}`,
+      '--state-dir',
+      join(dir, 'b'),
+      '--no-fsync',
+      '--host',
+      'hb',
+      ...common,
+    ]);
+    const s = sb;
+    await waitFor(() => s.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
+    pr = events('rubato-protect', [
+      'protect',
+      vmFile,
+      '--standby',
+      `127.0.0.1:${portB}`,
+      '--state-dir',
+      join(dir, 'a'),
+      '--host',
+      'ha',
+      '--policy',
+      'fixed:50',
+      ...common,
+    ]);
+    const p = pr;
+    const started = await waitFor(() => p.list.find((e) => e['event'] === 'started'), 60_000, 'the VM');
+    await waitFor(() => p.list.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected');
+    const qemu = Number(started['qemuPid']);
+    // The whole primary side freezes (a frozen host, a long stall): no renewal, no heartbeat.
+    stopped = [p.proc.pid, qemu];
+    for (const pid of stopped) process.kill(pid, 'SIGSTOP');
+    const fo = await waitFor(() => s.list.find((e) => e['event'] === 'failover'), 30_000, 'the standby taking over');
+    assert.deepEqual(await currentOwner(new EtcdClient([etcd.url], 500), 'w3'), { host: 'hb', generation: 2 });
+    const eventsBefore = p.list.length;
+    for (const pid of stopped) process.kill(pid, 'SIGCONT');
+    stopped = [];
+    const resumedAt = Date.now();
+    const lost = await waitFor(
+      () => p.list.find((e) => e['event'] === 'ownership-lost'),
+      15_000,
+      'the old primary giving up',
+    );
+    assert.match(String(lost['why']), /another copy took VM w3 over/);
+    const exit = await p.proc.exited;
+    assert.equal(exit.code, 8, 'RUBATO_VM_OWNED');
+    assert.equal(alive(qemu), false, "the stale guest's QEMU is gone");
+    assert.ok(Date.now() - resumedAt < 15_000);
+    // Resumed, it acknowledged nothing new as the VM's holder: its frames were refused at the gate.
+    assert.equal(
+      p.list.slice(eventsBefore).some((e) => e['event'] === 'owner'),
+      false,
+      'it never held the VM again',
+    );
+    assert.ok(Number(fo['runningAtMs']) > 0);
+  } finally {
+    for (const pid of stopped) process.kill(pid, 'SIGCONT');
+    await pr?.proc.stop(3000);
+    await sb?.proc.stop(5000);
+    await rig.cleanup();
+  }
+});
+
 test('witness unavailable: a healthy protected pair keeps running (nobody goes live, nobody stops)', {
   timeout: 240_000,
 }, async () => {
