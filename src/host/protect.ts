@@ -110,6 +110,11 @@ export interface ProtectedVm {
   disk: PreparedDisk | null;
   /** Orderly end: the standby is told (no failover), the guest stops, I/O and claims released. */
   stop(): Promise<void>;
+  /**
+   * The guest's QEMU died here: the standby is told to take over now, held output is dropped
+   * (never released unacknowledged), I/O and claims released. The caller gives up the lease first.
+   */
+  guestLost(why: string): Promise<void>;
 }
 
 /** Boots the user's VM on this host and starts protecting it (unprotected, said once, until a standby answers). */
@@ -156,20 +161,21 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   const ioRef = io;
   const vmRef = vm;
   let stopping: Promise<void> | null = null;
+  const end = async (endProtection: () => Promise<void>) => {
+    await endProtection();
+    await vmRef.stop();
+    await ioRef.close().catch((e: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(e)}`));
+    disk?.release();
+    // QEMU leaves its QMP and console sockets behind.
+    for (const f of readdirSync(runDir))
+      if (f.startsWith(o.def.name) && /\.(qmp|serial|mig)$/.test(f)) rmSync(join(runDir, f), { force: true });
+  };
   return {
     vm,
     primary,
     disk,
-    stop: () =>
-      (stopping ??= (async () => {
-        await primary.stop();
-        await vmRef.stop();
-        await ioRef.close().catch((e: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(e)}`));
-        disk?.release();
-        // QEMU leaves its QMP and console sockets behind.
-        for (const f of readdirSync(runDir))
-          if (f.startsWith(o.def.name) && /\.(qmp|serial|mig)$/.test(f)) rmSync(join(runDir, f), { force: true });
-      })()),
+    stop: () => (stopping ??= end(() => primary.stop())),
+    guestLost: (why) => (stopping ??= end(() => primary.guestLost(why))),
   };
 }
 

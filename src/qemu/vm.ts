@@ -34,6 +34,8 @@ export class QemuVm extends EventEmitter {
   readonly serialLines: string[] = [];
   private serialSocket: Socket | null = null;
   private exitedFlag = false;
+  /** How QEMU ended (a signal's name, or its exit code), once it did. */
+  exitedHow: string | null = null;
   stderrTail = '';
 
   /** This QEMU can pre-send dirty RAM during an epoch (ColoCapture.presend). */
@@ -48,6 +50,7 @@ export class QemuVm extends EventEmitter {
     super();
     void proc.exited.then((r) => {
       this.exitedFlag = true;
+      this.exitedHow = r.signal ?? `exit ${r.code}`;
       this.emit('exit', r);
     });
   }

@@ -40,6 +40,8 @@ const LARGE_RECORD_BYTES = 16 << 20;
 const EMPTY: RecordParts = { parts: [], length: 0 };
 /** Reconnections without a pause after an authenticated session broke. */
 const IMMEDIATE_RETRIES = 3;
+/** After a failed session: how long to wait for QEMU's exit to be reported (a dead QEMU breaks the capture first). */
+const QEMU_EXIT_WAIT_MS = 150;
 
 export type FaultPoint = 'mid-epoch' | 'mid-pause' | 'mid-transfer';
 
@@ -64,6 +66,7 @@ export type PrimaryEvent =
   | { event: 'decisions'; reasons: Record<string, number>; policy: string }
   | { event: 'guest'; line: string; atMs: number }
   | { event: 'fenced' }
+  | { event: 'guest-lost'; why: string; protected: boolean }
   | { event: 'vm-exited' };
 
 export interface HostPort {
@@ -74,6 +77,8 @@ export interface HostPort {
 export interface PrimaryOptions {
   vm: QemuVm;
   runDir: string;
+  /** Before the standby is told to take over because QEMU died here: give the lease up (it may claim at once). */
+  beforeGuestLost?: () => Promise<void>;
   /**
    * The standby's address, or where to find it before each connection (agents: the witness names it; null: none placed
    * yet).
@@ -269,10 +274,17 @@ export class PrimaryController {
       const c = this.capture;
       this.capture = null;
       await c?.close();
+      // QEMU died under the session (its QMP socket closes before the exit is reported): the
+      // standby is told on this link to take over now, and nothing reconnects (a new session
+      // would tell a guarding standby its primary is back).
+      if (!this.stopped && (await this.qemuGone(failure !== null))) {
+        const how = this.o.vm.exitedHow ?? errorMessage(failure ?? 'its session ended');
+        this.lostGuest ??= this.tellGuestLost(`the guest's QEMU died on this host (${how})`);
+        await this.lostGuest;
+        break;
+      }
       this.link?.close();
       this.link = null;
-      // A guest whose QEMU is gone (its QMP socket closes before the exit is reported) is never
-      // reconnected for: a new session would tell a guarding standby its primary is back.
       if (this.stopped || this.o.vm.exited || this.o.vm.qmp.isClosed) break;
       // A session that broke after the standby had authenticated us (a corrupted frame, a reset, a
       // failed capture — during protection or a re-sync) reconnects at once: a standby that guards
@@ -746,6 +758,52 @@ export class PrimaryController {
     await this.loop;
     // Protection ends by choice: held output leaves, later output passes through.
     for (const f of this.pipeline.stop()) this.o.relay?.sendOutside(f);
+  }
+
+  /**
+   * The guest's QEMU died on this host (not stopped by Rubato, not shut down by the guest): its
+   * standby is told to take over now, without waiting out the liveness timeout. Held output is
+   * dropped, never released: its checkpoints were not acknowledged, and the standby's replica
+   * (their acknowledged predecessor) is what runs next. The caller gives up the lease first.
+   */
+  async guestLost(why: string): Promise<void> {
+    this.lostGuest ??= this.tellGuestLost(why);
+    await this.lostGuest;
+    await this.loop;
+  }
+
+  private lostGuest: Promise<void> | null = null;
+
+  /** QEMU is gone, or (after a failed session, whose cause it may be) ends within a moment. */
+  private async qemuGone(afterFailure: boolean): Promise<boolean> {
+    const vm = this.o.vm;
+    if (vm.exited || vm.qmp.isClosed || !afterFailure) return vm.exited || vm.qmp.isClosed;
+    await new Promise<void>((r) => {
+      const t = setTimeout(r, QEMU_EXIT_WAIT_MS);
+      vm.once('exit', () => {
+        clearTimeout(t);
+        r();
+      });
+    });
+    return vm.exited || vm.qmp.isClosed;
+  }
+
+  private async tellGuestLost(why: string): Promise<void> {
+    const wasProtected = this.protected;
+    this.stopped = true;
+    this.cancelHoldTimer();
+    this.ended.abort();
+    this.emit({ event: 'guest-lost', why, protected: wasProtected });
+    await this.o.beforeGuestLost?.().catch((e: unknown) => log.warn(`giving the lease up: ${errorMessage(e)}`));
+    const link = this.link;
+    if (link && !link.closed) {
+      await link
+        .sendLast(FrameType.GUEST_LOST)
+        .catch((e: unknown) => log.warn(`telling the standby to take over: ${errorMessage(e)}`));
+      await link.closeGracefully(new RubatoError('RUBATO_QEMU_EXITED', why));
+    }
+    this.poke();
+    await this.capture?.close();
   }
 
   /** Simulates the controller's death: no goodbye, sockets dropped, QEMU killed by PID. */

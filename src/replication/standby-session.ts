@@ -62,6 +62,8 @@ export interface SessionEnd {
   protecting: boolean;
   /** The primary said goodbye (an orderly stop): no failover. */
   bye: boolean;
+  /** The primary said its guest's QEMU died: take over now (no liveness wait). */
+  guestLost: boolean;
 }
 
 export class StandbySession {
@@ -72,6 +74,7 @@ export class StandbySession {
   private lastProgressMs = 0;
   private protecting = false;
   private bye = false;
+  private guestLost = false;
   private chain: Promise<void> = Promise.resolve();
   private pendingBytes = 0;
   /** The checkpoint the next CKPT (and any PRESEND before it) must carry. */
@@ -93,13 +96,14 @@ export class StandbySession {
     await this.chain;
     await this.base?.abandon().catch((e: unknown) => log.warn(`removing an incomplete full image: ${errorMessage(e)}`));
     this.base = null;
-    return { error, protecting: this.protecting, bye: this.bye };
+    return { error, protecting: this.protecting, bye: this.bye, guestLost: this.guestLost };
   }
 
   private enqueue(f: Frame): void {
     // A goodbye counts the moment it arrives: the link may close before the frames ahead of it
     // are handled, and an orderly stop must never read as a lost primary.
     if (f.type === FrameType.BYE) this.bye = true;
+    if (f.type === FrameType.GUEST_LOST) this.guestLost = true;
     const n = f.payload.length;
     const arrivedMs = performance.now();
     const receiveMs = arrivedMs - (f.startedMs ?? arrivedMs);
@@ -206,6 +210,11 @@ export class StandbySession {
         this.bye = true;
         log.info(`${this.link.peer} ended protection in order`);
         this.link.close(new RubatoError('RUBATO_PEER_LOST', `${this.link.peer} ended protection in order`));
+        return;
+      case FrameType.GUEST_LOST:
+        this.guestLost = true;
+        log.warn(`${this.link.peer}: the guest's QEMU died there; taking over now`);
+        this.link.close(new RubatoError('RUBATO_PEER_LOST', `${this.link.peer}: the guest's QEMU died there`));
         return;
       default:
         throw new RubatoError('RUBATO_PROTOCOL', `unexpected ${frameTypeName(f.type)} from the primary`);

@@ -307,7 +307,7 @@ export class StandbyController {
       return;
     }
     if (!this.guarding || !this.store || this.st !== 'protecting') return;
-    await this.failoverUnlessPrimaryReturns(link, end.error.message);
+    await this.failoverUnlessPrimaryReturns(link, end.error.message, end.guestLost);
   }
 
   /**
@@ -315,8 +315,9 @@ export class StandbyController {
    * connection, and the primary reconnects at once to re-synchronise. Only silence past the
    * liveness timeout, with no authenticated primary back, means it is gone.
    */
-  private async failoverUnlessPrimaryReturns(link: Link, reason: string): Promise<void> {
-    const waitMs = Math.max(0, this.o.timeoutMs - link.silentMs());
+  private async failoverUnlessPrimaryReturns(link: Link, reason: string, now = false): Promise<void> {
+    // (the primary's own word that its guest died: no reason to wait for its silence)
+    const waitMs = now ? 0 : Math.max(0, this.o.timeoutMs - link.silentMs());
     log.warn(
       `link to the primary lost (${reason}); replica at checkpoint ${this.replicaEpoch}; taking over if it stays silent ${waitMs} ms more`,
     );

@@ -265,6 +265,70 @@ test('a primary paused past its lease (SIGSTOP of controller and QEMU) is taken 
   }
 });
 
+test('QEMU killed on a live primary host: its controller gives the lease up and tells the standby, which runs the guest without waiting for silence or the TTL', {
+  timeout: 240_000,
+}, async () => {
+  const rig = await witnessRig('w4');
+  const { dir, etcd, vmFile, common } = rig;
+  const portB = 20000 + Math.floor(Math.random() * 20000);
+  let sb: ReturnType<typeof events> | null = null;
+  let pr: ReturnType<typeof events> | null = null;
+  try {
+    sb = events('rubato-standby', [
+      'standby',
+      '--listen',
+      `127.0.0.1:${portB}`,
+      '--state-dir',
+      join(dir, 'b'),
+      '--no-fsync',
+      '--host',
+      'hb',
+      ...common,
+    ]);
+    const s = sb;
+    await waitFor(() => s.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
+    pr = events('rubato-protect', [
+      'protect',
+      vmFile,
+      '--standby',
+      `127.0.0.1:${portB}`,
+      '--state-dir',
+      join(dir, 'a'),
+      '--host',
+      'ha',
+      '--policy',
+      'fixed:50',
+      ...common,
+    ]);
+    const p = pr;
+    const started = await waitFor(() => p.list.find((e) => e['event'] === 'started'), 60_000, 'the VM');
+    await waitFor(() => p.list.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected');
+    const killAt = Date.now();
+    process.kill(Number(started['qemuPid']), 'SIGKILL');
+    const lost = await waitFor(
+      () => p.list.find((e) => e['event'] === 'guest-lost'),
+      10_000,
+      'the controller seeing QEMU die',
+    );
+    assert.match(String(lost['why']), /QEMU died on this host/);
+    const fo = await waitFor(() => s.list.find((e) => e['event'] === 'failover'), 20_000, 'the standby taking over');
+    const lostAt = s.list.find((e) => e['event'] === 'primary-lost');
+    assert.ok(lostAt, "declared lost on the primary's word");
+    // Its own liveness timeout (500 ms) and the lease TTL (2 s) were not waited for.
+    const detectMs = Number(lostAt['atMs']) - killAt;
+    assert.ok(detectMs < 500, `the standby heard of it ${detectMs} ms after the kill`);
+    process.stderr.write(
+      `QEMU killed: standby running the guest ${Number(fo['runningAtMs']) - killAt} ms after the kill (declared lost after ${detectMs} ms)\n`,
+    );
+    assert.deepEqual(await currentOwner(new EtcdClient([etcd.url], 500), 'w4'), { host: 'hb', generation: 2 });
+    assert.notEqual((await p.proc.exited).code, 0, 'the controller exits with an error');
+  } finally {
+    await pr?.proc.stop(3000);
+    await sb?.proc.stop(5000);
+    await rig.cleanup();
+  }
+});
+
 test('witness unavailable: a healthy protected pair keeps running (nobody goes live, nobody stops)', {
   timeout: 240_000,
 }, async () => {

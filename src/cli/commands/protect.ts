@@ -160,7 +160,11 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     timeoutMs: o.timeoutMs,
     fencing,
     ...(ownership ? { leaseCheck: (now: number) => ownership.leaseCheck(now) } : {}),
-    primary: { holdOnLossMs: o.holdMs, ...(ownership ? { generation: () => ownership.generation } : {}) },
+    primary: {
+      holdOnLossMs: o.holdMs,
+      // QEMU died here: the lease goes before the standby is told, so that its claim succeeds at once.
+      ...(ownership ? { generation: () => ownership.generation, beforeGuestLost: () => ownership.release() } : {}),
+    },
     onEvent: (e) => {
       emit(e);
       if (e.event === 'protecting') everProtected = true;
@@ -210,7 +214,9 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   // For `rubato vm list` and drains: this copy's protection state in the witness, on its own lease.
   const published = etcd ? new LeasedKeys(etcd, o.leaseTtl) : null;
   const unpublish = published ? publishStatus(published, def.name, o.host, () => p.primary.snapshot()) : () => {};
+  let shuttingDown = false;
   onShutdown(async () => {
+    shuttingDown = true;
     control.close();
     await observer.close();
     guard?.close();
@@ -220,7 +226,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     await ownership?.release();
     log.info(`VM ${def.name} stopped; the standby keeps its replica and does not take over`);
   });
-  await new Promise<void>((r) => p.vm.once('exit', () => r()));
+  const exit = await new Promise<{ code: number | null; signal: string | null }>((r) => p.vm.once('exit', r));
   const switchover = fenced && o.listen && o.standby !== 'auto';
   if (!switchover) await observer.close(); // (a host that becomes the standby keeps its endpoints)
   control.close();
@@ -230,6 +236,17 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   if (ownershipLost) {
     await p.primary.crash();
     throw ownershipLost;
+  }
+  if (!shuttingDown && !fenced && !authRefused && (exit.signal !== null || exit.code !== 0)) {
+    // QEMU died on a live host (not stopped by Rubato, not shut down by the guest): the lease goes
+    // at once, then the standby is told to take over now — no wait for silence or for the TTL.
+    const why = `the guest's QEMU died (${exit.signal ?? `exit ${exit.code}`})`;
+    await ownership?.release();
+    await p.guestLost(why); // (the controller may have told the standby already: its capture broke first)
+    throw new RubatoError(
+      'RUBATO_QEMU_EXITED',
+      `VM ${def.name}: ${why}; ${everProtected ? 'its standby takes over' : 'no standby held a replica'}`,
+    );
   }
   await p.stop();
   await ownership?.release();

@@ -55,6 +55,7 @@ export const FrameType = {
   FENCE: 40, // standby → primary: stop the guest, a failover is coming
   FENCED: 41, // primary → standby: the guest is stopped
   BYE: 50,
+  GUEST_LOST: 51, // primary → standby: the guest's QEMU died on this host (its lease is given up): take over now
 } as const;
 const TYPE_NAMES = new Map<number, string>(Object.entries(FrameType).map(([k, v]) => [v, k]));
 export const frameTypeName = (t: number): string => TYPE_NAMES.get(t) ?? `type ${t}`;
