@@ -53,6 +53,7 @@ export const FAULTS = [
   'standby-kill',
   'standby-isolate',
   'capture',
+  'etcd-down',
 ] as const;
 export type Fault = (typeof FAULTS)[number];
 
@@ -155,7 +156,16 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
   const ttl = o.leaseTtl ?? 1;
   const res: ChaosResult = {
     rounds: 0,
-    byFault: { kill: 0, partition: 0, isolate: 0, corrupt: 0, 'standby-kill': 0, 'standby-isolate': 0, capture: 0 },
+    byFault: {
+      kill: 0,
+      partition: 0,
+      isolate: 0,
+      corrupt: 0,
+      'standby-kill': 0,
+      'standby-isolate': 0,
+      capture: 0,
+      'etcd-down': 0,
+    },
     failovers: 0,
     splitBrain: -1,
     lost: -1,
@@ -361,6 +371,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
                 'standby-kill': 'host',
                 'standby-isolate': 'etcd',
                 capture: 'mid-epoch',
+                'etcd-down': 'stopped',
               } as const
             )[fault];
       status(
@@ -464,6 +475,32 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         await q.primary.stop().catch(() => {});
         q.link.close();
         pair = null; // the next round protects it with a fresh standby on the repaired host
+      } else if (fault === 'etcd-down' && etcd) {
+        // The witness itself stops answering (SIGSTOP of etcd). The pair runs on; the primary's lease
+        // lapses, so its output is held at the gate (not lost); a corrupted frame meanwhile
+        // re-synchronises the pair without stopping the guest; back, the primary claims the VM again.
+        const witnessPid = etcd.pid;
+        process.kill(witnessPid, 'SIGSTOP');
+        try {
+          await sleep(ttl * 1000);
+          const flippedAt = Date.now();
+          q.link.flipBit(randomInt(64, 64 * 1024));
+          await protectedSince(q, flippedAt, `re-protection after a corrupted frame with etcd down in round ${k}`);
+          round.reprotectMs = Date.now() - flippedAt;
+          res.reprotected++;
+          if (!(await noFailoverFor(q, o.timeoutMs * 2)))
+            throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: a failover while etcd was down`);
+          if (l.vm.exited)
+            throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the guest stopped while only etcd was down`);
+        } finally {
+          process.kill(witnessPid, 'SIGCONT');
+        }
+        if (withWitness)
+          await waitFor(
+            () => q.gEvents.find((e) => e['event'] === 'owner' && Number(e['t']) >= faultAt),
+            30_000,
+            `the primary claiming the VM again once etcd was back (round ${k})`,
+          );
       } else if (fault === 'standby-isolate') {
         // The standby cut from the witness: a healthy pair does not care.
         q.host.etcdProxy.blackhole();
