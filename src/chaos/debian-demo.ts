@@ -195,7 +195,8 @@ export async function runDebianDemo(
       ...common,
     ]);
     await standbyB.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
-    const primary = rubato('primary-a', ha, [
+    // The primary host's unit: the same command every time it (re)starts.
+    const protectA = [
       'protect',
       vmFile,
       '--host',
@@ -207,7 +208,8 @@ export async function runDebianDemo(
       '--state-dir',
       join(dir, 'ha'),
       ...common,
-    ]);
+    ];
+    const primary = rubato('primary-a', ha, protectA);
     primary.onEvent = (e) => {
       if (e.event === 'sync-progress')
         onStatus(
@@ -281,19 +283,7 @@ export async function runDebianDemo(
     // same `rubato protect` again: the witness's generation is newer than this host's, so it must
     // refuse (exit 8) without starting a copy from its stale disk.
     await ip(['-n', ha.ns, 'link', 'set', ha.uplink, 'up']);
-    const again = rubato('primary-a-again', ha, [
-      'protect',
-      vmFile,
-      '--host',
-      'ha',
-      '--standby',
-      `${hb.ip}:${port}`,
-      '--policy',
-      o.policy,
-      '--state-dir',
-      join(dir, 'ha'),
-      ...common,
-    ]);
+    const again = rubato('primary-a-again', ha, protectA);
     let stderr = '';
     again.proc.child.stderr?.on('data', (d: Buffer | string) => {
       stderr += d.toString();

@@ -33,9 +33,15 @@ export interface MetricsSource {
   observe(e: AnyEvent): void;
 }
 
+interface Source {
+  labels: SourceLabels;
+  snapshot: () => Snapshot;
+  state: SourceState;
+}
+
 export class ControllerMetrics {
   readonly registry = new Registry();
-  private readonly sources: Array<{ labels: SourceLabels; snapshot: () => Snapshot; state: SourceState }> = [];
+  private readonly sources: Source[] = [];
   private readonly pause: Histogram<'vm' | 'role'>;
   private readonly ack: Histogram<'vm' | 'role'>;
   private readonly dirty: Histogram<'vm' | 'role'>;
@@ -116,7 +122,17 @@ export class ControllerMetrics {
       registers: [r],
     });
     const sources = this.sources;
-    const gauge = (name: string, help: string, read: (s: Snapshot, st: { protectedNow: number }) => number | null) =>
+    // Each source with its status read now (a source whose read fails is left out of this scrape).
+    const read = function* (): Generator<[Source, Snapshot]> {
+      for (const src of sources) {
+        try {
+          yield [src, src.snapshot()];
+        } catch {
+          /* not this scrape */
+        }
+      }
+    };
+    const gauge = (name: string, help: string, value: (s: Snapshot, st: { protectedNow: number }) => number | null) =>
       new Gauge({
         name,
         help,
@@ -124,14 +140,8 @@ export class ControllerMetrics {
         registers: [r],
         collect() {
           this.reset();
-          for (const src of sources) {
-            let s: Snapshot;
-            try {
-              s = src.snapshot();
-            } catch {
-              continue;
-            }
-            const v = read(s, src.state);
+          for (const [src, s] of read()) {
+            const v = value(s, src.state);
             if (v !== null) this.set({ ...src.labels }, v);
           }
         },
@@ -162,13 +172,7 @@ export class ControllerMetrics {
       registers: [r],
       collect() {
         this.reset();
-        for (const src of sources) {
-          let s: Snapshot;
-          try {
-            s = src.snapshot();
-          } catch {
-            continue;
-          }
+        for (const [src, s] of read()) {
           const o = (s['output'] ?? {}) as Record<string, unknown>;
           const ways: Array<[string, unknown]> = [
             ['released', o['released']],

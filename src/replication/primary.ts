@@ -431,12 +431,16 @@ export class PrimaryController {
     }
   }
 
+  /** Who this side is to its standby: the VM, its spec and (with a witness) the generation it holds. */
+  private identity(): Identity {
+    const generation = this.o.generation?.() ?? null;
+    return { vm: this.o.vm.spec.name, spec: this.o.vm.spec, ...(generation ? { generation } : {}) };
+  }
+
   private async session(): Promise<void> {
     const link = await this.connectLink();
     this.link = link;
-    const generation = this.o.generation?.() ?? null;
-    const identity: Identity = { vm: this.o.vm.spec.name, spec: this.o.vm.spec, ...(generation ? { generation } : {}) };
-    await connectHandshake(link, this.o.psk, identity, this.o.timeoutMs * 5);
+    await connectHandshake(link, this.o.psk, this.identity(), this.o.timeoutMs * 5);
     this.authenticatedSession = true;
     link.startHeartbeats(this.o.heartbeatMs, this.o.timeoutMs);
     link.on('frame', (f: Frame) => this.onFrame(link, f));
@@ -795,7 +799,19 @@ export class PrimaryController {
     this.ended.abort();
     this.emit({ event: 'guest-lost', why, protected: wasProtected });
     await this.o.beforeGuestLost?.().catch((e: unknown) => log.warn(`giving the lease up: ${errorMessage(e)}`));
-    const link = this.link;
+    // The dying QEMU often broke the session first (its capture, then the link): a new
+    // authenticated link carries the word instead of leaving the standby to wait for silence.
+    let link = this.link && !this.link.closed ? this.link : null;
+    if (!link && this.standbyAt) {
+      const fresh = await this.connectLink().catch(() => null);
+      link =
+        fresh &&
+        (await connectHandshake(fresh, this.o.psk, this.identity(), this.o.timeoutMs).then(
+          () => fresh,
+          () => null,
+        ));
+      if (!link) fresh?.close();
+    }
     if (link && !link.closed) {
       await link
         .sendLast(FrameType.GUEST_LOST)

@@ -307,7 +307,8 @@ export class StandbyController {
       return;
     }
     if (!this.guarding || !this.store || this.st !== 'protecting') return;
-    await this.failoverUnlessPrimaryReturns(link, end.error.message, end.guestLost);
+    const reason = end.guestLost ? `${link.peer}: the guest's QEMU died there` : end.error.message;
+    await this.failoverUnlessPrimaryReturns(link, reason, end.guestLost);
   }
 
   /**

@@ -104,47 +104,15 @@ test('witness with the product commands: a cut replication link leaves one live 
   timeout: 240_000,
 }, async () => {
   const rig = await witnessRig('w1');
-  const { dir, etcd, vmFile, common } = rig;
-  const portB = 20000 + Math.floor(Math.random() * 20000);
-  const link = new CuttableProxy(portB);
-  let sb: ReturnType<typeof events> | null = null;
-  let pr: ReturnType<typeof events> | null = null;
+  const { etcd } = rig;
+  const link = new CuttableProxy(0); // (aimed at the standby once it listens)
   const direct = new EtcdClient([etcd.url], 500);
   try {
-    await link.listen();
-    sb = events('rubato-standby', [
-      'standby',
-      '--listen',
-      `127.0.0.1:${portB}`,
-      '--state-dir',
-      join(dir, 'b'),
-      '--no-fsync',
-      '--host',
-      'hb',
-      ...common,
-    ]);
-    const s = sb;
-    await waitFor(() => s.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
-    pr = events('rubato-protect', [
-      'protect',
-      vmFile,
-      '--standby',
-      `127.0.0.1:${link.port}`,
-      '--state-dir',
-      join(dir, 'a'),
-      '--host',
-      'ha',
-      '--policy',
-      'fixed:50',
-      ...common,
-    ]);
-    const p = pr;
-    assert.equal(
-      (await waitFor(() => p.list.find((e) => e['event'] === 'owner'), 60_000, 'ownership'))['generation'],
-      1,
-    );
-    const started = await waitFor(() => p.list.find((e) => e['event'] === 'started'), 60_000, 'the VM');
-    await waitFor(() => p.list.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected');
+    const { s, p, started } = await rig.pair(async (standbyPort) => {
+      link.targetPort = standbyPort;
+      return link.listen();
+    });
+    assert.equal(p.list.find((e) => e['event'] === 'owner')?.['generation'], 1);
 
     // Both hosts alive, the replication link cut: the standby loses its primary, but the witness says it lives.
     link.blackhole();
@@ -185,8 +153,6 @@ test('witness with the product commands: a cut replication link leaves one live 
     );
   } finally {
     link.close();
-    await pr?.proc.stop(3000);
-    await sb?.proc.stop(5000);
     await rig.cleanup();
   }
 });
@@ -195,41 +161,10 @@ test('a primary paused past its lease (SIGSTOP of controller and QEMU) is taken 
   timeout: 240_000,
 }, async () => {
   const rig = await witnessRig('w3');
-  const { dir, etcd, vmFile, common } = rig;
-  const portB = 20000 + Math.floor(Math.random() * 20000);
-  let sb: ReturnType<typeof events> | null = null;
-  let pr: ReturnType<typeof events> | null = null;
+  const { etcd } = rig;
   let stopped: number[] = [];
   try {
-    sb = events('rubato-standby', [
-      'standby',
-      '--listen',
-      `127.0.0.1:${portB}`,
-      '--state-dir',
-      join(dir, 'b'),
-      '--no-fsync',
-      '--host',
-      'hb',
-      ...common,
-    ]);
-    const s = sb;
-    await waitFor(() => s.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
-    pr = events('rubato-protect', [
-      'protect',
-      vmFile,
-      '--standby',
-      `127.0.0.1:${portB}`,
-      '--state-dir',
-      join(dir, 'a'),
-      '--host',
-      'ha',
-      '--policy',
-      'fixed:50',
-      ...common,
-    ]);
-    const p = pr;
-    const started = await waitFor(() => p.list.find((e) => e['event'] === 'started'), 60_000, 'the VM');
-    await waitFor(() => p.list.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected');
+    const { s, p, started } = await rig.pair();
     const qemu = Number(started['qemuPid']);
     // The whole primary side freezes (a frozen host, a long stall): no renewal, no heartbeat.
     stopped = [p.proc.pid, qemu];
@@ -259,8 +194,6 @@ test('a primary paused past its lease (SIGSTOP of controller and QEMU) is taken 
     assert.ok(Number(fo['runningAtMs']) > 0);
   } finally {
     for (const pid of stopped) process.kill(pid, 'SIGCONT');
-    await pr?.proc.stop(3000);
-    await sb?.proc.stop(5000);
     await rig.cleanup();
   }
 });
@@ -269,40 +202,9 @@ test('QEMU killed on a live primary host: its controller gives the lease up and 
   timeout: 240_000,
 }, async () => {
   const rig = await witnessRig('w4');
-  const { dir, etcd, vmFile, common } = rig;
-  const portB = 20000 + Math.floor(Math.random() * 20000);
-  let sb: ReturnType<typeof events> | null = null;
-  let pr: ReturnType<typeof events> | null = null;
+  const { etcd } = rig;
   try {
-    sb = events('rubato-standby', [
-      'standby',
-      '--listen',
-      `127.0.0.1:${portB}`,
-      '--state-dir',
-      join(dir, 'b'),
-      '--no-fsync',
-      '--host',
-      'hb',
-      ...common,
-    ]);
-    const s = sb;
-    await waitFor(() => s.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
-    pr = events('rubato-protect', [
-      'protect',
-      vmFile,
-      '--standby',
-      `127.0.0.1:${portB}`,
-      '--state-dir',
-      join(dir, 'a'),
-      '--host',
-      'ha',
-      '--policy',
-      'fixed:50',
-      ...common,
-    ]);
-    const p = pr;
-    const started = await waitFor(() => p.list.find((e) => e['event'] === 'started'), 60_000, 'the VM');
-    await waitFor(() => p.list.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected');
+    const { s, p, started } = await rig.pair();
     const killAt = Date.now();
     process.kill(Number(started['qemuPid']), 'SIGKILL');
     const lost = await waitFor(
@@ -314,17 +216,15 @@ test('QEMU killed on a live primary host: its controller gives the lease up and 
     const fo = await waitFor(() => s.list.find((e) => e['event'] === 'failover'), 20_000, 'the standby taking over');
     const lostAt = s.list.find((e) => e['event'] === 'primary-lost');
     assert.ok(lostAt, "declared lost on the primary's word");
-    // Its own liveness timeout (500 ms) and the lease TTL (2 s) were not waited for.
+    // On the primary's word, not its silence: no liveness timeout (500 ms) or lease TTL (2 s) waited out.
+    assert.match(String(lostAt['reason']), /QEMU died there/);
     const detectMs = Number(lostAt['atMs']) - killAt;
-    assert.ok(detectMs < 500, `the standby heard of it ${detectMs} ms after the kill`);
     process.stderr.write(
       `QEMU killed: standby running the guest ${Number(fo['runningAtMs']) - killAt} ms after the kill (declared lost after ${detectMs} ms)\n`,
     );
     assert.deepEqual(await currentOwner(new EtcdClient([etcd.url], 500), 'w4'), { host: 'hb', generation: 2 });
     assert.notEqual((await p.proc.exited).code, 0, 'the controller exits with an error');
   } finally {
-    await pr?.proc.stop(3000);
-    await sb?.proc.stop(5000);
     await rig.cleanup();
   }
 });
@@ -333,40 +233,9 @@ test('witness unavailable: a healthy protected pair keeps running (nobody goes l
   timeout: 240_000,
 }, async () => {
   const rig = await witnessRig('w2');
-  const { dir, etcd, vmFile, common } = rig;
-  const portB = 20000 + Math.floor(Math.random() * 20000);
-  let sb: ReturnType<typeof events> | null = null;
-  let pr: ReturnType<typeof events> | null = null;
+  const { etcd } = rig;
   try {
-    sb = events('rubato-standby', [
-      'standby',
-      '--listen',
-      `127.0.0.1:${portB}`,
-      '--state-dir',
-      join(dir, 'b'),
-      '--no-fsync',
-      '--host',
-      'hb',
-      ...common,
-    ]);
-    const s = sb;
-    await waitFor(() => s.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
-    pr = events('rubato-protect', [
-      'protect',
-      vmFile,
-      '--standby',
-      `127.0.0.1:${portB}`,
-      '--state-dir',
-      join(dir, 'a'),
-      '--host',
-      'ha',
-      '--policy',
-      'fixed:50',
-      ...common,
-    ]);
-    const p = pr;
-    const started = await waitFor(() => p.list.find((e) => e['event'] === 'started'), 60_000, 'the VM');
-    await waitFor(() => p.list.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected');
+    const { s, p, started } = await rig.pair();
     await etcd.stop();
     await waitFor(
       () => p.list.find((e) => e['event'] === 'witness-lost'),
@@ -388,8 +257,6 @@ test('witness unavailable: a healthy protected pair keeps running (nobody goes l
     p.proc.kill('SIGTERM');
     assert.equal((await p.proc.exited).code, 0, 'an orderly stop still exits 0');
   } finally {
-    await pr?.proc.stop(3000);
-    await sb?.proc.stop(5000);
     await rig.cleanup();
   }
 });
@@ -433,12 +300,53 @@ async function witnessRig(vm: string) {
     '--timeout-ms',
     '500',
   ];
+  const procs: TrackedProcess[] = [];
+  /**
+   * A protected pair of the product commands: `rubato standby` (hb) and `rubato protect` (ha), its
+   * link through `via` when given (a proxy in front of the standby's port); resolves once protected.
+   */
+  const pair = async (via?: (standbyPort: number) => Promise<number>) => {
+    const portB = 20000 + Math.floor(Math.random() * 20000);
+    const sb = events('rubato-standby', [
+      'standby',
+      '--listen',
+      `127.0.0.1:${portB}`,
+      '--state-dir',
+      join(dir, 'b'),
+      '--no-fsync',
+      '--host',
+      'hb',
+      ...common,
+    ]);
+    procs.push(sb.proc);
+    await waitFor(() => sb.list.find((e) => e['event'] === 'listening'), 30_000, 'the standby listening');
+    const port = via ? await via(portB) : portB;
+    const pr = events('rubato-protect', [
+      'protect',
+      vmFile,
+      '--standby',
+      `127.0.0.1:${port}`,
+      '--state-dir',
+      join(dir, 'a'),
+      '--host',
+      'ha',
+      '--policy',
+      'fixed:50',
+      ...common,
+    ]);
+    procs.unshift(pr.proc); // (stopped first: the standby is told, and does not take over)
+    const started = await waitFor(() => pr.list.find((e) => e['event'] === 'started'), 60_000, 'the VM');
+    await waitFor(() => pr.list.find((e) => e['event'] === 'acked' && Number(e['epoch']) >= 3), 120_000, 'protected');
+    return { s: sb, p: pr, started };
+  };
   return {
     dir,
     etcd,
     vmFile,
     common,
+    pair,
     cleanup: async () => {
+      for (const p of procs) await p.stop(5000);
       await etcd.stop();
       removeTempDir(dir);
     },
