@@ -341,13 +341,15 @@ export async function runEvaluation(o: EvaluateOptions): Promise<Record<string, 
         ', ',
       )}). Of the ${agreement.predictedComparisons} predicted comparisons of checkpoints/s, paused fraction and latency, **${agreement.within} are within tolerance**. Throughput overhead is shown but not counted: live progress is measured only to about the spread of the unreplicated phases around each cell (given per cell), often more than the overhead itself. The vCPU extrapolation is not counted where the vCPUs outnumber the host's cores (it assumes a core per vCPU).`,
     '',
-    `How well the live runs agree with themselves: the unlimited and 10gbit classes both carry far more than any workload ships, so each workload and policy measured on both is one configuration measured twice. Over ${agreement.liveRepeatability.pairs} such pairs the median difference is ${Object.entries(
-      agreement.liveRepeatability.medianRelativeDifference,
-    )
-      .map(([m, d]) => `${round(d * 100, 1)}% in ${m}`)
-      .join(
-        ', ',
-      )}. Counting a prediction as agreeing when its error is within ±15% or within that configuration's own live difference, ${agreement.withinLiveRepeatability} of ${agreement.predictedComparisons} agree.`,
+    agreement.liveRepeatability.pairs === 0
+      ? `How well the live runs agree with themselves is not measured here: no workload and policy ran on both the unlimited and the 10gbit class (a quick run measures one). Counting a prediction as agreeing when its error is within ±15%, ${agreement.withinLiveRepeatability} of ${agreement.predictedComparisons} agree.`
+      : `How well the live runs agree with themselves: the unlimited and 10gbit classes both carry far more than any workload ships, so each workload and policy measured on both is one configuration measured twice. Over ${agreement.liveRepeatability.pairs} such pairs the median difference is ${Object.entries(
+          agreement.liveRepeatability.medianRelativeDifference,
+        )
+          .map(([m, d]) => `${round(d * 100, 1)}% in ${m}`)
+          .join(
+            ', ',
+          )}. Counting a prediction as agreeing when its error is within ±15% or within that configuration's own live difference, ${agreement.withinLiveRepeatability} of ${agreement.predictedComparisons} agree.`,
     '',
     '| workload | policy | link | role | metric | live | simulated | rel. error | tolerance | within |',
     '|---|---|---|---|---|---|---|---|---|---|',

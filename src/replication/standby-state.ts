@@ -17,6 +17,7 @@ export type StandbyState = 'waiting' | 'syncing' | 'protecting' | 'activating' |
 export type StandbyInput =
   | 'base-begin' // a primary starts sending its full image
   | 'base-installed' // the full image is the replica now (epoch 0)
+  | 'replica-recovered' // at start-up, a replica kept on disk from before (it guards nothing until a primary connects)
   | 'sync-abandoned' // the session ended before the full image was complete
   | 'failover-begin' // the gate allowed a failover (primary lost, or an operator asked)
   | 'failover-done' // the guest runs here
@@ -28,6 +29,7 @@ type Target = StandbyState | ((c: { hasReplica: boolean }) => StandbyState);
 export const STANDBY_TRANSITIONS: Record<StandbyInput, { from: readonly StandbyState[]; to: Target }> = {
   'base-begin': { from: ['waiting', 'syncing', 'protecting'], to: 'syncing' },
   'base-installed': { from: ['syncing'], to: 'protecting' },
+  'replica-recovered': { from: ['waiting'], to: 'protecting' },
   'sync-abandoned': { from: ['syncing'], to: (c) => (c.hasReplica ? 'protecting' : 'waiting') },
   'failover-begin': { from: ['protecting', 'syncing'], to: 'activating' },
   'failover-done': { from: ['activating'], to: 'active' },

@@ -181,7 +181,7 @@ export class StandbyController {
       this.store = await ReplicaStore.open(this.replicaDir, { fsync: this.o.fsync ?? true });
       this.identity = readIdentity(join(this.o.stateDir, 'vm.json'));
       this.highestGeneration = this.identity.generation ?? 0;
-      this.st = 'protecting';
+      this.go('replica-recovered');
       // Under memory durability it may be older than checkpoints acknowledged before this restart.
       this.recoveredMayLag = (this.o.durability ?? 'memory') === 'memory';
       // A replica recovered at start-up guards nothing until a primary connects (no failover on our own start).

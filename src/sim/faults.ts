@@ -768,7 +768,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
       kind: 'standby',
       host: h,
       incarnation: incarnation[h],
-      st: replica ? 'protecting' : 'waiting',
+      st: replica ? nextStandbyState('waiting', 'replica-recovered', { hasReplica: true }) : 'waiting',
       holder: null,
       replica,
       acked: replica ? replica.accepted : null,

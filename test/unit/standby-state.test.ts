@@ -17,6 +17,9 @@ test('standby: the table is the only way between states; anything else is caught
   assert.equal(nextStandbyState('activating', 'failover-failed', { hasReplica: true }), 'protecting');
   assert.throws(() => nextStandbyState('active', 'base-begin', { hasReplica: true }), /invariant/);
   assert.throws(() => nextStandbyState('waiting', 'failover-done', { hasReplica: false }), /invariant/);
+  // a replica kept on disk is taken up only at start-up, never over a running session
+  assert.equal(nextStandbyState('waiting', 'replica-recovered', { hasReplica: true }), 'protecting');
+  assert.throws(() => nextStandbyState('syncing', 'replica-recovered', { hasReplica: true }), /invariant/);
   for (const s of ALL) assert.equal(nextStandbyState(s, 'stop', { hasReplica: true }), 'stopped');
   // a running guest or a failover under way never takes a primary's stream
   assert.deepEqual(ALL.filter(acceptsPrimary), ['waiting', 'syncing', 'protecting']);
