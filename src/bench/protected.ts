@@ -1,6 +1,6 @@
 import type { QemuVm } from '../qemu/index.ts';
+import { startPrimarySide } from '../host/index.ts';
 import {
-  PrimaryController,
   type PrimaryEvent,
   loadKeyFile,
   type LatencyBreakdown,
@@ -48,25 +48,25 @@ export async function protect(
   const standby = await startStandbyProcess(dir, tag, where, durability);
   const events: PrimaryEvent[] = [];
   const observer = observing(trace, latency);
-  const primary = new PrimaryController({
+  // (one pair on one machine, measuring replication: no witness)
+  const { primary } = startPrimarySide({
     vm,
     runDir: dir,
     standby: { host: standby.host, port: standby.port },
     psk: loadKeyFile(standby.keyFile),
-    periodMs: 25,
     heartbeatMs: 50,
     timeoutMs: 1000,
     retryMs: 300,
     policy: parsePolicy(policy),
     onEvent: (e) => events.push(e),
-    ...(io ? { relay: io.relay, nbd: io.nbd } : {}),
-    ...(observer ? { observer } : {}),
+    io: { relay: io?.relay ?? null, nbd: io?.nbd ?? null },
+    ownership: null,
+    ...(observer ? { more: { observer } } : {}),
   });
   const stop = async () => {
     await primary.stop();
     await standby.stop();
   };
-  primary.start();
   try {
     await waitFor(() => events.find((e) => e.event === 'protecting'), 120_000, 'protection');
   } catch (e) {

@@ -4,6 +4,7 @@
 // `pgbench` (TPC-B-like, 8 clients). The same booted guest runs unreplicated and under each
 // policy, interleaved (U P1 U P2 U …), per vCPU count. Latencies are the clients' own numbers.
 
+import { startPrimarySide } from '../host/index.ts';
 import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import {
@@ -29,7 +30,6 @@ import {
   type Breakdown,
   StandbyController,
   DISK_BLOCK_ID,
-  PrimaryController,
 } from '../replication/index.ts';
 
 /** A breakdown's segment means (ms), which add up to `total`. */
@@ -585,23 +585,21 @@ export async function runFailoverUnderLoad(o: {
       await standby.start();
       stops.push(() => standby.stop());
       let protectedNow = false;
-      const primary = new PrimaryController({
+      const { primary } = startPrimarySide({
         vm: live.vm,
         runDir: dir,
         standby: { host: '127.0.0.1', port: standby.boundPort },
         psk,
-        periodMs: 25,
         heartbeatMs: 50,
         timeoutMs: 500,
         retryMs: 300,
-        relay: live.io.relay,
-        nbd: live.io.nbd,
+        io: { relay: live.io.relay, nbd: live.io.nbd },
+        ownership: null,
         policy: parsePolicy('model'),
         onEvent: (e) => {
           if (e.event === 'protecting') protectedNow = true;
         },
       });
-      primary.start();
       stops.push(() => primary.stop());
       await waitFor(() => protectedNow, 120_000, 'protection of the guest');
       status(`${clientName} against the guest; the primary host dies ${Math.round(o.seconds / 3)} s in`);

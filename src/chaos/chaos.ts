@@ -21,7 +21,7 @@ import { ensurePackages, ensureServiceClients, ensureTapRelay } from '../setup/i
 import type { AccelChoice, QemuVm } from '../qemu/index.ts';
 import { type LanHost, GuestIo } from '../io/index.ts';
 import {
-  PrimaryController,
+  type PrimaryController,
   DISK_BLOCK_ID,
   type PrimaryEvent,
   StandbyController,
@@ -34,10 +34,10 @@ import {
   Ownership,
   witnessGate,
   type WitnessGate,
-  guardOwnership,
   type OwnershipGuard,
 } from '../coord/index.ts';
 import { ReleaseGate } from '../commit/index.ts';
+import { startPrimarySide } from '../host/index.ts';
 import { ThreadedProxy } from './fault-proxy.ts';
 import { startDebianRig } from './debian-rig.ts';
 import { clientProcess, startKvRig, stopKvRig, type KvRig } from './kv-rig.ts';
@@ -290,40 +290,34 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         await standby.stop(); // nothing of a pair that never formed outlives it
         throw e;
       }
-      const primary = new PrimaryController({
+      // The product's wiring (host/primary-side.ts): gate, guard, generation, a dying QEMU's word.
+      const side = startPrimarySide({
         vm: l.vm,
         runDir: dir,
         standby: { host: '127.0.0.1', port: link.port },
         psk,
-        periodMs: 25,
         heartbeatMs: 50,
         timeoutMs: o.timeoutMs,
         retryMs: 300,
-        relay: l.io.relay,
-        nbd: l.io.nbd,
+        io: { relay: l.io.relay, nbd: l.io.nbd },
         policy: parsePolicy(o.policy),
-        generation: () => l.ownership?.generation ?? 0,
-        // A capture failure on the primary (QEMU's stream breaks mid-epoch), once when asked.
-        fault: (point) => {
-          if (point === 'mid-epoch' && failCapture) {
-            failCapture = false;
-            throw new RubatoError('RUBATO_PROTOCOL', 'injected capture failure');
-          }
+        ownership: l.ownership,
+        more: {
+          // A capture failure on the primary (QEMU's stream breaks mid-epoch), once when asked.
+          fault: (point) => {
+            if (point === 'mid-epoch' && failCapture) {
+              failCapture = false;
+              throw new RubatoError('RUBATO_PROTOCOL', 'injected capture failure');
+            }
+          },
         },
         onEvent: (e) => {
           pEvents.push({ ...e, t: Date.now() });
         },
+        onGuardEvent: (e) => gEvents.push({ ...e, t: Date.now() }),
       });
-      guard = l.ownership
-        ? guardOwnership(l.ownership, {
-            protected: () => primary.protected,
-            emit: (e) => gEvents.push({ ...e, t: Date.now() }),
-            stopGuest: () => {
-              void primary.crash();
-            },
-          })
-        : null;
-      primary.start();
+      const primary = side.primary;
+      guard = side.guard;
       return {
         primary,
         standby,

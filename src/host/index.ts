@@ -2,3 +2,5 @@
 
 export { claimBeforeStart, heldGeneration, recordGeneration } from './claim.ts';
 export { protectVm, restoreIo, specOf } from './protect.ts';
+export { startPrimarySide } from './primary-side.ts';
+export type { PrimarySide, PrimarySideOptions } from './primary-side.ts';

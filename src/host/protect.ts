@@ -10,7 +10,7 @@ import { QemuVm, type QemuBinary, VmSpecSchema, type Accel, type VmSpec, type Re
 import { prepareDisk, type PreparedDisk, NbdServer, GuestIo } from '../io/index.ts';
 import {
   DISK_BLOCK_ID,
-  PrimaryController,
+  type PrimaryController,
   type PrimaryEvent,
   type PrimaryOptions,
   type ReplicaStore,
@@ -18,7 +18,8 @@ import {
 } from '../replication/index.ts';
 import type { Policy } from '../scheduler/index.ts';
 import { ReleaseGate, type LeaseCheck } from '../commit/index.ts';
-import type { Fencing } from '../coord/index.ts';
+import type { Ownership, OwnershipGuard } from '../coord/index.ts';
+import { startPrimarySide, type PrimarySideOptions } from './primary-side.ts';
 
 const log = logger('protect');
 
@@ -94,9 +95,10 @@ export interface ProtectOptions {
   heartbeatMs: number;
   timeoutMs: number;
   onEvent: (e: PrimaryEvent) => void;
-  /** How the VM is fenced (shown in status); with the witness, `leaseCheck` gates every frame leaving. */
-  fencing: Fencing;
-  leaseCheck?: LeaseCheck;
+  /** The VM's ownership in the witness (null: --no-witness): it gates every frame leaving, from QEMU's start. */
+  ownership: Ownership | null;
+  onGuardEvent?: PrimarySideOptions['onGuardEvent'];
+  stopGuest?: PrimarySideOptions['stopGuest'];
   /** The TAP helper's binary (setup's, resolved when the command starts). */
   tapRelay: string;
   ns?: string;
@@ -107,6 +109,7 @@ export interface ProtectOptions {
 export interface ProtectedVm {
   vm: QemuVm;
   primary: PrimaryController;
+  guard: OwnershipGuard | null;
   disk: PreparedDisk | null;
   /** Orderly end: the standby is told (no failover), the guest stops, I/O and claims released. */
   stop(): Promise<void>;
@@ -128,7 +131,8 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   let vm: QemuVm | null = null;
   try {
     io = await startHostIo(spec, runDir, o.def.name, disk?.path ?? null, o.tapRelay, o.ns);
-    if (io.relay && o.leaseCheck) io.relay.gate = new ReleaseGate(o.leaseCheck);
+    const ownership = o.ownership;
+    if (io.relay && ownership) io.relay.gate = new ReleaseGate((now) => ownership.leaseCheck(now));
     vm = await QemuVm.start(spec, {
       binary: o.binary,
       runDir,
@@ -141,23 +145,21 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
     disk?.release();
     throw e;
   }
-  const primary = new PrimaryController({
+  const { primary, guard } = startPrimarySide({
     vm,
     runDir,
     standby: o.standby,
     psk: o.psk,
-    periodMs: 25,
     policy: o.policy,
-    fencing: o.fencing,
     heartbeatMs: o.heartbeatMs,
     timeoutMs: o.timeoutMs,
-    retryMs: 1000,
-    ...(io.relay ? { relay: io.relay } : {}),
-    nbd: io.nbd,
+    io: { relay: io.relay ?? null, nbd: io.nbd },
+    ownership: o.ownership,
     onEvent: o.onEvent,
-    ...o.primary,
+    ...(o.onGuardEvent ? { onGuardEvent: o.onGuardEvent } : {}),
+    ...(o.stopGuest ? { stopGuest: o.stopGuest } : {}),
+    ...(o.primary ? { more: o.primary } : {}),
   });
-  primary.start();
   const ioRef = io;
   const vmRef = vm;
   let stopping: Promise<void> | null = null;
@@ -173,6 +175,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   return {
     vm,
     primary,
+    guard,
     disk,
     stop: () => (stopping ??= end(() => primary.stop())),
     guestLost: (why) => (stopping ??= end(() => primary.guestLost(why))),

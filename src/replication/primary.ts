@@ -747,6 +747,7 @@ export class PrimaryController {
 
   /** Orderly end: the standby is told (BYE), keeps its replica and does not fail over. */
   async stop(): Promise<void> {
+    if (this.lostGuest) return this.guestLost(''); // (its held output is dropped, never released)
     this.stopped = true;
     this.cancelHoldTimer();
     this.ended.abort();

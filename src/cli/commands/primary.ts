@@ -7,7 +7,7 @@ import type { Command } from 'commander';
 import { logger, onShutdown } from '../../util/index.ts';
 import { VmName, guestAppend, type ResolvedVm } from '../../qemu/index.ts';
 import { protectVm, claimBeforeStart } from '../../host/index.ts';
-import { EtcdClient, guardOwnership } from '../../coord/index.ts';
+import { EtcdClient } from '../../coord/index.ts';
 import { loadKeyFile } from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import {
@@ -104,7 +104,6 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
     : null;
   const ownership = claimed?.ownership ?? null;
   if (claimed) emit({ event: 'owner', host: o.host, generation: claimed.generation });
-  let guard: ReturnType<typeof guardOwnership> | null = null;
   const p = await protectVm({
     def,
     accel,
@@ -116,33 +115,25 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
     policy: parsePolicy(o.policy),
     heartbeatMs: o.heartbeatMs,
     timeoutMs: o.timeoutMs,
-    fencing,
-    ...(ownership ? { leaseCheck: (now: number) => ownership.leaseCheck(now) } : {}),
-    primary: { holdOnLossMs: o.holdMs, ...(ownership ? { generation: () => ownership.generation } : {}) },
+    ownership,
+    primary: { holdOnLossMs: o.holdMs },
+    onGuardEvent: emit,
     onEvent: (e) => {
       emit(e);
       if (e.event === 'fenced') void ownership?.release();
       if (!o.events && e.event === 'status') log.info(statusLine(o.policy, e));
     },
   });
-  if (ownership)
-    guard = guardOwnership(ownership, {
-      protected: () => p.primary.protected,
-      emit,
-      stopGuest: () => {
-        void p.vm.kill();
-      },
-    });
   emit({ event: 'started', vm: o.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel });
   onShutdown(async () => {
-    guard?.close();
+    p.guard?.close();
     await p.stop();
     await ownership?.release();
     log.info(`guest ${o.name} stopped; the standby keeps its replica and does not take over`);
   });
   await new Promise<void>((r) => p.vm.once('exit', () => r()));
   log.warn(`guest ${o.name} exited; primary controller stops`);
-  guard?.close();
+  p.guard?.close();
   await p.stop();
   await ownership?.release();
 }

@@ -31,14 +31,7 @@ import {
   withLinkOptions,
   withWitnessOptions,
 } from '../options.ts';
-import {
-  EtcdClient,
-  LeasedKeys,
-  publishStatus,
-  standbyLookup,
-  guardOwnership,
-  type OwnershipGuard,
-} from '../../coord/index.ts';
+import { EtcdClient, LeasedKeys, publishStatus, standbyLookup } from '../../coord/index.ts';
 
 const log = logger('rubato');
 
@@ -143,7 +136,6 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   if (claimed) emit({ event: 'owner', host: o.host, generation: claimed.generation });
   // (declared before the controller starts: its events may need them at once)
   let ownershipLost: RubatoError | null = null;
-  let guard: OwnershipGuard | null = null;
   let authRefused: RubatoError | null = null;
   let everProtected = false;
   let fenced = false;
@@ -158,12 +150,19 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     policy: parsePolicy(o.policy),
     heartbeatMs: o.heartbeatMs,
     timeoutMs: o.timeoutMs,
-    fencing,
-    ...(ownership ? { leaseCheck: (now: number) => ownership.leaseCheck(now) } : {}),
-    primary: {
-      holdOnLossMs: o.holdMs,
-      // QEMU died here: the lease goes before the standby is told, so that its claim succeeds at once.
-      ...(ownership ? { generation: () => ownership.generation, beforeGuestLost: () => ownership.release() } : {}),
+    ownership,
+    primary: { holdOnLossMs: o.holdMs },
+    onGuardEvent: (e) => {
+      emit(e);
+      if (e['event'] === 'owner' && typeof e['generation'] === 'number')
+        void recordGeneration(stateDir, e['generation']);
+    },
+    stopGuest: (why, primary) => {
+      ownershipLost = new RubatoError(
+        'RUBATO_VM_OWNED',
+        `VM ${def.name}: ${why}; its guest was stopped so that no second copy can run`,
+      );
+      void primary.crash();
     },
     onEvent: (e) => {
       emit(e);
@@ -192,23 +191,6 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     accel,
     disk: p.disk?.path ?? null,
   });
-  if (ownership) {
-    guard = guardOwnership(ownership, {
-      protected: () => p.primary.protected,
-      emit: (e) => {
-        emit(e);
-        if (e['event'] === 'owner' && typeof e['generation'] === 'number')
-          void recordGeneration(stateDir, e['generation']);
-      },
-      stopGuest: (why) => {
-        ownershipLost = new RubatoError(
-          'RUBATO_VM_OWNED',
-          `VM ${def.name}: ${why}; its guest was stopped so that no second copy can run`,
-        );
-        void p.vm.kill();
-      },
-    });
-  }
   const control = new ControlSocket(join(stateDir, 'control.sock'), { status: () => p.primary.snapshot() });
   await control.start();
   // For `rubato vm list` and drains: this copy's protection state in the witness, on its own lease.
@@ -219,7 +201,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     shuttingDown = true;
     control.close();
     await observer.close();
-    guard?.close();
+    p.guard?.close();
     unpublish();
     await published?.close();
     await p.stop();
@@ -230,7 +212,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const switchover = fenced && o.listen && o.standby !== 'auto';
   if (!switchover) await observer.close(); // (a host that becomes the standby keeps its endpoints)
   control.close();
-  guard?.close();
+  p.guard?.close();
   unpublish();
   await published?.close();
   if (ownershipLost) {

@@ -8,9 +8,9 @@ import { z } from 'zod';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { logger, onShutdown, RubatoError } from '../../util/index.ts';
-import { StandbyController, PrimaryController, loadKeyFile, type Durability } from '../../replication/index.ts';
+import { StandbyController, type PrimaryController, loadKeyFile, type Durability } from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
-import { restoreIo } from '../../host/index.ts';
+import { restoreIo, startPrimarySide } from '../../host/index.ts';
 import {
   DURABILITY,
   LINK,
@@ -185,45 +185,38 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
       const vm = standby.vm;
       const hostIo = io.current();
       if (published && o.vm) void published.delete(KEYS.endpoint(o.vm)).catch(() => {}); // not a standby any more
-      if (gate && vm) {
-        // This host holds the VM now: losing the witness while alone stops the guest (another host may take over).
-        guard = guardOwnership(gate.ownership(vm.spec.name), {
-          protected: () => primary?.protected ?? false,
-          emit,
-          stopGuest: () => {
-            void primary?.crash();
-            void vm.kill();
-          },
-        });
+      const ownership = gate && vm ? gate.ownership(vm.spec.name) : null;
+      if (!o.peer || !vm || !hostIo) {
+        // Not re-protected: the guest runs here alone; the witness still guards it (fenced on a lost
+        // lease, stopped once another copy took over).
+        if (ownership && vm)
+          guard = guardOwnership(ownership, { protected: () => false, emit, stopGuest: () => void vm.kill() });
+        return;
       }
-      if (!o.peer || !vm || !hostIo) return;
       const peer = o.peer === 'auto' ? standbyLookup(etcd!, vm.spec.name, o.host) : o.peer;
       log.info(
         `re-protecting the guest with ${o.peer === 'auto' ? 'the standby the witness names' : `the standby at ${o.peer.host}:${o.peer.port}`} (unprotected until it answers)`,
       );
-      primary = new PrimaryController({
+      const side = startPrimarySide({
         vm,
         runDir: join(stateDir, 'run'),
         standby: peer,
         psk,
-        periodMs: 25,
         policy: parsePolicy(o.policy),
         heartbeatMs: o.heartbeatMs,
         timeoutMs: o.timeoutMs,
-        retryMs: 1000,
-        holdOnLossMs: o.holdMs,
-        fencing: gate ? 'witness' : 'none',
-        ...(hostIo.relay ? { relay: hostIo.relay } : {}),
-        nbd: hostIo.nbd,
-        ...(gate ? { generation: () => gate.ownership(vm.spec.name).generation } : {}),
+        io: { relay: hostIo.relay ?? null, nbd: hostIo.nbd },
+        ownership,
+        more: { holdOnLossMs: o.holdMs },
+        onGuardEvent: emit,
         // (the guest's console lines are the standby controller's events already)
         onEvent: (pe) => {
           if (pe.event !== 'guest') emit(pe.event === 'protecting' ? { ...pe, event: 'reprotected' } : pe);
         },
       });
-      primary.start();
-      const pr = primary;
-      if (published) unpublish = publishStatus(published, vm.spec.name, o.host, () => pr.snapshot());
+      primary = side.primary;
+      guard = side.guard;
+      if (published) unpublish = publishStatus(published, vm.spec.name, o.host, () => side.primary.snapshot());
     },
   });
   onShutdown(async () => {
