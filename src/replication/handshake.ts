@@ -5,7 +5,15 @@
 import { randomBytes } from 'node:crypto';
 import { RubatoError } from '../util/index.ts';
 import type { Link } from './link.ts';
-import { FrameType, frameTypeName, proof, proofEquals, sessionKeys } from './protocol/frame.ts';
+import {
+  FrameType,
+  REJECT_TAG_BYTES,
+  frameTypeName,
+  proof,
+  proofEquals,
+  rejectTag,
+  sessionKeys,
+} from './protocol/frame.ts';
 import {
   NONCE_BYTES,
   decodeChallenge,
@@ -41,7 +49,8 @@ export async function acceptHandshake(
   if (f.type !== FrameType.HELLO) throw refuse(link, `expected HELLO, got ${frameTypeName(f.type)}`);
   const h = decodeHello(f.payload);
   if (!proofEquals(h.proof, proof(psk, 'primary', nonceS, h.nonce))) {
-    throw refuse(link, "authentication failed (the primary does not hold this standby's key)", 'RUBATO_AUTH_FAILED');
+    // (it decrypted under the key: a HELLO of another session, replayed; not bound, nothing to bind to)
+    throw refuse(link, 'a HELLO that does not answer this challenge (replayed?)', 'RUBATO_AUTH_FAILED');
   }
   const generation = h.identity.generation ?? 0;
   if ((f.generation ?? 0) !== generation)
@@ -49,7 +58,7 @@ export async function acceptHandshake(
   // The session's fencing token: every frame from here on, both ways (a REJECT too), carries it.
   link.bindGeneration(generation);
   const refusal = admit?.(h.identity) ?? null;
-  if (refusal !== null) throw refuse(link, refusal);
+  if (refusal !== null) throw refuse(link, refusal, 'RUBATO_PROTOCOL', { psk, nonceP: h.nonce });
   const keys = sessionKeys(psk, nonceS, h.nonce);
   await link.send(FrameType.WELCOME, 0, encodeWelcome(proof(psk, 'standby', h.nonce, nonceS), welcome(h.identity)));
   // The primary sends nothing between HELLO and our WELCOME: everything after is session-keyed.
@@ -75,7 +84,9 @@ export async function connectHandshake(
   const keys = sessionKeys(psk, nonceS, nonceP);
   // The standby's WELCOME is the last hello-keyed frame; what follows it is session-keyed.
   link.setReceiveKeyAfterNext(keys[link.receives]);
-  const w = await link.next(timeoutMs);
+  const w = await link.next(timeoutMs).catch((e: unknown) => {
+    throw link.rejected ? rejection(link, link.rejected, psk, nonceP) : e;
+  });
   if (w.type !== FrameType.WELCOME) throw refuse(link, `expected WELCOME, got ${frameTypeName(w.type)}`);
   const d = decodeWelcome(w.payload);
   if (!proofEquals(d.proof, proof(psk, 'standby', nonceP, nonceS)))
@@ -86,13 +97,37 @@ export async function connectHandshake(
   return d.welcome;
 }
 
+/**
+ * What a REJECT means to the primary that sent `nonceP`: the standby's refusal of this HELLO when
+ * it carries the tag of that nonce (the standby holds the key and answered now), else an old or
+ * forged REJECT, which only ends this attempt.
+ */
+function rejection(link: Link, payload: Buffer, psk: Buffer, nonceP: Buffer): RubatoError {
+  const reason = payload.subarray(0, Math.max(0, payload.length - REJECT_TAG_BYTES));
+  const tag = payload.subarray(reason.length);
+  if (tag.length === REJECT_TAG_BYTES && proofEquals(tag, rejectTag(psk, nonceP, reason)))
+    return new RubatoError('RUBATO_AUTH_FAILED', `${link.peer} refused the connection: ${reason.toString('utf8')}`, {
+      peer: link.peer,
+    });
+  return new RubatoError(
+    'RUBATO_PROTOCOL',
+    `${link.peer} sent a REJECT not bound to this attempt (replayed?); trying again`,
+    {
+      peer: link.peer,
+    },
+  );
+}
+
 function refuse(
   link: Link,
   reason: string,
   code: 'RUBATO_PROTOCOL' | 'RUBATO_AUTH_FAILED' = 'RUBATO_PROTOCOL',
+  bind?: { psk: Buffer; nonceP: Buffer },
 ): RubatoError {
   const err = new RubatoError(code, `handshake with ${link.peer}: ${reason}`, { peer: link.peer });
-  link.send(FrameType.REJECT, 0, Buffer.from(reason), { flushed: true }).then(
+  const text = Buffer.from(reason);
+  const payload = bind ? Buffer.concat([text, rejectTag(bind.psk, bind.nonceP, text)]) : text;
+  link.send(FrameType.REJECT, 0, payload, { flushed: true }).then(
     () => link.close(err),
     () => link.close(err),
   );

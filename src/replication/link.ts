@@ -32,6 +32,8 @@ export interface LinkStats {
 }
 
 export class Link extends EventEmitter {
+  /** The payload of a REJECT the peer sent (the link is closed then). */
+  rejected: Buffer | null = null;
   private readonly enc: FrameEncoder;
   private readonly dec: FrameDecoder;
   private queue: Frame[] = [];
@@ -117,9 +119,9 @@ export class Link extends EventEmitter {
         continue;
       }
       if (f.type === FrameType.REJECT) {
-        this.close(
-          new RubatoError('RUBATO_AUTH_FAILED', `${this.peer} refused the connection: ${f.payload.toString('utf8')}`),
-        );
+        // Only the handshake can tell a REJECT bound to this session from a replayed one.
+        this.rejected = f.payload;
+        this.close(new RubatoError('RUBATO_PROTOCOL', `${this.peer} sent a REJECT`));
         return;
       }
       if (this.waiter) {

@@ -49,6 +49,15 @@ test('rubato bench --quick: report, figures and sane numbers', { timeout: 600_00
       for (const m of v.metrics)
         assert.ok(Number.isFinite(m.live) && Number.isFinite(m.simulated), `${m.metric}: ${m.live} vs ${m.simulated}`);
     }
+    // A trace replayed under the policy and link it was recorded with reproduces its own rate of
+    // checkpoints to within a factor of two (a replay that drifts from its recording cannot predict).
+    for (const v of r.validation.filter((x) => x.role === 'recorded')) {
+      const c = v.metrics.find((m) => m.metric === 'checkpoints/s')!;
+      const ratio = c.simulated / c.live;
+      assert.ok(ratio > 0.5 && ratio < 2, `recorded cell replayed at ${c.simulated} checkpoints/s, live ${c.live}`);
+    }
+    // No sentence about data the run does not have.
+    assert.doesNotMatch(md, /Over 0 such pairs|difference is \./);
   } finally {
     removeTempDir(out);
   }

@@ -3,7 +3,7 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { connect, type Socket } from 'node:net';
+import { connect, createServer, type Socket } from 'node:net';
 import { createHmac, randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -11,7 +11,8 @@ import { StandbyController } from '../../src/replication/standby.ts';
 import { ReplicaStore } from '../../src/replication/replica-store.ts';
 import { Link } from '../../src/replication/link.ts';
 import { connectHandshake } from '../../src/replication/handshake.ts';
-import { FrameType, HEADER_BYTES, helloKeys } from '../../src/replication/protocol/frame.ts';
+import { FrameType, HEADER_BYTES, helloKeys, rejectTag } from '../../src/replication/protocol/frame.ts';
+import { encodeChallenge } from '../../src/replication/protocol/messages.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
 import { stockQemu } from '../../src/setup/setup.ts';
@@ -193,5 +194,50 @@ test('the fencing token: after a primary with witness generation 5, one with an 
   assert.match(await session(), /fenced by the witness at generation 5/);
   assert.equal(await session(6), 'admitted');
   assert.match(await session(5), /stale generation 5 .* at 6/);
+  replicaIntact();
+});
+
+test('a REJECT bound to this HELLO ends the primary with its reason; one replayed from another attempt only ends that attempt', async () => {
+  // The real standby's refusal (a stale generation) carries the tag of this primary's nonce.
+  const link = new Link(await dial(), psk, 'standby', 'primary');
+  const bound = await connectHandshake(link, psk, { ...identity, generation: 1 }, 3000).then(
+    () => null,
+    (e: unknown) => e,
+  );
+  link.close();
+  assert.ok(
+    isRubatoError(bound, 'RUBATO_AUTH_FAILED') && /refused the connection: .*stale generation 1/.test(bound.message),
+  );
+  // A peer holding the key replays a REJECT that answered another HELLO: tagged for another nonce.
+  const fake = createServer((sock) => {
+    const l = new Link(sock, psk, 'primary', 'standby');
+    void (async () => {
+      await l.send(FrameType.CHALLENGE, 0, encodeChallenge(randomBytes(32)));
+      await l.next(3000); // the HELLO
+      const reason = Buffer.from('authentication failed');
+      await l.send(FrameType.REJECT, 0, Buffer.concat([reason, rejectTag(psk, randomBytes(32), reason)]), {
+        flushed: true,
+      });
+      l.close();
+    })().catch(() => l.close());
+  });
+  await new Promise<void>((r) => fake.listen(0, '127.0.0.1', r));
+  try {
+    const port = (fake.address() as { port: number }).port;
+    const sock = await new Promise<Socket>((resolve, reject) => {
+      const c = connect({ host: '127.0.0.1', port }, () => resolve(c));
+      c.once('error', reject);
+    });
+    const l2 = new Link(sock, psk, 'fake standby', 'primary');
+    const replayed = await connectHandshake(l2, psk, identity, 3000).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    l2.close();
+    assert.ok(isRubatoError(replayed, 'RUBATO_PROTOCOL'), String(replayed));
+    assert.match((replayed as Error).message, /not bound to this attempt/);
+  } finally {
+    fake.close();
+  }
   replicaIntact();
 });

@@ -109,6 +109,15 @@ export function proof(psk: Buffer, role: 'primary' | 'standby', a: Buffer, b: Bu
   return createHmac('sha256', psk).update(`rubato/v2/proof/${role}`).update(a).update(b).digest();
 }
 
+/**
+ * A REJECT's binding to the HELLO it answers: an old REJECT replayed to a starting primary does
+ * not carry the tag of this primary's fresh nonce, so it cannot make it give up.
+ */
+export function rejectTag(psk: Buffer, nonceP: Buffer, reason: Buffer): Buffer {
+  return createHmac('sha256', psk).update('rubato/v2/reject').update(nonceP).update(reason).digest();
+}
+export const REJECT_TAG_BYTES = 32;
+
 export function proofEquals(a: Buffer, b: Buffer): boolean {
   return a.length === b.length && timingSafeEqual(a, b);
 }
