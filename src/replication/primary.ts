@@ -373,6 +373,9 @@ export class PrimaryController {
     this.holdTimer = null;
   }
 
+  /** The last checkpoint or pre-send handed to the link, resolved once the socket took it (never rejects). */
+  private shipping: Promise<void> = Promise.resolve();
+
   /** The standby last connected to (or tried). */
   private standbyAt: HostPort | null = null;
 
@@ -566,6 +569,9 @@ export class PrimaryController {
    * from another pass or the pause, replaces them). Returns when it ended.
    */
   private async presend(link: Link, capture: ColoCapture): Promise<number> {
+    // Back-pressure: no new pass while what was handed to the link last still waits for the socket
+    // to drain — a slow standby slows the pre-sends, not the primary's memory.
+    await this.shipping;
     const epoch = this.pipeline.capturedEpoch + 1;
     const r = await capture.presend((pages) => this.shipPresent(link, epoch, pages));
     const endMs = performance.now();
@@ -581,7 +587,7 @@ export class PrimaryController {
     if (!pages.length) return;
     const parts = encodePresendParts(epoch, pages, this.blocks);
     const bytes = parts.length;
-    link.sendParts(FrameType.PRESEND, epoch, parts).then(
+    this.shipping = link.sendParts(FrameType.PRESEND, epoch, parts).then(
       () => this.garbage.add(bytes * 2),
       (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))),
     );
@@ -686,7 +692,7 @@ export class PrimaryController {
   private ship(link: Link, epoch: number, record: RecordParts): void {
     // Once the link took the ciphertext, the record and its copies are garbage: collect them soon.
     const bytes = record.length; // (the callback must not keep the record alive)
-    link.sendParts(FrameType.CKPT, epoch, record).then(
+    this.shipping = link.sendParts(FrameType.CKPT, epoch, record).then(
       () => this.garbage.add(bytes * 3),
       (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))),
     );
