@@ -86,6 +86,9 @@ export interface SchedulerCell {
   cpu: CpuShare;
   /** The same in the unreplicated phase after the cell. */
   cpuUnreplicated: CpuShare;
+  /** CPU per replicated byte: each controller's cores ÷ the bytes shipped per second (null: nothing shipped). */
+  primaryNsPerByte: number | null;
+  standbyNsPerByte: number | null;
   /** The standby's durability in this cell. */
   durability: Durability;
   /** Services: where each released output frame's time went (p50/p99 per segment, ms). */
@@ -259,7 +262,8 @@ async function runCells(
         const t0 = performance.now();
         const cpu = cpuWindow({ guest: g.vm.pid, standby: p.standbyPid });
         const r = await g.measure();
-        return { t0, r, s: { ...summarise(p.events.slice(n0), (performance.now() - t0) / 1000), cpu: cpu.end() } };
+        const seconds = (performance.now() - t0) / 1000;
+        return { t0, r, s: { ...summarise(p.events.slice(n0), seconds), cpu: cpu.end(), seconds } };
       });
       const trace = tr.save(t0);
       const uAfter = await measureU();
@@ -273,12 +277,17 @@ async function runCells(
             }
           : {};
       const breakdown = latency && latency.frames > 0 ? latency.summary() : undefined;
+      const bytesPerSec = (s.mbShipped * 1e6) / s.seconds;
+      const nsPerByte = (cores: number) => (bytesPerSec > 0 ? round((cores * 1e9) / bytesPerSec, 1) : null);
+      const { seconds: _window, ...measured } = s;
       cells.push({
         workload: g.name,
         policy,
         durability,
         throughputRatio: round(r.perSec / ((uBefore.perSec + uAfter.perSec) / 2)),
-        ...s,
+        ...measured,
+        primaryNsPerByte: nsPerByte(s.cpu.primary),
+        standbyNsPerByte: nsPerByte(s.cpu.standby),
         ...lat,
         noise: spread(uBefore.perSec, uAfter.perSec),
         ...(trace ? { trace } : {}),
@@ -291,7 +300,7 @@ async function runCells(
       if (breakdown) status(`    released frames: ${formatBreakdown(breakdown)}`);
       const u = uAfter.cpu;
       status(
-        `    cores: guest ${s.cpu.guest} (unreplicated ${u.guest}), primary ${s.cpu.primary} (${u.primary}), standby ${s.cpu.standby}, other ${s.cpu.other} (${u.other}), idle ${s.cpu.idle} (${u.idle})`,
+        `    cores: guest ${s.cpu.guest} (unreplicated ${u.guest}), primary ${s.cpu.primary} (${u.primary}), standby ${s.cpu.standby}, other ${s.cpu.other} (${u.other}), idle ${s.cpu.idle} (${u.idle}); ns per replicated byte: primary ${cells.at(-1)!.primaryNsPerByte}, standby ${cells.at(-1)!.standbyNsPerByte}`,
       );
       uBefore = uAfter;
     }
