@@ -21,6 +21,8 @@ export { LOSS_FRACTION } from './lease.ts';
 
 const log = logger('witness');
 const WATCHDOG_MS = 50;
+/** The lease keeper's and the embedded etcd's nice value: they run ahead of the guests' vCPUs on a busy host. */
+export const WITNESS_NICE = -10;
 /** Renewals per TTL: one slow answer (a loaded host) leaves several more before the loss budget is spent. */
 const RENEWALS_PER_TTL = 6;
 
@@ -34,8 +36,11 @@ const RENEWALS_PER_TTL = 6;
  * overlap: a slow answer still renews, and its send time is what counts.
  */
 const KEEPER_SOURCE = `
+const KEEPER_NICE = ${WITNESS_NICE};
 const { workerData, parentPort } = require('node:worker_threads');
 const { endpoints, everyMs, timeoutMs } = workerData;
+// This thread ahead of the guests on a busy host (as corosync's): Linux nice is per thread (needs root).
+try { require('node:os').setPriority(KEEPER_NICE); } catch (e) { /* not root: the default priority */ }
 let cur = null;
 let next = 0;
 async function renew() {
