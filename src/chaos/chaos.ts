@@ -217,8 +217,6 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const ownership = withWitness ? new Ownership(hosts[0]!.etcd, vmName, hosts[0]!.name, ttl) : null;
     if (ownership && (await ownership.claim()) === null)
       throw new RubatoError('RUBATO_VM_OWNED', 'the fresh witness refused the first claim');
-    // Every frame the live copy sends passes the release gate, as under `rubato protect`.
-    if (ownership && rig.io.relay) rig.io.relay.gate = new ReleaseGate((now) => ownership.leaseCheck(now));
     live = { host: hosts[0]!, vm: rig.vm, io: rig.io, ownership };
     const psk = randomBytes(32);
     detector = await SplitBrainDetector.start(

@@ -220,10 +220,9 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     throw ownershipLost;
   }
   if (!shuttingDown && !fenced && !authRefused && (exit.signal !== null || exit.code !== 0)) {
-    // QEMU died on a live host (not stopped by Rubato, not shut down by the guest): the lease goes
-    // at once, then the standby is told to take over now — no wait for silence or for the TTL.
+    // QEMU died on a live host (not stopped by Rubato, not shut down by the guest): the controller
+    // gives the lease up (primary-side.ts) and tells the standby to take over now.
     const why = `the guest's QEMU died (${exit.signal ?? `exit ${exit.code}`})`;
-    await ownership?.release();
     await p.guestLost(why); // (the controller may have told the standby already: its capture broke first)
     throw new RubatoError(
       'RUBATO_QEMU_EXITED',
