@@ -138,3 +138,99 @@ export function encodeHeader(): Buffer {
 export function encodeDeviceOnlyStream(machineName: string, deviceState: Buffer): Buffer {
   return Buffer.concat([encodeHeader(), encodeConfiguration(machineName, ['x-ignore-shared']), deviceState]);
 }
+
+/** A migration command record (`MIG_CMD_*`) with no data. */
+export function encodeCommand(cmd: number): Buffer {
+  const b = Buffer.allocUnsafe(5);
+  b[0] = VM.COMMAND;
+  b.writeUInt16BE(cmd, 1);
+  b.writeUInt16BE(0, 3);
+  return b;
+}
+
+/** Section footer: marker + section id. */
+export function encodeFooter(sectionId: number): Buffer {
+  const b = Buffer.allocUnsafe(5);
+  b[0] = VM.SECTION_FOOTER;
+  b.writeUInt32BE(sectionId, 1);
+  return b;
+}
+
+/** A RAM page to write into a stream: its contents, or null for a page all of `fill`. */
+export interface StreamPage {
+  block: string;
+  offset: number;
+  data: Buffer | null;
+  fill?: number;
+}
+
+const be64 = (v: number): Buffer => {
+  const b = Buffer.allocUnsafe(8);
+  b.writeBigUInt64BE(BigInt(v), 0);
+  return b;
+};
+
+/**
+ * The RAM section's start as a precopy without x-ignore-shared writes it: section header ("ram",
+ * instance 0, version 4), the block list (MEM_SIZE), EOS and footer.
+ */
+export function encodeRamSectionStart(
+  sectionId: number,
+  blocks: readonly { id: string; lengthBytes: number }[],
+): Buffer {
+  const parts: Buffer[] = [];
+  const h = Buffer.allocUnsafe(5);
+  h[0] = VM.SECTION_START;
+  h.writeUInt32BE(sectionId, 1);
+  parts.push(h, Buffer.from([3]), Buffer.from('ram', 'latin1'));
+  const iv = Buffer.allocUnsafe(8);
+  iv.writeUInt32BE(0, 0);
+  iv.writeUInt32BE(RAM_SECTION_VERSION, 4);
+  parts.push(iv);
+  const total = blocks.reduce((s, b) => s + b.lengthBytes, 0);
+  parts.push(be64(total + RAM_FLAG.MEM_SIZE));
+  for (const b of blocks) {
+    const id = Buffer.from(b.id, 'latin1');
+    parts.push(Buffer.from([id.length]), id, be64(b.lengthBytes));
+  }
+  parts.push(be64(RAM_FLAG.EOS), encodeFooter(sectionId));
+  return Buffer.concat(parts);
+}
+
+/** A RAM section part or end header (`type` SECTION_PART or SECTION_END). */
+export function encodeSectionHeader(type: number, sectionId: number): Buffer {
+  const h = Buffer.allocUnsafe(5);
+  h[0] = type;
+  h.writeUInt32BE(sectionId, 1);
+  return h;
+}
+
+/**
+ * RAM records for `pages` (a block is named once, then CONTINUE), without EOS. `last` carries the
+ * block the previous record named across calls within one stream.
+ */
+export function encodeRamRecords(pages: readonly StreamPage[], last: { block: string | null }): Buffer[] {
+  const out: Buffer[] = [];
+  for (const p of pages) {
+    const cont = last.block === p.block;
+    const flags = (p.data ? RAM_FLAG.PAGE : RAM_FLAG.ZERO) | (cont ? RAM_FLAG.CONTINUE : 0);
+    out.push(be64(p.offset + flags));
+    if (!cont) {
+      const id = Buffer.from(p.block, 'latin1');
+      out.push(Buffer.from([id.length]), id);
+      last.block = p.block;
+    }
+    out.push(p.data ?? Buffer.from([p.fill ?? 0]));
+  }
+  return out;
+}
+
+export const encodeEos = (): Buffer => be64(RAM_FLAG.EOS);
+
+/** A COLO message followed by a be64 value (`VMSTATE_SIZE`). */
+export function coloMessageValue(msg: number, value: number): Buffer {
+  const b = Buffer.allocUnsafe(12);
+  b.writeUInt32BE(msg, 0);
+  b.writeBigUInt64BE(BigInt(value), 4);
+  return b;
+}

@@ -1,0 +1,246 @@
+// The secondary of compare mode: a QEMU in COLO incoming mode (QEMU 7.2's own secondary) that runs
+// the guest from the replica beside the primary, fed the same inbound frames, so that its replies
+// can be compared with the primary's. Rubato plays the COLO primary's part of the protocol towards
+// it: a precopy stream built from the replica (header, ENABLE_COLO, every RAM page, the devices),
+// then, per committed checkpoint, CHECKPOINT_REQUEST → its pages into QEMU's COLO RAM cache and
+// the device state → VMSTATE_LOADED: the secondary then runs on from exactly the primary's state
+// at that checkpoint. `promote()` ends COLO (x-colo-lost-heartbeat): the secondary runs on as an
+// ordinary VM.
+
+import { connect, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { rmSync } from 'node:fs';
+import { ByteReader, RubatoError, errorMessage, logger, withTimeout } from '../util/index.ts';
+import {
+  COLO_MSG,
+  COLO_MSG_NAMES,
+  MIG_CMD,
+  TARGET_PAGE_SIZE,
+  VM,
+  coloMessage,
+  coloMessageValue,
+  encodeCommand,
+  encodeConfiguration,
+  encodeEos,
+  encodeFooter,
+  encodeHeader,
+  encodeRamRecords,
+  encodeRamSectionStart,
+  encodeSectionHeader,
+  type StreamPage,
+} from './stream-format.ts';
+import { QemuVm, type QemuBinary } from './vm.ts';
+import type { VmSpec } from './spec.ts';
+
+const log = logger('secondary');
+
+/** The RAM section's id in streams Rubato writes (far from QEMU's device section ids). */
+const RAM_SECTION_ID = 0x7f000001;
+/** Pages read from the replica per piece of the initial stream. */
+const RUN_BYTES = 4 << 20;
+
+export interface SecondaryImage {
+  machine: string;
+  blocks: readonly { id: string; lengthBytes: number }[];
+  /** `length` bytes of block `id` from `offset`, as the replica holds them. */
+  read(id: string, offset: number, length: number): Promise<Buffer>;
+  deviceState: Buffer;
+}
+
+export interface SecondaryOptions {
+  binary: QemuBinary;
+  runDir: string;
+  tag: string;
+  netSocket?: string;
+  /** Longest wait for one step of the protocol. */
+  timeoutMs?: number;
+}
+
+export class ColoSecondary {
+  private busy = false;
+  private closed = false;
+
+  private constructor(
+    readonly vm: QemuVm,
+    private readonly sock: Socket,
+    private readonly reader: ByteReader,
+    private readonly timeoutMs: number,
+  ) {}
+
+  /** Starts the secondary from `image` (the replica at one checkpoint); resolves once it runs in COLO mode. */
+  static async start(spec: VmSpec, image: SecondaryImage, o: SecondaryOptions): Promise<ColoSecondary> {
+    const { ramFile: _ignored, ...own } = spec; // its RAM is its own (plus QEMU's COLO cache)
+    const vm = await QemuVm.start(
+      { ...own, name: spec.name },
+      {
+        binary: o.binary,
+        runDir: o.runDir,
+        incoming: true,
+        tag: o.tag,
+        ...(o.netSocket ? { netSocket: o.netSocket } : {}),
+      },
+    );
+    const timeoutMs = o.timeoutMs ?? 30_000;
+    const sockPath = join(o.runDir, `${o.tag}.in`);
+    try {
+      await vm.qmp.execute('migrate-set-capabilities', {
+        capabilities: [
+          { capability: 'x-colo', state: true },
+          { capability: 'events', state: true },
+        ],
+      });
+      rmSync(sockPath, { force: true });
+      await vm.qmp.execute('migrate-incoming', { uri: `unix:${sockPath}` });
+      const sock = await new Promise<Socket>((resolve, reject) => {
+        const s = connect(sockPath, () => resolve(s));
+        s.once('error', reject);
+      });
+      sock.setNoDelay(true);
+      const reader = new ByteReader(`COLO stream to the secondary of VM ${spec.name}`);
+      sock.on('data', (d: Buffer) => reader.push(d));
+      sock.on('error', (e) => reader.end(new RubatoError('RUBATO_PEER_LOST', `secondary of ${spec.name}: ${e.message}`)));
+      sock.on('close', () => reader.end());
+      const s = new ColoSecondary(vm, sock, reader, timeoutMs);
+      await s.sendImage(image);
+      await withTimeout(
+        s.expect(COLO_MSG.CHECKPOINT_READY),
+        timeoutMs,
+        `the secondary of VM ${spec.name} did not load its image`,
+      );
+      return s;
+    } catch (e) {
+      const tail = vm.stderrTail.trim().split('\n').slice(-2).join(' | ');
+      await vm.stop();
+      throw new RubatoError(
+        'RUBATO_SECONDARY',
+        `the secondary of VM ${spec.name} did not start: ${errorMessage(e)}${tail ? ` (QEMU: ${tail})` : ''}`,
+        {},
+        { cause: e },
+      );
+    } finally {
+      rmSync(sockPath, { force: true });
+    }
+  }
+
+  private async write(b: Buffer | Buffer[]): Promise<void> {
+    const list = Array.isArray(b) ? b : [b];
+    let ok = true;
+    for (const x of list) ok = this.sock.write(x) && ok;
+    if (!ok)
+      await new Promise<void>((resolve, reject) => {
+        const onErr = (e: Error) => reject(e);
+        this.sock.once('error', onErr);
+        this.sock.once('drain', () => {
+          this.sock.off('error', onErr);
+          resolve();
+        });
+      });
+  }
+
+  /** The precopy: every page of every block (an all-zero page as a zero record), then the devices. */
+  private async sendImage(image: SecondaryImage): Promise<void> {
+    await this.write([
+      encodeHeader(),
+      encodeConfiguration(image.machine, []),
+      encodeCommand(MIG_CMD.ENABLE_COLO),
+      encodeRamSectionStart(RAM_SECTION_ID, image.blocks),
+    ]);
+    const last = { block: null as string | null };
+    for (const b of image.blocks) {
+      for (let off = 0; off < b.lengthBytes; off += RUN_BYTES) {
+        const len = Math.min(RUN_BYTES, b.lengthBytes - off);
+        const run = await image.read(b.id, off, len);
+        const pages: StreamPage[] = [];
+        for (let p = 0; p < len; p += TARGET_PAGE_SIZE) {
+          const data = run.subarray(p, p + TARGET_PAGE_SIZE);
+          pages.push(isZero(data) ? { block: b.id, offset: off + p, data: null, fill: 0 } : { block: b.id, offset: off + p, data });
+        }
+        await this.write([
+          encodeSectionHeader(VM.SECTION_PART, RAM_SECTION_ID),
+          ...encodeRamRecords(pages, last),
+          encodeEos(),
+          encodeFooter(RAM_SECTION_ID),
+        ]);
+      }
+    }
+    // The devices, then an empty VM description (QEMU reads one after the EOF).
+    const desc = Buffer.from([VM.VMDESCRIPTION, 0, 0, 0, 0]);
+    await this.write([
+      encodeSectionHeader(VM.SECTION_END, RAM_SECTION_ID),
+      encodeEos(),
+      encodeFooter(RAM_SECTION_ID),
+      image.deviceState,
+      desc,
+    ]);
+  }
+
+  private async expect(want: number): Promise<void> {
+    const got = await this.reader.readBe32();
+    if (got !== want)
+      throw new RubatoError(
+        'RUBATO_STREAM_FORMAT',
+        `the secondary of VM ${this.vm.spec.name} sent ${COLO_MSG_NAMES[got] ?? `message ${got}`}, expected ${COLO_MSG_NAMES[want]}`,
+      );
+  }
+
+  /**
+   * Brings the secondary to a committed checkpoint: it stops, takes `pages` (every page the
+   * checkpoint changed) and the device state, and runs on from there. Its own changes since the
+   * last checkpoint are undone by QEMU (the COLO cache). Resolves once it runs again.
+   */
+  async checkpoint(pages: readonly StreamPage[], deviceState: Buffer): Promise<{ pausedMs: number }> {
+    if (this.closed) throw new RubatoError('RUBATO_SECONDARY', `the secondary of VM ${this.vm.spec.name} is gone`);
+    if (this.busy) throw new RubatoError('RUBATO_SECONDARY', 'one secondary checkpoint at a time');
+    this.busy = true;
+    try {
+      const run = async () => {
+        await this.write(coloMessage(COLO_MSG.CHECKPOINT_REQUEST));
+        await this.expect(COLO_MSG.CHECKPOINT_REPLY);
+        const t0 = performance.now();
+        await this.write([
+          coloMessage(COLO_MSG.VMSTATE_SEND),
+          encodeSectionHeader(VM.SECTION_END, RAM_SECTION_ID),
+          ...encodeRamRecords(pages, { block: null }),
+          encodeEos(),
+          encodeFooter(RAM_SECTION_ID),
+          Buffer.from([VM.EOF]),
+          coloMessageValue(COLO_MSG.VMSTATE_SIZE, deviceState.length),
+          deviceState,
+        ]);
+        await this.expect(COLO_MSG.VMSTATE_RECEIVED);
+        await this.expect(COLO_MSG.VMSTATE_LOADED);
+        return { pausedMs: performance.now() - t0 };
+      };
+      return await withTimeout(run(), this.timeoutMs, `the secondary of VM ${this.vm.spec.name} did not load a checkpoint`);
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  /** COLO ends here: the secondary runs on as an ordinary VM (failover). */
+  async promote(): Promise<QemuVm> {
+    this.closed = true;
+    await this.vm.qmp.execute('x-colo-lost-heartbeat');
+    const until = Date.now() + this.timeoutMs;
+    for (;;) {
+      const s = await this.vm.qmp.execute<{ status: string }>('query-status');
+      if (s.status === 'running') break;
+      if (Date.now() > until)
+        throw new RubatoError('RUBATO_SECONDARY', `the secondary of VM ${this.vm.spec.name} is ${s.status} after failover`);
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    this.sock.destroy();
+    log.info(`secondary of VM ${this.vm.spec.name} promoted: it runs on as the guest`);
+    return this.vm;
+  }
+
+  /** The secondary is not needed any more (a new image, an orderly end, a restore instead). */
+  async stop(): Promise<void> {
+    this.closed = true;
+    this.sock.destroy();
+    await this.vm.stop();
+  }
+}
+
+const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
+const isZero = (b: Buffer): boolean => b.equals(ZERO_PAGE);
