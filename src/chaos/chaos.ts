@@ -40,7 +40,7 @@ import { ReleaseGate } from '../commit/index.ts';
 import { startPrimarySide } from '../host/index.ts';
 import { ThreadedProxy } from './fault-proxy.ts';
 import { startDebianRig } from './debian-rig.ts';
-import { clientProcess, startKvRig, stopKvRig, type KvRig } from './kv-rig.ts';
+import { KV_RAM_WORKLOAD, clientProcess, startKvRig, stopKvRig, type KvRig } from './kv-rig.ts';
 import { SplitBrainDetector } from './split-brain.ts';
 
 const log = logger('chaos');
@@ -66,6 +66,8 @@ export interface ChaosOptions {
   accel: AccelChoice;
   conns: number;
   policy: string;
+  /** buffer, or compare (a secondary VM on the standby; the KV service then keeps its data in RAM). */
+  mode?: 'buffer' | 'compare';
   /** Witness lease TTL, seconds. */
   leaseTtl?: number;
   onStatus?: (s: string) => void;
@@ -113,6 +115,9 @@ export interface ChaosResult {
   connectionsTotal: number;
   failoverMsMedian: number;
   failoverMs: number[];
+  /** Held frames released by an acknowledgement, and (compare mode) by the secondary's matching frame, over the rounds. */
+  framesReleased: number;
+  framesCompared: number;
   latencyMsP50: number;
   latencyMsP99: number;
   accel: string;
@@ -177,6 +182,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     connectionsTotal: 0,
     failoverMsMedian: Number.NaN,
     failoverMs: [],
+    framesReleased: 0,
+    framesCompared: 0,
     latencyMsP50: Number.NaN,
     latencyMsP99: Number.NaN,
     accel: o.accel,
@@ -197,7 +204,12 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const service = o.service ?? 'kv';
     const svc = SERVICE_CLIENT[service];
     if (service !== 'kv') await ensureServiceClients(); // psql for the clients
-    rig = service === 'kv' ? await startKvRig(dir, o.accel, 'chaos') : await startDebianRig(dir, o.accel, 'chaos');
+    if (o.mode === 'compare' && service !== 'kv')
+      throw new RubatoError('RUBATO_CONFIG', 'compare mode runs the KV service only (its secondary has no disk yet)');
+    rig =
+      service === 'kv'
+        ? await startKvRig(dir, o.accel, 'chaos', o.mode === 'compare' ? KV_RAM_WORKLOAD : undefined)
+        : await startDebianRig(dir, o.accel, 'chaos');
     res.accel = rig.accel;
     const lan = rig.lan;
     const hosts: ChaosHost[] = [];
@@ -266,13 +278,14 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         ...(gate ? { gate } : {}),
         binaryFor: async () => rig!.binary,
         onEvent: (e) => sEvents.push({ ...e, t: Date.now() }),
-        prepareRestore: async (_id, store) => {
+        prepareRestore: async (_id, store, relay) => {
           const io = await GuestIo.start(
             other.lan,
             dir,
             `g${round}`,
-            store.imagePath(DISK_BLOCK_ID),
+            store.blocks.some((b) => b.id === DISK_BLOCK_ID) ? store.imagePath(DISK_BLOCK_ID) : null,
             await ensureTapRelay(),
+            relay,
           );
           // a restored guest's frames too
           if (gate && io.relay) io.relay.gate = new ReleaseGate((now) => gate.ownership(vmName).leaseCheck(now));
@@ -301,6 +314,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         policy: parsePolicy(o.policy),
         ownership: l.ownership,
         more: {
+          mode: o.mode ?? 'buffer',
           // A capture failure on the primary (QEMU's stream breaks mid-epoch), once when asked.
           fault: (point) => {
             if (point === 'mid-epoch' && failCapture) {
@@ -371,6 +385,10 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       );
       res.byFault[fault]++;
       res.rounds++;
+      // How the primary's output left in this round (compare mode: how much of it its secondary matched).
+      const out = q.primary.snapshot()['output'] as { released: number; compared: number };
+      res.framesReleased += out.released;
+      res.framesCompared += out.compared;
       const faultAt = Date.now();
       let expectFailover = false;
       const round: RoundResult = {

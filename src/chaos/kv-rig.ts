@@ -73,8 +73,12 @@ export interface KvRig {
 export interface RigWorkload {
   wl: Array<string | number>;
   ready: RegExp;
+  /** No disk: the service keeps its data in the guest's RAM (the initramfs). */
+  diskless?: boolean;
 }
 export const KV_WORKLOAD: RigWorkload = { wl: ['kvd', 7000, '/data/kv.log'], ready: /RUBATO kvd ready/ };
+/** The KV service with its log in the guest's RAM (no disk): for compare mode, whose secondary has no disk yet. */
+export const KV_RAM_WORKLOAD: RigWorkload = { wl: ['kvd', 7000, '/kv.log'], ready: /RUBATO kvd ready/, diskless: true };
 
 export async function startKvRig(
   dir: string,
@@ -89,10 +93,12 @@ export async function startKvRig(
   const lan = await Lan.create(tag);
   try {
     const hosts: LanHost[] = [await lan.addHost('ha'), await lan.addHost('hb')];
-    const disk = join(dir, 'disk.img');
-    writeFileSync(disk, Buffer.alloc(32 << 20));
-    const mk = await runCommand('mkfs.ext2', ['-q', '-F', disk]);
-    if (mk.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `mkfs.ext2 failed: ${mk.stderr}`);
+    const disk = workload.diskless ? null : join(dir, 'disk.img');
+    if (disk) {
+      writeFileSync(disk, Buffer.alloc(32 << 20));
+      const mk = await runCommand('mkfs.ext2', ['-q', '-F', disk]);
+      if (mk.code !== 0) throw new RubatoError('RUBATO_SETUP_FAILED', `mkfs.ext2 failed: ${mk.stderr}`);
+    }
     const spec: VmSpec = {
       name: 'kv',
       accel,
@@ -101,8 +107,8 @@ export async function startKvRig(
       kernel: guest.kernel,
       initrd: guest.initrd,
       mac: '52:54:00:ab:cd:01',
-      disk: true,
-      append: guestAppend(workload.wl, { ip: `${lan.guestIp}/24`, disk: 'vda' }),
+      ...(disk ? { disk: true } : {}),
+      append: guestAppend(workload.wl, { ip: `${lan.guestIp}/24`, ...(disk ? { disk: 'vda' } : {}) }),
     };
     const io = await GuestIo.start(hosts[0]!, dir, 'g0', disk, await ensureTapRelay());
     const vm = await QemuVm.start(spec, {

@@ -5,3 +5,5 @@ export { OutputCommit } from './output-commit.ts';
 export type { ClosedEpoch, DiskEpochCut, DiskEpochSource, OutputStats, Sized } from './output-commit.ts';
 export { ReleaseGate } from './release-gate.ts';
 export type { LeaseCheck } from './release-gate.ts';
+export { FrameComparator, frameIdentity } from './compare.ts';
+export type { CompareCounts, FrameIdentity } from './compare.ts';

@@ -55,12 +55,18 @@ export interface OutputCounts {
   releasedUnprotected: number;
   /** Refused at the bound on held bytes (as a congested link would: TCP retransmits). */
   dropped: number;
+  /** Held, then released before its acknowledgement because the compared secondary sent the same frame (compare mode). */
+  compared: number;
 }
 
 interface Held<F> {
   epoch: number;
   frame: F;
   atMs: number;
+  /** Its place in the order of held frames (compare mode names frames by it). */
+  seq: number;
+  /** Released already (compare mode), before the acknowledgement that covers it. */
+  gone: boolean;
 }
 
 export interface ClosedEpoch {
@@ -81,7 +87,22 @@ export class OutputCommit<F extends Sized = Buffer> {
   private openFrames = 0;
   private openBytes = 0;
   private openOldestMs: number | null = null;
-  private readonly counts: OutputCounts = { released: 0, passedThrough: 0, releasedUnprotected: 0, dropped: 0 };
+  private readonly counts: OutputCounts = {
+    released: 0,
+    passedThrough: 0,
+    releasedUnprotected: 0,
+    dropped: 0,
+    compared: 0,
+  };
+  private nextSeq = 0;
+  /** Held frames not yet released (compare mode releases some out of the queue's order). */
+  private heldCount = 0;
+  /**
+   * Compare mode: a held frame younger than this is not reported as waiting (the secondary's copy
+   * is on its way; the scheduler need not checkpoint for it), unless `urgent` (a mismatch).
+   */
+  compareGraceMs = 0;
+  private urgent = false;
   private unprotectedReleases = 0;
   /** Called when the open epoch gets its first held frame (the scheduler may want to act). */
   onFirstHeld: (() => void) | null = null;
@@ -116,7 +137,7 @@ export class OutputCommit<F extends Sized = Buffer> {
     if (this.st.kind === 'holding') {
       // A resynchronisation: output still held from the lost session is covered by the new image.
       for (let i = this.head; i < this.queue.length; i++) this.queue[i]!.epoch = baseEpoch;
-      this.openFrames = this.queue.length - this.head;
+      this.openFrames = this.heldCount;
       this.openBytes = this.bytes;
     }
     this.st = { kind: 'holding' };
@@ -127,6 +148,21 @@ export class OutputCommit<F extends Sized = Buffer> {
 
   /** Output produced in the open epoch: what the scheduler sees waiting. */
   openStats(nowMs: number): { frames: number; bytes: number; oldestMs: number | null } {
+    if (this.compareGraceMs > 0 && !this.urgent) {
+      // Only frames that waited past the grace count (their secondary copy is late).
+      let frames = 0;
+      let bytes = 0;
+      let oldest: number | null = null;
+      for (let i = this.queue.length - 1; i >= this.head; i--) {
+        const h = this.queue[i]!;
+        if (h.epoch !== this.open) break;
+        if (h.gone || nowMs - h.atMs < this.compareGraceMs) continue;
+        frames++;
+        bytes += h.frame.length;
+        oldest = h.atMs;
+      }
+      return { frames, bytes, oldestMs: oldest === null ? null : nowMs - oldest };
+    }
     return {
       frames: this.openFrames,
       bytes: this.openBytes,
@@ -144,7 +180,8 @@ export class OutputCommit<F extends Sized = Buffer> {
       this.counts.dropped++;
       return null;
     }
-    this.queue.push({ epoch: this.open, frame, atMs: nowMs });
+    this.queue.push({ epoch: this.open, frame, atMs: nowMs, seq: this.nextSeq++, gone: false });
+    this.heldCount++;
     this.bytes += frame.length;
     this.openFrames++;
     this.openBytes += frame.length;
@@ -174,6 +211,7 @@ export class OutputCommit<F extends Sized = Buffer> {
     this.openFrames = 0;
     this.openBytes = 0;
     this.openOldestMs = null;
+    this.urgent = false;
     return closed;
   }
 
@@ -190,12 +228,50 @@ export class OutputCommit<F extends Sized = Buffer> {
     const out: Array<{ frame: F; atMs: number }> = [];
     while (this.head < this.queue.length && this.queue[this.head]!.epoch <= this.acked) {
       const h = this.queue[this.head++]!;
+      if (h.gone) continue;
+      this.heldCount--;
       this.bytes -= h.frame.length;
       out.push({ frame: h.frame, atMs: h.atMs });
     }
     this.compact();
     this.counts.released += out.length;
     return out;
+  }
+
+  /** The number the next held frame gets (compare mode pairs it with its secondary copy). */
+  get nextHeldSeq(): number {
+    return this.nextSeq;
+  }
+
+  /**
+   * Compare mode: held frame `seq` of epoch `epoch` leaves before its acknowledgement, because the
+   * secondary — running from the last checkpoint on the same input — sent the same frame (the
+   * comparator decided; it keeps each connection's order). Returns the frame, or null when it
+   * already left (acknowledged meanwhile). A frame of another epoch than the comparator thinks, or
+   * a release while not holding, is a defect upstream.
+   */
+  releaseCompared(seq: number, epoch: number): F | null {
+    assert(this.st.kind === 'holding', `output commit: compared release of frame ${seq} while not holding`);
+    const first = this.queue[this.head];
+    if (!first || seq < first.seq) return null; // acknowledged meanwhile
+    const h = this.queue[this.head + (seq - first.seq)];
+    assert(h !== undefined && h.seq === seq, `output commit: compared release of frame ${seq}, which is not held`);
+    assert(h.epoch === epoch, `output commit: frame ${seq} is of epoch ${h.epoch}, compared as ${epoch}`);
+    if (h.gone) return null;
+    h.gone = true;
+    this.heldCount--;
+    this.bytes -= h.frame.length;
+    if (h.epoch === this.open) {
+      this.openFrames--;
+      this.openBytes -= h.frame.length;
+    }
+    this.counts.compared++;
+    return h.frame;
+  }
+
+  /** Compare mode: the secondary sent something else; the open epoch's output now waits like any (checkpoint soon). */
+  mismatch(): void {
+    this.urgent = true;
   }
 
   /**
@@ -223,9 +299,11 @@ export class OutputCommit<F extends Sized = Buffer> {
   }
 
   stats(nowMs: number): OutputStats {
-    const oldest = this.queue[this.head];
+    let oldest = this.queue[this.head];
+    for (let i = this.head; oldest?.gone && i < this.queue.length; i++) oldest = this.queue[i];
+    if (oldest?.gone) oldest = undefined;
     return {
-      frames: this.queue.length - this.head,
+      frames: this.heldCount,
       bytes: this.bytes,
       oldestMs: oldest ? nowMs - oldest.atMs : null,
       counts: { ...this.counts },
@@ -234,9 +312,13 @@ export class OutputCommit<F extends Sized = Buffer> {
   }
 
   private drain(): F[] {
-    const out = this.queue.slice(this.head).map((h) => h.frame);
+    const out = this.queue
+      .slice(this.head)
+      .filter((h) => !h.gone)
+      .map((h) => h.frame);
     this.queue = [];
     this.head = 0;
+    this.heldCount = 0;
     this.bytes = 0;
     this.openFrames = 0;
     this.openBytes = 0;

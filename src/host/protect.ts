@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { readdirSync, rmSync } from 'node:fs';
 import { logger, errorMessage, ensurePrivateDir } from '../util/index.ts';
 import { QemuVm, type QemuBinary, VmSpecSchema, type Accel, type VmSpec, type ResolvedVm } from '../qemu/index.ts';
-import { prepareDisk, type PreparedDisk, NbdServer, GuestIo } from '../io/index.ts';
+import { prepareDisk, type PreparedDisk, NbdServer, GuestIo, type NetRelay } from '../io/index.ts';
 import {
   DISK_BLOCK_ID,
   type PrimaryController,
@@ -40,9 +40,17 @@ export async function startHostIo(
   diskPath: string | null,
   tapRelay: string,
   ns?: string,
+  relay?: NetRelay,
 ): Promise<HostIo> {
   if (spec.mac && spec.bridge) {
-    const io = await GuestIo.start({ bridge: spec.bridge, ...(ns ? { ns } : {}) }, runDir, tag, diskPath, tapRelay);
+    const io = await GuestIo.start(
+      { bridge: spec.bridge, ...(ns ? { ns } : {}) },
+      runDir,
+      tag,
+      diskPath,
+      tapRelay,
+      relay,
+    );
     return {
       relay: io.relay,
       nbd: io.nbd,
@@ -189,13 +197,17 @@ export function restoreIo(
   ns?: string,
   leaseCheck?: (vm: string) => LeaseCheck,
 ): {
-  prepare: (identity: Identity, store: ReplicaStore) => Promise<{ netSocket?: string; nbdSocket?: string }>;
+  prepare: (
+    identity: Identity,
+    store: ReplicaStore,
+    relay?: NetRelay,
+  ) => Promise<{ netSocket?: string; nbdSocket?: string }>;
   current: () => HostIo | null;
 } {
   let io: HostIo | null = null;
   return {
     current: () => io,
-    prepare: async (identity, store) => {
+    prepare: async (identity, store, relay) => {
       const hasDisk = store.blocks.some((b) => b.id === DISK_BLOCK_ID);
       // Tagged with the VM's name: one host may run several VMs' restored guests (their TAPs differ).
       io = await startHostIo(
@@ -205,6 +217,7 @@ export function restoreIo(
         hasDisk ? store.imagePath(DISK_BLOCK_ID) : null,
         tapRelay,
         ns,
+        relay,
       );
       // The restored guest's frames leave only under this host's lease (claimed before the restore).
       if (io.relay && leaseCheck) io.relay.gate = new ReleaseGate(leaseCheck(identity.vm));

@@ -35,11 +35,13 @@ export class GuestIo {
     tag: string,
     diskImage: string | null,
     tapRelay: string,
+    existing?: NetRelay,
   ): Promise<GuestIo> {
     const tap = tapName(tag);
     const bin = tapRelay;
-    const relay = new NetRelay(join(dir, `${tag}.net`));
-    await relay.start();
+    // (`existing`: the relay a running guest's NIC is already connected to — a promoted secondary's)
+    const relay = existing ?? new NetRelay(join(dir, `${tag}.net`));
+    if (!existing) await relay.start();
     const nbd = diskImage ? new NbdServer(diskImage, join(dir, `${tag}.nbd`)) : null;
     try {
       await nbd?.start();

@@ -24,5 +24,6 @@ export {
   VM,
   coloMessage,
 } from './stream-format.ts';
+export { ColoSecondary } from './secondary.ts';
 export { QemuVm } from './vm.ts';
 export type { QemuBinary } from './vm.ts';

@@ -98,7 +98,9 @@ export class ColoSecondary {
       sock.setNoDelay(true);
       const reader = new ByteReader(`COLO stream to the secondary of VM ${spec.name}`);
       sock.on('data', (d: Buffer) => reader.push(d));
-      sock.on('error', (e) => reader.end(new RubatoError('RUBATO_PEER_LOST', `secondary of ${spec.name}: ${e.message}`)));
+      sock.on('error', (e) =>
+        reader.end(new RubatoError('RUBATO_PEER_LOST', `secondary of ${spec.name}: ${e.message}`)),
+      );
       sock.on('close', () => reader.end());
       const s = new ColoSecondary(vm, sock, reader, timeoutMs);
       await s.sendImage(image);
@@ -109,7 +111,7 @@ export class ColoSecondary {
       );
       return s;
     } catch (e) {
-      const tail = vm.stderrTail.trim().split('\n').slice(-2).join(' | ');
+      const tail = vm.stderrTail.trim().split('\n').slice(-6).join(' | ');
       await vm.stop();
       throw new RubatoError(
         'RUBATO_SECONDARY',
@@ -153,7 +155,11 @@ export class ColoSecondary {
         const pages: StreamPage[] = [];
         for (let p = 0; p < len; p += TARGET_PAGE_SIZE) {
           const data = run.subarray(p, p + TARGET_PAGE_SIZE);
-          pages.push(isZero(data) ? { block: b.id, offset: off + p, data: null, fill: 0 } : { block: b.id, offset: off + p, data });
+          pages.push(
+            isZero(data)
+              ? { block: b.id, offset: off + p, data: null, fill: 0 }
+              : { block: b.id, offset: off + p, data },
+          );
         }
         await this.write([
           encodeSectionHeader(VM.SECTION_PART, RAM_SECTION_ID),
@@ -211,7 +217,11 @@ export class ColoSecondary {
         await this.expect(COLO_MSG.VMSTATE_LOADED);
         return { pausedMs: performance.now() - t0 };
       };
-      return await withTimeout(run(), this.timeoutMs, `the secondary of VM ${this.vm.spec.name} did not load a checkpoint`);
+      return await withTimeout(
+        run(),
+        this.timeoutMs,
+        `the secondary of VM ${this.vm.spec.name} did not load a checkpoint`,
+      );
     } finally {
       this.busy = false;
     }
@@ -226,7 +236,10 @@ export class ColoSecondary {
       const s = await this.vm.qmp.execute<{ status: string }>('query-status');
       if (s.status === 'running') break;
       if (Date.now() > until)
-        throw new RubatoError('RUBATO_SECONDARY', `the secondary of VM ${this.vm.spec.name} is ${s.status} after failover`);
+        throw new RubatoError(
+          'RUBATO_SECONDARY',
+          `the secondary of VM ${this.vm.spec.name} is ${s.status} after failover`,
+        );
       await new Promise((r) => setTimeout(r, 5));
     }
     this.sock.destroy();

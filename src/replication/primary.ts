@@ -16,7 +16,7 @@ import {
 } from '../util/index.ts';
 import type { QemuVm } from '../qemu/index.ts';
 import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
-import { OutputCommit } from '../commit/index.ts';
+import { FrameComparator, OutputCommit } from '../commit/index.ts';
 import { type NetRelay, type NbdServer, allocatedExtents, extentBytes } from '../io/index.ts';
 import { fixed, lastPassAfterMs, presendEveryMs, type Policy } from '../scheduler/index.ts';
 import { Link } from './link.ts';
@@ -24,7 +24,7 @@ import { connectHandshake } from './handshake.ts';
 import { EpochPipeline, type Command } from './pipeline.ts';
 import { dispatch, type OutsideHandlers } from './driver.ts';
 import { FrameType, type Frame } from './protocol/frame.ts';
-import { decodeAckTimings, type Identity } from './protocol/messages.ts';
+import { decodeAckTimings, splitNetFrames, type Identity } from './protocol/messages.ts';
 import { BaseSender, sendDiskExtents } from './base-sender.ts';
 import { encodePresendParts, encodeRecordParts, type RecordParts } from './protocol/record.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
@@ -111,7 +111,17 @@ export interface PrimaryOptions {
   generation?: () => number | null;
   /** How the VM is fenced (status and metrics show it; default none). */
   fencing?: 'witness' | 'none';
+  /**
+   * compare: the standby runs a secondary VM on the same input; a held frame leaves as soon as the
+   * secondary sent the same one (COLO's idea), else with its checkpoint's acknowledgement. Default buffer.
+   */
+  mode?: 'buffer' | 'compare';
+  /** Compare mode: a held frame whose secondary copy has not come within this is waited for by a checkpoint. */
+  compareLagMs?: number;
 }
+
+/** How long a held frame may wait for the secondary's copy before the scheduler counts it as waiting output. */
+export const DEFAULT_COMPARE_LAG_MS = 30;
 
 export interface FaultContext {
   /** Writes only part of this checkpoint's frame to the link (death mid-transfer). */
@@ -169,9 +179,17 @@ export class PrimaryController {
     const { relay, nbd, observer } = o;
     if (relay) {
       relay.onGuestFrame = (f) => {
+        const seq = this.commit.nextHeldSeq;
         const out = this.commit.push(f, performance.now());
         if (out) relay.sendOutside(out);
+        else if (this.comparator && this.commit.nextHeldSeq !== seq && this.protected)
+          this.compared(this.comparator.primary(seq, this.commit.openEpoch, f));
       };
+    }
+    if (relay && o.mode === 'compare') {
+      this.comparator = new FrameComparator();
+      this.commit.compareGraceMs = o.compareLagMs ?? DEFAULT_COMPARE_LAG_MS;
+      relay.onOutsideFrame = (f) => this.mirror(f);
     }
     this.commit.onFirstHeld = () => this.poke();
     if (nbd) {
@@ -186,6 +204,48 @@ export class PrimaryController {
       const disk = observer.disk.bind(observer);
       nbd.onIo = (kind) => disk(kind, performance.now());
     }
+  }
+
+  /** Compare mode's pairing of the primary's held frames with the secondary's (null: buffer mode). */
+  private readonly comparator: FrameComparator | null = null;
+  /** Inbound frames waiting to be mirrored to the secondary, and the epoch they arrived in. */
+  private mirrored: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
+
+  /** What the comparator decided: matched frames leave now; a mismatch makes the open epoch's output wait like any. */
+  private compared(r: { release: { seq: number; epoch: number }[]; mismatch: boolean }): void {
+    for (const e of r.release) {
+      const f = this.commit.releaseCompared(e.seq, e.epoch);
+      if (f) this.o.relay?.sendOutside(f);
+    }
+    if (r.mismatch) {
+      this.commit.mismatch();
+      this.poke();
+    }
+  }
+
+  /** Compare mode: a frame the guest receives goes to the secondary too, tagged with the epoch it arrived in. */
+  private mirror(f: Buffer): void {
+    const link = this.link;
+    if (!link || link.closed || !this.commit.holding) return;
+    const epoch = this.commit.openEpoch;
+    if (this.mirrored && this.mirrored.epoch !== epoch) this.flushMirror();
+    if (!this.mirrored) {
+      this.mirrored = { epoch, frames: [], bytes: 0 };
+      setImmediate(() => this.flushMirror());
+    }
+    this.mirrored.frames.push(f);
+    this.mirrored.bytes += f.length;
+    if (this.mirrored.bytes > 1 << 20) this.flushMirror();
+  }
+
+  private flushMirror(): void {
+    const m = this.mirrored;
+    this.mirrored = null;
+    const link = this.link;
+    if (!m?.frames.length || !link || link.closed) return;
+    link
+      .send(FrameType.NET_IN, m.epoch, Buffer.concat(m.frames, m.bytes))
+      .catch((e: unknown) => log.debug(`mirroring input to the secondary: ${errorMessage(e)}`));
   }
 
   /** The latest status event, and why the guest is unprotected (null while protected). */
@@ -225,6 +285,8 @@ export class PrimaryController {
       oldestHeldMs: out.oldestMs === null ? null : Math.round(out.oldestMs),
       outputBlockedNoLease: this.o.relay?.gate?.blocked.frames ?? 0,
       output: out.counts,
+      mode: this.comparator ? 'compare' : 'buffer',
+      ...(this.comparator ? { compare: { ...this.comparator.counts } } : {}),
       rttMs: this.link && !this.link.closed ? this.link.stats.rttMs : null,
     };
   }
@@ -325,6 +387,7 @@ export class PrimaryController {
         this.o.observer?.acked?.(handle, c.transferMs);
       }
       this.emit({ event: 'acked', epoch: c.epoch, counter, lagMs: Math.round(c.transferMs), frames: c.frames.length });
+      if (this.comparator) this.compared(this.comparator.acknowledged(c.epoch));
     },
     protected: (c) => {
       this.unprotectedReason = null;
@@ -338,6 +401,7 @@ export class PrimaryController {
     },
     unprotected: (c) => {
       this.unprotectedReason = c.reason;
+      this.comparator?.reset();
       if (c.first) {
         log.error(
           `GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${c.reason}; retrying every ${this.o.retryMs} ms`,
@@ -426,6 +490,16 @@ export class PrimaryController {
       }
       this.perform(this.pipeline.ack(f.epoch, atMs, timings));
       this.poke();
+    } else if (f.type === FrameType.SEC_OUT) {
+      if (!this.comparator || !this.protected) return;
+      let frames: Buffer[];
+      try {
+        frames = splitNetFrames(f.payload);
+      } catch (e) {
+        link.close(e as Error);
+        return;
+      }
+      for (const fr of frames) this.compared(this.comparator.secondary(f.epoch, fr));
     } else if (f.type === FrameType.FENCE) {
       this.pipeline.fenceRequested();
       this.poke();
@@ -437,7 +511,12 @@ export class PrimaryController {
   /** Who this side is to its standby: the VM, its spec and (with a witness) the generation it holds. */
   private identity(): Identity {
     const generation = this.o.generation?.() ?? null;
-    return { vm: this.o.vm.spec.name, spec: this.o.vm.spec, ...(generation ? { generation } : {}) };
+    return {
+      vm: this.o.vm.spec.name,
+      spec: this.o.vm.spec,
+      ...(generation ? { generation } : {}),
+      ...(this.comparator ? { mode: 'compare' as const } : {}),
+    };
   }
 
   private async session(): Promise<void> {
@@ -457,6 +536,7 @@ export class PrimaryController {
     // A new replica generation: a fresh COLO session whose full image streams to the standby as
     // QEMU sends it, the disk's allocated extents copied first (its writes from then on are logged
     // and go with the image), nothing of either collected here.
+    this.comparator?.reset();
     pipe.startSync();
     const nbd = this.o.nbd;
     const diskBlock = nbd ? { id: DISK_BLOCK_ID, lengthBytes: nbd.sizeBytes } : null;

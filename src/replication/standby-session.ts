@@ -53,6 +53,8 @@ export interface SessionHost {
   progress(p: SyncProgress): void;
   synced(ms: number, bytes: number): void;
   committed(epoch: number, bytes: number, pages: number): void;
+  /** Compare mode: frames the primary's guest received in `epoch`, for the secondary. */
+  netIn?(epoch: number, payload: Buffer): void;
 }
 
 export interface SessionEnd {
@@ -104,6 +106,19 @@ export class StandbySession {
     // are handled, and an orderly stop must never read as a lost primary.
     if (f.type === FrameType.BYE) this.bye = true;
     if (f.type === FrameType.GUEST_LOST) this.guestLost = true;
+    // Mirrored input is for the secondary now, not behind the checkpoints queued before it.
+    if (f.type === FrameType.NET_IN) {
+      // (from the full image on: the secondary starts from it and runs on this input)
+      if (!this.layout || !this.host.netIn)
+        this.link.close(new RubatoError('RUBATO_PROTOCOL', 'mirrored input with no secondary to take it'));
+      else
+        try {
+          this.host.netIn(f.epoch, f.payload);
+        } catch (e) {
+          this.link.close(e instanceof Error ? e : new Error(String(e)));
+        }
+      return;
+    }
     const n = f.payload.length;
     const arrivedMs = performance.now();
     const receiveMs = arrivedMs - (f.startedMs ?? arrivedMs);

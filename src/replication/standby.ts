@@ -24,6 +24,9 @@ import {
 } from './standby-state.ts';
 import { allowAlways, type ActivationGate } from './activation.ts';
 import { restoreVm, MAIN_RAM_ID, type QemuBinary, type QemuVm, type Accel } from '../qemu/index.ts';
+import type { NetRelay } from '../io/index.ts';
+import { SecondaryRunner, copyImage, secondaryUnsupported } from './secondary-runner.ts';
+import { DISK_BLOCK_ID } from './primary.ts';
 
 const log = logger('standby');
 const HANDSHAKE_TIMEOUT_MAX_MS = 5000;
@@ -58,7 +61,11 @@ export interface StandbyOptions {
   durability?: Durability;
   onEvent?: (e: StandbyEvent) => void;
   /** Sets up the guest's NIC relay and disk server for a restore (called only at failover). */
-  prepareRestore?: (identity: Identity, store: ReplicaStore) => Promise<{ netSocket?: string; nbdSocket?: string }>;
+  prepareRestore?: (
+    identity: Identity,
+    store: ReplicaStore,
+    relay?: NetRelay,
+  ) => Promise<{ netSocket?: string; nbdSocket?: string }>;
   /** Fault injection for tests: runs after a commit, before its ack is sent. */
   beforeAck?: (epoch: number) => Promise<void>;
   /** More for `rubato status` (the controller protecting the guest after a failover adds its view). */
@@ -79,6 +86,10 @@ export class StandbyController {
   /** A primary relied on this replica and has not said goodbye: its silence means failover. */
   private guarding = false;
   private lastFailover: { epoch: number; at: string; ms: number; why: string } | null = null;
+  /** Input mirrored while the full image arrives, for the secondary that starts from it. */
+  private earlyInput: { epoch: number; payload: Buffer }[] = [];
+  /** Compare mode: the secondary VM run beside the replica (null in buffer mode). */
+  private secondary: SecondaryRunner | null = null;
   /** Set while waiting to see whether a lost primary comes back. */
   private primaryReturned: (() => void) | null = null;
 
@@ -162,6 +173,8 @@ export class StandbyController {
       vm: this.identity?.vm ?? null,
       replicaEpoch: this.replicaEpoch,
       primary: this.link && !this.link.closed ? this.link.peer : null,
+      mode: this.secondary ? 'compare' : 'buffer',
+      ...(this.secondary ? { secondary: { ...this.secondary.stats } } : {}),
       ...this.o.statusExtra?.(),
       lastFailover: this.lastFailover,
     };
@@ -287,9 +300,16 @@ export class StandbyController {
         this.goFromPeer('base-begin');
         return this.receiveBase(identity, layout);
       },
-      commit: (record, epoch, staged) => {
+      commit: async (record, epoch, staged) => {
         if (!this.store) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
-        return this.store.commitRecord(record, epoch, this.o.durability ?? 'memory', staged);
+        const rec = await this.store.commitRecord(record, epoch, this.o.durability ?? 'memory', staged);
+        this.secondary?.committed(rec.epoch, rec.pages, rec.deviceState);
+        return rec;
+      },
+      netIn: (epoch, payload) => {
+        if (this.secondary) this.secondary.netIn(epoch, payload);
+        else if (identity.mode === 'compare' && this.earlyInput.reduce((n, x) => n + x.payload.length, 0) < 16 << 20)
+          this.earlyInput.push({ epoch, payload }); // (the secondary starts once the full image is in)
       },
       ...(this.o.beforeAck ? { beforeAck: this.o.beforeAck } : {}),
       progress: (p) => this.emit(p),
@@ -303,6 +323,7 @@ export class StandbyController {
     if (this.st === 'syncing') this.go('sync-abandoned');
     if (end.bye) {
       this.guarding = false;
+      await this.stopSecondary();
       log.info(`keeping the replica at checkpoint ${this.replicaEpoch}; no failover (the primary stopped in order)`);
       return;
     }
@@ -392,6 +413,7 @@ export class StandbyController {
         this.identity = identity;
         this.recoveredMayLag = false;
         this.goFromPeer('base-installed');
+        await this.startSecondary(identity);
       },
     };
   }
@@ -464,6 +486,8 @@ export class StandbyController {
       this.emit({ event: 'failover-refused', why: errorMessage(e) });
       throw e;
     }
+    // Compare mode: the secondary takes the last committed checkpoint and runs on as the guest.
+    const promoted = await this.promoteSecondary();
     await store.close(); // the guest owns the image files from here
     const spec = { ...this.identity.spec, name: `${this.identity.spec.name}`, ramFile: store.imagePath(MAIN_RAM_ID) };
     await writePrivateAtomic(
@@ -473,11 +497,17 @@ export class StandbyController {
     );
     try {
       const binary = this.binary ?? (await this.o.binaryFor(spec.accel));
-      const io = this.o.prepareRestore ? await this.o.prepareRestore(this.identity, store) : {};
-      const r = await restoreVm(
-        { spec, machine: store.machine, deviceState: store.deviceState },
-        { binary, runDir: join(this.o.stateDir, 'run'), tag: 'active', ...io },
-      );
+      let r: { vm: QemuVm; restoreMs: number };
+      if (promoted) {
+        await this.o.prepareRestore?.(this.identity, store, promoted.relay);
+        r = { vm: promoted.vm, restoreMs: 0 };
+      } else {
+        const io = this.o.prepareRestore ? await this.o.prepareRestore(this.identity, store) : {};
+        r = await restoreVm(
+          { spec, machine: store.machine, deviceState: store.deviceState },
+          { binary, runDir: join(this.o.stateDir, 'run'), tag: 'active', ...io },
+        );
+      }
       this.vm = r.vm;
       this.vm.on('serial', (line: string) => this.emit({ event: 'guest', line, atMs: Date.now() }));
       this.go('failover-done');
@@ -490,7 +520,9 @@ export class StandbyController {
         restoreMs: Math.round(r.restoreMs),
         why: `${why}; ${verdict.why}`,
       });
-      log.warn(`FAILOVER: guest ${this.identity.vm} running here from checkpoint ${store.epoch}`);
+      log.warn(
+        `FAILOVER: guest ${this.identity.vm} running here from checkpoint ${store.epoch}${promoted ? ' (the compared secondary, promoted)' : ''}`,
+      );
       return true;
     } catch (e) {
       this.go('failover-failed');
@@ -558,6 +590,66 @@ export class StandbyController {
     );
   }
 
+  /** Compare mode: a secondary from the replica just installed (any earlier one goes). */
+  private async startSecondary(identity: Identity): Promise<void> {
+    await this.stopSecondary();
+    const early = this.earlyInput;
+    this.earlyInput = [];
+    if (identity.mode !== 'compare') return;
+    const why = secondaryUnsupported(identity);
+    if (why || !this.store) {
+      log.warn(`${why ?? 'no replica'}: VM ${identity.vm}'s output waits for checkpoints (buffer mode)`);
+      return;
+    }
+    const binary = this.binary ?? (await this.o.binaryFor(identity.spec.accel));
+    const runDir = join(this.o.stateDir, 'run');
+    // (before the next checkpoint is taken: the session handles them after this returns)
+    const image = await copyImage(this.store, runDir, [DISK_BLOCK_ID]);
+    this.secondary = new SecondaryRunner({
+      identity,
+      image,
+      binary,
+      runDir,
+      send: (epoch, payload) => {
+        const link = this.link;
+        if (link && !link.closed)
+          link
+            .send(FrameType.SEC_OUT, epoch, payload)
+            .catch((e: unknown) => log.debug(`secondary output to the primary: ${errorMessage(e)}`));
+      },
+    });
+    for (const x of early) this.secondary.netIn(x.epoch, x.payload);
+  }
+
+  private async stopSecondary(): Promise<void> {
+    const s = this.secondary;
+    this.secondary = null;
+    await s?.stop().catch((e: unknown) => log.warn(`stopping the secondary: ${errorMessage(e)}`));
+  }
+
+  /** The promoted secondary, or null (no compare mode, or it cannot go on: the replica is restored). */
+  private async promoteSecondary(): Promise<{ vm: QemuVm; relay: NetRelay; epoch: number } | null> {
+    const s = this.secondary;
+    if (!s || !this.store) return null;
+    const p = await s.promote();
+    if (p && p.epoch !== this.store.epoch) {
+      // It must run from the last acknowledged checkpoint, never an older one.
+      log.error(
+        `the secondary runs from checkpoint ${p.epoch}, the replica is at ${this.store.epoch}: restoring instead`,
+      );
+      await p.vm.stop();
+      await p.relay.close();
+      this.secondary = null;
+      return null;
+    }
+    if (!p) {
+      await this.stopSecondary();
+      return null;
+    }
+    this.secondary = null;
+    return p;
+  }
+
   /** Orderly end: the primary is told (it goes on unprotected), the replica is kept. */
   async stop(): Promise<void> {
     if (this.st !== 'stopped') this.go('stop');
@@ -576,6 +668,7 @@ export class StandbyController {
         ),
       );
     await this.store?.close();
+    await this.stopSecondary();
     await this.vm?.stop();
   }
 }

@@ -6,7 +6,7 @@ import { z } from 'zod';
 import type { Command } from 'commander';
 import { logger, RubatoError } from '../../util/index.ts';
 import { CHAOS_SERVICES, FAULTS, runChaos, type Fault } from '../../chaos/index.ts';
-import { ACCEL, int, oneOf, parseOptions, policy, withAccel } from '../options.ts';
+import { ACCEL, MODE, int, oneOf, parseOptions, policy, withAccel, withModeOption } from '../options.ts';
 
 const log = logger('rubato');
 
@@ -23,10 +23,11 @@ const Options = z.object({
   leaseTtl: int(1, 60),
   witness: z.boolean(),
   service: oneOf(CHAOS_SERVICES),
+  ...MODE,
 });
 
 export function register(program: Command): void {
-  withAccel(program.command('chaos'))
+  withModeOption(withAccel(program.command('chaos')))
     .description('Jepsen-style check: a KV service in the guest, a client writing, faults injected round after round')
     .option(
       '--faults <list>',

@@ -13,6 +13,8 @@ import { parsePolicy } from '../../scheduler/index.ts';
 import {
   ACCEL,
   LINK,
+  MODE,
+  withModeOption,
   NO_WITNESS_WARNING,
   WITNESS,
   eventPrinter,
@@ -45,11 +47,12 @@ const Options = z.object({
   stateDir: z.string(),
   events: z.boolean(),
   ...LINK,
+  ...MODE,
   ...WITNESS,
 });
 
 export function register(program: Command): void {
-  withWitnessOptions(withLinkOptions(withAccel(program.command('primary'))))
+  withWitnessOptions(withModeOption(withLinkOptions(withAccel(program.command('primary')))))
     .description('run a VM and keep it protected by a standby')
     .requiredOption('--standby <host:port>', 'the standby controller')
     .requiredOption('--key <file>', 'pre-shared key file (rubato keygen)')
@@ -116,7 +119,7 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
     heartbeatMs: o.heartbeatMs,
     timeoutMs: o.timeoutMs,
     ownership,
-    primary: { holdOnLossMs: o.holdMs },
+    primary: { holdOnLossMs: o.holdMs, mode: o.mode },
     onGuardEvent: emit,
     onEvent: (e) => {
       emit(e);

@@ -16,6 +16,8 @@ import { join } from 'node:path';
 import {
   DURABILITY,
   LINK,
+  MODE,
+  withModeOption,
   NO_WITNESS_WARNING,
   OBSERVE,
   WITNESS,
@@ -47,13 +49,14 @@ const Options = z.object({
   durability: DURABILITY,
   ...OBSERVE,
   ...LINK,
+  ...MODE,
   ...WITNESS,
 });
 
 export function register(program: Command): void {
   withObserveOptions(
     withDurabilityOption(
-      withWitnessOptions(withLinkOptions(program.command('protect'))),
+      withWitnessOptions(withModeOption(withLinkOptions(program.command('protect')))),
       'as the new standby after a failover: ',
     ),
   )
@@ -151,7 +154,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     heartbeatMs: o.heartbeatMs,
     timeoutMs: o.timeoutMs,
     ownership,
-    primary: { holdOnLossMs: o.holdMs },
+    primary: { holdOnLossMs: o.holdMs, mode: o.mode },
     onGuardEvent: (e) => {
       emit(e);
       if (e['event'] === 'owner' && typeof e['generation'] === 'number')

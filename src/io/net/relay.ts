@@ -31,6 +31,8 @@ class Framer {
 export class NetRelay {
   /** Where frames from the guest go; until set, they leave at once (an unprotected guest). */
   onGuestFrame: ((frame: Buffer) => void) | null = null;
+  /** Sees every frame from the outside on its way to the guest (compare mode mirrors them to the secondary). */
+  onOutsideFrame: ((frame: Buffer) => void) | null = null;
   /** The lease check every frame passes on its way out (set by the VM's owner; null: no witness). */
   gate: ReleaseGate | null = null;
   private server: Server | null = null;
@@ -85,9 +87,18 @@ export class NetRelay {
         });
         s.setNoDelay(true);
         this.outside = s;
+        const framer = new Framer();
         s.on('data', (d: Buffer) => {
-          this.framesToGuest++;
-          this.guest?.write(d);
+          try {
+            framer.push(d, (f) => {
+              this.framesToGuest++;
+              this.guest?.write(f);
+              this.onOutsideFrame?.(f);
+            });
+          } catch (e) {
+            log.warn(`TAP relay stream broken: ${(e as Error).message}`);
+            s.destroy();
+          }
         });
         s.on('error', () => {});
         s.on('close', () => {
@@ -100,6 +111,12 @@ export class NetRelay {
         await new Promise((r) => setTimeout(r, 20));
       }
     }
+  }
+
+  /** A frame (with its length prefix) for the guest from elsewhere than the TAP (a secondary's mirrored input). */
+  toGuest(f: Buffer): void {
+    this.framesToGuest++;
+    this.guest?.write(f);
   }
 
   /** A frame leaves for the outside (dropped, and counted, when no TAP is attached or the lease is not known valid). */

@@ -50,6 +50,8 @@ export const FrameType = {
   CKPT: 20, // one checkpoint record (see replica-store.ts), self-checksummed
   ACK: 21, // epoch committed on the standby
   PRESEND: 22, // pages of the running epoch sent before its checkpoint (record.ts); staged, committed with it
+  NET_IN: 23, // primary → standby (compare mode): frames the guest received in epoch N, for the secondary
+  SEC_OUT: 24, // standby → primary (compare mode): frames the secondary sent running from checkpoint N-1
   HEARTBEAT: 30, // be64 sender time µs
   HEARTBEAT_ECHO: 31,
   FENCE: 40, // standby → primary: stop the guest, a failover is coming

@@ -13,6 +13,8 @@ export const IdentitySchema = z.object({
   spec: VmSpecSchema,
   /** The primary's generation in the witness (its fencing token), when it runs with one. */
   generation: z.number().int().min(1).max(0xffffffff).optional(),
+  /** compare: the standby runs a secondary VM whose replies release the primary's (COLO's idea). */
+  mode: z.enum(['buffer', 'compare']).optional(),
 });
 export type Identity = z.infer<typeof IdentitySchema>;
 
@@ -148,4 +150,22 @@ export function decodeAckTimings(p: Buffer): { queuedMs: number; commitMs: numbe
     commitMs: p.readUInt32BE(4) / 1000,
     receiveMs: p.readUInt32BE(8) / 1000,
   };
+}
+
+/**
+ * Guest network frames in one message (NET_IN, SEC_OUT): each keeps its relay length prefix (be32
+ * length + Ethernet frame); the message is those frames back to back.
+ */
+export function splitNetFrames(payload: Buffer, maxFrame = 65536): Buffer[] {
+  const out: Buffer[] = [];
+  let off = 0;
+  while (off < payload.length) {
+    if (payload.length - off < 4) throw protocolError('network frames: a truncated length');
+    const len = payload.readUInt32BE(off);
+    if (len > maxFrame || payload.length - off - 4 < len)
+      throw protocolError(`network frames: a frame of ${len} bytes`);
+    out.push(payload.subarray(off, off + 4 + len));
+    off += 4 + len;
+  }
+  return out;
 }

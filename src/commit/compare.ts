@@ -1,0 +1,176 @@
+// Compare mode's decision, pure: which of the primary's held frames may leave before their
+// checkpoint is acknowledged because the secondary — started from the same checkpoint, given the
+// same input — sent the same frame (COLO's idea; QEMU's colo-compare compares the same way).
+//
+// Frames are paired per connection, in order, within one epoch: the primary's frames of epoch N
+// (output after checkpoint N-1) only with what the secondary sent while running from checkpoint
+// N-1. A TCP segment matches on its ports, sequence and acknowledgement numbers, flags and payload
+// — not on what legitimately differs between two runs of one state: the IP id, checksums, the
+// window and the options (timestamps follow each VM's clock). Any other frame matches byte for
+// byte but for the IPv4 id and header checksum. A connection whose frames differed (or whose
+// secondary already moved past the epoch) releases nothing more of that epoch: those frames wait
+// for their acknowledgement (today's rule), and the mismatch asks for a checkpoint, which brings
+// the secondary back to the primary's state. A frame leaves only after every earlier frame of its
+// connection left.
+
+/** What a frame is compared by: its connection and its signature. */
+export interface FrameIdentity {
+  flow: string;
+  sig: Buffer;
+}
+
+const ETH_HDR = 14;
+
+/** The frame (with Rubato's 4-byte length prefix) reduced to what two runs of one state must agree on. */
+export function frameIdentity(prefixed: Buffer): FrameIdentity {
+  const f = prefixed.subarray(4);
+  if (f.length >= ETH_HDR + 20 && f.readUInt16BE(12) === 0x0800) {
+    const ip = f.subarray(ETH_HDR);
+    const ihl = (ip[0]! & 0x0f) * 4;
+    const total = Math.min(ip.readUInt16BE(2), ip.length);
+    const proto = ip[9]!;
+    if (proto === 6 && ihl >= 20 && total >= ihl + 20) {
+      const tcp = ip.subarray(ihl, total);
+      const off = (tcp[12]! >> 4) * 4;
+      const flow = `t${ip.readUInt32BE(12)}:${tcp.readUInt16BE(0)}>${ip.readUInt32BE(16)}:${tcp.readUInt16BE(2)}`;
+      // seq (4), ack (4), flags (1), payload
+      const sig = Buffer.concat([tcp.subarray(4, 12), tcp.subarray(13, 14), tcp.subarray(Math.min(off, tcp.length))]);
+      return { flow, sig };
+    }
+    const sig = Buffer.from(f);
+    sig.fill(0, ETH_HDR + 4, ETH_HDR + 6); // IP id
+    sig.fill(0, ETH_HDR + 10, ETH_HDR + 12); // header checksum
+    return { flow: `p${proto}`, sig };
+  }
+  return { flow: f.length >= ETH_HDR ? `e${f.readUInt16BE(12)}` : 'e', sig: f };
+}
+
+interface PrimaryEntry {
+  seq: number;
+  epoch: number;
+  sig: Buffer;
+}
+interface SecondaryEntry {
+  epoch: number;
+  sig: Buffer;
+}
+interface Flow {
+  p: PrimaryEntry[];
+  s: SecondaryEntry[];
+  /** The epoch whose frames differed on this connection (they wait for its acknowledgement), or -1. */
+  diverged: number;
+}
+
+export interface CompareCounts {
+  matched: number;
+  mismatches: number;
+  /** Secondary frames dropped: of an epoch already acknowledged, or past the bound. */
+  stale: number;
+}
+
+/** A secondary frame waits this long at most per connection for the primary's (bounded memory). */
+const MAX_SECONDARY_PER_FLOW = 1024;
+const MAX_FLOWS = 4096;
+
+export class FrameComparator {
+  private readonly flows = new Map<string, Flow>();
+  private acked = -1;
+  readonly counts: CompareCounts = { matched: 0, mismatches: 0, stale: 0 };
+
+  private flow(key: string): Flow {
+    let fl = this.flows.get(key);
+    if (!fl) {
+      if (this.flows.size >= MAX_FLOWS) this.prune();
+      fl = { p: [], s: [], diverged: -1 };
+      this.flows.set(key, fl);
+    }
+    return fl;
+  }
+
+  /**
+   * A primary frame was held as `seq` in `epoch`. Returns the held frames that may leave now (in
+   * order), with whether a mismatch was found.
+   */
+  primary(seq: number, epoch: number, frame: Buffer): { release: PrimaryEntry[]; mismatch: boolean } {
+    const id = frameIdentity(frame);
+    const fl = this.flow(id.flow);
+    fl.p.push({ seq, epoch, sig: id.sig });
+    return this.match(fl);
+  }
+
+  /** The secondary, running in `epoch` (from checkpoint epoch - 1), sent `frame`. */
+  secondary(epoch: number, frame: Buffer): { release: PrimaryEntry[]; mismatch: boolean } {
+    if (epoch <= this.acked) {
+      this.counts.stale++;
+      return { release: [], mismatch: false };
+    }
+    const id = frameIdentity(frame);
+    const fl = this.flow(id.flow);
+    if (fl.s.length >= MAX_SECONDARY_PER_FLOW) {
+      fl.s.shift();
+      this.counts.stale++;
+    }
+    fl.s.push({ epoch, sig: id.sig });
+    return this.match(fl);
+  }
+
+  /**
+   * Checkpoint `epoch` was acknowledged: output commit released every frame up to it; they are
+   * forgotten here, and connections they blocked may match on.
+   */
+  acknowledged(epoch: number): { release: PrimaryEntry[]; mismatch: boolean } {
+    this.acked = Math.max(this.acked, epoch);
+    const release: PrimaryEntry[] = [];
+    let mismatch = false;
+    for (const [key, fl] of this.flows) {
+      while (fl.p.length && fl.p[0]!.epoch <= epoch) fl.p.shift();
+      while (fl.s.length && fl.s[0]!.epoch <= epoch) fl.s.shift();
+      if (fl.diverged <= epoch) fl.diverged = -1;
+      const r = this.match(fl);
+      release.push(...r.release);
+      mismatch ||= r.mismatch;
+      if (!fl.p.length && !fl.s.length) this.flows.delete(key);
+    }
+    return { release, mismatch };
+  }
+
+  /** Protection restarts (a new image) or ends: nothing held is paired any more. */
+  reset(): void {
+    this.flows.clear();
+    this.acked = -1;
+  }
+
+  private match(fl: Flow): { release: PrimaryEntry[]; mismatch: boolean } {
+    const release: PrimaryEntry[] = [];
+    let mismatch = false;
+    for (;;) {
+      const p = fl.p[0];
+      const s = fl.s[0];
+      if (!p || !s) break;
+      if (s.epoch < p.epoch) {
+        fl.s.shift(); // the secondary's output of an epoch whose primary frames all left
+        continue;
+      }
+      if (fl.diverged === p.epoch) break;
+      // The secondary already runs from checkpoint p.epoch (so it is acknowledged) without having
+      // sent this frame: it leaves with that acknowledgement.
+      if (s.epoch > p.epoch) break;
+      if (!s.sig.equals(p.sig)) {
+        fl.diverged = p.epoch;
+        this.counts.mismatches++;
+        mismatch = true;
+        break;
+      }
+      fl.p.shift();
+      fl.s.shift();
+      release.push(p);
+      this.counts.matched++;
+    }
+    return { release, mismatch };
+  }
+
+  /** Connections with nothing waiting are forgotten first. */
+  private prune(): void {
+    for (const [key, fl] of this.flows) if (!fl.p.length) this.flows.delete(key);
+  }
+}

@@ -1,0 +1,271 @@
+// Compare mode on the standby: the secondary VM (qemu/secondary.ts) run beside the replica. It
+// starts from the replica's full image, takes every committed checkpoint (merged, when it falls
+// behind), gets the primary's inbound frames of the epoch it runs (mirrored over the link) and
+// sends what it outputs back to the primary, tagged with that epoch, for comparison. Its frames
+// never leave this host while it is a secondary. At failover it is brought to the last committed
+// checkpoint and promoted: the guest goes on from there with the state behind every frame the
+// primary released (by acknowledgement or by comparison).
+
+import { join } from 'node:path';
+import { copyFile, open, rm } from 'node:fs/promises';
+import { errorMessage, logger } from '../util/index.ts';
+import { ColoSecondary, type QemuBinary, type QemuVm } from '../qemu/index.ts';
+import { NetRelay } from '../io/index.ts';
+import { PageSet, type DirtyPage } from '../capture/index.ts';
+import type { ReplicaStore } from './replica-store.ts';
+import type { Identity } from './protocol/messages.ts';
+import { splitNetFrames } from './protocol/messages.ts';
+
+const log = logger('secondary');
+/** Inbound frames kept for epochs the secondary has not reached yet. */
+const MAX_QUEUED_INBOUND_BYTES = 16 << 20;
+
+/**
+ * The replica's RAM at one checkpoint, copied aside (private files) while nothing is applied to
+ * the replica: the secondary's first image must be one checkpoint, and the replica's files move on
+ * as checkpoints commit while it loads.
+ */
+export interface ImageCopy {
+  machine: string;
+  blocks: { id: string; lengthBytes: number }[];
+  files: Map<string, string>;
+  deviceState: Buffer;
+  epoch: number;
+}
+
+export async function copyImage(store: ReplicaStore, dir: string, notRam: readonly string[]): Promise<ImageCopy> {
+  await store.settled();
+  const blocks = store.blocks.filter((b) => !notRam.includes(b.id)).map((b) => ({ ...b }));
+  const files = new Map<string, string>();
+  for (const [i, b] of blocks.entries()) {
+    const to = join(dir, `secondary-image-${i}.img`);
+    await copyFile(store.imagePath(b.id), to);
+    files.set(b.id, to);
+  }
+  return { machine: store.machine, blocks, files, deviceState: Buffer.from(store.deviceState), epoch: store.epoch };
+}
+
+export interface SecondaryRunnerOptions {
+  identity: Identity;
+  image: ImageCopy;
+  binary: QemuBinary;
+  runDir: string;
+  /** Frames the secondary sent while running `epoch` (from checkpoint epoch - 1), for the primary. */
+  send: (epoch: number, payload: Buffer) => void;
+}
+
+export interface SecondaryStats {
+  state: 'starting' | 'running' | 'failed' | 'stopped' | 'promoted';
+  runningFrom: number;
+  loads: number;
+  loadMsTotal: number;
+  framesIn: number;
+  framesOut: number;
+  startMs: number | null;
+}
+
+export class SecondaryRunner {
+  private sec: ColoSecondary | null = null;
+  private base = 0;
+  private pending: { epoch: number; pages: PageSet; deviceState: Buffer } | null = null;
+  private inbound: { epoch: number; frames: Buffer[] }[] = [];
+  private inboundBytes = 0;
+  private outBatch: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
+  private loading = false;
+  private pump: Promise<void> = Promise.resolve();
+  private readonly relay: NetRelay;
+  private readonly ready: Promise<void>;
+  readonly stats: SecondaryStats = {
+    state: 'starting',
+    runningFrom: 0,
+    loads: 0,
+    loadMsTotal: 0,
+    framesIn: 0,
+    framesOut: 0,
+    startMs: null,
+  };
+
+  /** Starts the secondary from the replica's full image (checkpoint 0, just installed). */
+  constructor(private readonly o: SecondaryRunnerOptions) {
+    this.relay = new NetRelay(join(o.runDir, `${o.identity.vm}-secondary.net`));
+    this.relay.onGuestFrame = (f) => this.output(f);
+    this.ready = this.start().catch((e: unknown) => this.fail(e));
+  }
+
+  private async start(): Promise<void> {
+    const t0 = performance.now();
+    const { image, identity } = this.o;
+    this.base = image.epoch;
+    await this.relay.start();
+    const read = async (id: string, offset: number, length: number): Promise<Buffer> => {
+      const fh = await open(image.files.get(id)!, 'r');
+      try {
+        const buf = Buffer.alloc(length);
+        await fh.read(buf, 0, length, offset);
+        return buf;
+      } finally {
+        await fh.close();
+      }
+    };
+    this.sec = await ColoSecondary.start(
+      identity.spec,
+      { machine: image.machine, blocks: image.blocks, deviceState: image.deviceState, read },
+      {
+        binary: this.o.binary,
+        runDir: this.o.runDir,
+        tag: `${identity.vm}-secondary`,
+        ...(identity.spec.mac ? { netSocket: this.relay.guestSocketPath } : {}),
+      },
+    ).finally(() => Promise.all([...image.files.values()].map((f) => rm(f, { force: true }))));
+    if (this.stats.state !== 'starting') {
+      await this.sec.stop();
+      return;
+    }
+    this.stats.state = 'running';
+    this.deliverInbound();
+    this.stats.startMs = Math.round(performance.now() - t0);
+    log.info(`secondary of VM ${identity.vm} running from checkpoint ${this.base} (${this.stats.startMs} ms)`);
+    this.kick();
+  }
+
+  private fail(e: unknown): void {
+    if (this.stats.state === 'stopped' || this.stats.state === 'promoted') return;
+    this.stats.state = 'failed';
+    log.warn(
+      `compare mode off for VM ${this.o.identity.vm}: ${errorMessage(e)} (its output waits for checkpoints until the next full image)`,
+    );
+    void this.sec?.stop();
+    this.sec = null;
+  }
+
+  /** The checkpoint the secondary runs from (null: it does not run). */
+  get runningFrom(): number | null {
+    return this.stats.state === 'running' && !this.loading ? this.base : null;
+  }
+
+  /** A checkpoint was committed: the secondary takes it (with any others it has not taken yet). */
+  committed(epoch: number, pages: readonly DirtyPage[], deviceState: Buffer): void {
+    if (this.stats.state !== 'running' && this.stats.state !== 'starting') return;
+    const p = (this.pending ??= { epoch, pages: new PageSet(), deviceState });
+    for (const pg of pages) p.pages.set(pg);
+    p.epoch = epoch;
+    p.deviceState = deviceState;
+    this.kick();
+  }
+
+  private kick(): void {
+    if (this.loading || !this.sec || !this.pending || this.stats.state !== 'running') return;
+    this.loading = true;
+    this.pump = this.load().finally(() => {
+      this.loading = false;
+      this.kick();
+    });
+  }
+
+  private async load(): Promise<void> {
+    const p = this.pending;
+    const sec = this.sec;
+    if (!p || !sec) return;
+    this.pending = null;
+    try {
+      const r = await sec.checkpoint(p.pages.values(), p.deviceState);
+      this.flushOutput(); // what it sent before it stopped belongs to the epoch it left
+      this.base = p.epoch;
+      this.stats.runningFrom = p.epoch;
+      this.stats.loads++;
+      this.stats.loadMsTotal += r.pausedMs;
+      this.deliverInbound();
+    } catch (e) {
+      this.fail(e);
+    }
+  }
+
+  /** Frames the primary's guest received in `epoch`. */
+  netIn(epoch: number, payload: Buffer): void {
+    if (this.stats.state !== 'running' && this.stats.state !== 'starting') return;
+    if (epoch <= this.base) return; // the checkpoint the secondary runs from already holds them
+    const frames = splitNetFrames(payload);
+    if (epoch === this.base + 1 && !this.loading && this.stats.state === 'running') {
+      for (const f of frames) this.relay.toGuest(f);
+      this.stats.framesIn += frames.length;
+      return;
+    }
+    if (this.inboundBytes + payload.length > MAX_QUEUED_INBOUND_BYTES) return; // as a congested network would
+    this.inbound.push({ epoch, frames });
+    this.inboundBytes += payload.length;
+  }
+
+  private deliverInbound(all = false): void {
+    const keep: { epoch: number; frames: Buffer[] }[] = [];
+    for (const q of this.inbound) {
+      if (q.epoch <= this.base) continue;
+      if (all || q.epoch === this.base + 1) {
+        for (const f of q.frames) this.relay.toGuest(f);
+        this.stats.framesIn += q.frames.length;
+      } else keep.push(q);
+    }
+    this.inbound = keep;
+    this.inboundBytes = keep.reduce((n, q) => n + q.frames.reduce((m, f) => m + f.length, 0), 0);
+  }
+
+  private output(f: Buffer): void {
+    if (this.stats.state !== 'running') return;
+    const epoch = this.base + 1;
+    if (this.outBatch && this.outBatch.epoch !== epoch) this.flushOutput();
+    if (!this.outBatch) {
+      this.outBatch = { epoch, frames: [], bytes: 0 };
+      setImmediate(() => this.flushOutput());
+    }
+    this.outBatch.frames.push(f);
+    this.outBatch.bytes += f.length;
+    this.stats.framesOut++;
+  }
+
+  private flushOutput(): void {
+    const b = this.outBatch;
+    this.outBatch = null;
+    if (b?.frames.length) this.o.send(b.epoch, Buffer.concat(b.frames, b.bytes));
+  }
+
+  /**
+   * Failover: the secondary takes every committed checkpoint it has not taken yet, ends COLO and
+   * runs on as the guest, with the input the primary's guest got after that checkpoint. Returns
+   * the VM and its NIC's relay (to be wired to this host's TAP), or null when it cannot (the replica
+   * is restored instead).
+   */
+  async promote(): Promise<{ vm: QemuVm; relay: NetRelay; epoch: number } | null> {
+    await this.ready;
+    await this.pump;
+    if (this.pending) {
+      this.kick();
+      await this.pump;
+    }
+    const sec = this.sec;
+    if (!sec || this.stats.state !== 'running') return null;
+    try {
+      const vm = await sec.promote();
+      this.stats.state = 'promoted';
+      this.relay.onGuestFrame = null;
+      this.deliverInbound(true);
+      return { vm, relay: this.relay, epoch: this.base };
+    } catch (e) {
+      this.fail(e);
+      return null;
+    }
+  }
+
+  /** Not needed any more (a new full image, the primary stopped in order, or the standby stops). */
+  async stop(): Promise<void> {
+    if (this.stats.state === 'promoted') return;
+    this.stats.state = 'stopped';
+    await this.ready;
+    await this.sec?.stop();
+    this.sec = null;
+    await this.relay.close();
+  }
+}
+
+export function secondaryUnsupported(identity: Identity): string | null {
+  if (identity.spec.disk) return 'compare mode does not run a secondary for a VM with a disk yet';
+  return null;
+}
