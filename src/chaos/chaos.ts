@@ -98,6 +98,8 @@ export interface RoundResult {
   failover: boolean;
   failoverMs: number | null;
   reprotectMs: number | null;
+  /** Compare mode: the standby promoted its running secondary (else it restored the replica). */
+  promoted?: boolean;
   primary: string;
 }
 
@@ -535,6 +537,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         res.failovers++;
         round.failover = true;
         round.failoverMs = fo.runningAtMs - faultAt;
+        round.promoted = fo.promoted;
         res.failoverMs.push(fo.runningAtMs - faultAt);
         kills.push({ killAt: faultAt, runningAt: fo.runningAtMs });
         // The old primary's side is gone for good (isolate: its guest was stopped by the guard).

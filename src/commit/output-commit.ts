@@ -252,6 +252,7 @@ export class OutputCommit<F extends Sized = Buffer> {
    */
   releaseCompared(seq: number, epoch: number): F | null {
     assert(this.st.kind === 'holding', `output commit: compared release of frame ${seq} while not holding`);
+    assert(seq < this.nextSeq, `output commit: compared release of frame ${seq}, which is not held`);
     const first = this.queue[this.head];
     if (!first || seq < first.seq) return null; // acknowledged meanwhile
     const h = this.queue[this.head + (seq - first.seq)];

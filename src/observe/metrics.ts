@@ -167,7 +167,7 @@ export class ControllerMetrics {
     // Every frame the guest sent, by the way it went (output commit counts each in exactly one).
     new Counter({
       name: 'rubato_output_frames_total',
-      help: 'Guest output frames by the way they went: released (after the ack), passed-through (nothing protected the guest), released-unprotected (held, let go without an ack), dropped (at the bound), blocked-no-lease (refused by the release gate)',
+      help: 'Guest output frames by the way they went: released (after the ack), passed-through (nothing protected the guest), released-unprotected (held, let go without an ack), dropped (at the bound), compared (released when the secondary sent the same, compare mode), blocked-no-lease (refused by the release gate)',
       labelNames: [...labelNames, 'way'],
       registers: [r],
       collect() {
@@ -179,6 +179,7 @@ export class ControllerMetrics {
             ['passed-through', o['passedThrough']],
             ['released-unprotected', o['releasedUnprotected']],
             ['dropped', o['dropped']],
+            ['compared', o['compared']],
             ['blocked-no-lease', s['outputBlockedNoLease']],
           ];
           for (const [way, v] of ways) {
@@ -188,6 +189,11 @@ export class ControllerMetrics {
         }
       },
     });
+    gauge(
+      'rubato_compare_mismatches',
+      'Compare mode: frames the secondary sent differently from the primary (each asks for a checkpoint)',
+      (s) => num((s['compare'] as Record<string, unknown> | undefined)?.['mismatches']),
+    );
     gauge('rubato_output_oldest_held_seconds', 'Age of the oldest held output frame (0: none held)', (s) => {
       const v = num(s['oldestHeldMs']);
       return v === null ? (s['heldFrames'] === 0 ? 0 : null) : v / 1000;

@@ -42,7 +42,16 @@ export type StandbyEvent =
   | { event: 'synced'; ms: number; bytes: number }
   | { event: 'committed'; epoch: number; bytes: number; pages: number }
   | { event: 'primary-lost'; reason: string; epoch: number | null; atMs: number }
-  | { event: 'failover'; epoch: number; detectedAtMs: number; runningAtMs: number; restoreMs: number; why: string }
+  | {
+      event: 'failover';
+      epoch: number;
+      detectedAtMs: number;
+      runningAtMs: number;
+      restoreMs: number;
+      why: string;
+      /** Compare mode: the running secondary went on as the guest (no restore). */
+      promoted: boolean;
+    }
   | { event: 'failover-refused'; why: string }
   | { event: 'guest'; line: string; atMs: number };
 
@@ -518,6 +527,7 @@ export class StandbyController {
         detectedAtMs,
         runningAtMs: Date.now(),
         restoreMs: Math.round(r.restoreMs),
+        promoted: promoted !== null,
         why: `${why}; ${verdict.why}`,
       });
       log.warn(

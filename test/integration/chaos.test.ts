@@ -83,3 +83,33 @@ after(() => {
   assert.deepEqual(liveTempDirs(), [], 'no temp folder left behind');
   assert.deepEqual(liveNamespaces(), [], 'no namespace left behind');
 });
+
+test('chaos in compare mode: replies matched by the secondary leave before their checkpoint; primary kills promote the secondary and lose no acknowledged write', {
+  timeout: 600_000,
+}, async () => {
+  const r = await runChaos({
+    rounds: 2,
+    faults: ['kill'],
+    seconds: 3,
+    policy: 'model',
+    timeoutMs: 500,
+    conns: 4,
+    accel,
+    mode: 'compare',
+  });
+  process.stderr.write(`chaos compare: ${JSON.stringify({ ...r, lostKeys: r.lostKeys.length })}\n`);
+  assert.equal(r.error, undefined);
+  assert.equal(r.failovers, 2);
+  assert.equal(r.splitBrain, 0);
+  assert.equal(r.lost, 0, `lost writes: ${r.lostKeys.slice(0, 5).join(', ')}`);
+  assert.ok(r.acknowledged > 100, `acknowledged ${r.acknowledged}`);
+  assert.ok(r.framesCompared > 0, `frames released by comparison: ${r.framesCompared} (by ack ${r.framesReleased})`);
+  assert.ok(
+    r.detail.every((d) => d.promoted === true),
+    `every failover promoted the running secondary: ${JSON.stringify(r.detail)}`,
+  );
+  assert.ok(
+    r.connectionsTotal > 0 && r.connectionsSurvived === r.connectionsTotal,
+    `connections ${r.connectionsSurvived}/${r.connectionsTotal}`,
+  );
+});

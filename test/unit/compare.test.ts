@@ -1,0 +1,161 @@
+// Compare mode's pure parts: what two runs of one state must agree on (frameIdentity), the
+// per-connection, per-epoch pairing (FrameComparator) and output commit's early release.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { FrameComparator, frameIdentity } from '../../src/commit/compare.ts';
+import { OutputCommit } from '../../src/commit/output-commit.ts';
+
+/** A length-prefixed Ethernet/IPv4/TCP frame. */
+function tcp(o: {
+  sport?: number;
+  dport?: number;
+  seq: number;
+  ack?: number;
+  flags?: number;
+  payload?: string;
+  ipId?: number;
+  window?: number;
+  tsval?: number;
+}): Buffer {
+  const payload = Buffer.from(o.payload ?? '');
+  const opts = Buffer.alloc(12); // NOP NOP timestamps
+  opts[0] = 1;
+  opts[1] = 1;
+  opts[2] = 8;
+  opts[3] = 10;
+  opts.writeUInt32BE(o.tsval ?? 1000, 4);
+  const th = Buffer.alloc(20);
+  th.writeUInt16BE(o.sport ?? 7000, 0);
+  th.writeUInt16BE(o.dport ?? 40000, 2);
+  th.writeUInt32BE(o.seq, 4);
+  th.writeUInt32BE(o.ack ?? 1, 8);
+  th[12] = ((20 + opts.length) / 4) << 4;
+  th[13] = o.flags ?? 0x18;
+  th.writeUInt16BE(o.window ?? 500, 14);
+  th.writeUInt16BE(0xbeef, 16); // checksum: differs with the options
+  const ip = Buffer.alloc(20);
+  ip[0] = 0x45;
+  ip.writeUInt16BE(20 + th.length + opts.length + payload.length, 2);
+  ip.writeUInt16BE(o.ipId ?? 1, 4);
+  ip[8] = 64;
+  ip[9] = 6;
+  ip.writeUInt16BE(o.ipId ?? 1, 10); // checksum stand-in: differs with the id
+  ip.writeUInt32BE(0x0a000002, 12);
+  ip.writeUInt32BE(0x0a000001, 16);
+  const eth = Buffer.alloc(14);
+  eth.writeUInt16BE(0x0800, 12);
+  const f = Buffer.concat([eth, ip, th, opts, payload]);
+  const len = Buffer.alloc(4);
+  len.writeUInt32BE(f.length);
+  return Buffer.concat([len, f]);
+}
+
+test('frameIdentity: a TCP segment is its connection, sequence, ack, flags and payload — not its IP id, window, options or checksums', () => {
+  const a = frameIdentity(tcp({ seq: 5, payload: 'OK 1\n', ipId: 7, window: 500, tsval: 100 }));
+  const b = frameIdentity(tcp({ seq: 5, payload: 'OK 1\n', ipId: 9, window: 300, tsval: 133 }));
+  assert.equal(a.flow, b.flow);
+  assert.ok(a.sig.equals(b.sig));
+  for (const other of [
+    tcp({ seq: 6, payload: 'OK 1\n' }),
+    tcp({ seq: 5, ack: 2, payload: 'OK 1\n' }),
+    tcp({ seq: 5, flags: 0x11, payload: 'OK 1\n' }),
+    tcp({ seq: 5, payload: 'OK 2\n' }),
+  ])
+    assert.ok(!frameIdentity(other).sig.equals(a.sig));
+  assert.notEqual(frameIdentity(tcp({ seq: 5, dport: 40001 })).flow, a.flow);
+});
+
+test('FrameComparator: a primary frame is released once the secondary of the same epoch sent the same one, in connection order', () => {
+  const c = new FrameComparator();
+  assert.deepEqual(c.primary(0, 1, tcp({ seq: 1, payload: 'a' })).release, []);
+  assert.deepEqual(c.primary(1, 1, tcp({ seq: 2, payload: 'b' })).release, []);
+  // the secondary's copy of the second frame alone releases nothing: the first has not matched
+  const r0 = c.secondary(1, tcp({ seq: 1, payload: 'a', ipId: 99 }));
+  assert.deepEqual(
+    r0.release.map((e) => e.seq),
+    [0],
+  );
+  const r1 = c.secondary(1, tcp({ seq: 2, payload: 'b' }));
+  assert.deepEqual(
+    r1.release.map((e) => e.seq),
+    [1],
+  );
+  // secondary first, primary later
+  c.secondary(1, tcp({ seq: 3, payload: 'c' }));
+  assert.deepEqual(
+    c.primary(2, 1, tcp({ seq: 3, payload: 'c' })).release.map((e) => e.seq),
+    [2],
+  );
+  assert.equal(c.counts.matched, 3);
+  assert.equal(c.counts.mismatches, 0);
+});
+
+test('FrameComparator: another epoch never matches, a different frame is a mismatch that blocks its connection until the ack', () => {
+  const c = new FrameComparator();
+  c.primary(0, 2, tcp({ seq: 1, payload: 'x' }));
+  // the secondary's output of epoch 1 (it ran from checkpoint 0) is stale for epoch 2's frame
+  assert.deepEqual(c.secondary(1, tcp({ seq: 1, payload: 'x' })).release, []);
+  const m = c.secondary(2, tcp({ seq: 1, payload: 'y' }));
+  assert.equal(m.mismatch, true);
+  assert.deepEqual(m.release, []);
+  c.primary(1, 2, tcp({ seq: 2, payload: 'z' }));
+  assert.deepEqual(c.secondary(2, tcp({ seq: 2, payload: 'z' })).release, [], 'blocked behind the mismatch');
+  // another connection is not blocked
+  c.primary(2, 2, tcp({ seq: 1, dport: 1, payload: 'q' }));
+  assert.deepEqual(
+    c.secondary(2, tcp({ seq: 1, dport: 1, payload: 'q' })).release.map((e) => e.seq),
+    [2],
+  );
+  // the ack of epoch 2 releases the blocked frames (output commit does); here they are forgotten
+  const after = c.acknowledged(2);
+  assert.deepEqual(after.release, []);
+  c.primary(3, 3, tcp({ seq: 3, payload: 'w' }));
+  assert.deepEqual(
+    c.secondary(3, tcp({ seq: 3, payload: 'w' })).release.map((e) => e.seq),
+    [3],
+  );
+  assert.equal(c.counts.mismatches, 1);
+  // a secondary frame of an acknowledged epoch is dropped
+  c.secondary(3, tcp({ seq: 9 }));
+  c.acknowledged(3);
+  c.secondary(2, tcp({ seq: 10 }));
+  assert.ok(c.counts.stale >= 1);
+});
+
+test('OutputCommit.releaseCompared: a matched frame leaves before its ack, once, counted as compared; the ack skips it; misuse fails', () => {
+  const oc = new OutputCommit<Buffer>(1 << 20);
+  oc.hold(0);
+  oc.compareGraceMs = 30;
+  const f1 = Buffer.from('one');
+  const f2 = Buffer.from('two');
+  const s1 = oc.nextHeldSeq;
+  assert.equal(oc.push(f1, 0), null);
+  const s2 = oc.nextHeldSeq;
+  assert.equal(oc.push(f2, 0), null);
+  // young frames wait for their secondary copy: the scheduler is not told
+  assert.equal(oc.openStats(10).frames, 0);
+  assert.equal(oc.openStats(40).frames, 2);
+  assert.equal(oc.releaseCompared(s2, 1), f2);
+  assert.equal(oc.releaseCompared(s2, 1), null, 'released once');
+  assert.throws(() => oc.releaseCompared(s1, 2), /compared as 2/);
+  assert.equal(oc.stats(0).frames, 1);
+  oc.mismatch();
+  assert.equal(oc.openStats(1).frames, 1, 'after a mismatch the open output waits like any');
+  oc.closeEpoch(1);
+  const out = oc.acknowledged(1);
+  assert.deepEqual(
+    out.map((o) => o.frame),
+    [f1],
+  );
+  assert.equal(oc.releaseCompared(s1, 1), null, 'acknowledged meanwhile');
+  assert.deepEqual(oc.stats(0).counts, {
+    released: 1,
+    passedThrough: 0,
+    releasedUnprotected: 0,
+    dropped: 0,
+    compared: 1,
+  });
+  assert.throws(() => oc.releaseCompared(s1 + 50, 2), /not held/);
+  oc.end();
+  assert.throws(() => oc.releaseCompared(s1, 1), /while not holding/);
+});
