@@ -17,6 +17,8 @@ export interface Protected {
   stop(): Promise<void>;
   events: PrimaryEvent[];
   standbyPid: number;
+  /** The primary's status (output counts, compare counts). */
+  snapshot(): Record<string, unknown>;
 }
 
 /** The trace recorder (if any) and the latency breakdown (if any) as one observer. */
@@ -44,6 +46,7 @@ export async function protect(
   trace?: TraceRecorder,
   latency?: LatencyBreakdown,
   durability: Durability = 'memory',
+  mode: 'buffer' | 'compare' = 'buffer',
 ): Promise<Protected> {
   const standby = await startStandbyProcess(dir, tag, where, durability);
   const events: PrimaryEvent[] = [];
@@ -61,7 +64,7 @@ export async function protect(
     onEvent: (e) => events.push(e),
     io: { relay: io?.relay ?? null, nbd: io?.nbd ?? null },
     ownership: null,
-    ...(observer ? { more: { observer } } : {}),
+    more: { mode, ...(observer ? { observer } : {}) },
   });
   const stop = async () => {
     await primary.stop();
@@ -73,7 +76,7 @@ export async function protect(
     await stop(); // no standby process or primary loop outlives a failed start
     throw e;
   }
-  return { events, stop, standbyPid: standby.pid };
+  return { events, stop, standbyPid: standby.pid, snapshot: () => primary.snapshot() };
 }
 
 /** Runs a protected phase; the protection (primary and standby process) ends even when it fails. */

@@ -49,6 +49,8 @@ export interface ServicesBenchOptions {
   outDir: string;
   seconds?: number;
   policies?: readonly string[];
+  /** Output release modes, each measured under every policy (default buffer). */
+  modes?: readonly ('buffer' | 'compare')[];
   cpus?: readonly number[];
   onStatus?: (s: string) => void;
 }
@@ -76,8 +78,13 @@ export interface ServiceCell {
   service: Service;
   probe: Probe;
   policy: string;
+  mode: 'buffer' | 'compare';
   cpus: number;
   throughputRatio: number;
+  /** Compare mode: the secondary's frames that differed from the primary's, per second. */
+  mismatchesPerSec: number;
+  /** … and frames released by comparison (before their checkpoint), per second. */
+  comparedPerSec: number;
   perSec: number;
   perSecUnreplicated: number;
   p50Ms: number;
@@ -270,6 +277,7 @@ export async function runServicesBench(
   const status = o.onStatus ?? (() => {});
   const seconds = o.seconds ?? (o.quick ? 5 : 15);
   const policies = o.policies ?? (o.quick ? ['model'] : SERVICE_POLICIES);
+  const modes = o.modes ?? ['buffer'];
   const cpuCounts = o.cpus ?? (o.quick ? [1] : [1, 2]);
   const scale = o.quick ? 2 : 10;
   const probes: Probe[] = ['redis-set', 'redis-get', 'nginx-4k', 'nginx-100k', 'pgbench', 'upload-100mb'];
@@ -297,62 +305,85 @@ export async function runServicesBench(
       for (const p of probes) await run(p, 'unreplicated');
       const before = new Map<Probe, ClientRun>();
       for (const p of probes) before.set(p, await run(p, 'unreplicated'));
-      for (const policy of policies) {
-        status(`${cpus} vCPU: ${policy}: synchronising the standby`);
-        const latency = new LatencyBreakdown();
-        const prot = await protect(
-          rig.vm,
-          dir,
-          `svc-${cpus}-${policy}`.replace(/[^a-z0-9-]/gi, ''),
-          policy,
-          io,
-          undefined,
-          undefined,
-          latency,
-        );
-        const during = await whileProtected(prot, async () => {
-          await sleep(500);
-          const out: Array<{ p: Probe; r: ClientRun; s: ReturnType<typeof summarise>; b: Breakdown | null }> = [];
-          for (const p of probes) {
-            const n0 = prot.events.length;
-            latency.reset();
-            const t0 = performance.now();
-            const r = await run(p, 'replicated');
-            const b = latency.frames ? latency.summary() : null;
-            out.push({ p, r, s: summarise(prot.events.slice(n0), (performance.now() - t0) / 1000), b });
-            status(
-              `  ${p} under ${policy}: ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors` : ''}`,
-            );
-            if (b) status(`    released frames: ${formatBreakdown(b)}`);
-          }
-          return out;
-        });
-        for (const { p, r, s, b } of during) {
-          const u0 = before.get(p)!;
-          const u1 = await run(p, 'unreplicated');
-          before.set(p, u1);
-          const uRate = (u0.perSec + u1.perSec) / 2;
-          cells.push({
-            service: SERVICE_OF[p],
-            probe: p,
+      for (const policy of policies)
+        for (const mode of modes) {
+          status(`${cpus} vCPU: ${policy} (${mode}): synchronising the standby`);
+          const latency = new LatencyBreakdown();
+          const prot = await protect(
+            rig.vm,
+            dir,
+            `svc-${cpus}-${policy}-${mode}`.replace(/[^a-z0-9-]/gi, ''),
             policy,
-            cpus,
-            throughputRatio: round(r.perSec / uRate, 3),
-            perSec: round(r.perSec, 1),
-            perSecUnreplicated: round(uRate, 1),
-            p50Ms: r.p50Ms,
-            p99Ms: r.p99Ms,
-            p50MsUnreplicated: round((u0.p50Ms + u1.p50Ms) / 2, 3),
-            p99MsUnreplicated: round((u0.p99Ms + u1.p99Ms) / 2, 3),
-            errors: r.errors,
-            checkpointsPerSec: s.checkpointsPerSec,
-            pausedFraction: s.pausedFraction,
-            pauseMsMedian: s.pauseMsMedian,
-            mbShipped: s.mbShipped,
-            ...(b ? { latencyBreakdown: b } : {}),
+            io,
+            undefined,
+            undefined,
+            latency,
+            'memory',
+            mode,
+          );
+          const during = await whileProtected(prot, async () => {
+            await sleep(500);
+            const out: Array<{
+              p: Probe;
+              r: ClientRun;
+              s: ReturnType<typeof summarise>;
+              b: Breakdown | null;
+              c: { mismatchesPerSec: number; comparedPerSec: number };
+            }> = [];
+            const counts = () => {
+              const snap = prot.snapshot();
+              const c = snap['compare'] as { mismatches: number } | undefined;
+              return { mismatches: c?.mismatches ?? 0, compared: (snap['output'] as { compared: number }).compared };
+            };
+            for (const p of probes) {
+              const n0 = prot.events.length;
+              latency.reset();
+              const t0 = performance.now();
+              const k0 = counts();
+              const r = await run(p, 'replicated');
+              const secs = (performance.now() - t0) / 1000;
+              const k1 = counts();
+              const b = latency.frames ? latency.summary() : null;
+              const c = {
+                mismatchesPerSec: round((k1.mismatches - k0.mismatches) / secs, 1),
+                comparedPerSec: round((k1.compared - k0.compared) / secs, 1),
+              };
+              out.push({ p, r, s: summarise(prot.events.slice(n0), secs), b, c });
+              status(
+                `  ${p} under ${policy} (${mode}): ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors` : ''}${mode === 'compare' ? `, ${c.comparedPerSec} frames/s matched, ${c.mismatchesPerSec} mismatches/s` : ''}`,
+              );
+              if (b) status(`    released frames: ${formatBreakdown(b)}`);
+            }
+            return out;
           });
+          for (const { p, r, s, b, c } of during) {
+            const u0 = before.get(p)!;
+            const u1 = await run(p, 'unreplicated');
+            before.set(p, u1);
+            const uRate = (u0.perSec + u1.perSec) / 2;
+            cells.push({
+              service: SERVICE_OF[p],
+              probe: p,
+              policy,
+              mode,
+              cpus,
+              throughputRatio: round(r.perSec / uRate, 3),
+              ...c,
+              perSec: round(r.perSec, 1),
+              perSecUnreplicated: round(uRate, 1),
+              p50Ms: r.p50Ms,
+              p99Ms: r.p99Ms,
+              p50MsUnreplicated: round((u0.p50Ms + u1.p50Ms) / 2, 3),
+              p99MsUnreplicated: round((u0.p99Ms + u1.p99Ms) / 2, 3),
+              errors: r.errors,
+              checkpointsPerSec: s.checkpointsPerSec,
+              pausedFraction: s.pausedFraction,
+              pauseMsMedian: s.pauseMsMedian,
+              mbShipped: s.mbShipped,
+              ...(b ? { latencyBreakdown: b } : {}),
+            });
+          }
         }
-      }
     } finally {
       await stopKvRig(rig);
       removeTempDir(dir);
@@ -360,7 +391,9 @@ export async function runServicesBench(
   }
   // The headline per service: the default policy on 1 vCPU, throughput as the mean of its probes.
   const headline = (service: ServiceCell['service']) => {
-    const cs = cells.filter((c) => c.service === service && c.policy === policies[0] && c.cpus === cpuCounts[0]);
+    const cs = cells.filter(
+      (c) => c.service === service && c.policy === policies[0] && c.mode === modes[0] && c.cpus === cpuCounts[0],
+    );
     if (!cs.length) return null;
     const first = cs[0]!;
     return {
@@ -411,6 +444,35 @@ export async function runServicesBench(
     upload: headline('upload'),
     failover,
     results: file,
+    // Per service and mode (the first policy, the first vCPU count): the modes side by side.
+    modes: Object.fromEntries(
+      (['redis', 'nginx', 'postgres', 'upload'] as const).map((service) => [
+        service,
+        Object.fromEntries(
+          modes.map((mode) => {
+            const cs = cells.filter(
+              (c) => c.service === service && c.mode === mode && c.policy === policies[0] && c.cpus === cpuCounts[0],
+            );
+            const first = cs[0];
+            return [
+              mode,
+              first
+                ? {
+                    throughputRatio: round(cs.reduce((a, c) => a + c.throughputRatio, 0) / cs.length, 3),
+                    p50Ms: first.p50Ms,
+                    p50MsUnreplicated: first.p50MsUnreplicated,
+                    p99Ms: first.p99Ms,
+                    mismatchesPerSec: round(cs.reduce((a, c) => a + c.mismatchesPerSec, 0) / cs.length, 1),
+                    comparedPerSec: round(cs.reduce((a, c) => a + c.comparedPerSec, 0) / cs.length, 1),
+                    checkpointsPerSec: first.checkpointsPerSec,
+                    errors: cs.reduce((a, c) => a + c.errors, 0),
+                  }
+                : null,
+            ];
+          }),
+        ),
+      ]),
+    ),
   };
   writeFileSync(file, JSON.stringify({ summary, cells, failover }, null, 2));
   await writeServicesReport(o.outDir, cells, {
@@ -446,7 +508,7 @@ export async function writeServicesReport(
   ];
   for (const c of cells) {
     md.push(
-      `| ${c.cpus} | ${c.policy} | ${c.probe} | ${c.throughputRatio} | ${c.perSec} (${c.perSecUnreplicated}) | ${c.p50Ms} (${c.p50MsUnreplicated}) | ${c.p99Ms} (${c.p99MsUnreplicated}) | ${c.checkpointsPerSec} | ${(c.pausedFraction * 100).toFixed(1)} % | ${c.mbShipped} | ${c.errors} |`,
+      `| ${c.cpus} | ${variant(c)} | ${c.probe} | ${c.throughputRatio} | ${c.perSec} (${c.perSecUnreplicated}) | ${c.p50Ms} (${c.p50MsUnreplicated}) | ${c.p99Ms} (${c.p99MsUnreplicated}) | ${c.checkpointsPerSec} | ${(c.pausedFraction * 100).toFixed(1)} % | ${c.mbShipped} | ${c.errors} |`,
     );
   }
   const figs: string[] = [];
@@ -456,7 +518,7 @@ export async function writeServicesReport(
       category: p,
       values: cells
         .filter((c) => c.cpus === cpus && c.probe === p)
-        .map((c) => ({ label: c.policy, value: c.throughputRatio })),
+        .map((c) => ({ label: variant(c), value: c.throughputRatio })),
     }));
     const name = `services-throughput-${cpus}vcpu`;
     const svg = barChart(groups, {
@@ -472,7 +534,7 @@ export async function writeServicesReport(
       category: p,
       values: [
         { label: 'unreplicated', value: cells.find((c) => c.cpus === cpus && c.probe === p)?.p50MsUnreplicated ?? 0 },
-        ...cells.filter((c) => c.cpus === cpus && c.probe === p).map((c) => ({ label: c.policy, value: c.p50Ms })),
+        ...cells.filter((c) => c.cpus === cpus && c.probe === p).map((c) => ({ label: variant(c), value: c.p50Ms })),
       ],
     }));
     const lname = `services-latency-${cpus}vcpu`;
@@ -488,7 +550,7 @@ export async function writeServicesReport(
     const held = cells.filter((c) => c.cpus === cpus && c.latencyBreakdown);
     if (held.length) {
       const bars = held.map((c) => ({
-        category: `${c.probe} · ${c.policy}`,
+        category: `${c.probe} · ${variant(c)}`,
         values: SEGMENTS.map((k) => ({ label: k, value: c.latencyBreakdown![k].mean })),
       }));
       const bname = `services-held-${cpus}vcpu`;
@@ -667,3 +729,6 @@ export async function runFailoverUnderLoad(o: {
   }
   return out;
 }
+
+/** A cell's policy, with its release mode when it is not the default. */
+const variant = (c: ServiceCell): string => (c.mode === 'compare' ? `${c.policy} · compare` : c.policy);

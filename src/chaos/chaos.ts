@@ -36,11 +36,11 @@ import {
   type WitnessGate,
   type OwnershipGuard,
 } from '../coord/index.ts';
-import { ReleaseGate } from '../commit/index.ts';
+import { ReleaseGate, type CompareCounts } from '../commit/index.ts';
 import { startPrimarySide } from '../host/index.ts';
 import { ThreadedProxy } from './fault-proxy.ts';
 import { startDebianRig } from './debian-rig.ts';
-import { KV_RAM_WORKLOAD, clientProcess, startKvRig, stopKvRig, type KvRig } from './kv-rig.ts';
+import { clientProcess, startKvRig, stopKvRig, type KvRig } from './kv-rig.ts';
 import { SplitBrainDetector } from './split-brain.ts';
 
 const log = logger('chaos');
@@ -66,7 +66,7 @@ export interface ChaosOptions {
   accel: AccelChoice;
   conns: number;
   policy: string;
-  /** buffer, or compare (a secondary VM on the standby; the KV service then keeps its data in RAM). */
+  /** buffer, or compare (a secondary VM on the standby; a reply leaves once it sent the same). */
   mode?: 'buffer' | 'compare';
   /** Witness lease TTL, seconds. */
   leaseTtl?: number;
@@ -100,6 +100,11 @@ export interface RoundResult {
   reprotectMs: number | null;
   /** Compare mode: the standby promoted its running secondary (else it restored the replica). */
   promoted?: boolean;
+  /** Compare mode: the primary's comparison counts before the fault. */
+  compare?: CompareCounts;
+  /** Compare mode: the standby's secondary (loads, frames in and out) before the fault. */
+  secondary?: object;
+  ckptPerSec?: number;
   primary: string;
 }
 
@@ -206,12 +211,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const service = o.service ?? 'kv';
     const svc = SERVICE_CLIENT[service];
     if (service !== 'kv') await ensureServiceClients(); // psql for the clients
-    if (o.mode === 'compare' && service !== 'kv')
-      throw new RubatoError('RUBATO_CONFIG', 'compare mode runs the KV service only (its secondary has no disk yet)');
-    rig =
-      service === 'kv'
-        ? await startKvRig(dir, o.accel, 'chaos', o.mode === 'compare' ? KV_RAM_WORKLOAD : undefined)
-        : await startDebianRig(dir, o.accel, 'chaos');
+    rig = service === 'kv' ? await startKvRig(dir, o.accel, 'chaos') : await startDebianRig(dir, o.accel, 'chaos');
     res.accel = rig.accel;
     const lan = rig.lan;
     const hosts: ChaosHost[] = [];
@@ -280,14 +280,14 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         ...(gate ? { gate } : {}),
         binaryFor: async () => rig!.binary,
         onEvent: (e) => sEvents.push({ ...e, t: Date.now() }),
-        prepareRestore: async (_id, store, relay) => {
+        prepareRestore: async (_id, store, existing) => {
           const io = await GuestIo.start(
             other.lan,
             dir,
             `g${round}`,
             store.blocks.some((b) => b.id === DISK_BLOCK_ID) ? store.imagePath(DISK_BLOCK_ID) : null,
             await ensureTapRelay(),
-            relay,
+            existing,
           );
           // a restored guest's frames too
           if (gate && io.relay) io.relay.gate = new ReleaseGate((now) => gate.ownership(vmName).leaseCheck(now));
@@ -388,7 +388,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       res.byFault[fault]++;
       res.rounds++;
       // How the primary's output left in this round (compare mode: how much of it its secondary matched).
-      const out = q.primary.snapshot()['output'] as { released: number; compared: number };
+      const snap = q.primary.snapshot();
+      const out = snap['output'] as { released: number; compared: number };
       res.framesReleased += out.released;
       res.framesCompared += out.compared;
       const faultAt = Date.now();
@@ -400,6 +401,9 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         failoverMs: null,
         reprotectMs: null,
         primary: l.host.name,
+        ...(snap['compare'] ? { compare: snap['compare'] as CompareCounts } : {}),
+        ...(q.standby.status()['secondary'] ? { secondary: q.standby.status()['secondary'] as object } : {}),
+        ...(snap['compare'] ? { ckptPerSec: snap['ckptPerSec'] as number } : {}),
       };
       switch (fault) {
         case 'kill':

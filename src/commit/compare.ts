@@ -17,6 +17,10 @@
 export interface FrameIdentity {
   flow: string;
   sig: Buffer;
+  /** TCP: the acknowledgement number (what the sender has received of the peer's stream). */
+  ack?: number;
+  /** TCP without payload, SYN or FIN: only acknowledges. */
+  pureAck?: boolean;
 }
 
 const ETH_HDR = 14;
@@ -33,9 +37,11 @@ export function frameIdentity(prefixed: Buffer): FrameIdentity {
       const tcp = ip.subarray(ihl, total);
       const off = (tcp[12]! >> 4) * 4;
       const flow = `t${ip.readUInt32BE(12)}:${tcp.readUInt16BE(0)}>${ip.readUInt32BE(16)}:${tcp.readUInt16BE(2)}`;
-      // seq (4), ack (4), flags (1), payload
-      const sig = Buffer.concat([tcp.subarray(4, 12), tcp.subarray(13, 14), tcp.subarray(Math.min(off, tcp.length))]);
-      return { flow, sig };
+      // seq (4), flags (1), payload: the ack is compared apart (the secondary's must have reached it)
+      const payload = tcp.subarray(Math.min(off, tcp.length));
+      const flags = tcp[13]!;
+      const sig = Buffer.concat([tcp.subarray(4, 8), tcp.subarray(13, 14), payload]);
+      return { flow, sig, ack: tcp.readUInt32BE(8), pureAck: payload.length === 0 && (flags & 0x07) === 0 };
     }
     const sig = Buffer.from(f);
     sig.fill(0, ETH_HDR + 4, ETH_HDR + 6); // IP id
@@ -49,6 +55,8 @@ interface PrimaryEntry {
   seq: number;
   epoch: number;
   sig: Buffer;
+  ack?: number | undefined;
+  pureAck?: boolean | undefined;
 }
 interface SecondaryEntry {
   epoch: number;
@@ -59,13 +67,20 @@ interface Flow {
   s: SecondaryEntry[];
   /** The epoch whose frames differed on this connection (they wait for its acknowledgement), or -1. */
   diverged: number;
+  /** TCP: the highest acknowledgement the secondary sent (it has received the peer's stream up to it), or null. */
+  secondaryAck: number | null;
 }
+
+/** `a` at or after `b` in TCP's 32-bit sequence space. */
+const seqAtLeast = (a: number, b: number): boolean => ((a - b) | 0) >= 0;
 
 export interface CompareCounts {
   matched: number;
   mismatches: number;
   /** Secondary frames dropped: of an epoch already acknowledged, or past the bound. */
   stale: number;
+  /** The last difference seen, in a few words (status shows it), or null. */
+  lastMismatch: string | null;
 }
 
 /** A secondary frame waits this long at most per connection for the primary's (bounded memory). */
@@ -75,13 +90,13 @@ const MAX_FLOWS = 4096;
 export class FrameComparator {
   private readonly flows = new Map<string, Flow>();
   private acked = -1;
-  readonly counts: CompareCounts = { matched: 0, mismatches: 0, stale: 0 };
+  readonly counts: CompareCounts = { matched: 0, mismatches: 0, stale: 0, lastMismatch: null };
 
   private flow(key: string): Flow {
     let fl = this.flows.get(key);
     if (!fl) {
       if (this.flows.size >= MAX_FLOWS) this.prune();
-      fl = { p: [], s: [], diverged: -1 };
+      fl = { p: [], s: [], diverged: -1, secondaryAck: null };
       this.flows.set(key, fl);
     }
     return fl;
@@ -94,7 +109,7 @@ export class FrameComparator {
   primary(seq: number, epoch: number, frame: Buffer): { release: PrimaryEntry[]; mismatch: boolean } {
     const id = frameIdentity(frame);
     const fl = this.flow(id.flow);
-    fl.p.push({ seq, epoch, sig: id.sig });
+    fl.p.push({ seq, epoch, sig: id.sig, ack: id.ack, pureAck: id.pureAck });
     return this.match(fl);
   }
 
@@ -106,6 +121,10 @@ export class FrameComparator {
     }
     const id = frameIdentity(frame);
     const fl = this.flow(id.flow);
+    if (id.ack !== undefined && (fl.secondaryAck === null || seqAtLeast(id.ack, fl.secondaryAck)))
+      fl.secondaryAck = id.ack;
+    // A bare acknowledgement only says how far the secondary has received (its timing is its own).
+    if (id.pureAck) return this.match(fl);
     if (fl.s.length >= MAX_SECONDARY_PER_FLOW) {
       fl.s.shift();
       this.counts.stale++;
@@ -145,8 +164,18 @@ export class FrameComparator {
     let mismatch = false;
     for (;;) {
       const p = fl.p[0];
+      if (!p) break;
+      // The primary's bare acknowledgement leaves once the secondary acknowledged as much: the
+      // peer's data it confirms is in the secondary (which goes on at failover), not only here.
+      if (p.pureAck) {
+        if (fl.diverged === p.epoch || !this.secondaryHas(fl, p)) break;
+        fl.p.shift();
+        release.push(p);
+        this.counts.matched++;
+        continue;
+      }
       const s = fl.s[0];
-      if (!p || !s) break;
+      if (!s) break;
       if (s.epoch < p.epoch) {
         fl.s.shift(); // the secondary's output of an epoch whose primary frames all left
         continue;
@@ -157,10 +186,13 @@ export class FrameComparator {
       if (s.epoch > p.epoch) break;
       if (!s.sig.equals(p.sig)) {
         fl.diverged = p.epoch;
+        this.counts.lastMismatch = describeMismatch(p.sig, s.sig);
         this.counts.mismatches++;
         mismatch = true;
         break;
       }
+      // The same data; it leaves once the secondary has received what it acknowledges.
+      if (!this.secondaryHas(fl, p)) break;
       fl.p.shift();
       fl.s.shift();
       release.push(p);
@@ -169,8 +201,19 @@ export class FrameComparator {
     return { release, mismatch };
   }
 
+  private secondaryHas(fl: Flow, p: PrimaryEntry): boolean {
+    return p.ack === undefined || (fl.secondaryAck !== null && seqAtLeast(fl.secondaryAck, p.ack));
+  }
+
   /** Connections with nothing waiting are forgotten first. */
   private prune(): void {
     for (const [key, fl] of this.flows) if (!fl.p.length) this.flows.delete(key);
   }
+}
+
+/** Where two signatures part (TCP: sequence, flags or payload), for the operator. */
+function describeMismatch(p: Buffer, s: Buffer): string {
+  let i = 0;
+  while (i < p.length && i < s.length && p[i] === s[i]) i++;
+  return `${p.length} vs ${s.length} bytes compared, first difference at byte ${i}`;
 }

@@ -103,6 +103,8 @@ export class OutputCommit<F extends Sized = Buffer> {
    */
   compareGraceMs = 0;
   private urgent = false;
+  /** The latest time the scheduler looked (compare mode counts an epoch's waiting output as of then). */
+  private lastSeenMs = Number.NEGATIVE_INFINITY;
   private unprotectedReleases = 0;
   /** Called when the open epoch gets its first held frame (the scheduler may want to act). */
   onFirstHeld: (() => void) | null = null;
@@ -148,6 +150,7 @@ export class OutputCommit<F extends Sized = Buffer> {
 
   /** Output produced in the open epoch: what the scheduler sees waiting. */
   openStats(nowMs: number): { frames: number; bytes: number; oldestMs: number | null } {
+    this.lastSeenMs = Math.max(this.lastSeenMs, nowMs);
     if (this.compareGraceMs > 0 && !this.urgent) {
       // Only frames that waited past the grace count (their secondary copy is late).
       let frames = 0;
@@ -201,10 +204,12 @@ export class OutputCommit<F extends Sized = Buffer> {
   closeEpoch(epoch: number): ClosedEpoch {
     assert(this.st.kind === 'holding', `output commit: epoch ${epoch} closed while not holding`);
     assert(epoch === this.open, `output commit: closing epoch ${epoch} while epoch ${this.open} is open`);
+    // Compare mode: the epoch's output the scheduler must plan for is what did not match in time.
+    const late = this.compareGraceMs > 0 ? this.openStats(this.lastSeenMs) : null;
     const closed: ClosedEpoch = {
       epoch,
-      frames: this.openFrames,
-      bytes: this.openBytes,
+      frames: late ? late.frames : this.openFrames,
+      bytes: late ? late.bytes : this.openBytes,
       disk: this.disk?.cutEpoch() ?? null,
     };
     this.open = epoch + 1;

@@ -40,7 +40,7 @@ export async function startHostIo(
   diskPath: string | null,
   tapRelay: string,
   ns?: string,
-  relay?: NetRelay,
+  existing: { relay?: NetRelay | undefined; nbd?: NbdServer | undefined } = {},
 ): Promise<HostIo> {
   if (spec.mac && spec.bridge) {
     const io = await GuestIo.start(
@@ -49,7 +49,7 @@ export async function startHostIo(
       tag,
       diskPath,
       tapRelay,
-      relay,
+      existing,
     );
     return {
       relay: io.relay,
@@ -59,8 +59,8 @@ export async function startHostIo(
       close: () => io.close(),
     };
   }
-  const nbd = diskPath ? new NbdServer(diskPath, join(runDir, `${tag}.nbd`)) : null;
-  await nbd?.start();
+  const nbd = existing.nbd ?? (diskPath ? new NbdServer(diskPath, join(runDir, `${tag}.nbd`)) : null);
+  if (!existing.nbd) await nbd?.start();
   return {
     relay: null,
     nbd,
@@ -200,14 +200,14 @@ export function restoreIo(
   prepare: (
     identity: Identity,
     store: ReplicaStore,
-    relay?: NetRelay,
+    existing?: { relay?: NetRelay | undefined; nbd?: NbdServer | undefined },
   ) => Promise<{ netSocket?: string; nbdSocket?: string }>;
   current: () => HostIo | null;
 } {
   let io: HostIo | null = null;
   return {
     current: () => io,
-    prepare: async (identity, store, relay) => {
+    prepare: async (identity, store, existing) => {
       const hasDisk = store.blocks.some((b) => b.id === DISK_BLOCK_ID);
       // Tagged with the VM's name: one host may run several VMs' restored guests (their TAPs differ).
       io = await startHostIo(
@@ -217,7 +217,7 @@ export function restoreIo(
         hasDisk ? store.imagePath(DISK_BLOCK_ID) : null,
         tapRelay,
         ns,
-        relay,
+        existing,
       );
       // The restored guest's frames leave only under this host's lease (claimed before the restore).
       if (io.relay && leaseCheck) io.relay.gate = new ReleaseGate(leaseCheck(identity.vm));

@@ -35,16 +35,16 @@ export class GuestIo {
     tag: string,
     diskImage: string | null,
     tapRelay: string,
-    existing?: NetRelay,
+    existing: { relay?: NetRelay | undefined; nbd?: NbdServer | undefined } = {},
   ): Promise<GuestIo> {
     const tap = tapName(tag);
     const bin = tapRelay;
-    // (`existing`: the relay a running guest's NIC is already connected to — a promoted secondary's)
-    const relay = existing ?? new NetRelay(join(dir, `${tag}.net`));
-    if (!existing) await relay.start();
-    const nbd = diskImage ? new NbdServer(diskImage, join(dir, `${tag}.nbd`)) : null;
+    // (`existing`: the relay and disk server a running guest is already connected to — a promoted secondary's)
+    const relay = existing.relay ?? new NetRelay(join(dir, `${tag}.net`));
+    if (!existing.relay) await relay.start();
+    const nbd = existing.nbd ?? (diskImage ? new NbdServer(diskImage, join(dir, `${tag}.nbd`)) : null);
     try {
-      await nbd?.start();
+      if (!existing.nbd) await nbd?.start();
       await addTap(site, tap);
     } catch (e) {
       await nbd?.close().catch(() => {});

@@ -52,6 +52,8 @@ export interface SecondaryOptions {
   runDir: string;
   tag: string;
   netSocket?: string;
+  /** Its disk's NBD server (unix socket), when the VM has a disk. */
+  nbdSocket?: string;
   /** Longest wait for one step of the protocol. */
   timeoutMs?: number;
 }
@@ -78,6 +80,7 @@ export class ColoSecondary {
         incoming: true,
         tag: o.tag,
         ...(o.netSocket ? { netSocket: o.netSocket } : {}),
+        ...(o.nbdSocket ? { nbdSocket: o.nbdSocket } : {}),
       },
     );
     const timeoutMs = o.timeoutMs ?? 30_000;
@@ -194,7 +197,11 @@ export class ColoSecondary {
    * checkpoint changed) and the device state, and runs on from there. Its own changes since the
    * last checkpoint are undone by QEMU (the COLO cache). Resolves once it runs again.
    */
-  async checkpoint(pages: readonly StreamPage[], deviceState: Buffer): Promise<{ pausedMs: number }> {
+  async checkpoint(
+    pages: readonly StreamPage[],
+    deviceState: Buffer,
+    whileStopped?: () => Promise<void>,
+  ): Promise<{ pausedMs: number }> {
     if (this.closed) throw new RubatoError('RUBATO_SECONDARY', `the secondary of VM ${this.vm.spec.name} is gone`);
     if (this.busy) throw new RubatoError('RUBATO_SECONDARY', 'one secondary checkpoint at a time');
     this.busy = true;
@@ -203,6 +210,7 @@ export class ColoSecondary {
         await this.write(coloMessage(COLO_MSG.CHECKPOINT_REQUEST));
         await this.expect(COLO_MSG.CHECKPOINT_REPLY);
         const t0 = performance.now();
+        await whileStopped?.(); // (its disk goes back to the checkpoint's here)
         await this.write([
           coloMessage(COLO_MSG.VMSTATE_SEND),
           encodeSectionHeader(VM.SECTION_END, RAM_SECTION_ID),

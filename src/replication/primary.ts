@@ -121,7 +121,7 @@ export interface PrimaryOptions {
 }
 
 /** How long a held frame may wait for the secondary's copy before the scheduler counts it as waiting output. */
-export const DEFAULT_COMPARE_LAG_MS = 30;
+export const DEFAULT_COMPARE_LAG_MS = 100;
 
 export interface FaultContext {
   /** Writes only part of this checkpoint's frame to the link (death mid-transfer). */
@@ -597,7 +597,12 @@ export class PrimaryController {
       const ds = nbd?.epochStats;
       const hostIdleCores = this.hostIdle.idleCores(decidedMs);
       const c = pipe.decide(decidedMs, {
-        disk: { writes: ds?.writes ?? 0, flushes: ds?.flushes ?? 0, pressure: nbd?.underPressure ?? false },
+        // (compare mode: a flush is not a reply on its way — the reply is compared when it comes)
+        disk: {
+          writes: ds?.writes ?? 0,
+          flushes: this.comparator ? 0 : (ds?.flushes ?? 0),
+          pressure: nbd?.underPressure ?? false,
+        },
         link: { bytesPerSec: null, rttMs: link.stats.rttMs },
         hostIdleCores,
       });

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { copyFile, open, rm } from 'node:fs/promises';
 import { errorMessage, logger } from '../util/index.ts';
 import { ColoSecondary, type QemuBinary, type QemuVm } from '../qemu/index.ts';
-import { NetRelay } from '../io/index.ts';
+import { NbdServer, NetRelay } from '../io/index.ts';
 import { PageSet, type DirtyPage } from '../capture/index.ts';
 import type { ReplicaStore } from './replica-store.ts';
 import type { Identity } from './protocol/messages.ts';
@@ -26,6 +26,8 @@ const MAX_QUEUED_INBOUND_BYTES = 16 << 20;
  * as checkpoints commit while it loads.
  */
 export interface ImageCopy {
+  /** Blocks of the replica that are not guest RAM (the disk's), left out. */
+  notRam: readonly string[];
   machine: string;
   blocks: { id: string; lengthBytes: number }[];
   files: Map<string, string>;
@@ -42,12 +44,21 @@ export async function copyImage(store: ReplicaStore, dir: string, notRam: readon
     await copyFile(store.imagePath(b.id), to);
     files.set(b.id, to);
   }
-  return { machine: store.machine, blocks, files, deviceState: Buffer.from(store.deviceState), epoch: store.epoch };
+  return {
+    notRam,
+    machine: store.machine,
+    blocks,
+    files,
+    deviceState: Buffer.from(store.deviceState),
+    epoch: store.epoch,
+  };
 }
 
 export interface SecondaryRunnerOptions {
   identity: Identity;
   image: ImageCopy;
+  /** The replica's disk image: the secondary sees it with its own writes over it (dropped at each checkpoint). */
+  disk: string | null;
   binary: QemuBinary;
   runDir: string;
   /** Frames the secondary sent while running `epoch` (from checkpoint epoch - 1), for the primary. */
@@ -70,10 +81,18 @@ export class SecondaryRunner {
   private pending: { epoch: number; pages: PageSet; deviceState: Buffer } | null = null;
   private inbound: { epoch: number; frames: Buffer[] }[] = [];
   private inboundBytes = 0;
+  /**
+   * Input delivered in the epoch the secondary runs, kept until its next checkpoint: a frame the
+   * primary took as this epoch's may have reached its guest only after the pause (in the next
+   * epoch), so the checkpoint may lack it; it is given again after the load (TCP and the guest
+   * drop what they already have).
+   */
+  private recent: { epoch: number; frames: Buffer[]; bytes: number } = { epoch: -1, frames: [], bytes: 0 };
   private outBatch: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
   private loading = false;
   private pump: Promise<void> = Promise.resolve();
   private readonly relay: NetRelay;
+  private readonly nbd: NbdServer | null;
   private readonly ready: Promise<void>;
   readonly stats: SecondaryStats = {
     state: 'starting',
@@ -88,6 +107,9 @@ export class SecondaryRunner {
   /** Starts the secondary from the replica's full image (checkpoint 0, just installed). */
   constructor(private readonly o: SecondaryRunnerOptions) {
     this.relay = new NetRelay(join(o.runDir, `${o.identity.vm}-secondary.net`));
+    this.nbd = o.disk
+      ? new NbdServer(o.disk, join(o.runDir, `${o.identity.vm}-secondary.nbd`), 'disk', false, true)
+      : null;
     this.relay.onGuestFrame = (f) => this.output(f);
     this.ready = this.start().catch((e: unknown) => this.fail(e));
   }
@@ -97,6 +119,7 @@ export class SecondaryRunner {
     const { image, identity } = this.o;
     this.base = image.epoch;
     await this.relay.start();
+    await this.nbd?.start();
     const read = async (id: string, offset: number, length: number): Promise<Buffer> => {
       const fh = await open(image.files.get(id)!, 'r');
       try {
@@ -115,6 +138,7 @@ export class SecondaryRunner {
         runDir: this.o.runDir,
         tag: `${identity.vm}-secondary`,
         ...(identity.spec.mac ? { netSocket: this.relay.guestSocketPath } : {}),
+        ...(this.nbd ? { nbdSocket: this.nbd.socketPath } : {}),
       },
     ).finally(() => Promise.all([...image.files.values()].map((f) => rm(f, { force: true }))));
     if (this.stats.state !== 'starting') {
@@ -147,7 +171,8 @@ export class SecondaryRunner {
   committed(epoch: number, pages: readonly DirtyPage[], deviceState: Buffer): void {
     if (this.stats.state !== 'running' && this.stats.state !== 'starting') return;
     const p = (this.pending ??= { epoch, pages: new PageSet(), deviceState });
-    for (const pg of pages) p.pages.set(pg);
+    const notRam = this.o.image.notRam;
+    for (const pg of pages) if (!notRam.includes(pg.block)) p.pages.set(pg);
     p.epoch = epoch;
     p.deviceState = deviceState;
     this.kick();
@@ -168,7 +193,8 @@ export class SecondaryRunner {
     if (!p || !sec) return;
     this.pending = null;
     try {
-      const r = await sec.checkpoint(p.pages.values(), p.deviceState);
+      const nbd = this.nbd;
+      const r = await sec.checkpoint(p.pages.values(), p.deviceState, nbd ? () => nbd.discardOverlay() : undefined);
       this.flushOutput(); // what it sent before it stopped belongs to the epoch it left
       this.base = p.epoch;
       this.stats.runningFrom = p.epoch;
@@ -183,11 +209,10 @@ export class SecondaryRunner {
   /** Frames the primary's guest received in `epoch`. */
   netIn(epoch: number, payload: Buffer): void {
     if (this.stats.state !== 'running' && this.stats.state !== 'starting') return;
-    if (epoch <= this.base) return; // the checkpoint the secondary runs from already holds them
+    if (epoch < this.base) return; // the checkpoint the secondary runs from holds them
     const frames = splitNetFrames(payload);
-    if (epoch === this.base + 1 && !this.loading && this.stats.state === 'running') {
-      for (const f of frames) this.relay.toGuest(f);
-      this.stats.framesIn += frames.length;
+    if (epoch <= this.base + 1 && !this.loading && this.stats.state === 'running') {
+      this.give(epoch, frames);
       return;
     }
     if (this.inboundBytes + payload.length > MAX_QUEUED_INBOUND_BYTES) return; // as a congested network would
@@ -195,14 +220,30 @@ export class SecondaryRunner {
     this.inboundBytes += payload.length;
   }
 
+  private give(epoch: number, frames: Buffer[]): void {
+    for (const f of frames) this.relay.toGuest(f);
+    this.stats.framesIn += frames.length;
+    if (epoch !== this.base + 1) return;
+    if (this.recent.epoch !== epoch) this.recent = { epoch, frames: [], bytes: 0 };
+    for (const f of frames)
+      if (this.recent.bytes + f.length <= MAX_QUEUED_INBOUND_BYTES) {
+        this.recent.frames.push(f);
+        this.recent.bytes += f.length;
+      }
+  }
+
   private deliverInbound(all = false): void {
+    // The epoch it now runs from, again (see `recent`), then the next one's.
+    if (this.recent.epoch === this.base) {
+      for (const f of this.recent.frames) this.relay.toGuest(f);
+      this.stats.framesIn += this.recent.frames.length;
+    }
+    this.recent = { epoch: -1, frames: [], bytes: 0 };
     const keep: { epoch: number; frames: Buffer[] }[] = [];
     for (const q of this.inbound) {
-      if (q.epoch <= this.base) continue;
-      if (all || q.epoch === this.base + 1) {
-        for (const f of q.frames) this.relay.toGuest(f);
-        this.stats.framesIn += q.frames.length;
-      } else keep.push(q);
+      if (q.epoch < this.base) continue;
+      if (all || q.epoch <= this.base + 1) this.give(q.epoch, q.frames);
+      else keep.push(q);
     }
     this.inbound = keep;
     this.inboundBytes = keep.reduce((n, q) => n + q.frames.reduce((m, f) => m + f.length, 0), 0);
@@ -233,7 +274,7 @@ export class SecondaryRunner {
    * the VM and its NIC's relay (to be wired to this host's TAP), or null when it cannot (the replica
    * is restored instead).
    */
-  async promote(): Promise<{ vm: QemuVm; relay: NetRelay; epoch: number } | null> {
+  async promote(): Promise<{ vm: QemuVm; relay: NetRelay; nbd: NbdServer | null; epoch: number } | null> {
     await this.ready;
     await this.pump;
     if (this.pending) {
@@ -246,8 +287,11 @@ export class SecondaryRunner {
       const vm = await sec.promote();
       this.stats.state = 'promoted';
       this.relay.onGuestFrame = null;
+      // Its writes since the checkpoint are the guest's now: into the image, and later ones too.
+      const kept = await this.nbd?.commitOverlay();
+      if (kept) log.info(`secondary of VM ${this.o.identity.vm}: ${kept} disk pages written since the checkpoint kept`);
       this.deliverInbound(true);
-      return { vm, relay: this.relay, epoch: this.base };
+      return { vm, relay: this.relay, nbd: this.nbd, epoch: this.base };
     } catch (e) {
       this.fail(e);
       return null;
@@ -262,10 +306,6 @@ export class SecondaryRunner {
     await this.sec?.stop();
     this.sec = null;
     await this.relay.close();
+    await this.nbd?.close();
   }
-}
-
-export function secondaryUnsupported(identity: Identity): string | null {
-  if (identity.spec.disk) return 'compare mode does not run a secondary for a VM with a disk yet';
-  return null;
 }

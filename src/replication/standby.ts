@@ -24,8 +24,8 @@ import {
 } from './standby-state.ts';
 import { allowAlways, type ActivationGate } from './activation.ts';
 import { restoreVm, MAIN_RAM_ID, type QemuBinary, type QemuVm, type Accel } from '../qemu/index.ts';
-import type { NetRelay } from '../io/index.ts';
-import { SecondaryRunner, copyImage, secondaryUnsupported } from './secondary-runner.ts';
+import type { NbdServer, NetRelay } from '../io/index.ts';
+import { SecondaryRunner, copyImage } from './secondary-runner.ts';
 import { DISK_BLOCK_ID } from './primary.ts';
 
 const log = logger('standby');
@@ -73,7 +73,7 @@ export interface StandbyOptions {
   prepareRestore?: (
     identity: Identity,
     store: ReplicaStore,
-    relay?: NetRelay,
+    existing?: { relay?: NetRelay | undefined; nbd?: NbdServer | undefined },
   ) => Promise<{ netSocket?: string; nbdSocket?: string }>;
   /** Fault injection for tests: runs after a commit, before its ack is sent. */
   beforeAck?: (epoch: number) => Promise<void>;
@@ -508,7 +508,7 @@ export class StandbyController {
       const binary = this.binary ?? (await this.o.binaryFor(spec.accel));
       let r: { vm: QemuVm; restoreMs: number };
       if (promoted) {
-        await this.o.prepareRestore?.(this.identity, store, promoted.relay);
+        await this.o.prepareRestore?.(this.identity, store, { relay: promoted.relay, nbd: promoted.nbd ?? undefined });
         r = { vm: promoted.vm, restoreMs: 0 };
       } else {
         const io = this.o.prepareRestore ? await this.o.prepareRestore(this.identity, store) : {};
@@ -606,11 +606,7 @@ export class StandbyController {
     const early = this.earlyInput;
     this.earlyInput = [];
     if (identity.mode !== 'compare') return;
-    const why = secondaryUnsupported(identity);
-    if (why || !this.store) {
-      log.warn(`${why ?? 'no replica'}: VM ${identity.vm}'s output waits for checkpoints (buffer mode)`);
-      return;
-    }
+    if (!this.store) return;
     const binary = this.binary ?? (await this.o.binaryFor(identity.spec.accel));
     const runDir = join(this.o.stateDir, 'run');
     // (before the next checkpoint is taken: the session handles them after this returns)
@@ -618,6 +614,7 @@ export class StandbyController {
     this.secondary = new SecondaryRunner({
       identity,
       image,
+      disk: this.store.blocks.some((b) => b.id === DISK_BLOCK_ID) ? this.store.imagePath(DISK_BLOCK_ID) : null,
       binary,
       runDir,
       send: (epoch, payload) => {
@@ -638,7 +635,12 @@ export class StandbyController {
   }
 
   /** The promoted secondary, or null (no compare mode, or it cannot go on: the replica is restored). */
-  private async promoteSecondary(): Promise<{ vm: QemuVm; relay: NetRelay; epoch: number } | null> {
+  private async promoteSecondary(): Promise<{
+    vm: QemuVm;
+    relay: NetRelay;
+    nbd: NbdServer | null;
+    epoch: number;
+  } | null> {
     const s = this.secondary;
     if (!s || !this.store) return null;
     const p = await s.promote();
@@ -649,6 +651,7 @@ export class StandbyController {
       );
       await p.vm.stop();
       await p.relay.close();
+      await p.nbd?.close();
       this.secondary = null;
       return null;
     }

@@ -50,14 +50,13 @@ function tcp(o: {
   return Buffer.concat([len, f]);
 }
 
-test('frameIdentity: a TCP segment is its connection, sequence, ack, flags and payload — not its IP id, window, options or checksums', () => {
+test('frameIdentity: a TCP segment is its connection, sequence, flags and payload (its ack apart) — not its IP id, window, options or checksums', () => {
   const a = frameIdentity(tcp({ seq: 5, payload: 'OK 1\n', ipId: 7, window: 500, tsval: 100 }));
   const b = frameIdentity(tcp({ seq: 5, payload: 'OK 1\n', ipId: 9, window: 300, tsval: 133 }));
   assert.equal(a.flow, b.flow);
   assert.ok(a.sig.equals(b.sig));
   for (const other of [
     tcp({ seq: 6, payload: 'OK 1\n' }),
-    tcp({ seq: 5, ack: 2, payload: 'OK 1\n' }),
     tcp({ seq: 5, flags: 0x11, payload: 'OK 1\n' }),
     tcp({ seq: 5, payload: 'OK 2\n' }),
   ])
@@ -158,4 +157,38 @@ test('OutputCommit.releaseCompared: a matched frame leaves before its ack, once,
   assert.throws(() => oc.releaseCompared(s1 + 50, 2), /not held/);
   oc.end();
   assert.throws(() => oc.releaseCompared(s1, 1), /while not holding/);
+});
+
+test('FrameComparator: acknowledgements leave only once the secondary acknowledged as much (the peer data they confirm is in the secondary)', () => {
+  const c = new FrameComparator();
+  // a bare ACK of the client's data up to 100
+  assert.deepEqual(c.primary(0, 1, tcp({ seq: 1, ack: 100, flags: 0x10 })).release, []);
+  assert.deepEqual(
+    c.secondary(1, tcp({ seq: 1, ack: 60, flags: 0x10 })).release,
+    [],
+    'the secondary has not got it all',
+  );
+  assert.deepEqual(
+    c.secondary(1, tcp({ seq: 1, ack: 100, flags: 0x10 })).release.map((e) => e.seq),
+    [0],
+  );
+  // data with an ack past what the secondary confirmed waits, though its payload matches
+  c.primary(1, 1, tcp({ seq: 1, ack: 150, payload: 'OK\n' }));
+  assert.deepEqual(c.secondary(1, tcp({ seq: 1, ack: 120, payload: 'OK\n' })).release, []);
+  assert.equal(c.counts.mismatches, 0);
+  assert.deepEqual(
+    c.secondary(1, tcp({ seq: 4, ack: 150, flags: 0x10 })).release.map((e) => e.seq),
+    [1],
+  );
+  // sequence space wraps (another connection)
+  assert.deepEqual(c.secondary(1, tcp({ seq: 4, dport: 2, ack: 0xfffffff0, flags: 0x10 })).release, []);
+  assert.deepEqual(
+    c.primary(2, 1, tcp({ seq: 4, dport: 2, ack: 5, flags: 0x10 })).release,
+    [],
+    '5 is after 0xfffffff0',
+  );
+  assert.deepEqual(
+    c.secondary(1, tcp({ seq: 4, dport: 2, ack: 6, flags: 0x10 })).release.map((e) => e.seq),
+    [2],
+  );
 });

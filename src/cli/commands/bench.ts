@@ -193,9 +193,20 @@ export function register(program: Command): void {
     .option('--seconds <n>', 'measurement time per client run')
     .option('--policies <list>', `policies, comma-separated (default ${SERVICE_POLICIES.join(',')}; quick: model)`)
     .option('--cpus <list>', 'guest vCPU counts, comma-separated (default 1,2; quick: 1)')
+    .option('--modes <list>', 'output release modes measured side by side: buffer, compare (default buffer)')
     .action(async (raw: unknown) => {
       const o = parseOptions(
-        z.object({ ...WithAccel, seconds: int(2, 600).optional(), policies: policies(), cpus: intList(16).optional() }),
+        z.object({
+          ...WithAccel,
+          seconds: int(2, 600).optional(),
+          policies: policies(),
+          cpus: intList(16).optional(),
+          modes: z
+            .string()
+            .transform((v) => v.split(',').map((m) => m.trim()))
+            .pipe(z.array(z.enum(['buffer', 'compare'], { message: 'modes are buffer and compare' })).min(1))
+            .optional(),
+        }),
         raw,
       );
       const { accel, binary } = await platform(o.accel);
@@ -207,6 +218,7 @@ export function register(program: Command): void {
         ...(o.seconds ? { seconds: o.seconds } : {}),
         ...(o.policies ? { policies: o.policies } : {}),
         ...(o.cpus ? { cpus: o.cpus } : {}),
+        ...(o.modes ? { modes: o.modes } : {}),
         onStatus,
       });
       print(r.summary);

@@ -67,12 +67,72 @@ export class NbdEngine {
   /** Called on every write and flush (traces record disk times). */
   onIo: ((kind: 'write' | 'flush') => void) | null = null;
 
+  /**
+   * Overlay mode (a compare-mode secondary's disk): writes land here, page by page, never in the
+   * image; reads see them over the image. Dropped when the secondary takes a checkpoint, written
+   * into the image when it is promoted (then the engine serves the image as usual).
+   */
+  private overlay: Map<number, Buffer> | null;
+
   constructor(
     readonly imagePath: string,
     readonly socketPath: string,
     readonly exportName = 'disk',
     private readonly readOnly = false,
-  ) {}
+    overlay = false,
+  ) {
+    this.overlay = overlay ? new Map() : null;
+  }
+
+  /** Overlay mode: forget the writes (the secondary was brought back to a checkpoint). */
+  discardOverlay(): void {
+    if (this.overlay) this.overlay = new Map();
+  }
+
+  /** Overlay mode ends: its pages go into the image, and writes go there from now on. */
+  commitOverlay(): number {
+    const o = this.overlay;
+    if (!o) return 0;
+    for (const [off, page] of o) writeSync(this.fd!, page, 0, PAGE, off);
+    fdatasyncSync(this.fd!);
+    this.overlay = null;
+    return o.size;
+  }
+
+  /** Reads `length` bytes at `offset` into `buf`, overlay pages over the image. */
+  private readInto(buf: Buffer, offset: number, length: number): void {
+    readSync(this.fd!, buf, 0, length, offset);
+    const o = this.overlay;
+    if (!o?.size) return;
+    const first = Math.floor(offset / PAGE) * PAGE;
+    for (let p = first; p < offset + length; p += PAGE) {
+      const page = o.get(p);
+      if (!page) continue;
+      const from = Math.max(p, offset);
+      const to = Math.min(p + PAGE, offset + length);
+      page.copy(buf, from - offset, from - p, to - p);
+    }
+  }
+
+  /** Overlay mode: a write (null: zeroes) into the overlay's pages. */
+  private writeOverlay(offset: number, length: number, payload: Buffer | null): void {
+    const o = this.overlay!;
+    const first = Math.floor(offset / PAGE) * PAGE;
+    for (let p = first; p < offset + length; p += PAGE) {
+      let page = o.get(p);
+      if (!page) {
+        page = Buffer.alloc(PAGE);
+        readSync(this.fd!, page, 0, PAGE, p);
+        o.set(p, page);
+      }
+      const from = Math.max(p, offset);
+      const to = Math.min(p + PAGE, offset + length);
+      if (payload) payload.copy(page, from - p, from - offset, to - offset);
+      else page.fill(0, from - p, to - p);
+    }
+    this.stats.writes++;
+    this.stats.writeBytes += length;
+  }
 
   get sizeBytes(): number {
     return this.size;
@@ -285,18 +345,28 @@ export class NbdEngine {
       switch (req.type) {
         case CMD.READ: {
           const buf = Buffer.allocUnsafe(req.length);
-          readSync(this.fd!, buf, 0, req.length, req.offset);
+          this.readInto(buf, req.offset, req.length);
           this.stats.reads++;
           sock.write(simpleReply(0, req.handle, buf));
           break;
         }
         case CMD.WRITE:
+          if (this.overlay) {
+            this.writeOverlay(req.offset, req.length, payload);
+            sock.write(simpleReply(0, req.handle));
+            break;
+          }
           writeSync(this.fd!, payload!, 0, req.length, req.offset);
           this.written(req.offset, req.length, (req.flags & CMD_FLAG.FUA) !== 0, payload);
           sock.write(simpleReply(0, req.handle));
           break;
         case CMD.TRIM:
         case CMD.WRITE_ZEROES:
+          if (this.overlay) {
+            this.writeOverlay(req.offset, req.length, null);
+            sock.write(simpleReply(0, req.handle));
+            break;
+          }
           writeSync(this.fd!, Buffer.alloc(req.length), 0, req.length, req.offset);
           this.written(req.offset, req.length, (req.flags & CMD_FLAG.FUA) !== 0, null);
           sock.write(simpleReply(0, req.handle));

@@ -36,7 +36,35 @@ export class NbdServer {
     readonly socketPath: string,
     readonly exportName = 'disk',
     private readonly readOnly = false,
+    /** Writes go to an overlay in memory (a compare-mode secondary's disk): see discardOverlay, commitOverlay. */
+    private readonly overlay = false,
   ) {}
+
+  /** Overlay mode: the secondary's own writes are forgotten (it was brought back to a checkpoint). */
+  discardOverlay(): Promise<void> {
+    return this.overlayOp('discard').then(() => {});
+  }
+
+  /** Overlay mode ends: its writes go into the image; later writes too. Returns the pages written. */
+  commitOverlay(): Promise<number> {
+    return this.overlayOp('commit');
+  }
+
+  private overlayOp(op: 'discard' | 'commit'): Promise<number> {
+    const w = this.worker;
+    const port = this.cutPort;
+    if (!w || !port) return Promise.reject(new RubatoError('RUBATO_SETUP_FAILED', 'the NBD server is not running'));
+    return new Promise<number>((resolve, reject) => {
+      const onMsg = (m: { ev: string; pages?: number; error?: string }) => {
+        if (m.ev !== 'overlay') return;
+        w.off('message', onMsg);
+        if (m.error) reject(new RubatoError('RUBATO_SECONDARY', `the secondary's disk overlay: ${m.error}`));
+        else resolve(m.pages ?? 0);
+      };
+      w.on('message', onMsg);
+      port.postMessage({ overlay: op });
+    });
+  }
 
   /** Called on every write and flush (traces record disk times); costs a message per operation. */
   get onIo(): ((kind: 'write' | 'flush') => void) | null {
@@ -71,6 +99,7 @@ export class NbdServer {
       socketPath: this.socketPath,
       exportName: this.exportName,
       readOnly: this.readOnly,
+      overlay: this.overlay,
       stats: this.stats.buffer as SharedArrayBuffer,
       ctl: this.ctl.buffer as SharedArrayBuffer,
       cutPort: port2,

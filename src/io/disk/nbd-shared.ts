@@ -11,6 +11,8 @@ export interface WorkerData {
   socketPath: string;
   exportName: string;
   readOnly: boolean;
+  /** Writes go to an overlay in memory, not the image (a compare-mode secondary's disk). */
+  overlay: boolean;
   /** SharedArrayBuffer of STAT_SLOTS BigInt64 counters. */
   stats: SharedArrayBuffer;
   /** SharedArrayBuffer of two Int32: [0] the cut reply is posted, [1] per-operation events wanted. */

@@ -12,7 +12,7 @@ const port = parentPort!;
 const cutPort: MessagePort = d.cutPort;
 const stats = new BigInt64Array(d.stats);
 const ctl = new Int32Array(d.ctl);
-const engine = new NbdEngine(d.imagePath, d.socketPath, d.exportName, d.readOnly);
+const engine = new NbdEngine(d.imagePath, d.socketPath, d.exportName, d.readOnly, d.overlay);
 
 /** The counters, published once per turn of this thread's event loop (and at every cut). */
 let publishPending = false;
@@ -38,8 +38,16 @@ engine.onIo = (kind) => {
   if (Atomics.load(ctl, 1) === 1) port.postMessage({ ev: 'io', kind });
 };
 
-cutPort.on('message', (m: { cut?: true; close?: true }) => {
-  if (m.cut) {
+cutPort.on('message', (m: { cut?: true; close?: true; overlay?: 'discard' | 'commit' }) => {
+  if (m.overlay) {
+    try {
+      if (m.overlay === 'discard') engine.discardOverlay();
+      const pages = m.overlay === 'commit' ? engine.commitOverlay() : 0;
+      port.postMessage({ ev: 'overlay', pages });
+    } catch (e) {
+      port.postMessage({ ev: 'overlay', error: errorMessage(e) });
+    }
+  } else if (m.cut) {
     const e = engine.cutEpoch();
     publish(); // the new epoch's counters are zero before the controller reads them again
     const buf = new ArrayBuffer(e.pages.size * PAGE_BYTES_NBD);
