@@ -34,6 +34,11 @@ export interface Sample {
   primary: string | null;
   standby: string | null;
   state: string | null;
+  /** How held output is released: buffer, or compare (a secondary VM's matching frames). */
+  mode: string | null;
+  /** Compare mode: the secondary's frames that differed so far, and the primary's released by matching. */
+  mismatches: number | null;
+  matched: number | null;
 }
 
 export interface MarkedEvent {
@@ -49,7 +54,7 @@ const str = (v: unknown): string | null => (typeof v === 'string' ? v : null);
 export function describe(e: { event: string } & Record<string, unknown>): string {
   switch (e.event) {
     case 'failover':
-      return `failover: the guest runs here from checkpoint ${String(e['epoch'])} (restore ${String(e['restoreMs'])} ms; ${String(e['why'])})`;
+      return `failover: the guest runs here from checkpoint ${String(e['epoch'])} (${e['promoted'] ? 'the compared secondary, promoted' : `restore ${String(e['restoreMs'])} ms`}; ${String(e['why'])})`;
     case 'primary-lost':
       return `primary lost: ${String(e['reason'])}`;
     case 'protecting':
@@ -101,6 +106,9 @@ export class Sampler {
       primary: str(s['primary']),
       standby: str(s['standby']),
       state: str(s['state']) ?? str(s['phase']),
+      mode: str(s['mode']),
+      mismatches: num((s['compare'] as Record<string, unknown> | undefined)?.['mismatches']),
+      matched: num((s['compare'] as Record<string, unknown> | undefined)?.['matched']),
     };
     this.samples.push(out);
     if (this.samples.length > KEEP_SAMPLES) this.samples.shift();
