@@ -105,6 +105,10 @@ export interface RoundResult {
   /** Compare mode: the standby's secondary (loads, frames in and out) before the fault. */
   secondary?: object;
   ckptPerSec?: number;
+  /** Compare mode: why the primary's checkpoints were taken (the scheduler's reasons, counted). */
+  reasons?: Record<string, number>;
+  /** Compare mode: the median wait of held frames, by how they left. */
+  waitMsP50?: object;
   primary: string;
 }
 
@@ -352,6 +356,16 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     };
     const protectedSince = async (q: Pair, since: number, what: string) =>
       waitFor(() => q.pEvents.find((e) => e.event === 'protecting' && e.t >= since), 120_000, what);
+    const secondaryRunning = async (q: Pair, what: string) =>
+      waitFor(
+        () => {
+          const st = (q.standby.status()['secondary'] as { state?: string } | undefined)?.state;
+          if (st === 'failed') throw new RubatoError('RUBATO_SECONDARY', `${what}: the secondary failed`);
+          return st === 'running' ? true : undefined;
+        },
+        120_000,
+        what,
+      );
     const noFailoverFor = async (q: Pair, ms: number) => {
       await sleep(ms);
       return !q.sEvents.some((e) => e.event === 'failover');
@@ -363,6 +377,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       const q: Pair = pair ?? (await protect(l, k));
       pair = q;
       await protectedSince(q, 0, `protection before round ${k}`);
+      // Compare mode protects fully once the standby's secondary runs (until then the replica is restored).
+      if (o.mode === 'compare') await secondaryRunning(q, `the secondary before round ${k}`);
       const runMs = randomInt(Math.floor(o.seconds * 500), Math.floor(o.seconds * 1500) + 1);
       const acksBefore = acks();
       await sleep(runMs);
@@ -403,7 +419,13 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         primary: l.host.name,
         ...(snap['compare'] ? { compare: snap['compare'] as CompareCounts } : {}),
         ...(q.standby.status()['secondary'] ? { secondary: q.standby.status()['secondary'] as object } : {}),
-        ...(snap['compare'] ? { ckptPerSec: snap['ckptPerSec'] as number } : {}),
+        ...(snap['compare']
+          ? {
+              ckptPerSec: snap['ckptPerSec'] as number,
+              reasons: lastReasons(q.pEvents),
+              waitMsP50: snap['outputWaitMsP50'] as object,
+            }
+          : {}),
       };
       switch (fault) {
         case 'kill':
@@ -624,4 +646,13 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     removeTempDir(dir);
   }
   return res;
+}
+
+/** The scheduler's reasons in the primary's latest decisions event (compare mode's round detail). */
+function lastReasons(events: Array<PrimaryEvent & { t: number }>): Record<string, number> {
+  for (let i = events.length - 1; i >= 0; i--) {
+    const e = events[i]!;
+    if (e.event === 'decisions') return { ...e.reasons };
+  }
+  return {};
 }

@@ -44,6 +44,24 @@ export interface OutputStats {
   counts: OutputCounts;
   /** How many times held output was let go without an acknowledgement. */
   unprotectedReleases: number;
+  /** Median time a held frame waited, of the latest ones, by how it left (null: none yet). */
+  waitMsP50: { acknowledged: number | null; compared: number | null };
+}
+
+/** The latest `n` samples, for a median. */
+class Recent {
+  private readonly xs: number[] = [];
+  private i = 0;
+  constructor(private readonly n = 512) {}
+  add(x: number): void {
+    if (this.xs.length < this.n) this.xs.push(x);
+    else this.xs[this.i++ % this.n] = x;
+  }
+  median(): number | null {
+    if (!this.xs.length) return null;
+    const s = [...this.xs].sort((a, b) => a - b);
+    return Math.round(s[s.length >> 1]! * 10) / 10;
+  }
 }
 
 export interface OutputCounts {
@@ -103,9 +121,16 @@ export class OutputCommit<F extends Sized = Buffer> {
    */
   compareGraceMs = 0;
   private urgent = false;
+  /**
+   * When the checkpoint before the open epoch was acknowledged (compare mode): the secondary runs
+   * the open epoch only after it loaded that checkpoint, so its copies cannot come before. Null:
+   * not yet acknowledged.
+   */
+  private openBaseAckedMs: number | null = null;
   /** The latest time the scheduler looked (compare mode counts an epoch's waiting output as of then). */
   private lastSeenMs = Number.NEGATIVE_INFINITY;
   private unprotectedReleases = 0;
+  private readonly waits = { acknowledged: new Recent(), compared: new Recent() };
   /** Called when the open epoch gets its first held frame (the scheduler may want to act). */
   onFirstHeld: (() => void) | null = null;
   /** Called for every frame held (traces record output times and sizes). */
@@ -152,14 +177,19 @@ export class OutputCommit<F extends Sized = Buffer> {
   openStats(nowMs: number): { frames: number; bytes: number; oldestMs: number | null } {
     this.lastSeenMs = Math.max(this.lastSeenMs, nowMs);
     if (this.compareGraceMs > 0 && !this.urgent) {
-      // Only frames that waited past the grace count (their secondary copy is late).
+      // Only frames that waited past the grace count (their secondary copy is late), the grace
+      // counted from when the secondary could run their epoch at the earliest: after the ack of
+      // the checkpoint before it. Without that, the lag of every checkpoint would call for the
+      // next one and the secondary would never catch up.
       let frames = 0;
       let bytes = 0;
       let oldest: number | null = null;
+      const base = this.openBaseAckedMs;
+      if (base === null) return { frames: 0, bytes: 0, oldestMs: null };
       for (let i = this.queue.length - 1; i >= this.head; i--) {
         const h = this.queue[i]!;
         if (h.epoch !== this.open) break;
-        if (h.gone || nowMs - h.atMs < this.compareGraceMs) continue;
+        if (h.gone || nowMs - Math.max(h.atMs, base) < this.compareGraceMs) continue;
         frames++;
         bytes += h.frame.length;
         oldest = h.atMs;
@@ -201,11 +231,11 @@ export class OutputCommit<F extends Sized = Buffer> {
    * far belong to it. Frames produced before the pause but read after it get the next epoch
    * (held longer, never shorter).
    */
-  closeEpoch(epoch: number): ClosedEpoch {
+  closeEpoch(epoch: number, nowMs = this.lastSeenMs): ClosedEpoch {
     assert(this.st.kind === 'holding', `output commit: epoch ${epoch} closed while not holding`);
     assert(epoch === this.open, `output commit: closing epoch ${epoch} while epoch ${this.open} is open`);
     // Compare mode: the epoch's output the scheduler must plan for is what did not match in time.
-    const late = this.compareGraceMs > 0 ? this.openStats(this.lastSeenMs) : null;
+    const late = this.compareGraceMs > 0 ? this.openStats(Math.max(nowMs, this.lastSeenMs)) : null;
     const closed: ClosedEpoch = {
       epoch,
       frames: late ? late.frames : this.openFrames,
@@ -217,6 +247,7 @@ export class OutputCommit<F extends Sized = Buffer> {
     this.openBytes = 0;
     this.openOldestMs = null;
     this.urgent = false;
+    this.openBaseAckedMs = null;
     return closed;
   }
 
@@ -225,11 +256,12 @@ export class OutputCommit<F extends Sized = Buffer> {
    * held frame of an epoch up to it) may leave now, oldest first. An ack of an epoch that is still
    * open (no checkpoint covers its output yet), or not above the last one, is a defect upstream.
    */
-  acknowledged(epoch: number): Array<{ frame: F; atMs: number }> {
+  acknowledged(epoch: number, nowMs = this.lastSeenMs): Array<{ frame: F; atMs: number }> {
     assert(this.st.kind === 'holding', `output commit: ack of epoch ${epoch} while not holding`);
     assert(epoch < this.open, `output commit: ack of epoch ${epoch}, which is still open (no checkpoint covers it)`);
     assert(epoch > this.acked, `output commit: acknowledgements went backwards (${epoch} after ${this.acked})`);
     this.acked = epoch;
+    if (epoch === this.open - 1) this.openBaseAckedMs = nowMs;
     const out: Array<{ frame: F; atMs: number }> = [];
     while (this.head < this.queue.length && this.queue[this.head]!.epoch <= this.acked) {
       const h = this.queue[this.head++]!;
@@ -237,6 +269,7 @@ export class OutputCommit<F extends Sized = Buffer> {
       this.heldCount--;
       this.bytes -= h.frame.length;
       out.push({ frame: h.frame, atMs: h.atMs });
+      if (Number.isFinite(nowMs)) this.waits.acknowledged.add(nowMs - h.atMs);
     }
     this.compact();
     this.counts.released += out.length;
@@ -255,7 +288,7 @@ export class OutputCommit<F extends Sized = Buffer> {
    * already left (acknowledged meanwhile). A frame of another epoch than the comparator thinks, or
    * a release while not holding, is a defect upstream.
    */
-  releaseCompared(seq: number, epoch: number): F | null {
+  releaseCompared(seq: number, epoch: number, nowMs?: number): F | null {
     assert(this.st.kind === 'holding', `output commit: compared release of frame ${seq} while not holding`);
     assert(seq < this.nextSeq, `output commit: compared release of frame ${seq}, which is not held`);
     const first = this.queue[this.head];
@@ -272,6 +305,7 @@ export class OutputCommit<F extends Sized = Buffer> {
       this.openBytes -= h.frame.length;
     }
     this.counts.compared++;
+    if (nowMs !== undefined) this.waits.compared.add(nowMs - h.atMs);
     return h.frame;
   }
 
@@ -314,6 +348,7 @@ export class OutputCommit<F extends Sized = Buffer> {
       oldestMs: oldest ? nowMs - oldest.atMs : null,
       counts: { ...this.counts },
       unprotectedReleases: this.unprotectedReleases,
+      waitMsP50: { acknowledged: this.waits.acknowledged.median(), compared: this.waits.compared.median() },
     };
   }
 

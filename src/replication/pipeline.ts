@@ -427,7 +427,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
       ackedMs: nowMs,
       standby,
     };
-    const frames = this.o.commit.acknowledged(epoch);
+    const frames = this.o.commit.acknowledged(epoch, nowMs);
     // Two records of the acknowledgements, kept apart: the pipeline's and output commit's.
     assert(
       this.o.commit.ackedEpoch === this.acked,

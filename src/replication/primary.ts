@@ -18,7 +18,7 @@ import type { QemuVm } from '../qemu/index.ts';
 import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
 import { FrameComparator, OutputCommit } from '../commit/index.ts';
 import { type NetRelay, type NbdServer, allocatedExtents, extentBytes } from '../io/index.ts';
-import { fixed, lastPassAfterMs, presendEveryMs, type Policy } from '../scheduler/index.ts';
+import { comparing, fixed, lastPassAfterMs, presendEveryMs, type Policy } from '../scheduler/index.ts';
 import { Link } from './link.ts';
 import { connectHandshake } from './handshake.ts';
 import { EpochPipeline, type Command } from './pipeline.ts';
@@ -172,7 +172,9 @@ export class PrimaryController {
     this.meter = new PauseMeter(o.vm.qmp);
     this.commit = new OutputCommit(o.maxHeldBytes ?? DEFAULT_MAX_HELD_BYTES, o.nbd ?? null);
     this.pipeline = new EpochPipeline({
-      policy: o.policy ?? fixed(o.periodMs),
+      // compare mode: matched output needs no checkpoint; only late or differing output does
+      policy:
+        o.mode === 'compare' && o.relay ? comparing(o.policy ?? fixed(o.periodMs)) : (o.policy ?? fixed(o.periodMs)),
       commit: this.commit,
       maxInflight: o.maxInflight ?? 4,
     });
@@ -214,7 +216,7 @@ export class PrimaryController {
   /** What the comparator decided: matched frames leave now; a mismatch makes the open epoch's output wait like any. */
   private compared(r: { release: { seq: number; epoch: number }[]; mismatch: boolean }): void {
     for (const e of r.release) {
-      const f = this.commit.releaseCompared(e.seq, e.epoch);
+      const f = this.commit.releaseCompared(e.seq, e.epoch, performance.now());
       if (f) this.o.relay?.sendOutside(f);
     }
     if (r.mismatch) {
@@ -285,6 +287,7 @@ export class PrimaryController {
       oldestHeldMs: out.oldestMs === null ? null : Math.round(out.oldestMs),
       outputBlockedNoLease: this.o.relay?.gate?.blocked.frames ?? 0,
       output: out.counts,
+      outputWaitMsP50: out.waitMsP50,
       mode: this.comparator ? 'compare' : 'buffer',
       ...(this.comparator ? { compare: { ...this.comparator.counts } } : {}),
       rttMs: this.link && !this.link.closed ? this.link.stats.rttMs : null,

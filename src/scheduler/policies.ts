@@ -211,6 +211,37 @@ export function model(rails: Rails, weightPerFrameMs = 0.002): Policy {
 }
 
 /** Parses `name[:arg][,key=value...]`, e.g. fixed:25ms, adaptive, bounded-latency:20ms,max=500, model:0.002. */
+/** The rails' reasons to wait: compare mode's late output does not override them. */
+const RAIL_WAITS = new Set(['min-epoch', 'backlog', 'link-bound']);
+
+/**
+ * Compare mode: output the secondary sends the same of leaves without a checkpoint, so the inner
+ * policy plans with no output at all (it stretches epochs to its rails: dirty pages, the link,
+ * the maximum epoch). Output that is late or differed (the only output `t.output` then counts)
+ * calls for a checkpoint now, rails permitting. Each checkpoint also costs compare mode a lag:
+ * replies of the next epoch wait until the secondary loaded it, so none is taken for output that
+ * the secondary will match.
+ */
+export function comparing(inner: Policy): Policy {
+  const quiet = { frames: 0, bytes: 0, oldestMs: null };
+  return {
+    name: inner.name,
+    minEpochMs: inner.minEpochMs,
+    maxEpochMs: inner.maxEpochMs,
+    ...(inner.presendMs !== undefined ? { presendMs: inner.presendMs } : {}),
+    ...(inner.presendTargetPauseMs !== undefined ? { presendTargetPauseMs: inner.presendTargetPauseMs } : {}),
+    decide(t) {
+      const d = inner.decide({
+        ...t,
+        output: t.output.frames > 0 ? t.output : quiet,
+        history: t.history.map((h) => (h.outputFrames ? { ...h, outputFrames: 0 } : h)),
+      });
+      if (d.checkpoint || t.output.frames === 0 || RAIL_WAITS.has(d.reason)) return d;
+      return now('compare-late');
+    },
+  };
+}
+
 export function parsePolicy(spec: string): Policy {
   const [head, ...kv] = spec.split(',');
   const [name, argRaw] = (head ?? '').split(':');

@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
+  comparing,
   parsePolicy,
   fitDirtyCurve,
   fitPause as fitPauseOf,
@@ -240,4 +241,43 @@ test('presend=last and presend=auto: one shared estimate of what the pause carri
   const plain = simulate(parsePolicy('model,presend=off'), w, 10_000);
   const planned = simulate(auto, w, 10_000);
   assert.ok(planned.pausedMs < plain.pausedMs / 5, `paused ${planned.pausedMs} ms against ${plain.pausedMs} ms`);
+});
+
+test('compare mode: matched output calls for no checkpoint (epochs stretch to the rails); late output calls for one now, rails permitting', () => {
+  const inner = parsePolicy('model');
+  const p = comparing(inner);
+  const history: EpochRecord[] = Array.from({ length: 20 }, () => ({
+    lengthMs: 100,
+    dirtyPages: 200,
+    pauseMs: 3,
+    bytes: 200 * 4096,
+    transferMs: 5,
+    outputFrames: 40,
+  }));
+  const t = (age: number, frames: number, backlog = 0): Telemetry => ({
+    nowMs: 10_000 + age,
+    epochStartMs: 10_000,
+    history,
+    output: frames ? { frames, bytes: frames * 100, oldestMs: 5 } : { frames: 0, bytes: 0, oldestMs: null },
+    disk: { writes: 0, flushes: 0 },
+    link: { bytesPerSec: 1e9, rttMs: 0.2 },
+    backlog,
+  });
+  // Buffer mode plans for the output rate it saw; compare mode does not (that output was matched).
+  const quietBuffer = inner.decide(t(150, 0));
+  const quietCompare = p.decide(t(150, 0));
+  assert.equal(quietBuffer.checkpoint, true, `buffer mode: ${quietBuffer.reason}`);
+  assert.equal(quietCompare.checkpoint, false, `compare mode: ${quietCompare.reason}`);
+  assert.ok(
+    !quietCompare.checkpoint && quietCompare.wakeAtMs >= 10_000 + 900,
+    'it stretches towards the maximum epoch',
+  );
+  // A late (or differing) frame: a checkpoint now.
+  const late = p.decide(t(150, 1));
+  assert.deepEqual(late, { checkpoint: true, reason: late.reason });
+  // …but the rails still hold: the backlog bound, the minimum epoch.
+  assert.equal(p.decide(t(150, 1, 5)).checkpoint, false, 'a full backlog waits');
+  assert.equal(p.decide(t(0.5, 1)).checkpoint, false, 'the minimum epoch waits');
+  assert.equal(p.decide(t(1500, 0)).checkpoint, true, 'the maximum epoch checkpoints');
+  assert.equal(p.name, inner.name);
 });
