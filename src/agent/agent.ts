@@ -21,7 +21,7 @@ import {
   sleep,
 } from '../util/index.ts';
 import { heldGeneration } from '../host/index.ts';
-import { controlCommand } from '../replication/index.ts';
+import { controlCommand, type ReleaseMode } from '../replication/index.ts';
 import { type EtcdClient, KEYS, LeasedKeys, readCluster, type ClusterView, place } from '../coord/index.ts';
 
 const log = logger('agent');
@@ -39,6 +39,8 @@ export interface AgentOptions {
   heartbeatMs: number;
   timeoutMs: number;
   policy: string;
+  /** How the VMs this agent runs as primaries release their output. */
+  mode?: ReleaseMode;
   fsync: boolean;
   /** Passed to the standbys this agent runs. */
   durability: 'memory' | 'disk';
@@ -227,6 +229,8 @@ export class Agent {
       dir,
       '--policy',
       this.o.policy,
+      '--mode',
+      this.o.mode ?? 'buffer',
       ...this.common(),
     ]);
   }

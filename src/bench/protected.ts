@@ -6,6 +6,7 @@ import {
   type LatencyBreakdown,
   type CheckpointObserver,
   type Durability,
+  type ReleaseMode,
 } from '../replication/index.ts';
 import { startStandbyProcess } from './standby-proc.ts';
 import { parsePolicy } from '../scheduler/index.ts';
@@ -46,7 +47,7 @@ export async function protect(
   trace?: TraceRecorder,
   latency?: LatencyBreakdown,
   durability: Durability = 'memory',
-  mode: 'buffer' | 'compare' = 'buffer',
+  mode: ReleaseMode = 'buffer',
 ): Promise<Protected> {
   const standby = await startStandbyProcess(dir, tag, where, durability);
   const events: PrimaryEvent[] = [];

@@ -30,6 +30,7 @@ import {
   type Breakdown,
   StandbyController,
   DISK_BLOCK_ID,
+  type ReleaseMode,
 } from '../replication/index.ts';
 
 /** A breakdown's segment means (ms), which add up to `total`. */
@@ -50,7 +51,7 @@ export interface ServicesBenchOptions {
   seconds?: number;
   policies?: readonly string[];
   /** Output release modes, each measured under every policy (default buffer). */
-  modes?: readonly ('buffer' | 'compare')[];
+  modes?: readonly ReleaseMode[];
   cpus?: readonly number[];
   onStatus?: (s: string) => void;
 }
@@ -61,6 +62,8 @@ export interface ClientRun {
   p50Ms: number;
   p99Ms: number;
   errors: number;
+  /** What the errors were, in the client's words (wrk: "connect 0, read 0, write 0, timeout 43"). */
+  errorKinds?: string;
 }
 
 export type Probe = 'redis-set' | 'redis-get' | 'nginx-4k' | 'nginx-100k' | 'pgbench' | 'upload-100mb';
@@ -78,7 +81,7 @@ export interface ServiceCell {
   service: Service;
   probe: Probe;
   policy: string;
-  mode: 'buffer' | 'compare';
+  mode: ReleaseMode;
   cpus: number;
   throughputRatio: number;
   /** Compare mode: the secondary's frames that differed from the primary's, per second. */
@@ -92,6 +95,7 @@ export interface ServiceCell {
   p50MsUnreplicated: number;
   p99MsUnreplicated: number;
   errors: number;
+  errorKinds?: string;
   checkpointsPerSec: number;
   pausedFraction: number;
   pauseMsMedian: number;
@@ -139,7 +143,11 @@ export function parseWrk(out: string): ClientRun {
   const sock = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out);
   const non2xx = /Non-2xx or 3xx responses: (\d+)/.exec(out);
   const errors = (sock ? sock.slice(1).reduce((a, x) => a + Number(x), 0) : 0) + (non2xx ? Number(non2xx[1]) : 0);
-  return { perSec: Number(rps[1]), p50Ms: pct(50), p99Ms: pct(99), errors };
+  const kinds = [
+    ...(sock ? [`connect ${sock[1]}, read ${sock[2]}, write ${sock[3]}, timeout ${sock[4]}`] : []),
+    ...(non2xx ? [`non-2xx ${non2xx[1]}`] : []),
+  ].join(', ');
+  return { perSec: Number(rps[1]), p50Ms: pct(50), p99Ms: pct(99), errors, ...(errors ? { errorKinds: kinds } : {}) };
 }
 
 /**
@@ -350,7 +358,7 @@ export async function runServicesBench(
               };
               out.push({ p, r, s: summarise(prot.events.slice(n0), secs), b, c });
               status(
-                `  ${p} under ${policy} (${mode}): ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors` : ''}${mode === 'compare' ? `, ${c.comparedPerSec} frames/s matched, ${c.mismatchesPerSec} mismatches/s` : ''}`,
+                `  ${p} under ${policy} (${mode}): ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors${r.errorKinds ? ` (${r.errorKinds})` : ''}` : ''}${mode !== 'buffer' ? `, ${c.comparedPerSec} frames/s matched, ${c.mismatchesPerSec} mismatches/s` : ''}`,
               );
               if (b) status(`    released frames: ${formatBreakdown(b)}`);
             }
@@ -376,6 +384,7 @@ export async function runServicesBench(
               p50MsUnreplicated: round((u0.p50Ms + u1.p50Ms) / 2, 3),
               p99MsUnreplicated: round((u0.p99Ms + u1.p99Ms) / 2, 3),
               errors: r.errors,
+              ...(r.errorKinds ? { errorKinds: r.errorKinds } : {}),
               checkpointsPerSec: s.checkpointsPerSec,
               pausedFraction: s.pausedFraction,
               pauseMsMedian: s.pauseMsMedian,

@@ -26,6 +26,7 @@ import {
   type PrimaryEvent,
   StandbyController,
   type StandbyEvent,
+  type ReleaseMode,
 } from '../replication/index.ts';
 import { parsePolicy } from '../scheduler/index.ts';
 import {
@@ -67,7 +68,7 @@ export interface ChaosOptions {
   conns: number;
   policy: string;
   /** buffer, or compare (a secondary VM on the standby; a reply leaves once it sent the same). */
-  mode?: 'buffer' | 'compare';
+  mode?: ReleaseMode;
   /** Witness lease TTL, seconds. */
   leaseTtl?: number;
   onStatus?: (s: string) => void;
@@ -378,7 +379,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       pair = q;
       await protectedSince(q, 0, `protection before round ${k}`);
       // Compare mode protects fully once the standby's secondary runs (until then the replica is restored).
-      if (o.mode === 'compare') await secondaryRunning(q, `the secondary before round ${k}`);
+      if (o.mode && o.mode !== 'buffer') await secondaryRunning(q, `the secondary before round ${k}`);
       const runMs = randomInt(Math.floor(o.seconds * 500), Math.floor(o.seconds * 1500) + 1);
       const acksBefore = acks();
       await sleep(runMs);

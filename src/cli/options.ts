@@ -107,11 +107,11 @@ export function withLinkOptions(c: Command): Command {
 export const LINK = { heartbeatMs: int(10, 60000), timeoutMs: int(50, 600000), holdMs: int(100, 600000) };
 
 /** How held output is released: after its checkpoint's ack (buffer), or when a secondary VM sent the same (compare). */
-export const MODE = { mode: z.enum(['buffer', 'compare'], { message: 'must be buffer or compare' }) };
+export const MODE = { mode: z.enum(['buffer', 'compare', 'auto'], { message: 'must be buffer, compare or auto' }) };
 export function withModeOption(c: Command): Command {
   return c.option(
     '--mode <mode>',
-    'buffer: a reply leaves once its checkpoint is acknowledged; compare: once a secondary VM on the standby sent the same reply (COLO-style; a mismatch waits for the checkpoint)',
+    'buffer: a reply leaves once its checkpoint is acknowledged; compare: once a secondary VM on the standby sent the same reply (COLO-style; a mismatch waits for the checkpoint); auto: compare, planning checkpoints as buffer mode while too few replies match',
     'buffer',
   );
 }

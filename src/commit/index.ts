@@ -7,3 +7,5 @@ export { ReleaseGate } from './release-gate.ts';
 export type { LeaseCheck } from './release-gate.ts';
 export { FrameComparator, frameIdentity } from './compare.ts';
 export type { CompareCounts, FrameIdentity } from './compare.ts';
+export { ModeChooser, DEFAULT_MODE_CHOOSER } from './mode-chooser.ts';
+export type { ModeChange, ModeChooserOptions, Planning } from './mode-chooser.ts';

@@ -276,6 +276,11 @@ export class OutputCommit<F extends Sized = Buffer> {
     return out;
   }
 
+  /** Frames released so far by acknowledgement and by comparison (cheap: no copy). */
+  get releaseCounts(): { readonly compared: number; readonly released: number } {
+    return this.counts;
+  }
+
   /** The number the next held frame gets (compare mode pairs it with its secondary copy). */
   get nextHeldSeq(): number {
     return this.nextSeq;

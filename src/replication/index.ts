@@ -11,7 +11,7 @@ export type { Breakdown } from './latency.ts';
 export type { CheckpointObserver } from './observer.ts';
 export { EpochPipeline } from './pipeline.ts';
 export { DISK_BLOCK_ID, PrimaryController } from './primary.ts';
-export type { PrimaryEvent, PrimaryOptions } from './primary.ts';
+export type { PrimaryEvent, PrimaryOptions, ReleaseMode } from './primary.ts';
 export type { Identity } from './protocol/messages.ts';
 export { ReplicaStore } from './replica-store.ts';
 export type { Durability } from './replica-store.ts';

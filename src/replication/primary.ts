@@ -16,7 +16,7 @@ import {
 } from '../util/index.ts';
 import type { QemuVm } from '../qemu/index.ts';
 import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
-import { FrameComparator, OutputCommit } from '../commit/index.ts';
+import { FrameComparator, ModeChooser, OutputCommit } from '../commit/index.ts';
 import { type NetRelay, type NbdServer, allocatedExtents, extentBytes } from '../io/index.ts';
 import { comparing, fixed, lastPassAfterMs, presendEveryMs, type Policy } from '../scheduler/index.ts';
 import { Link } from './link.ts';
@@ -45,6 +45,9 @@ const QEMU_EXIT_WAIT_MS = 150;
 
 export type FaultPoint = 'mid-epoch' | 'mid-pause' | 'mid-transfer';
 
+/** How held output leaves: after its checkpoint's ack, when a secondary sent the same, or auto (compare where it pays). */
+export type ReleaseMode = 'buffer' | 'compare' | 'auto';
+
 export type PrimaryEvent =
   | { event: 'protecting'; standby: string }
   | { event: 'unprotected'; reason: string; atMs: number }
@@ -64,6 +67,8 @@ export type PrimaryEvent =
   | PrimaryStatus
   | { event: 'output-released-unprotected'; frames: number; reason: string }
   | { event: 'decisions'; reasons: Record<string, number>; policy: string }
+  /** --mode auto: the scheduler now plans as compare or as buffer mode (the secondary compares in both). */
+  | { event: 'planning'; to: 'compare' | 'buffer'; comparedShare: number | null; reason: string }
   | { event: 'guest'; line: string; atMs: number }
   | { event: 'fenced' }
   | { event: 'guest-lost'; why: string; protected: boolean }
@@ -115,7 +120,7 @@ export interface PrimaryOptions {
    * compare: the standby runs a secondary VM on the same input; a held frame leaves as soon as the
    * secondary sent the same one (COLO's idea), else with its checkpoint's acknowledgement. Default buffer.
    */
-  mode?: 'buffer' | 'compare';
+  mode?: ReleaseMode;
   /** Compare mode: a held frame whose secondary copy has not come within this is waited for by a checkpoint. */
   compareLagMs?: number;
 }
@@ -188,8 +193,9 @@ export class PrimaryController {
           this.compared(this.comparator.primary(seq, this.commit.openEpoch, f));
       };
     }
-    if (relay && o.mode === 'compare') {
+    if (relay && o.mode && o.mode !== 'buffer') {
       this.comparator = new FrameComparator();
+      if (o.mode === 'auto') this.chooser = new ModeChooser();
       this.commit.compareGraceMs = o.compareLagMs ?? DEFAULT_COMPARE_LAG_MS;
       relay.onOutsideFrame = (f) => this.mirror(f);
     }
@@ -206,6 +212,23 @@ export class PrimaryController {
       const disk = observer.disk.bind(observer);
       nbd.onIo = (kind) => disk(kind, performance.now());
     }
+  }
+
+  /** --mode auto: whether the scheduler plans as compare or as buffer mode (null: the mode is fixed). */
+  private readonly chooser: ModeChooser | null = null;
+  /** The scheduler plans as compare mode: matched output calls for no checkpoint. */
+  private get planningCompare(): boolean {
+    return this.comparator !== null && (this.chooser?.planning ?? 'compare') === 'compare';
+  }
+
+  /** --mode auto: judge how output left, and plan as the better mode. */
+  private choosePlanning(nowMs: number): void {
+    if (!this.chooser) return;
+    const ch = this.chooser.observe(nowMs, this.commit.releaseCounts);
+    this.commit.compareGraceMs = this.planningCompare ? (this.o.compareLagMs ?? DEFAULT_COMPARE_LAG_MS) : 0;
+    if (!ch) return;
+    log.info(`checkpoints now planned as in ${ch.to} mode: ${ch.reason}`);
+    this.emit({ event: 'planning', ...ch });
   }
 
   /** Compare mode's pairing of the primary's held frames with the secondary's (null: buffer mode). */
@@ -288,8 +311,14 @@ export class PrimaryController {
       outputBlockedNoLease: this.o.relay?.gate?.blocked.frames ?? 0,
       output: out.counts,
       outputWaitMsP50: out.waitMsP50,
-      mode: this.comparator ? 'compare' : 'buffer',
-      ...(this.comparator ? { compare: { ...this.comparator.counts } } : {}),
+      mode: this.o.mode ?? 'buffer',
+      ...(this.comparator
+        ? {
+            compare: { ...this.comparator.counts },
+            planning: this.planningCompare ? 'compare' : 'buffer',
+            ...(this.chooser ? { comparedShare: this.chooser.lastShare, planningSwitches: this.chooser.switches } : {}),
+          }
+        : {}),
       rttMs: this.link && !this.link.closed ? this.link.stats.rttMs : null,
     };
   }
@@ -405,6 +434,7 @@ export class PrimaryController {
     unprotected: (c) => {
       this.unprotectedReason = c.reason;
       this.comparator?.reset();
+      this.chooser?.reset();
       if (c.first) {
         log.error(
           `GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${c.reason}; retrying every ${this.o.retryMs} ms`,
@@ -597,13 +627,14 @@ export class PrimaryController {
       await this.o.fault?.('mid-epoch', pipe.capturedEpoch + 1, { sendPartial: () => {}, crash: () => this.crash() });
       throwIfClosed();
       const decidedMs = performance.now();
+      this.choosePlanning(decidedMs);
       const ds = nbd?.epochStats;
       const hostIdleCores = this.hostIdle.idleCores(decidedMs);
       const c = pipe.decide(decidedMs, {
         // (compare mode: a flush is not a reply on its way — the reply is compared when it comes)
         disk: {
           writes: ds?.writes ?? 0,
-          flushes: this.comparator ? 0 : (ds?.flushes ?? 0),
+          flushes: this.planningCompare ? 0 : (ds?.flushes ?? 0),
           pressure: nbd?.underPressure ?? false,
         },
         link: { bytesPerSec: null, rttMs: link.stats.rttMs },

@@ -220,9 +220,9 @@ const RAIL_WAITS = new Set(['min-epoch', 'backlog', 'link-bound']);
  * the maximum epoch). Output that is late or differed (the only output `t.output` then counts)
  * calls for a checkpoint now, rails permitting. Each checkpoint also costs compare mode a lag:
  * replies of the next epoch wait until the secondary loaded it, so none is taken for output that
- * the secondary will match.
+ * the secondary will match. `active` false: plan as buffer mode (--mode auto's choice).
  */
-export function comparing(inner: Policy): Policy {
+export function comparing(inner: Policy, active: () => boolean = () => true): Policy {
   const quiet = { frames: 0, bytes: 0, oldestMs: null };
   return {
     name: inner.name,
@@ -231,6 +231,7 @@ export function comparing(inner: Policy): Policy {
     ...(inner.presendMs !== undefined ? { presendMs: inner.presendMs } : {}),
     ...(inner.presendTargetPauseMs !== undefined ? { presendTargetPauseMs: inner.presendTargetPauseMs } : {}),
     decide(t) {
+      if (!active()) return inner.decide(t); // (--mode auto planning as buffer mode)
       const d = inner.decide({
         ...t,
         output: t.output.frames > 0 ? t.output : quiet,

@@ -3,6 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { FrameComparator, frameIdentity } from '../../src/commit/compare.ts';
+import { ModeChooser } from '../../src/commit/mode-chooser.ts';
 import { OutputCommit } from '../../src/commit/output-commit.ts';
 
 /** A length-prefixed Ethernet/IPv4/TCP frame. */
@@ -194,4 +195,58 @@ test('FrameComparator: acknowledgements leave only once the secondary acknowledg
     c.secondary(1, tcp({ seq: 4, dport: 2, ack: 6, flags: 0x10 })).release.map((e) => e.seq),
     [2],
   );
+});
+
+test('ModeChooser (--mode auto): plans as buffer mode while too little output leaves by comparison, tries compare again with a doubling back-off', () => {
+  const m = new ModeChooser({
+    windowMs: 1000,
+    minComparedShare: 0.5,
+    minFrames: 20,
+    backoffMs: 5000,
+    maxBackoffMs: 12_000,
+  });
+  let compared = 0;
+  let released = 0;
+  assert.equal(m.observe(0, { compared, released }), null);
+  assert.equal(m.planning, 'compare');
+  // a window where most output matched: compare stays
+  compared += 90;
+  released += 10;
+  assert.equal(m.observe(1000, { compared, released }), null);
+  assert.equal(m.planning, 'compare');
+  assert.equal(m.lastShare, 0.9);
+  // too little output to judge: nothing changes
+  released += 15;
+  assert.equal(m.observe(2000, { compared, released }), null);
+  assert.equal(m.planning, 'compare');
+  // most output waited for its ack: buffer planning
+  compared += 5;
+  released += 95;
+  const ch = m.observe(3000, { compared, released });
+  assert.equal(ch?.to, 'buffer');
+  assert.equal(m.planning, 'buffer');
+  assert.equal(ch?.comparedShare, 0.05);
+  // until the back-off passes, buffer it is
+  assert.equal(m.observe(7999, { compared, released: released + 500 }), null);
+  assert.equal(m.observe(8000, { compared, released })?.to, 'compare');
+  // the try fails: back to buffer, and the next try waits twice as long
+  released += 100;
+  assert.equal(m.observe(9000, { compared, released })?.to, 'buffer');
+  assert.equal(m.observe(18_999, { compared, released }), null);
+  assert.equal(m.observe(19_000, { compared, released })?.to, 'compare');
+  released += 100;
+  assert.equal(m.observe(20_000, { compared, released })?.to, 'buffer');
+  assert.equal(m.observe(31_999, { compared, released }), null, 'the back-off is bounded (12 s)');
+  assert.equal(m.observe(32_000, { compared, released })?.to, 'compare');
+  // a try that holds resets the back-off
+  compared += 100;
+  assert.equal(m.observe(33_000, { compared, released }), null);
+  released += 100;
+  assert.equal(m.observe(34_000, { compared, released })?.to, 'buffer');
+  assert.equal(m.observe(39_000, { compared, released })?.to, 'compare', 'back to the first back-off');
+  assert.equal(m.switches, 8);
+  // counts that go back (protection restarted) start a new window
+  assert.equal(m.observe(40_000, { compared: 0, released: 0 }), null);
+  m.reset();
+  assert.equal(m.planning, 'compare');
 });

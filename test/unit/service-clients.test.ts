@@ -36,7 +36,13 @@ test('wrk --latency: requests/s, the distribution in any unit, socket errors and
 Requests/sec:   1400.25
 Transfer/sec:      6.00MB
 `;
-  assert.deepEqual(parseWrk(out), { perSec: 1400.25, p50Ms: 0.812, p99Ms: 1100, errors: 6 });
+  assert.deepEqual(parseWrk(out), {
+    perSec: 1400.25,
+    p50Ms: 0.812,
+    p99Ms: 1100,
+    errors: 6,
+    errorKinds: 'connect 0, read 2, write 0, timeout 3, non-2xx 1',
+  });
   assert.throws(
     () => parseWrk('unable to connect to 10.231.0.10:80 Connection refused'),
     (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'),

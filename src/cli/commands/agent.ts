@@ -21,7 +21,9 @@ import {
   int,
   parseOptions,
   policy,
+  MODE,
   withLinkOptions,
+  withModeOption,
 } from '../options.ts';
 
 const log = logger('rubato');
@@ -34,6 +36,7 @@ const Options = z.object({
   stateDir: z.string(),
   leaseTtl: int(1, 60),
   policy: policy(),
+  ...MODE,
   fsync: z.boolean(),
   durability: DURABILITY,
   events: z.boolean(),
@@ -43,7 +46,10 @@ const Options = z.object({
 
 export function register(program: Command): void {
   withObserveOptions(
-    withDurabilityOption(withLinkOptions(program.command('agent')), 'for the standbys this host runs: '),
+    withDurabilityOption(
+      withModeOption(withLinkOptions(program.command('agent'))),
+      'for the standbys this host runs: ',
+    ),
     false,
   )
     .description(
@@ -85,6 +91,7 @@ export function register(program: Command): void {
         heartbeatMs: o.heartbeatMs,
         timeoutMs: o.timeoutMs,
         policy: o.policy,
+        mode: o.mode,
         fsync: o.fsync,
         durability: o.durability,
         rubato: RUBATO_COMMAND,

@@ -193,7 +193,7 @@ export function register(program: Command): void {
     .option('--seconds <n>', 'measurement time per client run')
     .option('--policies <list>', `policies, comma-separated (default ${SERVICE_POLICIES.join(',')}; quick: model)`)
     .option('--cpus <list>', 'guest vCPU counts, comma-separated (default 1,2; quick: 1)')
-    .option('--modes <list>', 'output release modes measured side by side: buffer, compare (default buffer)')
+    .option('--modes <list>', 'output release modes measured side by side: buffer, compare, auto (default buffer)')
     .action(async (raw: unknown) => {
       const o = parseOptions(
         z.object({
@@ -204,7 +204,9 @@ export function register(program: Command): void {
           modes: z
             .string()
             .transform((v) => v.split(',').map((m) => m.trim()))
-            .pipe(z.array(z.enum(['buffer', 'compare'], { message: 'modes are buffer and compare' })).min(1))
+            .pipe(
+              z.array(z.enum(['buffer', 'compare', 'auto'], { message: 'modes are buffer, compare and auto' })).min(1),
+            )
             .optional(),
         }),
         raw,
@@ -222,6 +224,8 @@ export function register(program: Command): void {
         onStatus,
       });
       print(r.summary);
+      // The modes side by side, per service: the last line.
+      if (o.modes) print(r.summary.modes);
     });
 
   common(bench.command('nbd'))
