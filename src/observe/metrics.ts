@@ -194,6 +194,11 @@ export class ControllerMetrics {
       'Compare mode: frames the secondary sent differently from the primary (each asks for a checkpoint)',
       (s) => num((s['compare'] as Record<string, unknown> | undefined)?.['mismatches']),
     );
+    gauge(
+      'rubato_release_planning_compare',
+      'Compare and auto modes: 1 while checkpoints are planned as in compare mode (matched output needs none), 0 as in buffer mode',
+      (s) => (s['planning'] === 'compare' ? 1 : s['planning'] === 'buffer' ? 0 : null),
+    );
     gauge('rubato_output_oldest_held_seconds', 'Age of the oldest held output frame (0: none held)', (s) => {
       const v = num(s['oldestHeldMs']);
       return v === null ? (s['heldFrames'] === 0 ? 0 : null) : v / 1000;

@@ -39,6 +39,8 @@ export interface Sample {
   /** Compare mode: the secondary's frames that differed so far, and the primary's released by matching. */
   mismatches: number | null;
   matched: number | null;
+  /** Compare and auto modes: checkpoints planned as in compare or in buffer mode. */
+  planning: string | null;
 }
 
 export interface MarkedEvent {
@@ -107,6 +109,7 @@ export class Sampler {
       standby: str(s['standby']),
       state: str(s['state']) ?? str(s['phase']),
       mode: str(s['mode']),
+      planning: str(s['planning']),
       mismatches: num((s['compare'] as Record<string, unknown> | undefined)?.['mismatches']),
       matched: num((s['compare'] as Record<string, unknown> | undefined)?.['matched']),
     };
