@@ -157,9 +157,9 @@ export function killAllSync(): void {
 export function runCommand(
   file: string,
   args: readonly string[],
-  opts: SpawnOptions & { onLine?: (line: string) => void } = {},
+  opts: SpawnOptions & { onLine?: (line: string) => void; timeoutMs?: number } = {},
 ): Promise<{ code: number; stdout: string; stderr: string }> {
-  const { onLine, ...spawnOpts } = opts;
+  const { onLine, timeoutMs, ...spawnOpts } = opts;
   const p = spawnTracked(file.split('/').pop() ?? file, file, args, spawnOpts);
   let stdout = '';
   let stderr = '';
@@ -173,8 +173,24 @@ export function runCommand(
     if (stderr.length > 1 << 20) stderr = stderr.slice(-(1 << 19));
     lines?.push(s);
   });
+  // A time limit of our own (killed by PID; a `timeout` wrapper killed at our exit would leave its child running).
+  let timedOut = false;
+  const timer =
+    timeoutMs === undefined
+      ? null
+      : setTimeout(() => {
+          timedOut = true;
+          p.kill('SIGKILL');
+        }, timeoutMs);
   return new Promise((resolve) => {
     p.child.once('error', (e) => resolve({ code: -1, stdout, stderr: stderr + String(e) }));
-    void p.exited.then(({ code }) => resolve({ code: code ?? -1, stdout, stderr }));
+    void p.exited.then(({ code }) => {
+      if (timer) clearTimeout(timer);
+      resolve(
+        timedOut
+          ? { code: 124, stdout, stderr: `${stderr}\n(timed out after ${timeoutMs} ms)` }
+          : { code: code ?? -1, stdout, stderr },
+      );
+    });
   });
 }

@@ -11,20 +11,25 @@ import type { ReleaseGate } from '../../commit/index.ts';
 const log = logger('relay');
 const MAX_FRAME = 65536;
 
-/** Splits a be32-length-prefixed byte stream into frames. */
+/**
+ * Splits a be32-length-prefixed byte stream into frames. Returns the complete frames of what came,
+ * as one contiguous run (to be written on in one piece), or null when no frame completed.
+ */
 class Framer {
   private buf: Buffer = Buffer.alloc(0);
-  push(d: Buffer, onFrame: (f: Buffer) => void): void {
+  push(d: Buffer, onFrame?: (f: Buffer) => void): Buffer | null {
     this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
     let off = 0;
     while (this.buf.length - off >= 4) {
       const len = this.buf.readUInt32BE(off);
       if (len > MAX_FRAME) throw new RubatoError('RUBATO_PROTOCOL', `network frame of ${len} bytes`);
       if (this.buf.length - off < 4 + len) break;
-      onFrame(this.buf.subarray(off, off + 4 + len)); // frames keep their length prefix
+      onFrame?.(this.buf.subarray(off, off + 4 + len)); // frames keep their length prefix
       off += 4 + len;
     }
+    const whole = off > 0 ? this.buf.subarray(0, off) : null;
     this.buf = this.buf.subarray(off);
+    return whole;
   }
 }
 
@@ -90,11 +95,14 @@ export class NetRelay {
         const framer = new Framer();
         s.on('data', (d: Buffer) => {
           try {
-            framer.push(d, (f) => {
+            // Whole frames only (a mirrored frame written by toGuest never lands inside one), and
+            // all of a read's frames in one write: QEMU's stream netdev stalled for good under a
+            // write per frame (wrk and redis-benchmark against the Debian guest, unreplicated).
+            const whole = framer.push(d, (f) => {
               this.framesToGuest++;
-              this.guest?.write(f);
               this.onOutsideFrame?.(f);
             });
+            if (whole) this.guest?.write(whole);
           } catch (e) {
             log.warn(`TAP relay stream broken: ${(e as Error).message}`);
             s.destroy();
