@@ -28,8 +28,13 @@ import {
 
 /** Until the session's layout is known (BASE_BEGIN), frames carry at most one base chunk. */
 export const SESSION_START_MAX_FRAME_BYTES = 4 << 20;
-/** What a primary accepts from its standby after the handshake. */
-export const STANDBY_MAX_FRAME_BYTES = 64 << 10;
+/**
+ * What a primary accepts from its standby after the handshake: acknowledgements and control, and
+ * (compare mode) the secondary's output in batches of at most SEC_OUT_MAX_BATCH_BYTES, each of
+ * which holds at least one whole network frame (up to 64 KiB with offloads).
+ */
+export const STANDBY_MAX_FRAME_BYTES = 256 << 10;
+export const SEC_OUT_MAX_BATCH_BYTES = 128 << 10;
 
 /** Standby side: challenge, check the primary's proof, welcome with our proof. */
 /**

@@ -15,6 +15,7 @@ import { PageSet, type DirtyPage } from '../capture/index.ts';
 import type { ReplicaStore } from './replica-store.ts';
 import type { Identity } from './protocol/messages.ts';
 import { splitNetFrames } from './protocol/messages.ts';
+import { SEC_OUT_MAX_BATCH_BYTES } from './handshake.ts';
 
 const log = logger('secondary');
 /** Inbound frames kept for epochs the secondary has not reached yet. */
@@ -252,7 +253,9 @@ export class SecondaryRunner {
   private output(f: Buffer): void {
     if (this.stats.state !== 'running') return;
     const epoch = this.base + 1;
-    if (this.outBatch && this.outBatch.epoch !== epoch) this.flushOutput();
+    // one epoch per batch, and a batch within what the primary accepts from its standby
+    if (this.outBatch && (this.outBatch.epoch !== epoch || this.outBatch.bytes + f.length > SEC_OUT_MAX_BATCH_BYTES))
+      this.flushOutput();
     if (!this.outBatch) {
       this.outBatch = { epoch, frames: [], bytes: 0 };
       setImmediate(() => this.flushOutput());

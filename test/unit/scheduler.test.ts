@@ -254,13 +254,13 @@ test('compare mode: matched output calls for no checkpoint (epochs stretch to th
     transferMs: 5,
     outputFrames: 40,
   }));
-  const t = (age: number, frames: number, backlog = 0): Telemetry => ({
+  const t = (age: number, frames: number, backlog = 0, bytesPerSec = 1e9): Telemetry => ({
     nowMs: 10_000 + age,
     epochStartMs: 10_000,
     history,
     output: frames ? { frames, bytes: frames * 100, oldestMs: 5 } : { frames: 0, bytes: 0, oldestMs: null },
     disk: { writes: 0, flushes: 0 },
-    link: { bytesPerSec: 1e9, rttMs: 0.2 },
+    link: { bytesPerSec, rttMs: 0.2 },
     backlog,
   });
   // Buffer mode plans for the output rate it saw; compare mode does not (that output was matched).
@@ -278,6 +278,11 @@ test('compare mode: matched output calls for no checkpoint (epochs stretch to th
   // …but the rails still hold: the backlog bound, the minimum epoch.
   assert.equal(p.decide(t(150, 1, 5)).checkpoint, false, 'a full backlog waits');
   assert.equal(p.decide(t(0.5, 1)).checkpoint, false, 'the minimum epoch waits');
+  // A link too slow for the dirty rate holds buffer mode's output to the maximum epoch, not compare's late frames.
+  const slow = inner.decide(t(150, 1, 0, 1e5));
+  assert.deepEqual([slow.checkpoint, slow.reason], [false, 'link-bound']);
+  assert.equal(p.decide(t(150, 1, 0, 1e5)).checkpoint, true, 'late output is not held by the link bound');
+  assert.equal(p.decide(t(150, 0, 0, 1e5)).checkpoint, false);
   assert.equal(p.decide(t(1500, 0)).checkpoint, true, 'the maximum epoch checkpoints');
   assert.equal(p.name, inner.name);
 });
