@@ -53,8 +53,11 @@ export async function startStandbyProcess(
         })
       : spawnTracked(`standby:${tag}`, bin, args, { env: { ...process.env, RUBATO_LOG: 'warn' } });
     let err = '';
+    let listening = false;
     p.child.stderr?.on('data', (d: Buffer) => {
       err = (err + d.toString()).slice(-2000);
+      // Once it runs, its warnings and errors are the benchmark's too (why a session broke).
+      if (listening) process.stderr.write(d.toString().replace(/^(?=.)/gm, `[standby ${tag}] `));
     });
     const ok = await new Promise<boolean>((resolve) => {
       let out = '';
@@ -65,6 +68,7 @@ export async function startStandbyProcess(
       void p.exited.then(() => resolve(false));
       setTimeout(() => resolve(false), 30_000);
     });
+    listening = ok;
     if (ok) return { host, port, keyFile, pid: p.pid, stop: () => p.stop(3000) };
     const ended = await Promise.race([p.exited, new Promise<null>((r) => setTimeout(() => r(null), 0))]);
     await p.stop(1000);
