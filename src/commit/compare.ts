@@ -21,9 +21,14 @@ export interface FrameIdentity {
   ack?: number;
   /** TCP without payload, SYN or FIN: only acknowledges. */
   pureAck?: boolean;
+  /** TCP data (no SYN or RST): compared as a byte stream, whatever the segment boundaries. */
+  data?: { seq: number; fin: boolean; payload: Buffer };
 }
 
 const ETH_HDR = 14;
+const FIN = 0x01;
+const SYN = 0x02;
+const RST = 0x04;
 
 /** The frame (with Rubato's 4-byte length prefix) reduced to what two runs of one state must agree on. */
 export function frameIdentity(prefixed: Buffer): FrameIdentity {
@@ -41,7 +46,15 @@ export function frameIdentity(prefixed: Buffer): FrameIdentity {
       const payload = tcp.subarray(Math.min(off, tcp.length));
       const flags = tcp[13]!;
       const sig = Buffer.concat([tcp.subarray(4, 8), tcp.subarray(13, 14), payload]);
-      return { flow, sig, ack: tcp.readUInt32BE(8), pureAck: payload.length === 0 && (flags & 0x07) === 0 };
+      const id: FrameIdentity = {
+        flow,
+        sig,
+        ack: tcp.readUInt32BE(8),
+        pureAck: payload.length === 0 && (flags & 0x07) === 0,
+      };
+      if (payload.length > 0 && (flags & (SYN | RST)) === 0)
+        id.data = { seq: tcp.readUInt32BE(4), fin: (flags & FIN) !== 0, payload };
+      return id;
     }
     const sig = Buffer.from(f);
     sig.fill(0, ETH_HDR + 4, ETH_HDR + 6); // IP id
@@ -57,10 +70,14 @@ interface PrimaryEntry {
   sig: Buffer;
   ack?: number | undefined;
   pureAck?: boolean | undefined;
+  data?: FrameIdentity['data'];
 }
 interface SecondaryEntry {
   epoch: number;
   sig: Buffer;
+  data?: FrameIdentity['data'];
+  /** TCP data: bytes of it already compared with the primary's. */
+  used: number;
 }
 interface Flow {
   p: PrimaryEntry[];
@@ -69,6 +86,8 @@ interface Flow {
   diverged: number;
   /** TCP: the highest acknowledgement the secondary sent (it has received the peer's stream up to it), or null. */
   secondaryAck: number | null;
+  /** TCP: the primary's stream is verified and released up to here (a retransmission below it leaves), or null. */
+  verifiedEnd: number | null;
 }
 
 /** `a` at or after `b` in TCP's 32-bit sequence space. */
@@ -96,7 +115,7 @@ export class FrameComparator {
     let fl = this.flows.get(key);
     if (!fl) {
       if (this.flows.size >= MAX_FLOWS) this.prune();
-      fl = { p: [], s: [], diverged: -1, secondaryAck: null };
+      fl = { p: [], s: [], diverged: -1, secondaryAck: null, verifiedEnd: null };
       this.flows.set(key, fl);
     }
     return fl;
@@ -109,7 +128,7 @@ export class FrameComparator {
   primary(seq: number, epoch: number, frame: Buffer): { release: PrimaryEntry[]; mismatch: boolean } {
     const id = frameIdentity(frame);
     const fl = this.flow(id.flow);
-    fl.p.push({ seq, epoch, sig: id.sig, ack: id.ack, pureAck: id.pureAck });
+    fl.p.push({ seq, epoch, sig: id.sig, ack: id.ack, pureAck: id.pureAck, data: id.data });
     return this.match(fl);
   }
 
@@ -129,7 +148,7 @@ export class FrameComparator {
       fl.s.shift();
       this.counts.stale++;
     }
-    fl.s.push({ epoch, sig: id.sig });
+    fl.s.push({ epoch, sig: id.sig, data: id.data, used: 0 });
     return this.match(fl);
   }
 
@@ -174,6 +193,29 @@ export class FrameComparator {
         this.counts.matched++;
         continue;
       }
+      if (p.data) {
+        if (fl.diverged === p.epoch) break;
+        const r = this.matchData(fl, p);
+        if (r === 'wait') break;
+        if (r === 'differ') {
+          fl.diverged = p.epoch;
+          this.counts.lastMismatch = `TCP data at sequence ${p.data.seq} (${p.data.payload.length} bytes) differs`;
+          this.counts.mismatches++;
+          mismatch = true;
+          break;
+        }
+        if (!this.secondaryHas(fl, p)) break;
+        if (r.take) {
+          fl.s.splice(0, r.take.i);
+          if (fl.s[0]) fl.s[0].used = r.take.used;
+        }
+        fl.p.shift();
+        release.push(p);
+        this.counts.matched++;
+        const end = (p.data.seq + p.data.payload.length) | 0;
+        if (fl.verifiedEnd === null || seqAtLeast(end, fl.verifiedEnd)) fl.verifiedEnd = end;
+        continue;
+      }
       const s = fl.s[0];
       if (!s) break;
       if (s.epoch < p.epoch) {
@@ -199,6 +241,70 @@ export class FrameComparator {
       this.counts.matched++;
     }
     return { release, mismatch };
+  }
+
+  /**
+   * A primary TCP data segment against the secondary's stream of the same epoch, whatever either
+   * side's segment boundaries: a match (the secondary sent the same bytes at the same sequence;
+   * `take` says how far its entries are used then, once the frame leaves), 'differ', or 'wait' (not all sent yet, or the secondary's next
+   * output is of a later epoch: the segment then waits for its acknowledgement). A segment wholly
+   * below what was verified and released already on this connection is a retransmission: it matches.
+   */
+  private matchData(fl: Flow, p: PrimaryEntry): { take: { i: number; used: number } | null } | 'differ' | 'wait' {
+    const d = p.data!;
+    const end = (d.seq + d.payload.length) | 0;
+    if (!d.fin && fl.verifiedEnd !== null && seqAtLeast(fl.verifiedEnd, end)) return { take: null };
+    // Dry run over the secondary's entries; consumed only on a match.
+    let pos = d.seq | 0;
+    let done = 0;
+    let i = 0;
+    let used = fl.s[0]?.used ?? 0;
+    let finSeen = false;
+    while (done < d.payload.length) {
+      const s = fl.s[i];
+      if (!s) return 'wait';
+      if (s.epoch < p.epoch) {
+        i++;
+        used = fl.s[i]?.used ?? 0;
+        continue;
+      }
+      if (s.epoch > p.epoch) return 'wait';
+      if (!s.data) return 'differ'; // a control segment where the primary sent data
+      const sStart = (s.data.seq + used) | 0;
+      const sLen = s.data.payload.length - used;
+      if (sStart !== pos) {
+        // the secondary's retransmission of bytes before this point: skip what lies below it
+        const behind = (pos - sStart) | 0;
+        if (behind > 0 && behind < 1 << 30) {
+          if (behind >= sLen) {
+            i++;
+            used = fl.s[i]?.used ?? 0;
+          } else used += behind;
+          continue;
+        }
+        return 'differ';
+      }
+      const n = Math.min(sLen, d.payload.length - done);
+      if (!d.payload.subarray(done, done + n).equals(s.data.payload.subarray(used, used + n))) return 'differ';
+      done += n;
+      pos = (pos + n) | 0;
+      used += n;
+      if (used === s.data.payload.length) {
+        finSeen = s.data.fin;
+        i++;
+        used = fl.s[i]?.used ?? 0;
+      } else finSeen = false;
+    }
+    if (d.fin && !finSeen) {
+      // the secondary may send its FIN in a segment of its own, right after the data
+      const s = fl.s[i];
+      if (!s) return 'wait';
+      if (s.epoch > p.epoch) return 'wait';
+      const finOnly = !s.data && s.sig.length === 5 && (s.sig[4]! & FIN) !== 0 && s.sig.readUInt32BE(0) === pos >>> 0;
+      return finOnly && used === 0 ? { take: { i: i + 1, used: 0 } } : 'differ';
+    }
+    // (a FIN the secondary sent with this data, where the primary sends it later, is compared then)
+    return { take: { i, used } };
   }
 
   private secondaryHas(fl: Flow, p: PrimaryEntry): boolean {

@@ -250,3 +250,52 @@ test('ModeChooser (--mode auto): plans as buffer mode while too little output le
   m.reset();
   assert.equal(m.planning, 'compare');
 });
+
+test('FrameComparator: TCP data compares as a byte stream, whatever either side’s segment boundaries; retransmissions of verified data leave; FIN may come apart', () => {
+  const rel = (r: { release: { seq: number }[] }) => r.release.map((e) => e.seq);
+  const c = new FrameComparator();
+  // the primary sends two segments, the secondary one
+  assert.deepEqual(rel(c.primary(0, 1, tcp({ seq: 1, payload: 'hello ' }))), []);
+  assert.deepEqual(rel(c.primary(1, 1, tcp({ seq: 7, payload: 'world' }))), []);
+  assert.deepEqual(rel(c.secondary(1, tcp({ seq: 1, payload: 'hello world' }))), [0, 1]);
+  // the other way round: one primary segment waits for both of the secondary's
+  assert.deepEqual(rel(c.primary(2, 1, tcp({ seq: 12, payload: 'abcdef' }))), []);
+  assert.deepEqual(rel(c.secondary(1, tcp({ seq: 12, payload: 'abc' }))), [], 'half of it came');
+  assert.deepEqual(rel(c.secondary(1, tcp({ seq: 15, payload: 'def' }))), [2]);
+  assert.equal(c.counts.mismatches, 0);
+  // a retransmission of verified bytes leaves at once
+  assert.deepEqual(rel(c.primary(3, 1, tcp({ seq: 7, payload: 'world' }))), [3]);
+  // the secondary's own retransmission of compared bytes is skipped
+  c.secondary(1, tcp({ seq: 15, payload: 'def' }));
+  assert.deepEqual(rel(c.primary(4, 1, tcp({ seq: 18, payload: 'gh' }))), []);
+  assert.deepEqual(rel(c.secondary(1, tcp({ seq: 18, payload: 'gh' }))), [4]);
+  // data with FIN on the primary, the secondary's FIN in a segment of its own
+  assert.deepEqual(rel(c.primary(5, 1, tcp({ seq: 20, payload: 'bye', flags: 0x19 }))), []);
+  assert.deepEqual(rel(c.secondary(1, tcp({ seq: 20, payload: 'bye' }))), [], 'the FIN is not there yet');
+  assert.deepEqual(rel(c.secondary(1, tcp({ seq: 23, flags: 0x11 }))), [5]);
+  assert.equal(c.counts.mismatches, 0);
+
+  // bytes that differ across the secondary's boundary: a mismatch, the connection waits for the ack
+  const d = new FrameComparator();
+  d.primary(0, 1, tcp({ seq: 1, payload: 'abcdef' }));
+  d.secondary(1, tcp({ seq: 1, payload: 'abc' }));
+  const r = d.secondary(1, tcp({ seq: 4, payload: 'dXf' }));
+  assert.deepEqual([rel(r), r.mismatch, d.counts.mismatches], [[], true, 1]);
+  // data at another sequence (the secondary skipped ahead) differs too
+  const g = new FrameComparator();
+  g.primary(0, 1, tcp({ seq: 1, payload: 'abc' }));
+  assert.equal(g.secondary(1, tcp({ seq: 2, payload: 'bcd' })).mismatch, true);
+
+  // the secondary's bytes of another epoch never match
+  const e = new FrameComparator();
+  e.primary(0, 1, tcp({ seq: 1, payload: 'abc' }));
+  assert.deepEqual(rel(e.secondary(2, tcp({ seq: 1, payload: 'abc' }))), []);
+  assert.equal(e.counts.mismatches, 0, 'it waits for its acknowledgement');
+  e.primary(1, 2, tcp({ seq: 4, payload: 'de' }));
+  assert.deepEqual(
+    rel(e.secondary(2, tcp({ seq: 4, payload: 'de' }))),
+    [],
+    'behind the epoch-1 frame of its connection',
+  );
+  assert.deepEqual(rel(e.acknowledged(1)), [1]);
+});
