@@ -304,7 +304,18 @@ export async function runServicesBench(
       );
       const logDir = join(dir, 'pgbench');
       mkdirSync(logDir, { recursive: true });
-      const run = probeRunner(rig, seconds, logDir);
+      const probe = probeRunner(rig, seconds, logDir);
+      const guest = rig;
+      // A client that fails says what the guest's console said last (a stuck NIC, a crash).
+      const run: typeof probe = async (p, m) => {
+        try {
+          return await probe(p, m);
+        } catch (e) {
+          const tail = guest.vm.serialLines.slice(-8).join(' | ');
+          if (tail) status(`${p} (${m}) failed; the guest's console last said: ${tail}`);
+          throw e;
+        }
+      };
       if (!rig.io.relay) throw new RubatoError('RUBATO_CONFIG', 'the guest has no NIC behind the relay');
       const io = { relay: rig.io.relay, nbd: rig.io.nbd };
       // Unreplicated once per probe (a warm-up that also sizes redis-benchmark), then U P U P … per probe.
