@@ -73,6 +73,8 @@ export async function protect(
   };
   try {
     await waitFor(() => events.find((e) => e.event === 'protecting'), 120_000, 'protection');
+    // Compare and auto modes measure once the standby's secondary runs (until then replies wait as in buffer mode).
+    if (mode !== 'buffer') await waitFor(() => standby.secondaryRunning(), 300_000, "the standby's secondary VM");
   } catch (e) {
     await stop(); // no standby process or primary loop outlives a failed start
     throw e;

@@ -313,6 +313,8 @@ export async function runServicesBench(
         } catch (e) {
           const tail = guest.vm.serialLines.slice(-8).join(' | ');
           if (tail) status(`${p} (${m}) failed; the guest's console last said: ${tail}`);
+          const qemu = guest.vm.stderrTail.trim();
+          if (qemu) status(`QEMU said: ${qemu.split('\n').slice(-4).join(' | ')}`);
           throw e;
         }
       };

@@ -13,6 +13,8 @@ export interface StandbyProcess {
   keyFile: string;
   pid: number;
   stop(): Promise<void>;
+  /** Compare mode: its secondary VM runs (it said so on its event stream). */
+  secondaryRunning(): boolean;
 }
 
 /** Starts `rubato standby`, in namespace `ns` listening on `host` when given (a shaped link), else on loopback. */
@@ -49,11 +51,14 @@ export async function startStandbyProcess(
     const bin = RUBATO_COMMAND;
     const p = where
       ? spawnTracked(`standby:${tag}`, 'ip', ['netns', 'exec', where.ns, bin, ...args], {
-          env: { ...process.env, RUBATO_LOG: 'warn' },
+          env: { ...process.env, RUBATO_LOG: process.env['RUBATO_STANDBY_LOG'] ?? 'warn' },
         })
-      : spawnTracked(`standby:${tag}`, bin, args, { env: { ...process.env, RUBATO_LOG: 'warn' } });
+      : spawnTracked(`standby:${tag}`, bin, args, {
+          env: { ...process.env, RUBATO_LOG: process.env['RUBATO_STANDBY_LOG'] ?? 'warn' },
+        });
     let err = '';
     let listening = false;
+    let secondaryRunning = false;
     p.child.stderr?.on('data', (d: Buffer) => {
       err = (err + d.toString()).slice(-2000);
       // Once it runs, its warnings and errors are the benchmark's too (why a session broke).
@@ -62,14 +67,23 @@ export async function startStandbyProcess(
     const ok = await new Promise<boolean>((resolve) => {
       let out = '';
       p.child.stdout?.on('data', (d: Buffer) => {
-        out += d.toString();
+        out = (out + d.toString()).slice(-65536);
         if (out.includes('"listening"')) resolve(true);
+        if (out.includes('"secondary-running"')) secondaryRunning = true;
       });
       void p.exited.then(() => resolve(false));
       setTimeout(() => resolve(false), 30_000);
     });
     listening = ok;
-    if (ok) return { host, port, keyFile, pid: p.pid, stop: () => p.stop(3000) };
+    if (ok)
+      return {
+        host,
+        port,
+        keyFile,
+        pid: p.pid,
+        stop: () => p.stop(3000),
+        secondaryRunning: () => secondaryRunning,
+      };
     const ended = await Promise.race([p.exited, new Promise<null>((r) => setTimeout(() => r(null), 0))]);
     await p.stop(1000);
     lastError = err.trim().split('\n').pop() ?? '';

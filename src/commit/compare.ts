@@ -199,7 +199,7 @@ export class FrameComparator {
         if (r === 'wait') break;
         if (r === 'differ') {
           fl.diverged = p.epoch;
-          this.counts.lastMismatch = `TCP data at sequence ${p.data.seq} (${p.data.payload.length} bytes) differs`;
+          this.counts.lastMismatch = this.why;
           this.counts.mismatches++;
           mismatch = true;
           break;
@@ -269,7 +269,7 @@ export class FrameComparator {
         continue;
       }
       if (s.epoch > p.epoch) return 'wait';
-      if (!s.data) return 'differ'; // a control segment where the primary sent data
+      if (!s.data) return this.differ('the secondary sent a control segment', d); // where the primary sent data
       const sStart = (s.data.seq + used) | 0;
       const sLen = s.data.payload.length - used;
       if (sStart !== pos) {
@@ -282,10 +282,11 @@ export class FrameComparator {
           } else used += behind;
           continue;
         }
-        return 'differ';
+        return this.differ(`the secondary's data is at sequence ${sStart >>> 0}`, d);
       }
       const n = Math.min(sLen, d.payload.length - done);
-      if (!d.payload.subarray(done, done + n).equals(s.data.payload.subarray(used, used + n))) return 'differ';
+      if (!d.payload.subarray(done, done + n).equals(s.data.payload.subarray(used, used + n)))
+        return this.differ(`the secondary sent ${hex(s.data.payload.subarray(used, used + n))}`, d);
       done += n;
       pos = (pos + n) | 0;
       used += n;
@@ -301,10 +302,19 @@ export class FrameComparator {
       if (!s) return 'wait';
       if (s.epoch > p.epoch) return 'wait';
       const finOnly = !s.data && s.sig.length === 5 && (s.sig[4]! & FIN) !== 0 && s.sig.readUInt32BE(0) === pos >>> 0;
-      return finOnly && used === 0 ? { take: { i: i + 1, used: 0 } } : 'differ';
+      return finOnly && used === 0
+        ? { take: { i: i + 1, used: 0 } }
+        : this.differ('the secondary sent no FIN there', d);
     }
     // (a FIN the secondary sent with this data, where the primary sends it later, is compared then)
     return { take: { i, used } };
+  }
+
+  private why = '';
+  /** A difference in TCP data, described for the operator (status shows the last one). */
+  private differ(what: string, d: NonNullable<FrameIdentity['data']>): 'differ' {
+    this.why = `TCP data at sequence ${d.seq} (${d.payload.length} bytes: ${hex(d.payload)}) differs: ${what}`;
+    return 'differ';
   }
 
   private secondaryHas(fl: Flow, p: PrimaryEntry): boolean {
@@ -322,4 +332,9 @@ function describeMismatch(p: Buffer, s: Buffer): string {
   let i = 0;
   while (i < p.length && i < s.length && p[i] === s[i]) i++;
   return `${p.length} vs ${s.length} bytes compared, first difference at byte ${i}`;
+}
+
+/** The first bytes of a payload, in hex (for the operator). */
+function hex(b: Buffer): string {
+  return b.length > 8 ? `${b.subarray(0, 8).toString('hex')}…` : b.toString('hex');
 }

@@ -203,6 +203,23 @@ export class OutputCommit<F extends Sized = Buffer> {
     };
   }
 
+  /**
+   * Compare mode: when the earliest held frame of the open epoch turns late (its copy did not come
+   * within the grace), so that the scheduler looks again then; Infinity when none will (nothing
+   * held, or the checkpoint before the epoch not yet acknowledged — its ack wakes the scheduler).
+   */
+  nextLateAtMs(): number {
+    const base = this.openBaseAckedMs;
+    if (this.compareGraceMs <= 0 || base === null) return Number.POSITIVE_INFINITY;
+    let at = Number.POSITIVE_INFINITY;
+    for (let i = this.queue.length - 1; i >= this.head; i--) {
+      const h = this.queue[i]!;
+      if (h.epoch !== this.open) break;
+      if (!h.gone) at = Math.min(at, Math.max(h.atMs, base) + this.compareGraceMs);
+    }
+    return at;
+  }
+
   /** A frame from the guest: returns it when it may leave now, else holds it (or drops it at the bound). */
   push(frame: F, nowMs: number): F | null {
     if (this.st.kind !== 'holding') {

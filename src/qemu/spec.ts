@@ -122,7 +122,7 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
       `stream,id=n0,server=off,addr.type=unix,addr.path=${paths.netSocket}`,
       '-device',
       // x-txburst: see VIRTIO_NET_TX_BURST
-      `virtio-net-pci,netdev=n0,mac=${spec.mac},romfile=,x-txburst=${VIRTIO_NET_TX_BURST}`,
+      `virtio-net-pci,netdev=n0,mac=${spec.mac},romfile=,x-txburst=${VIRTIO_NET_TX_BURST}${process.env['RUBATO_VIRTIO_TX'] ? `,tx=${process.env['RUBATO_VIRTIO_TX']}` : ''}`,
     );
   }
   if (spec.disk) {

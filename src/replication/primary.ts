@@ -650,7 +650,9 @@ export class PrimaryController {
             lastPresendMs = await this.presend(link, capture);
           continue;
         }
-        await this.idle(c.untilMs - decidedMs);
+        // (compare mode: held frames whose copy may still come are looked at again once late)
+        const lateAt = this.planningCompare ? this.commit.nextLateAtMs() : Number.POSITIVE_INFINITY;
+        await this.idle((lateAt > decidedMs ? Math.min(c.untilMs, lateAt + 0.5) : c.untilMs) - decidedMs);
         continue;
       }
       if (c.cmd === 'wait-ack') {

@@ -64,6 +64,8 @@ export interface SecondaryRunnerOptions {
   runDir: string;
   /** Frames the secondary sent while running `epoch` (from checkpoint epoch - 1), for the primary. */
   send: (epoch: number, payload: Buffer) => void;
+  /** The secondary runs (from checkpoint `epoch`), `startMs` after it was started. */
+  onRunning?: (epoch: number, startMs: number) => void;
 }
 
 export interface SecondaryStats {
@@ -150,6 +152,7 @@ export class SecondaryRunner {
     this.deliverInbound();
     this.stats.startMs = Math.round(performance.now() - t0);
     log.info(`secondary of VM ${identity.vm} running from checkpoint ${this.base} (${this.stats.startMs} ms)`);
+    this.o.onRunning?.(this.base, this.stats.startMs);
     this.kick();
   }
 

@@ -53,6 +53,8 @@ export type StandbyEvent =
       promoted: boolean;
     }
   | { event: 'failover-refused'; why: string }
+  /** Compare mode: the secondary VM runs beside the replica (replies can be compared from now on). */
+  | { event: 'secondary-running'; epoch: number; startMs: number }
   | { event: 'guest'; line: string; atMs: number };
 
 export interface StandbyOptions {
@@ -624,6 +626,7 @@ export class StandbyController {
             .send(FrameType.SEC_OUT, epoch, payload)
             .catch((e: unknown) => log.debug(`secondary output to the primary: ${errorMessage(e)}`));
       },
+      onRunning: (epoch, startMs) => this.emit({ event: 'secondary-running', epoch, startMs }),
     });
     for (const x of early) this.secondary.netIn(x.epoch, x.payload);
   }

@@ -299,3 +299,24 @@ test('FrameComparator: TCP data compares as a byte stream, whatever either sideâ
   );
   assert.deepEqual(rel(e.acknowledged(1)), [1]);
 });
+
+test('OutputCommit.nextLateAtMs: when the first held frame of the open epoch turns late (the scheduler looks again then)', () => {
+  const oc = new OutputCommit<Buffer>(1 << 20);
+  oc.hold(0);
+  oc.compareGraceMs = 100;
+  assert.equal(oc.nextLateAtMs(), Number.POSITIVE_INFINITY, 'nothing held');
+  oc.push(Buffer.from('a'), 10);
+  assert.equal(
+    oc.nextLateAtMs(),
+    Number.POSITIVE_INFINITY,
+    'the epoch before is not acknowledged: its ack wakes the scheduler',
+  );
+  oc.acknowledged(0, 50);
+  assert.equal(oc.nextLateAtMs(), 150, 'counted from the ack');
+  const s = oc.nextHeldSeq;
+  oc.push(Buffer.from('b'), 200);
+  oc.releaseCompared(s - 1, 1, 210);
+  assert.equal(oc.nextLateAtMs(), 300, 'a frame that left does not count');
+  oc.closeEpoch(1);
+  assert.equal(oc.nextLateAtMs(), Number.POSITIVE_INFINITY, 'a new epoch: its base is not acknowledged yet');
+});
