@@ -69,17 +69,6 @@ export interface LaunchMode {
   incoming: boolean;
 }
 
-/**
- * Packets virtio-net sends per TX flush. QEMU's default (256) stalls the guest's transmit queue for
- * good here: under wrk or redis-benchmark against the Debian guest (TCG, the stream netdev to
- * Rubato's relay), the guest logged "NETDEV WATCHDOG: transmit queue 0 timed out" and never sent
- * again while QEMU's TX ring showed nothing pending (3 of 4 service benchmark runs; the relay's
- * write pattern made no difference). A flush that stops at the burst relies on a reschedule that
- * the asynchronous completion path (the socket was full) misses; with a burst larger than any
- * ring, a flush ends only when the ring is empty or the socket blocks.
- */
-export const VIRTIO_NET_TX_BURST = 1 << 20;
-
 export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): string[] {
   const mem = spec.ramFile
     ? `memory-backend-file,id=${MAIN_RAM_ID},size=${spec.memMb}M,mem-path=${spec.ramFile},share=on`
@@ -121,8 +110,7 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
       '-netdev',
       `stream,id=n0,server=off,addr.type=unix,addr.path=${paths.netSocket}`,
       '-device',
-      // x-txburst: see VIRTIO_NET_TX_BURST
-      `virtio-net-pci,netdev=n0,mac=${spec.mac},romfile=,x-txburst=${VIRTIO_NET_TX_BURST}${process.env['RUBATO_VIRTIO_TX'] ? `,tx=${process.env['RUBATO_VIRTIO_TX']}` : ''}`,
+      `virtio-net-pci,netdev=n0,mac=${spec.mac},romfile=`,
     );
   }
   if (spec.disk) {
