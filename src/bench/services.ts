@@ -156,6 +156,9 @@ export function parseWrk(out: string): ClientRun {
  */
 export function parsePgbench(out: string, logLines: readonly string[]): ClientRun {
   const tps = /tps = ([\d.]+) \(without initial connection time\)/.exec(out);
+  // No transaction within the run (all of it spent connecting): a rate of 0, not a broken client.
+  if (!tps && /number of transactions actually processed: 0\b/.test(out))
+    return { perSec: 0, p50Ms: Number.NaN, p99Ms: Number.NaN, errors: 0 };
   if (!tps) throw new RubatoError('RUBATO_PROTOCOL', `pgbench printed no tps: ${out.slice(-300)}`);
   const lat = logLines.map((l) => Number(l.split(' ')[2]) / 1000).filter((x) => Number.isFinite(x));
   const failed = /number of failed transactions: (\d+)/.exec(out);

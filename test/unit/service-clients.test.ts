@@ -63,3 +63,15 @@ test('pgbench: tps from its report, latencies from the per-transaction log (µs,
     (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'),
   );
 });
+
+test('pgbench: a run with no transaction (all of it spent connecting) is a rate of 0, not a broken client', () => {
+  const out =
+    'transaction type: <builtin: TPC-B (sort of)>\nduration: 5 s\nnumber of transactions actually processed: 0\nnumber of failed transactions: 0 (NaN%)\n';
+  const r = parsePgbench(out, []);
+  assert.equal(r.perSec, 0);
+  assert.ok(Number.isNaN(r.p50Ms));
+  assert.throws(
+    () => parsePgbench('pgbench: error: connection refused', []),
+    (e: unknown) => isRubatoError(e, 'RUBATO_PROTOCOL'),
+  );
+});
