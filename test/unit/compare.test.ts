@@ -197,7 +197,7 @@ test('FrameComparator: acknowledgements leave only once the secondary acknowledg
   );
 });
 
-test('ModeChooser (--mode auto): plans as buffer mode while too little output leaves by comparison, tries compare again with a doubling back-off', () => {
+test('ModeChooser (--mode auto): plans as buffer mode while too little output leaves by comparison, tries compare again with a doubling back-off; the window after a change is not judged', () => {
   const m = new ModeChooser({
     windowMs: 1000,
     minComparedShare: 0.5,
@@ -207,46 +207,54 @@ test('ModeChooser (--mode auto): plans as buffer mode while too little output le
   });
   let compared = 0;
   let released = 0;
-  assert.equal(m.observe(0, { compared, released }), null);
+  const at = (t: number) => m.observe(t, { compared, released });
+  assert.equal(at(0), null);
+  // the first window settles: even all output by acknowledgement changes nothing
+  released += 100;
+  assert.equal(at(1000), null);
   assert.equal(m.planning, 'compare');
   // a window where most output matched: compare stays
   compared += 90;
   released += 10;
-  assert.equal(m.observe(1000, { compared, released }), null);
+  assert.equal(at(2000), null);
   assert.equal(m.planning, 'compare');
   assert.equal(m.lastShare, 0.9);
   // too little output to judge: nothing changes
   released += 15;
-  assert.equal(m.observe(2000, { compared, released }), null);
+  assert.equal(at(3000), null);
   assert.equal(m.planning, 'compare');
   // most output waited for its ack: buffer planning
   compared += 5;
   released += 95;
-  const ch = m.observe(3000, { compared, released });
+  const ch = at(4000);
   assert.equal(ch?.to, 'buffer');
   assert.equal(m.planning, 'buffer');
   assert.equal(ch?.comparedShare, 0.05);
   // until the back-off passes, buffer it is
-  assert.equal(m.observe(7999, { compared, released: released + 500 }), null);
-  assert.equal(m.observe(8000, { compared, released })?.to, 'compare');
-  // the try fails: back to buffer, and the next try waits twice as long
+  assert.equal(at(8999), null);
+  assert.equal(at(9000)?.to, 'compare');
+  // the try settles one window, then fails: back to buffer, the next try waits twice as long
   released += 100;
-  assert.equal(m.observe(9000, { compared, released })?.to, 'buffer');
-  assert.equal(m.observe(18_999, { compared, released }), null);
-  assert.equal(m.observe(19_000, { compared, released })?.to, 'compare');
+  assert.equal(at(10_000), null, 'settling');
   released += 100;
-  assert.equal(m.observe(20_000, { compared, released })?.to, 'buffer');
-  assert.equal(m.observe(31_999, { compared, released }), null, 'the back-off is bounded (12 s)');
-  assert.equal(m.observe(32_000, { compared, released })?.to, 'compare');
+  assert.equal(at(11_000)?.to, 'buffer');
+  assert.equal(at(20_999), null);
+  assert.equal(at(21_000)?.to, 'compare');
+  assert.equal(at(22_000), null, 'settling');
+  released += 100;
+  assert.equal(at(23_000)?.to, 'buffer');
+  assert.equal(at(34_999), null, 'the back-off is bounded (12 s)');
+  assert.equal(at(35_000)?.to, 'compare');
   // a try that holds resets the back-off
+  assert.equal(at(36_000), null, 'settling');
   compared += 100;
-  assert.equal(m.observe(33_000, { compared, released }), null);
+  assert.equal(at(37_000), null);
   released += 100;
-  assert.equal(m.observe(34_000, { compared, released })?.to, 'buffer');
-  assert.equal(m.observe(39_000, { compared, released })?.to, 'compare', 'back to the first back-off');
+  assert.equal(at(38_000)?.to, 'buffer');
+  assert.equal(at(43_000)?.to, 'compare', 'back to the first back-off');
   assert.equal(m.switches, 8);
   // counts that go back (protection restarted) start a new window
-  assert.equal(m.observe(40_000, { compared: 0, released: 0 }), null);
+  assert.equal(m.observe(44_000, { compared: 0, released: 0 }), null);
   m.reset();
   assert.equal(m.planning, 'compare');
 });
