@@ -24,7 +24,7 @@ export interface ModeChooserOptions {
 export const DEFAULT_MODE_CHOOSER: ModeChooserOptions = {
   windowMs: 2000,
   minComparedShare: 0.5,
-  minFrames: 20,
+  minFrames: 50,
   backoffMs: 5000,
   maxBackoffMs: 60_000,
 };
@@ -44,13 +44,14 @@ export class ModeChooser {
   private base = { compared: 0, released: 0 };
   private backoff: number;
   /**
-   * The window after a change (or a start) is not judged: output held under the other plan is
-   * still leaving (by acknowledgement), and the secondary catches up with input queued meanwhile.
+   * Windows not judged: one after a change, two after a start (output held under the other plan is
+   * still leaving by acknowledgement; a secondary just started catches up with input queued
+   * meanwhile).
    * Judged right away, compare lost every try (measured under the services benchmark: 2–11 % of
    * output compared in the window right after a switch, where the compare cells of the same run
    * released 1000–1700 redis frames/s by comparison).
    */
-  private settling = true;
+  private settling = 2;
   private retryAt = Number.POSITIVE_INFINITY;
   /** The latest judged share of output released by comparison (status shows it). */
   lastShare: number | null = null;
@@ -77,7 +78,7 @@ export class ModeChooser {
       if (nowMs < this.retryAt) return null;
       this.plan = 'compare';
       this.switches++;
-      this.settling = true;
+      this.settling = 1;
       this.restart(nowMs, counts);
       return { to: 'compare', comparedShare: null, reason: 'trying compare again' };
     }
@@ -85,8 +86,8 @@ export class ModeChooser {
     const compared = counts.compared - this.base.compared;
     const total = compared + counts.released - this.base.released;
     this.restart(nowMs, counts);
-    if (this.settling) {
-      this.settling = false;
+    if (this.settling > 0) {
+      this.settling--;
       return null;
     }
     if (total < this.o.minFrames) return null;
@@ -110,7 +111,7 @@ export class ModeChooser {
   /** Protection restarts: judge afresh, from compare. */
   reset(): void {
     this.plan = 'compare';
-    this.settling = true;
+    this.settling = 2;
     this.windowStart = null;
     this.backoff = this.o.backoffMs;
     this.retryAt = Number.POSITIVE_INFINITY;
