@@ -23,6 +23,7 @@ import type { QemuBinary, Accel } from '../qemu/index.ts';
 import { ensureServiceClients, ensureTapRelay } from '../setup/index.ts';
 import { summarise } from './scheduler.ts';
 import { protect, whileProtected } from './protected.ts';
+import { cpuWindow, type CpuShare } from './cpu.ts';
 import {
   LatencyBreakdown,
   SEGMENTS,
@@ -96,6 +97,8 @@ export interface ServiceCell {
   p99MsUnreplicated: number;
   errors: number;
   errorKinds?: string;
+  /** Cores used during the replicated run: the guest's QEMU, this process (the primary), the standby, other (compare mode: the secondary VM), idle. */
+  cores: CpuShare;
   checkpointsPerSec: number;
   pausedFraction: number;
   pauseMsMedian: number;
@@ -200,7 +203,8 @@ function probeRunner(rig: Rig, seconds: number, logDir: string) {
       rig.lan,
       'redis-benchmark',
       ['-h', ip, '-c', '50', '-n', String(n), '-t', test, '-d', '64', '-r', '100000', '--csv'],
-      900_000,
+      // count-bound, sized for `seconds` at the last rate seen: a stuck guest fails within minutes, not 15
+      Math.max(120, 20 * seconds) * 1000,
     );
     const r = parseRedisCsv(out).get(test.toUpperCase());
     if (!r) throw new RubatoError('RUBATO_PROTOCOL', `redis-benchmark reported no ${test.toUpperCase()}`);
@@ -351,6 +355,7 @@ export async function runServicesBench(
               s: ReturnType<typeof summarise>;
               b: Breakdown | null;
               c: { mismatchesPerSec: number; comparedPerSec: number };
+              cores: CpuShare;
             }> = [];
             const counts = () => {
               const snap = prot.snapshot();
@@ -362,7 +367,9 @@ export async function runServicesBench(
               latency.reset();
               const t0 = performance.now();
               const k0 = counts();
+              const cpu = cpuWindow({ guest: guest.vm.pid, standby: prot.standbyPid });
               const r = await run(p, 'replicated');
+              const cores = cpu.end();
               const secs = (performance.now() - t0) / 1000;
               const k1 = counts();
               const b = latency.frames ? latency.summary() : null;
@@ -370,15 +377,18 @@ export async function runServicesBench(
                 mismatchesPerSec: round((k1.mismatches - k0.mismatches) / secs, 1),
                 comparedPerSec: round((k1.compared - k0.compared) / secs, 1),
               };
-              out.push({ p, r, s: summarise(prot.events.slice(n0), secs), b, c });
+              out.push({ p, r, s: summarise(prot.events.slice(n0), secs), b, c, cores });
               status(
                 `  ${p} under ${policy} (${mode}): ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors${r.errorKinds ? ` (${r.errorKinds})` : ''}` : ''}${mode !== 'buffer' ? `, ${c.comparedPerSec} frames/s matched, ${c.mismatchesPerSec} mismatches/s` : ''}`,
               );
               if (b) status(`    released frames: ${formatBreakdown(b)}`);
+              status(
+                `    cores: guest ${cores.guest}, primary ${cores.primary}, standby ${cores.standby}, other ${cores.other}${mode !== 'buffer' ? ' (the secondary VM, a child of the standby, counts here)' : ''}, idle ${cores.idle}`,
+              );
             }
             return out;
           });
-          for (const { p, r, s, b, c } of during) {
+          for (const { p, r, s, b, c, cores } of during) {
             const u0 = before.get(p)!;
             const u1 = await run(p, 'unreplicated');
             before.set(p, u1);
@@ -403,6 +413,7 @@ export async function runServicesBench(
               pausedFraction: s.pausedFraction,
               pauseMsMedian: s.pauseMsMedian,
               mbShipped: s.mbShipped,
+              cores,
               ...(b ? { latencyBreakdown: b } : {}),
             });
           }
@@ -489,6 +500,8 @@ export async function runServicesBench(
                     comparedPerSec: round(cs.reduce((a, c) => a + c.comparedPerSec, 0) / cs.length, 1),
                     checkpointsPerSec: first.checkpointsPerSec,
                     errors: cs.reduce((a, c) => a + c.errors, 0),
+                    cores: first.cores,
+                    linkMBPerSec: round(first.mbShipped / seconds, 1),
                   }
                 : null,
             ];
