@@ -177,9 +177,12 @@ export class PrimaryController {
     this.meter = new PauseMeter(o.vm.qmp);
     this.commit = new OutputCommit(o.maxHeldBytes ?? DEFAULT_MAX_HELD_BYTES, o.nbd ?? null);
     this.pipeline = new EpochPipeline({
-      // compare mode: matched output needs no checkpoint; only late or differing output does
+      // compare and auto modes: matched output needs no checkpoint; only late or differing output
+      // does (auto: while it plans as compare mode)
       policy:
-        o.mode === 'compare' && o.relay ? comparing(o.policy ?? fixed(o.periodMs)) : (o.policy ?? fixed(o.periodMs)),
+        o.mode && o.mode !== 'buffer' && o.relay
+          ? comparing(o.policy ?? fixed(o.periodMs), () => this.planningCompare)
+          : (o.policy ?? fixed(o.periodMs)),
       commit: this.commit,
       maxInflight: o.maxInflight ?? 4,
     });

@@ -210,7 +210,6 @@ export function model(rails: Rails, weightPerFrameMs = 0.002): Policy {
   });
 }
 
-/** Parses `name[:arg][,key=value...]`, e.g. fixed:25ms, adaptive, bounded-latency:20ms,max=500, model:0.002. */
 /**
  * The rails compare mode's late output does not override. The link's bound does not hold it: the
  * output waits for that checkpoint alone, which the backlog bound keeps from piling up (measured:
@@ -228,7 +227,6 @@ const RAIL_WAITS = new Set(['min-epoch', 'backlog']);
  * the secondary will match. `active` false: plan as buffer mode (--mode auto's choice).
  */
 export function comparing(inner: Policy, active: () => boolean = () => true): Policy {
-  const quiet = { frames: 0, bytes: 0, oldestMs: null };
   return {
     name: inner.name,
     minEpochMs: inner.minEpochMs,
@@ -237,9 +235,9 @@ export function comparing(inner: Policy, active: () => boolean = () => true): Po
     ...(inner.presendTargetPauseMs !== undefined ? { presendTargetPauseMs: inner.presendTargetPauseMs } : {}),
     decide(t) {
       if (!active()) return inner.decide(t); // (--mode auto planning as buffer mode)
+      // (t.output already counts only late or differing frames: output commit's compare grace)
       const d = inner.decide({
         ...t,
-        output: t.output.frames > 0 ? t.output : quiet,
         history: t.history.map((h) => (h.outputFrames ? { ...h, outputFrames: 0 } : h)),
       });
       if (d.checkpoint || t.output.frames === 0 || RAIL_WAITS.has(d.reason)) return d;
@@ -248,6 +246,7 @@ export function comparing(inner: Policy, active: () => boolean = () => true): Po
   };
 }
 
+/** Parses `name[:arg][,key=value...]`, e.g. fixed:25ms, adaptive, bounded-latency:20ms,max=500, model:0.002. */
 export function parsePolicy(spec: string): Policy {
   const [head, ...kv] = spec.split(',');
   const [name, argRaw] = (head ?? '').split(':');

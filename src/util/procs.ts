@@ -183,7 +183,10 @@ export function runCommand(
           p.kill('SIGKILL');
         }, timeoutMs);
   return new Promise((resolve) => {
-    p.child.once('error', (e) => resolve({ code: -1, stdout, stderr: stderr + String(e) }));
+    p.child.once('error', (e) => {
+      if (timer) clearTimeout(timer);
+      resolve({ code: -1, stdout, stderr: stderr + String(e) });
+    });
     void p.exited.then(({ code }) => {
       if (timer) clearTimeout(timer);
       resolve(
