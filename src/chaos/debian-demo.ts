@@ -19,7 +19,7 @@ import {
   ensurePatchedQemu,
   ensureTapRelay,
 } from '../setup/index.ts';
-import { writeKeyFile } from '../replication/index.ts';
+import { writeKeyFile, formatProgress, type SyncProgress } from '../replication/index.ts';
 import { Controller } from './controller-proc.ts';
 import { LocalEtcd, EtcdClient, currentOwner } from '../coord/index.ts';
 
@@ -211,10 +211,7 @@ export async function runDebianDemo(
     ];
     const primary = rubato('primary-a', ha, protectA);
     primary.onEvent = (e) => {
-      if (e.event === 'sync-progress')
-        onStatus(
-          `initial sync: ${e['percent']} % of ${Math.round(Number(e['totalBytes']) / 1e6)} MB at ${e['mbPerSec']} MB/s, ${e['etaSec']} s left`,
-        );
+      if (e.event === 'sync-progress') onStatus(`initial sync: ${formatProgress(e as unknown as SyncProgress)}`);
       if (e.event === 'status')
         onStatus(
           `protected | epoch ${e['epoch']} (acked ${e['ackedEpoch']}) | ${e['ckptPerSec']} ckpt/s | pause ${e['pauseMs']} ms | lag ${e['lagMs']} ms`,

@@ -8,7 +8,7 @@ import { makeTempDir, removeTempDir, spawnTracked, type TrackedProcess, logger }
 import { TwoHosts } from '../io/index.ts';
 import { REPO_ROOT, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
 import { resolveAccel, type AccelChoice, parseDirtierLine } from '../qemu/index.ts';
-import { writeKeyFile } from '../replication/index.ts';
+import { writeKeyFile, formatProgress, type SyncProgress } from '../replication/index.ts';
 import { Controller, type Ev } from './controller-proc.ts';
 import { LocalEtcd } from '../coord/index.ts';
 
@@ -166,9 +166,7 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
             `${o.policy} | epoch ${e['epoch']} (acked ${e['ackedEpoch']}) | ${e['ckptPerSec']} ckpt/s | ${e['dirtyPages']} dirty pages | pause ${e['pauseMs']} ms | ${e['mbPerSec']} MB/s | lag ${e['lagMs']} ms`,
           );
         } else if (e.event === 'sync-progress') {
-          onStatus(
-            `initial sync: ${e['percent']}% of ${Math.round(Number(e['totalBytes']) / 1048576)} MB at ${e['mbPerSec']} MB/s, ETA ${e['etaSec']} s`,
-          );
+          onStatus(`initial sync: ${formatProgress(e as unknown as SyncProgress)}`);
         } else if (e.event === 'acked') acked = e;
       },
     );

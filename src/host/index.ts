@@ -1,6 +1,6 @@
 // One host protecting a VM: claim it in the witness, prepare its disk and I/O, boot it, protect it.
 
 export { claimBeforeStart, heldGeneration, recordGeneration } from './claim.ts';
-export { protectVm, restoreIo, specOf } from './protect.ts';
+export { protectVm, checkHostFor, restoreIo, specOf } from './protect.ts';
 export { startPrimarySide } from './primary-side.ts';
 export type { PrimarySide, PrimarySideOptions } from './primary-side.ts';

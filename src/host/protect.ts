@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { readdirSync, rmSync } from 'node:fs';
 import { logger, errorMessage, ensurePrivateDir } from '../util/index.ts';
 import { QemuVm, type QemuBinary, VmSpecSchema, type Accel, type VmSpec, type ResolvedVm } from '../qemu/index.ts';
-import { prepareDisk, type PreparedDisk, NbdServer, GuestIo, type NetRelay } from '../io/index.ts';
+import { prepareDisk, type PreparedDisk, NbdServer, GuestIo, type NetRelay, checkBridge } from '../io/index.ts';
 import {
   DISK_BLOCK_ID,
   type PrimaryController,
@@ -128,9 +128,18 @@ export interface ProtectedVm {
   guestLost(why: string): Promise<void>;
 }
 
+/**
+ * What this host must have for the VM, checked before anything is claimed or converted: its
+ * bridges (the definition's files and the key are checked when they are read).
+ */
+export async function checkHostFor(def: ResolvedVm, ns?: string): Promise<void> {
+  for (const nic of def.nics) await checkBridge({ bridge: nic.bridge, ...(ns ? { ns } : {}) });
+}
+
 /** Boots the user's VM on this host and starts protecting it (unprotected, said once, until a standby answers). */
 export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   const runDir = join(o.stateDir, 'run');
+  await checkHostFor(o.def, o.ns); // (before a qcow2 is converted)
   ensurePrivateDir(o.stateDir);
   ensurePrivateDir(runDir);
   const spec = specOf(o.def, o.accel);

@@ -10,6 +10,7 @@ export { GuestIo } from './guest-io.ts';
 export { Lan } from './net/lan.ts';
 export type { LanHost } from './net/lan.ts';
 export { TwoHosts, ip } from './net/netns.ts';
+export { checkBridge } from './net/tap.ts';
 export { NetRelay } from './net/relay.ts';
 export { ShapedLink } from './net/shaped-link.ts';
 export type { LinkClass } from './net/shaped-link.ts';

@@ -1,6 +1,8 @@
 // Accelerator choice: kvm, tcg, or auto. `auto` probes /dev/kvm by booting the guest kernel under
-// KVM once per host boot (cached): on hosts whose /dev/kvm cannot run a Linux guest (a nested
-// software hypervisor, as on these machines) it falls back to TCG with one clear line saying why.
+// KVM once per host boot (cached in /run/rubato): on hosts whose /dev/kvm cannot run a Linux guest
+// (a nested software hypervisor, as on these machines) it falls back to TCG with one clear line
+// saying why. The probe ends at KVM's first internal error (a fraction of a second), bounded by
+// 8 s, so the first VM on a freshly booted host never waits long for it.
 
 import { accessSync, constants, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -22,6 +24,44 @@ function bootId(): string {
   } catch {
     return 'unknown';
   }
+}
+
+/** A real KVM boots the probe's kernel to its first line in well under a second. */
+const PROBE_BOOT_MS = 8_000;
+
+class KvmFailure extends Error {}
+
+/** Rejects as soon as QEMU reports that KVM failed the guest (QMP status or stderr); polls every 100 ms. */
+export function watchKvmFailure(vm: Pick<QemuVm, 'status' | 'stderrTail'>): {
+  promise: Promise<never>;
+  stop: () => void;
+} {
+  let timer: NodeJS.Timeout | null = null;
+  let stopped = false;
+  const promise = new Promise<never>((_, reject) => {
+    const poll = async () => {
+      if (stopped) return;
+      if (/emulation failure|KVM internal error|kvm run failed/i.test(vm.stderrTail)) {
+        reject(new KvmFailure('KVM internal error'));
+        return;
+      }
+      const st = await vm.status().catch(() => 'unknown');
+      if (st === 'internal-error' || st === 'guest-panicked' || st === 'shutdown') {
+        reject(new KvmFailure(`the probe VM stopped: ${st}`));
+        return;
+      }
+      if (!stopped) timer = setTimeout(() => void poll(), 100);
+    };
+    timer = setTimeout(() => void poll(), 100);
+  });
+  promise.catch(() => {}); // (raced by the caller; a late rejection is not unhandled)
+  return {
+    promise,
+    stop: () => {
+      stopped = true;
+      if (timer) clearTimeout(timer);
+    },
+  };
 }
 
 async function probeKvm(
@@ -57,10 +97,19 @@ async function probeKvm(
       { binary, runDir: dir },
     );
     try {
-      await vm.waitSerial(/RUBATO boot ok/, 20_000);
+      // A KVM that cannot run the guest says so at once (QEMU stops the VM with an internal error
+      // and prints "emulation failure"): that ends the probe, not the boot timeout.
+      const failed = watchKvmFailure(vm);
+      try {
+        await Promise.race([vm.waitSerial(/RUBATO boot ok/, PROBE_BOOT_MS), failed.promise]);
+      } finally {
+        failed.stop();
+      }
       result = { ok: true, reason: 'the guest booted under KVM' };
-    } catch {
-      const why = vm.stderrTail.trim().split('\n').filter(Boolean).slice(-1)[0] ?? 'no boot within 20 s';
+    } catch (e) {
+      const why =
+        vm.stderrTail.trim().split('\n').filter(Boolean).slice(-1)[0] ??
+        (e instanceof KvmFailure ? e.message : `no boot within ${PROBE_BOOT_MS / 1000} s`);
       result = { ok: false, reason: `/dev/kvm exists but cannot run the guest (${why})` };
     } finally {
       await vm.stop();

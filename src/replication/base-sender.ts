@@ -13,6 +13,7 @@ import { type PageSink, PAGE_SIZE, type RamBlockInfo } from '../capture/index.ts
 import { assert, GarbageMeter } from '../util/index.ts';
 import type { Extent } from '../io/index.ts';
 import type { Link } from './link.ts';
+import { syncProgress, type SyncProgress } from './progress.ts';
 import { FrameType } from './protocol/frame.ts';
 import { BASE_DATA_HEADER_BYTES as HDR, encodeBaseFill, encodeLayout, setBaseDataHeader } from './protocol/messages.ts';
 
@@ -20,14 +21,7 @@ const RUN_BYTES = 1 << 20;
 const FILL_BATCH = 8192;
 const PROGRESS_EVERY_MS = 500;
 
-export type SyncProgressEvent = {
-  event: 'sync-progress';
-  bytes: number;
-  totalBytes: number;
-  percent: number;
-  mbPerSec: number;
-  etaSec: number;
-};
+export type SyncProgressEvent = SyncProgress;
 
 export interface BaseSenderOptions {
   /** Blocks QEMU does not send (the disk), after its RAM blocks in the layout. */
@@ -176,16 +170,7 @@ export class BaseSender implements PageSink {
     const now = performance.now();
     if (!this.o.progress || now - this.lastProgressMs < PROGRESS_EVERY_MS) return;
     this.lastProgressMs = now;
-    const rate = this.bytes / Math.max((now - this.t0) / 1000, 1e-3);
-    const left = Math.max(0, this.totalBytes - this.bytes);
-    this.o.progress({
-      event: 'sync-progress',
-      bytes: this.bytes,
-      totalBytes: this.totalBytes,
-      percent: Math.min(100, Math.round((this.bytes / Math.max(1, this.totalBytes)) * 1000) / 10),
-      mbPerSec: Math.round(rate / 1e5) / 10,
-      etaSec: Math.round((left / Math.max(rate, 1)) * 10) / 10,
-    });
+    this.o.progress(syncProgress(this.bytes, this.totalBytes, now - this.t0));
   }
 }
 

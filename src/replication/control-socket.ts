@@ -75,7 +75,17 @@ export async function controlCommand(
         reject(new RubatoError('RUBATO_CONFIG', `bad answer from ${path}`));
       }
     });
-    s.on('error', (e) => reject(new RubatoError('RUBATO_CONFIG', `no Rubato controller at ${path}: ${e.message}`)));
+    s.on('error', (e) =>
+      reject(
+        new RubatoError(
+          'RUBATO_NOT_RUNNING',
+          `no Rubato controller is running in ${resolve(stateDir)} (${e.message})`,
+          {
+            stateDir: resolve(stateDir),
+          },
+        ),
+      ),
+    );
     s.write(`${cmd}\n`);
   });
 }

@@ -13,6 +13,8 @@ export { EpochPipeline } from './pipeline.ts';
 export { DISK_BLOCK_ID, PrimaryController } from './primary.ts';
 export type { PrimaryEvent, PrimaryOptions, ReleaseMode } from './primary.ts';
 export type { Identity } from './protocol/messages.ts';
+export { syncProgress, formatProgress } from './progress.ts';
+export type { SyncProgress } from './progress.ts';
 export { ReplicaStore } from './replica-store.ts';
 export type { Durability } from './replica-store.ts';
 export { acceptsPrimary, nextStandbyState } from './standby-state.ts';

@@ -28,6 +28,7 @@ import { decodeAckTimings, splitNetFrames, type Identity } from './protocol/mess
 import { BaseSender, sendDiskExtents } from './base-sender.ts';
 import { encodePresendParts, encodeRecordParts, type RecordParts } from './protocol/record.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
+import type { SyncProgress } from './progress.ts';
 import type { CheckpointObserver } from './observer.ts';
 
 /** The RAM-block name under which the guest's disk travels in checkpoints and lives in the replica. */
@@ -51,7 +52,7 @@ export type ReleaseMode = 'buffer' | 'compare' | 'auto';
 export type PrimaryEvent =
   | { event: 'protecting'; standby: string }
   | { event: 'unprotected'; reason: string; atMs: number }
-  | { event: 'sync-progress'; bytes: number; totalBytes: number; percent: number; mbPerSec: number; etaSec: number }
+  | SyncProgress
   /** `presentPages`: pages pre-sent to the standby's staging in the epoch, besides the `pages` its record carried. */
   | {
       event: 'checkpoint';
@@ -300,7 +301,10 @@ export class PrimaryController {
       unprotectedReason: this.protected ? null : this.unprotectedReason,
       standby: this.standbyAt ? `${this.standbyAt.host}:${this.standbyAt.port}` : null,
       phase: this.pipeline.phase,
-      generation: this.pipeline.generation,
+      /** The witness's generation this copy holds (the fencing token; null without a witness). */
+      generation: this.o.generation?.() ?? null,
+      /** Full synchronisations of the standby by this controller (1 after the first). */
+      syncs: this.pipeline.generation,
       epoch: this.epoch,
       ackedEpoch: this.ackedEpoch,
       lagMs: oldest === null ? 0 : Math.round(now - oldest),
@@ -429,8 +433,11 @@ export class PrimaryController {
       this.cancelHoldTimer();
       this.immediateRetries = 0;
       this.emit({ event: 'protecting', standby: this.link?.peer ?? '' });
+      // ("generation" to an operator is the witness's, the fencing token; the pipeline's count of full
+      // synchronisations is called that here)
+      const witness = this.o.generation?.() ?? null;
       log.info(
-        `guest ${this.o.vm.spec.name} protected by ${this.link?.peer ?? 'the standby'} (replica generation ${c.generation})`,
+        `guest ${this.o.vm.spec.name} protected by ${this.link?.peer ?? 'the standby'} (full synchronisation ${c.generation} of this controller${witness ? `; witness generation ${witness}` : ''})`,
       );
       this.meter.startNow();
     },

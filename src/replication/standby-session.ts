@@ -18,20 +18,14 @@ import {
 import { decodeBaseData, decodeBaseFill, decodeLayout, encodeAckTimings, type Layout } from './protocol/messages.ts';
 import { decodePresend, recordMaxBytes, type CheckpointRecord } from './protocol/record.ts';
 import { PresentStage } from './present-stage.ts';
+import { syncProgress, type SyncProgress } from './progress.ts';
 import type { DirtyPage } from '../capture/index.ts';
 
 const log = logger('standby');
 const HIGH_WATER_BYTES = 64 << 20;
 const LOW_WATER_BYTES = 16 << 20;
 
-export type SyncProgress = {
-  event: 'sync-progress';
-  bytes: number;
-  totalBytes: number;
-  percent: number;
-  mbPerSec: number;
-  etaSec: number;
-};
+export type { SyncProgress };
 
 /** Where a full image's pieces go while it arrives (the controller's replica builder). */
 export interface BaseReceiver {
@@ -240,14 +234,6 @@ export class StandbySession {
     const now = performance.now();
     if (now - this.lastProgressMs <= 500) return;
     this.lastProgressMs = now;
-    const rate = this.received / Math.max((now - this.t0) / 1000, 1e-3);
-    this.host.progress({
-      event: 'sync-progress',
-      bytes: this.received,
-      totalBytes,
-      percent: Math.min(100, Math.round((this.received / Math.max(totalBytes, 1)) * 1000) / 10),
-      mbPerSec: Math.round(rate / 1e5) / 10,
-      etaSec: Math.max(0, Math.round(((totalBytes - this.received) / rate) * 10) / 10),
-    });
+    this.host.progress(syncProgress(this.received, totalBytes, now - this.t0));
   }
 }

@@ -26,22 +26,31 @@ export type ErrorCode =
   | 'RUBATO_TIMEOUT'
   | 'RUBATO_IMAGE_IN_USE'
   | 'RUBATO_BRIDGE_MISSING'
-  | 'RUBATO_VM_OWNED';
+  | 'RUBATO_VM_OWNED'
+  | 'RUBATO_TAP_BUSY'
+  | 'RUBATO_NOT_RUNNING';
 
 /**
  * The CLI's exit status per error: a script tells a config mistake from a refused key, a busy
- * image or a missing bridge without parsing the message. 1 is any other failure.
+ * image or a missing bridge without parsing the message. 1 is any other failure. The README's
+ * table of exit codes is checked against this one (test/unit/exit-codes.test.ts), and so are the
+ * systemd units' RestartPreventExitStatus (the codes a restart cannot cure: `PERMANENT_EXIT_CODES`).
  */
 export const EXIT_CODES: Partial<Record<ErrorCode, number>> = {
   RUBATO_CONFIG: 2,
   RUBATO_AUTH_FAILED: 3,
   RUBATO_VERSION_MISMATCH: 3,
   RUBATO_IMAGE_IN_USE: 4,
+  RUBATO_TAP_BUSY: 4,
   RUBATO_BRIDGE_MISSING: 5,
   RUBATO_SETUP_FAILED: 6,
   RUBATO_QEMU_START: 7,
   RUBATO_VM_OWNED: 8,
+  RUBATO_NOT_RUNNING: 9,
 };
+
+/** Exit codes after which restarting the same command cannot help (the units do not restart on them). */
+export const PERMANENT_EXIT_CODES: readonly number[] = [2, 3, 4, 5, 8];
 
 export class RubatoError extends Error {
   readonly code: ErrorCode;

@@ -4,7 +4,7 @@
 export { LineSplitter, sleep, waitFor, withTimeout } from './async.ts';
 export { ByteReader } from './byte-reader.ts';
 export { monotonicMs } from './clock.ts';
-export { EXIT_CODES, RubatoError, assert, errorMessage } from './errors.ts';
+export { EXIT_CODES, PERMANENT_EXIT_CODES, RubatoError, assert, errorMessage, isRubatoError } from './errors.ts';
 export { GarbageMeter, collectNow } from './gc.ts';
 export { HostIdleMeter } from './host-idle.ts';
 export { LOG_FORMATS, LOG_LEVELS, jsonLine, logger } from './log.ts';

@@ -2,6 +2,7 @@
 // socket in its state folder (a standby's, or `rubato protect`'s).
 import type { Command } from 'commander';
 import { controlCommand } from '../../replication/index.ts';
+import { isRubatoError } from '../../util/index.ts';
 
 const STANDBY_DIR = '/var/lib/rubato/standby';
 
@@ -35,7 +36,15 @@ export function register(program: Command): void {
     .option('--state-dir <dir>', "the controller's state folder (rubato protect: /var/lib/rubato/VM-NAME)", STANDBY_DIR)
     .option('--json', 'one JSON object', false)
     .action(async (o: { stateDir: string; json: boolean }) => {
-      const r = await controlCommand(o.stateDir, 'status');
+      let r: Record<string, unknown>;
+      try {
+        r = { running: true, ...(await controlCommand(o.stateDir, 'status')) };
+      } catch (e) {
+        // A dead controller is an answer, not a mistake: said as such, with its own exit code (9).
+        if (o.json && isRubatoError(e, 'RUBATO_NOT_RUNNING'))
+          process.stdout.write(`${JSON.stringify({ running: false, stateDir: e.context['stateDir'] })}\n`);
+        throw e;
+      }
       if (o.json) {
         process.stdout.write(`${JSON.stringify(r)}\n`);
         return;

@@ -8,9 +8,9 @@ import type { Command } from 'commander';
 import { RubatoError, logger, onShutdown } from '../../util/index.ts';
 import { startObserver } from '../../observe/index.ts';
 import { loadVmDefinition } from '../../qemu/index.ts';
-import { loadKeyFile, ControlSocket } from '../../replication/index.ts';
+import { loadKeyFile, ControlSocket, formatProgress } from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
-import { protectVm, claimBeforeStart, recordGeneration } from '../../host/index.ts';
+import { protectVm, checkHostFor, claimBeforeStart, recordGeneration } from '../../host/index.ts';
 import { serveStandby } from './standby.ts';
 import { join } from 'node:path';
 import {
@@ -92,6 +92,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const psk = loadKeyFile(o.key);
   // Safe by default: a witness, or the user's explicit --no-witness (said once, shown in status).
   const fencing = fencingOf(o);
+  await checkHostFor(def); // (before the witness is asked and before any disk is converted)
   const { accel, binary, tapRelay } = await platform(def.accelerator);
   const stateDir = resolve(o.stateDir ?? `/var/lib/rubato/${def.name}`);
   const printEvent = eventPrinter(o.events);
@@ -179,10 +180,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
         void p.stop();
       }
       if (!o.events && e.event === 'status') log.info(statusLine(o.policy, e));
-      if (!o.events && e.event === 'sync-progress')
-        log.info(
-          `synchronising the standby: ${e.percent} % (${Math.round(e.bytes / 1e6)} of ${Math.round(e.totalBytes / 1e6)} MB, ${e.mbPerSec} MB/s, ${e.etaSec} s left)`,
-        );
+      if (!o.events && e.event === 'sync-progress') log.info(`synchronising the standby: ${formatProgress(e)}`);
     },
   });
   status = () => p.primary.snapshot();

@@ -8,7 +8,14 @@ import { z } from 'zod';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { logger, onShutdown, RubatoError } from '../../util/index.ts';
-import { StandbyController, type PrimaryController, loadKeyFile, type Durability } from '../../replication/index.ts';
+import {
+  StandbyController,
+  type PrimaryController,
+  type StandbyEvent,
+  loadKeyFile,
+  formatProgress,
+  type Durability,
+} from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import { restoreIo, startPrimarySide } from '../../host/index.ts';
 import {
@@ -113,6 +120,41 @@ async function runStandby(o: z.infer<typeof Options>): Promise<void> {
   });
 }
 
+let lastProgressLogMs = 0;
+/** The standby's life in its log (without --events): start, each primary, the sync, losses, takeovers. */
+function logLife(e: StandbyEvent): void {
+  switch (e.event) {
+    case 'listening':
+      log.info(
+        `standing by on ${e.host}:${e.port}; replica ${e.replicaEpoch === null ? 'empty' : `at checkpoint ${e.replicaEpoch}`}`,
+      );
+      break;
+    case 'session':
+      log.info(`primary ${e.peer} connected for VM ${e.vm}`);
+      break;
+    case 'sync-progress':
+      if (Date.now() - lastProgressLogMs >= 5000) {
+        lastProgressLogMs = Date.now();
+        log.info(`receiving the full image: ${formatProgress(e)}`);
+      }
+      break;
+    case 'synced':
+      log.info(`replica complete (${Math.round(e.bytes / 1e6)} MB in ${e.ms} ms): the VM is protected by this host`);
+      break;
+    case 'primary-lost':
+      log.warn(`primary lost: ${e.reason} (replica at checkpoint ${e.epoch ?? 'none'})`);
+      break;
+    case 'failover-refused':
+      log.warn(`not taking over: ${e.why}`);
+      break;
+    case 'secondary-running':
+      log.info(`secondary VM running from checkpoint ${e.epoch} (compare mode)`);
+      break;
+    default:
+      break;
+  }
+}
+
 export interface ServeStandbyOptions {
   listen: { host: string; port: number };
   stateDir: string;
@@ -179,6 +221,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
     }),
     onEvent: (e) => {
       emit(e);
+      if (!o.events) logLife(e);
       if (e.event !== 'failover') return;
       emit({ event: 'active', qemuPid: standby.vm?.pid ?? null, controllerPid: process.pid });
       if (!o.events) log.warn(`guest running here from checkpoint ${e.epoch}: restore ${e.restoreMs} ms (${e.why})`);

@@ -1,7 +1,8 @@
 // A TAP device on a host's Linux bridge: where a protected guest's frames meet the LAN. `ns` names
 // a network namespace (the test topologies' hosts); without it the TAP lives where Rubato runs.
 
-import { runCommand, RubatoError } from '../../util/index.ts';
+import { readdirSync, readFileSync } from 'node:fs';
+import { logger, runCommand, RubatoError } from '../../util/index.ts';
 import { ip } from './netns.ts';
 
 export interface TapSite {
@@ -9,6 +10,7 @@ export interface TapSite {
   ns?: string;
 }
 
+const log = logger('tap');
 const inNs = (site: TapSite, args: string[]) => (site.ns ? ['-n', site.ns, ...args] : args);
 
 /** Checks that the bridge exists (one clear line naming it otherwise). */
@@ -23,8 +25,49 @@ export async function checkBridge(site: TapSite): Promise<void> {
   }
 }
 
+/** The PID of a process that has TAP `tap` open (from /proc/PID/fdinfo's `iff:` line), or null. */
+export function tapHolder(tap: string): number | null {
+  const want = new RegExp(`^iff:\\s+${tap.replace(/[.]/g, '\\.')}$`, 'm');
+  for (const pid of readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${pid}/fdinfo`);
+    } catch {
+      continue; // gone, or not ours to read
+    }
+    for (const fd of fds) {
+      try {
+        if (want.test(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'))) return Number(pid);
+      } catch {
+        /* closed meanwhile */
+      }
+    }
+  }
+  return null;
+}
+
+/**
+ * A TAP of this name left behind by a controller that was killed is removed (said once); one that a
+ * live process holds is another guest's: refused, naming the process.
+ */
+async function clearStaleTap(site: TapSite, tap: string): Promise<void> {
+  const exists = await runCommand('ip', inNs(site, ['link', 'show', 'dev', tap]));
+  if (exists.code !== 0) return;
+  const holder = tapHolder(tap);
+  if (holder !== null)
+    throw new RubatoError(
+      'RUBATO_TAP_BUSY',
+      `TAP ${tap} is in use by process ${holder}: a guest of this name already runs on this host`,
+      { tap, pid: holder },
+    );
+  log.warn(`removing TAP ${tap}, left behind by a controller that did not end in order`);
+  await delTap(site, tap);
+}
+
 export async function addTap(site: TapSite, tap: string): Promise<void> {
   await checkBridge(site);
+  await clearStaleTap(site, tap);
   await ip(inNs(site, ['tuntap', 'add', 'dev', tap, 'mode', 'tap']));
   try {
     await ip(inNs(site, ['link', 'set', tap, 'master', site.bridge]));
