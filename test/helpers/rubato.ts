@@ -10,8 +10,17 @@ import { writeKeyFile } from '../../src/replication/keyfile.ts';
 export type Ev = Record<string, unknown>;
 export const RUBATO_BIN = RUBATO_COMMAND;
 
-export function rubatoProcess(name: string, args: string[], logLevel = 'warn'): { proc: TrackedProcess; events: Ev[] } {
-  const proc = spawnTracked(name, RUBATO_BIN, args, { env: { ...process.env, RUBATO_LOG: logLevel } });
+/** `ns`: run it in that network namespace (`ip netns exec` execs it: the PID is the controller's). */
+export function rubatoProcess(
+  name: string,
+  args: string[],
+  logLevel = 'warn',
+  ns?: string,
+): { proc: TrackedProcess; events: Ev[] } {
+  const env = { env: { ...process.env, RUBATO_LOG: logLevel } };
+  const proc = ns
+    ? spawnTracked(name, 'ip', ['netns', 'exec', ns, RUBATO_BIN, ...args], env)
+    : spawnTracked(name, RUBATO_BIN, args, env);
   const events: Ev[] = [];
   const lines = new LineSplitter((l) => {
     try {

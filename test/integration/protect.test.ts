@@ -16,10 +16,10 @@ import { runCommand, spawnTracked } from '../../src/util/procs.ts';
 import { controlCommand } from '../../src/replication/control-socket.ts';
 import { writeKeyFile } from '../../src/replication/keyfile.ts';
 import { debianDemoPassed, runDebianDemo } from '../../src/chaos/debian-demo.ts';
-import { liveNamespaces } from '../../src/io/net/netns.ts';
+import { addNamespace, delNamespace, ip, liveNamespaces } from '../../src/io/net/netns.ts';
 import { sleep, waitFor } from '../../src/util/async.ts';
 import { testPlatform } from '../helpers/platform.ts';
-import { RUBATO_BIN, rubatoProcess } from '../helpers/rubato.ts';
+import { RUBATO_BIN, rubatoProcess, writeTestVm } from '../helpers/rubato.ts';
 
 test("rubato protect: a disk-booted Debian VM on a bridge, output only after the standby committed, failover, the old primary's unit refused, re-protection", {
   timeout: 900_000,
@@ -130,6 +130,33 @@ test('rubato protect: bad input and faults, one line and a distinct exit code ea
     r = await protect(vm({}), ['--key', join(dir, 'no-key')]);
     assert.equal(r.code, 2);
     oneLine(r);
+
+    // Local checks come before the witness is asked and before a qcow2 is converted: a missing
+    // bridge is said (exit 5) with an unreachable witness named, and no converted disk is left.
+    const qcow = join(dir, 'disk.qcow2');
+    const made = await runCommand('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '64M']);
+    assert.equal(made.code, 0, made.stderr);
+    r = await rubato([
+      'protect',
+      vm({ disks: [{ path: qcow }], nics: [{ bridge: 'rbnobr0' }] }),
+      '--etcd',
+      'http://127.0.0.1:9',
+      '--standby',
+      '127.0.0.1:9',
+      '--key',
+      key,
+      '--state-dir',
+      join(dir, 'state-order'),
+    ]);
+    assert.equal(r.code, 5, r.stderr);
+    assert.match(oneLine(r), /bridge rbnobr0 does not exist/);
+    assert.equal(existsSync(join(dir, 'state-order')), false, 'nothing converted, no state folder made');
+
+    // A dead controller is an answer with its own code (9), not a mistake (2).
+    r = await rubato(['status', '--state-dir', join(dir, 'nobody'), '--json']);
+    assert.equal(r.code, 9, r.stderr);
+    assert.equal(JSON.parse(r.stdout).running, false);
+    assert.match(oneLine(r), /no Rubato controller is running in/);
 
     // Safe by default: no witness named and none refused is a mistake, named in one line.
     r = await rubato(['protect', vm({}), '--standby', '127.0.0.1:9', '--key', key, '--state-dir', join(dir, 'state')]);
@@ -334,6 +361,83 @@ test('rubato protect with its standby not yet there: the VM runs, "unprotected" 
   } finally {
     await pr.stop(3000);
     await sb?.stop(3000);
+    removeTempDir(dir);
+  }
+});
+
+test('rubato protect: a TAP left behind by a killed controller is removed at start; one a live process holds is refused (exit 4)', {
+  timeout: 180_000,
+}, async () => {
+  const { guest } = await testPlatform();
+  const dir = makeTempDir('rubato-protect-tap-');
+  const ns = await addNamespace(`rbtap${process.pid % 100000}`);
+  const holders: Array<ReturnType<typeof spawnTracked>> = [];
+  try {
+    await ip(['-n', ns, 'link', 'add', 'br0', 'type', 'bridge']);
+    await ip(['-n', ns, 'link', 'set', 'br0', 'up']);
+    const { key } = writeTestVm(dir, 'stale1', guest);
+    const f = join(dir, 'nic.json');
+    writeFileSync(
+      f,
+      JSON.stringify({
+        name: 'stale1',
+        memoryMiB: 128,
+        nics: [{ bridge: 'br0' }],
+        boot: { kernel: guest.kernel, initrd: guest.initrd, append: 'console=ttyS0 quiet panic=-1' },
+      }),
+    );
+    const args = [
+      'protect',
+      f,
+      '--no-witness',
+      '--standby',
+      '127.0.0.1:9',
+      '--key',
+      key,
+      '--state-dir',
+      join(dir, 'p'),
+      '--events',
+    ];
+    // What a SIGKILLed controller leaves: its persistent TAP, on the bridge.
+    await ip(['-n', ns, 'tuntap', 'add', 'dev', 'tapstale1', 'mode', 'tap']);
+    await ip(['-n', ns, 'link', 'set', 'tapstale1', 'master', 'br0']);
+    const first = rubatoProcess('rubato-protect-tap', args, 'warn', ns);
+    let stderr = '';
+    first.proc.child.stderr?.on('data', (d: Buffer) => {
+      stderr += d.toString();
+    });
+    try {
+      await waitFor(() => first.events.find((e) => e['event'] === 'started'), 60_000, 'the VM started');
+      assert.match(stderr, /removing TAP tapstale1, left behind/);
+      first.proc.kill('SIGTERM');
+      assert.equal((await first.proc.exited).code, 0);
+    } finally {
+      await first.proc.stop(3000);
+    }
+    // A TAP a live process holds is another guest's: refused, naming the process.
+    await ip(['-n', ns, 'tuntap', 'add', 'dev', 'tapstale1', 'mode', 'tap']);
+    const holder = spawnTracked('tap-holder', 'ip', [
+      'netns',
+      'exec',
+      ns,
+      'python3',
+      '-c',
+      "import fcntl,struct,os,time\nfd=os.open('/dev/net/tun',os.O_RDWR)\nfcntl.ioctl(fd,0x400454ca,struct.pack('16sH',b'tapstale1',0x1002))\nprint('held',flush=True)\ntime.sleep(60)",
+    ]);
+    holders.push(holder);
+    let held = '';
+    holder.child.stdout?.on('data', (d: Buffer) => {
+      held += d.toString();
+    });
+    await waitFor(() => held.includes('held') || undefined, 10_000, 'the TAP held');
+    const r = await runCommand('ip', ['netns', 'exec', ns, RUBATO_BIN, ...args], {
+      env: { ...process.env, RUBATO_LOG: 'error' },
+    });
+    assert.equal(r.code, 4, r.stderr);
+    assert.match(r.stderr, new RegExp(`TAP tapstale1 is in use by process ${holder.pid}`));
+  } finally {
+    for (const h of holders) await h.stop(2000);
+    await delNamespace(ns);
     removeTempDir(dir);
   }
 });
