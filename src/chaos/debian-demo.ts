@@ -36,6 +36,14 @@ export interface DebianDemoOptions {
   accel: string;
   /** Grow the disk (sparse) to this size first (the partition stays as built): real sizes. */
   diskGiB?: number;
+  /**
+   * Called where the VM runs, once protected and again after the failover (a test reaches its
+   * console there); a throw fails the demo.
+   */
+  onRunning?: (
+    phase: 'protected' | 'failed-over',
+    where: { ns: string; stateDir: string; vm: string },
+  ) => Promise<void>;
 }
 
 export interface DebianDemoResult {
@@ -253,6 +261,7 @@ export async function runDebianDemo(
       ]),
     );
     await client.waitEvent((e) => e.type === 'ok', 60_000, 'a first page');
+    await o.onRunning?.('protected', { ns: ha.ns, stateDir: join(dir, 'ha'), vm: 'debian' });
     await new Promise((r) => setTimeout(r, o.seconds * 1000));
 
     // The primary host dies: its LAN port goes down, QEMU and the controller are killed by PID.
@@ -275,6 +284,7 @@ export async function runDebianDemo(
       60_000,
       'a page after the failover',
     );
+    await o.onRunning?.('failed-over', { ns: hb.ns, stateDir: join(dir, 'hb'), vm: 'debian' });
 
     // The old host is repaired: its LAN port comes back. Its unit (Restart=on-failure) runs the
     // same `rubato protect` again: the witness's generation is newer than this host's, so it must

@@ -27,7 +27,7 @@ export function clientProcess(
   lan: Lan,
   args: string[],
   scriptPath = join('src', 'chaos', 'kv-client.ts'),
-): { proc: TrackedProcess; events: ClientEvent[]; done: Promise<void> } {
+): { proc: TrackedProcess; events: ClientEvent[]; done: Promise<void>; stderr: () => string } {
   const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
   const script = join(REPO_ROOT, scriptPath);
   const proc = spawnTracked('kv-client', 'ip', [
@@ -54,8 +54,12 @@ export function clientProcess(
       buf = buf.slice(nl + 1);
     }
   });
-  proc.child.stderr?.on('data', (d: Buffer) => log.debug(`client: ${d.toString().trim()}`));
-  return { proc, events, done: proc.exited.then(() => {}) };
+  let stderr = '';
+  proc.child.stderr?.on('data', (d: Buffer) => {
+    stderr = (stderr + d.toString()).slice(-4096);
+    log.debug(`client: ${d.toString().trim()}`);
+  });
+  return { proc, events, done: proc.exited.then(() => {}), stderr: () => stderr };
 }
 
 /** A KV guest on a LAN: topology, disk, the guest's I/O on host A, the booted VM. */

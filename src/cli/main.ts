@@ -10,6 +10,7 @@ import * as agent from './commands/agent.ts';
 import * as bench from './commands/bench.ts';
 import * as captureCheck from './commands/capture-check.ts';
 import * as chaos from './commands/chaos.ts';
+import * as consoleCmd from './commands/console.ts';
 import * as demo from './commands/demo.ts';
 import * as failover from './commands/failover.ts';
 import * as host from './commands/host.ts';
@@ -44,6 +45,7 @@ for (const c of [
   primary,
   standby,
   failover,
+  consoleCmd,
   agent,
   vm,
   host,

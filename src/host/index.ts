@@ -3,4 +3,6 @@
 export { claimBeforeStart, heldGeneration, recordGeneration } from './claim.ts';
 export { protectVm, checkHostFor, restoreIo, specOf } from './protect.ts';
 export { startPrimarySide } from './primary-side.ts';
+export { readActive, recordActive, retireActive, definitionOf, activeFile, vmDir } from './resume.ts';
+export type { ActiveRecord } from './resume.ts';
 export type { PrimarySide, PrimarySideOptions } from './primary-side.ts';

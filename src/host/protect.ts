@@ -112,6 +112,8 @@ export interface ProtectOptions {
   ns?: string;
   /** Extra controller settings (fault injection and tracing in tests). */
   primary?: Partial<PrimaryOptions>;
+  /** An orderly stop shuts the guest down through ACPI, and powers it off after this long (default 30 s). */
+  stopTimeoutMs?: number;
 }
 
 export interface ProtectedVm {
@@ -119,8 +121,11 @@ export interface ProtectedVm {
   primary: PrimaryController;
   guard: OwnershipGuard | null;
   disk: PreparedDisk | null;
-  /** Orderly end: the standby is told (no failover), the guest stops, I/O and claims released. */
-  stop(): Promise<void>;
+  /**
+   * Orderly end: the standby is told (no failover), the guest shuts down through ACPI (powered off
+   * after `timeoutMs`, default the options' `stopTimeoutMs`; 0: at once), I/O and claims released.
+   */
+  stop(timeoutMs?: number): Promise<void>;
   /**
    * The guest's QEMU died here: the standby is told to take over now, held output is dropped
    * (never released unacknowledged), I/O and claims released. The caller gives up the lease first.
@@ -180,9 +185,15 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   const ioRef = io;
   const vmRef = vm;
   let stopping: Promise<void> | null = null;
-  const end = async (endProtection: () => Promise<void>) => {
+  const end = async (endProtection: () => Promise<void>, orderly: boolean, timeoutMs = o.stopTimeoutMs ?? 30_000) => {
     await endProtection();
-    await vmRef.stop();
+    // In order: protection ended first (the standby keeps its replica and does not take over: the
+    // guest's shutdown is not a failure), then the guest shuts down as a host would do it.
+    if (orderly && timeoutMs > 0 && !vmRef.exited) {
+      log.info(`VM ${o.def.name}: shutting the guest down (ACPI; powered off after ${timeoutMs / 1000} s)`);
+      const how = await vmRef.shutdown(timeoutMs);
+      log.info(`VM ${o.def.name}: ${how === 'guest' ? 'the guest shut down' : 'powered off'}`);
+    } else await vmRef.stop();
     await ioRef.close().catch((e: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(e)}`));
     disk?.release();
     // QEMU leaves its QMP and console sockets behind.
@@ -194,8 +205,8 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
     primary,
     guard,
     disk,
-    stop: () => (stopping ??= end(() => primary.stop())),
-    guestLost: (why) => (stopping ??= end(() => primary.guestLost(why))),
+    stop: (timeoutMs) => (stopping ??= end(() => primary.stop(), true, timeoutMs)),
+    guestLost: (why) => (stopping ??= end(() => primary.guestLost(why), false)),
   };
 }
 

@@ -25,5 +25,6 @@ export {
   coloMessage,
 } from './stream-format.ts';
 export { ColoSecondary } from './secondary.ts';
+export { ConsoleServer } from './console.ts';
 export { QemuVm } from './vm.ts';
 export type { QemuBinary } from './vm.ts';

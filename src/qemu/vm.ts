@@ -4,12 +4,14 @@
 import { connect, type Socket } from 'node:net';
 import { EventEmitter } from 'node:events';
 import { join } from 'node:path';
+import { StringDecoder } from 'node:string_decoder';
 import { spawnTracked, type TrackedProcess, RubatoError, LineSplitter, logger } from '../util/index.ts';
 import { QmpClient } from './qmp.ts';
 import { qemuArgs, type VmSpec } from './spec.ts';
 
 const log = logger('qemu');
 const SERIAL_LINES_KEPT = 2000;
+const CONSOLE_TAIL_BYTES = 8192;
 
 export interface QemuBinary {
   path: string;
@@ -133,14 +135,39 @@ export class QemuVm extends EventEmitter {
         this.serialSocket = s;
         resolve();
       });
-      s.setEncoding('utf8');
+      const text = new StringDecoder('utf8');
       const lines = new LineSplitter((line) => {
         this.serialLines.push(line);
         if (this.serialLines.length > SERIAL_LINES_KEPT) this.serialLines.shift();
         this.emit('serial', line);
       });
-      s.on('data', (chunk: string) => lines.push(chunk));
+      s.on('data', (chunk: Buffer) => {
+        this.keepConsoleTail(chunk);
+        this.emit('serial-data', chunk);
+        lines.push(text.write(chunk));
+      });
     });
+  }
+
+  private consoleTail: Buffer[] = [];
+  private consoleTailBytes = 0;
+
+  private keepConsoleTail(chunk: Buffer): void {
+    this.consoleTail.push(chunk);
+    this.consoleTailBytes += chunk.length;
+    while (this.consoleTailBytes - (this.consoleTail[0]?.length ?? 0) >= CONSOLE_TAIL_BYTES) {
+      this.consoleTailBytes -= this.consoleTail.shift()!.length;
+    }
+  }
+
+  /** The last bytes the guest wrote to its serial console (for an operator attaching). */
+  consoleHistory(): Buffer {
+    return Buffer.concat(this.consoleTail);
+  }
+
+  /** Types into the guest's serial console (an operator's keystrokes). */
+  writeConsole(data: Buffer): void {
+    if (!this.exitedFlag) this.serialSocket?.write(data);
   }
 
   /** Resolves with the first console line (already seen or future) that matches. */
@@ -192,6 +219,30 @@ export class QemuVm extends EventEmitter {
   async status(): Promise<string> {
     const r = await this.qmp.execute<{ status: string }>('query-status');
     return r.status;
+  }
+
+  /**
+   * Shuts the guest down as a host does: the ACPI power button, then (if QEMU has not exited within
+   * `timeoutMs`: a guest that ignores ACPI, or hangs) a power-off. Never throws.
+   */
+  async shutdown(timeoutMs: number): Promise<'guest' | 'powered-off'> {
+    if (this.exitedFlag) return 'guest';
+    try {
+      await this.qmp.execute('system_powerdown', undefined, 2000);
+      const ended = await Promise.race([
+        this.proc.exited.then(() => true),
+        new Promise<boolean>((r) => setTimeout(() => r(false), timeoutMs).unref()),
+      ]);
+      if (ended) {
+        await this.stop();
+        return 'guest';
+      }
+      log.warn(`VM ${this.spec.name}: the guest did not shut down within ${timeoutMs / 1000} s; powering it off`);
+    } catch {
+      /* QMP gone: power off */
+    }
+    await this.stop();
+    return 'powered-off';
   }
 
   /** Ends the VM: quit over QMP, then SIGKILL by PID if it lingers. Never throws. */

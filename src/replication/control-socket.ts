@@ -58,7 +58,7 @@ export class ControlSocket {
 /** Sends one command to a standby's control socket. */
 export async function controlCommand(
   stateDir: string,
-  cmd: 'failover' | 'switchover' | 'status',
+  cmd: 'failover' | 'switchover' | 'status' | 'stop',
 ): Promise<Record<string, unknown>> {
   const path = join(resolve(stateDir), 'control.sock');
   return new Promise((resolveP, reject) => {

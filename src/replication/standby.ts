@@ -13,7 +13,7 @@ import { acceptHandshake } from './handshake.ts';
 import { Admission, DEFAULT_ADMISSION } from './admission.ts';
 import { FrameType } from './protocol/frame.ts';
 import { IdentitySchema, type Identity, type Layout } from './protocol/messages.ts';
-import { ControlSocket } from './control-socket.ts';
+import { ControlSocket, type ControlHandlers } from './control-socket.ts';
 import { StandbySession, type BaseReceiver, type SyncProgress } from './standby-session.ts';
 import {
   STANDBY_TRANSITIONS,
@@ -81,6 +81,8 @@ export interface StandbyOptions {
   beforeAck?: (epoch: number) => Promise<void>;
   /** More for `rubato status` (the controller protecting the guest after a failover adds its view). */
   statusExtra?: () => Record<string, unknown>;
+  /** More commands on the control socket (the CLI's `stop`). */
+  controlExtra?: ControlHandlers;
 }
 
 export class StandbyController {
@@ -231,6 +233,7 @@ export class StandbyController {
         }
         return { ok: await this.failover('manual', 'operator asked for a switchover'), state: this.st };
       },
+      ...this.o.controlExtra,
     });
     await this.control.start();
     this.emit({ event: 'listening', host: this.o.host, port: this.boundPort, replicaEpoch: this.replicaEpoch });

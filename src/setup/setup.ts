@@ -163,6 +163,12 @@ export async function ensureServiceClients(): Promise<void> {
   serviceClients = true;
 }
 
+/** What the tests drive an operator's terminal with (`rubato console` through tmux). */
+export const TEST_TOOL_PACKAGES = ['tmux'] as const;
+export async function ensureTestTools(): Promise<void> {
+  await installPackages(TEST_TOOL_PACKAGES);
+}
+
 /** Headless Chromium from Debian: the dashboard's browser test drives it with playwright-core. */
 export const BROWSER_PACKAGES = ['chromium'] as const;
 let browser: string | null = null;

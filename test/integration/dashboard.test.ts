@@ -64,6 +64,8 @@ test('metrics, status and the live dashboard of a pair; the dashboard shows the 
     );
     const a = rubatoProcess('protect-dash', [
       'protect',
+      '--stop-timeout',
+      '2',
       vmFile,
       '--no-witness',
       '--standby',

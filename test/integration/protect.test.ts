@@ -10,7 +10,8 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { writeFileSync, readdirSync, existsSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { ensurePatchedQemu } from '../../src/setup/setup.ts';
+import { ensurePatchedQemu, ensureTestTools } from '../../src/setup/setup.ts';
+import { consoleLoginPrompt, type ConsoleSeen } from '../helpers/console.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { runCommand, spawnTracked } from '../../src/util/procs.ts';
 import { controlCommand } from '../../src/replication/control-socket.ts';
@@ -24,11 +25,28 @@ import { RUBATO_BIN, rubatoProcess, writeTestVm } from '../helpers/rubato.ts';
 test("rubato protect: a disk-booted Debian VM on a bridge, output only after the standby committed, failover, the old primary's unit refused, re-protection", {
   timeout: 900_000,
 }, async () => {
+  await ensureTestTools();
+  // An operator at the console (tmux) where the VM runs: on the primary, and on the standby after the failover.
+  const consoles: Record<string, ConsoleSeen> = {};
   const r = await runDebianDemo(
-    { seconds: 4, memMb: 768, policy: 'model', heartbeatMs: 100, timeoutMs: 1000, accel: 'auto' },
+    {
+      seconds: 4,
+      memMb: 768,
+      policy: 'model',
+      heartbeatMs: 100,
+      timeoutMs: 1000,
+      accel: 'auto',
+      onRunning: async (phase, where) => {
+        consoles[phase] = await consoleLoginPrompt(where.ns, where.stateDir, where.vm);
+      },
+    },
     () => {},
   );
   assert.equal(r.error, undefined, r.error);
+  for (const phase of ['protected', 'failed-over']) {
+    assert.match(consoles[phase]?.screen ?? '', /debian login:/, `the login prompt on the console (${phase})`);
+    assert.equal(consoles[phase]?.detached, true, `Ctrl-] detached (${phase})`);
+  }
   assert.equal(r.bootedFromDisk, true, 'the guest booted from its disk and started its services');
   assert.ok(r.diskGiB >= 8);
   assert.ok(r.releasedEpochs > 0, "the guest's output went through output commit");
@@ -309,6 +327,8 @@ test('rubato protect with its standby not yet there: the VM runs, "unprotected" 
     'rubato-protect',
     [
       'protect',
+      '--stop-timeout',
+      '2',
       f,
       '--no-witness',
       '--standby',
@@ -388,6 +408,8 @@ test('rubato protect: a TAP left behind by a killed controller is removed at sta
     );
     const args = [
       'protect',
+      '--stop-timeout',
+      '2',
       f,
       '--no-witness',
       '--standby',

@@ -50,6 +50,8 @@ test('rubato switchover: the VM moves to the standby with no reboot, the old pri
     await waitFor(() => b.events.find((e) => e['event'] === 'listening'), 30_000, 'standby b listening');
     const a = rubato('protect-a', [
       'protect',
+      '--stop-timeout',
+      '2',
       vmFile,
       '--no-witness',
       '--standby',

@@ -323,6 +323,8 @@ async function witnessRig(vm: string) {
     const port = via ? await via(portB) : portB;
     const pr = events('rubato-protect', [
       'protect',
+      '--stop-timeout',
+      '2',
       vmFile,
       '--standby',
       `127.0.0.1:${port}`,

@@ -2,9 +2,11 @@
 // socket in its state folder (a standby's, or `rubato protect`'s).
 import type { Command } from 'commander';
 import { controlCommand } from '../../replication/index.ts';
-import { isRubatoError } from '../../util/index.ts';
+import { isRubatoError, RubatoError, sleep } from '../../util/index.ts';
 
 const STANDBY_DIR = '/var/lib/rubato/standby';
+/** How long `rubato stop` waits for the controller (its --stop-timeout is 30 s by default). */
+const STOP_WAIT_MS = 3_600_000;
 
 export function register(program: Command): void {
   const action = (cmd: 'failover' | 'switchover') => async (o: { stateDir: string }) => {
@@ -19,6 +21,15 @@ export function register(program: Command): void {
     )
     .option('--state-dir <dir>', "the standby's state folder", STANDBY_DIR)
     .action(action('failover'));
+
+  program
+    .command('stop')
+    .description(
+      "stop a VM on this host in order: protection ends (its standby keeps the replica and does not take over), the guest shuts down through ACPI (powered off after the controller's --stop-timeout), the controller exits",
+    )
+    .argument('<vm>', 'the VM name')
+    .option('--state-dir <dir>', `the controller's state folder (default: /var/lib/rubato/VM, then ${STANDBY_DIR})`)
+    .action(async (vm: string, o: { stateDir?: string }) => stopVm(vm, o.stateDir));
 
   program
     .command('switchover')
@@ -90,4 +101,39 @@ export function formatStatus(r: Record<string, unknown>): string {
   });
   const w = Math.max(...rows.map(([l]) => l.length));
   return rows.map(([l, t]) => `${l.padEnd(w)}  ${t}\n`).join('');
+}
+
+/** Finds the controller that runs VM `vm` here, asks it to stop, and waits until it has. */
+async function stopVm(vm: string, stateDir: string | undefined): Promise<void> {
+  const dirs = stateDir ? [stateDir] : [`/var/lib/rubato/${vm}`, STANDBY_DIR];
+  let dir: string | null = null;
+  for (const d of dirs) {
+    const st = await controlCommand(d, 'status').catch(() => null);
+    if (st && st['vm'] === vm) {
+      dir = d;
+      break;
+    }
+  }
+  if (!dir)
+    throw new RubatoError(
+      'RUBATO_NOT_RUNNING',
+      `no controller runs VM ${vm} on this host (looked in ${dirs.join(', ')})`,
+    );
+  await controlCommand(dir, 'stop');
+  const t0 = Date.now();
+  let said = t0;
+  for (;;) {
+    await sleep(250);
+    if ((await controlCommand(dir, 'status').catch(() => null)) === null) break;
+    if (Date.now() - said >= 5000) {
+      said = Date.now();
+      process.stderr.write(`rubato: VM ${vm}: shutting down (${Math.round((Date.now() - t0) / 1000)} s)\n`);
+    }
+    if (Date.now() - t0 > STOP_WAIT_MS)
+      throw new RubatoError(
+        'RUBATO_TIMEOUT',
+        `VM ${vm}: its controller in ${dir} did not end within ${STOP_WAIT_MS / 1000} s`,
+      );
+  }
+  process.stdout.write(`${JSON.stringify({ ok: true, vm, stateDir: dir, ms: Date.now() - t0 })}\n`);
 }

@@ -130,13 +130,13 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
   emit({ event: 'started', vm: o.name, qemuPid: p.vm.pid, controllerPid: process.pid, accel });
   onShutdown(async () => {
     p.guard?.close();
-    await p.stop();
+    await p.stop(0); // (synthetic workloads: powered off at once)
     await ownership?.release();
     log.info(`guest ${o.name} stopped; the standby keeps its replica and does not take over`);
   });
   await new Promise<void>((r) => p.vm.once('exit', () => r()));
   log.warn(`guest ${o.name} exited; primary controller stops`);
   p.guard?.close();
-  await p.stop();
+  await p.stop(0);
   await ownership?.release();
 }

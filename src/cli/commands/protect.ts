@@ -7,11 +7,11 @@ import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { RubatoError, logger, onShutdown } from '../../util/index.ts';
 import { startObserver } from '../../observe/index.ts';
-import { loadVmDefinition } from '../../qemu/index.ts';
+import { ConsoleServer, loadVmDefinition } from '../../qemu/index.ts';
 import { loadKeyFile, ControlSocket, formatProgress } from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import { protectVm, checkHostFor, claimBeforeStart, recordGeneration } from '../../host/index.ts';
-import { serveStandby } from './standby.ts';
+import { serveStandby, stopSelf } from './standby.ts';
 import { join } from 'node:path';
 import {
   DURABILITY,
@@ -26,6 +26,7 @@ import {
   withObserveOptions,
   eventPrinter,
   hostPort,
+  num,
   parseOptions,
   statusLine,
   platform,
@@ -47,6 +48,7 @@ const Options = z.object({
   listen: hostPort().optional(),
   fsync: z.boolean(),
   durability: DURABILITY,
+  stopTimeout: num(0, 3600),
   ...OBSERVE,
   ...LINK,
   ...MODE,
@@ -79,6 +81,11 @@ export function register(program: Command): void {
     )
     .option('--no-fsync', 'as the new standby: do not fsync the replica (tmpfs, tests)')
     .option('--events', 'print events as JSON lines on stdout', false)
+    .option(
+      '--stop-timeout <seconds>',
+      'on SIGTERM or rubato stop: seconds the guest has to shut down (ACPI) before it is powered off',
+      '30',
+    )
     .option(
       '--accept-stale-disk',
       'start even if the witness says the VM ran elsewhere since this host last held it (its disk here is older)',
@@ -156,6 +163,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     timeoutMs: o.timeoutMs,
     ownership,
     primary: { holdOnLossMs: o.holdMs, mode: o.mode },
+    stopTimeoutMs: o.stopTimeout * 1000,
     onGuardEvent: (e) => {
       emit(e);
       if (e['event'] === 'owner' && typeof e['generation'] === 'number')
@@ -177,7 +185,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
       }
       if (e.event === 'unprotected' && !everProtected && /key|authenticat|proof/i.test(e.reason)) {
         authRefused = new RubatoError('RUBATO_AUTH_FAILED', `${standbyName} refused this key (${o.key}): ${e.reason}`);
-        void p.stop();
+        void p.stop(0);
       }
       if (!o.events && e.event === 'status') log.info(statusLine(o.policy, e));
       if (!o.events && e.event === 'sync-progress') log.info(`synchronising the standby: ${formatProgress(e)}`);
@@ -192,8 +200,13 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     accel,
     disk: p.disk?.path ?? null,
   });
-  const control = new ControlSocket(join(stateDir, 'control.sock'), { status: () => p.primary.snapshot() });
+  const control = new ControlSocket(join(stateDir, 'control.sock'), {
+    status: () => p.primary.snapshot(),
+    stop: stopSelf,
+  });
   await control.start();
+  const console_ = new ConsoleServer(join(stateDir, 'console.sock'), () => p.vm);
+  await console_.start();
   // For `rubato vm list` and drains: this copy's protection state in the witness, on its own lease.
   const published = etcd ? new LeasedKeys(etcd, o.leaseTtl) : null;
   const unpublish = published ? publishStatus(published, def.name, o.host, () => p.primary.snapshot()) : () => {};
@@ -201,6 +214,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   onShutdown(async () => {
     shuttingDown = true;
     control.close();
+    console_.close();
     await observer.close();
     p.guard?.close();
     unpublish();
@@ -213,6 +227,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const switchover = fenced && o.listen && o.standby !== 'auto';
   if (!switchover) await observer.close(); // (a host that becomes the standby keeps its endpoints)
   control.close();
+  console_.close();
   p.guard?.close();
   unpublish();
   await published?.close();

@@ -7,17 +7,32 @@ import { ensureTapRelay } from '../../setup/index.ts';
 import { z } from 'zod';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
-import { logger, onShutdown, RubatoError } from '../../util/index.ts';
+import { logger, onShutdown, RubatoError, errorMessage, isRubatoError } from '../../util/index.ts';
 import {
   StandbyController,
   type PrimaryController,
   type StandbyEvent,
   loadKeyFile,
   formatProgress,
+  ControlSocket,
   type Durability,
 } from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
-import { restoreIo, startPrimarySide } from '../../host/index.ts';
+import {
+  restoreIo,
+  startPrimarySide,
+  protectVm,
+  checkHostFor,
+  claimBeforeStart,
+  recordGeneration,
+  readActive,
+  recordActive,
+  retireActive,
+  definitionOf,
+  activeFile,
+  vmDir,
+  type ActiveRecord,
+} from '../../host/index.ts';
 import {
   DURABILITY,
   LINK,
@@ -30,6 +45,7 @@ import {
   withObserveOptions,
   eventPrinter,
   hostPort,
+  num,
   parseOptions,
   policy,
   withLinkOptions,
@@ -45,7 +61,7 @@ import {
   publishStatus,
   standbyLookup,
 } from '../../coord/index.ts';
-import { VmName } from '../../qemu/index.ts';
+import { ConsoleServer, VmName } from '../../qemu/index.ts';
 import { startObserver } from '../../observe/index.ts';
 
 const log = logger('rubato');
@@ -62,6 +78,7 @@ const Options = z.object({
   peer: z.union([z.literal('auto'), hostPort()]).optional(),
   policy: policy(),
   vm: VmName.optional(),
+  stopTimeout: num(0, 3600),
   ...LINK,
   ...WITNESS,
 });
@@ -84,6 +101,11 @@ export function register(program: Command): void {
     .option('--no-auto-failover', 'only fail over on `rubato failover`')
     .option('--no-fsync', 'do not fsync the replica (tmpfs, tests)')
     .option('--events', 'print events as JSON lines on stdout', false)
+    .option(
+      '--stop-timeout <seconds>',
+      'once the guest runs here: on SIGTERM or rubato stop, seconds it has to shut down (ACPI) before it is powered off',
+      '30',
+    )
     .action(async (raw: unknown) => runStandby(parseOptions(Options, raw)));
 }
 
@@ -113,7 +135,13 @@ async function runStandby(o: z.infer<typeof Options>): Promise<void> {
   const fencing = fencingOf(o);
   if (fencing === 'none') log.warn(NO_WITNESS_WARNING);
   emit({ event: 'fencing', fencing });
-  const sb = await serveStandby({ ...o, psk, stateDir: resolve(o.stateDir), emit });
+  const sb = await serveStandby({
+    ...o,
+    psk,
+    stateDir: resolve(o.stateDir),
+    emit,
+    stopTimeoutMs: o.stopTimeout * 1000,
+  });
   status = () => sb.status();
   await new Promise<void>(() => {
     /* runs until a signal ends the process */
@@ -175,16 +203,30 @@ export interface ServeStandbyOptions {
   etcd?: string[] | undefined;
   host: string;
   leaseTtl: number;
+  /** Once the guest runs here: how long an orderly stop waits for its ACPI shutdown (default 30 s). */
+  stopTimeoutMs?: number;
+}
+
+/** What `serveStandby` runs: a standby (the guest may run here after a takeover), or the VM brought back here. */
+export interface ServedStandby {
+  status(): Record<string, unknown>;
+  readonly state: string;
 }
 
 /**
  * A standby controller (and, after a failover with a peer, the controller re-protecting the guest
  * here), stopped in order on SIGTERM. `rubato protect --listen` becomes one after a switchover.
  */
-export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyController> {
+export async function serveStandby(o: ServeStandbyOptions): Promise<ServedStandby> {
   const { psk, emit, stateDir } = o;
   let primary: PrimaryController | null = null;
   const etcd = o.etcd ? new EtcdClient(o.etcd) : null;
+  // The VM ran here since a takeover (its controller restarted): it comes back here, or this host stands by.
+  const active = readActive(stateDir);
+  if (active) {
+    const resumed = await resumeHere(o, active, etcd);
+    if (resumed) return resumed;
+  }
   if ((o.peer === 'auto' || o.vm) && !(etcd && o.vm))
     throw new RubatoError(
       'RUBATO_CONFIG',
@@ -215,6 +257,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
     fsync: o.fsync,
     durability: o.durability,
     prepareRestore: io.prepare,
+    controlExtra: { stop: stopSelf },
     statusExtra: () => ({
       fencing: gate ? 'witness' : 'none',
       ...(primary ? { ...primary.snapshot(), role: 'primary' } : {}),
@@ -227,13 +270,27 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
       if (!o.events) log.warn(`guest running here from checkpoint ${e.epoch}: restore ${e.restoreMs} ms (${e.why})`);
       const vm = standby.vm;
       const hostIo = io.current();
+      // The VM lives on this host now: a restart of this controller brings it back here (resume.ts).
+      if (vm) {
+        const generation = gate ? gate.ownership(vm.spec.name).generation : 0;
+        void recordActive(stateDir, vm.spec, hostIo?.nbd?.imagePath ?? null)
+          .then(() => (generation ? recordGeneration(vmDir(stateDir), generation) : undefined))
+          .catch((err: unknown) => log.error(`recording the VM that runs here: ${errorMessage(err)}`));
+      }
       if (published && o.vm) void published.delete(KEYS.endpoint(o.vm)).catch(() => {}); // not a standby any more
       const ownership = gate && vm ? gate.ownership(vm.spec.name) : null;
       if (!o.peer || !vm || !hostIo) {
         // Not re-protected: the guest runs here alone; the witness still guards it (fenced on a lost
         // lease, stopped once another copy took over).
         if (ownership && vm)
-          guard = guardOwnership(ownership, { protected: () => false, emit, stopGuest: () => void vm.kill() });
+          guard = guardOwnership(ownership, {
+            protected: () => false,
+            emit,
+            stopGuest: () => {
+              retireActive(stateDir, `VM ${vm.spec.name} runs elsewhere now`);
+              void vm.kill();
+            },
+          });
         return;
       }
       const peer = o.peer === 'auto' ? standbyLookup(etcd!, vm.spec.name, o.host) : o.peer;
@@ -252,6 +309,10 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
         ownership,
         more: { holdOnLossMs: o.holdMs },
         onGuardEvent: emit,
+        stopGuest: (_why, pr) => {
+          retireActive(stateDir, `VM ${vm.spec.name} runs elsewhere now`);
+          void pr.crash();
+        },
         // (the guest's console lines are the standby controller's events already)
         onEvent: (pe) => {
           if (pe.event !== 'guest') emit(pe.event === 'protecting' ? { ...pe, event: 'reprotected' } : pe);
@@ -262,16 +323,32 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
       if (published) unpublish = publishStatus(published, vm.spec.name, o.host, () => side.primary.snapshot());
     },
   });
+  // The guest's serial console once it runs here (rubato console VM).
+  const console_ = new ConsoleServer(join(stateDir, 'console.sock'), () => standby.vm);
   onShutdown(async () => {
+    console_.close();
     guard?.close();
     unpublish();
     await published?.close();
     await primary?.stop();
+    // A guest that runs here after a takeover shuts down as a host would do it (it comes back here
+    // when this controller starts again: resume.ts); a standby's own guests just stop.
+    const vm = standby.state === 'active' ? standby.vm : null;
+    if (vm && !vm.exited) {
+      log.info(
+        `VM ${vm.spec.name}: shutting the guest down (ACPI; powered off after ${(o.stopTimeoutMs ?? 30_000) / 1000} s)`,
+      );
+      const how = await vm.shutdown(o.stopTimeoutMs ?? 30_000);
+      log.info(
+        `VM ${vm.spec.name}: ${how === 'guest' ? 'the guest shut down' : 'powered off'}; it runs here again when this controller starts`,
+      );
+    }
     await standby.stop();
     await io.current()?.close();
     await gate?.releaseAll();
   });
   await standby.start();
+  await console_.start();
   if (published && o.vm)
     await published.put(
       KEYS.endpoint(o.vm),
@@ -279,4 +356,116 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<StandbyContr
     );
   emit({ event: 'started', controllerPid: process.pid });
   return standby;
+}
+
+/**
+ * The VM ran on this host since a takeover and its controller (this process) started again: with
+ * the witness still at the generation this host claimed, the VM boots here from its disk (the
+ * newest state here; its memory went with the process) and is protected by the peer; if the
+ * witness moved on, this host's copy is stale and it stands by (null). Without a witness nothing
+ * can tell whether the VM moved since: refused, with what to do.
+ */
+async function resumeHere(
+  o: ServeStandbyOptions,
+  active: ActiveRecord,
+  etcd: EtcdClient | null,
+): Promise<ServedStandby | null> {
+  const { stateDir, emit } = o;
+  if (!etcd)
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      `VM ${active.vm} ran on this host since a takeover (${activeFile(stateDir)}); without a witness (--etcd) Rubato cannot tell whether it moved since: start with --etcd, or move that file away to stand by`,
+    );
+  const def = definitionOf(active, activeFile(stateDir));
+  await checkHostFor(def); // (before the witness is asked)
+  let claimed: Awaited<ReturnType<typeof claimBeforeStart>>;
+  try {
+    claimed = await claimBeforeStart({
+      etcd,
+      vm: active.vm,
+      host: o.host,
+      leaseTtlSec: o.leaseTtl,
+      stateDir: vmDir(stateDir),
+    });
+  } catch (e) {
+    if (!isRubatoError(e, 'RUBATO_VM_OWNED')) throw e;
+    retireActive(stateDir, `VM ${active.vm} moved on since it ran here (${e.message}); standing by`);
+    return null;
+  }
+  const ownership = claimed.ownership;
+  log.info(
+    `VM ${active.vm} ran on this host since its takeover: it boots here again from its disk (witness generation ${claimed.generation})`,
+  );
+  emit({ event: 'owner', host: o.host, generation: claimed.generation });
+  const peer = o.peer === 'auto' ? standbyLookup(etcd, active.vm, o.host) : (o.peer ?? (async () => null));
+  let p: Awaited<ReturnType<typeof protectVm>>;
+  try {
+    p = await protectVm({
+      def,
+      accel: active.spec.accel,
+      binary: await binaryFor(active.spec.accel),
+      tapRelay: await ensureTapRelay(),
+      stateDir: vmDir(stateDir),
+      standby: peer,
+      psk: o.psk,
+      policy: parsePolicy(o.policy),
+      heartbeatMs: o.heartbeatMs,
+      timeoutMs: o.timeoutMs,
+      ownership,
+      primary: { holdOnLossMs: o.holdMs },
+      stopTimeoutMs: o.stopTimeoutMs ?? 30_000,
+      onGuardEvent: (e) => {
+        emit(e);
+        if (e['event'] === 'owner' && typeof e['generation'] === 'number')
+          void recordGeneration(vmDir(stateDir), e['generation']);
+      },
+      stopGuest: (why, primary) => {
+        retireActive(stateDir, `VM ${active.vm}: ${why}`);
+        void primary.crash();
+      },
+      onEvent: (e) => {
+        emit(e.event === 'protecting' ? { ...e, event: 'reprotected' } : e);
+        if (!o.events && e.event === 'sync-progress') log.info(`synchronising the standby: ${formatProgress(e)}`);
+      },
+    });
+  } catch (e) {
+    await ownership.release();
+    throw e;
+  }
+  emit({
+    event: 'resumed',
+    vm: active.vm,
+    qemuPid: p.vm.pid,
+    controllerPid: process.pid,
+    generation: claimed.generation,
+  });
+  const status = () => ({ ...p.primary.snapshot(), role: 'primary', resumed: true });
+  const control = new ControlSocket(join(stateDir, 'control.sock'), { status, stop: stopSelf });
+  await control.start();
+  const console_ = new ConsoleServer(join(stateDir, 'console.sock'), () => p.vm);
+  await console_.start();
+  let shuttingDown = false;
+  onShutdown(async () => {
+    shuttingDown = true;
+    control.close();
+    console_.close();
+    p.guard?.close();
+    await p.stop();
+    await ownership.release();
+    log.info(`VM ${active.vm} stopped; it runs here again when this controller starts`);
+  });
+  p.vm.once('exit', (r: { code: number | null; signal: string | null }) => {
+    if (shuttingDown) return;
+    // QEMU died on a live host: the standby is told to take over now (primary-side.ts gave the lease up).
+    const why = `the guest's QEMU died (${r.signal ?? `exit ${r.code}`})`;
+    log.error(`VM ${active.vm}: ${why}`);
+    void p.guestLost(why).finally(() => process.kill(process.pid, 'SIGTERM'));
+  });
+  return { status, state: 'active' };
+}
+
+/** `rubato stop`: the controller ends in order, as on SIGTERM (its guest shuts down through ACPI). */
+export function stopSelf(): { ok: true; stopping: true } {
+  setImmediate(() => process.kill(process.pid, 'SIGTERM'));
+  return { ok: true, stopping: true };
 }
