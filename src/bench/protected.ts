@@ -63,7 +63,7 @@ export async function protect(
     retryMs: 300,
     policy: parsePolicy(policy),
     onEvent: (e) => events.push(e),
-    io: { relay: io?.relay ?? null, nbd: io?.nbd ?? null },
+    io: { relay: io?.relay ?? null, nbds: io?.nbd ? [io.nbd] : [] },
     ownership: null,
     more: { mode, ...(observer ? { observer } : {}) },
   });

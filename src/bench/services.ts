@@ -677,7 +677,7 @@ export async function runFailoverUnderLoad(o: {
         },
         prepareRestore: async (_id, store) => {
           nextIo = await GuestIo.start(other, dir, `fo${k}`, store.imagePath(DISK_BLOCK_ID), await ensureTapRelay());
-          return { netSocket: nextIo.netSocket, ...(nextIo.nbdSocket ? { nbdSocket: nextIo.nbdSocket } : {}) };
+          return { netSockets: [nextIo.netSocket], nbdSockets: nextIo.nbdSocket ? [nextIo.nbdSocket] : [] };
         },
       });
       await standby.start();
@@ -691,7 +691,7 @@ export async function runFailoverUnderLoad(o: {
         heartbeatMs: 50,
         timeoutMs: 500,
         retryMs: 300,
-        io: { relay: live.io.relay, nbd: live.io.nbd },
+        io: { relay: live.io.relay, nbds: live.io.nbd ? [live.io.nbd] : [] },
         ownership: null,
         policy: parsePolicy('model'),
         onEvent: (e) => {

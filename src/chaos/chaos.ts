@@ -297,7 +297,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
           // a restored guest's frames too
           if (gate && io.relay) io.relay.gate = new ReleaseGate((now) => gate.ownership(vmName).leaseCheck(now));
           nextIo = io;
-          return { netSocket: io.netSocket, ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}) };
+          return { netSockets: [io.netSocket], nbdSockets: io.nbdSocket ? [io.nbdSocket] : [] };
         },
       });
       await standby.start();
@@ -317,7 +317,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         heartbeatMs: 50,
         timeoutMs: o.timeoutMs,
         retryMs: 300,
-        io: { relay: l.io.relay, nbd: l.io.nbd },
+        io: { relay: l.io.relay, nbds: l.io.nbd ? [l.io.nbd] : [] },
         policy: parsePolicy(o.policy),
         ownership: l.ownership,
         more: {

@@ -16,14 +16,14 @@ export interface Sized {
   readonly length: number;
 }
 
-/** One epoch's disk writes, as the disk server cuts them (its pages travel with the checkpoint). */
+/** One epoch's disk writes, as the disk servers cut them (their pages travel with the checkpoint), per disk. */
 export interface DiskEpochCut {
-  pages: Map<number, Buffer>;
+  disks: Array<{ block: string; pages: Map<number, Buffer> }>;
   writes: number;
   flushes: number;
 }
 
-/** The guest's disk, seen from output commit: writes are logged per epoch and cut at the pause. */
+/** The guest's disks, seen from output commit: writes are logged per epoch and cut at the pause. */
 export interface DiskEpochSource {
   cutEpoch(): DiskEpochCut;
 }

@@ -10,7 +10,7 @@ import { ReleaseGate } from '../commit/index.ts';
 import { guardOwnership, type Ownership, type OwnershipGuard } from '../coord/index.ts';
 import type { Policy } from '../scheduler/index.ts';
 import type { QemuVm } from '../qemu/index.ts';
-import type { NbdServer, NetRelay } from '../io/index.ts';
+import { DiskSet, type NbdServer, type GuestNet } from '../io/index.ts';
 
 export interface PrimarySideOptions {
   vm: QemuVm;
@@ -22,8 +22,8 @@ export interface PrimarySideOptions {
   timeoutMs: number;
   /** Wait between connection attempts once the quick retries are spent (default 1000 ms). */
   retryMs?: number;
-  /** The guest's I/O on this host: its network relay (null: no NIC) and its disk server (null: no disk). */
-  io: { relay: NetRelay | null; nbd: NbdServer | null };
+  /** The guest's I/O on this host: its network relay (null: no NIC) and its disks' servers (in the guest's order). */
+  io: { relay: GuestNet | null; nbds: readonly NbdServer[] };
   /** The VM's ownership in the witness; null only when the user refused one (--no-witness) or in benchmarks. */
   ownership: Ownership | null;
   onEvent: (e: PrimaryEvent) => void;
@@ -58,7 +58,7 @@ export function startPrimarySide(o: PrimarySideOptions): PrimarySide {
     retryMs: o.retryMs ?? 1000,
     fencing: ownership ? 'witness' : 'none',
     ...(o.io.relay ? { relay: o.io.relay } : {}),
-    nbd: o.io.nbd,
+    disks: new DiskSet(o.io.nbds),
     // QEMU died here: the lease goes before the standby is told, so that its claim succeeds at once.
     ...(ownership ? { generation: () => ownership.generation, beforeGuestLost: () => ownership.release() } : {}),
     onEvent: o.onEvent,

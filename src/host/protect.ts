@@ -6,10 +6,27 @@
 import { join } from 'node:path';
 import { readdirSync, rmSync } from 'node:fs';
 import { logger, errorMessage, ensurePrivateDir } from '../util/index.ts';
-import { QemuVm, type QemuBinary, VmSpecSchema, type Accel, type VmSpec, type ResolvedVm } from '../qemu/index.ts';
-import { prepareDisk, type PreparedDisk, NbdServer, GuestIo, type NetRelay, checkBridge } from '../io/index.ts';
 import {
-  DISK_BLOCK_ID,
+  QemuVm,
+  type QemuBinary,
+  VmSpecSchema,
+  nicsOf,
+  type Accel,
+  type VmSpec,
+  type ResolvedVm,
+} from '../qemu/index.ts';
+import {
+  prepareDisk,
+  type PreparedDisk,
+  NbdServer,
+  GuestIo,
+  type NetRelay,
+  checkBridge,
+  diskBlockId,
+  RelaySet,
+  type GuestNet,
+} from '../io/index.ts';
+import {
   type PrimaryController,
   type PrimaryEvent,
   type PrimaryOptions,
@@ -23,12 +40,14 @@ import { startPrimarySide, type PrimarySideOptions } from './primary-side.ts';
 
 const log = logger('protect');
 
-/** The guest's I/O on this host: a NIC behind the relay (when it has one) and its disk server. */
+/** The guest's I/O on this host: a NIC behind the relay (when it has one) and one disk server per disk. */
 export interface HostIo {
-  relay: GuestIo['relay'] | null;
-  nbd: NbdServer | null;
-  netSocket?: string;
-  nbdSocket?: string;
+  /** The guest's network: its one NIC's relay, or a set of one relay per NIC (null: no NIC). */
+  relay: GuestNet | null;
+  /** The disks' servers, in the guest's order (disk0 first). */
+  nbds: NbdServer[];
+  netSockets: string[];
+  nbdSockets: string[];
   close(): Promise<void>;
 }
 
@@ -37,37 +56,40 @@ export async function startHostIo(
   spec: VmSpec,
   runDir: string,
   tag: string,
-  diskPath: string | null,
+  diskPaths: readonly string[],
   tapRelay: string,
   ns?: string,
-  existing: { relay?: NetRelay | undefined; nbd?: NbdServer | undefined } = {},
+  existing: { relay?: NetRelay | undefined; nbds?: readonly NbdServer[] | undefined } = {},
 ): Promise<HostIo> {
-  if (spec.mac && spec.bridge) {
-    const io = await GuestIo.start(
-      { bridge: spec.bridge, ...(ns ? { ns } : {}) },
-      runDir,
-      tag,
-      diskPath,
-      tapRelay,
-      existing,
-    );
-    return {
-      relay: io.relay,
-      nbd: io.nbd,
-      netSocket: io.netSocket,
-      ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
-      close: () => io.close(),
-    };
+  const nbds: NbdServer[] = [];
+  const nets: GuestIo[] = [];
+  const closeAll = async () => {
+    for (const n of nets) await n.close();
+    for (const s of nbds) await s.close();
+  };
+  try {
+    for (const [i, path] of diskPaths.entries()) {
+      const kept = existing.nbds?.[i];
+      const s = kept ?? new NbdServer(path, join(runDir, `${tag}${i ? `-${i}` : ''}.nbd`));
+      nbds.push(s);
+      if (!kept) await s.start();
+    }
+    // One TAP per NIC on its bridge (the first keeps the plain tag: its TAP's name is what it always was).
+    for (const [i, nic] of nicsOf(spec).entries()) {
+      const site = { bridge: nic.bridge, ...(ns ? { ns } : {}), ...(nic.vlan ? { vlan: nic.vlan } : {}) };
+      const relay = i === 0 ? { relay: existing.relay } : {};
+      nets.push(await GuestIo.start(site, runDir, i ? `${tag}-n${i}` : tag, null, tapRelay, relay));
+    }
+  } catch (e) {
+    await closeAll().catch(() => {});
+    throw e;
   }
-  const nbd = existing.nbd ?? (diskPath ? new NbdServer(diskPath, join(runDir, `${tag}.nbd`)) : null);
-  if (!existing.nbd) await nbd?.start();
   return {
-    relay: null,
-    nbd,
-    ...(nbd ? { nbdSocket: nbd.socketPath } : {}),
-    close: async () => {
-      await nbd?.close();
-    },
+    relay: nets.length === 0 ? null : nets.length === 1 ? nets[0]!.relay : new RelaySet(nets.map((n) => n.relay)),
+    nbds,
+    netSockets: nets.map((n) => n.netSocket),
+    nbdSockets: nbds.map((s) => s.socketPath),
+    close: closeAll,
   };
 }
 
@@ -75,13 +97,17 @@ export async function startHostIo(
 export function specOf(def: ResolvedVm, accel: Accel): VmSpec {
   const nic = def.nics[0];
   const boot = def.boot;
+  const several = def.nics.length > 1 || def.nics.some((n) => n.vlan);
   return VmSpecSchema.parse({
     name: def.name,
     accel,
     cpus: def.cpus,
     memMb: def.memoryMiB,
     ...(nic ? { mac: nic.mac, bridge: nic.bridge } : {}),
-    ...(def.disks.length ? { disk: true } : {}),
+    ...(several
+      ? { nics: def.nics.map((n) => ({ mac: n.mac, bridge: n.bridge, ...(n.vlan ? { vlan: n.vlan } : {}) })) }
+      : {}),
+    ...(def.disks.length ? { disk: true, disks: def.disks.map((d) => ({ bus: d.bus })) } : {}),
     ...('kernel' in boot
       ? {
           kernel: boot.kernel,
@@ -120,7 +146,8 @@ export interface ProtectedVm {
   vm: QemuVm;
   primary: PrimaryController;
   guard: OwnershipGuard | null;
-  disk: PreparedDisk | null;
+  /** The disks the guest runs on here, in its order. */
+  disks: PreparedDisk[];
   /**
    * Orderly end: the standby is told (no failover), the guest shuts down through ACPI (powered off
    * after `timeoutMs`, default the options' `stopTimeoutMs`; 0: at once), I/O and claims released.
@@ -148,23 +175,31 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   ensurePrivateDir(o.stateDir);
   ensurePrivateDir(runDir);
   const spec = specOf(o.def, o.accel);
-  const disk = o.def.disks[0] ? await prepareDisk(o.def.disks[0], o.stateDir, o.def.name) : null;
+  const disks: PreparedDisk[] = [];
   let io: HostIo | null = null;
   let vm: QemuVm | null = null;
   try {
-    io = await startHostIo(spec, runDir, o.def.name, disk?.path ?? null, o.tapRelay, o.ns);
+    for (const [i, d] of o.def.disks.entries()) disks.push(await prepareDisk(d, o.stateDir, o.def.name, i));
+    io = await startHostIo(
+      spec,
+      runDir,
+      o.def.name,
+      disks.map((d) => d.path),
+      o.tapRelay,
+      o.ns,
+    );
     const ownership = o.ownership;
     if (io.relay && ownership) io.relay.gate = new ReleaseGate((now) => ownership.leaseCheck(now));
     vm = await QemuVm.start(spec, {
       binary: o.binary,
       runDir,
-      ...(io.netSocket ? { netSocket: io.netSocket } : {}),
-      ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
+      netSockets: io.netSockets,
+      nbdSockets: io.nbdSockets,
     });
   } catch (e) {
     await vm?.stop();
     await io?.close().catch((err: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(err)}`));
-    disk?.release();
+    for (const d of disks) d.release();
     throw e;
   }
   const { primary, guard } = startPrimarySide({
@@ -175,7 +210,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
     policy: o.policy,
     heartbeatMs: o.heartbeatMs,
     timeoutMs: o.timeoutMs,
-    io: { relay: io.relay ?? null, nbd: io.nbd },
+    io: { relay: io.relay ?? null, nbds: io.nbds },
     ownership: o.ownership,
     onEvent: o.onEvent,
     ...(o.onGuardEvent ? { onGuardEvent: o.onGuardEvent } : {}),
@@ -195,7 +230,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
       log.info(`VM ${o.def.name}: ${how === 'guest' ? 'the guest shut down' : 'powered off'}`);
     } else await vmRef.stop();
     await ioRef.close().catch((e: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(e)}`));
-    disk?.release();
+    for (const d of disks) d.release();
     // QEMU leaves its QMP and console sockets behind.
     for (const f of readdirSync(runDir))
       if (f.startsWith(o.def.name) && /\.(qmp|serial|mig)$/.test(f)) rmSync(join(runDir, f), { force: true });
@@ -204,7 +239,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
     vm,
     primary,
     guard,
-    disk,
+    disks,
     stop: (timeoutMs) => (stopping ??= end(() => primary.stop(), true, timeoutMs)),
     guestLost: (why) => (stopping ??= end(() => primary.guestLost(why), false)),
   };
@@ -220,31 +255,34 @@ export function restoreIo(
   prepare: (
     identity: Identity,
     store: ReplicaStore,
-    existing?: { relay?: NetRelay | undefined; nbd?: NbdServer | undefined },
-  ) => Promise<{ netSocket?: string; nbdSocket?: string }>;
+    existing?: { relay?: NetRelay | undefined; nbds?: readonly NbdServer[] | undefined },
+  ) => Promise<{ netSockets: string[]; nbdSockets: string[] }>;
   current: () => HostIo | null;
 } {
   let io: HostIo | null = null;
   return {
     current: () => io,
     prepare: async (identity, store, existing) => {
-      const hasDisk = store.blocks.some((b) => b.id === DISK_BLOCK_ID);
       // Tagged with the VM's name: one host may run several VMs' restored guests (their TAPs differ).
       io = await startHostIo(
         identity.spec,
         runDir,
         `${identity.vm}-active`,
-        hasDisk ? store.imagePath(DISK_BLOCK_ID) : null,
+        replicaDisks(store),
         tapRelay,
         ns,
         existing,
       );
       // The restored guest's frames leave only under this host's lease (claimed before the restore).
       if (io.relay && leaseCheck) io.relay.gate = new ReleaseGate(leaseCheck(identity.vm));
-      return {
-        ...(io.netSocket ? { netSocket: io.netSocket } : {}),
-        ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
-      };
+      return { netSockets: io.netSockets, nbdSockets: io.nbdSockets };
     },
   };
+}
+
+/** The replica's disk images in the guest's order (blocks disk0, disk1, …). */
+export function replicaDisks(store: ReplicaStore): string[] {
+  const paths: string[] = [];
+  for (let i = 0; store.blocks.some((b) => b.id === diskBlockId(i)); i++) paths.push(store.imagePath(diskBlockId(i)));
+  return paths;
 }

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { existsSync, readFileSync, renameSync, statSync } from 'node:fs';
 import { z } from 'zod';
 import { RubatoError, ensurePrivateDir, writePrivateAtomic, logger } from '../util/index.ts';
-import { VmSpecSchema, type ResolvedVm, type VmSpec } from '../qemu/index.ts';
+import { VmSpecSchema, diskBuses, type ResolvedVm, type VmSpec } from '../qemu/index.ts';
 
 const log = logger('resume');
 const MAX_RECORD_BYTES = 64 * 1024;
@@ -23,8 +23,8 @@ const ActiveSchema = z
   .object({
     vm: z.string(),
     spec: z.unknown(),
-    /** The image the guest runs on here (the replica's disk), absent for a diskless VM. */
-    disk: z.string().nullable(),
+    /** The images the guest runs on here (the replica's disks), in its order. */
+    disks: z.array(z.string()).max(16),
     /** When this host took it over (ms since the epoch). */
     since: z.number(),
   })
@@ -33,15 +33,15 @@ const ActiveSchema = z
 export interface ActiveRecord {
   vm: string;
   spec: VmSpec;
-  disk: string | null;
+  disks: string[];
   since: number;
 }
 
 /** Written when this host takes the VM over (the spec without the replica's RAM file). */
-export async function recordActive(stateDir: string, spec: VmSpec, disk: string | null): Promise<void> {
+export async function recordActive(stateDir: string, spec: VmSpec, disks: string[]): Promise<void> {
   ensurePrivateDir(vmDir(stateDir));
   const { ramFile: _ram, ...plain } = spec;
-  const rec: ActiveRecord = { vm: spec.name, spec: plain, disk, since: Date.now() };
+  const rec: ActiveRecord = { vm: spec.name, spec: plain, disks, since: Date.now() };
   await writePrivateAtomic(activeFile(stateDir), Buffer.from(`${JSON.stringify(rec, null, 2)}\n`), true);
 }
 
@@ -63,8 +63,9 @@ export function readActive(stateDir: string): ActiveRecord | null {
   const spec = VmSpecSchema.safeParse(r.data.spec);
   if (!spec.success || spec.data.name !== r.data.vm)
     throw bad(`its VM description is invalid: ${spec.error?.issues[0]?.message ?? 'name differs'}`);
-  if (r.data.disk !== null && !existsSync(r.data.disk)) throw bad(`its disk ${r.data.disk} is gone`);
-  return { vm: r.data.vm, spec: spec.data, disk: r.data.disk, since: r.data.since };
+  for (const d of r.data.disks) if (!existsSync(d)) throw bad(`its disk ${d} is gone`);
+  if (r.data.disks.length !== diskBuses(spec.data).length) throw bad('its disks do not match its VM description');
+  return { vm: r.data.vm, spec: spec.data, disks: r.data.disks, since: r.data.since };
 }
 
 /** The VM moved on (the witness says so): the record is kept aside, this host stands by again. */
@@ -84,7 +85,12 @@ export function definitionOf(rec: ActiveRecord, file: string): ResolvedVm {
     cpus: s.cpus,
     memoryMiB: s.memMb,
     accelerator: s.accel,
-    disks: rec.disk ? [{ path: rec.disk, format: 'raw', sizeBytes: statSync(rec.disk).size }] : [],
+    disks: rec.disks.map((path, i) => ({
+      path,
+      format: 'raw' as const,
+      sizeBytes: statSync(path).size,
+      bus: diskBuses(s)[i] ?? 'virtio',
+    })),
     nics: s.mac && s.bridge ? [{ bridge: s.bridge, mac: s.mac }] : [],
     boot: s.kernel
       ? { kernel: s.kernel, ...(s.initrd ? { initrd: s.initrd } : {}), append: s.append ?? '' }

@@ -35,16 +35,22 @@ export class GuestIo {
     tag: string,
     diskImage: string | null,
     tapRelay: string,
-    existing: { relay?: NetRelay | undefined; nbd?: NbdServer | undefined } = {},
+    existing: {
+      relay?: NetRelay | undefined;
+      nbd?: NbdServer | undefined;
+      /** (a promoted secondary's disk servers: the first one is this guest's disk) */
+      nbds?: readonly NbdServer[] | undefined;
+    } = {},
   ): Promise<GuestIo> {
     const tap = tapName(tag);
     const bin = tapRelay;
     // (`existing`: the relay and disk server a running guest is already connected to — a promoted secondary's)
     const relay = existing.relay ?? new NetRelay(join(dir, `${tag}.net`));
     if (!existing.relay) await relay.start();
-    const nbd = existing.nbd ?? (diskImage ? new NbdServer(diskImage, join(dir, `${tag}.nbd`)) : null);
+    const kept = existing.nbd ?? existing.nbds?.[0];
+    const nbd = kept ?? (diskImage ? new NbdServer(diskImage, join(dir, `${tag}.nbd`)) : null);
     try {
-      if (!existing.nbd) await nbd?.start();
+      if (!kept) await nbd?.start();
       await addTap(site, tap);
     } catch (e) {
       await nbd?.close().catch(() => {});

@@ -1,7 +1,7 @@
 // A user's VM definition file (JSON): what `rubato protect` will run and protect. Parsed at the
 // boundary: every mistake is one line naming the file and the field, never a stack trace; images
 // and kernels are checked to exist and be readable, the disk's format is read from its header.
-// Today's limits are said where they bite: one disk and one NIC per VM.
+// Today's limits are said where they bite.
 
 import { z } from 'zod';
 import { createHash } from 'node:crypto';
@@ -32,10 +32,12 @@ export const VmDefinitionSchema = z
             path: z.string().min(1, 'must name the image file'),
             /** Checked against the image's header; detected when left out. */
             format: z.enum(['raw', 'qcow2']).optional(),
+            /** virtio (virtio-blk, the default) or scsi (a disk on a virtio-scsi controller). */
+            bus: z.enum(['virtio', 'scsi']).default('virtio'),
           })
           .strict(),
       )
-      .max(1, 'Rubato protects one disk per VM today')
+      .max(16, 'Rubato protects up to 16 disks per VM')
       .default([]),
     nics: z
       .array(
@@ -49,10 +51,12 @@ export const VmDefinitionSchema = z
                 'must be a bridge name (1-15 letters, digits, dots, dashes or underscores)',
               ),
             mac: MAC.optional(),
+            /** A VLAN the NIC's port on the bridge carries untagged (the bridge filters VLANs: vlan_filtering 1). */
+            vlan: z.number().int().min(1).max(4094).optional(),
           })
           .strict(),
       )
-      .max(1, 'Rubato protects one NIC per VM today')
+      .max(16, 'Rubato protects up to 16 NICs per VM')
       .default([]),
     boot: z.union(
       [
@@ -71,8 +75,8 @@ export type VmDefinition = z.infer<typeof VmDefinitionSchema>;
 /** A definition with its files resolved (relative to the definition's folder) and checked. */
 export interface ResolvedVm extends VmDefinition {
   file: string;
-  disks: Array<{ path: string; format: 'raw' | 'qcow2'; sizeBytes: number }>;
-  nics: Array<{ bridge: string; mac: string }>;
+  disks: Array<{ path: string; format: 'raw' | 'qcow2'; sizeBytes: number; bus: 'virtio' | 'scsi' }>;
+  nics: Array<{ bridge: string; mac: string; vlan?: number | undefined }>;
 }
 
 const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
@@ -147,9 +151,15 @@ export function parseVmDefinition(text: string, file: string): ResolvedVm {
     const sizeBytes = statSync(path).size;
     if (format === 'raw' && sizeBytes % 4096 !== 0)
       throw fail(file, `disks[${i}].path`, `${path} is ${sizeBytes} bytes; a raw image must be a multiple of 4096`);
-    return { path, format, sizeBytes };
+    return { path, format, sizeBytes, bus: d.bus };
   });
-  const nics = def.nics.map((n, i) => ({ bridge: n.bridge, mac: n.mac ?? defaultMac(def.name, i) }));
+  const nics = def.nics.map((n, i) => ({
+    bridge: n.bridge,
+    mac: n.mac ?? defaultMac(def.name, i),
+    ...(n.vlan ? { vlan: n.vlan } : {}),
+  }));
+  const macs = new Set(nics.map((n) => n.mac));
+  if (macs.size !== nics.length) throw fail(file, 'nics', 'two NICs have the same MAC address');
   let boot = def.boot;
   if ('from' in boot) {
     if (!disks.length) throw fail(file, 'boot', 'boots from the disk, but the VM has no disk');

@@ -7,8 +7,17 @@ export { VmDefinitionSchema, loadVmDefinition, parseVmDefinition } from './defin
 export type { ResolvedVm, VmDefinition } from './definition.ts';
 export type { QmpClient, QmpEvent } from './qmp.ts';
 export { restoreVm } from './restore.ts';
-export { DIRTIER_LINE_RE, MAIN_RAM_ID, VmName, VmSpecSchema, guestAppend, parseDirtierLine } from './spec.ts';
-export type { Accel, VmSpec } from './spec.ts';
+export {
+  DIRTIER_LINE_RE,
+  MAIN_RAM_ID,
+  VmName,
+  VmSpecSchema,
+  diskBuses,
+  nicsOf,
+  guestAppend,
+  parseDirtierLine,
+} from './spec.ts';
+export type { Accel, SpecNic, VmSpec } from './spec.ts';
 export {
   COLO_MSG,
   COLO_MSG_NAMES,

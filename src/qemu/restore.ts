@@ -27,7 +27,16 @@ export interface RestoreResult {
 
 export async function restoreVm(
   input: RestoreInput,
-  opts: { binary: QemuBinary; runDir: string; tag?: string; netSocket?: string; nbdSocket?: string },
+  opts: {
+    binary: QemuBinary;
+    runDir: string;
+    tag?: string;
+    netSocket?: string;
+    /** The NICs' relay sockets, in the guest's order. */
+    netSockets?: readonly string[];
+    /** The disks' NBD sockets, in the guest's order. */
+    nbdSockets?: readonly string[];
+  },
 ): Promise<RestoreResult> {
   const t0 = performance.now();
   const tag = opts.tag ?? `${input.spec.name}-restored`;
@@ -37,7 +46,8 @@ export async function restoreVm(
     incoming: true,
     tag,
     ...(opts.netSocket ? { netSocket: opts.netSocket } : {}),
-    ...(opts.nbdSocket ? { nbdSocket: opts.nbdSocket } : {}),
+    ...(opts.nbdSockets ? { nbdSockets: opts.nbdSockets } : {}),
+    ...(opts.netSockets ? { netSockets: opts.netSockets } : {}),
   });
   try {
     await vm.qmp.execute('migrate-set-capabilities', {

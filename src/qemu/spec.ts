@@ -40,13 +40,60 @@ export const VmSpecSchema = z
       .string()
       .regex(/^[a-zA-Z0-9_.-]{1,15}$/)
       .optional(),
+    /**
+     * Several NICs, each on its own relay and TAP (the first may also be given as mac/bridge, a
+     * one-NIC VM's form); absent: the one NIC of mac/bridge, if any.
+     */
+    nics: z
+      .array(
+        z
+          .object({
+            mac: z.string().regex(/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/),
+            bridge: z.string().regex(/^[a-zA-Z0-9_.-]{1,15}$/),
+            vlan: z.number().int().min(1).max(4094).optional(),
+          })
+          .strict(),
+      )
+      .max(16)
+      .optional(),
     /** A virtio disk served by Rubato's NBD server at launch. */
     disk: z.boolean().optional(),
+    /**
+     * Several disks, each served by its own NBD server (replica blocks disk0, disk1, …) on its bus;
+     * absent: one virtio disk when `disk`.
+     */
+    disks: z
+      .array(z.object({ bus: z.enum(['virtio', 'scsi']) }).strict())
+      .max(16)
+      .optional(),
   })
-  .refine((s) => s.kernel !== undefined || s.disk === true, {
+  .refine((s) => s.kernel !== undefined || diskBuses(s).length > 0, {
     message: 'a VM without a kernel boots from its disk, and needs one',
   });
 export type VmSpec = z.infer<typeof VmSpecSchema>;
+
+export interface SpecNic {
+  mac: string;
+  bridge: string;
+  vlan?: number | undefined;
+}
+
+/** The spec's NICs, in the guest's order. */
+export function nicsOf(s: {
+  mac?: string | undefined;
+  bridge?: string | undefined;
+  nics?: SpecNic[] | undefined;
+}): SpecNic[] {
+  return s.nics ? s.nics : s.mac && s.bridge ? [{ mac: s.mac, bridge: s.bridge }] : [];
+}
+
+/** The bus of each of the spec's disks, in its order. */
+export function diskBuses(s: {
+  disk?: boolean | undefined;
+  disks?: Array<{ bus: 'virtio' | 'scsi' }> | undefined;
+}): Array<'virtio' | 'scsi'> {
+  return s.disks ? s.disks.map((d) => d.bus) : s.disk ? ['virtio'] : [];
+}
 
 /** The RAM block that holds guest memory, as QEMU names it in the migration stream. */
 export const MAIN_RAM_ID = 'mem0';
@@ -58,8 +105,10 @@ export interface LaunchPaths {
   firmwareDirs: readonly string[];
   /** Rubato's network relay (unix socket), when the spec has a NIC. */
   netSocket?: string;
-  /** Rubato's NBD server (unix socket), when the spec has a disk. */
-  nbdSocket?: string;
+  /** One relay socket per NIC, in the spec's order (netSocket: a one-NIC VM's). */
+  netSockets?: readonly string[];
+  /** Rubato's NBD servers (unix sockets), one per disk of the spec, in its order. */
+  nbdSockets?: readonly string[];
 }
 
 export interface LaunchMode {
@@ -104,22 +153,30 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
     if (spec.initrd) args.push('-initrd', spec.initrd);
     if (spec.append) args.push('-append', spec.append);
   }
-  if (spec.mac) {
-    if (!paths.netSocket) throw new Error(`VM ${spec.name} has a NIC but no relay socket was given`);
+  const nics = spec.nics ?? (spec.mac ? [{ mac: spec.mac }] : []);
+  const netSockets = paths.netSockets?.length ? paths.netSockets : paths.netSocket ? [paths.netSocket] : [];
+  if (netSockets.length !== nics.length)
+    throw new Error(`VM ${spec.name} has ${nics.length} NICs but ${netSockets.length} relay sockets were given`);
+  for (const [i, nic] of nics.entries()) {
     args.push(
       '-netdev',
-      `stream,id=n0,server=off,addr.type=unix,addr.path=${paths.netSocket}`,
+      `stream,id=n${i},server=off,addr.type=unix,addr.path=${netSockets[i]}`,
       '-device',
-      `virtio-net-pci,netdev=n0,mac=${spec.mac},romfile=`,
+      `virtio-net-pci,netdev=n${i},mac=${nic.mac},romfile=`,
     );
   }
-  if (spec.disk) {
-    if (!paths.nbdSocket) throw new Error(`VM ${spec.name} has a disk but no NBD socket was given`);
+  const buses = diskBuses(spec);
+  const nbdSockets = paths.nbdSockets ?? [];
+  if (nbdSockets.length !== buses.length)
+    throw new Error(`VM ${spec.name} has ${buses.length} disks but ${nbdSockets.length} NBD sockets were given`);
+  if (buses.includes('scsi')) args.push('-device', 'virtio-scsi-pci,id=scsi0');
+  for (const [i, bus] of buses.entries()) {
+    const boot = i === 0 && !spec.kernel ? ',bootindex=1' : '';
     args.push(
       '-blockdev',
-      `driver=nbd,node-name=disk0,server.type=unix,server.path=${paths.nbdSocket},export=disk`,
+      `driver=nbd,node-name=disk${i},server.type=unix,server.path=${nbdSockets[i]},export=disk`,
       '-device',
-      `virtio-blk-pci,drive=disk0${spec.kernel ? '' : ',bootindex=1'}`,
+      bus === 'scsi' ? `scsi-hd,drive=disk${i},bus=scsi0.0${boot}` : `virtio-blk-pci,drive=disk${i}${boot}`,
     );
   }
   for (const d of paths.firmwareDirs) args.push('-L', d);

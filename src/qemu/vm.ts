@@ -29,7 +29,11 @@ export interface StartOptions {
   incoming?: boolean;
   tag?: string;
   netSocket?: string;
+  /** One per NIC, in the guest's order (netSocket: a one-NIC VM's). */
+  netSockets?: readonly string[];
   nbdSocket?: string;
+  /** One per disk, in the guest's order (nbdSocket: a one-disk VM's). */
+  nbdSockets?: readonly string[];
 }
 
 export class QemuVm extends EventEmitter {
@@ -73,8 +77,8 @@ export class QemuVm extends EventEmitter {
         qmpSocket: paths.qmp,
         serialSocket: paths.serial,
         firmwareDirs: opts.binary.firmwareDirs,
-        ...(opts.netSocket ? { netSocket: opts.netSocket } : {}),
-        ...(opts.nbdSocket ? { nbdSocket: opts.nbdSocket } : {}),
+        netSockets: opts.netSockets?.length ? opts.netSockets : opts.netSocket ? [opts.netSocket] : [],
+        nbdSockets: opts.nbdSockets?.length ? opts.nbdSockets : opts.nbdSocket ? [opts.nbdSocket] : [],
       },
       { paused: true, incoming: opts.incoming ?? false },
     );

@@ -16,8 +16,8 @@ import {
 } from '../util/index.ts';
 import type { QemuVm } from '../qemu/index.ts';
 import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
-import { FrameComparator, ModeChooser, OutputCommit } from '../commit/index.ts';
-import { type NetRelay, type NbdServer, allocatedExtents, extentBytes } from '../io/index.ts';
+import { FrameComparator, ModeChooser, OutputCommit, type DiskEpochCut } from '../commit/index.ts';
+import { type GuestNet, type DiskSet, allocatedExtents, extentBytes } from '../io/index.ts';
 import { comparing, fixed, lastPassAfterMs, presendEveryMs, type Policy } from '../scheduler/index.ts';
 import { Link } from './link.ts';
 import { connectHandshake } from './handshake.ts';
@@ -32,6 +32,7 @@ import type { SyncProgress } from './progress.ts';
 import type { CheckpointObserver } from './observer.ts';
 
 /** The RAM-block name under which the guest's disk travels in checkpoints and lives in the replica. */
+/** The first disk's replica block (diskBlockId(0)). */
 export const DISK_BLOCK_ID = 'disk0';
 
 const log = logger('primary');
@@ -101,10 +102,10 @@ export interface PrimaryOptions {
   fault?: (point: FaultPoint, epoch: number, ctx: FaultContext) => Promise<void> | void;
   /** A regex whose first group is the guest's progress counter in its console output. */
   counterRe?: RegExp;
-  /** The guest's network relay: output is held until its checkpoint commits. */
-  relay?: NetRelay;
-  /** The guest's disk server: its writes travel with the checkpoints. */
-  nbd?: NbdServer | null;
+  /** The guest's network (one relay, or a set of one per NIC): output is held until its checkpoint commits. */
+  relay?: GuestNet;
+  /** The guest's disk servers (one per disk): their writes travel with the checkpoints. */
+  disks?: DiskSet | null;
   /** Held output is released unprotected when no standby has taken over protection for this long. */
   holdOnLossMs?: number;
   /** Bound on held output; frames past it are dropped (TCP retransmits them). */
@@ -176,7 +177,7 @@ export class PrimaryController {
       this.link?.close(new RubatoError('RUBATO_QEMU_EXITED', 'the guest QEMU exited'));
     });
     this.meter = new PauseMeter(o.vm.qmp);
-    this.commit = new OutputCommit(o.maxHeldBytes ?? DEFAULT_MAX_HELD_BYTES, o.nbd ?? null);
+    this.commit = new OutputCommit(o.maxHeldBytes ?? DEFAULT_MAX_HELD_BYTES, o.disks?.size ? o.disks : null);
     this.pipeline = new EpochPipeline({
       // compare and auto modes: matched output needs no checkpoint; only late or differing output
       // does (auto: while it plans as compare mode)
@@ -187,7 +188,8 @@ export class PrimaryController {
       commit: this.commit,
       maxInflight: o.maxInflight ?? 4,
     });
-    const { relay, nbd, observer } = o;
+    const { relay, observer } = o;
+    const disks = o.disks?.size ? o.disks : null;
     if (relay) {
       relay.onGuestFrame = (f) => {
         const seq = this.commit.nextHeldSeq;
@@ -204,17 +206,17 @@ export class PrimaryController {
       relay.onOutsideFrame = (f) => this.mirror(f);
     }
     this.commit.onFirstHeld = () => this.poke();
-    if (nbd) {
-      nbd.onFlush = () => this.poke();
-      nbd.onPressure = () => this.poke(); // the epoch's dirty set reached its bound: decide now
+    if (disks) {
+      disks.onFlush = () => this.poke();
+      disks.onPressure = () => this.poke(); // an epoch's dirty set reached its bound: decide now
     }
     if (observer?.output) {
       const output = observer.output.bind(observer);
       this.commit.onHeld = (f, atMs) => output(atMs, f.length);
     }
-    if (observer?.disk && nbd) {
+    if (observer?.disk && disks) {
       const disk = observer.disk.bind(observer);
-      nbd.onIo = (kind) => disk(kind, performance.now());
+      disks.onIo = (kind) => disk(kind, performance.now());
     }
   }
 
@@ -581,36 +583,37 @@ export class PrimaryController {
     // and go with the image), nothing of either collected here.
     this.comparator?.reset();
     pipe.startSync();
-    const nbd = this.o.nbd;
-    const diskBlock = nbd ? { id: DISK_BLOCK_ID, lengthBytes: nbd.sizeBytes } : null;
-    const extents = nbd ? await allocatedExtents(nbd.imagePath) : [];
-    const diskSinceCopy: { pages: Map<number, Buffer> | null } = { pages: null };
+    const disks = this.o.disks?.size ? this.o.disks : null;
+    const diskBlocks = (disks?.blocks ?? []).map((b) => ({ id: b.id, lengthBytes: b.server.sizeBytes }));
+    const extents = await Promise.all((disks?.blocks ?? []).map((b) => allocatedExtents(b.server.imagePath)));
+    const diskBytes = extents.reduce((n, e) => n + extentBytes(e), 0);
+    let diskSinceCopy: DiskEpochCut['disks'] = [];
     const sender = new BaseSender(link, {
-      extraBlocks: diskBlock ? [diskBlock] : [],
-      extraBytes: extentBytes(extents),
+      extraBlocks: diskBlocks,
+      extraBytes: diskBytes,
       progress: (p) => this.emit(p),
       afterLayout: async (s) => {
-        if (!nbd) return;
-        nbd.cutEpoch(); // writes before the copy starts are in what it reads; later ones are logged
-        await sendDiskExtents(s, DISK_BLOCK_ID, nbd.imagePath, extents);
+        if (!disks) return;
+        disks.cutEpoch(); // writes before the copy starts are in what it reads; later ones are logged
+        for (const [i, b] of disks.blocks.entries()) await sendDiskExtents(s, b.id, b.server.imagePath, extents[i]!);
       },
     });
     const { capture, base } = await ColoCapture.start(this.o.vm, {
       runDir: this.o.runDir,
       baseSink: sender,
       // The disk copy runs inside the precopy (QEMU waits meanwhile): its time is not a stuck stream.
-      precopyTimeoutMs: 300_000 + Math.ceil(extentBytes(extents) / (10 << 20)) * 1000,
+      precopyTimeoutMs: 300_000 + Math.ceil(diskBytes / (10 << 20)) * 1000,
       beforeReady: (b) => {
         // Guest paused at the end of the full copy: output so far is in this image, and so are the
         // disk writes logged since its copy began (taken now, sent once the guest runs again).
         const closed = pipe.paused(0, performance.now());
-        if (diskBlock) {
-          b.blocks.push(diskBlock);
-          diskSinceCopy.pages = closed.disk?.pages ?? null;
+        if (diskBlocks.length) {
+          b.blocks.push(...diskBlocks);
+          diskSinceCopy = closed.disk?.disks ?? [];
         }
       },
     });
-    for (const [offset, data] of diskSinceCopy.pages ?? []) sender.page(DISK_BLOCK_ID, offset, data);
+    for (const d of diskSinceCopy) for (const [offset, data] of d.pages) sender.page(d.block, offset, data);
     this.capture = capture;
     this.blocks = base.blocks;
     assert(sender.layoutBlocks.length === base.blocks.length, "the layout sent is the capture's");
@@ -638,14 +641,14 @@ export class PrimaryController {
       throwIfClosed();
       const decidedMs = performance.now();
       this.choosePlanning(decidedMs);
-      const ds = nbd?.epochStats;
+      const ds = disks?.epochStats;
       const hostIdleCores = this.hostIdle.idleCores(decidedMs);
       const c = pipe.decide(decidedMs, {
         // (compare mode: a flush is not a reply on its way — the reply is compared when it comes)
         disk: {
           writes: ds?.writes ?? 0,
           flushes: this.planningCompare ? 0 : (ds?.flushes ?? 0),
-          pressure: nbd?.underPressure ?? false,
+          pressure: disks?.underPressure ?? false,
         },
         link: { bytesPerSec: null, rttMs: link.stats.rttMs },
         hostIdleCores,
@@ -816,7 +819,8 @@ export class PrimaryController {
     const closed = this.pipeline.paused(epoch, pauseBeganMs);
     if (!closed.disk) return;
     status?.addDisk(closed.disk.writes, closed.disk.flushes);
-    for (const [offset, data] of closed.disk.pages) c.pages.push({ block: DISK_BLOCK_ID, offset, data });
+    for (const d of closed.disk.disks)
+      for (const [offset, data] of d.pages) c.pages.push({ block: d.block, offset, data });
   }
 
   /** Hands checkpoint `epoch` to the link; a failed send ends the session (never silently). */

@@ -75,8 +75,8 @@ export interface StandbyOptions {
   prepareRestore?: (
     identity: Identity,
     store: ReplicaStore,
-    existing?: { relay?: NetRelay | undefined; nbd?: NbdServer | undefined },
-  ) => Promise<{ netSocket?: string; nbdSocket?: string }>;
+    existing?: { relay?: NetRelay | undefined; nbds?: readonly NbdServer[] | undefined },
+  ) => Promise<{ netSockets: string[]; nbdSockets: string[] }>;
   /** Fault injection for tests: runs after a commit, before its ack is sent. */
   beforeAck?: (epoch: number) => Promise<void>;
   /** More for `rubato status` (the controller protecting the guest after a failover adds its view). */
@@ -513,10 +513,15 @@ export class StandbyController {
       const binary = this.binary ?? (await this.o.binaryFor(spec.accel));
       let r: { vm: QemuVm; restoreMs: number };
       if (promoted) {
-        await this.o.prepareRestore?.(this.identity, store, { relay: promoted.relay, nbd: promoted.nbd ?? undefined });
+        await this.o.prepareRestore?.(this.identity, store, {
+          relay: promoted.relay,
+          nbds: promoted.nbd ? [promoted.nbd] : [],
+        });
         r = { vm: promoted.vm, restoreMs: 0 };
       } else {
-        const io = this.o.prepareRestore ? await this.o.prepareRestore(this.identity, store) : {};
+        const io = this.o.prepareRestore
+          ? await this.o.prepareRestore(this.identity, store)
+          : { netSockets: [], nbdSockets: [] };
         r = await restoreVm(
           { spec, machine: store.machine, deviceState: store.deviceState },
           { binary, runDir: join(this.o.stateDir, 'run'), tag: 'active', ...io },

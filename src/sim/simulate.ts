@@ -91,7 +91,7 @@ class SimDisk implements DiskEpochSource {
   writes = 0;
   flushes = 0;
   cutEpoch(): DiskEpochCut {
-    const c = { pages: new Map<number, Buffer>(), writes: this.writes, flushes: this.flushes };
+    const c: DiskEpochCut = { disks: [], writes: this.writes, flushes: this.flushes };
     this.writes = 0;
     this.flushes = 0;
     return c;

@@ -34,7 +34,7 @@ test('VM definition: a disk-booted VM with a 20 GiB sparse image and a NIC is re
   const vm = loadVmDefinition(file);
   assert.equal(vm.cpus, 1);
   assert.equal(vm.accelerator, 'auto');
-  assert.deepEqual(vm.disks, [{ path: join(dir, 'big.raw'), format: 'raw', sizeBytes: 20 * 2 ** 30 }]);
+  assert.deepEqual(vm.disks, [{ path: join(dir, 'big.raw'), format: 'raw', sizeBytes: 20 * 2 ** 30, bus: 'virtio' }]);
   assert.equal(vm.nics[0]!.mac, defaultMac('web1'));
   assert.match(vm.nics[0]!.mac, /^52:54:00(:[0-9a-f]{2}){3}$/);
   assert.equal(defaultMac('web1'), defaultMac('web1'), 'the same name gets the same MAC');
@@ -79,7 +79,22 @@ test('VM definition: every mistake is one line naming the file and the field', (
       { ...base, disks: [{ path: 'missing.raw' }] },
       /bad\.json: disks\[0\]\.path: cannot use .*missing\.raw: no such file/,
     ],
-    [{ ...base, disks: [{ path: 'a' }, { path: 'b' }] }, /bad\.json: disks: Rubato protects one disk per VM today/],
+    [
+      { ...base, disks: Array.from({ length: 17 }, () => ({ path: 'k' })) },
+      /bad\.json: disks: Rubato protects up to 16 disks per VM/,
+    ],
+    [{ ...base, disks: [{ path: 'k', bus: 'ide' }] }, /bad\.json: disks\[0\]\.bus: /],
+    [
+      {
+        ...base,
+        nics: [
+          { bridge: 'br0', mac: '52:54:00:00:00:01' },
+          { bridge: 'br1', mac: '52:54:00:00:00:01' },
+        ],
+      },
+      /bad\.json: nics: two NICs have the same MAC address/,
+    ],
+    [{ ...base, nics: [{ bridge: 'br0', vlan: 5000 }] }, /bad\.json: nics\[0\]\.vlan: /],
     [{ ...base, boot: { from: 'disk' } }, /bad\.json: boot: boots from the disk, but the VM has no disk/],
     [{ ...base, boot: { from: 'network' } }, /bad\.json: boot: must be/],
     [{ ...base, colour: 'blue' }, /bad\.json: \(top level\): /],
@@ -100,4 +115,28 @@ test('VM definition: the examples parse (their images aside)', () => {
     // The shapes are valid: the only complaint is the image the example points at.
     assert.throws(() => parseVmDefinition(text, ex), refused(/disks\[0\]\.path: cannot use .*no such file/), ex);
   }
+});
+
+test('VM definition: several disks and NICs, each with its bus, bridge, VLAN and a stable MAC of its own', (t) => {
+  const dir = makeTempDir();
+  t.after(() => removeTempDir(dir));
+  writeFileSync(join(dir, 'a.img'), Buffer.alloc(8192));
+  writeFileSync(join(dir, 'b.img'), Buffer.alloc(8192));
+  const d = parseVmDefinition(
+    JSON.stringify({
+      name: 'two',
+      memoryMiB: 256,
+      disks: [{ path: 'a.img' }, { path: 'b.img', bus: 'scsi' }],
+      nics: [{ bridge: 'br0' }, { bridge: 'br1', vlan: 20 }],
+      boot: { from: 'disk' },
+    }),
+    join(dir, 'two.json'),
+  );
+  assert.deepEqual(
+    d.disks.map((x) => x.bus),
+    ['virtio', 'scsi'],
+  );
+  assert.equal(d.nics.length, 2);
+  assert.notEqual(d.nics[0]!.mac, d.nics[1]!.mac);
+  assert.equal(d.nics[1]!.vlan, 20);
 });

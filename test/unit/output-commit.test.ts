@@ -122,7 +122,11 @@ test('a resynchronisation covers output still held from the lost session with th
 test('closing an epoch cuts the disk epoch with it', () => {
   let cuts = 0;
   const disk = {
-    cutEpoch: (): DiskEpochCut => ({ pages: new Map([[cuts * 4096, Buffer.alloc(4096)]]), writes: ++cuts, flushes: 0 }),
+    cutEpoch: (): DiskEpochCut => ({
+      disks: [{ block: 'disk0', pages: new Map([[cuts * 4096, Buffer.alloc(4096)]]) }],
+      writes: ++cuts,
+      flushes: 0,
+    }),
   };
   const b = new OutputCommit(100, disk);
   assert.equal(b.hold(0).disk?.writes, 1);

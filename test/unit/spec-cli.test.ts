@@ -60,3 +60,39 @@ test('CLI: a config mistake is one clear line and exit 2, never a stack trace', 
     assert.match(r.stderr, /--route|--mem|unknown benchmark|--trace FILE|cannot read trace|--workloads: unknown nope/);
   }
 });
+
+test('several disks (virtio and scsi) and NICs: one NBD export and one relay each, the first disk boots', () => {
+  const spec = VmSpecSchema.parse({
+    name: 'multi',
+    accel: 'tcg',
+    cpus: 1,
+    memMb: 256,
+    disk: true,
+    disks: [{ bus: 'virtio' }, { bus: 'scsi' }, { bus: 'virtio' }],
+    mac: '52:54:00:00:00:01',
+    bridge: 'br0',
+    nics: [
+      { mac: '52:54:00:00:00:01', bridge: 'br0' },
+      { mac: '52:54:00:00:00:02', bridge: 'br1', vlan: 20 },
+    ],
+  });
+  const paths = {
+    qmpSocket: 'q',
+    serialSocket: 's',
+    firmwareDirs: [],
+    netSockets: ['n0', 'n1'],
+    nbdSockets: ['d0', 'd1', 'd2'],
+  };
+  const a = qemuArgs(spec, paths, { paused: false, incoming: false }).join(' ');
+  assert.match(
+    a,
+    /node-name=disk0,server\.type=unix,server\.path=d0,export=disk -device virtio-blk-pci,drive=disk0,bootindex=1/,
+  );
+  assert.match(a, /-device virtio-scsi-pci,id=scsi0/);
+  assert.match(a, /server\.path=d1,export=disk -device scsi-hd,drive=disk1,bus=scsi0\.0 /);
+  assert.match(a, /server\.path=d2,export=disk -device virtio-blk-pci,drive=disk2$/);
+  assert.match(a, /stream,id=n0,.*addr\.path=n0 -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01/);
+  assert.match(a, /stream,id=n1,.*addr\.path=n1 -device virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02/);
+  assert.throws(() => qemuArgs(spec, { ...paths, nbdSockets: ['d0'] }, { paused: false, incoming: false }), /3 disks/);
+  assert.throws(() => qemuArgs(spec, { ...paths, netSockets: ['n0'] }, { paused: false, incoming: false }), /2 NICs/);
+});

@@ -99,6 +99,11 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const psk = loadKeyFile(o.key);
   // Safe by default: a witness, or the user's explicit --no-witness (said once, shown in status).
   const fencing = fencingOf(o);
+  if (o.mode !== 'buffer' && (def.disks.length > 1 || def.nics.length > 1))
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      `--mode ${o.mode}: compare mode runs VMs with one disk and one NIC today (${def.name} has ${def.disks.length} disks, ${def.nics.length} NICs); use --mode buffer`,
+    );
   await checkHostFor(def); // (before the witness is asked and before any disk is converted)
   const { accel, binary, tapRelay } = await platform(def.accelerator);
   const stateDir = resolve(o.stateDir ?? `/var/lib/rubato/${def.name}`);
@@ -198,7 +203,8 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     qemuPid: p.vm.pid,
     controllerPid: process.pid,
     accel,
-    disk: p.disk?.path ?? null,
+    disk: p.disks[0]?.path ?? null,
+    disks: p.disks.map((d) => d.path),
   });
   const control = new ControlSocket(join(stateDir, 'control.sock'), {
     status: () => p.primary.snapshot(),

@@ -273,7 +273,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<ServedStandb
       // The VM lives on this host now: a restart of this controller brings it back here (resume.ts).
       if (vm) {
         const generation = gate ? gate.ownership(vm.spec.name).generation : 0;
-        void recordActive(stateDir, vm.spec, hostIo?.nbd?.imagePath ?? null)
+        void recordActive(stateDir, vm.spec, hostIo?.nbds.map((s) => s.imagePath) ?? [])
           .then(() => (generation ? recordGeneration(vmDir(stateDir), generation) : undefined))
           .catch((err: unknown) => log.error(`recording the VM that runs here: ${errorMessage(err)}`));
       }
@@ -305,7 +305,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<ServedStandb
         policy: parsePolicy(o.policy),
         heartbeatMs: o.heartbeatMs,
         timeoutMs: o.timeoutMs,
-        io: { relay: hostIo.relay ?? null, nbd: hostIo.nbd },
+        io: { relay: hostIo.relay ?? null, nbds: hostIo.nbds },
         ownership,
         more: { holdOnLossMs: o.holdMs },
         onGuardEvent: emit,

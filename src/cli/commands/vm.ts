@@ -15,7 +15,7 @@ export function storedDefinition(d: ResolvedVm): VmDefinition {
     cpus: d.cpus,
     memoryMiB: d.memoryMiB,
     accelerator: d.accelerator,
-    disks: d.disks.map((x) => ({ path: x.path, format: x.format })),
+    disks: d.disks.map((x) => ({ path: x.path, format: x.format, bus: x.bus })),
     nics: d.nics.map((n) => ({ bridge: n.bridge, mac: n.mac })),
     boot: d.boot,
   };

@@ -66,6 +66,8 @@ export async function prepareDisk(
   disk: { path: string; format: 'raw' | 'qcow2' },
   stateDir: string,
   vmName: string,
+  /** The disk's place in the VM (its converted file's name carries it from the second disk on). */
+  index = 0,
 ): Promise<PreparedDisk> {
   const locks = foreignLocks(disk.path);
   if (locks.length)
@@ -80,7 +82,7 @@ export async function prepareDisk(
   }
   const dir = join(stateDir, 'disks');
   ensurePrivateDir(dir);
-  const raw = join(dir, `${vmName}-${basename(disk.path).replace(/\.qcow2$/, '')}.raw`);
+  const raw = join(dir, `${vmName}-${index ? `${index}-` : ''}${basename(disk.path).replace(/\.qcow2$/, '')}.raw`);
   if (existsSync(raw)) {
     log.warn(
       `using ${raw}, converted earlier from ${disk.path}: the VM runs on it (the qcow2 is not written; delete the raw file to convert it again)`,

@@ -8,6 +8,8 @@ import { ip } from './netns.ts';
 export interface TapSite {
   bridge: string;
   ns?: string;
+  /** The VLAN the TAP's bridge port carries untagged (the bridge filters VLANs); absent: the bridge's default. */
+  vlan?: number;
 }
 
 const log = logger('tap');
@@ -71,6 +73,17 @@ export async function addTap(site: TapSite, tap: string): Promise<void> {
   await ip(inNs(site, ['tuntap', 'add', 'dev', tap, 'mode', 'tap']));
   try {
     await ip(inNs(site, ['link', 'set', tap, 'master', site.bridge]));
+    if (site.vlan) {
+      const bridge = (args: string[]) =>
+        runCommand(site.ns ? 'ip' : 'bridge', site.ns ? ['netns', 'exec', site.ns, 'bridge', ...args] : args);
+      const add = await bridge(['vlan', 'add', 'dev', tap, 'vid', String(site.vlan), 'pvid', 'untagged']);
+      if (add.code !== 0)
+        throw new RubatoError('RUBATO_NETNS', `VLAN ${site.vlan} on ${tap}: ${add.stderr.trim()}`, {
+          tap,
+          vlan: site.vlan,
+        });
+      await bridge(['vlan', 'del', 'dev', tap, 'vid', '1']);
+    }
     await ip(inNs(site, ['link', 'set', tap, 'up']));
   } catch (e) {
     await delTap(site, tap);
