@@ -128,7 +128,7 @@ async function load(): Promise<void> {
       }
       out({ type: 'conn', id: c.id, event: 'open' });
       while (!stop && Date.now() < until) {
-        const key = `w${w}c${c.id}s${seq++}`;
+        const key = `${args.get('prefix') ?? ''}w${w}c${c.id}s${seq++}`;
         const value = `v${Math.floor(Math.random() * 1e9)}`;
         const t0 = performance.now();
         try {

@@ -26,13 +26,7 @@ import {
   RelaySet,
   type GuestNet,
 } from '../io/index.ts';
-import {
-  type PrimaryController,
-  type PrimaryEvent,
-  type PrimaryOptions,
-  type ReplicaStore,
-  type Identity,
-} from '../replication/index.ts';
+import type { PrimaryController, PrimaryEvent, PrimaryOptions, ReplicaStore, Identity } from '../replication/index.ts';
 import type { Policy } from '../scheduler/index.ts';
 import { ReleaseGate, type LeaseCheck } from '../commit/index.ts';
 import type { Ownership, OwnershipGuard } from '../coord/index.ts';

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { existsSync, readFileSync, renameSync, statSync } from 'node:fs';
 import { z } from 'zod';
 import { RubatoError, ensurePrivateDir, writePrivateAtomic, logger } from '../util/index.ts';
-import { VmSpecSchema, diskBuses, type ResolvedVm, type VmSpec } from '../qemu/index.ts';
+import { VmSpecSchema, diskBuses, nicsOf, type ResolvedVm, type VmSpec } from '../qemu/index.ts';
 
 const log = logger('resume');
 const MAX_RECORD_BYTES = 64 * 1024;
@@ -91,7 +91,7 @@ export function definitionOf(rec: ActiveRecord, file: string): ResolvedVm {
       sizeBytes: statSync(path).size,
       bus: diskBuses(s)[i] ?? 'virtio',
     })),
-    nics: s.mac && s.bridge ? [{ bridge: s.bridge, mac: s.mac }] : [],
+    nics: nicsOf(s).map((n) => ({ bridge: n.bridge, mac: n.mac, ...(n.vlan ? { vlan: n.vlan } : {}) })),
     boot: s.kernel
       ? { kernel: s.kernel, ...(s.initrd ? { initrd: s.initrd } : {}), append: s.append ?? '' }
       : { from: 'disk' },

@@ -186,9 +186,18 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
 }
 
 /** The kernel command line for the test guest running one workload program. */
-export function guestAppend(workload: readonly (string | number)[], opts: { ip?: string; disk?: string } = {}): string {
+export function guestAppend(
+  workload: readonly (string | number)[],
+  opts: { ip?: string; disk?: string; ip2?: string; rawDisk?: string } = {},
+): string {
   const wl = workload.map(String).join(',');
-  return `console=ttyS0 quiet panic=-1 rubato.wl=${wl}${opts.ip ? ` rubato.ip=${opts.ip}` : ''}${opts.disk ? ` rubato.disk=${opts.disk}` : ''}`;
+  const more = [
+    opts.ip ? `rubato.ip=${opts.ip}` : '',
+    opts.disk ? `rubato.disk=${opts.disk}` : '',
+    opts.ip2 ? `rubato.ip2=${opts.ip2}` : '',
+    opts.rawDisk ? `rubato.rawdisk=${opts.rawDisk}` : '',
+  ].filter(Boolean);
+  return `console=ttyS0 quiet panic=-1 rubato.wl=${wl}${more.map((m) => ` ${m}`).join('')}`;
 }
 
 /** The test guest's dirtier progress line on its console: its counter and its own memory check. */

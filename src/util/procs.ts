@@ -19,7 +19,12 @@ const SETPRIV = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p));
  * still alive is killed by PID and the process exits. A second signal skips the wait.
  */
 const shutdownHooks: Array<() => Promise<void>> = [];
-const SHUTDOWN_GRACE_MS = 10_000;
+let SHUTDOWN_GRACE_MS = 10_000;
+
+/** An orderly stop may take this much longer (a guest's ACPI shutdown: its --stop-timeout). */
+export function extendShutdownGrace(ms: number): void {
+  SHUTDOWN_GRACE_MS = Math.max(SHUTDOWN_GRACE_MS, 10_000 + ms);
+}
 let shuttingDown = false;
 
 export function onShutdown(hook: () => Promise<void>): () => void {

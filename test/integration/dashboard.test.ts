@@ -44,6 +44,8 @@ test('metrics, status and the live dashboard of a pair; the dashboard shows the 
   try {
     const b = rubatoProcess('standby-dash', [
       'standby',
+      '--stop-timeout',
+      '2',
       '--no-witness',
       '--listen',
       `127.0.0.1:${port}`,

@@ -31,6 +31,8 @@ test('rubato switchover: the VM moves to the standby with no reboot, the old pri
   try {
     const b = rubato('standby-b', [
       'standby',
+      '--stop-timeout',
+      '2',
       '--no-witness',
       '--listen',
       `127.0.0.1:${portB}`,

@@ -309,6 +309,8 @@ async function witnessRig(vm: string) {
     const portB = 20000 + Math.floor(Math.random() * 20000);
     const sb = events('rubato-standby', [
       'standby',
+      '--stop-timeout',
+      '2',
       '--listen',
       `127.0.0.1:${portB}`,
       '--state-dir',

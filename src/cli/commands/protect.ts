@@ -5,7 +5,7 @@
 import { z } from 'zod';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import { RubatoError, logger, onShutdown } from '../../util/index.ts';
+import { RubatoError, logger, onShutdown, extendShutdownGrace } from '../../util/index.ts';
 import { startObserver } from '../../observe/index.ts';
 import { ConsoleServer, loadVmDefinition } from '../../qemu/index.ts';
 import { loadKeyFile, ControlSocket, formatProgress } from '../../replication/index.ts';
@@ -97,6 +97,7 @@ export function register(program: Command): void {
 async function runProtect(file: string, o: z.infer<typeof Options>): Promise<void> {
   const def = loadVmDefinition(file);
   const psk = loadKeyFile(o.key);
+  extendShutdownGrace(o.stopTimeout * 1000); // (SIGTERM waits for the guest's shutdown)
   // Safe by default: a witness, or the user's explicit --no-witness (said once, shown in status).
   const fencing = fencingOf(o);
   if (o.mode !== 'buffer' && (def.disks.length > 1 || def.nics.length > 1))

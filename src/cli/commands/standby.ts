@@ -7,7 +7,7 @@ import { ensureTapRelay } from '../../setup/index.ts';
 import { z } from 'zod';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
-import { logger, onShutdown, RubatoError, errorMessage, isRubatoError } from '../../util/index.ts';
+import { logger, onShutdown, RubatoError, errorMessage, isRubatoError, extendShutdownGrace } from '../../util/index.ts';
 import {
   StandbyController,
   type PrimaryController,
@@ -132,6 +132,7 @@ async function runStandby(o: z.infer<typeof Options>): Promise<void> {
     emit({ event: 'observe', metrics: observer.urls.metrics, dashboard: observer.urls.dashboard });
   onShutdown(() => observer.close());
   const psk = loadKeyFile(o.key);
+  extendShutdownGrace(o.stopTimeout * 1000); // (SIGTERM waits for a guest that runs here to shut down)
   const fencing = fencingOf(o);
   if (fencing === 'none') log.warn(NO_WITNESS_WARNING);
   emit({ event: 'fencing', fencing });

@@ -84,6 +84,17 @@ export class Lan {
   }
 
   /**
+   * Joins a host of another LAN to this one too, through its own bridge `bridge` there (a guest's
+   * second NIC goes on it): another L2 segment, reached only through that bridge.
+   */
+  async attachHost(h: LanHost, bridge: string): Promise<void> {
+    const dev = await this.plug(h.ns, `rx${this.n++}${this.id}`);
+    await ip(['-n', h.ns, 'link', 'add', bridge, 'type', 'bridge', 'forward_delay', '0']);
+    await ip(['-n', h.ns, 'link', 'set', dev, 'master', bridge]);
+    await ip(['-n', h.ns, 'link', 'set', bridge, 'up']);
+  }
+
+  /**
    * Puts the machine's own namespace on the LAN at `.${suffix}` (a service every host reaches, such
    * as the witness, that this process also talks to). The veth goes with the lan namespace.
    */
