@@ -457,6 +457,11 @@ async function resumeHere(
   });
   p.vm.once('exit', (r: { code: number | null; signal: string | null }) => {
     if (shuttingDown) return;
+    // The guest shut itself down (exit 0): an orderly end, as for `rubato protect`.
+    if (r.signal === null && r.code === 0) {
+      process.kill(process.pid, 'SIGTERM');
+      return;
+    }
     // QEMU died on a live host: the standby is told to take over now (primary-side.ts gave the lease up).
     const why = `the guest's QEMU died (${r.signal ?? `exit ${r.code}`})`;
     log.error(`VM ${active.vm}: ${why}`);
