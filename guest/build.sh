@@ -38,8 +38,8 @@ for c in "$here"/src/*.c; do
 done
 install -m 0755 "$here/src/init" "$root/init"
 
-# Modules the guest needs (virtio NIC and disk, ext2 via ext4), with their dependencies, in load order.
-wanted=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_blk crc16 mbcache jbd2 ext4)
+# Modules the guest needs (virtio NIC and disk, ext2 via ext4, efivarfs under UEFI), with their dependencies, in load order.
+wanted=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_blk crc16 mbcache jbd2 ext4 efivarfs)
 : > "$root/etc/modules"
 for m in "${wanted[@]}"; do
   f="$(find "$moddir" -name "$m.ko" -o -name "$m.ko.xz" | head -n1)"

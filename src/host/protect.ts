@@ -4,7 +4,7 @@
 // commit relay, its disk is served by Rubato's NBD server, both wired to the primary controller.
 
 import { join } from 'node:path';
-import { readdirSync, rmSync } from 'node:fs';
+import { readdirSync, rmSync, statSync } from 'node:fs';
 import { logger, errorMessage, ensurePrivateDir } from '../util/index.ts';
 import {
   QemuVm,
@@ -31,6 +31,8 @@ import type { Policy } from '../scheduler/index.ts';
 import { ReleaseGate, type LeaseCheck } from '../commit/index.ts';
 import type { Ownership, OwnershipGuard } from '../coord/index.ts';
 import { startPrimarySide, type PrimarySideOptions } from './primary-side.ts';
+import { findOvmf, uefiVarsFor } from './firmware.ts';
+import { cloudInitSeed } from './cloud-init.ts';
 
 const log = logger('protect');
 
@@ -87,8 +89,14 @@ export async function startHostIo(
   };
 }
 
-/** The QEMU description of a user's VM. */
-export function specOf(def: ResolvedVm, accel: Accel): VmSpec {
+/**
+ * The QEMU description of a user's VM. A UEFI VM needs its firmware's code (this host's OVMF); its
+ * variable store is then its last disk (bus pflash), after its own disks.
+ */
+export function specOf(def: ResolvedVm, accel: Accel, uefiCode?: string): VmSpec {
+  if (def.firmware === 'uefi' && !uefiCode)
+    throw new Error(`VM ${def.name} boots through UEFI: its firmware is needed`);
+  const buses = [...def.disks.map((d) => d.bus), ...(def.firmware === 'uefi' ? (['pflash'] as const) : [])];
   const nic = def.nics[0];
   const boot = def.boot;
   const several = def.nics.length > 1 || def.nics.some((n) => n.vlan);
@@ -101,7 +109,8 @@ export function specOf(def: ResolvedVm, accel: Accel): VmSpec {
     ...(several
       ? { nics: def.nics.map((n) => ({ mac: n.mac, bridge: n.bridge, ...(n.vlan ? { vlan: n.vlan } : {}) })) }
       : {}),
-    ...(def.disks.length ? { disk: true, disks: def.disks.map((d) => ({ bus: d.bus })) } : {}),
+    ...(buses.length ? { disk: true, disks: buses.map((bus) => ({ bus })) } : {}),
+    ...(def.firmware === 'uefi' ? { uefiCode } : {}),
     ...('kernel' in boot
       ? {
           kernel: boot.kernel,
@@ -156,10 +165,32 @@ export interface ProtectedVm {
 
 /**
  * What this host must have for the VM, checked before anything is claimed or converted: its
- * bridges (the definition's files and the key are checked when they are read).
+ * bridges and its firmware (the definition's files and the key are checked when they are read).
  */
 export async function checkHostFor(def: ResolvedVm, ns?: string): Promise<void> {
   for (const nic of def.nics) await checkBridge({ bridge: nic.bridge, ...(ns ? { ns } : {}) });
+  if (def.firmware === 'uefi') findOvmf();
+}
+
+/**
+ * What QEMU gets for the VM on this host: its own disks, then a cloud-init seed (when it has
+ * cloud-init data), then (UEFI) its variable store; and the firmware's code.
+ */
+async function machineOf(
+  def: ResolvedVm,
+  stateDir: string,
+): Promise<{ def: ResolvedVm; uefiCode?: string; images: Array<{ path: string; format: 'raw' | 'qcow2' }> }> {
+  const ovmf = def.firmware === 'uefi' ? findOvmf() : null;
+  const disks = [...def.disks];
+  if (def.cloudInit) {
+    const seed = await cloudInitSeed(def, stateDir);
+    disks.push({ path: seed, format: 'raw', sizeBytes: statSync(seed).size, bus: 'virtio' });
+  }
+  const vars = ovmf ? uefiVarsFor(def, stateDir, ovmf) : null;
+  const images = [...disks, ...(vars ? [{ path: vars, format: 'raw' as const }] : [])];
+  // The seed is a disk of the guest from here on (a VM brought back elsewhere keeps it as one).
+  const { cloudInit: _seeded, ...plain } = def;
+  return { def: { ...plain, disks }, ...(ovmf ? { uefiCode: ovmf.code } : {}), images };
 }
 
 /** Boots the user's VM on this host and starts protecting it (unprotected, said once, until a standby answers). */
@@ -168,12 +199,13 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   await checkHostFor(o.def, o.ns); // (before a qcow2 is converted)
   ensurePrivateDir(o.stateDir);
   ensurePrivateDir(runDir);
-  const spec = specOf(o.def, o.accel);
+  const { def, uefiCode, images } = await machineOf(o.def, o.stateDir);
+  const spec = specOf(def, o.accel, uefiCode);
   const disks: PreparedDisk[] = [];
   let io: HostIo | null = null;
   let vm: QemuVm | null = null;
   try {
-    for (const [i, d] of o.def.disks.entries()) disks.push(await prepareDisk(d, o.stateDir, o.def.name, i));
+    for (const [i, d] of images.entries()) disks.push(await prepareDisk(d, o.stateDir, o.def.name, i));
     io = await startHostIo(
       spec,
       runDir,

@@ -79,18 +79,25 @@ export function retireActive(stateDir: string, why: string): void {
 /** The definition to boot the VM from its state on this host (a fresh boot from its disk). */
 export function definitionOf(rec: ActiveRecord, file: string): ResolvedVm {
   const s = rec.spec;
+  const buses = diskBuses(s);
+  const disks: ResolvedVm['disks'] = [];
+  let uefiVars: string | undefined;
+  for (const [i, path] of rec.disks.entries()) {
+    const bus = buses[i] ?? 'virtio';
+    // A UEFI VM's variable store (the flash its firmware wrote) comes back as its store; a
+    // cloud-init seed is an ordinary disk of the guest by now.
+    if (bus === 'pflash') uefiVars = path;
+    else disks.push({ path, format: 'raw', sizeBytes: statSync(path).size, bus });
+  }
   return {
     file,
     name: s.name,
     cpus: s.cpus,
     memoryMiB: s.memMb,
     accelerator: s.accel,
-    disks: rec.disks.map((path, i) => ({
-      path,
-      format: 'raw' as const,
-      sizeBytes: statSync(path).size,
-      bus: diskBuses(s)[i] ?? 'virtio',
-    })),
+    firmware: s.uefiCode ? 'uefi' : 'bios',
+    ...(uefiVars ? { uefiVars } : {}),
+    disks,
     nics: nicsOf(s).map((n) => ({ bridge: n.bridge, mac: n.mac, ...(n.vlan ? { vlan: n.vlan } : {}) })),
     boot: s.kernel
       ? { kernel: s.kernel, ...(s.initrd ? { initrd: s.initrd } : {}), append: s.append ?? '' }

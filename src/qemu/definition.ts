@@ -58,6 +58,18 @@ export const VmDefinitionSchema = z
       )
       .max(16, 'Rubato protects up to 16 NICs per VM')
       .default([]),
+    /** bios (SeaBIOS, the default) or uefi (OVMF from Debian's ovmf package). */
+    firmware: z.enum(['bios', 'uefi']).default('bios'),
+    /**
+     * UEFI: the VM's own variable store (an OVMF_VARS file, written by the guest's firmware);
+     * without it Rubato keeps one per VM in its state folder, made from OVMF's template.
+     */
+    uefiVars: z.string().min(1).optional(),
+    /** A cloud-init NoCloud seed Rubato builds and attaches as a small extra disk (label cidata). */
+    cloudInit: z
+      .object({ userData: z.string().min(1), metaData: z.string().min(1).optional() })
+      .strict()
+      .optional(),
     boot: z.union(
       [
         z.object({ from: z.literal('disk') }).strict(),
@@ -75,11 +87,16 @@ export type VmDefinition = z.infer<typeof VmDefinitionSchema>;
 /** A definition with its files resolved (relative to the definition's folder) and checked. */
 export interface ResolvedVm extends VmDefinition {
   file: string;
+  /** Resolved and checked; absent for a BIOS VM or when Rubato keeps the store. */
+  uefiVars?: string | undefined;
+  cloudInit?: { userData: string; metaData?: string | undefined } | undefined;
   disks: Array<{ path: string; format: 'raw' | 'qcow2'; sizeBytes: number; bus: 'virtio' | 'scsi' }>;
   nics: Array<{ bridge: string; mac: string; vlan?: number | undefined }>;
 }
 
 const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
+/** cloud-init's user data and meta data go on a 4 MiB seed disk. */
+const MAX_CLOUD_INIT_BYTES = 1024 * 1024;
 
 const fail = (file: string, field: string, msg: string) =>
   new RubatoError('RUBATO_CONFIG', `${file}: ${field}: ${msg}`, { file, field });
@@ -160,6 +177,28 @@ export function parseVmDefinition(text: string, file: string): ResolvedVm {
   }));
   const macs = new Set(nics.map((n) => n.mac));
   if (macs.size !== nics.length) throw fail(file, 'nics', 'two NICs have the same MAC address');
+  if (def.uefiVars !== undefined && def.firmware !== 'uefi')
+    throw fail(
+      file,
+      'uefiVars',
+      'is a UEFI variable store, but the VM boots through the BIOS (set "firmware": "uefi")',
+    );
+  const uefiVars = def.uefiVars === undefined ? undefined : readable(def.uefiVars, 'uefiVars');
+  if (uefiVars && statSync(uefiVars).size % 4096 !== 0)
+    throw fail(file, 'uefiVars', `${uefiVars} is not an OVMF variable store (its size is not a multiple of 4096)`);
+  let cloudInit: ResolvedVm['cloudInit'];
+  if (def.cloudInit) {
+    const small = (p: string, field: string) => {
+      const abs = readable(p, field);
+      if (statSync(abs).size > MAX_CLOUD_INIT_BYTES)
+        throw fail(file, field, `${abs} is larger than ${MAX_CLOUD_INIT_BYTES / 1024} KiB`);
+      return abs;
+    };
+    cloudInit = {
+      userData: small(def.cloudInit.userData, 'cloudInit.userData'),
+      ...(def.cloudInit.metaData ? { metaData: small(def.cloudInit.metaData, 'cloudInit.metaData') } : {}),
+    };
+  }
   let boot = def.boot;
   if ('from' in boot) {
     if (!disks.length) throw fail(file, 'boot', 'boots from the disk, but the VM has no disk');
@@ -170,7 +209,15 @@ export function parseVmDefinition(text: string, file: string): ResolvedVm {
       ...(boot.initrd ? { initrd: readable(boot.initrd, 'boot.initrd') } : {}),
     };
   }
-  return { ...def, file, disks, nics, boot };
+  return {
+    ...def,
+    file,
+    disks,
+    nics,
+    boot,
+    ...(uefiVars ? { uefiVars } : {}),
+    ...(cloudInit ? { cloudInit } : {}),
+  };
 }
 
 /** Reads and checks a VM definition file. */

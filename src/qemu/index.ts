@@ -13,6 +13,7 @@ export {
   VmName,
   VmSpecSchema,
   diskBuses,
+  type DiskBus,
   nicsOf,
   guestAppend,
   parseDirtierLine,

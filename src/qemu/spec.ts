@@ -63,13 +63,26 @@ export const VmSpecSchema = z
      * absent: one virtio disk when `disk`.
      */
     disks: z
-      .array(z.object({ bus: z.enum(['virtio', 'scsi']) }).strict())
-      .max(16)
+      .array(z.object({ bus: z.enum(['virtio', 'scsi', 'pflash']) }).strict())
+      .max(18)
       .optional(),
+    /**
+     * UEFI: the firmware's code (OVMF, read-only flash 0). The VM's variable store is its last disk,
+     * on bus `pflash` (flash 1): replicated with the checkpoints like any disk.
+     */
+    uefiCode: z.string().startsWith('/').optional(),
   })
-  .refine((s) => s.kernel !== undefined || diskBuses(s).length > 0, {
+  .refine((s) => s.kernel !== undefined || diskBuses(s).some((b) => b !== 'pflash'), {
     message: 'a VM without a kernel boots from its disk, and needs one',
-  });
+  })
+  .refine(
+    (s) => {
+      const buses = diskBuses(s);
+      const flash = buses.filter((b) => b === 'pflash').length;
+      return s.uefiCode ? flash === 1 && buses.at(-1) === 'pflash' : flash === 0;
+    },
+    { message: 'a UEFI VM has one variable store, its last disk (bus pflash); a BIOS VM has none' },
+  );
 export type VmSpec = z.infer<typeof VmSpecSchema>;
 
 export interface SpecNic {
@@ -88,10 +101,8 @@ export function nicsOf(s: {
 }
 
 /** The bus of each of the spec's disks, in its order. */
-export function diskBuses(s: {
-  disk?: boolean | undefined;
-  disks?: Array<{ bus: 'virtio' | 'scsi' }> | undefined;
-}): Array<'virtio' | 'scsi'> {
+export type DiskBus = 'virtio' | 'scsi' | 'pflash';
+export function diskBuses(s: { disk?: boolean | undefined; disks?: Array<{ bus: DiskBus }> | undefined }): DiskBus[] {
   return s.disks ? s.disks.map((d) => d.bus) : s.disk ? ['virtio'] : [];
 }
 
@@ -122,11 +133,14 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
   const mem = spec.ramFile
     ? `memory-backend-file,id=${MAIN_RAM_ID},size=${spec.memMb}M,mem-path=${spec.ramFile},share=on`
     : `memory-backend-ram,id=${MAIN_RAM_ID},size=${spec.memMb}M`;
+  const buses = diskBuses(spec);
+  // UEFI: the firmware's code is flash 0 (read-only, from the host), the VM's variable store flash 1.
+  const flash = spec.uefiCode ? `,pflash0=fw-code,pflash1=disk${buses.indexOf('pflash')}` : '';
   const args = [
     '-name',
     `rubato-${spec.name}`,
     '-machine',
-    `pc,accel=${spec.accel},memory-backend=${MAIN_RAM_ID}`,
+    `pc,accel=${spec.accel},memory-backend=${MAIN_RAM_ID}${flash}`,
     '-cpu',
     spec.accel === 'kvm' ? 'host' : 'max',
     '-smp',
@@ -165,16 +179,16 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
       `virtio-net-pci,netdev=n${i},mac=${nic.mac},romfile=`,
     );
   }
-  const buses = diskBuses(spec);
   const nbdSockets = paths.nbdSockets ?? [];
   if (nbdSockets.length !== buses.length)
     throw new Error(`VM ${spec.name} has ${buses.length} disks but ${nbdSockets.length} NBD sockets were given`);
+  if (spec.uefiCode) args.push('-blockdev', `driver=file,node-name=fw-code,filename=${spec.uefiCode},read-only=on`);
   if (buses.includes('scsi')) args.push('-device', 'virtio-scsi-pci,id=scsi0');
   for (const [i, bus] of buses.entries()) {
+    args.push('-blockdev', `driver=nbd,node-name=disk${i},server.type=unix,server.path=${nbdSockets[i]},export=disk`);
+    if (bus === 'pflash') continue; // the machine's flash 1 (above)
     const boot = i === 0 && !spec.kernel ? ',bootindex=1' : '';
     args.push(
-      '-blockdev',
-      `driver=nbd,node-name=disk${i},server.type=unix,server.path=${nbdSockets[i]},export=disk`,
       '-device',
       bus === 'scsi' ? `scsi-hd,drive=disk${i},bus=scsi0.0${boot}` : `virtio-blk-pci,drive=disk${i}${boot}`,
     );
@@ -188,11 +202,12 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
 /** The kernel command line for the test guest running one workload program. */
 export function guestAppend(
   workload: readonly (string | number)[],
-  opts: { ip?: string; disk?: string; ip2?: string; rawDisk?: string } = {},
+  opts: { ip?: string; disk?: string; ip2?: string; rawDisk?: string; efivar?: string } = {},
 ): string {
   const wl = workload.map(String).join(',');
   const more = [
     opts.ip ? `rubato.ip=${opts.ip}` : '',
+    opts.efivar ? `rubato.efivar=${opts.efivar}` : '',
     opts.disk ? `rubato.disk=${opts.disk}` : '',
     opts.ip2 ? `rubato.ip2=${opts.ip2}` : '',
     opts.rawDisk ? `rubato.rawdisk=${opts.rawDisk}` : '',

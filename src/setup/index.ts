@@ -7,6 +7,7 @@ export {
   ensureAll,
   ensureBrowser,
   ensureDebianImage,
+  ensureDebianUefiImage,
   ensureGuestImage,
   ensurePackages,
   ensurePatchedQemu,

@@ -39,6 +39,10 @@ export const DEBIAN_PACKAGES = [
   'patch',
   // guest disks and the network topology
   'e2fsprogs',
+  // UEFI guests: OVMF, and the cloud-init seed (a FAT volume made without a mount)
+  'ovmf',
+  'dosfstools',
+  'mtools',
   // the witness (a local single-member etcd is the embedded default)
   'etcd-server',
   // the chaos harness's split-brain detector (frames from the guest's MAC on each host's LAN port)
@@ -82,8 +86,8 @@ async function installPackages(names: readonly string[]): Promise<void> {
     );
 }
 
-async function runBuildScript(script: string, what: string): Promise<string> {
-  const r = await runCommand('bash', [join(REPO_ROOT, script)], {
+async function runBuildScript(script: string, what: string, args: string[] = []): Promise<string> {
+  const r = await runCommand('bash', [join(REPO_ROOT, script), ...args], {
     onLine: (l) => {
       if (l.trim()) log.info(`${what}: ${l.replace(/^\[[a-z-]+\] /, '')}`);
     },
@@ -129,7 +133,18 @@ export async function ensureGuestImage(): Promise<GuestImage> {
 }
 
 /** Packages the Debian guest image is built with. */
-const DEBIAN_GUEST_PACKAGES = ['mmdebstrap', 'extlinux', 'syslinux-common', 'fdisk', 'e2fsprogs', 'openssl'] as const;
+const DEBIAN_GUEST_PACKAGES = [
+  'mmdebstrap',
+  'extlinux',
+  'syslinux-common',
+  'fdisk',
+  'e2fsprogs',
+  'openssl',
+  // its UEFI variant
+  'grub-efi-amd64-bin',
+  'dosfstools',
+  'mtools',
+] as const;
 
 let debianImage: string | null = null;
 /** The Debian 12 guest disk (guest/debian/build.sh): built once from Debian packages, cached. */
@@ -140,6 +155,20 @@ export async function ensureDebianImage(): Promise<string> {
   const path = await runBuildScript('guest/debian/build.sh', 'Debian guest');
   if (!existsSync(path)) throw new RubatoError('RUBATO_SETUP_FAILED', `Debian guest image missing: ${path}`);
   debianImage = path;
+  return path;
+}
+
+let debianUefiImage: string | null = null;
+/**
+ * The Debian 12 guest's UEFI variant (guest/debian/build-uefi.sh): the same root file system on a
+ * GPT disk with an EFI system partition (GRUB), made from the BIOS image once, cached.
+ */
+export async function ensureDebianUefiImage(): Promise<string> {
+  if (debianUefiImage) return debianUefiImage;
+  const bios = await ensureDebianImage();
+  const path = await runBuildScript('guest/debian/build-uefi.sh', 'Debian UEFI guest', [bios]);
+  if (!existsSync(path)) throw new RubatoError('RUBATO_SETUP_FAILED', `Debian UEFI guest image missing: ${path}`);
+  debianUefiImage = path;
   return path;
 }
 

@@ -86,6 +86,7 @@ async function runPrimary(o: z.infer<typeof Options>): Promise<void> {
     accelerator: accel,
     disks: [],
     nics: [],
+    firmware: 'bios',
     boot: {
       kernel: o.kernel ?? guest.kernel,
       initrd: o.initrd ?? guest.initrd,

@@ -100,10 +100,10 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   extendShutdownGrace(o.stopTimeout * 1000); // (SIGTERM waits for the guest's shutdown)
   // Safe by default: a witness, or the user's explicit --no-witness (said once, shown in status).
   const fencing = fencingOf(o);
-  if (o.mode !== 'buffer' && (def.disks.length > 1 || def.nics.length > 1))
+  if (o.mode !== 'buffer' && (def.disks.length > 1 || def.nics.length > 1 || def.firmware !== 'bios' || def.cloudInit))
     throw new RubatoError(
       'RUBATO_CONFIG',
-      `--mode ${o.mode}: compare mode runs VMs with one disk and one NIC today (${def.name} has ${def.disks.length} disks, ${def.nics.length} NICs); use --mode buffer`,
+      `--mode ${o.mode}: compare mode runs BIOS VMs with one disk and one NIC today (${def.name} has ${def.disks.length} disks, ${def.nics.length} NICs, ${def.firmware}${def.cloudInit ? ', a cloud-init seed' : ''}); use --mode buffer`,
     );
   await checkHostFor(def); // (before the witness is asked and before any disk is converted)
   const { accel, binary, tapRelay } = await platform(def.accelerator);

@@ -16,7 +16,10 @@ export function storedDefinition(d: ResolvedVm): VmDefinition {
     memoryMiB: d.memoryMiB,
     accelerator: d.accelerator,
     disks: d.disks.map((x) => ({ path: x.path, format: x.format, bus: x.bus })),
-    nics: d.nics.map((n) => ({ bridge: n.bridge, mac: n.mac })),
+    nics: d.nics.map((n) => ({ bridge: n.bridge, mac: n.mac, ...(n.vlan ? { vlan: n.vlan } : {}) })),
+    firmware: d.firmware,
+    ...(d.uefiVars ? { uefiVars: d.uefiVars } : {}),
+    ...(d.cloudInit ? { cloudInit: d.cloudInit } : {}),
     boot: d.boot,
   };
 }
