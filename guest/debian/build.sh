@@ -2,7 +2,7 @@
 # Builds the Debian 12 guest disk image from Debian packages, once, cached outside the work tree:
 # an 8 GiB sparse raw disk with an MBR partition table and extlinux, so that it boots through the
 # firmware like any user's image; systemd, a serial console, a static address on the test LAN
-# (10.231.0.10/24, eth0), redis-server, nginx-light and postgresql installed and enabled.
+# (10.231.0.10/24, eth0; eth1 10.231.1.10/24 when there), redis-server, nginx-light and postgresql installed and enabled.
 # Prints the image's path as its last line. Needs root (loop device, mount).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -63,7 +63,7 @@ LABEL debian
   APPEND root=UUID=$uuid ro console=ttyS0,115200 net.ifnames=0 quiet
 EOF
 extlinux --install "$mnt/boot/extlinux" >&2 2>/dev/null
-chroot "$mnt" systemctl enable rubato-ready.service serial-getty@ttyS0.service >/dev/null 2>&1
+chroot "$mnt" systemctl enable rubato-ready.service rubato-disk2.service serial-getty@ttyS0.service >/dev/null 2>&1
 chroot "$mnt" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_reap.service >/dev/null 2>&1 || true
 # Services listen on the LAN; the test LAN is private to the host.
 sed -i 's/^bind .*/bind 0.0.0.0/; s/^protected-mode yes/protected-mode no/' "$mnt/etc/redis/redis.conf"

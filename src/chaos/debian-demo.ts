@@ -16,6 +16,7 @@ import {
   RUBATO_COMMAND,
   ensurePackages,
   ensureDebianImage,
+  ensureDebianUefiImage,
   ensurePatchedQemu,
   ensureTapRelay,
 } from '../setup/index.ts';
@@ -26,6 +27,9 @@ import { LocalEtcd, EtcdClient, currentOwner } from '../coord/index.ts';
 const log = logger('demo');
 /** The Debian guest's static address (guest/debian/files/etc/network/interfaces). */
 const SUBNET = '10.231.0';
+/** Its second NIC's (eth1, when there), on a LAN of its own joined by this bridge on each host. */
+const SUBNET2 = '10.231.1';
+const BRIDGE2 = 'brdeb2';
 
 export interface DebianDemoOptions {
   seconds: number;
@@ -36,6 +40,12 @@ export interface DebianDemoOptions {
   accel: string;
   /** Grow the disk (sparse) to this size first (the partition stays as built): real sizes. */
   diskGiB?: number;
+  /** Disks of the VM (default 1): the second is written raw by the guest (a counter it publishes). */
+  disks?: number;
+  /** NICs of the VM (default 1, at most 2): the second on a LAN of its own, with its own client. */
+  nics?: number;
+  /** bios (default) or uefi: the Debian image's UEFI variant, booted through OVMF. */
+  firmware?: 'bios' | 'uefi';
   /**
    * Called where the VM runs, once protected and again after the failover (a test reaches its
    * console there); a throw fails the demo.
@@ -48,6 +58,20 @@ export interface DebianDemoOptions {
 
 export interface DebianDemoResult {
   bootedFromDisk: boolean;
+  firmware: 'bios' | 'uefi';
+  disks: number;
+  nics: number;
+  /**
+   * The second NIC's client (its own LAN): pages fetched through it, after the failover too
+   * (null with one NIC).
+   */
+  secondNic: { requests: number; afterFailover: number; errors: number; connectionSurvived: boolean } | null;
+  /**
+   * The counter the guest writes through on its second disk and publishes from its first: the last
+   * value a client saw before the failover, the first and last after it, and whether it ever went
+   * back (null with one disk).
+   */
+  counter: { beforeFailover: number; firstAfter: number; lastAfter: number; wentBack: boolean } | null;
   diskGiB: number;
   guestMemMb: number;
   failover: boolean;
@@ -94,8 +118,16 @@ export async function runDebianDemo(
   o: DebianDemoOptions,
   onStatus: (line: string, final?: boolean) => void,
 ): Promise<DebianDemoResult> {
+  const nDisks = o.disks ?? 1;
+  const nNics = o.nics ?? 1;
+  const firmware = o.firmware ?? 'bios';
   const res: DebianDemoResult = {
     bootedFromDisk: false,
+    firmware,
+    disks: nDisks,
+    nics: nNics,
+    secondNic: null,
+    counter: null,
     diskGiB: 0,
     guestMemMb: o.memMb,
     failover: false,
@@ -119,11 +151,12 @@ export async function runDebianDemo(
     true,
   );
   await ensurePackages();
-  const image = await ensureDebianImage();
+  const image = firmware === 'uefi' ? await ensureDebianUefiImage() : await ensureDebianImage();
   if (o.accel !== 'kvm') await ensurePatchedQemu();
   await ensureTapRelay();
   const dir = makeTempDir('rubato-debian-demo-');
   let lan: Lan | null = null;
+  let lan2: Lan | null = null;
   const procs: TrackedProcess[] = [];
   let rssTimer: NodeJS.Timeout | null = null;
   let etcd: LocalEtcd | null = null;
@@ -136,6 +169,18 @@ export async function runDebianDemo(
     lan = await Lan.create('deb', { subnet: SUBNET });
     const l = lan;
     const [ha, hb] = [await l.addHost('ha'), await l.addHost('hb')];
+    // A second NIC's LAN: its own bridge on each host and its own client.
+    if (nNics > 1) {
+      lan2 = await Lan.create('deb2', { subnet: SUBNET2 });
+      for (const h of [ha, hb]) await lan2.attachHost(h, BRIDGE2);
+    }
+    const extraDisks: string[] = [];
+    for (let i = 1; i < nDisks; i++) {
+      const f = join(dir, `data${i}.img`);
+      writeFileSync(f, Buffer.alloc(0));
+      truncateSync(f, 64 << 20);
+      extraDisks.push(f);
+    }
     // The witness: Rubato's embedded default, a single-member etcd, here on the LAN where both hosts reach it.
     etcd = await LocalEtcd.start(join(dir, 'witness'), { host: await l.attachRoot(200) });
     res.witness = etcd.url;
@@ -152,8 +197,9 @@ export async function runDebianDemo(
           cpus: 1,
           memoryMiB: o.memMb,
           accelerator: o.accel,
-          disks: [{ path: disk }],
-          nics: [{ bridge: ha.bridge }],
+          firmware,
+          disks: [{ path: disk }, ...extraDisks.map((path) => ({ path }))],
+          nics: [{ bridge: ha.bridge }, ...(nNics > 1 ? [{ bridge: BRIDGE2 }] : [])],
           boot: { from: 'disk' },
         },
         null,
@@ -261,6 +307,27 @@ export async function runDebianDemo(
       ]),
     );
     await client.waitEvent((e) => e.type === 'ok', 60_000, 'a first page');
+    // The second NIC's client (or, with one NIC, a second client on the first): the counter page
+    // when the VM has its second disk.
+    const counterLan = lan2 ?? l;
+    const second =
+      nNics > 1 || nDisks > 1
+        ? new Controller(
+            'client-2',
+            inNs('http-client-2', counterLan.clientNs, [
+              '--import',
+              tsx,
+              join(REPO_ROOT, 'src', 'chaos', 'http-client.ts'),
+              '--target',
+              `${counterLan.guestIp}:80`,
+              '--path',
+              nDisks > 1 ? '/counter.txt' : '/4k.html',
+              '--body',
+              '1',
+            ]),
+          )
+        : null;
+    await second?.waitEvent((e) => e.type === 'ok', 120_000, 'a first page through the second client');
     await o.onRunning?.('protected', { ns: ha.ns, stateDir: join(dir, 'ha'), vm: 'debian' });
     await new Promise((r) => setTimeout(r, o.seconds * 1000));
 
@@ -329,6 +396,40 @@ export async function runDebianDemo(
 
     client.proc.kill('SIGTERM');
     await client.proc.exited;
+    if (second) {
+      second.proc.kill('SIGTERM');
+      await second.proc.exited;
+      const ok2 = second.events.filter((e) => e.type === 'ok');
+      const after = ok2.filter((e) => e.t > Number(fo['runningAtMs']));
+      if (nNics > 1) {
+        const pers = ok2.filter((e) => e['conn'] === 'persistent');
+        res.secondNic = {
+          requests: ok2.length,
+          afterFailover: after.length,
+          errors: second.events.filter((e) => e.type === 'error').length,
+          connectionSurvived:
+            pers.some((e) => e.t > Number(fo['runningAtMs'])) && new Set(pers.map((e) => e['socket'])).size === 1,
+        };
+      }
+      if (nDisks > 1) {
+        // Answers in the order they were given (per connection, a later answer is a later state).
+        const values = (xs: typeof ok2) => xs.map((e) => Number(e['body'])).filter((n) => Number.isFinite(n) && n > 0);
+        const before = values(ok2.filter((e) => e.t <= killAt));
+        const afterValues = values(after);
+        let wentBack = false;
+        for (const conn of ['persistent', 'new'])
+          values(ok2.filter((e) => e['conn'] === conn)).reduce((prev, n) => {
+            if (n < prev) wentBack = true;
+            return n;
+          }, 0);
+        res.counter = {
+          beforeFailover: Math.max(0, ...before),
+          firstAfter: afterValues[0] ?? 0,
+          lastAfter: afterValues.at(-1) ?? 0,
+          wentBack,
+        };
+      }
+    }
     const oks = client.events.filter((e) => e.type === 'ok');
     res.httpRequests = oks.length;
     res.httpErrors = client.events.filter((e) => e.type === 'error').length;
@@ -357,6 +458,7 @@ export async function runDebianDemo(
     if (rssTimer) clearInterval(rssTimer);
     for (const p of procs.reverse()) await p.stop(5000);
     await etcd?.stop();
+    await lan2?.destroy();
     await lan?.destroy();
     removeTempDir(dir);
   }
@@ -365,6 +467,17 @@ export async function runDebianDemo(
 
 export const debianDemoPassed = (r: DebianDemoResult): boolean =>
   r.bootedFromDisk &&
+  (r.nics < 2 ||
+    (r.secondNic !== null &&
+      r.secondNic.afterFailover > 0 &&
+      r.secondNic.errors === 0 &&
+      r.secondNic.connectionSurvived)) &&
+  (r.disks < 2 ||
+    (r.counter !== null &&
+      !r.counter.wentBack &&
+      r.counter.beforeFailover > 0 &&
+      r.counter.firstAfter >= r.counter.beforeFailover &&
+      r.counter.lastAfter > r.counter.firstAfter)) &&
   r.diskGiB >= 8 &&
   r.failover &&
   r.generation >= 2 &&

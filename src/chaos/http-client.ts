@@ -1,6 +1,6 @@
 // The demo's web client, run inside the client namespace: one persistent (keep-alive) connection
 // fetching --path every --interval-ms, and a fresh connection per request every --new-every-ms,
-// until SIGTERM. One JSON line per request: {type:'ok'|'error', conn:'persistent'|'new', latMs, socket}.
+// until SIGTERM. One JSON line per request: {type:'ok'|'error', conn:'persistent'|'new', latMs, socket[, body]}.
 // `socket` numbers the persistent connection's TCP socket: it stays 1 if the connection survives.
 
 import { Agent, request } from 'node:http';
@@ -15,16 +15,22 @@ const keepAlive = new Agent({ keepAlive: true, maxSockets: 1 });
 let sockets = 0;
 const seen = new WeakSet<object>();
 
-function fetchOnce(persistent: boolean): Promise<{ latMs: number; socket: number }> {
+/** --body 1: each answer's first 64 bytes go in its line (a page that shows the guest's state). */
+const withBody = args.get('body') === '1';
+
+function fetchOnce(persistent: boolean): Promise<{ latMs: number; socket: number; body: string }> {
   const t0 = performance.now();
   return new Promise((resolve, reject) => {
     const req = request(
       { host, port: Number(portStr), path, agent: persistent ? keepAlive : false, timeout: 30_000 },
       (res) => {
-        res.on('data', () => {});
+        let body = '';
+        res.on('data', (d: Buffer) => {
+          if (withBody && body.length < 64) body += d.toString('utf8', 0, 64 - body.length);
+        });
         res.on('end', () =>
           res.statusCode === 200
-            ? resolve({ latMs: performance.now() - t0, socket: sock })
+            ? resolve({ latMs: performance.now() - t0, socket: sock, body: body.trim() })
             : reject(new Error(`HTTP ${res.statusCode}`)),
         );
         res.on('error', reject);
@@ -56,6 +62,7 @@ async function loop(persistent: boolean, everyMs: number, stop: () => boolean): 
         conn: persistent ? 'persistent' : 'new',
         latMs: Math.round(r.latMs * 10) / 10,
         socket: r.socket,
+        ...(withBody ? { body: r.body } : {}),
       });
     } catch (e) {
       out({ type: 'error', conn: persistent ? 'persistent' : 'new', error: (e as Error).message });

@@ -14,6 +14,7 @@ import * as consoleCmd from './commands/console.ts';
 import * as demo from './commands/demo.ts';
 import * as failover from './commands/failover.ts';
 import * as host from './commands/host.ts';
+import * as importCmd from './commands/import.ts';
 import * as keygen from './commands/keygen.ts';
 import * as primary from './commands/primary.ts';
 import * as profile from './commands/profile.ts';
@@ -42,6 +43,7 @@ for (const c of [
   captureCheck,
   keygen,
   protect,
+  importCmd,
   primary,
   standby,
   failover,

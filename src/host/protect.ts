@@ -168,7 +168,8 @@ export interface ProtectedVm {
  * bridges and its firmware (the definition's files and the key are checked when they are read).
  */
 export async function checkHostFor(def: ResolvedVm, ns?: string): Promise<void> {
-  for (const nic of def.nics) await checkBridge({ bridge: nic.bridge, ...(ns ? { ns } : {}) });
+  for (const nic of def.nics)
+    await checkBridge({ bridge: nic.bridge, ...(ns ? { ns } : {}), ...(nic.vlan ? { vlan: nic.vlan } : {}) });
   if (def.firmware === 'uefi') findOvmf();
 }
 

@@ -5,6 +5,8 @@ export { resolveAccel } from './accel.ts';
 export type { AccelChoice } from './accel.ts';
 export { VmDefinitionSchema, loadVmDefinition, parseVmDefinition } from './definition.ts';
 export type { ResolvedVm, VmDefinition } from './definition.ts';
+export { MAX_DOMAIN_XML_BYTES, networkBridgeOf, parseDomainXml } from './libvirt.ts';
+export type { ImportResult } from './libvirt.ts';
 export type { QmpClient, QmpEvent } from './qmp.ts';
 export { restoreVm } from './restore.ts';
 export {

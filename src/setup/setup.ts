@@ -198,6 +198,12 @@ export async function ensureTestTools(): Promise<void> {
   await installPackages(TEST_TOOL_PACKAGES);
 }
 
+/** libvirt, for `rubato import --libvirt`'s test (a domain made by `virsh define`). */
+export const LIBVIRT_PACKAGES = ['libvirt-daemon-system', 'libvirt-clients'] as const;
+export async function ensureLibvirt(): Promise<void> {
+  await installPackages(LIBVIRT_PACKAGES);
+}
+
 /** Headless Chromium from Debian: the dashboard's browser test drives it with playwright-core. */
 export const BROWSER_PACKAGES = ['chromium'] as const;
 let browser: string | null = null;

@@ -3,6 +3,7 @@
 import { z } from 'zod';
 import type { Command } from 'commander';
 import { runDemo, clusterDemoPassed, runClusterDemo, debianDemoPassed, runDebianDemo } from '../../chaos/index.ts';
+import { RubatoError } from '../../util/index.ts';
 import { ACCEL, LINK, int, num, oneOf, parseOptions, policy, withAccel, withLinkOptions } from '../options.ts';
 
 const Options = z.object({
@@ -15,6 +16,9 @@ const Options = z.object({
   accel: ACCEL,
   guest: oneOf(['test', 'debian'] as const),
   diskGib: int(1, 65536).optional(),
+  disks: int(1, 4).optional(),
+  nics: int(1, 2).optional(),
+  firmware: oneOf(['bios', 'uefi'] as const).optional(),
   hosts: int(3, 8).optional(),
   vms: int(1, 8),
   leaseTtl: int(1, 60),
@@ -33,6 +37,9 @@ export function register(program: Command): void {
     )
     .option('--mem <mb>', 'guest memory in MB (default 128; debian 1024)')
     .option('--disk-gib <n>', 'debian: grow the disk image (sparse) to this size first')
+    .option('--disks <n>', 'debian: disks of the VM (1-4; the second is written by the guest, checked after failover)')
+    .option('--nics <n>', 'debian: NICs of the VM (1-2; the second on a LAN of its own, with its own client)')
+    .option('--firmware <bios|uefi>', 'debian: boot through SeaBIOS (default) or UEFI (OVMF, a GPT image)')
     .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', '10')
     .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', 'model')
     .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
@@ -54,9 +61,22 @@ export function register(program: Command): void {
         process.exitCode = clusterDemoPassed(c) ? 0 : 1;
         return;
       }
+      if (o.guest !== 'debian' && (o.disks || o.nics || o.firmware))
+        throw new RubatoError('RUBATO_CONFIG', '--disks, --nics and --firmware go with --guest debian');
       if (o.guest === 'debian') {
         const d = await runDebianDemo(
-          { ...o, memMb: o.mem ?? 1024, ...(o.diskGib ? { diskGiB: o.diskGib } : {}) },
+          {
+            seconds: o.seconds,
+            policy: o.policy,
+            heartbeatMs: o.heartbeatMs,
+            timeoutMs: o.timeoutMs,
+            accel: o.accel,
+            memMb: o.mem ?? 1024,
+            ...(o.diskGib ? { diskGiB: o.diskGib } : {}),
+            ...(o.disks ? { disks: o.disks } : {}),
+            ...(o.nics ? { nics: o.nics } : {}),
+            ...(o.firmware ? { firmware: o.firmware } : {}),
+          },
           status,
         );
         process.stdout.write(`${JSON.stringify(d)}\n`);

@@ -25,6 +25,13 @@ export async function checkBridge(site: TapSite): Promise<void> {
       { bridge: site.bridge },
     );
   }
+  // A NIC on a VLAN needs a bridge that filters VLANs (a kernel without it cannot tag the port at all).
+  if (site.vlan && !/\bvlan_filtering 1\b/.test(r.stdout))
+    throw new RubatoError(
+      'RUBATO_BRIDGE_MISSING',
+      `bridge ${site.bridge} does not filter VLANs, and a NIC is on VLAN ${site.vlan}: ip link set ${site.bridge} type bridge vlan_filtering 1 (the kernel needs CONFIG_BRIDGE_VLAN_FILTERING)`,
+      { bridge: site.bridge, vlan: site.vlan },
+    );
 }
 
 /** The PID of a process that has TAP `tap` open (from /proc/PID/fdinfo's `iff:` line), or null. */
