@@ -22,7 +22,7 @@ import { sleep, waitFor } from '../../src/util/async.ts';
 import { testPlatform } from '../helpers/platform.ts';
 import { RUBATO_BIN, rubatoProcess, writeTestVm } from '../helpers/rubato.ts';
 
-test("rubato protect: a disk-booted Debian VM on a bridge, output only after the standby committed, failover, the old primary's unit refused, re-protection", {
+test("rubato protect: a disk-booted UEFI Debian VM with two disks and two NICs, output only after the standby committed, failover, the old primary's unit refused, re-protection", {
   timeout: 900_000,
 }, async () => {
   await ensureTestTools();
@@ -36,6 +36,9 @@ test("rubato protect: a disk-booted Debian VM on a bridge, output only after the
       heartbeatMs: 100,
       timeoutMs: 1000,
       accel: 'auto',
+      firmware: 'uefi',
+      disks: 2,
+      nics: 2,
       onRunning: async (phase, where) => {
         consoles[phase] = await consoleLoginPrompt(where.ns, where.stateDir, where.vm);
       },
@@ -48,6 +51,21 @@ test("rubato protect: a disk-booted Debian VM on a bridge, output only after the
     assert.equal(consoles[phase]?.detached, true, `Ctrl-] detached (${phase})`);
   }
   assert.equal(r.bootedFromDisk, true, 'the guest booted from its disk and started its services');
+  assert.equal(r.firmware, 'uefi');
+  // The second NIC (its own LAN and client) carried traffic across the failover.
+  assert.ok(r.secondNic, 'a client on the second NIC');
+  assert.ok(
+    r.secondNic.afterFailover > 0,
+    `pages through the second NIC after the failover: ${JSON.stringify(r.secondNic)}`,
+  );
+  assert.equal(r.secondNic.errors, 0);
+  assert.equal(r.secondNic.connectionSurvived, true);
+  // The counter written through the second disk (and published from the first) never went back.
+  assert.ok(r.counter, 'the counter on the second disk');
+  assert.ok(r.counter.beforeFailover > 0, JSON.stringify(r.counter));
+  assert.equal(r.counter.wentBack, false, JSON.stringify(r.counter));
+  assert.ok(r.counter.firstAfter >= r.counter.beforeFailover, JSON.stringify(r.counter));
+  assert.ok(r.counter.lastAfter > r.counter.firstAfter, `the guest kept writing on B: ${JSON.stringify(r.counter)}`);
   assert.ok(r.diskGiB >= 8);
   assert.ok(r.releasedEpochs > 0, "the guest's output went through output commit");
   assert.equal(r.releasedBeforeCommit, 0, 'no frame left before the standby committed its checkpoint');
