@@ -2,6 +2,8 @@
 
 export { CHAOS_SERVICES, FAULTS, runChaos } from './chaos.ts';
 export type { Fault } from './chaos.ts';
+export { adoptDemoPassed, runAdoptDemo, serialLine } from './adopt-demo.ts';
+export type { AdoptDemoResult } from './adopt-demo.ts';
 export { clusterDemoPassed, runClusterDemo } from './cluster-demo.ts';
 export { debianDemoPassed, runDebianDemo } from './debian-demo.ts';
 export { startDebianRig } from './debian-rig.ts';

@@ -19,6 +19,7 @@ import * as keygen from './commands/keygen.ts';
 import * as primary from './commands/primary.ts';
 import * as profile from './commands/profile.ts';
 import * as protect from './commands/protect.ts';
+import * as qemuArgsCmd from './commands/qemu-args.ts';
 import * as setup from './commands/setup.ts';
 import * as simulate from './commands/simulate.ts';
 import * as standby from './commands/standby.ts';
@@ -44,6 +45,7 @@ for (const c of [
   keygen,
   protect,
   importCmd,
+  qemuArgsCmd,
   primary,
   standby,
   failover,

@@ -1,7 +1,21 @@
 // One host protecting a VM: claim it in the witness, prepare its disk and I/O, boot it, protect it.
 
 export { claimBeforeStart, heldGeneration, recordGeneration } from './claim.ts';
-export { protectVm, checkHostFor, restoreIo, specOf } from './protect.ts';
+export { protectVm, checkHostFor, checkAdoptable, restoreIo, specOf } from './protect.ts';
+export { releaseVm } from './release.ts';
+export type { Released } from './release.ts';
+export {
+  forgetAdopted,
+  incomingArgv,
+  migrateLocal,
+  ownQemuArgs,
+  ownTapName,
+  qmpPathOf,
+  readAdopted,
+  recordAdopted,
+  tapsOf,
+} from './adopt.ts';
+export type { AdoptedRecord, LocalMigration } from './adopt.ts';
 export { startPrimarySide } from './primary-side.ts';
 export { readActive, recordActive, retireActive, definitionOf, activeFile, vmDir } from './resume.ts';
 export type { ActiveRecord } from './resume.ts';

@@ -5,7 +5,7 @@
 
 import { join } from 'node:path';
 import { readdirSync, rmSync, statSync } from 'node:fs';
-import { logger, errorMessage, ensurePrivateDir } from '../util/index.ts';
+import { logger, errorMessage, ensurePrivateDir, RubatoError } from '../util/index.ts';
 import {
   QemuVm,
   type QemuBinary,
@@ -33,6 +33,7 @@ import type { Ownership, OwnershipGuard } from '../coord/index.ts';
 import { startPrimarySide, type PrimarySideOptions } from './primary-side.ts';
 import { findOvmf, uefiVarsFor } from './firmware.ts';
 import { cloudInitSeed } from './cloud-init.ts';
+import { adoptInto, type AdoptSource, type LocalMigration } from './adopt.ts';
 
 const log = logger('protect');
 
@@ -143,6 +144,8 @@ export interface ProtectOptions {
   primary?: Partial<PrimaryOptions>;
   /** An orderly stop shuts the guest down through ACPI, and powers it off after this long (default 30 s). */
   stopTimeoutMs?: number;
+  /** The VM runs now in this QEMU (its QMP socket): it is live-migrated into Rubato's, not booted. */
+  adopt?: { qmpPath: string };
 }
 
 export interface ProtectedVm {
@@ -151,6 +154,14 @@ export interface ProtectedVm {
   guard: OwnershipGuard | null;
   /** The disks the guest runs on here, in its order. */
   disks: PreparedDisk[];
+  /** How the running VM came in (adoption), or null when Rubato booted it. */
+  adopted: (LocalMigration & { source: AdoptSource }) | null;
+  /**
+   * Hands the guest over to another QEMU on this host (`migrate` moves it from Rubato's): protection
+   * ends first (the standby keeps its replica and does not take over), then the guest moves; Rubato's
+   * QEMU, I/O and claims are released. A failed move leaves the guest running here, unprotected.
+   */
+  handOver(migrate: (vm: QemuVm) => Promise<void>): Promise<void>;
   /**
    * Orderly end: the standby is told (no failover), the guest shuts down through ACPI (powered off
    * after `timeoutMs`, default the options' `stopTimeoutMs`; 0: at once), I/O and claims released.
@@ -171,6 +182,15 @@ export async function checkHostFor(def: ResolvedVm, ns?: string): Promise<void> 
   for (const nic of def.nics)
     await checkBridge({ bridge: nic.bridge, ...(ns ? { ns } : {}), ...(nic.vlan ? { vlan: nic.vlan } : {}) });
   if (def.firmware === 'uefi') findOvmf();
+}
+
+/** A running VM Rubato can adopt: BIOS, its own raw disks (its QEMU writes them until the handover). */
+export function checkAdoptable(def: ResolvedVm): void {
+  if (def.firmware !== 'bios' || def.cloudInit)
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      `${def.file}: a running VM is adopted when it boots through the BIOS without a cloud-init seed (its firmware's flash would not move)`,
+    );
 }
 
 /**
@@ -205,8 +225,10 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   const disks: PreparedDisk[] = [];
   let io: HostIo | null = null;
   let vm: QemuVm | null = null;
+  let adopted: (LocalMigration & { source: AdoptSource }) | null = null;
   try {
-    for (const [i, d] of images.entries()) disks.push(await prepareDisk(d, o.stateDir, o.def.name, i));
+    for (const [i, d] of images.entries())
+      disks.push(await prepareDisk(d, o.stateDir, o.def.name, i, o.adopt !== undefined));
     io = await startHostIo(
       spec,
       runDir,
@@ -222,7 +244,9 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
       runDir,
       netSockets: io.netSockets,
       nbdSockets: io.nbdSockets,
+      ...(o.adopt ? { incoming: true } : {}),
     });
+    if (o.adopt) adopted = await adoptInto(vm, o.adopt.qmpPath, join(runDir, `${o.def.name}.adopt`));
   } catch (e) {
     await vm?.stop();
     await io?.close().catch((err: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(err)}`));
@@ -267,6 +291,21 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
     primary,
     guard,
     disks,
+    adopted,
+    handOver: async (migrate) => {
+      if (stopping) throw new RubatoError('RUBATO_NOT_RUNNING', `VM ${o.def.name} is stopping already`);
+      await primary.stop();
+      try {
+        await migrate(vmRef);
+      } catch (e) {
+        log.error(
+          `VM ${o.def.name}: the handover failed (${errorMessage(e)}); the guest runs on here UNPROTECTED (rubato stop ends it)`,
+        );
+        throw e;
+      }
+      // The guest runs in the other QEMU: this one (stopped after the move) only goes.
+      await (stopping ??= end(async () => {}, false));
+    },
     stop: (timeoutMs) => (stopping ??= end(() => primary.stop(), true, timeoutMs)),
     guestLost: (why) => (stopping ??= end(() => primary.guestLost(why), false)),
   };

@@ -7,7 +7,8 @@ export { VmDefinitionSchema, loadVmDefinition, parseVmDefinition } from './defin
 export type { ResolvedVm, VmDefinition } from './definition.ts';
 export { MAX_DOMAIN_XML_BYTES, networkBridgeOf, parseDomainXml } from './libvirt.ts';
 export type { ImportResult } from './libvirt.ts';
-export type { QmpClient, QmpEvent } from './qmp.ts';
+export { QmpClient } from './qmp.ts';
+export type { QmpEvent } from './qmp.ts';
 export { restoreVm } from './restore.ts';
 export {
   DIRTIER_LINE_RE,
@@ -18,6 +19,7 @@ export {
   type DiskBus,
   nicsOf,
   guestAppend,
+  qemuArgs,
   parseDirtierLine,
 } from './spec.ts';
 export type { Accel, SpecNic, VmSpec } from './spec.ts';

@@ -120,6 +120,11 @@ export interface LaunchPaths {
   netSockets?: readonly string[];
   /** Rubato's NBD servers (unix sockets), one per disk of the spec, in its order. */
   nbdSockets?: readonly string[];
+  /**
+   * The VM as its owner runs it without Rubato (a QEMU Rubato can adopt): its disks' image files
+   * instead of NBD servers, and TAP devices (by name) instead of relays.
+   */
+  own?: { diskFiles: readonly string[]; taps: readonly string[] };
 }
 
 export interface LaunchMode {
@@ -168,24 +173,37 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
     if (spec.append) args.push('-append', spec.append);
   }
   const nics = spec.nics ?? (spec.mac ? [{ mac: spec.mac }] : []);
-  const netSockets = paths.netSockets?.length ? paths.netSockets : paths.netSocket ? [paths.netSocket] : [];
+  const netSockets = paths.own
+    ? paths.own.taps
+    : paths.netSockets?.length
+      ? paths.netSockets
+      : paths.netSocket
+        ? [paths.netSocket]
+        : [];
   if (netSockets.length !== nics.length)
     throw new Error(`VM ${spec.name} has ${nics.length} NICs but ${netSockets.length} relay sockets were given`);
   for (const [i, nic] of nics.entries()) {
     args.push(
       '-netdev',
-      `stream,id=n${i},server=off,addr.type=unix,addr.path=${netSockets[i]}`,
+      paths.own
+        ? `tap,id=n${i},ifname=${netSockets[i]},script=no,downscript=no,vnet_hdr=off` // (no offloads: as behind Rubato's relay)
+        : `stream,id=n${i},server=off,addr.type=unix,addr.path=${netSockets[i]}`,
       '-device',
       `virtio-net-pci,netdev=n${i},mac=${nic.mac},romfile=`,
     );
   }
-  const nbdSockets = paths.nbdSockets ?? [];
+  const nbdSockets = paths.own?.diskFiles ?? paths.nbdSockets ?? [];
   if (nbdSockets.length !== buses.length)
     throw new Error(`VM ${spec.name} has ${buses.length} disks but ${nbdSockets.length} NBD sockets were given`);
   if (spec.uefiCode) args.push('-blockdev', `driver=file,node-name=fw-code,filename=${spec.uefiCode},read-only=on`);
   if (buses.includes('scsi')) args.push('-device', 'virtio-scsi-pci,id=scsi0');
   for (const [i, bus] of buses.entries()) {
-    args.push('-blockdev', `driver=nbd,node-name=disk${i},server.type=unix,server.path=${nbdSockets[i]},export=disk`);
+    args.push(
+      '-blockdev',
+      paths.own
+        ? `driver=file,node-name=disk${i},filename=${nbdSockets[i]}`
+        : `driver=nbd,node-name=disk${i},server.type=unix,server.path=${nbdSockets[i]},export=disk`,
+    );
     if (bus === 'pflash') continue; // the machine's flash 1 (above)
     const boot = i === 0 && !spec.kernel ? ',bootindex=1' : '';
     args.push(

@@ -58,7 +58,7 @@ export class ControlSocket {
 /** Sends one command to a standby's control socket. */
 export async function controlCommand(
   stateDir: string,
-  cmd: 'failover' | 'switchover' | 'status' | 'stop',
+  cmd: 'failover' | 'switchover' | 'status' | 'stop' | 'release',
 ): Promise<Record<string, unknown>> {
   const path = join(resolve(stateDir), 'control.sock');
   return new Promise((resolveP, reject) => {

@@ -28,7 +28,8 @@ export type ErrorCode =
   | 'RUBATO_BRIDGE_MISSING'
   | 'RUBATO_VM_OWNED'
   | 'RUBATO_TAP_BUSY'
-  | 'RUBATO_NOT_RUNNING';
+  | 'RUBATO_NOT_RUNNING'
+  | 'RUBATO_MIGRATION';
 
 /**
  * The CLI's exit status per error: a script tells a config mistake from a refused key, a busy

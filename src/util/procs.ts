@@ -92,11 +92,23 @@ export function spawnTracked(
   name: string,
   file: string,
   args: readonly string[],
-  opts: SpawnOptions = {},
+  opts: SpawnOptions & {
+    /**
+     * A process that may outlive us once `disown`ed (a VM handed back to its owner): no death
+     * signal tied to our exit, its own session. Until disowned it is tracked and ended like any.
+     */
+    outlive?: boolean;
+  } = {},
 ): TrackedProcess {
   hookExit();
-  const [cmd, argv] = SETPRIV ? [SETPRIV, ['--pdeathsig', 'SIGKILL', '--', file, ...args]] : [file, [...args]];
-  const child = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
+  const { outlive, ...spawnOpts } = opts;
+  const [cmd, argv] =
+    SETPRIV && !outlive ? [SETPRIV, ['--pdeathsig', 'SIGKILL', '--', file, ...args]] : [file, [...args]];
+  const child = spawn(cmd, argv, {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    ...(outlive ? { detached: true } : {}),
+    ...spawnOpts,
+  });
   if (child.pid === undefined) {
     // spawn failures surface through 'error'; give them a pid-less tracked object that is already dead
     const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
@@ -142,6 +154,12 @@ export function spawnTracked(
     clearTimeout(timer);
   };
   return { name, pid, child, exited, kill, stop };
+}
+
+/** Lets a process spawned with `outlive` run on after we exit (it is no longer ours to end). */
+export function disown(p: TrackedProcess): void {
+  live.delete(p.pid);
+  p.child.unref();
 }
 
 export function liveProcesses(): Array<{ pid: number; name: string }> {

@@ -2,7 +2,15 @@
 // watch the standby take over.
 import { z } from 'zod';
 import type { Command } from 'commander';
-import { runDemo, clusterDemoPassed, runClusterDemo, debianDemoPassed, runDebianDemo } from '../../chaos/index.ts';
+import {
+  runDemo,
+  clusterDemoPassed,
+  runClusterDemo,
+  debianDemoPassed,
+  runDebianDemo,
+  adoptDemoPassed,
+  runAdoptDemo,
+} from '../../chaos/index.ts';
 import { RubatoError } from '../../util/index.ts';
 import { ACCEL, LINK, int, num, oneOf, parseOptions, policy, withAccel, withLinkOptions } from '../options.ts';
 
@@ -19,6 +27,7 @@ const Options = z.object({
   disks: int(1, 4).optional(),
   nics: int(1, 2).optional(),
   firmware: oneOf(['bios', 'uefi'] as const).optional(),
+  adopt: z.boolean(),
   hosts: int(3, 8).optional(),
   vms: int(1, 8),
   leaseTtl: int(1, 60),
@@ -40,6 +49,11 @@ export function register(program: Command): void {
     .option('--disks <n>', 'debian: disks of the VM (1-4; the second is written by the guest, checked after failover)')
     .option('--nics <n>', 'debian: NICs of the VM (1-2; the second on a LAN of its own, with its own client)')
     .option('--firmware <bios|uefi>', 'debian: boot through SeaBIOS (default) or UEFI (OVMF, a GPT image)')
+    .option(
+      '--adopt',
+      'a VM already running in its own QEMU (a web server, one client connection open) is adopted live, then its host dies',
+      false,
+    )
     .option('--rate <pages_per_ms>', 'pages the guest dirties per ms', '10')
     .option('--policy <spec>', 'checkpoint policy (see rubato primary --help)', 'model')
     .option('--cut-link', 'cut the replication link before killing the primary (detection by timeout)', false)
@@ -59,6 +73,23 @@ export function register(program: Command): void {
         const c = await runClusterDemo({ ...o, hosts: o.hosts }, status);
         process.stdout.write(`${JSON.stringify(c)}\n`);
         process.exitCode = clusterDemoPassed(c) ? 0 : 1;
+        return;
+      }
+      if (o.adopt) {
+        if (o.hosts || o.guest !== 'test')
+          throw new RubatoError('RUBATO_CONFIG', '--adopt runs the test guest on a pair');
+        const a = await runAdoptDemo(
+          {
+            seconds: o.seconds,
+            memMb: o.mem ?? 128,
+            heartbeatMs: o.heartbeatMs,
+            timeoutMs: o.timeoutMs,
+            accel: o.accel,
+          },
+          status,
+        );
+        process.stdout.write(`${JSON.stringify(a)}\n`);
+        process.exitCode = adoptDemoPassed(a) ? 0 : 1;
         return;
       }
       if (o.guest !== 'debian' && (o.disks || o.nics || o.firmware))

@@ -32,6 +32,21 @@ export function register(program: Command): void {
     .action(async (vm: string, o: { stateDir?: string }) => stopVm(vm, o.stateDir));
 
   program
+    .command('release')
+    .description(
+      'hand an adopted VM (rubato protect --adopt) back to a QEMU of its own, live, started with the command line it came with; protection ends, the controller exits',
+    )
+    .argument('<vm>', 'the VM name')
+    .option('--state-dir <dir>', "the controller's state folder (default: /var/lib/rubato/VM)")
+    .action(async (vm: string, o: { stateDir?: string }) => {
+      const dir = await controllerOf(vm, o.stateDir ? [o.stateDir] : [`/var/lib/rubato/${vm}`]);
+      const r = await controlCommand(dir, 'release');
+      if (r['ok'] !== true)
+        throw new RubatoError('RUBATO_MIGRATION', `VM ${vm}: ${String(r['error'] ?? 'the release failed')}`);
+      process.stdout.write(`${JSON.stringify(r)}\n`);
+    });
+
+  program
     .command('switchover')
     .description(
       'planned maintenance: move the VM to its standby with no lost output (the primary takes a last checkpoint with its guest stopped, then the standby runs it)',
@@ -103,22 +118,21 @@ export function formatStatus(r: Record<string, unknown>): string {
   return rows.map(([l, t]) => `${l.padEnd(w)}  ${t}\n`).join('');
 }
 
-/** Finds the controller that runs VM `vm` here, asks it to stop, and waits until it has. */
-async function stopVm(vm: string, stateDir: string | undefined): Promise<void> {
-  const dirs = stateDir ? [stateDir] : [`/var/lib/rubato/${vm}`, STANDBY_DIR];
-  let dir: string | null = null;
+/** The state folder (of `dirs`) whose controller runs VM `vm` here. */
+async function controllerOf(vm: string, dirs: string[]): Promise<string> {
   for (const d of dirs) {
     const st = await controlCommand(d, 'status').catch(() => null);
-    if (st && st['vm'] === vm) {
-      dir = d;
-      break;
-    }
+    if (st && st['vm'] === vm) return d;
   }
-  if (!dir)
-    throw new RubatoError(
-      'RUBATO_NOT_RUNNING',
-      `no controller runs VM ${vm} on this host (looked in ${dirs.join(', ')})`,
-    );
+  throw new RubatoError(
+    'RUBATO_NOT_RUNNING',
+    `no controller runs VM ${vm} on this host (looked in ${dirs.join(', ')})`,
+  );
+}
+
+/** Finds the controller that runs VM `vm` here, asks it to stop, and waits until it has. */
+async function stopVm(vm: string, stateDir: string | undefined): Promise<void> {
+  const dir = await controllerOf(vm, stateDir ? [stateDir] : [`/var/lib/rubato/${vm}`, STANDBY_DIR]);
   await controlCommand(dir, 'stop');
   const t0 = Date.now();
   let said = t0;

@@ -10,7 +10,15 @@ import { startObserver } from '../../observe/index.ts';
 import { ConsoleServer, loadVmDefinition } from '../../qemu/index.ts';
 import { loadKeyFile, ControlSocket, formatProgress } from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
-import { protectVm, checkHostFor, claimBeforeStart, recordGeneration } from '../../host/index.ts';
+import {
+  protectVm,
+  checkHostFor,
+  checkAdoptable,
+  claimBeforeStart,
+  recordGeneration,
+  recordAdopted,
+  releaseVm,
+} from '../../host/index.ts';
 import { serveStandby, stopSelf } from './standby.ts';
 import { join } from 'node:path';
 import {
@@ -49,6 +57,7 @@ const Options = z.object({
   fsync: z.boolean(),
   durability: DURABILITY,
   stopTimeout: num(0, 3600),
+  adopt: z.string().min(1).optional(),
   ...OBSERVE,
   ...LINK,
   ...MODE,
@@ -87,6 +96,10 @@ export function register(program: Command): void {
       '30',
     )
     .option(
+      '--adopt <qmp-socket>',
+      'protect the VM that runs now in its own QEMU (this QMP socket; started as rubato qemu-args prints): moved live into Rubato on this host, no reboot',
+    )
+    .option(
       '--accept-stale-disk',
       'start even if the witness says the VM ran elsewhere since this host last held it (its disk here is older)',
       false,
@@ -96,6 +109,7 @@ export function register(program: Command): void {
 
 async function runProtect(file: string, o: z.infer<typeof Options>): Promise<void> {
   const def = loadVmDefinition(file);
+  if (o.adopt) checkAdoptable(def);
   const psk = loadKeyFile(o.key);
   extendShutdownGrace(o.stopTimeout * 1000); // (SIGTERM waits for the guest's shutdown)
   // Safe by default: a witness, or the user's explicit --no-witness (said once, shown in status).
@@ -170,6 +184,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     ownership,
     primary: { holdOnLossMs: o.holdMs, mode: o.mode },
     stopTimeoutMs: o.stopTimeout * 1000,
+    ...(o.adopt ? { adopt: { qmpPath: resolve(o.adopt) } } : {}),
     onGuardEvent: (e) => {
       emit(e);
       if (e['event'] === 'owner' && typeof e['generation'] === 'number')
@@ -198,6 +213,11 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     },
   });
   status = () => p.primary.snapshot();
+  if (p.adopted) {
+    const { source, ...m } = p.adopted;
+    await recordAdopted(stateDir, def.name, source);
+    emit({ event: 'adopted', vm: def.name, fromPid: source.pid, ...m });
+  }
   emit({
     event: 'started',
     vm: def.name,
@@ -207,9 +227,26 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     disk: p.disks[0]?.path ?? null,
     disks: p.disks.map((d) => d.path),
   });
+  // `rubato release`: the guest goes back to its own QEMU; the controller then ends (after its answer).
+  let released: Promise<void> | null = null;
+  let releasedTo: number | null = null;
   const control = new ControlSocket(join(stateDir, 'control.sock'), {
     status: () => p.primary.snapshot(),
     stop: stopSelf,
+    release: async () => {
+      let done = () => {};
+      released = new Promise<void>((r) => {
+        done = () => setTimeout(r, 200);
+      });
+      try {
+        const r = await releaseVm(p, def, stateDir);
+        releasedTo = r.pid;
+        emit({ event: 'released', vm: def.name, ...r });
+        return { ok: true, vm: def.name, ...r };
+      } finally {
+        done();
+      }
+    },
   });
   await control.start();
   const console_ = new ConsoleServer(join(stateDir, 'console.sock'), () => p.vm);
@@ -231,6 +268,18 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     log.info(`VM ${def.name} stopped; the standby keeps its replica and does not take over`);
   });
   const exit = await new Promise<{ code: number | null; signal: string | null }>((r) => p.vm.once('exit', r));
+  if (released) await released;
+  if (releasedTo !== null) {
+    control.close();
+    console_.close();
+    await observer.close();
+    p.guard?.close();
+    unpublish();
+    await published?.close();
+    await ownership?.release();
+    log.info(`VM ${def.name} handed back to its own QEMU (pid ${releasedTo}); the protecting controller stops`);
+    return;
+  }
   const switchover = fenced && o.listen && o.standby !== 'auto';
   if (!switchover) await observer.close(); // (a host that becomes the standby keeps its endpoints)
   control.close();

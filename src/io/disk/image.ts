@@ -68,8 +68,16 @@ export async function prepareDisk(
   vmName: string,
   /** The disk's place in the VM (its converted file's name carries it from the second disk on). */
   index = 0,
+  /** The VM runs now in its own QEMU, which holds the image's lock until it hands the guest over. */
+  adopting = false,
 ): Promise<PreparedDisk> {
-  const locks = foreignLocks(disk.path);
+  if (adopting && disk.format !== 'raw')
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      `disk image ${disk.path} is ${disk.format}: a running VM is adopted from raw images only (its QEMU writes the ${disk.format} until the handover)`,
+      { path: disk.path },
+    );
+  const locks = adopting ? [] : foreignLocks(disk.path);
   if (locks.length)
     throw new RubatoError(
       'RUBATO_IMAGE_IN_USE',
