@@ -3,6 +3,7 @@
 export { claimBeforeStart, heldGeneration, recordGeneration } from './claim.ts';
 export { protectVm, checkHostFor, checkAdoptable, restoreIo, specOf } from './protect.ts';
 export { releaseVm } from './release.ts';
+export type { ProtectOptions, ProtectedVm } from './protect.ts';
 export type { Released } from './release.ts';
 export {
   forgetAdopted,

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { readdirSync, rmSync, statSync } from 'node:fs';
 import { logger, errorMessage, ensurePrivateDir, RubatoError } from '../util/index.ts';
 import {
+  DEFAULT_STOP_TIMEOUT_MS,
   QemuVm,
   type QemuBinary,
   VmSpecSchema,
@@ -271,15 +272,16 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   const ioRef = io;
   const vmRef = vm;
   let stopping: Promise<void> | null = null;
-  const end = async (endProtection: () => Promise<void>, orderly: boolean, timeoutMs = o.stopTimeoutMs ?? 30_000) => {
+  const end = async (
+    endProtection: () => Promise<void>,
+    orderly: boolean,
+    timeoutMs = o.stopTimeoutMs ?? DEFAULT_STOP_TIMEOUT_MS,
+  ) => {
     await endProtection();
     // In order: protection ended first (the standby keeps its replica and does not take over: the
     // guest's shutdown is not a failure), then the guest shuts down as a host would do it.
-    if (orderly && timeoutMs > 0 && !vmRef.exited) {
-      log.info(`VM ${o.def.name}: shutting the guest down (ACPI; powered off after ${timeoutMs / 1000} s)`);
-      const how = await vmRef.shutdown(timeoutMs);
-      log.info(`VM ${o.def.name}: ${how === 'guest' ? 'the guest shut down' : 'powered off'}`);
-    } else await vmRef.stop();
+    if (orderly && timeoutMs > 0 && !vmRef.exited) await vmRef.shutdown(timeoutMs);
+    else await vmRef.stop();
     await ioRef.close().catch((e: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(e)}`));
     for (const d of disks) d.release();
     // QEMU leaves its QMP and console sockets behind.

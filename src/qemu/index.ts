@@ -40,5 +40,5 @@ export {
 } from './stream-format.ts';
 export { ColoSecondary } from './secondary.ts';
 export { ConsoleServer } from './console.ts';
-export { QemuVm } from './vm.ts';
+export { DEFAULT_STOP_TIMEOUT_MS, QemuVm } from './vm.ts';
 export type { QemuBinary } from './vm.ts';

@@ -10,6 +10,8 @@ import { QmpClient } from './qmp.ts';
 import { qemuArgs, type VmSpec } from './spec.ts';
 
 const log = logger('qemu');
+/** How long an orderly stop waits for the guest's own shutdown (ACPI) before powering it off. */
+export const DEFAULT_STOP_TIMEOUT_MS = 30_000;
 const SERIAL_LINES_KEPT = 2000;
 const CONSOLE_TAIL_BYTES = 8192;
 
@@ -229,8 +231,15 @@ export class QemuVm extends EventEmitter {
    * Shuts the guest down as a host does: the ACPI power button, then (if QEMU has not exited within
    * `timeoutMs`: a guest that ignores ACPI, or hangs) a power-off. Never throws.
    */
-  async shutdown(timeoutMs: number): Promise<'guest' | 'powered-off'> {
+  async shutdown(timeoutMs: number = DEFAULT_STOP_TIMEOUT_MS): Promise<'guest' | 'powered-off'> {
     if (this.exitedFlag) return 'guest';
+    log.info(`VM ${this.spec.name}: shutting the guest down (ACPI; powered off after ${timeoutMs / 1000} s)`);
+    const how = await this.powerdown(timeoutMs);
+    log.info(`VM ${this.spec.name}: ${how === 'guest' ? 'the guest shut down' : 'powered off'}`);
+    return how;
+  }
+
+  private async powerdown(timeoutMs: number): Promise<'guest' | 'powered-off'> {
     try {
       await this.qmp.execute('system_powerdown', undefined, 2000);
       const ended = await Promise.race([

@@ -3,6 +3,7 @@
 
 export type { ActivationGate } from './activation.ts';
 export { ControlSocket, controlCommand } from './control-socket.ts';
+export type { ControlHandlers } from './control-socket.ts';
 export { dispatch } from './driver.ts';
 export type { OutsideHandlers } from './driver.ts';
 export { loadKeyFile, writeKeyFile } from './keyfile.ts';

@@ -7,19 +7,12 @@ import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { RubatoError, logger, onShutdown, extendShutdownGrace } from '../../util/index.ts';
 import { startObserver } from '../../observe/index.ts';
-import { ConsoleServer, loadVmDefinition } from '../../qemu/index.ts';
-import { loadKeyFile, ControlSocket, formatProgress } from '../../replication/index.ts';
+import { DEFAULT_STOP_TIMEOUT_MS, loadVmDefinition } from '../../qemu/index.ts';
+import { loadKeyFile, formatProgress } from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
-import {
-  protectVm,
-  checkHostFor,
-  checkAdoptable,
-  claimBeforeStart,
-  recordGeneration,
-  recordAdopted,
-  releaseVm,
-} from '../../host/index.ts';
+import { checkHostFor, checkAdoptable, claimBeforeStart, recordAdopted, releaseVm } from '../../host/index.ts';
 import { serveStandby, stopSelf } from './standby.ts';
+import { openEndpoints, protectHere } from './protected-here.ts';
 import { join } from 'node:path';
 import {
   DURABILITY,
@@ -93,7 +86,7 @@ export function register(program: Command): void {
     .option(
       '--stop-timeout <seconds>',
       'on SIGTERM or rubato stop: seconds the guest has to shut down (ACPI) before it is powered off',
-      '30',
+      String(DEFAULT_STOP_TIMEOUT_MS / 1000),
     )
     .option(
       '--adopt <qmp-socket>',
@@ -170,7 +163,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   let authRefused: RubatoError | null = null;
   let everProtected = false;
   let fenced = false;
-  const p = await protectVm({
+  const p = await protectHere({
     def,
     accel,
     binary,
@@ -185,17 +178,12 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     primary: { holdOnLossMs: o.holdMs, mode: o.mode },
     stopTimeoutMs: o.stopTimeout * 1000,
     ...(o.adopt ? { adopt: { qmpPath: resolve(o.adopt) } } : {}),
-    onGuardEvent: (e) => {
-      emit(e);
-      if (e['event'] === 'owner' && typeof e['generation'] === 'number')
-        void recordGeneration(stateDir, e['generation']);
-    },
-    stopGuest: (why, primary) => {
+    emit,
+    onOwnershipLost: (why) => {
       ownershipLost = new RubatoError(
         'RUBATO_VM_OWNED',
         `VM ${def.name}: ${why}; its guest was stopped so that no second copy can run`,
       );
-      void primary.crash();
     },
     onEvent: (e) => {
       emit(e);
@@ -230,35 +218,35 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   // `rubato release`: the guest goes back to its own QEMU; the controller then ends (after its answer).
   let released: Promise<void> | null = null;
   let releasedTo: number | null = null;
-  const control = new ControlSocket(join(stateDir, 'control.sock'), {
-    status: () => p.primary.snapshot(),
-    stop: stopSelf,
-    release: async () => {
-      let done = () => {};
-      released = new Promise<void>((r) => {
-        done = () => setTimeout(r, 200);
-      });
-      try {
-        const r = await releaseVm(p, def, stateDir);
-        releasedTo = r.pid;
-        emit({ event: 'released', vm: def.name, ...r });
-        return { ok: true, vm: def.name, ...r };
-      } finally {
-        done();
-      }
+  const endpoints = await openEndpoints(
+    stateDir,
+    {
+      status: () => p.primary.snapshot(),
+      stop: stopSelf,
+      release: async () => {
+        let done = () => {};
+        released = new Promise<void>((r) => {
+          done = () => setTimeout(r, 200);
+        });
+        try {
+          const r = await releaseVm(p, def, stateDir);
+          releasedTo = r.pid;
+          emit({ event: 'released', vm: def.name, ...r });
+          return { ok: true, vm: def.name, ...r };
+        } finally {
+          done();
+        }
+      },
     },
-  });
-  await control.start();
-  const console_ = new ConsoleServer(join(stateDir, 'console.sock'), () => p.vm);
-  await console_.start();
+    () => p.vm,
+  );
   // For `rubato vm list` and drains: this copy's protection state in the witness, on its own lease.
   const published = etcd ? new LeasedKeys(etcd, o.leaseTtl) : null;
   const unpublish = published ? publishStatus(published, def.name, o.host, () => p.primary.snapshot()) : () => {};
   let shuttingDown = false;
   onShutdown(async () => {
     shuttingDown = true;
-    control.close();
-    console_.close();
+    endpoints.close();
     await observer.close();
     p.guard?.close();
     unpublish();
@@ -270,8 +258,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   const exit = await new Promise<{ code: number | null; signal: string | null }>((r) => p.vm.once('exit', r));
   if (released) await released;
   if (releasedTo !== null) {
-    control.close();
-    console_.close();
+    endpoints.close();
     await observer.close();
     p.guard?.close();
     unpublish();
@@ -282,8 +269,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   }
   const switchover = fenced && o.listen && o.standby !== 'auto';
   if (!switchover) await observer.close(); // (a host that becomes the standby keeps its endpoints)
-  control.close();
-  console_.close();
+  endpoints.close();
   p.guard?.close();
   unpublish();
   await published?.close();

@@ -14,14 +14,13 @@ import {
   type StandbyEvent,
   loadKeyFile,
   formatProgress,
-  ControlSocket,
   type Durability,
 } from '../../replication/index.ts';
 import { parsePolicy } from '../../scheduler/index.ts';
 import {
   restoreIo,
   startPrimarySide,
-  protectVm,
+  type ProtectedVm,
   checkHostFor,
   claimBeforeStart,
   recordGeneration,
@@ -61,7 +60,8 @@ import {
   publishStatus,
   standbyLookup,
 } from '../../coord/index.ts';
-import { ConsoleServer, VmName } from '../../qemu/index.ts';
+import { ConsoleServer, DEFAULT_STOP_TIMEOUT_MS, VmName } from '../../qemu/index.ts';
+import { openEndpoints, protectHere } from './protected-here.ts';
 import { startObserver } from '../../observe/index.ts';
 
 const log = logger('rubato');
@@ -104,7 +104,7 @@ export function register(program: Command): void {
     .option(
       '--stop-timeout <seconds>',
       'once the guest runs here: on SIGTERM or rubato stop, seconds it has to shut down (ACPI) before it is powered off',
-      '30',
+      String(DEFAULT_STOP_TIMEOUT_MS / 1000),
     )
     .action(async (raw: unknown) => runStandby(parseOptions(Options, raw)));
 }
@@ -336,13 +336,8 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<ServedStandb
     // when this controller starts again: resume.ts); a standby's own guests just stop.
     const vm = standby.state === 'active' ? standby.vm : null;
     if (vm && !vm.exited) {
-      log.info(
-        `VM ${vm.spec.name}: shutting the guest down (ACPI; powered off after ${(o.stopTimeoutMs ?? 30_000) / 1000} s)`,
-      );
-      const how = await vm.shutdown(o.stopTimeoutMs ?? 30_000);
-      log.info(
-        `VM ${vm.spec.name}: ${how === 'guest' ? 'the guest shut down' : 'powered off'}; it runs here again when this controller starts`,
-      );
+      await vm.shutdown(o.stopTimeoutMs);
+      log.info(`VM ${vm.spec.name} runs here again when this controller starts`);
     }
     await standby.stop();
     await io.current()?.close();
@@ -399,9 +394,9 @@ async function resumeHere(
   );
   emit({ event: 'owner', host: o.host, generation: claimed.generation });
   const peer = o.peer === 'auto' ? standbyLookup(etcd, active.vm, o.host) : (o.peer ?? (async () => null));
-  let p: Awaited<ReturnType<typeof protectVm>>;
+  let p: ProtectedVm;
   try {
-    p = await protectVm({
+    p = await protectHere({
       def,
       accel: active.spec.accel,
       binary: await binaryFor(active.spec.accel),
@@ -414,16 +409,9 @@ async function resumeHere(
       timeoutMs: o.timeoutMs,
       ownership,
       primary: { holdOnLossMs: o.holdMs },
-      stopTimeoutMs: o.stopTimeoutMs ?? 30_000,
-      onGuardEvent: (e) => {
-        emit(e);
-        if (e['event'] === 'owner' && typeof e['generation'] === 'number')
-          void recordGeneration(vmDir(stateDir), e['generation']);
-      },
-      stopGuest: (why, primary) => {
-        retireActive(stateDir, `VM ${active.vm}: ${why}`);
-        void primary.crash();
-      },
+      ...(o.stopTimeoutMs !== undefined ? { stopTimeoutMs: o.stopTimeoutMs } : {}),
+      emit,
+      onOwnershipLost: (why) => retireActive(stateDir, `VM ${active.vm}: ${why}`),
       onEvent: (e) => {
         emit(e.event === 'protecting' ? { ...e, event: 'reprotected' } : e);
         if (!o.events && e.event === 'sync-progress') log.info(`synchronising the standby: ${formatProgress(e)}`);
@@ -441,15 +429,11 @@ async function resumeHere(
     generation: claimed.generation,
   });
   const status = () => ({ ...p.primary.snapshot(), role: 'primary', resumed: true });
-  const control = new ControlSocket(join(stateDir, 'control.sock'), { status, stop: stopSelf });
-  await control.start();
-  const console_ = new ConsoleServer(join(stateDir, 'console.sock'), () => p.vm);
-  await console_.start();
+  const endpoints = await openEndpoints(stateDir, { status, stop: stopSelf }, () => p.vm);
   let shuttingDown = false;
   onShutdown(async () => {
     shuttingDown = true;
-    control.close();
-    console_.close();
+    endpoints.close();
     p.guard?.close();
     await p.stop();
     await ownership.release();
