@@ -1,20 +1,14 @@
 // Protection turned on for a VM that runs right now in its own QEMU (started by hand, with a QMP
-// socket), and handed back the same way: a live migration on this host, over a unix socket, into
-// Rubato's QEMU (whose disks are the same raw files, served by Rubato, and whose NICs are behind
-// its relays), and back into a QEMU started with the owner's own command line. The guest keeps
-// running and keeps its TCP connections; its downtime is the gap between the source's STOP and
-// the destination's RESUME (QMP events, one host clock).
-//
-// Both QEMUs must have the same devices: Rubato starts its own from the VM's definition, compares
-// the PCI devices of both before anything moves, and refuses (the VM running on, untouched) when they
-// differ. `rubato qemu-args` prints the command line that runs a VM adoptably.
+// socket): its QEMU found from the socket, compared with Rubato's QEMU for its definition (PCI
+// devices, memory, the features each NIC offers; refused with the VM untouched when they differ),
+// and the guest moved live into Rubato's (local-migration.ts), whose disks are the same raw files,
+// served by Rubato, and whose NICs are behind its relays. The guest keeps running and keeps its
+// TCP connections. `rubato qemu-args` prints a command line that runs a VM adoptably (own-qemu.ts).
 
-import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync } from 'node:fs';
-import { join } from 'node:path';
-import { z } from 'zod';
-import { RubatoError, logger, writePrivateAtomic } from '../util/index.ts';
-import { QmpClient, qemuArgs, type QemuVm, type QmpEvent, type VmSpec } from '../qemu/index.ts';
+import { readFileSync, readdirSync, readlinkSync, existsSync } from 'node:fs';
+import { RubatoError, logger } from '../util/index.ts';
+import { QmpClient, type QemuVm } from '../qemu/index.ts';
+import { migrateLocal, type LocalMigration } from './local-migration.ts';
 
 const log = logger('adopt');
 
@@ -70,40 +64,6 @@ export function adoptSource(qmpPath: string): AdoptSource {
   if (!/qemu-system/.test(argv[0] ?? ''))
     throw new RubatoError('RUBATO_CONFIG', `--adopt ${qmpPath}: process ${pid} (${argv[0]}) is not a QEMU`);
   return { pid, exe: readlinkSync(`/proc/${pid}/exe`), argv, cwd: readlinkSync(`/proc/${pid}/cwd`) };
-}
-
-/** Where a QEMU command line puts its QMP socket (-qmp unix:PATH,…, or -chardev socket + -mon control). */
-export function qmpPathOf(argv: readonly string[]): string | null {
-  const chardevs = new Map<string, string>();
-  for (let i = 0; i < argv.length - 1; i++) {
-    if (argv[i] === '-chardev') {
-      const o = argv[i + 1]!;
-      const id = /(?:^|,)id=([^,]+)/.exec(o)?.[1];
-      const path = /(?:^|,)path=([^,]+)/.exec(o)?.[1];
-      if (o.startsWith('socket') && id && path) chardevs.set(id, path);
-    }
-  }
-  for (let i = 0; i < argv.length - 1; i++) {
-    const a = argv[i];
-    const o = argv[i + 1]!;
-    if ((a === '-qmp' || a === '-qmp-pretty') && o.startsWith('unix:')) return o.slice(5).split(',')[0]!;
-    if (a === '-mon' && /(?:^|,)mode=control/.test(o)) {
-      const id = /(?:^|,)chardev=([^,]+)/.exec(o)?.[1];
-      if (id && chardevs.has(id)) return chardevs.get(id)!;
-    }
-  }
-  return null;
-}
-
-/** The TAP devices a QEMU command line names (-netdev tap,ifname=…). */
-export function tapsOf(argv: readonly string[]): string[] {
-  const taps: string[] = [];
-  for (let i = 0; i < argv.length - 1; i++)
-    if (argv[i] === '-netdev' && argv[i + 1]!.startsWith('tap,')) {
-      const name = /(?:^|,)ifname=([^,]+)/.exec(argv[i + 1]!)?.[1];
-      if (name) taps.push(name);
-    }
-  return taps;
 }
 
 interface PciDevice {
@@ -164,108 +124,6 @@ export async function deviceMismatch(running: QmpClient, ours: QmpClient): Promi
   return null;
 }
 
-export interface LocalMigration {
-  /** From the source's STOP to the destination's RESUME. */
-  downtimeMs: number;
-  /** QEMU's own figures (source side). */
-  qemuDowntimeMs: number;
-  totalMs: number;
-  transferredBytes: number;
-}
-
-const waitEvent = (qmp: QmpClient, name: string, ms: number): Promise<QmpEvent> =>
-  new Promise((resolve, reject) => {
-    const on = (e: QmpEvent) => {
-      if (e.event !== name) return;
-      clearTimeout(t);
-      qmp.off('event', on);
-      resolve(e);
-    };
-    const t = setTimeout(() => {
-      qmp.off('event', on);
-      reject(new RubatoError('RUBATO_TIMEOUT', `no ${name} within ${ms} ms`));
-    }, ms);
-    qmp.on('event', on);
-  });
-const stamp = (e: QmpEvent) =>
-  e.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : Date.now();
-
-/**
- * Moves the running guest from `from` to `to` (started with `-incoming defer`, paused) over unix
- * socket `uri`, and runs it there. A failed migration leaves the guest running in `from`.
- */
-export async function migrateLocal(
-  from: QmpClient,
-  to: QmpClient,
-  socketPath: string,
-  what: string,
-  timeoutMs = 300_000,
-): Promise<LocalMigration> {
-  const uri = `unix:${socketPath}`;
-  // The destination says when its copy is complete (MIGRATION events) and runs the guest at once
-  // (it was started paused); polling its state covers an event that did not come.
-  let resumeAsked = false;
-  const resume = () => {
-    if (resumeAsked) return;
-    resumeAsked = true;
-    void to.execute('cont').catch(() => {});
-  };
-  const onMigration = (e: QmpEvent) => {
-    if (e.event === 'MIGRATION' && e.data?.['status'] === 'completed') resume();
-  };
-  await to.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
-  to.on('event', onMigration);
-  const stopped = waitEvent(from, 'STOP', timeoutMs);
-  stopped.catch(() => {});
-  const resumed = waitEvent(to, 'RESUME', timeoutMs);
-  resumed.catch(() => {});
-  try {
-    await to.execute('migrate-incoming', { uri });
-    await from.execute('migrate', { uri });
-    const until = Date.now() + timeoutMs;
-    let last = 0;
-    for (;;) {
-      const st = (await from.execute('query-migrate')) as Record<string, unknown>;
-      const status = String(st['status'] ?? 'none');
-      if (status === 'completed') {
-        for (let i = 0; !resumeAsked && i < 500; i++) {
-          const dst = (await to.execute('query-migrate')) as Record<string, unknown>;
-          if (dst['status'] === 'completed') resume();
-          else if (dst['status'] === 'failed')
-            throw new RubatoError('RUBATO_MIGRATION', `${what}: the destination failed to load the guest`);
-          else await new Promise((r) => setTimeout(r, 10));
-        }
-        const stop = await stopped;
-        const run = await Promise.race([resumed, new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
-        const ram = (st['ram'] ?? {}) as Record<string, number>;
-        return {
-          downtimeMs: Math.round((run ? stamp(run) : Date.now()) - stamp(stop)),
-          qemuDowntimeMs: Number(st['downtime'] ?? -1),
-          totalMs: Number(st['total-time'] ?? -1),
-          transferredBytes: ram['transferred'] ?? 0,
-        };
-      }
-      if (status === 'failed' || status === 'cancelled')
-        throw new RubatoError(
-          'RUBATO_MIGRATION',
-          `${what}: the migration ${status}: ${String(st['error-desc'] ?? '')}`,
-        );
-      if (Date.now() > until) {
-        await from.execute('migrate_cancel').catch(() => {});
-        throw new RubatoError('RUBATO_MIGRATION', `${what}: not done within ${timeoutMs / 1000} s (cancelled)`);
-      }
-      if (Date.now() - last > 2000) {
-        const ram = (st['ram'] ?? {}) as Record<string, number>;
-        log.info(`${what}: ${status}, ${Math.round((ram['transferred'] ?? 0) / 2 ** 20)} MiB sent`);
-        last = Date.now();
-      }
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  } finally {
-    to.off('event', onMigration);
-  }
-}
-
 /**
  * Moves the VM that runs behind `qmpPath` into `vm` (Rubato's QEMU, started with `-incoming defer`
  * for the same definition) and ends the old QEMU. Refused, with the VM untouched, when the two
@@ -313,78 +171,4 @@ export async function adoptInto(
   } finally {
     qmp.close();
   }
-}
-
-/** The TAP name the owner's QEMU uses for NIC `i` of VM `name` (printed with its command line). */
-export const ownTapName = (name: string, i: number): string =>
-  `rbo${createHash('sha256').update(name).digest('hex').slice(0, 8)}n${i}`;
-
-/**
- * The QEMU command line (after the binary) that runs the VM as its owner would, without Rubato, in
- * a way Rubato can adopt: the same machine and devices as Rubato's QEMU, its disks' image files,
- * TAPs by name (made and put on their bridges by the owner), QMP and serial on unix sockets.
- */
-export function ownQemuArgs(
-  spec: VmSpec,
-  o: { qmpSocket: string; serialSocket: string; diskFiles: readonly string[]; taps: readonly string[] },
-): string[] {
-  return qemuArgs(
-    spec,
-    {
-      qmpSocket: o.qmpSocket,
-      serialSocket: o.serialSocket,
-      firmwareDirs: [],
-      own: { diskFiles: o.diskFiles, taps: o.taps },
-    },
-    { paused: false, incoming: false },
-  );
-}
-
-const AdoptedSchema = z
-  .object({
-    vm: z.string(),
-    /** The owner's QEMU: its binary, command line and working folder, to hand the VM back the same way. */
-    exe: z.string(),
-    argv: z.array(z.string().max(64 * 1024)).max(4096),
-    cwd: z.string(),
-    at: z.number(),
-  })
-  .strict();
-export type AdoptedRecord = z.infer<typeof AdoptedSchema>;
-const adoptedFile = (stateDir: string) => join(stateDir, 'adopted.json');
-
-/** Written once Rubato runs the adopted VM: how to hand it back (`rubato release`). */
-export async function recordAdopted(stateDir: string, vm: string, source: AdoptSource): Promise<void> {
-  const rec: AdoptedRecord = { vm, exe: source.exe, argv: source.argv, cwd: source.cwd, at: Date.now() };
-  await writePrivateAtomic(adoptedFile(stateDir), Buffer.from(`${JSON.stringify(rec, null, 2)}\n`), true);
-}
-
-export function readAdopted(stateDir: string, vm: string): AdoptedRecord {
-  const f = adoptedFile(stateDir);
-  if (!existsSync(f))
-    throw new RubatoError('RUBATO_CONFIG', `VM ${vm} was not adopted from a QEMU of its own: rubato stop ends it`);
-  if (statSync(f).size > 1 << 20) throw new RubatoError('RUBATO_CONFIG', `${f}: too large to be a record Rubato wrote`);
-  const r = AdoptedSchema.safeParse(JSON.parse(readFileSync(f, 'utf8')));
-  if (!r.success || r.data.vm !== vm)
-    throw new RubatoError('RUBATO_CONFIG', `${f}: not a record Rubato wrote for VM ${vm}`);
-  return r.data;
-}
-
-export function forgetAdopted(stateDir: string): void {
-  rmSync(adoptedFile(stateDir), { force: true });
-}
-
-/** The owner's command line to start the VM again, waiting for it (`-incoming defer`). */
-export function incomingArgv(argv: readonly string[]): string[] {
-  const out: string[] = [];
-  for (let i = 1; i < argv.length; i++) {
-    const a = argv[i]!;
-    if (a === '-daemonize' || a === '-S') continue;
-    if (a === '-incoming') {
-      i++;
-      continue;
-    }
-    out.push(a);
-  }
-  return [...out, '-incoming', 'defer'];
 }

@@ -5,18 +5,19 @@ export { protectVm, checkHostFor, checkAdoptable, restoreIo, specOf } from './pr
 export { releaseVm } from './release.ts';
 export type { ProtectOptions, ProtectedVm } from './protect.ts';
 export type { Released } from './release.ts';
+export { migrateLocal } from './local-migration.ts';
+export type { LocalMigration } from './local-migration.ts';
 export {
   forgetAdopted,
   incomingArgv,
-  migrateLocal,
   ownQemuArgs,
   ownTapName,
   qmpPathOf,
   readAdopted,
   recordAdopted,
   tapsOf,
-} from './adopt.ts';
-export type { AdoptedRecord, LocalMigration } from './adopt.ts';
+} from './own-qemu.ts';
+export type { AdoptedRecord } from './own-qemu.ts';
 export { startPrimarySide } from './primary-side.ts';
 export { readActive, recordActive, retireActive, definitionOf, activeFile, vmDir } from './resume.ts';
 export type { ActiveRecord } from './resume.ts';

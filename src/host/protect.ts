@@ -34,7 +34,8 @@ import type { Ownership, OwnershipGuard } from '../coord/index.ts';
 import { startPrimarySide, type PrimarySideOptions } from './primary-side.ts';
 import { findOvmf, uefiVarsFor } from './firmware.ts';
 import { cloudInitSeed } from './cloud-init.ts';
-import { adoptInto, type AdoptSource, type LocalMigration } from './adopt.ts';
+import { adoptInto, type AdoptSource } from './adopt.ts';
+import type { LocalMigration } from './local-migration.ts';
 
 const log = logger('protect');
 

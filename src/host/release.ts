@@ -8,15 +8,8 @@ import { closeSync, existsSync, openSync, readdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { RubatoError, disown, logger, runCommand, spawnTracked } from '../util/index.ts';
 import { QmpClient, type ResolvedVm } from '../qemu/index.ts';
-import {
-  forgetAdopted,
-  incomingArgv,
-  migrateLocal,
-  qmpPathOf,
-  readAdopted,
-  tapsOf,
-  type LocalMigration,
-} from './adopt.ts';
+import { forgetAdopted, incomingArgv, qmpPathOf, readAdopted, tapsOf } from './own-qemu.ts';
+import { migrateLocal, type LocalMigration } from './local-migration.ts';
 import type { ProtectedVm } from './protect.ts';
 
 const log = logger('release');
