@@ -23,8 +23,8 @@ const ActiveSchema = z
   .object({
     vm: z.string(),
     spec: z.unknown(),
-    /** The images the guest runs on here (the replica's disks), in its order. */
-    disks: z.array(z.string()).max(16),
+    /** The images the guest runs on here (the replica's disks), in its order: up to 16, a cloud-init seed, a UEFI store. */
+    disks: z.array(z.string()).max(18),
     /** When this host took it over (ms since the epoch). */
     since: z.number(),
   })
