@@ -103,7 +103,7 @@ export async function runAdoptDemo(
         boot: {
           kernel: guest.kernel,
           initrd: guest.initrd,
-          append: guestAppend(['httpd', 80], { ip: `${l.guestIp}/24`, rawDisk: 'vda' }),
+          append: guestAppend(['webd', 80], { ip: `${l.guestIp}/24`, rawDisk: 'vda' }),
         },
       }),
     );
@@ -122,7 +122,7 @@ export async function runAdoptDemo(
     });
     const ownQemu = spawnTracked('qemu:own', 'ip', ['netns', 'exec', ha.ns, stockQemu().path, ...args]);
     procs.push(ownQemu);
-    const ready = await serialLine(own.serial, /RUBATO httpd ready/, 120_000);
+    const ready = await serialLine(own.serial, /RUBATO webd ready/, 120_000);
     onStatus(`the VM runs in its own QEMU (pid ${ownQemu.pid}) on ${ha.ns}: ${ready}`, true);
 
     const key = join(dir, 'psk');

@@ -61,7 +61,7 @@ test('rubato release: an adopted VM goes back to a QEMU of its own, live; a VM t
       boot: {
         kernel: guest.kernel,
         initrd: guest.initrd,
-        append: guestAppend(['httpd', 80], { ip: `${l.guestIp}/24`, rawDisk: 'vda' }),
+        append: guestAppend(['webd', 80], { ip: `${l.guestIp}/24`, rawDisk: 'vda' }),
       },
     });
     const vmFile = join(dir, 'web.json');
@@ -87,7 +87,7 @@ test('rubato release: an adopted VM goes back to a QEMU of its own, live; a VM t
     const qmpPath = join(dir, 'web.qmp');
     const own = spawnTracked('qemu:own', 'ip', ['netns', 'exec', ha.ns, stockQemu().path, ...argv]);
     procs.push(own);
-    await serialLine(join(dir, 'web.serial'), /RUBATO httpd ready/, 120_000);
+    await serialLine(join(dir, 'web.serial'), /RUBATO webd ready/, 120_000);
 
     const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
     const clientProc = spawnTracked('http-client', 'ip', [

@@ -1,6 +1,7 @@
-/* httpd PORT: the test guest's web server. HTTP/1.1 with keep-alive, one process per connection;
- * every GET answers "rubato N\n" where N counts the answers this guest gave (its state, which a
- * client sees go on across an adoption or a failover). Prints "RUBATO httpd ready" once listening. */
+/* webd PORT: the test guest's web server with keep-alive (busybox's httpd closes each connection).
+ * HTTP/1.1, one process per connection; every GET answers "rubato N\n", where N counts the answers
+ * this guest gave (its state, which a client sees go on across an adoption or a failover). Prints
+ * "RUBATO webd ready" once listening. */
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -48,10 +49,10 @@ int main(int argc, char **argv) {
   setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((unsigned short)port), .sin_addr = {INADDR_ANY}};
   if (bind(s, (struct sockaddr *)&a, sizeof a) != 0 || listen(s, 64) != 0) {
-    perror("httpd");
+    perror("webd");
     return 1;
   }
-  printf("RUBATO httpd ready port=%d\n", port);
+  printf("RUBATO webd ready port=%d\n", port);
   fflush(stdout);
   for (;;) {
     int c = accept(s, NULL, NULL);
