@@ -251,10 +251,10 @@ export class EpochPipeline<F extends Sized = Buffer> {
         untilMs: Math.min(d.wakeAtMs, sizeDueMs),
         reason: d.wakeAtMs > sizeDueMs ? 'size-bound' : d.reason,
       };
-    const inflightBytes = this.inflight.reduce((s, x) => s + (x.record?.bytes ?? 0), 0);
+    // (pre-sent bytes count too; with nothing in flight the checkpoint goes, however large: it goes alone)
     if (
       this.inflight.length >= this.o.maxInflight ||
-      inflightBytes >= (this.o.maxInflightBytes ?? DEFAULT_MAX_INFLIGHT_BYTES)
+      (this.inflight.length > 0 && this.unackedBytes() >= this.maxInflightBytes)
     ) {
       this.waits++;
       return { cmd: 'wait-ack' };
@@ -329,6 +329,26 @@ export class EpochPipeline<F extends Sized = Buffer> {
   /** Pages pre-sent in the running epoch (they are not in its checkpoint's record). */
   get presentedPages(): number {
     return this.present.pages;
+  }
+
+  private get maxInflightBytes(): number {
+    return this.o.maxInflightBytes ?? DEFAULT_MAX_INFLIGHT_BYTES;
+  }
+
+  /**
+   * Bytes shipped and not yet acknowledged: the checkpoints in flight and what was pre-sent for the
+   * coming one (the standby stages it until that checkpoint commits).
+   */
+  unackedBytes(): number {
+    return this.inflight.reduce((s, x) => s + (x.record?.bytes ?? 0), 0) + this.present.pages * PAGE_BYTES;
+  }
+
+  /**
+   * Whether a pre-send pass may go out now: only while protecting and with room under the in-flight
+   * bound, so a slow standby slows the pre-sends (it acknowledges later), never the primary's memory.
+   */
+  mayPresend(): boolean {
+    return this.ph === 'protecting' && this.closed === null && this.unackedBytes() < this.maxInflightBytes;
   }
 
   /**

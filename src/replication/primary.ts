@@ -659,7 +659,7 @@ export class PrimaryController {
         if (every > 0 && capture.canPresend && c.untilMs - decidedMs > 1.5 * every) {
           await this.idle(every);
           const last = Math.max(pipe.epochStartedMs, lastPresendMs);
-          if (performance.now() - last >= every && pipe.phase === 'protecting' && !link.closed)
+          if (performance.now() - last >= every && pipe.mayPresend() && !link.closed)
             lastPresendMs = await this.presend(link, capture);
           continue;
         }
@@ -689,7 +689,8 @@ export class PrimaryController {
         every > 0 &&
         capture.canPresend &&
         decidedMs - pipe.epochStartedMs > lastPassAfterMs(every) &&
-        this.commit.openStats(decidedMs).frames === 0
+        this.commit.openStats(decidedMs).frames === 0 &&
+        pipe.mayPresend()
       )
         await this.presend(link, capture);
       await this.checkpoint(link, capture, c.epoch, decidedMs, status);

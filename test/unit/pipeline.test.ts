@@ -285,3 +285,44 @@ test('memory rails: no policy lets an epoch run past the estimated checkpoint bo
   p.ack(5, 62_561);
   assert.ok((p.decide(62_561, seen) as { untilMs: number }).untilMs < 62_560 + 60_000);
 });
+
+test('pipeline: pre-sent bytes count toward the in-flight bound; no pre-send past it, and a due checkpoint waits for an ack', () => {
+  const commit = new OutputCommit(1 << 20);
+  const p = new EpochPipeline({ policy: fixed(10), commit, maxInflight: 4, maxInflightBytes: 8 << 20 });
+  p.startSync();
+  p.paused(0, 0);
+  p.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 });
+  p.sent(0, 0);
+  p.ack(0, 1);
+  assert.equal(p.mayPresend(), true);
+  // Checkpoint 1 (6 MiB) in flight, not acknowledged.
+  assert.equal(p.decide(11, seen).cmd, 'capture');
+  p.paused(1, 11);
+  p.capturedCheckpoint(1, { dirtyPages: 1536, pauseMs: 1, bytes: 6 << 20, resumedMs: 12 });
+  p.sent(1, 12);
+  assert.equal(p.unackedBytes(), 6 << 20);
+  assert.equal(p.mayPresend(), true);
+  // 512 pages pre-sent (2 MiB): the bound is reached; no further pass.
+  p.presented(512, 15);
+  assert.equal(p.unackedBytes(), 8 << 20);
+  assert.equal(p.mayPresend(), false);
+  // Checkpoint 2 is due but waits for checkpoint 1's acknowledgement.
+  assert.deepEqual(p.decide(30, seen), { cmd: 'wait-ack' });
+  p.ack(1, 31);
+  assert.equal(p.unackedBytes(), 2 << 20, "only the coming checkpoint's pre-sent pages");
+  assert.equal(p.mayPresend(), true);
+  assert.equal(p.decide(32, seen).cmd, 'capture');
+});
+
+test('pipeline: with nothing in flight a checkpoint goes however much was pre-sent (no wait for an ack that cannot come)', () => {
+  const commit = new OutputCommit(1 << 20);
+  const p = new EpochPipeline({ policy: fixed(10), commit, maxInflight: 4, maxInflightBytes: 1 << 20 });
+  p.startSync();
+  p.paused(0, 0);
+  p.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 });
+  p.sent(0, 0);
+  p.ack(0, 1);
+  p.presented(1024, 5); // 4 MiB, over the 1 MiB bound, in one pass
+  assert.equal(p.mayPresend(), false);
+  assert.equal(p.decide(11, seen).cmd, 'capture');
+});
