@@ -8,22 +8,14 @@
 import { writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
 import { LineSplitter, makeTempDir, removeTempDir, spawnTracked, type TrackedProcess, logger } from '../util/index.ts';
 import { ip, Lan, type LanHost } from '../io/index.ts';
-import {
-  REPO_ROOT,
-  RUBATO_COMMAND,
-  ensureGuestImage,
-  ensurePatchedQemu,
-  ensureTapRelay,
-  stockQemu,
-} from '../setup/index.ts';
+import { ensureGuestImage, ensurePatchedQemu, ensureTapRelay, stockQemu } from '../setup/index.ts';
 import { writeKeyFile } from '../replication/index.ts';
 import { guestAppend, loadVmDefinition, resolveAccel } from '../qemu/index.ts';
 import { ownQemuArgs, ownTapName, specOf } from '../host/index.ts';
 import { LocalEtcd } from '../coord/index.ts';
-import { Controller } from './controller-proc.ts';
+import { nsLauncher } from './controller-proc.ts';
 
 const log = logger('demo');
 
@@ -127,18 +119,8 @@ export async function runAdoptDemo(
 
     const key = join(dir, 'psk');
     writeKeyFile(key);
-    const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
-    const env = { ...process.env, RUBATO_LOG: process.env['RUBATO_LOG'] ?? 'warn' };
-    const spawnIn = (name: string, ns: string, file: string, argv: string[]) => {
-      const p = spawnTracked(name, 'ip', ['netns', 'exec', ns, file, ...argv], {
-        env,
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      procs.push(p);
-      return p;
-    };
-    const rubato = (name: string, h: LanHost, a: string[]) =>
-      new Controller(name, spawnIn(`rubato-${name}`, h.ns, RUBATO_COMMAND, a));
+    const launch = nsLauncher(procs);
+    const rubato = (name: string, h: LanHost, a: string[]) => launch.rubato(name, h.ns, a);
     const common = ['--key', key, '--heartbeat-ms', String(o.heartbeatMs), '--timeout-ms', String(o.timeoutMs)];
     common.push('--events', '--etcd', etcd.url);
     const standby = rubato('standby-b', hb, [
@@ -153,20 +135,7 @@ export async function runAdoptDemo(
     ]);
     await standby.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
 
-    const client = new Controller(
-      'client',
-      spawnIn('http-client', l.clientNs, process.execPath, [
-        '--import',
-        tsx,
-        join(REPO_ROOT, 'src', 'chaos', 'http-client.ts'),
-        '--target',
-        `${l.guestIp}:80`,
-        '--path',
-        '/',
-        '--body',
-        '1',
-      ]),
-    );
+    const client = launch.httpClient('client', l.clientNs, `${l.guestIp}:80`, '/', true);
     await client.waitEvent((e) => e.type === 'ok', 60_000, 'a first answer');
     await new Promise((r) => setTimeout(r, 2000));
 

@@ -1,7 +1,10 @@
 // A Rubato command run as a child process (a controller on a namespace host, or a client) whose
 // JSON-line events are collected and can be waited for; its stderr is shown, prefixed with its name.
 
-import { type TrackedProcess, RubatoError } from '../util/index.ts';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { type TrackedProcess, RubatoError, spawnTracked } from '../util/index.ts';
+import { REPO_ROOT, RUBATO_COMMAND } from '../setup/index.ts';
 
 export type Ev = Record<string, unknown> & { event: string; t: number };
 
@@ -69,4 +72,42 @@ export class Controller {
       });
     });
   }
+}
+
+/**
+ * Starts processes inside network namespaces (a test topology's hosts and clients), tracked in
+ * `procs`: the caller ends them by PID, last first.
+ */
+export function nsLauncher(procs: TrackedProcess[]) {
+  const env = { ...process.env, RUBATO_LOG: process.env['RUBATO_LOG'] ?? 'warn' };
+  const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
+  const spawnIn = (name: string, ns: string, file: string, argv: string[]): TrackedProcess => {
+    const p = spawnTracked(name, 'ip', ['netns', 'exec', ns, file, ...argv], {
+      env,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    procs.push(p);
+    return p;
+  };
+  return {
+    spawnIn,
+    /** A controller run as an operator runs it: bin/rubato (which execs node: the PID is the controller's). */
+    rubato: (name: string, ns: string, args: string[]) =>
+      new Controller(name, spawnIn(`rubato-${name}`, ns, RUBATO_COMMAND, args)),
+    /** The web client (http-client.ts) fetching `path` from `target`; `body`: each answer's start in its line. */
+    httpClient: (name: string, ns: string, target: string, path: string, body = false) =>
+      new Controller(
+        name,
+        spawnIn(name, ns, process.execPath, [
+          '--import',
+          tsx,
+          join(REPO_ROOT, 'src', 'chaos', 'http-client.ts'),
+          '--target',
+          target,
+          '--path',
+          path,
+          ...(body ? ['--body', '1'] : []),
+        ]),
+      ),
+  };
 }

@@ -8,12 +8,9 @@
 
 import { copyFileSync, constants, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
-import { makeTempDir, removeTempDir, spawnTracked, type TrackedProcess, logger } from '../util/index.ts';
+import { makeTempDir, removeTempDir, type TrackedProcess, logger } from '../util/index.ts';
 import { ip, Lan, type LanHost } from '../io/index.ts';
 import {
-  REPO_ROOT,
-  RUBATO_COMMAND,
   ensurePackages,
   ensureDebianImage,
   ensureDebianUefiImage,
@@ -21,7 +18,7 @@ import {
   ensureTapRelay,
 } from '../setup/index.ts';
 import { writeKeyFile, formatProgress, type SyncProgress } from '../replication/index.ts';
-import { Controller } from './controller-proc.ts';
+import { nsLauncher } from './controller-proc.ts';
 import { LocalEtcd, EtcdClient, currentOwner } from '../coord/index.ts';
 
 const log = logger('demo');
@@ -208,20 +205,8 @@ export async function runDebianDemo(
     );
     const key = join(dir, 'psk');
     writeKeyFile(key);
-    const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
-    const env = { ...process.env, RUBATO_LOG: process.env['RUBATO_LOG'] ?? 'warn' };
-    const spawnIn = (name: string, ns: string, file: string, argv: string[]) => {
-      const p = spawnTracked(name, 'ip', ['netns', 'exec', ns, file, ...argv], {
-        env,
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      procs.push(p);
-      return p;
-    };
-    const inNs = (name: string, ns: string, argv: string[]) => spawnIn(name, ns, process.execPath, argv);
-    // The controllers run as an operator runs them: bin/rubato (which execs node: the PID is the controller's).
-    const rubato = (name: string, h: LanHost, args: string[]) =>
-      new Controller(name, spawnIn(`rubato-${name}`, h.ns, RUBATO_COMMAND, args));
+    const launch = nsLauncher(procs);
+    const rubato = (name: string, h: LanHost, args: string[]) => launch.rubato(name, h.ns, args);
     const common = [
       '--key',
       key,
@@ -294,37 +279,19 @@ export async function runDebianDemo(
     res.syncMs = synced ? Number(synced['ms']) : Date.now() - tProt;
     onStatus(`protected (initial sync ${res.syncMs} ms); a client fetches pages from nginx in the guest`, true);
 
-    const client = new Controller(
-      'client',
-      inNs('http-client', l.clientNs, [
-        '--import',
-        tsx,
-        join(REPO_ROOT, 'src', 'chaos', 'http-client.ts'),
-        '--target',
-        `${l.guestIp}:80`,
-        '--path',
-        '/4k.html',
-      ]),
-    );
+    const client = launch.httpClient('client', l.clientNs, `${l.guestIp}:80`, '/4k.html');
     await client.waitEvent((e) => e.type === 'ok', 60_000, 'a first page');
     // The second NIC's client (or, with one NIC, a second client on the first): the counter page
     // when the VM has its second disk.
     const counterLan = lan2 ?? l;
     const second =
       nNics > 1 || nDisks > 1
-        ? new Controller(
+        ? launch.httpClient(
             'client-2',
-            inNs('http-client-2', counterLan.clientNs, [
-              '--import',
-              tsx,
-              join(REPO_ROOT, 'src', 'chaos', 'http-client.ts'),
-              '--target',
-              `${counterLan.guestIp}:80`,
-              '--path',
-              nDisks > 1 ? '/counter.txt' : '/4k.html',
-              '--body',
-              '1',
-            ]),
+            counterLan.clientNs,
+            `${counterLan.guestIp}:80`,
+            nDisks > 1 ? '/counter.txt' : '/4k.html',
+            true,
           )
         : null;
     await second?.waitEvent((e) => e.type === 'ok', 120_000, 'a first page through the second client');

@@ -5,8 +5,8 @@
 // served by Rubato, and whose NICs are behind its relays. The guest keeps running and keeps its
 // TCP connections. `rubato qemu-args` prints a command line that runs a VM adoptably (own-qemu.ts).
 
-import { readFileSync, readdirSync, readlinkSync, existsSync } from 'node:fs';
-import { RubatoError, logger } from '../util/index.ts';
+import { readFileSync, readlinkSync, existsSync } from 'node:fs';
+import { RubatoError, logger, processWithFd, sleep } from '../util/index.ts';
 import { QmpClient, type QemuVm } from '../qemu/index.ts';
 import { migrateLocal, type LocalMigration } from './local-migration.ts';
 
@@ -31,24 +31,10 @@ export function unixSocketOwner(path: string): number | null {
     if (f.length >= 8 && f[7] === path && (parseInt(f[3]!, 16) & 0x10000) !== 0) inodes.add(f[6]!);
   }
   if (!inodes.size) return null;
-  for (const pid of readdirSync('/proc')) {
-    if (!/^\d+$/.test(pid)) continue;
-    let fds: string[];
-    try {
-      fds = readdirSync(`/proc/${pid}/fd`);
-    } catch {
-      continue;
-    }
-    for (const fd of fds) {
-      try {
-        const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`));
-        if (m && inodes.has(m[1]!)) return Number(pid);
-      } catch {
-        /* closed meanwhile */
-      }
-    }
-  }
-  return null;
+  return processWithFd((pid, fd) => {
+    const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`));
+    return m !== null && inodes.has(m[1]!);
+  });
 }
 
 /** The QEMU behind a QMP socket: checked to exist and to be a QEMU, its command line read. */
@@ -149,21 +135,23 @@ export async function adoptInto(
         `cannot adopt VM ${name}: its QEMU and its definition differ (${differs}); it runs on, untouched (rubato qemu-args prints a command line Rubato can adopt)`,
       );
     log.info(`VM ${name}: moving the running guest from its QEMU (pid ${source.pid}) into Rubato's`);
-    const died = new Promise<never>((_, reject) =>
-      vm.once('exit', () =>
+    let onExit = () => {};
+    const died = new Promise<never>((_, reject) => {
+      onExit = () =>
         reject(
           new RubatoError(
             'RUBATO_MIGRATION',
             `adopting VM ${name}: Rubato's QEMU ended while taking the guest (${vm.stderrTail.trim().split('\n').slice(-2).join(' | ')}); it runs on in its own QEMU`,
           ),
-        ),
-      ),
+        );
+      vm.once('exit', onExit);
+    });
+    const m = await Promise.race([migrateLocal(qmp, vm.qmp, socketPath, `adopting VM ${name}`), died]).finally(() =>
+      vm.off('exit', onExit),
     );
-    died.catch(() => {});
-    const m = await Promise.race([migrateLocal(qmp, vm.qmp, socketPath, `adopting VM ${name}`), died]);
     // The old QEMU holds a stopped copy: it ends now (its TAP goes with it).
     await qmp.execute('quit').catch(() => {});
-    for (let i = 0; i < 100 && existsSync(`/proc/${source.pid}`); i++) await new Promise((r) => setTimeout(r, 50));
+    for (let i = 0; i < 100 && existsSync(`/proc/${source.pid}`); i++) await sleep(50);
     log.info(
       `VM ${name} adopted: ${m.downtimeMs} ms without the guest running (QEMU: ${m.qemuDowntimeMs} ms), ${Math.round(m.transferredBytes / 2 ** 20)} MiB in ${m.totalMs} ms`,
     );

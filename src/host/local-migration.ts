@@ -3,7 +3,7 @@
 // release move a running guest with. The guest's downtime is the gap between the source's STOP and
 // the destination's RESUME (QMP events, one host clock).
 
-import { RubatoError, logger } from '../util/index.ts';
+import { RubatoError, logger, sleep } from '../util/index.ts';
 import type { QmpClient, QmpEvent } from '../qemu/index.ts';
 
 const log = logger('migrate');
@@ -17,20 +17,6 @@ export interface LocalMigration {
   transferredBytes: number;
 }
 
-const waitEvent = (qmp: QmpClient, name: string, ms: number): Promise<QmpEvent> =>
-  new Promise((resolve, reject) => {
-    const on = (e: QmpEvent) => {
-      if (e.event !== name) return;
-      clearTimeout(t);
-      qmp.off('event', on);
-      resolve(e);
-    };
-    const t = setTimeout(() => {
-      qmp.off('event', on);
-      reject(new RubatoError('RUBATO_TIMEOUT', `no ${name} within ${ms} ms`));
-    }, ms);
-    qmp.on('event', on);
-  });
 const stamp = (e: QmpEvent) =>
   e.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : Date.now();
 
@@ -46,23 +32,27 @@ export async function migrateLocal(
   timeoutMs = 300_000,
 ): Promise<LocalMigration> {
   const uri = `unix:${socketPath}`;
-  // The destination says when its copy is complete (MIGRATION events) and runs the guest at once
-  // (it was started paused); polling its state covers an event that did not come.
+  // The source stops the guest (STOP) when the copy ends; the destination says when its copy is
+  // complete (MIGRATION events) and runs the guest at once (it was started paused): its RESUME ends
+  // the downtime. Polling its state covers an event that did not come. (No timer outlives the call.)
+  let stoppedAt: number | null = null;
+  let resumedAt: number | null = null;
   let resumeAsked = false;
   const resume = () => {
     if (resumeAsked) return;
     resumeAsked = true;
     void to.execute('cont').catch(() => {});
   };
-  const onMigration = (e: QmpEvent) => {
+  const onSource = (e: QmpEvent) => {
+    if (e.event === 'STOP') stoppedAt ??= stamp(e);
+  };
+  const onDestination = (e: QmpEvent) => {
     if (e.event === 'MIGRATION' && e.data?.['status'] === 'completed') resume();
+    if (e.event === 'RESUME') resumedAt ??= stamp(e);
   };
   await to.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
-  to.on('event', onMigration);
-  const stopped = waitEvent(from, 'STOP', timeoutMs);
-  stopped.catch(() => {});
-  const resumed = waitEvent(to, 'RESUME', timeoutMs);
-  resumed.catch(() => {});
+  from.on('event', onSource);
+  to.on('event', onDestination);
   try {
     await to.execute('migrate-incoming', { uri });
     await from.execute('migrate', { uri });
@@ -72,18 +62,19 @@ export async function migrateLocal(
       const st = (await from.execute('query-migrate')) as Record<string, unknown>;
       const status = String(st['status'] ?? 'none');
       if (status === 'completed') {
-        for (let i = 0; !resumeAsked && i < 500; i++) {
-          const dst = (await to.execute('query-migrate')) as Record<string, unknown>;
-          if (dst['status'] === 'completed') resume();
-          else if (dst['status'] === 'failed')
-            throw new RubatoError('RUBATO_MIGRATION', `${what}: the destination failed to load the guest`);
-          else await new Promise((r) => setTimeout(r, 10));
+        const waitUntil = Date.now() + 5000;
+        while (resumedAt === null && Date.now() < waitUntil) {
+          if (!resumeAsked) {
+            const dst = (await to.execute('query-migrate')) as Record<string, unknown>;
+            if (dst['status'] === 'completed') resume();
+            else if (dst['status'] === 'failed')
+              throw new RubatoError('RUBATO_MIGRATION', `${what}: the destination failed to load the guest`);
+          }
+          await sleep(10);
         }
-        const stop = await stopped;
-        const run = await Promise.race([resumed, new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
         const ram = (st['ram'] ?? {}) as Record<string, number>;
         return {
-          downtimeMs: Math.round((run ? stamp(run) : Date.now()) - stamp(stop)),
+          downtimeMs: Math.round((resumedAt ?? Date.now()) - (stoppedAt ?? Date.now())),
           qemuDowntimeMs: Number(st['downtime'] ?? -1),
           totalMs: Number(st['total-time'] ?? -1),
           transferredBytes: ram['transferred'] ?? 0,
@@ -103,9 +94,10 @@ export async function migrateLocal(
         log.info(`${what}: ${status}, ${Math.round((ram['transferred'] ?? 0) / 2 ** 20)} MiB sent`);
         last = Date.now();
       }
-      await new Promise((r) => setTimeout(r, 20));
+      await sleep(20);
     }
   } finally {
-    to.off('event', onMigration);
+    from.off('event', onSource);
+    to.off('event', onDestination);
   }
 }

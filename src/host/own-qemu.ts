@@ -93,7 +93,13 @@ export function readAdopted(stateDir: string, vm: string): AdoptedRecord {
   if (!existsSync(f))
     throw new RubatoError('RUBATO_CONFIG', `VM ${vm} was not adopted from a QEMU of its own: rubato stop ends it`);
   if (statSync(f).size > 1 << 20) throw new RubatoError('RUBATO_CONFIG', `${f}: too large to be a record Rubato wrote`);
-  const r = AdoptedSchema.safeParse(JSON.parse(readFileSync(f, 'utf8')));
+  let raw: unknown;
+  try {
+    raw = JSON.parse(readFileSync(f, 'utf8'));
+  } catch (e) {
+    throw new RubatoError('RUBATO_CONFIG', `${f}: not JSON (${(e as Error).message})`);
+  }
+  const r = AdoptedSchema.safeParse(raw);
   if (!r.success || r.data.vm !== vm)
     throw new RubatoError('RUBATO_CONFIG', `${f}: not a record Rubato wrote for VM ${vm}`);
   return r.data;

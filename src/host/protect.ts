@@ -163,7 +163,7 @@ export interface ProtectedVm {
    * ends first (the standby keeps its replica and does not take over), then the guest moves; Rubato's
    * QEMU, I/O and claims are released. A failed move leaves the guest running here, unprotected.
    */
-  handOver(migrate: (vm: QemuVm) => Promise<void>): Promise<void>;
+  handOver<T>(migrate: (vm: QemuVm) => Promise<T>): Promise<T>;
   /**
    * Orderly end: the standby is told (no failover), the guest shuts down through ACPI (powered off
    * after `timeoutMs`, default the options' `stopTimeoutMs`; 0: at once), I/O and claims released.
@@ -216,6 +216,12 @@ async function machineOf(
   return { def: { ...plain, disks }, ...(ovmf ? { uefiCode: ovmf.code } : {}), images };
 }
 
+/** QEMU leaves its QMP and console sockets behind, and those of a live migration on this host. */
+function removeQemuSockets(runDir: string, vm: string): void {
+  for (const f of readdirSync(runDir))
+    if (f.startsWith(vm) && /\.(qmp|serial|mig|adopt|release)$/.test(f)) rmSync(join(runDir, f), { force: true });
+}
+
 /** Boots the user's VM on this host and starts protecting it (unprotected, said once, until a standby answers). */
 export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
   const runDir = join(o.stateDir, 'run');
@@ -253,6 +259,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
     await vm?.stop();
     await io?.close().catch((err: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(err)}`));
     for (const d of disks) d.release();
+    removeQemuSockets(runDir, o.def.name);
     throw e;
   }
   const { primary, guard } = startPrimarySide({
@@ -285,9 +292,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
     else await vmRef.stop();
     await ioRef.close().catch((e: unknown) => log.warn(`closing the guest's I/O: ${errorMessage(e)}`));
     for (const d of disks) d.release();
-    // QEMU leaves its QMP and console sockets behind.
-    for (const f of readdirSync(runDir))
-      if (f.startsWith(o.def.name) && /\.(qmp|serial|mig)$/.test(f)) rmSync(join(runDir, f), { force: true });
+    removeQemuSockets(runDir, o.def.name);
   };
   return {
     vm,
@@ -295,11 +300,12 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
     guard,
     disks,
     adopted,
-    handOver: async (migrate) => {
+    handOver: async <T>(migrate: (vm: QemuVm) => Promise<T>): Promise<T> => {
       if (stopping) throw new RubatoError('RUBATO_NOT_RUNNING', `VM ${o.def.name} is stopping already`);
       await primary.stop();
+      let moved: T;
       try {
-        await migrate(vmRef);
+        moved = await migrate(vmRef);
       } catch (e) {
         log.error(
           `VM ${o.def.name}: the handover failed (${errorMessage(e)}); the guest runs on here UNPROTECTED (rubato stop ends it)`,
@@ -308,6 +314,7 @@ export async function protectVm(o: ProtectOptions): Promise<ProtectedVm> {
       }
       // The guest runs in the other QEMU: this one (stopped after the move) only goes.
       await (stopping ??= end(async () => {}, false));
+      return moved;
     },
     stop: (timeoutMs) => (stopping ??= end(() => primary.stop(), true, timeoutMs)),
     guestLost: (why) => (stopping ??= end(() => primary.guestLost(why), false)),

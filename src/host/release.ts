@@ -61,12 +61,9 @@ export async function releaseVm(p: ProtectedVm, def: ResolvedVm, stateDir: strin
       if (bridge) await attachTap(tap, bridge);
     }
     log.info(`VM ${def.name}: handing the guest back to its own QEMU (pid ${proc.pid})`);
-    let m: LocalMigration | null = null;
-    await p.handOver(async (vm) => {
-      m = await migrateLocal(vm.qmp, qmp, join(stateDir, 'run', `${def.name}.release`), `releasing VM ${def.name}`);
-    });
-    const moved = m as LocalMigration | null;
-    if (!moved) throw new Error('the handover did not run');
+    const moved = await p.handOver((vm) =>
+      migrateLocal(vm.qmp, qmp, join(stateDir, 'run', `${def.name}.release`), `releasing VM ${def.name}`),
+    );
     disown(proc);
     forgetAdopted(stateDir);
     log.info(

@@ -3,7 +3,7 @@
 // SIGKILLed controller leaves nothing behind. Never kills by name.
 
 import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { logger } from './log.ts';
 import { LineSplitter } from './async.ts';
 
@@ -154,6 +154,31 @@ export function spawnTracked(
     clearTimeout(timer);
   };
   return { name, pid, child, exited, kill, stop };
+}
+
+/**
+ * The first process with an open file descriptor that `test` accepts (given the PID and the fd's
+ * number, as /proc/PID/fd and /proc/PID/fdinfo name it), or null. Processes and descriptors that
+ * go away meanwhile, or are not ours to read, are skipped.
+ */
+export function processWithFd(test: (pid: string, fd: string) => boolean): number | null {
+  for (const pid of readdirSync('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      try {
+        if (test(pid, fd)) return Number(pid);
+      } catch {
+        /* closed meanwhile */
+      }
+    }
+  }
+  return null;
 }
 
 /** Lets a process spawned with `outlive` run on after we exit (it is no longer ours to end). */

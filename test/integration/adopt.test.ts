@@ -15,11 +15,10 @@ import { writeKeyFile } from '../../src/replication/keyfile.ts';
 import { guestAppend } from '../../src/qemu/spec.ts';
 import { QmpClient } from '../../src/qemu/qmp.ts';
 import { adoptDemoPassed, runAdoptDemo, serialLine } from '../../src/chaos/adopt-demo.ts';
-import { Controller } from '../../src/chaos/controller-proc.ts';
-import { REPO_ROOT, ensureTapRelay, stockQemu } from '../../src/setup/setup.ts';
+import { nsLauncher } from '../../src/chaos/controller-proc.ts';
+import { ensureTapRelay, stockQemu } from '../../src/setup/setup.ts';
 import { testPlatform } from '../helpers/platform.ts';
 import { RUBATO_BIN, alive, rubatoProcess } from '../helpers/rubato.ts';
-import { pathToFileURL } from 'node:url';
 
 test('rubato demo --adopt: a running VM is adopted live with its client connection open, protected, and survives its host', {
   timeout: 600_000,
@@ -89,24 +88,7 @@ test('rubato release: an adopted VM goes back to a QEMU of its own, live; a VM t
     procs.push(own);
     await serialLine(join(dir, 'web.serial'), /RUBATO webd ready/, 120_000);
 
-    const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
-    const clientProc = spawnTracked('http-client', 'ip', [
-      'netns',
-      'exec',
-      l.clientNs,
-      process.execPath,
-      '--import',
-      tsx,
-      join(REPO_ROOT, 'src', 'chaos', 'http-client.ts'),
-      '--target',
-      `${l.guestIp}:80`,
-      '--path',
-      '/',
-      '--body',
-      '1',
-    ]);
-    procs.push(clientProc);
-    const client = new Controller('client', clientProc);
+    const client = nsLauncher(procs).httpClient('client', l.clientNs, `${l.guestIp}:80`, '/', true);
     await client.waitEvent((e) => e.type === 'ok', 60_000, 'a first answer');
 
     const protect = (file: string) => [
@@ -167,8 +149,8 @@ test('rubato release: an adopted VM goes back to a QEMU of its own, live; a VM t
     const tReleased = Date.now();
     await client.waitEvent((e) => e.type === 'ok' && e.t > tReleased + 1000, 15_000, 'answers after the release');
 
-    clientProc.kill('SIGTERM');
-    await clientProc.exited;
+    client.proc.kill('SIGTERM');
+    await client.proc.exited;
     const persistent = client.events.filter((e) => e.type === 'ok' && e['conn'] === 'persistent');
     assert.equal(new Set(persistent.map((e) => e['socket'])).size, 1, 'one connection through both moves');
     assert.equal(client.events.filter((e) => e.type === 'error').length, 0, 'no error');

@@ -9,9 +9,14 @@ import { fixed } from '../../src/scheduler/index.ts';
 
 const seen: Observed = { disk: { writes: 0, flushes: 0 }, link: { bytesPerSec: null, rttMs: 0.1 } };
 
-function protectedPipeline(maxInflight = 4) {
+function protectedPipeline(maxInflight = 4, maxInflightBytes?: number) {
   const commit = new OutputCommit(1 << 20);
-  const p = new EpochPipeline({ policy: fixed(10), commit, maxInflight });
+  const p = new EpochPipeline({
+    policy: fixed(10),
+    commit,
+    maxInflight,
+    ...(maxInflightBytes ? { maxInflightBytes } : {}),
+  });
   assert.deepEqual(p.startSync(), [{ cmd: 'capture', epoch: 0, reason: 'sync' }]);
   p.paused(0, 0);
   assert.deepEqual(p.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 }), [
@@ -287,13 +292,7 @@ test('memory rails: no policy lets an epoch run past the estimated checkpoint bo
 });
 
 test('pipeline: pre-sent bytes count toward the in-flight bound; no pre-send past it, and a due checkpoint waits for an ack', () => {
-  const commit = new OutputCommit(1 << 20);
-  const p = new EpochPipeline({ policy: fixed(10), commit, maxInflight: 4, maxInflightBytes: 8 << 20 });
-  p.startSync();
-  p.paused(0, 0);
-  p.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 });
-  p.sent(0, 0);
-  p.ack(0, 1);
+  const { p } = protectedPipeline(4, 8 << 20);
   assert.equal(p.mayPresend(), true);
   // Checkpoint 1 (6 MiB) in flight, not acknowledged.
   assert.equal(p.decide(11, seen).cmd, 'capture');
@@ -315,13 +314,7 @@ test('pipeline: pre-sent bytes count toward the in-flight bound; no pre-send pas
 });
 
 test('pipeline: with nothing in flight a checkpoint goes however much was pre-sent (no wait for an ack that cannot come)', () => {
-  const commit = new OutputCommit(1 << 20);
-  const p = new EpochPipeline({ policy: fixed(10), commit, maxInflight: 4, maxInflightBytes: 1 << 20 });
-  p.startSync();
-  p.paused(0, 0);
-  p.capturedCheckpoint(0, { dirtyPages: 0, pauseMs: 0, bytes: 0, resumedMs: 0 });
-  p.sent(0, 0);
-  p.ack(0, 1);
+  const { p } = protectedPipeline(4, 1 << 20);
   p.presented(1024, 5); // 4 MiB, over the 1 MiB bound, in one pass
   assert.equal(p.mayPresend(), false);
   assert.equal(p.decide(11, seen).cmd, 'capture');

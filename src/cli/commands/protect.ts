@@ -215,27 +215,17 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     disk: p.disks[0]?.path ?? null,
     disks: p.disks.map((d) => d.path),
   });
-  // `rubato release`: the guest goes back to its own QEMU; the controller then ends (after its answer).
-  let released: Promise<void> | null = null;
-  let releasedTo: number | null = null;
+  // `rubato release`: the guest goes back to its own QEMU; the controller then ends.
+  let releasing: ReturnType<typeof releaseVm> | null = null;
   const endpoints = await openEndpoints(
     stateDir,
     {
       status: () => p.primary.snapshot(),
       stop: stopSelf,
       release: async () => {
-        let done = () => {};
-        released = new Promise<void>((r) => {
-          done = () => setTimeout(r, 200);
-        });
-        try {
-          const r = await releaseVm(p, def, stateDir);
-          releasedTo = r.pid;
-          emit({ event: 'released', vm: def.name, ...r });
-          return { ok: true, vm: def.name, ...r };
-        } finally {
-          done();
-        }
+        const r = await (releasing = releaseVm(p, def, stateDir));
+        emit({ event: 'released', vm: def.name, ...r });
+        return { ok: true, vm: def.name, ...r };
       },
     },
     () => p.vm,
@@ -256,7 +246,13 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     log.info(`VM ${def.name} stopped; the standby keeps its replica and does not take over`);
   });
   const exit = await new Promise<{ code: number | null; signal: string | null }>((r) => p.vm.once('exit', r));
-  if (released) await released;
+  // (a failed release left the guest here: its QEMU's end is handled as any below)
+  const releasedTo = releasing
+    ? await (releasing as ReturnType<typeof releaseVm>).then(
+        (r) => r.pid,
+        () => null,
+      )
+    : null;
   if (releasedTo !== null) {
     endpoints.close();
     await observer.close();

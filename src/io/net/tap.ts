@@ -1,8 +1,8 @@
 // A TAP device on a host's Linux bridge: where a protected guest's frames meet the LAN. `ns` names
 // a network namespace (the test topologies' hosts); without it the TAP lives where Rubato runs.
 
-import { readdirSync, readFileSync } from 'node:fs';
-import { logger, runCommand, RubatoError } from '../../util/index.ts';
+import { readFileSync } from 'node:fs';
+import { logger, processWithFd, runCommand, RubatoError } from '../../util/index.ts';
 import { ip } from './netns.ts';
 
 export interface TapSite {
@@ -37,23 +37,7 @@ export async function checkBridge(site: TapSite): Promise<void> {
 /** The PID of a process that has TAP `tap` open (from /proc/PID/fdinfo's `iff:` line), or null. */
 export function tapHolder(tap: string): number | null {
   const want = new RegExp(`^iff:\\s+${tap.replace(/[.]/g, '\\.')}$`, 'm');
-  for (const pid of readdirSync('/proc')) {
-    if (!/^\d+$/.test(pid)) continue;
-    let fds: string[];
-    try {
-      fds = readdirSync(`/proc/${pid}/fdinfo`);
-    } catch {
-      continue; // gone, or not ours to read
-    }
-    for (const fd of fds) {
-      try {
-        if (want.test(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'))) return Number(pid);
-      } catch {
-        /* closed meanwhile */
-      }
-    }
-  }
-  return null;
+  return processWithFd((pid, fd) => want.test(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8')));
 }
 
 /**
