@@ -129,6 +129,7 @@ export class ColoCapture {
       });
     });
     try {
+      await awaitMigrationSettled(vm);
       await vm.qmp.execute('migrate-set-capabilities', {
         capabilities: [
           { capability: 'x-colo', state: true },
@@ -446,7 +447,10 @@ export class ColoCapture {
   private async abort(cause: Error): Promise<void> {
     if (!this.failed) {
       this.failed = cause;
-      log.warn(`capture of VM ${this.vm.spec.name} failed, resuming the guest unprotected: ${errorMessage(cause)}`);
+      const said = this.vm.stderrTail.trim().split('\n').slice(-2).join(' | ');
+      log.warn(
+        `capture of VM ${this.vm.spec.name} failed, resuming the guest unprotected: ${errorMessage(cause)}${said ? ` (QEMU said: ${said})` : ''}`,
+      );
     }
     this.sock.destroy();
     stopListening(this.server, this.sockPath);
@@ -493,6 +497,27 @@ function stopListening(server: Server, sockPath: string): void {
   server.close();
   listening.delete(sockPath);
   rmSync(sockPath, { force: true });
+}
+
+/** QEMU states in which a migration still holds its stream (QAPI MigrationStatus). */
+const MIGRATION_BUSY = new Set(['setup', 'active', 'cancelling', 'device', 'pre-switchover', 'colo', 'wait-unplug']);
+const SETTLE_TIMEOUT_MS = 5000;
+/** After a failed migration QEMU reports the failure before its clean-up has run. */
+const SETTLE_GRACE_MS = 100;
+
+/**
+ * Waits until a previous migration of this VM (a failed capture) has ended in QEMU, so that a new
+ * one never starts while QEMU still tears the old stream down. Bounded; `migrate` refuses a running one.
+ */
+async function awaitMigrationSettled(vm: QemuVm): Promise<void> {
+  const until = Date.now() + SETTLE_TIMEOUT_MS;
+  let status = (await vm.qmp.execute<{ status?: string }>('query-migrate')).status;
+  if (status === undefined) return; // never migrated
+  while (MIGRATION_BUSY.has(status ?? '') && Date.now() < until) {
+    await new Promise((r) => setTimeout(r, 50));
+    status = (await vm.qmp.execute<{ status?: string }>('query-migrate')).status;
+  }
+  await new Promise((r) => setTimeout(r, SETTLE_GRACE_MS));
 }
 
 /** After COLO ends abnormally QEMU waits for x-colo-lost-heartbeat while paused: resume the guest. */
