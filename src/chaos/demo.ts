@@ -3,10 +3,9 @@
 // (QEMU and controller) killed by PID, and the standby taking over. Everything it makes is removed.
 
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
 import { makeTempDir, removeTempDir, spawnTracked, type TrackedProcess, logger } from '../util/index.ts';
 import { TwoHosts } from '../io/index.ts';
-import { REPO_ROOT, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
+import { RUBATO_COMMAND, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
 import { resolveAccel, type AccelChoice, parseDirtierLine } from '../qemu/index.ts';
 import { writeKeyFile, formatProgress, type SyncProgress } from '../replication/index.ts';
 import { Controller, type Ev } from './controller-proc.ts';
@@ -93,11 +92,10 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
     );
     const key = join(dir, 'psk');
     writeKeyFile(key);
-    const tsx = pathToFileURL(join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'esm', 'index.mjs')).href;
-    const main = join(REPO_ROOT, 'src', 'cli', 'main.ts');
     const env = { ...process.env, RUBATO_LOG: process.env['RUBATO_LOG'] ?? 'warn' };
     const run = (name: string, h: typeof h2.primary, args: string[]) => {
-      const [file, argv] = h2.execArgs(h, process.execPath, ['--import', tsx, main, ...args]);
+      // bin/rubato, as an operator runs it (it execs node with the controllers' flags: the PID is the controller's)
+      const [file, argv] = h2.execArgs(h, RUBATO_COMMAND, args);
       const p = spawnTracked(`rubato-${name}`, file, argv, { env, stdio: ['ignore', 'pipe', 'pipe'] });
       procs.push(p);
       return p;
