@@ -44,6 +44,8 @@ export interface CaptureCheckResult {
   /** With --presend-ms: pre-sends taken, and the median pages a checkpoint's pause still carried (its own pass). */
   presends?: number;
   pausePagesMedian?: number;
+  /** Route A: how checkpoints and pre-sends were asked for (QEMU's trigger FIFO, or QMP). */
+  triggers?: { fifo: number; qmp: number };
   accel: Accel;
   checkpoints: number;
   verified: number;
@@ -216,6 +218,7 @@ export async function runCaptureCheck(o: CaptureCheckOptions): Promise<CaptureCh
     }
     result.bytesPerCheckpointMedian = median(bytes);
     if (capture instanceof ExternalCapture) result.tracking = capture.trackingMode;
+    else result.triggers = { ...capture.triggers };
     await capture.close().catch(() => {});
 
     status(`restoring checkpoint ${store.epoch} on a fresh QEMU`);

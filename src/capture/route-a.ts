@@ -240,7 +240,7 @@ export class ColoCapture {
     const t0 = performance.now();
     try {
       await this.awaitRearmed();
-      await this.vm.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': COLO_PRESEND_DELAY_MAGIC });
+      await this.trigger('presend');
       const timeoutMs = this.opts.checkpointTimeoutMs ?? 10_000;
       const read = async () => {
         const mark = await this.reader.readBe32();
@@ -303,8 +303,17 @@ export class ColoCapture {
     }
   }
 
-  private async trigger(): Promise<void> {
-    await this.vm.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': NEVER_MS });
+  /** How checkpoints and pre-sends were asked for: QEMU's trigger FIFO, or QMP (a QEMU without it). */
+  readonly triggers = { fifo: 0, qmp: 0 };
+
+  private async trigger(what: 'checkpoint' | 'presend' = 'checkpoint'): Promise<void> {
+    if (this.vm.triggerColo(what)) {
+      this.triggers.fifo++;
+      return;
+    }
+    this.triggers.qmp++;
+    const delay = what === 'presend' ? COLO_PRESEND_DELAY_MAGIC : NEVER_MS;
+    await this.vm.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': delay });
   }
 
   /**

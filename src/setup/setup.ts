@@ -108,7 +108,7 @@ export async function ensurePatchedQemu(): Promise<QemuBinary> {
   if (patched) return patched;
   await ensurePackages();
   const path = await runBuildScript('qemu-patches/build.sh', 'patched QEMU');
-  patched = { path, firmwareDirs: ['/usr/share/qemu', '/usr/share/seabios'], presend: true };
+  patched = { path, firmwareDirs: ['/usr/share/qemu', '/usr/share/seabios'], presend: true, trigger: true };
   return patched;
 }
 
