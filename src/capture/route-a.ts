@@ -91,6 +91,15 @@ export class ColoCapture {
     vm.qmp.on('event', this.onQmpEvent);
   }
 
+  /** The guest is about to be resumed by QEMU: the next trigger waits for its RESUME (bounded). */
+  private expectResume(): void {
+    let resolve!: () => void;
+    const done = new Promise<void>((r) => {
+      resolve = r;
+    });
+    this.resumePending = { done, resolve };
+  }
+
   private resumed(): void {
     const p = this.resumePending;
     this.resumePending = null;
@@ -165,6 +174,10 @@ export class ColoCapture {
         `precopy of VM ${vm.spec.name} did not finish`,
       );
       await opts.beforeReady?.(base);
+      // QEMU enters its COLO loop and resumes the guest once it reads this: the first trigger waits
+      // for that RESUME (a request before it would be dropped, and stock QEMU 7.2 can even abort on
+      // one that races COLO's start).
+      capture.expectResume();
       sock.write(coloMessage(COLO_MSG.CHECKPOINT_READY));
       return { capture, base };
     } catch (e) {
@@ -423,11 +436,7 @@ export class ColoCapture {
       await opts.hold(cp);
       cp.timings.heldMs = performance.now() - tLocal;
     }
-    let resolve!: () => void;
-    const done = new Promise<void>((r) => {
-      resolve = r;
-    });
-    this.resumePending = { done, resolve };
+    this.expectResume();
     this.sock.write(coloMessage(COLO_MSG.VMSTATE_LOADED));
     cp.timings.pauseMsLocal = performance.now() - tRequest;
     this.joinPresent(cp);
