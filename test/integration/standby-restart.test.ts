@@ -199,7 +199,9 @@ test('rubato demo --json: the standby takes over and the guest continues', { tim
   // Fenced by the embedded witness: the standby goes live once the dead primary's lease (TTL 1 s,
   // counted from its last renewal) expired and its claim succeeded (retried every 200 ms), then restores.
   assert.match(String(j['witness']), /^http:\/\/10\.232\./, 'the demo ran with its embedded witness');
-  assert.match(String(j['failoverWhy']), /the witness gave standby generation 2/);
+  // Generation 2 unless the primary re-claimed its lease once before (a renewal missed under load:
+  // it stops its output, claims again, and goes on under generation 2; the standby then gets 3).
+  assert.match(String(j['failoverWhy']), /the witness gave standby generation ([2-9]|\d{2,})\b/);
   assert.ok(
     Number(j['failoverMs']) > 0 && Number(j['failoverMs']) <= 1000 + 200 + 300 + 1000,
     `failover ${j['failoverMs']} ms`,
