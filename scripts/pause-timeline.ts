@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { ColoCapture } from '../src/capture/index.ts';
 import { QemuVm, guestAppend } from '../src/qemu/index.ts';
-import { makeTempDir, removeTempDir } from '../src/util/index.ts';
+import { makeTempDir, removeTempDir, sleep } from '../src/util/index.ts';
 import { testPlatform } from '../test/helpers/platform.ts';
 
 const { values } = parseArgs({
@@ -42,39 +42,40 @@ const dir = makeTempDir();
 const wrapper = join(dir, 'qemu-timestamped');
 writeFileSync(wrapper, `#!/bin/sh\nexec '${real.path}' -msg timestamp=on "$@"\n`);
 chmodSync(wrapper, 0o700);
-const vm = await QemuVm.start(
-  {
-    name: 'timeline',
-    accel,
-    cpus: 1,
-    memMb,
-    ramFile: join(dir, 'ram'),
-    kernel: guest.kernel,
-    initrd: guest.initrd,
-    append: guestAppend(['dirtier', 1, 16]),
-  },
-  { binary: { ...real, path: wrapper }, runDir: dir },
-);
-const lines: string[] = [];
-let partial = '';
-vm.proc.child.stderr?.on('data', (d: Buffer) => {
-  const parts = (partial + d.toString()).split('\n');
-  partial = parts.pop() ?? '';
-  lines.push(...parts);
-});
+let vm: QemuVm | null = null;
 try {
+  vm = await QemuVm.start(
+    {
+      name: 'timeline',
+      accel,
+      cpus: 1,
+      memMb,
+      ramFile: join(dir, 'ram'),
+      kernel: guest.kernel,
+      initrd: guest.initrd,
+      append: guestAppend(['dirtier', 1, 16]),
+    },
+    { binary: { ...real, path: wrapper }, runDir: dir },
+  );
+  const lines: string[] = [];
+  let partial = '';
+  vm.proc.child.stderr?.on('data', (d: Buffer) => {
+    const parts = (partial + d.toString()).split('\n');
+    partial = parts.pop() ?? '';
+    lines.push(...parts);
+  });
   await vm.waitSerial(/RUBATO dirtier t=/, 60_000);
   const { capture } = await ColoCapture.start(vm, { runDir: dir });
   for (let i = 0; i < 5; i++) await capture.checkpoint();
   for (const name of EVENTS) await vm.qmp.execute('trace-event-set-state', { name, enable: true });
   for (let i = 0; i < count; i++) {
-    await new Promise((r) => setTimeout(r, 25));
+    await sleep(25);
     await capture.checkpoint();
   }
   await capture.close();
   report(lines, Math.floor(count / 2));
 } finally {
-  await vm.stop();
+  await vm?.stop();
   removeTempDir(dir);
 }
 

@@ -6,7 +6,7 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { rmSync } from 'node:fs';
-import { RubatoError, assert, errorMessage, logger, withTimeout, ByteReader } from '../util/index.ts';
+import { RubatoError, assert, errorMessage, logger, withTimeout, ByteReader, sleep } from '../util/index.ts';
 import {
   type QemuVm,
   type QmpEvent,
@@ -520,22 +520,19 @@ function stopListening(server: Server, sockPath: string): void {
 /** QEMU states in which a migration still holds its stream (QAPI MigrationStatus). */
 const MIGRATION_BUSY = new Set(['setup', 'active', 'cancelling', 'device', 'pre-switchover', 'colo', 'wait-unplug']);
 const SETTLE_TIMEOUT_MS = 5000;
-/** After a failed migration QEMU reports the failure before its clean-up has run. */
-const SETTLE_GRACE_MS = 100;
 
 /**
- * Waits until a previous migration of this VM (a failed capture) has ended in QEMU, so that a new
- * one never starts while QEMU still tears the old stream down. Bounded; `migrate` refuses a running one.
+ * Waits until a previous migration of this VM (a failed capture) has ended in QEMU: `migrate` refuses
+ * while one runs. Bounded; one query when none does.
  */
 async function awaitMigrationSettled(vm: QemuVm): Promise<void> {
   const until = Date.now() + SETTLE_TIMEOUT_MS;
   let status = (await vm.qmp.execute<{ status?: string }>('query-migrate')).status;
   if (status === undefined) return; // never migrated
   while (MIGRATION_BUSY.has(status ?? '') && Date.now() < until) {
-    await new Promise((r) => setTimeout(r, 50));
+    await sleep(50);
     status = (await vm.qmp.execute<{ status?: string }>('query-migrate')).status;
   }
-  await new Promise((r) => setTimeout(r, SETTLE_GRACE_MS));
 }
 
 /** After COLO ends abnormally QEMU waits for x-colo-lost-heartbeat while paused: resume the guest. */

@@ -92,8 +92,8 @@ export function nsLauncher(procs: TrackedProcess[]) {
   return {
     spawnIn,
     /** A controller run as an operator runs it: bin/rubato (which execs node: the PID is the controller's). */
-    rubato: (name: string, ns: string, args: string[]) =>
-      new Controller(name, spawnIn(`rubato-${name}`, ns, RUBATO_COMMAND, args)),
+    rubato: (name: string, ns: string, args: string[], onEvent?: (e: Ev) => void) =>
+      new Controller(name, spawnIn(`rubato-${name}`, ns, RUBATO_COMMAND, args), onEvent),
     /** The web client (http-client.ts) fetching `path` from `target`; `body`: each answer's start in its line. */
     httpClient: (name: string, ns: string, target: string, path: string, body = false) =>
       new Controller(

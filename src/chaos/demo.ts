@@ -3,12 +3,12 @@
 // (QEMU and controller) killed by PID, and the standby taking over. Everything it makes is removed.
 
 import { join } from 'node:path';
-import { makeTempDir, removeTempDir, spawnTracked, type TrackedProcess, logger } from '../util/index.ts';
+import { makeTempDir, removeTempDir, type TrackedProcess, logger } from '../util/index.ts';
 import { TwoHosts } from '../io/index.ts';
-import { RUBATO_COMMAND, ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
+import { ensureGuestImage, ensurePatchedQemu, stockQemu } from '../setup/index.ts';
 import { resolveAccel, type AccelChoice, parseDirtierLine } from '../qemu/index.ts';
 import { writeKeyFile, formatProgress, type SyncProgress } from '../replication/index.ts';
-import { Controller, type Ev } from './controller-proc.ts';
+import { nsLauncher, type Ev } from './controller-proc.ts';
 import { LocalEtcd } from '../coord/index.ts';
 
 const log = logger('demo');
@@ -92,14 +92,7 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
     );
     const key = join(dir, 'psk');
     writeKeyFile(key);
-    const env = { ...process.env, RUBATO_LOG: process.env['RUBATO_LOG'] ?? 'warn' };
-    const run = (name: string, h: typeof h2.primary, args: string[]) => {
-      // bin/rubato, as an operator runs it (it execs node with the controllers' flags: the PID is the controller's)
-      const [file, argv] = h2.execArgs(h, RUBATO_COMMAND, args);
-      const p = spawnTracked(`rubato-${name}`, file, argv, { env, stdio: ['ignore', 'pipe', 'pipe'] });
-      procs.push(p);
-      return p;
-    };
+    const launch = nsLauncher(procs);
     // Safe by default: the embedded witness, a single-member etcd on a third "machine" both hosts
     // reach apart from the replication link (so a cut link is not a cut from the witness).
     etcd = await LocalEtcd.start(join(dir, 'witness'), { host: await h2.attachWitness() });
@@ -117,27 +110,24 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
       etcd.url,
     ];
     const port = 7400;
-    const standby = new Controller(
+    const standby = launch.rubato('standby', hosts.standby.ns, [
       'standby',
-      run('standby', hosts.standby, [
-        'standby',
-        '--host',
-        'standby',
-        '--listen',
-        `${hosts.standby.ip}:${port}`,
-        '--state-dir',
-        join(dir, 'standby'),
-        ...common,
-      ]),
-      () => {},
-    );
+      '--host',
+      'standby',
+      '--listen',
+      `${hosts.standby.ip}:${port}`,
+      '--state-dir',
+      join(dir, 'standby'),
+      ...common,
+    ]);
     await standby.waitEvent((e) => e.event === 'listening', 30_000, 'listening');
 
     let lastStatus: Ev | null = null;
     let acked: Ev | null = null;
-    const primary = new Controller(
+    const primary = launch.rubato(
       'primary',
-      run('primary', hosts.primary, [
+      hosts.primary.ns,
+      [
         'primary',
         '--host',
         'primary',
@@ -156,7 +146,7 @@ export async function runDemo(o: DemoOptions, onStatus: (line: string, final?: b
         '--state-dir',
         join(dir, 'primary'),
         ...common,
-      ]),
+      ],
       (e) => {
         if (e.event === 'status') {
           lastStatus = e;

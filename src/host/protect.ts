@@ -219,8 +219,7 @@ async function machineOf(
 /** QEMU leaves its QMP and console sockets behind, and those of a live migration on this host. */
 function removeQemuSockets(runDir: string, vm: string): void {
   for (const f of readdirSync(runDir))
-    if (f.startsWith(vm) && /\.(qmp|serial|mig|adopt|release|trigger)$/.test(f))
-      rmSync(join(runDir, f), { force: true });
+    if (f.startsWith(vm) && /\.(qmp|serial|mig|adopt|release)$/.test(f)) rmSync(join(runDir, f), { force: true });
 }
 
 /** Boots the user's VM on this host and starts protecting it (unprotected, said once, until a standby answers). */

@@ -4,10 +4,9 @@
 import { connect, type Socket } from 'node:net';
 import { EventEmitter } from 'node:events';
 import { join } from 'node:path';
-import { execFileSync } from 'node:child_process';
 import { closeSync, constants as fsc, openSync, rmSync, writeSync } from 'node:fs';
 import { StringDecoder } from 'node:string_decoder';
-import { spawnTracked, type TrackedProcess, RubatoError, LineSplitter, logger } from '../util/index.ts';
+import { spawnTracked, runCommand, type TrackedProcess, RubatoError, LineSplitter, logger } from '../util/index.ts';
 import { QmpClient } from './qmp.ts';
 import { qemuArgs, type VmSpec } from './spec.ts';
 
@@ -16,6 +15,8 @@ const log = logger('qemu');
 export const DEFAULT_STOP_TIMEOUT_MS = 30_000;
 const SERIAL_LINES_KEPT = 2000;
 const CONSOLE_TAIL_BYTES = 8192;
+/** RUBATO_TRIGGER=qmp: checkpoints always through QMP (to measure the two ways side by side). */
+const QMP_TRIGGER_ONLY = process.env['RUBATO_TRIGGER'] === 'qmp';
 
 export interface QemuBinary {
   path: string;
@@ -93,7 +94,7 @@ export class QemuVm extends EventEmitter {
       { paused: true, incoming: opts.incoming ?? false },
     );
     log.debug('starting', { vm: spec.name, argv: [opts.binary.path, ...args].join(' ') });
-    const trigger = opts.binary.trigger ? makeTriggerFifo(join(opts.runDir, `${tag}.trigger`)) : null;
+    const trigger = opts.binary.trigger ? await makeTriggerFifo(join(opts.runDir, `${tag}.trigger`)) : null;
     const proc = spawnTracked(`qemu:${tag}`, opts.binary.path, args, {
       env: trigger ? { ...process.env, RUBATO_COLO_TRIGGER: trigger } : process.env,
     });
@@ -147,8 +148,7 @@ export class QemuVm extends EventEmitter {
    * False when this QEMU has no FIFO or the byte could not be written: the caller uses QMP.
    */
   triggerColo(what: 'checkpoint' | 'presend'): boolean {
-    // RUBATO_TRIGGER=qmp: always through QMP (to measure the two side by side)
-    if (!this.triggerPath || this.exitedFlag || process.env['RUBATO_TRIGGER'] === 'qmp') return false;
+    if (!this.triggerPath || this.exitedFlag || QMP_TRIGGER_ONLY) return false;
     try {
       // Non-blocking: QEMU holds the FIFO open from its start, so this never waits for a reader.
       this.triggerFd ??= openSync(this.triggerPath, fsc.O_WRONLY | fsc.O_NONBLOCK);
@@ -324,13 +324,10 @@ export class QemuVm extends EventEmitter {
 }
 
 /** A private FIFO for QEMU's trigger thread (mkfifo: node has no call for it). Null when it cannot be made. */
-function makeTriggerFifo(path: string): string | null {
-  try {
-    rmSync(path, { force: true });
-    execFileSync('mkfifo', ['-m', '0600', path], { stdio: 'ignore' });
-    return path;
-  } catch (e) {
-    log.warn(`no trigger FIFO at ${path} (${(e as Error).message}); checkpoints are triggered through QMP`);
-    return null;
-  }
+async function makeTriggerFifo(path: string): Promise<string | null> {
+  rmSync(path, { force: true });
+  const r = await runCommand('mkfifo', ['-m', '0600', path]);
+  if (r.code === 0) return path;
+  log.warn(`no trigger FIFO at ${path} (${r.stderr.trim()}); checkpoints are triggered through QMP`);
+  return null;
 }

@@ -51,11 +51,6 @@ export class TwoHosts {
     return new TwoHosts(p, s);
   }
 
-  /** Command prefix that runs a program inside a host's namespace (`ip netns exec` execs in place). */
-  execArgs(h: Host, file: string, args: readonly string[]): [string, string[]] {
-    return ['ip', ['netns', 'exec', h.ns, file, ...args]];
-  }
-
   /**
    * A third machine both hosts reach apart from the replication link (the witness's place): a veth
    * pair from this machine's root namespace into each host. Returns the address to serve on (the
