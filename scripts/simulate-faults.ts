@@ -1,4 +1,5 @@
-// `npm run simulate-faults -- --seeds N [--from S] [--json]`: the fault simulator over N seeds;
+// `npm run simulate-faults -- --seeds N [--from S] [--presend-ms MS] [--json]`: the fault simulator over N seeds
+// (with --presend-ms the primaries pre-send their dirty RAM as their pipelines plan it);
 // `--seed S` replays one (its violations and fault schedule); `--scenarios` runs the named
 // regression scenarios with and without their defect. Exit 1 on any violation.
 import { runSeeds, REGRESSIONS, runScenario } from '../src/sim/fault-runs.ts';
@@ -20,8 +21,11 @@ const num = (v: string | undefined, d: number) => {
   return n;
 };
 
+const presendMs = opt('--presend-ms') === undefined ? undefined : num(opt('--presend-ms'), 0);
+const base = presendMs ? { presendMs } : {};
+
 if (opt('--seed') !== undefined) {
-  const r = runFaultSim({ seed: num(opt('--seed'), 1) });
+  const r = runFaultSim({ ...base, seed: num(opt('--seed'), 1) });
   process.stdout.write(`${JSON.stringify(r, null, json ? 0 : 2)}\n`);
   process.exitCode = r.violations.length ? 1 : 0;
 } else if (args.includes('--scenarios')) {
@@ -45,16 +49,18 @@ if (opt('--seed') !== undefined) {
     ms: 0,
     events: 0,
     failovers: 0,
+    presends: 0,
     byKind: {} as Record<string, number>,
     failing: [] as unknown[],
   };
   for (let s = from; s < from + seeds; s += step) {
-    const r = runSeeds(s, Math.min(step, from + seeds - s));
+    const r = runSeeds(s, Math.min(step, from + seeds - s), base);
     total.seeds += r.seeds;
     total.violations += r.violations;
     total.ms += r.ms;
     total.events += r.events;
     total.failovers += r.failovers;
+    total.presends += r.presends;
     for (const [k, v] of Object.entries(r.byKind)) total.byKind[k] = (total.byKind[k] ?? 0) + v;
     if (total.failing.length < 10) total.failing.push(...r.failing.slice(0, 10 - total.failing.length));
     if (!json) process.stderr.write(`\r${total.seeds}/${seeds} seeds, ${total.violations} with violations`);

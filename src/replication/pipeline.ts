@@ -10,7 +10,7 @@
 
 import { assert } from '../util/index.ts';
 import type { OutputCommit, Sized, ClosedEpoch } from '../commit/index.ts';
-import type { EpochRecord, Policy, Telemetry } from '../scheduler/index.ts';
+import { lastPassAfterMs, presendEveryMs, type EpochRecord, type Policy, type Telemetry } from '../scheduler/index.ts';
 
 export type PipelinePhase =
   /** No standby protects the guest (before the first sync, or after the link was lost). */
@@ -33,6 +33,8 @@ export interface Observed {
   link: { bytesPerSec: number | null; rttMs: number | null };
   /** The host's idle cores lately (null or absent: unknown). */
   hostIdleCores?: number | null;
+  /** The capture can pre-send dirty RAM while the guest runs (a patched QEMU in COLO). Absent: it cannot. */
+  canPresend?: boolean;
 }
 
 export type Command<F extends Sized = Buffer> =
@@ -42,6 +44,11 @@ export type Command<F extends Sized = Buffer> =
   | { cmd: 'wait'; untilMs: number; reason: string }
   /** A checkpoint is due but the backlog is full: wait for an acknowledgement. */
   | { cmd: 'wait-ack' }
+  /**
+   * Pre-send the dirty RAM of the coming checkpoint `epoch` while the guest runs (then call presented()):
+   * `interval` during a long epoch, `last-pass` right before the checkpoint the next decision takes.
+   */
+  | { cmd: 'presend'; epoch: number; reason: 'interval' | 'last-pass' }
   /** Ship checkpoint `epoch` to the standby (then call sent()). */
   | { cmd: 'send'; epoch: number }
   /**
@@ -155,6 +162,10 @@ export class EpochPipeline<F extends Sized = Buffer> {
   private fenceAsked = false;
   /** Pre-sends in the running epoch: pages sent while the guest ran, and when the last one was. */
   private present = { pages: 0, lastMs: null as number | null };
+  /** A pre-send pass of this coming checkpoint is under way (null: none). */
+  private presending: number | null = null;
+  /** A checkpoint decided for this reason waits for the last pass before its pause (null: none). */
+  private afterLastPass: string | null = null;
   private lossReported = false;
   private inflight: Inflight[] = [];
   private readonly hist: EpochRecord[] = [];
@@ -223,19 +234,30 @@ export class EpochPipeline<F extends Sized = Buffer> {
     this.capturing = 0;
     this.inflight = [];
     this.fenceAsked = false;
+    this.presending = null;
+    this.afterLastPass = null;
     return [{ cmd: 'capture', epoch: 0, reason: 'sync' }];
   }
 
   // ---- one checkpoint -----------------------------------------------------------------------
 
-  /** A decision is due (timer, output, flush, ack): checkpoint now, or when to ask again. */
+  /**
+   * A decision is due (timer, output, flush, ack, a pre-send's end): checkpoint now, pre-send, or
+   * when to ask again.
+   */
   decide(nowMs: number, seen: Observed): Command<F> {
     assert(this.ph === 'protecting', `pipeline: decision asked while ${this.ph}`);
     assert(this.capturing === null, 'pipeline: decision asked during a capture');
+    assert(this.presending === null, 'pipeline: decision asked during a pre-send');
     if (this.fenceAsked) {
       this.ph = 'fencing';
+      this.afterLastPass = null;
       return this.beginCapture('fence', nowMs) as Command<F>;
     }
+    // The checkpoint decided before its last pass goes now (the backlog permitting).
+    const deferred = this.afterLastPass;
+    this.afterLastPass = null;
+    if (deferred !== null) return this.backlogFull() ? this.waitForAck() : this.beginCapture(deferred, nowMs);
     // Rails above every policy: a bounded disk log at its bound, and an epoch whose estimated
     // dirty memory reached the checkpoint bound, end now; no policy waits past the latter.
     const sizeDueMs = this.sizeBoundAtMs();
@@ -245,21 +267,57 @@ export class EpochPipeline<F extends Sized = Buffer> {
         ? { checkpoint: true as const, reason: 'size-bound' }
         : this.o.policy.decide(this.telemetry(nowMs, seen));
     this.reasonCounts[d.reason] = (this.reasonCounts[d.reason] ?? 0) + 1;
-    if (!d.checkpoint)
-      return {
-        cmd: 'wait',
-        untilMs: Math.min(d.wakeAtMs, sizeDueMs),
-        reason: d.wakeAtMs > sizeDueMs ? 'size-bound' : d.reason,
-      };
-    // (pre-sent bytes count too; with nothing in flight the checkpoint goes, however large: it goes alone)
+    const every = seen.canPresend ? this.presendIntervalMs(seen.hostIdleCores ?? null) : 0;
+    if (!d.checkpoint) {
+      const untilMs = Math.min(d.wakeAtMs, sizeDueMs);
+      const reason = d.wakeAtMs > sizeDueMs ? 'size-bound' : d.reason;
+      // A long wait with pre-sends on: the dirty RAM goes out every interval while the guest runs.
+      if (every > 0 && untilMs - nowMs > 1.5 * every && this.mayPresend()) {
+        const dueMs = Math.max(this.epochStartMs, this.present.lastMs ?? 0) + every;
+        return nowMs >= dueMs ? this.beginPresend('interval') : { cmd: 'wait', untilMs: dueMs, reason };
+      }
+      return { cmd: 'wait', untilMs, reason };
+    }
+    if (this.backlogFull()) return this.waitForAck();
+    // With pre-sends on, a long epoch gets a last pass right before its pause: the pause then
+    // carries only what is written during that pass. (Not when output waits: it would wait longer.)
     if (
-      this.inflight.length >= this.o.maxInflight ||
-      (this.inflight.length > 0 && this.unackedBytes() >= this.maxInflightBytes)
+      every > 0 &&
+      nowMs - this.epochStartMs > lastPassAfterMs(every) &&
+      this.o.commit.openStats(nowMs).frames === 0 &&
+      this.mayPresend()
     ) {
-      this.waits++;
-      return { cmd: 'wait-ack' };
+      this.afterLastPass = d.reason;
+      return this.beginPresend('last-pass');
     }
     return this.beginCapture(d.reason, nowMs);
+  }
+
+  /** No room for another checkpoint in flight (pre-sent bytes count too; with nothing in flight one goes alone). */
+  private backlogFull(): boolean {
+    return (
+      this.inflight.length >= this.o.maxInflight ||
+      (this.inflight.length > 0 && this.unackedBytes() >= this.maxInflightBytes)
+    );
+  }
+
+  private waitForAck(): Command<F> {
+    this.waits++;
+    return { cmd: 'wait-ack' };
+  }
+
+  /**
+   * How often the running epoch's dirty RAM is pre-sent (the policy's presend setting; presend=auto
+   * from the dirty curve, the pause fit and the host's idle cores): 0 none, Infinity only a last
+   * pass before each pause.
+   */
+  presendIntervalMs(hostIdleCores: number | null): number {
+    return presendEveryMs(this.o.policy, this.hist, hostIdleCores) ?? 0;
+  }
+
+  private beginPresend(reason: 'interval' | 'last-pass'): Command<F> {
+    this.presending = this.captured + 1;
+    return { cmd: 'presend', epoch: this.presending, reason };
   }
 
   /**
@@ -347,7 +405,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
    * Whether a pre-send pass may go out now: only while protecting and with room under the in-flight
    * bound, so a slow standby slows the pre-sends (it acknowledges later), never the primary's memory.
    */
-  mayPresend(): boolean {
+  private mayPresend(): boolean {
     return this.ph === 'protecting' && this.closed === null && this.unackedBytes() < this.maxInflightBytes;
   }
 
@@ -360,6 +418,8 @@ export class EpochPipeline<F extends Sized = Buffer> {
       this.ph === 'protecting' && this.closed === null,
       `pipeline: a pre-send while ${this.ph}${this.closed ? ', paused' : ''}`,
     );
+    assert(this.presending === this.captured + 1, `pipeline: a pre-send ended that was not asked for`);
+    this.presending = null;
     this.present = { pages: this.present.pages + pages, lastMs: nowMs };
   }
 
@@ -489,6 +549,8 @@ export class EpochPipeline<F extends Sized = Buffer> {
     this.ph = 'unprotected';
     this.inflight = [];
     this.capturing = null;
+    this.presending = null;
+    this.afterLastPass = null;
     this.decidedMs = null;
     this.closed = null;
     const first = !this.lossReported;

@@ -18,7 +18,7 @@ import type { QemuVm } from '../qemu/index.ts';
 import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
 import { FrameComparator, ModeChooser, OutputCommit, type DiskEpochCut } from '../commit/index.ts';
 import { type GuestNet, type DiskSet, allocatedExtents, extentBytes } from '../io/index.ts';
-import { comparing, fixed, lastPassAfterMs, presendEveryMs, type Policy } from '../scheduler/index.ts';
+import { comparing, fixed, type Policy } from '../scheduler/index.ts';
 import { Link } from './link.ts';
 import { connectHandshake } from './handshake.ts';
 import { EpochPipeline, type Command } from './pipeline.ts';
@@ -633,7 +633,6 @@ export class PrimaryController {
     }
 
     const status = new StatusMeter(performance.now(), 0, link.stats.bytesSent);
-    let lastPresendMs = 0;
     for (;;) {
       throwIfClosed();
       if (pipe.phase !== 'protecting') return; // fenced or stopped
@@ -652,17 +651,13 @@ export class PrimaryController {
         },
         link: { bytesPerSec: null, rttMs: link.stats.rttMs },
         hostIdleCores,
+        canPresend: capture.canPresend,
       });
+      if (c.cmd === 'presend') {
+        await this.presend(link, capture, c.epoch);
+        continue;
+      }
       if (c.cmd === 'wait') {
-        // A long wait with pre-sends on: the dirty RAM goes out every interval while the guest runs.
-        const every = presendEveryMs(pipe.policy, pipe.history, hostIdleCores) ?? 0;
-        if (every > 0 && capture.canPresend && c.untilMs - decidedMs > 1.5 * every) {
-          await this.idle(every);
-          const last = Math.max(pipe.epochStartedMs, lastPresendMs);
-          if (performance.now() - last >= every && pipe.mayPresend() && !link.closed)
-            lastPresendMs = await this.presend(link, capture);
-          continue;
-        }
         // (compare mode: held frames whose copy may still come are looked at again once late)
         const lateAt = this.planningCompare ? this.commit.nextLateAtMs() : Number.POSITIVE_INFINITY;
         await this.idle((lateAt > decidedMs ? Math.min(c.untilMs, lateAt + 0.5) : c.untilMs) - decidedMs);
@@ -682,17 +677,6 @@ export class PrimaryController {
         reason: c.reason,
         ageMs: (decidedMs - pipe.epochStartedMs).toFixed(1),
       });
-      // With pre-sends on, a long epoch gets a last pass right before its pause: the pause then
-      // carries only what is written during that pass. (Not when output waits: it would wait longer.)
-      const every = presendEveryMs(pipe.policy, pipe.history, hostIdleCores) ?? 0;
-      if (
-        every > 0 &&
-        capture.canPresend &&
-        decidedMs - pipe.epochStartedMs > lastPassAfterMs(every) &&
-        this.commit.openStats(decidedMs).frames === 0 &&
-        pipe.mayPresend()
-      )
-        await this.presend(link, capture);
       await this.checkpoint(link, capture, c.epoch, decidedMs, status);
       if (status.due(performance.now())) this.emitStatus(link, status);
     }
@@ -700,18 +684,15 @@ export class PrimaryController {
 
   /**
    * One pre-send of the dirty RAM (the guest runs meanwhile): its pages go to the standby at once,
-   * which stages them for the coming checkpoint (committed only with it; a later copy of a page,
-   * from another pass or the pause, replaces them). Returns when it ended.
+   * which stages them for the coming checkpoint `epoch` (committed only with it; a later copy of a
+   * page, from another pass or the pause, replaces them). The pipeline planned it.
    */
-  private async presend(link: Link, capture: ColoCapture): Promise<number> {
+  private async presend(link: Link, capture: ColoCapture, epoch: number): Promise<void> {
     // Back-pressure: no new pass while what was handed to the link last still waits for the socket
     // to drain — a slow standby slows the pre-sends, not the primary's memory.
     await this.shipping;
-    const epoch = this.pipeline.capturedEpoch + 1;
-    const r = await capture.presend((pages) => this.shipPresent(link, epoch, pages));
-    const endMs = performance.now();
-    this.pipeline.presented(r.pages, endMs);
-    return endMs;
+    const r = link.closed ? { pages: 0 } : await capture.presend((pages) => this.shipPresent(link, epoch, pages));
+    this.pipeline.presented(r.pages, performance.now());
   }
 
   /**

@@ -11,6 +11,8 @@ export interface SeedsSummary {
   ms: number;
   events: number;
   failovers: number;
+  /** Pre-send passes ended into their checkpoint (with presendMs). */
+  presends: number;
   byKind: Partial<Record<ViolationKind | 'exception', number>>;
   /** The first failing seeds (at most 10), each with the command that replays it. */
   failing: Array<{ seed: number; replay: string; violations: FaultSimResult['violations'] | string }>;
@@ -25,6 +27,7 @@ export function runSeeds(first: number, count: number, base: Omit<FaultSimOption
     ms: 0,
     events: 0,
     failovers: 0,
+    presends: 0,
     byKind: {},
     failing: [],
   };
@@ -39,6 +42,7 @@ export function runSeeds(first: number, count: number, base: Omit<FaultSimOption
     if (r) {
       out.events += r.events;
       out.failovers += r.failovers;
+      out.presends += r.presends;
     }
     const bad = error !== null || (r?.violations.length ?? 0) > 0;
     if (!bad) continue;
@@ -48,7 +52,7 @@ export function runSeeds(first: number, count: number, base: Omit<FaultSimOption
     if (out.failing.length < 10)
       out.failing.push({
         seed,
-        replay: `npm run -s simulate-faults -- --seed ${seed}`,
+        replay: `npm run -s simulate-faults -- --seed ${seed}${base.presendMs !== undefined ? ` --presend-ms ${base.presendMs}` : ''}`,
         violations: error ?? r!.violations,
       });
   }

@@ -95,6 +95,8 @@ export interface FaultSimOptions {
   script?: ScriptedFault[];
   /** Disk preparation before a primary's guard exists, ms (default: random 0–300). */
   prepareMs?: number;
+  /** Primaries pre-send the dirty RAM every this many ms as their pipeline plans it (default: no pre-sends). */
+  presendMs?: number;
 }
 
 export type ViolationKind = 'acked-output-lost' | 'two-releasers' | 'live-older-than-acked' | 'guest-stays-paused';
@@ -113,6 +115,8 @@ export interface FaultSimResult {
   releasedAcked: number;
   releasedOther: number;
   checkpointsAcked: number;
+  /** Pre-send passes that ended into their checkpoint (with presendMs). */
+  presends: number;
 }
 
 /** A frame the simulated guest sent: its copy, and the checkpoint lineage it belongs to. */
@@ -243,6 +247,8 @@ interface PrimarySide {
   seqOut: number;
   seqIn: number;
   capturing: boolean;
+  /** A pre-send pass is under way (the guest runs; no other decision until it ends). */
+  presending: boolean;
   holdTimerAt: number | null;
   fenced: boolean;
   stopped: boolean;
@@ -304,6 +310,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
     releasedAcked: 0,
     releasedOther: 0,
     checkpointsAcked: 0,
+    presends: 0,
   };
   const violate = (kind: ViolationKind, detail: string) => {
     if (res.violations.length < 20) res.violations.push({ atMs: Math.round(now * 100) / 100, kind, detail });
@@ -570,7 +577,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
   // ---- the primary --------------------------------------------------------------------------
   const startPrimary = (h: HostName, copy: Copy | null, holder: Holder | null) => {
     const commit = new OutputCommit<SimFrame>(1 << 20);
-    const pipe = new EpochPipeline<SimFrame>({ policy: fixed(50), commit, maxInflight: 4 });
+    const pipe = new EpochPipeline<SimFrame>({ policy: fixed(50, o.presendMs), commit, maxInflight: 4 });
     const s: PrimarySide = {
       kind: 'primary',
       host: h,
@@ -585,6 +592,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
       seqOut: 0,
       seqIn: 0,
       capturing: false,
+      presending: false,
       holdTimerAt: null,
       fenced: false,
       stopped: false,
@@ -715,9 +723,28 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
     });
   };
   const decide = (s: PrimarySide) => {
-    if (!alive(s) || s.capturing || s.pipe.phase !== 'protecting') return;
+    if (!alive(s) || s.capturing || s.presending || s.pipe.phase !== 'protecting') return;
     const token = ++s.decideToken;
-    const c = s.pipe.decide(now, { disk: { writes: 0, flushes: 0 }, link: { bytesPerSec: null, rttMs: 1 } });
+    const c = s.pipe.decide(now, {
+      disk: { writes: 0, flushes: 0 },
+      link: { bytesPerSec: null, rttMs: 1 },
+      canPresend: o.presendMs !== undefined,
+    });
+    if (c.cmd === 'presend') {
+      // A pass while the guest runs; its pages join the coming checkpoint (a lost session drops it).
+      const sess = s.session;
+      s.presending = true;
+      at(now + rand(1, 5), s.host, () => {
+        s.presending = false;
+        if (!alive(s)) return;
+        if (s.session === sess && s.pipe.phase === 'protecting') {
+          s.pipe.presented(8, now);
+          res.presends++;
+        }
+        if (s.pipe.phase === 'protecting' && !s.capturing) decide(s);
+      });
+      return;
+    }
     if (c.cmd === 'wait') {
       at(
         Math.max(c.untilMs, now + 0.5),

@@ -6,7 +6,6 @@
 import {
   PAGE_BYTES,
   pausePagesWithPresend,
-  presendEveryMs,
   type EpochRecord,
   type Policy,
 } from '../scheduler/index.ts';
@@ -225,7 +224,7 @@ export function simulate(
             (ms) => w.dirtyPages(ms, t - ms),
             (w.pauseMs(1000) - w.pauseMs(0)) / 1000,
             age,
-            presendEveryMs(policy, pipe.history),
+            pipe.presendIntervalMs(null) || undefined, // (the pipeline's plan, the one the live primary follows)
             lastPass,
           ),
         );

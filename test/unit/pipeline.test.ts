@@ -9,10 +9,10 @@ import { fixed } from '../../src/scheduler/index.ts';
 
 const seen: Observed = { disk: { writes: 0, flushes: 0 }, link: { bytesPerSec: null, rttMs: 0.1 } };
 
-function protectedPipeline(maxInflight = 4, maxInflightBytes?: number) {
+function protectedPipeline(maxInflight = 4, maxInflightBytes?: number, policy = fixed(10)) {
   const commit = new OutputCommit(1 << 20);
   const p = new EpochPipeline({
-    policy: fixed(10),
+    policy,
     commit,
     maxInflight,
     ...(maxInflightBytes ? { maxInflightBytes } : {}),
@@ -291,31 +291,74 @@ test('memory rails: no policy lets an epoch run past the estimated checkpoint bo
   assert.ok((p.decide(62_561, seen) as { untilMs: number }).untilMs < 62_560 + 60_000);
 });
 
+function presendPipeline(policy: ReturnType<typeof fixed>, maxInflightBytes?: number) {
+  return protectedPipeline(4, maxInflightBytes, policy).p;
+}
+const canPresend: Observed = { ...seen, canPresend: true };
+
+test('pipeline: the pre-send plan is the pipeline\'s: a pass every interval of a long epoch, a last pass before the pause, none while output waits', () => {
+  const p = presendPipeline(fixed(80, 20));
+  // Without a capture that can pre-send, nothing is planned.
+  assert.deepEqual(p.decide(5, seen), { cmd: 'wait', untilMs: 80, reason: 'min-epoch' });
+  // With one: wait for the first interval, then a pass of the coming checkpoint 1.
+  assert.deepEqual(p.decide(5, canPresend), { cmd: 'wait', untilMs: 20, reason: 'min-epoch' });
+  assert.deepEqual(p.decide(20, canPresend), { cmd: 'presend', epoch: 1, reason: 'interval' });
+  assert.throws(() => p.decide(21, canPresend), /during a pre-send/, 'one thing at a time');
+  p.presented(100, 22);
+  assert.deepEqual(p.decide(22, canPresend), { cmd: 'wait', untilMs: 42, reason: 'min-epoch' });
+  assert.equal(p.decide(42, canPresend).cmd, 'presend');
+  p.presented(50, 43);
+  // Past 1.5 intervals before the checkpoint no pass is started mid-epoch …
+  assert.deepEqual(p.decide(50, canPresend), { cmd: 'wait', untilMs: 80, reason: 'min-epoch' });
+  // … and the due checkpoint gets its last pass first, then goes without asking the policy again.
+  assert.deepEqual(p.decide(80, canPresend), { cmd: 'presend', epoch: 1, reason: 'last-pass' });
+  p.presented(10, 81);
+  assert.deepEqual(p.decide(81, canPresend), { cmd: 'capture', epoch: 1, reason: 'max-epoch' });
+  p.paused(1, 81);
+  p.capturedCheckpoint(1, { dirtyPages: 170, pausePages: 10, pauseMs: 1, bytes: 40_960, resumedMs: 82 });
+  p.sent(1, 82);
+  // Output waiting: the due checkpoint goes without a last pass (its reply would wait longer).
+  const q = protectedPipeline(4, undefined, fixed(80, 20));
+  q.commit.push(Buffer.alloc(60), 50);
+  assert.deepEqual(q.p.decide(80, canPresend), { cmd: 'capture', epoch: 1, reason: 'max-epoch' });
+});
+
+test('pipeline: a lost link or a fence ends a pre-send plan; a pass ending that was not asked for fails', () => {
+  const p = presendPipeline(fixed(100, 20));
+  assert.throws(() => p.presented(1, 3), /not asked for/);
+  assert.equal(p.decide(20, canPresend).cmd, 'presend');
+  p.linkLost('reset');
+  assert.throws(() => p.presented(1, 21), /while unprotected/);
+  const f = presendPipeline(fixed(80, 20));
+  assert.equal(f.decide(80, canPresend).cmd, 'presend'); // the last pass before checkpoint 1
+  f.presented(5, 81);
+  f.fenceRequested();
+  assert.deepEqual(f.decide(81, canPresend), { cmd: 'fence', epoch: 1 }, 'a fence goes before the deferred checkpoint');
+});
+
 test('pipeline: pre-sent bytes count toward the in-flight bound; no pre-send past it, and a due checkpoint waits for an ack', () => {
-  const { p } = protectedPipeline(4, 8 << 20);
-  assert.equal(p.mayPresend(), true);
+  const p = presendPipeline(fixed(10, 2), 8 << 20);
   // Checkpoint 1 (6 MiB) in flight, not acknowledged.
   assert.equal(p.decide(11, seen).cmd, 'capture');
   p.paused(1, 11);
   p.capturedCheckpoint(1, { dirtyPages: 1536, pauseMs: 1, bytes: 6 << 20, resumedMs: 12 });
   p.sent(1, 12);
   assert.equal(p.unackedBytes(), 6 << 20);
-  assert.equal(p.mayPresend(), true);
+  assert.deepEqual(p.decide(14, canPresend), { cmd: 'presend', epoch: 2, reason: 'interval' }, 'room for a pass');
   // 512 pages pre-sent (2 MiB): the bound is reached; no further pass.
   p.presented(512, 15);
   assert.equal(p.unackedBytes(), 8 << 20);
-  assert.equal(p.mayPresend(), false);
-  // Checkpoint 2 is due but waits for checkpoint 1's acknowledgement.
-  assert.deepEqual(p.decide(30, seen), { cmd: 'wait-ack' });
+  assert.deepEqual(p.decide(17, canPresend), { cmd: 'wait', untilMs: 22, reason: 'min-epoch' });
+  // Checkpoint 2 is due but waits for checkpoint 1's acknowledgement (no last pass either).
+  assert.deepEqual(p.decide(30, canPresend), { cmd: 'wait-ack' });
   p.ack(1, 31);
   assert.equal(p.unackedBytes(), 2 << 20, "only the coming checkpoint's pre-sent pages");
-  assert.equal(p.mayPresend(), true);
-  assert.equal(p.decide(32, seen).cmd, 'capture');
+  assert.deepEqual(p.decide(32, canPresend), { cmd: 'presend', epoch: 2, reason: 'last-pass' });
 });
 
 test('pipeline: with nothing in flight a checkpoint goes however much was pre-sent (no wait for an ack that cannot come)', () => {
-  const { p } = protectedPipeline(4, 1 << 20);
+  const p = presendPipeline(fixed(10, 2), 1 << 20);
+  assert.equal(p.decide(2, canPresend).cmd, 'presend');
   p.presented(1024, 5); // 4 MiB, over the 1 MiB bound, in one pass
-  assert.equal(p.mayPresend(), false);
-  assert.equal(p.decide(11, seen).cmd, 'capture');
+  assert.deepEqual(p.decide(11, canPresend), { cmd: 'capture', epoch: 1, reason: 'max-epoch' }, 'no last pass past the bound');
 });
