@@ -13,10 +13,11 @@ import {
   GarbageMeter,
   collectNow,
   HostIdleMeter,
+  Wakeup,
 } from '../util/index.ts';
 import type { QemuVm } from '../qemu/index.ts';
 import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
-import { FrameComparator, ModeChooser, OutputCommit, type DiskEpochCut } from '../commit/index.ts';
+import { OutputCommit, type DiskEpochCut } from '../commit/index.ts';
 import { type GuestNet, type DiskSet, allocatedExtents, extentBytes } from '../io/index.ts';
 import { comparing, fixed, type Policy } from '../scheduler/index.ts';
 import { Link } from './link.ts';
@@ -24,7 +25,8 @@ import { connectHandshake } from './handshake.ts';
 import { EpochPipeline, type Command } from './pipeline.ts';
 import { dispatch, type OutsideHandlers } from './driver.ts';
 import { FrameType, type Frame } from './protocol/frame.ts';
-import { decodeAckTimings, splitNetFrames, type Identity } from './protocol/messages.ts';
+import { decodeAckTimings, type Identity } from './protocol/messages.ts';
+import { CompareSide } from './compare-side.ts';
 import { BaseSender, sendDiskExtents } from './base-sender.ts';
 import { encodePresendParts, encodeRecordParts, type RecordParts } from './protocol/record.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
@@ -127,9 +129,6 @@ export interface PrimaryOptions {
   compareLagMs?: number;
 }
 
-/** How long a held frame may wait for the secondary's copy before the scheduler counts it as waiting output. */
-export const DEFAULT_COMPARE_LAG_MS = 100;
-
 export interface FaultContext {
   /** Writes only part of this checkpoint's frame to the link (death mid-transfer). */
   sendPartial(fraction: number): void;
@@ -153,7 +152,8 @@ export class PrimaryController {
   private readonly meter: PauseMeter;
   private readonly commit: OutputCommit;
   readonly pipeline: EpochPipeline;
-  private wakeUp: (() => void) | null = null;
+  /** The decision loop's one wait (output appeared, a flush, an ack, a fence, the link closed). */
+  private readonly wakeup = new Wakeup();
   private holdTimer: NodeJS.Timeout | null = null;
   private readonly ended = new AbortController();
   /** Records, their pages and ciphertext are garbage once shipped: collected every 64 MiB of them. */
@@ -190,20 +190,24 @@ export class PrimaryController {
     });
     const { relay, observer } = o;
     const disks = o.disks?.size ? o.disks : null;
+    if (relay && o.mode && o.mode !== 'buffer')
+      this.compare = new CompareSide({
+        mode: o.mode,
+        commit: this.commit,
+        relay,
+        ...(o.compareLagMs !== undefined ? { lagMs: o.compareLagMs } : {}),
+        link: () => this.link,
+        protecting: () => this.protected,
+        onMismatch: () => this.poke(),
+        onPlanning: (ch) => this.emit({ event: 'planning', ...ch }),
+      });
     if (relay) {
       relay.onGuestFrame = (f) => {
         const seq = this.commit.nextHeldSeq;
         const out = this.commit.push(f, performance.now());
         if (out) relay.sendOutside(out);
-        else if (this.comparator && this.commit.nextHeldSeq !== seq && this.protected)
-          this.compared(this.comparator.primary(seq, this.commit.openEpoch, f));
+        else if (this.commit.nextHeldSeq !== seq) this.compare?.held(seq, f);
       };
-    }
-    if (relay && o.mode && o.mode !== 'buffer') {
-      this.comparator = new FrameComparator();
-      if (o.mode === 'auto') this.chooser = new ModeChooser();
-      this.commit.compareGraceMs = o.compareLagMs ?? DEFAULT_COMPARE_LAG_MS;
-      relay.onOutsideFrame = (f) => this.mirror(f);
     }
     this.commit.onFirstHeld = () => this.poke();
     if (disks) {
@@ -220,63 +224,11 @@ export class PrimaryController {
     }
   }
 
-  /** --mode auto: whether the scheduler plans as compare or as buffer mode (null: the mode is fixed). */
-  private readonly chooser: ModeChooser | null = null;
+  /** Compare mode's half on this side (null: buffer mode). */
+  private readonly compare: CompareSide | null = null;
   /** The scheduler plans as compare mode: matched output calls for no checkpoint. */
   private get planningCompare(): boolean {
-    return this.comparator !== null && (this.chooser?.planning ?? 'compare') === 'compare';
-  }
-
-  /** --mode auto: judge how output left, and plan as the better mode. */
-  private choosePlanning(nowMs: number): void {
-    if (!this.chooser) return;
-    const ch = this.chooser.observe(nowMs, this.commit.releaseCounts);
-    this.commit.compareGraceMs = this.planningCompare ? (this.o.compareLagMs ?? DEFAULT_COMPARE_LAG_MS) : 0;
-    if (!ch) return;
-    log.info(`checkpoints now planned as in ${ch.to} mode: ${ch.reason}`);
-    this.emit({ event: 'planning', ...ch });
-  }
-
-  /** Compare mode's pairing of the primary's held frames with the secondary's (null: buffer mode). */
-  private readonly comparator: FrameComparator | null = null;
-  /** Inbound frames waiting to be mirrored to the secondary, and the epoch they arrived in. */
-  private mirrored: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
-
-  /** What the comparator decided: matched frames leave now; a mismatch makes the open epoch's output wait like any. */
-  private compared(r: { release: { seq: number; epoch: number }[]; mismatch: boolean }): void {
-    for (const e of r.release) {
-      const f = this.commit.releaseCompared(e.seq, e.epoch, performance.now());
-      if (f) this.o.relay?.sendOutside(f);
-    }
-    if (r.mismatch) {
-      this.commit.mismatch();
-      this.poke();
-    }
-  }
-
-  /** Compare mode: a frame the guest receives goes to the secondary too, tagged with the epoch it arrived in. */
-  private mirror(f: Buffer): void {
-    const link = this.link;
-    if (!link || link.closed || !this.commit.holding) return;
-    const epoch = this.commit.openEpoch;
-    if (this.mirrored && this.mirrored.epoch !== epoch) this.flushMirror();
-    if (!this.mirrored) {
-      this.mirrored = { epoch, frames: [], bytes: 0 };
-      setImmediate(() => this.flushMirror());
-    }
-    this.mirrored.frames.push(f);
-    this.mirrored.bytes += f.length;
-    if (this.mirrored.bytes > 1 << 20) this.flushMirror();
-  }
-
-  private flushMirror(): void {
-    const m = this.mirrored;
-    this.mirrored = null;
-    const link = this.link;
-    if (!m?.frames.length || !link || link.closed) return;
-    link
-      .send(FrameType.NET_IN, m.epoch, Buffer.concat(m.frames, m.bytes))
-      .catch((e: unknown) => log.debug(`mirroring input to the secondary: ${errorMessage(e)}`));
+    return this.compare?.planning ?? false;
   }
 
   /** The latest status event, and why the guest is unprotected (null while protected). */
@@ -321,13 +273,7 @@ export class PrimaryController {
       output: out.counts,
       outputWaitMsP50: out.waitMsP50,
       mode: this.o.mode ?? 'buffer',
-      ...(this.comparator
-        ? {
-            compare: { ...this.comparator.counts },
-            planning: this.planningCompare ? 'compare' : 'buffer',
-            ...(this.chooser ? { comparedShare: this.chooser.lastShare, planningSwitches: this.chooser.switches } : {}),
-          }
-        : {}),
+      ...this.compare?.snapshot(),
       rttMs: this.link && !this.link.closed ? this.link.stats.rttMs : null,
     };
   }
@@ -347,22 +293,14 @@ export class PrimaryController {
     this.loop = this.run();
   }
 
-  /** Wakes the decision loop (output appeared, a flush, an ack, a fence, the link closed). */
+  /** Wakes the decision loop. */
   private poke(): void {
-    const w = this.wakeUp;
-    this.wakeUp = null;
-    w?.();
+    this.wakeup.wake();
   }
 
   /** Sleeps until `ms` passed or poke() is called. */
-  private idle(ms: number): Promise<void> {
-    return new Promise<void>((resolve) => {
-      const t = Number.isFinite(ms) ? setTimeout(() => this.poke(), Math.max(0, ms)) : null;
-      this.wakeUp = () => {
-        if (t) clearTimeout(t);
-        resolve();
-      };
-    });
+  private async idle(ms: number): Promise<void> {
+    await this.wakeup.sleep(ms);
   }
 
   private async run(): Promise<void> {
@@ -428,7 +366,7 @@ export class PrimaryController {
         this.o.observer?.acked?.(handle, c.transferMs);
       }
       this.emit({ event: 'acked', epoch: c.epoch, counter, lagMs: Math.round(c.transferMs), frames: c.frames.length });
-      if (this.comparator) this.compared(this.comparator.acknowledged(c.epoch));
+      this.compare?.acknowledged(c.epoch);
     },
     protected: (c) => {
       this.unprotectedReason = null;
@@ -445,8 +383,7 @@ export class PrimaryController {
     },
     unprotected: (c) => {
       this.unprotectedReason = c.reason;
-      this.comparator?.reset();
-      this.chooser?.reset();
+      this.compare?.reset();
       if (c.first) {
         log.error(
           `GUEST ${this.o.vm.spec.name} IS RUNNING UNPROTECTED: ${c.reason}; retrying every ${this.o.retryMs} ms`,
@@ -536,15 +473,11 @@ export class PrimaryController {
       this.perform(this.pipeline.ack(f.epoch, atMs, timings));
       this.poke();
     } else if (f.type === FrameType.SEC_OUT) {
-      if (!this.comparator || !this.protected) return;
-      let frames: Buffer[];
       try {
-        frames = splitNetFrames(f.payload);
+        this.compare?.secondarySent(f.epoch, f.payload);
       } catch (e) {
         link.close(e as Error);
-        return;
       }
-      for (const fr of frames) this.compared(this.comparator.secondary(f.epoch, fr));
     } else if (f.type === FrameType.FENCE) {
       this.pipeline.fenceRequested();
       this.poke();
@@ -560,7 +493,7 @@ export class PrimaryController {
       vm: this.o.vm.spec.name,
       spec: this.o.vm.spec,
       ...(generation ? { generation } : {}),
-      ...(this.comparator ? { mode: 'compare' as const } : {}),
+      ...(this.compare ? { mode: 'compare' as const } : {}),
     };
   }
 
@@ -581,7 +514,7 @@ export class PrimaryController {
     // A new replica generation: a fresh COLO session whose full image streams to the standby as
     // QEMU sends it, the disk's allocated extents copied first (its writes from then on are logged
     // and go with the image), nothing of either collected here.
-    this.comparator?.reset();
+    this.compare?.reset();
     pipe.startSync();
     const disks = this.o.disks?.size ? this.o.disks : null;
     const diskBlocks = (disks?.blocks ?? []).map((b) => ({ id: b.id, lengthBytes: b.server.sizeBytes }));
@@ -639,7 +572,7 @@ export class PrimaryController {
       await this.o.fault?.('mid-epoch', pipe.capturedEpoch + 1, { sendPartial: () => {}, crash: () => this.crash() });
       throwIfClosed();
       const decidedMs = performance.now();
-      this.choosePlanning(decidedMs);
+      this.compare?.choose(decidedMs);
       const ds = disks?.epochStats;
       const hostIdleCores = this.hostIdle.idleCores(decidedMs);
       const c = pipe.decide(decidedMs, {

@@ -5,7 +5,7 @@
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { existsSync, readFileSync, renameSync, rmSync } from 'node:fs';
-import { ensurePrivateDir, writePrivateAtomic, RubatoError, errorMessage, logger } from '../util/index.ts';
+import { ensurePrivateDir, writePrivateAtomic, RubatoError, errorMessage, logger, Wakeup } from '../util/index.ts';
 import { join } from 'node:path';
 import { ReplicaBuilder, ReplicaStore, type Durability } from './replica-store.ts';
 import { Link } from './link.ts';
@@ -103,8 +103,8 @@ export class StandbyController {
   private earlyInput: { epoch: number; payload: Buffer }[] = [];
   /** Compare mode: the secondary VM run beside the replica (null in buffer mode). */
   private secondary: SecondaryRunner | null = null;
-  /** Set while waiting to see whether a lost primary comes back. */
-  private primaryReturned: (() => void) | null = null;
+  /** Woken when an authenticated primary connects (a wait to see whether a lost one comes back ends). */
+  private readonly primaryReturned = new Wakeup();
 
   constructor(private readonly o: StandbyOptions) {
     this.emit = o.onEvent ?? (() => {});
@@ -295,7 +295,7 @@ export class StandbyController {
     }
     if (identity.generation !== undefined)
       this.highestGeneration = Math.max(this.highestGeneration, identity.generation);
-    this.primaryReturned?.();
+    this.primaryReturned.wake();
     // A new authenticated session replaces an old one (the same primary restarting protection).
     if (this.link && !this.link.closed)
       this.link.close(new RubatoError('RUBATO_PEER_LOST', 'replaced by a new session'));
@@ -382,17 +382,7 @@ export class StandbyController {
 
   /** True if an authenticated primary connects within `ms`. */
   private primaryBackWithin(ms: number): Promise<boolean> {
-    return new Promise<boolean>((resolve) => {
-      const t = setTimeout(() => {
-        this.primaryReturned = null;
-        resolve(false);
-      }, ms);
-      this.primaryReturned = () => {
-        clearTimeout(t);
-        this.primaryReturned = null;
-        resolve(true);
-      };
-    });
+    return this.primaryReturned.sleep(ms);
   }
 
   /** A full image arrives into replica.new, written in place; complete, it replaces the replica. */

@@ -3,12 +3,7 @@
 // and disk events), the pause model, and a FIFO replication link with bandwidth and round trip
 // play the adapters. No clocks: time is a number that only this loop advances.
 
-import {
-  PAGE_BYTES,
-  pausePagesWithPresend,
-  type EpochRecord,
-  type Policy,
-} from '../scheduler/index.ts';
+import { PAGE_BYTES, pausePagesWithPresend, type EpochRecord, type Policy } from '../scheduler/index.ts';
 import { EpochPipeline, dispatch } from '../replication/index.ts';
 import { assert } from '../util/index.ts';
 import { OutputCommit, type DiskEpochCut, type DiskEpochSource } from '../commit/index.ts';

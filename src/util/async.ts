@@ -1,4 +1,4 @@
-// Waiting, once: sleep (cancellable), polling for a condition, a deadline on a promise, and a
+// Waiting, once: sleep (cancellable), a loop's wake-up, polling for a condition, a deadline on a promise, and a
 // line splitter for child processes' output. Every module imports these instead of its own copy.
 
 import { RubatoError, type ErrorCode } from './errors.ts';
@@ -15,6 +15,31 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
     const t = setTimeout(done, Math.max(0, ms));
     signal?.addEventListener('abort', done, { once: true });
   });
+}
+
+/**
+ * A wait that ends early on a word: `sleep(ms)` resolves after `ms` or at the next `wake()`,
+ * whichever is first (true when woken). `wake()` ends every sleep under way; a wake with nobody
+ * asleep is not remembered.
+ */
+export class Wakeup {
+  private readonly waiters = new Set<(woken: boolean) => void>();
+
+  sleep(ms: number): Promise<boolean> {
+    return new Promise<boolean>((resolve) => {
+      const done = (woken: boolean) => {
+        if (t) clearTimeout(t);
+        this.waiters.delete(done);
+        resolve(woken);
+      };
+      const t = Number.isFinite(ms) ? setTimeout(() => done(false), Math.max(0, ms)) : null;
+      this.waiters.add(done);
+    });
+  }
+
+  wake(): void {
+    for (const w of [...this.waiters]) w(true);
+  }
 }
 
 /** Polls `f` every `everyMs` until it returns a value (not undefined, null or false); RUBATO_TIMEOUT after `ms`. */

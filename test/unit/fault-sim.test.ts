@@ -20,7 +20,7 @@ test('fault simulator: 10,000 seeds of crashes, partitions, stalls, etcd outages
   assert.ok(r.ms < 60_000, `${r.ms} ms`);
 });
 
-test("fault simulator: 2,000 seeds whose primaries pre-send as their pipelines plan it (passes cut by crashes, losses and fences) break no invariant", () => {
+test('fault simulator: 2,000 seeds whose primaries pre-send as their pipelines plan it (passes cut by crashes, losses and fences) break no invariant', () => {
   const r = runSeeds(20_001, 2000, { presendMs: 10 });
   assert.deepEqual(r.failing, []);
   assert.ok(r.presends > 10_000, `pre-sends happened (${r.presends})`);

@@ -296,7 +296,7 @@ function presendPipeline(policy: ReturnType<typeof fixed>, maxInflightBytes?: nu
 }
 const canPresend: Observed = { ...seen, canPresend: true };
 
-test('pipeline: the pre-send plan is the pipeline\'s: a pass every interval of a long epoch, a last pass before the pause, none while output waits', () => {
+test("pipeline: the pre-send plan is the pipeline's: a pass every interval of a long epoch, a last pass before the pause, none while output waits", () => {
   const p = presendPipeline(fixed(80, 20));
   // Without a capture that can pre-send, nothing is planned.
   assert.deepEqual(p.decide(5, seen), { cmd: 'wait', untilMs: 80, reason: 'min-epoch' });
@@ -360,5 +360,9 @@ test('pipeline: with nothing in flight a checkpoint goes however much was pre-se
   const p = presendPipeline(fixed(10, 2), 1 << 20);
   assert.equal(p.decide(2, canPresend).cmd, 'presend');
   p.presented(1024, 5); // 4 MiB, over the 1 MiB bound, in one pass
-  assert.deepEqual(p.decide(11, canPresend), { cmd: 'capture', epoch: 1, reason: 'max-epoch' }, 'no last pass past the bound');
+  assert.deepEqual(
+    p.decide(11, canPresend),
+    { cmd: 'capture', epoch: 1, reason: 'max-epoch' },
+    'no last pass past the bound',
+  );
 });

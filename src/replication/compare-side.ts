@@ -1,0 +1,134 @@
+// The primary's half of compare mode (COLO's idea): the guest's input is mirrored to the standby's
+// secondary VM, the secondary's output comes back, and a held frame leaves as soon as the secondary
+// sent the same one — else with its checkpoint's acknowledgement, as in buffer mode. With --mode
+// auto it also judges how output left and tells the scheduler whether to plan as compare mode.
+// Output commit (commit/) keeps the frames and asserts every release; this module only pairs them.
+
+import { errorMessage, logger } from '../util/index.ts';
+import { FrameComparator, ModeChooser, type OutputCommit } from '../commit/index.ts';
+import type { GuestNet } from '../io/index.ts';
+import type { Link } from './link.ts';
+import { FrameType } from './protocol/frame.ts';
+import { splitNetFrames } from './protocol/messages.ts';
+
+const log = logger('primary');
+
+/** How long a held frame may wait for the secondary's copy before the scheduler counts it as waiting output. */
+export const DEFAULT_COMPARE_LAG_MS = 100;
+/** Mirrored input is sent once this much waits (else at the end of the event-loop turn). */
+const MIRROR_BATCH_BYTES = 1 << 20;
+
+export interface CompareSideOptions {
+  mode: 'compare' | 'auto';
+  commit: OutputCommit;
+  relay: GuestNet;
+  lagMs?: number;
+  /** The link of the session under way (null between sessions). */
+  link: () => Link | null;
+  /** Whether a standby protects the guest now (frames are compared only then). */
+  protecting: () => boolean;
+  /** A mismatch: the open epoch's output now waits for a checkpoint (the decision loop looks again). */
+  onMismatch: () => void;
+  /** --mode auto changed how checkpoints are planned. */
+  onPlanning: (ch: { to: 'compare' | 'buffer'; comparedShare: number | null; reason: string }) => void;
+}
+
+export class CompareSide {
+  private readonly comparator = new FrameComparator();
+  /** --mode auto: whether the scheduler plans as compare or as buffer mode (null: compare always). */
+  private readonly chooser: ModeChooser | null;
+  /** Inbound frames waiting to be mirrored to the secondary, and the epoch they arrived in. */
+  private mirrored: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
+
+  constructor(private readonly o: CompareSideOptions) {
+    this.chooser = o.mode === 'auto' ? new ModeChooser() : null;
+    o.commit.compareGraceMs = this.lagMs;
+    o.relay.onOutsideFrame = (f) => this.mirror(f);
+  }
+
+  private get lagMs(): number {
+    return this.o.lagMs ?? DEFAULT_COMPARE_LAG_MS;
+  }
+
+  /** The scheduler plans as compare mode: matched output calls for no checkpoint. */
+  get planning(): boolean {
+    return (this.chooser?.planning ?? 'compare') === 'compare';
+  }
+
+  /** --mode auto: judge how output left, and plan as the better mode. */
+  choose(nowMs: number): void {
+    if (!this.chooser) return;
+    const ch = this.chooser.observe(nowMs, this.o.commit.releaseCounts);
+    this.o.commit.compareGraceMs = this.planning ? this.lagMs : 0;
+    if (!ch) return;
+    log.info(`checkpoints now planned as in ${ch.to} mode: ${ch.reason}`);
+    this.o.onPlanning(ch);
+  }
+
+  /** The guest sent frame `f`, held as `seq` in the open epoch. */
+  held(seq: number, f: Buffer): void {
+    if (this.o.protecting()) this.compared(this.comparator.primary(seq, this.o.commit.openEpoch, f));
+  }
+
+  /** The secondary's output of `epoch` (a SEC_OUT payload); a malformed one throws (the session ends). */
+  secondarySent(epoch: number, payload: Buffer): void {
+    if (!this.o.protecting()) return;
+    for (const fr of splitNetFrames(payload)) this.compared(this.comparator.secondary(epoch, fr));
+  }
+
+  /** Checkpoint `epoch` was acknowledged: what it released needs no comparison any more. */
+  acknowledged(epoch: number): void {
+    this.compared(this.comparator.acknowledged(epoch));
+  }
+
+  /** A new session or a lost one: nothing pairs across it. */
+  reset(): void {
+    this.comparator.reset();
+    this.chooser?.reset();
+  }
+
+  snapshot(): Record<string, unknown> {
+    return {
+      compare: { ...this.comparator.counts },
+      planning: this.planning ? 'compare' : 'buffer',
+      ...(this.chooser ? { comparedShare: this.chooser.lastShare, planningSwitches: this.chooser.switches } : {}),
+    };
+  }
+
+  /** What the comparator decided: matched frames leave now; a mismatch makes the open epoch's output wait like any. */
+  private compared(r: { release: { seq: number; epoch: number }[]; mismatch: boolean }): void {
+    for (const e of r.release) {
+      const f = this.o.commit.releaseCompared(e.seq, e.epoch, performance.now());
+      if (f) this.o.relay.sendOutside(f);
+    }
+    if (r.mismatch) {
+      this.o.commit.mismatch();
+      this.o.onMismatch();
+    }
+  }
+
+  /** A frame the guest receives goes to the secondary too, tagged with the epoch it arrived in. */
+  private mirror(f: Buffer): void {
+    const link = this.o.link();
+    if (!link || link.closed || !this.o.commit.holding) return;
+    const epoch = this.o.commit.openEpoch;
+    if (this.mirrored && this.mirrored.epoch !== epoch) this.flushMirror();
+    if (!this.mirrored) {
+      this.mirrored = { epoch, frames: [], bytes: 0 };
+      setImmediate(() => this.flushMirror());
+    }
+    this.mirrored.frames.push(f);
+    this.mirrored.bytes += f.length;
+    if (this.mirrored.bytes > MIRROR_BATCH_BYTES) this.flushMirror();
+  }
+
+  private flushMirror(): void {
+    const m = this.mirrored;
+    this.mirrored = null;
+    const link = this.o.link();
+    if (!m?.frames.length || !link || link.closed) return;
+    link
+      .send(FrameType.NET_IN, m.epoch, Buffer.concat(m.frames, m.bytes))
+      .catch((e: unknown) => log.debug(`mirroring input to the secondary: ${errorMessage(e)}`));
+  }
+}
