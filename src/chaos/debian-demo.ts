@@ -19,6 +19,7 @@ import {
 } from '../setup/index.ts';
 import { writeKeyFile, formatProgress, type SyncProgress } from '../replication/index.ts';
 import { nsLauncher } from './controller-proc.ts';
+import { checkReplies, type ReplyCheck } from './reply-check.ts';
 import { LocalEtcd, EtcdClient, currentOwner } from '../coord/index.ts';
 
 const log = logger('demo');
@@ -85,8 +86,11 @@ export interface DebianDemoResult {
    * Output commit as the product's own events show it: epochs whose held frames left, and of those any before the
    * standby committed them.
    */
-  releasedEpochs: number;
-  releasedBeforeCommit: number;
+  /**
+   * Output commit seen from the client (chaos/reply-check.ts): pages judged, and pages that arrived
+   * before the acknowledgement of a checkpoint covering their request.
+   */
+  replies: ReplyCheck;
   /**
    * The embedded witness (etcd) both hosts used, and the VM's generation after the failover (2: the standby claimed
    * it).
@@ -137,8 +141,7 @@ export async function runDebianDemo(
     reprotectMs: -1,
     syncMs: -1,
     controllerRssMb: { primary: 0, standby: 0 },
-    releasedEpochs: 0,
-    releasedBeforeCommit: 0,
+    replies: { checked: 0, early: 0, examples: [] },
     witness: '',
     generation: 0,
     staleRestart: { code: null, startedGuest: false, why: '' },
@@ -403,18 +406,14 @@ export async function runDebianDemo(
     const persistent = oks.filter((e) => e['conn'] === 'persistent');
     res.connectionSurvived =
       persistent.some((e) => e.t > Number(fo['runningAtMs'])) && new Set(persistent.map((e) => e['socket'])).size === 1;
-    // Every epoch whose frames the primary let out was committed on the standby before (each process stamps its
-    // events).
-    for (const [p, sb] of [
-      [primary, standbyB],
-      [standbyB, standbyA],
-    ] as const) {
-      for (const a of p.events.filter((e) => e.event === 'acked' && Number(e['frames']) > 0)) {
-        res.releasedEpochs++;
-        const committed = sb.events.some((c) => c.event === 'committed' && c['epoch'] === a['epoch'] && c.t <= a.t);
-        if (!committed) res.releasedBeforeCommit++;
-      }
-    }
+    // No page reached a client before a checkpoint covering its request was acknowledged: A until
+    // it was killed, then B once it protected the guest (each process stamps its own events).
+    const answered = [client, ...(second ? [second] : [])].flatMap((c) =>
+      c.events.filter((e) => e.type === 'ok').map((e) => ({ sentAt: e.t - Number(e['latMs']), at: e.t })),
+    );
+    res.replies = checkReplies(answered, [{ events: primary.events, endAt: killAt }, { events: standbyB.events }]);
+    if (res.replies.early)
+      log.error(`pages that arrived before their checkpoint's ack: ${JSON.stringify(res.replies.examples)}`);
     let stall = 0;
     for (let i = 1; i < oks.length; i++) stall = Math.max(stall, oks[i]!.t - oks[i - 1]!.t);
     res.longestStallMs = stall;
@@ -454,8 +453,8 @@ export const debianDemoPassed = (r: DebianDemoResult): boolean =>
   r.httpRequests > 0 &&
   r.connectionSurvived &&
   r.reprotected &&
-  r.releasedEpochs > 0 &&
-  r.releasedBeforeCommit === 0 &&
+  r.replies.checked > 0 &&
+  r.replies.early === 0 &&
   r.controllerRssMb.primary > 0 &&
   r.controllerRssMb.primary < 512 &&
   r.controllerRssMb.standby > 0 &&

@@ -67,7 +67,8 @@ export type PrimaryEvent =
       counter: number;
       presentPages?: number;
     }
-  | { event: 'acked'; epoch: number; counter: number; lagMs: number; frames: number }
+  /** `atMs`: when the acknowledgement was taken (wall clock), before its frames were let out. */
+  | { event: 'acked'; epoch: number; counter: number; lagMs: number; frames: number; atMs: number }
   | PrimaryStatus
   | { event: 'output-released-unprotected'; frames: number; reason: string }
   | { event: 'decisions'; reasons: Record<string, number>; policy: string }
@@ -350,6 +351,7 @@ export class PrimaryController {
 
   private readonly outside: OutsideHandlers = {
     release: (c) => {
+      const atMs = Date.now();
       for (const f of c.frames) this.o.relay?.sendOutside(f.frame);
       if (c.frames.length && this.o.observer?.released)
         this.o.observer.released(
@@ -365,7 +367,14 @@ export class PrimaryController {
         this.tracedAt.delete(c.epoch);
         this.o.observer?.acked?.(handle, c.transferMs);
       }
-      this.emit({ event: 'acked', epoch: c.epoch, counter, lagMs: Math.round(c.transferMs), frames: c.frames.length });
+      this.emit({
+        event: 'acked',
+        epoch: c.epoch,
+        counter,
+        lagMs: Math.round(c.transferMs),
+        frames: c.frames.length,
+        atMs,
+      });
       this.compare?.acknowledged(c.epoch);
     },
     protected: (c) => {
