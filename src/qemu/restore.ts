@@ -23,6 +23,9 @@ export interface RestoreResult {
   vm: QemuVm;
   /** Spawn → guest running. */
   restoreMs: number;
+  /** Of it: spawn → QMP ready (the process and its machine), and the device state loaded. */
+  startMs: number;
+  loadMs: number;
 }
 
 export async function restoreVm(
@@ -49,6 +52,7 @@ export async function restoreVm(
     ...(opts.nbdSockets ? { nbdSockets: opts.nbdSockets } : {}),
     ...(opts.netSockets ? { netSockets: opts.netSockets } : {}),
   });
+  const startMs = performance.now() - t0;
   try {
     await vm.qmp.execute('migrate-set-capabilities', {
       capabilities: [
@@ -85,10 +89,15 @@ export async function restoreVm(
         );
       await new Promise((r) => setTimeout(r, 5));
     }
+    const loadMs = performance.now() - t0 - startMs;
     await vm.qmp.execute('cont');
     const restoreMs = performance.now() - t0;
-    log.info(`VM ${input.spec.name} restored and running`, { restoreMs: restoreMs.toFixed(1) });
-    return { vm, restoreMs };
+    log.info(`VM ${input.spec.name} restored and running`, {
+      restoreMs: restoreMs.toFixed(1),
+      startMs: startMs.toFixed(1),
+      loadMs: loadMs.toFixed(1),
+    });
+    return { vm, restoreMs, startMs, loadMs };
   } catch (e) {
     await vm.stop();
     if (e instanceof RubatoError) throw e;
