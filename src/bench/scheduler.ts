@@ -91,6 +91,8 @@ export interface SchedulerCell {
   standbyNsPerByte: number | null;
   /** The standby's durability in this cell. */
   durability: Durability;
+  /** The most this process (the primary controller and the harness) held resident in the cell's window, MB. */
+  primaryRssMbMax: number;
   /** Services: where each released output frame's time went (p50/p99 per segment, ms). */
   latencyBreakdown?: Breakdown;
 }
@@ -261,9 +263,22 @@ async function runCells(
         latency?.reset();
         const t0 = performance.now();
         const cpu = cpuWindow({ guest: g.vm.pid, standby: p.standbyPid });
-        const r = await g.measure();
+        let rssMax = process.memoryUsage.rss();
+        const rssTimer = setInterval(() => {
+          rssMax = Math.max(rssMax, process.memoryUsage.rss());
+        }, 100);
+        const r = await g.measure().finally(() => clearInterval(rssTimer));
         const seconds = (performance.now() - t0) / 1000;
-        return { t0, r, s: { ...summarise(p.events.slice(n0), seconds), cpu: cpu.end(), seconds } };
+        return {
+          t0,
+          r,
+          s: {
+            ...summarise(p.events.slice(n0), seconds),
+            cpu: cpu.end(),
+            seconds,
+            rssMax: Math.round(rssMax / 2 ** 20),
+          },
+        };
       });
       const trace = tr.save(t0);
       const uAfter = await measureU();
@@ -279,7 +294,7 @@ async function runCells(
       const breakdown = latency && latency.frames > 0 ? latency.summary() : undefined;
       const bytesPerSec = (s.mbShipped * 1e6) / s.seconds;
       const nsPerByte = (cores: number) => (bytesPerSec > 0 ? round((cores * 1e9) / bytesPerSec, 1) : null);
-      const { seconds: _window, ...measured } = s;
+      const { seconds: _window, rssMax, ...measured } = s;
       cells.push({
         workload: g.name,
         policy,
@@ -288,6 +303,7 @@ async function runCells(
         ...measured,
         primaryNsPerByte: nsPerByte(s.cpu.primary),
         standbyNsPerByte: nsPerByte(s.cpu.standby),
+        primaryRssMbMax: rssMax,
         ...lat,
         noise: spread(uBefore.perSec, uAfter.perSec),
         ...(trace ? { trace } : {}),
@@ -300,7 +316,7 @@ async function runCells(
       if (breakdown) status(`    released frames: ${formatBreakdown(breakdown)}`);
       const u = uAfter.cpu;
       status(
-        `    cores: guest ${s.cpu.guest} (unreplicated ${u.guest}), primary ${s.cpu.primary} (${u.primary}), standby ${s.cpu.standby}, other ${s.cpu.other} (${u.other}), idle ${s.cpu.idle} (${u.idle}); ns per replicated byte: primary ${cells.at(-1)!.primaryNsPerByte}, standby ${cells.at(-1)!.standbyNsPerByte}`,
+        `    cores: guest ${s.cpu.guest} (unreplicated ${u.guest}), primary ${s.cpu.primary} (${u.primary}), standby ${s.cpu.standby}, other ${s.cpu.other} (${u.other}), idle ${s.cpu.idle} (${u.idle}); ns per replicated byte: primary ${cells.at(-1)!.primaryNsPerByte}, standby ${cells.at(-1)!.standbyNsPerByte}; primary resident at most ${rssMax} MB`,
       );
       uBefore = uAfter;
     }
@@ -385,6 +401,9 @@ export async function runSchedulerBench(
       pauseMsMedian: number;
       pauseMsMedianByWorkload: Record<string, number>;
       kvLatencyBreakdownP50?: Record<string, number>;
+      primaryNsPerByte: Record<string, number | null>;
+      standbyNsPerByte: Record<string, number | null>;
+      primaryRssMbMax: Record<string, number>;
     }
   > = {};
   for (const c of cells) {
@@ -395,7 +414,13 @@ export async function runSchedulerBench(
       checkpointsPerSec: {},
       pauseMsMedian: 0,
       pauseMsMedianByWorkload: {},
+      primaryNsPerByte: {},
+      standbyNsPerByte: {},
+      primaryRssMbMax: {},
     });
+    e.primaryNsPerByte[c.workload] = c.primaryNsPerByte;
+    e.standbyNsPerByte[c.workload] = c.standbyNsPerByte;
+    e.primaryRssMbMax[c.workload] = c.primaryRssMbMax;
     e.throughputRatio[c.workload] = c.throughputRatio;
     e.checkpointsPerSec[c.workload] = c.checkpointsPerSec;
     e.pauseMsMedianByWorkload[c.workload] = c.pauseMsMedian;

@@ -16,5 +16,5 @@ export { checkBridge } from './net/tap.ts';
 export { NetRelay } from './net/relay.ts';
 export { RelaySet } from './net/relay-set.ts';
 export type { GuestNet } from './net/relay-set.ts';
-export { ShapedLink } from './net/shaped-link.ts';
+export { LINK_CLASSES, ShapedLink } from './net/shaped-link.ts';
 export type { LinkClass } from './net/shaped-link.ts';

@@ -16,6 +16,7 @@ import {
   runNbdBench,
 } from '../../bench/index.ts';
 import { ACCEL, int, intList, parseOptions, platform, policy, withAccel } from '../options.ts';
+import { LINK_CLASSES, ShapedLink, type LinkClass } from '../../io/index.ts';
 
 const log = logger('rubato');
 const SUBCOMMANDS = ['all', 'capture', 'failover', 'kv', 'scheduler', 'services', 'nbd', 'validate'] as const;
@@ -162,6 +163,10 @@ export function register(program: Command): void {
       "the standby's durability per cell: memory, disk or both (memory,disk: A/B, interleaved)",
       'memory',
     )
+    .option(
+      '--link <class>',
+      `the standby behind a link shaped by tbf: ${Object.keys(LINK_CLASSES).join(', ')} (default: loopback)`,
+    )
     .action(async (raw: unknown) => {
       const o = parseOptions(
         z.object({
@@ -170,20 +175,31 @@ export function register(program: Command): void {
           policies: policies(),
           workloads: workloads(),
           durability: durabilities(),
+          link: z.enum(Object.keys(LINK_CLASSES) as [LinkClass, ...LinkClass[]]).optional(),
         }),
         raw,
       );
-      const r = await runSchedulerBench({
-        ...(await platform(o.accel)),
-        quick: o.quick,
-        outDir: o.out,
-        ...(o.seconds ? { seconds: o.seconds } : {}),
-        durabilities: o.durability,
-        ...(o.policies ? { policies: o.policies } : {}),
-        ...(o.workloads ? { workloads: o.workloads } : {}),
-        onStatus,
-      });
-      print(r.summary);
+      const link = o.link ? await ShapedLink.create() : null;
+      try {
+        if (link && o.link) {
+          await link.setClass(o.link);
+          onStatus(`replication link: ${o.link} (TCP goodput ${(await link.goodputMBps()).toFixed(1)} MB/s)`);
+        }
+        const r = await runSchedulerBench({
+          ...(await platform(o.accel)),
+          quick: o.quick,
+          outDir: o.out,
+          ...(o.seconds ? { seconds: o.seconds } : {}),
+          durabilities: o.durability,
+          ...(o.policies ? { policies: o.policies } : {}),
+          ...(o.workloads ? { workloads: o.workloads } : {}),
+          ...(link && o.link ? { where: { ns: link.ns, host: link.remoteIp }, linkName: o.link } : {}),
+          onStatus,
+        });
+        print(r.summary);
+      } finally {
+        await link?.destroy();
+      }
     });
 
   withAccel(common(bench.command('services')))

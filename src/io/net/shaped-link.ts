@@ -11,6 +11,8 @@ export const LINK_CLASSES = {
   unlimited: null,
   '10gbit': { rate: '10gbit', burst: '2mb' },
   '1gbit': { rate: '1gbit', burst: '256kb' },
+  /** A slow standby (10 MB/s): the primary's back-pressure and memory bound under it. */
+  '10mbyte': { rate: '80mbit', burst: '64kb' },
 } as const;
 export type LinkClass = keyof typeof LINK_CLASSES;
 
