@@ -167,6 +167,8 @@ export class EpochPipeline<F extends Sized = Buffer> {
   /** A checkpoint decided for this reason waits for the last pass before its pause (null: none). */
   private afterLastPass: string | null = null;
   private lossReported = false;
+  /** Why the guest is not protected (null once protection starts). */
+  private loss: string | null = 'not yet synchronised with a standby';
   private inflight: Inflight[] = [];
   private readonly hist: EpochRecord[] = [];
   private waits = 0;
@@ -180,6 +182,10 @@ export class EpochPipeline<F extends Sized = Buffer> {
 
   get phase(): PipelinePhase {
     return this.ph;
+  }
+  /** Why the guest is not protected now: the last loss, or that no standby was synchronised yet (null: protected). */
+  get lossReason(): string | null {
+    return this.loss;
   }
   get generation(): number {
     return this.gen;
@@ -517,6 +523,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
     if (this.ph === 'syncing' && epoch === 0) {
       this.ph = 'protecting';
       this.lossReported = false;
+      this.loss = null;
       out.push({ cmd: 'protected', generation: this.gen });
     } else if (
       this.ph === 'fencing' &&
@@ -555,6 +562,7 @@ export class EpochPipeline<F extends Sized = Buffer> {
     this.closed = null;
     const first = !this.lossReported;
     this.lossReported = true;
+    this.loss = reason;
     return [{ cmd: 'unprotected', reason, first }];
   }
 

@@ -234,7 +234,6 @@ export class PrimaryController {
 
   /** The latest status event, and why the guest is unprotected (null while protected). */
   private lastStatus: PrimaryStatus | null = null;
-  private unprotectedReason: string | null = 'not yet synchronised with a standby';
 
   /**
    * What `rubato status` shows for this side: role, protection and why not, epochs, lag, rates, pauses, held output.
@@ -253,7 +252,7 @@ export class PrimaryController {
       vm: this.o.vm.spec.name,
       fencing: this.o.fencing ?? 'none',
       protected: this.protected,
-      unprotectedReason: this.protected ? null : this.unprotectedReason,
+      unprotectedReason: this.protected ? null : (this.pipeline.lossReason ?? 'the link to the standby is down'),
       standby: this.standbyAt ? `${this.standbyAt.host}:${this.standbyAt.port}` : null,
       phase: this.pipeline.phase,
       /** The witness's generation this copy holds (the fencing token; null without a witness). */
@@ -378,7 +377,6 @@ export class PrimaryController {
       this.compare?.acknowledged(c.epoch);
     },
     protected: (c) => {
-      this.unprotectedReason = null;
       this.cancelHoldTimer();
       this.immediateRetries = 0;
       this.emit({ event: 'protecting', standby: this.link?.peer ?? '' });
@@ -391,7 +389,6 @@ export class PrimaryController {
       this.meter.startNow();
     },
     unprotected: (c) => {
-      this.unprotectedReason = c.reason;
       this.compare?.reset();
       if (c.first) {
         log.error(

@@ -102,6 +102,7 @@ test('link loss: says so once, keeps output held, a resync starts a new generati
   const lost = p.linkLost('standby gone');
   assert.deepEqual(lost, [{ cmd: 'unprotected', reason: 'standby gone', first: true }]);
   assert.deepEqual(p.linkLost('still gone'), [{ cmd: 'unprotected', reason: 'still gone', first: false }]);
+  assert.equal(p.lossReason, 'still gone', 'status says why');
   assert.equal(commit.stats(20).frames, 1, 'held output stays held');
   p.startSync();
   assert.equal(p.generation, 2);
@@ -114,6 +115,7 @@ test('link loss: says so once, keeps output held, a resync starts a new generati
     ['x'],
   );
   assert.equal(p.phase, 'protecting');
+  assert.equal(p.lossReason, null);
   // protected again: the next loss is reported again
   assert.equal((p.linkLost('again')[0] as { first: boolean }).first, true);
 });
