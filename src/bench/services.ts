@@ -4,7 +4,7 @@
 // `pgbench` (TPC-B-like, 8 clients). The same booted guest runs unreplicated and under each
 // policy, interleaved (U P1 U P2 U …), per vCPU count. Latencies are the clients' own numbers.
 
-import { startPrimarySide } from '../host/index.ts';
+import { standbySide, startPrimarySide } from '../host/index.ts';
 import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import {
@@ -29,7 +29,6 @@ import {
   SEGMENTS,
   formatBreakdown,
   type Breakdown,
-  StandbyController,
   DISK_BLOCK_ID,
   type ReleaseMode,
 } from '../replication/index.ts';
@@ -663,9 +662,9 @@ export async function runFailoverUnderLoad(o: {
       const other = rig.hosts[1 - live.host]!;
       let nextIo: GuestIo | null = null;
       let failoverAt = 0;
-      const standby = new StandbyController({
-        host: '127.0.0.1',
-        port: 0,
+      const standby = standbySide({
+        listen: { host: '127.0.0.1', port: 0 },
+        gate: null, // (one pair on one machine, measuring a failover under load: no witness)
         stateDir: join(dir, `sb${k}`),
         psk,
         heartbeatMs: 50,
@@ -675,9 +674,10 @@ export async function runFailoverUnderLoad(o: {
         onEvent: (e) => {
           if (e.event === 'failover') failoverAt = e.runningAtMs;
         },
-        prepareRestore: async (_id, store) => {
-          nextIo = await GuestIo.start(other, dir, `fo${k}`, store.imagePath(DISK_BLOCK_ID), await ensureTapRelay());
-          return { netSockets: [nextIo.netSocket], nbdSockets: nextIo.nbdSocket ? [nextIo.nbdSocket] : [] };
+        restoreIo: async (_id, store) => {
+          const io = await GuestIo.start(other, dir, `fo${k}`, store.imagePath(DISK_BLOCK_ID), await ensureTapRelay());
+          nextIo = io;
+          return { relay: io.relay, netSockets: [io.netSocket], nbdSockets: io.nbdSocket ? [io.nbdSocket] : [] };
         },
       });
       await standby.start();

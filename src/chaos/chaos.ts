@@ -24,7 +24,7 @@ import {
   type PrimaryController,
   DISK_BLOCK_ID,
   type PrimaryEvent,
-  StandbyController,
+  type StandbyController,
   type StandbyEvent,
   type ReleaseMode,
 } from '../replication/index.ts';
@@ -37,8 +37,8 @@ import {
   type WitnessGate,
   type OwnershipGuard,
 } from '../coord/index.ts';
-import { ReleaseGate, type CompareCounts } from '../commit/index.ts';
-import { startPrimarySide } from '../host/index.ts';
+import type { CompareCounts } from '../commit/index.ts';
+import { standbySide, startPrimarySide } from '../host/index.ts';
 import { ThreadedProxy } from './fault-proxy.ts';
 import { startDebianRig } from './debian-rig.ts';
 import { clientProcess, startKvRig, stopKvRig, type KvRig } from './kv-rig.ts';
@@ -274,18 +274,18 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       let nextIo: GuestIo | null = null;
       let guard: OwnershipGuard | null = null;
       let failCapture = false;
-      const standby = new StandbyController({
-        host: '127.0.0.1',
-        port: 0,
+      // The product's wiring (host/standby-side.ts): the gate, and the restored guest's frames under its lease.
+      const standby = standbySide({
+        listen: { host: '127.0.0.1', port: 0 },
+        gate,
         stateDir: join(dir, `standby${round}`),
         psk,
         heartbeatMs: 50,
         timeoutMs: o.timeoutMs,
         fsync: false,
-        ...(gate ? { gate } : {}),
         binaryFor: async () => rig!.binary,
         onEvent: (e) => sEvents.push({ ...e, t: Date.now() }),
-        prepareRestore: async (_id, store, existing) => {
+        restoreIo: async (_id, store, existing) => {
           const io = await GuestIo.start(
             other.lan,
             dir,
@@ -294,10 +294,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
             await ensureTapRelay(),
             existing,
           );
-          // a restored guest's frames too
-          if (gate && io.relay) io.relay.gate = new ReleaseGate((now) => gate.ownership(vmName).leaseCheck(now));
           nextIo = io;
-          return { netSockets: [io.netSocket], nbdSockets: io.nbdSocket ? [io.nbdSocket] : [] };
+          return { relay: io.relay, netSockets: [io.netSocket], nbdSockets: io.nbdSocket ? [io.nbdSocket] : [] };
         },
       });
       await standby.start();

@@ -19,6 +19,8 @@ export {
 } from './own-qemu.ts';
 export type { AdoptedRecord } from './own-qemu.ts';
 export { startPrimarySide } from './primary-side.ts';
+export { standbySide } from './standby-side.ts';
+export type { RestoredIo, StandbySideOptions } from './standby-side.ts';
 export { readActive, recordActive, retireActive, definitionOf, activeFile, vmDir } from './resume.ts';
 export type { ActiveRecord } from './resume.ts';
 export type { PrimarySide, PrimarySideOptions } from './primary-side.ts';

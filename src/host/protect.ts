@@ -29,13 +29,14 @@ import {
 } from '../io/index.ts';
 import type { PrimaryController, PrimaryEvent, PrimaryOptions, ReplicaStore, Identity } from '../replication/index.ts';
 import type { Policy } from '../scheduler/index.ts';
-import { ReleaseGate, type LeaseCheck } from '../commit/index.ts';
+import { ReleaseGate } from '../commit/index.ts';
 import type { Ownership, OwnershipGuard } from '../coord/index.ts';
 import { startPrimarySide, type PrimarySideOptions } from './primary-side.ts';
 import { findOvmf, uefiVarsFor } from './firmware.ts';
 import { cloudInitSeed } from './cloud-init.ts';
 import { adoptInto, type AdoptSource } from './adopt.ts';
 import type { LocalMigration } from './local-migration.ts';
+import type { RestoredIo } from './standby-side.ts';
 
 const log = logger('protect');
 
@@ -326,13 +327,12 @@ export function restoreIo(
   runDir: string,
   tapRelay: string,
   ns?: string,
-  leaseCheck?: (vm: string) => LeaseCheck,
 ): {
   prepare: (
     identity: Identity,
     store: ReplicaStore,
     existing?: { relay?: NetRelay | undefined; nbds?: readonly NbdServer[] | undefined },
-  ) => Promise<{ netSockets: string[]; nbdSockets: string[] }>;
+  ) => Promise<RestoredIo>;
   current: () => HostIo | null;
 } {
   let io: HostIo | null = null;
@@ -349,9 +349,8 @@ export function restoreIo(
         ns,
         existing,
       );
-      // The restored guest's frames leave only under this host's lease (claimed before the restore).
-      if (io.relay && leaseCheck) io.relay.gate = new ReleaseGate(leaseCheck(identity.vm));
-      return { netSockets: io.netSockets, nbdSockets: io.nbdSockets };
+      // (its frames are gated by the standby side's factory: standby-side.ts)
+      return { relay: io.relay, netSockets: io.netSockets, nbdSockets: io.nbdSockets };
     },
   };
 }

@@ -21,4 +21,4 @@ export type { Durability } from './replica-store.ts';
 export { acceptsPrimary, nextStandbyState } from './standby-state.ts';
 export type { StandbyInput, StandbyState } from './standby-state.ts';
 export { StandbyController } from './standby.ts';
-export type { StandbyEvent } from './standby.ts';
+export type { StandbyEvent, StandbyOptions } from './standby.ts';

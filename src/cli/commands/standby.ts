@@ -9,7 +9,6 @@ import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { logger, onShutdown, RubatoError, errorMessage, isRubatoError, extendShutdownGrace } from '../../util/index.ts';
 import {
-  StandbyController,
   type PrimaryController,
   type StandbyEvent,
   loadKeyFile,
@@ -20,6 +19,7 @@ import { parsePolicy } from '../../scheduler/index.ts';
 import {
   restoreIo,
   startPrimarySide,
+  standbySide,
   type ProtectedVm,
   checkHostFor,
   claimBeforeStart,
@@ -236,19 +236,14 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<ServedStandb
   if (o.listen.port === 0 && !o.vm)
     throw new RubatoError('RUBATO_CONFIG', '--listen: port 0 only with --vm (the witness tells the primary the port)');
   const gate = etcd ? witnessGate(etcd, o.host, o.leaseTtl) : null;
-  // A restored guest's frames leave only under the lease this side claimed for it.
-  const io = restoreIo(
-    join(stateDir, 'run'),
-    await ensureTapRelay(), // (built now, never when a guest is restored)
-    undefined,
-    gate ? (vm) => (now) => gate.ownership(vm).leaseCheck(now) : undefined,
-  );
+  const io = restoreIo(join(stateDir, 'run'), await ensureTapRelay()); // (the helper built now, not at a failover)
   const published = etcd && o.vm ? new LeasedKeys(etcd, o.leaseTtl) : null;
   let unpublish = () => {};
   let guard: OwnershipGuard | null = null;
-  const standby = new StandbyController({
-    ...(gate ? { gate } : {}),
-    ...o.listen,
+  // A restored guest's frames leave only under the lease this side claimed for it (standbySide).
+  const standby = standbySide({
+    gate,
+    listen: o.listen,
     stateDir,
     psk,
     heartbeatMs: o.heartbeatMs,
@@ -257,7 +252,7 @@ export async function serveStandby(o: ServeStandbyOptions): Promise<ServedStandb
     autoFailover: o.autoFailover,
     fsync: o.fsync,
     durability: o.durability,
-    prepareRestore: io.prepare,
+    restoreIo: io.prepare,
     controlExtra: { stop: stopSelf },
     statusExtra: () => ({
       fencing: gate ? 'witness' : 'none',
