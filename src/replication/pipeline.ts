@@ -260,10 +260,13 @@ export class EpochPipeline<F extends Sized = Buffer> {
       this.afterLastPass = null;
       return this.beginCapture('fence', nowMs) as Command<F>;
     }
-    // The checkpoint decided before its last pass goes now (the backlog permitting).
-    const deferred = this.afterLastPass;
-    this.afterLastPass = null;
-    if (deferred !== null) return this.backlogFull() ? this.waitForAck() : this.beginCapture(deferred, nowMs);
+    // The checkpoint decided before its last pass goes now (once the backlog has room: no second pass).
+    if (this.afterLastPass !== null) {
+      if (this.backlogFull()) return this.waitForAck();
+      const reason = this.afterLastPass;
+      this.afterLastPass = null;
+      return this.beginCapture(reason, nowMs);
+    }
     // Rails above every policy: a bounded disk log at its bound, and an epoch whose estimated
     // dirty memory reached the checkpoint bound, end now; no policy waits past the latter.
     const sizeDueMs = this.sizeBoundAtMs();

@@ -358,6 +358,19 @@ test('pipeline: pre-sent bytes count toward the in-flight bound; no pre-send pas
   assert.deepEqual(p.decide(32, canPresend), { cmd: 'presend', epoch: 2, reason: 'last-pass' });
 });
 
+test('pipeline: a checkpoint deferred behind its last pass keeps waiting for room, with no second pass', () => {
+  const p = presendPipeline(fixed(10, 2), 8 << 20);
+  assert.equal(p.decide(11, seen).cmd, 'capture');
+  p.paused(1, 11);
+  p.capturedCheckpoint(1, { dirtyPages: 1024, pauseMs: 1, bytes: 4 << 20, resumedMs: 12 });
+  p.sent(1, 12);
+  assert.deepEqual(p.decide(22, canPresend), { cmd: 'presend', epoch: 2, reason: 'last-pass' });
+  p.presented(1024, 23); // 4 MiB more: the 8 MiB bound is reached
+  assert.deepEqual(p.decide(24, canPresend), { cmd: 'wait-ack' });
+  p.ack(1, 25);
+  assert.deepEqual(p.decide(26, canPresend), { cmd: 'capture', epoch: 2, reason: 'max-epoch' });
+});
+
 test('pipeline: with nothing in flight a checkpoint goes however much was pre-sent (no wait for an ack that cannot come)', () => {
   const p = presendPipeline(fixed(10, 2), 1 << 20);
   assert.equal(p.decide(2, canPresend).cmd, 'presend');
