@@ -17,7 +17,7 @@ export async function startDebianRig(
   dir: string,
   accelChoice: AccelChoice,
   tag: string,
-  o: { hosts?: number; cpus?: number; memMb?: number } = {},
+  o: { hosts?: number; cpus?: number; memMb?: number; nicEventIdx?: boolean } = {},
 ): Promise<KvRig> {
   const image = await ensureDebianImage();
   const { accel } = await resolveAccel(accelChoice, stockQemu(), await ensureGuestImage());
@@ -39,6 +39,8 @@ export async function startDebianRig(
       accelerator: accel,
       disks: [{ path: disk }],
       nics: [{ bridge: hosts[0]!.bridge }],
+      // (Debian 12 on QEMU 7.2 under TCG: without it its transmit queue can stall for good)
+      nicEventIdx: o.nicEventIdx ?? accel !== 'tcg',
       boot: { from: 'disk' },
     });
     writeFileSync(file, text);

@@ -110,6 +110,7 @@ export function specOf(def: ResolvedVm, accel: Accel, uefiCode?: string): VmSpec
     cpus: def.cpus,
     memMb: def.memoryMiB,
     ...(nic ? { mac: nic.mac, bridge: nic.bridge } : {}),
+    ...(def.nicEventIdx === false ? { nicEventIdx: false } : {}),
     ...(several
       ? { nics: def.nics.map((n) => ({ mac: n.mac, bridge: n.bridge, ...(n.vlan ? { vlan: n.vlan } : {}) })) }
       : {}),

@@ -99,6 +99,7 @@ export function definitionOf(rec: ActiveRecord, file: string): ResolvedVm {
     ...(uefiVars ? { uefiVars } : {}),
     disks,
     nics: nicsOf(s).map((n) => ({ bridge: n.bridge, mac: n.mac, ...(n.vlan ? { vlan: n.vlan } : {}) })),
+    ...(s.nicEventIdx === false ? { nicEventIdx: false } : {}),
     boot: s.kernel
       ? { kernel: s.kernel, ...(s.initrd ? { initrd: s.initrd } : {}), append: s.append ?? '' }
       : { from: 'disk' },

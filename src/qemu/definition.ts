@@ -61,6 +61,12 @@ export const VmDefinitionSchema = z
     /** bios (SeaBIOS, the default) or uefi (OVMF from Debian's ovmf package). */
     firmware: z.enum(['bios', 'uefi']).default('bios'),
     /**
+     * false: the NICs offer no event index (virtio's VIRTIO_RING_F_EVENT_IDX), so the guest asks
+     * for every interrupt. A Debian 12 guest on QEMU 7.2 under TCG can lose its transmit queue for
+     * good with it (NETDEV WATCHDOG) after bulk inbound traffic; without it, not seen (docs/protect.md).
+     */
+    nicEventIdx: z.boolean().optional(),
+    /**
      * UEFI: the VM's own variable store (an OVMF_VARS file, written by the guest's firmware);
      * without it Rubato keeps one per VM in its state folder, made from OVMF's template.
      */

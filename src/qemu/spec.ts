@@ -58,6 +58,8 @@ export const VmSpecSchema = z
       .optional(),
     /** A virtio disk served by Rubato's NBD server at launch. */
     disk: z.boolean().optional(),
+    /** false: the virtio NICs offer no event index (the definition's nicEventIdx). */
+    nicEventIdx: z.boolean().optional(),
     /**
      * Several disks, each served by its own NBD server (replica blocks disk0, disk1, …) on its bus;
      * absent: one virtio disk when `disk`.
@@ -189,7 +191,7 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
         ? `tap,id=n${i},ifname=${netSockets[i]},script=no,downscript=no,vnet_hdr=off` // (no offloads: as behind Rubato's relay)
         : `stream,id=n${i},server=off,addr.type=unix,addr.path=${netSockets[i]}`,
       '-device',
-      `virtio-net-pci,netdev=n${i},mac=${nic.mac},romfile=`,
+      `virtio-net-pci,netdev=n${i},mac=${nic.mac},romfile=${spec.nicEventIdx === false ? ',event_idx=off' : ''}`,
     );
   }
   const nbdSockets = paths.own?.diskFiles ?? paths.nbdSockets ?? [];
