@@ -119,7 +119,10 @@ test("a VM's life: its controller restarted on either host brings it back from i
       for (const [i, c] of cs.entries()) {
         await c.done;
         const acks = c.events.filter((e) => e.type === 'ack');
-        assert.ok(acks.length > 0, `writes acknowledged through NIC ${i} (${c.stderr()})`);
+        assert.ok(
+          acks.length > 0,
+          `writes acknowledged through NIC ${i} in ${seconds} s (${JSON.stringify(c.events.slice(-3))} ${c.stderr()})`,
+        );
         for (const a of acks) acked.set(a.key!, a.value!);
       }
     };
@@ -150,7 +153,7 @@ test("a VM's life: its controller restarted on either host brings it back from i
     let a = run('protect-a', ha.ns, protectArgs);
     await event(a, kvReady, 90_000, 'the KV service on A');
     await event(a, (e) => e['event'] === 'protecting', 120_000, 'protection');
-    await load(2);
+    await load(3);
 
     // A's unit restarts its controller (SIGTERM, then the same command): the VM boots from its disk on A.
     a.proc.kill('SIGTERM');
@@ -161,7 +164,7 @@ test("a VM's life: its controller restarted on either host brings it back from i
     assert.ok(readA > 0, `the second disk kept its writes across the restart (read ${readA})`);
     await event(a, (e) => e['event'] === 'protecting', 120_000, 'protection again');
     assert.ok((await verify()) > 0);
-    await load(2);
+    await load(3);
     const genA = await generation();
 
     // Host A dies: B takes over.
@@ -170,7 +173,7 @@ test("a VM's life: its controller restarted on either host brings it back from i
     process.kill(Number(startedA['qemuPid']), 'SIGKILL');
     a.proc.kill('SIGKILL');
     await event(sb, (e) => e['event'] === 'failover', 60_000, 'the failover');
-    await load(2);
+    await load(3);
     const genB = await generation();
     assert.ok(genB > genA, 'B holds a newer generation');
     assert.ok(existsSync(join(dir, 'hb', 'vm', 'active.json')), 'B records the VM that runs there');
