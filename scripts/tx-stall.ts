@@ -15,46 +15,23 @@ rig.vm.on('serial', (l: string) => {
   lines.push(l);
   if (lines.length > 6) lines.shift();
 });
+/** A client in the client namespace, ended by PID after `ms` (as the services benchmark runs them). */
+const inClient = (args: string[], ms: number) =>
+  runCommand('ip', ['netns', 'exec', rig.lan.clientNs, ...args], { timeoutMs: ms });
 let ok = 0;
 try {
-  const init = await runCommand(
-    'ip',
-    [
-      'netns',
-      'exec',
-      rig.lan.clientNs,
-      'timeout',
-      '-s',
-      'KILL',
-      '300',
-      'pgbench',
-      '-h',
-      ip,
-      '-U',
-      'postgres',
-      '-i',
-      '-s',
-      '2',
-      '-q',
-      'postgres',
-    ],
-    { timeoutMs: 310_000 },
-  );
+  const init = await inClient(['pgbench', '-h', ip, '-U', 'postgres', '-i', '-s', '2', '-q', 'postgres'], 300_000);
   console.log(JSON.stringify({ pgbenchInit: init.code, console: lines.join(' | ').slice(-300) }));
+  const clients = [
+    ['redis-benchmark', '-h', ip, '-c', '50', '-n', '30000', '-t', 'get', '-d', '64', '-r', '100000', '--csv'],
+    ['redis-benchmark', '-h', ip, '-c', '50', '-n', '30000', '-t', 'set', '-d', '64', '-r', '100000', '--csv'],
+    ['wrk', '-t', '2', '-c', '64', '-d', '5s', '--timeout', '10s', `http://${ip}/100k.html`],
+    ['redis-benchmark', '-h', ip, '-c', '4', '-n', '300', '-t', 'set', '-d', '102400', '-r', '1000', '--csv'],
+  ];
   for (let i = 0; i < runs; i++) {
-    const kind = i % 4;
-    const args =
-      kind === 0
-        ? ['redis-benchmark', '-h', ip, '-c', '50', '-n', '30000', '-t', 'get', '-d', '64', '-r', '100000', '--csv']
-        : kind === 1
-          ? ['redis-benchmark', '-h', ip, '-c', '50', '-n', '30000', '-t', 'set', '-d', '64', '-r', '100000', '--csv']
-          : kind === 2
-            ? ['wrk', '-t', '2', '-c', '64', '-d', '5s', '--timeout', '10s', `http://${ip}/100k.html`]
-            : ['redis-benchmark', '-h', ip, '-c', '4', '-n', '300', '-t', 'set', '-d', '102400', '-r', '1000', '--csv'];
+    const args = clients[i % clients.length]!;
     const t0 = Date.now();
-    const r = await runCommand('ip', ['netns', 'exec', rig.lan.clientNs, 'timeout', '-s', 'KILL', '60', ...args], {
-      timeoutMs: 70_000,
-    });
+    const r = await inClient(args, 60_000);
     const ms = Date.now() - t0;
     if (r.code !== 0) {
       console.log(

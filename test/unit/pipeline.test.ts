@@ -29,15 +29,15 @@ function protectedPipeline(maxInflight = 4, maxInflightBytes?: number, policy = 
   return { p, commit };
 }
 
-/** Takes checkpoint `epoch` at time t (decision, capture, send). */
-function checkpoint(p: EpochPipeline, epoch: number, t: number, decided = false) {
+/** Takes checkpoint `epoch` of `bytes` at time t (decision, capture, send). */
+function checkpoint(p: EpochPipeline, epoch: number, t: number, decided = false, bytes = 40_000) {
   if (!decided) {
     const c = p.decide(t, seen);
     assert.equal(c.cmd, 'capture');
     assert.equal((c as { epoch: number }).epoch, epoch);
   }
   p.paused(epoch, t);
-  p.capturedCheckpoint(epoch, { dirtyPages: 10, pauseMs: 1, bytes: 40_000, resumedMs: t + 1 });
+  p.capturedCheckpoint(epoch, { dirtyPages: Math.round(bytes / 4096), pauseMs: 1, bytes, resumedMs: t + 1 });
   p.sent(epoch, t + 1);
 }
 
@@ -340,11 +340,7 @@ test('pipeline: a lost link or a fence ends a pre-send plan; a pass ending that 
 
 test('pipeline: pre-sent bytes count toward the in-flight bound; no pre-send past it, and a due checkpoint waits for an ack', () => {
   const p = presendPipeline(fixed(10, 2), 8 << 20);
-  // Checkpoint 1 (6 MiB) in flight, not acknowledged.
-  assert.equal(p.decide(11, seen).cmd, 'capture');
-  p.paused(1, 11);
-  p.capturedCheckpoint(1, { dirtyPages: 1536, pauseMs: 1, bytes: 6 << 20, resumedMs: 12 });
-  p.sent(1, 12);
+  checkpoint(p, 1, 11, false, 6 << 20); // in flight, not acknowledged
   assert.equal(p.unackedBytes(), 6 << 20);
   assert.deepEqual(p.decide(14, canPresend), { cmd: 'presend', epoch: 2, reason: 'interval' }, 'room for a pass');
   // 512 pages pre-sent (2 MiB): the bound is reached; no further pass.
@@ -360,10 +356,7 @@ test('pipeline: pre-sent bytes count toward the in-flight bound; no pre-send pas
 
 test('pipeline: a checkpoint deferred behind its last pass keeps waiting for room, with no second pass', () => {
   const p = presendPipeline(fixed(10, 2), 8 << 20);
-  assert.equal(p.decide(11, seen).cmd, 'capture');
-  p.paused(1, 11);
-  p.capturedCheckpoint(1, { dirtyPages: 1024, pauseMs: 1, bytes: 4 << 20, resumedMs: 12 });
-  p.sent(1, 12);
+  checkpoint(p, 1, 11, false, 4 << 20);
   assert.deepEqual(p.decide(22, canPresend), { cmd: 'presend', epoch: 2, reason: 'last-pass' });
   p.presented(1024, 23); // 4 MiB more: the 8 MiB bound is reached
   assert.deepEqual(p.decide(24, canPresend), { cmd: 'wait-ack' });
