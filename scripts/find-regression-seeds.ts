@@ -12,6 +12,7 @@ const flags = (
     'noGenerationCheck',
     'recoveredGoesLive',
     'leaseFromReceive',
+    'shortTakeoverWait',
   ] as Array<keyof Legacy>
 ).filter((f) => !only.length || only.includes(f));
 for (const f of flags) {

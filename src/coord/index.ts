@@ -6,7 +6,7 @@ export type { ClusterView } from './cluster.ts';
 export { EtcdClient } from './etcd.ts';
 export { afterReclaim, guardOwnership } from './guard.ts';
 export type { OwnershipGuard, Reclaim } from './guard.ts';
-export { LOSS_FRACTION, LeaseClock } from './lease.ts';
+export { LOSS_FRACTION, LeaseClock, takeoverWaitMs } from './lease.ts';
 export type { Fencing } from './lease.ts';
 export { LocalEtcd } from './local-etcd.ts';
 export { Ownership, currentGeneration, currentOwner } from './ownership.ts';

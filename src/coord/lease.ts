@@ -63,3 +63,16 @@ export class LeaseClock {
 
 /** How a VM is fenced: by the witness, or (the user's explicit choice, --no-witness) not at all. */
 export type Fencing = 'witness' | 'none';
+
+/** Allowance for two hosts' monotonic clocks running at different rates (they differ by parts per million). */
+export const CLOCK_RATE_MARGIN = 0.05;
+
+/**
+ * How long a standby must see the holder's owner key at one revision before it may claim the VM
+ * over it. Every renewal writes the key again, so the holder's latest confirmed renewal was sent
+ * before that revision was applied, hence before the standby first saw it: past this wait, the
+ * holder's lease clock (`LOSS_FRACTION` of the TTL from that send) has run out on any clock.
+ */
+export function takeoverWaitMs(ttlMs: number, lossFraction = LOSS_FRACTION): number {
+  return ttlMs * lossFraction * (1 + CLOCK_RATE_MARGIN);
+}

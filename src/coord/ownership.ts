@@ -29,8 +29,10 @@ const RENEWALS_PER_TTL = 6;
 /**
  * The lease keeper (a worker thread, plain JS, one per VM held, started when the first claim
  * begins so that its start-up is not on a claim's path): keepalives of the lease it was last given
- * (a message: the lease and its shared slots; null stops) at once and every `everyMs`, through
- * etcd's JSON gateway, each endpoint in turn. Per lease, shared[0] = the monotonic send time (ns) of
+ * (a message: the lease, the owner key and value it renews, and its shared slots; null stops) at
+ * once and every `everyMs`, through etcd's JSON gateway, each endpoint in turn. A renewal is a
+ * keep-alive and then a write of the owner key conditioned on its value (still this claim's): it
+ * counts only once both succeeded, and a failed condition means the VM is no longer this host's. Per lease, shared[0] = the monotonic send time (ns) of
  * the latest renewal etcd confirmed, shared[1] = 1 once etcd says the lease is gone: a lease's
  * slots are its own, so a late answer for an old lease never counts for a new one. Renewals
  * overlap: a slow answer still renews, and its send time is what counts.
@@ -43,6 +45,9 @@ const { endpoints, everyMs, timeoutMs } = workerData;
 try { require('node:os').setPriority(KEEPER_NICE); } catch (e) { /* not root: the default priority */ }
 let cur = null;
 let next = 0;
+const post = (ep, path, body) => fetch(ep + path, {
+  method: 'POST', body: JSON.stringify(body), signal: AbortSignal.timeout(timeoutMs),
+});
 async function renew() {
   const c = cur;
   if (!c) return;
@@ -50,21 +55,28 @@ async function renew() {
   for (let i = 0; i < endpoints.length; i++) {
     const ep = endpoints[(next + i) % endpoints.length];
     try {
-      const r = await fetch(ep + '/v3/lease/keepalive', {
-        method: 'POST', body: JSON.stringify({ ID: c.lease }), signal: AbortSignal.timeout(timeoutMs),
-      });
+      const r = await post(ep, '/v3/lease/keepalive', { ID: c.lease });
       const j = await r.json();
       if (!r.ok) continue;
       next = (next + i) % endpoints.length;
-      if (Number((j.result && j.result.TTL) || 0) <= 0) Atomics.store(c.view, 1, 1n);
-      else if (sent > Atomics.load(c.view, 0)) Atomics.store(c.view, 0, sent);
+      if (Number((j.result && j.result.TTL) || 0) <= 0) { Atomics.store(c.view, 1, 1n); return; }
+      // The owner key written again while it is still this claim's: every renewal is a new revision,
+      // the evidence a standby's fast claim waits on (witness-gate.ts).
+      const t = await post(ep, '/v3/kv/txn', {
+        compare: [{ key: c.key, target: 'VALUE', result: 'EQUAL', value: c.value }],
+        success: [{ request_put: { key: c.key, value: c.value, lease: c.lease } }],
+      });
+      const tj = await t.json();
+      if (!t.ok) continue;
+      if (tj.succeeded !== true) { Atomics.store(c.view, 1, 1n); return; }
+      if (sent > Atomics.load(c.view, 0)) Atomics.store(c.view, 0, sent);
       return;
     } catch (e) { /* the next endpoint, or the next round */ }
   }
 }
 setInterval(renew, everyMs);
 parentPort.on('message', (m) => {
-  cur = m ? { lease: m.lease, view: new BigInt64Array(m.shared) } : null;
+  cur = m ? { lease: m.lease, key: m.key, value: m.value, view: new BigInt64Array(m.shared) } : null;
   void renew();
 });
 `;
@@ -75,6 +87,8 @@ export interface Owner {
 }
 
 const ownerKey = (vm: string) => `/rubato/vm/${vm}/owner`;
+/** The owner key's value: written byte for byte alike by the claim and by every renewal (which compares it). */
+const ownerValue = (host: string, generation: number) => JSON.stringify({ host, generation });
 const genKey = (vm: string) => `/rubato/vm/${vm}/generation`;
 
 export async function currentOwner(etcd: EtcdClient, vm: string): Promise<Owner | null> {
@@ -168,7 +182,17 @@ export class Ownership {
     return this.claimFrom(this.gen);
   }
 
-  private async claimFrom(expect: number | null): Promise<number | 'superseded' | null> {
+  /**
+   * Claims the VM from a holder that has stopped: its owner key still at `revision`, which the
+   * caller saw unchanged for longer than any holder may act on its last renewal (witness-gate.ts).
+   * The transaction is conditioned on that revision: a renewal that landed meanwhile makes it fail.
+   */
+  async claimOver(revision: number): Promise<number | null> {
+    const r = await this.claimFrom(null, revision);
+    return r === 'superseded' ? null : r;
+  }
+
+  private async claimFrom(expect: number | null, takeOver?: number): Promise<number | 'superseded' | null> {
     const sentMs = this.now(); // the lease runs from no later than this
     this.ensureKeeper(); // (its start-up overlaps the claim's round trips)
     const lease = this.lease ?? (await this.etcd.grantLease(this.ttlSec));
@@ -195,7 +219,7 @@ export class Ownership {
     // Ours: this lease's key, or (claiming again) the key this host left on its lost lease.
     const mine =
       held?.host === this.host && (owner!.lease === lease || (expect !== null && held.generation === expect));
-    if (owner && !mine) return unused(null);
+    if (owner && !mine && owner.modRevision !== takeOver) return unused(null);
     const next = witnessGen + 1;
     this.inDoubt = { lease, next, sentMs };
     const ok = await this.etcd.txn(
@@ -204,7 +228,7 @@ export class Ownership {
         gen ? { key: genKey(this.vm), modRevision: gen.modRevision } : { key: genKey(this.vm), absent: true },
       ],
       [
-        { put: ownerKey(this.vm), value: JSON.stringify({ host: this.host, generation: next }), lease },
+        { put: ownerKey(this.vm), value: ownerValue(this.host, next), lease },
         { put: genKey(this.vm), value: String(next) },
       ],
     );
@@ -257,7 +281,12 @@ export class Ownership {
   /** Renews the held lease from now on (a first renewal at once), its confirmations read here from shared memory. */
   private startRenewing(): void {
     this.shared = new BigInt64Array(new SharedArrayBuffer(16));
-    this.ensureKeeper().postMessage({ lease: this.lease, shared: this.shared.buffer });
+    this.ensureKeeper().postMessage({
+      lease: this.lease,
+      key: Buffer.from(ownerKey(this.vm)).toString('base64'),
+      value: Buffer.from(ownerValue(this.host, this.gen)).toString('base64'),
+      shared: this.shared.buffer,
+    });
     // The deadline is watched on its own: a renewal that hangs must not delay giving up.
     if (!this.watchdog) {
       this.watchdog = setInterval(() => this.check(), WATCHDOG_MS);
@@ -269,7 +298,7 @@ export class Ownership {
   private check(): void {
     if (!this.lease || this.loss || !this.shared) return;
     if (!this.readRenewals()) {
-      this.lose('the lease expired', true);
+      this.lose('the lease expired or another host claimed the VM', true);
       return;
     }
     const now = this.now();

@@ -16,6 +16,10 @@ export interface ActivationContext {
 export interface ActivationGate {
   /** `generation`: the witness generation this side now holds (a fencing token), when it has one. */
   mayActivate(ctx: ActivationContext): Promise<{ allow: boolean; why: string; generation?: number }>;
+  /** A standby guards `vm` from now on: a gate that claims on evidence gathers it while the primary lives. */
+  observe?(vm: string): void;
+  /** It guards `vm` no more (it stopped, or the primary said goodbye). */
+  unobserve?(vm: string): void;
 }
 
 export const allowAlways: ActivationGate = {

@@ -309,6 +309,7 @@ export class StandbyController {
       (e: unknown) => log.warn(`no QEMU for a failover of ${identity.vm} yet: ${errorMessage(e)}`),
     );
     link.startHeartbeats(this.o.heartbeatMs, this.o.timeoutMs);
+    this.o.gate?.observe?.(identity.vm); // (the evidence a takeover waits on, gathered while the primary lives)
     const s = new StandbySession(link, {
       baseBegin: async (layout) => {
         this.goFromPeer('base-begin');
@@ -337,6 +338,7 @@ export class StandbyController {
     if (this.st === 'syncing') this.go('sync-abandoned');
     if (end.bye) {
       this.guarding = false;
+      this.o.gate?.unobserve?.(identity.vm);
       await this.stopSecondary();
       log.info(`keeping the replica at checkpoint ${this.replicaEpoch}; no failover (the primary stopped in order)`);
       return;
@@ -674,6 +676,7 @@ export class StandbyController {
     }
     this.server?.close();
     this.control?.close();
+    if (this.identity) this.o.gate?.unobserve?.(this.identity.vm);
     await this.store
       ?.settled()
       .catch((e: unknown) =>

@@ -124,7 +124,15 @@ export const REGRESSIONS: readonly Scenario[] = [
     name: 'recovered-goes-live',
     defect: 'a standby restarted under memory durability went live from a replica older than its acknowledgements',
     legacy: { recoveredGoesLive: true },
-    seed: 4800,
+    seed: 10126,
+    options: {},
+  },
+  {
+    name: 'short-takeover-wait',
+    defect:
+      "a standby that claimed over its primary's unrenewed owner key after a third of the TTL (less than the holder may act on its last renewal) ran a copy while the old one still released output",
+    legacy: { shortTakeoverWait: true },
+    seed: 335,
     options: {},
   },
 ];

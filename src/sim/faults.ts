@@ -21,7 +21,7 @@ import {
   type StandbyState,
 } from '../replication/index.ts';
 import { OutputCommit, ReleaseGate } from '../commit/index.ts';
-import { LeaseClock, type Fencing, afterReclaim, type Reclaim, type Loss } from '../coord/index.ts';
+import { LeaseClock, type Fencing, afterReclaim, type Reclaim, type Loss, takeoverWaitMs } from '../coord/index.ts';
 import { fixed } from '../scheduler/index.ts';
 
 /** Rules as they were before their fix (each off by default). */
@@ -42,6 +42,8 @@ export interface Legacy {
   noGenerationCheck: boolean;
   /** A standby restarted under memory durability goes live from its recovered replica (older than its acks). */
   recoveredGoesLive: boolean;
+  /** A standby claims over an unrenewed owner key after a third of the TTL (shorter than the holder may act). */
+  shortTakeoverWait: boolean;
 }
 
 export type FaultKind =
@@ -148,8 +150,10 @@ class SimEtcd {
   readonly cut = new Set<HostName>();
   private leases = new Map<number, number>();
   private next = 1;
-  owner: { host: HostName; lease: number } | null = null;
+  owner: { host: HostName; lease: number; rev: number } | null = null;
   generation = 0;
+  /** etcd's revision: every write of the owner key advances it. */
+  private rev = 0;
   reachable(h: HostName): boolean {
     return this.up && !this.cut.has(h);
   }
@@ -161,16 +165,20 @@ class SimEtcd {
     this.leases.set(id, now + ttlMs);
     return id;
   }
-  keepAlive(id: number, now: number, ttlMs: number): boolean {
+  /** A renewal: the keep-alive, then the owner key written again while it is still `h`'s on this lease. */
+  renew(h: HostName, id: number, now: number, ttlMs: number): boolean {
     if (!this.alive(id, now)) return false;
     this.leases.set(id, now + ttlMs);
+    const o = this.ownerAt(now);
+    if (!o || o.host !== h || o.lease !== id) return false;
+    o.rev = ++this.rev;
     return true;
   }
   revoke(id: number): void {
     this.leases.delete(id);
     if (this.owner?.lease === id) this.owner = null;
   }
-  ownerAt(now: number): { host: HostName; lease: number } | null {
+  ownerAt(now: number): { host: HostName; lease: number; rev: number } | null {
     if (this.owner && !this.alive(this.owner.lease, now)) this.owner = null;
     return this.owner;
   }
@@ -179,7 +187,15 @@ class SimEtcd {
     const o = this.ownerAt(now);
     if (o && !(o.host === h && o.lease === lease)) return null;
     if (!this.alive(lease, now)) return null;
-    this.owner = { host: h, lease };
+    this.owner = { host: h, lease, rev: ++this.rev };
+    return ++this.generation;
+  }
+  /** The claim over another host's owner key, conditioned on its revision still being `rev`. */
+  claimOver(h: HostName, lease: number, now: number, rev: number): number | null {
+    const o = this.ownerAt(now);
+    if (o && o.rev !== rev) return null;
+    if (!this.alive(lease, now)) return null;
+    this.owner = { host: h, lease, rev: ++this.rev };
     return ++this.generation;
   }
   /**
@@ -190,7 +206,7 @@ class SimEtcd {
     const o = this.ownerAt(now);
     if (this.generation !== expect || (o && o.host !== h)) return 'superseded';
     if (!this.alive(lease, now)) return null;
-    this.owner = { host: h, lease };
+    this.owner = { host: h, lease, rev: ++this.rev };
     return ++this.generation;
   }
 }
@@ -278,6 +294,8 @@ interface StandbySide {
   activating: boolean;
   fenceWait: { session: number } | null;
   diskFails: boolean;
+  /** The primary's owner key as this standby last read it, and since when (its answer's arrival). */
+  seen: { rev: number; host: HostName; since: number } | null;
 }
 
 type Side = PrimarySide | StandbySide;
@@ -293,6 +311,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
     discardOnWriteFailure: false,
     noGenerationCheck: false,
     recoveredGoesLive: false,
+    shortTakeoverWait: false,
     ...o.legacy,
   };
   const witness = (o.fencing ?? 'witness') === 'witness';
@@ -413,13 +432,15 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
     released: false,
   });
   /** Claims the VM for side `s`: grant + compare-and-swap (`expect`: claiming again as the copy of that generation). */
-  const claimAs = (s: Side, holder: Holder, expect: number | null, cb: (r: Reclaim) => void) => {
+  const claimAs = (s: Side, holder: Holder, expect: number | null, cb: (r: Reclaim) => void, over?: number) => {
     const sent = now;
     etcdCall(
       s.host,
       (t) => {
         const lease = holder.leaseId ?? etcd.grant(t, ttlMs);
-        const r = expect === null ? etcd.claim(s.host, lease, t) : etcd.reclaim(s.host, lease, t, expect);
+        let r = expect === null ? etcd.claim(s.host, lease, t) : etcd.reclaim(s.host, lease, t, expect);
+        // Refused: over the holder's key at the revision seen unrenewed for the takeover wait (the transaction's condition).
+        if (r === null && over !== undefined) r = etcd.claimOver(s.host, lease, t, over);
         if (typeof r !== 'number' && holder.leaseId === null) etcd.revoke(lease);
         return typeof r === 'number' ? { gen: r, lease } : r;
       },
@@ -437,8 +458,36 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
       },
     );
   };
-  const claim = (s: Side, holder: Holder, cb: (gen: number | null) => void) =>
-    claimAs(s, holder, null, (r) => cb(typeof r === 'number' ? r : null));
+  const claim = (s: Side, holder: Holder, cb: (gen: number | null) => void, over?: number) =>
+    claimAs(s, holder, null, (r) => cb(typeof r === 'number' ? r : null), over);
+  const takeoverWait = legacy.shortTakeoverWait ? ttlMs / 3 : takeoverWaitMs(ttlMs);
+  /** A guarding standby reads its primary's owner key every 100 ms; a revision counts from its answer's arrival. */
+  const observeLoop = (s: StandbySide) => {
+    at(now + 100, s.host, () => {
+      if (!alive(s)) return;
+      if (s.guarding)
+        etcdCall(
+          s.host,
+          (t) => {
+            const o = etcd.ownerAt(t);
+            return o ? { rev: o.rev, host: o.host } : ('none' as const);
+          },
+          (r) => {
+            if (!alive(s) || r === null) return;
+            if (r === 'none') s.seen = null;
+            else if (s.seen?.rev !== r.rev) s.seen = { rev: r.rev, host: r.host, since: now };
+          },
+        );
+      observeLoop(s);
+    });
+  };
+  /** The revision a standby may claim over now (seen unrenewed for the takeover wait), or ms until it may. */
+  const takeover = (s: StandbySide): { over?: number; inMs: number } => {
+    const seen = s.seen;
+    if (!seen || seen.host === s.host) return { inMs: 500 };
+    const left = takeoverWait - (now - seen.since);
+    return left <= 0 ? { over: seen.rev, inMs: 500 } : { inMs: Math.min(500, Math.max(10, left + 1)) };
+  };
   const renewLoop = (s: Side, holder: Holder) => {
     at(now + ttlMs / 6, s.host, () => {
       if (!alive(s) || holder.loss || holder.released || holder.leaseId === null) return;
@@ -446,7 +495,7 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
         id = holder.leaseId;
       etcdCall(
         s.host,
-        (t) => etcd.keepAlive(id, t, ttlMs),
+        (t) => etcd.renew(s.host, id, t, ttlMs),
         (ok) => {
           if (ok === null || holder.leaseId !== id) return;
           if (ok) holder.clock.confirmed(legacy.leaseFromReceive ? now : sent);
@@ -808,9 +857,11 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
       activating: false,
       fenceWait: null,
       diskFails: false,
+      seen: null,
     };
     sides[h] = s;
     heartbeat(s);
+    if (witness) observeLoop(s);
     return s;
   };
   const go = (s: StandbySide, input: StandbyInput) => {
@@ -949,19 +1000,25 @@ export function runFaultSim(o: FaultSimOptions): FaultSimResult {
       }
     };
     if (!witness) return proceed();
-    claim(s, holder, (gen) => {
-      if (!alive(s)) return;
-      if (gen === null) {
-        go(s, 'failover-failed');
-        s.activating = false;
-        if (s.guarding && s.session === null) at(now + 500, s.host, () => tryFailover(s));
-        return;
-      }
-      s.highestGen = gen;
-      renewLoop(s, holder);
-      watchdog(s, holder);
-      proceed();
-    });
+    const t = takeover(s);
+    claim(
+      s,
+      holder,
+      (gen) => {
+        if (!alive(s)) return;
+        if (gen === null) {
+          go(s, 'failover-failed');
+          s.activating = false;
+          if (s.guarding && s.session === null) at(now + takeover(s).inMs, s.host, () => tryFailover(s));
+          return;
+        }
+        s.highestGen = gen;
+        renewLoop(s, holder);
+        watchdog(s, holder);
+        proceed();
+      },
+      t.over,
+    );
   };
 
   // ---- a host's controller (re)starting -----------------------------------------------------

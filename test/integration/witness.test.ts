@@ -18,6 +18,7 @@ import { LocalEtcd } from '../../src/coord/local-etcd.ts';
 import { EtcdClient } from '../../src/coord/etcd.ts';
 import { Ownership, currentOwner, LOSS_FRACTION } from '../../src/coord/ownership.ts';
 import { CuttableProxy } from '../../src/chaos/fault-proxy.ts';
+import { witnessGate } from '../../src/coord/witness-gate.ts';
 import { monotonicMs } from '../../src/util/clock.ts';
 
 test('witness: one owner at a time; a holder cut from etcd gives up before another claims; the generation only grows; no etcd, no claim', {
@@ -93,6 +94,48 @@ test('witness: one owner at a time; a holder cut from etcd gives up before anoth
       (e: unknown) => isRubatoError(e, 'RUBATO_PEER_LOST'),
       'no etcd: the claim fails, nobody goes live',
     );
+  } finally {
+    proxy.close();
+    await etcd.stop();
+    removeTempDir(dir);
+  }
+});
+
+test('witness: a standby claims over an unrenewed owner key (before etcd expires the lease), never over one still renewed', {
+  timeout: 120_000,
+}, async () => {
+  await ensurePackages();
+  const dir = makeTempDir('rubato-witness-');
+  const etcd = await LocalEtcd.start(dir);
+  const proxy = new CuttableProxy(Number(new URL(etcd.url).port));
+  const direct = new EtcdClient([etcd.url], 500);
+  try {
+    await proxy.listen();
+    const a = new Ownership(new EtcdClient([`http://127.0.0.1:${proxy.port}`], 300), 'vm3', 'ha', 2);
+    assert.equal(await a.claim(), 1);
+    const gate = witnessGate(direct, 'hb', 2);
+    gate.observe?.('vm3');
+    const firstRev = (await direct.get('/rubato/vm/vm3/owner'))!.modRevision;
+    // ha renews: its key is written again, and the standby, asking for a whole TTL and a second, gets nothing.
+    const refused = await gate.mayActivate({ reason: 'primary-lost', vm: 'vm3', replicaEpoch: 1, silentMs: 0 });
+    assert.equal(refused.allow, false, refused.why);
+    assert.match(refused.why, /ha holds it/);
+    assert.ok((await direct.get('/rubato/vm/vm3/owner'))!.modRevision > firstRev, 'every renewal is a new revision');
+    let lostAt = 0;
+    a.watch(() => {
+      lostAt = monotonicMs();
+    });
+    proxy.blackhole(); // ha goes silent to the witness (a crash, a stall): its key stays at one revision
+    const v = await gate.mayActivate({ reason: 'primary-lost', vm: 'vm3', replicaEpoch: 1, silentMs: 0 });
+    const claimedAt = monotonicMs();
+    assert.equal(v.allow, true, v.why);
+    assert.equal(v.generation, 2);
+    assert.match(v.why, /over ha's unrenewed claim/, 'claimed over the revision, not after the expiry');
+    assert.ok(lostAt > 0 && lostAt < claimedAt, 'ha had given up before hb claimed');
+    assert.deepEqual(await currentOwner(direct, 'vm3'), { host: 'hb', generation: 2 });
+    proxy.heal();
+    assert.equal(await a.reclaim(), 'superseded', 'back, ha finds the newer generation');
+    await gate.releaseAll();
   } finally {
     proxy.close();
     await etcd.stop();
