@@ -677,7 +677,15 @@ export async function runFailoverUnderLoad(o: {
         restoreIo: async (_id, store) => {
           const io = await GuestIo.start(other, dir, `fo${k}`, store.imagePath(DISK_BLOCK_ID), await ensureTapRelay());
           nextIo = io;
-          return { relay: io.relay, netSockets: [io.netSocket], nbdSockets: io.nbdSocket ? [io.nbdSocket] : [] };
+          return {
+            relay: io.relay,
+            netSockets: [io.netSocket],
+            nbdSockets: io.nbdSocket ? [io.nbdSocket] : [],
+            close: async () => {
+              if (nextIo === io) nextIo = null;
+              await io.close();
+            },
+          };
         },
       });
       await standby.start();

@@ -295,7 +295,15 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
             existing,
           );
           nextIo = io;
-          return { relay: io.relay, netSockets: [io.netSocket], nbdSockets: io.nbdSocket ? [io.nbdSocket] : [] };
+          return {
+            relay: io.relay,
+            netSockets: [io.netSocket],
+            nbdSockets: io.nbdSocket ? [io.nbdSocket] : [],
+            close: async () => {
+              if (nextIo === io) nextIo = null;
+              await io.close();
+            },
+          };
         },
       });
       await standby.start();

@@ -341,7 +341,7 @@ export function restoreIo(
     current: () => io,
     prepare: async (identity, store, existing) => {
       // Tagged with the VM's name: one host may run several VMs' restored guests (their TAPs differ).
-      io = await startHostIo(
+      const started = await startHostIo(
         identity.spec,
         runDir,
         `${identity.vm}-active`,
@@ -350,8 +350,17 @@ export function restoreIo(
         ns,
         existing,
       );
+      io = started;
       // (its frames are gated by the standby side's factory: standby-side.ts)
-      return { relay: io.relay, netSockets: io.netSockets, nbdSockets: io.nbdSockets };
+      return {
+        relay: started.relay,
+        netSockets: started.netSockets,
+        nbdSockets: started.nbdSockets,
+        close: async () => {
+          if (io === started) io = null;
+          await started.close();
+        },
+      };
     },
   };
 }

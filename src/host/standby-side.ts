@@ -12,11 +12,13 @@ import type { GuestNet } from '../io/index.ts';
 /** A promoted secondary's I/O, which the guest keeps. */
 type ExistingIo = Parameters<NonNullable<StandbyOptions['prepareRestore']>>[2];
 
-/** A restored guest's I/O on this host: its relay (null: no NIC) and the sockets QEMU connects to. */
+/** A restored guest's I/O on this host: its relay (null: no NIC), the sockets QEMU connects to, and its undoing. */
 export interface RestoredIo {
   relay: GuestNet | null;
   netSockets: string[];
   nbdSockets: string[];
+  /** Undoes it (set up for a failover that did not happen). */
+  close: () => Promise<void>;
 }
 
 export interface StandbySideOptions
@@ -47,7 +49,7 @@ export function standbySide(o: StandbySideOptions): StandbyController {
             const io = await restoreIo(identity, store, existing);
             // The restored guest's frames leave only under the lease this side claimed before the restore.
             if (gate && io.relay) io.relay.gate = new ReleaseGate((now) => gate.ownership(identity.vm).leaseCheck(now));
-            return { netSockets: io.netSockets, nbdSockets: io.nbdSockets };
+            return { netSockets: io.netSockets, nbdSockets: io.nbdSockets, close: io.close };
           },
         }
       : {}),

@@ -39,11 +39,17 @@ export class CompareSide {
   private readonly chooser: ModeChooser | null;
   /** Inbound frames waiting to be mirrored to the secondary, and the epoch they arrived in. */
   private mirrored: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
+  /** Frames that reached the guest from outside (--mode auto judges the service's progress by them). */
+  private inbound = 0;
 
   constructor(private readonly o: CompareSideOptions) {
     this.chooser = o.mode === 'auto' ? new ModeChooser() : null;
     o.commit.compareGraceMs = this.lagMs;
-    o.relay.onOutsideFrame = (f) => this.mirror(f);
+    o.relay.onOutsideFrame = (f) => {
+      this.inbound++;
+      // Planned as buffer mode (--mode auto), the secondary gets no input: it idles, costing no CPU.
+      if (this.planning) this.mirror(f);
+    };
   }
 
   private get lagMs(): number {
@@ -58,7 +64,7 @@ export class CompareSide {
   /** --mode auto: judge how output left, and plan as the better mode. */
   choose(nowMs: number): void {
     if (!this.chooser) return;
-    const ch = this.chooser.observe(nowMs, this.o.commit.releaseCounts);
+    const ch = this.chooser.observe(nowMs, { ...this.o.commit.releaseCounts, inbound: this.inbound });
     this.o.commit.compareGraceMs = this.planning ? this.lagMs : 0;
     if (!ch) return;
     log.info(`checkpoints now planned as in ${ch.to} mode: ${ch.reason}`);
@@ -91,7 +97,13 @@ export class CompareSide {
     return {
       compare: { ...this.comparator.counts },
       planning: this.planning ? 'compare' : 'buffer',
-      ...(this.chooser ? { comparedShare: this.chooser.lastShare, planningSwitches: this.chooser.switches } : {}),
+      ...(this.chooser
+        ? {
+            comparedShare: this.chooser.lastShare,
+            planningSwitches: this.chooser.switches,
+            trialInboundPerSec: { ...this.chooser.trialRate },
+          }
+        : {}),
     };
   }
 

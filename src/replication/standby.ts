@@ -57,6 +57,13 @@ export type StandbyEvent =
   | { event: 'secondary-running'; epoch: number; startMs: number }
   | { event: 'guest'; line: string; atMs: number };
 
+/** A restored guest's I/O as the standby needs it: the sockets QEMU connects to, and how to undo it. */
+export interface PreparedIo {
+  netSockets: string[];
+  nbdSockets: string[];
+  close?: () => Promise<void>;
+}
+
 export interface StandbyOptions {
   host: string;
   port: number;
@@ -71,12 +78,16 @@ export interface StandbyOptions {
   /** When a checkpoint is acknowledged (default memory: complete in memory, written behind). */
   durability?: Durability;
   onEvent?: (e: StandbyEvent) => void;
-  /** Sets up the guest's NIC relay and disk server for a restore (called only at failover). */
+  /**
+   * Sets up the guest's NIC relay and disk server for a restore (called only once a failover
+   * begins: while the gate is asked, so that it overlaps the claim). `close` undoes it when no
+   * guest came to use it (the primary came back).
+   */
   prepareRestore?: (
     identity: Identity,
     store: ReplicaStore,
     existing?: { relay?: NetRelay | undefined; nbds?: readonly NbdServer[] | undefined },
-  ) => Promise<{ netSockets: string[]; nbdSockets: string[] }>;
+  ) => Promise<PreparedIo>;
   /** Fault injection for tests: runs after a commit, before its ack is sent. */
   beforeAck?: (epoch: number) => Promise<void>;
   /** More for `rubato status` (the controller protecting the guest after a failover adds its view). */
@@ -86,6 +97,8 @@ export interface StandbyOptions {
 }
 
 export class StandbyController {
+  /** The restored guest's I/O, set up while a failover asks the gate (consumed by the restore). */
+  private earlyIo: Promise<PreparedIo> | null = null;
   private server: Server | null = null;
   private control: ControlSocket | null = null;
   private link: Link | null = null;
@@ -296,6 +309,7 @@ export class StandbyController {
     if (identity.generation !== undefined)
       this.highestGeneration = Math.max(this.highestGeneration, identity.generation);
     this.primaryReturned.wake();
+    this.dropEarlyIo(); // (no failover while a primary is here)
     // A new authenticated session replaces an old one (the same primary restarting protection).
     if (this.link && !this.link.closed)
       this.link.close(new RubatoError('RUBATO_PEER_LOST', 'replaced by a new session'));
@@ -424,6 +438,15 @@ export class StandbyController {
     };
   }
 
+  /** I/O set up for a failover that did not happen is undone. */
+  private dropEarlyIo(): void {
+    const early = this.earlyIo;
+    this.earlyIo = null;
+    early
+      ?.then((io) => io.close?.())
+      .catch((e: unknown) => log.debug(`undoing the restored guest's I/O: ${errorMessage(e)}`));
+  }
+
   /** Starts the guest from the last committed checkpoint (once). */
   async failover(reason: 'primary-lost' | 'manual', why: string, silentMs = 0): Promise<boolean> {
     const detectedAtMs = Date.now();
@@ -447,6 +470,13 @@ export class StandbyController {
     const fenceFirst = reason === 'manual' && this.link !== null && !this.link.closed;
     const gate = this.o.gate ?? allowAlways;
     const stillWanted = () => reason === 'manual' || !this.link || this.link.closed !== null;
+    // The restored guest's I/O is set up while the gate is asked (it carries nothing until a guest
+    // runs; kept across refusals, undone once a primary is back). A secondary brings its own.
+    if (!fenceFirst && !this.secondary && this.o.prepareRestore && !this.earlyIo) {
+      const early = this.o.prepareRestore(this.identity, this.store);
+      early.catch((e: unknown) => log.warn(`preparing the restored guest's I/O: ${errorMessage(e)}`));
+      this.earlyIo = early;
+    }
     let verdict = fenceFirst
       ? null
       : await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs, stillWanted });
@@ -511,9 +541,13 @@ export class StandbyController {
         });
         r = { vm: promoted.vm, restoreMs: 0 };
       } else {
-        const io = this.o.prepareRestore
-          ? await this.o.prepareRestore(this.identity, store)
-          : { netSockets: [], nbdSockets: [] };
+        const early = this.earlyIo;
+        this.earlyIo = null;
+        const io = early
+          ? await early
+          : this.o.prepareRestore
+            ? await this.o.prepareRestore(this.identity, store)
+            : { netSockets: [], nbdSockets: [] };
         r = await restoreVm(
           { spec, machine: store.machine, deviceState: store.deviceState },
           { binary, runDir: join(this.o.stateDir, 'run'), tag: 'active', ...io },
@@ -676,6 +710,7 @@ export class StandbyController {
     }
     this.server?.close();
     this.control?.close();
+    this.dropEarlyIo();
     if (this.identity) this.o.gate?.unobserve?.(this.identity.vm);
     await this.store
       ?.settled()

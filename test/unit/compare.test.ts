@@ -197,68 +197,78 @@ test('FrameComparator: acknowledgements leave only once the secondary acknowledg
   );
 });
 
-test('ModeChooser (--mode auto): plans as buffer mode while too little output leaves by comparison, tries compare again with a doubling back-off; the window after a change is not judged', () => {
-  const m = new ModeChooser({
-    windowMs: 1000,
-    minComparedShare: 0.5,
-    minFrames: 20,
-    backoffMs: 5000,
-    maxBackoffMs: 12_000,
-  });
-  let compared = 0;
-  let released = 0;
-  const at = (t: number) => m.observe(t, { compared, released });
-  assert.equal(at(-1000), null);
-  // the first two windows settle: even all output by acknowledgement changes nothing
-  released += 100;
-  assert.equal(at(0), null);
-  released += 100;
-  assert.equal(at(1000), null);
+test('ModeChooser (--mode auto): a trial of each plan, the one carrying more inbound frames/s kept (compare unless buffer wins by the margin); trials again when the load moves or the hold ends; idle windows say nothing', () => {
+  const m = new ModeChooser({ windowMs: 1000, settleMs: 200, minInbound: 20, margin: 0.1, holdMs: 10_000, shift: 2 });
+  const c = { compared: 0, released: 0, inbound: 0 };
+  const at = (t: number) => m.observe(t, { ...c });
+  assert.equal(at(0), null, 'the first window starts');
+  // compare's trial: 500 inbound frames/s
+  c.inbound += 500;
+  c.compared += 400;
+  c.released += 100;
+  const t1 = at(1000);
+  assert.equal(t1?.to, 'buffer', 'then buffer is tried');
+  assert.equal(m.trialRate.compare, 500);
+  assert.equal(m.lastShare, 0.8);
+  // the settling part is not measured
+  c.inbound += 1000;
+  assert.equal(at(1100), null);
+  assert.equal(at(1200), null);
+  // buffer's trial: 300/s (from 1200 to 2200)
+  c.inbound += 300;
+  const t2 = at(2200);
+  assert.equal(t2?.to, 'compare', 'compare carried more: back to it');
+  assert.equal(m.trialRate.buffer, 300);
+  assert.match(t2?.reason ?? '', /compare 500, buffer 300/);
+  // held: steady windows change nothing, idle ones neither
+  assert.equal(at(2400), null, 'settling');
+  for (let t = 3400; t <= 6400; t += 1000) {
+    c.inbound += 450;
+    assert.equal(at(t), null);
+  }
+  c.inbound += 5;
+  assert.equal(at(7400), null, 'idle');
   assert.equal(m.planning, 'compare');
-  // a window where most output matched: compare stays
-  compared += 90;
-  released += 10;
-  assert.equal(at(2000), null);
-  assert.equal(m.planning, 'compare');
-  assert.equal(m.lastShare, 0.9);
-  // too little output to judge: nothing changes
-  released += 15;
-  assert.equal(at(3000), null);
-  assert.equal(m.planning, 'compare');
-  // most output waited for its ack: buffer planning
-  compared += 5;
-  released += 95;
-  const ch = at(4000);
-  assert.equal(ch?.to, 'buffer');
+  // the load moves (3x): trials again, this window counting as compare's
+  c.inbound += 1500;
+  assert.equal(at(8400)?.to, 'buffer');
+  assert.equal(m.trialRate.compare, 1500);
+  assert.equal(at(8600), null, 'settling');
+  // buffer carries 1700/s: more, but within the margin → compare
+  c.inbound += 1600;
+  assert.equal(at(9600)?.to, 'compare');
+  assert.equal(at(9800), null, 'settling');
+  // at the end of the hold, trials again; now buffer wins clearly and is kept
+  for (let t = 10_800; t <= 18_800; t += 1000) {
+    c.inbound += 1500;
+    assert.equal(at(t), null);
+  }
+  c.inbound += 1500;
+  assert.equal(at(19_800)?.to, 'buffer', 'the hold ended');
+  assert.equal(at(20_000), null, 'settling');
+  c.inbound += 2000;
+  assert.equal(at(21_000), null, 'buffer won by more than the margin: kept, no switch');
   assert.equal(m.planning, 'buffer');
-  assert.equal(ch?.comparedShare, 0.05);
-  // until the back-off passes, buffer it is
-  assert.equal(at(8999), null);
-  assert.equal(at(9000)?.to, 'compare');
-  // the try settles one window, then fails: back to buffer, the next try waits twice as long
-  released += 100;
-  assert.equal(at(10_000), null, 'settling');
-  released += 100;
-  assert.equal(at(11_000)?.to, 'buffer');
-  assert.equal(at(20_999), null);
-  assert.equal(at(21_000)?.to, 'compare');
-  assert.equal(at(22_000), null, 'settling');
-  released += 100;
-  assert.equal(at(23_000)?.to, 'buffer');
-  assert.equal(at(34_999), null, 'the back-off is bounded (12 s)');
-  assert.equal(at(35_000)?.to, 'compare');
-  // a try that holds resets the back-off
-  assert.equal(at(36_000), null, 'settling');
-  compared += 100;
-  assert.equal(at(37_000), null);
-  released += 100;
-  assert.equal(at(38_000)?.to, 'buffer');
-  assert.equal(at(43_000)?.to, 'compare', 'back to the first back-off');
-  assert.equal(m.switches, 8);
-  // counts that go back (protection restarted) start a new window
-  assert.equal(m.observe(44_000, { compared: 0, released: 0 }), null);
+  assert.equal(m.switches, 5);
+  // counts that go back (protection restarted) start a new window; a reset plans compare and trials again
+  assert.equal(m.observe(23_000, { compared: 0, released: 0, inbound: 0 }), null);
   m.reset();
   assert.equal(m.planning, 'compare');
+  assert.equal(m.trialRate.buffer, null);
+});
+
+test('ModeChooser: an idle first trial keeps compare; traffic later starts the trials', () => {
+  const m = new ModeChooser({ windowMs: 1000, settleMs: 0, minInbound: 20, margin: 0.1, holdMs: 10_000, shift: 2 });
+  const c = { compared: 0, released: 0, inbound: 0 };
+  const at = (t: number) => m.observe(t, { ...c });
+  at(0);
+  c.inbound += 3;
+  assert.equal(at(1000), null);
+  assert.equal(m.planning, 'compare');
+  c.inbound += 300;
+  assert.equal(at(2000)?.to, 'buffer', 'traffic: the trials begin');
+  c.inbound += 10;
+  assert.equal(at(3000)?.to, 'compare', 'buffer idle: back to compare');
 });
 
 test('FrameComparator: TCP data compares as a byte stream, whatever either side’s segment boundaries; retransmissions of verified data leave; FIN may come apart', () => {
