@@ -9,7 +9,7 @@ export { MAX_DOMAIN_XML_BYTES, networkBridgeOf, parseDomainXml } from './libvirt
 export type { ImportResult } from './libvirt.ts';
 export { QmpClient } from './qmp.ts';
 export type { QmpEvent } from './qmp.ts';
-export { restoreVm } from './restore.ts';
+export { restoreVm, startRestore, loadAndRun, type StartedRestore } from './restore.ts';
 export {
   DIRTIER_LINE_RE,
   MAIN_RAM_ID,

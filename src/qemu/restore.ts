@@ -28,31 +28,57 @@ export interface RestoreResult {
   loadMs: number;
 }
 
-export async function restoreVm(
-  input: RestoreInput,
-  opts: {
-    binary: QemuBinary;
-    runDir: string;
-    tag?: string;
-    netSocket?: string;
-    /** The NICs' relay sockets, in the guest's order. */
-    netSockets?: readonly string[];
-    /** The disks' NBD sockets, in the guest's order. */
-    nbdSockets?: readonly string[];
-  },
-): Promise<RestoreResult> {
+export interface RestoreStart {
+  /** The VM description; its ramFile is the RAM image to run from. */
+  spec: VmSpec & { ramFile: string };
+  binary: QemuBinary;
+  runDir: string;
+  tag?: string;
+  netSocket?: string;
+  /** The NICs' relay sockets, in the guest's order. */
+  netSockets?: readonly string[];
+  /** The disks' NBD sockets, in the guest's order. */
+  nbdSockets?: readonly string[];
+}
+
+/**
+ * A QEMU waiting for its checkpoint (incoming mode, paused, its RAM the replica's file): it runs no
+ * guest code, so it may be started before this host may run the guest (while a claim is asked).
+ */
+export interface StartedRestore {
+  vm: QemuVm;
+  startMs: number;
+  tag: string;
+  runDir: string;
+}
+
+/** Starts the QEMU of a restore (spawn → QMP ready); `loadAndRun` ends it. */
+export async function startRestore(o: RestoreStart): Promise<StartedRestore> {
   const t0 = performance.now();
-  const tag = opts.tag ?? `${input.spec.name}-restored`;
-  const vm = await QemuVm.start(input.spec, {
-    binary: opts.binary,
-    runDir: opts.runDir,
+  const tag = o.tag ?? `${o.spec.name}-restored`;
+  const vm = await QemuVm.start(o.spec, {
+    binary: o.binary,
+    runDir: o.runDir,
     incoming: true,
     tag,
-    ...(opts.netSocket ? { netSocket: opts.netSocket } : {}),
-    ...(opts.nbdSockets ? { nbdSockets: opts.nbdSockets } : {}),
-    ...(opts.netSockets ? { netSockets: opts.netSockets } : {}),
+    ...(o.netSocket ? { netSocket: o.netSocket } : {}),
+    ...(o.nbdSockets ? { nbdSockets: o.nbdSockets } : {}),
+    ...(o.netSockets ? { netSockets: o.netSockets } : {}),
   });
-  const startMs = performance.now() - t0;
+  return { vm, startMs: performance.now() - t0, tag, runDir: o.runDir };
+}
+
+export async function restoreVm(input: RestoreInput, opts: Omit<RestoreStart, 'spec'>): Promise<RestoreResult> {
+  return loadAndRun(await startRestore({ ...opts, spec: input.spec }), input);
+}
+
+/** Loads the checkpoint's device state into a started restore and runs the guest (a failure stops its QEMU). */
+export async function loadAndRun(
+  started: StartedRestore,
+  input: { spec: { name: string }; machine: string; deviceState: Buffer },
+): Promise<RestoreResult> {
+  const t0 = performance.now();
+  const { vm, startMs, tag } = started;
   try {
     await vm.qmp.execute('migrate-set-capabilities', {
       capabilities: [
@@ -60,7 +86,7 @@ export async function restoreVm(
         { capability: 'events', state: true },
       ],
     });
-    const sock = join(opts.runDir, `${tag}.in`);
+    const sock = join(started.runDir, `${tag}.in`);
     await vm.qmp.execute('migrate-incoming', { uri: `unix:${sock}` });
     const stream = encodeDeviceOnlyStream(input.machine, input.deviceState);
     await new Promise<void>((resolve, reject) => {
@@ -89,9 +115,9 @@ export async function restoreVm(
         );
       await new Promise((r) => setTimeout(r, 5));
     }
-    const loadMs = performance.now() - t0 - startMs;
+    const loadMs = performance.now() - t0;
     await vm.qmp.execute('cont');
-    const restoreMs = performance.now() - t0;
+    const restoreMs = startMs + performance.now() - t0;
     log.info(`VM ${input.spec.name} restored and running`, {
       restoreMs: restoreMs.toFixed(1),
       startMs: startMs.toFixed(1),

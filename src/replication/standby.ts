@@ -23,7 +23,16 @@ import {
   type StandbyState,
 } from './standby-state.ts';
 import { allowAlways, type ActivationGate } from './activation.ts';
-import { restoreVm, MAIN_RAM_ID, type QemuBinary, type QemuVm, type Accel } from '../qemu/index.ts';
+import {
+  restoreVm,
+  startRestore,
+  loadAndRun,
+  MAIN_RAM_ID,
+  type QemuBinary,
+  type QemuVm,
+  type Accel,
+  type StartedRestore,
+} from '../qemu/index.ts';
 import type { NbdServer, NetRelay } from '../io/index.ts';
 import { SecondaryRunner, copyImage } from './secondary-runner.ts';
 import { DISK_BLOCK_ID } from './primary.ts';
@@ -97,8 +106,14 @@ export interface StandbyOptions {
 }
 
 export class StandbyController {
-  /** The restored guest's I/O, set up while a failover asks the gate (consumed by the restore). */
-  private earlyIo: Promise<PreparedIo> | null = null;
+  /**
+   * The restored guest's I/O and its QEMU waiting for the checkpoint, started once the primary's
+   * link is lost (so that they overlap the liveness timeout and the claim); consumed by a failover,
+   * undone when a primary is back or the standby stops.
+   */
+  private early: Promise<EarlyRestore> | null = null;
+  /** The undoing of the last one (a new one waits for it: the same TAP and sockets). */
+  private earlyUndone: Promise<void> = Promise.resolve();
   private server: Server | null = null;
   private control: ControlSocket | null = null;
   private link: Link | null = null;
@@ -309,7 +324,7 @@ export class StandbyController {
     if (identity.generation !== undefined)
       this.highestGeneration = Math.max(this.highestGeneration, identity.generation);
     this.primaryReturned.wake();
-    this.dropEarlyIo(); // (no failover while a primary is here)
+    void this.dropEarly(); // (no failover while a primary is here)
     // A new authenticated session replaces an old one (the same primary restarting protection).
     if (this.link && !this.link.closed)
       this.link.close(new RubatoError('RUBATO_PEER_LOST', 'replaced by a new session'));
@@ -373,6 +388,7 @@ export class StandbyController {
     log.warn(
       `link to the primary lost (${reason}); replica at checkpoint ${this.replicaEpoch}; taking over if it stays silent ${waitMs} ms more`,
     );
+    if (this.o.autoFailover ?? true) this.startEarly();
     if (await this.primaryBackWithin(waitMs)) {
       log.info('the primary is back (authenticated); no failover');
       return;
@@ -438,13 +454,48 @@ export class StandbyController {
     };
   }
 
-  /** I/O set up for a failover that did not happen is undone. */
-  private dropEarlyIo(): void {
-    const early = this.earlyIo;
-    this.earlyIo = null;
-    early
-      ?.then((io) => io.close?.())
-      .catch((e: unknown) => log.debug(`undoing the restored guest's I/O: ${errorMessage(e)}`));
+  /**
+   * Starts the restored guest's I/O and its QEMU (incoming, paused: it runs nothing before the
+   * checkpoint is loaded, after the gate allowed it). Not with a secondary (it brings its own).
+   */
+  private startEarly(): void {
+    if (this.early || this.secondary || !this.identity || !this.store || this.st !== 'protecting') return;
+    const identity = this.identity;
+    const store = this.store;
+    const ramFile = store.imagePath(MAIN_RAM_ID);
+    const runDir = join(this.o.stateDir, 'run');
+    const undone = this.earlyUndone;
+    const early = (async (): Promise<EarlyRestore> => {
+      await undone;
+      const io = this.o.prepareRestore
+        ? await this.o.prepareRestore(identity, store)
+        : { netSockets: [], nbdSockets: [] };
+      try {
+        const binary = this.binary ?? (await this.o.binaryFor(identity.spec.accel));
+        const started = await startRestore({
+          spec: { ...identity.spec, ramFile },
+          binary,
+          runDir,
+          tag: 'active',
+          ...io,
+        });
+        return { io, started, ramFile };
+      } catch (e) {
+        await io.close?.().catch(() => {});
+        throw e;
+      }
+    })();
+    early.catch((e: unknown) => log.warn(`preparing the restore ahead: ${errorMessage(e)}`));
+    this.early = early;
+  }
+
+  /** What was started for a failover that did not happen is undone. */
+  private dropEarly(): Promise<void> {
+    const early = this.early;
+    this.early = null;
+    if (!early) return this.earlyUndone;
+    this.earlyUndone = early.then(undoEarly, () => {});
+    return this.earlyUndone;
   }
 
   /** Starts the guest from the last committed checkpoint (once). */
@@ -470,13 +521,7 @@ export class StandbyController {
     const fenceFirst = reason === 'manual' && this.link !== null && !this.link.closed;
     const gate = this.o.gate ?? allowAlways;
     const stillWanted = () => reason === 'manual' || !this.link || this.link.closed !== null;
-    // The restored guest's I/O is set up while the gate is asked (it carries nothing until a guest
-    // runs; kept across refusals, undone once a primary is back). A secondary brings its own.
-    if (!fenceFirst && !this.secondary && this.o.prepareRestore && !this.earlyIo) {
-      const early = this.o.prepareRestore(this.identity, this.store);
-      early.catch((e: unknown) => log.warn(`preparing the restored guest's I/O: ${errorMessage(e)}`));
-      this.earlyIo = early;
-    }
+    if (!fenceFirst) this.startEarly();
     let verdict = fenceFirst
       ? null
       : await gate.mayActivate({ reason, vm: this.identity.vm, replicaEpoch: this.store.epoch, silentMs, stillWanted });
@@ -541,17 +586,24 @@ export class StandbyController {
         });
         r = { vm: promoted.vm, restoreMs: 0 };
       } else {
-        const early = this.earlyIo;
-        this.earlyIo = null;
-        const io = early
-          ? await early
-          : this.o.prepareRestore
-            ? await this.o.prepareRestore(this.identity, store)
-            : { netSockets: [], nbdSockets: [] };
-        r = await restoreVm(
-          { spec, machine: store.machine, deviceState: store.deviceState },
-          { binary, runDir: join(this.o.stateDir, 'run'), tag: 'active', ...io },
-        );
+        const pending = this.early;
+        this.early = null;
+        let early = pending ? await pending.catch(() => null) : null;
+        if (early && early.ramFile !== spec.ramFile) {
+          // (the replica moved under it: started afresh)
+          await undoEarly(early);
+          early = null;
+        }
+        const input = { spec, machine: store.machine, deviceState: store.deviceState };
+        if (early?.started) r = await loadAndRun(early.started, input);
+        else {
+          const io =
+            early?.io ??
+            (this.o.prepareRestore
+              ? await this.o.prepareRestore(this.identity, store)
+              : { netSockets: [], nbdSockets: [] });
+          r = await restoreVm(input, { binary, runDir: join(this.o.stateDir, 'run'), tag: 'active', ...io });
+        }
       }
       this.vm = r.vm;
       this.vm.on('serial', (line: string) => this.emit({ event: 'guest', line, atMs: Date.now() }));
@@ -710,7 +762,7 @@ export class StandbyController {
     }
     this.server?.close();
     this.control?.close();
-    this.dropEarlyIo();
+    await this.dropEarly();
     if (this.identity) this.o.gate?.unobserve?.(this.identity.vm);
     await this.store
       ?.settled()
@@ -743,4 +795,16 @@ function readIdentity(path: string): Identity {
       `${path} does not describe a VM (${r.error.issues[0]?.message ?? 'invalid'}); move the state folder aside and let the primary re-synchronise`,
     );
   return r.data;
+}
+
+/** A restore started ahead of a failover: its I/O, and its QEMU waiting for the checkpoint. */
+interface EarlyRestore {
+  io: PreparedIo;
+  started: StartedRestore | null;
+  ramFile: string;
+}
+
+async function undoEarly(e: EarlyRestore): Promise<void> {
+  await e.started?.vm.stop().catch((err: unknown) => log.debug(`stopping a restore not needed: ${errorMessage(err)}`));
+  await e.io.close?.().catch((err: unknown) => log.debug(`undoing a restore's I/O: ${errorMessage(err)}`));
 }
