@@ -126,6 +126,8 @@ export interface ChaosResult {
   connectionsSurvived: number;
   connectionsTotal: number;
   failoverMsMedian: number;
+  /** The median failover time per fault that caused failovers (after `kill`: the primary host's crash). */
+  failoverMsMedianByFault: Partial<Record<Fault, number>>;
   failoverMs: number[];
   /** Held frames released by an acknowledgement, and (compare mode) by the secondary's matching frame, over the rounds. */
   framesReleased: number;
@@ -193,6 +195,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     connectionsSurvived: 0,
     connectionsTotal: 0,
     failoverMsMedian: Number.NaN,
+    failoverMsMedianByFault: {},
     failoverMs: [],
     framesReleased: 0,
     framesCompared: 0,
@@ -630,6 +633,10 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       }
     }
     res.failoverMsMedian = median(res.failoverMs);
+    for (const f of FAULTS) {
+      const ms = res.detail.filter((d) => d.fault === f && d.failoverMs !== null).map((d) => d.failoverMs!);
+      if (ms.length) res.failoverMsMedianByFault[f] = median(ms);
+    }
   } catch (e) {
     res.error = e instanceof Error ? e.message : String(e);
     log.error(`chaos failed: ${res.error}`);
