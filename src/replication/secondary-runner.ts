@@ -20,6 +20,13 @@ import { SEC_OUT_MAX_BATCH_BYTES } from './handshake.ts';
 const log = logger('secondary');
 /** Inbound frames kept for epochs the secondary has not reached yet. */
 const MAX_QUEUED_INBOUND_BYTES = 16 << 20;
+/**
+ * A secondary that neither got input nor sent output for this long takes no checkpoints; they are
+ * merged until it has input again (then loaded at once, as one). Under `--mode auto` planned as
+ * buffer mode the primary mirrors no input: loading 40 checkpoints a second into a secondary that
+ * has nothing to answer cost half a core (`npm run bench -- services --modes auto`).
+ */
+const IDLE_LOADS_AFTER_MS = 500;
 
 /**
  * The replica's RAM at one checkpoint, copied aside (private files) while nothing is applied to
@@ -93,6 +100,8 @@ export class SecondaryRunner {
   private recent: { epoch: number; frames: Buffer[]; bytes: number } = { epoch: -1, frames: [], bytes: 0 };
   private outBatch: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
   private loading = false;
+  /** When the secondary last got input or sent output (performance.now()). */
+  private activeAtMs = performance.now();
   private pump: Promise<void> = Promise.resolve();
   private readonly relay: NetRelay;
   private readonly nbd: NbdServer | null;
@@ -182,8 +191,10 @@ export class SecondaryRunner {
     this.kick();
   }
 
-  private kick(): void {
+  /** Loads what was committed, unless the secondary idles (no input, no output: see IDLE_LOADS_AFTER_MS) and not `now`. */
+  private kick(now = false): void {
     if (this.loading || !this.sec || !this.pending || this.stats.state !== 'running') return;
+    if (!now && performance.now() - this.activeAtMs > IDLE_LOADS_AFTER_MS) return;
     this.loading = true;
     this.pump = this.load().finally(() => {
       this.loading = false;
@@ -215,6 +226,7 @@ export class SecondaryRunner {
     if (this.stats.state !== 'running' && this.stats.state !== 'starting') return;
     if (epoch < this.base) return; // the checkpoint the secondary runs from holds them
     const frames = splitNetFrames(payload);
+    this.activeAtMs = performance.now();
     if (epoch <= this.base + 1 && !this.loading && this.stats.state === 'running') {
       this.give(epoch, frames);
       return;
@@ -222,6 +234,7 @@ export class SecondaryRunner {
     if (this.inboundBytes + payload.length > MAX_QUEUED_INBOUND_BYTES) return; // as a congested network would
     this.inbound.push({ epoch, frames });
     this.inboundBytes += payload.length;
+    this.kick(); // an idle secondary catches up first
   }
 
   private give(epoch: number, frames: Buffer[]): void {
@@ -255,6 +268,7 @@ export class SecondaryRunner {
 
   private output(f: Buffer): void {
     if (this.stats.state !== 'running') return;
+    this.activeAtMs = performance.now();
     const epoch = this.base + 1;
     // one epoch per batch, and a batch within what the primary accepts from its standby
     if (this.outBatch && (this.outBatch.epoch !== epoch || this.outBatch.bytes + f.length > SEC_OUT_MAX_BATCH_BYTES))
@@ -284,7 +298,7 @@ export class SecondaryRunner {
     await this.ready;
     await this.pump;
     if (this.pending) {
-      this.kick();
+      this.kick(true);
       await this.pump;
     }
     const sec = this.sec;

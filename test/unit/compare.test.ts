@@ -197,77 +197,86 @@ test('FrameComparator: acknowledgements leave only once the secondary acknowledg
   );
 });
 
-test('ModeChooser (--mode auto): a trial of each plan, the one carrying more inbound frames/s kept (compare unless buffer wins by the margin); trials again when the load moves or the hold ends; idle windows say nothing', () => {
-  const m = new ModeChooser({ windowMs: 1000, settleMs: 200, minInbound: 20, margin: 0.1, holdMs: 10_000, shift: 2 });
-  const c = { compared: 0, released: 0, inbound: 0 };
+test('ModeChooser (--mode auto): a trial of each plan, the one whose output waited less kept (compare unless buffer wins by the margin); trials again when the load or the wait moves or the hold ends; idle windows say nothing', () => {
+  const m = new ModeChooser({ windowMs: 1000, settleMs: 200, minFrames: 20, margin: 0.1, holdMs: 10_000, shift: 2 });
+  const c = { compared: 0, released: 0, waitMsSum: 0 };
   const at = (t: number) => m.observe(t, { ...c });
+  /** `n` frames out in a window, held `wait` ms each on average, `share` of them by comparison. */
+  const out = (n: number, wait: number, share = 0) => {
+    c.compared += Math.round(n * share);
+    c.released += n - Math.round(n * share);
+    c.waitMsSum += n * wait;
+  };
   assert.equal(at(0), null, 'the first window starts');
-  // compare's trial: 500 inbound frames/s
-  c.inbound += 500;
-  c.compared += 400;
-  c.released += 100;
+  // compare's trial: 500 frames/s held 4 ms
+  out(500, 4, 0.8);
   const t1 = at(1000);
   assert.equal(t1?.to, 'buffer', 'then buffer is tried');
-  assert.equal(m.trialRate.compare, 500);
+  assert.deepEqual(m.trials.compare, { framesPerSec: 500, waitMs: 4 });
   assert.equal(m.lastShare, 0.8);
   // the settling part is not measured
-  c.inbound += 1000;
+  out(1000, 50);
   assert.equal(at(1100), null);
   assert.equal(at(1200), null);
-  // buffer's trial: 300/s (from 1200 to 2200)
-  c.inbound += 300;
+  // buffer's trial (1200 to 2200): held 15 ms, though more frames went out (a load that grew meanwhile)
+  out(900, 15);
   const t2 = at(2200);
-  assert.equal(t2?.to, 'compare', 'compare carried more: back to it');
-  assert.equal(m.trialRate.buffer, 300);
-  assert.match(t2?.reason ?? '', /compare 500, buffer 300/);
+  assert.equal(t2?.to, 'compare', "compare's output waited less: back to it");
+  assert.equal(m.trials.buffer?.waitMs, 15);
+  assert.match(t2?.reason ?? '', /4\.0 ms under compare, 15\.0 ms under buffer/);
   // held: steady windows change nothing, idle ones neither
   assert.equal(at(2400), null, 'settling');
   for (let t = 3400; t <= 6400; t += 1000) {
-    c.inbound += 450;
+    out(600, 5, 0.9);
     assert.equal(at(t), null);
   }
-  c.inbound += 5;
+  out(5, 100);
   assert.equal(at(7400), null, 'idle');
   assert.equal(m.planning, 'compare');
-  // the load moves (3x): trials again, this window counting as compare's
-  c.inbound += 1500;
+  // the wait moves (the secondary lags: 40 ms): trials again, this window counting as compare's
+  out(300, 40, 0.5);
   assert.equal(at(8400)?.to, 'buffer');
-  assert.equal(m.trialRate.compare, 1500);
+  assert.equal(m.trials.compare?.waitMs, 40);
   assert.equal(at(8600), null, 'settling');
-  // buffer carries 1700/s: more, but within the margin → compare
-  c.inbound += 1600;
+  // buffer holds 37 ms: less, but within the margin → compare
+  out(300, 37);
   assert.equal(at(9600)?.to, 'compare');
   assert.equal(at(9800), null, 'settling');
-  // at the end of the hold, trials again; now buffer wins clearly and is kept
+  // at the end of the hold, trials again (a steady load); now buffer wins clearly and is kept
   for (let t = 10_800; t <= 18_800; t += 1000) {
-    c.inbound += 1500;
+    out(300, 45, 0.5);
     assert.equal(at(t), null);
   }
-  c.inbound += 1500;
+  out(300, 45, 0.5);
   assert.equal(at(19_800)?.to, 'buffer', 'the hold ended');
   assert.equal(at(20_000), null, 'settling');
-  c.inbound += 2000;
+  out(300, 20);
   assert.equal(at(21_000), null, 'buffer won by more than the margin: kept, no switch');
   assert.equal(m.planning, 'buffer');
-  assert.equal(m.switches, 5);
+  // under buffer, the output rate moves by more than the shift (another service): trials again
+  out(2000, 15);
+  assert.equal(at(22_000)?.to, 'compare', 'the load changed');
+  assert.equal(m.switches, 6);
   // counts that go back (protection restarted) start a new window; a reset plans compare and trials again
-  assert.equal(m.observe(23_000, { compared: 0, released: 0, inbound: 0 }), null);
+  assert.equal(m.observe(23_000, { compared: 0, released: 0, waitMsSum: 0 }), null);
   m.reset();
   assert.equal(m.planning, 'compare');
-  assert.equal(m.trialRate.buffer, null);
+  assert.equal(m.trials.buffer, null);
 });
 
 test('ModeChooser: an idle first trial keeps compare; traffic later starts the trials', () => {
-  const m = new ModeChooser({ windowMs: 1000, settleMs: 0, minInbound: 20, margin: 0.1, holdMs: 10_000, shift: 2 });
-  const c = { compared: 0, released: 0, inbound: 0 };
+  const m = new ModeChooser({ windowMs: 1000, settleMs: 0, minFrames: 20, margin: 0.1, holdMs: 10_000, shift: 2 });
+  const c = { compared: 0, released: 0, waitMsSum: 0 };
   const at = (t: number) => m.observe(t, { ...c });
   at(0);
-  c.inbound += 3;
+  c.released += 3;
+  c.waitMsSum += 30;
   assert.equal(at(1000), null);
   assert.equal(m.planning, 'compare');
-  c.inbound += 300;
+  c.compared += 300;
+  c.waitMsSum += 600;
   assert.equal(at(2000)?.to, 'buffer', 'traffic: the trials begin');
-  c.inbound += 10;
+  c.released += 10;
   assert.equal(at(3000)?.to, 'compare', 'buffer idle: back to compare');
 });
 
