@@ -15,6 +15,7 @@
 import { Worker } from 'node:worker_threads';
 import { logger, errorMessage, monotonicMs } from '../util/index.ts';
 import { LeaseClock, LOSS_FRACTION } from './lease.ts';
+import { LeaseSentinel } from './lease-sentinel.ts';
 import type { EtcdClient } from './etcd.ts';
 
 export { LOSS_FRACTION } from './lease.ts';
@@ -118,6 +119,8 @@ export class Ownership {
   /** The lease a loss left behind (its owner key may still be alive in etcd): revoked once claimed again. */
   private lostLease: string | null = null;
   private keeper: Worker | null = null;
+  /** Gives the lease up if this process dies (lease-sentinel.ts). */
+  private sentinel: LeaseSentinel | null = null;
   private shared: BigInt64Array | null = null;
   private watchdog: NodeJS.Timeout | null = null;
   private gen = 0;
@@ -195,6 +198,7 @@ export class Ownership {
   private async claimFrom(expect: number | null, takeOver?: number): Promise<number | 'superseded' | null> {
     const sentMs = this.now(); // the lease runs from no later than this
     this.ensureKeeper(); // (its start-up overlaps the claim's round trips)
+    this.sentinel ??= new LeaseSentinel(this.etcd.urls);
     const lease = this.lease ?? (await this.etcd.grantLease(this.ttlSec));
     const [owner, gen] = [await this.etcd.get(ownerKey(this.vm)), await this.etcd.get(genKey(this.vm))];
     const held = owner ? (JSON.parse(owner.value) as Owner) : null;
@@ -243,6 +247,7 @@ export class Ownership {
     this.lease = lease;
     this.gen = next;
     this.loss = null;
+    this.sentinel?.lease(lease);
     // An old lease kept across a claim: its validity still runs from its last confirmed renewal.
     if (this.clock.lastConfirmedSentMs === null) this.clock.confirmed(sentMs);
     this.startRenewing();
@@ -337,8 +342,18 @@ export class Ownership {
     this.watchdog = null;
   }
 
+  /**
+   * The guest's process on this host (its QEMU): if this controller dies, the lease is given up at
+   * once only when that process is gone too (lease-sentinel.ts).
+   */
+  tie(pid: number): void {
+    (this.sentinel ??= new LeaseSentinel(this.etcd.urls)).tie(pid);
+  }
+
   /** Gives the VM up in order (the owner key goes at once). */
   async release(): Promise<void> {
+    this.sentinel?.close();
+    this.sentinel = null;
     this.stopRenewing();
     void this.keeper?.terminate();
     this.keeper = null;

@@ -37,6 +37,8 @@ interface Seen {
 export function witnessGate(etcd: EtcdClient, host: string, ttlSec: number): WitnessGate {
   const owned = new Map<string, Ownership>();
   const seen = new Map<string, Seen | null>();
+  /** VMs whose owner key this host saw held by another host while guarding (so that its absence means a release). */
+  const held = new Set<string>();
   const observers = new Map<string, NodeJS.Timeout>();
   const waitMs = takeoverWaitMs(ttlSec * 1000);
   const ownershipOf = (vm: string) => {
@@ -50,14 +52,17 @@ export function witnessGate(etcd: EtcdClient, host: string, ttlSec: number): Wit
     const at = monotonicMs();
     if (!kv) return void seen.set(vm, null);
     const prev = seen.get(vm);
+    const owner = (JSON.parse(kv.value) as { host: string }).host;
+    if (owner !== host && observers.has(vm)) held.add(vm);
     if (prev?.revision === kv.modRevision) return;
-    seen.set(vm, { revision: kv.modRevision, host: (JSON.parse(kv.value) as { host: string }).host, sinceMs: at });
+    seen.set(vm, { revision: kv.modRevision, host: owner, sinceMs: at });
   };
   const unobserve = (vm: string) => {
     const t = observers.get(vm);
     if (t) clearInterval(t);
     observers.delete(vm);
     seen.delete(vm);
+    held.delete(vm);
   };
   return {
     ownership: ownershipOf,
@@ -81,6 +86,11 @@ export function witnessGate(etcd: EtcdClient, host: string, ttlSec: number): Wit
       observers.set(vm, t);
     },
     unobserve,
+    released: async (vm) => {
+      if (!held.has(vm)) return false;
+      await look(vm);
+      return seen.get(vm) === null;
+    },
     mayActivate: async (ctx) => {
       const ownership = ownershipOf(ctx.vm);
       const until = Date.now() + ownership.ttlSec * 1000 + 1000;

@@ -44,6 +44,8 @@ export interface PrimarySide {
 /** Builds the guest's primary controller with its gate and guard, and starts it (unprotected until a standby answers). */
 export function startPrimarySide(o: PrimarySideOptions): PrimarySide {
   const { ownership } = o;
+  // Should this controller die, its lease goes at once, once this QEMU is gone too.
+  ownership?.tie(o.vm.pid);
   // (protectVm gates the relay before QEMU starts; a restored or harness guest's is gated here)
   if (ownership && o.io.relay) o.io.relay.gate ??= new ReleaseGate((now) => ownership.leaseCheck(now));
   const primary = new PrimaryController({

@@ -20,6 +20,11 @@ export interface ActivationGate {
   observe?(vm: string): void;
   /** It guards `vm` no more (it stopped, or the primary said goodbye). */
   unobserve?(vm: string): void;
+  /**
+   * Whether `vm`'s holder gave it up (its claim, seen while guarding, is gone: a controller that died
+   * on a live host has its lease revoked at once): no reason to wait for its silence.
+   */
+  released?(vm: string): Promise<boolean>;
 }
 
 export const allowAlways: ActivationGate = {

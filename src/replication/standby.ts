@@ -41,6 +41,8 @@ const log = logger('standby');
 const HANDSHAKE_TIMEOUT_MAX_MS = 5000;
 /** A refused activation is asked for again this often while the primary stays away. */
 const GATE_RETRY_MS = 500;
+/** While waiting for a lost primary's return, how often the witness is asked whether it gave the VM up. */
+const RELEASED_POLL_MS = 30;
 
 export type { StandbyState } from './standby-state.ts';
 
@@ -389,10 +391,12 @@ export class StandbyController {
       `link to the primary lost (${reason}); replica at checkpoint ${this.replicaEpoch}; taking over if it stays silent ${waitMs} ms more`,
     );
     if (this.o.autoFailover ?? true) this.startEarly();
-    if (await this.primaryBackWithin(waitMs)) {
+    const back = await this.primaryBackUnlessReleased(waitMs);
+    if (back === true) {
       log.info('the primary is back (authenticated); no failover');
       return;
     }
+    if (back === 'released') reason = `${reason}; it gave the VM up in the witness`;
     if (this.st !== 'protecting' || this.link) return;
     const silentMs = Math.round(link.silentMs());
     this.emit({ event: 'primary-lost', reason, epoch: this.replicaEpoch, atMs: Date.now() });
@@ -409,6 +413,27 @@ export class StandbyController {
       this.guarding
     ) {
       if (await this.primaryBackWithin(GATE_RETRY_MS)) return;
+    }
+  }
+
+  /**
+   * True if an authenticated primary connects within `ms`; 'released' at once if the witness shows
+   * the VM given up meanwhile (its controller died on a live host: lease-sentinel.ts).
+   */
+  private async primaryBackUnlessReleased(ms: number): Promise<boolean | 'released'> {
+    const vm = this.identity?.vm;
+    const released = this.o.gate?.released;
+    if (!vm || !released || ms <= 0) return this.primaryBackWithin(ms);
+    const until = performance.now() + ms;
+    for (;;) {
+      const left = until - performance.now();
+      if (left <= 0) return false;
+      if (this.link || (await this.primaryBackWithin(Math.min(left, RELEASED_POLL_MS)))) return true;
+      if (this.link) return true;
+      if (await released.call(this.o.gate, vm).catch(() => false)) {
+        log.warn(`the primary gave VM ${vm} up in the witness: not waiting for its silence`);
+        return 'released';
+      }
     }
   }
 

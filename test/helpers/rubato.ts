@@ -4,7 +4,7 @@ import { RUBATO_COMMAND } from '../../src/setup/setup.ts';
 import { spawnTracked, type TrackedProcess } from '../../src/util/procs.ts';
 import { LineSplitter } from '../../src/util/async.ts';
 import { join } from 'node:path';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { writeKeyFile } from '../../src/replication/keyfile.ts';
 
 export type Ev = Record<string, unknown>;
@@ -33,10 +33,10 @@ export function rubatoProcess(
   return { proc, events };
 }
 
+/** Whether process `pid` runs (a zombie, dead but not yet reaped by its new parent, does not). */
 export const alive = (pid: number): boolean => {
   try {
-    process.kill(pid, 0);
-    return true;
+    return !/^\d+ \(.*\) Z/s.test(readFileSync(`/proc/${pid}/stat`, 'latin1'));
   } catch {
     return false;
   }

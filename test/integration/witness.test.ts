@@ -272,6 +272,38 @@ test('QEMU killed on a live primary host: its controller gives the lease up and 
   }
 });
 
+test('the controller killed on a live primary host: QEMU dies with it, the lease sentinel revokes the lease, and the standby takes over without waiting for silence or the claim wait', {
+  timeout: 240_000,
+}, async () => {
+  const rig = await witnessRig('w5');
+  const { etcd } = rig;
+  try {
+    const { s, p, started } = await rig.pair();
+    const qemu = Number(started['qemuPid']);
+    const killAt = Date.now();
+    p.proc.kill('SIGKILL'); // the controller only; its host lives
+    const fo = await waitFor(() => s.list.find((e) => e['event'] === 'failover'), 20_000, 'the standby taking over');
+    assert.equal(alive(qemu), false, "the primary's QEMU died with its controller");
+    const lostAt = s.list.find((e) => e['event'] === 'primary-lost');
+    assert.match(
+      String(lostAt?.['reason']),
+      /gave the VM up in the witness/,
+      'declared lost on the witness, not silence',
+    );
+    assert.match(
+      String(fo['why'] ?? ''),
+      /generation 2(?! over)/,
+      'a plain claim (the key was gone), not one over an unrenewed key',
+    );
+    process.stderr.write(
+      `controller killed: standby running the guest ${Number(fo['runningAtMs']) - killAt} ms after the kill (declared lost after ${Number(lostAt?.['atMs']) - killAt} ms)\n`,
+    );
+    assert.deepEqual(await currentOwner(new EtcdClient([etcd.url], 500), 'w5'), { host: 'hb', generation: 2 });
+  } finally {
+    await rig.cleanup();
+  }
+});
+
 test('witness unavailable: a healthy protected pair keeps running (nobody goes live, nobody stops)', {
   timeout: 240_000,
 }, async () => {
