@@ -1,44 +1,51 @@
 // `--mode auto`, pure: whether the primary plans as compare mode does (its input mirrored to the
 // secondary; matched output calls for no checkpoint) or as buffer mode does (no input mirrored, so
 // the secondary idles and costs no CPU; every held frame waits for a checkpoint), chosen by trying
-// both and keeping the one under which the guest's output waits less.
+// both and keeping the one under which the service goes faster.
 //
 // Neither the share of output matched nor the mismatch rate tells which mode serves a workload
 // better. Measured (`npm run bench -- services --quick --modes buffer,compare,auto`): under compare
 // nginx matched only about half of its output yet ran 2.6 times as fast as under buffer, and
-// pgbench matched four fifths of its output yet ran at 0.6 times buffer's speed (the secondary lags
-// behind, so what it matches comes late, and the checkpoints cost more). What decides a
-// request-response service's speed is how long each reply is held: a closed-loop client sends its
-// next request only once it got the last reply. So the score of a plan is the mean time its output
-// frames were held (by comparison or by acknowledgement), over a window. A first version judged by
-// the service's inbound frames/s instead; that follows the clients' load as much as the plan, and a
-// load that changed between the two trials chose the wrong plan (buffer for redis at 0.5 times
-// compare's speed). A frame's hold time hardly depends on the load.
+// pgbench matched four fifths of its output yet ran at 0.6 times buffer's speed (the secondary's
+// vCPU takes the cores the guest and the checkpoints need). How long output was held does not tell
+// either: tried, it chose buffer for nginx (compare's mean was pulled up by the few frames that
+// waited for a compare-mode checkpoint) while compare served it faster. What both modes have in
+// common is the clients' progress: a closed-loop client sends its next request (and acknowledges
+// replies) only once it got the last reply, so the guest's inbound frames per second follow the
+// service's throughput.
 //
-// So: a trial of each plan (the current one first, so a steady state costs no switch), then the
-// plan whose output waited less is kept (compare unless buffer wins by `margin`), for `holdMs`, or
-// until the output rate or the kept plan's wait moves by `shift` times (the workload changed), then
-// trials again.
+// The load moves too, and a trial of each plan in turn mistook a load that grew or fell between
+// them for the plans' difference (buffer chosen for redis at half compare's speed). So a trial is
+// three windows, the current plan, the other, the current plan again: a load that moves steadily
+// moves both of the current plan's windows alike, and the other plan is judged against their mean.
+// The plan kept is compare unless buffer wins by `margin`; it stands for `holdMs`, or until the
+// inbound rate moves by `shift` times (the workload changed), then trials again.
 
 export interface ModeChooserOptions {
-  /** Length of one judged trial window, ms. */
+  /** Shortest judged window, ms: it closes once it also counted `frames` inbound frames, or at `maxWindowMs`. */
   windowMs: number;
+  /** Inbound frames a window should count (fewer: a noisy rate) before it closes. */
+  frames: number;
+  /** Longest judged window, ms (a slow service's rate, counted over fewer frames). */
+  maxWindowMs: number;
   /** After a change of plan, this long is not judged (output held under the other plan still leaving), ms. */
   settleMs: number;
-  /** A window with fewer output frames than this says nothing (an idle guest): compare is kept. */
-  minFrames: number;
-  /** Buffer is chosen only when its output waited this share less than compare's. */
+  /** A window with fewer inbound frames than this says nothing (an idle guest): compare is kept. */
+  minInbound: number;
+  /** Buffer is chosen only when it carried this share more inbound frames than compare. */
   margin: number;
   /** A choice stands this long before the trials run again, ms. */
   holdMs: number;
-  /** While a choice stands, a window whose output rate or wait differs from its trial's by this factor starts trials. */
+  /** While a choice stands, a window whose inbound rate differs from the chosen trial's by this factor starts trials. */
   shift: number;
 }
 
 export const DEFAULT_MODE_CHOOSER: ModeChooserOptions = {
-  windowMs: 1000,
-  settleMs: 400,
-  minFrames: 30,
+  windowMs: 500,
+  frames: 200,
+  maxWindowMs: 2000,
+  settleMs: 250,
+  minInbound: 20,
   margin: 0.1,
   holdMs: 30_000,
   shift: 2,
@@ -58,32 +65,27 @@ export interface ChooserCounts {
   compared: number;
   /** Frames released by acknowledgement (cumulative). */
   released: number;
-  /** How long the frames of both counts were held, summed (cumulative), ms. */
-  waitMsSum: number;
+  /** Frames that reached the guest from outside (cumulative). */
+  inbound: number;
 }
 
-/** One judged window of a plan: its output frames per second and their mean hold time. */
-export interface Trial {
-  framesPerSec: number;
-  waitMs: number;
-}
-
-type Phase = { kind: 'trial'; first: boolean } | { kind: 'hold'; trial: Trial | null; since: number };
+/** A trial's windows so far: inbound frames/s, in the order the plans ran (current, other, current). */
+type Phase = { kind: 'trial'; rates: number[] } | { kind: 'hold'; rate: number | null; since: number };
 
 const other = (p: Planning): Planning => (p === 'compare' ? 'buffer' : 'compare');
 
 export class ModeChooser {
   private plan: Planning = 'compare';
-  private phase: Phase = { kind: 'trial', first: true };
+  private phase: Phase = { kind: 'trial', rates: [] };
   /** Start of the current window (null: none yet), and the counts then. */
   private windowStart: number | null = null;
-  private base: ChooserCounts = { compared: 0, released: 0, waitMsSum: 0 };
+  private base: ChooserCounts = { compared: 0, released: 0, inbound: 0 };
   /** Until when the current window is not judged (a change of plan settling). */
   private settleUntil = 0;
   /** The latest share of output released by comparison (status shows it). */
   lastShare: number | null = null;
-  /** The latest trial of each plan. */
-  readonly trials: Record<Planning, Trial | null> = { compare: null, buffer: null };
+  /** Inbound frames/s of each plan in the latest trial (the plan tried twice: the mean of its windows). */
+  readonly trialRate: Record<Planning, number | null> = { compare: null, buffer: null };
   switches = 0;
 
   constructor(private readonly o: ModeChooserOptions = DEFAULT_MODE_CHOOSER) {}
@@ -98,7 +100,7 @@ export class ModeChooser {
       this.windowStart === null ||
       counts.compared < this.base.compared ||
       counts.released < this.base.released ||
-      counts.waitMsSum < this.base.waitMsSum
+      counts.inbound < this.base.inbound
     ) {
       this.restart(nowMs, counts);
       return null;
@@ -108,55 +110,52 @@ export class ModeChooser {
       return null;
     }
     const spanMs = nowMs - this.windowStart;
-    if (spanMs < this.o.windowMs) return null;
+    const inbound = counts.inbound - this.base.inbound;
+    if (spanMs < this.o.windowMs || (inbound < this.o.frames && spanMs < this.o.maxWindowMs)) return null;
     const compared = counts.compared - this.base.compared;
     const out = compared + counts.released - this.base.released;
-    const waitSum = counts.waitMsSum - this.base.waitMsSum;
     this.restart(nowMs, counts);
     if (out > 0) this.lastShare = compared / out;
-    const w: Trial | null =
-      out >= this.o.minFrames ? { framesPerSec: (out * 1000) / spanMs, waitMs: waitSum / out } : null;
+    const rate = inbound >= this.o.minInbound ? (inbound * 1000) / spanMs : null;
     const ph = this.phase;
     if (ph.kind === 'hold') {
-      if (w === null) return null; // idle: nothing to learn
-      const t = ph.trial;
-      const s = this.o.shift;
-      const moved =
-        t === null ||
-        w.framesPerSec > t.framesPerSec * s ||
-        w.framesPerSec * s < t.framesPerSec ||
-        w.waitMs > Math.max(t.waitMs, 1) * s;
+      if (rate === null) return null; // idle: nothing to learn
+      const moved = ph.rate === null || rate > ph.rate * this.o.shift || rate * this.o.shift < ph.rate;
       if (!moved && nowMs - ph.since < this.o.holdMs) return null;
-      // Trials again, the current plan first (its window just measured counts as its trial).
-      this.trials[this.plan] = w;
+      // Trials again, the current plan first (its window just measured counts as its first).
       return this.switchTo(
         nowMs,
         other(this.plan),
-        { kind: 'trial', first: false },
-        trialWhy(this.plan, w, moved ? 'the load changed' : 'time to check'),
+        { kind: 'trial', rates: [rate] },
+        rateWhy(this.plan, rate, moved ? 'the load changed' : 'time to check'),
       );
     }
-    if (w === null) {
+    if (rate === null) {
       // An idle trial tells nothing: stay on (or go back to) compare and hold until traffic comes.
-      this.phase = { kind: 'hold', trial: null, since: nowMs };
+      this.phase = { kind: 'hold', rate: null, since: nowMs };
       return this.plan === 'compare'
         ? null
         : this.switchTo(nowMs, 'compare', this.phase, 'too little traffic to tell: compare');
     }
-    this.trials[this.plan] = w;
-    if (ph.first)
+    const rates = [...ph.rates, rate];
+    if (rates.length < 3) {
+      // first window: the current plan's; second: the other's; then back for the third
       return this.switchTo(
         nowMs,
         other(this.plan),
-        { kind: 'trial', first: false },
-        trialWhy(this.plan, w, 'first trial'),
+        { kind: 'trial', rates },
+        rateWhy(this.plan, rate, rates.length === 1 ? 'first trial' : 'trial'),
       );
-    // Both trials done: keep the one whose output waited less (compare unless buffer wins by the margin).
-    const c = this.trials.compare!;
-    const b = this.trials.buffer!;
-    const best: Planning = b.waitMs * (1 + this.o.margin) < c.waitMs ? 'buffer' : 'compare';
-    const hold: Phase = { kind: 'hold', trial: this.trials[best], since: nowMs };
-    const why = `output held ${ms(c.waitMs)} under compare, ${ms(b.waitMs)} under buffer`;
+    }
+    // Both plans tried: the one that ran twice (now current) is judged by its mean.
+    const [a1, b, a2] = rates as [number, number, number];
+    this.trialRate[this.plan] = (a1 + a2) / 2;
+    this.trialRate[other(this.plan)] = b;
+    const c = this.trialRate.compare!;
+    const bu = this.trialRate.buffer!;
+    const best: Planning = bu > c * (1 + this.o.margin) ? 'buffer' : 'compare';
+    const hold: Phase = { kind: 'hold', rate: best === this.plan ? a2 : b, since: nowMs };
+    const why = `inbound frames/s: compare ${Math.round(c)}, buffer ${Math.round(bu)}`;
     if (best === this.plan) {
       this.phase = hold;
       return null;
@@ -167,11 +166,11 @@ export class ModeChooser {
   /** Protection restarts: judge afresh, from compare. */
   reset(): void {
     this.plan = 'compare';
-    this.phase = { kind: 'trial', first: true };
+    this.phase = { kind: 'trial', rates: [] };
     this.windowStart = null;
     this.settleUntil = 0;
-    this.trials.compare = null;
-    this.trials.buffer = null;
+    this.trialRate.compare = null;
+    this.trialRate.buffer = null;
   }
 
   private switchTo(nowMs: number, to: Planning, phase: Phase, reason: string): ModeChange {
@@ -188,8 +187,6 @@ export class ModeChooser {
   }
 }
 
-const ms = (x: number) => `${x.toFixed(1)} ms`;
-
-function trialWhy(plan: Planning, w: Trial, what: string): string {
-  return `${what}: output held ${ms(w.waitMs)} on average under ${plan} (${Math.round(w.framesPerSec)} frames/s), trying the other`;
+function rateWhy(plan: Planning, rate: number, what: string): string {
+  return `${what}: ${Math.round(rate)} inbound frames/s under ${plan}, trying the other`;
 }

@@ -131,8 +131,6 @@ export class OutputCommit<F extends Sized = Buffer> {
   private lastSeenMs = Number.NEGATIVE_INFINITY;
   private unprotectedReleases = 0;
   private readonly waits = { acknowledged: new Recent(), compared: new Recent() };
-  /** How long the frames released by acknowledgement or comparison were held, summed, ms (--mode auto's score). */
-  private waitMsSum = 0;
   /** Called when the open epoch gets its first held frame (the scheduler may want to act). */
   onFirstHeld: (() => void) | null = null;
   /** Called for every frame held (traces record output times and sizes). */
@@ -288,19 +286,16 @@ export class OutputCommit<F extends Sized = Buffer> {
       this.heldCount--;
       this.bytes -= h.frame.length;
       out.push({ frame: h.frame, atMs: h.atMs });
-      if (Number.isFinite(nowMs)) {
-        this.waits.acknowledged.add(nowMs - h.atMs);
-        this.waitMsSum += nowMs - h.atMs;
-      }
+      if (Number.isFinite(nowMs)) this.waits.acknowledged.add(nowMs - h.atMs);
     }
     this.compact();
     this.counts.released += out.length;
     return out;
   }
 
-  /** Frames released so far by acknowledgement and by comparison, and how long they were held in all, ms. */
-  get releaseCounts(): { compared: number; released: number; waitMsSum: number } {
-    return { compared: this.counts.compared, released: this.counts.released, waitMsSum: this.waitMsSum };
+  /** Frames released so far by acknowledgement and by comparison (cheap: no copy). */
+  get releaseCounts(): { readonly compared: number; readonly released: number } {
+    return this.counts;
   }
 
   /** The number the next held frame gets (compare mode pairs it with its secondary copy). */
@@ -332,10 +327,7 @@ export class OutputCommit<F extends Sized = Buffer> {
       this.openBytes -= h.frame.length;
     }
     this.counts.compared++;
-    if (nowMs !== undefined) {
-      this.waits.compared.add(nowMs - h.atMs);
-      this.waitMsSum += nowMs - h.atMs;
-    }
+    if (nowMs !== undefined) this.waits.compared.add(nowMs - h.atMs);
     return h.frame;
   }
 

@@ -39,11 +39,14 @@ export class CompareSide {
   private readonly chooser: ModeChooser | null;
   /** Inbound frames waiting to be mirrored to the secondary, and the epoch they arrived in. */
   private mirrored: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
+  /** Frames that reached the guest from outside (--mode auto judges the service's progress by them). */
+  private inbound = 0;
 
   constructor(private readonly o: CompareSideOptions) {
     this.chooser = o.mode === 'auto' ? new ModeChooser() : null;
     o.commit.compareGraceMs = this.lagMs;
     o.relay.onOutsideFrame = (f) => {
+      this.inbound++;
       // Planned as buffer mode (--mode auto), the secondary gets no input: it idles, costing no CPU.
       if (this.planning) this.mirror(f);
     };
@@ -61,7 +64,7 @@ export class CompareSide {
   /** --mode auto: judge how output left, and plan as the better mode. */
   choose(nowMs: number): void {
     if (!this.chooser) return;
-    const ch = this.chooser.observe(nowMs, this.o.commit.releaseCounts);
+    const ch = this.chooser.observe(nowMs, { ...this.o.commit.releaseCounts, inbound: this.inbound });
     this.o.commit.compareGraceMs = this.planning ? this.lagMs : 0;
     if (!ch) return;
     log.info(`checkpoints now planned as in ${ch.to} mode: ${ch.reason}`);
@@ -98,7 +101,7 @@ export class CompareSide {
         ? {
             comparedShare: this.chooser.lastShare,
             planningSwitches: this.chooser.switches,
-            trials: { ...this.chooser.trials },
+            trialInboundPerSec: { ...this.chooser.trialRate },
           }
         : {}),
     };

@@ -197,87 +197,126 @@ test('FrameComparator: acknowledgements leave only once the secondary acknowledg
   );
 });
 
-test('ModeChooser (--mode auto): a trial of each plan, the one whose output waited less kept (compare unless buffer wins by the margin); trials again when the load or the wait moves or the hold ends; idle windows say nothing', () => {
-  const m = new ModeChooser({ windowMs: 1000, settleMs: 200, minFrames: 20, margin: 0.1, holdMs: 10_000, shift: 2 });
-  const c = { compared: 0, released: 0, waitMsSum: 0 };
+test('ModeChooser (--mode auto): a trial is the current plan, the other, the current again; the other is judged against the mean of the two (compare unless buffer wins by the margin); trials again when the load moves or the hold ends; idle windows say nothing', () => {
+  const m = new ModeChooser({
+    windowMs: 1000,
+    frames: 0,
+    maxWindowMs: 1000,
+    settleMs: 200,
+    minInbound: 20,
+    margin: 0.1,
+    holdMs: 10_000,
+    shift: 2,
+  });
+  const c = { compared: 0, released: 0, inbound: 0 };
   const at = (t: number) => m.observe(t, { ...c });
-  /** `n` frames out in a window, held `wait` ms each on average, `share` of them by comparison. */
-  const out = (n: number, wait: number, share = 0) => {
-    c.compared += Math.round(n * share);
-    c.released += n - Math.round(n * share);
-    c.waitMsSum += n * wait;
-  };
   assert.equal(at(0), null, 'the first window starts');
-  // compare's trial: 500 frames/s held 4 ms
-  out(500, 4, 0.8);
+  // compare's first window: 400 inbound frames/s
+  c.inbound += 400;
+  c.compared += 400;
+  c.released += 100;
   const t1 = at(1000);
   assert.equal(t1?.to, 'buffer', 'then buffer is tried');
-  assert.deepEqual(m.trials.compare, { framesPerSec: 500, waitMs: 4 });
   assert.equal(m.lastShare, 0.8);
   // the settling part is not measured
-  out(1000, 50);
+  c.inbound += 1000;
   assert.equal(at(1100), null);
   assert.equal(at(1200), null);
-  // buffer's trial (1200 to 2200): held 15 ms, though more frames went out (a load that grew meanwhile)
-  out(900, 15);
-  const t2 = at(2200);
-  assert.equal(t2?.to, 'compare', "compare's output waited less: back to it");
-  assert.equal(m.trials.buffer?.waitMs, 15);
-  assert.match(t2?.reason ?? '', /4\.0 ms under compare, 15\.0 ms under buffer/);
-  // held: steady windows change nothing, idle ones neither
+  // buffer's window (1200 to 2200): 500/s, more than compare's first, but the load grows meanwhile
+  c.inbound += 500;
+  assert.equal(at(2200)?.to, 'compare', 'back to compare for its second window');
   assert.equal(at(2400), null, 'settling');
-  for (let t = 3400; t <= 6400; t += 1000) {
-    out(600, 5, 0.9);
+  // compare's second window: 700/s. Its mean (550) beats buffer's 500: compare kept, no switch
+  c.inbound += 700;
+  assert.equal(at(3400), null);
+  assert.equal(m.planning, 'compare');
+  assert.equal(m.trialRate.compare, 550);
+  assert.equal(m.trialRate.buffer, 500);
+  // held: steady windows change nothing, idle ones neither
+  for (let t = 4400; t <= 6400; t += 1000) {
+    c.inbound += 650;
     assert.equal(at(t), null);
   }
-  out(5, 100);
+  c.inbound += 5;
   assert.equal(at(7400), null, 'idle');
-  assert.equal(m.planning, 'compare');
-  // the wait moves (the secondary lags: 40 ms): trials again, this window counting as compare's
-  out(300, 40, 0.5);
-  assert.equal(at(8400)?.to, 'buffer');
-  assert.equal(m.trials.compare?.waitMs, 40);
+  // the load moves (3x): trials again, this window counting as compare's first
+  c.inbound += 2100;
+  assert.equal(at(8400)?.to, 'buffer', 'the load changed');
   assert.equal(at(8600), null, 'settling');
-  // buffer holds 37 ms: less, but within the margin → compare
-  out(300, 37);
+  c.inbound += 3000; // buffer: 3000/s
   assert.equal(at(9600)?.to, 'compare');
   assert.equal(at(9800), null, 'settling');
-  // at the end of the hold, trials again (a steady load); now buffer wins clearly and is kept
-  for (let t = 10_800; t <= 18_800; t += 1000) {
-    out(300, 45, 0.5);
+  c.inbound += 1900; // compare: mean 2000/s; buffer carried 1.5x: buffer wins
+  const t2 = at(10_800);
+  assert.equal(t2?.to, 'buffer');
+  assert.match(t2?.reason ?? '', /compare 2000, buffer 3000/);
+  assert.equal(at(11_000), null, 'settling');
+  // held on buffer; at the end of the hold, trials again (buffer first this time)
+  for (let t = 12_000; t <= 20_000; t += 1000) {
+    c.inbound += 2900;
     assert.equal(at(t), null);
   }
-  out(300, 45, 0.5);
-  assert.equal(at(19_800)?.to, 'buffer', 'the hold ended');
-  assert.equal(at(20_000), null, 'settling');
-  out(300, 20);
-  assert.equal(at(21_000), null, 'buffer won by more than the margin: kept, no switch');
-  assert.equal(m.planning, 'buffer');
-  // under buffer, the output rate moves by more than the shift (another service): trials again
-  out(2000, 15);
-  assert.equal(at(22_000)?.to, 'compare', 'the load changed');
-  assert.equal(m.switches, 6);
+  c.inbound += 2900;
+  assert.equal(at(21_000)?.to, 'compare', 'the hold ended');
+  assert.equal(at(21_200), null, 'settling');
+  c.inbound += 3000; // compare 3000/s against buffer's 2900 and then 3100: within the margin → compare
+  assert.equal(at(22_200)?.to, 'buffer');
+  assert.equal(at(22_400), null, 'settling');
+  c.inbound += 3100;
+  assert.equal(at(23_400)?.to, 'compare', 'buffer did not win by the margin');
+  assert.equal(m.switches, 8);
   // counts that go back (protection restarted) start a new window; a reset plans compare and trials again
-  assert.equal(m.observe(23_000, { compared: 0, released: 0, waitMsSum: 0 }), null);
+  assert.equal(m.observe(24_000, { compared: 0, released: 0, inbound: 0 }), null);
   m.reset();
   assert.equal(m.planning, 'compare');
-  assert.equal(m.trials.buffer, null);
+  assert.equal(m.trialRate.buffer, null);
 });
 
-test('ModeChooser: an idle first trial keeps compare; traffic later starts the trials', () => {
-  const m = new ModeChooser({ windowMs: 1000, settleMs: 0, minFrames: 20, margin: 0.1, holdMs: 10_000, shift: 2 });
-  const c = { compared: 0, released: 0, waitMsSum: 0 };
+test('ModeChooser: an idle trial window keeps compare; traffic later starts the trials', () => {
+  const m = new ModeChooser({
+    windowMs: 1000,
+    frames: 0,
+    maxWindowMs: 1000,
+    settleMs: 0,
+    minInbound: 20,
+    margin: 0.1,
+    holdMs: 10_000,
+    shift: 2,
+  });
+  const c = { compared: 0, released: 0, inbound: 0 };
   const at = (t: number) => m.observe(t, { ...c });
   at(0);
-  c.released += 3;
-  c.waitMsSum += 30;
+  c.inbound += 3;
   assert.equal(at(1000), null);
   assert.equal(m.planning, 'compare');
-  c.compared += 300;
-  c.waitMsSum += 600;
+  c.inbound += 300;
   assert.equal(at(2000)?.to, 'buffer', 'traffic: the trials begin');
-  c.released += 10;
+  c.inbound += 10;
   assert.equal(at(3000)?.to, 'compare', 'buffer idle: back to compare');
+});
+
+test('ModeChooser: a window closes once it counted enough inbound frames, or at its longest (a slow service)', () => {
+  const m = new ModeChooser({
+    windowMs: 500,
+    frames: 200,
+    maxWindowMs: 2000,
+    settleMs: 0,
+    minInbound: 20,
+    margin: 0.1,
+    holdMs: 10_000,
+    shift: 2,
+  });
+  const c = { compared: 0, released: 0, inbound: 0 };
+  const at = (t: number) => m.observe(t, { ...c });
+  at(0);
+  c.inbound += 100;
+  assert.equal(at(500), null, '100 frames: the window goes on');
+  c.inbound += 150;
+  assert.equal(at(1000)?.to, 'buffer', '250 frames in 1 s: judged');
+  c.inbound += 60;
+  assert.equal(at(1500), null);
+  assert.equal(at(1999), null);
+  assert.equal(at(3000)?.to, 'compare', '60 frames in 2 s: judged at the longest window');
 });
 
 test('FrameComparator: TCP data compares as a byte stream, whatever either side’s segment boundaries; retransmissions of verified data leave; FIN may come apart', () => {
