@@ -19,7 +19,9 @@
 // three windows, the current plan, the other, the current plan again: a load that moves steadily
 // moves both of the current plan's windows alike, and the other plan is judged against their mean.
 // The plan kept is compare unless buffer wins by `margin`; it stands for `holdMs`, or until the
-// inbound rate moves by `shift` times (the workload changed), then trials again.
+// inbound rate moves by `shift` times in two windows running (the workload changed; one window
+// off is a burst), then trials again. The window in which traffic starts after an idle spell is
+// not judged: it holds the load's ramp, not its rate.
 
 export interface ModeChooserOptions {
   /** Shortest judged window, ms: it closes once it also counted `frames` inbound frames, or at `maxWindowMs`. */
@@ -44,7 +46,7 @@ export const DEFAULT_MODE_CHOOSER: ModeChooserOptions = {
   windowMs: 500,
   frames: 200,
   maxWindowMs: 2000,
-  settleMs: 250,
+  settleMs: 400,
   minInbound: 20,
   margin: 0.1,
   holdMs: 30_000,
@@ -70,13 +72,17 @@ export interface ChooserCounts {
 }
 
 /** A trial's windows so far: inbound frames/s, in the order the plans ran (current, other, current). */
-type Phase = { kind: 'trial'; rates: number[] } | { kind: 'hold'; rate: number | null; since: number };
+type Phase =
+  | { kind: 'trial'; rates: number[] }
+  /** `rate`: the held plan's inbound frames/s, smoothed (null: idle so far); `moved`: windows off it in a row. */
+  | { kind: 'hold'; rate: number | null; since: number; moved: number };
 
 const other = (p: Planning): Planning => (p === 'compare' ? 'buffer' : 'compare');
 
 export class ModeChooser {
   private plan: Planning = 'compare';
-  private phase: Phase = { kind: 'trial', rates: [] };
+  /** At the start the guest's load is not known: judged like traffic after an idle spell. */
+  private phase: Phase = { kind: 'hold', rate: null, since: 0, moved: 0 };
   /** Start of the current window (null: none yet), and the counts then. */
   private windowStart: number | null = null;
   private base: ChooserCounts = { compared: 0, released: 0, inbound: 0 };
@@ -120,7 +126,15 @@ export class ModeChooser {
     const ph = this.phase;
     if (ph.kind === 'hold') {
       if (rate === null) return null; // idle: nothing to learn
-      const moved = ph.rate === null || rate > ph.rate * this.o.shift || rate * this.o.shift < ph.rate;
+      if (ph.rate === null) {
+        // Traffic after an idle spell: this window holds its ramp; the trials start with the next.
+        this.phase = { kind: 'trial', rates: [] };
+        return null;
+      }
+      const moved = rate > ph.rate * this.o.shift || rate * this.o.shift < ph.rate;
+      ph.moved = moved ? ph.moved + 1 : 0;
+      if (!moved) ph.rate = 0.75 * ph.rate + 0.25 * rate; // a load that drifts slowly moves the reference
+      if (moved && ph.moved < 2) return null; // one window off: a burst, not a new load
       if (!moved && nowMs - ph.since < this.o.holdMs) return null;
       // Trials again, the current plan first (its window just measured counts as its first).
       return this.switchTo(
@@ -132,7 +146,7 @@ export class ModeChooser {
     }
     if (rate === null) {
       // An idle trial tells nothing: stay on (or go back to) compare and hold until traffic comes.
-      this.phase = { kind: 'hold', rate: null, since: nowMs };
+      this.phase = { kind: 'hold', rate: null, since: nowMs, moved: 0 };
       return this.plan === 'compare'
         ? null
         : this.switchTo(nowMs, 'compare', this.phase, 'too little traffic to tell: compare');
@@ -154,7 +168,7 @@ export class ModeChooser {
     const c = this.trialRate.compare!;
     const bu = this.trialRate.buffer!;
     const best: Planning = bu > c * (1 + this.o.margin) ? 'buffer' : 'compare';
-    const hold: Phase = { kind: 'hold', rate: best === this.plan ? a2 : b, since: nowMs };
+    const hold: Phase = { kind: 'hold', rate: best === this.plan ? a2 : b, since: nowMs, moved: 0 };
     const why = `inbound frames/s: compare ${Math.round(c)}, buffer ${Math.round(bu)}`;
     if (best === this.plan) {
       this.phase = hold;
@@ -166,7 +180,7 @@ export class ModeChooser {
   /** Protection restarts: judge afresh, from compare. */
   reset(): void {
     this.plan = 'compare';
-    this.phase = { kind: 'trial', rates: [] };
+    this.phase = { kind: 'hold', rate: null, since: 0, moved: 0 };
     this.windowStart = null;
     this.settleUntil = 0;
     this.trialRate.compare = null;

@@ -68,6 +68,13 @@ export class CompareSide {
     this.o.commit.compareGraceMs = this.planning ? this.lagMs : 0;
     if (!ch) return;
     log.info(`checkpoints now planned as in ${ch.to} mode: ${ch.reason}`);
+    // Back to compare: the secondary got no input while buffer was planned, so it can match nothing
+    // until a checkpoint brings it to the primary's state. That checkpoint is taken now, not after
+    // the first frame waited out its grace.
+    if (ch.to === 'compare' && this.o.protecting()) {
+      this.o.commit.mismatch();
+      this.o.onMismatch();
+    }
     this.o.onPlanning(ch);
   }
 

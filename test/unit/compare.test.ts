@@ -197,7 +197,7 @@ test('FrameComparator: acknowledgements leave only once the secondary acknowledg
   );
 });
 
-test('ModeChooser (--mode auto): a trial is the current plan, the other, the current again; the other is judged against the mean of the two (compare unless buffer wins by the margin); trials again when the load moves or the hold ends; idle windows say nothing', () => {
+test('ModeChooser (--mode auto): a trial is the current plan, the other, the current again; the other is judged against the mean of the two (compare unless buffer wins by the margin); trials again when the load moves for two windows or the hold ends; idle windows and the window traffic starts in say nothing', () => {
   const m = new ModeChooser({
     windowMs: 1000,
     frames: 0,
@@ -211,68 +211,76 @@ test('ModeChooser (--mode auto): a trial is the current plan, the other, the cur
   const c = { compared: 0, released: 0, inbound: 0 };
   const at = (t: number) => m.observe(t, { ...c });
   assert.equal(at(0), null, 'the first window starts');
+  c.inbound += 150;
+  assert.equal(at(1000), null, 'the window the traffic starts in is not judged (its ramp)');
   // compare's first window: 400 inbound frames/s
   c.inbound += 400;
   c.compared += 400;
   c.released += 100;
-  const t1 = at(1000);
+  const t1 = at(2000);
   assert.equal(t1?.to, 'buffer', 'then buffer is tried');
   assert.equal(m.lastShare, 0.8);
   // the settling part is not measured
   c.inbound += 1000;
-  assert.equal(at(1100), null);
-  assert.equal(at(1200), null);
-  // buffer's window (1200 to 2200): 500/s, more than compare's first, but the load grows meanwhile
+  assert.equal(at(2100), null);
+  assert.equal(at(2200), null);
+  // buffer's window (2200 to 3200): 500/s, more than compare's first, but the load grows meanwhile
   c.inbound += 500;
-  assert.equal(at(2200)?.to, 'compare', 'back to compare for its second window');
-  assert.equal(at(2400), null, 'settling');
+  assert.equal(at(3200)?.to, 'compare', 'back to compare for its second window');
+  assert.equal(at(3400), null, 'settling');
   // compare's second window: 700/s. Its mean (550) beats buffer's 500: compare kept, no switch
   c.inbound += 700;
-  assert.equal(at(3400), null);
+  assert.equal(at(4400), null);
   assert.equal(m.planning, 'compare');
   assert.equal(m.trialRate.compare, 550);
   assert.equal(m.trialRate.buffer, 500);
-  // held: steady windows change nothing, idle ones neither
-  for (let t = 4400; t <= 6400; t += 1000) {
+  // held: steady windows change nothing, idle ones neither, nor one window off (a burst)
+  for (let t = 5400; t <= 7400; t += 1000) {
     c.inbound += 650;
     assert.equal(at(t), null);
   }
   c.inbound += 5;
-  assert.equal(at(7400), null, 'idle');
-  // the load moves (3x): trials again, this window counting as compare's first
+  assert.equal(at(8400), null, 'idle');
   c.inbound += 2100;
-  assert.equal(at(8400)?.to, 'buffer', 'the load changed');
-  assert.equal(at(8600), null, 'settling');
+  assert.equal(at(9400), null, 'one window off');
+  c.inbound += 650;
+  assert.equal(at(10_400), null, 'back in line');
+  // the load moves (3x) for two windows: trials again, the second counting as compare's first
+  c.inbound += 2100;
+  assert.equal(at(11_400), null, 'off once');
+  c.inbound += 2000;
+  assert.equal(at(12_400)?.to, 'buffer', 'the load changed');
+  assert.equal(at(12_600), null, 'settling');
   c.inbound += 3000; // buffer: 3000/s
-  assert.equal(at(9600)?.to, 'compare');
-  assert.equal(at(9800), null, 'settling');
-  c.inbound += 1900; // compare: mean 2000/s; buffer carried 1.5x: buffer wins
-  const t2 = at(10_800);
+  assert.equal(at(13_600)?.to, 'compare');
+  assert.equal(at(13_800), null, 'settling');
+  c.inbound += 2000; // compare: mean 2000/s; buffer carried 1.5x: buffer wins
+  const t2 = at(14_800);
   assert.equal(t2?.to, 'buffer');
   assert.match(t2?.reason ?? '', /compare 2000, buffer 3000/);
-  assert.equal(at(11_000), null, 'settling');
+  assert.equal(at(15_000), null, 'settling');
   // held on buffer; at the end of the hold, trials again (buffer first this time)
-  for (let t = 12_000; t <= 20_000; t += 1000) {
+  for (let t = 16_000; t <= 24_000; t += 1000) {
     c.inbound += 2900;
     assert.equal(at(t), null);
   }
   c.inbound += 2900;
-  assert.equal(at(21_000)?.to, 'compare', 'the hold ended');
-  assert.equal(at(21_200), null, 'settling');
+  assert.equal(at(25_000)?.to, 'compare', 'the hold ended');
+  assert.equal(at(25_200), null, 'settling');
   c.inbound += 3000; // compare 3000/s against buffer's 2900 and then 3100: within the margin → compare
-  assert.equal(at(22_200)?.to, 'buffer');
-  assert.equal(at(22_400), null, 'settling');
+  assert.equal(at(26_200)?.to, 'buffer');
+  assert.equal(at(26_400), null, 'settling');
   c.inbound += 3100;
-  assert.equal(at(23_400)?.to, 'compare', 'buffer did not win by the margin');
+  assert.equal(at(27_400)?.to, 'compare', 'buffer did not win by the margin');
   assert.equal(m.switches, 8);
   // counts that go back (protection restarted) start a new window; a reset plans compare and trials again
-  assert.equal(m.observe(24_000, { compared: 0, released: 0, inbound: 0 }), null);
+  assert.equal(m.observe(28_000, { compared: 0, released: 0, inbound: 0 }), null);
   m.reset();
   assert.equal(m.planning, 'compare');
   assert.equal(m.trialRate.buffer, null);
 });
 
-test('ModeChooser: an idle trial window keeps compare; traffic later starts the trials', () => {
+test('ModeChooser: an idle trial window keeps compare; traffic later starts the trials, from the window after its start', () => {
   const m = new ModeChooser({
     windowMs: 1000,
     frames: 0,
@@ -290,9 +298,11 @@ test('ModeChooser: an idle trial window keeps compare; traffic later starts the 
   assert.equal(at(1000), null);
   assert.equal(m.planning, 'compare');
   c.inbound += 300;
-  assert.equal(at(2000)?.to, 'buffer', 'traffic: the trials begin');
+  assert.equal(at(2000), null, 'traffic starts: its ramp is not judged');
+  c.inbound += 300;
+  assert.equal(at(3000)?.to, 'buffer', 'the trials begin');
   c.inbound += 10;
-  assert.equal(at(3000)?.to, 'compare', 'buffer idle: back to compare');
+  assert.equal(at(4000)?.to, 'compare', 'buffer idle: back to compare');
 });
 
 test('ModeChooser: a window closes once it counted enough inbound frames, or at its longest (a slow service)', () => {
@@ -309,14 +319,16 @@ test('ModeChooser: a window closes once it counted enough inbound frames, or at 
   const c = { compared: 0, released: 0, inbound: 0 };
   const at = (t: number) => m.observe(t, { ...c });
   at(0);
+  c.inbound += 250;
+  assert.equal(at(1000), null, 'the traffic starts (not judged)');
   c.inbound += 100;
-  assert.equal(at(500), null, '100 frames: the window goes on');
+  assert.equal(at(1500), null, '100 frames: the window goes on');
   c.inbound += 150;
-  assert.equal(at(1000)?.to, 'buffer', '250 frames in 1 s: judged');
+  assert.equal(at(2000)?.to, 'buffer', '250 frames in 1 s: judged');
   c.inbound += 60;
-  assert.equal(at(1500), null);
-  assert.equal(at(1999), null);
-  assert.equal(at(3000)?.to, 'compare', '60 frames in 2 s: judged at the longest window');
+  assert.equal(at(2500), null);
+  assert.equal(at(2999), null);
+  assert.equal(at(4000)?.to, 'compare', '60 frames in 2 s: judged at the longest window');
 });
 
 test('FrameComparator: TCP data compares as a byte stream, whatever either side’s segment boundaries; retransmissions of verified data leave; FIN may come apart', () => {
