@@ -231,7 +231,8 @@ function probeRunner(rig: Rig, seconds: number, logDir: string) {
           '-c',
           '4',
           '-n',
-          String(Math.max(100, Math.round((1000 * secs) / seconds))),
+          // (a warm-up: about 60 values a second, as buffer mode takes them)
+          String(secs === seconds ? 1000 : Math.min(1000, Math.max(100, Math.round(60 * secs)))),
           '-t',
           'set',
           '-d',
@@ -303,7 +304,7 @@ export async function runServicesBench(
 ): Promise<{ summary: Record<string, unknown>; file: string; cells: ServiceCell[] }> {
   const status = o.onStatus ?? (() => {});
   const seconds = o.seconds ?? (o.quick ? 5 : 15);
-  const warmSeconds = o.quick ? 3 : 5;
+  const warmSeconds = o.quick ? 10 : 15;
   const policies = o.policies ?? (o.quick ? ['model'] : SERVICE_POLICIES);
   const modes = o.modes ?? ['buffer'];
   const cpuCounts = o.cpus ?? (o.quick ? [1] : [1, 2]);
@@ -379,7 +380,7 @@ export async function runServicesBench(
             };
             for (const p of probes) {
               // A warm-up of the probe's load under protection, the same in every mode: --mode auto
-              // settles on a plan for the new load here (its trials take about 2 s), as it would once
+              // settles on a plan for the new load here (a trial takes about 9 s), as it would once
               // in a service's long run, so the measured run shows the plan it settled on.
               await run(p, 'replicated', warmSeconds);
               const n0 = prot.events.length;

@@ -32,6 +32,11 @@ export interface ModeChooserOptions {
   maxWindowMs: number;
   /** After a change of plan, this long is not judged (output held under the other plan still leaving), ms. */
   settleMs: number;
+  /**
+   * Back on compare, the secondary first catches up (it got no input under buffer): the window
+   * starts once a frame was matched again, or at the latest this long after the settling, ms.
+   */
+  syncMs: number;
   /** A window with fewer inbound frames than this says nothing (an idle guest): compare is kept. */
   minInbound: number;
   /** Buffer is chosen only when it carried this share more inbound frames than compare. */
@@ -43,13 +48,14 @@ export interface ModeChooserOptions {
 }
 
 export const DEFAULT_MODE_CHOOSER: ModeChooserOptions = {
-  windowMs: 500,
+  windowMs: 2000,
   frames: 200,
-  maxWindowMs: 2000,
+  maxWindowMs: 4000,
   settleMs: 400,
+  syncMs: 2000,
   minInbound: 20,
   margin: 0.1,
-  holdMs: 30_000,
+  holdMs: 60_000,
   shift: 2,
 };
 
@@ -88,6 +94,8 @@ export class ModeChooser {
   private base: ChooserCounts = { compared: 0, released: 0, inbound: 0 };
   /** Until when the current window is not judged (a change of plan settling). */
   private settleUntil = 0;
+  /** Back on compare and no frame matched since: the secondary is catching up (not judged). */
+  private syncing = false;
   /** The latest share of output released by comparison (status shows it). */
   lastShare: number | null = null;
   /** Inbound frames/s of each plan in the latest trial (the plan tried twice: the mean of its windows). */
@@ -111,8 +119,15 @@ export class ModeChooser {
       this.restart(nowMs, counts);
       return null;
     }
-    if (nowMs < this.settleUntil || this.windowStart < this.settleUntil) {
-      this.restart(nowMs, counts); // the settling part is not measured
+    if (nowMs < this.settleUntil || this.windowStart < this.settleUntil || this.syncing) {
+      // The settling part is not measured, nor the secondary's catching up after it.
+      if (
+        this.syncing &&
+        nowMs >= this.settleUntil &&
+        (counts.compared > this.base.compared || nowMs >= this.settleUntil + this.o.syncMs)
+      )
+        this.syncing = false;
+      this.restart(nowMs, counts);
       return null;
     }
     const spanMs = nowMs - this.windowStart;
@@ -183,6 +198,7 @@ export class ModeChooser {
     this.phase = { kind: 'hold', rate: null, since: 0, moved: 0 };
     this.windowStart = null;
     this.settleUntil = 0;
+    this.syncing = false;
     this.trialRate.compare = null;
     this.trialRate.buffer = null;
   }
@@ -192,6 +208,7 @@ export class ModeChooser {
     this.phase = phase;
     this.switches++;
     this.settleUntil = nowMs + this.o.settleMs;
+    this.syncing = to === 'compare';
     return { to, comparedShare: this.lastShare, reason };
   }
 

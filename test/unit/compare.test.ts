@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { FrameComparator, frameIdentity } from '../../src/commit/compare.ts';
-import { ModeChooser } from '../../src/commit/mode-chooser.ts';
+import { DEFAULT_MODE_CHOOSER, ModeChooser } from '../../src/commit/mode-chooser.ts';
 import { OutputCommit } from '../../src/commit/output-commit.ts';
 
 /** A length-prefixed Ethernet/IPv4/TCP frame. */
@@ -203,6 +203,7 @@ test('ModeChooser (--mode auto): a trial is the current plan, the other, the cur
     frames: 0,
     maxWindowMs: 1000,
     settleMs: 200,
+    syncMs: 0,
     minInbound: 20,
     margin: 0.1,
     holdMs: 10_000,
@@ -286,6 +287,7 @@ test('ModeChooser: an idle trial window keeps compare; traffic later starts the 
     frames: 0,
     maxWindowMs: 1000,
     settleMs: 0,
+    syncMs: 0,
     minInbound: 20,
     margin: 0.1,
     holdMs: 10_000,
@@ -311,6 +313,7 @@ test('ModeChooser: a window closes once it counted enough inbound frames, or at 
     frames: 200,
     maxWindowMs: 2000,
     settleMs: 0,
+    syncMs: 0,
     minInbound: 20,
     margin: 0.1,
     holdMs: 10_000,
@@ -329,6 +332,62 @@ test('ModeChooser: a window closes once it counted enough inbound frames, or at 
   assert.equal(at(2500), null);
   assert.equal(at(2999), null);
   assert.equal(at(4000)?.to, 'compare', '60 frames in 2 s: judged at the longest window');
+});
+
+test('ModeChooser: back on compare, the window starts once the secondary matched a frame again (it caught up), or after syncMs', () => {
+  const m = new ModeChooser({
+    windowMs: 1000,
+    frames: 0,
+    maxWindowMs: 1000,
+    settleMs: 100,
+    syncMs: 1500,
+    minInbound: 20,
+    margin: 0.1,
+    holdMs: 10_000,
+    shift: 2,
+  });
+  const c = { compared: 0, released: 0, inbound: 0 };
+  const at = (t: number) => m.observe(t, { ...c });
+  at(0);
+  c.inbound += 500;
+  assert.equal(at(1000), null, 'the ramp');
+  c.inbound += 500;
+  assert.equal(at(2000)?.to, 'buffer', "compare's first window");
+  assert.equal(at(2100), null, 'settling');
+  c.inbound += 500;
+  assert.equal(at(3100)?.to, 'compare', "buffer's window");
+  assert.equal(at(3200), null, 'settling');
+  // the secondary catches up: nothing matched, so nothing judged, whatever the traffic
+  c.inbound += 100;
+  assert.equal(at(4200), null, 'catching up');
+  c.compared += 1;
+  c.inbound += 100;
+  assert.equal(at(4300), null, 'matched again: the window starts here');
+  c.inbound += 600;
+  assert.equal(at(5300), null, 'compare 600/s against buffer 500/s: compare kept');
+  assert.equal(m.trialRate.compare, 550);
+  // without a match, the window starts syncMs after the settling all the same
+  const n = new ModeChooser({
+    ...DEFAULT_MODE_CHOOSER,
+    windowMs: 1000,
+    maxWindowMs: 1000,
+    settleMs: 100,
+    syncMs: 1500,
+  });
+  const d = { compared: 0, released: 0, inbound: 0 };
+  n.observe(0, { ...d });
+  d.inbound += 500;
+  n.observe(1000, { ...d });
+  d.inbound += 500;
+  assert.equal(n.observe(2000, { ...d })?.to, 'buffer');
+  n.observe(2100, { ...d });
+  d.inbound += 500;
+  assert.equal(n.observe(3100, { ...d })?.to, 'compare');
+  d.inbound += 900;
+  assert.equal(n.observe(4000, { ...d }), null);
+  assert.equal(n.observe(4700, { ...d }), null, 'syncMs after the settling (3200 + 1500): the window starts');
+  d.inbound += 400;
+  assert.equal(n.observe(5700, { ...d })?.to, 'buffer', 'compare 400/s against buffer 500/s');
 });
 
 test('FrameComparator: TCP data compares as a byte stream, whatever either side’s segment boundaries; retransmissions of verified data leave; FIN may come apart', () => {
