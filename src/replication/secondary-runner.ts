@@ -21,10 +21,12 @@ const log = logger('secondary');
 /** Inbound frames kept for epochs the secondary has not reached yet. */
 const MAX_QUEUED_INBOUND_BYTES = 16 << 20;
 /**
- * A secondary that neither got input nor sent output for this long takes no checkpoints; they are
- * merged until it has input again (then loaded at once, as one). Under `--mode auto` planned as
- * buffer mode the primary mirrors no input: loading 40 checkpoints a second into a secondary that
- * has nothing to answer cost half a core (`npm run bench -- services --modes auto`).
+ * A secondary that got no input for this long takes no checkpoints; they are merged until it has
+ * input again (then loaded at once, as one). Under `--mode auto` planned as buffer mode the primary
+ * mirrors no input: loading 40 checkpoints a second into a secondary that has nothing to answer
+ * cost half a core (`npm run bench -- services --modes auto`). Its output does not count: each
+ * checkpoint brings back connections whose data the clients never acknowledged to it, so it
+ * retransmits after every load, and counted as activity that kept it loading at half a core.
  */
 const IDLE_LOADS_AFTER_MS = 500;
 
@@ -191,7 +193,7 @@ export class SecondaryRunner {
     this.kick();
   }
 
-  /** Loads what was committed, unless the secondary idles (no input, no output: see IDLE_LOADS_AFTER_MS) and not `now`. */
+  /** Loads what was committed, unless the secondary idles (no input: see IDLE_LOADS_AFTER_MS) and not `now`. */
   private kick(now = false): void {
     if (this.loading || !this.sec || !this.pending || this.stats.state !== 'running') return;
     if (!now && performance.now() - this.activeAtMs > IDLE_LOADS_AFTER_MS) return;
@@ -268,7 +270,6 @@ export class SecondaryRunner {
 
   private output(f: Buffer): void {
     if (this.stats.state !== 'running') return;
-    this.activeAtMs = performance.now();
     const epoch = this.base + 1;
     // one epoch per batch, and a batch within what the primary accepts from its standby
     if (this.outBatch && (this.outBatch.epoch !== epoch || this.outBatch.bytes + f.length > SEC_OUT_MAX_BATCH_BYTES))
