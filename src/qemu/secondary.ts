@@ -61,6 +61,8 @@ export interface SecondaryOptions {
 export class ColoSecondary {
   private busy = false;
   private closed = false;
+  /** Stopped by `pause()` (no input to answer): the next checkpoint's load runs it again, as does `resume()`. */
+  private paused = false;
 
   private constructor(
     readonly vm: QemuVm,
@@ -223,6 +225,7 @@ export class ColoSecondary {
         ]);
         await this.expect(COLO_MSG.VMSTATE_RECEIVED);
         await this.expect(COLO_MSG.VMSTATE_LOADED);
+        this.paused = false; // COLO starts the VM after each load
         return { pausedMs: performance.now() - t0 };
       };
       return await withTimeout(
@@ -235,8 +238,31 @@ export class ColoSecondary {
     }
   }
 
+  /**
+   * Stops the secondary's vCPUs while it has nothing to answer (QMP `stop`), so an idle secondary
+   * costs no CPU: a TCG guest whose connections the clients never acknowledged to it spins on
+   * retransmissions. COLO's next checkpoint starts it again (QEMU stops a VM for the load and
+   * starts it after), as `resume()` does.
+   */
+  async pause(): Promise<void> {
+    if (this.closed || this.busy || this.paused) return;
+    this.paused = true;
+    await this.vm.qmp.execute('stop');
+  }
+
+  async resume(): Promise<void> {
+    if (this.closed || !this.paused) return;
+    this.paused = false;
+    await this.vm.qmp.execute('cont');
+  }
+
+  get isPaused(): boolean {
+    return this.paused;
+  }
+
   /** COLO ends here: the secondary runs on as an ordinary VM (failover). */
   async promote(): Promise<QemuVm> {
+    await this.resume(); // (stopped while idle: it runs from its checkpoint, as COLO left it)
     this.closed = true;
     await this.vm.qmp.execute('x-colo-lost-heartbeat');
     const until = Date.now() + this.timeoutMs;

@@ -193,10 +193,40 @@ export class SecondaryRunner {
     this.kick();
   }
 
-  /** Loads what was committed, unless the secondary idles (no input: see IDLE_LOADS_AFTER_MS) and not `now`. */
+  /**
+   * Loads what was committed, unless the secondary idles (no input: see IDLE_LOADS_AFTER_MS) and not
+   * `now`. An idle secondary is stopped (it costs no CPU) until input comes.
+   */
   private kick(now = false): void {
-    if (this.loading || !this.sec || !this.pending || this.stats.state !== 'running') return;
-    if (!now && performance.now() - this.activeAtMs > IDLE_LOADS_AFTER_MS) return;
+    if (this.loading || !this.sec || this.stats.state !== 'running') return;
+    const idle = !now && performance.now() - this.activeAtMs > IDLE_LOADS_AFTER_MS;
+    if (idle && !this.sec.isPaused) {
+      const sec = this.sec;
+      this.loading = true; // (no load while QMP stops it)
+      this.pump = sec
+        .pause()
+        .catch((e: unknown) => this.fail(e))
+        .finally(() => {
+          this.loading = false;
+          this.kick();
+        });
+      return;
+    }
+    if (!idle && !this.pending && this.sec.isPaused) {
+      // input again, and no checkpoint to load (which would run it): it runs on from where it stopped
+      const sec = this.sec;
+      this.loading = true;
+      this.pump = sec
+        .resume()
+        .then(() => this.deliverInbound(false, false)) // what came meanwhile, not the epoch's input again
+        .catch((e: unknown) => this.fail(e))
+        .finally(() => {
+          this.loading = false;
+          this.kick();
+        });
+      return;
+    }
+    if (!this.pending || idle) return;
     this.loading = true;
     this.pump = this.load().finally(() => {
       this.loading = false;
@@ -229,7 +259,7 @@ export class SecondaryRunner {
     if (epoch < this.base) return; // the checkpoint the secondary runs from holds them
     const frames = splitNetFrames(payload);
     this.activeAtMs = performance.now();
-    if (epoch <= this.base + 1 && !this.loading && this.stats.state === 'running') {
+    if (epoch <= this.base + 1 && !this.loading && this.stats.state === 'running' && !this.sec?.isPaused) {
       this.give(epoch, frames);
       return;
     }
@@ -251,13 +281,13 @@ export class SecondaryRunner {
       }
   }
 
-  private deliverInbound(all = false): void {
-    // The epoch it now runs from, again (see `recent`), then the next one's.
-    if (this.recent.epoch === this.base) {
+  private deliverInbound(all = false, afterLoad = true): void {
+    // After a load: the epoch it now runs from, again (see `recent`); then the next one's.
+    if (afterLoad && this.recent.epoch === this.base) {
       for (const f of this.recent.frames) this.relay.toGuest(f);
       this.stats.framesIn += this.recent.frames.length;
     }
-    this.recent = { epoch: -1, frames: [], bytes: 0 };
+    if (afterLoad) this.recent = { epoch: -1, frames: [], bytes: 0 };
     const keep: { epoch: number; frames: Buffer[] }[] = [];
     for (const q of this.inbound) {
       if (q.epoch < this.base) continue;
