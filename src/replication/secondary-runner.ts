@@ -11,7 +11,7 @@ import { copyFile, open, rm } from 'node:fs/promises';
 import { errorMessage, logger } from '../util/index.ts';
 import { ColoSecondary, type QemuBinary, type QemuVm } from '../qemu/index.ts';
 import { NbdServer, NetRelay } from '../io/index.ts';
-import { PageSet, type DirtyPage } from '../capture/index.ts';
+import { PAGE_SIZE, PageSet, type DirtyPage } from '../capture/index.ts';
 import type { ReplicaStore } from './replica-store.ts';
 import type { Identity } from './protocol/messages.ts';
 import { splitNetFrames } from './protocol/messages.ts';
@@ -29,6 +29,11 @@ const MAX_QUEUED_INBOUND_BYTES = 16 << 20;
  * retransmits after every load, and counted as activity that kept it loading at half a core.
  */
 const IDLE_LOADS_AFTER_MS = 500;
+/**
+ * Checkpoints merged for an idle secondary are loaded all the same once their distinct pages reach
+ * this (the standby's memory stays bounded; the secondary runs for the load, then stops again).
+ */
+const IDLE_PENDING_MAX_BYTES = 64 << 20;
 
 /**
  * The replica's RAM at one checkpoint, copied aside (private files) while nothing is applied to
@@ -187,7 +192,11 @@ export class SecondaryRunner {
     if (this.stats.state !== 'running' && this.stats.state !== 'starting') return;
     const p = (this.pending ??= { epoch, pages: new PageSet(), deviceState });
     const notRam = this.o.image.notRam;
-    for (const pg of pages) if (!notRam.includes(pg.block)) p.pages.set(pg);
+    // Idle, the merge may last: its pages are copied, else each would keep its whole record's
+    // buffer alive (a record per checkpoint, 40 a second under auto's buffer plan).
+    const keep = this.idle();
+    for (const pg of pages)
+      if (!notRam.includes(pg.block)) p.pages.set(keep && pg.data ? { ...pg, data: Buffer.from(pg.data) } : pg);
     p.epoch = epoch;
     p.deviceState = deviceState;
     this.kick();
@@ -199,7 +208,7 @@ export class SecondaryRunner {
    */
   private kick(now = false): void {
     if (this.loading || !this.sec || this.stats.state !== 'running') return;
-    const idle = !now && performance.now() - this.activeAtMs > IDLE_LOADS_AFTER_MS;
+    const idle = !now && this.idle() && (this.pending?.pages.size ?? 0) * PAGE_SIZE < IDLE_PENDING_MAX_BYTES;
     if (idle && !this.sec.isPaused) {
       const sec = this.sec;
       this.loading = true; // (no load while QMP stops it)
@@ -208,7 +217,7 @@ export class SecondaryRunner {
         .catch((e: unknown) => this.fail(e))
         .finally(() => {
           this.loading = false;
-          this.kick();
+          if (sec.isPaused) this.kick(); // (not stopped: it is closing; no loop)
         });
       return;
     }
@@ -222,7 +231,7 @@ export class SecondaryRunner {
         .catch((e: unknown) => this.fail(e))
         .finally(() => {
           this.loading = false;
-          this.kick();
+          if (!sec.isPaused) this.kick();
         });
       return;
     }
@@ -232,6 +241,11 @@ export class SecondaryRunner {
       this.loading = false;
       this.kick();
     });
+  }
+
+  /** No input for IDLE_LOADS_AFTER_MS. */
+  private idle(): boolean {
+    return performance.now() - this.activeAtMs > IDLE_LOADS_AFTER_MS;
   }
 
   private async load(): Promise<void> {
