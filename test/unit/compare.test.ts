@@ -197,18 +197,21 @@ test('FrameComparator: acknowledgements leave only once the secondary acknowledg
   );
 });
 
+/** A chooser's options for the tests: 1 s windows, no settling; each test changes what it looks at. */
+const TEST_CHOOSER = {
+  windowMs: 1000,
+  frames: 0,
+  maxWindowMs: 1000,
+  settleMs: 0,
+  syncMs: 0,
+  minInbound: 20,
+  margin: 0.1,
+  holdMs: 10_000,
+  shift: 2,
+};
+
 test('ModeChooser (--mode auto): a trial is the current plan, the other, the current again; the other is judged against the mean of the two (compare unless buffer wins by the margin); trials again when the load moves for two windows or the hold ends; idle windows and the window traffic starts in say nothing', () => {
-  const m = new ModeChooser({
-    windowMs: 1000,
-    frames: 0,
-    maxWindowMs: 1000,
-    settleMs: 200,
-    syncMs: 0,
-    minInbound: 20,
-    margin: 0.1,
-    holdMs: 10_000,
-    shift: 2,
-  });
+  const m = new ModeChooser({ ...TEST_CHOOSER, settleMs: 200 });
   const c = { compared: 0, released: 0, inbound: 0 };
   const at = (t: number) => m.observe(t, { ...c });
   assert.equal(at(0), null, 'the first window starts');
@@ -282,17 +285,7 @@ test('ModeChooser (--mode auto): a trial is the current plan, the other, the cur
 });
 
 test('ModeChooser: an idle trial window keeps compare; traffic later starts the trials, from the window after its start', () => {
-  const m = new ModeChooser({
-    windowMs: 1000,
-    frames: 0,
-    maxWindowMs: 1000,
-    settleMs: 0,
-    syncMs: 0,
-    minInbound: 20,
-    margin: 0.1,
-    holdMs: 10_000,
-    shift: 2,
-  });
+  const m = new ModeChooser(TEST_CHOOSER);
   const c = { compared: 0, released: 0, inbound: 0 };
   const at = (t: number) => m.observe(t, { ...c });
   at(0);
@@ -308,17 +301,7 @@ test('ModeChooser: an idle trial window keeps compare; traffic later starts the 
 });
 
 test('ModeChooser: a window closes once it counted enough inbound frames, or at its longest (a slow service)', () => {
-  const m = new ModeChooser({
-    windowMs: 500,
-    frames: 200,
-    maxWindowMs: 2000,
-    settleMs: 0,
-    syncMs: 0,
-    minInbound: 20,
-    margin: 0.1,
-    holdMs: 10_000,
-    shift: 2,
-  });
+  const m = new ModeChooser({ ...TEST_CHOOSER, windowMs: 500, frames: 200, maxWindowMs: 2000 });
   const c = { compared: 0, released: 0, inbound: 0 };
   const at = (t: number) => m.observe(t, { ...c });
   at(0);
@@ -335,17 +318,7 @@ test('ModeChooser: a window closes once it counted enough inbound frames, or at 
 });
 
 test('ModeChooser: back on compare, the window starts once the secondary matched a frame again (it caught up), or after syncMs', () => {
-  const m = new ModeChooser({
-    windowMs: 1000,
-    frames: 0,
-    maxWindowMs: 1000,
-    settleMs: 100,
-    syncMs: 1500,
-    minInbound: 20,
-    margin: 0.1,
-    holdMs: 10_000,
-    shift: 2,
-  });
+  const m = new ModeChooser({ ...TEST_CHOOSER, settleMs: 100, syncMs: 1500 });
   const c = { compared: 0, released: 0, inbound: 0 };
   const at = (t: number) => m.observe(t, { ...c });
   at(0);
