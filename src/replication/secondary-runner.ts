@@ -11,7 +11,7 @@ import { copyFile, open, rm } from 'node:fs/promises';
 import { errorMessage, logger } from '../util/index.ts';
 import { ColoSecondary, type QemuBinary, type QemuVm } from '../qemu/index.ts';
 import { NbdServer, NetRelay } from '../io/index.ts';
-import { PAGE_SIZE, PageSet, type DirtyPage } from '../capture/index.ts';
+import { PageSet, type DirtyPage } from '../capture/index.ts';
 import type { ReplicaStore } from './replica-store.ts';
 import type { Identity } from './protocol/messages.ts';
 import { splitNetFrames } from './protocol/messages.ts';
@@ -30,8 +30,10 @@ const MAX_QUEUED_INBOUND_BYTES = 16 << 20;
  */
 const IDLE_LOADS_AFTER_MS = 500;
 /**
- * Checkpoints merged for an idle secondary are loaded all the same once their distinct pages reach
- * this (the standby's memory stays bounded; the secondary runs for the load, then stops again).
+ * Checkpoints merged for an idle secondary are loaded all the same once this much was merged (the
+ * secondary runs for the load, then stops again). Counted as merged, not as distinct pages: each
+ * page points into its record's buffer, which it keeps alive (the replica store counts its own
+ * merge so). Without the bound, 40 records a second under auto's buffer plan stayed in memory.
  */
 const IDLE_PENDING_MAX_BYTES = 64 << 20;
 
@@ -95,7 +97,8 @@ export interface SecondaryStats {
 export class SecondaryRunner {
   private sec: ColoSecondary | null = null;
   private base = 0;
-  private pending: { epoch: number; pages: PageSet; deviceState: Buffer } | null = null;
+  /** Committed checkpoints not loaded yet, merged; `bytes`: the page data merged into it (kept alive). */
+  private pending: { epoch: number; pages: PageSet; deviceState: Buffer; bytes: number } | null = null;
   private inbound: { epoch: number; frames: Buffer[] }[] = [];
   private inboundBytes = 0;
   /**
@@ -190,13 +193,13 @@ export class SecondaryRunner {
   /** A checkpoint was committed: the secondary takes it (with any others it has not taken yet). */
   committed(epoch: number, pages: readonly DirtyPage[], deviceState: Buffer): void {
     if (this.stats.state !== 'running' && this.stats.state !== 'starting') return;
-    const p = (this.pending ??= { epoch, pages: new PageSet(), deviceState });
+    const p = (this.pending ??= { epoch, pages: new PageSet(), deviceState, bytes: 0 });
     const notRam = this.o.image.notRam;
-    // Idle, the merge may last: its pages are copied, else each would keep its whole record's
-    // buffer alive (a record per checkpoint, 40 a second under auto's buffer plan).
-    const keep = this.idle();
     for (const pg of pages)
-      if (!notRam.includes(pg.block)) p.pages.set(keep && pg.data ? { ...pg, data: Buffer.from(pg.data) } : pg);
+      if (!notRam.includes(pg.block)) {
+        p.pages.set(pg);
+        p.bytes += pg.data?.length ?? 0;
+      }
     p.epoch = epoch;
     p.deviceState = deviceState;
     this.kick();
@@ -208,39 +211,37 @@ export class SecondaryRunner {
    */
   private kick(now = false): void {
     if (this.loading || !this.sec || this.stats.state !== 'running') return;
-    const idle = !now && this.idle() && (this.pending?.pages.size ?? 0) * PAGE_SIZE < IDLE_PENDING_MAX_BYTES;
-    if (idle && !this.sec.isPaused) {
-      const sec = this.sec;
-      this.loading = true; // (no load while QMP stops it)
-      this.pump = sec
-        .pause()
-        .catch((e: unknown) => this.fail(e))
-        .finally(() => {
-          this.loading = false;
-          if (sec.isPaused) this.kick(); // (not stopped: it is closing; no loop)
-        });
-      return;
-    }
-    if (!idle && !this.pending && this.sec.isPaused) {
-      // input again, and no checkpoint to load (which would run it): it runs on from where it stopped
-      const sec = this.sec;
-      this.loading = true;
-      this.pump = sec
-        .resume()
-        .then(() => this.deliverInbound(false, false)) // what came meanwhile, not the epoch's input again
-        .catch((e: unknown) => this.fail(e))
-        .finally(() => {
-          this.loading = false;
-          if (!sec.isPaused) this.kick();
-        });
-      return;
-    }
-    if (!this.pending || idle) return;
+    const sec = this.sec;
+    const idle = !now && this.idle() && (this.pending?.bytes ?? 0) < IDLE_PENDING_MAX_BYTES;
+    // (a pause or resume that did not take — the secondary is closing — kicks no more: no loop)
+    if (idle && !sec.isPaused)
+      this.step(
+        () => sec.pause(),
+        () => sec.isPaused,
+      );
+    else if (!idle && !this.pending && sec.isPaused)
+      // input again, and no checkpoint to load (which would run it): it runs on from where it
+      // stopped, given what came meanwhile (not the epoch's input again)
+      this.step(
+        () => sec.resume().then(() => this.deliverInbound(false, false)),
+        () => !sec.isPaused,
+      );
+    else if (this.pending && !idle)
+      this.step(
+        () => this.load(),
+        () => true,
+      );
+  }
+
+  /** One thing at a time on the secondary (a load, a stop, a resume), then look again if `again()`. */
+  private step(op: () => Promise<void>, again: () => boolean): void {
     this.loading = true;
-    this.pump = this.load().finally(() => {
-      this.loading = false;
-      this.kick();
-    });
+    this.pump = op()
+      .catch((e: unknown) => this.fail(e))
+      .finally(() => {
+        this.loading = false;
+        if (again()) this.kick();
+      });
   }
 
   /** No input for IDLE_LOADS_AFTER_MS. */
