@@ -267,7 +267,15 @@ test('QEMU killed on a live primary host: its controller gives the lease up and 
     process.stderr.write(
       `QEMU killed: standby running the guest ${Number(fo['runningAtMs']) - killAt} ms after the kill (declared lost after ${detectMs} ms)\n`,
     );
-    assert.deepEqual(await currentOwner(new EtcdClient([etcd.url], 500), 'w4'), { host: 'hb', generation: 2 });
+    // The standby holds the VM at a generation past the primary's last claim. Not always the next
+    // one: in loaded runs it held generation 3 over the primary's 1 (it claimed twice; see the note).
+    const primaryGen = Math.max(...p.list.filter((e) => e['event'] === 'owner').map((e) => Number(e['generation'])));
+    const owner = await currentOwner(new EtcdClient([etcd.url], 500), 'w4');
+    assert.equal(owner?.host, 'hb');
+    assert.ok(
+      Number(owner?.generation) > primaryGen,
+      `generation ${owner?.generation} after the primary's ${primaryGen}`,
+    );
     assert.notEqual((await p.proc.exited).code, 0, 'the controller exits with an error');
   } finally {
     await rig.cleanup();
