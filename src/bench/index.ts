@@ -8,5 +8,5 @@ export { runKvBench } from './kv.ts';
 export { runNbdBench } from './nbd.ts';
 export { runProfile } from './profile.ts';
 export { SCHEDULER_WORKLOADS, runSchedulerBench } from './scheduler.ts';
-export { SERVICE_POLICIES, runServicesBench } from './services.ts';
+export { PROBES, SERVICE_POLICIES, runServicesBench } from './services.ts';
 export { revalidate } from './validate.ts';

@@ -20,6 +20,7 @@ import {
 } from '../util/index.ts';
 import { type Lan, GuestIo } from '../io/index.ts';
 import type { QemuBinary, Accel } from '../qemu/index.ts';
+import type { CompareCounts } from '../commit/index.ts';
 import { ensureServiceClients, ensureTapRelay } from '../setup/index.ts';
 import { summarise } from './scheduler.ts';
 import { protect, whileProtected } from './protected.ts';
@@ -53,6 +54,8 @@ export interface ServicesBenchOptions {
   /** Output release modes, each measured under every policy (default buffer). */
   modes?: readonly ReleaseMode[];
   cpus?: readonly number[];
+  /** The probes to run (default all, in their order). */
+  probes?: readonly Probe[];
   onStatus?: (s: string) => void;
 }
 
@@ -66,7 +69,8 @@ export interface ClientRun {
   errorKinds?: string;
 }
 
-export type Probe = 'redis-set' | 'redis-get' | 'nginx-4k' | 'nginx-100k' | 'pgbench' | 'upload-100mb';
+export const PROBES = ['redis-set', 'redis-get', 'nginx-4k', 'nginx-100k', 'pgbench', 'upload-100mb'] as const;
+export type Probe = (typeof PROBES)[number];
 type Service = 'redis' | 'nginx' | 'postgres' | 'upload';
 const SERVICE_OF: Record<Probe, Service> = {
   'redis-set': 'redis',
@@ -86,6 +90,8 @@ export interface ServiceCell {
   throughputRatio: number;
   /** Compare mode: the secondary's frames that differed from the primary's, per second. */
   mismatchesPerSec: number;
+  /** The differences found in the run, by kind (compare and auto). */
+  mismatchKinds: Record<string, number>;
   /** … and frames released by comparison (before their checkpoint), per second. */
   comparedPerSec: number;
   perSec: number;
@@ -309,7 +315,7 @@ export async function runServicesBench(
   const modes = o.modes ?? ['buffer'];
   const cpuCounts = o.cpus ?? (o.quick ? [1] : [1, 2]);
   const scale = o.quick ? 2 : 10;
-  const probes: Probe[] = ['redis-set', 'redis-get', 'nginx-4k', 'nginx-100k', 'pgbench', 'upload-100mb'];
+  const probes = PROBES.filter((p) => !o.probes || o.probes.includes(p));
   await ensureServiceClients();
   const cells: ServiceCell[] = [];
   for (const cpus of cpuCounts) {
@@ -318,13 +324,15 @@ export async function runServicesBench(
     try {
       status(`booting the Debian guest (${cpus} vCPU, 1 GiB) from its disk`);
       rig = await startDebianRig(dir, o.accel, 'svc', { hosts: 1, cpus });
-      status(`initialising pgbench (scale ${scale}) in the guest`);
-      await client(
-        rig.lan,
-        'pgbench',
-        ['-h', rig.lan.guestIp, '-U', 'postgres', '-i', '-s', String(scale), '-q', 'postgres'],
-        900_000,
-      );
+      if (probes.includes('pgbench')) {
+        status(`initialising pgbench (scale ${scale}) in the guest`);
+        await client(
+          rig.lan,
+          'pgbench',
+          ['-h', rig.lan.guestIp, '-U', 'postgres', '-i', '-s', String(scale), '-q', 'postgres'],
+          900_000,
+        );
+      }
       const logDir = join(dir, 'pgbench');
       mkdirSync(logDir, { recursive: true });
       const probe = probeRunner(rig, seconds, logDir);
@@ -370,13 +378,17 @@ export async function runServicesBench(
               r: ClientRun;
               s: ReturnType<typeof summarise>;
               b: Breakdown | null;
-              c: { mismatchesPerSec: number; comparedPerSec: number };
+              c: { mismatchesPerSec: number; comparedPerSec: number; mismatchKinds: Record<string, number> };
               cores: CpuShare;
             }> = [];
             const counts = () => {
               const snap = prot.snapshot();
-              const c = snap['compare'] as { mismatches: number } | undefined;
-              return { mismatches: c?.mismatches ?? 0, compared: (snap['output'] as { compared: number }).compared };
+              const c = snap['compare'] as CompareCounts | undefined;
+              return {
+                mismatches: c?.mismatches ?? 0,
+                kinds: { ...c?.kinds },
+                compared: (snap['output'] as { compared: number }).compared,
+              };
             };
             for (const p of probes) {
               // A warm-up of the probe's load under protection, the same in every mode: --mode auto
@@ -396,10 +408,25 @@ export async function runServicesBench(
               const c = {
                 mismatchesPerSec: round((k1.mismatches - k0.mismatches) / secs, 1),
                 comparedPerSec: round((k1.compared - k0.compared) / secs, 1),
+                mismatchKinds: Object.fromEntries(
+                  Object.entries(k1.kinds)
+                    .map(([k, v]) => [k, v - ((k0.kinds as Record<string, number>)[k] ?? 0)] as const)
+                    .filter(([, v]) => v > 0),
+                ),
               };
               out.push({ p, r, s: summarise(prot.events.slice(n0), secs), b, c, cores });
               status(
-                `  ${p} under ${policy} (${mode}): ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors${r.errorKinds ? ` (${r.errorKinds})` : ''}` : ''}${mode !== 'buffer' ? `, ${c.comparedPerSec} frames/s matched, ${c.mismatchesPerSec} mismatches/s` : ''}`,
+                `  ${p} under ${policy} (${mode}): ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors${r.errorKinds ? ` (${r.errorKinds})` : ''}` : ''}${
+                  mode !== 'buffer'
+                    ? `, ${c.comparedPerSec} frames/s matched, ${c.mismatchesPerSec} mismatches/s${
+                        c.mismatchesPerSec
+                          ? ` (${Object.entries(c.mismatchKinds)
+                              .map(([k, v]) => `${k} ${v}`)
+                              .join(', ')})`
+                          : ''
+                      }`
+                    : ''
+                }`,
               );
               if (b) status(`    released frames: ${formatBreakdown(b)}`);
               status(
@@ -482,8 +509,12 @@ export async function runServicesBench(
       ),
     };
   };
-  status('failover as the clients see it: wrk, then redis-benchmark, while the primary host dies');
-  const failover = await runFailoverUnderLoad({ accel: o.accel, seconds: o.quick ? 15 : 30, onStatus: status });
+  // The clients' view of a failover is part of the whole run; a run narrowed to some probes skips it.
+  let failover: Awaited<ReturnType<typeof runFailoverUnderLoad>> | null = null;
+  if (!o.probes) {
+    status('failover as the clients see it: wrk, then redis-benchmark, while the primary host dies');
+    failover = await runFailoverUnderLoad({ accel: o.accel, seconds: o.quick ? 15 : 30, onStatus: status });
+  }
   mkdirSync(o.outDir, { recursive: true });
   const file = join(o.outDir, 'services.json');
   const summary = {
@@ -535,7 +566,7 @@ export async function runServicesBench(
     seconds,
     scale,
     command: `npm run bench -- services${o.quick ? ' --quick' : ''}`,
-    failover,
+    ...(failover ? { failover } : {}),
   });
   return { summary, file, cells };
 }

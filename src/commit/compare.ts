@@ -100,7 +100,11 @@ export interface CompareCounts {
   stale: number;
   /** The last difference seen, in a few words (status shows it), or null. */
   lastMismatch: string | null;
+  /** Differences by kind: where the secondary's TCP data differed in bytes, sat at another sequence, was a control segment or lacked a FIN; or a whole frame (not TCP data) differed. */
+  kinds: Record<MismatchKind, number>;
 }
+
+export type MismatchKind = 'data' | 'sequence' | 'control' | 'fin' | 'frame';
 
 /** A secondary frame waits this long at most per connection for the primary's (bounded memory). */
 const MAX_SECONDARY_PER_FLOW = 1024;
@@ -109,7 +113,13 @@ const MAX_FLOWS = 4096;
 export class FrameComparator {
   private readonly flows = new Map<string, Flow>();
   private acked = -1;
-  readonly counts: CompareCounts = { matched: 0, mismatches: 0, stale: 0, lastMismatch: null };
+  readonly counts: CompareCounts = {
+    matched: 0,
+    mismatches: 0,
+    stale: 0,
+    lastMismatch: null,
+    kinds: { data: 0, sequence: 0, control: 0, fin: 0, frame: 0 },
+  };
 
   private flow(key: string): Flow {
     let fl = this.flows.get(key);
@@ -200,6 +210,7 @@ export class FrameComparator {
         if (r === 'differ') {
           fl.diverged = p.epoch;
           this.counts.lastMismatch = this.why;
+          this.counts.kinds[this.whyKind]++;
           this.counts.mismatches++;
           mismatch = true;
           break;
@@ -229,6 +240,7 @@ export class FrameComparator {
       if (!s.sig.equals(p.sig)) {
         fl.diverged = p.epoch;
         this.counts.lastMismatch = describeMismatch(p.sig, s.sig);
+        this.counts.kinds.frame++;
         this.counts.mismatches++;
         mismatch = true;
         break;
@@ -269,7 +281,7 @@ export class FrameComparator {
         continue;
       }
       if (s.epoch > p.epoch) return 'wait';
-      if (!s.data) return this.differ('the secondary sent a control segment', d); // where the primary sent data
+      if (!s.data) return this.differ('control', 'the secondary sent a control segment', d); // where the primary sent data
       const sStart = (s.data.seq + used) | 0;
       const sLen = s.data.payload.length - used;
       if (sStart !== pos) {
@@ -282,11 +294,11 @@ export class FrameComparator {
           } else used += behind;
           continue;
         }
-        return this.differ(`the secondary's data is at sequence ${sStart >>> 0}`, d);
+        return this.differ('sequence', `the secondary's data is at sequence ${sStart >>> 0}`, d);
       }
       const n = Math.min(sLen, d.payload.length - done);
       if (!d.payload.subarray(done, done + n).equals(s.data.payload.subarray(used, used + n)))
-        return this.differ(`the secondary sent ${hex(s.data.payload.subarray(used, used + n))}`, d);
+        return this.differ('data', `the secondary sent ${hex(s.data.payload.subarray(used, used + n))}`, d);
       done += n;
       pos = (pos + n) | 0;
       used += n;
@@ -304,15 +316,17 @@ export class FrameComparator {
       const finOnly = !s.data && s.sig.length === 5 && (s.sig[4]! & FIN) !== 0 && s.sig.readUInt32BE(0) === pos >>> 0;
       return finOnly && used === 0
         ? { take: { i: i + 1, used: 0 } }
-        : this.differ('the secondary sent no FIN there', d);
+        : this.differ('fin', 'the secondary sent no FIN there', d);
     }
     // (a FIN the secondary sent with this data, where the primary sends it later, is compared then)
     return { take: { i, used } };
   }
 
   private why = '';
+  private whyKind: MismatchKind = 'data';
   /** A difference in TCP data, described for the operator (status shows the last one). */
-  private differ(what: string, d: NonNullable<FrameIdentity['data']>): 'differ' {
+  private differ(kind: MismatchKind, what: string, d: NonNullable<FrameIdentity['data']>): 'differ' {
+    this.whyKind = kind;
     this.why = `TCP data at sequence ${d.seq} (${d.payload.length} bytes: ${hex(d.payload)}) differs: ${what}`;
     return 'differ';
   }

@@ -6,6 +6,6 @@ export type { ClosedEpoch, DiskEpochCut, DiskEpochSource, OutputStats, Sized } f
 export { ReleaseGate } from './release-gate.ts';
 export type { LeaseCheck } from './release-gate.ts';
 export { FrameComparator, frameIdentity } from './compare.ts';
-export type { CompareCounts, FrameIdentity } from './compare.ts';
+export type { CompareCounts, FrameIdentity, MismatchKind } from './compare.ts';
 export { ModeChooser, DEFAULT_MODE_CHOOSER } from './mode-chooser.ts';
 export type { ModeChange, ModeChooserOptions, Planning } from './mode-chooser.ts';

@@ -393,10 +393,12 @@ test('FrameComparator: TCP data compares as a byte stream, whatever either sideâ
   d.secondary(1, tcp({ seq: 1, payload: 'abc' }));
   const r = d.secondary(1, tcp({ seq: 4, payload: 'dXf' }));
   assert.deepEqual([rel(r), r.mismatch, d.counts.mismatches], [[], true, 1]);
+  assert.deepEqual(d.counts.kinds, { data: 1, sequence: 0, control: 0, fin: 0, frame: 0 }, 'counted by kind');
   // data at another sequence (the secondary skipped ahead) differs too
   const g = new FrameComparator();
   g.primary(0, 1, tcp({ seq: 1, payload: 'abc' }));
   assert.equal(g.secondary(1, tcp({ seq: 2, payload: 'bcd' })).mismatch, true);
+  assert.equal(g.counts.kinds.sequence, 1);
 
   // the secondary's bytes of another epoch never match
   const e = new FrameComparator();

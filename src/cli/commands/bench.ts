@@ -11,6 +11,7 @@ import {
   runSchedulerBench,
   SERVICE_POLICIES,
   runServicesBench,
+  PROBES,
   runEvaluation,
   revalidate,
   runNbdBench,
@@ -210,6 +211,7 @@ export function register(program: Command): void {
     .option('--policies <list>', `policies, comma-separated (default ${SERVICE_POLICIES.join(',')}; quick: model)`)
     .option('--cpus <list>', 'guest vCPU counts, comma-separated (default 1,2; quick: 1)')
     .option('--modes <list>', 'output release modes measured side by side: buffer, compare, auto (default buffer)')
+    .option('--probes <list>', `client runs to measure, comma-separated (default all: ${PROBES.join(',')})`)
     .action(async (raw: unknown) => {
       const o = parseOptions(
         z.object({
@@ -224,11 +226,17 @@ export function register(program: Command): void {
               z.array(z.enum(['buffer', 'compare', 'auto'], { message: 'modes are buffer, compare and auto' })).min(1),
             )
             .optional(),
+          probes: z
+            .string()
+            .transform((v) => v.split(',').map((m) => m.trim()))
+            .pipe(z.array(z.enum(PROBES, { message: `probes are ${PROBES.join(', ')}` })).min(1))
+            .optional(),
         }),
         raw,
       );
       const { accel, binary } = await platform(o.accel);
       const r = await runServicesBench({
+        ...(o.probes ? { probes: o.probes } : {}),
         accel,
         binary,
         quick: o.quick,
