@@ -23,12 +23,26 @@ export interface FrameIdentity {
   pureAck?: boolean;
   /** TCP data (no SYN or RST): compared as a byte stream, whatever the segment boundaries. */
   data?: { seq: number; fin: boolean; payload: Buffer };
+  /** A SYN (a connection opened by this side, or its answer): its initial sequence number is each VM's own. */
+  syn?: { seq: number };
 }
 
 const ETH_HDR = 14;
 const FIN = 0x01;
 const SYN = 0x02;
 const RST = 0x04;
+const ACK = 0x10;
+
+/** The TCP checksum of `tcp` (its checksum field counted as zero) inside IPv4 header `ip`. */
+export function tcpChecksum(ip: Buffer, tcp: Buffer): number {
+  let sum = 0;
+  for (let i = 12; i < 20; i += 2) sum += ip.readUInt16BE(i); // source and destination addresses
+  sum += 6 + tcp.length;
+  for (let i = 0; i + 1 < tcp.length; i += 2) if (i !== 16) sum += tcp.readUInt16BE(i);
+  if (tcp.length & 1) sum += tcp[tcp.length - 1]! << 8;
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  return ~sum & 0xffff;
+}
 
 /** The frame (with Rubato's 4-byte length prefix) reduced to what two runs of one state must agree on. */
 export function frameIdentity(prefixed: Buffer): FrameIdentity {
@@ -54,6 +68,7 @@ export function frameIdentity(prefixed: Buffer): FrameIdentity {
       };
       if (payload.length > 0 && (flags & (SYN | RST)) === 0)
         id.data = { seq: tcp.readUInt32BE(4), fin: (flags & FIN) !== 0, payload };
+      if (flags & SYN) id.syn = { seq: tcp.readUInt32BE(4) };
       return id;
     }
     const sig = Buffer.from(f);
@@ -71,11 +86,13 @@ interface PrimaryEntry {
   ack?: number | undefined;
   pureAck?: boolean | undefined;
   data?: FrameIdentity['data'];
+  syn?: FrameIdentity['syn'];
 }
 interface SecondaryEntry {
   epoch: number;
   sig: Buffer;
   data?: FrameIdentity['data'];
+  syn?: FrameIdentity['syn'];
   /** TCP data: bytes of it already compared with the primary's. */
   used: number;
 }
@@ -88,6 +105,12 @@ interface Flow {
   secondaryAck: number | null;
   /** TCP: the primary's stream is verified and released up to here (a retransmission below it leaves), or null. */
   verifiedEnd: number | null;
+  /**
+   * TCP: a connection this side's SYN opened in `epoch` — the two VMs chose their own initial sequence numbers, so
+   * the secondary's numbers of that epoch are the primary's minus `delta` (QEMU's filter-rewriter does the same). From
+   * the next checkpoint on the secondary holds the primary's connection, numbers and all.
+   */
+  isn: { epoch: number; delta: number } | null;
 }
 
 /** `a` at or after `b` in TCP's 32-bit sequence space. */
@@ -125,7 +148,7 @@ export class FrameComparator {
     let fl = this.flows.get(key);
     if (!fl) {
       if (this.flows.size >= MAX_FLOWS) this.prune();
-      fl = { p: [], s: [], diverged: -1, secondaryAck: null, verifiedEnd: null };
+      fl = { p: [], s: [], diverged: -1, secondaryAck: null, verifiedEnd: null, isn: null };
       this.flows.set(key, fl);
     }
     return fl;
@@ -138,7 +161,7 @@ export class FrameComparator {
   primary(seq: number, epoch: number, frame: Buffer): { release: PrimaryEntry[]; mismatch: boolean } {
     const id = frameIdentity(frame);
     const fl = this.flow(id.flow);
-    fl.p.push({ seq, epoch, sig: id.sig, ack: id.ack, pureAck: id.pureAck, data: id.data });
+    fl.p.push({ seq, epoch, sig: id.sig, ack: id.ack, pureAck: id.pureAck, data: id.data, syn: id.syn });
     return this.match(fl);
   }
 
@@ -158,7 +181,7 @@ export class FrameComparator {
       fl.s.shift();
       this.counts.stale++;
     }
-    fl.s.push({ epoch, sig: id.sig, data: id.data, used: 0 });
+    fl.s.push({ epoch, sig: id.sig, data: id.data, syn: id.syn, used: 0 });
     return this.match(fl);
   }
 
@@ -177,7 +200,7 @@ export class FrameComparator {
       const r = this.match(fl);
       release.push(...r.release);
       mismatch ||= r.mismatch;
-      if (!fl.p.length && !fl.s.length) this.flows.delete(key);
+      if (!fl.p.length && !fl.s.length && !(fl.isn && fl.isn.epoch > epoch)) this.flows.delete(key);
     }
     return { release, mismatch };
   }
@@ -237,7 +260,11 @@ export class FrameComparator {
       // The secondary already runs from checkpoint p.epoch (so it is acknowledged) without having
       // sent this frame: it leaves with that acknowledgement.
       if (s.epoch > p.epoch) break;
-      if (!s.sig.equals(p.sig)) {
+      if (p.syn && s.syn && s.sig.subarray(4).equals(p.sig.subarray(4))) {
+        // The same SYN but for its initial sequence number: the secondary's numbers on this
+        // connection differ by as much in this epoch (and its input is rewritten to match).
+        fl.isn = { epoch: p.epoch, delta: (p.syn.seq - s.syn.seq) | 0 };
+      } else if (!this.shifted(fl, s).equals(p.sig)) {
         fl.diverged = p.epoch;
         this.counts.lastMismatch = describeMismatch(p.sig, s.sig);
         this.counts.kinds.frame++;
@@ -266,6 +293,7 @@ export class FrameComparator {
     const d = p.data!;
     const end = (d.seq + d.payload.length) | 0;
     if (!d.fin && fl.verifiedEnd !== null && seqAtLeast(fl.verifiedEnd, end)) return { take: null };
+    const delta = fl.isn?.epoch === p.epoch ? fl.isn.delta : 0; // (only the secondary's entries of p.epoch are compared)
     // Dry run over the secondary's entries; consumed only on a match.
     let pos = d.seq | 0;
     let done = 0;
@@ -282,7 +310,7 @@ export class FrameComparator {
       }
       if (s.epoch > p.epoch) return 'wait';
       if (!s.data) return this.differ('control', 'the secondary sent a control segment', d); // where the primary sent data
-      const sStart = (s.data.seq + used) | 0;
+      const sStart = (s.data.seq + delta + used) | 0;
       const sLen = s.data.payload.length - used;
       if (sStart !== pos) {
         // the secondary's retransmission of bytes before this point: skip what lies below it
@@ -313,7 +341,8 @@ export class FrameComparator {
       const s = fl.s[i];
       if (!s) return 'wait';
       if (s.epoch > p.epoch) return 'wait';
-      const finOnly = !s.data && s.sig.length === 5 && (s.sig[4]! & FIN) !== 0 && s.sig.readUInt32BE(0) === pos >>> 0;
+      const finOnly =
+        !s.data && s.sig.length === 5 && (s.sig[4]! & FIN) !== 0 && ((s.sig.readUInt32BE(0) + delta) | 0) === pos;
       return finOnly && used === 0
         ? { take: { i: i + 1, used: 0 } }
         : this.differ('fin', 'the secondary sent no FIN there', d);
@@ -329,6 +358,57 @@ export class FrameComparator {
     this.whyKind = kind;
     this.why = `TCP data at sequence ${d.seq} (${d.payload.length} bytes: ${hex(d.payload)}) differs: ${what}`;
     return 'differ';
+  }
+
+  /** A secondary entry's signature in the primary's sequence numbers (TCP: its first 4 bytes are the sequence). */
+  private shifted(fl: Flow, s: SecondaryEntry): Buffer {
+    if (!fl.isn || fl.isn.epoch !== s.epoch || s.sig.length < 4) return s.sig; // (only TCP flows have an isn)
+    const sig = Buffer.from(s.sig);
+    sig.writeUInt32BE((sig.readUInt32BE(0) + fl.isn.delta) >>> 0, 0);
+    return sig;
+  }
+
+  /**
+   * A frame from outside for the guest, as the secondary must get it in `epoch`: on a connection
+   * whose SYN the two VMs numbered differently in that epoch, its acknowledgement (and SACK edges)
+   * are moved into the secondary's numbers, and its TCP checksum is computed again. Returns the
+   * frame itself when nothing changes, else a rewritten copy (the primary's guest gets the original).
+   */
+  toSecondary(epoch: number, prefixed: Buffer): Buffer {
+    if (!this.flows.size) return prefixed;
+    const f = prefixed.subarray(4);
+    if (f.length < ETH_HDR + 40 || f.readUInt16BE(12) !== 0x0800) return prefixed;
+    const ip = f.subarray(ETH_HDR);
+    const ihl = (ip[0]! & 0x0f) * 4;
+    const total = Math.min(ip.readUInt16BE(2), ip.length);
+    if (ip[9] !== 6 || ihl < 20 || total < ihl + 20) return prefixed;
+    const tcp = ip.subarray(ihl, total);
+    if ((tcp[13]! & ACK) === 0) return prefixed;
+    // the guest's side of this connection: the reverse of the frame's direction
+    const key = `t${ip.readUInt32BE(16)}:${tcp.readUInt16BE(2)}>${ip.readUInt32BE(12)}:${tcp.readUInt16BE(0)}`;
+    const isn = this.flows.get(key)?.isn;
+    if (!isn || isn.epoch !== epoch || isn.delta === 0) return prefixed;
+    const out = Buffer.from(prefixed);
+    const oip = out.subarray(4 + ETH_HDR);
+    const otcp = oip.subarray(ihl, total);
+    const back = (v: number) => (v - isn.delta) >>> 0;
+    otcp.writeUInt32BE(back(otcp.readUInt32BE(8)), 8);
+    // SACK blocks (option 5) name the guest's sequence numbers too
+    const off = Math.min((otcp[12]! >> 4) * 4, otcp.length);
+    for (let i = 20; i < off; ) {
+      const kind = otcp[i]!;
+      if (kind === 0) break;
+      if (kind === 1) {
+        i++;
+        continue;
+      }
+      const len = otcp[i + 1] ?? 0;
+      if (len < 2 || i + len > off) break;
+      if (kind === 5) for (let e = i + 2; e + 4 <= i + len; e += 4) otcp.writeUInt32BE(back(otcp.readUInt32BE(e)), e);
+      i += len;
+    }
+    otcp.writeUInt16BE(tcpChecksum(oip, otcp), 16);
+    return out;
   }
 
   private secondaryHas(fl: Flow, p: PrimaryEntry): boolean {

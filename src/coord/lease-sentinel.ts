@@ -29,10 +29,16 @@ let lease = null;
 const tied = new Set();
 let bye = false;
 let buf = '';
-// (a dead process whose parent died is a zombie until its new parent reaps it: dead all the same)
+// Gone: no such process, a zombie (dead; its new parent reaps it late), or exiting (PF_EXITING,
+// set as do_exit begins: it never runs its own code again, though freeing a big guest's memory
+// takes the kernel a while).
+const PF_EXITING = 0x4;
 const alive = (pid) => {
-  try { return !/^\\d+ \\(.*\\) Z/s.test(require('node:fs').readFileSync('/proc/' + pid + '/stat', 'latin1')); }
+  let stat;
+  try { stat = require('node:fs').readFileSync('/proc/' + pid + '/stat', 'latin1'); }
   catch (e) { return false; }
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return f[0] !== 'Z' && f[0] !== 'X' && (Number(f[6]) & PF_EXITING) === 0;
 };
 process.stdin.setEncoding('utf8');
 process.stdin.on('data', (d) => {

@@ -136,7 +136,8 @@ export class CompareSide {
       this.mirrored = { epoch, frames: [], bytes: 0 };
       setImmediate(() => this.flushMirror());
     }
-    this.mirrored.frames.push(f);
+    // (its acknowledgement in the secondary's numbers, on a connection the two VMs opened apart)
+    this.mirrored.frames.push(this.comparator.toSecondary(epoch, f));
     this.mirrored.bytes += f.length;
     if (this.mirrored.bytes > MIRROR_BATCH_BYTES) this.flushMirror();
   }

@@ -2,7 +2,7 @@
 // per-connection, per-epoch pairing (FrameComparator) and output commit's early release.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { FrameComparator, frameIdentity } from '../../src/commit/compare.ts';
+import { FrameComparator, frameIdentity, tcpChecksum } from '../../src/commit/compare.ts';
 import { DEFAULT_MODE_CHOOSER, ModeChooser } from '../../src/commit/mode-chooser.ts';
 import { OutputCommit } from '../../src/commit/output-commit.ts';
 
@@ -17,6 +17,9 @@ function tcp(o: {
   ipId?: number;
   window?: number;
   tsval?: number;
+  /** IPv4 addresses (default 10.0.0.2 > 10.0.0.1: the guest's output). */
+  src?: number;
+  dst?: number;
 }): Buffer {
   const payload = Buffer.from(o.payload ?? '');
   const opts = Buffer.alloc(12); // NOP NOP timestamps
@@ -41,8 +44,8 @@ function tcp(o: {
   ip[8] = 64;
   ip[9] = 6;
   ip.writeUInt16BE(o.ipId ?? 1, 10); // checksum stand-in: differs with the id
-  ip.writeUInt32BE(0x0a000002, 12);
-  ip.writeUInt32BE(0x0a000001, 16);
+  ip.writeUInt32BE(o.src ?? 0x0a000002, 12);
+  ip.writeUInt32BE(o.dst ?? 0x0a000001, 16);
   const eth = Buffer.alloc(14);
   eth.writeUInt16BE(0x0800, 12);
   const f = Buffer.concat([eth, ip, th, opts, payload]);
@@ -433,4 +436,75 @@ test('OutputCommit.nextLateAtMs: when the first held frame of the open epoch tur
   assert.equal(oc.nextLateAtMs(), 300, 'a frame that left does not count');
   oc.closeEpoch(1);
   assert.equal(oc.nextLateAtMs(), Number.POSITIVE_INFINITY, 'a new epoch: its base is not acknowledged yet');
+});
+
+test('FrameComparator: a connection the two VMs opened with their own initial sequence numbers matches (SYN by SYN), its data in that epoch compares shifted, and the secondary’s input is rewritten to its numbers', () => {
+  const rel = (r: { release: { seq: number }[] }) => r.release.map((e) => e.seq);
+  const c = new FrameComparator();
+  // the guest answers a client's SYN: each VM picked its own ISN (SYN+ACK, ack = client ISN + 1)
+  assert.deepEqual(rel(c.primary(0, 4, tcp({ seq: 1000, ack: 51, flags: 0x12 }))), []);
+  assert.deepEqual(rel(c.secondary(4, tcp({ seq: 7000, ack: 51, flags: 0x12 }))), [0], 'the SYN+ACK matches');
+  // data of epoch 4: the secondary's sequence numbers are 6000 lower
+  c.primary(1, 4, tcp({ seq: 1001, ack: 60, payload: '+OK\r\n' }));
+  assert.deepEqual(rel(c.secondary(4, tcp({ seq: 7001, ack: 60, payload: '+OK\r\n' }))), [1]);
+  // … but not the same bytes at the same shifted place
+  c.primary(2, 4, tcp({ seq: 1006, ack: 70, payload: 'abc' }));
+  assert.equal(c.secondary(4, tcp({ seq: 7006, ack: 70, payload: 'abd' })).mismatch, true);
+  assert.equal(c.counts.kinds.data, 1);
+  assert.equal(c.counts.kinds.frame, 0, 'the SYN+ACKs were not a difference');
+
+  // the client's frames for the guest, in epoch 4: ack and SACK edges in the secondary's numbers
+  const client = (ack: number, sack: number[]) => {
+    const f = tcp({ sport: 40000, dport: 7000, src: 0x0a000001, dst: 0x0a000002, seq: 60, ack, flags: 0x10 });
+    // replace the timestamp option with NOP NOP SACK(2 edges)+padding: the header has 12 option bytes
+    const opt = f.subarray(4 + 14 + 20 + 20, 4 + 14 + 20 + 20 + 12);
+    opt.fill(1);
+    opt[2] = 5;
+    opt[3] = 10;
+    opt.writeUInt32BE(sack[0]!, 4);
+    opt.writeUInt32BE(sack[1]!, 8);
+    return f;
+  };
+  const inbound = client(1006, [1010, 1020]);
+  const ip = inbound.subarray(4 + 14, 4 + 14 + 20);
+  const th = inbound.subarray(4 + 14 + 20);
+  th.writeUInt16BE(tcpChecksum(ip, th), 16);
+  const toSec = c.toSecondary(4, inbound);
+  assert.notEqual(toSec, inbound, 'a rewritten copy');
+  assert.equal(inbound.readUInt32BE(4 + 14 + 20 + 8), 1006, "the primary's frame is untouched");
+  const sip = toSec.subarray(4 + 14, 4 + 14 + 20);
+  const sth = toSec.subarray(4 + 14 + 20);
+  assert.equal(sth.readUInt32BE(8), 7006, 'the acknowledgement');
+  assert.deepEqual([sth.readUInt32BE(20 + 4), sth.readUInt32BE(20 + 8)], [7010, 7020], 'the SACK edges');
+  // a valid TCP checksum: the one's complement sum over the pseudo-header and segment is all ones
+  assert.equal(sth.readUInt16BE(16), tcpChecksum(sip, sth));
+  assert.notEqual(sth.readUInt16BE(16), th.readUInt16BE(16));
+  // in the next epoch the secondary holds the primary's connection: nothing to rewrite
+  assert.equal(c.toSecondary(5, inbound), inbound);
+  // nor for another connection
+  const other = tcp({ sport: 40001, dport: 7000, src: 0x0a000001, dst: 0x0a000002, seq: 60, ack: 1006, flags: 0x10 });
+  assert.equal(c.toSecondary(4, other), other);
+  // the next epoch's data is compared unshifted
+  c.acknowledged(4);
+  c.primary(3, 5, tcp({ seq: 1009, ack: 80, payload: 'x' }));
+  assert.deepEqual(rel(c.secondary(5, tcp({ seq: 1009, ack: 80, payload: 'x' }))), [3]);
+});
+
+test('tcpChecksum: the RFC 1071 sum of a real segment', () => {
+  // 10.0.0.2:7000 > 10.0.0.1:40000, SYN+ACK, checked against an independent sum over pseudo-header and segment
+  const f = tcp({ seq: 0x01020304, ack: 0x0a0b0c0d, flags: 0x12, payload: 'hello' });
+  const ip = f.subarray(4 + 14, 4 + 14 + 20);
+  const th = f.subarray(4 + 14 + 20);
+  const sum = tcpChecksum(ip, th);
+  th.writeUInt16BE(sum, 16);
+  const words = Buffer.concat([
+    ip.subarray(12, 20),
+    Buffer.from([0, 6, th.length >> 8, th.length & 255]),
+    th,
+    Buffer.alloc(th.length & 1),
+  ]);
+  let s = 0;
+  for (let i = 0; i < words.length; i += 2) s += words.readUInt16BE(i);
+  while (s > 0xffff) s = (s & 0xffff) + (s >>> 16);
+  assert.equal(s, 0xffff);
 });
