@@ -59,6 +59,8 @@ export type StandbyEvent =
       detectedAtMs: number;
       runningAtMs: number;
       restoreMs: number;
+      /** Where the time from detection to a running guest went (ms, in order): the gate, the replica settling, the guest started. */
+      phasesMs: { gate: number; settle: number; qemuReady: number; run: number };
       why: string;
       /** Compare mode: the running secondary went on as the guest (no restore). */
       promoted: boolean;
@@ -526,6 +528,7 @@ export class StandbyController {
   /** Starts the guest from the last committed checkpoint (once). */
   async failover(reason: 'primary-lost' | 'manual', why: string, silentMs = 0): Promise<boolean> {
     const detectedAtMs = Date.now();
+    const t0 = performance.now();
     if (this.st === 'active' || this.st === 'activating') return this.st === 'active';
     if (!this.store || !this.identity) {
       this.emit({ event: 'failover-refused', why: 'no replica to fail over to' });
@@ -584,6 +587,7 @@ export class StandbyController {
     }
     // The generation this side now holds: an older primary is refused from here on.
     if (verdict.generation !== undefined) this.highestGeneration = Math.max(this.highestGeneration, verdict.generation);
+    const gateAt = performance.now();
     let store = this.store;
     try {
       store = await this.settledForActivation(store);
@@ -592,6 +596,8 @@ export class StandbyController {
       this.emit({ event: 'failover-refused', why: errorMessage(e) });
       throw e;
     }
+    const settledAt = performance.now();
+    let readyAt = settledAt; // (the restore's QEMU started, waiting for the checkpoint)
     // Compare mode: the secondary takes the last committed checkpoint and runs on as the guest.
     const promoted = await this.promoteSecondary();
     await store.close(); // the guest owns the image files from here
@@ -614,6 +620,7 @@ export class StandbyController {
         const pending = this.early;
         this.early = null;
         let early = pending ? await pending.catch(() => null) : null;
+        readyAt = performance.now();
         if (early && early.ramFile !== spec.ramFile) {
           // (the replica moved under it: started afresh)
           await undoEarly(early);
@@ -640,6 +647,12 @@ export class StandbyController {
         detectedAtMs,
         runningAtMs: Date.now(),
         restoreMs: Math.round(r.restoreMs),
+        phasesMs: {
+          gate: Math.round(gateAt - t0),
+          settle: Math.round(settledAt - gateAt),
+          qemuReady: Math.round(readyAt - settledAt),
+          run: Math.round(performance.now() - readyAt),
+        },
         promoted: promoted !== null,
         why: `${why}; ${verdict.why}`,
       });

@@ -306,7 +306,7 @@ test('the controller killed on a live primary host: QEMU dies with it, the lease
       'a plain claim (the key was gone), not one over an unrenewed key',
     );
     process.stderr.write(
-      `controller killed: standby running the guest ${Number(fo['runningAtMs']) - killAt} ms after the kill (declared lost after ${Number(lostAt?.['atMs']) - killAt} ms)\n`,
+      `controller killed: standby running the guest ${Number(fo['runningAtMs']) - killAt} ms after the kill (declared lost after ${Number(lostAt?.['atMs']) - killAt} ms, its failover began after ${Number(fo['detectedAtMs']) - killAt} ms, then ${JSON.stringify(fo['phasesMs'])})\n`,
     );
     assert.deepEqual(await currentOwner(new EtcdClient([etcd.url], 500), 'w5'), { host: 'hb', generation: 2 });
   } finally {
