@@ -52,6 +52,8 @@ export type StandbyEvent =
   | SyncProgress
   | { event: 'synced'; ms: number; bytes: number }
   | { event: 'committed'; epoch: number; bytes: number; pages: number }
+  /** A restore's QEMU started ahead waits, paused, for a failover (`startMs`: how long it took to start). */
+  | { event: 'spare-ready'; startMs: number }
   | { event: 'primary-lost'; reason: string; epoch: number | null; atMs: number }
   | {
       event: 'failover';
@@ -61,6 +63,8 @@ export type StandbyEvent =
       restoreMs: number;
       /** Where the time from detection to a running guest went (ms, in order): the gate, the replica settling, the guest started. */
       phasesMs: { gate: number; settle: number; qemuReady: number; run: number };
+      /** A spare QEMU was ready when the failover began (only the checkpoint's device state was loaded into it). */
+      spare: boolean;
       why: string;
       /** Compare mode: the running secondary went on as the guest (no restore). */
       promoted: boolean;
@@ -111,13 +115,17 @@ export interface StandbyOptions {
 
 export class StandbyController {
   /**
-   * The restored guest's I/O and its QEMU waiting for the checkpoint, started once the primary's
-   * link is lost (so that they overlap the liveness timeout and the claim); consumed by a failover,
-   * undone when a primary is back or the standby stops.
+   * The restored guest's I/O and its QEMU waiting, paused, for the checkpoint: a spare started once
+   * the replica takes checkpoints (its RAM is the replica's file, shared, so it sees every
+   * checkpoint applied), or at the latest when the primary's link is lost. A failover only loads the
+   * device state into it and runs it: starting QEMU is the longest step of a restore (about 0.3 s
+   * under TCG, more on a loaded host). Consumed by a failover; undone when the replica is replaced
+   * (a new image), the primary stops in order, or the standby stops.
    */
   private early: Promise<EarlyRestore> | null = null;
   /** The undoing of the last one (a new one waits for it: the same TAP and sockets). */
   private earlyUndone: Promise<void> = Promise.resolve();
+  private spareReady = false;
   private server: Server | null = null;
   private control: ControlSocket | null = null;
   private link: Link | null = null;
@@ -220,6 +228,8 @@ export class StandbyController {
       primary: this.link && !this.link.closed ? this.link.peer : null,
       mode: this.secondary ? 'compare' : 'buffer',
       ...(this.secondary ? { secondary: { ...this.secondary.stats } } : {}),
+      // a restore's QEMU started ahead, waiting paused for a failover's checkpoint
+      spare: this.early ? (this.spareReady ? 'ready' : 'starting') : null,
       ...this.o.statusExtra?.(),
       lastFailover: this.lastFailover,
     };
@@ -328,7 +338,6 @@ export class StandbyController {
     if (identity.generation !== undefined)
       this.highestGeneration = Math.max(this.highestGeneration, identity.generation);
     this.primaryReturned.wake();
-    void this.dropEarly(); // (no failover while a primary is here)
     // A new authenticated session replaces an old one (the same primary restarting protection).
     if (this.link && !this.link.closed)
       this.link.close(new RubatoError('RUBATO_PEER_LOST', 'replaced by a new session'));
@@ -352,6 +361,8 @@ export class StandbyController {
         if (!this.store) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
         const rec = await this.store.commitRecord(record, epoch, this.o.durability ?? 'memory', staged);
         this.secondary?.committed(rec.epoch, rec.pages, rec.deviceState);
+        // the spare (compare mode has its secondary, promoted at failover)
+        if (!this.early && identity.mode !== 'compare' && (this.o.autoFailover ?? true)) this.startEarly();
         return rec;
       },
       netIn: (epoch, payload) => {
@@ -371,6 +382,7 @@ export class StandbyController {
     if (this.st === 'syncing') this.go('sync-abandoned');
     if (end.bye) {
       this.guarding = false;
+      await this.dropEarly(); // (no failover follows an orderly stop)
       this.o.gate?.unobserve?.(identity.vm);
       await this.stopSecondary();
       log.info(`keeping the replica at checkpoint ${this.replicaEpoch}; no failover (the primary stopped in order)`);
@@ -461,6 +473,7 @@ export class StandbyController {
       abandon: () => builder.abandon(),
       finish: async (deviceState) => {
         this.refuseUnlessAllowed('base-installed'); // before installing a replica this side would not take
+        await this.dropEarly(); // (a spare maps the replica being replaced)
         const created = await builder.finish(deviceState);
         // The replica it replaces is written no more; a failure there is moot (it is being replaced).
         await this.store
@@ -512,14 +525,23 @@ export class StandbyController {
         throw e;
       }
     })();
-    early.catch((e: unknown) => log.warn(`preparing the restore ahead: ${errorMessage(e)}`));
+    early.then(
+      (e) => {
+        if (this.early !== early || !e.started) return;
+        this.spareReady = true;
+        this.emit({ event: 'spare-ready', startMs: Math.round(e.started.startMs) });
+      },
+      (e: unknown) => log.warn(`preparing the restore ahead: ${errorMessage(e)}`),
+    );
     this.early = early;
+    this.spareReady = false;
   }
 
   /** What was started for a failover that did not happen is undone. */
   private dropEarly(): Promise<void> {
     const early = this.early;
     this.early = null;
+    this.spareReady = false;
     if (!early) return this.earlyUndone;
     this.earlyUndone = early.then(undoEarly, () => {});
     return this.earlyUndone;
@@ -529,6 +551,7 @@ export class StandbyController {
   async failover(reason: 'primary-lost' | 'manual', why: string, silentMs = 0): Promise<boolean> {
     const detectedAtMs = Date.now();
     const t0 = performance.now();
+    const spare = this.spareReady;
     if (this.st === 'active' || this.st === 'activating') return this.st === 'active';
     if (!this.store || !this.identity) {
       this.emit({ event: 'failover-refused', why: 'no replica to fail over to' });
@@ -598,6 +621,7 @@ export class StandbyController {
     }
     const settledAt = performance.now();
     let readyAt = settledAt; // (the restore's QEMU started, waiting for the checkpoint)
+    let usedSpare = false;
     // Compare mode: the secondary takes the last committed checkpoint and runs on as the guest.
     const promoted = await this.promoteSecondary();
     await store.close(); // the guest owns the image files from here
@@ -619,16 +643,19 @@ export class StandbyController {
       } else {
         const pending = this.early;
         this.early = null;
+        this.spareReady = false;
         let early = pending ? await pending.catch(() => null) : null;
         readyAt = performance.now();
-        if (early && early.ramFile !== spec.ramFile) {
-          // (the replica moved under it: started afresh)
+        if (early && (early.ramFile !== spec.ramFile || early.started?.vm.exited)) {
+          // (the replica moved under it, or its QEMU died meanwhile: started afresh)
           await undoEarly(early);
           early = null;
         }
         const input = { spec, machine: store.machine, deviceState: store.deviceState };
-        if (early?.started) r = await loadAndRun(early.started, input);
-        else {
+        if (early?.started) {
+          usedSpare = spare;
+          r = await loadAndRun(early.started, input);
+        } else {
           const io =
             early?.io ??
             (this.o.prepareRestore
@@ -654,6 +681,7 @@ export class StandbyController {
           run: Math.round(performance.now() - readyAt),
         },
         promoted: promoted !== null,
+        spare: usedSpare,
         why: `${why}; ${verdict.why}`,
       });
       log.warn(

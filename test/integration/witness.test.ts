@@ -290,6 +290,8 @@ test('the controller killed on a live primary host: QEMU dies with it, the lease
   try {
     const { s, p, started } = await rig.pair();
     const qemu = Number(started['qemuPid']);
+    // the standby's spare: a restore's QEMU started ahead, waiting for a failover
+    await waitFor(() => s.list.find((e) => e['event'] === 'spare-ready'), 60_000, "the standby's spare");
     const killAt = Date.now();
     p.proc.kill('SIGKILL'); // the controller only; its host lives
     const fo = await waitFor(() => s.list.find((e) => e['event'] === 'failover'), 20_000, 'the standby taking over');
@@ -305,6 +307,7 @@ test('the controller killed on a live primary host: QEMU dies with it, the lease
       /generation 2(?! over)/,
       'a plain claim (the key was gone), not one over an unrenewed key',
     );
+    assert.equal(fo['spare'], true, 'the restore took a QEMU started ahead (the spare), not a fresh one');
     process.stderr.write(
       `controller killed: standby running the guest ${Number(fo['runningAtMs']) - killAt} ms after the kill (declared lost after ${Number(lostAt?.['atMs']) - killAt} ms, its failover began after ${Number(fo['detectedAtMs']) - killAt} ms, then ${JSON.stringify(fo['phasesMs'])})\n`,
     );

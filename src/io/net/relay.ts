@@ -10,6 +10,8 @@ import type { ReleaseGate } from '../../commit/index.ts';
 
 const log = logger('relay');
 const MAX_FRAME = 65536;
+/** Bytes from the outside waiting for the guest to read them, past which more are dropped. */
+const GUEST_BACKLOG_MAX = 4 << 20;
 
 /**
  * Splits a be32-length-prefixed byte stream into frames. Returns the complete frames of what came,
@@ -44,6 +46,8 @@ export class NetRelay {
   private guest: Socket | null = null;
   private outside: Socket | null = null;
   private outsideDropped = 0;
+  private guestDropped = 0;
+  private corked = false;
   framesFromGuest = 0;
   framesToGuest = 0;
 
@@ -102,7 +106,7 @@ export class NetRelay {
               this.framesToGuest++;
               this.onOutsideFrame?.(f);
             });
-            if (whole) this.guest?.write(whole);
+            if (whole) this.toGuestBounded(whole);
           } catch (e) {
             log.warn(`TAP relay stream broken: ${(e as Error).message}`);
             s.destroy();
@@ -127,18 +131,44 @@ export class NetRelay {
     this.guest?.write(f);
   }
 
+  /**
+   * Frames from the outside for the guest, dropped (and counted) while its QEMU does not read them
+   * (a paused guest: a restore waiting for its checkpoint), as a NIC drops what its ring cannot hold.
+   */
+  private toGuestBounded(frames: Buffer): void {
+    const g = this.guest;
+    if (!g) return;
+    if (g.writableLength > GUEST_BACKLOG_MAX) this.guestDropped++;
+    else g.write(frames);
+  }
+
   /** A frame leaves for the outside (dropped, and counted, when no TAP is attached or the lease is not known valid). */
   sendOutside(f: Buffer): void {
     if (this.gate && !this.gate.allow(monotonicMs())) return;
-    if (this.outside) this.outside.write(f);
-    else this.outsideDropped++;
+    const out = this.outside;
+    if (!out) {
+      this.outsideDropped++;
+      return;
+    }
+    // The frames released in one turn (a checkpoint's acknowledgement, a compared batch) leave in
+    // one system call: corked until the turn's end.
+    if (!this.corked) {
+      this.corked = true;
+      out.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        out.uncork();
+      });
+    }
+    out.write(f);
   }
 
-  stats(): { framesFromGuest: number; framesToGuest: number; outsideDropped: number } {
+  stats(): { framesFromGuest: number; framesToGuest: number; outsideDropped: number; guestDropped: number } {
     return {
       framesFromGuest: this.framesFromGuest,
       framesToGuest: this.framesToGuest,
       outsideDropped: this.outsideDropped,
+      guestDropped: this.guestDropped,
     };
   }
 
