@@ -194,13 +194,23 @@ export class FrameComparator {
     const release: PrimaryEntry[] = [];
     let mismatch = false;
     for (const [key, fl] of this.flows) {
-      while (fl.p.length && fl.p[0]!.epoch <= epoch) fl.p.shift();
+      while (fl.p.length && fl.p[0]!.epoch <= epoch) {
+        // Data released by the acknowledgement is committed: the secondary holds it from the
+        // checkpoint on, and a retransmission of it may leave as one of compared data may.
+        const d = fl.p.shift()!.data;
+        if (d) {
+          const end = (d.seq + d.payload.length) | 0;
+          if (fl.verifiedEnd === null || seqAtLeast(end, fl.verifiedEnd)) fl.verifiedEnd = end;
+        }
+      }
       while (fl.s.length && fl.s[0]!.epoch <= epoch) fl.s.shift();
       if (fl.diverged <= epoch) fl.diverged = -1;
       const r = this.match(fl);
       release.push(...r.release);
       mismatch ||= r.mismatch;
-      if (!fl.p.length && !fl.s.length && !(fl.isn && fl.isn.epoch > epoch)) this.flows.delete(key);
+      // (a connection's verified end and SYN numbers outlive its frames: kept until the bound prunes)
+      if (!fl.p.length && !fl.s.length && fl.verifiedEnd === null && !(fl.isn && fl.isn.epoch > epoch))
+        this.flows.delete(key);
     }
     return { release, mismatch };
   }
@@ -294,9 +304,17 @@ export class FrameComparator {
     const end = (d.seq + d.payload.length) | 0;
     if (!d.fin && fl.verifiedEnd !== null && seqAtLeast(fl.verifiedEnd, end)) return { take: null };
     const delta = fl.isn?.epoch === p.epoch ? fl.isn.delta : 0; // (only the secondary's entries of p.epoch are compared)
-    // Dry run over the secondary's entries; consumed only on a match.
+    // Dry run over the secondary's entries; consumed only on a match. A segment that starts below
+    // what was verified (a retransmission joined to new data) is compared from there on.
     let pos = d.seq | 0;
     let done = 0;
+    if (fl.verifiedEnd !== null) {
+      const verified = (fl.verifiedEnd - pos) | 0;
+      if (verified > 0 && verified < d.payload.length) {
+        done = verified;
+        pos = fl.verifiedEnd;
+      }
+    }
     let i = 0;
     let used = fl.s[0]?.used ?? 0;
     let finSeen = false;

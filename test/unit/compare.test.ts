@@ -508,3 +508,22 @@ test('tcpChecksum: the RFC 1071 sum of a real segment', () => {
   while (s > 0xffff) s = (s & 0xffff) + (s >>> 16);
   assert.equal(s, 0xffff);
 });
+
+test('FrameComparator: data released by an acknowledgement counts as verified (its retransmission leaves); a retransmission joined to new data is compared from the verified end on', () => {
+  const rel = (r: { release: { seq: number }[] }) => r.release.map((e) => e.seq);
+  const c = new FrameComparator();
+  // epoch 1: the primary sent [100, 110) and the secondary never matched it; the ack of 1 releases it
+  c.primary(0, 1, tcp({ seq: 100, ack: 5, payload: '0123456789' }));
+  c.secondary(1, tcp({ seq: 100, ack: 5, payload: 'xxxxxxxxxx' })); // (a difference: waits for the ack)
+  assert.deepEqual(rel(c.acknowledged(1)), []);
+  c.secondary(2, tcp({ seq: 999, ack: 5, flags: 0x10 })); // the secondary has the peer's stream up to 5
+  // epoch 2: the primary retransmits [100, 110): committed bytes, it leaves without a copy
+  assert.deepEqual(rel(c.primary(1, 2, tcp({ seq: 100, ack: 5, payload: '0123456789' }))), [1]);
+  // … and [105, 115) joined to new bytes: compared from 110, against the secondary's [110, 115)
+  assert.deepEqual(rel(c.primary(2, 2, tcp({ seq: 105, ack: 5, payload: '56789abcde' }))), []);
+  assert.deepEqual(rel(c.secondary(2, tcp({ seq: 110, ack: 5, payload: 'abcde' }))), [2]);
+  assert.equal(c.counts.kinds.sequence, 0, 'not a difference of sequence');
+  // new bytes that differ still differ
+  c.primary(3, 2, tcp({ seq: 112, ack: 5, payload: 'cdeZZ' }));
+  assert.equal(c.secondary(2, tcp({ seq: 115, ack: 5, payload: 'YY' })).mismatch, true);
+});
