@@ -500,6 +500,9 @@ export class StandbyController {
    */
   private startEarly(): void {
     if (this.early || this.secondary || !this.identity || !this.store || this.st !== 'protecting') return;
+    // A UEFI VM's variable store (flash 1) is read into QEMU when it starts: one started ahead would
+    // run the firmware with the variables of that moment, not of the checkpoint (found by the UEFI test).
+    if (this.identity.spec.uefiCode) return;
     const identity = this.identity;
     const store = this.store;
     const ramFile = store.imagePath(MAIN_RAM_ID);
