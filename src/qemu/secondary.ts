@@ -207,12 +207,16 @@ export class ColoSecondary {
     if (this.closed) throw new RubatoError('RUBATO_SECONDARY', `the secondary of VM ${this.vm.spec.name} is gone`);
     if (this.busy) throw new RubatoError('RUBATO_SECONDARY', 'one secondary checkpoint at a time');
     this.busy = true;
+    // (where a load that never ends stopped: the timeout names it)
+    let step = 'its CHECKPOINT_REPLY (QEMU stopping the VM: vCPUs, then the disk drained)';
     try {
       const run = async () => {
         await this.write(coloMessage(COLO_MSG.CHECKPOINT_REQUEST));
         await this.expect(COLO_MSG.CHECKPOINT_REPLY);
         const t0 = performance.now();
+        step = "its disk overlay's discard";
         await whileStopped?.(); // (its disk goes back to the checkpoint's here)
+        step = 'the checkpoint written to it';
         await this.write([
           coloMessage(COLO_MSG.VMSTATE_SEND),
           encodeSectionHeader(VM.SECTION_END, RAM_SECTION_ID),
@@ -223,7 +227,9 @@ export class ColoSecondary {
           coloMessageValue(COLO_MSG.VMSTATE_SIZE, deviceState.length),
           deviceState,
         ]);
+        step = 'its VMSTATE_RECEIVED';
         await this.expect(COLO_MSG.VMSTATE_RECEIVED);
+        step = 'its VMSTATE_LOADED (QEMU loading the device state)';
         await this.expect(COLO_MSG.VMSTATE_LOADED);
         this.paused = false; // COLO starts the VM after each load
         return { pausedMs: performance.now() - t0 };
@@ -231,7 +237,7 @@ export class ColoSecondary {
       return await withTimeout(
         run(),
         this.timeoutMs,
-        `the secondary of VM ${this.vm.spec.name} did not load a checkpoint`,
+        () => `the secondary of VM ${this.vm.spec.name} did not load a checkpoint (waiting for ${step})`,
       );
     } finally {
       this.busy = false;
@@ -254,6 +260,16 @@ export class ColoSecondary {
     if (this.closed || !this.paused) return;
     this.paused = false;
     await this.vm.qmp.execute('cont');
+  }
+
+  /** What QEMU says of itself (a load that never ended: is its main loop alive, in which state). */
+  async diagnose(): Promise<string> {
+    const ask = (cmd: string) =>
+      withTimeout(this.vm.qmp.execute(cmd), 1000, `an answer to ${cmd}`).then(
+        (r) => JSON.stringify(r).slice(0, 300),
+        (e: unknown) => errorMessage(e),
+      );
+    return `QEMU ${this.vm.exited ? `exited (${this.vm.exitedHow})` : `runs; query-status: ${await ask('query-status')}; query-migrate: ${await ask('query-migrate')}`}`;
   }
 
   get isPaused(): boolean {

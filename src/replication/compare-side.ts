@@ -15,6 +15,11 @@ const log = logger('primary');
 
 /** How long a held frame may wait for the secondary's copy before the scheduler counts it as waiting output. */
 export const DEFAULT_COMPARE_LAG_MS = 100;
+/**
+ * The guest sent output this long after the secondary's last frame: the secondary is taken as silent (its
+ * standby turned compare mode off, or it hangs) and checkpoints are planned as in buffer mode until it sends again.
+ */
+export const SECONDARY_SILENT_MS = 1000;
 /** Mirrored input is sent once this much waits (else at the end of the event-loop turn). */
 const MIRROR_BATCH_BYTES = 1 << 20;
 
@@ -29,6 +34,8 @@ export interface CompareSideOptions {
   protecting: () => boolean;
   /** A mismatch: the open epoch's output now waits for a checkpoint (the decision loop looks again). */
   onMismatch: () => void;
+  /** The clock (performance.now() unless a test sets it). */
+  now?: () => number;
   /** --mode auto changed how checkpoints are planned. */
   onPlanning: (ch: { to: 'compare' | 'buffer'; comparedShare: number | null; reason: string }) => void;
 }
@@ -41,9 +48,16 @@ export class CompareSide {
   private mirrored: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
   /** Frames that reached the guest from outside (--mode auto judges the service's progress by them). */
   private inbound = 0;
+  /** When the secondary last sent a frame, and the guest last sent one (performance.now()). */
+  private readonly now: () => number;
+  private secondaryAtMs: number;
+  private heldAtMs = 0;
+  private silent = false;
 
   constructor(private readonly o: CompareSideOptions) {
     this.chooser = o.mode === 'auto' ? new ModeChooser() : null;
+    this.now = o.now ?? (() => performance.now());
+    this.secondaryAtMs = this.now();
     o.commit.compareGraceMs = this.lagMs;
     o.relay.onOutsideFrame = (f) => {
       this.inbound++;
@@ -56,16 +70,34 @@ export class CompareSide {
     return this.o.lagMs ?? DEFAULT_COMPARE_LAG_MS;
   }
 
-  /** The scheduler plans as compare mode: matched output calls for no checkpoint. */
+  /** Compare is the plan (--mode auto: chosen): the guest's input is mirrored to the secondary. */
   get planning(): boolean {
     return (this.chooser?.planning ?? 'compare') === 'compare';
   }
 
+  /**
+   * The scheduler plans as compare mode: matched output calls for no checkpoint. Not while the
+   * secondary is silent (its input is still mirrored, so that it can answer again).
+   */
+  get plansCompare(): boolean {
+    return this.planning && !this.silent;
+  }
+
   /** --mode auto: judge how output left, and plan as the better mode. */
   choose(nowMs: number): void {
+    const silent = this.o.protecting() && this.heldAtMs - this.secondaryAtMs > SECONDARY_SILENT_MS;
+    if (silent !== this.silent) {
+      this.silent = silent;
+      if (silent)
+        log.warn(
+          `the secondary sent nothing for ${Math.round(nowMs - this.secondaryAtMs)} ms while the guest sent output: checkpoints planned as in buffer mode until it answers again`,
+        );
+      else log.info('the secondary answers again: checkpoints planned as in compare mode');
+    }
+    this.o.commit.compareGraceMs = this.plansCompare ? this.lagMs : 0;
     if (!this.chooser) return;
     const ch = this.chooser.observe(nowMs, { ...this.o.commit.releaseCounts, inbound: this.inbound });
-    this.o.commit.compareGraceMs = this.planning ? this.lagMs : 0;
+    this.o.commit.compareGraceMs = this.plansCompare ? this.lagMs : 0;
     if (!ch) return;
     log.info(`checkpoints now planned as in ${ch.to} mode: ${ch.reason}`);
     // Back to compare: the secondary got no input while buffer was planned, so it can match nothing
@@ -80,12 +112,15 @@ export class CompareSide {
 
   /** The guest sent frame `f`, held as `seq` in the open epoch. */
   held(seq: number, f: Buffer): void {
-    if (this.o.protecting()) this.compared(this.comparator.primary(seq, this.o.commit.openEpoch, f));
+    if (!this.o.protecting()) return;
+    this.heldAtMs = this.now();
+    this.compared(this.comparator.primary(seq, this.o.commit.openEpoch, f));
   }
 
   /** The secondary's output of `epoch` (a SEC_OUT payload); a malformed one throws (the session ends). */
   secondarySent(epoch: number, payload: Buffer): void {
     if (!this.o.protecting()) return;
+    this.secondaryAtMs = this.now();
     for (const fr of splitNetFrames(payload)) this.compared(this.comparator.secondary(epoch, fr));
   }
 
@@ -96,6 +131,8 @@ export class CompareSide {
 
   /** A new session or a lost one: nothing pairs across it. */
   reset(): void {
+    this.secondaryAtMs = this.now(); // (a new session: its secondary starts afresh)
+    this.heldAtMs = 0;
     this.comparator.reset();
     this.chooser?.reset();
   }
@@ -103,7 +140,8 @@ export class CompareSide {
   snapshot(): Record<string, unknown> {
     return {
       compare: { ...this.comparator.counts },
-      planning: this.planning ? 'compare' : 'buffer',
+      planning: this.plansCompare ? 'compare' : 'buffer',
+      secondarySilent: this.silent,
       ...(this.chooser
         ? {
             comparedShare: this.chooser.lastShare,

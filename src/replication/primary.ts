@@ -229,7 +229,7 @@ export class PrimaryController {
   private readonly compare: CompareSide | null = null;
   /** The scheduler plans as compare mode: matched output calls for no checkpoint. */
   private get planningCompare(): boolean {
-    return this.compare?.planning ?? false;
+    return this.compare?.plansCompare ?? false;
   }
 
   /** The latest status event, and why the guest is unprotected (null while protected). */

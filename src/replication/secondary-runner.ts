@@ -181,8 +181,14 @@ export class SecondaryRunner {
     log.warn(
       `compare mode off for VM ${this.o.identity.vm}: ${errorMessage(e)} (its output waits for checkpoints until the next full image)`,
     );
-    void this.sec?.stop();
+    const sec = this.sec;
     this.sec = null;
+    if (sec)
+      void sec
+        .diagnose()
+        .then((d) => log.warn(`the secondary of VM ${this.o.identity.vm} as it was stopped: ${d}`))
+        .finally(() => sec.stop())
+        .catch((err: unknown) => log.debug(`stopping a failed secondary: ${errorMessage(err)}`));
   }
 
   /** The checkpoint the secondary runs from (null: it does not run). */

@@ -62,14 +62,18 @@ export async function waitFor<T>(
 export function withTimeout<T>(
   p: Promise<T>,
   ms: number,
-  what: string,
+  /** What did not happen (a function: said as it stands when the time is up). */
+  what: string | (() => string),
   code: ErrorCode = 'RUBATO_STREAM_TIMEOUT',
 ): Promise<T> {
   let timer: NodeJS.Timeout;
   return Promise.race([
     p.finally(() => clearTimeout(timer)),
     new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new RubatoError(code, `${what} within ${ms} ms`)), ms);
+      timer = setTimeout(
+        () => reject(new RubatoError(code, `${typeof what === 'function' ? what() : what} within ${ms} ms`)),
+        ms,
+      );
     }),
   ]);
 }

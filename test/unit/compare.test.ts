@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { FrameComparator, frameIdentity, tcpChecksum } from '../../src/commit/compare.ts';
 import { DEFAULT_MODE_CHOOSER, ModeChooser } from '../../src/commit/mode-chooser.ts';
 import { OutputCommit } from '../../src/commit/output-commit.ts';
+import { CompareSide, DEFAULT_COMPARE_LAG_MS, SECONDARY_SILENT_MS } from '../../src/replication/compare-side.ts';
 
 /** A length-prefixed Ethernet/IPv4/TCP frame. */
 function tcp(o: {
@@ -526,4 +527,38 @@ test('FrameComparator: data released by an acknowledgement counts as verified (i
   // new bytes that differ still differ
   c.primary(3, 2, tcp({ seq: 112, ack: 5, payload: 'cdeZZ' }));
   assert.equal(c.secondary(2, tcp({ seq: 115, ack: 5, payload: 'YY' })).mismatch, true);
+});
+
+test('CompareSide: a secondary silent for a second while the guest sends output has held frames wait for checkpoints (planned as buffer mode); its next frame brings compare planning back', () => {
+  let t = 0;
+  const oc = new OutputCommit<Buffer>(1 << 20);
+  const relay = { onGuestFrame: null, onOutsideFrame: null, gate: null, sendOutside: () => {} };
+  const side = new CompareSide({
+    mode: 'compare',
+    commit: oc,
+    relay,
+    link: () => null,
+    protecting: () => true,
+    onMismatch: () => {},
+    onPlanning: () => {},
+    now: () => t,
+  });
+  side.choose(0);
+  assert.equal(side.plansCompare, true);
+  assert.equal(oc.compareGraceMs, DEFAULT_COMPARE_LAG_MS);
+  t = 900;
+  side.held(0, tcp({ seq: 1, payload: 'a' }));
+  side.choose(t);
+  assert.equal(side.plansCompare, true, 'not yet a second of silence');
+  t = SECONDARY_SILENT_MS + 50;
+  side.held(1, tcp({ seq: 2, payload: 'b' }));
+  side.choose(t);
+  assert.equal(side.plansCompare, false);
+  assert.equal(side.planning, true, 'its input is still mirrored');
+  assert.equal(oc.compareGraceMs, 0, 'held frames count as waiting output at once');
+  t += 100;
+  side.secondarySent(1, tcp({ seq: 1, payload: 'a' }));
+  side.choose(t);
+  assert.equal(side.plansCompare, true);
+  assert.equal(oc.compareGraceMs, DEFAULT_COMPARE_LAG_MS);
 });
