@@ -44,33 +44,44 @@ export function tcpChecksum(ip: Buffer, tcp: Buffer): number {
   return ~sum & 0xffff;
 }
 
+/** A frame's IPv4 header and TCP segment (views into it), or null when it carries no TCP over IPv4. */
+function ipv4Tcp(f: Buffer): { ip: Buffer; tcp: Buffer } | null {
+  if (f.length < ETH_HDR + 20 || f.readUInt16BE(12) !== 0x0800) return null;
+  const ip = f.subarray(ETH_HDR);
+  const ihl = (ip[0]! & 0x0f) * 4;
+  const total = Math.min(ip.readUInt16BE(2), ip.length);
+  if (ip[9] !== 6 || ihl < 20 || total < ihl + 20) return null;
+  return { ip, tcp: ip.subarray(ihl, total) };
+}
+
+/** The key of a TCP connection's one direction, from `src:sport` to `dst:dport`. */
+const tcpFlow = (src: number, sport: number, dst: number, dport: number) => `t${src}:${sport}>${dst}:${dport}`;
+
 /** The frame (with Rubato's 4-byte length prefix) reduced to what two runs of one state must agree on. */
 export function frameIdentity(prefixed: Buffer): FrameIdentity {
   const f = prefixed.subarray(4);
+  const seg = ipv4Tcp(f);
+  if (seg) {
+    const { ip, tcp } = seg;
+    const off = (tcp[12]! >> 4) * 4;
+    const flow = tcpFlow(ip.readUInt32BE(12), tcp.readUInt16BE(0), ip.readUInt32BE(16), tcp.readUInt16BE(2));
+    // seq (4), flags (1), payload: the ack is compared apart (the secondary's must have reached it)
+    const payload = tcp.subarray(Math.min(off, tcp.length));
+    const flags = tcp[13]!;
+    const sig = Buffer.concat([tcp.subarray(4, 8), tcp.subarray(13, 14), payload]);
+    const id: FrameIdentity = {
+      flow,
+      sig,
+      ack: tcp.readUInt32BE(8),
+      pureAck: payload.length === 0 && (flags & 0x07) === 0,
+    };
+    if (payload.length > 0 && (flags & (SYN | RST)) === 0)
+      id.data = { seq: tcp.readUInt32BE(4), fin: (flags & FIN) !== 0, payload };
+    if (flags & SYN) id.syn = { seq: tcp.readUInt32BE(4) };
+    return id;
+  }
   if (f.length >= ETH_HDR + 20 && f.readUInt16BE(12) === 0x0800) {
-    const ip = f.subarray(ETH_HDR);
-    const ihl = (ip[0]! & 0x0f) * 4;
-    const total = Math.min(ip.readUInt16BE(2), ip.length);
-    const proto = ip[9]!;
-    if (proto === 6 && ihl >= 20 && total >= ihl + 20) {
-      const tcp = ip.subarray(ihl, total);
-      const off = (tcp[12]! >> 4) * 4;
-      const flow = `t${ip.readUInt32BE(12)}:${tcp.readUInt16BE(0)}>${ip.readUInt32BE(16)}:${tcp.readUInt16BE(2)}`;
-      // seq (4), flags (1), payload: the ack is compared apart (the secondary's must have reached it)
-      const payload = tcp.subarray(Math.min(off, tcp.length));
-      const flags = tcp[13]!;
-      const sig = Buffer.concat([tcp.subarray(4, 8), tcp.subarray(13, 14), payload]);
-      const id: FrameIdentity = {
-        flow,
-        sig,
-        ack: tcp.readUInt32BE(8),
-        pureAck: payload.length === 0 && (flags & 0x07) === 0,
-      };
-      if (payload.length > 0 && (flags & (SYN | RST)) === 0)
-        id.data = { seq: tcp.readUInt32BE(4), fin: (flags & FIN) !== 0, payload };
-      if (flags & SYN) id.syn = { seq: tcp.readUInt32BE(4) };
-      return id;
-    }
+    const proto = f[ETH_HDR + 9]!;
     const sig = Buffer.from(f);
     sig.fill(0, ETH_HDR + 4, ETH_HDR + 6); // IP id
     sig.fill(0, ETH_HDR + 10, ETH_HDR + 12); // header checksum
@@ -136,6 +147,8 @@ const MAX_FLOWS = 4096;
 export class FrameComparator {
   private readonly flows = new Map<string, Flow>();
   private acked = -1;
+  /** The latest epoch in which a connection's SYNs were numbered apart (its input is rewritten in that epoch). */
+  private isnEpoch = -1;
   readonly counts: CompareCounts = {
     matched: 0,
     mismatches: 0,
@@ -218,6 +231,7 @@ export class FrameComparator {
   /** Protection restarts (a new image) or ends: nothing held is paired any more. */
   reset(): void {
     this.flows.clear();
+    this.isnEpoch = -1;
     this.acked = -1;
   }
 
@@ -274,6 +288,7 @@ export class FrameComparator {
         // The same SYN but for its initial sequence number: the secondary's numbers on this
         // connection differ by as much in this epoch (and its input is rewritten to match).
         fl.isn = { epoch: p.epoch, delta: (p.syn.seq - s.syn.seq) | 0 };
+        this.isnEpoch = Math.max(this.isnEpoch, p.epoch);
       } else if (!this.shifted(fl, s).equals(p.sig)) {
         fl.diverged = p.epoch;
         this.counts.lastMismatch = describeMismatch(p.sig, s.sig);
@@ -419,22 +434,18 @@ export class FrameComparator {
    * frame itself when nothing changes, else a rewritten copy (the primary's guest gets the original).
    */
   toSecondary(epoch: number, prefixed: Buffer): Buffer {
-    if (!this.flows.size) return prefixed;
-    const f = prefixed.subarray(4);
-    if (f.length < ETH_HDR + 40 || f.readUInt16BE(12) !== 0x0800) return prefixed;
-    const ip = f.subarray(ETH_HDR);
-    const ihl = (ip[0]! & 0x0f) * 4;
-    const total = Math.min(ip.readUInt16BE(2), ip.length);
-    if (ip[9] !== 6 || ihl < 20 || total < ihl + 20) return prefixed;
-    const tcp = ip.subarray(ihl, total);
-    if ((tcp[13]! & ACK) === 0) return prefixed;
+    if (epoch !== this.isnEpoch) return prefixed; // (no connection opened apart in this epoch: the usual case)
+    const seg = ipv4Tcp(prefixed.subarray(4));
+    if (!seg || (seg.tcp[13]! & ACK) === 0) return prefixed;
+    const { ip, tcp } = seg;
     // the guest's side of this connection: the reverse of the frame's direction
-    const key = `t${ip.readUInt32BE(16)}:${tcp.readUInt16BE(2)}>${ip.readUInt32BE(12)}:${tcp.readUInt16BE(0)}`;
-    const isn = this.flows.get(key)?.isn;
+    const isn = this.flows.get(
+      tcpFlow(ip.readUInt32BE(16), tcp.readUInt16BE(2), ip.readUInt32BE(12), tcp.readUInt16BE(0)),
+    )?.isn;
     if (!isn || isn.epoch !== epoch || isn.delta === 0) return prefixed;
     const out = Buffer.from(prefixed);
-    const oip = out.subarray(4 + ETH_HDR);
-    const otcp = oip.subarray(ihl, total);
+    const oip = out.subarray(4 + ETH_HDR, 4 + ETH_HDR + ip.length);
+    const otcp = oip.subarray(tcp.byteOffset - ip.byteOffset, tcp.byteOffset - ip.byteOffset + tcp.length);
     const back = (v: number) => (v - isn.delta) >>> 0;
     otcp.writeUInt32BE(back(otcp.readUInt32BE(8)), 8);
     // SACK blocks (option 5) name the guest's sequence numbers too

@@ -125,7 +125,11 @@ export class StandbyController {
   private early: Promise<EarlyRestore> | null = null;
   /** The undoing of the last one (a new one waits for it: the same TAP and sockets). */
   private earlyUndone: Promise<void> = Promise.resolve();
-  private spareReady = false;
+  /** The early restore whose QEMU is up (a spare is ready while it is still `early`). */
+  private readyEarly: Promise<EarlyRestore> | null = null;
+  private get spareReady(): boolean {
+    return this.early !== null && this.readyEarly === this.early;
+  }
   private server: Server | null = null;
   private control: ControlSocket | null = null;
   private link: Link | null = null;
@@ -531,20 +535,18 @@ export class StandbyController {
     early.then(
       (e) => {
         if (this.early !== early || !e.started) return;
-        this.spareReady = true;
+        this.readyEarly = early;
         this.emit({ event: 'spare-ready', startMs: Math.round(e.started.startMs) });
       },
       (e: unknown) => log.warn(`preparing the restore ahead: ${errorMessage(e)}`),
     );
     this.early = early;
-    this.spareReady = false;
   }
 
   /** What was started for a failover that did not happen is undone. */
   private dropEarly(): Promise<void> {
     const early = this.early;
     this.early = null;
-    this.spareReady = false;
     if (!early) return this.earlyUndone;
     this.earlyUndone = early.then(undoEarly, () => {});
     return this.earlyUndone;
@@ -646,7 +648,6 @@ export class StandbyController {
       } else {
         const pending = this.early;
         this.early = null;
-        this.spareReady = false;
         let early = pending ? await pending.catch(() => null) : null;
         readyAt = performance.now();
         if (early && (early.ramFile !== spec.ramFile || early.started?.vm.exited)) {
