@@ -55,6 +55,7 @@ export const FAULTS = [
   'standby-isolate',
   'capture',
   'etcd-down',
+  'secondary-kill',
 ] as const;
 export type Fault = (typeof FAULTS)[number];
 
@@ -184,6 +185,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       'standby-isolate': 0,
       capture: 0,
       'etcd-down': 0,
+      'secondary-kill': 0,
     },
     failovers: 0,
     splitBrain: -1,
@@ -406,6 +408,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
                 'standby-isolate': 'etcd',
                 capture: 'mid-epoch',
                 'etcd-down': 'stopped',
+                'secondary-kill': 'qemu',
               } as const
             )[fault];
       status(
@@ -559,6 +562,27 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
             `round ${k}: the pair did not stay as it was while its standby was cut from the witness`,
           );
         q.host.etcdProxy.heal();
+      } else if (fault === 'secondary-kill') {
+        // Compare mode's secondary VM dies (SIGKILL of its QEMU on the standby): its replies stop coming,
+        // the primary's wait for checkpoints again; no failover; the standby starts a secondary again.
+        const sec = q.standby.status()['secondary'] as { pid?: number | null } | undefined;
+        if (!sec?.pid) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: no secondary running to kill`);
+        process.kill(sec.pid, 'SIGKILL');
+        await waitFor(
+          () => q.sEvents.find((e) => e.event === 'secondary-running' && e.t > faultAt),
+          120_000,
+          `the secondary started again after round ${k}`,
+        );
+        round.reprotectMs = Date.now() - faultAt;
+        res.reprotected++;
+        const comparedAt = (q.primary.snapshot()['output'] as { compared: number }).compared;
+        await waitFor(
+          () => (q.primary.snapshot()['output'] as { compared: number }).compared > comparedAt || undefined,
+          30_000,
+          `replies matched by the new secondary after round ${k}`,
+        );
+        if (q.sEvents.some((e) => e.event === 'failover'))
+          throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the secondary's death led to a failover`);
       } else if (fault === 'capture') {
         q.failCaptureOnce();
         await protectedSince(q, faultAt + 1, `re-protection after the capture failure of round ${k}`);

@@ -9,7 +9,7 @@
 
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
-import { rmSync } from 'node:fs';
+import { readFileSync, readdirSync, rmSync } from 'node:fs';
 import { ByteReader, RubatoError, errorMessage, logger, withTimeout } from '../util/index.ts';
 import {
   COLO_MSG,
@@ -108,6 +108,7 @@ export class ColoSecondary {
       );
       sock.on('close', () => reader.end());
       const s = new ColoSecondary(vm, sock, reader, timeoutMs);
+      s.watchColoExit();
       await s.sendImage(image);
       await withTimeout(
         s.expect(COLO_MSG.CHECKPOINT_READY),
@@ -127,6 +128,34 @@ export class ColoSecondary {
     } finally {
       rmSync(sockPath, { force: true });
     }
+  }
+
+  /**
+   * QEMU's COLO thread ends on an error of its own (a device state it could not load, say): it
+   * reports it on stderr, sends COLO_EXIT and then waits, the VM stopped, for a failover that
+   * never comes. The wait for its next message fails at once with QEMU's reason instead of
+   * timing out on a secondary that will never answer.
+   */
+  private watchColoExit(): void {
+    const onEvent = (e: { event: string; data?: Record<string, unknown> }) => {
+      if (e.event !== 'COLO_EXIT' || this.closed) return;
+      // (QEMU writes its reason to stderr before the event: give the pipe a moment to catch up)
+      setTimeout(() => {
+        const why = this.qemuSays();
+        this.reader.end(
+          new RubatoError(
+            'RUBATO_SECONDARY',
+            `QEMU of the secondary of VM ${this.vm.spec.name} left COLO (${String(e.data?.['reason'] ?? 'no reason given')})${why ? `: ${why}` : ''}`,
+          ),
+        );
+      }, 50);
+    };
+    this.vm.qmp.on('event', onEvent);
+  }
+
+  /** The last lines QEMU wrote to stderr, on one line. */
+  private qemuSays(): string {
+    return this.vm.stderrTail.trim().split('\n').slice(-4).join(' | ');
   }
 
   private async write(b: Buffer | Buffer[]): Promise<void> {
@@ -269,7 +298,8 @@ export class ColoSecondary {
         (r) => JSON.stringify(r).slice(0, 300),
         (e: unknown) => errorMessage(e),
       );
-    return `QEMU ${this.vm.exited ? `exited (${this.vm.exitedHow})` : `runs; query-status: ${await ask('query-status')}; query-migrate: ${await ask('query-migrate')}`}`;
+    const said = this.qemuSays();
+    return `QEMU ${this.vm.exited ? `exited (${this.vm.exitedHow})` : `runs; query-status: ${await ask('query-status')}; query-migrate: ${await ask('query-migrate')}; threads (state, kernel wait): ${threadWaits(this.vm.pid)}`}${said ? `; its stderr: ${said}` : ''}`;
   }
 
   get isPaused(): boolean {
@@ -302,6 +332,28 @@ export class ColoSecondary {
     this.closed = true;
     this.sock.destroy();
     await this.vm.stop();
+  }
+}
+
+/** Each thread of process `pid`: its name, state and where in the kernel it waits (/proc). */
+function threadWaits(pid: number): string {
+  const read = (p: string) => {
+    try {
+      return readFileSync(p, 'utf8').trim();
+    } catch {
+      return '?';
+    }
+  };
+  try {
+    return readdirSync(`/proc/${pid}/task`)
+      .map((tid) => {
+        const stat = read(`/proc/${pid}/task/${tid}/stat`);
+        const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+        return `${read(`/proc/${pid}/task/${tid}/comm`)} ${state} ${read(`/proc/${pid}/task/${tid}/wchan`) || '-'}`;
+      })
+      .join(', ');
+  } catch (e) {
+    return errorMessage(e);
   }
 }
 

@@ -145,7 +145,7 @@ export function qemuArgs(spec: VmSpec, paths: LaunchPaths, mode: LaunchMode): st
   const flash = spec.uefiCode ? `,pflash0=fw-code,pflash1=disk${buses.indexOf('pflash')}` : '';
   const args = [
     '-name',
-    `rubato-${spec.name}`,
+    `rubato-${spec.name},debug-threads=on`, // (its threads named: "CPU 0/TCG", "COLO incoming", in ps and perf)
     '-machine',
     `pc,accel=${spec.accel},memory-backend=${MAIN_RAM_ID}${flash}`,
     '-cpu',

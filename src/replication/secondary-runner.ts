@@ -92,6 +92,10 @@ export interface SecondaryStats {
   framesIn: number;
   framesOut: number;
   startMs: number | null;
+  /** Its QEMU's process id while it runs. */
+  pid: number | null;
+  /** Why it failed (state `failed`). */
+  failure?: string;
 }
 
 export class SecondaryRunner {
@@ -124,7 +128,10 @@ export class SecondaryRunner {
     framesIn: 0,
     framesOut: 0,
     startMs: null,
+    pid: null,
   };
+  /** When it failed (performance.now()), or null. */
+  failedAtMs: number | null = null;
 
   /** Starts the secondary from the replica's full image (checkpoint 0, just installed). */
   constructor(private readonly o: SecondaryRunnerOptions) {
@@ -168,6 +175,7 @@ export class SecondaryRunner {
       return;
     }
     this.stats.state = 'running';
+    this.stats.pid = this.sec.vm.pid;
     this.deliverInbound();
     this.stats.startMs = Math.round(performance.now() - t0);
     log.info(`secondary of VM ${identity.vm} running from checkpoint ${this.base} (${this.stats.startMs} ms)`);
@@ -178,8 +186,11 @@ export class SecondaryRunner {
   private fail(e: unknown): void {
     if (this.stats.state === 'stopped' || this.stats.state === 'promoted') return;
     this.stats.state = 'failed';
+    this.stats.pid = null;
+    this.stats.failure = errorMessage(e);
+    this.failedAtMs = performance.now();
     log.warn(
-      `compare mode off for VM ${this.o.identity.vm}: ${errorMessage(e)} (its output waits for checkpoints until the next full image)`,
+      `compare mode off for VM ${this.o.identity.vm}: ${errorMessage(e)} (its output waits for checkpoints until a secondary runs again)`,
     );
     const sec = this.sec;
     this.sec = null;

@@ -43,6 +43,9 @@ const HANDSHAKE_TIMEOUT_MAX_MS = 5000;
 const GATE_RETRY_MS = 500;
 /** While waiting for a lost primary's return, how often the witness is asked whether it gave the VM up. */
 const RELEASED_POLL_MS = 30;
+/** A failed secondary is started again this long after it failed (doubled per restart since the full image). */
+const SECONDARY_RESTART_MS = 3000;
+const SECONDARY_RESTART_MAX_MS = 5 * 60_000;
 
 export type { StandbyState } from './standby-state.ts';
 
@@ -72,6 +75,7 @@ export type StandbyEvent =
   | { event: 'failover-refused'; why: string }
   /** Compare mode: the secondary VM runs beside the replica (replies can be compared from now on). */
   | { event: 'secondary-running'; epoch: number; startMs: number }
+  | { event: 'secondary-restart'; restarts: number; why: string }
   | { event: 'guest'; line: string; atMs: number };
 
 /** A restored guest's I/O as the standby needs it: the sockets QEMU connects to, and how to undo it. */
@@ -147,6 +151,8 @@ export class StandbyController {
   private earlyInput: { epoch: number; payload: Buffer }[] = [];
   /** Compare mode: the secondary VM run beside the replica (null in buffer mode). */
   private secondary: SecondaryRunner | null = null;
+  /** Secondaries started again since the full image (each waits twice as long as the one before). */
+  private secondaryRestarts = 0;
   /** Woken when an authenticated primary connects (a wait to see whether a lost one comes back ends). */
   private readonly primaryReturned = new Wakeup();
 
@@ -364,7 +370,8 @@ export class StandbyController {
       commit: async (record, epoch, staged) => {
         if (!this.store) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
         const rec = await this.store.commitRecord(record, epoch, this.o.durability ?? 'memory', staged);
-        this.secondary?.committed(rec.epoch, rec.pages, rec.deviceState);
+        if (this.secondaryDue()) await this.restartSecondary(identity);
+        else this.secondary?.committed(rec.epoch, rec.pages, rec.deviceState);
         // the spare (compare mode has its secondary, promoted at failover)
         if (!this.early && identity.mode !== 'compare' && (this.o.autoFailover ?? true)) this.startEarly();
         return rec;
@@ -759,8 +766,9 @@ export class StandbyController {
   }
 
   /** Compare mode: a secondary from the replica just installed (any earlier one goes). */
-  private async startSecondary(identity: Identity): Promise<void> {
+  private async startSecondary(identity: Identity, restart = false): Promise<void> {
     await this.stopSecondary();
+    if (!restart) this.secondaryRestarts = 0;
     const early = this.earlyInput;
     this.earlyInput = [];
     if (identity.mode !== 'compare') return;
@@ -785,6 +793,31 @@ export class StandbyController {
       onRunning: (epoch, startMs) => this.emit({ event: 'secondary-running', epoch, startMs }),
     });
     for (const x of early) this.secondary.netIn(x.epoch, x.payload);
+  }
+
+  /**
+   * A secondary that failed (its QEMU died or left COLO) is started again from the replica, so
+   * that compare mode and a failover by promotion come back: SECONDARY_RESTART_MS after it failed,
+   * doubling with every restart since the full image, at most SECONDARY_RESTART_MAX_MS.
+   */
+  private secondaryDue(): boolean {
+    const s = this.secondary;
+    if (s?.stats.state !== 'failed' || s.failedAtMs === null) return false;
+    const wait = Math.min(SECONDARY_RESTART_MS * 2 ** this.secondaryRestarts, SECONDARY_RESTART_MAX_MS);
+    return performance.now() - s.failedAtMs >= wait;
+  }
+
+  /** Called between commits (nothing is applied to the replica meanwhile: its image is one checkpoint). */
+  private async restartSecondary(identity: Identity): Promise<void> {
+    const why = this.secondary?.stats.failure ?? '';
+    this.secondaryRestarts++;
+    const t0 = performance.now();
+    log.info(
+      `starting the secondary of VM ${identity.vm} again from checkpoint ${this.store?.epoch} (restart ${this.secondaryRestarts}; it failed: ${why})`,
+    );
+    this.emit({ event: 'secondary-restart', restarts: this.secondaryRestarts, why });
+    await this.startSecondary(identity, true);
+    log.info(`secondary image of VM ${identity.vm} copied in ${Math.round(performance.now() - t0)} ms`);
   }
 
   private async stopSecondary(): Promise<void> {

@@ -84,12 +84,12 @@ after(() => {
   assert.deepEqual(liveNamespaces(), [], 'no namespace left behind');
 });
 
-test('chaos in compare mode: replies matched by the secondary leave before their checkpoint; primary kills promote the secondary and lose no acknowledged write', {
+test('chaos in compare mode: replies matched by the secondary leave before their checkpoint; primary kills promote the secondary and lose no acknowledged write; a killed secondary is started again', {
   timeout: 600_000,
 }, async () => {
   const r = await runChaos({
-    rounds: 2,
-    faults: ['kill'],
+    rounds: 3,
+    faults: ['kill', 'secondary-kill'],
     seconds: 3,
     policy: 'model',
     timeoutMs: 500,
@@ -105,9 +105,12 @@ test('chaos in compare mode: replies matched by the secondary leave before their
   assert.ok(r.acknowledged > 100, `acknowledged ${r.acknowledged}`);
   assert.ok(r.framesCompared > 0, `frames released by comparison: ${r.framesCompared} (by ack ${r.framesReleased})`);
   assert.ok(
-    r.detail.every((d) => d.promoted === true),
+    r.detail.filter((d) => d.failover).every((d) => d.promoted === true),
     `every failover promoted the running secondary: ${JSON.stringify(r.detail)}`,
   );
+  // (the round's checks: the secondary ran again, matched replies again, and no failover came of it)
+  assert.equal(r.byFault['secondary-kill'], 1);
+  assert.ok(r.detail.some((d) => d.fault === 'secondary-kill' && !d.failover && d.reprotectMs !== null));
   assert.ok(
     r.connectionsTotal > 0 && r.connectionsSurvived === r.connectionsTotal,
     `connections ${r.connectionsSurvived}/${r.connectionsTotal}`,

@@ -212,22 +212,24 @@ const TEST_CHOOSER = {
   margin: 0.1,
   holdMs: 10_000,
   shift: 2,
+  doubtShare: 0.5,
 };
 
-test('ModeChooser (--mode auto): a trial is the current plan, the other, the current again; the other is judged against the mean of the two (compare unless buffer wins by the margin); trials again when the load moves for two windows or the hold ends; idle windows and the window traffic starts in say nothing', () => {
+test('ModeChooser (--mode auto): a trial is the current plan, the other, the current again; the other is judged against the mean of the two (compare unless buffer wins by the margin); trials again when compare matched little under a new load, or the hold ends; idle windows and the window traffic starts in say nothing', () => {
   const m = new ModeChooser({ ...TEST_CHOOSER, settleMs: 200 });
   const c = { compared: 0, released: 0, inbound: 0 };
   const at = (t: number) => m.observe(t, { ...c });
   assert.equal(at(0), null, 'the first window starts');
   c.inbound += 150;
   assert.equal(at(1000), null, 'the window the traffic starts in is not judged (its ramp)');
-  // compare's first window: 400 inbound frames/s
+  // compare's first window: 400 inbound frames/s, a fifth of the output matched
   c.inbound += 400;
-  c.compared += 400;
-  c.released += 100;
+  c.compared += 100;
+  c.released += 400;
   const t1 = at(2000);
   assert.equal(t1?.to, 'buffer', 'then buffer is tried');
-  assert.equal(m.lastShare, 0.8);
+  assert.match(t1?.reason ?? '', /only 20 % of the output matched/);
+  assert.equal(m.lastShare, 0.2);
   // the settling part is not measured
   c.inbound += 1000;
   assert.equal(at(2100), null);
@@ -253,11 +255,14 @@ test('ModeChooser (--mode auto): a trial is the current plan, the other, the cur
   assert.equal(at(9400), null, 'one window off');
   c.inbound += 650;
   assert.equal(at(10_400), null, 'back in line');
-  // the load moves (3x) for two windows: trials again, the second counting as compare's first
+  // a new load (3x for two windows) that compare matches poorly: trials again, the second window
+  // counting as compare's first
   c.inbound += 2100;
+  c.released += 2000;
   assert.equal(at(11_400), null, 'off once');
   c.inbound += 2000;
-  assert.equal(at(12_400)?.to, 'buffer', 'the load changed');
+  c.released += 2000;
+  assert.equal(at(12_400)?.to, 'buffer', 'the load changed and little matched');
   assert.equal(at(12_600), null, 'settling');
   c.inbound += 3000; // buffer: 3000/s
   assert.equal(at(13_600)?.to, 'compare');
@@ -299,9 +304,63 @@ test('ModeChooser: an idle trial window keeps compare; traffic later starts the 
   c.inbound += 300;
   assert.equal(at(2000), null, 'traffic starts: its ramp is not judged');
   c.inbound += 300;
-  assert.equal(at(3000)?.to, 'buffer', 'the trials begin');
+  c.released += 300;
+  assert.equal(at(3000)?.to, 'buffer', 'nothing matched: the trials begin');
   c.inbound += 10;
   assert.equal(at(4000)?.to, 'compare', 'buffer idle: back to compare');
+});
+
+test('ModeChooser: compare that matches its output is kept without trials, whatever the load does, until the hold ends; a trial that chose compare despite few matches is not repeated under the same load', () => {
+  const m = new ModeChooser(TEST_CHOOSER);
+  const c = { compared: 0, released: 0, inbound: 0 };
+  const at = (t: number) => m.observe(t, { ...c });
+  at(0);
+  c.inbound += 300;
+  assert.equal(at(1000), null, 'the ramp');
+  // the load triples, falls, bursts: nine tenths of the output matched, no trial
+  for (const [t, n] of [
+    [2000, 300],
+    [3000, 900],
+    [4000, 900],
+    [5000, 950],
+    [6000, 100],
+    [7000, 100],
+    [8000, 2000],
+  ] as const) {
+    c.inbound += n;
+    c.compared += 0.9 * n;
+    c.released += 0.1 * n;
+    assert.equal(at(t), null, `window to ${t}`);
+  }
+  for (const tt of [9000, 10_000]) {
+    c.inbound += 2000;
+    c.compared += 1800;
+    c.released += 200;
+    assert.equal(at(tt), null, `window to ${tt}`);
+  }
+  assert.equal(m.switches, 0);
+  c.inbound += 2000;
+  c.compared += 1800;
+  c.released += 200;
+  const t = at(11_000); // the hold began with the traffic (at 1000)
+  assert.equal(t?.to, 'buffer');
+  assert.match(t?.reason ?? '', /time to check/);
+  // a service whose replies mostly differ, yet compare wins the trial: kept, no new trial per window
+  const n = new ModeChooser(TEST_CHOOSER);
+  const d = { compared: 0, released: 0, inbound: 0 };
+  const on = (tt: number, inbound: number, share: number) => {
+    d.inbound += inbound;
+    d.compared += share * inbound;
+    d.released += (1 - share) * inbound;
+    return n.observe(tt, { ...d });
+  };
+  n.observe(0, { ...d });
+  on(1000, 500, 0.3);
+  assert.equal(on(2000, 500, 0.3)?.to, 'buffer', 'little matched: trial');
+  assert.equal(on(3000, 300, 0)?.to, 'compare');
+  assert.equal(on(4000, 500, 0.3), null, 'compare (mean 500) beat buffer (300)');
+  for (let tt = 5000; tt <= 9000; tt += 1000) assert.equal(on(tt, 500, 0.3), null, 'judged under this load');
+  assert.equal(n.switches, 2);
 });
 
 test('ModeChooser: a window closes once it counted enough inbound frames, or at its longest (a slow service)', () => {
@@ -314,6 +373,7 @@ test('ModeChooser: a window closes once it counted enough inbound frames, or at 
   c.inbound += 100;
   assert.equal(at(1500), null, '100 frames: the window goes on');
   c.inbound += 150;
+  c.released += 250;
   assert.equal(at(2000)?.to, 'buffer', '250 frames in 1 s: judged');
   c.inbound += 60;
   assert.equal(at(2500), null);
@@ -329,6 +389,7 @@ test('ModeChooser: back on compare, the window starts once the secondary matched
   c.inbound += 500;
   assert.equal(at(1000), null, 'the ramp');
   c.inbound += 500;
+  c.released += 500;
   assert.equal(at(2000)?.to, 'buffer', "compare's first window");
   assert.equal(at(2100), null, 'settling');
   c.inbound += 500;
@@ -356,6 +417,7 @@ test('ModeChooser: back on compare, the window starts once the secondary matched
   d.inbound += 500;
   n.observe(1000, { ...d });
   d.inbound += 500;
+  d.released += 500;
   assert.equal(n.observe(2000, { ...d })?.to, 'buffer');
   n.observe(2100, { ...d });
   d.inbound += 500;
