@@ -172,6 +172,11 @@ interface Pair {
 }
 
 export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
+  if (o.faults.includes('secondary-kill') && (o.mode ?? 'buffer') === 'buffer')
+    throw new RubatoError(
+      'RUBATO_CONFIG',
+      'the fault secondary-kill needs compare or auto mode (buffer mode runs no secondary)',
+    );
   const status = o.onStatus ?? (() => {});
   const ttl = o.leaseTtl ?? 1;
   const res: ChaosResult = {

@@ -151,6 +151,18 @@ export class ColoSecondary {
       }, 50);
     };
     this.vm.qmp.on('event', onEvent);
+    // QEMU gone (killed, crashed): whatever waits on it fails now, not at the step's timeout.
+    this.vm.once('exit', () => {
+      if (this.closed) return;
+      const why = this.qemuSays();
+      this.reader.end(
+        new RubatoError(
+          'RUBATO_SECONDARY',
+          `QEMU of the secondary of VM ${this.vm.spec.name} exited (${this.vm.exitedHow})${why ? `: ${why}` : ''}`,
+        ),
+      );
+      this.sock.destroy();
+    });
   }
 
   /** The last lines QEMU wrote to stderr, on one line. */
@@ -159,17 +171,27 @@ export class ColoSecondary {
   }
 
   private async write(b: Buffer | Buffer[]): Promise<void> {
+    if (this.sock.destroyed)
+      throw new RubatoError('RUBATO_PEER_LOST', `the secondary of VM ${this.vm.spec.name} closed its stream`);
     const list = Array.isArray(b) ? b : [b];
     let ok = true;
     for (const x of list) ok = this.sock.write(x) && ok;
     if (!ok)
       await new Promise<void>((resolve, reject) => {
-        const onErr = (e: Error) => reject(e);
-        this.sock.once('error', onErr);
-        this.sock.once('drain', () => {
+        const onErr = (e: Error) => done(e);
+        const onClose = () =>
+          done(new RubatoError('RUBATO_PEER_LOST', `the secondary of VM ${this.vm.spec.name} closed its stream`));
+        const onDrain = () => done(null);
+        const done = (e: Error | null) => {
           this.sock.off('error', onErr);
-          resolve();
-        });
+          this.sock.off('close', onClose);
+          this.sock.off('drain', onDrain);
+          if (e) reject(e);
+          else resolve();
+        };
+        this.sock.once('error', onErr);
+        this.sock.once('close', onClose);
+        this.sock.once('drain', onDrain);
       });
   }
 

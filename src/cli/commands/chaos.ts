@@ -63,11 +63,6 @@ export function register(program: Command): void {
           'RUBATO_CONFIG',
           `--faults: must list faults from ${FAULTS.join(', ')} (got "${bad ?? ''}")`,
         );
-      if (faults.includes('secondary-kill') && o.mode === 'buffer')
-        throw new RubatoError(
-          'RUBATO_CONFIG',
-          '--faults secondary-kill needs --mode compare or auto (buffer mode runs no secondary)',
-        );
       const rounds = o.kills ?? o.rounds ?? 10;
       const r = await runChaos({ ...o, rounds, faults: faults as Fault[], onStatus: (s) => log.info(s) });
       if (!o.json)
