@@ -390,7 +390,10 @@ export class StandbyController {
     if (end.protecting) this.guarding = true;
     if (this.link !== link) return; // replaced
     this.link = null;
-    if (this.st === 'syncing') this.go('sync-abandoned');
+    if (this.st === 'syncing') {
+      log.warn(`the full synchronisation from ${link.peer} broke off: ${end.error.message}`);
+      this.go('sync-abandoned');
+    }
     if (end.bye) {
       this.guarding = false;
       await this.dropEarly(); // (no failover follows an orderly stop)
