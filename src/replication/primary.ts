@@ -213,7 +213,13 @@ export class PrimaryController {
     this.commit.onFirstHeld = () => this.poke();
     if (disks) {
       disks.onFlush = () => this.poke();
-      disks.onPressure = () => this.poke(); // an epoch's dirty set reached its bound: decide now
+      disks.onPressure = () => {
+        // An epoch's dirty set reached its bound: decide now. Unprotected, nobody cuts epochs:
+        // the writes logged are dropped (the next synchronisation copies the image whole).
+        const phase = this.pipeline.phase;
+        if (phase === 'unprotected' || phase === 'stopped') disks.cutEpoch(true);
+        else this.poke();
+      };
     }
     if (observer?.output) {
       const output = observer.output.bind(observer);
@@ -533,7 +539,8 @@ export class PrimaryController {
       progress: (p) => this.emit(p),
       afterLayout: async (s) => {
         if (!disks) return;
-        disks.cutEpoch(); // writes before the copy starts are in what it reads; later ones are logged
+        // writes before the copy starts are in what it reads (dropped here); later ones are logged
+        disks.cutEpoch(true);
         for (const [i, b] of disks.blocks.entries()) await sendDiskExtents(s, b.id, b.server.imagePath, extents[i]!);
       },
     });

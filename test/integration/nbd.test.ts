@@ -54,6 +54,16 @@ test('qemu-io reads and writes through the server; writes mark their pages dirty
     assert.equal(e.pages.get(4096)![0], 0xab);
     assert.ok(e.flushes >= 1);
     assert.equal(s.cutEpoch().pages.size, 0, 'a cut starts a fresh epoch');
+    // A discarding cut (before a full copy of the image, or unprotected) drops the logged writes
+    // and hands over nothing; it counts them and starts a fresh epoch all the same.
+    const w = await runCommand('qemu-io', ['-f', 'raw', url, '-c', 'write -P 0xcd 0 8192']);
+    assert.equal(w.code, 0, w.stderr + w.stdout);
+    const d = s.cutEpoch(true);
+    assert.equal(d.pages.size, 0);
+    assert.ok(d.writes >= 1);
+    const x = await runCommand('qemu-io', ['-f', 'raw', url, '-c', 'write -P 0xef 12288 4096']);
+    assert.equal(x.code, 0, x.stderr + x.stdout);
+    assert.deepEqual([...s.cutEpoch().pages.keys()], [12288], 'logged again after a discarding cut');
   });
 });
 

@@ -51,11 +51,15 @@ export class DiskSet {
     return { writes, flushes };
   }
 
-  /** Ends the epoch on every disk (the guest is paused: no write lands between two cuts). */
-  cutEpoch(): DiskSetCut {
+  /**
+   * Ends the epoch on every disk (the guest is paused: no write lands between two cuts).
+   * `discard`: the writes logged so far are dropped, not handed over (a full copy of the image
+   * follows, or nothing is protected): no copy of what may be hundreds of MB logged since boot.
+   */
+  cutEpoch(discard = false): DiskSetCut {
     const cut: DiskSetCut = { disks: [], writes: 0, flushes: 0 };
     for (const [i, s] of this.servers.entries()) {
-      const e = s.cutEpoch();
+      const e = s.cutEpoch(discard);
       cut.disks.push({ block: diskBlockId(i), pages: e.pages });
       cut.writes += e.writes;
       cut.flushes += e.flushes;

@@ -138,11 +138,11 @@ export class NbdServer {
   }
 
   /** Ends the epoch: its dirty pages and counters, and a fresh set for the next one. */
-  cutEpoch(): DiskEpoch {
+  cutEpoch(discard = false): DiskEpoch {
     const port = this.cutPort;
     if (!port) throw new RubatoError('RUBATO_SETUP_FAILED', 'the NBD server is not running');
     Atomics.store(this.ctl, 0, 0);
-    port.postMessage({ cut: true });
+    port.postMessage({ cut: true, discard });
     if (Atomics.wait(this.ctl, 0, 0, CUT_TIMEOUT_MS) === 'timed-out' && Atomics.load(this.ctl, 0) === 0) {
       throw new RubatoError(
         'RUBATO_CAPTURE_FAILED',

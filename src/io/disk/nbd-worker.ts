@@ -38,7 +38,7 @@ engine.onIo = (kind) => {
   if (Atomics.load(ctl, 1) === 1) port.postMessage({ ev: 'io', kind });
 };
 
-cutPort.on('message', (m: { cut?: true; close?: true; overlay?: 'discard' | 'commit' }) => {
+cutPort.on('message', (m: { cut?: true; discard?: boolean; close?: true; overlay?: 'discard' | 'commit' }) => {
   if (m.overlay) {
     try {
       if (m.overlay === 'discard') engine.discardOverlay();
@@ -50,6 +50,7 @@ cutPort.on('message', (m: { cut?: true; close?: true; overlay?: 'discard' | 'com
   } else if (m.cut) {
     const e = engine.cutEpoch();
     publish(); // the new epoch's counters are zero before the controller reads them again
+    if (m.discard) e.pages.clear(); // (what the image holds is all that counts: nothing to copy)
     const buf = new ArrayBuffer(e.pages.size * PAGE_BYTES_NBD);
     const view = Buffer.from(buf);
     const offsets: number[] = [];
