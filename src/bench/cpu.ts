@@ -4,18 +4,14 @@
 
 import { readFileSync } from 'node:fs';
 import { cpus } from 'node:os';
+import { procStatFields } from '../util/index.ts';
 
 const TICK_S = 0.01; // USER_HZ is 100 on Linux
 
 /** utime + stime of a process (all its threads), seconds; null when it is gone. */
 function processCpuS(pid: number): number | null {
-  try {
-    const s = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) * TICK_S;
-  } catch {
-    return null;
-  }
+  const f = procStatFields(`/proc/${pid}/stat`);
+  return f ? (Number(f[11]) + Number(f[12])) * TICK_S : null;
 }
 
 /** Busy and total CPU seconds of the whole machine. */

@@ -580,9 +580,10 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         );
         round.reprotectMs = Date.now() - faultAt;
         res.reprotected++;
-        const comparedAt = (q.primary.snapshot()['output'] as { compared: number }).compared;
+        const compared = () => (q.primary.snapshot()['output'] as { compared: number }).compared;
+        const comparedAt = compared();
         await waitFor(
-          () => (q.primary.snapshot()['output'] as { compared: number }).compared > comparedAt || undefined,
+          () => compared() > comparedAt || undefined,
           30_000,
           `replies matched by the new secondary after round ${k}`,
         );

@@ -10,7 +10,7 @@
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { readFileSync, readdirSync, rmSync } from 'node:fs';
-import { ByteReader, RubatoError, errorMessage, logger, withTimeout } from '../util/index.ts';
+import { ByteReader, RubatoError, errorMessage, logger, procStatFields, withTimeout } from '../util/index.ts';
 import {
   COLO_MSG,
   COLO_MSG_NAMES,
@@ -140,29 +140,30 @@ export class ColoSecondary {
     const onEvent = (e: { event: string; data?: Record<string, unknown> }) => {
       if (e.event !== 'COLO_EXIT' || this.closed) return;
       // (QEMU writes its reason to stderr before the event: give the pipe a moment to catch up)
-      setTimeout(() => {
-        const why = this.qemuSays();
-        this.reader.end(
-          new RubatoError(
-            'RUBATO_SECONDARY',
-            `QEMU of the secondary of VM ${this.vm.spec.name} left COLO (${String(e.data?.['reason'] ?? 'no reason given')})${why ? `: ${why}` : ''}`,
-          ),
-        );
-      }, 50);
+      setTimeout(() => this.lost(`left COLO (${String(e.data?.['reason'] ?? 'no reason given')})`), 50);
     };
     this.vm.qmp.on('event', onEvent);
     // QEMU gone (killed, crashed): whatever waits on it fails now, not at the step's timeout.
     this.vm.once('exit', () => {
       if (this.closed) return;
-      const why = this.qemuSays();
-      this.reader.end(
-        new RubatoError(
-          'RUBATO_SECONDARY',
-          `QEMU of the secondary of VM ${this.vm.spec.name} exited (${this.vm.exitedHow})${why ? `: ${why}` : ''}`,
-        ),
-      );
+      this.lost(`exited (${this.vm.exitedHow})`);
       this.sock.destroy();
     });
+  }
+
+  /** What waits on the secondary fails with `what` happened to its QEMU, and what QEMU said last. */
+  private lost(what: string): void {
+    const why = this.qemuSays();
+    this.reader.end(
+      new RubatoError(
+        'RUBATO_SECONDARY',
+        `QEMU of the secondary of VM ${this.vm.spec.name} ${what}${why ? `: ${why}` : ''}`,
+      ),
+    );
+  }
+
+  private streamClosed(): RubatoError {
+    return new RubatoError('RUBATO_PEER_LOST', `the secondary of VM ${this.vm.spec.name} closed its stream`);
   }
 
   /** The last lines QEMU wrote to stderr, on one line. */
@@ -171,16 +172,14 @@ export class ColoSecondary {
   }
 
   private async write(b: Buffer | Buffer[]): Promise<void> {
-    if (this.sock.destroyed)
-      throw new RubatoError('RUBATO_PEER_LOST', `the secondary of VM ${this.vm.spec.name} closed its stream`);
+    if (this.sock.destroyed) throw this.streamClosed();
     const list = Array.isArray(b) ? b : [b];
     let ok = true;
     for (const x of list) ok = this.sock.write(x) && ok;
     if (!ok)
       await new Promise<void>((resolve, reject) => {
         const onErr = (e: Error) => done(e);
-        const onClose = () =>
-          done(new RubatoError('RUBATO_PEER_LOST', `the secondary of VM ${this.vm.spec.name} closed its stream`));
+        const onClose = () => done(this.streamClosed());
         const onDrain = () => done(null);
         const done = (e: Error | null) => {
           this.sock.off('error', onErr);
@@ -369,8 +368,7 @@ function threadWaits(pid: number): string {
   try {
     return readdirSync(`/proc/${pid}/task`)
       .map((tid) => {
-        const stat = read(`/proc/${pid}/task/${tid}/stat`);
-        const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+        const state = procStatFields(`/proc/${pid}/task/${tid}/stat`)?.[0] ?? '?';
         return `${read(`/proc/${pid}/task/${tid}/comm`)} ${state} ${read(`/proc/${pid}/task/${tid}/wchan`) || '-'}`;
       })
       .join(', ');

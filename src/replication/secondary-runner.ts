@@ -92,8 +92,6 @@ export interface SecondaryStats {
   framesIn: number;
   framesOut: number;
   startMs: number | null;
-  /** Its QEMU's process id while it runs. */
-  pid: number | null;
   /** Why it failed (state `failed`). */
   failure?: string;
 }
@@ -128,7 +126,6 @@ export class SecondaryRunner {
     framesIn: 0,
     framesOut: 0,
     startMs: null,
-    pid: null,
   };
   /** When it failed (performance.now()), or null. */
   failedAtMs: number | null = null;
@@ -175,7 +172,6 @@ export class SecondaryRunner {
       return;
     }
     this.stats.state = 'running';
-    this.stats.pid = this.sec.vm.pid;
     this.deliverInbound();
     this.stats.startMs = Math.round(performance.now() - t0);
     log.info(`secondary of VM ${identity.vm} running from checkpoint ${this.base} (${this.stats.startMs} ms)`);
@@ -186,7 +182,6 @@ export class SecondaryRunner {
   private fail(e: unknown): void {
     if (this.stats.state === 'stopped' || this.stats.state === 'promoted') return;
     this.stats.state = 'failed';
-    this.stats.pid = null;
     this.stats.failure = errorMessage(e);
     this.failedAtMs = performance.now();
     log.warn(
@@ -200,6 +195,11 @@ export class SecondaryRunner {
         .then((d) => log.warn(`the secondary of VM ${this.o.identity.vm} as it was stopped: ${d}`))
         .finally(() => sec.stop())
         .catch((err: unknown) => log.debug(`stopping a failed secondary: ${errorMessage(err)}`));
+  }
+
+  /** Its counters, and its QEMU's process id while it is there. */
+  status(): SecondaryStats & { pid: number | null } {
+    return { ...this.stats, pid: this.sec?.vm.pid ?? null };
   }
 
   /** The checkpoint the secondary runs from (null: it does not run). */

@@ -237,7 +237,7 @@ export class StandbyController {
       replicaEpoch: this.replicaEpoch,
       primary: this.link && !this.link.closed ? this.link.peer : null,
       mode: this.secondary ? 'compare' : 'buffer',
-      ...(this.secondary ? { secondary: { ...this.secondary.stats } } : {}),
+      ...(this.secondary ? { secondary: this.secondary.status() } : {}),
       // a restore's QEMU started ahead, waiting paused for a failover's checkpoint
       spare: this.early ? (this.spareReady ? 'ready' : 'starting') : null,
       ...this.o.statusExtra?.(),

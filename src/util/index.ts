@@ -11,5 +11,6 @@ export { LOG_FORMATS, LOG_LEVELS, jsonLine, logger } from './log.ts';
 export { ensurePrivateDir, fsyncDir, openPrivate, writePrivate, writePrivateAtomic } from './private-files.ts';
 export { disown, extendShutdownGrace, onShutdown, processWithFd, runCommand, spawnTracked } from './procs.ts';
 export type { TrackedProcess } from './procs.ts';
+export { procStatFields } from './proc-stat.ts';
 export { median, percentile, round } from './stats.ts';
 export { makeTempDir, removeTempDir } from './tmp.ts';

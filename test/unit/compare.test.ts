@@ -311,13 +311,22 @@ test('ModeChooser: an idle trial window keeps compare; traffic later starts the 
 });
 
 test('ModeChooser: compare that matches its output is kept without trials, whatever the load does, until the hold ends; a trial that chose compare despite few matches is not repeated under the same load', () => {
-  const m = new ModeChooser(TEST_CHOOSER);
-  const c = { compared: 0, released: 0, inbound: 0 };
-  const at = (t: number) => m.observe(t, { ...c });
-  at(0);
-  c.inbound += 300;
-  assert.equal(at(1000), null, 'the ramp');
-  // the load triples, falls, bursts: nine tenths of the output matched, no trial
+  /** A chooser fed windows of `inbound` frames, `share` of its output matched. */
+  const chooser = () => {
+    const m = new ModeChooser(TEST_CHOOSER);
+    const c = { compared: 0, released: 0, inbound: 0 };
+    m.observe(0, { ...c });
+    const on = (t: number, inbound: number, share: number) => {
+      c.inbound += inbound;
+      c.compared += share * inbound;
+      c.released += (1 - share) * inbound;
+      return m.observe(t, { ...c });
+    };
+    return { m, on };
+  };
+  const { m, on } = chooser();
+  assert.equal(on(1000, 300, 0.9), null, 'the ramp');
+  // the load triples, falls, bursts, then holds: nine tenths of the output matched, no trial
   for (const [t, n] of [
     [2000, 300],
     [3000, 900],
@@ -326,41 +335,22 @@ test('ModeChooser: compare that matches its output is kept without trials, whate
     [6000, 100],
     [7000, 100],
     [8000, 2000],
-  ] as const) {
-    c.inbound += n;
-    c.compared += 0.9 * n;
-    c.released += 0.1 * n;
-    assert.equal(at(t), null, `window to ${t}`);
-  }
-  for (const tt of [9000, 10_000]) {
-    c.inbound += 2000;
-    c.compared += 1800;
-    c.released += 200;
-    assert.equal(at(tt), null, `window to ${tt}`);
-  }
+    [9000, 2000],
+    [10_000, 2000],
+  ] as const)
+    assert.equal(on(t, n, 0.9), null, `window to ${t}`);
   assert.equal(m.switches, 0);
-  c.inbound += 2000;
-  c.compared += 1800;
-  c.released += 200;
-  const t = at(11_000); // the hold began with the traffic (at 1000)
+  const t = on(11_000, 2000, 0.9); // the hold began with the traffic (at 1000)
   assert.equal(t?.to, 'buffer');
   assert.match(t?.reason ?? '', /time to check/);
   // a service whose replies mostly differ, yet compare wins the trial: kept, no new trial per window
-  const n = new ModeChooser(TEST_CHOOSER);
-  const d = { compared: 0, released: 0, inbound: 0 };
-  const on = (tt: number, inbound: number, share: number) => {
-    d.inbound += inbound;
-    d.compared += share * inbound;
-    d.released += (1 - share) * inbound;
-    return n.observe(tt, { ...d });
-  };
-  n.observe(0, { ...d });
-  on(1000, 500, 0.3);
-  assert.equal(on(2000, 500, 0.3)?.to, 'buffer', 'little matched: trial');
-  assert.equal(on(3000, 300, 0)?.to, 'compare');
-  assert.equal(on(4000, 500, 0.3), null, 'compare (mean 500) beat buffer (300)');
-  for (let tt = 5000; tt <= 9000; tt += 1000) assert.equal(on(tt, 500, 0.3), null, 'judged under this load');
-  assert.equal(n.switches, 2);
+  const n = chooser();
+  n.on(1000, 500, 0.3);
+  assert.equal(n.on(2000, 500, 0.3)?.to, 'buffer', 'little matched: trial');
+  assert.equal(n.on(3000, 300, 0)?.to, 'compare');
+  assert.equal(n.on(4000, 500, 0.3), null, 'compare (mean 500) beat buffer (300)');
+  for (let tt = 5000; tt <= 9000; tt += 1000) assert.equal(n.on(tt, 500, 0.3), null, 'judged under this load');
+  assert.equal(n.m.switches, 2);
 });
 
 test('ModeChooser: a window closes once it counted enough inbound frames, or at its longest (a slow service)', () => {
