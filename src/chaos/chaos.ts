@@ -1,7 +1,8 @@
 // `rubato chaos`: the Jepsen-style check. A KV service in the protected guest, a client in its own
 // namespace writing over persistent TCP connections, and the primary host killed at random moments
 // again and again; each failover's guest becomes the next primary, protected by a fresh standby
-// on the other host. At the end every acknowledged write must be readable with its value.
+// on the other host. At the end every acknowledged write must be readable with its value. Each
+// host is a process of its own (chaos-host.ts): it dies, or freezes, as a whole host does.
 
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -15,33 +16,19 @@ import {
   round,
   sleep,
   waitFor,
+  waitForAsync,
   RubatoError,
 } from '../util/index.ts';
-import { ensurePackages, ensureServiceClients, ensureTapRelay } from '../setup/index.ts';
-import type { AccelChoice, QemuVm } from '../qemu/index.ts';
-import { type LanHost, GuestIo } from '../io/index.ts';
-import {
-  type PrimaryController,
-  DISK_BLOCK_ID,
-  type PrimaryEvent,
-  type StandbyController,
-  type StandbyEvent,
-  type ReleaseMode,
-} from '../replication/index.ts';
-import { parsePolicy } from '../scheduler/index.ts';
-import {
-  LocalEtcd,
-  EtcdClient,
-  Ownership,
-  witnessGate,
-  type WitnessGate,
-  type OwnershipGuard,
-} from '../coord/index.ts';
+import { ensurePackages, ensureServiceClients } from '../setup/index.ts';
+import type { AccelChoice } from '../qemu/index.ts';
+import type { LanHost } from '../io/index.ts';
+import type { ReleaseMode } from '../replication/index.ts';
+import { LocalEtcd } from '../coord/index.ts';
 import type { CompareCounts } from '../commit/index.ts';
-import { standbySide, startPrimarySide } from '../host/index.ts';
 import { ThreadedProxy } from './fault-proxy.ts';
-import { startDebianRig } from './debian-rig.ts';
-import { clientProcess, startKvRig, stopKvRig, type KvRig } from './kv-rig.ts';
+import { planDebianRig } from './debian-rig.ts';
+import { clientProcess, planKvRig, type RigPlan } from './kv-rig.ts';
+import { HostProc, type Timed } from './host-proc.ts';
 import { SplitBrainDetector } from './split-brain.ts';
 
 const log = logger('chaos');
@@ -56,6 +43,7 @@ export const FAULTS = [
   'capture',
   'etcd-down',
   'secondary-kill',
+  'pause',
 ] as const;
 export type Fault = (typeof FAULTS)[number];
 
@@ -102,6 +90,8 @@ export interface RoundResult {
   reprotectMs: number | null;
   /** Compare mode: the standby promoted its running secondary (else it restored the replica). */
   promoted?: boolean;
+  /** pause: from the old primary's thaw to its guest stopped by itself. */
+  stoppedAfterThawMs?: number;
   /** Compare mode: the primary's comparison counts before the fault. */
   compare?: CompareCounts;
   /** Compare mode: the standby's secondary (loads, frames in and out) before the fault. */
@@ -140,35 +130,26 @@ export interface ChaosResult {
   error?: string;
 }
 
-/** One host of the chaos pair: its LAN namespace and its own way to the witness (which a fault can cut). */
+/** One host of the chaos pair: its LAN namespace, its own way to the witness (which a fault can cut), its process. */
 interface ChaosHost {
   lan: LanHost;
   name: string;
   etcdProxy: ThreadedProxy;
-  etcd: EtcdClient;
+  /** The host's process (null: the host is down, as after a kill, until it is needed again). */
+  proc: HostProc | null;
 }
 
-/** The copy of the guest that runs live, and everything of its host that serves it. */
-interface LiveCopy {
-  host: ChaosHost;
-  vm: QemuVm;
-  io: GuestIo;
-  ownership: Ownership | null;
-}
+type Ev = Timed<Record<string, unknown>>;
 
-/** The protection of a live copy: a standby on the other host reached through a link that faults can cut or corrupt. */
+/** The protection of the live copy: a standby on the other host reached through a link that faults can cut or corrupt. */
 interface Pair {
-  primary: PrimaryController;
-  standby: StandbyController;
   link: ThreadedProxy;
-  guard: OwnershipGuard | null;
-  gate: WitnessGate | null;
-  failCaptureOnce: () => void;
+  /** The standby's host. */
   host: ChaosHost;
-  pEvents: Array<PrimaryEvent & { t: number }>;
-  sEvents: Array<StandbyEvent & { t: number }>;
-  gEvents: Array<Record<string, unknown>>;
-  nextIo: GuestIo | null;
+  /** The primary's, the standby's and the primary's guard's events since the pair formed. */
+  pEvents: Ev[];
+  sEvents: Ev[];
+  gEvents: Ev[];
 }
 
 export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
@@ -181,17 +162,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
   const ttl = o.leaseTtl ?? 1;
   const res: ChaosResult = {
     rounds: 0,
-    byFault: {
-      kill: 0,
-      partition: 0,
-      isolate: 0,
-      corrupt: 0,
-      'standby-kill': 0,
-      'standby-isolate': 0,
-      capture: 0,
-      'etcd-down': 0,
-      'secondary-kill': 0,
-    },
+    byFault: Object.fromEntries(FAULTS.map((f) => [f, 0])) as Record<Fault, number>,
     failovers: 0,
     splitBrain: -1,
     lost: -1,
@@ -212,9 +183,9 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     detail: [],
   };
   const dir = makeTempDir('rubato-chaos-');
-  let rig: KvRig | null = null;
+  let plan: RigPlan | null = null;
   let etcd: LocalEtcd | null = null;
-  let live: LiveCopy | null = null;
+  const hosts: ChaosHost[] = [];
   let pair: Pair | null = null;
   let client: ReturnType<typeof clientProcess> | null = null;
   let detector: SplitBrainDetector | null = null;
@@ -226,35 +197,49 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const service = o.service ?? 'kv';
     const svc = SERVICE_CLIENT[service];
     if (service !== 'kv') await ensureServiceClients(); // psql for the clients
-    rig = service === 'kv' ? await startKvRig(dir, o.accel, 'chaos') : await startDebianRig(dir, o.accel, 'chaos');
-    res.accel = rig.accel;
-    const lan = rig.lan;
-    const hosts: ChaosHost[] = [];
-    for (const h of rig.hosts) {
+    plan = service === 'kv' ? await planKvRig(dir, o.accel, 'chaos') : await planDebianRig(dir, o.accel, 'chaos');
+    res.accel = plan.accel;
+    const { lan, guest } = plan;
+    for (const h of plan.hosts) {
       const etcdProxy = new ThreadedProxy(etcdPort);
       proxies.push(etcdProxy);
       await etcdProxy.listen();
-      hosts.push({
-        lan: h,
-        name: h.name,
-        etcdProxy,
-        etcd: new EtcdClient([`http://127.0.0.1:${etcdProxy.port}`], 500),
-      });
+      hosts.push({ lan: h, name: h.name, etcdProxy, proc: null });
     }
     const withWitness = o.witness ?? true;
-    const vmName = rig.vm.spec.name;
-    const ownership = withWitness ? new Ownership(hosts[0]!.etcd, vmName, hosts[0]!.name, ttl) : null;
-    if (ownership && (await ownership.claim()) === null)
-      throw new RubatoError('RUBATO_VM_OWNED', 'the fresh witness refused the first claim');
-    live = { host: hosts[0]!, vm: rig.vm, io: rig.io, ownership };
+    const vmName = guest.spec.name;
     const psk = randomBytes(32);
+    /** The host's process, started when the host is (back) up. */
+    const hostUp = async (h: ChaosHost): Promise<HostProc> => {
+      if (h.proc?.alive) return h.proc;
+      h.proc = await HostProc.start({
+        name: h.name,
+        lan: h.lan,
+        etcdUrl: `http://127.0.0.1:${h.etcdProxy.port}`,
+        dir,
+        binary: guest.binary,
+        tapRelay: guest.tapRelay,
+        psk,
+        vmName,
+        ttl,
+        witness: withWitness,
+      });
+      return h.proc;
+    };
+    const procOf = (h: ChaosHost): HostProc => {
+      if (!h.proc?.alive) throw new RubatoError('RUBATO_PROTOCOL', `${h.name} is down`);
+      return h.proc;
+    };
+    // The first live copy: the guest booted on the first host, which claims the VM.
+    let live: ChaosHost = hosts[0]!;
+    await (await hostUp(live)).call({ op: 'boot', guest }, guest.readyMs + 60_000);
     detector = await SplitBrainDetector.start(
       lan,
       hosts.map((h) => h.lan),
-      rig.vm.spec.mac!,
+      guest.spec.mac!,
     );
     status(
-      `${({ kv: 'KV', postgres: 'PostgreSQL', redis: 'Redis (appendfsync always)' } as const)[service]} guest up at ${lan.guestIp} on ${live.host.name}; witness ${etcd.url}; faults ${o.faults.join(',')}, ${o.rounds} rounds`,
+      `${({ kv: 'KV', postgres: 'PostgreSQL', redis: 'Redis (appendfsync always)' } as const)[service]} guest up at ${lan.guestIp} on ${live.name}; witness ${etcd.url}; faults ${o.faults.join(',')}, ${o.rounds} rounds`,
     );
     const total = o.rounds * (o.seconds + 25) + 120;
     client = clientProcess(
@@ -274,109 +259,42 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const acks = () => client!.events.filter((e) => e.type === 'ack').length;
 
     /** Protects the live copy with a standby on the other host (a new pair after every failover). */
-    const protect = async (l: LiveCopy, round: number): Promise<Pair> => {
-      const other = hosts.find((h) => h !== l.host)!;
+    const protect = async (l: ChaosHost, round: number): Promise<Pair> => {
+      const other = hosts.find((h) => h !== l)!;
       other.etcdProxy.heal(); // the other host is (back) up
-      const gate = withWitness ? witnessGate(other.etcd, other.name, ttl) : null;
-      const pEvents: Pair['pEvents'] = [];
-      const sEvents: Pair['sEvents'] = [];
-      const gEvents: Pair['gEvents'] = [];
-      let nextIo: GuestIo | null = null;
-      let guard: OwnershipGuard | null = null;
-      let failCapture = false;
-      // The product's wiring (host/standby-side.ts): the gate, and the restored guest's frames under its lease.
-      const standby = standbySide({
-        listen: { host: '127.0.0.1', port: 0 },
-        gate,
-        stateDir: join(dir, `standby${round}`),
-        psk,
-        heartbeatMs: 50,
-        timeoutMs: o.timeoutMs,
-        fsync: false,
-        binaryFor: async () => rig!.binary,
-        onEvent: (e) => sEvents.push({ ...e, t: Date.now() }),
-        restoreIo: async (_id, store, existing) => {
-          const io = await GuestIo.start(
-            other.lan,
-            dir,
-            `g${round}`,
-            store.blocks.some((b) => b.id === DISK_BLOCK_ID) ? store.imagePath(DISK_BLOCK_ID) : null,
-            await ensureTapRelay(),
-            existing,
-          );
-          nextIo = io;
-          return {
-            relay: io.relay,
-            netSockets: [io.netSocket],
-            nbdSockets: io.nbdSocket ? [io.nbdSocket] : [],
-            close: async () => {
-              if (nextIo === io) nextIo = null;
-              await io.close();
-            },
-          };
-        },
-      });
-      await standby.start();
-      const link = new ThreadedProxy(standby.boundPort);
+      const sp = await hostUp(other);
+      const lp = procOf(l);
+      const pEvents: Ev[] = [];
+      const gEvents: Ev[] = [];
+      const sEvents: Ev[] = [];
+      lp.pEvents = pEvents;
+      lp.gEvents = gEvents;
+      sp.sEvents = sEvents;
+      const { port } = await sp.call<{ port: number }>({ op: 'standby', round, timeoutMs: o.timeoutMs });
+      const link = new ThreadedProxy(port);
       try {
         await link.listen();
       } catch (e) {
-        await standby.stop(); // nothing of a pair that never formed outlives it
+        await sp.stop(); // nothing of a pair that never formed outlives it
+        other.proc = null;
         throw e;
       }
-      // The product's wiring (host/primary-side.ts): gate, guard, generation, a dying QEMU's word.
-      const side = startPrimarySide({
-        vm: l.vm,
-        runDir: dir,
-        standby: { host: '127.0.0.1', port: link.port },
-        psk,
-        heartbeatMs: 50,
+      await lp.call({
+        op: 'primary',
+        standbyPort: link.port,
+        policy: o.policy,
+        mode: o.mode ?? 'buffer',
         timeoutMs: o.timeoutMs,
-        retryMs: 300,
-        io: { relay: l.io.relay, nbds: l.io.nbd ? [l.io.nbd] : [] },
-        policy: parsePolicy(o.policy),
-        ownership: l.ownership,
-        more: {
-          mode: o.mode ?? 'buffer',
-          // A capture failure on the primary (QEMU's stream breaks mid-epoch), once when asked.
-          fault: (point) => {
-            if (point === 'mid-epoch' && failCapture) {
-              failCapture = false;
-              throw new RubatoError('RUBATO_PROTOCOL', 'injected capture failure');
-            }
-          },
-        },
-        onEvent: (e) => {
-          pEvents.push({ ...e, t: Date.now() });
-        },
-        onGuardEvent: (e) => gEvents.push({ ...e, t: Date.now() }),
       });
-      const primary = side.primary;
-      guard = side.guard;
-      return {
-        primary,
-        standby,
-        link,
-        guard,
-        gate,
-        host: other,
-        pEvents,
-        sEvents,
-        gEvents,
-        failCaptureOnce: () => {
-          failCapture = true;
-        },
-        get nextIo() {
-          return nextIo;
-        },
-      };
+      return { link, host: other, pEvents, sEvents, gEvents };
     };
+    const event = (events: Ev[], name: string, since = 0) => events.find((e) => e['event'] === name && e.t >= since);
     const protectedSince = async (q: Pair, since: number, what: string) =>
-      waitFor(() => q.pEvents.find((e) => e.event === 'protecting' && e.t >= since), 120_000, what);
+      waitFor(() => event(q.pEvents, 'protecting', since), 120_000, what);
     const secondaryRunning = async (q: Pair, what: string) =>
-      waitFor(
-        () => {
-          const st = (q.standby.status()['secondary'] as { state?: string } | undefined)?.state;
+      waitForAsync(
+        async () => {
+          const st = ((await procOf(q.host).status()).standby?.['secondary'] as { state?: string } | undefined)?.state;
           if (st === 'failed') throw new RubatoError('RUBATO_SECONDARY', `${what}: the secondary failed`);
           return st === 'running' ? true : undefined;
         },
@@ -385,12 +303,13 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       );
     const noFailoverFor = async (q: Pair, ms: number) => {
       await sleep(ms);
-      return !q.sEvents.some((e) => e.event === 'failover');
+      return !event(q.sEvents, 'failover');
     };
+    const guestExited = async (h: ChaosHost) => (await procOf(h).status()).guestExited === true;
 
     for (let k = 1; k <= o.rounds; k++) {
       const fault = o.faults[(k - 1) % o.faults.length]!;
-      const l: LiveCopy = live!;
+      const l = live;
       const q: Pair = pair ?? (await protect(l, k));
       pair = q;
       await protectedSince(q, 0, `protection before round ${k}`);
@@ -414,15 +333,17 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
                 capture: 'mid-epoch',
                 'etcd-down': 'stopped',
                 'secondary-kill': 'qemu',
+                pause: 'host',
               } as const
             )[fault];
       status(
-        `round ${k}/${o.rounds}: ${fault} (${variant}) of ${fault.startsWith('standby') ? `the standby ${q.host.name}` : l.host.name} after ${(runMs / 1000).toFixed(1)} s, ${acks() - acksBefore} writes acknowledged meanwhile`,
+        `round ${k}/${o.rounds}: ${fault} (${variant}) of ${fault.startsWith('standby') ? `the standby ${q.host.name}` : l.name} after ${(runMs / 1000).toFixed(1)} s, ${acks() - acksBefore} writes acknowledged meanwhile`,
       );
       res.byFault[fault]++;
       res.rounds++;
       // How the primary's output left in this round (compare mode: how much of it its secondary matched).
-      const snap = q.primary.snapshot();
+      const snap = (await procOf(l).status()).snapshot ?? {};
+      const secondary = (await procOf(q.host).status()).standby?.['secondary'];
       const out = snap['output'] as { released: number; compared: number };
       res.framesReleased += out.released;
       res.framesCompared += out.compared;
@@ -434,9 +355,9 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         failover: false,
         failoverMs: null,
         reprotectMs: null,
-        primary: l.host.name,
+        primary: l.name,
         ...(snap['compare'] ? { compare: snap['compare'] as CompareCounts } : {}),
-        ...(q.standby.status()['secondary'] ? { secondary: q.standby.status()['secondary'] as object } : {}),
+        ...(secondary ? { secondary: secondary as object } : {}),
         ...(snap['compare']
           ? {
               ckptPerSec: snap['ckptPerSec'] as number,
@@ -447,11 +368,18 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       };
       switch (fault) {
         case 'kill':
-          // The primary host dies: controller, QEMU, relay, disk server, TAP, its lease renewals — no goodbye.
-          l.host.etcdProxy.blackhole();
-          await q.primary.crash();
-          await l.io.close();
+          // The primary host dies: controller, QEMU, relay, disk server, TAP helper, its lease renewals — no goodbye.
+          l.etcdProxy.blackhole();
+          await procOf(l).kill();
+          l.proc = null;
           res.kills++;
+          expectFailover = true;
+          break;
+        case 'pause':
+          // The primary's controller and QEMU freeze past the lease (SIGSTOP: a stalled host, a long pause of the
+          // machine under them). The standby takes over; thawed, the old primary must find the newer holder and
+          // stop its guest without letting anything out (below).
+          await procOf(l).freeze();
           expectFailover = true;
           break;
         case 'partition':
@@ -459,7 +387,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
           q.link.blackhole();
           if (!withWitness) {
             // Without a witness the standby takes over and both copies answer until the old one is stopped by hand.
-            await waitFor(() => q.sEvents.find((e) => e.event === 'failover'), 60_000, `failover in round ${k}`);
+            await waitFor(() => event(q.sEvents, 'failover'), 60_000, `failover in round ${k}`);
             await sleep(3000);
             expectFailover = true;
             break;
@@ -475,7 +403,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
           res.reprotected++;
           break;
         case 'isolate':
-          l.host.etcdProxy.blackhole();
+          l.etcdProxy.blackhole();
           if (variant === 'etcd') {
             // Cut from the witness only: the protected pair runs on, nobody goes live; back, it claims again.
             if (!(await noFailoverFor(q, ttl * 1000 + 2000)))
@@ -483,17 +411,13 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
                 'RUBATO_PROTOCOL',
                 `round ${k}: the standby went live while the pair was healthy (primary cut from the witness)`,
               );
-            if (l.vm.exited)
+            if (await guestExited(l))
               throw new RubatoError(
                 'RUBATO_PROTOCOL',
                 `round ${k}: the protected primary stopped its guest when only the witness was out of reach`,
               );
-            l.host.etcdProxy.heal();
-            await waitFor(
-              () => q.gEvents.find((e) => e['event'] === 'owner' && Number(e['t']) >= faultAt),
-              30_000,
-              `the reclaim after round ${k}`,
-            );
+            l.etcdProxy.heal();
+            await waitFor(() => event(q.gEvents, 'owner', faultAt), 30_000, `the reclaim after round ${k}`);
           } else {
             // Cut from the witness and from its standby (on the LAN still): it must stop its guest before the standby
             // may claim.
@@ -512,23 +436,24 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
           break;
       }
       if (fault === 'standby-kill') {
-        // The standby host dies (silently: its goodbye goes into the cut). The primary runs on, alone, holding the VM.
+        // The standby host dies (no goodbye: everything on it is killed at once). The primary runs on, alone,
+        // holding the VM.
         q.link.blackhole();
         q.host.etcdProxy.blackhole();
-        await q.standby.stop();
+        await procOf(q.host).kill();
+        q.host.proc = null;
         await waitFor(
-          () => q.pEvents.find((e) => e.event === 'unprotected' && e.t >= faultAt),
+          () => event(q.pEvents, 'unprotected', faultAt),
           30_000,
           `the primary noticing its standby died in round ${k}`,
         );
         await sleep(ttl * 1000 + 1000);
-        if (l.vm.exited)
+        if (await guestExited(l))
           throw new RubatoError(
             'RUBATO_PROTOCOL',
             `round ${k}: the primary stopped its guest when only its standby died`,
           );
-        q.guard?.close();
-        await q.primary.stop().catch(() => {});
+        await procOf(l).call({ op: 'unpair' });
         q.link.close();
         pair = null; // the next round protects it with a fresh standby on the repaired host
       } else if (fault === 'etcd-down' && etcd) {
@@ -546,14 +471,14 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
           res.reprotected++;
           if (!(await noFailoverFor(q, o.timeoutMs * 2)))
             throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: a failover while etcd was down`);
-          if (l.vm.exited)
+          if (await guestExited(l))
             throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the guest stopped while only etcd was down`);
         } finally {
           process.kill(witnessPid, 'SIGCONT');
         }
         if (withWitness)
           await waitFor(
-            () => q.gEvents.find((e) => e['event'] === 'owner' && Number(e['t']) >= faultAt),
+            () => event(q.gEvents, 'owner', faultAt),
             30_000,
             `the primary claiming the VM again once etcd was back (round ${k})`,
           );
@@ -561,7 +486,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         // The standby cut from the witness: a healthy pair does not care.
         q.host.etcdProxy.blackhole();
         const ok = await noFailoverFor(q, ttl * 1000 + 2000);
-        if (!ok || !q.primary.protected)
+        if (!ok || !(await procOf(l).status()).protected)
           throw new RubatoError(
             'RUBATO_PROTOCOL',
             `round ${k}: the pair did not stay as it was while its standby was cut from the witness`,
@@ -570,27 +495,28 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
       } else if (fault === 'secondary-kill') {
         // Compare mode's secondary VM dies (SIGKILL of its QEMU on the standby): its replies stop coming,
         // the primary's wait for checkpoints again; no failover; the standby starts a secondary again.
-        const sec = q.standby.status()['secondary'] as { pid?: number | null } | undefined;
+        const sec = secondary as { pid?: number | null } | undefined;
         if (!sec?.pid) throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: no secondary running to kill`);
         process.kill(sec.pid, 'SIGKILL');
         await waitFor(
-          () => q.sEvents.find((e) => e.event === 'secondary-running' && e.t > faultAt),
+          () => q.sEvents.find((e) => e['event'] === 'secondary-running' && e.t > faultAt),
           120_000,
           `the secondary started again after round ${k}`,
         );
         round.reprotectMs = Date.now() - faultAt;
         res.reprotected++;
-        const compared = () => (q.primary.snapshot()['output'] as { compared: number }).compared;
-        const comparedAt = compared();
-        await waitFor(
-          () => compared() > comparedAt || undefined,
+        const compared = async () =>
+          ((await procOf(l).status()).snapshot?.['output'] as { compared: number } | undefined)?.compared ?? 0;
+        const comparedAt = await compared();
+        await waitForAsync(
+          async () => (await compared()) > comparedAt || undefined,
           30_000,
           `replies matched by the new secondary after round ${k}`,
         );
-        if (q.sEvents.some((e) => e.event === 'failover'))
+        if (event(q.sEvents, 'failover'))
           throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the secondary's death led to a failover`);
       } else if (fault === 'capture') {
-        q.failCaptureOnce();
+        await procOf(l).call({ op: 'fail-capture' });
         await protectedSince(q, faultAt + 1, `re-protection after the capture failure of round ${k}`);
         round.reprotectMs = Date.now() - faultAt;
         res.reprotected++;
@@ -598,27 +524,35 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
           throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: a capture failure led to a failover`);
       }
       if (expectFailover) {
-        const fo = await waitFor(() => q.sEvents.find((e) => e.event === 'failover'), 60_000, `failover in round ${k}`);
-        if (fo.event !== 'failover') throw new Error('unreachable');
+        const fo = await waitFor(() => event(q.sEvents, 'failover'), 60_000, `failover in round ${k}`);
+        const runningAtMs = Number(fo['runningAtMs']);
         res.failovers++;
         round.failover = true;
-        round.failoverMs = fo.runningAtMs - faultAt;
-        round.promoted = fo.promoted;
-        res.failoverMs.push(fo.runningAtMs - faultAt);
-        kills.push({ killAt: faultAt, runningAt: fo.runningAtMs });
-        // The old primary's side is gone for good (isolate: its guest was stopped by the guard).
-        await q.primary.crash();
-        await l.io.close().catch(() => {});
-        q.guard?.close();
-        await l.ownership?.release().catch(() => {});
+        round.failoverMs = runningAtMs - faultAt;
+        round.promoted = fo['promoted'] === true;
+        res.failoverMs.push(runningAtMs - faultAt);
+        kills.push({ killAt: faultAt, runningAt: runningAtMs });
+        if (fault === 'pause') {
+          // Thawed after the takeover: the old primary must see it lost the VM and stop its guest by itself.
+          const thawedAt = Date.now();
+          procOf(l).thaw();
+          await waitForAsync(
+            async () => (await guestExited(l)) || undefined,
+            15_000,
+            `the old primary stopping its guest once thawed (round ${k})`,
+          );
+          round.stoppedAfterThawMs = Date.now() - thawedAt;
+        }
+        // The old primary's host is gone for good (isolate, pause: its guest was stopped by its guard); it comes
+        // back as a fresh host when the next pair needs a standby.
+        await l.proc?.kill();
+        l.proc = null;
         q.link.close();
-        const vm = q.standby.vm!;
-        q.standby.vm = null;
-        await q.standby.stop();
-        const other = hosts.find((h) => h !== l.host)!;
-        live = { host: other, vm, io: q.nextIo!, ownership: q.gate?.ownership(vmName) ?? null };
+        const other = q.host;
+        await procOf(other).call({ op: 'promote' });
+        live = other;
         pair = null;
-        status(`round ${k}: ${other.name} took over in ${round.failoverMs} ms from checkpoint ${fo.epoch}`);
+        status(`round ${k}: ${other.name} took over in ${round.failoverMs} ms from checkpoint ${fo['epoch']}`);
       }
       res.detail.push(round);
     }
@@ -673,18 +607,9 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
   } finally {
     client?.proc.kill('SIGKILL');
     if (detector && res.splitBrain < 0) res.splitBrain = await detector.stop();
-    pair?.guard?.close();
-    await pair?.primary.stop().catch(() => {});
-    await pair?.standby.stop().catch(() => {});
-    await pair?.standby.vm?.stop();
-    await pair?.nextIo?.close().catch(() => {});
     pair?.link.close();
-    if (live && rig && live.vm !== rig.vm) {
-      await live.vm.stop();
-      await live.io.close().catch(() => {});
-    }
-    await live?.ownership?.release().catch(() => {});
-    await stopKvRig(rig);
+    for (const h of hosts) await h.proc?.stop();
+    await plan?.lan.destroy();
     for (const p of proxies) p.close();
     await etcd?.stop();
     removeTempDir(dir);
@@ -693,10 +618,10 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
 }
 
 /** The scheduler's reasons in the primary's latest decisions event (compare mode's round detail). */
-function lastReasons(events: Array<PrimaryEvent & { t: number }>): Record<string, number> {
+function lastReasons(events: Ev[]): Record<string, number> {
   for (let i = events.length - 1; i >= 0; i--) {
     const e = events[i]!;
-    if (e.event === 'decisions') return { ...e.reasons };
+    if (e['event'] === 'decisions') return { ...(e['reasons'] as Record<string, number>) };
   }
   return {};
 }

@@ -4,30 +4,45 @@
 
 import { copyFileSync, constants, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Lan, type LanHost, GuestIo } from '../io/index.ts';
-import { QemuVm, parseVmDefinition, resolveAccel, type AccelChoice } from '../qemu/index.ts';
+import { Lan, type LanHost } from '../io/index.ts';
+import { parseVmDefinition, resolveAccel, type AccelChoice } from '../qemu/index.ts';
 import { specOf } from '../host/index.ts';
 import { ensureDebianImage, ensureGuestImage, ensurePatchedQemu, ensureTapRelay, stockQemu } from '../setup/index.ts';
-import type { KvRig } from './kv-rig.ts';
+import { bootRig, type KvRig, type RigPlan } from './kv-rig.ts';
 
 /** The Debian guest's static address (guest/debian/files/etc/network/interfaces). */
 export const DEBIAN_SUBNET = '10.231.0';
+
+export interface DebianRigOptions {
+  hosts?: number;
+  cpus?: number;
+  memMb?: number;
+  nicEventIdx?: boolean;
+}
 
 export async function startDebianRig(
   dir: string,
   accelChoice: AccelChoice,
   tag: string,
-  o: { hosts?: number; cpus?: number; memMb?: number; nicEventIdx?: boolean } = {},
+  o: DebianRigOptions = {},
 ): Promise<KvRig> {
+  return bootRig(await planDebianRig(dir, accelChoice, tag, o));
+}
+
+/** The Debian rig's LAN, hosts and guest (a sparse copy of the built image), not booted yet. */
+export async function planDebianRig(
+  dir: string,
+  accelChoice: AccelChoice,
+  tag: string,
+  o: DebianRigOptions = {},
+): Promise<RigPlan> {
   const image = await ensureDebianImage();
   const { accel } = await resolveAccel(accelChoice, stockQemu(), await ensureGuestImage());
   const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
-  await ensureTapRelay();
+  const tapRelay = await ensureTapRelay();
   const disk = join(dir, 'debian.img');
   copyFileSync(image, disk, constants.COPYFILE_FICLONE);
   const lan = await Lan.create(tag, { subnet: DEBIAN_SUBNET });
-  let io: GuestIo | null = null;
-  let vm: QemuVm | null = null;
   try {
     const hosts: LanHost[] = [];
     for (let i = 0; i < (o.hosts ?? 2); i++) hosts.push(await lan.addHost(`h${String.fromCharCode(97 + i)}`));
@@ -45,19 +60,14 @@ export async function startDebianRig(
     });
     writeFileSync(file, text);
     const spec = specOf(parseVmDefinition(text, file), accel);
-    io = await GuestIo.start(hosts[0]!, dir, 'g0', disk, await ensureTapRelay());
-    vm = await QemuVm.start(spec, {
-      binary,
-      runDir: dir,
-      tag: 'g0',
-      netSocket: io.netSocket,
-      ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
-    });
-    await vm.waitSerial(/RUBATO debian ready/, 300_000);
-    return { lan, hosts, io, vm, dir, binary, accel };
+    return {
+      lan,
+      hosts,
+      dir,
+      accel,
+      guest: { spec, binary, disk, ready: /RUBATO debian ready/, readyMs: 300_000, tapRelay },
+    };
   } catch (e) {
-    await vm?.stop();
-    await io?.close().catch(() => {});
     await lan.destroy();
     throw e;
   }

@@ -9,5 +9,5 @@ export { debianDemoPassed, runDebianDemo } from './debian-demo.ts';
 export { startDebianRig } from './debian-rig.ts';
 export { runDemo } from './demo.ts';
 export type { DemoResult } from './demo.ts';
-export { KV_WORKLOAD, clientProcess, startKvRig, stopKvRig } from './kv-rig.ts';
+export { KV_WORKLOAD, clientProcess, planKvRig, startKvRig, stopKvRig } from './kv-rig.ts';
 export type { KvRig, RigWorkload } from './kv-rig.ts';

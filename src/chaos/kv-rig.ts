@@ -84,16 +84,84 @@ export const KV_WORKLOAD: RigWorkload = { wl: ['kvd', 7000, '/data/kv.log'], rea
 /** The KV service with its log in the guest's RAM (no disk): for compare mode, whose secondary has no disk yet. */
 export const KV_RAM_WORKLOAD: RigWorkload = { wl: ['kvd', 7000, '/kv.log'], ready: /RUBATO kvd ready/, diskless: true };
 
+/** The rig's guest as the harness decided it: booted by whichever process runs it (`bootRigGuest`). */
+export interface RigGuest {
+  spec: VmSpec;
+  binary: import('../qemu/vm.ts').QemuBinary;
+  /** The guest's disk image (null: diskless). */
+  disk: string | null;
+  /** The console line that says the guest's service is up, and how long it may take. */
+  ready: RegExp;
+  readyMs: number;
+  tapRelay: string;
+}
+
+/** A rig before its guest boots: its LAN, its hosts, and the guest to boot on the first. */
+export interface RigPlan {
+  lan: Lan;
+  hosts: LanHost[];
+  guest: RigGuest;
+  dir: string;
+  accel: string;
+}
+
+/** Boots a rig's guest on `site` (its I/O there: relay, disk server, TAP): in the harness, or in a host's process. */
+export async function bootRigGuest(
+  g: RigGuest,
+  site: LanHost,
+  dir: string,
+  tag = 'g0',
+): Promise<{ io: GuestIo; vm: QemuVm }> {
+  const io = await GuestIo.start(site, dir, tag, g.disk, g.tapRelay);
+  let vm: QemuVm | null = null;
+  try {
+    vm = await QemuVm.start(g.spec, {
+      binary: g.binary,
+      runDir: dir,
+      tag,
+      netSocket: io.netSocket,
+      ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
+    });
+    await vm.waitSerial(g.ready, g.readyMs);
+    return { io, vm };
+  } catch (e) {
+    await vm?.stop();
+    await io.close().catch(() => {});
+    throw e;
+  }
+}
+
+/** Boots a planned rig's guest in this process: the rig complete. */
+export async function bootRig(plan: RigPlan): Promise<KvRig> {
+  try {
+    const { io, vm } = await bootRigGuest(plan.guest, plan.hosts[0]!, plan.dir);
+    return { lan: plan.lan, hosts: plan.hosts, io, vm, dir: plan.dir, binary: plan.guest.binary, accel: plan.accel };
+  } catch (e) {
+    await plan.lan.destroy();
+    throw e;
+  }
+}
+
 export async function startKvRig(
   dir: string,
   accelChoice: AccelChoice,
   tag: string,
   workload: RigWorkload = KV_WORKLOAD,
 ): Promise<KvRig> {
+  return bootRig(await planKvRig(dir, accelChoice, tag, workload));
+}
+
+/** A KV rig's LAN, hosts and guest, not booted yet. */
+export async function planKvRig(
+  dir: string,
+  accelChoice: AccelChoice,
+  tag: string,
+  workload: RigWorkload = KV_WORKLOAD,
+): Promise<RigPlan> {
   const guest = await ensureGuestImage();
   const { accel } = await resolveAccel(accelChoice, stockQemu(), guest);
   const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
-  await ensureTapRelay();
+  const tapRelay = await ensureTapRelay();
   const lan = await Lan.create(tag);
   try {
     const hosts: LanHost[] = [await lan.addHost('ha'), await lan.addHost('hb')];
@@ -114,16 +182,7 @@ export async function startKvRig(
       ...(disk ? { disk: true } : {}),
       append: guestAppend(workload.wl, { ip: `${lan.guestIp}/24`, ...(disk ? { disk: 'vda' } : {}) }),
     };
-    const io = await GuestIo.start(hosts[0]!, dir, 'g0', disk, await ensureTapRelay());
-    const vm = await QemuVm.start(spec, {
-      binary,
-      runDir: dir,
-      tag: 'g0',
-      netSocket: io.netSocket,
-      ...(io.nbdSocket ? { nbdSocket: io.nbdSocket } : {}),
-    });
-    await vm.waitSerial(workload.ready, 90_000);
-    return { lan, hosts, io, vm, dir, binary, accel };
+    return { lan, hosts, dir, accel, guest: { spec, binary, disk, ready: workload.ready, readyMs: 90_000, tapRelay } };
   } catch (e) {
     await lan.destroy();
     throw e;

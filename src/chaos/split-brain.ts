@@ -10,7 +10,8 @@ const log = logger('chaos');
  * through two hosts' ports is an interval in which two copies of the guest answered.
  */
 export class SplitBrainDetector {
-  private readonly seen = new Map<string, Set<number>>();
+  /** Per port: each 200 ms interval with the guest's frames, and the first such frame (tcpdump's line). */
+  private readonly seen = new Map<string, Map<number, string>>();
   private readonly procs: TrackedProcess[] = [];
 
   private constructor(private readonly ports: string[]) {}
@@ -18,7 +19,7 @@ export class SplitBrainDetector {
   static async start(lan: Lan, hosts: readonly LanHost[], guestMac: string): Promise<SplitBrainDetector> {
     const d = new SplitBrainDetector(hosts.map((h) => `${h.uplink}l`));
     for (const port of d.ports) {
-      const buckets = new Set<number>();
+      const buckets = new Map<number, string>();
       d.seen.set(port, buckets);
       const p = spawnTracked(`tcpdump-${port}`, 'ip', [
         'netns',
@@ -43,9 +44,11 @@ export class SplitBrainDetector {
         buf += c.toString();
         let nl: number;
         while ((nl = buf.indexOf('\n')) >= 0) {
-          const ts = Number.parseFloat(buf.slice(0, nl));
+          const line = buf.slice(0, nl);
+          const ts = Number.parseFloat(line);
           buf = buf.slice(nl + 1);
-          if (Number.isFinite(ts)) buckets.add(Math.floor(ts * 5));
+          const b = Math.floor(ts * 5);
+          if (Number.isFinite(ts) && !buckets.has(b)) buckets.set(b, line);
         }
       });
       // tcpdump says on stderr when it listens
@@ -70,15 +73,19 @@ export class SplitBrainDetector {
   async stop(): Promise<number> {
     for (const p of this.procs) await p.stop(2000);
     this.procs.length = 0;
-    const all = [...this.seen.values()];
+    const all = [...this.seen.entries()];
     let overlaps = 0;
     const counted = new Set<number>();
     for (let i = 0; i < all.length; i++) {
       for (let j = i + 1; j < all.length; j++) {
-        for (const b of all[i]!)
-          if (all[j]!.has(b) && !counted.has(b)) {
+        for (const [b, line] of all[i]![1])
+          if (all[j]![1].has(b) && !counted.has(b)) {
             counted.add(b);
             overlaps++;
+            const at = new Date(b * 200).toISOString().slice(11, 23);
+            log.error(
+              `two hosts' ports at ${at}: ${all[i]![0]} ${line.slice(0, 160)} | ${all[j]![0]} ${all[j]![1].get(b)!.slice(0, 160)}`,
+            );
           }
       }
     }

@@ -58,6 +58,22 @@ export async function waitFor<T>(
   }
 }
 
+/** `waitFor` with a predicate that must ask (a status over a channel): polled every `everyMs`. */
+export async function waitForAsync<T>(
+  f: () => Promise<T | undefined | null | false>,
+  ms: number,
+  what: string,
+  everyMs = 200,
+): Promise<T> {
+  const until = Date.now() + ms;
+  for (;;) {
+    const v = await f();
+    if (v !== undefined && v !== null && v !== false) return v;
+    if (Date.now() > until) throw new RubatoError('RUBATO_TIMEOUT', `timed out after ${ms} ms waiting for ${what}`);
+    await sleep(everyMs);
+  }
+}
+
 /** `p`, or a RubatoError with `code` once `ms` have passed. */
 export function withTimeout<T>(
   p: Promise<T>,

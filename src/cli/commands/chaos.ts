@@ -31,7 +31,7 @@ export function register(program: Command): void {
     .description('Jepsen-style check: a KV service in the guest, a client writing, faults injected round after round')
     .option(
       '--faults <list>',
-      `faults, taken in turn: ${FAULTS.join(', ')} (isolate alternates: the primary cut from etcd only, then from etcd and its standby)`,
+      `faults, taken in turn: ${FAULTS.join(', ')} (isolate alternates: the primary cut from etcd only, then from etcd and its standby; pause: the primary host frozen past its lease, SIGSTOP then SIGCONT)`,
       'kill',
     )
     .option('--rounds <n>', 'rounds, one fault each', '10')
