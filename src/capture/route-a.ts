@@ -57,7 +57,12 @@ const STREAM_LOW_WATER = 8 << 20;
 export interface CheckpointOptions {
   /** Runs right before QEMU is told to pause the guest: output seen so far belongs to this checkpoint. */
   beforeReply?: () => void;
-  /** Runs once the checkpoint is local, guest paused and I/O drained (may add pages, e.g. the disk's). */
+  /**
+   * Runs as soon as QEMU says the guest is stopped (VMSTATE_SEND: its vm_stop drained the guest's I/O), before the
+   * rest of the stream is read: the epoch's output and disk writes close here.
+   */
+  onStopped?: () => void;
+  /** Runs once the checkpoint is local (may add pages, e.g. the disk's); without `hold`, the guest may run again. */
   onLocal?: (cp: Checkpoint) => Promise<void> | void;
   /** Called while the guest is still paused with the checkpoint complete; the guest resumes after. */
   hold?: (cp: Checkpoint) => Promise<void>;
@@ -388,8 +393,19 @@ export class ColoCapture {
         pages.push({ block, offset, data: null, fill });
       },
     };
+    let resumedAt: number | null = null;
     const read = async () => {
       await this.expectMsg(COLO_MSG.VMSTATE_SEND);
+      // The guest is stopped. Without a hold, QEMU learns at once that the checkpoint was received and
+      // loaded: it reads both once it has written the stream out (all of it is then in the socket, ours to
+      // read), and resumes the guest with no round trip through this process. The stream read below after
+      // that is the checkpoint all the same; a broken one fails the capture (its output stays held).
+      opts.onStopped?.();
+      if (!opts.hold) {
+        this.expectResume();
+        this.sock.write(Buffer.concat([coloMessage(COLO_MSG.VMSTATE_RECEIVED), coloMessage(COLO_MSG.VMSTATE_LOADED)]));
+        resumedAt = performance.now();
+      }
       const t = await this.reader.readU8();
       const sid = await this.reader.readBe32();
       if (t !== VM.SECTION_END || sid !== this.st.ramSectionId) {
@@ -431,14 +447,18 @@ export class ColoCapture {
     // paused (verification), else once the guest runs again (bookkeeping is no reason to pause).
     if (opts.hold) this.joinPresent(cp);
     await opts.onLocal?.(cp);
-    this.sock.write(coloMessage(COLO_MSG.VMSTATE_RECEIVED));
-    if (opts.hold) {
-      await opts.hold(cp);
-      cp.timings.heldMs = performance.now() - tLocal;
+    if (resumedAt === null) {
+      this.sock.write(coloMessage(COLO_MSG.VMSTATE_RECEIVED));
+      if (opts.hold) {
+        await opts.hold(cp);
+        cp.timings.heldMs = performance.now() - tLocal;
+      }
+      this.expectResume();
+      this.sock.write(coloMessage(COLO_MSG.VMSTATE_LOADED));
+      resumedAt = performance.now();
     }
-    this.expectResume();
-    this.sock.write(coloMessage(COLO_MSG.VMSTATE_LOADED));
-    cp.timings.pauseMsLocal = performance.now() - tRequest;
+    // (told early, QEMU resumes the guest once it has written the stream: by the time it is all read here)
+    cp.timings.pauseMsLocal = Math.max(resumedAt, tLocal) - tRequest;
     this.joinPresent(cp);
     log.debug('checkpoint', {
       vm: this.vm.spec.name,

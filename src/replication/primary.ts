@@ -17,7 +17,7 @@ import {
 } from '../util/index.ts';
 import type { QemuVm } from '../qemu/index.ts';
 import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
-import { OutputCommit, type DiskEpochCut } from '../commit/index.ts';
+import { OutputCommit, type ClosedEpoch, type DiskEpochCut } from '../commit/index.ts';
 import { type GuestNet, type DiskSet, allocatedExtents, extentBytes } from '../io/index.ts';
 import { comparing, fixed, type Policy } from '../scheduler/index.ts';
 import { Link } from './link.ts';
@@ -718,11 +718,16 @@ export class PrimaryController {
   ): Promise<{ cp: Checkpoint; record: RecordParts; pauseBeganMs: number; presented: number; commands: Command[] }> {
     const counter = this.lastCounter;
     let pauseBeganMs = 0;
+    let closed: ClosedEpoch | null = null;
     const cp = await capture.checkpoint({
       beforeReply: () => {
         pauseBeganMs = performance.now();
       },
-      onLocal: (c) => this.closeEpoch(c, epoch, pauseBeganMs, status),
+      // The guest is stopped: its output and disk writes so far are this checkpoint's.
+      onStopped: () => {
+        closed = this.pipeline.paused(epoch, pauseBeganMs);
+      },
+      onLocal: (c) => this.joinDisk(c, epoch, closed, status),
       ...(hold ? { hold } : {}),
     });
     const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
@@ -741,10 +746,10 @@ export class PrimaryController {
     return { cp, record, pauseBeganMs, presented, commands };
   }
 
-  /** During the pause: the epoch's output and disk writes close together; the disk's pages join the checkpoint. */
-  private closeEpoch(c: Checkpoint, epoch: number, pauseBeganMs: number, status: StatusMeter | null): void {
+  /** The epoch's disk writes (closed with its output while the guest was stopped) join its checkpoint. */
+  private joinDisk(c: Checkpoint, epoch: number, closed: ClosedEpoch | null, status: StatusMeter | null): void {
     assert(c.epoch === epoch, `capture numbered checkpoint ${c.epoch}, the pipeline expects ${epoch}`);
-    const closed = this.pipeline.paused(epoch, pauseBeganMs);
+    assert(closed !== null, `checkpoint ${epoch} arrived without its stop`);
     if (!closed.disk) return;
     status?.addDisk(closed.disk.writes, closed.disk.flushes);
     for (const d of closed.disk.disks)
