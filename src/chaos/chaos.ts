@@ -16,7 +16,6 @@ import {
   round,
   sleep,
   waitFor,
-  waitForAsync,
   RubatoError,
 } from '../util/index.ts';
 import { ensurePackages, ensureServiceClients } from '../setup/index.ts';
@@ -292,7 +291,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
     const protectedSince = async (q: Pair, since: number, what: string) =>
       waitFor(() => event(q.pEvents, 'protecting', since), 120_000, what);
     const secondaryRunning = async (q: Pair, what: string) =>
-      waitForAsync(
+      waitFor(
         async () => {
           const st = ((await procOf(q.host).status()).standby?.['secondary'] as { state?: string } | undefined)?.state;
           if (st === 'failed') throw new RubatoError('RUBATO_SECONDARY', `${what}: the secondary failed`);
@@ -300,6 +299,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         },
         120_000,
         what,
+        200, // (each poll asks the host over its channel)
       );
     const noFailoverFor = async (q: Pair, ms: number) => {
       await sleep(ms);
@@ -508,10 +508,11 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
         const compared = async () =>
           ((await procOf(l).status()).snapshot?.['output'] as { compared: number } | undefined)?.compared ?? 0;
         const comparedAt = await compared();
-        await waitForAsync(
+        await waitFor(
           async () => (await compared()) > comparedAt || undefined,
           30_000,
           `replies matched by the new secondary after round ${k}`,
+          200, // (each poll asks the host over its channel)
         );
         if (event(q.sEvents, 'failover'))
           throw new RubatoError('RUBATO_PROTOCOL', `round ${k}: the secondary's death led to a failover`);
@@ -536,10 +537,11 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosResult> {
           // Thawed after the takeover: the old primary must see it lost the VM and stop its guest by itself.
           const thawedAt = Date.now();
           procOf(l).thaw();
-          await waitForAsync(
+          await waitFor(
             async () => (await guestExited(l)) || undefined,
             15_000,
             `the old primary stopping its guest once thawed (round ${k})`,
+            200, // (each poll asks the host over its channel)
           );
           round.stoppedAfterThawMs = Date.now() - thawedAt;
         }

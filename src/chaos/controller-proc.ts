@@ -8,6 +8,20 @@ import { REPO_ROOT, RUBATO_COMMAND } from '../setup/index.ts';
 
 export type Ev = Record<string, unknown> & { event: string; t: number };
 
+/** A child's stderr shown on ours, line by line, each line prefixed with the child's name. */
+export function showStderr(name: string, proc: TrackedProcess): void {
+  let buf = '';
+  proc.child.stderr?.setEncoding('utf8');
+  proc.child.stderr?.on('data', (d: string) => {
+    buf += d;
+    let nl: number;
+    while ((nl = buf.indexOf('\n')) >= 0) {
+      process.stderr.write(`  [${name}] ${buf.slice(0, nl)}\n`);
+      buf = buf.slice(nl + 1);
+    }
+  });
+}
+
 export class Controller {
   readonly events: Ev[] = [];
   private waiters: Array<{ pred: (e: Ev) => boolean; resolve: (e: Ev) => void }> = [];
@@ -40,16 +54,7 @@ export class Controller {
         });
       }
     });
-    let ebuf = '';
-    proc.child.stderr?.setEncoding('utf8');
-    proc.child.stderr?.on('data', (d: string) => {
-      ebuf += d;
-      let nl: number;
-      while ((nl = ebuf.indexOf('\n')) >= 0) {
-        process.stderr.write(`  [${name}] ${ebuf.slice(0, nl)}\n`);
-        ebuf = ebuf.slice(nl + 1);
-      }
-    });
+    showStderr(name, proc);
   }
   waitEvent(pred: (e: Ev) => boolean, timeoutMs: number, what: string): Promise<Ev> {
     const seen = this.events.find(pred);

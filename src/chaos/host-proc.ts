@@ -9,6 +9,7 @@ import { REPO_ROOT } from '../setup/index.ts';
 import type { LanHost } from '../io/index.ts';
 import type { QemuBinary } from '../qemu/index.ts';
 import type { RigGuest } from './kv-rig.ts';
+import { showStderr } from './controller-proc.ts';
 
 const log = logger('chaos');
 
@@ -83,16 +84,7 @@ export class HostProc {
       if (m.ok) w.resolve(m.value);
       else w.reject(new RubatoError('RUBATO_PROTOCOL', `${name}: ${m.error}`));
     });
-    let ebuf = '';
-    proc.child.stderr?.setEncoding('utf8');
-    proc.child.stderr?.on('data', (d: string) => {
-      ebuf += d;
-      let nl: number;
-      while ((nl = ebuf.indexOf('\n')) >= 0) {
-        process.stderr.write(`  [${name}] ${ebuf.slice(0, nl)}\n`);
-        ebuf = ebuf.slice(nl + 1);
-      }
-    });
+    showStderr(name, proc);
     void proc.exited.then((x) => {
       this.dead = true;
       for (const w of this.pending.values())

@@ -42,28 +42,15 @@ export class Wakeup {
   }
 }
 
-/** Polls `f` every `everyMs` until it returns a value (not undefined, null or false); RUBATO_TIMEOUT after `ms`. */
+/**
+ * Polls `f` (awaited: it may ask over a channel) every `everyMs` until it returns a value (not undefined, null or
+ * false); RUBATO_TIMEOUT after `ms`.
+ */
 export async function waitFor<T>(
-  f: () => T | undefined | null | false,
+  f: () => T | undefined | null | false | Promise<T | undefined | null | false>,
   ms: number,
   what: string,
   everyMs = 25,
-): Promise<T> {
-  const until = Date.now() + ms;
-  for (;;) {
-    const v = f();
-    if (v !== undefined && v !== null && v !== false) return v;
-    if (Date.now() > until) throw new RubatoError('RUBATO_TIMEOUT', `timed out after ${ms} ms waiting for ${what}`);
-    await sleep(everyMs);
-  }
-}
-
-/** `waitFor` with a predicate that must ask (a status over a channel): polled every `everyMs`. */
-export async function waitForAsync<T>(
-  f: () => Promise<T | undefined | null | false>,
-  ms: number,
-  what: string,
-  everyMs = 200,
 ): Promise<T> {
   const until = Date.now() + ms;
   for (;;) {
