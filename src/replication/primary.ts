@@ -10,7 +10,6 @@ import {
   assert,
   logger,
   sleep,
-  GarbageMeter,
   collectNow,
   HostIdleMeter,
   Wakeup,
@@ -157,8 +156,6 @@ export class PrimaryController {
   private readonly wakeup = new Wakeup();
   private holdTimer: NodeJS.Timeout | null = null;
   private readonly ended = new AbortController();
-  /** Records, their pages and ciphertext are garbage once shipped: collected every 64 MiB of them. */
-  private readonly garbage = new GarbageMeter(64 << 20, 'async');
   /** The current session got past the handshake (the standby may be guarding our replica). */
   private authenticatedSession = false;
   private immediateRetries = 0;
@@ -648,11 +645,9 @@ export class PrimaryController {
   private shipPresent(link: Link, epoch: number, pages: DirtyPage[]): void {
     if (!pages.length) return;
     const parts = encodePresendParts(epoch, pages, this.blocks);
-    const bytes = parts.length;
-    this.shipping = link.sendParts(FrameType.PRESEND, epoch, parts).then(
-      () => this.garbage.add(bytes * 2),
-      (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))),
-    );
+    this.shipping = link
+      .sendParts(FrameType.PRESEND, epoch, parts)
+      .catch((e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
   }
 
   /** Takes checkpoint `epoch`, ships it; the guest runs again as soon as it is local. */
@@ -758,12 +753,12 @@ export class PrimaryController {
 
   /** Hands checkpoint `epoch` to the link; a failed send ends the session (never silently). */
   private ship(link: Link, epoch: number, record: RecordParts): void {
-    // Once the link took the ciphertext, the record and its copies are garbage: collect them soon.
-    const bytes = record.length; // (the callback must not keep the record alive)
-    this.shipping = link.sendParts(FrameType.CKPT, epoch, record).then(
-      () => this.garbage.add(bytes * 3),
-      (e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))),
-    );
+    // Once the link took the ciphertext, the record and its copies are garbage. V8 collects them
+    // by its own measure: a full collection forced every few tens of MB cost the controller more
+    // than encrypting them (docs/evaluation.md, "What protection costs").
+    this.shipping = link
+      .sendParts(FrameType.CKPT, epoch, record)
+      .catch((e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
     this.pipeline.sent(epoch, performance.now());
   }
 

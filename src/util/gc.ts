@@ -2,12 +2,14 @@
 // several times their size in short-lived buffers off V8's heap (socket chunks, runs, ciphertext);
 // V8 collects them only when its own heap fills or its external-memory limit (which grows with
 // use) is passed, so garbage piles up to hundreds of MB before it goes. Asking for a collection
-// after every few tens of MB keeps a controller's resident memory near what it really uses.
+// after every few tens of MB keeps a controller's resident memory near what it really uses. Not in
+// steady replication: there each forced collection marks the whole heap, which cost the primary
+// more per byte than the cipher, and resident memory stayed as low without it.
 
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 
-type GcFn = (opts?: { type?: 'major' | 'minor'; execution?: 'sync' | 'async' }) => void;
+type GcFn = () => void;
 let gcFn: GcFn | null | undefined;
 
 function fn(): GcFn | null {
@@ -24,17 +26,12 @@ function fn(): GcFn | null {
 /** Counts transient bytes and collects garbage each time `everyBytes` more went through. */
 export class GarbageMeter {
   private since = 0;
-  /** `async`: the collection runs incrementally (a latency-critical loop is not stopped for it). */
-  constructor(
-    private readonly everyBytes: number,
-    private readonly execution: 'sync' | 'async' = 'sync',
-  ) {}
+  constructor(private readonly everyBytes: number) {}
   add(bytes: number): void {
     this.since += bytes;
     if (this.since < this.everyBytes) return;
     this.since = 0;
-    if (this.execution === 'sync') collectNow();
-    else fn()?.({ type: 'major', execution: 'async' });
+    collectNow();
   }
 }
 

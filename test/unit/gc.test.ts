@@ -18,7 +18,7 @@ async function kindsDuring(f: () => void, settleMs: number): Promise<number[]> {
 
 test('collectNow and a synchronous meter run a full (major) collection, not a minor one', async () => {
   assert.ok((await kindsDuring(() => collectNow(), 50)).includes(constants.NODE_PERFORMANCE_GC_MAJOR));
-  const m = new GarbageMeter(1 << 20, 'sync');
+  const m = new GarbageMeter(1 << 20);
   m.add(1 << 19); // below its threshold
   assert.ok((await kindsDuring(() => m.add(1 << 20), 50)).includes(constants.NODE_PERFORMANCE_GC_MAJOR));
 });
