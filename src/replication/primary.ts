@@ -4,16 +4,7 @@
 // when to checkpoint, what may be released and when protection is lost are the pipeline's calls.
 
 import { connect } from 'node:net';
-import {
-  RubatoError,
-  errorMessage,
-  assert,
-  logger,
-  sleep,
-  collectNow,
-  HostIdleMeter,
-  Wakeup,
-} from '../util/index.ts';
+import { RubatoError, errorMessage, assert, logger, sleep, collectNow, HostIdleMeter, Wakeup } from '../util/index.ts';
 import type { QemuVm } from '../qemu/index.ts';
 import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
 import { OutputCommit, type ClosedEpoch, type DiskEpochCut } from '../commit/index.ts';
@@ -728,7 +719,7 @@ export class PrimaryController {
     const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
     // Its pre-sent pages are staged on the standby already: the record carries the pause's.
     const presented = this.pipeline.presentedPages;
-    const record = encodeRecordParts(cp, this.blocks); // the pages are referenced, not copied
+    const record = encodeRecordParts(cp, this.blocks, 'wire'); // the pages are referenced, not copied
     const commands = this.pipeline.capturedCheckpoint(epoch, {
       dirtyPages: cp.pages.length + presented,
       pausePages: cp.pages.length,

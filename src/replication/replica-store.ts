@@ -33,6 +33,7 @@ import { PAGE_SIZE, PageSet, type BaseImage, type DirtyPage, type RamBlockInfo }
 import {
   decodeRecord,
   encodeRecordParts,
+  sealRecord,
   validateRecord,
   type CheckpointRecord,
   type RecordParts,
@@ -232,8 +233,8 @@ export class ReplicaStore {
   }
 
   /**
-   * The same for a record as it came off the wire in a frame numbered `frameEpoch` (checksummed by
-   * its sender). `disk`: returns at the commit point, the checkpoint durable in the redo record
+   * The same for a record as it came off the wire in a frame numbered `frameEpoch` (authenticated by
+   * that frame; sealed with its checksum here if it is written as it came). `disk`: returns at the commit point, the checkpoint durable in the redo record
    * (its pages are written into the images behind the caller's acknowledgement). `memory`: returns
    * once the record is decoded, verified and next in order — complete in this process's memory —
    * with its commit point written behind it, in order (Remus' choice: what a crash of this host
@@ -253,7 +254,7 @@ export class ReplicaStore {
       (this.merge?.recordBytes ?? 0) >= MAX_MERGED_RECORD_BYTES
     )
       await this.settled();
-    const sent = decodeRecord(record, this.meta.blocks); // checks every page against the layout
+    const sent = decodeRecord(record, this.meta.blocks, 'wire'); // checks every page against the layout
     this.checkFollows(sent, frameEpoch);
     // Pages pre-sent for this checkpoint (checked when they arrived) come first: its own copies win.
     const rec: CheckpointRecord = staged.length
@@ -266,7 +267,7 @@ export class ReplicaStore {
     }
     await this.accept(
       rec,
-      staged.length ? encodeRecordParts(rec, this.meta.blocks) : { parts: [record], length: record.length },
+      staged.length ? encodeRecordParts(rec, this.meta.blocks) : { parts: [sealRecord(record)], length: record.length },
     );
     return rec;
   }

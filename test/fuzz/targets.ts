@@ -178,7 +178,7 @@ export const TARGETS: FuzzTarget[] = [
         bad.writeUInt32BE(crc32(bad.subarray(0, bad.length - 4)), bad.length - 4);
       }
       try {
-        decodeRecord(bad, blocks);
+        decodeRecord(bad, blocks, r(2) ? 'wire' : 'disk');
       } catch (e) {
         typed(e);
       }

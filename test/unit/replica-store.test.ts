@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync, rmSync, writeFileSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
 import { ReplicaStore } from '../../src/replication/replica-store.ts';
-import { encodeRecord } from '../../src/replication/protocol/record.ts';
+import { decodeRecord, encodeRecord, sealRecord } from '../../src/replication/protocol/record.ts';
 import type { BaseImage, Checkpoint } from '../../src/capture/checkpoint.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
 import { isRubatoError } from '../../src/util/errors.ts';
@@ -119,6 +119,32 @@ test('a corrupt redo record is refused, never applied', async (t) => {
   assert.equal((await r.readImage('mem0'))[0], 1);
 });
 
+test('a record on the wire carries no checksum (its frame is authenticated) but every length and page is checked; sealed, it is fit for disk', () => {
+  const blocks = base().blocks;
+  const wire = encodeRecord(cp(3, [[4096, 8]]), blocks, 'wire');
+  assert.equal(wire.readUInt32BE(wire.length - 4), 0);
+  assert.equal(decodeRecord(wire, blocks, 'wire').pages[0]!.data![0], 8);
+  assert.throws(
+    () => decodeRecord(wire, blocks),
+    (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'),
+  );
+  const bad = Buffer.from(wire);
+  bad[24 + 1] = 7; // the first page's kind
+  assert.throws(
+    () => decodeRecord(bad, blocks, 'wire'),
+    (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'),
+  );
+  const outside = Buffer.from(wire);
+  outside.writeBigUInt64BE(BigInt(8 * 4096), 24 + 4); // past the end of mem0
+  assert.throws(
+    () => decodeRecord(outside, blocks, 'wire'),
+    (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'),
+  );
+  sealRecord(wire);
+  assert.deepEqual(wire, encodeRecord(cp(3, [[4096, 8]]), blocks));
+  assert.equal(decodeRecord(wire, blocks).epoch, 3);
+});
+
 test('a record off the wire is acknowledgeable at its commit point; its images follow, and the next commit waits for them', async (t) => {
   const dir = makeTempDir();
   t.after(() => removeTempDir(dir));
@@ -132,6 +158,7 @@ test('a record off the wire is acknowledgeable at its commit point; its images f
           [8192, 9],
         ]),
         blocks,
+        'wire',
       ),
       1,
     )
@@ -152,7 +179,7 @@ test('a record off the wire is acknowledgeable at its commit point; its images f
     assert.equal((await r.readImage('mem0'))[8192], 9);
   }
   // The next commit first waits for the previous one's files.
-  await s.commitRecord(encodeRecord(cp(2, [[8192, 10]]), blocks), 2);
+  await s.commitRecord(encodeRecord(cp(2, [[8192, 10]]), blocks, 'wire'), 2);
   await s.settled();
   assert.equal(existsSync(join(dir, 'redo.ckpt')), false);
   const r2 = await ReplicaStore.open(dir);

@@ -4,8 +4,10 @@
 //
 // Format, version 1: "RBCK" be32 version=1, be64 epoch, be32 pages, be32 deviceLen,
 //   pages: { u8 blockIndex, u8 kind (0 data, 1 fill), u8 fill, u8 0, be64 offset, [4096 data if kind 0] },
-//   device state, then be32 CRC-32 of everything before it (torn or corrupted records on disk; the
-//   wire frames carrying a record are authenticated separately).
+//   device state, then be32 CRC-32 of everything before it (torn or corrupted records on disk). On
+//   the wire that trailer is 0: the frame carrying the record is authenticated (AES-GCM), so a
+//   checksum there would only cost each side a pass over every byte; the standby seals a record it
+//   writes as it came (sealRecord).
 
 import { crc32 } from 'node:zlib';
 import { RubatoError, assert } from '../../util/index.ts';
@@ -43,11 +45,18 @@ export interface RecordParts {
   readonly length: number;
 }
 
-export function encodeRecordParts(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): RecordParts {
+/** Where a record's bytes go: `disk` (its CRC-32 computed and checked) or `wire` (inside an authenticated frame: none). */
+export type RecordIntegrity = 'disk' | 'wire';
+
+export function encodeRecordParts(
+  r: CheckpointRecord,
+  blocks: readonly RamBlockInfo[],
+  integrity: RecordIntegrity = 'disk',
+): RecordParts {
   const { parts, length } = encodePages(MAGIC, r.epoch, r.pages, blocks, r.deviceState.length);
   parts.push(r.deviceState);
   let crc = 0;
-  for (const x of parts) crc = crc32(x, crc);
+  if (integrity === 'disk') for (const x of parts) crc = crc32(x, crc);
   const sum = Buffer.allocUnsafe(CHECKSUM_BYTES);
   sum.writeUInt32BE(crc, 0);
   parts.push(sum);
@@ -153,9 +162,20 @@ function decodePages(
   return { pages, end: o };
 }
 
-export function encodeRecord(r: CheckpointRecord, blocks: readonly RamBlockInfo[]): Buffer {
-  const { parts, length } = encodeRecordParts(r, blocks);
+export function encodeRecord(
+  r: CheckpointRecord,
+  blocks: readonly RamBlockInfo[],
+  integrity: RecordIntegrity = 'disk',
+): Buffer {
+  const { parts, length } = encodeRecordParts(r, blocks, integrity);
   return Buffer.concat(parts as Buffer[], length);
+}
+
+/** Makes a record that came off the wire fit for disk: its checksum trailer, computed in place. */
+export function sealRecord(buf: Buffer): Buffer {
+  assert(buf.length >= HEADER_BYTES + CHECKSUM_BYTES, `a record of ${buf.length} bytes`);
+  buf.writeUInt32BE(crc32(buf.subarray(0, buf.length - CHECKSUM_BYTES)), buf.length - CHECKSUM_BYTES);
+  return buf;
 }
 
 /** The largest record a replica of these blocks can receive: every page once, and a device state. */
@@ -164,12 +184,19 @@ export function recordMaxBytes(blocks: readonly RamBlockInfo[]): number {
   return HEADER_BYTES + pages * (PAGE_HEADER_BYTES + PAGE_SIZE) + MAX_DEVICE_STATE_BYTES + CHECKSUM_BYTES;
 }
 
-/** Parses and checks a record against the replica's layout; pages reference `buf` (no copy). */
-export function decodeRecord(buf: Buffer, blocks: readonly RamBlockInfo[]): CheckpointRecord {
+/**
+ * Parses and checks a record against the replica's layout; pages reference `buf` (no copy). Every
+ * length, offset and block is checked either way; `disk` checks the checksum too.
+ */
+export function decodeRecord(
+  buf: Buffer,
+  blocks: readonly RamBlockInfo[],
+  integrity: RecordIntegrity = 'disk',
+): CheckpointRecord {
   if (buf.length < HEADER_BYTES + CHECKSUM_BYTES)
     throw corrupt(`checkpoint record of ${buf.length} bytes is truncated`);
   const body = buf.subarray(0, buf.length - CHECKSUM_BYTES);
-  if (crc32(body) !== buf.readUInt32BE(buf.length - CHECKSUM_BYTES))
+  if (integrity === 'disk' && crc32(body) !== buf.readUInt32BE(buf.length - CHECKSUM_BYTES))
     throw corrupt('checkpoint record fails its checksum');
   if (buf.readUInt32BE(0) !== MAGIC || buf.readUInt32BE(4) !== FORMAT)
     throw corrupt('checkpoint record has a bad magic or format');
