@@ -5,7 +5,7 @@
 
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { makeTempDir, removeTempDir, median, percentile, round, sleep, RubatoError } from '../util/index.ts';
+import { makeTempDir, removeTempDir, fitLine, median, percentile, round, sleep, RubatoError } from '../util/index.ts';
 import { QemuVm, type QemuBinary, guestAppend, type Accel } from '../qemu/index.ts';
 import {
   type PrimaryEvent,
@@ -117,10 +117,26 @@ export function summarise(events: PrimaryEvent[], seconds: number) {
      * resuming.
      */
     captureMsMedian: round(median(cps.map((c) => c.captureMs))),
+    /**
+     * What the pause is made of: pause ≈ fixedMs + usPerPage·pages, least squares over the cell's checkpoints (the
+     * pages in the pause; pre-sent ones went out while the guest ran). null when every checkpoint had as many pages.
+     */
+    pauseFit: pauseFit(cps),
+    pausePagesMedian: round(median(cps.map((c) => c.pages)), 0),
     /** Checkpoint records and pre-sent pages. */
     mbShipped: round(cps.reduce((a, c) => a + c.bytes + (c.presentPages ?? 0) * 4096, 0) / 1e6, 1),
     ...(last ? { reasons: last.reasons } : {}),
   };
+}
+
+function pauseFit(
+  cps: ReadonlyArray<{ pages: number; pauseMs: number }>,
+): { fixedMs: number; usPerPage: number } | null {
+  const line = fitLine(
+    cps.map((c) => c.pages),
+    cps.map((c) => c.pauseMs),
+  );
+  return line ? { fixedMs: round(line.intercept), usPerPage: round(line.slope * 1000, 2) } : null;
 }
 
 /** A recorder for one cell, and how to write what it saw in the measured window. */

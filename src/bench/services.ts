@@ -107,6 +107,9 @@ export interface ServiceCell {
   checkpointsPerSec: number;
   pausedFraction: number;
   pauseMsMedian: number;
+  /** Pages in the median pause, and pause ≈ fixedMs + usPerPage·pages over the cell (which of the two the pause is). */
+  pausePagesMedian: number;
+  pauseFit: { fixedMs: number; usPerPage: number } | null;
   mbShipped: number;
   /** Where each released output frame's time went (segments: replication/latency.ts). */
   latencyBreakdown?: Breakdown;
@@ -414,7 +417,8 @@ export async function runServicesBench(
                     .filter(([, v]) => v > 0),
                 ),
               };
-              out.push({ p, r, s: summarise(prot.events.slice(n0), secs), b, c, cores });
+              const s = summarise(prot.events.slice(n0), secs);
+              out.push({ p, r, s, b, c, cores });
               status(
                 `  ${p} under ${policy} (${mode}): ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors${r.errorKinds ? ` (${r.errorKinds})` : ''}` : ''}${
                   mode !== 'buffer'
@@ -429,6 +433,9 @@ export async function runServicesBench(
                 }`,
               );
               if (b) status(`    released frames: ${formatBreakdown(b)}`);
+              status(
+                `    paused ${round(s.pausedFraction * 100, 1)} % of the time, ${s.checkpointsPerSec} ckpt/s, pause median ${s.pauseMsMedian} ms with ${s.pausePagesMedian} pages${s.pauseFit ? ` (fit: ${s.pauseFit.fixedMs} ms + ${s.pauseFit.usPerPage} µs per page)` : ''}`,
+              );
               status(
                 `    cores: guest ${cores.guest}, primary ${cores.primary}, standby ${cores.standby}, other ${cores.other}${mode !== 'buffer' ? ' (the secondary VM, a child of the standby, counts here)' : ''}, idle ${cores.idle}`,
               );
@@ -459,6 +466,8 @@ export async function runServicesBench(
               checkpointsPerSec: s.checkpointsPerSec,
               pausedFraction: s.pausedFraction,
               pauseMsMedian: s.pauseMsMedian,
+              pausePagesMedian: s.pausePagesMedian,
+              pauseFit: s.pauseFit,
               mbShipped: s.mbShipped,
               cores,
               ...(b ? { latencyBreakdown: b } : {}),

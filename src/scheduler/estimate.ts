@@ -2,6 +2,7 @@
 // sub-linear because pages are rewritten), the pause cost per page, and the link's bandwidth.
 // Pure functions of the history; cheap enough to run at every decision.
 
+import { fitLine } from '../util/index.ts';
 import { PAGE_BYTES, type EpochRecord, type Policy, type Telemetry } from './types.ts';
 
 export interface DirtyCurve {
@@ -16,17 +17,9 @@ export function fitDirtyCurve(history: readonly EpochRecord[]): DirtyCurve {
   if (pts.length === 0) return curve(0, 1);
   const xs = pts.map((e) => Math.log(e.lengthMs));
   const ys = pts.map((e) => Math.log(e.dirtyPages));
-  const mx = mean(xs);
-  const my = mean(ys);
-  let sxx = 0;
-  let sxy = 0;
-  for (let i = 0; i < xs.length; i++) {
-    sxx += (xs[i]! - mx) ** 2;
-    sxy += (xs[i]! - mx) * (ys[i]! - my);
-  }
-  let b = sxx > 1e-6 ? sxy / sxx : 0.8; // one epoch length only: assume mild sub-linearity
+  let b = fitLine(xs, ys)?.slope ?? 0.8; // one epoch length only: assume mild sub-linearity
   b = Math.min(1, Math.max(0.3, b));
-  const a = Math.exp(my - b * mx);
+  const a = Math.exp(mean(ys) - b * mean(xs));
   return curve(a, b);
 }
 
@@ -47,17 +40,11 @@ export function fitPause(history: readonly EpochRecord[]): PauseModel {
   let perPageMs = 0.0025;
   if (pts.length >= 2) {
     // The pause is paid for the pages it carries (pre-sent ones went out while the guest ran).
-    const inPause = (e: EpochRecord) => e.pausePages ?? e.dirtyPages;
-    const mx = mean(pts.map(inPause));
-    const my = mean(pts.map((e) => e.pauseMs));
-    let sxx = 0;
-    let sxy = 0;
-    for (const e of pts) {
-      sxx += (inPause(e) - mx) ** 2;
-      sxy += (inPause(e) - mx) * (e.pauseMs - my);
-    }
-    if (sxx > 1e-6) perPageMs = Math.max(0, sxy / sxx);
-    fixedMs = Math.max(0.05, my - perPageMs * mx);
+    const xs = pts.map((e) => e.pausePages ?? e.dirtyPages);
+    const ys = pts.map((e) => e.pauseMs);
+    const line = fitLine(xs, ys);
+    if (line) perPageMs = Math.max(0, line.slope);
+    fixedMs = Math.max(0.05, mean(ys) - perPageMs * mean(xs));
   } else if (pts.length === 1) {
     fixedMs = Math.max(0.05, pts[0]!.pauseMs - perPageMs * (pts[0]!.pausePages ?? pts[0]!.dirtyPages));
   }

@@ -12,5 +12,5 @@ export { ensurePrivateDir, fsyncDir, openPrivate, writePrivate, writePrivateAtom
 export { disown, extendShutdownGrace, onShutdown, processWithFd, runCommand, spawnTracked } from './procs.ts';
 export type { TrackedProcess } from './procs.ts';
 export { procStatFields } from './proc-stat.ts';
-export { median, percentile, round } from './stats.ts';
+export { fitLine, median, percentile, round } from './stats.ts';
 export { makeTempDir, removeTempDir } from './tmp.ts';
