@@ -119,7 +119,8 @@ export function summarise(events: PrimaryEvent[], seconds: number) {
     captureMsMedian: round(median(cps.map((c) => c.captureMs))),
     /**
      * What the pause is made of: pause ≈ fixedMs + usPerPage·pages, least squares over the cell's checkpoints (the
-     * pages in the pause; pre-sent ones went out while the guest ran). null when every checkpoint had as many pages.
+     * pages in the pause; pre-sent ones went out while the guest ran). null with fewer than 20 checkpoints, or when
+     * the points make no such line.
      */
     pauseFit: pauseFit(cps),
     pausePagesMedian: round(median(cps.map((c) => c.pages)), 0),
@@ -132,11 +133,14 @@ export function summarise(events: PrimaryEvent[], seconds: number) {
 function pauseFit(
   cps: ReadonlyArray<{ pages: number; pauseMs: number }>,
 ): { fixedMs: number; usPerPage: number } | null {
+  if (cps.length < 20) return null; // too few to say
   const line = fitLine(
     cps.map((c) => c.pages),
     cps.map((c) => c.pauseMs),
   );
-  return line ? { fixedMs: round(line.intercept), usPerPage: round(line.slope * 1000, 2) } : null;
+  // A line through a negative pause, or one falling with more pages, is noise (a few large pauses), not a cost model.
+  if (!line || line.intercept < 0 || line.slope < 0) return null;
+  return { fixedMs: round(line.intercept), usPerPage: round(line.slope * 1000, 2) };
 }
 
 /** A recorder for one cell, and how to write what it saw in the measured window. */
