@@ -6,7 +6,8 @@
 // taking over once the witness (the embedded etcd, on the LAN) lets it; then a standby started on
 // the repaired old host and the VM re-protected there.
 
-import { copyFileSync, constants, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { constants, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { copyFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { makeTempDir, removeTempDir, type TrackedProcess, logger } from '../util/index.ts';
 import { ip, Lan, type LanHost } from '../io/index.ts';
@@ -163,7 +164,7 @@ export async function runDebianDemo(
   try {
     // The user's disk: a copy of the built image (sparse), so the cache stays pristine.
     const disk = join(dir, 'debian.img');
-    copyFileSync(image, disk, constants.COPYFILE_FICLONE);
+    await copyFile(image, disk, constants.COPYFILE_FICLONE); // (async: a signal is not kept waiting for 8 GiB)
     if (o.diskGiB && o.diskGiB * 2 ** 30 > statSync(disk).size) truncateSync(disk, o.diskGiB * 2 ** 30);
     res.diskGiB = Math.round((statSync(disk).size / 2 ** 30) * 10) / 10;
     lan = await Lan.create('deb', { subnet: SUBNET });

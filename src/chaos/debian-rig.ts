@@ -2,7 +2,8 @@
 // image (sparse), hosts on the guest's subnet (10.231.0.0/24, its address is static), the guest's
 // NIC and disk on the first host, booted from its disk until its services are up.
 
-import { copyFileSync, constants, writeFileSync } from 'node:fs';
+import { constants, writeFileSync } from 'node:fs';
+import { copyFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Lan, type LanHost } from '../io/index.ts';
 import { parseVmDefinition, resolveAccel, type AccelChoice } from '../qemu/index.ts';
@@ -41,7 +42,7 @@ export async function planDebianRig(
   const binary = accel === 'tcg' ? await ensurePatchedQemu() : stockQemu();
   const tapRelay = await ensureTapRelay();
   const disk = join(dir, 'debian.img');
-  copyFileSync(image, disk, constants.COPYFILE_FICLONE);
+  await copyFile(image, disk, constants.COPYFILE_FICLONE); // (async: a signal is not kept waiting for 8 GiB)
   const lan = await Lan.create(tag, { subnet: DEBIAN_SUBNET });
   try {
     const hosts: LanHost[] = [];
