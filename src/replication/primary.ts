@@ -4,7 +4,17 @@
 // when to checkpoint, what may be released and when protection is lost are the pipeline's calls.
 
 import { connect } from 'node:net';
-import { RubatoError, errorMessage, assert, logger, sleep, collectNow, HostIdleMeter, Wakeup } from '../util/index.ts';
+import {
+  RubatoError,
+  errorMessage,
+  assert,
+  logger,
+  onceWithin,
+  sleep,
+  collectNow,
+  HostIdleMeter,
+  Wakeup,
+} from '../util/index.ts';
 import type { QemuVm } from '../qemu/index.ts';
 import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
 import { OutputCommit, type ClosedEpoch, type DiskEpochCut } from '../commit/index.ts';
@@ -843,13 +853,7 @@ export class PrimaryController {
   private async qemuGone(afterFailure: boolean): Promise<boolean> {
     const vm = this.o.vm;
     if (vm.exited || vm.qmp.isClosed || !afterFailure) return vm.exited || vm.qmp.isClosed;
-    await new Promise<void>((r) => {
-      const t = setTimeout(r, QEMU_EXIT_WAIT_MS);
-      vm.once('exit', () => {
-        clearTimeout(t);
-        r();
-      });
-    });
+    await onceWithin(vm, 'exit', QEMU_EXIT_WAIT_MS); // (each failed session waits here: nothing may stay behind)
     return vm.exited || vm.qmp.isClosed;
   }
 

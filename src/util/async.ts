@@ -1,6 +1,7 @@
-// Waiting, once: sleep (cancellable), a loop's wake-up, polling for a condition, a deadline on a promise, and a
-// line splitter for child processes' output. Every module imports these instead of its own copy.
+// Waiting, once: sleep (cancellable), a loop's wake-up, polling for a condition, a deadline on a promise, an event
+// within a time, and a line splitter for child processes' output. Every module imports these instead of its own copy.
 
+import type { EventEmitter } from 'node:events';
 import { RubatoError, type ErrorCode } from './errors.ts';
 
 /** Resolves after `ms`, or early (without error) when `signal` aborts. */
@@ -79,6 +80,24 @@ export function withTimeout<T>(
       );
     }),
   ]);
+}
+
+/**
+ * Whether `emitter` emits `event` within `ms`. Its listener goes either way: a wait that times out
+ * again and again (a session retried each second) leaves nothing behind on the emitter.
+ */
+export function onceWithin(emitter: EventEmitter, event: string, ms: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const onEvent = () => {
+      clearTimeout(t);
+      resolve(true);
+    };
+    const t = setTimeout(() => {
+      emitter.off(event, onEvent);
+      resolve(false);
+    }, ms);
+    emitter.once(event, onEvent);
+  });
 }
 
 /** Splits a byte or text stream into lines; keeps at most `maxLineBytes` of an unterminated line. */

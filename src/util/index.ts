@@ -1,7 +1,7 @@
 // Small helpers any folder may use: logging, typed errors, tracked processes, private files, the
 // monotonic clock, byte reading. The ground floor: it imports no other folder.
 
-export { LineSplitter, Wakeup, sleep, waitFor, withTimeout } from './async.ts';
+export { LineSplitter, Wakeup, onceWithin, sleep, waitFor, withTimeout } from './async.ts';
 export { ByteReader } from './byte-reader.ts';
 export { monotonicMs } from './clock.ts';
 export { EXIT_CODES, PERMANENT_EXIT_CODES, RubatoError, assert, errorMessage, isRubatoError } from './errors.ts';
