@@ -90,6 +90,9 @@ export interface SecondaryStats {
   loads: number;
   loadMsTotal: number;
   framesIn: number;
+  /** Bytes of input given, and how many of them were given again after a load (see `recent`). */
+  bytesIn: number;
+  bytesReplayed: number;
   framesOut: number;
   startMs: number | null;
   /** Why it failed (state `failed`). */
@@ -124,6 +127,8 @@ export class SecondaryRunner {
     loads: 0,
     loadMsTotal: 0,
     framesIn: 0,
+    bytesIn: 0,
+    bytesReplayed: 0,
     framesOut: 0,
     startMs: null,
   };
@@ -302,7 +307,10 @@ export class SecondaryRunner {
   }
 
   private give(epoch: number, frames: Buffer[]): void {
-    for (const f of frames) this.relay.toGuest(f);
+    for (const f of frames) {
+      this.relay.toGuest(f);
+      this.stats.bytesIn += f.length;
+    }
     this.stats.framesIn += frames.length;
     if (epoch !== this.base + 1) return;
     if (this.recent.epoch !== epoch) this.recent = { epoch, frames: [], bytes: 0 };
@@ -318,6 +326,12 @@ export class SecondaryRunner {
     if (afterLoad && this.recent.epoch === this.base) {
       for (const f of this.recent.frames) this.relay.toGuest(f);
       this.stats.framesIn += this.recent.frames.length;
+      this.stats.bytesIn += this.recent.bytes;
+      this.stats.bytesReplayed += this.recent.bytes;
+      if (this.stats.loads % 20 === 0)
+        log.debug(
+          `secondary of VM ${this.o.identity.vm}: load ${this.stats.loads}: ${this.recent.frames.length} frames (${this.recent.bytes} bytes) given again; ${this.stats.bytesReplayed} of ${this.stats.bytesIn} bytes so far`,
+        );
     }
     if (afterLoad) this.recent = { epoch: -1, frames: [], bytes: 0 };
     const keep: { epoch: number; frames: Buffer[] }[] = [];
