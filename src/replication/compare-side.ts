@@ -4,7 +4,6 @@
 // auto it also judges how output left and tells the scheduler whether to plan as compare mode.
 // Output commit (commit/) keeps the frames and asserts every release; this module only pairs them.
 
-import { readFileSync } from 'node:fs';
 import { errorMessage, logger } from '../util/index.ts';
 import { FrameComparator, ModeChooser, type OutputCommit } from '../commit/index.ts';
 import type { GuestNet } from '../io/index.ts';
@@ -25,18 +24,10 @@ export const SECONDARY_SILENT_MS = 1000;
 const MIRROR_BATCH_BYTES = 1 << 20;
 /**
  * Input between Rubato and the guest that a checkpoint may not hold beside what Rubato still has
- * queued: the unix socket's buffer in the kernel (at most its send buffer: the host's default, 208
- * KiB unless tuned) and the one buffer (68 KiB) QEMU reads into before it waits for the stopped guest.
+ * queued: the unix socket's buffer in the kernel (its send buffer, about 208 KiB here) and the one
+ * buffer QEMU reads into before it waits for the stopped guest.
  */
-export const IN_FLIGHT_SLACK_BYTES = Math.max(512 << 10, 2 * socketSendBufferDefault() + (128 << 10));
-
-function socketSendBufferDefault(): number {
-  try {
-    return Number(readFileSync('/proc/sys/net/core/wmem_default', 'utf8').trim()) || 212_992;
-  } catch {
-    return 212_992;
-  }
-}
+const IN_FLIGHT_SLACK_BYTES = 512 << 10;
 /** The epoch's last input kept for cut(): the relay holds at most 4 MiB for the guest, then drops. */
 const TAIL_MAX_BYTES = (4 << 20) + IN_FLIGHT_SLACK_BYTES;
 
