@@ -22,14 +22,6 @@ export const DEFAULT_COMPARE_LAG_MS = 100;
 export const SECONDARY_SILENT_MS = 1000;
 /** Mirrored input is sent once this much waits (else at the end of the event-loop turn). */
 const MIRROR_BATCH_BYTES = 1 << 20;
-/**
- * Input between Rubato and the guest that a checkpoint may not hold beside what Rubato still has
- * queued: the unix socket's buffer in the kernel (its send buffer, about 208 KiB here) and the one
- * buffer QEMU reads into before it waits for the stopped guest.
- */
-const IN_FLIGHT_SLACK_BYTES = 512 << 10;
-/** The epoch's last input kept for cut(): the relay holds at most 4 MiB for the guest, then drops. */
-const TAIL_MAX_BYTES = (4 << 20) + IN_FLIGHT_SLACK_BYTES;
 
 export interface CompareSideOptions {
   mode: 'compare' | 'auto';
@@ -54,15 +46,6 @@ export class CompareSide {
   private readonly chooser: ModeChooser | null;
   /** Inbound frames waiting to be mirrored to the secondary, and the epoch they arrived in. */
   private mirrored: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
-  /** The open epoch's last mirrored frames, as they came (at most TAIL_MAX_BYTES; `from`: the first one kept). */
-  private tail: { epoch: number; frames: Buffer[]; from: number; bytes: number } = {
-    epoch: -1,
-    frames: [],
-    from: 0,
-    bytes: 0,
-  };
-  /** Bytes of input mirrored a second time, for the next epoch, at checkpoints (see cut()). */
-  resentBytes = 0;
   /** Frames that reached the guest from outside (--mode auto judges the service's progress by them). */
   private inbound = 0;
   /** When the secondary last sent a frame, and the guest last sent one (performance.now()). */
@@ -182,9 +165,10 @@ export class CompareSide {
   }
 
   /** A frame the guest receives goes to the secondary too, tagged with the epoch it arrived in. */
-  private mirror(f: Buffer, epoch = this.o.commit.openEpoch): void {
+  private mirror(f: Buffer): void {
     const link = this.o.link();
     if (!link || link.closed || !this.o.commit.holding) return;
+    const epoch = this.o.commit.openEpoch;
     if (this.mirrored && this.mirrored.epoch !== epoch) this.flushMirror();
     if (!this.mirrored) {
       this.mirrored = { epoch, frames: [], bytes: 0 };
@@ -193,44 +177,7 @@ export class CompareSide {
     // (its acknowledgement in the secondary's numbers, on a connection the two VMs opened apart)
     this.mirrored.frames.push(this.comparator.toSecondary(epoch, f));
     this.mirrored.bytes += f.length;
-    this.keepTail(epoch, f);
     if (this.mirrored.bytes > MIRROR_BATCH_BYTES) this.flushMirror();
-  }
-
-  private keepTail(epoch: number, f: Buffer): void {
-    const t = this.tail;
-    if (t.epoch !== epoch) this.tail = { epoch, frames: [f], from: 0, bytes: f.length };
-    else {
-      t.frames.push(f);
-      t.bytes += f.length;
-      while (t.bytes - t.frames[t.from]!.length >= TAIL_MAX_BYTES) t.bytes -= t.frames[t.from++]!.length;
-      if (t.from > 1024 && t.from * 2 > t.frames.length) {
-        t.frames = t.frames.slice(t.from);
-        t.from = 0;
-      }
-    }
-  }
-
-  /**
-   * Checkpoint `epoch` is being taken (the guest stopped; input arriving now is the next epoch's).
-   * The secondary will load that checkpoint and then get epoch + 1's input. A frame mirrored as
-   * `epoch`'s input that had not reached the guest when it stopped — still queued in Rubato, in the
-   * socket, or in QEMU's read buffer — is not in the checkpoint: the last such bytes of `epoch`'s
-   * input are mirrored again as epoch + 1's, first (the secondary's TCP drops the ones it already
-   * has). Only those: giving the secondary its whole epoch again after every load doubled its work
-   * on bulk input.
-   */
-  cut(epoch: number): void {
-    const t = this.tail;
-    this.tail = { epoch: -1, frames: [], from: 0, bytes: 0 };
-    if (t.epoch !== epoch || !this.o.protecting()) return;
-    const keep = this.o.relay.guestBacklogBytes + IN_FLIGHT_SLACK_BYTES;
-    let i = t.frames.length;
-    let bytes = 0;
-    while (i > t.from && bytes + t.frames[i - 1]!.length <= keep) bytes += t.frames[--i]!.length;
-    if (i === t.frames.length) return;
-    for (let k = i; k < t.frames.length; k++) this.mirror(t.frames[k]!, epoch + 1);
-    this.resentBytes += bytes;
   }
 
   private flushMirror(): void {
