@@ -3,23 +3,16 @@
 
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { type TrackedProcess, RubatoError, spawnTracked } from '../util/index.ts';
+import { type TrackedProcess, LineSplitter, RubatoError, spawnTracked } from '../util/index.ts';
 import { REPO_ROOT, RUBATO_COMMAND } from '../setup/index.ts';
 
 export type Ev = Record<string, unknown> & { event: string; t: number };
 
 /** A child's stderr shown on ours, line by line, each line prefixed with the child's name. */
 export function showStderr(name: string, proc: TrackedProcess): void {
-  let buf = '';
+  const lines = new LineSplitter((l) => process.stderr.write(`  [${name}] ${l}\n`));
   proc.child.stderr?.setEncoding('utf8');
-  proc.child.stderr?.on('data', (d: string) => {
-    buf += d;
-    let nl: number;
-    while ((nl = buf.indexOf('\n')) >= 0) {
-      process.stderr.write(`  [${name}] ${buf.slice(0, nl)}\n`);
-      buf = buf.slice(nl + 1);
-    }
-  });
+  proc.child.stderr?.on('data', (d: string) => lines.push(d));
 }
 
 export class Controller {
@@ -30,31 +23,27 @@ export class Controller {
     readonly proc: TrackedProcess,
     public onEvent: (e: Ev) => void = () => {},
   ) {
-    let buf = '';
+    // (an event line may be long: a status with many VMs)
+    const lines = new LineSplitter((line) => this.onLine(line), 1 << 20);
     proc.child.stdout?.setEncoding('utf8');
-    proc.child.stdout?.on('data', (d: string) => {
-      buf += d;
-      let nl: number;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, nl);
-        buf = buf.slice(nl + 1);
-        let e: Ev;
-        try {
-          e = JSON.parse(line) as Ev;
-        } catch {
-          continue;
-        }
-        this.events.push(e);
-        if (this.events.length > 50_000) this.events.splice(0, 10_000);
-        this.onEvent(e);
-        this.waiters = this.waiters.filter((w) => {
-          if (!w.pred(e)) return true;
-          w.resolve(e);
-          return false;
-        });
-      }
-    });
+    proc.child.stdout?.on('data', (d: string) => lines.push(d));
     showStderr(name, proc);
+  }
+  private onLine(line: string): void {
+    let e: Ev;
+    try {
+      e = JSON.parse(line) as Ev;
+    } catch {
+      return;
+    }
+    this.events.push(e);
+    if (this.events.length > 50_000) this.events.splice(0, 10_000);
+    this.onEvent(e);
+    this.waiters = this.waiters.filter((w) => {
+      if (!w.pred(e)) return true;
+      w.resolve(e);
+      return false;
+    });
   }
   waitEvent(pred: (e: Ev) => boolean, timeoutMs: number, what: string): Promise<Ev> {
     const seen = this.events.find(pred);
