@@ -381,7 +381,12 @@ export async function runServicesBench(
               r: ClientRun;
               s: ReturnType<typeof summarise>;
               b: Breakdown | null;
-              c: { mismatchesPerSec: number; comparedPerSec: number; mismatchKinds: Record<string, number> };
+              c: {
+                mismatchesPerSec: number;
+                comparedPerSec: number;
+                comparedWaitMsP50: number | null;
+                mismatchKinds: Record<string, number>;
+              };
               cores: CpuShare;
             }> = [];
             const counts = () => {
@@ -391,6 +396,8 @@ export async function runServicesBench(
                 mismatches: c?.mismatches ?? 0,
                 kinds: { ...c?.kinds },
                 compared: (snap['output'] as { compared: number }).compared,
+                // (how long the latest matched frames waited for the secondary's copy, median)
+                comparedWaitMs: (snap['outputWaitMsP50'] as { compared: number | null } | undefined)?.compared ?? null,
               };
             };
             for (const p of probes) {
@@ -411,6 +418,7 @@ export async function runServicesBench(
               const c = {
                 mismatchesPerSec: round((k1.mismatches - k0.mismatches) / secs, 1),
                 comparedPerSec: round((k1.compared - k0.compared) / secs, 1),
+                comparedWaitMsP50: k1.comparedWaitMs,
                 mismatchKinds: Object.fromEntries(
                   Object.entries(k1.kinds)
                     .map(([k, v]) => [k, v - ((k0.kinds as Record<string, number>)[k] ?? 0)] as const)
@@ -422,7 +430,7 @@ export async function runServicesBench(
               status(
                 `  ${p} under ${policy} (${mode}): ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors${r.errorKinds ? ` (${r.errorKinds})` : ''}` : ''}${
                   mode !== 'buffer'
-                    ? `, ${c.comparedPerSec} frames/s matched, ${c.mismatchesPerSec} mismatches/s${
+                    ? `, ${c.comparedPerSec} frames/s matched (after ${c.comparedWaitMsP50 ?? '-'} ms, median), ${c.mismatchesPerSec} mismatches/s${
                         c.mismatchesPerSec
                           ? ` (${Object.entries(c.mismatchKinds)
                               .map(([k, v]) => `${k} ${v}`)
