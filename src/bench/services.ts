@@ -385,6 +385,8 @@ export async function runServicesBench(
                 mismatchesPerSec: number;
                 comparedPerSec: number;
                 comparedWaitMsP50: number | null;
+                mirroredMB: number;
+                resentMB: number;
                 mismatchKinds: Record<string, number>;
               };
               cores: CpuShare;
@@ -398,6 +400,10 @@ export async function runServicesBench(
                 compared: (snap['output'] as { compared: number }).compared,
                 // (how long the latest matched frames waited for the secondary's copy, median)
                 comparedWaitMs: (snap['outputWaitMsP50'] as { compared: number | null } | undefined)?.compared ?? null,
+                input: (snap['input'] as { mirroredBytes: number; resentBytes: number } | undefined) ?? {
+                  mirroredBytes: 0,
+                  resentBytes: 0,
+                },
               };
             };
             for (const p of probes) {
@@ -419,6 +425,8 @@ export async function runServicesBench(
                 mismatchesPerSec: round((k1.mismatches - k0.mismatches) / secs, 1),
                 comparedPerSec: round((k1.compared - k0.compared) / secs, 1),
                 comparedWaitMsP50: k1.comparedWaitMs,
+                mirroredMB: round((k1.input.mirroredBytes - k0.input.mirroredBytes) / 1e6, 1),
+                resentMB: round((k1.input.resentBytes - k0.input.resentBytes) / 1e6, 1),
                 mismatchKinds: Object.fromEntries(
                   Object.entries(k1.kinds)
                     .map(([k, v]) => [k, v - ((k0.kinds as Record<string, number>)[k] ?? 0)] as const)
@@ -430,7 +438,7 @@ export async function runServicesBench(
               status(
                 `  ${p} under ${policy} (${mode}): ${round(r.perSec)}/s, p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms${r.errors ? `, ${r.errors} errors${r.errorKinds ? ` (${r.errorKinds})` : ''}` : ''}${
                   mode !== 'buffer'
-                    ? `, ${c.comparedPerSec} frames/s matched (after ${c.comparedWaitMsP50 ?? '-'} ms, median), ${c.mismatchesPerSec} mismatches/s${
+                    ? `, ${c.comparedPerSec} frames/s matched (after ${c.comparedWaitMsP50 ?? '-'} ms, median; input mirrored ${c.mirroredMB} MB, ${c.resentMB} MB of it again at checkpoints), ${c.mismatchesPerSec} mismatches/s${
                         c.mismatchesPerSec
                           ? ` (${Object.entries(c.mismatchKinds)
                               .map(([k, v]) => `${k} ${v}`)

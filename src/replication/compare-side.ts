@@ -4,6 +4,7 @@
 // auto it also judges how output left and tells the scheduler whether to plan as compare mode.
 // Output commit (commit/) keeps the frames and asserts every release; this module only pairs them.
 
+import { readFileSync } from 'node:fs';
 import { errorMessage, logger } from '../util/index.ts';
 import { FrameComparator, ModeChooser, type OutputCommit } from '../commit/index.ts';
 import type { GuestNet } from '../io/index.ts';
@@ -22,6 +23,22 @@ export const DEFAULT_COMPARE_LAG_MS = 100;
 export const SECONDARY_SILENT_MS = 1000;
 /** Mirrored input is sent once this much waits (else at the end of the event-loop turn). */
 const MIRROR_BATCH_BYTES = 1 << 20;
+/**
+ * Input between Rubato and the guest that a checkpoint may not hold beside what Rubato still has
+ * queued: the unix socket's buffer in the kernel (at most its send buffer: the host's default, 208
+ * KiB unless tuned) and the one buffer (68 KiB) QEMU reads into before it waits for the stopped guest.
+ */
+export const IN_FLIGHT_SLACK_BYTES = Math.max(512 << 10, 2 * socketSendBufferDefault() + (128 << 10));
+
+function socketSendBufferDefault(): number {
+  try {
+    return Number(readFileSync('/proc/sys/net/core/wmem_default', 'utf8').trim()) || 212_992;
+  } catch {
+    return 212_992;
+  }
+}
+/** The epoch's last input kept for cut(): the relay holds at most 4 MiB for the guest, then drops. */
+const TAIL_MAX_BYTES = (4 << 20) + IN_FLIGHT_SLACK_BYTES;
 
 export interface CompareSideOptions {
   mode: 'compare' | 'auto';
@@ -46,6 +63,17 @@ export class CompareSide {
   private readonly chooser: ModeChooser | null;
   /** Inbound frames waiting to be mirrored to the secondary, and the epoch they arrived in. */
   private mirrored: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
+  /** The open epoch's last mirrored frames, as they came (at most TAIL_MAX_BYTES; `from`: the first one kept). */
+  private tail: { epoch: number; frames: Buffer[]; from: number; bytes: number } = {
+    epoch: -1,
+    frames: [],
+    from: 0,
+    bytes: 0,
+  };
+  /** Bytes of input mirrored a second time, for the next epoch, at checkpoints (see cut()). */
+  resentBytes = 0;
+  /** Bytes of input mirrored to the secondary (not counting those sent again). */
+  private mirroredBytes = 0;
   /** Frames that reached the guest from outside (--mode auto judges the service's progress by them). */
   private inbound = 0;
   /** When the secondary last sent a frame, and the guest last sent one (performance.now()). */
@@ -140,6 +168,7 @@ export class CompareSide {
   snapshot(): Record<string, unknown> {
     return {
       compare: { ...this.comparator.counts },
+      input: { mirroredBytes: this.mirroredBytes, resentBytes: this.resentBytes },
       planning: this.plansCompare ? 'compare' : 'buffer',
       secondarySilent: this.silent,
       ...(this.chooser
@@ -164,11 +193,15 @@ export class CompareSide {
     }
   }
 
-  /** A frame the guest receives goes to the secondary too, tagged with the epoch it arrived in. */
-  private mirror(f: Buffer): void {
+  /**
+   * A frame the guest receives goes to the secondary too, tagged with the epoch it arrived in. `again`: a frame of
+   * the epoch before, mirrored again at its checkpoint (see cut()); it is not kept for the next cut, since the
+   * guest takes it early in this epoch (before, every cut sent the last 0.5 MB of input again, epoch after epoch:
+   * under redis thousands of stale frames per checkpoint, and the secondary matched almost nothing).
+   */
+  private mirror(f: Buffer, epoch = this.o.commit.openEpoch, again = false): void {
     const link = this.o.link();
     if (!link || link.closed || !this.o.commit.holding) return;
-    const epoch = this.o.commit.openEpoch;
     if (this.mirrored && this.mirrored.epoch !== epoch) this.flushMirror();
     if (!this.mirrored) {
       this.mirrored = { epoch, frames: [], bytes: 0 };
@@ -177,7 +210,47 @@ export class CompareSide {
     // (its acknowledgement in the secondary's numbers, on a connection the two VMs opened apart)
     this.mirrored.frames.push(this.comparator.toSecondary(epoch, f));
     this.mirrored.bytes += f.length;
+    if (!again) {
+      this.keepTail(epoch, f);
+      this.mirroredBytes += f.length;
+    }
     if (this.mirrored.bytes > MIRROR_BATCH_BYTES) this.flushMirror();
+  }
+
+  private keepTail(epoch: number, f: Buffer): void {
+    const t = this.tail;
+    if (t.epoch !== epoch) this.tail = { epoch, frames: [f], from: 0, bytes: f.length };
+    else {
+      t.frames.push(f);
+      t.bytes += f.length;
+      while (t.bytes - t.frames[t.from]!.length >= TAIL_MAX_BYTES) t.bytes -= t.frames[t.from++]!.length;
+      if (t.from > 1024 && t.from * 2 > t.frames.length) {
+        t.frames = t.frames.slice(t.from);
+        t.from = 0;
+      }
+    }
+  }
+
+  /**
+   * Checkpoint `epoch` is being taken (the guest stopped; input arriving now is the next epoch's).
+   * The secondary will load that checkpoint and then get epoch + 1's input. A frame mirrored as
+   * `epoch`'s input that had not reached the guest when it stopped — still queued in Rubato, in the
+   * socket, or in QEMU's read buffer — is not in the checkpoint: the last such bytes of `epoch`'s
+   * input are mirrored again as epoch + 1's, first (the secondary's TCP drops the ones it already
+   * has). Only those: giving the secondary its whole epoch again after every load doubled its work
+   * on bulk input.
+   */
+  cut(epoch: number): void {
+    const t = this.tail;
+    this.tail = { epoch: -1, frames: [], from: 0, bytes: 0 };
+    if (t.epoch !== epoch || !this.o.protecting()) return;
+    const keep = this.o.relay.guestBacklogBytes + IN_FLIGHT_SLACK_BYTES;
+    let i = t.frames.length;
+    let bytes = 0;
+    while (i > t.from && bytes + t.frames[i - 1]!.length <= keep) bytes += t.frames[--i]!.length;
+    if (i === t.frames.length) return;
+    for (let k = i; k < t.frames.length; k++) this.mirror(t.frames[k]!, epoch + 1, true);
+    this.resentBytes += bytes;
   }
 
   private flushMirror(): void {

@@ -722,6 +722,7 @@ export class PrimaryController {
       // The guest is stopped: its output and disk writes so far are this checkpoint's.
       onStopped: () => {
         closed = this.pipeline.paused(epoch, pauseBeganMs);
+        this.compare?.cut(epoch); // (input the guest has not taken yet goes to the secondary as the next epoch's)
       },
       onLocal: (c) => this.joinDisk(c, epoch, closed, status),
       ...(hold ? { hold } : {}),

@@ -90,9 +90,8 @@ export interface SecondaryStats {
   loads: number;
   loadMsTotal: number;
   framesIn: number;
-  /** Bytes of input given, and how many of them were given again after a load (see `recent`). */
+  /** Bytes of input given. */
   bytesIn: number;
-  bytesReplayed: number;
   framesOut: number;
   startMs: number | null;
   /** Why it failed (state `failed`). */
@@ -106,13 +105,6 @@ export class SecondaryRunner {
   private pending: { epoch: number; pages: PageSet; deviceState: Buffer; bytes: number } | null = null;
   private inbound: { epoch: number; frames: Buffer[] }[] = [];
   private inboundBytes = 0;
-  /**
-   * Input delivered in the epoch the secondary runs, kept until its next checkpoint: a frame the
-   * primary took as this epoch's may have reached its guest only after the pause (in the next
-   * epoch), so the checkpoint may lack it; it is given again after the load (TCP and the guest
-   * drop what they already have).
-   */
-  private recent: { epoch: number; frames: Buffer[]; bytes: number } = { epoch: -1, frames: [], bytes: 0 };
   private outBatch: { epoch: number; frames: Buffer[]; bytes: number } | null = null;
   private loading = false;
   /** When the secondary last got input or sent output (performance.now()). */
@@ -128,7 +120,6 @@ export class SecondaryRunner {
     loadMsTotal: 0,
     framesIn: 0,
     bytesIn: 0,
-    bytesReplayed: 0,
     framesOut: 0,
     startMs: null,
   };
@@ -245,7 +236,7 @@ export class SecondaryRunner {
       // input again, and no checkpoint to load (which would run it): it runs on from where it
       // stopped, given what came meanwhile (not the epoch's input again)
       this.step(
-        () => sec.resume().then(() => this.deliverInbound(false, false)),
+        () => sec.resume().then(() => this.deliverInbound()),
         () => !sec.isPaused,
       );
     else if (this.pending && !idle)
@@ -312,28 +303,14 @@ export class SecondaryRunner {
       this.stats.bytesIn += f.length;
     }
     this.stats.framesIn += frames.length;
-    if (epoch !== this.base + 1) return;
-    if (this.recent.epoch !== epoch) this.recent = { epoch, frames: [], bytes: 0 };
-    for (const f of frames)
-      if (this.recent.bytes + f.length <= MAX_QUEUED_INBOUND_BYTES) {
-        this.recent.frames.push(f);
-        this.recent.bytes += f.length;
-      }
   }
 
-  private deliverInbound(all = false, afterLoad = true): void {
-    // After a load: the epoch it now runs from, again (see `recent`); then the next one's.
-    if (afterLoad && this.recent.epoch === this.base) {
-      for (const f of this.recent.frames) this.relay.toGuest(f);
-      this.stats.framesIn += this.recent.frames.length;
-      this.stats.bytesIn += this.recent.bytes;
-      this.stats.bytesReplayed += this.recent.bytes;
-      if (this.stats.loads % 20 === 0)
-        log.debug(
-          `secondary of VM ${this.o.identity.vm}: load ${this.stats.loads}: ${this.recent.frames.length} frames (${this.recent.bytes} bytes) given again; ${this.stats.bytesReplayed} of ${this.stats.bytesIn} bytes so far`,
-        );
-    }
-    if (afterLoad) this.recent = { epoch: -1, frames: [], bytes: 0 };
+  /**
+   * Gives the queued input it can take now: the epoch after the checkpoint it runs from (`all`: every epoch, when it
+   * is promoted). The input a checkpoint may lack (it had not reached the primary's guest at the stop) comes again
+   * from the primary as the next epoch's (CompareSide.cut).
+   */
+  private deliverInbound(all = false): void {
     const keep: { epoch: number; frames: Buffer[] }[] = [];
     for (const q of this.inbound) {
       if (q.epoch < this.base) continue;

@@ -11,6 +11,8 @@ export interface GuestNet {
   onOutsideFrame: ((frame: Buffer) => void) | null;
   gate: ReleaseGate | null;
   sendOutside(f: Buffer): void;
+  /** Bytes on their way to the guest still held by Rubato (not read by QEMU yet). */
+  readonly guestBacklogBytes: number;
 }
 
 export class RelaySet implements GuestNet {
@@ -51,5 +53,9 @@ export class RelaySet implements GuestNet {
 
   sendOutside(f: Buffer): void {
     this.relays[this.nicOf.get(f) ?? 0]?.sendOutside(f);
+  }
+
+  get guestBacklogBytes(): number {
+    return this.relays.reduce((n, r) => n + r.guestBacklogBytes, 0);
   }
 }

@@ -54,6 +54,11 @@ export class NetRelay {
 
   constructor(readonly guestSocketPath: string) {}
 
+  /** Bytes written towards the guest's QEMU that this process still holds (QEMU has not read them). */
+  get guestBacklogBytes(): number {
+    return this.guest?.writableLength ?? 0;
+  }
+
   async start(): Promise<void> {
     rmSync(this.guestSocketPath, { force: true });
     this.server = createServer((s) => this.onGuest(s));
