@@ -342,7 +342,13 @@ export class FrameComparator {
         continue;
       }
       if (s.epoch > p.epoch) return 'wait';
-      if (!s.data) return this.differ('control', 'the secondary sent a control segment', d); // where the primary sent data
+      if (!s.data)
+        // where the primary sent data
+        return this.differ(
+          'control',
+          `the secondary sent a control segment (TCP flags 0x${(s.sig[4] ?? 0).toString(16)})`,
+          d,
+        );
       const sStart = (s.data.seq + delta + used) | 0;
       const sLen = s.data.payload.length - used;
       if (sStart !== pos) {

@@ -81,6 +81,7 @@ export class CompareSide {
   private secondaryAtMs: number;
   private heldAtMs = 0;
   private silent = false;
+  private mismatchLoggedMs = Number.NEGATIVE_INFINITY;
 
   constructor(private readonly o: CompareSideOptions) {
     this.chooser = o.mode === 'auto' ? new ModeChooser() : null;
@@ -188,6 +189,12 @@ export class CompareSide {
       if (f) this.o.relay.sendOutside(f);
     }
     if (r.mismatch) {
+      // (at debug, at most one a second: what differed, for whoever looks for its cause)
+      const now = this.now();
+      if (now - this.mismatchLoggedMs >= 1000) {
+        this.mismatchLoggedMs = now;
+        log.debug(`compare: ${this.comparator.counts.lastMismatch ?? 'a difference'}`);
+      }
       this.o.commit.mismatch();
       this.o.onMismatch();
     }

@@ -288,7 +288,7 @@ export class SecondaryRunner {
     const frames = splitNetFrames(payload);
     this.activeAtMs = performance.now();
     if (epoch <= this.base + 1 && !this.loading && this.stats.state === 'running' && !this.sec?.isPaused) {
-      this.give(epoch, frames);
+      this.give(frames);
       return;
     }
     if (this.inboundBytes + payload.length > MAX_QUEUED_INBOUND_BYTES) return; // as a congested network would
@@ -297,7 +297,7 @@ export class SecondaryRunner {
     this.kick(); // an idle secondary catches up first
   }
 
-  private give(epoch: number, frames: Buffer[]): void {
+  private give(frames: Buffer[]): void {
     for (const f of frames) {
       this.relay.toGuest(f);
       this.stats.bytesIn += f.length;
@@ -314,7 +314,7 @@ export class SecondaryRunner {
     const keep: { epoch: number; frames: Buffer[] }[] = [];
     for (const q of this.inbound) {
       if (q.epoch < this.base) continue;
-      if (all || q.epoch <= this.base + 1) this.give(q.epoch, q.frames);
+      if (all || q.epoch <= this.base + 1) this.give(q.frames);
       else keep.push(q);
     }
     this.inbound = keep;
