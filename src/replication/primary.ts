@@ -328,9 +328,17 @@ export class PrimaryController {
         await this.lostGuest;
         break;
       }
+      if (this.stopped) {
+        // stop(), a fence or a lost guest said its last word on this link (BYE, FENCED, GUEST_LOST) the moment it
+        // set `stopped`; the link ends after it, in order. A destroy here could drop that word still queued
+        // behind a checkpoint (seen once under load: the standby took an orderly stop for a lost primary).
+        await this.link?.closeGracefully(new RubatoError('RUBATO_PEER_LOST', 'protection ended'));
+        this.link = null;
+        break;
+      }
       this.link?.close();
       this.link = null;
-      if (this.stopped || this.o.vm.exited || this.o.vm.qmp.isClosed) break;
+      if (this.o.vm.exited || this.o.vm.qmp.isClosed) break;
       // A session that broke after the standby had authenticated us (a corrupted frame, a reset, a
       // failed capture — during protection or a re-sync) reconnects at once: a standby that guards
       // a replica of ours waits out its liveness timeout before it takes over, and a new
