@@ -730,7 +730,11 @@ export class PrimaryController {
       // The guest is stopped: its output and disk writes so far are this checkpoint's.
       onStopped: () => {
         closed = this.pipeline.paused(epoch, pauseBeganMs);
-        this.compare?.cut(epoch); // (input the guest has not taken yet goes to the secondary as the next epoch's)
+        // Input the guest had not taken yet goes to the secondary again, as the next epoch's: after QEMU is told to
+        // resume (the capture does that right after this, in the same turn), not inside the guest's pause; before
+        // any new input, which arrives in a later turn.
+        const compare = this.compare;
+        if (compare) queueMicrotask(() => compare.cut(epoch));
       },
       onLocal: (c) => this.joinDisk(c, epoch, closed, status),
       ...(hold ? { hold } : {}),

@@ -35,6 +35,18 @@ class Framer {
   }
 }
 
+/** Sockets corked until the end of this turn: what is written to one in a turn leaves in one system call. */
+const corkedThisTurn = new WeakSet<Socket>();
+function corkForTurn(s: Socket): void {
+  if (corkedThisTurn.has(s)) return;
+  corkedThisTurn.add(s);
+  s.cork();
+  process.nextTick(() => {
+    corkedThisTurn.delete(s);
+    s.uncork();
+  });
+}
+
 export class NetRelay {
   /** Where frames from the guest go; until set, they leave at once (an unprotected guest). */
   onGuestFrame: ((frame: Buffer) => void) | null = null;
@@ -47,8 +59,6 @@ export class NetRelay {
   private outside: Socket | null = null;
   private outsideDropped = 0;
   private guestDropped = 0;
-  private corked = false;
-  private guestCorked = false;
   framesFromGuest = 0;
   framesToGuest = 0;
 
@@ -140,14 +150,7 @@ export class NetRelay {
     this.framesToGuest++;
     const g = this.guest;
     if (!g) return;
-    if (!this.guestCorked) {
-      this.guestCorked = true;
-      g.cork();
-      process.nextTick(() => {
-        this.guestCorked = false;
-        g.uncork();
-      });
-    }
+    corkForTurn(g);
     g.write(f);
   }
 
@@ -172,14 +175,7 @@ export class NetRelay {
     }
     // The frames released in one turn (a checkpoint's acknowledgement, a compared batch) leave in
     // one system call: corked until the turn's end.
-    if (!this.corked) {
-      this.corked = true;
-      out.cork();
-      process.nextTick(() => {
-        this.corked = false;
-        out.uncork();
-      });
-    }
+    corkForTurn(out);
     out.write(f);
   }
 
