@@ -13,9 +13,10 @@
 // the secondary back to the primary's state. A frame leaves only after every earlier frame of its
 // connection left.
 
-/** What a frame is compared by: its connection and its signature. */
+/** What a frame is compared by: its connection and its signature (TCP data: and its payload, as a stream). */
 export interface FrameIdentity {
   flow: string;
+  /** TCP: sequence, flags, then the payload (data segments: the payload's length instead; see `data`). */
   sig: Buffer;
   /** TCP: the acknowledgement number (what the sender has received of the peer's stream). */
   ack?: number;
@@ -68,15 +69,24 @@ export function frameIdentity(prefixed: Buffer): FrameIdentity {
     // seq (4), flags (1), payload: the ack is compared apart (the secondary's must have reached it)
     const payload = tcp.subarray(Math.min(off, tcp.length));
     const flags = tcp[13]!;
-    const sig = Buffer.concat([tcp.subarray(4, 8), tcp.subarray(13, 14), payload]);
+    const isData = payload.length > 0 && (flags & (SYN | RST)) === 0;
+    // TCP data is compared as a byte stream (`data`), never by its signature: its signature holds
+    // the payload's length, not a copy of it (copying every payload twice, the primary's and the
+    // secondary's, was a third of the bytes the comparison allocated). Nine bytes: it cannot equal
+    // the five of a segment without payload.
+    const sig = isData ? Buffer.allocUnsafe(9) : Buffer.concat([tcp.subarray(4, 8), tcp.subarray(13, 14), payload]);
+    if (isData) {
+      tcp.copy(sig, 0, 4, 8);
+      sig[4] = flags;
+      sig.writeUInt32BE(payload.length, 5);
+    }
     const id: FrameIdentity = {
       flow,
       sig,
       ack: tcp.readUInt32BE(8),
       pureAck: payload.length === 0 && (flags & 0x07) === 0,
     };
-    if (payload.length > 0 && (flags & (SYN | RST)) === 0)
-      id.data = { seq: tcp.readUInt32BE(4), fin: (flags & FIN) !== 0, payload };
+    if (isData) id.data = { seq: tcp.readUInt32BE(4), fin: (flags & FIN) !== 0, payload };
     if (flags & SYN) id.syn = { seq: tcp.readUInt32BE(4) };
     return id;
   }

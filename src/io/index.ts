@@ -13,7 +13,7 @@ export { Lan } from './net/lan.ts';
 export type { LanHost } from './net/lan.ts';
 export { TwoHosts, ip } from './net/netns.ts';
 export { checkBridge } from './net/tap.ts';
-export { NetRelay } from './net/relay.ts';
+export { Framer, NetRelay } from './net/relay.ts';
 export { RelaySet } from './net/relay-set.ts';
 export type { GuestNet } from './net/relay-set.ts';
 export { LINK_CLASSES, ShapedLink } from './net/shaped-link.ts';

@@ -66,14 +66,24 @@ function tcp(o: {
 test('frameIdentity: a TCP segment is its connection, sequence, flags and payload (its ack apart) — not its IP id, window, options or checksums', () => {
   const a = frameIdentity(tcp({ seq: 5, payload: 'OK 1\n', ipId: 7, window: 500, tsval: 100 }));
   const b = frameIdentity(tcp({ seq: 5, payload: 'OK 1\n', ipId: 9, window: 300, tsval: 133 }));
+  // (data is compared as a stream: the signature, then the payload)
+  const same = (x: typeof a, y: typeof a) =>
+    x.sig.equals(y.sig) && (x.data?.payload ?? Buffer.alloc(0)).equals(y.data?.payload ?? Buffer.alloc(0));
   assert.equal(a.flow, b.flow);
-  assert.ok(a.sig.equals(b.sig));
+  assert.ok(same(a, b));
   for (const other of [
     tcp({ seq: 6, payload: 'OK 1\n' }),
     tcp({ seq: 5, flags: 0x11, payload: 'OK 1\n' }),
     tcp({ seq: 5, payload: 'OK 2\n' }),
+    tcp({ seq: 5, payload: 'OK 1\n!' }),
   ])
-    assert.ok(!frameIdentity(other).sig.equals(a.sig));
+    assert.ok(!same(frameIdentity(other), a));
+  // a segment with data never signs like one without (a FIN alone at the same sequence)
+  assert.ok(
+    !frameIdentity(tcp({ seq: 5, flags: 0x11 })).sig.equals(
+      frameIdentity(tcp({ seq: 5, flags: 0x11, payload: 'x' })).sig,
+    ),
+  );
   assert.notEqual(frameIdentity(tcp({ seq: 5, dport: 40001 })).flow, a.flow);
 });
 

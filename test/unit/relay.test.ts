@@ -65,3 +65,27 @@ test('NetRelay: the outside stream reaches the guest as whole frames (a frame fr
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('Framer: a stream cut at every point gives each frame once, whole and in order; only a cut frame is copied', async () => {
+  const { Framer } = await import('../../src/io/index.ts');
+  const stream = Buffer.concat([frame(1, 3), frame(2, 0), frame(3, 1500), frame(4, 7), frame(5, 64)]);
+  for (let a = 0; a <= stream.length; a += 7)
+    for (let b = a; b <= stream.length; b += 97) {
+      const framer = new Framer();
+      const seen: Buffer[] = [];
+      const written: Buffer[] = [];
+      for (const part of [stream.subarray(0, a), stream.subarray(a, b), stream.subarray(b)]) {
+        const runs = framer.push(part, (f) => seen.push(Buffer.from(f)));
+        if (runs) written.push(...runs);
+      }
+      assert.deepEqual(seen, frames(stream), `cut at ${a} and ${b}`);
+      assert.ok(Buffer.concat(written).equals(stream), `written on as it came, cut at ${a} and ${b}`);
+    }
+  // frames that lie whole in one read are handed on as a view into it, not a copy
+  const whole = new Framer().push(stream)!;
+  assert.equal(whole.length, 1);
+  assert.equal(whole[0]!.buffer, stream.buffer);
+  const bad = Buffer.alloc(8);
+  bad.writeUInt32BE(1 << 20, 0);
+  assert.throws(() => new Framer().push(bad), /network frame of 1048576 bytes/);
+});

@@ -15,24 +15,52 @@ const GUEST_BACKLOG_MAX = 4 << 20;
 
 /**
  * Splits a be32-length-prefixed byte stream into frames. Returns the complete frames of what came,
- * as one contiguous run (to be written on in one piece), or null when no frame completed.
+ * as at most two runs (a frame completed from the last read's rest, then the whole frames that lie
+ * in this read as it came; to be written on corked, in one system call), or null when no frame
+ * completed. A frame cut by a read is completed by copying only itself: the read is not copied.
  */
-class Framer {
-  private buf: Buffer = Buffer.alloc(0);
-  push(d: Buffer, onFrame?: (f: Buffer) => void): Buffer | null {
-    this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
+export class Framer {
+  /** The start of a frame a read cut (its bytes so far). */
+  private rest: Buffer | null = null;
+  push(d: Buffer, onFrame?: (f: Buffer) => void): Buffer[] | null {
+    const runs: Buffer[] = [];
+    if (this.rest) {
+      const r = this.rest;
+      if (r.length < 4) {
+        // (too little of it to know its length: joined with the read, as it is rare and short)
+        this.rest = null;
+        d = Buffer.concat([r, d]);
+      } else {
+        const need = 4 + frameLength(r, 0) - r.length;
+        if (d.length < need) {
+          this.rest = Buffer.concat([r, d]);
+          return null;
+        }
+        const f = Buffer.concat([r, d.subarray(0, need)]);
+        this.rest = null;
+        onFrame?.(f);
+        runs.push(f);
+        d = d.subarray(need);
+      }
+    }
     let off = 0;
-    while (this.buf.length - off >= 4) {
-      const len = this.buf.readUInt32BE(off);
-      if (len > MAX_FRAME) throw new RubatoError('RUBATO_PROTOCOL', `network frame of ${len} bytes`);
-      if (this.buf.length - off < 4 + len) break;
-      onFrame?.(this.buf.subarray(off, off + 4 + len)); // frames keep their length prefix
+    while (d.length - off >= 4) {
+      const len = frameLength(d, off);
+      if (d.length - off < 4 + len) break;
+      onFrame?.(d.subarray(off, off + 4 + len)); // frames keep their length prefix
       off += 4 + len;
     }
-    const whole = off > 0 ? this.buf.subarray(0, off) : null;
-    this.buf = this.buf.subarray(off);
-    return whole;
+    if (off > 0) runs.push(d.subarray(0, off));
+    if (off < d.length) this.rest = d.subarray(off);
+    return runs.length ? runs : null;
   }
+}
+
+/** The length a frame's prefix at `off` announces, bounded. */
+function frameLength(b: Buffer, off: number): number {
+  const len = b.readUInt32BE(off);
+  if (len > MAX_FRAME) throw new RubatoError('RUBATO_PROTOCOL', `network frame of ${len} bytes`);
+  return len;
 }
 
 /** Sockets corked until the end of this turn: what is written to one in a turn leaves in one system call. */
@@ -158,11 +186,14 @@ export class NetRelay {
    * Frames from the outside for the guest, dropped (and counted) while its QEMU does not read them
    * (a paused guest: a restore waiting for its checkpoint), as a NIC drops what its ring cannot hold.
    */
-  private toGuestBounded(frames: Buffer): void {
+  private toGuestBounded(runs: Buffer[]): void {
     const g = this.guest;
     if (!g) return;
     if (g.writableLength > GUEST_BACKLOG_MAX) this.guestDropped++;
-    else g.write(frames);
+    else {
+      if (runs.length > 1) corkForTurn(g);
+      for (const r of runs) g.write(r);
+    }
   }
 
   /** A frame leaves for the outside (dropped, and counted, when no TAP is attached or the lease is not known valid). */
