@@ -55,6 +55,15 @@ function ipv4Tcp(f: Buffer): { ip: Buffer; tcp: Buffer } | null {
   return { ip, tcp: ip.subarray(ihl, total) };
 }
 
+/** A TCP data segment's signature: its sequence (4 bytes), flags (1) and payload length (4). */
+function dataSignature(tcp: Buffer, flags: number, length: number): Buffer {
+  const sig = Buffer.allocUnsafe(9);
+  tcp.copy(sig, 0, 4, 8);
+  sig[4] = flags;
+  sig.writeUInt32BE(length, 5);
+  return sig;
+}
+
 /** The key of a TCP connection's one direction, from `src:sport` to `dst:dport`. */
 const tcpFlow = (src: number, sport: number, dst: number, dport: number) => `t${src}:${sport}>${dst}:${dport}`;
 
@@ -71,15 +80,11 @@ export function frameIdentity(prefixed: Buffer): FrameIdentity {
     const flags = tcp[13]!;
     const isData = payload.length > 0 && (flags & (SYN | RST)) === 0;
     // TCP data is compared as a byte stream (`data`), never by its signature: its signature holds
-    // the payload's length, not a copy of it (copying every payload twice, the primary's and the
-    // secondary's, was a third of the bytes the comparison allocated). Nine bytes: it cannot equal
-    // the five of a segment without payload.
-    const sig = isData ? Buffer.allocUnsafe(9) : Buffer.concat([tcp.subarray(4, 8), tcp.subarray(13, 14), payload]);
-    if (isData) {
-      tcp.copy(sig, 0, 4, 8);
-      sig[4] = flags;
-      sig.writeUInt32BE(payload.length, 5);
-    }
+    // the payload's length, not a copy of the payload (which was copied for every frame of both
+    // VMs). Nine bytes: it cannot equal the five of a segment without payload.
+    const sig = isData
+      ? dataSignature(tcp, flags, payload.length)
+      : Buffer.concat([tcp.subarray(4, 8), tcp.subarray(13, 14), payload]);
     const id: FrameIdentity = {
       flow,
       sig,
