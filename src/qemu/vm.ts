@@ -25,6 +25,13 @@ const QMP_TRIGGER_ONLY = process.env['RUBATO_TRIGGER'] === 'qmp';
  */
 const COLO_SEND_BUFFER_BYTES = 4 << 20;
 
+/**
+ * After VMSTATE_SEND, QEMU's COLO thread gives its CPU up once (qemu-patches/0009): the kernel
+ * queues this process on that thread's CPU, and without the hand-off it saw VMSTATE_SEND 0.8 ms
+ * late on the test guest (docs/evaluation.md, stop 45). An operator may set RUBATO_COLO_HANDOFF=off.
+ */
+const COLO_HANDOFF = process.env.RUBATO_COLO_HANDOFF ?? 'yield';
+
 export interface QemuBinary {
   path: string;
   firmwareDirs: readonly string[];
@@ -106,6 +113,7 @@ export class QemuVm extends EventEmitter {
       env: {
         ...process.env,
         RUBATO_COLO_SNDBUF: String(COLO_SEND_BUFFER_BYTES),
+        RUBATO_COLO_HANDOFF: COLO_HANDOFF,
         ...(trigger ? { RUBATO_COLO_TRIGGER: trigger } : {}),
       },
     });
