@@ -30,7 +30,7 @@ const COLO_SEND_BUFFER_BYTES = 4 << 20;
  * queues this process on that thread's CPU, and without the hand-off it saw VMSTATE_SEND 0.8 ms
  * late on the test guest (docs/evaluation.md, stop 45). An operator may set RUBATO_COLO_HANDOFF=off.
  */
-const COLO_HANDOFF = process.env.RUBATO_COLO_HANDOFF ?? 'yield';
+const COLO_HANDOFF = process.env['RUBATO_COLO_HANDOFF'] ?? 'yield';
 
 export interface QemuBinary {
   path: string;
