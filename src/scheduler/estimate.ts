@@ -11,8 +11,29 @@ export interface DirtyCurve {
   pages(tMs: number): number;
 }
 
+/**
+ * `f` of a history, computed once per state of that history. A record is fixed once it is in the
+ * history (only its transferMs is filled in later, which these estimates do not read), and the
+ * history only grows at its end (dropping its oldest), so its length and last record name its
+ * state. The scheduler decides on every output frame, flush and ack (hundreds a second under a
+ * request-response service) and the history changes once per checkpoint: the fits were most of
+ * the decision's cost.
+ */
+function perHistory<R>(f: (h: readonly EpochRecord[]) => R): (h: readonly EpochRecord[]) => R {
+  const memo = new WeakMap<readonly EpochRecord[], { length: number; last: EpochRecord | undefined; r: R }>();
+  return (h) => {
+    const m = memo.get(h);
+    const last = h[h.length - 1];
+    if (m && m.length === h.length && m.last === last) return m.r;
+    const r = f(h);
+    memo.set(h, { length: h.length, last, r });
+    return r;
+  };
+}
+
 /** Fits D(T) = a·T^b by least squares on log-log over recent epochs; b clamped to [0.3, 1]. */
-export function fitDirtyCurve(history: readonly EpochRecord[]): DirtyCurve {
+export const fitDirtyCurve = perHistory(fitDirtyCurveOf);
+function fitDirtyCurveOf(history: readonly EpochRecord[]): DirtyCurve {
   const pts = history.slice(-64).filter((e) => e.lengthMs > 0.5 && e.dirtyPages > 0);
   if (pts.length === 0) return curve(0, 1);
   const xs = pts.map((e) => Math.log(e.lengthMs));
@@ -34,7 +55,8 @@ export interface PauseModel {
 }
 
 /** pause ≈ fixed + perPage·pages, least squares over recent epochs (defaults from DESIGN.md). */
-export function fitPause(history: readonly EpochRecord[]): PauseModel {
+export const fitPause = perHistory(fitPauseOf);
+function fitPauseOf(history: readonly EpochRecord[]): PauseModel {
   const pts = history.slice(-64).filter((e) => e.pauseMs > 0);
   let fixedMs = 1.1;
   let perPageMs = 0.0025;
@@ -64,7 +86,8 @@ export function transferMs(pages: number, bytesPerMs: number): number {
 }
 
 /** Output frames per ms of guest time over recent epochs (how interactive the workload is). */
-export function outputRatePerMs(history: readonly EpochRecord[]): number {
+export const outputRatePerMs = perHistory(outputRatePerMsOf);
+function outputRatePerMsOf(history: readonly EpochRecord[]): number {
   const h = history.slice(-32);
   const len = h.reduce((s, e) => s + e.lengthMs, 0);
   return len > 0 ? h.reduce((s, e) => s + e.outputFrames, 0) / len : 0;
@@ -86,9 +109,11 @@ export function pausePagesWithPresend(
   epochMs: number,
   everyMs: number | undefined,
   lastPass: boolean,
+  /** d(epochMs), when the caller has it already. */
+  atEpoch?: number,
 ): number {
-  if (!everyMs) return d(epochMs);
-  const interval = d(Math.min(epochMs, everyMs));
+  if (!everyMs) return atEpoch ?? d(epochMs);
+  const interval = everyMs >= epochMs && atEpoch !== undefined ? atEpoch : d(Math.min(epochMs, everyMs));
   if (!lastPass || epochMs < lastPassAfterMs(everyMs)) return interval;
   return Math.min(interval, d(Math.max(0.1, perPageMs * interval)));
 }
@@ -160,12 +185,21 @@ export function presendEveryMs(
   idleCores: number | null = null,
 ): number | undefined {
   if (p.presendTargetPauseMs === undefined) return p.presendMs;
-  const pause = fitPause(history);
   // Pauses that would take little of the guest's time are left alone: a pass is not free either
   // (each re-arms the dirty log, which slows the guest's writes).
-  if (pausedFractionWithout(history, pause) < AUTO_PRESEND_MIN_PAUSED) return undefined;
+  if (pausedFractionOf(history) < AUTO_PRESEND_MIN_PAUSED) return undefined;
   if (idleCores !== null && idleCores < AUTO_PRESEND_MIN_IDLE_CORES) return Number.POSITIVE_INFINITY;
   // A guest that talks: its epochs end on output, and a pass under way would hold up that checkpoint.
   if (outputRatePerMs(history) > AUTO_PRESEND_MAX_OUTPUT_PER_MS) return Number.POSITIVE_INFINITY;
-  return presendIntervalFor(fitDirtyCurve(history).pages, pause, p.presendTargetPauseMs, p.maxEpochMs);
+  const plans = plannedIntervals(history);
+  const key = `${p.presendTargetPauseMs}/${p.maxEpochMs}`;
+  let every = plans.get(key);
+  if (every === undefined) {
+    every = presendIntervalFor(fitDirtyCurve(history).pages, fitPause(history), p.presendTargetPauseMs, p.maxEpochMs);
+    plans.set(key, every);
+  }
+  return every;
 }
+const pausedFractionOf = perHistory((h) => pausedFractionWithout(h, fitPause(h)));
+/** presend=auto's intervals planned for one state of a history, per pause target and maximum epoch. */
+const plannedIntervals = perHistory(() => new Map<string, number>());

@@ -191,10 +191,9 @@ export function model(rails: Rails, weightPerFrameMs = 0.002): Policy {
     const horizon = Math.min(rails.maxEpochMs, c.age + 200);
     // With pre-sends, the pause carries only what the passes leave (a last pass when no output waits).
     const every = presendEveryMs(rails, t.history, t.hostIdleCores ?? null);
-    const pausePages = (T: number) => pausePagesWithPresend(c.curve.pages, pause.perPageMs, T, every, f0 === 0);
     for (let T = c.age; T <= horizon; T += Math.max(0.5, (horizon - c.age) / 200)) {
       const pages = c.curve.pages(T);
-      const p = pause.pauseMs(pausePages(T));
+      const p = pause.pauseMs(pausePagesWithPresend(c.curve.pages, pause.perPageMs, T, every, f0 === 0, pages));
       const release = p + transferMs(pages, c.bytesPerMs) + (t.link.rttMs ?? 0.2);
       const extra = T - c.age;
       // frames waiting now wait (oldest + extra + release) on average-ish; new ones arrive uniformly
