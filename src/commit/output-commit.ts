@@ -16,11 +16,19 @@ export interface Sized {
   readonly length: number;
 }
 
-/** One epoch's disk writes, as the disk servers cut them (their pages travel with the checkpoint), per disk. */
-export interface DiskEpochCut {
+/** One epoch's disk writes, per disk (their pages travel with the checkpoint). */
+export interface DiskEpochWrites {
   disks: Array<{ block: string; pages: Map<number, Buffer> }>;
   writes: number;
   flushes: number;
+}
+
+/**
+ * One epoch's disk writes as the disk servers cut them at the pause: the cut is made at once, and
+ * the writes are collected afterwards (once the guest runs again: the pause does not wait for them).
+ */
+export interface DiskEpochCut {
+  collect(): Promise<DiskEpochWrites>;
 }
 
 /** The guest's disks, seen from output commit: writes are logged per epoch and cut at the pause. */

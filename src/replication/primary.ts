@@ -538,7 +538,7 @@ export class PrimaryController {
     const diskBlocks = (disks?.blocks ?? []).map((b) => ({ id: b.id, lengthBytes: b.server.sizeBytes }));
     const extents = await Promise.all((disks?.blocks ?? []).map((b) => allocatedExtents(b.server.imagePath)));
     const diskBytes = extents.reduce((n, e) => n + extentBytes(e), 0);
-    let diskSinceCopy: DiskEpochCut['disks'] = [];
+    const sinceCopy: { disk: DiskEpochCut | null } = { disk: null };
     const sender = new BaseSender(link, {
       extraBlocks: diskBlocks,
       extraBytes: diskBytes,
@@ -561,11 +561,12 @@ export class PrimaryController {
         const closed = pipe.paused(0, performance.now());
         if (diskBlocks.length) {
           b.blocks.push(...diskBlocks);
-          diskSinceCopy = closed.disk?.disks ?? [];
+          sinceCopy.disk = closed.disk;
         }
       },
     });
-    for (const d of diskSinceCopy) for (const [offset, data] of d.pages) sender.page(d.block, offset, data);
+    for (const d of (await sinceCopy.disk?.collect())?.disks ?? [])
+      for (const [offset, data] of d.pages) sender.page(d.block, offset, data);
     this.capture = capture;
     this.blocks = base.blocks;
     assert(sender.layoutBlocks.length === base.blocks.length, "the layout sent is the capture's");
@@ -755,14 +756,22 @@ export class PrimaryController {
     return { cp, record, pauseBeganMs, presented, commands };
   }
 
-  /** The epoch's disk writes (closed with its output while the guest was stopped) join its checkpoint. */
-  private joinDisk(c: Checkpoint, epoch: number, closed: ClosedEpoch | null, status: StatusMeter | null): void {
+  /**
+   * The epoch's disk writes (cut with its output while the guest was stopped, collected now that it
+   * runs again) join its checkpoint.
+   */
+  private async joinDisk(
+    c: Checkpoint,
+    epoch: number,
+    closed: ClosedEpoch | null,
+    status: StatusMeter | null,
+  ): Promise<void> {
     assert(c.epoch === epoch, `capture numbered checkpoint ${c.epoch}, the pipeline expects ${epoch}`);
     assert(closed !== null, `checkpoint ${epoch} arrived without its stop`);
     if (!closed.disk) return;
-    status?.addDisk(closed.disk.writes, closed.disk.flushes);
-    for (const d of closed.disk.disks)
-      for (const [offset, data] of d.pages) c.pages.push({ block: d.block, offset, data });
+    const w = await closed.disk.collect();
+    status?.addDisk(w.writes, w.flushes);
+    for (const d of w.disks) for (const [offset, data] of d.pages) c.pages.push({ block: d.block, offset, data });
   }
 
   /** Hands checkpoint `epoch` to the link; a failed send ends the session (never silently). */

@@ -85,10 +85,10 @@ class SimDisk implements DiskEpochSource {
   writes = 0;
   flushes = 0;
   cutEpoch(): DiskEpochCut {
-    const c: DiskEpochCut = { disks: [], writes: this.writes, flushes: this.flushes };
+    const c = { disks: [], writes: this.writes, flushes: this.flushes };
     this.writes = 0;
     this.flushes = 0;
-    return c;
+    return { collect: () => Promise.resolve(c) };
   }
 }
 

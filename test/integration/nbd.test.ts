@@ -64,6 +64,28 @@ test('qemu-io reads and writes through the server; writes mark their pages dirty
     const x = await runCommand('qemu-io', ['-f', 'raw', url, '-c', 'write -P 0xef 12288 4096']);
     assert.equal(x.code, 0, x.stderr + x.stdout);
     assert.deepEqual([...s.cutEpoch().pages.keys()], [12288], 'logged again after a discarding cut');
+
+    // The primary's cut: marked at the pause without waiting for the server's thread, collected
+    // later. A write after the mark is the next epoch's even though it came before the collection;
+    // the counters read zero for the new epoch until it has I/O.
+    const before = await runCommand('qemu-io', ['-f', 'raw', url, '-c', 'write -P 0x11 16384 4096']);
+    assert.equal(before.code, 0, before.stderr + before.stdout);
+    // (the server's thread publishes its counters after its reply: give it the turn)
+    for (let i = 0; i < 500 && s.epochStats.writes === 0; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.ok(s.epochStats.writes >= 1, 'the running epoch counts its write');
+    const first = s.cut();
+    assert.equal(s.epochStats.writes, 0, 'a marked cut starts the counters afresh at once');
+    const after = await runCommand('qemu-io', ['-f', 'raw', url, '-c', 'write -P 0x22 20480 4096']);
+    assert.equal(after.code, 0, after.stderr + after.stdout);
+    const second = s.cut();
+    const empty = s.cut(); // no request between two marks: an empty epoch
+    const e1 = await first.collect();
+    assert.deepEqual([...e1.pages.keys()], [16384]);
+    assert.equal(e1.pages.get(16384)![0], 0x11);
+    const e2 = await second.collect();
+    assert.deepEqual([...e2.pages.keys()], [20480], "the write after the mark is the next cut's");
+    assert.equal(e2.pages.get(20480)![0], 0x22);
+    assert.equal((await empty.collect()).pages.size, 0);
   });
 });
 

@@ -119,18 +119,26 @@ test('a resynchronisation covers output still held from the lost session with th
   assert.deepEqual(frames(b.acknowledged(0)), ['old']);
 });
 
-test('closing an epoch cuts the disk epoch with it', () => {
+test('closing an epoch cuts the disk epoch with it', async () => {
   let cuts = 0;
   const disk = {
-    cutEpoch: (): DiskEpochCut => ({
-      disks: [{ block: 'disk0', pages: new Map([[cuts * 4096, Buffer.alloc(4096)]]) }],
-      writes: ++cuts,
-      flushes: 0,
-    }),
+    cutEpoch: (): DiskEpochCut => {
+      const writes = ++cuts;
+      return {
+        collect: () =>
+          Promise.resolve({
+            disks: [{ block: 'disk0', pages: new Map([[writes * 4096, Buffer.alloc(4096)]]) }],
+            writes,
+            flushes: 0,
+          }),
+      };
+    },
   };
   const b = new OutputCommit(100, disk);
-  assert.equal(b.hold(0).disk?.writes, 1);
+  const base = b.hold(0).disk;
   const c = b.closeEpoch(1);
-  assert.equal(c.disk?.writes, 2);
+  assert.equal(cuts, 2, 'each close cuts the disk at once');
+  assert.equal((await base?.collect())?.writes, 1);
+  assert.equal((await c.disk?.collect())?.writes, 2);
   assert.equal(c.epoch, 1);
 });

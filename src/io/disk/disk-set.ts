@@ -14,6 +14,11 @@ export interface DiskSetCut {
   flushes: number;
 }
 
+/** One epoch's writes on every disk, cut at the pause and collected later. */
+export interface PendingDiskSetCut {
+  collect(): Promise<DiskSetCut>;
+}
+
 export class DiskSet {
   constructor(readonly servers: readonly NbdServer[]) {}
 
@@ -52,18 +57,24 @@ export class DiskSet {
   }
 
   /**
-   * Ends the epoch on every disk (the guest is paused: no write lands between two cuts).
-   * `discard`: the writes logged so far are dropped, not handed over (a full copy of the image
-   * follows, or nothing is protected): no copy of what may be hundreds of MB logged since boot.
+   * Ends the epoch on every disk at once (the guest is paused: no write lands between two cuts);
+   * the writes are collected later, once the guest runs again. `discard`: the writes logged so far
+   * are dropped, not handed over (a full copy of the image follows, or nothing is protected): no
+   * copy of what may be hundreds of MB logged since boot.
    */
-  cutEpoch(discard = false): DiskSetCut {
-    const cut: DiskSetCut = { disks: [], writes: 0, flushes: 0 };
-    for (const [i, s] of this.servers.entries()) {
-      const e = s.cutEpoch(discard);
-      cut.disks.push({ block: diskBlockId(i), pages: e.pages });
-      cut.writes += e.writes;
-      cut.flushes += e.flushes;
-    }
-    return cut;
+  cutEpoch(discard = false): PendingDiskSetCut {
+    const cuts = this.servers.map((s) => s.cut(discard));
+    return {
+      collect: async () => {
+        const epochs = await Promise.all(cuts.map((c) => c.collect()));
+        const cut: DiskSetCut = { disks: [], writes: 0, flushes: 0 };
+        for (const [i, e] of epochs.entries()) {
+          cut.disks.push({ block: diskBlockId(i), pages: e.pages });
+          cut.writes += e.writes;
+          cut.flushes += e.flushes;
+        }
+        return cut;
+      },
+    };
   }
 }

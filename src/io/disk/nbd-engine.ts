@@ -147,6 +147,11 @@ export class NbdEngine {
   }
   /** Called after every request and at every cut (the worker publishes the counters). */
   onChange: (() => void) | null = null;
+  /**
+   * Called as each request begins, before it touches the image or the counters: the worker ends
+   * the epoch there if the controller marked a cut since the last request (see nbd-worker.ts).
+   */
+  beforeRequest: (() => void) | null = null;
   get epochStats(): DiskEpochStats {
     return { ...this.stats };
   }
@@ -300,6 +305,7 @@ export class NbdEngine {
           });
         }
         const head = await r.readBytes(REQUEST_HEADER_BYTES);
+        this.beforeRequest?.();
         const req = decodeRequest(head);
         const v = validateRequest(req, this.size, this.readOnly);
         if (req.magic !== REQUEST_MAGIC) {
@@ -341,6 +347,7 @@ export class NbdEngine {
     req: ReturnType<typeof decodeRequest>,
     payload: Buffer | null,
   ): Promise<void> {
+    this.beforeRequest?.(); // (a write's payload may have come in a later turn)
     try {
       switch (req.type) {
         case CMD.READ: {

@@ -1,18 +1,34 @@
 // Rubato's NBD server for the guest's disk, as the controller sees it: the serving engine
 // (nbd-engine.ts) runs in its own worker thread with synchronous file I/O, so neither a slow disk
 // nor a busy guest ever stalls the controller's event loop (checkpoints, acks, output release).
-// Cutting an epoch is synchronous here: the controller asks the worker and waits (Atomics) for the
-// epoch's dirty pages — the guest is paused and its I/O drained at that moment, so the wait is short.
+// An epoch ends in two steps: `cut` marks it in shared memory at the pause (no wait: the guest's
+// pause never waits for the worker), and the cut's dirty pages are collected once the guest runs
+// again. `cutEpoch` does both while the controller waits (tests, tools).
 
 import { Worker, MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import { RubatoError, logger, sleep } from '../../util/index.ts';
 import { MAX_DIRTY_BYTES_PER_EPOCH, type DiskEpoch, type DiskEpochStats } from './nbd-engine.ts';
-import { PAGE_BYTES_NBD, STAT, STAT_SLOTS, type CutReply, type WorkerData } from './nbd-shared.ts';
+import {
+  CTL,
+  CTL_SLOTS,
+  PAGE_BYTES_NBD,
+  STAT,
+  STAT_SLOTS,
+  type CutReply,
+  type CutRequest,
+  type WorkerData,
+} from './nbd-shared.ts';
 
 const log = logger('nbd');
 const CUT_TIMEOUT_MS = 10_000;
 
 /** The worker's entry, loaded through tsx like the rest of Rubato (no build step). */
+/** An epoch ended at a pause, its writes still with the worker. */
+export interface PendingDiskEpoch {
+  /** The epoch's writes (asks the worker; call once, in the order the cuts were made). */
+  collect(): Promise<DiskEpoch>;
+}
+
 function workerSource(): string {
   const tsx = import.meta.resolve('tsx/esm/api');
   const entry = new URL('./nbd-worker.ts', import.meta.url).href;
@@ -23,7 +39,11 @@ export class NbdServer {
   private worker: Worker | null = null;
   private cutPort: MessagePort | null = null;
   private readonly stats = new BigInt64Array(new SharedArrayBuffer(8 * STAT_SLOTS));
-  private readonly ctl = new Int32Array(new SharedArrayBuffer(8));
+  private readonly ctl = new Int32Array(new SharedArrayBuffer(4 * CTL_SLOTS));
+  /** The last cut marked. */
+  private marked = 0;
+  /** Collections asked and not answered yet, by cut. */
+  private readonly collecting = new Map<number, { resolve: (e: DiskEpoch) => void; reject: (e: Error) => void }>();
   private size = 0;
   private ioHandler: ((kind: 'write' | 'flush') => void) | null = null;
   /** Called when the epoch's dirty set passes its bound (the engine should checkpoint now). */
@@ -72,17 +92,23 @@ export class NbdServer {
   }
   set onIo(f: ((kind: 'write' | 'flush') => void) | null) {
     this.ioHandler = f;
-    Atomics.store(this.ctl, 1, f ? 1 : 0);
+    Atomics.store(this.ctl, CTL.ioEvents, f ? 1 : 0);
   }
 
   get sizeBytes(): number {
     return this.size;
   }
+  /** The published counters are the running epoch's (else the worker has not applied the last cut: no I/O since). */
+  private get countersCurrent(): boolean {
+    return Number(Atomics.load(this.stats, STAT.cut)) === this.marked;
+  }
   get underPressure(): boolean {
+    if (!this.countersCurrent) return false;
     return Number(Atomics.load(this.stats, STAT.dirtyPages)) * PAGE_BYTES_NBD > MAX_DIRTY_BYTES_PER_EPOCH;
   }
   get epochStats(): DiskEpochStats {
-    const v = (i: number) => Number(Atomics.load(this.stats, i));
+    const current = this.countersCurrent;
+    const v = (i: number) => (current ? Number(Atomics.load(this.stats, i)) : 0);
     return {
       writes: v(STAT.writes),
       writeBytes: v(STAT.writeBytes),
@@ -107,12 +133,14 @@ export class NbdServer {
     const w = new Worker(workerSource(), { eval: true, workerData: data, transferList: [port2] });
     this.worker = w;
     this.cutPort = port1;
-    w.on('message', (m: { ev: string; kind?: 'write' | 'flush' }) => {
-      if (m.ev === 'flush') this.onFlush?.();
+    w.on('message', (m: { ev: string; kind?: 'write' | 'flush'; seq?: number; reply?: CutReply }) => {
+      if (m.ev === 'cut') this.collected(m.seq!, m.reply!);
+      else if (m.ev === 'flush') this.onFlush?.();
       else if (m.ev === 'pressure') this.onPressure?.();
       else if (m.ev === 'io' && m.kind) this.ioHandler?.(m.kind);
     });
     w.on('error', (e) => log.error(`NBD worker failed: ${e.message}`));
+    w.on('exit', () => this.abandonCollections('the NBD worker exited'));
     await new Promise<void>((resolve, reject) => {
       const onMsg = (m: { ev: string; size?: number; message?: string; code?: string | null }) => {
         if (m.ev === 'ready') {
@@ -137,13 +165,77 @@ export class NbdServer {
     });
   }
 
-  /** Ends the epoch: its dirty pages and counters, and a fresh set for the next one. */
+  private post(m: CutRequest): void {
+    const port = this.cutPort;
+    if (!port) throw new RubatoError('RUBATO_SETUP_FAILED', 'the NBD server is not running');
+    port.postMessage(m);
+  }
+
+  /**
+   * Ends the epoch now, with the guest paused and its I/O drained: every request begun from here
+   * on is the next epoch's. Returns at once; the worker applies the cut as its next request begins,
+   * and hands the writes over when they are collected. `discard`: they are dropped instead (a full
+   * copy of the image follows, or nothing is protected).
+   */
+  cut(discard = false): PendingDiskEpoch {
+    if (!this.cutPort) throw new RubatoError('RUBATO_SETUP_FAILED', 'the NBD server is not running');
+    const seq = ++this.marked;
+    Atomics.store(this.ctl, CTL.marked, seq);
+    if (discard) {
+      this.post({ collect: seq, discard: true });
+      return { collect: () => Promise.resolve(epochOf(emptyReply())) };
+    }
+    return {
+      collect: () =>
+        new Promise<DiskEpoch>((resolve, reject) => {
+          const timer = setTimeout(() => {
+            this.collecting.delete(seq);
+            reject(
+              new RubatoError(
+                'RUBATO_CAPTURE_FAILED',
+                `the NBD server did not hand over the epoch's disk writes within ${CUT_TIMEOUT_MS} ms`,
+              ),
+            );
+          }, CUT_TIMEOUT_MS);
+          this.collecting.set(seq, {
+            resolve: (e) => {
+              clearTimeout(timer);
+              resolve(e);
+            },
+            reject: (e) => {
+              clearTimeout(timer);
+              reject(e);
+            },
+          });
+          this.post({ collect: seq, discard: false });
+        }),
+    };
+  }
+
+  private abandonCollections(why: string): void {
+    for (const c of this.collecting.values()) c.reject(new RubatoError('RUBATO_CAPTURE_FAILED', why));
+    this.collecting.clear();
+  }
+
+  private collected(seq: number, reply: CutReply): void {
+    const c = this.collecting.get(seq);
+    if (!c) return; // (a discarded cut)
+    this.collecting.delete(seq);
+    c.resolve(epochOf(reply));
+  }
+
+  /** Ends the epoch and takes its writes while the caller waits (tests, tools; the primary uses cut()). */
   cutEpoch(discard = false): DiskEpoch {
     const port = this.cutPort;
     if (!port) throw new RubatoError('RUBATO_SETUP_FAILED', 'the NBD server is not running');
-    Atomics.store(this.ctl, 0, 0);
-    port.postMessage({ cut: true, discard });
-    if (Atomics.wait(this.ctl, 0, 0, CUT_TIMEOUT_MS) === 'timed-out' && Atomics.load(this.ctl, 0) === 0) {
+    const seq = ++this.marked;
+    Atomics.store(this.ctl, CTL.marked, seq);
+    Atomics.store(this.ctl, CTL.replied, 0);
+    this.post({ cut: seq, discard });
+    if (
+      Atomics.wait(this.ctl, CTL.replied, 0, CUT_TIMEOUT_MS) === 'timed-out' &&
+      Atomics.load(this.ctl, CTL.replied) === 0
+    ) {
       throw new RubatoError(
         'RUBATO_CAPTURE_FAILED',
         `the NBD server did not hand over the epoch's disk writes within ${CUT_TIMEOUT_MS} ms`,
@@ -151,18 +243,14 @@ export class NbdServer {
     }
     const msg = receiveMessageOnPort(port);
     if (!msg) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'the NBD server signalled the epoch but posted nothing');
-    const r = msg.message as CutReply;
-    const all = Buffer.from(r.pages);
-    const pages = new Map<number, Buffer>();
-    for (const [i, off] of r.offsets.entries())
-      pages.set(off, all.subarray(i * PAGE_BYTES_NBD, (i + 1) * PAGE_BYTES_NBD));
-    return { pages, writes: r.writes, writeBytes: r.writeBytes, flushes: r.flushes, reads: r.reads, errors: r.errors };
+    return epochOf(msg.message as CutReply);
   }
 
   async close(): Promise<void> {
     const w = this.worker;
     if (!w) return;
     this.worker = null;
+    this.abandonCollections('the NBD server closed');
     const exited = new Promise<void>((r) => w.once('exit', () => r()));
     const gaveUp = new AbortController();
     const closed = new Promise<void>((r) =>
@@ -177,4 +265,23 @@ export class NbdServer {
     this.cutPort?.close();
     this.cutPort = null;
   }
+}
+
+const emptyReply = (): CutReply => ({
+  offsets: [],
+  pages: new ArrayBuffer(0),
+  writes: 0,
+  writeBytes: 0,
+  flushes: 0,
+  reads: 0,
+  errors: 0,
+});
+
+/** A cut's reply as the epoch it carries (its pages are views into the one transferred buffer). */
+function epochOf(r: CutReply): DiskEpoch {
+  const all = Buffer.from(r.pages);
+  const pages = new Map<number, Buffer>();
+  for (const [i, off] of r.offsets.entries())
+    pages.set(off, all.subarray(i * PAGE_BYTES_NBD, (i + 1) * PAGE_BYTES_NBD));
+  return { pages, writes: r.writes, writeBytes: r.writeBytes, flushes: r.flushes, reads: r.reads, errors: r.errors };
 }

@@ -2,9 +2,22 @@
 import type { MessagePort } from 'node:worker_threads';
 
 export const PAGE_BYTES_NBD = 4096;
-/** Indexes into the shared BigInt64Array of counters for the running epoch. */
-export const STAT = { writes: 0, writeBytes: 1, flushes: 2, reads: 3, errors: 4, dirtyPages: 5 } as const;
-export const STAT_SLOTS = 6;
+/**
+ * Indexes into the shared BigInt64Array of counters for the running epoch; `cut`: the last cut the
+ * worker had applied when it published them (counters of an older epoch are not the running one's).
+ */
+export const STAT = { writes: 0, writeBytes: 1, flushes: 2, reads: 3, errors: 4, dirtyPages: 5, cut: 6 } as const;
+export const STAT_SLOTS = 7;
+/** Indexes into the shared Int32Array of controls. */
+export const CTL = {
+  /** A synchronous cut's reply is posted on cutPort. */
+  replied: 0,
+  /** Per-operation events are wanted (a trace is being recorded). */
+  ioEvents: 1,
+  /** The last cut the controller marked: every request begun after it belongs to the next epoch. */
+  marked: 2,
+} as const;
+export const CTL_SLOTS = 3;
 
 export interface WorkerData {
   imagePath: string;
@@ -15,10 +28,19 @@ export interface WorkerData {
   overlay: boolean;
   /** SharedArrayBuffer of STAT_SLOTS BigInt64 counters. */
   stats: SharedArrayBuffer;
-  /** SharedArrayBuffer of two Int32: [0] the cut reply is posted, [1] per-operation events wanted. */
+  /** SharedArrayBuffer of CTL_SLOTS Int32 (see CTL). */
   ctl: SharedArrayBuffer;
   cutPort: MessagePort;
 }
+
+/** The controller's messages on cutPort. */
+export type CutRequest =
+  /** Cut `seq` (marked already), answered on cutPort while the controller waits. */
+  | { cut: number; discard: boolean }
+  /** Cut `seq`'s writes, answered on the worker's port as `{ ev: 'cut', seq, reply }` (no one waits). */
+  | { collect: number; discard: boolean }
+  | { overlay: 'discard' | 'commit' }
+  | { close: true };
 
 export interface CutReply {
   offsets: number[];
