@@ -107,11 +107,16 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
   extendShutdownGrace(o.stopTimeout * 1000); // (SIGTERM waits for the guest's shutdown)
   // Safe by default: a witness, or the user's explicit --no-witness (said once, shown in status).
   const fencing = fencingOf(o);
-  if (o.mode !== 'buffer' && (def.disks.length > 1 || def.nics.length > 1 || def.firmware !== 'bios' || def.cloudInit))
-    throw new RubatoError(
-      'RUBATO_CONFIG',
-      `--mode ${o.mode}: compare mode runs BIOS VMs with one disk and one NIC today (${def.name} has ${def.disks.length} disks, ${def.nics.length} NICs, ${def.firmware}${def.cloudInit ? ', a cloud-init seed' : ''}); use --mode buffer`,
-    );
+  // Compare mode runs BIOS VMs with one disk and one NIC today: asked for, it is refused for others;
+  // under --mode auto (also an agent's) such a VM is protected in buffer mode, said once.
+  const cannotCompare =
+    def.disks.length > 1 || def.nics.length > 1 || def.firmware !== 'bios' || def.cloudInit
+      ? `compare mode runs BIOS VMs with one disk and one NIC today (${def.name} has ${def.disks.length} disk${def.disks.length === 1 ? '' : 's'}, ${def.nics.length} NIC${def.nics.length === 1 ? '' : 's'}, ${def.firmware}${def.cloudInit ? ', a cloud-init seed' : ''})`
+      : null;
+  if (o.mode === 'compare' && cannotCompare)
+    throw new RubatoError('RUBATO_CONFIG', `--mode compare: ${cannotCompare}; use --mode buffer or auto`);
+  const mode = o.mode === 'auto' && cannotCompare ? 'buffer' : o.mode;
+  if (mode !== o.mode) log.info(`--mode auto: ${cannotCompare}; protecting it in buffer mode`);
   await checkHostFor(def); // (before the witness is asked and before any disk is converted)
   const { accel, binary, tapRelay } = await platform(def.accelerator);
   const stateDir = resolve(o.stateDir ?? `/var/lib/rubato/${def.name}`);
@@ -175,7 +180,7 @@ async function runProtect(file: string, o: z.infer<typeof Options>): Promise<voi
     heartbeatMs: o.heartbeatMs,
     timeoutMs: o.timeoutMs,
     ownership,
-    primary: { holdOnLossMs: o.holdMs, mode: o.mode },
+    primary: { holdOnLossMs: o.holdMs, mode },
     stopTimeoutMs: o.stopTimeout * 1000,
     ...(o.adopt ? { adopt: { qmpPath: resolve(o.adopt) } } : {}),
     emit,
