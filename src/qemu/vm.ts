@@ -31,6 +31,9 @@ const COLO_SEND_BUFFER_BYTES = 4 << 20;
  * late on the test guest (docs/evaluation.md, stop 45). An operator may set RUBATO_COLO_HANDOFF=off.
  */
 const COLO_HANDOFF = process.env['RUBATO_COLO_HANDOFF'] ?? 'yield';
+// (qemu-patches/0010: a checkpoint's stop drains the disks but does not flush them, a round trip to
+// the NBD server inside each pause; QEMU reads RUBATO_COLO_STOP_FLUSH=on from this process's
+// environment to keep the flush, for measurement.)
 
 export interface QemuBinary {
   path: string;
