@@ -17,8 +17,10 @@ const log = logger('primary');
 /** How long a held frame may wait for the secondary's copy before the scheduler counts it as waiting output. */
 export const DEFAULT_COMPARE_LAG_MS = 100;
 /**
- * The guest sent output this long after the secondary's last frame: the secondary is taken as silent (its
- * standby turned compare mode off, or it hangs) and checkpoints are planned as in buffer mode until it sends again.
+ * The guest kept sending output this long with no frame from the secondary meanwhile: the secondary is taken as
+ * silent (its standby turned compare mode off, or it hangs) and checkpoints are planned as in buffer mode until it
+ * sends again. Counted from the guest's first frame after the secondary's last one, so that a quiet spell of both
+ * (or the synchronisation before the secondary exists) is no silence of the secondary.
  */
 export const SECONDARY_SILENT_MS = 1000;
 /** Mirrored input is sent once this much waits (else at the end of the event-loop turn). */
@@ -80,6 +82,8 @@ export class CompareSide {
   private readonly now: () => number;
   private secondaryAtMs: number;
   private heldAtMs = 0;
+  /** The guest's first frame since the secondary's last one (null: none since). */
+  private unansweredSinceMs: number | null = null;
   private silent = false;
   private mismatchLoggedMs = Number.NEGATIVE_INFINITY;
 
@@ -114,12 +118,13 @@ export class CompareSide {
 
   /** --mode auto: judge how output left, and plan as the better mode. */
   choose(nowMs: number): void {
-    const silent = this.o.protecting() && this.heldAtMs - this.secondaryAtMs > SECONDARY_SILENT_MS;
+    const since = this.unansweredSinceMs;
+    const silent = this.o.protecting() && since !== null && this.heldAtMs - since > SECONDARY_SILENT_MS;
     if (silent !== this.silent) {
       this.silent = silent;
       if (silent)
         log.warn(
-          `the secondary sent nothing for ${Math.round(nowMs - this.secondaryAtMs)} ms while the guest sent output: checkpoints planned as in buffer mode until it answers again`,
+          `the secondary sent nothing for ${Math.round(nowMs - this.secondaryAtMs)} ms, ${Math.round(this.heldAtMs - since!)} ms of it while the guest sent output: checkpoints planned as in buffer mode until it answers again`,
         );
       else log.info('the secondary answers again: checkpoints planned as in compare mode');
     }
@@ -143,6 +148,7 @@ export class CompareSide {
   held(seq: number, f: Buffer): void {
     if (!this.o.protecting()) return;
     this.heldAtMs = this.now();
+    this.unansweredSinceMs ??= this.heldAtMs;
     this.compared(this.comparator.primary(seq, this.o.commit.openEpoch, f));
   }
 
@@ -150,6 +156,7 @@ export class CompareSide {
   secondarySent(epoch: number, payload: Buffer): void {
     if (!this.o.protecting()) return;
     this.secondaryAtMs = this.now();
+    this.unansweredSinceMs = null;
     for (const fr of splitNetFrames(payload)) this.compared(this.comparator.secondary(epoch, fr));
   }
 
@@ -162,6 +169,7 @@ export class CompareSide {
   reset(): void {
     this.secondaryAtMs = this.now(); // (a new session: its secondary starts afresh)
     this.heldAtMs = 0;
+    this.unansweredSinceMs = null;
     this.comparator.reset();
     this.chooser?.reset();
   }

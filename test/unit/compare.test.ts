@@ -628,12 +628,18 @@ test('CompareSide: a secondary silent for a second while the guest sends output 
   side.choose(0);
   assert.equal(side.plansCompare, true);
   assert.equal(oc.compareGraceMs, DEFAULT_COMPARE_LAG_MS);
-  t = 900;
+  // A long quiet spell of both (or the synchronisation, before any secondary runs) is no silence of
+  // the secondary: the guest's first frame after it starts the count.
+  t = 20_000;
   side.held(0, tcp({ seq: 1, payload: 'a' }));
   side.choose(t);
-  assert.equal(side.plansCompare, true, 'not yet a second of silence');
-  t = SECONDARY_SILENT_MS + 50;
+  assert.equal(side.plansCompare, true, 'the guest only began to talk');
+  t += SECONDARY_SILENT_MS - 100;
   side.held(1, tcp({ seq: 2, payload: 'b' }));
+  side.choose(t);
+  assert.equal(side.plansCompare, true, 'not yet a second of output unanswered');
+  t += 150;
+  side.held(2, tcp({ seq: 3, payload: 'c' }));
   side.choose(t);
   assert.equal(side.plansCompare, false);
   assert.equal(side.planning, true, 'its input is still mirrored');
