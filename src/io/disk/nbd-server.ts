@@ -6,7 +6,7 @@
 // again. `cutEpoch` does both while the controller waits (tests, tools).
 
 import { Worker, MessageChannel, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
-import { RubatoError, logger, sleep } from '../../util/index.ts';
+import { RubatoError, logger, sleep, withTimeout } from '../../util/index.ts';
 import { MAX_DIRTY_BYTES_PER_EPOCH, type DiskEpoch, type DiskEpochStats } from './nbd-engine.ts';
 import {
   CTL,
@@ -14,6 +14,7 @@ import {
   PAGE_BYTES_NBD,
   STAT,
   STAT_SLOTS,
+  emptyCutReply,
   type CutReply,
   type CutRequest,
   type WorkerData,
@@ -22,13 +23,13 @@ import {
 const log = logger('nbd');
 const CUT_TIMEOUT_MS = 10_000;
 
-/** The worker's entry, loaded through tsx like the rest of Rubato (no build step). */
 /** An epoch ended at a pause, its writes still with the worker. */
 export interface PendingDiskEpoch {
   /** The epoch's writes (asks the worker; call once, in the order the cuts were made). */
   collect(): Promise<DiskEpoch>;
 }
 
+/** The worker's entry, loaded through tsx like the rest of Rubato (no build step). */
 function workerSource(): string {
   const tsx = import.meta.resolve('tsx/esm/api');
   const entry = new URL('./nbd-worker.ts', import.meta.url).href;
@@ -178,38 +179,31 @@ export class NbdServer {
    * copy of the image follows, or nothing is protected).
    */
   cut(discard = false): PendingDiskEpoch {
+    const seq = this.mark();
+    if (discard) {
+      this.post({ collect: seq, discard: true });
+      return { collect: () => Promise.resolve(epochOf(emptyCutReply())) };
+    }
+    return {
+      collect: async () => {
+        const answered = new Promise<DiskEpoch>((resolve, reject) => this.collecting.set(seq, { resolve, reject }));
+        this.post({ collect: seq, discard: false });
+        return await withTimeout(
+          answered,
+          CUT_TIMEOUT_MS,
+          "the NBD server did not hand over the epoch's disk writes",
+          'RUBATO_CAPTURE_FAILED',
+        ).finally(() => this.collecting.delete(seq));
+      },
+    };
+  }
+
+  /** Marks the next cut in shared memory: requests begun from here on are the next epoch's. */
+  private mark(): number {
     if (!this.cutPort) throw new RubatoError('RUBATO_SETUP_FAILED', 'the NBD server is not running');
     const seq = ++this.marked;
     Atomics.store(this.ctl, CTL.marked, seq);
-    if (discard) {
-      this.post({ collect: seq, discard: true });
-      return { collect: () => Promise.resolve(epochOf(emptyReply())) };
-    }
-    return {
-      collect: () =>
-        new Promise<DiskEpoch>((resolve, reject) => {
-          const timer = setTimeout(() => {
-            this.collecting.delete(seq);
-            reject(
-              new RubatoError(
-                'RUBATO_CAPTURE_FAILED',
-                `the NBD server did not hand over the epoch's disk writes within ${CUT_TIMEOUT_MS} ms`,
-              ),
-            );
-          }, CUT_TIMEOUT_MS);
-          this.collecting.set(seq, {
-            resolve: (e) => {
-              clearTimeout(timer);
-              resolve(e);
-            },
-            reject: (e) => {
-              clearTimeout(timer);
-              reject(e);
-            },
-          });
-          this.post({ collect: seq, discard: false });
-        }),
-    };
+    return seq;
   }
 
   private abandonCollections(why: string): void {
@@ -226,10 +220,8 @@ export class NbdServer {
 
   /** Ends the epoch and takes its writes while the caller waits (tests, tools; the primary uses cut()). */
   cutEpoch(discard = false): DiskEpoch {
-    const port = this.cutPort;
-    if (!port) throw new RubatoError('RUBATO_SETUP_FAILED', 'the NBD server is not running');
-    const seq = ++this.marked;
-    Atomics.store(this.ctl, CTL.marked, seq);
+    const seq = this.mark();
+    const port = this.cutPort!;
     Atomics.store(this.ctl, CTL.replied, 0);
     this.post({ cut: seq, discard });
     if (
@@ -266,16 +258,6 @@ export class NbdServer {
     this.cutPort = null;
   }
 }
-
-const emptyReply = (): CutReply => ({
-  offsets: [],
-  pages: new ArrayBuffer(0),
-  writes: 0,
-  writeBytes: 0,
-  flushes: 0,
-  reads: 0,
-  errors: 0,
-});
 
 /** A cut's reply as the epoch it carries (its pages are views into the one transferred buffer). */
 function epochOf(r: CutReply): DiskEpoch {

@@ -51,3 +51,14 @@ export interface CutReply {
   reads: number;
   errors: number;
 }
+
+/** The reply for a cut with no writes. */
+export const emptyCutReply = (): CutReply => ({
+  offsets: [],
+  pages: new ArrayBuffer(0),
+  writes: 0,
+  writeBytes: 0,
+  flushes: 0,
+  reads: 0,
+  errors: 0,
+});

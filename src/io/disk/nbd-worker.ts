@@ -9,7 +9,15 @@
 import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
 import { errorMessage } from '../../util/index.ts';
 import { NbdEngine, type DiskEpoch } from './nbd-engine.ts';
-import { CTL, PAGE_BYTES_NBD, STAT, type CutReply, type CutRequest, type WorkerData } from './nbd-shared.ts';
+import {
+  CTL,
+  PAGE_BYTES_NBD,
+  STAT,
+  emptyCutReply,
+  type CutReply,
+  type CutRequest,
+  type WorkerData,
+} from './nbd-shared.ts';
 
 const d = workerData as WorkerData;
 const port = parentPort!;
@@ -59,7 +67,7 @@ function take(seq: number, discard: boolean): CutReply {
   catchUp();
   const e = uncollected.get(seq);
   for (const k of uncollected.keys()) if (k <= seq) uncollected.delete(k);
-  if (!e) return { offsets: [], pages: new ArrayBuffer(0), writes: 0, writeBytes: 0, flushes: 0, reads: 0, errors: 0 };
+  if (!e) return emptyCutReply();
   if (discard) e.pages.clear(); // (what the image holds is all that counts: nothing to copy)
   const buf = new ArrayBuffer(e.pages.size * PAGE_BYTES_NBD);
   const view = Buffer.from(buf);
