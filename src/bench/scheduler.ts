@@ -68,6 +68,8 @@ export interface SchedulerCell {
   pauseMsMedian: number;
   pauseMsP99: number;
   mbShipped: number;
+  /** Of the dirty pages, those left out of the link: the standby held their bytes already. */
+  unchangedPageShare: number;
   kvLatencyMsP50?: number;
   kvLatencyMsP99?: number;
   kvAddedLatencyMsP50?: number;
@@ -125,7 +127,19 @@ export function summarise(events: PrimaryEvent[], seconds: number) {
     pauseFit: pauseFit(cps),
     pausePagesMedian: round(median(cps.map((c) => c.pages)), 0),
     /** Checkpoint records and pre-sent pages. */
-    mbShipped: round(cps.reduce((a, c) => a + c.bytes + (c.presentPages ?? 0) * 4096, 0) / 1e6, 1),
+    mbShipped: round(
+      cps.reduce((a, c) => a + c.bytes + ((c.presentPages ?? 0) - (c.unchangedPresentPages ?? 0)) * 4096, 0) / 1e6,
+      1,
+    ),
+    /** Of the dirty pages (the pauses' and the pre-sends'), those not shipped: the standby held their bytes already. */
+    unchangedPageShare: round(
+      cps.reduce((a, c) => a + (c.unchangedPages ?? 0) + (c.unchangedPresentPages ?? 0), 0) /
+        Math.max(
+          1,
+          cps.reduce((a, c) => a + c.pages + (c.presentPages ?? 0), 0),
+        ),
+      3,
+    ),
     ...(last ? { reasons: last.reasons } : {}),
   };
 }
@@ -331,7 +345,7 @@ async function runCells(
         cpuUnreplicated: uAfter.cpu,
       });
       status(
-        `  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms (p99 ${s.pauseMsP99} ms, stream ${s.captureMsMedian} ms), ${s.mbShipped} MB shipped`,
+        `  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms (p99 ${s.pauseMsP99} ms, stream ${s.captureMsMedian} ms), ${s.mbShipped} MB shipped (${Math.round(s.unchangedPageShare * 100)} % of dirty pages unchanged, left out)`,
       );
       if (breakdown) status(`    released frames: ${formatBreakdown(breakdown)}`);
       const u = uAfter.cpu;

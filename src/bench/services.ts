@@ -111,6 +111,8 @@ export interface ServiceCell {
   pausePagesMedian: number;
   pauseFit: { fixedMs: number; usPerPage: number } | null;
   mbShipped: number;
+  /** Of the dirty pages, those left out of the link: the standby held their bytes already. */
+  unchangedPageShare: number;
   /** Where each released output frame's time went (segments: replication/latency.ts). */
   latencyBreakdown?: Breakdown;
 }
@@ -485,6 +487,7 @@ export async function runServicesBench(
               pausePagesMedian: s.pausePagesMedian,
               pauseFit: s.pauseFit,
               mbShipped: s.mbShipped,
+              unchangedPageShare: s.unchangedPageShare,
               cores,
               ...(b ? { latencyBreakdown: b } : {}),
             });

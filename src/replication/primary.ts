@@ -29,6 +29,7 @@ import { decodeAckTimings, type Identity } from './protocol/messages.ts';
 import { CompareSide } from './compare-side.ts';
 import { BaseSender, sendDiskExtents } from './base-sender.ts';
 import { encodePresendParts, encodeRecordParts, type RecordParts } from './protocol/record.ts';
+import { SentPages, SENT_PAGES_DEFAULT_BYTES } from './sent-pages.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
 import type { SyncProgress } from './progress.ts';
 import type { CheckpointObserver } from './observer.ts';
@@ -66,6 +67,10 @@ export type PrimaryEvent =
       captureMs: number;
       counter: number;
       presentPages?: number;
+      /** Of `pages`, those left out of the record: the standby held their bytes already (`sent-pages.ts`). */
+      unchangedPages?: number;
+      /** Of `presentPages`, those left out of the pre-sends so. */
+      unchangedPresentPages?: number;
     }
   /** `atMs`: when the acknowledgement was taken (wall clock), before its frames were let out. */
   | { event: 'acked'; epoch: number; counter: number; lagMs: number; frames: number; atMs: number }
@@ -128,6 +133,11 @@ export interface PrimaryOptions {
   mode?: ReleaseMode;
   /** Compare mode: a held frame whose secondary copy has not come within this is waited for by a checkpoint. */
   compareLagMs?: number;
+  /**
+   * Copies of the RAM pages last sent, kept so a page dirtied again with the same bytes is not sent
+   * again (`sent-pages.ts`); 0: every dirty page goes. Default 16 MiB.
+   */
+  sentPagesBytes?: number;
 }
 
 export interface FaultContext {
@@ -143,6 +153,10 @@ export class PrimaryController {
   private blocks: RamBlockInfo[] = [];
   /** Block id → its index in the layout (page ids in traces). */
   private blockIndex = new Map<string, number>();
+  /** This session's copies of the RAM pages sent last (null: before the first synchronisation). */
+  private sent: SentPages | null = null;
+  /** Pages the pre-sends of the current epoch left out. */
+  private presendUnchanged = 0;
   private readonly emit: (e: PrimaryEvent) => void;
   private lastCounter = -1;
   /** The guest's progress counter at each unacknowledged checkpoint's pause (for ackedCounter). */
@@ -571,6 +585,12 @@ export class PrimaryController {
     this.blocks = base.blocks;
     assert(sender.layoutBlocks.length === base.blocks.length, "the layout sent is the capture's");
     this.blockIndex = new Map(base.blocks.map((b, i) => [b.id, i]));
+    const diskIds = new Set(diskBlocks.map((b) => b.id));
+    this.sent = new SentPages(
+      base.blocks.filter((b) => !diskIds.has(b.id)).map((b) => b.id),
+      this.o.sentPagesBytes ?? SENT_PAGES_DEFAULT_BYTES,
+    );
+    this.presendUnchanged = 0;
     this.counterAt.set(0, this.lastCounter);
     // The full image streams as QEMU sends it: 'send' marks it handed to the link.
     dispatch(
@@ -653,8 +673,10 @@ export class PrimaryController {
    * link).
    */
   private shipPresent(link: Link, epoch: number, pages: DirtyPage[]): void {
-    if (!pages.length) return;
-    const parts = encodePresendParts(epoch, pages, this.blocks);
+    const sent = this.sentPages().filter(pages);
+    this.presendUnchanged += sent.counts.skipped;
+    if (!sent.pages.length) return;
+    const parts = encodePresendParts(epoch, sent.pages, this.blocks);
     this.shipping = link
       .sendParts(FrameType.PRESEND, epoch, parts)
       .catch((e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
@@ -680,7 +702,7 @@ export class PrimaryController {
           }
         : undefined,
     );
-    const { cp, pauseBeganMs, presented } = t;
+    const { cp, pauseBeganMs, presented, unchanged } = t;
     const bytes = t.record.length;
     if (fault)
       await fault('mid-transfer', epoch, {
@@ -707,6 +729,8 @@ export class PrimaryController {
       captureMs: cp.timings.captureMs,
       counter: this.counterAt.get(epoch) ?? -1,
       ...(presented ? { presentPages: presented } : {}),
+      ...(unchanged.pause ? { unchangedPages: unchanged.pause } : {}),
+      ...(unchanged.present ? { unchangedPresentPages: unchanged.present } : {}),
     });
   }
 
@@ -720,7 +744,14 @@ export class PrimaryController {
     epoch: number,
     status: StatusMeter | null,
     hold?: (c: Checkpoint) => Promise<void>,
-  ): Promise<{ cp: Checkpoint; record: RecordParts; pauseBeganMs: number; presented: number; commands: Command[] }> {
+  ): Promise<{
+    cp: Checkpoint;
+    record: RecordParts;
+    pauseBeganMs: number;
+    presented: number;
+    unchanged: { pause: number; present: number };
+    commands: Command[];
+  }> {
     const counter = this.lastCounter;
     let pauseBeganMs = 0;
     let closed: ClosedEpoch | null = null;
@@ -743,7 +774,15 @@ export class PrimaryController {
     const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
     // Its pre-sent pages are staged on the standby already: the record carries the pause's.
     const presented = this.pipeline.presentedPages;
-    const record = encodeRecordParts(cp, this.blocks, 'wire'); // the pages are referenced, not copied
+    // Pages whose bytes the standby holds already stay here; the rest are referenced, not copied.
+    const sent = this.sentPages().filter(cp.pages);
+    const unchanged = { pause: sent.counts.skipped, present: this.presendUnchanged };
+    this.presendUnchanged = 0;
+    const record = encodeRecordParts(
+      { epoch: cp.epoch, pages: sent.pages, deviceState: cp.deviceState },
+      this.blocks,
+      'wire',
+    );
     const commands = this.pipeline.capturedCheckpoint(epoch, {
       dirtyPages: cp.pages.length + presented,
       pausePages: cp.pages.length,
@@ -753,7 +792,7 @@ export class PrimaryController {
       encodedMs: performance.now(),
     });
     this.counterAt.set(epoch, counter);
-    return { cp, record, pauseBeganMs, presented, commands };
+    return { cp, record, pauseBeganMs, presented, unchanged, commands };
   }
 
   /**
@@ -772,6 +811,11 @@ export class PrimaryController {
     const w = await closed.disk.collect();
     status?.addDisk(w.writes, w.flushes);
     for (const d of w.disks) for (const [offset, data] of d.pages) c.pages.push({ block: d.block, offset, data });
+  }
+
+  private sentPages(): SentPages {
+    assert(this.sent !== null, 'pages are sent only after a synchronisation');
+    return this.sent;
   }
 
   /** Hands checkpoint `epoch` to the link; a failed send ends the session (never silently). */
