@@ -68,8 +68,8 @@ export interface SchedulerCell {
   pauseMsMedian: number;
   pauseMsP99: number;
   mbShipped: number;
-  /** Of the dirty pages, those left out of the link: the standby held their bytes already. */
-  unchangedPageShare: number;
+  /** Of the dirty pages, the shares sent as references to the standby's copy (unchanged, changed runs). */
+  pageRefs: { sameShare: number; deltaShare: number; mbSaved: number };
   kvLatencyMsP50?: number;
   kvLatencyMsP99?: number;
   kvAddedLatencyMsP50?: number;
@@ -88,7 +88,10 @@ export interface SchedulerCell {
   cpu: CpuShare;
   /** The same in the unreplicated phase after the cell. */
   cpuUnreplicated: CpuShare;
-  /** CPU per replicated byte: each controller's cores ÷ the bytes shipped per second (null: nothing shipped). */
+  /**
+   * CPU per replicated byte: each controller's cores ÷ the bytes replicated per second — the checkpoints' and
+   * pre-sends' pages, whether they went whole or as references to the standby's copy (null: nothing replicated).
+   */
   primaryNsPerByte: number | null;
   standbyNsPerByte: number | null;
   /** The standby's durability in this cell. */
@@ -127,20 +130,30 @@ export function summarise(events: PrimaryEvent[], seconds: number) {
     pauseFit: pauseFit(cps),
     pausePagesMedian: round(median(cps.map((c) => c.pages)), 0),
     /** Checkpoint records and pre-sent pages. */
-    mbShipped: round(
-      cps.reduce((a, c) => a + c.bytes + ((c.presentPages ?? 0) - (c.unchangedPresentPages ?? 0)) * 4096, 0) / 1e6,
-      1,
-    ),
-    /** Of the dirty pages (the pauses' and the pre-sends'), those not shipped: the standby held their bytes already. */
-    unchangedPageShare: round(
-      cps.reduce((a, c) => a + (c.unchangedPages ?? 0) + (c.unchangedPresentPages ?? 0), 0) /
-        Math.max(
-          1,
-          cps.reduce((a, c) => a + c.pages + (c.presentPages ?? 0), 0),
-        ),
-      3,
-    ),
+    mbShipped: round(cps.reduce((a, c) => a + c.bytes + (c.presentBytes ?? 0), 0) / 1e6, 1),
+    pageRefs: pageRefs(cps),
     ...(last ? { reasons: last.reasons } : {}),
+  };
+}
+
+/**
+ * Of the dirty pages (the pauses' and the pre-sends'), the shares sent as a reference to the standby's copy
+ * (`sent-pages.ts`): unchanged (SAME) and as their changed runs (DELTA); and the page bytes that saved.
+ */
+function pageRefs(cps: ReadonlyArray<Extract<PrimaryEvent, { event: 'checkpoint' }>>): {
+  sameShare: number;
+  deltaShare: number;
+  mbSaved: number;
+} {
+  const pages = Math.max(
+    1,
+    cps.reduce((a, c) => a + c.pages + (c.presentPages ?? 0), 0),
+  );
+  const sum = (f: (c: (typeof cps)[number]) => number | undefined) => cps.reduce((a, c) => a + (f(c) ?? 0), 0);
+  return {
+    sameShare: round(sum((c) => c.samePages) / pages, 3),
+    deltaShare: round(sum((c) => c.deltaPages) / pages, 3),
+    mbSaved: round(sum((c) => c.savedBytes) / 1e6, 1),
   };
 }
 
@@ -326,7 +339,7 @@ async function runCells(
             }
           : {};
       const breakdown = latency && latency.frames > 0 ? latency.summary() : undefined;
-      const bytesPerSec = (s.mbShipped * 1e6) / s.seconds;
+      const bytesPerSec = ((s.mbShipped + s.pageRefs.mbSaved) * 1e6) / s.seconds;
       const nsPerByte = (cores: number) => (bytesPerSec > 0 ? round((cores * 1e9) / bytesPerSec, 1) : null);
       const { seconds: _window, rssMax, ...measured } = s;
       cells.push({
@@ -345,7 +358,7 @@ async function runCells(
         cpuUnreplicated: uAfter.cpu,
       });
       status(
-        `  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms (p99 ${s.pauseMsP99} ms, stream ${s.captureMsMedian} ms), ${s.mbShipped} MB shipped (${Math.round(s.unchangedPageShare * 100)} % of dirty pages unchanged, left out)`,
+        `  → ${r.perSec}/s (ratio ${cells.at(-1)!.throughputRatio})${r.latencyMsP50 !== undefined ? `, p50 ${r.latencyMsP50} ms, p99 ${r.latencyMsP99} ms` : ''}, ${s.checkpointsPerSec} ckpt/s, pause ${s.pauseMsMedian} ms (p99 ${s.pauseMsP99} ms, stream ${s.captureMsMedian} ms), ${s.mbShipped} MB shipped (dirty pages sent as unchanged ${Math.round(s.pageRefs.sameShare * 100)} %, as changed runs ${Math.round(s.pageRefs.deltaShare * 100)} %: ${s.pageRefs.mbSaved} MB saved)`,
       );
       if (breakdown) status(`    released frames: ${formatBreakdown(breakdown)}`);
       const u = uAfter.cpu;

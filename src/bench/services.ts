@@ -111,8 +111,8 @@ export interface ServiceCell {
   pausePagesMedian: number;
   pauseFit: { fixedMs: number; usPerPage: number } | null;
   mbShipped: number;
-  /** Of the dirty pages, those left out of the link: the standby held their bytes already. */
-  unchangedPageShare: number;
+  /** Of the dirty pages, the shares sent as references to the standby's copy (unchanged, changed runs). */
+  pageRefs: { sameShare: number; deltaShare: number; mbSaved: number };
   /** Where each released output frame's time went (segments: replication/latency.ts). */
   latencyBreakdown?: Breakdown;
 }
@@ -487,7 +487,7 @@ export async function runServicesBench(
               pausePagesMedian: s.pausePagesMedian,
               pauseFit: s.pauseFit,
               mbShipped: s.mbShipped,
-              unchangedPageShare: s.unchangedPageShare,
+              pageRefs: s.pageRefs,
               cores,
               ...(b ? { latencyBreakdown: b } : {}),
             });

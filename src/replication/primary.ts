@@ -29,7 +29,7 @@ import { decodeAckTimings, type Identity } from './protocol/messages.ts';
 import { CompareSide } from './compare-side.ts';
 import { BaseSender, sendDiskExtents } from './base-sender.ts';
 import { encodePresendParts, encodeRecordParts, type RecordParts } from './protocol/record.ts';
-import { SentPages, SENT_PAGES_DEFAULT_BYTES } from './sent-pages.ts';
+import { SentPages, SENT_PAGES_BYTES } from './sent-pages.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
 import type { SyncProgress } from './progress.ts';
 import type { CheckpointObserver } from './observer.ts';
@@ -43,6 +43,7 @@ const DEFAULT_MAX_HELD_BYTES = 64 << 20;
 /** A checkpoint record this large is worth a garbage collection before it is shipped. */
 const LARGE_RECORD_BYTES = 16 << 20;
 const EMPTY: RecordParts = { parts: [], length: 0 };
+const noRefs = () => ({ same: 0, delta: 0, savedBytes: 0, bytes: 0 });
 /** Reconnections without a pause after an authenticated session broke. */
 const IMMEDIATE_RETRIES = 3;
 /** After a failed session: how long to wait for QEMU's exit to be reported (a dead QEMU breaks the capture first). */
@@ -67,10 +68,15 @@ export type PrimaryEvent =
       captureMs: number;
       counter: number;
       presentPages?: number;
-      /** Of `pages`, those left out of the record: the standby held their bytes already (`sent-pages.ts`). */
-      unchangedPages?: number;
-      /** Of `presentPages`, those left out of the pre-sends so. */
-      unchangedPresentPages?: number;
+      /** What the epoch's pre-sends put on the link (their pages as sent, references included). */
+      presentBytes?: number;
+      /**
+       * Of the pages of the record and the pre-sends: those sent as a reference to the standby's copy with the same
+       * bytes, or with the runs that changed (`sent-pages.ts`), and the page bytes that saved on the link.
+       */
+      samePages?: number;
+      deltaPages?: number;
+      savedBytes?: number;
     }
   /** `atMs`: when the acknowledgement was taken (wall clock), before its frames were let out. */
   | { event: 'acked'; epoch: number; counter: number; lagMs: number; frames: number; atMs: number }
@@ -134,10 +140,10 @@ export interface PrimaryOptions {
   /** Compare mode: a held frame whose secondary copy has not come within this is waited for by a checkpoint. */
   compareLagMs?: number;
   /**
-   * Copies of the RAM pages last sent, kept so a page dirtied again with the same bytes is not sent
-   * again (`sent-pages.ts`); 0: every dirty page goes. Default 16 MiB.
+   * A RAM page dirtied again goes as a reference to the copy both sides keep of its last bytes: unchanged, or
+   * its changed runs (`sent-pages.ts`). false: every dirty page goes whole. Default true.
    */
-  sentPagesBytes?: number;
+  pageRefs?: boolean;
 }
 
 export interface FaultContext {
@@ -155,8 +161,8 @@ export class PrimaryController {
   private blockIndex = new Map<string, number>();
   /** This session's copies of the RAM pages sent last (null: before the first synchronisation). */
   private sent: SentPages | null = null;
-  /** Pages the pre-sends of the current epoch left out. */
-  private presendUnchanged = 0;
+  /** What the pre-sends of the current epoch sent as references, and their bytes. */
+  private presendRefs = noRefs();
   private readonly emit: (e: PrimaryEvent) => void;
   private lastCounter = -1;
   /** The guest's progress counter at each unacknowledged checkpoint's pause (for ackedCounter). */
@@ -585,12 +591,8 @@ export class PrimaryController {
     this.blocks = base.blocks;
     assert(sender.layoutBlocks.length === base.blocks.length, "the layout sent is the capture's");
     this.blockIndex = new Map(base.blocks.map((b, i) => [b.id, i]));
-    const diskIds = new Set(diskBlocks.map((b) => b.id));
-    this.sent = new SentPages(
-      base.blocks.filter((b) => !diskIds.has(b.id)).map((b) => b.id),
-      this.o.sentPagesBytes ?? SENT_PAGES_DEFAULT_BYTES,
-    );
-    this.presendUnchanged = 0;
+    this.sent = new SentPages(base.blocks, (this.o.pageRefs ?? true) ? SENT_PAGES_BYTES : 0);
+    this.presendRefs = noRefs();
     this.counterAt.set(0, this.lastCounter);
     // The full image streams as QEMU sends it: 'send' marks it handed to the link.
     dispatch(
@@ -673,10 +675,14 @@ export class PrimaryController {
    * link).
    */
   private shipPresent(link: Link, epoch: number, pages: DirtyPage[]): void {
+    if (!pages.length) return;
     const sent = this.sentPages().filter(pages);
-    this.presendUnchanged += sent.counts.skipped;
-    if (!sent.pages.length) return;
     const parts = encodePresendParts(epoch, sent.pages, this.blocks);
+    const r = this.presendRefs;
+    r.same += sent.counts.same;
+    r.delta += sent.counts.delta;
+    r.savedBytes += sent.counts.savedBytes;
+    r.bytes += parts.length;
     this.shipping = link
       .sendParts(FrameType.PRESEND, epoch, parts)
       .catch((e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
@@ -702,7 +708,7 @@ export class PrimaryController {
           }
         : undefined,
     );
-    const { cp, pauseBeganMs, presented, unchanged } = t;
+    const { cp, pauseBeganMs, presented, refs } = t;
     const bytes = t.record.length;
     if (fault)
       await fault('mid-transfer', epoch, {
@@ -729,8 +735,8 @@ export class PrimaryController {
       captureMs: cp.timings.captureMs,
       counter: this.counterAt.get(epoch) ?? -1,
       ...(presented ? { presentPages: presented } : {}),
-      ...(unchanged.pause ? { unchangedPages: unchanged.pause } : {}),
-      ...(unchanged.present ? { unchangedPresentPages: unchanged.present } : {}),
+      ...(presented ? { presentBytes: refs.presentBytes } : {}),
+      ...(refs.same || refs.delta ? { samePages: refs.same, deltaPages: refs.delta, savedBytes: refs.savedBytes } : {}),
     });
   }
 
@@ -749,7 +755,7 @@ export class PrimaryController {
     record: RecordParts;
     pauseBeganMs: number;
     presented: number;
-    unchanged: { pause: number; present: number };
+    refs: { same: number; delta: number; savedBytes: number; presentBytes: number };
     commands: Command[];
   }> {
     const counter = this.lastCounter;
@@ -774,10 +780,16 @@ export class PrimaryController {
     const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
     // Its pre-sent pages are staged on the standby already: the record carries the pause's.
     const presented = this.pipeline.presentedPages;
-    // Pages whose bytes the standby holds already stay here; the rest are referenced, not copied.
+    // Pages the standby holds a copy of go as references to it; the rest are referenced here, not copied.
     const sent = this.sentPages().filter(cp.pages);
-    const unchanged = { pause: sent.counts.skipped, present: this.presendUnchanged };
-    this.presendUnchanged = 0;
+    const present = this.presendRefs;
+    this.presendRefs = noRefs();
+    const refs = {
+      same: sent.counts.same + present.same,
+      delta: sent.counts.delta + present.delta,
+      savedBytes: sent.counts.savedBytes + present.savedBytes,
+      presentBytes: present.bytes,
+    };
     const record = encodeRecordParts(
       { epoch: cp.epoch, pages: sent.pages, deviceState: cp.deviceState },
       this.blocks,
@@ -792,7 +804,7 @@ export class PrimaryController {
       encodedMs: performance.now(),
     });
     this.counterAt.set(epoch, counter);
-    return { cp, record, pauseBeganMs, presented, unchanged, commands };
+    return { cp, record, pauseBeganMs, presented, refs, commands };
   }
 
   /**

@@ -37,6 +37,7 @@ import {
   validateRecord,
   type CheckpointRecord,
   type RecordParts,
+  type WirePage,
 } from './protocol/record.ts';
 
 const FORMAT = 1;
@@ -253,6 +254,7 @@ export class ReplicaStore {
     frameEpoch: number,
     durability: Durability = 'disk',
     staged: readonly DirtyPage[] = [],
+    resolve?: (pages: WirePage[]) => DirtyPage[],
   ): Promise<CheckpointRecord> {
     if (this.applyError) throw this.applyError;
     // A write-behind backlog past its bound is waited for: memory stays bounded, the ack slows.
@@ -262,7 +264,18 @@ export class ReplicaStore {
       (this.merge?.recordBytes ?? 0) >= MAX_MERGED_RECORD_BYTES
     )
       await this.settled();
-    const sent = decodeRecord(record, this.meta.blocks, 'wire'); // checks every page against the layout
+    // Checks every page against the layout; page references are resolved to whole pages (or left out: unchanged).
+    let referenced = false;
+    const sent = decodeRecord(
+      record,
+      this.meta.blocks,
+      'wire',
+      resolve &&
+        ((pages) => {
+          referenced = pages.some((p) => p.ref);
+          return resolve(pages);
+        }),
+    );
     this.checkFollows(sent, frameEpoch);
     // Pages pre-sent for this checkpoint (checked when they arrived) come first: its own copies win.
     const rec: CheckpointRecord = staged.length
@@ -273,9 +286,12 @@ export class ReplicaStore {
       this.acceptBehind(rec, record.length + stagedBytes);
       return rec;
     }
+    // (written as it came unless it had pre-sent pages or references: then as applied, every page whole)
     await this.accept(
       rec,
-      staged.length ? encodeRecordParts(rec, this.meta.blocks) : { parts: [sealRecord(record)], length: record.length },
+      staged.length || referenced
+        ? encodeRecordParts(rec, this.meta.blocks)
+        : { parts: [sealRecord(record)], length: record.length },
     );
     return rec;
   }

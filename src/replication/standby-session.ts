@@ -16,7 +16,8 @@ import {
   type Frame,
 } from './protocol/frame.ts';
 import { decodeBaseData, decodeBaseFill, decodeLayout, encodeAckTimings, type Layout } from './protocol/messages.ts';
-import { decodePresend, recordMaxBytes, type CheckpointRecord } from './protocol/record.ts';
+import { decodePresend, recordMaxBytes, type CheckpointRecord, type WirePage } from './protocol/record.ts';
+import { PageMirror } from './sent-pages.ts';
 import { PresentStage } from './present-stage.ts';
 import { syncProgress, type SyncProgress } from './progress.ts';
 import type { DirtyPage } from '../capture/index.ts';
@@ -40,8 +41,16 @@ export interface BaseReceiver {
 /** What the session needs from its controller. */
 export interface SessionHost {
   baseBegin(layout: Layout): Promise<BaseReceiver>;
-  /** Commits a checkpoint: its pre-sent pages `staged`, then its record's (a later copy wins). */
-  commit(record: Buffer, frameEpoch: number, staged: DirtyPage[]): Promise<CheckpointRecord>;
+  /**
+   * Commits a checkpoint: its pre-sent pages `staged`, then its record's (a later copy wins), the record's page
+   * references resolved by `resolve` (in order, once).
+   */
+  commit(
+    record: Buffer,
+    frameEpoch: number,
+    staged: DirtyPage[],
+    resolve: (pages: WirePage[]) => DirtyPage[],
+  ): Promise<CheckpointRecord>;
   /** Fault injection for tests: runs after a commit, before its ack is sent. */
   beforeAck?: (epoch: number) => Promise<void>;
   progress(p: SyncProgress): void;
@@ -76,6 +85,8 @@ export class StandbySession {
   /** The checkpoint the next CKPT (and any PRESEND before it) must carry. */
   private nextEpoch = 0;
   private stage: PresentStage | null = null;
+  /** The copies of recently sent pages this session's page references point at (kept in step with the primary). */
+  private mirror: PageMirror | null = null;
 
   constructor(
     private readonly link: Link,
@@ -145,6 +156,7 @@ export class StandbySession {
         this.t0 = performance.now();
         this.protecting = false;
         this.layout = layout;
+        this.mirror = new PageMirror(layout.blocks);
         // Staged pages are bounded by the RAM they copy (and the frames that bring them by their own limit).
         this.stage = new PresentStage(
           Math.max(
@@ -185,7 +197,10 @@ export class StandbySession {
       case FrameType.CKPT: {
         if (!this.protecting) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
         const startMs = performance.now();
-        const rec = await this.host.commit(f.payload, f.epoch, this.stage!.take(f.epoch));
+        const mirror = this.mirror!;
+        const rec = await this.host.commit(f.payload, f.epoch, this.stage!.take(f.epoch), (pages) =>
+          mirror.resolve(pages, `checkpoint ${f.epoch}`),
+        );
         this.nextEpoch = rec.epoch + 1;
         // Said before the ack goes: nothing covered by this checkpoint can be out before it is committed here.
         this.host.committed(rec.epoch, f.payload.length, rec.pages.length);
@@ -209,7 +224,7 @@ export class StandbySession {
             `pre-sent pages of checkpoint ${epoch} (sent as ${f.epoch}) when checkpoint ${this.nextEpoch} is next`,
           );
         }
-        this.stage.add(epoch, pages, f.payload.length);
+        this.stage.add(epoch, this.mirror!.resolve(pages, `pre-sent pages of checkpoint ${epoch}`), f.payload.length);
         return;
       }
       case FrameType.FENCED:

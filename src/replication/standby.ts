@@ -367,9 +367,9 @@ export class StandbyController {
         this.goFromPeer('base-begin');
         return this.receiveBase(identity, layout);
       },
-      commit: async (record, epoch, staged) => {
+      commit: async (record, epoch, staged, resolve) => {
         if (!this.store) throw new RubatoError('RUBATO_PROTOCOL', 'checkpoint before the initial image');
-        const rec = await this.store.commitRecord(record, epoch, this.o.durability ?? 'memory', staged);
+        const rec = await this.store.commitRecord(record, epoch, this.o.durability ?? 'memory', staged, resolve);
         if (this.secondaryDue()) await this.restartSecondary(identity);
         else this.secondary?.committed(rec.epoch, rec.pages, rec.deviceState);
         // the spare (compare mode has its secondary, promoted at failover)

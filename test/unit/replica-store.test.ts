@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync, rmSync, writeFileSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
 import { ReplicaStore } from '../../src/replication/replica-store.ts';
+import { PageMirror, SentPages } from '../../src/replication/sent-pages.ts';
 import { decodeRecord, encodeRecord, sealRecord } from '../../src/replication/protocol/record.ts';
 import type { BaseImage, Checkpoint } from '../../src/capture/checkpoint.ts';
 import { makeTempDir, removeTempDir } from '../../src/util/tmp.ts';
@@ -319,6 +320,49 @@ test('pre-sent pages commit only with their checkpoint, its own copies winning, 
     assert.deepEqual([ram[0], ram[4096], ram[8192], ram[3 * 4096]], [11, 22, 0, 1], durability);
     const r = await ReplicaStore.open(dir);
     assert.equal(r.epoch, 1);
+    assert.deepEqual(await r.readImage('mem0'), ram);
+  }
+});
+
+test('a record with page references commits them resolved, and is written whole, in both durabilities', async (t) => {
+  for (const durability of ['disk', 'memory'] as const) {
+    const dir = makeTempDir();
+    t.after(() => removeTempDir(dir));
+    const s = await ReplicaStore.create(dir, 'vm', base());
+    const blocks = base().blocks;
+    const primary = new SentPages(blocks);
+    const mirror = new PageMirror(blocks);
+    const send = (c: Checkpoint) =>
+      s.commitRecord(
+        encodeRecord({ ...c, pages: primary.filter(c.pages).pages }, blocks, 'wire'),
+        c.epoch,
+        durability,
+        [],
+        (pages) => mirror.resolve(pages, `checkpoint ${c.epoch}`),
+      );
+    await send(
+      cp(1, [
+        [0, 5],
+        [4096, 6],
+      ]),
+    );
+    // page 0 again with one byte changed (a DELTA), page 1 unchanged (SAME)
+    const two = cp(2, [
+      [0, 5],
+      [4096, 6],
+    ]);
+    two.pages[0]!.data![77] = 9;
+    const rec = await send(two);
+    assert.deepEqual(
+      rec.pages.map((p) => p.offset),
+      [0],
+      'the unchanged page is not written again',
+    );
+    await s.settled();
+    const ram = await s.readImage('mem0');
+    assert.deepEqual([ram[0], ram[77], ram[4096], ram[8192]], [5, 9, 6, 1], durability);
+    const r = await ReplicaStore.open(dir); // what is on disk holds whole pages only
+    assert.equal(r.epoch, 2);
     assert.deepEqual(await r.readImage('mem0'), ram);
   }
 });

@@ -30,7 +30,7 @@ import {
 } from 'node:crypto';
 import { RubatoError, assert } from '../../util/index.ts';
 
-export const PROTOCOL_VERSION = 4;
+export const PROTOCOL_VERSION = 5;
 export const HEADER_BYTES = 4 + 1 + 1 + 2 + 4 + 8 + 8;
 export const HMAC_TAG_BYTES = 32;
 export const GCM_TAG_BYTES = 16;

@@ -3,11 +3,16 @@
 // encodes it, the standby and the replica store decode it; nobody peeks at its bytes elsewhere.
 //
 // Format, version 1: "RBCK" be32 version=1, be64 epoch, be32 pages, be32 deviceLen,
-//   pages: { u8 blockIndex, u8 kind (0 data, 1 fill), u8 fill, u8 0, be64 offset, [4096 data if kind 0] },
-//   device state, then be32 CRC-32 of everything before it (torn or corrupted records on disk). On
-//   the wire that trailer is 0: the frame carrying the record is authenticated (AES-GCM), so a
-//   checksum there would only cost each side a pass over every byte; the standby seals a record it
-//   writes as it came (sealRecord).
+//   pages: { u8 blockIndex, u8 kind, u8 fill, u8 0, be64 offset, payload }, device state, then be32
+//   CRC-32 of everything before it (torn or corrupted records on disk). On the wire that trailer is 0:
+//   the frame carrying the record is authenticated (AES-GCM), so a checksum there would only cost each
+//   side a pass over every byte; the standby seals a record it writes as it came (sealRecord).
+// Page kinds and their payloads:
+//   0 data: the page's 4096 bytes;   1 fill: none (the page is all `fill`);
+//   on the wire only (protocol 5), references to the copy both sides of the session keep (sent-pages.ts):
+//   2 DELTA: be32 CRC-32 of the page's new bytes, be16 runs, then per run be16 offset, be16 length (both
+//     multiples of 4, ascending, inside the page, length > 0) and its bytes;
+//   3 SAME: none (the page's bytes did not change since last sent).
 
 import { crc32 } from 'node:zlib';
 import { RubatoError, assert } from '../../util/index.ts';
@@ -33,6 +38,17 @@ export interface CheckpointRecord {
   /** QEMU device sections + EOF, as emitted. */
   readonly deviceState: Buffer;
 }
+
+/** A page sent as a reference to the copy both sides keep (never on disk). */
+export interface PageRef {
+  kind: 'delta' | 'same';
+  /** The payload as on the wire (see the format above). */
+  payload: Buffer;
+}
+/** A page as it crosses the link: whole, or a reference (then `data` is the primary's page, or null off the wire). */
+export type WirePage = DirtyPage & { ref?: PageRef };
+
+const KIND = { data: 0, fill: 1, delta: 2, same: 3 } as const;
 
 const corrupt = (msg: string, ctx: Record<string, unknown> = {}) => new RubatoError('RUBATO_REPLICA_CORRUPT', msg, ctx);
 
@@ -67,7 +83,7 @@ export function encodeRecordParts(
 function encodePages(
   magic: number,
   epoch: number,
-  pages: readonly DirtyPage[],
+  pages: readonly WirePage[],
   blocks: readonly RamBlockInfo[],
   deviceLen: number,
 ): { parts: Buffer[]; length: number } {
@@ -86,13 +102,17 @@ function encodePages(
     const bi = index.get(p.block);
     assert(bi !== undefined, `block ${p.block} is in the layout`);
     heads[o] = bi;
-    heads[o + 1] = p.data ? 0 : 1;
+    heads[o + 1] = p.ref ? KIND[p.ref.kind] : p.data ? KIND.data : KIND.fill;
     heads[o + 2] = p.fill ?? 0;
     heads[o + 3] = 0;
     heads.writeBigUInt64BE(BigInt(p.offset), o + 4);
     o += PAGE_HEADER_BYTES;
     length += PAGE_HEADER_BYTES;
-    if (p.data) {
+    if (p.ref) {
+      parts.push(heads.subarray(start, o), p.ref.payload);
+      start = o;
+      length += p.ref.payload.length;
+    } else if (p.data) {
       assert(p.data.length === PAGE_SIZE, `a page of ${p.data.length} bytes`);
       parts.push(heads.subarray(start, o), p.data);
       start = o;
@@ -111,19 +131,19 @@ function encodePages(
  */
 export function encodePresendParts(
   epoch: number,
-  pages: readonly DirtyPage[],
+  pages: readonly WirePage[],
   blocks: readonly RamBlockInfo[],
 ): RecordParts {
   return encodePages(PRESEND_MAGIC, epoch, pages, blocks, 0);
 }
 
 /** Parses and checks pre-sent pages against the layout (every page inside its block); pages reference `buf`. */
-export function decodePresend(buf: Buffer, blocks: readonly RamBlockInfo[]): { epoch: number; pages: DirtyPage[] } {
+export function decodePresend(buf: Buffer, blocks: readonly RamBlockInfo[]): { epoch: number; pages: WirePage[] } {
   if (buf.length < HEADER_BYTES) throw corrupt(`pre-sent pages of ${buf.length} bytes are truncated`);
   if (buf.readUInt32BE(0) !== PRESEND_MAGIC || buf.readUInt32BE(4) !== FORMAT || buf.readUInt32BE(20) !== 0)
     throw corrupt('pre-sent pages have a bad magic or format');
   const epoch = Number(buf.readBigUInt64BE(8));
-  const { pages, end } = decodePages(buf, buf.length, buf.readUInt32BE(16), blocks, 'pre-sent pages');
+  const { pages, end } = decodePages(buf, buf.length, buf.readUInt32BE(16), blocks, 'pre-sent pages', true);
   if (end !== buf.length) throw corrupt('pre-sent pages: length does not match the contents');
   checkPages(epoch, pages, blocks);
   return { epoch, pages };
@@ -136,10 +156,11 @@ function decodePages(
   n: number,
   blocks: readonly RamBlockInfo[],
   what: string,
-): { pages: DirtyPage[]; end: number } {
+  refs: boolean,
+): { pages: WirePage[]; end: number } {
   // Each page takes at least a header: a count the buffer cannot hold is refused before any work.
   if (n * PAGE_HEADER_BYTES > limit) throw corrupt(`${what}: ${n} pages claimed in ${buf.length} bytes`);
-  const pages: DirtyPage[] = [];
+  const pages: WirePage[] = [];
   let o = HEADER_BYTES;
   for (let i = 0; i < n; i++) {
     if (o + PAGE_HEADER_BYTES > limit) throw corrupt(`${what}: ends inside a page header`);
@@ -155,11 +176,52 @@ function decodePages(
       o += PAGE_SIZE;
     } else if (kind === 1) {
       pages.push({ block: block.id, offset, data: null, fill });
+    } else if (refs && (kind === KIND.delta || kind === KIND.same)) {
+      const len = kind === KIND.same ? 0 : deltaLength(buf, o, limit, what);
+      if (o + len > limit) throw corrupt(`${what}: ends inside a page reference`);
+      pages.push({
+        block: block.id,
+        offset,
+        data: null,
+        ref: { kind: kind === KIND.same ? 'same' : 'delta', payload: buf.subarray(o, o + len) },
+      });
+      o += len;
     } else {
       throw corrupt(`${what}: page kind ${kind}`);
     }
   }
   return { pages, end: o };
+}
+
+/** The length of the DELTA payload at `o`, every run checked (whole words, ascending, inside the page). */
+function deltaLength(buf: Buffer, o: number, limit: number, what: string): number {
+  if (o + 6 > limit) throw corrupt(`${what}: ends inside a page delta`);
+  const runs = buf.readUInt16BE(o + 4);
+  let p = o + 6;
+  let next = 0;
+  for (let r = 0; r < runs; r++) {
+    if (p + 4 > limit) throw corrupt(`${what}: ends inside a page delta`);
+    const at = buf.readUInt16BE(p);
+    const len = buf.readUInt16BE(p + 2);
+    if (at % 4 || len % 4 || len === 0 || at < next || at + len > PAGE_SIZE)
+      throw corrupt(`${what}: a page delta's run ${at}+${len} is out of order or outside the page`);
+    next = at + len;
+    p += 4 + len;
+  }
+  if (p > limit) throw corrupt(`${what}: ends inside a page delta`);
+  return p - o;
+}
+
+/** Writes the runs of a DELTA payload that decoding checked into `page`. */
+export function applyDelta(payload: Buffer, page: Buffer): void {
+  const runs = payload.readUInt16BE(4);
+  let p = 6;
+  for (let r = 0; r < runs; r++) {
+    const offset = payload.readUInt16BE(p);
+    const len = payload.readUInt16BE(p + 2);
+    for (let x = 0; x < len; x++) page[offset + x] = payload[p + 4 + x]!;
+    p += 4 + len;
+  }
 }
 
 export function encodeRecord(
@@ -186,12 +248,14 @@ export function recordMaxBytes(blocks: readonly RamBlockInfo[]): number {
 
 /**
  * Parses and checks a record against the replica's layout; pages reference `buf` (no copy). Every
- * length, offset and block is checked either way; `disk` checks the checksum too.
+ * length, offset and block is checked either way; `disk` checks the checksum too. Page references
+ * (DELTA, SAME) are accepted off the wire only, and go through `resolve` (sent-pages.ts PageMirror) in order.
  */
 export function decodeRecord(
   buf: Buffer,
   blocks: readonly RamBlockInfo[],
   integrity: RecordIntegrity = 'disk',
+  resolve?: (pages: WirePage[]) => DirtyPage[],
 ): CheckpointRecord {
   if (buf.length < HEADER_BYTES + CHECKSUM_BYTES)
     throw corrupt(`checkpoint record of ${buf.length} bytes is truncated`);
@@ -202,9 +266,14 @@ export function decodeRecord(
     throw corrupt('checkpoint record has a bad magic or format');
   const epoch = Number(buf.readBigUInt64BE(8));
   const devLen = buf.readUInt32BE(20);
-  const { pages, end: o } = decodePages(buf, body.length, buf.readUInt32BE(16), blocks, 'checkpoint record');
+  const refs = integrity === 'wire' && resolve !== undefined;
+  const { pages, end: o } = decodePages(buf, body.length, buf.readUInt32BE(16), blocks, 'checkpoint record', refs);
   if (o + devLen !== body.length) throw corrupt('checkpoint record length does not match its contents');
-  const rec: CheckpointRecord = { epoch, pages, deviceState: buf.subarray(o, o + devLen) };
+  const rec: CheckpointRecord = {
+    epoch,
+    pages: resolve ? resolve(pages) : pages,
+    deviceState: buf.subarray(o, o + devLen),
+  };
   validateRecord(rec, blocks);
   return rec;
 }
