@@ -225,10 +225,8 @@ test(`failover after the primary is killed at ${SCENARIOS.length} points across 
       failoverMs.push(o.failoverMs);
       unchangedPages += o.unchangedPages;
     }
-    process.stderr.write(
-      `failover ms: ${failoverMs.join(' ')}; dirty pages sent as unchanged: ${unchangedPages}\n`,
-    );
-    // The replicas above were restored with pages left out of their checkpoints: the guest's kernel
+    process.stderr.write(`failover ms: ${failoverMs.join(' ')}; dirty pages sent as unchanged: ${unchangedPages}\n`);
+    // The replicas above were restored from checkpoints with pages sent as references: the guest's kernel
     // writes some pages again with the bytes they had.
     assert.ok(unchangedPages > 0, 'some dirty pages were left out as unchanged');
   } finally {
