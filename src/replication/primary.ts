@@ -799,7 +799,10 @@ export class PrimaryController {
       dirtyPages: cp.pages.length + presented,
       pausePages: cp.pages.length,
       pauseMs: cp.timings.pauseMsLocal,
-      bytes: record.length,
+      // As if every page went whole: the scheduler's link estimates are bytes per page sent, and a reference counts as
+      // the page it stands for (its bytes per ms are what the link delivers of the replica). The in-flight bound
+      // counts the same way: no more records in flight than before references.
+      bytes: record.length + sent.counts.savedBytes,
       resumedMs,
       encodedMs: performance.now(),
     });

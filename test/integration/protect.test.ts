@@ -85,6 +85,7 @@ test("rubato protect: a disk-booted UEFI Debian VM with two disks and two NICs, 
   assert.equal(r.staleRestart.code, 8, `refused as a stale disk: ${r.staleRestart.why}`);
   assert.match(r.staleRestart.why, /generation/);
   assert.equal(r.reprotected, true, 'the VM was protected again by the repaired host');
+  process.stderr.write(`controllers resident at most: ${JSON.stringify(r.controllerRssMb)} MB\n`);
   assert.ok(
     r.controllerRssMb.primary > 0 && r.controllerRssMb.primary < 512,
     `primary controller resident ${r.controllerRssMb.primary} MB`,
