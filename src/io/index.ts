@@ -6,7 +6,7 @@ export type { Extent } from './disk/extents.ts';
 export { prepareDisk } from './disk/image.ts';
 export type { PreparedDisk } from './disk/image.ts';
 export { NbdServer } from './disk/nbd-server.ts';
-export { DiskSet, diskBlockId } from './disk/disk-set.ts';
+export { DiskSet, diskBlockId, isDiskBlockId } from './disk/disk-set.ts';
 export type { DiskSetCut } from './disk/disk-set.ts';
 export { GuestIo } from './guest-io.ts';
 export { Lan } from './net/lan.ts';

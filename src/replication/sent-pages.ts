@@ -14,6 +14,7 @@
 import { crc32 } from 'node:zlib';
 import { assert, RubatoError } from '../util/index.ts';
 import { PAGE_SIZE, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
+import { isDiskBlockId } from '../io/index.ts';
 import { applyDelta, type PageRef, type WirePage } from './protocol/record.ts';
 
 /**
@@ -24,9 +25,6 @@ export const SENT_PAGES_BYTES = 16 << 20;
 /** A page whose changed runs take more than this goes whole. */
 const DELTA_MAX_BYTES = PAGE_SIZE / 2;
 const WORDS = PAGE_SIZE / 4;
-
-/** Disk blocks are not kept: a stream of disk writes would push the guest's hot pages out. */
-const cached = (b: RamBlockInfo): boolean => !/^disk\d+$/.test(b.id);
 
 /** What a filter did to one batch of pages. */
 export interface SentPagesCounts {
@@ -64,7 +62,8 @@ class PageCopies {
     this.free = Array.from({ length: this.n }, (_, i) => this.n - 1 - i);
     this.keyOf = new Float64Array(this.n).fill(-1);
     this.again = new Uint8Array(this.n);
-    this.cachedIndex = Uint8Array.from(blocks, (b) => (cached(b) ? 1 : 0));
+    // Disk blocks are not kept: a stream of disk writes would push the guest's hot pages out.
+    this.cachedIndex = Uint8Array.from(blocks, (b) => (isDiskBlockId(b.id) ? 0 : 1));
   }
 
   /** The page's key, or -1 when its block is not kept (or nothing is). */
@@ -85,8 +84,18 @@ class PageCopies {
     this.again[slot] = 1;
   }
 
+  /** A whole page sent: kept as its copy from now on (in a slot of its own, or its slot, touched). */
+  keep(key: number, data: Buffer): void {
+    const slot = this.slotOf.get(key);
+    if (slot === undefined) data.copy(this.page(this.insert(key)));
+    else {
+      this.touch(slot);
+      data.copy(this.page(slot));
+    }
+  }
+
   /** A slot for a page not kept yet: a free one, or the first past the hand whose page did not come again. */
-  insert(key: number): number {
+  private insert(key: number): number {
     let s = this.free.pop();
     if (s === undefined) {
       while (this.again[this.hand]) {
@@ -122,7 +131,6 @@ export class SentPages {
   private readonly scratch = Buffer.allocUnsafeSlow(PAGE_SIZE);
   private readonly scratchWords = new Int32Array(this.scratch.buffer, this.scratch.byteOffset, WORDS);
   private readonly runs = new Uint16Array(WORDS * 2);
-  readonly totals: SentPagesCounts = { same: 0, delta: 0, whole: 0, savedBytes: 0 };
 
   /** `blocks`: the session's layout (a record's block indexes). `capacityBytes` 0: every page goes whole. */
   constructor(blocks: readonly RamBlockInfo[], capacityBytes = SENT_PAGES_BYTES) {
@@ -150,7 +158,7 @@ export class SentPages {
       assert(p.data.length === PAGE_SIZE, `a page of ${p.data.length} bytes`);
       const slot = this.copies.slot(key);
       if (slot === undefined) {
-        p.data.copy(this.copies.page(this.copies.insert(key)));
+        this.copies.keep(key, p.data);
         counts.whole++;
         out.push(p);
         continue;
@@ -174,7 +182,6 @@ export class SentPages {
         out.push(p);
       }
     }
-    for (const k of ['same', 'delta', 'whole', 'savedBytes'] as const) this.totals[k] += counts[k];
     return { pages: out, counts };
   }
 
@@ -258,15 +265,8 @@ export class PageMirror {
       const key = this.copies.key(bi, p.offset);
       if (!p.ref) {
         if (key >= 0) {
-          if (!p.data) this.copies.forget(key);
-          else {
-            const slot = this.copies.slot(key);
-            if (slot === undefined) p.data.copy(this.copies.page(this.copies.insert(key)));
-            else {
-              this.copies.touch(slot);
-              p.data.copy(this.copies.page(slot));
-            }
-          }
+          if (p.data) this.copies.keep(key, p.data);
+          else this.copies.forget(key);
         }
         out.push(p);
         continue;

@@ -6,6 +6,8 @@ import type { NbdServer } from './nbd-server.ts';
 
 /** The replica block that holds disk `i` (disk0 is the first: what a one-disk VM always had). */
 export const diskBlockId = (i: number): string => `disk${i}`;
+/** Whether a replica block is a disk's (named by diskBlockId), not the guest's RAM. */
+export const isDiskBlockId = (id: string): boolean => /^disk\d+$/.test(id);
 
 /** One epoch's writes on every disk. */
 export interface DiskSetCut {
