@@ -28,8 +28,9 @@ import { FrameType, type Frame } from './protocol/frame.ts';
 import { decodeAckTimings, type Identity } from './protocol/messages.ts';
 import { CompareSide } from './compare-side.ts';
 import { BaseSender, sendDiskExtents } from './base-sender.ts';
-import { encodePresendParts, encodeRecordParts, type RecordParts } from './protocol/record.ts';
+import type { RecordParts } from './protocol/record.ts';
 import { SentPages, SENT_PAGES_BYTES } from './sent-pages.ts';
+import { checkpointFrames, presendFrames, FRAME_PAGES, type WireCheckpoint } from './wire-frames.ts';
 import { StatusMeter, type PrimaryStatus } from './status.ts';
 import type { SyncProgress } from './progress.ts';
 import type { CheckpointObserver } from './observer.ts';
@@ -42,7 +43,12 @@ const log = logger('primary');
 const DEFAULT_MAX_HELD_BYTES = 64 << 20;
 /** A checkpoint record this large is worth a garbage collection before it is shipped. */
 const LARGE_RECORD_BYTES = 16 << 20;
-const EMPTY: RecordParts = { parts: [], length: 0 };
+const EMPTY: WireCheckpoint = {
+  lead: [],
+  record: { parts: [], length: 0 },
+  counts: { same: 0, delta: 0, whole: 0, savedBytes: 0 },
+  length: 0,
+};
 const noRefs = () => ({ same: 0, delta: 0, savedBytes: 0, bytes: 0 });
 /** Reconnections without a pause after an authenticated session broke. */
 const IMMEDIATE_RETRIES = 3;
@@ -68,6 +74,8 @@ export type PrimaryEvent =
       captureMs: number;
       counter: number;
       presentPages?: number;
+      /** PRESEND frames that carried the checkpoint's leading pages (it had more than a frame holds). */
+      leadFrames?: number;
       /** What the epoch's pre-sends put on the link (their pages as sent, references included). */
       presentBytes?: number;
       /**
@@ -144,6 +152,11 @@ export interface PrimaryOptions {
    * its changed runs (`sent-pages.ts`). false: every dirty page goes whole. Default true.
    */
   pageRefs?: boolean;
+  /**
+   * The most pages one frame carries (default FRAME_PAGES, 4 MiB): a larger checkpoint goes as PRESEND frames of
+   * its leading pages first, then its CKPT (`wire-frames.ts`), and so does a larger pre-send.
+   */
+  framePages?: number;
 }
 
 export interface FaultContext {
@@ -676,16 +689,26 @@ export class PrimaryController {
    */
   private shipPresent(link: Link, epoch: number, pages: DirtyPage[]): void {
     if (!pages.length) return;
-    const sent = this.sentPages().filter(pages);
-    const parts = encodePresendParts(epoch, sent.pages, this.blocks);
+    const { frames, counts } = presendFrames(epoch, pages, this.sentPages(), this.blocks, this.framePages);
     const r = this.presendRefs;
-    r.same += sent.counts.same;
-    r.delta += sent.counts.delta;
-    r.savedBytes += sent.counts.savedBytes;
-    r.bytes += parts.length;
-    this.shipping = link
-      .sendParts(FrameType.PRESEND, epoch, parts)
+    r.same += counts.same;
+    r.delta += counts.delta;
+    r.savedBytes += counts.savedBytes;
+    for (const parts of frames) {
+      r.bytes += parts.length;
+      this.shipping = this.send(link, FrameType.PRESEND, epoch, parts);
+    }
+  }
+
+  /** One frame to the link; a failed send ends the session (never silently). Resolves once the socket drained. */
+  private send(link: Link, type: number, epoch: number, parts: RecordParts): Promise<void> {
+    return link
+      .sendParts(type, epoch, parts)
       .catch((e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
+  }
+
+  private get framePages(): number {
+    return this.o.framePages ?? FRAME_PAGES;
   }
 
   /** Takes checkpoint `epoch`, ships it; the guest runs again as soon as it is local. */
@@ -709,16 +732,24 @@ export class PrimaryController {
         : undefined,
     );
     const { cp, pauseBeganMs, presented, refs } = t;
-    const bytes = t.record.length;
-    if (fault)
+    const bytes = t.wire.length;
+    const leadFrames = t.wire.lead.length;
+    if (fault) {
+      const { record } = t.wire;
       await fault('mid-transfer', epoch, {
         sendPartial: (f) =>
-          link.sendPartial(FrameType.CKPT, epoch, Buffer.concat(t.record.parts as Buffer[]), Math.floor(bytes * f)),
+          link.sendPartial(
+            FrameType.CKPT,
+            epoch,
+            Buffer.concat(record.parts as Buffer[]),
+            Math.floor(record.length * f),
+          ),
         crash: () => this.crash(),
       });
+    }
     if (this.stopped) throw new RubatoError('RUBATO_CAPTURE_FAILED', 'controller crashed');
-    dispatch(t.commands, { send: (c) => this.ship(link, c.epoch, t.record) }, 'primary checkpoint');
-    t.record = EMPTY;
+    dispatch(t.commands, { send: (c) => this.ship(link, c.epoch, t.wire) }, 'primary checkpoint');
+    t.wire = EMPTY;
     this.observe(cp, ranFromMs, pauseBeganMs, bytes, decidedMs); // after the send: not on the ack's path
     // The record has the pages: drop the parsed ones (they pin the stream's buffers).
     const pages = cp.pages.length;
@@ -736,6 +767,7 @@ export class PrimaryController {
       counter: this.counterAt.get(epoch) ?? -1,
       ...(presented ? { presentPages: presented } : {}),
       ...(presented ? { presentBytes: refs.presentBytes } : {}),
+      ...(leadFrames ? { leadFrames } : {}),
       ...(refs.same || refs.delta ? { samePages: refs.same, deltaPages: refs.delta, savedBytes: refs.savedBytes } : {}),
     });
   }
@@ -752,7 +784,7 @@ export class PrimaryController {
     hold?: (c: Checkpoint) => Promise<void>,
   ): Promise<{
     cp: Checkpoint;
-    record: RecordParts;
+    wire: WireCheckpoint;
     pauseBeganMs: number;
     presented: number;
     refs: { same: number; delta: number; savedBytes: number; presentBytes: number };
@@ -781,20 +813,15 @@ export class PrimaryController {
     // Its pre-sent pages are staged on the standby already: the record carries the pause's.
     const presented = this.pipeline.presentedPages;
     // Pages the standby holds a copy of go as references to it; the rest are referenced here, not copied.
-    const sent = this.sentPages().filter(cp.pages);
+    const wire = checkpointFrames(cp, this.sentPages(), this.blocks, this.framePages);
     const present = this.presendRefs;
     this.presendRefs = noRefs();
     const refs = {
-      same: sent.counts.same + present.same,
-      delta: sent.counts.delta + present.delta,
-      savedBytes: sent.counts.savedBytes + present.savedBytes,
+      same: wire.counts.same + present.same,
+      delta: wire.counts.delta + present.delta,
+      savedBytes: wire.counts.savedBytes + present.savedBytes,
       presentBytes: present.bytes,
     };
-    const record = encodeRecordParts(
-      { epoch: cp.epoch, pages: sent.pages, deviceState: cp.deviceState },
-      this.blocks,
-      'wire',
-    );
     const commands = this.pipeline.capturedCheckpoint(epoch, {
       dirtyPages: cp.pages.length + presented,
       pausePages: cp.pages.length,
@@ -802,12 +829,12 @@ export class PrimaryController {
       // As if every page went whole: the scheduler's link estimates are bytes per page sent, and a reference counts as
       // the page it stands for (its bytes per ms are what the link delivers of the replica). The in-flight bound
       // counts the same way: no more records in flight than before references.
-      bytes: record.length + sent.counts.savedBytes,
+      bytes: wire.length + wire.counts.savedBytes,
       resumedMs,
       encodedMs: performance.now(),
     });
     this.counterAt.set(epoch, counter);
-    return { cp, record, pauseBeganMs, presented, refs, commands };
+    return { cp, wire, pauseBeganMs, presented, refs, commands };
   }
 
   /**
@@ -833,14 +860,13 @@ export class PrimaryController {
     return this.sent;
   }
 
-  /** Hands checkpoint `epoch` to the link; a failed send ends the session (never silently). */
-  private ship(link: Link, epoch: number, record: RecordParts): void {
+  /** Hands checkpoint `epoch` to the link: its leading pages' frames, then its CKPT. */
+  private ship(link: Link, epoch: number, wire: WireCheckpoint): void {
     // Once the link took the ciphertext, the record and its copies are garbage. V8 collects them
     // by its own measure: a full collection forced every few tens of MB cost the controller more
     // than encrypting them (docs/evaluation.md, "What protection costs").
-    this.shipping = link
-      .sendParts(FrameType.CKPT, epoch, record)
-      .catch((e: unknown) => link.close(e instanceof Error ? e : new Error(String(e))));
+    for (const parts of wire.lead) this.send(link, FrameType.PRESEND, epoch, parts);
+    this.shipping = this.send(link, FrameType.CKPT, epoch, wire.record);
     this.pipeline.sent(epoch, performance.now());
   }
 
@@ -878,10 +904,10 @@ export class PrimaryController {
   /** Switchover: a last checkpoint with the guest stopped, its ack, then the guest stops here for good. */
   private async fence(link: Link, capture: ColoCapture, epoch: number): Promise<void> {
     log.warn(`standby asked for failover: taking a last checkpoint and stopping guest ${this.o.vm.spec.name}`);
-    const { record, commands } = await this.take(capture, epoch, null, async () => {
+    const { wire, commands } = await this.take(capture, epoch, null, async () => {
       await this.o.vm.qmp.execute('stop');
     });
-    dispatch(commands, { send: (c) => this.ship(link, c.epoch, record) }, 'primary fence');
+    dispatch(commands, { send: (c) => this.ship(link, c.epoch, wire) }, 'primary fence');
     while (this.pipeline.phase === 'fencing' && !link.closed) await this.idle(Infinity);
     if (this.pipeline.phase !== 'fenced')
       throw link.closed ?? new RubatoError('RUBATO_PEER_LOST', 'fence not acknowledged');

@@ -55,6 +55,8 @@ interface Outcome {
   presentCheckpoints: number;
   /** Dirty pages sent as unchanged, a reference to the standby's copy of their bytes (sent-pages.ts). */
   unchangedPages: number;
+  /** Checkpoints that went as several frames (more pages than a frame holds: its leading pages as PRESEND frames). */
+  splitCheckpoints: number;
 }
 
 /** Protects `vm` with a fresh standby, kills the primary at the scenario's point, returns the restored guest. */
@@ -67,6 +69,7 @@ async function failoverOnce(vm: QemuVm, s: Scenario): Promise<{ outcome: Outcome
   let killed = false;
   let presentCheckpoints = 0;
   let unchangedPages = 0;
+  let splitCheckpoints = 0;
   const proxy = s.kill === 'link' ? new CuttableProxy(0) : null;
   const kill = async () => {
     if (killed) return;
@@ -109,9 +112,11 @@ async function failoverOnce(vm: QemuVm, s: Scenario): Promise<{ outcome: Outcome
     heartbeatMs: 50,
     timeoutMs: 500,
     retryMs: 200,
-    ...(s.presend ? { policy: parsePolicy('fixed:150,presend=30') } : {}),
+    // (with pre-sends, frames of 16 pages: checkpoints and passes go as several frames, wire-frames.ts)
+    ...(s.presend ? { policy: parsePolicy('fixed:150,presend=30'), framePages: 16 } : {}),
     onEvent: (e) => {
       if (e.event === 'checkpoint' && (e.presentPages ?? 0) > 0) presentCheckpoints++;
+      if (e.event === 'checkpoint' && (e.leadFrames ?? 0) > 0) splitCheckpoints++;
       if (e.event === 'checkpoint') unchangedPages += e.samePages ?? 0;
     },
     fault: async (point, epoch, ctx) => {
@@ -148,6 +153,7 @@ async function failoverOnce(vm: QemuVm, s: Scenario): Promise<{ outcome: Outcome
       failoverMs: failover.event === 'failover' ? failover.runningAtMs - killedAt : -1,
       presentCheckpoints,
       unchangedPages,
+      splitCheckpoints,
     },
   };
 }
@@ -222,6 +228,7 @@ test(`failover after the primary is killed at ${SCENARIOS.length} points across 
       assert.equal(o.selfCheckOk, true, `self-check: ${what}`);
       assert.equal(o.rebooted, false, `guest continued, not rebooted: ${what}`);
       if (s.presend) assert.ok(o.presentCheckpoints >= 2, `the epochs before the kill pre-sent pages: ${what}`);
+      if (s.presend) assert.ok(o.splitCheckpoints >= 1, `a checkpoint went as several frames: ${what}`);
       failoverMs.push(o.failoverMs);
       unchangedPages += o.unchangedPages;
     }
