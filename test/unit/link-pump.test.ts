@@ -69,7 +69,7 @@ test('a 32 MiB frame behind a stopped reader: at most about 1 MiB of it is encry
     ],
   );
   assert.ok(frames[0]!.payload.equals(big), 'the large frame arrives intact');
-  small.forEach((p, i) => assert.ok(frames[i + 1]!.payload.equals(p), `frame ${i + 2} intact`));
+  for (const [i, p] of small.entries()) assert.ok(frames[i + 1]!.payload.equals(p), `frame ${i + 2} intact`);
   primary.close();
   standby.close();
   close();
