@@ -21,7 +21,8 @@ async function pair(): Promise<{ a: Socket; b: Socket; close: () => void }> {
   return { a, b, close: () => server.close() };
 }
 
-test('a 32 MiB frame behind a stopped reader: at most about 1 MiB of it is encrypted ahead; all frames arrive in order', async () => {
+/** A keyed pair of links over loopback, the standby's reader stopped. */
+async function links(): Promise<{ a: Socket; primary: Link; standby: Link; close: () => void }> {
   const { a, b, close } = await pair();
   const psk = randomBytes(32);
   const keys = sessionKeys(psk, randomBytes(16), randomBytes(16));
@@ -33,6 +34,11 @@ test('a 32 MiB frame behind a stopped reader: at most about 1 MiB of it is encry
   primary.setReceiveKey(keys.s2p);
   standby.setSendKey(keys.s2p);
   standby.pauseReading();
+  return { a, primary, standby, close };
+}
+
+test('a 32 MiB frame behind a stopped reader: at most about 1 MiB of it is encrypted ahead; all frames arrive in order', async () => {
+  const { a, primary, standby, close } = await links();
   const frames: Frame[] = [];
   standby.on('frame', (f: Frame) => frames.push(f));
   standby.startEvents();
@@ -76,15 +82,7 @@ test('a 32 MiB frame behind a stopped reader: at most about 1 MiB of it is encry
 });
 
 test('frames queued when the link closes are refused, not left pending', async () => {
-  const { a, b, close } = await pair();
-  const psk = randomBytes(32);
-  const keys = sessionKeys(psk, randomBytes(16), randomBytes(16));
-  const primary = new Link(a, psk, 'standby', 'primary');
-  const standby = new Link(b, psk, 'primary', 'standby');
-  primary.setSendKey(keys.p2s);
-  standby.setReceiveKey(keys.p2s);
-  standby.setMaxFrameBytes(64 << 20);
-  standby.pauseReading();
+  const { primary, standby, close } = await links();
   const big = randomBytes(16 << 20);
   const sends = [
     primary.sendParts(FrameType.CKPT, 1, { parts: [big], length: big.length }),
