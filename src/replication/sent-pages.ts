@@ -75,8 +75,19 @@ class PageCopies {
     return this.slotOf.get(key);
   }
 
-  page(slot: number): Buffer {
-    return this.slab.subarray(slot * PAGE_SIZE, (slot + 1) * PAGE_SIZE);
+  /** Whether `data` holds the copy's bytes (compared in place: no view per page). */
+  equals(slot: number, data: Buffer): boolean {
+    return data.compare(this.slab, slot * PAGE_SIZE, (slot + 1) * PAGE_SIZE) === 0;
+  }
+
+  /** The copy's bytes into `dest`. */
+  copyTo(slot: number, dest: Buffer): void {
+    this.slab.copy(dest, 0, slot * PAGE_SIZE, (slot + 1) * PAGE_SIZE);
+  }
+
+  /** `data` becomes the copy's bytes. */
+  set(slot: number, data: Buffer): void {
+    data.copy(this.slab, slot * PAGE_SIZE);
   }
 
   /** The page came again. */
@@ -87,10 +98,10 @@ class PageCopies {
   /** A whole page sent: kept as its copy from now on (in a slot of its own, or its slot, touched). */
   keep(key: number, data: Buffer): void {
     const slot = this.slotOf.get(key);
-    if (slot === undefined) data.copy(this.page(this.insert(key)));
+    if (slot === undefined) this.set(this.insert(key), data);
     else {
       this.touch(slot);
-      data.copy(this.page(slot));
+      this.set(slot, data);
     }
   }
 
@@ -164,17 +175,16 @@ export class SentPages {
         continue;
       }
       this.copies.touch(slot);
-      const copy = this.copies.page(slot);
-      if (copy.equals(p.data)) {
+      if (this.copies.equals(slot, p.data)) {
         out.push({ block: p.block, offset: p.offset, data: p.data, ref: SAME });
         counts.same++;
         counts.savedBytes += PAGE_SIZE;
         continue;
       }
       const payload = this.delta(slot, p.data);
-      p.data.copy(copy);
+      this.copies.set(slot, p.data);
       if (payload) {
-        out.push({ ...p, ref: { kind: 'delta', payload } });
+        out.push({ block: p.block, offset: p.offset, data: p.data, ref: { kind: 'delta', payload } });
         counts.delta++;
         counts.savedBytes += PAGE_SIZE - payload.length;
       } else {
@@ -236,7 +246,7 @@ export class SentPages {
       const to = this.runs[k + 1]! * 4;
       out.writeUInt16BE(from, o);
       out.writeUInt16BE(to - from, o + 2);
-      for (let x = from; x < to; x++) out[o + 4 + x - from] = this.scratch[x]!;
+      this.scratch.copy(out, o + 4, from, to);
       o += 4 + to - from;
     }
     return out;
@@ -260,6 +270,11 @@ export class PageMirror {
    */
   resolve(pages: readonly WirePage[], what: string): DirtyPage[] {
     const out: DirtyPage[] = [];
+    // The pages DELTAs resolve to, side by side in one buffer (one allocation per batch, not per page).
+    let deltas = 0;
+    for (const p of pages) if (p.ref?.kind === 'delta') deltas++;
+    const resolved = deltas ? Buffer.allocUnsafe(deltas * PAGE_SIZE) : null;
+    let at = 0;
     for (const p of pages) {
       const bi = this.index.get(p.block)!;
       const key = this.copies.key(bi, p.offset);
@@ -274,11 +289,15 @@ export class PageMirror {
       const slot = key >= 0 ? this.copies.slot(key) : undefined;
       if (slot === undefined) throw stale(what, p, 'names a page this side keeps no copy of');
       this.copies.touch(slot);
-      const copy = this.copies.page(slot);
       if (p.ref.kind === 'same') continue;
-      applyDelta(p.ref.payload, copy);
-      if (crc32(copy) !== p.ref.payload.readUInt32BE(0)) throw stale(what, p, 'gives bytes that fail their CRC');
-      out.push({ block: p.block, offset: p.offset, data: Buffer.from(copy) });
+      // (resolved in the batch's buffer, checked, then kept: a DELTA that fails its CRC leaves the copy as it was)
+      const page = resolved!.subarray(at, at + PAGE_SIZE);
+      at += PAGE_SIZE;
+      this.copies.copyTo(slot, page);
+      applyDelta(p.ref.payload, page);
+      if (crc32(page) !== p.ref.payload.readUInt32BE(0)) throw stale(what, p, 'gives bytes that fail their CRC');
+      this.copies.set(slot, page);
+      out.push({ block: p.block, offset: p.offset, data: page });
     }
     return out;
   }

@@ -146,6 +146,30 @@ test('a record on the wire carries no checksum (its frame is authenticated) but 
   assert.equal(decodeRecord(wire, blocks).epoch, 3);
 });
 
+test('page offsets above 4 GiB round-trip as written; one of 2^53 or more is refused as corrupt', () => {
+  // A disk block of 12 GiB: its pages past 4 GiB need the offset's high word.
+  const blocks = [{ id: 'disk:vda', lengthBytes: 12 * 2 ** 30 }];
+  const offsets = [0, 2 ** 32 - 4096, 2 ** 32, 2 * 2 ** 32 + 7 * 4096, 12 * 2 ** 30 - 4096];
+  const rec = {
+    epoch: 9,
+    deviceState: DEV,
+    pages: offsets.map((offset, i) => ({ block: 'disk:vda', offset, data: Buffer.alloc(4096, i + 1) })),
+  };
+  const wire = encodeRecord(rec, blocks, 'wire');
+  for (const [i, o] of offsets.entries()) assert.equal(Number(wire.readBigUInt64BE(24 + i * (12 + 4096) + 4)), o);
+  const back = decodeRecord(wire, blocks, 'wire');
+  assert.deepEqual(
+    back.pages.map((p) => [p.offset, p.data![0]]),
+    offsets.map((o, i) => [o, i + 1]),
+  );
+  const huge = Buffer.from(wire);
+  huge.writeBigUInt64BE(2n ** 53n, 24 + 4);
+  assert.throws(
+    () => decodeRecord(huge, blocks, 'wire'),
+    (e: unknown) => isRubatoError(e, 'RUBATO_REPLICA_CORRUPT'),
+  );
+});
+
 test('a record off the wire is acknowledgeable at its commit point; its images follow, and the next commit waits for them', async (t) => {
   const dir = makeTempDir();
   t.after(() => removeTempDir(dir));

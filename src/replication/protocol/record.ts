@@ -105,7 +105,7 @@ function encodePages(
     heads[o + 1] = p.ref ? KIND[p.ref.kind] : p.data ? KIND.data : KIND.fill;
     heads[o + 2] = p.fill ?? 0;
     heads[o + 3] = 0;
-    heads.writeBigUInt64BE(BigInt(p.offset), o + 4);
+    writeBe64(heads, p.offset, o + 4);
     o += PAGE_HEADER_BYTES;
     length += PAGE_HEADER_BYTES;
     if (p.ref) {
@@ -168,7 +168,7 @@ function decodePages(
     if (!block) throw corrupt(`${what}: names block index ${buf[o]}`);
     const kind = buf[o + 1];
     const fill = buf[o + 2]!;
-    const offset = Number(buf.readBigUInt64BE(o + 4));
+    const offset = readBe64(buf, o + 4);
     o += PAGE_HEADER_BYTES;
     if (kind === 0) {
       if (o + PAGE_SIZE > limit) throw corrupt(`${what}: ends inside a page`);
@@ -212,16 +212,32 @@ function deltaLength(buf: Buffer, o: number, limit: number, what: string): numbe
   return p - o;
 }
 
-/** Writes the runs of a DELTA payload that decoding checked into `page`. */
-export function applyDelta(payload: Buffer, page: Buffer): void {
+/** Writes the runs of a DELTA payload that decoding checked into `page` (the page begins at byte `at` of it). */
+export function applyDelta(payload: Buffer, page: Buffer, at = 0): void {
   const runs = payload.readUInt16BE(4);
   let p = 6;
   for (let r = 0; r < runs; r++) {
     const offset = payload.readUInt16BE(p);
     const len = payload.readUInt16BE(p + 2);
-    for (let x = 0; x < len; x++) page[offset + x] = payload[p + 4 + x]!;
+    payload.copy(page, at + offset, p + 4, p + 4 + len);
     p += 4 + len;
   }
+}
+
+/**
+ * A page's offset as be64 without a BigInt per page (offsets are integers below 2^53). The high word is
+ * written first, then the low one: `>>> 0` keeps an integer's low 32 bits.
+ */
+function writeBe64(b: Buffer, v: number, at: number): void {
+  b.writeUInt32BE(Math.floor(v / 2 ** 32), at);
+  b.writeUInt32BE(v >>> 0, at + 4);
+}
+
+/** The be64 at `at` as a number; an offset of 2^53 or more is refused (no page of a block lies there). */
+function readBe64(b: Buffer, at: number): number {
+  const hi = b.readUInt32BE(at);
+  if (hi >= 2 ** 21) throw corrupt(`a page offset with high word 0x${hi.toString(16)}`);
+  return hi * 2 ** 32 + b.readUInt32BE(at + 4);
 }
 
 export function encodeRecord(
