@@ -18,7 +18,9 @@ import { testPlatform } from '../helpers/platform.ts';
 import { RUBATO_BIN, rubatoProcess, type Ev } from '../helpers/rubato.ts';
 
 const URI = 'qemu:///system';
-const virsh = (args: string[]) => runCommand('virsh', ['-c', URI, ...args], { timeoutMs: 30_000 });
+// A libvirtd's first use of its QEMU driver probes the QEMU binary's capabilities (a few QEMU runs): on a fresh,
+// loaded 2-core machine under TCG the first `virsh define` took over 30 s.
+const virsh = (args: string[]) => runCommand('virsh', ['-c', URI, ...args], { timeoutMs: 150_000 });
 
 test('rubato import --libvirt: a domain made by virsh define becomes a VM file rubato protect boots', {
   timeout: 300_000,

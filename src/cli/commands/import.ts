@@ -28,7 +28,8 @@ export function register(program: Command): void {
 }
 
 async function virsh(uri: string, args: string[]): Promise<string> {
-  const r = await runCommand('virsh', ['-c', uri, ...args], { timeoutMs: 30_000 });
+  // (a libvirtd just started probes QEMU's capabilities before its first answer: that took over 30 s on a loaded 2-core machine)
+  const r = await runCommand('virsh', ['-c', uri, ...args], { timeoutMs: 150_000 });
   if (r.code === -1 && /ENOENT/.test(r.stderr))
     throw new RubatoError('RUBATO_CONFIG', "virsh is not installed (Debian's libvirt-clients)");
   if (r.code !== 0)
