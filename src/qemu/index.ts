@@ -5,7 +5,7 @@ export { resolveAccel } from './accel.ts';
 export type { AccelChoice } from './accel.ts';
 export { VmDefinitionSchema, loadVmDefinition, parseVmDefinition } from './definition.ts';
 export type { ResolvedVm, VmDefinition } from './definition.ts';
-export { MAX_DOMAIN_XML_BYTES, networkBridgeOf, parseDomainXml } from './libvirt.ts';
+export { MAX_DOMAIN_XML_BYTES, networkBridgeOf, parseDomainXml, VIRSH_TIMEOUT_MS } from './libvirt.ts';
 export type { ImportResult } from './libvirt.ts';
 export { QmpClient } from './qmp.ts';
 export type { QmpEvent } from './qmp.ts';

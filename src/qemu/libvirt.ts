@@ -12,6 +12,13 @@ import type { VmDefinition } from './definition.ts';
 /** A domain's XML is a few KiB; anything near this is not one. */
 export const MAX_DOMAIN_XML_BYTES = 1024 * 1024;
 
+/**
+ * How long a virsh call may take. A libvirtd's first use of its QEMU driver probes the QEMU binary's capabilities
+ * (a few QEMU runs) before it answers: on a fresh, loaded 2-core machine under TCG the first `virsh define` took
+ * over 30 s.
+ */
+export const VIRSH_TIMEOUT_MS = 150_000;
+
 export interface ImportResult {
   def: VmDefinition;
   /** One line per thing that was not carried, or carried differently, and why. */

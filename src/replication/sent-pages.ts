@@ -85,6 +85,11 @@ class PageCopies {
     this.slab.copy(dest, 0, slot * PAGE_SIZE, (slot + 1) * PAGE_SIZE);
   }
 
+  /** A DELTA's runs written into the copy, in place. */
+  patch(slot: number, payload: Buffer): void {
+    applyDelta(payload, this.slab, slot * PAGE_SIZE);
+  }
+
   /** `data` becomes the copy's bytes. */
   set(slot: number, data: Buffer): void {
     data.copy(this.slab, slot * PAGE_SIZE);
@@ -290,13 +295,12 @@ export class PageMirror {
       if (slot === undefined) throw stale(what, p, 'names a page this side keeps no copy of');
       this.copies.touch(slot);
       if (p.ref.kind === 'same') continue;
-      // (resolved in the batch's buffer, checked, then kept: a DELTA that fails its CRC leaves the copy as it was)
+      // (patched in place, then copied out once; a CRC that fails ends the session, and its copies with it)
+      this.copies.patch(slot, p.ref.payload);
       const page = resolved!.subarray(at, at + PAGE_SIZE);
       at += PAGE_SIZE;
       this.copies.copyTo(slot, page);
-      applyDelta(p.ref.payload, page);
       if (crc32(page) !== p.ref.payload.readUInt32BE(0)) throw stale(what, p, 'gives bytes that fail their CRC');
-      this.copies.set(slot, page);
       out.push({ block: p.block, offset: p.offset, data: page });
     }
     return out;

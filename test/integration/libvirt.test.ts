@@ -12,15 +12,13 @@ import { runCommand, spawnTracked, type TrackedProcess } from '../../src/util/pr
 import { waitFor } from '../../src/util/async.ts';
 import { Lan } from '../../src/io/net/lan.ts';
 import { writeKeyFile } from '../../src/replication/keyfile.ts';
-import { guestAppend } from '../../src/qemu/spec.ts';
+import { guestAppend, VIRSH_TIMEOUT_MS } from '../../src/qemu/index.ts';
 import { ensureLibvirt, ensureTapRelay } from '../../src/setup/setup.ts';
 import { testPlatform } from '../helpers/platform.ts';
 import { RUBATO_BIN, rubatoProcess, type Ev } from '../helpers/rubato.ts';
 
 const URI = 'qemu:///system';
-// A libvirtd's first use of its QEMU driver probes the QEMU binary's capabilities (a few QEMU runs): on a fresh,
-// loaded 2-core machine under TCG the first `virsh define` took over 30 s.
-const virsh = (args: string[]) => runCommand('virsh', ['-c', URI, ...args], { timeoutMs: 150_000 });
+const virsh = (args: string[]) => runCommand('virsh', ['-c', URI, ...args], { timeoutMs: VIRSH_TIMEOUT_MS });
 
 test('rubato import --libvirt: a domain made by virsh define becomes a VM file rubato protect boots', {
   timeout: 300_000,

@@ -5,7 +5,13 @@ import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import { RubatoError, runCommand } from '../../util/index.ts';
-import { MAX_DOMAIN_XML_BYTES, networkBridgeOf, parseDomainXml, parseVmDefinition } from '../../qemu/index.ts';
+import {
+  MAX_DOMAIN_XML_BYTES,
+  networkBridgeOf,
+  parseDomainXml,
+  parseVmDefinition,
+  VIRSH_TIMEOUT_MS,
+} from '../../qemu/index.ts';
 
 interface ImportOptions {
   libvirt: string;
@@ -28,8 +34,7 @@ export function register(program: Command): void {
 }
 
 async function virsh(uri: string, args: string[]): Promise<string> {
-  // (a libvirtd just started probes QEMU's capabilities before its first answer: that took over 30 s on a loaded 2-core machine)
-  const r = await runCommand('virsh', ['-c', uri, ...args], { timeoutMs: 150_000 });
+  const r = await runCommand('virsh', ['-c', uri, ...args], { timeoutMs: VIRSH_TIMEOUT_MS });
   if (r.code === -1 && /ENOENT/.test(r.stderr))
     throw new RubatoError('RUBATO_CONFIG', "virsh is not installed (Debian's libvirt-clients)");
   if (r.code !== 0)

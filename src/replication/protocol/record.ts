@@ -212,14 +212,14 @@ function deltaLength(buf: Buffer, o: number, limit: number, what: string): numbe
   return p - o;
 }
 
-/** Writes the runs of a DELTA payload that decoding checked into `page` (the page begins at byte `at` of it). */
-export function applyDelta(payload: Buffer, page: Buffer, at = 0): void {
+/** Writes the runs of a DELTA payload that decoding checked into the page that begins at byte `at` of `buf`. */
+export function applyDelta(payload: Buffer, buf: Buffer, at = 0): void {
   const runs = payload.readUInt16BE(4);
   let p = 6;
   for (let r = 0; r < runs; r++) {
     const offset = payload.readUInt16BE(p);
     const len = payload.readUInt16BE(p + 2);
-    payload.copy(page, at + offset, p + 4, p + 4 + len);
+    payload.copy(buf, at + offset, p + 4, p + 4 + len);
     p += 4 + len;
   }
 }
