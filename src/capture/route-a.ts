@@ -55,8 +55,8 @@ const STREAM_HIGH_WATER = 32 << 20;
 const STREAM_LOW_WATER = 8 << 20;
 
 export interface CheckpointOptions {
-  /** Runs right before QEMU is told to pause the guest: output seen so far belongs to this checkpoint. */
-  beforeReply?: () => void;
+  /** Runs when QEMU asks for the checkpoint (CHECKPOINT_REQUEST): it stops the guest right after. */
+  onRequest?: () => void;
   /**
    * Runs as soon as QEMU says the guest is stopped (VMSTATE_SEND: its vm_stop drained the guest's I/O), before the
    * rest of the stream is read: the epoch's output and disk writes close here.
@@ -362,6 +362,11 @@ export class ColoCapture {
     // event costs at most this wait and then the re-trigger below.
     await this.awaitRearmed();
     const tTrigger = performance.now();
+    // QEMU's CHECKPOINT_REQUEST is answered before it is sent: QEMU reads the reply right after sending the request
+    // and stops the guest without waiting for this process to wake (a round trip of two wake-ups). The reply carries
+    // nothing; the epoch's output and disk writes are cut at VMSTATE_SEND, which QEMU sends once the guest is stopped,
+    // and the guest runs again only after this process answers that.
+    this.sock.write(coloMessage(COLO_MSG.CHECKPOINT_REPLY));
     await this.trigger();
     // A trigger that lands while QEMU finishes the previous checkpoint is lost: re-trigger.
     let retrigger: NodeJS.Timeout | null = setInterval(() => {
@@ -380,8 +385,7 @@ export class ColoCapture {
     }
     const tRequest = performance.now();
     const pausedAtMs = Date.now();
-    opts.beforeReply?.();
-    this.sock.write(coloMessage(COLO_MSG.CHECKPOINT_REPLY));
+    opts.onRequest?.();
     const pages: DirtyPage[] = [];
     let ramBytes = 0;
     const sink: PageSink = {

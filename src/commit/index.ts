@@ -2,7 +2,14 @@
 // them, and the release gate every frame passes on its way out.
 
 export { OutputCommit } from './output-commit.ts';
-export type { ClosedEpoch, DiskEpochCut, DiskEpochSource, OutputStats, Sized } from './output-commit.ts';
+export type {
+  ClosedEpoch,
+  DiskEpochCut,
+  DiskEpochSource,
+  DiskEpochWrites,
+  OutputStats,
+  Sized,
+} from './output-commit.ts';
 export { ReleaseGate } from './release-gate.ts';
 export type { LeaseCheck } from './release-gate.ts';
 export { FrameComparator, frameIdentity } from './compare.ts';

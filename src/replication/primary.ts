@@ -17,7 +17,7 @@ import {
 } from '../util/index.ts';
 import type { QemuVm } from '../qemu/index.ts';
 import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
-import { OutputCommit, type ClosedEpoch, type DiskEpochCut } from '../commit/index.ts';
+import { OutputCommit, type ClosedEpoch, type DiskEpochCut, type DiskEpochWrites } from '../commit/index.ts';
 import { type GuestNet, type DiskSet, allocatedExtents, extentBytes } from '../io/index.ts';
 import { comparing, fixed, type Policy } from '../scheduler/index.ts';
 import { Link } from './link.ts';
@@ -793,20 +793,25 @@ export class PrimaryController {
     const counter = this.lastCounter;
     let pauseBeganMs = 0;
     let closed: ClosedEpoch | null = null;
+    let disk: Promise<DiskEpochWrites> | null = null;
     const cp = await capture.checkpoint({
-      beforeReply: () => {
+      onRequest: () => {
         pauseBeganMs = performance.now();
       },
       // The guest is stopped: its output and disk writes so far are this checkpoint's.
       onStopped: () => {
         closed = this.pipeline.paused(epoch, pauseBeganMs);
+        // The disk servers hand the epoch's writes over while the rest of the stream is read: the cut is the mark
+        // just made, whenever they answer, so the encoding after the resume does not wait for a round trip to them.
+        disk = closed.disk?.collect() ?? null;
+        disk?.catch(() => {}); // (a checkpoint that fails first never awaits it)
         // Input the guest had not taken yet goes to the secondary again, as the next epoch's: after QEMU is told to
         // resume (the capture does that right after this, in the same turn), not inside the guest's pause; before
         // any new input, which arrives in a later turn.
         const compare = this.compare;
         if (compare) queueMicrotask(() => compare.cut(epoch));
       },
-      onLocal: (c) => this.joinDisk(c, epoch, closed, status),
+      onLocal: (c) => this.joinDisk(c, epoch, closed, disk, status),
       ...(hold ? { hold } : {}),
     });
     const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
@@ -845,12 +850,14 @@ export class PrimaryController {
     c: Checkpoint,
     epoch: number,
     closed: ClosedEpoch | null,
+    disk: Promise<DiskEpochWrites> | null,
     status: StatusMeter | null,
   ): Promise<void> {
     assert(c.epoch === epoch, `capture numbered checkpoint ${c.epoch}, the pipeline expects ${epoch}`);
     assert(closed !== null, `checkpoint ${epoch} arrived without its stop`);
-    if (!closed.disk) return;
-    const w = await closed.disk.collect();
+    assert((closed.disk === null) === (disk === null), `checkpoint ${epoch}: its disk cut was not collected`);
+    if (!disk) return;
+    const w = await disk;
     status?.addDisk(w.writes, w.flushes);
     for (const d of w.disks) for (const [offset, data] of d.pages) c.pages.push({ block: d.block, offset, data });
   }
