@@ -55,7 +55,7 @@ const STREAM_HIGH_WATER = 32 << 20;
 const STREAM_LOW_WATER = 8 << 20;
 
 export interface CheckpointOptions {
-  /** Runs when QEMU asks for the checkpoint (CHECKPOINT_REQUEST): it stops the guest right after. */
+  /** Runs when QEMU asks for the checkpoint (CHECKPOINT_REQUEST), before it is answered: QEMU then stops the guest. */
   onRequest?: () => void;
   /**
    * Runs as soon as QEMU says the guest is stopped (VMSTATE_SEND: its vm_stop drained the guest's I/O), before the
@@ -362,11 +362,6 @@ export class ColoCapture {
     // event costs at most this wait and then the re-trigger below.
     await this.awaitRearmed();
     const tTrigger = performance.now();
-    // QEMU's CHECKPOINT_REQUEST is answered before it is sent: QEMU reads the reply right after sending the request
-    // and stops the guest without waiting for this process to wake (a round trip of two wake-ups). The reply carries
-    // nothing; the epoch's output and disk writes are cut at VMSTATE_SEND, which QEMU sends once the guest is stopped,
-    // and the guest runs again only after this process answers that.
-    this.sock.write(coloMessage(COLO_MSG.CHECKPOINT_REPLY));
     await this.trigger();
     // A trigger that lands while QEMU finishes the previous checkpoint is lost: re-trigger.
     let retrigger: NodeJS.Timeout | null = setInterval(() => {
@@ -386,6 +381,10 @@ export class ColoCapture {
     const tRequest = performance.now();
     const pausedAtMs = Date.now();
     opts.onRequest?.();
+    // (answered only now, though the reply carries nothing: answered with the trigger, QEMU stopped the guest at once,
+    // but this process then woke for the request during the stop, on QEMU's CPU, and the test guest's pause grew:
+    // docs/evaluation.md, stop 52)
+    this.sock.write(coloMessage(COLO_MSG.CHECKPOINT_REPLY));
     const pages: DirtyPage[] = [];
     let ramBytes = 0;
     const sink: PageSink = {
