@@ -17,7 +17,7 @@ import {
 } from '../util/index.ts';
 import type { QemuVm } from '../qemu/index.ts';
 import { ColoCapture, PauseMeter, type Checkpoint, type DirtyPage, type RamBlockInfo } from '../capture/index.ts';
-import { OutputCommit, type ClosedEpoch, type DiskEpochCut, type DiskEpochWrites } from '../commit/index.ts';
+import { OutputCommit, type DiskEpochCut, type DiskEpochWrites } from '../commit/index.ts';
 import { type GuestNet, type DiskSet, allocatedExtents, extentBytes } from '../io/index.ts';
 import { comparing, fixed, type Policy } from '../scheduler/index.ts';
 import { Link } from './link.ts';
@@ -792,26 +792,26 @@ export class PrimaryController {
   }> {
     const counter = this.lastCounter;
     let pauseBeganMs = 0;
-    let closed: ClosedEpoch | null = null;
-    let disk: Promise<DiskEpochWrites> | null = null;
+    // The epoch's disk writes (null: no disks), asked for once the guest has stopped; null until it has.
+    let diskWrites: Promise<DiskEpochWrites | null> | null = null;
     const cp = await capture.checkpoint({
       onRequest: () => {
         pauseBeganMs = performance.now();
       },
       // The guest is stopped: its output and disk writes so far are this checkpoint's.
       onStopped: () => {
-        closed = this.pipeline.paused(epoch, pauseBeganMs);
+        const closed = this.pipeline.paused(epoch, pauseBeganMs);
         // The disk servers hand the epoch's writes over while the rest of the stream is read: the cut is the mark
         // just made, whenever they answer, so the encoding after the resume does not wait for a round trip to them.
-        disk = closed.disk?.collect() ?? null;
-        disk?.catch(() => {}); // (a checkpoint that fails first never awaits it)
+        diskWrites = closed.disk ? closed.disk.collect() : Promise.resolve(null);
+        diskWrites.catch(() => {}); // (a checkpoint that fails first never awaits it)
         // Input the guest had not taken yet goes to the secondary again, as the next epoch's: after QEMU is told to
         // resume (the capture does that right after this, in the same turn), not inside the guest's pause; before
         // any new input, which arrives in a later turn.
         const compare = this.compare;
         if (compare) queueMicrotask(() => compare.cut(epoch));
       },
-      onLocal: (c) => this.joinDisk(c, epoch, closed, disk, status),
+      onLocal: (c) => this.joinDisk(c, epoch, diskWrites, status),
       ...(hold ? { hold } : {}),
     });
     const resumedMs = performance.now(); // the guest runs again from here: the next epoch starts now
@@ -843,21 +843,19 @@ export class PrimaryController {
   }
 
   /**
-   * The epoch's disk writes (cut with its output while the guest was stopped, collected now that it
-   * runs again) join its checkpoint.
+   * The epoch's disk writes (cut with its output while the guest was stopped, and asked for then) join its
+   * checkpoint.
    */
   private async joinDisk(
     c: Checkpoint,
     epoch: number,
-    closed: ClosedEpoch | null,
-    disk: Promise<DiskEpochWrites> | null,
+    diskWrites: Promise<DiskEpochWrites | null> | null,
     status: StatusMeter | null,
   ): Promise<void> {
     assert(c.epoch === epoch, `capture numbered checkpoint ${c.epoch}, the pipeline expects ${epoch}`);
-    assert(closed !== null, `checkpoint ${epoch} arrived without its stop`);
-    assert((closed.disk === null) === (disk === null), `checkpoint ${epoch}: its disk cut was not collected`);
-    if (!disk) return;
-    const w = await disk;
+    assert(diskWrites !== null, `checkpoint ${epoch} arrived without its stop`);
+    const w = await diskWrites;
+    if (!w) return;
     status?.addDisk(w.writes, w.flushes);
     for (const d of w.disks) for (const [offset, data] of d.pages) c.pages.push({ block: d.block, offset, data });
   }
